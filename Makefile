@@ -1,0 +1,40 @@
+# Each target sets itself up: a .venv in the repo, the pinned CPU torch, then orch and its deps.
+# A GPU user installs their own torch first; TORCH_SPEC= (empty) skips the pin.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.orch-installed
+
+.PHONY: demo test bench lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || (apt-get update -qq && apt-get install -y -qq python3-venv)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	# deepspeed ships as source and imports torch to build: build it against the torch above
+	# (build isolation would fetch an unpinned, multi-GB CUDA torch); DS_BUILD_OPS=0 defers ops.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.15"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/orch plan configs/tiny.yaml --world-size 2 --device cpu
+	$(VENV)/bin/orch plan configs/llama3-8b.yaml --world-size 64 --auto
+	$(VENV)/bin/orch plan configs/mixtral-8x22b.yaml --world-size 256 --auto
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/plan_search.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

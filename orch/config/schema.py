@@ -1,0 +1,214 @@
+"""The config schema: one dataclass tree, of which YAML is only the serialization.
+
+Field types drive everything else: YAML values and ``--set`` overrides are converted by them,
+unknown keys are found by them, and ``orch plan`` reads them. A field's docstring-like ``help``
+metadata is shown in error messages. Cross-field rules that need no device information live in
+``orch.config.rules``; rules that depend on the world size live in ``orch.plan``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+Bytes = Annotated[int, "bytes"]
+"""A byte count. YAML may write it as a number or with a unit: ``512MiB``, ``80GB``, ``1.5TiB``."""
+
+Tier = Literal["device", "cpu", "nvme"]
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder; ``experts > 0`` makes every ``moe_layer_interval``-th layer MoE."""
+
+    name: str = field(default="custom", metadata=_help("a label shown in plans and logs"))
+    vocab_size: int = field(default=256, metadata=_help("tokenizer vocabulary size"))
+    dim: int = field(default=256, metadata=_help("hidden size"))
+    layers: int = field(default=4, metadata=_help("number of decoder layers"))
+    heads: int = field(default=8, metadata=_help("attention (query) heads"))
+    kv_heads: int | None = field(
+        default=None, metadata=_help("key/value heads for grouped-query attention; null = heads")
+    )
+    ffn_dim: int = field(default=688, metadata=_help("SwiGLU hidden size of dense layers"))
+    rope_theta: float = field(default=10000.0, metadata=_help("RoPE base frequency"))
+    max_seq_len: int = field(default=2048, metadata=_help("longest sequence the model supports"))
+    norm_eps: float = field(default=1e-5, metadata=_help("RMSNorm epsilon"))
+    tie_embeddings: bool = field(default=False, metadata=_help("share embedding and output head"))
+    experts: int = field(default=0, metadata=_help("routed experts per MoE layer; 0 = dense"))
+    top_k: int = field(default=2, metadata=_help("experts each token is routed to"))
+    capacity_factor: float | None = field(
+        default=None, metadata=_help("expert capacity factor; null = dropless routing")
+    )
+    expert_ffn_dim: int | None = field(
+        default=None, metadata=_help("SwiGLU hidden size of each expert; null = ffn_dim")
+    )
+    shared_experts: int = field(default=0, metadata=_help("always-active experts per MoE layer"))
+    moe_layer_interval: int = field(
+        default=1, metadata=_help("every n-th layer is MoE (1 = all layers)")
+    )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads if self.kv_heads is not None else self.heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def moe_ffn_dim(self) -> int:
+        return self.expert_ffn_dim if self.expert_ffn_dim is not None else self.ffn_dim
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer ``index`` (0-based) is an MoE layer; the last of each interval is."""
+        return self.is_moe and (index + 1) % self.moe_layer_interval == 0
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.layers))
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from."""
+
+    path: str = field(
+        default="", metadata=_help("text or token file; empty = the corpus shipped with orch")
+    )
+    format: Literal["auto", "text", "tokens"] = field(
+        default="auto", metadata=_help("auto picks by suffix: .bin/.npy are tokens, else text")
+    )
+    token_dtype: Literal["uint16", "uint32"] = field(
+        default="uint16", metadata=_help("element type of a token file")
+    )
+    tokenizer: Literal["byte"] = field(
+        default="byte", metadata=_help("byte-level tokenizer, needs no download")
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, schedule and numerics. Batch sizes count sequences."""
+
+    global_batch: int = field(default=8, metadata=_help("sequences per optimizer step"))
+    micro_batch: int = field(default=1, metadata=_help("sequences per forward/backward per rank"))
+    seq_len: int = field(default=256, metadata=_help("tokens per sequence"))
+    steps: int = field(default=100, metadata=_help("optimizer steps"))
+    lr: float = field(default=3e-4, metadata=_help("peak learning rate"))
+    min_lr_ratio: float = field(default=0.1, metadata=_help("final lr as a fraction of lr"))
+    warmup_steps: int = field(default=10, metadata=_help("linear warmup steps"))
+    lr_schedule: Literal["cosine", "linear", "constant"] = field(
+        default="cosine", metadata=_help("decay after warmup")
+    )
+    grad_clip: float = field(default=1.0, metadata=_help("max global grad norm; 0 = off"))
+    seed: int = field(default=0, metadata=_help("seed for init, data order and dropout"))
+    precision: Literal["bf16", "fp32"] = field(
+        default="bf16", metadata=_help("compute dtype; parameters and optimizer stay fp32")
+    )
+    recompute: Literal["none", "selective", "full"] = field(
+        default="none", metadata=_help("activation checkpointing")
+    )
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata=_help("optimizer"))
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees. ``dp_shard: -1`` takes whatever the other degrees leave of the world."""
+
+    dp_replicate: int = field(default=1, metadata=_help("replicated data-parallel degree"))
+    dp_shard: int = field(
+        default=-1, metadata=_help("FSDP sharding degree; -1 = the rest of the world")
+    )
+    tp: int = field(default=1, metadata=_help("tensor-parallel degree"))
+    sequence_parallel: bool = field(
+        default=True, metadata=_help("shard norms/dropout along the sequence when tp > 1")
+    )
+    pp: int = field(default=1, metadata=_help("pipeline stages"))
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "2bp-gpipe", "2bp-1f1b", "zb-h1"] = (
+        field(default="1f1b", metadata=_help("pipeline schedule"))
+    )
+    virtual_stages: int = field(
+        default=1, metadata=_help("model chunks per pipeline rank (interleaved schedule)")
+    )
+    ep: int = field(default=1, metadata=_help("expert-parallel degree"))
+    etp: int = field(default=1, metadata=_help("tensor-parallel degree inside each expert"))
+    cp: int = field(default=1, metadata=_help("context-parallel degree"))
+    cp_kind: Literal["ring", "ulysses"] = field(
+        default="ring", metadata=_help("context-parallel attention")
+    )
+    allow_cross_node_tp: bool = field(
+        default=False, metadata=_help("let tensor-parallel groups span nodes (slow; forced)")
+    )
+
+
+@dataclass
+class OffloadConfig:
+    """Home tier of each tensor group, and the budgets the offload engine must keep."""
+
+    params: Tier = field(default="device", metadata=_help("device | cpu | nvme"))
+    grads: Tier = field(default="device", metadata=_help("device | cpu | nvme"))
+    optimizer: Tier = field(default="device", metadata=_help("device | cpu | nvme"))
+    activations: Tier = field(default="device", metadata=_help("device | cpu | nvme"))
+    nvme_path: str = field(default="", metadata=_help("directory for NVMe-tier files"))
+    device_budget: Bytes | Literal["auto"] = field(
+        default="auto", metadata=_help("device bytes the engine may use; auto = device memory")
+    )
+    pinned_budget: Bytes | Literal["auto"] = field(
+        default="auto", metadata=_help("pinned CPU bytes for staging buffers")
+    )
+    prefetch_depth: int = field(default=2, metadata=_help("layers fetched ahead of use"))
+    io_block_size: Bytes = field(default=1 << 20, metadata=_help("NVMe I/O block size"))
+    io_queue_depth: int = field(default=8, metadata=_help("NVMe I/O queue depth"))
+    io_threads: int = field(default=1, metadata=_help("NVMe I/O threads"))
+
+    @property
+    def enabled(self) -> bool:
+        return any(t != "device" for t in (self.params, self.grads, self.optimizer, self.activations))
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = field(default=0, metadata=_help("save every n steps; 0 = only at the end"))
+    keep_last: int = field(default=3, metadata=_help("checkpoints kept; 0 = all"))
+    keep_every: int = field(default=0, metadata=_help("also keep every n-th step forever"))
+    async_save: bool = field(default=False, metadata=_help("save while training continues"))
+    resume: str = field(
+        default="auto", metadata=_help("auto = newest complete checkpoint, none, or a path")
+    )
+
+
+@dataclass
+class RunConfig:
+    dir: str = field(default="runs/default", metadata=_help("run directory"))
+    log_interval: int = field(default=10, metadata=_help("steps between progress lines"))
+
+
+@dataclass
+class Config:
+    """A whole orch run. Paths inside are relative to the directory orch was started from."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    cluster: str | None = field(default=None, metadata=_help("cluster description YAML"))

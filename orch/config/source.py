@@ -1,0 +1,127 @@
+"""Reading config YAML: line numbers for every key, ``base:`` chains, and deep merging.
+
+A config file may say ``base: other.yaml`` (or a list of files), a path relative to itself. The
+bases are read first, in order, and the file's own keys are merged on top: mappings merge key by
+key, anything else is replaced. Cycles are reported with the whole chain. Every key remembers the
+``file:line`` it came from so later errors can point at it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orch.errors import ConfigError, Problem
+
+Locations = dict[str, str]
+"""Dotted key path -> ``file:line`` where its value was written."""
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _node_to_python(
+    node: yaml.Node, prefix: str, where: str, locs: Locations, problems: list[Problem]
+) -> Any:
+    """Build plain Python values from a composed YAML node, recording each key's line."""
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = str(yaml.constructor.SafeConstructor().construct_object(key_node))
+            path = f"{prefix}.{key}" if prefix else key
+            line = f"{where}:{key_node.start_mark.line + 1}"
+            if key in out:
+                problems.append(
+                    Problem(line, f"key '{path}' appears twice", "keep only one of them")
+                )
+            locs[path] = line
+            out[key] = _node_to_python(value_node, path, where, locs, problems)
+        return out
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+
+
+def parse_yaml_text(
+    text: str, where: str, prefix: str = ""
+) -> tuple[Any, Locations, list[Problem]]:
+    """Parse YAML text; malformed YAML becomes a Problem naming the file and line."""
+    locs: Locations = {}
+    problems: list[Problem] = []
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"{where}:{mark.line + 1}" if mark is not None else where
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return None, locs, [Problem(line, f"malformed YAML: {reason}", "fix the YAML syntax")]
+    if node is None:
+        return {}, locs, problems
+    return _node_to_python(node, prefix, where, locs, problems), locs, problems
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` on ``base``: nested mappings merge, every other value replaces."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_tree(path: str | Path) -> tuple[dict[str, Any], Locations]:
+    """Read ``path`` with its ``base:`` chain merged in; raise ConfigError listing all problems."""
+    problems: list[Problem] = []
+    data, locs = _read(Path(path), [], problems)
+    if problems:
+        raise ConfigError(problems)
+    return data, locs
+
+
+def _read(
+    path: Path, chain: list[Path], problems: list[Problem]
+) -> tuple[dict[str, Any], Locations]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(_display(p) for p in [*chain, resolved])
+        problems.append(Problem(_display(path), f"base files form a cycle: {cycle}",
+                                "remove one 'base:' entry so the chain ends"))
+        return {}, {}
+    where = _display(path)
+    if not path.is_file():
+        referrer = f" (named as base by {_display(chain[-1])})" if chain else ""
+        problems.append(Problem(where, f"config file not found{referrer}",
+                                "check the path; base paths are relative to the file naming them"))
+        return {}, {}
+    data, locs, found = parse_yaml_text(path.read_text(), where)
+    problems.extend(found)
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        problems.append(Problem(where, f"top level is a {type(data).__name__}, not a mapping",
+                                "write 'section: {key: value}' pairs such as 'model:'"))
+        return {}, {}
+    bases = data.pop("base", None)
+    if bases is None:
+        return data, locs
+    base_line = locs.pop("base", where)
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        problems.append(Problem(base_line, f"base must be a file path or a list of paths, "
+                                f"got {bases!r}", "write base: relative/path.yaml"))
+        return data, locs
+    merged: dict[str, Any] = {}
+    merged_locs: Locations = {}
+    for name in bases:
+        base_data, base_locs = _read(path.parent / name, [*chain, resolved], problems)
+        merged = deep_merge(merged, base_data)
+        merged_locs.update(base_locs)
+    merged_locs.update(locs)
+    return deep_merge(merged, data), merged_locs

@@ -1,0 +1,65 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad config value, an impossible plan, a missing file) raises an
+``OrchError``. The CLI prints it without a traceback and exits 2, so the message itself must say
+what is wrong, where, and how to fix it. Internal bugs raise ordinary exceptions and keep their
+traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the user's input.
+
+    ``where`` is a dotted config path (``parallel.tp``) or a file location (``a.yaml:12``);
+    ``message`` says what is wrong with the value; ``fix`` says what to do about it.
+    """
+
+    where: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        return f"{text}\n    fix: {self.fix}" if self.fix else text
+
+
+class OrchError(Exception):
+    """Base class of errors caused by user input; printed without a traceback."""
+
+    exit_code = 2
+
+
+class ProblemsError(OrchError):
+    """An error that carries every problem found, so users fix them all in one round."""
+
+    title = "problems found"
+
+    def __init__(self, problems: list[Problem], title: str | None = None) -> None:
+        self.problems = list(problems)
+        if title is not None:
+            self.title = title
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        lines = [f"{self.title} ({count} {noun}):"]
+        lines += ["  - " + str(p).replace("\n", "\n    ") for p in self.problems]
+        return "\n".join(lines)
+
+
+class ConfigError(ProblemsError):
+    """The YAML files or ``--set`` overrides do not form a valid config."""
+
+    title = "invalid config"
+
+
+class PlanError(ProblemsError):
+    """The config is valid on its own but cannot be laid out on the requested devices."""
+
+    title = "no valid plan"

@@ -1,0 +1,1 @@
+"""Reference Llama-style dense and MoE decoders built from orch layers."""

@@ -1,0 +1,72 @@
+"""Parallel degrees: how many ways each dimension splits the model and the batch.
+
+Dense layers see the world as pp x dp_replicate x dp_shard x cp x tp. MoE layers fold the same
+ranks of each pipeline stage into ep x etp x edp ("parallel folding"), so the expert layout may
+differ from the dense one without moving any rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Degrees:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+    virtual_stages: int = 1
+    sequence_parallel: bool = False
+    """Effective sequence parallelism: only true when tp > 1 and the config asks for it."""
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size: ranks that see different samples."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.cp * self.tp
+
+    @property
+    def stage_ranks(self) -> int:
+        """Ranks in one pipeline stage; the expert layout must fold into exactly these."""
+        return self.dp * self.cp * self.tp
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel size: replicas of each expert shard within a stage."""
+        return self.stage_ranks // (self.ep * self.etp)
+
+    @property
+    def fsdp(self) -> int:
+        """Ranks a dense parameter is sharded over (FSDP shards over dp_shard x cp)."""
+        return self.dp_shard * self.cp
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(dp=self.dp, edp=self.edp, world=self.world)
+        return out
+
+    def short(self) -> str:
+        """A compact label such as ``pp2 dp4(r2xs2) tp8`` listing only degrees above 1."""
+        parts = []
+        if self.pp > 1:
+            parts.append(f"pp{self.pp}" + (f"v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
+        if self.dp > 1:
+            split = f"(r{self.dp_replicate}xs{self.dp_shard})" if self.dp_replicate > 1 < self.dp_shard else ""
+            parts.append(f"dp{self.dp}{split}" if split or self.dp_replicate == 1 else f"ddp{self.dp}")
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
+        if self.tp > 1:
+            parts.append(f"tp{self.tp}" + ("+sp" if self.sequence_parallel else ""))
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
+        if self.etp > 1:
+            parts.append(f"etp{self.etp}")
+        return " ".join(parts) or "single"

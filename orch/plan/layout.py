@@ -1,0 +1,109 @@
+"""Rank layout: which global ranks form each parallel group.
+
+Ranks are numbered in Megatron-Core's order ``tp-cp-ep-dp-pp``: tensor-parallel neighbours are
+adjacent ranks (so they share a node), pipeline stages are the slowest-varying coordinate. Our
+data-parallel coordinate is itself ``dp_shard`` (fast) then ``dp_replicate`` (slow), so FSDP
+shard groups stay close and HSDP replicas span further. MoE layers use a second layout over the
+same ranks, ``etp-ep-edp-pp`` (Megatron's expert generator), which is parallel folding.
+
+Groups are computed arithmetically, never by enumerating meshes, so a layout for 4,096 ranks is
+cheap and ``first_group`` (one group per dimension) is cheaper still for the search.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+from orch.plan.degrees import Degrees
+
+DENSE_ALIASES = {"dp": ("dp_shard", "dp_replicate")}
+
+
+class RankLayout:
+    """Orthogonal groups over named dimensions; the first dimension varies fastest."""
+
+    def __init__(self, dims: list[tuple[str, int]], aliases: dict[str, tuple[str, ...]] | None = None):
+        self.names = [name for name, _ in dims]
+        self.sizes = [size for _, size in dims]
+        self.strides = [prod(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.world = prod(self.sizes)
+        self.aliases = aliases or {}
+
+    def _mask(self, dims: str) -> list[bool]:
+        wanted: set[str] = set()
+        for part in dims.split("-"):
+            parts = self.aliases.get(part, (part,))
+            for name in parts:
+                if name not in self.names:
+                    raise KeyError(f"unknown dimension '{name}' (have {self.names})")
+                wanted.add(name)
+        return [name in wanted for name in self.names]
+
+    def _offsets(self, mask: list[bool], inside: bool) -> list[int]:
+        """Rank offsets spanned by the masked (inside=True) or unmasked dims, first dim fastest."""
+        picked = [(s, st) for s, st, m in zip(self.sizes, self.strides, mask) if m == inside]
+        offsets = [0]
+        for size, stride in picked:
+            offsets = [o + i * stride for i in range(size) for o in offsets]
+        return offsets
+
+    def groups(self, dims: str) -> list[list[int]]:
+        """Every group of ``dims`` (e.g. ``"tp"``, ``"tp-dp"``), ordered as Megatron orders them."""
+        mask = self._mask(dims)
+        members = self._offsets(mask, True)
+        return [[base + m for m in members] for base in self._offsets(mask, False)]
+
+    def first_group(self, dims: str) -> list[int]:
+        """The group holding rank 0; all groups of a dimension are translates of it."""
+        return self._offsets(self._mask(dims), True)
+
+    def coords(self, rank: int) -> dict[str, int]:
+        return {n: rank // st % s for n, s, st in zip(self.names, self.sizes, self.strides)}
+
+
+def dense_layout(deg: Degrees) -> RankLayout:
+    return RankLayout(
+        [("tp", deg.tp), ("cp", deg.cp), ("dp_shard", deg.dp_shard),
+         ("dp_replicate", deg.dp_replicate), ("pp", deg.pp)],
+        DENSE_ALIASES,
+    )
+
+
+def expert_layout(deg: Degrees) -> RankLayout:
+    return RankLayout([("etp", deg.etp), ("ep", deg.ep), ("edp", deg.edp), ("pp", deg.pp)])
+
+
+GROUP_DIMS = {
+    "tp": "dense", "cp": "dense", "dp": "dense", "pp": "dense",
+    "dp_shard": "dense", "dp_replicate": "dense", "dp_shard-cp": "dense",
+    "ep": "expert", "etp": "expert", "edp": "expert",
+}
+"""Every group the plan publishes, and which layout it comes from. ``dp_shard-cp`` is FSDP's."""
+
+
+def plan_groups(deg: Degrees) -> dict[str, list[list[int]]]:
+    """All rank groups of a plan: the dense view and the folded expert view."""
+    layouts = {"dense": dense_layout(deg), "expert": expert_layout(deg)}
+    return {dim: layouts[view].groups(dim) for dim, view in GROUP_DIMS.items()}
+
+
+def first_groups(deg: Degrees) -> dict[str, list[int]]:
+    """The group containing rank 0 for every published dimension (cheap, for the search)."""
+    layouts = {"dense": dense_layout(deg), "expert": expert_layout(deg)}
+    return {dim: layouts[view].first_group(dim) for dim, view in GROUP_DIMS.items()}
+
+
+def rank_coordinates(deg: Degrees) -> list[dict[str, int]]:
+    """Per rank, its coordinate in every dense and expert dimension."""
+    dense, expert = dense_layout(deg), expert_layout(deg)
+    out = []
+    for rank in range(deg.world):
+        c = dense.coords(rank)
+        c.update({k: v for k, v in expert.coords(rank).items() if k != "pp"})
+        c["dp"] = c["dp_shard"] + c["dp_replicate"] * deg.dp_shard
+        out.append(c)
+    return out
+
+
+__all__ = ["RankLayout", "dense_layout", "expert_layout", "first_groups", "plan_groups",
+           "rank_coordinates"]
