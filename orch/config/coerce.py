@@ -81,7 +81,8 @@ def convert(value: Any, tp: Any) -> Any:
                 return convert(value, option)
             except _Invalid as exc:
                 errors.append(exc)
-        raise _Invalid(f"{value!r} is not {_describe(tp)}", errors[-1].fix)
+        fixes = "; or ".join(dict.fromkeys(e.fix for e in errors))
+        raise _Invalid(f"{value!r} is not {_describe(tp)}", fixes)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
@@ -100,6 +101,11 @@ def convert(value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise _Invalid(f"{value!r} is not a number", "write a number such as 3e-4 or 0.1")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
