@@ -28,8 +28,14 @@ def problems_of(path: Path | None, overrides: list[str] | None = None) -> str:
 
 def test_all_example_configs_load():
     names = {p.stem for p in CONFIGS}
-    assert {"tiny", "tiny-moe", "llama3-8b", "llama3-70b", "mixtral-8x22b",
-            "qwen2-57b-a14b"} <= names
+    assert {
+        "tiny",
+        "tiny-moe",
+        "llama3-8b",
+        "llama3-70b",
+        "mixtral-8x22b",
+        "qwen2-57b-a14b",
+    } <= names
     for path in CONFIGS:
         cfg = load_config(path)
         assert isinstance(cfg, Config) and cfg.model.name == path.stem
@@ -38,7 +44,10 @@ def test_all_example_configs_load():
 def test_presets_share_bases():
     llama = load_config(REPO / "configs/llama3-70b.yaml")
     assert (llama.model.vocab_size, llama.model.rope_theta, llama.model.n_kv_heads) == (
-        128256, 500000.0, 8)
+        128256,
+        500000.0,
+        8,
+    )
     assert llama.train.seq_len == 8192 and llama.checkpoint.async_save  # from large-run.yaml
     moe = load_config(REPO / "configs/tiny-moe.yaml")
     assert moe.model.dim == 256 and moe.model.experts == 4  # tiny.yaml, then its own keys
@@ -83,8 +92,11 @@ def test_duplicate_key_reported(tmp_path):
 
 
 def test_every_problem_at_once_with_lines_and_fixes(tmp_path):
-    path = write(tmp_path, "many.yaml",
-                 "model:\n  dim: abc\n  hedas: 4\nparallel:\n  cp_kind: rign\nfoo: 1\n")
+    path = write(
+        tmp_path,
+        "many.yaml",
+        "model:\n  dim: abc\n  hedas: 4\nparallel:\n  cp_kind: rign\nfoo: 1\n",
+    )
     text = problems_of(path, ["train.seq_len=x", "model.nope=1"])
     assert "(6 problems)" in text
     assert "many.yaml:2 model.dim: 'abc' is not a whole number" in text
@@ -98,29 +110,41 @@ def test_every_problem_at_once_with_lines_and_fixes(tmp_path):
 
 
 def test_overrides_are_typed_by_schema():
-    cfg = load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=false",
-                             "train.lr=1e-3", "model.name=123", "offload.device_budget=1.5GiB",
-                             "model.kv_heads=null", "model={dim: 512, heads: 8}"])
+    cfg = load_config(
+        None,
+        [
+            "parallel.tp=2",
+            "parallel.sequence_parallel=false",
+            "train.lr=1e-3",
+            "model.name=123",
+            "offload.device_budget=1.5GiB",
+            "model.kv_heads=null",
+            "model={dim: 512, heads: 8}",
+        ],
+    )
     assert cfg.parallel.tp == 2 and cfg.parallel.sequence_parallel is False
     assert cfg.train.lr == 1e-3 and cfg.model.name == "123"
     assert cfg.offload.device_budget == int(1.5 * 2**30) and cfg.model.kv_heads is None
     assert cfg.model.dim == 512
 
 
-@pytest.mark.parametrize("override,message", [
-    ("parallel.tp=two", "parallel.tp: 'two' is not a whole number"),
-    ("parallel.sequence_parallel=maybe", "'maybe' is not true or false"),
-    ("train.lr=fast", "'fast' is not a number"),
-    ("parallel.tp=2.5", "2.5 is not a whole number"),
-    ("train.steps=true", "True is not a whole number"),
-    ("offload.device_budget=lots", "'lots' is not a byte size or one of 'auto'"),
-    ("offload.params=gpu", "'gpu' is not one of device, cpu, nvme"),
-    ("optimizer.name=adam", "'adam' is not one of adamw, adamw8bit"),
-    ("model=4", "expected a section of key: value pairs"),
-    ("tp=2", "the top level has no key 'tp'"),
-    ("parallel.tp.x=2", "'parallel.tp' is a value, it has no key 'x'"),
-    ("parallel.tp", "is not of the form key.path=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("parallel.tp=two", "parallel.tp: 'two' is not a whole number"),
+        ("parallel.sequence_parallel=maybe", "'maybe' is not true or false"),
+        ("train.lr=fast", "'fast' is not a number"),
+        ("parallel.tp=2.5", "2.5 is not a whole number"),
+        ("train.steps=true", "True is not a whole number"),
+        ("offload.device_budget=lots", "'lots' is not a byte size or one of 'auto'"),
+        ("offload.params=gpu", "'gpu' is not one of device, cpu, nvme"),
+        ("optimizer.name=adam", "'adam' is not one of adamw, adamw8bit"),
+        ("model=4", "expected a section of key: value pairs"),
+        ("tp=2", "the top level has no key 'tp'"),
+        ("parallel.tp.x=2", "'parallel.tp' is a value, it has no key 'x'"),
+        ("parallel.tp", "is not of the form key.path=value"),
+    ],
+)
 def test_bad_override_messages(override, message):
     assert message in problems_of(None, [override])
 
@@ -128,40 +152,54 @@ def test_bad_override_messages(override, message):
 MOE = ["model.experts=4"]
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.dim=0"], "model.dim: must be at least 1, got 0"),
-    (["train.micro_batch=0"], "train.micro_batch: must be at least 1, got 0"),
-    (["model.dim=250"], "model.dim: 250 is not divisible by model.heads=8"),
-    (["model.dim=24", "model.heads=8"], "model.heads: head_dim dim/heads = 3 is odd"),
-    (["model.kv_heads=3"], "heads=8 is not a multiple of kv_heads=3"),
-    (["model.rope_theta=0"], "model.rope_theta: must be positive"),
-    (["model.experts=-1"], "model.experts: must be 0 (dense) or more"),
-    ([*MOE, "model.top_k=9"], "model.top_k: 9 is not between 1 and experts=4"),
-    ([*MOE, "model.moe_layer_interval=0"], "model.moe_layer_interval: 0 is not between 1"),
-    ([*MOE, "model.capacity_factor=0"], "model.capacity_factor: must be positive"),
-    ([*MOE, "model.shared_experts=-1"], "model.shared_experts: must be 0 or more"),
-    ([*MOE, "model.expert_ffn_dim=0"], "model.expert_ffn_dim: must be positive"),
-    (["train.seq_len=4096"], "train.seq_len: 4096 is longer than model.max_seq_len=512"),
-    (["train.global_batch=7"], "train.global_batch: 7 is not a multiple of train.micro_batch=2"),
-    (["train.lr=0"], "train.lr: must be positive"),
-    (["train.min_lr_ratio=2"], "train.min_lr_ratio: 2.0 is not in [0, 1]"),
-    (["train.warmup_steps=500"], "train.warmup_steps: 500 is not between 0 and train.steps=200"),
-    (["train.grad_clip=-1"], "train.grad_clip: must be 0 (off) or positive"),
-    (["optimizer.beta1=1"], "optimizer.beta1: 1.0 is not in [0, 1)"),
-    (["optimizer.eps=0"], "optimizer.eps: must be positive"),
-    (["optimizer.weight_decay=-1"], "optimizer.weight_decay: must be 0 or more"),
-    (["parallel.tp=0"], "parallel.tp: must be at least 1, got 0"),
-    (["parallel.dp_shard=0"], "parallel.dp_shard: must be at least 1, or -1"),
-    (["parallel.virtual_stages=2"], "parallel.virtual_stages: 2 needs pp_schedule: interleaved"),
-    (["parallel.pp=2", "parallel.pp_schedule=interleaved"],
-     "interleaved needs virtual_stages of 2 or more"),
-    (["parallel.ep=2"], "parallel.ep: 2 > 1 but the model has no experts"),
-    (["offload.params=nvme"], "offload.params: is nvme but offload.nvme_path is empty"),
-    (["offload.prefetch_depth=-1"], "offload.prefetch_depth: must be 0 or more"),
-    (["offload.io_threads=0"], "offload.io_threads: must be at least 1"),
-    (["run.log_interval=0"], "run.log_interval: must be at least 1"),
-    (["checkpoint.keep_last=-1"], "checkpoint.keep_last: must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.dim=0"], "model.dim: must be at least 1, got 0"),
+        (["train.micro_batch=0"], "train.micro_batch: must be at least 1, got 0"),
+        (["model.dim=250"], "model.dim: 250 is not divisible by model.heads=8"),
+        (["model.dim=24", "model.heads=8"], "model.heads: head_dim dim/heads = 3 is odd"),
+        (["model.kv_heads=3"], "heads=8 is not a multiple of kv_heads=3"),
+        (["model.rope_theta=0"], "model.rope_theta: must be positive"),
+        (["model.experts=-1"], "model.experts: must be 0 (dense) or more"),
+        ([*MOE, "model.top_k=9"], "model.top_k: 9 is not between 1 and experts=4"),
+        ([*MOE, "model.moe_layer_interval=0"], "model.moe_layer_interval: 0 is not between 1"),
+        ([*MOE, "model.capacity_factor=0"], "model.capacity_factor: must be positive"),
+        ([*MOE, "model.shared_experts=-1"], "model.shared_experts: must be 0 or more"),
+        ([*MOE, "model.expert_ffn_dim=0"], "model.expert_ffn_dim: must be positive"),
+        (["train.seq_len=4096"], "train.seq_len: 4096 is longer than model.max_seq_len=512"),
+        (
+            ["train.global_batch=7"],
+            "train.global_batch: 7 is not a multiple of train.micro_batch=2",
+        ),
+        (["train.lr=0"], "train.lr: must be positive"),
+        (["train.min_lr_ratio=2"], "train.min_lr_ratio: 2.0 is not in [0, 1]"),
+        (
+            ["train.warmup_steps=500"],
+            "train.warmup_steps: 500 is not between 0 and train.steps=200",
+        ),
+        (["train.grad_clip=-1"], "train.grad_clip: must be 0 (off) or positive"),
+        (["optimizer.beta1=1"], "optimizer.beta1: 1.0 is not in [0, 1)"),
+        (["optimizer.eps=0"], "optimizer.eps: must be positive"),
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay: must be 0 or more"),
+        (["parallel.tp=0"], "parallel.tp: must be at least 1, got 0"),
+        (["parallel.dp_shard=0"], "parallel.dp_shard: must be at least 1, or -1"),
+        (
+            ["parallel.virtual_stages=2"],
+            "parallel.virtual_stages: 2 needs pp_schedule: interleaved",
+        ),
+        (
+            ["parallel.pp=2", "parallel.pp_schedule=interleaved"],
+            "interleaved needs virtual_stages of 2 or more",
+        ),
+        (["parallel.ep=2"], "parallel.ep: 2 > 1 but the model has no experts"),
+        (["offload.params=nvme"], "offload.params: is nvme but offload.nvme_path is empty"),
+        (["offload.prefetch_depth=-1"], "offload.prefetch_depth: must be 0 or more"),
+        (["offload.io_threads=0"], "offload.io_threads: must be at least 1"),
+        (["run.log_interval=0"], "run.log_interval: must be at least 1"),
+        (["checkpoint.keep_last=-1"], "checkpoint.keep_last: must be 0 or more"),
+    ],
+)
 def test_each_config_rule(overrides, message):
     text = problems_of(REPO / "configs/tiny.yaml", overrides)
     assert message in text and "fix:" in text
@@ -169,9 +207,16 @@ def test_each_config_rule(overrides, message):
 
 def test_valid_variants_pass():
     load_config(REPO / "configs/tiny.yaml", ["model.heads=16", "train.lr=1e-3"])
-    load_config(REPO / "configs/tiny.yaml", [*MOE, "parallel.ep=2", "parallel.pp=2",
-                                             "parallel.pp_schedule=interleaved",
-                                             "parallel.virtual_stages=2"])
+    load_config(
+        REPO / "configs/tiny.yaml",
+        [
+            *MOE,
+            "parallel.ep=2",
+            "parallel.pp=2",
+            "parallel.pp_schedule=interleaved",
+            "parallel.virtual_stages=2",
+        ],
+    )
 
 
 def test_parse_bytes_units():

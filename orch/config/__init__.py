@@ -30,27 +30,45 @@ from orch.config.source import Locations, deep_merge, read_config_tree
 from orch.errors import ConfigError, Problem
 
 __all__ = [
-    "CheckpointConfig", "Config", "DataConfig", "ModelConfig", "OffloadConfig",
-    "OptimizerConfig", "ParallelConfig", "RunConfig", "TrainConfig",
-    "apply_overrides", "config_from_dict", "config_to_dict", "load_config", "parse_bytes",
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "OffloadConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_bytes",
 ]
 
 
 def apply_overrides(
     data: dict[str, Any], overrides: list[str], locs: Locations, problems: list[Problem]
 ) -> dict[str, Any]:
-    """Merge ``key.path=value`` strings into ``data``; values are YAML, typed later by the schema."""
+    """Merge ``key.path=value`` strings into ``data``; the schema types the values later."""
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            problems.append(Problem(f"--set {item}", "is not of the form key.path=value",
-                                    "write e.g. --set parallel.tp=2"))
+            problems.append(
+                Problem(
+                    f"--set {item}",
+                    "is not of the form key.path=value",
+                    "write e.g. --set parallel.tp=2",
+                )
+            )
             continue
         try:
             field_type(Config, key)
         except KeyError as exc:
-            problems.append(Problem(f"--set {key}", exc.args[0], "use a dotted path from the schema"))
+            problems.append(
+                Problem(f"--set {key}", exc.args[0], "use a dotted path from the schema")
+            )
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else ""

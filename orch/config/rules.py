@@ -21,91 +21,191 @@ def check_config(cfg: Config) -> list[Problem]:
     m, t, p, o = cfg.model, cfg.train, cfg.parallel, cfg.optimizer
     for name in ("vocab_size", "dim", "layers", "heads", "ffn_dim", "max_seq_len"):
         value = getattr(m, name)
-        need(value >= 1, f"model.{name}", f"must be at least 1, got {value}", "use a positive value")
+        need(
+            value >= 1, f"model.{name}", f"must be at least 1, got {value}", "use a positive value"
+        )
     for name in ("global_batch", "micro_batch", "seq_len", "steps"):
         value = getattr(t, name)
-        need(value >= 1, f"train.{name}", f"must be at least 1, got {value}", "use a positive value")
+        need(
+            value >= 1, f"train.{name}", f"must be at least 1, got {value}", "use a positive value"
+        )
     if problems:  # the rules below divide by these
         return problems
 
-    need(m.dim % m.heads == 0, "model.dim", f"{m.dim} is not divisible by model.heads={m.heads}",
-         "choose dim = heads x head_dim, e.g. heads 32 with dim 4096")
-    need(m.dim // m.heads % 2 == 0, "model.heads", f"head_dim dim/heads = {m.dim // m.heads} is "
-         "odd; RoPE rotates pairs of channels", "choose heads so that dim/heads is even")
-    need(m.n_kv_heads >= 1 and m.heads % m.n_kv_heads == 0, "model.kv_heads",
-         f"heads={m.heads} is not a multiple of kv_heads={m.n_kv_heads}",
-         "use a kv_heads that divides heads (e.g. 8 for 32 heads), or null for heads")
-    need(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}",
-         "use 10000 (Llama 2) or 500000 (Llama 3)")
-    need(m.experts >= 0, "model.experts", f"must be 0 (dense) or more, got {m.experts}",
-         "use 0 for a dense model")
+    need(
+        m.dim % m.heads == 0,
+        "model.dim",
+        f"{m.dim} is not divisible by model.heads={m.heads}",
+        "choose dim = heads x head_dim, e.g. heads 32 with dim 4096",
+    )
+    need(
+        m.dim // m.heads % 2 == 0,
+        "model.heads",
+        f"head_dim dim/heads = {m.dim // m.heads} is odd; RoPE rotates pairs of channels",
+        "choose heads so that dim/heads is even",
+    )
+    need(
+        m.n_kv_heads >= 1 and m.heads % m.n_kv_heads == 0,
+        "model.kv_heads",
+        f"heads={m.heads} is not a multiple of kv_heads={m.n_kv_heads}",
+        "use a kv_heads that divides heads (e.g. 8 for 32 heads), or null for heads",
+    )
+    need(
+        m.rope_theta > 0,
+        "model.rope_theta",
+        f"must be positive, got {m.rope_theta}",
+        "use 10000 (Llama 2) or 500000 (Llama 3)",
+    )
+    need(
+        m.experts >= 0,
+        "model.experts",
+        f"must be 0 (dense) or more, got {m.experts}",
+        "use 0 for a dense model",
+    )
     if m.is_moe:
-        need(1 <= m.top_k <= m.experts, "model.top_k",
-             f"{m.top_k} is not between 1 and experts={m.experts}", "route to 1..experts experts")
-        need(1 <= m.moe_layer_interval <= m.layers, "model.moe_layer_interval",
-             f"{m.moe_layer_interval} is not between 1 and layers={m.layers}",
-             "use 1 to make every layer MoE, 2 for every other layer")
-        need(m.capacity_factor is None or m.capacity_factor > 0, "model.capacity_factor",
-             f"must be positive, got {m.capacity_factor}", "use e.g. 1.25, or null for dropless")
-        need(m.shared_experts >= 0, "model.shared_experts",
-             f"must be 0 or more, got {m.shared_experts}", "use 0 or 1")
-        need(m.expert_ffn_dim is None or m.expert_ffn_dim >= 1, "model.expert_ffn_dim",
-             f"must be positive, got {m.expert_ffn_dim}", "use a positive size or null for ffn_dim")
+        need(
+            1 <= m.top_k <= m.experts,
+            "model.top_k",
+            f"{m.top_k} is not between 1 and experts={m.experts}",
+            "route to 1..experts experts",
+        )
+        need(
+            1 <= m.moe_layer_interval <= m.layers,
+            "model.moe_layer_interval",
+            f"{m.moe_layer_interval} is not between 1 and layers={m.layers}",
+            "use 1 to make every layer MoE, 2 for every other layer",
+        )
+        need(
+            m.capacity_factor is None or m.capacity_factor > 0,
+            "model.capacity_factor",
+            f"must be positive, got {m.capacity_factor}",
+            "use e.g. 1.25, or null for dropless",
+        )
+        need(
+            m.shared_experts >= 0,
+            "model.shared_experts",
+            f"must be 0 or more, got {m.shared_experts}",
+            "use 0 or 1",
+        )
+        need(
+            m.expert_ffn_dim is None or m.expert_ffn_dim >= 1,
+            "model.expert_ffn_dim",
+            f"must be positive, got {m.expert_ffn_dim}",
+            "use a positive size or null for ffn_dim",
+        )
 
-    need(t.seq_len <= m.max_seq_len, "train.seq_len",
-         f"{t.seq_len} is longer than model.max_seq_len={m.max_seq_len}",
-         f"lower train.seq_len or raise model.max_seq_len to at least {t.seq_len}")
-    need(t.global_batch % t.micro_batch == 0, "train.global_batch",
-         f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}",
-         "make global_batch a multiple of micro_batch")
+    need(
+        t.seq_len <= m.max_seq_len,
+        "train.seq_len",
+        f"{t.seq_len} is longer than model.max_seq_len={m.max_seq_len}",
+        f"lower train.seq_len or raise model.max_seq_len to at least {t.seq_len}",
+    )
+    need(
+        t.global_batch % t.micro_batch == 0,
+        "train.global_batch",
+        f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}",
+        "make global_batch a multiple of micro_batch",
+    )
     need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}", "use e.g. 3e-4")
-    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"{t.min_lr_ratio} is not in [0, 1]",
-         "use e.g. 0.1 to decay to a tenth of lr")
-    need(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
-         f"{t.warmup_steps} is not between 0 and train.steps={t.steps}", "shorten the warmup")
-    need(t.grad_clip >= 0, "train.grad_clip", f"must be 0 (off) or positive, got {t.grad_clip}",
-         "use 1.0, or 0 to disable clipping")
+    need(
+        0 <= t.min_lr_ratio <= 1,
+        "train.min_lr_ratio",
+        f"{t.min_lr_ratio} is not in [0, 1]",
+        "use e.g. 0.1 to decay to a tenth of lr",
+    )
+    need(
+        0 <= t.warmup_steps <= t.steps,
+        "train.warmup_steps",
+        f"{t.warmup_steps} is not between 0 and train.steps={t.steps}",
+        "shorten the warmup",
+    )
+    need(
+        t.grad_clip >= 0,
+        "train.grad_clip",
+        f"must be 0 (off) or positive, got {t.grad_clip}",
+        "use 1.0, or 0 to disable clipping",
+    )
 
     for name in ("beta1", "beta2"):
         value = getattr(o, name)
-        need(0 <= value < 1, f"optimizer.{name}", f"{value} is not in [0, 1)", "use e.g. 0.9 / 0.95")
+        need(
+            0 <= value < 1, f"optimizer.{name}", f"{value} is not in [0, 1)", "use e.g. 0.9 / 0.95"
+        )
     need(o.eps > 0, "optimizer.eps", f"must be positive, got {o.eps}", "use e.g. 1e-8")
-    need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be 0 or more, got {o.weight_decay}",
-         "use e.g. 0.1")
+    need(
+        o.weight_decay >= 0,
+        "optimizer.weight_decay",
+        f"must be 0 or more, got {o.weight_decay}",
+        "use e.g. 0.1",
+    )
 
     for name in ("dp_replicate", "tp", "pp", "virtual_stages", "ep", "etp", "cp"):
         value = getattr(p, name)
-        need(value >= 1, f"parallel.{name}", f"must be at least 1, got {value}",
-             "use 1 to switch this dimension off")
-    need(p.dp_shard >= 1 or p.dp_shard == -1, "parallel.dp_shard",
-         f"must be at least 1, or -1 for the rest of the world, got {p.dp_shard}",
-         "use -1 to let the plan fill it")
-    need(p.virtual_stages == 1 or p.pp_schedule == "interleaved", "parallel.virtual_stages",
-         f"{p.virtual_stages} needs pp_schedule: interleaved, not {p.pp_schedule}",
-         "set parallel.pp_schedule=interleaved or virtual_stages=1")
-    need(p.pp_schedule != "interleaved" or p.virtual_stages >= 2 or p.pp == 1,
-         "parallel.pp_schedule", "interleaved needs virtual_stages of 2 or more",
-         "set parallel.virtual_stages=2 (or more), or pick 1f1b")
+        need(
+            value >= 1,
+            f"parallel.{name}",
+            f"must be at least 1, got {value}",
+            "use 1 to switch this dimension off",
+        )
+    need(
+        p.dp_shard >= 1 or p.dp_shard == -1,
+        "parallel.dp_shard",
+        f"must be at least 1, or -1 for the rest of the world, got {p.dp_shard}",
+        "use -1 to let the plan fill it",
+    )
+    need(
+        p.virtual_stages == 1 or p.pp_schedule == "interleaved",
+        "parallel.virtual_stages",
+        f"{p.virtual_stages} needs pp_schedule: interleaved, not {p.pp_schedule}",
+        "set parallel.pp_schedule=interleaved or virtual_stages=1",
+    )
+    need(
+        p.pp_schedule != "interleaved" or p.virtual_stages >= 2 or p.pp == 1,
+        "parallel.pp_schedule",
+        "interleaved needs virtual_stages of 2 or more",
+        "set parallel.virtual_stages=2 (or more), or pick 1f1b",
+    )
     if not m.is_moe:
         for name in ("ep", "etp"):
             value = getattr(p, name)
-            need(value == 1, f"parallel.{name}", f"{value} > 1 but the model has no experts",
-                 f"set parallel.{name}=1, or model.experts > 0")
+            need(
+                value == 1,
+                f"parallel.{name}",
+                f"{value} > 1 but the model has no experts",
+                f"set parallel.{name}=1, or model.experts > 0",
+            )
 
     off = cfg.offload
     tiers = {g: getattr(off, g) for g in ("params", "grads", "optimizer", "activations")}
     for group, tier in tiers.items():
-        need(tier != "nvme" or bool(off.nvme_path), f"offload.{group}",
-             "is nvme but offload.nvme_path is empty", "set offload.nvme_path to a directory on an SSD")
-    need(off.prefetch_depth >= 0, "offload.prefetch_depth",
-         f"must be 0 or more, got {off.prefetch_depth}", "use 1 or 2")
+        need(
+            tier != "nvme" or bool(off.nvme_path),
+            f"offload.{group}",
+            "is nvme but offload.nvme_path is empty",
+            "set offload.nvme_path to a directory on an SSD",
+        )
+    need(
+        off.prefetch_depth >= 0,
+        "offload.prefetch_depth",
+        f"must be 0 or more, got {off.prefetch_depth}",
+        "use 1 or 2",
+    )
     for name in ("io_queue_depth", "io_threads"):
         value = getattr(off, name)
         need(value >= 1, f"offload.{name}", f"must be at least 1, got {value}", "use e.g. 8 / 1")
 
-    need(cfg.run.log_interval >= 1, "run.log_interval",
-         f"must be at least 1, got {cfg.run.log_interval}", "use e.g. 10")
+    need(
+        cfg.run.log_interval >= 1,
+        "run.log_interval",
+        f"must be at least 1, got {cfg.run.log_interval}",
+        "use e.g. 10",
+    )
     for name in ("interval", "keep_last", "keep_every"):
         value = getattr(cfg.checkpoint, name)
-        need(value >= 0, f"checkpoint.{name}", f"must be 0 or more, got {value}", "use 0 to switch it off")
+        need(
+            value >= 0,
+            f"checkpoint.{name}",
+            f"must be 0 or more, got {value}",
+            "use 0 to switch it off",
+        )
     return problems

@@ -140,8 +140,8 @@ class ParallelConfig:
         default=True, metadata=_help("shard norms/dropout along the sequence when tp > 1")
     )
     pp: int = field(default=1, metadata=_help("pipeline stages"))
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "2bp-gpipe", "2bp-1f1b", "zb-h1"] = (
-        field(default="1f1b", metadata=_help("pipeline schedule"))
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "2bp-gpipe", "2bp-1f1b", "zb-h1"] = field(
+        default="1f1b", metadata=_help("pipeline schedule")
     )
     virtual_stages: int = field(
         default=1, metadata=_help("model chunks per pipeline rank (interleaved schedule)")
@@ -179,7 +179,9 @@ class OffloadConfig:
 
     @property
     def enabled(self) -> bool:
-        return any(t != "device" for t in (self.params, self.grads, self.optimizer, self.activations))
+        return any(
+            t != "device" for t in (self.params, self.grads, self.optimizer, self.activations)
+        )
 
 
 @dataclass

@@ -54,13 +54,22 @@ class Degrees:
         return out
 
     def short(self) -> str:
-        """A compact label such as ``pp2 dp4(r2xs2) tp8`` listing only degrees above 1."""
+        """A compact label such as ``pp2 hsdp4(2x2) tp8`` listing only degrees above 1.
+
+        fsdp: sharded data parallel; ddp: replicated; hsdp(replicas x shards): both.
+        """
         parts = []
         if self.pp > 1:
-            parts.append(f"pp{self.pp}" + (f"v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
+            parts.append(
+                f"pp{self.pp}" + (f"v{self.virtual_stages}" if self.virtual_stages > 1 else "")
+            )
         if self.dp > 1:
-            split = f"(r{self.dp_replicate}xs{self.dp_shard})" if self.dp_replicate > 1 < self.dp_shard else ""
-            parts.append(f"dp{self.dp}{split}" if split or self.dp_replicate == 1 else f"ddp{self.dp}")
+            if self.dp_replicate == 1:
+                parts.append(f"fsdp{self.dp}")
+            elif self.dp_shard == 1:
+                parts.append(f"ddp{self.dp}")
+            else:
+                parts.append(f"hsdp{self.dp}({self.dp_replicate}x{self.dp_shard})")
         if self.cp > 1:
             parts.append(f"cp{self.cp}")
         if self.tp > 1:

@@ -22,7 +22,9 @@ DENSE_ALIASES = {"dp": ("dp_shard", "dp_replicate")}
 class RankLayout:
     """Orthogonal groups over named dimensions; the first dimension varies fastest."""
 
-    def __init__(self, dims: list[tuple[str, int]], aliases: dict[str, tuple[str, ...]] | None = None):
+    def __init__(
+        self, dims: list[tuple[str, int]], aliases: dict[str, tuple[str, ...]] | None = None
+    ):
         self.names = [name for name, _ in dims]
         self.sizes = [size for _, size in dims]
         self.strides = [prod(self.sizes[:i]) for i in range(len(self.sizes))]
@@ -41,7 +43,9 @@ class RankLayout:
 
     def _offsets(self, mask: list[bool], inside: bool) -> list[int]:
         """Rank offsets spanned by the masked (inside=True) or unmasked dims, first dim fastest."""
-        picked = [(s, st) for s, st, m in zip(self.sizes, self.strides, mask) if m == inside]
+        picked = [
+            (s, st) for s, st, m in zip(self.sizes, self.strides, mask, strict=True) if m == inside
+        ]
         offsets = [0]
         for size, stride in picked:
             offsets = [o + i * stride for i in range(size) for o in offsets]
@@ -58,13 +62,20 @@ class RankLayout:
         return self._offsets(self._mask(dims), True)
 
     def coords(self, rank: int) -> dict[str, int]:
-        return {n: rank // st % s for n, s, st in zip(self.names, self.sizes, self.strides)}
+        return {
+            n: rank // st % s for n, s, st in zip(self.names, self.sizes, self.strides, strict=True)
+        }
 
 
 def dense_layout(deg: Degrees) -> RankLayout:
     return RankLayout(
-        [("tp", deg.tp), ("cp", deg.cp), ("dp_shard", deg.dp_shard),
-         ("dp_replicate", deg.dp_replicate), ("pp", deg.pp)],
+        [
+            ("tp", deg.tp),
+            ("cp", deg.cp),
+            ("dp_shard", deg.dp_shard),
+            ("dp_replicate", deg.dp_replicate),
+            ("pp", deg.pp),
+        ],
         DENSE_ALIASES,
     )
 
@@ -74,9 +85,16 @@ def expert_layout(deg: Degrees) -> RankLayout:
 
 
 GROUP_DIMS = {
-    "tp": "dense", "cp": "dense", "dp": "dense", "pp": "dense",
-    "dp_shard": "dense", "dp_replicate": "dense", "dp_shard-cp": "dense",
-    "ep": "expert", "etp": "expert", "edp": "expert",
+    "tp": "dense",
+    "cp": "dense",
+    "dp": "dense",
+    "pp": "dense",
+    "dp_shard": "dense",
+    "dp_replicate": "dense",
+    "dp_shard-cp": "dense",
+    "ep": "expert",
+    "etp": "expert",
+    "edp": "expert",
 }
 """Every group the plan publishes, and which layout it comes from. ``dp_shard-cp`` is FSDP's."""
 
@@ -105,5 +123,11 @@ def rank_coordinates(deg: Degrees) -> list[dict[str, int]]:
     return out
 
 
-__all__ = ["RankLayout", "dense_layout", "expert_layout", "first_groups", "plan_groups",
-           "rank_coordinates"]
+__all__ = [
+    "RankLayout",
+    "dense_layout",
+    "expert_layout",
+    "first_groups",
+    "plan_groups",
+    "rank_coordinates",
+]

@@ -1,0 +1,62 @@
+"""How long ``orch plan --auto`` takes: 8B, 70B and Mixtral-8x22B at 64, 1,024 and 4,096 GPUs.
+
+The claim: searching every valid plan for 1,024 GPUs takes under one second, so the planner can
+run inside ``orch launch`` and in interactive use. There is no outside planner to race (torchtitan
+and Megatron-Core take degrees by hand), so the reference is the one-second budget itself.
+Each case is timed in-process (best of 3, the way `orch plan --auto` spends it) after one warm-up.
+
+    .venv/bin/python benchmarks/plan_search.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from pathlib import Path
+
+from orch.config import load_config
+from orch.plan import resolve_machine, search
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ("llama3-8b", "llama3-70b", "mixtral-8x22b")
+WORLDS = (64, 1024, 4096)
+BUDGET_S = 1.0
+
+
+def time_search(config: str, world: int, repeat: int) -> tuple[float, int, str]:
+    cfg = load_config(REPO / "configs" / f"{config}.yaml")
+    machine = resolve_machine(cfg, world, None, None, problems := [])
+    assert machine is not None, problems
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = search(cfg, machine)
+        best = min(best, time.perf_counter() - start)
+    top = result.best[0].degrees.short() if result.best else "none fits"
+    return best, result.evaluated, top
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    time_search("llama3-8b", 64, 1)  # warm imports and caches
+    print(
+        f"# plan search ({platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}, {datetime.date.today()})"
+    )
+    print("| config | GPUs | plans priced | search s | budget s | ratio | best plan |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for config in CONFIGS:
+        for world in WORLDS:
+            seconds, evaluated, top = time_search(config, world, args.repeat)
+            print(
+                f"| {config} | {world} | {evaluated} | {seconds:.3f} | {BUDGET_S:.1f} | "
+                f"{seconds / BUDGET_S:.2f} | {top} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

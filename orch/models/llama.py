@@ -1,0 +1,135 @@
+"""Reference Llama-style decoder in plain torch, readable top to bottom.
+
+Parallelism is applied to this model from outside (tensor, sequence, pipeline, FSDP), so every
+layer is its own ``nn.Module`` with the names later code shards by. Names follow Meta's Llama
+checkpoints, which makes the HuggingFace mapping a rename: ``tok_embeddings`` -> ``embed_tokens``,
+``layers.{i}.attention.wq`` -> ``self_attn.q_proj``, ``feed_forward.w1/w3/w2`` ->
+``mlp.gate_proj/up_proj/down_proj``, ``attention_norm`` -> ``input_layernorm``, ``ffn_norm`` ->
+``post_attention_layernorm``, ``norm`` -> ``norm``, ``output`` -> ``lm_head``. RoPE uses
+HuggingFace's convention (rotate the two halves of each head), so no q/k permutation is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orch.config.schema import ModelConfig
+from orch.models.moe import INIT_STD, FeedForward, MoEFeedForward
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions ``0..seq_len-1``; frequencies ``theta^(-2i/head_dim)``."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        self.register_buffer("inv_freq", 1.0 / theta**exponent, persistent=False)
+
+    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[batch, heads, seq, head_dim]`` by the position tables ``[seq, head_dim]``."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE and grouped-query attention (``kv_heads`` <= ``heads``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, self.heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward: nn.Module = (
+            MoEFeedForward(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.ffn_dim)
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Token ids ``[batch, seq]`` -> logits ``[batch, seq, vocab]``.
+
+    Weights are initialized by :meth:`init_weights` (seed 0) on construction unless the model is
+    built on the meta device, where there is nothing to fill; call it again to re-seed.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if not self.output.weight.is_meta:
+            self.init_weights(seed=0)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Norm weights 1, everything else N(0, 0.02), drawn in parameter order on the CPU.
+
+        Drawing on the CPU and copying makes the weights identical on every device for a seed.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.empty(p.shape).normal_(0.0, INIT_STD, generator=gen))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.rope(tokens.shape[1], h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))

@@ -1,0 +1,244 @@
+"""Step-time model: how long one optimizer step takes for a plan, and the MFU that implies.
+
+An analytic, per-rank model, cheap enough (microseconds) to price every candidate of a search:
+
+- **Compute**: the step's FLOPs (model FLOPs plus recomputation) split evenly over all ranks, at
+  ``peak_flops x compute_efficiency`` of the slowest device.
+- **Tensor parallelism** (+ sequence parallelism): per layer, forward and backward, an
+  all-gather/reduce-scatter pair (or one all-reduce, the same volume) around attention and
+  around the MLP, ring cost. It sits on the critical path, so it is all exposed.
+- **Context parallelism**: ring attention passes K/V chunks ``cp - 1`` times per layer forward
+  and again with dK/dV backward, hidden behind the attention compute of the rank's chunk;
+  Ulysses' all-to-alls of q, k, v and the output are exposed.
+- **Expert parallelism**: dispatch and combine all-to-alls, forward and backward, per MoE layer,
+  of each token's ``top_k`` copies (tokens split over TP first, as sequence parallelism
+  leaves them); exposed. With ``etp > 1`` the experts' own tensor
+  parallelism gathers the routed tokens like TP does.
+- **Data parallelism**: FSDP gathers parameters (compute dtype) in forward and again in backward
+  (reshard after forward) for every micro-batch when there is no pipeline, once per step with
+  one (torch's pipeline stage keeps them gathered across micro-batches); gradients accumulate
+  locally and are reduced once per step (FSDP2's ``set_requires_gradient_sync(False)`` before
+  the last micro-batch), in the compute dtype (bf16 reduction under bf16): reduce-scatter over
+  FSDP's ``dp_shard x cp`` group, all-reduce of the shard over ``dp_replicate``. Expert weights
+  do the same over ``edp`` (sharded there when FSDP is on, else all-reduced). Gathers overlap
+  the whole step; gradient reduction only the last micro-batch's backward. Overlapped
+  communication hides behind ``OVERLAP`` of the compute it runs beside.
+- **Pipeline**: activation and gradient sends per micro-batch (exposed, small), and a bubble of
+  ``(pp - 1) / (micro-batches x v)`` of the per-rank critical work, scaled per schedule.
+
+FLOPs follow the PaLM / Megatron MFU convention (see ``flops_per_token``). Not modelled:
+embedding/head imbalance between pipeline stages, load imbalance between experts, contention of
+concurrent collectives for one NIC. Kernel efficiency falling at small per-rank matmuls is a
+heuristic (``gemm_efficiency``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orch.config.schema import Config, ModelConfig
+from orch.plan.degrees import Degrees
+from orch.plan.devices import DeviceSpec
+from orch.plan.memory import param_counts
+from orch.plan.topology import Link
+
+OVERLAP = 0.9
+"""Share of the compute beside it that overlapped communication can hide: collectives running
+concurrently take SMs and memory bandwidth from the kernels they overlap."""
+
+BUBBLE_SCALE = {
+    "gpipe": 1.0, "1f1b": 1.0, "interleaved": 1.0,
+    # 2BP (PAPERS.md) runs the deferred weight-gradient halves of backward in the idle slots;
+    # as a simple model it fills half the bubble.
+    "2bp-gpipe": 0.5, "2bp-1f1b": 0.5,
+    # Zero Bubble Pipeline Parallelism (Qi et al., 2023): ZB-H1's bubble is
+    # (p-1)(T_F + T_B - T_W) against 1F1B's (p-1)(T_F + T_B + T_W); with T_F = T_B = T_W that
+    # is one third, the paper's "about 1/3 of 1F1B's bubble" at 1F1B's memory.
+    "zb-h1": 1 / 3,
+}
+"""Bubble of each schedule relative to 1F1B's ``(pp - 1) / micro-batches``."""
+
+BACKWARD_SHARE = 2 / 3
+"""Backward's share of a micro-batch's compute (2 of the 6 FLOPs per parameter are forward)."""
+
+
+GEMM_HALF_SATURATION = 2**21
+"""Rows x columns of a per-rank matmul output at which kernels reach half their efficiency.
+
+Kernel efficiency falls when a rank's matmuls are small (few tokens per micro-batch after
+context parallelism, thin weight slices after tensor parallelism): too few tiles to fill the
+SMs and too little work per byte loaded. We scale ``compute_efficiency`` by ``x / (x + X0)``
+with ``x = tokens x hidden / tp`` per micro-batch and ``X0 = 2**21``: 0.94 for Llama 3 8B at
+8K tokens without TP, 0.80 at 2K tokens or at tp 8 on 70B. A heuristic, not a measurement:
+it keeps the search from trading big matmuls for free-looking context or tensor parallelism.
+"""
+
+
+def matmul_weights(m: ModelConfig) -> int:
+    """Weights one token multiplies by: attention, dense MLP or top_k routed + shared experts,
+    the router, and the output head (the embedding lookup and the norms are not matmuls)."""
+    pc = param_counts(m)
+    one_expert = pc.experts // m.experts if m.experts else 0
+    return (m.layers * pc.attention + pc.dense_layers * pc.mlp + pc.embedding
+            + pc.moe_layers * (pc.router + pc.shared_expert + m.top_k * one_expert))
+
+
+def gemm_efficiency(tokens: float, hidden: int, tp: int) -> float:
+    """Share of ``compute_efficiency`` reached by matmuls of this per-rank size."""
+    size = tokens * hidden / tp
+    return size / (size + GEMM_HALF_SATURATION)
+
+
+def _flops(m: ModelConfig, seq_len: int) -> float:
+    return 6.0 * matmul_weights(m) + 12.0 * m.layers * seq_len * m.heads * m.head_dim
+
+
+def flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs per token of one training step (forward and backward).
+
+    PaLM's convention (Chowdhery et al., 2022, appendix B), also Megatron-LM's and torchtitan's
+    for MFU: ``6 N + 12 L H Q T`` with N the weights each token is multiplied by (matmul weights
+    outside the embedding lookup: attention, dense or top_k routed plus shared experts, the
+    router, the output head; norms are not matmuls), L layers, H x Q the attention width and T
+    the sequence length. Attention's QK^T and AV are counted over the whole sequence, without
+    halving for the causal mask: fused kernels skip the masked half but run it at well below
+    matmul efficiency, so the full count at matmul speed is also a fair time estimate.
+    """
+    return _flops(model, seq_len)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute_s: float
+    comm_s: dict[str, float] = field(hash=False)
+    """Per group dimension, seconds of communication before any overlap."""
+    exposed_comm_s: float
+    """Communication not hidden behind compute."""
+    bubble_s: float
+    total_s: float
+    tokens_per_step: int
+    tokens_per_s: float
+    mfu: float
+    """Model FLOPs per second over the peak of all devices (recomputation does not count)."""
+    flops_per_token: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "compute_s": self.compute_s, "comm_s": dict(self.comm_s),
+            "exposed_comm_s": self.exposed_comm_s, "bubble_s": self.bubble_s,
+            "total_s": self.total_s, "tokens_per_step": self.tokens_per_step,
+            "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+            "flops_per_token": self.flops_per_token,
+        }
+
+
+def _collective(size: float, n: int, link: Link) -> float:
+    """Seconds for a ring all-gather or reduce-scatter of a ``size``-byte tensor over ``n``
+    ranks, or an all-to-all in which each rank spreads ``size`` bytes evenly: either way each
+    rank moves ``(n - 1) / n`` of ``size`` in ``n - 1`` latency-bound steps."""
+    return (n - 1) * (size / n / link.bandwidth + link.latency_s)
+
+
+def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
+                       device: DeviceSpec) -> StepTime:
+    """Seconds per optimizer step of ``cfg`` laid out as ``deg`` over ``links``.
+
+    ``links`` maps each group dimension of ``orch.plan.layout`` to its link (from
+    ``Topology.links``); only dimensions of size above one are read.
+    """
+    m, t = cfg.model, cfg.train
+    pc = param_counts(m)
+    seq, act = t.seq_len, 2 if t.precision == "bf16" else 4
+    fpt = _flops(m, seq)
+    attention_fpt = 12.0 * seq * m.heads * m.head_dim  # per layer
+    recompute = {"none": 0.0, "selective": m.layers * attention_fpt / 3, "full": fpt / 3}
+    rank_tokens = t.micro_batch * seq / deg.cp  # of one micro-batch, before TP splits them
+    rate = (device.peak_flops * device.compute_efficiency
+            * gemm_efficiency(rank_tokens, m.dim, deg.tp))
+    tokens = t.global_batch * seq
+    compute = (fpt + recompute[t.recompute]) * tokens / deg.world / rate
+    micro = max(1.0, t.global_batch / (t.micro_batch * deg.dp))
+    full = t.recompute == "full"
+    # Collectives per block, forward and backward, and again in a fully recomputed forward.
+    fwd_bwd = 6 if full else 4
+    layers, moe_layers = m.layers / deg.pp, pc.moe_layers / deg.pp
+    comm: dict[str, float] = {}
+
+    if deg.tp > 1:  # one block around attention in every layer, one around each dense MLP
+        blocks = 2 * layers - moe_layers
+        activations = rank_tokens * m.dim * act
+        comm["tp"] = micro * blocks * fwd_bwd * _collective(activations, deg.tp, links["tp"])
+    routed = rank_tokens / deg.tp * m.top_k * m.dim * act  # bytes a rank sends to its experts
+    if moe_layers and deg.etp > 1:
+        gathered = routed * deg.etp
+        comm["etp"] = micro * moe_layers * fwd_bwd * _collective(gathered, deg.etp, links["etp"])
+    if moe_layers and deg.ep > 1:
+        comm["ep"] = micro * moe_layers * fwd_bwd * _collective(routed, deg.ep, links["ep"])
+
+    cp_exposed = 0.0
+    if deg.cp > 1:
+        link = links["cp"]
+        if cfg.parallel.cp_kind == "ring":
+            kv = 2 * max(m.n_kv_heads / deg.tp, 1) * m.head_dim * rank_tokens * act
+            passes = 4 if full else 3  # K/V forward; K/V and dK/dV backward; recomputation
+            step = kv / link.bandwidth + link.latency_s
+            comm["cp"] = micro * layers * passes * (deg.cp - 1) * step
+            hiding = micro * layers * attention_fpt * rank_tokens / deg.tp / rate
+            cp_exposed = max(0.0, comm["cp"] - hiding)
+        else:  # Ulysses: q, k, v in and the output back, four all-to-alls each way
+            qkvo = (2 * m.heads + 2 * m.n_kv_heads) * m.head_dim * rank_tokens / deg.tp * act
+            passes = 3 if full else 2
+            four = _collective(qkvo, deg.cp, link) + 3 * (deg.cp - 1) * link.latency_s
+            comm["cp"] = micro * layers * passes * four
+            cp_exposed = comm["cp"]
+
+    # Data parallelism: parameter gathers overlap the step, gradient reduction the last backward.
+    gathers = 2 * micro if deg.pp == 1 else 1
+    gather = reduce = 0.0
+    dense = pc.dense_total / (deg.pp * deg.tp)
+    if deg.fsdp > 1:
+        link = links["dp_shard-cp"]
+        gather = gathers * _collective(dense * act, deg.fsdp, link)
+        reduce = _collective(dense * act, deg.fsdp, link)
+        comm["dp_shard-cp"] = gather + reduce
+    if deg.dp_replicate > 1:
+        shard = dense / deg.fsdp * act
+        comm["dp_replicate"] = 2 * _collective(shard, deg.dp_replicate, links["dp_replicate"])
+        reduce += comm["dp_replicate"]
+    if moe_layers and deg.edp > 1:
+        experts, link = pc.expert_total / (deg.pp * deg.ep * deg.etp), links["edp"]
+        if deg.fsdp > 1:  # sharded like the dense weights, over the expert data-parallel group
+            expert_gather = gathers * _collective(experts * act, deg.edp, link)
+            expert_reduce = _collective(experts * act, deg.edp, link)
+        else:
+            expert_gather, expert_reduce = 0.0, 2 * _collective(experts * act, deg.edp, link)
+        comm["edp"] = expert_gather + expert_reduce
+        gather, reduce = gather + expert_gather, reduce + expert_reduce
+    window = BACKWARD_SHARE * compute / micro
+    dp_exposed = (max(0.0, gather - OVERLAP * (compute - window))
+                  + max(0.0, reduce - OVERLAP * window))
+
+    # Communication on the critical path of every micro-batch; the bubble idles a share of it.
+    on_path = comm.get("tp", 0.0) + comm.get("etp", 0.0) + comm.get("ep", 0.0) + cp_exposed
+    bubble = 0.0
+    if deg.pp > 1:
+        schedule = cfg.parallel.pp_schedule
+        chunks = deg.virtual_stages if schedule == "interleaved" else 1
+        link = links["pp"]
+        message = rank_tokens * m.dim * act / (deg.tp if deg.sequence_parallel else 1)
+        comm["pp"] = micro * 2 * chunks * (message / link.bandwidth + link.latency_s)
+        bubble = (deg.pp - 1) / (micro * chunks) * BUBBLE_SCALE[schedule] * (compute + on_path)
+
+    exposed = on_path + dp_exposed + comm.get("pp", 0.0)
+    total = compute + exposed + bubble
+    tokens_per_s = tokens / total
+    return StepTime(
+        compute_s=compute, comm_s=comm, exposed_comm_s=exposed, bubble_s=bubble, total_s=total,
+        tokens_per_step=tokens, tokens_per_s=tokens_per_s,
+        mfu=fpt * tokens_per_s / (deg.world * device.peak_flops), flops_per_token=fpt,
+    )
+
+
+__all__ = ["BUBBLE_SCALE", "OVERLAP", "StepTime", "estimate_step_time", "flops_per_token",
+           "gemm_efficiency", "matmul_weights"]

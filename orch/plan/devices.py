@@ -1,0 +1,135 @@
+"""Accelerator catalog: the figures the cost model needs for each device type.
+
+A ``DeviceSpec`` holds peak dense compute, memory, and the per-device bandwidth and latency of the
+two link kinds a collective can cross: inside a node (NVLink, PCIe, loopback) and between nodes
+(the NIC share of one device). Figures come from NVIDIA's datasheets (cited per entry); the
+efficiency and latency figures are modelling choices, explained where they are set. A cluster
+description may override any number for its own hardware (``with_overrides``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from orch.config.coerce import did_you_mean
+from orch.errors import OrchError
+
+GiB = 2**30
+GB = 10**9
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One accelerator type. Bandwidths are bytes/s per device in one direction."""
+
+    name: str
+    peak_flops: float
+    """Dense bf16 tensor-core FLOP/s (no sparsity); for ``cpu`` an fp32 figure."""
+    memory_bytes: int
+    intra_node_bw: float
+    """What one device can send to its node peers at once (NVLink: half the bidirectional total)."""
+    inter_node_bw: float
+    """The device's share of the node's NICs, used when a cluster does not list its NICs."""
+    compute_efficiency: float = 0.6
+    """Fraction of peak a well-tuned training step sustains on compute alone (matmuls,
+    attention and the elementwise ops between them); the cost model's ceiling on MFU."""
+    intra_latency_s: float = 3e-6
+    """Per ring step inside a node (NCCL's latency-bound regime is a few microseconds)."""
+    inter_latency_s: float = 10e-6
+    """Per ring step across nodes (RDMA plus NCCL proxy overheads)."""
+    description: str = ""
+
+
+OVERRIDABLE = tuple(
+    f.name for f in dataclasses.fields(DeviceSpec) if f.name not in ("name", "description")
+)
+"""Fields a cluster description may override: every number."""
+
+
+DEVICES: dict[str, DeviceSpec] = {
+    spec.name: spec
+    for spec in (
+        # NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 TFLOPS with sparsity, so
+        # 989.4 dense; 80 GB HBM3; NVLink 4 900 GB/s bidirectional. DGX H100: one 400 Gb/s
+        # ConnectX-7 (NDR) per GPU. Efficiency 0.55: bf16 MFU reported on H100 runs from 33-39%
+        # (torchtitan, Llama 3.1 8B, GPUs capped at 500 W) to 49.3% (Megatron-Core, Mixtral
+        # 8x22B), so compute alone must sustain a little more than the best of those.
+        DeviceSpec(
+            name="h100-sxm-80gb", peak_flops=989.4e12, memory_bytes=80 * GiB,
+            intra_node_bw=450e9, inter_node_bw=50e9, compute_efficiency=0.55,
+            description="NVIDIA H100 SXM5 80GB, NVLink 4, 400 Gb/s NDR per GPU",
+        ),
+        # NVIDIA H200 datasheet (SXM): same BF16 compute as H100 (1,979 TFLOPS sparse),
+        # 141 GB HBM3e, NVLink 900 GB/s bidirectional; DGX H200: 400 Gb/s per GPU.
+        DeviceSpec(
+            name="h200", peak_flops=989.4e12, memory_bytes=141 * GB,
+            intra_node_bw=450e9, inter_node_bw=50e9, compute_efficiency=0.55,
+            description="NVIDIA H200 SXM 141GB, NVLink 4, 400 Gb/s NDR per GPU",
+        ),
+        # NVIDIA A100 datasheet (SXM4 80GB): BF16 312 TFLOPS dense (624 sparse), NVLink 3
+        # 600 GB/s bidirectional. DGX A100: one 200 Gb/s HDR ConnectX-6 per GPU. A100 is the
+        # easier part to saturate: torchtitan reports 56-58% MFU for Llama 3 8B on 64 A100s.
+        DeviceSpec(
+            name="a100-80gb", peak_flops=312e12, memory_bytes=80 * GiB,
+            intra_node_bw=300e9, inter_node_bw=25e9, compute_efficiency=0.6,
+            description="NVIDIA A100 SXM4 80GB, NVLink 3, 200 Gb/s HDR per GPU",
+        ),
+        # NVIDIA Ada Lovelace architecture whitepaper, GeForce RTX 4090: BF16 tensor with FP32
+        # accumulate 165.2 TFLOPS dense; 24 GB GDDR6X. No NVLink: peers talk over PCIe 4.0 x16
+        # (32 GB/s theoretical, ~25 GB/s measured). Nodes: a 100 Gb/s Ethernet NIC shared by the
+        # box, taken here as 12.5 GB/s per device only when a cluster file says nothing better.
+        DeviceSpec(
+            name="rtx4090", peak_flops=165.2e12, memory_bytes=24 * GiB,
+            intra_node_bw=25e9, inter_node_bw=12.5e9, compute_efficiency=0.5,
+            intra_latency_s=10e-6, inter_latency_s=30e-6,
+            description="NVIDIA GeForce RTX 4090 24GB, PCIe 4.0 x16, no NVLink",
+        ),
+        # A modest CPU "device" for gloo runs on this kind of machine: 1 TFLOP/s fp32, gloo over
+        # loopback (~5 GB/s) inside a host, 10 Gb/s Ethernet between hosts.
+        DeviceSpec(
+            name="cpu", peak_flops=1e12, memory_bytes=24 * GiB,
+            intra_node_bw=5e9, inter_node_bw=1.25e9, compute_efficiency=0.5,
+            intra_latency_s=20e-6, inter_latency_s=50e-6,
+            description="CPU with gloo: loopback inside a host, 10 Gb/s Ethernet between",
+        ),
+    )
+}
+
+ALIASES = {"h100": "h100-sxm-80gb", "a100": "a100-80gb", "4090": "rtx4090"}
+
+
+class UnknownDeviceError(OrchError):
+    """A device name that is neither in the catalog nor an alias."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        known = sorted([*DEVICES, *ALIASES])
+        self.message = f"unknown device {name!r}"
+        self.fix = f"{did_you_mean(str(name), known)}known devices: {', '.join(known)}"
+        super().__init__(f"{self.message}\n    fix: {self.fix}")
+
+
+def get_device(name: str) -> DeviceSpec:
+    """The catalog entry for ``name`` (case-insensitive, aliases allowed)."""
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in DEVICES:
+        raise UnknownDeviceError(name)
+    return DEVICES[key]
+
+
+def with_overrides(spec: DeviceSpec, **fields: float) -> DeviceSpec:
+    """``spec`` with some numbers replaced, for hardware that differs from the catalog entry.
+
+    Unknown field names are a programming error (``TypeError``); the cluster loader checks user
+    keys against ``OVERRIDABLE`` first and reports them as problems.
+    """
+    unknown = set(fields) - set(OVERRIDABLE)
+    if unknown:
+        raise TypeError(f"DeviceSpec has no overridable fields {sorted(unknown)}")
+    return dataclasses.replace(spec, **fields)
+
+
+__all__ = ["ALIASES", "DEVICES", "DeviceSpec", "OVERRIDABLE", "UnknownDeviceError",
+           "get_device", "with_overrides"]

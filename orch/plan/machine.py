@@ -1,0 +1,125 @@
+"""The machine a plan is for: world size, devices per node, device type and network links.
+
+It comes from a cluster description when the config names one (the description says how many
+devices each node has and which NICs connect them), otherwise from the command line
+(``--world-size``, ``--gpus-per-node``, ``--device``). Problems are collected, not raised one at
+a time, so ``orch plan`` can report them with the config's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import gcd
+
+from orch.config.schema import Config
+from orch.errors import OrchError, Problem, ProblemsError
+from orch.plan.cluster import ClusterSpec, load_cluster
+from orch.plan.devices import DeviceSpec, get_device
+from orch.plan.topology import Topology
+
+DEFAULT_DEVICE = "h100-sxm-80gb"
+DEFAULT_GPUS_PER_NODE = 8
+
+
+@dataclass(frozen=True)
+class Machine:
+    world_size: int
+    gpus_per_node: int
+    """Devices per node (for a cluster with uneven nodes: the gcd of their device counts)."""
+    device: DeviceSpec
+    topology: Topology
+    cluster: ClusterSpec | None = None
+
+    @property
+    def nodes(self) -> int:
+        if self.cluster is not None:
+            return len(self.cluster.nodes)
+        return -(-self.world_size // self.gpus_per_node)
+
+
+def resolve_machine(
+    cfg: Config,
+    world_size: int | None,
+    gpus_per_node: int | None,
+    device: str | None,
+    problems: list[Problem],
+) -> Machine | None:
+    """Build the Machine, appending Problems; None when there is nothing valid to plan for."""
+    cluster = None
+    if cfg.cluster:
+        try:
+            cluster = load_cluster(cfg.cluster)
+        except ProblemsError as exc:
+            problems.extend(
+                Problem(f"cluster {cfg.cluster}: {p.where}", p.message, p.fix) for p in exc.problems
+            )
+            return None
+        except OrchError as exc:
+            problems.append(Problem("cluster", str(exc), "fix the cluster description"))
+            return None
+    spec = None
+    if device is not None or cluster is None:
+        try:
+            spec = get_device(device or DEFAULT_DEVICE)
+        except OrchError as exc:
+            problems.append(Problem("--device", str(exc), "pick a device from the catalog"))
+            return None
+
+    if cluster is not None:
+        topology = Topology.from_cluster(cluster)
+        if world_size is not None and world_size != cluster.world_size:
+            problems.append(
+                Problem(
+                    "--world-size",
+                    f"{world_size} differs from the "
+                    f"{cluster.world_size} devices of cluster {cfg.cluster}",
+                    "leave --world-size out, or edit the cluster description",
+                )
+            )
+        node_gcd = 0
+        for node in cluster.nodes:
+            node_gcd = gcd(node_gcd, node.devices)
+        return Machine(cluster.world_size, node_gcd, spec or topology.device, topology, cluster)
+
+    assert spec is not None
+    if world_size is None:
+        world_size = _world_from_degrees(cfg)
+    if world_size is None:
+        problems.append(
+            Problem(
+                "--world-size",
+                "not given, and parallel.dp_shard is -1 so the degrees do not fix it",
+                "pass --world-size N (devices in all), or set cluster: in the config",
+            )
+        )
+        return None
+    if world_size < 1:
+        problems.append(
+            Problem(
+                "--world-size",
+                f"must be at least 1, got {world_size}",
+                "pass the number of devices in the job",
+            )
+        )
+        return None
+    if gpus_per_node is None:
+        gpus_per_node = world_size if spec.name == "cpu" else min(DEFAULT_GPUS_PER_NODE, world_size)
+    if gpus_per_node < 1 or world_size % gpus_per_node:
+        problems.append(
+            Problem(
+                "--gpus-per-node",
+                f"{gpus_per_node} does not divide the world size {world_size} into whole nodes",
+                "pass a --gpus-per-node that divides --world-size",
+            )
+        )
+        return None
+    return Machine(
+        world_size, gpus_per_node, spec, Topology.uniform(world_size, gpus_per_node, spec)
+    )
+
+
+def _world_from_degrees(cfg: Config) -> int | None:
+    p = cfg.parallel
+    if p.dp_shard == -1:
+        return None
+    return p.pp * p.dp_replicate * p.dp_shard * p.cp * p.tp

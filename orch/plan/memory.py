@@ -1,0 +1,472 @@
+"""Per-rank memory model: parameters, gradients, optimizer state, activations and buffers.
+
+The planner calls :func:`estimate_memory` for every candidate of a search, so it is integer
+arithmetic only: no torch, no loop over layers, and whatever depends only on the model, the
+sequence shape or the pipeline shape is computed once and cached.
+
+Activations come from a term model, :func:`layer_terms`: the list of tensors one decoder layer
+saves for backward. Configured as GPT-3 (LayerNorm, GeLU 4h MLP, dropout, materialized attention)
+it reproduces Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", exactly; configured as orch's Llama it lists what ``orch.models.llama`` saves, which the
+tests check against torch's saved-tensor hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from typing import Literal
+
+from orch.config.schema import Config, ModelConfig
+from orch.plan.degrees import Degrees
+
+Recompute = Literal["none", "selective", "full"]
+
+PARAM_BYTES = 4
+"""Parameters stay fp32 (FSDP2 mixed precision); the bf16 compute copy is a transient buffer."""
+GRAD_BYTES = 4
+"""Sharded gradients are reduced and kept in fp32."""
+ADAMW_BYTES = 8
+"""Two fp32 moments."""
+QUANT_BLOCK = 256
+"""adamw8bit: one fp32 absmax per block of 256 elements, per moment."""
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of a :class:`ModelConfig`; ``total`` equals ``sum(p.numel())``.
+
+    Per-layer fields (``attention``, ``norms``, ``mlp`` for dense layers; ``router``, ``experts``
+    (all routed experts), ``shared_expert`` for MoE layers) are for one layer of that kind.
+    ``active`` counts what one token touches (``top_k`` routed experts), for FLOPs.
+    """
+
+    embedding: int
+    head: int
+    attention: int
+    norms: int
+    mlp: int
+    router: int
+    experts: int
+    shared_expert: int
+    final_norm: int
+    dense_layers: int
+    moe_layers: int
+    total: int
+    active: int
+    expert_total: int
+
+    @property
+    def dense_total(self) -> int:
+        """Everything that is not a routed expert (routers and shared experts included)."""
+        return self.total - self.expert_total
+
+
+def _model_key(m: ModelConfig) -> tuple:
+    """The hashable shape of a model; ``_param_counts`` and ``_archs`` unpack it in this order."""
+    return (m.vocab_size, m.dim, m.layers, m.heads, m.n_kv_heads, m.head_dim, m.ffn_dim,
+            m.experts, m.top_k, m.moe_ffn_dim, m.shared_experts, m.moe_layer_interval,
+            m.tie_embeddings)
+
+
+@lru_cache(maxsize=64)
+def _param_counts(key: tuple) -> ParamCounts:
+    vocab, h, layers, heads, kv, hd, ffn, experts, top_k, fe, shared, interval, tied = key
+    moe_layers = layers // interval if experts else 0
+    dense_layers = layers - moe_layers
+    attention = 2 * h * heads * hd + 2 * h * kv * hd
+    one_expert = 3 * h * fe
+    counts = dict(
+        embedding=vocab * h, head=0 if tied else vocab * h, attention=attention, norms=2 * h,
+        mlp=3 * h * ffn, router=h * experts, experts=experts * one_expert,
+        shared_expert=shared * one_expert if experts else 0, final_norm=h,
+        dense_layers=dense_layers, moe_layers=moe_layers,
+    )
+    total = (counts["embedding"] + counts["head"] + h + layers * (attention + 2 * h)
+             + dense_layers * counts["mlp"]
+             + moe_layers * (counts["router"] + counts["experts"] + counts["shared_expert"]))
+    expert_total = moe_layers * counts["experts"]
+    active = total - moe_layers * (experts - top_k) * one_expert if experts else total
+    return ParamCounts(**counts, total=total, active=active, expert_total=expert_total)
+
+
+def param_counts(model: ModelConfig) -> ParamCounts:
+    """Closed-form parameter counts of ``orch.models.llama.Transformer(model)``."""
+    return _param_counts(_model_key(model))
+
+
+def zero_bytes_per_param(stage: int, dp: int, k: int = 12) -> float:
+    """Bytes per parameter per rank under ZeRO ``stage`` 0-3 (Rajbhandari et al. 2020, Fig. 1).
+
+    Mixed-precision Adam: 2 (fp16 params) + 2 (fp16 grads) + ``k`` (fp32 master copy, momentum,
+    variance) bytes; stage 1 shards the ``k``, stage 2 also the grads, stage 3 everything.
+    """
+    sharded = {0: 0, 1: k, 2: 2 + k, 3: 4 + k}[stage]
+    return 4 + k - sharded + sharded / dp
+
+
+# --- Activations: what a layer saves for backward ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A decoder layer, as far as the tensors it saves for backward go.
+
+    ``fused_norm`` False is torch's composite RMSNorm (CPU builds), which also saves the
+    normalized input; CUDA's fused kernel saves only the input and the per-token statistics.
+    ``flash`` attention keeps q, k, v, the output and the log-sum-exp (no ``s^2`` term; torch's
+    CPU SDPA takes this path too); materialized attention keeps the softmax (and dropout) output.
+    ``experts > 0`` replaces the MLP by orch's MoE feed-forward.
+    """
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    mlp: Literal["gelu", "swiglu"] = "swiglu"
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    fused_norm: bool = True
+    dropout: bool = False
+    flash: bool = True
+    act_bytes: int = 2
+    experts: int = 0
+    top_k: int = 0
+    expert_ffn: int = 0
+    shared_ffn: int = 0
+
+
+@dataclass(frozen=True)
+class Term:
+    """One saved tensor per rank and micro-batch.
+
+    ``tag`` "core" marks the attention ``s^2`` tensors that selective recompute drops; "minor"
+    marks what Korthikanti et al. neglect (per-token statistics, indices). ``wgrad`` marks inputs
+    of linear layers, which a deferred weight-gradient step (2BP) still reads.
+    """
+
+    name: str
+    elements: int
+    bytes_per_element: int
+    tag: Literal["", "core", "minor"] = ""
+    wgrad: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.elements * self.bytes_per_element
+
+
+def _norm_terms(name: str, arch: Arch, tokens: int) -> list[Term]:
+    stats = 2 if arch.norm == "layernorm" else 1
+    terms = [Term(f"{name}_in", tokens * arch.hidden, arch.act_bytes),
+             Term(f"{name}_stats", stats * tokens, 4, "minor")]
+    if not arch.fused_norm:
+        terms.append(Term(f"{name}_normalized", tokens * arch.hidden, arch.act_bytes))
+    return terms
+
+
+def _mlp_terms(prefix: str, kind: str, tokens: int, hidden: int, act: int) -> list[Term]:
+    n = tokens * hidden
+    if kind == "gelu":
+        return [Term(f"{prefix}gelu_in", n, act), Term(f"{prefix}gelu_out", n, act, wgrad=True)]
+    return [Term(f"{prefix}gate", n, act), Term(f"{prefix}silu_out", n, act),
+            Term(f"{prefix}up", n, act), Term(f"{prefix}down_in", n, act, wgrad=True)]
+
+
+def _moe_terms(arch: Arch, tokens: int, t: int, sp: bool, etp: int) -> list[Term]:
+    """orch.models.moe: fp32 router, top-k, and per routed token copy the expert's SwiGLU.
+
+    Expert parallelism moves token copies but keeps their number per rank on average; expert
+    tensor parallelism gathers its group's tokens and splits the expert hidden size.
+    """
+    h, k, act = arch.hidden, arch.top_k, arch.act_bytes
+    routed = tokens * k * (etp if sp else max(1, etp // t))
+    terms = [Term("router_probs", tokens * arch.experts, 4),
+             Term("topk_indices", tokens * k, 8, "minor"),
+             Term("topk_weights", tokens * k, 4, "minor"),
+             Term("topk_sum", tokens, 4, "minor"),
+             Term("expert_index", 2 * routed, 8, "minor"),
+             Term("expert_in", routed * h, act, wgrad=True)]
+    terms += _mlp_terms("expert_", "swiglu", routed, arch.expert_ffn // etp, act)
+    terms += [Term("expert_weight", routed, act, "minor"),
+              Term("expert_out", routed * h, act),
+              # index_add_ keeps its source for backward, so the weighted copy is saved too.
+              Term("expert_weighted_out", routed * h, act)]
+    if arch.shared_ffn:
+        terms += _mlp_terms("shared_", "swiglu", tokens, arch.shared_ffn // t, act)
+    return terms
+
+
+def layer_terms(
+    arch: Arch, s: int, b: int, t: int = 1, sp: bool = False, cp: int = 1, etp: int = 1
+) -> list[Term]:
+    """Tensors one layer saves for backward without recompute, per rank and micro-batch.
+
+    ``s`` is the full sequence; context parallelism keeps ``s/cp`` tokens per rank (keys of a
+    materialized attention still span all ``s``). Tensor parallelism splits heads and the MLP
+    hidden size by ``t``; sequence parallelism also splits the tensors between them (norms,
+    dropout masks, the inputs of the column-parallel linears, which are re-gathered in backward).
+    """
+    act, h = arch.act_bytes, arch.hidden
+    tok = s // cp * b
+    tok_sp = tok // t if sp else tok
+    heads = arch.heads // t
+    q_dim = heads * arch.head_dim
+    kv_dim = max(arch.kv_heads // t, 1) * arch.head_dim
+    terms = _norm_terms("attention_norm", arch, tok_sp)
+    terms += [Term("qkv_in", tok_sp * h, act, wgrad=True),
+              Term("q", tok * q_dim, act), Term("k", tok * kv_dim, act),
+              Term("v", tok * kv_dim, act)]
+    if arch.flash:
+        terms.append(Term("lse", b * heads * (s // cp), 4, "minor"))
+    else:
+        scores = b * heads * (s // cp) * s
+        terms.append(Term("softmax_out", scores, act, "core"))
+        if arch.dropout:
+            terms += [Term("softmax_dropout_mask", scores, 1, "core"),
+                      Term("softmax_dropout_out", scores, act, "core")]
+    # The output projection's input; flash attention's saved output is the same storage.
+    terms.append(Term("attn_out", tok * q_dim, act, wgrad=True))
+    if arch.dropout:
+        terms.append(Term("attn_dropout_mask", tok_sp * h, 1))
+    terms += _norm_terms("ffn_norm", arch, tok_sp)
+    terms.append(Term("mlp_in", tok_sp * h, act, wgrad=True))
+    if arch.experts:
+        terms += _moe_terms(arch, tok_sp, t, sp, etp)
+    else:
+        terms += _mlp_terms("", arch.mlp, tok, arch.ffn // t, act)
+    if arch.dropout:
+        terms.append(Term("mlp_dropout_mask", tok_sp * h, 1))
+    return terms
+
+
+def layer_activation_bytes(
+    arch: Arch, s: int, b: int, t: int = 1, sp: bool = False, cp: int = 1, etp: int = 1,
+    recompute: Recompute = "none",
+) -> int:
+    """Bytes one layer keeps between its forward and backward, per rank and micro-batch.
+
+    Selective recompute (Korthikanti's) recomputes the attention core and drops its ``s^2``
+    tensors, so with flash attention it saves nothing more. Full recompute keeps the layer input.
+    """
+    if recompute == "full":
+        return (s // cp * b // (t if sp else 1)) * arch.hidden * arch.act_bytes
+    terms = layer_terms(arch, s, b, t, sp, cp, etp)
+    return sum(x.nbytes for x in terms if recompute == "none" or x.tag != "core")
+
+
+def korthikanti_layer_bytes(
+    s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False, recompute: Recompute = "none"
+) -> float:
+    """Activation bytes per GPT layer from Korthikanti et al. 2022 (Table 2), 16-bit activations.
+
+    No parallelism ``34sbh + 5as^2b``; tensor parallel ``sbh(10 + 24/t + 5as/(ht))``; with
+    sequence parallel ``sbh/t (34 + 5as/h)``; selective recompute drops the ``5as`` terms; full
+    recompute keeps ``2sbh`` (``/t`` with sequence parallel).
+    """
+    sbh = s * b * h
+    if recompute == "full":
+        return 2 * sbh / (t if sp else 1)
+    core = 0.0 if recompute == "selective" else 5 * a * s / h
+    if sp:
+        return sbh / t * (34 + core)
+    return sbh * (10 + 24 / t + core / t)
+
+
+def _archs(key: tuple, act_bytes: int, flash: bool, fused_norm: bool) -> tuple[Arch, Arch]:
+    """The (dense layer, MoE layer) archs of ``orch.models.llama`` for a model key."""
+    _, h, _, heads, kv, hd, ffn, experts, top_k, fe, shared, _, _ = key
+    dense = Arch(hidden=h, heads=heads, kv_heads=kv, head_dim=hd, ffn=ffn, fused_norm=fused_norm,
+                 flash=flash, act_bytes=act_bytes)
+    moe = replace(dense, experts=experts, top_k=top_k, expert_ffn=fe, shared_ffn=shared * fe)
+    return dense, moe
+
+
+@dataclass(frozen=True)
+class _Activations:
+    """Bytes per micro-batch: per layer kind, and the model-level tensors outside the layers."""
+
+    dense: int
+    moe: int
+    dense_wgrad: int
+    moe_wgrad: int
+    dense_none: int
+    moe_none: int
+    every_stage: int
+    first_stage: int
+    last_stage: int
+    logits_buffer: int
+
+
+@lru_cache(maxsize=1024)
+def _activations(
+    key: tuple, act: int, flash: bool, fused_norm: bool, s: int, b: int, t: int, sp: bool,
+    cp: int, etp: int, recompute: Recompute,
+) -> _Activations:
+    dense, moe = _archs(key, act, flash, fused_norm)
+    vocab, h, hd = key[0], key[1], key[5]
+    tok = s // cp * b
+    tok_sp = tok // t if sp else tok
+    logits = tok * -(-vocab // t) * 4
+    dense_terms = layer_terms(dense, s, b, t, sp, cp, etp)
+    moe_terms = layer_terms(moe, s, b, t, sp, cp, etp) if moe.experts else []
+    last = _norm_terms("final_norm", dense, tok_sp) + [
+        Term("head_in", tok_sp * h, act, wgrad=True),
+        Term("log_probs", tok * -(-vocab // t), 4),  # the fp32 loss keeps log-softmax
+    ]
+    return _Activations(
+        dense=layer_activation_bytes(dense, s, b, t, sp, cp, etp, recompute),
+        moe=layer_activation_bytes(moe, s, b, t, sp, cp, etp, recompute) if moe.experts else 0,
+        dense_wgrad=sum(x.nbytes for x in dense_terms if x.wgrad),
+        moe_wgrad=sum(x.nbytes for x in moe_terms if x.wgrad),
+        dense_none=sum(x.nbytes for x in dense_terms),
+        moe_none=sum(x.nbytes for x in moe_terms),
+        every_stage=2 * (s // cp) * hd * act,  # RoPE cos/sin tables, made once per forward
+        first_stage=tok * 8,  # the embedding keeps the int64 token ids
+        last_stage=sum(x.nbytes for x in last),
+        logits_buffer=logits,
+    )
+
+
+def _in_flight(schedule: str, pp: int, v: int, stage: int, n_micro: int) -> tuple[int, int, int]:
+    """Micro-batches whose activations ``stage`` holds at its peak: ``(num, den, edge)``.
+
+    Layer activations are ``num / den`` micro-batches of all the stage's layers; ``edge`` counts
+    micro-batches for the embedding and loss tensors. GPipe runs every forward first; 1F1B and
+    its split-backward variants hold ``pp - stage``; interleaved 1F1B holds
+    ``pp*v + pp - 1 - 2*stage`` chunk micro-batches of ``1/v`` of the stage's layers
+    (Megatron's warmup), i.e. ``1 + (pp-1)/(pp*v)`` times 1F1B's on stage 0.
+    """
+    if pp == 1:
+        return 1, 1, 1
+    if schedule in ("gpipe", "2bp-gpipe"):
+        return n_micro, 1, n_micro
+    edge = min(pp - stage, n_micro)
+    if schedule == "interleaved" and v > 1:
+        return min(pp * v + pp - 1 - 2 * stage, n_micro * v), v, edge
+    return edge, 1, edge
+
+
+@lru_cache(maxsize=1024)
+def _stages(
+    layers: int, interval: int, is_moe: bool, pp: int, v: int, schedule: str, n_micro: int
+) -> tuple[tuple[int, int, int, bool, bool, int, int, int], ...]:
+    """``(stage, dense layers, MoE layers, first, last, num, den, edge)`` of each stage that can
+    be the worst: the first and last, and the first middle stage of each layer mix (later ones
+    hold no more micro-batches). Stage ``p`` owns chunks ``p, p+pp, ...`` of ``pp*v``.
+    """
+    chunks = pp * v
+    rows, seen = [], set()
+    for p in range(pp):
+        n_layers = n_moe = 0
+        for j in range(v):
+            lo, hi = (p + j * pp) * layers // chunks, (p + j * pp + 1) * layers // chunks
+            n_layers += hi - lo
+            n_moe += hi // interval - lo // interval if is_moe else 0
+        mix = (n_layers - n_moe, n_moe)
+        if 0 < p < pp - 1 and mix in seen:
+            continue
+        seen.add(mix)
+        rows.append((p, *mix, p == 0, p == pp - 1, *_in_flight(schedule, pp, v, p, n_micro)))
+    return tuple(rows)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per rank on the worst pipeline stage (``stage``: the most device bytes).
+
+    ``params``, ``grads``, ``optimizer`` and ``activations`` are group sizes wherever the group
+    lives; ``buffers`` are transient device bytes (unsharded FSDP copies, the logits gradient,
+    the layer being recomputed). ``total`` is what the device holds: device-tier groups, the
+    prefetch windows of offloaded ones, and buffers; ``cpu`` and ``nvme`` hold offloaded groups.
+    """
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    buffers: int
+    total: int
+    cpu: int
+    nvme: int
+    stage: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def estimate_memory(
+    cfg: Config, deg: Degrees, *, flash: bool = True, fused_norm: bool = True
+) -> MemoryEstimate:
+    """Per-rank memory of training ``cfg`` under ``deg``, for the worst pipeline stage.
+
+    Dense parameters are split by ``tp`` (norms and routers replicated) and sharded over
+    ``deg.fsdp``; routed experts are split by ``ep * etp`` and sharded over the expert
+    data-parallel shard degree. ``flash``/``fused_norm`` pick the kernels activations assume: the
+    defaults are CUDA's; torch's CPU build uses flash SDPA but a composite RMSNorm.
+
+    Approximations: FSDP keeps unsharded compute-dtype copies of the largest unit's parameters
+    and gradients plus one prefetched layer (none when nothing is sharded and compute is fp32);
+    full recompute adds the recomputed layer's activations as a buffer; 2BP schedules keep one
+    extra micro-batch of every layer's linear inputs for the deferred weight gradients, and
+    ZB-H1 keeps 1F1B's peak (its point). Per-parameter FSDP padding is ignored.
+    """
+    m, tr, off = cfg.model, cfg.train, cfg.offload
+    key = _model_key(m)
+    pc = _param_counts(key)
+    act_bytes = 2 if tr.precision == "bf16" else 4
+    tp, etp = deg.tp, deg.etp
+    acts = _activations(key, act_bytes, flash, fused_norm, tr.seq_len, tr.micro_batch, tp,
+                        deg.sequence_parallel, deg.cp, etp, tr.recompute)
+    n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
+    stages = _stages(m.layers, m.moe_layer_interval, pc.moe_layers > 0, deg.pp,
+                     deg.virtual_stages, cfg.parallel.pp_schedule, n_micro)
+
+    h = m.dim
+    vocab = -(-m.vocab_size // tp) * h
+    head = vocab + h if not m.tie_embeddings or deg.pp > 1 else h
+    dense_layer = pc.attention // tp + pc.norms + pc.mlp // tp
+    moe_layer = pc.attention // tp + pc.norms + pc.router + pc.shared_expert // tp
+    experts = pc.experts // (deg.ep * etp)
+    fsdp, eshard = deg.fsdp, max(1, deg.edp // deg.dp_replicate)
+    gathers = fsdp > 1 or eshard > 1 or act_bytes == 2
+    wgrad = cfg.parallel.pp_schedule.startswith("2bp")
+    tiers = (off.params, off.grads, off.optimizer, off.activations)
+    depth = off.prefetch_depth
+
+    best: tuple[int, ...] = ()
+    for p, nd, nm, first, last, num, den, edge in stages:
+        dense = nd * dense_layer + nm * moe_layer + first * vocab + last * head
+        small = -(-((nd + nm) * pc.norms + nm * pc.router + last * h) // fsdp)
+        n = -(-dense // fsdp) + -(-(nm * experts) // eshard)
+        if cfg.optimizer.name == "adamw8bit":
+            big = n - small
+            optim = ADAMW_BYTES * small + 2 * big + 8 * -(-big // QUANT_BLOCK)
+        else:
+            optim = ADAMW_BYTES * n
+        per_mb = nd * acts.dense + nm * acts.moe
+        act = (num * (per_mb + acts.every_stage) // den
+               + edge * (first * acts.first_stage + last * acts.last_stage)
+               + wgrad * (nd * acts.dense_wgrad + nm * acts.moe_wgrad))
+        layer = max(nd and dense_layer, nm and moe_layer + experts)
+        unit = max(layer, first * vocab, last * head)
+        buffers = gathers * (2 * unit + layer) * act_bytes + last * acts.logits_buffer
+        if tr.recompute == "full":
+            buffers += max(nd and acts.dense_none, nm and acts.moe_none)
+
+        groups = (PARAM_BYTES * n, GRAD_BYTES * n, optim, act)
+        n_layers = max(1, nd + nm)
+        windows = (*(depth * g // n_layers for g in groups[:3]), depth * per_mb // n_layers)
+        total, cpu, nvme = buffers, 0, 0
+        for size, tier, window in zip(groups, tiers, windows, strict=True):
+            if tier == "device":
+                total += size
+                continue
+            total += min(size, window)
+            if tier == "cpu":
+                cpu += size
+            else:
+                nvme += size
+        if not best or total > best[5]:
+            best = (*groups, buffers, total, cpu, nvme, p)
+    return MemoryEstimate(*best)

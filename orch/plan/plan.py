@@ -1,0 +1,193 @@
+"""The Plan: every degree, the rank layout, per-rank memory and the step-time estimate.
+
+``build_plan`` is the one place where degrees are decided: launch, the parallel runtime and
+checkpoints read the Plan and never re-derive a degree. A Plan is a frozen value that serializes
+to JSON (``to_dict``); its rank groups are derived from its degrees on demand because at 4,096
+ranks they are large and the search evaluates thousands of plans without needing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from orch.config.schema import Config
+from orch.errors import PlanError, Problem
+from orch.plan.cost import StepTime, estimate_step_time
+from orch.plan.degrees import Degrees
+from orch.plan.layout import first_groups, plan_groups, rank_coordinates
+from orch.plan.machine import Machine, resolve_machine
+from orch.plan.memory import MemoryEstimate, estimate_memory
+from orch.plan.rules import check_degrees
+from orch.plan.topology import Link
+
+USABLE_MEMORY_FRACTION = 0.9
+"""Share of device memory a plan may fill: the rest goes to the CUDA context, communication
+buffers and allocator fragmentation, which the memory model does not itemize."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    world_size: int
+    gpus_per_node: int
+    nodes: int
+    device: str
+    degrees: Degrees
+    schedule: str
+    global_batch: int
+    micro_batch: int
+    seq_len: int
+    microbatches: int
+    """Micro-batches per data-parallel rank per step (gradient accumulation / pipeline depth)."""
+    recompute: str
+    layers_per_stage: tuple[int, ...]
+    memory: MemoryEstimate
+    memory_limit_bytes: int
+    """Bytes a rank may use: the offload device budget, or the usable share of the device."""
+    step: StepTime
+    links: dict[str, Link]
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.memory_limit_bytes
+
+    def groups(self) -> dict[str, list[list[int]]]:
+        return plan_groups(self.degrees)
+
+    def to_dict(self, with_groups: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": self.model,
+            "world_size": self.world_size,
+            "gpus_per_node": self.gpus_per_node,
+            "nodes": self.nodes,
+            "device": self.device,
+            "degrees": self.degrees.as_dict(),
+            "schedule": self.schedule,
+            "global_batch": self.global_batch,
+            "micro_batch": self.micro_batch,
+            "seq_len": self.seq_len,
+            "microbatches": self.microbatches,
+            "recompute": self.recompute,
+            "layers_per_stage": list(self.layers_per_stage),
+            "memory_bytes_per_rank": self.memory.total,
+            "memory_limit_bytes": self.memory_limit_bytes,
+            "fits": self.fits,
+            "memory": self.memory.as_dict(),
+            "step_time_s": self.step.total_s,
+            "tokens_per_s": self.step.tokens_per_s,
+            "mfu": self.step.mfu,
+            "step": self.step.as_dict(),
+            "links": {dim: dataclasses.asdict(link) for dim, link in self.links.items()},
+        }
+        if with_groups:
+            out["groups"] = self.groups()
+        return out
+
+    def rank_coordinates(self) -> list[dict[str, int]]:
+        return rank_coordinates(self.degrees)
+
+
+def memory_limit(cfg: Config, machine: Machine) -> int:
+    budget = cfg.offload.device_budget
+    if isinstance(budget, int):
+        return budget
+    return int(machine.device.memory_bytes * USABLE_MEMORY_FRACTION)
+
+
+def config_degrees(cfg: Config, world_size: int, problems: list[Problem]) -> Degrees | None:
+    """The degrees the config asks for, with ``dp_shard: -1`` filled from the world size."""
+    p = cfg.parallel
+    fixed = p.pp * p.dp_replicate * p.cp * p.tp
+    dp_shard = p.dp_shard
+    if dp_shard == -1:
+        if world_size % fixed:
+            problems.append(
+                Problem(
+                    "parallel",
+                    f"world size {world_size} is not divisible by "
+                    f"pp x dp_replicate x cp x tp = {p.pp} x {p.dp_replicate} x "
+                    f"{p.cp} x {p.tp} = {fixed}",
+                    "change the degrees or the world size so that they divide it",
+                )
+            )
+            return None
+        dp_shard = world_size // fixed
+    elif fixed * dp_shard != world_size:
+        problems.append(
+            Problem(
+                "parallel",
+                f"pp x dp_replicate x dp_shard x cp x tp = {p.pp} x "
+                f"{p.dp_replicate} x {dp_shard} x {p.cp} x {p.tp} = "
+                f"{fixed * dp_shard}, not the world size {world_size}",
+                "set parallel.dp_shard=-1 to fill the world, or fix the degrees",
+            )
+        )
+        return None
+    return Degrees(
+        pp=p.pp,
+        dp_replicate=p.dp_replicate,
+        dp_shard=dp_shard,
+        cp=p.cp,
+        tp=p.tp,
+        ep=p.ep,
+        etp=p.etp,
+        virtual_stages=p.virtual_stages,
+        sequence_parallel=p.sequence_parallel and p.tp > 1,
+    )
+
+
+def evaluate(
+    cfg: Config,
+    deg: Degrees,
+    machine: Machine,
+    links: dict[str, Link] | None = None,
+    memory: MemoryEstimate | None = None,
+) -> Plan:
+    """Price a set of degrees that already passed ``check_degrees``.
+
+    ``links`` and ``memory`` may be passed in when the caller (the search) already has them.
+    """
+    links = links if links is not None else machine.topology.links(first_groups(deg))
+    memory = memory if memory is not None else estimate_memory(cfg, deg)
+    step = estimate_step_time(cfg, deg, links, machine.device)
+    t = cfg.train
+    per_stage = cfg.model.layers // deg.pp
+    return Plan(
+        model=cfg.model.name,
+        world_size=machine.world_size,
+        gpus_per_node=machine.gpus_per_node,
+        nodes=machine.nodes,
+        device=machine.device.name,
+        degrees=deg,
+        schedule=cfg.parallel.pp_schedule if deg.pp > 1 else "none",
+        global_batch=t.global_batch,
+        micro_batch=t.micro_batch,
+        seq_len=t.seq_len,
+        microbatches=t.global_batch // (t.micro_batch * deg.dp),
+        recompute=t.recompute,
+        layers_per_stage=(per_stage,) * deg.pp,
+        memory=memory,
+        memory_limit_bytes=memory_limit(cfg, machine),
+        step=step,
+        links=links,
+    )
+
+
+def build_plan(
+    cfg: Config,
+    world_size: int | None = None,
+    gpus_per_node: int | None = None,
+    device: str | None = None,
+) -> Plan:
+    """The plan for exactly the degrees in ``cfg``; raises PlanError listing every problem."""
+    problems: list[Problem] = []
+    machine = resolve_machine(cfg, world_size, gpus_per_node, device, problems)
+    deg = config_degrees(cfg, machine.world_size, problems) if machine else None
+    if machine is not None and deg is not None:
+        problems.extend(check_degrees(cfg, deg, machine.gpus_per_node))
+    if problems:
+        raise PlanError(problems)
+    assert machine is not None and deg is not None
+    return evaluate(cfg, deg, machine)

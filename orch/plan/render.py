@@ -1,0 +1,152 @@
+"""Text views of plans for the terminal: one plan in detail, and the ``--auto`` ranking."""
+
+from __future__ import annotations
+
+from orch.plan.plan import Plan
+from orch.plan.search import SearchResult
+
+GIB = 2**30
+
+
+def gib(n: float) -> str:
+    """Bytes in the largest binary unit that keeps a leading digit (GiB, MiB or KiB)."""
+    for scale, unit in ((GIB, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def rate(n: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+def render_plan(plan: Plan) -> str:
+    d = plan.degrees
+    nodes = f"{plan.nodes} node{'s' if plan.nodes != 1 else ''} x {plan.gpus_per_node}"
+    lines = [f"plan for {plan.model} on {plan.world_size} x {plan.device} ({nodes})", ""]
+    rows = [
+        (
+            "dense",
+            f"pp {d.pp} x dp {d.dp} (replicate {d.dp_replicate} x shard {d.dp_shard}) x "
+            f"cp {d.cp} x tp {d.tp}" + (" +sp" if d.sequence_parallel else ""),
+        ),
+    ]
+    if d.ep > 1 or d.etp > 1 or d.edp != d.dp * d.cp * d.tp:
+        rows.append(("experts", f"pp {d.pp} x edp {d.edp} x ep {d.ep} x etp {d.etp}"))
+    rows += [
+        (
+            "pipeline",
+            f"{plan.schedule}, {d.virtual_stages} chunk(s) per rank, layers per stage "
+            f"{_layers(plan.layers_per_stage)}"
+            if d.pp > 1
+            else "none",
+        ),
+        (
+            "batch",
+            f"global {plan.global_batch} x {plan.seq_len} tokens, micro-batch "
+            f"{plan.micro_batch}, {plan.microbatches} micro-batches per rank, recompute "
+            f"{plan.recompute}",
+        ),
+        (
+            "links",
+            ", ".join(
+                f"{dim} {link.kind} {link.bandwidth / 1e9:.0f} GB/s"
+                for dim, link in plan.links.items()
+                if dim in ("tp", "cp", "dp", "pp", "ep") and link.kind != "none"
+            )
+            or "none (single device)",
+        ),
+    ]
+    lines += [f"  {name:<9}{value}" for name, value in rows]
+    mem = plan.memory
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines += ["", "  memory per rank (worst pipeline stage)"]
+    for name in ("params", "grads", "optimizer", "activations", "buffers"):
+        lines.append(f"    {name:<12}{gib(getattr(mem, name)):>12}")
+    lines.append(
+        f"    {'total':<12}{gib(mem.total):>12}  of {gib(plan.memory_limit_bytes)} "
+        f"usable: {verdict}"
+    )
+    if mem.cpu or mem.nvme:
+        lines.append(f"    {'offloaded':<12}{gib(mem.cpu):>12} cpu, {gib(mem.nvme)} nvme")
+    s = plan.step
+    lines += [
+        "",
+        f"  step time   {s.total_s:.3f} s (compute {s.compute_s:.3f}, exposed comm "
+        f"{s.exposed_comm_s:.3f}, pipeline bubble {s.bubble_s:.3f})",
+        f"  throughput  {rate(s.tokens_per_s)} tokens/s, MFU {s.mfu * 100:.1f}%",
+        "",
+        render_rank_grid(plan),
+    ]
+    return "\n".join(lines)
+
+
+def _layers(per_stage: tuple[int, ...]) -> str:
+    return str(per_stage[0]) if len(set(per_stage)) == 1 else "/".join(map(str, per_stage))
+
+
+def render_rank_grid(plan: Plan, max_nodes: int = 2, max_ranks: int = 16) -> str:
+    """Each shown rank's coordinate in every dimension larger than 1, one table per node."""
+    d = plan.degrees
+    dims = [
+        name
+        for name, size in (
+            ("pp", d.pp),
+            ("dp", d.dp),
+            ("cp", d.cp),
+            ("tp", d.tp),
+            ("ep", d.ep),
+            ("etp", d.etp),
+            ("edp", d.edp),
+        )
+        if size > 1
+    ]
+    if not dims:
+        return "  rank grid   one rank holds everything"
+    per_node = plan.gpus_per_node
+    coords = plan.rank_coordinates()
+    lines = ["  rank grid   coordinates of each rank"]
+    for node in range(min(plan.nodes, max_nodes)):
+        ranks = list(range(node * per_node, min((node + 1) * per_node, plan.world_size)))
+        hidden = len(ranks) - max_ranks
+        ranks = ranks[:max_ranks]
+        width = len(str(ranks[-1])) + 1
+        lines.append(f"    node {node}")
+        lines.append(
+            "      rank "
+            + "".join(f"{r:>{width}}" for r in ranks)
+            + (f"  ... {hidden} more" if hidden > 0 else "")
+        )
+        for dim in dims:
+            lines.append(f"      {dim:<5}" + "".join(f"{coords[r][dim]:>{width}}" for r in ranks))
+    if plan.nodes > max_nodes:
+        lines.append(f"    ... {plan.nodes - max_nodes} more nodes")
+    return "\n".join(lines)
+
+
+def render_search(result: SearchResult, world_size: int, device: str) -> str:
+    head = (
+        f"searched {result.evaluated} plans for {world_size} x {device}: {result.fit} fit, "
+        f"{result.over_memory} over memory"
+    )
+    if result.over_memory:
+        head += f" ({result.most_common_cause})"
+    if not result.best:
+        return head + "\nno plan fits: add devices, offload (offload.*), or shorten train.seq_len"
+    lines = [
+        head,
+        "",
+        f"  {'#':<3}{'degrees':<28}{'mb':>3}  {'recompute':<10}{'mem/rank':>11}"
+        f"{'step s':>9}{'tokens/s':>10}{'MFU':>7}",
+    ]
+    for i, plan in enumerate(result.best, 1):
+        lines.append(
+            f"  {i:<3}{plan.degrees.short():<28}{plan.micro_batch:>3}  "
+            f"{plan.recompute:<10}{gib(plan.memory.total):>11}{plan.step.total_s:>9.3f}"
+            f"{rate(plan.step.tokens_per_s):>10}{plan.step.mfu * 100:>6.1f}%"
+        )
+    lines += ["", "best plan:", render_plan(result.best[0])]
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Rules a set of degrees must satisfy for a given model, batch and machine shape.
+
+Each rule returns its own Problem (field, value, fix), and all rules run, so ``orch plan`` lists
+every reason at once. The search enumerates candidates that satisfy these by construction; the
+rules are the contract both must agree on (tests check that every searched plan passes them).
+"""
+
+from __future__ import annotations
+
+from orch.config.schema import Config
+from orch.errors import Problem
+from orch.plan.degrees import Degrees
+
+
+def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def need(ok: bool, where: str, message: str, fix: str) -> None:
+        if not ok:
+            problems.append(Problem(where, message, fix))
+
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    need(
+        m.heads % deg.tp == 0,
+        "parallel.tp",
+        f"model.heads={m.heads} is not divisible by tp={deg.tp}",
+        "pick a tp that divides heads",
+    )
+    need(
+        m.n_kv_heads % deg.tp == 0,
+        "parallel.tp",
+        f"model.kv_heads={m.n_kv_heads} is not divisible by tp={deg.tp}",
+        f"pick a tp that divides {m.n_kv_heads} (each rank needs whole key/value heads)",
+    )
+    need(
+        m.ffn_dim % deg.tp == 0,
+        "parallel.tp",
+        f"model.ffn_dim={m.ffn_dim} is not divisible by tp={deg.tp}",
+        "pick a tp that divides ffn_dim",
+    )
+    chunks = deg.pp * deg.virtual_stages
+    need(
+        m.layers % chunks == 0,
+        "parallel.pp",
+        f"model.layers={m.layers} is not divisible by pp x virtual_stages = {deg.pp} x "
+        f"{deg.virtual_stages}",
+        "pick pp and virtual_stages whose product divides layers",
+    )
+    if m.is_moe:
+        need(
+            m.experts % deg.ep == 0,
+            "parallel.ep",
+            f"model.experts={m.experts} is not divisible by ep={deg.ep}",
+            "pick an ep that divides the number of experts",
+        )
+        need(
+            m.moe_ffn_dim % deg.etp == 0,
+            "parallel.etp",
+            f"expert_ffn_dim={m.moe_ffn_dim} is not divisible by etp={deg.etp}",
+            "pick an etp that divides expert_ffn_dim",
+        )
+        need(
+            deg.stage_ranks % (deg.ep * deg.etp) == 0,
+            "parallel.ep",
+            f"ep x etp = {deg.ep} x {deg.etp} does not fold into the {deg.stage_ranks} ranks of "
+            f"a pipeline stage (dp x cp x tp = {deg.dp} x {deg.cp} x {deg.tp})",
+            "pick ep and etp whose product divides dp x cp x tp",
+        )
+    if deg.cp > 1:
+        if p.cp_kind == "ring":
+            need(
+                t.seq_len % (2 * deg.cp) == 0,
+                "train.seq_len",
+                f"{t.seq_len} is not divisible by 2 x cp = {2 * deg.cp} (load-balanced ring "
+                "attention gives each rank two chunks)",
+                f"use a multiple of {2 * deg.cp}",
+            )
+        else:
+            need(
+                t.seq_len % deg.cp == 0,
+                "train.seq_len",
+                f"{t.seq_len} is not divisible by cp={deg.cp}",
+                f"use a multiple of {deg.cp}",
+            )
+            need(
+                (m.heads // deg.tp) % deg.cp == 0 and (m.n_kv_heads // deg.tp) % deg.cp == 0,
+                "parallel.cp",
+                f"Ulysses needs heads/tp and kv_heads/tp divisible by cp={deg.cp} "
+                f"(heads={m.heads}, kv_heads={m.n_kv_heads}, tp={deg.tp})",
+                "use cp_kind: ring, or a cp that divides the heads per tp rank",
+            )
+    if deg.sequence_parallel:
+        local = t.seq_len // deg.cp
+        need(
+            local % deg.tp == 0,
+            "train.seq_len",
+            f"sequence parallel splits the {local} tokens per context rank over tp={deg.tp}",
+            "use a seq_len divisible by cp x tp, or parallel.sequence_parallel=false",
+        )
+    per_step = t.micro_batch * deg.dp
+    need(
+        t.global_batch % per_step == 0,
+        "train.global_batch",
+        f"{t.global_batch} is not divisible by micro_batch x dp = {t.micro_batch} x {deg.dp}",
+        f"use a multiple of {per_step}, or change micro_batch or the data-parallel size",
+    )
+    if deg.pp > 1 and deg.virtual_stages > 1 and t.global_batch % per_step == 0:
+        micro = t.global_batch // per_step
+        need(
+            micro % deg.pp == 0,
+            "train.global_batch",
+            f"the interleaved schedule needs micro-batches ({micro}) divisible by pp={deg.pp}",
+            "raise global_batch or lower micro_batch",
+        )
+    for dim, size in (("tp", deg.tp), ("etp", deg.etp)):
+        inside = size <= gpus_per_node and gpus_per_node % size == 0
+        need(
+            inside or p.allow_cross_node_tp,
+            f"parallel.{dim}",
+            f"{dim}={size} spans nodes of {gpus_per_node} devices; tensor parallelism over the "
+            "network is slow",
+            f"use {dim} <= {gpus_per_node} dividing it, or set "
+            "parallel.allow_cross_node_tp=true to force it",
+        )
+    return problems

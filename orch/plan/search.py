@@ -1,0 +1,183 @@
+"""``orch plan --auto``: enumerate every valid plan for a machine and keep the fastest that fit.
+
+Candidates are generated valid by construction (tp inside a node and dividing the heads, pp
+dividing the layers, experts folding into a stage, batch divisible by micro-batch x dp) and are
+then checked by the same ``check_degrees`` that guards hand-written plans, so the two can never
+disagree. Each set of degrees is tried with several micro-batch sizes and recompute policies;
+the best of those represents the degrees in the ranking. Plans over memory are counted with
+the memory group that dominated them, so users learn why a machine is too small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from orch.config.schema import Config
+from orch.plan.degrees import Degrees
+from orch.plan.layout import first_groups
+from orch.plan.machine import Machine
+from orch.plan.memory import MemoryEstimate, estimate_memory
+from orch.plan.plan import Plan, evaluate, memory_limit
+from orch.plan.rules import check_degrees
+
+MICRO_BATCHES = (1, 2, 4, 8)
+RECOMPUTE = ("none", "selective", "full")
+MIN_CP_CHUNK = 1024
+"""Context parallelism is searched only while each rank keeps this many tokens: below that its
+ring exchanges cost more than the activation memory they save."""
+HSDP_NODE_GROUPS = (1, 2, 4, 8)
+"""HSDP shard groups searched, in whole nodes; full FSDP over all of dp is always searched."""
+MEMORY_GROUPS = ("params", "grads", "optimizer", "activations", "buffers")
+
+
+@dataclass
+class SearchResult:
+    best: list[Plan]
+    """Fitting plans, fastest first, one per set of degrees."""
+    evaluated: int = 0
+    fit: int = 0
+    over_memory: int = 0
+    over_memory_causes: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def most_common_cause(self) -> str:
+        if not self.over_memory_causes:
+            return ""
+        cause, count = self.over_memory_causes.most_common(1)[0]
+        return f"{cause} were the largest share in {count} of {self.over_memory}"
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_degrees(cfg: Config, machine: Machine) -> Iterator[Degrees]:
+    """Every combination of degrees worth pricing on ``machine`` (before batch-size choices)."""
+    m, p = cfg.model, cfg.parallel
+    world, per_node = machine.world_size, machine.gpus_per_node
+    tp_limit = world if p.allow_cross_node_tp else per_node
+    virtual = p.virtual_stages if p.pp_schedule == "interleaved" else 1
+    for tp in divisors(tp_limit):
+        if m.heads % tp or m.n_kv_heads % tp or m.ffn_dim % tp or world % tp:
+            continue
+        for cp in divisors(world // tp):
+            if cp > 1 and cfg.train.seq_len // cp < MIN_CP_CHUNK:
+                continue
+            for pp in divisors(world // (tp * cp)):
+                v = virtual if pp > 1 else 1
+                if m.layers % (pp * v):
+                    continue
+                dp = world // (tp * cp * pp)
+                for dp_replicate in _replica_counts(dp, per_node // min(per_node, tp * cp)):
+                    for ep, etp in _expert_layouts(cfg, dp * cp * tp, tp):
+                        yield Degrees(
+                            pp=pp,
+                            dp_replicate=dp_replicate,
+                            dp_shard=dp // dp_replicate,
+                            cp=cp,
+                            tp=tp,
+                            ep=ep,
+                            etp=etp,
+                            virtual_stages=v,
+                            sequence_parallel=p.sequence_parallel and tp > 1,
+                        )
+
+
+def _replica_counts(dp: int, dp_per_node: int) -> list[int]:
+    """dp_replicate values: 1 (full FSDP), and HSDP with shard groups of whole nodes."""
+    shards = {dp_per_node * n for n in HSDP_NODE_GROUPS} if dp_per_node > 0 else set()
+    return [1] + sorted(dp // s for s in shards if s < dp and dp % s == 0)
+
+
+def _expert_layouts(cfg: Config, stage_ranks: int, tp: int) -> list[tuple[int, int]]:
+    """(ep, etp) pairs folding into a stage. Expert tensor parallelism is searched at 1 and at
+    the dense tp (Megatron-Core's common choices); other values stay open to explicit plans."""
+    m = cfg.model
+    if not m.is_moe:
+        return [(1, 1)]
+    return [
+        (ep, etp)
+        for ep in divisors(m.experts)
+        for etp in sorted({1, tp})
+        if stage_ranks % (ep * etp) == 0 and m.moe_ffn_dim % etp == 0
+    ]
+
+
+def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
+    result = SearchResult(best=[])
+    limit = memory_limit(cfg, machine)
+    best_per_degrees: list[Plan] = []
+    for deg in candidate_degrees(cfg, machine):
+        settings = [
+            c
+            for c in _micro_batch_settings(cfg, deg)
+            if not check_degrees(c, deg, machine.gpus_per_node)
+        ]
+        if not settings:
+            continue
+        # The smallest micro-batch with full recompute needs the least memory: when even that
+        # does not fit, no setting of these degrees does.
+        leanest = estimate_memory(_with_recompute(settings[0], "full"), deg)
+        if leanest.total > limit:
+            count = len(settings) * len(RECOMPUTE)
+            result.evaluated += count
+            result.over_memory += count
+            result.over_memory_causes[_dominant_group(leanest)] += count
+            continue
+        links = None
+        best: Plan | None = None
+        for batch_cfg in settings:
+            # Recompute levels go from none to full: each needs less memory and more time, so
+            # the first that fits is the only one worth pricing; the rest fit and are slower.
+            for index, recompute in enumerate(RECOMPUTE):
+                trial = _with_recompute(batch_cfg, recompute)
+                result.evaluated += 1
+                memory = estimate_memory(trial, deg)
+                if memory.total > limit:
+                    result.over_memory += 1
+                    result.over_memory_causes[_dominant_group(memory)] += 1
+                    continue
+                result.evaluated += len(RECOMPUTE) - index - 1
+                result.fit += len(RECOMPUTE) - index
+                if links is None:
+                    links = machine.topology.links(first_groups(deg))
+                plan = evaluate(trial, deg, machine, links, memory)
+                if best is None or _rank_key(plan) < _rank_key(best):
+                    best = plan
+                break
+        if best is not None:
+            best_per_degrees.append(best)
+    best_per_degrees.sort(key=_rank_key)
+    result.best = best_per_degrees[:top]
+    return result
+
+
+def _with_train(cfg: Config, **changes: object) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+def _with_recompute(cfg: Config, recompute: str) -> Config:
+    return _with_train(cfg, recompute=recompute)
+
+
+def _micro_batch_settings(cfg: Config, deg: Degrees) -> Iterator[Config]:
+    """``cfg`` with each micro-batch size that divides the batch over ``deg.dp`` ranks."""
+    for micro_batch in MICRO_BATCHES:
+        if cfg.train.global_batch % (micro_batch * deg.dp) == 0:
+            yield _with_train(cfg, micro_batch=micro_batch)
+
+
+def _rank_key(plan: Plan) -> tuple[float, float, int]:
+    """Fastest first; plans within 0.1% of each other go to the one that communicates less
+    (more slack when the network is slower than modelled), then to the one with less memory."""
+    speed = float(f"{plan.step.tokens_per_s:.3g}")
+    return (-speed, sum(plan.step.comm_s.values()), plan.memory.total)
+
+
+def _dominant_group(memory: MemoryEstimate) -> str:
+    sizes = {name: getattr(memory, name) for name in MEMORY_GROUPS}
+    name = max(sizes, key=sizes.__getitem__)
+    return "optimizer states" if name == "optimizer" else name

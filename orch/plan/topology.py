@@ -1,0 +1,132 @@
+"""Which link each parallel group communicates over, and how fast it is.
+
+A collective is as fast as the slowest device pair it involves: a group inside one node uses that
+node's device interconnect (NVLink, PCIe); a group spanning nodes is limited by the smallest
+per-device NIC share among the nodes it touches. The search asks this for every candidate plan at
+up to thousands of ranks, so no Python loop here runs per rank: ranks fill nodes in order, so a
+group sorted by rank (as ``orch.plan.layout`` produces) is on one node when its ends are, an
+arithmetic progression of ranks crosses nodes predictably, and any other group leaves a node
+when it passes the node's last rank, found by bisection.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Literal
+
+from orch.plan.cluster import ClusterSpec
+from orch.plan.devices import DeviceSpec
+
+LinkKind = Literal["none", "intra", "inter"]
+
+
+@dataclass(frozen=True)
+class Link:
+    """The link a group's collectives run over."""
+
+    kind: LinkKind
+    bandwidth: float
+    """Bytes/s per device in one direction, of the slowest link in the group (0 for none)."""
+    latency_s: float
+    """Per ring step, of the slowest link in the group."""
+    nodes: int
+    """Distinct nodes the group spans."""
+
+
+NO_LINK = Link("none", 0.0, 0.0, 1)
+"""A group of one rank: nothing crosses any wire (so no bandwidth to speak of)."""
+
+
+class Topology:
+    """Nodes in rank order, each with its device and its per-device NIC bandwidth."""
+
+    def __init__(self, devices: Sequence[DeviceSpec], sizes: Sequence[int],
+                 nic_bandwidths: Sequence[float]) -> None:
+        if not len(devices) == len(sizes) == len(nic_bandwidths) >= 1:
+            raise ValueError("a topology needs one device, size and NIC bandwidth per node")
+        self.node_ends = list(accumulate(sizes))
+        """One past the last global rank of each node."""
+        self.world_size = self.node_ends[-1]
+        # Equal node sizes let node_of divide instead of bisect.
+        self._per_node = sizes[0] if len(set(sizes)) == 1 else 0
+        self._intra = [Link("intra", d.intra_node_bw, d.intra_latency_s, 1) for d in devices]
+        self._inter_bw = list(nic_bandwidths)
+        self._inter_lat = [d.inter_latency_s for d in devices]
+        self._same_inter = len({*zip(self._inter_bw, self._inter_lat, strict=True)}) == 1
+        self.device = min(devices, key=lambda d: d.peak_flops * d.compute_efficiency)
+        """The slowest device: synchronous training runs at its pace."""
+
+    @classmethod
+    def uniform(cls, world_size: int, gpus_per_node: int, device: DeviceSpec) -> Topology:
+        """Identical nodes of ``gpus_per_node`` devices; the last may be partly filled."""
+        full, rest = divmod(world_size, gpus_per_node)
+        sizes = [gpus_per_node] * full + ([rest] if rest else [])
+        return cls([device] * len(sizes), sizes, [device.inter_node_bw] * len(sizes))
+
+    @classmethod
+    def from_cluster(cls, cluster: ClusterSpec) -> Topology:
+        nodes = cluster.nodes
+        return cls([n.device for n in nodes], [n.devices for n in nodes],
+                   [n.nic_bandwidth_per_device for n in nodes])
+
+    def node_of(self, rank: int) -> int:
+        if self._per_node:
+            return rank // self._per_node
+        return bisect_right(self.node_ends, rank)
+
+    def _spanned(self, group: Sequence[int]) -> Sequence[int]:
+        """Nodes holding the ranks of ``group`` (sorted ascending), without visiting every rank.
+
+        Layout groups are arithmetic progressions; on equal nodes a step below the node size
+        visits every node between the ends and a larger step gives each rank its own node.
+        (The equality check runs over the ranks, but in C.)
+        Anything else is walked one bisection per node.
+        """
+        lo, hi, per = group[0], group[-1], self._per_node
+        step = group[1] - lo
+        if per and hi - lo == step * (len(group) - 1) and group == list(range(lo, hi + 1, step)):
+            if step < per:
+                return range(lo // per, hi // per + 1)
+            if step % per == 0:
+                return range(lo // per, hi // per + 1, step // per)
+            return [rank // per for rank in group]  # one rank per node: as many as nodes
+        nodes, index = [], 0
+        while index < len(group):
+            node = self.node_of(group[index])
+            nodes.append(node)
+            index = bisect_left(group, self.node_ends[node], index)
+        return nodes
+
+    def link(self, group: Sequence[int]) -> Link:
+        """The link of one group of global ranks, sorted ascending."""
+        if len(group) == 1:
+            return NO_LINK
+        if group[-1] >= self.world_size:
+            raise ValueError(f"rank {group[-1]} is outside a topology of {self.world_size}")
+        first = self.node_of(group[0])
+        if first == self.node_of(group[-1]):
+            return self._intra[first]
+        nodes = self._spanned(group)
+        if self._same_inter:
+            return Link("inter", self._inter_bw[0], self._inter_lat[0], len(nodes))
+        return Link("inter", min(self._inter_bw[n] for n in nodes),
+                    max(self._inter_lat[n] for n in nodes), len(nodes))
+
+    def links(self, groups: Mapping[str, Sequence[int]]) -> dict[str, Link]:
+        """The link of each dimension's group, e.g. of ``layout.first_groups(degrees)``.
+
+        One group stands for all groups of its dimension, which holds when every node looks
+        the same; for a mixed cluster use ``worst_links`` with every group.
+        """
+        return {dim: self.link(group) for dim, group in groups.items()}
+
+    def worst_links(self, groups: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, Link]:
+        """Per dimension, the slowest link among all its groups (``layout.plan_groups``)."""
+        return {dim: min((self.link(g) for g in gs), key=lambda k: (k.bandwidth, -k.latency_s))
+                for dim, gs in groups.items()}
+
+
+__all__ = ["Link", "LinkKind", "NO_LINK", "Topology"]

@@ -1,0 +1,150 @@
+"""Every plan rule: feed the bad degrees, check the message names the field, value and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orch.config import load_config
+from orch.errors import PlanError
+from orch.plan import build_plan
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs/tiny.yaml"
+MOE = REPO / "configs/tiny-moe.yaml"
+LLAMA = REPO / "configs/llama3-8b.yaml"
+
+
+def plan_problems(config: Path, overrides: list[str], **machine) -> str:
+    with pytest.raises(PlanError) as info:
+        build_plan(load_config(config, overrides), **machine)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "config,overrides,machine,message",
+    [
+        (TINY, ["parallel.tp=3"], {"world_size": 3}, "model.heads=8 is not divisible by tp=3"),
+        (
+            TINY,
+            ["parallel.tp=8", "model.kv_heads=4"],
+            {"world_size": 8},
+            "model.kv_heads=4 is not divisible by tp=8",
+        ),
+        (
+            TINY,
+            ["parallel.tp=2", "model.ffn_dim=687"],
+            {"world_size": 2},
+            "model.ffn_dim=687 is not divisible by tp=2",
+        ),
+        (
+            TINY,
+            ["parallel.pp=3"],
+            {"world_size": 3},
+            "model.layers=4 is not divisible by pp x virtual_stages = 3 x 1",
+        ),
+        (
+            TINY,
+            ["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.virtual_stages=4"],
+            {"world_size": 2},
+            "is not divisible by pp x virtual_stages = 2 x 4",
+        ),
+        (MOE, ["parallel.ep=3"], {"world_size": 3}, "model.experts=4 is not divisible by ep=3"),
+        (
+            MOE,
+            ["parallel.etp=3", "model.expert_ffn_dim=344"],
+            {"world_size": 3},
+            "expert_ffn_dim=344 is not divisible by etp=3",
+        ),
+        (
+            MOE,
+            ["parallel.ep=4"],
+            {"world_size": 2},
+            "ep x etp = 4 x 1 does not fold into the 2 ranks",
+        ),
+        (
+            TINY,
+            ["parallel.cp=4", "train.seq_len=100"],
+            {"world_size": 4},
+            "100 is not divisible by 2 x cp = 8",
+        ),
+        (
+            TINY,
+            ["parallel.cp=3", "parallel.cp_kind=ulysses", "train.seq_len=256"],
+            {"world_size": 3},
+            "256 is not divisible by cp=3",
+        ),
+        (
+            TINY,
+            ["parallel.cp=8", "parallel.cp_kind=ulysses"],
+            {"world_size": 8},
+            "Ulysses needs heads/tp and kv_heads/tp divisible by cp=8",
+        ),
+        (
+            TINY,
+            ["parallel.tp=4", "parallel.cp=4", "train.seq_len=40", "model.max_seq_len=64"],
+            {"world_size": 16, "gpus_per_node": 16},
+            "sequence parallel splits the 10 tokens",
+        ),
+        (TINY, [], {"world_size": 3}, "train.global_batch: 8 is not divisible by micro_batch x dp"),
+        (
+            TINY,
+            [
+                "parallel.pp=2",
+                "parallel.pp_schedule=interleaved",
+                "parallel.virtual_stages=2",
+                "train.global_batch=6",
+            ],
+            {"world_size": 2},
+            "the interleaved schedule needs micro-batches (3) divisible by pp=2",
+        ),
+        (
+            LLAMA,
+            ["parallel.tp=8"],
+            {"world_size": 16, "gpus_per_node": 4},
+            "tp=8 spans nodes of 4 devices",
+        ),
+        (
+            REPO / "configs/mixtral-8x22b.yaml",
+            ["parallel.etp=8", "parallel.ep=1"],
+            {"world_size": 16, "gpus_per_node": 4},
+            "etp=8 spans nodes of 4 devices",
+        ),
+        (
+            TINY,
+            ["parallel.tp=2"],
+            {"world_size": 3},
+            "world size 3 is not divisible by pp x dp_replicate x cp x tp = 1 x 1 x 1 x 2 = 2",
+        ),
+        (
+            TINY,
+            ["parallel.dp_shard=2"],
+            {"world_size": 4},
+            "pp x dp_replicate x dp_shard x cp x tp = 1 x 1 x 2 x 1 x 1 = 2, not the world size 4",
+        ),
+        (TINY, [], {}, "--world-size: not given"),
+        (TINY, [], {"world_size": 0}, "--world-size: must be at least 1"),
+        (TINY, [], {"world_size": 8, "gpus_per_node": 3}, "--gpus-per-node: 3 does not divide"),
+        (TINY, [], {"world_size": 2, "device": "h1000"}, "h1000"),
+    ],
+)
+def test_each_plan_rule(config, overrides, machine, message):
+    text = plan_problems(config, overrides, **machine)
+    assert message in text and "fix:" in text
+
+
+def test_cross_node_tp_can_be_forced():
+    cfg = load_config(LLAMA, ["parallel.tp=8", "parallel.allow_cross_node_tp=true"])
+    plan = build_plan(cfg, world_size=16, gpus_per_node=4)
+    assert plan.degrees.tp == 8 and plan.links["tp"].kind == "inter"
+
+
+def test_all_problems_at_once():
+    text = plan_problems(TINY, ["parallel.tp=3", "parallel.pp=3"], world_size=9, gpus_per_node=9)
+    assert "tp=3" in text and "pp x virtual_stages = 3 x 1" in text and "(5 problems)" in text
+
+
+def test_world_size_from_fixed_degrees():
+    plan = build_plan(load_config(TINY, ["parallel.dp_shard=2", "parallel.tp=2"]), device="cpu")
+    assert plan.world_size == 4 and plan.degrees.dp_shard == 2

@@ -1,0 +1,95 @@
+"""``orch plan`` end to end as a user runs it: exit codes, tables, JSON, errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ORCH = Path(sys.executable).parent / "orch"
+
+
+def orch(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(ORCH), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_plan_table_for_tiny_on_cpu():
+    out = orch("plan", "configs/tiny.yaml", "--world-size", "2", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    for text in (
+        "plan for tiny on 2 x cpu",
+        "dp 2 (replicate 1 x shard 2)",
+        "memory per rank",
+        "tokens/s, MFU",
+        "rank grid",
+        "node 0",
+    ):
+        assert text in out.stdout
+
+
+def test_plan_json_has_the_documented_keys():
+    out = orch(
+        "plan",
+        "configs/llama3-8b.yaml",
+        "--world-size",
+        "16",
+        "--json",
+        "--set",
+        "parallel.tp=2",
+        "--set",
+        "parallel.pp=2",
+    )
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    for key in ("degrees", "groups", "memory_bytes_per_rank", "step_time_s", "tokens_per_s", "mfu"):
+        assert key in plan
+    assert plan["degrees"]["tp"] == 2 and plan["degrees"]["pp"] == 2
+    assert plan["groups"]["tp"][0] == [0, 1] and plan["groups"]["pp"][0] == [0, 8]
+    assert set(plan["groups"]) >= {"tp", "cp", "dp", "pp", "ep", "etp", "edp"}
+    assert 0 < plan["mfu"] < 1 and plan["memory_bytes_per_rank"] > 0
+
+
+def test_auto_lists_best_five_and_reasons():
+    out = orch("plan", "configs/llama3-70b.yaml", "--world-size", "64", "--auto")
+    assert out.returncode == 0, out.stderr
+    assert "searched" in out.stdout and "over memory (" in out.stdout
+    rows = [
+        line
+        for line in out.stdout.splitlines()
+        if line.strip()[:2] in {f"{i} " for i in range(1, 6)}
+    ]
+    assert len(rows) == 5
+    assert "best plan:" in out.stdout
+
+
+def test_auto_json_plans_sorted_and_fitting():
+    out = orch("plan", "configs/mixtral-8x22b.yaml", "--world-size", "128", "--auto", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    speeds = [p["tokens_per_s"] for p in result["plans"]]
+    assert speeds == sorted(speeds, reverse=True) and len(speeds) == 5
+    assert all(p["fits"] for p in result["plans"])
+    assert result["searched"] == result["fit"] + result["over_memory"]
+
+
+def test_bad_input_exits_2_with_every_problem_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: %s\nmodel:\n  hedas: 4\n  dim: big\n" % (REPO / "configs/tiny.yaml"))
+    out = orch("plan", str(bad), "--world-size", "2", "--set", "parallel.tp=x")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert "(3 problems)" in out.stderr and "did you mean 'heads'" in out.stderr
+    assert "bad.yaml:4 model.dim" in out.stderr
+
+
+def test_plan_rule_errors_exit_2():
+    out = orch("plan", "configs/tiny.yaml", "--world-size", "3", "--set", "parallel.tp=3")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no valid plan" in out.stderr and "tp=3" in out.stderr
+
+
+def test_missing_config_file_exits_2():
+    out = orch("plan", "configs/nope.yaml", "--world-size", "2")
+    assert out.returncode == 2 and "config file not found" in out.stderr
