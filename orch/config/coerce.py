@@ -1,9 +1,12 @@
 """Turning plain YAML values into the typed schema, collecting every problem on the way.
 
 The dataclass field types are the only source of truth: this module knows how to read ints,
-floats, bools, strings, ``Literal`` choices, optional values, byte sizes and nested sections, and
-how to say what went wrong in terms a user can act on (dotted path, ``file:line``, the value, and
-a fix, with a did-you-mean for misspelled keys and choices).
+floats, bools, strings, ``Literal`` choices, optional values, byte sizes, lists and tuples, and
+nested sections, and how to say what went wrong in terms a user can act on (dotted path such as
+``nodes[2].nics[0].type``, ``file:line``, the value, and a fix, with a did-you-mean for misspelled
+keys and choices). A dataclass field without a default is required. ``Annotated[T, check]``
+adds a condition on the converted value: ``check`` is a ``Check`` or any callable that returns the
+value or raises ``Rejected``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 from orch.errors import Problem
@@ -38,7 +42,12 @@ def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
     return f"did you mean '{close[0]}'? " if close else ""
 
 
-class _Invalid(Exception):
+def locate(path: str, locs: typing.Mapping[str, str], source: str = "") -> str:
+    """``file:line path`` where ``path`` was written, else ``source path`` (or just ``path``)."""
+    return f"{locs.get(path, source)} {path}".strip()
+
+
+class Invalid(Exception):
     """A value that does not fit its type; carries the message and fix for the Problem."""
 
     def __init__(self, message: str, fix: str) -> None:
@@ -46,30 +55,94 @@ class _Invalid(Exception):
         self.message, self.fix = message, fix
 
 
+class Rejected(Invalid):
+    """A value of the right type that fails a check; a union reports it as it is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """``Annotated[T, Check(test, what, fix)]``: the converted value must pass ``test``."""
+
+    test: Callable[[Any], bool]
+    what: str
+    """Completes "<value> is not ...", e.g. "a positive number"."""
+    fix: str
+
+    def __call__(self, value: Any) -> Any:
+        if self.test(value):
+            return value
+        raise Rejected(f"{value!r} is not {self.what}", self.fix)
+
+
 def _is_bytes(tp: Any) -> bool:
     return typing.get_origin(tp) is typing.Annotated and "bytes" in tp.__metadata__
+
+
+def _split_checks(tp: Any) -> tuple[Any, list[Callable[[Any], Any]]]:
+    """``Annotated[T, "bytes", check]`` -> (``Annotated[T, "bytes"]``, [check])."""
+    if typing.get_origin(tp) is not typing.Annotated:
+        return tp, []
+    base, *meta = typing.get_args(tp)
+    checks = [m for m in meta if callable(m)]
+    rest = [m for m in meta if not callable(m)]
+    return (typing.Annotated[(base, *rest)] if rest else base), checks
+
+
+def _item_type(tp: Any) -> Any:
+    """``T`` for ``list[T]`` and ``tuple[T, ...]``; None for any other type."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        return args[0]
+    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
+def _fields_text(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
 def _describe(tp: Any) -> str:
     if _is_bytes(tp):
         return "a byte size"
+    base, checks = _split_checks(tp)
+    if checks:
+        return next((c.what for c in reversed(checks) if hasattr(c, "what")), _describe(base))
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if _item_type(tp) is not None:
+        return "a list"
     return {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _expect_list(value: Any, item: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    each = (f"a {{{_fields_text(item)}}} mapping" if dataclasses.is_dataclass(item)
+            else _describe(item))
+    raise Invalid(f"expected a list, got {value!r}",
+                  f"write one '- ' line per item, or [a, b]; each item is {each}")
+
+
 def convert(value: Any, tp: Any) -> Any:
-    """Convert one YAML value to type ``tp`` or raise _Invalid."""
+    """Convert one YAML value to type ``tp`` or raise Invalid (lists: of scalars only)."""
+    base, checks = _split_checks(tp)
+    if checks:
+        value = convert(value, base)
+        for check in checks:
+            value = check(value)
+        return value
     if _is_bytes(tp):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
         if isinstance(value, str) and (parsed := parse_bytes(value)) is not None:
             return parsed
-        raise _Invalid(f"{value!r} is not a byte size", "write bytes as 1048576 or 1MiB, 80GB, 1.5TiB")
+        raise Invalid(f"{value!r} is not a byte size",
+                      "write bytes as 1048576 or 1MiB, 80GB, 1.5TiB")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -79,25 +152,35 @@ def convert(value: Any, tp: Any) -> Any:
         for option in (o for o in options if o is not type(None)):
             try:
                 return convert(value, option)
-            except _Invalid as exc:
+            except Rejected:
+                raise  # the value had this option's type, so say what is wrong with it
+            except Invalid as exc:
                 errors.append(exc)
         fixes = "; or ".join(dict.fromkeys(e.fix for e in errors))
-        raise _Invalid(f"{value!r} is not {_describe(tp)}", fixes)
+        raise Invalid(f"{value!r} is not {_describe(tp)}", fixes)
+    if (item := _item_type(tp)) is not None:
+        items = []
+        for index, element in enumerate(_expect_list(value, item)):
+            try:
+                items.append(convert(element, item))
+            except Invalid as exc:
+                raise type(exc)(f"item [{index}]: {exc.message}", exc.fix) from None
+        return tuple(items) if origin is tuple else items
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
             return value
         hint = did_you_mean(str(value), [str(c) for c in choices])
-        raise _Invalid(f"{value!r} is not one of {', '.join(map(str, choices))}",
-                       f"{hint}pick one of {', '.join(map(str, choices))}")
+        raise Invalid(f"{value!r} is not one of {', '.join(map(str, choices))}",
+                      f"{hint}pick one of {', '.join(map(str, choices))}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise _Invalid(f"{value!r} is not true or false", "write true or false")
+        raise Invalid(f"{value!r} is not true or false", "write true or false")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise _Invalid(f"{value!r} is not a whole number", "write an integer such as 8")
+        raise Invalid(f"{value!r} is not a whole number", "write an integer such as 8")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -106,48 +189,81 @@ def convert(value: Any, tp: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise _Invalid(f"{value!r} is not a number", "write a number such as 3e-4 or 0.1")
+        raise Invalid(f"{value!r} is not a number", "write a number such as 3e-4 or 0.1")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise _Invalid(f"{value!r} is not a string", "write text, quoted if it has ':' or '#'")
+        raise Invalid(f"{value!r} is not a string", "write text, quoted if it has ':' or '#'")
     if tp is type(None):
         if value is None:
             return None
-        raise _Invalid(f"{value!r} is not null", "write null")
+        raise Invalid(f"{value!r} is not null", "write null")
     raise TypeError(f"schema type {tp!r} is not supported")  # a bug in the schema, not user input
 
 
-def build(cls: type, data: Any, prefix: str, locs: dict[str, str],
-          problems: list[Problem]) -> Any:
-    """Build dataclass ``cls`` from ``data``; fields with problems keep their defaults."""
+_FAILED = object()
+"""What ``_Builder.value`` returns for a value it reported; the field keeps its default."""
 
-    def where(path: str) -> str:
-        return f"{locs[path]} {path}" if path in locs else path
 
-    if not isinstance(data, dict):
-        problems.append(Problem(where(prefix), f"expected a section of key: value pairs, "
-                                f"got {data!r}", f"write '{prefix}:' followed by indented keys"))
-        return cls()
-    hints = typing.get_type_hints(cls, include_extras=True)
-    names = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            hint = did_you_mean(str(key), names)
-            problems.append(Problem(where(path), f"unknown key '{key}'",
-                                    f"{hint}known keys here: {', '.join(sorted(names))}"))
-            continue
-        tp = hints[key]
+class _Builder:
+    def __init__(self, locs: typing.Mapping[str, str], problems: list[Problem],
+                 source: str) -> None:
+        self.locs, self.problems, self.source = locs, problems, source
+
+    def report(self, path: str, message: str, fix: str) -> None:
+        self.problems.append(Problem(locate(path, self.locs, self.source), message, fix))
+
+    def value(self, tp: Any, data: Any, path: str) -> Any:
         if dataclasses.is_dataclass(tp):
-            values[key] = build(tp, value, path, locs, problems)
-            continue
+            return self.build(tp, data, path)
         try:
-            values[key] = convert(value, tp)
-        except _Invalid as exc:
-            problems.append(Problem(where(path), exc.message, exc.fix))
-    return cls(**values)
+            if (item := _item_type(tp)) is None:
+                return convert(data, tp)
+            entries = _expect_list(data, item)
+        except Invalid as exc:
+            self.report(path, exc.message, exc.fix)
+            return _FAILED
+        built = [self.value(item, entry, f"{path}[{i}]") for i, entry in enumerate(entries)]
+        built = [b for b in built if b is not _FAILED]
+        return tuple(built) if typing.get_origin(tp) is tuple else built
+
+    def build(self, cls: type, data: Any, prefix: str) -> Any:
+        fields = dataclasses.fields(cls)
+        missing = dataclasses.MISSING
+        required = [f.name for f in fields
+                    if f.default is missing and f.default_factory is missing]
+        if not isinstance(data, dict):
+            fix = (f"write '{prefix}:' followed by indented keys" if prefix and prefix[-1] != "]"
+                   else f"write key: value pairs for {_fields_text(cls)}")
+            self.report(prefix, f"expected a section of key: value pairs, got {data!r}", fix)
+            return cls(**dict.fromkeys(required))
+        hints = typing.get_type_hints(cls, include_extras=True)
+        names = {f.name for f in fields}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in names:
+                hint = did_you_mean(str(key), names)
+                self.report(path, f"unknown key '{key}'",
+                            f"{hint}known keys here: {', '.join(sorted(names))}")
+            elif (converted := self.value(hints[key], value, path)) is not _FAILED:
+                values[key] = converted
+        for name in required:
+            if name not in data:
+                self.report(f"{prefix}.{name}" if prefix else name, "is missing",
+                            f"add '{name}:' here")
+            values.setdefault(name, None)
+        return cls(**values)
+
+
+def build(cls: type, data: Any, prefix: str, locs: typing.Mapping[str, str],
+          problems: list[Problem], source: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; fields with problems keep their defaults.
+
+    Required fields that are missing or invalid are None. Problems name ``locs[path]`` (the
+    ``file:line`` of a key) or else ``source``, then the dotted path below ``prefix``.
+    """
+    return _Builder(locs, problems, source).build(cls, data, prefix)
 
 
 def field_type(cls: type, dotted: str) -> tuple[Any, str]:

@@ -63,18 +63,6 @@ BACKWARD_SHARE = 2 / 3
 """Backward's share of a micro-batch's compute (2 of the 6 FLOPs per parameter are forward)."""
 
 
-GEMM_HALF_SATURATION = 2**21
-"""Rows x columns of a per-rank matmul output at which kernels reach half their efficiency.
-
-Kernel efficiency falls when a rank's matmuls are small (few tokens per micro-batch after
-context parallelism, thin weight slices after tensor parallelism): too few tiles to fill the
-SMs and too little work per byte loaded. We scale ``compute_efficiency`` by ``x / (x + X0)``
-with ``x = tokens x hidden / tp`` per micro-batch and ``X0 = 2**21``: 0.94 for Llama 3 8B at
-8K tokens without TP, 0.80 at 2K tokens or at tp 8 on 70B. A heuristic, not a measurement:
-it keeps the search from trading big matmuls for free-looking context or tensor parallelism.
-"""
-
-
 def matmul_weights(m: ModelConfig) -> int:
     """Weights one token multiplies by: attention, dense MLP or top_k routed + shared experts,
     the router, and the output head (the embedding lookup and the norms are not matmuls)."""
@@ -84,10 +72,19 @@ def matmul_weights(m: ModelConfig) -> int:
             + pc.moe_layers * (pc.router + pc.shared_expert + m.top_k * one_expert))
 
 
-def gemm_efficiency(tokens: float, hidden: int, tp: int) -> float:
-    """Share of ``compute_efficiency`` reached by matmuls of this per-rank size."""
+def gemm_efficiency(tokens: float, hidden: int, tp: int, device: DeviceSpec) -> float:
+    """Share of ``compute_efficiency`` reached by a rank's matmuls, ``x / (x + X0)``.
+
+    Kernel efficiency falls when a rank's matmuls are small (few tokens per micro-batch after
+    context parallelism, thin weight slices after tensor parallelism): too few tiles to fill
+    the device and too little work per byte loaded. ``x = tokens x hidden / tp`` per
+    micro-batch and ``X0`` is the device's ``matmul_half_size``; on an H100 that gives 0.94 for
+    Llama 3 8B at 8K tokens without TP, 0.80 at 2K tokens or at tp 8 on 70B. A heuristic, not a
+    measurement: it keeps the search from trading big matmuls for free-looking context or
+    tensor parallelism.
+    """
     size = tokens * hidden / tp
-    return size / (size + GEMM_HALF_SATURATION)
+    return size / (size + device.matmul_half_size)
 
 
 def _flops(m: ModelConfig, seq_len: int) -> float:
@@ -155,7 +152,7 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     recompute = {"none": 0.0, "selective": m.layers * attention_fpt / 3, "full": fpt / 3}
     rank_tokens = t.micro_batch * seq / deg.cp  # of one micro-batch, before TP splits them
     rate = (device.peak_flops * device.compute_efficiency
-            * gemm_efficiency(rank_tokens, m.dim, deg.tp))
+            * gemm_efficiency(rank_tokens, m.dim, deg.tp, device))
     tokens = t.global_batch * seq
     compute = (fpt + recompute[t.recompute]) * tokens / deg.world / rate
     micro = max(1.0, t.global_batch / (t.micro_batch * deg.dp))

@@ -38,6 +38,9 @@ class DeviceSpec:
     """Per ring step inside a node (NCCL's latency-bound regime is a few microseconds)."""
     inter_latency_s: float = 10e-6
     """Per ring step across nodes (RDMA plus NCCL proxy overheads)."""
+    matmul_half_size: float = 2**21
+    """Elements (rows x columns) of a per-rank matmul output at which kernels reach half of
+    ``compute_efficiency``: thousands of SMs need big tiles, a CPU core much smaller ones."""
     description: str = ""
 
 
@@ -90,7 +93,7 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec(
             name="cpu", peak_flops=1e12, memory_bytes=24 * GiB,
             intra_node_bw=5e9, inter_node_bw=1.25e9, compute_efficiency=0.5,
-            intra_latency_s=20e-6, inter_latency_s=50e-6,
+            intra_latency_s=20e-6, inter_latency_s=50e-6, matmul_half_size=2**14,
             description="CPU with gloo: loopback inside a host, 10 Gb/s Ethernet between",
         ),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orch.plan.degrees import Degrees
 from orch.plan.plan import Plan
 from orch.plan.search import SearchResult
 
@@ -34,16 +35,10 @@ def render_plan(plan: Plan) -> str:
             f"cp {d.cp} x tp {d.tp}" + (" +sp" if d.sequence_parallel else ""),
         ),
     ]
-    if d.ep > 1 or d.etp > 1 or d.edp != d.dp * d.cp * d.tp:
+    if d.ep > 1 or d.etp > 1:
         rows.append(("experts", f"pp {d.pp} x edp {d.edp} x ep {d.ep} x etp {d.etp}"))
     rows += [
-        (
-            "pipeline",
-            f"{plan.schedule}, {d.virtual_stages} chunk(s) per rank, layers per stage "
-            f"{_layers(plan.layers_per_stage)}"
-            if d.pp > 1
-            else "none",
-        ),
+        ("pipeline", _pipeline(plan)),
         (
             "batch",
             f"global {plan.global_batch} x {plan.seq_len} tokens, micro-batch "
@@ -55,7 +50,7 @@ def render_plan(plan: Plan) -> str:
             ", ".join(
                 f"{dim} {link.kind} {link.bandwidth / 1e9:.0f} GB/s"
                 for dim, link in plan.links.items()
-                if dim in ("tp", "cp", "dp", "pp", "ep") and link.kind != "none"
+                if dim in _link_dims(d) and link.kind != "none"
             )
             or "none (single device)",
         ),
@@ -84,26 +79,30 @@ def render_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _layers(per_stage: tuple[int, ...]) -> str:
-    return str(per_stage[0]) if len(set(per_stage)) == 1 else "/".join(map(str, per_stage))
+def _link_dims(d: Degrees) -> tuple[str, ...]:
+    """Groups worth showing links for: the expert view only when it differs from the dense."""
+    dense = ("tp", "cp", "dp_shard", "dp_replicate", "pp")
+    return (*dense, "ep", "etp", "edp") if d.ep > 1 or d.etp > 1 else dense
+
+
+def _pipeline(plan: Plan) -> str:
+    d = plan.degrees
+    if d.pp == 1:
+        return "none"
+    stages = plan.layers_per_stage
+    layers = str(stages[0]) if len(set(stages)) == 1 else "/".join(map(str, stages))
+    if d.virtual_stages == 1:
+        return f"{plan.schedule}, {layers} layers per stage"
+    return f"{plan.schedule}, {layers} layers per stage in {d.virtual_stages} chunks per rank"
 
 
 def render_rank_grid(plan: Plan, max_nodes: int = 2, max_ranks: int = 16) -> str:
     """Each shown rank's coordinate in every dimension larger than 1, one table per node."""
     d = plan.degrees
-    dims = [
-        name
-        for name, size in (
-            ("pp", d.pp),
-            ("dp", d.dp),
-            ("cp", d.cp),
-            ("tp", d.tp),
-            ("ep", d.ep),
-            ("etp", d.etp),
-            ("edp", d.edp),
-        )
-        if size > 1
-    ]
+    sizes = {"pp": d.pp, "dp": d.dp, "cp": d.cp, "tp": d.tp}
+    if d.ep > 1 or d.etp > 1:  # otherwise the expert view repeats the dense one
+        sizes.update(ep=d.ep, etp=d.etp, edp=d.edp)
+    dims = [name for name, size in sizes.items() if size > 1]
     if not dims:
         return "  rank grid   one rank holds everything"
     per_node = plan.gpus_per_node

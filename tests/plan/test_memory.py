@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -11,16 +10,14 @@ import torch.nn.functional as F
 
 from orch.config import Config, load_config
 from orch.models.llama import Transformer
-from orch.plan.degrees import Degrees
-from orch.plan.memory import (
+from orch.plan.activations import (
     Arch,
-    estimate_memory,
     korthikanti_layer_bytes,
     layer_activation_bytes,
     layer_terms,
-    param_counts,
-    zero_bytes_per_param,
 )
+from orch.plan.degrees import Degrees
+from orch.plan.memory import estimate_memory, param_counts, zero_bytes_per_param
 
 # --- published figures --------------------------------------------------------------------------
 
@@ -136,18 +133,6 @@ def test_recompute_shrinks_activations():
     assert full.activations < none / 5
     cfg.train.recompute = "selective"  # flash attention has no s^2 tensors to drop
     assert estimate_memory(cfg, Degrees()).activations == none
-
-
-def test_estimate_speed_benchmark():
-    """Prints the per-call time (the search runs thousands); tests never assert timings."""
-    cfg = load_config("configs/mixtral-8x22b.yaml")
-    deg = Degrees(pp=8, dp_shard=8, tp=8, ep=8, sequence_parallel=True)
-    estimate_memory(cfg, deg)
-    n = 2000
-    start = time.perf_counter()
-    for _ in range(n):
-        estimate_memory(cfg, deg)
-    print(f"estimate_memory: {(time.perf_counter() - start) / n * 1e6:.1f} us/call")
 
 
 # --- reality: measure the torch model on CPU -----------------------------------------------------

@@ -1,0 +1,218 @@
+"""Cluster descriptions: which nodes exist, what devices they hold, and what NICs connect them.
+
+A cluster is written by hand (or detected later) as YAML::
+
+    name: dgx-h100-4node
+    device: h100-sxm-80gb              # default device type of every node
+    device_overrides: {peak_flops: 989.4e12}
+    nodes:
+      - {name: "node{i}", count: 4, devices: 8,
+         nics: [{name: mlx5_0, type: ib, bandwidth_gbps: 400, network: ib-a}]}
+
+``count: N`` expands one entry into N nodes, ``{i}`` in the name becoming 0..N-1. A node may
+name its own ``device`` and ``device_overrides``; top-level overrides belong to the top-level
+device. Global ranks fill nodes in the order they are listed, ``devices`` ranks per node.
+
+The format is declared as dataclasses and read by the config schema engine (``coerce.build``),
+which reports every mistake with its dotted path, ``nodes[2].nics[0].type``; only the rules
+across fields are checked here. All problems are raised together as one ``ClusterError``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field, make_dataclass
+from functools import cached_property
+from itertools import accumulate
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from orch.config.coerce import Check, Rejected, build, locate
+from orch.config.schema import Bytes
+from orch.config.source import parse_yaml_text
+from orch.errors import Problem, ProblemsError
+from orch.plan.devices import (
+    OVERRIDABLE,
+    DeviceSpec,
+    UnknownDeviceError,
+    get_device,
+    with_overrides,
+)
+
+NicType = Literal["ib", "roce", "ethernet"]
+NIC_TYPES: tuple[str, ...] = get_args(NicType)
+
+
+def _known_device(name: str) -> str:
+    try:
+        get_device(name)
+    except UnknownDeviceError as exc:
+        raise Rejected(exc.message, exc.fix) from None
+    return name
+
+
+Name = Annotated[str, Check(lambda s: s.strip() != "", "a non-empty string", "write a name: node0")]
+Count = Annotated[int, Check(lambda n: n >= 1, "a positive whole number",
+                             "write an integer such as 8")]
+Positive = Annotated[float, Check(lambda x: x > 0, "a positive number",
+                                  "write a number such as 400")]
+DeviceName = Annotated[str, _known_device]
+
+
+class ClusterError(ProblemsError):
+    """A cluster description that cannot be used as written."""
+
+    title = "invalid cluster description"
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    name: Name
+    type: NicType
+    bandwidth_gbps: Positive
+    network: Name = ""
+    """Fabric this NIC is attached to; NICs on the same network reach each other."""
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes/s in one direction."""
+        return self.bandwidth_gbps * 1e9 / 8
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    devices: int
+    device: DeviceSpec
+    nics: tuple[NicSpec, ...] = ()
+
+    @property
+    def nic_bandwidth_per_device(self) -> float:
+        """Bytes/s each device gets off the node: the NICs' total shared by all devices.
+
+        A node without listed NICs falls back to its device's catalog figure.
+        """
+        if not self.nics:
+            return self.device.inter_node_bw
+        return sum(nic.bandwidth for nic in self.nics) / self.devices
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    source: str = field(default="", compare=False)
+    """File the description came from, for messages."""
+
+    @property
+    def world_size(self) -> int:
+        return sum(node.devices for node in self.nodes)
+
+    @cached_property
+    def node_ends(self) -> tuple[int, ...]:
+        """One past the last global rank of each node (ranks fill nodes in order)."""
+        return tuple(accumulate(node.devices for node in self.nodes))
+
+    def node_of(self, rank: int) -> int:
+        """Index into ``nodes`` of the node holding global ``rank``."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside a cluster of {self.world_size} devices")
+        return bisect_right(self.node_ends, rank)
+
+
+# --- the file format, read by the config schema engine ----------------------------------------
+
+_OVERRIDE_TYPES: dict[str, Any] = {
+    "memory_bytes": Annotated[Bytes, Check(lambda n: n > 0, "a positive byte size", "write 80GiB")],
+    "compute_efficiency": Annotated[float, Check(lambda x: 0 < x <= 1, "a fraction in (0, 1]",
+                                                 "write e.g. 0.55")],
+}
+Overrides = make_dataclass(  # one optional field per overridable DeviceSpec number
+    "Overrides", [(n, _OVERRIDE_TYPES.get(n, Positive) | None, None) for n in OVERRIDABLE])
+
+
+@dataclass(kw_only=True)
+class _NodeEntry:
+    name: Name
+    count: Count | None = None
+    devices: Count
+    device: DeviceName | None = None
+    device_overrides: Overrides = field(default_factory=Overrides)
+    nics: tuple[NicSpec, ...] = ()
+
+
+@dataclass(kw_only=True)
+class _ClusterFile:
+    name: Name | None = None
+    device: DeviceName | None = None
+    device_overrides: Overrides = field(default_factory=Overrides)
+    nodes: tuple[_NodeEntry, ...] = ()
+
+
+def _given(overrides: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(overrides).items() if v is not None}
+
+
+def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple[NodeSpec, ...]:
+    """Expand ``count``, resolve each node's device, and check the rules across fields."""
+    if not file.nodes:
+        report("nodes", "expected a non-empty list of nodes",
+               "write nodes: [{name: node0, devices: 8}]")
+    top = _given(file.device_overrides)
+    if top and file.device is None:
+        report("device_overrides", "overrides given without a top-level device",
+               "add 'device:' at the top, or move the overrides onto the nodes")
+    nodes: list[NodeSpec] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(file.nodes):
+        path, name, count = f"nodes[{index}]", entry.name, entry.count
+        own = _given(entry.device_overrides)
+        device = (with_overrides(get_device(entry.device), **own) if entry.device
+                  else with_overrides(get_device(file.device), **top | own) if file.device
+                  else None)
+        if device is None:
+            report(f"{path}.device", "no device type for this node",
+                   "set 'device:' at the top of the file or on this node")
+        if count is not None and "{i}" not in name:
+            report(f"{path}.name", f"{name!r} has no '{{i}}', so count: {count} would repeat it",
+                   f"write name: \"{name}{{i}}\" to get {name}0..{name}{count - 1}")
+            continue
+        for node_name in [name.replace("{i}", str(i)) for i in range(count)] if count else [name]:
+            if node_name in seen:
+                report(f"{path}.name", f"node name {node_name!r} is used twice",
+                       "give every node a distinct name")
+            seen.add(node_name)
+            if device is not None:
+                nodes.append(NodeSpec(node_name, entry.devices, device, entry.nics))
+    return tuple(nodes)
+
+
+def cluster_from_dict(data: Any, source: str = "", locs: dict[str, str] | None = None
+                      ) -> ClusterSpec:
+    """Build a ClusterSpec from plain data; raise ClusterError listing every problem."""
+    locs = locs or {}
+    problems: list[Problem] = []
+    file = build(_ClusterFile, data, "", locs, problems, source)
+    if not problems:  # rules across fields would only repeat conversion problems
+        nodes = _nodes(file, lambda path, message, fix: problems.append(
+            Problem(locate(path, locs, source), message, fix)))
+    if problems:
+        raise ClusterError(problems)
+    return ClusterSpec(file.name or Path(source).stem or "cluster", nodes, source)
+
+
+def load_cluster(path: str | Path) -> ClusterSpec:
+    """Read a cluster description YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClusterError([Problem(str(path), "cluster description not found",
+                                    "check the path, e.g. configs/clusters/dgx-h100-4node.yaml")])
+    data, locs, problems = parse_yaml_text(path.read_text(), str(path))
+    if problems:
+        raise ClusterError(problems)
+    return cluster_from_dict(data, str(path), locs)
+
+
+__all__ = ["ClusterError", "ClusterSpec", "NIC_TYPES", "NicSpec", "NodeSpec",
+           "cluster_from_dict", "load_cluster"]

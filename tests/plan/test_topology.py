@@ -1,0 +1,279 @@
+"""Topology links for uniform machines and cluster descriptions, and cluster loading rules."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orch.plan.cluster import ClusterError, cluster_from_dict, load_cluster
+from orch.plan.degrees import Degrees
+from orch.plan.devices import get_device
+from orch.plan.layout import first_groups, plan_groups
+from orch.plan.topology import NO_LINK, Topology
+
+REPO = Path(__file__).resolve().parents[2]
+H100 = get_device("h100")
+
+
+# --- uniform machines --------------------------------------------------------------------------
+
+def test_uniform_links_by_group_placement() -> None:
+    topo = Topology.uniform(32, 8, H100)
+    assert topo.link([5]) is NO_LINK
+    intra = topo.link(list(range(8, 16)))
+    assert (intra.kind, intra.bandwidth, intra.nodes) == ("intra", 450e9, 1)
+    assert intra.latency_s == H100.intra_latency_s
+    inter = topo.link(list(range(4, 12)))
+    assert (inter.kind, inter.bandwidth, inter.nodes) == ("inter", 50e9, 2)
+    assert inter.latency_s == H100.inter_latency_s
+    assert topo.link([0, 8, 16, 24]).nodes == 4
+    assert topo.link([0, 1, 9, 17, 30]).nodes == 4  # not a progression: walked node by node
+
+
+def test_links_of_a_plan_layout() -> None:
+    deg = Degrees(pp=2, dp_shard=2, tp=8)
+    links = Topology.uniform(deg.world, 8, H100).links(first_groups(deg))
+    assert links["tp"].kind == "intra"
+    assert links["dp"].kind == "inter" and links["dp"].nodes == 2
+    assert links["pp"].kind == "inter" and links["pp"].nodes == 2
+    assert links["cp"] is NO_LINK and links["ep"] is NO_LINK
+    assert links["edp"].nodes == 2  # the 16 ranks of a stage fold into edp
+
+
+@pytest.mark.parametrize("deg", [
+    Degrees(dp_shard=512, tp=8), Degrees(pp=4, dp_replicate=4, dp_shard=32, tp=8),
+    Degrees(pp=8, dp_shard=64, cp=2, tp=4, ep=16, etp=2), Degrees(dp_shard=1365, tp=3),
+])
+def test_node_counts_match_brute_force(deg: Degrees) -> None:
+    for per_node in (8, 6):
+        topo = Topology.uniform(deg.world, per_node, H100)
+        for dim, group in first_groups(deg).items():
+            assert topo.link(group).nodes == len({r // per_node for r in group}), dim
+
+
+def test_partly_filled_last_node() -> None:
+    topo = Topology.uniform(12, 8, H100)
+    assert topo.node_ends == [8, 12]
+    assert topo.node_of(11) == 1
+    assert topo.link(list(range(8, 12))).kind == "intra"
+
+
+def test_ranks_outside_the_topology_are_a_bug() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        Topology.uniform(8, 8, H100).link([0, 8])
+
+
+# --- clusters ----------------------------------------------------------------------------------
+
+def _nics(kind: str, count: int, gbps: float) -> list[dict[str, Any]]:
+    return [{"name": f"{kind}{i}", "type": kind, "bandwidth_gbps": gbps} for i in range(count)]
+
+
+def mixed_cluster() -> dict[str, Any]:
+    """An InfiniBand node and an Ethernet node of 8 H100s each."""
+    return {
+        "name": "mixed",
+        "device": "h100",
+        "nodes": [
+            {"name": "ib0", "devices": 8, "nics": _nics("ib", 8, 400)},
+            {"name": "eth0", "devices": 8, "nics": _nics("ethernet", 2, 100)},
+        ],
+    }
+
+
+def test_example_cluster_file_loads() -> None:
+    cluster = load_cluster(REPO / "configs/clusters/dgx-h100-4node.yaml")
+    assert cluster.name == "dgx-h100-4node"
+    assert [n.name for n in cluster.nodes] == ["dgx0", "dgx1", "dgx2", "dgx3"]
+    assert cluster.world_size == 32
+    assert cluster.nodes[2].nic_bandwidth_per_device == 50e9
+    assert [cluster.node_of(r) for r in (0, 7, 8, 31)] == [0, 0, 1, 3]
+    topo = Topology.from_cluster(cluster)
+    assert topo.link(list(range(0, 32, 8))).bandwidth == 50e9
+
+
+def test_group_spanning_ib_and_ethernet_gets_ethernet_bandwidth() -> None:
+    cluster = cluster_from_dict(mixed_cluster())
+    assert cluster.nodes[1].nic_bandwidth_per_device == 2 * 100e9 / 8 / 8
+    topo = Topology.from_cluster(cluster)
+    assert topo.link(list(range(8))).bandwidth == 450e9
+    both = topo.link(list(range(16)))
+    assert (both.kind, both.bandwidth, both.nodes) == ("inter", 100e9 / 8 / 4, 2)
+    assert topo.link([0, 2, 4, 6, 8, 10]).bandwidth == 100e9 / 8 / 4
+
+
+def test_worst_links_see_the_slow_translate() -> None:
+    data = mixed_cluster()
+    data["nodes"] = [data["nodes"][0], {**data["nodes"][0], "name": "ib1"},
+                     data["nodes"][1], {**data["nodes"][1], "name": "eth1"}]
+    topo = Topology.from_cluster(cluster_from_dict(data))
+    deg = Degrees(dp_replicate=2, dp_shard=2, tp=8)
+    first = topo.links(first_groups(deg))
+    worst = topo.worst_links(plan_groups(deg))
+    assert first["dp_shard"].bandwidth == 50e9  # ib0 + ib1
+    assert worst["dp_shard"].bandwidth == 100e9 / 8 / 4  # eth0 + eth1
+    assert worst["tp"].kind == "intra"
+
+
+def test_uneven_nodes_and_mixed_devices() -> None:
+    data = mixed_cluster()
+    data["nodes"][1] = {"name": "a100-box", "devices": 4, "device": "a100",
+                        "device_overrides": {"compute_efficiency": 0.5}}
+    cluster = cluster_from_dict(data)
+    assert cluster.nodes[1].device.compute_efficiency == 0.5
+    assert cluster.nodes[1].nic_bandwidth_per_device == get_device("a100").inter_node_bw
+    topo = Topology.from_cluster(cluster)
+    assert topo.device.name == "a100-80gb"  # the slowest sets the pace
+    assert [topo.node_of(r) for r in (7, 8, 11)] == [0, 1, 1]
+    assert topo.link([8, 9, 10, 11]).bandwidth == 300e9
+    assert topo.link([6, 7, 8]).bandwidth == 25e9
+
+
+def test_overrides_apply_to_the_top_level_device() -> None:
+    data = mixed_cluster()
+    data["device_overrides"] = {"peak_flops": 900e12, "memory_bytes": "94GiB"}
+    cluster = cluster_from_dict(data)
+    assert cluster.nodes[0].device.peak_flops == 900e12
+    assert cluster.nodes[0].device.memory_bytes == 94 * 2**30
+
+
+# --- cluster validation: each rule, fed a bad value ----------------------------------------------
+
+def _set(data: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return data
+
+
+BAD = [
+    # (path to change, bad value, where, words in the message, words in the fix)
+    (("nodess",), [], "nodess", ["unknown key 'nodess'"], ["did you mean 'nodes'?"]),
+    (("device",), "h10", "device", ["unknown device 'h10'"], ["did you mean 'h100'?"]),
+    (("name",), "", "name", ["''", "non-empty string"], ["write a name"]),
+    (("device_overrides",), {"peak_flop": 1e15}, "device_overrides.peak_flop",
+     ["unknown key 'peak_flop'"], ["did you mean 'peak_flops'?"]),
+    (("device_overrides",), {"peak_flops": -1}, "device_overrides.peak_flops",
+     ["-1", "positive number"], ["write a number"]),
+    (("device_overrides",), {"compute_efficiency": 1.5}, "device_overrides.compute_efficiency",
+     ["1.5", "fraction"], ["0.55"]),
+    (("device_overrides",), {"memory_bytes": "lots"}, "device_overrides.memory_bytes",
+     ["'lots'", "byte size"], ["80GB"]),
+    (("nodes",), [], "nodes", ["non-empty list"], ["nodes: [{name: node0, devices: 8}]"]),
+    (("nodes", 1), "eth0", "nodes[1]", ["'eth0'", "key: value pairs"],
+     ["name, count, devices"]),
+    (("nodes", 0, "devcies"), 8, "nodes[0].devcies", ["unknown key 'devcies'"],
+     ["did you mean 'devices'?"]),
+    (("nodes", 0, "devices"), 0, "nodes[0].devices", ["0", "positive whole number"],
+     ["integer"]),
+    (("nodes", 0, "devices"), True, "nodes[0].devices", ["True"], ["integer"]),
+    (("nodes", 1, "device"), "a10O", "nodes[1].device", ["unknown device 'a10O'"],
+     ["did you mean 'a100'?"]),
+    (("nodes", 1, "count"), 2, "nodes[1].name", ["'eth0'", "count: 2"], ['"eth0{i}"']),
+    (("nodes", 1, "count"), -2, "nodes[1].count", ["-2"], ["integer"]),
+    (("nodes", 1, "name"), "ib0", "nodes[1].name", ["'ib0'", "used twice"], ["distinct"]),
+    (("nodes", 0, "nics"), "mlx5_0", "nodes[0].nics", ["'mlx5_0'", "expected a list"],
+     ["name, type, bandwidth_gbps"]),
+    (("nodes", 0, "nics", 0), 400, "nodes[0].nics[0]", ["400", "key: value pairs"],
+     ["bandwidth_gbps"]),
+    (("nodes", 0, "nics", 2, "type"), "ethernt", "nodes[0].nics[2].type",
+     ["'ethernt'", "is not one of"], ["did you mean 'ethernet'?", "ib, roce, ethernet"]),
+    (("nodes", 0, "nics", 2, "type"), "infiniband", "nodes[0].nics[2].type",
+     ["'infiniband'"], ["pick one of ib, roce, ethernet"]),
+    (("nodes", 0, "nics", 1, "bandwidth_gbps"), "400G", "nodes[0].nics[1].bandwidth_gbps",
+     ["'400G'", "is not a number"], ["write a number"]),
+    (("nodes", 0, "nics", 1, "bandwidth_gbps"), -5, "nodes[0].nics[1].bandwidth_gbps",
+     ["-5", "positive number"], ["write a number"]),
+    (("nodes", 0, "nics", 1, "network"), "", "nodes[0].nics[1].network",
+     ["''", "non-empty string"], ["write a name"]),
+    (("device_overrides",), {"memory_bytes": 0}, "device_overrides.memory_bytes",
+     ["0", "positive byte size"], ["80GiB"]),
+    (("nodes", 0, "nics", 1, "speed"), 400, "nodes[0].nics[1].speed", ["unknown key 'speed'"],
+     ["known keys here: bandwidth_gbps, name, network, type"]),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "where", "message", "fix"), BAD,
+                         ids=[b[2] + "=" + repr(b[1]) for b in BAD])
+def test_each_rule_names_field_value_and_fix(path: tuple[Any, ...], value: Any, where: str,
+                                             message: list[str], fix: list[str]) -> None:
+    with pytest.raises(ClusterError) as info:
+        cluster_from_dict(_set(mixed_cluster(), path, value), "c.yaml")
+    [problem] = info.value.problems
+    assert problem.where == f"c.yaml {where}"
+    for word in message:
+        assert word in problem.message
+    for word in fix:
+        assert word in problem.fix
+
+
+def test_missing_fields_are_named() -> None:
+    data = mixed_cluster()
+    del data["nodes"][0]["devices"], data["nodes"][1]["nics"][0]["type"]
+    with pytest.raises(ClusterError) as info:
+        cluster_from_dict(data)
+    assert [(p.where, p.message) for p in info.value.problems] == [
+        ("nodes[0].devices", "is missing"), ("nodes[1].nics[0].type", "is missing")]
+
+
+def test_a_node_without_any_device_type() -> None:
+    data = mixed_cluster()
+    del data["device"]
+    data["nodes"][1]["device"] = "a100"
+    with pytest.raises(ClusterError) as info:
+        cluster_from_dict(data)
+    [problem] = info.value.problems
+    assert problem.where == "nodes[0].device"
+    assert "set 'device:'" in problem.fix
+
+
+def test_overrides_need_a_top_level_device() -> None:
+    data = mixed_cluster()
+    del data["device"]
+    data["device_overrides"] = {"peak_flops": 900e12}
+    for node in data["nodes"]:
+        node["device"] = "h100"
+    with pytest.raises(ClusterError) as info:
+        cluster_from_dict(data)
+    [problem] = info.value.problems
+    assert problem.where == "device_overrides"
+    assert "without a top-level device" in problem.message
+    assert "add 'device:'" in problem.fix
+
+
+def test_name_defaults_to_the_file_and_ranks_are_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "lab.yaml"
+    path.write_text("device: cpu\nnodes: [{name: box, devices: 2}]\n")
+    cluster = load_cluster(path)
+    assert cluster.name == "lab" and cluster.world_size == 2
+    with pytest.raises(ValueError, match="outside"):
+        cluster.node_of(2)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\ndevice: h10\nnodes:\n  - {name: n0, devices: 0,"
+                    " nics: [{name: e0, type: eth, bandwidth_gbps: 100}]}\n")
+    with pytest.raises(ClusterError) as info:
+        load_cluster(path)
+    wheres = [p.where for p in info.value.problems]
+    assert wheres == [f"{path}:2 device", f"{path} nodes[0].devices",
+                      f"{path} nodes[0].nics[0].type"]
+    assert "invalid cluster description (3 problems)" in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ClusterError, match="not found"):
+        load_cluster(tmp_path / "nope.yaml")
+    path = tmp_path / "broken.yaml"
+    path.write_text("nodes: [\n")
+    with pytest.raises(ClusterError, match="malformed YAML"):
+        load_cluster(path)
+    path.write_text("- node0\n")
+    with pytest.raises(ClusterError, match="key: value pairs"):
+        load_cluster(path)
