@@ -1,0 +1,94 @@
+"""``orch plan --auto``: the search's shortcuts must not change its answer."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from orch.config import load_config
+from orch.plan import resolve_machine, search
+from orch.plan.plan import evaluate
+from orch.plan.rules import check_degrees
+from orch.plan.search import MICRO_BATCHES, RECOMPUTE, _rank_key, candidate_degrees
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def machine_for(cfg, world, **kw):
+    problems = []
+    machine = resolve_machine(cfg, world, kw.get("gpus_per_node"), kw.get("device"), problems)
+    assert machine is not None, problems
+    return machine
+
+
+def brute_force(cfg, machine):
+    """Price every candidate and setting with no shortcut; return (best plan, fit, over)."""
+    best, fit, over = None, 0, 0
+    for deg in candidate_degrees(cfg, machine):
+        for mb in MICRO_BATCHES:
+            for rc in RECOMPUTE:
+                train = dataclasses.replace(cfg.train, micro_batch=mb, recompute=rc)
+                trial = dataclasses.replace(cfg, train=train)
+                if check_degrees(trial, deg, machine.gpus_per_node):
+                    continue
+                plan = evaluate(trial, deg, machine)
+                if not plan.fits:
+                    over += 1
+                    continue
+                fit += 1
+                if best is None or _rank_key(plan) < _rank_key(best):
+                    best = plan
+    return best, fit, over
+
+
+def test_search_equals_brute_force_dense_and_moe():
+    for name, world in (("llama3-70b", 32), ("mixtral-8x22b", 64)):
+        cfg = load_config(REPO / f"configs/{name}.yaml", ["train.global_batch=256"])
+        machine = machine_for(cfg, world)
+        result = search(cfg, machine)
+        best, fit, over = brute_force(cfg, machine)
+        assert (result.fit, result.over_memory) == (fit, over), name
+        assert result.best[0].degrees == best.degrees, name
+        assert result.best[0].step.total_s == best.step.total_s, name
+
+
+def test_results_fit_pass_rules_and_are_sorted():
+    cfg = load_config(REPO / "configs/qwen2-57b-a14b.yaml")
+    machine = machine_for(cfg, 128)
+    result = search(cfg, machine, top=8)
+    assert len(result.best) == 8
+    assert result.evaluated == result.fit + result.over_memory
+    keys = [_rank_key(p) for p in result.best]
+    assert keys == sorted(keys)
+    assert len({p.degrees for p in result.best}) == 8
+    for plan in result.best:
+        assert plan.fits and plan.world_size == 128
+        train = dataclasses.replace(cfg.train, micro_batch=plan.micro_batch)
+        assert not check_degrees(dataclasses.replace(cfg, train=train), plan.degrees, 8)
+
+
+def test_nothing_fits_reports_the_cause():
+    cfg = load_config(REPO / "configs/llama3-70b.yaml")
+    result = search(cfg, machine_for(cfg, 8))
+    assert not result.best and result.fit == 0 and result.over_memory == result.evaluated > 0
+    assert "were the largest share in" in result.most_common_cause
+
+
+def test_tp_stays_inside_nodes_unless_forced():
+    cfg = load_config(REPO / "configs/llama3-8b.yaml", ["train.global_batch=64"])
+    machine = machine_for(cfg, 16, gpus_per_node=2)
+    assert max(d.tp for d in candidate_degrees(cfg, machine)) == 2
+    forced = dataclasses.replace(
+        cfg, parallel=dataclasses.replace(cfg.parallel, allow_cross_node_tp=True)
+    )
+    assert max(d.tp for d in candidate_degrees(forced, machine)) == 8  # kv_heads = 8
+
+
+def test_planner_imports_no_torch():
+    """``orch plan`` runs on a laptop in milliseconds: the plan package stays torch-free."""
+    import subprocess
+    import sys
+
+    code = "import sys, orch.cli, orch.plan, orch.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
