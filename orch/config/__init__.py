@@ -66,9 +66,7 @@ def apply_overrides(
         try:
             field_type(Config, key)
         except KeyError as exc:
-            problems.append(
-                Problem(f"--set {key}", exc.args[0], "use a dotted path from the schema")
-            )
+            problems.append(Problem(f"--set {key}", *exc.args))
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else ""

@@ -267,17 +267,18 @@ def build(cls: type, data: Any, prefix: str, locs: typing.Mapping[str, str],
 
 
 def field_type(cls: type, dotted: str) -> tuple[Any, str]:
-    """The schema type at ``dotted`` below ``cls``; raises KeyError(message) if there is none."""
+    """The schema type at ``dotted`` below ``cls``; raises KeyError(message, fix) if none."""
     current: Any = cls
     walked: list[str] = []
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(current):
-            raise KeyError(f"'{'.'.join(walked)}' is a value, it has no key '{part}'")
+            raise KeyError(f"'{'.'.join(walked)}' is a value, it has no key '{part}'",
+                           f"set {'.'.join(walked)}=VALUE")
         hints = typing.get_type_hints(current, include_extras=True)
         if part not in hints:
-            hint = did_you_mean(part, hints)
             scope = ".".join(walked) or "the top level"
-            raise KeyError(f"{scope} has no key '{part}'; {hint}known: {', '.join(sorted(hints))}")
+            raise KeyError(f"{scope} has no key '{part}'",
+                           f"{did_you_mean(part, hints)}known keys: {', '.join(sorted(hints))}")
         current = hints[part]
         walked.append(part)
     return current, ".".join(walked)
