@@ -14,8 +14,10 @@ from math import gcd
 from orch.config.schema import Config
 from orch.errors import OrchError, Problem, ProblemsError
 from orch.plan.cluster import ClusterSpec, load_cluster
+from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec, get_device
-from orch.plan.topology import Topology
+from orch.plan.layout import first_groups, plan_groups
+from orch.plan.topology import Link, Topology
 
 DEFAULT_DEVICE = "h100-sxm-80gb"
 DEFAULT_GPUS_PER_NODE = 8
@@ -29,6 +31,13 @@ class Machine:
     device: DeviceSpec
     topology: Topology
     cluster: ClusterSpec | None = None
+
+    def links(self, deg: Degrees) -> dict[str, Link]:
+        """The link of every group dimension of ``deg``: on alike nodes one group per dimension
+        tells; on a mixed cluster every group is looked at and the slowest counts."""
+        if self.topology.homogeneous:
+            return self.topology.links(first_groups(deg))
+        return self.topology.worst_links(plan_groups(deg))
 
     @property
     def nodes(self) -> int:

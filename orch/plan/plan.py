@@ -16,7 +16,7 @@ from orch.config.schema import Config
 from orch.errors import PlanError, Problem
 from orch.plan.cost import StepTime, estimate_step_time
 from orch.plan.degrees import Degrees
-from orch.plan.layout import first_groups, plan_groups, rank_coordinates
+from orch.plan.layout import plan_groups, rank_coordinates
 from orch.plan.machine import Machine, resolve_machine
 from orch.plan.memory import MemoryEstimate, estimate_memory
 from orch.plan.rules import check_degrees
@@ -149,7 +149,7 @@ def evaluate(
 
     ``links`` and ``memory`` may be passed in when the caller (the search) already has them.
     """
-    links = links if links is not None else machine.topology.links(first_groups(deg))
+    links = links if links is not None else machine.links(deg)
     memory = memory if memory is not None else estimate_memory(cfg, deg)
     step = estimate_step_time(cfg, deg, links, machine.device)
     t = cfg.train

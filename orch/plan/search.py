@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from orch.config.schema import Config
 from orch.plan.degrees import Degrees
-from orch.plan.layout import first_groups
 from orch.plan.machine import Machine
 from orch.plan.memory import MemoryEstimate, estimate_memory
 from orch.plan.plan import Plan, evaluate, memory_limit
@@ -143,7 +142,7 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                 result.evaluated += len(RECOMPUTE) - index - 1
                 result.fit += len(RECOMPUTE) - index
                 if links is None:
-                    links = machine.topology.links(first_groups(deg))
+                    links = machine.links(deg)
                 plan = evaluate(trial, deg, machine, links, memory)
                 if best is None or _rank_key(plan) < _rank_key(best):
                     best = plan

@@ -58,6 +58,8 @@ class Topology:
         self._same_inter = len({*zip(self._inter_bw, self._inter_lat, strict=True)}) == 1
         self.device = min(devices, key=lambda d: d.peak_flops * d.compute_efficiency)
         """The slowest device: synchronous training runs at its pace."""
+        self.homogeneous = bool(self._per_node) and self._same_inter and len(set(self._intra)) == 1
+        """Every node alike: one group of a dimension then stands for all of them."""
 
     @classmethod
     def uniform(cls, world_size: int, gpus_per_node: int, device: DeviceSpec) -> Topology:

@@ -277,3 +277,22 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     path.write_text("- node0\n")
     with pytest.raises(ClusterError, match="key: value pairs"):
         load_cluster(path)
+
+
+def test_mixed_cluster_prices_the_slowest_group(tmp_path) -> None:
+    """On a mixed cluster every group counts, not only the one holding rank 0."""
+    from orch.config import load_config
+    from orch.plan import build_plan
+
+    cluster = tmp_path / "mixed.yaml"
+    cluster.write_text(
+        "device: h100\nnodes:\n"
+        "  - {name: ib0, devices: 8, nics: [{name: mlx5_0, type: ib, bandwidth_gbps: 3200}]}\n"
+        "  - {name: ib1, devices: 8, nics: [{name: mlx5_0, type: ib, bandwidth_gbps: 3200}]}\n"
+        "  - {name: eth0, devices: 8, nics: [{name: eth0, type: ethernet, bandwidth_gbps: 100}]}\n"
+        "  - {name: eth1, devices: 8, nics: [{name: eth0, type: ethernet, bandwidth_gbps: 100}]}\n"
+    )
+    cfg = load_config("configs/llama3-8b.yaml", [f"cluster={cluster}", "parallel.pp=2"])
+    plan = build_plan(cfg)
+    # The first dp group spans the two IB nodes; the second spans the Ethernet ones.
+    assert plan.world_size == 32 and plan.links["dp"].bandwidth == 100e9 / 8 / 8
