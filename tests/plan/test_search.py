@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 from orch.config import load_config
@@ -86,9 +88,6 @@ def test_tp_stays_inside_nodes_unless_forced():
 
 def test_planner_imports_no_torch():
     """``orch plan`` runs on a laptop in milliseconds: the plan package stays torch-free."""
-    import subprocess
-    import sys
-
     code = "import sys, orch.cli, orch.plan, orch.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
