@@ -90,6 +90,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if result.best else 1
 
 
+def _add_launch_parser(sub: argparse._SubParsersAction) -> None:
+    # Listed for `orch --help` only: `orch launch` is parsed by torchrun's own parser (main()).
+    sub.add_parser("launch", add_help=False, help="start training: torchrun options, CONFIG, "
+                   "--set overrides; see `orch launch --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orch",
@@ -97,16 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"orch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_launch_parser(sub)
     _add_plan_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        from orch.launch.launcher import launch
+
+        command, run = "launch", lambda: launch(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
     try:
-        return args.func(args)
+        return run()
     except OrchError as exc:
-        print(f"orch {args.command}: {exc}", file=sys.stderr)
+        print(f"orch {command}: {exc}", file=sys.stderr)
         return exc.exit_code
 
 

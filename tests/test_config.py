@@ -197,6 +197,7 @@ MOE = ["model.experts=4"]
         (["offload.prefetch_depth=-1"], "offload.prefetch_depth: must be 0 or more"),
         (["offload.io_threads=0"], "offload.io_threads: must be at least 1"),
         (["run.log_interval=0"], "run.log_interval: must be at least 1"),
+    (["run.stop_at_step=201"], "run.stop_at_step: 201 is not between 0 and train.steps=200"),
         (["checkpoint.keep_last=-1"], "checkpoint.keep_last: must be 0 or more"),
     ],
 )

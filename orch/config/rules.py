@@ -195,6 +195,12 @@ def check_config(cfg: Config) -> list[Problem]:
         need(value >= 1, f"offload.{name}", f"must be at least 1, got {value}", "use e.g. 8 / 1")
 
     need(
+        0 <= cfg.run.stop_at_step <= t.steps,
+        "run.stop_at_step",
+        f"{cfg.run.stop_at_step} is not between 0 and train.steps={t.steps}",
+        "use 0 to train to train.steps",
+    )
+    need(
         cfg.run.log_interval >= 1,
         "run.log_interval",
         f"must be at least 1, got {cfg.run.log_interval}",

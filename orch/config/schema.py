@@ -199,6 +199,10 @@ class CheckpointConfig:
 class RunConfig:
     dir: str = field(default="runs/default", metadata=_help("run directory"))
     log_interval: int = field(default=10, metadata=_help("steps between progress lines"))
+    stop_at_step: int = field(
+        default=0,
+        metadata=_help("checkpoint and stop after this step, as if preempted; 0 = train.steps"),
+    )
 
 
 @dataclass

@@ -34,6 +34,8 @@ class Plan:
     gpus_per_node: int
     nodes: int
     device: str
+    peak_flops: float
+    """Dense peak FLOP/s of the slowest device (bf16; fp32 for cpu): MFU's denominator."""
     degrees: Degrees
     schedule: str
     global_batch: int
@@ -63,6 +65,7 @@ class Plan:
             "gpus_per_node": self.gpus_per_node,
             "nodes": self.nodes,
             "device": self.device,
+            "peak_flops": self.peak_flops,
             "degrees": self.degrees.as_dict(),
             "schedule": self.schedule,
             "global_batch": self.global_batch,
@@ -160,6 +163,7 @@ def evaluate(
         gpus_per_node=machine.gpus_per_node,
         nodes=machine.nodes,
         device=machine.device.name,
+        peak_flops=machine.device.peak_flops,
         degrees=deg,
         schedule=cfg.parallel.pp_schedule if deg.pp > 1 else "none",
         global_batch=t.global_batch,

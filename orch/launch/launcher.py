@@ -1,0 +1,214 @@
+"""``orch launch [torchrun options] CONFIG [--set key=value ...] [--resume auto|none|PATH]``.
+
+Reuses torchrun's own argument parser and runs ``torch.distributed.run`` in this process (as
+torchtune does), so every torchrun option works: ``--nnodes``, ``--node-rank``, rendezvous,
+``--max-restarts``, log redirection. Before anything is spawned it loads the config, builds the
+plan for ``nnodes x nproc-per-node`` devices, checks the run directory and the checkpoint to resume
+from, and reports every problem at once. Workers run ``python -m orch.runtime.worker`` with the
+same config and overrides, so each rebuilds the identical plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from orch.config import Config, load_config
+from orch.errors import OrchError, PlanError, Problem
+from orch.plan import Plan, build_plan
+
+WORKER_MODULE = "orch.runtime.worker"
+
+
+class RunFailed(OrchError):
+    """A worker failed after a valid launch: not bad input, so exit 1, not 2."""
+
+    exit_code = 1
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    """The options after CONFIG, shared by the launcher and the worker."""
+    parser = argparse.ArgumentParser(prog="orch launch ... CONFIG", add_help=False)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                        help="checkpoint to resume from (default: checkpoint.resume, 'auto')")
+    return parser
+
+
+def launch_parser() -> argparse.ArgumentParser:
+    """torchrun's parser, with its positional arguments renamed to what orch launch takes."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "orch launch"
+    parser.description = (
+        "Start an orch training run: every torchrun option works; CONFIG is a run config, "
+        "followed by --set key=value overrides and --resume auto|none|PATH."
+    )
+    for action in parser._actions:
+        if action.dest == "training_script":
+            action.metavar, action.help = "CONFIG", "run config YAML"
+        elif action.dest == "training_script_args":
+            action.metavar = "--set KEY=VALUE | --resume auto|none|PATH"
+            action.help = "config overrides (repeatable) and the checkpoint to resume from"
+        elif action.dest == "nproc_per_node":
+            action.default = os.environ.get("PET_NPROC_PER_NODE")
+            action.help = "processes per node (default: what the plan needs on one node, or "
+            action.help += "the visible GPUs; 1 on CPU when the degrees leave it open)"
+    return parser
+
+
+def device_name() -> str:
+    """The catalog device for this machine's accelerator, or ``cpu``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for key, device in (("h200", "h200"), ("h100", "h100-sxm-80gb"), ("a100", "a100-80gb"),
+                        ("4090", "rtx4090")):
+        if key in name:
+            return device
+    return "h100-sxm-80gb"
+
+
+def _nproc_per_node(value: str | None, cfg: Config, nnodes: int, problems: list[Problem]) -> int:
+    import torch
+
+    if value is None:
+        p = cfg.parallel
+        if p.dp_shard != -1:  # the degrees fix the world size
+            world = p.pp * p.dp_replicate * p.dp_shard * p.cp * p.tp
+            if world % nnodes == 0:
+                return world // nnodes
+        return torch.cuda.device_count() or 1
+    if value in ("gpu", "auto") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    if value in ("cpu", "auto"):
+        return os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        problems.append(Problem("--nproc-per-node", f"{value!r} is not a positive number",
+                                "pass a process count such as 2, or gpu / cpu / auto"))
+    return max(count, 1)
+
+
+def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
+    """Parse and validate everything; return torchrun's args rewritten to start the workers."""
+    from torch.distributed.run import parse_min_max_nnodes
+
+    args = launch_parser().parse_args(list(argv))
+    extra = worker_parser().parse_args(args.training_script_args)
+    cfg = load_config(args.training_script, extra.overrides)
+    problems: list[Problem] = []
+    _, max_nodes = parse_min_max_nnodes(args.nnodes)
+    nproc = _nproc_per_node(args.nproc_per_node, cfg, max_nodes, problems)
+    world = max_nodes * nproc
+    plan = None
+    try:
+        plan = build_plan(cfg, world, nproc, device_name())
+    except PlanError as exc:
+        problems += [_explain_world(p, world, max_nodes, nproc) for p in exc.problems]
+    problems += unsupported_features(cfg)
+    problems += _check_data(cfg)
+    problems += _check_run_dir(Path(cfg.run.dir))
+    if not problems:
+        assert plan is not None
+        problems += _check_resume(cfg, plan, extra.resume)
+    if problems:
+        raise PlanError(problems, title="cannot launch")
+    assert plan is not None
+    args.nproc_per_node = str(nproc)
+    # torchrun would set 1 and warn; share this node's cores between its workers instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    args.module, args.no_python = True, False
+    resume = ["--resume", extra.resume] if extra.resume else []
+    sets = [f"--set={item}" for item in extra.overrides]
+    args.training_script_args = [str(args.training_script), *sets, *resume]
+    args.training_script = WORKER_MODULE
+    return args, cfg, plan
+
+
+def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Problem:
+    """Plan problems about the world size point at the launch options that set it."""
+    if "world size" in problem.message:
+        return Problem(problem.where, f"{problem.message} (--nnodes {nodes} x --nproc-per-node "
+                       f"{nproc} = {world} processes)", problem.fix + ", or --nproc-per-node")
+    return problem
+
+
+def unsupported_features(cfg: Config) -> list[Problem]:
+    """What the plan allows but this version of the runtime cannot run yet, said up front."""
+    p, problems = cfg.parallel, []
+    for dim in ("tp", "pp", "cp", "ep", "etp"):
+        if getattr(p, dim) > 1:
+            problems.append(Problem(f"parallel.{dim}", f"{getattr(p, dim)} is planned but the "
+                                    "runtime trains data parallel only for now",
+                                    f"set parallel.{dim}=1 (orch plan shows such plans)"))
+    if cfg.offload.enabled:
+        problems.append(Problem("offload", "CPU/NVMe offload is planned but not run yet",
+                                "keep every offload tier on device"))
+    if cfg.optimizer.name != "adamw":
+        problems.append(Problem("optimizer.name", f"{cfg.optimizer.name!r} is not available yet",
+                                "use optimizer.name=adamw"))
+    return problems
+
+
+def _check_data(cfg: Config) -> list[Problem]:
+    from orch.runtime.data import DataError, check_source
+
+    if not cfg.data.path:
+        return []
+    try:
+        check_source(cfg.data)
+    except DataError as exc:
+        return [exc.problem]
+    return []
+
+
+def _check_run_dir(run_dir: Path) -> list[Problem]:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".orch-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        return [Problem("run.dir", f"{str(run_dir)!r} is not writable ({exc.strerror})",
+                        "choose a writable directory with --set run.dir=PATH")]
+    return []
+
+
+def _check_resume(cfg: Config, plan: Plan, resume: str | None) -> list[Problem]:
+    """Refuse another config's checkpoints and verify the one to resume, loading nothing."""
+    from orch.runtime.checkpoint import CheckpointError, CheckpointManager
+
+    manager = CheckpointManager(Path(cfg.run.dir), cfg, plan.to_dict(with_groups=False), 0, 1)
+    try:
+        manager.resolve_resume(resume or cfg.checkpoint.resume)
+    except CheckpointError as exc:
+        return [Problem("--resume", str(exc), "")]
+    return []
+
+
+def launch(argv: Sequence[str]) -> int:
+    """Validate, then run torchrun in this process; 0 when every worker succeeded."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
+    args, cfg, plan = prepare(argv)
+    print(f"orch launch: {plan.world_size} x {plan.device}, {plan.degrees.short()}, "
+          f"run dir {cfg.run.dir}", flush=True)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        raise RunFailed(f"training failed:\n{exc.format_msg()}") from None
+    return 0
+
+
+__all__ = ["launch", "launch_parser", "prepare", "unsupported_features", "worker_parser"]

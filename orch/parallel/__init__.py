@@ -1,0 +1,1 @@
+"""Device meshes from a plan, and the parallelisms applied to a model on them."""

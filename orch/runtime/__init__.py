@@ -1,0 +1,1 @@
+"""The training runtime: trainer loop, data, checkpoints, metrics and progress."""

@@ -1,0 +1,408 @@
+"""Training data: a byte tokenizer, one token stream, packed samples and a resumable sampler.
+
+The pipeline is deliberately small. ``load_tokens`` turns ``data.path`` into one 1-D integer
+array (text is byte-tokenized in memory; token files are memory-mapped, never read whole).
+``PackedSequences`` cuts that stream into fixed-length samples with no padding. ``BatchStream``
+walks a seeded permutation of those samples, one global batch per optimizer step, and hands each
+data-parallel rank its slice as micro-batches.
+
+The sampler's position is counted in global batches, not per-rank samples, so a checkpoint's data
+state is the same on every rank and can be resumed on a different number of data-parallel ranks.
+Every problem with the user's data is a ``DataError`` raised before training starts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from orch.config.schema import DataConfig
+from orch.errors import OrchError, Problem
+
+TOKEN_SUFFIXES = (".bin", ".npy")
+"""Suffixes that ``data.format: auto`` reads as token files; everything else is text."""
+
+_SCAN_CHUNK = 1 << 24
+"""Tokens per chunk when scanning a memory-mapped file, so the scan never loads it whole."""
+
+
+class DataError(OrchError):
+    """The training data cannot be used: names the field, the offending value and the fix."""
+
+    def __init__(self, where: str, message: str, fix: str) -> None:
+        self.problem = Problem(where, message, fix)
+        super().__init__(str(self.problem))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: 256 ids, no special tokens, nothing to download.
+
+    Weak as language modelling goes, but it makes the default run self-contained and any text
+    file usable as data, which is what a training library's own tests and demos need.
+    """
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        """The UTF-8 bytes of ``text`` as a uint8 array (a non-ASCII character spans ids)."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+
+    def decode(self, ids: Any) -> str:
+        """Text from ids; a sequence cut mid-character decodes with replacement characters."""
+        data = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)
+        return data.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_tokens(data: DataConfig, vocab_size: int) -> np.ndarray:
+    """The whole training stream of ``data`` as a 1-D array of token ids below ``vocab_size``.
+
+    An empty ``data.path`` means the corpus shipped with orch. Text (any suffix, ``.gz`` read
+    transparently) is byte-tokenized into a uint8 array in memory; token files are memory-mapped:
+    ``.bin`` is raw ids of ``data.token_dtype`` (nanoGPT's format) and ``.npy`` carries its own
+    dtype in its header, so ``token_dtype`` does not apply to it. Every check (existence, format,
+    size, largest id) runs here, before training starts; nothing is cached on disk.
+    """
+    if not data.path:
+        blob = importlib.resources.files("orch.runtime").joinpath("corpus/kjv.txt.gz")
+        tokens = np.frombuffer(gzip.decompress(blob.read_bytes()), dtype=np.uint8)
+        _check_range(tokens, vocab_size, "the shipped corpus", data)
+        return tokens
+
+    path, kind = check_source(data)
+    tokens = _read_text(data, path) if kind == "text" else _map_tokens(data, path)
+    _check_range(tokens, vocab_size, repr(data.path), data)
+    return tokens
+
+
+def check_source(data: DataConfig) -> tuple[Path, str]:
+    """The file checks of ``load_tokens`` that read no data: the launcher runs them before it
+    starts any process. Returns the path and its kind ('text' or 'tokens')."""
+    path = _existing_file(data.path)
+    kind = _file_kind(data, path)
+    if path.stat().st_size == 0:
+        raise DataError(
+            "data.path", f"{data.path!r} is empty", "point data.path at a file with data"
+        )
+    return path, kind
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value).expanduser()
+    shown = f"{value!r}" if str(path.resolve()) == value else f"{value!r} ({path.resolve()})"
+    if not path.exists():
+        raise DataError(
+            "data.path",
+            f"{shown} does not exist",
+            "correct the path (relative paths start where orch runs), or set data.path to '' "
+            "for the shipped corpus",
+        )
+    if not path.is_file():
+        raise DataError("data.path", f"{shown} is not a file", "point data.path at one file")
+    return path
+
+
+def _file_kind(data: DataConfig, path: Path) -> str:
+    """'text' or 'tokens', from ``data.format`` and the suffix, refusing combinations that lie."""
+    name = path.name.lower()
+    compressed = name.endswith(".gz")
+    stem = name.removesuffix(".gz")
+    token_suffix = next((s for s in TOKEN_SUFFIXES if stem.endswith(s)), None)
+
+    if token_suffix and data.format != "text" and compressed:
+        raise DataError(
+            "data.path",
+            f"{data.path!r} is a compressed token file, which cannot be memory-mapped",
+            f"decompress it (gunzip) and point data.path at the {token_suffix} file",
+        )
+    if data.format == "text" and token_suffix:
+        raise DataError(
+            "data.format",
+            f"'text', but data.path {data.path!r} ends in {token_suffix}, a token-file suffix",
+            "set data.format to 'tokens' (or 'auto') to read token ids, or rename a text file "
+            "so it does not end in .bin or .npy",
+        )
+    if data.format == "tokens" and not token_suffix:
+        raise DataError(
+            "data.format",
+            f"'tokens', but data.path {data.path!r} ends in neither .bin nor .npy",
+            "set data.format to 'text' (or 'auto') for a text file, or give a token file the "
+            ".bin suffix (raw ids of data.token_dtype) or save it with numpy as .npy",
+        )
+    return "tokens" if token_suffix else "text"
+
+
+def _read_text(data: DataConfig, path: Path) -> np.ndarray:
+    raw = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(
+                "data.path", f"{data.path!r} is not a valid gzip file ({e})", "re-compress it"
+            ) from e
+        if not raw:
+            raise DataError(
+                "data.path", f"{data.path!r} decompresses to nothing", "point it at text"
+            )
+    # Byte-level tokenization of a file is its bytes: no decode/encode round trip needed.
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def _map_tokens(data: DataConfig, path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        return _map_npy(data, path)
+    dtype = np.dtype(data.token_dtype)
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise DataError(
+            "data.path",
+            f"{data.path!r} has {size} bytes, not a multiple of {dtype.itemsize} "
+            f"(data.token_dtype={data.token_dtype!r})",
+            "set data.token_dtype to the type the file was written with, or re-export the "
+            "file; it may be truncated",
+        )
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _map_npy(data: DataConfig, path: Path) -> np.ndarray:
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(
+            "data.path",
+            f"{data.path!r} is not a readable .npy array ({e})",
+            "save token ids with numpy.save(path, ids), or use a raw .bin file",
+        ) from e
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise DataError(
+            "data.path",
+            f"{data.path!r} holds a {tokens.dtype} array of shape {tokens.shape}; token ids "
+            "must be a 1-D integer array",
+            "save a flat integer array, e.g. numpy.save(path, ids.ravel().astype(np.uint16))",
+        )
+    if tokens.size == 0:
+        raise DataError("data.path", f"{data.path!r} holds no tokens", "save some token ids")
+    return tokens
+
+
+def _check_range(tokens: np.ndarray, vocab_size: int, source: str, data: DataConfig) -> None:
+    """Every id in ``[0, vocab_size)``, scanned in chunks so a memory map stays a memory map."""
+    low, high = 0, -1
+    for start in range(0, len(tokens), _SCAN_CHUNK):
+        chunk = tokens[start : start + _SCAN_CHUNK]
+        low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
+    if low < 0:
+        raise DataError(
+            "data.path",
+            f"{source} contains the negative token id {low}",
+            "token ids must be non-negative; re-export the file with an unsigned dtype",
+        )
+    if high >= vocab_size:
+        hint = "" if data.path.endswith(".npy") else ", or check data.token_dtype"
+        raise DataError(
+            "model.vocab_size",
+            f"{vocab_size}, but {source} contains token id {high}",
+            f"set model.vocab_size to at least {high + 1} (the tokenizer's vocabulary){hint}",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
+class PackedSequences:
+    """Fixed-length samples packed back to back from one token stream, with no padding.
+
+    Sample ``i`` is the window ``tokens[i*L : i*L + L + 1]``: its first ``L`` ids are the input
+    and its last ``L`` the target, so neighbouring samples share one boundary token and no token
+    is wasted. Documents are not separated; with packing, attention simply runs across their
+    boundaries, as in nanoGPT and most pre-training.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        if len(self) == 0:
+            raise DataError(
+                "data.path",
+                f"the data has {len(tokens)} tokens, fewer than one sample of train.seq_len="
+                f"{seq_len} needs ({seq_len + 1})",
+                "use more data or lower train.seq_len",
+            )
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``index`` as (input, target), int64 tensors of shape ``[seq_len]``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range [0, {len(self)})")
+        inputs, targets = self.gather(np.array([index]))
+        return inputs[0], targets[0]
+
+    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``indices`` stacked as (inputs, targets), int64 ``[len(indices), seq_len]``.
+
+        One fancy-indexing read per batch; on a memory map it touches only the pages it needs.
+        """
+        length = self.seq_len
+        starts = np.asarray(indices, dtype=np.int64) * length
+        windows = self.tokens[starts[:, None] + np.arange(length + 1)]
+        batch = torch.from_numpy(windows.astype(np.int64))
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+class BatchStream:
+    """A deterministic, resumable stream of per-rank micro-batches, one global batch per step.
+
+    Each epoch is a permutation of all sample indices from ``default_rng((seed, epoch))``. Step
+    ``s`` of an epoch takes the ``global_batch`` permuted indices ``[s*G, (s+1)*G)``; the epoch's
+    tail that cannot fill a whole batch is dropped (it is in another place next epoch). Rank ``r``
+    of ``dp_size`` takes the ``r``-th contiguous ``G / dp_size`` of them and splits it into
+    micro-batches. The order of global samples therefore depends only on the seed, the number of
+    samples and ``global_batch``, never on the rank count.
+    """
+
+    def __init__(
+        self,
+        dataset: PackedSequences,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
+        if global_batch < 1 or micro_batch < 1:
+            raise ValueError(f"batch sizes must be positive: {global_batch=}, {micro_batch=}")
+        if global_batch % (dp_size * micro_batch):
+            raise DataError(
+                "train.global_batch",
+                f"{global_batch} does not split into {dp_size} data-parallel ranks x "
+                f"train.micro_batch={micro_batch}",
+                f"make train.global_batch a multiple of {dp_size * micro_batch}",
+            )
+        if len(dataset) < global_batch:
+            needed = global_batch * dataset.seq_len + 1
+            raise DataError(
+                "train.global_batch",
+                f"{global_batch} sequences of train.seq_len={dataset.seq_len} need at least "
+                f"{needed} tokens, but the data has {len(dataset.tokens)} "
+                f"({len(dataset)} samples)",
+                "use more data (data.path), or lower train.global_batch or train.seq_len",
+            )
+        self.dataset = dataset
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.steps_per_epoch = len(dataset) // global_batch
+        self._epoch = 0
+        self._step_in_epoch = 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def tokens_seen(self) -> int:
+        """Input tokens consumed by all ranks together since the start of training."""
+        steps = self._epoch * self.steps_per_epoch + self._step_in_epoch
+        return steps * self.global_batch * self.dataset.seq_len
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng((self.seed, epoch))
+            self._order = (epoch, rng.permutation(len(self.dataset)))
+        return self._order[1]
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches for the next optimizer step: ``(inputs, targets)`` pairs,
+        each ``[micro_batch, seq_len]`` int64, ``global_batch / (dp_size * micro_batch)`` of them.
+        """
+        per_rank = self.global_batch // self.dp_size
+        start = self._step_in_epoch * self.global_batch + self.dp_rank * per_rank
+        indices = self._permutation(self._epoch)[start : start + per_rank]
+        self._step_in_epoch += 1
+        if self._step_in_epoch == self.steps_per_epoch:
+            self._epoch, self._step_in_epoch = self._epoch + 1, 0
+        return [
+            self.dataset.gather(indices[i : i + self.micro_batch])
+            for i in range(0, per_rank, self.micro_batch)
+        ]
+
+    def state_dict(self) -> dict[str, int]:
+        """The position as plain ints (JSON-ready), identical on every data-parallel rank."""
+        return {
+            "epoch": self._epoch,
+            "step_in_epoch": self._step_in_epoch,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "samples": len(self.dataset),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly after the step at which ``state`` was saved, on any ``dp_size``.
+
+        The seed, global batch and sample count must match: with any of them changed the saved
+        position would point into a different order, and resuming would silently repeat or skip
+        data.
+        """
+        missing = {"epoch", "step_in_epoch", "seed", "global_batch", "samples"} - set(state)
+        if missing:
+            raise DataError(
+                "checkpoint data state",
+                f"lacks {sorted(missing)}",
+                "resume from a checkpoint written by this version of orch, or start afresh "
+                "(checkpoint.resume: none)",
+            )
+        fresh = "or start a fresh run (checkpoint.resume: none)"
+        if int(state["global_batch"]) != self.global_batch:
+            raise DataError(
+                "train.global_batch",
+                f"{self.global_batch}, but the checkpoint was trained with "
+                f"{state['global_batch']}; its data position counts global batches of that size",
+                f"set train.global_batch back to {state['global_batch']} to resume, {fresh}",
+            )
+        if int(state["seed"]) != self.seed:
+            raise DataError(
+                "train.seed",
+                f"{self.seed}, but the checkpoint's data order came from seed {state['seed']}",
+                f"set train.seed back to {state['seed']} to resume, {fresh}",
+            )
+        if int(state["samples"]) != len(self.dataset):
+            raise DataError(
+                "data.path",
+                f"the data now gives {len(self.dataset)} samples of train.seq_len="
+                f"{self.dataset.seq_len}, but the checkpoint's had {state['samples']}",
+                f"resume with the same data and train.seq_len as the checkpoint, {fresh}",
+            )
+        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        if epoch < 0 or not 0 <= step < self.steps_per_epoch:
+            raise DataError(
+                "checkpoint data state",
+                f"position epoch={epoch}, step_in_epoch={step} is outside the data "
+                f"({self.steps_per_epoch} steps per epoch)",
+                f"the checkpoint is damaged; resume from an earlier one, {fresh}",
+            )
+        self._epoch, self._step_in_epoch = epoch, step

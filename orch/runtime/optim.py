@@ -1,0 +1,52 @@
+"""Optimizer and learning-rate schedule.
+
+The schedule is a pure function of the step, set on the optimizer before each step, so resuming
+needs no scheduler state and gives exactly the uninterrupted run's rates. Weight decay applies to
+matrices only (linear and embedding weights), not to norm weights, as in Llama and torchtitan.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from orch.config.schema import Config, TrainConfig
+from orch.errors import OrchError
+
+
+def lr_at(step: int, train: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then the decay."""
+    peak, floor = train.lr, train.lr * train.min_lr_ratio
+    if step <= train.warmup_steps:
+        return peak * step / max(1, train.warmup_steps)
+    if train.lr_schedule == "constant":
+        return peak
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    progress = min(1.0, progress)
+    if train.lr_schedule == "linear":
+        return peak - (peak - floor) * progress
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name != "adamw":
+        raise OrchError(
+            f"optimizer.name: {o.name!r} is not available yet (it comes with orch's Triton "
+            "kernels); fix: use optimizer.name=adamw"
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=lr_at(1, cfg.train), betas=(o.beta1, o.beta2), eps=o.eps, foreach=True
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

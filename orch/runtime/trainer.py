@@ -1,0 +1,102 @@
+"""The training loop: gradient accumulation, clipping, the optimizer step, metrics, checkpoints.
+
+One optimizer step consumes one global batch: each data-parallel rank runs its micro-batches,
+with gradient synchronization only after the last (FSDP2 accumulates unsharded-free local
+gradients until then), so the gradients equal those of the whole batch on one process. Losses
+are divided by the number of micro-batches so the step's loss is the global batch's mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from orch.config.schema import Config
+from orch.parallel.data_parallel import set_gradient_sync
+from orch.plan import Plan
+from orch.runtime.data import BatchStream
+from orch.runtime.metrics import MetricsLog, StepMetrics, memory_bytes
+from orch.runtime.optim import lr_at, set_lr
+
+SaveFn = Callable[[int], None]
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    plan: Plan
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: BatchStream
+    metrics: MetricsLog
+    device: torch.device
+    save: SaveFn
+    """Called with the step number whenever a checkpoint is due (every rank calls it)."""
+    autocast: torch.dtype | None = None
+    """Compute dtype for autocast, when no FSDP mixed-precision policy casts already."""
+
+    def train(self, start_step: int) -> None:
+        """Run steps ``start_step + 1`` to ``train.steps`` (or ``run.stop_at_step``), saving a
+        checkpoint every ``checkpoint.interval`` steps and at the last step run."""
+        t, interval = self.cfg.train, self.cfg.checkpoint.interval
+        last = self.cfg.run.stop_at_step or t.steps
+        for step in range(start_step + 1, last + 1):
+            start = time.perf_counter()
+            lr = lr_at(step, t)
+            set_lr(self.optimizer, lr)
+            loss = self._accumulate()
+            grad_norm = self._clip()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if step % self.cfg.run.log_interval == 0 or step == last:
+                self._log(step, loss, lr, grad_norm, time.perf_counter() - start)
+            if step == last or (interval and step % interval == 0):
+                self.save(step)
+
+    def _accumulate(self) -> torch.Tensor:
+        micro_batches = self.stream.next_step()
+        total = torch.zeros((), device=self.device)
+        for index, (inputs, targets) in enumerate(micro_batches):
+            set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            cast = self.autocast
+            with torch.autocast(self.device.type, cast) if cast else contextlib.nullcontext():
+                logits = self.model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            (loss / len(micro_batches)).backward()
+            total += loss.detach() / len(micro_batches)
+        return total
+
+    def _clip(self) -> float:
+        """Clip the global gradient norm (over all shards) and return it before clipping."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # sharded gradients: reduce the partial norms
+            norm = norm.full_tensor()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.train.grad_clip, norm)
+        return float(norm)
+
+    def _log(self, step: int, loss: torch.Tensor, lr: float, grad_norm: float, secs: float) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank's share of the batch
+        t = self.cfg.train
+        tokens = t.global_batch * t.seq_len
+        tokens_per_s = tokens / secs
+        tflops = self.plan.step.flops_per_token * tokens_per_s / self.plan.world_size / 1e12
+        used, total = memory_bytes(self.device)
+        self.metrics.log(
+            StepMetrics(
+                step=step, steps=t.steps, loss=float(loss), lr=lr, grad_norm=grad_norm,
+                tokens=tokens, step_time_s=secs, tokens_per_s=tokens_per_s, tflops=tflops,
+                mfu=tflops * 1e12 / self.plan.peak_flops, mem_bytes=used, mem_total_bytes=total,
+            )
+        )

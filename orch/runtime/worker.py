@@ -1,0 +1,141 @@
+"""One training process: ``python -m orch.runtime.worker CONFIG [--set ...] [--resume ...]``.
+
+Started by ``orch launch`` (torchrun) on every rank. It rebuilds the same plan the launcher
+validated, then applies it in a fixed order (as torchtitan does): model, activation
+checkpointing, data parallelism (FSDP2/HSDP), optimizer, data, checkpoint resume, training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule
+
+from orch.config import Config, config_to_dict, load_config
+from orch.errors import OrchError
+from orch.launch.launcher import device_name, worker_parser
+from orch.models.llama import Transformer
+from orch.parallel.data_parallel import apply_data_parallel
+from orch.parallel.mesh import build_mesh, data_parallel_mesh
+from orch.parallel.recompute import apply_recompute
+from orch.plan import Plan, build_plan
+from orch.plan.layout import dense_layout
+from orch.runtime.checkpoint import CheckpointManager, restore_rng
+from orch.runtime.data import BatchStream, PackedSequences, load_tokens
+from orch.runtime.metrics import MetricsLog
+from orch.runtime.optim import build_optimizer
+from orch.runtime.trainer import Trainer
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _precision(cfg: Config, device: torch.device, rank: int) -> str:
+    if cfg.train.precision == "bf16" and device.type == "cpu":
+        if rank == 0:
+            print("orch: train.precision bf16 needs a GPU; computing in fp32 on CPU", flush=True)
+        return "fp32"
+    return cfg.train.precision
+
+
+def _write_run_files(run_dir: Path, cfg: Config, plan: Plan) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
+
+
+def run(argv: Sequence[str]) -> None:
+    parser = worker_parser()
+    parser.add_argument("config")
+    args = parser.parse_args(list(argv))
+    cfg = load_config(args.config, args.overrides)
+    device = _device()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    plan = build_plan(cfg, world, local_world, device_name())
+    run_dir = Path(cfg.run.dir)
+    if rank == 0:
+        _write_run_files(run_dir, cfg, plan)
+
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    model.init_weights(cfg.train.seed)
+    model.to(device)
+    apply_recompute(model, cfg.train.recompute)
+    mesh = build_mesh(plan, device.type)
+    precision = _precision(cfg, device, rank)
+    if plan.degrees.dp > 1:
+        model = apply_data_parallel(model, data_parallel_mesh(mesh), precision)
+    autocast = torch.bfloat16 if precision == "bf16" and not isinstance(model, FSDPModule) else None
+    optimizer = build_optimizer(model, cfg)
+
+    coords = dense_layout(plan.degrees).coords(rank)
+    dp_rank = coords["dp_shard"] + coords["dp_replicate"] * plan.degrees.dp_shard
+    dataset = PackedSequences(load_tokens(cfg.data, cfg.model.vocab_size), cfg.train.seq_len)
+    stream = BatchStream(dataset, cfg.train.global_batch, cfg.train.micro_batch, dp_rank,
+                         plan.degrees.dp, cfg.train.seed)
+
+    checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
+    start = 0
+    resume = checkpoints.resolve_resume(args.resume or cfg.checkpoint.resume)
+    if resume is not None:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        manifest = checkpoints.load(resume, state)
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        stream.load_state_dict(manifest.data)
+        restore_rng(manifest.rng)
+        start = manifest.step
+        if rank == 0:
+            print(f"orch: resumed from {resume} at step {start}", flush=True)
+
+    def save(step: int) -> None:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        path = checkpoints.save(step, {"model": model_state, "optim": optim_state},
+                                stream.state_dict())
+        if rank == 0:
+            print(f"orch: saved checkpoint {path}", flush=True)
+
+    metrics = MetricsLog(run_dir, rank == 0, sys.stdout, resume_step=start)
+    try:
+        trainer = Trainer(cfg, plan, model, optimizer, stream, metrics, device, save, autocast)
+        trainer.train(start)
+        checkpoints.wait()  # an async save still in flight completes before the process ends
+    finally:
+        metrics.close()
+
+
+def main() -> None:
+    code = 0
+    try:
+        run(sys.argv[1:])
+    except OrchError as exc:
+        print(f"orch worker: {exc}", file=sys.stderr, flush=True)
+        code = exc.exit_code
+    finally:
+        # gloo threads can abort at interpreter exit after good work (DESIGN.md, known traps):
+        # tear the group down ourselves and leave without running interpreter shutdown.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
