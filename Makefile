@@ -21,10 +21,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
+# The main job: plan, then train the tiny Llama on 2 CPU processes (FSDP) on the shipped corpus.
+# It stops half way as if preempted, then the same command resumes from the checkpoint.
+ifndef DEMO_DIR
+DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
 demo: $(STAMP)
 	$(VENV)/bin/orch plan configs/tiny.yaml --world-size 2 --device cpu
-	$(VENV)/bin/orch plan configs/llama3-8b.yaml --world-size 64 --auto
-	$(VENV)/bin/orch plan configs/mixtral-8x22b.yaml --world-size 256 --auto
+	$(VENV)/bin/orch launch --nproc-per-node 2 configs/tiny.yaml --set run.dir=$(DEMO_DIR) \
+		--set run.stop_at_step=250
+	@echo "== stopped at step 250 as if preempted; the same command resumes from its checkpoint =="
+	$(VENV)/bin/orch launch --nproc-per-node 2 configs/tiny.yaml --set run.dir=$(DEMO_DIR)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -175,8 +175,8 @@ MOE = ["model.experts=4"]
         (["train.lr=0"], "train.lr: must be positive"),
         (["train.min_lr_ratio=2"], "train.min_lr_ratio: 2.0 is not in [0, 1]"),
         (
-            ["train.warmup_steps=500"],
-            "train.warmup_steps: 500 is not between 0 and train.steps=200",
+            ["train.warmup_steps=600"],
+            "train.warmup_steps: 600 is not between 0 and train.steps=500",
         ),
         (["train.grad_clip=-1"], "train.grad_clip: must be 0 (off) or positive"),
         (["optimizer.beta1=1"], "optimizer.beta1: 1.0 is not in [0, 1)"),
@@ -197,7 +197,7 @@ MOE = ["model.experts=4"]
         (["offload.prefetch_depth=-1"], "offload.prefetch_depth: must be 0 or more"),
         (["offload.io_threads=0"], "offload.io_threads: must be at least 1"),
         (["run.log_interval=0"], "run.log_interval: must be at least 1"),
-    (["run.stop_at_step=201"], "run.stop_at_step: 201 is not between 0 and train.steps=200"),
+    (["run.stop_at_step=501"], "run.stop_at_step: 501 is not between 0 and train.steps=500"),
         (["checkpoint.keep_last=-1"], "checkpoint.keep_last: must be 0 or more"),
     ],
 )

@@ -161,12 +161,15 @@ def unsupported_features(cfg: Config) -> list[Problem]:
 
 
 def _check_data(cfg: Config) -> list[Problem]:
-    from orch.runtime.data import DataError, check_source
+    """The data file's existence and format; the shipped corpus is small enough to load whole
+    (its ids are checked against the vocabulary too). Workers check a user file's ids."""
+    from orch.runtime.data import DataError, check_source, load_tokens
 
-    if not cfg.data.path:
-        return []
     try:
-        check_source(cfg.data)
+        if cfg.data.path:
+            check_source(cfg.data)
+        else:
+            load_tokens(cfg.data, cfg.model.vocab_size)
     except DataError as exc:
         return [exc.problem]
     return []
@@ -208,7 +211,26 @@ def launch(argv: Sequence[str]) -> int:
         run(args)
     except ChildFailedError as exc:
         raise RunFailed(f"training failed:\n{exc.format_msg()}") from None
+    print(summary(cfg), flush=True)
     return 0
+
+
+def summary(cfg: Config) -> str:
+    """Where a finished run left its results, and how to go on from its last checkpoint."""
+    from orch.runtime.checkpoint import read_manifest
+
+    run_dir = Path(cfg.run.dir)
+    manifests = sorted((run_dir / "checkpoints").glob("step-*/manifest.json"))
+    step = read_manifest(manifests[-1].parent).step if manifests else 0
+    lines = [f"orch launch: done at step {step} of {cfg.train.steps}",
+             f"  metrics      {run_dir / 'metrics.jsonl'}",
+             f"  checkpoints  {run_dir / 'checkpoints'}"]
+    if step < cfg.train.steps:
+        lines.append("  to resume, run the same command without run.stop_at_step: it continues "
+                     "from the newest checkpoint (checkpoint.resume: auto)")
+    else:
+        lines.append(f"  to train further, run it again with --set train.steps=N (N > {step})")
+    return "\n".join(lines)
 
 
 __all__ = ["launch", "launch_parser", "prepare", "unsupported_features", "worker_parser"]

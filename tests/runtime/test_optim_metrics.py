@@ -1,0 +1,45 @@
+"""Learning-rate schedule, optimizer groups, and the progress line format."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from orch.config import load_config
+from orch.models.llama import Transformer
+from orch.runtime.metrics import StepMetrics
+from orch.runtime.optim import build_optimizer, lr_at
+
+CFG = load_config("configs/tiny.yaml", ["train.steps=110", "train.warmup_steps=10"])
+
+
+def test_warmup_then_cosine_to_the_floor():
+    t = CFG.train
+    assert lr_at(1, t) == pytest.approx(t.lr / 10) and lr_at(10, t) == pytest.approx(t.lr)
+    assert lr_at(60, t) == pytest.approx(t.lr * (0.1 + 0.9 * 0.5))  # half way: cos = 0
+    assert lr_at(110, t) == pytest.approx(t.lr * t.min_lr_ratio)
+    linear = dataclasses.replace(t, lr_schedule="linear")
+    assert lr_at(60, linear) == pytest.approx(t.lr - 0.9 * t.lr * 0.5)
+    constant = dataclasses.replace(t, lr_schedule="constant")
+    assert lr_at(100, constant) == t.lr
+    rates = [lr_at(s, t) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    assert not any(math.isnan(r) for r in rates)
+
+
+def test_no_weight_decay_on_norms():
+    optimizer = build_optimizer(Transformer(CFG.model), CFG)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == CFG.optimizer.weight_decay and no_decay["weight_decay"] == 0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert all(p.ndim == 1 for p in no_decay["params"])
+
+
+def test_progress_line_has_the_documented_fields():
+    line = StepMetrics(step=120, steps=1000, loss=3.4123, lr=3e-4, grad_norm=1.0, tokens=4096,
+                       step_time_s=0.41, tokens_per_s=48200, tflops=412, mfu=0.417,
+                       mem_bytes=int(61.2 * 2**30), mem_total_bytes=80 * 2**30).line()
+    assert line == ("step 120/1000 | loss 3.412 | 48.2k tok/s | 412 TFLOP/s | MFU 41.7% | "
+                    "mem 61.2/80.0 GiB | 0.41 s/step")
