@@ -2,8 +2,10 @@
 
 One module-scoped set of runs (process start-up dominates): a single-process reference, FSDP
 over 2 ranks, replication over 2 ranks, and 2x2 HSDP over 4, all on the same config and data.
-Per-step losses must match the reference tightly; parameters after the AdamW steps match more
-loosely (AdamW turns 1e-8 gradient noise into +-lr steps on near-zero gradients, DESIGN.md).
+Per-step losses must match the reference tightly; parameters after the AdamW steps are allowed
+more (AdamW can turn 1e-8 gradient noise into +-lr steps on near-zero gradients, DESIGN.md).
+Measured here (8 steps, fp32, gloo): losses within 4.8e-7, gradient norms within 1.8e-6
+relative, parameters within 1.5e-6 (mean 1.4e-9) for all three layouts.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 STEPS = 8
-LOSS_ATOL = 2e-5
-PARAM_ATOL = 2e-3  # two AdamW steps of lr 1e-3: see the module docstring
-PARAM_MEAN_ATOL = 2e-5
+LOSS_ATOL = 1e-5
+GRAD_NORM_RTOL = 1e-5
+PARAM_ATOL = 1e-4  # a tenth of one AdamW step at lr 1e-3: see the module docstring
+PARAM_MEAN_ATOL = 1e-7
 
 LAYOUTS = {
     "fsdp2": (2, ["parallel.dp_shard=2"]),
@@ -53,7 +56,7 @@ def test_losses_match_single_process(runs, layout):
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for a, b in zip(ref, got, strict=True):
         assert abs(a["loss"] - b["loss"]) <= LOSS_ATOL, (a["step"], a["loss"], b["loss"])
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=GRAD_NORM_RTOL)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -9,6 +9,7 @@ runs in this process without a process group, as a one-rank run does.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -338,7 +340,7 @@ def test_manifest_lists_every_file_with_its_hash(two_ranks) -> None:
     assert raw["rng"] == {"0": "rng-rank-00000.pt", "1": "rng-rank-00001.pt"}
     for name, entry in raw["files"].items():
         data = (path / name).read_bytes()
-        assert entry == {"size": len(data), "sha256": ckpt.hashlib.sha256(data).hexdigest()}
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     cfg = make_cfg()
     assert raw["format"] == "orch-checkpoint" and raw["version"] == 1
     assert (raw["step"], raw["world_size"], raw["data"], raw["plan"]) == (STEP, 2, DATA, PLAN)
@@ -425,13 +427,13 @@ def test_fingerprint_covers_the_math_only() -> None:
 def test_unfinished_save_is_ignored_then_replaced(tmp_path, monkeypatch) -> None:
     mgr = CheckpointManager(tmp_path, make_cfg(), PLAN)
     first = mgr.save(1, tiny_state(1.0), {"sample": 1})
-    real_save = ckpt.dcp.save
+    real_save = dcp.save
 
     def crash(state: dict[str, Any], *, checkpoint_id: Path, **kwargs: Any) -> None:
         (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half a shard")
         raise RuntimeError("killed mid-save")
 
-    monkeypatch.setattr(ckpt.dcp, "save", crash)
+    monkeypatch.setattr(dcp, "save", crash)
     with pytest.raises(RuntimeError, match="killed"):
         mgr.save(2, tiny_state(2.0), {"sample": 2})
     broken = tmp_path / "checkpoints" / "step-00000002"
@@ -444,7 +446,7 @@ def test_unfinished_save_is_ignored_then_replaced(tmp_path, monkeypatch) -> None
         assert not (Path(checkpoint_id) / "__0_0.distcp").exists(), "stale file kept"
         return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
 
-    monkeypatch.setattr(ckpt.dcp, "save", spy)
+    monkeypatch.setattr(dcp, "save", spy)
     restarted = CheckpointManager(tmp_path, make_cfg(), PLAN)
     assert restarted.save(2, tiny_state(2.0), {"sample": 2}) == broken
     assert restarted.latest() == broken and verify(broken) == []

@@ -1,0 +1,153 @@
+"""``manifest.json``: the commit record of a checkpoint, and the check of its files.
+
+Rank 0 writes the manifest last, durably (``files.write_durable``). It records the step, the
+config fingerprint, the plan, the resolved config, the caller's data position, the RNG file of
+every rank and the size and sha256 of every other file. A directory without one is a save that
+did not finish. ``verify`` checks every file against it, so loading can refuse a truncated or
+bit-flipped shard, naming the file, before reading any state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orch.errors import OrchError, Problem
+from orch.runtime.checkpoint.files import MANIFEST, sha256
+
+FORMAT = "orch-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(OrchError):
+    """A checkpoint or run directory the user asked for cannot be used as it is."""
+
+    def __init__(self, where: str | Path, message: str, fix: str = "") -> None:
+        self.problem = Problem(str(where), message, fix)
+        super().__init__(str(self.problem))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What ``manifest.json`` says about one checkpoint; ``rng`` is filled in by ``load``."""
+
+    path: Path
+    step: int
+    fingerprint: str
+    world_size: int
+    plan: dict[str, Any]
+    config: dict[str, Any]
+    data: dict[str, Any]
+    rng_files: dict[int, str]
+    files: dict[str, FileEntry]
+    wall_time: float
+    save_seconds: float
+    version: int = VERSION
+    rng: dict[str, Any] | None = None
+    """This rank's RNG states after ``load``: saved ones, or ``{"seed": n}`` for a new rank."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "step": self.step,
+            "fingerprint": self.fingerprint,
+            "world_size": self.world_size,
+            "wall_time": self.wall_time,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall_time)),
+            "save_seconds": self.save_seconds,
+            "data": self.data,
+            "rng": {str(rank): name for rank, name in sorted(self.rng_files.items())},
+            "files": {
+                name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(self.files.items())
+            },
+            "plan": self.plan,
+            "config": self.config,
+        }
+
+    @classmethod
+    def from_json(cls, path: Path, raw: dict[str, Any]) -> Manifest:
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
+        if raw.get("version") != VERSION:
+            raise ValueError(f"version {raw.get('version')!r}; this orch reads version {VERSION}")
+        return cls(
+            path=path,
+            step=int(raw["step"]),
+            fingerprint=str(raw["fingerprint"]),
+            world_size=int(raw["world_size"]),
+            plan=dict(raw["plan"]),
+            config=dict(raw["config"]),
+            data=dict(raw["data"]),
+            rng_files={int(rank): str(name) for rank, name in raw["rng"].items()},
+            files={
+                str(name): FileEntry(int(e["size"]), str(e["sha256"]))
+                for name, e in raw["files"].items()
+            },
+            wall_time=float(raw["wall_time"]),
+            save_seconds=float(raw["save_seconds"]),
+        )
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """The manifest of checkpoint directory ``path``; CheckpointError if absent or unreadable."""
+    path = Path(path)
+    file = path / MANIFEST
+    try:
+        return Manifest.from_json(path, json.loads(file.read_text()))
+    except FileNotFoundError:
+        raise CheckpointError(
+            file,
+            "is missing: the save of this checkpoint did not finish",
+            "resume from another checkpoint (checkpoint.resume=auto picks the newest complete one)",
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            file,
+            f"cannot be read ({type(exc).__name__}: {exc})",
+            f"resume from another checkpoint, or delete {path} if it is damaged",
+        ) from None
+
+
+def verify(path: str | Path, hashes: bool = True, names: list[str] | None = None) -> list[str]:
+    """Problems with the checkpoint at ``path``: manifest, then each listed file.
+
+    ``hashes=False`` checks presence and sizes only (cheap); ``names`` limits the file checks to
+    those entries, so ranks can split the hashing of a large checkpoint between them.
+    """
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as exc:
+        return [str(exc.problem)]
+    problems = []
+    for name in sorted(manifest.files) if names is None else names:
+        entry, file = manifest.files[name], path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            problems.append(f"{file}: missing (the manifest lists it)")
+            continue
+        if size != entry.size:
+            problems.append(f"{file}: {size} bytes, the manifest says {entry.size} (truncated?)")
+        elif hashes and sha256(file) != entry.sha256:
+            problems.append(f"{file}: sha256 differs from the manifest (the file changed)")
+    return problems
+
+
+def damaged(path: Path, problems: list[str]) -> CheckpointError:
+    """The error for checkpoint ``path`` whose files ``verify`` found ``problems`` with."""
+    return CheckpointError(
+        problems[0].split(": ", 1)[0],
+        "checkpoint is damaged, nothing was loaded:\n      " + "\n      ".join(problems),
+        f"resume from an older checkpoint (checkpoint.resume=<path>) or delete {path}",
+    )
