@@ -1,0 +1,46 @@
+"""Which implementation of an op runs: the Triton kernel or the plain-torch reference.
+
+The kernel runs on CUDA tensors when triton imports; everything else (CPU tensors, no triton)
+takes the reference, which is the specification and computes the same result. ``ORCH_KERNELS``
+forces a choice: ``reference`` everywhere, or ``triton`` even on CPU (with ``TRITON_INTERPRET=1``,
+how the tests run the kernels here). A fallback on a CUDA tensor is logged once per op.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("orch.kernels")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _warn_once(op: str, reason: str) -> None:
+    log.warning("orch.kernels.%s: using the plain-torch reference (%s)", op, reason)
+
+
+def use_triton(op: str, *tensors: torch.Tensor) -> bool:
+    """True when ``op`` should run its Triton kernel on ``tensors``."""
+    forced = os.environ.get("ORCH_KERNELS", "")
+    if forced == "reference":
+        return False
+    if forced == "triton":
+        return triton_available()
+    if not all(t.is_cuda for t in tensors):
+        return False
+    if not triton_available():
+        _warn_once(op, "triton is not installed")
+        return False
+    return True
