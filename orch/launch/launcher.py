@@ -146,7 +146,7 @@ def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Prob
 def unsupported_features(cfg: Config) -> list[Problem]:
     """What the plan allows but this version of the runtime cannot run yet, said up front."""
     p, problems = cfg.parallel, []
-    for dim in ("tp", "pp", "cp", "ep", "etp"):
+    for dim in ("pp", "cp", "ep", "etp"):
         if getattr(p, dim) > 1:
             problems.append(Problem(f"parallel.{dim}", f"{getattr(p, dim)} is planned but the "
                                     "runtime trains data parallel only for now",

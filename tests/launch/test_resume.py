@@ -84,8 +84,8 @@ def test_bad_launches_stop_before_any_process(tmp_path):
          "data.path: '/nonexistent.txt' does not exist"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={blocker}/run"],
          "run.dir:"),
-        (["--nproc-per-node", "2", "configs/tiny.yaml", "--set", "parallel.tp=2"],
-         "parallel.tp: 2 is planned but"),
+        (["--nproc-per-node", "2", "configs/tiny.yaml", "--set", "parallel.pp=2"],
+         "parallel.pp: 2 is planned but"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "model.dimm=3"],
          "did you mean 'dim'"),
     ]
