@@ -1,0 +1,223 @@
+"""orch's Triton flash attention against torch SDPA's flash backend (and flash-attn if installed).
+
+The claim: ``orch.kernels.flash_attention`` is in the same league as the best outside kernels on
+a GPU. For head_dim 64 and 128, sequence lengths 1k..16k (batch = tokens / seq, heads =
+model_dim / head_dim, so every case holds the same number of tokens), causal and not, it prints
+forward and forward+backward TFLOP/s of each implementation and ours / theirs. All of them read
+the same (batch, seq, heads, head_dim) tensors (SDPA through a transposed view, no copy), and the
+table's ``max|diff|`` column is our forward's largest difference from SDPA's on that case.
+
+FLOPs counted as FlashAttention does: forward ``4 * batch * heads * seq^2 * head_dim`` (halved
+when causal), backward 2.5x the forward.
+
+    .venv/bin/python benchmarks/attention.py [--dtype bf16] [--tokens 16384] [--model-dim 2048]
+    .venv/bin/python benchmarks/attention.py --sweep   # time a few tile configs of ours
+
+Without CUDA it says so and exits 0: there is nothing to compare on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from collections.abc import Callable
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, backward: bool) -> float:
+    forward = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+    return forward * (3.5 if backward else 1.0)
+
+
+def _implementations(causal: bool) -> dict[str, Callable]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from orch.kernels.attention import flash_attention
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            )
+        return out.transpose(1, 2)
+
+    impls = {"orch": lambda q, k, v: flash_attention(q, k, v, causal=causal), "sdpa": sdpa}
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return impls
+    impls["flash-attn"] = lambda q, k, v: flash_attn_func(q, k, v, causal=causal)
+    return impls
+
+
+def _time(fn: Callable, q, k, v, backward: bool) -> float:
+    """Milliseconds per call (median, triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    if not backward:
+        with torch.no_grad():
+            return do_bench(lambda: fn(q, k, v))
+    out = fn(q, k, v)
+    grad = torch.randn_like(out)
+
+    def step():
+        fn(q, k, v).backward(grad)
+
+    return do_bench(step, grad_to_none=[q, k, v])
+
+
+def _inputs(batch, seq, heads, head_dim, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    return [
+        torch.randn(
+            batch, seq, heads, head_dim, device="cuda", dtype=dtype, generator=gen
+        ).requires_grad_()
+        for _ in range(3)
+    ]
+
+
+def _header(dtype: torch.dtype) -> None:
+    import triton
+
+    try:
+        import flash_attn
+
+        fa = flash_attn.__version__
+    except ImportError:
+        fa = "not installed"
+    print(f"# flash attention, {datetime.date.today().isoformat()}")
+    print(
+        f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA "
+        f"{torch.version.cuda}) | triton {triton.__version__} | flash-attn {fa} | "
+        f"python {platform.python_version()} | dtype {dtype}"
+    )
+
+
+def compare(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    print(
+        "\n| head_dim | seq | batch x heads | causal | pass | orch TFLOP/s | sdpa TFLOP/s | "
+        "orch/sdpa | flash-attn TFLOP/s | orch/flash-attn | max\\|diff\\| |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for head_dim in args.head_dims:
+        heads = args.model_dim // head_dim
+        for seq in args.seqs:
+            batch = max(1, args.tokens // seq)
+            for causal in (False, True):
+                q, k, v = _inputs(batch, seq, heads, head_dim, dtype)
+                impls = _implementations(causal)
+                with torch.no_grad():
+                    diff = impls["orch"](q, k, v).float() - impls["sdpa"](q, k, v).float()
+                    diff = diff.abs().max().item()
+                for backward in (False, True):
+                    flops = _flops(batch, heads, seq, head_dim, causal, backward)
+                    tflops = {
+                        name: flops / _time(fn, q, k, v, backward) / 1e9
+                        for name, fn in impls.items()
+                    }
+                    ours, fa = tflops["orch"], tflops.get("flash-attn")
+                    fa_cols = f"{fa:.1f} | {ours / fa:.2f}" if fa else "- | -"
+                    print(
+                        f"| {head_dim} | {seq} | {batch} x {heads} | {causal} | "
+                        f"{'fwd+bwd' if backward else 'fwd'} | {ours:.1f} | "
+                        f"{tflops['sdpa']:.1f} | {ours / tflops['sdpa']:.2f} | {fa_cols} | "
+                        f"{diff:.1e} |",
+                        flush=True,
+                    )
+                del q, k, v
+                torch.cuda.empty_cache()
+
+
+def _candidates(default):
+    """Forward tiles with the default backward, then backward tiles with the default forward."""
+    from dataclasses import replace
+
+    launch = ((4, 3), (8, 2), (4, 2), (8, 3))
+    for fwd_m, fwd_n in ((128, 64), (128, 32), (64, 64), (128, 128), (64, 32)):
+        for warps, stages in launch:
+            yield "fwd", replace(default, fwd_m=fwd_m, fwd_n=fwd_n, warps=warps, stages=stages)
+    for block_m, block_n in ((32, 128), (64, 64), (32, 64), (16, 64), (64, 128)):
+        for warps, stages in launch:
+            yield (
+                "bwd",
+                replace(
+                    default,
+                    dkv_m=block_m,
+                    dkv_n=block_n,
+                    dq_m=block_n,
+                    dq_n=block_m,
+                    warps=warps,
+                    stages=stages,
+                ),
+            )
+
+
+def sweep(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """Time tile configs of ours at one sequence length, to choose ``default_config``."""
+    from orch.kernels.attention.kernels import default_config, flash_attention_triton
+
+    seq = args.seqs[len(args.seqs) // 2]
+    batch = max(1, args.tokens // seq)
+    print(
+        f"\nseq {seq}, batch {batch}; 'fwd' rows vary the forward tiles, 'bwd' rows the "
+        "backward's (dq tiles mirror dkv's)"
+    )
+    print("| head_dim | causal | varied | config | fwd TFLOP/s | fwd+bwd TFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    for head_dim in args.head_dims:
+        heads = args.model_dim // head_dim
+        for causal in (False, True):
+            q, k, v = _inputs(batch, seq, heads, head_dim, dtype)
+            default = default_config(head_dim, dtype)
+            for varied, config in [("default", default), *_candidates(default)]:
+                fn = lambda q, k, v, c=config, causal=causal: flash_attention_triton(  # noqa: E731
+                    q, k, v, causal, None, c
+                )[0]
+                try:
+                    config.validate()
+                    fwd, both = (
+                        _flops(batch, heads, seq, head_dim, causal, b) / _time(fn, q, k, v, b) / 1e9
+                        for b in (False, True)
+                    )
+                except Exception as error:  # noqa: BLE001 (out of shared memory, bad tiles)
+                    print(
+                        f"| {head_dim} | {causal} | {varied} | {config} | failed: "
+                        f"{type(error).__name__} | |",
+                        flush=True,
+                    )
+                    continue
+                print(
+                    f"| {head_dim} | {causal} | {varied} | {config} | {fwd:.1f} | {both:.1f} |",
+                    flush=True,
+                )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--tokens", type=int, default=16384, help="batch x seq in every case")
+    parser.add_argument("--model-dim", type=int, default=2048, help="heads x head_dim")
+    parser.add_argument("--sweep", action="store_true", help="time tile configs of ours instead")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "benchmarks/attention.py needs a CUDA GPU: it times the Triton kernels against "
+            "torch SDPA's flash backend and flash-attn; there is nothing to compare on CPU."
+        )
+        return 0
+    dtype = DTYPES[args.dtype]
+    _header(dtype)
+    (sweep if args.sweep else compare)(args, dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

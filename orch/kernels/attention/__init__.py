@@ -1,0 +1,78 @@
+"""Attention with its log-sum-exp: ``flash_attention(q, k, v, causal, softmax_scale, return_lse)``.
+
+Layout ``(batch, seq, heads, head_dim)`` for q, k and v (the layout a linear projection produces,
+before any transpose); k and v may have fewer heads than q (grouped-query attention: query head
+``h`` reads key/value head ``h // (heads // kv_heads)``).
+
+Two implementations compute the same function (``orch.kernels.dispatch`` picks):
+
+- ``reference.attention_reference``: plain torch, exact, materializes the scores; the
+  specification and the CPU path. Autograd differentiates it, through ``lse`` too.
+- ``kernels``: FlashAttention-2 in Triton (tiled online-softmax forward, atomic-free dK/dV and dQ
+  backward kernels), used on CUDA tensors. It also back-propagates a gradient on ``lse`` (it
+  folds into the backward's ``delta`` term), so it never falls back to the reference for that.
+
+**causal, and blocks for ring attention.** ``causal=True`` means query ``i`` sees keys ``0..i``
+and is defined only for ``seq_q == seq_k`` (the top-left and bottom-right alignments coincide
+there). ``causal=False`` lets every query see every key and allows ``seq_q != seq_k``. Ring
+attention needs nothing else: the blocks it computes are either fully visible (keys all before
+the queries: ``causal=False``) or the diagonal block of equal lengths (``causal=True``); blocks
+that are fully hidden are skipped by the caller. Partial results over disjoint key sets merge
+exactly through their log-sum-exps: ``lse = logaddexp(lse1, lse2)``,
+``out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse)`` (lse is (batch, heads, seq_q); move
+it to (batch, seq_q, heads, 1) before weighting ``out``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from orch.kernels.attention.checks import AttentionInputError, check_inputs, check_kernel_inputs
+from orch.kernels.attention.reference import attention_reference
+from orch.kernels.dispatch import use_triton
+
+__all__ = ["AttentionInputError", "attention_reference", "flash_attention"]
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q over k, v; differentiable in q, k and v.
+
+    Args:
+        q: (batch, seq_q, heads, head_dim).
+        k, v: (batch, seq_k, kv_heads, head_dim), ``heads % kv_heads == 0``; same dtype and
+            device as q.
+        causal: query ``i`` sees keys ``0..i``; needs ``seq_q == seq_k`` (see the module doc).
+        softmax_scale: multiplies ``q . k``; default ``1 / sqrt(head_dim)``.
+        return_lse: also return the log-sum-exp.
+
+    Returns:
+        ``out`` (batch, seq_q, heads, head_dim) in q's dtype, or ``(out, lse)`` with ``lse``
+        (batch, heads, seq_q) float32 (float64 on the reference path for float64 inputs): the
+        natural log of ``sum_j exp(softmax_scale * q_i . k_j)`` over the keys ``i`` sees.
+        Gradients flow through both.
+
+    The Triton kernel runs on CUDA tensors (or anywhere with ``ORCH_KERNELS=triton``) and takes
+    float16, bfloat16 or float32 with head_dim a multiple of 16 up to 128; other inputs on that
+    path raise. Everything else runs the reference.
+
+    Raises:
+        AttentionInputError (a ``ValueError``): bad shapes, dtypes, devices, head counts,
+        ``causal`` with ``seq_q != seq_k``, or inputs the selected kernel cannot take; the
+        message names the argument and the fix.
+    """
+    check_inputs(q, k, v, causal, softmax_scale)
+    if use_triton("flash_attention", q, k, v):
+        check_kernel_inputs(q)
+        from orch.kernels.attention.kernels import flash_attention_triton
+
+        out, lse = flash_attention_triton(q, k, v, causal, softmax_scale)
+    else:
+        out, lse = attention_reference(q, k, v, causal, softmax_scale)
+    return (out, lse) if return_lse else out

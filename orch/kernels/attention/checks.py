@@ -1,0 +1,137 @@
+"""Input validation for ``flash_attention``, shared by the reference and the Triton path.
+
+A wrong shape deep inside a model is easy to make (``(batch, heads, seq, head_dim)`` instead of
+``(batch, seq, heads, head_dim)``, a key with the wrong head count), so every rule names the
+argument, the value it got and the fix, and raises before any kernel launches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from orch.errors import OrchError, Problem
+
+#: dtypes the Triton kernels take; the reference takes any floating dtype.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: largest head_dim the Triton kernels take (it must also be a multiple of 16).
+KERNEL_MAX_HEAD_DIM = 128
+
+
+class AttentionInputError(OrchError, ValueError):
+    """Bad arguments to ``flash_attention``: a ``ValueError`` and a user error (``OrchError``)."""
+
+    def __init__(self, where: str, message: str, fix: str) -> None:
+        self.where = where
+        super().__init__(str(Problem(f"flash_attention({where})", message, fix)))
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float | None
+) -> None:
+    """Raise ``AttentionInputError`` unless q, k, v form a valid attention call."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise AttentionInputError(
+                name,
+                f"expected a torch.Tensor, got {type(t).__name__}",
+                "pass tensors laid out (batch, seq, heads, head_dim)",
+            )
+        if t.dim() != 4:
+            raise AttentionInputError(
+                name,
+                f"expected 4 dims (batch, seq, heads, head_dim), got shape {_shape(t)}",
+                "add the missing dims (e.g. unsqueeze(0) for batch 1); a tensor laid out "
+                "(batch, heads, seq, head_dim) needs .transpose(1, 2)",
+            )
+        if not t.is_floating_point():
+            raise AttentionInputError(
+                name,
+                f"expected a floating dtype, got {t.dtype}",
+                "cast to float16, bfloat16 or float32",
+            )
+        if 0 in t.shape:
+            raise AttentionInputError(
+                name,
+                f"has an empty dim: shape {_shape(t)}",
+                "every dim (batch, seq, heads, head_dim) must be >= 1",
+            )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise AttentionInputError(
+                name,
+                f"dtype {t.dtype} differs from q's {q.dtype}",
+                f"cast q, k and v to one dtype (e.g. {name}.to(q.dtype))",
+            )
+        if t.device != q.device:
+            raise AttentionInputError(
+                name,
+                f"is on {t.device} but q is on {q.device}",
+                f"move q, k and v to one device ({name}.to(q.device))",
+            )
+        if t.shape[0] != q.shape[0]:
+            raise AttentionInputError(
+                name,
+                f"batch {t.shape[0]} differs from q's {q.shape[0]} "
+                f"(shapes q {_shape(q)}, {name} {_shape(t)})",
+                "q, k and v need the same batch size (dim 0)",
+            )
+        if t.shape[3] != q.shape[3]:
+            raise AttentionInputError(
+                name,
+                f"head_dim {t.shape[3]} differs from q's {q.shape[3]} "
+                f"(shapes q {_shape(q)}, {name} {_shape(t)})",
+                "q, k and v need the same head_dim (dim 3); check the "
+                "layout is (batch, seq, heads, head_dim)",
+            )
+    if k.shape[1:3] != v.shape[1:3]:
+        raise AttentionInputError(
+            "v",
+            f"shape {_shape(v)} does not match k's {_shape(k)} in (seq, kv_heads)",
+            "k and v need the same seq length and heads",
+        )
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if heads % kv_heads:
+        raise AttentionInputError(
+            "k",
+            f"q has {heads} heads, not a multiple of k/v's {kv_heads} heads",
+            "grouped-query attention needs heads % kv_heads == 0; check the layout is "
+            "(batch, seq, heads, head_dim) and the model's n_heads / n_kv_heads",
+        )
+    if causal and q.shape[1] != k.shape[1]:
+        raise AttentionInputError(
+            "causal",
+            f"causal=True needs seq_q == seq_k, got {q.shape[1]} and {k.shape[1]}",
+            "for a block whose keys all precede the queries pass causal=False; causal=True "
+            "is the top-left-aligned diagonal block of equal lengths",
+        )
+    if softmax_scale is not None and not math.isfinite(float(softmax_scale)):
+        raise AttentionInputError(
+            "softmax_scale",
+            f"must be finite, got {softmax_scale}",
+            "pass None for 1/sqrt(head_dim)",
+        )
+
+
+def check_kernel_inputs(q: torch.Tensor) -> None:
+    """Raise ``AttentionInputError`` if the Triton kernels cannot take these (valid) inputs."""
+    head_dim = q.shape[3]
+    if head_dim % 16 or head_dim > KERNEL_MAX_HEAD_DIM:
+        raise AttentionInputError(
+            "head_dim",
+            f"the Triton kernel takes head_dim a multiple of 16 up to "
+            f"{KERNEL_MAX_HEAD_DIM}, got {head_dim}",
+            "pad head_dim to a multiple of 16 (zero columns in q/k/v), or run the reference "
+            "with ORCH_KERNELS=reference",
+        )
+    if q.dtype not in KERNEL_DTYPES:
+        raise AttentionInputError(
+            "q",
+            f"the Triton kernel takes float16, bfloat16 or float32, got {q.dtype}",
+            "cast to one of those, or run the reference with ORCH_KERNELS=reference",
+        )

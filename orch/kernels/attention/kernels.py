@@ -1,0 +1,257 @@
+"""FlashAttention-2 in Triton: tiled forward with an online softmax, and an atomic-free backward.
+
+Forward: one program per (query block, batch x head). It walks the key blocks its rows can see,
+keeping a running row max ``m``, row sum ``l`` and output accumulator in float32 (softmax in base
+2: scores are pre-multiplied by ``softmax_scale * log2(e)``), and writes ``out = acc / l`` and
+``lse = (m + log2 l) * ln 2``. No (seq_q, seq_k) matrix exists anywhere.
+
+Backward, three launches:
+
+1. ``delta = rowsum(dO * O) - dlse`` per query row (``dlse`` is the gradient reaching the
+   log-sum-exp; since d lse / d score = P, it folds into delta and costs nothing more).
+2. dK/dV: one program per (key block, batch x kv head). It loops over the query heads of its
+   group and over the query blocks that can see it, recomputing ``P = exp(S - lse)``; dK and dV
+   of the whole group accumulate in registers and are written once, so no atomics.
+3. dQ: one program per (query block, batch x head), looping over key blocks.
+   ``dS = P * (dP - delta)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, ``dV = P^T dO``.
+
+Masking: each loop runs in two phases, blocks that need no mask (fully inside the sequence and,
+with ``causal``, fully below the diagonal) and the few that do (the diagonal, the ragged end),
+so masks cost nothing on most blocks. This needs ``fwd_m % fwd_n == 0``, ``dq_m % dq_n == 0``
+and ``dkv_n % dkv_m == 0``. head_dim is padded to a power of two inside the kernel (a multiple
+of 16 up to 128 is accepted). Tensors may have any strides (a (batch, heads, seq, head_dim)
+tensor's transpose goes in without a copy) as long as head_dim is contiguous; others are copied.
+
+The kernels live in ``triton_forward`` and ``triton_backward``; this module holds the tiles, the
+launchers and the autograd function.
+
+Every matmul accumulates in float32. With float16/bfloat16 inputs, P and dS are rounded to the
+input dtype before their matmuls (as FlashAttention does); float32 inputs use IEEE float32
+matmuls unless ``torch.set_float32_matmul_precision`` allows TF32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from orch.kernels.attention.triton_backward import (
+    _bwd_delta_kernel,
+    _bwd_dkv_kernel,
+    _bwd_dq_kernel,
+)
+from orch.kernels.attention.triton_forward import _fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch options. ``fwd_*``: forward (query block m, key block n);
+    ``dkv_*``: the dK/dV kernel; ``dq_*``: the dQ kernel."""
+
+    fwd_m: int = 128
+    fwd_n: int = 64
+    dkv_m: int = 32
+    dkv_n: int = 128
+    dq_m: int = 128
+    dq_n: int = 32
+    warps: int = 4
+    stages: int = 3
+
+    def validate(self) -> None:
+        for name in ("fwd_m", "fwd_n", "dkv_m", "dkv_n", "dq_m", "dq_n"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"BlockConfig.{name} must be a power of two >= 16, got {size}")
+        if self.fwd_m % self.fwd_n or self.dq_m % self.dq_n or self.dkv_n % self.dkv_m:
+            raise ValueError(
+                f"BlockConfig needs fwd_m % fwd_n == dq_m % dq_n == dkv_n % dkv_m == 0, got {self}"
+            )
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> BlockConfig:
+    """Tiles for a GPU (a starting point; ``benchmarks/attention.py --sweep`` measures others)."""
+    if dtype == torch.float32:  # twice the bytes per tile: halve the tiles to fit shared memory
+        return BlockConfig(64, 32, 16, 64, 64, 16, warps=4, stages=2)
+    if head_dim <= 64:
+        return BlockConfig(128, 64, 32, 128, 128, 32, warps=4, stages=3)
+    return BlockConfig(128, 64, 32, 64, 64, 32, warps=8, stages=2)
+
+
+# --- launchers ----------------------------------------------------------------------------------
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, seq, head) strides; the head_dim stride must be 1 (callers make it so)."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def forward(q, k, v, causal: bool, scale: float, config: BlockConfig):
+    """out (b, sq, h, d) in q's dtype and lse (b, h, sq) float32, for valid inputs."""
+    q, k, v = (_inner_contiguous(t) for t in (q, k, v))
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(seq_q, config.fwd_m), batch * heads)
+    _fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        seq_q,
+        seq_k,
+        heads,
+        heads // kv_heads,
+        scale * LOG2E,
+        HEAD_DIM=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim),
+        CAUSAL=causal,
+        BLOCK_M=config.fwd_m,
+        BLOCK_N=config.fwd_n,
+        PRECISION=_precision(q.dtype),
+        num_warps=config.warps,
+        num_stages=config.stages,
+    )
+    return out, lse
+
+
+def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, config: BlockConfig):
+    """dq, dk, dv for the gradients ``dout`` (of out) and ``dlse`` (of lse; may be None)."""
+    q, k, v, out, dout = (_inner_contiguous(t) for t in (q, k, v, out, dout))
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    d_pad = triton.next_power_of_2(head_dim)
+    precision = _precision(q.dtype)
+    delta = torch.empty_like(lse)
+    has_dlse = dlse is not None
+    dlse = dlse.float().contiguous() if has_dlse else delta
+    _bwd_delta_kernel[(triton.cdiv(seq_q, 64), batch * heads)](
+        out,
+        dout,
+        dlse,
+        delta,
+        *_strides(out),
+        *_strides(dout),
+        seq_q,
+        heads,
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        BLOCK_M=64,
+        HAS_DLSE=has_dlse,
+    )
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    common = dict(
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        CAUSAL=causal,
+        PRECISION=precision,
+        num_warps=config.warps,
+        num_stages=config.stages,
+    )
+    _bwd_dkv_kernel[(triton.cdiv(seq_k, config.dkv_n), batch * kv_heads)](
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(dout),
+        seq_q,
+        seq_k,
+        heads,
+        kv_heads,
+        group,
+        scale * LOG2E,
+        scale,
+        BLOCK_M=config.dkv_m,
+        BLOCK_N=config.dkv_n,
+        **common,
+    )
+    _bwd_dq_kernel[(triton.cdiv(seq_q, config.dq_m), batch * heads)](
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(dout),
+        seq_q,
+        seq_k,
+        heads,
+        group,
+        scale * LOG2E,
+        scale,
+        BLOCK_M=config.dq_m,
+        BLOCK_N=config.dq_n,
+        **common,
+    )
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """(q, k, v) -> (out, lse) through the Triton kernels; gradients through both outputs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, config):  # noqa: ANN001, ANN205 (autograd API)
+        out, lse = forward(q, k, v, causal, scale, config)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.config = causal, scale, config
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # noqa: ANN001, ANN205
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = backward(q, k, v, out, lse, dout, dlse, ctx.causal, ctx.scale, ctx.config)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention_triton(
+    q,
+    k,
+    v,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    config: BlockConfig | None = None,
+):
+    """The Triton path without dispatch or input checks: (out, lse), differentiable."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    config = config or default_config(q.shape[-1], q.dtype)
+    config.validate()
+    return FlashAttentionFunction.apply(q, k, v, causal, float(scale), config)

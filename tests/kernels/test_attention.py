@@ -1,0 +1,395 @@
+"""flash_attention: the reference against torch SDPA, the Triton kernels (interpreter mode on CPU)
+against the reference, the log-sum-exp contract ring attention relies on, and bad input.
+
+Tolerances (float32 on CPU, measured max differences ~1e-6 at these shapes): the reference
+against SDPA and the Triton kernels against the reference, out, lse and every gradient, within
+``atol=1e-5, rtol=1e-4``. float16 through the interpreter: out/lse within 2e-3, gradients 1e-2
+(half a float16 ulp at 1 is 4.9e-4). On a GPU (``gpu`` tests) the kernels' float16/bfloat16/float32
+error against a float32 reference must stay within twice torch SDPA's own error, plus 1e-3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orch.kernels.attention import AttentionInputError, attention_reference, flash_attention
+
+ATOL, RTOL = 1e-5, 1e-4
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU here)")
+
+
+def make(batch, seq_q, seq_k, heads, kv_heads, head_dim, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device).requires_grad_()
+
+    return (
+        rand(batch, seq_q, heads, head_dim),
+        rand(batch, seq_k, kv_heads, head_dim),
+        rand(batch, seq_k, kv_heads, head_dim),
+    )
+
+
+def grads(fn, q, k, v, seed=1):
+    """Outputs and (dq, dk, dv) for a random weighting of both out and lse."""
+    out, lse = fn(q, k, v)
+    gen = torch.Generator().manual_seed(seed)
+    w_out = torch.randn(out.shape, generator=gen).to(out.device)
+    w_lse = torch.randn(lse.shape, generator=gen).to(lse.device)
+    loss = (out.float() * w_out).sum() + (lse.float() * w_lse).sum()
+    return out, lse, torch.autograd.grad(loss, (q, k, v))
+
+
+def close(actual, expected, atol=ATOL, rtol=RTOL, what=""):
+    torch.testing.assert_close(
+        actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def sdpa(q, k, v, causal, scale=None):
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+# --- the reference ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, causal, scale",
+    [
+        ((2, 24, 24, 4, 4, 16), False, None),
+        ((2, 24, 24, 4, 4, 16), True, None),
+        ((1, 19, 19, 6, 2, 32), True, None),
+        ((2, 13, 29, 4, 1, 8), False, 0.3),
+    ],
+    ids=["mha", "causal", "gqa-causal", "gqa-cross-scale"],
+)
+def test_reference_matches_sdpa(shape, causal, scale):
+    q, k, v = make(*shape)
+    out = attention_reference(q, k, v, causal, scale)[0]
+    expected = sdpa(q, k, v, causal, scale)
+    close(out, expected, what="out")
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * w).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a, b, what=f"d{name}")
+
+
+def test_reference_lse_is_logsumexp_of_scaled_scores():
+    q, k, v = make(1, 9, 9, 4, 2, 8)
+    lse = attention_reference(q, k, v, causal=True, softmax_scale=0.5)[1]
+    assert lse.shape == (1, 4, 9) and lse.dtype == torch.float32
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, dim=2)) * 0.5
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    close(lse, torch.logsumexp(scores, dim=-1), what="lse")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_gradcheck_through_out_and_lse(causal):
+    q, k, v = make(1, 5, 5, 4, 2, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: attention_reference(*t, causal), (q, k, v))
+
+
+def test_bfloat16_reference_keeps_float32_lse():
+    q, k, v = make(1, 8, 8, 2, 2, 16, dtype=torch.bfloat16)
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+
+
+# --- the Triton kernels (interpreter mode without a GPU) ----------------------------------------
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ORCH_KERNELS", "triton")
+    from orch.kernels.attention import kernels
+
+    return kernels
+
+
+def small(kernels, fwd=(32, 16), dkv=(16, 32), dq=(32, 16)):
+    """Small tiles so interpreter runs stay cheap and sequences straddle several blocks."""
+    return kernels.BlockConfig(*fwd, *dkv, *dq)
+
+
+CASES = [  # batch, seq_q, seq_k, heads, kv_heads, head_dim, causal
+    pytest.param((2, 37, 37, 4, 2, 32), True, id="causal-gqa2-ragged"),
+    pytest.param((2, 37, 37, 4, 2, 32), False, id="gqa2-ragged"),
+    pytest.param((1, 64, 64, 3, 1, 16), True, id="causal-gqa3-even"),
+    pytest.param((2, 21, 50, 4, 1, 48), False, id="cross-gqa4-d48"),
+    pytest.param((1, 80, 80, 2, 2, 64), True, id="causal-d64"),
+]
+
+
+@pytest.mark.parametrize("shape, causal", CASES)
+def test_triton_matches_reference(triton_path, shape, causal):
+    q, k, v = make(*shape)
+    cfg = small(triton_path)
+    out, lse, got = grads(
+        lambda *t: triton_path.flash_attention_triton(*t, causal, None, cfg), q, k, v
+    )
+    ref_out, ref_lse, want = grads(lambda *t: attention_reference(*t, causal), q, k, v)
+    assert out.shape == q.shape and lse.shape == (shape[0], shape[3], shape[1])
+    assert lse.dtype == torch.float32
+    close(out, ref_out, what="out")
+    close(lse, ref_lse, what="lse")
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a, b, what=f"d{name}")
+
+
+@pytest.mark.parametrize(
+    "tiles",
+    [((16, 16), (16, 16), (16, 16)), ((64, 32), (32, 64), (64, 16))],
+    ids=["all16", "large"],
+)
+def test_triton_other_tiles(triton_path, tiles):
+    q, k, v = make(1, 45, 45, 2, 1, 32)
+    cfg = small(triton_path, *tiles)
+    out, lse, got = grads(
+        lambda *t: triton_path.flash_attention_triton(*t, True, 0.2, cfg), q, k, v
+    )
+    ref_out, ref_lse, want = grads(lambda *t: attention_reference(*t, True, 0.2), q, k, v)
+    close(out, ref_out, what="out")
+    close(lse, ref_lse, what="lse")
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a, b, what=f"d{name}")
+
+
+@pytest.mark.parametrize("which", ["out", "lse"])
+def test_triton_gradient_of_one_output(triton_path, which):
+    """A loss on only one output: the other's gradient is None inside backward."""
+    q, k, v = make(1, 20, 20, 2, 1, 16)
+    cfg = small(triton_path)
+    index = 0 if which == "out" else 1
+    got = torch.autograd.grad(
+        triton_path.flash_attention_triton(q, k, v, True, None, cfg)[index].sum(), (q, k, v)
+    )
+    want = torch.autograd.grad(
+        attention_reference(q, k, v, True)[index].sum(),
+        (q, k, v),
+        allow_unused=True,
+        materialize_grads=True,
+    )  # lse ignores v
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a, b, what=f"d{name}")
+
+
+def test_triton_float16(triton_path):
+    q, k, v = make(1, 40, 40, 2, 1, 32, dtype=torch.float16)
+    cfg = small(triton_path)
+    out, lse, got = grads(
+        lambda *t: triton_path.flash_attention_triton(*t, True, None, cfg), q, k, v
+    )
+    ref_out, ref_lse, want = grads(lambda *t: attention_reference(*t, True), q, k, v)
+    assert out.dtype == torch.float16 and got[1].dtype == torch.float16
+    close(out, ref_out, atol=2e-3, rtol=2e-3, what="out")
+    close(lse, ref_lse, atol=2e-3, rtol=2e-3, what="lse")
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a, b, atol=1e-2, rtol=1e-2, what=f"d{name}")
+
+
+def test_triton_takes_strided_views(triton_path):
+    """Ring attention holds (batch, heads, seq, head_dim); its transpose goes in without a copy."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 24, 16, generator=gen).transpose(1, 2) for _ in range(3))
+    out, lse = triton_path.flash_attention_triton(q, k, v, True, None, small(triton_path))
+    ref_out, ref_lse = attention_reference(q, k, v, True)
+    close(out, ref_out, what="out")
+    close(lse, ref_lse, what="lse")
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_lse_merges_key_blocks_like_ring_attention(monkeypatch, impl):
+    """Queries of chunk 1 see chunk 0 fully (causal=False) and chunk 1 causally: merging the two
+    partial results by their log-sum-exps gives full causal attention, values and gradients."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ORCH_KERNELS", impl)
+    q, k, v = make(1, 32, 32, 4, 2, 16)
+    half = 16
+
+    def merged(q, k, v):
+        q1 = q[:, half:]
+        out_a, lse_a = flash_attention(q1, k[:, :half], v[:, :half], causal=False, return_lse=True)
+        out_b, lse_b = flash_attention(q1, k[:, half:], v[:, half:], causal=True, return_lse=True)
+        lse = torch.logaddexp(lse_a, lse_b)
+        weight = lambda part: torch.exp(part - lse).transpose(1, 2).unsqueeze(-1)  # noqa: E731
+        return out_a * weight(lse_a) + out_b * weight(lse_b), lse
+
+    out, lse, got = grads(merged, q, k, v)
+    ref_out, ref_lse, want = grads(
+        lambda q, k, v: [
+            t[:, half:] if i == 0 else t[..., half:]
+            for i, t in enumerate(attention_reference(q, k, v, True))
+        ],
+        q,
+        k,
+        v,
+    )
+    close(out, ref_out, what="out")
+    close(lse, ref_lse, what="lse")
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a, b, what=f"d{name}")
+
+
+def test_dispatch(monkeypatch):
+    q, k, v = make(1, 16, 16, 2, 2, 16)
+    kind = lambda out: type(out.grad_fn).__name__  # noqa: E731
+    monkeypatch.delenv("ORCH_KERNELS", raising=False)
+    assert kind(flash_attention(q, k, v)) != "FlashAttentionFunctionBackward"  # CPU: reference
+    monkeypatch.setenv("ORCH_KERNELS", "reference")
+    assert kind(flash_attention(q, k, v)) != "FlashAttentionFunctionBackward"
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ORCH_KERNELS", "triton")
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert kind(out) == "FlashAttentionFunctionBackward" and lse.shape == (1, 2, 16)
+
+
+def test_default_tiles_are_valid(triton_path):
+    for head_dim in range(16, 129, 16):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            triton_path.default_config(head_dim, dtype).validate()
+    with pytest.raises(ValueError, match="fwd_m % fwd_n"):
+        triton_path.BlockConfig(fwd_m=32, fwd_n=64).validate()
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def _bad(kind):
+    q, k, v = (t.detach() for t in make(1, 8, 8, 4, 2, 16))
+    match kind:
+        case "ndim":
+            return dict(q=q[0], k=k, v=v), r"flash_attention\(q\): expected 4 dims.*transpose"
+        case "dtype":
+            return dict(q=q, k=k.double(), v=v), r"flash_attention\(k\): dtype torch.float64 .*"
+        case "int":
+            return (
+                dict(q=q.long(), k=k.long(), v=v.long()),
+                r"flash_attention\(q\): expected a floating dtype",
+            )
+        case "device":
+            return dict(q=q, k=k.to("meta"), v=v), r"flash_attention\(k\): is on meta.*fix"
+        case "batch":
+            return (
+                dict(q=q, k=k.expand(2, -1, -1, -1), v=v),
+                r"flash_attention\(k\): batch 2 differs from q's 1",
+            )
+        case "head_dim":
+            return (
+                dict(q=q, k=k, v=v[..., :8]),
+                r"flash_attention\(v\): head_dim 8 differs from q's 16",
+            )
+        case "kv":
+            return (
+                dict(q=q, k=k, v=v[:, :4]),
+                r"flash_attention\(v\): shape .* does not match k's",
+            )
+        case "groups":
+            return (
+                dict(q=q[:, :, :3], k=k, v=v),
+                r"flash_attention\(k\): q has 3 heads, not a multiple of k/v's 2.*heads %",
+            )
+        case "causal":
+            return (
+                dict(q=q[:, :5], k=k, v=v, causal=True),
+                r"flash_attention\(causal\): causal=True needs seq_q == seq_k, got 5 and 8",
+            )
+        case "empty":
+            return dict(q=q[:, :0], k=k, v=v), r"flash_attention\(q\): has an empty dim"
+        case "scale":
+            return (
+                dict(q=q, k=k, v=v, softmax_scale=math.inf),
+                r"flash_attention\(softmax_scale\): must be finite",
+            )
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "ndim",
+        "dtype",
+        "int",
+        "device",
+        "batch",
+        "head_dim",
+        "kv",
+        "groups",
+        "causal",
+        "empty",
+        "scale",
+    ],
+)
+def test_bad_input(kind):
+    kwargs, pattern = _bad(kind)
+    with pytest.raises(ValueError, match="(?s)" + pattern) as info:
+        flash_attention(**kwargs)
+    assert isinstance(info.value, AttentionInputError) and "fix:" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "head_dim, dtype, pattern",
+    [
+        (40, torch.float32, r"flash_attention\(head_dim\): .*multiple of 16 up to 128, got 40"),
+        (144, torch.float32, r"flash_attention\(head_dim\): .*got 144"),
+        (16, torch.float64, r"flash_attention\(q\): the Triton kernel takes .* got torch.float64"),
+    ],
+)
+def test_bad_input_for_the_kernel(triton_path, head_dim, dtype, pattern):
+    q, k, v = make(1, 8, 8, 2, 2, head_dim, dtype=dtype)
+    with pytest.raises(ValueError, match=pattern):
+        flash_attention(q, k, v)
+
+
+# --- on a GPU -----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "shape, causal",
+    [
+        ((2, 1000, 1000, 8, 2, 128), True),
+        ((2, 777, 1029, 8, 8, 64), False),
+        ((1, 2048, 2048, 4, 4, 96), True),
+    ],
+)
+def test_gpu_kernels_within_sdpa_error(monkeypatch, dtype, shape, causal):
+    """Triton's error against a float32 reference is within twice torch SDPA's own error."""
+    monkeypatch.delenv("ORCH_KERNELS", raising=False)
+    q, k, v = make(*shape, dtype=dtype, device="cuda")
+    out, lse = flash_attention(q, k, v, causal=causal, return_lse=True)
+    assert type(out.grad_fn).__name__ == "FlashAttentionFunctionBackward"
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = attention_reference(q32, k32, v32, causal)
+    base_out = sdpa(q, k, v, causal)
+    err = lambda a, b: (a.float() - b.float()).abs().max().item()  # noqa: E731
+    assert err(out, ref_out) <= 2 * err(base_out, ref_out) + 1e-3
+    assert err(lse, ref_lse) <= 5e-3
+    w = torch.randn_like(out)
+    mine = torch.autograd.grad((out * w).sum(), (q, k, v), retain_graph=True)
+    base = torch.autograd.grad((base_out * w).sum(), (q, k, v))
+    ref = torch.autograd.grad((ref_out * w.float()).sum(), (q32, k32, v32), retain_graph=True)
+    for name, a, b, r in zip("qkv", mine, base, ref, strict=True):
+        assert err(a, r) <= 2 * err(b, r) + 1e-3, name
+    w_lse = torch.randn_like(lse)
+    mine = torch.autograd.grad((lse * w_lse).sum(), (q, k, v))
+    ref = torch.autograd.grad((ref_lse * w_lse).sum(), (q32, k32, v32))
+    for name, a, r in zip("qkv", mine, ref, strict=True):
+        assert err(a, r) <= 2e-2 * r.abs().max().item() + 1e-3, f"d{name} through lse"
