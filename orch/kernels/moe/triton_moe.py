@@ -1,0 +1,311 @@
+"""Triton kernels for the MoE dispatch ops and the autograd functions that use them.
+
+Imported only when a kernel runs (``orch.kernels.moe`` picks the path), so importing orch never
+imports triton. Three row kernels cover permute and unpermute both ways:
+
+- ``_scatter_rows``: ``dst[row_map[t, k]] = w[t, k] * src[t]`` (permute forward, unpermute's
+  gradient for ``expert_out``). Each program reads a token's slice once and writes its K copies.
+- ``_gather_rows``: ``dst[t] = sum_k w[t, k] * src[row_map[t, k]]`` (unpermute forward, permute's
+  gradient for ``tokens``). A fixed order over k, no atomics: deterministic.
+- ``_row_dots``: ``dw[t, k] = <src[row_map[t, k]], g[t]>`` (unpermute's gradient for weights).
+
+Dropped copies (row_map -1) are masked out. Sums run in float32 (float64 for float64 inputs).
+Offsets are int64, so ``rows * hidden`` may pass 2**31.
+
+``_grouped_mm`` runs every expert in one launch: program (i, j) takes the i-th M-tile of the
+concatenated per-expert tiles (an expert of n rows owns ceil(n / BLOCK_M) of them) and finds its
+expert by counting the cumulative tile ends below i, so the grid (ceil(M / BLOCK_M) + E tiles,
+an upper bound) needs no host sync; spare programs return at once. ``_grouped_mm_dw`` gives
+``dw[e] = x_e^T @ g_e`` with one program per (expert, output tile), looping over the expert's
+rows; an empty expert stores zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+# Fixed tile shapes (not autotuned: autotuning would also run every config in interpreter mode).
+# Small BLOCK_M wastes less on the partial last tile of each expert when routing is uneven.
+MM_BLOCKS = {  # dtype -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    torch.float32: (64, 64, 32, 4, 3),
+    torch.float16: (64, 128, 64, 4, 3),
+    torch.bfloat16: (64, 128, 64, 4, 3),
+}
+MM_DTYPES = tuple(MM_BLOCKS)
+
+
+def _acc(*tensors: torch.Tensor | None):
+    """float32 sums, float64 when an input is float64 (as the reference)."""
+    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return tl.float64 if wide else tl.float32
+
+
+def _block_h(hidden: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(hidden)))
+
+
+@triton.jit
+def _scatter_rows(src, dst, row_map, w, hidden, top_k, stride_src, stride_dst,
+                  HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < hidden
+    x = tl.load(src + t * stride_src + cols, mask=cmask, other=0.0)
+    for k in range(top_k):
+        row = tl.load(row_map + t * top_k + k)
+        if HAS_W:
+            y = (x.to(ACC) * tl.load(w + t * top_k + k).to(ACC)).to(dst.dtype.element_ty)
+        else:
+            y = x
+        # cols * 0 + row: a block, as the interpreter rejects a block & scalar mask
+        tl.store(dst + row * stride_dst + cols, y, mask=cmask & (cols * 0 + row >= 0))
+
+
+@triton.jit
+def _gather_rows(src, dst, row_map, w, hidden, top_k, stride_src, stride_dst,
+                 HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < hidden
+    acc = tl.zeros([BLOCK_H], dtype=ACC)
+    for k in range(top_k):
+        row = tl.load(row_map + t * top_k + k)
+        valid = cmask & (cols * 0 + row >= 0)
+        x = tl.load(src + tl.maximum(row, 0) * stride_src + cols, mask=valid, other=0.0)
+        x = x.to(ACC)
+        if HAS_W:
+            x = x * tl.load(w + t * top_k + k).to(ACC)
+        acc += x
+    tl.store(dst + t * stride_dst + cols, acc.to(dst.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _row_dots(src, grad, row_map, dw, hidden, top_k, stride_src, stride_grad,
+              ACC: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)
+    row = tl.load(row_map + t * top_k + k)
+    acc = tl.zeros([BLOCK_H], dtype=ACC)
+    for h in range(0, hidden, BLOCK_H):
+        cols = h + tl.arange(0, BLOCK_H)
+        cmask = cols < hidden
+        valid = cmask & (cols * 0 + row >= 0)
+        x = tl.load(src + tl.maximum(row, 0) * stride_src + cols, mask=valid, other=0.0)
+        g = tl.load(grad + t * stride_grad + cols, mask=cmask, other=0.0)
+        acc += x.to(ACC) * g.to(ACC)
+    tl.store(dw + t * top_k + k, tl.sum(acc).to(dw.dtype.element_ty))
+
+
+@triton.jit
+def _grouped_mm(x, w, out, offsets, tile_cum, num_experts, n, kdim,
+                sxm, sxk, swe, swk, swn, som, son,
+                E_POW2: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m >= tl.load(tile_cum + num_experts):
+        return
+    es = tl.arange(0, E_POW2)
+    ends = tl.load(tile_cum + 1 + es, mask=es < num_experts, other=2**30)
+    e = tl.sum((ends <= pid_m).to(tl.int32))
+    first_row = tl.load(offsets + e) + (pid_m - tl.load(tile_cum + e)) * BLOCK_M
+    end_row = tl.load(offsets + e + 1)
+    rows = (first_row + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < end_row
+    cmask = cols < n
+    w_e = w + e.to(tl.int64) * swe
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, kdim, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < kdim
+        a = tl.load(x + rows[:, None] * sxm + ks[None, :] * sxk,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_e + ks[:, None] * swk + cols[None, :] * swn,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(out + rows[:, None] * som + cols[None, :] * son, acc.to(out.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _grouped_mm_dw(x, g, dw, offsets, kdim, n,
+                   sxm, sxk, sgm, sgn, sde, sdk, sdn, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    e = tl.program_id(0)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kmask = ks < kdim
+    cmask = cols < n
+    start = tl.load(offsets + e)
+    end = tl.load(offsets + e + 1)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rmask = rows < end
+        a = tl.load(x + rows[None, :] * sxm + ks[:, None] * sxk,
+                    mask=kmask[:, None] & rmask[None, :], other=0.0)
+        b = tl.load(g + rows[:, None] * sgm + cols[None, :] * sgn,
+                    mask=rmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(dw + e.to(tl.int64) * sde + ks[:, None] * sdk + cols[None, :] * sdn,
+             acc.to(dw.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
+
+
+# ---------------------------------------------------------------------------- launchers
+
+
+def scatter_rows(src: torch.Tensor, row_map: torch.Tensor, w: torch.Tensor | None, rows: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    src, row_map = src.contiguous(), row_map.contiguous()
+    dst = torch.empty(rows, src.shape[1], dtype=dtype, device=src.device)
+    tokens, top_k = row_map.shape
+    if tokens and src.shape[1] and rows:
+        block = _block_h(src.shape[1])
+        grid = (tokens, triton.cdiv(src.shape[1], block))
+        _scatter_rows[grid](src, dst, row_map, src if w is None else w.contiguous(),
+                            src.shape[1], top_k, src.stride(0), dst.stride(0),
+                            HAS_W=w is not None, ACC=_acc(src, w), BLOCK_H=block)
+    return dst
+
+
+def gather_rows(src: torch.Tensor, row_map: torch.Tensor, w: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    src, row_map = src.contiguous(), row_map.contiguous()
+    tokens, top_k = row_map.shape
+    dst = torch.empty(tokens, src.shape[1], dtype=dtype, device=src.device)
+    if tokens and src.shape[1]:
+        if src.shape[0] == 0:  # every copy dropped: nothing to read
+            return dst.zero_()
+        block = _block_h(src.shape[1])
+        grid = (tokens, triton.cdiv(src.shape[1], block))
+        _gather_rows[grid](src, dst, row_map, src if w is None else w.contiguous(),
+                           src.shape[1], top_k, src.stride(0), dst.stride(0),
+                           HAS_W=w is not None, ACC=_acc(src, w), BLOCK_H=block)
+    return dst
+
+
+def row_dots(src: torch.Tensor, grad: torch.Tensor, row_map: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+    src, grad, row_map = src.contiguous(), grad.contiguous(), row_map.contiguous()
+    dw = torch.zeros(row_map.shape, dtype=dtype, device=grad.device)
+    if row_map.numel() and src.shape[0] and src.shape[1]:
+        _row_dots[row_map.shape](src, grad, row_map, dw, src.shape[1], row_map.shape[1],
+                                 src.stride(0), grad.stride(0), ACC=_acc(src, grad),
+                                 BLOCK_H=min(_block_h(src.shape[1]), 256))
+    return dw
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"  # match torch's default float32 matmul
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def _offsets(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    zero = counts.new_zeros(1)
+    offsets = torch.cat([zero, torch.cumsum(counts, 0)])
+    tiles = torch.div(counts + block_m - 1, block_m, rounding_mode="floor")
+    return offsets, torch.cat([zero, torch.cumsum(tiles, 0)])
+
+
+def grouped_mm_forward(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``out = x_e @ w[e]`` per expert; ``w`` may be any strided view (the backward passes
+    ``w.transpose(1, 2)``)."""
+    m, kdim = x.shape
+    experts, _, n = w.shape
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if kdim == 0:
+        return out.zero_()
+    block_m, block_n, block_k, warps, stages = MM_BLOCKS[x.dtype]
+    offsets, tile_cum = _offsets(counts, block_m)
+    grid = (triton.cdiv(m, block_m) + experts, triton.cdiv(n, block_n))
+    _grouped_mm[grid](x, w, out, offsets, tile_cum, experts, n, kdim,
+                      x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+                      out.stride(0), out.stride(1),
+                      E_POW2=triton.next_power_of_2(experts), PRECISION=_precision(x.dtype),
+                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                      num_warps=warps, num_stages=stages)
+    return out
+
+
+def grouped_mm_weight_grad(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor,
+                           experts: int) -> torch.Tensor:
+    """``dw[e] = x_e^T @ g_e``; zeros for an expert with no rows."""
+    m, kdim = x.shape
+    n = g.shape[1]
+    dw = torch.empty(experts, kdim, n, dtype=x.dtype, device=x.device)
+    if m == 0 or kdim == 0 or n == 0:
+        return dw.zero_()
+    block_m, block_n, block_k, warps, stages = MM_BLOCKS[x.dtype]
+    offsets, _ = _offsets(counts, block_m)
+    grid = (experts, triton.cdiv(kdim, block_k), triton.cdiv(n, block_n))
+    _grouped_mm_dw[grid](x, g, dw, offsets, kdim, n, x.stride(0), x.stride(1),
+                         g.stride(0), g.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+                         PRECISION=_precision(x.dtype),
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                         num_warps=warps, num_stages=stages)
+    return dw
+
+
+# ---------------------------------------------------------------------------- autograd
+
+
+class Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, row_map: torch.Tensor, kept: int) -> torch.Tensor:
+        ctx.save_for_backward(row_map)
+        return scatter_rows(tokens, row_map, None, kept, tokens.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (row_map,) = ctx.saved_tensors
+        return gather_rows(grad, row_map, None, grad.dtype), None, None
+
+
+class Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, expert_out: torch.Tensor, row_map: torch.Tensor,
+                weights: torch.Tensor | None) -> torch.Tensor:
+        # expert_out ([rows, H], the big one) is kept only for the weights' gradient
+        keep = expert_out if weights is not None and ctx.needs_input_grad[2] else None
+        ctx.save_for_backward(keep, row_map, weights)
+        ctx.rows, ctx.dtype = expert_out.shape[0], expert_out.dtype
+        return gather_rows(expert_out, row_map, weights, expert_out.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        expert_out, row_map, weights = ctx.saved_tensors
+        grad = grad.contiguous()
+        d_out = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_out = scatter_rows(grad, row_map, weights, ctx.rows, ctx.dtype)
+        if expert_out is not None:
+            d_w = row_dots(expert_out, grad, row_map, weights.dtype)
+        return d_out, None, d_w
+
+
+class GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w, counts)
+        return grouped_mm_forward(x, w, counts)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, w, counts = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = grouped_mm_forward(grad, w.transpose(1, 2), counts)
+        if ctx.needs_input_grad[1]:
+            dw = grouped_mm_weight_grad(x, grad, counts, w.shape[0])
+        return dx, dw, None
