@@ -1,19 +1,59 @@
 """Mixture-of-experts feed-forward: a router, top-k routed SwiGLU experts and shared experts.
 
-This is the reference: dropless, a plain loop over experts, no capacity and no all-to-all. The
-expert-parallel dispatcher and grouped-GEMM kernels that come later must match it. Routed expert
-weights are stacked (``[experts, dim, hidden]``) so that expert parallelism can shard dimension 0.
+The token path is Megatron-Core's dispatcher cut into steps, each an op of ``orch.kernels.moe``:
+
+1. route: router logits in fp32 -> scores (softmax, or sigmoid as DeepSeek-V3) -> top-k experts
+   per token, chosen on ``scores + expert_bias`` -> weights = the chosen *unbiased* scores,
+   renormalized to sum to 1 per token;
+2. permute (:func:`moe_permute`): one copy of each token per chosen expert, in expert order; with
+   ``capacity_factor`` each expert keeps at most ``ceil(capacity_factor * T * top_k / experts)``
+   copies (the lowest token indices) and the rest are dropped, else nothing is dropped;
+3. dispatch: with expert parallelism (``orch.parallel.expert_parallel``) the rows travel to the
+   rank that owns their expert and come back after step 4; without it this step is empty;
+4. expert SwiGLU over the local experts with :func:`grouped_mm` (an expert with no rows is fine);
+5. unpermute (:func:`moe_unpermute`): each token's expert outputs times its router weights, summed;
+   a dropped copy contributes zero. The shared expert (always active) is added last.
+
+Load balancing, both kinds, so a run can use either or both:
+
+- auxiliary loss (Switch/GShard): every forward stores ``self.aux_loss = E * sum_e f_e * P_e``
+  with ``f_e`` the fraction of the ``T * top_k`` routed copies that chose expert ``e`` (before
+  capacity drops) and ``P_e`` the mean router probability of ``e`` over the tokens (sigmoid scores
+  are normalized per token first). It is 1 for perfectly uniform routing. The trainer adds
+  ``aux_loss_coeff * aux_loss`` of every MoE layer to its loss (:func:`moe_aux_loss` does the
+  sum); ``aux_loss_coeff`` is a constructor argument until the config grows a field for it.
+  The value is computed on the tokens this rank sees (per micro-batch, per rank).
+- aux-loss-free (DeepSeek-V3): ``expert_bias`` is a non-learned buffer (in the state dict) added
+  to the scores for top-k *selection only*. Training forwards accumulate each expert's load in
+  ``expert_load`` (not saved); after each optimizer step :func:`update_expert_bias` (or the
+  layer's :meth:`MoEFeedForward.update_bias`) moves every bias by ``rate`` towards balance,
+  ``bias_e += rate * sign(mean_load - load_e)``, and resets the loads.
+
+Routed expert weights are stacked (``w1/w3 [experts, dim, hidden]``, ``w2 [experts, hidden,
+dim]``), so expert parallelism shards dimension 0 and records the global count and offset.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from orch.config.schema import ModelConfig
+from orch.kernels.moe import grouped_mm, moe_permute, moe_unpermute
 
 INIT_STD = 0.02
+ScoreFunc = Literal["softmax", "sigmoid"]
+Dispatcher = Callable[
+    [torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    torch.Tensor,
+]
+"""``(permuted rows, tokens_per_expert [E], compute) -> expert outputs in the same row order``."""
 
 
 class FeedForward(nn.Module):
@@ -29,21 +69,69 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def route(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick each token's ``top_k`` experts from router probabilities ``[tokens, experts]``.
+def route(
+    scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick each token's ``top_k`` experts from router scores ``[tokens, experts]``.
 
-    Returns ``(weights, indices)``, both ``[tokens, top_k]``; the weights are renormalized to sum
-    to 1 per token, so a token's output is a convex combination of its experts' outputs.
+    Selection ranks ``scores + bias`` (``bias``: the aux-loss-free balancing bias, or None); the
+    weights are the chosen experts' unbiased ``scores`` renormalized to sum to 1 per token, so a
+    token's output is a convex combination of its experts' outputs. Returns ``(weights,
+    indices)``, both ``[tokens, top_k]``.
     """
-    weights, indices = scores.topk(top_k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), indices
+    ranked = scores if bias is None else scores + bias
+    indices = ranked.topk(top_k, dim=-1).indices
+    weights = scores.gather(-1, indices)
+    total = weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    return weights / total, indices
+
+
+def router_scores(logits: torch.Tensor, score_func: ScoreFunc) -> torch.Tensor:
+    return F.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+
+
+def expert_capacity(
+    capacity_factor: float | None, tokens: int, top_k: int, experts: int
+) -> int | None:
+    """Copies each expert keeps: ``ceil(capacity_factor * tokens * top_k / experts)``; None =
+    dropless. ``tokens`` is the local batch, so under expert parallelism the drop happens on the
+    sending rank, before the all-to-all (as Megatron-Core's drop-and-pad does)."""
+    if capacity_factor is None:
+        return None
+    return math.ceil(capacity_factor * tokens * top_k / experts)
+
+
+def load_balancing_loss(probs: torch.Tensor, load: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch/GShard auxiliary loss ``E * sum_e f_e * P_e`` (1 when routing is uniform).
+
+    ``probs [T, E]`` sums to 1 per token (differentiable: the gradient reaches the router);
+    ``load [E]`` counts the routed copies per expert (``T * top_k`` in all), so
+    ``f_e = load_e / (T * top_k)`` and ``P_e = mean_t probs[t, e]``.
+    """
+    tokens, experts = probs.shape
+    if tokens == 0:
+        return probs.sum() * 0.0
+    f = load.to(probs.dtype) / (tokens * top_k)
+    return experts * (f * probs.mean(dim=0)).sum()
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation checkpointing recomputes forwards
+    there; they must not count the tokens twice). torch.utils.checkpoint asks the same way."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class GroupedExperts(nn.Module):
-    """``experts`` SwiGLU MLPs with stacked weights, applied to the tokens routed to each."""
+    """``experts`` SwiGLU MLPs with stacked weights, computed with one grouped GEMM per weight.
+
+    ``num_experts`` is the global count and ``expert_offset`` the first expert held here; both
+    change only when expert parallelism shards the stack (``w1.shape[0]`` is the local count).
+    """
 
     def __init__(self, experts: int, dim: int, hidden: int) -> None:
         super().__init__()
+        self.num_experts = experts
+        self.expert_offset = 0
         self.w1 = nn.Parameter(torch.empty(experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
         self.w3 = nn.Parameter(torch.empty(experts, dim, hidden))
@@ -54,32 +142,65 @@ class GroupedExperts(nn.Module):
         for w in (self.w1, self.w2, self.w3):
             nn.init.normal_(w, std=INIT_STD)
 
+    @property
+    def local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def compute(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of rows sorted by local expert: rows ``[offset_e, offset_e + count_e)`` of ``x``
+        go through local expert ``e``. Under autocast both operands take the autocast dtype
+        (grouped_mm is a custom op that autocast does not see)."""
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2, w3 = (t.to(dtype) for t in (x, w1, w2, w3))
+        gate = grouped_mm(x, w1, tokens_per_expert, check=False)
+        up = grouped_mm(x, w3, tokens_per_expert, check=False)
+        return grouped_mm(F.silu(gate) * up, w2, tokens_per_expert, check=False)
+
     def forward(
-        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        indices: torch.Tensor,
+        capacity: int | None = None,
     ) -> torch.Tensor:
-        """``x`` is ``[tokens, dim]``; ``weights``/``indices`` come from :func:`route`."""
-        out = torch.zeros_like(x)
-        for e in range(self.w1.shape[0]):
-            token, slot = torch.where(indices == e)
-            if token.numel() == 0:
-                continue
-            xe = x[token]
-            h = F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])
-            out.index_add_(0, token, (h @ self.w2[e]) * weights[token, slot, None])
-        return out
+        """Single-process convenience: permute ``x [tokens, dim]`` by ``indices``, compute, and
+        combine with ``weights`` (both from :func:`route`). Needs every expert here."""
+        if self.local_experts != self.num_experts:
+            raise RuntimeError(
+                "GroupedExperts.forward needs all experts; this one is sharded "
+                "by expert parallelism (use MoEFeedForward, which dispatches)"
+            )
+        permuted, row_map, counts = moe_permute(x, indices, self.num_experts, capacity)
+        return moe_unpermute(self.compute(permuted, counts), row_map, weights, x.shape[0])
 
 
 class MoEFeedForward(nn.Module):
     """Router + routed experts + shared experts; a drop-in replacement for :class:`FeedForward`.
 
-    The router runs in fp32 (softmax over experts, then top-k renormalized). ``shared_experts``
-    always-active experts of size ``moe_ffn_dim`` are one SwiGLU of hidden size
-    ``shared_experts * moe_ffn_dim``, which computes the same function as their sum.
+    ``shared_experts`` always-active experts of size ``moe_ffn_dim`` are one SwiGLU of hidden size
+    ``shared_experts * moe_ffn_dim``, which computes the same function as their sum. Parameters:
+    ``router.weight [E, dim]``, ``experts.w1/w3 [E, dim, hidden]``, ``experts.w2 [E, hidden,
+    dim]``, ``shared_expert.w1/w2/w3``; buffers: ``expert_bias [E]`` (saved), ``expert_load [E]``
+    (not saved). After each forward, ``aux_loss`` holds the unscaled load-balancing loss of that
+    forward and ``aux_loss_coeff`` the weight the trainer should give it.
+
+    ``dispatcher`` is None (all experts here) or set by
+    ``orch.parallel.expert_parallel.apply_expert_parallel`` to move rows between ranks.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, score_func: ScoreFunc = "softmax", aux_loss_coeff: float = 0.01
+    ) -> None:
         super().__init__()
+        if score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+        self.num_experts = cfg.experts
         self.top_k = cfg.top_k
+        self.capacity_factor = cfg.capacity_factor
+        self.score_func: ScoreFunc = score_func
+        self.aux_loss_coeff = aux_loss_coeff
         self.router = nn.Linear(cfg.dim, cfg.experts, bias=False)
         self.experts = GroupedExperts(cfg.experts, cfg.dim, cfg.moe_ffn_dim)
         self.shared_expert = (
@@ -87,12 +208,72 @@ class MoEFeedForward(nn.Module):
             if cfg.shared_experts
             else None
         )
+        self.register_buffer("expert_bias", torch.zeros(cfg.experts))
+        self.register_buffer(
+            "expert_load", torch.zeros(cfg.experts, dtype=torch.int64), persistent=False
+        )
+        self.aux_loss: torch.Tensor | None = None
+        self.dispatcher: Dispatcher | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
-        scores = F.softmax(self.router(tokens).float(), dim=-1)
-        weights, indices = route(scores, self.top_k)
-        out = self.experts(tokens, weights.to(x.dtype), indices)
+        num_tokens = tokens.shape[0]
+        scores = router_scores(self.router(tokens).float(), self.score_func)
+        weights, indices = route(scores, self.top_k, self.expert_bias)
+        load = torch.bincount(indices.flatten(), minlength=self.num_experts)
+        probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+        self.aux_loss = load_balancing_loss(probs, load, self.top_k)
+        if self.training and not _in_backward():
+            self.expert_load += load
+
+        capacity = expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
+        permuted, row_map, counts = moe_permute(
+            tokens, indices, self.num_experts, capacity, check=False
+        )
+        if self.dispatcher is None:
+            expert_out = self.experts.compute(permuted, counts)
+        else:
+            expert_out = self.dispatcher(permuted, counts, self.experts.compute)
+        out = moe_unpermute(expert_out, row_map, weights, num_tokens, check=False)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.view_as(x)
+
+    @torch.no_grad()
+    def update_bias(self, rate: float, group: dist.ProcessGroup | None = None) -> None:
+        """Aux-loss-free balancing step: ``expert_bias += rate * sign(mean_load - load)``, then
+        reset the load. ``group``: the ranks that route *different* tokens through this layer
+        (data, context and expert parallel ranks of the stage); their loads are summed first so
+        every replica of the router keeps the same bias. Prefer :func:`update_expert_bias`,
+        which does every layer with one all-reduce."""
+        update_expert_bias([self], rate, group)
+
+
+def moe_layers(model: nn.Module | Iterable[nn.Module]) -> list[MoEFeedForward]:
+    """Every :class:`MoEFeedForward` in ``model`` (a module, or an iterable of modules)."""
+    roots = [model] if isinstance(model, nn.Module) else list(model)
+    return [m for root in roots for m in root.modules() if isinstance(m, MoEFeedForward)]
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """``sum(aux_loss_coeff * aux_loss)`` over the MoE layers' last forward; None if there are
+    none (or no forward ran). Add it to the training loss before backward."""
+    terms = [m.aux_loss_coeff * m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
+    return torch.stack(terms).sum() if terms else None
+
+
+@torch.no_grad()
+def update_expert_bias(
+    model: nn.Module | Iterable[nn.Module], rate: float, group: dist.ProcessGroup | None = None
+) -> None:
+    """:meth:`MoEFeedForward.update_bias` for every MoE layer, with one all-reduce of the loads
+    over ``group`` (None: no reduction, a single process). Call once per optimizer step."""
+    layers = moe_layers(model)
+    if not layers:
+        return
+    loads = torch.stack([m.expert_load for m in layers]).float()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(loads, group=group)
+    for m, load in zip(layers, loads, strict=True):
+        m.expert_bias += rate * torch.sign(load.mean() - load)
+        m.expert_load.zero_()

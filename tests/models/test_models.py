@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from orch.config import ModelConfig, load_config
 from orch.models.llama import Attention, Transformer, apply_rope
-from orch.models.moe import GroupedExperts, route
+from orch.models.moe import (
+    GroupedExperts,
+    MoEFeedForward,
+    expert_capacity,
+    load_balancing_loss,
+    moe_aux_loss,
+    route,
+)
 from orch.plan.memory import param_counts
 
 
@@ -128,3 +135,136 @@ def test_param_count_matches_closed_form(cfg: ModelConfig):
 def test_llama3_8b_has_8_030_261_248_parameters():
     cfg = load_config("configs/llama3-8b.yaml").model
     assert meta_numel(cfg) == param_counts(cfg).total == 8_030_261_248
+
+
+# ------------------------------------------------------------------------------- the MoE layer
+
+
+def moe_cfg(**changes: object) -> ModelConfig:
+    return small(experts=4, top_k=2, expert_ffn_dim=24, shared_experts=1, **changes)
+
+
+def loop_moe(layer: MoEFeedForward, x: torch.Tensor, capacity: int | None) -> torch.Tensor:
+    """The old plain-loop math: route, then each expert's kept copies (lowest token index, then
+    slot, up to ``capacity``) through its SwiGLU, weighted and summed, plus the shared expert."""
+    logits = layer.router(x).float()
+    scores = logits.softmax(-1) if layer.score_func == "softmax" else logits.sigmoid()
+    indices = (scores + layer.expert_bias).topk(layer.top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    weights = weights / weights.sum(-1, keepdim=True)
+    w = layer.experts
+    out = torch.zeros_like(x)
+    for e in range(layer.num_experts):
+        token, slot = torch.where(indices == e)  # row-major: by token, then slot
+        token, slot = token[:capacity], slot[:capacity]
+        if token.numel():
+            xe = x[token]
+            h = (F.silu(xe @ w.w1[e]) * (xe @ w.w3[e])) @ w.w2[e]
+            out = out.index_add(0, token, h * weights[token, slot, None])
+    return out + layer.shared_expert(x)
+
+
+def moe_layer(seed: int = 0, **kwargs: object) -> MoEFeedForward:
+    torch.manual_seed(seed)
+    layer = MoEFeedForward(moe_cfg(capacity_factor=kwargs.pop("capacity_factor", None)), **kwargs)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_moe_layer_matches_the_plain_loop(score_func, capacity_factor):
+    layer = moe_layer(score_func=score_func, capacity_factor=capacity_factor)
+    x = torch.randn(2, 15, 32, requires_grad=True)
+    grad = torch.randn(2, 15, 32)
+    out = layer(x)
+    got = torch.autograd.grad(out, [x, *layer.parameters()], grad)
+    capacity = expert_capacity(capacity_factor, 30, 2, 4)
+    assert capacity in (None, 9)  # ceil(0.6 * 30 * 2 / 4): some copies are dropped
+    ref = loop_moe(layer, x.view(30, 32), capacity).view_as(x)
+    want = torch.autograd.grad(ref, [x, *layer.parameters()], grad)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    for name, g, w in zip(["x", *dict(layer.named_parameters())], got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=2e-5, msg=name)
+
+
+def test_aux_loss_is_switch_formula_and_reaches_the_router():
+    layer = moe_layer()
+    x = torch.randn(40, 32)
+    layer(x)
+    probs = layer.router(x).softmax(-1)
+    indices = probs.topk(2, dim=-1).indices
+    f = torch.stack([(indices == e).sum() for e in range(4)]) / (40 * 2)
+    hand = 4 * (f * probs.mean(0)).sum()
+    torch.testing.assert_close(layer.aux_loss, hand, rtol=1e-6, atol=0)
+    (got,) = torch.autograd.grad(layer.aux_loss, layer.router.weight)
+    (want,) = torch.autograd.grad(hand, layer.router.weight)
+    torch.testing.assert_close(got, want)
+    model = Transformer(moe_cfg(moe_layer_interval=1))
+    model(torch.randint(0, 64, (1, 8)))
+    terms = [m.feed_forward.aux_loss * 0.01 for m in model.layers]
+    torch.testing.assert_close(moe_aux_loss(model), sum(terms))
+    uniform = torch.full((8, 4), 0.25)
+    assert load_balancing_loss(uniform, torch.full((4,), 4), 2).item() == pytest.approx(1.0)
+
+
+def test_bias_steers_selection_but_not_weights():
+    layer = moe_layer(score_func="sigmoid")
+    x = torch.randn(30, 32)
+    scores = layer.router(x).sigmoid()
+    layer.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # everyone picks expert 3
+    with torch.no_grad():
+        layer.train()(x)
+    assert layer.expert_load.tolist()[3] == 30
+    weights, indices = route(scores, 2, layer.expert_bias)
+    assert (indices == 3).any(-1).all()
+    chosen = scores.gather(1, indices)
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True))
+    assert "expert_bias" in layer.state_dict() and "expert_load" not in layer.state_dict()
+
+
+def test_update_bias_moves_towards_balance_and_changes_selection():
+    layer = moe_layer()
+    with torch.no_grad():
+        layer.router.weight[:, 0] = torch.tensor([2.0, 0.0, 0.0, -2.0])
+    x = torch.randn(64, 32)
+    x[:, 0] = 1.0  # a constant feature the router weighs: expert 0 favoured, expert 3 shunned
+    spreads = []
+    for step in range(30):
+        with torch.no_grad():
+            layer(x)
+        load = layer.expert_load.clone()
+        spreads.append(int(load.max() - load.min()))
+        layer.update_bias(0.01)
+        if step == 0:
+            want = 0.01 * torch.sign(load.float().mean() - load.float())
+            torch.testing.assert_close(layer.expert_bias, want)
+            assert load.argmax() == 0 and load.sum() == 128
+        assert layer.expert_load.sum() == 0
+    assert spreads[0] >= 40 and max(spreads[-5:]) <= 10  # measured: 48 -> 3 in 30 steps
+    biased = route(layer.router(x).softmax(-1), 2, layer.expert_bias)[1]
+    assert not torch.equal(biased, route(layer.router(x).softmax(-1), 2)[1])
+
+
+def test_an_expert_without_tokens_gets_zero_rows_and_zero_gradient():
+    layer = moe_layer()
+    layer.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, -10.0]))
+    x = torch.randn(12, 32)
+    out = layer(x)
+    out.square().sum().backward()
+    assert layer.expert_load.tolist()[3] == 0
+    assert layer.experts.w1.grad[3].abs().max() == 0 and layer.experts.w1.grad[:3].abs().max() > 0
+    torch.testing.assert_close(out, loop_moe(layer, x, None), rtol=0, atol=1e-5)
+
+
+def test_recompute_does_not_count_tokens_twice_and_autocast_runs():
+    layer = moe_layer()
+    x = torch.randn(10, 32, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    out.sum().backward()
+    assert layer.expert_load.sum() == 20
+    with torch.autocast("cpu", torch.bfloat16):
+        low = layer(x.detach())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), layer(x.detach()), rtol=0.05, atol=0.05)
