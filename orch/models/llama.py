@@ -55,7 +55,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Causal self-attention with RoPE and grouped-query attention (``kv_heads`` <= ``heads``)."""
+    """Causal self-attention with RoPE and grouped-query attention (``kv_heads`` <= ``heads``).
+
+    Head counts are read from the projections' outputs, so a tensor-parallel rank holding
+    ``heads/tp`` query and ``kv_heads/tp`` key/value heads runs the same code (same ratio).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -67,9 +71,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        # -1, not self.heads: under tensor parallelism each rank holds heads/tp of them.
+        q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads

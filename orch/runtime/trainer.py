@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from orch.config.schema import Config
 from orch.parallel.data_parallel import set_gradient_sync
@@ -70,20 +71,42 @@ class Trainer:
             cast = self.autocast
             with torch.autocast(self.device.type, cast) if cast else contextlib.nullcontext():
                 logits = self.model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            (loss / len(micro_batches)).backward()
+            # Tensor-parallel logits arrive sharded on the vocabulary: loss_parallel computes
+            # the cross-entropy (forward and backward) without gathering them.
+            sharded = isinstance(logits, DTensor)
+            with loss_parallel() if sharded else contextlib.nullcontext():
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                (loss / len(micro_batches)).backward()
+            if isinstance(loss, DTensor):
+                loss = loss.full_tensor()
             total += loss.detach() / len(micro_batches)
         return total
 
     def _clip(self) -> float:
-        """Clip the global gradient norm (over all shards) and return it before clipping."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if isinstance(norm, DTensor):  # sharded gradients: reduce the partial norms
-            norm = norm.full_tensor()
+        """Clip the global gradient norm (over all shards) and return it before clipping.
+
+        Gradients may be plain tensors (replicated) and DTensors on different meshes at once
+        (FSDP over dp, TP over tp, both, or norms replicated beside TP-sharded matrices), and
+        DTensor ops refuse to mix meshes: norm each mesh's group, reduce it to the full norm
+        over that mesh, then combine the per-group norms; clip each group by the total.
+        """
+        groups: dict[object, list[torch.Tensor]] = {}
+        for p in self.model.parameters():
+            if p.grad is not None:
+                key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+                groups.setdefault(key, []).append(p.grad)
+        norms = []
+        for grads in groups.values():
+            norm = torch.nn.utils.get_total_norm(grads)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        if len(norms) == 1:
+            total = norms[0]
+        else:
+            total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.train.grad_clip, norm)
-        return float(norm)
+            for grads in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.train.grad_clip, total)
+        return float(total)
 
     def _log(self, step: int, loss: torch.Tensor, lr: float, grad_norm: float, secs: float) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:

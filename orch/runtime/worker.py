@@ -1,8 +1,9 @@
 """One training process: ``python -m orch.runtime.worker CONFIG [--set ...] [--resume ...]``.
 
 Started by ``orch launch`` (torchrun) on every rank. It rebuilds the same plan the launcher
-validated, then applies it in a fixed order (as torchtitan does): model, activation
-checkpointing, data parallelism (FSDP2/HSDP), optimizer, data, checkpoint resume, training.
+validated, then applies it in a fixed order (as torchtitan does): model, tensor and sequence
+parallelism, activation checkpointing, data parallelism (FSDP2/HSDP, over the TP-sharded DTensor
+parameters when tp > 1), optimizer, data, checkpoint resume, training.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from orch.models.llama import Transformer
 from orch.parallel.data_parallel import apply_data_parallel
 from orch.parallel.mesh import build_mesh, data_parallel_mesh
 from orch.parallel.recompute import apply_recompute
+from orch.parallel.tensor_parallel import apply_tensor_parallel
 from orch.plan import Plan, build_plan
 from orch.plan.layout import dense_layout
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
@@ -75,8 +77,17 @@ def run(argv: Sequence[str]) -> None:
     model = Transformer(cfg.model)
     model.init_weights(cfg.train.seed)
     model.to(device)
-    apply_recompute(model, cfg.train.recompute)
     mesh = build_mesh(plan, device.type)
+    if plan.degrees.tp > 1:
+        if plan.degrees.dp_replicate > 1 and plan.degrees.dp_shard == 1:
+            raise OrchError(
+                "parallel.dp_replicate: pure replication (DDP) does not compose with tensor "
+                f"parallelism (tp={plan.degrees.tp}) yet; fix: shard instead "
+                "(parallel.dp_shard=N, parallel.dp_replicate=1), or HSDP with dp_shard >= 2"
+            )
+        apply_tensor_parallel(model, mesh["tp"], plan.degrees.sequence_parallel,
+                              loss_parallel=True)
+    apply_recompute(model, cfg.train.recompute)
     precision = _precision(cfg, device, rank)
     if plan.degrees.dp > 1:
         model = apply_data_parallel(model, data_parallel_mesh(mesh), precision)

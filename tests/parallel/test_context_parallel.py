@@ -63,7 +63,7 @@ def sharded(tmp_path_factory):
         with mp.Manager() as manager:
             shared = manager.dict()
             mp.start_processes(_run, args=(world, str(store), shared), nprocs=world,
-                               start_method="fork")
+                               start_method="spawn")
             results.update(shared)
     return results
 

@@ -13,7 +13,7 @@ ranks, a rank receives nothing; the "starved" case leaves half the ranks idle).
 A whole 2-layer Transformer with the plan's expert mesh (ep=2 inside a world of 2 or 4, so with
 4 ranks two ep groups run side by side) is compared the same way, with the aux loss in the loss.
 
-One fork per world size runs every case, one thread per rank (2 cores). Differences are
+One spawn per world size runs every case, one thread per rank (2 cores). Differences are
 measured relative to the largest entry of the reference tensor (layer gradients reach ~40 with 96
 tokens); worst over both world sizes and all cases (fp32, gloo): outputs 1.7e-8, input gradients
 2.5e-8, expert gradients 4.7e-7, router 5.2e-7, shared expert 4.4e-7; Transformer logits 2.6e-7,
@@ -183,7 +183,7 @@ def sharded(tmp_path_factory):
         with mp.Manager() as manager:
             shared = manager.dict()
             mp.start_processes(
-                _run, args=(world, str(store), shared), nprocs=world, start_method="fork"
+                _run, args=(world, str(store), shared), nprocs=world, start_method="spawn"
             )
             results.update(shared)
     return results

@@ -46,7 +46,7 @@ def results(tmp_path_factory):
     store = tmp_path_factory.mktemp("megatron") / "store"
     with mp.Manager() as manager:
         shared = manager.dict()
-        mp.start_processes(_check, args=(4, str(store), shared), nprocs=4, start_method="fork")
+        mp.start_processes(_check, args=(4, str(store), shared), nprocs=4, start_method="spawn")
         return dict(shared)
 
 
