@@ -103,6 +103,6 @@ def test_replication_with_tp_is_refused(tmp_path):
     out = launch("--nproc-per-node", "4", "configs/tiny.yaml",
                  *overrides(tmp_path / "ddp_tp", "parallel.tp=2", "parallel.dp_replicate=2",
                             "parallel.dp_shard=1"))
-    assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "does not compose with tensor parallelism" in out.stdout + out.stderr
-    assert "step 1/" not in out.stdout
+    assert out.returncode == 2 and "Traceback" not in out.stderr  # refused before spawning
+    assert "DDP cannot replicate tensor-parallel (DTensor) parameters" in out.stderr
+    assert "use parallel.dp_shard >= 2" in out.stderr and "step 1/" not in out.stdout
