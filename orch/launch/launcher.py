@@ -146,17 +146,22 @@ def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Prob
 def unsupported_features(cfg: Config) -> list[Problem]:
     """What the plan allows but this version of the runtime cannot run yet, said up front."""
     p, problems = cfg.parallel, []
-    for dim in ("pp", "cp", "ep", "etp"):
+    for dim in ("pp", "ep", "etp"):
         if getattr(p, dim) > 1:
             problems.append(Problem(f"parallel.{dim}", f"{getattr(p, dim)} is planned but the "
-                                    "runtime trains data parallel only for now",
+                                    "runtime does not run it yet",
                                     f"set parallel.{dim}=1 (orch plan shows such plans)"))
+    if p.tp > 1 and cfg.model.is_moe:
+        problems.append(Problem("parallel.tp", f"{p.tp} with MoE layers is planned but the "
+                                "runtime has no tensor-parallel experts yet",
+                                "set parallel.tp=1 (use parallel.ep for the experts)"))
+    if p.tp > 1 and p.dp_shard == 1 and p.dp_replicate > 1:
+        problems.append(Problem("parallel.dp_shard", "1 with dp_replicate > 1 and tp > 1: DDP "
+                                "cannot replicate tensor-parallel (DTensor) parameters",
+                                "use parallel.dp_shard >= 2 (FSDP or HSDP) with tensor parallel"))
     if cfg.offload.enabled:
         problems.append(Problem("offload", "CPU/NVMe offload is planned but not run yet",
                                 "keep every offload tier on device"))
-    if cfg.optimizer.name != "adamw":
-        problems.append(Problem("optimizer.name", f"{cfg.optimizer.name!r} is not available yet",
-                                "use optimizer.name=adamw"))
     return problems
 
 

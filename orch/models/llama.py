@@ -11,6 +11,8 @@ HuggingFace's convention (rotate the two halves of each head), so no q/k permuta
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,16 +32,17 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions ``0..seq_len-1``; frequencies ``theta^(-2i/head_dim)``."""
+    """cos/sin tables for given token positions; frequencies ``theta^(-2i/head_dim)``."""
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         exponent = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
         self.register_buffer("inv_freq", 1.0 / theta**exponent, persistent=False)
 
-    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq)
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.outer(positions.to(self.inv_freq.device, torch.float32), self.inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -59,6 +62,9 @@ class Attention(nn.Module):
 
     Head counts are read from the projections' outputs, so a tensor-parallel rank holding
     ``heads/tp`` query and ``kv_heads/tp`` key/value heads runs the same code (same ratio).
+    ``attention_fn`` replaces the local causal attention, taking and returning
+    ``(batch, heads, seq, head_dim)`` tensors: context parallelism installs ring or Ulysses
+    attention there (``orch.parallel.context_parallel``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -68,6 +74,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.heads * self.head_dim, cfg.dim, bias=False)
+        self.attention_fn: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -76,9 +83,12 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads
-        )
+        if self.attention_fn is not None:
+            out = self.attention_fn(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+            )
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -132,9 +142,13 @@ class Transformer(nn.Module):
             else:
                 p.copy_(torch.empty(p.shape).normal_(0.0, INIT_STD, generator=gen))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` are the tokens' places in the sequence (default ``0..seq-1``); under
+        context parallelism a rank holds a subset of the sequence and says which."""
         h = self.tok_embeddings(tokens)
-        cos, sin = self.rope(tokens.shape[1], h.dtype)
+        if positions is None:
+            positions = torch.arange(tokens.shape[1])
+        cos, sin = self.rope(positions, h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin)
         return self.output(self.norm(h))

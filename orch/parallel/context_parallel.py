@@ -20,6 +20,7 @@ The block math here is plain torch (the specification, and the CPU path).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -95,8 +96,9 @@ class _Ring:
 
     def shift(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Send ``tensors`` to the next rank, return what the previous rank sent."""
+        tensors = [t.contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in received]
         for request in dist.batch_isend_irecv(ops):
             request.wait()
@@ -209,3 +211,12 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])
     return _heads_to_seq(out, group, cp)
+
+
+def apply_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup, kind: str) -> None:
+    """Make every attention of ``model`` (an ``orch.models.llama.Transformer``) attend across
+    the ``cp`` ranks of ``group``. Apply after tensor parallelism, before recompute and FSDP;
+    the trainer feeds each rank its ``local_positions`` of every sequence."""
+    attention = ring_attention if kind == "ring" else ulysses_attention
+    for block in model.layers:
+        block.attention.attention_fn = functools.partial(attention, group=group)

@@ -19,14 +19,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, precision: str) -> nn.Module:
-    """Wrap ``model`` (an ``orch.models.llama.Transformer``) for data parallelism on ``dp_mesh``;
+    """Wrap ``model`` (an ``orch.models.llama.Transformer``) for data parallelism on the 2-D
+    ``(replicate, shard)`` mesh ``dp_mesh`` (``orch.parallel.mesh.data_parallel_mesh``);
     returns the module to train (a DDP wrapper for pure replication, else ``model`` itself).
 
     Under ``bf16`` the blocks compute in bf16 and reduce gradients in fp32, while parameters and
     optimizer state stay fp32 (FSDP2's mixed precision; DDP under autocast); under ``fp32``
     nothing is cast.
     """
-    if dp_mesh["dp_shard"].size() == 1:
+    if dp_mesh.size(1) == 1:
         return DistributedDataParallel(model, process_group=dp_mesh.get_group("dp_replicate"))
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -23,5 +23,11 @@ def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The 2-D ``(dp_replicate, dp_shard)`` mesh FSDP2 runs on: HSDP when both exceed 1."""
-    return mesh["dp_replicate", "dp_shard"]
+    """The 2-D ``(dp_replicate, dp_shard x cp)`` mesh FSDP2 runs on: HSDP when both exceed 1.
+
+    Context-parallel ranks hold the same parameters and see different tokens of the same
+    samples, so FSDP shards over them too and their gradients are averaged with the shard
+    group's (as torchtitan's ``dp_shard_cp``).
+    """
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return mesh["dp_replicate", "dp_shard_cp"]

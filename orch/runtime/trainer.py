@@ -43,6 +43,8 @@ class Trainer:
     """Called with the step number whenever a checkpoint is due (every rank calls it)."""
     autocast: torch.dtype | None = None
     """Compute dtype for autocast, when no FSDP mixed-precision policy casts already."""
+    positions: torch.Tensor | None = None
+    """Under context parallelism, the sequence positions this rank holds (its tokens)."""
 
     def train(self, start_step: int) -> None:
         """Run steps ``start_step + 1`` to ``train.steps`` (or ``run.stop_at_step``), saving a
@@ -67,10 +69,12 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for index, (inputs, targets) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            if self.positions is not None:
+                inputs, targets = inputs[:, self.positions], targets[:, self.positions]
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             cast = self.autocast
             with torch.autocast(self.device.type, cast) if cast else contextlib.nullcontext():
-                logits = self.model(inputs)
+                logits = self.model(inputs, self.positions)
             # Tensor-parallel logits arrive sharded on the vocabulary: loss_parallel computes
             # the cross-entropy (forward and backward) without gathering them.
             sharded = isinstance(logits, DTensor)

@@ -21,9 +21,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import FSDPModule
 
 from orch.config import Config, config_to_dict, load_config
-from orch.errors import OrchError
-from orch.launch.launcher import device_name, worker_parser
+from orch.errors import OrchError, PlanError
+from orch.launch.launcher import device_name, unsupported_features, worker_parser
 from orch.models.llama import Transformer
+from orch.parallel.context_parallel import apply_context_parallel, local_positions
 from orch.parallel.data_parallel import apply_data_parallel
 from orch.parallel.mesh import build_mesh, data_parallel_mesh
 from orch.parallel.recompute import apply_recompute
@@ -64,6 +65,8 @@ def run(argv: Sequence[str]) -> None:
     parser.add_argument("config")
     args = parser.parse_args(list(argv))
     cfg = load_config(args.config, args.overrides)
+    if problems := unsupported_features(cfg):  # the launcher says so first; this guards others
+        raise PlanError(problems, title="cannot run")
     device = _device()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -78,18 +81,18 @@ def run(argv: Sequence[str]) -> None:
     model.init_weights(cfg.train.seed)
     model.to(device)
     mesh = build_mesh(plan, device.type)
-    if plan.degrees.tp > 1:
-        if plan.degrees.dp_replicate > 1 and plan.degrees.dp_shard == 1:
-            raise OrchError(
-                "parallel.dp_replicate: pure replication (DDP) does not compose with tensor "
-                f"parallelism (tp={plan.degrees.tp}) yet; fix: shard instead "
-                "(parallel.dp_shard=N, parallel.dp_replicate=1), or HSDP with dp_shard >= 2"
-            )
-        apply_tensor_parallel(model, mesh["tp"], plan.degrees.sequence_parallel,
-                              loss_parallel=True)
+    d = plan.degrees
+    # The plan applied in torchtitan's order: TP/SP, CP, activation checkpointing, then FSDP.
+    if d.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], d.sequence_parallel, loss_parallel=True)
+    positions = None
+    if d.cp > 1:
+        apply_context_parallel(model, mesh.get_group("cp"), cfg.parallel.cp_kind)
+        cp_rank = mesh.get_local_rank("cp")
+        positions = local_positions(cfg.train.seq_len, d.cp, cp_rank, cfg.parallel.cp_kind)
     apply_recompute(model, cfg.train.recompute)
     precision = _precision(cfg, device, rank)
-    if plan.degrees.dp > 1:
+    if d.dp * d.cp > 1:
         model = apply_data_parallel(model, data_parallel_mesh(mesh), precision)
     autocast = torch.bfloat16 if precision == "bf16" and not isinstance(model, FSDPModule) else None
     optimizer = build_optimizer(model, cfg)
@@ -124,7 +127,8 @@ def run(argv: Sequence[str]) -> None:
 
     metrics = MetricsLog(run_dir, rank == 0, sys.stdout, resume_step=start)
     try:
-        trainer = Trainer(cfg, plan, model, optimizer, stream, metrics, device, save, autocast)
+        trainer = Trainer(cfg, plan, model, optimizer, stream, metrics, device, save, autocast,
+                          positions)
         trainer.train(start)
         checkpoints.wait()  # an async save still in flight completes before the process ends
     finally:
