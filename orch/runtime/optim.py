@@ -31,17 +31,21 @@ def lr_at(step: int, train: TrainConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW (torch's) or AdamW8bit (orch's 8-bit moments), decay on matrices only."""
     o = cfg.optimizer
-    if o.name != "adamw":
+    if o.name not in ("adamw", "adamw8bit"):
         raise OrchError(
-            f"optimizer.name: {o.name!r} is not available yet (it comes with orch's Triton "
-            "kernels); fix: use optimizer.name=adamw"
+            f"optimizer.name: {o.name!r} is not one of adamw, adamw8bit; fix: use one of them"
         )
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    if o.name == "adamw8bit":
+        from orch.kernels.adamw8bit import AdamW8bit
+
+        return AdamW8bit(groups, lr=lr_at(1, cfg.train), betas=(o.beta1, o.beta2), eps=o.eps)
     return torch.optim.AdamW(
         groups, lr=lr_at(1, cfg.train), betas=(o.beta1, o.beta2), eps=o.eps, foreach=True
     )

@@ -1,0 +1,184 @@
+"""``AdamW8bit``: AdamW with both moments stored in 8 bits (block-wise dynamic quantization).
+
+State per parameter (``optimizer.state[p]``), the same on the CPU and GPU paths:
+
+- ``step``: fp32 scalar tensor on the CPU (as torch's AdamW keeps it);
+- tensors of two or more dimensions with at least ``min_8bit_size`` elements (counted on the
+  whole, unsharded parameter): ``exp_avg`` and ``exp_avg_sq``, uint8 codes shaped like the
+  parameter (signed and unsigned dynamic map), and ``exp_avg_absmax`` and ``exp_avg_sq_absmax``,
+  fp32 ``[rows, ceil(rest / 256)]``, one per 256-element block of a row (see ``quant``);
+- every other tensor (small ones, and 1-D ones such as norm gains and biases, which have no rows
+  to align blocks with): fp32 ``exp_avg`` and ``exp_avg_sq`` shaped like the parameter.
+
+A sharded (DTensor) parameter is updated through its local shard, so each rank quantizes its
+own part; its states are DTensors on the parameter's mesh (codes with its placements, absmax
+with the same sharding of rows), so ``torch.distributed.checkpoint`` saves every rank's shard
+and can load them onto another number of ranks. Since blocks never cross rows, a dim-0 shard
+(FSDP2's) holds exactly the blocks of the unsharded tensor: sharded and single-process runs
+quantize the same blocks. A parameter sharded on a later dim (tensor parallel's row-parallel
+weights) has blocks within each rank's slice of a row; see ``_absmax_layout``.
+
+Which path updates a tensor is ``orch.kernels.dispatch.use_triton("adamw8bit", p, grad)``: the
+fused Triton kernel on CUDA, the chunked plain-torch reference otherwise.
+
+A property of the method, not of this code: the unsigned map's smallest nonzero code is 3.25e-7
+of the block's absmax, so an element whose gradient stays more than ~2,500x below the largest
+in its block has its second moment stored as 0 and steps larger than AdamW would. Rows of real
+layers rarely spread that far within 256 elements; the tiny Llama trains to AdamW's loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
+
+from orch.errors import OrchError
+from orch.kernels.adamw8bit.quant import blocks_per_row, zero_code
+from orch.kernels.adamw8bit.reference import Hyper, ScratchPool, step_8bit_, step_fp32_
+from orch.kernels.dispatch import use_triton
+
+QUANTIZED_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias correction) with 8-bit block-wise moments.
+
+    Parameters are updated in fp32 (a lower-precision parameter is updated through an fp32
+    copy of each chunk). ``min_8bit_size``: tensors with fewer elements keep fp32 moments.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"invalid lr/eps/weight_decay: {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.min_8bit_size = min_8bit_size
+        self._scratch = ScratchPool()
+
+    def quantized(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s moments are (or will be) stored in 8 bits."""
+        return p.ndim >= 2 and p.numel() >= self.min_8bit_size
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW8bit does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                state["step"] += 1
+                h = Hyper.at(int(state["step"].item()), float(group["lr"]), float(beta1),
+                             float(beta2), float(group["eps"]), float(group["weight_decay"]))
+                self._update(p, state, h)
+        return loss
+
+    def _update(self, p: torch.Tensor, state: dict[str, Any], h: Hyper) -> None:
+        grad = p.grad
+        if isinstance(p, DTensor) and isinstance(grad, DTensor) and grad.placements != p.placements:
+            # e.g. a partial or replicated gradient of a tensor-parallel weight: take this
+            # rank's part (what torch's optimizers get from DTensor's dispatch)
+            grad = grad.redistribute(p.device_mesh, p.placements)
+        param, grad = _local(p), _local(grad)
+        if "exp_avg_absmax" not in state:
+            step_fp32_(param, grad, _local(state["exp_avg"]), _local(state["exp_avg_sq"]), h)
+            return
+        target = param if param.is_contiguous() else param.contiguous()
+        q1, q2, a1, a2 = (_local(state[k]) for k in QUANTIZED_KEYS)
+        if use_triton("adamw8bit", target, grad):
+            from orch.kernels.adamw8bit.triton_kernel import step_8bit_triton_
+
+            step_8bit_triton_(target, grad, q1, q2, a1, a2, h)
+        else:
+            step_8bit_(target, grad, q1, q2, a1, a2, h, self._scratch)
+        if target is not param:
+            param.copy_(target)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0)
+        local = _local(p)
+        if not self.quantized(p):
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return
+        blocks = blocks_per_row(local.shape[1:].numel())  # per row of the local tensor
+        codes = [torch.full(local.shape, zero_code(signed), dtype=torch.uint8,
+                            device=local.device) for signed in (True, False)]
+        absmax = [torch.zeros(local.shape[0], blocks, device=local.device) for _ in range(2)]
+        if isinstance(p, DTensor):
+            shape, placements = _absmax_layout(p, blocks)
+            codes = [DTensor.from_local(c, p.device_mesh, p.placements, run_check=False,
+                                        shape=p.shape, stride=p.stride()) for c in codes]
+            absmax = [DTensor.from_local(a, p.device_mesh, placements, run_check=False,
+                                         shape=shape, stride=(shape[1], 1)) for a in absmax]
+        state.update(zip(QUANTIZED_KEYS, (*codes, *absmax), strict=True))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader casts every state tensor to its parameter's dtype; the codes stay uint8
+        and the absmax fp32, so take the saved tensors as they are (copied, on the parameter's
+        device): a round trip is exact."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    device = torch.device("cpu") if key == "step" else p.device
+                    self.state[p][key] = value.detach().to(device=device, copy=True)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _absmax_layout(p: DTensor, blocks: int) -> tuple[tuple[int, int], list[Placement]]:
+    """Global shape and placements of a sharded parameter's absmax ``[rows, blocks]``.
+
+    Rows follow the parameter's dim-0 sharding (FSDP2, vocabulary- and column-parallel
+    weights), so those shards hold whole rows and the blocks of the unsharded tensor. Sharding
+    on a later dim (row-parallel weights) cuts every row: each rank's blocks lie in its slice of
+    the row (the unsharded tensor's blocks when the slice is a multiple of 256 wide), and the
+    absmax is sharded on its block dim; that needs an even split.
+    """
+    placements: list[Placement] = []
+    columns = blocks
+    mesh = p.device_mesh
+    for mesh_dim, placement in enumerate(p.placements):
+        if isinstance(placement, Replicate) or (isinstance(placement, Shard)
+                                                and placement.dim % p.ndim == 0):
+            placements.append(placement)
+            continue
+        if not isinstance(placement, Shard) or p.shape[placement.dim] % mesh.size(mesh_dim):
+            raise OrchError(
+                f"AdamW8bit keeps one absmax per 256 elements of a row, so a parameter sharded "
+                f"after dim 0 needs an even split; got placements {p.placements} for shape "
+                f"{tuple(p.shape)} on mesh {tuple(mesh.shape)}. fix: choose degrees that "
+                "divide the dimension, or raise min_8bit_size above this tensor's size to "
+                "keep its moments in fp32"
+            )
+        placements.append(Shard(1))
+        columns *= mesh.size(mesh_dim)
+    return (p.shape[0], columns), placements
