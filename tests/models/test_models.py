@@ -49,7 +49,7 @@ def test_gqa_matches_explicitly_repeated_kv_heads():
     attn = Attention(cfg)
     x = torch.randn(2, 6, cfg.dim)
     rope = Transformer(cfg).rope
-    cos, sin = rope(6, x.dtype)
+    cos, sin = rope(torch.arange(6), x.dtype)
     b, s, hd = 2, 6, cfg.head_dim
     q = apply_rope(attn.wq(x).view(b, s, 4, hd).transpose(1, 2), cos, sin)
     k = apply_rope(attn.wk(x).view(b, s, 2, hd).transpose(1, 2), cos, sin)
@@ -63,7 +63,7 @@ def test_gqa_matches_explicitly_repeated_kv_heads():
 
 def test_rope_follows_huggingface_half_rotation():
     cfg = small(dim=16, heads=2, rope_theta=100.0)  # head_dim 8: pairs (i, i + 4)
-    cos, sin = Transformer(cfg).rope(5, torch.float32)
+    cos, sin = Transformer(cfg).rope(torch.arange(5), torch.float32)
     x = torch.randn(1, 1, 5, 8)
     out = apply_rope(x, cos, sin)
     for pos in range(5):
