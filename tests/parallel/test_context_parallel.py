@@ -3,14 +3,11 @@ forward and backward, with grouped-query attention."""
 
 from __future__ import annotations
 
-import os
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_harness import run_on_gloo
 
 from orch.parallel.context_parallel import local_positions, ring_attention, ulysses_attention
 
@@ -37,34 +34,27 @@ def reference() -> dict[str, torch.Tensor]:
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
-def _run(rank: int, world: int, store: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        for kind, attention in (("ring", ring_attention), ("ulysses", ulysses_attention)):
-            pos = local_positions(SEQ, world, rank, kind)
-            q, k, v, grad = (t[:, :, pos].clone() for t in inputs())
-            q, k, v = (t.requires_grad_() for t in (q, k, v))
-            out = attention(q, k, v, dist.group.WORLD)
-            out.backward(grad)
-            results[(kind, world, rank)] = {"pos": pos, "out": out.detach(), "dq": q.grad,
-                                     "dk": k.grad, "dv": v.grad}
-    except Exception:  # the parent sees a missing result; the traceback says why
-        traceback.print_exc()
-    finally:
-        dist.destroy_process_group()
-        os._exit(0)
+def _run(rank: int, world: int, results) -> None:
+    for kind, attention in (("ring", ring_attention), ("ulysses", ulysses_attention)):
+        pos = local_positions(SEQ, world, rank, kind)
+        q, k, v, grad = (t[:, :, pos].clone() for t in inputs())
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = attention(q, k, v, dist.group.WORLD)
+        out.backward(grad)
+        results[(kind, world, rank)] = {
+            "pos": pos,
+            "out": out.detach(),
+            "dq": q.grad,
+            "dk": k.grad,
+            "dv": v.grad,
+        }
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     results = {}
     for world in (2, 4):
-        store = tmp_path_factory.mktemp(f"cp{world}") / "store"
-        with mp.Manager() as manager:
-            shared = manager.dict()
-            mp.start_processes(_run, args=(world, str(store), shared), nprocs=world,
-                               start_method="spawn")
-            results.update(shared)
+        results.update(run_on_gloo(_run, world, tmp_path_factory.mktemp(f"cp{world}")))
     return results
 
 
@@ -81,5 +71,10 @@ def test_equals_full_attention_forward_and_backward(sharded, kind, world):
     for rank in range(world):
         got = sharded[(kind, world, rank)]
         for name in ("out", "dq", "dk", "dv"):
-            torch.testing.assert_close(got[name], ref[name][:, :, got["pos"]], rtol=0, atol=ATOL,
-                                       msg=lambda m, n=name, r=rank: f"{kind} {n} rank {r}: {m}")
+            torch.testing.assert_close(
+                got[name],
+                ref[name][:, :, got["pos"]],
+                rtol=0,
+                atol=ATOL,
+                msg=lambda m, n=name, r=rank: f"{kind} {n} rank {r}: {m}",
+            )

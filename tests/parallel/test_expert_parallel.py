@@ -23,14 +23,12 @@ loss 8.4e-8, gradients 1.0e-6 (experts 4.3e-7). The tolerance is 1e-5 of the lar
 from __future__ import annotations
 
 import dataclasses
-import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_harness import run_on_gloo
 
 from orch.config import load_config
 from orch.errors import OrchError
@@ -129,63 +127,50 @@ def model_step(model: Transformer, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return logits.detach(), loss.detach()
 
 
-def _run(rank: int, world: int, store: str, results) -> None:
+def _run(rank: int, world: int, results) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        for case in CASES:
-            layer = make_layer(case)
-            apply_expert_parallel(layer, dist.group.WORLD)
-            got = run_layer(layer, *tokens(case, rank))
-            got["offset"] = layer.experts.expert_offset
-            if case == "uneven":  # the aux-loss-free bias: loads summed over the group
-                update_expert_bias(layer, 0.1, dist.group.WORLD)
-                got["bias"] = layer.expert_bias.clone()
-            results[(world, case, rank)] = got
+    for case in CASES:
+        layer = make_layer(case)
+        apply_expert_parallel(layer, dist.group.WORLD)
+        got = run_layer(layer, *tokens(case, rank))
+        got["offset"] = layer.experts.expert_offset
+        if case == "uneven":  # the aux-loss-free bias: loads summed over the group
+            update_expert_bias(layer, 0.1, dist.group.WORLD)
+            got["bias"] = layer.expert_bias.clone()
+        results[(world, case, rank)] = got
 
-        deg = Degrees(dp_shard=world, ep=2)
-        mesh = build_expert_mesh(deg, "cpu")
-        results[(world, "groups", rank)] = {
-            dim: dist.get_process_group_ranks(mesh[dim].get_group()) for dim in ("ep", "edp")
-        }
-        model = Transformer(model_cfg())
-        apply_expert_parallel(model, mesh["ep"])
-        logits, loss = model_step(model, rank)
-        out = {"logits": logits, "loss": loss}
-        for name, p in model.named_parameters():
-            if name.endswith(EXPERT_PARAMS):
-                out[name] = p.grad
-            else:  # replicated: what data parallelism would sum over the ep group
-                dist.all_reduce(p.grad, group=mesh["ep"].get_group())
-                out[name] = p.grad if mesh["ep"].get_local_rank() == 0 else None
-        results[(world, "model", rank)] = out
+    deg = Degrees(dp_shard=world, ep=2)
+    mesh = build_expert_mesh(deg, "cpu")
+    results[(world, "groups", rank)] = {
+        dim: dist.get_process_group_ranks(mesh[dim].get_group()) for dim in ("ep", "edp")
+    }
+    model = Transformer(model_cfg())
+    apply_expert_parallel(model, mesh["ep"])
+    logits, loss = model_step(model, rank)
+    out = {"logits": logits, "loss": loss}
+    for name, p in model.named_parameters():
+        if name.endswith(EXPERT_PARAMS):
+            out[name] = p.grad
+        else:  # replicated: what data parallelism would sum over the ep group
+            dist.all_reduce(p.grad, group=mesh["ep"].get_group())
+            out[name] = p.grad if mesh["ep"].get_local_rank() == 0 else None
+    results[(world, "model", rank)] = out
 
-        for name, call in (
-            ("etp", lambda m: apply_expert_parallel(m, None, etp=2)),
-            ("indivisible", lambda m: apply_expert_parallel(m, None)),
-        ):
-            try:
-                call(MoEFeedForward(dataclasses.replace(CFG, experts=2 * world - 1)))
-            except OrchError as exc:
-                results[(world, name, rank)] = str(exc)
-    except Exception:  # the parent sees a missing result; the traceback says why
-        traceback.print_exc()
-    finally:
-        dist.destroy_process_group()
-        os._exit(0)
+    for name, call in (
+        ("etp", lambda m: apply_expert_parallel(m, None, etp=2)),
+        ("indivisible", lambda m: apply_expert_parallel(m, None)),
+    ):
+        try:
+            call(MoEFeedForward(dataclasses.replace(CFG, experts=2 * world - 1)))
+        except OrchError as exc:
+            results[(world, name, rank)] = str(exc)
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     results = {}
     for world in WORLDS:
-        store = tmp_path_factory.mktemp(f"ep{world}") / "store"
-        with mp.Manager() as manager:
-            shared = manager.dict()
-            mp.start_processes(
-                _run, args=(world, str(store), shared), nprocs=world, start_method="spawn"
-            )
-            results.update(shared)
+        results.update(run_on_gloo(_run, world, tmp_path_factory.mktemp(f"ep{world}")))
     return results
 
 

@@ -14,14 +14,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_harness import run_on_gloo
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
@@ -71,36 +68,26 @@ def reference(tie: bool) -> dict[str, torch.Tensor]:
     return forward_backward(model)
 
 
-def _run(rank: int, store: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=TP)
+def _run(rank: int, world: int, results) -> None:
+    mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
+    for sp, lp, tie in CASES:
+        model = Transformer(dataclasses.replace(BASE, tie_embeddings=tie))
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp, loss_parallel=lp)
+        out = forward_backward(model)
+        out["dtensor_params"] = torch.tensor(
+            sum(isinstance(p, DTensor) for p in model.parameters())
+        )
+        results[(sp, lp, tie, rank)] = out
+    moe = Transformer(dataclasses.replace(BASE, experts=4, top_k=2, moe_layer_interval=2))
     try:
-        mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
-        for sp, lp, tie in CASES:
-            model = Transformer(dataclasses.replace(BASE, tie_embeddings=tie))
-            apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp, loss_parallel=lp)
-            out = forward_backward(model)
-            out["dtensor_params"] = torch.tensor(
-                sum(isinstance(p, DTensor) for p in model.parameters()))
-            results[(sp, lp, tie, rank)] = out
-        moe = Transformer(dataclasses.replace(BASE, experts=4, top_k=2, moe_layer_interval=2))
-        try:
-            apply_tensor_parallel(moe, mesh["tp"], sequence_parallel=True, loss_parallel=True)
-        except OrchError as exc:
-            results[("moe", rank)] = str(exc)
-    except Exception:  # the parent sees a missing result; the traceback says why
-        traceback.print_exc()
-    finally:
-        dist.destroy_process_group()
-        os._exit(0)
+        apply_tensor_parallel(moe, mesh["tp"], sequence_parallel=True, loss_parallel=True)
+    except OrchError as exc:
+        results[("moe", rank)] = str(exc)
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    store = tmp_path_factory.mktemp("tp") / "store"
-    with mp.Manager() as manager:
-        shared = manager.dict()
-        mp.start_processes(_run, args=(str(store), shared), nprocs=TP, start_method="spawn")
-        return dict(shared)
+    return run_on_gloo(_run, TP, tmp_path_factory.mktemp("tp"))
 
 
 @pytest.mark.parametrize("sp,lp,tie", CASES)
