@@ -25,8 +25,9 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+
+from orch.parallel.comm import all_to_all
 
 # --- which tokens a rank holds ------------------------------------------------------------------
 
@@ -191,7 +192,7 @@ def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.T
     """(b, h, s/cp, d) sequence shard -> (b, h/cp, s, d) head shard, by one all-to-all."""
     b, h, s, d = x.shape
     send = x.reshape(b, cp, h // cp, s, d).transpose(0, 1).contiguous()
-    received = dist_fn.all_to_all_single(torch.empty_like(send), send, group=group)
+    received = all_to_all(send, group)
     return received.permute(1, 2, 0, 3, 4).reshape(b, h // cp, cp * s, d)
 
 
@@ -199,7 +200,7 @@ def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.T
     """(b, h/cp, s, d) head shard -> (b, h, s/cp, d) sequence shard: the inverse all-to-all."""
     b, hl, s, d = x.shape
     send = x.reshape(b, hl, cp, s // cp, d).permute(2, 0, 1, 3, 4).contiguous()
-    received = dist_fn.all_to_all_single(torch.empty_like(send), send, group=group)
+    received = all_to_all(send, group)
     return received.transpose(0, 1).reshape(b, cp * hl, s // cp, d)
 
 

@@ -27,8 +27,7 @@ by the group. Ranks that hold the same expert slice (the ``edp`` dimension of th
 layout) must still average them, and the replicated parameters (router, shared expert,
 attention...) over the dense data-parallel ranks; FSDP/DDP wrapping does both later (experts
 over ``edp``, the rest over ``dp``). Expert tensor parallelism (``etp > 1``) is not built yet.
-The autograd all-to-all is a small local Function: ``torch.distributed.nn.functional``'s
-``all_to_all_single`` does the same but warns (FutureWarning, deprecated) on every call.
+The row exchanges use ``orch.parallel.comm.all_to_all`` (differentiable, uneven splits).
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from orch.errors import OrchError
 from orch.models.moe import moe_layers
+from orch.parallel.comm import all_to_all
 from orch.plan.degrees import Degrees
 
 EXPERT_MESH_DIMS = ("pp", "edp", "ep", "etp")
@@ -52,27 +52,6 @@ def build_expert_mesh(deg: Degrees, device_type: str) -> DeviceMesh:
     ``mesh["ep"]`` is the plan's ep group of this rank and ``mesh["edp"]`` its edp group."""
     shape = (deg.pp, deg.edp, deg.ep, deg.etp)
     return init_device_mesh(device_type, shape, mesh_dim_names=EXPERT_MESH_DIMS)
-
-
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with uneven splits whose backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):  # type: ignore[override]
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        out_splits, in_splits = ctx.splits
-        return (
-            _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group),
-            None,
-            None,
-            None,
-        )
 
 
 class AllToAllDispatcher:
@@ -99,10 +78,10 @@ class AllToAllDispatcher:
         send_sizes, recv_sizes = counts[0].sum(1).tolist(), counts[1].sum(1).tolist()
         from_source = counts[1]  # [source rank, local expert]
 
-        received = _AllToAll.apply(permuted, recv_sizes, send_sizes, self.group)
+        received = all_to_all(permuted, self.group, recv_sizes, send_sizes)
         rows = self._source_to_expert(received, from_source)
         out = self._expert_to_source(compute(rows, from_source.sum(0)), from_source)
-        return _AllToAll.apply(out, send_sizes, recv_sizes, self.group)
+        return all_to_all(out, self.group, send_sizes, recv_sizes)
 
     def _source_to_expert(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         ep, local = counts.shape
