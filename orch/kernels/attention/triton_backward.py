@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from orch.kernels.attention.triton_forward import _load_tile, _store_tile
+from orch.kernels.attention.triton_forward import _load_tile, _query_program, _store_tile
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _bwd_delta_kernel(
         HEAD_DIM == D_PAD,
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    offs = bh.to(tl.int64) * seq_q + rows
+    offs = (b * heads + h) * seq_q + rows
     if HAS_DLSE:
         delta -= tl.load(DLSE + offs, mask=rows < seq_q, other=0.0)
     tl.store(DELTA + offs, delta, mask=rows < seq_q)
@@ -344,13 +344,7 @@ def _bwd_dq_kernel(
     PRECISION: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = bh % heads
-    kvh = (h // group).to(tl.int64)
-    h = h.to(tl.int64)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    start_m, b, h, kvh, rows = _query_program(heads, group, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D_PAD)
     q = _load_tile(
@@ -371,7 +365,7 @@ def _bwd_dq_kernel(
         True,
         EVEN_D,
     )
-    row_offs = bh.to(tl.int64) * seq_q + rows
+    row_offs = (b * heads + h) * seq_q + rows
     lse2 = tl.load(LSE + row_offs, mask=rows < seq_q, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row_offs, mask=rows < seq_q, other=0.0)
     k_base = K + b * skb + kvh * skh

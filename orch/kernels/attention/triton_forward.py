@@ -38,6 +38,21 @@ def _store_tile(ptrs, tile, rows, n_rows, cols, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _query_program(heads, group, BLOCK_M: tl.constexpr):
+    """This program's query block: (first row, batch, head, its kv head, the block's rows).
+
+    Grid axis 0 walks query blocks, axis 1 (batch x heads); a query head reads kv head
+    ``h // group`` (grouped-query attention). Indices are int64 for large strides.
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    kvh = (h // group).to(tl.int64)
+    return start_m, b, h.to(tl.int64), kvh, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _fwd_blocks(
     acc,
     l_i,
@@ -116,13 +131,7 @@ def _fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = bh % heads
-    kvh = (h // group).to(tl.int64)
-    h = h.to(tl.int64)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    start_m, b, h, kvh, rows = _query_program(heads, group, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D_PAD)
     q = _load_tile(
@@ -201,7 +210,7 @@ def _fwd_kernel(
         HEAD_DIM,
     )
     tl.store(
-        LSE + bh.to(tl.int64) * seq_q + rows,
+        LSE + (b * heads + h) * seq_q + rows,
         (m_i + tl.log2(l_i)) * 0.6931471805599453,
         mask=rows < seq_q,
     )
