@@ -18,14 +18,11 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from orch_runs import BIN, REPO, launch, steady_tokens_per_s
+
 WARMUP = 5
 
 
@@ -85,16 +82,10 @@ def run_baseline(steps: int, seq_len: int) -> float:
 
 
 def run_orch(steps: int, seq_len: int, extra: list[str]) -> float:
-    with tempfile.TemporaryDirectory() as run_dir:
-        sets = [f"run.dir={run_dir}", f"train.steps={steps}", f"train.seq_len={seq_len}",
-                "run.log_interval=1", "checkpoint.interval=0", "train.warmup_steps=1", *extra]
-        args = [arg for item in sets for arg in ("--set", item)]
-        subprocess.run([str(BIN / "orch"), "launch", "--nproc-per-node", "2",
-                        "configs/tiny.yaml", *args], capture_output=True, text=True,
-                       check=True, cwd=REPO)
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").open()]
-    median = statistics.median(r["step_time_s"] for r in rows[WARMUP:])
-    return rows[0]["tokens"] / median
+    rows, _ = launch("configs/tiny.yaml", 2, [f"train.steps={steps}", f"train.seq_len={seq_len}",
+                                              "run.log_interval=1", "train.warmup_steps=1",
+                                              *extra])
+    return steady_tokens_per_s(rows, WARMUP)
 
 
 def main() -> None:

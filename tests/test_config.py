@@ -167,6 +167,9 @@ MOE = ["model.experts=4"]
         ([*MOE, "model.capacity_factor=0"], "model.capacity_factor: must be positive"),
         ([*MOE, "model.shared_experts=-1"], "model.shared_experts: must be 0 or more"),
         ([*MOE, "model.expert_ffn_dim=0"], "model.expert_ffn_dim: must be positive"),
+        ([*MOE, "model.aux_loss_coeff=-1"], "model.aux_loss_coeff: must be 0 (off) or more"),
+        ([*MOE, "model.bias_update_rate=-0.1"], "model.bias_update_rate: must be 0 (off)"),
+        ([*MOE, "model.score_func=relu"], "model.score_func"),
         (["train.seq_len=4096"], "train.seq_len: 4096 is longer than model.max_seq_len=512"),
         (
             ["train.global_batch=7"],

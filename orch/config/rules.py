@@ -93,6 +93,14 @@ def check_config(cfg: Config) -> list[Problem]:
             f"must be positive, got {m.expert_ffn_dim}",
             "use a positive size or null for ffn_dim",
         )
+        for name in ("aux_loss_coeff", "bias_update_rate"):
+            value = getattr(m, name)
+            need(
+                value >= 0,
+                f"model.{name}",
+                f"must be 0 (off) or more, got {value}",
+                "use e.g. 0.01 for aux_loss_coeff, 0.001 for bias_update_rate",
+            )
 
     need(
         t.seq_len <= m.max_seq_len,

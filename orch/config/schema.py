@@ -50,6 +50,16 @@ class ModelConfig:
     moe_layer_interval: int = field(
         default=1, metadata=_help("every n-th layer is MoE (1 = all layers)")
     )
+    score_func: Literal["softmax", "sigmoid"] = field(
+        default="softmax", metadata=_help("router scores: softmax, or sigmoid (DeepSeek-V3)")
+    )
+    aux_loss_coeff: float = field(
+        default=0.01, metadata=_help("weight of the load-balancing loss; 0 = off")
+    )
+    bias_update_rate: float = field(
+        default=0.0,
+        metadata=_help("aux-loss-free balancing: expert bias step per optimizer step; 0 = off"),
+    )
 
     @property
     def head_dim(self) -> int:

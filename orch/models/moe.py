@@ -21,7 +21,7 @@ Load balancing, both kinds, so a run can use either or both:
   capacity drops) and ``P_e`` the mean router probability of ``e`` over the tokens (sigmoid scores
   are normalized per token first). It is 1 for perfectly uniform routing. The trainer adds
   ``aux_loss_coeff * aux_loss`` of every MoE layer to its loss (:func:`moe_aux_loss` does the
-  sum); ``aux_loss_coeff`` is a constructor argument until the config grows a field for it.
+  sum), weighted by ``model.aux_loss_coeff``.
   The value is computed on the tokens this rank sees (per micro-batch, per rank).
 - aux-loss-free (DeepSeek-V3): ``expert_bias`` is a non-learned buffer (in the state dict) added
   to the scores for top-k *selection only*. Training forwards accumulate each expert's load in
@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from orch.config.schema import ModelConfig
 from orch.kernels.moe import grouped_mm, moe_permute, moe_unpermute
@@ -115,6 +116,11 @@ def load_balancing_loss(probs: torch.Tensor, load: torch.Tensor, top_k: int) -> 
     return experts * (f * probs.mean(dim=0)).sum()
 
 
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of an expert weight (expert parallelism makes them DTensors)."""
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (activation checkpointing recomputes forwards
     there; they must not count the tokens twice). torch.utils.checkpoint asks the same way."""
@@ -144,36 +150,20 @@ class GroupedExperts(nn.Module):
 
     @property
     def local_experts(self) -> int:
-        return self.w1.shape[0]
+        return _local(self.w1).shape[0]
 
-    def compute(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """SwiGLU of rows sorted by local expert: rows ``[offset_e, offset_e + count_e)`` of ``x``
         go through local expert ``e``. Under autocast both operands take the autocast dtype
-        (grouped_mm is a custom op that autocast does not see)."""
-        w1, w2, w3 = self.w1, self.w2, self.w3
+        (grouped_mm is a custom op that autocast does not see). Called as a module (also by
+        the expert-parallel dispatcher) so FSDP's hooks gather and reduce the expert weights."""
+        w1, w2, w3 = _local(self.w1), _local(self.w2), _local(self.w3)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w1, w2, w3 = (t.to(dtype) for t in (x, w1, w2, w3))
         gate = grouped_mm(x, w1, tokens_per_expert, check=False)
         up = grouped_mm(x, w3, tokens_per_expert, check=False)
         return grouped_mm(F.silu(gate) * up, w2, tokens_per_expert, check=False)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        weights: torch.Tensor,
-        indices: torch.Tensor,
-        capacity: int | None = None,
-    ) -> torch.Tensor:
-        """Single-process convenience: permute ``x [tokens, dim]`` by ``indices``, compute, and
-        combine with ``weights`` (both from :func:`route`). Needs every expert here."""
-        if self.local_experts != self.num_experts:
-            raise RuntimeError(
-                "GroupedExperts.forward needs all experts; this one is sharded "
-                "by expert parallelism (use MoEFeedForward, which dispatches)"
-            )
-        permuted, row_map, counts = moe_permute(x, indices, self.num_experts, capacity)
-        return moe_unpermute(self.compute(permuted, counts), row_map, weights, x.shape[0])
 
 
 class MoEFeedForward(nn.Module):
@@ -190,17 +180,15 @@ class MoEFeedForward(nn.Module):
     ``orch.parallel.expert_parallel.apply_expert_parallel`` to move rows between ranks.
     """
 
-    def __init__(
-        self, cfg: ModelConfig, *, score_func: ScoreFunc = "softmax", aux_loss_coeff: float = 0.01
-    ) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if score_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+        if cfg.score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {cfg.score_func!r}")
         self.num_experts = cfg.experts
         self.top_k = cfg.top_k
         self.capacity_factor = cfg.capacity_factor
-        self.score_func: ScoreFunc = score_func
-        self.aux_loss_coeff = aux_loss_coeff
+        self.score_func: ScoreFunc = cfg.score_func
+        self.aux_loss_coeff = cfg.aux_loss_coeff
         self.router = nn.Linear(cfg.dim, cfg.experts, bias=False)
         self.experts = GroupedExperts(cfg.experts, cfg.dim, cfg.moe_ffn_dim)
         self.shared_expert = (
@@ -231,9 +219,9 @@ class MoEFeedForward(nn.Module):
             tokens, indices, self.num_experts, capacity, check=False
         )
         if self.dispatcher is None:
-            expert_out = self.experts.compute(permuted, counts)
+            expert_out = self.experts(permuted, counts)
         else:
-            expert_out = self.dispatcher(permuted, counts, self.experts.compute)
+            expert_out = self.dispatcher(permuted, counts, self.experts)
         out = moe_unpermute(expert_out, row_map, weights, num_tokens, check=False)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
@@ -265,15 +253,20 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
 @torch.no_grad()
 def update_expert_bias(
     model: nn.Module | Iterable[nn.Module], rate: float, group: dist.ProcessGroup | None = None
-) -> None:
-    """:meth:`MoEFeedForward.update_bias` for every MoE layer, with one all-reduce of the loads
-    over ``group`` (None: no reduction, a single process). Call once per optimizer step."""
+) -> torch.Tensor | None:
+    """Close one optimizer step of routing: sum every MoE layer's expert loads over ``group``
+    (one all-reduce; None: a single process), move each bias by ``rate`` towards balance
+    (:meth:`MoEFeedForward.update_bias`; ``rate`` 0 leaves the bias alone) and reset the loads.
+    Returns the step's loads ``[moe layers, experts]`` (tokens routed to each expert over the
+    group), or None without MoE layers. Call once per optimizer step."""
     layers = moe_layers(model)
     if not layers:
-        return
+        return None
     loads = torch.stack([m.expert_load for m in layers]).float()
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(loads, group=group)
     for m, load in zip(layers, loads, strict=True):
-        m.expert_bias += rate * torch.sign(load.mean() - load)
+        if rate:
+            m.expert_bias += rate * torch.sign(load.mean() - load)
         m.expert_load.zero_()
+    return loads

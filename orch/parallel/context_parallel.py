@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orch.parallel.comm import all_to_all
+from orch.parallel.comm_stats import dimension
 
 # --- which tokens a rank holds ------------------------------------------------------------------
 
@@ -101,7 +102,9 @@ class _Ring:
         received = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in received]
-        for request in dist.batch_isend_irecv(ops):
+        with dimension("cp"):
+            requests = dist.batch_isend_irecv(ops)
+        for request in requests:
             request.wait()
         return received
 
@@ -192,7 +195,7 @@ def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.T
     """(b, h, s/cp, d) sequence shard -> (b, h/cp, s, d) head shard, by one all-to-all."""
     b, h, s, d = x.shape
     send = x.reshape(b, cp, h // cp, s, d).transpose(0, 1).contiguous()
-    received = all_to_all(send, group)
+    received = all_to_all(send, group, dim="cp")
     return received.permute(1, 2, 0, 3, 4).reshape(b, h // cp, cp * s, d)
 
 
@@ -200,7 +203,7 @@ def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.T
     """(b, h/cp, s, d) head shard -> (b, h, s/cp, d) sequence shard: the inverse all-to-all."""
     b, hl, s, d = x.shape
     send = x.reshape(b, hl, cp, s // cp, d).permute(2, 0, 1, 3, 4).contiguous()
-    received = all_to_all(send, group)
+    received = all_to_all(send, group, dim="cp")
     return received.transpose(0, 1).reshape(b, cp * hl, s // cp, d)
 
 

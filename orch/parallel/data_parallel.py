@@ -17,17 +17,32 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from orch.models.moe import MoEFeedForward
 
-def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, precision: str) -> nn.Module:
+
+def apply_data_parallel(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    precision: str,
+    expert_dp_mesh: DeviceMesh | None = None,
+    expert_grad_divide: int = 1,
+) -> nn.Module:
     """Wrap ``model`` (an ``orch.models.llama.Transformer``) for data parallelism on the 2-D
     ``(replicate, shard)`` mesh ``dp_mesh`` (``orch.parallel.mesh.data_parallel_mesh``);
     returns the module to train (a DDP wrapper for pure replication, else ``model`` itself).
+
+    Under expert parallelism (experts already DTensors over ``ep``), ``expert_dp_mesh`` is the
+    expert layout's ``edp`` mesh: each MoE layer's experts become their own FSDP unit over it,
+    before their block, so the block's unit leaves them out. Their gradients are sums over the
+    tokens of ``expert_grad_divide`` ranks (the dense data-parallel size: every rank's loss is a
+    mean over its own tokens), so FSDP divides by that instead of the edp size. DDP cannot
+    hold DTensor parameters: expert parallelism always takes the FSDP path.
 
     Under ``bf16`` the blocks compute in bf16 and reduce gradients in fp32, while parameters and
     optimizer state stay fp32 (FSDP2's mixed precision; DDP under autocast); under ``fp32``
     nothing is cast.
     """
-    if dp_mesh.size(1) == 1:
+    if dp_mesh.size(1) == 1 and expert_dp_mesh is None:
         return DistributedDataParallel(model, process_group=dp_mesh.get_group("dp_replicate"))
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -36,7 +51,17 @@ def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, precision: str) -
     last = len(model.layers) - 1
     for index, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=index < last)
+        reshard = index < last
+        if expert_dp_mesh is not None and isinstance(block.feed_forward, MoEFeedForward):
+            experts = block.feed_forward.experts
+            fully_shard(experts, mesh=expert_dp_mesh, mp_policy=policy,
+                        reshard_after_forward=reshard)
+            experts.set_gradient_divide_factor(float(expert_grad_divide))
+            # NCCL applies the factor inside the reduce-scatter (PREMUL_SUM); gloo cannot. (On
+            # one rank, torch 2.13 would divide twice with the forced sum: keep its default.)
+            gloo = expert_dp_mesh.device_type == "cpu"
+            experts.set_force_sum_reduction_for_comms(gloo and expert_dp_mesh.size() > 1)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
     return model
 

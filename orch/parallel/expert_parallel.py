@@ -22,11 +22,18 @@ route and ``moe_permute`` by *global* expert id:
 
 Experts with no rows, and ranks that send or receive nothing, are ordinary zero-size splits.
 
-Gradients of the local expert weights stay local: they already hold every token routed to them
-by the group. Ranks that hold the same expert slice (the ``edp`` dimension of the plan's expert
-layout) must still average them, and the replicated parameters (router, shared expert,
-attention...) over the dense data-parallel ranks; FSDP/DDP wrapping does both later (experts
-over ``edp``, the rest over ``dp``). Expert tensor parallelism (``etp > 1``) is not built yet.
+Expert tensor parallelism (``etp > 1``) splits each expert's SwiGLU over the ``etp`` ranks of an
+expert: ``w1``/``w3`` by columns and ``w2`` by rows of the hidden dimension. After step 2 the
+``etp`` ranks gather each other's received rows (so each computes its hidden slice for all of
+them), and before step 4 the partial outputs are reduce-scattered back (Megatron-Core's expert
+tensor parallelism: all-gather before the experts, reduce-scatter after).
+
+The expert weights become DTensors sharded ``Shard(0)`` over ``ep`` (and on the hidden dimension
+over ``etp``), so distributed checkpoints hold the full ``[E, ...]`` stacks under one name and
+resume onto other expert layouts, and gradient clipping sees the whole norm. Their gradients
+already hold every token routed to them by the ``ep x etp`` ranks; the ranks holding the same
+slice (``edp``) still average them, which ``orch.parallel.data_parallel`` does by sharding the
+experts with FSDP over ``edp`` (the replicated parameters go over the dense ``dp`` ranks).
 The row exchanges use ``orch.parallel.comm.all_to_all`` (differentiable, uneven splits).
 """
 
@@ -36,14 +43,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Placement, Shard
 
 from orch.errors import OrchError
-from orch.models.moe import moe_layers
+from orch.models.moe import GroupedExperts, moe_layers
 from orch.parallel.comm import all_to_all
+from orch.parallel.comm_stats import dimension
 from orch.plan.degrees import Degrees
 
 EXPERT_MESH_DIMS = ("pp", "edp", "ep", "etp")
+HIDDEN_DIM = {"w1": 2, "w3": 2, "w2": 1}
+"""The hidden (SwiGLU inner) dimension of each stacked expert weight, which ``etp`` splits."""
 
 
 def build_expert_mesh(deg: Degrees, device_type: str) -> DeviceMesh:
@@ -60,94 +70,143 @@ class AllToAllDispatcher:
     Called by :class:`MoEFeedForward` as ``dispatcher(permuted, tokens_per_expert, compute)``:
     ``permuted`` is sorted by global expert with ``tokens_per_expert [E]`` rows each, and
     ``compute(rows, counts)`` runs the local experts on rows sorted by local expert. Every rank
-    of ``group`` must call it for the same layers in the same order (it is a collective).
+    of ``ep`` (and ``etp``) must call it for the same layers in the same order (collectives).
     """
 
-    def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
-        self.group = group
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+    def __init__(
+        self, ep: dist.ProcessGroup, num_experts: int, etp: dist.ProcessGroup | None = None
+    ) -> None:
+        self.group, self.etp_group = ep, etp
+        self.size = dist.get_world_size(ep)
+        self.etp = dist.get_world_size(etp) if etp is not None else 1
         self.local = num_experts // self.size
 
     def __call__(self, permuted, tokens_per_expert, compute):  # type: ignore[no-untyped-def]
         ep, local = self.size, self.local
         send = tokens_per_expert.to(torch.int64)
         recv = torch.empty_like(send)  # recv[s * local + j]: rows source s sends to my expert j
-        dist.all_to_all_single(recv, send, group=self.group)
+        with dimension("ep"):
+            dist.all_to_all_single(recv, send, group=self.group)
         counts = torch.stack([send, recv]).view(2, ep, local).cpu()  # the one host read
         send_sizes, recv_sizes = counts[0].sum(1).tolist(), counts[1].sum(1).tolist()
-        from_source = counts[1]  # [source rank, local expert]
+        received = all_to_all(permuted, self.group, recv_sizes, send_sizes, "ep")
+        if self.etp == 1:
+            out = self._compute_local(received, counts[1], compute)
+        else:
+            out = self._compute_tensor_parallel(received, counts[1], compute)
+        return all_to_all(out, self.group, send_sizes, recv_sizes, "ep")
 
-        received = all_to_all(permuted, self.group, recv_sizes, send_sizes)
-        rows = self._source_to_expert(received, from_source)
-        out = self._expert_to_source(compute(rows, from_source.sum(0)), from_source)
-        return all_to_all(out, self.group, send_sizes, recv_sizes)
+    def _compute_local(self, rows, from_source, compute):  # type: ignore[no-untyped-def]
+        """``rows`` arrive source-major with ``from_source [source, local expert]`` counts."""
+        by_expert = _sources_to_experts(rows, from_source)
+        return _experts_to_sources(compute(by_expert, from_source.sum(0)), from_source)
 
-    def _source_to_expert(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        ep, local = counts.shape
-        if ep == 1 or local == 1:
-            return x
-        chunks = x.split(counts.flatten().tolist())
-        return torch.cat([chunks[s * local + j] for j in range(local) for s in range(ep)])
-
-    def _expert_to_source(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        ep, local = counts.shape
-        if ep == 1 or local == 1:
-            return x
-        chunks = x.split(counts.t().flatten().tolist())
-        return torch.cat([chunks[j * ep + s] for s in range(ep) for j in range(local)])
-
-
-def _group_of(ep: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessGroup:
-    if isinstance(ep, DeviceMesh):
-        if ep.ndim != 1:
-            raise ValueError(f"expert parallelism needs a 1-D mesh (mesh['ep']), got {ep.ndim}-D")
-        return ep.get_group()
-    return ep if ep is not None else dist.group.WORLD
+    def _compute_tensor_parallel(self, rows, from_source, compute):  # type: ignore[no-untyped-def]
+        """All-gather the etp ranks' rows, compute this rank's hidden slice for all of them, and
+        reduce-scatter the partial outputs back to the ranks that brought the rows."""
+        etp, group = self.etp, self.etp_group
+        tables = [torch.empty_like(from_source) for _ in range(etp)]
+        with dimension("etp"):
+            dist.all_gather(tables, from_source, group=group)
+        sizes = [int(t.sum()) for t in tables]
+        mine = rows.shape[0]
+        gathered = all_to_all(rows.repeat(etp, *([1] * (rows.dim() - 1))), group, sizes,
+                              [mine] * etp, "etp")
+        partial = self._compute_local(gathered, torch.cat(tables), compute)
+        parts = all_to_all(partial, group, [mine] * etp, sizes, "etp")
+        return parts.view(etp, mine, *parts.shape[1:]).sum(0)
 
 
-def apply_expert_parallel(
-    model: nn.Module, ep: dist.ProcessGroup | DeviceMesh | None, *, etp: int = 1
-) -> None:
-    """Shard every MoE layer of ``model`` (a Transformer, or a single MoEFeedForward) over ``ep``.
+def _sources_to_experts(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows ordered ``[src0: e0 e1 .., src1: e0 e1 ..]`` -> ``[e0: src0 src1 .., e1: ..]``."""
+    sources, local = counts.shape
+    if sources == 1 or local == 1:
+        return x
+    chunks = x.split(counts.flatten().tolist())
+    return torch.cat([chunks[s * local + j] for j in range(local) for s in range(sources)])
 
-    ``ep``: the expert-parallel process group of this rank, or a 1-D DeviceMesh (e.g.
-    ``build_expert_mesh(deg, ...)["ep"]``), or None for the default (world) group; the group's
-    size and this rank's position in it decide the slice. Apply after the weights are
-    initialized (the slice is taken from the full stack) and before FSDP/DDP, activation
-    checkpointing and compile. A group of size 1 leaves the model untouched.
+
+def _experts_to_sources(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_sources_to_experts`."""
+    sources, local = counts.shape
+    if sources == 1 or local == 1:
+        return x
+    chunks = x.split(counts.t().flatten().tolist())
+    return torch.cat([chunks[j * sources + s] for s in range(sources) for j in range(local)])
+
+
+def _expert_mesh(mesh: DeviceMesh | dist.ProcessGroup | None) -> DeviceMesh:
+    """A 1-D ``(ep,)`` or 2-D ``(ep, etp)`` mesh from what the caller has."""
+    if isinstance(mesh, DeviceMesh):
+        if mesh.ndim not in (1, 2):
+            raise ValueError(f"expert parallelism needs an (ep,) or (ep, etp) mesh, got {mesh}")
+        return mesh
+    group = mesh if mesh is not None else dist.group.WORLD
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return DeviceMesh.from_group(group, device, mesh_dim_names=("ep",))
+
+
+def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh | dist.ProcessGroup | None) -> None:
+    """Shard every MoE layer of ``model`` (a Transformer, or a single MoEFeedForward).
+
+    ``mesh``: ``build_expert_mesh(deg, ...)["ep", "etp"]`` (expert and expert-tensor
+    parallelism), a 1-D ``(ep,)`` mesh, an ep process group, or None for the world group. Apply
+    after the weights are initialized (the slice is taken from the full stack) and before
+    FSDP, activation checkpointing and compile. A mesh of one rank leaves the model untouched.
     """
-    if etp != 1:
-        raise OrchError(
-            f"parallel.etp: {etp} (expert tensor parallelism) is not supported yet; fix: set "
-            "parallel.etp=1 and shard experts with parallel.ep instead"
-        )
-    group = _group_of(ep)
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if size == 1:
+    mesh = _expert_mesh(mesh)
+    if mesh.size() == 1:
         return
+    if mesh.ndim == 2 and mesh.size(1) == 1:  # no expert tensor parallelism: plain Shard(0)
+        mesh = mesh[mesh.mesh_dim_names[0]]
+    ep_mesh = mesh[mesh.mesh_dim_names[0]] if mesh.ndim == 2 else mesh
+    etp_mesh = mesh[mesh.mesh_dim_names[1]] if mesh.ndim == 2 else None
+    etp = etp_mesh.size() if etp_mesh is not None else 1
     for layer in moe_layers(model):
         experts = layer.experts
         if layer.dispatcher is not None:
             raise RuntimeError("apply_expert_parallel was already applied to this model")
         if any(isinstance(p, DTensor) for p in experts.parameters()):
             raise RuntimeError("apply expert parallelism before FSDP/tensor parallelism")
-        total = experts.num_experts
-        if total % size:
-            raise OrchError(
-                f"parallel.ep: {size} does not divide model.experts={total}; fix: pick an ep "
-                f"degree that divides {total} (e.g. {_divisor_below(total, size)})"
-            )
-        local = total // size
-        lo = rank * local
-        for name in ("w1", "w2", "w3"):
-            full = getattr(experts, name)
-            shard = nn.Parameter(
-                full.detach()[lo : lo + local].clone(), requires_grad=full.requires_grad
-            )
-            setattr(experts, name, shard)
-        experts.expert_offset = lo
-        layer.dispatcher = AllToAllDispatcher(group, total)
+        _check_divisible(experts, ep_mesh.size(), etp)
+        _shard_experts(experts, mesh, etp)
+        layer.dispatcher = AllToAllDispatcher(
+            ep_mesh.get_group(), experts.num_experts,
+            etp_mesh.get_group() if etp > 1 else None,
+        )
+
+
+def _check_divisible(experts: GroupedExperts, ep: int, etp: int) -> None:
+    total, hidden = experts.num_experts, experts.w1.shape[2]
+    if total % ep:
+        raise OrchError(
+            f"parallel.ep: {ep} does not divide model.experts={total}; fix: pick an ep "
+            f"degree that divides {total} (e.g. {_divisor_below(total, ep)})"
+        )
+    if hidden % etp:
+        raise OrchError(
+            f"parallel.etp: {etp} does not divide the expert hidden size {hidden}; fix: pick an "
+            f"etp that divides it (e.g. {_divisor_below(hidden, etp)})"
+        )
+
+
+def _shard_experts(experts: GroupedExperts, mesh: DeviceMesh, etp: int) -> None:
+    """Replace the full stacks by this rank's slice, as DTensors on ``mesh``."""
+    ep_rank = mesh.get_local_rank(0)
+    etp_rank = mesh.get_local_rank(1) if mesh.ndim == 2 else 0
+    local = experts.num_experts // mesh.size(0)
+    lo = ep_rank * local
+    for name in ("w1", "w2", "w3"):
+        full = getattr(experts, name)
+        dim = HIDDEN_DIM[name]
+        piece = full.detach()[lo : lo + local]
+        width = piece.shape[dim] // etp
+        piece = piece.narrow(dim, etp_rank * width, width).clone()
+        placements: list[Placement] = [Shard(0)] + ([Shard(dim)] if mesh.ndim == 2 else [])
+        shard = DTensor.from_local(piece, mesh, placements, run_check=False,
+                                   shape=full.shape, stride=full.stride())
+        setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
+    experts.expert_offset = lo
 
 
 def _divisor_below(n: int, limit: int) -> int:

@@ -9,9 +9,11 @@ in the mesh so code can always slice ``mesh["dp_replicate", "dp_shard"]``.
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from orch.plan import Plan
+from orch.plan.layout import dense_layout, expert_layout
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -31,3 +33,29 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """
     mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     return mesh["dp_replicate", "dp_shard_cp"]
+
+
+def token_parallel_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:
+    """The ranks of this pipeline stage that see different tokens (``dp_replicate x dp_shard x
+    cp``; tensor-parallel ranks see the same ones), or None when that is only this rank. MoE
+    layers sum their expert loads over it, so every router replica keeps the same bias."""
+    dims = ("dp_replicate", "dp_shard", "cp")
+    if all(mesh.size(mesh.mesh_dim_names.index(d)) == 1 for d in dims):
+        return None
+    return mesh[dims]._flatten("dp_cp").get_group()
+
+
+def mesh_problems(plan: Plan, mesh: DeviceMesh, expert_mesh: DeviceMesh | None) -> list[str]:
+    """Where this rank's mesh groups differ from the plan's groups holding it (empty: none)."""
+    rank = dist.get_rank()
+    views = [(mesh, dense_layout(plan.degrees))]
+    if expert_mesh is not None:
+        views.append((expert_mesh, expert_layout(plan.degrees)))
+    problems = []
+    for view, layout in views:
+        for dim in view.mesh_dim_names or ():
+            got = dist.get_process_group_ranks(view[dim].get_group())
+            want = next(g for g in layout.groups(dim) if rank in g)
+            if got != want:
+                problems.append(f"mesh dimension {dim} holds ranks {got}, the plan says {want}")
+    return problems

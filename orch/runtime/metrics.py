@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -35,6 +35,14 @@ class StepMetrics:
     mfu: float
     mem_bytes: int
     mem_total_bytes: int
+    aux_loss: float | None = None
+    """MoE models: the weighted load-balancing term added to ``loss`` for backward (``loss``
+    itself is the language-model loss alone)."""
+    expert_load: list[list[int]] | None = None
+    """MoE models: tokens routed to each expert in the step, per MoE layer, over all ranks."""
+    comm_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes rank 0 handed to collectives in the step, per parallel dimension (dp, tp, cp, ep,
+    etp, edp, other; ``orch.parallel.comm_stats``)."""
 
     def line(self) -> str:
         tok = self.tokens_per_s

@@ -21,6 +21,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from orch.config.schema import Config
+from orch.models.moe import moe_aux_loss, update_expert_bias
+from orch.parallel.comm_stats import CommLedger
 from orch.parallel.data_parallel import set_gradient_sync
 from orch.plan import Plan
 from orch.runtime.data import BatchStream
@@ -45,6 +47,10 @@ class Trainer:
     """Compute dtype for autocast, when no FSDP mixed-precision policy casts already."""
     positions: torch.Tensor | None = None
     """Under context parallelism, the sequence positions this rank holds (its tokens)."""
+    token_group: dist.ProcessGroup | None = None
+    """The ranks that see different tokens (MoE expert loads are summed over them)."""
+    ledger: CommLedger | None = None
+    """Counts the step's communication per parallel dimension (multi-process runs)."""
 
     def train(self, start_step: int) -> None:
         """Run steps ``start_step + 1`` to ``train.steps`` (or ``run.stop_at_step``), saving a
@@ -55,18 +61,26 @@ class Trainer:
             start = time.perf_counter()
             lr = lr_at(step, t)
             set_lr(self.optimizer, lr)
-            loss = self._accumulate()
-            grad_norm = self._clip()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            with self.ledger.tracking() if self.ledger else contextlib.nullcontext():
+                loss, aux_loss = self._accumulate()
+                grad_norm = self._clip()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loads = update_expert_bias(self.model, self.cfg.model.bias_update_rate,
+                                           self.token_group)
+            comm = self.ledger.take() if self.ledger else {}
             if step % self.cfg.run.log_interval == 0 or step == last:
-                self._log(step, loss, lr, grad_norm, time.perf_counter() - start)
+                self._log(step, loss, aux_loss, loads, comm, lr, grad_norm,
+                          time.perf_counter() - start)
             if step == last or (interval and step % interval == 0):
                 self.save(step)
 
-    def _accumulate(self) -> torch.Tensor:
+    def _accumulate(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of this rank's micro-batches; returns the mean language-model
+        loss and the mean MoE load-balancing term (None for a dense model), both unreduced."""
         micro_batches = self.stream.next_step()
         total = torch.zeros((), device=self.device)
+        aux_total = torch.zeros((), device=self.device) if self.cfg.model.is_moe else None
         for index, (inputs, targets) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
             if self.positions is not None:
@@ -80,11 +94,14 @@ class Trainer:
             sharded = isinstance(logits, DTensor)
             with loss_parallel() if sharded else contextlib.nullcontext():
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-                (loss / len(micro_batches)).backward()
+                aux = moe_aux_loss(self.model)
+                ((loss if aux is None else loss + aux) / len(micro_batches)).backward()
             if isinstance(loss, DTensor):
                 loss = loss.full_tensor()
             total += loss.detach() / len(micro_batches)
-        return total
+            if aux is not None and aux_total is not None:
+                aux_total += aux.detach() / len(micro_batches)
+        return total, aux_total
 
     def _clip(self) -> float:
         """Clip the global gradient norm (over all shards) and return it before clipping.
@@ -112,9 +129,12 @@ class Trainer:
                 torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.train.grad_clip, total)
         return float(total)
 
-    def _log(self, step: int, loss: torch.Tensor, lr: float, grad_norm: float, secs: float) -> None:
+    def _log(self, step: int, loss: torch.Tensor, aux_loss: torch.Tensor | None,
+             loads: torch.Tensor | None, comm: dict[str, int], lr: float, grad_norm: float,
+             secs: float) -> None:
+        losses = loss if aux_loss is None else torch.stack([loss, aux_loss])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank's share of the batch
+            dist.all_reduce(losses, op=dist.ReduceOp.AVG)  # every rank's share of the batch
         t = self.cfg.train
         tokens = t.global_batch * t.seq_len
         tokens_per_s = tokens / secs
@@ -122,7 +142,11 @@ class Trainer:
         used, total = memory_bytes(self.device)
         self.metrics.log(
             StepMetrics(
-                step=step, steps=t.steps, loss=float(loss), lr=lr, grad_norm=grad_norm,
+                step=step, steps=t.steps, loss=float(losses.flatten()[0]), lr=lr,
+                grad_norm=grad_norm,
+                aux_loss=None if aux_loss is None else float(losses[1]),
+                expert_load=None if loads is None else loads.int().tolist(),
+                comm_bytes=comm,
                 tokens=tokens, step_time_s=secs, tokens_per_s=tokens_per_s, tflops=tflops,
                 mfu=tflops * 1e12 / self.plan.peak_flops, mem_bytes=used, mem_total_bytes=total,
             )

@@ -1,9 +1,9 @@
 """One training process: ``python -m orch.runtime.worker CONFIG [--set ...] [--resume ...]``.
 
 Started by ``orch launch`` (torchrun) on every rank. It rebuilds the same plan the launcher
-validated, then applies it in a fixed order (as torchtitan does): model, tensor and sequence
-parallelism, activation checkpointing, data parallelism (FSDP2/HSDP, over the TP-sharded DTensor
-parameters when tp > 1), optimizer, data, checkpoint resume, training.
+validated, checks that every rank holds it, and applies it (``orch.runtime.parallelize``:
+TP/SP, EP, CP, activation checkpointing, FSDP/DDP); then the optimizer, data, checkpoint resume
+and training.
 """
 
 from __future__ import annotations
@@ -24,17 +24,13 @@ from orch.config import Config, config_to_dict, load_config
 from orch.errors import OrchError, PlanError
 from orch.launch.launcher import device_name, unsupported_features, worker_parser
 from orch.models.llama import Transformer
-from orch.parallel.context_parallel import apply_context_parallel, local_positions
-from orch.parallel.data_parallel import apply_data_parallel
-from orch.parallel.mesh import build_mesh, data_parallel_mesh
-from orch.parallel.recompute import apply_recompute
-from orch.parallel.tensor_parallel import apply_tensor_parallel
 from orch.plan import Plan, build_plan
 from orch.plan.layout import dense_layout
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
 from orch.runtime.data import BatchStream, PackedSequences, load_tokens
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
+from orch.runtime.parallelize import RanksDisagree, parallelize
 from orch.runtime.trainer import Trainer
 
 
@@ -73,27 +69,16 @@ def run(argv: Sequence[str]) -> None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     plan = build_plan(cfg, world, local_world, device_name())
     run_dir = Path(cfg.run.dir)
-    if rank == 0:
-        _write_run_files(run_dir, cfg, plan)
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     model.init_weights(cfg.train.seed)
     model.to(device)
-    mesh = build_mesh(plan, device.type)
-    d = plan.degrees
-    # The plan applied in torchtitan's order: TP/SP, CP, activation checkpointing, then FSDP.
-    if d.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], d.sequence_parallel, loss_parallel=True)
-    positions = None
-    if d.cp > 1:
-        apply_context_parallel(model, mesh.get_group("cp"), cfg.parallel.cp_kind)
-        cp_rank = mesh.get_local_rank("cp")
-        positions = local_positions(cfg.train.seq_len, d.cp, cp_rank, cfg.parallel.cp_kind)
-    apply_recompute(model, cfg.train.recompute)
     precision = _precision(cfg, device, rank)
-    if d.dp * d.cp > 1:
-        model = apply_data_parallel(model, data_parallel_mesh(mesh), precision)
+    par = parallelize(model, plan, cfg, device, precision)
+    model = par.model
+    if rank == 0:  # every rank agreed on the plan: record it
+        _write_run_files(run_dir, cfg, plan)
     autocast = torch.bfloat16 if precision == "bf16" and not isinstance(model, FSDPModule) else None
     optimizer = build_optimizer(model, cfg)
 
@@ -128,7 +113,7 @@ def run(argv: Sequence[str]) -> None:
     metrics = MetricsLog(run_dir, rank == 0, sys.stdout, resume_step=start)
     try:
         trainer = Trainer(cfg, plan, model, optimizer, stream, metrics, device, save, autocast,
-                          positions)
+                          par.positions, par.token_group, par.ledger)
         trainer.train(start)
         checkpoints.wait()  # an async save still in flight completes before the process ends
     finally:
@@ -140,7 +125,8 @@ def main() -> None:
     try:
         run(sys.argv[1:])
     except OrchError as exc:
-        print(f"orch worker: {exc}", file=sys.stderr, flush=True)
+        if not isinstance(exc, RanksDisagree) or exc.speaker:
+            print(f"orch worker: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code
     finally:
         # gloo threads can abort at interpreter exit after good work (DESIGN.md, known traps):

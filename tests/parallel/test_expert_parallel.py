@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from gloo_harness import run_on_gloo
+from torch.distributed.tensor import DTensor
 
 from orch.config import load_config
 from orch.errors import OrchError
@@ -56,6 +57,10 @@ CASES = {  # name: (steer, score_func, capacity_factor)
     "sigmoid": ("uneven", "sigmoid", None),
 }
 EXPERT_PARAMS = ("experts.w1", "experts.w2", "experts.w3")
+HIDDEN_DIM = {"experts.w1": 2, "experts.w3": 2, "experts.w2": 1}
+ETP_CASES = ("uneven", "starved", "capacity")
+"""Run again with expert tensor parallelism: ep = world / 2, etp = 2 (rank = 2 * ep_rank +
+etp_rank), each etp pair gathering its rows and reduce-scattering the partial outputs."""
 
 
 def close(got: torch.Tensor, want: torch.Tensor, msg: str = "") -> None:
@@ -77,7 +82,7 @@ def make_layer(case: str) -> MoEFeedForward:
     steer, score_func, capacity_factor = CASES[case]
     torch.manual_seed(0)
     layer = MoEFeedForward(
-        dataclasses.replace(CFG, capacity_factor=capacity_factor), score_func=score_func
+        dataclasses.replace(CFG, capacity_factor=capacity_factor, score_func=score_func)
     )
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -95,11 +100,15 @@ def tokens(case: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(2, 12, CFG.dim, generator=gen)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def run_layer(layer: MoEFeedForward, x: torch.Tensor, g: torch.Tensor) -> dict:
     x = x.clone().requires_grad_()
     out = layer(x)
     out.backward(g)
-    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    grads = {name: local(p.grad).clone() for name, p in layer.named_parameters()}
     return {
         "out": out.detach(),
         "dx": x.grad,
@@ -150,18 +159,24 @@ def _run(rank: int, world: int, results) -> None:
     out = {"logits": logits, "loss": loss}
     for name, p in model.named_parameters():
         if name.endswith(EXPERT_PARAMS):
-            out[name] = p.grad
+            out[name] = local(p.grad)
         else:  # replicated: what data parallelism would sum over the ep group
             dist.all_reduce(p.grad, group=mesh["ep"].get_group())
             out[name] = p.grad if mesh["ep"].get_local_rank() == 0 else None
     results[(world, "model", rank)] = out
 
-    for name, call in (
-        ("etp", lambda m: apply_expert_parallel(m, None, etp=2)),
-        ("indivisible", lambda m: apply_expert_parallel(m, None)),
+    etp_mesh = build_expert_mesh(Degrees(dp_shard=world, ep=world // 2, etp=2), "cpu")
+    for case in ETP_CASES:
+        layer = make_layer(case)
+        apply_expert_parallel(layer, etp_mesh["ep", "etp"])
+        results[(world, f"etp-{case}", rank)] = run_layer(layer, *tokens(case, rank))
+
+    for name, mesh, changes in (
+        ("etp", etp_mesh["ep", "etp"], {"expert_ffn_dim": 345}),
+        ("indivisible", None, {"experts": 2 * world - 1}),
     ):
         try:
-            call(MoEFeedForward(dataclasses.replace(CFG, experts=2 * world - 1)))
+            apply_expert_parallel(MoEFeedForward(dataclasses.replace(CFG, **changes)), mesh)
         except OrchError as exc:
             results[(world, name, rank)] = str(exc)
 
@@ -191,24 +206,45 @@ def reference(case: str, world: int) -> tuple[MoEFeedForward, list[dict]]:
     return layer, per_rank
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("world", WORLDS)
-def test_equals_unsharded_layer_forward_and_backward(sharded, world, case):
+def expert_slice(name: str, world: int, rank: int, etp: int) -> tuple[slice, ...]:
+    """The part of the full ``[E, ...]`` weight ``name`` that ``rank`` holds (ranks are
+    ``ep_rank * etp + etp_rank``; etp splits the hidden dimension)."""
+    local = CFG.experts // (world // etp)
+    ep_rank, etp_rank = divmod(rank, etp)
+    index = [slice(ep_rank * local, (ep_rank + 1) * local), slice(None), slice(None)]
+    width = CFG.moe_ffn_dim // etp
+    index[HIDDEN_DIM[name]] = slice(etp_rank * width, (etp_rank + 1) * width)
+    return tuple(index)
+
+
+def check_against_reference(sharded: dict, case: str, world: int, key: str, etp: int) -> None:
     ref, ref_rows = reference(case, world)
-    got = [sharded[(world, case, r)] for r in range(world)]
-    local = CFG.experts // world
+    got = [sharded[(world, key, r)] for r in range(world)]
     for rank, (g, want) in enumerate(zip(got, ref_rows, strict=True)):
-        for key in ("out", "dx"):
-            close(g[key], want[key], f"{rank} {key}")
-        assert g["offset"] == rank * local
+        for out in ("out", "dx"):
+            close(g[out], want[out], f"{rank} {out}")
         for name in EXPERT_PARAMS:
-            full = ref.get_parameter(name).grad
-            assert g[name].shape[0] == local
-            close(g[name], full[rank * local : (rank + 1) * local], f"{rank} {name}")
+            part = ref.get_parameter(name).grad[expert_slice(name, world, rank, etp)]
+            assert g[name].shape == part.shape, name
+            close(g[name], part, f"{rank} {name}")
     for name, p in ref.named_parameters():
         if not name.startswith("experts."):  # replicated: gradients sum over ranks
             summed = torch.stack([g[name] for g in got]).sum(0)
             close(summed, p.grad, name)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("world", WORLDS)
+def test_equals_unsharded_layer_forward_and_backward(sharded, world, case):
+    check_against_reference(sharded, case, world, case, etp=1)
+    for rank in range(world):
+        assert sharded[(world, case, rank)]["offset"] == rank * CFG.experts // world
+
+
+@pytest.mark.parametrize("case", ETP_CASES)
+@pytest.mark.parametrize("world", WORLDS)
+def test_expert_tensor_parallel_equals_unsharded(sharded, world, case):
+    check_against_reference(sharded, case, world, f"etp-{case}", etp=2)
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -1,0 +1,33 @@
+"""Run ``orch launch`` as a user does and read back what the run recorded (for benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def launch(config: str, procs: int, sets: list[str]) -> tuple[list[dict], dict]:
+    """Train ``config`` on ``procs`` local processes with ``--set`` items ``sets``; returns the
+    metrics records (one per step: pass ``run.log_interval=1``) and the plan."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        items = [f"run.dir={run_dir}", "checkpoint.interval=0", *sets]
+        args = [arg for item in items for arg in ("--set", item)]
+        out = subprocess.run([str(BIN / "orch"), "launch", "--nproc-per-node", str(procs),
+                              config, *args], capture_output=True, text=True, cwd=REPO)
+        if out.returncode != 0:
+            raise RuntimeError(f"orch launch {config} {sets} failed:\n{out.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").open()]
+        plan = json.loads((Path(run_dir) / "plan.json").read_text())
+    return rows, plan
+
+
+def steady_tokens_per_s(rows: list[dict], warmup: int) -> float:
+    """Tokens per step over the median step time after ``warmup`` steps."""
+    return rows[0]["tokens"] / statistics.median(r["step_time_s"] for r in rows[warmup:])

@@ -1,0 +1,152 @@
+"""Every parallel layout on this machine: measured tokens/s next to the plan's estimate, the
+communication each dimension carried per step, and expert dispatch time against expert compute.
+
+Part 1 trains the tiny configs under ``orch launch`` (gloo, fp32) for each layout of the
+parallel issue and prints the steady-state tokens/s (median step after warm-up), the plan's
+estimate for the same degrees on the ``cpu`` device entry, their ratio, the single-process
+tokens/s of the same config (the alternative: not splitting at all), and rank 0's bytes per
+step per dimension from metrics.jsonl. On a 2-core machine every layout past 2 processes
+oversubscribes the cores, which the ratio column shows; the plan's CPU entry has no notion of it.
+
+Part 2 times one MoE layer's expert-parallel dispatch (route, permute, the two all-to-alls with
+their count exchange, unpermute; forward and backward, experts replaced by the identity) and its
+expert compute alone (the grouped SwiGLU on the rows this rank receives, forward and backward),
+on 2 and 4 gloo ranks, and prints their ratio.
+
+    .venv/bin/python benchmarks/parallel_cpu.py [--steps 12] [--seq-len 128] [--tokens 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import torch
+from orch_runs import launch, steady_tokens_per_s
+
+WARMUP = 3
+DENSE, MOE = "configs/tiny.yaml", "configs/tiny-moe.yaml"
+LAYOUTS = {  # name: (config, processes, overrides)
+    "fsdp2": (DENSE, 2, ["parallel.dp_shard=2"]),
+    "tp2": (DENSE, 2, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
+    "tp2+sp": (DENSE, 2, ["parallel.tp=2"]),
+    "cp2 ring": (DENSE, 2, ["parallel.cp=2", "parallel.cp_kind=ring"]),
+    "cp2 ulysses": (DENSE, 2, ["parallel.cp=2", "parallel.cp_kind=ulysses"]),
+    "tp2 x dp2": (DENSE, 4, ["parallel.tp=2", "parallel.dp_shard=2"]),
+    "cp2 x tp2": (DENSE, 4, ["parallel.cp=2", "parallel.tp=2"]),
+    "dp2 x tp2 x cp2": (DENSE, 8, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.cp=2"]),
+    "ep2": (MOE, 2, ["parallel.ep=2"]),
+    "ep4": (MOE, 4, ["parallel.ep=4"]),
+    "ep2 x dp2": (MOE, 4, ["parallel.ep=2"]),
+    "ep2 x etp2": (MOE, 4, ["parallel.ep=2", "parallel.etp=2"]),
+}
+MOE_SETTINGS = ["model.experts=8"]
+
+
+def layouts(steps: int, seq_len: int) -> None:
+    common = [f"train.steps={steps}", f"train.seq_len={seq_len}", "run.log_interval=1",
+              "train.warmup_steps=1", "train.micro_batch=1"]
+    single = {}
+    for config in (DENSE, MOE):
+        extra = MOE_SETTINGS if config == MOE else []
+        rows, _ = launch(config, 1, [*common, *extra])
+        single[config] = steady_tokens_per_s(rows, WARMUP)
+    print("| layout | procs | tokens/s | plan estimate | measured / plan | 1 process | "
+          "vs 1 process | MB per step by dimension |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, (config, procs, overrides) in LAYOUTS.items():
+        extra = MOE_SETTINGS if config == MOE else []
+        rows, plan = launch(config, procs, [*common, *extra, *overrides])
+        ours = steady_tokens_per_s(rows, WARMUP)
+        estimate = plan["step"]["tokens_per_s"]
+        comm = {dim: statistics.median(r["comm_bytes"].get(dim, 0) for r in rows[WARMUP:])
+                for dim in sorted({d for r in rows for d in r["comm_bytes"]})}
+        traffic = ", ".join(f"{dim} {b / 1e6:.1f}" for dim, b in comm.items())
+        base = single[config]
+        print(f"| {name} | {procs} | {ours:,.0f} | {estimate:,.0f} | {ours / estimate:.2f} | "
+              f"{base:,.0f} | {ours / base:.2f} | {traffic} |", flush=True)
+
+
+class _Identity(torch.nn.Module):
+    """Stands in for the experts: returns the rows, remembers how many arrived per expert."""
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        self.counts = counts
+        return rows * 1.0
+
+
+def _dispatch_vs_compute(rank: int, world: int, store: str, tokens: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    from orch.config import load_config
+    from orch.models.moe import MoEFeedForward
+    from orch.parallel.expert_parallel import apply_expert_parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    cfg = dataclasses.replace(load_config(MOE).model, experts=8)
+    layer = MoEFeedForward(cfg)
+    apply_expert_parallel(layer, None)
+    x = torch.randn(tokens, cfg.dim, generator=torch.Generator().manual_seed(rank))
+    experts, stand_in = layer.experts, _Identity()
+    layer.experts = stand_in  # type: ignore[assignment]  # dispatch alone
+    dispatch = _timed(lambda: layer(x.clone().requires_grad_()).sum().backward())
+    layer.experts = experts
+    counts = stand_in.counts
+    rows = torch.randn(int(counts.sum()), cfg.dim)
+    compute = _timed(lambda: experts(rows.clone().requires_grad_(), counts).sum().backward())
+    times = torch.tensor([dispatch, compute])
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        out["times"] = times.tolist()
+    dist.destroy_process_group()
+
+
+def _timed(fn, repeats: int = 10) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def dispatch_ratio(tokens: int) -> None:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    print("\n| ep ranks | tokens per rank | dispatch ms (fwd+bwd) | expert compute ms "
+          "(fwd+bwd) | dispatch / compute |")
+    print("|---:|---:|---:|---:|---:|")
+    for world in (2, 4):
+        with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
+            out = manager.dict()
+            mp.start_processes(_dispatch_vs_compute, args=(world, f"{tmp}/store", tokens, out),
+                               nprocs=world, start_method="spawn")
+            dispatch, compute = out["times"]
+        print(f"| {world} | {tokens} | {dispatch * 1e3:.1f} | {compute * 1e3:.1f} | "
+              f"{dispatch / compute:.2f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (part 2)")
+    args = parser.parse_args()
+    print(f"# parallel_cpu: tiny configs, gloo fp32, seq {args.seq_len}, {args.steps} steps "
+          f"({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{datetime.date.today()})\n")
+    layouts(args.steps, args.seq_len)
+    dispatch_ratio(args.tokens)
+
+
+if __name__ == "__main__":
+    main()

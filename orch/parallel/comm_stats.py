@@ -1,0 +1,164 @@
+"""Communication accounting: bytes this rank hands to collectives, per parallel dimension.
+
+The runtime's traffic comes from three places, and each is counted where it enters
+torch.distributed, while a :class:`CommLedger` is active:
+
+- c10d calls made from Python (FSDP2's all-gather and reduce-scatter, expert dispatch and
+  Ulysses all-to-alls, ring attention's batched send/recv, loss and load all-reduces): the
+  ``torch.distributed`` functions are wrapped for the duration;
+- DTensor redistributions (tensor parallelism, loss parallelism, norms of sharded gradients),
+  which use the functional collectives (``torch.distributed._functional_collectives``);
+- DDP's bucketed all-reduce, through torch's Python default hook (:meth:`CommLedger.attach_ddp`).
+
+A collective counts the bytes of the tensor this rank contributes (an all-reduce's buffer, an
+all-gather's or reduce-scatter's input, the rows an all-to-all sends, the tensors sent point to
+point), not the wire traffic of the algorithm (a ring all-reduce moves about twice that).
+
+Which dimension: orch's own collectives say it (:func:`dimension`: expert dispatch is ``ep``,
+its gather ``etp``, ring and Ulysses attention ``cp``), since torch hands one process group to
+every mesh dimension that spans the same ranks (with 2 ranks, dp, cp and ep are all the world
+group). Other collectives (FSDP, DDP, DTensor) are named after their group's mesh dimension,
+data-parallel ones first; every data-parallel group (replicate, shard, shard x cp, and the
+experts' edp) counts as ``dp``, and unnamed groups as ``other``. Groups of one rank are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.nn.parallel import DistributedDataParallel
+
+DIMENSION_OF = {"dp_replicate": "dp", "dp_shard": "dp", "dp_shard_cp": "dp", "dp_cp": "dp",
+                "edp": "dp"}
+"""Mesh dimension -> reported dimension (others report under their own name). When groups
+coincide, the data-parallel names are registered first and win."""
+_LABEL: ContextVar[str | None] = ContextVar("orch_comm_dimension", default=None)
+
+
+@contextlib.contextmanager
+def dimension(name: str) -> Iterator[None]:
+    """Count the collectives issued inside the block under ``name``, whatever their group."""
+    token = _LABEL.set(name)
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
+
+# entry point -> the parameter holding the tensor this rank contributes
+_C10D = {"all_reduce": "tensor", "all_gather_single": "input_tensor",
+         "all_gather_into_tensor": "input_tensor", "reduce_scatter_single": "input",
+         "reduce_scatter_tensor": "input", "all_to_all_single": "input", "all_gather": "tensor",
+         "batch_isend_irecv": "p2p_op_list"}
+_FUNCOL = {name: "self" for name in ("all_reduce", "all_gather_single", "reduce_scatter_single",
+                                     "all_gather_tensor", "reduce_scatter_tensor",
+                                     "all_to_all_single")}
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
+    return tensor.numel() * tensor.element_size()
+
+
+class CommLedger:
+    """Sums bytes per dimension while :meth:`tracking`; :meth:`take` returns and resets them.
+
+    ``meshes`` are the run's device meshes (the dense one and the expert one); every named
+    dimension of each, and their flattened children, name their process groups.
+    """
+
+    def __init__(self, meshes: list[DeviceMesh]) -> None:
+        self.names: dict[str, str] = {}
+        dims = [(mesh, dim) for mesh in meshes for dim in _dimension_names(mesh)]
+        for mesh, dim in sorted(dims, key=lambda item: item[1] not in DIMENSION_OF):
+            group = mesh[dim].get_group()
+            if dist.get_world_size(group) > 1:
+                self.names.setdefault(group.group_name, DIMENSION_OF.get(dim, dim))
+        self.bytes: dict[str, int] = defaultdict(int)
+        self._active = False
+
+    def add(self, group: Any, nbytes: int) -> None:
+        """Count ``nbytes`` on ``group`` (a ProcessGroup, None for the world, or anything the
+        functional collectives accept), if this ledger is tracking and the group is real."""
+        if not self._active or not nbytes:
+            return
+        pg = _process_group(group)
+        if dist.get_world_size(pg) > 1:
+            self.bytes[_LABEL.get() or self.names.get(pg.group_name, "other")] += nbytes
+
+    def take(self) -> dict[str, int]:
+        """The bytes counted since the last call, by dimension, and a fresh start."""
+        out = dict(sorted(self.bytes.items()))
+        self.bytes.clear()
+        return out
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        """Count the collectives issued inside the block (wrapping torch.distributed's
+        Python entry points for its duration)."""
+        patches = [(module, name, getattr(module, name), self._counted(getattr(module, name), arg))
+                   for module, table in ((dist, _C10D), (funcol, _FUNCOL))
+                   for name, arg in table.items()]
+        for module, name, _, wrapper in patches:
+            setattr(module, name, wrapper)
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+            for module, name, original, _ in patches:
+                setattr(module, name, original)
+
+    def attach_ddp(self, ddp: DistributedDataParallel, group: dist.ProcessGroup) -> None:
+        """Make DDP's bucket all-reduces visible: its C++ reducer calls c10d directly, but with
+        torch's Python default hook registered it all-reduces through ``dist.all_reduce``."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        ddp.register_comm_hook(group, allreduce_hook)
+
+    def _counted(self, fn: Callable[..., Any], tensor_arg: str) -> Callable[..., Any]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self._active:
+                bound = signature.bind_partial(*args, **kwargs).arguments
+                if tensor_arg == "p2p_op_list":  # count what this rank sends
+                    for op in bound[tensor_arg]:
+                        if getattr(op.op, "__name__", "") == "isend":
+                            self.add(op.group, _nbytes(op.tensor))
+                else:
+                    self.add(bound.get("group"), _nbytes(bound[tensor_arg]))
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+def _dimension_names(mesh: DeviceMesh) -> list[str]:
+    """A mesh's own dimension names and those of the meshes flattened from it."""
+    names = list(mesh.mesh_dim_names or ())
+    flattened: Mapping[str, Any] = getattr(mesh._get_root_mesh(), "_flatten_mapping", {})
+    return names + [name for name in flattened if name not in names]
+
+
+def _process_group(group: Any) -> dist.ProcessGroup:
+    if group is None:
+        return dist.group.WORLD
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    # a (mesh, dim) pair, a group name, ...: what the functional collectives accept
+    return _resolve_process_group(funcol._resolve_group_name(group))
+
+
+__all__ = ["CommLedger", "dimension"]

@@ -1,0 +1,131 @@
+"""Apply a plan to the model on this rank, in torchtitan's order.
+
+First every rank checks that all ranks hold the same plan (nodes started with different configs
+or overrides would otherwise build different meshes and hang in their first collective), then
+builds the meshes and checks that their groups are the plan's. Then: tensor and sequence
+parallelism, expert parallelism on the folded expert mesh, context parallelism, activation
+checkpointing, data parallelism (FSDP2/HSDP over the TP- and EP-sharded DTensor parameters, the
+experts over their own edp ranks; DDP for pure replication), and the communication ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from orch.config import Config, config_to_dict
+from orch.errors import PlanError, Problem
+from orch.parallel.comm_stats import CommLedger
+from orch.parallel.context_parallel import apply_context_parallel, local_positions
+from orch.parallel.data_parallel import apply_data_parallel
+from orch.parallel.expert_parallel import apply_expert_parallel, build_expert_mesh
+from orch.parallel.mesh import build_mesh, data_parallel_mesh, mesh_problems, token_parallel_group
+from orch.parallel.recompute import apply_recompute
+from orch.parallel.tensor_parallel import apply_tensor_parallel
+from orch.plan import Plan
+
+
+class RanksDisagree(PlanError):
+    """Ranks hold different plans, or a mesh that is not the plan's: every rank raises it, and
+    only rank 0 prints it (``speaker``), so the user reads one message."""
+
+    title = "ranks disagree"
+
+    def __init__(self, problems: list[Problem], speaker: bool) -> None:
+        super().__init__(problems)
+        self.speaker = speaker
+
+
+@dataclass
+class Parallelized:
+    model: nn.Module
+    """The module to train (a DDP wrapper for pure replication)."""
+    positions: torch.Tensor | None
+    """Under context parallelism, the sequence positions this rank holds."""
+    token_group: dist.ProcessGroup | None
+    """The ranks that see different tokens (MoE expert loads are summed over them)."""
+    ledger: CommLedger | None
+    """Communication bytes per dimension (None on a single process)."""
+
+
+def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
+                precision: str) -> Parallelized:
+    """Shard and wrap ``model`` (initialized, on ``device``) as ``plan`` says."""
+    world = dist.get_world_size()
+    _agree("plan", _plan_fingerprint(plan, cfg), [])
+    mesh = build_mesh(plan, device.type)
+    d = plan.degrees
+    expert_mesh = build_expert_mesh(d, device.type) if d.ep * d.etp > 1 else None
+    _agree("mesh", "", mesh_problems(plan, mesh, expert_mesh))
+
+    if d.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], d.sequence_parallel, loss_parallel=True)
+    if expert_mesh is not None:
+        apply_expert_parallel(model, expert_mesh["ep", "etp"])
+    positions = None
+    if d.cp > 1:
+        apply_context_parallel(model, mesh.get_group("cp"), cfg.parallel.cp_kind)
+        cp_rank = mesh.get_local_rank("cp")
+        positions = local_positions(cfg.train.seq_len, d.cp, cp_rank, cfg.parallel.cp_kind)
+    apply_recompute(model, cfg.train.recompute)
+    if d.dp * d.cp > 1:
+        dp_mesh = data_parallel_mesh(mesh)
+        expert_dp = expert_mesh["edp"] if expert_mesh is not None else None
+        model = apply_data_parallel(model, dp_mesh, precision, expert_dp,
+                                    expert_grad_divide=d.dp * d.cp)
+    token_group = token_parallel_group(mesh)
+    ledger = None
+    if world > 1:
+        ledger = CommLedger([m for m in (mesh, expert_mesh) if m is not None])
+        if isinstance(model, DistributedDataParallel):
+            ledger.attach_ddp(model, dp_mesh.get_group("dp_replicate"))
+    return Parallelized(model, positions, token_group, ledger)
+
+
+def _plan_fingerprint(plan: Plan, cfg: Config) -> str:
+    """What must be equal on every rank: the degrees and the whole resolved config."""
+    text = json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{plan.degrees.short()}, config {digest}"
+
+
+def _agree(what: str, fingerprint: str, problems: list[str]) -> None:
+    """Gather every rank's ``fingerprint`` and ``problems``; if they differ or any rank has
+    problems, raise :class:`RanksDisagree` on every rank (nobody is left waiting)."""
+    world = dist.get_world_size()
+    if world == 1 and not problems:
+        return
+    gathered: list[tuple[str, list[str]] | None] = [None] * world
+    dist.all_gather_object(gathered, (fingerprint, problems))
+    views: dict[str, list[int]] = {}
+    found: list[Problem] = []
+    for rank, item in enumerate(gathered):
+        assert item is not None
+        views.setdefault(item[0], []).append(rank)
+        found += [Problem(f"rank {rank}", message) for message in item[1]]
+    if len(views) > 1:
+        found.append(Problem(
+            what, "; ".join(f"ranks {_ranges(ranks)} have {view}" for view, ranks in views.items()),
+            "start every node with the same config file, --set overrides and orch version"))
+    if found:
+        raise RanksDisagree(found, speaker=dist.get_rank() == 0)
+
+
+def _ranges(ranks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    spans: list[list[int]] = []
+    for rank in ranks:
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+__all__ = ["Parallelized", "RanksDisagree", "parallelize"]
