@@ -5,15 +5,19 @@ model and one run per layout, all on the same data. Dense (tiny): data parallel 
 HSDP), tensor parallel with and without sequence parallelism, composed with FSDP2, context
 parallel (ring and Ulysses) composed with TP and FSDP2. MoE (tiny-moe with 8 experts, top-2,
 aux loss and aux-loss-free bias both on): expert parallel over 2 and 4 ranks, ep2 folded into
-HSDP 2x2, and ep2 x etp2. Then tp2 x FSDP2 and ep2 x etp2 again, stopped at step 3 and
-resumed, which must equal the uninterrupted runs exactly.
+HSDP 2x2, and ep2 x etp2. Two layouts (tp2 x FSDP2, ep2 x etp2) run as a user resuming after a
+preemption: stopped at step 3, then the same command again, so their checks also cover a resume
+with sharded parameters, optimizer state, expert bias and data position (an exact resume is
+tested on one layout in test_resume.py; here each launch costs 15-60 s, so no uninterrupted twin).
 
 The MoE routing is uneven by itself at this size: the test checks that every MoE run had empty
 experts and experts with over twice the mean load in the same steps as the reference.
 
-Measured here (6 steps, fp32, gloo, AdamW with clipping active): losses within 9.5e-7, gradient
-norms within 2.3e-6 relative, final parameters within 2.7e-5 (mean 5.4e-9) over all layouts.
-The tolerances are 10-20x above those; parameters after AdamW steps get a looser max bound
+Measured here (6 steps, fp32, gloo, AdamW with clipping active): losses within 9.5e-7, MoE
+balancing losses within 1.2e-8, gradient norms within 2.4e-6 relative, final parameters within
+5.5e-5 (mean 8.2e-9) over all layouts. The tolerances are 5-20x above those (every parameter's
+gradient is compared on its own, per rank, in tests/parallel); parameters after AdamW steps get
+a looser max bound
 (AdamW can turn 1e-8 gradient noise into +-lr steps on near-zero gradients, DESIGN.md).
 """
 
@@ -60,16 +64,8 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                     dict(dp_replicate=2, dp_shard=2, ep=2, edp=2)),
     "ep2_etp2": (MOE, 4, EP2_ETP2, dict(dp_shard=4, ep=2, etp=2)),
 }
-RESUMED = {"tp2sp_fsdp2_resumed": "tp2sp_fsdp2", "ep2_etp2_resumed": "ep2_etp2"}
+RESUMED = ("tp2sp_fsdp2", "ep2_etp2")
 DEGREES = ("dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "edp")
-
-
-TIMINGS = ("step_time_s", "tokens_per_s", "tflops", "mfu", "mem_bytes")
-
-
-def untimed(record: dict) -> dict:
-    """A metrics record without its wall-clock figures."""
-    return {key: value for key, value in record.items() if key not in TIMINGS}
 
 
 def reference_of(layout: str) -> str:
@@ -93,16 +89,15 @@ def _launch(config: str, procs: int, run_dir: Path, *extra: str) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parity")
-    dirs = {name: root / name for name in ["single", "single_moe", *LAYOUTS, *RESUMED]}
+    dirs = {name: root / name for name in ["single", "single_moe", *LAYOUTS]}
     _launch(DENSE, 1, dirs["single"])
     _launch(MOE, 1, dirs["single_moe"])
     for name, (config, procs, extra, _) in LAYOUTS.items():
-        _launch(config, procs, dirs[name], *extra)
-    for name, whole in RESUMED.items():
-        config, procs, extra, _ = LAYOUTS[whole]
-        _launch(config, procs, dirs[name], *extra, "run.stop_at_step=3")
+        if name in RESUMED:
+            _launch(config, procs, dirs[name], *extra, "run.stop_at_step=3")
         stdout = _launch(config, procs, dirs[name], *extra)
-        assert "resumed from" in stdout and "step-00000003" in stdout
+        if name in RESUMED:
+            assert "resumed from" in stdout and "step-00000003" in stdout
     return dirs
 
 
@@ -147,17 +142,6 @@ def test_moe_routing_is_uneven_and_the_same_as_single_process(runs, layout):
     loads = loads.float()
     assert (loads == 0).any()  # some expert of some layer received no token in a step
     assert (loads.amax(-1) > 2 * loads.mean(-1)).any()  # and some took over twice the mean
-
-
-@pytest.mark.parametrize("resumed", sorted(RESUMED))
-def test_resume_is_exact(runs, resumed, tmp_path):
-    whole, split = metrics(runs[RESUMED[resumed]]), metrics(runs[resumed])
-    assert [m["step"] for m in split] == list(range(1, STEPS + 1))
-    for a, b in zip(whole, split, strict=True):
-        assert untimed(a) == untimed(b)
-    ref = final_params(runs[RESUMED[resumed]], tmp_path)
-    got = final_params(runs[resumed], tmp_path)
-    assert all(torch.equal(ref[name], got[name]) for name in ref)
 
 
 def test_loss_falls(runs):
