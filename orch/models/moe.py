@@ -130,8 +130,9 @@ def _in_backward() -> bool:
 class GroupedExperts(nn.Module):
     """``experts`` SwiGLU MLPs with stacked weights, computed with one grouped GEMM per weight.
 
-    ``num_experts`` is the global count and ``expert_offset`` the first expert held here; both
-    change only when expert parallelism shards the stack (``w1.shape[0]`` is the local count).
+    ``num_experts`` is the global count and ``expert_offset`` the first expert held here; the
+    offset changes only when expert parallelism shards the stack (the weights then become
+    DTensors and :attr:`local_experts` counts the experts held here).
     """
 
     def __init__(self, experts: int, dim: int, hidden: int) -> None:

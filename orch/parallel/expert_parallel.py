@@ -105,9 +105,11 @@ class AllToAllDispatcher:
         """All-gather the etp ranks' rows, compute this rank's hidden slice for all of them, and
         reduce-scatter the partial outputs back to the ranks that brought the rows."""
         etp, group = self.etp, self.etp_group
-        tables = [torch.empty_like(from_source) for _ in range(etp)]
+        table = from_source.to(rows.device)  # NCCL gathers device tensors only
+        tables = [torch.empty_like(table) for _ in range(etp)]
         with dimension("etp"):
-            dist.all_gather(tables, from_source, group=group)
+            dist.all_gather(tables, table, group=group)
+        tables = [t.cpu() for t in tables]  # the second host read
         sizes = [int(t.sum()) for t in tables]
         mine = rows.shape[0]
         gathered = all_to_all(rows.repeat(etp, *([1] * (rows.dim() - 1))), group, sizes,

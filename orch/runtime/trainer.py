@@ -32,6 +32,19 @@ from orch.runtime.optim import lr_at, set_lr
 SaveFn = Callable[[int], None]
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What one optimizer step produced, for the metrics (losses still unreduced over ranks)."""
+
+    step: int
+    lr: float
+    loss: torch.Tensor
+    aux_loss: torch.Tensor | None
+    grad_norm: float
+    loads: torch.Tensor | None
+    comm_bytes: dict[str, int]
+
+
 @dataclass
 class Trainer:
     cfg: Config
@@ -68,10 +81,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loads = update_expert_bias(self.model, self.cfg.model.bias_update_rate,
                                            self.token_group)
-            comm = self.ledger.take() if self.ledger else {}
+            done = _Step(step, lr, loss, aux_loss, grad_norm, loads,
+                         self.ledger.take() if self.ledger else {})
             if step % self.cfg.run.log_interval == 0 or step == last:
-                self._log(step, loss, aux_loss, loads, comm, lr, grad_norm,
-                          time.perf_counter() - start)
+                self._log(done, time.perf_counter() - start)
             if step == last or (interval and step % interval == 0):
                 self.save(step)
 
@@ -129,10 +142,8 @@ class Trainer:
                 torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.train.grad_clip, total)
         return float(total)
 
-    def _log(self, step: int, loss: torch.Tensor, aux_loss: torch.Tensor | None,
-             loads: torch.Tensor | None, comm: dict[str, int], lr: float, grad_norm: float,
-             secs: float) -> None:
-        losses = loss if aux_loss is None else torch.stack([loss, aux_loss])
+    def _log(self, done: _Step, secs: float) -> None:
+        losses = done.loss if done.aux_loss is None else torch.stack([done.loss, done.aux_loss])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(losses, op=dist.ReduceOp.AVG)  # every rank's share of the batch
         t = self.cfg.train
@@ -142,11 +153,11 @@ class Trainer:
         used, total = memory_bytes(self.device)
         self.metrics.log(
             StepMetrics(
-                step=step, steps=t.steps, loss=float(losses.flatten()[0]), lr=lr,
-                grad_norm=grad_norm,
-                aux_loss=None if aux_loss is None else float(losses[1]),
-                expert_load=None if loads is None else loads.int().tolist(),
-                comm_bytes=comm,
+                step=done.step, steps=t.steps, loss=float(losses.flatten()[0]), lr=done.lr,
+                grad_norm=done.grad_norm,
+                aux_loss=None if done.aux_loss is None else float(losses[1]),
+                expert_load=None if done.loads is None else done.loads.int().tolist(),
+                comm_bytes=done.comm_bytes,
                 tokens=tokens, step_time_s=secs, tokens_per_s=tokens_per_s, tflops=tflops,
                 mfu=tflops * 1e12 / self.plan.peak_flops, mem_bytes=used, mem_total_bytes=total,
             )
