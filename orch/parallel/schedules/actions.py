@@ -1,0 +1,103 @@
+"""Pipeline actions and schedules as plain values.
+
+A schedule is, per pipeline rank, the list of actions that rank runs in order. Keeping it as data
+(no torch, no process group) lets one validator, one simulator and one executor serve every
+schedule, and lets tests reason about schedules for pipelines nobody here can run.
+
+Stages are global (virtual) stage indices: with ``stages`` ranks and ``virtual`` chunks per rank
+there are ``stages * virtual`` of them, and stage ``s`` lives on rank ``s % stages``, Megatron's
+interleaving (rank 0 holds stages 0, P, 2P, ...).
+
+Communication actions name the stage that does them, as torch.distributed.pipelining does:
+``SEND_F`` on stage s sends its output to stage s + 1, where ``RECV_F`` on stage s + 1 takes it;
+``SEND_B`` on stage s sends the input gradient to stage s - 1, where ``RECV_B`` on s - 1 takes it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+COMPUTE = ("F", "B", "I", "W")
+"""Forward, full backward, input-gradient backward (2BP's p1), weight-gradient backward (p2)."""
+SENDS = ("SEND_F", "SEND_B")
+RECVS = ("RECV_F", "RECV_B")
+KINDS = COMPUTE + SENDS + RECVS
+
+_PEER = {
+    "SEND_F": ("RECV_F", 1),
+    "RECV_F": ("SEND_F", -1),
+    "SEND_B": ("RECV_B", -1),
+    "RECV_B": ("SEND_B", 1),
+}
+_TEXT = re.compile(r"(\d+)(SEND_F|SEND_B|RECV_F|RECV_B|F|B|I|W)(\d+)")
+
+
+@dataclass(frozen=True, order=True)
+class Action:
+    """One step of one rank: ``kind`` applied to global ``stage`` for micro-batch ``microbatch``."""
+
+    kind: str
+    stage: int
+    microbatch: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown action kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind}{self.microbatch}"
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        """Read the short form ``0F1`` (stage 0, forward, micro-batch 1) or ``1SEND_B0``."""
+        match = _TEXT.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(f"cannot read action {text!r}; expected e.g. '0F1' or '1RECV_F0'")
+        stage, kind, microbatch = match.groups()
+        return cls(kind, int(stage), int(microbatch))
+
+    @property
+    def is_comm(self) -> bool:
+        return self.kind in SENDS or self.kind in RECVS
+
+    def peer(self) -> Action:
+        """The communication action on the adjacent stage that this send or receive pairs with."""
+        if not self.is_comm:
+            raise ValueError(f"{self} is a compute action and has no peer")
+        kind, step = _PEER[self.kind]
+        return Action(kind, self.stage + step, self.microbatch)
+
+
+@dataclass
+class Schedule:
+    """A whole pipeline step: ``ranks[r]`` is what pipeline rank r runs, in order.
+
+    ``stages`` is the number of pipeline ranks P, ``virtual`` the model chunks per rank V and
+    ``microbatches`` the micro-batches M of one step.
+    """
+
+    name: str
+    stages: int
+    virtual: int
+    microbatches: int
+    ranks: list[list[Action]] = field(default_factory=list)
+
+    @property
+    def num_stages(self) -> int:
+        """Global (virtual) stages: P * V."""
+        return self.stages * self.virtual
+
+    def rank_of(self, stage: int) -> int:
+        return stage % self.stages
+
+    def __str__(self) -> str:
+        header = f"{self.name}: P={self.stages} V={self.virtual} M={self.microbatches}"
+        rows = [f"rank {r}: " + " ".join(map(str, acts)) for r, acts in enumerate(self.ranks)]
+        return "\n".join([header, *rows])
+
+    @classmethod
+    def parse(cls, name: str, microbatches: int, rows: list[str], virtual: int = 1) -> Schedule:
+        """Build a schedule from one whitespace-separated line of short-form actions per rank."""
+        ranks = [[Action.parse(word) for word in row.split()] for row in rows]
+        return cls(name, len(rows), virtual, microbatches, ranks)

@@ -1,0 +1,201 @@
+"""Schedule generators: GPipe, 1F1B, interleaved 1F1B, 2BP and zero-bubble ZB-H1.
+
+Each generator decides only the order of compute actions on each rank; ``schedule_with_comms``
+then places the sends and receives the same way for all of them, a receive right before the
+compute that needs it and a send right after the compute that produced it. With buffered sends
+that placement adds no waiting of its own, so a generator is deadlock-free exactly when its
+compute order is (the validator checks both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from orch.parallel.schedules.actions import Action, Schedule
+
+Order = list[list[Action]]
+"""Compute actions per rank, in execution order, before communication is added."""
+
+
+def schedule_with_comms(
+    name: str, stages: int, microbatches: int, compute: Order, virtual: int = 1
+) -> Schedule:
+    """Wrap per-rank compute orders into a Schedule with SEND/RECV between adjacent ranks."""
+    schedule = Schedule(name, stages, virtual, microbatches, [[] for _ in range(stages)])
+    last = schedule.num_stages - 1
+    for rank, actions in enumerate(compute):
+        out = schedule.ranks[rank]
+        for act in actions:
+            s, m = act.stage, act.microbatch
+            crosses_prev = s > 0 and schedule.rank_of(s - 1) != rank
+            crosses_next = s < last and schedule.rank_of(s + 1) != rank
+            if act.kind == "F" and crosses_prev:
+                out.append(Action("RECV_F", s, m))
+            if act.kind in ("B", "I") and crosses_next:
+                out.append(Action("RECV_B", s, m))
+            out.append(act)
+            if act.kind == "F" and crosses_next:
+                out.append(Action("SEND_F", s, m))
+            if act.kind in ("B", "I") and crosses_prev:
+                out.append(Action("SEND_B", s, m))
+    return schedule
+
+
+def _require(stages: int, microbatches: int, virtual: int = 1) -> None:
+    for label, value in (("stages", stages), ("microbatches", microbatches), ("virtual", virtual)):
+        if value < 1:
+            raise ValueError(f"{label} must be at least 1, got {value}")
+
+
+def _gpipe_order(stages: int, microbatches: int) -> Order:
+    mbs = range(microbatches)
+    return [
+        [Action("F", r, m) for m in mbs] + [Action("B", r, m) for m in mbs] for r in range(stages)
+    ]
+
+
+def _one_f_one_b_order(stages: int, microbatches: int) -> Order:
+    order = []
+    for r in range(stages):
+        warmup = min(stages - 1 - r, microbatches)
+        acts = [Action("F", r, m) for m in range(warmup)]
+        for m in range(microbatches - warmup):
+            acts += [Action("F", r, warmup + m), Action("B", r, m)]
+        acts += [Action("B", r, m) for m in range(microbatches - warmup, microbatches)]
+        order.append(acts)
+    return order
+
+
+def gpipe(stages: int, microbatches: int) -> Schedule:
+    """GPipe: every forward, then every backward. Holds all M activations at once."""
+    _require(stages, microbatches)
+    return schedule_with_comms("gpipe", stages, microbatches, _gpipe_order(stages, microbatches))
+
+
+def one_f_one_b(stages: int, microbatches: int) -> Schedule:
+    """1F1B (PipeDream-flush): P - r - 1 warm-up forwards on rank r, then alternate F and B.
+
+    Same bubble as GPipe, but rank r holds at most min(P - r, M) activations.
+    """
+    _require(stages, microbatches)
+    order = _one_f_one_b_order(stages, microbatches)
+    return schedule_with_comms("1f1b", stages, microbatches, order)
+
+
+def interleaved_1f1b(stages: int, microbatches: int, virtual: int = 2) -> Schedule:
+    """Megatron's interleaved 1F1B: V model chunks per rank, stage s on rank s % P.
+
+    Micro-batches go through a rank's chunks in groups of P, which is why M must be a multiple
+    of P. The bubble shrinks by about V at the price of V times the point-to-point traffic.
+    """
+    _require(stages, microbatches, virtual)
+    if microbatches % stages:
+        next_multiple = -(-microbatches // stages) * stages
+        raise ValueError(
+            f"interleaved 1F1B needs microbatches to be a multiple of stages; got "
+            f"microbatches={microbatches}, stages={stages} (try {next_multiple})"
+        )
+    group, total = stages * virtual, microbatches * virtual
+
+    def action(kind: str, rank: int, k: int) -> Action:
+        chunk = (k % group) // stages
+        if kind == "B":
+            chunk = virtual - 1 - chunk
+        return Action(kind, chunk * stages + rank, (k // group) * stages + k % stages)
+
+    order = []
+    for r in range(stages):
+        warmup = min((stages - r - 1) * 2 + (virtual - 1) * stages, total)
+        acts = [action("F", r, k) for k in range(warmup)]
+        for k in range(total - warmup):
+            acts += [action("F", r, warmup + k), action("B", r, k)]
+        acts += [action("B", r, k) for k in range(total - warmup, total)]
+        order.append(acts)
+    return schedule_with_comms("interleaved", stages, microbatches, order, virtual)
+
+
+def _split_backward(order: Order, bound: Callable[[int], int | None]) -> Order:
+    """Replace each B with I and defer its W, keeping at most ``bound(rank)`` W's pending.
+
+    When an I would leave more than the bound waiting, the oldest pending W runs right after it;
+    whatever is still pending runs at the end of the step, where it fills the cooldown.
+    """
+    split = []
+    for rank, actions in enumerate(order):
+        limit, pending, acts = bound(rank), [], []
+        for act in actions:
+            if act.kind != "B":
+                acts.append(act)
+                continue
+            acts.append(Action("I", act.stage, act.microbatch))
+            pending.append(Action("W", act.stage, act.microbatch))
+            while limit is not None and len(pending) > limit:
+                acts.append(pending.pop(0))
+        split.append(acts + pending)
+    return split
+
+
+_BASES = {"gpipe": _gpipe_order, "1f1b": _one_f_one_b_order}
+
+
+def two_bp(base: str, stages: int, microbatches: int, max_deferred: int | None = None) -> Schedule:
+    """2BP: ``base`` ("gpipe" or "1f1b") with each backward split into I then a deferred W.
+
+    I stays where B was, so the gradient reaches the previous stage sooner; W waits. Every
+    pending W keeps its activation alive, so ``max_deferred`` caps how many W's wait on a rank
+    while it computes anything else (None: all W's run at the end of the step). An I that would
+    make the count exceed it is followed at once by the oldest pending W (after the I's gradient
+    send), so 0 means W right after I. Placement is static: deferred W's fill idle time at the
+    end of the step, where a rank would otherwise wait, not gaps found from costs.
+    """
+    if base not in _BASES:
+        raise ValueError(f"unknown 2BP base {base!r}; valid bases: {', '.join(_BASES)}")
+    _require(stages, microbatches)
+    if max_deferred is not None and max_deferred < 0:
+        raise ValueError(f"max_deferred must be None or at least 0, got {max_deferred}")
+    order = _split_backward(_BASES[base](stages, microbatches), lambda rank: max_deferred)
+    return schedule_with_comms(f"2bp-{base}", stages, microbatches, order)
+
+
+def zb_h1(stages: int, microbatches: int) -> Schedule:
+    """Zero-bubble ZB-H1 (Qi et al. 2023): 1F1B with B split into I and W.
+
+    In 1F1B rank r holds P - r activations at most, rank 0 the most (P). ZB-H1 lets rank r
+    defer up to r W's, which keeps every rank within rank 0's P (the 1F1B peak) while the
+    deferred W's fill the cooldown bubbles, cutting the bubble by about a third for F = I = W.
+    """
+    _require(stages, microbatches)
+    order = _split_backward(_one_f_one_b_order(stages, microbatches), lambda rank: rank)
+    return schedule_with_comms("zb-h1", stages, microbatches, order)
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved": interleaved_1f1b,
+    "2bp-gpipe": partial(two_bp, "gpipe"),
+    "2bp-1f1b": partial(two_bp, "1f1b"),
+    "zb-h1": zb_h1,
+}
+
+
+def build_schedule(
+    name: str, stages: int, microbatches: int, virtual: int = 1, max_deferred: int | None = None
+) -> Schedule:
+    """Make the schedule called ``name``; options a schedule does not take must stay default."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
+    if max_deferred is not None and not name.startswith("2bp-"):
+        raise ValueError(
+            f"max_deferred={max_deferred} applies to 2bp-gpipe and 2bp-1f1b, not {name!r}"
+        )
+    if name == "interleaved":
+        return interleaved_1f1b(stages, microbatches, virtual)
+    if virtual != 1:
+        raise ValueError(
+            f"virtual={virtual} needs schedule 'interleaved'; {name!r} runs one stage per rank"
+        )
+    if name.startswith("2bp-"):
+        return SCHEDULES[name](stages, microbatches, max_deferred=max_deferred)
+    return SCHEDULES[name](stages, microbatches)

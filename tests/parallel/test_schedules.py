@@ -1,0 +1,242 @@
+"""Pipeline schedules as data: every generator validates, the simulator reproduces the known
+bubble and memory results, and the validator names the action behind each kind of mistake."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from orch.parallel.schedules import (
+    SCHEDULES,
+    Action,
+    Costs,
+    Schedule,
+    build_schedule,
+    check,
+    interleaved_1f1b,
+    simulate,
+    two_bp,
+    validate,
+)
+
+UNIT = Costs(f=1, b=2, i=1, w=1, comm=0)
+"""F = I = W = 1 and a fused B = 2: the costs the analytic results assume."""
+
+SIZES = [(1, 1), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (4, 16), (3, 5), (8, 3)]
+CASES = [(name, p, m, 1) for name in SCHEDULES if name != "interleaved" for p, m in SIZES]
+CASES += [("interleaved", p, m, v) for p, m in SIZES if m % p == 0 for v in (1, 2, 3)]
+
+
+@pytest.mark.parametrize(("name", "stages", "microbatches", "virtual"), CASES)
+def test_every_generator_makes_a_valid_complete_schedule(name, stages, microbatches, virtual):
+    schedule = build_schedule(name, stages, microbatches, virtual)
+    assert validate(schedule) == []
+    kinds = Counter(
+        (act.stage, act.microbatch, act.kind) for acts in schedule.ranks for act in acts
+    )
+    for s in range(stages * virtual):
+        for m in range(microbatches):
+            assert kinds[s, m, "F"] == 1
+            fused, split = kinds[s, m, "B"], (kinds[s, m, "I"], kinds[s, m, "W"])
+            assert (fused, split) in ((1, (0, 0)), (0, (1, 1)))
+
+
+@pytest.mark.parametrize("max_deferred", [0, 1, 3])
+def test_2bp_variants_validate_with_a_bound(max_deferred):
+    for base in ("gpipe", "1f1b"):
+        assert validate(two_bp(base, 4, 8, max_deferred)) == []
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize(("stages", "microbatches"), [(2, 2), (4, 4), (4, 8), (4, 16), (8, 8)])
+def test_gpipe_and_1f1b_bubble_is_analytic(name, stages, microbatches):
+    timeline = simulate(build_schedule(name, stages, microbatches), UNIT)
+    expected = (stages - 1) / (microbatches + stages - 1)
+    assert timeline.bubble_fraction == pytest.approx(expected)
+    assert timeline.makespan == pytest.approx(3 * (microbatches + stages - 1))
+
+
+@pytest.mark.parametrize(("stages", "microbatches"), [(4, 2), (4, 4), (4, 8), (4, 16), (8, 3)])
+def test_peak_activations_1f1b_bounded_by_stages_gpipe_holds_all(stages, microbatches):
+    one_f_one_b = simulate(build_schedule("1f1b", stages, microbatches), UNIT)
+    gpipe = simulate(build_schedule("gpipe", stages, microbatches), UNIT)
+    assert one_f_one_b.peak_activations[0] == min(stages, microbatches)
+    assert gpipe.peak_activations[0] == microbatches
+
+
+def _most_pending_w(actions: list[Action]) -> int:
+    """Most W's still waiting when a rank starts other compute (an F or an I)."""
+    pending = most = 0
+    for act in actions:
+        if act.kind in ("F", "I"):
+            most = max(most, pending)
+        pending += {"I": 1, "W": -1}.get(act.kind, 0)
+    return most
+
+
+@pytest.mark.parametrize("max_deferred", [0, 1, 2, 5])
+def test_2bp_never_exceeds_max_deferred(max_deferred):
+    schedule = build_schedule("2bp-1f1b", 4, 16, max_deferred=max_deferred)
+    assert max(_most_pending_w(acts) for acts in schedule.ranks) == max_deferred
+    unbounded = build_schedule("2bp-1f1b", 4, 16)
+    assert all(
+        acts[-16:] == [Action("W", r, m) for m in range(16)]
+        for r, acts in enumerate(unbounded.ranks)
+    )
+
+
+@pytest.mark.parametrize(("stages", "microbatches"), [(2, 2), (4, 4), (4, 8), (4, 16), (8, 32)])
+def test_zb_h1_beats_1f1b_without_more_memory(stages, microbatches):
+    zb = simulate(build_schedule("zb-h1", stages, microbatches), UNIT)
+    base = simulate(build_schedule("1f1b", stages, microbatches), UNIT)
+    assert zb.makespan < base.makespan
+    # the paper's ZB-H1 bubble: (P - 1)(F + I - W) instead of 1F1B's (P - 1)(F + B)
+    assert zb.makespan == pytest.approx(3 * microbatches + stages - 1)
+    assert max(zb.peak_activations) <= max(base.peak_activations)
+
+
+def test_2bp_shortens_the_step_over_its_base():
+    for base in ("gpipe", "1f1b"):
+        plain = simulate(build_schedule(base, 4, 8), UNIT).makespan
+        assert simulate(build_schedule(f"2bp-{base}", 4, 8), UNIT).makespan < plain
+
+
+@pytest.mark.parametrize(("stages", "microbatches"), [(2, 4), (4, 4), (4, 8), (4, 16)])
+@pytest.mark.parametrize("virtual", [2, 4])
+def test_interleaved_bubble_is_smaller_than_1f1b(stages, microbatches, virtual):
+    interleaved = simulate(build_schedule("interleaved", stages, microbatches, virtual), UNIT)
+    base = simulate(build_schedule("1f1b", stages, microbatches), UNIT)
+    assert interleaved.bubble_fraction < base.bubble_fraction
+
+
+def test_interleaved_places_stage_s_on_rank_s_mod_p():
+    schedule = interleaved_1f1b(2, 4, 2)
+    assert {act.stage for act in schedule.ranks[0]} == {0, 2}
+    assert {act.stage for act in schedule.ranks[1]} == {1, 3}
+
+
+def test_receive_waits_for_the_transfer():
+    timeline = simulate(build_schedule("gpipe", 2, 1), Costs(f=1, i=1, w=1, comm=0.5))
+    assert timeline.makespan == pytest.approx(1 + 0.5 + 1 + 2 + 0.5 + 2)
+    recv = next(span for span in timeline.spans[1] if span.action.kind == "RECV_F")
+    assert (recv.start, recv.end) == (0.0, 1.5)
+
+
+def test_costs_fused_backward_defaults_to_i_plus_w():
+    assert Costs(i=2, w=3).compute("B") == 5
+    assert Costs(b=4, i=2, w=3).compute("B") == 4
+    assert Costs(f=2).compute("F", virtual=2) == 1
+
+
+def test_action_text_form_round_trips():
+    for text in ("0F1", "3I12", "1W0", "2SEND_F7", "0RECV_B3"):
+        assert str(Action.parse(text)) == text
+    with pytest.raises(ValueError, match="cannot read action 'F1'"):
+        Action.parse("F1")
+    with pytest.raises(ValueError, match="unknown action kind 'X'"):
+        Action("X", 0, 0)
+
+
+GOOD = ["0F0 0SEND_F0 0RECV_B0 0B0", "1RECV_F0 1F0 1B0 1SEND_B0"]
+
+
+def _problems(rows: list[str], microbatches: int = 1) -> list[str]:
+    return validate(Schedule.parse("hand-made", microbatches, rows))
+
+
+def test_hand_made_good_schedule_passes():
+    assert _problems(GOOD) == []
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (
+            ["0F0 0SEND_F0 0RECV_B0", "1RECV_F0 1F0 1B0 1SEND_B0"],
+            "stage 0 micro-batch 0 has no backward",
+        ),
+        (
+            ["0F0 0SEND_F0 0RECV_B0 0B0", "1RECV_F0 1B0 1F0 1SEND_B0"],
+            "rank 1: 1B0 (position 1) runs before 1F0",
+        ),
+        (
+            ["0F0 0SEND_F0 0RECV_B0 0B0", "1F0 1B0 1SEND_B0"],
+            "rank 1: 1F0 (position 0) runs before 1RECV_F0",
+        ),
+        (["0F0 0RECV_B0 0B0", "1RECV_F0 1F0 1B0 1SEND_B0"], "1RECV_F0 has no matching 0SEND_F0"),
+        (
+            ["0F0 0RECV_B0 0SEND_F0 0B0", "1RECV_F0 1F0 1B0 1SEND_B0"],
+            "deadlock: no rank can progress; stuck: rank 0 at 0RECV_B0 (waits for 1SEND_B0), "
+            "rank 1 at 1RECV_F0 (waits for 0SEND_F0)",
+        ),
+        (["0F0 0SEND_F0 0RECV_B0 0B0 1F0", "1RECV_F0 1F0 1B0 1SEND_B0"], "1F0 appears 2 times"),
+        (
+            ["0F0 0SEND_F0 0RECV_B0 0B0 1W0", "1RECV_F0 1F0 1B0 1SEND_B0"],
+            "rank 0: 1W0 belongs on rank 1",
+        ),
+        (
+            ["0F0 0SEND_F0 0RECV_B0 0B0", "1RECV_F0 1F0 1B0 1SEND_B0 1I0 1W0"],
+            "stage 1 micro-batch 0 has both a full backward B and a split one",
+        ),
+        (
+            ["0F0 0SEND_F0 0RECV_B0 0I0", "1RECV_F0 1F0 1B0 1SEND_B0"],
+            "stage 0 micro-batch 0 has a split backward without 0W0",
+        ),
+        (
+            ["0F0 0SEND_F0 0RECV_B0 0I0 0W0 0SEND_B0", "1RECV_F0 1F0 1B0 1SEND_B0"],
+            "rank 0: 0SEND_B0 has no peer stage on another rank",
+        ),
+        (
+            ["0F0 0SEND_F0 0RECV_B0 0B0 0F1", "1RECV_F0 1F0 1B0 1SEND_B0"],
+            "rank 0: 0F1 names micro-batch 1 outside 0..0",
+        ),
+    ],
+)
+def test_validator_names_the_bad_action(rows, expected):
+    problems = _problems(rows)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_check_raises_with_every_problem():
+    schedule = Schedule.parse("bad", 1, ["0F0 0RECV_B0", "1RECV_F0 1B0 1SEND_B0"])
+    with pytest.raises(ValueError, match="invalid schedule 'bad'") as info:
+        check(schedule)
+    message = str(info.value)
+    assert "stage 0 micro-batch 0 has no backward" in message
+    assert "stage 1 micro-batch 0 has no forward 1F0" in message
+    assert "1RECV_F0 has no matching 0SEND_F0" in message
+    with pytest.raises(ValueError, match="invalid schedule 'bad'"):
+        simulate(schedule, UNIT)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"name": "pipedream"},
+            "unknown schedule 'pipedream'; valid schedules: gpipe, 1f1b, "
+            "interleaved, 2bp-gpipe, 2bp-1f1b, zb-h1",
+        ),
+        ({"stages": 0}, "stages must be at least 1, got 0"),
+        ({"microbatches": 0}, "microbatches must be at least 1, got 0"),
+        (
+            {"name": "interleaved", "microbatches": 6},
+            "microbatches to be a multiple of stages; got microbatches=6, stages=4 (try 8)",
+        ),
+        ({"name": "interleaved", "virtual": 0}, "virtual must be at least 1, got 0"),
+        ({"virtual": 2}, "virtual=2 needs schedule 'interleaved'"),
+        ({"max_deferred": 2}, "max_deferred=2 applies to 2bp-gpipe and 2bp-1f1b, not '1f1b'"),
+        ({"name": "2bp-1f1b", "max_deferred": -1}, "max_deferred must be None or at least 0"),
+    ],
+)
+def test_build_schedule_rejects_bad_input(kwargs, expected):
+    args = {"name": "1f1b", "stages": 4, "microbatches": 8} | kwargs
+    with pytest.raises(ValueError) as info:
+        build_schedule(**args)
+    assert expected in str(info.value)
+
+
+def test_two_bp_rejects_unknown_base():
+    with pytest.raises(ValueError, match="unknown 2BP base 'zb'; valid bases: gpipe, 1f1b"):
+        two_bp("zb", 4, 8)
