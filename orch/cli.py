@@ -90,6 +90,73 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if result.best else 1
 
 
+def _add_schedule_parser(sub: argparse._SubParsersAction) -> None:
+    from orch.parallel.schedules import SCHEDULES
+
+    p = sub.add_parser(
+        "schedule",
+        help="simulate a pipeline schedule: makespan, idle time, activation peaks, timeline",
+        description="Build the pipeline schedule NAME for P stages and M micro-batches, check it "
+        "(dependencies, deadlock), simulate it with the given per-action costs and print the "
+        "makespan, each rank's idle fraction and peak in-flight activations, and a timeline.",
+    )
+    p.add_argument("name", choices=list(SCHEDULES), metavar="NAME",
+                   help=f"one of {', '.join(SCHEDULES)}")
+    p.add_argument("--stages", type=int, required=True, help="pipeline ranks P")
+    p.add_argument("--microbatches", type=int, required=True, help="micro-batches M per step")
+    p.add_argument("--virtual", type=int, default=1, help="model chunks per rank (interleaved)")
+    p.add_argument("--max-deferred", type=int, help="2bp-*: most weight-gradient steps waiting")
+    for kind, default in (("f", 1.0), ("i", 1.0), ("w", 1.0), ("comm", 0.0)):
+        p.add_argument(f"--{kind}", type=float, default=default,
+                       help=f"cost of {kind.upper()} (default {default:g})")
+    p.add_argument("--b", type=float, help="cost of a fused backward B (default I + W)")
+    p.add_argument("--json", action="store_true", help="print JSON (with every span)")
+    p.add_argument("--png", metavar="FILE", help="also draw the timeline into this PNG file")
+    p.set_defaults(func=cmd_schedule)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orch.errors import ProblemsError
+    from orch.parallel.schedules import Costs, build_schedule, simulate
+    from orch.parallel.schedules.render import LEGEND, chart, write_png
+
+    try:
+        schedule = build_schedule(args.name, args.stages, args.microbatches, args.virtual,
+                                  args.max_deferred)
+    except ValueError as exc:
+        raise ProblemsError([Problem(args.name, str(exc), "see orch schedule --help")],
+                            title="cannot build the schedule") from None
+    costs = Costs(f=args.f, b=args.b, i=args.i, w=args.w, comm=args.comm)
+    timeline = simulate(schedule, costs)
+    if args.png:
+        write_png(timeline, Path(args.png))
+    if args.json:
+        print(json.dumps({
+            "name": schedule.name, "stages": schedule.stages, "virtual": schedule.virtual,
+            "microbatches": schedule.microbatches, "costs": vars(costs),
+            "makespan": timeline.makespan, "bubble_fraction": timeline.bubble_fraction,
+            "idle_fraction": timeline.idle_fraction,
+            "peak_activations": timeline.peak_activations,
+            "ranks": [[{"action": str(s.action), "start": s.start, "end": s.end} for s in spans]
+                      for spans in timeline.spans],
+        }, indent=1))
+        return 0
+    b = costs.compute("B")
+    print(f"schedule {schedule.name}: {schedule.stages} stages x {schedule.virtual} chunks, "
+          f"{schedule.microbatches} micro-batches (F {costs.f:g}, B {b:g}, I {costs.i:g}, "
+          f"W {costs.w:g}, comm {costs.comm:g})")
+    print(f"makespan {timeline.makespan:g}, bubble {timeline.bubble_fraction:.1%}")
+    print("rank  idle    peak activations")
+    for rank, (idle, peak) in enumerate(zip(timeline.idle_fraction, timeline.peak_activations,
+                                            strict=True)):
+        print(f"{rank:<5d} {idle:6.1%}  {peak}")
+    print(chart(timeline))
+    print(f"({LEGEND}{'; PNG: ' + args.png if args.png else ''})")
+    return 0
+
+
 def _add_launch_parser(sub: argparse._SubParsersAction) -> None:
     # Listed for `orch --help` only: `orch launch` is parsed by torchrun's own parser (main()).
     sub.add_parser("launch", add_help=False, help="start training: torchrun options, CONFIG, "
@@ -105,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_launch_parser(sub)
     _add_plan_parser(sub)
+    _add_schedule_parser(sub)
     return parser
 
 

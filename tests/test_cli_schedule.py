@@ -1,0 +1,42 @@
+"""``orch schedule``: the simulated figures, the JSON, the PNG on disk, and bad input."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from orch.cli import main
+
+
+def test_1f1b_figures_match_the_analytic_bubble(capsys, tmp_path):
+    png = tmp_path / "1f1b.png"
+    assert main(["schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--json",
+                 "--png", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["makespan"] == 3 * (8 + 4 - 1)  # F 1 + B 2 per micro-batch, P - 1 bubbles
+    assert out["bubble_fraction"] == pytest.approx(3 / 11)
+    assert out["peak_activations"] == [4, 3, 2, 1]
+    assert out["ranks"][0][0] == {"action": "0F0", "start": 0.0, "end": 1.0}
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (1200, 4 * (28 + 6) + 6)  # one band per rank
+
+
+def test_text_output_has_figures_per_rank_and_a_chart(capsys):
+    assert main(["schedule", "zb-h1", "--stages", "4", "--microbatches", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "makespan 27, bubble 11.1%" in out  # 3M + P - 1: ZB-H1 beats 1F1B's 33
+    assert out.count("rank 3  |") == 1 and "W" in out.split("rank 0  |")[1]
+
+
+def test_bad_sizes_exit_2_naming_the_fix(capsys):
+    assert main(["schedule", "interleaved", "--stages", "4", "--microbatches", "6",
+                 "--virtual", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "microbatches to be a multiple of stages" in err and "(try 8)" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["schedule", "pipedream", "--stages", "2", "--microbatches", "2"])
+    assert exc.value.code == 2 and "invalid choice: 'pipedream'" in capsys.readouterr().err
