@@ -22,7 +22,8 @@ Load balancing, both kinds, so a run can use either or both:
   are normalized per token first). It is 1 for perfectly uniform routing. The trainer adds
   ``aux_loss_coeff * aux_loss`` of every MoE layer to its loss (:func:`moe_aux_loss` does the
   sum), weighted by ``model.aux_loss_coeff``.
-  The value is computed on the tokens this rank sees (per micro-batch, per rank).
+  The value is computed per micro-batch on the tokens this rank sees; under context
+  parallelism the loads are summed over the cp ranks first (each holds part of the sequences).
 - aux-loss-free (DeepSeek-V3): ``expert_bias`` is a non-learned buffer (in the state dict) added
   to the scores for top-k *selection only*. Training forwards accumulate each expert's load in
   ``expert_load`` (not saved); after each optimizer step :func:`update_expert_bias` (or the
@@ -47,6 +48,7 @@ from torch.distributed.tensor import DTensor
 
 from orch.config.schema import ModelConfig
 from orch.kernels.moe import grouped_mm, moe_permute, moe_unpermute
+from orch.parallel.comm_stats import dimension
 
 INIT_STD = 0.02
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -102,17 +104,20 @@ def expert_capacity(
     return math.ceil(capacity_factor * tokens * top_k / experts)
 
 
-def load_balancing_loss(probs: torch.Tensor, load: torch.Tensor, top_k: int) -> torch.Tensor:
+def load_balancing_loss(
+    probs: torch.Tensor, load: torch.Tensor, top_k: int, total_tokens: int | None = None
+) -> torch.Tensor:
     """Switch/GShard auxiliary loss ``E * sum_e f_e * P_e`` (1 when routing is uniform).
 
     ``probs [T, E]`` sums to 1 per token (differentiable: the gradient reaches the router);
-    ``load [E]`` counts the routed copies per expert (``T * top_k`` in all), so
-    ``f_e = load_e / (T * top_k)`` and ``P_e = mean_t probs[t, e]``.
+    ``load [E]`` counts the routed copies per expert of ``total_tokens`` tokens (default ``T``;
+    more when ``load`` is summed over ranks holding other parts of the same sequences), so
+    ``f_e = load_e / (total_tokens * top_k)`` and ``P_e = mean_t probs[t, e]`` over the ``T``.
     """
     tokens, experts = probs.shape
     if tokens == 0:
         return probs.sum() * 0.0
-    f = load.to(probs.dtype) / (tokens * top_k)
+    f = load.to(probs.dtype) / ((total_tokens or tokens) * top_k)
     return experts * (f * probs.mean(dim=0)).sum()
 
 
@@ -203,6 +208,10 @@ class MoEFeedForward(nn.Module):
         )
         self.aux_loss: torch.Tensor | None = None
         self.dispatcher: Dispatcher | None = None
+        self.sequence_group: dist.ProcessGroup | None = None
+        """Context-parallel ranks holding the other parts of this rank's sequences (set by
+        ``orch.parallel.context_parallel``): the loss sums their loads (as Megatron-Core does),
+        so it sees whole sequences and equals the unsplit run's when averaged over them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
@@ -211,7 +220,8 @@ class MoEFeedForward(nn.Module):
         weights, indices = route(scores, self.top_k, self.expert_bias)
         load = torch.bincount(indices.flatten(), minlength=self.num_experts)
         probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
-        self.aux_loss = load_balancing_loss(probs, load, self.top_k)
+        batch_load, batch_tokens = self._sequence_load(load, num_tokens)
+        self.aux_loss = load_balancing_loss(probs, batch_load, self.top_k, batch_tokens)
         if self.training and not _in_backward():
             self.expert_load += load
 
@@ -227,6 +237,15 @@ class MoEFeedForward(nn.Module):
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.view_as(x)
+
+    def _sequence_load(self, load: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
+        """``load`` and ``tokens`` summed over :attr:`sequence_group` (unchanged without one)."""
+        if self.sequence_group is None:
+            return load, tokens
+        total = load.clone()
+        with dimension("cp"):
+            dist.all_reduce(total, group=self.sequence_group)
+        return total, tokens * dist.get_world_size(self.sequence_group)
 
     @torch.no_grad()
     def update_bias(self, rate: float, group: dist.ProcessGroup | None = None) -> None:
