@@ -17,10 +17,9 @@ weights replicated DTensors), the row-parallel layers reduce-scatter instead of 
 each attention/feed-forward input is all-gathered on entry. Without it those activations are
 replicated plain tensors and the norm weights plain parameters.
 
-MoE layers (``orch.models.moe``) are refused with tp > 1 (an :class:`OrchError`): sharding
-experts is expert parallelism's job (``parallel.ep``/``etp``), which comes separately, and a
-replicated MoE beside DTensor parameters would mix plain and distributed tensors in the
-optimizer's foreach kernels.
+MoE layers (``orch.models.moe``) are refused with tp > 1 (an :class:`OrchError`): their experts
+are split by expert parallelism (``parallel.ep``/``etp``), and the router and shared expert
+would need their gradients summed over the tp ranks, which is not built yet.
 """
 
 from __future__ import annotations
@@ -55,9 +54,9 @@ def apply_tensor_parallel(
         return
     if any(isinstance(block.feed_forward, MoEFeedForward) for block in model.layers):
         raise OrchError(
-            f"parallel.tp: {tp_mesh.size()} with MoE layers is not supported yet (experts are "
-            "sharded by expert parallelism, which comes next); fix: set parallel.tp=1 for MoE "
-            "models, or use a dense model (model.experts: 0)"
+            f"parallel.tp: {tp_mesh.size()} with MoE layers is not supported yet; fix: set "
+            "parallel.tp=1 for MoE models and split the experts with parallel.ep and "
+            "parallel.etp, or use a dense model (model.experts: 0)"
         )
     between = Shard(1) if sequence_parallel else Replicate()
     top: dict[str, ParallelStyle] = {
