@@ -14,6 +14,7 @@ expert compute alone (the grouped SwiGLU on the rows this rank receives, forward
 on 2 and 4 gloo ranks, and prints their ratio.
 
     .venv/bin/python benchmarks/parallel_cpu.py [--steps 12] [--seq-len 128] [--tokens 4096]
+        [--only LAYOUT ...]
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ LAYOUTS = {  # name: (config, processes, overrides)
     "ep4": (MOE, 4, ["parallel.ep=4"]),
     "ep2 x dp2": (MOE, 4, ["parallel.ep=2"]),
     "ep2 x etp2": (MOE, 4, ["parallel.ep=2", "parallel.etp=2"]),
+    "moe tp2+sp": (MOE, 2, ["parallel.tp=2"]),
+    "ep2 x tp2+sp": (MOE, 2, ["parallel.tp=2", "parallel.ep=2"]),
 }
 MOE_SETTINGS = ["model.experts=8"]
 
 
-def layouts(steps: int, seq_len: int) -> None:
+def layouts(steps: int, seq_len: int, only: list[str]) -> None:
     common = [f"train.steps={steps}", f"train.seq_len={seq_len}", "run.log_interval=1",
               "train.warmup_steps=1", "train.micro_batch=1"]
     single = {}
@@ -60,6 +63,8 @@ def layouts(steps: int, seq_len: int) -> None:
           "vs 1 process | MB per step by dimension |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name, (config, procs, overrides) in LAYOUTS.items():
+        if only and name not in only:
+            continue
         extra = MOE_SETTINGS if config == MOE else []
         rows, plan = launch(config, procs, [*common, *extra, *overrides])
         ours = steady_tokens_per_s(rows, WARMUP)
@@ -140,12 +145,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (part 2)")
+    parser.add_argument("--only", nargs="+", choices=sorted(LAYOUTS), default=[],
+                        help="run these layouts of part 1 only, and skip part 2")
     args = parser.parse_args()
     print(f"# parallel_cpu: tiny configs, gloo fp32, seq {args.seq_len}, {args.steps} steps "
           f"({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{datetime.date.today()})\n")
-    layouts(args.steps, args.seq_len)
-    dispatch_ratio(args.tokens)
+    layouts(args.steps, args.seq_len, args.only)
+    if not args.only:
+        dispatch_ratio(args.tokens)
 
 
 if __name__ == "__main__":

@@ -149,11 +149,6 @@ def unsupported_features(cfg: Config) -> list[Problem]:
     if p.pp > 1:
         problems.append(Problem("parallel.pp", f"{p.pp} is planned but the runtime does not run "
                                 "it yet", "set parallel.pp=1 (orch plan shows such plans)"))
-    if p.tp > 1 and cfg.model.is_moe:
-        problems.append(Problem("parallel.tp", f"{p.tp} with MoE layers is planned but the "
-                                "runtime does not split dense layers of MoE models yet",
-                                "set parallel.tp=1 and split the experts with parallel.ep and "
-                                "parallel.etp"))
     if p.tp > 1 and p.dp_shard == 1 and p.dp_replicate > 1:
         problems.append(Problem("parallel.dp_shard", "1 with dp_replicate > 1 and tp > 1: DDP "
                                 "cannot replicate tensor-parallel (DTensor) parameters",

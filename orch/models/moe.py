@@ -22,8 +22,9 @@ Load balancing, both kinds, so a run can use either or both:
   are normalized per token first). It is 1 for perfectly uniform routing. The trainer adds
   ``aux_loss_coeff * aux_loss`` of every MoE layer to its loss (:func:`moe_aux_loss` does the
   sum), weighted by ``model.aux_loss_coeff``.
-  The value is computed per micro-batch on the tokens this rank sees; under context
-  parallelism the loads are summed over the cp ranks first (each holds part of the sequences).
+  The value is computed per micro-batch on the tokens this rank sees; under context and
+  tensor (sequence) parallelism the loads are summed over the cp x tp ranks first (each holds
+  part of the sequences).
 - aux-loss-free (DeepSeek-V3): ``expert_bias`` is a non-learned buffer (in the state dict) added
   to the scores for top-k *selection only*. Training forwards accumulate each expert's load in
   ``expert_load`` (not saved); after each optimizer step :func:`update_expert_bias` (or the
@@ -126,6 +127,13 @@ def _local(w: torch.Tensor) -> torch.Tensor:
     return w.to_local() if isinstance(w, DTensor) else w
 
 
+def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` in value, ``factor * x`` in gradient."""
+    if factor == 1:
+        return x
+    return x.detach() + factor * (x - x.detach())
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (activation checkpointing recomputes forwards
     there; they must not count the tokens twice). torch.utils.checkpoint asks the same way."""
@@ -209,9 +217,16 @@ class MoEFeedForward(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.dispatcher: Dispatcher | None = None
         self.sequence_group: dist.ProcessGroup | None = None
-        """Context-parallel ranks holding the other parts of this rank's sequences (set by
-        ``orch.parallel.context_parallel``): the loss sums their loads (as Megatron-Core does),
-        so it sees whole sequences and equals the unsplit run's when averaged over them."""
+        """Context- and tensor-parallel ranks holding the other parts of this rank's sequences
+        (set by :func:`set_sequence_group`): the loss sums their loads (as Megatron-Core
+        does), so it sees whole sequences and equals the unsplit run's averaged over them."""
+        self.sequence_dims = ""
+        """The parallel dimensions :attr:`sequence_group` spans, for communication accounting."""
+        self.partial_grad_ranks = 1
+        """Ranks that route different tokens and *sum* the router's gradients (tensor-parallel
+        ranks under sequence parallelism; set by ``orch.parallel.tensor_parallel``): the
+        balancing loss keeps its value but passes ``1 / partial_grad_ranks`` of its gradient,
+        so the sum is the unsplit run's gradient of the mean."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
@@ -221,7 +236,8 @@ class MoEFeedForward(nn.Module):
         load = torch.bincount(indices.flatten(), minlength=self.num_experts)
         probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
         batch_load, batch_tokens = self._sequence_load(load, num_tokens)
-        self.aux_loss = load_balancing_loss(probs, batch_load, self.top_k, batch_tokens)
+        aux_loss = load_balancing_loss(probs, batch_load, self.top_k, batch_tokens)
+        self.aux_loss = _scale_gradient(aux_loss, 1 / self.partial_grad_ranks)
         if self.training and not _in_backward():
             self.expert_load += load
 
@@ -243,7 +259,7 @@ class MoEFeedForward(nn.Module):
         if self.sequence_group is None:
             return load, tokens
         total = load.clone()
-        with dimension("cp"):
+        with dimension(self.sequence_dims):
             dist.all_reduce(total, group=self.sequence_group)
         return total, tokens * dist.get_world_size(self.sequence_group)
 
@@ -261,6 +277,14 @@ def moe_layers(model: nn.Module | Iterable[nn.Module]) -> list[MoEFeedForward]:
     """Every :class:`MoEFeedForward` in ``model`` (a module, or an iterable of modules)."""
     roots = [model] if isinstance(model, nn.Module) else list(model)
     return [m for root in roots for m in root.modules() if isinstance(m, MoEFeedForward)]
+
+
+def set_sequence_group(model: nn.Module, group: dist.ProcessGroup, dims: str) -> None:
+    """Make every MoE layer of ``model`` sum its balancing loads over ``group``: the ranks that
+    hold other parts of the same sequences (context parallel, and tensor parallel under
+    sequence parallelism), which span the parallel dimensions ``dims`` (e.g. ``"cp"``)."""
+    for layer in moe_layers(model):
+        layer.sequence_group, layer.sequence_dims = group, dims
 
 
 def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:

@@ -17,9 +17,12 @@ point), not the wire traffic of the algorithm (a ring all-reduce moves about twi
 Which dimension: orch's own collectives say it (:func:`dimension`: expert dispatch is ``ep``,
 its gather ``etp``, ring and Ulysses attention ``cp``), since torch hands one process group to
 every mesh dimension that spans the same ranks (with 2 ranks, dp, cp and ep are all the world
-group). Other collectives (FSDP, DDP, DTensor) are named after their group's mesh dimension,
-data-parallel ones first; every data-parallel group (replicate, shard, shard x cp, and the
-experts' edp) counts as ``dp``, and unnamed groups as ``other``. Groups of one rank are skipped.
+group). Other collectives are named after their group's mesh dimension: c10d calls (FSDP, DDP)
+prefer data-parallel names, functional ones (DTensor: tensor, sequence and loss parallelism)
+the others, so with tp=2 on 2 ranks the experts' FSDP traffic is ``dp`` and the TP traffic on
+the same group ``tp``. Every data-parallel group (replicate, shard, shard x cp, the experts'
+edp, the MoE token group) counts as ``dp``, and unnamed groups as ``other``. Groups of one rank
+are skipped.
 """
 
 from __future__ import annotations
@@ -40,9 +43,8 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.nn.parallel import DistributedDataParallel
 
 DIMENSION_OF = {"dp_replicate": "dp", "dp_shard": "dp", "dp_shard_cp": "dp", "dp_cp": "dp",
-                "edp": "dp"}
-"""Mesh dimension -> reported dimension (others report under their own name). When groups
-coincide, the data-parallel names are registered first and win."""
+                "dp_cp_tp": "dp", "edp": "dp"}
+"""Mesh dimension -> reported dimension (others report under their own name)."""
 _LABEL: ContextVar[str | None] = ContextVar("orch_comm_dimension", default=None)
 
 
@@ -79,23 +81,24 @@ class CommLedger:
     """
 
     def __init__(self, meshes: list[DeviceMesh]) -> None:
-        self.names: dict[str, str] = {}
         dims = [(mesh, dim) for mesh in meshes for dim in _dimension_names(mesh)]
-        for mesh, dim in sorted(dims, key=lambda item: item[1] not in DIMENSION_OF):
-            group = mesh[dim].get_group()
-            if dist.get_world_size(group) > 1:
-                self.names.setdefault(group.group_name, DIMENSION_OF.get(dim, dim))
+        self.names = _group_names(dims, data_first=True)
+        """group name -> dimension, for c10d calls (data parallelism wins a shared group)."""
+        self.functional_names = _group_names(dims, data_first=False)
+        """group name -> dimension, for functional collectives (the other dimensions win)."""
         self.bytes: dict[str, int] = defaultdict(int)
         self._active = False
 
-    def add(self, group: Any, nbytes: int) -> None:
+    def add(self, group: Any, nbytes: int, functional: bool = False) -> None:
         """Count ``nbytes`` on ``group`` (a ProcessGroup, None for the world, or anything the
-        functional collectives accept), if this ledger is tracking and the group is real."""
+        functional collectives accept, then ``functional``), if this ledger is tracking and the
+        group is real."""
         if not self._active or not nbytes:
             return
         pg = _process_group(group)
         if dist.get_world_size(pg) > 1:
-            self.bytes[_LABEL.get() or self.names.get(pg.group_name, "other")] += nbytes
+            names = self.functional_names if functional else self.names
+            self.bytes[_LABEL.get() or names.get(pg.group_name, "other")] += nbytes
 
     def take(self) -> dict[str, int]:
         """The bytes counted since the last call, by dimension, and a fresh start."""
@@ -107,7 +110,8 @@ class CommLedger:
     def tracking(self) -> Iterator[None]:
         """Count the collectives issued inside the block (wrapping torch.distributed's
         Python entry points for its duration)."""
-        patches = [(module, name, getattr(module, name), self._counted(getattr(module, name), arg))
+        patches = [(module, name, getattr(module, name),
+                    self._counted(getattr(module, name), arg, module is funcol))
                    for module, table in ((dist, _C10D), (funcol, _FUNCOL))
                    for name, arg in table.items()]
         for module, name, _, wrapper in patches:
@@ -127,7 +131,9 @@ class CommLedger:
 
         ddp.register_comm_hook(group, allreduce_hook)
 
-    def _counted(self, fn: Callable[..., Any], tensor_arg: str) -> Callable[..., Any]:
+    def _counted(
+        self, fn: Callable[..., Any], tensor_arg: str, functional: bool
+    ) -> Callable[..., Any]:
         signature = inspect.signature(fn)
 
         @functools.wraps(fn)
@@ -139,10 +145,21 @@ class CommLedger:
                         if getattr(op.op, "__name__", "") == "isend":
                             self.add(op.group, _nbytes(op.tensor))
                 else:
-                    self.add(bound.get("group"), _nbytes(bound[tensor_arg]))
+                    self.add(bound.get("group"), _nbytes(bound[tensor_arg]), functional)
             return fn(*args, **kwargs)
 
         return counted
+
+
+def _group_names(dims: list[tuple[DeviceMesh, str]], data_first: bool) -> dict[str, str]:
+    """Process group name -> reported dimension; when dimensions share a group, data-parallel
+    names win if ``data_first``, else the others do."""
+    names: dict[str, str] = {}
+    for mesh, dim in sorted(dims, key=lambda item: (item[1] in DIMENSION_OF) != data_first):
+        group = mesh[dim].get_group()
+        if dist.get_world_size(group) > 1:
+            names.setdefault(group.group_name, DIMENSION_OF.get(dim, dim))
+    return names
 
 
 def _dimension_names(mesh: DeviceMesh) -> list[str]:

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from orch.models.moe import MoEFeedForward
 from orch.parallel.comm import all_to_all
 from orch.parallel.comm_stats import dimension
 
@@ -225,5 +224,3 @@ def apply_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup, kin
     attention = ring_attention if kind == "ring" else ulysses_attention
     for block in model.layers:
         block.attention.attention_fn = functools.partial(attention, group=group)
-        if isinstance(block.feed_forward, MoEFeedForward):  # balancing sees whole sequences
-            block.feed_forward.sequence_group = group

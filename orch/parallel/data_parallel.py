@@ -33,7 +33,8 @@ def apply_data_parallel(
 
     Under expert parallelism (experts already DTensors over ``ep``), ``expert_dp_mesh`` is the
     expert layout's ``edp`` mesh: each MoE layer's experts become their own FSDP unit over it,
-    before their block, so the block's unit leaves them out. Their gradients are sums over the
+    before their block, so the block's unit leaves them out (when ``dp_mesh`` is one rank, only
+    the experts are wrapped). Their gradients are sums over the
     tokens of ``expert_grad_divide`` ranks (the dense data-parallel size: every rank's loss is a
     mean over its own tokens), so FSDP divides by that instead of the edp size. DDP cannot
     hold DTensor parameters: expert parallelism always takes the FSDP path.
@@ -48,6 +49,9 @@ def apply_data_parallel(
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
+    # Only the experts when the dense layers have no data parallelism (experts replicated over
+    # tensor-parallel ranks that routed different tokens).
+    dense = dp_mesh.size() > 1
     last = len(model.layers) - 1
     for index, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
@@ -61,14 +65,18 @@ def apply_data_parallel(
             # one rank, torch 2.13 would divide twice with the forced sum: keep its default.)
             gloo = expert_dp_mesh.device_type == "cpu"
             experts.set_force_sum_reduction_for_comms(gloo and expert_dp_mesh.size() > 1)
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
+        if dense:
+            fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+    if dense:
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
     return model
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Skip (or restore) the gradient reduce-scatter/all-reduce for accumulation micro-batches."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
-    elif isinstance(model, DistributedDataParallel):
+    if isinstance(model, DistributedDataParallel):
         model.require_backward_grad_sync = enabled  # what DDP.no_sync() toggles
+        return
+    for module in model.modules():  # the root, or only the experts' units
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(enabled, recurse=False)

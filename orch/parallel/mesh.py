@@ -35,14 +35,29 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["dp_replicate", "dp_shard_cp"]
 
 
-def token_parallel_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:
-    """The ranks of this pipeline stage that see different tokens (``dp_replicate x dp_shard x
-    cp``; tensor-parallel ranks see the same ones), or None when that is only this rank. MoE
-    layers sum their expert loads over it, so every router replica keeps the same bias."""
-    dims = ("dp_replicate", "dp_shard", "cp")
-    if all(mesh.size(mesh.mesh_dim_names.index(d)) == 1 for d in dims):
+def token_parallel_group(mesh: DeviceMesh, tp_routes_apart: bool) -> dist.ProcessGroup | None:
+    """The ranks of this pipeline stage whose MoE layers route different tokens
+    (``dp_replicate x dp_shard x cp``, and ``tp`` when ``tp_routes_apart``: MoE layers under
+    sequence parallelism), or None when that is only this rank. MoE layers sum their expert
+    loads over it, so every router replica keeps the same bias."""
+    dims = ("dp_replicate", "dp_shard", "cp") + (("tp",) if tp_routes_apart else ())
+    return _flat_group(mesh, dims, "dp_cp_tp" if tp_routes_apart else "dp_cp")
+
+
+def sequence_split_group(mesh: DeviceMesh, tp_routes_apart: bool) -> dist.ProcessGroup | None:
+    """The ranks holding the other parts of this rank's sequences at the MoE layers (``cp``, and
+    ``tp`` when ``tp_routes_apart``), or None when that is only this rank."""
+    return _flat_group(mesh, ("cp",) + (("tp",) if tp_routes_apart else ()), "cp_tp")
+
+
+def _flat_group(mesh: DeviceMesh, dims: tuple[str, ...], name: str) -> dist.ProcessGroup | None:
+    """The group of ``dims`` flattened (as mesh dimension ``name``); None if it is one rank."""
+    names = mesh.mesh_dim_names or ()
+    if all(mesh.size(names.index(d)) == 1 for d in dims):
         return None
-    return mesh[dims]._flatten("dp_cp").get_group()
+    if len(dims) == 1:
+        return mesh.get_group(dims[0])
+    return mesh[dims]._flatten(name).get_group()
 
 
 def mesh_problems(plan: Plan, mesh: DeviceMesh, expert_mesh: DeviceMesh | None) -> list[str]:

@@ -17,16 +17,22 @@ weights replicated DTensors), the row-parallel layers reduce-scatter instead of 
 each attention/feed-forward input is all-gathered on entry. Without it those activations are
 replicated plain tensors and the norm weights plain parameters.
 
-MoE layers (``orch.models.moe``) are refused with tp > 1 (an :class:`OrchError`): their experts
-are split by expert parallelism (``parallel.ep``/``etp``), and the router and shared expert
-would need their gradients summed over the tp ranks, which is not built yet.
+MoE layers (``orch.models.moe``) need sequence parallelism (as in Megatron-Core): each TP rank
+routes its own sequence shard, so no token is dispatched twice. The layer takes and returns
+its rank's tokens as plain tensors; the router is replicated (a ``Replicate`` DTensor computing on
+``Shard(0)`` tokens, so its gradient is a partial sum that is reduced over the tp ranks, as the
+sequence-parallel norms' are) and its balancing loss passes ``1/tp`` of its gradient
+(:attr:`MoEFeedForward.partial_grad_ranks`); the shared expert is split like the dense MLP, on
+the all-gathered tokens. The routed experts are left alone: they follow the expert layout
+(``parallel.ep``/``etp``), whose expert-data-parallel ranks include the tp ranks and sum their
+gradients (parallel folding).
 """
 
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -37,7 +43,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from orch.errors import OrchError
-from orch.models.moe import MoEFeedForward
+from orch.models.moe import MoEFeedForward, moe_layers
 
 
 def apply_tensor_parallel(
@@ -52,11 +58,11 @@ def apply_tensor_parallel(
     """
     if tp_mesh.size() == 1:
         return
-    if any(isinstance(block.feed_forward, MoEFeedForward) for block in model.layers):
+    if not sequence_parallel and any(moe_layers(model)):
         raise OrchError(
-            f"parallel.tp: {tp_mesh.size()} with MoE layers is not supported yet; fix: set "
-            "parallel.tp=1 for MoE models and split the experts with parallel.ep and "
-            "parallel.etp, or use a dense model (model.experts: 0)"
+            f"parallel.tp: {tp_mesh.size()} with MoE layers needs sequence parallelism (each "
+            "tp rank routes its own part of the sequence); fix: set "
+            "parallel.sequence_parallel=true"
         )
     between = Shard(1) if sequence_parallel else Replicate()
     top: dict[str, ParallelStyle] = {
@@ -79,10 +85,12 @@ def apply_tensor_parallel(
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=between),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=between),
         }
+        if isinstance(block.feed_forward, MoEFeedForward):
+            plan |= _moe_plan(block.feed_forward)
+            block.feed_forward.partial_grad_ranks = tp_mesh.size()
+        else:
+            plan |= _mlp_plan("feed_forward", between)
         if sequence_parallel:
             plan |= {
                 "attention_norm": SequenceParallel(),
@@ -92,8 +100,34 @@ def apply_tensor_parallel(
                     input_layouts=(Shard(1), None, None),
                     desired_input_layouts=(Replicate(), None, None),
                 ),
-                "feed_forward": PrepareModuleInput(
-                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-                ),
             }
         parallelize_module(block, tp_mesh, plan)
+
+
+def _mlp_plan(path: str, between: Placement) -> dict[str, ParallelStyle]:
+    """A SwiGLU MLP at ``path`` whose input and output are laid out ``between`` its callers'
+    regions: gathered on entry, ``w1``/``w3`` column- and ``w2`` row-parallel."""
+    entry = {} if between == Replicate() else {
+        path: PrepareModuleInput(input_layouts=(between,), desired_input_layouts=(Replicate(),))
+    }
+    return entry | {
+        f"{path}.w1": ColwiseParallel(),
+        f"{path}.w3": ColwiseParallel(),
+        f"{path}.w2": RowwiseParallel(output_layouts=between),
+    }
+
+
+def _moe_plan(layer: MoEFeedForward) -> dict[str, ParallelStyle]:
+    """The MoE layer takes and returns its rank's tokens as plain tensors (the residual stream
+    between the regions is plain local tensors, as the row-parallel outputs leave it); inside,
+    tokens are flattened to ``[tokens, dim]``, so its replicated router and split shared expert
+    shard dimension 0."""
+    plan: dict[str, ParallelStyle] = {
+        "feed_forward": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_output=True
+        ),
+        "feed_forward.router": SequenceParallel(sequence_dim=0, use_local_output=True),
+    }
+    if layer.shared_expert is not None:
+        plan |= _mlp_plan("feed_forward.shared_expert", Shard(0))
+    return plan

@@ -54,6 +54,21 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem
             "pick an ep that divides the number of experts",
         )
         need(
+            deg.tp == 1 or deg.sequence_parallel,
+            "parallel.sequence_parallel",
+            f"false with tp={deg.tp} and MoE layers: every tp rank would route (and send to "
+            "the experts) the same tokens",
+            "set parallel.sequence_parallel=true (each tp rank routes its part of the sequence)",
+        )
+        shared = m.shared_experts * m.moe_ffn_dim
+        need(
+            shared % deg.tp == 0,
+            "parallel.tp",
+            f"the shared expert's hidden size {shared} (shared_experts x expert_ffn_dim) is not "
+            f"divisible by tp={deg.tp}",
+            "pick a tp that divides it",
+        )
+        need(
             m.moe_ffn_dim % deg.etp == 0,
             "parallel.etp",
             f"expert_ffn_dim={m.moe_ffn_dim} is not divisible by etp={deg.etp}",

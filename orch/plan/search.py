@@ -62,6 +62,9 @@ def candidate_degrees(cfg: Config, machine: Machine) -> Iterator[Degrees]:
     for tp in divisors(tp_limit):
         if m.heads % tp or m.n_kv_heads % tp or m.ffn_dim % tp or world % tp:
             continue
+        if tp > 1 and m.is_moe and (not p.sequence_parallel
+                                    or m.shared_experts * m.moe_ffn_dim % tp):
+            continue
         for cp in divisors(world // tp):
             if cp > 1 and cfg.train.seq_len // cp < MIN_CP_CHUNK:
                 continue

@@ -21,11 +21,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from orch.config import Config, config_to_dict
 from orch.errors import PlanError, Problem
+from orch.models.moe import moe_layers, set_sequence_group
 from orch.parallel.comm_stats import CommLedger
 from orch.parallel.context_parallel import apply_context_parallel, local_positions
 from orch.parallel.data_parallel import apply_data_parallel
 from orch.parallel.expert_parallel import apply_expert_parallel, build_expert_mesh
-from orch.parallel.mesh import build_mesh, data_parallel_mesh, mesh_problems, token_parallel_group
+from orch.parallel.mesh import (
+    build_mesh,
+    data_parallel_mesh,
+    mesh_problems,
+    sequence_split_group,
+    token_parallel_group,
+)
 from orch.parallel.recompute import apply_recompute
 from orch.parallel.tensor_parallel import apply_tensor_parallel
 from orch.plan import Plan
@@ -61,7 +68,10 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     _agree("plan", _plan_fingerprint(plan, cfg), [])
     mesh = build_mesh(plan, device.type)
     d = plan.degrees
-    expert_mesh = build_expert_mesh(d, device.type) if d.ep * d.etp > 1 else None
+    # Experts replicated over tensor-parallel ranks (ep < stage ranks) need the folded expert
+    # mesh too: its edp ranks sum the gradients of the tokens each tp rank routed.
+    folded = d.ep * d.etp > 1 or (d.tp > 1 and bool(moe_layers(model)))
+    expert_mesh = build_expert_mesh(d, device.type) if folded else None
     _agree("mesh", "", mesh_problems(plan, mesh, expert_mesh))
 
     if d.tp > 1:
@@ -73,13 +83,18 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
         apply_context_parallel(model, mesh.get_group("cp"), cfg.parallel.cp_kind)
         cp_rank = mesh.get_local_rank("cp")
         positions = local_positions(cfg.train.seq_len, d.cp, cp_rank, cfg.parallel.cp_kind)
+    # MoE layers under tensor parallelism route each rank's sequence shard (sequence parallel).
+    tp_routes_apart = d.tp > 1 and bool(moe_layers(model))
+    if group := sequence_split_group(mesh, tp_routes_apart):
+        dims = "+".join(n for n, k in (("cp", d.cp), ("tp", d.tp)) if k > 1)
+        set_sequence_group(model, group, dims)
     apply_recompute(model, cfg.train.recompute)
-    if d.dp * d.cp > 1:
+    if d.dp * d.cp > 1 or (expert_mesh is not None and d.edp > 1):
         dp_mesh = data_parallel_mesh(mesh)
         expert_dp = expert_mesh["edp"] if expert_mesh is not None else None
         model = apply_data_parallel(model, dp_mesh, precision, expert_dp,
                                     expert_grad_divide=d.dp * d.cp)
-    token_group = token_parallel_group(mesh)
+    token_group = token_parallel_group(mesh, tp_routes_apart)
     ledger = None
     if world > 1:
         ledger = CommLedger([m for m in (mesh, expert_mesh) if m is not None])

@@ -107,10 +107,10 @@ class Trainer:
             sharded = isinstance(logits, DTensor)
             with loss_parallel() if sharded else contextlib.nullcontext():
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                if isinstance(loss, DTensor):  # replicated: the local value is the whole loss,
+                    loss = loss.to_local()  # and the MoE term beside it is a plain tensor
                 aux = moe_aux_loss(self.model)
                 ((loss if aux is None else loss + aux) / len(micro_batches)).backward()
-            if isinstance(loss, DTensor):
-                loss = loss.full_tensor()
             total += loss.detach() / len(micro_batches)
             if aux is not None and aux_total is not None:
                 aux_total += aux.detach() / len(micro_batches)

@@ -5,8 +5,10 @@ model and one run per layout, all on the same data. Dense (tiny): data parallel 
 HSDP), tensor parallel with and without sequence parallelism, composed with FSDP2, context
 parallel (ring and Ulysses) composed with TP and FSDP2. MoE (tiny-moe with 8 experts, top-2,
 aux loss and aux-loss-free bias both on): expert parallel over 2 and 4 ranks, ep2 folded into
-HSDP 2x2, ep2 x etp2, and ep2 with ring context parallelism (the balancing loss sums the loads
-of the cp ranks, so it sees whole sequences). Two layouts (tp2 x FSDP2, ep2 x etp2) run as a
+HSDP 2x2, ep2 x etp2, ep2 with ring context parallelism (the balancing loss sums the loads
+of the cp ranks, so it sees whole sequences), and tensor + sequence parallel dense layers with
+the experts replicated on the tp ranks (tp2: their expert-data-parallel unit sums the
+gradients) or split over them (ep2 x tp2 x FSDP2). Two layouts (tp2 x FSDP2, ep2 x etp2) run as a
 user resuming after a preemption: stopped at step 3, then the same command again, so their
 checks also cover a resume with sharded parameters, optimizer state, expert bias and data
 position (an exact resume is tested on one layout in test_resume.py; here each launch costs
@@ -68,6 +70,9 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                     dict(dp_replicate=2, dp_shard=2, ep=2, edp=2)),
     "ep2_etp2": (MOE, 4, EP2_ETP2, dict(dp_shard=4, ep=2, etp=2)),
     "ep2_cp2": (MOE, 4, ["parallel.ep=2", "parallel.cp=2"], dict(dp_shard=2, cp=2, ep=2)),
+    "tp2_moe": (MOE, 2, ["parallel.tp=2"], dict(tp=2)),
+    "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
+                      dict(dp_shard=2, tp=2, ep=2)),
 }
 RESUMED = ("tp2sp_fsdp2", "ep2_etp2")
 DEGREES = ("dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "edp")

@@ -88,8 +88,9 @@ def test_bad_launches_stop_before_any_process(tmp_path):
          "parallel.pp: 2 is planned but"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "model.dimm=3"],
          "did you mean 'dim'"),
-        (["--nproc-per-node", "2", "configs/tiny-moe.yaml", "--set", "parallel.tp=2"],
-         "parallel.tp: 2 with MoE layers is planned but"),
+        (["--nproc-per-node", "2", "configs/tiny-moe.yaml", "--set", "parallel.tp=2",
+          "--set", "parallel.sequence_parallel=false"],
+         "parallel.sequence_parallel: false with tp=2 and MoE layers"),
     ]
     for args, message in cases:
         out = launch(*args)

@@ -3,7 +3,9 @@
 Two gloo ranks, one module with a ``dp_shard`` mesh (the world group): FSDP2's all-gather and
 reduce-scatter, DDP's bucket all-reduce (through the hook the ledger attaches), a DTensor
 redistribution (functional collectives), orch's labelled all-to-all, ring send/recv, and a
-collective outside ``tracking`` (not counted). Expected bytes are worked out by hand.
+collective outside ``tracking`` (not counted); then a tp and an edp mesh on the same ranks (one
+process group), where c10d calls count as dp and functional ones as tp. Expected bytes are
+worked out by hand.
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ def _run(rank: int, world: int, results) -> None:
     results[(rank, "mixed")] = ledger.take()
     results[(rank, "empty")] = ledger.take()
 
+    # tp and the experts' edp on the same two ranks (tp=2 with replicated experts): one group
+    tp = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    edp = init_device_mesh("cpu", (world,), mesh_dim_names=("edp",))
+    shared = CommLedger([tp, edp])
+    with shared.tracking():
+        dist.all_reduce(torch.ones(3), group=edp.get_group())  # c10d, as FSDP reduces
+        distribute_tensor(torch.ones(4, 4), tp, [Shard(0)]).full_tensor()  # DTensor, as TP
+    results[(rank, "shared")] = shared.take()
+
 
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory):
@@ -81,3 +92,8 @@ def test_labels_win_over_groups_and_nothing_outside_tracking(counted, rank):
         "cp": 5 * FLOAT,  # what this rank sent
     }
     assert counted[(rank, "empty")] == {}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_shared_group_names_c10d_calls_dp_and_dtensor_calls_tp(counted, rank):
+    assert counted[(rank, "shared")] == {"dp": 3 * FLOAT, "tp": 8 * FLOAT}

@@ -1,6 +1,9 @@
 """Tensor (and sequence) parallelism on 2 gloo ranks equals the plain model on one process:
 loss, logits and every parameter gradient, forward and backward, for each combination of
-sequence parallelism, loss parallelism and tied embeddings. MoE models are refused with tp > 1.
+sequence parallelism, loss parallelism and tied embeddings; and an MoE model (router, shared
+expert, balancing loss) under sequence parallelism, with its experts split over the same ranks
+(ep2) or replicated on them (their gradients then summed as the expert-data-parallel FSDP
+unit does). MoE models without sequence parallelism are refused.
 
 One spawn of 2 processes runs every case (process start-up dominates). Spawn, not fork: a
 child forked after the parent's OpenMP pool ran (earlier tests' matmuls) can hang in libgomp's
@@ -17,6 +20,7 @@ import itertools
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from gloo_harness import run_on_gloo
 from torch.distributed.device_mesh import init_device_mesh
@@ -26,6 +30,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 from orch.config import ModelConfig
 from orch.errors import OrchError
 from orch.models.llama import Transformer
+from orch.models.moe import moe_aux_loss, moe_layers, set_sequence_group
+from orch.parallel.expert_parallel import apply_expert_parallel
 from orch.parallel.tensor_parallel import apply_tensor_parallel
 
 pytestmark = pytest.mark.dist
@@ -46,19 +52,32 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+def moe_model() -> Transformer:
+    """Every layer MoE: 4 experts (top 2, seeded routing is uneven) and a shared expert."""
+    model = Transformer(dataclasses.replace(BASE, experts=4, top_k=2, moe_layer_interval=1,
+                                            shared_experts=1, expert_ffn_dim=24))
+    model.init_weights(3)
+    return model
+
+
 def forward_backward(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Loss, full logits and full gradients, as plain tensors whatever the layout."""
+    """Loss (with the MoE balancing loss, reported apart as ``aux``), full logits and full
+    gradients, as plain tensors whatever the layout."""
     inputs, targets = batch()
     logits = model(inputs)
     sharded = isinstance(logits, DTensor)
     with loss_parallel() if sharded else contextlib.nullcontext():
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        loss.backward()
+        loss = loss.to_local() if isinstance(loss, DTensor) else loss  # replicated
+        aux = moe_aux_loss(model)
+        (loss if aux is None else loss + aux).backward()
 
     def full(t: torch.Tensor) -> torch.Tensor:
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
     out = {"loss": full(loss), "logits": full(logits)}
+    if aux is not None:
+        out["aux"] = aux.detach().clone()
     out |= {f"grad.{name}": full(p.grad) for name, p in model.named_parameters()}
     return out
 
@@ -78,11 +97,23 @@ def _run(rank: int, world: int, results) -> None:
             sum(isinstance(p, DTensor) for p in model.parameters())
         )
         results[(sp, lp, tie, rank)] = out
-    moe = Transformer(dataclasses.replace(BASE, experts=4, top_k=2, moe_layer_interval=2))
-    try:
+    for ep in (1, 2):
+        moe = moe_model()
         apply_tensor_parallel(moe, mesh["tp"], sequence_parallel=True, loss_parallel=True)
+        set_sequence_group(moe, mesh.get_group("tp"), "tp")
+        if ep > 1:
+            apply_expert_parallel(moe, mesh["tp"])
+        out = forward_backward(moe)
+        for name, grad in out.items():  # replicated experts: what their edp FSDP unit sums
+            if ep == 1 and name.startswith("grad.") and ".experts." in name:
+                dist.all_reduce(grad)
+        dist.all_reduce(out["aux"], op=dist.ReduceOp.AVG)
+        results[("moe", ep, rank)] = out
+    try:
+        apply_tensor_parallel(moe_model(), mesh["tp"], sequence_parallel=False,
+                              loss_parallel=True)
     except OrchError as exc:
-        results[("moe", rank)] = str(exc)
+        results[("moe refused", rank)] = str(exc)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +140,20 @@ def test_sharding_follows_sequence_parallel(sharded):
     assert int(sharded[(True, True, False, 0)]["dtensor_params"]) == everything
 
 
-def test_moe_with_tp_is_refused(sharded):
-    message = sharded[("moe", 0)]
-    assert "parallel.tp" in message and "MoE" in message and "fix:" in message
+@pytest.mark.parametrize("ep", [1, 2])
+def test_moe_equals_plain_model_forward_and_backward(sharded, ep):
+    model = moe_model()
+    ref = forward_backward(model)
+    loads = torch.stack([layer.expert_load for layer in moe_layers(model)])
+    assert (loads.amax(1) > loads.amin(1)).all()  # uneven routing: ties would hide mistakes
+    for rank in range(TP):
+        got = sharded[("moe", ep, rank)]
+        assert got.keys() == ref.keys()
+        for key, value in ref.items():
+            atol = LOSS_ATOL if key in ("loss", "aux") else ATOL
+            torch.testing.assert_close(got[key], value, rtol=0, atol=atol, msg=key)
+
+
+def test_moe_without_sequence_parallel_is_refused(sharded):
+    message = sharded[("moe refused", 0)]
+    assert "parallel.sequence_parallel" in message and "MoE" in message and "fix:" in message
