@@ -156,6 +156,16 @@ class ParallelConfig:
     virtual_stages: int = field(
         default=1, metadata=_help("model chunks per pipeline rank (interleaved schedule)")
     )
+    pp_max_deferred: int | None = field(
+        default=None,
+        metadata=_help("2bp schedules: deferred weight-gradient steps that may wait per rank "
+                       "(each keeps an activation alive); null = no bound"),
+    )
+    stage_layers: list[int] = field(
+        default_factory=list,
+        metadata=_help("layers of each pipeline stage, first to last (pp x virtual_stages "
+                       "numbers); empty = an even split"),
+    )
     ep: int = field(default=1, metadata=_help("expert-parallel degree"))
     etp: int = field(default=1, metadata=_help("tensor-parallel degree inside each expert"))
     cp: int = field(default=1, metadata=_help("context-parallel degree"))

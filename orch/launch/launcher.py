@@ -146,9 +146,6 @@ def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Prob
 def unsupported_features(cfg: Config) -> list[Problem]:
     """What the plan allows but this version of the runtime cannot run yet, said up front."""
     p, problems = cfg.parallel, []
-    if p.pp > 1:
-        problems.append(Problem("parallel.pp", f"{p.pp} is planned but the runtime does not run "
-                                "it yet", "set parallel.pp=1 (orch plan shows such plans)"))
     if p.tp > 1 and p.dp_shard == 1 and p.dp_replicate > 1:
         problems.append(Problem("parallel.dp_shard", "1 with dp_replicate > 1 and tp > 1: DDP "
                                 "cannot replicate tensor-parallel (DTensor) parameters",

@@ -119,11 +119,15 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Keyed by global index, so a pipeline stage holding layers 4-7 keeps their names.
+        self.layers = nn.ModuleDict((str(i), TransformerBlock(cfg, i)) for i in range(cfg.layers))
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.positions: torch.Tensor | None = None
+        """Positions for calls that pass none (pipeline stages: the runtime passes only the
+        hidden states, whose sequence may be a tensor-parallel shard)."""
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if not self.output.weight.is_meta:
@@ -143,12 +147,19 @@ class Transformer(nn.Module):
                 p.copy_(torch.empty(p.shape).normal_(0.0, INIT_STD, generator=gen))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``positions`` are the tokens' places in the sequence (default ``0..seq-1``); under
-        context parallelism a rank holds a subset of the sequence and says which."""
-        h = self.tok_embeddings(tokens)
+        """``positions`` are the tokens' places in the sequence (default :attr:`positions`, else
+        ``0..seq-1``); under context parallelism a rank holds a subset of the sequence and says
+        which. A pipeline stage without the embedding takes the previous stage's hidden states
+        ``[batch, seq, dim]`` as ``tokens``, and one without the head returns hidden states."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if positions is None:
+            positions = self.positions
         if positions is None:
             positions = torch.arange(tokens.shape[1])
         cos, sin = self.rope(positions, h.dtype)
-        for layer in self.layers:
+        for layer in self.layers.values():
             h = layer(h, cos, sin)
+        if self.output is None:
+            return h
+        assert self.norm is not None
         return self.output(self.norm(h))

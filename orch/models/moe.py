@@ -134,6 +134,23 @@ def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x.detach() + factor * (x - x.detach())
 
 
+class _AuxLossGradient(torch.autograd.Function):
+    """Identity on the layer output whose backward also hands the balancing loss the gradient
+    ``scale``, as if ``scale * aux_loss`` had been added to the loss."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor,  # type: ignore[override]
+                scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_meta = (aux_loss.shape, aux_loss.dtype, aux_loss.device)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def, override]
+        shape, dtype, device = ctx.aux_meta
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (activation checkpointing recomputes forwards
     there; they must not count the tokens twice). torch.utils.checkpoint asks the same way."""
@@ -215,6 +232,16 @@ class MoEFeedForward(nn.Module):
             "expert_load", torch.zeros(cfg.experts, dtype=torch.int64), persistent=False
         )
         self.aux_loss: torch.Tensor | None = None
+        self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)
+        self.aux_loss_count = 0
+        """Training forwards' balancing losses (unweighted) and their count since the last
+        :func:`take_aux_loss`, for the metrics (each micro-batch adds one)."""
+        self.aux_grad_scale: float | None = None
+        """None: the caller adds :func:`moe_aux_loss` to its loss. A number (set by
+        :func:`inject_aux_gradients`): the layer gives its balancing loss the gradient
+        ``aux_loss_coeff * aux_grad_scale`` itself, through its output, in the same backward
+        (Megatron-Core's MoEAuxLossAutoScaler), for callers whose loss is not one expression:
+        pipeline stages run by a runtime that back-propagates each stage's output alone."""
         self.dispatcher: Dispatcher | None = None
         self.sequence_group: dist.ProcessGroup | None = None
         """Context- and tensor-parallel ranks holding the other parts of this rank's sequences
@@ -240,6 +267,8 @@ class MoEFeedForward(nn.Module):
         self.aux_loss = _scale_gradient(aux_loss, 1 / self.partial_grad_ranks)
         if self.training and not _in_backward():
             self.expert_load += load
+            self.aux_loss_sum += aux_loss.detach()
+            self.aux_loss_count += 1
 
         capacity = expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
         permuted, row_map, counts = moe_permute(
@@ -252,6 +281,9 @@ class MoEFeedForward(nn.Module):
         out = moe_unpermute(expert_out, row_map, weights, num_tokens, check=False)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
+        if self.aux_grad_scale is not None and self.aux_loss_coeff and torch.is_grad_enabled():
+            out = _AuxLossGradient.apply(out, self.aux_loss,
+                                         self.aux_loss_coeff * self.aux_grad_scale)
         return out.view_as(x)
 
     def _sequence_load(self, load: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
@@ -285,6 +317,28 @@ def set_sequence_group(model: nn.Module, group: dist.ProcessGroup, dims: str) ->
     sequence parallelism), which span the parallel dimensions ``dims`` (e.g. ``"cp"``)."""
     for layer in moe_layers(model):
         layer.sequence_group, layer.sequence_dims = group, dims
+
+
+def inject_aux_gradients(model: nn.Module | Iterable[nn.Module], scale: float) -> None:
+    """Make every MoE layer of ``model`` give its balancing loss its gradient itself, weighted
+    ``aux_loss_coeff * scale`` (see :attr:`MoEFeedForward.aux_grad_scale`); the caller then does
+    not add :func:`moe_aux_loss` to its loss."""
+    for layer in moe_layers(model):
+        layer.aux_grad_scale = scale
+
+
+def take_aux_loss(model: nn.Module | Iterable[nn.Module]) -> torch.Tensor | None:
+    """``sum(aux_loss_coeff * mean aux_loss)`` over the MoE layers, the mean over the training
+    forwards since the last call (the step's micro-batches), and a fresh start; None without MoE
+    layers. The value the metrics report beside the language-model loss."""
+    layers = [m for m in moe_layers(model) if m.aux_loss_count]
+    if not layers:
+        return None
+    total = sum(m.aux_loss_coeff * m.aux_loss_sum / m.aux_loss_count for m in layers)
+    for m in layers:
+        m.aux_loss_sum.zero_()
+        m.aux_loss_count = 0
+    return torch.as_tensor(total)
 
 
 def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:

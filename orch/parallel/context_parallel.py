@@ -222,5 +222,5 @@ def apply_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup, kin
     the ``cp`` ranks of ``group``. Apply after tensor parallelism, before recompute and FSDP;
     the trainer feeds each rank its ``local_positions`` of every sequence."""
     attention = ring_attention if kind == "ring" else ulysses_attention
-    for block in model.layers:
+    for block in model.layers.values():
         block.attention.attention_fn = functools.partial(attention, group=group)

@@ -52,10 +52,10 @@ def apply_data_parallel(
     # Only the experts when the dense layers have no data parallelism (experts replicated over
     # tensor-parallel ranks that routed different tokens).
     dense = dp_mesh.size() > 1
-    last = len(model.layers) - 1
-    for index, block in enumerate(model.layers):
+    blocks = list(model.layers.values())
+    for index, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        reshard = index < last
+        reshard = index < len(blocks) - 1
         if expert_dp_mesh is not None and isinstance(block.feed_forward, MoEFeedForward):
             experts = block.feed_forward.experts
             fully_shard(experts, mesh=expert_dp_mesh, mp_policy=policy,

@@ -33,10 +33,10 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
     """Wrap every block of ``model.layers`` in place; ``none`` leaves the model untouched."""
     if mode == "none":
         return
-    for index, block in enumerate(model.layers):
+    for name, block in list(model.layers.items()):
         if mode == "full":
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         else:
             context = partial(create_selective_checkpoint_contexts, _policy)
             wrapped = checkpoint_wrapper(block, context_fn=context, preserve_rng_state=False)
-        model.layers[index] = wrapped
+        model.layers[name] = wrapped

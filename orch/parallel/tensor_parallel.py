@@ -30,9 +30,11 @@ gradients (parallel folding).
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -75,11 +77,12 @@ def apply_tensor_parallel(
     }
     if sequence_parallel:
         top["norm"] = SequenceParallel()
-    parallelize_module(model, tp_mesh, top)
+    # A pipeline stage may hold neither the embedding nor the head.
+    parallelize_module(model, tp_mesh, {k: v for k, v in top.items() if getattr(model, k)})
     if model.cfg.tie_embeddings:  # both shard the [vocab, dim] weight on dim 0: share it again
         model.output.weight = model.tok_embeddings.weight
 
-    for block in model.layers:
+    for block in model.layers.values():
         plan: dict[str, ParallelStyle] = {
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
@@ -131,3 +134,14 @@ def _moe_plan(layer: MoEFeedForward) -> dict[str, ParallelStyle]:
     if layer.shared_expert is not None:
         plan |= _mlp_plan("feed_forward.shared_expert", Shard(0))
     return plan
+
+
+def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor,
+                        tp_mesh: DeviceMesh | None) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` ``[batch, seq, vocab]``, or of this rank's vocabulary
+    shard of them as a plain tensor when ``tp_mesh`` is given (call inside ``loss_parallel()``:
+    the full logits are never gathered). Returns a plain tensor, the same on every tp rank."""
+    if tp_mesh is not None:
+        logits = DTensor.from_local(logits, tp_mesh, [Shard(-1)], run_check=False)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return loss.to_local() if isinstance(loss, DTensor) else loss

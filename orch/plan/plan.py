@@ -45,6 +45,7 @@ class Plan:
     """Micro-batches per data-parallel rank per step (gradient accumulation / pipeline depth)."""
     recompute: str
     layers_per_stage: tuple[int, ...]
+    """Layers of each pipeline stage, first to last (pp x virtual_stages of them)."""
     memory: MemoryEstimate
     memory_limit_bytes: int
     """Bytes a rank may use: the offload device budget, or the usable share of the device."""
@@ -156,7 +157,9 @@ def evaluate(
     memory = memory if memory is not None else estimate_memory(cfg, deg)
     step = estimate_step_time(cfg, deg, links, machine.device)
     t = cfg.train
-    per_stage = cfg.model.layers // deg.pp
+    chunks = deg.pp * deg.virtual_stages
+    stage_layers = (tuple(cfg.parallel.stage_layers) if cfg.parallel.stage_layers and deg.pp > 1
+                    else (cfg.model.layers // chunks,) * chunks)
     return Plan(
         model=cfg.model.name,
         world_size=machine.world_size,
@@ -171,7 +174,7 @@ def evaluate(
         seq_len=t.seq_len,
         microbatches=t.global_batch // (t.micro_batch * deg.dp),
         recompute=t.recompute,
-        layers_per_stage=(per_stage,) * deg.pp,
+        layers_per_stage=stage_layers,
         memory=memory,
         memory_limit_bytes=memory_limit(cfg, machine),
         step=step,

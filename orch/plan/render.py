@@ -93,7 +93,7 @@ def _pipeline(plan: Plan) -> str:
     layers = str(stages[0]) if len(set(stages)) == 1 else "/".join(map(str, stages))
     if d.virtual_stages == 1:
         return f"{plan.schedule}, {layers} layers per stage"
-    return f"{plan.schedule}, {layers} layers per stage in {d.virtual_stages} chunks per rank"
+    return f"{plan.schedule}, {layers} layers per stage, {d.virtual_stages} stages per rank"
 
 
 def render_rank_grid(plan: Plan, max_nodes: int = 2, max_ranks: int = 16) -> str:

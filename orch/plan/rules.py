@@ -39,12 +39,29 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem
         "pick a tp that divides ffn_dim",
     )
     chunks = deg.pp * deg.virtual_stages
+    if p.stage_layers and deg.pp > 1:
+        given = p.stage_layers
+        need(
+            len(given) == chunks and sum(given) == m.layers and min(given) >= 1,
+            "parallel.stage_layers",
+            f"{given} must be {chunks} numbers (pp x virtual_stages = {deg.pp} x "
+            f"{deg.virtual_stages}), each at least 1, adding up to model.layers={m.layers}",
+            "give one layer count per pipeline stage, or leave it empty for an even split",
+        )
+    else:
+        need(
+            m.layers % chunks == 0,
+            "parallel.pp",
+            f"model.layers={m.layers} is not divisible by pp x virtual_stages = {deg.pp} x "
+            f"{deg.virtual_stages}",
+            "pick pp and virtual_stages whose product divides layers, or set "
+            "parallel.stage_layers",
+        )
     need(
-        m.layers % chunks == 0,
-        "parallel.pp",
-        f"model.layers={m.layers} is not divisible by pp x virtual_stages = {deg.pp} x "
-        f"{deg.virtual_stages}",
-        "pick pp and virtual_stages whose product divides layers",
+        deg.pp == 1 or not m.tie_embeddings,
+        "model.tie_embeddings",
+        f"true with pp={deg.pp}: the embedding and the output head live on different stages",
+        "set model.tie_embeddings=false to pipeline this model",
     )
     if m.is_moe:
         need(
@@ -119,14 +136,8 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem
         f"{t.global_batch} is not divisible by micro_batch x dp = {t.micro_batch} x {deg.dp}",
         f"use a multiple of {per_step}, or change micro_batch or the data-parallel size",
     )
-    if deg.pp > 1 and deg.virtual_stages > 1 and t.global_batch % per_step == 0:
-        micro = t.global_batch // per_step
-        need(
-            micro % deg.pp == 0,
-            "train.global_batch",
-            f"the interleaved schedule needs micro-batches ({micro}) divisible by pp={deg.pp}",
-            "raise global_batch or lower micro_batch",
-        )
+    if deg.pp > 1 and t.global_batch % per_step == 0:
+        problems += _schedule_problems(cfg, deg, t.global_batch // per_step)
     for dim, size in (("tp", deg.tp), ("etp", deg.etp)):
         inside = size <= gpus_per_node and gpus_per_node % size == 0
         need(
@@ -138,3 +149,22 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem
             "parallel.allow_cross_node_tp=true to force it",
         )
     return problems
+
+
+def _schedule_problems(cfg: Config, deg: Degrees, microbatches: int) -> list[Problem]:
+    """Whether the pipeline schedule can be built for these stages and micro-batches (the same
+    generator the runtime uses says why not)."""
+    from orch.parallel.schedules import build_schedule  # pure Python: no torch import
+
+    p = cfg.parallel
+    deferred = p.pp_max_deferred if p.pp_schedule.startswith("2bp-") else None
+    try:
+        build_schedule(p.pp_schedule, deg.pp, microbatches, deg.virtual_stages, deferred)
+    except ValueError as exc:
+        return [Problem("parallel.pp_schedule", f"{p.pp_schedule}: {exc}",
+                        "pick a schedule, micro-batch count (train.global_batch / "
+                        "(micro_batch x dp)) and virtual_stages that fit together")]
+    if p.pp_max_deferred is not None and not p.pp_schedule.startswith("2bp-"):
+        return [Problem("parallel.pp_max_deferred", f"{p.pp_max_deferred} applies to the 2bp "
+                        f"schedules, not {p.pp_schedule}", "leave it empty (null)")]
+    return []

@@ -43,6 +43,9 @@ class StepMetrics:
     comm_bytes: dict[str, int] = field(default_factory=dict)
     """Bytes rank 0 handed to collectives in the step, per parallel dimension (dp, tp, cp, ep,
     etp, edp, other; ``orch.parallel.comm_stats``)."""
+    pipeline_idle: list[float] | None = None
+    """Pipeline runs: each pipeline rank's idle fraction of the step's forward and backward,
+    measured (``pipeline_timeline.png`` and ``pipeline_trace.json`` in the run directory)."""
 
     def line(self) -> str:
         tok = self.tokens_per_s

@@ -10,6 +10,7 @@ experts over their own edp ranks; DDP for pure replication), and the communicati
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -17,11 +18,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from orch.config import Config, config_to_dict
 from orch.errors import PlanError, Problem
-from orch.models.moe import moe_layers, set_sequence_group
+from orch.models.llama import Transformer
+from orch.models.moe import inject_aux_gradients, set_sequence_group
 from orch.parallel.comm_stats import CommLedger
 from orch.parallel.context_parallel import apply_context_parallel, local_positions
 from orch.parallel.data_parallel import apply_data_parallel
@@ -33,8 +38,11 @@ from orch.parallel.mesh import (
     sequence_split_group,
     token_parallel_group,
 )
+from orch.parallel.pipeline.executor import PipelineExecutor, StageShapes
+from orch.parallel.pipeline.stages import prune_to_rank, rank_stages, stage_layers, stage_view
 from orch.parallel.recompute import apply_recompute
-from orch.parallel.tensor_parallel import apply_tensor_parallel
+from orch.parallel.schedules import build_schedule
+from orch.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
 from orch.plan import Plan
 
 
@@ -59,6 +67,9 @@ class Parallelized:
     """The ranks that see different tokens (MoE expert loads are summed over them)."""
     ledger: CommLedger | None
     """Communication bytes per dimension (None on a single process)."""
+    pipeline: PipelineExecutor | None = None
+    """Under pipeline parallelism, runs this rank's stages (``model`` is then the rank's share
+    of the model: every stage it holds, under the original parameter names)."""
 
 
 def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
@@ -68,12 +79,17 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     _agree("plan", _plan_fingerprint(plan, cfg), [])
     mesh = build_mesh(plan, device.type)
     d = plan.degrees
+    moe = cfg.model.is_moe  # the same on every rank (collectives below depend on it)
     # Experts replicated over tensor-parallel ranks (ep < stage ranks) need the folded expert
     # mesh too: its edp ranks sum the gradients of the tokens each tp rank routed.
-    folded = d.ep * d.etp > 1 or (d.tp > 1 and bool(moe_layers(model)))
+    folded = d.ep * d.etp > 1 or (d.tp > 1 and moe)
     expert_mesh = build_expert_mesh(d, device.type) if folded else None
     _agree("mesh", "", mesh_problems(plan, mesh, expert_mesh))
 
+    layers, stages = stage_layers(plan.layers_per_stage), [0]
+    if d.pp > 1:
+        stages = rank_stages(mesh.get_local_rank("pp"), d.pp, d.virtual_stages)
+        prune_to_rank(model, layers, stages)
     if d.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], d.sequence_parallel, loss_parallel=True)
     if expert_mesh is not None:
@@ -84,23 +100,73 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
         cp_rank = mesh.get_local_rank("cp")
         positions = local_positions(cfg.train.seq_len, d.cp, cp_rank, cfg.parallel.cp_kind)
     # MoE layers under tensor parallelism route each rank's sequence shard (sequence parallel).
-    tp_routes_apart = d.tp > 1 and bool(moe_layers(model))
+    tp_routes_apart = d.tp > 1 and moe
     if group := sequence_split_group(mesh, tp_routes_apart):
         dims = "+".join(n for n, k in (("cp", d.cp), ("tp", d.tp)) if k > 1)
         set_sequence_group(model, group, dims)
     apply_recompute(model, cfg.train.recompute)
+    parts = [model]
+    if d.pp > 1:
+        model.positions = positions if positions is not None else torch.arange(cfg.train.seq_len)
+        parts = _stage_modules(model, layers, stages)
+    dp_mesh = None
     if d.dp * d.cp > 1 or (expert_mesh is not None and d.edp > 1):
         dp_mesh = data_parallel_mesh(mesh)
         expert_dp = expert_mesh["edp"] if expert_mesh is not None else None
-        model = apply_data_parallel(model, dp_mesh, precision, expert_dp,
-                                    expert_grad_divide=d.dp * d.cp)
+        parts = [apply_data_parallel(part, dp_mesh, precision, expert_dp,
+                                     expert_grad_divide=d.dp * d.cp) for part in parts]
+    if len(stages) == 1:  # the rank's one stage is its model (maybe wrapped)
+        model = parts[0]
+    pipeline = None
+    if d.pp > 1:
+        pipeline = _pipeline(parts, stages, plan, cfg, mesh, device, precision)
     token_group = token_parallel_group(mesh, tp_routes_apart)
     ledger = None
     if world > 1:
         ledger = CommLedger([m for m in (mesh, expert_mesh) if m is not None])
-        if isinstance(model, DistributedDataParallel):
-            ledger.attach_ddp(model, dp_mesh.get_group("dp_replicate"))
-    return Parallelized(model, positions, token_group, ledger)
+        for part in parts:
+            if isinstance(part, DistributedDataParallel):
+                assert dp_mesh is not None
+                ledger.attach_ddp(part, dp_mesh.get_group("dp_replicate"))
+    return Parallelized(model, positions, token_group, ledger, pipeline)
+
+
+def _stage_modules(model: Transformer, layers: list[range], stages: list[int]) -> list[nn.Module]:
+    """The modules the pipeline runs: ``model`` itself for one stage per rank, else a view of
+    it per stage (each its own FSDP unit tree and torch pipeline stage)."""
+    if len(stages) == 1:
+        return [model]
+    last = len(layers) - 1
+    return [stage_view(model, layers[s], s == 0, s == last) for s in stages]
+
+
+def _pipeline(parts: list[nn.Module], stages: list[int], plan: Plan, cfg: Config,
+              mesh: DeviceMesh, device: torch.device, precision: str) -> PipelineExecutor:
+    """The executor of this rank's stages, with the micro-batch shapes crossing stages."""
+    d, t, m = plan.degrees, cfg.train, cfg.model
+    p = cfg.parallel
+    schedule = build_schedule(p.pp_schedule, d.pp, plan.microbatches, d.virtual_stages,
+                              p.pp_max_deferred if p.pp_schedule.startswith("2bp-") else None)
+    tokens = t.seq_len // d.cp
+    hidden = tokens // d.tp if d.sequence_parallel else tokens
+    sharded = any(isinstance(part, FSDPModule) for part in parts)
+    bf16 = precision == "bf16"
+    shapes = StageShapes(
+        tokens=(t.micro_batch, tokens), hidden=(t.micro_batch, hidden, m.dim),
+        logits=(t.micro_batch, tokens, m.vocab_size // d.tp),
+        hidden_dtype=torch.bfloat16 if bf16 and sharded else torch.float32,
+        logits_dtype=torch.bfloat16 if bf16 else torch.float32)
+    tp_mesh = mesh["tp"] if d.tp > 1 else None
+    if tp_mesh is not None:  # stages exchange plain tensors: the vocabulary shard of the logits
+        for part in parts:
+            part.register_forward_hook(_local_logits)
+    inject_aux_gradients(parts, 1.0)  # the runtime scales every gradient by 1 / microbatches
+    return PipelineExecutor(parts, stages, schedule, mesh.get_group("pp"), device, shapes,
+                            functools.partial(vocab_parallel_loss, tp_mesh=tp_mesh))
+
+
+def _local_logits(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+    return output.to_local() if isinstance(output, DTensor) else output
 
 
 def _plan_fingerprint(plan: Plan, cfg: Config) -> str:

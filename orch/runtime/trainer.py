@@ -9,27 +9,32 @@ are divided by the number of micro-batches so the step's loss is the global batc
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from orch.config.schema import Config
-from orch.models.moe import moe_aux_loss, update_expert_bias
+from orch.models.moe import MoEFeedForward, moe_aux_loss, take_aux_loss, update_expert_bias
 from orch.parallel.comm_stats import CommLedger
 from orch.parallel.data_parallel import set_gradient_sync
+from orch.parallel.pipeline.executor import PipelineExecutor
+from orch.parallel.pipeline.timeline import measured_timeline, write_timeline
+from orch.parallel.tensor_parallel import vocab_parallel_loss
 from orch.plan import Plan
 from orch.runtime.data import BatchStream
 from orch.runtime.metrics import MetricsLog, StepMetrics, memory_bytes
 from orch.runtime.optim import lr_at, set_lr
 
 SaveFn = Callable[[int], None]
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,10 @@ class Trainer:
     """The ranks that see different tokens (MoE expert loads are summed over them)."""
     ledger: CommLedger | None = None
     """Counts the step's communication per parallel dimension (multi-process runs)."""
+    pipeline: PipelineExecutor | None = None
+    """Under pipeline parallelism, runs this rank's stages for the whole step."""
+    pipeline_dir: Path | None = None
+    """Where rank 0 writes the measured pipeline timeline of the latest logged step."""
 
     def train(self, start_step: int) -> None:
         """Run steps ``start_step + 1`` to ``train.steps`` (or ``run.stop_at_step``), saving a
@@ -75,7 +84,10 @@ class Trainer:
             lr = lr_at(step, t)
             set_lr(self.optimizer, lr)
             with self.ledger.tracking() if self.ledger else contextlib.nullcontext():
-                loss, aux_loss = self._accumulate()
+                loss = self._accumulate() if self.pipeline is None else self._pipelined()
+                aux_loss = take_aux_loss(self.model)
+                if aux_loss is None and self.cfg.model.is_moe:  # a stage without MoE layers
+                    aux_loss = torch.zeros((), device=self.device)
                 grad_norm = self._clip()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -88,12 +100,11 @@ class Trainer:
             if step == last or (interval and step % interval == 0):
                 self.save(step)
 
-    def _accumulate(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _accumulate(self) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches; returns the mean language-model
-        loss and the mean MoE load-balancing term (None for a dense model), both unreduced."""
+        loss, unreduced (MoE layers keep their balancing losses for :func:`take_aux_loss`)."""
         micro_batches = self.stream.next_step()
         total = torch.zeros((), device=self.device)
-        aux_total = torch.zeros((), device=self.device) if self.cfg.model.is_moe else None
         for index, (inputs, targets) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
             if self.positions is not None:
@@ -106,15 +117,25 @@ class Trainer:
             # the cross-entropy (forward and backward) without gathering them.
             sharded = isinstance(logits, DTensor)
             with loss_parallel() if sharded else contextlib.nullcontext():
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-                if isinstance(loss, DTensor):  # replicated: the local value is the whole loss,
-                    loss = loss.to_local()  # and the MoE term beside it is a plain tensor
+                loss = vocab_parallel_loss(logits, targets, tp_mesh=None)
                 aux = moe_aux_loss(self.model)
                 ((loss if aux is None else loss + aux) / len(micro_batches)).backward()
             total += loss.detach() / len(micro_batches)
-            if aux is not None and aux_total is not None:
-                aux_total += aux.detach() / len(micro_batches)
-        return total, aux_total
+        return total
+
+    def _pipelined(self) -> torch.Tensor:
+        """The step's forward and backward through the pipeline (``self.pipeline``); returns
+        the mean loss on the last stage's ranks and zero on the others."""
+        assert self.pipeline is not None
+        micro_batches = self.stream.next_step()
+        inputs = torch.cat([i for i, _ in micro_batches])
+        targets = torch.cat([t for _, t in micro_batches])
+        if self.positions is not None:
+            inputs, targets = inputs[:, self.positions], targets[:, self.positions]
+        cast = self.autocast
+        with torch.autocast(self.device.type, cast) if cast else contextlib.nullcontext():
+            with loss_parallel() if self.plan.degrees.tp > 1 else contextlib.nullcontext():
+                return self.pipeline.step(inputs.to(self.device), targets.to(self.device))
 
     def _clip(self) -> float:
         """Clip the global gradient norm (over all shards) and return it before clipping.
@@ -137,6 +158,10 @@ class Trainer:
             total = norms[0]
         else:
             total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if self.pipeline is not None:  # every stage's share
+            squared = total.to(self.device) ** 2
+            dist.all_reduce(squared, group=self.pipeline.group)
+            total = squared.sqrt()
         if self.cfg.train.grad_clip > 0:
             for grads in groups.values():
                 torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.train.grad_clip, total)
@@ -144,6 +169,11 @@ class Trainer:
 
     def _log(self, done: _Step, secs: float) -> None:
         losses = done.loss if done.aux_loss is None else torch.stack([done.loss, done.aux_loss])
+        loads, idle = done.loads, None
+        if self.pipeline is not None:  # the last stage's loss, every stage's MoE layers
+            dist.all_reduce(losses, group=self.pipeline.group)
+            loads = self._pipeline_loads(loads)
+            idle = self._pipeline_timeline(done.step)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(losses, op=dist.ReduceOp.AVG)  # every rank's share of the batch
         t = self.cfg.train
@@ -156,9 +186,32 @@ class Trainer:
                 step=done.step, steps=t.steps, loss=float(losses.flatten()[0]), lr=done.lr,
                 grad_norm=done.grad_norm,
                 aux_loss=None if done.aux_loss is None else float(losses[1]),
-                expert_load=None if done.loads is None else done.loads.int().tolist(),
-                comm_bytes=done.comm_bytes,
+                expert_load=None if loads is None else loads.int().tolist(),
+                comm_bytes=done.comm_bytes, pipeline_idle=idle,
                 tokens=tokens, step_time_s=secs, tokens_per_s=tokens_per_s, tflops=tflops,
                 mfu=tflops * 1e12 / self.plan.peak_flops, mem_bytes=used, mem_total_bytes=total,
             )
         )
+
+    def _pipeline_loads(self, loads: torch.Tensor | None) -> torch.Tensor | None:
+        """Every stage's MoE loads ``[layer, expert]`` in global layer order."""
+        assert self.pipeline is not None
+        names = [name for name, m in self.model.named_modules() if isinstance(m, MoEFeedForward)]
+        mine = [(int(_LAYER_INDEX.search(name)[1]), row)  # type: ignore[index]
+                for name, row in zip(names, loads.tolist() if loads is not None else [],
+                                     strict=True)]
+        gathered: list[list[tuple[int, list[float]]] | None] = [None] * self.pipeline.size
+        dist.all_gather_object(gathered, mine, group=self.pipeline.group)
+        rows = sorted(row for part in gathered for row in part or [])
+        return torch.tensor([load for _, load in rows]) if rows else None
+
+    def _pipeline_timeline(self, step: int) -> list[float] | None:
+        """Gather the step's measured pipeline actions; rank 0 writes the timeline files and
+        returns each pipeline rank's idle fraction."""
+        assert self.pipeline is not None
+        records = self.pipeline.gather_records()
+        if records is None or self.pipeline_dir is None:
+            return None
+        timeline = measured_timeline(records)
+        write_timeline(timeline, self.pipeline_dir, step)
+        return [round(fraction, 4) for fraction in timeline.idle_fraction]

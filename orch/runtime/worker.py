@@ -75,11 +75,14 @@ def run(argv: Sequence[str]) -> None:
     model.init_weights(cfg.train.seed)
     model.to(device)
     precision = _precision(cfg, device, rank)
+    transformer = model
     par = parallelize(model, plan, cfg, device, precision)
     model = par.model
     if rank == 0:  # every rank agreed on the plan: record it
         _write_run_files(run_dir, cfg, plan)
-    autocast = torch.bfloat16 if precision == "bf16" and not isinstance(model, FSDPModule) else None
+    # FSDP's mixed-precision policy casts the blocks it wraps; otherwise autocast does.
+    cast = any(isinstance(block, FSDPModule) for block in transformer.layers.values())
+    autocast = torch.bfloat16 if precision == "bf16" and not cast else None
     optimizer = build_optimizer(model, cfg)
 
     coords = dense_layout(plan.degrees).coords(rank)
@@ -113,7 +116,8 @@ def run(argv: Sequence[str]) -> None:
     metrics = MetricsLog(run_dir, rank == 0, sys.stdout, resume_step=start)
     try:
         trainer = Trainer(cfg, plan, model, optimizer, stream, metrics, device, save, autocast,
-                          par.positions, par.token_group, par.ledger)
+                          par.positions, par.token_group, par.ledger, par.pipeline,
+                          run_dir if rank == 0 else None)
         trainer.train(start)
         checkpoints.wait()  # an async save still in flight completes before the process ends
     finally:

@@ -210,7 +210,7 @@ def test_aux_loss_is_switch_formula_and_reaches_the_router():
     torch.testing.assert_close(got, want)
     model = Transformer(moe_cfg(moe_layer_interval=1))
     model(torch.randint(0, 64, (1, 8)))
-    terms = [m.feed_forward.aux_loss * 0.01 for m in model.layers]
+    terms = [m.feed_forward.aux_loss * 0.01 for m in model.layers.values()]
     torch.testing.assert_close(moe_aux_loss(model), sum(terms))
     uniform = torch.full((8, 4), 0.25)
     assert load_balancing_loss(uniform, torch.full((4,), 4), 2).item() == pytest.approx(1.0)

@@ -34,4 +34,4 @@ def test_recompute_gives_the_same_loss_and_gradients(mode):
 def test_wrapped_blocks_are_checkpointed():
     model = Transformer(load_config("configs/tiny.yaml").model)
     apply_recompute(model, "full")
-    assert all(type(b).__name__ == "CheckpointWrapper" for b in model.layers)
+    assert all(type(b).__name__ == "CheckpointWrapper" for b in model.layers.values())

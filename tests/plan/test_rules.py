@@ -97,7 +97,7 @@ def plan_problems(config: Path, overrides: list[str], **machine) -> str:
                 "train.global_batch=6",
             ],
             {"world_size": 2},
-            "the interleaved schedule needs micro-batches (3) divisible by pp=2",
+            "needs microbatches to be a multiple of stages; got microbatches=3, stages=2",
         ),
         (
             LLAMA,

@@ -1,0 +1,155 @@
+"""Run any orch schedule across the pipeline ranks, on torch.distributed.pipelining's runtime.
+
+The schedule's compute actions (F, B, I, W per stage and micro-batch, in orch's order) are handed
+to torch's ``_PipelineScheduleRuntime``, which adds the sends and receives between stages and,
+for FSDP stages, the unshard/reshard and the one gradient reduction per step, and runs them on
+``PipelineStage`` objects. Building on torch's stage buys its split backward: ``I`` computes the
+input gradients and keeps the autograd nodes that lead to the weights, ``W`` later computes the
+weight gradients from them, so a deferred ``W`` (2BP) neither recomputes the forward nor runs the
+whole backward again; and its FSDP/DDP handling (gradients accumulated unsharded over the
+micro-batches, reduced once). Stage shapes are given up front (static metadata), so torch does
+not run a probing forward and backward on the first step.
+
+The executor times every compute action (:mod:`orch.parallel.pipeline.timeline`), scales the
+gradients by ``1 / microbatches`` as the unsplit trainer does, and returns the last stage's mean
+loss. Under tensor parallelism the last stage returns its vocabulary shard of the logits as a
+plain tensor and the loss wraps it again (``loss_fn``), so no stage exchanges DTensors.
+
+The runtime is a private torch class (torchtitan uses it the same way); the pinned torch is the
+one tested.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    BACKWARD_INPUT,
+    BACKWARD_WEIGHT,
+    FORWARD,
+    FULL_BACKWARD,
+    _Action,
+    _PipelineScheduleRuntime,
+)
+
+from orch.parallel.pipeline.timeline import Record
+from orch.parallel.schedules.actions import Schedule
+
+_TORCH_KIND = {"F": FORWARD, "B": FULL_BACKWARD, "I": BACKWARD_INPUT, "W": BACKWARD_WEIGHT}
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StageShapes:
+    """What crosses stage boundaries for one micro-batch: token ids ``[micro, tokens]`` into
+    the first stage, hidden states ``hidden`` between stages, logits ``logits`` out of the last
+    (its vocabulary shard under tensor parallelism)."""
+
+    tokens: tuple[int, int]
+    hidden: tuple[int, int, int]
+    logits: tuple[int, int, int]
+    hidden_dtype: torch.dtype = torch.float32
+    logits_dtype: torch.dtype = torch.float32
+
+    def stage_args(self, first: bool, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Meta tensors for a stage's input and output (both take part in autograd: the
+        receiver's input gradient comes back)."""
+        meta = torch.device("meta")
+        into = (torch.empty(self.tokens, dtype=torch.int64, device=meta) if first
+                else torch.empty(self.hidden, dtype=self.hidden_dtype, device=meta,
+                                 requires_grad=True))
+        shape, dtype = (self.logits, self.logits_dtype) if last else (self.hidden,
+                                                                       self.hidden_dtype)
+        return into, torch.empty(shape, dtype=dtype, device=meta, requires_grad=True)
+
+
+class PipelineExecutor:
+    """This rank's stages of one pipeline, run step by step under ``schedule``.
+
+    ``modules[i]`` is global stage ``stage_ids[i]`` (``orch.parallel.pipeline.stages``);
+    ``group`` the pipeline ranks; ``loss_fn(last stage output, targets)`` one micro-batch's mean
+    loss.
+    """
+
+    def __init__(self, modules: list[nn.Module], stage_ids: list[int], schedule: Schedule,
+                 group: dist.ProcessGroup, device: torch.device, shapes: StageShapes,
+                 loss_fn: LossFn) -> None:
+        count = schedule.num_stages
+        self.schedule, self.group = schedule, group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.stages = []
+        for module, stage in zip(modules, stage_ids, strict=True):
+            into, out = shapes.stage_args(stage == 0, stage == count - 1)
+            self.stages.append(PipelineStage(module, stage, count, device, input_args=into,
+                                             output_args=out, group=group))
+        self.runtime = _PipelineScheduleRuntime(self.stages, schedule.microbatches,
+                                                loss_fn=loss_fn, scale_grads=True)
+        compute = {rank: [_Action(a.stage, _TORCH_KIND[a.kind], a.microbatch)
+                          for a in actions if not a.is_comm]
+                   for rank, actions in enumerate(schedule.ranks)}
+        self.runtime._prepare_schedule_with_comms(compute)  # adds sends/recvs and FSDP steps
+        self.records: list[Record] = []
+        self._start = 0.0
+        for stage in self.stages:
+            self._time(stage)
+
+    @property
+    def holds_last(self) -> bool:
+        return any(stage.is_last for stage in self.stages)
+
+    @property
+    def holds_first(self) -> bool:
+        return any(stage.is_first for stage in self.stages)
+
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
+        """One training step's forward and backward over all micro-batches: ``inputs`` (first
+        stage) and ``targets`` (last stage) are the step's whole batch, micro-batches
+        concatenated. Returns the mean loss on the last stage's rank (zero elsewhere)."""
+        dist.barrier(group=self.group)  # a common start, so the ranks' timelines line up
+        self.records = []
+        self._start = time.perf_counter()
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.holds_first else ()
+        self.runtime.step(*args, target=targets if self.holds_last else None,
+                          losses=losses, return_outputs=False)
+        if not losses:
+            return torch.zeros((), device=self.stages[0].device)
+        return torch.stack([loss.detach() for loss in losses]).mean()
+
+    def _time(self, stage: PipelineStage) -> None:
+        """Record each compute call of ``stage`` as an action with its start and end."""
+        forward, backward = stage.forward_one_chunk, stage.backward_one_chunk
+        weight = stage.backward_weight_one_chunk
+        index = stage.stage_index
+
+        def timed(kind: str, fn: Callable, microbatch: int, *args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter() - self._start
+            try:
+                return fn(microbatch, *args, **kwargs)
+            finally:
+                end = time.perf_counter() - self._start
+                self.records.append((f"{index}{kind}{microbatch}", start, end))
+
+        stage.forward_one_chunk = (  # type: ignore[method-assign]
+            lambda mb, *a, **k: timed("F", forward, mb, *a, **k))
+        stage.backward_one_chunk = (  # type: ignore[method-assign]
+            lambda mb, *a, **k: timed("B" if k.get("full_backward", True) else "I",
+                                      backward, mb, *a, **k))
+        stage.backward_weight_one_chunk = (  # type: ignore[method-assign]
+            lambda mb, *a, **k: timed("W", weight, mb, *a, **k))
+
+    def gather_records(self) -> list[list[Record]] | None:
+        """Every pipeline rank's records of the last step, on pipeline rank 0 (None elsewhere).
+        A collective over the pipeline group: every rank calls it."""
+        gathered: list[list[Record] | None] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(gathered, self.records, group=self.group)
+        return [r or [] for r in gathered] if self.rank == 0 else None
+
+
+__all__ = ["LossFn", "PipelineExecutor", "StageShapes"]
