@@ -26,6 +26,7 @@ def apply_data_parallel(
     precision: str,
     expert_dp_mesh: DeviceMesh | None = None,
     expert_grad_divide: int = 1,
+    pipelined: bool = False,
 ) -> nn.Module:
     """Wrap ``model`` (an ``orch.models.llama.Transformer``) for data parallelism on the 2-D
     ``(replicate, shard)`` mesh ``dp_mesh`` (``orch.parallel.mesh.data_parallel_mesh``);
@@ -54,8 +55,11 @@ def apply_data_parallel(
     dense = dp_mesh.size() > 1
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
-        # The last block's parameters are needed again at once by backward: keep them gathered.
-        reshard = index < len(blocks) - 1
+        # The last block's parameters are needed again at once by backward: keep them
+        # gathered. A pipeline stage keeps all of them for the step (torch's runtime gathers
+        # once and reshards at the end, as torchtitan does): its split backward looks up the
+        # parameters autograd used, which must still be the gathered ones.
+        reshard = index < len(blocks) - 1 and not pipelined
         if expert_dp_mesh is not None and isinstance(block.feed_forward, MoEFeedForward):
             experts = block.feed_forward.experts
             fully_shard(experts, mesh=expert_dp_mesh, mp_policy=policy,

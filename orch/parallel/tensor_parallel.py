@@ -144,4 +144,5 @@ def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor,
     if tp_mesh is not None:
         logits = DTensor.from_local(logits, tp_mesh, [Shard(-1)], run_check=False)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    return loss.to_local() if isinstance(loss, DTensor) else loss
+    # to_local() is a view; torch's pipeline stage detaches its losses in place.
+    return loss.to_local().clone() if isinstance(loss, DTensor) else loss

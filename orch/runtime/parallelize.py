@@ -38,7 +38,7 @@ from orch.parallel.mesh import (
     sequence_split_group,
     token_parallel_group,
 )
-from orch.parallel.pipeline.executor import PipelineExecutor, StageShapes
+from orch.parallel.pipeline.executor import PipelineExecutor, StageShapes, transformer_stages
 from orch.parallel.pipeline.stages import prune_to_rank, rank_stages, stage_layers, stage_view
 from orch.parallel.recompute import apply_recompute
 from orch.parallel.schedules import build_schedule
@@ -114,7 +114,8 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
         dp_mesh = data_parallel_mesh(mesh)
         expert_dp = expert_mesh["edp"] if expert_mesh is not None else None
         parts = [apply_data_parallel(part, dp_mesh, precision, expert_dp,
-                                     expert_grad_divide=d.dp * d.cp) for part in parts]
+                                     expert_grad_divide=d.dp * d.cp, pipelined=d.pp > 1)
+                 for part in parts]
     if len(stages) == 1:  # the rank's one stage is its model (maybe wrapped)
         model = parts[0]
     pipeline = None
@@ -161,7 +162,9 @@ def _pipeline(parts: list[nn.Module], stages: list[int], plan: Plan, cfg: Config
         for part in parts:
             part.register_forward_hook(_local_logits)
     inject_aux_gradients(parts, 1.0)  # the runtime scales every gradient by 1 / microbatches
-    return PipelineExecutor(parts, stages, schedule, mesh.get_group("pp"), device, shapes,
+    group = mesh.get_group("pp")
+    torch_stages = transformer_stages(parts, stages, schedule.num_stages, device, shapes, group)
+    return PipelineExecutor(torch_stages, schedule, group,
                             functools.partial(vocab_parallel_loss, tp_mesh=tp_mesh))
 
 

@@ -17,7 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule
 
 from orch.config import Config, config_to_dict, load_config
@@ -32,6 +36,11 @@ from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
 from orch.runtime.parallelize import RanksDisagree, parallelize
 from orch.runtime.trainer import Trainer
+
+STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+"""Optimizer state keyed by parameter name (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``):
+pipeline ranks hold different parameters in the same-numbered groups, so group-indexed keys
+would collide in one checkpoint, and names let a checkpoint move between layouts."""
 
 
 def _device() -> torch.device:
@@ -95,10 +104,10 @@ def run(argv: Sequence[str]) -> None:
     start = 0
     resume = checkpoints.resolve_resume(args.resume or cfg.checkpoint.resume)
     if resume is not None:
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
         state = {"model": model_state, "optim": optim_state}
         manifest = checkpoints.load(resume, state)
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
+        set_state_dict(model, optimizer, options=STATE_OPTIONS, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         stream.load_state_dict(manifest.data)
         restore_rng(manifest.rng)
@@ -107,7 +116,7 @@ def run(argv: Sequence[str]) -> None:
             print(f"orch: resumed from {resume} at step {start}", flush=True)
 
     def save(step: int) -> None:
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
         path = checkpoints.save(step, {"model": model_state, "optim": optim_state},
                                 stream.state_dict())
         if rank == 0:

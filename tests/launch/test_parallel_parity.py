@@ -8,11 +8,14 @@ aux loss and aux-loss-free bias both on): expert parallel over 2 and 4 ranks, ep
 HSDP 2x2, ep2 x etp2, ep2 with ring context parallelism (the balancing loss sums the loads
 of the cp ranks, so it sees whole sequences), and tensor + sequence parallel dense layers with
 the experts replicated on the tp ranks (tp2: their expert-data-parallel unit sums the
-gradients) or split over them (ep2 x tp2 x FSDP2). Two layouts (tp2 x FSDP2, ep2 x etp2) run as a
-user resuming after a preemption: stopped at step 3, then the same command again, so their
-checks also cover a resume with sharded parameters, optimizer state, expert bias and data
-position (an exact resume is tested on one layout in test_resume.py; here each launch costs
-15-60 s, so no uninterrupted twin).
+gradients) or split over them (ep2 x tp2 x FSDP2). Pipeline (every schedule on 2 and 4 ranks
+is checked gradient by gradient in tests/parallel/test_pipeline.py; here under orch launch):
+1F1B on 2 stages, ZB-H1 x FSDP2 with full recompute, 2BP-1F1B x TP2 with selective recompute,
+and interleaved (2 stages per rank) x ep2 on the MoE model. Three layouts (tp2 x FSDP2,
+ep2 x etp2, pp2) run as a user resuming after a preemption: stopped at step 3, then the same
+command again, so their checks also cover a resume with sharded parameters, optimizer state,
+expert bias and data position (an exact resume is tested on one layout in test_resume.py; here
+each launch costs 15-60 s, so no uninterrupted twin).
 
 The MoE routing is uneven by itself at this size: the test checks that every MoE run had empty
 experts and experts with over twice the mean load in the same steps as the reference.
@@ -21,8 +24,8 @@ Measured here (6 steps, fp32, gloo, AdamW with clipping active): losses within 9
 balancing losses within 1.2e-8, gradient norms within 2.4e-6 relative, final parameters within
 5.5e-5 (mean 8.2e-9) over all layouts. The tolerances are 5-20x above those (every parameter's
 gradient is compared on its own, per rank, in tests/parallel); parameters after AdamW steps get
-a looser max bound
-(AdamW can turn 1e-8 gradient noise into +-lr steps on near-zero gradients, DESIGN.md).
+a looser max bound (AdamW can turn 1e-8 gradient noise into +-lr steps on near-zero gradients,
+DESIGN.md).
 """
 
 from __future__ import annotations
@@ -70,12 +73,20 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                     dict(dp_replicate=2, dp_shard=2, ep=2, edp=2)),
     "ep2_etp2": (MOE, 4, EP2_ETP2, dict(dp_shard=4, ep=2, etp=2)),
     "ep2_cp2": (MOE, 4, ["parallel.ep=2", "parallel.cp=2"], dict(dp_shard=2, cp=2, ep=2)),
+    "pp2": (DENSE, 2, ["parallel.pp=2"], dict(pp=2)),
+    "pp2_fsdp2_zb": (DENSE, 4, ["parallel.pp=2", "parallel.dp_shard=2",
+                                "parallel.pp_schedule=zb-h1", "train.recompute=full"],
+                     dict(pp=2, dp_shard=2)),
+    "pp2_tp2_2bp": (DENSE, 4, ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=2bp-1f1b",
+                               "train.recompute=selective"], dict(pp=2, tp=2)),
+    "pp2v2_ep2": (MOE, 4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=interleaved",
+                           "parallel.virtual_stages=2"], dict(pp=2, dp_shard=2, ep=2)),
     "tp2_moe": (MOE, 2, ["parallel.tp=2"], dict(tp=2)),
     "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
                       dict(dp_shard=2, tp=2, ep=2)),
 }
-RESUMED = ("tp2sp_fsdp2", "ep2_etp2")
-DEGREES = ("dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "edp")
+RESUMED = ("tp2sp_fsdp2", "ep2_etp2", "pp2")
+DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "edp")
 
 
 def same_routing_steps(ref: list[dict], got: list[dict]) -> int:
@@ -126,7 +137,7 @@ def test_plan_is_the_layout_asked_for(runs, layout):
     d = json.loads((runs[layout] / "plan.json").read_text())["degrees"]
     want = {name: LAYOUTS[layout][3].get(name, 1) for name in DEGREES}
     if "edp" not in LAYOUTS[layout][3]:
-        want["edp"] = d["world"] // (want["ep"] * want["etp"])
+        want["edp"] = d["world"] // (want["pp"] * want["ep"] * want["etp"])
     assert {name: d[name] for name in DEGREES} == want
 
 
@@ -169,6 +180,24 @@ def test_moe_routing_is_uneven_and_the_same_as_single_process(runs, layout):
     loads = loads.float()
     assert (loads == 0).any()  # some expert of some layer received no token in a step
     assert (loads.amax(-1) > 2 * loads.mean(-1)).any()  # and some took over twice the mean
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name.startswith("pp")])
+def test_pipeline_runs_record_their_measured_timeline(runs, layout):
+    run = runs[layout]
+    plan = json.loads((run / "plan.json").read_text())
+    pp, micro = plan["degrees"]["pp"], plan["microbatches"]
+    stages_per_rank = plan["degrees"]["virtual_stages"]
+    trace = json.loads((run / "pipeline_trace.json").read_text())
+    assert trace["otherData"]["step"] == STEPS
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    forwards = [e for e in events if e["cat"] == "F"]
+    assert len(forwards) == pp * stages_per_rank * micro  # every stage, every micro-batch
+    assert {e["tid"] for e in events} == set(range(pp))
+    assert (run / "pipeline_timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for record in metrics(run):
+        assert len(record["pipeline_idle"]) == pp
+        assert all(0 <= fraction < 1 for fraction in record["pipeline_idle"])
 
 
 def test_loss_falls(runs):

@@ -50,6 +50,25 @@ def plan_problems(config: Path, overrides: list[str], **machine) -> str:
             {"world_size": 2},
             "is not divisible by pp x virtual_stages = 2 x 4",
         ),
+        (
+            TINY,
+            ["parallel.pp=2", "parallel.stage_layers=[1, 2]"],
+            {"world_size": 2},
+            "[1, 2] must be 2 numbers (pp x virtual_stages = 2 x 1), each at least 1, adding "
+            "up to model.layers=4",
+        ),
+        (
+            TINY,
+            ["parallel.pp=2", "model.tie_embeddings=true"],
+            {"world_size": 2},
+            "true with pp=2: the embedding and the output head live on different stages",
+        ),
+        (
+            TINY,
+            ["parallel.pp=2", "parallel.pp_max_deferred=1"],
+            {"world_size": 2},
+            "parallel.pp_max_deferred: 1 applies to the 2bp schedules, not 1f1b",
+        ),
         (MOE, ["parallel.ep=3"], {"world_size": 3}, "model.experts=4 is not divisible by ep=3"),
         (
             MOE,

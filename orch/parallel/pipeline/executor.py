@@ -69,35 +69,74 @@ class StageShapes:
         return into, torch.empty(shape, dtype=dtype, device=meta, requires_grad=True)
 
 
-class PipelineExecutor:
-    """This rank's stages of one pipeline, run step by step under ``schedule``.
+class ActionClock:
+    """Times every compute call of the stages it is attached to, as schedule actions."""
 
-    ``modules[i]`` is global stage ``stage_ids[i]`` (``orch.parallel.pipeline.stages``);
-    ``group`` the pipeline ranks; ``loss_fn(last stage output, targets)`` one micro-batch's mean
-    loss.
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self._origin = time.perf_counter()
+
+    def start(self) -> None:
+        """Forget earlier records; times count from now."""
+        self.records, self._origin = [], time.perf_counter()
+
+    def attach(self, stage: PipelineStage) -> None:
+        """Record each forward (F), backward (B, or I when split) and weight-gradient (W) call
+        of ``stage`` with its start and end."""
+        forward, backward = stage.forward_one_chunk, stage.backward_one_chunk
+        weight = stage.backward_weight_one_chunk
+        index = stage.stage_index
+
+        def timed(kind: str, fn: Callable, microbatch: int, *args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter() - self._origin
+            try:
+                return fn(microbatch, *args, **kwargs)
+            finally:
+                end = time.perf_counter() - self._origin
+                self.records.append((f"{index}{kind}{microbatch}", start, end))
+
+        stage.forward_one_chunk = (  # type: ignore[method-assign]
+            lambda mb, *a, **k: timed("F", forward, mb, *a, **k))
+        stage.backward_one_chunk = (  # type: ignore[method-assign]
+            lambda mb, *a, **k: timed("B" if k.get("full_backward", True) else "I",
+                                      backward, mb, *a, **k))
+        stage.backward_weight_one_chunk = (  # type: ignore[method-assign]
+            lambda mb, *a, **k: timed("W", weight, mb, *a, **k))
+
+
+def transformer_stages(modules: list[nn.Module], stage_ids: list[int], num_stages: int,
+                       device: torch.device, shapes: StageShapes,
+                       group: dist.ProcessGroup) -> list[PipelineStage]:
+    """torch pipeline stages for this rank's Transformer stages: ``modules[i]`` is global stage
+    ``stage_ids[i]`` (``orch.parallel.pipeline.stages``), shapes given up front."""
+    stages = []
+    for module, stage in zip(modules, stage_ids, strict=True):
+        into, out = shapes.stage_args(stage == 0, stage == num_stages - 1)
+        stages.append(PipelineStage(module, stage, num_stages, device, input_args=into,
+                                    output_args=out, group=group))
+    return stages
+
+
+class PipelineExecutor:
+    """This rank's ``stages`` of one pipeline, run step by step under ``schedule``.
+
+    ``group``: the pipeline ranks; ``loss_fn(last stage output, targets)``: one micro-batch's
+    mean loss.
     """
 
-    def __init__(self, modules: list[nn.Module], stage_ids: list[int], schedule: Schedule,
-                 group: dist.ProcessGroup, device: torch.device, shapes: StageShapes,
-                 loss_fn: LossFn) -> None:
-        count = schedule.num_stages
-        self.schedule, self.group = schedule, group
+    def __init__(self, stages: list[PipelineStage], schedule: Schedule,
+                 group: dist.ProcessGroup, loss_fn: LossFn) -> None:
+        self.stages, self.schedule, self.group = stages, schedule, group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
-        self.stages = []
-        for module, stage in zip(modules, stage_ids, strict=True):
-            into, out = shapes.stage_args(stage == 0, stage == count - 1)
-            self.stages.append(PipelineStage(module, stage, count, device, input_args=into,
-                                             output_args=out, group=group))
-        self.runtime = _PipelineScheduleRuntime(self.stages, schedule.microbatches,
+        self.runtime = _PipelineScheduleRuntime(stages, schedule.microbatches,
                                                 loss_fn=loss_fn, scale_grads=True)
         compute = {rank: [_Action(a.stage, _TORCH_KIND[a.kind], a.microbatch)
                           for a in actions if not a.is_comm]
                    for rank, actions in enumerate(schedule.ranks)}
         self.runtime._prepare_schedule_with_comms(compute)  # adds sends/recvs and FSDP steps
-        self.records: list[Record] = []
-        self._start = 0.0
-        for stage in self.stages:
-            self._time(stage)
+        self.clock = ActionClock()
+        for stage in stages:
+            self.clock.attach(stage)
 
     @property
     def holds_last(self) -> bool:
@@ -112,8 +151,7 @@ class PipelineExecutor:
         stage) and ``targets`` (last stage) are the step's whole batch, micro-batches
         concatenated. Returns the mean loss on the last stage's rank (zero elsewhere)."""
         dist.barrier(group=self.group)  # a common start, so the ranks' timelines line up
-        self.records = []
-        self._start = time.perf_counter()
+        self.clock.start()
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.holds_first else ()
         self.runtime.step(*args, target=targets if self.holds_last else None,
@@ -122,34 +160,12 @@ class PipelineExecutor:
             return torch.zeros((), device=self.stages[0].device)
         return torch.stack([loss.detach() for loss in losses]).mean()
 
-    def _time(self, stage: PipelineStage) -> None:
-        """Record each compute call of ``stage`` as an action with its start and end."""
-        forward, backward = stage.forward_one_chunk, stage.backward_one_chunk
-        weight = stage.backward_weight_one_chunk
-        index = stage.stage_index
-
-        def timed(kind: str, fn: Callable, microbatch: int, *args, **kwargs):  # type: ignore[no-untyped-def]
-            start = time.perf_counter() - self._start
-            try:
-                return fn(microbatch, *args, **kwargs)
-            finally:
-                end = time.perf_counter() - self._start
-                self.records.append((f"{index}{kind}{microbatch}", start, end))
-
-        stage.forward_one_chunk = (  # type: ignore[method-assign]
-            lambda mb, *a, **k: timed("F", forward, mb, *a, **k))
-        stage.backward_one_chunk = (  # type: ignore[method-assign]
-            lambda mb, *a, **k: timed("B" if k.get("full_backward", True) else "I",
-                                      backward, mb, *a, **k))
-        stage.backward_weight_one_chunk = (  # type: ignore[method-assign]
-            lambda mb, *a, **k: timed("W", weight, mb, *a, **k))
-
     def gather_records(self) -> list[list[Record]] | None:
         """Every pipeline rank's records of the last step, on pipeline rank 0 (None elsewhere).
         A collective over the pipeline group: every rank calls it."""
         gathered: list[list[Record] | None] = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(gathered, self.records, group=self.group)
+        dist.all_gather_object(gathered, self.clock.records, group=self.group)
         return [r or [] for r in gathered] if self.rank == 0 else None
 
 
-__all__ = ["LossFn", "PipelineExecutor", "StageShapes"]
+__all__ = ["ActionClock", "LossFn", "PipelineExecutor", "StageShapes", "transformer_stages"]

@@ -1,0 +1,163 @@
+"""Every pipeline schedule, run by the executor on 2 and 4 gloo ranks, trains the plain model's
+numbers: the mean loss and every parameter gradient of one step (4 or 8 micro-batches) equal one
+process running the micro-batches in turn.
+
+The model is split by layers as under ``orch launch`` (pruned to each rank's stages, views for
+virtual stages; uneven layer counts on pp2). One spawn per pipeline size runs every schedule.
+Measured: identical to the last bit (the executor divides the summed gradients by the
+micro-batch count, a power of two here, where the reference divides each micro-batch's loss),
+so the tolerances are rounding-level only.
+
+Also: the split backward does not run the forward again (a forward counter on every block, with
+and without activation checkpointing: one forward per micro-batch, plus one recompute per
+micro-batch with checkpointing, whether W runs at once or is deferred), and the recorded actions
+are the schedule's compute actions in its order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from gloo_harness import run_on_gloo
+
+from orch.config import ModelConfig
+from orch.models.llama import Transformer
+from orch.parallel.pipeline.executor import PipelineExecutor, StageShapes, transformer_stages
+from orch.parallel.pipeline.stages import prune_to_rank, rank_stages, stage_layers, stage_view
+from orch.parallel.recompute import apply_recompute
+from orch.parallel.schedules import build_schedule
+
+pytestmark = pytest.mark.dist
+
+CFG = ModelConfig(vocab_size=64, dim=32, layers=8, heads=4, kv_heads=2, ffn_dim=48)
+MICRO, SEQ = 2, 16
+LOSS_ATOL, GRAD_ATOL = 1e-6, 1e-7
+CASES = {  # pipeline ranks: [(schedule, virtual stages, micro-batches, layers per stage)]
+    2: [("gpipe", 1, 4, [3, 5]), ("1f1b", 1, 4, [5, 3]), ("2bp-gpipe", 1, 4, [4, 4]),
+        ("2bp-1f1b", 1, 4, [4, 4]), ("zb-h1", 1, 4, [4, 4]), ("interleaved", 2, 4, [2] * 4)],
+    4: [("gpipe", 1, 8, [2] * 4), ("1f1b", 1, 8, [2] * 4), ("2bp-gpipe", 1, 8, [2] * 4),
+        ("2bp-1f1b", 1, 8, [1, 3, 3, 1]), ("zb-h1", 1, 8, [2] * 4),
+        ("interleaved", 2, 8, [1] * 8)],
+}
+
+
+def batch(microbatches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, CFG.vocab_size, (microbatches * MICRO, SEQ + 1), generator=gen)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def model() -> Transformer:
+    m = Transformer(CFG)
+    m.init_weights(3)
+    return m
+
+
+def reference(microbatches: int) -> tuple[float, dict[str, torch.Tensor]]:
+    m, (inputs, targets), total = model(), batch(microbatches), 0.0
+    for k in range(microbatches):
+        rows = slice(k * MICRO, (k + 1) * MICRO)
+        loss = loss_fn(m(inputs[rows]), targets[rows]) / microbatches
+        loss.backward()
+        total += loss.item()
+    return total, {name: p.grad for name, p in m.named_parameters()}
+
+
+class _CountForwards(torch.nn.Module):
+    """Counts calls of the wrapped block (forwards and checkpoint recomputes)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block, self.calls = block, 0
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.block(*args)
+
+
+def run_schedule(rank: int, world: int, name: str, virtual: int, microbatches: int,
+                 per_stage: list[int], recompute: str = "none") -> dict:
+    m = model()
+    layers = stage_layers(per_stage)
+    stages = rank_stages(rank, world, virtual)
+    prune_to_rank(m, layers, stages)
+    for key in list(m.layers):
+        m.layers[key] = _CountForwards(m.layers[key])
+    apply_recompute(m, recompute)
+    m.positions = torch.arange(SEQ)
+    last = len(layers) - 1
+    parts = [m] if virtual == 1 else [stage_view(m, layers[s], s == 0, s == last)
+                                      for s in stages]
+    shapes = StageShapes((MICRO, SEQ), (MICRO, SEQ, CFG.dim), (MICRO, SEQ, CFG.vocab_size))
+    schedule = build_schedule(name, world, microbatches, virtual)
+    group = dist.group.WORLD
+    torch_stages = transformer_stages(parts, stages, schedule.num_stages, torch.device("cpu"),
+                                      shapes, group)
+    executor = PipelineExecutor(torch_stages, schedule, group, loss_fn)
+    inputs, targets = batch(microbatches)
+    loss = executor.step(inputs, targets)
+    counters = [mod for mod in m.modules() if isinstance(mod, _CountForwards)]
+    return {
+        "loss": float(loss), "last": executor.holds_last,
+        "grads": {n.replace(".block", ""): p.grad for n, p in m.named_parameters()},
+        "calls": [c.calls for c in counters],
+        "actions": [text for text, _, _ in executor.clock.records],
+        "schedule": [str(a) for a in schedule.ranks[rank] if not a.is_comm],
+    }
+
+
+def _run(rank: int, world: int, results) -> None:
+    for case in CASES[world]:
+        results[(case[0], rank)] = run_schedule(rank, world, *case)
+    if world == 2:
+        for name in ("1f1b", "2bp-1f1b"):
+            results[(name, "full", rank)] = run_schedule(rank, world, name, 1, 4, [4, 4],
+                                                         "full")
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pipelined(request, tmp_path_factory):
+    world = request.param
+    return world, run_on_gloo(_run, world, tmp_path_factory.mktemp(f"pp{world}"))
+
+
+def test_every_schedule_equals_the_plain_model(pipelined):
+    world, results = pipelined
+    for name, _, microbatches, _ in CASES[world]:
+        ref_loss, ref_grads = reference(microbatches)
+        seen: dict[str, torch.Tensor] = {}
+        for rank in range(world):
+            got = results[(name, rank)]
+            seen |= got["grads"]
+            if got["last"]:
+                assert abs(got["loss"] - ref_loss) <= LOSS_ATOL, (name, got["loss"], ref_loss)
+        assert seen.keys() == ref_grads.keys(), name  # every parameter lives on one stage
+        for key, grad in ref_grads.items():
+            torch.testing.assert_close(seen[key], grad, rtol=0, atol=GRAD_ATOL, msg=key)
+
+
+def test_records_are_the_schedules_compute_actions_in_order(pipelined):
+    world, results = pipelined
+    for name, *_ in CASES[world]:
+        for rank in range(world):
+            got = results[(name, rank)]
+            assert got["actions"] == got["schedule"], (name, rank)
+
+
+def test_split_backward_does_not_run_the_forward_again(pipelined):
+    world, results = pipelined
+    for name, *_ in CASES[world]:
+        for rank in range(world):
+            calls = results[(name, rank)]["calls"]
+            microbatches = next(c[2] for c in CASES[world] if c[0] == name)
+            assert calls and all(c == microbatches for c in calls), (name, calls)
+    if world == 2:  # with checkpointing: the forward, then one recompute, W deferred or not
+        for name in ("1f1b", "2bp-1f1b"):
+            for rank in range(world):
+                assert results[(name, "full", rank)]["calls"] == [8] * 4, name
