@@ -37,10 +37,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP)  # the CPU benchmarks (about 15 minutes on 2 cores); GPU ones: see README
+bench: $(STAMP)  # the CPU benchmarks (about 22 minutes on 2 cores); GPU ones: see README
 	$(PY) benchmarks/plan_search.py
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/parallel_cpu.py
+	$(PY) benchmarks/pipeline.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

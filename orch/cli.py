@@ -105,7 +105,8 @@ def _add_schedule_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", type=int, required=True, help="pipeline ranks P")
     p.add_argument("--microbatches", type=int, required=True, help="micro-batches M per step")
     p.add_argument("--virtual", type=int, default=1, help="model chunks per rank (interleaved)")
-    p.add_argument("--max-deferred", type=int, help="2bp-*: most weight-gradient steps waiting")
+    p.add_argument("--max-deferred", type=int,
+                   help="2bp-*: most weight-gradient steps waiting per rank (default: r on rank r)")
     for kind, default in (("f", 1.0), ("i", 1.0), ("w", 1.0), ("comm", 0.0)):
         p.add_argument(f"--{kind}", type=float, default=default,
                        help=f"cost of {kind.upper()} (default {default:g})")

@@ -159,7 +159,7 @@ class ParallelConfig:
     pp_max_deferred: int | None = field(
         default=None,
         metadata=_help("2bp schedules: deferred weight-gradient steps that may wait per rank "
-                       "(each keeps an activation alive); null = no bound"),
+                       "(each keeps an activation alive); null = r on pipeline rank r"),
     )
     stage_layers: list[int] = field(
         default_factory=list,

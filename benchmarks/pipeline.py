@@ -1,0 +1,195 @@
+"""Pipeline schedules measured: orch's, run by orch's executor, against torch.distributed.
+pipelining's own, on the same model and batch, with the simulator's prediction beside each.
+
+Model: ``--blocks`` residual MLP blocks (``x + W2 gelu(W1 x)``, d = ``--dim``, hidden 4d), split
+evenly over the stages; ``--rows`` rows per micro-batch; mean-squared-error loss. Every pipeline
+rank is a process pinned to a core of its own with one compute thread, so idle time is real
+(never more stages than cores: the run refuses otherwise and says which it was). For m = 1x, 2x
+and 4x as many micro-batches as stages it runs orch's gpipe, 1f1b, 2bp-gpipe, 2bp-1f1b, zb-h1 and
+interleaved (2 stages per rank) and torch's Schedule1F1B, ScheduleInterleavedZeroBubble and
+ScheduleZBVZeroBubble (both 2 stages per rank), each for ``--steps`` steps after 2 warm-up steps,
+and prints per schedule: rows/s (median step), the ratio to torch's Schedule1F1B at the same m,
+the mean idle fraction over ranks, the peak in-flight activations of any rank (micro-batch
+stages whose forward ran and whose weight gradients did not yet: what activation memory
+scales with), and the simulator's prediction from the mean measured F/B/I/W costs of that run
+(and the measured/predicted ratio). Every schedule's compute calls are timed the same way
+(``ActionClock`` on torch's stages).
+
+    .venv/bin/python benchmarks/pipeline.py [--stages 2] [--blocks 8] [--dim 512] [--rows 192]
+        [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+
+from orch.parallel.pipeline.executor import ActionClock, PipelineExecutor
+from orch.parallel.pipeline.timeline import measured_timeline
+from orch.parallel.schedules import Costs, build_schedule, simulate
+from orch.parallel.schedules.actions import Action, Schedule
+
+WARMUP = 2
+ORCH = [("gpipe", 1), ("1f1b", 1), ("2bp-gpipe", 1), ("2bp-1f1b", 1), ("zb-h1", 1),
+        ("interleaved", 2)]
+TORCH = {"torch 1F1B": (Schedule1F1B, 1), "torch InterleavedZB": (ScheduleInterleavedZeroBubble, 2),
+         "torch ZBV": (ScheduleZBVZeroBubble, 2)}
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(output, target)
+
+
+def stage_owner(stage: int, stages: int, ranks: int, v_shape: bool) -> int:
+    """Interleaved: stage s on rank s % P; V-shape (ZBV): rank r holds r and 2P - 1 - r."""
+    if not v_shape:
+        return stage % ranks
+    return stage if stage < ranks else stages - 1 - stage
+
+
+def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: dict) -> None:
+    os.sched_setaffinity(0, {rank})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    blocks = [Block(args.dim) for _ in range(args.blocks)]
+    for factor in (1, 2, 4):
+        m = factor * world
+        runs = [(name, v, None) for name, v in ORCH] + [(n, v, c) for n, (c, v) in TORCH.items()]
+        for name, virtual, torch_cls in runs:
+            result = _run(rank, world, blocks, args, name, virtual, torch_cls, m)
+            if rank == 0:
+                out[(name, m)] = result
+    dist.destroy_process_group()
+
+
+def _run(rank, world, blocks, args, name, virtual, torch_cls, m):  # type: ignore[no-untyped-def]
+    count = world * virtual
+    per = args.blocks // count
+    v_shape = torch_cls is ScheduleZBVZeroBubble
+    mine = [s for s in range(count) if stage_owner(s, count, world, v_shape) == rank]
+    meta = torch.empty(args.rows, args.dim, device="meta", requires_grad=True)
+    stages = [PipelineStage(nn.Sequential(*blocks[s * per:(s + 1) * per]), s, count,
+                            torch.device("cpu"), input_args=meta, output_args=meta)
+              for s in mine]
+    if torch_cls is None:
+        schedule = build_schedule(name, world, m, virtual)
+        runner = PipelineExecutor(stages, schedule, dist.group.WORLD, loss_fn)
+        clock, step = runner.clock, runner.step
+    else:
+        sched = torch_cls(stages[0] if torch_cls is Schedule1F1B else stages, m, loss_fn)
+        clock = ActionClock()
+        for stage in stages:
+            clock.attach(stage)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            dist.barrier()
+            clock.start()
+            sched.step(*((x,) if 0 in mine else ()), target=y if count - 1 in mine else None)
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m * args.rows, args.dim, generator=gen)
+    y = torch.randn(m * args.rows, args.dim, generator=gen)
+    times, records = [], []
+    for _ in range(WARMUP + args.steps):
+        for block in blocks:
+            block.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        step(x, y)
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+        records = clock.records
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, records)
+    seconds = statistics.median(times[WARMUP:])
+    return seconds, gathered, virtual
+
+
+def _costs(gathered: list, virtual: int) -> Costs:
+    """Mean measured seconds per action kind, for one rank's whole share (V chunks)."""
+    spans: dict[str, list[float]] = defaultdict(list)
+    for rank in gathered:
+        for text, start, end in rank:
+            spans[Action.parse(text).kind].append(end - start)
+    mean = {k: statistics.mean(v) * virtual for k, v in spans.items()}
+    i, w = mean.get("I", mean.get("B", 0.0) / 2), mean.get("W", mean.get("B", 0.0) / 2)
+    return Costs(f=mean["F"], b=mean.get("B"), i=i, w=w)
+
+
+def _prediction(name: str, world: int, m: int, virtual: int, costs: Costs) -> float | None:
+    """The simulator's step time for an orch schedule (torch's run under other rules)."""
+    try:
+        schedule: Schedule = build_schedule(name, world, m, virtual)
+    except ValueError:
+        return None
+    return simulate(schedule, costs).makespan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--rows", type=int, default=192)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    if args.stages > cores:
+        raise SystemExit(f"{args.stages} stages need a core each; this machine has {cores}")
+    if args.blocks % (2 * args.stages):
+        raise SystemExit(f"--blocks must be a multiple of 2 x stages = {2 * args.stages}")
+    print(f"# pipeline: {args.stages} stages, each a process pinned to its own core with one "
+          f"thread ({cores} cores here); {args.blocks} residual MLP blocks d={args.dim}, "
+          f"{args.rows} rows per micro-batch; {args.steps} steps after {WARMUP} warm-up "
+          f"({platform.machine()}, torch {torch.__version__}, {datetime.date.today()})\n")
+    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_worker, args=(args.stages, f"{tmp}/store", args, out),
+                           nprocs=args.stages, start_method="spawn")
+        results = dict(out)
+    print("| m | schedule | rows/s | vs torch 1F1B | idle | peak in-flight | simulated rows/s "
+          "| measured / simulated |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for m in sorted({m for _, m in results}):
+        base = results[("torch 1F1B", m)][0]
+        for name in [n for n, _ in ORCH] + list(TORCH):
+            seconds, gathered, virtual = results[(name, m)]
+            timeline = measured_timeline(gathered)
+            rows = m * args.rows / seconds
+            predicted = (None if name in TORCH
+                         else _prediction(name, args.stages, m, virtual, _costs(gathered, virtual)))
+            sim = f"{m * args.rows / predicted:,.0f}" if predicted else "-"
+            ratio = f"{predicted / seconds:.2f}" if predicted else "-"
+            print(f"| {m} | {name} | {rows:,.0f} | {base / seconds:.2f} | "
+                  f"{timeline.bubble_fraction:.1%} | {max(timeline.peak_activations)} | {sim} | "
+                  f"{ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
