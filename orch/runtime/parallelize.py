@@ -2,10 +2,11 @@
 
 First every rank checks that all ranks hold the same plan (nodes started with different configs
 or overrides would otherwise build different meshes and hang in their first collective), then
-builds the meshes and checks that their groups are the plan's. Then: tensor and sequence
-parallelism, expert parallelism on the folded expert mesh, context parallelism, activation
-checkpointing, data parallelism (FSDP2/HSDP over the TP- and EP-sharded DTensor parameters, the
-experts over their own edp ranks; DDP for pure replication), and the communication ledger.
+builds the meshes and checks that their groups are the plan's. Then: the pipeline split (the
+rank keeps its stages' layers), tensor and sequence parallelism, expert parallelism on the
+folded expert mesh, context parallelism, activation checkpointing, data parallelism (FSDP2/HSDP
+over the TP- and EP-sharded DTensor parameters, per pipeline stage, the experts over their own
+edp ranks; DDP for pure replication), the pipeline executor, and the communication ledger.
 """
 
 from __future__ import annotations

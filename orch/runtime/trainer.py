@@ -4,6 +4,9 @@ One optimizer step consumes one global batch: each data-parallel rank runs its m
 with gradient synchronization only after the last (FSDP2 accumulates unsharded-free local
 gradients until then), so the gradients equal those of the whole batch on one process. Losses
 are divided by the number of micro-batches so the step's loss is the global batch's mean.
+Under pipeline parallelism the executor runs the step's micro-batches through the stages (its
+runtime divides the summed gradients by their number); the loss lives on the last stage and the
+gradient norm and MoE figures are summed over the stages before they are reported.
 """
 
 from __future__ import annotations

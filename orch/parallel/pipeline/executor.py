@@ -163,7 +163,7 @@ class PipelineExecutor:
     def gather_records(self) -> list[list[Record]] | None:
         """Every pipeline rank's records of the last step, on pipeline rank 0 (None elsewhere).
         A collective over the pipeline group: every rank calls it."""
-        gathered: list[list[Record] | None] = [None] * dist.get_world_size(self.group)
+        gathered: list[list[Record] | None] = [None] * self.size
         dist.all_gather_object(gathered, self.clock.records, group=self.group)
         return [r or [] for r in gathered] if self.rank == 0 else None
 
