@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -39,12 +40,14 @@ from orch.parallel.mesh import (
     sequence_split_group,
     token_parallel_group,
 )
-from orch.parallel.pipeline.executor import PipelineExecutor, StageShapes, transformer_stages
 from orch.parallel.pipeline.stages import prune_to_rank, rank_stages, stage_layers, stage_view
 from orch.parallel.recompute import apply_recompute
 from orch.parallel.schedules import build_schedule
 from orch.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
 from orch.plan import Plan
+
+if TYPE_CHECKING:  # imported where built: torch.distributed.pipelining adds ~1.5 s to start-up
+    from orch.parallel.pipeline.executor import PipelineExecutor
 
 
 class RanksDisagree(PlanError):
@@ -145,6 +148,7 @@ def _stage_modules(model: Transformer, layers: list[range], stages: list[int]) -
 def _pipeline(parts: list[nn.Module], stages: list[int], plan: Plan, cfg: Config,
               mesh: DeviceMesh, device: torch.device, precision: str) -> PipelineExecutor:
     """The executor of this rank's stages, with the micro-batch shapes crossing stages."""
+    from orch.parallel.pipeline.executor import PipelineExecutor, StageShapes, transformer_stages
     d, t, m = plan.degrees, cfg.train, cfg.model
     p = cfg.parallel
     schedule = build_schedule(p.pp_schedule, d.pp, plan.microbatches, d.virtual_stages,

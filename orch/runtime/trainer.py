@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,13 +29,15 @@ from orch.config.schema import Config
 from orch.models.moe import MoEFeedForward, moe_aux_loss, take_aux_loss, update_expert_bias
 from orch.parallel.comm_stats import CommLedger
 from orch.parallel.data_parallel import set_gradient_sync
-from orch.parallel.pipeline.executor import PipelineExecutor
 from orch.parallel.pipeline.timeline import measured_timeline, write_timeline
 from orch.parallel.tensor_parallel import vocab_parallel_loss
 from orch.plan import Plan
 from orch.runtime.data import BatchStream
 from orch.runtime.metrics import MetricsLog, StepMetrics, memory_bytes
 from orch.runtime.optim import lr_at, set_lr
+
+if TYPE_CHECKING:  # only pipelined runs import torch.distributed.pipelining (parallelize)
+    from orch.parallel.pipeline.executor import PipelineExecutor
 
 SaveFn = Callable[[int], None]
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")

@@ -260,7 +260,7 @@ def test_state_is_at_most_26_percent_of_adamw():
 # --- training ---------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # ~50 s: 2 x 300 steps of a 3M-parameter model on 2 cores (both optimizers)
+@pytest.mark.slow  # ~75 s: 2 x 300 steps of a 3M-parameter model on 2 cores (both optimizers)
 def test_tiny_llama_trains_like_adamw():
     from orch.config import load_config
     from orch.launch.launcher import unsupported_features
@@ -269,8 +269,8 @@ def test_tiny_llama_trains_like_adamw():
     from orch.runtime.optim import build_optimizer, lr_at, set_lr
 
     steps = 300
-    sets = [f"train.steps={steps}", "train.seq_len=64", "train.global_batch=8",
-            "train.micro_batch=8"]
+    sets = [f"train.steps={steps}", "train.seq_len=32", "train.global_batch=4",
+            "train.micro_batch=4"]
     tokens = None
     losses: dict[str, list[float]] = {}
     for name in ("adamw8bit", "adamw"):
@@ -283,7 +283,7 @@ def test_tiny_llama_trains_like_adamw():
         opt = build_optimizer(model, cfg)
         assert type(opt).__name__ == ("AdamW8bit" if name == "adamw8bit" else "AdamW")
         assert [g["weight_decay"] for g in opt.param_groups] == [cfg.optimizer.weight_decay, 0.0]
-        stream = BatchStream(PackedSequences(tokens, 64), 8, 8, seed=cfg.train.seed)
+        stream = BatchStream(PackedSequences(tokens, 32), 4, 4, seed=cfg.train.seed)
         losses[name] = []
         for step in range(1, steps + 1):
             set_lr(opt, lr_at(step, cfg.train))
@@ -296,7 +296,7 @@ def test_tiny_llama_trains_like_adamw():
             losses[name].append(loss.item())
     ours, theirs = (sum(losses[n][-20:]) / 20 for n in ("adamw8bit", "adamw"))
     assert theirs < 0.8 * losses["adamw"][0]  # it trained
-    assert abs(ours - theirs) / theirs < 0.02, (ours, theirs)  # measured: 1.7977 vs 1.7976
+    assert abs(ours - theirs) / theirs < 0.02, (ours, theirs)  # measured: 2.0522 vs 2.0541
 
 
 # --- FSDP2 and tensor parallel (2 gloo ranks) ------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -10,23 +11,23 @@ from launch_harness import launch, metrics, overrides
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-STEPS = 20
+STEPS = 10
 SHARD2 = ["--nproc-per-node", "2", "configs/tiny.yaml"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """An uninterrupted 20-step run, and one stopped at step 10 then resumed (2 ranks, FSDP)."""
+    """An uninterrupted 10-step run, and one stopped at step 5 then resumed (2 ranks, FSDP)."""
     root = tmp_path_factory.mktemp("resume")
     whole, split = root / "whole", root / "split"
     args = [f"train.steps={STEPS}", "checkpoint.interval=5"]
     out = launch(*SHARD2, *overrides(whole, *args))
     assert out.returncode == 0, out.stdout + out.stderr
-    first = launch(*SHARD2, *overrides(split, *args, "run.stop_at_step=10"))
+    first = launch(*SHARD2, *overrides(split, *args, "run.stop_at_step=5"))
     assert first.returncode == 0, first.stdout + first.stderr
     second = launch(*SHARD2, *overrides(split, *args))
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "resumed from" in second.stdout and "step-00000010" in second.stdout
+    assert "resumed from" in second.stdout and "step-00000005" in second.stdout
     return {"whole": whole, "split": split}
 
 
@@ -47,7 +48,7 @@ def test_run_directory_files(runs):
             "mem_bytes"}
     assert all(keys <= set(m) for m in metrics(run))
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert kept == ["step-00000015", "step-00000020"]  # tiny-run.yaml keeps the last 2
+    assert kept == ["step-00000005", "step-00000010"]  # tiny-run.yaml keeps the last 2
     assert all((run / "checkpoints" / k / "manifest.json").is_file() for k in kept)
 
 
@@ -98,8 +99,9 @@ def test_bad_launches_stop_before_any_process(tmp_path):
           "--set", "parallel.sequence_parallel=false"],
          "parallel.sequence_parallel: false with tp=2 and MoE layers"),
     ]
-    for args, message in cases:
-        out = launch(*args)
+    with ThreadPoolExecutor(2) as pool:  # each launch spends its ~4 s importing torch
+        outs = list(pool.map(lambda args: launch(*args), [args for args, _ in cases]))
+    for (args, message), out in zip(cases, outs, strict=True):
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert "resumed" not in out.stdout and "step 1/" not in out.stdout

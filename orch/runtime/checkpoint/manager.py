@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from orch.config import Config, config_to_dict
 from orch.errors import Problem
@@ -188,6 +187,8 @@ class CheckpointManager:
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc}"
         self._ranks.raise_if_any(error, path, "writing RNG states")
+        import torch.distributed.checkpoint as dcp  # here: the launcher resolves resumes without it
+
         if self._async_group is not None:
             # Thread mode: state is staged to CPU before this returns, so training may go on.
             response = dcp.async_save(
@@ -294,6 +295,8 @@ class CheckpointManager:
         problems += [f"{path / name}: not listed in the manifest" for name in missing]
         if problems:
             raise damaged(path, problems)
+        import torch.distributed.checkpoint as dcp
+
         with _quiet_single_process():
             dcp.load(app_state, checkpoint_id=path, no_dist=not self._dist)
         if self.rank in manifest.rng_files:
