@@ -115,7 +115,7 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
         plan = build_plan(cfg, world, nproc, device_name())
     except PlanError as exc:
         problems += [_explain_world(p, world, max_nodes, nproc) for p in exc.problems]
-    problems += unsupported_features(cfg)
+    problems += unsupported_features(cfg, world)
     problems += _check_data(cfg)
     problems += _check_run_dir(Path(cfg.run.dir))
     if not problems:
@@ -143,16 +143,27 @@ def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Prob
     return problem
 
 
-def unsupported_features(cfg: Config) -> list[Problem]:
+OFFLOAD_TIERS_RUN = {"params": "cpu", "grads": "cpu", "optimizer": "cpu", "activations": "device"}
+"""The offload tiers the runtime runs now (``orch.offload.engine``); NVMe and activation
+swapping are planned (the plan models them) but not run."""
+
+
+def unsupported_features(cfg: Config, world: int) -> list[Problem]:
     """What the plan allows but this version of the runtime cannot run yet, said up front."""
-    p, problems = cfg.parallel, []
+    p, off, problems = cfg.parallel, cfg.offload, []
     if p.tp > 1 and p.dp_shard == 1 and p.dp_replicate > 1:
         problems.append(Problem("parallel.dp_shard", "1 with dp_replicate > 1 and tp > 1: DDP "
                                 "cannot replicate tensor-parallel (DTensor) parameters",
                                 "use parallel.dp_shard >= 2 (FSDP or HSDP) with tensor parallel"))
-    if cfg.offload.enabled:
-        problems.append(Problem("offload", "CPU/NVMe offload is planned but not run yet",
-                                "keep every offload tier on device"))
+    tiers = {g: getattr(off, g) for g in ("params", "grads", "optimizer", "activations")}
+    if off.enabled and tiers != OFFLOAD_TIERS_RUN:
+        asked = " ".join(f"{g}={t}" for g, t in tiers.items())
+        problems.append(Problem("offload", f"{asked}: this version runs one offload layout, "
+                                "parameters, gradients and optimizer states at home on the CPU",
+                                " ".join(f"offload.{g}={t}" for g, t in OFFLOAD_TIERS_RUN.items())))
+    if off.enabled and world > 1:
+        problems.append(Problem("offload", f"with {world} processes: this version offloads "
+                                "one process's training", "launch with --nproc-per-node 1"))
     return problems
 
 

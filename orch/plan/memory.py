@@ -213,6 +213,9 @@ class MemoryEstimate:
     lives; ``buffers`` are transient device bytes (unsharded FSDP copies, the logits gradient,
     the layer being recomputed). ``total`` is what the device holds: device-tier groups, the
     prefetch windows of offloaded ones, and buffers; ``cpu`` and ``nvme`` hold offloaded groups.
+    ``window`` is the part of ``total`` the offload engine places (``offload.device_budget``
+    bounds it), ``window_min`` the least it can work with: one unit's parameters and one
+    gradient on its way home.
     """
 
     params: int
@@ -224,6 +227,8 @@ class MemoryEstimate:
     cpu: int
     nvme: int
     stage: int
+    window: int = 0
+    window_min: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -266,6 +271,8 @@ def estimate_memory(
     gathers = fsdp > 1 or eshard > 1 or act_bytes == 2
     wgrad = cfg.parallel.pp_schedule.startswith("2bp")
     tiers = (off.params, off.grads, off.optimizer, off.activations)
+    # the largest single parameter: an MLP matrix, the (tp-split) embedding, or an expert stack
+    largest = max(h * m.ffn_dim // tp, vocab, pc.experts // 3 // (deg.ep * etp))
     depth = off.prefetch_depth
 
     best: tuple[int, ...] = ()
@@ -290,17 +297,24 @@ def estimate_memory(
 
         groups = (PARAM_BYTES * n, GRAD_BYTES * n, optim, act)
         n_layers = max(1, nd + nm)
-        windows = (*(depth * g // n_layers for g in groups[:3]), depth * per_mb // n_layers)
-        total, cpu, nvme = buffers, 0, 0
-        for size, tier, window in zip(groups, tiers, windows, strict=True):
+        # What the engine (orch.offload.engine) holds of an offloaded group: the unit in use
+        # and up to depth - 1 prefetched; one matrix's gradient on its way home; nothing of
+        # the optimizer (its step runs at home); activations: depth layers' worth.
+        unit_bytes = PARAM_BYTES * -(-unit // fsdp)
+        minimum = (unit_bytes, GRAD_BYTES * largest, 0, per_mb // n_layers)
+        windows = (max(1, depth) * unit_bytes, *minimum[1:3], depth * per_mb // n_layers)
+        total, cpu, nvme, window, window_min = buffers, 0, 0, 0, 0
+        for size, tier, most, least in zip(groups, tiers, windows, minimum, strict=True):
             if tier == "device":
                 total += size
                 continue
-            total += min(size, window)
+            window += min(size, most)
+            window_min += min(size, least)
             if tier == "cpu":
                 cpu += size
             else:
                 nvme += size
+        total += window
         if not best or total > best[5]:
-            best = (*groups, buffers, total, cpu, nvme, p)
+            best = (*groups, buffers, total, cpu, nvme, p, window, window_min)
     return MemoryEstimate(*best)

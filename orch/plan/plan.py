@@ -48,7 +48,11 @@ class Plan:
     """Layers of each pipeline stage, first to last (pp x virtual_stages of them)."""
     memory: MemoryEstimate
     memory_limit_bytes: int
-    """Bytes a rank may use: the offload device budget, or the usable share of the device."""
+    """Bytes a rank may use: the usable share of the device."""
+    offload_budget_bytes: int
+    """Device bytes the offload engine may place (:func:`offload_budget`)."""
+    tiers: dict[str, str]
+    """Home tier of each tensor group (params, grads, optimizer, activations)."""
     step: StepTime
     links: dict[str, Link]
 
@@ -77,6 +81,8 @@ class Plan:
             "layers_per_stage": list(self.layers_per_stage),
             "memory_bytes_per_rank": self.memory.total,
             "memory_limit_bytes": self.memory_limit_bytes,
+            "offload_budget_bytes": self.offload_budget_bytes,
+            "tiers": dict(self.tiers),
             "fits": self.fits,
             "memory": self.memory.as_dict(),
             "step_time_s": self.step.total_s,
@@ -94,10 +100,17 @@ class Plan:
 
 
 def memory_limit(cfg: Config, machine: Machine) -> int:
+    """The usable share of one device's memory."""
+    return int(machine.device.memory_bytes * USABLE_MEMORY_FRACTION)
+
+
+def offload_budget(cfg: Config, memory: MemoryEstimate, limit: int) -> int:
+    """Device bytes the offload engine may place: ``offload.device_budget``, or with ``auto``
+    what the device has left beside activations, buffers and device-tier groups."""
     budget = cfg.offload.device_budget
     if isinstance(budget, int):
         return budget
-    return int(machine.device.memory_bytes * USABLE_MEMORY_FRACTION)
+    return max(0, limit - (memory.total - memory.window))
 
 
 def config_degrees(cfg: Config, world_size: int, problems: list[Problem]) -> Degrees | None:
@@ -156,6 +169,7 @@ def evaluate(
     links = links if links is not None else machine.links(deg)
     memory = memory if memory is not None else estimate_memory(cfg, deg)
     step = estimate_step_time(cfg, deg, links, machine.device)
+    limit = memory_limit(cfg, machine)
     t = cfg.train
     chunks = deg.pp * deg.virtual_stages
     stage_layers = (tuple(cfg.parallel.stage_layers) if cfg.parallel.stage_layers and deg.pp > 1
@@ -176,7 +190,9 @@ def evaluate(
         recompute=t.recompute,
         layers_per_stage=stage_layers,
         memory=memory,
-        memory_limit_bytes=memory_limit(cfg, machine),
+        memory_limit_bytes=limit,
+        offload_budget_bytes=offload_budget(cfg, memory, limit),
+        tiers={g: getattr(cfg.offload, g) for g in ("params", "grads", "optimizer", "activations")},
         step=step,
         links=links,
     )
@@ -197,4 +213,13 @@ def build_plan(
     if problems:
         raise PlanError(problems)
     assert machine is not None and deg is not None
-    return evaluate(cfg, deg, machine)
+    plan = evaluate(cfg, deg, machine)
+    need = plan.memory.window_min
+    if cfg.offload.enabled and plan.offload_budget_bytes < need:
+        asked = cfg.offload.device_budget
+        raise PlanError([Problem(
+            "offload.device_budget",
+            f"{asked} ({plan.offload_budget_bytes:,} bytes) is less than one layer needs on the "
+            f"device: {need:,} bytes (its parameters, and one gradient on its way home)",
+            f"set offload.device_budget to at least {need:,} bytes, or auto")])
+    return plan

@@ -60,13 +60,17 @@ def render_plan(plan: Plan) -> str:
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines += ["", "  memory per rank (worst pipeline stage)"]
     for name in ("params", "grads", "optimizer", "activations", "buffers"):
-        lines.append(f"    {name:<12}{gib(getattr(mem, name)):>12}")
+        tier = plan.tiers.get(name, "device")
+        home = f"  at home on {tier}" if tier != "device" else ""
+        lines.append(f"    {name:<12}{gib(getattr(mem, name)):>12}{home}")
     lines.append(
         f"    {'total':<12}{gib(mem.total):>12}  of {gib(plan.memory_limit_bytes)} "
         f"usable: {verdict}"
     )
     if mem.cpu or mem.nvme:
-        lines.append(f"    {'offloaded':<12}{gib(mem.cpu):>12} cpu, {gib(mem.nvme)} nvme")
+        lines.append(f"    {'offloaded':<12}{gib(mem.cpu):>12} cpu, {gib(mem.nvme)} nvme; on the "
+                     f"device at once {gib(mem.window)} (at least {gib(mem.window_min)}) of a "
+                     f"{gib(plan.offload_budget_bytes)} offload budget")
     s = plan.step
     lines += [
         "",

@@ -46,6 +46,9 @@ class StepMetrics:
     pipeline_idle: list[float] | None = None
     """Pipeline runs: each pipeline rank's idle fraction of the step's forward and backward,
     measured (``pipeline_timeline.png`` and ``pipeline_trace.json`` in the run directory)."""
+    offload: dict[str, int] | None = None
+    """Offloaded runs: the step's accounted device peak (``device_peak_bytes``, never over
+    ``offload.device_budget``) and bytes moved to the device and back home."""
 
     def line(self) -> str:
         tok = self.tokens_per_s

@@ -37,6 +37,7 @@ from orch.runtime.metrics import MetricsLog, StepMetrics, memory_bytes
 from orch.runtime.optim import lr_at, set_lr
 
 if TYPE_CHECKING:  # only pipelined runs import torch.distributed.pipelining (parallelize)
+    from orch.offload.engine import OffloadEngine
     from orch.parallel.pipeline.executor import PipelineExecutor
 
 SaveFn = Callable[[int], None]
@@ -79,6 +80,9 @@ class Trainer:
     """Under pipeline parallelism, runs this rank's stages for the whole step."""
     pipeline_dir: Path | None = None
     """Where rank 0 writes the measured pipeline timeline of the latest logged step."""
+    offload: OffloadEngine | None = None
+    """Keeps parameters and gradients at home off the device; the clip and the optimizer step
+    then run on those home copies."""
 
     def train(self, start_step: int) -> None:
         """Run steps ``start_step + 1`` to ``train.steps`` (or ``run.stop_at_step``), saving a
@@ -90,7 +94,11 @@ class Trainer:
             lr = lr_at(step, t)
             set_lr(self.optimizer, lr)
             with self.ledger.tracking() if self.ledger else contextlib.nullcontext():
+                if self.offload is not None:
+                    self.offload.start_step()
                 loss = self._accumulate() if self.pipeline is None else self._pipelined()
+                if self.offload is not None:
+                    self.offload.finish_step()
                 aux_loss = take_aux_loss(self.model)
                 if aux_loss is None and self.cfg.model.is_moe:  # a stage without MoE layers
                     aux_loss = torch.zeros((), device=self.device)
@@ -126,6 +134,8 @@ class Trainer:
                 loss = vocab_parallel_loss(logits, targets, tp_mesh=None)
                 aux = moe_aux_loss(self.model)
                 ((loss if aux is None else loss + aux) / len(micro_batches)).backward()
+            if self.offload is not None:
+                self.offload.finish_backward()
             total += loss.detach() / len(micro_batches)
         return total
 
@@ -194,6 +204,7 @@ class Trainer:
                 aux_loss=None if done.aux_loss is None else float(losses[1]),
                 expert_load=None if loads is None else loads.int().tolist(),
                 comm_bytes=done.comm_bytes, pipeline_idle=idle,
+                offload=None if self.offload is None else self.offload.step_record(),
                 tokens=tokens, step_time_s=secs, tokens_per_s=tokens_per_s, tflops=tflops,
                 mfu=tflops * 1e12 / self.plan.peak_flops, mem_bytes=used, mem_total_bytes=total,
             )

@@ -28,6 +28,7 @@ from orch.config import Config, config_to_dict, load_config
 from orch.errors import OrchError, PlanError
 from orch.launch.launcher import device_name, unsupported_features, worker_parser
 from orch.models.llama import Transformer
+from orch.offload.engine import offload_transformer
 from orch.plan import Plan, build_plan
 from orch.plan.layout import dense_layout
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
@@ -70,19 +71,24 @@ def run(argv: Sequence[str]) -> None:
     parser.add_argument("config")
     args = parser.parse_args(list(argv))
     cfg = load_config(args.config, args.overrides)
-    if problems := unsupported_features(cfg):  # the launcher says so first; this guards others
-        raise PlanError(problems, title="cannot run")
     device = _device()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     plan = build_plan(cfg, world, local_world, device_name())
+    if problems := unsupported_features(cfg, world):  # the launcher says so first
+        raise PlanError(problems, title="cannot run")
     run_dir = Path(cfg.run.dir)
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     model.init_weights(cfg.train.seed)
-    model.to(device)
+    offload = None
+    if cfg.offload.enabled:  # parameters stay at home on the CPU, buffers go to the device
+        offload = offload_transformer(model, device, plan.offload_budget_bytes,
+                                      cfg.offload.prefetch_depth)
+    else:
+        model.to(device)
     precision = _precision(cfg, device, rank)
     transformer = model
     par = parallelize(model, plan, cfg, device, precision)
@@ -126,7 +132,7 @@ def run(argv: Sequence[str]) -> None:
     try:
         trainer = Trainer(cfg, plan, model, optimizer, stream, metrics, device, save, autocast,
                           par.positions, par.token_group, par.ledger, par.pipeline,
-                          run_dir if rank == 0 else None)
+                          run_dir if rank == 0 else None, offload)
         trainer.train(start)
         checkpoints.wait()  # an async save still in flight completes before the process ends
     finally:

@@ -56,6 +56,9 @@ MOE = "configs/tiny-moe.yaml"
 MOE_SETTINGS = ["model.experts=8", "model.bias_update_rate=0.001"]
 TP2_DP2 = ["parallel.tp=2", "parallel.dp_shard=2", "train.recompute=selective"]
 EP2_ETP2 = ["parallel.ep=2", "parallel.etp=2", "train.recompute=full"]
+OFFLOAD_BUDGET = 7_000_000
+OFFLOAD = ["offload.params=cpu", "offload.grads=cpu", "offload.optimizer=cpu",
+           f"offload.device_budget={OFFLOAD_BUDGET}"]
 LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "fsdp2": (DENSE, 2, ["parallel.dp_shard=2"], dict(dp_shard=2)),
     "ddp2": (DENSE, 2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"], dict(dp_replicate=2)),
@@ -77,11 +80,12 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                                "train.recompute=selective"], dict(pp=2, tp=2)),
     "pp2v2_ep2": (MOE, 4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=interleaved",
                            "parallel.virtual_stages=2"], dict(pp=2, dp_shard=2, ep=2)),
+    "offload_cpu": (DENSE, 1, OFFLOAD, dict()),
     "tp2_moe": (MOE, 2, ["parallel.tp=2"], dict(tp=2)),
     "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
                       dict(dp_shard=2, tp=2, ep=2)),
 }
-RESUMED = ("ep2", "pp2")
+RESUMED = ("ep2", "pp2", "offload_cpu")
 DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "edp")
 
 
@@ -209,3 +213,15 @@ def test_replication_with_tp_is_refused(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr  # refused before spawning
     assert "DDP cannot replicate tensor-parallel (DTensor) parameters" in out.stderr
     assert "use parallel.dp_shard >= 2" in out.stderr and "step 1/" not in out.stdout
+
+
+def test_offloaded_run_kept_its_device_budget(runs):
+    records = [m["offload"] for m in metrics(runs["offload_cpu"])]
+    block, head = 4 * 725_504, 4 * (256 * 256 + 256)  # fp32 parameters of a block, the head
+    for record in records:
+        assert record["device_budget_bytes"] == OFFLOAD_BUDGET
+        assert 2 * block <= record["device_peak_bytes"] <= OFFLOAD_BUDGET  # one prefetched
+        # per micro-batch (4), every gradient went home once and every unit came to the device
+        # twice (forward, backward) but the head, which stays from its forward to its backward
+        assert record["to_device_bytes"] == 2 * record["to_home_bytes"] - 4 * head
+    assert all(m["offload"] is None for m in metrics(runs["single"]))

@@ -13,6 +13,8 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 STEPS = 10
 SHARD2 = ["--nproc-per-node", "2", "configs/tiny.yaml"]
+OFFLOAD = ["--set", "offload.params=cpu", "--set", "offload.grads=cpu", "--set",
+           "offload.optimizer=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,14 @@ def test_bad_launches_stop_before_any_process(tmp_path):
          "multiple of stages"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "model.dimm=3"],
          "did you mean 'dim'"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", *OFFLOAD, "--set",
+          "offload.device_budget=1MB"],
+         "offload.device_budget: 1000000 (1,000,000 bytes) is less than one layer needs on the "
+         "device: 3,606,528 bytes"),
+        (["--nproc-per-node", "2", "configs/tiny.yaml", *OFFLOAD, "--set", "offload.params=nvme",
+          "--set", "offload.nvme_path=/tmp"],
+         "params=nvme grads=cpu optimizer=cpu activations=device: this version runs one offload "
+         "layout"),
         (["--nproc-per-node", "2", "configs/tiny-moe.yaml", "--set", "parallel.tp=2",
           "--set", "parallel.sequence_parallel=false"],
          "parallel.sequence_parallel: false with tp=2 and MoE layers"),

@@ -1,0 +1,245 @@
+"""Parameters and gradients that live off the device, fetched a layer at a time.
+
+The model is cut into units in execution order: the embedding, each decoder block, and the head
+(final norm and output projection). Between uses every parameter's data is its *home* tensor in
+CPU memory, so checkpoints, the gradient clip and the optimizer see ordinary CPU parameters (the
+optimizer step runs on the CPU, on the home copies). Around a unit's use the engine swaps in a
+device copy:
+
+- forward: a pre-hook on the unit's first module fetches it and the next ``prefetch_depth - 1``
+  units; a post-hook on its last module releases it (the head stays: backward starts with it);
+- backward: the unit's output passes through an identity autograd function whose backward
+  fetches the unit (and prefetches the units backward reaches next) before its gradients are
+  computed; each parameter's gradient leaves the device as soon as autograd has accumulated it
+  (``register_post_accumulate_grad_hook``), summed into a CPU gradient, and when the unit's last
+  gradient has left, the unit is released.
+
+Swapping ``param.data`` (not the parameter object) is what makes the backward exact: autograd
+saved the parameter itself for the weight's use in backward, so fetching the unit again before
+its backward gives the saved parameter its device data back; the version counter is the
+parameter's and does not change. Every fetched byte and every gradient byte on the device is
+accounted in a :class:`~orch.offload.budget.DeviceBudget`, which never lets the engine pass
+``device_budget``.
+
+Gradient accumulation over micro-batches matches the plain run bit for bit: the first
+micro-batch's gradient is copied home, later ones added, as autograd would have done in
+``param.grad``. After the last micro-batch :meth:`OffloadEngine.finish_step` hands the CPU
+gradients to the parameters (``param.grad``), so the trainer's clip and ``optimizer.step()`` run
+unchanged on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from orch.offload.budget import DeviceBudget
+
+
+@dataclass(eq=False)
+class Unit:
+    """Parameters fetched and released together: a block, the embedding, or the head."""
+
+    name: str
+    modules: list[nn.Module]
+    """Run in this order within a forward; the first gets the fetch, the last the release."""
+    params: list[nn.Parameter]
+    index: int
+    fetched: bool = False
+    grads_left: int = 0
+    """Gradients still to leave the device in the current backward."""
+    device_copies: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+
+def transformer_units(model: nn.Module) -> list[Unit]:
+    """The units of orch's Transformer in execution order (tied embeddings are refused by the
+    plan: one parameter in two units)."""
+    parts: list[tuple[str, list[nn.Module]]] = [("tok_embeddings", [model.tok_embeddings])]
+    parts += [(f"layers.{name}", [block]) for name, block in model.layers.items()]
+    parts.append(("head", [model.norm, model.output]))
+    units = []
+    for index, (name, modules) in enumerate(parts):
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        units.append(Unit(name, modules, params, index))
+    return units
+
+
+class _RefetchForBackward(torch.autograd.Function):
+    """Identity on a unit's output; its backward fetches the unit before the unit's own."""
+
+    @staticmethod
+    def forward(ctx, engine: OffloadEngine, unit: Unit, output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.engine, ctx.unit = engine, unit
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
+        ctx.engine.before_unit_backward(ctx.unit)
+        return None, None, grad
+
+
+class OffloadEngine:
+    """Keeps ``units``' parameters and gradients at home in CPU memory and brings each unit to
+    ``device`` only around its forward and backward, within ``budget``."""
+
+    def __init__(self, units: list[Unit], device: torch.device, budget: DeviceBudget,
+                 prefetch_depth: int) -> None:
+        self.units, self.device, self.budget = units, device, budget
+        self.depth = max(1, prefetch_depth)
+        self.in_backward = False
+        self.bytes_to_device = 0
+        self.bytes_to_home = 0
+        self._fresh: set[nn.Parameter] = set()
+        """Parameters whose home gradient holds nothing from this step yet."""
+        self._home_grads: dict[nn.Parameter, torch.Tensor] = {}
+        self._unit_of: dict[nn.Parameter, Unit] = {}
+        self._home_data: dict[int, list[torch.Tensor]] = {}
+        """Per fetched unit, its parameters' home tensors while they point at device copies."""
+        self._handles: list[RemovableHandle] = []
+        for unit in units:
+            for p in unit.params:
+                self._unit_of[p] = unit
+                p.data = p.data.to("cpu")
+                self._home_grads[p] = torch.zeros_like(p.data)
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+            self._handles.append(unit.modules[0].register_forward_pre_hook(
+                lambda module, args, unit=unit: self._before_forward(unit)))
+            self._handles.append(unit.modules[-1].register_forward_hook(
+                lambda module, args, out, unit=unit: self._after_forward(unit, out)))
+        self.start_step()
+
+    # --- fetch and release ----------------------------------------------------------------
+
+    def fetch(self, unit: Unit) -> None:
+        """Give ``unit``'s parameters device copies of their home data (accounted)."""
+        if unit.fetched:
+            return
+        self.budget.take(unit.nbytes, f"the parameters of {unit.name}")
+        homes = [p.data for p in unit.params]
+        unit.device_copies = [h.to(self.device, copy=True) for h in homes]
+        for p, copy in zip(unit.params, unit.device_copies, strict=True):
+            p.data = copy
+        self._home_data[unit.index] = homes
+        unit.fetched = True
+        self.bytes_to_device += unit.nbytes
+
+    def release(self, unit: Unit) -> None:
+        """Point ``unit``'s parameters at their home data again and free the device copies."""
+        if not unit.fetched:
+            return
+        for p, home in zip(unit.params, self._home_data.pop(unit.index), strict=True):
+            p.data = home
+        unit.device_copies = []
+        unit.fetched = False
+        self.budget.give(unit.nbytes)
+
+    def _prefetch(self, units: Iterator[Unit]) -> None:
+        """Fetch up to ``prefetch_depth - 1`` further units while the budget allows it."""
+        for _, unit in zip(range(self.depth - 1), units, strict=False):
+            if not unit.fetched and not self.budget.fits(unit.nbytes + self._grad_reserve):
+                return
+            self.fetch(unit)
+
+    @property
+    def _grad_reserve(self) -> int:
+        """Room kept for the largest parameter gradient, which autograd places unasked."""
+        return max(p.numel() * p.element_size() for u in self.units for p in u.params)
+
+    # --- hooks ------------------------------------------------------------------------------
+
+    def _before_forward(self, unit: Unit) -> None:
+        self.fetch(unit)
+        if not self.in_backward:
+            self._prefetch(iter(self.units[unit.index + 1:]))
+
+    def _after_forward(self, unit: Unit, output: torch.Tensor) -> torch.Tensor:
+        if self.in_backward:  # recomputed inside backward: the unit's backward comes next
+            return output
+        if unit.index != len(self.units) - 1:
+            self.release(unit)
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            return output
+        return _RefetchForBackward.apply(self, unit, output)
+
+    def before_unit_backward(self, unit: Unit) -> None:
+        """Called by autograd when the gradient reaches ``unit``'s output."""
+        self.in_backward = True
+        self.fetch(unit)
+        unit.grads_left = len(unit.params)
+        self._prefetch(reversed(self.units[:unit.index]))
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        """Move ``p``'s freshly accumulated gradient home (copy on its step's first
+        micro-batch, add after) and release its unit once all its gradients have left."""
+        assert isinstance(p, nn.Parameter) and p.grad is not None
+        grad, home = p.grad, self._home_grads[p]
+        nbytes = grad.numel() * grad.element_size()
+        self.budget.take(nbytes, f"a gradient of {self._unit_of[p].name}")
+        if p in self._fresh:
+            home.copy_(grad)
+            self._fresh.discard(p)
+        else:
+            home.add_(grad.to("cpu"))
+        p.grad = None
+        self.budget.give(nbytes)
+        self.bytes_to_home += nbytes
+        unit = self._unit_of[p]
+        unit.grads_left -= 1
+        if unit.grads_left == 0:
+            self.release(unit)
+
+    # --- steps ------------------------------------------------------------------------------
+
+    def start_step(self) -> None:
+        """Forget the previous step's gradients (the next micro-batch's are copied, not added)
+        and start a new device peak."""
+        self._fresh = set(self._home_grads)
+        self.budget.reset_peak()
+        self.bytes_to_device = self.bytes_to_home = 0
+
+    def finish_backward(self) -> None:
+        """After a micro-batch's backward: release every unit still on the device (units whose
+        parameters got no gradient, e.g. experts no token chose, and the embedding)."""
+        for unit in self.units:
+            self.release(unit)
+        self.in_backward = False
+
+    def finish_step(self) -> None:
+        """After the last micro-batch: every parameter's ``grad`` is its CPU gradient (None for
+        those no micro-batch reached), ready for the clip and the CPU optimizer step."""
+        for p, home in self._home_grads.items():
+            p.grad = None if p in self._fresh else home
+
+    def step_record(self) -> dict[str, int]:
+        """The step's figures for metrics.jsonl."""
+        return {"device_peak_bytes": self.budget.peak, "device_budget_bytes": self.budget.limit,
+                "to_device_bytes": self.bytes_to_device, "to_home_bytes": self.bytes_to_home}
+
+    def remove(self) -> None:
+        """Detach the hooks (parameters stay at home on the CPU)."""
+        for unit in self.units:
+            self.release(unit)
+        for handle in self._handles:
+            handle.remove()
+
+
+def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: int,
+                        prefetch_depth: int) -> OffloadEngine:
+    """Offload orch's Transformer: parameters at home on the CPU, buffers (RoPE tables) on
+    ``device``, at most ``budget_bytes`` of parameters and gradients on ``device`` at once."""
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            setattr(module, name, buf.to(device))
+    return OffloadEngine(transformer_units(model), device, DeviceBudget(budget_bytes),
+                         prefetch_depth)
+
+
+__all__ = ["OffloadEngine", "Unit", "offload_transformer", "transformer_units"]
