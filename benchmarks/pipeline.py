@@ -73,62 +73,95 @@ def stage_owner(stage: int, stages: int, ranks: int, v_shape: bool) -> int:
     return stage if stage < ranks else stages - 1 - stage
 
 
+class _Runner:
+    """One schedule at one micro-batch count on this rank: its stages, its step, its records."""
+
+    def __init__(self, rank: int, world: int, blocks: list[Block], args: argparse.Namespace,
+                 name: str, virtual: int, torch_cls: type | None, m: int) -> None:
+        count = world * virtual
+        per = args.blocks // count
+        v_shape = torch_cls is ScheduleZBVZeroBubble
+        mine = [s for s in range(count) if stage_owner(s, count, world, v_shape) == rank]
+        meta = torch.empty(args.rows, args.dim, device="meta", requires_grad=True)
+        stages = [PipelineStage(nn.Sequential(*blocks[s * per:(s + 1) * per]), s, count,
+                                torch.device("cpu"), input_args=meta, output_args=meta)
+                  for s in mine]
+        self.blocks, self.virtual, self.times = blocks, virtual, []
+        if torch_cls is None:
+            runner = PipelineExecutor(stages, build_schedule(name, world, m, virtual),
+                                      dist.group.WORLD, loss_fn)
+            self.clock, self._step = runner.clock, runner.step
+        else:
+            sched = torch_cls(stages[0] if torch_cls is Schedule1F1B else stages, m, loss_fn)
+            self.clock = ActionClock()
+            for stage in stages:
+                self.clock.attach(stage)
+
+            def step(x: torch.Tensor, y: torch.Tensor) -> None:
+                dist.barrier()
+                self.clock.start()
+                sched.step(*((x,) if 0 in mine else ()),
+                           target=y if count - 1 in mine else None)
+
+            self._step = step
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randn(m * args.rows, args.dim, generator=gen)
+        self.y = torch.randn(m * args.rows, args.dim, generator=gen)
+
+    def step(self) -> float:
+        """One timed step (seconds, from a common barrier to the last rank's end)."""
+        for block in self.blocks:
+            block.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        self._step(self.x, self.y)
+        dist.barrier()
+        return time.perf_counter() - start
+
+
 def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: dict) -> None:
     os.sched_setaffinity(0, {rank})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
     blocks = [Block(args.dim) for _ in range(args.blocks)]
-    for factor in (1, 2, 4):
-        m = factor * world
-        runs = [(name, v, None) for name, v in ORCH] + [(n, v, c) for n, (c, v) in TORCH.items()]
-        for name, virtual, torch_cls in runs:
-            result = _run(rank, world, blocks, args, name, virtual, torch_cls, m)
-            if rank == 0:
-                out[(name, m)] = result
+    runs = [(name, v, None) for name, v in ORCH] + [(n, v, c) for n, (c, v) in TORCH.items()]
+    runners = {(name, factor * world): _Runner(rank, world, blocks, args, name, v, cls,
+                                               factor * world)
+               for factor in (1, 2, 4) for name, v, cls in runs}
+    for runner in runners.values():
+        for _ in range(WARMUP):
+            runner.step()
+    # Rounds: every schedule takes a few steps in turn, so slow drift on the machine (other
+    # load, frequency) hits all of them alike and each round gives paired ratios.
+    rounds: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for _ in range(args.rounds):
+        for key, runner in runners.items():
+            rounds[key].append(statistics.median(runner.step() for _ in range(args.steps)))
+    per_stage = activation_bytes(blocks[: args.blocks // world], args.rows, args.dim)
+    for key, runner in runners.items():
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, runner.clock.records)
+        if rank == 0:
+            out[key] = (rounds[key], gathered, runner.virtual, per_stage)
     dist.destroy_process_group()
 
 
-def _run(rank, world, blocks, args, name, virtual, torch_cls, m):  # type: ignore[no-untyped-def]
-    count = world * virtual
-    per = args.blocks // count
-    v_shape = torch_cls is ScheduleZBVZeroBubble
-    mine = [s for s in range(count) if stage_owner(s, count, world, v_shape) == rank]
-    meta = torch.empty(args.rows, args.dim, device="meta", requires_grad=True)
-    stages = [PipelineStage(nn.Sequential(*blocks[s * per:(s + 1) * per]), s, count,
-                            torch.device("cpu"), input_args=meta, output_args=meta)
-              for s in mine]
-    if torch_cls is None:
-        schedule = build_schedule(name, world, m, virtual)
-        runner = PipelineExecutor(stages, schedule, dist.group.WORLD, loss_fn)
-        clock, step = runner.clock, runner.step
-    else:
-        sched = torch_cls(stages[0] if torch_cls is Schedule1F1B else stages, m, loss_fn)
-        clock = ActionClock()
-        for stage in stages:
-            clock.attach(stage)
+def activation_bytes(blocks: list[Block], rows: int, dim: int) -> int:
+    """Bytes autograd keeps from one micro-batch's forward through ``blocks`` (tensors saved for
+    backward, parameters excluded): what each in-flight micro-batch holds on a rank."""
+    params = {p.untyped_storage().data_ptr() for b in blocks for p in b.parameters()}
+    seen: dict[int, int] = {}
 
-        def step(x: torch.Tensor, y: torch.Tensor) -> None:
-            dist.barrier()
-            clock.start()
-            sched.step(*((x,) if 0 in mine else ()), target=y if count - 1 in mine else None)
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
 
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(m * args.rows, args.dim, generator=gen)
-    y = torch.randn(m * args.rows, args.dim, generator=gen)
-    times, records = [], []
-    for _ in range(WARMUP + args.steps):
-        for block in blocks:
-            block.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        step(x, y)
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-        records = clock.records
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, records)
-    seconds = statistics.median(times[WARMUP:])
-    return seconds, gathered, virtual
+    x = torch.randn(rows, dim, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nn.Sequential(*blocks)(x)
+    return sum(seen.values())
 
 
 def _costs(gathered: list, virtual: int) -> Costs:
@@ -157,7 +190,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--rows", type=int, default=192)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per schedule per round")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     if args.stages > cores:
@@ -166,29 +200,33 @@ def main() -> None:
         raise SystemExit(f"--blocks must be a multiple of 2 x stages = {2 * args.stages}")
     print(f"# pipeline: {args.stages} stages, each a process pinned to its own core with one "
           f"thread ({cores} cores here); {args.blocks} residual MLP blocks d={args.dim}, "
-          f"{args.rows} rows per micro-batch; {args.steps} steps after {WARMUP} warm-up "
-          f"({platform.machine()}, torch {torch.__version__}, {datetime.date.today()})\n")
+          f"{args.rows} rows per micro-batch; {args.rounds} rounds of {args.steps} steps per "
+          f"schedule after {WARMUP} warm-up ({platform.machine()}, torch {torch.__version__}, "
+          f"{datetime.date.today()})\n")
     with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         out = manager.dict()
         mp.start_processes(_worker, args=(args.stages, f"{tmp}/store", args, out),
                            nprocs=args.stages, start_method="spawn")
         results = dict(out)
-    print("| m | schedule | rows/s | vs torch 1F1B | idle | peak in-flight | simulated rows/s "
-          "| measured / simulated |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| m | schedule | rows/s | vs torch 1F1B (range over rounds) | idle | peak in-flight "
+          "| peak activations | simulated rows/s | measured / simulated |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in sorted({m for _, m in results}):
         base = results[("torch 1F1B", m)][0]
         for name in [n for n, _ in ORCH] + list(TORCH):
-            seconds, gathered, virtual = results[(name, m)]
+            rounds, gathered, virtual, per_stage = results[(name, m)]
+            seconds = statistics.median(rounds)
+            ratios = sorted(b / s for b, s in zip(base, rounds, strict=True))
             timeline = measured_timeline(gathered)
-            rows = m * args.rows / seconds
+            peak = max(timeline.peak_activations)
             predicted = (None if name in TORCH
                          else _prediction(name, args.stages, m, virtual, _costs(gathered, virtual)))
             sim = f"{m * args.rows / predicted:,.0f}" if predicted else "-"
-            ratio = f"{predicted / seconds:.2f}" if predicted else "-"
-            print(f"| {m} | {name} | {rows:,.0f} | {base / seconds:.2f} | "
-                  f"{timeline.bubble_fraction:.1%} | {max(timeline.peak_activations)} | {sim} | "
-                  f"{ratio} |", flush=True)
+            versus = f"{predicted / seconds:.2f}" if predicted else "-"
+            print(f"| {m} | {name} | {m * args.rows / seconds:,.0f} | "
+                  f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}) | "
+                  f"{timeline.bubble_fraction:.1%} | {peak} | "
+                  f"{peak * per_stage / virtual / 2**20:.1f} MiB | {sim} | {versus} |", flush=True)
 
 
 if __name__ == "__main__":
