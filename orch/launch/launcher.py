@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -117,6 +118,7 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
         problems += [_explain_world(p, world, max_nodes, nproc) for p in exc.problems]
     problems += unsupported_features(cfg, world)
     problems += _check_data(cfg)
+    problems += _check_nvme(cfg, plan)
     problems += _check_run_dir(Path(cfg.run.dir))
     if not problems:
         assert plan is not None
@@ -179,6 +181,31 @@ def _check_data(cfg: Config) -> list[Problem]:
             load_tokens(cfg.data, cfg.model.vocab_size)
     except DataError as exc:
         return [exc.problem]
+    return []
+
+
+def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
+    """An NVMe tier's directory: it exists, takes files, and has room for what the plan puts
+    there (``plan.memory.nvme`` bytes per rank, times the ranks on this node)."""
+    off = cfg.offload
+    if not off.nvme_path or "nvme" not in (off.params, off.grads, off.optimizer, off.activations):
+        return []
+    path = Path(off.nvme_path)
+    if not path.is_dir():
+        return [Problem("offload.nvme_path", f"{off.nvme_path!r} is not a directory",
+                        "create it on an SSD, or point offload.nvme_path at one")]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [Problem("offload.nvme_path", f"{off.nvme_path!r} is not writable",
+                        "choose a directory this user can write")]
+    if plan is None:
+        return []
+    need = plan.memory.nvme * plan.gpus_per_node
+    free = shutil.disk_usage(path).free
+    if free < need:
+        return [Problem("offload.nvme_path", f"{off.nvme_path!r} has {free:,} bytes free; the "
+                        f"plan puts {need:,} bytes there ({plan.memory.nvme:,} per rank, "
+                        f"{plan.gpus_per_node} on a node)",
+                        "free space, choose a larger disk, or keep more groups on cpu")]
     return []
 
 

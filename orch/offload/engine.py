@@ -24,8 +24,9 @@ accounted in a :class:`~orch.offload.budget.DeviceBudget`, which never lets the 
 Gradient accumulation over micro-batches matches the plain run bit for bit: the first
 micro-batch's gradient is copied home, later ones added, as autograd would have done in
 ``param.grad``. After the last micro-batch :meth:`OffloadEngine.finish_step` hands the CPU
-gradients to the parameters (``param.grad``), so the trainer's clip and ``optimizer.step()`` run
-unchanged on the CPU.
+gradients to the parameters (``param.grad``), so the trainer's clip runs unchanged on the CPU;
+:meth:`OffloadEngine.step` then runs the trainer's optimizer on them unit by unit beside the
+next forward (:mod:`orch.offload.cpu_step`), and a unit is fetched only once it is updated.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from orch.offload.budget import DeviceBudget
+from orch.offload.cpu_step import UnitUpdates
 
 
 @dataclass(eq=False)
@@ -104,6 +106,7 @@ class OffloadEngine:
         self._home_data: dict[int, list[torch.Tensor]] = {}
         """Per fetched unit, its parameters' home tensors while they point at device copies."""
         self._handles: list[RemovableHandle] = []
+        self.updates = UnitUpdates([unit.params for unit in units])
         for unit in units:
             for p in unit.params:
                 self._unit_of[p] = unit
@@ -122,6 +125,7 @@ class OffloadEngine:
         """Give ``unit``'s parameters device copies of their home data (accounted)."""
         if unit.fetched:
             return
+        self.updates.wait(unit.index)  # the previous step's update of this unit
         self.budget.take(unit.nbytes, f"the parameters of {unit.name}")
         homes = [p.data for p in unit.params]
         unit.device_copies = [h.to(self.device, copy=True) for h in homes]
@@ -218,13 +222,27 @@ class OffloadEngine:
         for p, home in self._home_grads.items():
             p.grad = None if p in self._fresh else home
 
-    def step_record(self) -> dict[str, int]:
-        """The step's figures for metrics.jsonl."""
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Start ``optimizer``'s step on the CPU gradients (after the clip), unit by unit beside
+        the next forward (:mod:`orch.offload.cpu_step`); it drops the gradients it used."""
+        self.updates.start(optimizer)
+
+    def wait_updates(self) -> None:
+        """Block until the last optimizer step is done (before a checkpoint, at the end)."""
+        self.updates.wait_all()
+
+    def step_record(self) -> dict[str, float]:
+        """The step's figures for metrics.jsonl; the optimizer figures are the previous
+        update's, which ran beside this step's forward."""
+        seconds, waited = self.updates.last
         return {"device_peak_bytes": self.budget.peak, "device_budget_bytes": self.budget.limit,
-                "to_device_bytes": self.bytes_to_device, "to_home_bytes": self.bytes_to_home}
+                "to_device_bytes": self.bytes_to_device, "to_home_bytes": self.bytes_to_home,
+                "optimizer_s": seconds, "optimizer_wait_s": waited,
+                "optimizer_overlap": max(0.0, 1.0 - waited / seconds) if seconds else 0.0}
 
     def remove(self) -> None:
         """Detach the hooks (parameters stay at home on the CPU)."""
+        self.wait_updates()
         for unit in self.units:
             self.release(unit)
         for handle in self._handles:

@@ -103,8 +103,11 @@ class Trainer:
                 if aux_loss is None and self.cfg.model.is_moe:  # a stage without MoE layers
                     aux_loss = torch.zeros((), device=self.device)
                 grad_norm = self._clip()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.offload is not None:  # on the CPU, beside the next forward
+                    self.offload.step(self.optimizer)
+                else:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
                 loads = update_expert_bias(self.model, self.cfg.model.bias_update_rate,
                                            self.token_group)
             done = _Step(step, lr, loss, aux_loss, grad_norm, loads,
@@ -112,6 +115,8 @@ class Trainer:
             if step % self.cfg.run.log_interval == 0 or step == last:
                 self._log(done, time.perf_counter() - start)
             if step == last or (interval and step % interval == 0):
+                if self.offload is not None:
+                    self.offload.wait_updates()
                 self.save(step)
 
     def _accumulate(self) -> torch.Tensor:

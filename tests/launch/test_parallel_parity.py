@@ -224,4 +224,8 @@ def test_offloaded_run_kept_its_device_budget(runs):
         # per micro-batch (4), every gradient went home once and every unit came to the device
         # twice (forward, backward) but the head, which stays from its forward to its backward
         assert record["to_device_bytes"] == 2 * record["to_home_bytes"] - 4 * head
+    # the optimizer figures are the previous step's update (none before a launch's first step:
+    # steps 1 and 3, the run stopped at 2 and resumed)
+    for record in records[1::2]:
+        assert record["optimizer_s"] > 0 and 0 <= record["optimizer_overlap"] <= 1
     assert all(m["offload"] is None for m in metrics(runs["single"]))

@@ -59,9 +59,14 @@ def _train(offload: bool, recompute: str = "none", depth: int = 2, budget: int =
             engine.finish_step()
             peaks.append(engine.budget.peak)
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if engine:
+            engine.step(opt)  # beside the next forward
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(total)
+    if engine:
+        engine.wait_updates()
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     return losses, norms, params, peaks, engine
 

@@ -1,0 +1,93 @@
+"""The optimizer step of offloaded parameters, on the CPU, unit by unit, beside the next forward.
+
+The clip needs the global gradient norm, so no unit can be updated before the whole backward is
+done (updating earlier with unclipped gradients would change the numbers). What can overlap is
+the update and the next step's forward: the embedding is updated first, then each block in
+order, in a background thread, while the trainer starts the next step; the engine waits for a
+unit's update only when that unit is fetched (``wait``). The update is the trainer's own
+optimizer (torch AdamW, orch's AdamW8bit), stepped on one unit's parameters at a time through a
+shallow copy that shares its ``state``, so checkpoints see one optimizer and the numbers are the
+unsplit step's exactly (foreach updates are per tensor).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import torch
+from torch import nn
+
+
+class UnitUpdates:
+    """Runs ``optimizer``'s step for each unit's parameters in order, in a background thread."""
+
+    def __init__(self, units: list[list[nn.Parameter]]) -> None:
+        self.units = units
+        self._done = [threading.Event() for _ in units]
+        for event in self._done:
+            event.set()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.seconds = self.waited = 0.0
+        self.last = (0.0, 0.0)
+        """The previous finished update's seconds, and the seconds the trainer waited for it."""
+
+    def start(self, optimizer: torch.optim.Optimizer) -> None:
+        """Update every unit from its parameters' current ``grad`` (set by the engine), with the
+        hyperparameters the optimizer's groups hold now; grads are dropped once used."""
+        self.wait_all()
+        self.last = (self.seconds, self.waited)
+        steppers = [_unit_optimizer(optimizer, set(params)) for params in self.units]
+        for event in self._done:
+            event.clear()
+        self.seconds = self.waited = 0.0
+        self._thread = threading.Thread(target=self._run, args=(steppers,), daemon=True,
+                                        name="orch-cpu-optimizer")
+        self._thread.start()
+
+    def _run(self, steppers: list[torch.optim.Optimizer]) -> None:
+        start = time.perf_counter()
+        try:
+            for stepper, params, event in zip(steppers, self.units, self._done, strict=True):
+                stepper.step()
+                for p in params:
+                    p.grad = None
+                event.set()
+        except BaseException as exc:  # re-raised in the trainer's thread by wait()
+            self._error = exc
+            for event in self._done:
+                event.set()
+        self.seconds = time.perf_counter() - start
+
+    def wait(self, index: int) -> None:
+        """Block until unit ``index`` is updated."""
+        if not self._done[index].is_set():
+            start = time.perf_counter()
+            self._done[index].wait()
+            self.waited += time.perf_counter() - start
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError("the CPU optimizer step failed") from error
+
+    def wait_all(self) -> None:
+        """Block until the whole update is done (before a checkpoint, a clip, the end)."""
+        for index in range(len(self.units)):
+            self.wait(index)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def _unit_optimizer(optimizer: torch.optim.Optimizer,
+                    params: set[nn.Parameter]) -> torch.optim.Optimizer:
+    """``optimizer`` restricted to ``params``: same state dict object, groups copied now (so a
+    learning rate set for the next step does not leak into this update)."""
+    view = copy.copy(optimizer)
+    view.param_groups = [dict(group, params=[p for p in group["params"] if p in params])
+                         for group in optimizer.param_groups]
+    return view
+
+
+__all__ = ["UnitUpdates"]
