@@ -38,6 +38,9 @@ class ModelConfig:
     max_seq_len: int = field(default=2048, metadata=_help("longest sequence the model supports"))
     norm_eps: float = field(default=1e-5, metadata=_help("RMSNorm epsilon"))
     tie_embeddings: bool = field(default=False, metadata=_help("share embedding and output head"))
+    init_from: str = field(
+        default="", metadata=_help("HuggingFace Llama checkpoint directory to start from")
+    )
     experts: int = field(default=0, metadata=_help("routed experts per MoE layer; 0 = dense"))
     top_k: int = field(default=2, metadata=_help("experts each token is routed to"))
     capacity_factor: float | None = field(

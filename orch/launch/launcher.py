@@ -119,6 +119,10 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     problems += unsupported_features(cfg, world)
     problems += _check_data(cfg)
     problems += _check_nvme(cfg, plan)
+    if cfg.model.init_from:
+        from orch.models.hf_load import init_from_problems
+
+        problems += init_from_problems(cfg.model)
     problems += _check_run_dir(Path(cfg.run.dir))
     if not problems:
         assert plan is not None

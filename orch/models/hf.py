@@ -49,6 +49,24 @@ _MOE_PARTS = ("feed_forward.router.", "feed_forward.experts.", "feed_forward.sha
 # Older HF Llama checkpoints saved the RoPE frequencies; we compute them from rope_theta.
 _HF_IGNORED = re.compile(r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
 
+
+def hf_ignored(key: str) -> bool:
+    """A ``LlamaForCausalLM`` key with nothing to load: saved RoPE frequencies (we derive them
+    from ``rope_theta``)."""
+    return _HF_IGNORED.fullmatch(key) is not None
+
+
+def hf_to_ours(key: str) -> str | None:
+    """Our ``Transformer`` name for a ``LlamaForCausalLM`` key, or None when it has none
+    (biases, other architectures' keys)."""
+    ours = _TOP_LEVEL_INV.get(key)
+    match = _HF_LAYER.fullmatch(key)
+    if ours is None and match is not None:
+        index, rest = match.groups()
+        if rest in _PER_LAYER_INV:
+            ours = f"layers.{index}.{_PER_LAYER_INV[rest]}"
+    return ours
+
 _MOE_FIX = (
     "HuggingFace export/import covers dense Llama models only: set model.experts: 0, or keep "
     "the MoE model in orch's own checkpoint format"
@@ -161,14 +179,9 @@ def from_hf_state_dict(
     out: dict[str, torch.Tensor] = {}
     problems: list[Problem] = []
     for key, tensor in state.items():
-        if _HF_IGNORED.fullmatch(key):
+        if hf_ignored(key):
             continue
-        ours = _TOP_LEVEL_INV.get(key)
-        match = _HF_LAYER.fullmatch(key)
-        if ours is None and match is not None:
-            index, rest = match.groups()
-            if rest in _PER_LAYER_INV:
-                ours = f"layers.{index}.{_PER_LAYER_INV[rest]}"
+        ours = hf_to_ours(key)
         if ours is None:
             problems.append(
                 Problem(

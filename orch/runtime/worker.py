@@ -83,6 +83,12 @@ def run(argv: Sequence[str]) -> None:
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     model.init_weights(cfg.train.seed)
+    if cfg.model.init_from:  # a resume below replaces these weights with the checkpoint's
+        from orch.models.hf_load import load_hf_weights
+
+        read = load_hf_weights(model, cfg.model)
+        if rank == 0:
+            print(f"orch: initialized from {cfg.model.init_from} ({read} tensors)", flush=True)
     offload = None
     if cfg.offload.enabled:  # parameters stay at home on the CPU, buffers go to the device
         offload = offload_transformer(model, device, plan.offload_budget_bytes,

@@ -97,6 +97,8 @@ def test_bad_launches_stop_before_any_process(tmp_path):
          "multiple of stages"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "model.dimm=3"],
          "did you mean 'dim'"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "model.init_from=/nonexistent"],
+         "model.init_from: '/nonexistent' is not a directory"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", *OFFLOAD, "--set",
           "offload.device_budget=1MB"],
          "offload.device_budget: 1000000 (1,000,000 bytes) is less than one layer needs on the "

@@ -1,0 +1,104 @@
+"""``model.init_from``: a HuggingFace Llama checkpoint directory (sharded safetensors, as
+``save_pretrained`` writes it) loads into orch's Transformer with the same logits, the config is
+checked field by field before anything loads, and ``orch launch`` starts training from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from launch_harness import FAST, launch, metrics, overrides
+
+from orch.config import ModelConfig, load_config
+from orch.errors import ProblemsError
+from orch.models.hf import hf_llama_config
+from orch.models.hf_load import init_from_problems, load_hf_weights
+from orch.models.llama import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(**changes: object) -> ModelConfig:
+    return dataclasses.replace(load_config("configs/tiny.yaml").model, **changes)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A randomly initialized LlamaForCausalLM of the tiny shape, saved in 1 MB shards."""
+    path = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(3)
+    hf_cfg = transformers.LlamaConfig(**hf_llama_config(tiny()), attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape))
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="1MB")
+    return path, model
+
+
+def test_sharded_checkpoint_loads_with_the_same_logits(checkpoint):
+    path, hf = checkpoint
+    assert len(list(path.glob("*.safetensors"))) > 2  # really sharded, with an index
+    assert (path / "model.safetensors.index.json").is_file()
+    cfg = tiny(init_from=str(path))
+    ours = Transformer(cfg).eval()
+    read = load_hf_weights(ours, cfg)
+    assert read == len(list(ours.parameters()))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(tokens).logits).abs().max()
+    assert diff < 1e-5, diff
+
+
+def test_mismatched_config_is_refused_field_by_field(checkpoint):
+    path, _ = checkpoint
+    problems = init_from_problems(tiny(init_from=str(path), dim=128, layers=2, rope_theta=1e6))
+    text = "\n".join(str(p) for p in problems)
+    assert "model.dim: 128 but" in text and "hidden_size: 256" in text and "set model.dim=256" \
+        in text
+    assert "model.layers: 2 but" in text and "set model.layers=4" in text
+    assert "model.rope_theta" in text
+    with pytest.raises(ProblemsError, match="model.dim"):
+        load_hf_weights(Transformer(tiny(dim=128, layers=2)), tiny(init_from=str(path),
+                                                                    dim=128, layers=2))
+
+
+def test_missing_or_foreign_directories_are_refused(tmp_path, checkpoint):
+    assert "is not a directory" in str(init_from_problems(tiny(init_from=str(tmp_path / "no")))[0])
+    assert "has no config.json" in str(init_from_problems(tiny(init_from=str(tmp_path)))[0])
+    path, _ = checkpoint
+    config = json.loads((path / "config.json").read_text())
+    other = tmp_path / "biased"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(config | {"attention_bias": True}))
+    assert "has no *.safetensors" in str(init_from_problems(tiny(init_from=str(other)))[0])
+    for shard in path.glob("*.safetensors"):
+        (other / shard.name).write_bytes(shard.read_bytes())
+    assert "attention_bias: true" in str(init_from_problems(tiny(init_from=str(other)))[0])
+
+
+@pytest.mark.slow  # one single-process launch, ~10 s
+def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path):
+    """The first logged loss is the HuggingFace model's own loss on the first batch."""
+    from orch.runtime.data import BatchStream, PackedSequences, load_tokens
+
+    path, hf = checkpoint
+    run = tmp_path / "run"
+    out = launch("--nproc-per-node", "1", "configs/tiny.yaml",
+                 *overrides(run, "train.steps=1", "train.warmup_steps=1",
+                            f"model.init_from={path}"))
+    assert out.returncode == 0, out.stderr
+    assert f"orch: initialized from {path}" in out.stdout
+    logged = metrics(run)[0]["loss"]
+    cfg = load_config("configs/tiny.yaml", FAST)
+    t = cfg.train
+    stream = BatchStream(PackedSequences(load_tokens(cfg.data, cfg.model.vocab_size),
+                                         t.seq_len), t.global_batch, t.micro_batch,
+                         seed=t.seed)
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten())
+                  for x, y in stream.next_step()]
+    assert abs(logged - float(torch.stack(losses).mean())) < 1e-5
