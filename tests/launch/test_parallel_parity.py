@@ -1,24 +1,26 @@
 """Every parallel layout trains the single-process numbers under ``orch launch``.
 
-One module-scoped set of runs (process start-up dominates: a launch costs 13-40 s on 2 cores,
-a 4-process one about twice a 2-process one): a single-process reference per model and one run
-per layout, all on the same data. Dense (tiny): data parallel (FSDP2, DDP), tensor + sequence
-parallelism alone and composed with FSDP2, context parallel (Ulysses alone, ring composed with
-TP). MoE (tiny-moe with 8 experts, top-2, aux loss and aux-loss-free bias both on): expert
-parallel over 2 ranks, ep2 folded into HSDP 2x2 (so the dense part runs HSDP), ep2 x etp2, ep2
-with ring context parallelism (the balancing loss sums the loads of the cp ranks, so it sees
-whole sequences), and tensor + sequence parallel dense layers with the experts replicated on
-the tp ranks (tp2: their expert-data-parallel unit sums the gradients) or split over them (ep2
-x tp2 x FSDP2). Pipeline (every schedule on 2 and 4 ranks is checked gradient by gradient in
+One module-scoped set of runs (process start-up dominates: a launch costs 13-40 s on 2 cores, a
+4-process one about twice a 2-process one): a single-process reference per model and one run per
+layout, all on the same data. Dense (tiny): data parallel (FSDP2, DDP), tensor + sequence
+parallelism composed with FSDP2, context parallel (Ulysses alone, ring composed with TP). MoE
+(tiny-moe with 8 experts, top-2, aux loss and aux-loss-free bias both on): expert parallel over
+2 ranks, ep2 folded into HSDP 2x2 (so the dense part runs HSDP), ep2 x etp2, ep2 with ring
+context parallelism (the balancing loss sums the loads of the cp ranks, so it sees whole
+sequences), and tensor + sequence parallel dense layers with the experts replicated on the tp
+ranks (tp2: their expert-data-parallel unit sums the gradients) or split over them (ep2 x tp2 x
+FSDP2). Pipeline (every schedule on 2 and 4 ranks is checked gradient by gradient in
 tests/parallel/test_pipeline.py; here under orch launch): 1F1B on 2 stages, ZB-H1 x FSDP2 with
 full recompute, 2BP-1F1B x TP2 with selective recompute, and interleaved (2 stages per rank) x
-ep2 on the MoE model. Paths that a listed layout already runs are left to the per-gradient
-tests in tests/parallel, to keep the suite's time: tensor parallel without sequence
-parallelism, expert parallel over 4 ranks, dense HSDP on its own, ring attention without TP,
-FSDP x CP x TP on 8 processes (each was here and passed before 2026-12-02). Two layouts (ep2,
-pp2) run as a user resuming after a preemption: stopped at step 2, then the same command again,
-so their checks also cover a resume with sharded parameters, optimizer state, expert bias and
-data position (an exact resume is tested in test_resume.py, so no uninterrupted twin here).
+ep2 on the MoE model. Offload: one process with parameters, gradients and AdamW states at home
+on the CPU and a 7 MB device budget. Paths that a listed layout already runs are left to the
+per-gradient tests in tests/parallel, to keep the suite's time: tensor parallel alone (with and
+without sequence parallelism), expert parallel over 4 ranks, dense HSDP on its own, ring
+attention without TP, FSDP x CP x TP on 8 processes (each was here and passed before
+2026-12-02). Three layouts (ep2, pp2, offload) run as a user resuming after a preemption:
+stopped at step 2, then the same command again, so their checks also cover a resume with sharded
+parameters, optimizer state, expert bias and data position (an exact resume is tested in
+test_resume.py, so no uninterrupted twin here).
 
 The MoE routing is uneven by itself at this size: the test checks that every MoE run had empty
 experts and experts with over twice the mean load in the same steps as the reference.
@@ -62,7 +64,6 @@ OFFLOAD = ["offload.params=cpu", "offload.grads=cpu", "offload.optimizer=cpu",
 LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "fsdp2": (DENSE, 2, ["parallel.dp_shard=2"], dict(dp_shard=2)),
     "ddp2": (DENSE, 2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"], dict(dp_replicate=2)),
-    "tp2sp": (DENSE, 2, ["parallel.tp=2"], dict(tp=2)),
     "tp2sp_fsdp2": (DENSE, 4, TP2_DP2, dict(dp_shard=2, tp=2)),
     "cp2_ulysses": (DENSE, 2, ["parallel.cp=2", "parallel.cp_kind=ulysses"], dict(cp=2)),
     "cp2_tp2": (DENSE, 4, ["parallel.cp=2", "parallel.tp=2", "train.recompute=full"],
