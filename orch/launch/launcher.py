@@ -149,9 +149,9 @@ def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Prob
     return problem
 
 
-OFFLOAD_TIERS_RUN = {"params": "cpu", "grads": "cpu", "optimizer": "cpu", "activations": "device"}
-"""The offload tiers the runtime runs now (``orch.offload.engine``); NVMe and activation
-swapping are planned (the plan models them) but not run."""
+OFFLOAD_TIERS_RUN = {"params": "cpu", "grads": "cpu", "optimizer": "cpu"}
+"""The offload tiers the runtime runs now (``orch.offload.engine``), with activations on the
+device or swapped to the cpu; NVMe tiers are planned (the plan models them) but not run."""
 
 
 def unsupported_features(cfg: Config, world: int) -> list[Problem]:
@@ -162,11 +162,13 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
                                 "cannot replicate tensor-parallel (DTensor) parameters",
                                 "use parallel.dp_shard >= 2 (FSDP or HSDP) with tensor parallel"))
     tiers = {g: getattr(off, g) for g in ("params", "grads", "optimizer", "activations")}
-    if off.enabled and tiers != OFFLOAD_TIERS_RUN:
+    runs = {g: t for g, t in tiers.items() if g != "activations"} == OFFLOAD_TIERS_RUN
+    if off.enabled and not (runs and off.activations in ("device", "cpu")):
         asked = " ".join(f"{g}={t}" for g, t in tiers.items())
-        problems.append(Problem("offload", f"{asked}: this version runs one offload layout, "
-                                "parameters, gradients and optimizer states at home on the CPU",
-                                " ".join(f"offload.{g}={t}" for g, t in OFFLOAD_TIERS_RUN.items())))
+        problems.append(Problem("offload", f"{asked}: this version runs parameters, gradients "
+                                "and optimizer states at home on the CPU, activations on the "
+                                "device or the CPU", " ".join(f"offload.{g}={t}" for g, t in
+                                                               OFFLOAD_TIERS_RUN.items())))
     if off.enabled and world > 1:
         problems.append(Problem("offload", f"with {world} processes: this version offloads "
                                 "one process's training", "launch with --nproc-per-node 1"))

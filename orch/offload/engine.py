@@ -15,11 +15,13 @@ device copy:
   gradient has left, the unit is released.
 
 Swapping ``param.data`` (not the parameter object) is what makes the backward exact: autograd
-saved the parameter itself for the weight's use in backward, so fetching the unit again before
-its backward gives the saved parameter its device data back; the version counter is the
-parameter's and does not change. Every fetched byte and every gradient byte on the device is
-accounted in a :class:`~orch.offload.budget.DeviceBudget`, which never lets the engine pass
-``device_budget``.
+saved the parameter itself, or views of it such as ``weight.t()``, for the backward. Each
+parameter has one device tensor for the whole run whose storage is freed (resized to nothing) on
+release and refilled on fetch, as FSDP does, so those saved views hold no memory between forward
+and backward and see the data again once the unit is fetched for its backward; the copy goes
+through ``.data``, so no version counter moves. Every fetched byte and every gradient byte on
+the device is accounted in a :class:`~orch.offload.budget.DeviceBudget`, which never lets the
+engine pass ``device_budget``.
 
 Gradient accumulation over micro-batches matches the plain run bit for bit: the first
 micro-batch's gradient is copied home, later ones added, as autograd would have done in
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from orch.offload.activations import ActivationSwap
 from orch.offload.budget import DeviceBudget
 from orch.offload.cpu_step import UnitUpdates
 
@@ -54,6 +57,8 @@ class Unit:
     fetched: bool = False
     grads_left: int = 0
     """Gradients still to leave the device in the current backward."""
+    input_grad_due: bool = False
+    """The current backward has yet to reach the unit's input (which requires grad)."""
     device_copies: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -72,6 +77,21 @@ def transformer_units(model: nn.Module) -> list[Unit]:
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         units.append(Unit(name, modules, params, index))
     return units
+
+
+class _InputReached(torch.autograd.Function):
+    """Identity on a unit's input; its backward runs once the unit's backward is through."""
+
+    @staticmethod
+    def forward(ctx, engine: OffloadEngine, unit: Unit, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.engine, ctx.unit = engine, unit
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
+        ctx.unit.input_grad_due = False
+        ctx.engine._maybe_done(ctx.unit)
+        return None, None, grad
 
 
 class _RefetchForBackward(torch.autograd.Function):
@@ -93,8 +113,11 @@ class OffloadEngine:
     ``device`` only around its forward and backward, within ``budget``."""
 
     def __init__(self, units: list[Unit], device: torch.device, budget: DeviceBudget,
-                 prefetch_depth: int) -> None:
+                 prefetch_depth: int, swap_activations: bool = False) -> None:
         self.units, self.device, self.budget = units, device, budget
+        self.swap = ActivationSwap(device, budget) if swap_activations else None
+        """Sends the units' saved activations home during the forward (not the head's, whose
+        backward follows at once)."""
         self.depth = max(1, prefetch_depth)
         self.in_backward = False
         self.bytes_to_device = 0
@@ -114,7 +137,7 @@ class OffloadEngine:
                 self._home_grads[p] = torch.zeros_like(p.data)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
             self._handles.append(unit.modules[0].register_forward_pre_hook(
-                lambda module, args, unit=unit: self._before_forward(unit)))
+                lambda module, args, unit=unit: self._before_forward(unit, args)))
             self._handles.append(unit.modules[-1].register_forward_hook(
                 lambda module, args, out, unit=unit: self._after_forward(unit, out)))
         self.start_step()
@@ -128,7 +151,11 @@ class OffloadEngine:
         self.updates.wait(unit.index)  # the previous step's update of this unit
         self.budget.take(unit.nbytes, f"the parameters of {unit.name}")
         homes = [p.data for p in unit.params]
-        unit.device_copies = [h.to(self.device, copy=True) for h in homes]
+        if not unit.device_copies:  # one device tensor per parameter for the whole run
+            unit.device_copies = [torch.empty_like(h, device=self.device) for h in homes]
+        for copy, home in zip(unit.device_copies, homes, strict=True):
+            copy.untyped_storage().resize_(home.numel() * home.element_size())
+            copy.data.copy_(home)  # through .data: no version bump for the saved views
         for p, copy in zip(unit.params, unit.device_copies, strict=True):
             p.data = copy
         self._home_data[unit.index] = homes
@@ -136,12 +163,15 @@ class OffloadEngine:
         self.bytes_to_device += unit.nbytes
 
     def release(self, unit: Unit) -> None:
-        """Point ``unit``'s parameters at their home data again and free the device copies."""
+        """Point ``unit``'s parameters at their home data again and free the device copies'
+        memory (their storage shrinks to nothing; saved views of them see data again once the
+        unit is fetched for its backward)."""
         if not unit.fetched:
             return
         for p, home in zip(unit.params, self._home_data.pop(unit.index), strict=True):
             p.data = home
-        unit.device_copies = []
+        for copy in unit.device_copies:
+            copy.untyped_storage().resize_(0)
         unit.fetched = False
         self.budget.give(unit.nbytes)
 
@@ -159,12 +189,21 @@ class OffloadEngine:
 
     # --- hooks ------------------------------------------------------------------------------
 
-    def _before_forward(self, unit: Unit) -> None:
+    def _before_forward(self, unit: Unit, args: tuple) -> tuple | None:
         self.fetch(unit)
-        if not self.in_backward:
-            self._prefetch(iter(self.units[unit.index + 1:]))
+        if self.in_backward:
+            return None
+        self._prefetch(iter(self.units[unit.index + 1:]))
+        if self.swap is not None and unit.index != len(self.units) - 1:
+            self.swap.enter(unit.index, unit.device_copies)
+        x = args[0]
+        if torch.is_grad_enabled() and x.requires_grad:  # to learn when its backward is through
+            return (_InputReached.apply(self, unit, x), *args[1:])
+        return None
 
     def _after_forward(self, unit: Unit, output: torch.Tensor) -> torch.Tensor:
+        if self.swap is not None:
+            self.swap.exit(unit.index)
         if self.in_backward:  # recomputed inside backward: the unit's backward comes next
             return output
         if unit.index != len(self.units) - 1:
@@ -177,7 +216,10 @@ class OffloadEngine:
         """Called by autograd when the gradient reaches ``unit``'s output."""
         self.in_backward = True
         self.fetch(unit)
+        if self.swap is not None:
+            self.swap.fetch(unit.index)
         unit.grads_left = len(unit.params)
+        unit.input_grad_due = unit.index > 0  # the embedding's input is token ids
         self._prefetch(reversed(self.units[:unit.index]))
 
     def _grad_ready(self, p: torch.Tensor) -> None:
@@ -197,8 +239,20 @@ class OffloadEngine:
         self.bytes_to_home += nbytes
         unit = self._unit_of[p]
         unit.grads_left -= 1
-        if unit.grads_left == 0:
-            self.release(unit)
+        self._maybe_done(unit)
+
+    def _maybe_done(self, unit: Unit) -> None:
+        """Release ``unit`` once its backward is through: every gradient has left and the
+        gradient has reached its input (nodes between a weight's use and the input, such as a
+        norm's statistics, may still unpack saved tensors after the weight's gradient)."""
+        if unit.grads_left == 0 and not unit.input_grad_due:
+            self._backward_done(unit)
+
+    def _backward_done(self, unit: Unit) -> None:
+        """Free what ``unit`` held for its backward: parameters and swapped activations."""
+        self.release(unit)
+        if self.swap is not None:
+            self.swap.release(unit.index)
 
     # --- steps ------------------------------------------------------------------------------
 
@@ -208,12 +262,14 @@ class OffloadEngine:
         self._fresh = set(self._home_grads)
         self.budget.reset_peak()
         self.bytes_to_device = self.bytes_to_home = 0
+        if self.swap is not None:
+            self.swap.bytes_out = self.swap.bytes_in = 0
 
     def finish_backward(self) -> None:
         """After a micro-batch's backward: release every unit still on the device (units whose
         parameters got no gradient, e.g. experts no token chose, and the embedding)."""
         for unit in self.units:
-            self.release(unit)
+            self._backward_done(unit)
         self.in_backward = False
 
     def finish_step(self) -> None:
@@ -235,10 +291,14 @@ class OffloadEngine:
         """The step's figures for metrics.jsonl; the optimizer figures are the previous
         update's, which ran beside this step's forward."""
         seconds, waited = self.updates.last
-        return {"device_peak_bytes": self.budget.peak, "device_budget_bytes": self.budget.limit,
-                "to_device_bytes": self.bytes_to_device, "to_home_bytes": self.bytes_to_home,
-                "optimizer_s": seconds, "optimizer_wait_s": waited,
-                "optimizer_overlap": max(0.0, 1.0 - waited / seconds) if seconds else 0.0}
+        record = {"device_peak_bytes": self.budget.peak, "device_budget_bytes": self.budget.limit,
+                  "to_device_bytes": self.bytes_to_device, "to_home_bytes": self.bytes_to_home,
+                  "optimizer_s": seconds, "optimizer_wait_s": waited,
+                  "optimizer_overlap": max(0.0, 1.0 - waited / seconds) if seconds else 0.0}
+        if self.swap is not None:
+            record["activations_to_home_bytes"] = self.swap.bytes_out
+            record["activations_to_device_bytes"] = self.swap.bytes_in
+        return record
 
     def remove(self) -> None:
         """Detach the hooks (parameters stay at home on the CPU)."""
@@ -250,14 +310,15 @@ class OffloadEngine:
 
 
 def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: int,
-                        prefetch_depth: int) -> OffloadEngine:
-    """Offload orch's Transformer: parameters at home on the CPU, buffers (RoPE tables) on
-    ``device``, at most ``budget_bytes`` of parameters and gradients on ``device`` at once."""
+                        prefetch_depth: int, swap_activations: bool = False) -> OffloadEngine:
+    """Offload orch's Transformer: parameters at home on the CPU (and saved activations, with
+    ``swap_activations``), buffers (RoPE tables) on ``device``, at most ``budget_bytes`` of
+    what the engine places on ``device`` at once."""
     for module in model.modules():
         for name, buf in module.named_buffers(recurse=False):
             setattr(module, name, buf.to(device))
     return OffloadEngine(transformer_units(model), device, DeviceBudget(budget_bytes),
-                         prefetch_depth)
+                         prefetch_depth, swap_activations)
 
 
 __all__ = ["OffloadEngine", "Unit", "offload_transformer", "transformer_units"]

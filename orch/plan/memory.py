@@ -214,8 +214,8 @@ class MemoryEstimate:
     the layer being recomputed). ``total`` is what the device holds: device-tier groups, the
     prefetch windows of offloaded ones, and buffers; ``cpu`` and ``nvme`` hold offloaded groups.
     ``window`` is the part of ``total`` the offload engine places (``offload.device_budget``
-    bounds it), ``window_min`` the least it can work with: one unit's parameters and one
-    gradient on its way home.
+    bounds it), ``window_min`` the least it can work with: one unit's parameters, one
+    gradient on its way home and, when activations are swapped, one layer's saved activations.
     """
 
     params: int

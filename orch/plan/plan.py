@@ -220,6 +220,7 @@ def build_plan(
         raise PlanError([Problem(
             "offload.device_budget",
             f"{asked} ({plan.offload_budget_bytes:,} bytes) is less than one layer needs on the "
-            f"device: {need:,} bytes (its parameters, and one gradient on its way home)",
+            f"device: {need:,} bytes (its parameters, one gradient on its way home and, with "
+            f"offload.activations on cpu, its saved activations)",
             f"set offload.device_budget to at least {need:,} bytes, or auto")])
     return plan

@@ -92,7 +92,8 @@ def run(argv: Sequence[str]) -> None:
     offload = None
     if cfg.offload.enabled:  # parameters stay at home on the CPU, buffers go to the device
         offload = offload_transformer(model, device, plan.offload_budget_bytes,
-                                      cfg.offload.prefetch_depth)
+                                      cfg.offload.prefetch_depth,
+                                      swap_activations=cfg.offload.activations == "cpu")
     else:
         model.to(device)
     precision = _precision(cfg, device, rank)

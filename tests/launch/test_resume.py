@@ -105,8 +105,8 @@ def test_bad_launches_stop_before_any_process(tmp_path):
          "device: 3,606,528 bytes"),
         (["--nproc-per-node", "2", "configs/tiny.yaml", *OFFLOAD, "--set", "offload.params=nvme",
           "--set", "offload.nvme_path=/tmp"],
-         "params=nvme grads=cpu optimizer=cpu activations=device: this version runs one offload "
-         "layout"),
+         "params=nvme grads=cpu optimizer=cpu activations=device: this version runs parameters, "
+         "gradients and optimizer states at home on the CPU"),
         (["--nproc-per-node", "2", "configs/tiny-moe.yaml", "--set", "parallel.tp=2",
           "--set", "parallel.sequence_parallel=false"],
          "parallel.sequence_parallel: false with tp=2 and MoE layers"),
