@@ -12,7 +12,6 @@ unsplit step's exactly (foreach updates are per tensor).
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 
@@ -84,7 +83,8 @@ def _unit_optimizer(optimizer: torch.optim.Optimizer,
                     params: set[nn.Parameter]) -> torch.optim.Optimizer:
     """``optimizer`` restricted to ``params``: same state dict object, groups copied now (so a
     learning rate set for the next step does not leak into this update)."""
-    view = copy.copy(optimizer)
+    view = object.__new__(type(optimizer))  # not copy.copy: Optimizer.__getstate__ keeps
+    view.__dict__.update(optimizer.__dict__)  # only defaults, state and groups
     view.param_groups = [dict(group, params=[p for p in group["params"] if p in params])
                          for group in optimizer.param_groups]
     return view

@@ -183,18 +183,23 @@ def _in_flight(schedule: str, pp: int, v: int, stage: int, n_micro: int) -> tupl
 
 @lru_cache(maxsize=1024)
 def _stages(
-    layers: int, interval: int, is_moe: bool, pp: int, v: int, schedule: str, n_micro: int
+    layers: int, interval: int, is_moe: bool, pp: int, v: int, schedule: str, n_micro: int,
+    chunk_layers: tuple[int, ...] = (),
 ) -> tuple[tuple[int, int, int, bool, bool, int, int, int], ...]:
     """``(stage, dense layers, MoE layers, first, last, num, den, edge)`` of each stage that can
     be the worst: the first and last, and the first middle stage of each layer mix (later ones
-    hold no more micro-batches). Stage ``p`` owns chunks ``p, p+pp, ...`` of ``pp*v``.
+    hold no more micro-batches). Stage ``p`` owns chunks ``p, p+pp, ...`` of ``pp*v``, each of
+    ``chunk_layers[c]`` layers (``parallel.stage_layers``) or an even split.
     """
     chunks = pp * v
+    sizes = chunk_layers or tuple((c + 1) * layers // chunks - c * layers // chunks
+                                  for c in range(chunks))
+    starts = [sum(sizes[:c]) for c in range(chunks + 1)]
     rows, seen = [], set()
     for p in range(pp):
         n_layers = n_moe = 0
         for j in range(v):
-            lo, hi = (p + j * pp) * layers // chunks, (p + j * pp + 1) * layers // chunks
+            lo, hi = starts[p + j * pp], starts[p + j * pp + 1]
             n_layers += hi - lo
             n_moe += hi // interval - lo // interval if is_moe else 0
         mix = (n_layers - n_moe, n_moe)
@@ -258,8 +263,11 @@ def estimate_memory(
     acts = _activations(key, act_bytes, flash, fused_norm, tr.seq_len, tr.micro_batch, tp,
                         deg.sequence_parallel, deg.cp, etp, tr.recompute)
     n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
+    uneven = cfg.parallel.stage_layers
+    chunk_layers = tuple(uneven) if deg.pp > 1 and len(uneven) == deg.pp * deg.virtual_stages \
+        else ()
     stages = _stages(m.layers, m.moe_layer_interval, pc.moe_layers > 0, deg.pp,
-                     deg.virtual_stages, cfg.parallel.pp_schedule, n_micro)
+                     deg.virtual_stages, cfg.parallel.pp_schedule, n_micro, chunk_layers)
 
     h = m.dim
     vocab = -(-m.vocab_size // tp) * h

@@ -32,8 +32,8 @@ def _cfg(*extra: str):
 
 
 def _train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = BUDGET,
-           swap: bool = False):
-    cfg = _cfg(f"train.recompute={recompute}")
+           swap: bool = False, optimizer: str = "adamw"):
+    cfg = _cfg(f"train.recompute={recompute}", f"optimizer.name={optimizer}")
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     apply_recompute(model, recompute)
@@ -125,3 +125,12 @@ def test_swapped_activations_train_the_plain_numbers(plain, recompute):
         # the recompute keeps what it saves (each block's input) and 1 KB goes home
         sent = record["activations_to_home_bytes"]
         assert sent > 10**7 if recompute == "none" else 0 < sent < 10**4
+
+
+def test_eight_bit_adamw_steps_at_home_exactly():
+    """orch's AdamW8bit (its CPU reference path) as the home optimizer, unit by unit."""
+    ref_losses, _, ref_params, *_ = _train(False, optimizer="adamw8bit")
+    losses, _, params, *_ = _train(True, optimizer="adamw8bit")
+    assert losses == ref_losses
+    for name, tensor in ref_params.items():
+        assert torch.equal(params[name], tensor), name

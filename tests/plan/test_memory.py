@@ -182,3 +182,16 @@ def test_estimate_matches_measured_cpu_step(name):
     print(name, {k: (est[k], v) for k, v in measured.items()})
     for key, value in measured.items():
         assert est[key] == pytest.approx(value, rel=0.10), key
+
+
+def test_uneven_stage_layers_are_priced_per_stage():
+    cfg = big()  # 32 layers over 4 stages, 1F1B: stage 0 holds the most micro-batches
+    even = estimate_memory(cfg, Degrees(pp=4))
+    cfg.parallel.stage_layers = [8, 8, 8, 8]
+    assert estimate_memory(cfg, Degrees(pp=4)) == even
+    assert even.stage == 0
+    cfg.parallel.stage_layers = [2, 10, 10, 10]  # a light first stage: another stage is worst
+    light = estimate_memory(cfg, Degrees(pp=4))
+    assert light.stage != 0 and light != even
+    cfg.parallel.stage_layers = [11, 7, 7, 7]  # a heavier first stage: more than even
+    assert estimate_memory(cfg, Degrees(pp=4)).total > even.total
