@@ -11,8 +11,8 @@ device copy:
 - backward: the unit's output passes through an identity autograd function whose backward
   fetches the unit (and prefetches the units backward reaches next) before its gradients are
   computed; each parameter's gradient leaves the device as soon as autograd has accumulated it
-  (``register_post_accumulate_grad_hook``), summed into a CPU gradient, and when the unit's last
-  gradient has left, the unit is released.
+  (``register_post_accumulate_grad_hook``), summed into a CPU gradient; the unit is released once
+  its last gradient has left and the gradient has reached its input (an identity there too).
 
 Swapping ``param.data`` (not the parameter object) is what makes the backward exact: autograd
 saved the parameter itself, or views of it such as ``weight.t()``, for the backward. Each
@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from orch.offload.activations import ActivationSwap
 from orch.offload.budget import DeviceBudget
@@ -58,7 +57,9 @@ class Unit:
     grads_left: int = 0
     """Gradients still to leave the device in the current backward."""
     input_grad_due: bool = False
-    """The current backward has yet to reach the unit's input (which requires grad)."""
+    """The current backward has yet to reach the unit's input."""
+    wraps_input: bool = False
+    """The last forward's input required grad, so the backward will reach it."""
     device_copies: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -128,18 +129,19 @@ class OffloadEngine:
         self._unit_of: dict[nn.Parameter, Unit] = {}
         self._home_data: dict[int, list[torch.Tensor]] = {}
         """Per fetched unit, its parameters' home tensors while they point at device copies."""
-        self._handles: list[RemovableHandle] = []
+        self._grad_reserve = max(p.numel() * p.element_size() for u in units for p in u.params)
+        """Room prefetching leaves for the largest gradient, which autograd places unasked."""
         self.updates = UnitUpdates([unit.params for unit in units])
         for unit in units:
             for p in unit.params:
                 self._unit_of[p] = unit
                 p.data = p.data.to("cpu")
                 self._home_grads[p] = torch.zeros_like(p.data)
-                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
-            self._handles.append(unit.modules[0].register_forward_pre_hook(
-                lambda module, args, unit=unit: self._before_forward(unit, args)))
-            self._handles.append(unit.modules[-1].register_forward_hook(
-                lambda module, args, out, unit=unit: self._after_forward(unit, out)))
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+            unit.modules[0].register_forward_pre_hook(
+                lambda module, args, unit=unit: self._before_forward(unit, args))
+            unit.modules[-1].register_forward_hook(
+                lambda module, args, out, unit=unit: self._after_forward(unit, out))
         self.start_step()
 
     # --- fetch and release ----------------------------------------------------------------
@@ -182,11 +184,6 @@ class OffloadEngine:
                 return
             self.fetch(unit)
 
-    @property
-    def _grad_reserve(self) -> int:
-        """Room kept for the largest parameter gradient, which autograd places unasked."""
-        return max(p.numel() * p.element_size() for u in self.units for p in u.params)
-
     # --- hooks ------------------------------------------------------------------------------
 
     def _before_forward(self, unit: Unit, args: tuple) -> tuple | None:
@@ -197,7 +194,8 @@ class OffloadEngine:
         if self.swap is not None and unit.index != len(self.units) - 1:
             self.swap.enter(unit.index, unit.device_copies)
         x = args[0]
-        if torch.is_grad_enabled() and x.requires_grad:  # to learn when its backward is through
+        unit.wraps_input = torch.is_grad_enabled() and x.requires_grad
+        if unit.wraps_input:  # to learn when the unit's backward is through
             return (_InputReached.apply(self, unit, x), *args[1:])
         return None
 
@@ -219,12 +217,12 @@ class OffloadEngine:
         if self.swap is not None:
             self.swap.fetch(unit.index)
         unit.grads_left = len(unit.params)
-        unit.input_grad_due = unit.index > 0  # the embedding's input is token ids
+        unit.input_grad_due = unit.wraps_input  # not the embedding's: its input is token ids
         self._prefetch(reversed(self.units[:unit.index]))
 
     def _grad_ready(self, p: torch.Tensor) -> None:
         """Move ``p``'s freshly accumulated gradient home (copy on its step's first
-        micro-batch, add after) and release its unit once all its gradients have left."""
+        micro-batch, add after); its unit may then be done (:meth:`_maybe_done`)."""
         assert isinstance(p, nn.Parameter) and p.grad is not None
         grad, home = p.grad, self._home_grads[p]
         nbytes = grad.numel() * grad.element_size()
@@ -299,14 +297,6 @@ class OffloadEngine:
             record["activations_to_home_bytes"] = self.swap.bytes_out
             record["activations_to_device_bytes"] = self.swap.bytes_in
         return record
-
-    def remove(self) -> None:
-        """Detach the hooks (parameters stay at home on the CPU)."""
-        self.wait_updates()
-        for unit in self.units:
-            self.release(unit)
-        for handle in self._handles:
-            handle.remove()
 
 
 def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: int,

@@ -36,7 +36,7 @@ from orch.runtime.data import BatchStream
 from orch.runtime.metrics import MetricsLog, StepMetrics, memory_bytes
 from orch.runtime.optim import lr_at, set_lr
 
-if TYPE_CHECKING:  # only pipelined runs import torch.distributed.pipelining (parallelize)
+if TYPE_CHECKING:  # types only: parallelize imports the executor (and pipelining) for pp > 1
     from orch.offload.engine import OffloadEngine
     from orch.parallel.pipeline.executor import PipelineExecutor
 
