@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP)  # the CPU benchmarks (about 22 minutes on 2 cores); GPU ones: see README
+bench: $(STAMP)  # the CPU benchmarks (about 27 minutes on 2 cores); GPU ones: see README
 	$(PY) benchmarks/plan_search.py
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/parallel_cpu.py
