@@ -40,7 +40,7 @@ from typing import Any
 from orch.config.schema import Config, ModelConfig
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec
-from orch.plan.memory import param_counts
+from orch.plan.memory import estimate_memory, param_counts
 from orch.plan.topology import Link
 
 OVERLAP = 0.9
@@ -61,6 +61,11 @@ BUBBLE_SCALE = {
 
 BACKWARD_SHARE = 2 / 3
 """Backward's share of a micro-batch's compute (2 of the 6 FLOPs per parameter are forward)."""
+
+CPU_ADAM_PARAMS_PER_S = 1.6e9
+"""Parameters per second an offloaded optimizer step updates on the host CPU: 100M parameters
+in ~62 ms on the 2-core CI machine, with DeepSpeed's CPU Adam and torch's fused AdamW alike
+(issue 8); a server CPU with more cores does better, so offloaded plans err on the slow side."""
 
 
 def matmul_weights(m: ModelConfig) -> int:
@@ -228,6 +233,9 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
         bubble = (deg.pp - 1) / (micro * chunks) * BUBBLE_SCALE[schedule] * (compute + on_path)
 
     exposed = on_path + dp_exposed + comm.get("pp", 0.0)
+    if cfg.offload.enabled:
+        comm["offload"], offload_exposed = _offload_seconds(cfg, deg, device, compute, micro)
+        exposed += offload_exposed
     total = compute + exposed + bubble
     tokens_per_s = tokens / total
     return StepTime(
@@ -237,5 +245,29 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     )
 
 
-__all__ = ["BUBBLE_SCALE", "OVERLAP", "StepTime", "estimate_step_time", "flops_per_token",
-           "gemm_efficiency", "matmul_weights"]
+def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: float,
+                     micro: float) -> tuple[float, float]:
+    """Seconds of host traffic per step under ``offload.*`` and how much of it is exposed.
+
+    What ``orch.offload.engine`` does: an offloaded unit's parameters cross to the device for
+    its forward and again for its backward on every micro-batch, every gradient crosses home
+    once per micro-batch, swapped activations cross out and back; all synchronous, so exposed.
+    The CPU optimizer step runs beside the next forward: only what exceeds the forward shows.
+    """
+    off = cfg.offload
+    params = param_counts(cfg.model).total / (deg.pp * deg.tp * deg.fsdp)
+    traffic = 0.0
+    if off.params != "device":
+        traffic += 2 * micro * params * 4
+    if off.grads != "device":
+        traffic += micro * params * 4
+    if off.activations != "device":  # a micro-batch's saved activations, out and back
+        traffic += 2 * micro * estimate_memory(cfg, deg).activations
+    transfers = traffic / device.host_bw
+    optimizer = params / CPU_ADAM_PARAMS_PER_S if off.optimizer != "device" else 0.0
+    hidden = (1 - BACKWARD_SHARE) * compute
+    return transfers + optimizer, transfers + max(0.0, optimizer - hidden)
+
+
+__all__ = ["BUBBLE_SCALE", "CPU_ADAM_PARAMS_PER_S", "OVERLAP", "StepTime", "estimate_step_time",
+           "flops_per_token", "gemm_efficiency", "matmul_weights"]

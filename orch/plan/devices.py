@@ -41,6 +41,9 @@ class DeviceSpec:
     matmul_half_size: float = 2**21
     """Elements (rows x columns) of a per-rank matmul output at which kernels reach half of
     ``compute_efficiency``: thousands of SMs need big tiles, a CPU core much smaller ones."""
+    host_bw: float = 25e9
+    """Device <-> host memory copies, one direction (offloaded parameters, gradients and
+    activations cross it): PCIe 4.0 x16 sustains ~25 GB/s of its 32, PCIe 5.0 ~50 of its 64."""
     description: str = ""
 
 
@@ -60,14 +63,14 @@ DEVICES: dict[str, DeviceSpec] = {
         # 8x22B), so compute alone must sustain a little more than the best of those.
         DeviceSpec(
             name="h100-sxm-80gb", peak_flops=989.4e12, memory_bytes=80 * GiB,
-            intra_node_bw=450e9, inter_node_bw=50e9, compute_efficiency=0.55,
+            intra_node_bw=450e9, inter_node_bw=50e9, compute_efficiency=0.55, host_bw=50e9,
             description="NVIDIA H100 SXM5 80GB, NVLink 4, 400 Gb/s NDR per GPU",
         ),
         # NVIDIA H200 datasheet (SXM): same BF16 compute as H100 (1,979 TFLOPS sparse),
         # 141 GB HBM3e, NVLink 900 GB/s bidirectional; DGX H200: 400 Gb/s per GPU.
         DeviceSpec(
             name="h200", peak_flops=989.4e12, memory_bytes=141 * GB,
-            intra_node_bw=450e9, inter_node_bw=50e9, compute_efficiency=0.55,
+            intra_node_bw=450e9, inter_node_bw=50e9, compute_efficiency=0.55, host_bw=50e9,
             description="NVIDIA H200 SXM 141GB, NVLink 4, 400 Gb/s NDR per GPU",
         ),
         # NVIDIA A100 datasheet (SXM4 80GB): BF16 312 TFLOPS dense (624 sparse), NVLink 3
@@ -89,10 +92,11 @@ DEVICES: dict[str, DeviceSpec] = {
             description="NVIDIA GeForce RTX 4090 24GB, PCIe 4.0 x16, no NVLink",
         ),
         # A modest CPU "device" for gloo runs on this kind of machine: 1 TFLOP/s fp32, gloo over
-        # loopback (~5 GB/s) inside a host, 10 Gb/s Ethernet between hosts.
+        # loopback (~5 GB/s) inside a host, 10 Gb/s Ethernet between hosts; "host" copies are
+        # memory copies (~5 GB/s on 2 cores).
         DeviceSpec(
             name="cpu", peak_flops=1e12, memory_bytes=24 * GiB,
-            intra_node_bw=5e9, inter_node_bw=1.25e9, compute_efficiency=0.5,
+            intra_node_bw=5e9, inter_node_bw=1.25e9, compute_efficiency=0.5, host_bw=5e9,
             intra_latency_s=20e-6, inter_latency_s=50e-6, matmul_half_size=2**14,
             description="CPU with gloo: loopback inside a host, 10 Gb/s Ethernet between",
         ),

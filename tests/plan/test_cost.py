@@ -11,6 +11,7 @@ import pytest
 from orch.config import Config, load_config
 from orch.plan.cost import (
     BUBBLE_SCALE,
+    CPU_ADAM_PARAMS_PER_S,
     StepTime,
     estimate_step_time,
     flops_per_token,
@@ -19,6 +20,7 @@ from orch.plan.cost import (
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec, get_device
 from orch.plan.layout import first_groups
+from orch.plan.memory import param_counts
 from orch.plan.topology import Topology
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,3 +186,25 @@ def test_small_matmuls_lose_efficiency():
     assert gemm_efficiency(8192, 4096, 8, h100) < gemm_efficiency(8192, 4096, 2, h100)
     # A CPU core saturates on far smaller matmuls than an H100.
     assert gemm_efficiency(512, 256, 1, cpu) > 0.85 > gemm_efficiency(512, 256, 1, h100)
+
+
+def test_offload_prices_host_traffic_and_the_cpu_step() -> None:
+    """One H100 fine-tuning Llama 3 8B with parameters, gradients and optimizer at home on the
+    CPU: 8 micro-batches each move the parameters in twice and the gradients out once over
+    PCIe 5 (50 GB/s), synchronously; the CPU step (8B parameters at 1.6 G/s) hides behind the
+    next forward as far as it goes."""
+    cfg = config("llama3-8b", train__global_batch=8, train__micro_batch=1)
+    base = estimate(cfg, 1)
+    for group in ("params", "grads", "optimizer"):
+        setattr(cfg.offload, group, "cpu")
+    off = estimate(cfg, 1)
+    n = param_counts(cfg.model).total
+    transfers = 8 * 3 * n * 4 / 50e9
+    step = n / CPU_ADAM_PARAMS_PER_S
+    assert off.comm_s["offload"] == pytest.approx(transfers + step)
+    hidden = base.compute_s / 3  # the forward's share
+    assert off.total_s == pytest.approx(base.total_s + transfers + max(0.0, step - hidden))
+    assert off.tokens_per_s < base.tokens_per_s
+    cfg.offload.activations = "cpu"  # swapping adds each micro-batch's activations, both ways
+    assert estimate(cfg, 1).comm_s["offload"] > off.comm_s["offload"]
+    assert "offload" not in base.comm_s
