@@ -33,8 +33,9 @@ next forward (:mod:`orch.offload.cpu_step`), and a unit is fetched only once it 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -80,33 +81,19 @@ def transformer_units(model: nn.Module) -> list[Unit]:
     return units
 
 
-class _InputReached(torch.autograd.Function):
-    """Identity on a unit's input; its backward runs once the unit's backward is through."""
+class _OnBackward(torch.autograd.Function):
+    """Identity whose backward first calls ``callback``: on a unit's output, to fetch the unit
+    before its own backward; on its input, to learn that the unit's backward is through."""
 
     @staticmethod
-    def forward(ctx, engine: OffloadEngine, unit: Unit, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.engine, ctx.unit = engine, unit
+    def forward(ctx, callback: Callable[[], None], x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.callback = callback
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
-        ctx.unit.input_grad_due = False
-        ctx.engine._maybe_done(ctx.unit)
-        return None, None, grad
-
-
-class _RefetchForBackward(torch.autograd.Function):
-    """Identity on a unit's output; its backward fetches the unit before the unit's own."""
-
-    @staticmethod
-    def forward(ctx, engine: OffloadEngine, unit: Unit, output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.engine, ctx.unit = engine, unit
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
-        ctx.engine.before_unit_backward(ctx.unit)
-        return None, None, grad
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
+        ctx.callback()
+        return None, grad
 
 
 class OffloadEngine:
@@ -196,7 +183,7 @@ class OffloadEngine:
         x = args[0]
         unit.wraps_input = torch.is_grad_enabled() and x.requires_grad
         if unit.wraps_input:  # to learn when the unit's backward is through
-            return (_InputReached.apply(self, unit, x), *args[1:])
+            return (_OnBackward.apply(partial(self._input_reached, unit), x), *args[1:])
         return None
 
     def _after_forward(self, unit: Unit, output: torch.Tensor) -> torch.Tensor:
@@ -208,7 +195,7 @@ class OffloadEngine:
             self.release(unit)
         if not torch.is_grad_enabled() or not output.requires_grad:
             return output
-        return _RefetchForBackward.apply(self, unit, output)
+        return _OnBackward.apply(partial(self.before_unit_backward, unit), output)
 
     def before_unit_backward(self, unit: Unit) -> None:
         """Called by autograd when the gradient reaches ``unit``'s output."""
@@ -237,6 +224,10 @@ class OffloadEngine:
         self.bytes_to_home += nbytes
         unit = self._unit_of[p]
         unit.grads_left -= 1
+        self._maybe_done(unit)
+
+    def _input_reached(self, unit: Unit) -> None:
+        unit.input_grad_due = False
         self._maybe_done(unit)
 
     def _maybe_done(self, unit: Unit) -> None:
