@@ -149,9 +149,11 @@ def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Prob
     return problem
 
 
-OFFLOAD_TIERS_RUN = {"params": "cpu", "grads": "cpu", "optimizer": "cpu"}
-"""The offload tiers the runtime runs now (``orch.offload.engine``), with activations on the
-device or swapped to the cpu; NVMe tiers are planned (the plan models them) but not run."""
+OFFLOAD_HOMES_RUN = {"params": ("cpu", "nvme"), "grads": ("cpu",), "optimizer": ("cpu", "nvme"),
+                     "activations": ("device", "cpu")}
+"""The homes the offload runtime (``orch.offload``) runs, per group, once anything is
+offloaded: gradients go home to CPU memory (the clip reads them there) and swapped activations
+to CPU memory; NVMe gradients and activations are planned (the plan models them), not run."""
 
 
 def unsupported_features(cfg: Config, world: int) -> list[Problem]:
@@ -161,14 +163,13 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
         problems.append(Problem("parallel.dp_shard", "1 with dp_replicate > 1 and tp > 1: DDP "
                                 "cannot replicate tensor-parallel (DTensor) parameters",
                                 "use parallel.dp_shard >= 2 (FSDP or HSDP) with tensor parallel"))
-    tiers = {g: getattr(off, g) for g in ("params", "grads", "optimizer", "activations")}
-    runs = {g: t for g, t in tiers.items() if g != "activations"} == OFFLOAD_TIERS_RUN
-    if off.enabled and not (runs and off.activations in ("device", "cpu")):
+    tiers = {g: getattr(off, g) for g in OFFLOAD_HOMES_RUN}
+    unrun = {g: t for g, t in tiers.items() if t not in OFFLOAD_HOMES_RUN[g]}
+    if off.enabled and unrun:
         asked = " ".join(f"{g}={t}" for g, t in tiers.items())
-        problems.append(Problem("offload", f"{asked}: this version runs parameters, gradients "
-                                "and optimizer states at home on the CPU, activations on the "
-                                "device or the CPU", " ".join(f"offload.{g}={t}" for g, t in
-                                                               OFFLOAD_TIERS_RUN.items())))
+        runs = ", ".join(f"{g} on {' or '.join(homes)}" for g, homes in OFFLOAD_HOMES_RUN.items())
+        problems.append(Problem("offload", f"{asked}: this version runs {runs}", " ".join(
+            f"offload.{g}={OFFLOAD_HOMES_RUN[g][0]}" for g in unrun)))
     if off.enabled and world > 1:
         problems.append(Problem("offload", f"with {world} processes: this version offloads "
                                 "one process's training", "launch with --nproc-per-node 1"))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -22,8 +24,12 @@ from torch import nn
 class UnitUpdates:
     """Runs ``optimizer``'s step for each unit's parameters in order, in a background thread."""
 
-    def __init__(self, units: list[list[nn.Parameter]]) -> None:
+    def __init__(self, units: list[list[nn.Parameter]],
+                 in_memory: Callable[[int, torch.optim.Optimizer],
+                                     AbstractContextManager] | None = None) -> None:
         self.units = units
+        self.in_memory = in_memory or (lambda index, optimizer: nullcontext())
+        """Brings a unit's parameters and states into memory around its step (NVMe homes)."""
         self._done = [threading.Event() for _ in units]
         for event in self._done:
             event.set()
@@ -42,15 +48,18 @@ class UnitUpdates:
         for event in self._done:
             event.clear()
         self.seconds = self.waited = 0.0
-        self._thread = threading.Thread(target=self._run, args=(steppers,), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(optimizer, steppers), daemon=True,
                                         name="orch-cpu-optimizer")
         self._thread.start()
 
-    def _run(self, steppers: list[torch.optim.Optimizer]) -> None:
+    def _run(self, optimizer: torch.optim.Optimizer,
+             steppers: list[torch.optim.Optimizer]) -> None:
         start = time.perf_counter()
         try:
-            for stepper, params, event in zip(steppers, self.units, self._done, strict=True):
-                stepper.step()
+            for index, (stepper, params, event) in enumerate(
+                    zip(steppers, self.units, self._done, strict=True)):
+                with self.in_memory(index, optimizer):
+                    stepper.step()
                 for p in params:
                     p.grad = None
                 event.set()

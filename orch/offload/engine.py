@@ -33,16 +33,23 @@ next forward (:mod:`orch.offload.cpu_step`), and a unit is fetched only once it 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from orch.config.schema import OffloadConfig
 from orch.offload.activations import ActivationSwap
+from orch.offload.blockio import open_block_io
 from orch.offload.budget import DeviceBudget
 from orch.offload.cpu_step import UnitUpdates
+from orch.offload.homes import Homes
+from orch.offload.nvme import NvmeTier
 
 
 @dataclass(eq=False)
@@ -101,7 +108,9 @@ class OffloadEngine:
     ``device`` only around its forward and backward, within ``budget``."""
 
     def __init__(self, units: list[Unit], device: torch.device, budget: DeviceBudget,
-                 prefetch_depth: int, swap_activations: bool = False) -> None:
+                 prefetch_depth: int, swap_activations: bool = False,
+                 nvme: NvmeTier | None = None, params_on_nvme: bool = False,
+                 optimizer_on_nvme: bool = False) -> None:
         self.units, self.device, self.budget = units, device, budget
         self.swap = ActivationSwap(device, budget) if swap_activations else None
         """Sends the units' saved activations home during the forward (not the head's, whose
@@ -118,12 +127,17 @@ class OffloadEngine:
         """Per fetched unit, its parameters' home tensors while they point at device copies."""
         self._grad_reserve = max(p.numel() * p.element_size() for u in units for p in u.params)
         """Room prefetching leaves for the largest gradient, which autograd places unasked."""
-        self.updates = UnitUpdates([unit.params for unit in units])
         for unit in units:
             for p in unit.params:
                 self._unit_of[p] = unit
                 p.data = p.data.to("cpu")
                 self._home_grads[p] = torch.zeros_like(p.data)
+        self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
+                           optimizer_on_nvme)
+        """Where parameters and optimizer states rest: CPU memory, or the NVMe tier's file."""
+        self.updates = UnitUpdates([unit.params for unit in units], self.homes.in_memory)
+        for unit in units:
+            for p in unit.params:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
             unit.modules[0].register_forward_pre_hook(
                 lambda module, args, unit=unit: self._before_forward(unit, args))
@@ -139,22 +153,23 @@ class OffloadEngine:
             return
         self.updates.wait(unit.index)  # the previous step's update of this unit
         self.budget.take(unit.nbytes, f"the parameters of {unit.name}")
-        homes = [p.data for p in unit.params]
+        resting = [p.data for p in unit.params]
         if not unit.device_copies:  # one device tensor per parameter for the whole run
-            unit.device_copies = [torch.empty_like(h, device=self.device) for h in homes]
-        for copy, home in zip(unit.device_copies, homes, strict=True):
-            copy.untyped_storage().resize_(home.numel() * home.element_size())
-            copy.data.copy_(home)  # through .data: no version bump for the saved views
+            unit.device_copies = [torch.empty_like(r, device=self.device) for r in resting]
+        with self.homes.params_to_copy(unit.index) as homes:
+            for copy, home in zip(unit.device_copies, homes, strict=True):
+                copy.untyped_storage().resize_(home.numel() * home.element_size())
+                copy.data.copy_(home)  # through .data: no version bump for the saved views
         for p, copy in zip(unit.params, unit.device_copies, strict=True):
             p.data = copy
-        self._home_data[unit.index] = homes
+        self._home_data[unit.index] = resting
         unit.fetched = True
         self.bytes_to_device += unit.nbytes
 
     def release(self, unit: Unit) -> None:
-        """Point ``unit``'s parameters at their home data again and free the device copies'
-        memory (their storage shrinks to nothing; saved views of them see data again once the
-        unit is fetched for its backward)."""
+        """Point ``unit``'s parameters at what they rest as again (their home data, or NVMe
+        placeholders) and free the device copies' memory (their storage shrinks to nothing;
+        saved views of them see data again once the unit is fetched for its backward)."""
         if not unit.fetched:
             return
         for p, home in zip(unit.params, self._home_data.pop(unit.index), strict=True):
@@ -251,6 +266,8 @@ class OffloadEngine:
         self._fresh = set(self._home_grads)
         self.budget.reset_peak()
         self.bytes_to_device = self.bytes_to_home = 0
+        if self.homes.tier is not None:
+            self.homes.tier.bytes_read = self.homes.tier.bytes_written = 0
         if self.swap is not None:
             self.swap.bytes_out = self.swap.bytes_in = 0
 
@@ -276,6 +293,17 @@ class OffloadEngine:
         """Block until the last optimizer step is done (before a checkpoint, at the end)."""
         self.updates.wait_all()
 
+    def resident(self, optimizer: torch.optim.Optimizer | None) -> AbstractContextManager:
+        """Every parameter and ``optimizer`` state in memory, in place (checkpoint save and load,
+        reading the final weights); NVMe homes are written back after."""
+        self.wait_updates()
+        return self.homes.all_in_memory(optimizer)
+
+    def close(self) -> None:
+        """Finish the last update and delete the NVMe tier's scratch file."""
+        self.wait_updates()
+        self.homes.close()
+
     def step_record(self) -> dict[str, float]:
         """The step's figures for metrics.jsonl; the optimizer figures are the previous
         update's, which ran beside this step's forward."""
@@ -284,6 +312,9 @@ class OffloadEngine:
                   "to_device_bytes": self.bytes_to_device, "to_home_bytes": self.bytes_to_home,
                   "optimizer_s": seconds, "optimizer_wait_s": waited,
                   "optimizer_overlap": max(0.0, 1.0 - waited / seconds) if seconds else 0.0}
+        if (tier := self.homes.tier) is not None:
+            record["nvme_read_bytes"] = tier.bytes_read
+            record["nvme_written_bytes"] = tier.bytes_written
         if self.swap is not None:
             record["activations_to_home_bytes"] = self.swap.bytes_out
             record["activations_to_device_bytes"] = self.swap.bytes_in
@@ -291,15 +322,24 @@ class OffloadEngine:
 
 
 def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: int,
-                        prefetch_depth: int, swap_activations: bool = False) -> OffloadEngine:
-    """Offload orch's Transformer: parameters at home on the CPU (and saved activations, with
-    ``swap_activations``), buffers (RoPE tables) on ``device``, at most ``budget_bytes`` of
-    what the engine places on ``device`` at once."""
+                        pinned_bytes: int, off: OffloadConfig, rank: int = 0) -> OffloadEngine:
+    """Offload orch's Transformer to the homes ``off`` names: parameters and optimizer states
+    in CPU memory or in a file under ``off.nvme_path``, gradients in CPU memory, saved
+    activations on the device or the CPU; buffers (RoPE tables) on ``device``; at most
+    ``budget_bytes`` of what the engine places on ``device`` at once, staging NVMe transfers
+    through at most ``pinned_bytes`` of CPU buffers."""
     for module in model.modules():
         for name, buf in module.named_buffers(recurse=False):
             setattr(module, name, buf.to(device))
-    return OffloadEngine(transformer_units(model), device, DeviceBudget(budget_bytes),
-                         prefetch_depth, swap_activations)
+    units = transformer_units(model)
+    on_nvme = {"params": off.params == "nvme", "optimizer": off.optimizer == "nvme"}
+    tier = None
+    if any(on_nvme.values()):
+        path = Path(off.nvme_path) / f"orch-rank{rank}-{os.getpid()}.swap"
+        io = open_block_io(path, off.io_block_size, off.io_queue_depth, off.io_threads)
+        tier = NvmeTier(path, io, pinned_bytes)
+    return OffloadEngine(units, device, DeviceBudget(budget_bytes), off.prefetch_depth,
+                         off.activations == "cpu", tier, on_nvme["params"], on_nvme["optimizer"])
 
 
 __all__ = ["OffloadEngine", "Unit", "offload_transformer", "transformer_units"]

@@ -63,6 +63,9 @@ BACKWARD_SHARE = 2 / 3
 """Backward's share of a micro-batch's compute (2 of the 6 FLOPs per parameter are forward)."""
 
 CPU_ADAM_PARAMS_PER_S = 1.6e9
+NVME_BYTES_PER_S = 3e9
+"""Reads or writes of the NVMe tier: one PCIe 4.0 SSD sustains about 3 GB/s for large aligned
+transfers (``benchmarks/offload_io.py`` measures a machine's own)."""
 """Parameters per second an offloaded optimizer step updates on the host CPU: 100M parameters
 in ~62 ms on the 2-core CI machine, with DeepSpeed's CPU Adam and torch's fused AdamW alike
 (issue 8); a server CPU with more cores does better, so offloaded plans err on the slow side."""
@@ -265,9 +268,17 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
         traffic += 2 * micro * estimate_memory(cfg, deg).activations
     transfers = traffic / device.host_bw
     optimizer = params / CPU_ADAM_PARAMS_PER_S if off.optimizer != "device" else 0.0
+    # NVMe homes: parameters are read for every fetch (exposed, like the copies they feed);
+    # the update reads and writes the unit's parameters and states beside the next forward.
+    disk = 2 * micro * params * 4 if off.params == "nvme" else 0.0
+    update_io = 2 * params * 4 if off.params == "nvme" else 0.0
+    if off.optimizer == "nvme":
+        update_io += 2 * estimate_memory(cfg, deg).optimizer
+    transfers += disk / NVME_BYTES_PER_S
+    optimizer += update_io / NVME_BYTES_PER_S
     hidden = (1 - BACKWARD_SHARE) * compute
     return transfers + optimizer, transfers + max(0.0, optimizer - hidden)
 
 
-__all__ = ["BUBBLE_SCALE", "CPU_ADAM_PARAMS_PER_S", "OVERLAP", "StepTime", "estimate_step_time",
-           "flops_per_token", "gemm_efficiency", "matmul_weights"]
+__all__ = ["BUBBLE_SCALE", "CPU_ADAM_PARAMS_PER_S", "NVME_BYTES_PER_S", "OVERLAP", "StepTime",
+           "estimate_step_time", "flops_per_token", "gemm_efficiency", "matmul_weights"]

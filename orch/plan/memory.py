@@ -221,6 +221,9 @@ class MemoryEstimate:
     ``window`` is the part of ``total`` the offload engine places (``offload.device_budget``
     bounds it), ``window_min`` the least it can work with: one unit's parameters, one
     gradient on its way home and, when activations are swapped, one layer's saved activations.
+    ``staging_min`` is the pinned CPU memory the NVMe tier stages through at once: a unit's
+    parameters on their way to the device and another unit's parameters and optimizer states
+    being updated (the groups that rest on NVMe).
     """
 
     params: int
@@ -234,6 +237,7 @@ class MemoryEstimate:
     stage: int
     window: int = 0
     window_min: int = 0
+    staging_min: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -311,6 +315,9 @@ def estimate_memory(
         unit_bytes = PARAM_BYTES * -(-unit // fsdp)
         minimum = (unit_bytes, GRAD_BYTES * largest, 0, per_mb // n_layers)
         windows = (max(1, depth) * unit_bytes, *minimum[1:3], depth * per_mb // n_layers)
+        unit_optim = -(-optim * -(-unit // fsdp) // max(1, n))
+        staging = (2 * unit_bytes if tiers[0] == "nvme" else 0) + (
+            unit_optim if tiers[2] == "nvme" else 0)
         total, cpu, nvme, window, window_min = buffers, 0, 0, 0, 0
         for size, tier, most, least in zip(groups, tiers, windows, minimum, strict=True):
             if tier == "device":
@@ -324,5 +331,5 @@ def estimate_memory(
                 nvme += size
         total += window
         if not best or total > best[5]:
-            best = (*groups, buffers, total, cpu, nvme, p, window, window_min)
+            best = (*groups, buffers, total, cpu, nvme, p, window, window_min, staging)
     return MemoryEstimate(*best)

@@ -53,6 +53,8 @@ class Plan:
     """Device bytes the offload engine may place (:func:`offload_budget`)."""
     tiers: dict[str, str]
     """Home tier of each tensor group (params, grads, optimizer, activations)."""
+    pinned_budget_bytes: int
+    """Pinned CPU bytes the NVMe tier may stage through (:func:`pinned_budget`)."""
     step: StepTime
     links: dict[str, Link]
 
@@ -83,6 +85,7 @@ class Plan:
             "memory_limit_bytes": self.memory_limit_bytes,
             "offload_budget_bytes": self.offload_budget_bytes,
             "tiers": dict(self.tiers),
+            "pinned_budget_bytes": self.pinned_budget_bytes,
             "fits": self.fits,
             "memory": self.memory.as_dict(),
             "step_time_s": self.step.total_s,
@@ -111,6 +114,18 @@ def offload_budget(cfg: Config, memory: MemoryEstimate, limit: int) -> int:
     if isinstance(budget, int):
         return budget
     return max(0, limit - (memory.total - memory.window))
+
+
+PINNED_AUTO_FACTOR = 2
+"""``pinned_budget: auto`` is this many times the least the NVMe tier stages at once, so a
+prefetch and an update never wait for each other's buffers."""
+
+
+def pinned_budget(cfg: Config, memory: MemoryEstimate) -> int:
+    """Pinned CPU bytes for the NVMe tier's staging buffers: ``offload.pinned_budget``, or with
+    ``auto`` twice the least it needs (0 when nothing rests on NVMe)."""
+    budget = cfg.offload.pinned_budget
+    return budget if isinstance(budget, int) else PINNED_AUTO_FACTOR * memory.staging_min
 
 
 def config_degrees(cfg: Config, world_size: int, problems: list[Problem]) -> Degrees | None:
@@ -193,6 +208,7 @@ def evaluate(
         memory_limit_bytes=limit,
         offload_budget_bytes=offload_budget(cfg, memory, limit),
         tiers={g: getattr(cfg.offload, g) for g in ("params", "grads", "optimizer", "activations")},
+        pinned_budget_bytes=pinned_budget(cfg, memory),
         step=step,
         links=links,
     )
@@ -214,13 +230,21 @@ def build_plan(
         raise PlanError(problems)
     assert machine is not None and deg is not None
     plan = evaluate(cfg, deg, machine)
-    need = plan.memory.window_min
+    need, staging = plan.memory.window_min, plan.memory.staging_min
     if cfg.offload.enabled and plan.offload_budget_bytes < need:
-        asked = cfg.offload.device_budget
-        raise PlanError([Problem(
+        problems.append(Problem(
             "offload.device_budget",
-            f"{asked} ({plan.offload_budget_bytes:,} bytes) is less than one layer needs on the "
-            f"device: {need:,} bytes (its parameters, one gradient on its way home and, with "
-            f"offload.activations on cpu, its saved activations)",
-            f"set offload.device_budget to at least {need:,} bytes, or auto")])
+            f"{cfg.offload.device_budget} ({plan.offload_budget_bytes:,} bytes) is less than one "
+            f"layer needs on the device: {need:,} bytes (its parameters, one gradient on its way "
+            "home and, with offload.activations on cpu, its saved activations)",
+            f"set offload.device_budget to at least {need:,} bytes, or auto"))
+    if plan.pinned_budget_bytes < staging:
+        problems.append(Problem(
+            "offload.pinned_budget",
+            f"{cfg.offload.pinned_budget} ({plan.pinned_budget_bytes:,} bytes) is less than the "
+            f"NVMe tier stages at once: {staging:,} bytes (a unit's parameters on their way to "
+            "the device beside another unit's parameters and optimizer states being updated)",
+            f"set offload.pinned_budget to at least {staging:,} bytes, or auto"))
+    if problems:
+        raise PlanError(problems)
     return plan

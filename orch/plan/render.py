@@ -71,6 +71,9 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"    {'offloaded':<12}{gib(mem.cpu):>12} cpu, {gib(mem.nvme)} nvme; on the "
                      f"device at once {gib(mem.window)} (at least {gib(mem.window_min)}) of a "
                      f"{gib(plan.offload_budget_bytes)} offload budget")
+    if mem.staging_min:
+        lines.append(f"    {'staging':<12}{gib(plan.pinned_budget_bytes):>12} pinned for NVMe "
+                     f"transfers (at least {gib(mem.staging_min)})")
     s = plan.step
     lines += [
         "",

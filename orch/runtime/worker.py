@@ -8,6 +8,7 @@ and training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -90,10 +91,9 @@ def run(argv: Sequence[str]) -> None:
         if rank == 0:
             print(f"orch: initialized from {cfg.model.init_from} ({read} tensors)", flush=True)
     offload = None
-    if cfg.offload.enabled:  # parameters stay at home on the CPU, buffers go to the device
+    if cfg.offload.enabled:  # parameters rest on the CPU or NVMe, buffers go to the device
         offload = offload_transformer(model, device, plan.offload_budget_bytes,
-                                      cfg.offload.prefetch_depth,
-                                      swap_activations=cfg.offload.activations == "cpu")
+                                      plan.pinned_budget_bytes, cfg.offload, rank)
     else:
         model.to(device)
     precision = _precision(cfg, device, rank)
@@ -116,12 +116,17 @@ def run(argv: Sequence[str]) -> None:
     checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
     start = 0
     resume = checkpoints.resolve_resume(args.resume or cfg.checkpoint.resume)
+    # Offloaded states on NVMe come into memory around a save or load (and go back after).
+    def in_memory() -> contextlib.AbstractContextManager:
+        return offload.resident(optimizer) if offload else contextlib.nullcontext()
+
     if resume is not None:
-        model_state, optim_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
-        state = {"model": model_state, "optim": optim_state}
-        manifest = checkpoints.load(resume, state)
-        set_state_dict(model, optimizer, options=STATE_OPTIONS, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        with in_memory():
+            model_state, optim_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
+            state = {"model": model_state, "optim": optim_state}
+            manifest = checkpoints.load(resume, state)
+            set_state_dict(model, optimizer, options=STATE_OPTIONS,
+                           model_state_dict=state["model"], optim_state_dict=state["optim"])
         stream.load_state_dict(manifest.data)
         restore_rng(manifest.rng)
         start = manifest.step
@@ -129,9 +134,10 @@ def run(argv: Sequence[str]) -> None:
             print(f"orch: resumed from {resume} at step {start}", flush=True)
 
     def save(step: int) -> None:
-        model_state, optim_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
-        path = checkpoints.save(step, {"model": model_state, "optim": optim_state},
-                                stream.state_dict())
+        with in_memory():
+            model_state, optim_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
+            path = checkpoints.save(step, {"model": model_state, "optim": optim_state},
+                                    stream.state_dict())
         if rank == 0:
             print(f"orch: saved checkpoint {path}", flush=True)
 
@@ -144,6 +150,8 @@ def run(argv: Sequence[str]) -> None:
         checkpoints.wait()  # an async save still in flight completes before the process ends
     finally:
         metrics.close()
+        if offload is not None:
+            offload.close()  # deletes the NVMe tier's scratch file
 
 
 def main() -> None:

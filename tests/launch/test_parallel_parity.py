@@ -12,13 +12,14 @@ ranks (tp2: their expert-data-parallel unit sums the gradients) or split over th
 FSDP2). Pipeline (every schedule on 2 and 4 ranks is checked gradient by gradient in
 tests/parallel/test_pipeline.py; here under orch launch): 1F1B on 2 stages, ZB-H1 x FSDP2 with
 full recompute, 2BP-1F1B x TP2 with selective recompute, and interleaved (2 stages per rank) x
-ep2 on the MoE model. Offload: one process with parameters, gradients and AdamW states at home
-on the CPU and a 7 MB device budget. Paths that a listed layout already runs are left to the
-per-gradient tests in tests/parallel, to keep the suite's time: tensor parallel alone (with and
-without sequence parallelism), expert parallel over 4 ranks, dense HSDP on its own, ring
-attention without TP, FSDP x CP x TP on 8 processes (each was here and passed before
-2026-12-02). Three layouts (ep2, pp2, offload) run as a user resuming after a preemption:
-stopped at step 2, then the same command again, so their checks also cover a resume with sharded
+ep2 on the MoE model. Offload: one process with parameters and AdamW states resting on the NVMe
+tier (a file in the test's directory), gradients and swapped activations in CPU memory, and a 7 MB
+device budget (CPU homes are checked bit for bit in tests/offload). Paths that a listed layout
+already runs are left to the per-gradient tests in tests/parallel, to keep the suite's time: tensor
+parallel alone (with and without sequence parallelism), expert parallel over 4 ranks, dense HSDP on
+its own, ring attention without TP, FSDP x CP x TP on 8 processes (each was here and passed before
+2026-12-02). Three layouts (ep2, pp2, offload) run as a user resuming after a preemption: stopped
+at step 2, then the same command again, so their checks also cover a resume with sharded
 parameters, optimizer state, expert bias and data position (an exact resume is tested in
 test_resume.py, so no uninterrupted twin here).
 
@@ -59,7 +60,8 @@ MOE_SETTINGS = ["model.experts=8", "model.bias_update_rate=0.001"]
 TP2_DP2 = ["parallel.tp=2", "parallel.dp_shard=2", "train.recompute=selective"]
 EP2_ETP2 = ["parallel.ep=2", "parallel.etp=2", "train.recompute=full"]
 OFFLOAD_BUDGET = 7_000_000
-OFFLOAD = ["offload.params=cpu", "offload.grads=cpu", "offload.optimizer=cpu",
+OFFLOAD = ["offload.params=nvme", "offload.grads=cpu", "offload.optimizer=nvme",
+           "offload.activations=cpu", "offload.nvme_path={scratch}",
            f"offload.device_budget={OFFLOAD_BUDGET}"]
 LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "fsdp2": (DENSE, 2, ["parallel.dp_shard=2"], dict(dp_shard=2)),
@@ -81,12 +83,12 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                                "train.recompute=selective"], dict(pp=2, tp=2)),
     "pp2v2_ep2": (MOE, 4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=interleaved",
                            "parallel.virtual_stages=2"], dict(pp=2, dp_shard=2, ep=2)),
-    "offload_cpu": (DENSE, 1, OFFLOAD, dict()),
+    "offload_nvme": (DENSE, 1, OFFLOAD, dict()),
     "tp2_moe": (MOE, 2, ["parallel.tp=2"], dict(tp=2)),
     "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
                       dict(dp_shard=2, tp=2, ep=2)),
 }
-RESUMED = ("ep2", "pp2", "offload_cpu")
+RESUMED = ("ep2", "pp2", "offload_nvme")
 DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "edp")
 
 
@@ -121,10 +123,13 @@ def _launch(config: str, procs: int, run_dir: Path, *extra: str) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parity")
-    dirs = {name: root / name for name in ["single", "single_moe", *LAYOUTS]}
+    dirs = {name: root / name for name in ["single", "single_moe", *LAYOUTS, "nvme"]}
     _launch(DENSE, 1, dirs["single"])
     _launch(MOE, 1, dirs["single_moe"])
+    scratch = root / "nvme"  # the NVMe tier's directory
+    scratch.mkdir()
     for name, (config, procs, extra, _) in LAYOUTS.items():
+        extra = [item.format(scratch=scratch) for item in extra]
         if name in RESUMED:
             _launch(config, procs, dirs[name], *extra, "run.stop_at_step=2")
         stdout = _launch(config, procs, dirs[name], *extra)
@@ -217,7 +222,7 @@ def test_replication_with_tp_is_refused(tmp_path):
 
 
 def test_offloaded_run_kept_its_device_budget(runs):
-    records = [m["offload"] for m in metrics(runs["offload_cpu"])]
+    records = [m["offload"] for m in metrics(runs["offload_nvme"])]
     block, head = 4 * 725_504, 4 * (256 * 256 + 256)  # fp32 parameters of a block, the head
     for record in records:
         assert record["device_budget_bytes"] == OFFLOAD_BUDGET
@@ -225,6 +230,10 @@ def test_offloaded_run_kept_its_device_budget(runs):
         # per micro-batch (4), every gradient went home once and every unit came to the device
         # twice (forward, backward) but the head, which stays from its forward to its backward
         assert record["to_device_bytes"] == 2 * record["to_home_bytes"] - 4 * head
+        # parameters come from the NVMe tier for each fetch, states for each update
+        assert record["nvme_read_bytes"] >= record["to_device_bytes"]
+        assert record["activations_to_home_bytes"] == record["activations_to_device_bytes"] > 0
+    assert not list(runs["nvme"].iterdir())  # the tier's scratch file went with the run
     # the optimizer figures are the previous step's update (none before a launch's first step:
     # steps 1 and 3, the run stopped at 2 and resumed)
     for record in records[1::2]:

@@ -105,8 +105,12 @@ def test_bad_launches_stop_before_any_process(tmp_path):
          "device: 3,606,528 bytes"),
         (["--nproc-per-node", "2", "configs/tiny.yaml", *OFFLOAD, "--set", "offload.params=nvme",
           "--set", "offload.nvme_path=/tmp"],
-         "params=nvme grads=cpu optimizer=cpu activations=device: this version runs parameters, "
-         "gradients and optimizer states at home on the CPU"),
+         "offload: with 2 processes: this version offloads one process's training"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", *OFFLOAD, "--set", "offload.grads=nvme",
+          "--set", "offload.nvme_path=/tmp", "--set", "offload.params=nvme",
+          "--set", "offload.pinned_budget=1MB"],
+         "offload.pinned_budget: 1000000 (1,000,000 bytes) is less than the NVMe tier stages at "
+         "once: 5,804,032 bytes"),
         (["--nproc-per-node", "2", "configs/tiny-moe.yaml", "--set", "parallel.tp=2",
           "--set", "parallel.sequence_parallel=false"],
          "parallel.sequence_parallel: false with tp=2 and MoE layers"),

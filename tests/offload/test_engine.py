@@ -13,75 +13,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from offload_harness import BUDGET, train
 
-from orch.config import load_config
-from orch.models.llama import Transformer
-from orch.offload.budget import BudgetExceeded, DeviceBudget
-from orch.offload.engine import OffloadEngine, transformer_units
-from orch.parallel.recompute import apply_recompute
-from orch.runtime.optim import build_optimizer
-
-BUDGET = 7 * 10**6
-STEPS, MICRO = 3, 2
-
-
-def _cfg(*extra: str):
-    return load_config("configs/tiny.yaml", ["train.seq_len=32", "train.steps=3",
-                                             "train.warmup_steps=1", *extra])
-
-
-def _train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = BUDGET,
-           swap: bool = False, optimizer: str = "adamw"):
-    cfg = _cfg(f"train.recompute={recompute}", f"optimizer.name={optimizer}")
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    apply_recompute(model, recompute)
-    engine = None
-    if offload:
-        engine = OffloadEngine(transformer_units(model), torch.device("cpu"),
-                               DeviceBudget(budget), depth, swap_activations=swap)
-    opt = build_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(1)
-    losses, norms, peaks, records = [], [], [], []
-    for _ in range(STEPS):
-        if engine:
-            engine.start_step()
-        total = 0.0
-        for _ in range(MICRO):
-            tokens = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=gen)
-            logits = model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / MICRO
-            loss.backward()
-            if engine:
-                engine.finish_backward()
-            total += loss.item()
-        if engine:
-            engine.finish_step()
-            peaks.append(engine.budget.peak)
-            records.append(engine.step_record())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
-        if engine:
-            engine.step(opt)  # beside the next forward
-        else:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        losses.append(total)
-    if engine:
-        engine.wait_updates()
-    params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    return losses, norms, params, peaks, engine, records
+from orch.offload.budget import BudgetExceeded
 
 
 @pytest.fixture(scope="module")
 def plain():
-    return _train(offload=False)
+    return train(offload=False)
 
 
 @pytest.mark.parametrize("recompute,depth", [("none", 1), ("none", 2), ("full", 2),
                                              ("selective", 3)])
 def test_offloaded_training_equals_plain_run_exactly(plain, recompute, depth):
-    losses, norms, params, peaks, engine, _ = _train(True, recompute, depth)
+    losses, norms, params, peaks, engine, *_ = train(True, recompute, depth)
     ref_losses, ref_norms, ref_params, *_ = plain
     assert losses == ref_losses
     assert norms == ref_norms  # clipping active: norms above 0.5 in every step
@@ -97,7 +42,7 @@ def test_offloaded_training_equals_plain_run_exactly(plain, recompute, depth):
 
 
 def test_parameters_are_home_on_the_cpu_between_steps(plain):
-    engine = _train(True)[4]
+    engine = train(True)[4]
     for unit in engine.units:
         assert not unit.fetched  # and the device copies hold no memory
         assert all(copy.untyped_storage().nbytes() == 0 for copy in unit.device_copies)
@@ -106,14 +51,14 @@ def test_parameters_are_home_on_the_cpu_between_steps(plain):
 
 def test_a_budget_below_one_unit_is_refused_with_the_numbers():
     with pytest.raises(BudgetExceeded, match=r"layers\.0.*over the budget of 1,000,000"):
-        _train(True, budget=10**6)
+        train(True, budget=10**6)
 
 
 @pytest.mark.parametrize("recompute", ["none", "full"])
 def test_swapped_activations_train_the_plain_numbers(plain, recompute):
     """Saved activations go home during each block's forward and come back, a block's at once
     and accounted, before its backward; the head keeps its own (its backward follows at once)."""
-    losses, norms, params, peaks, engine, records = _train(True, recompute, 2, swap=True)
+    losses, norms, params, peaks, engine, records, _ = train(True, recompute, 2, swap=True)
     ref_losses, ref_norms, ref_params, *_ = plain
     assert losses == ref_losses and norms == ref_norms
     for name, tensor in ref_params.items():
@@ -129,8 +74,8 @@ def test_swapped_activations_train_the_plain_numbers(plain, recompute):
 
 def test_eight_bit_adamw_steps_at_home_exactly():
     """orch's AdamW8bit (its CPU reference path) as the home optimizer, unit by unit."""
-    ref_losses, _, ref_params, *_ = _train(False, optimizer="adamw8bit")
-    losses, _, params, *_ = _train(True, optimizer="adamw8bit")
+    ref_losses, _, ref_params, *_ = train(False, optimizer="adamw8bit")
+    losses, _, params, *_ = train(True, optimizer="adamw8bit")
     assert losses == ref_losses
     for name, tensor in ref_params.items():
         assert torch.equal(params[name], tensor), name

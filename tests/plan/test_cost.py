@@ -12,6 +12,7 @@ from orch.config import Config, load_config
 from orch.plan.cost import (
     BUBBLE_SCALE,
     CPU_ADAM_PARAMS_PER_S,
+    NVME_BYTES_PER_S,
     StepTime,
     estimate_step_time,
     flops_per_token,
@@ -208,3 +209,8 @@ def test_offload_prices_host_traffic_and_the_cpu_step() -> None:
     cfg.offload.activations = "cpu"  # swapping adds each micro-batch's activations, both ways
     assert estimate(cfg, 1).comm_s["offload"] > off.comm_s["offload"]
     assert "offload" not in base.comm_s
+    cfg.offload.activations = "device"
+    cfg.offload.params = cfg.offload.optimizer = "nvme"  # ~3 GB/s: every fetch reads the disk,
+    nvme = estimate(cfg, 1)  # and the update reads and writes parameters and AdamW moments
+    fetches, update = 8 * 2 * n * 4 / NVME_BYTES_PER_S, (2 * n * 4 + 2 * n * 8) / NVME_BYTES_PER_S
+    assert nvme.comm_s["offload"] == pytest.approx(transfers + step + fetches + update, rel=1e-3)

@@ -127,6 +127,12 @@ def test_offload_moves_groups_off_device_but_keeps_a_prefetch_window():
     unit = max(pc.attention + pc.norms + pc.mlp, pc.embedding, pc.head + cfg.model.dim)
     assert off.window == 2 * 4 * unit and off.window_min == 4 * unit
     assert off.total == base.total - base.params - base.optimizer + off.window
+    # NVMe parameters stage through pinned memory: a unit on its way to the device and another
+    # being updated; with the optimizer states on NVMe too, that unit's AdamW moments as well
+    assert off.staging_min == 2 * 4 * unit
+    cfg.offload.optimizer = "nvme"
+    both = estimate_memory(cfg, Degrees())
+    assert both.staging_min == 2 * 4 * unit + 8 * unit and both.nvme == off.nvme + off.cpu
 
 
 def test_recompute_shrinks_activations():

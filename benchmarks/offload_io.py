@@ -1,0 +1,157 @@
+"""The NVMe tier's I/O against `dd` with O_DIRECT on the same disk, and CPU Adam against torch.
+
+Part 1, I/O: writes then reads ``--size`` bytes in ``--chunk``-byte calls (a large unit's
+region) through each of orch's block I/O paths, DeepSpeed's async I/O op (``AsyncIO``, with its
+page-locked buffers) and the O_DIRECT thread pool fallback (``DirectIO``), and through
+``dd bs=1M oflag=direct`` / ``iflag=direct`` on a file in the same directory, in alternating
+rounds (the disk's speed drifts: page cache of other files, other tenants). It prints GB/s and
+the ratio to dd's, per round and the median. Target (issue 8): orch at least 0.8x dd.
+
+Part 2, optimizer: one step of DeepSpeed's CPU Adam (``DeepSpeedCPUAdam``, built on first use)
+and of torch's AdamW (foreach and fused) on ``--params`` fp32 parameters in 16 tensors, median
+of ``--repeats``: the step the offload engine runs on the CPU for each unit.
+
+    .venv/bin/python benchmarks/offload_io.py [--dir /tmp] [--size 1GiB] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from orch.config.coerce import parse_bytes
+from orch.offload.blockio import AsyncIO, BlockIO, DirectIO, load_async_io
+
+
+def _dd(args: list[str]) -> float:
+    """Seconds dd reports for its copy (its own clock, so process start-up is not counted)."""
+    out = subprocess.run(["dd", *args, "status=progress"], capture_output=True, text=True,
+                         check=True).stderr
+    return float(re.findall(r"copied, ([0-9.]+) s", out)[-1])
+
+
+def dd_rates(path: Path, size: int) -> tuple[float, float]:
+    count = size >> 20
+    write = _dd(["if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", "oflag=direct",
+                 "conv=fsync"])
+    read = _dd([f"if={path}", "of=/dev/null", "bs=1M", f"count={count}", "iflag=direct"])
+    path.unlink()
+    return size / write / 1e9, size / read / 1e9
+
+
+def orch_rates(io: BlockIO, path: Path, size: int, chunk: int) -> tuple[float, float]:
+    buffer = io.buffer(chunk)
+    buffer.copy_(torch.randint(0, 256, (chunk,), dtype=torch.uint8))
+    offsets = range(0, size, chunk)
+    start = time.perf_counter()
+    for offset in offsets:
+        io.write(buffer, offset)
+    os.fsync(fd := os.open(path, os.O_RDONLY))  # as dd's conv=fsync (O_DIRECT needs none)
+    os.close(fd)
+    write = time.perf_counter() - start
+    start = time.perf_counter()
+    for offset in offsets:
+        io.read(buffer, offset)
+    read = time.perf_counter() - start
+    io.free(buffer)
+    io.close()
+    path.unlink()
+    return size / write / 1e9, size / read / 1e9
+
+
+def adam_step_seconds(params: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one optimizer step over ``params`` parameters, per implementation."""
+    torch.manual_seed(0)
+    sizes = [params // 16] * 16
+    makers = {
+        "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+    }
+    try:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        makers["DeepSpeed CPU Adam"] = lambda ps: DeepSpeedCPUAdam(ps, lr=1e-4, adamw_mode=True)
+    except Exception as exc:  # no compiler: say so, measure the rest
+        print(f"DeepSpeed CPU Adam unavailable: {exc}")
+    out = {}
+    for name, make in makers.items():
+        ps = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        try:
+            opt = make(ps)
+            opt.step()  # states allocated, op built
+        except Exception as exc:
+            print(f"{name} unavailable: {exc}")
+            continue
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="directory on the disk")
+    parser.add_argument("--size", default="1GiB", help="bytes written and read per case")
+    parser.add_argument("--chunk", default="64MiB", help="bytes per call (a unit's region)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--params", type=int, default=100_000_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    size, chunk = parse_bytes(args.size), parse_bytes(args.chunk)
+    work = Path(tempfile.mkdtemp(prefix="orch-offload-io-", dir=args.dir))
+    block, depth, threads = 1 << 20, 8, 2
+    makers = {"DirectIO (O_DIRECT pool)": lambda p: DirectIO(p, block, threads)}
+    try:
+        load_async_io()
+        makers = {"AsyncIO (DeepSpeed aio)": lambda p: AsyncIO(p, block, depth, threads),
+                  **makers}
+    except RuntimeError as exc:
+        print(exc)
+    print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{datetime.date.today()}; {size >> 20} MiB in {chunk >> 20} MiB calls under {work} "
+          f"(block {block >> 20} MiB, queue depth {depth}, {threads} threads)")
+    rows: dict[str, list[tuple[float, float]]] = {"dd": [], **{name: [] for name in makers}}
+    for round_ in range(args.rounds):
+        rows["dd"].append(dd_rates(work / "dd.bin", size))
+        for name, make in makers.items():
+            rows[name].append(orch_rates(make(work / "orch.bin"), work / "orch.bin", size, chunk))
+        print(f"round {round_ + 1}: " + ", ".join(
+            f"{name} w {w:.2f} r {r:.2f} GB/s" for name, (w, r) in
+            ((n, v[-1]) for n, v in rows.items())))
+    work.rmdir()
+    dd_w = statistics.median(w for w, _ in rows["dd"])
+    dd_r = statistics.median(r for _, r in rows["dd"])
+    print("\n| path | write GB/s | read GB/s | write vs dd | read vs dd |")
+    print("|---|---:|---:|---:|---:|")
+    for name, values in rows.items():
+        w = statistics.median(v[0] for v in values)
+        r = statistics.median(v[1] for v in values)
+        print(f"| {name} | {w:.2f} | {r:.2f} | {w / dd_w:.2f} | {r / dd_r:.2f} |")
+    steps = adam_step_seconds(args.params, args.repeats)
+    print(f"\n| optimizer ({args.params / 1e6:.0f}M fp32 parameters) | step ms | vs torch "
+          "AdamW (foreach) |")
+    print("|---|---:|---:|")
+    base = steps.get("torch AdamW (foreach)")
+    for name, seconds in steps.items():
+        print(f"| {name} | {seconds * 1e3:.0f} | {base / seconds:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Block I/O for the NVMe tier: whole aligned buffers read from and written to one file.
+
+Two ways to move the bytes, same contract (an aligned CPU buffer, a file offset that is a
+multiple of :data:`ALIGN`, the whole buffer in one call that returns when the bytes are there):
+
+- :class:`AsyncIO`, DeepSpeed's async I/O op (libaio, O_DIRECT, ``io_threads`` workers each
+  keeping ``io_queue_depth`` requests of ``io_block_size`` in flight). Its buffers come from the
+  op's ``new_cpu_locked_tensor``: page-locked and aligned, which a CPU-only torch cannot give
+  (``pin_memory=True`` raises there); they were about twice as fast as ordinary tensors.
+- :class:`DirectIO`, the fallback when the op cannot be built (no libaio, no compiler): a thread
+  pool of ``os.preadv``/``os.pwritev`` calls on an O_DIRECT descriptor, ``io_block_size`` bytes
+  each, into page-aligned anonymous mappings.
+
+:func:`open_block_io` picks the first that works and says once, on stderr, when it falls back
+and why. Each calling thread gets its own DeepSpeed handle (a handle is one request queue, not
+meant to be shared between threads: the trainer's thread reads parameters while the optimizer's
+thread reads and writes its states).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+ALIGN = 4096
+"""O_DIRECT's alignment of offsets, sizes and buffer addresses (a page; covers 512-byte
+sectors too)."""
+
+
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to :data:`ALIGN`."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+class BlockIO(Protocol):
+    """Moves whole aligned buffers between CPU memory and one file."""
+
+    name: str
+
+    def buffer(self, nbytes: int, locked: bool = True) -> torch.Tensor:
+        """A new uint8 CPU buffer of ``nbytes`` (a multiple of :data:`ALIGN`) this I/O can use;
+        ``locked=False`` for large one-off reads (a checkpoint's), which stay pageable."""
+        ...
+
+    def free(self, buffer: torch.Tensor) -> None:
+        """Give back a locked buffer from :meth:`buffer` (pageable ones go with their last
+        reference)."""
+        ...
+
+    def read(self, buffer: torch.Tensor, offset: int) -> None:
+        """Fill ``buffer`` from the file at ``offset``."""
+        ...
+
+    def write(self, buffer: torch.Tensor, offset: int) -> None:
+        """Write ``buffer`` to the file at ``offset``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class AsyncIO:
+    """DeepSpeed's async I/O op (see the module docstring)."""
+
+    name = "deepspeed async I/O"
+
+    def __init__(self, path: Path, block_size: int, queue_depth: int, threads: int) -> None:
+        self.path = str(path)
+        self._op = load_async_io()
+        self._args = (block_size, queue_depth, False, True, threads)
+        self._local = threading.local()
+        self._allocator = self._op.aio_handle(*self._args)
+        """Owns the locked buffers (they are freed with the handle that made them)."""
+        Path(path).touch()
+
+    def _handle(self):
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            handle = self._local.handle = self._op.aio_handle(*self._args)
+        return handle
+
+    def buffer(self, nbytes: int, locked: bool = True) -> torch.Tensor:
+        if not locked:  # the op bounces pageable memory through its own locked buffers
+            return torch.empty(nbytes, dtype=torch.uint8)
+        return self._allocator.new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
+
+    def free(self, buffer: torch.Tensor) -> None:
+        if self._allocator.is_pinned(buffer):
+            self._allocator.free_cpu_locked_tensor(buffer)
+
+    def read(self, buffer: torch.Tensor, offset: int) -> None:
+        self._check(self._handle().sync_pread(buffer, self.path, offset), "read", offset)
+
+    def write(self, buffer: torch.Tensor, offset: int) -> None:
+        self._check(self._handle().sync_pwrite(buffer, self.path, offset), "write", offset)
+
+    def _check(self, result: int, what: str, offset: int) -> None:
+        if result < 0:
+            raise OSError(f"async I/O {what} of {self.path} at offset {offset} failed ({result})")
+
+    def close(self) -> None:
+        self._local = threading.local()
+
+
+class DirectIO:
+    """A thread pool of O_DIRECT ``preadv``/``pwritev`` calls (see the module docstring)."""
+
+    name = "O_DIRECT thread pool"
+
+    def __init__(self, path: Path, block_size: int, threads: int) -> None:
+        self.block = aligned(block_size)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="orch-direct-io")
+
+    def buffer(self, nbytes: int, locked: bool = True) -> torch.Tensor:
+        # Anonymous mappings are page-aligned, as O_DIRECT needs; the tensor keeps its mapping
+        # alive. Nothing here can lock pages without the op, so ``locked`` changes nothing.
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+
+    def free(self, buffer: torch.Tensor) -> None:
+        pass
+
+    def _blocks(self, buffer: torch.Tensor, offset: int):
+        view = memoryview(buffer.numpy()).cast("B")
+        for start in range(0, len(view), self.block):
+            yield view[start:start + self.block], offset + start
+
+    def read(self, buffer: torch.Tensor, offset: int) -> None:
+        jobs = [self.pool.submit(os.preadv, self.fd, [chunk], at)
+                for chunk, at in self._blocks(buffer, offset)]
+        for job, (chunk, at) in zip(jobs, self._blocks(buffer, offset), strict=True):
+            if (got := job.result()) != len(chunk):
+                raise OSError(f"short read at offset {at}: {got} of {len(chunk)} bytes")
+
+    def write(self, buffer: torch.Tensor, offset: int) -> None:
+        jobs = [self.pool.submit(os.pwritev, self.fd, [chunk], at)
+                for chunk, at in self._blocks(buffer, offset)]
+        for job in jobs:
+            job.result()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        os.close(self.fd)
+
+
+_op_error: str | None = None
+
+
+def load_async_io():
+    """DeepSpeed's async I/O op, built on first use (minutes) and cached by torch's extension
+    loader in the environment (``make setup`` builds it once; ``make clean`` removes it with the
+    .venv); raises :class:`RuntimeError` saying why when it cannot be built."""
+    global _op_error
+    if _op_error is not None:
+        raise RuntimeError(_op_error)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        builder = AsyncIOBuilder()
+        if not builder.is_compatible(verbose=False):
+            raise RuntimeError("libaio is missing (Debian: apt-get install libaio-dev)")
+        return builder.load(verbose=False)
+    except Exception as exc:  # ImportError, a failed compile, a missing library
+        _op_error = f"DeepSpeed's async I/O op is unavailable: {exc}"
+        raise RuntimeError(_op_error) from exc
+
+
+_said_fallback = False
+
+
+def open_block_io(path: Path, block_size: int, queue_depth: int, threads: int,
+                  prefer: str = "auto") -> BlockIO:
+    """Block I/O on the file ``path``: DeepSpeed's async I/O op, or the O_DIRECT thread pool
+    when the op cannot be built (said once) or ``prefer`` is ``"direct"``."""
+    global _said_fallback
+    if prefer != "direct":
+        try:
+            return AsyncIO(path, block_size, queue_depth, threads)
+        except RuntimeError as exc:
+            if not _said_fallback:
+                print(f"orch: {exc}; NVMe I/O uses an O_DIRECT thread pool instead",
+                      file=sys.stderr, flush=True)
+                _said_fallback = True
+    return DirectIO(path, block_size, threads)
+
+
+__all__ = ["ALIGN", "AsyncIO", "BlockIO", "DirectIO", "aligned", "load_async_io",
+           "open_block_io"]

@@ -1,0 +1,80 @@
+"""Trains the tiny Llama a few steps, plainly or through the offload engine, for the offload
+tests (importable from tests/offload only)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from orch.config import load_config
+from orch.models.llama import Transformer
+from orch.offload.budget import DeviceBudget
+from orch.offload.engine import OffloadEngine, transformer_units
+from orch.offload.nvme import NvmeTier
+from orch.parallel.recompute import apply_recompute
+from orch.runtime.optim import build_optimizer
+
+BUDGET = 7 * 10**6
+STEPS, MICRO = 3, 2
+
+
+def tiny_cfg(*extra: str):
+    return load_config("configs/tiny.yaml", ["train.seq_len=32", "train.steps=3",
+                                             "train.warmup_steps=1", *extra])
+
+
+def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = BUDGET,
+           swap: bool = False, optimizer: str = "adamw", nvme: NvmeTier | None = None,
+           on_nvme: tuple[str, ...] = ()):
+    cfg = tiny_cfg(f"train.recompute={recompute}", f"optimizer.name={optimizer}")
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    apply_recompute(model, recompute)
+    engine = None
+    if offload:
+        engine = OffloadEngine(transformer_units(model), torch.device("cpu"),
+                               DeviceBudget(budget), depth, swap_activations=swap, nvme=nvme,
+                               params_on_nvme="params" in on_nvme,
+                               optimizer_on_nvme="optimizer" in on_nvme)
+    opt = build_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(1)
+    losses, norms, peaks, records = [], [], [], []
+    for _ in range(STEPS):
+        if engine:
+            engine.start_step()
+        total = 0.0
+        for _ in range(MICRO):
+            tokens = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=gen)
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / MICRO
+            loss.backward()
+            if engine:
+                engine.finish_backward()
+            total += loss.item()
+        if engine:
+            engine.finish_step()
+            peaks.append(engine.budget.peak)
+            records.append(engine.step_record())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
+        if engine:
+            engine.step(opt)  # beside the next forward
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    with engine.resident(opt) if engine else contextlib.nullcontext():
+        params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return Run(losses, norms, params, peaks, engine, records, opt)
+
+
+class Run(NamedTuple):
+    losses: list[float]
+    norms: list[float]
+    params: dict[str, torch.Tensor]
+    peaks: list[int]
+    engine: OffloadEngine | None
+    records: list[dict]
+    optimizer: torch.optim.Optimizer
