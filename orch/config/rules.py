@@ -193,6 +193,13 @@ def check_config(cfg: Config) -> list[Problem]:
             "set offload.nvme_path to a directory on an SSD",
         )
     need(
+        off.activations != "auto" or t.recompute == "none",
+        "offload.activations",
+        f"auto with train.recompute={t.recompute}: the automatic policy decides recompute per "
+        "layer itself",
+        "set train.recompute=none, or offload.activations to device or cpu",
+    )
+    need(
         off.prefetch_depth >= 0,
         "offload.prefetch_depth",
         f"must be 0 or more, got {off.prefetch_depth}",

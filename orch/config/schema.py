@@ -187,7 +187,10 @@ class OffloadConfig:
     params: Tier = field(default="device", metadata=_help("device | cpu | nvme"))
     grads: Tier = field(default="device", metadata=_help("device | cpu | nvme"))
     optimizer: Tier = field(default="device", metadata=_help("device | cpu | nvme"))
-    activations: Tier = field(default="device", metadata=_help("device | cpu | nvme"))
+    activations: Tier | Literal["auto"] = field(
+        default="device",
+        metadata=_help("device | cpu | nvme | auto (keep, swap or recompute each layer, measured)"),
+    )
     nvme_path: str = field(default="", metadata=_help("directory for NVMe-tier files"))
     device_budget: Bytes | Literal["auto"] = field(
         default="auto", metadata=_help("device bytes the engine may use; auto = device memory")

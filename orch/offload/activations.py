@@ -15,6 +15,7 @@ numbers equal the run that kept activations on the device.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import torch
@@ -40,6 +41,10 @@ class ActivationSwap:
         self._held: dict[int, int] = {}
         self._active: dict[int, torch.autograd.graph.saved_tensors_hooks] = {}
         self.bytes_out = self.bytes_in = 0
+        self.measured: dict[int, tuple[int, float]] = {}
+        """Per unit, its first forward's bytes sent home and the seconds the copies took (what
+        the automatic policy, :mod:`orch.offload.policy`, decides from)."""
+        self._forward: list[float] = [0, 0.0]
 
     def enter(self, index: int, params: list[torch.Tensor]) -> None:
         """Start sending unit ``index``'s saved tensors home (the unit's forward begins);
@@ -49,6 +54,7 @@ class ActivationSwap:
                                                          self._unpack)
         hooks.__enter__()
         self._active[index] = hooks
+        self._forward = [0, 0.0]
         self._home.setdefault(index, [])
 
     def exit(self, index: int) -> None:
@@ -56,6 +62,7 @@ class ActivationSwap:
         hooks = self._active.pop(index, None)
         if hooks is not None:
             hooks.__exit__(None, None, None)
+            self.measured.setdefault(index, (int(self._forward[0]), self._forward[1]))
         self._slots.clear()
 
     def _pack(self, index: int, keep: set[int], tensor: torch.Tensor) -> Packed:
@@ -64,11 +71,14 @@ class ActivationSwap:
             return tensor
         key = (storage.data_ptr(), tensor._version)
         if key not in self._slots:
+            start = time.perf_counter()
             home = self._home[index]
             copy = torch.empty(storage.nbytes(), dtype=torch.uint8).untyped_storage()
             home.append(copy.copy_(storage))
             self._slots[key] = (storage, len(home) - 1)
             self.bytes_out += storage.nbytes()
+            self._forward[0] += storage.nbytes()
+            self._forward[1] += time.perf_counter() - start
         slot = self._slots[key][1]
         return (index, slot, tensor.dtype, tensor.storage_offset(), tuple(tensor.shape),
                 tensor.stride())

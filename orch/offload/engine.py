@@ -50,6 +50,8 @@ from orch.offload.budget import DeviceBudget
 from orch.offload.cpu_step import UnitUpdates
 from orch.offload.homes import Homes
 from orch.offload.nvme import NvmeTier
+from orch.offload.policy import AutoActivations
+from orch.parallel.recompute import recompute_block
 
 
 @dataclass(eq=False)
@@ -108,13 +110,18 @@ class OffloadEngine:
     ``device`` only around its forward and backward, within ``budget``."""
 
     def __init__(self, units: list[Unit], device: torch.device, budget: DeviceBudget,
-                 prefetch_depth: int, swap_activations: bool = False,
+                 prefetch_depth: int, activations: str = "device",
                  nvme: NvmeTier | None = None, params_on_nvme: bool = False,
                  optimizer_on_nvme: bool = False) -> None:
         self.units, self.device, self.budget = units, device, budget
-        self.swap = ActivationSwap(device, budget) if swap_activations else None
+        self.swap = ActivationSwap(device, budget) if activations in ("cpu", "auto") else None
         """Sends the units' saved activations home during the forward (not the head's, whose
         backward follows at once)."""
+        self.auto = AutoActivations({u.index: u.name for u in units if u.name.startswith(
+            "layers.")}, device) if activations == "auto" else None
+        """``activations: auto``: keep, swap or recompute per block, decided after step 1."""
+        self._kept: dict[int, int] = {}
+        """Bytes of kept activations each unit holds on the device now (accounted)."""
         self.depth = max(1, prefetch_depth)
         self.in_backward = False
         self.bytes_to_device = 0
@@ -193,8 +200,11 @@ class OffloadEngine:
         if self.in_backward:
             return None
         self._prefetch(iter(self.units[unit.index + 1:]))
-        if self.swap is not None and unit.index != len(self.units) - 1:
+        if (self.swap is not None and unit.index != len(self.units) - 1
+                and (self.auto is None or self.auto.swaps(unit.index))):
             self.swap.enter(unit.index, unit.device_copies)
+        if self.auto is not None:
+            self.auto.forward_started(unit.index)
         x = args[0]
         unit.wraps_input = torch.is_grad_enabled() and x.requires_grad
         if unit.wraps_input:  # to learn when the unit's backward is through
@@ -202,10 +212,16 @@ class OffloadEngine:
         return None
 
     def _after_forward(self, unit: Unit, output: torch.Tensor) -> torch.Tensor:
+        if self.auto is not None:
+            self.auto.forward_ended(unit.index)
         if self.swap is not None:
             self.swap.exit(unit.index)
         if self.in_backward:  # recomputed inside backward: the unit's backward comes next
             return output
+        if self.auto is not None and self.auto.keeps(unit.index):
+            assert self.swap is not None
+            kept = self._kept[unit.index] = self.swap.measured[unit.index][0]
+            self.budget.take(kept, f"the kept activations of {unit.name}")
         if unit.index != len(self.units) - 1:
             self.release(unit)
         if not torch.is_grad_enabled() or not output.requires_grad:
@@ -257,6 +273,7 @@ class OffloadEngine:
         self.release(unit)
         if self.swap is not None:
             self.swap.release(unit.index)
+        self.budget.give(self._kept.pop(unit.index, 0))
 
     # --- steps ------------------------------------------------------------------------------
 
@@ -283,6 +300,24 @@ class OffloadEngine:
         those no micro-batch reached), ready for the clip and the CPU optimizer step."""
         for p, home in self._home_grads.items():
             p.grad = None if p in self._fresh else home
+        if self.auto is not None and self.auto.measuring:
+            self._choose_activations()
+
+    def _choose_activations(self) -> None:
+        """After the measuring step: keep, swap or recompute each block from here on (room for
+        kept activations: the budget less the parameter window, a gradient and the largest
+        block's activations coming back), and say what was chosen and why."""
+        assert self.auto is not None and self.swap is not None
+        measured = self.swap.measured
+        window = self.depth * max(u.nbytes for u in self.units) + self._grad_reserve
+        room = self.budget.limit - window - max(measured[i][0] for i in self.auto.blocks)
+        choices = self.auto.decide(measured, max(0, room))
+        for unit in self.units:
+            if self.auto.actions.get(unit.index) == "recompute":
+                recompute_block(unit.modules[0], "full")
+        print(f"orch: activations per block (step 1 measured host copies at "
+              f"{self.auto.bandwidth(measured) / 1e9:.2f} GB/s, room {max(0, room) / 1e6:.1f} "
+              f"MB):\n" + "\n".join(f"  {choice}" for choice in choices), flush=True)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Start ``optimizer``'s step on the CPU gradients (after the clip), unit by unit beside
@@ -315,6 +350,8 @@ class OffloadEngine:
         if (tier := self.homes.tier) is not None:
             record["nvme_read_bytes"] = tier.bytes_read
             record["nvme_written_bytes"] = tier.bytes_written
+        if self.auto is not None and not self.auto.measuring:
+            record["activations"] = {c.name: c.action for c in self.auto.choices}
         if self.swap is not None:
             record["activations_to_home_bytes"] = self.swap.bytes_out
             record["activations_to_device_bytes"] = self.swap.bytes_in
@@ -339,7 +376,7 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
         io = open_block_io(path, off.io_block_size, off.io_queue_depth, off.io_threads)
         tier = NvmeTier(path, io, pinned_bytes)
     return OffloadEngine(units, device, DeviceBudget(budget_bytes), off.prefetch_depth,
-                         off.activations == "cpu", tier, on_nvme["params"], on_nvme["optimizer"])
+                         off.activations, tier, on_nvme["params"], on_nvme["optimizer"])
 
 
 __all__ = ["OffloadEngine", "Unit", "offload_transformer", "transformer_units"]

@@ -47,11 +47,17 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
     """Checkpoint every block of ``model.layers`` in place; ``none`` leaves the model untouched."""
     if mode == "none":
         return
+    for block in model.layers.values():
+        recompute_block(block, mode)
+
+
+def recompute_block(block: nn.Module, mode: str) -> None:
+    """Checkpoint one block in place (``full`` or ``selective``); the offload engine's
+    activation policy picks blocks one by one."""
     context = None
     if mode == "selective":
         context = partial(create_selective_checkpoint_contexts, _policy)
-    for block in model.layers.values():
-        block.forward = partial(recompute_once, block.forward, context)
+    block.forward = partial(recompute_once, block.forward, context)
 
 
 ContextFn = Callable[[], tuple[contextlib.AbstractContextManager[object],

@@ -325,7 +325,7 @@ def estimate_memory(
                 continue
             window += min(size, most)
             window_min += min(size, least)
-            if tier == "cpu":
+            if tier in ("cpu", "auto"):  # auto keeps layers only where the budget has room
                 cpu += size
             else:
                 nvme += size

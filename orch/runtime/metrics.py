@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
@@ -62,13 +63,13 @@ class StepMetrics:
 
 
 def memory_bytes(device: torch.device) -> tuple[int, int]:
-    """(bytes in use, bytes the device has): CUDA's allocator peak, or this process's RSS."""
+    """(peak bytes in use so far, bytes the device has): CUDA's allocator peak, or on the CPU
+    this process's peak resident set (``ru_maxrss``), the figure offload is judged by."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return torch.cuda.max_memory_allocated(device), total
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return pages * os.sysconf("SC_PAGE_SIZE"), total
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, total
 
 
 class MetricsLog:

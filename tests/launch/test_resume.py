@@ -111,6 +111,9 @@ def test_bad_launches_stop_before_any_process(tmp_path):
           "--set", "offload.pinned_budget=1MB"],
          "offload.pinned_budget: 1000000 (1,000,000 bytes) is less than the NVMe tier stages at "
          "once: 5,804,032 bytes"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", *OFFLOAD, "--set",
+          "offload.activations=auto", "--set", "train.recompute=selective"],
+         "offload.activations: auto with train.recompute=selective"),
         (["--nproc-per-node", "2", "configs/tiny-moe.yaml", "--set", "parallel.tp=2",
           "--set", "parallel.sequence_parallel=false"],
          "parallel.sequence_parallel: false with tp=2 and MoE layers"),

@@ -27,7 +27,7 @@ def tiny_cfg(*extra: str):
 
 
 def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = BUDGET,
-           swap: bool = False, optimizer: str = "adamw", nvme: NvmeTier | None = None,
+           activations: str = "device", optimizer: str = "adamw", nvme: NvmeTier | None = None,
            on_nvme: tuple[str, ...] = ()):
     cfg = tiny_cfg(f"train.recompute={recompute}", f"optimizer.name={optimizer}")
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
     engine = None
     if offload:
         engine = OffloadEngine(transformer_units(model), torch.device("cpu"),
-                               DeviceBudget(budget), depth, swap_activations=swap, nvme=nvme,
+                               DeviceBudget(budget), depth, activations=activations, nvme=nvme,
                                params_on_nvme="params" in on_nvme,
                                optimizer_on_nvme="optimizer" in on_nvme)
     opt = build_optimizer(model, cfg)
