@@ -198,10 +198,15 @@ class OffloadConfig:
     pinned_budget: Bytes | Literal["auto"] = field(
         default="auto", metadata=_help("pinned CPU bytes for staging buffers")
     )
+    cpu_adam: Literal["auto", "deepspeed", "torch"] = field(
+        default="auto",
+        metadata=_help("CPU AdamW kernel: deepspeed's CPU Adam, torch's fused; auto = deepspeed's "
+                       "when its op builds"),
+    )
     prefetch_depth: int = field(default=2, metadata=_help("layers fetched ahead of use"))
     io_block_size: Bytes = field(default=1 << 20, metadata=_help("NVMe I/O block size"))
-    io_queue_depth: int = field(default=8, metadata=_help("NVMe I/O queue depth"))
-    io_threads: int = field(default=1, metadata=_help("NVMe I/O threads"))
+    io_queue_depth: int = field(default=32, metadata=_help("NVMe I/O queue depth"))
+    io_threads: int = field(default=2, metadata=_help("NVMe I/O threads"))
 
     @property
     def enabled(self) -> bool:

@@ -29,6 +29,8 @@ from typing import Protocol
 
 import torch
 
+from orch.offload.cpu_adam import use_venv_extension_cache
+
 ALIGN = 4096
 """O_DIRECT's alignment of offsets, sizes and buffer addresses (a page; covers 512-byte
 sectors too)."""
@@ -159,7 +161,7 @@ def load_async_io():
     global _op_error
     if _op_error is not None:
         raise RuntimeError(_op_error)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    use_venv_extension_cache()
     try:
         from deepspeed.ops.op_builder import AsyncIOBuilder
 

@@ -7,29 +7,30 @@ order, in a background thread, while the trainer starts the next step; the engin
 unit's update only when that unit is fetched (``wait``). The update is the trainer's own
 optimizer (torch AdamW, orch's AdamW8bit), stepped on one unit's parameters at a time through a
 shallow copy that shares its ``state``, so checkpoints see one optimizer and the numbers are the
-unsplit step's exactly (foreach updates are per tensor).
+unsplit step's exactly (foreach updates are per tensor). With NVMe homes the thread asks
+:class:`~orch.offload.homes.Homes` to read the next unit's parameters and states while it steps
+one, and the write-back runs behind: a unit counts as updated once its bytes are on disk.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 
 import torch
 from torch import nn
+
+from orch.offload.homes import Homes
 
 
 class UnitUpdates:
     """Runs ``optimizer``'s step for each unit's parameters in order, in a background thread."""
 
-    def __init__(self, units: list[list[nn.Parameter]],
-                 in_memory: Callable[[int, torch.optim.Optimizer],
-                                     AbstractContextManager] | None = None) -> None:
-        self.units = units
-        self.in_memory = in_memory or (lambda index, optimizer: nullcontext())
-        """Brings a unit's parameters and states into memory around its step (NVMe homes)."""
+    def __init__(self, units: list[list[nn.Parameter]], homes: Homes) -> None:
+        self.units, self.homes = units, homes
+        """Brings a unit's parameters and states into memory around its step (NVMe homes): the
+        next unit's are read while one is stepped, and written behind it."""
         self._done = [threading.Event() for _ in units]
         for event in self._done:
             event.set()
@@ -56,18 +57,28 @@ class UnitUpdates:
              steppers: list[torch.optim.Optimizer]) -> None:
         start = time.perf_counter()
         try:
-            for index, (stepper, params, event) in enumerate(
-                    zip(steppers, self.units, self._done, strict=True)):
-                with self.in_memory(index, optimizer):
+            for index, (stepper, params) in enumerate(zip(steppers, self.units, strict=True)):
+                self.homes.prepare(index + 1)
+                with self.homes.in_memory(index, optimizer,
+                                          on_stored=partial(self._stored, index)):
                     stepper.step()
-                for p in params:
-                    p.grad = None
-                event.set()
+                    for p in params:
+                        p.grad = None
         except BaseException as exc:  # re-raised in the trainer's thread by wait()
             self._error = exc
             for event in self._done:
                 event.set()
         self.seconds = time.perf_counter() - start
+
+    def _stored(self, index: int, error: BaseException | None) -> None:
+        """Unit ``index``'s update is on its home tier (or failed with ``error``)."""
+        if error is not None:
+            self._error = error
+        self._done[index].set()
+
+    def done_event(self, index: int) -> threading.Event:
+        """Set once unit ``index`` is updated (for threads that must not read it before)."""
+        return self._done[index]
 
     def wait(self, index: int) -> None:
         """Block until unit ``index`` is updated."""

@@ -140,9 +140,9 @@ class OffloadEngine:
                 p.data = p.data.to("cpu")
                 self._home_grads[p] = torch.zeros_like(p.data)
         self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
-                           optimizer_on_nvme)
+                           optimizer_on_nvme, lambda index: self.updates.done_event(index))
         """Where parameters and optimizer states rest: CPU memory, or the NVMe tier's file."""
-        self.updates = UnitUpdates([unit.params for unit in units], self.homes.in_memory)
+        self.updates = UnitUpdates([unit.params for unit in units], self.homes)
         for unit in units:
             for p in unit.params:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -187,9 +187,13 @@ class OffloadEngine:
         self.budget.give(unit.nbytes)
 
     def _prefetch(self, units: Iterator[Unit]) -> None:
-        """Fetch up to ``prefetch_depth - 1`` further units while the budget allows it."""
-        for _, unit in zip(range(self.depth - 1), units, strict=False):
-            if not unit.fetched and not self.budget.fits(unit.nbytes + self._grad_reserve):
+        """Fetch up to ``prefetch_depth - 1`` further units while the budget allows it, and
+        start reading the next one still at home from NVMe (:meth:`Homes.read_ahead`)."""
+        for count, unit in enumerate(units):
+            if unit.fetched:
+                continue
+            if count >= self.depth - 1 or not self.budget.fits(unit.nbytes + self._grad_reserve):
+                self.homes.read_ahead(unit.index)
                 return
             self.fetch(unit)
 
@@ -293,6 +297,7 @@ class OffloadEngine:
         parameters got no gradient, e.g. experts no token chose, and the embedding)."""
         for unit in self.units:
             self._backward_done(unit)
+        self.homes.drop_reads_ahead()
         self.in_backward = False
 
     def finish_step(self) -> None:

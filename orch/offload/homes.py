@@ -18,7 +18,9 @@ moments, AdamW8bit's quantized moments and their block scales); the step counts 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -31,11 +33,21 @@ class Homes:
     """The rest place of each unit's parameters (``units[i]``) and optimizer states."""
 
     def __init__(self, units: list[list[nn.Parameter]], tier: NvmeTier | None = None,
-                 params_on_nvme: bool = False, optimizer_on_nvme: bool = False) -> None:
+                 params_on_nvme: bool = False, optimizer_on_nvme: bool = False,
+                 updated: Callable[[int], threading.Event] | None = None) -> None:
         if (params_on_nvme or optimizer_on_nvme) and tier is None:
             raise ValueError("an NVMe home needs an NvmeTier")
         self.units, self.tier = units, tier
         self.params_on_nvme, self.optimizer_on_nvme = params_on_nvme, optimizer_on_nvme
+        self._updated = updated
+        """Unit index -> the event its optimizer update sets (a read-ahead waits for it)."""
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="orch-nvme-read")
+        self._ahead: dict[int, Future[list[torch.Tensor]]] = {}
+        """Reads ahead of a fetch (their own thread: each waits for its unit's update)."""
+        self._update_reader = ThreadPoolExecutor(1, thread_name_prefix="orch-nvme-update-read")
+        self._prepared: dict[int, Future] = {}
+        """Reads ahead of an optimizer step (:meth:`prepare`)."""
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="orch-nvme-write")
         if params_on_nvme:
             for index in range(len(units)):
                 self._put_params(index)
@@ -49,54 +61,128 @@ class Homes:
             yield [p.data for p in self.units[index]]
             return
         assert self.tier is not None
+        ahead = self._ahead.pop(index, None)
+        views = ahead.result() if ahead is not None else self.tier.read(("params", index))
         try:
-            yield self.tier.read(("params", index))
+            yield views
         finally:
             self.tier.done(("params", index))
 
-    @contextmanager
-    def in_memory(self, index: int, optimizer: torch.optim.Optimizer | None,
-                  staged: bool = True) -> Iterator[None]:
-        """Unit ``index``'s parameters and ``optimizer``'s states for them in memory, in place,
-        for the block's duration; what the block changed is written back. ``staged=False``
-        reads into pageable memory instead of the pinned staging pool (many units at once)."""
-        if not (self.params_on_nvme or self.optimizer_on_nvme):
-            yield
+    def read_ahead(self, index: int) -> None:
+        """Start reading unit ``index``'s parameters from NVMe in the background, once its
+        update is done, so its fetch finds them in memory (the read overlaps the compute of
+        the units before it)."""
+        if not self.params_on_nvme or index in self._ahead:
             return
+        assert self.tier is not None
+        tier, updated = self.tier, self._updated
+
+        def read() -> list[torch.Tensor]:
+            if updated is not None:
+                updated(index).wait()
+            return tier.read(("params", index))
+
+        self._ahead[index] = self._reader.submit(read)
+
+    def drop_reads_ahead(self) -> None:
+        """Give back what reads ahead brought and nobody fetched (the end of a backward)."""
+        assert self.tier is not None or not self._ahead
+        for index, ahead in list(self._ahead.items()):
+            ahead.result()
+            self.tier.done(("params", index))  # type: ignore[union-attr]
+        self._ahead.clear()
+
+    def prepare(self, index: int) -> None:
+        """Start reading what unit ``index``'s optimizer step needs from NVMe (its parameters
+        and states) in the background, while the unit before it is stepped."""
+        if (self.tier is None or index >= len(self.units) or index in self._prepared
+                or not (self.params_on_nvme or self.optimizer_on_nvme)):
+            return
+        self._prepared[index] = self._update_reader.submit(self._read_for_update, index, True)
+
+    def _read_for_update(self, index: int, staged: bool) -> tuple[list[torch.Tensor] | None,
+                                                                    list[torch.Tensor] | None]:
         tier = self.tier
         assert tier is not None
+        params = tier.read(("params", index), staged) if self.params_on_nvme else None
+        states = (tier.read(("optimizer", index), staged)
+                  if self.optimizer_on_nvme and tier.has(("optimizer", index)) else None)
+        return params, states
+
+    @contextmanager
+    def in_memory(self, index: int, optimizer: torch.optim.Optimizer | None,
+                  staged: bool = True,
+                  on_stored: Callable[[BaseException | None], None] | None = None
+                  ) -> Iterator[None]:
+        """Unit ``index``'s parameters and ``optimizer``'s states for them in memory, in place,
+        for the block's duration; what the block changed is written back. ``staged=False``
+        reads into pageable memory instead of the pinned staging pool (many units at once).
+
+        With ``on_stored`` the write-back runs behind, in a writer thread, and ``on_stored``
+        is called once the bytes are on disk (with the error, if the write failed); the
+        placeholders are in place when the block exits either way."""
+        if not (self.params_on_nvme or self.optimizer_on_nvme):
+            yield
+            if on_stored is not None:
+                on_stored(None)
+            return
+        prepared = self._prepared.pop(index, None)
+        param_views, state_views = (prepared.result() if prepared is not None
+                                    else self._read_for_update(index, staged))
         params = self.units[index]
-        if self.params_on_nvme:
-            for p, view in zip(params, tier.read(("params", index), staged), strict=True):
+        if param_views is not None:
+            for p, view in zip(params, param_views, strict=True):
                 p.data = view
         entries = _state_entries(optimizer, params) if self.optimizer_on_nvme else []
-        if entries and tier.has(("optimizer", index)):
-            views = tier.read(("optimizer", index), staged)
-            for (state, key), view in zip(entries, views, strict=True):
+        if state_views is not None:
+            for (state, key), view in zip(entries, state_views, strict=True):
                 state[key] = view
         try:
             yield
         finally:
+            writes = []
             if self.params_on_nvme:
-                self._put_params(index)
-            if self.optimizer_on_nvme:
-                self._put_states(index, optimizer)
+                writes.append((("params", index), self._take(
+                    [(p, "data") for p in params])))
+            entries = _state_entries(optimizer, params) if self.optimizer_on_nvme else []
+            if entries:
+                writes.append((("optimizer", index), self._take(entries)))
+            if on_stored is None:
+                self._write(writes, None)
+            else:
+                self._writer.submit(self._write, writes, on_stored)
+
+    @staticmethod
+    def _take(slots: list[tuple[object, str]]) -> list[torch.Tensor]:
+        """The tensors in ``slots`` (a parameter's ``data``, a state dict's entry), leaving
+        placeholders there."""
+        tensors = []
+        for owner, key in slots:
+            if isinstance(owner, dict):
+                tensors.append(owner[key])
+                owner[key] = placeholder(owner[key])
+            else:
+                tensors.append(getattr(owner, key))
+                setattr(owner, key, placeholder(tensors[-1]))
+        return tensors
+
+    def _write(self, writes: list[tuple[tuple[str, int], list[torch.Tensor]]],
+               on_stored: Callable[[BaseException | None], None] | None) -> None:
+        assert self.tier is not None
+        error: BaseException | None = None
+        try:
+            for key, tensors in writes:
+                self.tier.write(key, tensors)
+        except BaseException as exc:  # handed to on_stored: the trainer's thread raises it
+            if on_stored is None:
+                raise
+            error = exc
+        if on_stored is not None:
+            on_stored(error)
 
     def _put_params(self, index: int) -> None:
-        assert self.tier is not None
-        params = self.units[index]
-        self.tier.write(("params", index), [p.data for p in params])
-        for p in params:
-            p.data = placeholder(p.data)
-
-    def _put_states(self, index: int, optimizer: torch.optim.Optimizer | None) -> None:
-        assert self.tier is not None
-        entries = _state_entries(optimizer, self.units[index])
-        if not entries:
-            return
-        self.tier.write(("optimizer", index), [state[key] for state, key in entries])
-        for state, key in entries:
-            state[key] = placeholder(state[key])
+        self._write([(("params", index), self._take([(p, "data") for p in self.units[index]]))],
+                    None)
 
     # --- everything -------------------------------------------------------------------------
 
@@ -109,7 +195,11 @@ class Homes:
             yield
 
     def close(self) -> None:
+        self._writer.shutdown()  # the writes behind are done (their units' events are set)
+        self._update_reader.shutdown()
+        self._reader.shutdown()
         if self.tier is not None:
+            self.drop_reads_ahead()
             self.tier.close()
 
 

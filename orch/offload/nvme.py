@@ -129,15 +129,18 @@ class NvmeTier:
 
     def write(self, key: object, tensors: list[torch.Tensor]) -> None:
         """Store ``tensors`` as the group ``key`` (a new region the first time, or when their
-        shapes changed) and give back the group's buffer."""
+        shapes changed) and give back the group's buffer (the staging buffer of its read, if
+        ``tensors`` are that read's views: the steady state, no copy)."""
         region = self._region_for(key, tensors)
         held = self._reading.pop(key, None)
         if held is not None and held[0].numel() == region.nbytes:
             buffer, staged = held
-        else:  # nothing read, or a new layout
+        else:  # nothing read (new tensors: the first spill, fresh optimizer states) or a new
+            # layout: a pageable buffer of its own, so a write never waits for the pool (it is
+            # what gives the pool's buffers back)
             if held is not None and held[1]:
                 self.pool.give(held[0])
-            buffer, staged = self.pool.take(region.nbytes), True
+            buffer, staged = self.io.buffer(region.nbytes, False), False
         for view, tensor in zip(region.views(buffer), tensors, strict=True):
             if view.data_ptr() != tensor.data_ptr():
                 view.copy_(tensor)

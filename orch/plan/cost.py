@@ -62,13 +62,14 @@ BUBBLE_SCALE = {
 BACKWARD_SHARE = 2 / 3
 """Backward's share of a micro-batch's compute (2 of the 6 FLOPs per parameter are forward)."""
 
-CPU_ADAM_PARAMS_PER_S = 1.6e9
+CPU_ADAM_PARAMS_PER_S = 1.9e9
+"""Parameters per second an offloaded optimizer step updates on the host CPU: 100M parameters
+in 53 ms on the 2-core CI machine with DeepSpeed's CPU Adam kernel (``offload.cpu_adam``; torch's
+fused AdamW 74 ms, its foreach AdamW 405 ms: ``benchmarks/offload_io.py``); a server CPU with
+more cores does better, so offloaded plans err on the slow side."""
 NVME_BYTES_PER_S = 3e9
 """Reads or writes of the NVMe tier: one PCIe 4.0 SSD sustains about 3 GB/s for large aligned
 transfers (``benchmarks/offload_io.py`` measures a machine's own)."""
-"""Parameters per second an offloaded optimizer step updates on the host CPU: 100M parameters
-in ~62 ms on the 2-core CI machine, with DeepSpeed's CPU Adam and torch's fused AdamW alike
-(issue 8); a server CPU with more cores does better, so offloaded plans err on the slow side."""
 
 
 def matmul_weights(m: ModelConfig) -> int:

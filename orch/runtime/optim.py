@@ -31,7 +31,8 @@ def lr_at(step: int, train: TrainConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW (torch's) or AdamW8bit (orch's 8-bit moments), decay on matrices only."""
+    """AdamW (torch's; on offloaded runs the CPU kernel ``offload.cpu_adam`` picks) or
+    AdamW8bit (orch's 8-bit moments), decay on matrices only."""
     o = cfg.optimizer
     if o.name not in ("adamw", "adamw8bit"):
         raise OrchError(
@@ -46,6 +47,11 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         from orch.kernels.adamw8bit import AdamW8bit
 
         return AdamW8bit(groups, lr=lr_at(1, cfg.train), betas=(o.beta1, o.beta2), eps=o.eps)
+    if cfg.offload.optimizer != "device":  # the step runs on the CPU: its fastest kernel
+        from orch.offload.cpu_adam import cpu_adamw
+
+        return cpu_adamw(groups, lr_at(1, cfg.train), (o.beta1, o.beta2), o.eps,
+                         cfg.offload.cpu_adam)
     return torch.optim.AdamW(
         groups, lr=lr_at(1, cfg.train), betas=(o.beta1, o.beta2), eps=o.eps, foreach=True
     )

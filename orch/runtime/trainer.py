@@ -166,14 +166,14 @@ class Trainer:
         DTensor ops refuse to mix meshes: norm each mesh's group, reduce it to the full norm
         over that mesh, then combine the per-group norms; clip each group by the total.
         """
-        groups: dict[object, list[torch.Tensor]] = {}
+        groups: dict[object, list[torch.Tensor]] = {}  # parameters by their gradient's mesh
         for p in self.model.parameters():
             if p.grad is not None:
                 key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-                groups.setdefault(key, []).append(p.grad)
+                groups.setdefault(key, []).append(p)
         norms = []
-        for grads in groups.values():
-            norm = torch.nn.utils.get_total_norm(grads)
+        for params in groups.values():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
         if len(norms) == 1:
             total = norms[0]
@@ -183,9 +183,9 @@ class Trainer:
             squared = total.to(self.device) ** 2
             dist.all_reduce(squared, group=self.pipeline.group)
             total = squared.sqrt()
-        if self.cfg.train.grad_clip > 0:
-            for grads in groups.values():
-                torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.train.grad_clip, total)
+        if self.cfg.train.grad_clip > 0:  # takes parameters (and scales their .grad)
+            for params in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.train.grad_clip, total)
         return float(total)
 
     def _log(self, done: _Step, secs: float) -> None:

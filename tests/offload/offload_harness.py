@@ -28,8 +28,9 @@ def tiny_cfg(*extra: str):
 
 def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = BUDGET,
            activations: str = "device", optimizer: str = "adamw", nvme: NvmeTier | None = None,
-           on_nvme: tuple[str, ...] = ()):
-    cfg = tiny_cfg(f"train.recompute={recompute}", f"optimizer.name={optimizer}")
+           on_nvme: tuple[str, ...] = (), cpu_adam: str = ""):
+    cpu = ["offload.optimizer=cpu", f"offload.cpu_adam={cpu_adam}"] if cpu_adam else []
+    cfg = tiny_cfg(f"train.recompute={recompute}", f"optimizer.name={optimizer}", *cpu)
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     apply_recompute(model, recompute)

@@ -192,7 +192,7 @@ def test_small_matmuls_lose_efficiency():
 def test_offload_prices_host_traffic_and_the_cpu_step() -> None:
     """One H100 fine-tuning Llama 3 8B with parameters, gradients and optimizer at home on the
     CPU: 8 micro-batches each move the parameters in twice and the gradients out once over
-    PCIe 5 (50 GB/s), synchronously; the CPU step (8B parameters at 1.6 G/s) hides behind the
+    PCIe 5 (50 GB/s), synchronously; the CPU step (8B parameters at 1.9 G/s) hides behind the
     next forward as far as it goes."""
     cfg = config("llama3-8b", train__global_batch=8, train__micro_batch=1)
     base = estimate(cfg, 1)

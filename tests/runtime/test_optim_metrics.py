@@ -43,3 +43,34 @@ def test_progress_line_has_the_documented_fields():
                        mem_bytes=int(61.2 * 2**30), mem_total_bytes=80 * 2**30).line()
     assert line == ("step 120/1000 | loss 3.412 | 48.2k tok/s | 412 TFLOP/s | MFU 41.7% | "
                     "mem 61.2/80.0 GiB | 0.41 s/step")
+
+
+@pytest.mark.parametrize("clip", [0.5, 0.0])
+def test_the_trainer_clips_the_global_gradient_norm(clip):
+    """The clip scales every gradient by clip / norm (torch's clip_grad_norm_ is the reference)
+    and returns the norm before clipping; 0 turns it off. (It once passed gradients where
+    clip_grads_with_norm_ wants parameters, which clipped nothing: AdamW hid it.)"""
+    import types
+
+    import torch
+
+    from orch.runtime.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = Transformer(CFG.model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    expected = [p.grad.clone() for p in model.parameters()]
+    norm = float(torch.nn.utils.get_total_norm(expected))
+    ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in expected]
+    for r, g in zip(ref, expected, strict=True):
+        r.grad = g.clone()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(ref, clip)
+    cfg = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, grad_clip=clip))
+    trainer = types.SimpleNamespace(model=model, cfg=cfg, pipeline=None)
+    assert Trainer._clip(trainer) == pytest.approx(norm)
+    for p, r in zip(model.parameters(), ref, strict=True):
+        assert torch.equal(p.grad, r.grad)
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert float(total) == pytest.approx(clip if clip else norm, rel=1e-5)
