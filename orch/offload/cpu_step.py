@@ -36,7 +36,7 @@ class UnitUpdates:
             event.set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.seconds = self.waited = 0.0
+        self.seconds = self.waited = self._started = 0.0
         self.last = (0.0, 0.0)
         """The previous finished update's seconds, and the seconds the trainer waited for it."""
 
@@ -49,13 +49,13 @@ class UnitUpdates:
         for event in self._done:
             event.clear()
         self.seconds = self.waited = 0.0
+        self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._run, args=(optimizer, steppers), daemon=True,
                                         name="orch-cpu-optimizer")
         self._thread.start()
 
     def _run(self, optimizer: torch.optim.Optimizer,
              steppers: list[torch.optim.Optimizer]) -> None:
-        start = time.perf_counter()
         try:
             for index, (stepper, params) in enumerate(zip(steppers, self.units, strict=True)):
                 self.homes.prepare(index + 1)
@@ -68,12 +68,14 @@ class UnitUpdates:
             self._error = exc
             for event in self._done:
                 event.set()
-        self.seconds = time.perf_counter() - start
 
     def _stored(self, index: int, error: BaseException | None) -> None:
-        """Unit ``index``'s update is on its home tier (or failed with ``error``)."""
+        """Unit ``index``'s update is on its home tier (or failed with ``error``); the update's
+        seconds run to the last unit's write-back, which may end after the steps do."""
         if error is not None:
             self._error = error
+        if index == len(self.units) - 1:
+            self.seconds = time.perf_counter() - self._started
         self._done[index].set()
 
     def done_event(self, index: int) -> threading.Event:
