@@ -4,10 +4,12 @@ A group (a unit's parameters, a unit's optimizer states) gets a region of the fi
 time it is written: its tensors packed one after another (each at a 64-byte boundary, so views
 of any dtype line up), the region a multiple of the I/O alignment. Reading a group fills a
 staging buffer from its region and hands back views of the buffer shaped like the tensors;
-writing copies tensors into a buffer (unless they already are that buffer's views, as after a
-read) and writes the region. The buffers are the :class:`~orch.offload.blockio.BlockIO`'s own
-(page-locked when DeepSpeed's op is there), come from a pool bounded by ``pinned_budget``, and
-are reused by size: a step touches the same few region sizes over and over.
+writing writes that buffer back when the tensors are its views (the steady state: read,
+stepped in place, written), else copies the tensors into a pageable buffer of its own (the first
+spill, fresh optimizer states), so a write never waits for the pool it gives buffers back to.
+Staging buffers are the :class:`~orch.offload.blockio.BlockIO`'s own (page-locked when
+DeepSpeed's op is there), come from a pool bounded by ``pinned_budget``, and are reused by
+size: a step touches the same few region sizes over and over.
 
 Between uses the owners keep *placeholders*: tensors with the right shape and dtype whose
 storage holds no bytes, so a parameter's ``data`` or an optimizer state entry costs no memory
