@@ -44,8 +44,6 @@ def aligned(nbytes: int) -> int:
 class BlockIO(Protocol):
     """Moves whole aligned buffers between CPU memory and one file."""
 
-    name: str
-
     def buffer(self, nbytes: int, locked: bool = True) -> torch.Tensor:
         """A new uint8 CPU buffer of ``nbytes`` (a multiple of :data:`ALIGN`) this I/O can use;
         ``locked=False`` for large one-off reads (a checkpoint's), which stay pageable."""
@@ -69,8 +67,6 @@ class BlockIO(Protocol):
 
 class AsyncIO:
     """DeepSpeed's async I/O op (see the module docstring)."""
-
-    name = "deepspeed async I/O"
 
     def __init__(self, path: Path, block_size: int, queue_depth: int, threads: int) -> None:
         self.path = str(path)
@@ -112,8 +108,6 @@ class AsyncIO:
 
 class DirectIO:
     """A thread pool of O_DIRECT ``preadv``/``pwritev`` calls (see the module docstring)."""
-
-    name = "O_DIRECT thread pool"
 
     def __init__(self, path: Path, block_size: int, threads: int) -> None:
         self.block = aligned(block_size)

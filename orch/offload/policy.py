@@ -69,8 +69,6 @@ def choose(blocks: list[Measured], room_bytes: int, bandwidth: float) -> list[Ch
     return chosen[::-1]
 
 
-
-
 class AutoActivations:
     """``offload.activations: auto`` in the engine: the first step swaps every block while
     timing its forward (the swap records the bytes and copy seconds); :meth:`decide` then fixes
