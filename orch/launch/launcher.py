@@ -150,10 +150,10 @@ def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Prob
 
 
 OFFLOAD_HOMES_RUN = {"params": ("cpu", "nvme"), "grads": ("cpu",), "optimizer": ("cpu", "nvme"),
-                     "activations": ("device", "cpu", "auto")}
+                     "activations": ("device", "cpu", "nvme", "auto")}
 """The homes the offload runtime (``orch.offload``) runs, per group, once anything is
-offloaded: gradients go home to CPU memory (the clip reads them there) and swapped activations
-to CPU memory; NVMe gradients and activations are planned (the plan models them), not run."""
+offloaded: gradients go home to CPU memory (the clip reads them there); NVMe gradients are
+planned (the plan models them), not run."""
 
 
 def unsupported_features(cfg: Config, world: int) -> list[Problem]:

@@ -11,27 +11,46 @@ release and refilled when the unit is fetched for its backward. :meth:`Activatio
 the unit's tensors back in one go, accounted against the device budget, before the unit's backward;
 :meth:`ActivationSwap.release` drops them once its gradients have left. Copies are exact, so the
 numbers equal the run that kept activations on the device.
+
+With an NVMe tier (``offload.activations: nvme``) a unit's copies go on from the CPU to the
+tier's file once its forward ends (a writer thread; the CPU copies are dropped when written, so
+CPU memory holds a unit or two of activations, not the whole forward's), and come back through
+CPU memory for its backward: :meth:`ActivationSwap.read_ahead` starts the read of the unit
+backward reaches next while the current one computes. Those reads and writes use pageable
+buffers, not the pinned staging pool: the pool is sized for parameters and optimizer states,
+and an activation read holding pool buffers while a parameter fetch waits on the pool could
+deadlock the backward.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import torch
 from torch import nn
 
 from orch.offload.budget import DeviceBudget
+from orch.offload.nvme import NvmeTier
 
 Packed = tuple[int, int, torch.dtype, int, tuple[int, ...], tuple[int, ...]] | torch.Tensor
 """A kept tensor, or (unit, slot, dtype, storage offset, shape, strides) of a swapped one."""
 
 
 class ActivationSwap:
-    """Saved activations of the units it wraps, at home on the CPU between forward and backward."""
+    """Saved activations of the units it wraps, at home on the CPU (or on ``nvme``) between
+    forward and backward."""
 
-    def __init__(self, device: torch.device, budget: DeviceBudget) -> None:
-        self.device, self.budget = device, budget
+    def __init__(self, device: torch.device, budget: DeviceBudget,
+                 nvme: NvmeTier | None = None) -> None:
+        self.device, self.budget, self.nvme = device, budget, nvme
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="orch-activation-io") if nvme else None
+        """Writes to and reads from the NVMe tier, in the order they were asked for."""
+        self._spilled: dict[int, Future[None]] = {}
+        """Units whose copies are (being) written to the tier, by index: the write's future."""
+        self._ahead: dict[int, Future[list[torch.Tensor]]] = {}
+        """Reads from the tier started ahead of a unit's backward."""
         self._home: dict[int, list[torch.UntypedStorage]] = {}
         self._back: dict[int, list[torch.UntypedStorage]] = {}
         self._slots: dict[tuple[int, int], tuple[torch.UntypedStorage, int]] = {}
@@ -63,7 +82,23 @@ class ActivationSwap:
         if hooks is not None:
             hooks.__exit__(None, None, None)
             self.measured.setdefault(index, (int(self._forward[0]), self._forward[1]))
+            if self._io is not None and self._home.get(index):
+                self._spilled[index] = self._io.submit(self._spill, index, self._home[index])
         self._slots.clear()
+
+    def _spill(self, index: int, storages: list[torch.UntypedStorage]) -> None:
+        """Write unit ``index``'s CPU copies to the tier, then drop them (writer thread)."""
+        assert self.nvme is not None
+        self.nvme.write(("activations", index),
+                        [torch.empty(0, dtype=torch.uint8).set_(s) for s in storages])
+        storages.clear()
+
+    def read_ahead(self, index: int) -> None:
+        """Start reading unit ``index``'s activations back from the tier (after its write),
+        so its backward finds them in memory; nothing to do for units kept on the CPU."""
+        if index in self._spilled and index not in self._ahead:
+            assert self._io is not None and self.nvme is not None
+            self._ahead[index] = self._io.submit(self.nvme.read, ("activations", index), False)
 
     def _pack(self, index: int, keep: set[int], tensor: torch.Tensor) -> Packed:
         storage = tensor.untyped_storage()
@@ -95,12 +130,17 @@ class ActivationSwap:
         """Bring unit ``index``'s saved tensors back to the device (accounted), all at once."""
         if index in self._back or index not in self._home:
             return
-        home = self._home[index]
-        nbytes = sum(storage.nbytes() for storage in home)
+        if index in self._spilled:
+            self.read_ahead(index)
+            home = self._ahead.pop(index).result()
+        else:
+            home = [torch.empty(0, dtype=torch.uint8).set_(s) for s in self._home[index]]
+        nbytes = sum(t.numel() for t in home)
         self.budget.take(nbytes, f"the saved activations of unit {index}")
-        self._back[index] = [
-            torch.empty(s.nbytes(), dtype=torch.uint8, device=self.device).untyped_storage()
-            .copy_(s) for s in home]
+        self._back[index] = [torch.empty_like(t, device=self.device).copy_(t).untyped_storage()
+                             for t in home]
+        if self._spilled.pop(index, None) is not None:
+            self.nvme.done(("activations", index))  # type: ignore[union-attr]
         self._held[index] = nbytes
         self.bytes_in += nbytes
 
@@ -109,6 +149,17 @@ class ActivationSwap:
         self._home.pop(index, None)
         if self._back.pop(index, None) is not None:
             self.budget.give(self._held.pop(index))
+        spilled, ahead = self._spilled.pop(index, None), self._ahead.pop(index, None)
+        if spilled is not None:  # written, never fetched (the backward did not reach the unit)
+            spilled.result()
+            if ahead is not None:
+                ahead.result()
+                self.nvme.done(("activations", index))  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """Finish the tier's reads and writes (before the tier's file goes)."""
+        if self._io is not None:
+            self._io.shutdown()
 
 
 __all__ = ["ActivationSwap"]

@@ -114,9 +114,10 @@ class OffloadEngine:
                  nvme: NvmeTier | None = None, params_on_nvme: bool = False,
                  optimizer_on_nvme: bool = False) -> None:
         self.units, self.device, self.budget = units, device, budget
-        self.swap = ActivationSwap(device, budget) if activations in ("cpu", "auto") else None
+        self.swap = (ActivationSwap(device, budget, nvme if activations == "nvme" else None)
+                     if activations in ("cpu", "nvme", "auto") else None)
         """Sends the units' saved activations home during the forward (not the head's, whose
-        backward follows at once)."""
+        backward follows at once): to CPU memory, or on to the NVMe tier."""
         self.auto = AutoActivations({u.index: u.name for u in units if u.name.startswith(
             "layers.")}, device) if activations == "auto" else None
         """``activations: auto``: keep, swap or recompute per block, decided after step 1."""
@@ -238,6 +239,7 @@ class OffloadEngine:
         self.fetch(unit)
         if self.swap is not None:
             self.swap.fetch(unit.index)
+            self.swap.read_ahead(unit.index - 1)
         unit.grads_left = len(unit.params)
         unit.input_grad_due = unit.wraps_input  # not the embedding's: its input is token ids
         self._prefetch(reversed(self.units[:unit.index]))
@@ -342,6 +344,8 @@ class OffloadEngine:
     def close(self) -> None:
         """Finish the last update and delete the NVMe tier's scratch file."""
         self.wait_updates()
+        if self.swap is not None:
+            self.swap.close()
         self.homes.close()
 
     def step_record(self) -> dict[str, float]:
@@ -365,9 +369,9 @@ class OffloadEngine:
 
 def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: int,
                         pinned_bytes: int, off: OffloadConfig, rank: int = 0) -> OffloadEngine:
-    """Offload orch's Transformer to the homes ``off`` names: parameters and optimizer states
-    in CPU memory or in a file under ``off.nvme_path``, gradients in CPU memory, saved
-    activations on the device or the CPU; buffers (RoPE tables) on ``device``; at most
+    """Offload orch's Transformer to the homes ``off`` names: parameters, optimizer states and
+    saved activations in CPU memory or in a file under ``off.nvme_path`` (activations may also
+    stay on the device), gradients in CPU memory; buffers (RoPE tables) on ``device``; at most
     ``budget_bytes`` of what the engine places on ``device`` at once, staging NVMe transfers
     through at most ``pinned_bytes`` of CPU buffers."""
     for module in model.modules():
@@ -376,7 +380,7 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
     units = transformer_units(model)
     on_nvme = {"params": off.params == "nvme", "optimizer": off.optimizer == "nvme"}
     tier = None
-    if any(on_nvme.values()):
+    if any(on_nvme.values()) or off.activations == "nvme":
         path = Path(off.nvme_path) / f"orch-rank{rank}-{os.getpid()}.swap"
         io = open_block_io(path, off.io_block_size, off.io_queue_depth, off.io_threads)
         tier = NvmeTier(path, io, pinned_bytes)

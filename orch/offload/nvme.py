@@ -131,7 +131,7 @@ class NvmeTier:
 
     def write(self, key: object, tensors: list[torch.Tensor]) -> None:
         """Store ``tensors`` as the group ``key`` (a new region the first time, or when their
-        shapes changed) and give back the group's buffer (the staging buffer of its read, if
+        shapes changed and no longer fit the old one) and give back the group's buffer (the staging buffer of its read, if
         ``tensors`` are that read's views: the steady state, no copy)."""
         region = self._region_for(key, tensors)
         held = self._reading.pop(key, None)
@@ -154,12 +154,17 @@ class NvmeTier:
     def _region_for(self, key: object, tensors: list[torch.Tensor]) -> _Region:
         layout = _Region.describe(tensors)
         region = self._regions.get(key)
-        if region is None or region.layout != layout:
-            end = layout[-1][0] + tensors[-1].numel() * tensors[-1].element_size() if layout else 0
+        if region is not None and region.layout == layout:
+            return region
+        end = layout[-1][0] + tensors[-1].numel() * tensors[-1].element_size() if layout else 0
+        nbytes = aligned(max(end, 1))
+        if region is not None and nbytes <= region.nbytes:  # a new layout that fits: same place
+            region = _Region(region.offset, nbytes, layout)
+        else:
             with self._lock:
-                region = _Region(self._end, aligned(max(end, 1)), layout)
-                self._end += region.nbytes
-                self._regions[key] = region
+                region = _Region(self._end, nbytes, layout)
+                self._end += nbytes
+        self._regions[key] = region
         return region
 
     @property
