@@ -58,6 +58,7 @@ bench: $(STAMP) $(AIO_STAMP)  # the CPU benchmarks (about 40 minutes on 2 cores)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/parallel_cpu.py
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/hetero_nic.py
 	$(PY) benchmarks/offload_io.py
 	$(PY) benchmarks/offload_cpu.py
 

@@ -158,6 +158,57 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cluster_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cluster",
+        help="write cluster descriptions from what the machines report",
+        description="Cluster descriptions (the files a config's cluster: names) from the "
+        "machines themselves; one action per job.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _add_cluster_detect_parser(actions)
+
+
+def _add_cluster_detect_parser(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "detect",
+        help="this node's entry: its NICs (sysfs) and GPUs (NVML)",
+        description="Detect this node's NICs from sysfs and its GPUs through NVML and print its "
+        "entry of a cluster description, with notes on what was left out as comments; or write "
+        "it to a cluster file that is checked to load.",
+    )
+    p.add_argument("--name", help="node name (default: the host name)")
+    p.add_argument("--out", metavar="FILE",
+                   help="write a cluster description file (named after FILE) with this node")
+    p.add_argument("--append", action="store_true",
+                   help="with --out: add this node to FILE (created if missing), replacing the "
+                   "entry of the same name; FILE is rewritten without its comments")
+    p.set_defaults(func=cmd_cluster_detect)
+
+
+def cmd_cluster_detect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orch.cluster.detect import detect_node
+    from orch.cluster.write import render_cluster, write_node
+    from orch.errors import ProblemsError
+
+    if args.append and not args.out:
+        raise ProblemsError([Problem("--append", "adds to the file given by --out",
+                                     "add --out FILE")], title="invalid arguments")
+    node = detect_node(args.name)
+    if not args.out:
+        print(render_cluster({"nodes": [node.entry]}, node), end="")
+        return 0
+    cluster = write_node(Path(args.out), node, args.append)
+    nodes = f"{len(cluster.nodes)} node" + ("" if len(cluster.nodes) == 1 else "s")
+    print(f"wrote node {node.entry['name']} to {args.out}: cluster {cluster.name}, {nodes}, "
+          f"{cluster.world_size} devices")
+    for note in node.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def _add_launch_parser(sub: argparse._SubParsersAction) -> None:
     # Listed for `orch --help` only: `orch launch` is parsed by torchrun's own parser (main()).
     sub.add_parser("launch", add_help=False, help="start training: torchrun options, CONFIG, "
@@ -174,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_parser(sub)
     _add_plan_parser(sub)
     _add_schedule_parser(sub)
+    _add_cluster_parser(sub)
     return parser
 
 

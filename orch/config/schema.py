@@ -178,6 +178,11 @@ class ParallelConfig:
     allow_cross_node_tp: bool = field(
         default=False, metadata=_help("let tensor-parallel groups span nodes (slow; forced)")
     )
+    node_order: Literal["auto", "listed"] = field(
+        default="auto", metadata=_help("with a cluster description: auto orders the nodes by "
+                                       "their fastest network (NIC-aware), listed keeps the "
+                                       "description's order")
+    )
 
 
 @dataclass

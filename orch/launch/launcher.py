@@ -18,7 +18,9 @@ from pathlib import Path
 
 from orch.config import Config, load_config
 from orch.errors import OrchError, PlanError, Problem
+from orch.launch.nodes import check_node, node_settings, this_node
 from orch.plan import Plan, build_plan
+from orch.plan.cluster import ClusterSpec, NodeSpec, load_cluster
 
 WORKER_MODULE = "orch.runtime.worker"
 
@@ -36,6 +38,9 @@ def worker_parser() -> argparse.ArgumentParser:
                         metavar="KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--resume", default=None, metavar="auto|none|PATH",
                         help="checkpoint to resume from (default: checkpoint.resume, 'auto')")
+    parser.add_argument("--node-name", default=None, metavar="NAME",
+                        help="this machine's node in the config's cluster description "
+                        "(default: $ORCH_NODE, or the host name)")
     return parser
 
 
@@ -53,12 +58,14 @@ def launch_parser() -> argparse.ArgumentParser:
         if action.dest == "training_script":
             action.metavar, action.help = "CONFIG", "run config YAML"
         elif action.dest == "training_script_args":
-            action.metavar = "--set KEY=VALUE | --resume auto|none|PATH"
-            action.help = "config overrides (repeatable) and the checkpoint to resume from"
+            action.metavar = "--set KEY=VALUE | --resume auto|none|PATH | --node-name NAME"
+            action.help = ("config overrides (repeatable), the checkpoint to resume from, and "
+                           "this machine's node in the cluster description")
         elif action.dest == "nproc_per_node":
             action.default = os.environ.get("PET_NPROC_PER_NODE")
-            action.help = "processes per node (default: what the plan needs on one node, or "
-            action.help += "the visible GPUs; 1 on CPU when the degrees leave it open)"
+            action.help = "processes per node (default: this node's devices in the cluster "
+            action.help += "description, what the plan needs on one node, or the visible GPUs; "
+            action.help += "1 on CPU when the degrees leave it open)"
     return parser
 
 
@@ -109,11 +116,17 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     cfg = load_config(args.training_script, extra.overrides)
     problems: list[Problem] = []
     _, max_nodes = parse_min_max_nnodes(args.nnodes)
-    nproc = _nproc_per_node(args.nproc_per_node, cfg, max_nodes, problems)
-    world = max_nodes * nproc
+    cluster, node = _cluster_node(cfg, extra.node_name, problems)
+    if node is not None and args.nproc_per_node is None:
+        nproc = node.devices
+    else:
+        nproc = _nproc_per_node(args.nproc_per_node, cfg, max_nodes, problems)
+    world = cluster.world_size if cluster is not None else max_nodes * nproc
+    if cluster is not None:
+        check_node(cluster, node, max_nodes, nproc, problems)
     plan = None
     try:
-        plan = build_plan(cfg, world, nproc, device_name())
+        plan = launch_plan(cfg, world, nproc)
     except PlanError as exc:
         problems += [_explain_world(p, world, max_nodes, nproc) for p in exc.problems]
     problems += unsupported_features(cfg, world)
@@ -130,6 +143,10 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     if problems:
         raise PlanError(problems, title="cannot launch")
     assert plan is not None
+    if cluster is not None and node is not None:
+        settings = node_settings(cluster, plan, node, backend())
+        os.environ.update(settings.env)  # the workers inherit it through torchrun
+        print(settings.describe(), flush=True)
     args.nproc_per_node = str(nproc)
     # torchrun would set 1 and warn; share this node's cores between its workers instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -139,6 +156,38 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     args.training_script_args = [str(args.training_script), *sets, *resume]
     args.training_script = WORKER_MODULE
     return args, cfg, plan
+
+
+def launch_plan(cfg: Config, world: int, nproc: int) -> Plan:
+    """The plan the launcher validates and every worker rebuilds: for ``world`` processes,
+    ``nproc`` a node, or with a cluster description for its nodes (which fix both)."""
+    if cfg.cluster:
+        return build_plan(cfg, None, None, device_name())
+    return build_plan(cfg, world, nproc, device_name())
+
+
+def backend() -> str:
+    """The process-group backend the workers use."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _cluster_node(cfg: Config, given: str | None, problems: list[Problem]
+                  ) -> tuple[ClusterSpec | None, NodeSpec | None]:
+    """The config's cluster description and this machine's node in it (``None`` for each
+    without one; a description that does not load is the plan's problem to report)."""
+    if not cfg.cluster:
+        if given:
+            problems.append(Problem("--node-name", f"{given!r} given, but the config names no "
+                                    "cluster description", "set cluster: in the config, or "
+                                    "leave --node out"))
+        return None, None
+    try:
+        cluster = load_cluster(cfg.cluster)
+    except OrchError:
+        return None, None
+    return cluster, this_node(cluster, given, problems)
 
 
 def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Problem:
@@ -274,4 +323,5 @@ def summary(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["launch", "launch_parser", "prepare", "unsupported_features", "worker_parser"]
+__all__ = ["backend", "launch", "launch_parser", "launch_plan", "prepare", "unsupported_features",
+           "worker_parser"]

@@ -131,8 +131,9 @@ class NvmeTier:
 
     def write(self, key: object, tensors: list[torch.Tensor]) -> None:
         """Store ``tensors`` as the group ``key`` (a new region the first time, or when their
-        shapes changed and no longer fit the old one) and give back the group's buffer (the staging buffer of its read, if
-        ``tensors`` are that read's views: the steady state, no copy)."""
+        shapes changed and no longer fit the old one) and give back the group's buffer (the
+        staging buffer of its read, if ``tensors`` are that read's views: the steady state, no
+        copy)."""
         region = self._region_for(key, tensors)
         held = self._reading.pop(key, None)
         if held is not None and held[0].numel() == region.nbytes:

@@ -11,7 +11,8 @@ A cluster is written by hand (or detected later) as YAML::
 
 ``count: N`` expands one entry into N nodes, ``{i}`` in the name becoming 0..N-1. A node may
 name its own ``device`` and ``device_overrides``; top-level overrides belong to the top-level
-device. Global ranks fill nodes in the order they are listed, ``devices`` ranks per node.
+device. Global ranks fill nodes in the order they are listed, ``devices`` ranks per node. A node
+may list its ``gpus`` as ``orch cluster detect`` found them, one per device.
 
 The format is declared as dataclasses and read by the config schema engine (``coerce.build``),
 which reports every mistake with its dotted path, ``nodes[2].nics[0].type``; only the rules
@@ -69,10 +70,19 @@ class ClusterError(ProblemsError):
 @dataclass(frozen=True)
 class NicSpec:
     name: Name
+    """The device: an HCA for ib and roce (``mlx5_0``, what NCCL_IB_HCA lists), the network
+    interface for ethernet (``eth0``)."""
     type: NicType
     bandwidth_gbps: Positive
     network: Name = ""
     """Fabric this NIC is attached to; NICs on the same network reach each other."""
+    interface: str = ""
+    """The network interface that carries socket traffic over this NIC (IPoIB ``ib0``, a RoCE
+    port's netdev, ``eth0``): what gloo and NCCL's socket transport bind to. Empty: ``name``."""
+
+    @property
+    def netdev(self) -> str:
+        return self.interface or self.name
 
     @property
     def bandwidth(self) -> float:
@@ -81,11 +91,26 @@ class NicSpec:
 
 
 @dataclass(frozen=True)
+class GpuSpec:
+    """One GPU as NVML reported it, so a node's entry records which boards it was written for."""
+
+    index: int
+    """NVML's index (PCI bus order)."""
+    name: str
+    uuid: str
+    memory_bytes: int = 0
+    """0: unknown."""
+    nvlink_peers: tuple[int, ...] = ()
+    """Indices of the GPUs this one reaches over NVLink (directly or through NVSwitch)."""
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     name: str
     devices: int
     device: DeviceSpec
     nics: tuple[NicSpec, ...] = ()
+    gpus: tuple[GpuSpec, ...] = ()
 
     @property
     def nic_bandwidth_per_device(self) -> float:
@@ -140,6 +165,7 @@ class _NodeEntry:
     device: DeviceName | None = None
     device_overrides: Overrides = field(default_factory=Overrides)
     nics: tuple[NicSpec, ...] = ()
+    gpus: tuple[GpuSpec, ...] = ()
 
 
 @dataclass(kw_only=True)
@@ -174,6 +200,9 @@ def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple
         if device is None:
             report(f"{path}.device", "no device type for this node",
                    "set 'device:' at the top of the file or on this node")
+        if entry.gpus and len(entry.gpus) != entry.devices:
+            report(f"{path}.gpus", f"{len(entry.gpus)} listed, but devices: {entry.devices}",
+                   "list one GPU per device, or correct 'devices:'")
         if count is not None and "{i}" not in name:
             report(f"{path}.name", f"{name!r} has no '{{i}}', so count: {count} would repeat it",
                    f"write name: \"{name}{{i}}\" to get {name}0..{name}{count - 1}")
@@ -184,7 +213,8 @@ def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple
                        "give every node a distinct name")
             seen.add(node_name)
             if device is not None:
-                nodes.append(NodeSpec(node_name, entry.devices, device, entry.nics))
+                nodes.append(NodeSpec(node_name, entry.devices, device, entry.nics,
+                                      entry.gpus))
     return tuple(nodes)
 
 
@@ -214,5 +244,5 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     return cluster_from_dict(data, str(path), locs)
 
 
-__all__ = ["ClusterError", "ClusterSpec", "NIC_TYPES", "NicSpec", "NodeSpec",
+__all__ = ["ClusterError", "ClusterSpec", "GpuSpec", "NIC_TYPES", "NicSpec", "NodeSpec",
            "cluster_from_dict", "load_cluster"]

@@ -8,7 +8,7 @@ a time, so ``orch plan`` can report them with the config's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import gcd
 
 from orch.config.schema import Config
@@ -17,6 +17,7 @@ from orch.plan.cluster import ClusterSpec, load_cluster
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec, get_device
 from orch.plan.layout import first_groups, plan_groups
+from orch.plan.placement import NodePlace, candidate_orders, placement_of
 from orch.plan.topology import Link, Topology
 
 DEFAULT_DEVICE = "h100-sxm-80gb"
@@ -31,6 +32,10 @@ class Machine:
     device: DeviceSpec
     topology: Topology
     cluster: ClusterSpec | None = None
+    order: tuple[int, ...] = ()
+    """The cluster's nodes in rank order (indices into ``cluster.nodes``; empty: as listed)."""
+    only_listed: bool = False
+    """``parallel.node_order: listed``: no other order is tried (a NIC-oblivious plan)."""
 
     def links(self, deg: Degrees) -> dict[str, Link]:
         """The link of every group dimension of ``deg``: on alike nodes one group per dimension
@@ -38,6 +43,20 @@ class Machine:
         if self.topology.homogeneous:
             return self.topology.links(first_groups(deg))
         return self.topology.worst_links(plan_groups(deg))
+
+    def placements(self) -> list[Machine]:
+        """This machine under each node order worth pricing (``orch.plan.placement``); a
+        machine without a cluster description has one."""
+        if self.cluster is None or self.only_listed:
+            return [self]
+        return [replace(self, order=order, topology=Topology.from_cluster(self.cluster, order))
+                for order in candidate_orders(self.cluster)]
+
+    def places(self) -> tuple[NodePlace, ...]:
+        """The nodes in rank order, with their fastest NIC type."""
+        if self.cluster is None:
+            return ()
+        return placement_of(self.cluster, self.order)
 
     @property
     def nodes(self) -> int:
@@ -88,7 +107,9 @@ def resolve_machine(
         node_gcd = 0
         for node in cluster.nodes:
             node_gcd = gcd(node_gcd, node.devices)
-        return Machine(cluster.world_size, node_gcd, spec or topology.device, topology, cluster)
+        listed = cfg.parallel.node_order == "listed"
+        return Machine(cluster.world_size, node_gcd, spec or topology.device, topology, cluster,
+                       only_listed=listed)
 
     assert spec is not None
     if world_size is None:

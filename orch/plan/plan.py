@@ -19,6 +19,7 @@ from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
 from orch.plan.machine import Machine, resolve_machine
 from orch.plan.memory import MemoryEstimate, estimate_memory
+from orch.plan.placement import NodePlace, mixing, nic_notes, unreachable
 from orch.plan.rules import check_degrees
 from orch.plan.topology import Link
 
@@ -57,6 +58,11 @@ class Plan:
     """Pinned CPU bytes the NVMe tier may stage through (:func:`pinned_budget`)."""
     step: StepTime
     links: dict[str, Link]
+    placement: tuple[NodePlace, ...] = ()
+    """With a cluster description: its nodes in rank order (``orch.plan.placement``)."""
+    notes: tuple[str, ...] = ()
+    """What the plan could not keep and what it costs (a data-parallel group spanning NIC
+    types), said by ``orch plan`` and at launch."""
 
     @property
     def fits(self) -> bool:
@@ -93,10 +99,20 @@ class Plan:
             "mfu": self.step.mfu,
             "step": self.step.as_dict(),
             "links": {dim: dataclasses.asdict(link) for dim, link in self.links.items()},
+            "notes": list(self.notes),
         }
+        if self.placement:
+            out["nodes_in_rank_order"] = [dataclasses.asdict(place) for place in self.placement]
         if with_groups:
             out["groups"] = self.groups()
+            if self.placement:
+                out["ranks"] = self.ranks()
         return out
+
+    def ranks(self) -> list[dict[str, Any]]:
+        """Per rank, the node it runs on and that node's fastest NIC type."""
+        return [{"rank": place.first_rank + local, "node": place.name, "nic": place.nic}
+                for place in self.placement for local in range(place.ranks)]
 
     def rank_coordinates(self) -> list[dict[str, int]]:
         return rank_coordinates(self.degrees)
@@ -211,7 +227,48 @@ def evaluate(
         pinned_budget_bytes=pinned_budget(cfg, memory),
         step=step,
         links=links,
+        placement=machine.places(),
     )
+
+
+def place(cfg: Config, deg: Degrees, machine: Machine, problems: list[Problem]) -> Plan | None:
+    """The plan of ``deg`` under the fastest node order of ``machine`` (one order without a
+    cluster description), with notes on what it could not keep; a problem when no order lets
+    every group reach its members."""
+    plans, stranded = [], set()
+    for placed in machine.placements():
+        links = placed.links(deg)
+        if cut := unreachable(deg, links):
+            stranded.update(cut)
+            continue
+        plans.append((evaluate(cfg, deg, placed, links), placed))
+    if not plans:
+        problems.append(Problem(
+            "cluster", f"the {', '.join(sorted(stranded))} groups of {deg.short()} span nodes "
+            "that share no network, under every node order tried",
+            "attach the nodes to a common network in the cluster description (a NIC's "
+            "'network'), or choose degrees whose groups stay on connected nodes"))
+        return None
+    plan, placed = min(plans, key=lambda pair: placement_key(*pair))
+    return with_notes(plan, placed)
+
+
+def placement_key(plan: Plan, machine: Machine) -> tuple[float, int]:
+    """Fastest first; on a tie, the order with fewer heavy groups spanning NIC types (then
+    the listed order: ``min`` keeps the first)."""
+    if not plan.placement:
+        return plan.step.total_s, 0
+    return plan.step.total_s, mixing(plan.degrees, machine.topology, plan.placement,
+                                     plan.step.comm_s)
+
+
+def with_notes(plan: Plan, machine: Machine) -> Plan:
+    """``plan`` (placed on ``machine``) with notes on the NIC rules it had to relax."""
+    if not plan.placement:
+        return plan
+    return dataclasses.replace(plan, notes=nic_notes(plan.degrees, machine.topology,
+                                                     plan.placement, plan.step.comm_s,
+                                                     plan.links))
 
 
 def build_plan(
@@ -229,7 +286,9 @@ def build_plan(
     if problems:
         raise PlanError(problems)
     assert machine is not None and deg is not None
-    plan = evaluate(cfg, deg, machine)
+    plan = place(cfg, deg, machine, problems)
+    if plan is None:
+        raise PlanError(problems)
     need, staging = plan.memory.window_min, plan.memory.staging_min
     if cfg.offload.enabled and plan.offload_budget_bytes < need:
         problems.append(Problem(

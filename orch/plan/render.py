@@ -49,12 +49,16 @@ def render_plan(plan: Plan) -> str:
             "links",
             ", ".join(
                 f"{dim} {link.kind} {link.bandwidth / 1e9:.0f} GB/s"
+                + (f" {link.nic}" if link.nic else "")
                 for dim, link in plan.links.items()
                 if dim in _link_dims(d) and link.kind != "none"
             )
             or "none (single device)",
         ),
     ]
+    if plan.placement:
+        rows.append(("nodes", _placement(plan)))
+    rows += [("note", note) for note in plan.notes]
     lines += [f"  {name:<9}{value}" for name, value in rows]
     mem = plan.memory
     verdict = "fits" if plan.fits else "DOES NOT FIT"
@@ -103,6 +107,22 @@ def _pipeline(plan: Plan) -> str:
     return f"{plan.schedule}, {layers} layers per stage, {d.virtual_stages} stages per rank"
 
 
+def _placement(plan: Plan) -> str:
+    """Runs of nodes of one NIC type in rank order: ``ranks 0-15 ib-a0 ib-a1 (ib); ...``."""
+    runs: list[list] = []
+    for place in plan.placement:
+        if runs and runs[-1][0] == place.nic:
+            runs[-1][1].append(place)
+        else:
+            runs.append([place.nic, [place]])
+    parts = []
+    for nic, places in runs:
+        last = places[-1].first_rank + places[-1].ranks - 1
+        parts.append(f"ranks {places[0].first_rank}-{last} {' '.join(p.name for p in places)}"
+                     f" ({nic or 'no NIC listed'})")
+    return "; ".join(parts)
+
+
 def render_rank_grid(plan: Plan, max_nodes: int = 2, max_ranks: int = 16) -> str:
     """Each shown rank's coordinate in every dimension larger than 1, one table per node."""
     d = plan.degrees
@@ -114,13 +134,16 @@ def render_rank_grid(plan: Plan, max_nodes: int = 2, max_ranks: int = 16) -> str
         return "  rank grid   one rank holds everything"
     per_node = plan.gpus_per_node
     coords = plan.rank_coordinates()
+    nodes = ([(place.name, place.first_rank, place.ranks) for place in plan.placement]
+             or [(f"node {n}", n * per_node, min(per_node, plan.world_size - n * per_node))
+                 for n in range(plan.nodes)])
     lines = ["  rank grid   coordinates of each rank"]
-    for node in range(min(plan.nodes, max_nodes)):
-        ranks = list(range(node * per_node, min((node + 1) * per_node, plan.world_size)))
+    for name, first, count in nodes[:max_nodes]:
+        ranks = list(range(first, first + count))
         hidden = len(ranks) - max_ranks
         ranks = ranks[:max_ranks]
         width = len(str(ranks[-1])) + 1
-        lines.append(f"    node {node}")
+        lines.append(f"    {name}")
         lines.append(
             "      rank "
             + "".join(f"{r:>{width}}" for r in ranks)

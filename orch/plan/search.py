@@ -19,8 +19,10 @@ from orch.config.schema import Config
 from orch.plan.degrees import Degrees
 from orch.plan.machine import Machine
 from orch.plan.memory import MemoryEstimate, estimate_memory
-from orch.plan.plan import Plan, evaluate, memory_limit
+from orch.plan.placement import unreachable
+from orch.plan.plan import Plan, evaluate, memory_limit, placement_key, with_notes
 from orch.plan.rules import check_degrees
+from orch.plan.topology import Link
 
 MICRO_BATCHES = (1, 2, 4, 8)
 RECOMPUTE = ("none", "selective", "full")
@@ -111,7 +113,7 @@ def _expert_layouts(cfg: Config, stage_ranks: int, tp: int) -> list[tuple[int, i
 def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
     result = SearchResult(best=[])
     limit = memory_limit(cfg, machine)
-    best_per_degrees: list[Plan] = []
+    best_per_degrees: list[tuple[Plan, Machine]] = []
     for deg in candidate_degrees(cfg, machine):
         settings = [
             c
@@ -129,8 +131,8 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
             result.over_memory += count
             result.over_memory_causes[_dominant_group(leanest)] += count
             continue
-        links = None
-        best: Plan | None = None
+        placed: list[tuple[Machine, dict[str, Link]]] | None = None
+        best: tuple[Plan, Machine] | None = None
         for batch_cfg in settings:
             # Recompute levels go from none to full: each needs less memory and more time, so
             # the first that fits is the only one worth pricing; the rest fit and are slower.
@@ -144,16 +146,19 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                     continue
                 result.evaluated += len(RECOMPUTE) - index - 1
                 result.fit += len(RECOMPUTE) - index
-                if links is None:
-                    links = machine.links(deg)
-                plan = evaluate(trial, deg, machine, links, memory)
-                if best is None or _rank_key(plan) < _rank_key(best):
-                    best = plan
+                if placed is None:  # each node order whose groups all reach their members
+                    placed = [(m, links) for m in machine.placements()
+                              if not unreachable(deg, links := m.links(deg))]
+                plan, variant = min(((evaluate(trial, deg, m, links, memory), m)
+                                     for m, links in placed),
+                                    key=lambda pair: placement_key(*pair))
+                if best is None or _rank_key(plan) < _rank_key(best[0]):
+                    best = plan, variant
                 break
         if best is not None:
             best_per_degrees.append(best)
-    best_per_degrees.sort(key=_rank_key)
-    result.best = best_per_degrees[:top]
+    best_per_degrees.sort(key=lambda pair: _rank_key(pair[0]))
+    result.best = [with_notes(plan, variant) for plan, variant in best_per_degrees[:top]]
     return result
 
 

@@ -1,8 +1,11 @@
 """Which link each parallel group communicates over, and how fast it is.
 
 A collective is as fast as the slowest device pair it involves: a group inside one node uses that
-node's device interconnect (NVLink, PCIe); a group spanning nodes is limited by the smallest
-per-device NIC share among the nodes it touches. The search asks this for every candidate plan at
+node's device interconnect (NVLink, PCIe); a group spanning nodes runs over a network every node
+it touches is attached to (a cluster description's ``network`` of each NIC; NICs that name none
+share one default network), the fastest such, limited by the smallest per-device share of that
+network's NICs among those nodes. A group whose nodes share no network cannot communicate: its
+link is ``unreachable`` and the plan refuses it. The search asks this for every candidate plan at
 up to thousands of ranks, so no Python loop here runs per rank: ranks fill nodes in order, so a
 group sorted by rank (as ``orch.plan.layout`` produces) is on one node when its ends are, an
 arithmetic progression of ranks crosses nodes predictably, and any other group leaves a node
@@ -17,10 +20,10 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
-from orch.plan.cluster import ClusterSpec
+from orch.plan.cluster import ClusterSpec, NicSpec, NodeSpec
 from orch.plan.devices import DeviceSpec
 
-LinkKind = Literal["none", "intra", "inter"]
+LinkKind = Literal["none", "intra", "inter", "unreachable"]
 
 
 @dataclass(frozen=True)
@@ -34,28 +37,46 @@ class Link:
     """Per ring step, of the slowest link in the group."""
     nodes: int
     """Distinct nodes the group spans."""
+    network: str = ""
+    """The network an inter-node group runs over ("" for the default network)."""
+    nic: str = ""
+    """That network's NIC type (ib, roce, ethernet; "" when the description names none)."""
 
 
 NO_LINK = Link("none", 0.0, 0.0, 1)
 """A group of one rank: nothing crosses any wire (so no bandwidth to speak of)."""
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """One node's share of one network: bytes/s per device, and the NIC type."""
+
+    network: str
+    bandwidth: float
+    nic: str = ""
+
+
+Attachments = tuple[Attachment, ...]
+
+
 class Topology:
-    """Nodes in rank order, each with its device and its per-device NIC bandwidth."""
+    """Nodes in rank order, each with its device and the networks it is attached to."""
 
     def __init__(self, devices: Sequence[DeviceSpec], sizes: Sequence[int],
-                 nic_bandwidths: Sequence[float]) -> None:
-        if not len(devices) == len(sizes) == len(nic_bandwidths) >= 1:
-            raise ValueError("a topology needs one device, size and NIC bandwidth per node")
+                 networks: Sequence[Attachments], names: Sequence[str] = ()) -> None:
+        if not len(devices) == len(sizes) == len(networks) >= 1:
+            raise ValueError("a topology needs one device, size and network list per node")
+        self.names = list(names) or [f"node{i}" for i in range(len(sizes))]
         self.node_ends = list(accumulate(sizes))
         """One past the last global rank of each node."""
         self.world_size = self.node_ends[-1]
         # Equal node sizes let node_of divide instead of bisect.
         self._per_node = sizes[0] if len(set(sizes)) == 1 else 0
         self._intra = [Link("intra", d.intra_node_bw, d.intra_latency_s, 1) for d in devices]
-        self._inter_bw = list(nic_bandwidths)
+        self._networks = [{a.network: a for a in attached} for attached in networks]
         self._inter_lat = [d.inter_latency_s for d in devices]
-        self._same_inter = len({*zip(self._inter_bw, self._inter_lat, strict=True)}) == 1
+        self._same_inter = len({(tuple(sorted(n.items())), lat) for n, lat in
+                                zip(self._networks, self._inter_lat, strict=True)}) == 1
         self.device = min(devices, key=lambda d: d.peak_flops * d.compute_efficiency)
         """The slowest device: synchronous training runs at its pace."""
         self.homogeneous = bool(self._per_node) and self._same_inter and len(set(self._intra)) == 1
@@ -66,13 +87,16 @@ class Topology:
         """Identical nodes of ``gpus_per_node`` devices; the last may be partly filled."""
         full, rest = divmod(world_size, gpus_per_node)
         sizes = [gpus_per_node] * full + ([rest] if rest else [])
-        return cls([device] * len(sizes), sizes, [device.inter_node_bw] * len(sizes))
+        default = (Attachment("", device.inter_node_bw),)
+        return cls([device] * len(sizes), sizes, [default] * len(sizes))
 
     @classmethod
-    def from_cluster(cls, cluster: ClusterSpec) -> Topology:
-        nodes = cluster.nodes
+    def from_cluster(cls, cluster: ClusterSpec, order: Sequence[int] = ()) -> Topology:
+        """The cluster's nodes in ``order`` (indices into ``cluster.nodes``; default: as
+        listed): ranks fill them in that order."""
+        nodes = [cluster.nodes[i] for i in order] if order else list(cluster.nodes)
         return cls([n.device for n in nodes], [n.devices for n in nodes],
-                   [n.nic_bandwidth_per_device for n in nodes])
+                   [attachments(n) for n in nodes], [n.name for n in nodes])
 
     def node_of(self, rank: int) -> int:
         if self._per_node:
@@ -113,9 +137,27 @@ class Topology:
             return self._intra[first]
         nodes = self._spanned(group)
         if self._same_inter:
-            return Link("inter", self._inter_bw[0], self._inter_lat[0], len(nodes))
-        return Link("inter", min(self._inter_bw[n] for n in nodes),
-                    max(self._inter_lat[n] for n in nodes), len(nodes))
+            best = max(self._networks[first].values(), key=lambda a: a.bandwidth)
+            return Link("inter", best.bandwidth, self._inter_lat[first], len(nodes), best.network,
+                        best.nic)
+        return self.network_link(nodes)
+
+    def network_link(self, nodes: Sequence[int]) -> Link:
+        """The fastest network all of ``nodes`` are attached to, at the slowest node's share."""
+        common = set(self._networks[nodes[0]])
+        for node in nodes[1:]:
+            common &= self._networks[node].keys()
+        latency = max(self._inter_lat[n] for n in nodes)
+        if not common:
+            return Link("unreachable", 0.0, latency, len(nodes))
+        shares = {net: min((self._networks[n][net] for n in nodes), key=lambda a: a.bandwidth)
+                  for net in sorted(common)}
+        best = max(shares.values(), key=lambda a: a.bandwidth)
+        return Link("inter", best.bandwidth, latency, len(nodes), best.network, best.nic)
+
+    def node_networks(self, node: int) -> Attachments:
+        """What node ``node`` (in rank order) is attached to, fastest first."""
+        return tuple(sorted(self._networks[node].values(), key=lambda a: -a.bandwidth))
 
     def links(self, groups: Mapping[str, Sequence[int]]) -> dict[str, Link]:
         """The link of each dimension's group, e.g. of ``layout.first_groups(degrees)``.
@@ -131,4 +173,19 @@ class Topology:
                 for dim, gs in groups.items()}
 
 
-__all__ = ["Link", "LinkKind", "NO_LINK", "Topology"]
+def attachments(node: NodeSpec) -> Attachments:
+    """A node's networks: per network its NICs' total bandwidth shared by the node's devices
+    and their type (the slowest type, should one network mix them); a node that lists no NICs
+    is on the default network at its device's catalog figure."""
+    if not node.nics:
+        return (Attachment("", node.device.inter_node_bw),)
+    by_network: dict[str, list[NicSpec]] = {}
+    for nic in node.nics:
+        by_network.setdefault(nic.network, []).append(nic)
+    return tuple(
+        Attachment(net, sum(n.bandwidth for n in nics) / node.devices,
+                   min(nics, key=lambda n: n.bandwidth).type)
+        for net, nics in by_network.items())
+
+
+__all__ = ["Attachment", "Link", "LinkKind", "NO_LINK", "Topology", "attachments"]

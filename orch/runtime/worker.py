@@ -27,10 +27,12 @@ from torch.distributed.fsdp import FSDPModule
 
 from orch.config import Config, config_to_dict, load_config
 from orch.errors import OrchError, PlanError
-from orch.launch.launcher import device_name, unsupported_features, worker_parser
+from orch.launch.launcher import backend, launch_plan, unsupported_features, worker_parser
+from orch.launch.nodes import NODE_ENV
 from orch.models.llama import Transformer
 from orch.offload.engine import offload_transformer
-from orch.plan import Plan, build_plan
+from orch.parallel.interfaces import cluster_placement
+from orch.plan import Plan
 from orch.plan.layout import dense_layout
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
 from orch.runtime.data import BatchStream, PackedSequences, load_tokens
@@ -73,12 +75,18 @@ def run(argv: Sequence[str]) -> None:
     args = parser.parse_args(list(argv))
     cfg = load_config(args.config, args.overrides)
     device = _device()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    plan = build_plan(cfg, world, local_world, device_name())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = launch_plan(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if problems := unsupported_features(cfg, world):  # the launcher says so first
         raise PlanError(problems, title="cannot run")
+    with cluster_placement(cfg.cluster or "", plan, os.environ.get(NODE_ENV), backend()):
+        dist.init_process_group(backend())
+        train(cfg, plan, device, args.resume)
+
+
+def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None) -> None:
+    """Build the model, optimizer, data and checkpoints of ``plan`` on this rank; train."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.run.dir)
 
     torch.manual_seed(cfg.train.seed)
@@ -115,7 +123,7 @@ def run(argv: Sequence[str]) -> None:
 
     checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
     start = 0
-    resume = checkpoints.resolve_resume(args.resume or cfg.checkpoint.resume)
+    resume = checkpoints.resolve_resume(resume_arg or cfg.checkpoint.resume)
     # Offloaded states on NVMe come into memory around a save or load (and go back after).
     def in_memory() -> contextlib.AbstractContextManager:
         return offload.resident(optimizer) if offload else contextlib.nullcontext()

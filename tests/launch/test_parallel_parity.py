@@ -14,8 +14,9 @@ tests/parallel/test_pipeline.py; here under orch launch): 1F1B on 2 stages, ZB-H
 full recompute, 2BP-1F1B x TP2 with selective recompute, and interleaved (2 stages per rank) x
 ep2 on the MoE model. Offload: one process with parameters, AdamW states and swapped
 activations resting on the NVMe tier (a file in the test's directory), gradients in CPU memory,
-and a 7 MB device budget (CPU homes are checked bit for bit in tests/offload). Paths that a listed layout
-already runs are left to the per-gradient tests in tests/parallel, to keep the suite's time: tensor
+and a 7 MB device budget (CPU homes are checked bit for bit in tests/offload). Paths that a
+listed layout already runs are left to the per-gradient tests in tests/parallel, to keep the
+suite's time: tensor
 parallel alone (with and without sequence parallelism), expert parallel over 4 ranks, dense HSDP on
 its own, ring attention without TP, FSDP x CP x TP on 8 processes (each was here and passed before
 2026-12-02). Three layouts (ep2, pp2, offload) run as a user resuming after a preemption: stopped

@@ -1,0 +1,1 @@
+"""Cluster descriptions from the machines themselves: ``orch cluster detect`` and its helpers."""

@@ -1,0 +1,119 @@
+"""This node's place in a cluster description, and the communication settings that follow.
+
+With ``cluster:`` in the config, ``orch launch`` runs once per node as usual; it finds which of
+the description's nodes it is on (``--node NAME``, else ``ORCH_NODE``, else the host name), checks
+what the description claims about it against what is there (node count, processes, network
+interfaces), and sets, for the workers it starts:
+
+- ``ORCH_NODE``: the workers place their ranks by it (the plan's node order, see
+  ``orch.plan.placement``), whatever order the rendezvous joined the nodes in;
+- for gloo, ``GLOO_SOCKET_IFNAME``: the interface on the fastest network every node shares (the
+  world group's; each smaller group is pinned to its own network's interface by
+  ``orch.parallel.interfaces``);
+- for NCCL, ``NCCL_SOCKET_IFNAME`` (bootstrap and socket transport, on that shared network),
+  ``NCCL_IB_HCA`` (this node's InfiniBand or RoCE HCAs, exact names), ``NCCL_IB_GID_INDEX=3``
+  on RoCE (RoCE v2's usual GID), or ``NCCL_IB_DISABLE=1`` on a node with neither.
+
+A variable already set in the environment is kept (the user knows better) and shown as such.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from orch.errors import Problem
+from orch.plan.cluster import ClusterSpec, NodeSpec
+from orch.plan.plan import Plan
+from orch.plan.topology import Topology
+
+NODE_ENV = "ORCH_NODE"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """This node of the cluster, its ranks under the plan, and the environment its workers
+    get (``env``: the variables orch chose; ``kept``: those the user had set)."""
+
+    node: NodeSpec
+    first_rank: int
+    env: dict[str, str]
+    kept: dict[str, str]
+
+    def describe(self) -> str:
+        last = self.first_rank + self.node.devices - 1
+        chosen = " ".join(f"{k}={v}" for k, v in self.env.items())
+        kept = " ".join(f"{k}={v} (yours)" for k, v in self.kept.items())
+        return (f"orch launch: node {self.node.name}, ranks {self.first_rank}-{last}: "
+                f"{' '.join(filter(None, (chosen, kept)))}")
+
+
+def this_node(cluster: ClusterSpec, given: str | None, problems: list[Problem]) -> NodeSpec | None:
+    """The description's node this process runs on: ``given`` (``--node``), ``ORCH_NODE``, or
+    the host name; a problem when none of them names a node of ``cluster``."""
+    names = [node.name for node in cluster.nodes]
+    host = socket.gethostname()
+    name = given or os.environ.get(NODE_ENV) or host
+    for node in cluster.nodes:
+        if node.name in (name, name.split(".")[0]):
+            return node
+    source = ("--node-name" if given else NODE_ENV if os.environ.get(NODE_ENV)
+              else "this host's name")
+    problems.append(Problem("--node-name", f"{name!r} ({source}) is not a node of cluster "
+                            f"{cluster.name} ({', '.join(names)})",
+                            "pass --node-name NAME (after CONFIG) with this machine's node in "
+                            "the description"))
+    return None
+
+
+def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: int,
+               problems: list[Problem]) -> None:
+    """What launch finds against what the description says: the node count, and on this node
+    (when found) its processes and the network interfaces of its NICs."""
+    where = f"cluster {cluster.source or cluster.name}"
+    if nnodes != len(cluster.nodes):
+        problems.append(Problem("--nnodes", f"{nnodes}, but {where} lists {len(cluster.nodes)} "
+                                "nodes", f"pass --nnodes {len(cluster.nodes)}, or edit the "
+                                "description"))
+    if node is None:
+        return
+    if nproc != node.devices:
+        problems.append(Problem("--nproc-per-node", f"{nproc}, but {where} gives node "
+                                f"{node.name} {node.devices} devices",
+                                f"pass --nproc-per-node {node.devices}, or leave it out"))
+    present = {name for _, name in socket.if_nameindex()}
+    for nic in node.nics:
+        if nic.netdev not in present:
+            problems.append(Problem(
+                f"{where}: node {node.name}, NIC {nic.name}",
+                f"interface {nic.netdev!r} does not exist here (this machine has "
+                f"{', '.join(sorted(present))})",
+                "set the NIC's 'interface' to one of those, or run on the right machine"))
+
+
+def node_settings(cluster: ClusterSpec, plan: Plan, node: NodeSpec, backend: str) -> NodeSettings:
+    """The environment ``node``'s workers get under ``plan`` (see the module docstring)."""
+    first = next(place.first_rank for place in plan.placement if place.name == node.name)
+    topology = Topology.from_cluster(cluster)
+    shared = topology.network_link(range(len(cluster.nodes))).network
+    socket_if = next((nic.netdev for nic in node.nics if nic.network == shared), "")
+    env = {NODE_ENV: node.name}
+    if backend == "gloo":
+        env["GLOO_SOCKET_IFNAME"] = socket_if
+    else:
+        env["NCCL_SOCKET_IFNAME"] = socket_if
+        verbs = [nic for nic in node.nics if nic.type in ("ib", "roce")]
+        if verbs:
+            fastest = max(verbs, key=lambda nic: nic.bandwidth).network
+            env["NCCL_IB_HCA"] = "=" + ",".join(n.name for n in verbs if n.network == fastest)
+            if any(n.type == "roce" for n in verbs):
+                env["NCCL_IB_GID_INDEX"] = "3"
+        else:
+            env["NCCL_IB_DISABLE"] = "1"
+    env = {k: v for k, v in env.items() if v}  # no NIC listed: leave the choice to the library
+    kept = {k: os.environ[k] for k in env if k != NODE_ENV and k in os.environ}
+    return NodeSettings(node, first, {k: v for k, v in env.items() if k not in kept}, kept)
+
+
+__all__ = ["NODE_ENV", "NodeSettings", "check_node", "node_settings", "this_node"]

@@ -1,0 +1,109 @@
+"""A worker's rank and network interfaces on a cluster that mixes networks.
+
+``orch launch`` tells each worker its node (``ORCH_NODE``, see ``orch.launch.nodes``). Two things
+follow here, before and while the process groups are made:
+
+- :func:`place_rank`: the worker's global rank is the plan's (its node's first rank in the plan's
+  node order plus its local rank), not the order in which the nodes joined the rendezvous, so
+  data-parallel groups land on the nodes the plan chose for them.
+- :func:`pin_gloo_groups`: gloo binds each process group to one network interface, read from
+  ``GLOO_SOCKET_IFNAME`` when the group is made. Holmes' point is that each communicator should
+  use its own network: a data-parallel group of InfiniBand nodes their fast fabric, a pipeline
+  group that joins an InfiniBand and an Ethernet node the network they share. So while the
+  groups are made, each new gloo group of ranks on several nodes is made with
+  ``GLOO_SOCKET_IFNAME`` set to this node's interface on the network the plan's topology picks
+  for exactly those ranks (``Topology.link``). The hook wraps torch's
+  ``_new_process_group_helper`` (the one function every group, DeviceMesh's included, is made
+  by, and the only place a group's ranks and its gloo device meet); a test checks its signature.
+
+NCCL chooses NICs per process (``NCCL_IB_HCA``), not per communicator; on NCCL only the rank
+placement and the per-node environment apply.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch.distributed.distributed_c10d as c10d
+
+from orch.plan.cluster import ClusterSpec, load_cluster
+from orch.plan.plan import Plan
+from orch.plan.topology import Topology
+
+
+@contextmanager
+def cluster_placement(cluster: str, plan: Plan, node: str | None, backend: str
+                      ) -> Iterator[None]:
+    """Around making the process groups and training: this worker's rank placed on ``node``
+    of the description ``cluster`` (the launcher's ``ORCH_NODE``), and on gloo its groups
+    pinned to their networks' interfaces; nothing without a node or a placement."""
+    if not node or not plan.placement:
+        yield
+        return
+    place_rank(plan, node)
+    if backend != "gloo":
+        yield
+        return
+    with pin_gloo_groups(interface_chooser(load_cluster(cluster), plan, node)):
+        yield
+
+
+def place_rank(plan: Plan, node: str) -> int:
+    """Set ``RANK`` to the plan's rank of this worker on ``node`` (before the default process
+    group is made) and return it."""
+    place = next(p for p in plan.placement if p.name == node)
+    rank = place.first_rank + int(os.environ["LOCAL_RANK"])
+    os.environ["RANK"] = str(rank)
+    return rank
+
+
+def interface_chooser(cluster: ClusterSpec, plan: Plan, node: str
+                      ) -> Callable[[list[int]], str | None]:
+    """For a group of global ranks: this node's interface on the network the group runs over,
+    or None when the group stays on one node (any interface reaches the node itself)."""
+    names = [n.name for n in cluster.nodes]
+    topology = Topology.from_cluster(cluster, [names.index(p.name) for p in plan.placement])
+    mine = cluster.nodes[names.index(node)]
+
+    def choose(ranks: list[int]) -> str | None:
+        link = topology.link(sorted(ranks))
+        if link.kind != "inter":
+            return None
+        return next((nic.netdev for nic in mine.nics if nic.network == link.network), None)
+
+    return choose
+
+
+@contextmanager
+def pin_gloo_groups(choose: Callable[[list[int]], str | None]) -> Iterator[None]:
+    """Within the block, make each gloo group with ``GLOO_SOCKET_IFNAME`` set by ``choose``."""
+    original = c10d._new_process_group_helper
+
+    def helper(group_size: int, group_rank: int, global_ranks_in_group: list[int],
+               backend: Any, *args: Any, **kwargs: Any) -> Any:
+        interface = choose(global_ranks_in_group) if global_ranks_in_group else None
+        if interface is None or str(backend) != "gloo":
+            return original(group_size, group_rank, global_ranks_in_group, backend, *args,
+                            **kwargs)
+        before = os.environ.get("GLOO_SOCKET_IFNAME")
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+        try:
+            return original(group_size, group_rank, global_ranks_in_group, backend, *args,
+                            **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop("GLOO_SOCKET_IFNAME", None)
+            else:
+                os.environ["GLOO_SOCKET_IFNAME"] = before
+
+    c10d._new_process_group_helper = helper
+    try:
+        yield
+    finally:
+        c10d._new_process_group_helper = original
+
+
+__all__ = ["cluster_placement", "interface_chooser", "pin_gloo_groups", "place_rank"]

@@ -1,0 +1,140 @@
+"""Which node each block of ranks runs on, when a cluster mixes networks (Holmes, SC'24).
+
+Ranks are laid out in Megatron order (tensor parallel fastest, pipeline slowest: see
+``orch.plan.layout``) and fill nodes in the order the nodes are taken. So the placement of a plan
+is an order of the cluster's nodes: it keeps tensor parallel inside a node as before, and decides
+which nodes share a pipeline stage, and with it every data-parallel and expert group. Ordering
+the nodes by the network they are fastest on (InfiniBand nodes together, then RoCE, then
+Ethernet) makes each stage's block of ranks one NIC type whenever the stage sizes line up with
+the groups, so gradient all-reduces, the heavy traffic, stay on one fabric and only the
+pipeline's activations cross between fabrics.
+
+:func:`candidate_orders` gives the orders worth pricing (the listed order and the grouped ones);
+the plan prices each and keeps the fastest. :func:`nic_notes` says, for the order chosen, which
+rule could not be kept (a data-parallel or expert group spanning NIC types) and what it costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from orch.plan.cluster import ClusterSpec
+from orch.plan.degrees import Degrees
+from orch.plan.layout import plan_groups
+from orch.plan.topology import Link, Topology, attachments
+
+KEPT_INSIDE_NIC_TYPE = {"dp_shard-cp": "data-parallel (FSDP)", "dp_replicate": "data-parallel "
+                        "(replicas)", "ep": "expert-parallel", "edp": "expert data-parallel"}
+"""Groups whose traffic is heavy enough that they should stay inside one NIC type."""
+
+
+@dataclass(frozen=True)
+class NodePlace:
+    """A node in rank order: its name, its ranks, and its fastest NIC type ("" if none)."""
+
+    name: str
+    first_rank: int
+    ranks: int
+    nic: str
+
+
+def fastest_nic(cluster: ClusterSpec, node: int) -> tuple[str, str]:
+    """``(network, NIC type)`` of the network node ``node`` reaches fastest."""
+    best = max(attachments(cluster.nodes[node]), key=lambda a: a.bandwidth)
+    return best.network, best.nic
+
+
+def candidate_orders(cluster: ClusterSpec) -> list[tuple[int, ...]]:
+    """Node orders to price: as listed, then grouped by fastest network with the fastest group
+    first, and with the slowest first (which stage holds the embedding or the head can matter
+    when stages differ); duplicates dropped, the listed order first."""
+    listed = tuple(range(len(cluster.nodes)))
+    groups: dict[tuple[str, str], list[int]] = {}
+    speed: dict[tuple[str, str], float] = {}
+    for node in listed:
+        key = fastest_nic(cluster, node)
+        groups.setdefault(key, []).append(node)
+        best = max(a.bandwidth for a in attachments(cluster.nodes[node]))
+        speed[key] = min(speed.get(key, best), best)
+    ranked = sorted(groups, key=lambda key: -speed[key])
+    orders = [listed]
+    for keys in (ranked, ranked[::-1]):
+        order = tuple(node for key in keys for node in groups[key])
+        if order not in orders:
+            orders.append(order)
+    return orders
+
+
+def placement_of(cluster: ClusterSpec, order: Sequence[int]) -> tuple[NodePlace, ...]:
+    """The nodes in rank order ``order`` (indices into ``cluster.nodes``)."""
+    places, first = [], 0
+    for index in order or range(len(cluster.nodes)):
+        node = cluster.nodes[index]
+        places.append(NodePlace(node.name, first, node.devices, fastest_nic(cluster, index)[1]))
+        first += node.devices
+    return tuple(places)
+
+
+def unreachable(deg: Degrees, links: dict[str, Link]) -> list[str]:
+    """Group dimensions of ``deg`` whose nodes share no network."""
+    return [dim for dim, link in links.items() if link.kind == "unreachable"
+            and _size(deg, dim) > 1]
+
+
+def mixed_groups(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
+                 dims: Iterable[str] = KEPT_INSIDE_NIC_TYPE) -> dict[str, tuple[int, list[str]]]:
+    """Per heavy group dimension of size above one: how many of its groups span NIC types
+    under this placement, and the types the first such group spans (dimensions with none left
+    out)."""
+    nic_of_node = [place.nic for place in places]
+    groups = plan_groups(deg)
+    mixed = {}
+    for dim in dims:
+        if _size(deg, dim) == 1:
+            continue
+        spans = [types for group in groups[dim]
+                 if len(types := sorted({nic_of_node[topology.node_of(r)] for r in group})) > 1]
+        if spans:
+            mixed[dim] = (len(spans), spans[0])
+    return mixed
+
+
+def nic_notes(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
+              comm_s: dict[str, float], links: dict[str, Link]) -> tuple[str, ...]:
+    """For each heavy group dimension (:data:`KEPT_INSIDE_NIC_TYPE`) that communicates and has
+    a group spanning NIC types under this placement: which rule was relaxed, over which link
+    it runs, and its estimated seconds per step."""
+    notes = []
+    heavy = [dim for dim in KEPT_INSIDE_NIC_TYPE if dim in comm_s]
+    for dim, (count, types) in mixed_groups(deg, topology, places, heavy).items():
+        link = links[dim]
+        notes.append(
+            f"{KEPT_INSIDE_NIC_TYPE[dim]} groups span NIC types {' + '.join(types)} ({count} "
+            f"of {len(plan_groups(deg)[dim])}; rule relaxed: no node order tried keeps them "
+            f"inside one with these degrees); the slowest runs over "
+            f"{link.nic or 'the default network'} at {link.bandwidth / 1e9:.1f} GB/s per device, "
+            f"estimated {comm_s[dim]:.3f} s per step; a pipeline degree whose stages match the "
+            "NIC groups keeps them apart")
+    return tuple(notes)
+
+
+def mixing(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
+           comm_s: dict[str, float]) -> int:
+    """Heavy groups that communicate (``comm_s``) and span NIC types: what breaks a tie in
+    step time between two node orders (the step-time model prices each dimension by its
+    slowest group, so an order that keeps more groups on one fabric can tie with one that
+    keeps fewer)."""
+    heavy = [dim for dim in KEPT_INSIDE_NIC_TYPE if dim in comm_s]
+    return sum(count for count, _ in mixed_groups(deg, topology, places, heavy).values())
+
+
+def _size(deg: Degrees, dim: str) -> int:
+    size = 1
+    for part in dim.split("-"):
+        size *= getattr(deg, part)
+    return size
+
+
+__all__ = ["KEPT_INSIDE_NIC_TYPE", "NodePlace", "candidate_orders", "fastest_nic",
+           "mixed_groups", "mixing", "nic_notes", "placement_of", "unreachable"]

@@ -1,0 +1,130 @@
+"""A launcher's node in a cluster description: the checks before anything starts, the settings
+its workers get, and the worker-side rank placement and per-group gloo interfaces."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+import yaml
+
+from orch.errors import PlanError
+from orch.launch.launcher import prepare
+from orch.launch.nodes import node_settings
+from orch.parallel.interfaces import interface_chooser, pin_gloo_groups, place_rank
+from orch.plan.cluster import load_cluster
+
+REPO = Path(__file__).resolve().parents[2]
+MIXED = REPO / "configs/clusters/mixed-nic.yaml"
+LLAMA = str(REPO / "configs/llama3-8b.yaml")
+
+
+def _cluster_file(tmp_path: Path, interface: str = "lo", devices: int = 2) -> Path:
+    node = {"name": "here", "devices": devices,
+            "nics": [{"name": "nic0", "type": "ethernet", "bandwidth_gbps": 10,
+                      "network": "lan", "interface": interface}]}
+    other = {**node, "name": "there"}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({"device": "cpu", "nodes": [node, other]}))
+    return path
+
+
+def _problems(argv: list[str]) -> str:
+    with pytest.raises(PlanError) as info:
+        prepare(argv)
+    return str(info.value)
+
+
+def test_what_launch_finds_is_checked_against_the_description(tmp_path):
+    cluster = _cluster_file(tmp_path, interface="nosuch0")
+    text = _problems(["--nnodes", "3", "--nproc-per-node", "3", "configs/tiny.yaml", "--set",
+                      f"cluster={cluster}", "--set", f"run.dir={tmp_path / 'run'}",
+                      "--node-name", "here"])
+    assert "--nnodes: 3, but cluster" in text and "lists 2 nodes" in text
+    assert "--nproc-per-node: 3, but cluster" in text and "gives node here 2 devices" in text
+    assert "node here, NIC nic0: interface 'nosuch0' does not exist here" in text
+    assert "(3 problems)" in text
+
+
+def test_a_node_not_in_the_description_is_named_with_the_fix(tmp_path):
+    text = _problems(["--nnodes", "2", "configs/tiny.yaml", "--set",
+                      f"cluster={_cluster_file(tmp_path)}", "--set",
+                      f"run.dir={tmp_path / 'run'}", "--node-name", "elsewhere"])
+    assert "'elsewhere' (--node-name) is not a node of cluster two (here, there)" in text
+    assert "pass --node-name NAME" in text
+
+
+def test_a_node_name_without_a_cluster_is_refused(tmp_path):
+    text = _problems(["configs/tiny.yaml", "--set", f"run.dir={tmp_path / 'run'}",
+                      "--node-name", "here"])
+    assert "--node-name: 'here' given, but the config names no cluster description" in text
+
+
+def _mixed_plan(*extra: str):
+    from orch.config import load_config
+    from orch.plan import build_plan
+
+    cfg = load_config(LLAMA, [f"cluster={MIXED}", "parallel.tp=8", "parallel.pp=4", *extra])
+    return build_plan(cfg)
+
+
+def test_each_backend_gets_the_settings_for_its_node(monkeypatch):
+    for name in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "GLOO_SOCKET_IFNAME"):
+        monkeypatch.delenv(name, raising=False)
+    cluster, plan = load_cluster(MIXED), _mixed_plan()
+    nodes = {node.name: node for node in cluster.nodes}
+    ib = node_settings(cluster, plan, nodes["ib-a1"], "nccl")
+    assert ib.first_rank == 8 and ib.env == {
+        "ORCH_NODE": "ib-a1", "NCCL_SOCKET_IFNAME": "eth0",
+        "NCCL_IB_HCA": "=" + ",".join(f"mlx5_{i}" for i in range(8))}
+    roce = node_settings(cluster, plan, nodes["roce-b0"], "nccl")
+    assert roce.first_rank == 32 and roce.env["NCCL_IB_GID_INDEX"] == "3"
+    eth = node_settings(cluster, plan, nodes["eth-c1"], "nccl")
+    assert eth.env["NCCL_IB_DISABLE"] == "1" and eth.env["NCCL_SOCKET_IFNAME"] == "eth0"
+    assert node_settings(cluster, plan, nodes["eth-c1"], "gloo").env == {
+        "ORCH_NODE": "eth-c1", "GLOO_SOCKET_IFNAME": "eth0"}
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "bond0")  # the user's own choice stays
+    kept = node_settings(cluster, plan, nodes["ib-a0"], "nccl")
+    assert kept.kept == {"NCCL_SOCKET_IFNAME": "bond0"} and "NCCL_SOCKET_IFNAME" not in kept.env
+    assert "NCCL_SOCKET_IFNAME=bond0 (yours)" in kept.describe()
+
+
+def test_workers_take_the_plans_rank_and_each_group_its_networks_interface(monkeypatch):
+    cluster, plan = load_cluster(MIXED), _mixed_plan()
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert place_rank(plan, "roce-b1") == 43
+    choose = interface_chooser(cluster, plan, "ib-a1")
+    assert choose([8, 9]) is None  # inside the node
+    assert choose([0, 8]) == "ib0"  # an FSDP group of two InfiniBand nodes: their fabric
+    assert choose([8, 40]) == "eth0"  # a pipeline pair into the RoCE stage: the shared network
+
+
+def test_gloo_groups_are_made_on_the_chosen_interface(tmp_path, monkeypatch):
+    """The hook wraps torch's group factory: its signature is what the hook passes through."""
+    params = list(inspect.signature(c10d._new_process_group_helper).parameters)
+    assert params[:4] == ["group_size", "group_rank", "global_ranks_in_group", "backend"]
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    seen = []
+
+    class Recording(c10d.ProcessGroupGloo):  # what gloo reads its interface from, when made
+        def __init__(self, *args, **kwargs) -> None:
+            seen.append(os.environ.get("GLOO_SOCKET_IFNAME"))
+            super().__init__(*args, **kwargs)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        monkeypatch.setattr(c10d, "ProcessGroupGloo", Recording)
+        loopback = socket.if_nameindex()[0][1]
+        with pin_gloo_groups(lambda ranks: loopback):
+            dist.new_group([0], backend="gloo")
+        dist.new_group([0], backend="gloo")
+    finally:
+        dist.destroy_process_group()
+    assert seen == [loopback, None]
+    assert c10d._new_process_group_helper.__name__ == "_new_process_group_helper"

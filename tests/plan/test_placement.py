@@ -1,0 +1,115 @@
+"""NIC-aware placement: node orders, networks, and the rules the plan keeps or relaxes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orch.config import load_config
+from orch.errors import PlanError
+from orch.plan import build_plan, evaluate, resolve_machine
+from orch.plan.cluster import cluster_from_dict, load_cluster
+from orch.plan.placement import candidate_orders, mixing
+from orch.plan.plan import config_degrees
+from orch.plan.topology import Topology
+
+REPO = Path(__file__).resolve().parents[2]
+MIXED = REPO / "configs/clusters/mixed-nic.yaml"
+LLAMA = REPO / "configs/llama3-8b.yaml"
+
+
+def mixed_plan(*extra: str):
+    return build_plan(load_config(LLAMA, [f"cluster={MIXED}", "parallel.tp=8", *extra]))
+
+
+def test_nodes_are_ordered_by_their_fastest_network() -> None:
+    cluster = load_cluster(MIXED)
+    names = [node.name for node in cluster.nodes]
+    listed, fastest_first, slowest_first = candidate_orders(cluster)
+    assert listed == tuple(range(8))
+    assert [names[i] for i in fastest_first] == ["ib-a0", "ib-a1", "ib-a2", "ib-a3",
+                                                  "roce-b0", "roce-b1", "eth-c0", "eth-c1"]
+    assert [names[i] for i in slowest_first] == ["eth-c0", "eth-c1", "roce-b0", "roce-b1",
+                                                  "ib-a0", "ib-a1", "ib-a2", "ib-a3"]
+
+
+def test_stages_matching_the_nic_groups_keep_data_parallel_inside_one_type() -> None:
+    """pp4 over 4 IB + 2 RoCE + 2 Ethernet nodes: each stage is two nodes of one type, so
+    every FSDP group stays on one fabric; only the pipeline crosses, over the shared network."""
+    plan = mixed_plan("parallel.pp=4")
+    ranks = plan.ranks()
+    assert [(r["rank"], r["node"], r["nic"]) for r in ranks[::8]] == [
+        (0, "ib-a0", "ib"), (8, "ib-a1", "ib"), (16, "ib-a2", "ib"), (24, "ib-a3", "ib"),
+        (32, "roce-b0", "roce"), (40, "roce-b1", "roce"), (48, "eth-c0", "ethernet"),
+        (56, "eth-c1", "ethernet")]
+    for group in plan.groups()["dp_shard"]:
+        assert len({ranks[r]["nic"] for r in group}) == 1
+    assert plan.notes == ()
+    # the slowest FSDP group is the Ethernet stage's (2 x 100 Gb/s for 8 GPUs), the pipeline
+    # runs over the data-centre network every node shares (100 Gb/s for 8 GPUs)
+    assert (plan.links["dp_shard"].nic, plan.links["dp_shard"].bandwidth) == ("ethernet",
+                                                                              200e9 / 8 / 8)
+    assert (plan.links["pp"].network, plan.links["pp"].bandwidth) == ("dc", 100e9 / 8 / 8)
+    # the NIC-oblivious order (as listed) mixes types in every stage and is slower
+    cfg = load_config(LLAMA, [f"cluster={MIXED}", "parallel.tp=8", "parallel.pp=4"])
+    machine = resolve_machine(cfg, None, None, None, [])
+    listed = machine.placements()[0]
+    deg = config_degrees(cfg, 64, [])
+    oblivious = evaluate(cfg, deg, listed)
+    assert mixing(deg, listed.topology, oblivious.placement, oblivious.step.comm_s) == 32
+    # (every FSDP group: 8 tp positions x 4 stages)
+    assert oblivious.step.total_s > plan.step.total_s
+    assert oblivious.links["dp_shard"].bandwidth == 100e9 / 8 / 8
+
+
+def test_degrees_that_cannot_respect_nic_boundaries_get_a_note_with_the_cost() -> None:
+    plan = mixed_plan("parallel.pp=2")
+    (note,) = plan.notes
+    assert note.startswith("data-parallel (FSDP) groups span NIC types ethernet + ib + roce")
+    assert "rule relaxed" in note and "over ethernet at 1.6 GB/s per device" in note
+    assert f"estimated {plan.step.comm_s['dp_shard-cp']:.3f} s per step" in note
+
+
+def test_plan_json_lists_each_rank_with_its_node_and_nic(capsys) -> None:
+    from orch.cli import main
+
+    assert main(["plan", str(LLAMA), "--set", f"cluster={MIXED}", "--set", "parallel.tp=8",
+                 "--set", "parallel.pp=4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["ranks"]) == 64 and out["ranks"][63] == {"rank": 63, "node": "eth-c1",
+                                                            "nic": "ethernet"}
+    assert [n["name"] for n in out["nodes_in_rank_order"]][:2] == ["ib-a0", "ib-a1"]
+    assert out["links"]["pp"]["nic"] == "ethernet"
+
+
+def _two_islands() -> dict:
+    nic = {"type": "ib", "bandwidth_gbps": 400}
+    return {"device": "h100", "nodes": [
+        {"name": "a", "devices": 8, "nics": [{"name": "mlx5_0", "network": "fabric-a", **nic}]},
+        {"name": "b", "devices": 8, "nics": [{"name": "mlx5_0", "network": "fabric-b", **nic}]}]}
+
+
+def test_groups_across_nodes_without_a_common_network_are_refused(tmp_path) -> None:
+    import yaml
+
+    path = tmp_path / "islands.yaml"
+    path.write_text(yaml.safe_dump(_two_islands()))
+    with pytest.raises(PlanError) as info:
+        build_plan(load_config(LLAMA, [f"cluster={path}", "parallel.tp=8"]))
+    text = str(info.value)
+    assert "dp_shard" in text and "share no network" in text and "a common network" in text
+
+
+def test_the_fastest_common_network_carries_a_group() -> None:
+    data = _two_islands()
+    for node in data["nodes"]:
+        node["nics"].append({"name": "eth0", "type": "ethernet", "bandwidth_gbps": 100,
+                             "network": "dc"})
+    topo = Topology.from_cluster(cluster_from_dict(data))
+    link = topo.link(list(range(16)))
+    assert (link.network, link.nic, link.bandwidth) == ("dc", "ethernet", 100e9 / 8 / 8)
+    data["nodes"][1]["nics"][0]["network"] = "fabric-a"
+    link = Topology.from_cluster(cluster_from_dict(data)).link(list(range(16)))
+    assert (link.network, link.nic, link.bandwidth) == ("fabric-a", "ib", 400e9 / 8 / 8)
