@@ -167,6 +167,7 @@ def _add_cluster_parser(sub: argparse._SubParsersAction) -> None:
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     _add_cluster_detect_parser(actions)
+    _add_cluster_probe_parser(actions)
 
 
 def _add_cluster_detect_parser(actions: argparse._SubParsersAction) -> None:
@@ -206,6 +207,58 @@ def cmd_cluster_detect(args: argparse.Namespace) -> int:
           f"{cluster.world_size} devices")
     for note in node.notes:
         print(f"note: {note}")
+    return 0
+
+
+def _add_cluster_probe_parser(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "probe",
+        help="measure each network between the nodes; write the figures into the description",
+        description="Run on every node of CLUSTER at once (one process each): for each network "
+        "with two or more nodes, time point-to-point transfers and an all-reduce over that "
+        "network's interfaces, print the figures, and (on the first node listed) write them "
+        "into the description as measured_gbps per NIC, which the planner then uses.",
+    )
+    p.add_argument("cluster", help="cluster description YAML")
+    p.add_argument("--master-addr", required=True,
+                   help="address of the first node listed, where the rendezvous store runs")
+    p.add_argument("--master-port", type=int, default=29510, help="its port (default 29510)")
+    p.add_argument("--node-name", help="this machine's node (default: $ORCH_NODE, or the host "
+                   "name)")
+    p.add_argument("--mbytes", type=int, default=16, help="buffer size in MiB (default 16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    p.add_argument("--out", metavar="FILE", help="write the measured description here "
+                   "instead of over CLUSTER (which is rewritten without its comments)")
+    p.set_defaults(func=cmd_cluster_probe)
+
+
+def cmd_cluster_probe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orch.cluster.probe import probe, report, write_measurements
+    from orch.launch.nodes import check_node, this_node
+    from orch.plan.cluster import load_cluster
+
+    cluster = load_cluster(args.cluster)
+    problems: list[Problem] = []
+    if args.mbytes < 1 or args.repeats < 1:
+        problems.append(Problem("--mbytes/--repeats", f"{args.mbytes} MiB x {args.repeats}",
+                                "use at least 1 of each"))
+    node = this_node(cluster, args.node_name, problems)
+    if node is not None:
+        check_node(cluster, node, len(cluster.nodes), node.devices, problems)
+    if problems:
+        raise PlanError(problems, title="cannot probe")
+    assert node is not None
+    nbytes = args.mbytes * 2**20
+    figures = probe(cluster, node, args.master_addr, args.master_port, nbytes, args.repeats)
+    if figures is None:
+        print(f"orch cluster probe: node {node.name} done")
+        return 0
+    print(report(figures, nbytes))
+    out = Path(args.out or args.cluster)
+    write_measurements(Path(args.cluster), figures, out)
+    print(f"wrote measured_gbps to {out}")
     return 0
 
 

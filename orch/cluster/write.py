@@ -61,21 +61,36 @@ def write_node(path: Path, node: DetectedNode, append: bool = False) -> ClusterS
             "already exists",
             "pass --append to add this node to it, or pick another file",
         )
-    data = _read(path) if path.exists() else {"name": path.stem, "nodes": []}
-    text = render_cluster(with_node(data, node.entry, str(path)), node)
+    data = read_cluster_data(path) if path.exists() else {"name": path.stem, "nodes": []}
+    _replace(path, render_cluster(with_node(data, node.entry, str(path)), node))
+    return load_cluster(path)
+
+
+def replace_checked(path: Path, data: dict[str, Any]) -> ClusterSpec:
+    """Write the description ``data`` over ``path`` once it loads; return it as loaded."""
+    _replace(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100))
+    return load_cluster(path)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Check ``text`` loads, then put it at ``path`` atomically: a failure leaves the old file
+    (or none), never a part of the new one."""
     _check(text, str(path))
+    part = path.with_name(path.name + ".part")
     try:
-        path.write_text(text)
+        part.write_text(text)
+        part.replace(path)
     except OSError as exc:
+        part.unlink(missing_ok=True)
         raise _not_written(
             str(path),
             f"cannot write: {exc.strerror}",
             "check that its folder exists and is writable",
         ) from None
-    return load_cluster(path)
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_cluster_data(path: Path) -> dict[str, Any]:
+    """The description at ``path`` as plain data (YAML mapping), without building it."""
     try:
         text = path.read_text()
     except OSError as exc:

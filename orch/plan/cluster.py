@@ -79,6 +79,9 @@ class NicSpec:
     interface: str = ""
     """The network interface that carries socket traffic over this NIC (IPoIB ``ib0``, a RoCE
     port's netdev, ``eth0``): what gloo and NCCL's socket transport bind to. Empty: ``name``."""
+    measured_gbps: Positive | None = None
+    """What ``orch cluster probe`` measured through this NIC; the planner prefers it to
+    ``bandwidth_gbps`` (the nominal link speed)."""
 
     @property
     def netdev(self) -> str:
@@ -86,8 +89,8 @@ class NicSpec:
 
     @property
     def bandwidth(self) -> float:
-        """Bytes/s in one direction."""
-        return self.bandwidth_gbps * 1e9 / 8
+        """Bytes/s in one direction: measured, else nominal."""
+        return (self.measured_gbps or self.bandwidth_gbps) * 1e9 / 8
 
 
 @dataclass(frozen=True)

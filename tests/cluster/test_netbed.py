@@ -103,3 +103,35 @@ def test_losses_equal_a_plain_run_of_the_same_degrees(bed_run):
     for a, b in zip(got, want, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_probe_writes_what_each_network_carries_into_the_description(tmp_path):
+    """Three nodes, a fast pair (1000 Mbit/s) and all three on a slow network (100 Mbit/s):
+    `orch cluster probe` in each namespace at once; the first node writes measured_gbps on
+    every NIC, and the planner then prices links by them."""
+    from orch.plan.cluster import load_cluster
+    from orch.plan.topology import Topology
+
+    networks = [Network("fast", "ib", 1000), Network("slow", "ethernet", 100)]
+    with NetBed(networks, {"a": ["fast", "slow"], "b": ["fast", "slow"],
+                           "c": ["slow"]}) as bed:
+        path = tmp_path / "bed.yaml"
+        path.write_text(yaml.safe_dump(bed.cluster()))
+        procs = {node: subprocess.Popen(
+            bed.command(node, [ORCH, "cluster", "probe", str(path), "--master-addr",
+                               bed.address("a", "slow"), "--node-name", node, "--mbytes", "4"]),
+            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for node in "abc"}
+        outputs = {node: proc.communicate(timeout=300)[0] for node, proc in procs.items()}
+    assert all(proc.returncode == 0 for proc in procs.values()), outputs
+    assert "point to point" in outputs["a"] and f"wrote measured_gbps to {path}" in outputs["a"]
+    assert "orch cluster probe: node c done" in outputs["c"]
+    cluster = load_cluster(path)
+    measured = {(node.name, nic.network): nic.measured_gbps for node in cluster.nodes
+                for nic in node.nics}
+    assert set(measured) == {("a", "fast"), ("a", "slow"), ("b", "fast"), ("b", "slow"),
+                             ("c", "slow")}
+    for node in "ab":  # the fast pair measured faster than the shared network (10x apart)
+        assert measured[(node, "fast")] > 3 * measured[(node, "slow")], measured
+    link = Topology.from_cluster(cluster).link([0, 1])
+    assert link.network == "fast"
+    assert link.bandwidth == min(measured[("a", "fast")], measured[("b", "fast")]) * 1e9 / 8

@@ -194,7 +194,7 @@ BAD = [
     (("device_overrides",), {"memory_bytes": 0}, "device_overrides.memory_bytes",
      ["0", "positive byte size"], ["80GiB"]),
     (("nodes", 0, "nics", 1, "speed"), 400, "nodes[0].nics[1].speed", ["unknown key 'speed'"],
-     ["known keys here: bandwidth_gbps, interface, name, network, type"]),
+     ["known keys here: bandwidth_gbps, interface, measured_gbps, name, network, type"]),
 ]
 
 

@@ -1,0 +1,166 @@
+"""Measure each network of a cluster description between its nodes, and write the figures in.
+
+``orch cluster probe CLUSTER --master-addr A --master-port P`` runs once on every node at the same
+time, as a launch does (one process per node; the first node listed holds the rendezvous store,
+so ``A`` is its address). Each process is the node of the description it runs on (``--node-name``,
+``ORCH_NODE`` or the host name, as for ``orch launch``); its rank is the node's place in the list.
+For every network with two or more nodes, a gloo group of those nodes is made on that network's
+interfaces (``GLOO_SOCKET_IFNAME`` at creation, as ``orch.parallel.interfaces`` does for
+training), and two things are timed over it:
+
+- point to point: every node sends a buffer to the next node of the group and receives one from
+  the previous, all at once (each link carries one stream each way), ``repeats`` times; a node's
+  figure is the slower of its send and its receive;
+- all-reduce of the same buffer, reported as bus bandwidth (``2 (n - 1) / n`` of the buffer per
+  rank, NCCL-tests' convention).
+
+The first node then writes each node's point-to-point figure into the description as
+``measured_gbps`` on that node's NICs of that network (split evenly between them, so they add up
+to the node's figure), which the planner prefers to the nominal ``bandwidth_gbps``. The file is
+rewritten through PyYAML (comments and anchors go; ``count:`` entries are written out node by
+node, since each node gets its own figures) only once the new text loads, and atomically.
+Sysfs cannot say what a link carries (veth always reports 10 Gb/s; a rate limit, a congested
+switch or a misconfigured port does not show there): this is how measured speeds get in.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orch.plan.cluster import ClusterSpec, NodeSpec
+from orch.plan.topology import Topology
+
+DEFAULT_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class NetworkFigures:
+    """What one network measured: per node (by name) its point-to-point Gb/s, and the group's
+    all-reduce bus bandwidth in Gb/s."""
+
+    network: str
+    p2p_gbps: dict[str, float]
+    allreduce_gbps: float
+
+
+def members(cluster: ClusterSpec) -> dict[str, list[int]]:
+    """Each network with two or more nodes: the nodes (indices, listed order) attached to it."""
+    out: dict[str, list[int]] = {}
+    for index, node in enumerate(cluster.nodes):
+        for network in sorted({nic.network for nic in node.nics}):
+            out.setdefault(network, []).append(index)
+    return {net: nodes for net, nodes in sorted(out.items()) if len(nodes) > 1}
+
+
+def _interface(node: NodeSpec, network: str) -> str:
+    return next(nic.netdev for nic in node.nics if nic.network == network)
+
+
+def probe(cluster: ClusterSpec, node: NodeSpec, address: str, port: int,
+          nbytes: int = DEFAULT_BYTES, repeats: int = 3,
+          timeout: timedelta = timedelta(minutes=5)) -> list[NetworkFigures] | None:
+    """Run this node's part of the probe; the first node gets every network's figures, the
+    others None."""
+    rank = [n.name for n in cluster.nodes].index(node.name)
+    world = len(cluster.nodes)
+    shared = Topology.from_cluster(cluster).network_link(range(world)).network
+    os.environ["GLOO_SOCKET_IFNAME"] = _interface(node, shared)
+    store = dist.TCPStore(address, port, world, rank == 0, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    try:
+        groups = {}
+        for network, nodes in members(cluster).items():  # every rank makes every group
+            if rank in nodes:
+                os.environ["GLOO_SOCKET_IFNAME"] = _interface(node, network)
+            groups[network] = (nodes, dist.new_group(nodes, backend="gloo"))
+        os.environ["GLOO_SOCKET_IFNAME"] = _interface(node, shared)
+        mine = {net: _measure(nodes, group, rank, nbytes, repeats)
+                for net, (nodes, group) in groups.items() if rank in nodes}
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, mine)
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    return [NetworkFigures(net, {cluster.nodes[r].name: gathered[r][net][0] for r in nodes},
+                           gathered[nodes[0]][net][1])
+            for net, (nodes, _) in groups.items()]
+
+
+def _measure(nodes: list[int], group: dist.ProcessGroup, rank: int, nbytes: int,
+             repeats: int) -> tuple[float, float]:
+    """This rank's point-to-point Gb/s on ``group`` and the group's all-reduce bus Gb/s."""
+    at = nodes.index(rank)
+    after, before = nodes[(at + 1) % len(nodes)], nodes[at - 1]
+    out = torch.ones(nbytes // 4)
+    into = torch.empty_like(out)
+    p2p, reduce = [], []
+    for _ in range(repeats + 1):  # the first round makes the connections: not counted
+        dist.barrier(group)
+        start = time.perf_counter()
+        ops = [dist.P2POp(dist.isend, out, after, group), dist.P2POp(dist.irecv, into, before,
+                                                                       group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        p2p.append(time.perf_counter() - start)
+        dist.barrier(group)
+        start = time.perf_counter()
+        dist.all_reduce(out, group=group)
+        reduce.append(time.perf_counter() - start)
+        out.fill_(1.0)
+    n = len(nodes)
+    p2p_s, reduce_s = statistics.median(p2p[1:]), statistics.median(reduce[1:])
+    return nbytes * 8 / p2p_s / 1e9, 2 * (n - 1) / n * nbytes * 8 / reduce_s / 1e9
+
+
+def with_measurements(data: dict[str, Any], figures: list[NetworkFigures]) -> dict[str, Any]:
+    """The description ``data`` (as read from YAML) with ``measured_gbps`` on every measured NIC
+    and ``count:`` entries written out node by node; ``data`` itself is left as it was."""
+    nodes = []
+    for entry in copy.deepcopy(data.get("nodes") or []):
+        count = entry.pop("count", None)
+        names = ([entry["name"].replace("{i}", str(i)) for i in range(count)] if count
+                 else [entry["name"]])
+        nodes += [copy.deepcopy(entry) | {"name": name} for name in names]
+    for node in nodes:
+        for figure in figures:
+            nics = [nic for nic in node.get("nics") or [] if nic.get("network", "") ==
+                    figure.network]
+            for nic in nics if node["name"] in figure.p2p_gbps else []:
+                nic["measured_gbps"] = round(figure.p2p_gbps[node["name"]] / len(nics), 4)
+    return copy.deepcopy(data) | {"nodes": nodes}
+
+
+def report(figures: list[NetworkFigures], nbytes: int) -> str:
+    """The figures as a table for the terminal."""
+    lines = [f"probe of {nbytes / 2**20:.0f} MiB buffers, {datetime.date.today()}:",
+             f"  {'network':<12}{'node':<16}{'point to point':>16}{'all-reduce (bus)':>18}"]
+    for figure in figures:
+        for index, (name, gbps) in enumerate(figure.p2p_gbps.items()):
+            bus = f"{figure.allreduce_gbps:.3f} Gb/s" if index == 0 else ""
+            lines.append(f"  {figure.network if index == 0 else '':<12}{name:<16}"
+                         f"{gbps:>11.3f} Gb/s{bus:>18}")
+    return "\n".join(lines)
+
+
+def write_measurements(source: Path, figures: list[NetworkFigures], target: Path) -> None:
+    """The description at ``source`` with ``figures`` in, written to ``target`` (checked to
+    load, then atomically)."""
+    from orch.cluster.write import read_cluster_data, replace_checked
+
+    replace_checked(target, with_measurements(read_cluster_data(source), figures))
+
+
+__all__ = ["DEFAULT_BYTES", "NetworkFigures", "members", "probe", "report", "with_measurements",
+           "write_measurements"]
