@@ -168,6 +168,25 @@ def check_config(cfg: Config) -> list[Problem]:
         "set parallel.pp_schedule=interleaved or virtual_stages=1",
     )
     need(
+        p.pp_rebalance_threshold == 0 or p.pp_rebalance_threshold > 1,
+        "parallel.pp_rebalance_threshold",
+        f"{p.pp_rebalance_threshold} must be above 1 (a ratio of stage times), or 0 for never",
+        "use e.g. 1.2",
+    )
+    need(
+        p.pp_rebalance_threshold == 0 or (p.pp > 1 and p.virtual_stages == 1),
+        "parallel.pp_rebalance_threshold",
+        f"re-partitioning needs a pipeline of one stage per rank (pp {p.pp}, virtual_stages "
+        f"{p.virtual_stages})",
+        "set parallel.pp_rebalance_threshold=0, or pp > 1 with virtual_stages=1",
+    )
+    need(
+        p.pp_rebalance_steps >= 1,
+        "parallel.pp_rebalance_steps",
+        f"must be at least 1, got {p.pp_rebalance_steps}",
+        "use e.g. 3",
+    )
+    need(
         p.pp_schedule != "interleaved" or p.virtual_stages >= 2 or p.pp == 1,
         "parallel.pp_schedule",
         "interleaved needs virtual_stages of 2 or more",

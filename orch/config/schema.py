@@ -167,7 +167,16 @@ class ParallelConfig:
     stage_layers: list[int] = field(
         default_factory=list,
         metadata=_help("layers of each pipeline stage, first to last (pp x virtual_stages "
-                       "numbers); empty = an even split"),
+                       "numbers); empty = in proportion to each stage's device speed (even "
+                       "on alike devices)"),
+    )
+    pp_rebalance_threshold: float = field(
+        default=0.0,
+        metadata=_help("re-partition the pipeline once when the slowest stage's measured "
+                       "compute exceeds the fastest's by this factor (e.g. 1.2); 0 = never"),
+    )
+    pp_rebalance_steps: int = field(
+        default=3, metadata=_help("logged steps measured before deciding a re-partition")
     )
     ep: int = field(default=1, metadata=_help("expert-parallel degree"))
     etp: int = field(default=1, metadata=_help("tensor-parallel degree inside each expert"))

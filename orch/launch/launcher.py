@@ -19,6 +19,7 @@ from pathlib import Path
 from orch.config import Config, load_config
 from orch.errors import OrchError, PlanError, Problem
 from orch.launch.nodes import check_node, node_settings, this_node
+from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, apply_rebalance, read_rebalance
 from orch.plan import Plan, build_plan
 from orch.plan.cluster import ClusterSpec, NodeSpec, load_cluster
 
@@ -160,7 +161,9 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
 
 def launch_plan(cfg: Config, world: int, nproc: int) -> Plan:
     """The plan the launcher validates and every worker rebuilds: for ``world`` processes,
-    ``nproc`` a node, or with a cluster description for its nodes (which fix both)."""
+    ``nproc`` a node, or with a cluster description for its nodes (which fix both); with the
+    stage layers of the run directory's pipeline re-partition, when it had one."""
+    cfg = apply_rebalance(cfg)
     if cfg.cluster:
         return build_plan(cfg, None, None, device_name())
     return build_plan(cfg, world, nproc, device_name())
@@ -297,12 +300,27 @@ def launch(argv: Sequence[str]) -> int:
     args, cfg, plan = prepare(argv)
     print(f"orch launch: {plan.world_size} x {plan.device}, {plan.degrees.short()}, "
           f"run dir {cfg.run.dir}", flush=True)
-    try:
-        run(args)
-    except ChildFailedError as exc:
-        raise RunFailed(f"training failed:\n{exc.format_msg()}") from None
+    while True:
+        before = read_rebalance(Path(cfg.run.dir))
+        try:
+            run(args)
+            break
+        except ChildFailedError as exc:
+            if not _repartitioned(exc, before, Path(cfg.run.dir)):
+                raise RunFailed(f"training failed:\n{exc.format_msg()}") from None
+        plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
+        print(f"orch launch: restarting on the re-partitioned pipeline "
+              f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)
     print(summary(cfg), flush=True)
     return 0
+
+
+def _repartitioned(exc: Exception, before: dict | None, run_dir: Path) -> bool:
+    """Whether the workers stopped to re-partition the pipeline: one exited with
+    ``REBALANCE_EXIT`` and the run directory has a new re-partition record (the others may
+    have been stopped by torchrun before they exited themselves)."""
+    codes = {failure.exitcode for failure in getattr(exc, "failures", {}).values()}
+    return REBALANCE_EXIT in codes and read_rebalance(run_dir) not in (None, before)
 
 
 def summary(cfg: Config) -> str:

@@ -129,6 +129,33 @@ def mixing(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
     return sum(count for count, _ in mixed_groups(deg, topology, places, heavy).values())
 
 
+def stage_speeds(topology: Topology, deg: Degrees) -> list[float]:
+    """Each pipeline stage's speed: the slowest device among the nodes of its ranks (ranks of
+    a stage are a contiguous block: pipeline is the slowest-varying coordinate)."""
+    per_stage = topology.world_size // deg.pp
+    speeds = []
+    for stage in range(deg.pp):
+        nodes = {topology.node_of(rank) for rank in range(stage * per_stage,
+                                                           (stage + 1) * per_stage)}
+        speeds.append(min(topology.devices[n].peak_flops * topology.devices[n].compute_efficiency
+                          for n in nodes))
+    return speeds
+
+
+def proportional_split(layers: int, speeds: Sequence[float]) -> list[int]:
+    """``layers`` shared in proportion to ``speeds``, each share at least one, by largest
+    remainder (ties to the earlier stage)."""
+    if layers < len(speeds):
+        raise ValueError(f"{layers} layers cannot fill {len(speeds)} stages")
+    total = sum(speeds)
+    exact = [(layers - len(speeds)) * s / total for s in speeds]
+    shares = [1 + int(x) for x in exact]
+    order = sorted(range(len(speeds)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    for i in order[:layers - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
 def _size(deg: Degrees, dim: str) -> int:
     size = 1
     for part in dim.split("-"):
@@ -137,4 +164,5 @@ def _size(deg: Degrees, dim: str) -> int:
 
 
 __all__ = ["KEPT_INSIDE_NIC_TYPE", "NodePlace", "candidate_orders", "fastest_nic",
-           "mixed_groups", "mixing", "nic_notes", "placement_of", "unreachable"]
+           "mixed_groups", "mixing", "nic_notes", "placement_of", "proportional_split",
+           "stage_speeds", "unreachable"]

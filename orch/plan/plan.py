@@ -19,7 +19,14 @@ from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
 from orch.plan.machine import Machine, resolve_machine
 from orch.plan.memory import MemoryEstimate, estimate_memory
-from orch.plan.placement import NodePlace, mixing, nic_notes, unreachable
+from orch.plan.placement import (
+    NodePlace,
+    mixing,
+    nic_notes,
+    proportional_split,
+    stage_speeds,
+    unreachable,
+)
 from orch.plan.rules import check_degrees
 from orch.plan.topology import Link
 
@@ -198,13 +205,16 @@ def evaluate(
     ``links`` and ``memory`` may be passed in when the caller (the search) already has them.
     """
     links = links if links is not None else machine.links(deg)
+    stage_layers = _stage_layers(cfg, deg, machine)
+    if deg.pp > 1 and not cfg.parallel.stage_layers and len(set(stage_layers)) > 1:
+        # devices of different speeds: the memory model sees the uneven split
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, stage_layers=list(stage_layers)))
+        memory = None
     memory = memory if memory is not None else estimate_memory(cfg, deg)
     step = estimate_step_time(cfg, deg, links, machine.device)
     limit = memory_limit(cfg, machine)
     t = cfg.train
-    chunks = deg.pp * deg.virtual_stages
-    stage_layers = (tuple(cfg.parallel.stage_layers) if cfg.parallel.stage_layers and deg.pp > 1
-                    else (cfg.model.layers // chunks,) * chunks)
     return Plan(
         model=cfg.model.name,
         world_size=machine.world_size,
@@ -229,6 +239,20 @@ def evaluate(
         links=links,
         placement=machine.places(),
     )
+
+
+def _stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> tuple[int, ...]:
+    """Layers per pipeline chunk: ``parallel.stage_layers`` when given; else in proportion to
+    each stage's device speed on a cluster whose stages differ (one stage per rank); else
+    even."""
+    chunks = deg.pp * deg.virtual_stages
+    if cfg.parallel.stage_layers and deg.pp > 1:
+        return tuple(cfg.parallel.stage_layers)
+    if deg.pp > 1 and deg.virtual_stages == 1 and machine.cluster is not None:
+        speeds = stage_speeds(machine.topology, deg)
+        if len(set(speeds)) > 1:
+            return tuple(proportional_split(cfg.model.layers, speeds))
+    return (cfg.model.layers // chunks,) * chunks
 
 
 def place(cfg: Config, deg: Degrees, machine: Machine, problems: list[Problem]) -> Plan | None:

@@ -67,6 +67,7 @@ class Topology:
         if not len(devices) == len(sizes) == len(networks) >= 1:
             raise ValueError("a topology needs one device, size and network list per node")
         self.names = list(names) or [f"node{i}" for i in range(len(sizes))]
+        self.devices = list(devices)
         self.node_ends = list(accumulate(sizes))
         """One past the last global rank of each node."""
         self.world_size = self.node_ends[-1]

@@ -39,6 +39,8 @@ from orch.runtime.optim import lr_at, set_lr
 if TYPE_CHECKING:  # types only: parallelize imports the executor (and pipelining) for pp > 1
     from orch.offload.engine import OffloadEngine
     from orch.parallel.pipeline.executor import PipelineExecutor
+    from orch.parallel.pipeline.rebalance import Repartitioner
+    from orch.parallel.schedules.simulate import Timeline
 
 SaveFn = Callable[[int], None]
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
@@ -83,6 +85,11 @@ class Trainer:
     offload: OffloadEngine | None = None
     """Keeps parameters and gradients at home off the device; the clip and the optimizer step
     then run on those home copies."""
+    repartitioner: Repartitioner | None = None
+    """Under pipeline parallelism with ``parallel.pp_rebalance_threshold``: measures the stages
+    on logged steps and re-partitions them once (:mod:`orch.parallel.pipeline.rebalance`)."""
+    _timeline: Timeline | None = None
+    """Rank 0's measured pipeline timeline of the last logged step."""
 
     def train(self, start_step: int) -> None:
         """Run steps ``start_step + 1`` to ``train.steps`` (or ``run.stop_at_step``), saving a
@@ -114,6 +121,8 @@ class Trainer:
                          self.ledger.take() if self.ledger else {})
             if step % self.cfg.run.log_interval == 0 or step == last:
                 self._log(done, time.perf_counter() - start)
+                if self.repartitioner is not None:  # may save and raise Repartition
+                    self.repartitioner.after_log(step, self._timeline, self.save)
             if step == last or (interval and step % interval == 0):
                 if self.offload is not None:
                     self.offload.wait_updates()
@@ -234,6 +243,6 @@ class Trainer:
         records = self.pipeline.gather_records()
         if records is None or self.pipeline_dir is None:
             return None
-        timeline = measured_timeline(records)
+        timeline = self._timeline = measured_timeline(records)
         write_timeline(timeline, self.pipeline_dir, step)
         return [round(fraction, 4) for fraction in timeline.idle_fraction]

@@ -32,6 +32,7 @@ from orch.launch.nodes import NODE_ENV
 from orch.models.llama import Transformer
 from orch.offload.engine import offload_transformer
 from orch.parallel.interfaces import cluster_placement
+from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, Repartition
 from orch.plan import Plan
 from orch.plan.layout import dense_layout
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
@@ -150,13 +151,18 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
             print(f"orch: saved checkpoint {path}", flush=True)
 
     metrics = MetricsLog(run_dir, rank == 0, sys.stdout, resume_step=start)
+    repartitioner = None
+    if par.pipeline is not None and cfg.parallel.pp_rebalance_threshold > 0:
+        from orch.parallel.pipeline.rebalance import Repartitioner
+
+        repartitioner = Repartitioner(cfg, list(plan.layers_per_stage), run_dir, rank)
     try:
         trainer = Trainer(cfg, plan, model, optimizer, stream, metrics, device, save, autocast,
                           par.positions, par.token_group, par.ledger, par.pipeline,
-                          run_dir if rank == 0 else None, offload)
+                          run_dir if rank == 0 else None, offload, repartitioner)
         trainer.train(start)
-        checkpoints.wait()  # an async save still in flight completes before the process ends
     finally:
+        checkpoints.wait()  # an async save still in flight completes before the process ends
         metrics.close()
         if offload is not None:
             offload.close()  # deletes the NVMe tier's scratch file
@@ -166,6 +172,8 @@ def main() -> None:
     code = 0
     try:
         run(sys.argv[1:])
+    except Repartition:  # saved; the launcher (or torchrun's restart) starts the new split
+        code = REBALANCE_EXIT
     except OrchError as exc:
         if not isinstance(exc, RanksDisagree) or exc.speaker:
             print(f"orch worker: {exc}", file=sys.stderr, flush=True)

@@ -1,0 +1,178 @@
+"""Pipeline stages re-partitioned by their measured speed (Holmes' self-adapting partition).
+
+The plan starts each stage with layers in proportion to its devices' estimated speed
+(``orch.plan.plan``); what a stage really does per layer shows only in the run: a slower node, a
+busier host, a stage that also holds the embedding or the head. With
+``parallel.pp_rebalance_threshold`` set, global rank 0 sums each rank's compute (the executor's
+measured F, B, I and W actions) over ``parallel.pp_rebalance_steps`` logged steps after the
+first; when the slowest rank's compute exceeds the fastest's by more than the threshold, it
+proposes layers in proportion to each rank's measured layers per second (largest remainder,
+at least one a stage). If that differs from the current split, every rank saves a checkpoint,
+rank 0 writes ``RUN_DIR/rebalance.json`` (the step, the split and compute seconds before, and
+the split after) and the workers exit with :data:`REBALANCE_EXIT`; the launcher starts them
+again (as torchrun would with ``--max-restarts``), and every plan built for the run directory
+from then on, the launcher's and the workers', takes its stage layers from the file
+(:func:`apply_rebalance`), resuming from that checkpoint on the new split. After the restart,
+the same measurement is written into the file as ``after`` and printed beside ``before``; a run
+re-partitions once (a second split from noisier figures could undo the first).
+
+Only plain pipelines (one stage per rank) are re-partitioned: with virtual stages each rank's
+layers are spread over several chunks, and the measured time of a chunk is not separable here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from orch.config.schema import Config
+from orch.parallel.schedules.simulate import Timeline
+from orch.plan.placement import proportional_split
+
+REBALANCE_FILE = "rebalance.json"
+REBALANCE_EXIT = 75
+"""Workers' exit code after a re-partition's checkpoint (EX_TEMPFAIL: run again)."""
+
+
+def compute_seconds(timeline: Timeline) -> list[float]:
+    """Each pipeline rank's busy time in a measured step."""
+    return [sum(span.end - span.start for span in rank) for rank in timeline.spans]
+
+
+@dataclass
+class StageMeter:
+    """Each pipeline rank's compute summed over measured steps."""
+
+    compute: list[float] = field(default_factory=list)
+    steps: int = 0
+
+    def add(self, timeline: Timeline) -> None:
+        step = compute_seconds(timeline)
+        self.compute = ([a + b for a, b in zip(self.compute, step, strict=True)]
+                        if self.compute else step)
+        self.steps += 1
+
+    def per_step(self) -> list[float]:
+        """Mean compute seconds per step of each rank."""
+        return [round(seconds / max(1, self.steps), 4) for seconds in self.compute]
+
+    def proposal(self, split: list[int], threshold: float) -> list[int] | None:
+        """A split in proportion to each rank's measured layers per second, when the slowest
+        rank's compute exceeds the fastest's by more than ``threshold`` and the split differs
+        from ``split``; else None."""
+        if not self.compute or min(self.compute) <= 0:
+            return None
+        if max(self.compute) / min(self.compute) <= threshold:
+            return None
+        speeds = [layers / seconds for layers, seconds in zip(split, self.compute, strict=True)]
+        proposed = proportional_split(sum(split), speeds)
+        return proposed if proposed != split else None
+
+
+class Repartition(Exception):  # noqa: N818 - a request to restart, not an error
+    """Raised on every rank once the re-partition's checkpoint is saved: exit and restart."""
+
+    def __init__(self, layers: list[int]) -> None:
+        super().__init__(f"re-partition the pipeline to {layers} layers per stage")
+        self.layers = layers
+
+
+class Repartitioner:
+    """The trainer's side (see the module docstring): every rank calls :meth:`after_log` after
+    each logged step; pipeline rank 0 of the world measures and decides, and the decision is
+    broadcast so that every rank saves and restarts together."""
+
+    def __init__(self, cfg: Config, split: list[int], run_dir: Path, rank: int) -> None:
+        p = cfg.parallel
+        self.enabled = p.pp_rebalance_threshold > 0
+        self.threshold, self.steps = p.pp_rebalance_threshold, p.pp_rebalance_steps
+        self.split = split
+        self.run_dir, self.rank = run_dir, rank
+        self.record = read_rebalance(run_dir) if self.enabled and rank == 0 else None
+        self.meter = StageMeter()
+        self.warm = False
+        """The first logged step of a process (start-up, first-touch allocation) is skipped."""
+
+    def after_log(self, step: int, timeline: Timeline | None,
+                  save: Callable[[int], None]) -> None:
+        if not self.enabled:
+            return
+        box = [self._observe(timeline) if self.rank == 0 and timeline is not None else None]
+        dist.broadcast_object_list(box, src=0)  # every rank follows rank 0: same collectives
+        proposal, done = box[0]
+        self.enabled = not done
+        if proposal is None:
+            return
+        save(step)
+        if self.rank == 0:
+            self.record = {"step": step, "layers_before": self.split,
+                           "compute_before_s": self.meter.per_step(), "layers_after": proposal,
+                           "compute_after_s": None}
+            write_rebalance(self.run_dir, self.record)
+            print(f"orch: pipeline stages computed {_slashed(self.meter.per_step())} s per step "
+                  f"with {_slashed(self.split)} layers (threshold {self.threshold}): "
+                  f"re-partitioning to {_slashed(proposal)} from the checkpoint of step {step}",
+                  flush=True)
+        raise Repartition(proposal)
+
+    def _observe(self, timeline: Timeline) -> tuple[list[int] | None, bool]:
+        """Rank 0: a new split or None, and whether measuring is over for this run."""
+        if self.record is not None and self.record.get("compute_after_s") is not None:
+            return None, True  # re-partitioned and measured: once per run
+        if not self.warm:
+            self.warm = True
+            return None, False
+        self.meter.add(timeline)
+        if self.meter.steps < self.steps:
+            return None, False
+        if self.record is None:  # deciding
+            proposal = self.meter.proposal(self.split, self.threshold)
+            return proposal, True
+        self.record["compute_after_s"] = self.meter.per_step()  # measuring the new split
+        write_rebalance(self.run_dir, self.record)
+        before, after = self.record["compute_before_s"], self.record["compute_after_s"]
+        print(f"orch: pipeline re-partitioned at step {self.record['step']}: layers "
+              f"{_slashed(self.record['layers_before'])} -> {_slashed(self.split)}, compute per "
+              f"step {_slashed(before)} s -> {_slashed(after)} s (slowest/fastest "
+              f"{max(before) / min(before):.2f} -> {max(after) / min(after):.2f})", flush=True)
+        return None, True
+
+
+def _slashed(values: list) -> str:
+    return "/".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in values)
+
+
+def read_rebalance(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / REBALANCE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_rebalance(run_dir: Path, record: dict[str, Any]) -> None:
+    """Write the record atomically (a crash leaves the old file or the new, never half)."""
+    path = Path(run_dir) / REBALANCE_FILE
+    part = path.with_suffix(".json.part")
+    part.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(part, path)
+
+
+def apply_rebalance(cfg: Config) -> Config:
+    """``cfg`` with the stage layers of its run directory's re-partition, when there is one for
+    this pipeline (same stage count and layers); ``cfg`` itself otherwise."""
+    record = read_rebalance(Path(cfg.run.dir))
+    p = cfg.parallel
+    if (record is None or p.virtual_stages != 1 or len(record["layers_after"]) != p.pp
+            or sum(record["layers_after"]) != cfg.model.layers):
+        return cfg
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(
+        p, stage_layers=list(record["layers_after"])))
+
+
+__all__ = ["REBALANCE_EXIT", "REBALANCE_FILE", "Repartition", "Repartitioner", "StageMeter",
+           "apply_rebalance", "compute_seconds", "read_rebalance", "write_rebalance"]

@@ -1,0 +1,53 @@
+"""A pipeline started on an uneven split (3 layers on stage 0, 1 on stage 1) re-partitions itself
+under ``orch launch``: after two measured steps stage 0's compute is well over the 1.2 threshold
+above stage 1's, so the workers save, exit, and the launcher restarts them on the split the
+measurement calls for (2/2), resuming from that checkpoint. The record and the log carry the
+stage times before and after, and the losses equal an uninterrupted run on the even split (the
+split changes where layers run, not the numbers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from launch_harness import launch, metrics, overrides
+
+STEPS = 8
+PIPELINE = ["parallel.pp=2", f"train.steps={STEPS}"]
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repartition")
+    moved = launch("--nproc-per-node", "2", "configs/tiny.yaml", *overrides(
+        root / "moved", *PIPELINE, "parallel.stage_layers=[3,1]",
+        "parallel.pp_rebalance_threshold=1.2", "parallel.pp_rebalance_steps=2"))
+    even = launch("--nproc-per-node", "2", "configs/tiny.yaml", *overrides(root / "even",
+                                                                           *PIPELINE))
+    assert even.returncode == 0, even.stderr
+    return moved, root / "moved", root / "even"
+
+
+def test_the_pipeline_moved_to_the_measured_split_and_finished(runs):
+    out, run_dir, _ = runs
+    assert out.returncode == 0, out.stdout + out.stderr
+    record = json.loads((run_dir / "rebalance.json").read_text())
+    assert record["layers_before"] == [3, 1] and record["layers_after"] == [2, 2]
+    before, after = record["compute_before_s"], record["compute_after_s"]
+    assert before[0] > 1.2 * before[1]  # the measurement that triggered it, recorded
+    assert len(after) == 2 and min(after) > 0  # and the new split's, measured after the restart
+    assert "re-partitioning to 2/2 from the checkpoint of step 3" in out.stdout
+    assert "orch launch: restarting on the re-partitioned pipeline (2/2 layers" in out.stdout
+    assert "orch: pipeline re-partitioned at step 3: layers 3/1 -> 2/2" in out.stdout
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["layers_per_stage"] == [2, 2]
+
+
+def test_losses_continue_as_if_nothing_moved(runs):
+    _, run_dir, even = runs
+    got, want = metrics(run_dir), metrics(even)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]

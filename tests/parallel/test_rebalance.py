@@ -1,0 +1,62 @@
+"""Pipeline re-partitioning by measured stage speed: the split, the decision, the record."""
+
+from __future__ import annotations
+
+import pytest
+
+from orch.config import load_config
+from orch.parallel.pipeline.rebalance import StageMeter, apply_rebalance, write_rebalance
+from orch.parallel.schedules.actions import Action
+from orch.parallel.schedules.simulate import Span, Timeline
+from orch.plan import build_plan
+from orch.plan.placement import proportional_split
+
+
+@pytest.mark.parametrize("layers,speeds,want", [
+    (32, [1, 1, 1, 1], [8, 8, 8, 8]),
+    (32, [2, 1, 1], [16, 8, 8]),          # 2:1:1 of the 29 past one each, by largest remainder
+    (4, [100, 1], [3, 1]),                # every stage keeps a layer
+    (10, [1, 3], [3, 7]),
+])
+def test_layers_follow_speed_and_every_stage_keeps_one(layers, speeds, want):
+    assert proportional_split(layers, speeds) == want
+    assert sum(want) == layers
+
+
+def _timeline(busy: list[float]) -> Timeline:
+    spans = [[Span(Action("F", rank, 0), 0.0, seconds)] for rank, seconds in enumerate(busy)]
+    return Timeline(spans, max(busy), [0.0] * len(busy), [1] * len(busy))
+
+
+def test_a_slow_stage_gets_fewer_layers_and_a_balanced_one_none():
+    meter = StageMeter()
+    for _ in range(3):
+        meter.add(_timeline([0.9, 0.3]))  # 3 layers take 0.9 s, 1 layer 0.3 s: equal speed
+    assert meter.per_step() == [0.9, 0.3]
+    assert meter.proposal([3, 1], threshold=1.2) == [2, 2]
+    assert meter.proposal([3, 1], threshold=4.0) is None  # imbalance under the threshold
+    balanced = StageMeter()
+    balanced.add(_timeline([0.5, 0.5]))
+    assert balanced.proposal([2, 2], threshold=1.01) is None
+    slow_second = StageMeter()
+    slow_second.add(_timeline([0.2, 0.6]))  # the second stage's device is 3x slower
+    assert slow_second.proposal([2, 2], threshold=1.2) == [3, 1]
+
+
+def test_a_run_directorys_repartition_sets_the_plans_stage_layers(tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["parallel.pp=2", f"run.dir={tmp_path}"])
+    assert build_plan(cfg, 2, 2, "cpu").layers_per_stage == (2, 2)
+    write_rebalance(tmp_path, {"step": 4, "layers_before": [2, 2], "compute_before_s": [1, 3],
+                               "layers_after": [3, 1], "compute_after_s": None})
+    assert apply_rebalance(cfg).parallel.stage_layers == [3, 1]
+    other = load_config("configs/tiny.yaml", ["parallel.pp=4", f"run.dir={tmp_path}"])
+    assert apply_rebalance(other) is other  # another pipeline: the record does not apply
+
+
+def test_rebalancing_without_a_plain_pipeline_is_refused():
+    from orch.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/tiny.yaml", ["parallel.pp_rebalance_threshold=0.5"])
+    text = str(info.value)
+    assert "0.5 must be above 1" in text and "needs a pipeline of one stage per rank" in text
