@@ -124,7 +124,7 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
         nproc = _nproc_per_node(args.nproc_per_node, cfg, max_nodes, problems)
     world = cluster.world_size if cluster is not None else max_nodes * nproc
     if cluster is not None:
-        check_node(cluster, node, max_nodes, nproc, problems)
+        check_node(cluster, node, max_nodes, nproc, problems, _visible_gpus())
     plan = None
     try:
         plan = launch_plan(cfg, world, nproc)
@@ -167,6 +167,12 @@ def launch_plan(cfg: Config, world: int, nproc: int) -> Plan:
     if cfg.cluster:
         return build_plan(cfg, None, None, device_name())
     return build_plan(cfg, world, nproc, device_name())
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def backend() -> str:

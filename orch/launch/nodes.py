@@ -68,9 +68,10 @@ def this_node(cluster: ClusterSpec, given: str | None, problems: list[Problem]) 
 
 
 def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: int,
-               problems: list[Problem]) -> None:
+               problems: list[Problem], gpus: int = 0) -> None:
     """What launch finds against what the description says: the node count, and on this node
-    (when found) its processes and the network interfaces of its NICs."""
+    (when found) its processes, its ``gpus`` (the visible ones; 0 on a CPU machine, where the
+    devices are the processes) and the network interfaces of its NICs."""
     where = f"cluster {cluster.source or cluster.name}"
     if nnodes != len(cluster.nodes):
         problems.append(Problem("--nnodes", f"{nnodes}, but {where} lists {len(cluster.nodes)} "
@@ -82,6 +83,10 @@ def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: 
         problems.append(Problem("--nproc-per-node", f"{nproc}, but {where} gives node "
                                 f"{node.name} {node.devices} devices",
                                 f"pass --nproc-per-node {node.devices}, or leave it out"))
+    if gpus and gpus < node.devices:
+        problems.append(Problem(f"{where}: node {node.name}", f"{node.devices} devices, but "
+                                f"this machine shows {gpus} GPUs", "correct 'devices:' in the "
+                                "description, or check CUDA_VISIBLE_DEVICES"))
     present = {name for _, name in socket.if_nameindex()}
     for nic in node.nics:
         if nic.netdev not in present:

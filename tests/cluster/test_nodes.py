@@ -15,7 +15,7 @@ import yaml
 
 from orch.errors import PlanError
 from orch.launch.launcher import prepare
-from orch.launch.nodes import node_settings
+from orch.launch.nodes import check_node, node_settings
 from orch.parallel.interfaces import interface_chooser, pin_gloo_groups, place_rank
 from orch.plan.cluster import load_cluster
 
@@ -49,6 +49,15 @@ def test_what_launch_finds_is_checked_against_the_description(tmp_path):
     assert "--nproc-per-node: 3, but cluster" in text and "gives node here 2 devices" in text
     assert "node here, NIC nic0: interface 'nosuch0' does not exist here" in text
     assert "(3 problems)" in text
+
+
+def test_a_node_with_fewer_gpus_than_described_is_refused(tmp_path):
+    cluster = load_cluster(_cluster_file(tmp_path, devices=8))
+    problems = []
+    check_node(cluster, cluster.nodes[0], 2, 8, problems, gpus=4)
+    (problem,) = problems
+    assert "node here" in problem.where and "8 devices, but this machine shows 4 GPUs" in (
+        problem.message)
 
 
 def test_a_node_not_in_the_description_is_named_with_the_fix(tmp_path):
