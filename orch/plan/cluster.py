@@ -115,16 +115,6 @@ class NodeSpec:
     nics: tuple[NicSpec, ...] = ()
     gpus: tuple[GpuSpec, ...] = ()
 
-    @property
-    def nic_bandwidth_per_device(self) -> float:
-        """Bytes/s each device gets off the node: the NICs' total shared by all devices.
-
-        A node without listed NICs falls back to its device's catalog figure.
-        """
-        if not self.nics:
-            return self.device.inter_node_bw
-        return sum(nic.bandwidth for nic in self.nics) / self.devices
-
 
 @dataclass(frozen=True)
 class ClusterSpec:

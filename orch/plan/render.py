@@ -163,6 +163,9 @@ def render_search(result: SearchResult, world_size: int, device: str) -> str:
     )
     if result.over_memory:
         head += f" ({result.most_common_cause})"
+    if result.unconnected:
+        head += (f"; {result.unconnected} sets of degrees need groups across nodes that share "
+                 "no network (give the nodes a common network in the cluster description)")
     if not result.best:
         return head + "\nno plan fits: add devices, offload (offload.*), or shorten train.seq_len"
     lines = [

@@ -154,14 +154,13 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem
 def _schedule_problems(cfg: Config, deg: Degrees, microbatches: int) -> list[Problem]:
     """Whether the pipeline schedule can be built for these stages and micro-batches (the same
     generator the runtime uses says why not)."""
-    from orch.parallel.schedules import build_schedule  # pure Python: no torch import
-
     p = cfg.parallel
     deferred = p.pp_max_deferred if p.pp_schedule.startswith("2bp-") else None
-    try:
-        build_schedule(p.pp_schedule, deg.pp, microbatches, deg.virtual_stages, deferred)
-    except ValueError as exc:
-        return [Problem("parallel.pp_schedule", f"{p.pp_schedule}: {exc}",
+    from orch.parallel.schedules import schedule_problem  # pure Python: no torch import
+
+    error = schedule_problem(p.pp_schedule, deg.pp, microbatches, deg.virtual_stages, deferred)
+    if error is not None:
+        return [Problem("parallel.pp_schedule", f"{p.pp_schedule}: {error}",
                         "pick a schedule, micro-batch count (train.global_batch / "
                         "(micro_batch x dp)) and virtual_stages that fit together")]
     if p.pp_max_deferred is not None and not p.pp_schedule.startswith("2bp-"):

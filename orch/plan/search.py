@@ -42,6 +42,9 @@ class SearchResult:
     fit: int = 0
     over_memory: int = 0
     over_memory_causes: Counter[str] = field(default_factory=Counter)
+    unconnected: int = 0
+    """Sets of degrees that fit but whose groups span nodes sharing no network, in every node
+    order tried."""
 
     @property
     def most_common_cause(self) -> str:
@@ -114,17 +117,22 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
     result = SearchResult(best=[])
     limit = memory_limit(cfg, machine)
     best_per_degrees: list[tuple[Plan, Machine]] = []
+    # Every (micro-batch, recompute) variant of cfg, made once: thousands of degrees share them.
+    variants = {(mb, r): _with_train(cfg, micro_batch=mb, recompute=r)
+                for mb in MICRO_BATCHES for r in {cfg.train.recompute, *RECOMPUTE}}
     for deg in candidate_degrees(cfg, machine):
         settings = [
-            c
-            for c in _micro_batch_settings(cfg, deg)
-            if not check_degrees(c, deg, machine.gpus_per_node)
+            variants[(mb, cfg.train.recompute)]
+            for mb in MICRO_BATCHES
+            if cfg.train.global_batch % (mb * deg.dp) == 0
+            and not check_degrees(variants[(mb, cfg.train.recompute)], deg,
+                                  machine.gpus_per_node)
         ]
         if not settings:
             continue
         # The smallest micro-batch with full recompute needs the least memory: when even that
         # does not fit, no setting of these degrees does.
-        leanest = estimate_memory(_with_recompute(settings[0], "full"), deg)
+        leanest = estimate_memory(variants[(settings[0].train.micro_batch, "full")], deg)
         if leanest.total > limit:
             count = len(settings) * len(RECOMPUTE)
             result.evaluated += count
@@ -134,10 +142,12 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
         placed: list[tuple[Machine, dict[str, Link]]] | None = None
         best: tuple[Plan, Machine] | None = None
         for batch_cfg in settings:
+            if placed == []:
+                break
             # Recompute levels go from none to full: each needs less memory and more time, so
             # the first that fits is the only one worth pricing; the rest fit and are slower.
             for index, recompute in enumerate(RECOMPUTE):
-                trial = _with_recompute(batch_cfg, recompute)
+                trial = variants[(batch_cfg.train.micro_batch, recompute)]
                 result.evaluated += 1
                 memory = estimate_memory(trial, deg)
                 if memory.total > limit:
@@ -149,6 +159,9 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                 if placed is None:  # each node order whose groups all reach their members
                     placed = [(m, links) for m in machine.placements()
                               if not unreachable(deg, links := m.links(deg))]
+                    result.unconnected += not placed
+                if not placed:
+                    break
                 plan, variant = min(((evaluate(trial, deg, m, links, memory), m)
                                      for m, links in placed),
                                     key=lambda pair: placement_key(*pair))
@@ -164,17 +177,6 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
 
 def _with_train(cfg: Config, **changes: object) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
-
-
-def _with_recompute(cfg: Config, recompute: str) -> Config:
-    return _with_train(cfg, recompute=recompute)
-
-
-def _micro_batch_settings(cfg: Config, deg: Degrees) -> Iterator[Config]:
-    """``cfg`` with each micro-batch size that divides the batch over ``deg.dp`` ranks."""
-    for micro_batch in MICRO_BATCHES:
-        if cfg.train.global_batch % (micro_batch * deg.dp) == 0:
-            yield _with_train(cfg, micro_batch=micro_batch)
 
 
 def _rank_key(plan: Plan) -> tuple[float, float, int]:

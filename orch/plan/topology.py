@@ -63,10 +63,9 @@ class Topology:
     """Nodes in rank order, each with its device and the networks it is attached to."""
 
     def __init__(self, devices: Sequence[DeviceSpec], sizes: Sequence[int],
-                 networks: Sequence[Attachments], names: Sequence[str] = ()) -> None:
+                 networks: Sequence[Attachments]) -> None:
         if not len(devices) == len(sizes) == len(networks) >= 1:
             raise ValueError("a topology needs one device, size and network list per node")
-        self.names = list(names) or [f"node{i}" for i in range(len(sizes))]
         self.devices = list(devices)
         self.node_ends = list(accumulate(sizes))
         """One past the last global rank of each node."""
@@ -97,7 +96,7 @@ class Topology:
         listed): ranks fill them in that order."""
         nodes = [cluster.nodes[i] for i in order] if order else list(cluster.nodes)
         return cls([n.device for n in nodes], [n.devices for n in nodes],
-                   [attachments(n) for n in nodes], [n.name for n in nodes])
+                   [attachments(n) for n in nodes])
 
     def node_of(self, rank: int) -> int:
         if self._per_node:

@@ -113,3 +113,18 @@ def test_the_fastest_common_network_carries_a_group() -> None:
     data["nodes"][1]["nics"][0]["network"] = "fabric-a"
     link = Topology.from_cluster(cluster_from_dict(data)).link(list(range(16)))
     assert (link.network, link.nic, link.bandwidth) == ("fabric-a", "ib", 400e9 / 8 / 8)
+
+
+def test_the_search_counts_degrees_whose_groups_cannot_reach_each_other(tmp_path) -> None:
+    import yaml
+
+    from orch.plan import search
+    from orch.plan.render import render_search
+
+    path = tmp_path / "islands.yaml"
+    path.write_text(yaml.safe_dump(_two_islands()))
+    cfg = load_config(LLAMA, [f"cluster={path}"])
+    machine = resolve_machine(cfg, None, None, None, [])
+    result = search(cfg, machine)
+    assert result.best == [] and result.unconnected > 0
+    assert "share no network" in render_search(result, 16, "h100-sxm-80gb")

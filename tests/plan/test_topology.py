@@ -12,7 +12,7 @@ from orch.plan.cluster import ClusterError, cluster_from_dict, load_cluster
 from orch.plan.degrees import Degrees
 from orch.plan.devices import get_device
 from orch.plan.layout import first_groups, plan_groups
-from orch.plan.topology import NO_LINK, Topology
+from orch.plan.topology import NO_LINK, Attachment, Topology, attachments
 
 REPO = Path(__file__).resolve().parents[2]
 H100 = get_device("h100")
@@ -89,7 +89,7 @@ def test_example_cluster_file_loads() -> None:
     assert cluster.name == "dgx-h100-4node"
     assert [n.name for n in cluster.nodes] == ["dgx0", "dgx1", "dgx2", "dgx3"]
     assert cluster.world_size == 32
-    assert cluster.nodes[2].nic_bandwidth_per_device == 50e9
+    assert attachments(cluster.nodes[2]) == (Attachment("ib-a", 50e9, "ib"),)
     assert [cluster.node_of(r) for r in (0, 7, 8, 31)] == [0, 0, 1, 3]
     topo = Topology.from_cluster(cluster)
     assert topo.link(list(range(0, 32, 8))).bandwidth == 50e9
@@ -97,7 +97,7 @@ def test_example_cluster_file_loads() -> None:
 
 def test_group_spanning_ib_and_ethernet_gets_ethernet_bandwidth() -> None:
     cluster = cluster_from_dict(mixed_cluster())
-    assert cluster.nodes[1].nic_bandwidth_per_device == 2 * 100e9 / 8 / 8
+    assert attachments(cluster.nodes[1]) == (Attachment("", 2 * 100e9 / 8 / 8, "ethernet"),)
     topo = Topology.from_cluster(cluster)
     assert topo.link(list(range(8))).bandwidth == 450e9
     both = topo.link(list(range(16)))
@@ -124,7 +124,7 @@ def test_uneven_nodes_and_mixed_devices() -> None:
                         "device_overrides": {"compute_efficiency": 0.5}}
     cluster = cluster_from_dict(data)
     assert cluster.nodes[1].device.compute_efficiency == 0.5
-    assert cluster.nodes[1].nic_bandwidth_per_device == get_device("a100").inter_node_bw
+    assert attachments(cluster.nodes[1]) == (Attachment("", get_device("a100").inter_node_bw),)
     topo = Topology.from_cluster(cluster)
     assert topo.device.name == "a100-80gb"  # the slowest sets the pace
     assert [topo.node_of(r) for r in (7, 8, 11)] == [0, 1, 1]

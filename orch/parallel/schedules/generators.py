@@ -48,6 +48,14 @@ def _require(stages: int, microbatches: int, virtual: int = 1) -> None:
             raise ValueError(f"{label} must be at least 1, got {value}")
 
 
+def _interleaved_problem(stages: int, microbatches: int) -> str | None:
+    if microbatches % stages:
+        next_multiple = -(-microbatches // stages) * stages
+        return (f"interleaved 1F1B needs microbatches to be a multiple of stages; got "
+                f"microbatches={microbatches}, stages={stages} (try {next_multiple})")
+    return None
+
+
 def _gpipe_order(stages: int, microbatches: int) -> Order:
     mbs = range(microbatches)
     return [
@@ -90,12 +98,8 @@ def interleaved_1f1b(stages: int, microbatches: int, virtual: int = 2) -> Schedu
     of P. The bubble shrinks by about V at the price of V times the point-to-point traffic.
     """
     _require(stages, microbatches, virtual)
-    if microbatches % stages:
-        next_multiple = -(-microbatches // stages) * stages
-        raise ValueError(
-            f"interleaved 1F1B needs microbatches to be a multiple of stages; got "
-            f"microbatches={microbatches}, stages={stages} (try {next_multiple})"
-        )
+    if problem := _interleaved_problem(stages, microbatches):
+        raise ValueError(problem)
     group, total = stages * virtual, microbatches * virtual
 
     def action(kind: str, rank: int, k: int) -> Action:
@@ -159,11 +163,17 @@ def two_bp(base: str, stages: int, microbatches: int, max_deferred: int | None =
     if base not in _BASES:
         raise ValueError(f"unknown 2BP base {base!r}; valid bases: {', '.join(_BASES)}")
     _require(stages, microbatches)
-    if max_deferred is not None and max_deferred < 0:
-        raise ValueError(f"max_deferred must be None or at least 0, got {max_deferred}")
+    if problem := _deferred_problem(max_deferred):
+        raise ValueError(problem)
     bound = (lambda rank: rank) if max_deferred is None else (lambda rank: max_deferred)
     order = _split_backward(_BASES[base](stages, microbatches), bound)
     return schedule_with_comms(f"2bp-{base}", stages, microbatches, order)
+
+
+def _deferred_problem(max_deferred: int | None) -> str | None:
+    if max_deferred is not None and max_deferred < 0:
+        return f"max_deferred must be None or at least 0, got {max_deferred}"
+    return None
 
 
 def zb_h1(stages: int, microbatches: int) -> Schedule:
@@ -188,22 +198,34 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
 }
 
 
+def schedule_problem(
+    name: str, stages: int, microbatches: int, virtual: int = 1, max_deferred: int | None = None
+) -> str | None:
+    """Why :func:`build_schedule` would refuse these arguments, or None; without building the
+    schedule (the plan search asks for thousands of candidates)."""
+    if name not in SCHEDULES:
+        return f"unknown schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}"
+    if max_deferred is not None and not name.startswith("2bp-"):
+        return f"max_deferred={max_deferred} applies to 2bp-gpipe and 2bp-1f1b, not {name!r}"
+    try:
+        _require(stages, microbatches, virtual)
+    except ValueError as exc:
+        return str(exc)
+    if name == "interleaved":
+        return _interleaved_problem(stages, microbatches)
+    if virtual != 1:
+        return f"virtual={virtual} needs schedule 'interleaved'; {name!r} runs one stage per rank"
+    return _deferred_problem(max_deferred)
+
+
 def build_schedule(
     name: str, stages: int, microbatches: int, virtual: int = 1, max_deferred: int | None = None
 ) -> Schedule:
     """Make the schedule called ``name``; options a schedule does not take must stay default."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
-    if max_deferred is not None and not name.startswith("2bp-"):
-        raise ValueError(
-            f"max_deferred={max_deferred} applies to 2bp-gpipe and 2bp-1f1b, not {name!r}"
-        )
+    if problem := schedule_problem(name, stages, microbatches, virtual, max_deferred):
+        raise ValueError(problem)
     if name == "interleaved":
         return interleaved_1f1b(stages, microbatches, virtual)
-    if virtual != 1:
-        raise ValueError(
-            f"virtual={virtual} needs schedule 'interleaved'; {name!r} runs one stage per rank"
-        )
     if name.startswith("2bp-"):
         return SCHEDULES[name](stages, microbatches, max_deferred=max_deferred)
     return SCHEDULES[name](stages, microbatches)
