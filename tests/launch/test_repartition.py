@@ -38,6 +38,7 @@ def test_the_pipeline_moved_to_the_measured_split_and_finished(runs):
     before, after = record["compute_before_s"], record["compute_after_s"]
     assert before[0] > 1.2 * before[1]  # the measurement that triggered it, recorded
     assert len(after) == 2 and min(after) > 0  # and the new split's, measured after the restart
+    assert len(record["idle_before_s"]) == len(record["idle_after_s"]) == 2
     assert "re-partitioning to 2/2 from the checkpoint of step 3" in out.stdout
     assert "orch launch: restarting on the re-partitioned pipeline (2/2 layers" in out.stdout
     assert "orch: pipeline re-partitioned at step 3: layers 3/1 -> 2/2" in out.stdout

@@ -33,6 +33,7 @@ def test_a_slow_stage_gets_fewer_layers_and_a_balanced_one_none():
     for _ in range(3):
         meter.add(_timeline([0.9, 0.3]))  # 3 layers take 0.9 s, 1 layer 0.3 s: equal speed
     assert meter.per_step() == [0.9, 0.3]
+    assert meter.per_step(idle=True) == [0.0, 0.6]  # the step lasts 0.9 s on every rank
     assert meter.proposal([3, 1], threshold=1.2) == [2, 2]
     assert meter.proposal([3, 1], threshold=4.0) is None  # imbalance under the threshold
     balanced = StageMeter()

@@ -8,9 +8,10 @@ measured F, B, I and W actions) over ``parallel.pp_rebalance_steps`` logged step
 first; when the slowest rank's compute exceeds the fastest's by more than the threshold, it
 proposes layers in proportion to each rank's measured layers per second (largest remainder,
 at least one a stage). If that differs from the current split, every rank saves a checkpoint,
-rank 0 writes ``RUN_DIR/rebalance.json`` (the step, the split and compute seconds before, and
-the split after) and the workers exit with :data:`REBALANCE_EXIT`; the launcher starts them
-again (as torchrun would with ``--max-restarts``), and every plan built for the run directory
+rank 0 writes ``RUN_DIR/rebalance.json`` (the step, the split, compute and idle seconds per
+stage before, and the split after) and the workers exit with :data:`REBALANCE_EXIT`; the
+launcher starts them again (as torchrun would with ``--max-restarts``), and every plan built for
+the run directory
 from then on, the launcher's and the workers', takes its stage layers from the file
 (:func:`apply_rebalance`), resuming from that checkpoint on the new split. After the restart,
 the same measurement is written into the file as ``after`` and printed beside ``before``; a run
@@ -51,17 +52,23 @@ class StageMeter:
     """Each pipeline rank's compute summed over measured steps."""
 
     compute: list[float] = field(default_factory=list)
+    idle: list[float] = field(default_factory=list)
+    """Per rank, the step's time outside its compute: waits for transfers and the bubble
+    (torch's pipelining runtime sends and receives inside its step, so transfers are not
+    clocked apart)."""
     steps: int = 0
 
     def add(self, timeline: Timeline) -> None:
-        step = compute_seconds(timeline)
-        self.compute = ([a + b for a, b in zip(self.compute, step, strict=True)]
-                        if self.compute else step)
+        busy = compute_seconds(timeline)
+        idle = [timeline.makespan - seconds for seconds in busy]
+        self.compute = _summed(self.compute, busy)
+        self.idle = _summed(self.idle, idle)
         self.steps += 1
 
-    def per_step(self) -> list[float]:
-        """Mean compute seconds per step of each rank."""
-        return [round(seconds / max(1, self.steps), 4) for seconds in self.compute]
+    def per_step(self, idle: bool = False) -> list[float]:
+        """Mean compute (or idle) seconds per step of each rank."""
+        return [round(seconds / max(1, self.steps), 4)
+                for seconds in (self.idle if idle else self.compute)]
 
     def proposal(self, split: list[int], threshold: float) -> list[int] | None:
         """A split in proportion to each rank's measured layers per second, when the slowest
@@ -74,6 +81,10 @@ class StageMeter:
         speeds = [layers / seconds for layers, seconds in zip(split, self.compute, strict=True)]
         proposed = proportional_split(sum(split), speeds)
         return proposed if proposed != split else None
+
+
+def _summed(total: list[float], step: list[float]) -> list[float]:
+    return [a + b for a, b in zip(total, step, strict=True)] if total else list(step)
 
 
 class Repartition(Exception):  # noqa: N818 - a request to restart, not an error
@@ -113,10 +124,12 @@ class Repartitioner:
         save(step)
         if self.rank == 0:
             self.record = {"step": step, "layers_before": self.split,
-                           "compute_before_s": self.meter.per_step(), "layers_after": proposal,
-                           "compute_after_s": None}
+                           "compute_before_s": self.meter.per_step(),
+                           "idle_before_s": self.meter.per_step(idle=True),
+                           "layers_after": proposal, "compute_after_s": None}
             write_rebalance(self.run_dir, self.record)
             print(f"orch: pipeline stages computed {_slashed(self.meter.per_step())} s per step "
+                  f"(idle {_slashed(self.meter.per_step(idle=True))} s: transfers and bubble) "
                   f"with {_slashed(self.split)} layers (threshold {self.threshold}): "
                   f"re-partitioning to {_slashed(proposal)} from the checkpoint of step {step}",
                   flush=True)
@@ -136,11 +149,14 @@ class Repartitioner:
             proposal = self.meter.proposal(self.split, self.threshold)
             return proposal, True
         self.record["compute_after_s"] = self.meter.per_step()  # measuring the new split
+        self.record["idle_after_s"] = self.meter.per_step(idle=True)
         write_rebalance(self.run_dir, self.record)
         before, after = self.record["compute_before_s"], self.record["compute_after_s"]
         print(f"orch: pipeline re-partitioned at step {self.record['step']}: layers "
               f"{_slashed(self.record['layers_before'])} -> {_slashed(self.split)}, compute per "
-              f"step {_slashed(before)} s -> {_slashed(after)} s (slowest/fastest "
+              f"step {_slashed(before)} s -> {_slashed(after)} s, idle "
+              f"{_slashed(self.record['idle_before_s'])} s -> "
+              f"{_slashed(self.record['idle_after_s'])} s (compute slowest/fastest "
               f"{max(before) / min(before):.2f} -> {max(after) / min(after):.2f})", flush=True)
         return None, True
 
