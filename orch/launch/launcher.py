@@ -190,7 +190,7 @@ def _cluster_node(cfg: Config, given: str | None, problems: list[Problem]
         if given:
             problems.append(Problem("--node-name", f"{given!r} given, but the config names no "
                                     "cluster description", "set cluster: in the config, or "
-                                    "leave --node out"))
+                                    "leave --node-name out"))
         return None, None
     try:
         cluster = load_cluster(cfg.cluster)
