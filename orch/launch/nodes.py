@@ -99,7 +99,7 @@ def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: 
 
 def node_settings(cluster: ClusterSpec, plan: Plan, node: NodeSpec, backend: str) -> NodeSettings:
     """The environment ``node``'s workers get under ``plan`` (see the module docstring)."""
-    first = next(place.first_rank for place in plan.placement if place.name == node.name)
+    first = plan.place_of(node.name).first_rank
     topology = Topology.from_cluster(cluster)
     shared = topology.network_link(range(len(cluster.nodes))).network
     socket_if = next((nic.netdev for nic in node.nics if nic.network == shared), "")

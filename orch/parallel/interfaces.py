@@ -54,8 +54,7 @@ def cluster_placement(cluster: str, plan: Plan, node: str | None, backend: str
 def place_rank(plan: Plan, node: str) -> int:
     """Set ``RANK`` to the plan's rank of this worker on ``node`` (before the default process
     group is made) and return it."""
-    place = next(p for p in plan.placement if p.name == node)
-    rank = place.first_rank + int(os.environ["LOCAL_RANK"])
+    rank = plan.place_of(node).first_rank + int(os.environ["LOCAL_RANK"])
     os.environ["RANK"] = str(rank)
     return rank
 

@@ -83,10 +83,11 @@ def unreachable(deg: Degrees, links: dict[str, Link]) -> list[str]:
 
 
 def mixed_groups(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
-                 dims: Iterable[str] = KEPT_INSIDE_NIC_TYPE) -> dict[str, tuple[int, list[str]]]:
+                 dims: Iterable[str] = KEPT_INSIDE_NIC_TYPE
+                 ) -> dict[str, tuple[int, int, list[str]]]:
     """Per heavy group dimension of size above one: how many of its groups span NIC types
-    under this placement, and the types the first such group spans (dimensions with none left
-    out)."""
+    under this placement, of how many, and the types the first such group spans (dimensions
+    with none left out)."""
     nic_of_node = [place.nic for place in places]
     groups = plan_groups(deg)
     mixed = {}
@@ -96,7 +97,7 @@ def mixed_groups(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
         spans = [types for group in groups[dim]
                  if len(types := sorted({nic_of_node[topology.node_of(r)] for r in group})) > 1]
         if spans:
-            mixed[dim] = (len(spans), spans[0])
+            mixed[dim] = (len(spans), len(groups[dim]), spans[0])
     return mixed
 
 
@@ -107,11 +108,11 @@ def nic_notes(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
     it runs, and its estimated seconds per step."""
     notes = []
     heavy = [dim for dim in KEPT_INSIDE_NIC_TYPE if dim in comm_s]
-    for dim, (count, types) in mixed_groups(deg, topology, places, heavy).items():
+    for dim, (count, total, types) in mixed_groups(deg, topology, places, heavy).items():
         link = links[dim]
         notes.append(
             f"{KEPT_INSIDE_NIC_TYPE[dim]} groups span NIC types {' + '.join(types)} ({count} "
-            f"of {len(plan_groups(deg)[dim])}; rule relaxed: no node order tried keeps them "
+            f"of {total}; rule relaxed: no node order tried keeps them "
             f"inside one with these degrees); the slowest runs over "
             f"{link.nic or 'the default network'} at {link.bandwidth / 1e9:.1f} GB/s per device, "
             f"estimated {comm_s[dim]:.3f} s per step; a pipeline degree whose stages match the "
@@ -126,7 +127,7 @@ def mixing(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
     slowest group, so an order that keeps more groups on one fabric can tie with one that
     keeps fewer)."""
     heavy = [dim for dim in KEPT_INSIDE_NIC_TYPE if dim in comm_s]
-    return sum(count for count, _ in mixed_groups(deg, topology, places, heavy).values())
+    return sum(count for count, _, _ in mixed_groups(deg, topology, places, heavy).values())
 
 
 def stage_speeds(topology: Topology, deg: Degrees) -> list[float]:

@@ -116,6 +116,10 @@ class Plan:
                 out["ranks"] = self.ranks()
         return out
 
+    def place_of(self, node: str) -> NodePlace:
+        """Where node ``node`` of the cluster description sits in rank order."""
+        return next(place for place in self.placement if place.name == node)
+
     def ranks(self) -> list[dict[str, Any]]:
         """Per rank, the node it runs on and that node's fastest NIC type."""
         return [{"rank": place.first_rank + local, "node": place.name, "nic": place.nic}
