@@ -47,7 +47,11 @@ class DeepSpeedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float],
                  eps: float, weight_decay: float = 0.0) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+        # Every key of torch AdamW's groups (amsgrad, maximize, ...): a checkpoint's optimizer
+        # state lists each group key per parameter, so both must have the same keys to move
+        # between offloaded and device-resident runs (or between the two CPU kernels).
+        defaults = torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults
+        super().__init__(params, {**defaults, "lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay})
         self._op = load_cpu_adam()
         self._id = next(_ids)

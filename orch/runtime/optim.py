@@ -8,6 +8,8 @@ matrices only (linear and embedding weights), not to norm weights, as in Llama a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -55,6 +57,23 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         groups, lr=lr_at(1, cfg.train), betas=(o.beta1, o.beta2), eps=o.eps, foreach=True
     )
+
+
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+"""Param-group keys that say how the step runs, not what it computes."""
+
+
+@contextmanager
+def implementation_kept(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Loading optimizer state replaces every param-group value with the saved one, including
+    how the saving run stepped (``fused`` on an offloaded CPU run, ``foreach`` on a device
+    run); keep this run's own choice, so a resume onto another plan steps as fast as a fresh
+    run of that plan."""
+    own = [{k: group[k] for k in IMPLEMENTATION_KEYS if k in group}
+           for group in optimizer.param_groups]
+    yield
+    for group, keys in zip(optimizer.param_groups, own, strict=True):
+        group.update(keys)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

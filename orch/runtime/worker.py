@@ -38,7 +38,7 @@ from orch.plan.layout import dense_layout
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
 from orch.runtime.data import BatchStream, PackedSequences, load_tokens
 from orch.runtime.metrics import MetricsLog
-from orch.runtime.optim import build_optimizer
+from orch.runtime.optim import build_optimizer, implementation_kept
 from orch.runtime.parallelize import RanksDisagree, parallelize
 from orch.runtime.trainer import Trainer
 
@@ -134,8 +134,9 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
             model_state, optim_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
             state = {"model": model_state, "optim": optim_state}
             manifest = checkpoints.load(resume, state)
-            set_state_dict(model, optimizer, options=STATE_OPTIONS,
-                           model_state_dict=state["model"], optim_state_dict=state["optim"])
+            with implementation_kept(optimizer):
+                set_state_dict(model, optimizer, options=STATE_OPTIONS,
+                               model_state_dict=state["model"], optim_state_dict=state["optim"])
         stream.load_state_dict(manifest.data)
         restore_rng(manifest.rng)
         start = manifest.step

@@ -135,3 +135,39 @@ def test_the_cpu_adamw_kernels_step_at_home_exactly_and_agree_with_torch_adamw(p
     assert type(run.optimizer).__name__ == {"torch": "AdamW", "deepspeed": "DeepSpeedAdamW"}[
         cpu_adam]
     assert set(run.optimizer.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.nvme
+def test_deepspeed_adamw_state_moves_into_torch_adamw_keeping_its_own_kernel():
+    """A checkpoint of an offloaded run stepped by DeepSpeed's kernel resumes onto torch's AdamW
+    (another offload.cpu_adam pick, or a device-resident plan): the groups have the same keys
+    (a missing ``amsgrad`` once failed such a resume), the moments arrive, and the resumed
+    optimizer keeps its own ``foreach``/``fused`` choice."""
+    pytest.importorskip("deepspeed")
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    from orch.offload.cpu_adam import DeepSpeedAdamW
+    from orch.runtime.optim import implementation_kept
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model = torch.nn.Linear(4, 4)
+    saving = DeepSpeedAdamW(model.parameters(), 1e-3, (0.9, 0.95), 1e-8)
+    model(torch.ones(2, 4)).sum().backward()
+    saving.step()
+    model.zero_grad(set_to_none=True)
+    _, saved = get_state_dict(model, saving, options=options)
+    resumed = torch.optim.AdamW(model.parameters(), foreach=True)
+    assert set(resumed.param_groups[0]) == set(saving.param_groups[0])
+    _, into = get_state_dict(model, resumed, options=options)  # as the worker's resume does
+    assert set(into) == set(saved)
+    with implementation_kept(resumed):
+        set_state_dict(model, resumed, options=options, model_state_dict={},
+                       optim_state_dict=saved)
+    assert resumed.param_groups[0]["foreach"] is True
+    assert resumed.param_groups[0]["betas"] == (0.9, 0.95)
+    for p in model.parameters():
+        assert torch.equal(resumed.state[p]["exp_avg"], saving.state[p]["exp_avg"])
