@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from orch import __version__
+from orch.cli_ckpt import add_ckpt_parser
 from orch.errors import OrchError, PlanError, Problem
 
 
@@ -262,6 +263,59 @@ def cmd_cluster_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_doctor_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="check this machine for what each orch feature needs",
+        description="Print versions, GPUs (memory, NVLink), NICs, free space at the NVMe path "
+        "and, per feature, ok / fallback / MISSING with the fix. Exit 0 when nothing is "
+        "missing (a machine without a GPU is healthy in CPU mode), 1 otherwise.",
+    )
+    p.add_argument("config", nargs="?", help="a run config: check its offload.nvme_path too")
+    p.add_argument("--nvme-path", help="check this directory for the NVMe tier")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from orch.doctor import examine, render
+
+    nvme = args.nvme_path
+    if args.config and not nvme:
+        from orch.config import load_config
+
+        nvme = load_config(args.config).offload.nvme_path or None
+    report = examine(nvme)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=1))
+    else:
+        print(render(report))
+    return 1 if report.missing else 0
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="plots and a markdown summary of a run directory",
+        description="Write loss, throughput and MFU, memory per rank, communication and "
+        "pipeline timeline plots (PNG) and summary.md from RUN_DIR's metrics, plan and "
+        "checkpoints, into RUN_DIR/report (or --out).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (run.dir)")
+    p.add_argument("--out", help="directory for the report (default RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orch.report import write_report
+
+    files = write_report(args.run_dir, args.out)
+    print(f"wrote {len(files)} files to {files[0].parent}: " + ", ".join(f.name for f in files))
+    return 0
+
+
 def _add_launch_parser(sub: argparse._SubParsersAction) -> None:
     # Listed for `orch --help` only: `orch launch` is parsed by torchrun's own parser (main()).
     sub.add_parser("launch", add_help=False, help="start training: torchrun options, CONFIG, "
@@ -279,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parser(sub)
     _add_schedule_parser(sub)
     _add_cluster_parser(sub)
+    add_ckpt_parser(sub)
+    _add_doctor_parser(sub)
+    _add_report_parser(sub)
     return parser
 
 

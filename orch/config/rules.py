@@ -234,6 +234,14 @@ def check_config(cfg: Config) -> list[Problem]:
         f"{cfg.run.stop_at_step} is not between 0 and train.steps={t.steps}",
         "use 0 to train to train.steps",
     )
+    prof = cfg.run.profile
+    need(
+        prof.start == 0 or (1 <= prof.start and prof.steps >= 1
+                            and prof.start + prof.steps - 1 <= t.steps),
+        "run.profile",
+        f"start {prof.start}, steps {prof.steps}: not steps within 1..train.steps={t.steps}",
+        "use e.g. {start: 5, steps: 2}, or start: 0 for none",
+    )
     need(
         cfg.run.log_interval >= 1,
         "run.log_interval",

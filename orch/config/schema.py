@@ -241,12 +241,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    start: int = field(default=0, metadata=_help("first step to profile; 0 = no profiling"))
+    steps: int = field(default=2, metadata=_help("steps to profile from start"))
+
+
+@dataclass
 class RunConfig:
     dir: str = field(default="runs/default", metadata=_help("run directory"))
     log_interval: int = field(default=10, metadata=_help("steps between progress lines"))
     stop_at_step: int = field(
         default=0,
         metadata=_help("checkpoint and stop after this step, as if preempted; 0 = train.steps"),
+    )
+    profile: ProfileConfig = field(
+        default_factory=ProfileConfig,
+        metadata=_help("torch profiler trace of steps start .. start+steps-1 into "
+                       "RUN_DIR/profile/"),
+    )
+    tensorboard: bool = field(
+        default=False, metadata=_help("also write the metrics as TensorBoard events (RUN_DIR/tb)")
     )
 
 

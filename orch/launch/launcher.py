@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from orch.config import Config, load_config
-from orch.errors import OrchError, PlanError, Problem
-from orch.launch.nodes import check_node, node_settings, this_node
+from orch.errors import OrchError, PlanError, Problem, ProblemsError
+from orch.launch.failures import oom_kills, worker_failures
+from orch.launch.failures import summary as summary_of_failures
+from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, apply_rebalance, read_rebalance
 from orch.plan import Plan, build_plan
 from orch.plan.cluster import ClusterSpec, NodeSpec, load_cluster
@@ -138,6 +142,8 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
 
         problems += init_from_problems(cfg.model)
     problems += _check_run_dir(Path(cfg.run.dir))
+    problems += _check_drill()
+    problems += _check_tensorboard(cfg)
     if not problems:
         assert plan is not None
         problems += _check_resume(cfg, plan, extra.resume)
@@ -274,6 +280,30 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
     return []
 
 
+def _check_drill() -> list[Problem]:
+    """A fault drill in the environment (``ORCH_DRILL``) must parse before workers start."""
+    from orch.runtime.drills import DRILL_ENV, parse_drill
+
+    if text := os.environ.get(DRILL_ENV):
+        try:
+            parse_drill(text)
+        except ProblemsError as exc:
+            return exc.problems
+    return []
+
+
+def _check_tensorboard(cfg: Config) -> list[Problem]:
+    """``run.tensorboard`` needs the tensorboard package, which orch does not require."""
+    if not cfg.run.tensorboard:
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return [Problem("run.tensorboard", "true, but the tensorboard package is not installed",
+                        "pip install tensorboard, or set run.tensorboard: false")]
+    return []
+
+
 def _check_run_dir(run_dir: Path) -> list[Problem]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -292,7 +322,8 @@ def _check_resume(cfg: Config, plan: Plan, resume: str | None) -> list[Problem]:
 
     manager = CheckpointManager(Path(cfg.run.dir), cfg, plan.to_dict(with_groups=False), 0, 1)
     try:
-        manager.resolve_resume(resume or cfg.checkpoint.resume)
+        # Sizes and the index here (cheap); the workers hash every file, split among them.
+        manager.resolve_resume(resume or cfg.checkpoint.resume, hashes=False, report=False)
     except CheckpointError as exc:
         return [Problem("--resume", str(exc), "")]
     return []
@@ -308,17 +339,28 @@ def launch(argv: Sequence[str]) -> int:
           f"run dir {cfg.run.dir}", flush=True)
     while True:
         before = read_rebalance(Path(cfg.run.dir))
+        ooms = oom_kills()
         try:
             run(args)
             break
         except ChildFailedError as exc:
             if not _repartitioned(exc, before, Path(cfg.run.dir)):
-                raise RunFailed(f"training failed:\n{exc.format_msg()}") from None
+                oom_rose = ooms is not None and (oom_kills() or 0) > ooms
+                failed = worker_failures(exc.failures, Path(cfg.run.dir), oom_rose)
+                print(summary_of_failures(failed, _node_name(args), args.max_restarts + 1),
+                      file=sys.stderr, flush=True)
+                raise RunFailed(f"{len(failed)} worker(s) failed (above)") from None
         plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
         print(f"orch launch: restarting on the re-partitioned pipeline "
               f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)
     print(summary(cfg), flush=True)
     return 0
+
+
+def _node_name(args: argparse.Namespace) -> str:
+    """This machine's name in reports: its node in the cluster description, else the host."""
+    extra = worker_parser().parse_known_args(args.training_script_args)[0]
+    return extra.node_name or os.environ.get(NODE_ENV) or socket.gethostname()
 
 
 def _repartitioned(exc: Exception, before: dict | None, run_dir: Path) -> bool:

@@ -1,5 +1,9 @@
 """Per-step metrics: the progress line on rank 0 and ``RUN_DIR/metrics.jsonl``.
 
+On a terminal the progress line is one line redrawn in place, with an ETA from the smoothed step
+time (``rank_log``'s stream keeps other output above it); otherwise one plain line per logged
+step.
+
 The progress line has the same fields on every backend (DESIGN.md):
 ``step 120/1000 | loss 3.412 | 48.2k tok/s | 412 TFLOP/s | MFU 41.7% | mem 61.2/80.0 GiB |
 0.41 s/step``; the JSON line holds the same values unrounded. Throughput figures are per step
@@ -14,7 +18,7 @@ import os
 import resource
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import torch
 
@@ -50,6 +54,9 @@ class StepMetrics:
     offload: dict[str, int] | None = None
     """Offloaded runs: the step's accounted device peak (``device_peak_bytes``, never over
     ``offload.device_budget``) and bytes moved to the device and back home."""
+    devices: list[dict] | None = None
+    """Each rank's device reading at this step, by rank (``orch.runtime.telemetry``): GPU
+    memory used/total, utilization, power, temperature by UUID; on CPU the resident set."""
 
     def line(self) -> str:
         tok = self.tokens_per_s
@@ -79,10 +86,17 @@ class MetricsLog:
     file always reads as one run.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, out: IO[str], resume_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, out: IO[str], resume_step: int = 0,
+                 tensorboard: bool = False) -> None:
         self.enabled, self.out, self.file = enabled, out, None
+        self._step_s: float | None = None  # smoothed seconds per step, for the ETA
+        self._board: Any = None
         if not enabled:
             return
+        if tensorboard:  # the launcher checked that the package is there
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
         path = run_dir / "metrics.jsonl"
         kept = []
         if resume_step and path.exists():
@@ -94,11 +108,44 @@ class MetricsLog:
     def log(self, metrics: StepMetrics) -> None:
         if not self.enabled:
             return
-        print(metrics.line(), file=self.out, flush=True)
+        status = getattr(self.out, "status", None)
+        if status is not None and self.out.isatty():  # one line, redrawn in place, with ETA
+            self._step_s = metrics.step_time_s if self._step_s is None else (
+                0.8 * self._step_s + 0.2 * metrics.step_time_s)
+            status(f"{metrics.line()} | ETA {eta(self._step_s * (metrics.steps - metrics.step))}")
+        else:
+            print(metrics.line(), file=self.out, flush=True)
         assert self.file is not None
         self.file.write(json.dumps(asdict(metrics)) + "\n")
         self.file.flush()
+        if self._board is not None:
+            self._scalars(metrics)
+
+    def _scalars(self, m: StepMetrics) -> None:
+        """The same values as TensorBoard scalars (``RUN_DIR/tb``), memory per rank too."""
+        board, step = self._board, m.step
+        for name in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "step_time_s"):
+            board.add_scalar(f"train/{name}", getattr(m, name), step)
+        if m.aux_loss is not None:
+            board.add_scalar("train/aux_loss", m.aux_loss, step)
+        for reading in m.devices or []:
+            used = reading.get("mem_used_bytes", reading.get("rss_bytes", 0))
+            board.add_scalar(f"memory_gib/rank{reading['rank']}", used / GIB, step)
+        board.flush()
 
     def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
+        if (end := getattr(self.out, "end_status", None)) is not None:
+            end()
         if self.file is not None:
             self.file.close()
+
+
+def eta(seconds: float) -> str:
+    """``1h02m``, ``4m05s`` or ``12s``."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else (
+        f"{secs}s")

@@ -33,8 +33,12 @@ from orch.parallel.pipeline.timeline import measured_timeline, write_timeline
 from orch.parallel.tensor_parallel import vocab_parallel_loss
 from orch.plan import Plan
 from orch.runtime.data import BatchStream
+from orch.runtime.drills import maybe_fail
 from orch.runtime.metrics import MetricsLog, StepMetrics, memory_bytes
 from orch.runtime.optim import lr_at, set_lr
+from orch.runtime.profiling import StepProfiler
+from orch.runtime.rank_log import at_step
+from orch.runtime.telemetry import Telemetry
 
 if TYPE_CHECKING:  # types only: parallelize imports the executor (and pipelining) for pp > 1
     from orch.offload.engine import OffloadEngine
@@ -89,6 +93,7 @@ class Trainer:
     """Under pipeline parallelism with ``parallel.pp_rebalance_threshold``: measures the stages
     on logged steps and re-partitions them once (:mod:`orch.parallel.pipeline.rebalance`)."""
     _timeline: Timeline | None = None
+    _telemetry: Telemetry | None = None
     """Rank 0's measured pipeline timeline of the last logged step."""
 
     def train(self, start_step: int) -> None:
@@ -96,7 +101,11 @@ class Trainer:
         checkpoint every ``checkpoint.interval`` steps and at the last step run."""
         t, interval = self.cfg.train, self.cfg.checkpoint.interval
         last = self.cfg.run.stop_at_step or t.steps
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        profiler = StepProfiler(self.cfg.run.profile, Path(self.cfg.run.dir), rank, self.device)
         for step in range(start_step + 1, last + 1):
+            at_step(step)
+            profiler.before(step)
             start = time.perf_counter()
             lr = lr_at(step, t)
             set_lr(self.optimizer, lr)
@@ -104,6 +113,7 @@ class Trainer:
                 if self.offload is not None:
                     self.offload.start_step()
                 loss = self._accumulate() if self.pipeline is None else self._pipelined()
+                maybe_fail("step", step)  # a fault drill (ORCH_DRILL), when one is set
                 if self.offload is not None:
                     self.offload.finish_step()
                 aux_loss = take_aux_loss(self.model)
@@ -119,6 +129,7 @@ class Trainer:
                                            self.token_group)
             done = _Step(step, lr, loss, aux_loss, grad_norm, loads,
                          self.ledger.take() if self.ledger else {})
+            profiler.after(step)
             if step % self.cfg.run.log_interval == 0 or step == last:
                 self._log(done, time.perf_counter() - start)
                 if self.repartitioner is not None:  # may save and raise Repartition
@@ -211,6 +222,7 @@ class Trainer:
         tokens_per_s = tokens / secs
         tflops = self.plan.step.flops_per_token * tokens_per_s / self.plan.world_size / 1e12
         used, total = memory_bytes(self.device)
+        devices = self._devices()
         self.metrics.log(
             StepMetrics(
                 step=done.step, steps=t.steps, loss=float(losses.flatten()[0]), lr=done.lr,
@@ -221,8 +233,21 @@ class Trainer:
                 offload=None if self.offload is None else self.offload.step_record(),
                 tokens=tokens, step_time_s=secs, tokens_per_s=tokens_per_s, tflops=tflops,
                 mfu=tflops * 1e12 / self.plan.peak_flops, mem_bytes=used, mem_total_bytes=total,
+                devices=devices,
             )
         )
+
+    def _devices(self) -> list[dict]:
+        """Every rank's device reading (``orch.runtime.telemetry``), by rank; all ranks call."""
+        if self._telemetry is None:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            self._telemetry = Telemetry(self.device, rank)
+        reading = self._telemetry.read()
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return [reading]
+        readings: list[dict] = [{}] * dist.get_world_size()
+        dist.all_gather_object(readings, reading)
+        return readings
 
     def _pipeline_loads(self, loads: torch.Tensor | None) -> torch.Tensor | None:
         """Every stage's MoE loads ``[layer, expert]`` in global layer order."""

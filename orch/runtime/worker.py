@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from orch.runtime.data import BatchStream, PackedSequences, load_tokens
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer, implementation_kept
 from orch.runtime.parallelize import RanksDisagree, parallelize
+from orch.runtime.rank_log import log_to_file, record_failure
 from orch.runtime.trainer import Trainer
 
 STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -75,14 +77,35 @@ def run(argv: Sequence[str]) -> None:
     parser.add_argument("config")
     args = parser.parse_args(list(argv))
     cfg = load_config(args.config, args.overrides)
-    device = _device()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    log_to_file(cfg.run.dir, int(os.environ.get("RANK", "0")), world)
+    device = _device()
     plan = launch_plan(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if problems := unsupported_features(cfg, world):  # the launcher says so first
         raise PlanError(problems, title="cannot run")
     with cluster_placement(cfg.cluster or "", plan, os.environ.get(NODE_ENV), backend()):
-        dist.init_process_group(backend())
+        init_process_group(backend(), world)
         train(cfg, plan, device, args.resume)
+
+
+def init_process_group(backend_name: str, world: int) -> None:
+    """``dist.init_process_group``, with a key space of its own per torchrun attempt.
+
+    torchrun's agent keeps one store for the whole job, and the process group's keys (each
+    rank's gloo address, NCCL's unique id) are the same in every attempt. After a restart
+    (``--max-restarts``) a worker could read its peer's address from the failed attempt: seen
+    here as "Gloo connectFullMesh failed ... Connection refused" on 1 of 2 first restarts.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend_name)
+        return
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=default_pg_timeout)
+    dist.init_process_group(backend_name, store=dist.PrefixStore(f"orch/attempt-{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=world)
 
 
 def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None) -> None:
@@ -151,7 +174,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
         if rank == 0:
             print(f"orch: saved checkpoint {path}", flush=True)
 
-    metrics = MetricsLog(run_dir, rank == 0, sys.stdout, resume_step=start)
+    metrics = MetricsLog(run_dir, rank == 0, sys.stdout, resume_step=start,
+                         tensorboard=cfg.run.tensorboard)
     repartitioner = None
     if par.pipeline is not None and cfg.parallel.pp_rebalance_threshold > 0:
         from orch.parallel.pipeline.rebalance import Repartitioner
@@ -178,7 +202,12 @@ def main() -> None:
     except OrchError as exc:
         if not isinstance(exc, RanksDisagree) or exc.speaker:
             print(f"orch worker: {exc}", file=sys.stderr, flush=True)
+        record_failure(exc)
         code = exc.exit_code
+    except BaseException as exc:  # a bug, or torch's (out of memory, a peer gone): traceback
+        traceback.print_exc()
+        record_failure(exc)
+        code = 1
     finally:
         # gloo threads can abort at interpreter exit after good work (DESIGN.md, known traps):
         # tear the group down ourselves and leave without running interpreter shutdown.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,11 @@ FAST = [
 ]
 
 
-def launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+def launch(*args: str, timeout: int = 300, env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    """``orch launch ARGS`` as a user runs it; ``env`` adds to the environment."""
     return subprocess.run([str(ORCH), "launch", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def overrides(run_dir: Path, *extra: str) -> list[str]:

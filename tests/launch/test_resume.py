@@ -7,7 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from launch_harness import launch, metrics, overrides
+from launch_harness import REPO, launch, metrics, overrides
+
+from orch.errors import OrchError
+from orch.launch.launcher import prepare
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -23,7 +26,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resume")
     whole, split = root / "whole", root / "split"
     args = [f"train.steps={STEPS}", "checkpoint.interval=5"]
-    out = launch(*SHARD2, *overrides(whole, *args))
+    out = launch(*SHARD2, *overrides(whole, *args, "run.profile.start=3", "run.profile.steps=2",
+                                     "run.tensorboard=true"))
     assert out.returncode == 0, out.stdout + out.stderr
     first = launch(*SHARD2, *overrides(split, *args, "run.stop_at_step=5"))
     assert first.returncode == 0, first.stdout + first.stderr
@@ -77,7 +81,7 @@ def test_corrupted_checkpoint_is_refused_before_loading(runs, tmp_path):
     assert shard.name in out.stderr
 
 
-def test_bad_launches_stop_before_any_process(tmp_path):
+def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
     cases = [
@@ -118,9 +122,141 @@ def test_bad_launches_stop_before_any_process(tmp_path):
           "--set", "parallel.sequence_parallel=false"],
          "parallel.sequence_parallel: false with tp=2 and MoE layers"),
     ]
-    with ThreadPoolExecutor(2) as pool:  # each launch spends its ~4 s importing torch
-        outs = list(pool.map(lambda args: launch(*args), [args for args, _ in cases]))
-    for (args, message), out in zip(cases, outs, strict=True):
+    # Two as a user runs them (exit 2, the message, no traceback, nothing started); the rest
+    # through the launcher's own check in this process (a launch costs ~6 s importing torch).
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda args: launch(*args), [args for args, _ in cases[:2]]))
+    for (args, message), out in zip(cases, outs, strict=False):
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert "resumed" not in out.stdout and "step 1/" not in out.stdout
+    monkeypatch.chdir(REPO)
+    for args, message in cases[2:]:
+        with pytest.raises(OrchError) as refused:
+            prepare(args)
+        assert message in str(refused.value), (args, str(refused.value))
+
+
+def test_every_rank_records_its_device_and_a_profile_of_the_asked_steps(runs):
+    for record in metrics(runs["whole"]):
+        assert [d["rank"] for d in record["devices"]] == [0, 1]
+        assert all(d["device"] == "cpu" and d["rss_bytes"] > 50e6 for d in record["devices"])
+    for rank in (0, 1):  # run.profile: {start: 3, steps: 2}
+        trace = json.loads((runs["whole"] / "profile" / f"rank-{rank}.json").read_text())
+        names = {event.get("name", "") for event in trace["traceEvents"]}
+        assert any("aten::" in name for name in names)
+    assert not (runs["split"] / "profile").exists()
+
+
+def test_tensorboard_gets_the_metrics_when_asked(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(runs["whole"] / "tb"))
+    board.Reload()
+    losses = [event.value for event in board.Scalars("train/loss")]
+    assert losses == pytest.approx([m["loss"] for m in metrics(runs["whole"])])
+    assert {"memory_gib/rank0", "memory_gib/rank1"} <= set(board.Tags()["scalars"])
+    assert not (runs["split"] / "tb").exists()
+
+
+def test_report_renders_the_plots_and_summary_of_a_real_run(runs, tmp_path):
+    from orch.cli import main
+
+    assert main(["report", str(runs["whole"]), "--out", str(tmp_path / "report")]) == 0
+    for name in ("loss", "throughput", "memory", "communication"):
+        assert (tmp_path / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "- plan: 2 x cpu, dp_shard=2" in summary
+    assert "- steps logged: 10, last step 10 of 10" in summary
+    assert "(2 rank(s) recorded)" in summary
+    assert "- checkpoints: step-00000005, step-00000010" in summary
+    assert "![memory](memory.png)" in summary
+
+
+# --- fault drills: a rank killed with SIGKILL (orch.runtime.drills), a full disk -------------
+
+
+def _same_as_whole(runs, run: Path) -> None:
+    whole, got = metrics(runs["whole"]), metrics(run)
+    assert [(m["step"], m["loss"], m["grad_norm"], m["lr"]) for m in got] == [
+        (m["step"], m["loss"], m["grad_norm"], m["lr"]) for m in whole]
+
+
+@pytest.mark.parametrize(("during", "step"), [("step", 7), ("save", 10)])
+def test_a_rank_killed_mid_step_or_mid_save_restarts_and_ends_like_an_uninterrupted_run(
+        runs, tmp_path, during, step):
+    """kill -9 of rank 1 in the middle of step 7, or while checkpoint 10 is being written (its
+    shards written, the manifest not): torchrun restarts both workers (--max-restarts 2), they
+    resume from the newest complete checkpoint (5) and finish with the uninterrupted run's
+    numbers, every step's, exactly."""
+    from orch.runtime.checkpoint import verify
+
+    run = tmp_path / during
+    out = launch("--max-restarts", "2", *SHARD2,
+                 *overrides(run, f"train.steps={STEPS}", "checkpoint.interval=5"),
+                 env={"ORCH_DRILL": f"kill rank=1 step={step} during={during}"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"drill: rank 1 kills itself (SIGKILL) during {during} {step}" in out.stderr
+    assert "resumed from" in out.stdout and "step-00000005" in out.stdout
+    _same_as_whole(runs, run)
+    kept = sorted((run / "checkpoints").iterdir())
+    assert [p.name for p in kept] == ["step-00000005", "step-00000010"]
+    assert all(verify(p) == [] for p in kept)
+    log = (run / "logs" / "rank-1.log").read_text()
+    assert "attempt 1," in log and "attempt 2," in log  # one file across the restart
+    assert f" rank 1 step {step} | orch: drill: rank 1 kills itself" in log
+
+
+def test_resume_auto_passes_over_a_changed_checkpoint_and_says_so(runs, tmp_path):
+    """One byte of the newest checkpoint's shard changed (sizes still match, so only the
+    workers' hashes see it): resume=auto falls back to step 5, says so, reruns 6-10 exactly,
+    and moves the damaged step 10 aside instead of deleting it."""
+    import shutil
+
+    run = tmp_path / "changed"
+    shutil.copytree(runs["split"], run)
+    shard = sorted((run / "checkpoints" / "step-00000010").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = launch(*SHARD2, *overrides(run, f"train.steps={STEPS}", "checkpoint.interval=5"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    newest = run / "checkpoints" / "step-00000010"
+    assert f"checkpoint {newest} is damaged ({shard}: sha256 differs" in out.stdout
+    assert "resuming from the previous complete checkpoint" in out.stdout
+    assert "resumed from" in out.stdout and "step-00000005" in out.stdout
+    _same_as_whole(runs, run)
+    assert len(list((run / "checkpoints").glob("step-00000010.superseded-*"))) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MB tmpfs: room for one checkpoint of the tiny model (37 MB), not two."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_save_onto_a_full_disk_fails_cleanly_and_keeps_the_previous_checkpoint(small_disk):
+    from orch.runtime.checkpoint import verify
+
+    run = small_disk / "run"
+    out = launch(*SHARD2, *overrides(run, f"train.steps={STEPS}", "checkpoint.interval=5"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "saving step 10 failed while" in out.stderr and "No space left" in out.stderr
+    assert "step-00000005, is intact" in out.stderr and "Traceback" not in out.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000005"]
+    assert verify(run / "checkpoints" / "step-00000005") == []
+    # the launcher's failure summary: each rank, its node, the reason, its log
+    assert "orch launch: training failed on node" in out.stderr
+    named = [rank for rank in (0, 1) if f"rank {rank} (local rank {rank}, pid " in out.stderr]
+    assert named, out.stderr  # both failed; torchrun may have stopped one before it exited
+    assert all(f"log: {run / 'logs' / f'rank-{rank}.log'}" in out.stderr for rank in named)
+    assert "error: SaveFailed: " in out.stderr

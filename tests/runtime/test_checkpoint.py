@@ -40,6 +40,7 @@ from orch.runtime.checkpoint import (
     MANIFEST,
     CheckpointError,
     CheckpointManager,
+    SaveFailed,
     config_fingerprint,
     derive_rng_seed,
     restore_rng,
@@ -429,12 +430,15 @@ def test_unfinished_save_is_ignored_then_replaced(tmp_path, monkeypatch) -> None
     first = mgr.save(1, tiny_state(1.0), {"sample": 1})
     real_save = dcp.save
 
+    class Killed(BaseException):
+        """The process dying mid-save: nothing after this line of the save runs."""
+
     def crash(state: dict[str, Any], *, checkpoint_id: Path, **kwargs: Any) -> None:
         (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half a shard")
-        raise RuntimeError("killed mid-save")
+        raise Killed()
 
     monkeypatch.setattr(dcp, "save", crash)
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(Killed):
         mgr.save(2, tiny_state(2.0), {"sample": 2})
     broken = tmp_path / "checkpoints" / "step-00000002"
     assert broken.is_dir() and not (broken / MANIFEST).exists()
@@ -453,6 +457,30 @@ def test_unfinished_save_is_ignored_then_replaced(tmp_path, monkeypatch) -> None
     state = tiny_state(0.0)
     assert restarted.load(broken, state).data == {"sample": 2}
     assert torch.equal(state["model"]["w"], torch.full((3, 2), 2.0))
+
+
+def test_a_failed_save_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save that fails (here the disk fills while DCP writes) raises SaveFailed, which names
+    the step, the error and the checkpoint still there, and exits 1; its unfinished directory
+    is removed, and the previous checkpoint still verifies."""
+    import errno
+
+    mgr = CheckpointManager(tmp_path, make_cfg(), PLAN)
+    first = mgr.save(1, tiny_state(1.0), {"sample": 1})
+
+    def full(state: dict[str, Any], *, checkpoint_id: Path, **kwargs: Any) -> None:
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"the start of a shard")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full)
+    with pytest.raises(SaveFailed) as failed:
+        mgr.save(2, tiny_state(2.0), {"sample": 2})
+    message = str(failed.value)
+    assert "saving step 2 failed while writing the sharded state" in message
+    assert "No space left on device" in message and f"{first}, is intact" in message
+    assert failed.value.exit_code == 1
+    assert not (tmp_path / "checkpoints" / "step-00000002").exists()
+    assert verify(first) == [] and mgr.resolve_resume("auto") == first
 
 
 @pytest.mark.parametrize(
@@ -511,6 +539,37 @@ def test_resolve_resume(tmp_path) -> None:
     (one / MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="manifest.json.*missing"):
         resumed.resolve_resume(str(one))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_resume_auto_passes_over_damaged_checkpoints_and_says_so(tmp_path, capsys, damage):
+    """``resume=auto`` takes the newest checkpoint whose files all match the manifest; a
+    truncated shard is seen by sizes alone (what the launcher checks), a changed byte only by
+    the hashes (what the workers check); a path given explicitly is refused instead."""
+    mgr = CheckpointManager(tmp_path, make_cfg(), PLAN)
+    one, two, three = (mgr.save(step, tiny_state(step), {}) for step in (1, 2, 3))
+    for path in (two, three):
+        shard = path / "__0_0.distcp"
+        data = bytearray(shard.read_bytes())
+        if damage == "truncate":
+            del data[-5:]
+        else:
+            data[40] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    fresh = CheckpointManager(tmp_path, make_cfg(), PLAN)
+    assert fresh.resolve_resume("auto") == one
+    out = capsys.readouterr().out
+    assert f"checkpoint {three} is damaged ({three / '__0_0.distcp'}: " in out
+    assert f"checkpoint {two} is damaged" in out
+    assert f"resuming from the previous complete checkpoint {one}" in out
+    quick = fresh.resolve_resume("auto", hashes=False, report=False)
+    assert quick == (one if damage == "truncate" else three)  # the workers then hash
+    assert capsys.readouterr().out == ""
+    with pytest.raises(CheckpointError, match="damaged"):
+        fresh.resolve_resume(str(three))
+    (one / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match="has no undamaged checkpoint to resume from"):
+        fresh.resolve_resume("auto")
 
 
 def test_restart_with_resume_none_moves_the_old_history_aside(tmp_path) -> None:

@@ -18,8 +18,9 @@ instead of resuming a silently damaged model.
 
 Modules, one job each: ``files`` (layout and durable writes), ``manifest`` (the commit record and
 ``verify``), ``fingerprint`` (which run a directory belongs to), ``rng`` (RNG states per rank),
-``collectives`` (ranks agree and fail together), ``retention`` (which step directories stay) and
-``manager`` (``CheckpointManager``, which all ranks call to save, resume and load).
+``collectives`` (ranks agree and fail together), ``retention`` (which step directories stay),
+``safe_load`` (reading one never runs code from it) and ``manager`` (``CheckpointManager``, which
+all ranks call to save, resume and load).
 """
 
 from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST, step_dir_name
@@ -29,7 +30,7 @@ from orch.runtime.checkpoint.fingerprint import (
     config_differences,
     config_fingerprint,
 )
-from orch.runtime.checkpoint.manager import CheckpointManager
+from orch.runtime.checkpoint.manager import CheckpointManager, SaveFailed
 from orch.runtime.checkpoint.manifest import (
     FORMAT,
     VERSION,
@@ -39,7 +40,7 @@ from orch.runtime.checkpoint.manifest import (
     read_manifest,
     verify,
 )
-from orch.runtime.checkpoint.rng import capture_rng, derive_rng_seed, restore_rng
+from orch.runtime.checkpoint.rng import capture_rng, derive_rng_seed, load_rng, restore_rng
 
 __all__ = [
     "CHECKPOINTS",
@@ -52,10 +53,12 @@ __all__ = [
     "CheckpointManager",
     "FileEntry",
     "Manifest",
+    "SaveFailed",
     "capture_rng",
     "config_differences",
     "config_fingerprint",
     "derive_rng_seed",
+    "load_rng",
     "read_manifest",
     "restore_rng",
     "step_dir_name",

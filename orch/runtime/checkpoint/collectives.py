@@ -9,7 +9,6 @@ no-ops for the one process (``world_size == 1``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -70,14 +69,6 @@ class RankGroup:
             raise CheckpointError(p.where, p.message, p.fix)
         return result[1]
 
-    def raise_if_any(self, error: str | None, where: Path, doing: str) -> None:
-        """Gather each rank's local error; raise the same CheckpointError on every rank."""
-        errors = [(r, e) for r, e in enumerate(self.gather(error)) if e]
-        if errors:
-            text = "; ".join(f"rank {r}: {e}" for r, e in errors)
-            raise CheckpointError(
-                where,
-                f"{doing} failed ({text})",
-                "check free space and permissions under run.dir; an unfinished checkpoint "
-                "directory is ignored and replaced by the next save",
-            )
+    def errors(self, error: str | None) -> list[tuple[int, str]]:
+        """Every rank's local error (``None`` where it has none), as ``(rank, error)`` pairs."""
+        return [(r, e) for r, e in enumerate(self.gather(error)) if e]

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from orch.runtime.checkpoint.files import (
     CHECKPOINTS,
     MANIFEST,
     files_of,
+    remove_checkpoint,
     rng_file_name,
     sha256,
     step_dir_name,
@@ -53,7 +55,8 @@ from orch.runtime.checkpoint.manifest import (
     verify,
 )
 from orch.runtime.checkpoint.retention import clear_way, retain
-from orch.runtime.checkpoint.rng import capture_rng, derive_rng_seed
+from orch.runtime.checkpoint.rng import capture_rng, derive_rng_seed, load_rng
+from orch.runtime.drills import maybe_fail
 
 
 @contextlib.contextmanager
@@ -62,6 +65,23 @@ def _quiet_single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+class SaveFailed(CheckpointError):
+    """A checkpoint could not be written (a full disk, permissions): the run stops, exit 1."""
+
+    exit_code = 1
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``'s first line; for DCP's gathered CheckpointException, of
+    the first rank's underlying error (its own text is a list of tracebacks)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        wrapped = next(iter(failures.values()))
+        exc = wrapped[0] if isinstance(wrapped, tuple) else exc
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 @dataclass
@@ -97,6 +117,7 @@ class CheckpointManager:
         self._ranks = RankGroup(rank, world_size)
         self._dist = self._ranks.dist
         self._written: set[int] = set()
+        self._verified: Path | None = None  # hashed by resolve_resume; load need not again
         self._pending: _Pending | None = None
         self._async_group: Any = None
         if cfg.checkpoint.async_save and self._dist:
@@ -118,28 +139,35 @@ class CheckpointManager:
                 warnings.warn(f"ignoring checkpoint {path}: {exc}", stacklevel=2)
         return out
 
+    def own(self) -> list[Manifest]:
+        """The complete checkpoints of this config, oldest first."""
+        return [m for m in self.complete() if m.fingerprint == self.fingerprint]
+
     def latest(self) -> Path | None:
         """The newest complete checkpoint of this config, or None; never an unfinished one."""
-        mine = [m for m in self.complete() if m.fingerprint == self.fingerprint]
-        return mine[-1].path if mine else None
+        own = self.own()
+        return own[-1].path if own else None
 
     def check_run_dir(self) -> None:
         """Refuse a run directory holding complete checkpoints of another config."""
         refuse_other_configs(self.dir, self.complete(), self.fingerprint, self.config)
 
-    def resolve_resume(self, mode: str) -> Path | None:
+    def resolve_resume(self, mode: str, hashes: bool = True, report: bool = True) -> Path | None:
         """The checkpoint to resume from: ``auto``, ``none`` or a checkpoint path.
 
-        Every mode first refuses a run directory with another config's checkpoints. A path is
-        checked here for its manifest, fingerprint, files and sizes; ``load`` checks hashes.
+        Every mode first refuses a run directory with another config's checkpoints. The chosen
+        checkpoint is verified: its manifest and fingerprint, every file's size, its index read
+        safely, and (``hashes``, split over the ranks) every file's sha256; ``load`` then skips
+        what was verified here. ``auto`` takes the newest complete checkpoint that passes, and
+        when it passes over damaged ones, rank 0 says which and why (``report``); a path given
+        explicitly is refused when damaged. The launcher calls this in one process without
+        ``hashes`` (sizes and the index are cheap), the workers with.
         """
 
-        def resolve() -> Path | None:
+        def newest_first() -> list[Path]:
             self.check_run_dir()
-            if mode == "none":
-                return None
             if mode == "auto":
-                return self.latest()
+                return [m.path for m in reversed(self.own())]
             path = Path(mode)
             path = path.parent if path.name == MANIFEST else path
             if not path.is_dir():
@@ -150,12 +178,40 @@ class CheckpointManager:
                     "checkpoint.resume=auto|none",
                 )
             check_fingerprint(read_manifest(path), self.fingerprint, self.config)
-            problems = verify(path, hashes=False)
-            if problems:
-                raise damaged(path, problems)
-            return path
+            return [path]
 
-        return self._ranks.from_rank0(resolve)
+        if mode == "none":
+            self._ranks.from_rank0(self.check_run_dir)
+            return None
+        damaged_ones: list[tuple[Path, list[str]]] = []
+        for path in self._ranks.from_rank0(newest_first):
+            problems = self._problems(path, hashes)
+            if not problems:
+                if damaged_ones and report and self.rank == 0:
+                    print(skipped_damaged(damaged_ones, path), flush=True)
+                self._verified = path if hashes else None
+                return path
+            if mode != "auto":
+                raise damaged(path, problems)
+            damaged_ones.append((path, problems))
+        if damaged_ones:
+            raise CheckpointError(
+                self.dir,
+                "has no undamaged checkpoint to resume from:\n      " + "\n      ".join(
+                    f"{path.name}: {problems[0]}" for path, problems in damaged_ones),
+                "restore the files, or start over with checkpoint.resume=none (the damaged "
+                "checkpoints are moved aside, not deleted)",
+            )
+        return None
+
+    def _problems(self, path: Path, hashes: bool) -> list[str]:
+        """``verify``'s findings for ``path`` on every rank: sizes and the index (rank 0), or
+        every file's hash with the ranks splitting the files."""
+        if not hashes:
+            return self._ranks.from_rank0(lambda: verify(path, hashes=False))
+        names = self._ranks.from_rank0(lambda: sorted(read_manifest(path).files))
+        mine = verify(path, names=names[self.rank :: self.world_size])
+        return [problem for part in self._ranks.gather(mine) for problem in part]
 
     def verify(self, path: str | Path) -> list[str]:
         """Problems with checkpoint ``path`` (unreadable manifest, missing, truncated or changed
@@ -185,21 +241,27 @@ class CheckpointManager:
             torch.save(capture_rng(), buf)
             write_durable(path / rng_file_name(self.rank), buf.getvalue())
         except OSError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        self._ranks.raise_if_any(error, path, "writing RNG states")
+            error = _first_line(exc)
+        self._check_saving(error, step, path, "writing RNG states")
         import torch.distributed.checkpoint as dcp  # here: the launcher resolves resumes without it
+        from torch.distributed.checkpoint.api import CheckpointException
 
-        if self._async_group is not None:
-            # Thread mode: state is staged to CPU before this returns, so training may go on.
-            response = dcp.async_save(
-                app_state, checkpoint_id=path, process_group=self._async_group
-            )
-            future = getattr(response, "upload_completion", response)  # newer torch: a pair
-            self._pending = _Pending(step, path, data, started, future)
-        else:
-            with _quiet_single_process():
-                dcp.save(app_state, checkpoint_id=path, no_dist=not self._dist)
-            self._pending = _Pending(step, path, data, started, None)
+        future = None
+        try:
+            if self._async_group is not None:
+                # Thread mode: state is staged to CPU before this returns, so training goes on.
+                response = dcp.async_save(
+                    app_state, checkpoint_id=path, process_group=self._async_group
+                )
+                future = getattr(response, "upload_completion", response)  # newer torch: a pair
+            else:
+                with _quiet_single_process():
+                    dcp.save(app_state, checkpoint_id=path, no_dist=not self._dist)
+        except (Exception, CheckpointException) as exc:  # DCP raises it on every rank
+            error = _first_line(exc)
+        self._check_saving(error, step, path, "writing the sharded state")
+        self._pending = _Pending(step, path, data, started, future)
+        if future is None:
             self.wait()
         return path
 
@@ -209,13 +271,16 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return
+        from torch.distributed.checkpoint.api import CheckpointException
+
         error = None
         if pending.future is not None:
             try:
                 pending.future.result()
-            except Exception as exc:  # noqa: BLE001 - reported on every rank below
-                error = f"{type(exc).__name__}: {exc}"
-        self._ranks.raise_if_any(error, pending.path, "writing the sharded state")
+            except (Exception, CheckpointException) as exc:  # reported on every rank below
+                error = _first_line(exc)
+        self._check_saving(error, pending.step, pending.path, "writing the sharded state")
+        maybe_fail("save", pending.step)  # a fault drill (ORCH_DRILL), when one is set
         # Every rank hashes a share of the files; rank 0 lists them so all agree on the split.
         names = self._ranks.from_rank0(lambda: files_of(pending.path))
         mine: dict[str, FileEntry] = {}
@@ -224,8 +289,8 @@ class CheckpointManager:
                 file = pending.path / name
                 mine[name] = FileEntry(file.stat().st_size, sha256(file))
         except OSError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        self._ranks.raise_if_any(error, pending.path, "hashing the checkpoint files")
+            error = _first_line(exc)
+        self._check_saving(error, pending.step, pending.path, "hashing the checkpoint files")
         files = {k: v for part in self._ranks.gather(mine) for k, v in part.items()}
         if self.rank == 0:
             manifest = Manifest(
@@ -244,11 +309,38 @@ class CheckpointManager:
             try:
                 text = json.dumps(manifest.to_json(), indent=1, sort_keys=False) + "\n"
                 write_durable(pending.path / MANIFEST, text.encode())
-                self._retain(pending.step)
             except OSError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        self._ranks.raise_if_any(error, pending.path, "writing the manifest")
+                error = _first_line(exc)
+        self._check_saving(error, pending.step, pending.path, "writing the manifest")
+        if self.rank == 0:
+            try:
+                self._retain(pending.step)
+            except OSError as exc:  # the checkpoint is complete; older ones stay for now
+                warnings.warn(f"checkpoint retention after {pending.path}: {exc}", stacklevel=2)
         self._written.add(pending.step)
+
+    def _check_saving(self, error: str | None, step: int, path: Path, doing: str) -> None:
+        """Raise ``SaveFailed`` on every rank when any rank's ``error`` is set, after rank 0
+        removed the unfinished directory (it would never be resumed from, and a full disk wants
+        its space back); older checkpoints are left as they are."""
+        errors = self._ranks.errors(error)
+        if not errors:
+            return
+        self._pending = None
+        if self.rank == 0:
+            remove_checkpoint(path)
+        newest = self.latest()
+        kept = f"the newest complete checkpoint, {newest}, is intact" if newest else (
+            "there is no earlier complete checkpoint")
+        free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+        raise SaveFailed(
+            path,
+            f"saving step {step} failed while {doing} ("
+            + "; ".join(f"rank {r}: {e}" for r, e in errors)
+            + f"); the unfinished directory was removed and {kept}",
+            f"free space or fix permissions under {self.dir} ({free:,} bytes free now), then "
+            "run the same command: it resumes from the newest complete checkpoint",
+        )
 
     def _prepare(self, step: int, path: Path) -> None:
         """Rank 0, before a save: refuse a foreign run dir; clear the way for ``path``
@@ -265,8 +357,8 @@ class CheckpointManager:
 
     def _retain(self, step: int) -> None:
         """Rank 0, after saving ``step``: apply ``checkpoint.keep_last``/``keep_every``."""
-        mine = [m.step for m in self.complete() if m.fingerprint == self.fingerprint]
-        retain(self.dir, step, mine, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+        keep = self.cfg.checkpoint
+        retain(self.dir, step, [m.step for m in self.own()], keep.keep_last, keep.keep_every)
 
     # --- loading ---
 
@@ -289,19 +381,33 @@ class CheckpointManager:
         errors = [e for e in self._ranks.gather(error) if e]
         if errors:
             raise CheckpointError(errors[0].where, errors[0].message, errors[0].fix)
-        names = sorted(manifest.files)[self.rank :: self.world_size]
-        problems = [p for part in self._ranks.gather(verify(path, names=names)) for p in part]
+        problems = [] if path == self._verified else self._problems(path, hashes=True)
         missing = [name for name in manifest.rng_files.values() if name not in manifest.files]
         problems += [f"{path / name}: not listed in the manifest" for name in missing]
         if problems:
             raise damaged(path, problems)
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
-        with _quiet_single_process():
-            dcp.load(app_state, checkpoint_id=path, no_dist=not self._dist)
+        from orch.runtime.checkpoint.safe_load import SafeLoadPlanner, SafeReader, unwrap
+
+        try:
+            with _quiet_single_process():
+                dcp.load(app_state, checkpoint_id=path, storage_reader=SafeReader(path),
+                         planner=SafeLoadPlanner(), no_dist=not self._dist)
+        except CheckpointException as exc:
+            if (inner := unwrap(exc)) is not exc:
+                raise inner from None
+            raise
         if self.rank in manifest.rng_files:
-            rng_file = path / manifest.rng_files[self.rank]
-            rng = torch.load(rng_file, weights_only=True)
+            rng = load_rng(path / manifest.rng_files[self.rank])
         else:
             rng = {"seed": derive_rng_seed(self.cfg.train.seed, manifest.step, self.rank)}
         return dataclasses.replace(manifest, rng=rng)
+
+
+def skipped_damaged(skipped: list[tuple[Path, list[str]]], chosen: Path) -> str:
+    """What ``resume=auto`` says when it passes over damaged checkpoints."""
+    lines = [f"orch: checkpoint {path} is damaged ({problems[0]}); not resuming from it"
+             for path, problems in skipped]
+    return "\n".join([*lines, f"orch: resuming from the previous complete checkpoint {chosen}"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,18 @@ def derive_rng_seed(seed: int, step: int, rank: int) -> int:
     """
     digest = hashlib.sha256(f"orch-rng:{seed}:{step}:{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def load_rng(file: Path) -> dict[str, Any]:
+    """A rank's saved RNG states, by torch's weights-only loader: plain data only, no code."""
+    from orch.runtime.checkpoint.safe_load import refusal, unsafe
+
+    try:
+        return torch.load(file, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the weights-only loader's refusal, or garbage
+        raise unsafe(file, f"is not plain RNG state ({refusal(exc)})") from None
 
 
 def restore_rng(states: dict[str, Any]) -> None:

@@ -1,0 +1,157 @@
+"""``orch ckpt inspect|verify|export``: checkpoints from outside a run.
+
+DIR is a run directory (every checkpoint under its ``checkpoints/``) or one ``step-*``
+checkpoint. Nothing here starts a process group or runs code from a checkpoint
+(``orch.runtime.checkpoint.safe_load``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from orch.config.coerce import parse_bytes
+from orch.errors import PlanError, Problem
+
+
+def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ckpt",
+        help="inspect, verify or export checkpoints",
+        description="Checkpoints of a run directory (all of them) or one step-* checkpoint: "
+        "what they hold, whether every file is as saved, and HuggingFace export.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    inspect = actions.add_parser(
+        "inspect", help="step, plan, config, files and tensors of each checkpoint",
+        description="Print each checkpoint's step, when it was saved, the plan and config it "
+        "was saved under, its files and sizes, and the tensors it holds (full shapes).")
+    inspect.add_argument("dirs", nargs="+", metavar="DIR",
+                         help="run directory or step-* checkpoint (several may be given)")
+    inspect.add_argument("--tensors", action="store_true", help="list every tensor")
+    inspect.add_argument("--json", action="store_true", help="print JSON (one object per "
+                         "checkpoint, in a list)")
+    inspect.set_defaults(func=cmd_inspect)
+    verify = actions.add_parser(
+        "verify", help="check every file against its manifest (exit 1 naming the bad ones)",
+        description="Check each checkpoint: its manifest, every file's size and sha256, and "
+        "that its index holds nothing but checkpoint data. Exit 0 when all are intact, 1 "
+        "naming each bad file. In a run directory an unfinished save (no manifest) is listed "
+        "but not an error: resume ignores it and the next save of that step replaces it.")
+    verify.add_argument("dirs", nargs="+", metavar="DIR",
+                        help="run directory or step-* checkpoint (several may be given)")
+    verify.add_argument("--quick", action="store_true",
+                        help="sizes and the index only, no hashes (fast on large checkpoints)")
+    verify.set_defaults(func=cmd_verify)
+    export = actions.add_parser(
+        "export", help="write a checkpoint in another format (--to hf)",
+        description="Write the newest complete checkpoint of DIR (or the one given) as a "
+        "HuggingFace LlamaForCausalLM directory: config.json and safetensors shards, which "
+        "transformers loads and model.init_from reads back. Dense models only.")
+    export.add_argument("dir", metavar="DIR", help="run directory or step-* checkpoint")
+    export.add_argument("--to", required=True, choices=["hf"], help="the format: hf")
+    export.add_argument("out", metavar="OUT", help="directory to create (must not exist)")
+    export.add_argument("--dtype", default="float32",
+                        help="weights dtype: float32 (as trained), bfloat16 or float16")
+    export.add_argument("--max-shard-size", default="5GB",
+                        help="largest safetensors file (default 5GB)")
+    export.set_defaults(func=cmd_export)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from orch.runtime.checkpoint.browse import checkpoints_in, describe
+
+    records = [describe(path, args.tensors) for directory in args.dirs
+               for path in checkpoints_in(directory)]
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print("\n\n".join(render(record) for record in records))
+    return 0
+
+
+_DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")  # the ones a user sets
+
+
+def render(record: dict[str, Any]) -> str:
+    """One checkpoint of ``orch ckpt inspect`` as text."""
+    if not record["complete"]:
+        return f"{record['path']}\n  unfinished save (no manifest): resume ignores it"
+    saved = record["plan"].get("degrees", {})
+    degrees = ", ".join(f"{k}={saved[k]}" for k in _DEGREES if saved.get(k, 1) > 1)
+    ranks = record["plan"].get("world_size", record["world_size"])
+    config = record["config"]
+    model, train = config.get("model", {}), config.get("train", {})
+    lines = [
+        f"{record['path']}",
+        f"  step      {record['step']} (saved {record['saved_at']} in "
+        f"{record['save_seconds']:.1f} s)",
+        f"  plan      {ranks} rank{'s' if ranks > 1 else ''}" + (f": {degrees}" if degrees else ""),
+        "  model     " + " ".join(f"{k}={model[k]}" for k in (
+            "dim", "layers", "heads", "kv_heads", "vocab_size", "experts") if k in model),
+        "  train     " + " ".join(f"{k}={train[k]}" for k in (
+            "steps", "global_batch", "seq_len", "lr", "precision", "seed") if k in train),
+        f"  data      {json.dumps(record['data'])}",
+        f"  files     {len(record['files'])}, {_size(record['bytes'])}: " + ", ".join(
+            f"{file} {_size(size)}" for file, size in record["files"].items()),
+        "  tensors   " + ", ".join(
+            f"{group} {g['tensors']} ({g['elements']:,} elements, {_size(g['bytes'])})"
+            for group, g in record["groups"].items()) + f"; {record['values']} other values",
+    ]
+    for tensor in record.get("tensors", []):
+        lines.append(f"    {tensor['name']}  {tensor['shape']}  {tensor['dtype']}")
+    return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from orch.runtime.checkpoint import verify
+    from orch.runtime.checkpoint.browse import checkpoints_in, manifest_or_none
+    from orch.runtime.checkpoint.manifest import CheckpointError
+
+    paths = [(path, Path(d).resolve() == path.resolve()) for d in args.dirs
+             for path in checkpoints_in(d)]
+    bad = 0
+    for path, one in paths:  # one: asked for by name, so an unfinished save is bad
+        try:
+            complete = manifest_or_none(path) is not None
+        except CheckpointError:
+            complete = True  # verify names the unreadable manifest
+        if not complete and not one:
+            print(f"unfinished  {path} (no manifest: resume ignores it)")
+            continue
+        problems = verify(path, hashes=not args.quick)
+        if problems:
+            bad += 1
+            print(f"BAD         {path}")
+            for problem in problems:
+                print(f"  {problem}")
+        else:
+            print(f"ok          {path}" + (" (sizes and index; no hashes)" if args.quick else ""))
+    print(f"{len(paths)} checkpoint(s), {bad} bad")
+    return 1 if bad else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from orch.models.hf_export import export_hf
+
+    limit = parse_bytes(args.max_shard_size)
+    if not limit:
+        raise PlanError([Problem("--max-shard-size", f"{args.max_shard_size!r}",
+                                 "give a size such as 5GB or 500MB")], title="cannot export")
+    files = export_hf(args.dir, args.out, args.dtype, limit)
+    total = sum(file.stat().st_size for file in files)
+    print(f"wrote {args.out}: {len(files)} files, {_size(total)} (" + ", ".join(
+        file.name for file in files) + ")")
+    return 0
+
+
+__all__ = ["add_ckpt_parser"]

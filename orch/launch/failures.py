@@ -1,0 +1,141 @@
+"""What the launcher says when workers fail: which rank, on which node, why, and its log.
+
+torchrun's own report names a rank and an exit code, and for a signal little else. Here each
+failed worker of this node gets one line: its rank (and local rank, pid), the node, and the
+reason read from what it left: a signal (SIGKILL is told apart as the kernel's out-of-memory
+killer when this cgroup's ``oom_kill`` count rose during the run), or the error its worker
+recorded (``orch.runtime.rank_log.record_failure``), classed as out of memory, a communication
+timeout, a lost peer, bad input, or a Python error with its first line; then where its log is.
+The likely cause comes first: a rank that was killed or raised on its own before ranks that
+only lost a peer because of it.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orch.runtime.rank_log import rank_log_path
+
+OOM_COUNTERS = (
+    Path("/sys/fs/cgroup/memory.events"),  # cgroup v2: "oom_kill N"
+    Path("/sys/fs/cgroup/memory/memory.oom_control"),  # cgroup v1
+)
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in this cgroup, if it says."""
+    for path in OOM_COUNTERS:
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+CONSEQUENCES = ("lost peer", "stopped", "communication timeout")
+"""Kinds of failure that usually follow another rank's (its peers wait, then give up)."""
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    rank: int
+    local_rank: int
+    pid: int
+    exitcode: int
+    kind: str
+    """killed, out of memory, communication timeout, lost peer, bad input, error, stopped."""
+    reason: str
+    log: Path | None
+
+    @property
+    def primary(self) -> bool:
+        """A cause rather than a consequence of another rank's failure."""
+        return self.kind not in CONSEQUENCES
+
+
+_OOM = re.compile(r"out of memory|OutOfMemoryError|MemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I)
+_TIMEOUT = re.compile(r"timed? ?out|Timeout|watchdog", re.I)
+_PEER = re.compile(r"Connection (closed|reset) by peer|Broken pipe|peer.*(closed|died)|"
+                   r"ProcessGroupGloo|NCCL (communicator was aborted|error)", re.I)
+
+
+def classify(exitcode: int, message: str, oom_rose: bool) -> tuple[str, str]:
+    """``(kind, reason)`` of one worker's exit code and recorded error message."""
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        if name == "SIGKILL" and oom_rose:
+            return "out of memory", ("killed by the kernel's out-of-memory killer (SIGKILL; "
+                                     "this cgroup's oom_kill count rose)")
+        if name == "SIGKILL":
+            return "killed", ("killed by SIGKILL (kill -9, the scheduler, or an out-of-memory "
+                              "killer outside this cgroup: see dmesg)")
+        if name in ("SIGTERM", "SIGINT", "SIGHUP"):
+            return "stopped", (f"stopped by {name} (the scheduler, or the launcher stopping the "
+                               "other workers after one failed)")
+        return "killed", f"crashed with {name}"
+    if exitcode == 2:  # an OrchError: the worker printed the whole message already
+        return "bad input", "stopped on bad input (the worker's message is above)"
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    if not first:
+        return "error", f"exit code {exitcode}, no error recorded (see its log)"
+    if _OOM.search(message):
+        return "out of memory", f"out of memory: {first}"
+    if _TIMEOUT.search(first) and re.search(r"Dist|gloo|nccl|collective|barrier|store", message,
+                                            re.I):
+        return "communication timeout", f"communication timeout: {first}"
+    if _PEER.search(message):
+        return "lost peer", f"lost a peer (another rank or node failed): {first}"
+    return "error", f"error: {first}"
+
+
+def _message(failure: Any) -> str:
+    """The error a worker recorded (torchrun's ProcessFailure.message: text or a record)."""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    text = str(message or "")
+    return "" if text.startswith(("To enable traceback", "Signal ")) else text
+
+
+def worker_failures(failures: dict[int, Any], run_dir: Path, oom_rose: bool
+                    ) -> list[WorkerFailure]:
+    """One ``WorkerFailure`` per entry of torchrun's ``ChildFailedError.failures``, likely
+    causes first, then by the time torchrun saw them."""
+    out = []
+    for rank, failure in failures.items():
+        kind, reason = classify(failure.exitcode, _message(failure), oom_rose)
+        log = rank_log_path(run_dir, rank)
+        out.append((kind in CONSEQUENCES, failure.timestamp, WorkerFailure(
+            rank, failure.local_rank, failure.pid, failure.exitcode, kind, reason,
+            log if log.exists() else None)))
+    return [item[2] for item in sorted(out, key=lambda item: (item[0], item[1]))]
+
+
+def summary(failures: list[WorkerFailure], node: str, attempts: int) -> str:
+    """The launcher's report of a failed run on this node."""
+    tried = f" after {attempts} attempts" if attempts > 1 else ""
+    lines = [f"orch launch: training failed on node {node}{tried}"]
+    for f in failures:
+        lines.append(f"  rank {f.rank} (local rank {f.local_rank}, pid {f.pid}) on {node}: "
+                     f"{f.reason}")
+        lines.append(f"      log: {f.log}" if f.log else "      log: none written (it failed "
+                     "before opening one)")
+    first = failures[0]
+    if len(failures) > 1 or not first.primary:
+        cause = "" if first.primary else (" (no rank here failed on its own: look at the other "
+                                          "nodes' launchers)")
+        lines.append(f"  look first at rank {first.rank}{cause}")
+    return "\n".join(lines)
+
+
+__all__ = ["WorkerFailure", "classify", "oom_kills", "summary", "worker_failures"]

@@ -1,0 +1,116 @@
+"""``orch ckpt export DIR --to hf OUT``: an orch checkpoint as a HuggingFace Llama directory.
+
+OUT gets ``config.json`` (``hf.hf_llama_config`` of the checkpoint's own model config) and the
+weights as safetensors, split into shards of at most ``max_shard_bytes`` with a
+``model.safetensors.index.json`` when there is more than one, as ``save_pretrained`` writes
+them; ``transformers`` loads the directory and ``model.init_from`` reads it back. Tensors are
+read out of the sharded checkpoint one output shard at a time (DCP reshards any plan's
+checkpoint into full tensors), so memory holds one shard, not the model. The directory is
+written beside OUT and renamed into place at the end: a failed export leaves nothing named OUT,
+and an existing OUT is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from orch.config.coerce import build
+from orch.config.schema import ModelConfig
+from orch.errors import Problem, ProblemsError
+from orch.models.hf import hf_llama_config, to_hf_state_dict
+from orch.runtime.checkpoint.browse import TensorInfo, contents, newest_complete, read_tensors
+from orch.runtime.checkpoint.manifest import read_manifest
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_PREFIX = "model."  # the worker saves {"model": ..., "optim": ...}
+
+
+def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32",
+              max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """Write the newest complete checkpoint under ``checkpoint_dir`` to ``out`` (see the module
+    doc); returns the files written. ProblemsError for an MoE model, an existing ``out`` or an
+    unknown dtype, before anything is written."""
+    path = newest_complete(checkpoint_dir)
+    problems: list[Problem] = []
+    model = build(ModelConfig, read_manifest(path).config["model"], "model", {}, problems)
+    out = Path(out)
+    if dtype not in DTYPES:
+        problems.append(Problem("--dtype", f"{dtype!r}", f"use one of {', '.join(DTYPES)}"))
+    if out.exists():
+        problems.append(Problem(str(out), "exists; an export never overwrites",
+                                "choose a new directory, or remove this one"))
+    config = hf_llama_config(model, dtype if dtype in DTYPES else "float32")  # refuses MoE
+    if problems:
+        raise ProblemsError(problems, title="cannot export")
+    ours = [t for t in contents(path).tensors if t.name.startswith(MODEL_PREFIX)]
+    names = {t.name: hf_name(t.name, model.tie_embeddings) for t in ours}
+    shards = _shard(ours, names, max_shard_bytes)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        written = _write(path, shards, names, DTYPES[dtype], tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / name for name in [*written, "config.json"]]
+
+
+def hf_name(name: str, tied: bool) -> str | None:
+    """The ``LlamaForCausalLM`` key of checkpoint tensor ``name`` (``model.<our fqn>``); None
+    for the head of a tied model (HF stores the embedding once)."""
+    fqn = name.removeprefix(MODEL_PREFIX)
+    if tied and fqn == "output.weight":
+        return None
+    return next(iter(to_hf_state_dict({fqn: torch.empty(0)})))
+
+
+def _shard(infos: list[TensorInfo], names: dict[str, str | None],
+           max_bytes: int) -> list[list[TensorInfo]]:
+    """Tensors in HF key order, cut into consecutive groups of at most ``max_bytes`` (a tensor
+    larger than that gets a shard of its own)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in sorted((i for i in infos if names[i.name]), key=lambda i: names[i.name] or ""):
+        if shards[-1] and size + info.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return [shard for shard in shards if shard]
+
+
+def _write(path: Path, shards: list[list[TensorInfo]], names: dict[str, str | None],
+           dtype: torch.dtype, out: Path) -> list[str]:
+    from safetensors.torch import save_file
+
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for file, shard in zip(files, shards, strict=True):
+        tensors = read_tensors(path, shard)
+        renamed = {names[n]: t.to(dtype).contiguous() for n, t in tensors.items()}
+        save_file(renamed, str(out / file), metadata={"format": "pt"})
+        os.chmod(out / file, 0o666 & ~_umask())  # safetensors writes 0600; like config.json
+        weight_map.update({key: file for key in renamed})
+        total += sum(t.numel() * t.element_size() for t in renamed.values())
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        files.append("model.safetensors.index.json")
+    return files
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+__all__ = ["DTYPES", "export_hf", "hf_name"]

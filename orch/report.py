@@ -1,0 +1,191 @@
+"""``orch report RUN_DIR``: plots of a run and a short markdown summary beside them.
+
+Read from what the run wrote (``metrics.jsonl``, ``plan.json``, ``config.yaml``, the pipeline
+timeline and checkpoints), written to ``RUN_DIR/report/`` (or ``--out``):
+
+- ``loss.png``: the language-model loss per logged step (and the MoE balancing term);
+- ``throughput.png``: tokens/s per logged step, with MFU on the right-hand axis;
+- ``memory.png``: each rank's device memory (GPU memory used, or the process's resident set on
+  CPU) from the telemetry readings, or rank 0's peak where a run has none;
+- ``communication.png``: bytes handed to collectives per step, stacked by parallel dimension;
+- ``pipeline_timeline.png``: the measured timeline of the last logged step, when there is one;
+- ``summary.md``: the plan, the steps done, the losses, throughput, MFU and memory figures, the
+  plan's estimated communication share of a step, and the checkpoints.
+
+matplotlib (Agg, no display) is imported here only, never on the training path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+from orch.errors import OrchError
+
+GIB = 2**30
+
+
+class ReportError(OrchError):
+    """A directory ``orch report`` cannot read as a run."""
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ReportError(f"{run_dir}: no metrics.jsonl; fix: give a run directory of orch launch "
+                          "(run.dir) that has logged at least one step")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise ReportError(f"{path} is empty; fix: report once the run has logged a step")
+    return records
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write the plots and ``summary.md`` of ``run_dir``; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    out = Path(out) if out else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in records]
+    written = [
+        _loss(out, steps, records),
+        _throughput(out, steps, records),
+        _memory(out, steps, records),
+    ]
+    if any(r.get("comm_bytes") for r in records):
+        written.append(_communication(out, steps, records))
+    timeline = run_dir / "pipeline_timeline.png"
+    if timeline.is_file():
+        written.append(Path(shutil.copy(timeline, out / timeline.name)))
+    summary = out / "summary.md"
+    summary.write_text(_summary(run_dir, records, written))
+    return [*written, summary]
+
+
+def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _loss(out: Path, steps: list[int], records: list[dict]) -> Path:
+    fig, ax = _figure("loss", "cross-entropy")
+    ax.plot(steps, [r["loss"] for r in records], label="language-model loss")
+    if any(r.get("aux_loss") is not None for r in records):
+        ax.plot(steps, [r.get("aux_loss") or 0.0 for r in records], label="MoE balancing term")
+    ax.legend()
+    return _save(fig, out / "loss.png")
+
+
+def _throughput(out: Path, steps: list[int], records: list[dict]) -> Path:
+    fig, ax = _figure("throughput", "tokens/s")
+    ax.plot(steps, [r["tokens_per_s"] for r in records])
+    # MFU is tokens/s times a constant of the run (FLOPs per token over devices x peak): one
+    # line, read on either axis
+    per_token = next((r["mfu"] / r["tokens_per_s"] for r in records if r["tokens_per_s"]), 0.0)
+    if per_token:
+        mfu = ax.secondary_yaxis("right", functions=(lambda t: 100 * t * per_token,
+                                                     lambda m: m / (100 * per_token)))
+        mfu.set_ylabel("MFU (%)")
+    return _save(fig, out / "throughput.png")
+
+
+def memory_by_rank(records: list[dict]) -> dict[int, list[float]]:
+    """GiB per rank per logged step: telemetry readings, else rank 0's peak (``mem_bytes``)."""
+    if not all(r.get("devices") for r in records):
+        return {0: [r["mem_bytes"] / GIB for r in records]}
+    out: dict[int, list[float]] = {}
+    for record in records:
+        for reading in record["devices"]:
+            used = reading.get("mem_used_bytes", reading.get("rss_bytes", 0))
+            out.setdefault(reading["rank"], []).append(used / GIB)
+    return out
+
+
+def _memory(out: Path, steps: list[int], records: list[dict]) -> Path:
+    fig, ax = _figure("memory per rank", "GiB")
+    for rank, values in sorted(memory_by_rank(records).items()):
+        ax.plot(steps[: len(values)], values, label=f"rank {rank}")
+    ax.legend(ncol=4, fontsize="small")
+    return _save(fig, out / "memory.png")
+
+
+def _communication(out: Path, steps: list[int], records: list[dict]) -> Path:
+    dims = sorted({dim for r in records for dim in (r.get("comm_bytes") or {})})
+    fig, ax = _figure("bytes to collectives per step, by parallel dimension (rank 0)", "MB")
+    bottom = [0.0] * len(records)
+    for dim in dims:
+        mb = [(r.get("comm_bytes") or {}).get(dim, 0) / 1e6 for r in records]
+        ax.bar(steps, mb, bottom=bottom, label=dim, width=0.8 * _spacing(steps))
+        bottom = [b + m for b, m in zip(bottom, mb, strict=True)]
+    ax.legend()
+    return _save(fig, out / "communication.png")
+
+
+def _spacing(steps: list[int]) -> float:
+    return min((b - a for a, b in zip(steps, steps[1:], strict=False)), default=1) or 1
+
+
+def _summary(run_dir: Path, records: list[dict], written: list[Path]) -> str:
+    plan = _json(run_dir / "plan.json")
+    last = records[-1]
+    steady = records[1:] or records  # the first step includes warm-up
+    degrees = plan.get("degrees", {})
+    layout = ", ".join(f"{k}={degrees[k]}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp",
+                                                      "ep", "etp") if degrees.get(k, 1) > 1)
+    memory = memory_by_rank(records)
+    peak = max(max(values) for values in memory.values())
+    lines = [
+        f"# Run report: {run_dir}",
+        "",
+        f"- plan: {plan.get('world_size', '?')} x {plan.get('device', '?')}"
+        + (f", {layout}" if layout else ", one process"),
+        f"- steps logged: {len(records)}, last step {last['step']} of {last['steps']}",
+        f"- loss: {records[0]['loss']:.4f} at step {records[0]['step']} -> {last['loss']:.4f} "
+        f"at step {last['step']}",
+        f"- throughput: {statistics.mean(r['tokens_per_s'] for r in steady):,.0f} tokens/s, "
+        f"MFU {100 * statistics.mean(r['mfu'] for r in steady):.2f}% (mean over logged steps "
+        "after the first)",
+        f"- memory: peak {peak:.2f} GiB on one rank ({len(memory)} rank(s) recorded)",
+    ]
+    step = plan.get("step") or {}
+    if step.get("comm_s"):
+        comm = sum(step["comm_s"].values())
+        share = comm / (comm + step.get("compute_s", 0) or 1)
+        lines.append(f"- communication (the plan's estimate): {100 * share:.1f}% of a step's "
+                     f"compute + communication time, {step.get('exposed_comm_s', 0):.3g} s "
+                     "exposed")
+    complete = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step-*/manifest.json"))
+    lines.append(f"- checkpoints: {', '.join(complete) if complete else 'none'}")
+    lines += ["", *[f"![{p.stem}]({p.name})" for p in written]]
+    return "\n".join(lines) + "\n"
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+__all__ = ["ReportError", "memory_by_rank", "read_metrics", "write_report"]

@@ -1,0 +1,148 @@
+"""Checkpoints seen from outside a run: find them, describe them, read tensors out of them.
+
+What ``orch ckpt inspect``, ``verify`` and ``export`` stand on. Nothing here needs a process
+group: DCP reads a checkpoint written by any number of ranks in one process, and every read goes
+through ``safe_load`` (the index by the restricted unpickler, values by the weights-only loader).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST, step_dirs
+from orch.runtime.checkpoint.manifest import CheckpointError, Manifest, read_manifest
+
+
+def checkpoints_in(directory: str | Path) -> list[Path]:
+    """The step directories ``directory`` stands for, oldest first: itself when it is one
+    checkpoint, else those of a run directory or of its ``checkpoints/`` folder (complete or
+    not). CheckpointError when it is none of these."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(path, "is not a directory", "give a run directory or a checkpoint")
+    if (path / MANIFEST).exists() or path.name.startswith("step-"):
+        return [path]
+    for folder in (path / CHECKPOINTS, path):
+        found = [p for _, p in sorted(step_dirs(folder))]
+        if found:
+            return found
+    raise CheckpointError(path, "holds no checkpoints (no step-* directories, no manifest.json)",
+                          f"give a run directory (with {CHECKPOINTS}/) or one step-* directory")
+
+
+def newest_complete(directory: str | Path) -> Path:
+    """The newest checkpoint with a manifest among ``checkpoints_in(directory)``."""
+    complete = [p for p in checkpoints_in(directory) if (p / MANIFEST).exists()]
+    if not complete:
+        raise CheckpointError(directory, "has no complete checkpoint (none has its manifest)",
+                              "give a checkpoint whose save finished")
+    return complete[-1]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * getattr(torch, self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a checkpoint's DCP index says it holds: tensors (full shapes) and other values."""
+
+    tensors: list[TensorInfo]
+    values: list[str] = field(default_factory=list)
+
+
+def contents(path: str | Path) -> Contents:
+    """The tensors and plain values in checkpoint ``path``, read from its index safely."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from orch.runtime.checkpoint.safe_load import read_metadata
+
+    tensors, values = [], []
+    for name, entry in sorted(read_metadata(path).state_dict_metadata.items()):
+        if isinstance(entry, TensorStorageMetadata):
+            dtype = str(entry.properties.dtype).removeprefix("torch.")
+            tensors.append(TensorInfo(name, tuple(entry.size), dtype))
+        else:
+            values.append(name)
+    return Contents(tensors, values)
+
+
+def read_tensors(path: str | Path, infos: Iterable[TensorInfo]) -> dict[str, torch.Tensor]:
+    """The full (unsharded) tensors ``infos`` from checkpoint ``path``, on the CPU, by DCP's
+    resharding load through ``safe_load``; names as in the index (``model.layers.0...``)."""
+    import torch.distributed.checkpoint as dcp
+
+    from orch.runtime.checkpoint.safe_load import SafeLoadPlanner, SafeReader
+
+    out = {info.name: torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+           for info in infos}
+    if out:
+        with warnings.catch_warnings():  # one process on purpose
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(out, storage_reader=SafeReader(path), planner=SafeLoadPlanner(),
+                     no_dist=True)
+    return out
+
+
+def manifest_or_none(path: Path) -> Manifest | None:
+    """The manifest of ``path``, or None for an unfinished save (CheckpointError if damaged)."""
+    if not (path / MANIFEST).exists():
+        return None
+    return read_manifest(path)
+
+
+def describe(path: Path, with_tensors: bool = False) -> dict[str, Any]:
+    """``orch ckpt inspect``'s record of one checkpoint (JSON-ready)."""
+    manifest = manifest_or_none(path)
+    if manifest is None:
+        return {"path": str(path), "complete": False}
+    held = contents(path)
+    groups: dict[str, dict[str, int]] = {}
+    for info in held.tensors:
+        group = groups.setdefault(info.name.split(".", 1)[0], {"tensors": 0, "bytes": 0,
+                                                               "elements": 0})
+        group["tensors"] += 1
+        group["bytes"] += info.nbytes
+        group["elements"] += info.numel
+    out: dict[str, Any] = {
+        "path": str(path),
+        "complete": True,
+        "step": manifest.step,
+        "saved_at": manifest.to_json()["saved_at"],
+        "save_seconds": round(manifest.save_seconds, 3),
+        "world_size": manifest.world_size,
+        "fingerprint": manifest.fingerprint,
+        "plan": manifest.plan,
+        "config": manifest.config,
+        "data": manifest.data,
+        "files": {name: entry.size for name, entry in sorted(manifest.files.items())},
+        "bytes": sum(entry.size for entry in manifest.files.values()),
+        "groups": groups,
+        "values": len(held.values),
+    }
+    if with_tensors:
+        out["tensors"] = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
+                          for t in held.tensors]
+    return out
+
+
+__all__ = ["Contents", "TensorInfo", "checkpoints_in", "contents", "describe",
+           "manifest_or_none", "newest_complete", "read_tensors"]

@@ -1,0 +1,170 @@
+"""The launcher's failure summary (orch.launch.failures): how each way a worker dies is told."""
+
+from __future__ import annotations
+
+import io
+import signal
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from orch.launch.failures import classify, oom_kills, summary, worker_failures
+
+CASES = [  # (exit code, recorded message, oom killer seen) -> kind, words in the reason
+    (-signal.SIGKILL, "", True, "out of memory", "out-of-memory killer"),
+    (-signal.SIGKILL, "", False, "killed", "killed by SIGKILL"),
+    (-signal.SIGSEGV, "", False, "killed", "crashed with SIGSEGV"),
+    (-signal.SIGTERM, "", False, "stopped", "stopped by SIGTERM"),
+    (1, "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", False,
+     "out of memory", "out of memory: OutOfMemoryError: CUDA out of memory"),
+    (1, "DistBackendError: [../gloo/transport/tcp/pair.cc:534] Read error: Connection reset by "
+     "peer", False, "lost peer", "lost a peer"),
+    (1, "DistBackendError: Timed out waiting 1800000ms for recv operation to complete (gloo)",
+     False, "communication timeout", "communication timeout: DistBackendError: Timed out"),
+    (1, "ValueError: bad shape\nmore lines", False, "error", "error: ValueError: bad shape"),
+    (2, "ConfigError: train.lr: -1 must be positive", False, "bad input",
+     "stopped on bad input (the worker's message is above)"),
+    (1, "", False, "error", "exit code 1, no error recorded"),
+]
+
+
+@pytest.mark.parametrize(("code", "message", "oom", "kind", "words"), CASES)
+def test_classify(code, message, oom, kind, words):
+    got_kind, reason = classify(code, message, oom)
+    assert got_kind == kind and words in reason
+
+
+def failure(rank: int, code: int, message: object, when: int) -> SimpleNamespace:
+    return SimpleNamespace(local_rank=rank, pid=100 + rank, exitcode=code, message=message,
+                           timestamp=when)
+
+
+def test_the_killed_rank_comes_first_and_logs_are_named(tmp_path: Path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "rank-1.log").write_text("...")
+    failures = {  # rank 0 lost its peer and reported first; rank 1 was killed
+        0: failure(0, 1, {"message": "RuntimeError: Connection closed by peer"}, 10),
+        1: failure(1, -signal.SIGKILL, "Signal 9 (SIGKILL) received by PID 101", 12),
+    }
+    found = worker_failures(failures, tmp_path, oom_rose=False)
+    assert [f.rank for f in found] == [1, 0]
+    text = summary(found, "node-a", attempts=3)
+    assert text.splitlines()[0] == "orch launch: training failed on node node-a after 3 attempts"
+    assert "rank 1 (local rank 1, pid 101) on node-a: killed by SIGKILL" in text
+    assert f"log: {tmp_path / 'logs' / 'rank-1.log'}" in text
+    assert "log: none written" in text  # rank 0 has no log here
+    assert "look first at rank 1" in text
+
+
+def test_oom_counter_is_read_where_the_kernel_has_one():
+    count = oom_kills()
+    assert count is None or count >= 0
+
+
+@pytest.mark.parametrize("text", ["kill rank=1", "kill rank=1 step=0", "stop rank=1 step=3",
+                                  "kill rank=1 step=3 during=load", "kill rank=x step=3",
+                                  "kill rank=1 step=3 when=now"])
+def test_a_bad_drill_is_refused_before_any_process_starts(monkeypatch, text):
+    from orch.launch.launcher import _check_drill
+
+    monkeypatch.setenv("ORCH_DRILL", text)
+    (problem,) = _check_drill()
+    assert problem.where == "ORCH_DRILL" and repr(text) in problem.message
+    assert "kill rank=1 step=7 during=step" in problem.fix
+
+
+def test_a_drill_fires_once_on_its_rank_at_its_point(monkeypatch):
+    import orch.runtime.drills as drills
+
+    killed: list[int] = []
+    monkeypatch.setattr(drills.os, "kill", lambda pid, sig: killed.append(sig))
+    monkeypatch.setenv("ORCH_DRILL", "kill rank=1 step=3 during=save")
+    for rank, attempt, point, step, fires in [
+        ("0", "0", "save", 3, False), ("1", "0", "step", 3, False), ("1", "0", "save", 2, False),
+        ("1", "1", "save", 3, False), ("1", "0", "save", 3, True)]:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        drills._armed.cache_clear()
+        killed.clear()
+        drills.maybe_fail(point, step)
+        assert killed == ([signal.SIGKILL] if fires else []), (rank, attempt, point, step)
+    drills._armed.cache_clear()
+
+
+def test_rank_log_lines_carry_time_rank_and_step(tmp_path, monkeypatch):
+    """What a worker prints goes to its rank log, each line with the rank and step; rank 1's
+    stdout stays off the terminal, its stderr does not."""
+    from orch.runtime import rank_log
+
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(rank_log, "_step", "-")
+    monkeypatch.setattr(rank_log.faulthandler, "enable", lambda file: None)
+    path = rank_log.log_to_file(tmp_path, 1, 2)
+    print("before")
+    rank_log.at_step(3)
+    print("partial", end="")
+    print(" line\nnext")
+    print("oops", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("== rank 1 of 2, attempt 1, pid ")
+    assert [line.split(" ", 1)[1] for line in lines[1:]] == [
+        "rank 1 step - | before", "rank 1 step 3 | partial line", "rank 1 step 3 | next",
+        "rank 1 step 3 | oops"]
+    assert out.getvalue() == "" and err.getvalue() == "oops\n"
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_progress_line_stays_last_with_an_eta(tmp_path, monkeypatch):
+    """Rank 0 on a terminal: the progress line is redrawn in place (with an ETA) and other
+    output goes above it; the log file and metrics.jsonl get every step as plain lines."""
+    from orch.runtime import rank_log
+    from orch.runtime.metrics import MetricsLog, StepMetrics, eta
+
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(rank_log.faulthandler, "enable", lambda file: None)
+    monkeypatch.setattr(rank_log, "_step", "-")
+    log_file = rank_log.log_to_file(tmp_path, 0, 1)
+    tee = sys.stdout
+    metrics = MetricsLog(tmp_path, True, tee)
+
+    def step(n: int) -> StepMetrics:
+        return StepMetrics(step=n, steps=100, loss=2.0, lr=1e-3, grad_norm=1.0, tokens=512,
+                           step_time_s=2.0, tokens_per_s=256.0, tflops=0.01, mfu=0.01,
+                           mem_bytes=0, mem_total_bytes=1)
+
+    metrics.log(step(1))
+    print("orch: saved checkpoint")
+    metrics.log(step(2))
+    metrics.close()
+    shown = terminal.getvalue()
+    first = "step 1/100 | loss 2.000"
+    assert shown.startswith("\r\x1b[K" + first) and "ETA 3m18s" in shown
+    assert f"| ETA 3m18s\r\x1b[Korch: saved checkpoint\n{first}" in shown  # above, redrawn
+    assert shown.endswith("| ETA 3m16s\n")
+    lines = log_file.read_text().splitlines()[1:]
+    assert [line.split(" | ", 1)[1] for line in lines][1] == "orch: saved checkpoint"
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (eta(3725), eta(65), eta(9)) == ("1h02m", "1m05s", "9s")
+
+
+def test_tensorboard_without_its_package_is_refused_before_start(monkeypatch):
+    import importlib.util
+
+    from orch.config import load_config
+    from orch.launch.launcher import _check_tensorboard
+
+    cfg = load_config("configs/tiny.yaml", ["run.tensorboard=true"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    (problem,) = _check_tensorboard(cfg)
+    assert problem.where == "run.tensorboard" and "pip install tensorboard" in problem.fix

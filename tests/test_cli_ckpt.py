@@ -1,0 +1,127 @@
+"""``orch ckpt inspect|verify|export`` on checkpoints written by orch's CheckpointManager, as the
+worker writes them (``{"model": ..., "optim": ...}`` through DCP), in one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orch.cli import main
+from orch.config import load_config
+from orch.models.hf import hf_llama_config
+from orch.models.hf_load import load_hf_weights
+from orch.models.llama import Transformer
+from orch.runtime.checkpoint import CheckpointManager
+
+PLAN = {"world_size": 2, "degrees": {"dp_shard": 2, "tp": 1, "dp": 2, "world": 2}}
+
+
+def tiny_model(tie: bool = False) -> tuple[object, Transformer]:
+    cfg = load_config("configs/tiny.yaml", [f"model.tie_embeddings={str(tie).lower()}"])
+    model = Transformer(cfg.model)
+    model.init_weights(5)
+    with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    return cfg, model
+
+
+def save_run(run: Path, cfg: object, model: Transformer, steps: tuple[int, ...] = (3, 6)) -> Path:
+    manager = CheckpointManager(run, cfg, PLAN)
+    optim = {"lr": 1e-3, "exp_avg": {k: torch.zeros_like(v) for k, v in
+                                     model.state_dict().items()}}
+    for step in steps:
+        path = manager.save(step, {"model": model.state_dict(), "optim": optim},
+                            {"epoch": 0, "step_in_epoch": step})
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    cfg, model = tiny_model()
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    save_run(run, cfg, model)
+    return run
+
+
+def test_inspect_shows_step_plan_config_files_and_tensors(run, capsys):
+    assert main(["ckpt", "inspect", str(run), "--tensors"]) == 0
+    text = capsys.readouterr().out
+    assert "step-00000003" in text and "step-00000006" in text
+    assert "step      6 (saved" in text and "plan      2 ranks: dp_shard=2" in text
+    assert "model     dim=256 layers=4 heads=8 kv_heads=4" in text
+    assert "__0_0.distcp" in text and ".metadata" in text
+    assert "model.layers.0.attention.wq.weight  [256, 256]  float32" in text
+    assert main(["ckpt", "inspect", str(run / "checkpoints" / "step-00000003"), "--json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["step"] == 3 and record["data"] == {"epoch": 0, "step_in_epoch": 3}
+    assert record["groups"]["model"]["tensors"] == len(Transformer(load_config(
+        "configs/tiny.yaml").model).state_dict())
+    assert record["bytes"] == sum(record["files"].values())
+
+
+def test_verify_passes_intact_checkpoints_and_names_a_bad_file(run, tmp_path, capsys):
+    import shutil
+
+    assert main(["ckpt", "verify", str(run)]) == 0
+    assert "2 checkpoint(s), 0 bad" in capsys.readouterr().out
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    newest = copy / "checkpoints" / "step-00000006"
+    shard = newest / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    unfinished = copy / "checkpoints" / "step-00000009"
+    unfinished.mkdir()
+    assert main(["ckpt", "verify", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD         {newest}" in out and f"{shard}: sha256 differs" in out
+    assert "ok          " + str(copy / "checkpoints" / "step-00000003") in out
+    assert f"unfinished  {unfinished}" in out
+    assert main(["ckpt", "verify", "--quick", str(newest)]) == 0  # same size: only hashes see it
+    assert main(["ckpt", "verify", str(unfinished)]) == 1  # one checkpoint: incomplete is bad
+    assert "is missing: the save of this checkpoint did not finish" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path, tie):
+    transformers = pytest.importorskip("transformers")
+    cfg, model = tiny_model(tie)
+    save_run(tmp_path / "run", cfg, model, steps=(1,))
+    out = tmp_path / "hf"
+    assert main(["ckpt", "export", str(tmp_path / "run"), "--to", "hf", str(out),
+                 "--max-shard-size", "2MB"]) == 0
+    assert len(list(out.glob("*.safetensors"))) > 2  # sharded, with an index
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == tie
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 40),
+                           generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model.eval()(tokens) - hf(tokens).logits).abs().max()
+    assert diff < 1e-5, diff
+    back_cfg = dataclasses.replace(cfg.model, init_from=str(out))
+    back = Transformer(back_cfg)
+    load_hf_weights(back, back_cfg)
+    for (name, a), b in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_export_refuses_moe_an_existing_directory_and_a_bad_dtype(tmp_path, capsys):
+    cfg, model = tiny_model()
+    save_run(tmp_path / "run", cfg, model, steps=(1,))
+    (tmp_path / "taken").mkdir()
+    args = ["ckpt", "export", str(tmp_path / "run"), "--to", "hf"]
+    assert main([*args, str(tmp_path / "taken"), "--dtype", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "exists; an export never overwrites" in err and "--dtype: 'fp8'" in err
+    moe = load_config("configs/tiny-moe.yaml")
+    save_run(tmp_path / "moe", moe, Transformer(moe.model), steps=(1,))
+    assert main(["ckpt", "export", str(tmp_path / "moe"), "--to", "hf", str(tmp_path / "o")]) == 2
+    assert "MoE model" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert hf_llama_config(cfg.model)["num_hidden_layers"] == 4

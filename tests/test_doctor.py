@@ -1,0 +1,58 @@
+"""``orch doctor``: healthy in CPU mode here, and every missing piece named with its fix."""
+
+from __future__ import annotations
+
+import json
+
+from orch import doctor
+from orch.cli import main
+
+
+def test_this_cpu_machine_is_healthy(capsys, tmp_path):
+    assert main(["doctor", "--nvme-path", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "no GPU: CPU mode" in text and "torch 2.13.0" in text
+    assert "ok       training: CPU with gloo" in text
+    assert "no GPU   Triton kernels" in text  # not expected without a GPU, not missing
+    assert f"nvme_path {tmp_path}: " in text and " GB free of " in text
+    assert text.rstrip().endswith("healthy")
+
+
+def test_missing_pieces_are_listed_with_their_fix_and_exit_1(capsys, monkeypatch, tmp_path):
+    real = doctor.version
+    monkeypatch.setattr(doctor, "version",
+                        lambda p: None if p in ("megatron-core", "safetensors") else real(p))
+    missing = tmp_path / "nowhere"
+    assert main(["doctor", "--nvme-path", str(missing)]) == 1
+    text = capsys.readouterr().out
+    assert "MISSING  training: missing safetensors; fix: pip install -e ." in text
+    assert "MISSING  Megatron-Core interop: not installed; fix: pip install megatron-core" in text
+    assert f"MISSING  NVMe tier directory: {missing} is not a writable directory" in text
+    assert text.rstrip().endswith(
+        "3 missing: training, NVMe tier directory, Megatron-Core interop")
+    assert main(["doctor", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert {f["name"] for f in report["features"] if f["state"] == "MISSING"} == {
+        "training", "Megatron-Core interop"}
+
+
+def test_the_p2p_matrix_tells_nvlink_from_pcie_from_neither():
+    from types import SimpleNamespace
+
+    links = {(0, 1): "nvlink", (1, 0): "nvlink", (0, 2): "pcie", (2, 0): "pcie"}
+    nvml = SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        NVML_P2P_CAPS_INDEX_NVLINK="nvlink", NVML_P2P_CAPS_INDEX_READ="pcie",
+        NVML_P2P_STATUS_OK=0,
+        nvmlDeviceGetP2PStatus=lambda a, b, kind: 0 if links.get((a, b)) == kind else 5)
+    matrix = doctor.p2p_matrix(nvml, 3)
+    assert matrix == [["X", "NV", "P2P"], ["NV", "X", "."], ["P2P", ".", "X"]]
+    report = doctor.Report("h", {"python": "3", "torch": "t", "cuda": "c"} | dict.fromkeys(
+        ("triton", "deepspeed", "megatron-core", "nvidia-ml-py", "numpy", "pyyaml",
+         "safetensors", "transformers"), "v"),
+        [{"index": i, "name": "H100", "memory_bytes": 80 * 2**30, "uuid": f"GPU-{i}"}
+         for i in range(3)], [], [], [], p2p=matrix)
+    text = doctor.render(report)
+    assert "  GPU 0: H100, 80.0 GiB, GPU-0" in text
+    assert "  GPU 0      X   NV  P2P" in text
