@@ -79,6 +79,8 @@ def render(record: dict[str, Any]) -> str:
     """One checkpoint of ``orch ckpt inspect`` as text."""
     if not record["complete"]:
         return f"{record['path']}\n  unfinished save (no manifest): resume ignores it"
+    if "error" in record:
+        return f"{record['path']}\n  damaged: {record['error']}"
     saved = record["plan"].get("degrees", {})
     degrees = ", ".join(f"{k}={saved[k]}" for k in _DEGREES if saved.get(k, 1) > 1)
     ranks = record["plan"].get("world_size", record["world_size"])
@@ -113,19 +115,14 @@ def _size(nbytes: int) -> str:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from orch.runtime.checkpoint import verify
-    from orch.runtime.checkpoint.browse import checkpoints_in, manifest_or_none
-    from orch.runtime.checkpoint.manifest import CheckpointError
+    from orch.runtime.checkpoint import MANIFEST, verify
+    from orch.runtime.checkpoint.browse import checkpoints_in
 
     paths = [(path, Path(d).resolve() == path.resolve()) for d in args.dirs
              for path in checkpoints_in(d)]
     bad = 0
     for path, one in paths:  # one: asked for by name, so an unfinished save is bad
-        try:
-            complete = manifest_or_none(path) is not None
-        except CheckpointError:
-            complete = True  # verify names the unreadable manifest
-        if not complete and not one:
+        if not (path / MANIFEST).exists() and not one:
             print(f"unfinished  {path} (no manifest: resume ignores it)")
             continue
         problems = verify(path, hashes=not args.quick)

@@ -85,6 +85,10 @@ def test_verify_passes_intact_checkpoints_and_names_a_bad_file(run, tmp_path, ca
     assert "ok          " + str(copy / "checkpoints" / "step-00000003") in out
     assert f"unfinished  {unfinished}" in out
     assert main(["ckpt", "verify", "--quick", str(newest)]) == 0  # same size: only hashes see it
+    (copy / "checkpoints" / "step-00000003" / ".metadata").write_bytes(b"not a pickle")
+    assert main(["ckpt", "inspect", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "damaged: " in out and ".metadata: is not a checkpoint index" in out
     assert main(["ckpt", "verify", str(unfinished)]) == 1  # one checkpoint: incomplete is bad
     assert "is missing: the save of this checkpoint did not finish" in capsys.readouterr().out
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST, step_dirs
-from orch.runtime.checkpoint.manifest import CheckpointError, Manifest, read_manifest
+from orch.runtime.checkpoint.manifest import CheckpointError, read_manifest
 
 
 def checkpoints_in(directory: str | Path) -> list[Path]:
@@ -102,19 +102,16 @@ def read_tensors(path: str | Path, infos: Iterable[TensorInfo]) -> dict[str, tor
     return out
 
 
-def manifest_or_none(path: Path) -> Manifest | None:
-    """The manifest of ``path``, or None for an unfinished save (CheckpointError if damaged)."""
-    if not (path / MANIFEST).exists():
-        return None
-    return read_manifest(path)
-
-
 def describe(path: Path, with_tensors: bool = False) -> dict[str, Any]:
-    """``orch ckpt inspect``'s record of one checkpoint (JSON-ready)."""
-    manifest = manifest_or_none(path)
-    if manifest is None:
+    """``orch ckpt inspect``'s record of one checkpoint (JSON-ready); an unfinished save is
+    ``complete: false``, an unreadable manifest or index an ``error``."""
+    if not (path / MANIFEST).exists():
         return {"path": str(path), "complete": False}
-    held = contents(path)
+    try:
+        manifest = read_manifest(path)
+        held = contents(path)
+    except CheckpointError as exc:
+        return {"path": str(path), "complete": True, "error": str(exc.problem)}
     groups: dict[str, dict[str, int]] = {}
     for info in held.tensors:
         group = groups.setdefault(info.name.split(".", 1)[0], {"tensors": 0, "bytes": 0,
@@ -145,4 +142,4 @@ def describe(path: Path, with_tensors: bool = False) -> dict[str, Any]:
 
 
 __all__ = ["Contents", "TensorInfo", "checkpoints_in", "contents", "describe",
-           "manifest_or_none", "newest_complete", "read_tensors"]
+           "newest_complete", "read_tensors"]
