@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def _write_run_files(run_dir: Path, cfg: Config, plan: Plan) -> None:
 
 
 def run(argv: Sequence[str]) -> None:
+    # torch 2.13 warns on every rank that slicing a flattened dimension from the root mesh (how
+    # FSDP gets its dp_shard x cp mesh, here as in torchtitan) is deprecated: noise in the logs.
+    warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
     parser = worker_parser()
     parser.add_argument("config")
     args = parser.parse_args(list(argv))
