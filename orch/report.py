@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orch.errors import OrchError
+from orch.runtime.telemetry import memory_in_use
 
 GIB = 2**30
 
@@ -117,8 +118,7 @@ def memory_by_rank(records: list[dict]) -> dict[int, list[float]]:
     out: dict[int, list[float]] = {}
     for record in records:
         for reading in record["devices"]:
-            used = reading.get("mem_used_bytes", reading.get("rss_bytes", 0))
-            out.setdefault(reading["rank"], []).append(used / GIB)
+            out.setdefault(reading["rank"], []).append(memory_in_use(reading) / GIB)
     return out
 
 

@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import torch
 
+from orch.runtime.telemetry import memory_in_use
+
 GIB = 2**30
 
 
@@ -129,8 +131,8 @@ class MetricsLog:
         if m.aux_loss is not None:
             board.add_scalar("train/aux_loss", m.aux_loss, step)
         for reading in m.devices or []:
-            used = reading.get("mem_used_bytes", reading.get("rss_bytes", 0))
-            board.add_scalar(f"memory_gib/rank{reading['rank']}", used / GIB, step)
+            board.add_scalar(f"memory_gib/rank{reading['rank']}", memory_in_use(reading) / GIB,
+                             step)
         board.flush()
 
     def close(self) -> None:

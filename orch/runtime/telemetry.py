@@ -61,6 +61,11 @@ class Telemetry:
         return out
 
 
+def memory_in_use(reading: dict[str, Any]) -> int:
+    """The memory figure of one reading: device memory in use on a GPU, else the resident set."""
+    return int(reading.get("mem_used_bytes", reading.get("rss_bytes", 0)))
+
+
 def _rss_bytes() -> int:
     """This process's resident set now (``/proc/self/statm``), 0 where there is none."""
     try:
@@ -70,4 +75,4 @@ def _rss_bytes() -> int:
         return 0
 
 
-__all__ = ["Telemetry"]
+__all__ = ["Telemetry", "memory_in_use"]
