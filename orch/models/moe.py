@@ -19,9 +19,13 @@ Load balancing, both kinds, so a run can use either or both:
 - auxiliary loss (Switch/GShard): every forward stores ``self.aux_loss = E * sum_e f_e * P_e``
   with ``f_e`` the fraction of the ``T * top_k`` routed copies that chose expert ``e`` (before
   capacity drops) and ``P_e`` the mean router probability of ``e`` over the tokens (sigmoid scores
-  are normalized per token first). It is 1 for perfectly uniform routing. The trainer adds
-  ``aux_loss_coeff * aux_loss`` of every MoE layer to its loss (:func:`moe_aux_loss` does the
-  sum), weighted by ``model.aux_loss_coeff``.
+  are normalized per token first). It is 1 for perfectly uniform routing. Its gradient is
+  given by the layer itself, in the backward of its output, as if ``aux_loss_coeff *
+  aux_grad_scale * aux_loss`` had been added to the loss (Megatron-Core's
+  MoEAuxLossAutoScaler): so a caller's loss is the language-model loss alone, whether it is one
+  expression (the trainer, scale ``1 / micro-batches``) or per pipeline stage (the executor,
+  scale 1, since its runtime divides every gradient by the micro-batch count). Set the scale
+  with :func:`inject_aux_gradients`; :func:`take_aux_loss` gives the value for the metrics.
   The value is computed per micro-batch on the tokens this rank sees; under context and
   tensor (sequence) parallelism the loads are summed over the cp x tp ranks first (each holds
   part of the sequences).
@@ -236,12 +240,10 @@ class MoEFeedForward(nn.Module):
         self.aux_loss_count = 0
         """Training forwards' balancing losses (unweighted) and their count since the last
         :func:`take_aux_loss`, for the metrics (each micro-batch adds one)."""
-        self.aux_grad_scale: float | None = None
-        """None: the caller adds :func:`moe_aux_loss` to its loss. A number (set by
-        :func:`inject_aux_gradients`): the layer gives its balancing loss the gradient
-        ``aux_loss_coeff * aux_grad_scale`` itself, through its output, in the same backward
-        (Megatron-Core's MoEAuxLossAutoScaler), for callers whose loss is not one expression:
-        pipeline stages run by a runtime that back-propagates each stage's output alone."""
+        self.aux_grad_scale = 1.0
+        """The layer gives its balancing loss the gradient ``aux_loss_coeff * aux_grad_scale``
+        itself, through its output, in the same backward (set by :func:`inject_aux_gradients`:
+        the weight of one forward's loss in the caller's; 0 turns the gradient off)."""
         self.dispatcher: Dispatcher | None = None
         self.sequence_group: dist.ProcessGroup | None = None
         """Context- and tensor-parallel ranks holding the other parts of this rank's sequences
@@ -281,7 +283,7 @@ class MoEFeedForward(nn.Module):
         out = moe_unpermute(expert_out, row_map, weights, num_tokens, check=False)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
-        if self.aux_grad_scale is not None and self.aux_loss_coeff and torch.is_grad_enabled():
+        if self.aux_grad_scale and self.aux_loss_coeff and torch.is_grad_enabled():
             out = _AuxLossGradient.apply(out, self.aux_loss,
                                          self.aux_loss_coeff * self.aux_grad_scale)
         return out.view_as(x)
@@ -320,9 +322,9 @@ def set_sequence_group(model: nn.Module, group: dist.ProcessGroup, dims: str) ->
 
 
 def inject_aux_gradients(model: nn.Module | Iterable[nn.Module], scale: float) -> None:
-    """Make every MoE layer of ``model`` give its balancing loss its gradient itself, weighted
-    ``aux_loss_coeff * scale`` (see :attr:`MoEFeedForward.aux_grad_scale`); the caller then does
-    not add :func:`moe_aux_loss` to its loss."""
+    """Weight every MoE layer's balancing-loss gradient by ``aux_loss_coeff * scale`` (see
+    :attr:`MoEFeedForward.aux_grad_scale`): ``scale`` is the weight one forward's loss has in
+    the caller's (``1 / micro-batches`` when their mean is back-propagated, 0 for none)."""
     for layer in moe_layers(model):
         layer.aux_grad_scale = scale
 
@@ -339,13 +341,6 @@ def take_aux_loss(model: nn.Module | Iterable[nn.Module]) -> torch.Tensor | None
         m.aux_loss_sum.zero_()
         m.aux_loss_count = 0
     return torch.as_tensor(total)
-
-
-def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """``sum(aux_loss_coeff * aux_loss)`` over the MoE layers' last forward; None if there are
-    none (or no forward ran). Add it to the training loss before backward."""
-    terms = [m.aux_loss_coeff * m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
-    return torch.stack(terms).sum() if terms else None
 
 
 @torch.no_grad()

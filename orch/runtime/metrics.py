@@ -53,6 +53,10 @@ class StepMetrics:
     pipeline_idle: list[float] | None = None
     """Pipeline runs: each pipeline rank's idle fraction of the step's forward and backward,
     measured (``pipeline_timeline.png`` and ``pipeline_trace.json`` in the run directory)."""
+    pipeline_transfer_s: list[float] | None = None
+    """Pipeline runs: each pipeline rank's seconds of the step spent waiting for a transfer
+    whose producer had finished (``orch.parallel.pipeline.timeline.exposed_transfers``); the
+    rest of its idle time is the bubble."""
     offload: dict[str, int] | None = None
     """Offloaded runs: the step's accounted device peak (``device_peak_bytes``, never over
     ``offload.device_budget``) and bytes moved to the device and back home."""

@@ -26,10 +26,15 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from orch.config.schema import Config
-from orch.models.moe import MoEFeedForward, moe_aux_loss, take_aux_loss, update_expert_bias
+from orch.models.moe import (
+    MoEFeedForward,
+    inject_aux_gradients,
+    take_aux_loss,
+    update_expert_bias,
+)
 from orch.parallel.comm_stats import CommLedger
 from orch.parallel.data_parallel import set_gradient_sync
-from orch.parallel.pipeline.timeline import measured_timeline, write_timeline
+from orch.parallel.pipeline.timeline import exposed_transfers, measured_timeline, write_timeline
 from orch.parallel.tensor_parallel import vocab_parallel_loss
 from orch.plan import Plan
 from orch.runtime.data import BatchStream
@@ -143,6 +148,7 @@ class Trainer:
         """Forward and backward of this rank's micro-batches; returns the mean language-model
         loss, unreduced (MoE layers keep their balancing losses for :func:`take_aux_loss`)."""
         micro_batches = self.stream.next_step()
+        inject_aux_gradients(self.model, 1 / len(micro_batches))  # each is 1/n of the loss
         total = torch.zeros((), device=self.device)
         for index, (inputs, targets) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
@@ -157,8 +163,7 @@ class Trainer:
             sharded = isinstance(logits, DTensor)
             with loss_parallel() if sharded else contextlib.nullcontext():
                 loss = vocab_parallel_loss(logits, targets, tp_mesh=None)
-                aux = moe_aux_loss(self.model)
-                ((loss if aux is None else loss + aux) / len(micro_batches)).backward()
+                (loss / len(micro_batches)).backward()  # MoE layers add their balancing grads
             if self.offload is not None:
                 self.offload.finish_backward()
             total += loss.detach() / len(micro_batches)
@@ -210,11 +215,11 @@ class Trainer:
 
     def _log(self, done: _Step, secs: float) -> None:
         losses = done.loss if done.aux_loss is None else torch.stack([done.loss, done.aux_loss])
-        loads, idle = done.loads, None
+        loads, idle, transfers = done.loads, None, None
         if self.pipeline is not None:  # the last stage's loss, every stage's MoE layers
             dist.all_reduce(losses, group=self.pipeline.group)
             loads = self._pipeline_loads(loads)
-            idle = self._pipeline_timeline(done.step)
+            idle, transfers = self._pipeline_timeline(done.step)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(losses, op=dist.ReduceOp.AVG)  # every rank's share of the batch
         t = self.cfg.train
@@ -229,7 +234,7 @@ class Trainer:
                 grad_norm=done.grad_norm,
                 aux_loss=None if done.aux_loss is None else float(losses[1]),
                 expert_load=None if loads is None else loads.int().tolist(),
-                comm_bytes=done.comm_bytes, pipeline_idle=idle,
+                comm_bytes=done.comm_bytes, pipeline_idle=idle, pipeline_transfer_s=transfers,
                 offload=None if self.offload is None else self.offload.step_record(),
                 tokens=tokens, step_time_s=secs, tokens_per_s=tokens_per_s, tflops=tflops,
                 mfu=tflops * 1e12 / self.plan.peak_flops, mem_bytes=used, mem_total_bytes=total,
@@ -261,13 +266,14 @@ class Trainer:
         rows = sorted(row for part in gathered for row in part or [])
         return torch.tensor([load for _, load in rows]) if rows else None
 
-    def _pipeline_timeline(self, step: int) -> list[float] | None:
+    def _pipeline_timeline(self, step: int) -> tuple[list[float] | None, list[float] | None]:
         """Gather the step's measured pipeline actions; rank 0 writes the timeline files and
-        returns each pipeline rank's idle fraction."""
+        returns each pipeline rank's idle fraction and seconds waiting for transfers."""
         assert self.pipeline is not None
         records = self.pipeline.gather_records()
         if records is None or self.pipeline_dir is None:
-            return None
+            return None, None
         timeline = self._timeline = measured_timeline(records)
         write_timeline(timeline, self.pipeline_dir, step)
-        return [round(fraction, 4) for fraction in timeline.idle_fraction]
+        return ([round(fraction, 4) for fraction in timeline.idle_fraction],
+                [round(seconds, 5) for seconds in exposed_transfers(timeline)])

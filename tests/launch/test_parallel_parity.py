@@ -248,6 +248,9 @@ def test_pipeline_runs_record_their_measured_timeline(runs, layout):
     for record in metrics(run):
         assert len(record["pipeline_idle"]) == pp
         assert all(0 <= fraction < 1 for fraction in record["pipeline_idle"])
+        idle_s = [fraction * record["step_time_s"] for fraction in record["pipeline_idle"]]
+        assert all(0 <= waited <= idle for waited, idle in  # a part of the idle time
+                   zip(record["pipeline_transfer_s"], idle_s, strict=True))
 
 
 @pytest.mark.parametrize("name", sorted(RESHARDED))

@@ -15,9 +15,10 @@ from orch.models.moe import (
     GroupedExperts,
     MoEFeedForward,
     expert_capacity,
+    inject_aux_gradients,
     load_balancing_loss,
-    moe_aux_loss,
     route,
+    take_aux_loss,
 )
 from orch.plan.memory import param_counts
 
@@ -183,6 +184,7 @@ def moe_layer(seed: int = 0, **kwargs: object) -> MoEFeedForward:
 @pytest.mark.parametrize("capacity_factor", [None, 0.6])
 def test_moe_layer_matches_the_plain_loop(score_func, capacity_factor):
     layer = moe_layer(score_func=score_func, capacity_factor=capacity_factor)
+    inject_aux_gradients(layer, 0.0)  # the loop has no balancing loss
     x = torch.randn(2, 15, 32, requires_grad=True)
     grad = torch.randn(2, 15, 32)
     out = layer(x)
@@ -208,12 +210,33 @@ def test_aux_loss_is_switch_formula_and_reaches_the_router():
     (got,) = torch.autograd.grad(layer.aux_loss, layer.router.weight)
     (want,) = torch.autograd.grad(hand, layer.router.weight)
     torch.testing.assert_close(got, want)
-    model = Transformer(moe_cfg(moe_layer_interval=1))
-    model(torch.randint(0, 64, (1, 8)))
-    terms = [m.feed_forward.aux_loss * 0.01 for m in model.layers.values()]
-    torch.testing.assert_close(moe_aux_loss(model), sum(terms))
     uniform = torch.full((8, 4), 0.25)
     assert load_balancing_loss(uniform, torch.full((4,), 4), 2).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_layers_add_their_balancing_gradient_to_the_loss_gradient(scale):
+    """The gradient of the language-model loss alone equals that of the loss plus ``scale *
+    aux_loss_coeff * aux_loss`` per layer written out by hand (with the layers' own gradient
+    turned off), differs from the loss's gradient without the balancing term, and
+    :func:`take_aux_loss` reports the balancing term's value."""
+    tokens = torch.randint(0, 64, (2, 8))
+    model = Transformer(moe_cfg(moe_layer_interval=1))
+
+    def grads(injected: float, by_hand: float) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        inject_aux_gradients(model, injected)
+        loss = model(tokens).logsumexp(-1).mean()
+        terms = sum(m.feed_forward.aux_loss * 0.01 for m in model.layers.values())
+        (loss + by_hand * terms).backward()
+        torch.testing.assert_close(take_aux_loss(model), terms.detach())
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    injected, by_hand, without = grads(scale, 0.0), grads(0.0, scale), grads(0.0, 0.0)
+    for name in injected:
+        torch.testing.assert_close(injected[name], by_hand[name], msg=name)
+    router = "layers.0.feed_forward.router.weight"
+    assert (injected[router] - without[router]).abs().max() > 1e-6
 
 
 def test_bias_steers_selection_but_not_weights():

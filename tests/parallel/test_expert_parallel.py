@@ -34,7 +34,12 @@ from torch.distributed.tensor import DTensor
 from orch.config import load_config
 from orch.errors import OrchError
 from orch.models.llama import Transformer
-from orch.models.moe import MoEFeedForward, moe_aux_loss, update_expert_bias
+from orch.models.moe import (
+    MoEFeedForward,
+    inject_aux_gradients,
+    take_aux_loss,
+    update_expert_bias,
+)
 from orch.parallel.expert_parallel import apply_expert_parallel, build_expert_mesh
 from orch.plan.degrees import Degrees
 from orch.plan.layout import expert_layout
@@ -86,6 +91,9 @@ def make_layer(case: str) -> MoEFeedForward:
     )
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.05)
+    # The token path only: each rank's balancing loss covers its own tokens, not the
+    # reference's (test_aux_loss_is_the_local_switch_loss checks that loss).
+    inject_aux_gradients(layer, 0.0)
     if STEER[steer] is not None:
         with torch.no_grad():
             layer.router.weight[:, 0] = torch.tensor(STEER[steer])
@@ -131,9 +139,9 @@ def model_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 def model_step(model: Transformer, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, targets = model_batch(rank)
     logits = model(inputs)
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + moe_aux_loss(model)
-    loss.backward()
-    return logits.detach(), loss.detach()
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()  # the MoE layers add their balancing losses' gradients
+    return logits.detach(), loss.detach() + take_aux_loss(model)
 
 
 def _run(rank: int, world: int, results) -> None:

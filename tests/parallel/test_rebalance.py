@@ -6,6 +6,7 @@ import pytest
 
 from orch.config import load_config
 from orch.parallel.pipeline.rebalance import StageMeter, apply_rebalance, write_rebalance
+from orch.parallel.pipeline.timeline import exposed_transfers
 from orch.parallel.schedules.actions import Action
 from orch.parallel.schedules.simulate import Span, Timeline
 from orch.plan import build_plan
@@ -33,7 +34,7 @@ def test_a_slow_stage_gets_fewer_layers_and_a_balanced_one_none():
     for _ in range(3):
         meter.add(_timeline([0.9, 0.3]))  # 3 layers take 0.9 s, 1 layer 0.3 s: equal speed
     assert meter.per_step() == [0.9, 0.3]
-    assert meter.per_step(idle=True) == [0.0, 0.6]  # the step lasts 0.9 s on every rank
+    assert meter.per_step('idle') == [0.0, 0.6]  # the step lasts 0.9 s on every rank
     assert meter.proposal([3, 1], threshold=1.2) == [2, 2]
     assert meter.proposal([3, 1], threshold=4.0) is None  # imbalance under the threshold
     balanced = StageMeter()
@@ -42,6 +43,30 @@ def test_a_slow_stage_gets_fewer_layers_and_a_balanced_one_none():
     slow_second = StageMeter()
     slow_second.add(_timeline([0.2, 0.6]))  # the second stage's device is 3x slower
     assert slow_second.proposal([2, 2], threshold=1.2) == [3, 1]
+
+
+def _spans(*rows: list[tuple[str, float, float]]) -> Timeline:
+    spans = [[Span(Action.parse(text), start, end) for text, start, end in row] for row in rows]
+    return Timeline(spans, max(s.end for row in spans for s in row), [0.0] * len(rows),
+                    [1] * len(rows))
+
+
+def test_transfers_are_the_waits_that_begin_after_the_producer_finished():
+    # Two stages, one micro-batch: stage 1 idles until 0.0 + 1.0 (bubble), then 0.2 s more
+    # (the activation in flight); stage 0 idles until stage 1's backward ends at 3.2, then 0.3.
+    two = _spans([("0F0", 0.0, 1.0), ("0B0", 3.5, 4.5)], [("1F0", 1.2, 2.2), ("1B0", 2.2, 3.2)])
+    assert exposed_transfers(two) == pytest.approx([0.3, 0.2])
+    # Rank 0 still computes (0F1 until 3.6) when 1I0's gradient is ready at 3.2: that transfer
+    # is hidden behind compute and counts nothing; 1W0 needs nothing sent.
+    hidden = _spans([("0F0", 0.0, 1.0), ("0F1", 1.0, 3.6), ("0I0", 3.6, 4.0)],
+                    [("1F0", 1.1, 2.2), ("1I0", 2.2, 3.2), ("1W0", 3.2, 3.5)])
+    assert exposed_transfers(hidden) == pytest.approx([0.0, 0.1])
+    # Stages on the same rank (a V-shape's turn) hand over without a transfer.
+    same_rank = _spans([("0F0", 0.0, 1.0), ("1F0", 1.5, 2.0)])
+    assert exposed_transfers(same_rank) == [0.0]
+    meter = StageMeter()
+    meter.add(two)
+    assert meter.per_step("transfer") == [0.3, 0.2]
 
 
 def test_a_run_directorys_repartition_sets_the_plans_stage_layers(tmp_path):

@@ -30,7 +30,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from orch.config import ModelConfig
 from orch.errors import OrchError
 from orch.models.llama import Transformer
-from orch.models.moe import moe_aux_loss, moe_layers, set_sequence_group
+from orch.models.moe import moe_layers, set_sequence_group, take_aux_loss
 from orch.parallel.expert_parallel import apply_expert_parallel
 from orch.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -61,16 +61,16 @@ def moe_model() -> Transformer:
 
 
 def forward_backward(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Loss (with the MoE balancing loss, reported apart as ``aux``), full logits and full
-    gradients, as plain tensors whatever the layout."""
+    """Loss, the MoE balancing loss (``aux``, whose gradient the MoE layers add in the same
+    backward), full logits and full gradients, as plain tensors whatever the layout."""
     inputs, targets = batch()
     logits = model(inputs)
     sharded = isinstance(logits, DTensor)
     with loss_parallel() if sharded else contextlib.nullcontext():
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss = loss.to_local() if isinstance(loss, DTensor) else loss  # replicated
-        aux = moe_aux_loss(model)
-        (loss if aux is None else loss + aux).backward()
+        loss.backward()
+    aux = take_aux_loss(model)
 
     def full(t: torch.Tensor) -> torch.Tensor:
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()

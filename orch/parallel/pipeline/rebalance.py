@@ -5,11 +5,13 @@ The plan starts each stage with layers in proportion to its devices' estimated s
 busier host, a stage that also holds the embedding or the head. With
 ``parallel.pp_rebalance_threshold`` set, global rank 0 sums each rank's compute (the executor's
 measured F, B, I and W actions) over ``parallel.pp_rebalance_steps`` logged steps after the
-first; when the slowest rank's compute exceeds the fastest's by more than the threshold, it
+first, and their idle time with the part of it spent waiting for transfers
+(:func:`~orch.parallel.pipeline.timeline.exposed_transfers`); when the slowest rank's compute
+exceeds the fastest's by more than the threshold, it
 proposes layers in proportion to each rank's measured layers per second (largest remainder,
 at least one a stage). If that differs from the current split, every rank saves a checkpoint,
-rank 0 writes ``RUN_DIR/rebalance.json`` (the step, the split, compute and idle seconds per
-stage before, and the split after) and the workers exit with :data:`REBALANCE_EXIT`; the
+rank 0 writes ``RUN_DIR/rebalance.json`` (the step, the split, compute, idle and transfer
+seconds per stage before, and the split after) and the workers exit with :data:`REBALANCE_EXIT`; the
 launcher starts them again (as torchrun would with ``--max-restarts``), and every plan built for
 the run directory
 from then on, the launcher's and the workers', takes its stage layers from the file
@@ -34,6 +36,7 @@ from typing import Any
 import torch.distributed as dist
 
 from orch.config.schema import Config
+from orch.parallel.pipeline.timeline import exposed_transfers
 from orch.parallel.schedules.simulate import Timeline
 from orch.plan.placement import proportional_split
 
@@ -53,9 +56,9 @@ class StageMeter:
 
     compute: list[float] = field(default_factory=list)
     idle: list[float] = field(default_factory=list)
-    """Per rank, the step's time outside its compute: waits for transfers and the bubble
-    (torch's pipelining runtime sends and receives inside its step, so transfers are not
-    clocked apart)."""
+    """Per rank, the step's time outside its compute: waits for transfers and the bubble."""
+    transfer: list[float] = field(default_factory=list)
+    """Per rank, the part of ``idle`` spent waiting for bytes whose producer had finished."""
     steps: int = 0
 
     def add(self, timeline: Timeline) -> None:
@@ -63,12 +66,12 @@ class StageMeter:
         idle = [timeline.makespan - seconds for seconds in busy]
         self.compute = _summed(self.compute, busy)
         self.idle = _summed(self.idle, idle)
+        self.transfer = _summed(self.transfer, exposed_transfers(timeline))
         self.steps += 1
 
-    def per_step(self, idle: bool = False) -> list[float]:
-        """Mean compute (or idle) seconds per step of each rank."""
-        return [round(seconds / max(1, self.steps), 4)
-                for seconds in (self.idle if idle else self.compute)]
+    def per_step(self, which: str = "compute") -> list[float]:
+        """Mean seconds per step of each rank: ``compute``, ``idle`` or ``transfer``."""
+        return [round(seconds / max(1, self.steps), 4) for seconds in getattr(self, which)]
 
     def proposal(self, split: list[int], threshold: float) -> list[int] | None:
         """A split in proportion to each rank's measured layers per second, when the slowest
@@ -124,12 +127,12 @@ class Repartitioner:
         save(step)
         if self.rank == 0:
             self.record = {"step": step, "layers_before": self.split,
-                           "compute_before_s": self.meter.per_step(),
-                           "idle_before_s": self.meter.per_step(idle=True),
+                           **self._measured("before"),
                            "layers_after": proposal, "compute_after_s": None}
             write_rebalance(self.run_dir, self.record)
             print(f"orch: pipeline stages computed {_slashed(self.meter.per_step())} s per step "
-                  f"(idle {_slashed(self.meter.per_step(idle=True))} s: transfers and bubble) "
+                  f"(idle {_slashed(self.meter.per_step('idle'))} s, of it waiting for "
+                  f"transfers {_slashed(self.meter.per_step('transfer'))} s) "
                   f"with {_slashed(self.split)} layers (threshold {self.threshold}): "
                   f"re-partitioning to {_slashed(proposal)} from the checkpoint of step {step}",
                   flush=True)
@@ -148,17 +151,23 @@ class Repartitioner:
         if self.record is None:  # deciding
             proposal = self.meter.proposal(self.split, self.threshold)
             return proposal, True
-        self.record["compute_after_s"] = self.meter.per_step()  # measuring the new split
-        self.record["idle_after_s"] = self.meter.per_step(idle=True)
+        self.record |= self._measured("after")  # the new split's
         write_rebalance(self.run_dir, self.record)
         before, after = self.record["compute_before_s"], self.record["compute_after_s"]
         print(f"orch: pipeline re-partitioned at step {self.record['step']}: layers "
               f"{_slashed(self.record['layers_before'])} -> {_slashed(self.split)}, compute per "
               f"step {_slashed(before)} s -> {_slashed(after)} s, idle "
               f"{_slashed(self.record['idle_before_s'])} s -> "
-              f"{_slashed(self.record['idle_after_s'])} s (compute slowest/fastest "
+              f"{_slashed(self.record['idle_after_s'])} s, waiting for transfers "
+              f"{_slashed(self.record['transfer_before_s'])} s -> "
+              f"{_slashed(self.record['transfer_after_s'])} s (compute slowest/fastest "
               f"{max(before) / min(before):.2f} -> {max(after) / min(after):.2f})", flush=True)
         return None, True
+
+    def _measured(self, when: str) -> dict[str, list[float]]:
+        """The meter's per-step figures as record fields (``compute_before_s``, ...)."""
+        return {f"{which}_{when}_s": self.meter.per_step(which)
+                for which in ("compute", "idle", "transfer")}
 
 
 def _slashed(values: list) -> str:
