@@ -234,9 +234,13 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
         runs = ", ".join(f"{g} on {' or '.join(homes)}" for g, homes in OFFLOAD_HOMES_RUN.items())
         problems.append(Problem("offload", f"{asked}: this version runs {runs}", " ".join(
             f"offload.{g}={OFFLOAD_HOMES_RUN[g][0]}" for g in unrun)))
-    if off.enabled and world > 1:
-        problems.append(Problem("offload", f"with {world} processes: this version offloads "
-                                "one process's training", "launch with --nproc-per-node 1"))
+    if off.enabled and world > 1 and p.dp_replicate != world:
+        problems.append(Problem("offload", f"with {world} processes and parallel.dp_replicate="
+                                f"{p.dp_replicate}: offloaded training runs one process, or "
+                                f"{world} replicas (each process keeps the whole model at home "
+                                "and the gradients are averaged there)",
+                                f"set parallel.dp_replicate={world} parallel.dp_shard=1, or launch "
+                                "with --nproc-per-node 1"))
     return problems
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 _ids = itertools.count(10_000)  # DeepSpeed's own optimizers count from 0
 
@@ -100,7 +101,8 @@ def _seconds_per_step(make: Any, numel: int = 1 << 22, repeats: int = 3) -> floa
 def cpu_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
               impl: str) -> torch.optim.Optimizer:
     """The CPU AdamW ``impl`` names: ``deepspeed``, ``torch`` (fused), or ``auto``: whichever
-    steps 4M parameters faster here and now (they trade places on a busy machine), said once."""
+    steps 4M parameters faster here and now (they trade places on a busy machine), said once;
+    data-parallel replicas all take rank 0's choice, so they stay equal."""
     if impl == "auto":
         times = {}
         for name, make in KERNELS.items():
@@ -109,9 +111,15 @@ def cpu_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: fl
             except Exception as exc:  # no compiler, no deepspeed: the other one
                 print(f"orch: CPU AdamW: {name} unavailable ({exc})", file=sys.stderr)
         impl = min(times, key=times.__getitem__)
-        print("orch: CPU AdamW: " + ", ".join(
-            f"{name} {seconds * 25e3:.0f} ms per 100M parameters" for name, seconds in
-            sorted(times.items(), key=lambda item: item[1])) + f": {impl}", flush=True)
+        replicas = dist.is_initialized() and dist.get_world_size() > 1
+        if replicas:  # data-parallel replicas step alike: rank 0's choice
+            choice = [impl]
+            dist.broadcast_object_list(choice, src=0)
+            impl = choice[0]
+        if not replicas or dist.get_rank() == 0:
+            print("orch: CPU AdamW: " + ", ".join(
+                f"{name} {seconds * 25e3:.0f} ms per 100M parameters" for name, seconds in
+                sorted(times.items(), key=lambda item: item[1])) + f": {impl}", flush=True)
     try:
         return KERNELS[impl](groups, lr, betas, eps)
     except Exception as exc:

@@ -29,6 +29,8 @@ micro-batch's gradient is copied home, later ones added, as autograd would have 
 gradients to the parameters (``param.grad``), so the trainer's clip runs unchanged on the CPU;
 :meth:`OffloadEngine.step` then runs the trainer's optimizer on them unit by unit beside the
 next forward (:mod:`orch.offload.cpu_step`), and a unit is fetched only once it is updated.
+Data-parallel replicas average the home gradients over a gloo group, unit by unit, as each
+unit's last backward of the step ends (:mod:`orch.offload.grad_homes`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from orch.config.schema import OffloadConfig
@@ -48,6 +51,7 @@ from orch.offload.activations import ActivationSwap
 from orch.offload.blockio import open_block_io
 from orch.offload.budget import DeviceBudget
 from orch.offload.cpu_step import UnitUpdates
+from orch.offload.grad_homes import GradientHomes
 from orch.offload.homes import Homes
 from orch.offload.nvme import NvmeTier
 from orch.offload.policy import AutoActivations
@@ -129,7 +133,8 @@ class OffloadEngine:
         self.bytes_to_home = 0
         self._fresh: set[nn.Parameter] = set()
         """Parameters whose home gradient holds nothing from this step yet."""
-        self._home_grads: dict[nn.Parameter, torch.Tensor] = {}
+        self._last_micro_batch = True
+        """The running micro-batch is the step's last (replicas average after its backward)."""
         self._unit_of: dict[nn.Parameter, Unit] = {}
         self._home_data: dict[int, list[torch.Tensor]] = {}
         """Per fetched unit, its parameters' home tensors while they point at device copies."""
@@ -139,7 +144,8 @@ class OffloadEngine:
             for p in unit.params:
                 self._unit_of[p] = unit
                 p.data = p.data.to("cpu")
-                self._home_grads[p] = torch.zeros_like(p.data)
+        self.grads = GradientHomes([unit.params for unit in units])
+        """The home gradients, averaged over data-parallel replicas once given a group."""
         self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
                            optimizer_on_nvme, lambda index: self.updates.done_event(index))
         """Where parameters and optimizer states rest: CPU memory, or the NVMe tier's file."""
@@ -248,7 +254,7 @@ class OffloadEngine:
         """Move ``p``'s freshly accumulated gradient home (copy on its step's first
         micro-batch, add after); its unit may then be done (:meth:`_maybe_done`)."""
         assert isinstance(p, nn.Parameter) and p.grad is not None
-        grad, home = p.grad, self._home_grads[p]
+        grad, home = p.grad, self.grads.of[p]
         nbytes = grad.numel() * grad.element_size()
         self.budget.take(nbytes, f"a gradient of {self._unit_of[p].name}")
         if p in self._fresh:
@@ -280,19 +286,31 @@ class OffloadEngine:
         if self.swap is not None:
             self.swap.release(unit.index)
         self.budget.give(self._kept.pop(unit.index, 0))
+        if self._last_micro_batch:  # its gradients are final: average them over the replicas
+            self.grads.reduce(unit.index, self._fresh)
 
     # --- steps ------------------------------------------------------------------------------
 
     def start_step(self) -> None:
         """Forget the previous step's gradients (the next micro-batch's are copied, not added)
         and start a new device peak."""
-        self._fresh = set(self._home_grads)
+        self._fresh = set(self.grads.of)
         self.budget.reset_peak()
         self.bytes_to_device = self.bytes_to_home = 0
         if self.homes.tier is not None:
             self.homes.tier.bytes_read = self.homes.tier.bytes_written = 0
         if self.swap is not None:
             self.swap.bytes_out = self.swap.bytes_in = 0
+
+    def average_gradients_over(self, group: dist.ProcessGroup) -> None:
+        """Train as one of ``group``'s data-parallel replicas (a gloo group: the gradients are
+        averaged at home, in CPU memory; :mod:`orch.offload.grad_homes`)."""
+        self.grads.group = group
+
+    def start_micro_batch(self, last: bool) -> None:
+        """Say whether the coming micro-batch is the step's last: after its backward each unit's
+        gradients are final and their average over the replicas starts."""
+        self._last_micro_batch = last
 
     def finish_backward(self) -> None:
         """After a micro-batch's backward: release every unit still on the device (units whose
@@ -305,8 +323,8 @@ class OffloadEngine:
     def finish_step(self) -> None:
         """After the last micro-batch: every parameter's ``grad`` is its CPU gradient (None for
         those no micro-batch reached), ready for the clip and the CPU optimizer step."""
-        for p, home in self._home_grads.items():
-            p.grad = None if p in self._fresh else home
+        for p, grad in self.grads.finish(self._fresh).items():
+            p.grad = grad
         if self.auto is not None and self.auto.measuring:
             self._choose_activations()
 

@@ -74,6 +74,9 @@ class Parallelized:
     pipeline: PipelineExecutor | None = None
     """Under pipeline parallelism, runs this rank's stages (``model`` is then the rank's share
     of the model: every stage it holds, under the original parameter names)."""
+    offload_replicas: dist.ProcessGroup | None = None
+    """Offloaded training on several processes (pure replication): the gloo group over which
+    the offload engine averages the gradients at home (the model is not wrapped in DDP)."""
 
 
 def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
@@ -113,8 +116,11 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     if d.pp > 1:
         model.positions = positions if positions is not None else torch.arange(cfg.train.seq_len)
         parts = _stage_modules(model, layers, stages)
-    dp_mesh = None
-    if d.dp * d.cp > 1 or (expert_mesh is not None and d.edp > 1):
+    dp_mesh, offload_replicas = None, None
+    if cfg.offload.enabled and world > 1:  # replicas only (the launcher refuses other plans)
+        offload_replicas = (dist.group.WORLD if dist.get_backend() == "gloo"
+                            else dist.new_group(backend="gloo"))
+    elif d.dp * d.cp > 1 or (expert_mesh is not None and d.edp > 1):
         dp_mesh = data_parallel_mesh(mesh)
         expert_dp = expert_mesh["edp"] if expert_mesh is not None else None
         parts = [apply_data_parallel(part, dp_mesh, precision, expert_dp,
@@ -133,7 +139,7 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
             if isinstance(part, DistributedDataParallel):
                 assert dp_mesh is not None
                 ledger.attach_ddp(part, dp_mesh.get_group("dp_replicate"))
-    return Parallelized(model, positions, token_group, ledger, pipeline)
+    return Parallelized(model, positions, token_group, ledger, pipeline, offload_replicas)
 
 
 def _stage_modules(model: Transformer, layers: list[range], stages: list[int]) -> list[nn.Module]:

@@ -151,7 +151,10 @@ class Trainer:
         inject_aux_gradients(self.model, 1 / len(micro_batches))  # each is 1/n of the loss
         total = torch.zeros((), device=self.device)
         for index, (inputs, targets) in enumerate(micro_batches):
-            set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            last = index == len(micro_batches) - 1
+            set_gradient_sync(self.model, last)
+            if self.offload is not None:
+                self.offload.start_micro_batch(last)
             if self.positions is not None:
                 inputs, targets = inputs[:, self.positions], targets[:, self.positions]
             inputs, targets = inputs.to(self.device), targets.to(self.device)

@@ -14,12 +14,13 @@ tests/parallel/test_pipeline.py; here under orch launch): 1F1B on 2 stages, ZB-H
 recompute, 2BP-1F1B x TP2 with selective recompute, and interleaved (2 stages per rank) x ep2 on
 the MoE model. Offload: one process with parameters, AdamW states and swapped activations resting
 on the NVMe tier (a file in the test's directory), gradients in CPU memory, and a 7 MB device
-budget (CPU homes are checked bit for bit in tests/offload). Paths that a listed layout already
-runs are left to the per-gradient tests in tests/parallel, to keep the suite's time: tensor
-parallel alone (with and without sequence parallelism), expert parallel over 4 ranks, dense HSDP on
-its own, ring attention without TP, FSDP x CP x TP on 8 processes (each was here and passed before
-2026-12-02; FSDP2 on 2 ranks is in every composed layout). Two layouts (pp2, offload) run as a
-user resuming after a preemption: stopped at step 2, then the same command again, so their checks
+budget (CPU homes are checked bit for bit in tests/offload); and two offloaded replicas of the MoE
+model (``parallel.dp_replicate=2``: CPU homes, gradients averaged there). Paths that a listed
+layout already runs are left to the per-gradient tests in tests/parallel, to keep the suite's time:
+tensor parallel alone (with and without sequence parallelism), expert parallel over 4 ranks, dense
+HSDP on its own, ring attention without TP, FSDP x CP x TP on 8 processes (each was here and passed
+before 2026-12-02; FSDP2 on 2 ranks is in every composed layout). Two layouts (pp2, offload) run as
+a user resuming after a preemption: stopped at step 2, then the same command again, so their checks
 also cover a resume into pipeline stages and into the offload tiers (an exact resume is tested in
 test_resume.py, so no uninterrupted twin here).
 
@@ -69,6 +70,10 @@ OFFLOAD_BUDGET = 7_000_000
 OFFLOAD = ["offload.params=nvme", "offload.grads=cpu", "offload.optimizer=nvme",
            "offload.activations=nvme", "offload.nvme_path={scratch}",
            f"offload.device_budget={OFFLOAD_BUDGET}"]
+REPLICAS_BUDGET = 20_000_000  # one MoE block with 8 experts needs 17.0 MB on the device
+OFFLOAD_REPLICAS = ["offload.params=cpu", "offload.grads=cpu", "offload.optimizer=cpu",
+                    "offload.activations=cpu", f"offload.device_budget={REPLICAS_BUDGET}",
+                    "parallel.dp_replicate=2", "parallel.dp_shard=1"]
 LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "fsdp4": (DENSE, 4, ["parallel.dp_shard=4"], dict(dp_shard=4)),
     "ddp2": (DENSE, 2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"], dict(dp_replicate=2)),
@@ -90,6 +95,7 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "pp2v2_ep2": (MOE, 4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=interleaved",
                            "parallel.virtual_stages=2"], dict(pp=2, dp_shard=2, ep=2)),
     "offload_nvme": (DENSE, 1, OFFLOAD, dict()),
+    "offload_dp2_moe": (MOE, 2, OFFLOAD_REPLICAS, dict(dp_replicate=2)),
     "tp2_moe": (MOE, 2, ["parallel.tp=2"], dict(tp=2)),
     "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
                       dict(dp_shard=2, tp=2, ep=2)),
@@ -282,6 +288,14 @@ def test_replication_with_tp_is_refused(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr  # refused before spawning
     assert "DDP cannot replicate tensor-parallel (DTensor) parameters" in out.stderr
     assert "use parallel.dp_shard >= 2" in out.stderr and "step 1/" not in out.stdout
+
+
+def test_offloaded_replicas_kept_their_device_budget(runs):
+    """Two replicas, each the whole MoE model at home in CPU memory: every step's peak within
+    the budget (their numbers equal the single process's in the tests above)."""
+    for record in metrics(runs["offload_dp2_moe"]):
+        peak, budget = record["offload"]["device_peak_bytes"], REPLICAS_BUDGET
+        assert record["offload"]["device_budget_bytes"] == budget and 0 < peak <= budget
 
 
 def test_offloaded_run_kept_its_device_budget(runs):

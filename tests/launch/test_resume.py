@@ -109,7 +109,8 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
          "device: 3,606,528 bytes"),
         (["--nproc-per-node", "2", "configs/tiny.yaml", *OFFLOAD, "--set", "offload.params=nvme",
           "--set", "offload.nvme_path=/tmp"],
-         "offload: with 2 processes: this version offloads one process's training"),
+         "offload: with 2 processes and parallel.dp_replicate=1: offloaded training runs one "
+         "process, or 2 replicas"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", *OFFLOAD, "--set", "offload.grads=nvme",
           "--set", "offload.nvme_path=/tmp", "--set", "offload.params=nvme",
           "--set", "offload.pinned_budget=1MB"],
