@@ -213,11 +213,11 @@ def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Prob
     return problem
 
 
-OFFLOAD_HOMES_RUN = {"params": ("cpu", "nvme"), "grads": ("cpu",), "optimizer": ("cpu", "nvme"),
+OFFLOAD_HOMES_RUN = {"params": ("cpu", "nvme"), "grads": ("cpu", "nvme"),
+                     "optimizer": ("cpu", "nvme"),
                      "activations": ("device", "cpu", "nvme", "auto")}
 """The homes the offload runtime (``orch.offload``) runs, per group, once anything is
-offloaded: gradients go home to CPU memory (the clip reads them there); NVMe gradients are
-planned (the plan models them), not run."""
+offloaded (gradients and parameters always leave the device)."""
 
 
 def unsupported_features(cfg: Config, world: int) -> list[Problem]:
@@ -241,6 +241,9 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
                                 "and the gradients are averaged there)",
                                 f"set parallel.dp_replicate={world} parallel.dp_shard=1, or launch "
                                 "with --nproc-per-node 1"))
+    if off.enabled and world > 1 and off.grads == "nvme":
+        problems.append(Problem("offload.grads", f"nvme with {world} processes: replicas average "
+                                "their gradients in CPU memory", "set offload.grads=cpu"))
     return problems
 
 

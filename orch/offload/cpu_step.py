@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 from torch import nn
 
+from orch.offload.grad_homes import GradsForUpdate
 from orch.offload.homes import Homes
 
 
@@ -40,9 +42,11 @@ class UnitUpdates:
         self.last = (0.0, 0.0)
         """The previous finished update's seconds, and the seconds the trainer waited for it."""
 
-    def start(self, optimizer: torch.optim.Optimizer) -> None:
-        """Update every unit from its parameters' current ``grad`` (set by the engine), with the
-        hyperparameters the optimizer's groups hold now; grads are dropped once used."""
+    def start(self, optimizer: torch.optim.Optimizer,
+              grads_for: GradsForUpdate | None = None) -> None:
+        """Update every unit from its parameters' current ``grad`` (set by the engine), or from
+        what ``grads_for(unit)`` puts there (gradients on NVMe), with the hyperparameters the
+        optimizer's groups hold now; grads are dropped once used."""
         self.wait_all()
         self.last = (self.seconds, self.waited)
         steppers = [_unit_optimizer(optimizer, set(params)) for params in self.units]
@@ -50,17 +54,18 @@ class UnitUpdates:
             event.clear()
         self.seconds = self.waited = 0.0
         self._started = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, args=(optimizer, steppers), daemon=True,
-                                        name="orch-cpu-optimizer")
+        self._thread = threading.Thread(target=self._run, args=(optimizer, steppers, grads_for),
+                                        daemon=True, name="orch-cpu-optimizer")
         self._thread.start()
 
-    def _run(self, optimizer: torch.optim.Optimizer,
-             steppers: list[torch.optim.Optimizer]) -> None:
+    def _run(self, optimizer: torch.optim.Optimizer, steppers: list[torch.optim.Optimizer],
+             grads_for: GradsForUpdate | None) -> None:
         try:
             for index, (stepper, params) in enumerate(zip(steppers, self.units, strict=True)):
                 self.homes.prepare(index + 1)
                 with self.homes.in_memory(index, optimizer,
-                                          on_stored=partial(self._stored, index)):
+                                          on_stored=partial(self._stored, index)), (
+                        grads_for(index) if grads_for else nullcontext()):
                     stepper.step()
                     for p in params:
                         p.grad = None

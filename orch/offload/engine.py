@@ -116,7 +116,7 @@ class OffloadEngine:
     def __init__(self, units: list[Unit], device: torch.device, budget: DeviceBudget,
                  prefetch_depth: int, activations: str = "device",
                  nvme: NvmeTier | None = None, params_on_nvme: bool = False,
-                 optimizer_on_nvme: bool = False) -> None:
+                 optimizer_on_nvme: bool = False, grads_on_nvme: bool = False) -> None:
         self.units, self.device, self.budget = units, device, budget
         self.swap = (ActivationSwap(device, budget, nvme if activations == "nvme" else None)
                      if activations in ("cpu", "nvme", "auto") else None)
@@ -144,8 +144,10 @@ class OffloadEngine:
             for p in unit.params:
                 self._unit_of[p] = unit
                 p.data = p.data.to("cpu")
-        self.grads = GradientHomes([unit.params for unit in units])
-        """The home gradients, averaged over data-parallel replicas once given a group."""
+        self.grads = GradientHomes([unit.params for unit in units],
+                                   nvme if grads_on_nvme else None)
+        """The home gradients: in CPU memory (averaged over data-parallel replicas once given a
+        group) or on the NVMe tier between backwards."""
         self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
                            optimizer_on_nvme, lambda index: self.updates.done_event(index))
         """Where parameters and optimizer states rest: CPU memory, or the NVMe tier's file."""
@@ -246,6 +248,7 @@ class OffloadEngine:
         if self.swap is not None:
             self.swap.fetch(unit.index)
             self.swap.read_ahead(unit.index - 1)
+        self.grads.take_in(unit.index)  # NVMe: this step's partial sums, back in memory
         unit.grads_left = len(unit.params)
         unit.input_grad_due = unit.wraps_input  # not the embedding's: its input is token ids
         self._prefetch(reversed(self.units[:unit.index]))
@@ -254,6 +257,7 @@ class OffloadEngine:
         """Move ``p``'s freshly accumulated gradient home (copy on its step's first
         micro-batch, add after); its unit may then be done (:meth:`_maybe_done`)."""
         assert isinstance(p, nn.Parameter) and p.grad is not None
+        self.grads.take_in(self._unit_of[p].index)
         grad, home = p.grad, self.grads.of[p]
         nbytes = grad.numel() * grad.element_size()
         self.budget.take(nbytes, f"a gradient of {self._unit_of[p].name}")
@@ -286,7 +290,9 @@ class OffloadEngine:
         if self.swap is not None:
             self.swap.release(unit.index)
         self.budget.give(self._kept.pop(unit.index, 0))
-        if self._last_micro_batch:  # its gradients are final: average them over the replicas
+        if self.grads.tier is not None:  # NVMe: out of memory until the next backward adds
+            self.grads.put_away(unit.index, self._fresh, final=self._last_micro_batch)
+        elif self._last_micro_batch:  # its gradients are final: average over the replicas
             self.grads.reduce(unit.index, self._fresh)
 
     # --- steps ------------------------------------------------------------------------------
@@ -295,6 +301,7 @@ class OffloadEngine:
         """Forget the previous step's gradients (the next micro-batch's are copied, not added)
         and start a new device peak."""
         self._fresh = set(self.grads.of)
+        self.grads.start_step()
         self.budget.reset_peak()
         self.bytes_to_device = self.bytes_to_home = 0
         if self.homes.tier is not None:
@@ -309,7 +316,9 @@ class OffloadEngine:
 
     def start_micro_batch(self, last: bool) -> None:
         """Say whether the coming micro-batch is the step's last: after its backward each unit's
-        gradients are final and their average over the replicas starts."""
+        gradients are final (their average over the replicas starts, NVMe gradients get their
+        norms). Callers running several micro-batches per step must say it before each; the
+        default takes every micro-batch for the last."""
         self._last_micro_batch = last
 
     def finish_backward(self) -> None:
@@ -344,10 +353,25 @@ class OffloadEngine:
               f"{self.auto.bandwidth(measured) / 1e9:.2f} GB/s, room {max(0, room) / 1e6:.1f} "
               f"MB):\n" + "\n".join(f"  {choice}" for choice in choices), flush=True)
 
+    @property
+    def grads_on_nvme(self) -> bool:
+        return self.grads.tier is not None
+
+    def clip(self, params: list[nn.Parameter], max_norm: float) -> float:
+        """With gradients on NVMe: the global gradient norm over ``params`` (from the norms
+        taken before each write), and the factor ``max_norm`` gives it, applied as the
+        optimizer step reads each unit's gradients back; as ``clip_grad_norm_`` computes it
+        (``max_norm`` 0: no clipping)."""
+        total = self.grads.grad_norm(params)
+        if max_norm > 0:
+            self.grads.scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        return float(total)
+
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Start ``optimizer``'s step on the CPU gradients (after the clip), unit by unit beside
-        the next forward (:mod:`orch.offload.cpu_step`); it drops the gradients it used."""
-        self.updates.start(optimizer)
+        the next forward (:mod:`orch.offload.cpu_step`); it drops the gradients it used (NVMe
+        gradients: read back per unit as it steps)."""
+        self.updates.start(optimizer, self.grads.handover())
 
     def wait_updates(self) -> None:
         """Block until the last optimizer step is done (before a checkpoint, at the end)."""
@@ -396,14 +420,15 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
         for name, buf in module.named_buffers(recurse=False):
             setattr(module, name, buf.to(device))
     units = transformer_units(model)
-    on_nvme = {"params": off.params == "nvme", "optimizer": off.optimizer == "nvme"}
+    on_nvme = {group: getattr(off, group) == "nvme" for group in ("params", "grads", "optimizer")}
     tier = None
     if any(on_nvme.values()) or off.activations == "nvme":
         path = Path(off.nvme_path) / f"orch-rank{rank}-{os.getpid()}.swap"
         io = open_block_io(path, off.io_block_size, off.io_queue_depth, off.io_threads)
         tier = NvmeTier(path, io, pinned_bytes)
     return OffloadEngine(units, device, DeviceBudget(budget_bytes), off.prefetch_depth,
-                         off.activations, tier, on_nvme["params"], on_nvme["optimizer"])
+                         off.activations, tier, on_nvme["params"], on_nvme["optimizer"],
+                         on_nvme["grads"])
 
 
 __all__ = ["OffloadEngine", "Unit", "offload_transformer", "transformer_units"]

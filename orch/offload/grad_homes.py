@@ -10,21 +10,39 @@ overlaps the backward of the units before it. Each unit's buffer ends with one c
 parameter of the replicas that reached it: a parameter that no replica's micro-batches reached
 (an expert no token chose) gets no gradient, as in one process, and one that only some reached
 gets the replicas' mean with zeros for the others, as DDP gives.
+
+With gradients on NVMe (``offload.grads: nvme``, one process) a unit's buffer holds bytes only
+while a backward adds to it: after each micro-batch's backward of the unit it is written to the
+tier and freed, and read back before the next one adds (read, add, write: accumulation over
+micro-batches stays exact). After the step's last, each gradient's norm is taken before the
+write, so the clip needs no second pass over the disk (a deferred norm): the global norm is the
+norm of those norms, as ``torch.nn.utils.get_total_norm`` forms it, and the clip's factor is
+applied when the optimizer step reads each unit's gradients back (:meth:`GradientHomes.handover`),
+so the numbers equal the CPU tier's bit for bit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from orch.offload.nvme import NvmeTier
+
+GradsForUpdate = Callable[[int], AbstractContextManager]
+"""Unit index -> a context in which its parameters' ``grad`` are the step's (clipped) gradients."""
 
 
 class GradientHomes:
     """The home gradient of every parameter of ``units`` (lists of parameters), as views into
     one flat buffer per unit; with :attr:`group` set, averaged over its ranks."""
 
-    def __init__(self, units: list[list[nn.Parameter]]) -> None:
-        self.units = units
+    def __init__(self, units: list[list[nn.Parameter]], tier: NvmeTier | None = None) -> None:
+        self.units, self.tier = units, tier
+        """``tier``: the NVMe tier the buffers rest in between backwards (None: CPU memory)."""
         self.group: dist.ProcessGroup | None = None
         """The replicas (a gloo group); None for one process."""
         self.of: dict[nn.Parameter, torch.Tensor] = {}
@@ -40,6 +58,89 @@ class GradientHomes:
             for p, view in zip(params, flat[:sum(sizes)].split(sizes), strict=True):
                 self.of[p] = view.view_as(p)
             self._flat.append(flat)
+            if tier is not None:
+                flat.untyped_storage().resize_(0)
+        self._stored: set[int] = set()
+        """Units whose buffer (this step's partial sums) is on the NVMe tier."""
+        self._final: set[int] = set()
+        """Units whose gradients for this step are complete (on NVMe, with their norms)."""
+        self._norms: dict[nn.Parameter, torch.Tensor] = {}
+        """With NVMe gradients: each reached parameter's gradient norm, taken before the write."""
+        self.scale: torch.Tensor | None = None
+        """The clip's factor for this step's NVMe gradients (None: not clipped)."""
+
+    def start_step(self) -> None:
+        """A new step: its first micro-batch copies into the buffers (nothing to read back)."""
+        self._stored, self._final, self._norms, self.scale = set(), set(), {}, None
+
+    def take_in(self, index: int) -> None:
+        """Before a backward adds to unit ``index``'s gradients (NVMe): its buffer in memory
+        again, holding this step's partial sums when an earlier micro-batch stored some."""
+        flat = self._flat[index]
+        if self.tier is None or flat.untyped_storage().nbytes() > 0:
+            return
+        flat.untyped_storage().resize_(flat.numel() * flat.element_size())
+        if index in self._stored:
+            (stored,) = self.tier.read(("grads", index), staged=False)
+            flat.copy_(stored)
+            self.tier.done(("grads", index))
+
+    def put_away(self, index: int, unreached: set[nn.Parameter], final: bool) -> None:
+        """After a micro-batch's backward of unit ``index`` (NVMe): write its buffer to the tier
+        and free it; after the step's last, first take each reached gradient's norm."""
+        if self.tier is None or index in self._final or not self.units[index]:
+            return
+        flat = self._flat[index]
+        if final:
+            self._final.add(index)
+            reached = [p for p in self.units[index] if p not in unreached]
+            if not reached:  # no micro-batch of the step reached the unit: no gradients
+                flat.untyped_storage().resize_(0)
+                return
+            self.take_in(index)  # a unit this micro-batch passed by: its earlier sums
+            for p in reached:
+                self._norms[p] = torch.linalg.vector_norm(self.of[p])
+        if flat.untyped_storage().nbytes() == 0:  # nothing added since it was stored
+            return
+        self.tier.write(("grads", index), [flat])
+        self._stored.add(index)
+        flat.untyped_storage().resize_(0)
+
+    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """The NVMe gradients' global norm over ``params`` (in that order, as the clip of the
+        CPU tier forms it)."""
+        norms = [self._norms[p] for p in params if p in self._norms]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+    def handover(self) -> GradsForUpdate | None:
+        """For the optimizer step of the finished step (NVMe gradients; None otherwise): a
+        context per unit in which its reached parameters' ``grad`` are read back and clipped.
+        It keeps its own record of the step, which the next one may start beside it."""
+        if self.tier is None:
+            return None
+        tier, stored, reached, scale = self.tier, set(self._stored), set(self._norms), self.scale
+
+        @contextmanager
+        def grads_for(index: int) -> Iterator[None]:
+            params = self.units[index]
+            if index not in stored:
+                yield
+                return
+            (flat,) = tier.read(("grads", index), staged=False)
+            sizes = [p.numel() for p in params]
+            for p, grad in zip(params, flat[:sum(sizes)].split(sizes), strict=True):
+                if p in reached:
+                    p.grad = grad.view_as(p)
+                    if scale is not None:
+                        p.grad.mul_(scale)
+            try:
+                yield
+            finally:
+                for p in params:
+                    p.grad = None
+                tier.done(("grads", index))
+
+        return grads_for
 
     def reduce(self, index: int, unreached: set[nn.Parameter]) -> None:
         """Start averaging unit ``index``'s gradients over the replicas, once per step, when no
@@ -59,7 +160,10 @@ class GradientHomes:
 
     def finish(self, unreached: set[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor | None]:
         """Every parameter's gradient for the step: its home gradient (the replicas' mean), or
-        None where no replica reached it."""
+        None where no replica reached it; None for all with NVMe gradients (the optimizer step
+        reads them back: :meth:`handover`)."""
+        if self.tier is not None:
+            return dict.fromkeys(self.of)
         if self.group is None:
             return {p: None if p in unreached else grad for p, grad in self.of.items()}
         replicas = dist.get_world_size(self.group)

@@ -12,8 +12,8 @@ expert-data-parallel unit sums the gradients) or split over them (ep2 x tp2 x FS
 (every schedule on 2 and 4 ranks is checked gradient by gradient in
 tests/parallel/test_pipeline.py; here under orch launch): 1F1B on 2 stages, ZB-H1 x FSDP2 with full
 recompute, 2BP-1F1B x TP2 with selective recompute, and interleaved (2 stages per rank) x ep2 on
-the MoE model. Offload: one process with parameters, AdamW states and swapped activations resting
-on the NVMe tier (a file in the test's directory), gradients in CPU memory, and a 7 MB device
+the MoE model. Offload: one process with parameters, gradients, AdamW states and swapped
+activations resting on the NVMe tier (a file in the test's directory), and a 7 MB device
 budget (CPU homes are checked bit for bit in tests/offload); and two offloaded replicas of the MoE
 model (``parallel.dp_replicate=2``: CPU homes, gradients averaged there). Paths that a listed
 layout already runs are left to the per-gradient tests in tests/parallel, to keep the suite's time:
@@ -67,7 +67,7 @@ MOE_SETTINGS = ["model.experts=8", "model.bias_update_rate=0.001"]
 TP2_DP2 = ["parallel.tp=2", "parallel.dp_shard=2", "train.recompute=selective"]
 EP2_ETP2 = ["parallel.ep=2", "parallel.etp=2", "train.recompute=full"]
 OFFLOAD_BUDGET = 7_000_000
-OFFLOAD = ["offload.params=nvme", "offload.grads=cpu", "offload.optimizer=nvme",
+OFFLOAD = ["offload.params=nvme", "offload.grads=nvme", "offload.optimizer=nvme",
            "offload.activations=nvme", "offload.nvme_path={scratch}",
            f"offload.device_budget={OFFLOAD_BUDGET}"]
 REPLICAS_BUDGET = 20_000_000  # one MoE block with 8 experts needs 17.0 MB on the device

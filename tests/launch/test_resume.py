@@ -111,6 +111,10 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
           "--set", "offload.nvme_path=/tmp"],
          "offload: with 2 processes and parallel.dp_replicate=1: offloaded training runs one "
          "process, or 2 replicas"),
+        (["--nproc-per-node", "2", "configs/tiny.yaml", *OFFLOAD, "--set", "offload.grads=nvme",
+          "--set", "offload.nvme_path=/tmp", "--set", "parallel.dp_replicate=2",
+          "--set", "parallel.dp_shard=1"],
+         "offload.grads: nvme with 2 processes: replicas average their gradients in CPU memory"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", *OFFLOAD, "--set", "offload.grads=nvme",
           "--set", "offload.nvme_path=/tmp", "--set", "offload.params=nvme",
           "--set", "offload.pinned_budget=1MB"],

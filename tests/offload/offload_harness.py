@@ -39,7 +39,8 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
         engine = OffloadEngine(transformer_units(model), torch.device("cpu"),
                                DeviceBudget(budget), depth, activations=activations, nvme=nvme,
                                params_on_nvme="params" in on_nvme,
-                               optimizer_on_nvme="optimizer" in on_nvme)
+                               optimizer_on_nvme="optimizer" in on_nvme,
+                               grads_on_nvme="grads" in on_nvme)
     opt = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(1)
     losses, norms, peaks, records = [], [], [], []
@@ -47,7 +48,9 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
         if engine:
             engine.start_step()
         total = 0.0
-        for _ in range(MICRO):
+        for micro in range(MICRO):
+            if engine:
+                engine.start_micro_batch(last=micro == MICRO - 1)
             tokens = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=gen)
             logits = model(tokens[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / MICRO
@@ -59,7 +62,10 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
             engine.finish_step()
             peaks.append(engine.budget.peak)
             records.append(engine.step_record())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
+        if engine and engine.grads_on_nvme:  # no gradients in memory: the deferred norm
+            norms.append(engine.clip(list(model.parameters()), 0.5))
+        else:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
         if engine:
             engine.step(opt)  # beside the next forward
         else:

@@ -96,10 +96,14 @@ def plain():
     (("optimizer",), "direct"),
     pytest.param(("params", "optimizer"), "async", marks=pytest.mark.nvme),
     (("params", "optimizer"), "direct"),
+    (("grads",), "direct"),
+    (("params", "grads", "optimizer"), "direct"),
 ])
 def test_training_with_homes_on_nvme_equals_the_plain_run(plain, tmp_path, on_nvme, kind):
-    """Parameters and optimizer states rest on disk between uses; the numbers are the plain
-    run's bit for bit, and what rests on disk holds no CPU memory after the step."""
+    """Parameters, gradients (between backwards: read, added to and written per micro-batch,
+    clipped by the deferred norm) and optimizer states rest on disk between uses; the numbers
+    are the plain run's bit for bit, and what rests on disk holds no CPU memory after the
+    step."""
     # the least the tier stages at once (a block fetched, another block and its AdamW moments
     # updated: 11.6 MB), so a checkpoint-style read of every unit must not use the pool
     tier = NvmeTier(tmp_path / "swap", _io(kind, tmp_path / "swap"), pinned_limit=12 << 20)
@@ -117,6 +121,8 @@ def test_training_with_homes_on_nvme_equals_the_plain_run(plain, tmp_path, on_nv
             for value in opt.state[p].values():
                 if value.dim() > 0:  # the moments; the step count stays in memory
                     assert (value.untyped_storage().nbytes() == 0) == ("optimizer" in on_nvme)
+    for flat in engine.grads._flat:  # gradients on disk: no buffer holds bytes
+        assert (flat.untyped_storage().nbytes() == 0) == ("grads" in on_nvme)
     read = sum(r["nvme_read_bytes"] for r in records)
     assert read > 0 and records[-1]["nvme_written_bytes"] > 0
     engine.close()
