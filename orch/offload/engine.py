@@ -35,7 +35,6 @@ unit's last backward of the step ends (:mod:`orch.offload.grad_homes`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from orch.offload.budget import DeviceBudget
 from orch.offload.cpu_step import UnitUpdates
 from orch.offload.grad_homes import GradientHomes
 from orch.offload.homes import Homes
-from orch.offload.nvme import NvmeTier
+from orch.offload.nvme import NvmeTier, scratch_file
 from orch.offload.policy import AutoActivations
 from orch.parallel.recompute import recompute_block
 
@@ -423,7 +422,7 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
     on_nvme = {group: getattr(off, group) == "nvme" for group in ("params", "grads", "optimizer")}
     tier = None
     if any(on_nvme.values()) or off.activations == "nvme":
-        path = Path(off.nvme_path) / f"orch-rank{rank}-{os.getpid()}.swap"
+        path = scratch_file(Path(off.nvme_path), rank)
         io = open_block_io(path, off.io_block_size, off.io_queue_depth, off.io_threads)
         tier = NvmeTier(path, io, pinned_bytes)
     return OffloadEngine(units, device, DeviceBudget(budget_bytes), off.prefetch_depth,

@@ -18,6 +18,7 @@ while its bytes are on disk.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,30 @@ import torch
 from orch.offload.blockio import BlockIO, aligned
 
 TENSOR_ALIGN = 64
+
+
+def scratch_file(directory: Path, rank: int) -> Path:
+    """This process's scratch file under ``directory`` (``offload.nvme_path``), after removing
+    the ones that ``rank``'s earlier processes left there when they were killed (a SIGKILL or
+    an OOM kill skips the cleanup at the end of a run; a restarted run would otherwise leave
+    one whole tier's bytes behind per failure). A file counts as left behind when the process
+    id in its name is gone."""
+    for stale in Path(directory).glob(f"orch-rank{rank}-*.swap"):
+        pid = stale.name.removeprefix(f"orch-rank{rank}-").removesuffix(".swap")
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+            print(f"orch: removed {stale}, the NVMe scratch file of a killed run", flush=True)
+    return Path(directory) / f"orch-rank{rank}-{os.getpid()}.swap"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def placeholder(tensor: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,31 @@ def test_a_rank_killed_mid_step_or_mid_save_restarts_and_ends_like_an_uninterrup
     assert f" rank 1 step {step} | orch: drill: rank 1 kills itself" in log
 
 
+def test_a_run_killed_with_its_state_on_nvme_resumes_exactly_and_leaves_no_scratch(tmp_path):
+    """Parameters, gradients and optimizer states on the NVMe tier, the process killed (SIGKILL)
+    in the middle of step 5: the restarted worker removes the scratch file the killed one left,
+    resumes from checkpoint 3 (the tier is scratch; checkpoints hold the state) and ends with
+    an uninterrupted run's numbers exactly, and the tier's directory is empty at the end.
+    ``offload.cpu_adam=torch``: the automatic choice is timed, and two attempts could differ."""
+    scratch = tmp_path / "nvme"
+    scratch.mkdir()
+    common = [f"offload.nvme_path={scratch}", "offload.params=nvme", "offload.grads=nvme",
+              "offload.optimizer=nvme", "offload.cpu_adam=torch", "train.steps=6",
+              "checkpoint.interval=3"]
+    whole = launch("--nproc-per-node", "1", "configs/tiny.yaml",
+                   *overrides(tmp_path / "whole", *common))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    killed = launch("--max-restarts", "1", "--nproc-per-node", "1", "configs/tiny.yaml",
+                    *overrides(tmp_path / "killed", *common),
+                    env={"ORCH_DRILL": "kill rank=0 step=5 during=step"})
+    assert killed.returncode == 0, killed.stdout + killed.stderr
+    assert "the NVMe scratch file of a killed run" in killed.stdout
+    assert "resumed from" in killed.stdout and "step-00000003" in killed.stdout
+    assert [(m["step"], m["loss"], m["grad_norm"]) for m in metrics(tmp_path / "killed")] == [
+        (m["step"], m["loss"], m["grad_norm"]) for m in metrics(tmp_path / "whole")]
+    assert not list(scratch.iterdir())
+
+
 def test_resume_auto_passes_over_a_changed_checkpoint_and_says_so(runs, tmp_path):
     """One byte of the newest checkpoint's shard changed (sizes still match, so only the
     workers' hashes see it): resume=auto falls back to step 5, says so, reruns 6-10 exactly,
