@@ -24,6 +24,7 @@ from torch import nn
 
 from orch.offload.grad_homes import GradsForUpdate
 from orch.offload.homes import Homes
+from orch.offload.partition import Partition
 
 
 class UnitUpdates:
@@ -36,6 +37,9 @@ class UnitUpdates:
         self._done = [threading.Event() for _ in units]
         for event in self._done:
             event.set()
+        self.partition: Partition | None = None
+        """With data-parallel replicas: a unit is stepped by its owner only, which then sends
+        its parameters to the others (:mod:`orch.offload.partition`)."""
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.seconds = self.waited = self._started = 0.0
@@ -62,13 +66,17 @@ class UnitUpdates:
              grads_for: GradsForUpdate | None) -> None:
         try:
             for index, (stepper, params) in enumerate(zip(steppers, self.units, strict=True)):
+                mine = self.partition is None or self.partition.owns(index)
                 self.homes.prepare(index + 1)
-                with self.homes.in_memory(index, optimizer,
+                with self.homes.in_memory(index, optimizer if mine else None,
                                           on_stored=partial(self._stored, index)), (
                         grads_for(index) if grads_for else nullcontext()):
-                    stepper.step()
+                    if mine:
+                        stepper.step()
                     for p in params:
                         p.grad = None
+                    if self.partition is not None:  # the owner's parameters to every replica
+                        self.partition.share(index)
         except BaseException as exc:  # re-raised in the trainer's thread by wait()
             self._error = exc
             for event in self._done:

@@ -53,6 +53,7 @@ from orch.offload.cpu_step import UnitUpdates
 from orch.offload.grad_homes import GradientHomes
 from orch.offload.homes import Homes
 from orch.offload.nvme import NvmeTier, scratch_file
+from orch.offload.partition import Partition
 from orch.offload.policy import AutoActivations
 from orch.parallel.recompute import recompute_block
 
@@ -151,6 +152,8 @@ class OffloadEngine:
                            optimizer_on_nvme, lambda index: self.updates.done_event(index))
         """Where parameters and optimizer states rest: CPU memory, or the NVMe tier's file."""
         self.updates = UnitUpdates([unit.params for unit in units], self.homes)
+        self.partition: Partition | None = None
+        """With data-parallel replicas: which replica steps which unit."""
         for unit in units:
             for p in unit.params:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -309,9 +312,18 @@ class OffloadEngine:
             self.swap.bytes_out = self.swap.bytes_in = 0
 
     def average_gradients_over(self, group: dist.ProcessGroup) -> None:
-        """Train as one of ``group``'s data-parallel replicas (a gloo group: the gradients are
-        averaged at home, in CPU memory; :mod:`orch.offload.grad_homes`)."""
-        self.grads.group = group
+        """Train as one of ``group``'s data-parallel replicas (a gloo group over the world):
+        each unit's gradients are averaged at home onto the replica that steps it, which then
+        sends the others its parameters (:mod:`orch.offload.grad_homes`,
+        :mod:`orch.offload.partition`). Every replica calls it (it makes a group)."""
+        self.partition = self.updates.partition = Partition([u.params for u in self.units], group)
+        self.grads.group, self.grads.owners = group, self.partition.owners
+
+    def drop_unowned_states(self, optimizer: torch.optim.Optimizer) -> None:
+        """After a checkpoint load (inside :meth:`resident`): keep the optimizer states of the
+        units this replica steps, and no others."""
+        if self.partition is not None:
+            self.partition.drop_unowned(optimizer)
 
     def start_micro_batch(self, last: bool) -> None:
         """Say whether the coming micro-batch is the step's last: after its backward each unit's
@@ -356,11 +368,26 @@ class OffloadEngine:
     def grads_on_nvme(self) -> bool:
         return self.grads.tier is not None
 
+    @property
+    def clips_gradients(self) -> bool:
+        """The trainer's clip cannot see every gradient (on NVMe, or on other replicas): it
+        calls :meth:`clip` instead."""
+        return self.grads_on_nvme or self.partition is not None
+
     def clip(self, params: list[nn.Parameter], max_norm: float) -> float:
-        """With gradients on NVMe: the global gradient norm over ``params`` (from the norms
-        taken before each write), and the factor ``max_norm`` gives it, applied as the
-        optimizer step reads each unit's gradients back; as ``clip_grad_norm_`` computes it
-        (``max_norm`` 0: no clipping)."""
+        """The global gradient norm over ``params`` (the model's, in order) and the clip to
+        ``max_norm`` (0: none), as ``clip_grad_norm_`` computes them: with gradients on NVMe
+        from the norms taken before each write, the factor applied as the optimizer step reads
+        each unit's gradients back; with replicas from every owner's norms, each owner scaling
+        its own gradients."""
+        if self.partition is not None:
+            total = self.partition.global_norm(params)
+            if max_norm > 0:
+                scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            return float(total)
         total = self.grads.grad_norm(params)
         if max_norm > 0:
             self.grads.scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -3,9 +3,10 @@
 Offloaded training on several processes replicates the model (``parallel.dp_replicate``): each
 process keeps the whole model at home and runs its share of the batch, so the gradients are
 averaged over the replicas before the clip and the CPU optimizer step, as DDP would average
-them on the device. They are CPU tensors by then (the engine moves each home as autograd
-produces it), so the average runs on a gloo group whatever the device's backend: one
-all-reduce per unit, started as soon as the unit's last backward of the step is through, so it
+them on the device, onto the replica that steps the unit (its owner,
+:mod:`orch.offload.partition`). They are CPU tensors by then (the engine moves each home as
+autograd produces it), so the sum runs on a gloo group whatever the device's backend: one
+reduce per unit, started as soon as the unit's last backward of the step is through, so it
 overlaps the backward of the units before it. Each unit's buffer ends with one count per
 parameter of the replicas that reached it: a parameter that no replica's micro-batches reached
 (an expert no token chose) gets no gradient, as in one process, and one that only some reached
@@ -45,6 +46,8 @@ class GradientHomes:
         """``tier``: the NVMe tier the buffers rest in between backwards (None: CPU memory)."""
         self.group: dist.ProcessGroup | None = None
         """The replicas (a gloo group); None for one process."""
+        self.owners: list[int] = []
+        """With replicas: the rank each unit's gradients are summed onto (its owner)."""
         self.of: dict[nn.Parameter, torch.Tensor] = {}
         """Each parameter's home gradient (a view into its unit's buffer)."""
         self._flat: list[torch.Tensor] = []
@@ -143,7 +146,7 @@ class GradientHomes:
         return grads_for
 
     def reduce(self, index: int, unreached: set[nn.Parameter]) -> None:
-        """Start averaging unit ``index``'s gradients over the replicas, once per step, when no
+        """Start summing unit ``index``'s gradients onto its owner, once per step, when no
         more gradients will be added (``unreached``: parameters this rank's micro-batches did not
         reach; their buffers hold an older step's and are zeroed first)."""
         params = self.units[index]
@@ -155,24 +158,28 @@ class GradientHomes:
             if missed:
                 self.of[p].zero_()
             counts[slot] = 0.0 if missed else 1.0
-        self._pending[index] = dist.all_reduce(self._flat[index], group=self.group,
-                                               async_op=True)
+        self._pending[index] = dist.reduce(self._flat[index], dst=self.owners[index],
+                                           group=self.group, async_op=True)
 
     def finish(self, unreached: set[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor | None]:
-        """Every parameter's gradient for the step: its home gradient (the replicas' mean), or
-        None where no replica reached it; None for all with NVMe gradients (the optimizer step
-        reads them back: :meth:`handover`)."""
+        """Every parameter's gradient for the step: its home gradient (with replicas: the
+        replicas' mean on the unit's owner, None on the others), or None where no replica
+        reached it; None for all with NVMe gradients (the optimizer step reads them back:
+        :meth:`handover`)."""
         if self.tier is not None:
             return dict.fromkeys(self.of)
         if self.group is None:
             return {p: None if p in unreached else grad for p, grad in self.of.items()}
-        replicas = dist.get_world_size(self.group)
+        replicas, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         grads: dict[nn.Parameter, torch.Tensor | None] = {}
         for index, params in enumerate(self.units):
             if not params:
                 continue
             self.reduce(index, unreached)  # a unit the backward never passed through
             self._pending.pop(index).wait()
+            if self.owners[index] != rank:
+                grads.update(dict.fromkeys(params))
+                continue
             flat = self._flat[index]
             flat[:-len(params)].div_(replicas)
             for p, count in zip(params, flat[-len(params):].tolist(), strict=True):

@@ -268,7 +268,9 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
     if off.activations != "device":  # a micro-batch's saved activations, out and back
         traffic += 2 * micro * estimate_memory(cfg, deg).activations
     transfers = traffic / device.host_bw
-    optimizer = params / CPU_ADAM_PARAMS_PER_S if off.optimizer != "device" else 0.0
+    # replicas step a share each (orch.offload.partition)
+    optimizer = (params / deg.dp_replicate / CPU_ADAM_PARAMS_PER_S
+                 if off.optimizer != "device" else 0.0)
     # NVMe homes: parameters are read for every fetch (exposed, like the copies they feed);
     # the update reads and writes the unit's parameters and states beside the next forward.
     disk = 2 * micro * params * 4 if off.params == "nvme" else 0.0

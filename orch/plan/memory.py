@@ -257,7 +257,8 @@ def estimate_memory(
     and gradients plus one prefetched layer (none when nothing is sharded and compute is fp32);
     full recompute adds the recomputed layer's activations as a buffer; 2BP schedules keep one
     extra micro-batch of every layer's linear inputs for the deferred weight gradients, and
-    ZB-H1 keeps 1F1B's peak (its point). Per-parameter FSDP padding is ignored.
+    ZB-H1 keeps 1F1B's peak (its point). Offloaded optimizer states are split over
+    ``dp_replicate`` replicas (``orch.offload.partition``). Per-parameter FSDP padding is ignored.
     """
     m, tr, off = cfg.model, cfg.train, cfg.offload
     key = _model_key(m)
@@ -297,6 +298,9 @@ def estimate_memory(
             optim = ADAMW_BYTES * small + 2 * big + 8 * -(-big // QUANT_BLOCK)
         else:
             optim = ADAMW_BYTES * n
+        whole_optim = optim  # a unit's states are stepped whole, on one replica
+        if tiers[2] != "device":  # offloaded replicas each hold their own units' states
+            optim = -(-optim // deg.dp_replicate)
         per_mb = nd * acts.dense + nm * acts.moe
         act = (num * (per_mb + acts.every_stage) // den
                + edge * (first * acts.first_stage + last * acts.last_stage)
@@ -315,7 +319,7 @@ def estimate_memory(
         unit_bytes = PARAM_BYTES * -(-unit // fsdp)
         minimum = (unit_bytes, GRAD_BYTES * largest, 0, per_mb // n_layers)
         windows = (max(1, depth) * unit_bytes, *minimum[1:3], depth * per_mb // n_layers)
-        unit_optim = -(-optim * -(-unit // fsdp) // max(1, n))
+        unit_optim = -(-whole_optim * -(-unit // fsdp) // max(1, n))
         staging = (2 * unit_bytes if tiers[0] == "nvme" else 0) + (
             unit_optim if tiers[2] == "nvme" else 0)
         total, cpu, nvme, window, window_min = buffers, 0, 0, 0, 0

@@ -194,7 +194,7 @@ class Trainer:
         DTensor ops refuse to mix meshes: norm each mesh's group, reduce it to the full norm
         over that mesh, then combine the per-group norms; clip each group by the total.
         """
-        if self.offload is not None and self.offload.grads_on_nvme:  # a deferred norm
+        if self.offload is not None and self.offload.clips_gradients:  # NVMe, replicas
             return self.offload.clip(list(self.model.parameters()), self.cfg.train.grad_clip)
         groups: dict[object, list[torch.Tensor]] = {}  # parameters by their gradient's mesh
         for p in self.model.parameters():

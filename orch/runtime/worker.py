@@ -166,6 +166,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
             with implementation_kept(optimizer):
                 set_state_dict(model, optimizer, options=STATE_OPTIONS,
                                model_state_dict=state["model"], optim_state_dict=state["optim"])
+            if offload is not None:  # replicas keep the states of the units they step
+                offload.drop_unowned_states(optimizer)
         stream.load_state_dict(manifest.data)
         restore_rng(manifest.rng)
         start = manifest.step

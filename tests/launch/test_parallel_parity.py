@@ -13,16 +13,17 @@ expert-data-parallel unit sums the gradients) or split over them (ep2 x tp2 x FS
 tests/parallel/test_pipeline.py; here under orch launch): 1F1B on 2 stages, ZB-H1 x FSDP2 with full
 recompute, 2BP-1F1B x TP2 with selective recompute, and interleaved (2 stages per rank) x ep2 on
 the MoE model. Offload: one process with parameters, gradients, AdamW states and swapped
-activations resting on the NVMe tier (a file in the test's directory), and a 7 MB device
-budget (CPU homes are checked bit for bit in tests/offload); and two offloaded replicas of the MoE
-model (``parallel.dp_replicate=2``: CPU homes, gradients averaged there). Paths that a listed
-layout already runs are left to the per-gradient tests in tests/parallel, to keep the suite's time:
-tensor parallel alone (with and without sequence parallelism), expert parallel over 4 ranks, dense
-HSDP on its own, ring attention without TP, FSDP x CP x TP on 8 processes (each was here and passed
-before 2026-12-02; FSDP2 on 2 ranks is in every composed layout). Two layouts (pp2, offload) run as
-a user resuming after a preemption: stopped at step 2, then the same command again, so their checks
-also cover a resume into pipeline stages and into the offload tiers (an exact resume is tested in
-test_resume.py, so no uninterrupted twin here).
+activations resting on the NVMe tier (a file in the test's directory), and a 7 MB device budget
+(CPU homes are checked bit for bit in tests/offload); and two offloaded replicas of the MoE model
+(``parallel.dp_replicate=2``: CPU homes, each replica stepping and saving the optimizer states of
+its own units). Paths that a listed layout already runs are left to the per-gradient tests in
+tests/parallel, to keep the suite's time: tensor parallel alone (with and without sequence
+parallelism), expert parallel over 4 ranks, dense HSDP on its own, ring attention without TP, FSDP
+x CP x TP on 8 processes (each was here and passed before 2026-12-02; FSDP2 on 2 ranks is in every
+composed layout). Three layouts (pp2, both offloaded ones) run as a user resuming after a
+preemption: stopped at step 2, then the same command again, so their checks also cover a resume
+into pipeline stages and into the offload tiers and the replicas' partition (an exact resume is
+tested in test_resume.py, so no uninterrupted twin here).
 
 Resharding: five runs resume another layout's step-2 checkpoint under a different plan (dp4 ->
 dp2 x tp2, pp2 -> one process, ep2 -> ep4 on the MoE model with its expert bias, tp2 (x dp2) ->
@@ -100,7 +101,7 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
                       dict(dp_shard=2, tp=2, ep=2)),
 }
-RESUMED = ("pp2", "offload_nvme")
+RESUMED = ("pp2", "offload_nvme", "offload_dp2_moe")
 RESHARDED = {  # name: (the layout that saved step 2, the plan that resumes it)
     "dp4_to_dp2tp2": ("fsdp4", "tp2sp_fsdp2"),
     "pp2_to_pp1": ("pp2", "single"),

@@ -1,4 +1,5 @@
-"""Offloaded data-parallel replicas average their home gradients as DDP averages device ones."""
+"""Offloaded data-parallel replicas: gradients averaged onto each unit's owner (as DDP averages
+them), the owner's parameters sent back to every replica, the clip's norm over all owners."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from gloo_harness import run_on_gloo
 from torch import nn
 
 from orch.offload.grad_homes import GradientHomes
+from orch.offload.partition import Partition, owners_by_size
 
 pytestmark = pytest.mark.dist
 
@@ -17,26 +19,57 @@ def _run(rank: int, world: int, results) -> None:
     a, b, c = nn.Parameter(torch.zeros(2, 3)), nn.Parameter(torch.zeros(4)), nn.Parameter(
         torch.zeros(1))
     d = nn.Parameter(torch.zeros(5))
-    homes = GradientHomes([[a, b, c], [d]])
-    homes.group = dist.group.WORLD
+    units = [[a, b, c], [d]]
+    homes = GradientHomes(units)
+    partition = Partition(units, dist.group.WORLD)
+    homes.group, homes.owners = dist.group.WORLD, partition.owners
     reached = {a, d} | ({b} if rank == 0 else set())  # c: no replica's micro-batches
     for p in (a, b, c, d):  # what this rank's backward left at home (stale where unreached)
         homes.of[p].fill_(float(rank + 1) if p in reached else 99.0)
     unreached = {a, b, c, d} - reached
     homes.reduce(1, unreached)  # a unit whose backward ended first starts first
     grads = homes.finish(unreached)
-    results[rank] = {name: None if grads[p] is None else grads[p].clone()
-                     for name, p in zip("abcd", (a, b, c, d), strict=True)}
+    out = {"owners": partition.owners}
+    out |= {name: None if grads[p] is None else grads[p].clone()
+            for name, p in zip("abcd", (a, b, c, d), strict=True)}
+    for p in (a, b, c, d):
+        p.grad = grads[p]
+    out["norm"] = partition.global_norm([a, b, c, d])
+    for p in (a, b, c, d):  # the replicas' parameters differ until each owner shares its own
+        p.data.fill_(10.0 * (rank + 1))
+    for index in range(len(units)):
+        partition.share(index)
+    out["params"] = [p.data.clone() for p in (a, b, c, d)]
+    results[rank] = out
 
 
-def test_replicas_average_and_a_parameter_nobody_reached_gets_no_gradient(tmp_path):
+def test_gradients_reach_their_owner_and_the_replicas_end_equal(tmp_path):
     results = run_on_gloo(_run, 2, tmp_path)
     assert sorted(results) == [0, 1]
-    for got in results.values():
-        torch.testing.assert_close(got["a"], torch.full((2, 3), 1.5))  # (1 + 2) / 2
-        torch.testing.assert_close(got["b"], torch.full((4,), 0.5))  # rank 1 adds nothing
+    owners = results[0]["owners"]
+    assert owners == results[1]["owners"] == [0, 1]  # 44 and 20 bytes of parameters
+    mean_a, mean_b, mean_d = torch.full((2, 3), 1.5), torch.full((4,), 0.5), torch.full((5,), 1.5)
+    for rank, got in results.items():
+        if rank == owners[0]:  # rank 1 adds nothing to b; nobody reached c
+            torch.testing.assert_close(got["a"], mean_a)
+            torch.testing.assert_close(got["b"], mean_b)
+        else:
+            assert got["a"] is None and got["b"] is None
         assert got["c"] is None
-        torch.testing.assert_close(got["d"], torch.full((5,), 1.5))
+        if rank == owners[1]:
+            torch.testing.assert_close(got["d"], mean_d)
+        else:
+            assert got["d"] is None
+        want = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in (mean_a, mean_b, mean_d)]))
+        assert torch.equal(got["norm"], want)  # as clip_grad_norm_ forms it from all of them
+        for p, owner in zip(got["params"], [0, 0, 0, 1], strict=True):
+            assert torch.equal(p, torch.full_like(p, 10.0 * (owner + 1)))
+
+
+def test_units_go_to_the_least_loaded_replica_largest_first():
+    assert owners_by_size([10, 50, 20, 30], 2) == [0, 0, 1, 1]  # 60 and 50 bytes
+    assert owners_by_size([5, 5, 5], 3) == [0, 1, 2]
 
 
 def test_one_process_keeps_its_own_gradients():

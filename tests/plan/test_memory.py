@@ -133,6 +133,11 @@ def test_offload_moves_groups_off_device_but_keeps_a_prefetch_window():
     cfg.offload.optimizer = "nvme"
     both = estimate_memory(cfg, Degrees())
     assert both.staging_min == 2 * 4 * unit + 8 * unit and both.nvme == off.nvme + off.cpu
+    # offloaded replicas each keep the states of the units they step (a share), and still
+    # stage a whole unit's states for its update
+    replicas = estimate_memory(cfg, Degrees(dp_replicate=4))
+    assert replicas.optimizer == -(-both.optimizer // 4)
+    assert replicas.staging_min == both.staging_min and replicas.params == both.params
 
 
 def test_recompute_shrinks_activations():
