@@ -238,9 +238,14 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
         problems.append(Problem("offload", f"with {world} processes and parallel.dp_replicate="
                                 f"{p.dp_replicate}: offloaded training runs one process, or "
                                 f"{world} replicas (each process keeps the whole model at home "
-                                "and the gradients are averaged there)",
+                                "and steps a share of it on the CPU)",
                                 f"set parallel.dp_replicate={world} parallel.dp_shard=1, or launch "
                                 "with --nproc-per-node 1"))
+    units = cfg.model.layers + 2  # orch.offload.engine.transformer_units
+    if off.enabled and world > units:
+        problems.append(Problem("offload", f"with {world} processes: each offloaded replica steps "
+                                f"at least one of the model's {units} units (embedding, blocks, "
+                                "head)", f"launch at most {units} processes"))
     if off.enabled and world > 1 and off.grads == "nvme":
         problems.append(Problem("offload.grads", f"nvme with {world} processes: replicas average "
                                 "their gradients in CPU memory", "set offload.grads=cpu"))

@@ -29,8 +29,10 @@ micro-batch's gradient is copied home, later ones added, as autograd would have 
 gradients to the parameters (``param.grad``), so the trainer's clip runs unchanged on the CPU;
 :meth:`OffloadEngine.step` then runs the trainer's optimizer on them unit by unit beside the
 next forward (:mod:`orch.offload.cpu_step`), and a unit is fetched only once it is updated.
-Data-parallel replicas average the home gradients over a gloo group, unit by unit, as each
-unit's last backward of the step ends (:mod:`orch.offload.grad_homes`).
+Data-parallel replicas sum each unit's home gradients onto the replica that steps it, as the
+unit's last backward of the step ends, and that replica sends the others the stepped
+parameters (:mod:`orch.offload.grad_homes`, :mod:`orch.offload.partition`). Gradients on NVMe
+leave CPU memory between backwards (:mod:`orch.offload.grad_homes`).
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class OffloadEngine:
         self._fresh: set[nn.Parameter] = set()
         """Parameters whose home gradient holds nothing from this step yet."""
         self._last_micro_batch = True
-        """The running micro-batch is the step's last (replicas average after its backward)."""
+        """The running micro-batch is the step's last (its backward completes the gradients)."""
         self._unit_of: dict[nn.Parameter, Unit] = {}
         self._home_data: dict[int, list[torch.Tensor]] = {}
         """Per fetched unit, its parameters' home tensors while they point at device copies."""

@@ -79,3 +79,19 @@ def test_one_process_keeps_its_own_gradients():
     grads = homes.finish({b})
     torch.testing.assert_close(grads[a], torch.full((3,), 2.0))
     assert grads[b] is None and grads[a].data_ptr() == homes.of[a].data_ptr()
+
+
+def test_more_replicas_than_units_are_refused_before_start():
+    from orch.config import load_config
+    from orch.launch.launcher import unsupported_features
+
+    cfg = load_config("configs/tiny.yaml", ["offload.params=cpu", "offload.grads=cpu",
+                                            "offload.optimizer=cpu", "parallel.dp_replicate=8",
+                                            "parallel.dp_shard=1"])
+    assert [str(p) for p in unsupported_features(cfg, 8)] == [
+        "offload: with 8 processes: each offloaded replica steps at least one of the model's 6 "
+        "units (embedding, blocks, head)\n    fix: launch at most 6 processes"]
+    six = load_config("configs/tiny.yaml", ["offload.params=cpu", "offload.grads=cpu",
+                                            "offload.optimizer=cpu", "parallel.dp_replicate=6",
+                                            "parallel.dp_shard=1"])
+    assert unsupported_features(six, 6) == []
