@@ -68,7 +68,7 @@ def test_the_trainer_clips_the_global_gradient_norm(clip):
     if clip:
         torch.nn.utils.clip_grad_norm_(ref, clip)
     cfg = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, grad_clip=clip))
-    trainer = types.SimpleNamespace(model=model, cfg=cfg, pipeline=None)
+    trainer = types.SimpleNamespace(model=model, cfg=cfg, pipeline=None, offload=None)
     assert Trainer._clip(trainer) == pytest.approx(norm)
     for p, r in zip(model.parameters(), ref, strict=True):
         assert torch.equal(p.grad, r.grad)
