@@ -214,3 +214,19 @@ def test_offload_prices_host_traffic_and_the_cpu_step() -> None:
     nvme = estimate(cfg, 1)  # and the update reads and writes parameters and AdamW moments
     fetches, update = 8 * 2 * n * 4 / NVME_BYTES_PER_S, (2 * n * 4 + 2 * n * 8) / NVME_BYTES_PER_S
     assert nvme.comm_s["offload"] == pytest.approx(transfers + step + fetches + update, rel=1e-3)
+    cfg.offload.grads = "nvme"  # written after each of the 8 backwards, read before 7 of them
+    grads = estimate(cfg, 1)  # (exposed), and read once more by the update
+    disk = (15 * n * 4 + n * 4) / NVME_BYTES_PER_S
+    assert grads.comm_s["offload"] == pytest.approx(nvme.comm_s["offload"] + disk, rel=1e-3)
+
+
+def test_offloaded_replicas_each_step_a_share_on_the_cpu() -> None:
+    """Four replicas of Llama 3 8B at home on the CPU: 2 micro-batches each, and each replica
+    steps a quarter of the parameters (orch.offload.partition)."""
+    cfg = config("llama3-8b", train__global_batch=8, train__micro_batch=1,
+                 parallel__dp_replicate=4, parallel__dp_shard=1)
+    for group in ("params", "grads", "optimizer"):
+        setattr(cfg.offload, group, "cpu")
+    n = param_counts(cfg.model).total
+    transfers, step = 2 * 3 * n * 4 / 50e9, n / 4 / CPU_ADAM_PARAMS_PER_S
+    assert estimate(cfg, 4).comm_s["offload"] == pytest.approx(transfers + step)
