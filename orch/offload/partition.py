@@ -55,6 +55,7 @@ class Partition:
         self.owners = owners_by_size(
             [sum(p.numel() * p.element_size() for p in params) for params in units], replicas)
         self._sharing = dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
+        self._unit_of = {p: index for index, unit in enumerate(units) for p in unit}
 
     def owns(self, index: int) -> bool:
         return self.owners[index] == self.rank
@@ -76,10 +77,9 @@ class Partition:
     def global_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         """The norm of every replica's owned gradients together (``params``: the model's, in
         order; a parameter without ``grad`` on its owner counts as unreached)."""
-        unit_of = {p: index for index, unit in enumerate(self.units) for p in unit}
         norms = torch.zeros(len(params))
         for slot, p in enumerate(params):
-            if self.owns(unit_of[p]):
+            if self.owns(self._unit_of[p]):
                 norms[slot] = -1.0 if p.grad is None else torch.linalg.vector_norm(p.grad)
         dist.all_reduce(norms, group=self.group)
         reached = norms[norms >= 0]
