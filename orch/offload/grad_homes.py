@@ -37,6 +37,14 @@ GradsForUpdate = Callable[[int], AbstractContextManager]
 """Unit index -> a context in which its parameters' ``grad`` are the step's (clipped) gradients."""
 
 
+def packed_views(buffer: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Views of ``buffer``'s leading elements shaped like ``params``, packed one after another
+    (a unit's gradients in its buffer, a unit's parameters in one broadcast)."""
+    sizes = [p.numel() for p in params]
+    return [part.view_as(p)
+            for part, p in zip(buffer[:sum(sizes)].split(sizes), params, strict=True)]
+
+
 class GradientHomes:
     """The home gradient of every parameter of ``units`` (lists of parameters), as views into
     one flat buffer per unit; with :attr:`group` set, averaged over its ranks."""
@@ -56,10 +64,9 @@ class GradientHomes:
             dtypes = {p.dtype for p in params}
             if len(dtypes) > 1:
                 raise ValueError(f"a unit's parameters must share one dtype, got {dtypes}")
-            sizes = [p.numel() for p in params]
-            flat = torch.zeros(sum(sizes) + len(params), dtype=dtypes.pop() if dtypes else None)
-            for p, view in zip(params, flat[:sum(sizes)].split(sizes), strict=True):
-                self.of[p] = view.view_as(p)
+            flat = torch.zeros(sum(p.numel() for p in params) + len(params),
+                               dtype=dtypes.pop() if dtypes else None)
+            self.of |= zip(params, packed_views(flat, params), strict=True)
             self._flat.append(flat)
             if tier is not None:
                 flat.untyped_storage().resize_(0)
@@ -130,12 +137,9 @@ class GradientHomes:
                 yield
                 return
             (flat,) = tier.read(("grads", index), staged=False)
-            sizes = [p.numel() for p in params]
-            for p, grad in zip(params, flat[:sum(sizes)].split(sizes), strict=True):
+            for p, grad in zip(params, packed_views(flat, params), strict=True):
                 if p in reached:
-                    p.grad = grad.view_as(p)
-                    if scale is not None:
-                        p.grad.mul_(scale)
+                    p.grad = grad.mul_(scale) if scale is not None else grad
             try:
                 yield
             finally:
@@ -187,4 +191,4 @@ class GradientHomes:
         return grads
 
 
-__all__ = ["GradientHomes"]
+__all__ = ["GradientHomes", "GradsForUpdate", "packed_views"]

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from orch.offload.grad_homes import packed_views
+
 
 def owners_by_size(unit_bytes: list[int], replicas: int) -> list[int]:
     """Each unit's owner: largest unit first, to the replica holding the fewest bytes so far
@@ -70,9 +72,8 @@ class Partition:
                   else torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype))
         dist.broadcast(packed, src=self.owners[index], group=self._sharing)
         if not self.owns(index):
-            sizes = [p.numel() for p in params]
-            for p, part in zip(params, packed.split(sizes), strict=True):
-                p.data.copy_(part.view_as(p))
+            for p, part in zip(params, packed_views(packed, params), strict=True):
+                p.data.copy_(part)
 
     def global_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         """The norm of every replica's owned gradients together (``params``: the model's, in
