@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import faulthandler
 import io
+import json
 import os
 import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import IO, Any
 
@@ -128,13 +130,24 @@ def log_to_file(run_dir: str | Path, rank: int, world: int) -> Path | None:
 
 
 def record_failure(exc: BaseException) -> None:
-    """Write ``exc`` where torchrun's agent reads a worker's error (its error-file format)."""
-    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        return
-    from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
+    """Write ``exc`` where torchrun's agent reads a worker's error (its error-file format).
 
+    Written to a side file and renamed into place: when a peer dies, the agent sends SIGTERM to the
+    other workers while they may be recording their own error, and a half-written file makes the
+    agent itself crash on the JSON instead of restarting the workers (torch's ErrorHandler writes in
+    place). A rename leaves either no file (the summary then says so) or a whole one.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
+        "py_callstack": "".join(traceback.format_exception(exc)),
+        "timestamp": str(int(time.time()))}}}
+    partial = f"{path}.partial"
     try:
-        ErrorHandler().record_exception(exc)
+        with open(partial, "w") as file:
+            json.dump(record, file)
+        os.replace(partial, path)
     except OSError:
         pass  # the summary then says there is no recorded error; the log still has it
 

@@ -175,3 +175,23 @@ def test_tensorboard_without_its_package_is_refused_before_start(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     (problem,) = _check_tensorboard(cfg)
     assert problem.where == "run.tensorboard" and "pip install tensorboard" in problem.fix
+
+
+def test_a_recorded_failure_is_whole_and_read_by_torchruns_agent(tmp_path, monkeypatch):
+    """The record is renamed into place (a worker stopped by SIGTERM while writing it must not
+    leave half a JSON file, which crashes the agent instead of restarting): torch's ProcessFailure
+    reads the message back, and no side file is left."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from orch.runtime.rank_log import record_failure
+
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    try:
+        raise RuntimeError("Connection closed by peer")
+    except RuntimeError as exc:
+        record_failure(exc)
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(path))
+    assert failure.message["message"] == "RuntimeError: Connection closed by peer"
+    assert "raise RuntimeError" in failure.message["extraInfo"]["py_callstack"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error.json"]
