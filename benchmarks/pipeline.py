@@ -3,20 +3,21 @@ pipelining's own, on the same model and batch, with the simulator's prediction b
 
 Model: ``--blocks`` residual MLP blocks (``x + W2 gelu(W1 x)``, d = ``--dim``, hidden 4d), split
 evenly over the stages; ``--rows`` rows per micro-batch; mean-squared-error loss. Every pipeline
-rank is a process pinned to a core of its own with one compute thread, so idle time is real
-(never more stages than cores: the run refuses otherwise and says which it was). For m = 1x, 2x
-and 4x as many micro-batches as stages it runs orch's gpipe, 1f1b, 2bp-gpipe, 2bp-1f1b, zb-h1 and
-interleaved (2 stages per rank) and torch's Schedule1F1B, ScheduleInterleavedZeroBubble and
-ScheduleZBVZeroBubble (both 2 stages per rank), each for ``--steps`` steps after 2 warm-up steps,
-and prints per schedule: rows/s (median step), the ratio to torch's Schedule1F1B at the same m,
-the mean idle fraction over ranks, the peak in-flight activations of any rank (micro-batch
-stages whose forward ran and whose weight gradients did not yet: what activation memory
-scales with), and the simulator's prediction from the mean measured F/B/I/W costs of that run
-(and the measured/predicted ratio). Every schedule's compute calls are timed the same way
-(``ActionClock`` on torch's stages).
+rank is a process pinned to a core of its own with one compute thread, so idle time is real (never
+more stages than cores: the run refuses otherwise and says which it was). For m = 1x, 2x and 4x as
+many micro-batches as stages it runs orch's gpipe, 1f1b, 2bp-gpipe, 2bp-1f1b, zb-h1, interleaved (2
+stages per rank) and zbv (2 stages per rank in a V) and torch's Schedule1F1B,
+ScheduleInterleavedZeroBubble and ScheduleZBVZeroBubble (both 2 stages per rank), each for
+``--steps`` steps after 2 warm-up steps, and prints per schedule: rows/s (median step), the ratio to
+torch's Schedule1F1B at the same m, the mean idle fraction over ranks, the peak in-flight
+activations of any rank (micro-batch stages whose forward ran and whose weight gradients did not
+yet: what activation memory scales with), and the simulator's prediction from the mean measured
+F/B/I/W costs of that run (and the measured/predicted ratio). Every schedule's compute calls are
+timed the same way (``ActionClock`` on torch's stages). ``--schedules`` runs a subset (torch's
+Schedule1F1B, the anchor of every ratio, always runs).
 
     .venv/bin/python benchmarks/pipeline.py [--stages 2] [--blocks 8] [--dim 512] [--rows 192]
-        [--steps 5]
+        [--rounds 5] [--steps 3] [--schedules zbv,torch ZBV]
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ from torch.distributed.pipelining.schedules import (
 
 from orch.parallel.pipeline.executor import ActionClock, PipelineExecutor
 from orch.parallel.pipeline.timeline import measured_timeline
-from orch.parallel.schedules import Costs, build_schedule, simulate
+from orch.parallel.schedules import Costs, build_schedule, placement_of, rank_stages, simulate
 from orch.parallel.schedules.actions import Action, Schedule
 
 WARMUP = 2
 ORCH = [("gpipe", 1), ("1f1b", 1), ("2bp-gpipe", 1), ("2bp-1f1b", 1), ("zb-h1", 1),
-        ("interleaved", 2)]
+        ("interleaved", 2), ("zbv", 2)]
 TORCH = {"torch 1F1B": (Schedule1F1B, 1), "torch InterleavedZB": (ScheduleInterleavedZeroBubble, 2),
          "torch ZBV": (ScheduleZBVZeroBubble, 2)}
 
@@ -66,13 +67,6 @@ def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(output, target)
 
 
-def stage_owner(stage: int, stages: int, ranks: int, v_shape: bool) -> int:
-    """Interleaved: stage s on rank s % P; V-shape (ZBV): rank r holds r and 2P - 1 - r."""
-    if not v_shape:
-        return stage % ranks
-    return stage if stage < ranks else stages - 1 - stage
-
-
 class _Runner:
     """One schedule at one micro-batch count on this rank: its stages, its step, its records."""
 
@@ -80,8 +74,8 @@ class _Runner:
                  name: str, virtual: int, torch_cls: type | None, m: int) -> None:
         count = world * virtual
         per = args.blocks // count
-        v_shape = torch_cls is ScheduleZBVZeroBubble
-        mine = [s for s in range(count) if stage_owner(s, count, world, v_shape) == rank]
+        v_shape = torch_cls is ScheduleZBVZeroBubble or placement_of(name) == "v"
+        mine = rank_stages(rank, world, virtual, "v" if v_shape else "loop")
         meta = torch.empty(args.rows, args.dim, device="meta", requires_grad=True)
         stages = [PipelineStage(nn.Sequential(*blocks[s * per:(s + 1) * per]), s, count,
                                 torch.device("cpu"), input_args=meta, output_args=meta)
@@ -125,6 +119,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: di
     torch.manual_seed(0)
     blocks = [Block(args.dim) for _ in range(args.blocks)]
     runs = [(name, v, None) for name, v in ORCH] + [(n, v, c) for n, (c, v) in TORCH.items()]
+    runs = [run for run in runs if run[0] in args.schedules]
     runners = {(name, factor * world): _Runner(rank, world, blocks, args, name, v, cls,
                                                factor * world)
                for factor in (1, 2, 4) for name, v, cls in runs}
@@ -192,7 +187,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=192)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per schedule per round")
+    every = [name for name, _ in ORCH] + list(TORCH)
+    parser.add_argument("--schedules", default=",".join(every),
+                        help=f"comma-separated subset of: {', '.join(every)}")
     args = parser.parse_args()
+    chosen = {name.strip() for name in args.schedules.split(",")}
+    if unknown := chosen - set(every):
+        raise SystemExit(f"--schedules: unknown {', '.join(sorted(unknown))}; valid: "
+                         f"{', '.join(every)}")
+    args.schedules = [name for name in every if name in chosen | {"torch 1F1B"}]
     cores = len(os.sched_getaffinity(0))
     if args.stages > cores:
         raise SystemExit(f"{args.stages} stages need a core each; this machine has {cores}")
@@ -213,7 +216,7 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in sorted({m for _, m in results}):
         base = results[("torch 1F1B", m)][0]
-        for name in [n for n, _ in ORCH] + list(TORCH):
+        for name in args.schedules:
             rounds, gathered, virtual, per_stage = results[(name, m)]
             seconds = statistics.median(rounds)
             ratios = sorted(b / s for b, s in zip(base, rounds, strict=True))

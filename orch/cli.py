@@ -105,7 +105,8 @@ def _add_schedule_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"one of {', '.join(SCHEDULES)}")
     p.add_argument("--stages", type=int, required=True, help="pipeline ranks P")
     p.add_argument("--microbatches", type=int, required=True, help="micro-batches M per step")
-    p.add_argument("--virtual", type=int, default=1, help="model chunks per rank (interleaved)")
+    p.add_argument("--virtual", type=int,
+                   help="model chunks per rank (default 2 for interleaved and zbv, else 1)")
     p.add_argument("--max-deferred", type=int,
                    help="2bp-*: most weight-gradient steps waiting per rank (default: r on rank r)")
     for kind, default in (("f", 1.0), ("i", 1.0), ("w", 1.0), ("comm", 0.0)):
@@ -121,11 +122,12 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from orch.errors import ProblemsError
-    from orch.parallel.schedules import Costs, build_schedule, simulate
+    from orch.parallel.schedules import CHUNKED, Costs, build_schedule, simulate
     from orch.parallel.schedules.render import LEGEND, chart, write_png
 
+    virtual = args.virtual if args.virtual is not None else 2 if args.name in CHUNKED else 1
     try:
-        schedule = build_schedule(args.name, args.stages, args.microbatches, args.virtual,
+        schedule = build_schedule(args.name, args.stages, args.microbatches, virtual,
                                   args.max_deferred)
     except ValueError as exc:
         raise ProblemsError([Problem(args.name, str(exc), "see orch schedule --help")],
@@ -137,6 +139,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "name": schedule.name, "stages": schedule.stages, "virtual": schedule.virtual,
+            "placement": schedule.placement,
             "microbatches": schedule.microbatches, "costs": vars(costs),
             "makespan": timeline.makespan, "bubble_fraction": timeline.bubble_fraction,
             "idle_fraction": timeline.idle_fraction,
@@ -146,7 +149,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         }, indent=1))
         return 0
     b = costs.compute("B")
-    print(f"schedule {schedule.name}: {schedule.stages} stages x {schedule.virtual} chunks, "
+    shape = " in a V" if schedule.placement == "v" else ""
+    print(f"schedule {schedule.name}: {schedule.stages} stages x {schedule.virtual} chunks{shape}, "
           f"{schedule.microbatches} micro-batches (F {costs.f:g}, B {b:g}, I {costs.i:g}, "
           f"W {costs.w:g}, comm {costs.comm:g})")
     print(f"makespan {timeline.makespan:g}, bubble {timeline.bubble_fraction:.1%}")

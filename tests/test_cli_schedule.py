@@ -32,6 +32,18 @@ def test_text_output_has_figures_per_rank_and_a_chart(capsys):
     assert out.count("rank 3  |") == 1 and "W" in out.split("rank 0  |")[1]
 
 
+def test_zbv_defaults_to_its_two_chunks_in_a_v(capsys):
+    assert main(["schedule", "zbv", "--stages", "4", "--microbatches", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["virtual"], out["placement"]) == (2, "v")
+    assert out["makespan"] == 26  # the fill's 1.5 + 24 of work + 0.5: ZB-H1 takes 27
+    assert out["peak_activations"] == [8] * 4  # 2P half-share chunks: 1F1B's peak of P
+    assert {a["action"] for a in out["ranks"][0]} >= {"0F0", "7F0", "7I0", "7W0", "0B0"}
+    assert main(["schedule", "zbv", "--stages", "4", "--microbatches", "8",
+                 "--virtual", "3"]) == 2
+    assert "zbv runs 2 stages per rank (a V), not virtual=3" in capsys.readouterr().err
+
+
 def test_bad_sizes_exit_2_naming_the_fix(capsys):
     assert main(["schedule", "interleaved", "--stages", "4", "--microbatches", "6",
                  "--virtual", "2"]) == 2

@@ -195,6 +195,10 @@ MOE = ["model.experts=4"]
             ["parallel.pp=2", "parallel.pp_schedule=interleaved"],
             "interleaved needs virtual_stages of 2 or more",
         ),
+        (
+            ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.virtual_stages=3"],
+            "parallel.pp_schedule: zbv runs 2 stages per rank (a V), not virtual_stages=3",
+        ),
         (["parallel.ep=2"], "parallel.ep: 2 > 1 but the model has no experts"),
         (["offload.params=nvme"], "offload.params: is nvme but offload.nvme_path is empty"),
         (["offload.prefetch_depth=-1"], "offload.prefetch_depth: must be 0 or more"),

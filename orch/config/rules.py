@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from orch.config.schema import Config
 from orch.errors import Problem
+from orch.parallel.schedules.generators import CHUNKED
 
 
 def check_config(cfg: Config) -> list[Problem]:
@@ -162,9 +163,9 @@ def check_config(cfg: Config) -> list[Problem]:
         "use -1 to let the plan fill it",
     )
     need(
-        p.virtual_stages == 1 or p.pp_schedule == "interleaved",
+        p.virtual_stages == 1 or p.pp_schedule in CHUNKED,
         "parallel.virtual_stages",
-        f"{p.virtual_stages} needs pp_schedule: interleaved, not {p.pp_schedule}",
+        f"{p.virtual_stages} needs pp_schedule: interleaved (or zbv), not {p.pp_schedule}",
         "set parallel.pp_schedule=interleaved or virtual_stages=1",
     )
     need(
@@ -191,6 +192,12 @@ def check_config(cfg: Config) -> list[Problem]:
         "parallel.pp_schedule",
         "interleaved needs virtual_stages of 2 or more",
         "set parallel.virtual_stages=2 (or more), or pick 1f1b",
+    )
+    need(
+        p.pp_schedule != "zbv" or p.virtual_stages == 2 or p.pp == 1,
+        "parallel.pp_schedule",
+        f"zbv runs 2 stages per rank (a V), not virtual_stages={p.virtual_stages}",
+        "set parallel.virtual_stages=2",
     )
     if not m.is_moe:
         for name in ("ep", "etp"):

@@ -153,11 +153,11 @@ class ParallelConfig:
         default=True, metadata=_help("shard norms/dropout along the sequence when tp > 1")
     )
     pp: int = field(default=1, metadata=_help("pipeline stages"))
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "2bp-gpipe", "2bp-1f1b", "zb-h1"] = field(
-        default="1f1b", metadata=_help("pipeline schedule")
-    )
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "2bp-gpipe", "2bp-1f1b", "zb-h1",
+                         "zbv"] = field(default="1f1b", metadata=_help("pipeline schedule"))
     virtual_stages: int = field(
-        default=1, metadata=_help("model chunks per pipeline rank (interleaved schedule)")
+        default=1, metadata=_help("model chunks per pipeline rank (interleaved: 2 or more; "
+                                  "zbv: 2)")
     )
     pp_max_deferred: int | None = field(
         default=None,

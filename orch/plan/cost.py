@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orch.config.schema import Config, ModelConfig
+from orch.parallel.schedules.generators import chunks_per_rank
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec
 from orch.plan.memory import estimate_memory, param_counts
@@ -56,8 +57,12 @@ BUBBLE_SCALE = {
     # (p-1)(T_F + T_B - T_W) against 1F1B's (p-1)(T_F + T_B + T_W); with T_F = T_B = T_W that
     # is one third, the paper's "about 1/3 of 1F1B's bubble" at 1F1B's memory.
     "zb-h1": 1 / 3,
+    # ZB-V (Qi et al., 2024) with orch's order (orch.parallel.schedules.vshape): only the fill
+    # is left, about (p-1) T_F / 2 against 1F1B's (p-1)(T_F + T_B + T_W): a sixth at equal costs.
+    "zbv": 1 / 6,
 }
-"""Bubble of each schedule relative to 1F1B's ``(pp - 1) / micro-batches``."""
+"""Bubble of each schedule relative to 1F1B's ``(pp - 1) / micro-batches`` (interleaved's also
+divided by its chunks per rank)."""
 
 BACKWARD_SHARE = 2 / 3
 """Backward's share of a micro-batch's compute (2 of the 6 FLOPs per parameter are forward)."""
@@ -230,11 +235,12 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     bubble = 0.0
     if deg.pp > 1:
         schedule = cfg.parallel.pp_schedule
-        chunks = deg.virtual_stages if schedule == "interleaved" else 1
+        chunks = chunks_per_rank(schedule, deg.virtual_stages)
         link = links["pp"]
         message = rank_tokens * m.dim * act / (deg.tp if deg.sequence_parallel else 1)
         comm["pp"] = micro * 2 * chunks * (message / link.bandwidth + link.latency_s)
-        bubble = (deg.pp - 1) / (micro * chunks) * BUBBLE_SCALE[schedule] * (compute + on_path)
+        fills = chunks if schedule == "interleaved" else 1  # ZB-V's scale already counts its V
+        bubble = (deg.pp - 1) / (micro * fills) * BUBBLE_SCALE[schedule] * (compute + on_path)
 
     exposed = on_path + dp_exposed + comm.get("pp", 0.0)
     if cfg.offload.enabled:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from orch.config.schema import Config, ModelConfig
+from orch.parallel.schedules.actions import rank_stages
+from orch.parallel.schedules.generators import placement_of
 from orch.plan.activations import (
     Arch,
     Recompute,
@@ -162,34 +164,41 @@ def _activations(
     )
 
 
-def _in_flight(schedule: str, pp: int, v: int, stage: int, n_micro: int) -> tuple[int, int, int]:
-    """Micro-batches whose activations ``stage`` holds at its peak: ``(num, den, edge)``.
+def _in_flight(schedule: str, pp: int, v: int, stage: int,
+               n_micro: int) -> tuple[int, int, int, int]:
+    """Micro-batches whose activations ``stage`` holds at its peak: ``(num, den, first, last)``.
 
-    Layer activations are ``num / den`` micro-batches of all the stage's layers; ``edge`` counts
-    micro-batches for the embedding and loss tensors. GPipe runs every forward first; 1F1B and
-    its split-backward variants hold ``pp - stage``; interleaved 1F1B holds
-    ``pp*v + pp - 1 - 2*stage`` chunk micro-batches of ``1/v`` of the stage's layers
-    (Megatron's warmup), i.e. ``1 + (pp-1)/(pp*v)`` times 1F1B's on stage 0.
+    Layer activations are ``num / den`` micro-batches of all the stage's layers; ``first`` and
+    ``last`` count micro-batches for the embedding's and the loss's tensors. GPipe runs every
+    forward first; 1F1B and its split-backward variants hold ``pp - stage``; interleaved 1F1B holds
+    ``pp*v + pp - 1 - 2*stage`` chunk micro-batches of ``1/v`` of the stage's layers (Megatron's
+    warmup), i.e. ``1 + (pp-1)/(pp*v)`` times 1F1B's on stage 0; ZB-V holds ``2*pp`` half-share
+    chunks on every rank (its bound); its first rank runs up to ``2*pp - 1`` first-chunk forwards
+    before the first backward, and the loss's input-gradient step right after each loss
+    (``orch.parallel.schedules.vshape``).
     """
     if pp == 1:
-        return 1, 1, 1
+        return 1, 1, 1, 1
     if schedule in ("gpipe", "2bp-gpipe"):
-        return n_micro, 1, n_micro
+        return n_micro, 1, n_micro, n_micro
+    if schedule == "zbv":
+        return min(2 * pp, 2 * n_micro), 2, min(2 * pp - 1, n_micro), 1
     edge = min(pp - stage, n_micro)
     if schedule == "interleaved" and v > 1:
-        return min(pp * v + pp - 1 - 2 * stage, n_micro * v), v, edge
-    return edge, 1, edge
+        return min(pp * v + pp - 1 - 2 * stage, n_micro * v), v, edge, edge
+    return edge, 1, edge, edge
 
 
 @lru_cache(maxsize=1024)
 def _stages(
     layers: int, interval: int, is_moe: bool, pp: int, v: int, schedule: str, n_micro: int,
     chunk_layers: tuple[int, ...] = (),
-) -> tuple[tuple[int, int, int, bool, bool, int, int, int], ...]:
-    """``(stage, dense layers, MoE layers, first, last, num, den, edge)`` of each stage that can
-    be the worst: the first and last, and the first middle stage of each layer mix (later ones
-    hold no more micro-batches). Stage ``p`` owns chunks ``p, p+pp, ...`` of ``pp*v``, each of
-    ``chunk_layers[c]`` layers (``parallel.stage_layers``) or an even split.
+) -> tuple[tuple[int, int, int, bool, bool, int, int, int, int], ...]:
+    """``(stage, dense layers, MoE layers, first, last, num, den, edges...)`` of each stage that can
+    be the worst: the first and last, and the first middle stage of each layer mix (later ones hold
+    no more micro-batches). Stage ``p`` owns the chunks the schedule places on it (``p, p+pp, ...``
+    of ``pp*v``, or ``p`` and ``2*pp-1-p`` in ZB-V's V), each of ``chunk_layers[c]`` layers
+    (``parallel.stage_layers``) or an even split.
     """
     chunks = pp * v
     sizes = chunk_layers or tuple((c + 1) * layers // chunks - c * layers // chunks
@@ -198,15 +207,17 @@ def _stages(
     rows, seen = [], set()
     for p in range(pp):
         n_layers = n_moe = 0
-        for j in range(v):
-            lo, hi = starts[p + j * pp], starts[p + j * pp + 1]
+        owned = rank_stages(p, pp, v, placement_of(schedule))
+        for c in owned:
+            lo, hi = starts[c], starts[c + 1]
             n_layers += hi - lo
             n_moe += hi // interval - lo // interval if is_moe else 0
         mix = (n_layers - n_moe, n_moe)
-        if 0 < p < pp - 1 and mix in seen:
+        first, last = 0 in owned, chunks - 1 in owned
+        if not first and not last and mix in seen:
             continue
         seen.add(mix)
-        rows.append((p, *mix, p == 0, p == pp - 1, *_in_flight(schedule, pp, v, p, n_micro)))
+        rows.append((p, *mix, first, last, *_in_flight(schedule, pp, v, p, n_micro)))
     return tuple(rows)
 
 
@@ -289,7 +300,7 @@ def estimate_memory(
     depth = off.prefetch_depth
 
     best: tuple[int, ...] = ()
-    for p, nd, nm, first, last, num, den, edge in stages:
+    for p, nd, nm, first, last, num, den, first_mbs, last_mbs in stages:
         dense = nd * dense_layer + nm * moe_layer + first * vocab + last * head
         small = -(-((nd + nm) * pc.norms + nm * pc.router + last * h) // fsdp)
         n = -(-dense // fsdp) + -(-(nm * experts) // eshard)
@@ -303,7 +314,7 @@ def estimate_memory(
             optim = -(-optim // deg.dp_replicate)
         per_mb = nd * acts.dense + nm * acts.moe
         act = (num * (per_mb + acts.every_stage) // den
-               + edge * (first * acts.first_stage + last * acts.last_stage)
+               + first * first_mbs * acts.first_stage + last * last_mbs * acts.last_stage
                + wgrad * (nd * acts.dense_wgrad + nm * acts.moe_wgrad))
         layer = max(nd and dense_layer, nm and moe_layer + experts)
         unit = max(layer, first * vocab, last * head)

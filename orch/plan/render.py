@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orch.parallel.schedules.generators import placement_of
 from orch.plan.degrees import Degrees
 from orch.plan.plan import Plan
 from orch.plan.search import SearchResult
@@ -104,7 +105,9 @@ def _pipeline(plan: Plan) -> str:
     layers = str(stages[0]) if len(set(stages)) == 1 else "/".join(map(str, stages))
     if d.virtual_stages == 1:
         return f"{plan.schedule}, {layers} layers per stage"
-    return f"{plan.schedule}, {layers} layers per stage, {d.virtual_stages} stages per rank"
+    shape = " in a V" if placement_of(plan.schedule) == "v" else ""
+    return (f"{plan.schedule}, {layers} layers per stage, {d.virtual_stages} stages per "
+            f"rank{shape}")
 
 
 def _placement(plan: Plan) -> str:

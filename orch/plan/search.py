@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orch.config.schema import Config
+from orch.parallel.schedules.generators import chunks_per_rank
 from orch.plan.degrees import Degrees
 from orch.plan.machine import Machine
 from orch.plan.memory import MemoryEstimate, estimate_memory
@@ -63,7 +64,7 @@ def candidate_degrees(cfg: Config, machine: Machine) -> Iterator[Degrees]:
     m, p = cfg.model, cfg.parallel
     world, per_node = machine.world_size, machine.gpus_per_node
     tp_limit = world if p.allow_cross_node_tp else per_node
-    virtual = p.virtual_stages if p.pp_schedule == "interleaved" else 1
+    virtual = chunks_per_rank(p.pp_schedule, p.virtual_stages)
     for tp in divisors(tp_limit):
         if m.heads % tp or m.n_kv_heads % tp or m.ffn_dim % tp or world % tp:
             continue

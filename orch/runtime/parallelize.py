@@ -40,9 +40,9 @@ from orch.parallel.mesh import (
     sequence_split_group,
     token_parallel_group,
 )
-from orch.parallel.pipeline.stages import prune_to_rank, rank_stages, stage_layers, stage_view
+from orch.parallel.pipeline.stages import prune_to_rank, stage_layers, stage_view
 from orch.parallel.recompute import apply_recompute
-from orch.parallel.schedules import build_schedule
+from orch.parallel.schedules import Schedule, build_schedule
 from orch.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
 from orch.plan import Plan
 
@@ -93,9 +93,12 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     expert_mesh = build_expert_mesh(d, device.type) if folded else None
     _agree("mesh", "", mesh_problems(plan, mesh, expert_mesh))
 
-    layers, stages = stage_layers(plan.layers_per_stage), [0]
+    layers, stages, schedule = stage_layers(plan.layers_per_stage), [0], None
     if d.pp > 1:
-        stages = rank_stages(mesh.get_local_rank("pp"), d.pp, d.virtual_stages)
+        p = cfg.parallel
+        schedule = build_schedule(p.pp_schedule, d.pp, plan.microbatches, d.virtual_stages,
+                                  p.pp_max_deferred if p.pp_schedule.startswith("2bp-") else None)
+        stages = schedule.stages_of(mesh.get_local_rank("pp"))
         prune_to_rank(model, layers, stages)
     if d.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], d.sequence_parallel, loss_parallel=True)
@@ -129,8 +132,8 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     if len(stages) == 1:  # the rank's one stage is its model (maybe wrapped)
         model = parts[0]
     pipeline = None
-    if d.pp > 1:
-        pipeline = _pipeline(parts, stages, plan, cfg, mesh, device, precision)
+    if schedule is not None:
+        pipeline = _pipeline(parts, stages, schedule, plan, cfg, mesh, device, precision)
     token_group = token_parallel_group(mesh, tp_routes_apart)
     ledger = None
     if world > 1:
@@ -151,14 +154,13 @@ def _stage_modules(model: Transformer, layers: list[range], stages: list[int]) -
     return [stage_view(model, layers[s], s == 0, s == last) for s in stages]
 
 
-def _pipeline(parts: list[nn.Module], stages: list[int], plan: Plan, cfg: Config,
-              mesh: DeviceMesh, device: torch.device, precision: str) -> PipelineExecutor:
-    """The executor of this rank's stages, with the micro-batch shapes crossing stages."""
+def _pipeline(parts: list[nn.Module], stages: list[int], schedule: Schedule, plan: Plan,
+              cfg: Config, mesh: DeviceMesh, device: torch.device,
+              precision: str) -> PipelineExecutor:
+    """The executor of this rank's stages under ``schedule``, with the micro-batch shapes
+    crossing stages."""
     from orch.parallel.pipeline.executor import PipelineExecutor, StageShapes, transformer_stages
     d, t, m = plan.degrees, cfg.train, cfg.model
-    p = cfg.parallel
-    schedule = build_schedule(p.pp_schedule, d.pp, plan.microbatches, d.virtual_stages,
-                              p.pp_max_deferred if p.pp_schedule.startswith("2bp-") else None)
     tokens = t.seq_len // d.cp
     hidden = tokens // d.tp if d.sequence_parallel else tokens
     sharded = any(isinstance(part, FSDPModule) for part in parts)

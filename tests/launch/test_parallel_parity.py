@@ -11,8 +11,9 @@ tensor + sequence parallel dense layers with the experts replicated on the tp ra
 expert-data-parallel unit sums the gradients) or split over them (ep2 x tp2 x FSDP2). Pipeline
 (every schedule on 2 and 4 ranks is checked gradient by gradient in
 tests/parallel/test_pipeline.py; here under orch launch): 1F1B on 2 stages, ZB-H1 x FSDP2 with full
-recompute, 2BP-1F1B x TP2 with selective recompute, and interleaved (2 stages per rank) x ep2 on
-the MoE model. Offload: one process with parameters, gradients, AdamW states and swapped
+recompute, 2BP-1F1B x TP2 with selective recompute, interleaved (2 stages per rank) x ep2 on
+the MoE model, and ZB-V (2 stages per rank in a V, the first rank also computing the loss) x
+FSDP2. Offload: one process with parameters, gradients, AdamW states and swapped
 activations resting on the NVMe tier (a file in the test's directory), and a 7 MB device budget
 (CPU homes are checked bit for bit in tests/offload); and two offloaded replicas of the MoE model
 (``parallel.dp_replicate=2``: CPU homes, each replica stepping and saving the optimizer states of
@@ -95,6 +96,9 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                                "train.recompute=selective"], dict(pp=2, tp=2)),
     "pp2v2_ep2": (MOE, 4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=interleaved",
                            "parallel.virtual_stages=2"], dict(pp=2, dp_shard=2, ep=2)),
+    "pp2v2_zbv_fsdp2": (DENSE, 4, ["parallel.pp=2", "parallel.dp_shard=2",
+                                   "parallel.pp_schedule=zbv", "parallel.virtual_stages=2"],
+                        dict(pp=2, dp_shard=2)),
     "offload_nvme": (DENSE, 1, OFFLOAD, dict()),
     "offload_dp2_moe": (MOE, 2, OFFLOAD_REPLICAS, dict(dp_replicate=2)),
     "tp2_moe": (MOE, 2, ["parallel.tp=2"], dict(tp=2)),

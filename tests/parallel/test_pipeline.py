@@ -25,7 +25,7 @@ from gloo_harness import run_on_gloo
 from orch.config import ModelConfig
 from orch.models.llama import Transformer
 from orch.parallel.pipeline.executor import PipelineExecutor, StageShapes, transformer_stages
-from orch.parallel.pipeline.stages import prune_to_rank, rank_stages, stage_layers, stage_view
+from orch.parallel.pipeline.stages import prune_to_rank, stage_layers, stage_view
 from orch.parallel.recompute import apply_recompute
 from orch.parallel.schedules import build_schedule
 
@@ -36,10 +36,11 @@ MICRO, SEQ = 2, 16
 LOSS_ATOL, GRAD_ATOL = 1e-6, 1e-7
 CASES = {  # pipeline ranks: [(schedule, virtual stages, micro-batches, layers per stage)]
     2: [("gpipe", 1, 4, [3, 5]), ("1f1b", 1, 4, [5, 3]), ("2bp-gpipe", 1, 4, [4, 4]),
-        ("2bp-1f1b", 1, 4, [4, 4]), ("zb-h1", 1, 4, [4, 4]), ("interleaved", 2, 4, [2] * 4)],
+        ("2bp-1f1b", 1, 4, [4, 4]), ("zb-h1", 1, 4, [4, 4]), ("interleaved", 2, 4, [2] * 4),
+        ("zbv", 2, 4, [1, 3, 2, 2])],
     4: [("gpipe", 1, 8, [2] * 4), ("1f1b", 1, 8, [2] * 4), ("2bp-gpipe", 1, 8, [2] * 4),
         ("2bp-1f1b", 1, 8, [1, 3, 3, 1]), ("zb-h1", 1, 8, [2] * 4),
-        ("interleaved", 2, 8, [1] * 8)],
+        ("interleaved", 2, 8, [1] * 8), ("zbv", 2, 8, [1] * 8)],
 }
 
 
@@ -85,7 +86,8 @@ def run_schedule(rank: int, world: int, name: str, virtual: int, microbatches: i
                  per_stage: list[int], recompute: str = "none") -> dict:
     m = model()
     layers = stage_layers(per_stage)
-    stages = rank_stages(rank, world, virtual)
+    schedule = build_schedule(name, world, microbatches, virtual)
+    stages = schedule.stages_of(rank)
     prune_to_rank(m, layers, stages)
     for key in list(m.layers):
         m.layers[key] = _CountForwards(m.layers[key])
@@ -95,7 +97,6 @@ def run_schedule(rank: int, world: int, name: str, virtual: int, microbatches: i
     parts = [m] if virtual == 1 else [stage_view(m, layers[s], s == 0, s == last)
                                       for s in stages]
     shapes = StageShapes((MICRO, SEQ), (MICRO, SEQ, CFG.dim), (MICRO, SEQ, CFG.vocab_size))
-    schedule = build_schedule(name, world, microbatches, virtual)
     group = dist.group.WORLD
     torch_stages = transformer_stages(parts, stages, schedule.num_stages, torch.device("cpu"),
                                       shapes, group)

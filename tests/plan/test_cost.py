@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from orch.config import Config, load_config
+from orch.parallel.schedules import SCHEDULES
 from orch.plan.cost import (
     BUBBLE_SCALE,
     CPU_ADAM_PARAMS_PER_S,
@@ -146,8 +147,9 @@ def test_schedules_order_their_bubbles() -> None:
     assert bubble(parallel__pp_schedule="zb-h1") == pytest.approx(one_f_one_b / 3)
     assert bubble(parallel__pp_schedule="interleaved", parallel__virtual_stages=2) == (
         pytest.approx(one_f_one_b / 2))
-    assert set(BUBBLE_SCALE) == {"gpipe", "1f1b", "interleaved", "2bp-gpipe", "2bp-1f1b",
-                                 "zb-h1"}
+    assert bubble(parallel__pp_schedule="zbv", parallel__virtual_stages=2) == (
+        pytest.approx(one_f_one_b / 6))
+    assert set(BUBBLE_SCALE) == set(SCHEDULES)
 
 
 def test_recompute_costs_compute_but_not_model_flops() -> None:

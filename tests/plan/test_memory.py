@@ -112,6 +112,10 @@ def test_pipeline_worst_stage_and_in_flight_micro_batches():
     assert inter.activations / est.activations == pytest.approx(1 + 3 / 8, rel=0.02)
     cfg.parallel.pp_schedule = "2bp-1f1b"
     assert estimate_memory(cfg, Degrees(pp=4)).activations > est.activations
+    # ZB-V: 2P half-share chunks, 1F1B's layer peak; its first rank also computes the loss
+    cfg.parallel.pp_schedule = "zbv"
+    zbv = estimate_memory(cfg, Degrees(pp=4, virtual_stages=2))
+    assert zbv.stage == 0 and est.activations < zbv.activations < 1.15 * est.activations
 
 
 def test_offload_moves_groups_off_device_but_keeps_a_prefetch_window():

@@ -1,12 +1,12 @@
 """Split a Transformer into pipeline stages by layers.
 
-There are ``pp * virtual`` global stages; stage ``s`` runs on pipeline rank ``s % pp`` (the
-interleaved order of ``orch.parallel.schedules``), holds the plan's ``layers_per_stage[s]``
-consecutive layers, and the first and last stages also hold the embedding and the final norm
-and output head. Each rank keeps one pruned model (:func:`prune_to_rank`): the union of its
-stages' pieces, under the original parameter names (layers stay keyed by their global index),
-so one optimizer, one checkpoint state dict and gradient clipping see the rank's whole share,
-and checkpoints move between pipeline layouts. Each stage the executor runs is a view of that
+There are ``pp * virtual`` global stages; stage ``s`` runs on the pipeline rank the schedule places
+it on (``Schedule.stages_of``: ``s % pp``, or a V for ZB-V), holds the plan's
+``layers_per_stage[s]`` consecutive layers, and the first and last stages also hold the embedding
+and the final norm and output head. Each rank keeps one pruned model (:func:`prune_to_rank`): the
+union of its stages' pieces, under the original parameter names (layers stay keyed by their global
+index), so one optimizer, one checkpoint state dict and gradient clipping see the rank's whole
+share, and checkpoints move between pipeline layouts. Each stage the executor runs is a view of that
 model (:func:`stage_view`) sharing its modules, or the model itself when the rank has one stage.
 """
 
@@ -24,11 +24,6 @@ def stage_layers(layers_per_stage: Sequence[int]) -> list[range]:
     """The global layer indices of each stage: ``[3, 5] -> [range(0, 3), range(3, 8)]``."""
     bounds = list(itertools.accumulate(layers_per_stage, initial=0))
     return [range(lo, hi) for lo, hi in itertools.pairwise(bounds)]
-
-
-def rank_stages(pp_rank: int, pp: int, virtual: int) -> list[int]:
-    """The global stages pipeline rank ``pp_rank`` runs, in model order."""
-    return [pp_rank + chunk * pp for chunk in range(virtual)]
 
 
 def prune_to_rank(model: Transformer, layers: Sequence[range], stages: Sequence[int]) -> None:
@@ -61,4 +56,4 @@ def stage_view(model: Transformer, layers: range, first: bool, last: bool) -> Tr
     return view
 
 
-__all__ = ["prune_to_rank", "rank_stages", "stage_layers", "stage_view"]
+__all__ = ["prune_to_rank", "stage_layers", "stage_view"]

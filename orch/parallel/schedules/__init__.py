@@ -1,21 +1,26 @@
 """Pipeline schedules as data: actions per rank, generators, one validator, one simulator."""
 
-from orch.parallel.schedules.actions import Action, Schedule
+from orch.parallel.schedules.actions import Action, Schedule, rank_stages, stage_rank
 from orch.parallel.schedules.generators import (
+    CHUNKED,
     SCHEDULES,
     build_schedule,
+    chunks_per_rank,
     gpipe,
     interleaved_1f1b,
     one_f_one_b,
+    placement_of,
     schedule_problem,
     schedule_with_comms,
     two_bp,
     zb_h1,
+    zbv,
 )
 from orch.parallel.schedules.simulate import Costs, Span, Timeline, peak_activations, simulate
 from orch.parallel.schedules.validate import check, issue_order, validate
 
 __all__ = [
+    "CHUNKED",
     "SCHEDULES",
     "Action",
     "Costs",
@@ -23,6 +28,7 @@ __all__ = [
     "Span",
     "Timeline",
     "build_schedule",
+    "chunks_per_rank",
     "schedule_problem",
     "check",
     "gpipe",
@@ -30,9 +36,13 @@ __all__ = [
     "issue_order",
     "one_f_one_b",
     "peak_activations",
+    "placement_of",
+    "rank_stages",
     "schedule_with_comms",
     "simulate",
+    "stage_rank",
     "two_bp",
     "validate",
     "zb_h1",
+    "zbv",
 ]

@@ -5,8 +5,11 @@ A schedule is, per pipeline rank, the list of actions that rank runs in order. K
 schedule, and lets tests reason about schedules for pipelines nobody here can run.
 
 Stages are global (virtual) stage indices: with ``stages`` ranks and ``virtual`` chunks per rank
-there are ``stages * virtual`` of them, and stage ``s`` lives on rank ``s % stages``, Megatron's
-interleaving (rank 0 holds stages 0, P, 2P, ...).
+there are ``stages * virtual`` of them. Where stage ``s`` lives is the schedule's placement:
+``loop``, Megatron's interleaving, puts it on rank ``s % stages`` (rank 0 holds stages 0, P, 2P,
+...); ``v``, the zero-bubble V shape, runs the chunks down the ranks and back up (rank 0 holds
+stages 0 and 2P - 1, rank P - 1 stages P - 1 and P), so the first rank also computes the loss
+and the turn between chunks is a hand-off inside one rank.
 
 Communication actions name the stage that does them, as torch.distributed.pipelining does:
 ``SEND_F`` on stage s sends its output to stage s + 1, where ``RECV_F`` on stage s + 1 takes it;
@@ -30,6 +33,7 @@ _PEER = {
     "SEND_B": ("RECV_B", -1),
     "RECV_B": ("SEND_B", 1),
 }
+PLACEMENTS = ("loop", "v")
 _TEXT = re.compile(r"(\d+)(SEND_F|SEND_B|RECV_F|RECV_B|F|B|I|W)(\d+)")
 
 
@@ -69,12 +73,26 @@ class Action:
         return Action(kind, self.stage + step, self.microbatch)
 
 
+def stage_rank(stage: int, stages: int, placement: str = "loop") -> int:
+    """The pipeline rank of global ``stage`` among ``stages`` ranks under ``placement``."""
+    chunk, position = divmod(stage, stages)
+    if placement == "v" and chunk % 2:
+        return stages - 1 - position
+    return position
+
+
+def rank_stages(rank: int, stages: int, virtual: int, placement: str = "loop") -> list[int]:
+    """The global stages pipeline ``rank`` runs under ``placement``, in model order."""
+    return [s for s in range(stages * virtual) if stage_rank(s, stages, placement) == rank]
+
+
 @dataclass
 class Schedule:
     """A whole pipeline step: ``ranks[r]`` is what pipeline rank r runs, in order.
 
-    ``stages`` is the number of pipeline ranks P, ``virtual`` the model chunks per rank V and
-    ``microbatches`` the micro-batches M of one step.
+    ``stages`` is the number of pipeline ranks P, ``virtual`` the model chunks per rank V,
+    ``microbatches`` the micro-batches M of one step and ``placement`` where each stage lives
+    (``loop`` or ``v``, see the module docstring).
     """
 
     name: str
@@ -82,6 +100,12 @@ class Schedule:
     virtual: int
     microbatches: int
     ranks: list[list[Action]] = field(default_factory=list)
+    placement: str = "loop"
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; valid: "
+                             f"{', '.join(PLACEMENTS)}")
 
     @property
     def num_stages(self) -> int:
@@ -89,15 +113,22 @@ class Schedule:
         return self.stages * self.virtual
 
     def rank_of(self, stage: int) -> int:
-        return stage % self.stages
+        return stage_rank(stage, self.stages, self.placement)
+
+    def stages_of(self, rank: int) -> list[int]:
+        """The global stages ``rank`` runs, in model order."""
+        return rank_stages(rank, self.stages, self.virtual, self.placement)
 
     def __str__(self) -> str:
         header = f"{self.name}: P={self.stages} V={self.virtual} M={self.microbatches}"
+        if self.placement != "loop":
+            header += f" placement={self.placement}"
         rows = [f"rank {r}: " + " ".join(map(str, acts)) for r, acts in enumerate(self.ranks)]
         return "\n".join([header, *rows])
 
     @classmethod
-    def parse(cls, name: str, microbatches: int, rows: list[str], virtual: int = 1) -> Schedule:
+    def parse(cls, name: str, microbatches: int, rows: list[str], virtual: int = 1,
+              placement: str = "loop") -> Schedule:
         """Build a schedule from one whitespace-separated line of short-form actions per rank."""
         ranks = [[Action.parse(word) for word in row.split()] for row in rows]
-        return cls(name, len(rows), virtual, microbatches, ranks)
+        return cls(name, len(rows), virtual, microbatches, ranks, placement)

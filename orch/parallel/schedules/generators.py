@@ -1,4 +1,4 @@
-"""Schedule generators: GPipe, 1F1B, interleaved 1F1B, 2BP and zero-bubble ZB-H1.
+"""Schedule generators: GPipe, 1F1B, interleaved 1F1B, 2BP, zero-bubble ZB-H1 and ZB-V.
 
 Each generator decides only the order of compute actions on each rank; ``schedule_with_comms``
 then places the sends and receives the same way for all of them, a receive right before the
@@ -13,16 +13,20 @@ from collections.abc import Callable
 from functools import partial
 
 from orch.parallel.schedules.actions import Action, Schedule
+from orch.parallel.schedules.vshape import v_order
 
 Order = list[list[Action]]
 """Compute actions per rank, in execution order, before communication is added."""
 
 
 def schedule_with_comms(
-    name: str, stages: int, microbatches: int, compute: Order, virtual: int = 1
+    name: str, stages: int, microbatches: int, compute: Order, virtual: int = 1,
+    placement: str = "loop",
 ) -> Schedule:
-    """Wrap per-rank compute orders into a Schedule with SEND/RECV between adjacent ranks."""
-    schedule = Schedule(name, stages, virtual, microbatches, [[] for _ in range(stages)])
+    """Wrap per-rank compute orders into a Schedule with SEND/RECV between adjacent stages on
+    different ranks (adjacent stages on one rank hand over in memory)."""
+    schedule = Schedule(name, stages, virtual, microbatches, [[] for _ in range(stages)],
+                        placement)
     last = schedule.num_stages - 1
     for rank, actions in enumerate(compute):
         out = schedule.ranks[rank]
@@ -188,6 +192,15 @@ def zb_h1(stages: int, microbatches: int) -> Schedule:
     return schedule_with_comms("zb-h1", stages, microbatches, order)
 
 
+def zbv(stages: int, microbatches: int) -> Schedule:
+    """ZB-V (Qi et al. 2024): two chunks per rank placed in a V, backward split into I and W,
+    ordered by :mod:`orch.parallel.schedules.vshape`. 1F1B's activation peak on every rank
+    (2P half-share chunks), and the bubble of the pipeline's fill alone."""
+    _require(stages, microbatches)
+    order = v_order(stages, microbatches)
+    return schedule_with_comms("zbv", stages, microbatches, order, virtual=2, placement="v")
+
+
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
@@ -195,7 +208,22 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "2bp-gpipe": partial(two_bp, "gpipe"),
     "2bp-1f1b": partial(two_bp, "1f1b"),
     "zb-h1": zb_h1,
+    "zbv": zbv,
 }
+
+CHUNKED = {"interleaved": None, "zbv": 2}
+"""Schedules that run several model chunks (virtual stages) per rank, with the number they need
+(None: any of 2 or more)."""
+
+
+def chunks_per_rank(name: str, virtual: int) -> int:
+    """Model chunks each rank runs under schedule ``name`` given ``virtual`` stages per rank."""
+    return virtual if name in CHUNKED else 1
+
+
+def placement_of(name: str) -> str:
+    """Where schedule ``name`` puts its stages: ``v`` for ZB-V, else ``loop``."""
+    return "v" if name == "zbv" else "loop"
 
 
 def schedule_problem(
@@ -213,8 +241,11 @@ def schedule_problem(
         return str(exc)
     if name == "interleaved":
         return _interleaved_problem(stages, microbatches)
-    if virtual != 1:
-        return f"virtual={virtual} needs schedule 'interleaved'; {name!r} runs one stage per rank"
+    if name == "zbv" and virtual != 2:
+        return f"zbv runs 2 stages per rank (a V), not virtual={virtual}; set virtual=2"
+    if name not in CHUNKED and virtual != 1:
+        chunked = " or ".join(repr(n) for n in CHUNKED)
+        return f"virtual={virtual} needs schedule {chunked}; {name!r} runs one stage per rank"
     return _deferred_problem(max_deferred)
 
 
@@ -226,6 +257,8 @@ def build_schedule(
         raise ValueError(problem)
     if name == "interleaved":
         return interleaved_1f1b(stages, microbatches, virtual)
+    if name == "zbv":
+        return zbv(stages, microbatches)
     if name.startswith("2bp-"):
         return SCHEDULES[name](stages, microbatches, max_deferred=max_deferred)
     return SCHEDULES[name](stages, microbatches)
