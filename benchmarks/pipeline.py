@@ -37,6 +37,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
+    BACKWARD_INPUT,
+    BACKWARD_WEIGHT,
+    FORWARD,
+    FULL_BACKWARD,
     Schedule1F1B,
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
@@ -44,7 +48,14 @@ from torch.distributed.pipelining.schedules import (
 
 from orch.parallel.pipeline.executor import ActionClock, PipelineExecutor
 from orch.parallel.pipeline.timeline import measured_timeline
-from orch.parallel.schedules import Costs, build_schedule, placement_of, rank_stages, simulate
+from orch.parallel.schedules import (
+    Costs,
+    build_schedule,
+    placement_of,
+    rank_stages,
+    schedule_with_comms,
+    simulate,
+)
 from orch.parallel.schedules.actions import Action, Schedule
 
 WARMUP = 2
@@ -67,6 +78,29 @@ def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(output, target)
 
 
+_KIND = {FORWARD: "F", FULL_BACKWARD: "B", BACKWARD_INPUT: "I", BACKWARD_WEIGHT: "W"}
+
+
+def torch_order(order: dict, name: str, world: int, m: int, v_shape: bool) -> Schedule:
+    """A torch multi-stage schedule's compute order as an orch Schedule, for the simulator.
+
+    In torch's stage the first stage's input-gradient step computes nothing and its
+    weight-gradient step is the whole backward, so they become one fused B where the W was."""
+    ranks = []
+    for rank in range(world):
+        acts = []
+        for act in order[rank]:
+            if act is None or act.computation_type not in _KIND:
+                continue
+            kind, stage = _KIND[act.computation_type], act.stage_index
+            if stage == 0 and kind == "I":
+                continue
+            acts.append(Action("B" if stage == 0 and kind == "W" else kind, stage,
+                               act.microbatch_index))
+        ranks.append(acts)
+    return schedule_with_comms(name, world, m, ranks, 2, "v" if v_shape else "loop")
+
+
 class _Runner:
     """One schedule at one micro-batch count on this rank: its stages, its step, its records."""
 
@@ -82,11 +116,13 @@ class _Runner:
                   for s in mine]
         self.blocks, self.virtual, self.times = blocks, virtual, []
         if torch_cls is None:
-            runner = PipelineExecutor(stages, build_schedule(name, world, m, virtual),
-                                      dist.group.WORLD, loss_fn)
+            self.order = build_schedule(name, world, m, virtual)
+            runner = PipelineExecutor(stages, self.order, dist.group.WORLD, loss_fn)
             self.clock, self._step = runner.clock, runner.step
         else:
             sched = torch_cls(stages[0] if torch_cls is Schedule1F1B else stages, m, loss_fn)
+            self.order = (build_schedule("1f1b", world, m) if torch_cls is Schedule1F1B
+                          else torch_order(sched.pipeline_order, name, world, m, v_shape))
             self.clock = ActionClock()
             for stage in stages:
                 self.clock.attach(stage)
@@ -137,7 +173,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: di
         gathered: list = [None] * world
         dist.all_gather_object(gathered, runner.clock.records)
         if rank == 0:
-            out[key] = (rounds[key], gathered, runner.virtual, per_stage)
+            out[key] = (rounds[key], gathered, runner.virtual, per_stage, runner.order)
     dist.destroy_process_group()
 
 
@@ -160,23 +196,34 @@ def activation_bytes(blocks: list[Block], rows: int, dim: int) -> int:
 
 
 def _costs(gathered: list, virtual: int) -> Costs:
-    """Mean measured seconds per action kind, for one rank's whole share (V chunks)."""
+    """Mean measured seconds per action kind, for one rank's whole share (V chunks). The first
+    stage's split backward in torch's schedules counts as one B (``torch_order``)."""
     spans: dict[str, list[float]] = defaultdict(list)
     for rank in gathered:
         for text, start, end in rank:
-            spans[Action.parse(text).kind].append(end - start)
+            act = Action.parse(text)
+            if act.stage == 0 and act.kind == "I":
+                continue
+            spans["B" if act.stage == 0 and act.kind == "W" else act.kind].append(end - start)
     mean = {k: statistics.mean(v) * virtual for k, v in spans.items()}
     i, w = mean.get("I", mean.get("B", 0.0) / 2), mean.get("W", mean.get("B", 0.0) / 2)
     return Costs(f=mean["F"], b=mean.get("B"), i=i, w=w)
 
 
-def _prediction(name: str, world: int, m: int, virtual: int, costs: Costs) -> float | None:
-    """The simulator's step time for an orch schedule (torch's run under other rules)."""
-    try:
-        schedule: Schedule = build_schedule(name, world, m, virtual)
-    except ValueError:
-        return None
-    return simulate(schedule, costs).makespan
+MIXES = [Costs(f=f, i=i, w=2 - i) for f in (0.8, 1.0, 1.25) for i in (0.8, 1.0, 1.2)]
+"""Cost mixes for the orders' robustness: forward 0.8-1.25 of a backward half, I against W
+0.8-1.2 (the static order was made for one mix; the run's costs are another)."""
+
+
+def order_robustness(order: Schedule) -> tuple[float, float]:
+    """A schedule's simulated step over the floor (each rank's work plus the fill of the
+    pipeline, M (F + I + W) + (P - 1) F / V) at equal costs, and the worst over ``MIXES``."""
+    def over_floor(costs: Costs) -> float:
+        floor = (order.microbatches * (costs.f + costs.i + costs.w)
+                 + (order.stages - 1) * costs.f / order.virtual)
+        return simulate(order, costs).makespan / floor
+
+    return over_floor(Costs()), max(over_floor(costs) for costs in MIXES)
 
 
 def main() -> None:
@@ -217,19 +264,27 @@ def main() -> None:
     for m in sorted({m for _, m in results}):
         base = results[("torch 1F1B", m)][0]
         for name in args.schedules:
-            rounds, gathered, virtual, per_stage = results[(name, m)]
+            rounds, gathered, virtual, per_stage, order = results[(name, m)]
             seconds = statistics.median(rounds)
             ratios = sorted(b / s for b, s in zip(base, rounds, strict=True))
             timeline = measured_timeline(gathered)
             peak = max(timeline.peak_activations)
-            predicted = (None if name in TORCH
-                         else _prediction(name, args.stages, m, virtual, _costs(gathered, virtual)))
-            sim = f"{m * args.rows / predicted:,.0f}" if predicted else "-"
-            versus = f"{predicted / seconds:.2f}" if predicted else "-"
+            predicted = simulate(order, _costs(gathered, virtual)).makespan
+            sim = f"{m * args.rows / predicted:,.0f}"
+            versus = f"{predicted / seconds:.2f}"
             print(f"| {m} | {name} | {m * args.rows / seconds:,.0f} | "
                   f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}) | "
                   f"{timeline.bubble_fraction:.1%} | {peak} | "
                   f"{peak * per_stage / virtual / 2**20:.1f} MiB | {sim} | {versus} |", flush=True)
+    print("\nThe same orders simulated (no noise): step over the floor M (F + I + W) + "
+          "(P - 1) F / V at F = I = W, and the worst over forward 0.8-1.25x and I:W from 0.8:1.2 "
+          "to 1.2:0.8\n")
+    print("| m | schedule | equal costs | worst mix |")
+    print("|---:|---|---:|---:|")
+    for m in sorted({m for _, m in results}):
+        for name in args.schedules:
+            equal, worst = order_robustness(results[(name, m)][4])
+            print(f"| {m} | {name} | {equal:.3f} | {worst:.3f} |")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ from orch.parallel.schedules import (
     build_schedule,
     check,
     interleaved_1f1b,
+    schedule_with_comms,
     simulate,
     two_bp,
     validate,
+    worst_mix,
 )
+from orch.parallel.schedules.vshape import v_orders
 
 UNIT = Costs(f=1, b=2, i=1, w=1, comm=0)
 """F = I = W = 1 and a fused B = 2: the costs the analytic results assume."""
@@ -131,22 +134,31 @@ def test_zbv_places_its_chunks_in_a_v_and_hands_over_the_turn_in_memory():
     assert "7RECV_B0" not in {str(act) for act in schedule.ranks[0]}
 
 
-ALL_M = [(p, m) for p in range(1, 9) for m in range(p, 4 * p + 1)]
+V_SIZES = [(p, m) for p in (1, 2, 3, 4, 8) for m in sorted({p, p + 1, 2 * p, 4 * p})]
 
 
-@pytest.mark.parametrize(("stages", "microbatches"), ALL_M)
-def test_zbv_is_near_the_bound_within_1f1b_memory(stages, microbatches):
+@pytest.mark.parametrize(("stages", "microbatches"), V_SIZES)
+def test_zbv_is_near_the_floor_within_1f1b_memory_and_holds_up_when_costs_differ(
+        stages, microbatches):
     """Every rank's work is 3M and the last rank waits (P - 1) / 2 for the first forward, so
-    3M + (P - 1) / 2 is a floor; ZB-V comes within 7% of it (4% at M = P, 2P, 4P) and beats
-    ZB-H1 and interleaved 1F1B, holding at most 1F1B's peak: 2P half-share chunks."""
-    zbv = simulate(build_schedule("zbv", stages, microbatches, 2), UNIT)
+    3M + (P - 1) / 2 is a floor: ZB-V comes within 5% of it at M a multiple of P (14% at other
+    M), holds at most 1F1B's peak (2P half-share chunks), and over a spread of costs its
+    longest step is no longer than ZB-H1's."""
+    zbv = build_schedule("zbv", stages, microbatches, 2)
+    timeline = simulate(zbv, UNIT)
     floor = 3 * microbatches + (stages - 1) / 2
-    assert floor <= zbv.makespan <= floor * (1.04 if microbatches % stages == 0 else 1.07)
-    assert max(zbv.peak_activations) <= 2 * stages
-    assert zbv.makespan <= simulate(build_schedule("zb-h1", stages, microbatches), UNIT).makespan
-    if microbatches % stages == 0:
-        interleaved = simulate(build_schedule("interleaved", stages, microbatches, 2), UNIT)
-        assert zbv.makespan <= interleaved.makespan
+    assert floor <= timeline.makespan <= floor * (1.05 if microbatches % stages == 0 else 1.14)
+    assert max(timeline.peak_activations) <= 2 * stages
+    assert worst_mix(zbv) <= worst_mix(build_schedule("zb-h1", stages, microbatches)) * 1.002
+
+
+def test_zbv_keeps_the_order_that_holds_up_over_cost_mixes():
+    """The order made for exactly equal costs has no slack: 14% over the work in its worst
+    cost mix at P = 2, M = 8, where the one kept loses 3.3% (torch's ScheduleZBVZeroBubble's
+    order: 2.7%, benchmarks/results/pipeline.md)."""
+    equal_costs = schedule_with_comms("zbv", 2, 8, v_orders(2, 8)[0], 2, "v")
+    assert worst_mix(equal_costs) > 1.14
+    assert worst_mix(build_schedule("zbv", 2, 8, 2)) < 1.035
 
 
 def test_receive_waits_for_the_transfer():

@@ -16,11 +16,20 @@ from orch.parallel.schedules.generators import (
     zb_h1,
     zbv,
 )
-from orch.parallel.schedules.simulate import Costs, Span, Timeline, peak_activations, simulate
+from orch.parallel.schedules.simulate import (
+    COST_MIXES,
+    Costs,
+    Span,
+    Timeline,
+    peak_activations,
+    simulate,
+    worst_mix,
+)
 from orch.parallel.schedules.validate import check, issue_order, validate
 
 __all__ = [
     "CHUNKED",
+    "COST_MIXES",
     "SCHEDULES",
     "Action",
     "Costs",
@@ -44,5 +53,6 @@ __all__ = [
     "two_bp",
     "validate",
     "zb_h1",
+    "worst_mix",
     "zbv",
 ]

@@ -1,26 +1,26 @@
-"""The compute order of ZB-V, the zero-bubble V-shape schedule (Qi et al., 2024).
+"""Candidate compute orders for ZB-V, the zero-bubble V-shape schedule (Qi et al., 2024).
 
 Each rank holds two model chunks placed in a V (rank r runs stages r and 2P - 1 - r,
 ``orch.parallel.schedules.actions``): the first rank starts the forward and also computes the
 loss, so a micro-batch's backward starts where its forward began, and a rank's idle warm-up and
 cool-down are filled by its other chunk's work and by deferred weight-gradient steps.
 
-The order is found by simulating the step with unit costs per chunk (F = I = W, the paper's
-setting; the first stage's fused B is I + W) and letting each rank, whenever it is free, run the
-first ready action of:
+An order is found by simulating the step with given costs per chunk and letting each rank,
+whenever it is free, run the first ready action by priority among:
 
-1. an input-gradient step (I; B on stage 0, whose input gradient nobody waits for), deepest
-   stage first: another rank is, or soon will be, waiting for it;
-2. a forward, deepest stage first (it reaches the loss, and so the backward, sooner), while the
-   rank holds fewer than 2P chunk activations: P micro-batches of its share, 1F1B's peak on its
-   first rank and ZB-V's memory bound;
-3. the oldest deferred weight-gradient step (W), which frees an activation.
+- an input-gradient step (I; B on stage 0, whose input gradient nobody waits for), deepest
+  stage first: another rank is, or soon will be, waiting for it;
+- a forward, deepest stage first (it reaches the loss, and so the backward, sooner), while the
+  rank holds fewer than 2P chunk activations: P micro-batches of its share, 1F1B's peak on its
+  first rank and ZB-V's memory bound;
+- the oldest deferred weight-gradient step (W), which frees an activation.
 
-Under unit costs every rank's work is 3M (M micro-batches of F + I + W over its whole share) and
-the last rank cannot start before the first forward has come down P - 1 chunks, so no schedule
-beats 3M + (P - 1) / 2; this order comes within 7% of that bound for 1 to 8 ranks and every M
-from P to 4P, within 4% at M = P, 2P and 4P (tests/parallel/test_schedules.py), where ZB-H1 is
-8%, 11% and 13% above it at M = P = 2, 4 and 8.
+The order is static while the run's costs are not the ones it was made with, and an order made
+for exactly equal costs leaves no slack: measured against a spread of costs it lost 10-25% where
+the same search made with I a little dearer than W lost 3-10%. So :func:`v_orders` gives
+candidates (input-gradient or forward first; I at 1, 1.1 and 1.2 times W's cost) and the
+generator keeps the one whose worst step over ``COST_MIXES`` is shortest
+(``orch.parallel.schedules.generators.zbv``).
 """
 
 from __future__ import annotations
@@ -29,16 +29,21 @@ from collections import deque
 
 from orch.parallel.schedules.actions import Action, rank_stages
 
-_UNIT_COST = {"F": 1, "B": 2, "I": 1, "W": 1}
+_SCALE = 10
+"""Costs are integers (F = 10, I + W = 20) so the simulated clock is exact."""
 
 
 class _Step:
     """The greedy simulation of one ZB-V step: which action each rank runs next, and when."""
 
-    def __init__(self, stages: int, microbatches: int) -> None:
+    def __init__(self, stages: int, microbatches: int, forward_first: bool,
+                 input_cost: int) -> None:
         self.ranks, self.microbatches = stages, microbatches
         self.last = 2 * stages - 1
         self.limit = 2 * stages
+        self.cost = {"F": _SCALE, "B": 2 * _SCALE, "I": input_cost, "W": 2 * _SCALE - input_cost}
+        self.picks = ((self._forward, self._backward, self._weight) if forward_first
+                      else (self._backward, self._forward, self._weight))
         self.mine = [rank_stages(rank, stages, 2, "v")[::-1] for rank in range(stages)]
         self.forwards = [0] * (2 * stages)  # next micro-batch to go forward, per stage
         self.backwards = [0] * (2 * stages)  # next micro-batch to go backward, per stage
@@ -85,7 +90,9 @@ class _Step:
         self.held[rank] -= 1
         return self.deferred[rank].popleft()
 
-    def run(self) -> list[list[Action]]:
+    def run(self) -> list[list[Action]] | None:
+        """Per rank, the compute actions in order; None when the greedy runs into the memory
+        bound with nothing it may run (possible with forwards first; never seen otherwise)."""
         order: list[list[Action]] = [[] for _ in range(self.ranks)]
         free = [0] * self.ranks
         left = self.microbatches * (3 * (self.last + 1) - 1)  # F, I and W; stage 0's B fused
@@ -93,24 +100,30 @@ class _Step:
             for rank in range(self.ranks):
                 if free[rank] > self.now:
                     continue
-                act = self._backward(rank) or self._forward(rank) or self._weight(rank)
+                act = next((a for pick in self.picks if (a := pick(rank)) is not None), None)
                 if act is not None:
                     order[rank].append(act)
-                    free[rank] = self.ends[act] = self.now + _UNIT_COST[act.kind]
+                    free[rank] = self.ends[act] = self.now + self.cost[act.kind]
                     left -= 1
             # every running action ends at its rank's free time: the next event is the soonest
             later = [t for t in free if t > self.now]
             if left and not later:
-                raise RuntimeError(f"ZB-V order stuck at time {self.now} with {left} actions "
-                                   f"left (stages={self.ranks}, microbatches="
-                                   f"{self.microbatches}): a bug in orch's generator")
+                return None
             self.now = min(later, default=self.now)
         return order
 
 
-def v_order(stages: int, microbatches: int) -> list[list[Action]]:
-    """Per rank, the ZB-V compute actions in the order that rank runs them."""
-    return _Step(stages, microbatches).run()
+def v_orders(stages: int, microbatches: int) -> list[list[list[Action]]]:
+    """Candidate ZB-V orders (each: per rank, the compute actions in order). The one made with
+    input-gradient steps first at equal costs completed for every size tried (1-8 ranks, 1 to 4P
+    micro-batches, tests/parallel/test_schedules.py)."""
+    candidates = []
+    for forward_first in (False, True):
+        for input_cost in (_SCALE, _SCALE + 1, _SCALE + 2):
+            order = _Step(stages, microbatches, forward_first, input_cost).run()
+            if order is not None:
+                candidates.append(order)
+    return candidates
 
 
-__all__ = ["v_order"]
+__all__ = ["v_orders"]
