@@ -55,6 +55,7 @@ from orch.parallel.schedules import (
     rank_stages,
     schedule_with_comms,
     simulate,
+    worst_mix,
 )
 from orch.parallel.schedules.actions import Action, Schedule
 
@@ -210,20 +211,10 @@ def _costs(gathered: list, virtual: int) -> Costs:
     return Costs(f=mean["F"], b=mean.get("B"), i=i, w=w)
 
 
-MIXES = [Costs(f=f, i=i, w=2 - i) for f in (0.8, 1.0, 1.25) for i in (0.8, 1.0, 1.2)]
-"""Cost mixes for the orders' robustness: forward 0.8-1.25 of a backward half, I against W
-0.8-1.2 (the static order was made for one mix; the run's costs are another)."""
-
-
 def order_robustness(order: Schedule) -> tuple[float, float]:
-    """A schedule's simulated step over the floor (each rank's work plus the fill of the
-    pipeline, M (F + I + W) + (P - 1) F / V) at equal costs, and the worst over ``MIXES``."""
-    def over_floor(costs: Costs) -> float:
-        floor = (order.microbatches * (costs.f + costs.i + costs.w)
-                 + (order.stages - 1) * costs.f / order.virtual)
-        return simulate(order, costs).makespan / floor
-
-    return over_floor(Costs()), max(over_floor(costs) for costs in MIXES)
+    """A schedule's simulated step over the work each rank does, M (F + I + W), at equal costs,
+    and the worst over ``COST_MIXES`` (``worst_mix``): the order alone, without the noise."""
+    return simulate(order, Costs()).makespan / (3 * order.microbatches), worst_mix(order)
 
 
 def main() -> None:
@@ -276,9 +267,8 @@ def main() -> None:
                   f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}) | "
                   f"{timeline.bubble_fraction:.1%} | {peak} | "
                   f"{peak * per_stage / virtual / 2**20:.1f} MiB | {sim} | {versus} |", flush=True)
-    print("\nThe same orders simulated (no noise): step over the floor M (F + I + W) + "
-          "(P - 1) F / V at F = I = W, and the worst over forward 0.8-1.25x and I:W from 0.8:1.2 "
-          "to 1.2:0.8\n")
+    print("\nThe same orders simulated (no noise): step over each rank's work M (F + I + W) at "
+          "F = I = W, and the worst over forward 0.8-1.25x and I:W from 0.8:1.2 to 1.2:0.8\n")
     print("| m | schedule | equal costs | worst mix |")
     print("|---:|---|---:|---:|")
     for m in sorted({m for _, m in results}):
