@@ -226,9 +226,9 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "zbv": zbv,
 }
 
-CHUNKED = {"interleaved": None, "zbv": 2}
-"""Schedules that run several model chunks (virtual stages) per rank, with the number they need
-(None: any of 2 or more)."""
+CHUNKED = ("interleaved", "zbv")
+"""Schedules that run several model chunks (virtual stages) per rank: interleaved any number of
+2 or more, ZB-V 2."""
 
 
 def chunks_per_rank(name: str, virtual: int) -> int:
