@@ -149,14 +149,15 @@ def test_zbv_is_near_the_floor_within_1f1b_memory_and_holds_up_when_costs_differ
     floor = 3 * microbatches + (stages - 1) / 2
     assert floor <= timeline.makespan <= floor * (1.05 if microbatches % stages == 0 else 1.14)
     assert max(timeline.peak_activations) <= 2 * stages
-    assert worst_mix(zbv) <= worst_mix(build_schedule("zb-h1", stages, microbatches)) * 1.002
+    zb_h1 = worst_mix(build_schedule("zb-h1", stages, microbatches))
+    assert worst_mix(zbv) <= zb_h1 + 1e-12  # rounding only: half-chunk costs summed (P = 1)
 
 
 def test_zbv_keeps_the_order_that_holds_up_over_cost_mixes():
     """The order made for exactly equal costs has no slack: 14% over the work in its worst
     cost mix at P = 2, M = 8, where the one kept loses 3.3% (torch's ScheduleZBVZeroBubble's
     order: 2.7%, benchmarks/results/pipeline.md)."""
-    equal_costs = schedule_with_comms("zbv", 2, 8, v_orders(2, 8)[0], 2, "v")
+    equal_costs = schedule_with_comms("zbv", 2, 8, next(v_orders(2, 8)), 2, "v")
     assert worst_mix(equal_costs) > 1.14
     assert worst_mix(build_schedule("zbv", 2, 8, 2)) < 1.035
 

@@ -9,6 +9,7 @@ compute order is (the validator checks both).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from functools import partial
 
@@ -205,10 +206,11 @@ def zbv(stages: int, microbatches: int) -> Schedule:
     shortest (then the shortest at equal costs): an order that holds up when the run's costs are
     not the ones it was made for (up to ``_ZBV_SEARCHED``)."""
     _require(stages, microbatches)
-    candidates = [schedule_with_comms("zbv", stages, microbatches, order, 2, "v")
-                  for order in v_orders(stages, microbatches)]
+    orders = v_orders(stages, microbatches)
     if stages * microbatches > _ZBV_SEARCHED:
-        candidates = candidates[:1]
+        orders = itertools.islice(orders, 1)
+    candidates = [schedule_with_comms("zbv", stages, microbatches, order, 2, "v")
+                  for order in orders]
     if not candidates:
         raise RuntimeError(f"no ZB-V order completed for stages={stages}, microbatches="
                            f"{microbatches}: a bug in orch's generator")

@@ -27,6 +27,7 @@ generator keeps the one whose worst step over ``COST_MIXES`` is shortest
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 
 from orch.parallel.schedules.actions import Action, rank_stages
 
@@ -114,17 +115,15 @@ class _Step:
         return order
 
 
-def v_orders(stages: int, microbatches: int) -> list[list[list[Action]]]:
-    """Candidate ZB-V orders (each: per rank, the compute actions in order). The one made with
-    input-gradient steps first at equal costs completed for every size tried (1-8 ranks, 1 to 4P
-    micro-batches, tests/parallel/test_schedules.py)."""
-    candidates = []
+def v_orders(stages: int, microbatches: int) -> Iterator[list[list[Action]]]:
+    """Candidate ZB-V orders (each: per rank, the compute actions in order), made lazily. The
+    first, made with input-gradient steps first at equal costs, completed for every size tried
+    (1-8 ranks, 1 to 4P micro-batches, tests/parallel/test_schedules.py)."""
     for forward_first in (False, True):
         for input_cost in (_SCALE, _SCALE + 1, _SCALE + 2):
             order = _Step(stages, microbatches, forward_first, input_cost).run()
             if order is not None:
-                candidates.append(order)
-    return candidates
+                yield order
 
 
 __all__ = ["v_orders"]
