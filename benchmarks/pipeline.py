@@ -13,8 +13,10 @@ torch's Schedule1F1B at the same m, the mean idle fraction over ranks, the peak 
 activations of any rank (micro-batch stages whose forward ran and whose weight gradients did not
 yet: what activation memory scales with), and the simulator's prediction from the mean measured
 F/B/I/W costs of that run (and the measured/predicted ratio). Every schedule's compute calls are
-timed the same way (``ActionClock`` on torch's stages). ``--schedules`` runs a subset (torch's
-Schedule1F1B, the anchor of every ratio, always runs).
+timed the same way (``ActionClock``). orch's schedules run on orch's stages, whose split backward
+defers the linear layers' weight GEMMs (``SplitBackwardStage``), torch's on torch's
+``PipelineStage``; a last table gives each one's measured F, B, I and W per micro-batch.
+``--schedules`` runs a subset (torch's Schedule1F1B, the anchor of every ratio, always runs).
 
     .venv/bin/python benchmarks/pipeline.py [--stages 2] [--blocks 8] [--dim 512] [--rows 192]
         [--rounds 5] [--steps 3] [--schedules zbv,torch ZBV]
@@ -23,6 +25,7 @@ Schedule1F1B, the anchor of every ratio, always runs).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import platform
@@ -48,6 +51,7 @@ from torch.distributed.pipelining.schedules import (
 
 from orch.parallel.pipeline.executor import ActionClock, PipelineExecutor
 from orch.parallel.pipeline.timeline import measured_timeline
+from orch.parallel.pipeline.weight_grads import SplitBackwardStage
 from orch.parallel.schedules import (
     Costs,
     build_schedule,
@@ -112,8 +116,9 @@ class _Runner:
         v_shape = torch_cls is ScheduleZBVZeroBubble or placement_of(name) == "v"
         mine = rank_stages(rank, world, virtual, "v" if v_shape else "loop")
         meta = torch.empty(args.rows, args.dim, device="meta", requires_grad=True)
-        stages = [PipelineStage(nn.Sequential(*blocks[s * per:(s + 1) * per]), s, count,
-                                torch.device("cpu"), input_args=meta, output_args=meta)
+        kind = PipelineStage if torch_cls else SplitBackwardStage  # what each executor runs
+        stages = [kind(nn.Sequential(*blocks[s * per:(s + 1) * per]), s, count,
+                       torch.device("cpu"), input_args=meta, output_args=meta)
                   for s in mine]
         self.blocks, self.virtual, self.times = blocks, virtual, []
         if torch_cls is None:
@@ -155,10 +160,13 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: di
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
     blocks = [Block(args.dim) for _ in range(args.blocks)]
+    # orch's stages make their linear layers defer weight GEMMs: a copy of the same weights,
+    # so torch's schedules run the untouched layers.
+    orch_blocks = copy.deepcopy(blocks)
     runs = [(name, v, None) for name, v in ORCH] + [(n, v, c) for n, (c, v) in TORCH.items()]
     runs = [run for run in runs if run[0] in args.schedules]
-    runners = {(name, factor * world): _Runner(rank, world, blocks, args, name, v, cls,
-                                               factor * world)
+    runners = {(name, factor * world): _Runner(rank, world, blocks if cls else orch_blocks,
+                                               args, name, v, cls, factor * world)
                for factor in (1, 2, 4) for name, v, cls in runs}
     for runner in runners.values():
         for _ in range(WARMUP):
@@ -174,7 +182,8 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: di
         gathered: list = [None] * world
         dist.all_gather_object(gathered, runner.clock.records)
         if rank == 0:
-            out[key] = (rounds[key], gathered, runner.virtual, per_stage, runner.order)
+            out[key] = (rounds[key], gathered, runner.virtual, per_stage, runner.order,
+                        key[0] in TORCH)
     dist.destroy_process_group()
 
 
@@ -196,17 +205,23 @@ def activation_bytes(blocks: list[Block], rows: int, dim: int) -> int:
     return sum(seen.values())
 
 
-def _costs(gathered: list, virtual: int) -> Costs:
-    """Mean measured seconds per action kind, for one rank's whole share (V chunks). The first
-    stage's split backward in torch's schedules counts as one B (``torch_order``)."""
+def _mean_spans(gathered: list, torch_stage: bool) -> dict[str, float]:
+    """Mean measured seconds per action kind and stage (one micro-batch). On torch's stage the
+    first stage's split backward counts as one B (``torch_order``): its I computes nothing."""
     spans: dict[str, list[float]] = defaultdict(list)
     for rank in gathered:
         for text, start, end in rank:
             act = Action.parse(text)
-            if act.stage == 0 and act.kind == "I":
+            if torch_stage and act.stage == 0 and act.kind == "I":
                 continue
-            spans["B" if act.stage == 0 and act.kind == "W" else act.kind].append(end - start)
-    mean = {k: statistics.mean(v) * virtual for k, v in spans.items()}
+            fused = torch_stage and act.stage == 0 and act.kind == "W"
+            spans["B" if fused else act.kind].append(end - start)
+    return {k: statistics.mean(v) for k, v in spans.items()}
+
+
+def _costs(gathered: list, virtual: int, torch_stage: bool) -> Costs:
+    """Mean measured seconds per action kind, for one rank's whole share (V chunks)."""
+    mean = {k: v * virtual for k, v in _mean_spans(gathered, torch_stage).items()}
     i, w = mean.get("I", mean.get("B", 0.0) / 2), mean.get("W", mean.get("B", 0.0) / 2)
     return Costs(f=mean["F"], b=mean.get("B"), i=i, w=w)
 
@@ -255,12 +270,12 @@ def main() -> None:
     for m in sorted({m for _, m in results}):
         base = results[("torch 1F1B", m)][0]
         for name in args.schedules:
-            rounds, gathered, virtual, per_stage, order = results[(name, m)]
+            rounds, gathered, virtual, per_stage, order, torch_stage = results[(name, m)]
             seconds = statistics.median(rounds)
             ratios = sorted(b / s for b, s in zip(base, rounds, strict=True))
             timeline = measured_timeline(gathered)
             peak = max(timeline.peak_activations)
-            predicted = simulate(order, _costs(gathered, virtual)).makespan
+            predicted = simulate(order, _costs(gathered, virtual, torch_stage)).makespan
             sim = f"{m * args.rows / predicted:,.0f}"
             versus = f"{predicted / seconds:.2f}"
             print(f"| {m} | {name} | {m * args.rows / seconds:,.0f} | "
@@ -275,6 +290,18 @@ def main() -> None:
         for name in args.schedules:
             equal, worst = order_robustness(results[(name, m)][4])
             print(f"| {m} | {name} | {equal:.3f} | {worst:.3f} |")
+    m = max(m for _, m in results)
+    print(f"\nMeasured compute per micro-batch and stage at m = {m} (ms; on torch's stage the "
+          "first stage's backward is one B, its I computing nothing)\n")
+    print("| schedule | F | B | I | W | I + W |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in args.schedules:
+        _, gathered, _, _, _, torch_stage = results[(name, m)]
+        mean = _mean_spans(gathered, torch_stage)
+        split = mean["I"] + mean["W"] if "I" in mean and "W" in mean else None
+        cells = [mean.get(k) for k in "FBIW"] + [split]
+        print(f"| {name} | " + " | ".join("-" if c is None else f"{c * 1e3:.1f}" for c in cells)
+              + " |")
 
 
 if __name__ == "__main__":

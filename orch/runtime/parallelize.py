@@ -176,7 +176,8 @@ def _pipeline(parts: list[nn.Module], stages: list[int], schedule: Schedule, pla
             part.register_forward_hook(_local_logits)
     inject_aux_gradients(parts, 1.0)  # the runtime scales every gradient by 1 / microbatches
     group = mesh.get_group("pp")
-    torch_stages = transformer_stages(parts, stages, schedule.num_stages, device, shapes, group)
+    torch_stages = transformer_stages(parts, stages, schedule.num_stages, device, shapes, group,
+                                      torch_split=d.tp > 1)
     return PipelineExecutor(torch_stages, schedule, group,
                             functools.partial(vocab_parallel_loss, tp_mesh=tp_mesh))
 

@@ -8,6 +8,9 @@ Measured: identical to the last bit (the executor divides the summed gradients b
 micro-batch count, a power of two here, where the reference divides each micro-batch's loss),
 so the tolerances are rounding-level only.
 
+Stages split the backward by deferring their linear layers' weight GEMMs (orch's split); two
+schedules also run on torch's own split (autograd's, used under tensor parallelism).
+
 Also: the split backward does not run the forward again (a forward counter on every block, with
 and without activation checkpointing: one forward per micro-batch, plus one recompute per
 micro-batch with checkpointing, whether W runs at once or is deferred), and the recorded actions
@@ -42,6 +45,7 @@ CASES = {  # pipeline ranks: [(schedule, virtual stages, micro-batches, layers p
         ("2bp-1f1b", 1, 8, [1, 3, 3, 1]), ("zb-h1", 1, 8, [2] * 4),
         ("interleaved", 2, 8, [1] * 8), ("zbv", 2, 8, [1] * 8)],
 }
+TORCH_SPLIT = [("2bp-1f1b", 1, 4, [4, 4]), ("zbv", 2, 4, [1, 3, 2, 2])]
 
 
 def batch(microbatches: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +87,7 @@ class _CountForwards(torch.nn.Module):
 
 
 def run_schedule(rank: int, world: int, name: str, virtual: int, microbatches: int,
-                 per_stage: list[int], recompute: str = "none") -> dict:
+                 per_stage: list[int], recompute: str = "none", torch_split: bool = False) -> dict:
     m = model()
     layers = stage_layers(per_stage)
     schedule = build_schedule(name, world, microbatches, virtual)
@@ -99,7 +103,7 @@ def run_schedule(rank: int, world: int, name: str, virtual: int, microbatches: i
     shapes = StageShapes((MICRO, SEQ), (MICRO, SEQ, CFG.dim), (MICRO, SEQ, CFG.vocab_size))
     group = dist.group.WORLD
     torch_stages = transformer_stages(parts, stages, schedule.num_stages, torch.device("cpu"),
-                                      shapes, group)
+                                      shapes, group, torch_split)
     executor = PipelineExecutor(torch_stages, schedule, group, loss_fn)
     inputs, targets = batch(microbatches)
     loss = executor.step(inputs, targets)
@@ -110,6 +114,7 @@ def run_schedule(rank: int, world: int, name: str, virtual: int, microbatches: i
         "calls": [c.calls for c in counters],
         "actions": [text for text, _, _ in executor.clock.records],
         "schedule": [str(a) for a in schedule.ranks[rank] if not a.is_comm],
+        "stages": {type(stage).__name__ for stage in torch_stages},
     }
 
 
@@ -120,6 +125,9 @@ def _run(rank: int, world: int, results) -> None:
         for name in ("1f1b", "2bp-1f1b"):
             results[(name, "full", rank)] = run_schedule(rank, world, name, 1, 4, [4, 4],
                                                          "full")
+        for case in TORCH_SPLIT:  # torch's own split, as under tensor parallelism
+            results[(case[0], "torch split", rank)] = run_schedule(rank, world, *case,
+                                                                   torch_split=True)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -130,17 +138,27 @@ def pipelined(request, tmp_path_factory):
 
 def test_every_schedule_equals_the_plain_model(pipelined):
     world, results = pipelined
-    for name, _, microbatches, _ in CASES[world]:
+    runs = [(case, (case[0],)) for case in CASES[world]]
+    runs += [(case, (case[0], "torch split")) for case in TORCH_SPLIT if world == 2]
+    for (_, _, microbatches, _), run in runs:
         ref_loss, ref_grads = reference(microbatches)
         seen: dict[str, torch.Tensor] = {}
         for rank in range(world):
-            got = results[(name, rank)]
+            got = results[(*run, rank)]
             seen |= got["grads"]
             if got["last"]:
-                assert abs(got["loss"] - ref_loss) <= LOSS_ATOL, (name, got["loss"], ref_loss)
-        assert seen.keys() == ref_grads.keys(), name  # every parameter lives on one stage
+                assert abs(got["loss"] - ref_loss) <= LOSS_ATOL, (run, got["loss"], ref_loss)
+        assert seen.keys() == ref_grads.keys(), run  # every parameter lives on one stage
         for key, grad in ref_grads.items():
             torch.testing.assert_close(seen[key], grad, rtol=0, atol=GRAD_ATOL, msg=key)
+
+
+def test_stages_defer_weight_gemms_unless_told_to_use_torchs_split(pipelined):
+    world, results = pipelined
+    for name, *_ in CASES[world]:
+        assert results[(name, 0)]["stages"] == {"SplitBackwardStage"}, name
+    for name, *_ in TORCH_SPLIT if world == 2 else []:
+        assert results[(name, "torch split", 0)]["stages"] == {"PipelineStage"}, name
 
 
 def test_records_are_the_schedules_compute_actions_in_order(pipelined):

@@ -3,10 +3,12 @@
 The schedule's compute actions (F, B, I, W per stage and micro-batch, in orch's order) are handed
 to torch's ``_PipelineScheduleRuntime``, which adds the sends and receives between stages and,
 for FSDP stages, the unshard/reshard and the one gradient reduction per step, and runs them on
-``PipelineStage`` objects. Building on torch's stage buys its split backward: ``I`` computes the
-input gradients and keeps the autograd nodes that lead to the weights, ``W`` later computes the
-weight gradients from them, so a deferred ``W`` (2BP) neither recomputes the forward nor runs the
-whole backward again; and its FSDP/DDP handling (gradients accumulated unsharded over the
+``PipelineStage`` objects. Stages split their backward where the work is
+(:mod:`orch.parallel.pipeline.weight_grads`): ``I`` is one ordinary backward pass whose linear
+layers hold back their weight GEMMs, ``W`` runs those GEMMs, so ``I + W`` cost one backward and
+nothing recomputes the forward; under tensor parallelism or DDP torch's own split is used (``I``
+keeps the autograd nodes that lead to the weights, ``W`` computes through them later). torch's
+runtime also brings the FSDP/DDP handling (gradients accumulated unsharded over the
 micro-batches, reduced once). Stage shapes are given up front (static metadata), so torch does
 not run a probing forward and backward on the first step.
 
@@ -37,8 +39,10 @@ from torch.distributed.pipelining.schedules import (
     _Action,
     _PipelineScheduleRuntime,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from orch.parallel.pipeline.timeline import Record
+from orch.parallel.pipeline.weight_grads import SplitBackwardStage
 from orch.parallel.schedules.actions import Schedule
 
 _TORCH_KIND = {"F": FORWARD, "B": FULL_BACKWARD, "I": BACKWARD_INPUT, "W": BACKWARD_WEIGHT}
@@ -105,15 +109,22 @@ class ActionClock:
 
 
 def transformer_stages(modules: list[nn.Module], stage_ids: list[int], num_stages: int,
-                       device: torch.device, shapes: StageShapes,
-                       group: dist.ProcessGroup) -> list[PipelineStage]:
+                       device: torch.device, shapes: StageShapes, group: dist.ProcessGroup,
+                       torch_split: bool = False) -> list[PipelineStage]:
     """torch pipeline stages for this rank's Transformer stages: ``modules[i]`` is global stage
-    ``stage_ids[i]`` (``orch.parallel.pipeline.stages``), shapes given up front."""
+    ``stage_ids[i]`` (``orch.parallel.pipeline.stages``), shapes given up front.
+
+    Each is a :class:`SplitBackwardStage` (``I`` + ``W`` cost one backward), unless
+    ``torch_split`` (under tensor parallelism: the linear layers' weights are DTensors in the
+    forward) or its weight gradients must reach autograd's accumulation (DDP reduces from its
+    hooks): torch's own split then."""
     stages = []
     for module, stage in zip(modules, stage_ids, strict=True):
         into, out = shapes.stage_args(stage == 0, stage == num_stages - 1)
-        stages.append(PipelineStage(module, stage, num_stages, device, input_args=into,
-                                    output_args=out, group=group))
+        autograd_split = torch_split or isinstance(module, DistributedDataParallel)
+        kind = PipelineStage if autograd_split else SplitBackwardStage
+        stages.append(kind(module, stage, num_stages, device, input_args=into,
+                           output_args=out, group=group))
     return stages
 
 
