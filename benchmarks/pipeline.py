@@ -15,7 +15,8 @@ yet: what activation memory scales with), and the simulator's prediction from th
 F/B/I/W costs of that run (and the measured/predicted ratio). Every schedule's compute calls are
 timed the same way (``ActionClock``). orch's schedules run on orch's stages, whose split backward
 defers the linear layers' weight GEMMs (``SplitBackwardStage``), torch's on torch's
-``PipelineStage``; a last table gives each one's measured F, B, I and W per micro-batch.
+``PipelineStage``; a last table gives each one's measured F, B, I and W per micro-batch, and a
+first one what each split costs against a fused backward, measured alone in one process.
 ``--schedules`` runs a subset (torch's Schedule1F1B, the anchor of every ratio, always runs).
 
     .venv/bin/python benchmarks/pipeline.py [--stages 2] [--blocks 8] [--dim 512] [--rows 192]
@@ -39,6 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 from torch.distributed.pipelining.schedules import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
@@ -51,7 +53,11 @@ from torch.distributed.pipelining.schedules import (
 
 from orch.parallel.pipeline.executor import ActionClock, PipelineExecutor
 from orch.parallel.pipeline.timeline import measured_timeline
-from orch.parallel.pipeline.weight_grads import SplitBackwardStage
+from orch.parallel.pipeline.weight_grads import (
+    SplitBackwardStage,
+    WeightGradStore,
+    defer_linear_weight_grads,
+)
 from orch.parallel.schedules import (
     Costs,
     build_schedule,
@@ -226,6 +232,53 @@ def _costs(gathered: list, virtual: int, torch_stage: bool) -> Costs:
     return Costs(f=mean["F"], b=mean.get("B"), i=i, w=w)
 
 
+def split_costs(args: argparse.Namespace, reps: int = 30) -> dict[tuple[str, bool], float]:
+    """Seconds of one stage's forward and backward for one micro-batch (the fastest of
+    ``reps``: compute alone, without the machine's noise; the three ways taken in turn on one
+    pinned core): fused (autograd's), torch's split (``I`` by ``stage_backward_input``, ``W`` by
+    ``stage_backward_weight``, as torch's stage does) and orch's (one pass deferring the weight
+    GEMMs, then the GEMMs), for a middle stage (input gradient wanted) and the first (``(way,
+    first)`` keys; on torch's first stage I is empty and W is the whole backward, as in its
+    stage)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(*[Block(args.dim) for _ in range(args.blocks // args.stages)])
+    deferring = copy.deepcopy(plain)
+    defer_linear_weight_grads(deferring)
+    store = WeightGradStore()
+    x, grad = torch.randn(args.rows, args.dim), torch.randn(args.rows, args.dim)
+
+    def fused(inputs: torch.Tensor) -> None:
+        plain(inputs).backward(grad)
+
+    def torch_split(inputs: torch.Tensor) -> None:
+        out = plain(inputs)
+        if not inputs.requires_grad:  # torch's first stage: no I, W is the whole backward
+            out.backward(grad)
+            return
+        _, groups = stage_backward_input([out], [grad], [inputs], plain.parameters())
+        stage_backward_weight(plain.parameters(), groups)
+
+    def orch_split(inputs: torch.Tensor) -> None:
+        out = deferring(inputs)
+        with store.collect():
+            out.backward(grad)
+        store.take()()
+
+    ways = {"fused backward": (fused, plain), "torch's split": (torch_split, plain),
+            "orch's split": (orch_split, deferring)}
+    spans: dict[tuple[str, bool], list[float]] = defaultdict(list)
+    for rep in range(reps + 3):
+        for first in (False, True):
+            for name, (way, model) in ways.items():
+                model.zero_grad(set_to_none=True)
+                inputs = x.clone().requires_grad_(not first)
+                start = time.perf_counter()
+                way(inputs)  # the forward is timed too: the same in every way
+                if rep >= 3:
+                    spans[(name, first)].append(time.perf_counter() - start)
+    return {key: min(v) for key, v in spans.items()}
+
+
 def order_robustness(order: Schedule) -> tuple[float, float]:
     """A schedule's simulated step over the work each rank does, M (F + I + W), at equal costs,
     and the worst over ``COST_MIXES`` (``worst_mix``): the order alone, without the noise."""
@@ -259,6 +312,21 @@ def main() -> None:
           f"{args.rows} rows per micro-batch; {args.rounds} rounds of {args.steps} steps per "
           f"schedule after {WARMUP} warm-up ({platform.machine()}, torch {torch.__version__}, "
           f"{datetime.date.today()})\n")
+    os.sched_setaffinity(0, {0})
+    torch.set_num_threads(1)
+    costs = split_costs(args)
+    os.sched_setaffinity(0, range(cores))
+    print("One stage's forward + backward of one micro-batch, one pinned core (fastest of 30, "
+          "the ways in turn)\n")
+    print("| stage | fused backward | torch's split (I, then W) | orch's split (I, then W) |")
+    print("|---|---:|---:|---:|")
+    for first in (False, True):
+        base = costs[("fused backward", first)]
+        cells = [f"{base * 1e3:.1f} ms"] + [
+            f"{costs[(way, first)] * 1e3:.1f} ms ({costs[(way, first)] / base:.3f}x)"
+            for way in ("torch's split", "orch's split")]
+        print(f"| {'first' if first else 'middle'} | " + " | ".join(cells) + " |")
+    print()
     with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         out = manager.dict()
         mp.start_processes(_worker, args=(args.stages, f"{tmp}/store", args, out),

@@ -5,9 +5,10 @@ selective checkpointing (torchtitan's): matmul and attention outputs are saved, 
 elementwise ops between them (norms, RoPE, SiLU, products) are recomputed, which frees most of the
 per-block activations for a few percent of extra time.
 
-The checkpoint is orch's own, built on saved-tensor hooks, because the split backward of 2BP and
-the zero-bubble schedules runs a micro-batch's backward as two autograd passes (input gradients,
-later weight gradients, ``orch.parallel.pipeline``): torch's checkpoint recomputes the block in
+The checkpoint is orch's own, built on saved-tensor hooks, because torch's split backward (used
+by the pipeline under tensor parallelism; orch's own split is one autograd pass) runs a
+micro-batch's backward as two autograd passes (input gradients, later weight gradients,
+``orch.parallel.pipeline``): torch's checkpoint recomputes the block in
 *every* pass that unpacks its tensors (per graph task), and the weight pass runs one autograd
 call per parameter group, so it recomputed the forward up to ten times per micro-batch (measured:
 44 block calls instead of 8 for 4 micro-batches). Here a block is recomputed at most once: the

@@ -12,9 +12,10 @@ Stages split the backward by deferring their linear layers' weight GEMMs (orch's
 schedules also run on torch's own split (autograd's, used under tensor parallelism).
 
 Also: the split backward does not run the forward again (a forward counter on every block, with
-and without activation checkpointing: one forward per micro-batch, plus one recompute per
-micro-batch with checkpointing, whether W runs at once or is deferred), and the recorded actions
-are the schedule's compute actions in its order.
+and without activation checkpointing, full and selective, the gradients again equal to one
+process: one forward per micro-batch, plus one recompute per micro-batch with checkpointing,
+whether W runs at once or is deferred), and the recorded actions are the schedule's compute
+actions in its order.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ CASES = {  # pipeline ranks: [(schedule, virtual stages, micro-batches, layers p
         ("interleaved", 2, 8, [1] * 8), ("zbv", 2, 8, [1] * 8)],
 }
 TORCH_SPLIT = [("2bp-1f1b", 1, 4, [4, 4]), ("zbv", 2, 4, [1, 3, 2, 2])]
+RECOMPUTED = [("1f1b", "full"), ("2bp-1f1b", "full"), ("2bp-1f1b", "selective")]  # on 2 ranks
 
 
 def batch(microbatches: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +124,9 @@ def _run(rank: int, world: int, results) -> None:
     for case in CASES[world]:
         results[(case[0], rank)] = run_schedule(rank, world, *case)
     if world == 2:
-        for name in ("1f1b", "2bp-1f1b"):
-            results[(name, "full", rank)] = run_schedule(rank, world, name, 1, 4, [4, 4],
-                                                         "full")
+        for name, recompute in RECOMPUTED:
+            results[(name, recompute, rank)] = run_schedule(rank, world, name, 1, 4, [4, 4],
+                                                            recompute)
         for case in TORCH_SPLIT:  # torch's own split, as under tensor parallelism
             results[(case[0], "torch split", rank)] = run_schedule(rank, world, *case,
                                                                    torch_split=True)
@@ -140,6 +142,8 @@ def test_every_schedule_equals_the_plain_model(pipelined):
     world, results = pipelined
     runs = [(case, (case[0],)) for case in CASES[world]]
     runs += [(case, (case[0], "torch split")) for case in TORCH_SPLIT if world == 2]
+    runs += [((name, 1, 4, [4, 4]), (name, recompute)) for name, recompute in RECOMPUTED
+             if world == 2]
     for (_, _, microbatches, _), run in runs:
         ref_loss, ref_grads = reference(microbatches)
         seen: dict[str, torch.Tensor] = {}
@@ -177,6 +181,6 @@ def test_split_backward_does_not_run_the_forward_again(pipelined):
             microbatches = next(c[2] for c in CASES[world] if c[0] == name)
             assert calls and all(c == microbatches for c in calls), (name, calls)
     if world == 2:  # with checkpointing: the forward, then one recompute, W deferred or not
-        for name in ("1f1b", "2bp-1f1b"):
+        for run in RECOMPUTED:
             for rank in range(world):
-                assert results[(name, "full", rank)]["calls"] == [8] * 4, name
+                assert results[(*run, rank)]["calls"] == [8] * 4, run

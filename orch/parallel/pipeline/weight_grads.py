@@ -130,11 +130,13 @@ def _deferring_forward(layer: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
     if isinstance(weight, DTensor) or not weight.requires_grad:
         return F.linear(inputs, weight, bias)
     params = (weight, bias)
-    if torch.is_autocast_enabled(inputs.device.type):  # what autocast does to F.linear
-        dtype = torch.get_autocast_dtype(inputs.device.type)
-        inputs, weight = inputs.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(inputs.device.type, enabled=False):
+    device = inputs.device.type
+    if not torch.is_autocast_enabled(device):
+        return _LinearDeferredWeight.apply(inputs, weight, bias, params)
+    dtype = torch.get_autocast_dtype(device)  # what autocast does to F.linear
+    inputs, weight = inputs.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(device, enabled=False):
         return _LinearDeferredWeight.apply(inputs, weight, bias, params)
 
 
