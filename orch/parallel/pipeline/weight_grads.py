@@ -1,22 +1,24 @@
-"""Deferred weight-gradient GEMMs: the split backward of 2BP and the zero-bubble schedules at the
-cost of one backward.
+"""Deferred weight-gradient GEMMs: the split backward of 2BP and the zero-bubble schedules in one
+autograd pass.
 
 torch's pipeline stage splits a micro-batch's backward into two autograd passes: ``I`` asks
 autograd for the stage input's gradient and keeps the graph, ``W`` later asks for the weights'
-gradients through the kept graph. Measured on the pipeline benchmark's model that costs about 8%
-more than one fused backward (two graph traversals, intermediate gradients kept at the parameter
-boundaries), and on the first stage, whose input is token ids, ``I`` computes nothing and ``W`` is
-the whole backward, so deferring ``W`` there defers all of that rank's backward.
+gradients through the kept graph (two traversals, intermediate gradients kept at the parameter
+boundaries); on the first stage, whose input is token ids, ``I`` computes nothing and ``W`` is the
+whole backward, so deferring ``W`` there defers all of that rank's backward.
 
 Here the split is made where the work is, as in the zero-bubble paper's implementation and
 Megatron's weight-gradient store: one ordinary backward pass per micro-batch (``I``), in which
 every ``nn.Linear`` computes its input gradient and hands its weight-gradient GEMM (saved input
 and output gradient) to the stage's :class:`WeightGradStore` instead of running it; ``W`` runs
-those GEMMs and accumulates into ``.grad``. ``I + W`` is then the same work as a fused backward,
-and the first stage's ``I`` does its real share (everything but the GEMMs). Other parameters
-(norms, embeddings, experts' grouped GEMMs) get their gradients in ``I``, as in a fused backward.
-A deferred GEMM keeps its input and output gradient until ``W``: the activation memory that
-2BP's bound on waiting weight steps already counts.
+those GEMMs and accumulates into ``.grad``. ``I + W`` is then the same work as a fused backward
+in one autograd pass, and the first stage's ``I`` does its real share (everything but the
+GEMMs). Measured (benchmarks/results/pipeline.md, one CPU core): where GEMMs dominate both splits
+cost about 2% over a fused backward; where per-layer overhead matters (d = 64 to 128) orch's costs
+1.06-1.45x a fused one against torch's 1.15-1.94x. Other parameters (norms, embeddings,
+experts' grouped GEMMs) get their gradients in ``I``, as in a fused backward. A deferred GEMM
+keeps its input and output gradient until ``W``: the activation memory that 2BP's bound on
+waiting weight steps already counts.
 
 torch's stage takes such a split as its ``dw_builder``: after each backward pass it asks the
 builder for the pass's weight step and runs it at once (``B``) or keeps it for ``W``.
