@@ -6,7 +6,11 @@ plain FSDP. Each decoder block is its own FSDP unit, so only one block's paramet
 at a time, and the root unit holds the embedding, final norm and output head (as torchtitan
 does). Pure replication (``dp_shard == 1``) uses DDP instead: its bucketed all-reduce overlaps
 backward and keeps parameters plain tensors, where FSDP2 with shards of one would pay DTensor
-dispatch on every optimizer op (0.64x DDP's throughput on the tiny model on CPU, measured).
+dispatch on every optimizer op (0.64x DDP's throughput on the tiny model on CPU, measured),
+except for pipeline stages: DDP reduces from autograd's accumulation hooks, which a split backward
+(input gradients first, weight gradients later) never fires, so replicas drifted apart silently
+(pp2 x ddp2: loss 3.9954 at step 6 against 3.9866 for one process); pipelined replicas are HSDP
+with shards of one, which torch's pipeline runtime reduces once per step.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def apply_data_parallel(
     optimizer state stay fp32 (FSDP2's mixed precision; DDP under autocast); under ``fp32``
     nothing is cast.
     """
-    if dp_mesh.size(1) == 1 and expert_dp_mesh is None:
+    if dp_mesh.size(1) == 1 and expert_dp_mesh is None and not pipelined:
         return DistributedDataParallel(model, process_group=dp_mesh.get_group("dp_replicate"))
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

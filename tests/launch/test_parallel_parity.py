@@ -9,22 +9,22 @@ MoE (tiny-moe with 8 experts, top-2, aux loss and aux-loss-free bias both on): e
 parallelism (the balancing loss sums the loads of the cp ranks, so it sees whole sequences), and
 tensor + sequence parallel dense layers with the experts replicated on the tp ranks (tp2: their
 expert-data-parallel unit sums the gradients) or split over them (ep2 x tp2 x FSDP2). Pipeline
-(every schedule on 2 and 4 ranks is checked gradient by gradient in
-tests/parallel/test_pipeline.py; here under orch launch): 1F1B on 2 stages, ZB-H1 x FSDP2 with full
-recompute, 2BP-1F1B x TP2 with selective recompute, interleaved (2 stages per rank) x ep2 on
-the MoE model, and ZB-V (2 stages per rank in a V, the first rank also computing the loss) x
-FSDP2. Offload: one process with parameters, gradients, AdamW states and swapped
-activations resting on the NVMe tier (a file in the test's directory), and a 7 MB device budget
-(CPU homes are checked bit for bit in tests/offload); and two offloaded replicas of the MoE model
-(``parallel.dp_replicate=2``: CPU homes, each replica stepping and saving the optimizer states of
-its own units). Paths that a listed layout already runs are left to the per-gradient tests in
-tests/parallel, to keep the suite's time: tensor parallel alone (with and without sequence
-parallelism), expert parallel over 4 ranks, dense HSDP on its own, ring attention without TP, FSDP
-x CP x TP on 8 processes (each was here and passed before 2026-12-02; FSDP2 on 2 ranks is in every
-composed layout). Three layouts (pp2, both offloaded ones) run as a user resuming after a
-preemption: stopped at step 2, then the same command again, so their checks also cover a resume
-into pipeline stages and into the offload tiers and the replicas' partition (an exact resume is
-tested in test_resume.py, so no uninterrupted twin here).
+(every schedule on 2 and 4 ranks is checked gradient by gradient in tests/parallel/test_pipeline.py;
+here under orch launch): 1F1B on 2 stages, ZB-H1 x FSDP2 with full recompute, 2BP-1F1B x 2 replicas
+(HSDP with shards of one: DDP let them drift apart), 2BP-1F1B x TP2 with selective recompute,
+interleaved (2 stages per rank) x ep2 on the MoE model, and ZB-V (2 stages per rank in a V, the
+first rank also computing the loss) x FSDP2. Offload: one process with parameters, gradients, AdamW
+states and swapped activations resting on the NVMe tier (a file in the test's directory), and a 7 MB
+device budget (CPU homes are checked bit for bit in tests/offload); and two offloaded replicas of
+the MoE model (``parallel.dp_replicate=2``: CPU homes, each replica stepping and saving the
+optimizer states of its own units). Paths that a listed layout already runs are left to the
+per-gradient tests in tests/parallel, to keep the suite's time: tensor parallel alone (with and
+without sequence parallelism), expert parallel over 4 ranks, dense HSDP on its own, ring attention
+without TP, FSDP x CP x TP on 8 processes (each was here and passed before 2026-12-02; FSDP2 on 2
+ranks is in every composed layout). Three layouts (pp2, both offloaded ones) run as a user resuming
+after a preemption: stopped at step 2, then the same command again, so their checks also cover a
+resume into pipeline stages and into the offload tiers and the replicas' partition (an exact resume
+is tested in test_resume.py, so no uninterrupted twin here).
 
 Resharding: five runs resume another layout's step-2 checkpoint under a different plan (dp4 ->
 dp2 x tp2, pp2 -> one process, ep2 -> ep4 on the MoE model with its expert bias, tp2 (x dp2) ->
@@ -94,6 +94,8 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                      dict(pp=2, dp_shard=2)),
     "pp2_tp2_2bp": (DENSE, 4, ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=2bp-1f1b",
                                "train.recompute=selective"], dict(pp=2, tp=2)),
+    "pp2_ddp2_2bp": (DENSE, 4, ["parallel.pp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1",
+                                "parallel.pp_schedule=2bp-1f1b"], dict(pp=2, dp_replicate=2)),
     "pp2v2_ep2": (MOE, 4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=interleaved",
                            "parallel.virtual_stages=2"], dict(pp=2, dp_shard=2, ep=2)),
     "pp2v2_zbv_fsdp2": (DENSE, 4, ["parallel.pp=2", "parallel.dp_shard=2",

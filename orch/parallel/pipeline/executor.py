@@ -6,9 +6,9 @@ for FSDP stages, the unshard/reshard and the one gradient reduction per step, an
 ``PipelineStage`` objects. Stages split their backward where the work is
 (:mod:`orch.parallel.pipeline.weight_grads`): ``I`` is one ordinary backward pass whose linear
 layers hold back their weight GEMMs, ``W`` runs those GEMMs, so ``I + W`` cost one backward and
-nothing recomputes the forward; under tensor parallelism or DDP torch's own split is used (``I``
+nothing recomputes the forward; under tensor parallelism torch's own split is used (``I``
 keeps the autograd nodes that lead to the weights, ``W`` computes through them later). torch's
-runtime also brings the FSDP/DDP handling (gradients accumulated unsharded over the
+runtime also brings the FSDP handling (gradients accumulated unsharded over the
 micro-batches, reduced once). Stage shapes are given up front (static metadata), so torch does
 not run a probing forward and backward on the first step.
 
@@ -39,7 +39,6 @@ from torch.distributed.pipelining.schedules import (
     _Action,
     _PipelineScheduleRuntime,
 )
-from torch.nn.parallel import DistributedDataParallel
 
 from orch.parallel.pipeline.timeline import Record
 from orch.parallel.pipeline.weight_grads import SplitBackwardStage
@@ -116,13 +115,12 @@ def transformer_stages(modules: list[nn.Module], stage_ids: list[int], num_stage
 
     Each is a :class:`SplitBackwardStage` (``I`` + ``W`` cost one backward), unless
     ``torch_split`` (under tensor parallelism: the linear layers' weights are DTensors in the
-    forward) or its weight gradients must reach autograd's accumulation (DDP reduces from its
-    hooks): torch's own split then."""
+    forward): torch's own split then. Stages are never DDP modules (DDP reduces from autograd's
+    accumulation hooks, which no split backward fires; ``apply_data_parallel``)."""
     stages = []
     for module, stage in zip(modules, stage_ids, strict=True):
         into, out = shapes.stage_args(stage == 0, stage == num_stages - 1)
-        autograd_split = torch_split or isinstance(module, DistributedDataParallel)
-        kind = PipelineStage if autograd_split else SplitBackwardStage
+        kind = PipelineStage if torch_split else SplitBackwardStage
         stages.append(kind(module, stage, num_stages, device, input_args=into,
                            output_args=out, group=group))
     return stages
