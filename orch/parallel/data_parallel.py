@@ -34,7 +34,8 @@ def apply_data_parallel(
 ) -> nn.Module:
     """Wrap ``model`` (an ``orch.models.llama.Transformer``) for data parallelism on the 2-D
     ``(replicate, shard)`` mesh ``dp_mesh`` (``orch.parallel.mesh.data_parallel_mesh``);
-    returns the module to train (a DDP wrapper for pure replication, else ``model`` itself).
+    returns the module to train (a DDP wrapper for pure replication outside a pipeline, else
+    ``model`` itself).
 
     Under expert parallelism (experts already DTensors over ``ep``), ``expert_dp_mesh`` is the
     expert layout's ``edp`` mesh: each MoE layer's experts become their own FSDP unit over it,
