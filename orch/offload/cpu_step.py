@@ -9,7 +9,9 @@ optimizer (torch AdamW, orch's AdamW8bit), stepped on one unit's parameters at a
 shallow copy that shares its ``state``, so checkpoints see one optimizer and the numbers are the
 unsplit step's exactly (foreach updates are per tensor). With NVMe homes the thread asks
 :class:`~orch.offload.homes.Homes` to read the next unit's parameters and states while it steps
-one, and the write-back runs behind: a unit counts as updated once its bytes are on disk.
+one, and the write-back runs behind: a unit's fetch waits only until it is stepped (its
+parameters stay readable in memory while they are written), checkpoints until every byte is on
+disk.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ class UnitUpdates:
         self.units, self.homes = units, homes
         """Brings a unit's parameters and states into memory around its step (NVMe homes): the
         next unit's are read while one is stepped, and written behind it."""
+        self._stepped = [threading.Event() for _ in units]
+        """Set once a unit's parameters are stepped (and shared with the other replicas)."""
         self._done = [threading.Event() for _ in units]
-        for event in self._done:
+        """Set once a unit's update is on its home tier."""
+        for event in self._stepped + self._done:
             event.set()
         self.partition: Partition | None = None
         """With data-parallel replicas: a unit is stepped by its owner only, which then sends
@@ -54,7 +59,7 @@ class UnitUpdates:
         self.wait_all()
         self.last = (self.seconds, self.waited)
         steppers = [_unit_optimizer(optimizer, set(params)) for params in self.units]
-        for event in self._done:
+        for event in self._stepped + self._done:
             event.clear()
         self.seconds = self.waited = 0.0
         self._started = time.perf_counter()
@@ -77,9 +82,10 @@ class UnitUpdates:
                         p.grad = None
                     if self.partition is not None:  # the owner's parameters to every replica
                         self.partition.share(index)
+                self._stepped[index].set()
         except BaseException as exc:  # re-raised in the trainer's thread by wait()
             self._error = exc
-            for event in self._done:
+            for event in self._stepped + self._done:
                 event.set()
 
     def _stored(self, index: int, error: BaseException | None) -> None:
@@ -91,24 +97,28 @@ class UnitUpdates:
             self.seconds = time.perf_counter() - self._started
         self._done[index].set()
 
-    def done_event(self, index: int) -> threading.Event:
-        """Set once unit ``index`` is updated (for threads that must not read it before)."""
-        return self._done[index]
+    def stepped_event(self, index: int) -> threading.Event:
+        """Set once unit ``index`` is stepped (for threads that must not read it before)."""
+        return self._stepped[index]
 
     def wait(self, index: int) -> None:
-        """Block until unit ``index`` is updated."""
-        if not self._done[index].is_set():
+        """Block until unit ``index`` is stepped (its fetch may then read it)."""
+        self._wait(self._stepped[index])
+
+    def _wait(self, event: threading.Event) -> None:
+        if not event.is_set():
             start = time.perf_counter()
-            self._done[index].wait()
+            event.wait()
             self.waited += time.perf_counter() - start
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError("the CPU optimizer step failed") from error
 
     def wait_all(self) -> None:
-        """Block until the whole update is done (before a checkpoint, a clip, the end)."""
-        for index in range(len(self.units)):
-            self.wait(index)
+        """Block until the whole update is on its home tiers (before a checkpoint, a clip, the
+        end)."""
+        for event in self._done:
+            self._wait(event)
         if self._thread is not None:
             self._thread.join()
             self._thread = None

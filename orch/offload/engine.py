@@ -151,7 +151,7 @@ class OffloadEngine:
         """The home gradients: in CPU memory (averaged over data-parallel replicas once given a
         group) or on the NVMe tier between backwards."""
         self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
-                           optimizer_on_nvme, lambda index: self.updates.done_event(index))
+                           optimizer_on_nvme, lambda index: self.updates.stepped_event(index))
         """Where parameters and optimizer states rest: CPU memory, or the NVMe tier's file."""
         self.updates = UnitUpdates([unit.params for unit in units], self.homes)
         self.partition: Partition | None = None
@@ -171,7 +171,7 @@ class OffloadEngine:
         """Give ``unit``'s parameters device copies of their home data (accounted)."""
         if unit.fetched:
             return
-        self.updates.wait(unit.index)  # the previous step's update of this unit
+        self.updates.wait(unit.index)  # the previous step's update of this unit (stepped)
         self.budget.take(unit.nbytes, f"the parameters of {unit.name}")
         resting = [p.data for p in unit.params]
         if not unit.device_copies:  # one device tensor per parameter for the whole run

@@ -8,7 +8,9 @@ the parameters and one for the optimizer states; they come into memory only
   back; nothing is written, the parameters did not change), and
 - for the unit's optimizer step (:meth:`Homes.in_memory`: parameters and states read into
   place, stepped, written back, placeholders again), which also covers the states the
-  optimizer creates on its first step, and
+  optimizer creates on its first step; the stepped parameters stay in memory, kept by the
+  tier, until the next forward's fetch takes them (while the pinned budget has room), so that
+  fetch neither reads the disk nor waits for the write, and
 - for a checkpoint save or load (:meth:`Homes.all_in_memory`), so checkpoints are ordinary and
   reshardable. That holds the whole model in CPU memory for the save: stated in the README.
 
@@ -40,7 +42,8 @@ class Homes:
         self.units, self.tier = units, tier
         self.params_on_nvme, self.optimizer_on_nvme = params_on_nvme, optimizer_on_nvme
         self._updated = updated
-        """Unit index -> the event its optimizer update sets (a read-ahead waits for it)."""
+        """Unit index -> the event set once its optimizer update has stepped it (a read-ahead
+        waits for it; the bytes may still be on their way to disk, readable from memory)."""
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="orch-nvme-read")
         self._ahead: dict[int, Future[list[torch.Tensor]]] = {}
         """Reads ahead of a fetch (their own thread: each waits for its unit's update)."""
@@ -70,8 +73,8 @@ class Homes:
 
     def read_ahead(self, index: int) -> None:
         """Start reading unit ``index``'s parameters from NVMe in the background, once its
-        update is done, so its fetch finds them in memory (the read overlaps the compute of
-        the units before it)."""
+        update has stepped it, so its fetch finds them in memory (the read overlaps the compute
+        of the units before it; a fresh copy the update kept is taken without a read)."""
         if not self.params_on_nvme or index in self._ahead:
             return
         assert self.tier is not None
@@ -140,39 +143,41 @@ class Homes:
         try:
             yield
         finally:
-            writes = []
-            if self.params_on_nvme:
-                writes.append((("params", index), self._take(
-                    [(p, "data") for p in params])))
+            keys = []
+            if self.params_on_nvme:  # kept for the next forward's fetch
+                keys.append(self._stage(("params", index), [(p, "data") for p in params], True))
             entries = _state_entries(optimizer, params) if self.optimizer_on_nvme else []
             if entries:
-                writes.append((("optimizer", index), self._take(entries)))
+                keys.append(self._stage(("optimizer", index), entries))
             if on_stored is None:
-                self._write(writes, None)
+                self._flush(keys, None)
             else:
-                self._writer.submit(self._write, writes, on_stored)
+                self._writer.submit(self._flush, keys, on_stored)
 
-    @staticmethod
-    def _take(slots: list[tuple[object, str]]) -> list[torch.Tensor]:
-        """The tensors in ``slots`` (a parameter's ``data``, a state dict's entry), leaving
-        placeholders there."""
+    def _stage(self, key: tuple[str, int], slots: list[tuple[object, str]],
+               keep: bool = False) -> tuple[str, int]:
+        """Hand the tensors in ``slots`` (a parameter's ``data``, a state dict's entry) to the
+        tier as group ``key``'s bytes to write (readable from memory until written, and after
+        while kept), leaving placeholders in the slots."""
+        assert self.tier is not None
         tensors = []
-        for owner, key in slots:
+        for owner, slot in slots:
             if isinstance(owner, dict):
-                tensors.append(owner[key])
-                owner[key] = placeholder(owner[key])
+                tensors.append(owner[slot])
+                owner[slot] = placeholder(owner[slot])
             else:
-                tensors.append(getattr(owner, key))
-                setattr(owner, key, placeholder(tensors[-1]))
-        return tensors
+                tensors.append(getattr(owner, slot))
+                setattr(owner, slot, placeholder(tensors[-1]))
+        self.tier.stage(key, tensors, keep)
+        return key
 
-    def _write(self, writes: list[tuple[tuple[str, int], list[torch.Tensor]]],
+    def _flush(self, keys: list[tuple[str, int]],
                on_stored: Callable[[BaseException | None], None] | None) -> None:
         assert self.tier is not None
         error: BaseException | None = None
         try:
-            for key, tensors in writes:
-                self.tier.write(key, tensors)
+            for key in keys:
+                self.tier.flush(key)
         except BaseException as exc:  # handed to on_stored: the trainer's thread raises it
             if on_stored is None:
                 raise
@@ -181,7 +186,7 @@ class Homes:
             on_stored(error)
 
     def _put_params(self, index: int) -> None:
-        self._write([(("params", index), self._take([(p, "data") for p in self.units[index]]))],
+        self._flush([self._stage(("params", index), [(p, "data") for p in self.units[index]])],
                     None)
 
     # --- everything -------------------------------------------------------------------------

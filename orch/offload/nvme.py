@@ -11,6 +11,15 @@ Staging buffers are the :class:`~orch.offload.blockio.BlockIO`'s own (page-locke
 DeepSpeed's op is there), come from a pool bounded by ``pinned_budget``, and are reused by
 size: a step touches the same few region sizes over and over.
 
+A group's buffer is *held* under its key while anyone reads its views or while it is being
+written, and a read in that time shares it instead of going to disk: so a group written behind
+(a unit's parameters just stepped, on their way to disk in a writer thread) can be read at once,
+before its write ends. A write may also *keep* a staging buffer after it ends, as the group's
+fresh copy, until the next read takes it: the stepped parameters wait in memory for the next
+forward's fetch, which then reads nothing from disk. Kept copies only use room the pool has
+spare: when a request would wait, the newest kept copy goes first (the forward fetches units in
+the order they were stepped, so the newest is the one needed last).
+
 Between uses the owners keep *placeholders*: tensors with the right shape and dtype whose
 storage holds no bytes, so a parameter's ``data`` or an optimizer state entry costs no memory
 while its bytes are on disk.
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,10 +97,12 @@ class _Region:
 
 class PinnedPool:
     """Staging buffers of the tier's I/O, at most ``limit`` bytes of them at once; a request
-    over the limit drops idle buffers of other sizes, then waits for one to come back."""
+    over the limit drops idle buffers of other sizes, then buffers ``reclaim`` gives up (kept
+    copies), then waits for one to come back."""
 
-    def __init__(self, io: BlockIO, limit: int) -> None:
-        self.io, self.limit = io, limit
+    def __init__(self, io: BlockIO, limit: int,
+                 reclaim: Callable[[], torch.Tensor | None] = lambda: None) -> None:
+        self.io, self.limit, self.reclaim = io, limit, reclaim
         self._idle: dict[int, list[torch.Tensor]] = {}
         self._allocated = 0
         self._cond = threading.Condition()
@@ -112,6 +124,9 @@ class PinnedPool:
                     self._allocated += nbytes
                     self.peak = max(self.peak, self._allocated)
                     return self.io.buffer(nbytes)
+                if (freed := self.reclaim()) is not None:
+                    self._idle.setdefault(freed.numel(), []).append(freed)
+                    continue
                 self._cond.wait()
 
     def give(self, buffer: torch.Tensor) -> None:
@@ -120,15 +135,34 @@ class PinnedPool:
             self._cond.notify_all()
 
 
+@dataclass(eq=False)
+class _Held:
+    """A group's buffer while it is read, written, or kept (module docstring)."""
+
+    buffer: torch.Tensor
+    staged: bool
+    """From the pool (else pageable, freed with its last reference)."""
+    users: int = 0
+    """Reads whose views are in use (:meth:`NvmeTier.read` until its write or done)."""
+    writing: bool = False
+    kept: bool = False
+    """Stays after its users and its write are through, until a read takes it."""
+
+    @property
+    def idle(self) -> bool:
+        return not self.users and not self.writing
+
+
 class NvmeTier:
     """Groups of tensors, by key, in the file ``path`` (see the module docstring)."""
 
     def __init__(self, path: Path, io: BlockIO, pinned_limit: int) -> None:
         self.path, self.io = path, io
-        self.pool = PinnedPool(io, pinned_limit)
+        self.pool = PinnedPool(io, pinned_limit, self._reclaim)
         self._regions: dict[object, _Region] = {}
-        self._reading: dict[object, tuple[torch.Tensor, bool]] = {}
-        """Buffers of reads not yet written back or done, and whether they are the pool's."""
+        self._held: dict[object, _Held] = {}
+        """Buffers of groups being read, written or kept, by key; in the order they were
+        kept (the newest last)."""
         self._end = 0
         self._lock = threading.Lock()
         self.bytes_read = self.bytes_written = 0
@@ -138,44 +172,97 @@ class NvmeTier:
 
     def read(self, key: object, staged: bool = True) -> list[torch.Tensor]:
         """The group's tensors, as views of a buffer held until :meth:`write` or :meth:`done`
-        for the same key: a staging buffer of the pool, or with ``staged=False`` a pageable
-        one of its own (for reads that hold many groups at once, as a checkpoint save does,
-        which the pinned budget is not sized for)."""
+        for the same key: the group's held buffer if it has one (no disk read), else a staging
+        buffer of the pool, or with ``staged=False`` a pageable one of its own (for reads that
+        hold many groups at once, as a checkpoint save does, which the pinned budget is not
+        sized for)."""
         region = self._regions[key]
+        with self._lock:
+            if (held := self._held.get(key)) is not None:
+                held.users += 1
+                held.kept = False  # taken: given back once its users and its write are through
+                return region.views(held.buffer)
         buffer = self.pool.take(region.nbytes) if staged else self.io.buffer(region.nbytes, False)
         self.io.read(buffer, region.offset)
-        self._reading[key] = (buffer, staged)
+        with self._lock:
+            self._held[key] = _Held(buffer, staged, users=1)
         self.bytes_read += region.nbytes
         return region.views(buffer)
 
     def done(self, key: object) -> None:
-        """Give back the buffer of a read whose tensors did not change."""
-        buffer, staged = self._reading.pop(key)
-        if staged:
-            self.pool.give(buffer)
+        """The read of ``key`` is through and its tensors did not change."""
+        with self._lock:
+            held = self._held[key]
+            held.users -= 1
+            freed = self._drop_if_through(key, held)
+        self._give(freed)
 
-    def write(self, key: object, tensors: list[torch.Tensor]) -> None:
-        """Store ``tensors`` as the group ``key`` (a new region the first time, or when their
-        shapes changed and no longer fit the old one) and give back the group's buffer (the
-        staging buffer of its read, if ``tensors`` are that read's views: the steady state, no
-        copy)."""
+    def write(self, key: object, tensors: list[torch.Tensor], keep: bool = False) -> None:
+        """Store ``tensors`` as the group ``key``: :meth:`stage` then :meth:`flush`."""
+        self.stage(key, tensors, keep)
+        self.flush(key)
+
+    def stage(self, key: object, tensors: list[torch.Tensor], keep: bool = False) -> None:
+        """Make ``tensors`` the group's held bytes, to be written by :meth:`flush` (another
+        thread may flush; reads of ``key`` meanwhile share the buffer). The buffer is the
+        group's read buffer when ``tensors`` are that read's views (the steady state, no copy;
+        the read's hold ends here), else a pageable one of its own, so a write never waits for
+        the pool it gives buffers back to (the first spill, fresh optimizer states, a new
+        layout). A region is placed the first time, or anew when the layout no longer fits.
+        ``keep``: the buffer stays after the write while the pool has room for it, as the
+        group's fresh copy for the next read (staging buffers only)."""
         region = self._region_for(key, tensors)
-        held = self._reading.pop(key, None)
-        if held is not None and held[0].numel() == region.nbytes:
-            buffer, staged = held
-        else:  # nothing read (new tensors: the first spill, fresh optimizer states) or a new
-            # layout: a pageable buffer of its own, so a write never waits for the pool (it is
-            # what gives the pool's buffers back)
-            if held is not None and held[1]:
-                self.pool.give(held[0])
-            buffer, staged = self.io.buffer(region.nbytes, False), False
-        for view, tensor in zip(region.views(buffer), tensors, strict=True):
+        freed = None
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                held.users -= 1
+            if held is None or held.buffer.numel() != region.nbytes:
+                if held is not None:
+                    freed = self._drop_if_through(key, held)
+                held = self._held[key] = _Held(self.io.buffer(region.nbytes, False), False)
+            held.writing, held.kept = True, keep and held.staged
+            if held.kept:  # the newest kept copy last (:meth:`_reclaim`)
+                self._held[key] = self._held.pop(key)
+        self._give(freed)
+        for view, tensor in zip(region.views(held.buffer), tensors, strict=True):
             if view.data_ptr() != tensor.data_ptr():
                 view.copy_(tensor)
-        self.io.write(buffer, region.offset)
-        if staged:
-            self.pool.give(buffer)
+
+    def flush(self, key: object) -> None:
+        """Write the bytes :meth:`stage` gave group ``key`` to its region."""
+        region, held = self._regions[key], self._held[key]
+        try:
+            self.io.write(held.buffer, region.offset)
+        finally:
+            with self._lock:
+                held.writing = False
+                freed = self._drop_if_through(key, held)
+            self._give(freed)
         self.bytes_written += region.nbytes
+
+    def _drop_if_through(self, key: object, held: _Held) -> torch.Tensor | None:
+        """(Under the lock.) Forget ``held`` if nobody needs it now; its buffer, if the pool's,
+        for :meth:`_give` (outside the lock: the pool's lock is taken before the tier's)."""
+        if not held.idle or held.kept:
+            return None
+        if self._held.get(key) is held:
+            del self._held[key]
+        return held.buffer if held.staged else None
+
+    def _give(self, buffer: torch.Tensor | None) -> None:
+        if buffer is not None:
+            self.pool.give(buffer)
+
+    def _reclaim(self) -> torch.Tensor | None:
+        """(The pool, under its lock.) Give up the newest kept copy nobody is using, if any."""
+        with self._lock:
+            for key in reversed(self._held):
+                held = self._held[key]
+                if held.kept and held.idle:
+                    del self._held[key]
+                    return held.buffer
+        return None
 
     def _region_for(self, key: object, tensors: list[torch.Tensor]) -> _Region:
         layout = _Region.describe(tensors)
@@ -199,6 +286,7 @@ class NvmeTier:
 
     def close(self) -> None:
         """Close the I/O and delete the file (it is scratch: checkpoints hold the state)."""
+        self._held.clear()
         self.io.close()
         Path(self.path).unlink(missing_ok=True)
 

@@ -33,6 +33,7 @@ from orch.launch.launcher import backend, launch_plan, unsupported_features, wor
 from orch.launch.nodes import NODE_ENV
 from orch.models.llama import Transformer
 from orch.offload.engine import offload_transformer
+from orch.offload.host_memory import return_large_frees
 from orch.parallel.interfaces import cluster_placement
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, Repartition
 from orch.plan import Plan
@@ -117,6 +118,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.run.dir)
 
+    if cfg.offload.enabled:  # what an offloaded step frees must leave the process
+        return_large_frees()
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     model.init_weights(cfg.train.seed)

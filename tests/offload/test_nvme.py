@@ -73,6 +73,51 @@ def test_a_group_comes_back_as_views_of_one_buffer_and_moves_when_it_outgrows_it
     assert not (tmp_path / "swap").exists()
 
 
+def _stepped(tier: NvmeTier, key: str) -> None:
+    """Read ``key``, add one in place and stage it for writing, kept (an update's steps)."""
+    views = tier.read(key)
+    views[0].add_(1)
+    tier.stage(key, views, keep=True)
+
+
+def test_a_group_being_written_is_read_from_memory_and_kept_for_one_read(tmp_path):
+    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=ALIGN * 4)
+    tier.write("a", [torch.zeros(1000)])
+    _stepped(tier, "a")
+    read, written = tier.bytes_read, tier.bytes_written
+    assert torch.equal(tier.read("a")[0], torch.ones(1000))  # before its write: from memory
+    tier.done("a")
+    tier.flush("a")
+    assert (tier.bytes_read, tier.bytes_written) == (read, written + ALIGN)
+    _stepped(tier, "a")
+    tier.flush("a")  # written, and kept: the next read takes it without the disk
+    assert torch.equal(tier.read("a")[0], torch.full((1000,), 2.0))
+    tier.done("a")
+    assert tier.bytes_read == read + ALIGN  # only _stepped's own read of the disk
+    assert torch.equal(tier.read("a")[0], torch.full((1000,), 2.0))  # taken: from disk again
+    tier.done("a")
+    assert tier.bytes_read == read + 2 * ALIGN
+    tier.close()
+
+
+def test_kept_copies_give_way_newest_first_when_the_pool_is_short(tmp_path):
+    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=ALIGN * 2)
+    for key in "abc":
+        tier.write(key, [torch.zeros(1000)])
+    for key in "ab":
+        _stepped(tier, key)
+        tier.flush(key)
+    assert tier.pool.peak == 2 * ALIGN  # both kept: the pool is full
+    tier.read("c")  # the newest kept copy ("b") makes room
+    tier.done("c")
+    read = tier.bytes_read
+    assert torch.equal(tier.read("a")[0], torch.ones(1000)) and tier.bytes_read == read
+    tier.done("a")
+    assert torch.equal(tier.read("b")[0], torch.ones(1000)) and tier.bytes_read == read + ALIGN
+    tier.done("b")
+    tier.close()
+
+
 def test_a_staging_buffer_over_the_pinned_budget_names_the_setting(tmp_path):
     tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=ALIGN)
     tier.write("big", [torch.zeros(2048)])  # a write of new tensors stages outside the pool
