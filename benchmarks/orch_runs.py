@@ -11,6 +11,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+ORCH = [sys.executable, "-m", "orch.cli"]
+"""The ``orch`` command, through this Python (also where orch is importable but not installed,
+``PYTHONPATH`` at a checkout)."""
 
 
 def launch(config: str, procs: int, sets: list[str]) -> tuple[list[dict], dict]:
@@ -19,7 +22,7 @@ def launch(config: str, procs: int, sets: list[str]) -> tuple[list[dict], dict]:
     with tempfile.TemporaryDirectory() as run_dir:
         items = [f"run.dir={run_dir}", "checkpoint.interval=0", *sets]
         args = [arg for item in items for arg in ("--set", item)]
-        out = subprocess.run([str(BIN / "orch"), "launch", "--nproc-per-node", str(procs),
+        out = subprocess.run([*ORCH, "launch", "--nproc-per-node", str(procs),
                               config, *args], capture_output=True, text=True, cwd=REPO)
         if out.returncode != 0:
             raise RuntimeError(f"orch launch {config} {sets} failed:\n{out.stderr[-3000:]}")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# orch's checks that need a GPU, and the pipeline benchmark on more cores than CI has, in one go
+# on a CUDA machine, each part cut off at a time limit so the whole fits a short booking.
+#
+#   benchmarks/gpu.sh [PART ...]     PART: tests attention moe optim pipeline offload (default all)
+#
+# Run from anywhere with the Python that has a CUDA torch and Triton (PYTHON, default python3);
+# orch comes from this checkout (PYTHONPATH), nothing is installed. Each part writes what it
+# prints to $RESULTS/PART.txt (default benchmarks/results/gpu-DATE; at most 8 files) and stops
+# after PART_LIMIT_S seconds (default 90: the smaller grids below; raise it for the full ones).
+# The optimizer benchmark compares with bitsandbytes and torchao, and the fine-tuning one with
+# DeepSpeed, where they are installed; each says when they are not.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RESULTS=${RESULTS:-benchmarks/results/gpu-$(date +%Y%m%d)}
+LIMIT=${PART_LIMIT_S:-90}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$RESULTS"
+
+{
+    date
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, '| triton',
+triton.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB memory"
+} > "$RESULTS/machine.txt" 2>&1
+
+run() {  # NAME COMMAND...: COMMAND's output to $RESULTS/NAME.txt, its exit status at the end
+    local name=$1
+    shift
+    echo "== $name: $*"
+    timeout "$LIMIT" "$@" > "$RESULTS/$name.txt" 2>&1
+    echo "== $name: exit $?" | tee -a "$RESULTS/$name.txt"
+}
+
+for part in ${*:-tests attention moe optim pipeline offload}; do
+    case $part in
+        tests) run tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels ;;
+        attention) run attention "$PY" benchmarks/attention.py --seqs 1024 4096 16384 ;;
+        moe) run moe "$PY" benchmarks/moe_dispatch.py ;;
+        optim) run optim "$PY" benchmarks/optim8bit.py --device cuda --steps 10 ;;
+        pipeline)  # a core per stage: 4 and 8 stages, where CI's 2 cores allow only 2
+            run pipeline4 "$PY" benchmarks/pipeline.py --stages 4 --blocks 16 --rounds 2 --steps 2
+            run pipeline8 "$PY" benchmarks/pipeline.py --stages 8 --blocks 16 --rounds 2 --steps 2
+            ;;
+        offload) run offload "$PY" benchmarks/offload_finetune.py --shape 1b --steps 3 ;;
+        *) echo "unknown part $part; parts: tests attention moe optim pipeline offload" >&2
+           exit 2 ;;
+    esac
+done
+echo "results in $RESULTS"
