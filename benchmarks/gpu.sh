@@ -36,7 +36,8 @@ run() {  # NAME COMMAND...: COMMAND's output to $RESULTS/NAME.txt, its exit stat
 
 for part in ${*:-tests attention moe optim pipeline offload}; do
     case $part in
-        tests) run tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels ;;
+        tests) run tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
+            tests/offload ;;
         attention) run attention "$PY" benchmarks/attention.py --seqs 1024 4096 16384 ;;
         moe) run moe "$PY" benchmarks/moe_dispatch.py ;;
         optim) run optim "$PY" benchmarks/optim8bit.py --device cuda --steps 10 ;;

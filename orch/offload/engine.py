@@ -57,6 +57,7 @@ from orch.offload.homes import Homes
 from orch.offload.nvme import NvmeTier, scratch_file
 from orch.offload.partition import Partition
 from orch.offload.policy import AutoActivations
+from orch.offload.transfers import HostTransfers
 from orch.parallel.recompute import recompute_block
 
 
@@ -77,6 +78,8 @@ class Unit:
     wraps_input: bool = False
     """The last forward's input required grad, so the backward will reach it."""
     device_copies: list[torch.Tensor] = field(default_factory=list)
+    copied: torch.cuda.Event | None = None
+    """On CUDA: the end of the fetch's copy, which the compute stream waits for before use."""
 
     @property
     def nbytes(self) -> int:
@@ -142,10 +145,13 @@ class OffloadEngine:
         """Per fetched unit, its parameters' home tensors while they point at device copies."""
         self._grad_reserve = max(p.numel() * p.element_size() for u in units for p in u.params)
         """Room prefetching leaves for the largest gradient, which autograd places unasked."""
+        self.transfers = HostTransfers(device)
+        """Fetches' copies, on a side stream on CUDA (:mod:`orch.offload.transfers`)."""
         for unit in units:
             for p in unit.params:
                 self._unit_of[p] = unit
-                p.data = p.data.to("cpu")
+                home = p.data.to("cpu")  # CPU homes pinned on CUDA (NVMe ones leave at once)
+                p.data = home if params_on_nvme else self.transfers.pin(home)
         self.grads = GradientHomes([unit.params for unit in units],
                                    nvme if grads_on_nvme else None)
         """The home gradients: in CPU memory (averaged over data-parallel replicas once given a
@@ -179,7 +185,10 @@ class OffloadEngine:
         with self.homes.params_to_copy(unit.index) as homes:
             for copy, home in zip(unit.device_copies, homes, strict=True):
                 copy.untyped_storage().resize_(home.numel() * home.element_size())
-                copy.data.copy_(home)  # through .data: no version bump for the saved views
+            # through .data: no version bump for the saved views; an NVMe staging buffer goes
+            # back to the pool after this block, so its copy must have ended by then
+            unit.copied = self.transfers.to_device([c.data for c in unit.device_copies], homes,
+                                                   host_waits=self.homes.params_on_nvme)
         for p, copy in zip(unit.params, unit.device_copies, strict=True):
             p.data = copy
         self._home_data[unit.index] = resting
@@ -192,6 +201,7 @@ class OffloadEngine:
         saved views of them see data again once the unit is fetched for its backward)."""
         if not unit.fetched:
             return
+        self._use(unit)  # a copy still in flight must end before its memory can be reused
         for p, home in zip(unit.params, self._home_data.pop(unit.index), strict=True):
             p.data = home
         for copy in unit.device_copies:
@@ -210,10 +220,16 @@ class OffloadEngine:
                 return
             self.fetch(unit)
 
+    def _use(self, unit: Unit) -> None:
+        """The compute stream waits for ``unit``'s fetch copy (CUDA) before what it runs next."""
+        self.transfers.wait(unit.copied)
+        unit.copied = None
+
     # --- hooks ------------------------------------------------------------------------------
 
     def _before_forward(self, unit: Unit, args: tuple) -> tuple | None:
         self.fetch(unit)
+        self._use(unit)
         if self.in_backward:
             return None
         self._prefetch(iter(self.units[unit.index + 1:]))
@@ -249,6 +265,7 @@ class OffloadEngine:
         """Called by autograd when the gradient reaches ``unit``'s output."""
         self.in_backward = True
         self.fetch(unit)
+        self._use(unit)
         if self.swap is not None:
             self.swap.fetch(unit.index)
             self.swap.read_ahead(unit.index - 1)
@@ -345,6 +362,7 @@ class OffloadEngine:
     def finish_step(self) -> None:
         """After the last micro-batch: every parameter's ``grad`` is its CPU gradient (None for
         those no micro-batch reached), ready for the clip and the CPU optimizer step."""
+        self.transfers.synchronize()  # no copy from a home may be running when it is stepped
         for p, grad in self.grads.finish(self._fresh).items():
             p.grad = grad
         if self.auto is not None and self.auto.measuring:
@@ -437,6 +455,13 @@ class OffloadEngine:
         return record
 
 
+def buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Move ``model``'s buffers (RoPE tables) to ``device``: they are not offloaded."""
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            setattr(module, name, buf.to(device))
+
+
 def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: int,
                         pinned_bytes: int, off: OffloadConfig, rank: int = 0) -> OffloadEngine:
     """Offload orch's Transformer to the homes ``off`` names: parameters, optimizer states and
@@ -444,9 +469,7 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
     stay on the device), gradients in CPU memory; buffers (RoPE tables) on ``device``; at most
     ``budget_bytes`` of what the engine places on ``device`` at once, staging NVMe transfers
     through at most ``pinned_bytes`` of CPU buffers."""
-    for module in model.modules():
-        for name, buf in module.named_buffers(recurse=False):
-            setattr(module, name, buf.to(device))
+    buffers_to(model, device)
     units = transformer_units(model)
     on_nvme = {group: getattr(off, group) == "nvme" for group in ("params", "grads", "optimizer")}
     tier = None
@@ -459,4 +482,4 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
                          on_nvme["grads"])
 
 
-__all__ = ["OffloadEngine", "Unit", "offload_transformer", "transformer_units"]
+__all__ = ["OffloadEngine", "Unit", "buffers_to", "offload_transformer", "transformer_units"]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from orch.config import load_config
 from orch.models.llama import Transformer
 from orch.offload.budget import DeviceBudget
-from orch.offload.engine import OffloadEngine, transformer_units
+from orch.offload.engine import OffloadEngine, buffers_to, transformer_units
 from orch.offload.nvme import NvmeTier
 from orch.parallel.recompute import apply_recompute
 from orch.runtime.optim import build_optimizer
@@ -28,7 +28,7 @@ def tiny_cfg(*extra: str):
 
 def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = BUDGET,
            activations: str = "device", optimizer: str = "adamw", nvme: NvmeTier | None = None,
-           on_nvme: tuple[str, ...] = (), cpu_adam: str = ""):
+           on_nvme: tuple[str, ...] = (), cpu_adam: str = "", device: str = "cpu"):
     cpu = ["offload.optimizer=cpu", f"offload.cpu_adam={cpu_adam}"] if cpu_adam else []
     cfg = tiny_cfg(f"train.recompute={recompute}", f"optimizer.name={optimizer}", *cpu)
     torch.manual_seed(0)
@@ -36,11 +36,14 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
     apply_recompute(model, recompute)
     engine = None
     if offload:
-        engine = OffloadEngine(transformer_units(model), torch.device("cpu"),
+        buffers_to(model, torch.device(device))
+        engine = OffloadEngine(transformer_units(model), torch.device(device),
                                DeviceBudget(budget), depth, activations=activations, nvme=nvme,
                                params_on_nvme="params" in on_nvme,
                                optimizer_on_nvme="optimizer" in on_nvme,
                                grads_on_nvme="grads" in on_nvme)
+    else:
+        model.to(device)
     opt = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(1)
     losses, norms, peaks, records = [], [], [], []
@@ -51,7 +54,7 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
         for micro in range(MICRO):
             if engine:
                 engine.start_micro_batch(last=micro == MICRO - 1)
-            tokens = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=gen)
+            tokens = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=gen).to(device)
             logits = model(tokens[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / MICRO
             loss.backward()
@@ -73,7 +76,7 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
             opt.zero_grad(set_to_none=True)
         losses.append(total)
     with engine.resident(opt) if engine else contextlib.nullcontext():
-        params = {name: p.detach().clone() for name, p in model.named_parameters()}
+        params = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
     return Run(losses, norms, params, peaks, engine, records, opt)
 
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 from offload_harness import BUDGET, train
 
+from orch.offload.blockio import DirectIO
 from orch.offload.budget import BudgetExceeded
+from orch.offload.nvme import NvmeTier
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,25 @@ def test_parameters_are_home_on_the_cpu_between_steps(plain):
         assert not unit.fetched  # and the device copies hold no memory
         assert all(copy.untyped_storage().nbytes() == 0 for copy in unit.device_copies)
         assert all(p.device.type == "cpu" and p.grad is None for p in unit.params)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU here)")
+@pytest.mark.parametrize("on_nvme", [(), ("params", "optimizer")])
+def test_on_cuda_fetches_copy_on_a_side_stream_and_train_the_plain_numbers(tmp_path, on_nvme):
+    """Pinned CPU homes (or NVMe staging buffers, which the host waits on), copies on the
+    engine's stream, the compute stream waiting for each unit where it is used: the plain CUDA
+    run's numbers within fp32 rounding (its AdamW steps on the GPU, the engine's on the CPU)."""
+    tier = (NvmeTier(tmp_path / "swap", DirectIO(tmp_path / "swap", 1 << 20, 2), 64 << 20)
+            if on_nvme else None)
+    ref = train(False, device="cuda")
+    run = train(True, device="cuda", nvme=tier, on_nvme=on_nvme)
+    assert run.engine.transfers.stream is not None
+    assert torch.allclose(torch.tensor(run.losses), torch.tensor(ref.losses), rtol=1e-5)
+    for name, tensor in ref.params.items():
+        assert torch.allclose(run.params[name], tensor, rtol=1e-4, atol=1e-6), name
+    homes = [p.data for unit in run.engine.units for p in unit.params]
+    assert all(home.is_pinned() for home in homes) != bool(on_nvme)  # NVMe: placeholders
 
 
 def test_a_budget_below_one_unit_is_refused_with_the_numbers():

@@ -1,0 +1,70 @@
+"""Parameter copies to the device that overlap compute: on CUDA, a stream of their own.
+
+A unit's fetch copies its parameters' home bytes into the unit's device tensors. On a CUDA
+device the copy runs on a side stream, queued after the work the compute stream holds so far
+(the device tensors were just allocated again on the compute stream, and the caching allocator
+may hand back a block whose last kernels are still queued there); the compute stream waits for
+the copy only where the unit is used (its forward or backward begins) or released. So a
+prefetched unit's copy runs beside the compute of the units before it, and the host thread,
+which queues that compute, does not wait for it: with a plain ``copy_`` the copy would queue
+behind all the compute already launched and block the host until it ran.
+
+Copies are asynchronous only from page-locked memory: CPU homes are pinned on CUDA
+(:meth:`HostTransfers.pin`). From an NVMe staging buffer, which goes back to the pool once the
+fetch is through, the host waits for the copy itself before giving the buffer back (one DMA at
+the host link's speed, not the compute queued before it). Elsewhere (a CPU device: the tests, CPU
+runs) copies are plain and synchronous, and nothing here changes them.
+
+Gradients still go home synchronously, from the hook that sees each one accumulated (the
+offload engine's ``_grad_ready``), which also makes every step's last backward a point where the
+host has seen every copy end (:meth:`HostTransfers.synchronize` makes it explicit before the
+optimizer step writes the homes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HostTransfers:
+    """Parameter copies from home to ``device`` (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in page-locked memory where copies from it can be asynchronous (CUDA)."""
+        return tensor.pin_memory() if self.stream is not None else tensor
+
+    def to_device(self, copies: list[torch.Tensor], homes: list[torch.Tensor],
+                  host_waits: bool) -> torch.cuda.Event | None:
+        """Copy ``homes`` into the device tensors ``copies``; the event the compute stream must
+        wait for before using them (:meth:`wait`), None where the copy is already done.
+        ``host_waits``: return only once the copy has ended (``homes`` are reused after)."""
+        if self.stream is None:
+            for copy, home in zip(copies, homes, strict=True):
+                copy.copy_(home)
+            return None
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            for copy, home in zip(copies, homes, strict=True):
+                copy.copy_(home, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        if host_waits:
+            done.synchronize()
+        return done
+
+    def wait(self, done: torch.cuda.Event | None) -> None:
+        """The compute stream waits for the copy ``done`` before what it runs next."""
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+
+    def synchronize(self) -> None:
+        """Block until every copy issued so far has ended (before the homes change)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+__all__ = ["HostTransfers"]
