@@ -37,6 +37,7 @@ leave CPU memory between backwards (:mod:`orch.offload.grad_homes`).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -153,7 +154,10 @@ class OffloadEngine:
                 home = p.data.to("cpu")  # CPU homes pinned on CUDA (NVMe ones leave at once)
                 p.data = home if params_on_nvme else self.transfers.pin(home)
         self.grads = GradientHomes([unit.params for unit in units],
-                                   nvme if grads_on_nvme else None)
+                                   nvme if grads_on_nvme else None, self.transfers.pin)
+        self._landing: deque[tuple[torch.cuda.Event, int]] = deque()
+        """Gradient copies on their way home (CUDA): each one's end and its device bytes,
+        accounted until it has landed."""
         """The home gradients: in CPU memory (averaged over data-parallel replicas once given a
         group) or on the NVMe tier between backwards."""
         self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
@@ -281,18 +285,31 @@ class OffloadEngine:
         self.grads.take_in(self._unit_of[p].index)
         grad, home = p.grad, self.grads.of[p]
         nbytes = grad.numel() * grad.element_size()
+        self._land_gradients(until_fits=nbytes)
         self.budget.take(nbytes, f"a gradient of {self._unit_of[p].name}")
-        if p in self._fresh:
-            home.copy_(grad)
+        landed = None
+        if p in self._fresh:  # on CUDA the copy runs beside the backward (its memory kept)
+            landed = self.transfers.to_home(home, grad)
             self._fresh.discard(p)
-        else:
+        else:  # an earlier micro-batch's copy into ``home`` has landed (finish_backward)
             home.add_(grad.to("cpu"))
         p.grad = None
-        self.budget.give(nbytes)
+        if landed is None:
+            self.budget.give(nbytes)
+        else:
+            self._landing.append((landed, nbytes))
         self.bytes_to_home += nbytes
         unit = self._unit_of[p]
         unit.grads_left -= 1
         self._maybe_done(unit)
+
+    def _land_gradients(self, until_fits: int | None = None) -> None:
+        """Wait for gradient copies on their way home, oldest first, giving back their device
+        bytes: all of them, or only until ``until_fits`` more bytes fit the budget."""
+        while self._landing and (until_fits is None or not self.budget.fits(until_fits)):
+            landed, nbytes = self._landing.popleft()
+            landed.synchronize()
+            self.budget.give(nbytes)
 
     def _input_reached(self, unit: Unit) -> None:
         unit.input_grad_due = False
@@ -311,6 +328,8 @@ class OffloadEngine:
         if self.swap is not None:
             self.swap.release(unit.index)
         self.budget.give(self._kept.pop(unit.index, 0))
+        if self.grads.tier is not None or self.grads.group is not None:
+            self._land_gradients()  # read on the host below: the unit's copies must be home
         if self.grads.tier is not None:  # NVMe: out of memory until the next backward adds
             self.grads.put_away(unit.index, self._fresh, final=self._last_micro_batch)
         elif self._last_micro_batch:  # its gradients are final: average over the replicas
@@ -354,6 +373,7 @@ class OffloadEngine:
     def finish_backward(self) -> None:
         """After a micro-batch's backward: release every unit still on the device (units whose
         parameters got no gradient, e.g. experts no token chose, and the embedding)."""
+        self._land_gradients()
         for unit in self.units:
             self._backward_done(unit)
         self.homes.drop_reads_ahead()

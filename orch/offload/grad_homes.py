@@ -49,7 +49,10 @@ class GradientHomes:
     """The home gradient of every parameter of ``units`` (lists of parameters), as views into
     one flat buffer per unit; with :attr:`group` set, averaged over its ranks."""
 
-    def __init__(self, units: list[list[nn.Parameter]], tier: NvmeTier | None = None) -> None:
+    def __init__(self, units: list[list[nn.Parameter]], tier: NvmeTier | None = None,
+                 pin: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+        """``pin``: makes a buffer page-locked where that lets copies into it run beside the
+        compute (CUDA; not NVMe gradients, whose buffers are freed and grown again)."""
         self.units, self.tier = units, tier
         """``tier``: the NVMe tier the buffers rest in between backwards (None: CPU memory)."""
         self.group: dist.ProcessGroup | None = None
@@ -66,6 +69,8 @@ class GradientHomes:
                 raise ValueError(f"a unit's parameters must share one dtype, got {dtypes}")
             flat = torch.zeros(sum(p.numel() for p in params) + len(params),
                                dtype=dtypes.pop() if dtypes else None)
+            if tier is None:
+                flat = pin(flat)
             self.of |= zip(params, packed_views(flat, params), strict=True)
             self._flat.append(flat)
             if tier is not None:

@@ -1,4 +1,4 @@
-"""Parameter copies to the device that overlap compute: on CUDA, a stream of their own.
+"""Host-device copies that overlap compute: on CUDA, a stream of their own.
 
 A unit's fetch copies its parameters' home bytes into the unit's device tensors. On a CUDA
 device the copy runs on a side stream, queued after the work the compute stream holds so far
@@ -15,10 +15,12 @@ fetch is through, the host waits for the copy itself before giving the buffer ba
 the host link's speed, not the compute queued before it). Elsewhere (a CPU device: the tests, CPU
 runs) copies are plain and synchronous, and nothing here changes them.
 
-Gradients still go home synchronously, from the hook that sees each one accumulated (the
-offload engine's ``_grad_ready``), which also makes every step's last backward a point where the
-host has seen every copy end (:meth:`HostTransfers.synchronize` makes it explicit before the
-optimizer step writes the homes).
+Gradients go home the same way (:meth:`HostTransfers.to_home`): the copy, on the side stream
+after the compute that produced the gradient, lands in the unit's pinned gradient home while the
+backward goes on; the gradient's device memory is kept for the copy (``record_stream``) and the
+engine waits for the copies that land in a unit's home before anything on the host reads it (the
+average over replicas, the clip, the optimizer step, the next micro-batch's addition).
+:meth:`HostTransfers.synchronize` ends every copy before the optimizer step writes the homes.
 """
 
 from __future__ import annotations
@@ -54,6 +56,21 @@ class HostTransfers:
         done.record(self.stream)
         if host_waits:
             done.synchronize()
+        return done
+
+    def to_home(self, home: torch.Tensor, grad: torch.Tensor) -> torch.cuda.Event | None:
+        """Copy the device tensor ``grad`` into ``home`` (CPU); the event it ends with, None
+        where it has ended (not CUDA). ``grad`` may be dropped at once: its memory is kept
+        until the copy has read it."""
+        if self.stream is None:
+            home.copy_(grad)
+            return None
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            home.copy_(grad, non_blocking=True)
+        grad.record_stream(self.stream)
+        done = torch.cuda.Event()
+        done.record(self.stream)
         return done
 
     def wait(self, done: torch.cuda.Event | None) -> None:

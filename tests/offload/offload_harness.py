@@ -28,7 +28,8 @@ def tiny_cfg(*extra: str):
 
 def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = BUDGET,
            activations: str = "device", optimizer: str = "adamw", nvme: NvmeTier | None = None,
-           on_nvme: tuple[str, ...] = (), cpu_adam: str = "", device: str = "cpu"):
+           on_nvme: tuple[str, ...] = (), cpu_adam: str = "", device: str = "cpu",
+           transfers: object = None):
     cpu = ["offload.optimizer=cpu", f"offload.cpu_adam={cpu_adam}"] if cpu_adam else []
     cfg = tiny_cfg(f"train.recompute={recompute}", f"optimizer.name={optimizer}", *cpu)
     torch.manual_seed(0)
@@ -42,6 +43,8 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
                                params_on_nvme="params" in on_nvme,
                                optimizer_on_nvme="optimizer" in on_nvme,
                                grads_on_nvme="grads" in on_nvme)
+        if transfers is not None:  # a stand-in for the engine's HostTransfers
+            engine.transfers = transfers
     else:
         model.to(device)
     opt = build_optimizer(model, cfg)

@@ -51,6 +51,72 @@ def test_parameters_are_home_on_the_cpu_between_steps(plain):
         assert all(p.device.type == "cpu" and p.grad is None for p in unit.params)
 
 
+class _Later:
+    """Copies that happen only when waited for, as a side stream's are to the host until its
+    event: a read before the wait sees what was there before (uninitialized device memory, the
+    previous micro-batch's gradient)."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pairs = pairs
+
+    def synchronize(self) -> None:
+        for target, source in self.pairs:
+            target.copy_(source)
+        self.pairs = []
+
+
+class DeferredTransfers:
+    """The engine's HostTransfers with every copy put off until the engine waits for it, so
+    the CUDA path's ordering (use a unit only after its copy, read a gradient home only after
+    it landed) is checked on the CPU: a wait too late changes the numbers."""
+
+    stream = None
+
+    def __init__(self) -> None:
+        self.pending: list[_Later] = []
+        self.deferred = 0
+
+    def to_device(self, copies, homes, host_waits):  # type: ignore[no-untyped-def]
+        return self._later(list(zip(copies, homes, strict=True)), host_waits)
+
+    def to_home(self, home, grad):  # type: ignore[no-untyped-def]
+        return self._later([(home, grad)], False)
+
+    def _later(self, pairs, now):  # type: ignore[no-untyped-def]
+        later = _Later(pairs)
+        if now:  # the host waits for these (an NVMe staging buffer goes back after)
+            later.synchronize()
+            return None
+        self.pending.append(later)
+        self.deferred += 1
+        return later
+
+    def wait(self, done) -> None:  # type: ignore[no-untyped-def]
+        if done is not None:
+            done.synchronize()
+
+    def synchronize(self) -> None:
+        for later in self.pending:
+            later.synchronize()
+        self.pending = []
+
+
+@pytest.mark.parametrize("recompute,on_nvme", [("none", ()), ("full", ()),
+                                               ("none", ("params", "optimizer", "grads"))],
+                         ids=["cpu", "cpu-recompute", "nvme"])
+def test_copies_that_land_late_still_train_the_plain_numbers(plain, tmp_path, recompute,
+                                                             on_nvme):
+    tier = (NvmeTier(tmp_path / "swap", DirectIO(tmp_path / "swap", 1 << 20, 2), 64 << 20)
+            if on_nvme else None)
+    transfers = DeferredTransfers()
+    run = train(True, recompute, nvme=tier, on_nvme=on_nvme, transfers=transfers)
+    ref = train(False, recompute) if recompute != "none" else plain
+    assert transfers.deferred > 0
+    assert run.losses == ref.losses and run.norms == ref.norms
+    for name, tensor in ref.params.items():
+        assert torch.equal(run.params[name], tensor), name
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU here)")
 @pytest.mark.parametrize("on_nvme", [(), ("params", "optimizer")])
