@@ -14,6 +14,9 @@ device copy:
   (``register_post_accumulate_grad_hook``), summed into a CPU gradient; the unit is released once
   its last gradient has left and the gradient has reached its input (an identity there too).
 
+On CUDA both copies run on a side stream beside the compute, from and into pinned homes
+(:mod:`orch.offload.transfers`); on a CPU device they are plain copies.
+
 Swapping ``param.data`` (not the parameter object) is what makes the backward exact: autograd
 saved the parameter itself, or views of it such as ``weight.t()``, for the backward. Each
 parameter has one device tensor for the whole run whose storage is freed (resized to nothing) on
@@ -147,7 +150,8 @@ class OffloadEngine:
         self._grad_reserve = max(p.numel() * p.element_size() for u in units for p in u.params)
         """Room prefetching leaves for the largest gradient, which autograd places unasked."""
         self.transfers = HostTransfers(device)
-        """Fetches' copies, on a side stream on CUDA (:mod:`orch.offload.transfers`)."""
+        """Parameters' and gradients' copies, on a side stream on CUDA
+        (:mod:`orch.offload.transfers`)."""
         for unit in units:
             for p in unit.params:
                 self._unit_of[p] = unit
@@ -155,11 +159,11 @@ class OffloadEngine:
                 p.data = home if params_on_nvme else self.transfers.pin(home)
         self.grads = GradientHomes([unit.params for unit in units],
                                    nvme if grads_on_nvme else None, self.transfers.pin)
+        """The home gradients: in CPU memory (averaged over data-parallel replicas once given a
+        group) or on the NVMe tier between backwards."""
         self._landing: deque[tuple[torch.cuda.Event, int]] = deque()
         """Gradient copies on their way home (CUDA): each one's end and its device bytes,
         accounted until it has landed."""
-        """The home gradients: in CPU memory (averaged over data-parallel replicas once given a
-        group) or on the NVMe tier between backwards."""
         self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
                            optimizer_on_nvme, lambda index: self.updates.stepped_event(index))
         """Where parameters and optimizer states rest: CPU memory, or the NVMe tier's file."""
