@@ -16,17 +16,20 @@ F/B/I/W costs of that run (and the measured/predicted ratio). Every schedule's c
 timed the same way (``ActionClock``). orch's schedules run on orch's stages, whose split backward
 defers the linear layers' weight GEMMs (``SplitBackwardStage``), torch's on torch's
 ``PipelineStage``; a last table gives each one's measured F, B, I and W per micro-batch, and a
-first one what each split costs against a fused backward, measured alone in one process.
-``--schedules`` runs a subset (torch's Schedule1F1B, the anchor of every ratio, always runs).
+first one what each split costs against a fused backward, measured alone in one process, with the
+memory allocated after the forward and after I (what waits for W; ``--split-only`` prints that
+table alone). ``--schedules`` runs a subset (torch's Schedule1F1B, the anchor of every ratio,
+always runs).
 
     .venv/bin/python benchmarks/pipeline.py [--stages 2] [--blocks 8] [--dim 512] [--rows 192]
-        [--rounds 5] [--steps 3] [--schedules zbv,torch ZBV]
+        [--rounds 5] [--steps 3] [--schedules zbv,torch ZBV] [--split-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import datetime
 import os
 import platform
@@ -34,6 +37,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -232,14 +236,15 @@ def _costs(gathered: list, virtual: int, torch_stage: bool) -> Costs:
     return Costs(f=mean["F"], b=mean.get("B"), i=i, w=w)
 
 
-def split_costs(args: argparse.Namespace, reps: int = 30) -> dict[tuple[str, bool], float]:
-    """Seconds of one stage's forward and backward for one micro-batch (the fastest of
-    ``reps``: compute alone, without the machine's noise; the three ways taken in turn on one
-    pinned core): fused (autograd's), torch's split (``I`` by ``stage_backward_input``, ``W`` by
-    ``stage_backward_weight``, as torch's stage does) and orch's (one pass deferring the weight
-    GEMMs, then the GEMMs), for a middle stage (input gradient wanted) and the first (``(way,
-    first)`` keys; on torch's first stage I is empty and W is the whole backward, as in its
-    stage)."""
+def split_costs(args: argparse.Namespace, reps: int = 30) -> SplitCosts:
+    """One stage's forward and backward for one micro-batch, three ways: fused (autograd's),
+    torch's split (``I`` by ``stage_backward_input``, ``W`` by ``stage_backward_weight``, as
+    torch's stage does) and orch's (one pass deferring the weight GEMMs, then the GEMMs), for a
+    middle stage (input gradient wanted) and the first (on torch's first stage I is empty and W
+    is the whole backward, as in its stage). Keyed ``(way, first)``: seconds, the fastest of
+    ``reps`` (compute alone, without the machine's noise; the ways in turn on one pinned core),
+    and the bytes allocated after the forward and after I (what waits for W; after the whole
+    backward for the fused way), over those before the forward (:func:`_allocated`)."""
     torch.manual_seed(0)
     plain = nn.Sequential(*[Block(args.dim) for _ in range(args.blocks // args.stages)])
     deferring = copy.deepcopy(plain)
@@ -247,36 +252,75 @@ def split_costs(args: argparse.Namespace, reps: int = 30) -> dict[tuple[str, boo
     store = WeightGradStore()
     x, grad = torch.randn(args.rows, args.dim), torch.randn(args.rows, args.dim)
 
-    def fused(inputs: torch.Tensor) -> None:
-        plain(inputs).backward(grad)
-
-    def torch_split(inputs: torch.Tensor) -> None:
+    # each way a generator that pauses after the forward and after I
+    def fused(inputs: torch.Tensor) -> Iterator[None]:
         out = plain(inputs)
+        yield
+        out.backward(grad)
+        yield
+
+    def torch_split(inputs: torch.Tensor) -> Iterator[None]:
+        out = plain(inputs)
+        yield
         if not inputs.requires_grad:  # torch's first stage: no I, W is the whole backward
+            yield
             out.backward(grad)
             return
         _, groups = stage_backward_input([out], [grad], [inputs], plain.parameters())
+        yield
         stage_backward_weight(plain.parameters(), groups)
 
-    def orch_split(inputs: torch.Tensor) -> None:
+    def orch_split(inputs: torch.Tensor) -> Iterator[None]:
         out = deferring(inputs)
+        yield
         with store.collect():
             out.backward(grad)
+        yield
         store.take()()
 
     ways = {"fused backward": (fused, plain), "torch's split": (torch_split, plain),
             "orch's split": (orch_split, deferring)}
     spans: dict[tuple[str, bool], list[float]] = defaultdict(list)
+    held: dict[tuple[str, bool], tuple[int, int]] = {}
     for rep in range(reps + 3):
         for first in (False, True):
             for name, (way, model) in ways.items():
                 model.zero_grad(set_to_none=True)
                 inputs = x.clone().requires_grad_(not first)
+                if rep == 1:  # memory, once (after a first pass of every way: lazy set-ups)
+                    before, phases, after = _allocated(), way(inputs), []
+                    for _ in range(2):  # after the forward, after I
+                        next(phases)
+                        after.append(_allocated() - before)
+                    held[(name, first)] = (after[0], after[1])
+                    for _ in phases:  # W
+                        pass
+                    continue
                 start = time.perf_counter()
-                way(inputs)  # the forward is timed too: the same in every way
+                for _ in way(inputs):  # the forward is timed too: the same in every way
+                    pass
                 if rep >= 3:
                     spans[(name, first)].append(time.perf_counter() - start)
-    return {key: min(v) for key, v in spans.items()}
+    return {key: (min(v), *held[key]) for key, v in spans.items()}
+
+
+SplitCosts = dict[tuple[str, bool], tuple[float, int, int]]
+"""(way, first stage) -> seconds, bytes held after the forward, bytes held after I."""
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _allocated() -> int:
+    """Bytes this process has allocated now by glibc's count (heap in use plus its own
+    mappings), which CPU tensors come from: exact to the allocation, unlike the resident set."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def order_robustness(order: Schedule) -> tuple[float, float]:
@@ -293,6 +337,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=192)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per schedule per round")
+    parser.add_argument("--split-only", action="store_true",
+                        help="only the first table (what each split costs), then stop")
     every = [name for name, _ in ORCH] + list(TORCH)
     parser.add_argument("--schedules", default=",".join(every),
                         help=f"comma-separated subset of: {', '.join(every)}")
@@ -317,16 +363,22 @@ def main() -> None:
     costs = split_costs(args)
     os.sched_setaffinity(0, range(cores))
     print("One stage's forward + backward of one micro-batch, one pinned core (fastest of 30, "
-          "the ways in turn)\n")
+          "the ways in turn); in brackets the MiB allocated after the forward / after I (held "
+          "until W; the fused way: after its whole backward, the weight gradients)\n")
     print("| stage | fused backward | torch's split (I, then W) | orch's split (I, then W) |")
     print("|---|---:|---:|---:|")
     for first in (False, True):
-        base = costs[("fused backward", first)]
-        cells = [f"{base * 1e3:.1f} ms"] + [
-            f"{costs[(way, first)] * 1e3:.1f} ms ({costs[(way, first)] / base:.3f}x)"
-            for way in ("torch's split", "orch's split")]
+        base = costs[("fused backward", first)][0]
+        cells = []
+        for way in ("fused backward", "torch's split", "orch's split"):
+            seconds, forward, after_i = costs[(way, first)]
+            ratio = "" if way == "fused backward" else f" ({seconds / base:.3f}x)"
+            cells.append(f"{seconds * 1e3:.1f} ms{ratio} [{forward / 2**20:.1f} / "
+                         f"{after_i / 2**20:.1f}]")
         print(f"| {'first' if first else 'middle'} | " + " | ".join(cells) + " |")
     print()
+    if args.split_only:
+        return
     with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         out = manager.dict()
         mp.start_processes(_worker, args=(args.stages, f"{tmp}/store", args, out),
