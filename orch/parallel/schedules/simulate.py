@@ -108,9 +108,18 @@ COST_MIXES = tuple(Costs(f=f, i=i, w=2 - i) for f in (0.8, 1.0, 1.25) for i in (
 costs around the equal ones a static order is usually made for."""
 
 
-def worst_mix(schedule: Schedule, *, trusted: bool = False) -> float:
+def worst_mix(schedule: Schedule, *, trusted: bool = False,
+              above: float | None = None) -> float:
     """The longest simulated step of ``schedule`` over ``COST_MIXES``, as a multiple of the work
     each rank does, M (F + I + W): how well a fixed order holds up when the costs it was made
-    for are not the ones the run has (the run then waits where the order assumed data ready)."""
-    return max(simulate(schedule, costs, trusted=trusted).makespan
-               / (schedule.microbatches * (costs.f + costs.i + costs.w)) for costs in COST_MIXES)
+    for are not the ones the run has (the run then waits where the order assumed data ready).
+    With ``above``, the first step found longer than that is returned at once (a search that
+    only needs to know the order is worse than one it has)."""
+    worst = 0.0
+    for costs in COST_MIXES:
+        step = (simulate(schedule, costs, trusted=trusted).makespan
+                / (schedule.microbatches * (costs.f + costs.i + costs.w)))
+        worst = max(worst, step)
+        if above is not None and worst > above:
+            break
+    return worst
