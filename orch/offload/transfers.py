@@ -29,7 +29,7 @@ import torch
 
 
 class HostTransfers:
-    """Parameter copies from home to ``device`` (see the module docstring)."""
+    """Copies between the homes and ``device`` (see the module docstring)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -44,17 +44,8 @@ class HostTransfers:
         """Copy ``homes`` into the device tensors ``copies``; the event the compute stream must
         wait for before using them (:meth:`wait`), None where the copy is already done.
         ``host_waits``: return only once the copy has ended (``homes`` are reused after)."""
-        if self.stream is None:
-            for copy, home in zip(copies, homes, strict=True):
-                copy.copy_(home)
-            return None
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            for copy, home in zip(copies, homes, strict=True):
-                copy.copy_(home, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(self.stream)
-        if host_waits:
+        done = self._copy(list(zip(copies, homes, strict=True)))
+        if done is not None and host_waits:
             done.synchronize()
         return done
 
@@ -62,13 +53,22 @@ class HostTransfers:
         """Copy the device tensor ``grad`` into ``home`` (CPU); the event it ends with, None
         where it has ended (not CUDA). ``grad`` may be dropped at once: its memory is kept
         until the copy has read it."""
+        done = self._copy([(home, grad)])
+        if self.stream is not None:
+            grad.record_stream(self.stream)
+        return done
+
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event | None:
+        """Copy each (target, source): on the side stream after the compute queued so far (the
+        event it ends with), else at once (None)."""
         if self.stream is None:
-            home.copy_(grad)
+            for target, source in pairs:
+                target.copy_(source)
             return None
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            home.copy_(grad, non_blocking=True)
-        grad.record_stream(self.stream)
+            for target, source in pairs:
+                target.copy_(source, non_blocking=True)
         done = torch.cuda.Event()
         done.record(self.stream)
         return done
