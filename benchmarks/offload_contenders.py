@@ -17,11 +17,10 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from orch_runs import ORCH, REPO
+from orch_runs import REPO, launch
 
 OTHERS = ("torch loop", "deepspeed cpu", "deepspeed nvme")
 """Contenders this module's worker trains (orch's run through ``orch launch``)."""
@@ -157,16 +156,8 @@ def run_other(name: str, sets: list[str], nvme_dir: Path, env: dict,
 def run_orch(sets: list[str], nvme_dir: Path, env: dict) -> dict:
     """Train with ``orch launch`` (one process, ``sets`` naming the offload tiers) and read
     back its metrics: the same fields as :func:`run_other`'s, and orch's TFLOP/s per step."""
-    sets = [*sets, "run.log_interval=1", "checkpoint.interval=0",
-            f"offload.nvme_path={nvme_dir}"]
-    with tempfile.TemporaryDirectory() as run_dir:
-        args = [arg for item in [*sets, f"run.dir={run_dir}"] for arg in ("--set", item)]
-        out = subprocess.run([*ORCH, "launch", "--nproc-per-node", "1",
-                              "configs/tiny.yaml", *args], capture_output=True, text=True,
-                             env=env, cwd=REPO)
-        if out.returncode != 0:
-            raise RuntimeError(f"orch {sets} failed:\n{out.stderr[-3000:]}")
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").open()]
+    rows, _ = launch("configs/tiny.yaml", 1,
+                     [*sets, "run.log_interval=1", f"offload.nvme_path={nvme_dir}"], env)
     offload = [r["offload"] for r in rows]
     return {"step_s": [r["step_time_s"] for r in rows], "losses": [r["loss"] for r in rows],
             "read": [o.get("nvme_read_bytes", 0) for o in offload],

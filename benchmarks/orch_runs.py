@@ -16,14 +16,17 @@ ORCH = [sys.executable, "-m", "orch.cli"]
 ``PYTHONPATH`` at a checkout)."""
 
 
-def launch(config: str, procs: int, sets: list[str]) -> tuple[list[dict], dict]:
-    """Train ``config`` on ``procs`` local processes with ``--set`` items ``sets``; returns the
-    metrics records (one per step: pass ``run.log_interval=1``) and the plan."""
+def launch(config: str, procs: int, sets: list[str],
+           env: dict | None = None) -> tuple[list[dict], dict]:
+    """Train ``config`` on ``procs`` local processes with ``--set`` items ``sets`` (in ``env``,
+    default this process's); returns the metrics records (one per step: pass
+    ``run.log_interval=1``) and the plan."""
     with tempfile.TemporaryDirectory() as run_dir:
         items = [f"run.dir={run_dir}", "checkpoint.interval=0", *sets]
         args = [arg for item in items for arg in ("--set", item)]
         out = subprocess.run([*ORCH, "launch", "--nproc-per-node", str(procs),
-                              config, *args], capture_output=True, text=True, cwd=REPO)
+                              config, *args], capture_output=True, text=True, env=env,
+                             cwd=REPO)
         if out.returncode != 0:
             raise RuntimeError(f"orch launch {config} {sets} failed:\n{out.stderr[-3000:]}")
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").open()]
