@@ -8,9 +8,20 @@ every attention; copying per tensor sent 3.41 MB per tiny block where its storag
 and keeps a slot number and the view's offset, shape and strides; the unit's parameters and views
 of them (such as ``weight.t()``) are kept as they are: their storage is the engine's, freed on
 release and refilled when the unit is fetched for its backward. :meth:`ActivationSwap.fetch` brings
-the unit's tensors back in one go, accounted against the device budget, before the unit's backward;
+the unit's tensors back in one go, accounted against the device budget, before the unit's backward
+(or earlier, :meth:`ActivationSwap.prefetch`, while the unit after it computes its backward);
 :meth:`ActivationSwap.release` drops them once its gradients have left. Copies are exact, so the
 numbers equal the run that kept activations on the device.
+
+On CUDA the copies run on the engine's side stream (:mod:`orch.offload.transfers`) into pinned
+memory, so the forward does not wait for them: each is queued after the kernel that made its
+tensor, whose memory is kept until the copy has read it (``record_stream``). Nothing writes a
+saved tensor between its save and its backward: autograd refuses such a backward when no hooks
+are set (with hooks it cannot check), so a model that trains with activations on the device
+trains the same with them swapped. Copies back are queued on the same stream, so they follow the
+copies home, and the compute stream waits for them at the unit's first unpack. The first forward
+of each unit waits for its copies (after the device is idle) so that the seconds it measures, for
+the automatic policy, are the copies' own.
 
 With an NVMe tier (``offload.activations: nvme``) a unit's copies go on from the CPU to the
 tier's file once its forward ends (a writer thread; the CPU copies are dropped when written, so
@@ -33,6 +44,7 @@ from torch import nn
 
 from orch.offload.budget import DeviceBudget
 from orch.offload.nvme import NvmeTier
+from orch.offload.transfers import CopyDone, HostTransfers
 
 Packed = tuple[int, int, torch.dtype, int, tuple[int, ...], tuple[int, ...]] | torch.Tensor
 """A kept tensor, or (unit, slot, dtype, storage offset, shape, strides) of a swapped one."""
@@ -42,9 +54,9 @@ class ActivationSwap:
     """Saved activations of the units it wraps, at home on the CPU (or on ``nvme``) between
     forward and backward."""
 
-    def __init__(self, device: torch.device, budget: DeviceBudget,
+    def __init__(self, device: torch.device, budget: DeviceBudget, transfers: HostTransfers,
                  nvme: NvmeTier | None = None) -> None:
-        self.device, self.budget, self.nvme = device, budget, nvme
+        self.device, self.budget, self.transfers, self.nvme = device, budget, transfers, nvme
         self._io = ThreadPoolExecutor(1, thread_name_prefix="orch-activation-io") if nvme else None
         """Writes to and reads from the NVMe tier, in the order they were asked for."""
         self._spilled: dict[int, Future[None]] = {}
@@ -58,6 +70,12 @@ class ActivationSwap:
         storage is referenced, so no new tensor can take its address before the forward ends;
         an in-place write in between makes a new version, copied again)."""
         self._held: dict[int, int] = {}
+        self._bytes: dict[int, int] = {}
+        """Per unit, the bytes its last forward sent home."""
+        self._landed: dict[int, CopyDone] = {}
+        """Per unit, the end of its last copy home (later copies on the stream follow it)."""
+        self._arrived: dict[int, CopyDone] = {}
+        """Per unit fetched, the end of its copies back, until the compute stream waits for it."""
         self._active: dict[int, torch.autograd.graph.saved_tensors_hooks] = {}
         self.bytes_out = self.bytes_in = 0
         self.measured: dict[int, tuple[int, float]] = {}
@@ -75,6 +93,7 @@ class ActivationSwap:
         self._active[index] = hooks
         self._forward = [0, 0.0]
         self._home.setdefault(index, [])
+        self._bytes.setdefault(index, 0)
 
     def exit(self, index: int) -> None:
         """Stop (the unit's forward ended)."""
@@ -83,12 +102,16 @@ class ActivationSwap:
             hooks.__exit__(None, None, None)
             self.measured.setdefault(index, (int(self._forward[0]), self._forward[1]))
             if self._io is not None and self._home.get(index):
-                self._spilled[index] = self._io.submit(self._spill, index, self._home[index])
+                self._spilled[index] = self._io.submit(self._spill, index, self._home[index],
+                                                       self._landed.get(index))
         self._slots.clear()
 
-    def _spill(self, index: int, storages: list[torch.UntypedStorage]) -> None:
-        """Write unit ``index``'s CPU copies to the tier, then drop them (writer thread)."""
+    def _spill(self, index: int, storages: list[torch.UntypedStorage],
+               landed: CopyDone) -> None:
+        """Write unit ``index``'s CPU copies to the tier once they have landed, then drop them
+        (writer thread)."""
         assert self.nvme is not None
+        self.transfers.host_wait(landed)
         self.nvme.write(("activations", index),
                         [torch.empty(0, dtype=torch.uint8).set_(s) for s in storages])
         storages.clear()
@@ -106,12 +129,19 @@ class ActivationSwap:
             return tensor
         key = (storage.data_ptr(), tensor._version)
         if key not in self._slots:
+            measuring = index not in self.measured
+            if measuring:  # the timer sees the copy alone, not the kernels queued before it
+                self.transfers.drain()
             start = time.perf_counter()
             home = self._home[index]
-            copy = torch.empty(storage.nbytes(), dtype=torch.uint8).untyped_storage()
-            home.append(copy.copy_(storage))
+            copy = self.transfers.host_empty(storage.nbytes())
+            landed = self._landed[index] = self.transfers.to_home(copy, _bytes_of(storage))
+            if measuring:
+                self.transfers.host_wait(landed)
+            home.append(copy.untyped_storage())
             self._slots[key] = (storage, len(home) - 1)
             self.bytes_out += storage.nbytes()
+            self._bytes[index] += storage.nbytes()
             self._forward[0] += storage.nbytes()
             self._forward[1] += time.perf_counter() - start
         slot = self._slots[key][1]
@@ -123,22 +153,38 @@ class ActivationSwap:
             return packed
         index, slot, dtype, offset, shape, stride = packed
         self.fetch(index)
+        self.transfers.wait(self._arrived.pop(index, None))
         storage = self._back[index][slot]
         return torch.empty(0, dtype=dtype, device=self.device).set_(storage, offset, shape, stride)
+
+    def prefetch(self, index: int, spare: int) -> None:
+        """Start bringing unit ``index``'s saved tensors back if the budget has room for them
+        and ``spare`` bytes more, and they need no wait for the disk (a unit on the NVMe tier
+        whose read has not ended is left for its :meth:`fetch`)."""
+        if index in self._back or index not in self._home:
+            return
+        ahead = self._ahead.get(index)
+        if index in self._spilled and (ahead is None or not ahead.done()):
+            return
+        if self.budget.fits(self._bytes[index] + spare):
+            self.fetch(index)
 
     def fetch(self, index: int) -> None:
         """Bring unit ``index``'s saved tensors back to the device (accounted), all at once."""
         if index in self._back or index not in self._home:
             return
-        if index in self._spilled:
+        spilled = index in self._spilled
+        if spilled:
             self.read_ahead(index)
             home = self._ahead.pop(index).result()
         else:
             home = [torch.empty(0, dtype=torch.uint8).set_(s) for s in self._home[index]]
         nbytes = sum(t.numel() for t in home)
         self.budget.take(nbytes, f"the saved activations of unit {index}")
-        self._back[index] = [torch.empty_like(t, device=self.device).copy_(t).untyped_storage()
-                             for t in home]
+        back = [torch.empty_like(t, device=self.device) for t in home]
+        # the tier's read buffers are dropped below: their copies must have ended by then
+        self._arrived[index] = self.transfers.to_device(back, home, host_waits=spilled)
+        self._back[index] = [t.untyped_storage() for t in back]
         if self._spilled.pop(index, None) is not None:
             self.nvme.done(("activations", index))  # type: ignore[union-attr]
         self._held[index] = nbytes
@@ -147,6 +193,9 @@ class ActivationSwap:
     def release(self, index: int) -> None:
         """Forget unit ``index``'s saved tensors (its backward is done)."""
         self._home.pop(index, None)
+        self._bytes.pop(index, None)
+        self._landed.pop(index, None)
+        self._arrived.pop(index, None)
         if self._back.pop(index, None) is not None:
             self.budget.give(self._held.pop(index))
         spilled, ahead = self._spilled.pop(index, None), self._ahead.pop(index, None)
@@ -160,6 +209,11 @@ class ActivationSwap:
         """Finish the tier's reads and writes (before the tier's file goes)."""
         if self._io is not None:
             self._io.shutdown()
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """``storage``'s bytes as a flat uint8 tensor (no copy)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 __all__ = ["ActivationSwap"]

@@ -61,7 +61,7 @@ from orch.offload.homes import Homes
 from orch.offload.nvme import NvmeTier, scratch_file
 from orch.offload.partition import Partition
 from orch.offload.policy import AutoActivations
-from orch.offload.transfers import HostTransfers
+from orch.offload.transfers import CopyDone, HostTransfers
 from orch.parallel.recompute import recompute_block
 
 
@@ -82,7 +82,7 @@ class Unit:
     wraps_input: bool = False
     """The last forward's input required grad, so the backward will reach it."""
     device_copies: list[torch.Tensor] = field(default_factory=list)
-    copied: torch.cuda.Event | None = None
+    copied: CopyDone = None
     """On CUDA: the end of the fetch's copy, which the compute stream waits for before use."""
 
     @property
@@ -127,7 +127,11 @@ class OffloadEngine:
                  nvme: NvmeTier | None = None, params_on_nvme: bool = False,
                  optimizer_on_nvme: bool = False, grads_on_nvme: bool = False) -> None:
         self.units, self.device, self.budget = units, device, budget
-        self.swap = (ActivationSwap(device, budget, nvme if activations == "nvme" else None)
+        self.transfers = HostTransfers(device)
+        """Parameters', gradients' and swapped activations' copies, on a side stream on CUDA
+        (:mod:`orch.offload.transfers`)."""
+        self.swap = (ActivationSwap(device, budget, self.transfers,
+                                    nvme if activations == "nvme" else None)
                      if activations in ("cpu", "nvme", "auto") else None)
         """Sends the units' saved activations home during the forward (not the head's, whose
         backward follows at once): to CPU memory, or on to the NVMe tier."""
@@ -149,9 +153,6 @@ class OffloadEngine:
         """Per fetched unit, its parameters' home tensors while they point at device copies."""
         self._grad_reserve = max(p.numel() * p.element_size() for u in units for p in u.params)
         """Room prefetching leaves for the largest gradient, which autograd places unasked."""
-        self.transfers = HostTransfers(device)
-        """Parameters' and gradients' copies, on a side stream on CUDA
-        (:mod:`orch.offload.transfers`)."""
         for unit in units:
             for p in unit.params:
                 self._unit_of[p] = unit
@@ -281,6 +282,8 @@ class OffloadEngine:
         unit.grads_left = len(unit.params)
         unit.input_grad_due = unit.wraps_input  # not the embedding's: its input is token ids
         self._prefetch(reversed(self.units[:unit.index]))
+        if self.swap is not None:  # the next unit's activations, behind its parameters
+            self.swap.prefetch(unit.index - 1, spare=self._grad_reserve)
 
     def _grad_ready(self, p: torch.Tensor) -> None:
         """Move ``p``'s freshly accumulated gradient home (copy on its step's first

@@ -7,7 +7,10 @@ forward saves for backward, the host link's bytes per second while swapping them
   last blocks first, since their backward comes first (swapping them would leave no time to
   bring the tensors back, and recomputing them delays the start of the backward);
 - otherwise **swap** when sending the bytes home and back (``2 * bytes / bandwidth``) costs less
-  than running the forward again: the copies are synchronous, so that is the comparison;
+  than running the forward again: on a CPU device the copies are synchronous, so that is the
+  comparison; on CUDA they run beside the compute (the copy home beside the block's own forward,
+  the copy back beside the backward of the block after it), and a copy that takes less than the
+  forward hides behind it;
 - otherwise **recompute** (the block's forward runs again in its backward, from its input).
 
 :func:`choose` is the decision alone (pure, tested on numbers); the engine measures, applies

@@ -21,11 +21,15 @@ backward goes on; the gradient's device memory is kept for the copy (``record_st
 engine waits for the copies that land in a unit's home before anything on the host reads it (the
 average over replicas, the clip, the optimizer step, the next micro-batch's addition).
 :meth:`HostTransfers.synchronize` ends every copy before the optimizer step writes the homes.
+Swapped activations use the same stream both ways (:mod:`orch.offload.activations`).
 """
 
 from __future__ import annotations
 
 import torch
+
+CopyDone = torch.cuda.Event | None
+"""The end of a copy on the side stream; None where the copy has already ended."""
 
 
 class HostTransfers:
@@ -39,26 +43,31 @@ class HostTransfers:
         """``tensor`` in page-locked memory where copies from it can be asynchronous (CUDA)."""
         return tensor.pin_memory() if self.stream is not None else tensor
 
+    def host_empty(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of CPU memory for copies home, pinned where they can be asynchronous."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.stream is not None)
+
     def to_device(self, copies: list[torch.Tensor], homes: list[torch.Tensor],
-                  host_waits: bool) -> torch.cuda.Event | None:
+                  host_waits: bool) -> CopyDone:
         """Copy ``homes`` into the device tensors ``copies``; the event the compute stream must
         wait for before using them (:meth:`wait`), None where the copy is already done.
         ``host_waits``: return only once the copy has ended (``homes`` are reused after)."""
         done = self._copy(list(zip(copies, homes, strict=True)))
-        if done is not None and host_waits:
-            done.synchronize()
+        if host_waits:
+            self.host_wait(done)
+            return None
         return done
 
-    def to_home(self, home: torch.Tensor, grad: torch.Tensor) -> torch.cuda.Event | None:
-        """Copy the device tensor ``grad`` into ``home`` (CPU); the event it ends with, None
-        where it has ended (not CUDA). ``grad`` may be dropped at once: its memory is kept
-        until the copy has read it."""
-        done = self._copy([(home, grad)])
+    def to_home(self, home: torch.Tensor, source: torch.Tensor) -> CopyDone:
+        """Copy the device tensor ``source`` (a gradient, a saved activation's bytes) into
+        ``home`` (CPU); the event it ends with, None where it has ended (not CUDA). ``source``
+        may be dropped at once: its memory is kept until the copy has read it."""
+        done = self._copy([(home, source)])
         if self.stream is not None:
-            grad.record_stream(self.stream)
+            source.record_stream(self.stream)
         return done
 
-    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event | None:
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> CopyDone:
         """Copy each (target, source): on the side stream after the compute queued so far (the
         event it ends with), else at once (None)."""
         if self.stream is None:
@@ -73,10 +82,21 @@ class HostTransfers:
         done.record(self.stream)
         return done
 
-    def wait(self, done: torch.cuda.Event | None) -> None:
+    def wait(self, done: CopyDone) -> None:
         """The compute stream waits for the copy ``done`` before what it runs next."""
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
+
+    @staticmethod
+    def host_wait(done: CopyDone) -> None:
+        """Block (this thread) until the copy ``done`` has ended: before its home is read."""
+        if done is not None:
+            done.synchronize()
+
+    def drain(self) -> None:
+        """Block until the device has run everything queued (before timing a copy alone)."""
+        if self.stream is not None:
+            torch.cuda.synchronize(self.device)
 
     def synchronize(self) -> None:
         """Block until every copy issued so far has ended (before the homes change)."""

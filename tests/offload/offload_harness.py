@@ -45,6 +45,8 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
                                grads_on_nvme="grads" in on_nvme)
         if transfers is not None:  # a stand-in for the engine's HostTransfers
             engine.transfers = transfers
+            if engine.swap is not None:
+                engine.swap.transfers = transfers
     else:
         model.to(device)
     opt = build_optimizer(model, cfg)

@@ -11,6 +11,8 @@ must stay under the budget while having held at least the largest unit.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from offload_harness import BUDGET, train
@@ -54,62 +56,83 @@ def test_parameters_are_home_on_the_cpu_between_steps(plain):
 class _Later:
     """Copies that happen only when waited for, as a side stream's are to the host until its
     event: a read before the wait sees what was there before (uninitialized device memory, the
-    previous micro-batch's gradient)."""
+    previous micro-batch's gradient, an empty activation home)."""
 
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.pairs = pairs
+    def __init__(self, stream: DeferredTransfers, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+                 ) -> None:
+        self.stream, self.pairs = stream, pairs
 
     def synchronize(self) -> None:
-        for target, source in self.pairs:
-            target.copy_(source)
-        self.pairs = []
+        self.stream.run_through(self)
 
 
 class DeferredTransfers:
-    """The engine's HostTransfers with every copy put off until the engine waits for it, so
-    the CUDA path's ordering (use a unit only after its copy, read a gradient home only after
-    it landed) is checked on the CPU: a wait too late changes the numbers."""
+    """The engine's HostTransfers with every copy put off until something waits for it, so
+    the CUDA path's ordering (use a unit or an activation only after its copy, read a gradient
+    or an activation home only after it landed) is checked on the CPU: a wait too late changes
+    the numbers. Waiting for a copy runs the copies queued before it first, as one stream
+    would."""
 
     stream = None
 
     def __init__(self) -> None:
         self.pending: list[_Later] = []
         self.deferred = 0
+        self._lock = threading.Lock()  # the NVMe writer thread waits for activation copies
+
+    def host_empty(self, nbytes):  # type: ignore[no-untyped-def]
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def to_device(self, copies, homes, host_waits):  # type: ignore[no-untyped-def]
         return self._later(list(zip(copies, homes, strict=True)), host_waits)
 
-    def to_home(self, home, grad):  # type: ignore[no-untyped-def]
-        return self._later([(home, grad)], False)
+    def to_home(self, home, source):  # type: ignore[no-untyped-def]
+        return self._later([(home, source)], False)
 
     def _later(self, pairs, now):  # type: ignore[no-untyped-def]
-        later = _Later(pairs)
+        later = _Later(self, pairs)
+        with self._lock:
+            self.pending.append(later)
+            self.deferred += not now
         if now:  # the host waits for these (an NVMe staging buffer goes back after)
             later.synchronize()
             return None
-        self.pending.append(later)
-        self.deferred += 1
         return later
+
+    def run_through(self, later: _Later) -> None:
+        with self._lock:
+            while later in self.pending:
+                for target, source in self.pending.pop(0).pairs:
+                    target.copy_(source)
 
     def wait(self, done) -> None:  # type: ignore[no-untyped-def]
         if done is not None:
             done.synchronize()
 
+    host_wait = wait
+
+    def drain(self) -> None:
+        """Nothing: the deferred copies are the test, not the device's queue."""
+
     def synchronize(self) -> None:
-        for later in self.pending:
-            later.synchronize()
-        self.pending = []
+        with self._lock:
+            last = self.pending[-1] if self.pending else None
+        if last is not None:
+            last.synchronize()
 
 
-@pytest.mark.parametrize("recompute,on_nvme", [("none", ()), ("full", ()),
-                                               ("none", ("params", "optimizer", "grads"))],
-                         ids=["cpu", "cpu-recompute", "nvme"])
+@pytest.mark.parametrize("recompute,on_nvme,activations", [
+    ("none", (), "device"), ("full", (), "device"),
+    ("none", ("params", "optimizer", "grads"), "device"), ("none", (), "cpu"),
+    ("none", ("params",), "nvme")],
+    ids=["cpu", "cpu-recompute", "nvme", "activations-cpu", "activations-nvme"])
 def test_copies_that_land_late_still_train_the_plain_numbers(plain, tmp_path, recompute,
-                                                             on_nvme):
+                                                             on_nvme, activations):
     tier = (NvmeTier(tmp_path / "swap", DirectIO(tmp_path / "swap", 1 << 20, 2), 64 << 20)
             if on_nvme else None)
     transfers = DeferredTransfers()
-    run = train(True, recompute, nvme=tier, on_nvme=on_nvme, transfers=transfers)
+    run = train(True, recompute, nvme=tier, on_nvme=on_nvme, transfers=transfers,
+                activations=activations)
     ref = train(False, recompute) if recompute != "none" else plain
     assert transfers.deferred > 0
     assert run.losses == ref.losses and run.norms == ref.norms
@@ -119,15 +142,18 @@ def test_copies_that_land_late_still_train_the_plain_numbers(plain, tmp_path, re
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU here)")
-@pytest.mark.parametrize("on_nvme", [(), ("params", "optimizer")])
-def test_on_cuda_fetches_copy_on_a_side_stream_and_train_the_plain_numbers(tmp_path, on_nvme):
+@pytest.mark.parametrize("on_nvme,activations", [((), "device"), (("params", "optimizer"),
+                                                                   "device"), ((), "cpu")])
+def test_on_cuda_fetches_copy_on_a_side_stream_and_train_the_plain_numbers(tmp_path, on_nvme,
+                                                                           activations):
     """Pinned CPU homes (or NVMe staging buffers, which the host waits on), copies on the
-    engine's stream, the compute stream waiting for each unit where it is used: the plain CUDA
-    run's numbers within fp32 rounding (its AdamW steps on the GPU, the engine's on the CPU)."""
+    engine's stream (parameters, gradients, swapped activations), the compute stream waiting for
+    each where it is used: the plain CUDA run's numbers within fp32 rounding (its AdamW steps on
+    the GPU, the engine's on the CPU)."""
     tier = (NvmeTier(tmp_path / "swap", DirectIO(tmp_path / "swap", 1 << 20, 2), 64 << 20)
             if on_nvme else None)
     ref = train(False, device="cuda")
-    run = train(True, device="cuda", nvme=tier, on_nvme=on_nvme)
+    run = train(True, device="cuda", nvme=tier, on_nvme=on_nvme, activations=activations)
     assert run.engine.transfers.stream is not None
     assert torch.allclose(torch.tensor(run.losses), torch.tensor(ref.losses), rtol=1e-5)
     for name, tensor in ref.params.items():
