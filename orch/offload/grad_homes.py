@@ -7,10 +7,14 @@ them on the device, onto the replica that steps the unit (its owner,
 :mod:`orch.offload.partition`). They are CPU tensors by then (the engine moves each home as
 autograd produces it), so the sum runs on a gloo group whatever the device's backend: one
 reduce per unit, started as soon as the unit's last backward of the step is through, so it
-overlaps the backward of the units before it. Each unit's buffer ends with one count per
-parameter of the replicas that reached it: a parameter that no replica's micro-batches reached
-(an expert no token chose) gets no gradient, as in one process, and one that only some reached
-gets the replicas' mean with zeros for the others, as DDP gives.
+overlaps the backward of the units before it. Every replica starts them in the same order, the
+backward's (last unit first), holding back a sum until the units after it have started theirs:
+a replica whose micro-batches missed a parameter of a unit (an expert no token chose) is through
+with that unit only at the end of its backward, and starting the units backward reaches next
+before it would pair its collectives with other units on the other replicas. Each unit's buffer
+ends with one count per parameter of the replicas that reached it: a parameter that no
+replica's micro-batches reached (an expert no token chose) gets no gradient, as in one process,
+and one that only some reached gets the replicas' mean with zeros for the others, as DDP gives.
 
 With gradients on NVMe (``offload.grads: nvme``, one process) a unit's buffer holds bytes only
 while a backward adds to it: after each micro-batch's backward of the unit it is written to the
@@ -63,6 +67,10 @@ class GradientHomes:
         """Each parameter's home gradient (a view into its unit's buffer)."""
         self._flat: list[torch.Tensor] = []
         self._pending: dict[int, dist.Work] = {}
+        self._ready: set[int] = set()
+        """Units whose gradients are final but whose sum waits for a later unit's to start."""
+        self._next = len(units) - 1
+        """The unit whose sum starts next (the backward's order: last unit first)."""
         for params in units:
             dtypes = {p.dtype for p in params}
             if len(dtypes) > 1:
@@ -87,6 +95,7 @@ class GradientHomes:
     def start_step(self) -> None:
         """A new step: its first micro-batch copies into the buffers (nothing to read back)."""
         self._stored, self._final, self._norms, self.scale = set(), set(), {}, None
+        self._ready, self._next = set(), len(self.units) - 1
 
     def take_in(self, index: int) -> None:
         """Before a backward adds to unit ``index``'s gradients (NVMe): its buffer in memory
@@ -155,20 +164,27 @@ class GradientHomes:
         return grads_for
 
     def reduce(self, index: int, unreached: set[nn.Parameter]) -> None:
-        """Start summing unit ``index``'s gradients onto its owner, once per step, when no
-        more gradients will be added (``unreached``: parameters this rank's micro-batches did not
-        reach; their buffers hold an older step's and are zeroed first)."""
+        """Sum unit ``index``'s gradients onto its owner, once per step, when no more gradients
+        will be added (``unreached``: parameters this rank's micro-batches did not reach; their
+        buffers hold an older step's and are zeroed first): started now if every later unit's
+        sum has started, else once they have."""
         params = self.units[index]
-        if self.group is None or index in self._pending or not params:
+        if self.group is None or index in self._pending or index in self._ready:
             return
-        counts = self._flat[index][-len(params):]
+        counts = self._flat[index][-len(params):] if params else self._flat[index][:0]
         for slot, p in enumerate(params):
             missed = p in unreached
             if missed:
                 self.of[p].zero_()
             counts[slot] = 0.0 if missed else 1.0
-        self._pending[index] = dist.reduce(self._flat[index], dst=self.owners[index],
-                                           group=self.group, async_op=True)
+        self._ready.add(index)
+        while self._next in self._ready:
+            self._ready.discard(self._next)
+            if self.units[self._next]:
+                self._pending[self._next] = dist.reduce(
+                    self._flat[self._next], dst=self.owners[self._next], group=self.group,
+                    async_op=True)
+            self._next -= 1
 
     def finish(self, unreached: set[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor | None]:
         """Every parameter's gradient for the step: its home gradient (with replicas: the
@@ -180,11 +196,12 @@ class GradientHomes:
         if self.group is None:
             return {p: None if p in unreached else grad for p, grad in self.of.items()}
         replicas, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        for index in reversed(range(len(self.units))):  # units the backward left unfinished
+            self.reduce(index, unreached)
         grads: dict[nn.Parameter, torch.Tensor | None] = {}
         for index, params in enumerate(self.units):
             if not params:
                 continue
-            self.reduce(index, unreached)  # a unit the backward never passed through
             self._pending.pop(index).wait()
             if self.owners[index] != rank:
                 grads.update(dict.fromkeys(params))

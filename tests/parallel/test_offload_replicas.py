@@ -67,6 +67,31 @@ def test_gradients_reach_their_owner_and_the_replicas_end_equal(tmp_path):
             assert torch.equal(p, torch.full_like(p, 10.0 * (owner + 1)))
 
 
+def _run_out_of_order(rank: int, world: int, results) -> None:
+    units = [[nn.Parameter(torch.zeros(4))] for _ in range(4)]  # equal sizes: owners 0, 1, 0, 1
+    homes = GradientHomes(units)
+    homes.group, homes.owners = dist.group.WORLD, owners_by_size([16] * 4, world)
+    for index, (p,) in enumerate(units):
+        homes.of[p].fill_(float((rank + 1) * (index + 1)))
+    # rank 1's micro-batch missed a parameter of unit 2 (an expert no token chose): that unit
+    # is through only when the whole backward is, after the units before it
+    for index in ([3, 2, 1, 0] if rank == 0 else [3, 1, 0, 2]):
+        homes.reduce(index, set())
+    grads = homes.finish(set())
+    results[rank] = {index: grads[p] for index, (p,) in enumerate(units)}
+
+
+def test_gradients_sum_per_unit_whatever_order_the_replicas_finish_units_in(tmp_path):
+    """Replicas finish units in different orders when one's micro-batches miss a parameter that
+    another's reach; the sums still pair each unit with itself (a collective started in a
+    different order would sum unit 2 of one replica with unit 1 of the other)."""
+    results = run_on_gloo(_run_out_of_order, 2, tmp_path)
+    assert sorted(results) == [0, 1]
+    for index, owner in enumerate([0, 1, 0, 1]):
+        torch.testing.assert_close(results[owner][index], torch.full((4,), 1.5 * (index + 1)))
+        assert results[1 - owner][index] is None
+
+
 def test_units_go_to_the_least_loaded_replica_largest_first():
     assert owners_by_size([10, 50, 20, 30], 2) == [0, 0, 1, 1]  # 60 and 50 bytes
     assert owners_by_size([5, 5, 5], 3) == [0, 1, 2]
