@@ -8,7 +8,7 @@ them on the device, onto the replica that steps the unit (its owner,
 autograd produces it), so the sum runs on a gloo group whatever the device's backend: one
 reduce per unit, started as soon as the unit's last backward of the step is through, so it
 overlaps the backward of the units before it. Every replica starts them in the same order, the
-backward's (last unit first), holding back a sum until the units after it have started theirs:
+backward's (last unit first), a unit's sum held back until every later unit's has started:
 a replica whose micro-batches missed a parameter of a unit (an expert no token chose) is through
 with that unit only at the end of its backward, and starting the units backward reaches next
 before it would pair its collectives with other units on the other replicas. Each unit's buffer
