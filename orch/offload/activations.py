@@ -7,9 +7,10 @@ several views: ``x`` and its ``(batch * seq, dim)`` reshape for a matmul, the ro
 every attention; copying per tensor sent 3.41 MB per tiny block where its storages are 2.61 MB),
 and keeps a slot number and the view's offset, shape and strides; the unit's parameters and views
 of them (such as ``weight.t()``) are kept as they are: their storage is the engine's, freed on
-release and refilled when the unit is fetched for its backward. :meth:`ActivationSwap.fetch` brings
-the unit's tensors back in one go, accounted against the device budget, before the unit's backward
-(or earlier, :meth:`ActivationSwap.prefetch`, while the unit after it computes its backward);
+release and refilled when the unit is fetched for its backward (tensors already in host memory
+stay too). :meth:`ActivationSwap.fetch` brings the unit's tensors back in one go, accounted
+against the device budget, before the unit's backward (or earlier,
+:meth:`ActivationSwap.prefetch`, while the unit after it computes its backward);
 :meth:`ActivationSwap.release` drops them once its gradients have left. Copies are exact, so the
 numbers equal the run that kept activations on the device.
 
@@ -125,7 +126,8 @@ class ActivationSwap:
 
     def _pack(self, index: int, keep: set[int], tensor: torch.Tensor) -> Packed:
         storage = tensor.untyped_storage()
-        if isinstance(tensor, nn.Parameter) or storage.data_ptr() in keep:
+        if (isinstance(tensor, nn.Parameter) or storage.data_ptr() in keep
+                or tensor.device != self.device):  # host tensors hold no device memory
             return tensor
         key = (storage.data_ptr(), tensor._version)
         if key not in self._slots:
