@@ -218,6 +218,11 @@ class OffloadConfig:
                        "when its op builds"),
     )
     prefetch_depth: int = field(default=2, metadata=_help("layers fetched ahead of use"))
+    shard_params: bool = field(
+        default=False,
+        metadata=_help("replicas keep only the parameters of the units they step (ZeRO-3); the "
+                       "others receive a unit from its owner each time they use it"),
+    )
     io_block_size: Bytes = field(default=1 << 20, metadata=_help("NVMe I/O block size"))
     io_queue_depth: int = field(default=32, metadata=_help("NVMe I/O queue depth"))
     io_threads: int = field(default=2, metadata=_help("NVMe I/O threads"))

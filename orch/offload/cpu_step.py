@@ -80,8 +80,8 @@ class UnitUpdates:
                         stepper.step()
                     for p in params:
                         p.grad = None
-                    if self.partition is not None:  # the owner's parameters to every replica
-                        self.partition.share(index)
+                    if self.partition is not None and not self.partition.params_sharded:
+                        self.partition.share(index)  # the owner's parameters to every replica
                 self._stepped[index].set()
         except BaseException as exc:  # re-raised in the trainer's thread by wait()
             self._error = exc

@@ -34,15 +34,17 @@ gradients to the parameters (``param.grad``), so the trainer's clip runs unchang
 next forward (:mod:`orch.offload.cpu_step`), and a unit is fetched only once it is updated.
 Data-parallel replicas sum each unit's home gradients onto the replica that steps it, as the
 unit's last backward of the step ends, and that replica sends the others the stepped
-parameters (:mod:`orch.offload.grad_homes`, :mod:`orch.offload.partition`). Gradients on NVMe
-leave CPU memory between backwards (:mod:`orch.offload.grad_homes`).
+parameters (:mod:`orch.offload.grad_homes`, :mod:`orch.offload.partition`), or, with
+``offload.shard_params``, keeps them while the others receive each unit from its owner per use
+(:mod:`orch.offload.param_shards`). Gradients on NVMe leave CPU memory between backwards
+(:mod:`orch.offload.grad_homes`).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -59,6 +61,7 @@ from orch.offload.cpu_step import UnitUpdates
 from orch.offload.grad_homes import GradientHomes
 from orch.offload.homes import Homes
 from orch.offload.nvme import NvmeTier, scratch_file
+from orch.offload.param_shards import SharedParams
 from orch.offload.partition import Partition
 from orch.offload.policy import AutoActivations
 from orch.offload.transfers import CopyDone, HostTransfers
@@ -171,6 +174,8 @@ class OffloadEngine:
         self.updates = UnitUpdates([unit.params for unit in units], self.homes)
         self.partition: Partition | None = None
         """With data-parallel replicas: which replica steps which unit."""
+        self.shared: SharedParams | None = None
+        """With ``offload.shard_params``: the units this replica does not own, sent per use."""
         for unit in units:
             for p in unit.params:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -191,13 +196,16 @@ class OffloadEngine:
         resting = [p.data for p in unit.params]
         if not unit.device_copies:  # one device tensor per parameter for the whole run
             unit.device_copies = [torch.empty_like(r, device=self.device) for r in resting]
-        with self.homes.params_to_copy(unit.index) as homes:
+        sent = self.shared is not None
+        source = (nullcontext(self.shared.take(unit.index)) if self.shared is not None
+                  else self.homes.params_to_copy(unit.index))
+        with source as homes:
             for copy, home in zip(unit.device_copies, homes, strict=True):
                 copy.untyped_storage().resize_(home.numel() * home.element_size())
-            # through .data: no version bump for the saved views; an NVMe staging buffer goes
-            # back to the pool after this block, so its copy must have ended by then
+            # through .data: no version bump for the saved views; an NVMe staging buffer (or a
+            # unit sent by its owner) is dropped after this block, so its copy must have ended
             unit.copied = self.transfers.to_device([c.data for c in unit.device_copies], homes,
-                                                   host_waits=self.homes.params_on_nvme)
+                                                   host_waits=sent or self.homes.params_on_nvme)
         for p, copy in zip(unit.params, unit.device_copies, strict=True):
             p.data = copy
         self._home_data[unit.index] = resting
@@ -224,6 +232,8 @@ class OffloadEngine:
         for count, unit in enumerate(units):
             if unit.fetched:
                 continue
+            if self.shared is not None and not self.shared.asked(unit.index):
+                return  # its owner has not been asked to send it yet
             if count >= self.depth - 1 or not self.budget.fits(unit.nbytes + self._grad_reserve):
                 self.homes.read_ahead(unit.index)
                 return
@@ -237,6 +247,10 @@ class OffloadEngine:
     # --- hooks ------------------------------------------------------------------------------
 
     def _before_forward(self, unit: Unit, args: tuple) -> tuple | None:
+        if self.shared is not None and not self.in_backward:  # the model's order, not the budget's
+            if unit.index == 0:
+                self.shared.start_pass()
+            self.shared.ask(range(unit.index, unit.index + self.depth))
         self.fetch(unit)
         self._use(unit)
         if self.in_backward:
@@ -273,6 +287,10 @@ class OffloadEngine:
     def before_unit_backward(self, unit: Unit) -> None:
         """Called by autograd when the gradient reaches ``unit``'s output."""
         self.in_backward = True
+        if self.shared is not None:  # the model's order, not the budget's
+            if unit.index == len(self.units) - 1:
+                self.shared.start_pass()
+            self.shared.ask(range(unit.index - 1, unit.index - 1 - self.depth, -1))
         self.fetch(unit)
         self._use(unit)
         if self.swap is not None:
@@ -355,14 +373,25 @@ class OffloadEngine:
             self.homes.tier.bytes_read = self.homes.tier.bytes_written = 0
         if self.swap is not None:
             self.swap.bytes_out = self.swap.bytes_in = 0
+        if self.shared is not None:
+            self.shared.bytes_received = 0
 
-    def average_gradients_over(self, group: dist.ProcessGroup) -> None:
+    def average_gradients_over(self, group: dist.ProcessGroup, shard_params: bool = False
+                               ) -> None:
         """Train as one of ``group``'s data-parallel replicas (a gloo group over the world):
         each unit's gradients are averaged at home onto the replica that steps it, which then
         sends the others its parameters (:mod:`orch.offload.grad_homes`,
-        :mod:`orch.offload.partition`). Every replica calls it (it makes a group)."""
+        :mod:`orch.offload.partition`); with ``shard_params`` it keeps them, and sends a unit
+        each time another replica uses it (:mod:`orch.offload.param_shards`; CPU homes only).
+        Every replica calls it (it makes groups)."""
         self.partition = self.updates.partition = Partition([u.params for u in self.units], group)
         self.grads.group, self.grads.owners = group, self.partition.owners
+        if shard_params:
+            if self.homes.params_on_nvme:
+                raise ValueError("offload.shard_params needs offload.params=cpu")
+            self.partition.params_sharded = True
+            self.shared = SharedParams([u.params for u in self.units], self.partition,
+                                       self.transfers.host_empty, self.updates.wait)
 
     def drop_unowned_states(self, optimizer: torch.optim.Optimizer) -> None:
         """After a checkpoint load (inside :meth:`resident`): keep the optimizer states of the
@@ -450,15 +479,23 @@ class OffloadEngine:
         """Block until the last optimizer step is done (before a checkpoint, at the end)."""
         self.updates.wait_all()
 
-    def resident(self, optimizer: torch.optim.Optimizer | None) -> AbstractContextManager:
+    @contextmanager
+    def resident(self, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
         """Every parameter and ``optimizer`` state in memory, in place (checkpoint save and load,
-        reading the final weights); NVMe homes are written back after."""
+        reading the final weights); NVMe homes are written back after, and with shared
+        parameters the units this replica does not own are dropped again."""
         self.wait_updates()
-        return self.homes.all_in_memory(optimizer)
+        with ExitStack() as stack:
+            stack.enter_context(self.homes.all_in_memory(optimizer))
+            if self.shared is not None:
+                stack.enter_context(self.shared.all_in_memory())
+            yield
 
     def close(self) -> None:
         """Finish the last update and delete the NVMe tier's scratch file."""
         self.wait_updates()
+        if self.shared is not None:  # units asked for and never fetched
+            self.shared.start_pass()
         if self.swap is not None:
             self.swap.close()
         self.homes.close()
@@ -476,6 +513,8 @@ class OffloadEngine:
             record["nvme_written_bytes"] = tier.bytes_written
         if self.auto is not None and not self.auto.measuring:
             record["activations"] = {c.name: c.action for c in self.auto.choices}
+        if self.shared is not None:
+            record["params_received_bytes"] = self.shared.bytes_received
         if self.swap is not None:
             record["activations_to_home_bytes"] = self.swap.bytes_out
             record["activations_to_device_bytes"] = self.swap.bytes_in

@@ -58,6 +58,9 @@ class Partition:
             [sum(p.numel() * p.element_size() for p in params) for params in units], replicas)
         self._sharing = dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
         self._unit_of = {p: index for index, unit in enumerate(units) for p in unit}
+        self.params_sharded = False
+        """Replicas keep only their own units' parameters (:mod:`orch.offload.param_shards`):
+        a stepped unit is not sent to the others, who fetch it from its owner per use."""
 
     def owns(self, index: int) -> bool:
         return self.owners[index] == self.rank

@@ -244,7 +244,8 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
 
     exposed = on_path + dp_exposed + comm.get("pp", 0.0)
     if cfg.offload.enabled:
-        comm["offload"], offload_exposed = _offload_seconds(cfg, deg, device, compute, micro)
+        comm["offload"], offload_exposed = _offload_seconds(cfg, deg, device, compute, micro,
+                                                            links.get("dp_replicate"))
         exposed += offload_exposed
     total = compute + exposed + bubble
     tokens_per_s = tokens / total
@@ -256,13 +257,15 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
 
 
 def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: float,
-                     micro: float) -> tuple[float, float]:
+                     micro: float, replicas_link: Link | None) -> tuple[float, float]:
     """Seconds of host traffic per step under ``offload.*`` and how much of it is exposed.
 
     What ``orch.offload.engine`` does: an offloaded unit's parameters cross to the device for
     its forward and again for its backward on every micro-batch, every gradient crosses home
     once per micro-batch, swapped activations cross out and back; all synchronous, so exposed.
     The CPU optimizer step runs beside the next forward: only what exceeds the forward shows.
+    With ``shard_params`` each use of a unit is first broadcast from its owner over the
+    replicas' link (counted as exposed too, as the copies it feeds).
     """
     off = cfg.offload
     params = param_counts(cfg.model).total / (deg.pp * deg.tp * deg.fsdp)
@@ -274,6 +277,8 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
     if off.activations != "device":  # a micro-batch's saved activations, out and back
         traffic += 2 * micro * estimate_memory(cfg, deg).activations
     transfers = traffic / device.host_bw
+    if off.shard_params and deg.dp_replicate > 1 and replicas_link is not None:
+        transfers += 2 * micro * (params * 4 / replicas_link.bandwidth + replicas_link.latency_s)
     # replicas step a share each (orch.offload.partition)
     optimizer = (params / deg.dp_replicate / CPU_ADAM_PARAMS_PER_S
                  if off.optimizer != "device" else 0.0)

@@ -269,7 +269,8 @@ def estimate_memory(
     full recompute adds the recomputed layer's activations as a buffer; 2BP schedules keep one
     extra micro-batch of every layer's linear inputs for the deferred weight gradients, and
     ZB-H1 keeps 1F1B's peak (its point). Offloaded optimizer states are split over
-    ``dp_replicate`` replicas (``orch.offload.partition``). Per-parameter FSDP padding is ignored.
+    ``dp_replicate`` replicas (``orch.offload.partition``), and with ``offload.shard_params`` the
+    parameters at home too (``orch.offload.param_shards``). Per-parameter FSDP padding is ignored.
     """
     m, tr, off = cfg.model, cfg.train, cfg.offload
     key = _model_key(m)
@@ -322,12 +323,16 @@ def estimate_memory(
         if tr.recompute == "full":
             buffers += max(nd and acts.dense_none, nm and acts.moe_none)
 
-        groups = (PARAM_BYTES * n, GRAD_BYTES * n, optim, act)
+        unit_bytes = PARAM_BYTES * -(-unit // fsdp)
+        params = PARAM_BYTES * n
+        if off.shard_params and tiers[0] == "cpu" and deg.dp_replicate > 1:
+            # each replica keeps its own units, and depth units on their way from the others
+            params = -(-params // deg.dp_replicate) + max(1, depth) * unit_bytes
+        groups = (params, GRAD_BYTES * n, optim, act)
         n_layers = max(1, nd + nm)
         # What the engine (orch.offload.engine) holds of an offloaded group: the unit in use
         # and up to depth - 1 prefetched; one matrix's gradient on its way home; nothing of
         # the optimizer (its step runs at home); activations: depth layers' worth.
-        unit_bytes = PARAM_BYTES * -(-unit // fsdp)
         minimum = (unit_bytes, GRAD_BYTES * largest, 0, per_mb // n_layers)
         windows = (max(1, depth) * unit_bytes, *minimum[1:3], depth * per_mb // n_layers)
         unit_optim = -(-whole_optim * -(-unit // fsdp) // max(1, n))

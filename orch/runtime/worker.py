@@ -140,7 +140,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     par = parallelize(model, plan, cfg, device, precision)
     model = par.model
     if offload is not None and par.offload_replicas is not None:
-        offload.average_gradients_over(par.offload_replicas)
+        offload.average_gradients_over(par.offload_replicas, cfg.offload.shard_params)
     if rank == 0:  # every rank agreed on the plan: record it
         _write_run_files(run_dir, cfg, plan)
     # FSDP's mixed-precision policy casts the blocks it wraps; otherwise autocast does.

@@ -17,14 +17,16 @@ first rank also computing the loss) x FSDP2. Offload: one process with parameter
 states and swapped activations resting on the NVMe tier (a file in the test's directory), and a 7 MB
 device budget (CPU homes are checked bit for bit in tests/offload); and two offloaded replicas of
 the MoE model (``parallel.dp_replicate=2``: CPU homes, each replica stepping and saving the
-optimizer states of its own units). Paths that a listed layout already runs are left to the
-per-gradient tests in tests/parallel, to keep the suite's time: tensor parallel alone (with and
-without sequence parallelism), expert parallel over 4 ranks, dense HSDP on its own, ring attention
-without TP, FSDP x CP x TP on 8 processes (each was here and passed before 2026-12-02; FSDP2 on 2
-ranks is in every composed layout). Three layouts (pp2, both offloaded ones) run as a user resuming
-after a preemption: stopped at step 2, then the same command again, so their checks also cover a
-resume into pipeline stages and into the offload tiers and the replicas' partition (an exact resume
-is tested in test_resume.py, so no uninterrupted twin here).
+optimizer states of its own units), twice: keeping every parameter, and with
+``offload.shard_params`` keeping only its own units' (the two must agree bit for bit). Paths
+that a listed layout already runs are left to the per-gradient tests in tests/parallel, to keep
+the suite's time: tensor parallel alone (with and without sequence parallelism), expert parallel
+over 4 ranks, dense HSDP on its own, ring attention without TP, FSDP x CP x TP on 8 processes
+(each was here and passed before 2026-12-02; FSDP2 on 2 ranks is in every composed layout).
+Four layouts (pp2, the offloaded ones) run as a user resuming after a preemption: stopped at step
+2, then the same command again, so their checks also cover a resume into pipeline stages and into
+the offload tiers and the replicas' partition (an exact resume is tested in test_resume.py, so no
+uninterrupted twin here).
 
 Resharding: five runs resume another layout's step-2 checkpoint under a different plan (dp4 ->
 dp2 x tp2, pp2 -> one process, ep2 -> ep4 on the MoE model with its expert bias, tp2 (x dp2) ->
@@ -75,7 +77,8 @@ OFFLOAD = ["offload.params=nvme", "offload.grads=nvme", "offload.optimizer=nvme"
 REPLICAS_BUDGET = 20_000_000  # one MoE block with 8 experts needs 17.0 MB on the device
 OFFLOAD_REPLICAS = ["offload.params=cpu", "offload.grads=cpu", "offload.optimizer=cpu",
                     "offload.activations=cpu", f"offload.device_budget={REPLICAS_BUDGET}",
-                    "parallel.dp_replicate=2", "parallel.dp_shard=1"]
+                    "parallel.dp_replicate=2", "parallel.dp_shard=1",
+                    "offload.cpu_adam=torch"]  # one kernel: the shared twin equals it exactly
 LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "fsdp4": (DENSE, 4, ["parallel.dp_shard=4"], dict(dp_shard=4)),
     "ddp2": (DENSE, 2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"], dict(dp_replicate=2)),
@@ -103,11 +106,13 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                         dict(pp=2, dp_shard=2)),
     "offload_nvme": (DENSE, 1, OFFLOAD, dict()),
     "offload_dp2_moe": (MOE, 2, OFFLOAD_REPLICAS, dict(dp_replicate=2)),
+    "offload_dp2_moe_shared": (MOE, 2, [*OFFLOAD_REPLICAS, "offload.shard_params=true"],
+                               dict(dp_replicate=2)),
     "tp2_moe": (MOE, 2, ["parallel.tp=2"], dict(tp=2)),
     "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
                       dict(dp_shard=2, tp=2, ep=2)),
 }
-RESUMED = ("pp2", "offload_nvme", "offload_dp2_moe")
+RESUMED = ("pp2", "offload_nvme", "offload_dp2_moe", "offload_dp2_moe_shared")
 RESHARDED = {  # name: (the layout that saved step 2, the plan that resumes it)
     "dp4_to_dp2tp2": ("fsdp4", "tp2sp_fsdp2"),
     "pp2_to_pp1": ("pp2", "single"),
@@ -303,6 +308,23 @@ def test_offloaded_replicas_kept_their_device_budget(runs):
     for record in metrics(runs["offload_dp2_moe"]):
         peak, budget = record["offload"]["device_peak_bytes"], REPLICAS_BUDGET
         assert record["offload"]["device_budget_bytes"] == budget and 0 < peak <= budget
+
+
+def test_shared_parameters_train_the_replicas_numbers_exactly(runs, tmp_path):
+    """``offload.shard_params``: each replica keeps only its own units' parameters and receives
+    the others' per use, which changes where the bytes come from and nothing else: the same
+    losses, gradient norms and final parameters as the replicas that keep every parameter,
+    bit for bit (a stop and resume included; uneven routing makes the replicas finish units in
+    different orders and fetch ahead differently)."""
+    kept, shared = metrics(runs["offload_dp2_moe"]), metrics(runs["offload_dp2_moe_shared"])
+    for a, b in zip(kept, shared, strict=True):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
+        assert b["offload"]["params_received_bytes"] > 0
+        assert "params_received_bytes" not in a["offload"]
+    ref = final_params(runs["offload_dp2_moe"], tmp_path)
+    got = final_params(runs["offload_dp2_moe_shared"], tmp_path)
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[name], got[name]) for name in ref)
 
 
 def test_offloaded_run_kept_its_device_budget(runs):

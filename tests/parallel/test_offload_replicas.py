@@ -10,6 +10,7 @@ from gloo_harness import run_on_gloo
 from torch import nn
 
 from orch.offload.grad_homes import GradientHomes
+from orch.offload.param_shards import SharedParams
 from orch.offload.partition import Partition, owners_by_size
 
 pytestmark = pytest.mark.dist
@@ -90,6 +91,62 @@ def test_gradients_sum_per_unit_whatever_order_the_replicas_finish_units_in(tmp_
     for index, owner in enumerate([0, 1, 0, 1]):
         torch.testing.assert_close(results[owner][index], torch.full((4,), 1.5 * (index + 1)))
         assert results[1 - owner][index] is None
+
+
+def _run_shared(rank: int, world: int, results) -> None:
+    units = [[nn.Parameter(torch.full((3,), 10.0 * (index + 1) + rank))] for index in range(3)]
+    partition = Partition(units, dist.group.WORLD)  # equal sizes: owners 0, 1, 0
+    partition.params_sharded = True
+    stepped: list[int] = []
+    shared = SharedParams(units, partition, lambda n: torch.empty(n, dtype=torch.uint8),
+                          stepped.append)
+    out = {"resting": [unit[0].untyped_storage().nbytes() for unit in units]}
+    shared.start_pass()
+    shared.ask(range(0, 2))
+    out["asked"] = [shared.asked(index) for index in range(3)]
+    out["taken"] = [shared.take(index)[0].clone() for index in range(3)]  # unit 2: asked now
+    out["stepped"] = list(stepped)
+    shared.start_pass()
+    shared.ask(range(2, -1, -1))  # never taken: waited for and dropped by the next pass
+    shared.start_pass()
+    with shared.all_in_memory():
+        out["gathered"] = [unit[0].data.clone() for unit in units]
+    out["after"] = [unit[0].untyped_storage().nbytes() for unit in units]
+    out["received"] = shared.bytes_received
+    results[rank] = out
+
+
+def test_shared_parameters_rest_on_their_owner_and_reach_the_others_per_use(tmp_path):
+    """``offload.shard_params``: a replica keeps only the units it owns; each use of another
+    gets the owner's values (the owner waits for its own update of the unit first), and a
+    checkpoint's gather brings every unit in, the others dropped again after."""
+    results = run_on_gloo(_run_shared, 2, tmp_path)
+    assert sorted(results) == [0, 1]
+    owners = [0, 1, 0]
+    for rank, got in results.items():
+        owned = [owner == rank for owner in owners]
+        assert got["resting"] == got["after"] == [12 if mine else 0 for mine in owned]
+        assert got["asked"] == [True, True, False]
+        for index, owner in enumerate(owners):
+            want = torch.full((3,), 10.0 * (index + 1) + owner)
+            assert torch.equal(got["taken"][index], want)
+            assert torch.equal(got["gathered"][index], want)
+        assert got["stepped"] == [i for i, mine in enumerate(owned) if mine]
+        assert got["received"] == 12 * owned.count(False)
+
+
+def test_shared_parameters_need_cpu_homes():
+    from orch.config import load_config
+    from orch.launch.launcher import unsupported_features
+
+    cfg = load_config("configs/tiny.yaml", ["offload.params=nvme", "offload.nvme_path=/tmp",
+                                            "offload.grads=cpu", "offload.optimizer=cpu",
+                                            "offload.shard_params=true",
+                                            "parallel.dp_replicate=2", "parallel.dp_shard=1"])
+    assert [str(p) for p in unsupported_features(cfg, 2)] == [
+        "offload.shard_params: true with offload.params=nvme: replicas share parameters that "
+        "rest in CPU memory (on NVMe they take no memory)\n    fix: set offload.params=cpu, or "
+        "offload.shard_params=false"]
 
 
 def test_units_go_to_the_least_loaded_replica_largest_first():

@@ -1,0 +1,129 @@
+"""Parameters partitioned over offloaded replicas (``offload.shard_params``, as ZeRO-3 does).
+
+ZeRO-Offload's partition (:mod:`orch.offload.partition`) splits the optimizer states and the CPU
+step between the replicas by unit, but every replica still keeps every parameter at home. With
+``shard_params`` a replica keeps only the parameters of the units it owns (the ones it steps);
+the others rest as placeholders, and whenever a replica needs a unit it does not own (its
+forward and its backward, every micro-batch) the owner broadcasts it, as ZeRO-3 all-gathers a
+layer before use. Per replica, CPU memory then holds about ``1 / replicas`` of the parameters and
+a window of units on their way; the traffic is one unit's bytes per use, between the replicas'
+host memories (a gloo group, whatever the device's backend, as the gradients' sums).
+
+Collectives must start in the same order on every replica, but which units a replica fetches
+ahead of use depends on its device budget, and that differs between replicas: a replica whose
+micro-batches missed an expert releases that unit later, kept activations follow timings. So the
+broadcasts do not follow the fetches; they follow the model: a unit's forward asks for itself and
+the next ``depth - 1`` units, a unit's backward for the ``depth`` units before it, each unit once
+per pass (a forward, or a backward), and a fetch only takes what was asked for. A pass's leftovers
+(asked for, never fetched: the backward of a frozen embedding) are waited for and dropped when the
+next pass starts. The owner packs a unit once its update has stepped it (:class:`UnitUpdates`).
+
+Checkpoints stay ordinary: around a save or load every replica gathers every unit
+(:meth:`SharedParams.all_in_memory`, the whole model in memory for that time, as NVMe homes are
+for a save), and drops the units it does not own after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from orch.offload.grad_homes import packed_views
+from orch.offload.nvme import placeholder
+from orch.offload.partition import Partition
+
+
+class SharedParams:
+    """Each unit's parameters at home on its owner only, sent to the other replicas per use."""
+
+    def __init__(self, units: list[list[nn.Parameter]], partition: Partition,
+                 host_empty: Callable[[int], torch.Tensor],
+                 stepped: Callable[[int], None]) -> None:
+        """``host_empty(nbytes)``: CPU memory for a unit on its way (pinned on CUDA);
+        ``stepped(index)``: blocks until unit ``index``'s pending update has stepped it."""
+        self.units, self.partition = units, partition
+        self._host_empty, self._stepped = host_empty, stepped
+        self._group = dist.new_group(dist.get_process_group_ranks(partition.group),
+                                     backend="gloo")
+        """The broadcasts' own group: they never interleave with the gradients' sums."""
+        self._asked: dict[int, tuple[dist.Work, torch.Tensor]] = {}
+        """Units asked for in this pass and not yet fetched: the broadcast and its buffer."""
+        self._passed: set[int] = set()
+        """Units asked for in this pass (fetched or not)."""
+        self.bytes_received = 0
+        for index in range(len(units)):
+            if not partition.owns(index):
+                self._drop(index)
+
+    def start_pass(self) -> None:
+        """A forward or a backward begins: forget the last pass's requests (leftovers are
+        waited for, since every replica started them, and dropped)."""
+        for work, _ in self._asked.values():
+            work.wait()
+        self._asked.clear()
+        self._passed.clear()
+
+    def ask(self, indices: range) -> None:
+        """Start the broadcasts of the units ``indices`` (in that order) not yet asked for in
+        this pass; every replica calls it at the same points of the model's run."""
+        for index in indices:
+            if not 0 <= index < len(self.units) or index in self._passed:
+                continue
+            self._passed.add(index)
+            params = self.units[index]
+            if not params:
+                continue
+            nbytes = sum(p.numel() for p in params) * params[0].element_size()
+            packed = self._host_empty(nbytes).view(params[0].dtype)
+            if self.partition.owns(index):
+                self._stepped(index)  # the update of the last step, before it goes out
+                for part, p in zip(packed_views(packed, params), params, strict=True):
+                    part.copy_(p.data)
+            work = dist.broadcast(packed, src=self.partition.owners[index], group=self._group,
+                                  async_op=True)
+            assert work is not None
+            self._asked[index] = (work, packed)
+
+    def asked(self, index: int) -> bool:
+        """Unit ``index`` was asked for in this pass and not fetched yet."""
+        return index in self._asked
+
+    def take(self, index: int) -> list[torch.Tensor]:
+        """Unit ``index``'s parameters as its owner has them (asked for first if this pass has
+        not; views of a buffer the caller drops once copied)."""
+        self.ask(range(index, index + 1))
+        if index not in self._asked:
+            raise RuntimeError(f"unit {index} fetched twice in one pass: its parameters were "
+                               "sent once")
+        work, packed = self._asked.pop(index)
+        work.wait()
+        if not self.partition.owns(index):
+            self.bytes_received += packed.numel() * packed.element_size()
+        return packed_views(packed, self.units[index])
+
+    @contextmanager
+    def all_in_memory(self) -> Iterator[None]:
+        """Every unit's parameters in place on every replica for the block (a checkpoint save
+        or load), the units this replica does not own dropped again after."""
+        for index, params in enumerate(self.units):
+            if not self.partition.owns(index):
+                for p in params:
+                    p.data = torch.empty(p.shape, dtype=p.dtype)
+            self.partition.share(index)
+        try:
+            yield
+        finally:
+            for index in range(len(self.units)):
+                if not self.partition.owns(index):
+                    self._drop(index)
+
+    def _drop(self, index: int) -> None:
+        for p in self.units[index]:
+            p.data = placeholder(p.data)
+
+
+__all__ = ["SharedParams"]
