@@ -296,7 +296,7 @@ class OffloadEngine:
         if self.swap is not None:
             self.swap.fetch(unit.index)
             self.swap.read_ahead(unit.index - 1)
-        self.grads.take_in(unit.index)  # NVMe: this step's partial sums, back in memory
+        self.grads.take_in(unit.index)  # NVMe, or freed after its sum: back in memory
         unit.grads_left = len(unit.params)
         unit.input_grad_due = unit.wraps_input  # not the embedding's: its input is token ids
         self._prefetch(reversed(self.units[:unit.index]))
@@ -382,14 +382,15 @@ class OffloadEngine:
         each unit's gradients are averaged at home onto the replica that steps it, which then
         sends the others its parameters (:mod:`orch.offload.grad_homes`,
         :mod:`orch.offload.partition`); with ``shard_params`` it keeps them, and sends a unit
-        each time another replica uses it (:mod:`orch.offload.param_shards`; CPU homes only).
+        each time another replica uses it (:mod:`orch.offload.param_shards`; CPU homes only),
+        and the others free their gradients of a unit once summed onto it.
         Every replica calls it (it makes groups)."""
         self.partition = self.updates.partition = Partition([u.params for u in self.units], group)
         self.grads.group, self.grads.owners = group, self.partition.owners
         if shard_params:
             if self.homes.params_on_nvme:
                 raise ValueError("offload.shard_params needs offload.params=cpu")
-            self.partition.params_sharded = True
+            self.partition.params_sharded = self.grads.free_summed = True
             self.shared = SharedParams([u.params for u in self.units], self.partition,
                                        self.transfers.host_empty, self.updates.wait)
 

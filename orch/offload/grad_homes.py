@@ -63,6 +63,10 @@ class GradientHomes:
         """The replicas (a gloo group); None for one process."""
         self.owners: list[int] = []
         """With replicas: the rank each unit's gradients are summed onto (its owner)."""
+        self.free_summed = False
+        """With replicas sharing their parameters (``offload.shard_params``): a unit's buffer
+        on the replicas that do not own it is freed once its sum has left, and grown again by
+        the next backward that adds to it (:meth:`take_in`)."""
         self.of: dict[nn.Parameter, torch.Tensor] = {}
         """Each parameter's home gradient (a view into its unit's buffer)."""
         self._flat: list[torch.Tensor] = []
@@ -98,13 +102,14 @@ class GradientHomes:
         self._ready, self._next = set(), len(self.units) - 1
 
     def take_in(self, index: int) -> None:
-        """Before a backward adds to unit ``index``'s gradients (NVMe): its buffer in memory
-        again, holding this step's partial sums when an earlier micro-batch stored some."""
+        """Before a backward adds to unit ``index``'s gradients (NVMe, or a buffer freed after
+        its sum): its buffer in memory again, holding this step's partial sums when an earlier
+        micro-batch stored some (its first micro-batch copies, so fresh bytes need no zeros)."""
         flat = self._flat[index]
-        if self.tier is None or flat.untyped_storage().nbytes() > 0:
+        if flat.untyped_storage().nbytes() > 0:
             return
         flat.untyped_storage().resize_(flat.numel() * flat.element_size())
-        if index in self._stored:
+        if self.tier is not None and index in self._stored:
             (stored,) = self.tier.read(("grads", index), staged=False)
             flat.copy_(stored)
             self.tier.done(("grads", index))
@@ -171,6 +176,7 @@ class GradientHomes:
         params = self.units[index]
         if self.group is None or index in self._pending or index in self._ready:
             return
+        self.take_in(index)  # a unit this step's backward did not reach: its buffer was freed
         counts = self._flat[index][-len(params):] if params else self._flat[index][:0]
         for slot, p in enumerate(params):
             missed = p in unreached
@@ -185,6 +191,19 @@ class GradientHomes:
                     self._flat[self._next], dst=self.owners[self._next], group=self.group,
                     async_op=True)
             self._next -= 1
+        self._free_summed(wait=False)
+
+    def _free_summed(self, wait: bool) -> None:
+        """With :attr:`free_summed`: free the buffers of the units this replica does not own
+        whose sums have left (all of them, waiting, with ``wait``)."""
+        if not self.free_summed or self.group is None:
+            return
+        rank = dist.get_rank(self.group)
+        for index, work in list(self._pending.items()):
+            if self.owners[index] != rank and (wait or work.is_completed()):
+                work.wait()
+                del self._pending[index]
+                self._flat[index].untyped_storage().resize_(0)
 
     def finish(self, unreached: set[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor | None]:
         """Every parameter's gradient for the step: its home gradient (with replicas: the
@@ -198,11 +217,13 @@ class GradientHomes:
         replicas, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         for index in reversed(range(len(self.units))):  # units the backward left unfinished
             self.reduce(index, unreached)
+        self._free_summed(wait=True)
         grads: dict[nn.Parameter, torch.Tensor | None] = {}
         for index, params in enumerate(self.units):
             if not params:
                 continue
-            self._pending.pop(index).wait()
+            if (work := self._pending.pop(index, None)) is not None:
+                work.wait()
             if self.owners[index] != rank:
                 grads.update(dict.fromkeys(params))
                 continue

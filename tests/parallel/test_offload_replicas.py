@@ -68,29 +68,47 @@ def test_gradients_reach_their_owner_and_the_replicas_end_equal(tmp_path):
             assert torch.equal(p, torch.full_like(p, 10.0 * (owner + 1)))
 
 
-def _run_out_of_order(rank: int, world: int, results) -> None:
+def _run_out_of_order(rank: int, world: int, results, free_summed: bool) -> None:
     units = [[nn.Parameter(torch.zeros(4))] for _ in range(4)]  # equal sizes: owners 0, 1, 0, 1
     homes = GradientHomes(units)
     homes.group, homes.owners = dist.group.WORLD, owners_by_size([16] * 4, world)
-    for index, (p,) in enumerate(units):
-        homes.of[p].fill_(float((rank + 1) * (index + 1)))
-    # rank 1's micro-batch missed a parameter of unit 2 (an expert no token chose): that unit
-    # is through only when the whole backward is, after the units before it
-    for index in ([3, 2, 1, 0] if rank == 0 else [3, 1, 0, 2]):
-        homes.reduce(index, set())
-    grads = homes.finish(set())
-    results[rank] = {index: grads[p] for index, (p,) in enumerate(units)}
+    homes.free_summed = free_summed
+    out = {}
+    for step in (1, 2):
+        homes.start_step()
+        for index, (p,) in enumerate(units):
+            homes.take_in(index)  # as a backward does before adding
+            homes.of[p].fill_(float((rank + step) * (index + 1)))
+        # rank 1's micro-batch missed a parameter of unit 2 (an expert no token chose): that
+        # unit is through only when the whole backward is, after the units before it
+        for index in ([3, 2, 1, 0] if rank == 0 else [3, 1, 0, 2]):
+            homes.reduce(index, set())
+        grads = homes.finish(set())
+        out[step] = {index: None if grads[p] is None else grads[p].clone()
+                     for index, (p,) in enumerate(units)}
+    out["resting"] = [homes.of[p].untyped_storage().nbytes() for (p,) in units]
+    results[rank] = out
 
 
-def test_gradients_sum_per_unit_whatever_order_the_replicas_finish_units_in(tmp_path):
+@pytest.mark.parametrize("free_summed", [False, True], ids=["kept", "freed"])
+def test_gradients_sum_per_unit_whatever_order_the_replicas_finish_units_in(tmp_path,
+                                                                            free_summed):
     """Replicas finish units in different orders when one's micro-batches miss a parameter that
     another's reach; the sums still pair each unit with itself (a collective started in a
-    different order would sum unit 2 of one replica with unit 1 of the other)."""
-    results = run_on_gloo(_run_out_of_order, 2, tmp_path)
+    different order would sum unit 2 of one replica with unit 1 of the other). With shared
+    parameters a replica frees its buffers of the units it does not own once summed, and the
+    next step's backward grows them again."""
+    results = run_on_gloo(_run_out_of_order, 2, tmp_path, free_summed)
     assert sorted(results) == [0, 1]
-    for index, owner in enumerate([0, 1, 0, 1]):
-        torch.testing.assert_close(results[owner][index], torch.full((4,), 1.5 * (index + 1)))
-        assert results[1 - owner][index] is None
+    owners = [0, 1, 0, 1]
+    for step in (1, 2):
+        for index, owner in enumerate(owners):
+            want = torch.full((4,), (step + 0.5) * (index + 1))  # mean of rank + step over ranks
+            torch.testing.assert_close(results[owner][step][index], want)
+            assert results[1 - owner][step][index] is None
+    for rank, got in results.items():  # 4 floats and one count per unit
+        assert got["resting"] == [20 if owner == rank or not free_summed else 0
+                                  for owner in owners]
 
 
 def _run_shared(rank: int, world: int, results) -> None:
