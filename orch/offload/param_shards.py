@@ -7,7 +7,9 @@ the others rest as placeholders, and whenever a replica needs a unit it does not
 forward and its backward, every micro-batch) the owner broadcasts it, as ZeRO-3 all-gathers a
 layer before use. Per replica, CPU memory then holds about ``1 / replicas`` of the parameters and
 a window of units on their way; the traffic is one unit's bytes per use, between the replicas'
-host memories (a gloo group, whatever the device's backend, as the gradients' sums).
+host memories (a gloo group, whatever the device's backend, as the gradients' sums). The
+gradients of a unit a replica does not own leave its memory too once their sum has left for the
+owner (:attr:`GradientHomes.free_summed <orch.offload.grad_homes.GradientHomes.free_summed>`).
 
 Collectives must start in the same order on every replica, but which units a replica fetches
 ahead of use depends on its device budget, and that differs between replicas: a replica whose

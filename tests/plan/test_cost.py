@@ -232,3 +232,11 @@ def test_offloaded_replicas_each_step_a_share_on_the_cpu() -> None:
     n = param_counts(cfg.model).total
     transfers, step = 2 * 3 * n * 4 / 50e9, n / 4 / CPU_ADAM_PARAMS_PER_S
     assert estimate(cfg, 4).comm_s["offload"] == pytest.approx(transfers + step)
+    # sharing the parameters (offload.shard_params): each use of a unit (forward and backward,
+    # 2 micro-batches) first comes from its owner over the replicas' link
+    kept = estimate(cfg, 4).comm_s["offload"]
+    cfg.offload.shard_params = True
+    deg = degrees(cfg, 4)
+    link = Topology.uniform(4, 8, H100).links(first_groups(deg))["dp_replicate"]
+    broadcasts = 2 * 2 * (n * 4 / link.bandwidth + link.latency_s)
+    assert estimate(cfg, 4).comm_s["offload"] == pytest.approx(kept + broadcasts)
