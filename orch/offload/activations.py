@@ -197,7 +197,8 @@ class ActivationSwap:
         self._home.pop(index, None)
         self._bytes.pop(index, None)
         self._landed.pop(index, None)
-        self._arrived.pop(index, None)
+        # copies back that no unpack waited for end before their device memory is reused
+        self.transfers.wait(self._arrived.pop(index, None))
         if self._back.pop(index, None) is not None:
             self.budget.give(self._held.pop(index))
         spilled, ahead = self._spilled.pop(index, None), self._ahead.pop(index, None)
