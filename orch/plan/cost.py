@@ -262,7 +262,9 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
 
     What ``orch.offload.engine`` does: an offloaded unit's parameters cross to the device for
     its forward and again for its backward on every micro-batch, every gradient crosses home
-    once per micro-batch, swapped activations cross out and back; all synchronous, so exposed.
+    once per micro-batch, swapped activations cross out and back; all counted as exposed, a
+    bound from above (on CUDA they run on a side stream beside the compute, on a CPU device
+    they are synchronous).
     The CPU optimizer step runs beside the next forward: only what exceeds the forward shows.
     With ``shard_params`` each use of a unit is first broadcast from its owner over the
     replicas' link (counted as exposed too, as the copies it feeds).
