@@ -357,8 +357,10 @@ class OffloadEngine:
             self._land_gradients()  # read on the host below: the unit's copies must be home
         if self.grads.tier is not None:  # NVMe: out of memory until the next backward adds
             self.grads.put_away(unit.index, self._fresh, final=self._last_micro_batch)
-        elif self._last_micro_batch:  # its gradients are final: average over the replicas
+        elif self._last_micro_batch or self.grads.free_summed:  # sum over the replicas
             self.grads.reduce(unit.index, self._fresh)
+            if self.grads.free_summed and not self.grads.owns(unit.index):
+                self._fresh.update(unit.params)  # its buffer goes: the next copies, not adds
 
     # --- steps ------------------------------------------------------------------------------
 
@@ -413,6 +415,7 @@ class OffloadEngine:
         self._land_gradients()
         for unit in self.units:
             self._backward_done(unit)
+        self.grads.end_micro_batch()
         self.homes.drop_reads_ahead()
         self.in_backward = False
 

@@ -64,17 +64,28 @@ class GradientHomes:
         self.owners: list[int] = []
         """With replicas: the rank each unit's gradients are summed onto (its owner)."""
         self.free_summed = False
-        """With replicas sharing their parameters (``offload.shard_params``): a unit's buffer
-        on the replicas that do not own it is freed once its sum has left, and grown again by
-        the next backward that adds to it (:meth:`take_in`)."""
+        """With replicas sharing their parameters (``offload.shard_params``): every micro-batch
+        sums its gradients onto the owners, and a unit's buffer on the replicas that do not own
+        it is freed once its sum has left, and grown again by the next backward that adds to it
+        (:meth:`take_in`). The owner keeps its own micro-batches' gradients in its buffer, as
+        one process would, and the others' sums beside them until the step's end."""
         self.of: dict[nn.Parameter, torch.Tensor] = {}
         """Each parameter's home gradient (a view into its unit's buffer)."""
         self._flat: list[torch.Tensor] = []
         self._pending: dict[int, dist.Work] = {}
-        self._ready: set[int] = set()
-        """Units whose gradients are final but whose sum waits for a later unit's to start."""
+        """The sum in flight of each unit (at most one: a unit's next waits for it)."""
+        self._started: set[int] = set()
+        """Units whose sum of this step (with :attr:`free_summed`: this micro-batch) started,
+        or is held back in :attr:`_ready`."""
+        self._ready: dict[int, torch.Tensor] = {}
+        """Units whose gradients are final but whose sum waits for a later unit's to start:
+        the buffer that goes into the sum."""
         self._next = len(units) - 1
         """The unit whose sum starts next (the backward's order: last unit first)."""
+        self._incoming: dict[int, torch.Tensor] = {}
+        """With :attr:`free_summed`, on the owner: the buffer a sum in flight lands in."""
+        self._others: dict[int, torch.Tensor] = {}
+        """With :attr:`free_summed`, on the owner: the other replicas' sums so far this step."""
         for params in units:
             dtypes = {p.dtype for p in params}
             if len(dtypes) > 1:
@@ -99,12 +110,21 @@ class GradientHomes:
     def start_step(self) -> None:
         """A new step: its first micro-batch copies into the buffers (nothing to read back)."""
         self._stored, self._final, self._norms, self.scale = set(), set(), {}, None
-        self._ready, self._next = set(), len(self.units) - 1
+        self._started, self._ready, self._next = set(), {}, len(self.units) - 1
+        self._others = {}
+
+    def end_micro_batch(self) -> None:
+        """After a micro-batch's backward (every unit's sum started): with
+        :attr:`free_summed` the next micro-batch sums its own, in the same order again."""
+        if self.free_summed:
+            self._started, self._ready, self._next = set(), {}, len(self.units) - 1
 
     def take_in(self, index: int) -> None:
         """Before a backward adds to unit ``index``'s gradients (NVMe, or a buffer freed after
         its sum): its buffer in memory again, holding this step's partial sums when an earlier
         micro-batch stored some (its first micro-batch copies, so fresh bytes need no zeros)."""
+        if not self.owns(index):
+            self._collect(index)  # its last sum must have read the buffer
         flat = self._flat[index]
         if flat.untyped_storage().nbytes() > 0:
             return
@@ -169,41 +189,65 @@ class GradientHomes:
         return grads_for
 
     def reduce(self, index: int, unreached: set[nn.Parameter]) -> None:
-        """Sum unit ``index``'s gradients onto its owner, once per step, when no more gradients
-        will be added (``unreached``: parameters this rank's micro-batches did not reach; their
-        buffers hold an older step's and are zeroed first): started now if every later unit's
-        sum has started, else once they have."""
-        params = self.units[index]
-        if self.group is None or index in self._pending or index in self._ready:
+        """Sum unit ``index``'s gradients onto its owner, once per step (with
+        :attr:`free_summed`, once per micro-batch), when no more gradients will be added
+        (``unreached``: parameters this rank's micro-batches did not reach; their buffers hold
+        an older step's and are zeroed first): started now if every later unit's sum has
+        started, else once they have. With :attr:`free_summed` the owner puts in nothing and
+        receives the others' sums beside its buffer."""
+        if self.group is None or index in self._started:
             return
-        self.take_in(index)  # a unit this step's backward did not reach: its buffer was freed
+        self._started.add(index)
+        if self.free_summed and self.owns(index):
+            self._collect(index)  # the last micro-batch's sum lands first (a fixed order)
+            buffer = self._incoming[index] = torch.zeros_like(self._flat[index])
+        else:
+            self.take_in(index)  # a unit this backward did not reach: its buffer was freed
+            buffer = self._flat[index]
+            self._mark_reached(index, unreached)
+        self._ready[index] = buffer
+        while self._next in self._ready:
+            unit, summed = self._next, self._ready.pop(self._next)
+            if self.units[unit]:
+                self._pending[unit] = dist.reduce(summed, dst=self.owners[unit],
+                                                  group=self.group, async_op=True)
+            self._next -= 1
+        for unit, work in list(self._pending.items()):  # let what has landed go
+            if work.is_completed():
+                self._collect(unit)
+
+    def _mark_reached(self, index: int, unreached: set[nn.Parameter]) -> None:
+        """Zero the gradients of unit ``index``'s parameters in ``unreached`` and count one
+        replica for each of the others (the counts that end the unit's buffer)."""
+        params = self.units[index]
         counts = self._flat[index][-len(params):] if params else self._flat[index][:0]
         for slot, p in enumerate(params):
             missed = p in unreached
             if missed:
                 self.of[p].zero_()
             counts[slot] = 0.0 if missed else 1.0
-        self._ready.add(index)
-        while self._next in self._ready:
-            self._ready.discard(self._next)
-            if self.units[self._next]:
-                self._pending[self._next] = dist.reduce(
-                    self._flat[self._next], dst=self.owners[self._next], group=self.group,
-                    async_op=True)
-            self._next -= 1
-        self._free_summed(wait=False)
 
-    def _free_summed(self, wait: bool) -> None:
-        """With :attr:`free_summed`: free the buffers of the units this replica does not own
-        whose sums have left (all of them, waiting, with ``wait``)."""
-        if not self.free_summed or self.group is None:
+    def _collect(self, index: int) -> None:
+        """Wait for unit ``index``'s sum in flight, if any; with :attr:`free_summed`, add what
+        the owner received to the others' sums so far, or free the sender's buffer."""
+        work = self._pending.pop(index, None)
+        if work is None:
             return
-        rank = dist.get_rank(self.group)
-        for index, work in list(self._pending.items()):
-            if self.owners[index] != rank and (wait or work.is_completed()):
-                work.wait()
-                del self._pending[index]
-                self._flat[index].untyped_storage().resize_(0)
+        work.wait()
+        if not self.free_summed:
+            return
+        if self.owns(index):
+            received = self._incoming.pop(index)
+            if index in self._others:
+                self._others[index].add_(received)
+            else:
+                self._others[index] = received
+        else:
+            self._flat[index].untyped_storage().resize_(0)
+
+    def owns(self, index: int) -> bool:
+        """This replica sums unit ``index``'s gradients (its owner; one process owns all)."""
+        return self.group is None or self.owners[index] == dist.get_rank(self.group)
 
     def finish(self, unreached: set[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor | None]:
         """Every parameter's gradient for the step: its home gradient (with replicas: the
@@ -214,20 +258,23 @@ class GradientHomes:
             return dict.fromkeys(self.of)
         if self.group is None:
             return {p: None if p in unreached else grad for p, grad in self.of.items()}
-        replicas, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        for index in reversed(range(len(self.units))):  # units the backward left unfinished
-            self.reduce(index, unreached)
-        self._free_summed(wait=True)
+        replicas = dist.get_world_size(self.group)
+        if not self.free_summed:  # units the backward left unfinished (with free_summed every
+            for index in reversed(range(len(self.units))):  # micro-batch's backward sums all)
+                self.reduce(index, unreached)
         grads: dict[nn.Parameter, torch.Tensor | None] = {}
         for index, params in enumerate(self.units):
+            self._collect(index)
             if not params:
                 continue
-            if (work := self._pending.pop(index, None)) is not None:
-                work.wait()
-            if self.owners[index] != rank:
+            if not self.owns(index):
                 grads.update(dict.fromkeys(params))
                 continue
             flat = self._flat[index]
+            if self.free_summed:  # its own micro-batches' sum, then the others'
+                self._mark_reached(index, unreached)
+                if (others := self._others.pop(index, None)) is not None:
+                    flat.add_(others)
             flat[:-len(params)].div_(replicas)
             for p, count in zip(params, flat[-len(params):].tolist(), strict=True):
                 grads[p] = self.of[p] if count > 0 else None

@@ -270,8 +270,8 @@ def estimate_memory(
     extra micro-batch of every layer's linear inputs for the deferred weight gradients, and
     ZB-H1 keeps 1F1B's peak (its point). Offloaded optimizer states are split over
     ``dp_replicate`` replicas (``orch.offload.partition``), and with ``offload.shard_params`` the
-    parameters at home too, and the gradients when a step has one micro-batch
-    (``orch.offload.param_shards``). Per-parameter FSDP padding is ignored.
+    parameters and gradients at home too (``orch.offload.param_shards``). Per-parameter FSDP
+    padding is ignored.
     """
     m, tr, off = cfg.model, cfg.train, cfg.offload
     key = _model_key(m)
@@ -328,10 +328,10 @@ def estimate_memory(
         params, grads = PARAM_BYTES * n, GRAD_BYTES * n
         if off.shard_params and tiers[0] == "cpu" and deg.dp_replicate > 1:
             # each replica keeps its own units, and depth units on their way from the others;
-            # with one micro-batch, the gradients of the others' units only until summed
+            # gradients: its own units' and the others' sums for them, and the others' units
+            # only until summed (orch.offload.grad_homes, free_summed)
             params = -(-params // deg.dp_replicate) + max(1, depth) * unit_bytes
-            if n_micro == 1:
-                grads = -(-grads // deg.dp_replicate) + max(1, depth) * unit_bytes
+            grads = 2 * -(-grads // deg.dp_replicate) + max(1, depth) * unit_bytes
         groups = (params, grads, optim, act)
         n_layers = max(1, nd + nm)
         # What the engine (orch.offload.engine) holds of an offloaded group: the unit in use

@@ -111,6 +111,55 @@ def test_gradients_sum_per_unit_whatever_order_the_replicas_finish_units_in(tmp_
                                   for owner in owners]
 
 
+def _run_micro_batches(rank: int, world: int, results) -> None:
+    """The engine's part, by hand: per micro-batch each unit's backward copies into a fresh
+    home or adds, then the unit's sum starts; with shared parameters a sent buffer is fresh
+    again for the next micro-batch."""
+    units = [[nn.Parameter(torch.zeros(4))] for _ in range(4)]  # owners 0, 1, 0, 1
+    homes = GradientHomes(units)
+    homes.group, homes.owners = dist.group.WORLD, owners_by_size([16] * 4, world)
+    homes.free_summed = True
+    reached = {0: lambda r, m: False,  # nobody
+               1: lambda r, m: (r, m) == (0, 1),  # not its owner, one micro-batch of rank 0
+               2: lambda r, m: True,
+               3: lambda r, m: (r, m) != (0, 0)}
+    fresh = {p for (p,) in units}
+    homes.start_step()
+    for micro in (0, 1):
+        for index in (3, 2, 1, 0):
+            (p,) = units[index]
+            homes.take_in(index)
+            if reached[index](rank, micro):
+                value = float((rank + 1) * (micro + 1) * (index + 1))
+                homes.of[p].fill_(value) if p in fresh else homes.of[p].add_(value)
+                fresh.discard(p)
+            homes.reduce(index, fresh)
+            if not homes.owns(index):
+                fresh.add(p)
+        homes.end_micro_batch()
+    grads = homes.finish(fresh)
+    results[rank] = {"grads": [None if grads[p] is None else grads[p].clone() for (p,) in units],
+                     "resting": [homes.of[p].untyped_storage().nbytes() for (p,) in units]}
+
+
+def test_shared_replicas_sum_every_micro_batch_and_keep_only_their_own(tmp_path):
+    """With shared parameters each micro-batch's gradients are summed onto the owners at once
+    (the others keep no whole-model gradients over the accumulation): the owners end with the
+    replicas' mean over all micro-batches, None where nobody reached a parameter."""
+    results = run_on_gloo(_run_micro_batches, 2, tmp_path)
+    assert sorted(results) == [0, 1]
+    owners = [0, 1, 0, 1]
+    want = [None, 2.0, 13.5, 16.0]  # sums over the reaching (rank, micro-batch) pairs, halved
+    for rank, got in results.items():
+        for index, owner in enumerate(owners):
+            grad = got["grads"][index]
+            if owner != rank or want[index] is None:
+                assert grad is None, index
+            else:
+                torch.testing.assert_close(grad, torch.full((4,), want[index]))
+        assert got["resting"] == [20 if owner == rank else 0 for owner in owners]
+
+
 def _run_shared(rank: int, world: int, results) -> None:
     units = [[nn.Parameter(torch.full((3,), 10.0 * (index + 1) + rank))] for index in range(3)]
     partition = Partition(units, dist.group.WORLD)  # equal sizes: owners 0, 1, 0
