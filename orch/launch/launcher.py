@@ -246,11 +246,10 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
         problems.append(Problem("offload", f"with {world} processes: each offloaded replica steps "
                                 f"at least one of the model's {units} units (embedding, blocks, "
                                 "head)", f"launch at most {units} processes"))
-    if off.shard_params and off.params != "cpu":
-        problems.append(Problem("offload.shard_params", f"true with offload.params={off.params}: "
-                                "replicas share parameters that rest in CPU memory (on NVMe "
-                                "they take no memory)", "set offload.params=cpu, or "
-                                "offload.shard_params=false"))
+    if off.shard_params and off.params == "device":
+        problems.append(Problem("offload.shard_params", "true with offload.params=device: "
+                                "replicas share parameters that rest off the device", "set "
+                                "offload.params=cpu or nvme, or offload.shard_params=false"))
     if off.enabled and world > 1 and off.grads == "nvme":
         problems.append(Problem("offload.grads", f"nvme with {world} processes: replicas average "
                                 "their gradients in CPU memory", "set offload.grads=cpu"))

@@ -235,7 +235,8 @@ class OffloadEngine:
             if self.shared is not None and not self.shared.asked(unit.index):
                 return  # its owner has not been asked to send it yet
             if count >= self.depth - 1 or not self.budget.fits(unit.nbytes + self._grad_reserve):
-                self.homes.read_ahead(unit.index)
+                if self.shared is None:  # shared units are read by their owner's sender
+                    self.homes.read_ahead(unit.index)
                 return
             self.fetch(unit)
 
@@ -384,17 +385,18 @@ class OffloadEngine:
         each unit's gradients are averaged at home onto the replica that steps it, which then
         sends the others its parameters (:mod:`orch.offload.grad_homes`,
         :mod:`orch.offload.partition`); with ``shard_params`` it keeps them, and sends a unit
-        each time another replica uses it (:mod:`orch.offload.param_shards`; CPU homes only),
-        and the others free their gradients of a unit once summed onto it.
+        each time another replica uses it (:mod:`orch.offload.param_shards`), and the others
+        free their gradients of a unit once summed onto it.
         Every replica calls it (it makes groups)."""
         self.partition = self.updates.partition = Partition([u.params for u in self.units], group)
         self.grads.group, self.grads.owners = group, self.partition.owners
         if shard_params:
-            if self.homes.params_on_nvme:
-                raise ValueError("offload.shard_params needs offload.params=cpu")
             self.partition.params_sharded = self.grads.free_summed = True
+            self.homes.rest_elsewhere({u.index for u in self.units
+                                       if not self.partition.owns(u.index)})
             self.shared = SharedParams([u.params for u in self.units], self.partition,
-                                       self.transfers.host_empty, self.updates.wait)
+                                       self.transfers.host_empty, self.updates.wait,
+                                       self.homes.params_to_copy)
 
     def drop_unowned_states(self, optimizer: torch.optim.Optimizer) -> None:
         """After a checkpoint load (inside :meth:`resident`): keep the optimizer states of the
@@ -423,6 +425,8 @@ class OffloadEngine:
         """After the last micro-batch: every parameter's ``grad`` is its CPU gradient (None for
         those no micro-batch reached), ready for the clip and the CPU optimizer step."""
         self.transfers.synchronize()  # no copy from a home may be running when it is stepped
+        if self.shared is not None:  # nor a broadcast from one (asked, never fetched)
+            self.shared.start_pass()
         for p, grad in self.grads.finish(self._fresh).items():
             p.grad = grad
         if self.auto is not None and self.auto.measuring:
@@ -499,7 +503,7 @@ class OffloadEngine:
         """Finish the last update and delete the NVMe tier's scratch file."""
         self.wait_updates()
         if self.shared is not None:  # units asked for and never fetched
-            self.shared.start_pass()
+            self.shared.close()
         if self.swap is not None:
             self.swap.close()
         self.homes.close()

@@ -51,6 +51,15 @@ class Homes:
         self._prepared: dict[int, Future] = {}
         """Reads ahead of an optimizer step (:meth:`prepare`)."""
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="orch-nvme-write")
+        self.elsewhere: set[int] = set()
+        """Units whose parameters rest on another replica (``offload.shard_params``): neither
+        read, written nor brought into memory here (their states are the owner's too); set by
+        :meth:`rest_elsewhere`."""
+        self._resting: list[list[torch.Tensor]] = [
+            [] if params_on_nvme else [p.data for p in params] for params in units]
+        """CPU homes: each unit's home tensors, the same objects for the whole run (the engine
+        points ``param.data`` at device copies while a unit is fetched; another thread may read
+        a home meanwhile)."""
         if params_on_nvme:
             for index in range(len(units)):
                 self._put_params(index)
@@ -59,9 +68,10 @@ class Homes:
 
     @contextmanager
     def params_to_copy(self, index: int) -> Iterator[list[torch.Tensor]]:
-        """Unit ``index``'s parameters as they rest, readable for the block's duration."""
+        """Unit ``index``'s parameters as they rest, readable for the block's duration (from any
+        thread)."""
         if not self.params_on_nvme:
-            yield [p.data for p in self.units[index]]
+            yield self._resting[index]
             return
         assert self.tier is not None
         ahead = self._ahead.pop(index, None)
@@ -70,6 +80,13 @@ class Homes:
             yield views
         finally:
             self.tier.done(("params", index))
+
+    def rest_elsewhere(self, indices: set[int]) -> None:
+        """The units ``indices`` rest on other replicas from now on: their homes here are let
+        go (the caller leaves placeholders in their parameters)."""
+        self.elsewhere = set(indices)
+        for index in indices:
+            self._resting[index] = []
 
     def read_ahead(self, index: int) -> None:
         """Start reading unit ``index``'s parameters from NVMe in the background, once its
@@ -99,7 +116,7 @@ class Homes:
         """Start reading what unit ``index``'s optimizer step needs from NVMe (its parameters
         and states) in the background, while the unit before it is stepped."""
         if (self.tier is None or index >= len(self.units) or index in self._prepared
-                or not (self.params_on_nvme or self.optimizer_on_nvme)):
+                or index in self.elsewhere or not (self.params_on_nvme or self.optimizer_on_nvme)):
             return
         self._prepared[index] = self._update_reader.submit(self._read_for_update, index, True)
 
@@ -124,7 +141,7 @@ class Homes:
         With ``on_stored`` the write-back runs behind, in a writer thread, and ``on_stored``
         is called once the bytes are on disk (with the error, if the write failed); the
         placeholders are in place when the block exits either way."""
-        if not (self.params_on_nvme or self.optimizer_on_nvme):
+        if index in self.elsewhere or not (self.params_on_nvme or self.optimizer_on_nvme):
             yield
             if on_stored is not None:
                 on_stored(None)
@@ -196,7 +213,8 @@ class Homes:
         """Every unit in memory (checkpoint save and load; the optimizer may gain states)."""
         with ExitStack() as stack:
             for index in range(len(self.units)):
-                stack.enter_context(self.in_memory(index, optimizer, staged=False))
+                if index not in self.elsewhere:
+                    stack.enter_context(self.in_memory(index, optimizer, staged=False))
             yield
 
     def close(self) -> None:

@@ -7,7 +7,9 @@ the others rest as placeholders, and whenever a replica needs a unit it does not
 forward and its backward, every micro-batch) the owner broadcasts it, as ZeRO-3 all-gathers a
 layer before use. Per replica, CPU memory then holds about ``1 / replicas`` of the parameters and
 a window of units on their way; the traffic is one unit's bytes per use, between the replicas'
-host memories (a gloo group, whatever the device's backend, as the gradients' sums). The
+host memories (a gloo group, whatever the device's backend, as the gradients' sums). With NVMe
+homes only the owner reads a unit from the disk (:attr:`Homes.elsewhere
+<orch.offload.homes.Homes.elsewhere>`), which divides the replicas' reads between them. The
 gradients of a unit a replica does not own leave its memory too once their sum has left for the
 owner (:attr:`GradientHomes.free_summed <orch.offload.grad_homes.GradientHomes.free_summed>`).
 
@@ -18,7 +20,9 @@ broadcasts do not follow the fetches; they follow the model: a unit's forward as
 the next ``depth - 1`` units, a unit's backward for the ``depth`` units before it, each unit once
 per pass (a forward, or a backward), and a fetch only takes what was asked for. A pass's leftovers
 (asked for, never fetched: the backward of a frozen embedding) are waited for and dropped when the
-next pass starts. The owner packs a unit once its update has stepped it (:class:`UnitUpdates`).
+next pass starts. The broadcasts run one after another on a thread of their own, in the order
+they were asked for, so the training thread does not wait for them (nor for the owner's read of
+a unit from NVMe, nor for its update of the unit, which the owner waits for before packing).
 
 Checkpoints stay ordinary: around a save or load every replica gathers every unit
 (:meth:`SharedParams.all_in_memory`, the whole model in memory for that time, as NVMe homes are
@@ -28,7 +32,8 @@ for a save), and drops the units it does not own after.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.distributed as dist
@@ -43,17 +48,21 @@ class SharedParams:
     """Each unit's parameters at home on its owner only, sent to the other replicas per use."""
 
     def __init__(self, units: list[list[nn.Parameter]], partition: Partition,
-                 host_empty: Callable[[int], torch.Tensor],
-                 stepped: Callable[[int], None]) -> None:
+                 host_empty: Callable[[int], torch.Tensor], stepped: Callable[[int], None],
+                 read_home: Callable[[int], AbstractContextManager[list[torch.Tensor]]]
+                 ) -> None:
         """``host_empty(nbytes)``: CPU memory for a unit on its way (pinned on CUDA);
-        ``stepped(index)``: blocks until unit ``index``'s pending update has stepped it."""
+        ``stepped(index)``: blocks until unit ``index``'s pending update has stepped it;
+        ``read_home(index)``: the owner's unit ``index`` as it rests (CPU memory or NVMe)."""
         self.units, self.partition = units, partition
-        self._host_empty, self._stepped = host_empty, stepped
+        self._host_empty, self._stepped, self._read_home = host_empty, stepped, read_home
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="orch-shared-params")
+        """Runs the broadcasts in the order they were asked for."""
         self._group = dist.new_group(dist.get_process_group_ranks(partition.group),
                                      backend="gloo")
         """The broadcasts' own group: they never interleave with the gradients' sums."""
-        self._asked: dict[int, tuple[dist.Work, torch.Tensor]] = {}
-        """Units asked for in this pass and not yet fetched: the broadcast and its buffer."""
+        self._asked: dict[int, Future[torch.Tensor]] = {}
+        """Units asked for in this pass and not yet fetched: the broadcast's packed unit."""
         self._passed: set[int] = set()
         """Units asked for in this pass (fetched or not)."""
         self.bytes_received = 0
@@ -64,8 +73,8 @@ class SharedParams:
     def start_pass(self) -> None:
         """A forward or a backward begins: forget the last pass's requests (leftovers are
         waited for, since every replica started them, and dropped)."""
-        for work, _ in self._asked.values():
-            work.wait()
+        for sent in self._asked.values():
+            sent.result()
         self._asked.clear()
         self._passed.clear()
 
@@ -76,19 +85,8 @@ class SharedParams:
             if not 0 <= index < len(self.units) or index in self._passed:
                 continue
             self._passed.add(index)
-            params = self.units[index]
-            if not params:
-                continue
-            nbytes = sum(p.numel() for p in params) * params[0].element_size()
-            packed = self._host_empty(nbytes).view(params[0].dtype)
-            if self.partition.owns(index):
-                self._stepped(index)  # the update of the last step, before it goes out
-                for part, p in zip(packed_views(packed, params), params, strict=True):
-                    part.copy_(p.data)
-            work = dist.broadcast(packed, src=self.partition.owners[index], group=self._group,
-                                  async_op=True)
-            assert work is not None
-            self._asked[index] = (work, packed)
+            if self.units[index]:
+                self._asked[index] = self._sender.submit(self._send, index)
 
     def asked(self, index: int) -> bool:
         """Unit ``index`` was asked for in this pass and not fetched yet."""
@@ -101,11 +99,29 @@ class SharedParams:
         if index not in self._asked:
             raise RuntimeError(f"unit {index} fetched twice in one pass: its parameters were "
                                "sent once")
-        work, packed = self._asked.pop(index)
-        work.wait()
+        packed = self._asked.pop(index).result()
         if not self.partition.owns(index):
             self.bytes_received += packed.numel() * packed.element_size()
         return packed_views(packed, self.units[index])
+
+    def _send(self, index: int) -> torch.Tensor:
+        """(The sender thread.) Unit ``index`` packed: from the owner's home once its update
+        has stepped it, broadcast into the same buffer on the others."""
+        params = self.units[index]
+        nbytes = sum(p.numel() for p in params) * params[0].element_size()
+        packed = self._host_empty(nbytes).view(params[0].dtype)
+        if self.partition.owns(index):
+            self._stepped(index)
+            with self._read_home(index) as homes:
+                for part, home in zip(packed_views(packed, params), homes, strict=True):
+                    part.copy_(home)
+        dist.broadcast(packed, src=self.partition.owners[index], group=self._group)
+        return packed
+
+    def close(self) -> None:
+        """Wait for the broadcasts asked for and never fetched, and stop the sender."""
+        self.start_pass()
+        self._sender.shutdown()
 
     @contextmanager
     def all_in_memory(self) -> Iterator[None]:

@@ -17,8 +17,9 @@ first rank also computing the loss) x FSDP2. Offload: one process with parameter
 states and swapped activations resting on the NVMe tier (a file in the test's directory), and a 7 MB
 device budget (CPU homes are checked bit for bit in tests/offload); and two offloaded replicas of
 the MoE model (``parallel.dp_replicate=2``: CPU homes, each replica stepping and saving the
-optimizer states of its own units), twice: keeping every parameter, and with
-``offload.shard_params`` keeping only its own units' (the two must agree bit for bit). Paths
+optimizer states of its own units), three times: keeping every parameter, and with
+``offload.shard_params`` keeping only its own units' parameters, in CPU memory and on NVMe (the
+three must agree bit for bit). Paths
 that a listed layout already runs are left to the per-gradient tests in tests/parallel, to keep
 the suite's time: tensor parallel alone (with and without sequence parallelism), expert parallel
 over 4 ranks, dense HSDP on its own, ring attention without TP, FSDP x CP x TP on 8 processes
@@ -108,6 +109,10 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "offload_dp2_moe": (MOE, 2, OFFLOAD_REPLICAS, dict(dp_replicate=2)),
     "offload_dp2_moe_shared": (MOE, 2, [*OFFLOAD_REPLICAS, "offload.shard_params=true"],
                                dict(dp_replicate=2)),
+    "offload_dp2_moe_shared_nvme": (MOE, 2, [*OFFLOAD_REPLICAS, "offload.shard_params=true",
+                                             "offload.params=nvme", "offload.optimizer=nvme",
+                                             "offload.nvme_path={scratch}"],
+                                    dict(dp_replicate=2)),
     "tp2_moe": (MOE, 2, ["parallel.tp=2"], dict(tp=2)),
     "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
                       dict(dp_shard=2, tp=2, ep=2)),
@@ -310,19 +315,21 @@ def test_offloaded_replicas_kept_their_device_budget(runs):
         assert record["offload"]["device_budget_bytes"] == budget and 0 < peak <= budget
 
 
-def test_shared_parameters_train_the_replicas_numbers_exactly(runs, tmp_path):
-    """``offload.shard_params``: each replica keeps only its own units' parameters and receives
-    the others' per use, which changes where the bytes come from and nothing else: the same
-    losses, gradient norms and final parameters as the replicas that keep every parameter,
-    bit for bit (a stop and resume included; uneven routing makes the replicas finish units in
-    different orders and fetch ahead differently)."""
-    kept, shared = metrics(runs["offload_dp2_moe"]), metrics(runs["offload_dp2_moe_shared"])
+@pytest.mark.parametrize("layout", ["offload_dp2_moe_shared", "offload_dp2_moe_shared_nvme"])
+def test_shared_parameters_train_the_replicas_numbers_exactly(runs, layout, tmp_path):
+    """``offload.shard_params``: each replica keeps only its own units' parameters (in CPU
+    memory, or on NVMe) and receives the others' per use, and sums each micro-batch's gradients
+    onto the owners, which changes where the bytes are and nothing else: with two replicas the
+    same losses, gradient norms and final parameters as the replicas that keep every parameter
+    in CPU memory, bit for bit (a stop and resume included for the CPU homes; uneven routing
+    makes the replicas finish units in different orders and fetch ahead differently)."""
+    kept, shared = metrics(runs["offload_dp2_moe"]), metrics(runs[layout])
     for a, b in zip(kept, shared, strict=True):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
         assert b["offload"]["params_received_bytes"] > 0
         assert "params_received_bytes" not in a["offload"]
     ref = final_params(runs["offload_dp2_moe"], tmp_path)
-    got = final_params(runs["offload_dp2_moe_shared"], tmp_path)
+    got = final_params(runs[layout], tmp_path)
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[name], got[name]) for name in ref)
 

@@ -3,6 +3,8 @@ them), the owner's parameters sent back to every replica, the clip's norm over a
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -166,7 +168,7 @@ def _run_shared(rank: int, world: int, results) -> None:
     partition.params_sharded = True
     stepped: list[int] = []
     shared = SharedParams(units, partition, lambda n: torch.empty(n, dtype=torch.uint8),
-                          stepped.append)
+                          stepped.append, lambda index: nullcontext([p.data for p in units[index]]))
     out = {"resting": [unit[0].untyped_storage().nbytes() for unit in units]}
     shared.start_pass()
     shared.ask(range(0, 2))
@@ -202,17 +204,15 @@ def test_shared_parameters_rest_on_their_owner_and_reach_the_others_per_use(tmp_
         assert got["received"] == 12 * owned.count(False)
 
 
-def test_shared_parameters_need_cpu_homes():
+def test_shared_parameters_need_offloaded_parameters():
     from orch.config import load_config
     from orch.launch.launcher import unsupported_features
 
-    cfg = load_config("configs/tiny.yaml", ["offload.params=nvme", "offload.nvme_path=/tmp",
-                                            "offload.grads=cpu", "offload.optimizer=cpu",
-                                            "offload.shard_params=true",
+    cfg = load_config("configs/tiny.yaml", ["offload.shard_params=true",
                                             "parallel.dp_replicate=2", "parallel.dp_shard=1"])
     assert [str(p) for p in unsupported_features(cfg, 2)] == [
-        "offload.shard_params: true with offload.params=nvme: replicas share parameters that "
-        "rest in CPU memory (on NVMe they take no memory)\n    fix: set offload.params=cpu, or "
+        "offload.shard_params: true with offload.params=device: replicas share parameters that "
+        "rest off the device\n    fix: set offload.params=cpu or nvme, or "
         "offload.shard_params=false"]
 
 
