@@ -384,10 +384,10 @@ class OffloadEngine:
         """Train as one of ``group``'s data-parallel replicas (a gloo group over the world):
         each unit's gradients are averaged at home onto the replica that steps it, which then
         sends the others its parameters (:mod:`orch.offload.grad_homes`,
-        :mod:`orch.offload.partition`); with ``shard_params`` it keeps them, and sends a unit
-        each time another replica uses it (:mod:`orch.offload.param_shards`), and the others
-        free their gradients of a unit once summed onto it.
-        Every replica calls it (it makes groups)."""
+        :mod:`orch.offload.partition`); with ``shard_params`` it keeps them and sends a unit
+        each time another replica uses it, and the others free their gradients of a unit once
+        summed onto it (:mod:`orch.offload.param_shards`). Every replica calls it (it makes
+        groups)."""
         self.partition = self.updates.partition = Partition([u.params for u in self.units], group)
         self.grads.group, self.grads.owners = group, self.partition.owners
         if shard_params:
