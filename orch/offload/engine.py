@@ -62,7 +62,7 @@ from orch.offload.grad_homes import GradientHomes
 from orch.offload.homes import Homes
 from orch.offload.nvme import NvmeTier, scratch_file
 from orch.offload.param_shards import SharedParams
-from orch.offload.partition import Partition
+from orch.offload.partition import Partition, owners_by_size
 from orch.offload.policy import AutoActivations
 from orch.offload.transfers import CopyDone, HostTransfers
 from orch.parallel.recompute import recompute_block
@@ -128,7 +128,11 @@ class OffloadEngine:
     def __init__(self, units: list[Unit], device: torch.device, budget: DeviceBudget,
                  prefetch_depth: int, activations: str = "device",
                  nvme: NvmeTier | None = None, params_on_nvme: bool = False,
-                 optimizer_on_nvme: bool = False, grads_on_nvme: bool = False) -> None:
+                 optimizer_on_nvme: bool = False, grads_on_nvme: bool = False,
+                 elsewhere: frozenset[int] = frozenset()) -> None:
+        """``elsewhere``: with ``offload.shard_params``, the units other replicas own, known
+        before the replicas' group exists (:func:`offload_transformer`), so their parameters
+        are never pinned or written here."""
         self.units, self.device, self.budget = units, device, budget
         self.transfers = HostTransfers(device)
         """Parameters', gradients' and swapped activations' copies, on a side stream on CUDA
@@ -160,7 +164,8 @@ class OffloadEngine:
             for p in unit.params:
                 self._unit_of[p] = unit
                 home = p.data.to("cpu")  # CPU homes pinned on CUDA (NVMe ones leave at once)
-                p.data = home if params_on_nvme else self.transfers.pin(home)
+                p.data = (home if params_on_nvme or unit.index in elsewhere
+                          else self.transfers.pin(home))
         self.grads = GradientHomes([unit.params for unit in units],
                                    nvme if grads_on_nvme else None, self.transfers.pin)
         """The home gradients: in CPU memory (averaged over data-parallel replicas once given a
@@ -169,7 +174,8 @@ class OffloadEngine:
         """Gradient copies on their way home (CUDA): each one's end and its device bytes,
         accounted until it has landed."""
         self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
-                           optimizer_on_nvme, lambda index: self.updates.stepped_event(index))
+                           optimizer_on_nvme, lambda index: self.updates.stepped_event(index),
+                           elsewhere)
         """Where parameters and optimizer states rest: CPU memory, or the NVMe tier's file."""
         self.updates = UnitUpdates([unit.params for unit in units], self.homes)
         self.partition: Partition | None = None
@@ -392,8 +398,12 @@ class OffloadEngine:
         self.grads.group, self.grads.owners = group, self.partition.owners
         if shard_params:
             self.partition.params_sharded = self.grads.free_summed = True
-            self.homes.rest_elsewhere({u.index for u in self.units
-                                       if not self.partition.owns(u.index)})
+            elsewhere = {u.index for u in self.units if not self.partition.owns(u.index)}
+            if self.homes.elsewhere and self.homes.elsewhere != elsewhere:
+                raise RuntimeError(f"the units built as other replicas' "
+                                   f"({sorted(self.homes.elsewhere)}) are not the partition's "
+                                   f"({sorted(elsewhere)})")
+            self.homes.rest_elsewhere(elsewhere)
             self.shared = SharedParams([u.params for u in self.units], self.partition,
                                        self.transfers.host_empty, self.updates.wait,
                                        self.homes.params_to_copy)
@@ -537,14 +547,21 @@ def buffers_to(model: nn.Module, device: torch.device) -> None:
 
 
 def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: int,
-                        pinned_bytes: int, off: OffloadConfig, rank: int = 0) -> OffloadEngine:
+                        pinned_bytes: int, off: OffloadConfig, rank: int = 0,
+                        replicas: int = 1) -> OffloadEngine:
     """Offload orch's Transformer to the homes ``off`` names: parameters, optimizer states and
     saved activations in CPU memory or in a file under ``off.nvme_path`` (activations may also
     stay on the device), gradients in CPU memory; buffers (RoPE tables) on ``device``; at most
     ``budget_bytes`` of what the engine places on ``device`` at once, staging NVMe transfers
-    through at most ``pinned_bytes`` of CPU buffers."""
+    through at most ``pinned_bytes`` of CPU buffers. ``replicas`` (``rank`` among them): with
+    ``off.shard_params``, the units the others will own are let go at once (the owners are the
+    partition's, :func:`~orch.offload.partition.owners_by_size`)."""
     buffers_to(model, device)
     units = transformer_units(model)
+    elsewhere: frozenset[int] = frozenset()
+    if off.shard_params and replicas > 1:
+        owners = owners_by_size([unit.nbytes for unit in units], replicas)
+        elsewhere = frozenset(index for index, owner in enumerate(owners) if owner != rank)
     on_nvme = {group: getattr(off, group) == "nvme" for group in ("params", "grads", "optimizer")}
     tier = None
     if any(on_nvme.values()) or off.activations == "nvme":
@@ -553,7 +570,7 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
         tier = NvmeTier(path, io, pinned_bytes)
     return OffloadEngine(units, device, DeviceBudget(budget_bytes), off.prefetch_depth,
                          off.activations, tier, on_nvme["params"], on_nvme["optimizer"],
-                         on_nvme["grads"])
+                         on_nvme["grads"], elsewhere)
 
 
 __all__ = ["OffloadEngine", "Unit", "buffers_to", "offload_transformer", "transformer_units"]

@@ -36,7 +36,10 @@ class Homes:
 
     def __init__(self, units: list[list[nn.Parameter]], tier: NvmeTier | None = None,
                  params_on_nvme: bool = False, optimizer_on_nvme: bool = False,
-                 updated: Callable[[int], threading.Event] | None = None) -> None:
+                 updated: Callable[[int], threading.Event] | None = None,
+                 elsewhere: frozenset[int] = frozenset()) -> None:
+        """``elsewhere``: units whose parameters rest on other replicas from the start
+        (:meth:`rest_elsewhere`; never written here)."""
         if (params_on_nvme or optimizer_on_nvme) and tier is None:
             raise ValueError("an NVMe home needs an NvmeTier")
         self.units, self.tier = units, tier
@@ -60,9 +63,14 @@ class Homes:
         """CPU homes: each unit's home tensors, the same objects for the whole run (the engine
         points ``param.data`` at device copies while a unit is fetched; another thread may read
         a home meanwhile)."""
+        self.rest_elsewhere(set(elsewhere))
+        for index in sorted(elsewhere):
+            for p in units[index]:
+                p.data = placeholder(p.data)
         if params_on_nvme:
             for index in range(len(units)):
-                self._put_params(index)
+                if index not in self.elsewhere:
+                    self._put_params(index)
 
     # --- one unit ---------------------------------------------------------------------------
 

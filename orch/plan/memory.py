@@ -327,11 +327,12 @@ def estimate_memory(
         unit_bytes = PARAM_BYTES * -(-unit // fsdp)
         params, grads = PARAM_BYTES * n, GRAD_BYTES * n
         if off.shard_params and tiers[0] != "device" and deg.dp_replicate > 1:
-            # each replica keeps its own units (in CPU memory: on NVMe its file holds them all
-            # from the start), and depth units on their way from the others; gradients: its
-            # own units' and the others' sums for them, and the others' only until summed
+            # each replica keeps its own units (in CPU memory with depth units on their way
+            # from the others; on NVMe only its own); gradients: its own units' and the
+            # others' sums for them, and the others' only until summed
+            params = -(-params // deg.dp_replicate)
             if tiers[0] == "cpu":
-                params = -(-params // deg.dp_replicate) + max(1, depth) * unit_bytes
+                params += max(1, depth) * unit_bytes
             grads = 2 * -(-grads // deg.dp_replicate) + max(1, depth) * unit_bytes
         groups = (params, grads, optim, act)
         n_layers = max(1, nd + nm)

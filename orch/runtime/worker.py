@@ -132,7 +132,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     offload = None
     if cfg.offload.enabled:  # parameters rest on the CPU or NVMe, buffers go to the device
         offload = offload_transformer(model, device, plan.offload_budget_bytes,
-                                      plan.pinned_budget_bytes, cfg.offload, rank)
+                                      plan.pinned_budget_bytes, cfg.offload, rank,
+                                      plan.degrees.dp_replicate)
     else:
         model.to(device)
     precision = _precision(cfg, device, rank)

@@ -193,3 +193,24 @@ def test_activations_swapped_to_nvme_train_the_plain_numbers(plain, tmp_path, re
     assert all(peak <= BUDGET for peak in run.peaks)
     run.engine.close()
     assert not (tmp_path / "swap").exists()
+
+
+@pytest.mark.parametrize("on_nvme", [False, True], ids=["cpu", "nvme"])
+def test_units_resting_on_other_replicas_are_never_held_or_written_here(tmp_path, on_nvme):
+    """``offload.shard_params``: the units other replicas own are let go from the start (their
+    parameters placeholders, nothing of them in the tier's file), and a checkpoint's gather of
+    this replica's homes leaves them out."""
+    from torch import nn
+
+    from orch.offload.homes import Homes
+
+    units = [[nn.Parameter(torch.full((256,), float(index)))] for index in range(3)]
+    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=1 << 20)
+    homes = Homes(units, tier, params_on_nvme=on_nvme, elsewhere=frozenset({1}))
+    assert units[1][0].untyped_storage().nbytes() == 0
+    assert [tier.has(("params", index)) for index in range(3)] == [on_nvme, False, on_nvme]
+    with homes.params_to_copy(2) as (home,):
+        assert torch.equal(home, torch.full((256,), 2.0))
+    with homes.all_in_memory(None):
+        assert [unit[0].untyped_storage().nbytes() > 0 for unit in units] == [True, False, True]
+    homes.close()

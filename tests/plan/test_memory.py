@@ -151,6 +151,8 @@ def test_offload_moves_groups_off_device_but_keeps_a_prefetch_window():
     assert shared.params == -(-kept.params // 4) + 2 * 4 * unit
     assert shared.grads == 2 * -(-kept.grads // 4) + 2 * 4 * unit
     assert shared.optimizer == kept.optimizer
+    cfg.offload.params = "nvme"  # each replica's file holds its own units only
+    assert estimate_memory(cfg, Degrees(dp_replicate=4)).nvme == -(-kept.params // 4)
     assert shared.cpu == kept.cpu - (kept.params - shared.params) - (kept.grads - shared.grads)
 
 
