@@ -19,11 +19,11 @@ device budget (CPU homes are checked bit for bit in tests/offload); and two offl
 the MoE model (``parallel.dp_replicate=2``: CPU homes, each replica stepping and saving the
 optimizer states of its own units), three times: keeping every parameter, and with
 ``offload.shard_params`` keeping only its own units' parameters, in CPU memory and on NVMe (the
-three must agree bit for bit). Paths
-that a listed layout already runs are left to the per-gradient tests in tests/parallel, to keep
-the suite's time: tensor parallel alone (with and without sequence parallelism), expert parallel
-over 4 ranks, dense HSDP on its own, ring attention without TP, FSDP x CP x TP on 8 processes
-(each was here and passed before 2026-12-02; FSDP2 on 2 ranks is in every composed layout).
+three must agree bit for bit). Paths that a listed layout already runs are left to the
+per-gradient tests in tests/parallel, to keep the suite's time: tensor parallel alone (with and
+without sequence parallelism), expert parallel over 4 ranks, dense HSDP on its own, ring
+attention without TP, FSDP x CP x TP on 8 processes (each was here and passed before 2026-12-02;
+FSDP2 on 2 ranks is in every composed layout).
 Four layouts (pp2, the offloaded ones) run as a user resuming after a preemption: stopped at step
 2, then the same command again, so their checks also cover a resume into pipeline stages and into
 the offload tiers and the replicas' partition (an exact resume is tested in test_resume.py, so no
