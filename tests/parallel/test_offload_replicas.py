@@ -1,5 +1,7 @@
 """Offloaded data-parallel replicas: gradients averaged onto each unit's owner (as DDP averages
-them), the owner's parameters sent back to every replica, the clip's norm over all owners."""
+them), the owner's parameters sent back to every replica, the clip's norm over all owners; with
+shared parameters (``offload.shard_params``) each unit kept by its owner only and sent per use,
+and every micro-batch's gradients summed at once."""
 
 from __future__ import annotations
 
