@@ -202,8 +202,8 @@ class OffloadEngine:
         resting = [p.data for p in unit.params]
         if not unit.device_copies:  # one device tensor per parameter for the whole run
             unit.device_copies = [torch.empty_like(r, device=self.device) for r in resting]
-        sent = self.shared is not None
-        source = (nullcontext(self.shared.take(unit.index)) if self.shared is not None
+        sent = self.shared is not None  # by its owner, into a buffer dropped after the copy
+        source = (nullcontext(self.shared.take(unit.index)) if self.shared
                   else self.homes.params_to_copy(unit.index))
         with source as homes:
             for copy, home in zip(unit.device_copies, homes, strict=True):

@@ -123,7 +123,7 @@ class GradientHomes:
         """Before a backward adds to unit ``index``'s gradients (NVMe, or a buffer freed after
         its sum): its buffer in memory again, holding this step's partial sums when an earlier
         micro-batch stored some (its first micro-batch copies, so fresh bytes need no zeros)."""
-        if not self.owns(index):
+        if index in self._pending and not self.owns(index):
             self._collect(index)  # its last sum must have read the buffer
         flat = self._flat[index]
         if flat.untyped_storage().nbytes() > 0:
