@@ -3,9 +3,10 @@
 The directory holds ``config.json`` and one or more ``*.safetensors`` shards (with
 ``model.safetensors.index.json`` when sharded), as ``save_pretrained`` writes them. The config
 is checked against orch's model config first, every mismatch reported at once with the value to
-set. Weights are then read one tensor at a time from memory-mapped shards (``safe_open``) and
-copied into the model's parameters where they live (on the CPU, which for an offloaded model is
-their home tier), so the checkpoint is never held in memory beside the model.
+set. Weights are then read one tensor at a time from memory-mapped shards (``safe_open``) into each
+parameter as it is allocated (:class:`HFCheckpoint`, a weight source): for an offloaded model,
+unit by unit straight into its home tier, so neither the checkpoint nor the whole model is held
+in CPU memory at once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
 from orch.models.hf import hf_ignored, hf_llama_config, hf_to_ours
+from orch.models.weights import fill_all
 
 # config.json key -> the ModelConfig field it must equal (and how to print it)
 _CHECKED = {
@@ -76,47 +78,73 @@ def init_from_problems(model: ModelConfig) -> list[Problem]:
     return problems
 
 
-def load_hf_weights(model: nn.Module, cfg: ModelConfig) -> int:
-    """Copy the checkpoint at ``cfg.init_from`` into ``model`` (orch's Transformer), tensor by
-    tensor; returns how many tensors were read. Raises a ProblemsError naming every key it
-    cannot place and every parameter left without a value."""
-    from safetensors import safe_open
+class HFCheckpoint:
+    """The tensors of the checkpoint at ``cfg.init_from`` by orch parameter name: a
+    :class:`~orch.models.weights.WeightSource`.
 
-    if problems := init_from_problems(cfg):
-        raise ProblemsError(problems, title="cannot initialize from the checkpoint")
-    params = dict(model.named_parameters())
-    filled: set[str] = set()
-    problems = []
-    read = 0
-    for shard in _shards(Path(cfg.init_from)):
-        with safe_open(str(shard), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                if hf_ignored(key):
-                    continue
-                ours = hf_to_ours(key)
-                if ours is None or ours not in params:
-                    problems.append(Problem(key, f"in {shard.name} has no counterpart in "
-                                            "orch's Llama Transformer",
-                                            "use a bias-free Llama checkpoint"))
-                    continue
-                tensor = handle.get_tensor(key)
-                target = params[ours]
-                if tensor.shape != target.shape:
-                    problems.append(Problem(key, f"has shape {tuple(tensor.shape)}, orch's "
-                                            f"{ours} {tuple(target.shape)}", "check model.*"))
-                    continue
-                with torch.no_grad():
-                    target.copy_(tensor)
-                filled.add(ours)
-                read += 1
-    if cfg.tie_embeddings:  # the head is the embedding's parameter; checkpoints may omit it
-        filled.add("output.weight")
-    missing = [name for name in params if name not in filled]
-    problems += [Problem(name, f"has no tensor in {cfg.init_from}", "use a complete checkpoint")
-                 for name in missing]
-    if problems:
-        raise ProblemsError(problems, title="cannot initialize from the checkpoint")
-    return read
+    Built from the shards' headers alone: every key without a place in ``model``, every shape
+    that differs and every parameter left without a tensor is reported at once (a
+    ProblemsError) before any weight is read. :meth:`fill` then reads one tensor at a time, in
+    any order, keeping one shard open (memory-mapped) at a time; a checkpoint written layer by
+    layer is read shard by shard when filled in the model's order.
+    """
+
+    def __init__(self, cfg: ModelConfig, model: nn.Module) -> None:
+        from safetensors import safe_open
+
+        if problems := init_from_problems(cfg):
+            raise ProblemsError(problems, title="cannot initialize from the checkpoint")
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        self._where: dict[str, tuple[Path, str]] = {}
+        """Our parameter name -> (shard, key) holding its tensor."""
+        for shard in _shards(Path(cfg.init_from)):
+            with safe_open(str(shard), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    if hf_ignored(key):
+                        continue
+                    ours = hf_to_ours(key)
+                    if ours is None or ours not in shapes:
+                        problems.append(Problem(key, f"in {shard.name} has no counterpart in "
+                                                "orch's Llama Transformer",
+                                                "use a bias-free Llama checkpoint"))
+                        continue
+                    shape = torch.Size(handle.get_slice(key).get_shape())
+                    if shape != shapes[ours]:
+                        problems.append(Problem(key, f"has shape {tuple(shape)}, orch's {ours} "
+                                                f"{tuple(shapes[ours])}", "check model.*"))
+                        continue
+                    self._where[ours] = (shard, key)
+        problems += [Problem(name, f"has no tensor in {cfg.init_from}", "use a complete checkpoint")
+                     for name in shapes if name not in self._where]
+        if problems:
+            raise ProblemsError(problems, title="cannot initialize from the checkpoint")
+        self._open: tuple[Path, object] | None = None
+        self.read = 0
+        """Tensors read so far."""
+
+    def fill(self, name: str, into: torch.Tensor) -> None:
+        from safetensors import safe_open
+
+        shard, key = self._where[name]
+        if self._open is None or self._open[0] != shard:
+            self._open = None  # the previous shard's mapping goes before the next one opens
+            self._open = (shard, safe_open(str(shard), framework="pt"))
+        into.copy_(self._open[1].get_tensor(key))  # type: ignore[attr-defined]
+        self.read += 1
+
+    def close(self) -> None:
+        """Let the open shard go (its mapped pages with it)."""
+        self._open = None
+
+
+def load_hf_weights(model: nn.Module, cfg: ModelConfig) -> int:
+    """Copy the checkpoint at ``cfg.init_from`` into ``model`` (orch's Transformer, its
+    parameters allocated), tensor by tensor; returns how many tensors were read. Raises a
+    ProblemsError naming every key it cannot place and every parameter left without a value."""
+    source = HFCheckpoint(cfg, model)
+    fill_all(model, source)
+    source.close()
+    return source.read
 
 
 def _shards(path: Path) -> list[Path]:
@@ -128,4 +156,4 @@ def _shards(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-__all__ = ["init_from_problems", "load_hf_weights"]
+__all__ = ["HFCheckpoint", "init_from_problems", "load_hf_weights"]

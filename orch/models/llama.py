@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from orch.config.schema import ModelConfig
-from orch.models.moe import INIT_STD, FeedForward, MoEFeedForward
+from orch.models.moe import FeedForward, MoEFeedForward
+from orch.models.weights import SeededInit, fill_all
 
 
 class RMSNorm(nn.Module):
@@ -36,8 +37,14 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-        self.register_buffer("inv_freq", 1.0 / theta**exponent, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Compute the frequencies (on the default device: again on the CPU for a model built
+        on the meta device)."""
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
+        self.register_buffer("inv_freq", 1.0 / self.theta**exponent, persistent=False)
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
@@ -133,18 +140,19 @@ class Transformer(nn.Module):
         if not self.output.weight.is_meta:
             self.init_weights(seed=0)
 
-    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Norm weights 1, everything else N(0, 0.02), drawn in parameter order on the CPU.
+        """Norm weights 1, everything else N(0, 0.02), drawn in parameter order on the CPU
+        (:class:`~orch.models.weights.SeededInit`, which can also fill a meta-built model unit
+        by unit)."""
+        fill_all(self, SeededInit(self, seed))
 
-        Drawing on the CPU and copying makes the weights identical on every device for a seed.
-        """
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.empty(p.shape).normal_(0.0, INIT_STD, generator=gen))
+    def init_buffers(self) -> None:
+        """Compute the buffers (RoPE frequencies, MoE balancing state) on the CPU, for a model
+        built on the meta device, whose parameters are then filled from a
+        :class:`~orch.models.weights.WeightSource`."""
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding | MoEFeedForward):
+                module.reset_buffers()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``positions`` are the tokens' places in the sequence (default :attr:`positions`, else

@@ -231,12 +231,8 @@ class MoEFeedForward(nn.Module):
             if cfg.shared_experts
             else None
         )
-        self.register_buffer("expert_bias", torch.zeros(cfg.experts))
-        self.register_buffer(
-            "expert_load", torch.zeros(cfg.experts, dtype=torch.int64), persistent=False
-        )
+        self.reset_buffers()
         self.aux_loss: torch.Tensor | None = None
-        self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)
         self.aux_loss_count = 0
         """Training forwards' balancing losses (unweighted) and their count since the last
         :func:`take_aux_loss`, for the metrics (each micro-batch adds one)."""
@@ -256,6 +252,15 @@ class MoEFeedForward(nn.Module):
         ranks under sequence parallelism; set by ``orch.parallel.tensor_parallel``): the
         balancing loss keeps its value but passes ``1 / partial_grad_ranks`` of its gradient,
         so the sum is the unsplit run's gradient of the mean."""
+
+    def reset_buffers(self) -> None:
+        """Zero the balancing state: the router's expert biases, the load counts and the loss
+        sum (on the default device: again on the CPU for a model built on the meta device)."""
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts))
+        self.register_buffer(
+            "expert_load", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False
+        )
+        self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])

@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orch.config.schema import OffloadConfig
+from orch.models.weights import WeightSource, meta_to_placeholders
 from orch.offload.activations import ActivationSwap
 from orch.offload.blockio import open_block_io
 from orch.offload.budget import DeviceBudget
@@ -77,6 +78,8 @@ class Unit:
     """Run in this order within a forward; the first gets the fetch, the last the release."""
     params: list[nn.Parameter]
     index: int
+    param_names: list[str]
+    """The parameters' names in the model (what a weight source fills a meta-built one by)."""
     fetched: bool = False
     grads_left: int = 0
     """Gradients still to leave the device in the current backward."""
@@ -99,10 +102,11 @@ def transformer_units(model: nn.Module) -> list[Unit]:
     parts: list[tuple[str, list[nn.Module]]] = [("tok_embeddings", [model.tok_embeddings])]
     parts += [(f"layers.{name}", [block]) for name, block in model.layers.items()]
     parts.append(("head", [model.norm, model.output]))
+    names = {p: name for name, p in model.named_parameters()}
     units = []
     for index, (name, modules) in enumerate(parts):
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
-        units.append(Unit(name, modules, params, index))
+        units.append(Unit(name, modules, params, index, [names[p] for p in params]))
     return units
 
 
@@ -129,10 +133,15 @@ class OffloadEngine:
                  prefetch_depth: int, activations: str = "device",
                  nvme: NvmeTier | None = None, params_on_nvme: bool = False,
                  optimizer_on_nvme: bool = False, grads_on_nvme: bool = False,
-                 elsewhere: frozenset[int] = frozenset()) -> None:
+                 elsewhere: frozenset[int] = frozenset(),
+                 weights: WeightSource | None = None) -> None:
         """``elsewhere``: with ``offload.shard_params``, the units other replicas own, known
         before the replicas' group exists (:func:`offload_transformer`), so their parameters
-        are never pinned or written here."""
+        are never allocated, pinned or written here. ``weights``: where every parameter's
+        values come from, if given (the model's own are ignored: placeholders of a model built
+        on the meta device); each unit is allocated, filled and placed in its home before the
+        next, so the whole model is never in CPU memory at once unless
+        CPU memory is its home."""
         self.units, self.device, self.budget = units, device, budget
         self.transfers = HostTransfers(device)
         """Parameters', gradients' and swapped activations' copies, on a side stream on CUDA
@@ -160,12 +169,16 @@ class OffloadEngine:
         """Per fetched unit, its parameters' home tensors while they point at device copies."""
         self._grad_reserve = max(p.numel() * p.element_size() for u in units for p in u.params)
         """Room prefetching leaves for the largest gradient, which autograd places unasked."""
+        self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
+                           optimizer_on_nvme, lambda index: self.updates.stepped_event(index),
+                           elsewhere)
+        """Where parameters and optimizer states rest: CPU memory, or the NVMe tier's file."""
         for unit in units:
-            for p in unit.params:
+            for name, p in zip(unit.param_names, unit.params, strict=True):
                 self._unit_of[p] = unit
-                home = p.data.to("cpu")  # CPU homes pinned on CUDA (NVMe ones leave at once)
-                p.data = (home if params_on_nvme or unit.index in elsewhere
-                          else self.transfers.pin(home))
+                if unit.index not in elsewhere:  # (those become placeholders in place())
+                    p.data = self._home_tensor(p, name, weights, pin=not params_on_nvme)
+            self.homes.place(unit.index)
         self.grads = GradientHomes([unit.params for unit in units],
                                    nvme if grads_on_nvme else None, self.transfers.pin)
         """The home gradients: in CPU memory (averaged over data-parallel replicas once given a
@@ -173,10 +186,6 @@ class OffloadEngine:
         self._landing: deque[tuple[torch.cuda.Event, int]] = deque()
         """Gradient copies on their way home (CUDA): each one's end and its device bytes,
         accounted until it has landed."""
-        self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
-                           optimizer_on_nvme, lambda index: self.updates.stepped_event(index),
-                           elsewhere)
-        """Where parameters and optimizer states rest: CPU memory, or the NVMe tier's file."""
         self.updates = UnitUpdates([unit.params for unit in units], self.homes)
         self.partition: Partition | None = None
         """With data-parallel replicas: which replica steps which unit."""
@@ -190,6 +199,21 @@ class OffloadEngine:
             unit.modules[-1].register_forward_hook(
                 lambda module, args, out, unit=unit: self._after_forward(unit, out))
         self.start_step()
+
+    @torch.no_grad()
+    def _home_tensor(self, p: nn.Parameter, name: str, weights: WeightSource | None,
+                     pin: bool) -> torch.Tensor:
+        """``p``'s values in CPU memory (pinned on CUDA where ``pin``; an NVMe home leaves at
+        once): from ``weights`` if given, else its own data."""
+        if weights is not None:
+            home = torch.empty(p.shape, dtype=p.dtype)
+            weights.fill(name, home)
+        elif p.is_meta:
+            raise ValueError(f"{name} is on the meta device and has no values: pass a weight "
+                             "source (orch.models.weights) to fill it")
+        else:
+            home = p.data.to("cpu")
+        return self.transfers.pin(home) if pin else home
 
     # --- fetch and release ----------------------------------------------------------------
 
@@ -548,14 +572,19 @@ def buffers_to(model: nn.Module, device: torch.device) -> None:
 
 def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: int,
                         pinned_bytes: int, off: OffloadConfig, rank: int = 0,
-                        replicas: int = 1) -> OffloadEngine:
+                        replicas: int = 1, weights: WeightSource | None = None
+                        ) -> OffloadEngine:
     """Offload orch's Transformer to the homes ``off`` names: parameters, optimizer states and
     saved activations in CPU memory or in a file under ``off.nvme_path`` (activations may also
     stay on the device), gradients in CPU memory; buffers (RoPE tables) on ``device``; at most
     ``budget_bytes`` of what the engine places on ``device`` at once, staging NVMe transfers
     through at most ``pinned_bytes`` of CPU buffers. ``replicas`` (``rank`` among them): with
     ``off.shard_params``, the units the others will own are let go at once (the owners are the
-    partition's, :func:`~orch.offload.partition.owners_by_size`)."""
+    partition's, :func:`~orch.offload.partition.owners_by_size`). A model built on the meta
+    device (its buffers computed: :meth:`~orch.models.llama.Transformer.init_buffers`) gets its
+    parameters from ``weights`` unit by unit, straight into their homes."""
+    if weights is not None:
+        meta_to_placeholders(model)
     buffers_to(model, device)
     units = transformer_units(model)
     elsewhere: frozenset[int] = frozenset()
@@ -570,7 +599,7 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
         tier = NvmeTier(path, io, pinned_bytes)
     return OffloadEngine(units, device, DeviceBudget(budget_bytes), off.prefetch_depth,
                          off.activations, tier, on_nvme["params"], on_nvme["optimizer"],
-                         on_nvme["grads"], elsewhere)
+                         on_nvme["grads"], elsewhere, weights)
 
 
 __all__ = ["OffloadEngine", "Unit", "buffers_to", "offload_transformer", "transformer_units"]

@@ -32,7 +32,8 @@ from orch.offload.nvme import NvmeTier, placeholder
 
 
 class Homes:
-    """The rest place of each unit's parameters (``units[i]``) and optimizer states."""
+    """The rest place of each unit's parameters (``units[i]``) and optimizer states; each unit
+    is given its home by :meth:`place`."""
 
     def __init__(self, units: list[list[nn.Parameter]], tier: NvmeTier | None = None,
                  params_on_nvme: bool = False, optimizer_on_nvme: bool = False,
@@ -58,19 +59,24 @@ class Homes:
         """Units whose parameters rest on another replica (``offload.shard_params``): neither
         read, written nor brought into memory here (their states are the owner's too); set by
         :meth:`rest_elsewhere`."""
-        self._resting: list[list[torch.Tensor]] = [
-            [] if params_on_nvme else [p.data for p in params] for params in units]
+        self._resting: list[list[torch.Tensor]] = [[] for _ in units]
         """CPU homes: each unit's home tensors, the same objects for the whole run (the engine
         points ``param.data`` at device copies while a unit is fetched; another thread may read
-        a home meanwhile)."""
+        a home meanwhile). Filled by :meth:`place`."""
         self.rest_elsewhere(set(elsewhere))
-        for index in sorted(elsewhere):
-            for p in units[index]:
+
+    def place(self, index: int) -> None:
+        """Unit ``index``'s parameters as they are now become its home: kept in CPU memory, or
+        written to the NVMe file, leaving placeholders (so a model can be placed unit by unit,
+        never all in memory). A unit resting elsewhere is let go: placeholders, nothing kept."""
+        params = self.units[index]
+        if index in self.elsewhere:
+            for p in params:
                 p.data = placeholder(p.data)
-        if params_on_nvme:
-            for index in range(len(units)):
-                if index not in self.elsewhere:
-                    self._put_params(index)
+        elif self.params_on_nvme:
+            self._put_params(index)
+        else:
+            self._resting[index] = [p.data for p in params]
 
     # --- one unit ---------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from orch.models.weights import placeholder
 from orch.offload.blockio import BlockIO, aligned
 
 TENSOR_ALIGN = 64
@@ -62,13 +63,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
-
-def placeholder(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor shaped like ``tensor`` that holds no bytes."""
-    empty = torch.empty(tensor.shape, dtype=tensor.dtype)
-    empty.untyped_storage().resize_(0)
-    return empty
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ from orch.config import Config, config_to_dict, load_config
 from orch.errors import OrchError, PlanError
 from orch.launch.launcher import backend, launch_plan, unsupported_features, worker_parser
 from orch.launch.nodes import NODE_ENV
+from orch.models.hf_load import HFCheckpoint
 from orch.models.llama import Transformer
+from orch.models.weights import SeededInit, WeightSource, fill_all
 from orch.offload.engine import offload_transformer
 from orch.offload.host_memory import return_large_frees
 from orch.parallel.interfaces import cluster_placement
@@ -93,6 +95,13 @@ def run(argv: Sequence[str]) -> None:
         train(cfg, plan, device, args.resume)
 
 
+def _first_weights(cfg: Config, model: Transformer) -> WeightSource:
+    """Where training starts from: ``model.init_from``'s checkpoint, else orch's seeded init."""
+    if cfg.model.init_from:
+        return HFCheckpoint(cfg.model, model)
+    return SeededInit(model, cfg.train.seed)
+
+
 def init_process_group(backend_name: str, world: int) -> None:
     """``dist.init_process_group``, with a key space of its own per torchrun attempt.
 
@@ -121,21 +130,25 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     if cfg.offload.enabled:  # what an offloaded step frees must leave the process
         return_large_frees()
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    model.init_weights(cfg.train.seed)
-    if cfg.model.init_from:  # a resume below replaces these weights with the checkpoint's
-        from orch.models.hf_load import load_hf_weights
-
-        read = load_hf_weights(model, cfg.model)
-        if rank == 0:
-            print(f"orch: initialized from {cfg.model.init_from} ({read} tensors)", flush=True)
+    with torch.device("meta"):  # shapes only: the weights are filled where they will live
+        model = Transformer(cfg.model)
+    model.init_buffers()
+    weights = _first_weights(cfg, model)  # a resume below replaces them with the checkpoint's
     offload = None
-    if cfg.offload.enabled:  # parameters rest on the CPU or NVMe, buffers go to the device
+    if cfg.offload.enabled:  # unit by unit into their homes (CPU or NVMe), never all in memory
         offload = offload_transformer(model, device, plan.offload_budget_bytes,
                                       plan.pinned_budget_bytes, cfg.offload, rank,
-                                      plan.degrees.dp_replicate)
+                                      plan.degrees.dp_replicate, weights)
     else:
+        model.to_empty(device=device)
+        model.init_buffers()
         model.to(device)
+        fill_all(model, weights)
+    if isinstance(weights, HFCheckpoint):
+        weights.close()
+        if rank == 0:
+            print(f"orch: initialized from {cfg.model.init_from} ({weights.read} tensors)",
+                  flush=True)
     precision = _precision(cfg, device, rank)
     transformer = model
     par = parallelize(model, plan, cfg, device, precision)

@@ -80,16 +80,20 @@ def test_missing_or_foreign_directories_are_refused(tmp_path, checkpoint):
     assert "attention_bias: true" in str(init_from_problems(tiny(init_from=str(other)))[0])
 
 
-@pytest.mark.slow  # one single-process launch, ~10 s
-def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path):
-    """The first logged loss is the HuggingFace model's own loss on the first batch."""
+@pytest.mark.slow  # one single-process launch each, ~10 s
+@pytest.mark.parametrize("homes", ["device", "nvme"])
+def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
+    """The first logged loss is the HuggingFace model's own loss on the first batch, also when
+    the checkpoint is read unit by unit into NVMe homes (offloaded parameters and states)."""
     from orch.runtime.data import BatchStream, PackedSequences, load_tokens
 
     path, hf = checkpoint
     run = tmp_path / "run"
+    offload = [] if homes == "device" else [
+        "offload.params=nvme", "offload.optimizer=nvme", f"offload.nvme_path={tmp_path}"]
     out = launch("--nproc-per-node", "1", "configs/tiny.yaml",
                  *overrides(run, "train.steps=1", "train.warmup_steps=1",
-                            f"model.init_from={path}"))
+                            f"model.init_from={path}", *offload))
     assert out.returncode == 0, out.stderr
     assert f"orch: initialized from {path}" in out.stdout
     logged = metrics(run)[0]["loss"]

@@ -207,6 +207,8 @@ def test_units_resting_on_other_replicas_are_never_held_or_written_here(tmp_path
     units = [[nn.Parameter(torch.full((256,), float(index)))] for index in range(3)]
     tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=1 << 20)
     homes = Homes(units, tier, params_on_nvme=on_nvme, elsewhere=frozenset({1}))
+    for index in range(3):
+        homes.place(index)
     assert units[1][0].untyped_storage().nbytes() == 0
     assert [tier.has(("params", index)) for index in range(3)] == [on_nvme, False, on_nvme]
     with homes.params_to_copy(2) as (home,):

@@ -1,0 +1,91 @@
+"""Where a model's first weights come from, one parameter at a time.
+
+A :class:`WeightSource` writes one parameter's starting values, by name, into a tensor the caller
+allocated. That lets an offloaded model be built on the meta device and filled unit by unit
+straight into its home tier (:func:`orch.offload.engine.offload_transformer`): an NVMe-homed
+model never has all its parameters in CPU memory at once, and a data-parallel replica that shares
+its parameters (``offload.shard_params``) never allocates the units other replicas own. Two
+sources: orch's seeded initialization (:class:`SeededInit`) and a HuggingFace checkpoint
+(:class:`orch.models.hf_load.HFCheckpoint`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from orch.models.moe import INIT_STD
+
+
+class WeightSource(Protocol):
+    """Starting values by parameter name (``model.named_parameters()``'s names)."""
+
+    def fill(self, name: str, into: torch.Tensor) -> None:
+        """Write parameter ``name``'s values into ``into`` (its shape, on the CPU)."""
+        ...
+
+
+class SeededInit:
+    """orch's initialization: norm weights 1, everything else N(0, 0.02), drawn from one CPU
+    generator in the model's parameter order, so the weights are the same on every device and
+    layout for a seed.
+
+    Parameters must be filled in that order, but any may be left out (a replica that does not
+    hold them): the values a skipped parameter would take are drawn and dropped, so every
+    parameter filled gets exactly what filling the whole model gives it.
+    """
+
+    def __init__(self, model: nn.Module, seed: int) -> None:
+        self._order = [(name, p.shape) for name, p in model.named_parameters()]
+        self._next = 0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def fill(self, name: str, into: torch.Tensor) -> None:
+        while self._next < len(self._order):
+            current, shape = self._order[self._next]
+            self._next += 1
+            if current.endswith("norm.weight"):
+                values = None
+            else:  # drawn in float32 whatever the parameter's dtype: the same numbers for all
+                values = torch.empty(shape).normal_(0.0, INIT_STD, generator=self._gen)
+            if current == name:
+                if values is None:
+                    into.fill_(1.0)
+                else:
+                    into.copy_(values)
+                return
+        raise ValueError(f"{name!r} is not a parameter after the ones already filled: "
+                         "SeededInit fills in the model's parameter order")
+
+
+def meta_to_placeholders(model: nn.Module) -> None:
+    """Replace each parameter of ``model`` on the meta device by a CPU parameter of its shape
+    and dtype that holds no bytes (tied parameters stay tied): what a :class:`WeightSource`
+    fills once memory is given to it. Meta parameters cannot take CPU data (``param.data =``
+    refuses a change of device type); these can, one at a time."""
+    done: dict[nn.Parameter, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                if p not in done:
+                    done[p] = nn.Parameter(placeholder(p), requires_grad=p.requires_grad)
+                setattr(module, name, done[p])
+
+
+def placeholder(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor shaped like ``tensor`` that holds no bytes (its storage has size 0)."""
+    empty = torch.empty(tensor.shape, dtype=tensor.dtype)
+    empty.untyped_storage().resize_(0)
+    return empty
+
+
+@torch.no_grad()
+def fill_all(model: nn.Module, source: WeightSource) -> None:
+    """Every parameter of ``model`` (already allocated) from ``source``, in parameter order."""
+    for name, p in model.named_parameters():
+        source.fill(name, p.data)
+
+
+__all__ = ["SeededInit", "WeightSource", "fill_all", "meta_to_placeholders", "placeholder"]
