@@ -2,10 +2,11 @@
 straight into its homes (built on the meta device, each unit filled and placed before the next:
 what ``orch launch`` does since 2026-12-03).
 
-Each way runs in a process of its own and reports the growth of its resident set while it builds
-the engine (peak ``ru_maxrss`` over the resident set before the build; torch's own memory is
-not counted) and the seconds it took. With NVMe homes the unit-by-unit build should hold about
-one unit; the whole build holds the model. With CPU homes both hold the model (it is their home).
+Parameters, gradients and optimizer states all rest in ``--homes``. Each way runs in a process of
+its own and reports the growth of its resident set while it builds the engine (peak ``ru_maxrss``
+over the resident set before the build; torch's own memory is not counted) and the seconds it took.
+With NVMe homes the unit-by-unit build should hold about one unit; the whole build holds the model.
+With CPU homes both hold the model (it is their home).
 
     .venv/bin/python benchmarks/offload_startup.py [--dim 2048 --layers 16 --ffn 5632]
         [--homes nvme] [--dir /tmp] [--rounds 2]
@@ -46,7 +47,8 @@ def worker(way: str, sets: list[str], homes: str, nvme_dir: str) -> dict:
     from orch.offload.host_memory import return_large_frees
 
     cfg = load_config(Path(__file__).parents[1] / "configs/tiny.yaml", sets)
-    off = dataclasses.replace(cfg.offload, params=homes, optimizer=homes, nvme_path=nvme_dir)
+    off = dataclasses.replace(cfg.offload, params=homes, grads=homes, optimizer=homes,
+                              nvme_path=nvme_dir)
     return_large_frees()  # as the worker does with offload on
     if homes == "nvme":  # DeepSpeed's op is imported by either way: not part of the build
         from orch.offload.blockio import load_async_io

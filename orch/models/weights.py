@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from orch.models.moe import INIT_STD
 
@@ -83,9 +84,46 @@ def placeholder(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fill_all(model: nn.Module, source: WeightSource) -> None:
-    """Every parameter of ``model`` (already allocated) from ``source``, in parameter order."""
+    """Every parameter of ``model`` (already allocated) from ``source``, in parameter order.
+
+    A DTensor parameter (sharded by tensor, expert or data parallelism) gets its local shard:
+    its full values are made on the CPU (one parameter at a time) and split as its placements
+    say, the same split on every rank without communication, since every rank's source gives
+    the same values."""
     for name, p in model.named_parameters():
-        source.fill(name, p.data)
+        into = p.data
+        if isinstance(into, DTensor):
+            full = torch.empty(into.shape, dtype=into.dtype)
+            source.fill(name, full)
+            local = into.to_local()
+            shard = distribute_tensor(full.to(local.device), into.device_mesh, into.placements,
+                                      src_data_rank=None)
+            local.copy_(shard.to_local())
+        else:
+            source.fill(name, into)
 
 
-__all__ = ["SeededInit", "WeightSource", "fill_all", "meta_to_placeholders", "placeholder"]
+def materialize(model: nn.Module, device: torch.device, source: WeightSource,
+                roots: list[nn.Module] | None = None) -> None:
+    """Give a model built on the meta device (maybe pruned to a pipeline rank's stages and
+    sharded already) memory on ``device`` and its values from ``source``: each rank allocates
+    only what it holds, never the whole model first. ``roots``: the modules that together hold
+    all of ``model``'s, through which to allocate (FSDP roots, which must reset the sharded
+    parameters they manage; pipeline stages that share ``model``'s modules); default
+    ``model``. Buffers are computed again (``model.init_buffers()``) and moved to ``device``."""
+    for root in roots or [model]:
+        root.to_empty(device=device)
+    model.init_buffers()  # type: ignore[operator]
+    buffers_to(model, device)
+    fill_all(model, source)
+
+
+def buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Move ``model``'s buffers (RoPE tables, MoE balancing state) to ``device``."""
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            setattr(module, name, buf.to(device))
+
+
+__all__ = ["SeededInit", "WeightSource", "buffers_to", "fill_all", "materialize",
+           "meta_to_placeholders", "placeholder"]

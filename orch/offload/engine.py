@@ -54,7 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orch.config.schema import OffloadConfig
-from orch.models.weights import WeightSource, meta_to_placeholders
+from orch.models.weights import WeightSource, buffers_to, meta_to_placeholders
 from orch.offload.activations import ActivationSwap
 from orch.offload.blockio import open_block_io
 from orch.offload.budget import DeviceBudget
@@ -563,13 +563,6 @@ class OffloadEngine:
         return record
 
 
-def buffers_to(model: nn.Module, device: torch.device) -> None:
-    """Move ``model``'s buffers (RoPE tables) to ``device``: they are not offloaded."""
-    for module in model.modules():
-        for name, buf in module.named_buffers(recurse=False):
-            setattr(module, name, buf.to(device))
-
-
 def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: int,
                         pinned_bytes: int, off: OffloadConfig, rank: int = 0,
                         replicas: int = 1, weights: WeightSource | None = None
@@ -585,7 +578,7 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
     parameters from ``weights`` unit by unit, straight into their homes."""
     if weights is not None:
         meta_to_placeholders(model)
-    buffers_to(model, device)
+    buffers_to(model, device)  # buffers are not offloaded
     units = transformer_units(model)
     elsewhere: frozenset[int] = frozenset()
     if off.shard_params and replicas > 1:

@@ -49,7 +49,7 @@ def apply_data_parallel(
     optimizer state stay fp32 (FSDP2's mixed precision; DDP under autocast); under ``fp32``
     nothing is cast.
     """
-    if dp_mesh.size(1) == 1 and expert_dp_mesh is None and not pipelined:
+    if replicates_with_ddp(dp_mesh, expert_dp_mesh, pipelined):
         return DistributedDataParallel(model, process_group=dp_mesh.get_group("dp_replicate"))
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -79,6 +79,14 @@ def apply_data_parallel(
     if dense:
         fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
     return model
+
+
+def replicates_with_ddp(dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh | None,
+                        pipelined: bool) -> bool:
+    """Whether :func:`apply_data_parallel` wraps in DDP (pure replication outside a pipeline),
+    which needs its parameters' values (it broadcasts rank 0's), rather than in FSDP, which
+    shards parameters that may still be on the meta device."""
+    return dp_mesh.size(1) == 1 and expert_dp_mesh is None and not pipelined
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -29,9 +29,10 @@ from orch.config import Config, config_to_dict
 from orch.errors import PlanError, Problem
 from orch.models.llama import Transformer
 from orch.models.moe import inject_aux_gradients, set_sequence_group
+from orch.models.weights import WeightSource, materialize
 from orch.parallel.comm_stats import CommLedger
 from orch.parallel.context_parallel import apply_context_parallel, local_positions
-from orch.parallel.data_parallel import apply_data_parallel
+from orch.parallel.data_parallel import apply_data_parallel, replicates_with_ddp
 from orch.parallel.expert_parallel import apply_expert_parallel, build_expert_mesh
 from orch.parallel.mesh import (
     build_mesh,
@@ -80,8 +81,11 @@ class Parallelized:
 
 
 def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
-                precision: str) -> Parallelized:
-    """Shard and wrap ``model`` (initialized, on ``device``) as ``plan`` says."""
+                precision: str, weights: WeightSource | None = None) -> Parallelized:
+    """Shard and wrap ``model`` as ``plan`` says: a model initialized on ``device``, or one
+    built on the meta device with its ``weights``, which is pruned to this rank's pipeline
+    stages and sharded (tensor, expert and FSDP data parallelism) before each rank allocates
+    and fills its own share, so no rank ever holds the whole model."""
     world = dist.get_world_size()
     _agree("plan", _plan_fingerprint(plan, cfg), [])
     mesh = build_mesh(plan, device.type)
@@ -126,9 +130,16 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     elif d.dp * d.cp > 1 or (expert_mesh is not None and d.edp > 1):
         dp_mesh = data_parallel_mesh(mesh)
         expert_dp = expert_mesh["edp"] if expert_mesh is not None else None
+        # A meta-built model gets memory once sharded: after FSDP (torchtitan's order), each
+        # rank allocating only its shard; before DDP, which broadcasts rank 0's values.
+        if weights is not None and replicates_with_ddp(dp_mesh, expert_dp, d.pp > 1):
+            materialize(model, device, weights)
+            weights = None
         parts = [apply_data_parallel(part, dp_mesh, precision, expert_dp,
                                      expert_grad_divide=d.dp * d.cp, pipelined=d.pp > 1)
                  for part in parts]
+    if weights is not None:
+        materialize(model, device, weights, roots=parts)
     if len(stages) == 1:  # the rank's one stage is its model (maybe wrapped)
         model = parts[0]
     pipeline = None

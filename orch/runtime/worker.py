@@ -33,7 +33,7 @@ from orch.launch.launcher import backend, launch_plan, unsupported_features, wor
 from orch.launch.nodes import NODE_ENV
 from orch.models.hf_load import HFCheckpoint
 from orch.models.llama import Transformer
-from orch.models.weights import SeededInit, WeightSource, fill_all
+from orch.models.weights import SeededInit, WeightSource
 from orch.offload.engine import offload_transformer
 from orch.offload.host_memory import return_large_frees
 from orch.parallel.interfaces import cluster_placement
@@ -132,26 +132,22 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):  # shapes only: the weights are filled where they will live
         model = Transformer(cfg.model)
-    model.init_buffers()
     weights = _first_weights(cfg, model)  # a resume below replaces them with the checkpoint's
     offload = None
     if cfg.offload.enabled:  # unit by unit into their homes (CPU or NVMe), never all in memory
+        model.init_buffers()
         offload = offload_transformer(model, device, plan.offload_budget_bytes,
                                       plan.pinned_budget_bytes, cfg.offload, rank,
                                       plan.degrees.dp_replicate, weights)
-    else:
-        model.to_empty(device=device)
-        model.init_buffers()
-        model.to(device)
-        fill_all(model, weights)
+    precision = _precision(cfg, device, rank)
+    transformer = model
+    # without offload, each rank allocates and fills only its share once the plan has sharded
+    par = parallelize(model, plan, cfg, device, precision, None if offload else weights)
     if isinstance(weights, HFCheckpoint):
         weights.close()
         if rank == 0:
             print(f"orch: initialized from {cfg.model.init_from} ({weights.read} tensors)",
                   flush=True)
-    precision = _precision(cfg, device, rank)
-    transformer = model
-    par = parallelize(model, plan, cfg, device, precision)
     model = par.model
     if offload is not None and par.offload_replicas is not None:
         offload.average_gradients_over(par.offload_replicas, cfg.offload.shard_params)

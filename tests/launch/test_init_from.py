@@ -90,7 +90,8 @@ def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
     path, hf = checkpoint
     run = tmp_path / "run"
     offload = [] if homes == "device" else [
-        "offload.params=nvme", "offload.optimizer=nvme", f"offload.nvme_path={tmp_path}"]
+        "offload.params=nvme", "offload.grads=cpu", "offload.optimizer=nvme",
+        f"offload.nvme_path={tmp_path}"]
     out = launch("--nproc-per-node", "1", "configs/tiny.yaml",
                  *overrides(run, "train.steps=1", "train.warmup_steps=1",
                             f"model.init_from={path}", *offload))
