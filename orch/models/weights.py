@@ -1,11 +1,18 @@
 """Where a model's first weights come from, one parameter at a time.
 
 A :class:`WeightSource` writes one parameter's starting values, by name, into a tensor the caller
-allocated. That lets an offloaded model be built on the meta device and filled unit by unit
-straight into its home tier (:func:`orch.offload.engine.offload_transformer`): an NVMe-homed
-model never has all its parameters in CPU memory at once, and a data-parallel replica that shares
-its parameters (``offload.shard_params``) never allocates the units other replicas own. Two
-sources: orch's seeded initialization (:class:`SeededInit`) and a HuggingFace checkpoint
+allocated. That lets every run build its model on the meta device (shapes only) and give each
+piece memory only where it will live:
+
+- an offloaded model is filled unit by unit straight into its home tier
+  (:func:`orch.offload.engine.offload_transformer`): an NVMe-homed model never has all its
+  parameters in CPU memory at once, and a replica that shares its parameters
+  (``offload.shard_params``) never allocates the units other replicas own;
+- any other model is pruned to the rank's pipeline stages and sharded (tensor, expert and FSDP
+  data parallelism) first, and then each rank allocates and fills only its share
+  (:func:`materialize`, called by ``orch.runtime.parallelize``), as torchtitan does.
+
+Two sources: orch's seeded initialization (:class:`SeededInit`) and a HuggingFace checkpoint
 (:class:`orch.models.hf_load.HFCheckpoint`).
 """
 
@@ -24,7 +31,8 @@ class WeightSource(Protocol):
     """Starting values by parameter name (``model.named_parameters()``'s names)."""
 
     def fill(self, name: str, into: torch.Tensor) -> None:
-        """Write parameter ``name``'s values into ``into`` (its shape, on the CPU)."""
+        """Write parameter ``name``'s whole values into ``into`` (its full shape; on the CPU, or
+        on the device a parameter was allocated on)."""
         ...
 
 
@@ -105,11 +113,11 @@ def fill_all(model: nn.Module, source: WeightSource) -> None:
 
 def materialize(model: nn.Module, device: torch.device, source: WeightSource,
                 roots: list[nn.Module] | None = None) -> None:
-    """Give a model built on the meta device (maybe pruned to a pipeline rank's stages and
-    sharded already) memory on ``device`` and its values from ``source``: each rank allocates
-    only what it holds, never the whole model first. ``roots``: the modules that together hold
-    all of ``model``'s, through which to allocate (FSDP roots, which must reset the sharded
-    parameters they manage; pipeline stages that share ``model``'s modules); default
+    """Give ``model`` (orch's Transformer) built on the meta device (maybe pruned to a pipeline
+    rank's stages and sharded already) memory on ``device`` and its values from ``source``: each
+    rank allocates only what it holds, never the whole model first. ``roots``: the modules that
+    together hold all of ``model``'s, through which to allocate (FSDP roots, which must reset the
+    sharded parameters they manage; pipeline stages that share ``model``'s modules); default
     ``model``. Buffers are computed again (``model.init_buffers()``) and moved to ``device``."""
     for root in roots or [model]:
         root.to_empty(device=device)

@@ -140,8 +140,7 @@ class OffloadEngine:
         are never allocated, pinned or written here. ``weights``: where every parameter's
         values come from, if given (the model's own are ignored: placeholders of a model built
         on the meta device); each unit is allocated, filled and placed in its home before the
-        next, so the whole model is never in CPU memory at once unless
-        CPU memory is its home."""
+        next, so the whole model is never in CPU memory at once unless that is its home."""
         self.units, self.device, self.budget = units, device, budget
         self.transfers = HostTransfers(device)
         """Parameters', gradients' and swapped activations' copies, on a side stream on CUDA
