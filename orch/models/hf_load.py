@@ -20,6 +20,7 @@ from torch import nn
 from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
 from orch.models.hf import hf_ignored, hf_llama_config, hf_to_ours
+from orch.models.llama import Transformer
 from orch.models.weights import fill_all
 
 # config.json key -> the ModelConfig field it must equal (and how to print it)
@@ -38,7 +39,20 @@ _CHECKED = {
 
 def init_from_problems(model: ModelConfig) -> list[Problem]:
     """What stops ``model.init_from`` from loading into ``model``: a missing directory or file,
-    a config that is not a bias-free Llama, or dimensions that differ (each with its fix)."""
+    a config that is not a bias-free Llama, or dimensions that differ (each with its fix); once
+    the config matches, every tensor without a place in orch's Transformer, every shape that
+    differs and every parameter without a tensor, from the shards' headers (nothing is read,
+    and the model is built on the meta device): what the launcher checks before any process
+    starts."""
+    if problems := _config_problems(model):
+        return problems
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Transformer(model).named_parameters()}
+    return _locate(model, shapes)[1]
+
+
+def _config_problems(model: ModelConfig) -> list[Problem]:
+    """The directory and its config.json against ``model`` (see :func:`init_from_problems`)."""
     where, path = "model.init_from", Path(model.init_from)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -84,38 +98,18 @@ class HFCheckpoint:
 
     Built from the shards' headers alone: every key without a place in ``model``, every shape
     that differs and every parameter left without a tensor is reported at once (a
-    ProblemsError) before any weight is read. :meth:`fill` then reads one tensor at a time, in
+    ProblemsError) before any weight is read, as the launcher's :func:`init_from_problems` did
+    before any process started. :meth:`fill` then reads one tensor at a time, in
     any order, keeping one shard open (memory-mapped) at a time; a checkpoint written layer by
     layer is read shard by shard when filled in the model's order.
     """
 
     def __init__(self, cfg: ModelConfig, model: nn.Module) -> None:
-        from safetensors import safe_open
-
-        if problems := init_from_problems(cfg):
-            raise ProblemsError(problems, title="cannot initialize from the checkpoint")
-        shapes = {name: p.shape for name, p in model.named_parameters()}
-        self._where: dict[str, tuple[Path, str]] = {}
-        """Our parameter name -> (shard, key) holding its tensor."""
-        for shard in _shards(Path(cfg.init_from)):
-            with safe_open(str(shard), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                    if hf_ignored(key):
-                        continue
-                    ours = hf_to_ours(key)
-                    if ours is None or ours not in shapes:
-                        problems.append(Problem(key, f"in {shard.name} has no counterpart in "
-                                                "orch's Llama Transformer",
-                                                "use a bias-free Llama checkpoint"))
-                        continue
-                    shape = torch.Size(handle.get_slice(key).get_shape())
-                    if shape != shapes[ours]:
-                        problems.append(Problem(key, f"has shape {tuple(shape)}, orch's {ours} "
-                                                f"{tuple(shapes[ours])}", "check model.*"))
-                        continue
-                    self._where[ours] = (shard, key)
-        problems += [Problem(name, f"has no tensor in {cfg.init_from}", "use a complete checkpoint")
-                     for name in shapes if name not in self._where]
+        problems = _config_problems(cfg)
+        if not problems:
+            shapes = {name: p.shape for name, p in model.named_parameters()}
+            self._where, problems = _locate(cfg, shapes)
+            """Our parameter name -> (shard, key) holding its tensor."""
         if problems:
             raise ProblemsError(problems, title="cannot initialize from the checkpoint")
         self._open: tuple[Path, object] | None = None
@@ -135,6 +129,38 @@ class HFCheckpoint:
     def close(self) -> None:
         """Let the open shard go (its mapped pages with it)."""
         self._open = None
+
+
+def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size]
+            ) -> tuple[dict[str, tuple[Path, str]], list[Problem]]:
+    """Where each parameter named in ``shapes`` is in ``cfg.init_from``'s shards (shard, key),
+    and the problems: keys with no counterpart, shapes that differ, parameters with no key."""
+    from safetensors import safe_open
+
+    located: dict[str, tuple[Path, str]] = {}
+    found: set[str] = set()
+    problems = []
+    for shard in _shards(Path(cfg.init_from)):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                if hf_ignored(key):
+                    continue
+                ours = hf_to_ours(key)
+                if ours is None or ours not in shapes:
+                    problems.append(Problem(key, f"in {shard.name} has no counterpart in "
+                                            "orch's Llama Transformer",
+                                            "use a bias-free Llama checkpoint"))
+                    continue
+                found.add(ours)
+                shape = torch.Size(handle.get_slice(key).get_shape())
+                if shape != shapes[ours]:
+                    problems.append(Problem(key, f"has shape {tuple(shape)}, orch's {ours} "
+                                            f"{tuple(shapes[ours])}", "check model.*"))
+                    continue
+                located[ours] = (shard, key)
+    problems += [Problem(name, f"has no tensor in {cfg.init_from}", "use a complete checkpoint")
+                 for name in shapes if name not in found]
+    return located, problems
 
 
 def load_hf_weights(model: nn.Module, cfg: ModelConfig) -> int:

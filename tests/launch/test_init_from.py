@@ -80,6 +80,31 @@ def test_missing_or_foreign_directories_are_refused(tmp_path, checkpoint):
     assert "attention_bias: true" in str(init_from_problems(tiny(init_from=str(other)))[0])
 
 
+def test_missing_and_misshapen_tensors_are_refused_before_launch(checkpoint, tmp_path):
+    """The launcher's check reads the shards' headers: a tensor gone and a tensor of the wrong
+    shape are both named, with nothing loaded."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = checkpoint
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in path.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    gone, cut = "model.layers.1.mlp.up_proj.weight", "model.layers.2.self_attn.q_proj.weight"
+    for shard in broken.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if gone in tensors or cut in tensors:
+            tensors.pop(gone, None)
+            if cut in tensors:
+                tensors[cut] = tensors[cut][:-1].contiguous()
+            save_file(tensors, shard, metadata={"format": "pt"})
+    problems = init_from_problems(tiny(init_from=str(broken)))
+    text = "\n".join(str(p) for p in problems)
+    assert len(problems) == 2, text
+    assert "layers.1.feed_forward.w3.weight: has no tensor in" in text
+    assert f"{cut}: has shape (255, 256), orch's layers.2.attention.wq.weight (256, 256)" in text
+
+
 @pytest.mark.slow  # one single-process launch each, ~10 s
 @pytest.mark.parametrize("homes", ["device", "nvme"])
 def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
