@@ -119,11 +119,25 @@ def materialize(model: nn.Module, device: torch.device, source: WeightSource,
     together hold all of ``model``'s, through which to allocate (FSDP roots, which must reset the
     sharded parameters they manage; pipeline stages that share ``model``'s modules); default
     ``model``. Buffers are computed again (``model.init_buffers()``) and moved to ``device``."""
+    ties = _ties(model)
     for root in roots or [model]:
         root.to_empty(device=device)
+    for (first, first_name), *others in ties:  # a meta -> device move gives each use its own
+        for module, name in others:
+            if getattr(module, name) is not getattr(first, first_name):
+                setattr(module, name, getattr(first, first_name))
     model.init_buffers()  # type: ignore[operator]
     buffers_to(model, device)
     fill_all(model, source)
+
+
+def _ties(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Each parameter held by more than one module (tied embeddings), as (module, name) uses."""
+    uses: dict[nn.Parameter, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            uses.setdefault(p, []).append((module, name))
+    return [held for held in uses.values() if len(held) > 1]
 
 
 def buffers_to(model: nn.Module, device: torch.device) -> None:

@@ -103,3 +103,16 @@ def test_every_parameter_equals_the_whole_init_and_each_rank_holds_its_share(ran
         assert sum(held) == _bytes(reference)
     else:  # everything split but the norms
         assert max(held) < 0.6 * _bytes(reference)
+
+
+def test_tied_embeddings_stay_tied_through_materialize():
+    """Moving a meta parameter to a device gives each module holding it a parameter of its
+    own; the tie is made again, and the values are the whole init's."""
+    cfg = dataclasses.replace(DENSE, tie_embeddings=True)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    materialize(model, torch.device("cpu"), SeededInit(model, SEED))
+    assert model.output.weight is model.tok_embeddings.weight
+    for (name, ours), theirs in zip(model.named_parameters(), whole(cfg).parameters(),
+                                    strict=True):
+        assert torch.equal(ours, theirs), name
