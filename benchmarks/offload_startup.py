@@ -30,10 +30,6 @@ from pathlib import Path
 WAYS = ("whole", "unit by unit")
 
 
-def _rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def worker(way: str, sets: list[str], homes: str, nvme_dir: str) -> dict:
     """Build the offloaded engine ``way``; its resident-set growth and seconds."""
     import dataclasses
@@ -45,6 +41,7 @@ def worker(way: str, sets: list[str], homes: str, nvme_dir: str) -> dict:
     from orch.models.weights import SeededInit
     from orch.offload.engine import offload_transformer
     from orch.offload.host_memory import return_large_frees
+    from orch.runtime.telemetry import rss_bytes
 
     cfg = load_config(Path(__file__).parents[1] / "configs/tiny.yaml", sets)
     off = dataclasses.replace(cfg.offload, params=homes, grads=homes, optimizer=homes,
@@ -57,7 +54,7 @@ def worker(way: str, sets: list[str], homes: str, nvme_dir: str) -> dict:
             load_async_io()
         except RuntimeError:
             pass  # the O_DIRECT fallback
-    before, start = _rss_bytes(), time.perf_counter()
+    before, start = rss_bytes(), time.perf_counter()
     if way == "whole":  # the worker's way before 2026-12-03
         model = Transformer(cfg.model)
         model.init_weights(cfg.train.seed)

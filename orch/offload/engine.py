@@ -203,15 +203,16 @@ class OffloadEngine:
     def _home_tensor(self, p: nn.Parameter, name: str, weights: WeightSource | None,
                      pin: bool) -> torch.Tensor:
         """``p``'s values in CPU memory (pinned on CUDA where ``pin``; an NVMe home leaves at
-        once): from ``weights`` if given, else its own data."""
+        once): from ``weights`` if given (filled where they will rest), else its own data."""
         if weights is not None:
-            home = torch.empty(p.shape, dtype=p.dtype)
+            home = (self.transfers.host_empty(p.numel() * p.element_size()).view(p.dtype)
+                    .view(p.shape) if pin else torch.empty(p.shape, dtype=p.dtype))
             weights.fill(name, home)
-        elif p.is_meta:
+            return home
+        if p.is_meta:
             raise ValueError(f"{name} is on the meta device and has no values: pass a weight "
                              "source (orch.models.weights) to fill it")
-        else:
-            home = p.data.to("cpu")
+        home = p.data.to("cpu")
         return self.transfers.pin(home) if pin else home
 
     # --- fetch and release ----------------------------------------------------------------

@@ -41,7 +41,7 @@ class Telemetry:
     def read(self) -> dict[str, Any]:
         """This rank's reading: ``rank``, ``device`` and whichever figures the device gives."""
         out: dict[str, Any] = {"rank": self.rank, "device": str(self.device),
-                               "rss_bytes": _rss_bytes()}
+                               "rss_bytes": rss_bytes()}
         if self.device.type != "cuda":
             out["host_total_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             return out
@@ -66,7 +66,7 @@ def memory_in_use(reading: dict[str, Any]) -> int:
     return int(reading.get("mem_used_bytes", reading.get("rss_bytes", 0)))
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     """This process's resident set now (``/proc/self/statm``), 0 where there is none."""
     try:
         with open("/proc/self/statm") as f:
@@ -75,4 +75,4 @@ def _rss_bytes() -> int:
         return 0
 
 
-__all__ = ["Telemetry", "memory_in_use"]
+__all__ = ["Telemetry", "memory_in_use", "rss_bytes"]
