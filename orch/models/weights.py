@@ -90,6 +90,11 @@ def placeholder(tensor: torch.Tensor) -> torch.Tensor:
     return empty
 
 
+def is_placeholder(tensor: torch.Tensor) -> bool:
+    """``tensor`` has elements but its storage holds no bytes (:func:`placeholder`)."""
+    return tensor.numel() > 0 and tensor.untyped_storage().size() == 0
+
+
 @torch.no_grad()
 def fill_all(model: nn.Module, source: WeightSource) -> None:
     """Every parameter of ``model`` (already allocated) from ``source``, in parameter order.
@@ -147,5 +152,5 @@ def buffers_to(model: nn.Module, device: torch.device) -> None:
             setattr(module, name, buf.to(device))
 
 
-__all__ = ["SeededInit", "WeightSource", "buffers_to", "fill_all", "materialize",
-           "meta_to_placeholders", "placeholder"]
+__all__ = ["SeededInit", "WeightSource", "buffers_to", "fill_all", "is_placeholder",
+           "materialize", "meta_to_placeholders", "placeholder"]

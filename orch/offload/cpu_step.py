@@ -135,4 +135,21 @@ def _unit_optimizer(optimizer: torch.optim.Optimizer,
     return view
 
 
-__all__ = ["UnitUpdates"]
+@torch.no_grad()
+def zero_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Give ``params`` their optimizer states without changing them: one step on zero
+    gradients at learning rate 0, as torch's ``get_state_dict`` does for a fresh optimizer
+    (there for every parameter at once; here for one unit, whose states may then go to NVMe
+    before the next unit's are made)."""
+    view = _unit_optimizer(optimizer, set(params))
+    for group in view.param_groups:
+        group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
+    trained = [p for p in params if p.requires_grad]
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    view.step()
+    for p in trained:
+        p.grad = None
+
+
+__all__ = ["UnitUpdates", "zero_step"]

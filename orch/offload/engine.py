@@ -432,12 +432,6 @@ class OffloadEngine:
                                        self.transfers.host_empty, self.updates.wait,
                                        self.homes.params_to_copy)
 
-    def drop_unowned_states(self, optimizer: torch.optim.Optimizer) -> None:
-        """After a checkpoint load (inside :meth:`resident`): keep the optimizer states of the
-        units this replica steps, and no others."""
-        if self.partition is not None:
-            self.partition.drop_unowned(optimizer)
-
     def start_micro_batch(self, last: bool) -> None:
         """Say whether the coming micro-batch is the step's last: after its backward each unit's
         gradients are final (their average over the replicas starts, NVMe gradients get their
@@ -523,9 +517,10 @@ class OffloadEngine:
 
     @contextmanager
     def resident(self, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
-        """Every parameter and ``optimizer`` state in memory, in place (checkpoint save and load,
-        reading the final weights); NVMe homes are written back after, and with shared
-        parameters the units this replica does not own are dropped again."""
+        """Every parameter and ``optimizer`` state in memory, in place (to read a whole model's
+        weights; checkpoints go a tensor or a unit at a time instead,
+        :mod:`orch.offload.checkpoint_homes`); NVMe homes are written back after, and with
+        shared parameters the units this replica does not own are dropped again."""
         self.wait_updates()
         with ExitStack() as stack:
             stack.enter_context(self.homes.all_in_memory(optimizer))

@@ -11,8 +11,10 @@ the parameters and one for the optimizer states; they come into memory only
   optimizer creates on its first step; the stepped parameters stay in memory, kept by the
   tier, until the next forward's fetch takes them (while the pinned budget has room), so that
   fetch neither reads the disk nor waits for the write, and
-- for a checkpoint save or load (:meth:`Homes.all_in_memory`), so checkpoints are ordinary and
-  reshardable. That holds the whole model in CPU memory for the save: stated in the README.
+- for a checkpoint (:mod:`orch.offload.checkpoint_homes`): a save reads one tensor at a time
+  (:meth:`Homes.stored`), a load brings one unit at a time into place (:meth:`Homes.in_memory`),
+  so checkpoints are ordinary and reshardable without the whole model in CPU memory; and
+- all at once (:meth:`Homes.all_in_memory`), to read a whole model's weights.
 
 The optimizer states that go to NVMe are a parameter's non-scalar state tensors (AdamW's
 moments, AdamW8bit's quantized moments and their block scales); the step counts stay.
@@ -134,23 +136,25 @@ class Homes:
             return
         self._prepared[index] = self._update_reader.submit(self._read_for_update, index, True)
 
-    def _read_for_update(self, index: int, staged: bool) -> tuple[list[torch.Tensor] | None,
-                                                                    list[torch.Tensor] | None]:
+    def _read_for_update(self, index: int, staged: bool, states: bool = True
+                         ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """Unit ``index``'s parameters and (``states``) optimizer states, as views."""
         tier = self.tier
         assert tier is not None
         params = tier.read(("params", index), staged) if self.params_on_nvme else None
-        states = (tier.read(("optimizer", index), staged)
-                  if self.optimizer_on_nvme and tier.has(("optimizer", index)) else None)
-        return params, states
+        state_views = (tier.read(("optimizer", index), staged) if states
+                       and self.optimizer_on_nvme and tier.has(("optimizer", index)) else None)
+        return params, state_views
 
     @contextmanager
     def in_memory(self, index: int, optimizer: torch.optim.Optimizer | None,
                   staged: bool = True,
                   on_stored: Callable[[BaseException | None], None] | None = None
                   ) -> Iterator[None]:
-        """Unit ``index``'s parameters and ``optimizer``'s states for them in memory, in place,
-        for the block's duration; what the block changed is written back. ``staged=False``
-        reads into pageable memory instead of the pinned staging pool (many units at once).
+        """Unit ``index``'s parameters and ``optimizer``'s states for them (none without one)
+        in memory, in place, for the block's duration; what the block changed is written back.
+        ``staged=False`` reads into pageable memory instead of the pinned staging pool (many
+        units at once).
 
         With ``on_stored`` the write-back runs behind, in a writer thread, and ``on_stored``
         is called once the bytes are on disk (with the error, if the write failed); the
@@ -162,7 +166,8 @@ class Homes:
             return
         prepared = self._prepared.pop(index, None)
         param_views, state_views = (prepared.result() if prepared is not None
-                                    else self._read_for_update(index, staged))
+                                    else self._read_for_update(index, staged,
+                                                               optimizer is not None))
         params = self.units[index]
         if param_views is not None:
             for p, view in zip(params, param_views, strict=True):
@@ -220,6 +225,20 @@ class Homes:
         self._flush([self._stage(("params", index), [(p, "data") for p in self.units[index]])],
                     None)
 
+    def stored(self, index: int, param: nn.Parameter, key: str | None,
+               optimizer: torch.optim.Optimizer | None) -> torch.Tensor:
+        """A copy of unit ``index``'s parameter ``param`` (``key`` None) or of its optimizer
+        state ``key`` as it rests on NVMe, read alone (a checkpoint save reads one tensor at a
+        time)."""
+        assert self.tier is not None
+        slots: list[tuple[nn.Parameter, str | None]]
+        if key is None:
+            group, slots = "params", [(p, None) for p in self.units[index]]
+        else:
+            group, slots = "optimizer", list(_state_keys(optimizer, self.units[index]))
+        position = next(i for i, (p, k) in enumerate(slots) if p is param and k == key)
+        return self.tier.read_one((group, index), position)
+
     # --- everything -------------------------------------------------------------------------
 
     @contextmanager
@@ -240,17 +259,26 @@ class Homes:
             self.tier.close()
 
 
-def _state_entries(optimizer: torch.optim.Optimizer | None,
-                   params: list[nn.Parameter]) -> list[tuple[dict, str]]:
-    """``(state dict, key)`` of each non-scalar state tensor of ``params``, in a fixed order."""
+def _state_keys(optimizer: torch.optim.Optimizer | None,
+               params: list[nn.Parameter]) -> list[tuple[nn.Parameter, str]]:
+    """``(parameter, key)`` of each non-scalar state tensor of ``params`` (those an NVMe home
+    holds), in the order the tier stores them."""
     if optimizer is None:
         return []
-    entries = []
+    keys = []
     for p in params:
         state = optimizer.state.get(p, {})
-        entries += [(state, key) for key in sorted(state)
-                    if isinstance(state[key], torch.Tensor) and state[key].dim() > 0]
-    return entries
+        keys += [(p, key) for key in sorted(state)
+                 if isinstance(state[key], torch.Tensor) and state[key].dim() > 0]
+    return keys
+
+
+def _state_entries(optimizer: torch.optim.Optimizer | None,
+                   params: list[nn.Parameter]) -> list[tuple[dict, str]]:
+    """``(state dict, key)`` of each of :func:`_state_keys`."""
+    if optimizer is None:
+        return []
+    return [(optimizer.state[p], key) for p, key in _state_keys(optimizer, params)]
 
 
 __all__ = ["Homes"]

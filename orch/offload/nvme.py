@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from orch.models.weights import placeholder
-from orch.offload.blockio import BlockIO, aligned
+from orch.offload.blockio import ALIGN, BlockIO, aligned
 
 TENSOR_ALIGN = 64
 
@@ -182,6 +182,24 @@ class NvmeTier:
             self._held[key] = _Held(buffer, staged, users=1)
         self.bytes_read += region.nbytes
         return region.views(buffer)
+
+    def read_one(self, key: object, position: int) -> torch.Tensor:
+        """Tensor ``position`` of group ``key``, in pageable memory of its own: copied from the
+        group's held buffer if it has one, else read from disk (the aligned blocks around it
+        only). A checkpoint save reads one tensor at a time this way, so a group never comes
+        into memory whole for it."""
+        region = self._regions[key]
+        at, shape, dtype = region.layout[position]
+        with self._lock:
+            if (held := self._held.get(key)) is not None:
+                return region.views(held.buffer)[position].clone()
+        nbytes = shape.numel() * dtype.itemsize
+        start = (region.offset + at) // ALIGN * ALIGN
+        buffer = self.io.buffer(aligned(region.offset + at + nbytes) - start, False)
+        self.io.read(buffer, start)
+        self.bytes_read += buffer.numel()
+        skip = region.offset + at - start
+        return buffer[skip:skip + nbytes].view(dtype).view(shape).clone()
 
     def done(self, key: object) -> None:
         """The read of ``key`` is through and its tensors did not change."""

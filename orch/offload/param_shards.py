@@ -24,9 +24,10 @@ next pass starts. The broadcasts run one after another on a thread of their own,
 they were asked for, so the training thread does not wait for them (nor for the owner's read of
 a unit from NVMe, nor for its update of the unit, which the owner waits for before packing).
 
-Checkpoints stay ordinary: around a save or load every replica gathers every unit
-(:meth:`SharedParams.all_in_memory`, the whole model in memory for that time, as NVMe homes are
-for a save), and drops the units it does not own after.
+Checkpoints stay ordinary: each replica saves and loads the units it owns, and leaves the
+others to their owners (:mod:`orch.offload.checkpoint_homes`); no unit moves between replicas
+for it. :meth:`SharedParams.all_in_memory` gathers every unit on every replica, to read a whole
+model's weights.
 """
 
 from __future__ import annotations

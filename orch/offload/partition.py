@@ -14,8 +14,8 @@ its owner, zero elsewhere; -1 where no replica reached it) gives every replica t
 model's parameter order, from which the global norm forms as ``clip_grad_norm_`` forms it.
 
 Checkpoints stay ordinary: each replica saves the states it owns (distinct keys) and the
-replicated parameters once; a resume loads every state and each replica drops the ones it does
-not own (:meth:`Partition.drop_unowned`).
+replicated parameters once; a resume makes and loads only the states of the units it owns
+(:mod:`orch.offload.checkpoint_homes`).
 """
 
 from __future__ import annotations
@@ -88,13 +88,6 @@ class Partition:
         dist.all_reduce(norms, group=self.group)
         reached = norms[norms >= 0]
         return torch.linalg.vector_norm(reached) if reached.numel() else torch.zeros(())
-
-    def drop_unowned(self, optimizer: torch.optim.Optimizer) -> None:
-        """Forget the optimizer states of units this replica does not own (after a load)."""
-        for index, params in enumerate(self.units):
-            if not self.owns(index):
-                for p in params:
-                    optimizer.state.pop(p, None)
 
 
 __all__ = ["Partition", "owners_by_size"]

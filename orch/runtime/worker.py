@@ -8,7 +8,6 @@ and training.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -20,11 +19,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_state_dict,
-)
 from torch.distributed.fsdp import FSDPModule
 
 from orch.config import Config, config_to_dict, load_config
@@ -43,15 +37,11 @@ from orch.plan.layout import dense_layout
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
 from orch.runtime.data import BatchStream, PackedSequences, load_tokens
 from orch.runtime.metrics import MetricsLog
-from orch.runtime.optim import build_optimizer, implementation_kept
+from orch.runtime.optim import build_optimizer
 from orch.runtime.parallelize import RanksDisagree, parallelize
 from orch.runtime.rank_log import log_to_file, record_failure
+from orch.runtime.train_state import TrainState
 from orch.runtime.trainer import Trainer
-
-STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-"""Optimizer state keyed by parameter name (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``):
-pipeline ranks hold different parameters in the same-numbered groups, so group-indexed keys
-would collide in one checkpoint, and names let a checkpoint move between layouts."""
 
 
 def _device() -> torch.device:
@@ -167,20 +157,9 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
     start = 0
     resume = checkpoints.resolve_resume(resume_arg or cfg.checkpoint.resume)
-    # Offloaded states on NVMe come into memory around a save or load (and go back after).
-    def in_memory() -> contextlib.AbstractContextManager:
-        return offload.resident(optimizer) if offload else contextlib.nullcontext()
-
+    train_state = TrainState(model, optimizer, offload)
     if resume is not None:
-        with in_memory():
-            model_state, optim_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
-            state = {"model": model_state, "optim": optim_state}
-            manifest = checkpoints.load(resume, state)
-            with implementation_kept(optimizer):
-                set_state_dict(model, optimizer, options=STATE_OPTIONS,
-                               model_state_dict=state["model"], optim_state_dict=state["optim"])
-            if offload is not None:  # replicas keep the states of the units they step
-                offload.drop_unowned_states(optimizer)
+        manifest = train_state.load(checkpoints, resume)
         stream.load_state_dict(manifest.data)
         restore_rng(manifest.rng)
         start = manifest.step
@@ -188,10 +167,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
             print(f"orch: resumed from {resume} at step {start}", flush=True)
 
     def save(step: int) -> None:
-        with in_memory():
-            model_state, optim_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
-            path = checkpoints.save(step, {"model": model_state, "optim": optim_state},
-                                    stream.state_dict())
+        path = train_state.save(checkpoints, step, stream.state_dict())
         if rank == 0:
             print(f"orch: saved checkpoint {path}", flush=True)
 

@@ -24,7 +24,7 @@ per-gradient tests in tests/parallel, to keep the suite's time: tensor parallel 
 without sequence parallelism), expert parallel over 4 ranks, dense HSDP on its own, ring
 attention without TP, FSDP x CP x TP on 8 processes (each was here and passed before 2026-12-02;
 FSDP2 on 2 ranks is in every composed layout).
-Four layouts (pp2, the offloaded ones) run as a user resuming after a preemption: stopped at step
+Five layouts (pp2, the offloaded ones) run as a user resuming after a preemption: stopped at step
 2, then the same command again, so their checks also cover a resume into pipeline stages and into
 the offload tiers and the replicas' partition (an exact resume is tested in test_resume.py, so no
 uninterrupted twin here).
@@ -117,7 +117,8 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
                       dict(dp_shard=2, tp=2, ep=2)),
 }
-RESUMED = ("pp2", "offload_nvme", "offload_dp2_moe", "offload_dp2_moe_shared")
+RESUMED = ("pp2", "offload_nvme", "offload_dp2_moe", "offload_dp2_moe_shared",
+           "offload_dp2_moe_shared_nvme")
 RESHARDED = {  # name: (the layout that saved step 2, the plan that resumes it)
     "dp4_to_dp2tp2": ("fsdp4", "tp2sp_fsdp2"),
     "pp2_to_pp1": ("pp2", "single"),

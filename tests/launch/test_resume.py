@@ -280,7 +280,8 @@ def test_a_save_onto_a_full_disk_fails_cleanly_and_keeps_the_previous_checkpoint
     run = small_disk / "run"
     out = launch(*SHARD2, *overrides(run, f"train.steps={STEPS}", "checkpoint.interval=5"))
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "saving step 10 failed while" in out.stderr and "No space left" in out.stderr
+    assert "saving step 10 failed while" in out.stderr
+    assert "(the file system is full: " in out.stderr  # ENOSPC, or torch's zip writer's words
     assert "step-00000005, is intact" in out.stderr and "Traceback" not in out.stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000005"]
     assert verify(run / "checkpoints" / "step-00000005") == []

@@ -82,7 +82,7 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
         losses.append(total)
     with engine.resident(opt) if engine else contextlib.nullcontext():
         params = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
-    return Run(losses, norms, params, peaks, engine, records, opt)
+    return Run(losses, norms, params, peaks, engine, records, opt, model)
 
 
 class Run(NamedTuple):
@@ -93,3 +93,4 @@ class Run(NamedTuple):
     engine: OffloadEngine | None
     records: list[dict]
     optimizer: torch.optim.Optimizer
+    model: torch.nn.Module

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,9 @@ from orch.runtime.checkpoint.retention import clear_way, retain
 from orch.runtime.checkpoint.rng import capture_rng, derive_rng_seed, load_rng
 from orch.runtime.drills import maybe_fail
 
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.planner import SavePlanner
+
 
 @contextlib.contextmanager
 def _quiet_single_process() -> Iterator[None]:
@@ -82,6 +85,22 @@ def _first_line(exc: BaseException) -> str:
         exc = wrapped[0] if isinstance(wrapped, tuple) else exc
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+FULL_BELOW = 1 << 20
+"""Free bytes under which a failed write is put down to a full file system."""
+
+
+def _write_error(exc: BaseException, directory: Path) -> str:
+    """``_first_line`` of a failed write, saying so when the file system is full: a full disk
+    surfaces as ENOSPC from a plain write but as torch's "unexpected pos" from its zip writer,
+    depending on which write it hits."""
+    text = _first_line(exc)
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return text
+    return text + (f" (the file system is full: {free:,} bytes free)" if free < FULL_BELOW else "")
 
 
 @dataclass
@@ -119,6 +138,7 @@ class CheckpointManager:
         self._written: set[int] = set()
         self._verified: Path | None = None  # hashed by resolve_resume; load need not again
         self._pending: _Pending | None = None
+        self._loaded: Path | None = None  # by load; read_into reads only from it
         self._async_group: Any = None
         if cfg.checkpoint.async_save and self._dist:
             # Background writes run their own collectives; a group of their own keeps them from
@@ -220,13 +240,17 @@ class CheckpointManager:
 
     # --- saving ---
 
-    def save(self, step: int, app_state: dict[str, Any], data_state: dict[str, Any]) -> Path:
+    def save(self, step: int, app_state: dict[str, Any], data_state: dict[str, Any],
+             planner: SavePlanner | None = None) -> Path:
         """Save ``app_state`` through DCP as checkpoint ``step``; all ranks call it.
 
         ``data_state`` is the data position as JSON data; rank 0's is recorded. With
         ``checkpoint.async_save`` the DCP write continues in the background and the manifest is
         written by the next ``save`` or ``wait``; otherwise the checkpoint is complete (manifest
-        written, retention applied) when this returns on any rank.
+        written, retention applied) when this returns on any rank. A ``planner`` that reads
+        state as DCP writes it (offloaded state on NVMe) makes the save synchronous (an async
+        save first copies the whole state into memory), in files of bounded size
+        (:mod:`~orch.runtime.checkpoint.bounded_files`).
         """
         path = self.dir / step_dir_name(step)
         self.wait()
@@ -241,24 +265,29 @@ class CheckpointManager:
             torch.save(capture_rng(), buf)
             write_durable(path / rng_file_name(self.rank), buf.getvalue())
         except OSError as exc:
-            error = _first_line(exc)
+            error = _write_error(exc, self.dir)
         self._check_saving(error, step, path, "writing RNG states")
         import torch.distributed.checkpoint as dcp  # here: the launcher resolves resumes without it
         from torch.distributed.checkpoint.api import CheckpointException
 
+        from orch.runtime.checkpoint.bounded_files import BoundedFilesWriter
+
         future = None
         try:
-            if self._async_group is not None:
+            if self._async_group is not None and planner is None:
                 # Thread mode: state is staged to CPU before this returns, so training goes on.
                 response = dcp.async_save(
                     app_state, checkpoint_id=path, process_group=self._async_group
                 )
                 future = getattr(response, "upload_completion", response)  # newer torch: a pair
             else:
+                # A planner reading state as it goes needs files that do not gather it all.
+                writer = None if planner is None else BoundedFilesWriter(path)
                 with _quiet_single_process():
-                    dcp.save(app_state, checkpoint_id=path, no_dist=not self._dist)
+                    dcp.save(app_state, checkpoint_id=path, storage_writer=writer,
+                             planner=planner, no_dist=not self._dist)
         except (Exception, CheckpointException) as exc:  # DCP raises it on every rank
-            error = _first_line(exc)
+            error = _write_error(exc, self.dir)
         self._check_saving(error, step, path, "writing the sharded state")
         self._pending = _Pending(step, path, data, started, future)
         if future is None:
@@ -278,7 +307,7 @@ class CheckpointManager:
             try:
                 pending.future.result()
             except (Exception, CheckpointException) as exc:  # reported on every rank below
-                error = _first_line(exc)
+                error = _write_error(exc, self.dir)
         self._check_saving(error, pending.step, pending.path, "writing the sharded state")
         maybe_fail("save", pending.step)  # a fault drill (ORCH_DRILL), when one is set
         # Every rank hashes a share of the files; rank 0 lists them so all agree on the split.
@@ -310,7 +339,7 @@ class CheckpointManager:
                 text = json.dumps(manifest.to_json(), indent=1, sort_keys=False) + "\n"
                 write_durable(pending.path / MANIFEST, text.encode())
             except OSError as exc:
-                error = _first_line(exc)
+                error = _write_error(exc, self.dir)
         self._check_saving(error, pending.step, pending.path, "writing the manifest")
         if self.rank == 0:
             try:
@@ -386,6 +415,28 @@ class CheckpointManager:
         problems += [f"{path / name}: not listed in the manifest" for name in missing]
         if problems:
             raise damaged(path, problems)
+        self._read(path, app_state, no_dist=not self._dist)
+        self._loaded = path
+        if self.rank in manifest.rng_files:
+            rng = load_rng(path / manifest.rng_files[self.rank])
+        else:
+            rng = {"seed": derive_rng_seed(self.cfg.train.seed, manifest.step, self.rank)}
+        return dataclasses.replace(manifest, rng=rng)
+
+
+    def read_into(self, path: str | Path, state: dict[str, Any]) -> None:
+        """Load ``state`` (part of a state dict, in place) from checkpoint ``path``, which
+        :meth:`load` verified and loaded, in this process alone: no collectives, so ranks may
+        read different parts, or none (an offloaded run reads its NVMe units one by one)."""
+        if Path(path) != self._loaded:
+            raise RuntimeError(f"read_into({path}) must follow load() of the same checkpoint")
+        self._read(Path(path), state, no_dist=True)
+
+    @staticmethod
+    def _read(path: Path, state: dict[str, Any], no_dist: bool) -> None:
+        """DCP's load of ``state`` in place from ``path``, reading no code from it
+        (:mod:`~orch.runtime.checkpoint.safe_load`); a refusal raised by one rank is raised as
+        itself on every rank."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
@@ -393,17 +444,12 @@ class CheckpointManager:
 
         try:
             with _quiet_single_process():
-                dcp.load(app_state, checkpoint_id=path, storage_reader=SafeReader(path),
-                         planner=SafeLoadPlanner(), no_dist=not self._dist)
+                dcp.load(state, checkpoint_id=path, storage_reader=SafeReader(path),
+                         planner=SafeLoadPlanner(), no_dist=no_dist)
         except CheckpointException as exc:
             if (inner := unwrap(exc)) is not exc:
                 raise inner from None
             raise
-        if self.rank in manifest.rng_files:
-            rng = load_rng(path / manifest.rng_files[self.rank])
-        else:
-            rng = {"seed": derive_rng_seed(self.cfg.train.seed, manifest.step, self.rank)}
-        return dataclasses.replace(manifest, rng=rng)
 
 
 def skipped_damaged(skipped: list[tuple[Path, list[str]]], chosen: Path) -> str:
