@@ -423,7 +423,6 @@ class CheckpointManager:
             rng = {"seed": derive_rng_seed(self.cfg.train.seed, manifest.step, self.rank)}
         return dataclasses.replace(manifest, rng=rng)
 
-
     def read_into(self, path: str | Path, state: dict[str, Any]) -> None:
         """Load ``state`` (part of a state dict, in place) from checkpoint ``path``, which
         :meth:`load` verified and loaded, in this process alone: no collectives, so ranks may
