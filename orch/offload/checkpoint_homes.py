@@ -16,9 +16,10 @@ CPU memory all at once:
   through :class:`ReadingSavePlanner`, which reads each from the tier alone as DCP writes it.
 - A load first reads everything else in place with the ranks together (CPU homes, step counts,
   hyperparameters); torch's optimizer loader, which copies or casts every state tensor, never
-  sees a placeholder (:meth:`CheckpointHomes.states_kept`). Then each unit on NVMe comes into
-  memory (its parameters and states), its entries are read from the checkpoint in place by this
-  process alone, and it is written back (:meth:`CheckpointHomes.load_units`).
+  sees a placeholder (:meth:`CheckpointHomes.states_kept`). Then each unit on NVMe gets memory
+  for its parameters and states (nothing read from the tier: the checkpoint overwrites it all),
+  its entries are read from the checkpoint into it by this process alone, and it is written
+  back (:meth:`CheckpointHomes.load_units`).
 
 So beyond the CPU homes, a save holds one tensor and a load one unit.
 """
@@ -133,15 +134,16 @@ class CheckpointHomes:
             self.optimizer.state[param][key] = stand_in
 
     def load_units(self, resting: list[Resting], read: Callable[[State], None]) -> None:
-        """Each unit with entries on NVMe in ``resting``, one at a time: its parameters and
-        states in memory, ``read`` loads its entries in place (a state dict shaped like the
-        one they were set aside from), then they are written back."""
+        """Each unit with entries on NVMe in ``resting``, one at a time: memory for its
+        parameters and states, ``read`` loads its entries into it (a state dict shaped like
+        the one they were set aside from), then they are written back."""
         by_unit: dict[int, list[Resting]] = defaultdict(list)
         for entry in resting:
             if not entry.elsewhere:
                 by_unit[entry.unit].append(entry)
         for index in sorted(by_unit):
-            with self.homes.in_memory(index, self.optimizer, staged=False):
+            # nothing read from NVMe: the checkpoint overwrites every parameter and state there
+            with self.homes.in_memory(index, self.optimizer, staged=False, fill=False):
                 state: State = {}
                 for entry in by_unit[index]:
                     into = (entry.param.data if entry.state_key is None

@@ -136,25 +136,28 @@ class Homes:
             return
         self._prepared[index] = self._update_reader.submit(self._read_for_update, index, True)
 
-    def _read_for_update(self, index: int, staged: bool, states: bool = True
+    def _read_for_update(self, index: int, staged: bool, states: bool = True,
+                         fill: bool = True
                          ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
-        """Unit ``index``'s parameters and (``states``) optimizer states, as views."""
+        """Unit ``index``'s parameters and (``states``) optimizer states, as views (``fill``:
+        :meth:`NvmeTier.read`)."""
         tier = self.tier
         assert tier is not None
-        params = tier.read(("params", index), staged) if self.params_on_nvme else None
-        state_views = (tier.read(("optimizer", index), staged) if states
+        params = tier.read(("params", index), staged, fill) if self.params_on_nvme else None
+        state_views = (tier.read(("optimizer", index), staged, fill) if states
                        and self.optimizer_on_nvme and tier.has(("optimizer", index)) else None)
         return params, state_views
 
     @contextmanager
     def in_memory(self, index: int, optimizer: torch.optim.Optimizer | None,
                   staged: bool = True,
-                  on_stored: Callable[[BaseException | None], None] | None = None
-                  ) -> Iterator[None]:
+                  on_stored: Callable[[BaseException | None], None] | None = None,
+                  fill: bool = True) -> Iterator[None]:
         """Unit ``index``'s parameters and ``optimizer``'s states for them (none without one)
         in memory, in place, for the block's duration; what the block changed is written back.
         ``staged=False`` reads into pageable memory instead of the pinned staging pool (many
-        units at once).
+        units at once); ``fill=False`` reads nothing, for a block that overwrites every
+        parameter and state (a checkpoint load).
 
         With ``on_stored`` the write-back runs behind, in a writer thread, and ``on_stored``
         is called once the bytes are on disk (with the error, if the write failed); the
@@ -167,7 +170,7 @@ class Homes:
         prepared = self._prepared.pop(index, None)
         param_views, state_views = (prepared.result() if prepared is not None
                                     else self._read_for_update(index, staged,
-                                                               optimizer is not None))
+                                                               optimizer is not None, fill))
         params = self.units[index]
         if param_views is not None:
             for p, view in zip(params, param_views, strict=True):

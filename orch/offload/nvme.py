@@ -164,12 +164,13 @@ class NvmeTier:
     def has(self, key: object) -> bool:
         return key in self._regions
 
-    def read(self, key: object, staged: bool = True) -> list[torch.Tensor]:
+    def read(self, key: object, staged: bool = True, fill: bool = True) -> list[torch.Tensor]:
         """The group's tensors, as views of a buffer held until :meth:`write` or :meth:`done`
         for the same key: the group's held buffer if it has one (no disk read), else a staging
         buffer of the pool, or with ``staged=False`` a pageable one of its own (for reads that
-        hold many groups at once, as a checkpoint save does, which the pinned budget is not
-        sized for)."""
+        hold many groups at once, which the pinned budget is not sized for). ``fill=False``
+        leaves a new buffer as it comes, for a caller that overwrites every tensor (a
+        checkpoint load)."""
         region = self._regions[key]
         with self._lock:
             if (held := self._held.get(key)) is not None:
@@ -177,10 +178,11 @@ class NvmeTier:
                 held.kept = False  # taken: given back once its users and its write are through
                 return region.views(held.buffer)
         buffer = self.pool.take(region.nbytes) if staged else self.io.buffer(region.nbytes, False)
-        self.io.read(buffer, region.offset)
+        if fill:
+            self.io.read(buffer, region.offset)
+            self.bytes_read += region.nbytes
         with self._lock:
             self._held[key] = _Held(buffer, staged, users=1)
-        self.bytes_read += region.nbytes
         return region.views(buffer)
 
     def read_one(self, key: object, position: int) -> torch.Tensor:
