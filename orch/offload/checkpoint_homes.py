@@ -89,16 +89,19 @@ class CheckpointHomes:
         self._params = {name: (unit.index, p) for unit in engine.units
                         for name, p in zip(unit.param_names, unit.params, strict=True)}
 
-    def prepare(self) -> None:
+    def prepare(self, loading: bool = False) -> None:
         """Before ``get_state_dict``: the last update is on its home tiers, and a fresh
-        optimizer has its states, made unit by unit for the units this replica steps."""
+        optimizer has its states, made unit by unit for the units this replica steps. Before a
+        load (``loading``) the parameters on NVMe are not read for that: the states of a zero
+        step do not depend on them, and the load overwrites them."""
         self.engine.wait_updates()
         if self.optimizer.state:
             return
         partition = self.engine.partition
         for unit in self.engine.units:
             if partition is None or partition.owns(unit.index):
-                with self.homes.in_memory(unit.index, self.optimizer, staged=False):
+                with self.homes.in_memory(unit.index, self.optimizer, staged=False,
+                                          fill=not loading):
                     zero_step(self.optimizer, unit.params)
 
     def save_planner(self, state: State) -> ReadingSavePlanner | None:

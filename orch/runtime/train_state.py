@@ -41,9 +41,9 @@ class TrainState:
         self.model, self.optimizer = model, optimizer
         self.homes = CheckpointHomes(offload, optimizer) if offload is not None else None
 
-    def _state(self) -> State:
+    def _state(self, loading: bool = False) -> State:
         if self.homes is not None:
-            self.homes.prepare()
+            self.homes.prepare(loading)
         model_state, optim_state = get_state_dict(self.model, self.optimizer,
                                                   options=STATE_OPTIONS)
         return {"model": model_state, "optim": optim_state}
@@ -56,7 +56,7 @@ class TrainState:
 
     def load(self, checkpoints: CheckpointManager, path: Path) -> Manifest:
         """Load checkpoint ``path`` (verified first) into the model and optimizer; all ranks."""
-        state = self._state()
+        state = self._state(loading=True)
         resting = self.homes.set_aside(state) if self.homes is not None else []
         manifest = checkpoints.load(path, state)
         kept = self.homes.states_kept(resting) if self.homes is not None else nullcontext()
