@@ -139,6 +139,7 @@ class CheckpointManager:
         self._verified: Path | None = None  # hashed by resolve_resume; load need not again
         self._pending: _Pending | None = None
         self._loaded: Path | None = None  # by load; read_into reads only from it
+        self._said_synchronous = False
         self._async_group: Any = None
         if cfg.checkpoint.async_save and self._dist:
             # Background writes run their own collectives; a group of their own keeps them from
@@ -273,6 +274,12 @@ class CheckpointManager:
         from orch.runtime.checkpoint.bounded_files import BoundedFilesWriter
 
         future = None
+        if planner is not None and self._async_group is not None and self.rank == 0 and (
+                not self._said_synchronous):
+            self._said_synchronous = True
+            print("orch: checkpoint.async_save: saving synchronously (offloaded state on NVMe is "
+                  "read as it is written; an async save would first copy all of it into memory)",
+                  flush=True)
         try:
             if self._async_group is not None and planner is None:
                 # Thread mode: state is staged to CPU before this returns, so training goes on.
