@@ -8,7 +8,8 @@ CPU memory all at once:
 
 - First the optimizer has a state for every parameter it steps here. A fresh optimizer (a
   resume) makes them unit by unit (:func:`~orch.offload.cpu_step.zero_step`), each unit in
-  memory only for that step; torch's ``get_state_dict`` would make them all at once, in
+  memory only for that step, and on NVMe they get their place without a byte read or written
+  (the load overwrites them); torch's ``get_state_dict`` would make them all at once, in
   memory, with the same zero step.
 - ``get_state_dict`` then holds placeholders (no bytes) where the bytes rest on NVMe or, with
   ``offload.shard_params``, on another replica: the :class:`Resting` entries.
@@ -92,17 +93,22 @@ class CheckpointHomes:
     def prepare(self, loading: bool = False) -> None:
         """Before ``get_state_dict``: the last update is on its home tiers, and a fresh
         optimizer has its states, made unit by unit for the units this replica steps. Before a
-        load (``loading``) the parameters on NVMe are not read for that: the states of a zero
-        step do not depend on them, and the load overwrites them."""
+        load (``loading``) that reads and writes nothing on NVMe (the load overwrites both the
+        parameters and the states: :meth:`~orch.offload.homes.Homes.make_states`); before a
+        save the zero states are written, to be saved."""
         self.engine.wait_updates()
         if self.optimizer.state:
             return
         partition = self.engine.partition
         for unit in self.engine.units:
-            if partition is None or partition.owns(unit.index):
-                with self.homes.in_memory(unit.index, self.optimizer, staged=False,
-                                          fill=not loading):
-                    zero_step(self.optimizer, unit.params)
+            if partition is not None and not partition.owns(unit.index):
+                continue
+            step = partial(zero_step, self.optimizer, unit.params)
+            if loading:
+                self.homes.make_states(unit.index, self.optimizer, step)
+                continue
+            with self.homes.in_memory(unit.index, self.optimizer, staged=False):
+                step()
 
     def save_planner(self, state: State) -> ReadingSavePlanner | None:
         """The planner that saves ``state``: entries resting on another replica are taken out

@@ -228,6 +228,31 @@ class Homes:
         self._flush([self._stage(("params", index), [(p, "data") for p in self.units[index]])],
                     None)
 
+    def make_states(self, index: int, optimizer: torch.optim.Optimizer,
+                    make: Callable[[], None]) -> None:
+        """Give unit ``index``'s parameters their ``optimizer`` states by ``make()`` (a zero
+        step) and the states their place on NVMe, reading and writing nothing: before a
+        checkpoint load, which overwrites both. Parameters on NVMe get memory for the call
+        without being read (a zero step's states do not depend on their values) and rest as
+        before; the states' region is reserved, not written."""
+        params = self.units[index]
+        if index in self.elsewhere or not (self.params_on_nvme or self.optimizer_on_nvme):
+            make()
+            return
+        assert self.tier is not None
+        resting = [p.data for p in params]
+        if self.params_on_nvme:
+            for p in params:
+                p.data = torch.empty(p.shape, dtype=p.dtype)
+        make()
+        for p, stand_in in zip(params, resting, strict=True):
+            p.data = stand_in
+        entries = _state_entries(optimizer, params) if self.optimizer_on_nvme else []
+        if entries:
+            self.tier.reserve(("optimizer", index), [state[key] for state, key in entries])
+            for state, key in entries:
+                state[key] = placeholder(state[key])
+
     def stored(self, index: int, param: nn.Parameter, key: str | None,
                optimizer: torch.optim.Optimizer | None) -> torch.Tensor:
         """A copy of unit ``index``'s parameter ``param`` (``key`` None) or of its optimizer

@@ -185,6 +185,11 @@ class NvmeTier:
             self._held[key] = _Held(buffer, staged, users=1)
         return region.views(buffer)
 
+    def reserve(self, key: object, tensors: list[torch.Tensor]) -> None:
+        """Give group ``key`` its region for tensors shaped like ``tensors``, writing nothing:
+        its bytes mean nothing until a write (a checkpoint load writes them next)."""
+        self._region_for(key, tensors)
+
     def read_one(self, key: object, position: int) -> torch.Tensor:
         """Tensor ``position`` of group ``key``, in pageable memory of its own: copied from the
         group's held buffer if it has one, else read from disk (the aligned blocks around it

@@ -70,8 +70,9 @@ def test_nvme_homes_are_saved_a_tensor_and_loaded_a_unit_at_a_time(tmp_path, mon
     """Save after 3 offloaded steps: each tensor resting on NVMe is read alone as DCP writes
     it (nothing else comes into memory), and the checkpoint holds the trained values. Load
     into a fresh run: its optimizer states are made unit by unit, then each unit's entries are
-    read with only that unit in memory; afterwards every parameter and state (AdamW8bit's
-    quantized moments included: torch's loader would cast them) equals the saved run's."""
+    read with only that unit in memory, and the tier is written once and never read; afterwards
+    every parameter and state (AdamW8bit's quantized moments included: torch's loader would
+    cast them) equals the saved run's."""
     swap = tmp_path / "saving.swap"
     tier = NvmeTier(swap, open_block_io(swap, 1 << 20, 8, 1, prefer="direct"), 12 << 20)
     run = train(True, nvme=tier, on_nvme=on_nvme, optimizer=optimizer)
@@ -111,7 +112,7 @@ def test_nvme_homes_are_saved_a_tensor_and_loaded_a_unit_at_a_time(tmp_path, mon
         assert torch.equal(written["model"][name], saved[name]), name
         for key in run.optimizer.state[p]:
             assert torch.equal(written["optim"][f"state.{name}.{key}"], saved[f"{name}.{key}"])
-    with run.engine.resident(None):  # the parameters alone (this read its states too: failed)
+    with run.engine.resident(None):  # the parameters alone (it once read the states: failed)
         for name, p in run.model.named_parameters():
             assert torch.equal(p, saved[name]), name
     run.engine.close()
@@ -133,7 +134,11 @@ def test_nvme_homes_are_saved_a_tensor_and_loaded_a_unit_at_a_time(tmp_path, mon
 
     monkeypatch.setattr(checkpoint_homes, "zero_step", watched_zero_step)
     monkeypatch.setattr(checkpoints, "read_into", watched_read_into)
+    tier = engine.homes.tier
+    read, written = tier.bytes_read, tier.bytes_written
     TrainState(model, opt, engine).load(checkpoints, path)
+    # nothing read from the tier, each region written once (the checkpoint's values)
+    assert tier.bytes_read == read and tier.bytes_written - written == tier.file_bytes
     assert len(zero_steps) == len(loads) == len(units)
     slack = 1 << 16  # the step counts (one scalar per parameter) and the regions' alignment
     assert max(zero_steps + loads) <= start + unit_bytes + slack
