@@ -22,7 +22,8 @@ CPU memory all at once:
   its entries are read from the checkpoint into it by this process alone, and it is written
   back (:meth:`CheckpointHomes.load_units`).
 
-So beyond the CPU homes, a save holds one tensor and a load one unit.
+So beyond the CPU homes, a save holds at most one file's tensors (DCP's writer keeps them until
+the file closes: :mod:`orch.runtime.checkpoint.bounded_files`) and a load one unit.
 """
 
 from __future__ import annotations

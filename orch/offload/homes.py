@@ -12,8 +12,10 @@ the parameters and one for the optimizer states; they come into memory only
   tier, until the next forward's fetch takes them (while the pinned budget has room), so that
   fetch neither reads the disk nor waits for the write, and
 - for a checkpoint (:mod:`orch.offload.checkpoint_homes`): a save reads one tensor at a time
-  (:meth:`Homes.stored`), a load brings one unit at a time into place (:meth:`Homes.in_memory`),
-  so checkpoints are ordinary and reshardable without the whole model in CPU memory; and
+  (:meth:`Homes.stored`); a load gives one unit at a time memory without reading it
+  (:meth:`Homes.in_memory` with ``fill=False``), after a fresh optimizer's states got their
+  place without being written (:meth:`Homes.make_states`); so checkpoints are ordinary and
+  reshardable without the whole model in CPU memory; and
 - all at once (:meth:`Homes.all_in_memory`), to read a whole model's weights.
 
 The optimizer states that go to NVMe are a parameter's non-scalar state tensors (AdamW's
@@ -288,7 +290,7 @@ class Homes:
 
 
 def _state_keys(optimizer: torch.optim.Optimizer | None,
-               params: list[nn.Parameter]) -> list[tuple[nn.Parameter, str]]:
+                params: list[nn.Parameter]) -> list[tuple[nn.Parameter, str]]:
     """``(parameter, key)`` of each non-scalar state tensor of ``params`` (those an NVMe home
     holds), in the order the tier stores them."""
     if optimizer is None:
