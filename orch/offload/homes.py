@@ -273,7 +273,8 @@ class Homes:
 
     @contextmanager
     def all_in_memory(self, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
-        """Every unit in memory (checkpoint save and load; the optimizer may gain states)."""
+        """Every unit in memory, to read a whole model's weights (checkpoints go a tensor or a
+        unit at a time instead)."""
         with ExitStack() as stack:
             for index in range(len(self.units)):
                 if index not in self.elsewhere:

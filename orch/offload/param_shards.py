@@ -126,8 +126,8 @@ class SharedParams:
 
     @contextmanager
     def all_in_memory(self) -> Iterator[None]:
-        """Every unit's parameters in place on every replica for the block (a checkpoint save
-        or load), the units this replica does not own dropped again after."""
+        """Every unit's parameters in place on every replica for the block (to read a whole
+        model's weights), the units this replica does not own dropped again after."""
         for index, params in enumerate(self.units):
             if not self.partition.owns(index):
                 for p in params:
