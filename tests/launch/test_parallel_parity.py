@@ -29,11 +29,11 @@ Five layouts (pp2, the offloaded ones) run as a user resuming after a preemption
 the offload tiers and the replicas' partition (an exact resume is tested in test_resume.py, so no
 uninterrupted twin here).
 
-Resharding: five runs resume another layout's step-2 checkpoint under a different plan (dp4 ->
+Resharding: six runs resume another layout's step-2 checkpoint under a different plan (dp4 ->
 dp2 x tp2, pp2 -> one process, ep2 -> ep4 on the MoE model with its expert bias, tp2 (x dp2) ->
-cp2, NVMe-offloaded -> FSDP2 on 4 ranks) and must continue as the new plan's own uninterrupted
-run does (for ep4, which has no run of its own here, as the single-process reference, which
-every plan's run equals within the same tolerances).
+cp2, NVMe-offloaded -> FSDP2 on 4 ranks and back) and must continue as the new plan's own
+uninterrupted run does (for ep4, which has no run of its own here, as the single-process
+reference, which every plan's run equals within the same tolerances).
 
 The MoE routing is uneven by itself at this size: the test checks that every MoE run had empty
 experts and experts with over twice the mean load in the same steps as the reference.
@@ -125,6 +125,7 @@ RESHARDED = {  # name: (the layout that saved step 2, the plan that resumes it)
     "ep2_to_ep4": ("ep2", "ep4"),
     "tp2_to_cp2": ("tp2sp_fsdp2", "cp2_ulysses"),
     "offload_to_fsdp4": ("offload_nvme", "fsdp4"),
+    "fsdp4_to_offload": ("fsdp4", "offload_nvme"),  # chunks from 4 ranks into NVMe units
 }
 TARGETS = {**LAYOUTS, "single": (DENSE, 1, [], {}),
            "ep4": (MOE, 4, ["parallel.ep=4"], dict(dp_shard=4, ep=4))}
@@ -188,6 +189,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             assert "resumed from" in stdout and "step-00000002" in stdout
     for name, (source, target) in RESHARDED.items():
         config, procs, extra, _ = TARGETS[target]
+        extra = [item.format(scratch=scratch) for item in extra]
         saved = dirs[source] / "checkpoints" / "step-00000002"
         stdout = _launch(config, procs, dirs[name], *extra, resume=saved)
         assert f"resumed from {saved} at step 2" in stdout
