@@ -83,6 +83,15 @@ def meta_to_placeholders(model: nn.Module) -> None:
                 setattr(module, name, done[p])
 
 
+class Unfilled:
+    """No values: parameters keep what their allocation left, for a run that resumes from a
+    checkpoint, whose load overwrites every one of them (drawing orch's init or reading
+    ``model.init_from`` first would be a whole model's work thrown away at every restart)."""
+
+    def fill(self, name: str, into: torch.Tensor) -> None:
+        pass
+
+
 def placeholder(tensor: torch.Tensor) -> torch.Tensor:
     """A CPU tensor shaped like ``tensor`` that holds no bytes (its storage has size 0)."""
     empty = torch.empty(tensor.shape, dtype=tensor.dtype)
@@ -103,6 +112,8 @@ def fill_all(model: nn.Module, source: WeightSource) -> None:
     its full values are made on the CPU (one parameter at a time) and split as its placements
     say, the same split on every rank without communication, since every rank's source gives
     the same values."""
+    if isinstance(source, Unfilled):  # nothing to write, so no full-size copy per shard either
+        return
     for name, p in model.named_parameters():
         into = p.data
         if isinstance(into, DTensor):
@@ -152,5 +163,5 @@ def buffers_to(model: nn.Module, device: torch.device) -> None:
             setattr(module, name, buf.to(device))
 
 
-__all__ = ["SeededInit", "WeightSource", "buffers_to", "fill_all", "is_placeholder",
+__all__ = ["SeededInit", "Unfilled", "WeightSource", "buffers_to", "fill_all", "is_placeholder",
            "materialize", "meta_to_placeholders", "placeholder"]

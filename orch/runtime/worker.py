@@ -27,7 +27,7 @@ from orch.launch.launcher import backend, launch_plan, unsupported_features, wor
 from orch.launch.nodes import NODE_ENV
 from orch.models.hf_load import HFCheckpoint
 from orch.models.llama import Transformer
-from orch.models.weights import SeededInit, WeightSource
+from orch.models.weights import SeededInit, Unfilled, WeightSource
 from orch.offload.engine import offload_transformer
 from orch.offload.host_memory import return_large_frees
 from orch.parallel.interfaces import cluster_placement
@@ -85,8 +85,11 @@ def run(argv: Sequence[str]) -> None:
         train(cfg, plan, device, args.resume)
 
 
-def _first_weights(cfg: Config, model: Transformer) -> WeightSource:
-    """Where training starts from: ``model.init_from``'s checkpoint, else orch's seeded init."""
+def _first_weights(cfg: Config, model: Transformer, resuming: bool) -> WeightSource:
+    """Where training starts from: nothing when ``resuming`` (the checkpoint's load overwrites
+    every parameter), else ``model.init_from``'s checkpoint, else orch's seeded init."""
+    if resuming:
+        return Unfilled()
     if cfg.model.init_from:
         return HFCheckpoint(cfg.model, model)
     return SeededInit(model, cfg.train.seed)
@@ -119,10 +122,12 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
 
     if cfg.offload.enabled:  # what an offloaded step frees must leave the process
         return_large_frees()
+    checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
+    resume = checkpoints.resolve_resume(resume_arg or cfg.checkpoint.resume)
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):  # shapes only: the weights are filled where they will live
         model = Transformer(cfg.model)
-    weights = _first_weights(cfg, model)  # a resume below replaces them with the checkpoint's
+    weights = _first_weights(cfg, model, resuming=resume is not None)
     offload = None
     if cfg.offload.enabled:  # unit by unit into their homes (CPU or NVMe), never all in memory
         model.init_buffers()
@@ -154,9 +159,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     stream = BatchStream(dataset, cfg.train.global_batch, cfg.train.micro_batch, dp_rank,
                          plan.degrees.dp, cfg.train.seed)
 
-    checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
     start = 0
-    resume = checkpoints.resolve_resume(resume_arg or cfg.checkpoint.resume)
     train_state = TrainState(model, optimizer, offload)
     if resume is not None:
         manifest = train_state.load(checkpoints, resume)

@@ -132,3 +132,22 @@ def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
         losses = [torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten())
                   for x, y in stream.next_step()]
     assert abs(logged - float(torch.stack(losses).mean())) < 1e-5
+
+
+def test_a_resumed_run_neither_reads_init_from_nor_draws_an_init(tmp_path):
+    """A run resuming from a checkpoint takes its first weights from nothing: the load
+    overwrites every parameter, so ``model.init_from`` is not opened (here it does not even
+    exist) and fill_all leaves the parameters as allocated."""
+    from orch.models.weights import Unfilled, fill_all
+    from orch.runtime.worker import _first_weights
+
+    cfg = load_config("configs/tiny.yaml", [f"model.init_from={tmp_path / 'absent'}"])
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    assert isinstance(_first_weights(cfg, model, resuming=True), Unfilled)
+    with pytest.raises(ProblemsError, match="absent"):
+        _first_weights(cfg, model, resuming=False)
+    plain = Transformer(cfg.model)
+    before = {name: p.detach().clone() for name, p in plain.named_parameters()}
+    fill_all(plain, Unfilled())
+    assert all(torch.equal(p, before[name]) for name, p in plain.named_parameters())
