@@ -76,6 +76,7 @@ class AsyncIO:
         self._allocator = self._op.aio_handle(*self._args)
         """Owns the locked buffers (they are freed with the handle that made them)."""
         Path(path).touch()
+        _check_views_locked(self._allocator)
 
     def _handle(self):
         handle = getattr(self._local, "handle", None)
@@ -104,6 +105,28 @@ class AsyncIO:
 
     def close(self) -> None:
         self._local = threading.local()
+
+
+_said_views = False
+
+
+def _check_views_locked(handle) -> None:
+    """Say once when this DeepSpeed does not count a view of its locked buffers as locked:
+    the NVMe tier stages through ranges of one locked arena, and the op then bounces each
+    transfer through a locked buffer of its own (allocated per call). Older releases matched
+    a buffer's exact start address."""
+    global _said_views
+    probe = handle.new_cpu_locked_tensor(2 * ALIGN, torch.empty(0, dtype=torch.uint8))
+    try:
+        if not handle.is_pinned(probe[ALIGN:]) and not _said_views:
+            import deepspeed
+
+            print(f"orch: deepspeed {deepspeed.__version__} takes views of its locked buffers for "
+                  "pageable memory: every NVMe transfer goes through a bounce buffer; a newer "
+                  "deepspeed avoids it", file=sys.stderr, flush=True)
+            _said_views = True
+    finally:
+        handle.free_cpu_locked_tensor(probe)
 
 
 class DirectIO:

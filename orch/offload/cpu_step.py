@@ -10,8 +10,8 @@ shallow copy that shares its ``state``, so checkpoints see one optimizer and the
 unsplit step's exactly (foreach updates are per tensor). With NVMe homes the thread asks
 :class:`~orch.offload.homes.Homes` to read the next unit's parameters and states while it steps
 one, and the write-back runs behind: a unit's fetch waits only until it is stepped (its
-parameters stay readable in memory while they are written), checkpoints until every byte is on
-disk.
+parameters stay readable in memory while they are written, and kept after for that fetch while
+the pinned budget has room), checkpoints until every byte is on disk.
 """
 
 from __future__ import annotations
@@ -63,18 +63,21 @@ class UnitUpdates:
             event.clear()
         self.seconds = self.waited = 0.0
         self._started = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, args=(optimizer, steppers, grads_for),
+        due = self.homes.next_pass() + 1  # the next forward's, which fetches in this order
+        self._thread = threading.Thread(target=self._run,
+                                        args=(optimizer, steppers, grads_for, due),
                                         daemon=True, name="orch-cpu-optimizer")
         self._thread.start()
 
     def _run(self, optimizer: torch.optim.Optimizer, steppers: list[torch.optim.Optimizer],
-             grads_for: GradsForUpdate | None) -> None:
+             grads_for: GradsForUpdate | None, due: int) -> None:
         try:
             for index, (stepper, params) in enumerate(zip(steppers, self.units, strict=True)):
                 mine = self.partition is None or self.partition.owns(index)
                 self.homes.prepare(index + 1)
                 with self.homes.in_memory(index, optimizer if mine else None,
-                                          on_stored=partial(self._stored, index)), (
+                                          on_stored=partial(self._stored, index),
+                                          keep=(due, index)), (
                         grads_for(index) if grads_for else nullcontext()):
                     if mine:
                         stepper.step()

@@ -61,7 +61,7 @@ from orch.offload.budget import DeviceBudget
 from orch.offload.cpu_step import UnitUpdates
 from orch.offload.grad_homes import GradientHomes
 from orch.offload.homes import Homes
-from orch.offload.nvme import NvmeTier, scratch_file
+from orch.offload.nvme import Due, NvmeTier, scratch_file
 from orch.offload.param_shards import SharedParams
 from orch.offload.partition import Partition, owners_by_size
 from orch.offload.policy import AutoActivations
@@ -157,6 +157,8 @@ class OffloadEngine:
         """Bytes of kept activations each unit holds on the device now (accounted)."""
         self.depth = max(1, prefetch_depth)
         self.in_backward = False
+        self._pass = 0
+        """The number of the pass over the units running now (:meth:`Homes.next_pass`)."""
         self.bytes_to_device = 0
         self.bytes_to_home = 0
         self._fresh: set[nn.Parameter] = set()
@@ -228,7 +230,7 @@ class OffloadEngine:
             unit.device_copies = [torch.empty_like(r, device=self.device) for r in resting]
         sent = self.shared is not None  # by its owner, into a buffer dropped after the copy
         source = (nullcontext(self.shared.take(unit.index)) if self.shared
-                  else self.homes.params_to_copy(unit.index))
+                  else self.homes.params_to_copy(unit.index, self._next_use(unit)))
         with source as homes:
             for copy, home in zip(unit.device_copies, homes, strict=True):
                 copy.untyped_storage().resize_(home.numel() * home.element_size())
@@ -241,6 +243,13 @@ class OffloadEngine:
         self._home_data[unit.index] = resting
         unit.fetched = True
         self.bytes_to_device += unit.nbytes
+
+    def _next_use(self, unit: Unit) -> Due:
+        """When ``unit``'s parameters, fetched now, are next read from their home: in the
+        next pass (a forward's fetches by the backward, last unit first; a backward's by the
+        update, or the next micro-batch's forward, first unit first)."""
+        last = len(self.units) - 1
+        return (self._pass + 1, unit.index if self.in_backward else last - unit.index)
 
     def release(self, unit: Unit) -> None:
         """Point ``unit``'s parameters at what they rest as again (their home data, or NVMe
@@ -278,6 +287,8 @@ class OffloadEngine:
     # --- hooks ------------------------------------------------------------------------------
 
     def _before_forward(self, unit: Unit, args: tuple) -> tuple | None:
+        if unit.index == 0 and not self.in_backward:
+            self._pass = self.homes.next_pass()
         if self.shared is not None and not self.in_backward:  # the model's order, not the budget's
             if unit.index == 0:
                 self.shared.start_pass()
@@ -317,6 +328,8 @@ class OffloadEngine:
 
     def before_unit_backward(self, unit: Unit) -> None:
         """Called by autograd when the gradient reaches ``unit``'s output."""
+        if not self.in_backward:
+            self._pass = self.homes.next_pass()
         self.in_backward = True
         if self.shared is not None:  # the model's order, not the budget's
             if unit.index == len(self.units) - 1:

@@ -8,15 +8,20 @@ the parameters and one for the optimizer states; they come into memory only
   back; nothing is written, the parameters did not change), and
 - for the unit's optimizer step (:meth:`Homes.in_memory`: parameters and states read into
   place, stepped, written back, placeholders again), which also covers the states the
-  optimizer creates on its first step; the stepped parameters stay in memory, kept by the
-  tier, until the next forward's fetch takes them (while the pinned budget has room), so that
-  fetch neither reads the disk nor waits for the write, and
+  optimizer creates on its first step, and
 - for a checkpoint (:mod:`orch.offload.checkpoint_homes`): a save reads one tensor at a time
   (:meth:`Homes.stored`); a load gives one unit at a time memory without reading it
   (:meth:`Homes.in_memory` with ``fill=False``), after a fresh optimizer's states got their
   place without being written (:meth:`Homes.make_states`); so checkpoints are ordinary and
   reshardable without the whole model in CPU memory; and
 - all at once (:meth:`Homes.all_in_memory`), to read a whole model's weights.
+
+Parameters read from NVMe stay in memory after each use, kept by the tier for their next one
+while the pinned budget has room (the copy due last gives way first): stepped, for the next
+forward's fetch, which then neither reads the disk nor waits for the write; fetched for the
+forward, for the backward (the last blocks come back first); fetched for the backward, for the
+update (the first blocks are stepped first). The passes over the units are numbered
+(:meth:`Homes.next_pass`) so that each kept copy says when it is due.
 
 The optimizer states that go to NVMe are a parameter's non-scalar state tensors (AdamW's
 moments, AdamW8bit's quantized moments and their block scales); the step counts stay.
@@ -32,7 +37,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from orch.offload.nvme import NvmeTier, placeholder
+from orch.offload.nvme import Due, NvmeTier, placeholder
 
 
 class Homes:
@@ -59,6 +64,7 @@ class Homes:
         self._prepared: dict[int, Future] = {}
         """Reads ahead of an optimizer step (:meth:`prepare`)."""
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="orch-nvme-write")
+        self._passes = 0
         self.elsewhere: set[int] = set()
         """Units whose parameters rest on another replica (``offload.shard_params``): neither
         read, written nor brought into memory here (their states are the owner's too); set by
@@ -82,12 +88,19 @@ class Homes:
         else:
             self._resting[index] = [p.data for p in params]
 
+    def next_pass(self) -> int:
+        """Number the pass over the units that starts now (a forward, a backward, an update):
+        a copy kept in pass ``n`` is due in pass ``n + 1``. Called from the trainer's thread."""
+        self._passes += 1
+        return self._passes
+
     # --- one unit ---------------------------------------------------------------------------
 
     @contextmanager
-    def params_to_copy(self, index: int) -> Iterator[list[torch.Tensor]]:
+    def params_to_copy(self, index: int, keep: Due | None = None
+                       ) -> Iterator[list[torch.Tensor]]:
         """Unit ``index``'s parameters as they rest, readable for the block's duration (from any
-        thread)."""
+        thread); ``keep``: left in memory after, for a read due then."""
         if not self.params_on_nvme:
             yield self._resting[index]
             return
@@ -97,7 +110,7 @@ class Homes:
         try:
             yield views
         finally:
-            self.tier.done(("params", index))
+            self.tier.done(("params", index), keep)
 
     def rest_elsewhere(self, indices: set[int]) -> None:
         """The units ``indices`` rest on other replicas from now on: their homes here are let
@@ -109,7 +122,7 @@ class Homes:
     def read_ahead(self, index: int) -> None:
         """Start reading unit ``index``'s parameters from NVMe in the background, once its
         update has stepped it, so its fetch finds them in memory (the read overlaps the compute
-        of the units before it; a fresh copy the update kept is taken without a read)."""
+        of the units before it; a copy the tier kept is taken without a read)."""
         if not self.params_on_nvme or index in self._ahead:
             return
         assert self.tier is not None
@@ -154,12 +167,13 @@ class Homes:
     def in_memory(self, index: int, optimizer: torch.optim.Optimizer | None,
                   staged: bool = True,
                   on_stored: Callable[[BaseException | None], None] | None = None,
-                  fill: bool = True) -> Iterator[None]:
+                  fill: bool = True, keep: Due | None = None) -> Iterator[None]:
         """Unit ``index``'s parameters and ``optimizer``'s states for them (none without one)
         in memory, in place, for the block's duration; what the block changed is written back.
         ``staged=False`` reads into pageable memory instead of the pinned staging pool (many
         units at once); ``fill=False`` reads nothing, for a block that overwrites every
-        parameter and state (a checkpoint load).
+        parameter and state (a checkpoint load). ``keep``: the parameters stay in memory after
+        their write, for a read due then.
 
         With ``on_stored`` the write-back runs behind, in a writer thread, and ``on_stored``
         is called once the bytes are on disk (with the error, if the write failed); the
@@ -185,8 +199,8 @@ class Homes:
             yield
         finally:
             keys = []
-            if self.params_on_nvme:  # kept for the next forward's fetch
-                keys.append(self._stage(("params", index), [(p, "data") for p in params], True))
+            if self.params_on_nvme:
+                keys.append(self._stage(("params", index), [(p, "data") for p in params], keep))
             entries = _state_entries(optimizer, params) if self.optimizer_on_nvme else []
             if entries:
                 keys.append(self._stage(("optimizer", index), entries))
@@ -196,7 +210,7 @@ class Homes:
                 self._writer.submit(self._flush, keys, on_stored)
 
     def _stage(self, key: tuple[str, int], slots: list[tuple[object, str]],
-               keep: bool = False) -> tuple[str, int]:
+               keep: Due | None = None) -> tuple[str, int]:
         """Hand the tensors in ``slots`` (a parameter's ``data``, a state dict's entry) to the
         tier as group ``key``'s bytes to write (readable from memory until written, and after
         while kept), leaving placeholders in the slots."""

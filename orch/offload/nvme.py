@@ -7,18 +7,20 @@ staging buffer from its region and hands back views of the buffer shaped like th
 writing writes that buffer back when the tensors are its views (the steady state: read,
 stepped in place, written), else copies the tensors into a pageable buffer of its own (the first
 spill, fresh optimizer states), so a write never waits for the pool it gives buffers back to.
-Staging buffers are the :class:`~orch.offload.blockio.BlockIO`'s own (page-locked when
-DeepSpeed's op is there), come from a pool bounded by ``pinned_budget``, and are reused by
-size: a step touches the same few region sizes over and over.
+Staging buffers are ranges of one arena of ``pinned_budget`` bytes, the
+:class:`~orch.offload.blockio.BlockIO`'s own (page-locked when DeepSpeed's op is there), locked
+once and handed out again and again.
 
 A group's buffer is *held* under its key while anyone reads its views or while it is being
 written, and a read in that time shares it instead of going to disk: so a group written behind
 (a unit's parameters just stepped, on their way to disk in a writer thread) can be read at once,
-before its write ends. A write may also *keep* a staging buffer after it ends, as the group's
-fresh copy, until the next read takes it: the stepped parameters wait in memory for the next
-forward's fetch, which then reads nothing from disk. Kept copies only use room the pool has
-spare: when a request would wait, the newest kept copy goes first (the forward fetches units in
-the order they were stepped, so the newest is the one needed last).
+before its write ends. A write, or a read that is through, may also *keep* the staging buffer
+as the group's fresh copy until the next read takes it, saying when that read is due (a
+:data:`Due`): the stepped parameters wait in memory for the next forward's fetch, the last
+blocks' parameters from their forward for their backward, the first blocks' from their
+backward for their update, and those reads then take nothing from disk. Kept copies only use
+room the pool has spare: when a request finds none, the copy due last goes first (what an
+optimal cache gives up: the one needed furthest in the future).
 
 Between uses the owners keep *placeholders*: tensors with the right shape and dtype whose
 storage holds no bytes, so a parameter's ``data`` or an optimizer state entry costs no memory
@@ -27,6 +29,7 @@ while its bytes are on disk.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from collections.abc import Callable
@@ -39,6 +42,10 @@ from orch.models.weights import placeholder
 from orch.offload.blockio import ALIGN, BlockIO, aligned
 
 TENSOR_ALIGN = 64
+
+Due = tuple[int, int]
+"""When a kept copy will be read next, as an order: (pass over the units, place in that pass);
+:meth:`~orch.offload.homes.Homes.next_pass` numbers the passes."""
 
 
 def scratch_file(directory: Path, rank: int) -> Path:
@@ -90,43 +97,72 @@ class _Region:
 
 
 class PinnedPool:
-    """Staging buffers of the tier's I/O, at most ``limit`` bytes of them at once; a request
-    over the limit drops idle buffers of other sizes, then buffers ``reclaim`` gives up (kept
-    copies), then waits for one to come back."""
+    """Staging buffers of the tier's I/O: ranges of one arena of ``limit`` bytes, page-locked
+    once, on first use. Locking memory is slow (the pages are faulted in and zeroed; on CUDA a
+    host allocation synchronizes the device), and buffers of one size each were freed and
+    locked again whenever a request of another size met a full pool: a unit's parameters and
+    its optimizer states alternate sizes all through the update (2.2 s of an 8-step run of the
+    128M model in ``benchmarks/offload_cpu.py`` went to it). A request takes the first free
+    range that fits; given-back ranges merge with their free neighbours; a request that finds
+    none gives up kept copies (``reclaim``), then waits for a buffer to come back."""
 
     def __init__(self, io: BlockIO, limit: int,
                  reclaim: Callable[[], torch.Tensor | None] = lambda: None) -> None:
         self.io, self.limit, self.reclaim = io, limit, reclaim
-        self._idle: dict[int, list[torch.Tensor]] = {}
+        self._arena: torch.Tensor | None = None
+        self._free: list[tuple[int, int]] = []
+        """Free ranges of the arena, ``(offset, nbytes)`` by offset, none adjacent."""
         self._allocated = 0
         self._cond = threading.Condition()
         self.peak = 0
 
     def take(self, nbytes: int) -> torch.Tensor:
-        if nbytes > self.limit:
+        if nbytes > self.limit // ALIGN * ALIGN:
             raise ValueError(f"a staging buffer of {nbytes:,} bytes is over offload.pinned_budget "
                              f"({self.limit:,}); raise offload.pinned_budget")
         with self._cond:
+            if self._arena is None:
+                self._arena = self.io.buffer(self.limit // ALIGN * ALIGN)
+                self._free = [(0, self._arena.numel())]
             while True:
-                if self._idle.get(nbytes):
-                    return self._idle[nbytes].pop()
-                for size, idle in self._idle.items():
-                    while idle and self._allocated + nbytes > self.limit:
-                        self.io.free(idle.pop())
-                        self._allocated -= size
-                if self._allocated + nbytes <= self.limit:
-                    self._allocated += nbytes
-                    self.peak = max(self.peak, self._allocated)
-                    return self.io.buffer(nbytes)
+                for position, (at, size) in enumerate(self._free):
+                    if size >= nbytes:
+                        if size == nbytes:
+                            del self._free[position]
+                        else:
+                            self._free[position] = (at + nbytes, size - nbytes)
+                        self._allocated += nbytes
+                        self.peak = max(self.peak, self._allocated)
+                        return self._arena[at:at + nbytes]
                 if (freed := self.reclaim()) is not None:
-                    self._idle.setdefault(freed.numel(), []).append(freed)
+                    self._put(freed)
                     continue
                 self._cond.wait()
 
     def give(self, buffer: torch.Tensor) -> None:
         with self._cond:
-            self._idle.setdefault(buffer.numel(), []).append(buffer)
+            self._put(buffer)
             self._cond.notify_all()
+
+    def _put(self, buffer: torch.Tensor) -> None:
+        """(Under the lock.) Return ``buffer``'s range to the free list, merged."""
+        assert self._arena is not None
+        at, size = buffer.data_ptr() - self._arena.data_ptr(), buffer.numel()
+        self._allocated -= size
+        position = bisect.bisect(self._free, (at, size))
+        if position < len(self._free) and self._free[position][0] == at + size:
+            size += self._free.pop(position)[1]
+        if position and sum(self._free[position - 1]) == at:
+            at, size = self._free[position - 1][0], self._free[position - 1][1] + size
+            position -= 1
+            del self._free[position]
+        self._free.insert(position, (at, size))
+
+    def close(self) -> None:
+        """Unlock and free the arena (nothing may use its buffers any more)."""
+        if self._arena is not None:
+            self.io.free(self._arena)
+            self._arena, self._free = None, []
 
 
 @dataclass(eq=False)
@@ -139,8 +175,9 @@ class _Held:
     users: int = 0
     """Reads whose views are in use (:meth:`NvmeTier.read` until its write or done)."""
     writing: bool = False
-    kept: bool = False
-    """Stays after its users and its write are through, until a read takes it."""
+    due: Due | None = None
+    """Kept: stays after its users and its write are through, until a read takes it (due
+    then)."""
 
     @property
     def idle(self) -> bool:
@@ -155,14 +192,17 @@ class NvmeTier:
         self.pool = PinnedPool(io, pinned_limit, self._reclaim)
         self._regions: dict[object, _Region] = {}
         self._held: dict[object, _Held] = {}
-        """Buffers of groups being read, written or kept, by key; in the order they were
-        kept (the newest last)."""
+        """Buffers of groups being read, written or kept, by key."""
         self._end = 0
         self._lock = threading.Lock()
         self.bytes_read = self.bytes_written = 0
 
     def has(self, key: object) -> bool:
         return key in self._regions
+
+    def nbytes(self, key: object) -> int:
+        """What a read of group ``key`` from disk moves: its region's bytes."""
+        return self._regions[key].nbytes
 
     def read(self, key: object, staged: bool = True, fill: bool = True) -> list[torch.Tensor]:
         """The group's tensors, as views of a buffer held until :meth:`write` or :meth:`done`
@@ -175,7 +215,7 @@ class NvmeTier:
         with self._lock:
             if (held := self._held.get(key)) is not None:
                 held.users += 1
-                held.kept = False  # taken: given back once its users and its write are through
+                held.due = None  # taken: given back once its users and its write are through
                 return region.views(held.buffer)
         buffer = self.pool.take(region.nbytes) if staged else self.io.buffer(region.nbytes, False)
         if fill:
@@ -208,20 +248,23 @@ class NvmeTier:
         skip = region.offset + at - start
         return buffer[skip:skip + nbytes].view(dtype).view(shape).clone()
 
-    def done(self, key: object) -> None:
-        """The read of ``key`` is through and its tensors did not change."""
+    def done(self, key: object, keep: Due | None = None) -> None:
+        """The read of ``key`` is through and its tensors did not change; ``keep``: the buffer
+        stays as the group's fresh copy (staging buffers only), next read then."""
         with self._lock:
             held = self._held[key]
             held.users -= 1
+            if keep is not None and held.staged:
+                held.due = keep
             freed = self._drop_if_through(key, held)
         self._give(freed)
 
-    def write(self, key: object, tensors: list[torch.Tensor], keep: bool = False) -> None:
+    def write(self, key: object, tensors: list[torch.Tensor], keep: Due | None = None) -> None:
         """Store ``tensors`` as the group ``key``: :meth:`stage` then :meth:`flush`."""
         self.stage(key, tensors, keep)
         self.flush(key)
 
-    def stage(self, key: object, tensors: list[torch.Tensor], keep: bool = False) -> None:
+    def stage(self, key: object, tensors: list[torch.Tensor], keep: Due | None = None) -> None:
         """Make ``tensors`` the group's held bytes, to be written by :meth:`flush` (another
         thread may flush; reads of ``key`` meanwhile share the buffer). The buffer is the
         group's read buffer when ``tensors`` are that read's views (the steady state, no copy;
@@ -229,7 +272,7 @@ class NvmeTier:
         the pool it gives buffers back to (the first spill, fresh optimizer states, a new
         layout). A region is placed the first time, or anew when the layout no longer fits.
         ``keep``: the buffer stays after the write while the pool has room for it, as the
-        group's fresh copy for the next read (staging buffers only)."""
+        group's fresh copy for the next read, due then (staging buffers only)."""
         region = self._region_for(key, tensors)
         freed = None
         with self._lock:
@@ -240,9 +283,7 @@ class NvmeTier:
                 if held is not None:
                     freed = self._drop_if_through(key, held)
                 held = self._held[key] = _Held(self.io.buffer(region.nbytes, False), False)
-            held.writing, held.kept = True, keep and held.staged
-            if held.kept:  # the newest kept copy last (:meth:`_reclaim`)
-                self._held[key] = self._held.pop(key)
+            held.writing, held.due = True, keep if held.staged else None
         self._give(freed)
         for view, tensor in zip(region.views(held.buffer), tensors, strict=True):
             if view.data_ptr() != tensor.data_ptr():
@@ -263,7 +304,7 @@ class NvmeTier:
     def _drop_if_through(self, key: object, held: _Held) -> torch.Tensor | None:
         """(Under the lock.) Forget ``held`` if nobody needs it now; its buffer, if the pool's,
         for :meth:`_give` (outside the lock: the pool's lock is taken before the tier's)."""
-        if not held.idle or held.kept:
+        if not held.idle or held.due is not None:
             return None
         if self._held.get(key) is held:
             del self._held[key]
@@ -274,14 +315,15 @@ class NvmeTier:
             self.pool.give(buffer)
 
     def _reclaim(self) -> torch.Tensor | None:
-        """(The pool, under its lock.) Give up the newest kept copy nobody is using, if any."""
+        """(The pool, under its lock.) Give up the kept copy nobody is using that is due last,
+        if any."""
         with self._lock:
-            for key in reversed(self._held):
-                held = self._held[key]
-                if held.kept and held.idle:
-                    del self._held[key]
-                    return held.buffer
-        return None
+            kept = [(held.due, key) for key, held in self._held.items()
+                    if held.due is not None and held.idle]
+            if not kept:
+                return None
+            _, key = max(kept, key=lambda entry: entry[0])
+            return self._held.pop(key).buffer
 
     def _region_for(self, key: object, tensors: list[torch.Tensor]) -> _Region:
         layout = _Region.describe(tensors)
@@ -306,8 +348,9 @@ class NvmeTier:
     def close(self) -> None:
         """Close the I/O and delete the file (it is scratch: checkpoints hold the state)."""
         self._held.clear()
+        self.pool.close()
         self.io.close()
         Path(self.path).unlink(missing_ok=True)
 
 
-__all__ = ["NvmeTier", "PinnedPool", "placeholder"]
+__all__ = ["Due", "NvmeTier", "PinnedPool", "placeholder"]

@@ -346,11 +346,12 @@ def test_offloaded_run_kept_its_device_budget(runs):
         # per micro-batch (4), every gradient went home once and every unit came to the device
         # twice (forward, backward) but the head, which stays from its forward to its backward
         assert record["to_device_bytes"] == 2 * record["to_home_bytes"] - 4 * head
-        # parameters come from the NVMe tier for each fetch, states for each update, and the
-        # swapped activations for each backward
+        # the swapped activations come back from the NVMe tier for each backward, and
+        # gradients, states and parameters are read besides (parameters only where no copy was
+        # kept since their last use: tests/offload/test_nvme.py counts those bytes)
         swapped = record["activations_to_home_bytes"]
         assert swapped == record["activations_to_device_bytes"] > 0
-        assert record["nvme_read_bytes"] >= record["to_device_bytes"] + swapped
+        assert record["nvme_read_bytes"] > swapped
     assert not list(runs["nvme"].iterdir())  # the tier's scratch file went with the run
     # the optimizer figures are the previous step's update (none before a launch's first step:
     # steps 1 and 3, the run stopped at 2 and resumed)

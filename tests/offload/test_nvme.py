@@ -7,12 +7,14 @@ built (``make setup`` installs libaio-dev and builds it once)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from offload_harness import BUDGET, train
 
 from orch.offload.blockio import ALIGN, AsyncIO, DirectIO, load_async_io
-from orch.offload.nvme import NvmeTier, placeholder
+from orch.offload.nvme import NvmeTier, PinnedPool, placeholder
 
 
 def _async_io_or_skip() -> None:
@@ -73,11 +75,12 @@ def test_a_group_comes_back_as_views_of_one_buffer_and_moves_when_it_outgrows_it
     assert not (tmp_path / "swap").exists()
 
 
-def _stepped(tier: NvmeTier, key: str) -> None:
-    """Read ``key``, add one in place and stage it for writing, kept (an update's steps)."""
+def _stepped(tier: NvmeTier, key: str, due: tuple[int, int] = (1, 0)) -> None:
+    """Read ``key``, add one in place and stage it for writing, kept until ``due`` (an
+    update's steps)."""
     views = tier.read(key)
     views[0].add_(1)
-    tier.stage(key, views, keep=True)
+    tier.stage(key, views, keep=due)
 
 
 def test_a_group_being_written_is_read_from_memory_and_kept_for_one_read(tmp_path):
@@ -95,27 +98,82 @@ def test_a_group_being_written_is_read_from_memory_and_kept_for_one_read(tmp_pat
     tier.done("a")
     assert tier.bytes_read == read + ALIGN  # only _stepped's own read of the disk
     assert torch.equal(tier.read("a")[0], torch.full((1000,), 2.0))  # taken: from disk again
+    tier.done("a", keep=(2, 0))  # through, unchanged, kept for a later read
+    assert torch.equal(tier.read("a")[0], torch.full((1000,), 2.0))
     tier.done("a")
     assert tier.bytes_read == read + 2 * ALIGN
     tier.close()
 
 
-def test_kept_copies_give_way_newest_first_when_the_pool_is_short(tmp_path):
+@pytest.mark.parametrize("dues,given_up", [
+    ({"a": (1, 0), "b": (1, 1)}, "b"),  # same pass: the later place
+    ({"a": (2, 0), "b": (1, 5)}, "a"),  # a later pass first, whatever the place
+])
+def test_kept_copies_give_way_due_last_first_when_the_pool_is_short(tmp_path, dues, given_up):
     tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=ALIGN * 2)
     for key in "abc":
         tier.write(key, [torch.zeros(1000)])
-    for key in "ab":
-        _stepped(tier, key)
+    for key, due in dues.items():
+        _stepped(tier, key, due)
         tier.flush(key)
     assert tier.pool.peak == 2 * ALIGN  # both kept: the pool is full
-    tier.read("c")  # the newest kept copy ("b") makes room
+    tier.read("c")  # the copy due last makes room
     tier.done("c")
-    read = tier.bytes_read
-    assert torch.equal(tier.read("a")[0], torch.ones(1000)) and tier.bytes_read == read
-    tier.done("a")
-    assert torch.equal(tier.read("b")[0], torch.ones(1000)) and tier.bytes_read == read + ALIGN
-    tier.done("b")
+    for key in sorted(dues, key=lambda key: key != given_up):  # the given-up one first
+        read = tier.bytes_read
+        assert torch.equal(tier.read(key)[0], torch.ones(1000))
+        assert tier.bytes_read == read + (ALIGN if key == given_up else 0), key
+        tier.done(key)
     tier.close()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_the_pool_locks_one_arena_and_merges_the_ranges_given_back(tmp_path, kind):
+    io = _io(kind, tmp_path / "swap")
+    made = []
+    buffer = io.buffer
+    io.buffer = lambda nbytes, locked=True: made.append(nbytes) or buffer(nbytes, locked)
+    pool = PinnedPool(io, ALIGN * 4 + 100)  # rounded down to whole pages
+    a, b, c = pool.take(ALIGN), pool.take(ALIGN * 2), pool.take(ALIGN)
+    base = a.data_ptr()
+    assert [t.data_ptr() - base for t in (a, b, c)] == [0, ALIGN, ALIGN * 3]
+    pool.give(c)
+    pool.give(a)  # free: [0, 1) and [3, 4) pages, apart
+    taken: list[torch.Tensor] = []
+    waiting = threading.Thread(target=lambda: taken.append(pool.take(ALIGN * 3)))
+    waiting.start()
+    waiting.join(0.2)
+    assert not taken  # three pages free, but not in one range
+    pool.give(b)  # [0, 4) merged: the request fits from the start
+    waiting.join(10)
+    assert taken[0].data_ptr() == base and taken[0].numel() == ALIGN * 3
+    assert made == [ALIGN * 4] and pool.peak == ALIGN * 4
+    pool.close()
+    io.close()
+
+
+def test_a_deepspeed_that_takes_views_for_pageable_memory_is_named_once(monkeypatch, capsys):
+    """The staging arena hands out views of one locked buffer; a DeepSpeed that matches only a
+    buffer's start address would bounce every transfer, which the log then says once."""
+    from orch.offload import blockio
+
+    class ExactStartOnly:
+        freed: list[torch.Tensor] = []
+
+        def new_cpu_locked_tensor(self, nbytes, example):
+            return torch.empty(nbytes, dtype=torch.uint8)
+
+        def is_pinned(self, buffer):
+            return False
+
+        def free_cpu_locked_tensor(self, buffer):
+            self.freed.append(buffer)
+
+    monkeypatch.setattr(blockio, "_said_views", False)
+    for _ in range(2):
+        blockio._check_views_locked(ExactStartOnly())
+    assert capsys.readouterr().err.count("every NVMe transfer goes through a bounce buffer") == 1
+    assert len(ExactStartOnly.freed) == 2  # the probe is given back
 
 
 def test_a_staging_buffer_over_the_pinned_budget_names_the_setting(tmp_path):
@@ -173,6 +231,22 @@ def test_training_with_homes_on_nvme_equals_the_plain_run(plain, tmp_path, on_nv
     engine.close()
     assert not (tmp_path / "swap").exists()
 
+
+
+def test_with_room_in_the_pool_each_parameter_is_read_from_disk_once(plain, tmp_path):
+    """Kept copies carry the parameters from each use to the next: the forward's to the
+    backward, the backward's to the update, the update's to the next forward; with a pinned
+    budget that holds them all, only the first forward and the optimizer states read the
+    disk. Each record holds its step's forward and backward and the previous step's update."""
+    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=64 << 20)
+    run = train(True, nvme=tier, on_nvme=("params", "optimizer"))
+    assert run.losses == plain.losses
+    indices = range(len(run.engine.units))
+    params = sum(tier.nbytes(("params", index)) for index in indices)
+    states = sum(tier.nbytes(("optimizer", index)) for index in indices)
+    # step 1: the placed parameters; step 2: step 1's update made the states, read nothing
+    assert [r["nvme_read_bytes"] for r in run.records] == [params, 0, states]
+    run.engine.close()
 
 
 @pytest.mark.parametrize("recompute", ["none", "full"])
