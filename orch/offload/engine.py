@@ -145,6 +145,8 @@ class OffloadEngine:
         self.transfers = HostTransfers(device)
         """Parameters', gradients' and swapped activations' copies, on a side stream on CUDA
         (:mod:`orch.offload.transfers`)."""
+        if nvme is not None:
+            nvme.pool.register_with(self.transfers.register)
         self.swap = (ActivationSwap(device, budget, self.transfers,
                                     nvme if activations == "nvme" else None)
                      if activations in ("cpu", "nvme", "auto") else None)

@@ -115,6 +115,22 @@ class PinnedPool:
         self._allocated = 0
         self._cond = threading.Condition()
         self.peak = 0
+        self._register: Callable[[torch.Tensor], Callable[[], None]] | None = None
+        self._unregister: Callable[[], None] | None = None
+
+    @property
+    def arena(self) -> torch.Tensor | None:
+        """The buffer the staging ranges are cut from (None before the first request)."""
+        return self._arena
+
+    def register_with(self, register: Callable[[torch.Tensor], Callable[[], None]]) -> None:
+        """Have the arena registered by ``register`` (which returns its undo), now or when it
+        is made: the device's copies read the staging buffers (CUDA:
+        :meth:`~orch.offload.transfers.HostTransfers.register`)."""
+        with self._cond:
+            self._register = register
+            if self._arena is not None and self._unregister is None:
+                self._unregister = register(self._arena)
 
     def take(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.limit // ALIGN * ALIGN:
@@ -124,6 +140,8 @@ class PinnedPool:
             if self._arena is None:
                 self._arena = self.io.buffer(self.limit // ALIGN * ALIGN)
                 self._free = [(0, self._arena.numel())]
+                if self._register is not None:
+                    self._unregister = self._register(self._arena)
             while True:
                 for position, (at, size) in enumerate(self._free):
                     if size >= nbytes:
@@ -161,8 +179,10 @@ class PinnedPool:
     def close(self) -> None:
         """Unlock and free the arena (nothing may use its buffers any more)."""
         if self._arena is not None:
+            if self._unregister is not None:
+                self._unregister()
             self.io.free(self._arena)
-            self._arena, self._free = None, []
+            self._arena, self._free, self._unregister = None, [], None
 
 
 @dataclass(eq=False)

@@ -10,10 +10,12 @@ which queues that compute, does not wait for it: with a plain ``copy_`` the copy
 behind all the compute already launched and block the host until it ran.
 
 Copies are asynchronous only from page-locked memory: CPU homes are pinned on CUDA
-(:meth:`HostTransfers.pin`). From an NVMe staging buffer, which goes back to the pool once the
-fetch is through, the host waits for the copy itself before giving the buffer back (one DMA at
-the host link's speed, not the compute queued before it). Elsewhere (a CPU device: the tests, CPU
-runs) copies are plain and synchronous, and nothing here changes them.
+(:meth:`HostTransfers.pin`), and the NVMe tier's staging arena, locked by DeepSpeed's op (which CUDA
+does not know of), is registered with CUDA once (:meth:`HostTransfers.register`), else the driver
+would copy it through bounce buffers of its own. From an NVMe staging buffer, which goes back to the
+pool once the fetch is through, the host waits for the copy itself before giving the buffer back
+(one DMA at the host link's speed, not the compute queued before it). Elsewhere (a CPU device: the
+tests, CPU runs) copies are plain and synchronous, and nothing here changes them.
 
 Gradients go home the same way (:meth:`HostTransfers.to_home`): the copy, on the side stream
 after the compute that produced the gradient, lands in the unit's pinned gradient home while the
@@ -25,6 +27,8 @@ Swapped activations use the same stream both ways (:mod:`orch.offload.activation
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -42,6 +46,17 @@ class HostTransfers:
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` in page-locked memory where copies from it can be asynchronous (CUDA)."""
         return tensor.pin_memory() if self.stream is not None else tensor
+
+    def register(self, buffer: torch.Tensor) -> Callable[[], None]:
+        """Make ``buffer`` (CPU memory that stays put) page-locked memory CUDA copies from
+        directly, where copies can be asynchronous; returns the undo, to call before the
+        memory is freed."""
+        if self.stream is None:
+            return lambda: None
+        cudart, ptr = torch.cuda.cudart(), buffer.data_ptr()
+        torch.cuda.check_error(cudart.cudaHostRegister(ptr, buffer.numel() * buffer.element_size(),
+                                                       0))
+        return lambda: torch.cuda.check_error(cudart.cudaHostUnregister(ptr))
 
     def host_empty(self, nbytes: int) -> torch.Tensor:
         """``nbytes`` of CPU memory for copies home, pinned where they can be asynchronous."""

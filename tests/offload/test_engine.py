@@ -155,6 +155,8 @@ def test_on_cuda_fetches_copy_on_a_side_stream_and_train_the_plain_numbers(tmp_p
     ref = train(False, device="cuda")
     run = train(True, device="cuda", nvme=tier, on_nvme=on_nvme, activations=activations)
     assert run.engine.transfers.stream is not None
+    if tier is not None:  # registered with CUDA: copies from it are DMA, not bounced
+        assert tier.pool.arena is not None and tier.pool.arena.is_pinned()
     assert torch.allclose(torch.tensor(run.losses), torch.tensor(ref.losses), rtol=1e-5)
     for name, tensor in ref.params.items():
         assert torch.allclose(run.params[name], tensor, rtol=1e-4, atol=1e-6), name

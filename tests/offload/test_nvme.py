@@ -152,6 +152,29 @@ def test_the_pool_locks_one_arena_and_merges_the_ranges_given_back(tmp_path, kin
     io.close()
 
 
+@pytest.mark.parametrize("made_first", [False, True])
+def test_the_arena_is_registered_once_and_let_go_before_it_is_freed(tmp_path, made_first):
+    """On CUDA the engine registers the arena with the driver (HostTransfers.register), so
+    copies from staging buffers are DMA; the undo runs before the memory goes."""
+    pool = PinnedPool(_io("direct", tmp_path / "swap"), ALIGN * 2)
+    calls = []
+
+    def register(buffer):
+        calls.append(("register", buffer.data_ptr(), buffer.numel()))
+        return lambda: calls.append(("undo", buffer.data_ptr()))
+
+    if made_first:  # a tier used before the engine was built
+        pool.give(pool.take(ALIGN))
+    pool.register_with(register)
+    pool.give(pool.take(ALIGN))
+    pool.give(pool.take(ALIGN * 2))
+    arena = pool.arena
+    assert arena is not None
+    assert calls == [("register", arena.data_ptr(), ALIGN * 2)]
+    pool.close()
+    assert calls[1:] == [("undo", arena.data_ptr())] and pool.arena is None
+
+
 def test_a_deepspeed_that_takes_views_for_pageable_memory_is_named_once(monkeypatch, capsys):
     """The staging arena hands out views of one locked buffer; a DeepSpeed that matches only a
     buffer's start address would bounce every transfer, which the log then says once."""
