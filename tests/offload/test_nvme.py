@@ -8,6 +8,7 @@ built (``make setup`` installs libaio-dev and builds it once)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -140,7 +141,7 @@ def test_the_pool_locks_one_arena_and_merges_the_ranges_given_back(tmp_path, kin
     pool.give(c)
     pool.give(a)  # free: [0, 1) and [3, 4) pages, apart
     taken: list[torch.Tensor] = []
-    waiting = threading.Thread(target=lambda: taken.append(pool.take(ALIGN * 3)))
+    waiting = threading.Thread(target=lambda: taken.append(pool.take(ALIGN * 3)), daemon=True)
     waiting.start()
     waiting.join(0.2)
     assert not taken  # three pages free, but not in one range
@@ -150,6 +151,37 @@ def test_the_pool_locks_one_arena_and_merges_the_ranges_given_back(tmp_path, kin
     assert made == [ALIGN * 4] and pool.peak == ALIGN * 4
     pool.close()
     io.close()
+
+
+def test_ranges_taken_by_threads_at_once_never_overlap_and_all_come_back(tmp_path):
+    """Four threads take and give back buffers of 1-3 pages from an arena of 8: each fills its
+    buffer with its own byte and finds it intact before giving it back (no two ranges overlap),
+    and at the end the arena is one free range again (a request for all of it is served)."""
+    pool = PinnedPool(_io("direct", tmp_path / "swap"), ALIGN * 8)
+    errors: list[str] = []
+
+    def churn(mark: int) -> None:
+        gen = torch.Generator().manual_seed(mark)
+        for _ in range(200):
+            buffer = pool.take(ALIGN * int(torch.randint(1, 4, (1,), generator=gen)))
+            buffer.fill_(mark)
+            time.sleep(0.0002)
+            if not bool((buffer == mark).all()):
+                errors.append(f"thread {mark}: its buffer was written by another")
+            pool.give(buffer)
+
+    threads = [threading.Thread(target=churn, args=(mark,), daemon=True) for mark in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and not any(thread.is_alive() for thread in threads)
+    whole: list[torch.Tensor] = []
+    taker = threading.Thread(target=lambda: whole.append(pool.take(ALIGN * 8)), daemon=True)
+    taker.start()
+    taker.join(10)
+    assert whole and whole[0].data_ptr() == pool.arena.data_ptr()
+    pool.close()
 
 
 @pytest.mark.parametrize("made_first", [False, True])
