@@ -249,9 +249,14 @@ class OffloadEngine:
     def _next_use(self, unit: Unit) -> Due:
         """When ``unit``'s parameters, fetched now, are next read from their home: in the
         next pass (a forward's fetches by the backward, last unit first; a backward's by the
-        update, or the next micro-batch's forward, first unit first)."""
+        update, or the next micro-batch's forward, first unit first), but the last unit's
+        from its forward, which it stays fetched through to its backward: in the pass after."""
         last = len(self.units) - 1
-        return (self._pass + 1, unit.index if self.in_backward else last - unit.index)
+        if self.in_backward:
+            return (self._pass + 1, unit.index)
+        if unit.index == last:
+            return (self._pass + 2, unit.index)
+        return (self._pass + 1, last - unit.index)
 
     def release(self, unit: Unit) -> None:
         """Point ``unit``'s parameters at what they rest as again (their home data, or NVMe
