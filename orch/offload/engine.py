@@ -161,6 +161,13 @@ class OffloadEngine:
         self.in_backward = False
         self._pass = 0
         """The number of the pass over the units running now (:meth:`Homes.next_pass`)."""
+        self._io_marks: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        """The NVMe tier's counters when the last two optimizer steps started (before the
+        first one, when the step started): a step's record counts the bytes between them, its
+        forward and backward and the update before it. Marked in the trainer's thread with no
+        update running, so no byte of the update's threads falls between two records or into
+        the wrong one."""
+        self._update_marked = False
         self.bytes_to_device = 0
         self.bytes_to_home = 0
         self._fresh: set[nn.Parameter] = set()
@@ -422,8 +429,8 @@ class OffloadEngine:
         self.grads.start_step()
         self.budget.reset_peak()
         self.bytes_to_device = self.bytes_to_home = 0
-        if self.homes.tier is not None:
-            self.homes.tier.bytes_read = self.homes.tier.bytes_written = 0
+        if not self._update_marked:  # not the load of a resumed run, nor the placing
+            self._io_marks = (self._io_now(), self._io_now())
         if self.swap is not None:
             self.swap.bytes_out = self.swap.bytes_in = 0
         if self.shared is not None:
@@ -529,7 +536,16 @@ class OffloadEngine:
         """Start ``optimizer``'s step on the CPU gradients (after the clip), unit by unit beside
         the next forward (:mod:`orch.offload.cpu_step`); it drops the gradients it used (NVMe
         gradients: read back per unit as it steps)."""
+        self.updates.wait_all()  # the previous update's bytes are all counted: mark them
+        assert self._io_marks is not None, "start_step() comes first"
+        self._io_marks = (self._io_marks[1], self._io_now())
+        self._update_marked = True
         self.updates.start(optimizer, self.grads.handover())
+
+    def _io_now(self) -> tuple[int, ...]:
+        tier = self.homes.tier
+        return (0, 0, 0) if tier is None else (tier.bytes_read, tier.bytes_written,
+                                               tier.bytes_from_memory)
 
     def wait_updates(self) -> None:
         """Block until the last optimizer step is done (before a checkpoint, at the end)."""
@@ -558,16 +574,19 @@ class OffloadEngine:
         self.homes.close()
 
     def step_record(self) -> dict[str, float]:
-        """The step's figures for metrics.jsonl; the optimizer figures are the previous
-        update's, which ran beside this step's forward."""
+        """The step's figures for metrics.jsonl, after its optimizer step has started
+        (:meth:`step`); the optimizer figures are the previous update's, which ran beside this
+        step's forward, and the NVMe bytes this step's forward and backward and that update's."""
         seconds, waited = self.updates.last
         record = {"device_peak_bytes": self.budget.peak, "device_budget_bytes": self.budget.limit,
                   "to_device_bytes": self.bytes_to_device, "to_home_bytes": self.bytes_to_home,
                   "optimizer_s": seconds, "optimizer_wait_s": waited,
                   "optimizer_overlap": max(0.0, 1.0 - waited / seconds) if seconds else 0.0}
-        if (tier := self.homes.tier) is not None:
-            record["nvme_read_bytes"] = tier.bytes_read
-            record["nvme_written_bytes"] = tier.bytes_written
+        if self.homes.tier is not None and self._io_marks is not None:
+            before, after = self._io_marks
+            for key, start, end in zip(("nvme_read_bytes", "nvme_written_bytes",
+                                        "nvme_from_memory_bytes"), before, after, strict=True):
+                record[key] = end - start
         if self.auto is not None and not self.auto.measuring:
             record["activations"] = {c.name: c.action for c in self.auto.choices}
         if self.shared is not None:

@@ -217,6 +217,8 @@ class NvmeTier:
         self._end = 0
         self._lock = threading.Lock()
         self.bytes_read = self.bytes_written = 0
+        self.bytes_from_memory = 0
+        """What reads found in a held buffer (kept, or being written) instead of the disk."""
 
     def has(self, key: object) -> bool:
         return key in self._regions
@@ -237,6 +239,7 @@ class NvmeTier:
             if (held := self._held.get(key)) is not None:
                 held.users += 1
                 held.due = None  # taken: given back once its users and its write are through
+                self.bytes_from_memory += region.nbytes
                 return region.views(held.buffer)
         buffer = self.pool.take(region.nbytes) if staged else self.io.buffer(region.nbytes, False)
         if fill:

@@ -69,13 +69,13 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
         if engine:
             engine.finish_step()
             peaks.append(engine.budget.peak)
-            records.append(engine.step_record())
         if engine and engine.grads_on_nvme:  # no gradients in memory: the deferred norm
             norms.append(engine.clip(list(model.parameters()), 0.5))
         else:
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
         if engine:
             engine.step(opt)  # beside the next forward
+            records.append(engine.step_record())  # where the trainer takes it: after the step
         else:
             opt.step()
             opt.zero_grad(set_to_none=True)

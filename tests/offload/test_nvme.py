@@ -301,6 +301,13 @@ def test_with_room_in_the_pool_each_parameter_is_read_from_disk_once(plain, tmp_
     states = sum(tier.nbytes(("optimizer", index)) for index in indices)
     # step 1: the placed parameters; step 2: step 1's update made the states, read nothing
     assert [r["nvme_read_bytes"] for r in run.records] == [params, 0, states]
+    # from memory, per step of two micro-batches: each backward's fetches (all but the head's,
+    # fetched from its forward to its backward), the forwards' but step 1's first, and from
+    # step 2 the previous update's
+    head = tier.nbytes(("params", indices[-1]))
+    first = (params - head) + params + (params - head)
+    assert [r["nvme_from_memory_bytes"] for r in run.records] == [
+        first, params + first + params, params + first + params]
     run.engine.close()
 
 
