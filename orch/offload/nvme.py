@@ -163,6 +163,12 @@ class PinnedPool:
             self._put(buffer)
             self._cond.notify_all()
 
+    def wake(self) -> None:
+        """A kept copy has become free to give up: requests waiting for room try again (else
+        one that only a kept copy can serve would sleep with room there to reclaim)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def _put(self, buffer: torch.Tensor) -> None:
         """(Under the lock.) Return ``buffer``'s range to the free list, merged."""
         assert self._arena is not None
@@ -281,7 +287,10 @@ class NvmeTier:
             if keep is not None and held.staged:
                 held.due = keep
             freed = self._drop_if_through(key, held)
+            reclaimable = held.due is not None and held.idle
         self._give(freed)
+        if reclaimable:
+            self.pool.wake()
 
     def write(self, key: object, tensors: list[torch.Tensor], keep: Due | None = None) -> None:
         """Store ``tensors`` as the group ``key``: :meth:`stage` then :meth:`flush`."""
@@ -322,7 +331,10 @@ class NvmeTier:
             with self._lock:
                 held.writing = False
                 freed = self._drop_if_through(key, held)
+                reclaimable = held.due is not None and held.idle
             self._give(freed)
+            if reclaimable:
+                self.pool.wake()
         self.bytes_written += region.nbytes
 
     def _drop_if_through(self, key: object, held: _Held) -> torch.Tensor | None:

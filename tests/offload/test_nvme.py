@@ -106,6 +106,27 @@ def test_a_group_being_written_is_read_from_memory_and_kept_for_one_read(tmp_pat
     tier.close()
 
 
+def test_a_request_waiting_for_room_takes_a_kept_copy_once_its_write_ends(tmp_path):
+    """The pool is full: one buffer read, one being written and kept. A request waits (the kept
+    copy cannot go while it is written) and is served once the write ends (no lost wake-up)."""
+    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=ALIGN * 2)
+    for key in "abc":
+        tier.write(key, [torch.zeros(1000)])
+    _stepped(tier, "a")  # staged, kept, its write not yet run
+    tier.read("b")
+    served: list[torch.Tensor] = []
+    waiting = threading.Thread(target=lambda: served.append(tier.read("c")[0]), daemon=True)
+    waiting.start()
+    waiting.join(0.2)
+    assert not served
+    tier.flush("a")  # written: the kept copy may now make room
+    waiting.join(10)
+    assert served and torch.equal(served[0], torch.zeros(1000))
+    tier.done("b")
+    tier.done("c")
+    tier.close()
+
+
 @pytest.mark.parametrize("dues,given_up", [
     ({"a": (1, 0), "b": (1, 1)}, "b"),  # same pass: the later place
     ({"a": (2, 0), "b": (1, 5)}, "a"),  # a later pass first, whatever the place
