@@ -164,8 +164,7 @@ class PinnedPool:
             self._cond.notify_all()
 
     def wake(self) -> None:
-        """A kept copy has become free to give up: requests waiting for room try again (else
-        one that only a kept copy can serve would sleep with room there to reclaim)."""
+        """Requests waiting for room try again (a kept copy has become free to give up)."""
         with self._cond:
             self._cond.notify_all()
 
@@ -286,11 +285,8 @@ class NvmeTier:
             held.users -= 1
             if keep is not None and held.staged:
                 held.due = keep
-            freed = self._drop_if_through(key, held)
-            reclaimable = held.due is not None and held.idle
-        self._give(freed)
-        if reclaimable:
-            self.pool.wake()
+            ended = self._use_ended(key, held)
+        self._hand_back(*ended)
 
     def write(self, key: object, tensors: list[torch.Tensor], keep: Due | None = None) -> None:
         """Store ``tensors`` as the group ``key``: :meth:`stage` then :meth:`flush`."""
@@ -314,10 +310,11 @@ class NvmeTier:
                 held.users -= 1
             if held is None or held.buffer.numel() != region.nbytes:
                 if held is not None:
-                    freed = self._drop_if_through(key, held)
+                    held.due = None  # the new bytes make a kept copy of the old layout stale
+                    freed, _ = self._use_ended(key, held)
                 held = self._held[key] = _Held(self.io.buffer(region.nbytes, False), False)
             held.writing, held.due = True, keep if held.staged else None
-        self._give(freed)
+        self._hand_back(freed, False)
         for view, tensor in zip(region.views(held.buffer), tensors, strict=True):
             if view.data_ptr() != tensor.data_ptr():
                 view.copy_(tensor)
@@ -330,25 +327,31 @@ class NvmeTier:
         finally:
             with self._lock:
                 held.writing = False
-                freed = self._drop_if_through(key, held)
-                reclaimable = held.due is not None and held.idle
-            self._give(freed)
-            if reclaimable:
-                self.pool.wake()
+                ended = self._use_ended(key, held)
+            self._hand_back(*ended)
         self.bytes_written += region.nbytes
 
-    def _drop_if_through(self, key: object, held: _Held) -> torch.Tensor | None:
-        """(Under the lock.) Forget ``held`` if nobody needs it now; its buffer, if the pool's,
-        for :meth:`_give` (outside the lock: the pool's lock is taken before the tier's)."""
-        if not held.idle or held.due is not None:
-            return None
+    def _use_ended(self, key: object, held: _Held) -> tuple[torch.Tensor | None, bool]:
+        """(Under the lock.) A read or write of ``key`` ended. Forget ``held`` if nobody needs
+        it now, returning its buffer if it is the pool's; else say whether it is now a kept
+        copy free to give up. Both are for :meth:`_hand_back`, outside the lock (the pool's
+        lock is taken before the tier's)."""
+        if not held.idle:
+            return None, False
+        if held.due is not None:
+            return None, True
         if self._held.get(key) is held:
             del self._held[key]
-        return held.buffer if held.staged else None
+        return (held.buffer if held.staged else None), False
 
-    def _give(self, buffer: torch.Tensor | None) -> None:
-        if buffer is not None:
-            self.pool.give(buffer)
+    def _hand_back(self, freed: torch.Tensor | None, reclaimable: bool) -> None:
+        """Give ``freed`` back to the pool; or, when a kept copy became free to give up, wake
+        the requests waiting for room (one only that copy can serve would otherwise sleep with
+        room there to reclaim)."""
+        if freed is not None:
+            self.pool.give(freed)
+        elif reclaimable:
+            self.pool.wake()
 
     def _reclaim(self) -> torch.Tensor | None:
         """(The pool, under its lock.) Give up the kept copy nobody is using that is due last,
