@@ -1,4 +1,5 @@
-"""Host memory an offloaded run gives back: large frees return to the system at once.
+"""Host memory for an offloaded run: large frees return to the system at once, and I/O buffers
+sit on huge pages.
 
 An offloaded step frees and re-allocates multi-megabyte host buffers all the time (device copies
 of a unit's parameters on a CPU device, gradients on their way home, saved activations, the
@@ -14,6 +15,12 @@ smaller ones stay on the heap, where re-use is cheap. Measured on the 128M-param
 3.8 GiB with glibc's default, 3.1 GiB at 4 MiB at the same step time (7.3-8.5 s against
 7.8-8.2 s), 2.3 GiB at 2 MiB but about 35% slower steps (every hidden-state tensor of 3 MiB
 then faults its pages in again each step), and no change at 8 MiB.
+
+The NVMe tier's staging arena is backed by transparent huge pages (:func:`onto_huge_pages`):
+O_DIRECT reads land in it by DMA (or, on a virtual disk, by the host's copy), and every 4 KiB
+page costs a translation of its own. Measured on this 2-core VM's virtual disk, 1 GiB read in
+64 MiB calls through DeepSpeed's async I/O op into a 256 MiB locked buffer: 1.48 GB/s on 4 KiB
+pages, 2.71 GB/s on 2 MiB pages (medians of 4 rounds, 1.31-1.68 against 2.22-2.81).
 """
 
 from __future__ import annotations
@@ -21,12 +28,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
+from pathlib import Path
+
+import torch
 
 MMAP_THRESHOLD = 4 << 20
 """Host allocations of at least this many bytes get their own mapping, unmapped on free."""
 
 _M_MMAP_THRESHOLD = -3
 """glibc's ``mallopt`` parameter number (malloc.h)."""
+
+HUGE_PAGE = 2 << 20
+"""A transparent huge page on x86-64 and (with 4 KiB base pages) arm64."""
+
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+"""``madvise`` advice numbers (linux/mman.h; Python 3.11's mmap module lacks the second)."""
 
 
 def return_large_frees() -> bool:
@@ -35,14 +52,50 @@ def return_large_frees() -> bool:
     C library has no ``mallopt`` (not glibc)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
-__all__ = ["MMAP_THRESHOLD", "return_large_frees"]
+def onto_huge_pages(buffer: torch.Tensor) -> bool:
+    """Back the whole 2 MiB pages inside ``buffer`` (new: its contents are overwritten) with
+    transparent huge pages, whether its pages are already there (a locked buffer: collapsed in
+    place, Linux 6.1+) or not yet (an anonymous mapping: faulted in as huge pages); True when
+    the kernel did. Needs ``/sys/kernel/mm/transparent_hugepage/enabled`` at madvise or always;
+    best effort elsewhere (the buffer works either way, with slower I/O into it)."""
+    madvise = getattr(_libc(), "madvise", None) if sys.platform == "linux" else None
+    base = buffer.data_ptr()
+    start = -(-base // HUGE_PAGE) * HUGE_PAGE
+    end = (base + buffer.numel() * buffer.element_size()) // HUGE_PAGE * HUGE_PAGE
+    if end <= start:
+        return True  # no whole huge page inside: nothing to gain
+    if madvise is None:
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if madvise(start, end - start, _MADV_HUGEPAGE) != 0:
+        return False
+    flat = buffer.view(-1).view(torch.uint8)
+    flat[start - base:end - base:HUGE_PAGE].zero_()  # a first touch faults a whole huge page
+    return madvise(start, end - start, _MADV_COLLAPSE) == 0
+
+
+def huge_pages_setting() -> str:
+    """The kernel's transparent huge page mode (``always``, ``madvise``, ``never``), or why it
+    is unknown."""
+    try:
+        modes = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split()
+    except OSError:
+        return "unknown (no /sys/kernel/mm/transparent_hugepage)"
+    return next((mode.strip("[]") for mode in modes if mode.startswith("[")), " ".join(modes))
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+__all__ = ["HUGE_PAGE", "MMAP_THRESHOLD", "huge_pages_setting", "onto_huge_pages",
+           "return_large_frees"]

@@ -1,4 +1,5 @@
-"""glibc's mmap threshold, fixed for offloaded runs (orch.offload.host_memory)."""
+"""Host memory of offloaded runs (orch.offload.host_memory): glibc's mmap threshold, fixed; the
+NVMe tier's staging buffers on transparent huge pages."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from orch.offload import blockio
+from orch.offload.host_memory import HUGE_PAGE, huge_pages_setting, onto_huge_pages
 
 PROBE = """
 import ctypes, torch
@@ -41,3 +46,59 @@ def test_blocks_of_the_threshold_and_more_get_mappings_of_their_own():
     assert _probe({}) == (True, 6)
     # a threshold the user set stands: 32 MiB, glibc's largest, keeps the block on the heap
     assert _probe({"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}) == (False, 0)
+
+
+def _huge_bytes_in(buffer: torch.Tensor) -> int:
+    """Bytes on transparent huge pages in this process's mappings that overlap ``buffer`` (the
+    advice splits a mapping where a buffer's whole huge pages begin and end)."""
+    low_end, high_end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            low, high = (int(x, 16) for x in first.split("-"))
+            inside = low < high_end and low_end < high
+        elif inside and first == "AnonHugePages:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+needs_huge_pages = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or huge_pages_setting() not in ("always", "madvise"),
+    reason=f"transparent huge pages: {huge_pages_setting()}")
+
+
+@needs_huge_pages
+@pytest.mark.parametrize("kind", [pytest.param("async", marks=pytest.mark.nvme), "direct"])
+def test_staging_buffers_sit_on_huge_pages_and_pageable_ones_do_not(tmp_path, kind):
+    if kind == "async":
+        try:
+            io = blockio.AsyncIO(tmp_path / "f", block_size=1 << 20, queue_depth=4, threads=1)
+        except RuntimeError as exc:
+            pytest.skip(str(exc))
+    else:
+        io = blockio.DirectIO(tmp_path / "f", block_size=1 << 20, threads=1)
+    staging = io.buffer(8 * HUGE_PAGE)  # locked: the arena's kind
+    whole = (8 if staging.data_ptr() % HUGE_PAGE == 0 else 7) * HUGE_PAGE
+    assert _huge_bytes_in(staging) >= whole
+    pageable = io.buffer(8 * HUGE_PAGE, locked=False)
+    pageable.fill_(1)
+    if kind == "direct":  # a mapping of its own (the async path's is torch's allocation)
+        assert _huge_bytes_in(pageable) == 0
+    io.free(staging)
+    io.close()
+
+
+def test_a_buffer_without_a_whole_huge_page_inside_is_left_as_it_is():
+    small = torch.arange(HUGE_PAGE // 8, dtype=torch.int64)
+    assert onto_huge_pages(small) and torch.equal(small, torch.arange(HUGE_PAGE // 8))
+
+
+def test_staging_buffers_the_kernel_keeps_on_small_pages_are_said_once(monkeypatch, capsys):
+    monkeypatch.setattr(blockio, "onto_huge_pages", lambda buffer: False)
+    monkeypatch.setattr(blockio, "_said_small_pages", False)
+    for _ in range(2):
+        blockio._on_huge_pages(torch.empty(16, dtype=torch.uint8))
+    err = capsys.readouterr().err
+    assert err.count("the NVMe staging buffers are on 4 KiB pages") == 1
+    assert "set /sys/kernel/mm/transparent_hugepage/enabled to madvise" in err
