@@ -14,9 +14,9 @@ multiple of :data:`ALIGN`, the whole buffer in one call that returns when the by
 :func:`open_block_io` picks the first that works and says once, on stderr, when it falls back
 and why. Locked buffers (the staging arena) of either sit on transparent huge pages where the
 kernel allows (``orch.offload.host_memory``: O_DIRECT reads into them ran 1.8x as fast here),
-said once when it does not. Each calling thread gets its own DeepSpeed handle (a handle is one request queue, not
-meant to be shared between threads: the trainer's thread reads parameters while the optimizer's
-thread reads and writes its states).
+said once when it does not. Each calling thread gets its own DeepSpeed handle (a handle is one
+request queue, not meant to be shared between threads: the trainer's thread reads parameters
+while the optimizer's thread reads and writes its states).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 
 from orch.offload.cpu_adam import use_venv_extension_cache
-from orch.offload.host_memory import huge_pages_setting, onto_huge_pages
+from orch.offload.host_memory import onto_huge_pages
 
 ALIGN = 4096
 """O_DIRECT's alignment of offsets, sizes and buffer addresses (a page; covers 512-byte
@@ -182,12 +182,10 @@ def _on_huge_pages(buffer: torch.Tensor) -> torch.Tensor:
     """``buffer`` (a new staging buffer) on huge pages where the kernel allows
     (:func:`orch.offload.host_memory.onto_huge_pages`); said once when it does not."""
     global _said_small_pages
-    if not onto_huge_pages(buffer) and not _said_small_pages:
-        print(f"orch: the NVMe staging buffers are on 4 KiB pages (transparent huge pages: "
-              f"{huge_pages_setting()}); O_DIRECT reads into them ran at 0.55x the speed of "
-              "2 MiB pages on the virtual disk orch was measured on; set "
-              "/sys/kernel/mm/transparent_hugepage/enabled to madvise (Linux 6.1+ for "
-              "DeepSpeed's locked buffers)", file=sys.stderr, flush=True)
+    if (why := onto_huge_pages(buffer)) is not None and not _said_small_pages:
+        print(f"orch: NVMe staging buffers stay on 4 KiB pages ({why}); O_DIRECT reads into "
+              "them ran at 0.55x the speed of 2 MiB pages on the virtual disk orch was measured "
+              "on", file=sys.stderr, flush=True)
         _said_small_pages = True
     return buffer
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import sys
 from pathlib import Path
@@ -58,26 +59,35 @@ def return_large_frees() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
-def onto_huge_pages(buffer: torch.Tensor) -> bool:
+def onto_huge_pages(buffer: torch.Tensor) -> str | None:
     """Back the whole 2 MiB pages inside ``buffer`` (new: its contents are overwritten) with
     transparent huge pages, whether its pages are already there (a locked buffer: collapsed in
-    place, Linux 6.1+) or not yet (an anonymous mapping: faulted in as huge pages); True when
-    the kernel did. Needs ``/sys/kernel/mm/transparent_hugepage/enabled`` at madvise or always;
-    best effort elsewhere (the buffer works either way, with slower I/O into it)."""
+    place, Linux 6.1+) or not yet (an anonymous mapping: faulted in as huge pages). None when
+    the kernel did, else why not. Best effort: the buffer works either way, with slower I/O
+    into it."""
     madvise = getattr(_libc(), "madvise", None) if sys.platform == "linux" else None
     base = buffer.data_ptr()
     start = -(-base // HUGE_PAGE) * HUGE_PAGE
     end = (base + buffer.numel() * buffer.element_size()) // HUGE_PAGE * HUGE_PAGE
     if end <= start:
-        return True  # no whole huge page inside: nothing to gain
+        return None  # no whole huge page inside: nothing to gain
     if madvise is None:
-        return False
+        return "no madvise (not Linux)"
+    if (setting := huge_pages_setting()) not in ("always", "madvise"):
+        return (f"transparent huge pages are {setting!r} here; set "
+                "/sys/kernel/mm/transparent_hugepage/enabled to madvise")
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     if madvise(start, end - start, _MADV_HUGEPAGE) != 0:
-        return False
+        return f"madvise(MADV_HUGEPAGE): {os.strerror(ctypes.get_errno())}"
     flat = buffer.view(-1).view(torch.uint8)
     flat[start - base:end - base:HUGE_PAGE].zero_()  # a first touch faults a whole huge page
-    return madvise(start, end - start, _MADV_COLLAPSE) == 0
+    if madvise(start, end - start, _MADV_COLLAPSE) != 0:
+        error = ctypes.get_errno()
+        return (f"madvise(MADV_COLLAPSE) of {(end - start) >> 20} MiB: {os.strerror(error)}"
+                + {errno.EINVAL: " (a kernel before Linux 6.1?)",
+                   errno.EAGAIN: " (no free huge pages: memory fragmented)",
+                   errno.ENOMEM: " (no free huge pages)"}.get(error, ""))
+    return None
 
 
 def huge_pages_setting() -> str:

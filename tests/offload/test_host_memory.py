@@ -91,14 +91,24 @@ def test_staging_buffers_sit_on_huge_pages_and_pageable_ones_do_not(tmp_path, ki
 
 def test_a_buffer_without_a_whole_huge_page_inside_is_left_as_it_is():
     small = torch.arange(HUGE_PAGE // 8, dtype=torch.int64)
-    assert onto_huge_pages(small) and torch.equal(small, torch.arange(HUGE_PAGE // 8))
+    assert onto_huge_pages(small) is None and torch.equal(small, torch.arange(HUGE_PAGE // 8))
 
 
-def test_staging_buffers_the_kernel_keeps_on_small_pages_are_said_once(monkeypatch, capsys):
-    monkeypatch.setattr(blockio, "onto_huge_pages", lambda buffer: False)
+def test_staging_buffers_the_kernel_keeps_on_small_pages_are_said_once_with_why(monkeypatch,
+                                                                                 capsys):
+    monkeypatch.setattr(blockio, "onto_huge_pages", lambda buffer: "the reason")
     monkeypatch.setattr(blockio, "_said_small_pages", False)
     for _ in range(2):
         blockio._on_huge_pages(torch.empty(16, dtype=torch.uint8))
     err = capsys.readouterr().err
-    assert err.count("the NVMe staging buffers are on 4 KiB pages") == 1
-    assert "set /sys/kernel/mm/transparent_hugepage/enabled to madvise" in err
+    assert err.count("NVMe staging buffers stay on 4 KiB pages (the reason)") == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages")
+def test_a_kernel_without_huge_pages_is_named_with_the_fix(monkeypatch):
+    from orch.offload import host_memory
+
+    monkeypatch.setattr(host_memory, "huge_pages_setting", lambda: "never")
+    why = onto_huge_pages(torch.empty(4 * HUGE_PAGE, dtype=torch.uint8))
+    assert why == ("transparent huge pages are 'never' here; set "
+                   "/sys/kernel/mm/transparent_hugepage/enabled to madvise")
