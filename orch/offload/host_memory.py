@@ -60,7 +60,7 @@ def return_large_frees() -> bool:
 
 
 def onto_huge_pages(buffer: torch.Tensor) -> str | None:
-    """Back the whole 2 MiB pages inside ``buffer`` (new: its contents are overwritten) with
+    """Back the whole 2 MiB pages inside ``buffer`` (new: a byte of each is zeroed) with
     transparent huge pages, whether its pages are already there (a locked buffer: collapsed in
     place, Linux 6.1+) or not yet (an anonymous mapping: faulted in as huge pages). None when
     the kernel did, else why not. Best effort: the buffer works either way, with slower I/O
