@@ -70,7 +70,11 @@ needs_huge_pages = pytest.mark.skipif(
 
 @needs_huge_pages
 @pytest.mark.parametrize("kind", [pytest.param("async", marks=pytest.mark.nvme), "direct"])
-def test_staging_buffers_sit_on_huge_pages_and_pageable_ones_do_not(tmp_path, kind):
+def test_staging_buffers_sit_on_huge_pages_and_pageable_ones_do_not(tmp_path, kind, monkeypatch):
+    reasons: list[str | None] = []  # why not, per buffer (not from stderr: capturing it there
+    # makes DeepSpeed's compile check fail, and a failed op load is remembered per process)
+    monkeypatch.setattr(blockio, "onto_huge_pages",
+                        lambda buffer: reasons.append(onto_huge_pages(buffer)) or reasons[-1])
     if kind == "async":
         try:
             io = blockio.AsyncIO(tmp_path / "f", block_size=1 << 20, queue_depth=4, threads=1)
@@ -79,6 +83,8 @@ def test_staging_buffers_sit_on_huge_pages_and_pageable_ones_do_not(tmp_path, ki
     else:
         io = blockio.DirectIO(tmp_path / "f", block_size=1 << 20, threads=1)
     staging = io.buffer(8 * HUGE_PAGE)  # locked: the arena's kind
+    if reasons[-1] is not None and "no free huge pages" in reasons[-1]:
+        pytest.skip(f"the kernel has no free huge pages now: {reasons[-1]}")
     whole = (8 if staging.data_ptr() % HUGE_PAGE == 0 else 7) * HUGE_PAGE
     assert _huge_bytes_in(staging) >= whole
     pageable = io.buffer(8 * HUGE_PAGE, locked=False)
