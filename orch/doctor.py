@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import socket
 import sys
@@ -181,6 +182,7 @@ def _features(report: Report, gpu: bool, nvme_path: str | None) -> list[Feature]
                        f"DeepSpeed async I/O op {aio}" if can_aio else
                        f"DeepSpeed async I/O op {aio}: an O_DIRECT thread pool is used instead",
                        "" if can_aio else "apt-get install libaio-dev"))
+    out.append(_staging_pages())
     can_adam, adam = _op_state("CPUAdamBuilder")
     out.append(Feature("CPU Adam (offload)", OK if can_adam else FALLBACK,
                        f"DeepSpeed CPU Adam {adam}" if can_adam else
@@ -209,6 +211,27 @@ def _features(report: Report, gpu: bool, nvme_path: str | None) -> list[Feature]
                        (f"missing {', '.join(tools)}" if tools else "not root") +
                        ": those tests skip"))
     return out
+
+
+def _staging_pages() -> Feature:
+    """Whether the NVMe tier's staging buffers can sit on huge pages here
+    (``orch.offload.host_memory``): the kernel's transparent huge page mode, and Linux 6.1+ to
+    collapse DeepSpeed's buffers, whose pages are locked as they are made."""
+    from orch.offload.host_memory import huge_pages_setting
+
+    name, setting, release = "NVMe staging on huge pages", huge_pages_setting(), platform.release()
+    if sys.platform != "linux":
+        return Feature(name, FALLBACK, f"{sys.platform}: 4 KiB pages")
+    if setting not in ("always", "madvise"):
+        return Feature(name, FALLBACK, f"transparent huge pages {setting}: staging buffers on "
+                       "4 KiB pages (O_DIRECT reads into them ran at 0.55x where orch was "
+                       "measured)", "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled")
+    version = tuple(int(part) for part in re.findall(r"\d+", release)[:2])
+    if version < (6, 1):
+        return Feature(name, FALLBACK, f"Linux {release} cannot collapse DeepSpeed's locked "
+                       "buffers (6.1+), so they stay on 4 KiB pages; the O_DIRECT pool's get "
+                       "huge pages", "a Linux 6.1 or later kernel")
+    return Feature(name, OK, f"transparent huge pages {setting}, Linux {release}")
 
 
 def render(report: Report) -> str:

@@ -16,6 +16,16 @@ def test_this_cpu_machine_is_healthy(capsys, tmp_path):
     assert "no GPU   Triton kernels" in text  # not expected without a GPU, not missing
     assert f"nvme_path {tmp_path}: " in text and " GB free of " in text
     assert text.rstrip().endswith("healthy")
+    assert "NVMe staging on huge pages: " in text  # ok or fallback: the kernel's to say
+
+
+def test_a_kernel_without_huge_pages_is_a_fallback_with_the_fix(capsys, monkeypatch, tmp_path):
+    from orch.offload import host_memory
+
+    monkeypatch.setattr(host_memory, "huge_pages_setting", lambda: "never")
+    assert main(["doctor", "--nvme-path", str(tmp_path)]) == 0  # slower, not missing
+    assert ("fallback NVMe staging on huge pages: transparent huge pages never: staging buffers "
+            "on 4 KiB pages") in capsys.readouterr().out
 
 
 def test_missing_pieces_are_listed_with_their_fix_and_exit_1(capsys, monkeypatch, tmp_path):
