@@ -60,7 +60,7 @@ def version(package: str) -> str | None:
 
 def _op_state(builder_name: str) -> tuple[bool, str]:
     """(can build, what) for a DeepSpeed op: compatible here, and built already or not."""
-    from orch.offload.cpu_adam import use_venv_extension_cache
+    from orch.offload.cpu_adam import stderr_with_descriptor, use_venv_extension_cache
 
     use_venv_extension_cache()
     import torch
@@ -71,8 +71,9 @@ def _op_state(builder_name: str) -> tuple[bool, str]:
         from deepspeed.ops import op_builder
 
         builder = getattr(op_builder, builder_name)()
-        if not builder.is_compatible(verbose=False):
-            return False, "cannot be built here"
+        with stderr_with_descriptor():
+            if not builder.is_compatible(verbose=False):
+                return False, "cannot be built here"
         root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
         built = any(root.glob(f"**/{builder.NAME}.so"))
         return True, "built" if built else "builds on first use (a minute or two)"

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from orch.offload.cpu_adam import use_venv_extension_cache
+from orch.offload.cpu_adam import stderr_with_descriptor, use_venv_extension_cache
 from orch.offload.host_memory import onto_huge_pages
 
 ALIGN = 4096
@@ -205,9 +205,10 @@ def load_async_io():
         from deepspeed.ops.op_builder import AsyncIOBuilder
 
         builder = AsyncIOBuilder()
-        if not builder.is_compatible(verbose=False):
-            raise RuntimeError("libaio is missing (Debian: apt-get install libaio-dev)")
-        return builder.load(verbose=False)
+        with stderr_with_descriptor():
+            if not builder.is_compatible(verbose=False):
+                raise RuntimeError("libaio is missing (Debian: apt-get install libaio-dev)")
+            return builder.load(verbose=False)
     except Exception as exc:  # ImportError, a failed compile, a missing library
         _op_error = f"DeepSpeed's async I/O op is unavailable: {exc}"
         raise RuntimeError(_op_error) from exc

@@ -19,7 +19,8 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,12 +35,30 @@ def use_venv_extension_cache() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
+@contextmanager
+def stderr_with_descriptor() -> Iterator[None]:
+    """``sys.stderr`` with a file descriptor for the block, for DeepSpeed's op builders: they
+    silence their compile check (libaio's, for the async I/O op; run again by ``load``) by
+    redirecting stderr's descriptor, and where ``sys.stderr`` has none (a notebook, pytest's
+    ``capsys``) the check fails as if the library were missing. The real stderr stands in."""
+    stderr = sys.stderr
+    try:
+        stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        sys.stderr = sys.__stderr__ or stderr
+    try:
+        yield
+    finally:
+        sys.stderr = stderr
+
+
 def load_cpu_adam() -> Any:
     """DeepSpeed's CPU Adam op, built on first use (a minute or two) and cached."""
     use_venv_extension_cache()
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
-    return CPUAdamBuilder().load(verbose=False)
+    with stderr_with_descriptor():
+        return CPUAdamBuilder().load(verbose=False)
 
 
 class DeepSpeedAdamW(torch.optim.Optimizer):
@@ -126,4 +145,5 @@ def cpu_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: fl
         raise RuntimeError(f"offload.cpu_adam: {impl} is unavailable ({exc}); use auto") from exc
 
 
-__all__ = ["DeepSpeedAdamW", "cpu_adamw", "load_cpu_adam", "use_venv_extension_cache"]
+__all__ = ["DeepSpeedAdamW", "cpu_adamw", "load_cpu_adam", "stderr_with_descriptor",
+           "use_venv_extension_cache"]

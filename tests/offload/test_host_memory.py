@@ -71,8 +71,7 @@ needs_huge_pages = pytest.mark.skipif(
 @needs_huge_pages
 @pytest.mark.parametrize("kind", [pytest.param("async", marks=pytest.mark.nvme), "direct"])
 def test_staging_buffers_sit_on_huge_pages_and_pageable_ones_do_not(tmp_path, kind, monkeypatch):
-    reasons: list[str | None] = []  # why not, per buffer (not from stderr: capturing it there
-    # makes DeepSpeed's compile check fail, and a failed op load is remembered per process)
+    reasons: list[str | None] = []  # why not, per buffer (the log says it once per process)
     monkeypatch.setattr(blockio, "onto_huge_pages",
                         lambda buffer: reasons.append(onto_huge_pages(buffer)) or reasons[-1])
     if kind == "async":
