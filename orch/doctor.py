@@ -218,21 +218,19 @@ def _staging_pages() -> Feature:
     """Whether the NVMe tier's staging buffers can sit on huge pages here
     (``orch.offload.host_memory``): the kernel's transparent huge page mode, and Linux 6.1+ to
     collapse DeepSpeed's buffers, whose pages are locked as they are made."""
-    from orch.offload.host_memory import huge_pages_setting
+    from orch.offload.host_memory import HUGE_PAGES_FIX, huge_pages_refused, huge_pages_setting
 
-    name, setting, release = "NVMe staging on huge pages", huge_pages_setting(), platform.release()
-    if sys.platform != "linux":
-        return Feature(name, FALLBACK, f"{sys.platform}: 4 KiB pages")
-    if setting not in ("always", "madvise"):
-        return Feature(name, FALLBACK, f"transparent huge pages {setting}: staging buffers on "
-                       "4 KiB pages (O_DIRECT reads into them ran at 0.55x where orch was "
-                       "measured)", "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled")
+    name, release = "NVMe staging on huge pages", platform.release()
+    if (refused := huge_pages_refused()) is not None:
+        return Feature(name, FALLBACK, f"{refused}: staging buffers on 4 KiB pages (O_DIRECT "
+                       "reads into them ran at 0.55x where orch was measured)",
+                       HUGE_PAGES_FIX if sys.platform == "linux" else "")
     version = tuple(int(part) for part in re.findall(r"\d+", release)[:2])
     if version < (6, 1):
         return Feature(name, FALLBACK, f"Linux {release} cannot collapse DeepSpeed's locked "
                        "buffers (6.1+), so they stay on 4 KiB pages; the O_DIRECT pool's get "
                        "huge pages", "a Linux 6.1 or later kernel")
-    return Feature(name, OK, f"transparent huge pages {setting}, Linux {release}")
+    return Feature(name, OK, f"transparent huge pages {huge_pages_setting()}, Linux {release}")
 
 
 def render(report: Report) -> str:

@@ -24,8 +24,10 @@ def test_a_kernel_without_huge_pages_is_a_fallback_with_the_fix(capsys, monkeypa
 
     monkeypatch.setattr(host_memory, "huge_pages_setting", lambda: "never")
     assert main(["doctor", "--nvme-path", str(tmp_path)]) == 0  # slower, not missing
-    assert ("fallback NVMe staging on huge pages: transparent huge pages never: staging buffers "
-            "on 4 KiB pages") in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert ("fallback NVMe staging on huge pages: transparent huge pages are 'never' here: "
+            "staging buffers on 4 KiB pages") in text
+    assert "fix: set /sys/kernel/mm/transparent_hugepage/enabled to madvise" in text
 
 
 def test_missing_pieces_are_listed_with_their_fix_and_exit_1(capsys, monkeypatch, tmp_path):

@@ -43,6 +43,9 @@ _M_MMAP_THRESHOLD = -3
 HUGE_PAGE = 2 << 20
 """A transparent huge page on x86-64 and (with 4 KiB base pages) arm64."""
 
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE_PAGES_FIX = f"set {THP_ENABLED} to madvise (as root: echo madvise > {THP_ENABLED})"
+
 _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
 """``madvise`` advice numbers (linux/mman.h; Python 3.11's mmap module lacks the second)."""
 
@@ -65,17 +68,15 @@ def onto_huge_pages(buffer: torch.Tensor) -> str | None:
     place, Linux 6.1+) or not yet (an anonymous mapping: faulted in as huge pages). None when
     the kernel did, else why not. Best effort: the buffer works either way, with slower I/O
     into it."""
-    madvise = getattr(_libc(), "madvise", None) if sys.platform == "linux" else None
     base = buffer.data_ptr()
     start = -(-base // HUGE_PAGE) * HUGE_PAGE
     end = (base + buffer.numel() * buffer.element_size()) // HUGE_PAGE * HUGE_PAGE
     if end <= start:
         return None  # no whole huge page inside: nothing to gain
-    if madvise is None:
-        return "no madvise (not Linux)"
-    if (setting := huge_pages_setting()) not in ("always", "madvise"):
-        return (f"transparent huge pages are {setting!r} here; set "
-                "/sys/kernel/mm/transparent_hugepage/enabled to madvise")
+    if (refused := huge_pages_refused()) is not None:
+        return refused + (f"; {HUGE_PAGES_FIX}" if sys.platform == "linux" else "")
+    if (madvise := getattr(_libc(), "madvise", None)) is None:
+        return "this C library has no madvise"
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     if madvise(start, end - start, _MADV_HUGEPAGE) != 0:
         return f"madvise(MADV_HUGEPAGE): {os.strerror(ctypes.get_errno())}"
@@ -90,11 +91,21 @@ def onto_huge_pages(buffer: torch.Tensor) -> str | None:
     return None
 
 
+def huge_pages_refused() -> str | None:
+    """Why this system gives no process transparent huge pages on request (fix:
+    :data:`HUGE_PAGES_FIX` on Linux); None when it does."""
+    if sys.platform != "linux":
+        return f"{sys.platform} has no transparent huge pages"
+    if (setting := huge_pages_setting()) not in ("always", "madvise"):
+        return f"transparent huge pages are {setting!r} here"
+    return None
+
+
 def huge_pages_setting() -> str:
     """The kernel's transparent huge page mode (``always``, ``madvise``, ``never``), or why it
     is unknown."""
     try:
-        modes = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split()
+        modes = THP_ENABLED.read_text().split()
     except OSError:
         return "unknown (no /sys/kernel/mm/transparent_hugepage)"
     return next((mode.strip("[]") for mode in modes if mode.startswith("[")), " ".join(modes))
@@ -107,5 +118,5 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-__all__ = ["HUGE_PAGE", "MMAP_THRESHOLD", "huge_pages_setting", "onto_huge_pages",
-           "return_large_frees"]
+__all__ = ["HUGE_PAGE", "HUGE_PAGES_FIX", "MMAP_THRESHOLD", "THP_ENABLED", "huge_pages_refused",
+           "huge_pages_setting", "onto_huge_pages", "return_large_frees"]

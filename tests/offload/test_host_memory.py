@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from orch.offload import blockio
-from orch.offload.host_memory import HUGE_PAGE, huge_pages_setting, onto_huge_pages
+from orch.offload.host_memory import (
+    HUGE_PAGE,
+    HUGE_PAGES_FIX,
+    huge_pages_refused,
+    huge_pages_setting,
+    onto_huge_pages,
+)
 
 PROBE = """
 import ctypes, torch
@@ -63,9 +69,8 @@ def _huge_bytes_in(buffer: torch.Tensor) -> int:
     return total
 
 
-needs_huge_pages = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or huge_pages_setting() not in ("always", "madvise"),
-    reason=f"transparent huge pages: {huge_pages_setting()}")
+needs_huge_pages = pytest.mark.skipif(huge_pages_refused() is not None,
+                                      reason=str(huge_pages_refused()))
 
 
 @needs_huge_pages
@@ -115,5 +120,5 @@ def test_a_kernel_without_huge_pages_is_named_with_the_fix(monkeypatch):
 
     monkeypatch.setattr(host_memory, "huge_pages_setting", lambda: "never")
     why = onto_huge_pages(torch.empty(4 * HUGE_PAGE, dtype=torch.uint8))
-    assert why == ("transparent huge pages are 'never' here; set "
-                   "/sys/kernel/mm/transparent_hugepage/enabled to madvise")
+    assert why == f"transparent huge pages are 'never' here; {HUGE_PAGES_FIX}"
+    assert "set /sys/kernel/mm/transparent_hugepage/enabled to madvise" in why
