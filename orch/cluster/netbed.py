@@ -17,13 +17,21 @@ after a failure, and names carry the creating process's id so concurrent beds do
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+STOP_GRACE_S = 45
+"""How long a command still running at its deadline has, after SIGTERM, to stop its own children
+(torchrun's agent stops its workers, which sit in sessions of their own) before SIGKILL."""
 
 TBF_BURST = "64kb"
 TBF_LATENCY = "100ms"
@@ -141,22 +149,21 @@ class NetBed:
         return ["ip", "netns", "exec", self.namespace(node), *argv]
 
     def orch_launch(self, orch: str, args: Sequence[str], master: tuple[str, str], port: int,
-                    cwd: Path, timeout: float = 600) -> dict[str, tuple[int, str]]:
+                    cwd: Path, timeout: float = 600) -> dict[str, tuple[int | None, str]]:
         """``orch launch ... args`` in every node at once, one process per node (torchrun's
         node ranks in the listed order, its store at node ``master[0]``'s address on network
         ``master[1]``; ``args`` are CONFIG and what follows it, ``--node-name`` is added);
-        each node's exit code and output."""
+        each node's exit code and output (see :func:`run_together`)."""
         address = self.address(*master)
         order = [master[0], *(node for node in self.nodes if node != master[0])]
-        procs = {}
+        commands = {}
         for rank, node in enumerate(order):  # the store's node has node rank 0
             argv = [orch, "launch", "--nnodes", str(len(order)), "--nproc-per-node", "1",
                     "--node-rank", str(rank), "--master-addr", address, "--master-port",
                     str(port), *args, "--node-name", node]
-            procs[node] = subprocess.Popen(self.command(node, argv), cwd=cwd, text=True,
-                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        outputs = {node: proc.communicate(timeout=timeout)[0] for node, proc in procs.items()}
-        return {node: (procs[node].returncode, outputs[node]) for node in self.nodes}
+            commands[node] = self.command(node, argv)
+        done = run_together(commands, cwd, timeout)
+        return {node: done[node] for node in self.nodes}
 
     def tx_bytes(self, node: str, interface: str) -> int:
         """Bytes ``node`` has sent on ``interface`` so far."""
@@ -168,6 +175,45 @@ class NetBed:
         """Undo everything (namespaces take their veths and bridges with them)."""
         while self._made:
             subprocess.run(self._made.pop(), capture_output=True)
+
+
+def run_together(commands: Mapping[str, Sequence[str]], cwd: Path, timeout: float
+                 ) -> dict[str, tuple[int | None, str]]:
+    """Run every command at once (the nodes of one job) and return each one's exit code and
+    output (stdout and stderr together). A command still running at ``timeout`` seconds is
+    stopped (SIGTERM, then SIGKILL after :data:`STOP_GRACE_S`) and gets exit code None, so a
+    hung node fails a test with what every node said rather than with a bare timeout. Output
+    goes to files, not pipes: a node blocked on a full pipe could hold up the others."""
+    deadline = time.monotonic() + timeout
+    with contextlib.ExitStack() as stack:
+        logs = {name: stack.enter_context(tempfile.TemporaryFile("w+")) for name in commands}
+        procs = {name: subprocess.Popen(list(argv), cwd=cwd, text=True, stdout=logs[name],
+                                        stderr=subprocess.STDOUT)
+                 for name, argv in commands.items()}
+        codes: dict[str, int | None] = {}
+        for name, proc in procs.items():
+            try:
+                codes[name] = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[name] = None
+        for name, proc in procs.items():
+            if codes[name] is None:
+                _stop(proc)
+        outputs = {}
+        for name, log in logs.items():
+            log.seek(0)
+            outputs[name] = log.read()
+    return {name: (codes[name], outputs[name]) for name in commands}
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM ``proc``, then SIGKILL if it has not ended within :data:`STOP_GRACE_S`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _run(*argv: str) -> str:

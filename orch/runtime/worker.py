@@ -194,11 +194,12 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
 
 
 def main() -> None:
-    code = 0
+    code, failed = 0, True
     try:
         run(sys.argv[1:])
+        failed = False
     except Repartition:  # saved; the launcher (or torchrun's restart) starts the new split
-        code = REBALANCE_EXIT
+        code, failed = REBALANCE_EXIT, False
     except OrchError as exc:
         if not isinstance(exc, RanksDisagree) or exc.speaker:
             print(f"orch worker: {exc}", file=sys.stderr, flush=True)
@@ -210,8 +211,11 @@ def main() -> None:
         code = 1
     finally:
         # gloo threads can abort at interpreter exit after good work (DESIGN.md, known traps):
-        # tear the group down ourselves and leave without running interpreter shutdown.
-        if dist.is_initialized():
+        # tear the group down ourselves and leave without running interpreter shutdown. After a
+        # failure, leave at once: tearing down while a peer is gone or still inside a collective
+        # can hang this rank, and its launcher with it (torchtitan learned the same; a CI run
+        # once saw a rank of a two-node job that stopped on "ranks disagree" never exit).
+        if dist.is_initialized() and not failed:
             dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()

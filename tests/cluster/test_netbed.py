@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orch.cluster.netbed import NetBed, Network, unavailable
+from orch.cluster.netbed import NetBed, Network, run_together, unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 ORCH = str(Path(sys.executable).parent / "orch")
@@ -117,12 +117,12 @@ def test_probe_writes_what_each_network_carries_into_the_description(tmp_path):
                            "c": ["slow"]}) as bed:
         path = tmp_path / "bed.yaml"
         path.write_text(yaml.safe_dump(bed.cluster()))
-        procs = {node: subprocess.Popen(
-            bed.command(node, [ORCH, "cluster", "probe", str(path), "--master-addr",
-                               bed.address("a", "slow"), "--node-name", node, "--mbytes", "4"]),
-            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for node in "abc"}
-        outputs = {node: proc.communicate(timeout=300)[0] for node, proc in procs.items()}
-    assert all(proc.returncode == 0 for proc in procs.values()), outputs
+        done = run_together({node: bed.command(
+            node, [ORCH, "cluster", "probe", str(path), "--master-addr",
+                   bed.address("a", "slow"), "--node-name", node, "--mbytes", "4"])
+            for node in "abc"}, REPO, timeout=300)
+    outputs = {node: output for node, (_, output) in done.items()}
+    assert all(code == 0 for code, _ in done.values()), outputs
     assert "point to point" in outputs["a"] and f"wrote measured_gbps to {path}" in outputs["a"]
     assert "orch cluster probe: node c done" in outputs["c"]
     cluster = load_cluster(path)

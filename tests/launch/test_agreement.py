@@ -9,10 +9,11 @@ any mesh, and every rank stops; only rank 0 explains, naming which ranks hold wh
 from __future__ import annotations
 
 import socket
-import subprocess
 
 import pytest
 from launch_harness import ORCH, REPO, overrides
+
+from orch.cluster.netbed import run_together
 
 pytestmark = pytest.mark.dist
 
@@ -25,20 +26,21 @@ def free_port() -> int:
 
 def test_nodes_with_different_configs_stop_with_one_message(tmp_path):
     port = free_port()
-    nodes = []
+    commands = {}
     for node, lr in ((0, "0.001"), (1, "0.002")):
-        args = [str(ORCH), "launch", "--nnodes", "2", "--node-rank", str(node),
-                "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "agreement",
-                "configs/tiny.yaml", *overrides(tmp_path / "run", f"train.lr={lr}")]
-        nodes.append(subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = [node.communicate(timeout=240) for node in nodes]
-    assert all(node.returncode == 1 for node in nodes), outputs  # the run failed, not the input
-    said = [out + err for out, err in outputs]
+        commands[f"node {node}"] = [
+            str(ORCH), "launch", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node",
+            "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "agreement", "configs/tiny.yaml",
+            *overrides(tmp_path / "run", f"train.lr={lr}")]
+    done = run_together(commands, REPO, timeout=240)
+    assert all(code == 1 for code, _ in done.values()), done  # the run failed, not the input
+    said = [output for _, output in done.values()]
     assert all("step 1/" not in text for text in said)
-    assert sum(text.count("ranks disagree") for text in said) == 1  # rank 0 only
-    message = said[0]
+    # Only rank 0 explains; with a c10d rendezvous that is whichever node joined first.
+    speakers = [text for text in said if "ranks disagree" in text]
+    assert len(speakers) == 1 and speakers[0].count("ranks disagree") == 1, done
+    message = speakers[0]
     assert "ranks 0 have fsdp2, config " in message and "ranks 1 have fsdp2, config " in message
     assert "fix: start every node with the same config file, --set overrides" in message
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing recorded for a bad start
