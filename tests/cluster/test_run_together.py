@@ -20,7 +20,7 @@ def test_each_command_gets_its_code_and_output_and_a_hung_one_is_stopped(tmp_pat
 def test_commands_run_at_once_in_the_given_directory(tmp_path: Path):
     # Each waits for the other's file: run one after the other, neither would finish.
     done = run_together({
-        "a": ["sh", "-c", "touch a; while [ ! -e b ]; do sleep 0.05; done; pwd"],
+        "a": ["sh", "-c", "touch a; while [ ! -e b ]; do sleep 0.05; done; pwd -P"],
         "b": ["sh", "-c", "touch b; while [ ! -e a ]; do sleep 0.05; done"],
     }, tmp_path, timeout=20)
-    assert done == {"a": (0, f"{tmp_path}\n"), "b": (0, "")}
+    assert done == {"a": (0, f"{tmp_path.resolve()}\n"), "b": (0, "")}
