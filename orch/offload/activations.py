@@ -37,7 +37,7 @@ deadlock the backward.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 
 import torch
@@ -45,6 +45,7 @@ from torch import nn
 
 from orch.offload.budget import DeviceBudget
 from orch.offload.nvme import NvmeTier
+from orch.offload.threads import helper_pool
 from orch.offload.transfers import CopyDone, HostTransfers
 
 Packed = tuple[int, int, torch.dtype, int, tuple[int, ...], tuple[int, ...]] | torch.Tensor
@@ -58,7 +59,7 @@ class ActivationSwap:
     def __init__(self, device: torch.device, budget: DeviceBudget, transfers: HostTransfers,
                  nvme: NvmeTier | None = None) -> None:
         self.device, self.budget, self.transfers, self.nvme = device, budget, transfers, nvme
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="orch-activation-io") if nvme else None
+        self._io = helper_pool("orch-activation-io") if nvme else None
         """Writes to and reads from the NVMe tier, in the order they were asked for."""
         self._spilled: dict[int, Future[None]] = {}
         """Units whose copies are (being) written to the tier, by index: the write's future."""

@@ -25,7 +25,6 @@ import mmap
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +32,7 @@ import torch
 
 from orch.offload.cpu_adam import stderr_with_descriptor, use_venv_extension_cache
 from orch.offload.host_memory import onto_huge_pages
+from orch.offload.threads import helper_pool
 
 ALIGN = 4096
 """O_DIRECT's alignment of offsets, sizes and buffer addresses (a page; covers 512-byte
@@ -139,7 +139,7 @@ class DirectIO:
     def __init__(self, path: Path, block_size: int, threads: int) -> None:
         self.block = aligned(block_size)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="orch-direct-io")
+        self.pool = helper_pool("orch-direct-io", max(1, threads))
 
     def buffer(self, nbytes: int, locked: bool = True) -> torch.Tensor:
         # Anonymous mappings are page-aligned, as O_DIRECT needs; the tensor keeps its mapping

@@ -27,6 +27,7 @@ from torch import nn
 from orch.offload.grad_homes import GradsForUpdate
 from orch.offload.homes import Homes
 from orch.offload.partition import Partition
+from orch.offload.threads import helper_thread
 
 
 class UnitUpdates:
@@ -64,9 +65,8 @@ class UnitUpdates:
         self.seconds = self.waited = 0.0
         self._started = time.perf_counter()
         due = self.homes.next_pass() + 1  # the next forward's, which fetches in this order
-        self._thread = threading.Thread(target=self._run,
-                                        args=(optimizer, steppers, grads_for, due),
-                                        daemon=True, name="orch-cpu-optimizer")
+        self._thread = helper_thread("orch-cpu-optimizer", self._run, optimizer, steppers,
+                                     grads_for, due)
         self._thread.start()
 
     def _run(self, optimizer: torch.optim.Optimizer, steppers: list[torch.optim.Optimizer],

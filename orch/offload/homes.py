@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
 from orch.offload.nvme import Due, NvmeTier, placeholder
+from orch.offload.threads import helper_pool
 
 
 class Homes:
@@ -57,13 +58,13 @@ class Homes:
         self._updated = updated
         """Unit index -> the event set once its optimizer update has stepped it (a read-ahead
         waits for it; the bytes may still be on their way to disk, readable from memory)."""
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="orch-nvme-read")
+        self._reader = helper_pool("orch-nvme-read")
         self._ahead: dict[int, Future[list[torch.Tensor]]] = {}
         """Reads ahead of a fetch (their own thread: each waits for its unit's update)."""
-        self._update_reader = ThreadPoolExecutor(1, thread_name_prefix="orch-nvme-update-read")
+        self._update_reader = helper_pool("orch-nvme-prepare")
         self._prepared: dict[int, Future] = {}
         """Reads ahead of an optimizer step (:meth:`prepare`)."""
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="orch-nvme-write")
+        self._writer = helper_pool("orch-nvme-write")
         self._passes = 0
         self.elsewhere: set[int] = set()
         """Units whose parameters rest on another replica (``offload.shard_params``): neither

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def return_large_frees() -> bool:
     C library has no ``mallopt`` (not glibc)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    mallopt = getattr(_libc(), "mallopt", None)
+    mallopt = getattr(libc(), "mallopt", None)
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
@@ -75,7 +76,7 @@ def onto_huge_pages(buffer: torch.Tensor) -> str | None:
         return None  # no whole huge page inside: nothing to gain
     if (refused := huge_pages_refused()) is not None:
         return refused + (f"; {HUGE_PAGES_FIX}" if sys.platform == "linux" else "")
-    if (madvise := getattr(_libc(), "madvise", None)) is None:
+    if (madvise := getattr(libc(), "madvise", None)) is None:
         return "this C library has no madvise"
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     if madvise(start, end - start, _MADV_HUGEPAGE) != 0:
@@ -111,7 +112,9 @@ def huge_pages_setting() -> str:
     return next((mode.strip("[]") for mode in modes if mode.startswith("[")), " ".join(modes))
 
 
-def _libc() -> ctypes.CDLL | None:
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """The C library (for the calls Python does not wrap), or None where it cannot be loaded."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
@@ -119,4 +122,4 @@ def _libc() -> ctypes.CDLL | None:
 
 
 __all__ = ["HUGE_PAGE", "HUGE_PAGES_FIX", "MMAP_THRESHOLD", "THP_ENABLED", "huge_pages_refused",
-           "huge_pages_setting", "onto_huge_pages", "return_large_frees"]
+           "huge_pages_setting", "libc", "onto_huge_pages", "return_large_frees"]

@@ -33,7 +33,7 @@ model's weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
@@ -43,6 +43,7 @@ from torch import nn
 from orch.offload.grad_homes import packed_views
 from orch.offload.nvme import placeholder
 from orch.offload.partition import Partition
+from orch.offload.threads import helper_pool
 
 
 class SharedParams:
@@ -57,7 +58,7 @@ class SharedParams:
         ``read_home(index)``: the owner's unit ``index`` as it rests (CPU memory or NVMe)."""
         self.units, self.partition = units, partition
         self._host_empty, self._stepped, self._read_home = host_empty, stepped, read_home
-        self._sender = ThreadPoolExecutor(1, thread_name_prefix="orch-shared-params")
+        self._sender = helper_pool("orch-shared-params")
         """Runs the broadcasts in the order they were asked for."""
         self._group = dist.new_group(dist.get_process_group_ranks(partition.group),
                                      backend="gloo")
