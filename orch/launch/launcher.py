@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -321,11 +322,16 @@ def _check_tensorboard(cfg: Config) -> list[Problem]:
 
 
 def _check_run_dir(run_dir: Path) -> list[Problem]:
+    """The run directory exists or can be made, and takes files. The test file's name is this
+    process's own: every node's launcher checks the same shared directory at about the same
+    time, and with one name for all, one launcher's unlink removed the file another had just
+    written, which then failed as "not writable (No such file or directory)" while the other
+    nodes waited for it in the rendezvous."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".orch-write-test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".orch-write-test-", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         return [Problem("run.dir", f"{str(run_dir)!r} is not writable ({exc.strerror})",
                         "choose a writable directory with --set run.dir=PATH")]

@@ -213,8 +213,8 @@ def main() -> None:
         # gloo threads can abort at interpreter exit after good work (DESIGN.md, known traps):
         # tear the group down ourselves and leave without running interpreter shutdown. After a
         # failure, leave at once: tearing down while a peer is gone or still inside a collective
-        # can hang this rank, and its launcher with it (torchtitan learned the same; a CI run
-        # once saw a rank of a two-node job that stopped on "ranks disagree" never exit).
+        # can hang this rank, and its launcher with it (torchtitan stopped doing it on failure
+        # for that reason).
         if dist.is_initialized() and not failed:
             dist.destroy_process_group()
         sys.stdout.flush()
