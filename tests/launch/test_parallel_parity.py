@@ -1,8 +1,9 @@
 """Every parallel layout trains the single-process numbers under ``orch launch``.
 
-One module-scoped set of runs (process start-up dominates: a launch costs 13-40 s on 2 cores, a
-4-process one about twice a 2-process one): a single-process reference per model and one run per
-layout, all on the same data. Dense (tiny): data parallel (FSDP2 on 4 ranks, DDP on 2), tensor +
+One module-scoped set of runs, two launches at a time (process start-up dominates: a launch
+costs 4-10 s alone on 2 cores, a 4-process one about twice a 1-process one; 34 launches took
+318 s one at a time and 273 s two at a time): a single-process reference per model and one run
+per layout, all on the same data. Dense (tiny): data parallel (FSDP2 on 4 ranks, DDP on 2), tensor +
 sequence parallelism composed with FSDP2, context parallel (Ulysses alone, ring composed with TP).
 MoE (tiny-moe with 8 experts, top-2, aux loss and aux-loss-free bias both on): expert parallel over
 2 ranks, ep2 folded into HSDP 2x2 (so the dense part runs HSDP), ep2 x etp2, ep2 with ring context
@@ -49,6 +50,8 @@ DESIGN.md).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -127,7 +130,7 @@ RESHARDED = {  # name: (the layout that saved step 2, the plan that resumes it)
     "offload_to_fsdp4": ("offload_nvme", "fsdp4"),
     "fsdp4_to_offload": ("fsdp4", "offload_nvme"),  # chunks from 4 ranks into NVMe units
 }
-TARGETS = {**LAYOUTS, "single": (DENSE, 1, [], {}),
+TARGETS = {**LAYOUTS, "single": (DENSE, 1, [], {}), "single_moe": (MOE, 1, [], {}),
            "ep4": (MOE, 4, ["parallel.ep=4"], dict(dp_shard=4, ep=4))}
 SAVED_AT_2 = {source for source, _ in RESHARDED.values()} - set(RESUMED)
 DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "edp")
@@ -159,14 +162,44 @@ def final_params(run_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=False)["model"]
 
 
+CONCURRENT_LAUNCHES = 2
+"""Launches run two at a time, each worker on one thread: a launch alone leaves a core idle
+much of the time (start-up is one process importing, a 1-process run computes on a core and a
+half), and two launches whose threads outnumber the cores wait for each other's OpenMP barriers
+(measured: two 1-process runs at 2 threads each took 8.2 s a step instead of 0.2)."""
+
+
 def _launch(config: str, procs: int, run_dir: Path, *extra: str, resume: Path | None = None
             ) -> str:
     settings = MOE_SETTINGS if config == MOE else []
     out = launch("--nproc-per-node", str(procs), config,
                  *overrides(run_dir, f"train.steps={STEPS}", *settings, *extra),
-                 *(["--resume", str(resume)] if resume else []))
+                 *(["--resume", str(resume)] if resume else []), env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
+
+
+def _run_layout(name: str, dirs: dict[str, Path], scratch: Path) -> None:
+    """One layout's run (after a first launch stopped at step 2, for the resumed ones)."""
+    config, procs, extra, _ = TARGETS[name]
+    extra = [item.format(scratch=scratch) for item in extra]
+    if name in RESUMED:
+        _launch(config, procs, dirs[name], *extra, "run.stop_at_step=2")
+    if name in SAVED_AT_2:
+        extra.append("checkpoint.interval=2")
+    stdout = _launch(config, procs, dirs[name], *extra)
+    if name in RESUMED:
+        assert "resumed from" in stdout and "step-00000002" in stdout
+
+
+def _reshard(name: str, dirs: dict[str, Path], scratch: Path) -> None:
+    """A run resuming another layout's step-2 checkpoint under a new plan."""
+    source, target = RESHARDED[name]
+    config, procs, extra, _ = TARGETS[target]
+    extra = [item.format(scratch=scratch) for item in extra]
+    saved = dirs[source] / "checkpoints" / "step-00000002"
+    stdout = _launch(config, procs, dirs[name], *extra, resume=saved)
+    assert f"resumed from {saved} at step 2" in stdout
 
 
 @pytest.fixture(scope="module")
@@ -174,26 +207,28 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parity")
     names = ["single", "single_moe", *LAYOUTS, "nvme", *RESHARDED]
     dirs = {name: root / name for name in names}
-    _launch(DENSE, 1, dirs["single"])
-    _launch(MOE, 1, dirs["single_moe"])
-    scratch = root / "nvme"  # the NVMe tier's directory
+    scratch = root / "nvme"  # the NVMe tier's directory (scratch files named by process id)
     scratch.mkdir()
-    for name, (config, procs, extra, _) in LAYOUTS.items():
-        extra = [item.format(scratch=scratch) for item in extra]
-        if name in RESUMED:
-            _launch(config, procs, dirs[name], *extra, "run.stop_at_step=2")
-        if name in SAVED_AT_2:
-            extra.append("checkpoint.interval=2")
-        stdout = _launch(config, procs, dirs[name], *extra)
-        if name in RESUMED:
-            assert "resumed from" in stdout and "step-00000002" in stdout
-    for name, (source, target) in RESHARDED.items():
-        config, procs, extra, _ = TARGETS[target]
-        extra = [item.format(scratch=scratch) for item in extra]
-        saved = dirs[source] / "checkpoints" / "step-00000002"
-        stdout = _launch(config, procs, dirs[name], *extra, resume=saved)
-        assert f"resumed from {saved} at step 2" in stdout
+    # the most processes first, so the last launches to finish are short ones
+    layouts = sorted(["single", "single_moe", *LAYOUTS], key=lambda name: -TARGETS[name][1])
+    with ThreadPoolExecutor(CONCURRENT_LAUNCHES) as pool:
+        _all(pool, _run_layout, layouts, dirs, scratch)
+        _all(pool, _reshard, RESHARDED, dirs, scratch)  # from the layouts' checkpoints
     return dirs
+
+
+def _all(pool: ThreadPoolExecutor, run: Callable[..., None], names: Iterable[str],
+         *args: object) -> None:
+    """``run(name, *args)`` for every name on the pool; the first failure is raised and the
+    launches not started yet are dropped."""
+    futures = [pool.submit(run, name, *args) for name in names]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
