@@ -166,7 +166,7 @@ CONCURRENT_LAUNCHES = 2
 """Launches run two at a time, each worker on one thread: a launch alone leaves a core idle
 much of the time (start-up is one process importing, a 1-process run computes on a core and a
 half), and two launches whose threads outnumber the cores wait for each other's OpenMP barriers
-(measured: two 1-process runs at 2 threads each took 8.2 s a step instead of 0.2)."""
+(measured: two 1-process runs at 2 threads each took 0.5-8.2 s a step instead of 0.15)."""
 
 
 def _launch(config: str, procs: int, run_dir: Path, *extra: str, resume: Path | None = None
