@@ -393,3 +393,21 @@ def test_gpu_kernels_within_sdpa_error(monkeypatch, dtype, shape, causal):
     ref = torch.autograd.grad((ref_lse * w_lse).sum(), (q32, k32, v32))
     for name, a, r in zip("qkv", mine, ref, strict=True):
         assert err(a, r) <= 2e-2 * r.abs().max().item() + 1e-3, f"d{name} through lse"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_triton_shipped_gpu_tiles(triton_path, head_dim):
+    """The 16-bit GPU tiles (``default_config``, chosen by what the compiler makes of them,
+    tests/kernels/test_resources.py) compute the reference too: run here on float32 inputs,
+    since the interpreter's bf16 matmuls are wrong (DESIGN.md), over a ragged, causal,
+    grouped-query case that straddles their blocks."""
+    cfg = triton_path.default_config(head_dim, torch.bfloat16)
+    q, k, v = make(1, 150, 150, 4, 2, head_dim)
+    out, lse, got = grads(
+        lambda *t: triton_path.flash_attention_triton(*t, True, None, cfg), q, k, v
+    )
+    ref_out, ref_lse, want = grads(lambda *t: attention_reference(*t, True), q, k, v)
+    close(out, ref_out, what="out")
+    close(lse, ref_lse, what="lse")
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a, b, what=f"d{name}")
