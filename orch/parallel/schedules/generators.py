@@ -15,7 +15,7 @@ from functools import partial
 
 from orch.parallel.schedules.actions import Action, Schedule
 from orch.parallel.schedules.simulate import Costs, simulate, worst_mix
-from orch.parallel.schedules.vshape import v_orders
+from orch.parallel.schedules.vshape import paper_orders, v_orders
 
 Order = list[list[Action]]
 """Compute actions per rank, in execution order, before communication is added."""
@@ -208,8 +208,10 @@ def zbv(stages: int, microbatches: int) -> Schedule:
     not the ones it was made for (``_ZBV_WIDE``, ``_ZBV_NARROW``)."""
     _require(stages, microbatches)
     size = stages * microbatches
-    orders = itertools.islice(v_orders(stages, microbatches),
-                              None if size <= _ZBV_WIDE else 6 if size <= _ZBV_NARROW else 1)
+    orders = itertools.chain(
+        paper_orders(stages, microbatches),
+        itertools.islice(v_orders(stages, microbatches),
+                         None if size <= _ZBV_WIDE else 6 if size <= _ZBV_NARROW else 1))
     best: tuple[tuple[float, float], Schedule] | None = None
     for order in orders:
         candidate = schedule_with_comms("zbv", stages, microbatches, order, 2, "v")

@@ -25,6 +25,12 @@ each distinct order once, and the generator keeps the one whose worst step over 
 is shortest (``orch.parallel.schedules.generators.zbv``). Which grid point wins varies with P
 and M with no pattern worth a rule: at P = 8, M = 32 the grid's best is 1.065x where the first
 six candidates' was 1.089x.
+
+On 4 and 8 ranks at M = 2P to 4P a greedy steady state holds up worse than the paper's hand-made
+one (torch's order: 1.073x against the grid's 1.107x at P = 8, M = 24), so :func:`paper_orders`
+adds candidates that follow the paper's warm-up and steady state and leave only the cool-down to
+the greedy; with them the kept order is never longer than torch's in the simulator, and shorter
+below 2P - 1 micro-batches, where torch's pads (tests/parallel/test_schedules.py).
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ class _Step:
     """The greedy simulation of one ZB-V step: which action each rank runs next, and when."""
 
     def __init__(self, stages: int, microbatches: int, forward_first: bool,
-                 input_cost: int, forward_cost: int = _SCALE) -> None:
+                 input_cost: int, forward_cost: int = _SCALE, scripted: bool = False) -> None:
         self.ranks, self.microbatches = stages, microbatches
+        self.script = [_paper_prefix(stages, microbatches, rank) if scripted else deque()
+                       for rank in range(stages)]
         self.last = 2 * stages - 1
         self.limit = 2 * stages
         self.cost = {"F": forward_cost, "B": 2 * _SCALE, "I": input_cost,
@@ -60,6 +68,42 @@ class _Step:
 
     def _done(self, act: Action) -> bool:
         return self.ends.get(act, self.now + 1) <= self.now
+
+    def _ready(self, act: Action) -> bool:
+        """Whether what ``act`` needs has finished (its own rank's order aside)."""
+        s, m = act.stage, act.microbatch
+        if act.kind == "F":
+            return s == 0 or self._done(Action("F", s - 1, m))
+        if act.kind == "W":
+            return self._done(Action("I", s, m))
+        if s == self.last:
+            return self._done(Action("F", s, m))
+        return self._done(Action("I", s + 1, m)) or self._done(Action("B", s + 1, m))
+
+    def _scripted(self, rank: int) -> Action | None:
+        """The rank's next prescribed action once it is ready (the rank waits for it)."""
+        act = self.script[rank][0]
+        if not self._ready(act):
+            return None
+        self.script[rank].popleft()
+        if act.kind == "F":
+            self.forwards[act.stage] += 1
+            self.held[rank] += 1
+        elif act.kind == "I":
+            self.backwards[act.stage] += 1
+            self.deferred[rank].append(Action("W", act.stage, act.microbatch))
+        else:  # W, or stage 0's fused B: an activation freed
+            if act.kind == "B":
+                self.backwards[act.stage] += 1
+            else:
+                self.deferred[rank].remove(act)
+            self.held[rank] -= 1
+        return act
+
+    def _next(self, rank: int) -> Action | None:
+        if self.script[rank]:
+            return self._scripted(rank)
+        return next((a for pick in self.picks if (a := pick(rank)) is not None), None)
 
     def _backward(self, rank: int) -> Action | None:
         for s in self.mine[rank]:
@@ -106,7 +150,7 @@ class _Step:
             for rank in range(self.ranks):
                 if free[rank] > self.now:
                     continue
-                act = next((a for pick in self.picks if (a := pick(rank)) is not None), None)
+                act = self._next(rank)
                 if act is not None:
                     order[rank].append(act)
                     free[rank] = self.ends[act] = self.now + self.cost[act.kind]
@@ -117,6 +161,47 @@ class _Step:
                 return None
             self.now = min(later, default=self.now)
         return order
+
+
+def _paper_prefix(stages: int, microbatches: int, rank: int) -> deque[Action]:
+    """The warm-up and steady state of the ZB-V order drawn in the paper (and hand-made in
+    torch's ScheduleZBVZeroBubble), for ``rank``: forwards of its first chunk (``down``, stage
+    r) until the second chunk's first micro-batch can arrive, the two chunks' forwards
+    alternating, then each second-chunk forward followed by a backward of that chunk, and in
+    the steady state a forward and a whole backward (I, then W at once) of each chunk in turn,
+    up to the last forward; the cool-down is left to the greedy, input-gradient steps first.
+    On 4 and 8 ranks at M = 2P to 4P its steady state holds up better than the greedy's (P =
+    8, M = 24: 1.073x the work in the worst cost mix against 1.107x)."""
+    down, up = rank, 2 * stages - 1 - rank
+    forwards, backwards = {down: 0, up: 0}, {down: 0, up: 0}
+    out: deque[Action] = deque()
+
+    def forward(stage: int) -> None:
+        if forwards[stage] < microbatches:
+            out.append(Action("F", stage, forwards[stage]))
+            forwards[stage] += 1
+
+    def backward(stage: int) -> None:
+        if backwards[stage] < forwards[stage]:
+            m = backwards[stage]
+            backwards[stage] += 1
+            out.extend([Action("B", stage, m)] if stage == 0 else
+                       [Action("I", stage, m), Action("W", stage, m)])
+
+    for _ in range(2 * (stages - rank) - 1):
+        forward(down)
+    for _ in range(rank):
+        forward(up)
+        forward(down)
+    for _ in range(stages - rank):
+        forward(up)
+        backward(up)
+    while min(forwards.values()) < microbatches:
+        forward(down)
+        backward(down)
+        forward(up)
+        backward(up)
+    return out
 
 
 _FORWARD_COSTS = (_SCALE, _SCALE - 2, _SCALE + 2)
@@ -132,11 +217,28 @@ def v_orders(stages: int, microbatches: int) -> Iterator[list[list[Action]]]:
     for forward_cost in _FORWARD_COSTS:
         for forward_first in (False, True):
             for input_cost in _INPUT_COSTS:
-                order = _Step(stages, microbatches, forward_first, input_cost,
-                              forward_cost).run()
-                if order is not None and (key := tuple(map(tuple, order))) not in seen:
-                    seen.add(key)
-                    yield order
+                yield from _new(_Step(stages, microbatches, forward_first, input_cost,
+                                      forward_cost).run(), seen)
 
 
-__all__ = ["v_orders"]
+def paper_orders(stages: int, microbatches: int) -> Iterator[list[list[Action]]]:
+    """The paper's warm-up and steady state (:func:`_paper_prefix`) with greedy cool-downs made
+    for I at 0.9, 1 and 1.1 times W; none when a rank would wait forever (too few
+    micro-batches for the prefix: M < 2P - 1, where the greedy orders do better anyway)."""
+    seen: set[tuple[tuple[Action, ...], ...]] = set()
+    if microbatches < 2 * stages - 1:
+        return
+    for input_cost in (_SCALE, _SCALE - 1, _SCALE + 1):
+        yield from _new(_Step(stages, microbatches, False, input_cost, scripted=True).run(),
+                        seen)
+
+
+def _new(order: list[list[Action]] | None, seen: set[tuple[tuple[Action, ...], ...]]
+         ) -> Iterator[list[list[Action]]]:
+    """``order`` unless it is None or already in ``seen`` (which it joins)."""
+    if order is not None and (key := tuple(map(tuple, order))) not in seen:
+        seen.add(key)
+        yield order
+
+
+__all__ = ["paper_orders", "v_orders"]
