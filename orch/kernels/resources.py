@@ -232,8 +232,8 @@ def moe_launches(dtype: torch.dtype) -> list[Launch]:
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-"""The dtypes the GPU paths train in: their kernels must not spill (float32 runs on a GPU only
-in tests, where a spill costs nothing that matters)."""
+"""The dtypes the GPU paths train in: their kernels must not spill on ``TUNED_FOR`` (float32
+runs on a GPU only in tests, where a spill costs nothing that matters)."""
 OPS = {"attention": attention_launches, "adamw8bit": adamw8bit_launches, "moe": moe_launches}
 
 

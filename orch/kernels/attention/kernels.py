@@ -75,11 +75,12 @@ class BlockConfig:
 
 def default_config(head_dim: int, dtype: torch.dtype) -> BlockConfig:
     """Tiles for a GPU: a starting point that ``benchmarks/attention.py --sweep`` measures
-    against others. The 16-bit tiles are the largest of those tried that no kernel spills
-    registers with, compiled for sm_90 (``python -m orch.kernels.resources``; the tests hold
-    it): with 4 warps the dK/dV kernel, whose program keeps a key block's dK and dV for a
-    whole group of query heads in registers, spilled 464 bytes per thread at head_dim 64,
-    and at 128 it spilled 80 bytes even with 8 warps until its query block went to 16 rows."""
+    against others. No kernel spills registers at the 16-bit tiles, compiled for sm_90
+    (``python -m orch.kernels.resources``; the tests hold it): with 4 warps the dK/dV kernel,
+    whose program keeps a key block's dK and dV for a whole group of query heads in
+    registers, spilled 464 bytes per thread at head_dim 64, and at 128 it spilled 80 bytes
+    even with 8 warps until its query block went to 16 rows (the smallest change that stopped
+    every spill; benchmarks/results/kernel_resources.md)."""
     if dtype == torch.float32:  # twice the bytes per tile: halve the tiles to fit shared memory
         return BlockConfig(64, 32, 16, 64, 64, 16, warps=4, stages=2)
     if head_dim <= 64:
