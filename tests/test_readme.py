@@ -36,8 +36,7 @@ import pytest
 
 from orch.cli import build_parser
 from orch.cli import main as orch_main
-from orch.config import load_config
-from orch.launch.launcher import launch_parser, prepare, worker_parser
+from orch.launch.launcher import parse_launch, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -154,9 +153,7 @@ def _check(command: Command, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None
 def _check_orch(args: list[str], placeholder: bool, tmp: Path) -> None:
     if args[0] == "launch":
         if placeholder:  # as far as options, config and overrides
-            parsed = launch_parser().parse_args(args[1:])
-            extra = worker_parser().parse_args(parsed.training_script_args)
-            load_config(parsed.training_script, extra.overrides)
+            parse_launch(args[1:])
         else:
             prepare(args[1:])
     elif args[0] in ("plan", "schedule") or args[:2] == ["cluster", "detect"]:

@@ -125,13 +125,18 @@ def _nproc_per_node(value: str | None, cfg: Config, nnodes: int, problems: list[
     return max(count, 1)
 
 
+def parse_launch(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Namespace, Config]:
+    """torchrun's options, the options after CONFIG, and the config with its overrides."""
+    args = launch_parser().parse_args(list(argv))
+    extra = worker_parser().parse_args(args.training_script_args)
+    return args, extra, load_config(args.training_script, extra.overrides)
+
+
 def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     """Parse and validate everything; return torchrun's args rewritten to start the workers."""
     from torch.distributed.run import parse_min_max_nnodes
 
-    args = launch_parser().parse_args(list(argv))
-    extra = worker_parser().parse_args(args.training_script_args)
-    cfg = load_config(args.training_script, extra.overrides)
+    args, extra, cfg = parse_launch(argv)
     problems: list[Problem] = []
     _, max_nodes = parse_min_max_nnodes(args.nnodes)
     cluster, node = _cluster_node(cfg, extra.node_name, problems)

@@ -80,65 +80,53 @@ class _Step:
             return self._done(Action("F", s, m))
         return self._done(Action("I", s + 1, m)) or self._done(Action("B", s + 1, m))
 
-    def _scripted(self, rank: int) -> Action | None:
-        """The rank's next prescribed action once it is ready (the rank waits for it)."""
-        act = self.script[rank][0]
-        if not self._ready(act):
-            return None
-        self.script[rank].popleft()
+    def _take(self, rank: int, act: Action) -> Action:
+        """Account ``act`` as started on ``rank``: the counters the pickers read."""
         if act.kind == "F":
             self.forwards[act.stage] += 1
             self.held[rank] += 1
-        elif act.kind == "I":
-            self.backwards[act.stage] += 1
-            self.deferred[rank].append(Action("W", act.stage, act.microbatch))
-        else:  # W, or stage 0's fused B: an activation freed
-            if act.kind == "B":
-                self.backwards[act.stage] += 1
-            else:
-                self.deferred[rank].remove(act)
+        elif act.kind == "W":
+            self.deferred[rank].remove(act)
             self.held[rank] -= 1
+        else:
+            self.backwards[act.stage] += 1
+            if act.kind == "B":  # stage 0's fused backward: its activation freed
+                self.held[rank] -= 1
+            else:
+                self.deferred[rank].append(Action("W", act.stage, act.microbatch))
         return act
 
     def _next(self, rank: int) -> Action | None:
+        """The rank's next action: its prescribed one once ready (the rank waits for it), else
+        the first ready one by the greedy's priorities; None to stay idle."""
         if self.script[rank]:
-            return self._scripted(rank)
-        return next((a for pick in self.picks if (a := pick(rank)) is not None), None)
+            act: Action | None = self.script[rank][0]
+            if not self._ready(act):
+                return None
+            self.script[rank].popleft()
+        else:
+            act = next((a for pick in self.picks if (a := pick(rank)) is not None), None)
+        return None if act is None else self._take(rank, act)
 
     def _backward(self, rank: int) -> Action | None:
         for s in self.mine[rank]:
-            m = self.backwards[s]
-            if m >= self.forwards[s]:
-                continue
-            if s == self.last:
-                ready = self._done(Action("F", s, m))
-            else:
-                ready = self._done(Action("I", s + 1, m)) or self._done(Action("B", s + 1, m))
-            if ready:
-                self.backwards[s] += 1
-                if s == 0:
-                    self.held[rank] -= 1
-                    return Action("B", s, m)
-                self.deferred[rank].append(Action("W", s, m))
-                return Action("I", s, m)
+            if self.backwards[s] < self.forwards[s]:
+                act = Action("B" if s == 0 else "I", s, self.backwards[s])
+                if self._ready(act):
+                    return act
         return None
 
     def _forward(self, rank: int) -> Action | None:
         if self.held[rank] >= self.limit:
             return None
         for s in self.mine[rank]:
-            m = self.forwards[s]
-            if m < self.microbatches and (s == 0 or self._done(Action("F", s - 1, m))):
-                self.forwards[s] += 1
-                self.held[rank] += 1
-                return Action("F", s, m)
+            act = Action("F", s, self.forwards[s])
+            if act.microbatch < self.microbatches and self._ready(act):
+                return act
         return None
 
     def _weight(self, rank: int) -> Action | None:
-        if not self.deferred[rank]:
-            return None
-        self.held[rank] -= 1
-        return self.deferred[rank].popleft()
+        return self.deferred[rank][0] if self.deferred[rank] else None
 
     def run(self) -> list[list[Action]] | None:
         """Per rank, the compute actions in order; None when the greedy runs into the memory
