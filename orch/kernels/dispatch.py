@@ -27,8 +27,9 @@ def triton_available() -> bool:
 
 
 @functools.cache
-def _warn_once(op: str, reason: str) -> None:
-    log.warning("orch.kernels.%s: using the plain-torch reference (%s)", op, reason)
+def warn_once(op: str, reason: str, instead: str = "the plain-torch reference") -> None:
+    """Log, once per op and reason, that ``op`` runs ``instead`` of its Triton kernel."""
+    log.warning("orch.kernels.%s: using %s (%s)", op, instead, reason)
 
 
 def use_triton(op: str, *tensors: torch.Tensor) -> bool:
@@ -41,6 +42,6 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     if not all(t.is_cuda for t in tensors):
         return False
     if not triton_available():
-        _warn_once(op, "triton is not installed")
+        warn_once(op, "triton is not installed")
         return False
     return True

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orch.config.schema import ModelConfig
+from orch.kernels.attention import causal_attention
 from orch.models.moe import FeedForward, MoEFeedForward
 from orch.models.weights import SeededInit, fill_all
 
@@ -69,9 +70,10 @@ class Attention(nn.Module):
 
     Head counts are read from the projections' outputs, so a tensor-parallel rank holding
     ``heads/tp`` query and ``kv_heads/tp`` key/value heads runs the same code (same ratio).
-    ``attention_fn`` replaces the local causal attention, taking and returning
-    ``(batch, heads, seq, head_dim)`` tensors: context parallelism installs ring or Ulysses
-    attention there (``orch.parallel.context_parallel``).
+    The local causal attention is ``orch.kernels.attention.causal_attention``: orch's
+    FlashAttention kernels on a GPU, torch's SDPA elsewhere. ``attention_fn`` replaces it, taking
+    and returning ``(batch, heads, seq, head_dim)`` tensors: context parallelism installs ring or
+    Ulysses attention there (``orch.parallel.context_parallel``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -90,12 +92,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.attention_fn is not None:
-            out = self.attention_fn(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
-            )
+        attention = self.attention_fn if self.attention_fn is not None else causal_attention
+        out = attention(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 

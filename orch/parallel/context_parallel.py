@@ -15,18 +15,22 @@ all-to-all turns the result back. Needs heads and kv_heads divisible by ``cp``.
 
 Tensors are laid out ``(batch, heads, seq, head_dim)`` as the model's attention holds them; key
 and value may have fewer heads (grouped-query attention) and are never expanded before sending.
-The block math here is plain torch (the specification, and the CPU path).
+Each block runs on orch's FlashAttention kernels where ``flash_attention`` would (CUDA tensors;
+``orch.kernels.attention.kernel_takes``), else in plain torch (the specification, and the CPU
+path); Ulysses' local attention is the model's (``causal_attention``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from orch.kernels.attention import causal_attention, kernel_takes
 from orch.parallel.comm import all_to_all
 from orch.parallel.comm_stats import dimension
 
@@ -71,11 +75,67 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, mode: int) -> torch.
     return scores
 
 
-def _block_forward(q, k, v, scale, mode):
-    scores = _scores(q, k, scale, mode)
+Tensor = torch.Tensor
+Pair = tuple[Tensor, Tensor]
+Triple = tuple[Tensor, Tensor, Tensor]
+
+
+class _Blocks(NamedTuple):
+    """Attention of one query chunk over one key chunk, in float32, tensors laid out (b, heads,
+    seq, head_dim). ``forward(q, k, v, scale, mode) -> (out, lse)``; ``backward(q, k, v, out,
+    lse, dout, scale, mode) -> (dq, dk, dv)``, where ``out`` and ``lse`` are the merged results
+    over every key chunk (the block's share of the gradient needs the whole softmax)."""
+
+    forward: Callable[..., Pair]
+    backward: Callable[..., Triple]
+
+
+def _torch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) -> Pair:
+    kv_heads = k.shape[1]
+    scores = _scores(_grouped(q.float(), kv_heads), k.float(), scale, mode)
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bkgqs,bksd->bkgqd", torch.exp(scores - lse.unsqueeze(-1)), v)
-    return out, lse
+    out = torch.einsum("bkgqs,bksd->bkgqd", torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+
+
+def _torch_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                    scale: float, mode: int) -> Triple:
+    kv_heads = k.shape[1]
+    qg, outg, doutg = (_grouped(t.float(), kv_heads) for t in (q, out, dout))
+    kf, vf = k.float(), v.float()
+    probs = torch.exp(_scores(qg, kf, scale, mode) - lse.reshape(qg.shape[:-1]).unsqueeze(-1))
+    delta = (doutg * outg).sum(-1, keepdim=True)
+    dv = torch.einsum("bkgqs,bkgqd->bksd", probs, doutg)
+    dscores = probs * (torch.einsum("bkgqd,bksd->bkgqs", doutg, vf) - delta) * scale
+    dq = torch.einsum("bkgqs,bksd->bkgqd", dscores, kf).reshape(q.shape)
+    dk = torch.einsum("bkgqs,bkgqd->bksd", dscores, qg)
+    return dq, dk, dv
+
+
+def _kernel_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) -> Pair:
+    from orch.kernels.attention.kernels import default_config, forward
+
+    config = default_config(q.shape[-1], q.dtype)
+    out, lse = forward(*(t.transpose(1, 2) for t in (q, k, v)), mode == _DIAG, scale, config)
+    return out.transpose(1, 2).float(), lse
+
+
+def _kernel_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                     scale: float, mode: int) -> Triple:
+    from orch.kernels.attention.kernels import backward, default_config
+
+    config = default_config(q.shape[-1], q.dtype)
+    q, k, v, out, dout = (t.transpose(1, 2) for t in (q, k, v, out.to(q.dtype), dout))
+    grads = backward(q, k, v, out, lse.contiguous(), dout, None, mode == _DIAG, scale, config)
+    dq, dk, dv = (g.transpose(1, 2) for g in grads)
+    return dq, dk, dv
+
+
+_TORCH_BLOCKS = _Blocks(_torch_forward, _torch_backward)
+_KERNEL_BLOCKS = _Blocks(_kernel_forward, _kernel_backward)
+"""orch's FlashAttention kernels on the blocks: given the merged ``out`` and ``lse`` their
+backward computes exactly a block's share (``delta`` from the merged output), so the ring needs
+nothing beyond the kernels ``flash_attention`` runs."""
 
 
 def _merge(out, lse, block_out, block_lse):
@@ -116,12 +176,13 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, scale):  # noqa: ANN001, ANN205 (autograd signature)
         ring = _Ring(group)
-        kv_heads, half = k.shape[1], q.shape[2] // 2
-        qg = _grouped(q.float(), kv_heads)
-        queries = (qg[..., :half, :], qg[..., half:, :])
+        blocks = (_KERNEL_BLOCKS if kernel_takes(q, k, v, instead="plain-torch ring blocks")
+                  else _TORCH_BLOCKS)
+        half = q.shape[2] // 2
+        queries = (q[:, :, :half], q[:, :, half:])
         mine = ring.chunks(ring.index)
         acc = [[None, None], [None, None]]  # per local query chunk: (out, lse)
-        block_k, block_v = k.float(), v.float()
+        block_k, block_v = k, v
         for step in range(ring.size):
             source = (ring.index - step) % ring.size
             keys = ring.chunks(source)
@@ -131,7 +192,7 @@ class _RingAttention(torch.autograd.Function):
                     if mode == _NONE:
                         continue
                     ks = slice(ki * half, (ki + 1) * half)
-                    out, lse = _block_forward(queries[qi], block_k[:, :, ks], block_v[:, :, ks],
+                    out, lse = blocks.forward(queries[qi], block_k[:, :, ks], block_v[:, :, ks],
                                               scale, mode)
                     acc[qi] = list(_merge(acc[qi][0], acc[qi][1], out, lse))
             if step < ring.size - 1:
@@ -139,21 +200,18 @@ class _RingAttention(torch.autograd.Function):
         out = torch.cat([acc[0][0], acc[1][0]], dim=-2)
         lse = torch.cat([acc[0][1], acc[1][1]], dim=-1)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale = group, scale
-        b, h, s, d = q.shape
-        return out.reshape(b, h, s, d).to(q.dtype)
+        ctx.group, ctx.scale, ctx.blocks = group, scale, blocks
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         q, k, v, out, lse = ctx.saved_tensors
-        ring, scale = _Ring(ctx.group), ctx.scale
-        kv_heads, half = k.shape[1], q.shape[2] // 2
-        qg = _grouped(q.float(), kv_heads)
-        dout = _grouped(grad_out.float(), kv_heads)
-        delta = (dout * out).sum(-1)
-        dq = torch.zeros_like(qg)
-        block_k, block_v = k.float(), v.float()
-        dk, dv = torch.zeros_like(block_k), torch.zeros_like(block_v)
+        ring, scale, blocks = _Ring(ctx.group), ctx.scale, ctx.blocks
+        half = q.shape[2] // 2
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros_like(dk)
+        block_k, block_v = k, v
         mine = ring.chunks(ring.index)
         for step in range(ring.size):
             source = (ring.index - step) % ring.size
@@ -165,18 +223,15 @@ class _RingAttention(torch.autograd.Function):
                     if mode == _NONE:
                         continue
                     ks = slice(ki * half, (ki + 1) * half)
-                    kb, vb = block_k[:, :, ks], block_v[:, :, ks]
-                    scores = _scores(qg[..., qs, :], kb, scale, mode)
-                    probs = torch.exp(scores - lse[..., qs].unsqueeze(-1))
-                    dv[:, :, ks] += torch.einsum("bkgqs,bkgqd->bksd", probs, dout[..., qs, :])
-                    dprobs = torch.einsum("bkgqd,bksd->bkgqs", dout[..., qs, :], vb)
-                    dscores = probs * (dprobs - delta[..., qs].unsqueeze(-1)) * scale
-                    dq[..., qs, :] += torch.einsum("bkgqs,bksd->bkgqd", dscores, kb)
-                    dk[:, :, ks] += torch.einsum("bkgqs,bkgqd->bksd", dscores, qg[..., qs, :])
+                    gq, gk, gv = blocks.backward(
+                        q[:, :, qs], block_k[:, :, ks], block_v[:, :, ks], out[:, :, qs],
+                        lse[..., qs], grad_out[:, :, qs], scale, mode)
+                    dq[:, :, qs] += gq
+                    dk[:, :, ks] += gk
+                    dv[:, :, ks] += gv
             # Blocks and their gradients travel together; after ``size`` hops they are home.
             block_k, block_v, dk, dv = ring.shift([block_k, block_v, dk, dv])
-        b, h, s, d = q.shape
-        return (dq.reshape(b, h, s, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
@@ -212,8 +267,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal attention of contiguous sequence shards via sequence<->head all-to-alls."""
     cp = dist.get_world_size(group)
     q, k, v = (_seq_to_heads(t, group, cp) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                         enable_gqa=k.shape[1] != q.shape[1])
+    out = causal_attention(q, k, v, scale)
     return _heads_to_seq(out, group, cp)
 
 

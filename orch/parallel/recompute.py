@@ -38,10 +38,15 @@ _SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
+_SAVED_ORCH_OPS = {"orch::flash_attention_forward"}
+"""orch's attention kernel (``orch.kernels.attention.kernels``), by name: it is registered only
+once the kernels are imported, which needs triton."""
 
 
-def _policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def _policy(ctx: object, op: torch._ops.OpOverload, *args: object, **kwargs: object
+            ) -> CheckpointPolicy:
+    saved = op in _SAVED_OPS or op.name() in _SAVED_ORCH_OPS
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_recompute(model: nn.Module, mode: str) -> None:

@@ -63,6 +63,38 @@ def test_gqa_matches_explicitly_repeated_kv_heads():
     torch.testing.assert_close(attn(x, cos, sin), ref)
 
 
+def test_attention_runs_on_orchs_kernel_where_it_can(monkeypatch, caplog):
+    """Where orch's attention kernels run (CUDA tensors; here ``ORCH_KERNELS=triton`` in Triton's
+    interpreter) the model's attention is theirs, and its logits and gradients equal the SDPA
+    path's; a head_dim the kernels cannot take (8) stays on SDPA, and the log says so once."""
+    pytest.importorskip("triton")
+    from orch.kernels import dispatch
+    from orch.kernels.attention import kernels
+
+    dispatch.warn_once.cache_clear()  # "once" per process: whatever ran before is forgotten
+    launches = []
+    launch = kernels.forward
+    monkeypatch.setattr(kernels, "forward", lambda *args: launches.append(1) or launch(*args))
+    tokens = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(0))
+    for dim, runs in ((64, 2), (32, 0)):  # head_dim 16 on the kernels; head_dim 8 on SDPA
+        results = []
+        for impl in ("reference", "triton"):
+            monkeypatch.setenv("ORCH_KERNELS", impl)
+            torch.manual_seed(0)
+            model = Transformer(small(dim=dim))
+            launches.clear()
+            logits = model(tokens)
+            logits.square().mean().backward()
+            results.append((logits.detach(), [p.grad for p in model.parameters()], len(launches)))
+        (want, want_grads, _), (got, got_grads, kernel_runs) = results
+        assert kernel_runs == runs
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    fallbacks = [m for r in caplog.records if "using torch's scaled_dot" in (m := r.getMessage())]
+    assert len(fallbacks) == 1 and "head_dim a multiple of 16 up to 128, got 8" in fallbacks[0]
+
+
 def test_rope_follows_huggingface_half_rotation():
     cfg = small(dim=16, heads=2, rope_theta=100.0)  # head_dim 8: pairs (i, i + 4)
     cos, sin = Transformer(cfg).rope(torch.arange(5), torch.float32)

@@ -1,7 +1,10 @@
 """Ring and Ulysses attention on 2 and 4 gloo ranks equal full causal attention on one process,
-forward and backward, with grouped-query attention."""
+forward and backward, with grouped-query attention: in plain torch (the CPU path) and on orch's
+FlashAttention kernels (``ORCH_KERNELS=triton``, Triton's interpreter here; CUDA's path)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -13,7 +16,8 @@ from orch.parallel.context_parallel import local_positions, ring_attention, ulys
 
 pytestmark = pytest.mark.dist
 
-B, HEADS, KV_HEADS, SEQ, DIM = 2, 8, 4, 32, 8
+B, HEADS, KV_HEADS, SEQ, DIM = 2, 8, 4, 32, 16
+KERNELS = ("reference", "triton")  # ORCH_KERNELS: plain-torch blocks and SDPA, or orch's
 ATOL = 1e-5
 
 
@@ -35,19 +39,28 @@ def reference() -> dict[str, torch.Tensor]:
 
 
 def _run(rank: int, world: int, results) -> None:
-    for kind, attention in (("ring", ring_attention), ("ulysses", ulysses_attention)):
-        pos = local_positions(SEQ, world, rank, kind)
-        q, k, v, grad = (t[:, :, pos].clone() for t in inputs())
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-        out = attention(q, k, v, dist.group.WORLD)
-        out.backward(grad)
-        results[(kind, world, rank)] = {
-            "pos": pos,
-            "out": out.detach(),
-            "dq": q.grad,
-            "dk": k.grad,
-            "dv": v.grad,
-        }
+    from orch.kernels.attention import kernels
+
+    launches = []
+    launch = kernels.forward
+    kernels.forward = lambda *args: launches.append(1) or launch(*args)  # counts kernel runs
+    for impl in KERNELS:
+        os.environ["ORCH_KERNELS"] = impl
+        for kind, attention in (("ring", ring_attention), ("ulysses", ulysses_attention)):
+            pos = local_positions(SEQ, world, rank, kind)
+            q, k, v, grad = (t[:, :, pos].clone() for t in inputs())
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            launches.clear()
+            out = attention(q, k, v, dist.group.WORLD)
+            out.backward(grad)
+            results[(impl, kind, world, rank)] = {
+                "pos": pos,
+                "out": out.detach(),
+                "dq": q.grad,
+                "dk": k.grad,
+                "dv": v.grad,
+                "kernel_forwards": len(launches),
+            }
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +77,22 @@ def test_zigzag_split_balances_the_causal_work():
     assert sum(positions[0]) == sum(positions[1])  # the same number of visible keys
 
 
+@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", ["ring", "ulysses"])
-def test_equals_full_attention_forward_and_backward(sharded, kind, world):
+def test_equals_full_attention_forward_and_backward(sharded, kind, world, impl):
     ref = reference()
     for rank in range(world):
-        got = sharded[(kind, world, rank)]
+        got = sharded[(impl, kind, world, rank)]
+        # ring: one kernel forward per visible block (query chunk c sees chunks 0..c, and a
+        # rank holds chunks r and 2 world - 1 - r: 2 world + 1 in all); Ulysses: one
+        blocks = 2 * world + 1 if kind == "ring" else 1
+        assert got["kernel_forwards"] == (blocks if impl == "triton" else 0)
         for name in ("out", "dq", "dk", "dv"):
             torch.testing.assert_close(
                 got[name],
                 ref[name][:, :, got["pos"]],
                 rtol=0,
                 atol=ATOL,
-                msg=lambda m, n=name, r=rank: f"{kind} {n} rank {r}: {m}",
+                msg=lambda m, n=name, r=rank: f"{impl} {kind} {n} rank {r}: {m}",
             )

@@ -37,3 +37,24 @@ def test_every_block_is_checkpointed():
     apply_recompute(model, "full")
     forwards = [b.__dict__.get("forward") for b in model.layers.values()]
     assert all(isinstance(f, partial) and f.func is recompute_once for f in forwards)
+
+
+@pytest.mark.parametrize("mode, runs", [("selective", 1), ("full", 2)])
+def test_selective_recompute_keeps_the_attention_kernels_output(monkeypatch, mode, runs):
+    """On orch's attention kernel (``ORCH_KERNELS=triton``: Triton's interpreter here, CUDA's
+    path) selective recompute saves the kernel's output, so its forward runs once per block and
+    micro-batch, as without recompute; full recompute runs it again in the backward."""
+    pytest.importorskip("triton")
+    from orch.kernels.attention import kernels
+
+    monkeypatch.setenv("ORCH_KERNELS", "triton")
+    launches = []
+    launch = kernels.forward
+    monkeypatch.setattr(kernels, "forward", lambda *args: launches.append(1) or launch(*args))
+    cfg = load_config("configs/tiny.yaml").model
+    tokens = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(0))
+    model = Transformer(cfg)
+    apply_recompute(model, mode)
+    torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1),
+                                      tokens[:, 1:].flatten()).backward()
+    assert len(launches) == runs * cfg.layers

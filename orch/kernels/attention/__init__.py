@@ -26,12 +26,24 @@ it to (batch, seq_q, heads, 1) before weighting ``out``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from orch.kernels.attention.checks import AttentionInputError, check_inputs, check_kernel_inputs
+from orch.kernels.attention.checks import (
+    AttentionInputError,
+    check_inputs,
+    check_kernel_inputs,
+    kernel_problem,
+)
 from orch.kernels.attention.reference import attention_reference
-from orch.kernels.dispatch import use_triton
+from orch.kernels.dispatch import use_triton, warn_once
 
-__all__ = ["AttentionInputError", "attention_reference", "flash_attention"]
+__all__ = [
+    "AttentionInputError",
+    "attention_reference",
+    "causal_attention",
+    "flash_attention",
+    "kernel_takes",
+]
 
 
 def flash_attention(
@@ -76,3 +88,36 @@ def flash_attention(
     else:
         out, lse = attention_reference(q, k, v, causal, softmax_scale)
     return (out, lse) if return_lse else out
+
+
+def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, instead: str) -> bool:
+    """Whether orch's Triton kernels run this attention of ``(batch, heads, seq, head_dim)``
+    tensors: where ``flash_attention`` would pick them (CUDA tensors, or ``ORCH_KERNELS=triton``)
+    and they can take the inputs (see ``kernel_problem``); when they cannot, the log says once
+    that ``instead`` runs."""
+    if not use_triton("flash_attention", q, k, v):
+        return False
+    if (problem := kernel_problem(q.transpose(1, 2))) is not None:
+        warn_once("flash_attention", str(problem), instead=instead)
+        return False
+    return True
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None
+) -> torch.Tensor:
+    """Causal self-attention laid out as the model holds its heads, ``(batch, heads, seq,
+    head_dim)`` (k and v may have fewer heads): the attention of orch's model and of Ulysses
+    context parallelism.
+
+    orch's Triton kernels run it where they can (:func:`kernel_takes`), through transposed views
+    (no copy); elsewhere torch's ``scaled_dot_product_attention``, the same function, runs
+    instead of the reference, whose scores matrix made the tiny model's attention 6-9x slower on
+    CPU (forward and backward, sequences of 256 and 1,024).
+    """
+    if kernel_takes(q, k, v, instead="torch's scaled_dot_product_attention"):
+        out = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              causal=True, softmax_scale=softmax_scale)
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])

@@ -118,11 +118,11 @@ def check_inputs(
         )
 
 
-def check_kernel_inputs(q: torch.Tensor) -> None:
-    """Raise ``AttentionInputError`` if the Triton kernels cannot take these (valid) inputs."""
+def kernel_problem(q: torch.Tensor) -> AttentionInputError | None:
+    """Why the Triton kernels cannot take these (valid) inputs, or None when they can."""
     head_dim = q.shape[3]
     if head_dim % 16 or head_dim > KERNEL_MAX_HEAD_DIM:
-        raise AttentionInputError(
+        return AttentionInputError(
             "head_dim",
             f"the Triton kernel takes head_dim a multiple of 16 up to "
             f"{KERNEL_MAX_HEAD_DIM}, got {head_dim}",
@@ -130,8 +130,15 @@ def check_kernel_inputs(q: torch.Tensor) -> None:
             "with ORCH_KERNELS=reference",
         )
     if q.dtype not in KERNEL_DTYPES:
-        raise AttentionInputError(
+        return AttentionInputError(
             "q",
             f"the Triton kernel takes float16, bfloat16 or float32, got {q.dtype}",
             "cast to one of those, or run the reference with ORCH_KERNELS=reference",
         )
+    return None
+
+
+def check_kernel_inputs(q: torch.Tensor) -> None:
+    """Raise ``AttentionInputError`` if the Triton kernels cannot take these (valid) inputs."""
+    if (problem := kernel_problem(q)) is not None:
+        raise problem

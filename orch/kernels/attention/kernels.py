@@ -23,7 +23,7 @@ of 16 up to 128 is accepted). Tensors may have any strides (a (batch, heads, seq
 tensor's transpose goes in without a copy) as long as head_dim is contiguous; others are copied.
 
 The kernels live in ``triton_forward`` and ``triton_backward``; this module holds the tiles, the
-launchers and the autograd function.
+launchers and the op torch sees (forward and backward, with autograd).
 
 Every matmul accumulates in float32. With float16/bfloat16 inputs, P and dS are rounded to the
 input dtype before their matmuls (as FlashAttention does); float32 inputs use IEEE float32
@@ -33,7 +33,7 @@ matmuls unless ``torch.set_float32_matmul_precision`` allows TF32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import triton
@@ -226,26 +226,82 @@ def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, config: 
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """(q, k, v) -> (out, lse) through the Triton kernels; gradients through both outputs."""
+# --- the op: one forward and one backward, registered with torch ---------------------------------
+#
+# As torch custom ops (``torch.ops.orch.flash_attention_forward`` / ``_backward``), not an
+# ``autograd.Function``: the dispatcher then sees the attention as one op, so selective activation
+# checkpointing can keep its output (``orch.parallel.recompute`` names the forward; the Triton
+# launches inside a Function are invisible to it, and the attention would run again in the
+# backward), and ``torch.compile`` traces around it from its fake (shape-only) implementation
+# instead of into the launcher. Tiles travel as the integers of a ``BlockConfig``.
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, config):  # noqa: ANN001, ANN205 (autograd API)
-        out, lse = forward(q, k, v, causal, scale, config)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.config = causal, scale, config
-        ctx.set_materialize_grads(False)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, dlse):  # noqa: ANN001, ANN205
-        if dout is None and dlse is None:
-            return None, None, None, None, None, None
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = backward(q, k, v, out, lse, dout, dlse, ctx.causal, ctx.scale, ctx.config)
-        return dq, dk, dv, None, None, None
+@torch.library.custom_op("orch::flash_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, tiles: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(q, k, v, causal, scale, BlockConfig(*tiles))
+
+
+@_forward_op.register_fake
+def _forward_shapes(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, tiles: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, seq_q, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seq_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("orch::flash_attention_backward", mutates_args=())
+def _backward_op(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(q, k, v, out, lse, dout, dlse, causal, scale, BlockConfig(*tiles))
+
+
+@_backward_op.register_fake
+def _backward_shapes(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _keep_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd API)
+    q, k, v, causal, scale, tiles = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale, ctx.tiles = causal, scale, tiles
+    ctx.set_materialize_grads(False)  # no gradient on lse: the backward skips its term
+
+
+def _gradients(ctx, dout, dlse):  # noqa: ANN001, ANN202 (autograd API)
+    if dout is None and dlse is None:
+        return None, None, None, None, None, None
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _backward_op(dout, dlse, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.tiles)
+    return dq, dk, dv, None, None, None
+
+
+_forward_op.register_autograd(_gradients, setup_context=_keep_for_backward)
 
 
 def flash_attention_triton(
@@ -260,4 +316,4 @@ def flash_attention_triton(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     config = config or default_config(q.shape[-1], q.dtype)
     config.validate()
-    return FlashAttentionFunction.apply(q, k, v, causal, float(scale), config)
+    return _forward_op(q, k, v, causal, float(scale), list(astuple(config)))
