@@ -116,8 +116,14 @@ def causal_attention(
     CPU (forward and backward, sequences of 256 and 1,024).
     """
     if kernel_takes(q, k, v, instead="torch's scaled_dot_product_attention"):
-        out = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              causal=True, softmax_scale=softmax_scale)
+        out = flash_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            causal=True,
+            softmax_scale=softmax_scale,
+        )
         return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=softmax_scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
