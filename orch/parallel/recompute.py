@@ -1,9 +1,10 @@
 """Activation checkpointing (``train.recompute``), applied to each decoder block.
 
 ``full`` keeps only a block's input and reruns its forward in backward. ``selective`` is op-level
-selective checkpointing (torchtitan's): matmul and attention outputs are saved, the cheap
-elementwise ops between them (norms, RoPE, SiLU, products) are recomputed, which frees most of the
-per-block activations for a few percent of extra time.
+selective checkpointing (torchtitan's): matmul and attention outputs are saved (orch's attention
+kernel and MoE grouped GEMM among them), the cheap elementwise ops between them (norms, RoPE, SiLU,
+products) are recomputed, which frees most of the per-block activations for a few percent of
+extra time.
 
 The checkpoint is orch's own, built on saved-tensor hooks, because torch's split backward (used
 by the pipeline under tensor parallelism; orch's own split is one autograd pass) runs a
@@ -38,9 +39,9 @@ _SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
-_SAVED_ORCH_OPS = {"orch::flash_attention_forward"}
-"""orch's attention kernel (``orch.kernels.attention.kernels``), by name: it is registered only
-once the kernels are imported, which needs triton."""
+_SAVED_ORCH_OPS = {"orch::flash_attention_forward", "orch::grouped_mm"}
+"""orch's attention kernel and MoE grouped GEMM (``orch.kernels``), by name: they are registered
+only once the kernels are imported, which needs triton."""
 
 
 def _policy(ctx: object, op: torch._ops.OpOverload, *args: object, **kwargs: object

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import pytest
@@ -39,22 +40,39 @@ def test_every_block_is_checkpointed():
     assert all(isinstance(f, partial) and f.func is recompute_once for f in forwards)
 
 
-@pytest.mark.parametrize("mode, runs", [("selective", 1), ("full", 2)])
-def test_selective_recompute_keeps_the_attention_kernels_output(monkeypatch, mode, runs):
-    """On orch's attention kernel (``ORCH_KERNELS=triton``: Triton's interpreter here, CUDA's
-    path) selective recompute saves the kernel's output, so its forward runs once per block and
-    micro-batch, as without recompute; full recompute runs it again in the backward."""
+def test_selective_recompute_keeps_the_kernels_outputs(monkeypatch):
+    """On orch's kernels (``ORCH_KERNELS=triton``: Triton's interpreter here, CUDA's path)
+    selective recompute saves the attention kernel's and the MoE grouped GEMM's outputs, so they
+    run as often as without recompute (attention: once per block; grouped GEMM: three forwards
+    and three input gradients per MoE block); full recompute runs their forwards again."""
     pytest.importorskip("triton")
     from orch.kernels.attention import kernels
+    from orch.kernels.moe import triton_moe
 
     monkeypatch.setenv("ORCH_KERNELS", "triton")
-    launches = []
-    launch = kernels.forward
-    monkeypatch.setattr(kernels, "forward", lambda *args: launches.append(1) or launch(*args))
-    cfg = load_config("configs/tiny.yaml").model
+    runs = {"attention": 0, "grouped GEMM": 0}
+
+    def counted(name: str, launch):  # noqa: ANN001, ANN202
+        def run(*args):  # noqa: ANN002, ANN202
+            runs[name] += 1
+            return launch(*args)
+        return run
+
+    monkeypatch.setattr(kernels, "forward", counted("attention", kernels.forward))
+    monkeypatch.setattr(triton_moe, "grouped_mm_forward",
+                        counted("grouped GEMM", triton_moe.grouped_mm_forward))
+    cfg = dataclasses.replace(load_config("configs/tiny-moe.yaml").model, dim=64, heads=4,
+                              kv_heads=2, ffn_dim=64, expert_ffn_dim=32, layers=2)
     tokens = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(0))
-    model = Transformer(cfg)
-    apply_recompute(model, mode)
-    torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1),
-                                      tokens[:, 1:].flatten()).backward()
-    assert len(launches) == runs * cfg.layers
+    counts = {}
+    for mode in ("none", "selective", "full"):
+        runs.update(dict.fromkeys(runs, 0))
+        model = Transformer(cfg)
+        apply_recompute(model, mode)
+        torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1),
+                                          tokens[:, 1:].flatten()).backward()
+        counts[mode] = dict(runs)
+    blocks = cfg.layers
+    assert counts["none"] == {"attention": blocks, "grouped GEMM": 6 * blocks}
+    assert counts["selective"] == counts["none"]
+    assert counts["full"] == {"attention": 2 * blocks, "grouped GEMM": 9 * blocks}

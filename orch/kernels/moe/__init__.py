@@ -125,8 +125,8 @@ def grouped_mm(
     if x.dtype in (torch.float16, torch.bfloat16, torch.float32) and use_triton(
         "grouped_mm", x, w
     ):
-        from orch.kernels.moe.triton_moe import GroupedMM
+        from orch.kernels.moe.triton_moe import grouped_mm_op
 
         counts = tokens_per_expert.to(device=x.device, dtype=torch.int64)
-        return GroupedMM.apply(x, w, counts)
+        return grouped_mm_op(x, w, counts)
     return grouped_mm_reference(x, w, tokens_per_expert)

@@ -1,4 +1,4 @@
-"""Triton kernels for the MoE dispatch ops and the autograd functions that use them.
+"""Triton kernels for the MoE dispatch ops, and the autograd functions and ops that use them.
 
 Imported only when a kernel runs (``orch.kernels.moe`` picks the path), so importing orch never
 imports triton. Three row kernels cover permute and unpermute both ways:
@@ -292,20 +292,49 @@ class Unpermute(torch.autograd.Function):
         return d_out, None, d_w
 
 
-class GroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w, counts)
-        return grouped_mm_forward(x, w, counts)
+# The grouped GEMM is a pair of torch custom ops (``torch.ops.orch.grouped_mm`` and
+# ``grouped_mm_weight_grad``), not an autograd.Function: selective recompute then keeps its output
+# (``orch.parallel.recompute`` names it; it is most of a MoE layer's compute, which a Function's
+# Triton launches, invisible to the checkpoint, would run again in the backward), and
+# ``torch.compile`` traces around it from the shape-only implementations.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, w, counts = ctx.saved_tensors
-        grad = grad.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = grouped_mm_forward(grad, w.transpose(1, 2), counts)
-        if ctx.needs_input_grad[1]:
-            dw = grouped_mm_weight_grad(x, grad, counts, w.shape[0])
-        return dx, dw, None
+
+@torch.library.custom_op("orch::grouped_mm", mutates_args=())
+def grouped_mm_op(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``grouped_mm_forward`` as an op; differentiable in ``x`` and ``w``."""
+    return grouped_mm_forward(x, w, counts)
+
+
+@grouped_mm_op.register_fake
+def _grouped_mm_shape(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("orch::grouped_mm_weight_grad", mutates_args=())
+def _weight_grad_op(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor,
+                    experts: int) -> torch.Tensor:
+    return grouped_mm_weight_grad(x, g, counts, experts)
+
+
+@_weight_grad_op.register_fake
+def _weight_grad_shape(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor,
+                       experts: int) -> torch.Tensor:
+    return x.new_empty(experts, x.shape[1], g.shape[1])
+
+
+def _keep_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd API)
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_grads(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202 (autograd API)
+    x, w, counts = ctx.saved_tensors
+    grad = grad.contiguous()
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = grouped_mm_op(grad, w.transpose(1, 2), counts)
+    if ctx.needs_input_grad[1]:
+        dw = _weight_grad_op(x, grad, counts, w.shape[0])
+    return dx, dw, None
+
+
+grouped_mm_op.register_autograd(_grouped_mm_grads, setup_context=_keep_for_backward)
