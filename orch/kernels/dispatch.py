@@ -17,13 +17,22 @@ import torch
 log = logging.getLogger("orch.kernels")
 
 
-@functools.cache
+_triton: bool | None = None
+
+
+@torch.compiler.assume_constant_result  # torch.compile asks once and keeps the answer
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton imports: asked once, and ``torch.compile`` keeps the answer as a constant
+    rather than tracing the import."""
+    global _triton
+    if _triton is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton = False
+        else:
+            _triton = True
+    return _triton
 
 
 @functools.cache

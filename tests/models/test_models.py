@@ -95,6 +95,29 @@ def test_attention_runs_on_orchs_kernel_where_it_can(monkeypatch, caplog):
     assert len(fallbacks) == 1 and "head_dim a multiple of 16 up to 128, got 8" in fallbacks[0]
 
 
+def test_blocks_on_orchs_kernels_compile_without_graph_breaks(monkeypatch):
+    """A decoder block on orch's attention kernel (``ORCH_KERNELS=triton``) compiles as one graph
+    (``fullgraph=True``; AOT autograd over the ops' shape-only implementations, the eager
+    backend: no code generation) and computes what it computes uncompiled."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ORCH_KERNELS", "triton")
+    torch.manual_seed(0)
+    model = Transformer(small(dim=64))
+    tokens = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            for block in model.layers.values():
+                block.compile(backend="aot_eager", fullgraph=True)
+        model.zero_grad()
+        logits = model(tokens)
+        logits.square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (want, want_grads), (got, got_grads) = results
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads, strict=True))
+
+
 def test_rope_follows_huggingface_half_rotation():
     cfg = small(dim=16, heads=2, rope_theta=100.0)  # head_dim 8: pairs (i, i + 4)
     cos, sin = Transformer(cfg).rope(torch.arange(5), torch.float32)
