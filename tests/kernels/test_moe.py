@@ -189,7 +189,7 @@ def test_triton_pipeline_matches_reference(monkeypatch, triton_path, kind, capac
     ids = make_ids(kind).to(DEVICE)
     got = pipeline(tokens, ids, weights, w, capacity)
     assert "orch_grouped_mm" in type(got[3].grad_fn).__name__  # the kernels ran
-    assert type(got[4].grad_fn).__name__ == "UnpermuteBackward"
+    assert "orch_moe_gather_rows" in type(got[4].grad_fn).__name__
     monkeypatch.setenv("ORCH_KERNELS", "reference")
     want = pipeline(tokens, ids, weights, w, capacity)
     names = ["permuted", "row_map", "counts", "expert_out", "out", "d_tokens", "d_weights", "d_w"]
@@ -261,10 +261,10 @@ def test_triton_grouped_mm_strided_weights_and_empty(triton_path):
     assert dw[[0, 2, 5, 7]].abs().max() == 0
 
 
-def test_grouped_mm_is_an_op_torch_can_trace(triton_path):
-    """The grouped GEMM and its weight gradient are torch custom ops whose schemas, shape-only
-    implementations and autograd registration pass ``torch.library.opcheck`` (with AOT autograd
-    tracing): what ``torch.compile`` and selective recompute rely on."""
+def test_kernels_are_ops_torch_can_trace(triton_path):
+    """Every MoE kernel is a torch custom op whose schema, shape-only implementation and autograd
+    registration pass ``torch.library.opcheck`` (with AOT autograd tracing): what
+    ``torch.compile`` and selective recompute rely on. Weights with and without a gradient."""
     from orch.kernels.moe import triton_moe
 
     gen = torch.Generator().manual_seed(11)
@@ -275,6 +275,15 @@ def test_grouped_mm_is_an_op_torch_can_trace(triton_path):
     g = torch.randn(16, 16, generator=gen)
     torch.library.opcheck(torch.ops.orch.grouped_mm_weight_grad.default,
                           (x.detach(), g, counts, 4))
+    tokens = torch.randn(T, H, generator=gen).requires_grad_()
+    weights = torch.rand(T, K, generator=gen)
+    row_map, counts, kept = routing(make_ids("uneven"), E, 5)
+    rows = torch.randn(kept, H, generator=gen).requires_grad_()
+    for w in (None, weights, weights.clone().requires_grad_()):
+        torch.library.opcheck(triton_moe.scatter_op, (tokens, row_map, w, kept, tokens.dtype))
+        torch.library.opcheck(triton_moe.gather_op, (rows, row_map, w, rows.dtype))
+    torch.library.opcheck(torch.ops.orch.moe_row_dots.default,
+                          (rows.detach(), tokens.detach(), row_map, torch.float32))
 
 
 @pytest.mark.parametrize("mode", ["reference", "triton"])

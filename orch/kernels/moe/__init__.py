@@ -76,9 +76,9 @@ def moe_permute(
         checks.expert_id_range(expert_ids, num_experts, None)
     row_map, counts, kept = routing(expert_ids, num_experts, capacity)
     if use_triton("moe_permute", tokens, expert_ids):
-        from orch.kernels.moe.triton_moe import Permute
+        from orch.kernels.moe.triton_moe import scatter_op
 
-        permuted = Permute.apply(tokens, row_map, kept)
+        permuted = scatter_op(tokens, row_map, None, kept, tokens.dtype)
     else:
         permuted = permute_reference(tokens, row_map, kept)
     return permuted, row_map, counts
@@ -101,9 +101,9 @@ def moe_unpermute(
     checks.check_unpermute(expert_out, row_map, weights, num_tokens, check)
     operands = (expert_out, row_map) if weights is None else (expert_out, row_map, weights)
     if use_triton("moe_unpermute", *operands):
-        from orch.kernels.moe.triton_moe import Unpermute
+        from orch.kernels.moe.triton_moe import gather_op
 
-        return Unpermute.apply(expert_out, row_map, weights)
+        return gather_op(expert_out, row_map, weights, expert_out.dtype)
     return unpermute_reference(expert_out, row_map, weights, num_tokens)
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels for the MoE dispatch ops, and the autograd functions and ops that use them.
+"""Triton kernels for the MoE dispatch ops, and the torch ops that run them.
 
 Imported only when a kernel runs (``orch.kernels.moe`` picks the path), so importing orch never
 imports triton. Three row kernels cover permute and unpermute both ways:
@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 # Fixed tile shapes (not autotuned: autotuning would also run every config in interpreter mode).
 # Small BLOCK_M wastes less on the partial last tile of each expert when routing is uneven.
@@ -253,50 +252,82 @@ def grouped_mm_weight_grad(x: torch.Tensor, g: torch.Tensor, counts: torch.Tenso
     return dw
 
 
-# ---------------------------------------------------------------------------- autograd
+# ---------------------------------------------------------------------------- torch ops
 
 
-class Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens: torch.Tensor, row_map: torch.Tensor, kept: int) -> torch.Tensor:
-        ctx.save_for_backward(row_map)
-        return scatter_rows(tokens, row_map, None, kept, tokens.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        (row_map,) = ctx.saved_tensors
-        return gather_rows(grad, row_map, None, grad.dtype), None, None
-
-
-class Unpermute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, expert_out: torch.Tensor, row_map: torch.Tensor,
-                weights: torch.Tensor | None) -> torch.Tensor:
-        # expert_out ([rows, H], the big one) is kept only for the weights' gradient
-        keep = expert_out if weights is not None and ctx.needs_input_grad[2] else None
-        ctx.save_for_backward(keep, row_map, weights)
-        ctx.rows, ctx.dtype = expert_out.shape[0], expert_out.dtype
-        return gather_rows(expert_out, row_map, weights, expert_out.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        expert_out, row_map, weights = ctx.saved_tensors
-        grad = grad.contiguous()
-        d_out = d_w = None
-        if ctx.needs_input_grad[0]:
-            d_out = scatter_rows(grad, row_map, weights, ctx.rows, ctx.dtype)
-        if expert_out is not None:
-            d_w = row_dots(expert_out, grad, row_map, weights.dtype)
-        return d_out, None, d_w
-
-
-# The grouped GEMM is a pair of torch custom ops (``torch.ops.orch.grouped_mm`` and
-# ``grouped_mm_weight_grad``), not an autograd.Function: selective recompute then keeps its output
-# (``orch.parallel.recompute`` names it; it is most of a MoE layer's compute, which a Function's
+# Every kernel runs as a torch custom op (``torch.ops.orch.*``), not inside an autograd.Function:
+# selective recompute then sees each as one op (and keeps the grouped GEMM's output:
+# ``orch.parallel.recompute`` names it; it is most of a MoE layer's compute, which a Function's
 # Triton launches, invisible to the checkpoint, would run again in the backward), and
-# ``torch.compile`` traces around it from the shape-only implementations.
+# ``torch.compile`` traces around them from their shape-only implementations.
+#
+# Permute is a row scatter and unpermute a row gather, each the other's gradient; the weights'
+# gradient is a dot per routed copy (``row_dots``). Only what a gradient needs is saved: the
+# rows themselves only when the weights want a gradient.
+
+
+@torch.library.custom_op("orch::moe_scatter_rows", mutates_args=())
+def scatter_op(src: torch.Tensor, row_map: torch.Tensor, w: torch.Tensor | None, rows: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """``dst[row_map[t, k]] = w[t, k] * src[t]`` into ``rows`` rows (moe_permute's forward)."""
+    return scatter_rows(src, row_map, w, rows, dtype)
+
+
+@scatter_op.register_fake
+def _scatter_shape(src: torch.Tensor, row_map: torch.Tensor, w: torch.Tensor | None, rows: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    return src.new_empty(rows, src.shape[1], dtype=dtype)
+
+
+@torch.library.custom_op("orch::moe_gather_rows", mutates_args=())
+def gather_op(src: torch.Tensor, row_map: torch.Tensor, w: torch.Tensor | None,
+              dtype: torch.dtype) -> torch.Tensor:
+    """``dst[t] = sum_k w[t, k] * src[row_map[t, k]]`` (moe_unpermute's forward)."""
+    return gather_rows(src, row_map, w, dtype)
+
+
+@gather_op.register_fake
+def _gather_shape(src: torch.Tensor, row_map: torch.Tensor, w: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    return src.new_empty(row_map.shape[0], src.shape[1], dtype=dtype)
+
+
+@torch.library.custom_op("orch::moe_row_dots", mutates_args=())
+def _row_dots_op(src: torch.Tensor, grad: torch.Tensor, row_map: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    return row_dots(src, grad, row_map, dtype)
+
+
+@_row_dots_op.register_fake
+def _row_dots_shape(src: torch.Tensor, grad: torch.Tensor, row_map: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    return grad.new_empty(row_map.shape, dtype=dtype)
+
+
+def _keep_rows(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd API)
+    src, row_map, w = inputs[:3]
+    weights_grad = w is not None and ctx.needs_input_grad[2]
+    ctx.save_for_backward(src if weights_grad else None, row_map, w)
+    ctx.rows, ctx.dtype = src.shape[0], src.dtype
+
+
+def _scatter_grads(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202 (autograd API)
+    src, row_map, w = ctx.saved_tensors
+    d_src = gather_op(grad, row_map, w, ctx.dtype) if ctx.needs_input_grad[0] else None
+    d_w = None if src is None else _row_dots_op(grad, src, row_map, w.dtype)
+    return d_src, None, d_w, None, None
+
+
+def _gather_grads(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202 (autograd API)
+    src, row_map, w = ctx.saved_tensors
+    d_src = (scatter_op(grad, row_map, w, ctx.rows, ctx.dtype) if ctx.needs_input_grad[0]
+             else None)
+    d_w = None if src is None else _row_dots_op(src, grad, row_map, w.dtype)
+    return d_src, None, d_w, None
+
+
+scatter_op.register_autograd(_scatter_grads, setup_context=_keep_rows)
+gather_op.register_autograd(_gather_grads, setup_context=_keep_rows)
 
 
 @torch.library.custom_op("orch::grouped_mm", mutates_args=())
