@@ -1,5 +1,6 @@
 """orch's kernels. Each op has a plain-torch reference (the specification, and the CPU path), a
-Triton kernel (the CUDA path), an autograd wrapper, and a dispatch that picks one
+Triton kernel (the CUDA path) run as a torch custom op with its gradient (``torch.ops.orch.*``:
+one op each to selective recompute and ``torch.compile``), and a dispatch that picks one
 (``orch.kernels.dispatch``). Names resolve lazily so importing orch never imports triton.
 """
 
@@ -10,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "flash_attention": "orch.kernels.attention",
+    "causal_attention": "orch.kernels.attention",
     "moe_permute": "orch.kernels.moe",
     "moe_unpermute": "orch.kernels.moe",
     "grouped_mm": "orch.kernels.moe",

@@ -20,10 +20,9 @@ log = logging.getLogger("orch.kernels")
 _triton: bool | None = None
 
 
-@torch.compiler.assume_constant_result  # torch.compile asks once and keeps the answer
 def triton_available() -> bool:
-    """Whether triton imports: asked once, and ``torch.compile`` keeps the answer as a constant
-    rather than tracing the import."""
+    """Whether triton imports (asked once). A module global, not ``functools.cache``, which
+    ``torch.compile`` warns of when it traces through a call (it reads the global instead)."""
     global _triton
     if _triton is None:
         try:
