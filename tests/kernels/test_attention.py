@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -266,6 +268,15 @@ def test_kernels_are_ops_torch_can_trace(triton_path):
 def from_kernel(out: torch.Tensor) -> bool:
     """Whether ``out`` came from the Triton kernels' op (its autograd node is the op's)."""
     return "orch_flash_attention_forward" in type(out.grad_fn).__name__
+
+
+def test_importing_orch_loads_no_triton():
+    """The kernels' modules import triton only when a kernel runs, so a process that runs none
+    (every CPU run) never loads triton or torch's compiler stack (``torch._dynamo``)."""
+    code = ("import sys, orch.cli, orch.runtime.worker, orch.kernels.attention, orch.kernels.moe; "
+            "print([m for m in ('triton', 'torch._dynamo') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_dispatch(monkeypatch):
