@@ -76,21 +76,22 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, mode: int) -> torch.
 
 
 Tensor = torch.Tensor
-Pair = tuple[Tensor, Tensor]
-Triple = tuple[Tensor, Tensor, Tensor]
+_Pair = tuple[Tensor, Tensor]
+_Triple = tuple[Tensor, Tensor, Tensor]
 
 
 class _Blocks(NamedTuple):
-    """Attention of one query chunk over one key chunk, in float32, tensors laid out (b, heads,
-    seq, head_dim). ``forward(q, k, v, scale, mode) -> (out, lse)``; ``backward(q, k, v, out,
-    lse, dout, scale, mode) -> (dq, dk, dv)``, where ``out`` and ``lse`` are the merged results
-    over every key chunk (the block's share of the gradient needs the whole softmax)."""
+    """Attention of one query chunk over one key chunk, tensors laid out (b, heads, seq,
+    head_dim). ``forward(q, k, v, scale, mode) -> (out, lse)`` in float32, for merging;
+    ``backward(q, k, v, out, lse, dout, scale, mode) -> (dq, dk, dv)``, where ``out`` and ``lse``
+    are the merged results over every key chunk (the block's share of the gradient needs the
+    whole softmax), summed by the caller in float32."""
 
-    forward: Callable[..., Pair]
-    backward: Callable[..., Triple]
+    forward: Callable[..., _Pair]
+    backward: Callable[..., _Triple]
 
 
-def _torch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) -> Pair:
+def _torch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) -> _Pair:
     kv_heads = k.shape[1]
     scores = _scores(_grouped(q.float(), kv_heads), k.float(), scale, mode)
     lse = torch.logsumexp(scores, dim=-1)
@@ -99,7 +100,7 @@ def _torch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) -> 
 
 
 def _torch_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                    scale: float, mode: int) -> Triple:
+                    scale: float, mode: int) -> _Triple:
     kv_heads = k.shape[1]
     qg, outg, doutg = (_grouped(t.float(), kv_heads) for t in (q, out, dout))
     kf, vf = k.float(), v.float()
@@ -112,7 +113,7 @@ def _torch_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d
     return dq, dk, dv
 
 
-def _kernel_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) -> Pair:
+def _kernel_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) -> _Pair:
     from orch.kernels.attention.kernels import default_config, forward
 
     config = default_config(q.shape[-1], q.dtype)
@@ -121,7 +122,7 @@ def _kernel_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) ->
 
 
 def _kernel_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                     scale: float, mode: int) -> Triple:
+                     scale: float, mode: int) -> _Triple:
     from orch.kernels.attention.kernels import backward, default_config
 
     config = default_config(q.shape[-1], q.dtype)
