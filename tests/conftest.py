@@ -4,8 +4,30 @@ imports triton), so the kernel tests compare kernels with their references on CP
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def count_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str], list[int]]:
+    """``count_calls(module, name)`` wraps ``module.name`` for the test and returns a list that
+    grows by one per call: how often a kernel launcher ran (the launchers are looked up at call
+    time, so every path to them is counted)."""
+
+    def count(module: object, name: str) -> list[int]:
+        calls: list[int] = []
+        original = getattr(module, name)
+
+        def counted(*args: object) -> object:
+            calls.append(1)
+            return original(*args)
+
+        monkeypatch.setattr(module, name, counted)
+        return calls
+
+    return count

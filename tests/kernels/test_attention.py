@@ -429,16 +429,14 @@ def test_gpu_kernels_within_sdpa_error(monkeypatch, dtype, shape, causal):
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_model_attention_runs_on_the_kernel(monkeypatch):
+def test_gpu_model_attention_runs_on_the_kernel(monkeypatch, count_calls):
     """orch's model on CUDA in bfloat16: its attention runs orch's kernel, and its logits and
     gradients agree with the same model on torch's SDPA (``ORCH_KERNELS=reference``)."""
     from orch.config import ModelConfig
     from orch.kernels.attention import kernels
     from orch.models.llama import Transformer
 
-    launches = []
-    launch = kernels.forward
-    monkeypatch.setattr(kernels, "forward", lambda *args: launches.append(1) or launch(*args))
+    launches = count_calls(kernels, "forward")
     cfg = ModelConfig(vocab_size=512, dim=512, layers=2, heads=8, kv_heads=2, ffn_dim=1024)
     tokens = torch.randint(0, 512, (2, 1000), device="cuda")
     results = []

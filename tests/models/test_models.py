@@ -63,7 +63,7 @@ def test_gqa_matches_explicitly_repeated_kv_heads():
     torch.testing.assert_close(attn(x, cos, sin), ref)
 
 
-def test_attention_runs_on_orchs_kernel_where_it_can(monkeypatch, caplog):
+def test_attention_runs_on_orchs_kernel_where_it_can(monkeypatch, caplog, count_calls):
     """Where orch's attention kernels run (CUDA tensors; here ``ORCH_KERNELS=triton`` in Triton's
     interpreter) the model's attention is theirs, and its logits and gradients equal the SDPA
     path's; a head_dim the kernels cannot take (8) stays on SDPA, and the log says so once."""
@@ -72,9 +72,7 @@ def test_attention_runs_on_orchs_kernel_where_it_can(monkeypatch, caplog):
     from orch.kernels.attention import kernels
 
     dispatch.warn_once.cache_clear()  # "once" per process: whatever ran before is forgotten
-    launches = []
-    launch = kernels.forward
-    monkeypatch.setattr(kernels, "forward", lambda *args: launches.append(1) or launch(*args))
+    launches = count_calls(kernels, "forward")
     tokens = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(0))
     for dim, runs in ((64, 2), (32, 0)):  # head_dim 16 on the kernels; head_dim 8 on SDPA
         results = []

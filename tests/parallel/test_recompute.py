@@ -40,7 +40,7 @@ def test_every_block_is_checkpointed():
     assert all(isinstance(f, partial) and f.func is recompute_once for f in forwards)
 
 
-def test_selective_recompute_keeps_the_kernels_outputs(monkeypatch):
+def test_selective_recompute_keeps_the_kernels_outputs(monkeypatch, count_calls):
     """On orch's kernels (``ORCH_KERNELS=triton``: Triton's interpreter here, CUDA's path)
     selective recompute saves the attention kernel's and the MoE grouped GEMM's outputs, so they
     run as often as without recompute (attention: once per block; grouped GEMM: three forwards
@@ -50,28 +50,20 @@ def test_selective_recompute_keeps_the_kernels_outputs(monkeypatch):
     from orch.kernels.moe import triton_moe
 
     monkeypatch.setenv("ORCH_KERNELS", "triton")
-    runs = {"attention": 0, "grouped GEMM": 0}
-
-    def counted(name: str, launch):  # noqa: ANN001, ANN202
-        def run(*args):  # noqa: ANN002, ANN202
-            runs[name] += 1
-            return launch(*args)
-        return run
-
-    monkeypatch.setattr(kernels, "forward", counted("attention", kernels.forward))
-    monkeypatch.setattr(triton_moe, "grouped_mm_forward",
-                        counted("grouped GEMM", triton_moe.grouped_mm_forward))
+    runs = {"attention": count_calls(kernels, "forward"),
+            "grouped GEMM": count_calls(triton_moe, "grouped_mm_forward")}
     cfg = dataclasses.replace(load_config("configs/tiny-moe.yaml").model, dim=64, heads=4,
                               kv_heads=2, ffn_dim=64, expert_ffn_dim=32, layers=2)
     tokens = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(0))
     counts = {}
     for mode in ("none", "selective", "full"):
-        runs.update(dict.fromkeys(runs, 0))
+        for calls in runs.values():
+            calls.clear()
         model = Transformer(cfg)
         apply_recompute(model, mode)
         torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1),
                                           tokens[:, 1:].flatten()).backward()
-        counts[mode] = dict(runs)
+        counts[mode] = {name: len(calls) for name, calls in runs.items()}
     blocks = cfg.layers
     assert counts["none"] == {"attention": blocks, "grouped GEMM": 6 * blocks}
     assert counts["selective"] == counts["none"]
