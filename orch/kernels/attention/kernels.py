@@ -269,17 +269,10 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _backward_shapes(
-    dout: torch.Tensor,
-    dlse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool,
-    scale: float,
-    tiles: list[int],
+    dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, *rest: object,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients' shapes: those of q, k and v (the rest of the arguments play no part)."""
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
