@@ -13,7 +13,8 @@ when causal), backward 2.5x the forward.
     .venv/bin/python benchmarks/attention.py [--dtype bf16] [--tokens 16384] [--model-dim 2048]
     .venv/bin/python benchmarks/attention.py --sweep   # time a few tile configs of ours
 
-Without CUDA it says so and exits 0: there is nothing to compare on a CPU.
+Without CUDA it says so, and times instead the two paths the model's attention can take on a CPU
+(orch's reference and torch's SDPA: ``cpu_paths``), which is why the model runs SDPA there.
 """
 
 from __future__ import annotations
@@ -198,6 +199,49 @@ def sweep(args: argparse.Namespace, dtype: torch.dtype) -> None:
                 )
 
 
+CPU_CASES = ((4, 256, 8, 4, 32), (1, 1024, 8, 4, 64))
+"""(batch, seq, heads, kv_heads, head_dim): the tiny model's attention in a micro-batch, and a
+longer sequence at head_dim 64."""
+
+
+def cpu_paths(repeats: int = 10) -> None:
+    """Why the model's attention on CPU is torch's SDPA and not orch's reference (the
+    specification, which materializes the scores): both timed forward + backward in float32 at
+    ``CPU_CASES`` (best of ``repeats`` after a warm-up), with the ratio."""
+    import time
+
+    from orch.kernels.attention import attention_reference
+
+    def sdpa(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            enable_gqa=True)
+        return out.transpose(1, 2)
+
+    paths = {"reference": lambda q, k, v: attention_reference(q, k, v, True)[0], "sdpa": sdpa}
+    print(f"# attention paths on CPU, {datetime.date.today().isoformat()}")
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads | "
+          f"torch {torch.__version__} | float32, causal, forward + backward")
+    print("\n| batch x seq | heads / kv heads | head_dim | reference ms | sdpa ms | "
+          "reference/sdpa |")
+    print("|---|---|---|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for batch, seq, heads, kv_heads, head_dim in CPU_CASES:
+        q = torch.randn(batch, seq, heads, head_dim, generator=gen).requires_grad_()
+        k, v = (torch.randn(batch, seq, kv_heads, head_dim, generator=gen).requires_grad_()
+                for _ in range(2))
+        best = {}
+        for name, fn in paths.items():
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                fn(q, k, v).sum().backward()
+                times.append(time.perf_counter() - start)
+            best[name] = min(times[1:]) * 1e3
+        print(f"| {batch} x {seq} | {heads} / {kv_heads} | {head_dim} | {best['reference']:.1f} | "
+              f"{best['sdpa']:.1f} | {best['reference'] / best['sdpa']:.1f}x |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -209,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(
-            "benchmarks/attention.py needs a CUDA GPU: it times the Triton kernels against "
-            "torch SDPA's flash backend and flash-attn; there is nothing to compare on CPU."
+            "No CUDA GPU: the Triton kernels cannot be timed here (they are compared with torch "
+            "SDPA's flash backend and flash-attn on a GPU). On CPU, the paths the model can take:"
         )
+        cpu_paths()
         return 0
     dtype = DTYPES[args.dtype]
     _header(dtype)

@@ -112,8 +112,9 @@ def causal_attention(
 
     orch's Triton kernels run it where they can (:func:`kernel_takes`), through transposed views
     (no copy); elsewhere torch's ``scaled_dot_product_attention``, the same function, runs
-    instead of the reference, whose scores matrix made the tiny model's attention 6-9x slower on
-    CPU (forward and backward, sequences of 256 and 1,024).
+    instead of the reference, whose scores matrix made attention 2.4-3.5x slower on CPU at the
+    tiny model's shape and 6.1-6.3x at 1,024 tokens (forward and backward;
+    benchmarks/results/attention-cpu.md).
     """
     if kernel_takes(q, k, v, instead="torch's scaled_dot_product_attention"):
         out = flash_attention(
