@@ -52,10 +52,18 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+CPU_BF16 = "ORCH_CPU_BF16"
+"""Set to 1 to keep ``train.precision: bf16`` on CPU, which runs the bf16 paths (FSDP's mixed
+precision, bf16 activations between pipeline stages) without a GPU; the tests use it."""
+
+
 def _precision(cfg: Config, device: torch.device, rank: int) -> str:
-    if cfg.train.precision == "bf16" and device.type == "cpu":
+    """bf16 falls back to fp32 on CPU (CPU training here is for tests and small runs, where
+    fp32 is the reference) unless ``ORCH_CPU_BF16=1`` asks for it."""
+    if cfg.train.precision == "bf16" and device.type == "cpu" and os.environ.get(CPU_BF16) != "1":
         if rank == 0:
-            print("orch: train.precision bf16 needs a GPU; computing in fp32 on CPU", flush=True)
+            print(f"orch: train.precision bf16 needs a GPU; computing in fp32 on CPU "
+                  f"({CPU_BF16}=1 keeps bf16)", flush=True)
         return "fp32"
     return cfg.train.precision
 

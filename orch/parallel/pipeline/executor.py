@@ -40,6 +40,7 @@ from torch.distributed.pipelining.schedules import (
     _PipelineScheduleRuntime,
 )
 
+from orch.parallel.pipeline.late_grads import LateGradsStage
 from orch.parallel.pipeline.timeline import Record
 from orch.parallel.pipeline.weight_grads import SplitBackwardStage
 from orch.parallel.schedules.actions import Schedule
@@ -115,12 +116,13 @@ def transformer_stages(modules: list[nn.Module], stage_ids: list[int], num_stage
 
     Each is a :class:`SplitBackwardStage` (``I`` + ``W`` cost one backward), unless
     ``torch_split`` (under tensor parallelism: the linear layers' weights are DTensors in the
-    forward): torch's own split then. Stages are never DDP modules (DDP reduces from autograd's
-    accumulation hooks, which no split backward fires; ``apply_data_parallel``)."""
+    forward): torch's own split then. Either folds late weight gradients into FSDP's float32
+    accumulators (:class:`LateGradsStage`). Stages are never DDP modules (DDP reduces from
+    autograd's accumulation hooks, which no split backward fires; ``apply_data_parallel``)."""
     stages = []
     for module, stage in zip(modules, stage_ids, strict=True):
         into, out = shapes.stage_args(stage == 0, stage == num_stages - 1)
-        kind = PipelineStage if torch_split else SplitBackwardStage
+        kind = LateGradsStage if torch_split else SplitBackwardStage
         stages.append(kind(module, stage, num_stages, device, input_args=into,
                            output_args=out, group=group))
     return stages

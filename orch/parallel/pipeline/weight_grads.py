@@ -35,8 +35,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
+
+from orch.parallel.pipeline.late_grads import LateGradsStage
 
 _collecting: WeightGradStore | None = None
 """The store of the stage whose backward pass runs now (a rank runs one at a time)."""
@@ -157,10 +158,11 @@ def _defers(layer: nn.Linear) -> bool:
     return isinstance(forward, partial) and forward.func is _deferring_forward
 
 
-class SplitBackwardStage(PipelineStage):
+class SplitBackwardStage(LateGradsStage):
     """A torch pipeline stage whose split backward is one backward pass (``I``) plus the
     deferred weight GEMMs of its ``nn.Linear`` layers (``W``); a full backward (``B``) runs
-    both at once. Arguments as :class:`PipelineStage`."""
+    both at once. Arguments as :class:`PipelineStage`; under FSDP's mixed precision the
+    ``W`` gradients join FSDP's float32 accumulators (:mod:`.late_grads`)."""
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int,
                  device: torch.device, **kwargs: object) -> None:

@@ -1,0 +1,39 @@
+"""bf16 under ``orch launch`` without a GPU (``ORCH_CPU_BF16=1`` keeps ``train.precision: bf16`` on
+CPU): FSDP's mixed precision (bf16 compute, fp32 reduction) and bf16 activations between pipeline
+stages, the paths a GPU run takes.
+
+ZB-V on pp2 x fsdp2 defers weight gradients past FSDP's post-backward; before
+``orch.parallel.pipeline.late_grads`` those gradients met FSDP's float32 accumulators in bf16 and
+the step failed ("FSDP reduce-scatter expects uniform gradient dtype"). Now its losses and gradient
+norms equal the plain fsdp2 run's (the same data-parallel reduction).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from launch_harness import launch, metrics, overrides
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+BF16 = {"ORCH_CPU_BF16": "1"}
+SETTINGS = ["train.precision=bf16", "train.steps=3"]
+ZBV = ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.virtual_stages=2"]
+
+
+def _run(procs: int, run_dir: Path, *extra: str) -> list[dict]:
+    out = launch("--nproc-per-node", str(procs), "configs/tiny.yaml",
+                 *overrides(run_dir, *SETTINGS, *extra), env=BF16)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "computing in fp32" not in out.stdout  # bf16 kept
+    return [row for row in metrics(run_dir) if "loss" in row]
+
+
+def test_zbv_over_fsdp_in_bf16_trains_as_fsdp_alone(tmp_path):
+    plain = _run(2, tmp_path / "fsdp2")
+    piped = _run(4, tmp_path / "pp2-fsdp2", *ZBV)
+    assert len(plain) == len(piped) == 3
+    for a, b in zip(plain, piped, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
