@@ -126,7 +126,8 @@ def _kernel_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, 
     from orch.kernels.attention.kernels import backward, default_config
 
     config = default_config(q.shape[-1], q.dtype)
-    q, k, v, out, dout = (t.transpose(1, 2) for t in (q, k, v, out.to(q.dtype), dout))
+    # ``out`` stays the float32 merge: the kernel reads it only for delta, in float32
+    q, k, v, out, dout = (t.transpose(1, 2) for t in (q, k, v, out, dout))
     grads = backward(q, k, v, out, lse.contiguous(), dout, None, mode == _DIAG, scale, config)
     dq, dk, dv = (g.transpose(1, 2) for g in grads)
     return dq, dk, dv

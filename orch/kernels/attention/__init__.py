@@ -117,13 +117,12 @@ def causal_attention(
     benchmarks/results/attention-cpu.md).
     """
     if kernel_takes(q, k, v, instead="torch's scaled_dot_product_attention"):
-        out = flash_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            causal=True,
-            softmax_scale=softmax_scale,
-        )
+        # kernel_takes has dispatched and checked: straight to the kernel's op, not through
+        # flash_attention's dispatch and checks a second time on every layer's call
+        from orch.kernels.attention.kernels import flash_attention_triton
+
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out, _ = flash_attention_triton(q, k, v, causal=True, softmax_scale=softmax_scale)
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=softmax_scale, enable_gqa=k.shape[1] != q.shape[1]
