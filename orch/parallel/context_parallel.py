@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from orch.kernels.attention import causal_attention, kernel_takes
+from orch.kernels.attention import autocast_inputs, causal_attention, kernel_takes
 from orch.parallel.comm import all_to_all
 from orch.parallel.comm_stats import dimension
 
@@ -242,7 +242,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
     if q.shape[2] % 2:
         raise ValueError(f"ring attention needs two equal local chunks, got length {q.shape[2]}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _RingAttention.apply(q, k, v, group, scale)
+    return _RingAttention.apply(*autocast_inputs(q, k, v), group, scale)
 
 
 # --- Ulysses ------------------------------------------------------------------------------------
@@ -268,7 +268,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       group: dist.ProcessGroup, scale: float | None = None) -> torch.Tensor:
     """Causal attention of contiguous sequence shards via sequence<->head all-to-alls."""
     cp = dist.get_world_size(group)
-    q, k, v = (_seq_to_heads(t, group, cp) for t in (q, k, v))
+    # in autocast's dtype before they travel (what the attention would cast them to anyway)
+    q, k, v = (_seq_to_heads(t, group, cp) for t in autocast_inputs(q, k, v))
     out = causal_attention(q, k, v, scale)
     return _heads_to_seq(out, group, cp)
 

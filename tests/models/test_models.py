@@ -93,6 +93,32 @@ def test_attention_runs_on_orchs_kernel_where_it_can(monkeypatch, caplog, count_
     assert len(fallbacks) == 1 and "head_dim a multiple of 16 up to 128, got 8" in fallbacks[0]
 
 
+def test_attention_kernel_under_autocast_gets_one_dtype(monkeypatch, count_calls):
+    """Under autocast (float16 here: Triton's interpreter computes bfloat16 matmuls wrongly) the
+    model's q and k leave RoPE in float32 while v leaves its projection in float16; autocast
+    casts SDPA's inputs but not those of orch's kernels, which then failed in the backward
+    ("Both operands must be same dtype"). They get float16 now, and match SDPA's run."""
+    pytest.importorskip("triton")
+    from orch.kernels.attention import kernels
+
+    launches = count_calls(kernels, "forward")
+    tokens = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(0))
+    results = []
+    for impl in ("reference", "triton"):
+        monkeypatch.setenv("ORCH_KERNELS", impl)
+        torch.manual_seed(0)
+        model = Transformer(small(dim=64))
+        with torch.autocast("cpu", torch.float16):
+            logits = model(tokens)
+        logits.float().square().mean().backward()
+        results.append((logits.float(), [p.grad for p in model.parameters()]))
+    assert len(launches) == 2  # one per layer, on the kernel's run
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
+    for a, b in zip(got_grads, want_grads, strict=True):  # within 5% of each tensor's largest
+        torch.testing.assert_close(a, b, rtol=0, atol=0.05 * b.abs().max().item())
+
+
 def test_blocks_on_orchs_kernels_compile_without_graph_breaks(monkeypatch):
     """A decoder block on orch's attention kernel (``ORCH_KERNELS=triton``) compiles as one graph
     (``fullgraph=True``; AOT autograd over the ops' shape-only implementations, the eager

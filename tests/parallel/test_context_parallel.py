@@ -19,6 +19,7 @@ pytestmark = pytest.mark.dist
 B, HEADS, KV_HEADS, SEQ, DIM = 2, 8, 4, 32, 16
 KERNELS = ("reference", "triton")  # ORCH_KERNELS: plain-torch blocks and SDPA, or orch's
 ATOL = 1e-5
+AUTOCAST_ATOL = 1e-2  # float16 inputs (values of size 1-4, ten bits of mantissa)
 
 
 def inputs() -> tuple[torch.Tensor, ...]:
@@ -45,15 +46,20 @@ def _run(rank: int, world: int, results) -> None:
     launch = kernels.forward
     # counts kernel runs (by hand: a spawned rank has no pytest fixtures)
     kernels.forward = lambda *args: launches.append(1) or launch(*args)
-    for impl in KERNELS:
-        os.environ["ORCH_KERNELS"] = impl
+    # "autocast": the model's dtypes under float16 autocast (q and k float32 out of RoPE, v
+    # float16 out of its projection) on the kernels, which autocast does not cast for
+    for impl in (*KERNELS, "autocast"):
+        os.environ["ORCH_KERNELS"] = "triton" if impl == "autocast" else impl
         for kind, attention in (("ring", ring_attention), ("ulysses", ulysses_attention)):
             pos = local_positions(SEQ, world, rank, kind)
             q, k, v, grad = (t[:, :, pos].clone() for t in inputs())
+            if impl == "autocast":
+                v = v.half()
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             launches.clear()
-            out = attention(q, k, v, dist.group.WORLD)
-            out.backward(grad)
+            with torch.autocast("cpu", torch.float16, enabled=impl == "autocast"):
+                out = attention(q, k, v, dist.group.WORLD)
+            out.float().backward(grad)
             results[(impl, kind, world, rank)] = {
                 "pos": pos,
                 "out": out.detach(),
@@ -78,7 +84,7 @@ def test_zigzag_split_balances_the_causal_work():
     assert sum(positions[0]) == sum(positions[1])  # the same number of visible keys
 
 
-@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("impl", [*KERNELS, "autocast"])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", ["ring", "ulysses"])
 def test_equals_full_attention_forward_and_backward(sharded, kind, world, impl):
@@ -88,12 +94,12 @@ def test_equals_full_attention_forward_and_backward(sharded, kind, world, impl):
         # ring: one kernel forward per visible block (query chunk c sees chunks 0..c, and a
         # rank holds chunks r and 2 world - 1 - r: 2 world + 1 in all); Ulysses: one
         blocks = 2 * world + 1 if kind == "ring" else 1
-        assert got["kernel_forwards"] == (blocks if impl == "triton" else 0)
+        assert got["kernel_forwards"] == (blocks if impl != "reference" else 0)
         for name in ("out", "dq", "dk", "dv"):
             torch.testing.assert_close(
-                got[name],
+                got[name].float(),
                 ref[name][:, :, got["pos"]],
                 rtol=0,
-                atol=ATOL,
+                atol=AUTOCAST_ATOL if impl == "autocast" else ATOL,
                 msg=lambda m, n=name, r=rank: f"{impl} {kind} {n} rank {r}: {m}",
             )

@@ -90,6 +90,21 @@ def flash_attention(
     return (out, lse) if return_lse else out
 
 
+def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v in autocast's dtype where autocast is on for their device, else unchanged.
+
+    Autocast casts the inputs of torch's SDPA, but orch's kernels are custom ops it does not
+    know, and the model hands attention mixed dtypes under autocast: q and k come out of RoPE in
+    float32 (its tables follow the float32 residual stream) while v leaves its projection in
+    bfloat16. Attention that may run the kernels casts here first, as autocast would."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, instead: str) -> bool:
     """Whether orch's Triton kernels run this attention of ``(batch, heads, seq, head_dim)``
     tensors: where ``flash_attention`` would pick them (CUDA tensors, or ``ORCH_KERNELS=triton``)
@@ -97,7 +112,7 @@ def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, instead: str
     that ``instead`` runs."""
     if not use_triton("flash_attention", q, k, v):
         return False
-    if (problem := kernel_problem(q.transpose(1, 2))) is not None:
+    if (problem := kernel_problem(q.transpose(1, 2), k.dtype, v.dtype)) is not None:
         warn_once("flash_attention", str(problem), instead=instead)
         return False
     return True
@@ -116,6 +131,7 @@ def causal_attention(
     tiny model's shape and 6.1-6.3x at 1,024 tokens (forward and backward;
     benchmarks/results/attention-cpu.md).
     """
+    q, k, v = autocast_inputs(q, k, v)
     if kernel_takes(q, k, v, instead="torch's scaled_dot_product_attention"):
         # kernel_takes has dispatched and checked: straight to the kernel's op, not through
         # flash_attention's dispatch and checks a second time on every layer's call

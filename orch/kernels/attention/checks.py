@@ -118,8 +118,17 @@ def check_inputs(
         )
 
 
-def kernel_problem(q: torch.Tensor) -> AttentionInputError | None:
-    """Why the Triton kernels cannot take these (valid) inputs, or None when they can."""
+def kernel_problem(q: torch.Tensor, k_dtype: torch.dtype | None = None,
+                   v_dtype: torch.dtype | None = None) -> AttentionInputError | None:
+    """Why the Triton kernels cannot take these (valid) inputs, or None when they can; k's and
+    v's dtypes, where given, must be q's (the kernels' matmuls take one dtype)."""
+    for name, dtype in (("k", k_dtype), ("v", v_dtype)):
+        if dtype is not None and dtype != q.dtype:
+            return AttentionInputError(
+                name,
+                f"the Triton kernel takes q, k and v in one dtype, got q {q.dtype}, {name} {dtype}",
+                f"cast q, k and v to one dtype (e.g. {name}.to(q.dtype))",
+            )
     head_dim = q.shape[3]
     if head_dim % 16 or head_dim > KERNEL_MAX_HEAD_DIM:
         return AttentionInputError(
