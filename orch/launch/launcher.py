@@ -11,6 +11,7 @@ same config and overrides, so each rebuilds the identical plan.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import socket
@@ -183,14 +184,34 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     return args, cfg, plan
 
 
+CPU_BF16 = "ORCH_CPU_BF16"
+"""Set to 1 to keep ``train.precision: bf16`` on CPU, which runs the bf16 paths (FSDP's mixed
+precision, bf16 activations between pipeline stages, the offload engine's bf16 copies) without
+a GPU; the tests use it."""
+
+
+def run_precision(cfg: Config, device: str) -> str:
+    """The precision a run on ``device`` (:func:`device_name`) computes in: bf16 falls back to
+    fp32 on CPU (CPU training here is for tests and small runs, where fp32 is the reference)
+    unless ``ORCH_CPU_BF16=1`` asks for it."""
+    if cfg.train.precision == "bf16" and device == "cpu" and os.environ.get(CPU_BF16) != "1":
+        return "fp32"
+    return cfg.train.precision
+
+
 def launch_plan(cfg: Config, world: int, nproc: int) -> Plan:
     """The plan the launcher validates and every worker rebuilds: for ``world`` processes,
     ``nproc`` a node, or with a cluster description for its nodes (which fix both); with the
-    stage layers of the run directory's pipeline re-partition, when it had one."""
+    stage layers of the run directory's pipeline re-partition, when it had one; for the
+    precision the run computes in (:func:`run_precision`: the offload engine's device copies
+    are in it)."""
     cfg = apply_rebalance(cfg)
+    device = device_name()
+    if (precision := run_precision(cfg, device)) != cfg.train.precision:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     if cfg.cluster:
-        return build_plan(cfg, None, None, device_name())
-    return build_plan(cfg, world, nproc, device_name())
+        return build_plan(cfg, None, None, device)
+    return build_plan(cfg, world, nproc, device)
 
 
 def _visible_gpus() -> int:

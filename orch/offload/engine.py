@@ -90,10 +90,20 @@ class Unit:
     device_copies: list[torch.Tensor] = field(default_factory=list)
     copied: CopyDone = None
     """On CUDA: the end of the fetch's copy, which the compute stream waits for before use."""
+    device_dtype: torch.dtype | None = None
+    """The dtype of the device copies (the compute dtype); None: the homes' own."""
 
     @property
     def nbytes(self) -> int:
+        """The parameters' bytes at home."""
         return sum(p.numel() * p.element_size() for p in self.params)
+
+    @property
+    def device_nbytes(self) -> int:
+        """The parameters' bytes on the device, fetched."""
+        if self.device_dtype is None:
+            return self.nbytes
+        return sum(p.numel() for p in self.params) * self.device_dtype.itemsize
 
 
 def transformer_units(model: nn.Module) -> list[Unit]:
@@ -134,13 +144,20 @@ class OffloadEngine:
                  nvme: NvmeTier | None = None, params_on_nvme: bool = False,
                  optimizer_on_nvme: bool = False, grads_on_nvme: bool = False,
                  elsewhere: frozenset[int] = frozenset(),
-                 weights: WeightSource | None = None) -> None:
-        """``elsewhere``: with ``offload.shard_params``, the units other replicas own, known
-        before the replicas' group exists (:func:`offload_transformer`), so their parameters
-        are never allocated, pinned or written here. ``weights``: where every parameter's
-        values come from, if given (the model's own are ignored: placeholders of a model built
-        on the meta device); each unit is allocated, filled and placed in its home before the
-        next, so the whole model is never in CPU memory at once unless that is its home."""
+                 weights: WeightSource | None = None,
+                 param_dtype: torch.dtype | None = None) -> None:
+        """``param_dtype``: the dtype the device copies of the parameters compute in, and so their
+        gradients (bf16 under bf16 precision, as FSDP's ``param_dtype``), while homes, gradients at
+        home and the optimizer stay float32; None: the homes' dtype. Under autocast with float32
+        device copies, each layer's bf16 cast of its weight is a new tensor that autograd keeps for
+        the backward and autocast caches for the whole forward, outside the units' storage the
+        engine frees and outside the budget: the whole model in bf16 on the device by the end of the
+        forward. ``elsewhere``: with ``offload.shard_params``, the units other replicas own, known
+        before the replicas' group exists (:func:`offload_transformer`), so their parameters are
+        never allocated, pinned or written here. ``weights``: where every parameter's values come
+        from, if given (the model's own are ignored: placeholders of a model built on the meta
+        device); each unit is allocated, filled and placed in its home before the next, so the whole
+        model is never in CPU memory at once unless that is its home."""
         self.units, self.device, self.budget = units, device, budget
         self.transfers = HostTransfers(device)
         """Parameters', gradients' and swapped activations' copies, on a side stream on CUDA
@@ -177,8 +194,17 @@ class OffloadEngine:
         self._unit_of: dict[nn.Parameter, Unit] = {}
         self._home_data: dict[int, list[torch.Tensor]] = {}
         """Per fetched unit, its parameters' home tensors while they point at device copies."""
-        self._grad_reserve = max(p.numel() * p.element_size() for u in units for p in u.params)
+        for unit in units:
+            unit.device_dtype = param_dtype
+        largest = max(p.numel() for u in units for p in u.params)
+        self._grad_reserve = largest * (
+            param_dtype.itemsize if param_dtype is not None else
+            max(p.element_size() for u in units for p in u.params))
         """Room prefetching leaves for the largest gradient, which autograd places unasked."""
+        home_dtype = units[0].params[0].dtype
+        if param_dtype is not None and param_dtype != home_dtype:
+            self.budget.take(self.transfers.stage_conversions(largest, home_dtype),
+                             f"the staging buffer of {home_dtype} <-> {param_dtype} copies")
         self.homes = Homes([unit.params for unit in units], nvme, params_on_nvme,
                            optimizer_on_nvme, lambda index: self.updates.stepped_event(index),
                            elsewhere)
@@ -233,16 +259,18 @@ class OffloadEngine:
         if unit.fetched:
             return
         self.updates.wait(unit.index)  # the previous step's update of this unit (stepped)
-        self.budget.take(unit.nbytes, f"the parameters of {unit.name}")
+        self.budget.take(unit.device_nbytes, f"the parameters of {unit.name}")
         resting = [p.data for p in unit.params]
         if not unit.device_copies:  # one device tensor per parameter for the whole run
-            unit.device_copies = [torch.empty_like(r, device=self.device) for r in resting]
+            unit.device_copies = [torch.empty_like(r, device=self.device,
+                                                   dtype=unit.device_dtype or r.dtype)
+                                  for r in resting]
         sent = self.shared is not None  # by its owner, into a buffer dropped after the copy
         source = (nullcontext(self.shared.take(unit.index)) if self.shared
                   else self.homes.params_to_copy(unit.index, self._next_use(unit)))
         with source as homes:
             for copy, home in zip(unit.device_copies, homes, strict=True):
-                copy.untyped_storage().resize_(home.numel() * home.element_size())
+                copy.untyped_storage().resize_(home.numel() * copy.element_size())
             # through .data: no version bump for the saved views; an NVMe staging buffer (or a
             # unit sent by its owner) is dropped after this block, so its copy must have ended
             unit.copied = self.transfers.to_device([c.data for c in unit.device_copies], homes,
@@ -251,7 +279,7 @@ class OffloadEngine:
             p.data = copy
         self._home_data[unit.index] = resting
         unit.fetched = True
-        self.bytes_to_device += unit.nbytes
+        self.bytes_to_device += unit.nbytes  # the homes' bytes cross (converted on the device)
 
     def _next_use(self, unit: Unit) -> Due:
         """When ``unit``'s parameters, fetched now, are next read from their home: in the
@@ -277,7 +305,7 @@ class OffloadEngine:
         for copy in unit.device_copies:
             copy.untyped_storage().resize_(0)
         unit.fetched = False
-        self.budget.give(unit.nbytes)
+        self.budget.give(unit.device_nbytes)
 
     def _prefetch(self, units: Iterator[Unit]) -> None:
         """Fetch up to ``prefetch_depth - 1`` further units while the budget allows it, and
@@ -287,7 +315,8 @@ class OffloadEngine:
                 continue
             if self.shared is not None and not self.shared.asked(unit.index):
                 return  # its owner has not been asked to send it yet
-            if count >= self.depth - 1 or not self.budget.fits(unit.nbytes + self._grad_reserve):
+            room = unit.device_nbytes + self._grad_reserve
+            if count >= self.depth - 1 or not self.budget.fits(room):
                 if self.shared is None:  # shared units are read by their owner's sender
                     self.homes.read_ahead(unit.index)
                 return
@@ -372,16 +401,17 @@ class OffloadEngine:
         self.budget.take(nbytes, f"a gradient of {self._unit_of[p].name}")
         landed = None
         if p in self._fresh:  # on CUDA the copy runs beside the backward (its memory kept)
-            landed = self.transfers.to_home(home, grad)
+            landed = self.transfers.to_home(home, grad)  # converted on the device: home bytes
             self._fresh.discard(p)
+            self.bytes_to_home += home.numel() * home.element_size()
         else:  # an earlier micro-batch's copy into ``home`` has landed (finish_backward)
             home.add_(grad.to("cpu"))
+            self.bytes_to_home += nbytes
         p.grad = None
         if landed is None:
             self.budget.give(nbytes)
         else:
             self._landing.append((landed, nbytes))
-        self.bytes_to_home += nbytes
         unit = self._unit_of[p]
         unit.grads_left -= 1
         self._maybe_done(unit)
@@ -493,7 +523,7 @@ class OffloadEngine:
         block's activations coming back), and say what was chosen and why."""
         assert self.auto is not None and self.swap is not None
         measured = self.swap.measured
-        window = self.depth * max(u.nbytes for u in self.units) + self._grad_reserve
+        window = self.depth * max(u.device_nbytes for u in self.units) + self._grad_reserve
         room = self.budget.limit - window - max(measured[i][0] for i in self.auto.blocks)
         choices = self.auto.decide(measured, max(0, room))
         for unit in self.units:
@@ -599,8 +629,8 @@ class OffloadEngine:
 
 def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: int,
                         pinned_bytes: int, off: OffloadConfig, rank: int = 0,
-                        replicas: int = 1, weights: WeightSource | None = None
-                        ) -> OffloadEngine:
+                        replicas: int = 1, weights: WeightSource | None = None,
+                        param_dtype: torch.dtype | None = None) -> OffloadEngine:
     """Offload orch's Transformer to the homes ``off`` names: parameters, optimizer states and
     saved activations in CPU memory or in a file under ``off.nvme_path`` (activations may also
     stay on the device), gradients in CPU memory; buffers (RoPE tables) on ``device``; at most
@@ -609,7 +639,8 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
     ``off.shard_params``, the units the others will own are let go at once (the owners are the
     partition's, :func:`~orch.offload.partition.owners_by_size`). A model built on the meta
     device (its buffers computed: :meth:`~orch.models.llama.Transformer.init_buffers`) gets its
-    parameters from ``weights`` unit by unit, straight into their homes."""
+    parameters from ``weights`` unit by unit, straight into their homes. ``param_dtype``: the
+    device copies' dtype (:class:`OffloadEngine`)."""
     if weights is not None:
         meta_to_placeholders(model)
     buffers_to(model, device)  # buffers are not offloaded
@@ -626,7 +657,7 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
         tier = NvmeTier(path, io, pinned_bytes)
     return OffloadEngine(units, device, DeviceBudget(budget_bytes), off.prefetch_depth,
                          off.activations, tier, on_nvme["params"], on_nvme["optimizer"],
-                         on_nvme["grads"], elsewhere, weights)
+                         on_nvme["grads"], elsewhere, weights, param_dtype)
 
 
 __all__ = ["OffloadEngine", "Unit", "buffers_to", "offload_transformer", "transformer_units"]

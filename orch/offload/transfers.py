@@ -24,6 +24,13 @@ engine waits for the copies that land in a unit's home before anything on the ho
 average over replicas, the clip, the optimizer step, the next micro-batch's addition).
 :meth:`HostTransfers.synchronize` ends every copy before the optimizer step writes the homes.
 Swapped activations use the same stream both ways (:mod:`orch.offload.activations`).
+
+Under bf16 the device copies of parameters and their gradients are bf16 while their homes stay
+float32 (:class:`~orch.offload.engine.OffloadEngine`'s ``param_dtype``). A cross-device
+``copy_`` that changes the dtype converts on the host, into pageable memory the copy then waits
+for; here the conversion runs on the device side instead, a chunk at a time through one staging
+buffer of the host's dtype (:meth:`HostTransfers.stage_conversions`), all on the side stream,
+whose order keeps each chunk's two copies apart from the next's.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from collections.abc import Callable
 
 import torch
 
+from orch.offload.budget import CONVERSION_STAGING_ELEMENTS
+
 CopyDone = torch.cuda.Event | None
 """The end of a copy on the side stream; None where the copy has already ended."""
 
@@ -39,9 +48,21 @@ CopyDone = torch.cuda.Event | None
 class HostTransfers:
     """Copies between the homes and ``device`` (see the module docstring)."""
 
+    STAGING_ELEMENTS = CONVERSION_STAGING_ELEMENTS
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.staging: torch.Tensor | None = None
+        """Device memory through which copies that change dtype convert (see the module)."""
+
+    def stage_conversions(self, largest: int, dtype: torch.dtype) -> int:
+        """Allocate the staging buffer for copies between ``dtype`` homes and device tensors of
+        another dtype, of at most ``largest`` elements each; returns its bytes (device memory
+        the caller accounts)."""
+        self.staging = torch.empty(min(largest, self.STAGING_ELEMENTS), dtype=dtype,
+                                   device=self.device)
+        return self.staging.numel() * self.staging.element_size()
 
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` in page-locked memory where copies from it can be asynchronous (CUDA)."""
@@ -67,7 +88,7 @@ class HostTransfers:
         """Copy ``homes`` into the device tensors ``copies``; the event the compute stream must
         wait for before using them (:meth:`wait`), None where the copy is already done.
         ``host_waits``: return only once the copy has ended (``homes`` are reused after)."""
-        done = self._copy(list(zip(copies, homes, strict=True)))
+        done = self._copy(list(zip(copies, homes, strict=True)), to_device=True)
         if host_waits:
             self.host_wait(done)
             return None
@@ -77,25 +98,49 @@ class HostTransfers:
         """Copy the device tensor ``source`` (a gradient, a saved activation's bytes) into
         ``home`` (CPU); the event it ends with, None where it has ended (not CUDA). ``source``
         may be dropped at once: its memory is kept until the copy has read it."""
-        done = self._copy([(home, source)])
+        done = self._copy([(home, source)], to_device=False)
         if self.stream is not None:
             source.record_stream(self.stream)
         return done
 
-    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> CopyDone:
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], to_device: bool
+              ) -> CopyDone:
         """Copy each (target, source): on the side stream after the compute queued so far (the
         event it ends with), else at once (None)."""
         if self.stream is None:
             for target, source in pairs:
-                target.copy_(source)
+                self._copy_one(target, source, to_device)
             return None
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             for target, source in pairs:
-                target.copy_(source, non_blocking=True)
+                self._copy_one(target, source, to_device)
         done = torch.cuda.Event()
         done.record(self.stream)
         return done
+
+    def _copy_one(self, target: torch.Tensor, source: torch.Tensor, to_device: bool) -> None:
+        """``target.copy_(source)``; between dtypes, converted on the device side a chunk at a
+        time through :attr:`staging` (also on a CPU device, where it is a plain copy, so that
+        the chunking runs in the CPU tests)."""
+        asynchronous = self.stream is not None
+        if target.dtype == source.dtype:
+            target.copy_(source, non_blocking=asynchronous)
+            return
+        staging = self.staging
+        assert staging is not None, "stage_conversions() before copies that change dtype"
+        assert target.is_contiguous() and source.is_contiguous()
+        flat_target, flat_source = target.view(-1), source.view(-1)
+        step = staging.numel()
+        for start in range(0, flat_target.numel(), step):
+            into, out_of = flat_target[start:start + step], flat_source[start:start + step]
+            chunk = staging[:into.numel()]
+            if to_device:  # the host's bytes as they are, converted on the device
+                chunk.copy_(out_of, non_blocking=asynchronous)
+                into.copy_(chunk)
+            else:  # converted on the device, then the host's dtype's bytes travel
+                chunk.copy_(out_of)
+                into.copy_(chunk, non_blocking=asynchronous)
 
     def wait(self, done: CopyDone) -> None:
         """The compute stream waits for the copy ``done`` before what it runs next."""

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from orch.config.schema import Config, ModelConfig
+from orch.offload.budget import CONVERSION_STAGING_ELEMENTS
 from orch.parallel.schedules.actions import rank_stages
 from orch.parallel.schedules.generators import placement_of
 from orch.plan.activations import (
@@ -320,7 +321,9 @@ def estimate_memory(
                + wgrad * (nd * acts.dense_wgrad + nm * acts.moe_wgrad))
         layer = max(nd and dense_layer, nm and moe_layer + experts)
         unit = max(layer, first * vocab, last * head)
-        buffers = gathers * (2 * unit + layer) * act_bytes + last * acts.logits_buffer
+        # offloaded parameters are fetched as compute-dtype copies: nothing cast beside them
+        buffers = (gathers and tiers[0] == "device") * (2 * unit + layer) * act_bytes \
+            + last * acts.logits_buffer
         if tr.recompute == "full":
             buffers += max(nd and acts.dense_none, nm and acts.moe_none)
 
@@ -337,10 +340,14 @@ def estimate_memory(
         groups = (params, grads, optim, act)
         n_layers = max(1, nd + nm)
         # What the engine (orch.offload.engine) holds of an offloaded group: the unit in use
-        # and up to depth - 1 prefetched; one matrix's gradient on its way home; nothing of
-        # the optimizer (its step runs at home); activations: depth layers' worth.
-        minimum = (unit_bytes, GRAD_BYTES * largest, 0, per_mb // n_layers)
-        windows = (max(1, depth) * unit_bytes, *minimum[1:3], depth * per_mb // n_layers)
+        # and up to depth - 1 prefetched, in the compute dtype; one matrix's gradient on its
+        # way home; nothing of the optimizer (its step runs at home); activations: depth
+        # layers' worth. Under bf16 also the float32 staging its copies convert through.
+        copy_bytes = act_bytes * -(-unit // fsdp)
+        converts = PARAM_BYTES * min(largest, CONVERSION_STAGING_ELEMENTS) * (act_bytes == 2)
+        minimum = (copy_bytes + converts, act_bytes * largest, 0, per_mb // n_layers)
+        windows = (max(1, depth) * copy_bytes + converts, *minimum[1:3],
+                   depth * per_mb // n_layers)
         unit_optim = -(-whole_optim * -(-unit // fsdp) // max(1, n))
         staging = (2 * unit_bytes if tiers[0] == "nvme" else 0) + (
             unit_optim if tiers[2] == "nvme" else 0)

@@ -23,7 +23,14 @@ from torch.distributed.fsdp import FSDPModule
 
 from orch.config import Config, config_to_dict, load_config
 from orch.errors import OrchError, PlanError
-from orch.launch.launcher import backend, launch_plan, unsupported_features, worker_parser
+from orch.launch.launcher import (
+    CPU_BF16,
+    backend,
+    launch_plan,
+    run_precision,
+    unsupported_features,
+    worker_parser,
+)
 from orch.launch.nodes import NODE_ENV
 from orch.models.hf_load import HFCheckpoint
 from orch.models.llama import Transformer
@@ -52,20 +59,14 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-CPU_BF16 = "ORCH_CPU_BF16"
-"""Set to 1 to keep ``train.precision: bf16`` on CPU, which runs the bf16 paths (FSDP's mixed
-precision, bf16 activations between pipeline stages) without a GPU; the tests use it."""
-
-
 def _precision(cfg: Config, device: torch.device, rank: int) -> str:
-    """bf16 falls back to fp32 on CPU (CPU training here is for tests and small runs, where
-    fp32 is the reference) unless ``ORCH_CPU_BF16=1`` asks for it."""
-    if cfg.train.precision == "bf16" and device.type == "cpu" and os.environ.get(CPU_BF16) != "1":
-        if rank == 0:
-            print(f"orch: train.precision bf16 needs a GPU; computing in fp32 on CPU "
-                  f"({CPU_BF16}=1 keeps bf16)", flush=True)
-        return "fp32"
-    return cfg.train.precision
+    """The precision this run computes in (:func:`~orch.launch.launcher.run_precision`); rank 0
+    says so where it is not the config's."""
+    precision = run_precision(cfg, device.type)
+    if precision != cfg.train.precision and rank == 0:
+        print(f"orch: train.precision bf16 needs a GPU; computing in fp32 on CPU "
+              f"({CPU_BF16}=1 keeps bf16)", flush=True)
+    return precision
 
 
 def _write_run_files(run_dir: Path, cfg: Config, plan: Plan) -> None:
@@ -137,12 +138,13 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
         model = Transformer(cfg.model)
     weights = _first_weights(cfg, model, resuming=resume is not None)
     offload = None
+    precision = _precision(cfg, device, rank)
     if cfg.offload.enabled:  # unit by unit into their homes (CPU or NVMe), never all in memory
         model.init_buffers()
         offload = offload_transformer(model, device, plan.offload_budget_bytes,
                                       plan.pinned_budget_bytes, cfg.offload, rank,
-                                      plan.degrees.dp_replicate, weights)
-    precision = _precision(cfg, device, rank)
+                                      plan.degrees.dp_replicate, weights,
+                                      torch.bfloat16 if precision == "bf16" else None)
     transformer = model
     # without offload, each rank allocates and fills only its share once the plan has sharded
     par = parallelize(model, plan, cfg, device, precision, None if offload else weights)

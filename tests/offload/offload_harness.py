@@ -4,6 +4,7 @@ tests (importable from tests/offload only)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import NamedTuple
 
 import torch
@@ -29,7 +30,10 @@ def tiny_cfg(*extra: str):
 def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = BUDGET,
            activations: str = "device", optimizer: str = "adamw", nvme: NvmeTier | None = None,
            on_nvme: tuple[str, ...] = (), cpu_adam: str = "", device: str = "cpu",
-           transfers: object = None):
+           transfers: object = None, param_dtype: torch.dtype | None = None):
+    """``param_dtype``: the engine's device copies in it; the plain run then computes on a copy
+    of the model whose parameters are cast to it, its gradients summed in float32 into the
+    model's (FSDP's mixed precision, the engine's reference)."""
     cpu = ["offload.optimizer=cpu", f"offload.cpu_adam={cpu_adam}"] if cpu_adam else []
     cfg = tiny_cfg(f"train.recompute={recompute}", f"optimizer.name={optimizer}", *cpu)
     torch.manual_seed(0)
@@ -42,13 +46,14 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
                                DeviceBudget(budget), depth, activations=activations, nvme=nvme,
                                params_on_nvme="params" in on_nvme,
                                optimizer_on_nvme="optimizer" in on_nvme,
-                               grads_on_nvme="grads" in on_nvme)
+                               grads_on_nvme="grads" in on_nvme, param_dtype=param_dtype)
         if transfers is not None:  # a stand-in for the engine's HostTransfers
             engine.transfers = transfers
             if engine.swap is not None:
                 engine.swap.transfers = transfers
     else:
         model.to(device)
+    compute = model if engine or param_dtype is None else copy.deepcopy(model)
     opt = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(1)
     losses, norms, peaks, records = [], [], [], []
@@ -60,11 +65,18 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
             if engine:
                 engine.start_micro_batch(last=micro == MICRO - 1)
             tokens = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=gen).to(device)
-            logits = model(tokens[:, :-1])
+            if compute is not model:
+                for p, c in zip(model.parameters(), compute.parameters(), strict=True):
+                    c.data = p.data.to(param_dtype)
+            logits = compute(tokens[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / MICRO
             loss.backward()
             if engine:
                 engine.finish_backward()
+            if compute is not model:
+                for p, c in zip(model.parameters(), compute.parameters(), strict=True):
+                    p.grad = c.grad.float() if p.grad is None else p.grad.add_(c.grad)
+                    c.grad = None
             total += loss.item()
         if engine:
             engine.finish_step()
