@@ -108,7 +108,10 @@ def worker(name: str, sets: list[str], nvme_dir: str, device: str) -> None:
 def _deepspeed(model, adamw: dict, clip: float, micro: int, tier: str, nvme_dir: str,
                device: str, bf16: bool):
     import deepspeed
+    import torch
     from deepspeed.accelerator import get_accelerator
+
+    from orch.models.weights import buffers_to
 
     if device == "cpu":
         # deepspeed/runtime/zero/partition_parameters.py, Init._set_dtype, reads
@@ -126,16 +129,29 @@ def _deepspeed(model, adamw: dict, clip: float, micro: int, tier: str, nvme_dir:
         offload["nvme_path"] = nvme_dir
     zero = {"stage": 3, "offload_param": dict(offload), "offload_optimizer": dict(offload)}
     if tier == "nvme":  # ZeRO-Infinity with parameters really out of RAM: max_in_cpu 0, which
-        # then needs stage3_max_reuse_distance 0, or step 2 fails with "Not enough buffers"
-        zero["offload_param"].update(max_in_cpu=0, buffer_count=5, buffer_size=int(1e8))
+        # then needs stage3_max_reuse_distance 0, or step 2 fails with "Not enough buffers";
+        # each swap buffer holds a whole parameter ("More elements ... than buffer size")
+        largest = max(p.numel() for p in model.parameters())
+        zero["offload_param"].update(max_in_cpu=0, buffer_count=5,
+                                     buffer_size=max(int(1e8), largest))
         zero["stage3_max_reuse_distance"] = 0
     config = {
         "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
         "gradient_clipping": clip, "zero_optimization": zero, "bf16": {"enabled": bf16},
         "optimizer": {"type": "AdamW", "params": {**adamw, "betas": list(adamw["betas"])}},
-        "aio": {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1,
+        "aio": {"block_size": 1 << 20, "queue_depth": 8, "intra_op_parallelism": 1,
                 "single_submit": False, "overlap_events": True},
     }
+    # Partitioned into the offload tier a parameter at a time (as if built under zero.Init):
+    # given a whole model, deepspeed.initialize first moves all of it to the device, which a
+    # model larger than the GPU (the fine-tuning benchmark's) does not survive. zero.Init keeps
+    # the dtype it finds, so bf16 parameters are cast first (DeepSpeed's fp32 master copy comes
+    # from them either way); buffers (RoPE tables) stay float32 and go to the device.
+    if bf16:
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    deepspeed.zero.Init(module=model, config_dict_or_path=config)
+    buffers_to(model, torch.device(device))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=config)
     return engine

@@ -388,6 +388,14 @@ def test_bad_input_for_the_kernel(triton_path, head_dim, dtype, pattern):
         flash_attention(q, k, v)
 
 
+def test_more_batch_heads_than_a_launch_takes_is_refused_before_launch(triton_path):
+    """The kernels' grid has one row per (batch, head) pair, which CUDA caps at 65,535."""
+    q, k, v = make(32768, 1, 1, 2, 1, 16)
+    with pytest.raises(ValueError, match=r"(?s)flash_attention\(q\): .* at most 65,535 .* got "
+                                         r"batch 32768 x heads 2.*smaller micro-batches"):
+        flash_attention(q, k, v)
+
+
 # --- on a GPU -----------------------------------------------------------------------------------
 
 

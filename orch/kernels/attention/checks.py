@@ -17,6 +17,8 @@ from orch.errors import OrchError, Problem
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: largest head_dim the Triton kernels take (it must also be a multiple of 16).
 KERNEL_MAX_HEAD_DIM = 128
+#: most (batch, head) pairs per launch: the kernels' second grid axis, which CUDA caps.
+KERNEL_MAX_BATCH_HEADS = 65_535
 
 
 class AttentionInputError(OrchError, ValueError):
@@ -129,6 +131,14 @@ def kernel_problem(q: torch.Tensor, k_dtype: torch.dtype | None = None,
                 f"the Triton kernel takes q, k and v in one dtype, got q {q.dtype}, {name} {dtype}",
                 f"cast q, k and v to one dtype (e.g. {name}.to(q.dtype))",
             )
+    if q.shape[0] * q.shape[2] > KERNEL_MAX_BATCH_HEADS:
+        return AttentionInputError(
+            "q",
+            f"the Triton kernels launch one program row per (batch, head) pair, at most "
+            f"{KERNEL_MAX_BATCH_HEADS:,} (CUDA's grid limit); got batch {q.shape[0]} x heads "
+            f"{q.shape[2]}",
+            "split the batch into smaller micro-batches",
+        )
     head_dim = q.shape[3]
     if head_dim % 16 or head_dim > KERNEL_MAX_HEAD_DIM:
         return AttentionInputError(

@@ -1,6 +1,7 @@
 """Per-rank RNG states, saved with each checkpoint and restored on resume.
 
-Each rank saves its python, numpy, torch CPU (and CUDA) RNG states as ``rng-rank-<rank>.pt``.
+Each rank saves its python, numpy, torch CPU (and its CUDA device's) RNG states as
+``rng-rank-<rank>.pt``.
 Another world size may load a checkpoint (DCP reshards). Ranks that existed when it was saved get
 their RNG states back; a rank that did not gets a seed derived from (train.seed, step, rank), so
 the same restart always draws the same numbers (``derive_rng_seed``).
@@ -26,8 +27,8 @@ def capture_rng() -> dict[str, Any]:
         "numpy": [kind, np_keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # the rank's own device: the one it computes on
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -67,6 +68,7 @@ def restore_rng(states: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(np_keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     cuda = states.get("cuda")
-    if cuda and torch.cuda.is_available():
-        for device, state in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, device)
+    if cuda is not None and torch.cuda.is_available():
+        # onto the device this rank computes on now, which need not have the index the saving
+        # rank's had (2 nodes x 4 GPUs resumed on 1 x 8 renumbers local ranks)
+        torch.cuda.set_rng_state(cuda)
