@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from orch.errors import OrchError
+from orch.runtime.records import read_records
 from orch.runtime.telemetry import memory_in_use
 
 GIB = 2**30
@@ -38,9 +40,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ReportError(f"{run_dir}: no metrics.jsonl; fix: give a run directory of orch launch "
                           "(run.dir) that has logged at least one step")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, skipped = read_records(path)
+    if skipped:
+        print(f"orch report: skipped {skipped} line(s) of {path} that are not step records "
+              "(a run killed while writing leaves its last line torn)", file=sys.stderr)
     if not records:
-        raise ReportError(f"{path} is empty; fix: report once the run has logged a step")
+        raise ReportError(f"{path} has no step records; fix: report once the run has logged a "
+                          "step")
     return records
 
 

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import torch
 
+from orch.runtime.records import read_records
 from orch.runtime.telemetry import memory_in_use
 
 GIB = 2**30
@@ -104,11 +105,10 @@ class MetricsLog:
 
             self._board = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
         path = run_dir / "metrics.jsonl"
-        kept = []
-        if resume_step and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept: list[dict[str, Any]] = []
+        if resume_step and path.exists():  # (a torn last line of a killed run is dropped)
+            kept = [r for r in read_records(path)[0] if r["step"] <= resume_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.file = path.open("a")
 
     def log(self, metrics: StepMetrics) -> None:

@@ -74,3 +74,23 @@ def test_the_trainer_clips_the_global_gradient_norm(clip):
         assert torch.equal(p.grad, r.grad)
     total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     assert float(total) == pytest.approx(clip if clip else norm, rel=1e-5)
+
+
+def test_a_torn_last_metrics_line_neither_blocks_a_resume_nor_a_report(tmp_path, capsys):
+    """A run killed while writing metrics.jsonl leaves its last line torn; the resume keeps the
+    records up to its checkpoint's step and drops the rest (before: a JSONDecodeError in every
+    worker, so the run could not resume until the file was edited), and ``orch report`` reads
+    the records, saying what it skipped."""
+    import io
+    import json
+
+    from orch.report import read_metrics
+    from orch.runtime.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": n, "loss": 5.0 - n} for n in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '[1, 2]\n{"step": 4, "loss": 4.')
+    assert read_metrics(tmp_path) == rows
+    assert "skipped 2 line(s)" in capsys.readouterr().err
+    MetricsLog(tmp_path, True, io.StringIO(), resume_step=2).close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
