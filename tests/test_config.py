@@ -86,6 +86,31 @@ def test_malformed_yaml_reports_file_and_line(tmp_path):
     assert "malformed YAML" in text and "bad.yaml:" in text
 
 
+@pytest.mark.parametrize("text, where, message", [
+    ("parallel: &p {x: *p}\n", "y.yaml:1", "parallel.x: an alias refers to a mapping that "
+                                          "contains it"),
+    ("model:\n  dim: 64\nparallel:\n  tp: !custom 2\n", "y.yaml:4",
+     "parallel.tp: could not determine a constructor for the tag '!custom'"),
+    ("parallel:\n  tp: !!int abc\n", "y.yaml:2", "parallel.tp: invalid literal for int()"),
+    ("x: !!python/name:os.system\n", "y.yaml:1", "cannot read x: could not determine"),
+])
+def test_yaml_that_is_not_plain_data_is_a_problem_at_its_line(tmp_path, text, where, message):
+    """Tags, bad explicit types and self-containing aliases were tracebacks; in ``--set`` the
+    text is kept, and the field's type names it."""
+    got = problems_of(write(tmp_path, "y.yaml", text))
+    assert f"{where}: cannot read {message.removeprefix('cannot read ')}" in got
+    got = problems_of(None, ["train.steps=!!int abc"])
+    assert "--set train.steps: '!!int abc' is not a whole number" in got
+
+
+def test_merge_keys_merge_and_non_utf8_is_named(tmp_path):
+    text = "shared: &s {steps: 3}\ntrain: {<<: *s, seq_len: 64}\n"
+    got = problems_of(write(tmp_path, "m.yaml", text))
+    assert "(1 problem)" in got and "m.yaml:1 shared: unknown key 'shared'" in got
+    (tmp_path / "b.yaml").write_bytes(b"model:\n  name: \xff\xfe\n")
+    assert "b.yaml: is not UTF-8 text (byte 15: b'\\xff')" in problems_of(tmp_path / "b.yaml")
+
+
 def test_duplicate_key_reported(tmp_path):
     text = problems_of(write(tmp_path, "d.yaml", "model:\n  dim: 64\n  dim: 128\n"))
     assert "d.yaml:3" in text and "appears twice" in text

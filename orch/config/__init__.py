@@ -70,8 +70,8 @@ def apply_overrides(
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
+        except (yaml.YAMLError, ValueError, TypeError, RecursionError):  # e.g. '!!int abc'
+            value = text  # the raw text, which the field's type check then names
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}

@@ -26,24 +26,42 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+_UNREADABLE_FIX = ("write plain values (numbers, strings, true/false, lists, mappings); YAML tags "
+                   "(!name) and aliases of a mapping inside itself have no config meaning")
+
+
 def _node_to_python(
-    node: yaml.Node, prefix: str, where: str, locs: Locations, problems: list[Problem]
+    node: yaml.Node, prefix: str, where: str, locs: Locations, problems: list[Problem],
+    enclosing: frozenset[int] = frozenset(),
 ) -> Any:
-    """Build plain Python values from a composed YAML node, recording each key's line."""
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            key = str(yaml.constructor.SafeConstructor().construct_object(key_node))
-            path = f"{prefix}.{key}" if prefix else key
-            line = f"{where}:{key_node.start_mark.line + 1}"
-            if key in out:
-                problems.append(
-                    Problem(line, f"key '{path}' appears twice", "keep only one of them")
-                )
-            locs[path] = line
-            out[key] = _node_to_python(value_node, path, where, locs, problems)
-        return out
-    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+    """Build plain Python values from a composed YAML node, recording each key's line; a value
+    that is not plain data (a tag, ``!!int abc``, a mapping aliased inside itself) becomes a
+    Problem at its line. Merge keys (``<<: *defaults``) merge as YAML defines them."""
+    line = f"{where}:{node.start_mark.line + 1}"
+    try:
+        if id(node) in enclosing:
+            raise ValueError("an alias refers to a mapping that contains it")
+        if not isinstance(node, yaml.MappingNode):
+            return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+        yaml.constructor.SafeConstructor().flatten_mapping(node)  # resolves '<<' merge keys
+        keys = [str(yaml.constructor.SafeConstructor().construct_object(k)) for k, _ in node.value]
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
+        name = prefix or "the file"
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problems.append(Problem(line, f"cannot read {name}: {reason}", _UNREADABLE_FIX))
+        return None
+    out: dict[str, Any] = {}
+    for key, (key_node, value_node) in zip(keys, node.value, strict=True):
+        path = f"{prefix}.{key}" if prefix else key
+        key_line = f"{where}:{key_node.start_mark.line + 1}"
+        if key in out:
+            problems.append(
+                Problem(key_line, f"key '{path}' appears twice", "keep only one of them")
+            )
+        locs[path] = key_line
+        out[key] = _node_to_python(value_node, path, where, locs, problems,
+                                   enclosing | {id(node)})
+    return out
 
 
 def parse_yaml_text(
@@ -99,7 +117,14 @@ def _read(
         problems.append(Problem(where, f"config file not found{referrer}",
                                 "check the path; base paths are relative to the file naming them"))
         return {}, {}
-    data, locs, found = parse_yaml_text(path.read_text(), where)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(where, f"is not UTF-8 text (byte {exc.start}: "
+                                f"{exc.object[exc.start:exc.start + 1]!r})",
+                                "save the file as UTF-8"))
+        return {}, {}
+    data, locs, found = parse_yaml_text(text, where)
     problems.extend(found)
     if data is None:
         return {}, {}
