@@ -129,3 +129,24 @@ def test_export_refuses_moe_an_existing_directory_and_a_bad_dtype(tmp_path, caps
     assert main(["ckpt", "export", str(tmp_path / "moe"), "--to", "hf", str(tmp_path / "o")]) == 2
     assert "MoE model" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert hf_llama_config(cfg.model)["num_hidden_layers"] == 4
+
+
+def test_export_refuses_a_damaged_checkpoint_and_a_path_under_a_file(run, tmp_path, capsys):
+    """A checkpoint whose bytes differ from its manifest exported damaged weights with exit 0
+    (resume refused it; export checked nothing); an output path under a file was a traceback."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shard = copy / "checkpoints" / "step-00000006" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    args = ["ckpt", "export", str(copy), "--to", "hf"]
+    assert main([*args, str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its manifest" in err and "sha256 differs" in err
+    assert "orch ckpt verify" in err and not (tmp_path / "hf").exists()
+    (tmp_path / "afile").write_text("")
+    assert main(["ckpt", "export", str(run), "--to", "hf", str(tmp_path / "afile" / "hf")]) == 2
+    assert f"{tmp_path / 'afile'}: is not a directory" in capsys.readouterr().err

@@ -7,7 +7,8 @@ them; ``transformers`` loads the directory and ``model.init_from`` reads it back
 read out of the sharded checkpoint one output shard at a time (DCP reshards any plan's
 checkpoint into full tensors), so memory holds one shard, not the model. The directory is
 written beside OUT and renamed into place at the end: a failed export leaves nothing named OUT,
-and an existing OUT is never overwritten.
+and an existing OUT is never overwritten. The checkpoint is verified against its manifest first
+(sizes and hashes, as a resume does): a damaged one would export damaged weights silently.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
 from orch.models.hf import hf_llama_config, to_hf_state_dict
 from orch.runtime.checkpoint.browse import TensorInfo, contents, newest_complete, read_tensors
-from orch.runtime.checkpoint.manifest import read_manifest
+from orch.runtime.checkpoint.manifest import read_manifest, verify
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_PREFIX = "model."  # the worker saves {"model": ..., "optim": ...}
@@ -33,17 +34,25 @@ MODEL_PREFIX = "model."  # the worker saves {"model": ..., "optim": ...}
 def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32",
               max_shard_bytes: int = 5 * 2**30) -> list[Path]:
     """Write the newest complete checkpoint under ``checkpoint_dir`` to ``out`` (see the module
-    doc); returns the files written. ProblemsError for an MoE model, an existing ``out`` or an
-    unknown dtype, before anything is written."""
+    doc); returns the files written. ProblemsError for a checkpoint that does not match its
+    manifest, an MoE model, an existing ``out`` or one that cannot be made, or an unknown dtype,
+    before anything is written."""
     path = newest_complete(checkpoint_dir)
-    problems: list[Problem] = []
+    problems = [Problem(str(path), f"does not match its manifest: {damage}",
+                        "export an earlier checkpoint (orch ckpt verify says which are ok), or "
+                        "restore this one") for damage in verify(path)]
+    if problems:  # its config may be what is damaged
+        raise ProblemsError(problems, title="cannot export")
     model = build(ModelConfig, read_manifest(path).config["model"], "model", {}, problems)
     out = Path(out)
     if dtype not in DTYPES:
-        problems.append(Problem("--dtype", f"{dtype!r}", f"use one of {', '.join(DTYPES)}"))
+        problems.append(Problem("--dtype", f"{dtype!r} is not a dtype an export writes",
+                                f"use one of {', '.join(DTYPES)}"))
     if out.exists():
         problems.append(Problem(str(out), "exists; an export never overwrites",
                                 "choose a new directory, or remove this one"))
+    else:
+        problems.extend(_unwritable(out.parent))
     config = hf_llama_config(model, dtype if dtype in DTYPES else "float32")  # refuses MoE
     if problems:
         raise ProblemsError(problems, title="cannot export")
@@ -51,7 +60,12 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     names = {t.name: hf_name(t.name, model.tie_embeddings) for t in ours}
     shards = _shard(ours, names, max_shard_bytes)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:  # what the checks above cannot see (a read-only mount, /proc)
+        raise ProblemsError([Problem(str(out), f"cannot be created ({exc.strerror})",
+                                     "give --to a path in a writable directory")],
+                            title="cannot export") from None
     try:
         written = _write(path, shards, names, DTYPES[dtype], tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -69,6 +83,19 @@ def hf_name(name: str, tied: bool) -> str | None:
     if tied and fqn == "output.weight":
         return None
     return next(iter(to_hf_state_dict({fqn: torch.empty(0)})))
+
+
+def _unwritable(parent: Path) -> list[Problem]:
+    """Why the export cannot create a directory in ``parent`` (made with its own parents if
+    missing), if it cannot: the nearest existing ancestor must be a writable directory."""
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return []
+    why = "is not a directory" if not existing.is_dir() else "is not writable"
+    return [Problem(str(existing), f"{why}, so the export cannot be written under it",
+                    "give --to a path in a writable directory")]
 
 
 def _shard(infos: list[TensorInfo], names: dict[str, str | None],
