@@ -20,6 +20,12 @@ def check_config(cfg: Config) -> list[Problem]:
             problems.append(Problem(where, message, fix))
 
     m, t, p, o = cfg.model, cfg.train, cfg.parallel, cfg.optimizer
+    need(
+        bool(cfg.run.dir.strip()),
+        "run.dir",
+        "is empty: the run would write its files into the current directory",
+        "set run.dir to a directory of its own, e.g. runs/NAME",
+    )
     for name in ("vocab_size", "dim", "layers", "heads", "ffn_dim", "max_seq_len"):
         value = getattr(m, name)
         need(

@@ -379,13 +379,21 @@ def _check_run_dir(run_dir: Path) -> list[Problem]:
 def _check_resume(cfg: Config, plan: Plan, resume: str | None) -> list[Problem]:
     """Refuse another config's checkpoints and verify the one to resume, loading nothing."""
     from orch.runtime.checkpoint import CheckpointError, CheckpointManager
+    from orch.runtime.checkpoint.manifest import read_manifest
 
     manager = CheckpointManager(Path(cfg.run.dir), cfg, plan.to_dict(with_groups=False), 0, 1)
     try:
         # Sizes and the index here (cheap); the workers hash every file, split among them.
-        manager.resolve_resume(resume or cfg.checkpoint.resume, hashes=False, report=False)
+        path = manager.resolve_resume(resume or cfg.checkpoint.resume, hashes=False,
+                                      report=False)
     except CheckpointError as exc:
         return [Problem("--resume", str(exc), "")]
+    if path is not None and (step := read_manifest(path).step) > cfg.train.steps:
+        return [Problem("train.steps", f"{cfg.train.steps} is below step {step} of the "
+                        f"checkpoint the run resumes ({path})",
+                        f"set train.steps above {step} to train further; --resume PATH for an "
+                        "earlier checkpoint, or --resume none to start over (the checkpoints "
+                        "are moved aside, not deleted)")]
     return []
 
 

@@ -67,6 +67,25 @@ def test_other_config_is_refused_and_kept(runs):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
+def test_fewer_steps_than_the_checkpoint_or_a_run_dir_as_resume_are_refused(runs, monkeypatch):
+    """Before: train.steps below the resumed checkpoint's step ran nothing, said "done at step
+    5 of 3" and rewrote config.yaml with steps 3; a run directory given as --resume was "missing
+    manifest.json: the save did not finish"."""
+    monkeypatch.chdir(REPO)
+    run = runs["split"]
+    before = (run / "config.yaml").read_text()
+    for sets, resume, message in [
+        (["train.steps=3"], [], "train.steps: 3 is below step 10 of the checkpoint the run "
+                                "resumes"),
+        ([f"train.steps={STEPS}"], ["--resume", str(run)], "is a run directory (or its "
+                                                           "checkpoints/), not one checkpoint"),
+    ]:
+        with pytest.raises(OrchError) as refused:
+            prepare([*SHARD2, *overrides(run, *sets, "checkpoint.interval=5"), *resume])
+        assert message in str(refused.value)
+    assert (run / "config.yaml").read_text() == before
+
+
 def test_corrupted_checkpoint_is_refused_before_loading(runs, tmp_path):
     import shutil
 
@@ -126,6 +145,8 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
         (["--nproc-per-node", "2", "configs/tiny-moe.yaml", "--set", "parallel.tp=2",
           "--set", "parallel.sequence_parallel=false"],
          "parallel.sequence_parallel: false with tp=2 and MoE layers"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "run.dir="],
+         "run.dir: is empty"),
     ]
     # Two as a user runs them (exit 2, the message, no traceback, nothing started); the rest
     # through the launcher's own check in this process (a launch costs ~6 s importing torch).

@@ -191,6 +191,13 @@ class CheckpointManager:
                 return [m.path for m in reversed(self.own())]
             path = Path(mode)
             path = path.parent if path.name == MANIFEST else path
+            if (path / "checkpoints").is_dir() or any(path.glob("step-*/")):
+                raise CheckpointError(
+                    path,
+                    "is a run directory (or its checkpoints/), not one checkpoint",
+                    f"give one of its checkpoints, such as {self.dir / step_dir_name(100)}, or "
+                    "--resume auto for the run's newest",
+                )
             if not path.is_dir():
                 raise CheckpointError(
                     path,
