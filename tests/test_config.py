@@ -201,6 +201,11 @@ MOE = ["model.experts=4"]
             "train.global_batch: 7 is not a multiple of train.micro_batch=2",
         ),
         (["train.lr=0"], "train.lr: must be positive"),
+        (["train.lr=inf"], "--set train.lr: 'inf' is not a finite number"),
+        (["optimizer.weight_decay=.nan"], "--set optimizer.weight_decay: nan is not a finite"),
+        (["model.norm_eps=-1"], "model.norm_eps: must be positive, got -1.0"),
+        (["offload.io_block_size=1"], "offload.io_block_size: 1 bytes is not a positive "
+                                      "multiple of 4,096"),
         (["train.min_lr_ratio=2"], "train.min_lr_ratio: 2.0 is not in [0, 1]"),
         (
             ["train.warmup_steps=600"],

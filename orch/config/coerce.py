@@ -11,8 +11,10 @@ value or raises ``Rejected``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -182,14 +184,18 @@ def convert(value: Any, tp: Any) -> Any:
             return value
         raise Invalid(f"{value!r} is not a whole number", "write an integer such as 8")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise Invalid(f"{value!r} is not a number", "write a number such as 3e-4 or 0.1")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise Invalid(f"{value!r} is not a number", "write a number such as 3e-4 or 0.1")
+        if not math.isfinite(number):  # .inf / .nan / "inf": no setting means that
+            raise Invalid(f"{value!r} is not a finite number", "write a number such as 3e-4 "
+                          "or 0.1")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from orch.config.schema import Config
 from orch.errors import Problem
+from orch.offload.sizes import ALIGN
 from orch.parallel.schedules.generators import CHUNKED
 
 
@@ -56,6 +57,12 @@ def check_config(cfg: Config) -> list[Problem]:
         "model.kv_heads",
         f"heads={m.heads} is not a multiple of kv_heads={m.n_kv_heads}",
         "use a kv_heads that divides heads (e.g. 8 for 32 heads), or null for heads",
+    )
+    need(
+        m.norm_eps > 0,
+        "model.norm_eps",
+        f"must be positive, got {m.norm_eps}",
+        "use 1e-5 (Llama 2 and 3) or 1e-6",
     )
     need(
         m.rope_theta > 0,
@@ -240,6 +247,13 @@ def check_config(cfg: Config) -> list[Problem]:
     for name in ("io_queue_depth", "io_threads"):
         value = getattr(off, name)
         need(value >= 1, f"offload.{name}", f"must be at least 1, got {value}", "use e.g. 8 / 1")
+    need(
+        off.io_block_size >= ALIGN and off.io_block_size % ALIGN == 0,
+        "offload.io_block_size",
+        f"{off.io_block_size:,} bytes is not a positive multiple of {ALIGN:,} (O_DIRECT's "
+        "alignment)",
+        "use e.g. 1MiB (the default)",
+    )
 
     need(
         0 <= cfg.run.stop_at_step <= t.steps,

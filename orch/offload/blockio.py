@@ -32,11 +32,8 @@ import torch
 
 from orch.offload.cpu_adam import stderr_with_descriptor, use_venv_extension_cache
 from orch.offload.host_memory import onto_huge_pages
+from orch.offload.sizes import ALIGN
 from orch.offload.threads import helper_pool
-
-ALIGN = 4096
-"""O_DIRECT's alignment of offsets, sizes and buffer addresses (a page; covers 512-byte
-sectors too)."""
 
 
 def aligned(nbytes: int) -> int:

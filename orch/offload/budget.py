@@ -9,11 +9,6 @@ without a GPU the device tier is ordinary memory, and this accounting is what te
 
 from __future__ import annotations
 
-CONVERSION_STAGING_ELEMENTS = 1 << 24
-"""The most elements a copy that changes dtype stages at once on the device (64 MiB of float32;
-:class:`orch.offload.transfers.HostTransfers`): one such buffer is on the device tier under
-bf16, which the plan counts too."""
-
 
 class BudgetExceeded(RuntimeError):
     """The engine tried to hold more device bytes than its budget."""

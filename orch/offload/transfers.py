@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from orch.offload.budget import CONVERSION_STAGING_ELEMENTS
+from orch.offload.sizes import CONVERSION_STAGING_ELEMENTS
 
 CopyDone = torch.cuda.Event | None
 """The end of a copy on the side stream; None where the copy has already ended."""

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from orch.config.schema import Config, ModelConfig
-from orch.offload.budget import CONVERSION_STAGING_ELEMENTS
+from orch.offload.sizes import CONVERSION_STAGING_ELEMENTS
 from orch.parallel.schedules.actions import rank_stages
 from orch.parallel.schedules.generators import placement_of
 from orch.plan.activations import (

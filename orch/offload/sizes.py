@@ -1,0 +1,13 @@
+"""Sizes the offload tiers fix and the plan and config checks need too, importable without
+torch (``orch plan`` does not load it)."""
+
+from __future__ import annotations
+
+ALIGN = 4096
+"""O_DIRECT's alignment of offsets, sizes and buffer addresses (a page; covers 512-byte
+sectors too): NVMe I/O blocks are multiples of it (:mod:`orch.offload.blockio`)."""
+
+CONVERSION_STAGING_ELEMENTS = 1 << 24
+"""The most elements a copy that changes dtype stages at once on the device (64 MiB of float32;
+:class:`orch.offload.transfers.HostTransfers`): one such buffer is on the device tier under
+bf16, which the plan counts too."""
