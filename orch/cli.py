@@ -118,6 +118,35 @@ def _add_schedule_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_schedule)
 
 
+def _schedule_argument_problems(args: argparse.Namespace) -> list[Problem]:
+    """The costs must be finite (compute positive, communication 0 or more: NaN made the
+    makespan NaN and --json invalid JSON) and the PNG's place writable, checked before the
+    simulation rather than failing after it."""
+    import math
+    import os
+    from pathlib import Path
+
+    problems = []
+    for kind in ("f", "b", "i", "w", "comm"):
+        value, transfer = getattr(args, kind), kind == "comm"
+        if value is None or (math.isfinite(value) and (value >= 0 if transfer else value > 0)):
+            continue
+        what = "a transfer between stages" if transfer else f"one {kind.upper()} action"
+        problems.append(Problem(f"--{kind}", f"{value:g}: a cost must be finite and "
+                                f"{'0 or more' if transfer else 'above 0'}",
+                                f"give the time of {what}, e.g. 1"))
+    if args.png is not None:
+        png = Path(args.png)
+        parent = png.parent if str(png.parent) else Path(".")
+        if not args.png or png.is_dir():
+            problems.append(Problem("--png", f"{args.png!r} is not a file name",
+                                    "give a file such as timeline.png"))
+        elif not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(Problem("--png", f"{str(parent)!r} is not a writable directory",
+                                    "give a file in an existing writable directory"))
+    return problems
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -126,12 +155,14 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from orch.parallel.schedules.render import LEGEND, chart, write_png
 
     virtual = args.virtual if args.virtual is not None else 2 if args.name in CHUNKED else 1
+    problems = _schedule_argument_problems(args)
     try:
         schedule = build_schedule(args.name, args.stages, args.microbatches, virtual,
                                   args.max_deferred)
     except ValueError as exc:
-        raise ProblemsError([Problem(args.name, str(exc), "see orch schedule --help")],
-                            title="cannot build the schedule") from None
+        problems.insert(0, Problem(args.name, str(exc), "see orch schedule --help"))
+    if problems:
+        raise ProblemsError(problems, title="cannot build the schedule")
     costs = Costs(f=args.f, b=args.b, i=args.i, w=args.w, comm=args.comm)
     timeline = simulate(schedule, costs)
     if args.png:

@@ -52,3 +52,18 @@ def test_bad_sizes_exit_2_naming_the_fix(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["schedule", "pipedream", "--stages", "2", "--microbatches", "2"])
     assert exc.value.code == 2 and "invalid choice: 'pipedream'" in capsys.readouterr().err
+
+
+def test_costs_that_are_not_finite_and_unwritable_pngs_are_refused_before_simulating(
+        capsys, tmp_path):
+    """NaN costs gave 'makespan nan' and invalid JSON; a PNG path in a missing directory or
+    naming a directory failed with a traceback after the schedule had printed."""
+    args = ["schedule", "1f1b", "--stages", "2", "--microbatches", "4"]
+    assert main([*args, "--f", "nan", "--comm", "-5", "--png",
+                 str(tmp_path / "missing" / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "(3 problems)" in err and "--f: nan: a cost must be finite and above 0" in err
+    assert "--comm: -5: a cost must be finite and 0 or more" in err
+    assert f"--png: '{tmp_path / 'missing'}' is not a writable directory" in err
+    assert main([*args, "--png", str(tmp_path)]) == 2
+    assert "is not a file name" in capsys.readouterr().err
