@@ -17,7 +17,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from orch.config import Config, load_config
@@ -102,6 +102,26 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _nnodes(value: str, parse: Callable[[str], tuple[int, int]],
+            problems: list[Problem]) -> int:
+    """The number of nodes ``--nnodes`` fixes (1 where it is not usable, with the problem):
+    orch plans for one world size, so torchrun's elastic ``MIN:MAX`` ranges, with which it waits
+    for nodes that may never come, are refused."""
+    fix = "give the number of nodes, e.g. --nnodes 2"
+    try:
+        least, most = parse(value)
+    except (ValueError, AssertionError):
+        problems.append(Problem("--nnodes", f"{value!r} is not a number of nodes", fix))
+        return 1
+    if least != most:
+        problems.append(Problem("--nnodes", f"{value}: orch plans for one world size, not an "
+                                "elastic range", fix))
+    if most < 1:
+        problems.append(Problem("--nnodes", f"must be at least 1, got {value}", fix))
+        return 1
+    return most
+
+
 def _nproc_per_node(value: str | None, cfg: Config, nnodes: int, problems: list[Problem]) -> int:
     import torch
 
@@ -139,7 +159,7 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
 
     args, extra, cfg = parse_launch(argv)
     problems: list[Problem] = []
-    _, max_nodes = parse_min_max_nnodes(args.nnodes)
+    max_nodes = _nnodes(args.nnodes, parse_min_max_nnodes, problems)
     cluster, node = _cluster_node(cfg, extra.node_name, problems)
     if node is not None and args.nproc_per_node is None:
         nproc = node.devices

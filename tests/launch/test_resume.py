@@ -147,6 +147,10 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
          "parallel.sequence_parallel: false with tp=2 and MoE layers"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "run.dir="],
          "run.dir: is empty"),
+        (["--nnodes", "1:2", "--nproc-per-node", "1", "configs/tiny.yaml"],
+         "--nnodes: 1:2: orch plans for one world size, not an elastic range"),
+        (["--nnodes", "abc", "--nproc-per-node", "1", "configs/tiny.yaml"],
+         "--nnodes: 'abc' is not a number of nodes"),
     ]
     # Two as a user runs them (exit 2, the message, no traceback, nothing started); the rest
     # through the launcher's own check in this process (a launch costs ~6 s importing torch).
