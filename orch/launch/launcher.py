@@ -316,15 +316,18 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
 
 
 def _check_data(cfg: Config) -> list[Problem]:
-    """The data file's existence and format; the shipped corpus is small enough to load whole
-    (its ids are checked against the vocabulary too). Workers check a user file's ids."""
-    from orch.runtime.data import DataError, check_source, load_tokens
+    """The data file's existence, format and size (enough tokens for a global batch, from its
+    size or header); the shipped corpus is small enough to load whole (its ids are checked
+    against the vocabulary too). Workers scan a user file's ids, which may be many GB."""
+    from orch.runtime.data import DataError, check_token_count, load_tokens, token_count
 
     try:
         if cfg.data.path:
-            check_source(cfg.data)
+            count = token_count(cfg.data)
         else:
-            load_tokens(cfg.data, cfg.model.vocab_size)
+            count = len(load_tokens(cfg.data, cfg.model.vocab_size))
+        if count is not None:
+            check_token_count(count, cfg.train.global_batch, cfg.train.seq_len)
     except DataError as exc:
         return [exc.problem]
     return []

@@ -194,6 +194,28 @@ def _map_npy(data: DataConfig, path: Path) -> np.ndarray:
     return tokens
 
 
+def token_count(data: DataConfig) -> int | None:
+    """How many tokens ``data.path`` holds, read from its size or header only (token files are
+    mapped, nothing of their ids read; a plain text file's bytes are its tokens), with the
+    format checks of :func:`load_tokens`; None where only reading it all would tell (gzip)."""
+    path, kind = check_source(data)
+    if kind == "tokens":
+        return len(_map_tokens(data, path))
+    return None if path.name.lower().endswith(".gz") else path.stat().st_size
+
+
+def check_token_count(count: int, global_batch: int, seq_len: int) -> None:
+    """Enough tokens for one global batch of packed samples (``global_batch x seq_len + 1``)."""
+    samples = max(0, (count - 1) // seq_len)
+    if samples < global_batch:
+        raise DataError(
+            "train.global_batch",
+            f"{global_batch} sequences of train.seq_len={seq_len} need at least "
+            f"{global_batch * seq_len + 1} tokens, but the data has {count} ({samples} samples)",
+            "use more data (data.path), or lower train.global_batch or train.seq_len",
+        )
+
+
 def _check_range(tokens: np.ndarray, vocab_size: int, source: str, data: DataConfig) -> None:
     """Every id in ``[0, vocab_size)``, scanned in chunks so a memory map stays a memory map."""
     low, high = 0, -1
@@ -300,15 +322,7 @@ class BatchStream:
                 f"train.micro_batch={micro_batch}",
                 f"make train.global_batch a multiple of {dp_size * micro_batch}",
             )
-        if len(dataset) < global_batch:
-            needed = global_batch * dataset.seq_len + 1
-            raise DataError(
-                "train.global_batch",
-                f"{global_batch} sequences of train.seq_len={dataset.seq_len} need at least "
-                f"{needed} tokens, but the data has {len(dataset.tokens)} "
-                f"({len(dataset)} samples)",
-                "use more data (data.path), or lower train.global_batch or train.seq_len",
-            )
+        check_token_count(len(dataset.tokens), global_batch, dataset.seq_len)
         self.dataset = dataset
         self.global_batch = global_batch
         self.micro_batch = micro_batch

@@ -101,8 +101,12 @@ def test_corrupted_checkpoint_is_refused_before_loading(runs, tmp_path):
 
 
 def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
+    import numpy as np
+
     blocker = tmp_path / "file"
     blocker.write_text("")
+    (tmp_path / "short.txt").write_text("hi")
+    np.save(tmp_path / "floats.npy", np.zeros(10, np.float32))
     cases = [
         (["--nproc-per-node", "3", "configs/tiny.yaml", "--set", "parallel.dp_shard=2"],
          "--nproc-per-node 3"),
@@ -151,6 +155,13 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
          "--nnodes: 1:2: orch plans for one world size, not an elastic range"),
         (["--nnodes", "abc", "--nproc-per-node", "1", "configs/tiny.yaml"],
          "--nnodes: 'abc' is not a number of nodes"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--set",
+          f"data.path={tmp_path / 'short.txt'}"],  # the workers found these two before
+         "train.global_batch: 8 sequences of train.seq_len=256 need at least 2049 tokens, but "
+         "the data has 2"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--set",
+          f"data.path={tmp_path / 'floats.npy'}"],
+         "holds a float32 array of shape (10,); token ids must be a 1-D integer array"),
     ]
     # Two as a user runs them (exit 2, the message, no traceback, nothing started); the rest
     # through the launcher's own check in this process (a launch costs ~6 s importing torch).
