@@ -403,6 +403,26 @@ def test_unreadable_manifest_is_refused(two_ranks, tmp_path) -> None:
 # --- one-process tests ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["files"].update({"../../../../etc/hostname": {"size": 1, "sha256": "x"}}),
+     "lists '../../../../etc/hostname', which is not a file name inside the checkpoint"),
+    (lambda m: m.update(files=[]), "an entry has the wrong type"),
+    (lambda m: m.pop("files"), "has no 'files' entry: it is damaged, or not one orch wrote"),
+])
+def test_a_forged_or_damaged_manifest_is_named_not_followed(tmp_path, change, message) -> None:
+    """A manifest entry naming a path outside the checkpoint made verify hash that file; a
+    damaged one surfaced Python's own errors ("'list' object has no attribute 'get'")."""
+    from orch.runtime.checkpoint.manifest import FORMAT, VERSION
+
+    raw = {"format": FORMAT, "version": VERSION, "step": 1, "fingerprint": "f",
+           "world_size": 1, "plan": {}, "config": {}, "data": {}, "rng": {"0": "rng-rank-0.pt"},
+           "files": {}, "wall_time": 0.0, "save_seconds": 0.0}
+    change(raw)
+    (tmp_path / MANIFEST).write_text(json.dumps(raw))
+    (problem,) = verify(tmp_path)
+    assert f"{tmp_path / MANIFEST}: " in problem and message in problem
+
+
 def test_fingerprint_covers_the_math_only() -> None:
     base = config_fingerprint(Config())
     same_math = Config()

@@ -78,10 +78,16 @@ class Manifest:
 
     @classmethod
     def from_json(cls, path: Path, raw: dict[str, Any]) -> Manifest:
+        if not isinstance(raw, dict):
+            raise ValueError(f"holds a JSON {type(raw).__name__}, not an object")
         if raw.get("format") != FORMAT:
             raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
         if raw.get("version") != VERSION:
             raise ValueError(f"version {raw.get('version')!r}; this orch reads version {VERSION}")
+        for name in [*raw["files"], *raw["rng"].values()]:
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                # a forged entry would make verify read (and report on) files elsewhere
+                raise ValueError(f"lists {name!r}, which is not a file name inside the checkpoint")
         return cls(
             path=path,
             step=int(raw["step"]),
@@ -112,10 +118,17 @@ def read_manifest(path: str | Path) -> Manifest:
             "is missing: the save of this checkpoint did not finish",
             "resume from another checkpoint (checkpoint.resume=auto picks the newest complete one)",
         ) from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except KeyError as exc:
+        raise CheckpointError(
+            file, f"has no {exc.args[0]!r} entry: it is damaged, or not one orch wrote",
+            f"resume from another checkpoint, or delete {path} if it is damaged",
+        ) from None
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        reason = str(exc) if isinstance(exc, OSError | ValueError) else (
+            f"an entry has the wrong type: {exc}")
         raise CheckpointError(
             file,
-            f"cannot be read ({type(exc).__name__}: {exc})",
+            f"cannot be read: {reason}",
             f"resume from another checkpoint, or delete {path} if it is damaged",
         ) from None
 
