@@ -204,6 +204,10 @@ MOE = ["model.experts=4"]
         (["train.lr=inf"], "--set train.lr: 'inf' is not a finite number"),
         (["optimizer.weight_decay=.nan"], "--set optimizer.weight_decay: nan is not a finite"),
         (["model.norm_eps=-1"], "model.norm_eps: must be positive, got -1.0"),
+        (["parallel.pp=2", "parallel.pp_schedule=2bp-1f1b", "parallel.pp_max_deferred=-3"],
+         "parallel.pp_max_deferred: must be 0 or more, got -3"),  # was under pp_schedule
+        (["parallel.stage_layers=[2,2]"], "parallel.stage_layers: [2, 2] splits the layers "
+                                          "between pipeline stages, but parallel.pp is 1"),
         (["offload.io_block_size=1"], "offload.io_block_size: 1 bytes is not a positive "
                                       "multiple of 4,096"),
         (["train.min_lr_ratio=2"], "train.min_lr_ratio: 2.0 is not in [0, 1]"),

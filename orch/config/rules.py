@@ -195,6 +195,18 @@ def check_config(cfg: Config) -> list[Problem]:
         "set parallel.pp_rebalance_threshold=0, or pp > 1 with virtual_stages=1",
     )
     need(
+        p.pp_max_deferred is None or p.pp_max_deferred >= 0,
+        "parallel.pp_max_deferred",
+        f"must be 0 or more, got {p.pp_max_deferred}",
+        "use null (r waiting weight steps on pipeline rank r) or a bound such as 2",
+    )
+    need(
+        not p.stage_layers or p.pp > 1,
+        "parallel.stage_layers",
+        f"{p.stage_layers} splits the layers between pipeline stages, but parallel.pp is 1",
+        "remove parallel.stage_layers, or set parallel.pp",
+    )
+    need(
         p.pp_rebalance_steps >= 1,
         "parallel.pp_rebalance_steps",
         f"must be at least 1, got {p.pp_rebalance_steps}",

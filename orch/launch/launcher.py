@@ -288,11 +288,13 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
                                 "use parallel.dp_shard >= 2 (FSDP or HSDP) with tensor parallel"))
     tiers = {g: getattr(off, g) for g in OFFLOAD_HOMES_RUN}
     unrun = {g: t for g, t in tiers.items() if t not in OFFLOAD_HOMES_RUN[g]}
-    if off.enabled and unrun:
-        asked = " ".join(f"{g}={t}" for g, t in tiers.items())
-        runs = ", ".join(f"{g} on {' or '.join(homes)}" for g, homes in OFFLOAD_HOMES_RUN.items())
-        problems.append(Problem("offload", f"{asked}: this version runs {runs}", " ".join(
-            f"offload.{g}={OFFLOAD_HOMES_RUN[g][0]}" for g in unrun)))
+    if off.enabled:  # one problem per group the runtime does not run where it is asked
+        offloaded = ", ".join(f"{g}={t}" for g, t in tiers.items() if t != "device")
+        for group, tier in unrun.items():
+            problems.append(Problem(
+                f"offload.{group}", f"{tier}, with {offloaded}: once anything is offloaded this "
+                f"version keeps {group} on {' or '.join(OFFLOAD_HOMES_RUN[group])}",
+                f"set offload.{group}={OFFLOAD_HOMES_RUN[group][0]}"))
     if off.enabled and world > 1 and p.dp_replicate != world:
         problems.append(Problem("offload", f"with {world} processes and parallel.dp_replicate="
                                 f"{p.dp_replicate}: offloaded training runs one process, or "

@@ -135,13 +135,11 @@ def resolve_machine(
     if gpus_per_node is None:
         gpus_per_node = world_size if spec.name == "cpu" else min(DEFAULT_GPUS_PER_NODE, world_size)
     if gpus_per_node < 1 or world_size % gpus_per_node:
-        problems.append(
-            Problem(
-                "--gpus-per-node",
-                f"{gpus_per_node} does not divide the world size {world_size} into whole nodes",
-                "pass a --gpus-per-node that divides --world-size",
-            )
-        )
+        message = (f"must be at least 1, got {gpus_per_node}" if gpus_per_node < 1 else
+                   f"{gpus_per_node} does not divide the world size {world_size} into whole "
+                   "nodes")
+        problems.append(Problem("--gpus-per-node", message,
+                                "pass a --gpus-per-node that divides --world-size"))
         return None
     return Machine(
         world_size, gpus_per_node, spec, Topology.uniform(world_size, gpus_per_node, spec)

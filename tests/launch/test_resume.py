@@ -155,6 +155,10 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
          "--nnodes: 1:2: orch plans for one world size, not an elastic range"),
         (["--nnodes", "abc", "--nproc-per-node", "1", "configs/tiny.yaml"],
          "--nnodes: 'abc' is not a number of nodes"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "offload.params=nvme",
+          "--set", "offload.nvme_path=/tmp", "--set", "offload.optimizer=cpu"],
+         "offload.grads: device, with params=nvme, optimizer=cpu: once anything is offloaded "
+         "this version keeps grads on cpu or nvme"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set",
           f"data.path={tmp_path / 'short.txt'}"],  # the workers found these two before
          "train.global_batch: 8 sequences of train.seq_len=256 need at least 2049 tokens, but "
