@@ -25,6 +25,7 @@ from orch.errors import OrchError, PlanError, Problem, ProblemsError
 from orch.launch.failures import oom_kills, worker_failures
 from orch.launch.failures import summary as summary_of_failures
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
+from orch.launch.run_lock import run_dir_lock
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, apply_rebalance, read_rebalance
 from orch.plan import Plan, build_plan
 from orch.plan.cluster import ClusterSpec, NodeSpec, load_cluster
@@ -428,24 +429,26 @@ def launch(argv: Sequence[str]) -> int:
     from torch.distributed.run import run
 
     args, cfg, plan = prepare(argv)
-    print(f"orch launch: {plan.world_size} x {plan.device}, {plan.degrees.short()}, "
-          f"run dir {cfg.run.dir}", flush=True)
-    while True:
-        before = read_rebalance(Path(cfg.run.dir))
-        ooms = oom_kills()
-        try:
-            run(args)
-            break
-        except ChildFailedError as exc:
-            if not _repartitioned(exc, before, Path(cfg.run.dir)):
-                oom_rose = ooms is not None and (oom_kills() or 0) > ooms
-                failed = worker_failures(exc.failures, Path(cfg.run.dir), oom_rose)
-                print(summary_of_failures(failed, _node_name(args), args.max_restarts + 1),
-                      file=sys.stderr, flush=True)
-                raise RunFailed(f"{len(failed)} worker(s) failed (above)") from None
-        plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
-        print(f"orch launch: restarting on the re-partitioned pipeline "
-              f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)
+    run_dir = Path(cfg.run.dir)
+    with run_dir_lock(run_dir, f"{_node_name(args)}-{args.node_rank}"):
+        print(f"orch launch: {plan.world_size} x {plan.device}, {plan.degrees.short()}, "
+              f"run dir {cfg.run.dir}", flush=True)
+        while True:
+            before = read_rebalance(run_dir)
+            ooms = oom_kills()
+            try:
+                run(args)
+                break
+            except ChildFailedError as exc:
+                if not _repartitioned(exc, before, run_dir):
+                    oom_rose = ooms is not None and (oom_kills() or 0) > ooms
+                    failed = worker_failures(exc.failures, run_dir, oom_rose)
+                    print(summary_of_failures(failed, _node_name(args), args.max_restarts + 1),
+                          file=sys.stderr, flush=True)
+                    raise RunFailed(f"{len(failed)} worker(s) failed (above)") from None
+            plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
+            print(f"orch launch: restarting on the re-partitioned pipeline "
+                  f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)
     print(summary(cfg), flush=True)
     return 0
 

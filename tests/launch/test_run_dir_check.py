@@ -37,3 +37,29 @@ def test_a_directory_that_cannot_be_made_is_named_with_the_reason(tmp_path: Path
     assert problem.where == "run.dir"
     assert problem.message == f"'{blocker / 'run'}' is not writable (Not a directory)"
     assert "--set run.dir=PATH" in problem.fix
+
+
+def test_a_second_launch_into_a_run_directory_in_use_stops_before_starting(tmp_path: Path):
+    """Two launches into one run directory on one node both ran, each superseding the other's
+    checkpoints; the second now stops (exit 2) naming the first's process, and the directory
+    is free again once the first has ended. Other nodes' locks are their own."""
+    import os
+    import socket
+
+    from launch_harness import launch, overrides
+
+    from orch.launch.run_lock import run_dir_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    node = f"{socket.gethostname()}-0"
+    with run_dir_lock(run_dir, node):
+        out = launch("--nproc-per-node", "1", "configs/tiny.yaml", *overrides(run_dir))
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"run.dir: '{run_dir}' is in use by another orch launch on this node (pid " \
+               f"{os.getpid()}, since" in out.stderr
+        assert not (run_dir / "config.yaml").exists()  # nothing of the second launch written
+        with run_dir_lock(run_dir, "other-host-0"):  # another node of the same job
+            pass
+    with run_dir_lock(run_dir, node):  # released with its holder: free again
+        pass
