@@ -433,6 +433,8 @@ def launch(argv: Sequence[str]) -> int:
     with run_dir_lock(run_dir, f"{_node_name(args)}-{args.node_rank}"):
         print(f"orch launch: {plan.world_size} x {plan.device}, {plan.degrees.short()}, "
               f"run dir {cfg.run.dir}", flush=True)
+        if (warning := memory_warning(plan)) is not None:
+            print(warning, flush=True)
         while True:
             before = read_rebalance(run_dir)
             ooms = oom_kills()
@@ -451,6 +453,18 @@ def launch(argv: Sequence[str]) -> int:
                   f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)
     print(summary(cfg), flush=True)
     return 0
+
+
+def memory_warning(plan: Plan) -> str | None:
+    """What the launch says when the plan's memory estimate per rank is over the device's
+    usable memory: a warning, not a refusal, since the estimate is a model (``orch plan``)."""
+    if plan.fits:
+        return None
+    from orch.plan.render import gib
+
+    return (f"orch launch: warning: the plan estimates {gib(plan.memory.total)} per rank, over "
+            f"the {gib(plan.memory_limit_bytes)} usable; the run may run out of memory "
+            "(orch plan CONFIG --search lists plans that fit)")
 
 
 def _node_name(args: argparse.Namespace) -> str:
