@@ -2,13 +2,14 @@
 # orch's checks that need a GPU, and the pipeline benchmark on more cores than CI has, in one go
 # on a CUDA machine, each part cut off at a time limit so the whole fits a short booking.
 #
-#   benchmarks/gpu.sh [PART ...]     PART: tests attention moe optim pipeline offload (default all)
+#   benchmarks/gpu.sh [PART ...]     PART: tests attention moe optim pipeline offload compile
+#                                    (default all)
 #
 # Run from anywhere with the Python that has a CUDA torch and Triton (PYTHON, default python3);
 # orch comes from this checkout (PYTHONPATH), nothing is installed. Each part writes what it
-# prints to $RESULTS/PART.txt (default benchmarks/results/gpu-DATE; at most 8 files) and stops
-# after its time limit: PART_LIMIT_S seconds if set, else the part's own below (about 12
-# minutes in all, for the smaller grids these commands ask for; the full ones take longer).
+# prints to $RESULTS/PART.txt (default benchmarks/results/gpu-DATE; 8 files with machine.txt)
+# and stops after its time limit: PART_LIMIT_S seconds if set, else the part's own below (about
+# 14 minutes in all, for the smaller grids these commands ask for; the full ones take longer).
 # The optimizer benchmark compares with bitsandbytes and torchao, and the fine-tuning one with
 # DeepSpeed, where they are installed; each says when they are not.
 set -u
@@ -34,22 +35,23 @@ run() {  # NAME SECONDS COMMAND...: COMMAND's output to $RESULTS/NAME.txt, its e
     echo "== $name: exit $?" | tee -a "$RESULTS/$name.txt"
 }
 
-for part in ${*:-tests attention moe optim pipeline offload}; do
+for part in ${*:-tests attention moe optim pipeline offload compile}; do
     case $part in
         tests) run tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
             tests/offload ;;
         attention) run attention 120 "$PY" benchmarks/attention.py --seqs 1024 4096 16384 ;;
         moe) run moe 60 "$PY" benchmarks/moe_dispatch.py ;;
         optim) run optim 90 "$PY" benchmarks/optim8bit.py --device cuda --steps 10 ;;
-        pipeline)  # a core per stage: 4 and 8 stages, where CI's 2 cores allow only 2
-            run pipeline4 90 "$PY" benchmarks/pipeline.py --stages 4 --blocks 16 --rounds 2 \
-                --steps 2
-            run pipeline8 90 "$PY" benchmarks/pipeline.py --stages 8 --blocks 16 --rounds 2 \
-                --steps 2
-            ;;
+        pipeline)  # a core per stage: 4 and 8 stages, where CI's 2 cores allow only 2; one
+            # file for both, so that every part's output fits the 8 files a device call returns
+            run pipeline 180 bash -c 'for p in 4 8; do "$0" benchmarks/pipeline.py --stages $p \
+                --blocks 16 --rounds 2 --steps 2; done' "$PY" ;;
         offload) run offload 150 "$PY" benchmarks/offload_finetune.py --shape 1b --seq 1024 \
             --batch 2 --steps 3 ;;
-        *) echo "unknown part $part; parts: tests attention moe optim pipeline offload" >&2
+        compile) run compile 120 "$PY" benchmarks/compile.py --rounds 1 --steps 12 --set \
+            model.dim=1024 model.layers=8 model.heads=16 model.kv_heads=8 model.ffn_dim=2816 \
+            train.seq_len=1024 model.max_seq_len=1024 train.global_batch=8 train.micro_batch=8 ;;
+        *) echo "unknown part $part; parts: tests attention moe optim pipeline offload compile" >&2
            exit 2 ;;
     esac
 done

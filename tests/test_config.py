@@ -208,6 +208,11 @@ MOE = ["model.experts=4"]
          "parallel.pp_max_deferred: must be 0 or more, got -3"),  # was under pp_schedule
         (["parallel.stage_layers=[2,2]"], "parallel.stage_layers: [2, 2] splits the layers "
                                           "between pipeline stages, but parallel.pp is 1"),
+        (["train.compile=inductor", "parallel.tp=2"], "train.compile: inductor with "
+                                                      "parallel.tp=2"),
+        (["train.compile=aot_eager", "parallel.pp=2", "parallel.pp_schedule=zbv",
+          "parallel.virtual_stages=2"], "train.compile: aot_eager with pp_schedule=zbv: a "
+                                        "compiled block computes its weight gradients"),
         (["offload.io_block_size=1"], "offload.io_block_size: 1 bytes is not a positive "
                                       "multiple of 4,096"),
         (["train.min_lr_ratio=2"], "train.min_lr_ratio: 2.0 is not in [0, 1]"),

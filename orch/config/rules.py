@@ -10,7 +10,7 @@ from __future__ import annotations
 from orch.config.schema import Config
 from orch.errors import Problem
 from orch.offload.sizes import ALIGN
-from orch.parallel.schedules.generators import CHUNKED
+from orch.parallel.schedules.generators import CHUNKED, SPLIT_BACKWARD
 
 
 def check_config(cfg: Config) -> list[Problem]:
@@ -193,6 +193,20 @@ def check_config(cfg: Config) -> list[Problem]:
         f"re-partitioning needs a pipeline of one stage per rank (pp {p.pp}, virtual_stages "
         f"{p.virtual_stages})",
         "set parallel.pp_rebalance_threshold=0, or pp > 1 with virtual_stages=1",
+    )
+    need(
+        t.compile == "none" or p.tp == 1,
+        "train.compile",
+        f"{t.compile} with parallel.tp={p.tp}: torch 2.13 hands a plain tensor where tensor "
+        "parallelism's redistribution expects a DTensor gradient, and the backward fails",
+        "set train.compile=none, or parallel.tp=1",
+    )
+    need(
+        t.compile == "none" or p.pp == 1 or p.pp_schedule not in SPLIT_BACKWARD,
+        "train.compile",
+        f"{t.compile} with pp_schedule={p.pp_schedule}: a compiled block computes its weight "
+        "gradients with its input gradients, so the schedule's deferred W steps would be empty",
+        "use pp_schedule 1f1b, gpipe or interleaved with train.compile, or train.compile=none",
     )
     need(
         p.pp_max_deferred is None or p.pp_max_deferred >= 0,

@@ -129,6 +129,11 @@ class TrainConfig:
     recompute: Literal["none", "selective", "full"] = field(
         default="none", metadata=_help("activation checkpointing")
     )
+    compile: Literal["none", "inductor", "aot_eager"] = field(
+        default="none",
+        metadata=_help("torch.compile each decoder block with this backend (inductor: fused "
+                       "kernels; aot_eager: the same graphs run eagerly, to debug)"),
+    )
 
 
 @dataclass

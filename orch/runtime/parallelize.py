@@ -46,6 +46,7 @@ from orch.parallel.recompute import apply_recompute
 from orch.parallel.schedules import Schedule, build_schedule
 from orch.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
 from orch.plan import Plan
+from orch.runtime.block_compile import compile_blocks
 
 if TYPE_CHECKING:  # imported where built: torch.distributed.pipelining adds ~1.5 s to start-up
     from orch.parallel.pipeline.executor import PipelineExecutor
@@ -118,6 +119,9 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     if group := sequence_split_group(mesh, tp_routes_apart):
         dims = "+".join(n for n, k in (("cp", d.cp), ("tp", d.tp)) if k > 1)
         set_sequence_group(model, group, dims)
+    if (compiled := compile_blocks(model, cfg.train.compile)) and dist.get_rank() == 0:
+        print(f"orch: torch.compile ({cfg.train.compile}) on this rank's {compiled} decoder "
+              "blocks; the first step compiles them", flush=True)
     apply_recompute(model, cfg.train.recompute)
     parts = [model]
     if d.pp > 1:

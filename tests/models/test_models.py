@@ -377,3 +377,25 @@ def test_recompute_does_not_count_tokens_twice_and_autocast_runs():
         low = layer(x.detach())
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), layer(x.detach()), rtol=0.05, atol=0.05)
+
+
+def test_compiled_blocks_share_one_graph_and_keep_their_parameter_names():
+    """``train.compile`` compiles each block's forward in place: the state dict's names are the
+    uncompiled model's, and identical blocks share one graph (their parameters are graph inputs),
+    so a deep model compiles once."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from orch.runtime.block_compile import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = Transformer(small(layers=3))
+    names = list(model.state_dict())
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    want = model(tokens)
+    assert compile_blocks(model, "aot_eager") == 3
+    assert torch.equal(model(tokens), want)
+    assert list(model.state_dict()) == names
+    assert counters["stats"]["unique_graphs"] == 1

@@ -237,6 +237,10 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "zbv": zbv,
 }
 
+SPLIT_BACKWARD = ("2bp-gpipe", "2bp-1f1b", "zb-h1", "zbv")
+"""Schedules that split each backward into I (input gradients) and W (weight gradients, run
+later)."""
+
 CHUNKED = ("interleaved", "zbv")
 """Schedules that run several model chunks (virtual stages) per rank: interleaved any number of
 2 or more, ZB-V 2."""

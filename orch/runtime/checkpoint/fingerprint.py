@@ -18,10 +18,11 @@ from orch.runtime.checkpoint.manifest import CheckpointError, Manifest
 
 FINGERPRINT_SECTIONS = ("model", "data", "optimizer", "train")
 """Config sections that define the training run's math; the rest says how and where it runs."""
-FINGERPRINT_EXCLUDED = {"train": ("steps", "micro_batch", "recompute"), "model": ("init_from",)}
+FINGERPRINT_EXCLUDED = {"train": ("steps", "micro_batch", "recompute", "compile"),
+                       "model": ("init_from",)}
 """Fields that may change on resume: more steps, or another split of the same global batch and
-another memory/compute trade-off when the run moves to another plan; and where the weights
-started (a resume loads them from the checkpoint)."""
+another memory/compute trade-off when the run moves to another plan, compiled or not; and where
+the weights started (a resume loads them from the checkpoint)."""
 
 
 def _fingerprinted(config: dict[str, Any]) -> dict[str, Any]:

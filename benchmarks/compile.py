@@ -1,0 +1,54 @@
+"""``train.compile``: tokens/s of orch launch with each decoder block compiled (inductor)
+against the same run uncompiled, in turn, in the same session.
+
+    .venv/bin/python benchmarks/compile.py [--procs 1] [--steps 12] [--rounds 2] [--set k=v ...]
+
+Default: the tiny model of configs/tiny.yaml, one process, fp32 on CPU (bf16 on a GPU, as the
+config asks). The first steps compile (inductor: tens of seconds on CPU), so the median step
+time after ``--warmup`` steps is compared; the compile time is printed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+
+from orch_runs import launch, steady_tokens_per_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--procs", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--set", dest="sets", nargs="*", default=[])
+    args = parser.parse_args()
+    import torch
+
+    print(f"# train.compile: {args.config} {' '.join(args.sets)}, {args.procs} process(es), "
+          f"{args.steps} steps ({platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, {datetime.date.today()})")
+    print("| round | compile | tokens/s | first step s | steady step s |")
+    print("|---:|---|---:|---:|---:|")
+    speed: dict[str, list[float]] = {"none": [], "inductor": []}
+    for round_ in range(1, args.rounds + 1):
+        for backend in speed:
+            sets = [f"train.steps={args.steps}", "train.warmup_steps=1", "run.log_interval=1",
+                    f"train.compile={backend}", *args.sets]
+            rows, _ = launch(args.config, args.procs, sets)
+            rate = steady_tokens_per_s(rows, args.warmup)
+            speed[backend].append(rate)
+            steady = statistics.median(r["step_time_s"] for r in rows[args.warmup:])
+            print(f"| {round_} | {backend} | {rate:,.0f} | {rows[0]['step_time_s']:.2f} | "
+                  f"{steady:.3f} |", flush=True)
+    ratios = [c / n for c, n in zip(speed["inductor"], speed["none"], strict=True)]
+    print(f"\ninductor / uncompiled tokens/s per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
+
+
+if __name__ == "__main__":
+    main()
