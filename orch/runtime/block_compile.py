@@ -4,12 +4,13 @@ A block's ``forward`` is compiled in place, not the block wrapped: the module ke
 parameter names (checkpoints, FSDP units and the HuggingFace mapping do not see the compile), and
 the hooks other layers of orch put on the block (FSDP's gathers, the offload engine's fetches,
 pipeline stages) stay outside the compiled code, where they can do I/O and collectives. Inside a
-block, torch.compile sees orch's kernels as the custom ops they are (``torch.ops.orch.*``) and
-context/expert parallelism's collectives as graph breaks. Activation recompute wraps the compiled
-forward (``orch.parallel.recompute``), so a recomputed block runs the compiled code again: the
-other way round from torchtitan, which compiles the checkpointed block, because orch's recompute
-is built on saved-tensor hooks, which torch.compile does not trace. The offload engine's
-saved-tensor hooks see the compiled graph's saved tensors.
+block, torch.compile sees orch's kernels as the custom ops they are (``torch.ops.orch.*``), and
+context and expert parallelism's collectives and MoE routing's data-dependent shapes as graph breaks
+(the code between them is compiled; checked with ``TORCH_LOGS=graph_breaks``). Activation recompute
+wraps the compiled forward (``orch.parallel.recompute``), so a recomputed block runs the compiled
+code again: the other way round from torchtitan, which compiles the checkpointed block, because
+orch's recompute is built on saved-tensor hooks, which torch.compile does not trace. The offload
+engine's saved-tensor hooks see the compiled graph's saved tensors.
 
 Blocks of one kind share one compiled graph: torch.compile treats their parameters as inputs
 (``inline_inbuilt_nn_modules``), so a model of 80 identical blocks compiles once, not 80 times.
