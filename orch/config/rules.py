@@ -22,6 +22,12 @@ def check_config(cfg: Config) -> list[Problem]:
 
     m, t, p, o = cfg.model, cfg.train, cfg.parallel, cfg.optimizer
     need(
+        bool(cfg.checkpoint.resume.strip()),
+        "checkpoint.resume",
+        "is empty",
+        "use auto (the newest complete checkpoint), none, or a checkpoint directory",
+    )
+    need(
         bool(cfg.run.dir.strip()),
         "run.dir",
         "is empty: the run would write its files into the current directory",

@@ -407,6 +407,8 @@ def _check_resume(cfg: Config, plan: Plan, resume: str | None) -> list[Problem]:
     from orch.runtime.checkpoint import CheckpointError, CheckpointManager
     from orch.runtime.checkpoint.manifest import read_manifest
 
+    if resume is not None and not resume.strip():  # was taken for auto
+        return [Problem("--resume", "is empty", "give auto, none, or a checkpoint directory")]
     manager = CheckpointManager(Path(cfg.run.dir), cfg, plan.to_dict(with_groups=False), 0, 1)
     try:
         # Sizes and the index here (cheap); the workers hash every file, split among them.

@@ -151,6 +151,7 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
          "parallel.sequence_parallel: false with tp=2 and MoE layers"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "run.dir="],
          "run.dir: is empty"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--resume", ""], "--resume: is empty"),
         (["--nnodes", "1:2", "--nproc-per-node", "1", "configs/tiny.yaml"],
          "--nnodes: 1:2: orch plans for one world size, not an elastic range"),
         (["--nnodes", "abc", "--nproc-per-node", "1", "configs/tiny.yaml"],

@@ -269,6 +269,9 @@ def schedule_problem(
         _require(stages, microbatches, virtual)
     except ValueError as exc:
         return str(exc)
+    if name == "interleaved" and virtual < 2:  # as the config says (parallel.virtual_stages)
+        return (f"interleaved runs 2 or more stages per rank, not virtual={virtual} (that is "
+                "1f1b); set virtual=2")
     if name == "interleaved":
         return _interleaved_problem(stages, microbatches)
     if name == "zbv" and virtual != 2:
