@@ -64,6 +64,10 @@ class Machine:
             return len(self.cluster.nodes)
         return -(-self.world_size // self.gpus_per_node)
 
+MAX_WORLD_SIZE = 1 << 20
+"""The most devices a plan is made for: ten times the largest training clusters of 2026; a plan
+lists every rank, so a mistyped 10**9 would run for minutes before saying anything."""
+
 
 def resolve_machine(
     cfg: Config,
@@ -123,11 +127,11 @@ def resolve_machine(
             )
         )
         return None
-    if world_size < 1:
+    if not 1 <= world_size <= MAX_WORLD_SIZE:
         problems.append(
             Problem(
                 "--world-size",
-                f"must be at least 1, got {world_size}",
+                f"must be between 1 and {MAX_WORLD_SIZE:,}, got {world_size:,}",
                 "pass the number of devices in the job",
             )
         )
