@@ -26,16 +26,17 @@ through ``.data``, so no version counter moves. Every fetched byte and every gra
 the device is accounted in a :class:`~orch.offload.budget.DeviceBudget`, which never lets the
 engine pass ``device_budget``.
 
-Gradient accumulation over micro-batches matches the plain run bit for bit: the first
-micro-batch's gradient is copied home, later ones added, as autograd would have done in
-``param.grad``. After the last micro-batch :meth:`OffloadEngine.finish_step` hands the CPU
-gradients to the parameters (``param.grad``), so the trainer's clip runs unchanged on the CPU;
-:meth:`OffloadEngine.step` then runs the trainer's optimizer on them unit by unit beside the
-next forward (:mod:`orch.offload.cpu_step`), and a unit is fetched only once it is updated.
-Data-parallel replicas sum each unit's home gradients onto the replica that steps it, as the
-unit's last backward of the step ends, and that replica sends the others the stepped
-parameters (:mod:`orch.offload.grad_homes`, :mod:`orch.offload.partition`), or, with
-``offload.shard_params``, keeps them while the others receive each unit from its owner per use
+Gradient accumulation over micro-batches matches the plain run bit for bit: the first micro-batch's
+gradient is copied home, later ones added, as autograd would have done in ``param.grad`` (on CUDA a
+later one travels to a pinned buffer beside the backward and is added on the host once it has
+landed, in order; a blocking copy there would stall the backward). After the last micro-batch
+:meth:`OffloadEngine.finish_step` hands the CPU gradients to the parameters (``param.grad``), so the
+trainer's clip runs unchanged on the CPU; :meth:`OffloadEngine.step` then runs the trainer's
+optimizer on them unit by unit beside the next forward (:mod:`orch.offload.cpu_step`), and a unit is
+fetched only once it is updated. Data-parallel replicas sum each unit's home gradients onto the
+replica that steps it, as the unit's last backward of the step ends, and that replica sends the
+others the stepped parameters (:mod:`orch.offload.grad_homes`, :mod:`orch.offload.partition`), or,
+with ``offload.shard_params``, keeps them while the others receive each unit from its owner per use
 (:mod:`orch.offload.param_shards`). Gradients on NVMe leave CPU memory between backwards
 (:mod:`orch.offload.grad_homes`).
 """
@@ -219,9 +220,10 @@ class OffloadEngine:
                                    nvme if grads_on_nvme else None, self.transfers.pin)
         """The home gradients: in CPU memory (averaged over data-parallel replicas once given a
         group) or on the NVMe tier between backwards."""
-        self._landing: deque[tuple[torch.cuda.Event, int]] = deque()
-        """Gradient copies on their way home (CUDA): each one's end and its device bytes,
-        accounted until it has landed."""
+        self._landing: deque[tuple[torch.cuda.Event, int, Callable[[], object] | None]] = deque()
+        """Gradient copies on their way home (CUDA): each one's end, its device bytes, accounted
+        until it has landed, and what the host does with it then (a later micro-batch's
+        gradient is added to the home; a step's first was copied straight into it)."""
         self.updates = UnitUpdates([unit.params for unit in units], self.homes)
         self.partition: Partition | None = None
         """With data-parallel replicas: which replica steps which unit."""
@@ -399,19 +401,23 @@ class OffloadEngine:
         nbytes = grad.numel() * grad.element_size()
         self._land_gradients(until_fits=nbytes)
         self.budget.take(nbytes, f"a gradient of {self._unit_of[p].name}")
-        landed = None
+        landed, then = None, None
         if p in self._fresh:  # on CUDA the copy runs beside the backward (its memory kept)
             landed = self.transfers.to_home(home, grad)  # converted on the device: home bytes
             self._fresh.discard(p)
             self.bytes_to_home += home.numel() * home.element_size()
-        else:  # an earlier micro-batch's copy into ``home`` has landed (finish_backward)
-            home.add_(grad.to("cpu"))
+        else:  # a later micro-batch's: summed into the home once its copy is on the host (an
+            # earlier micro-batch's copy into ``home`` has landed: finish_backward)
+            landed, host = self.transfers.to_host(grad)
+            then = partial(home.add_, host)
             self.bytes_to_home += nbytes
         p.grad = None
         if landed is None:
+            if then is not None:
+                then()
             self.budget.give(nbytes)
         else:
-            self._landing.append((landed, nbytes))
+            self._landing.append((landed, nbytes, then))
         unit = self._unit_of[p]
         unit.grads_left -= 1
         self._maybe_done(unit)
@@ -420,8 +426,10 @@ class OffloadEngine:
         """Wait for gradient copies on their way home, oldest first, giving back their device
         bytes: all of them, or only until ``until_fits`` more bytes fit the budget."""
         while self._landing and (until_fits is None or not self.budget.fits(until_fits)):
-            landed, nbytes = self._landing.popleft()
+            landed, nbytes, then = self._landing.popleft()
             landed.synchronize()
+            if then is not None:  # a later micro-batch's gradient: added on the host, in order
+                then()
             self.budget.give(nbytes)
 
     def _input_reached(self, unit: Unit) -> None:

@@ -21,7 +21,9 @@ Gradients go home the same way (:meth:`HostTransfers.to_home`): the copy, on the
 after the compute that produced the gradient, lands in the unit's pinned gradient home while the
 backward goes on; the gradient's device memory is kept for the copy (``record_stream``) and the
 engine waits for the copies that land in a unit's home before anything on the host reads it (the
-average over replicas, the clip, the optimizer step, the next micro-batch's addition).
+average over replicas, the clip, the optimizer step, the next micro-batch's addition). A later
+micro-batch's gradient, which is added to its home rather than copied into it, travels the same
+way into a pinned buffer of its own (:meth:`HostTransfers.to_host`).
 :meth:`HostTransfers.synchronize` ends every copy before the optimizer step writes the homes.
 Swapped activations use the same stream both ways (:mod:`orch.offload.activations`).
 
@@ -102,6 +104,16 @@ class HostTransfers:
         if self.stream is not None:
             source.record_stream(self.stream)
         return done
+
+    def to_host(self, source: torch.Tensor) -> tuple[CopyDone, torch.Tensor]:
+        """``source`` (a device tensor) in CPU memory: on CUDA a pinned copy made on the side
+        stream (the event it ends with; read it only after), else ``source`` itself (None)."""
+        if self.stream is None:
+            return None, source.cpu()
+        host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+        done = self._copy([(host, source)], to_device=False)
+        source.record_stream(self.stream)
+        return done, host
 
     def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], to_device: bool
               ) -> CopyDone:

@@ -116,6 +116,10 @@ class DeferredTransfers:
     def to_home(self, home, source):  # type: ignore[no-untyped-def]
         return self._later([(home, source)], False)
 
+    def to_host(self, source):  # type: ignore[no-untyped-def]
+        host = torch.full_like(source, float("nan"))  # read before its copy: NaN numbers
+        return self._later([(host, source)], False), host
+
     def _later(self, pairs, now):  # type: ignore[no-untyped-def]
         later = _Later(self, pairs)
         with self._lock:
