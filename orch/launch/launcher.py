@@ -39,6 +39,16 @@ class RunFailed(OrchError):
     exit_code = 1
 
 
+class RunStopped(OrchError):
+    """The launcher was signalled (Ctrl-C, Slurm's SIGTERM before a time limit): exit 128 +
+    the signal's number, as a shell reports a process the signal ended."""
+
+    def __init__(self, signal_name: str, number: int) -> None:
+        super().__init__(f"stopped by {signal_name}: the workers were ended; --resume auto (the "
+                         "default) continues from the newest complete checkpoint")
+        self.exit_code = 128 + number
+
+
 def worker_parser() -> argparse.ArgumentParser:
     """The options after CONFIG, shared by the launcher and the worker."""
     parser = argparse.ArgumentParser(prog="orch launch ... CONFIG", add_help=False)
@@ -427,6 +437,7 @@ def _check_resume(cfg: Config, plan: Plan, resume: str | None) -> list[Problem]:
 
 def launch(argv: Sequence[str]) -> int:
     """Validate, then run torchrun in this process; 0 when every worker succeeded."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
@@ -443,6 +454,8 @@ def launch(argv: Sequence[str]) -> int:
             try:
                 run(args)
                 break
+            except SignalException as exc:  # torchrun has ended the workers; no traceback
+                raise RunStopped(exc.sigval.name, int(exc.sigval)) from None
             except ChildFailedError as exc:
                 if not _repartitioned(exc, before, run_dir):
                     oom_rose = ooms is not None and (oom_kills() or 0) > ooms

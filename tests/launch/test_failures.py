@@ -195,3 +195,28 @@ def test_a_recorded_failure_is_whole_and_read_by_torchruns_agent(tmp_path, monke
     assert failure.message["message"] == "RuntimeError: Connection closed by peer"
     assert "raise RuntimeError" in failure.message["extraInfo"]["py_callstack"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["error.json"]
+
+
+@pytest.mark.dist
+def test_a_signalled_launch_ends_its_workers_and_says_so_without_a_traceback(tmp_path):
+    """Ctrl-C or Slurm's SIGTERM reached the user as torchrun's SignalException traceback; now
+    one line, exit 128 + the signal, as a shell reports it."""
+    import os
+    import subprocess
+
+    from launch_harness import ORCH, REPO, overrides
+
+    run = subprocess.Popen(
+        [str(ORCH), "launch", "--nproc-per-node", "1", "configs/tiny.yaml",
+         *overrides(tmp_path / "run", "train.steps=100000")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert run.stdout is not None
+    for line in run.stdout:  # the workers are training
+        if line.startswith("step "):
+            break
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM
+    assert "orch launch: stopped by SIGTERM: the workers were ended" in err
+    assert "Traceback" not in err
