@@ -41,7 +41,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "rtx4090, cpu (default h100-sxm-80gb, or the cluster's)",
     )
     p.add_argument("--auto", action="store_true", help="search all valid plans; print the best")
-    p.add_argument("--top", type=int, default=5, help="plans to list with --auto (default 5)")
+    p.add_argument("--top", type=int, help="plans to list with --auto (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--set",
@@ -61,16 +61,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if not args.auto:
+        if args.top is not None:  # was ignored
+            raise PlanError([Problem("--top", f"{args.top}: lists the plans --auto finds",
+                                     "add --auto, or leave --top out")], title="bad arguments")
         plan = build_plan(cfg, args.world_size, args.gpus_per_node, args.device)
         print(json.dumps(plan.to_dict(), indent=1) if args.json else render_plan(plan))
         return 0
     problems: list[Problem] = []
-    if args.top < 1:
-        problems.append(Problem("--top", f"must be at least 1, got {args.top}", "use e.g. 5"))
+    top = 5 if args.top is None else args.top
+    if top < 1:
+        problems.append(Problem("--top", f"must be at least 1, got {top}", "use e.g. 5"))
     machine = resolve_machine(cfg, args.world_size, args.gpus_per_node, args.device, problems)
     if problems or machine is None:
         raise PlanError(problems)
-    result = search(cfg, machine, top=args.top)
+    result = search(cfg, machine, top=top)
     if args.json:
         print(
             json.dumps(

@@ -93,3 +93,12 @@ def test_plan_rule_errors_exit_2():
 def test_missing_config_file_exits_2():
     out = orch("plan", "configs/nope.yaml", "--world-size", "2")
     assert out.returncode == 2 and "config file not found" in out.stderr
+
+
+def test_top_without_auto_is_refused(capsys):
+    """--top lists the plans --auto finds; without --auto it was ignored."""
+    from orch.cli import main
+
+    assert main(["plan", "configs/tiny.yaml", "--world-size", "2", "--top", "3"]) == 2
+    assert "--top: 3: lists the plans --auto finds" in capsys.readouterr().err
+    assert main(["plan", "configs/tiny.yaml", "--world-size", "2", "--auto", "--top", "2"]) == 0

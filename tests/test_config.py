@@ -143,6 +143,7 @@ def test_overrides_are_typed_by_schema():
             "train.lr=1e-3",
             "model.name=123",
             "offload.device_budget=1.5GiB",
+            "offload.params=cpu",
             "model.kv_heads=null",
             "model={dim: 512, heads: 8}",
         ],
@@ -215,6 +216,8 @@ MOE = ["model.experts=4"]
                                         "compiled block computes its weight gradients"),
         (["offload.io_block_size=1"], "offload.io_block_size: 1 bytes is not a positive "
                                       "multiple of 4,096"),
+        (["offload.device_budget=1GB"], "offload.device_budget: 1000000000 is set, but nothing "
+                                        "is offloaded"),  # was ignored
         (["train.min_lr_ratio=2"], "train.min_lr_ratio: 2.0 is not in [0, 1]"),
         (
             ["train.warmup_steps=600"],

@@ -270,6 +270,14 @@ def check_config(cfg: Config) -> list[Problem]:
         "layer itself",
         "set train.recompute=none, or offload.activations to device or cpu",
     )
+    for name in ("device_budget", "pinned_budget"):
+        need(
+            off.enabled or getattr(off, name) == "auto",
+            f"offload.{name}",
+            f"{getattr(off, name)} is set, but nothing is offloaded (every offload group is on "
+            "the device), so no budget applies",
+            "set offload.params (and grads, optimizer) to cpu or nvme, or leave the budget auto",
+        )
     need(
         off.prefetch_depth >= 0,
         "offload.prefetch_depth",
