@@ -17,7 +17,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from orch.config import Config, load_config
@@ -113,14 +113,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _nnodes(value: str, parse: Callable[[str], tuple[int, int]],
-            problems: list[Problem]) -> int:
+def _nnodes(value: str, problems: list[Problem]) -> int:
     """The number of nodes ``--nnodes`` fixes (1 where it is not usable, with the problem):
     orch plans for one world size, so torchrun's elastic ``MIN:MAX`` ranges, with which it waits
     for nodes that may never come, are refused."""
+    from torch.distributed.run import parse_min_max_nnodes
+
     fix = "give the number of nodes, e.g. --nnodes 2"
     try:
-        least, most = parse(value)
+        least, most = parse_min_max_nnodes(value)
     except (ValueError, AssertionError):
         problems.append(Problem("--nnodes", f"{value!r} is not a number of nodes", fix))
         return 1
@@ -166,11 +167,9 @@ def parse_launch(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Name
 
 def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     """Parse and validate everything; return torchrun's args rewritten to start the workers."""
-    from torch.distributed.run import parse_min_max_nnodes
-
     args, extra, cfg = parse_launch(argv)
     problems: list[Problem] = []
-    max_nodes = _nnodes(args.nnodes, parse_min_max_nnodes, problems)
+    max_nodes = _nnodes(args.nnodes, problems)
     cluster, node = _cluster_node(cfg, extra.node_name, problems)
     if node is not None and args.nproc_per_node is None:
         nproc = node.devices

@@ -50,8 +50,6 @@ CopyDone = torch.cuda.Event | None
 class HostTransfers:
     """Copies between the homes and ``device`` (see the module docstring)."""
 
-    STAGING_ELEMENTS = CONVERSION_STAGING_ELEMENTS
-
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -62,7 +60,7 @@ class HostTransfers:
         """Allocate the staging buffer for copies between ``dtype`` homes and device tensors of
         another dtype, of at most ``largest`` elements each; returns its bytes (device memory
         the caller accounts)."""
-        self.staging = torch.empty(min(largest, self.STAGING_ELEMENTS), dtype=dtype,
+        self.staging = torch.empty(min(largest, CONVERSION_STAGING_ELEMENTS), dtype=dtype,
                                    device=self.device)
         return self.staging.numel() * self.staging.element_size()
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from offload_harness import BUDGET, train
 
+from orch.offload import transfers
 from orch.offload.blockio import DirectIO
 from orch.offload.budget import BudgetExceeded
 from orch.offload.nvme import NvmeTier
-from orch.offload.transfers import HostTransfers
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_bf16_device_copies_train_the_mixed_precision_numbers(monkeypatch, stagi
     cast of the model (FSDP's mixed precision), exactly, with half the device bytes for the
     parameters. Before, the engine computed in float32 under autocast, whose bf16 weight casts
     it neither freed nor accounted."""
-    monkeypatch.setattr(HostTransfers, "STAGING_ELEMENTS", staging)
+    monkeypatch.setattr(transfers, "CONVERSION_STAGING_ELEMENTS", staging)
     run = train(True, param_dtype=torch.bfloat16)
     ref = train(False, param_dtype=torch.bfloat16)
     assert run.losses == ref.losses and run.norms == ref.norms
