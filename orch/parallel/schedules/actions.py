@@ -69,8 +69,17 @@ class Action:
         """The communication action on the adjacent stage that this send or receive pairs with."""
         if not self.is_comm:
             raise ValueError(f"{self} is a compute action and has no peer")
+        return Action(*self.peer_key())
+
+    def peer_key(self) -> tuple[str, int, int]:
+        """:meth:`peer` as ``(kind, stage, microbatch)``: what a walk over many actions compares
+        (no Action made and hashed per step)."""
         kind, step = _PEER[self.kind]
-        return Action(kind, self.stage + step, self.microbatch)
+        return kind, self.stage + step, self.microbatch
+
+    def key(self) -> tuple[str, int, int]:
+        """This action as ``(kind, stage, microbatch)``, comparable with :meth:`peer_key`."""
+        return self.kind, self.stage, self.microbatch
 
 
 def stage_rank(stage: int, stages: int, placement: str = "loop") -> int:

@@ -196,8 +196,9 @@ def zb_h1(stages: int, microbatches: int) -> Schedule:
 
 _ZBV_WIDE, _ZBV_NARROW = 256, 1024
 """ZB-V keeps the best of every candidate order up to this many stage micro-batches (P x M; up
-to 30 orders, 1.7 s at P = 8, M = 32), of the first six up to the second (2.5 s at P = 16,
-M = 64; the time grows with the square), and the first alone above."""
+to 30 orders, 1.6 s at P = 8, M = 32), of the first six up to the second (3.5 s at P = 16,
+M = 64; the time grows with the square), and the first alone above (6.8 s at P = 32, M = 128;
+this 2-core machine, busy)."""
 
 
 def zbv(stages: int, microbatches: int) -> Schedule:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from orch.parallel.schedules.actions import COMPUTE, RECVS, Action, Schedule
+from orch.parallel.schedules.actions import COMPUTE, RECVS, SENDS, Action, Schedule
 from orch.parallel.schedules.validate import check, issue_order
 
 
@@ -76,28 +76,51 @@ def peak_activations(actions: list[Action]) -> int:
     return peak
 
 
+class _Walk(NamedTuple):
+    """A valid schedule's actions in an order where every send precedes its receive
+    (``issue_order``), each with its rank and, for a receive, the position of its send: what
+    timing the schedule under any costs needs, worked out once."""
+
+    order: list[tuple[int, Action]]
+    sends: list[int]
+    """Per position: the position of the send a receive waits for; -1 for other actions."""
+
+    @classmethod
+    def of(cls, schedule: Schedule) -> _Walk:
+        order, _ = issue_order(schedule)
+        at = {act.key(): n for n, (_, act) in enumerate(order) if act.kind in SENDS}
+        return cls(order, [at[act.peer_key()] if act.kind in RECVS else -1
+                           for _, act in order])
+
+    def times(self, costs: Costs, stages: int, virtual: int
+              ) -> tuple[list[float], list[float], list[float]]:
+        """Each position's start and end under ``costs``, and each rank's busy seconds."""
+        seconds = {kind: costs.compute(kind, virtual) for kind in COMPUTE}
+        clock, busy = [0.0] * stages, [0.0] * stages
+        starts, ends = [0.0] * len(self.order), [0.0] * len(self.order)
+        for n, ((rank, act), send) in enumerate(zip(self.order, self.sends, strict=True)):
+            start = end = clock[rank]
+            if (cost := seconds.get(act.kind)) is not None:
+                end = start + cost
+                busy[rank] += cost
+            elif send >= 0:  # a receive: the data left when its send started
+                end = max(start, starts[send] + costs.comm)
+            starts[n], ends[n] = start, end
+            clock[rank] = end
+        return starts, ends, busy
+
+
 def simulate(schedule: Schedule, costs: Costs, *, trusted: bool = False) -> Timeline:
     """Time ``schedule`` under ``costs``; raises ValueError (from ``check``) if it is invalid.
     ``trusted`` skips the check (two thirds of the time) for a schedule known to be valid."""
     if not trusted:
         check(schedule)
-    order, _ = issue_order(schedule)
-    clock = [0.0] * schedule.stages
-    busy = [0.0] * schedule.stages
+    walk = _Walk.of(schedule)
+    starts, ends, busy = walk.times(costs, schedule.stages, schedule.virtual)
     spans: list[list[Span]] = [[] for _ in range(schedule.stages)]
-    sent_at: dict[Action, float] = {}
-    for rank, act in order:
-        start = end = clock[rank]
-        if act.kind in COMPUTE:
-            end = start + costs.compute(act.kind, schedule.virtual)
-            busy[rank] += end - start
-        elif act.kind in RECVS:
-            end = max(start, sent_at[act.peer()] + costs.comm)
-        else:
-            sent_at[act] = start
+    for (rank, act), start, end in zip(walk.order, starts, ends, strict=True):
         spans[rank].append(Span(act, start, end))
-        clock[rank] = end
-    makespan = max(clock)
+    makespan = max((rank_spans[-1].end for rank_spans in spans if rank_spans), default=0.0)
     idle = [1.0 - b / makespan if makespan else 0.0 for b in busy]
     peaks = [peak_activations(actions) for actions in schedule.ranks]
     return Timeline(spans, makespan, idle, peaks)
@@ -115,10 +138,12 @@ def worst_mix(schedule: Schedule, *, trusted: bool = False,
     for are not the ones the run has (the run then waits where the order assumed data ready).
     With ``above``, the first step found longer than that is returned at once (a search that
     only needs to know the order is worse than one it has)."""
-    worst = 0.0
+    if not trusted:
+        check(schedule)
+    walk, worst = _Walk.of(schedule), 0.0
     for costs in COST_MIXES:
-        step = (simulate(schedule, costs, trusted=trusted).makespan
-                / (schedule.microbatches * (costs.f + costs.i + costs.w)))
+        _, ends, _ = walk.times(costs, schedule.stages, schedule.virtual)
+        step = max(ends, default=0.0) / (schedule.microbatches * (costs.f + costs.i + costs.w))
         worst = max(worst, step)
         if above is not None and worst > above:
             break

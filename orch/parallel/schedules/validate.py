@@ -19,17 +19,18 @@ def issue_order(schedule: Schedule) -> tuple[list[tuple[int, Action]], list[tupl
     A rank stops at a receive whose send has not been issued yet; it resumes once it has. Stuck
     lists the action each unfinished rank is blocked on; empty means the schedule completes.
     """
-    done, sent, order = [0] * len(schedule.ranks), set(), []
+    done, order = [0] * len(schedule.ranks), []
+    sent: set[tuple[str, int, int]] = set()
     moved = True
     while moved:
         moved = False
         for rank, actions in enumerate(schedule.ranks):
             while done[rank] < len(actions):
                 act = actions[done[rank]]
-                if act.kind in RECVS and act.peer() not in sent:
+                if act.kind in RECVS and act.peer_key() not in sent:
                     break
                 if act.kind in SENDS:
-                    sent.add(act)
+                    sent.add(act.key())
                 order.append((rank, act))
                 done[rank] += 1
                 moved = True
