@@ -217,7 +217,8 @@ class OffloadEngine:
                     p.data = self._home_tensor(p, name, weights, pin=not params_on_nvme)
             self.homes.place(unit.index)
         self.grads = GradientHomes([unit.params for unit in units],
-                                   nvme if grads_on_nvme else None, self.transfers.pin)
+                                   nvme if grads_on_nvme else None, self.transfers.pin,
+                                   self.transfers.register)
         """The home gradients: in CPU memory (averaged over data-parallel replicas once given a
         group) or on the NVMe tier between backwards."""
         self._landing: deque[tuple[torch.cuda.Event, int, Callable[[], object] | None]] = deque()
@@ -609,6 +610,7 @@ class OffloadEngine:
             self.shared.close()
         if self.swap is not None:
             self.swap.close()
+        self.grads.close()
         self.homes.close()
 
     def step_record(self) -> dict[str, float]:

@@ -16,14 +16,14 @@ ends with one count per parameter of the replicas that reached it: a parameter t
 replica's micro-batches reached (an expert no token chose) gets no gradient, as in one process,
 and one that only some reached gets the replicas' mean with zeros for the others, as DDP gives.
 
-With gradients on NVMe (``offload.grads: nvme``, one process) a unit's buffer holds bytes only
-while a backward adds to it: after each micro-batch's backward of the unit it is written to the
-tier and freed, and read back before the next one adds (read, add, write: accumulation over
-micro-batches stays exact). After the step's last, each gradient's norm is taken before the
-write, so the clip needs no second pass over the disk (a deferred norm): the global norm is the
-norm of those norms, as ``torch.nn.utils.get_total_norm`` forms it, and the clip's factor is
-applied when the optimizer step reads each unit's gradients back (:meth:`GradientHomes.handover`),
-so the numbers equal the CPU tier's bit for bit.
+With gradients on NVMe (``offload.grads: nvme``, one process) a unit's buffer is in memory only
+while a backward adds to it, in one of a few locked buffers (:mod:`orch.offload.grad_staging`):
+after each micro-batch's backward of the unit it is written to the tier behind, and read back before
+the next one adds (read, add, write: accumulation over micro-batches stays exact). After the step's
+last, each gradient's norm is taken before the write, so the clip needs no second pass over the disk
+(a deferred norm): the global norm is the norm of those norms, as ``torch.nn.utils.get_total_norm``
+forms it, and the clip's factor is applied when the optimizer step reads each unit's gradients back
+(:meth:`GradientHomes.handover`), so the numbers equal the CPU tier's bit for bit.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from orch.models.weights import placeholder
+from orch.offload.grad_staging import GradientStaging
 from orch.offload.nvme import NvmeTier
 
 GradsForUpdate = Callable[[int], AbstractContextManager]
@@ -54,9 +56,12 @@ class GradientHomes:
     one flat buffer per unit; with :attr:`group` set, averaged over its ranks."""
 
     def __init__(self, units: list[list[nn.Parameter]], tier: NvmeTier | None = None,
-                 pin: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+                 pin: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                 register: Callable[[torch.Tensor], Callable[[], None]] = lambda t: lambda: None
+                 ) -> None:
         """``pin``: makes a buffer page-locked where that lets copies into it run beside the
-        compute (CUDA; not NVMe gradients, whose buffers are freed and grown again)."""
+        compute (CUDA); ``register`` does so in place, for NVMe gradients' locked buffers
+        (:meth:`~orch.offload.transfers.HostTransfers.register`)."""
         self.units, self.tier = units, tier
         """``tier``: the NVMe tier the buffers rest in between backwards (None: CPU memory)."""
         self.group: dist.ProcessGroup | None = None
@@ -90,14 +95,20 @@ class GradientHomes:
             dtypes = {p.dtype for p in params}
             if len(dtypes) > 1:
                 raise ValueError(f"a unit's parameters must share one dtype, got {dtypes}")
-            flat = torch.zeros(sum(p.numel() for p in params) + len(params),
-                               dtype=dtypes.pop() if dtypes else None)
+            flat = (torch.zeros if tier is None else torch.empty)(
+                sum(p.numel() for p in params) + len(params),
+                dtype=dtypes.pop() if dtypes else None)
             if tier is None:
                 flat = pin(flat)
-            self.of |= zip(params, packed_views(flat, params), strict=True)
+            else:  # bytes only while a backward adds (:meth:`take_in`)
+                tier.reserve(("grads", len(self._flat)), [flat])
             self._flat.append(flat)
-            if tier is not None:
-                flat.untyped_storage().resize_(0)
+            self._point_at(len(self._flat) - 1, flat if tier is None else None)
+        self.staging = None if tier is None else GradientStaging(
+            tier, max(flat.numel() * flat.element_size() for flat in self._flat), register)
+        """With NVMe gradients: the locked buffers a unit's gradients gather in."""
+        self._taken: set[int] = set()
+        """With NVMe gradients: units whose buffer is in memory (:meth:`take_in`)."""
         self._stored: set[int] = set()
         """Units whose buffer (this step's partial sums) is on the NVMe tier."""
         self._final: set[int] = set()
@@ -125,35 +136,56 @@ class GradientHomes:
         micro-batch stored some (its first micro-batch copies, so fresh bytes need no zeros)."""
         if index in self._pending and not self.owns(index):
             self._collect(index)  # its last sum must have read the buffer
-        flat = self._flat[index]
-        if flat.untyped_storage().nbytes() > 0:
+        if self.staging is not None:
+            if index not in self._taken:
+                self._taken.add(index)
+                self._point_at(index, self.staging.take(("grads", index),
+                                                        fill=index in self._stored))
+                before = index - 1  # the backward's next unit: its earlier sums, read ahead
+                if before in self._stored and not {before} & (self._taken | self._final):
+                    self.staging.read_ahead(("grads", before))
             return
-        flat.untyped_storage().resize_(flat.numel() * flat.element_size())
-        if self.tier is not None and index in self._stored:
-            (stored,) = self.tier.read(("grads", index), staged=False)
-            flat.copy_(stored)
-            self.tier.done(("grads", index))
+        flat = self._flat[index]
+        if flat.untyped_storage().nbytes() == 0:
+            flat.untyped_storage().resize_(flat.numel() * flat.element_size())
+
+    def _point_at(self, index: int, flat: torch.Tensor | None) -> None:
+        """Unit ``index``'s gradients are ``flat`` from now on; None: placeholders (NVMe
+        gradients between uses)."""
+        params = self.units[index]
+        if flat is None:
+            self._flat[index] = placeholder(self._flat[index])
+            self.of.update((p, placeholder(p)) for p in params)
+        else:
+            self._flat[index] = flat
+            self.of.update(zip(params, packed_views(flat, params), strict=True))
 
     def put_away(self, index: int, unreached: set[nn.Parameter], final: bool) -> None:
         """After a micro-batch's backward of unit ``index`` (NVMe): write its buffer to the tier
-        and free it; after the step's last, first take each reached gradient's norm."""
-        if self.tier is None or index in self._final or not self.units[index]:
+        (behind) and let it go; after the step's last, first take each reached gradient's
+        norm."""
+        if self.staging is None or index in self._final or not self.units[index]:
             return
-        flat = self._flat[index]
+        added = index in self._taken  # else nothing was added since it was stored
         if final:
             self._final.add(index)
             reached = [p for p in self.units[index] if p not in unreached]
-            if not reached:  # no micro-batch of the step reached the unit: no gradients
-                flat.untyped_storage().resize_(0)
-                return
-            self.take_in(index)  # a unit this micro-batch passed by: its earlier sums
-            for p in reached:
-                self._norms[p] = torch.linalg.vector_norm(self.of[p])
-        if flat.untyped_storage().nbytes() == 0:  # nothing added since it was stored
+            if reached:
+                self.take_in(index)  # a unit this micro-batch passed by: its earlier sums
+                for p in reached:
+                    self._norms[p] = torch.linalg.vector_norm(self.of[p])
+            added = added and bool(reached)  # none reached: no gradients, nothing to write
+        if index not in self._taken:  # a backward that passed it by: a read ahead, if any, goes
+            self.staging.cancel(("grads", index))
             return
-        self.tier.write(("grads", index), [flat])
-        self._stored.add(index)
-        flat.untyped_storage().resize_(0)
+        flat, key = self._flat[index], ("grads", index)
+        self._taken.discard(index)
+        self._point_at(index, None)
+        if added:
+            self.staging.put(key, flat)
+            self._stored.add(index)
+        else:
+            self.staging.drop(key, flat)
 
     def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         """The NVMe gradients' global norm over ``params`` (in that order, as the clip of the
@@ -165,9 +197,11 @@ class GradientHomes:
         """For the optimizer step of the finished step (NVMe gradients; None otherwise): a
         context per unit in which its reached parameters' ``grad`` are read back and clipped.
         It keeps its own record of the step, which the next one may start beside it."""
-        if self.tier is None:
+        if self.staging is None:
             return None
-        tier, stored, reached, scale = self.tier, set(self._stored), set(self._norms), self.scale
+        self.staging.wait()  # every write of the step is on disk, before it is read back
+        tier, stored, reached, scale = (self.staging.tier, set(self._stored), set(self._norms),
+                                        self.scale)
 
         @contextmanager
         def grads_for(index: int) -> Iterator[None]:
@@ -244,6 +278,11 @@ class GradientHomes:
                 self._others[index] = received
         else:
             self._flat[index].untyped_storage().resize_(0)
+
+    def close(self) -> None:
+        """End the NVMe gradients' writes and give back their buffers (before the tier closes)."""
+        if self.staging is not None:
+            self.staging.close()
 
     def owns(self, index: int) -> bool:
         """This replica sums unit ``index``'s gradients (its owner; one process owns all)."""

@@ -197,7 +197,8 @@ class _Held:
 
     buffer: torch.Tensor
     staged: bool
-    """From the pool (else pageable, freed with its last reference)."""
+    """From the pool (else the reader's own: pageable, freed with its last reference, or the
+    caller's ``into``)."""
     users: int = 0
     """Reads whose views are in use (:meth:`NvmeTier.read` until its write or done)."""
     writing: bool = False
@@ -232,13 +233,16 @@ class NvmeTier:
         """What a read of group ``key`` from disk moves: its region's bytes."""
         return self._regions[key].nbytes
 
-    def read(self, key: object, staged: bool = True, fill: bool = True) -> list[torch.Tensor]:
+    def read(self, key: object, staged: bool = True, fill: bool = True,
+             into: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The group's tensors, as views of a buffer held until :meth:`write` or :meth:`done`
         for the same key: the group's held buffer if it has one (no disk read), else a staging
         buffer of the pool, or with ``staged=False`` a pageable one of its own (for reads that
-        hold many groups at once, which the pinned budget is not sized for). ``fill=False``
-        leaves a new buffer as it comes, for a caller that overwrites every tensor (a
-        checkpoint load)."""
+        hold many groups at once, which the pinned budget is not sized for), or the start of
+        the caller's ``into`` (an ``io.buffer`` of at least :meth:`nbytes`; the caller's
+        again once the write or done is through). ``fill=False`` leaves a new buffer as it
+        comes, for a caller that overwrites every tensor (a checkpoint load, a first
+        gradient)."""
         region = self._regions[key]
         with self._lock:
             if (held := self._held.get(key)) is not None:
@@ -246,7 +250,11 @@ class NvmeTier:
                 held.due = None  # taken: given back once its users and its write are through
                 self.bytes_from_memory += region.nbytes
                 return region.views(held.buffer)
-        buffer = self.pool.take(region.nbytes) if staged else self.io.buffer(region.nbytes, False)
+        if into is not None:
+            buffer, staged = into[:region.nbytes], False
+        else:
+            buffer = (self.pool.take(region.nbytes) if staged
+                      else self.io.buffer(region.nbytes, False))
         if fill:
             self.io.read(buffer, region.offset)
             self.bytes_read += region.nbytes

@@ -11,3 +11,8 @@ CONVERSION_STAGING_ELEMENTS = 1 << 24
 """The most elements a copy that changes dtype stages at once on the device (64 MiB of float32;
 :class:`orch.offload.transfers.HostTransfers`): one such buffer is on the device tier under
 bf16, which the plan counts too."""
+
+NVME_GRAD_BUFFERS = 3
+"""Locked host buffers of a unit's gradients each with ``offload.grads: nvme``: one gathering a
+unit's gradients while another is written and a third read ahead for the next unit
+(:mod:`orch.offload.grad_staging`)."""

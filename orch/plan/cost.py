@@ -291,8 +291,8 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
     if off.optimizer == "nvme":
         update_io += 2 * estimate_memory(cfg, deg).optimizer
     if off.grads == "nvme":  # written after each micro-batch's backward, read before the
-        disk += (2 * micro - 1) * params * 4  # next adds (in the backward: exposed), and read
-        update_io += params * 4  # once more by the update
+        disk += (2 * micro - 1) * params * 4  # next adds (behind and ahead of the backward,
+        update_io += params * 4  # counted as exposed, as the fetches), and read by the update
     transfers += disk / NVME_BYTES_PER_S
     optimizer += update_io / NVME_BYTES_PER_S
     hidden = (1 - BACKWARD_SHARE) * compute

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from orch.config.schema import Config, ModelConfig
-from orch.offload.sizes import CONVERSION_STAGING_ELEMENTS
+from orch.offload.sizes import CONVERSION_STAGING_ELEMENTS, NVME_GRAD_BUFFERS
 from orch.parallel.schedules.actions import rank_stages
 from orch.parallel.schedules.generators import placement_of
 from orch.plan.activations import (
@@ -235,7 +235,8 @@ class MemoryEstimate:
     gradient on its way home and, when activations are swapped, one layer's saved activations.
     ``staging_min`` is the pinned CPU memory the NVMe tier stages through at once: a unit's
     parameters on their way to the device and another unit's parameters and optimizer states
-    being updated (the groups that rest on NVMe).
+    being updated (the groups that rest on NVMe); ``grad_staging`` the locked CPU memory
+    gradients on NVMe gather in, beside it (:mod:`orch.offload.grad_staging`).
     """
 
     params: int
@@ -250,6 +251,7 @@ class MemoryEstimate:
     window: int = 0
     window_min: int = 0
     staging_min: int = 0
+    grad_staging: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -351,6 +353,7 @@ def estimate_memory(
         unit_optim = -(-whole_optim * -(-unit // fsdp) // max(1, n))
         staging = (2 * unit_bytes if tiers[0] == "nvme" else 0) + (
             unit_optim if tiers[2] == "nvme" else 0)
+        grad_staging = NVME_GRAD_BUFFERS * GRAD_BYTES * -(-unit // fsdp) * (tiers[1] == "nvme")
         total, cpu, nvme, window, window_min = buffers, 0, 0, 0, 0
         for size, tier, most, least in zip(groups, tiers, windows, minimum, strict=True):
             if tier == "device":
@@ -364,5 +367,6 @@ def estimate_memory(
                 nvme += size
         total += window
         if not best or total > best[5]:
-            best = (*groups, buffers, total, cpu, nvme, p, window, window_min, staging)
+            best = (*groups, buffers, total, cpu, nvme, p, window, window_min, staging,
+                    grad_staging)
     return MemoryEstimate(*best)

@@ -79,6 +79,9 @@ def render_plan(plan: Plan) -> str:
     if mem.staging_min:
         lines.append(f"    {'staging':<12}{gib(plan.pinned_budget_bytes):>12} pinned for NVMe "
                      f"transfers (at least {gib(mem.staging_min)})")
+    if mem.grad_staging:
+        lines.append(f"    {'grad buffers':<12}{gib(mem.grad_staging):>12} pinned, gradients "
+                     "gathering on their way to NVMe")
     s = plan.step
     lines += [
         "",

@@ -146,6 +146,12 @@ def test_offload_moves_groups_off_device_but_keeps_a_prefetch_window():
     cfg.offload.optimizer = "nvme"
     both = estimate_memory(cfg, Degrees())
     assert both.staging_min == 2 * 4 * unit + 8 * unit and both.nvme == off.nvme + off.cpu
+    # gradients on NVMe gather in three locked float32 buffers of a unit (gathering, written,
+    # read ahead), beside the pool
+    assert both.grad_staging == 0
+    cfg.offload.grads = "nvme"
+    assert estimate_memory(cfg, Degrees()).grad_staging == 3 * 4 * unit
+    cfg.offload.grads = "device"
     # offloaded replicas each keep the states of the units they step (a share), and still
     # stage a whole unit's states for its update
     replicas = estimate_memory(cfg, Degrees(dp_replicate=4))
