@@ -8,7 +8,19 @@ traceback.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Tell the user ``message`` (something worth knowing that does not stop anything) on stderr,
+    as ``orch: warning: ...``, once per process: Python's ``warnings`` would add a file name and
+    a source line the user has no use for, and repeat it per call site."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"orch: warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

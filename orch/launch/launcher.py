@@ -497,11 +497,11 @@ def _repartitioned(exc: Exception, before: dict | None, run_dir: Path) -> bool:
 
 def summary(cfg: Config) -> str:
     """Where a finished run left its results, and how to go on from its last checkpoint."""
-    from orch.runtime.checkpoint import read_manifest
+    from orch.runtime.checkpoint import CheckpointManager, read_manifest
 
     run_dir = Path(cfg.run.dir)
-    manifests = sorted((run_dir / "checkpoints").glob("step-*/manifest.json"))
-    step = read_manifest(manifests[-1].parent).step if manifests else 0
+    newest = CheckpointManager(run_dir, cfg, {}).latest()  # what the next launch resumes from
+    step = read_manifest(newest).step if newest else 0
     lines = [f"orch launch: done at step {step} of {cfg.train.steps}",
              f"  metrics      {run_dir / 'metrics.jsonl'}",
              f"  checkpoints  {run_dir / 'checkpoints'}"]

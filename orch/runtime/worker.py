@@ -179,10 +179,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
         if rank == 0:
             print(f"orch: resumed from {resume} at step {start}", flush=True)
 
-    def save(step: int) -> None:
-        path = train_state.save(checkpoints, step, stream.state_dict())
-        if rank == 0:
-            print(f"orch: saved checkpoint {path}", flush=True)
+    def save(step: int) -> None:  # the manager says when the checkpoint is complete
+        train_state.save(checkpoints, step, stream.state_dict())
 
     metrics = MetricsLog(run_dir, rank == 0, sys.stdout, resume_step=start,
                          tensorboard=cfg.run.tensorboard)

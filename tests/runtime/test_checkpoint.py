@@ -8,8 +8,10 @@ runs in this process without a process group, as a one-rank run does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
 import random
@@ -35,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from orch.config import Config, config_to_dict
+from orch.launch.launcher import summary
 from orch.runtime import checkpoint as ckpt
 from orch.runtime.checkpoint import (
     MANIFEST,
@@ -188,11 +191,19 @@ def case_async(rank: int, root: Path) -> None:
     model, optim = make_model(0, fsdp=True)
     train_step(model, optim, seed=1)
     expected = full_state(model, optim)
-    path = mgr.save(5, app_state(model, optim), {"sample": 40})
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        path = mgr.save(5, app_state(model, optim), {"sample": 40})
     assert not (path / MANIFEST).exists() and mgr.latest() is None
+    # "saved" only once it is complete (a launch stopped meanwhile had said so and lost it)
+    assert ("saved checkpoint" not in said.getvalue()
+            and (f"orch: writing checkpoint {path} in the background" in said.getvalue())
+            == (rank == 0))
     train_step(model, optim, seed=2)  # mutates parameters while the write may still run
-    mgr.wait()
+    with contextlib.redirect_stdout(said):
+        mgr.wait()
     assert (path / MANIFEST).exists() and mgr.latest() == path
+    assert (f"orch: saved checkpoint {path}\n" in said.getvalue()) == (rank == 0)
     other, other_optim = make_model(5, fsdp=True)
     manifest = load_into(mgr, path, other, other_optim)
     assert manifest.data == {"sample": 40}
@@ -388,7 +399,7 @@ def test_damaged_file_is_named_and_nothing_loads(two_ranks, tmp_path, damage, na
 
 
 @pytest.mark.dist
-def test_unreadable_manifest_is_refused(two_ranks, tmp_path) -> None:
+def test_unreadable_manifest_is_refused(two_ranks, tmp_path, capsys) -> None:
     path = tmp_path / "checkpoints" / "step-00000010"
     shutil.copytree(checkpoint_of(two_ranks), path)
     (path / MANIFEST).write_text('{"format": "orch-checkpoint", "vers')
@@ -396,8 +407,9 @@ def test_unreadable_manifest_is_refused(two_ranks, tmp_path) -> None:
     assert "manifest.json" in verify(path)[0]
     with pytest.raises(CheckpointError, match="manifest.json.*cannot be read"):
         mgr.load(path, tiny_state(0.0))
-    with pytest.warns(UserWarning, match="ignoring checkpoint"):
-        assert mgr.latest() is None
+    assert mgr.latest() is None and mgr.latest() is None
+    # said once, as a line of orch's (no Python warning with a file name and a source line)
+    assert capsys.readouterr().err.count(f"orch: warning: ignoring checkpoint {path}: ") == 1
 
 
 # --- one-process tests ---------------------------------------------------------------------
@@ -592,18 +604,24 @@ def test_resume_auto_passes_over_damaged_checkpoints_and_says_so(tmp_path, capsy
         fresh.resolve_resume("auto")
 
 
-def test_restart_with_resume_none_moves_the_old_history_aside(tmp_path) -> None:
+def test_restart_with_resume_none_moves_the_old_history_aside(tmp_path, capsys) -> None:
     old = CheckpointManager(tmp_path, make_cfg(), PLAN)
     for step in (1, 2, 3):
         old.save(step, tiny_state(step), {})
     fresh = CheckpointManager(tmp_path, make_cfg(), PLAN)
-    with pytest.warns(UserWarning, match="earlier history"):
-        fresh.save(2, tiny_state(20.0), {})
+    fresh.save(2, tiny_state(20.0), {})
+    assert "orch: warning: moving " in capsys.readouterr().err
     assert fresh.latest() == tmp_path / "checkpoints" / "step-00000002"
     names = sorted(p.name for p in fresh.dir.iterdir())
     assert names[:2] == ["step-00000001", "step-00000002"]
     assert [n.split(".")[0] for n in names[2:]] == ["step-00000002", "step-00000003"]
     assert all(".superseded-" in n for n in names[2:])
+    # the launcher's closing lines name the step the next launch resumes from, not a step of
+    # the moved-aside history (whose damaged manifest made it exit 2 after a good run)
+    (fresh.dir / names[-1] / MANIFEST).write_text("{")
+    cfg = make_cfg()
+    cfg.run.dir, cfg.train.steps = str(tmp_path), 3
+    assert summary(cfg).splitlines()[0] == "orch launch: done at step 2 of 3"
     assert fresh.save(2, tiny_state(99.0), {}) == fresh.latest()  # same step again: a no-op
     state = tiny_state(0.0)
     fresh.load(fresh.latest(), state)

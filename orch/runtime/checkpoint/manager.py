@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from orch.config import Config, config_to_dict
-from orch.errors import Problem
+from orch.errors import Problem, warn_once
 from orch.runtime.checkpoint.collectives import RankGroup
 from orch.runtime.checkpoint.files import (
     CHECKPOINTS,
@@ -157,7 +157,7 @@ class CheckpointManager:
             try:
                 out.append(read_manifest(path))
             except CheckpointError as exc:
-                warnings.warn(f"ignoring checkpoint {path}: {exc}", stacklevel=2)
+                warn_once(f"ignoring checkpoint {path}: {exc}")
         return out
 
     def own(self) -> list[Manifest]:
@@ -306,6 +306,9 @@ class CheckpointManager:
         self._pending = _Pending(step, path, data, started, future)
         if future is None:
             self.wait()
+        elif self.rank == 0:
+            print(f"orch: writing checkpoint {path} in the background (complete once the next "
+                  "save or the end of the run has written its manifest)", flush=True)
         return path
 
     def wait(self) -> None:
@@ -356,10 +359,11 @@ class CheckpointManager:
                 error = _write_error(exc, self.dir)
         self._check_saving(error, pending.step, pending.path, "writing the manifest")
         if self.rank == 0:
+            print(f"orch: saved checkpoint {pending.path}", flush=True)
             try:
                 self._retain(pending.step)
             except OSError as exc:  # the checkpoint is complete; older ones stay for now
-                warnings.warn(f"checkpoint retention after {pending.path}: {exc}", stacklevel=2)
+                warn_once(f"checkpoint retention after {pending.path}: {exc}")
         self._written.add(pending.step)
 
     def _check_saving(self, error: str | None, step: int, path: Path, doing: str) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from pathlib import Path
 
+from orch.errors import warn_once
 from orch.runtime.checkpoint.files import MANIFEST, fsync_dir, remove_checkpoint, step_dirs
 
 
@@ -29,11 +29,8 @@ def clear_way(checkpoints: Path, step: int, path: Path, written: set[int]) -> No
             continue
         if (other / MANIFEST).exists():
             aside = other.with_name(f"{other.name}.superseded-{stamp}")
-            warnings.warn(
-                f"moving {other} aside to {aside.name}: it is from an earlier "
-                f"history of this run, saving step {step} now",
-                stacklevel=3,
-            )
+            warn_once(f"moving {other} aside to {aside.name}: it is from an earlier history of "
+                      f"this run, saving step {step} now")
             os.replace(other, aside)
         elif other_step == step:
             remove_checkpoint(other)
