@@ -24,6 +24,7 @@ from orch.config import Config, load_config
 from orch.errors import OrchError, PlanError, Problem, ProblemsError
 from orch.launch.failures import oom_kills, worker_failures
 from orch.launch.failures import summary as summary_of_failures
+from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, apply_rebalance, read_rebalance
@@ -442,6 +443,7 @@ def launch(argv: Sequence[str]) -> int:
 
     args, cfg, plan = prepare(argv)
     run_dir = Path(cfg.run.dir)
+    mark_launcher()  # the workers end with this process, even if it is killed outright
     with run_dir_lock(run_dir, f"{_node_name(args)}-{args.node_rank}"):
         print(f"orch launch: {plan.world_size} x {plan.device}, {plan.degrees.short()}, "
               f"run dir {cfg.run.dir}", flush=True)

@@ -31,6 +31,7 @@ from orch.launch.launcher import (
     unsupported_features,
     worker_parser,
 )
+from orch.launch.lifeline import end_with_launcher
 from orch.launch.nodes import NODE_ENV
 from orch.models.hf_load import HFCheckpoint
 from orch.models.llama import Transformer
@@ -202,6 +203,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
 
 
 def main() -> None:
+    end_with_launcher()
     code, failed = 0, True
     try:
         run(sys.argv[1:])

@@ -220,3 +220,35 @@ def test_a_signalled_launch_ends_its_workers_and_says_so_without_a_traceback(tmp
     assert run.returncode == 128 + signal.SIGTERM
     assert "orch launch: stopped by SIGTERM: the workers were ended" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.dist
+def test_workers_end_when_their_launcher_is_killed_outright(tmp_path):
+    """A launcher killed with SIGKILL cannot end its workers; they went on training and saving
+    into a run directory whose lock had died with the launcher. Now the kernel ends them."""
+    import os
+    import subprocess
+    import time
+
+    from launch_harness import ORCH, REPO, overrides
+
+    run_dir = tmp_path / "run"
+    run = subprocess.Popen(
+        [str(ORCH), "launch", "--nproc-per-node", "1", "configs/tiny.yaml",
+         *overrides(run_dir, "train.steps=100000")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert run.stdout is not None
+    for line in run.stdout:  # the worker is training
+        if line.startswith("step "):
+            break
+    workers = subprocess.run(["pgrep", "-f", f"orch.runtime.worker .*run.dir={run_dir}"],
+                             capture_output=True, text=True).stdout.split()
+    assert len(workers) == 1, workers
+    run.kill()
+    run.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{workers[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    state = Path(f"/proc/{workers[0]}/stat")
+    assert not state.exists() or state.read_text().split()[2] == "Z", "the worker lives on"
