@@ -218,6 +218,14 @@ MOE = ["model.experts=4"]
                                       "multiple of 4,096"),
         (["offload.device_budget=1GB"], "offload.device_budget: 1000000000 is set, but nothing "
                                         "is offloaded"),  # was ignored
+        (["offload.io_threads=4"], "offload.io_threads: 4 is set, but nothing rests on NVMe"),
+        (["offload.optimizer=cpu", "offload.cpu_adam=torch", "optimizer.name=adamw8bit"],
+         "offload.cpu_adam: torch is set, but it picks the CPU step of AdamW"),  # was ignored
+        (["train.compile=aot_eager", "parallel.pp=2", "train.recompute=full"],  # crashed later
+         "train.compile: aot_eager with parallel.pp=2 and train.recompute=full"),
+        (["train.compile=aot_eager", "train.recompute=selective", "parallel.dp_replicate=2",
+          "parallel.dp_shard=1"], "train.compile: aot_eager with train.recompute=selective "
+                                  "under DDP"),  # crashed in dynamo's DDP graph splitting
         (["train.min_lr_ratio=2"], "train.min_lr_ratio: 2.0 is not in [0, 1]"),
         (
             ["train.warmup_steps=600"],

@@ -215,6 +215,23 @@ def check_config(cfg: Config) -> list[Problem]:
         "use pp_schedule 1f1b, gpipe or interleaved with train.compile, or train.compile=none",
     )
     need(
+        t.compile == "none" or p.pp == 1 or t.recompute == "none",
+        "train.compile",
+        f"{t.compile} with parallel.pp={p.pp} and train.recompute={t.recompute}: a pipeline "
+        "stage's recomputed compiled block saves other tensors than its first forward did, and "
+        "the backward fails",
+        "set train.recompute=none, or train.compile=none",
+    )
+    need(
+        t.compile == "none" or t.recompute != "selective" or cfg.offload.enabled
+        or not (p.dp_replicate > 1 and p.dp_shard == 1),
+        "train.compile",
+        f"{t.compile} with train.recompute=selective under DDP (dp_replicate={p.dp_replicate}, "
+        "dp_shard=1): torch 2.13's DDP graph splitting fails on selective recompute's tags",
+        "set train.recompute=full or none, parallel.dp_shard >= 2 (FSDP), or "
+        "train.compile=none",
+    )
+    need(
         p.pp_max_deferred is None or p.pp_max_deferred >= 0,
         "parallel.pp_max_deferred",
         f"must be 0 or more, got {p.pp_max_deferred}",
@@ -277,6 +294,24 @@ def check_config(cfg: Config) -> list[Problem]:
             f"{getattr(off, name)} is set, but nothing is offloaded (every offload group is on "
             "the device), so no budget applies",
             "set offload.params (and grads, optimizer) to cpu or nvme, or leave the budget auto",
+        )
+    need(
+        off.cpu_adam == "auto" or (off.optimizer != "device" and cfg.optimizer.name == "adamw"),
+        "offload.cpu_adam",
+        f"{off.cpu_adam} is set, but it picks the CPU step of AdamW with the optimizer states "
+        f"offloaded, and this run has optimizer.name={cfg.optimizer.name}, "
+        f"offload.optimizer={off.optimizer}",
+        "leave offload.cpu_adam auto, or use optimizer.name=adamw with offload.optimizer=cpu or "
+        "nvme",
+    )
+    defaults = type(off)()
+    on_nvme = "nvme" in tiers.values()
+    for name in ("io_block_size", "io_queue_depth", "io_threads"):
+        need(
+            on_nvme or getattr(off, name) == getattr(defaults, name),
+            f"offload.{name}",
+            f"{getattr(off, name)} is set, but nothing rests on NVMe, so no NVMe I/O applies",
+            "set offload.params, grads, optimizer or activations to nvme, or leave it out",
         )
     need(
         off.prefetch_depth >= 0,

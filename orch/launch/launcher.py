@@ -322,6 +322,16 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
         problems.append(Problem("offload.shard_params", "true with offload.params=device: "
                                 "replicas share parameters that rest off the device", "set "
                                 "offload.params=cpu or nvme, or offload.shard_params=false"))
+    if off.enabled and (p.ep > 1 or p.etp > 1):
+        problems.append(Problem("offload", f"with parallel.ep={p.ep}, etp={p.etp}: offloaded "
+                                "units are whole on every replica, so experts cannot be split "
+                                "over ranks", "set parallel.ep=1 parallel.etp=1 (each replica "
+                                "keeps every expert at home), or offload nothing"))
+    if off.enabled and cfg.model.tie_embeddings:
+        problems.append(Problem("model.tie_embeddings", "true with offload: the embedding and "
+                                "the head are offloaded as separate units, and one weight "
+                                "cannot rest in both", "set model.tie_embeddings=false, or "
+                                "offload nothing"))
     if off.enabled and world > 1 and off.grads == "nvme":
         problems.append(Problem("offload.grads", f"nvme with {world} processes: replicas average "
                                 "their gradients in CPU memory", "set offload.grads=cpu"))

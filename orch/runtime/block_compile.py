@@ -16,9 +16,12 @@ Blocks of one kind share one compiled graph: torch.compile treats their paramete
 (``inline_inbuilt_nn_modules``), so a model of 80 identical blocks compiles once, not 80 times.
 
 Refused by the config rules: tensor parallelism (torch 2.13 hands redistribution a plain
-gradient where it expects a DTensor, and the backward fails) and the split-backward pipeline
+gradient where it expects a DTensor, and the backward fails), the split-backward pipeline
 schedules (a compiled block's backward computes weight gradients with input gradients, so W
-would have nothing to defer: measured, zbv's W actions took 7 ms in all against 125 ms).
+would have nothing to defer: measured, zbv's W actions took 7 ms in all against 125 ms), recompute
+in a pipeline stage (the recomputed compiled forward saves other tensors than the first: "mat2
+must be a matrix") and selective recompute under DDP (dynamo's DDP graph splitting fails on its
+tags).
 """
 
 from __future__ import annotations

@@ -246,3 +246,21 @@ def test_more_replicas_than_units_are_refused_before_start():
                                             "offload.optimizer=cpu", "parallel.dp_replicate=6",
                                             "parallel.dp_shard=1"])
     assert unsupported_features(six, 6) == []
+
+
+@pytest.mark.parametrize("config, sets, where, message", [
+    # both crashed after the workers started: a KeyError on the sharded experts in the clip,
+    # and a ValueError filling the tied weight a second time
+    ("configs/tiny-moe.yaml", ["parallel.ep=2"], "offload",
+     "with parallel.ep=2, etp=1: offloaded units are whole on every replica"),
+    ("configs/tiny.yaml", ["model.tie_embeddings=true"], "model.tie_embeddings",
+     "true with offload: the embedding and the head are offloaded as separate units"),
+])
+def test_what_offload_cannot_hold_is_refused_before_start(config, sets, where, message):
+    from orch.config import load_config
+    from orch.launch.launcher import unsupported_features
+
+    cfg = load_config(config, ["offload.params=cpu", "offload.grads=cpu", "offload.optimizer=cpu",
+                               "parallel.dp_replicate=2", "parallel.dp_shard=1", *sets])
+    (problem,) = unsupported_features(cfg, 2)
+    assert problem.where == where and problem.message.startswith(message) and problem.fix
