@@ -394,6 +394,30 @@ def _tp_run() -> dict:
     return {"exact": exact, "narrow_absmax": [list(absmax.to_local().shape), list(absmax.shape)]}
 
 
+def _strided_run() -> bool:
+    """FSDP2's strided dim-0 sharding (on top of expert or tensor parallelism's dim-0 split;
+    torch 2.13's ``_StridedShard`` is no ``Shard``) keeps rows whole: exact, as dim 0. It was
+    refused as a split of a later dim, stopping adamw8bit with ep=2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh, strided = init_device_mesh("cpu", (2,)), [_StridedShard(0, split_factor=2)]
+    torch.manual_seed(3)
+    w = torch.randn(8, 600)
+    single, sharded = nn.Parameter(w.clone()), nn.Parameter(distribute_tensor(w, mesh, strided))
+    opts = [AdamW8bit([single], lr=LR), AdamW8bit([sharded], lr=LR)]
+    for g in _grads((8, 600), 3):
+        single.grad, sharded.grad = g.clone(), distribute_tensor(g, mesh, strided)
+        for opt in opts:
+            opt.step()
+    exact = bool(torch.equal(sharded.detach().full_tensor(), single.detach()))
+    for key in QUANTIZED_KEYS:  # codes and their absmax
+        exact &= bool(torch.equal(opts[1].state[sharded][key].full_tensor(),
+                                  opts[0].state[single][key]))
+    return exact
+
+
 def _fsdp_worker(rank: int, root: str) -> None:
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint import load as dcp_load
@@ -412,6 +436,7 @@ def _fsdp_worker(rank: int, root: str) -> None:
         out["same_batch"], _, _ = _fsdp_run(rank, split=False)
         out["split_batch"], sharded, opt = _fsdp_run(rank, split=True)
         out["tensor_parallel"] = _tp_run()
+        out["strided_exact"] = _strided_run()
 
         # torch.distributed.checkpoint saves each rank's shard and loads it back exactly
         state = {"optim": get_optimizer_state_dict(sharded, opt)}
@@ -468,4 +493,5 @@ def test_sharded_parameters_match_one_process(tmp_path):
         assert split["value_diff"]["exp_avg_sq"] <= 1.1 * 0.9 / 128, split
         assert split["absmax_diff"] < 1e-2, split
         assert out["dcp_exact"], out
+        assert out["strided_exact"], out
         assert out["tensor_parallel"] == {"exact": True, "narrow_absmax": [[8, 2], [8, 4]]}, out

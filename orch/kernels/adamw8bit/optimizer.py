@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from orch.errors import OrchError
 from orch.kernels.adamw8bit.quant import blocks_per_row, zero_code
@@ -158,7 +158,9 @@ def _absmax_layout(p: DTensor, blocks: int) -> tuple[tuple[int, int], list[Place
     """Global shape and placements of a sharded parameter's absmax ``[rows, blocks]``.
 
     Rows follow the parameter's dim-0 sharding (FSDP2, vocabulary- and column-parallel
-    weights), so those shards hold whole rows and the blocks of the unsharded tensor. Sharding
+    weights; also FSDP2's strided dim-0 sharding over another dim-0 split, as of experts under
+    expert parallelism, which torch 2.13's ``_StridedShard`` is not a ``Shard`` of), so those
+    shards hold whole rows and the blocks of the unsharded tensor. Sharding
     on a later dim (row-parallel weights) cuts every row: each rank's blocks lie in its slice of
     the row (the unsharded tensor's blocks when the slice is a multiple of 256 wide), and the
     absmax is sharded on its block dim; that needs an even split.
@@ -167,7 +169,7 @@ def _absmax_layout(p: DTensor, blocks: int) -> tuple[tuple[int, int], list[Place
     columns = blocks
     mesh = p.device_mesh
     for mesh_dim, placement in enumerate(p.placements):
-        if isinstance(placement, Replicate) or (isinstance(placement, Shard)
+        if isinstance(placement, Replicate) or (isinstance(placement, (Shard, _StridedShard))
                                                 and placement.dim % p.ndim == 0):
             placements.append(placement)
             continue
@@ -176,8 +178,7 @@ def _absmax_layout(p: DTensor, blocks: int) -> tuple[tuple[int, int], list[Place
                 f"AdamW8bit keeps one absmax per 256 elements of a row, so a parameter sharded "
                 f"after dim 0 needs an even split; got placements {p.placements} for shape "
                 f"{tuple(p.shape)} on mesh {tuple(mesh.shape)}. fix: choose degrees that "
-                "divide the dimension, or raise min_8bit_size above this tensor's size to "
-                "keep its moments in fp32"
+                "divide the dimension, or use optimizer.name=adamw"
             )
         placements.append(Shard(1))
         columns *= mesh.size(mesh_dim)
