@@ -436,12 +436,39 @@ def _check_resume(cfg: Config, plan: Plan, resume: str | None) -> list[Problem]:
                                       report=False)
     except CheckpointError as exc:
         return [Problem("--resume", str(exc), "")]
-    if path is not None and (step := read_manifest(path).step) > cfg.train.steps:
-        return [Problem("train.steps", f"{cfg.train.steps} is below step {step} of the "
+    if path is None:
+        return []
+    manifest = read_manifest(path)
+    if manifest.step > cfg.train.steps:
+        return [Problem("train.steps", f"{cfg.train.steps} is below step {manifest.step} of the "
                         f"checkpoint the run resumes ({path})",
-                        f"set train.steps above {step} to train further; --resume PATH for an "
-                        "earlier checkpoint, or --resume none to start over (the checkpoints "
-                        "are moved aside, not deleted)")]
+                        f"set train.steps above {manifest.step} to train further; --resume PATH "
+                        "for an earlier checkpoint, or --resume none to start over (the "
+                        "checkpoints are moved aside, not deleted)")]
+    return _check_8bit_resharding(cfg, plan, path, manifest.plan.get("degrees", {}).get("tp", 1))
+
+
+def _check_8bit_resharding(cfg: Config, plan: Plan, path: Path, saved_tp: int) -> list[Problem]:
+    """AdamW8bit's states of a row-parallel weight (split on its input dim by tensor
+    parallelism) hold an absmax per 256 elements of each rank's slice of a row: the unsharded
+    tensor's blocks only when the slice is a multiple of 256 wide. Between tensor-parallel
+    degrees whose blocks differ the states cannot be resharded (DCP fails on the absmax
+    shapes, in the workers): refused here, naming the weight."""
+    from orch.kernels.adamw8bit.quant import BLOCK
+
+    new_tp = plan.degrees.tp
+    if cfg.optimizer.name != "adamw8bit" or new_tp == saved_tp:
+        return []
+    m = cfg.model
+    for what, width in (("attention.wo", m.heads * m.head_dim), ("feed_forward.w2", m.ffn_dim)):
+        if any(tp > 1 and (width // tp) % BLOCK for tp in (saved_tp, new_tp)):
+            return [Problem("parallel.tp", f"{new_tp}, resuming {path} saved at tp={saved_tp} "
+                            f"with optimizer.name=adamw8bit: the {what} weights ({width} wide, "
+                            f"split by tensor parallelism) have 8-bit states in blocks of "
+                            f"{BLOCK} of each rank's slice, which differ between the two "
+                            "degrees, so the states cannot be resharded",
+                            f"resume with parallel.tp={saved_tp}, or between degrees that split "
+                            f"{width} into multiples of {BLOCK}")]
     return []
 
 

@@ -257,6 +257,33 @@ def test_state_is_at_most_26_percent_of_adamw():
     assert ours / theirs <= 0.26, ours / theirs  # 2 + 8/256 bytes per element vs 8: ~25.5%
 
 
+@pytest.mark.parametrize("sets, saved_tp, refused", [
+    (["model.dim=256"], 1, "the attention.wo weights (256 wide"),  # 128-wide slices at tp 2
+    (["model.dim=256"], 2, None),  # the same degree: the same blocks
+    (["model.dim=1024", "model.ffn_dim=2048", "model.heads=8", "model.kv_heads=8"], 1, None),
+    (["model.dim=1024", "model.ffn_dim=1536", "model.heads=8", "model.kv_heads=8"], 4,
+     "the feed_forward.w2 weights (1536 wide"),  # 384 at tp 4, 768 at tp 2
+])
+def test_8bit_states_that_cannot_be_resharded_are_refused_before_start(sets, saved_tp, refused):
+    """A checkpoint's AdamW8bit states of row-parallel weights reshard between tensor-parallel
+    degrees only when both split the rows into multiples of 256 (the blocks then are the
+    unsharded tensor's); otherwise DCP failed on the absmax shapes, in the workers."""
+    from types import SimpleNamespace
+
+    from orch.config import load_config
+    from orch.launch.launcher import _check_8bit_resharding
+
+    cfg = load_config("configs/tiny.yaml", ["optimizer.name=adamw8bit", "parallel.tp=2", *sets])
+    plan = SimpleNamespace(degrees=SimpleNamespace(tp=2))
+    problems = _check_8bit_resharding(cfg, plan, Path("ckpt"), saved_tp)  # type: ignore[arg-type]
+    if refused is None:
+        assert problems == []
+    else:
+        (problem,) = problems
+        assert problem.where == "parallel.tp" and refused in problem.message
+        assert f"resume with parallel.tp={saved_tp}" in problem.fix
+
+
 # --- training ---------------------------------------------------------------------------------
 
 
