@@ -97,6 +97,9 @@ class Trainer:
     repartitioner: Repartitioner | None = None
     """Under pipeline parallelism with ``parallel.pp_rebalance_threshold``: measures the stages
     on logged steps and re-partitions them once (:mod:`orch.parallel.pipeline.rebalance`)."""
+    finish_saves: Callable[[], None] = lambda: None
+    """Called after every step by every rank: completes a background save whose writes have
+    ended (:meth:`~orch.runtime.checkpoint.CheckpointManager.poll`)."""
     _timeline: Timeline | None = None
     _telemetry: Telemetry | None = None
     """Rank 0's measured pipeline timeline of the last logged step."""
@@ -135,6 +138,7 @@ class Trainer:
             done = _Step(step, lr, loss, aux_loss, grad_norm, loads,
                          self.ledger.take() if self.ledger else {})
             profiler.after(step)
+            self.finish_saves()
             if step % self.cfg.run.log_interval == 0 or step == last:
                 self._log(done, time.perf_counter() - start)
                 if self.repartitioner is not None:  # may save and raise Repartition

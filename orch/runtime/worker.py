@@ -193,7 +193,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     try:
         trainer = Trainer(cfg, plan, model, optimizer, stream, metrics, device, save, autocast,
                           par.positions, par.token_group, par.ledger, par.pipeline,
-                          run_dir if rank == 0 else None, offload, repartitioner)
+                          run_dir if rank == 0 else None, offload, repartitioner,
+                          finish_saves=checkpoints.poll)
         trainer.train(start)
     finally:
         checkpoints.wait()  # an async save still in flight completes before the process ends

@@ -18,6 +18,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -210,6 +211,23 @@ def case_async(rank: int, root: Path) -> None:
     assert same(full_state(other, other_optim), expected), "async save did not snapshot the state"
 
 
+def case_async_poll(rank: int, root: Path) -> None:
+    """An async save counts as soon as every rank's write has ended: the trainer polls after
+    each step, and the first poll after that writes the manifest (it waited for the next save,
+    so a failure in between lost the checkpoint already written)."""
+    mgr = CheckpointManager(root / "poll", make_cfg(async_save=True), PLAN, rank, 2)
+    model, optim = make_model(0, fsdp=True)
+    path = mgr.save(7, app_state(model, optim), {"sample": 7})
+    for _ in range(1200):  # every rank polls as often: each poll's verdict is shared
+        mgr.poll()
+        if mgr.latest() == path:
+            break
+        time.sleep(0.05)
+    assert (path / MANIFEST).exists() and mgr.latest() == path
+    mgr.poll()  # nothing in flight: no collective, nothing changes
+    assert mgr.latest() == path
+
+
 def case_grow(rank: int, root: Path) -> None:
     """A one-rank checkpoint loads onto two FSDP ranks; the new rank gets a derived RNG seed."""
     cfg = make_cfg()
@@ -230,6 +248,7 @@ CASES: dict[str, Callable[[int, Path], None]] = {
     "roundtrip": case_roundtrip,
     "damaged": case_damaged,
     "async": case_async,
+    "async_poll": case_async_poll,
     "grow": case_grow,
 }
 
@@ -338,6 +357,10 @@ def test_async_save_writes_the_manifest_when_finished(two_ranks) -> None:
 
 
 @pytest.mark.dist
+def test_async_save_counts_once_every_rank_has_written_it(two_ranks) -> None:
+    outcome(two_ranks, "async_poll")
+
+
 def test_one_rank_checkpoint_loads_onto_two_ranks(two_ranks) -> None:
     outcome(two_ranks, "grow")
 

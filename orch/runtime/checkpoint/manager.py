@@ -254,7 +254,8 @@ class CheckpointManager:
 
         ``data_state`` is the data position as JSON data; rank 0's is recorded. With
         ``checkpoint.async_save`` the DCP write continues in the background and the manifest is
-        written by the next ``save`` or ``wait``; otherwise the checkpoint is complete (manifest
+        written by the first ``poll`` after every rank's write has ended (or the next ``save``
+        or ``wait``); otherwise the checkpoint is complete (manifest
         written, retention applied) when this returns on any rank. A ``planner`` that reads
         state as DCP writes it (offloaded state on NVMe) makes the save synchronous (an async
         save first copies the whole state into memory), in files of bounded size
@@ -307,9 +308,19 @@ class CheckpointManager:
         if future is None:
             self.wait()
         elif self.rank == 0:
-            print(f"orch: writing checkpoint {path} in the background (complete once the next "
-                  "save or the end of the run has written its manifest)", flush=True)
+            print(f"orch: writing checkpoint {path} in the background", flush=True)
         return path
+
+    def poll(self) -> None:
+        """Finish a background save as soon as every rank's write has ended, so that it counts
+        (and a failure after it costs only the steps since) without waiting for the next save;
+        all ranks call it after every step. One small gather per step while a save is in
+        flight, none otherwise."""
+        pending = self._pending
+        if pending is None or pending.future is None:
+            return
+        if all(self._ranks.gather(pending.future.done())):
+            self.wait()
 
     def wait(self) -> None:
         """Finish a pending save: wait for its DCP write, then hash, write the manifest, apply
