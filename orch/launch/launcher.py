@@ -30,6 +30,8 @@ from orch.launch.run_lock import run_dir_lock
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, apply_rebalance, read_rebalance
 from orch.plan import Plan, build_plan
 from orch.plan.cluster import ClusterSpec, NodeSpec, load_cluster
+from orch.runtime.checkpoint.files import CHECKPOINTS
+from orch.runtime.rank_log import LOGS
 
 WORKER_MODULE = "orch.runtime.worker"
 
@@ -405,21 +407,40 @@ def _check_tensorboard(cfg: Config) -> list[Problem]:
     return []
 
 
+RUN_DIR_ENTRIES = {CHECKPOINTS: True, LOGS: True, "metrics.jsonl": False, "plan.json": False,
+                   "config.yaml": False}
+"""What a run writes in its directory: name -> a directory (else a file)."""
+
+
 def _check_run_dir(run_dir: Path) -> list[Problem]:
-    """The run directory exists or can be made, and takes files. The test file's name is this
-    process's own: every node's launcher checks the same shared directory at about the same
-    time, and with one name for all, one launcher's unlink removed the file another had just
-    written, which then failed as "not writable (No such file or directory)" while the other
-    nodes waited for it in the rendezvous."""
+    """The run directory takes files, or can be made (not here: a refused launch leaves
+    nothing behind; :func:`launch` makes it), and what the run writes there has the right kind
+    where it exists (a file named ``checkpoints`` failed the first save, steps in). The test
+    file's name is this process's own: every node's launcher checks the same shared directory
+    at about the same time, and with one name for all, one launcher's unlink removed the file
+    another had just written, which then failed as "not writable (No such file or directory)"
+    while the other nodes waited for it in the rendezvous."""
+    fix = "choose a writable directory with --set run.dir=PATH"
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        return [Problem("run.dir", f"{str(run_dir)!r}: {str(existing)!r} is a file", fix)]
+    if existing != run_dir:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return [Problem("run.dir", f"{str(run_dir)!r} cannot be made: {str(existing)!r} "
+                            "is not writable", fix)]
+        return []
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".orch-write-test-", dir=run_dir)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        return [Problem("run.dir", f"{str(run_dir)!r} is not writable ({exc.strerror})",
-                        "choose a writable directory with --set run.dir=PATH")]
-    return []
+        return [Problem("run.dir", f"{str(run_dir)!r} is not writable ({exc.strerror})", fix)]
+    return [Problem("run.dir", f"{str(run_dir / name)!r} is a "
+                    f"{'file' if is_dir else 'directory'}, where the run writes its "
+                    f"{'directory' if is_dir else 'file'} {name}",
+                    "move it out of the way, or choose another run.dir")
+            for name, is_dir in RUN_DIR_ENTRIES.items()
+            if (run_dir / name).exists() and (run_dir / name).is_dir() != is_dir]
 
 
 def _check_resume(cfg: Config, plan: Plan, resume: str | None) -> list[Problem]:
@@ -481,6 +502,7 @@ def launch(argv: Sequence[str]) -> int:
     args, cfg, plan = prepare(argv)
     run_dir = Path(cfg.run.dir)
     mark_launcher()  # the workers end with this process, even if it is killed outright
+    run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir, f"{_node_name(args)}-{args.node_rank}"):
         print(f"orch launch: {plan.world_size} x {plan.device}, {plan.degrees.short()}, "
               f"run dir {cfg.run.dir}", flush=True)

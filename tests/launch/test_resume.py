@@ -113,7 +113,10 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "data.path=/nonexistent.txt"],
          "data.path: '/nonexistent.txt' does not exist"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={blocker}/run"],
-         "run.dir:"),
+         f"run.dir: '{blocker}/run': '{blocker}' is a file"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path}"],
+         f"run.dir: '{tmp_path}/checkpoints' is a file, where the run writes its directory "
+         "checkpoints"),  # the first save failed, steps in
         (["--nproc-per-node", "2", "configs/tiny.yaml", "--set", "parallel.pp=2",
           "--set", "parallel.stage_layers=[1,2]"],
          "parallel.stage_layers: [1, 2] must be 2 numbers"),
@@ -151,6 +154,8 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
          "parallel.sequence_parallel: false with tp=2 and MoE layers"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "run.dir="],
          "run.dir: is empty"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "train.lr=-1", "--set",
+          f"run.dir={tmp_path / 'never-made'}"], "train.lr: must be positive"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--resume", ""], "--resume: is empty"),
         (["--nnodes", "1:2", "--nproc-per-node", "1", "configs/tiny.yaml"],
          "--nnodes: 1:2: orch plans for one world size, not an elastic range"),
@@ -170,6 +175,7 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
     ]
     # Two as a user runs them (exit 2, the message, no traceback, nothing started); the rest
     # through the launcher's own check in this process (a launch costs ~6 s importing torch).
+    (tmp_path / "checkpoints").write_text("")
     with ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda args: launch(*args), [args for args, _ in cases[:2]]))
     for (args, message), out in zip(cases, outs, strict=False):
@@ -181,6 +187,7 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
         with pytest.raises(OrchError) as refused:
             prepare(args)
         assert message in str(refused.value), (args, str(refused.value))
+    assert not (tmp_path / "never-made").exists()  # a refused launch makes no run directory
 
 
 def test_every_rank_records_its_device_and_a_profile_of_the_asked_steps(runs):
