@@ -458,6 +458,21 @@ def test_a_forged_or_damaged_manifest_is_named_not_followed(tmp_path, change, me
     assert f"{tmp_path / MANIFEST}: " in problem and message in problem
 
 
+def test_an_edited_manifest_is_refused_not_trusted(tmp_path) -> None:
+    """A manifest whose step was edited resumed at that step from another step's state; one
+    that left a file out had it loaded unchecked (verify said ok with that file changed)."""
+    saved = CheckpointManager(tmp_path, make_cfg(), PLAN).save(6, tiny_state(6.0), {})
+    raw = json.loads((saved / MANIFEST).read_text())
+    (saved / MANIFEST).write_text(json.dumps({**raw, "step": 4}))
+    with pytest.raises(CheckpointError, match="says step 4, but its directory is step-00000006"):
+        ckpt.read_manifest(saved)
+    shard = next(name for name in raw["files"] if name.endswith(".distcp"))
+    del raw["files"][shard]
+    (saved / MANIFEST).write_text(json.dumps(raw))
+    assert verify(saved) == [f"{saved / shard}: used by the checkpoint but not listed in the "
+                             "manifest (so never checked)"]
+
+
 def test_fingerprint_covers_the_math_only() -> None:
     base = config_fingerprint(Config())
     same_math = Config()

@@ -18,6 +18,8 @@ MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+STEP_NAME = re.compile(r"^step-(\d{8,})(?:$|\.superseded-)")
+"""The name of a step directory, also one moved aside (``step-N.superseded-*``)."""
 
 
 def step_dir_name(step: int) -> str:

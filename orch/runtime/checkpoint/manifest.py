@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orch.errors import OrchError, Problem
-from orch.runtime.checkpoint.files import MANIFEST, sha256
+from orch.runtime.checkpoint.files import MANIFEST, STEP_NAME, sha256
 
 FORMAT = "orch-checkpoint"
 INDEX = ".metadata"
@@ -111,7 +111,7 @@ def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     file = path / MANIFEST
     try:
-        return Manifest.from_json(path, json.loads(file.read_text()))
+        manifest = Manifest.from_json(path, json.loads(file.read_text()))
     except FileNotFoundError:
         raise CheckpointError(
             file,
@@ -131,6 +131,13 @@ def read_manifest(path: str | Path) -> Manifest:
             f"cannot be read: {reason}",
             f"resume from another checkpoint, or delete {path} if it is damaged",
         ) from None
+    named = STEP_NAME.match(path.name)  # a copy under a name of its own is not checked
+    if named and int(named.group(1)) != manifest.step:
+        raise CheckpointError(
+            file, f"says step {manifest.step}, but its directory is {path.name}: the manifest "
+            "was edited, or belongs elsewhere",
+            f"restore it, or resume from another checkpoint (delete {path} if it is damaged)")
+    return manifest
 
 
 def verify(path: str | Path, hashes: bool = True, names: list[str] | None = None) -> list[str]:
@@ -162,9 +169,14 @@ def verify(path: str | Path, hashes: bool = True, names: list[str] | None = None
         from orch.runtime.checkpoint.safe_load import read_metadata
 
         try:
-            read_metadata(path)  # a planted pickle passes the hashes when the manifest is forged
-        except CheckpointError as exc:
+            index = read_metadata(path)  # a planted pickle passes the hashes when the manifest
+        except CheckpointError as exc:  # is forged
             problems.append(f"{exc.problem.where}: {exc.problem.message}")
+        else:  # a file the manifest leaves out would be loaded unchecked
+            used = {getattr(info, "relative_path", None) for info in index.storage_data.values()}
+            unlisted = (used | set(manifest.rng_files.values())) - set(manifest.files) - {None}
+            problems += [f"{path / name}: used by the checkpoint but not listed in the manifest "
+                         "(so never checked)" for name in sorted(unlisted)]
     return problems
 
 
