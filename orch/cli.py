@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -392,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OrchError as exc:
         print(f"orch {command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader left (``orch ... --json | head``): stop, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141  # as a shell reports a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -115,12 +115,16 @@ def _size(nbytes: int) -> str:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from orch.runtime.checkpoint import MANIFEST, verify
+    from orch.runtime.checkpoint import MANIFEST, CheckpointError, verify
     from orch.runtime.checkpoint.browse import checkpoints_in
 
-    paths = [(path, Path(d).resolve() == path.resolve()) for d in args.dirs
-             for path in checkpoints_in(d)]
-    bad = 0
+    paths, bad = [], 0
+    for d in args.dirs:  # one that is no checkpoint is reported, and the others still checked
+        try:
+            paths += [(path, Path(d).resolve() == path.resolve()) for path in checkpoints_in(d)]
+        except CheckpointError as exc:
+            bad += 1
+            print(f"BAD         {d}\n  {exc.problem}")
     for path, one in paths:  # one: asked for by name, so an unfinished save is bad
         if not (path / MANIFEST).exists() and not one:
             print(f"unfinished  {path} (no manifest: resume ignores it)")
@@ -142,8 +146,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     limit = parse_bytes(args.max_shard_size)
     if not limit:
-        raise PlanError([Problem("--max-shard-size", f"{args.max_shard_size!r}",
-                                 "give a size such as 5GB or 500MB")], title="cannot export")
+        raise PlanError([Problem("--max-shard-size", f"{args.max_shard_size!r} is not a "
+                                 "positive byte size", "give a size such as 5GB or 500MB")],
+                        title="cannot export")
     files = export_hf(args.dir, args.out, args.dtype, limit)
     total = sum(file.stat().st_size for file in files)
     print(f"wrote {args.out}: {len(files)} files, {_size(total)} (" + ", ".join(

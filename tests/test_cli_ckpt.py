@@ -15,7 +15,8 @@ from orch.config import load_config
 from orch.models.hf import hf_llama_config
 from orch.models.hf_load import load_hf_weights
 from orch.models.llama import Transformer
-from orch.runtime.checkpoint import CheckpointManager
+from orch.runtime.checkpoint import CheckpointError, CheckpointManager
+from orch.runtime.checkpoint.safe_load import read_metadata
 
 PLAN = {"world_size": 2, "degrees": {"dp_shard": 2, "tp": 1, "dp": 2, "world": 2}}
 
@@ -91,6 +92,16 @@ def test_verify_passes_intact_checkpoints_and_names_a_bad_file(run, tmp_path, ca
     assert "damaged: " in out and ".metadata: is not a checkpoint index" in out
     assert main(["ckpt", "verify", str(unfinished)]) == 1  # one checkpoint: incomplete is bad
     assert "is missing: the save of this checkpoint did not finish" in capsys.readouterr().out
+    # a path that is no checkpoint is reported, and the others are still checked (it stopped
+    # the command at once, exit 2, the good run unchecked)
+    assert main(["ckpt", "verify", str(tmp_path / "nowhere"), str(run)]) == 1
+    out = capsys.readouterr().out
+    nowhere = tmp_path / "nowhere"
+    assert f"BAD         {nowhere}\n  {nowhere}: is not a directory" in out
+    assert "2 checkpoint(s), 1 bad" in out and f"ok          {run}" in out
+    (newest / ".metadata").write_bytes((newest / ".metadata").read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="is truncated: the file ends before the index"):
+        read_metadata(newest)  # cut short: damaged, not forged (the fix said it was)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -128,6 +139,8 @@ def test_export_refuses_moe_an_existing_directory_and_a_bad_dtype(tmp_path, caps
     save_run(tmp_path / "moe", moe, Transformer(moe.model), steps=(1,))
     assert main(["ckpt", "export", str(tmp_path / "moe"), "--to", "hf", str(tmp_path / "o")]) == 2
     assert "MoE model" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main([*args, str(tmp_path / "o"), "--max-shard-size", "0"]) == 2
+    assert "--max-shard-size: '0' is not a positive byte size" in capsys.readouterr().err
     assert hf_llama_config(cfg.model)["num_hidden_layers"] == 4
 
 

@@ -67,3 +67,19 @@ def test_costs_that_are_not_finite_and_unwritable_pngs_are_refused_before_simula
     assert f"--png: '{tmp_path / 'missing'}' is not a writable directory" in err
     assert main([*args, "--png", str(tmp_path)]) == 2
     assert "is not a file name" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly():
+    """``orch schedule ... --json | head`` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.Popen([sys.executable, "-m", "orch.cli", "schedule", "gpipe", "--stages", "8",
+                            "--microbatches", "64", "--json"],
+                           cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    assert run.stdout is not None and run.stdout.read(10)
+    run.stdout.close()
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 141 and err == b"", err

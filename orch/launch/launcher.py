@@ -194,7 +194,7 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
 
         problems += init_from_problems(cfg.model)
     problems += _check_run_dir(Path(cfg.run.dir))
-    problems += _check_drill()
+    problems += _check_drill(cfg, world)
     problems += _check_tensorboard(cfg)
     if not problems:
         assert plan is not None
@@ -383,16 +383,32 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
     return []
 
 
-def _check_drill() -> list[Problem]:
-    """A fault drill in the environment (``ORCH_DRILL``) must parse before workers start."""
+def _check_drill(cfg: Config, world: int) -> list[Problem]:
+    """A fault drill in the environment (``ORCH_DRILL``) must parse, and be one this run can
+    fire (a rank it has, a step it runs, a save it makes), before workers start: one that
+    cannot fire ran the job through and showed nothing."""
     from orch.runtime.drills import DRILL_ENV, parse_drill
 
-    if text := os.environ.get(DRILL_ENV):
-        try:
-            parse_drill(text)
-        except ProblemsError as exc:
-            return exc.problems
-    return []
+    if not (text := os.environ.get(DRILL_ENV)):
+        return []
+    try:
+        drill = parse_drill(text)
+    except ProblemsError as exc:
+        return exc.problems
+    last, interval = cfg.run.stop_at_step or cfg.train.steps, cfg.checkpoint.interval
+    why = None
+    if drill.rank >= world:
+        why = f"rank {drill.rank} is not one of this run's {world}"
+    elif drill.step > last:
+        why = f"step {drill.step} is after the run's last, {last}"
+    elif drill.during == "save" and drill.step != last and not (
+            interval and drill.step % interval == 0):
+        why = (f"no checkpoint is saved at step {drill.step} (checkpoint.interval={interval}, "
+               f"last step {last})")
+    if why is None:
+        return []
+    return [Problem(DRILL_ENV, f"{text!r} would never fire: {why}",
+                    "choose a rank, step and save this run has, or unset it")]
 
 
 def _check_tensorboard(cfg: Config) -> list[Problem]:
@@ -456,7 +472,7 @@ def _check_resume(cfg: Config, plan: Plan, resume: str | None) -> list[Problem]:
         path = manager.resolve_resume(resume or cfg.checkpoint.resume, hashes=False,
                                       report=False)
     except CheckpointError as exc:
-        return [Problem("--resume", str(exc), "")]
+        return [Problem("--resume" if resume else "checkpoint.resume", str(exc), "")]
     if path is None:
         return []
     manifest = read_manifest(path)

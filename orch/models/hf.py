@@ -68,8 +68,8 @@ def hf_to_ours(key: str) -> str | None:
     return ours
 
 _MOE_FIX = (
-    "HuggingFace export/import covers dense Llama models only: set model.experts: 0, or keep "
-    "the MoE model in orch's own checkpoint format"
+    "HuggingFace export/import covers dense Llama models only: keep an MoE model in orch's own "
+    "checkpoints (to start from a Llama checkpoint, use a dense config: model.experts: 0)"
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -157,6 +158,12 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "train.lr=-1", "--set",
           f"run.dir={tmp_path / 'never-made'}"], "train.lr: must be positive"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--resume", ""], "--resume: is empty"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path / 'r'}",
+          "--resume", "/nonexistent"], "--resume: /nonexistent: does not exist"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path / 'r'}",
+          "--set", "checkpoint.resume=bogus"], "checkpoint.resume: bogus: does not exist"),
+        (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path / 'r'}",
+          "--resume", str(tmp_path / "empty")], "is empty: no checkpoint is saved there"),
         (["--nnodes", "1:2", "--nproc-per-node", "1", "configs/tiny.yaml"],
          "--nnodes: 1:2: orch plans for one world size, not an elastic range"),
         (["--nnodes", "abc", "--nproc-per-node", "1", "configs/tiny.yaml"],
@@ -176,6 +183,7 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
     # Two as a user runs them (exit 2, the message, no traceback, nothing started); the rest
     # through the launcher's own check in this process (a launch costs ~6 s importing torch).
     (tmp_path / "checkpoints").write_text("")
+    (tmp_path / "empty").mkdir()
     with ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda args: launch(*args), [args for args, _ in cases[:2]]))
     for (args, message), out in zip(cases, outs, strict=False):
@@ -188,6 +196,21 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
             prepare(args)
         assert message in str(refused.value), (args, str(refused.value))
     assert not (tmp_path / "never-made").exists()  # a refused launch makes no run directory
+
+
+@pytest.mark.parametrize("drill, why", [
+    ("kill rank=5 step=3", "rank 5 is not one of this run's 1"),
+    ("kill rank=0 step=600", "step 600 is after the run's last, 500"),
+    ("kill rank=0 step=3 during=save", "no checkpoint is saved at step 3 "
+                                       "(checkpoint.interval=100, last step 500)"),
+])
+def test_a_drill_that_could_never_fire_is_refused(drill, why, monkeypatch, tmp_path):
+    """It ran the job through and showed nothing."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("ORCH_DRILL", drill)
+    with pytest.raises(OrchError, match="would never fire: " + re.escape(why)):
+        prepare(["--nproc-per-node", "1", "configs/tiny.yaml", "--set",
+                 f"run.dir={tmp_path}", "--set", "checkpoint.interval=100"])
 
 
 def test_every_rank_records_its_device_and_a_profile_of_the_asked_steps(runs):

@@ -198,6 +198,12 @@ class CheckpointManager:
                     f"give one of its checkpoints, such as {self.dir / step_dir_name(100)}, or "
                     "--resume auto for the run's newest",
                 )
+            if not path.exists():
+                raise CheckpointError(path, "does not exist",
+                                      "check the path, or give checkpoint.resume=auto|none")
+            if path.is_dir() and not any(path.iterdir()):
+                raise CheckpointError(path, "is empty: no checkpoint is saved there",
+                                      "give a step-* directory of a run, or auto|none")
             if not path.is_dir():
                 raise CheckpointError(
                     path,

@@ -107,6 +107,9 @@ def read_metadata(path: str | Path) -> Metadata:
         raise CheckpointError(file, f"cannot be read ({exc.strerror})",
                               "resume from another checkpoint") from None
     except Exception as exc:  # noqa: BLE001 - every way a hostile or broken pickle fails
+        if isinstance(exc, EOFError) or "truncated" in str(exc):  # cut short, not hostile
+            raise CheckpointError(file, "is truncated: the file ends before the index does",
+                                  "resume from another checkpoint") from None
         raise unsafe(file, f"is not a checkpoint index: {exc}") from None
     if not isinstance(metadata, Metadata):
         raise unsafe(file, f"holds a {type(metadata).__name__}, not a checkpoint index")
