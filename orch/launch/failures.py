@@ -66,6 +66,12 @@ _PEER = re.compile(r"Connection (closed|reset) by peer|Broken pipe|peer.*(closed
                    r"ProcessGroupGloo|NCCL (communicator was aborted|error)", re.I)
 
 
+def lost_peer(message: str) -> bool:
+    """``message`` (an error's ``Type: text``) says a collective lost its peer: the consequence
+    of another rank's failure, not a failure of this one."""
+    return bool(_PEER.search(message))
+
+
 def classify(exitcode: int, message: str, oom_rose: bool) -> tuple[str, str]:
     """``(kind, reason)`` of one worker's exit code and recorded error message."""
     if exitcode < 0:
@@ -93,7 +99,7 @@ def classify(exitcode: int, message: str, oom_rose: bool) -> tuple[str, str]:
     if _TIMEOUT.search(first) and re.search(r"Dist|gloo|nccl|collective|barrier|store", message,
                                             re.I):
         return "communication timeout", f"communication timeout: {first}"
-    if _PEER.search(message):
+    if lost_peer(message):
         return "lost peer", f"lost a peer (another rank or node failed): {first}"
     return "error", f"error: {first}"
 

@@ -102,6 +102,10 @@ class _Tee(io.TextIOBase):
             except OSError:
                 self.file = None
 
+    def to_log_only(self, text: str) -> None:
+        """Write ``text`` to the rank log, not the terminal."""
+        self._to_file(text)
+
     def isatty(self) -> bool:
         return self.stream.isatty()
 
@@ -127,6 +131,23 @@ def log_to_file(run_dir: str | Path, rank: int, world: int) -> Path | None:
     sys.stderr = _Tee(sys.stderr, file, rank, quiet=False)
     faulthandler.enable(file)
     return path
+
+
+def report_crash(exc: BaseException) -> None:
+    """Say why this worker stops on ``exc`` (a bug, or torch's error): its traceback, or, when
+    it only lost a peer (another rank failed first, and the launcher's summary names that one),
+    one line on the terminal and the traceback in the rank log (each surviving rank printed
+    some 25 lines of gloo's "Connection reset by peer" above the summary)."""
+    from orch.launch.failures import lost_peer
+
+    text = "".join(traceback.format_exception(exc))
+    first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if isinstance(sys.stderr, _Tee) and lost_peer(f"{type(exc).__name__}: {exc}"):
+        sys.stderr.to_log_only(text)
+        print(f"orch worker: stopped, a peer is gone ({first[:200]}); traceback in the rank log",
+              file=sys.stderr, flush=True)
+    else:
+        print(text, end="", file=sys.stderr, flush=True)
 
 
 def record_failure(exc: BaseException) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +46,7 @@ from orch.runtime.data import BatchStream, PackedSequences, load_tokens
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
 from orch.runtime.parallelize import RanksDisagree, parallelize
-from orch.runtime.rank_log import log_to_file, record_failure
+from orch.runtime.rank_log import log_to_file, record_failure, report_crash
 from orch.runtime.train_state import TrainState
 from orch.runtime.trainer import Trainer
 
@@ -216,8 +215,8 @@ def main() -> None:
             print(f"orch worker: {exc}", file=sys.stderr, flush=True)
         record_failure(exc)
         code = exc.exit_code
-    except BaseException as exc:  # a bug, or torch's (out of memory, a peer gone): traceback
-        traceback.print_exc()
+    except BaseException as exc:  # a bug, or torch's (out of memory, a peer gone)
+        report_crash(exc)
         record_failure(exc)
         code = 1
     finally:

@@ -126,6 +126,34 @@ def test_rank_log_lines_carry_time_rank_and_step(tmp_path, monkeypatch):
     assert out.getvalue() == "" and err.getvalue() == "oops\n"
 
 
+def test_a_rank_that_lost_a_peer_says_so_in_one_line_and_logs_its_traceback(tmp_path,
+                                                                          monkeypatch):
+    """Each surviving rank printed gloo's 25-line traceback above the launcher's summary, which
+    already names the rank that failed; other errors keep their traceback on the terminal."""
+    from orch.runtime import rank_log
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(rank_log.faulthandler, "enable", lambda file: None)
+    path = rank_log.log_to_file(tmp_path, 1, 2)
+
+    def raised(exc: Exception) -> Exception:
+        try:
+            raise exc
+        except Exception as caught:  # noqa: BLE001 - a traceback to report
+            return caught
+
+    rank_log.report_crash(raised(RuntimeError("[pair.cc:537] Read error: Connection reset by "
+                                              "peer")))
+    shown = err.getvalue()
+    assert shown == ("orch worker: stopped, a peer is gone (RuntimeError: [pair.cc:537] Read "
+                     "error: Connection reset by peer); traceback in the rank log\n")
+    assert "Traceback (most recent call last)" in path.read_text()
+    rank_log.report_crash(raised(ValueError("a bug")))
+    assert "Traceback (most recent call last)" in err.getvalue()[len(shown):]
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True
