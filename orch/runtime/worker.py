@@ -56,6 +56,8 @@ def _device() -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
+    # DeepSpeed's ops (async I/O, CPU Adam) would otherwise warn that they fell back to the CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return torch.device("cpu")
 
 

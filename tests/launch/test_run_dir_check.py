@@ -15,6 +15,8 @@ from orch.launch.launcher import _check_run_dir
 
 def test_checks_at_once_on_one_directory_all_pass_and_leave_nothing(tmp_path: Path):
     run_dir = tmp_path / "run"
+    assert _check_run_dir(run_dir) == [] and not run_dir.exists()  # made only by a launch
+    run_dir.mkdir()
     found: list[Problem] = []
 
     def check_again_and_again() -> None:
@@ -35,7 +37,7 @@ def test_a_directory_that_cannot_be_made_is_named_with_the_reason(tmp_path: Path
     blocker.write_text("")
     [problem] = _check_run_dir(blocker / "run")
     assert problem.where == "run.dir"
-    assert problem.message == f"'{blocker / 'run'}' is not writable (Not a directory)"
+    assert problem.message == f"'{blocker / 'run'}': '{blocker}' is a file"
     assert "--set run.dir=PATH" in problem.fix
 
 
