@@ -74,10 +74,11 @@ def test_oom_counter_is_read_from_cgroup_v2_or_v1(tmp_path, monkeypatch):
                                   "kill rank=1 step=3 during=load", "kill rank=x step=3",
                                   "kill rank=1 step=3 when=now"])
 def test_a_bad_drill_is_refused_before_any_process_starts(monkeypatch, text):
+    from orch.config import Config
     from orch.launch.launcher import _check_drill
 
     monkeypatch.setenv("ORCH_DRILL", text)
-    (problem,) = _check_drill()
+    (problem,) = _check_drill(Config(), 2)
     assert problem.where == "ORCH_DRILL" and repr(text) in problem.message
     assert "kill rank=1 step=7 during=step" in problem.fix
 
