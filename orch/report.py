@@ -18,6 +18,7 @@ matplotlib (Agg, no display) is imported here only, never on the training path.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -25,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from orch.errors import OrchError
+from orch.runtime.checkpoint.files import MANIFEST, step_dirs
 from orch.runtime.records import read_records
-from orch.runtime.telemetry import memory_in_use
+from orch.runtime.telemetry import memory_field, memory_in_use
 
 GIB = 2**30
 
@@ -44,10 +46,45 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if skipped:
         print(f"orch report: skipped {skipped} line(s) of {path} that are not step records "
               "(a run killed while writing leaves its last line torn)", file=sys.stderr)
-    if not records:
-        raise ReportError(f"{path} has no step records; fix: report once the run has logged a "
-                          "step")
-    return records
+    usable = []
+    for record in records:
+        if (bad := _bad_field(record)) is None:
+            usable.append(record)
+        else:
+            print(f"orch report: skipped the record of step {record['step']} in {path}: {bad}",
+                  file=sys.stderr)
+    if not usable:
+        raise ReportError(f"{path} has no usable step records; fix: report once the run has "
+                          "logged a step")
+    # a run resumed from an earlier checkpoint logs its steps again: the later ones stand
+    return sorted({r["step"]: r for r in usable}.values(), key=lambda r: r["step"])
+
+
+def _number(value: Any, least: float = -math.inf) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= least)
+
+
+def _bad_field(record: dict[str, Any]) -> str | None:
+    """What in a step record the report cannot use (``field: value``, with why), or None: each
+    field it reads, of the type and range the runtime writes (a hand-edited or foreign line
+    crashed the report)."""
+    for key, least in (("step", 1), ("steps", 1), ("loss", -math.inf), ("tokens_per_s", 0),
+                       ("mfu", 0), ("mem_bytes", 0)):
+        if not _number(record.get(key), least):
+            return f"{key} is {record.get(key)!r}, not a number of at least {least}"
+    if record.get("aux_loss") is not None and not _number(record["aux_loss"]):
+        return f"aux_loss is {record['aux_loss']!r}, not a number"
+    comm = record.get("comm_bytes")
+    if comm is not None and not (isinstance(comm, dict)
+                                 and all(_number(v, 0) for v in comm.values())):
+        return f"comm_bytes is {comm!r}, not bytes per parallel dimension"
+    devices = record.get("devices")
+    if devices is not None and not (isinstance(devices, list) and all(
+            isinstance(d, dict) and isinstance(d.get("rank"), int) and not isinstance(
+                d["rank"], bool) and _number(memory_field(d), 0) for d in devices)):
+        return f"devices is {devices!r}, not readings with a rank and memory figures"
+    return None
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -58,7 +95,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     out = Path(out) if out else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"--out {out}: cannot be made a directory ({exc.strerror}); fix: give "
+                          "a new or existing directory you can write") from None
     steps = [r["step"] for r in records]
     written = [
         _loss(out, steps, records),
@@ -154,8 +195,12 @@ def _spacing(steps: list[int]) -> float:
 
 def _summary(run_dir: Path, records: list[dict], written: list[Path]) -> str:
     plan = _json(run_dir / "plan.json")
+    if not plan:
+        print(f"orch report: {run_dir / 'plan.json'} is missing or unreadable; the plan is left "
+              "unknown in the summary", file=sys.stderr)
     last = records[-1]
     steady = records[1:] or records  # the first step includes warm-up
+    mean_of = "logged steps after the first" if records[1:] else "the one logged step"
     degrees = plan.get("degrees", {})
     layout = ", ".join(f"{k}={degrees[k]}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp",
                                                       "ep", "etp") if degrees.get(k, 1) > 1)
@@ -170,8 +215,7 @@ def _summary(run_dir: Path, records: list[dict], written: list[Path]) -> str:
         f"- loss: {records[0]['loss']:.4f} at step {records[0]['step']} -> {last['loss']:.4f} "
         f"at step {last['step']}",
         f"- throughput: {statistics.mean(r['tokens_per_s'] for r in steady):,.0f} tokens/s, "
-        f"MFU {100 * statistics.mean(r['mfu'] for r in steady):.2f}% (mean over logged steps "
-        "after the first)",
+        f"MFU {100 * statistics.mean(r['mfu'] for r in steady):.2f}% (mean over {mean_of})",
         f"- memory: peak {peak:.2f} GiB on one rank ({len(memory)} rank(s) recorded)",
     ]
     step = plan.get("step") or {}
@@ -181,7 +225,8 @@ def _summary(run_dir: Path, records: list[dict], written: list[Path]) -> str:
         lines.append(f"- communication (the plan's estimate): {100 * share:.1f}% of a step's "
                      f"compute + communication time, {step.get('exposed_comm_s', 0):.3g} s "
                      "exposed")
-    complete = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step-*/manifest.json"))
+    complete = sorted(p.name for _, p in step_dirs(run_dir / "checkpoints")  # not moved-aside
+                      if (p / MANIFEST).exists())
     lines.append(f"- checkpoints: {', '.join(complete) if complete else 'none'}")
     lines += ["", *[f"![{p.stem}]({p.name})" for p in written]]
     return "\n".join(lines) + "\n"

@@ -63,7 +63,13 @@ class Telemetry:
 
 def memory_in_use(reading: dict[str, Any]) -> int:
     """The memory figure of one reading: device memory in use on a GPU, else the resident set."""
-    return int(reading.get("mem_used_bytes", reading.get("rss_bytes", 0)))
+    return int(memory_field(reading))
+
+
+def memory_field(reading: dict[str, Any]) -> Any:
+    """:func:`memory_in_use`'s figure as the reading holds it (for checks of read-back
+    records)."""
+    return reading.get("mem_used_bytes", reading.get("rss_bytes", 0))
 
 
 def rss_bytes() -> int:

@@ -76,6 +76,40 @@ def test_the_trainer_clips_the_global_gradient_norm(clip):
     assert float(total) == pytest.approx(clip if clip else norm, rel=1e-5)
 
 
+def _record(step: int, **changes: object) -> dict:
+    """A step record as the runtime writes it (the fields ``orch report`` reads)."""
+    return {"step": step, "steps": 4, "loss": 5.0 - step, "tokens_per_s": 100.0, "mfu": 0.01,
+            "mem_bytes": 1 << 20, "devices": [{"rank": 0, "rss_bytes": 1 << 20}],
+            "comm_bytes": {"dp": 10}, **changes}
+
+
+@pytest.mark.parametrize("changes, said", [
+    ({"devices": "x"}, "devices is 'x'"),
+    ({"devices": [{"rss_bytes": 5}]}, "devices is [{'rss_bytes': 5}]"),
+    ({"devices": [{"rank": "a"}]}, "devices is [{'rank': 'a'}]"),
+    ({"comm_bytes": {"dp": "lots"}}, "comm_bytes is {'dp': 'lots'}"),
+    ({"comm_bytes": [1]}, "comm_bytes is [1]"),
+    ({"tokens_per_s": None}, "tokens_per_s is None, not a number of at least 0"),
+    ({"mfu": "x"}, "mfu is 'x'"),
+    ({"loss": None}, "loss is None"),
+    ({"tokens_per_s": -5}, "tokens_per_s is -5, not a number of at least 0"),
+])
+def test_the_report_skips_a_record_it_cannot_use_and_says_why(tmp_path, capsys, changes, said):
+    """Each of these crashed ``orch report`` with a TypeError, KeyError or AttributeError."""
+    import json
+
+    from orch.report import write_report
+
+    rows = [_record(1), _record(2, **changes), _record(3), _record(3, loss=0.5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(tmp_path)
+    err = capsys.readouterr().err
+    assert f"skipped the record of step 2 in {tmp_path / 'metrics.jsonl'}: {said}" in err
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    # a resumed run's steps logged again: the later record stands, once
+    assert "- steps logged: 2, last step 3 of 4" in summary and "-> 0.5000 at step 3" in summary
+
+
 def test_a_torn_last_metrics_line_neither_blocks_a_resume_nor_a_report(tmp_path, capsys):
     """A run killed while writing metrics.jsonl leaves its last line torn; the resume keeps the
     records up to its checkpoint's step and drops the rest (before: a JSONDecodeError in every
@@ -88,9 +122,21 @@ def test_a_torn_last_metrics_line_neither_blocks_a_resume_nor_a_report(tmp_path,
     from orch.runtime.metrics import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
-    rows = [{"step": n, "loss": 5.0 - n} for n in (1, 2, 3)]
+    rows = [_record(n) for n in (1, 2, 3)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '[1, 2]\n{"step": 4, "loss": 4.')
     assert read_metrics(tmp_path) == rows
     assert "skipped 2 line(s)" in capsys.readouterr().err
     MetricsLog(tmp_path, True, io.StringIO(), resume_step=2).close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
+
+
+def test_a_report_into_a_file_is_refused_with_the_fix(tmp_path):
+    """``--out`` naming an existing file crashed with FileExistsError."""
+    import json
+
+    from orch.report import ReportError, write_report
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ReportError, match=r"--out .*taken: cannot be made a directory"):
+        write_report(tmp_path, tmp_path / "taken")
