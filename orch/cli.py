@@ -123,6 +123,22 @@ def _add_schedule_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_schedule)
 
 
+SCHEDULE_MOST_WORK = 1 << 16
+"""The most stage micro-batches (stages x chunks x micro-batches) ``orch schedule`` builds: 128
+stages of 512 micro-batches, about half a minute here; beyond, it ran for minutes and GBs."""
+
+
+def _schedule_size_problem(args: argparse.Namespace, virtual: int) -> Problem | None:
+    """A schedule too large to build in seconds (refused before it is built)."""
+    work = args.stages * max(1, virtual) * args.microbatches
+    if work <= SCHEDULE_MOST_WORK:
+        return None
+    return Problem("--stages", f"{args.stages} x {virtual} chunks x {args.microbatches} "
+                   f"micro-batches = {work:,} stage micro-batches, over the "
+                   f"{SCHEDULE_MOST_WORK:,} orch schedule builds",
+                   "give fewer stages or micro-batches")
+
+
 def _schedule_argument_problems(args: argparse.Namespace) -> list[Problem]:
     """The costs must be finite (compute positive, communication 0 or more: NaN made the
     makespan NaN and --json invalid JSON) and the PNG's place writable, checked before the
@@ -161,9 +177,12 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
     virtual = args.virtual if args.virtual is not None else 2 if args.name in CHUNKED else 1
     problems = _schedule_argument_problems(args)
+    if (too_large := _schedule_size_problem(args, virtual)) is not None:
+        problems.insert(0, too_large)
     try:
-        schedule = build_schedule(args.name, args.stages, args.microbatches, virtual,
-                                  args.max_deferred)
+        if too_large is None:
+            schedule = build_schedule(args.name, args.stages, args.microbatches, virtual,
+                                      args.max_deferred)
     except ValueError as exc:
         problems.insert(0, Problem(args.name, str(exc), "see orch schedule --help"))
     if problems:
@@ -171,7 +190,12 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     costs = Costs(f=args.f, b=args.b, i=args.i, w=args.w, comm=args.comm)
     timeline = simulate(schedule, costs)
     if args.png:
-        write_png(timeline, Path(args.png))
+        try:
+            write_png(timeline, Path(args.png))
+        except OSError as exc:
+            raise ProblemsError([Problem("--png", f"{args.png!r} could not be written "
+                                         f"({exc.strerror})", "give a file in a writable "
+                                         "directory with room")], title="cannot draw") from None
     if args.json:
         print(json.dumps({
             "name": schedule.name, "stages": schedule.stages, "virtual": schedule.virtual,

@@ -67,6 +67,19 @@ def test_costs_that_are_not_finite_and_unwritable_pngs_are_refused_before_simula
     assert f"--png: '{tmp_path / 'missing'}' is not a writable directory" in err
     assert main([*args, "--png", str(tmp_path)]) == 2
     assert "is not a file name" in capsys.readouterr().err
+    assert main([*args, "--png", "/dev/full"]) == 2  # the write fails: a PermissionError or
+    assert "--png: '/dev/full' could not be written (No space left on device)" in (  # OSError
+        capsys.readouterr().err)
+
+
+def test_a_schedule_too_large_to_build_in_seconds_is_refused_at_once(capsys):
+    """100,000 micro-batches ran for minutes and GBs before; now refused, with the other
+    problems."""
+    assert main(["schedule", "zbv", "--stages", "64", "--microbatches", "100000", "--f",
+                 "nan"]) == 2
+    err = capsys.readouterr().err
+    assert "(2 problems)" in err and "--stages: 64 x 2 chunks x 100000 micro-batches = " \
+        "12,800,000 stage micro-batches, over the 65,536 orch schedule builds" in err
 
 
 def test_a_reader_that_leaves_early_ends_the_output_quietly():
