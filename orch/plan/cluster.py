@@ -173,6 +173,12 @@ def _given(overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(overrides).items() if v is not None}
 
 
+MAX_WORLD_SIZE = 1 << 20
+"""The most devices a plan is made for: ten times the largest training clusters of 2026; a plan
+lists every rank, so a mistyped 10**9 (a world size, or a cluster's node count) would run for
+minutes and GBs before saying anything."""
+
+
 def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple[NodeSpec, ...]:
     """Expand ``count``, resolve each node's device, and check the rules across fields."""
     if not file.nodes:
@@ -184,8 +190,15 @@ def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple
                "add 'device:' at the top, or move the overrides onto the nodes")
     nodes: list[NodeSpec] = []
     seen: set[str] = set()
+    devices = 0
     for index, entry in enumerate(file.nodes):
         path, name, count = f"nodes[{index}]", entry.name, entry.count
+        devices += (count or 1) * entry.devices
+        if devices > MAX_WORLD_SIZE:
+            report(f"{path}.count", f"{count or 1} node(s) of {entry.devices} devices bring the "
+                   f"cluster to {devices:,} devices, over the {MAX_WORLD_SIZE:,} orch plans for",
+                   "describe the nodes a job uses, at most that many devices")
+            break
         own = _given(entry.device_overrides)
         device = (with_overrides(get_device(entry.device), **own) if entry.device
                   else with_overrides(get_device(file.device), **top | own) if file.device
@@ -237,5 +250,5 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     return cluster_from_dict(data, str(path), locs)
 
 
-__all__ = ["ClusterError", "ClusterSpec", "GpuSpec", "NIC_TYPES", "NicSpec", "NodeSpec",
-           "cluster_from_dict", "load_cluster"]
+__all__ = ["MAX_WORLD_SIZE", "ClusterError", "ClusterSpec", "GpuSpec", "NIC_TYPES", "NicSpec",
+           "NodeSpec", "cluster_from_dict", "load_cluster"]

@@ -13,7 +13,7 @@ from math import gcd
 
 from orch.config.schema import Config
 from orch.errors import OrchError, Problem, ProblemsError
-from orch.plan.cluster import ClusterSpec, load_cluster
+from orch.plan.cluster import MAX_WORLD_SIZE, ClusterSpec, load_cluster
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec, get_device
 from orch.plan.layout import first_groups, plan_groups
@@ -64,9 +64,6 @@ class Machine:
             return len(self.cluster.nodes)
         return -(-self.world_size // self.gpus_per_node)
 
-MAX_WORLD_SIZE = 1 << 20
-"""The most devices a plan is made for: ten times the largest training clusters of 2026; a plan
-lists every rank, so a mistyped 10**9 would run for minutes before saying anything."""
 
 
 def resolve_machine(

@@ -232,6 +232,16 @@ def test_a_node_without_any_device_type() -> None:
     assert "set 'device:'" in problem.fix
 
 
+def test_a_cluster_over_the_largest_world_is_refused_before_it_is_listed() -> None:
+    """count: 100000000 listed nodes for minutes and 11 GB before anything was said."""
+    data = {"device": "h100", "nodes": [{"name": "a{i}", "count": 100_000_000, "devices": 8}]}
+    with pytest.raises(ClusterError) as info:
+        cluster_from_dict(data)
+    [problem] = info.value.problems
+    assert problem.where == "nodes[0].count" and "800,000,000 devices, over the 1,048,576" in (
+        problem.message)
+
+
 def test_overrides_need_a_top_level_device() -> None:
     data = mixed_cluster()
     del data["device"]
