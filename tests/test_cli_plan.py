@@ -102,3 +102,19 @@ def test_top_without_auto_is_refused(capsys):
     assert main(["plan", "configs/tiny.yaml", "--world-size", "2", "--top", "3"]) == 2
     assert "--top: 3: lists the plans --auto finds" in capsys.readouterr().err
     assert main(["plan", "configs/tiny.yaml", "--world-size", "2", "--auto", "--top", "2"]) == 0
+
+
+def test_a_cluster_takes_no_gpus_per_node_and_names_its_file_once(capsys, tmp_path):
+    """--gpus-per-node was ignored with a cluster (--world-size was refused); a cluster's
+    problems named its file twice ('cluster X: X nodes[0]...')."""
+    from orch.cli import main
+
+    assert main(["plan", "configs/llama3-8b.yaml", "--set",
+                 "cluster=configs/clusters/dgx-h100-4node.yaml", "--gpus-per-node", "4"]) == 2
+    assert ("--gpus-per-node: 4 is set, but cluster configs/clusters/dgx-h100-4node.yaml lists "
+            "each node's devices") in capsys.readouterr().err
+    broken = tmp_path / "c.yaml"
+    broken.write_text("device: h100\nnodes:\n  - {name: a, devices: 0}\n")
+    assert main(["plan", "configs/llama3-8b.yaml", "--set", f"cluster={broken}"]) == 2
+    err = capsys.readouterr().err
+    assert f"cluster {broken} nodes[0].devices: 0" in err and err.count(str(broken)) == 1

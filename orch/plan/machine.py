@@ -79,8 +79,8 @@ def resolve_machine(
         try:
             cluster = load_cluster(cfg.cluster)
         except ProblemsError as exc:
-            problems.extend(
-                Problem(f"cluster {cfg.cluster}: {p.where}", p.message, p.fix) for p in exc.problems
+            problems.extend(  # each ``where`` starts with the file (and line)
+                Problem(f"cluster {p.where}", p.message, p.fix) for p in exc.problems
             )
             return None
         except OrchError as exc:
@@ -105,6 +105,10 @@ def resolve_machine(
                     "leave --world-size out, or edit the cluster description",
                 )
             )
+        if gpus_per_node is not None:  # was ignored
+            problems.append(Problem("--gpus-per-node", f"{gpus_per_node} is set, but cluster "
+                                    f"{cfg.cluster} lists each node's devices",
+                                    "leave --gpus-per-node out, or edit the cluster description"))
         node_gcd = 0
         for node in cluster.nodes:
             node_gcd = gcd(node_gcd, node.devices)

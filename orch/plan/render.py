@@ -49,7 +49,7 @@ def render_plan(plan: Plan) -> str:
         (
             "links",
             ", ".join(
-                f"{dim} {link.kind} {link.bandwidth / 1e9:.0f} GB/s"
+                f"{dim} {link.kind} {link.bandwidth / 1e9:.3g} GB/s"
                 + (f" {link.nic}" if link.nic else "")
                 for dim, link in plan.links.items()
                 if dim in _link_dims(d) and link.kind != "none"
@@ -85,13 +85,19 @@ def render_plan(plan: Plan) -> str:
     s = plan.step
     lines += [
         "",
-        f"  step time   {s.total_s:.3f} s (compute {s.compute_s:.3f}, exposed comm "
-        f"{s.exposed_comm_s:.3f}, pipeline bubble {s.bubble_s:.3f})",
+        f"  step time   {_seconds(s.total_s)} (compute {_seconds(s.compute_s)}, exposed comm "
+        f"{_seconds(s.exposed_comm_s)}, pipeline bubble {_seconds(s.bubble_s)})",
         f"  throughput  {rate(s.tokens_per_s)} tokens/s, MFU {s.mfu * 100:.1f}%",
         "",
         render_rank_grid(plan),
     ]
     return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    """A duration with four significant digits in s or ms (a small model's step printed as
+    0.000 s beside a throughput of millions of tokens/s)."""
+    return f"{value:.4g} s" if value >= 1 or value == 0 else f"{value * 1e3:.4g} ms"
 
 
 def _link_dims(d: Degrees) -> tuple[str, ...]:
