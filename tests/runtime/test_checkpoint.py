@@ -601,8 +601,11 @@ def test_resolve_resume(tmp_path) -> None:
     assert resumed.resolve_resume("none") is None
     assert resumed.resolve_resume(str(one)) == one
     assert resumed.resolve_resume(str(one / MANIFEST)) == one
-    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="nope: does not exist"):
         resumed.resolve_resume(str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        resumed.resolve_resume(str(tmp_path / "file"))
     (two / "__0_0.distcp").unlink()
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp: missing"):
         resumed.resolve_resume(str(two))
