@@ -60,14 +60,26 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
         return [Problem(where, f"{model.init_from!r} {what}",
                         "point it at a directory written by save_pretrained (config.json and "
                         "*.safetensors)")]
-    if not _shards(path):
+    try:
+        shards = _shards(path)
+    except CheckpointFileError as exc:
+        return [exc.problem]
+    if not shards:
         return [Problem(where, f"{model.init_from!r} has no *.safetensors file",
                         "save the checkpoint with safe_serialization=True")]
+    missing = [shard.name for shard in shards if not shard.is_file()]
+    if missing:
+        return [Problem(where, f"{path / _INDEX} names {', '.join(missing)}, which "
+                        f"{'is' if len(missing) == 1 else 'are'} not in {path}",
+                        "copy the whole checkpoint directory")]
     try:
         theirs = json.loads(config_file.read_text())
         ours = hf_llama_config(model)
-    except (json.JSONDecodeError, ProblemsError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, ProblemsError) as exc:
         return [Problem(where, f"{config_file}: {exc}", "use a LlamaForCausalLM checkpoint")]
+    if not isinstance(theirs, dict):
+        return [Problem(where, f"{config_file} holds a JSON {type(theirs).__name__}, not a "
+                        "model config", "use a LlamaForCausalLM checkpoint")]
     problems = []
     rope = theirs.get("rope_parameters") or {}  # transformers 5 keeps rope_theta there
     if theirs.get("rope_theta") is None and "rope_theta" in rope:
@@ -77,9 +89,16 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
     if scaling:
         problems.append(Problem(where, f"{config_file} scales RoPE ({scaling})",
                                 "orch's RoPE has no scaling: use an unscaled checkpoint"))
-    if "LlamaForCausalLM" not in theirs.get("architectures", ["LlamaForCausalLM"]):
-        problems.append(Problem(where, f"{config_file} describes {theirs['architectures']}",
+    architectures = theirs.get("architectures") or []
+    if not isinstance(architectures, list) or (architectures and "LlamaForCausalLM" not in
+                                               architectures):
+        problems.append(Problem(where, f"{config_file} describes {architectures}",
                                 "use a LlamaForCausalLM checkpoint"))
+    for key, llama in (("model_type", "llama"), ("hidden_act", "silu")):  # where architectures
+        if theirs.get(key, llama) != llama:  # is missing, these still tell another model
+            problems.append(Problem(where, f"{config_file} has {key}: {theirs[key]!r}, not "
+                                    f"{llama!r}: another model than orch's Llama",
+                                    "use a LlamaForCausalLM checkpoint"))
     for flag in ("attention_bias", "mlp_bias"):
         if theirs.get(flag):
             problems.append(Problem(where, f"{config_file} has {flag}: true",
@@ -141,7 +160,14 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size]
     found: set[str] = set()
     problems = []
     for shard in _shards(Path(cfg.init_from)):
-        with safe_open(str(shard), framework="pt") as handle:
+        try:
+            handle = safe_open(str(shard), framework="pt")
+        except Exception as exc:  # noqa: BLE001 - safetensors' errors: a cut or foreign file
+            problems.append(Problem("model.init_from", f"{shard} cannot be read as safetensors "
+                                    f"({exc})", "copy the file again, or re-save the "
+                                    "checkpoint"))
+            continue
+        with handle:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if hf_ignored(key):
                     continue
@@ -152,6 +178,12 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size]
                                             "use a bias-free Llama checkpoint"))
                     continue
                 found.add(ours)
+                dtype = handle.get_slice(key).get_dtype()
+                if dtype not in _FLOATS:  # copied into the float parameters, silently
+                    problems.append(Problem(key, f"is {dtype}, not a floating-point tensor",
+                                            "use a checkpoint of float weights (F32, F16, BF16, "
+                                            "F64)"))
+                    continue
                 shape = torch.Size(handle.get_slice(key).get_shape())
                 if shape != shapes[ours]:
                     problems.append(Problem(key, f"has shape {tuple(shape)}, orch's {ours} "
@@ -173,13 +205,34 @@ def load_hf_weights(model: nn.Module, cfg: ModelConfig) -> int:
     return source.read
 
 
+_INDEX = "model.safetensors.index.json"
+_FLOATS = {"F16", "BF16", "F32", "F64"}
+"""safetensors' names of the dtypes a weight may have."""
+
+
+class CheckpointFileError(Exception):
+    """A checkpoint file that cannot be read; carries the problem to report."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
 def _shards(path: Path) -> list[Path]:
-    """The checkpoint's safetensors files: those its index names, else every one present."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / name for name in names]
-    return sorted(path.glob("*.safetensors"))
+    """The checkpoint's safetensors files: those its index names (which may be missing), else
+    every one present; CheckpointFileError for an index that cannot be read."""
+    index = path / _INDEX
+    if not index.is_file():
+        return sorted(path.glob("*.safetensors"))
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointFileError(Problem("model.init_from", f"{index} cannot be read: its "
+                                          f"weight_map is missing or damaged ({exc!r})",
+                                          "copy the file again, or re-save the checkpoint")
+                                  ) from None
+    return [path / str(name) for name in names]
 
 
 __all__ = ["HFCheckpoint", "init_from_problems", "load_hf_weights"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,57 @@ def test_missing_and_misshapen_tensors_are_refused_before_launch(checkpoint, tmp
     assert len(problems) == 2, text
     assert "layers.1.feed_forward.w3.weight: has no tensor in" in text
     assert f"{cut}: has shape (255, 256), orch's layers.2.attention.wq.weight (256, 256)" in text
+
+
+def _copy(source: Path, to: Path) -> Path:
+    to.mkdir()
+    for file in source.iterdir():
+        (to / file.name).write_bytes(file.read_bytes())
+    return to
+
+
+def test_damaged_or_foreign_files_are_refused_not_raised(checkpoint, tmp_path):
+    """Each crashed the launcher with a traceback (FileNotFoundError, SafetensorError,
+    JSONDecodeError, KeyError, TypeError, AttributeError), or loaded the wrong function or
+    integer weights silently."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = checkpoint
+    shards = sorted(path.glob("*.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+
+    def problem(name: str, change) -> str:
+        broken = _copy(path, tmp_path / name)
+        change(broken)
+        return "\n".join(str(p) for p in init_from_problems(tiny(init_from=str(broken))))
+
+    index = "model.safetensors.index.json"
+    cases = {
+        "shard gone": (lambda d: (d / shards[1].name).unlink(), f"names {shards[1].name}, which "
+                       "is not in"),
+        "shard cut": (lambda d: (d / shards[0].name).write_bytes(shards[0].read_bytes()[:50]),
+                      f"{shards[0].name} cannot be read as safetensors"),
+        "index not json": (lambda d: (d / index).write_text("{"), "weight_map is missing or "
+                           "damaged"),
+        "index without map": (lambda d: (d / index).write_text("{}"), "weight_map is missing"),
+        "architectures null": (lambda d: (d / "config.json").write_text(json.dumps(
+            config | {"architectures": None, "model_type": "gemma"})), "has model_type: "
+            "'gemma', not 'llama'"),
+        "config a list": (lambda d: (d / "config.json").write_text("[]"), "holds a JSON list, "
+                          "not a model config"),
+        "gelu": (lambda d: (d / "config.json").write_text(json.dumps(
+            {k: v for k, v in config.items() if k != "architectures"} | {"hidden_act": "gelu"})),
+            "has hidden_act: 'gelu', not 'silu'"),
+    }
+    for name, (change, said) in cases.items():
+        assert said in problem(name.replace(" ", "-"), change), name
+
+    def to_int8(d: Path) -> None:
+        for shard in d.glob("*.safetensors"):
+            tensors = {k: t.to(torch.int8) for k, t in load_file(shard).items()}
+            save_file(tensors, shard, metadata={"format": "pt"})
+
+    assert "is I8, not a floating-point tensor" in problem("int8", to_int8)
 
 
 @pytest.mark.slow  # one single-process launch each, ~10 s
