@@ -263,6 +263,19 @@ def test_each_config_rule(overrides, message):
     assert message in text and "fix:" in text
 
 
+def test_a_value_that_must_be_positive_hides_no_other_problem():
+    """The rules stopped after the positivity checks: model.dim=-1 hid parallel.tp=0, and
+    train.steps=0 hid train.lr=-5; kv_heads=0 said 'heads=8 is not a multiple of kv_heads=0'."""
+    text = problems_of(REPO / "configs/tiny.yaml", ["model.dim=-1", "parallel.tp=0",
+                                                     "train.steps=0", "train.lr=-5",
+                                                     "model.kv_heads=0"])
+    for said in ("model.dim: must be at least 1, got -1", "parallel.tp: must be at least 1",
+                 "train.steps: must be at least 1", "train.lr: must be positive",
+                 "model.kv_heads: must be at least 1, got 0"):
+        assert said in text, said
+    assert "not a multiple of kv_heads" not in text
+
+
 def test_valid_variants_pass():
     load_config(REPO / "configs/tiny.yaml", ["model.heads=16", "train.lr=1e-3"])
     load_config(

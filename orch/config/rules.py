@@ -43,23 +43,30 @@ def check_config(cfg: Config) -> list[Problem]:
         need(
             value >= 1, f"train.{name}", f"must be at least 1, got {value}", "use a positive value"
         )
-    if problems:  # the rules below divide by these
-        return problems
-
+    # the rules that divide by those run only where they are positive; every other rule runs
+    # (one mistake hid the others: model.dim=-1 hid parallel.tp=0)
+    heads_ok = m.dim >= 1 and m.heads >= 1
     need(
-        m.dim % m.heads == 0,
+        not heads_ok or m.dim % m.heads == 0,
         "model.dim",
         f"{m.dim} is not divisible by model.heads={m.heads}",
         "choose dim = heads x head_dim, e.g. heads 32 with dim 4096",
     )
     need(
-        m.dim // m.heads % 2 == 0,
+        not heads_ok or m.dim % m.heads or m.dim // m.heads % 2 == 0,
         "model.heads",
-        f"head_dim dim/heads = {m.dim // m.heads} is odd; RoPE rotates pairs of channels",
+        f"head_dim dim/heads = {m.dim // max(1, m.heads)} is odd; RoPE rotates pairs of "
+        "channels",
         "choose heads so that dim/heads is even",
     )
     need(
-        m.n_kv_heads >= 1 and m.heads % m.n_kv_heads == 0,
+        m.n_kv_heads >= 1,
+        "model.kv_heads",
+        f"must be at least 1, got {m.n_kv_heads}",
+        "use a kv_heads that divides heads (e.g. 8 for 32 heads), or null for heads",
+    )
+    need(
+        m.n_kv_heads < 1 or m.heads < 1 or m.heads % m.n_kv_heads == 0,
         "model.kv_heads",
         f"heads={m.heads} is not a multiple of kv_heads={m.n_kv_heads}",
         "use a kv_heads that divides heads (e.g. 8 for 32 heads), or null for heads",
@@ -129,7 +136,7 @@ def check_config(cfg: Config) -> list[Problem]:
         f"lower train.seq_len or raise model.max_seq_len to at least {t.seq_len}",
     )
     need(
-        t.global_batch % t.micro_batch == 0,
+        t.micro_batch < 1 or t.global_batch % t.micro_batch == 0,
         "train.global_batch",
         f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}",
         "make global_batch a multiple of micro_batch",
