@@ -27,6 +27,14 @@ from orch.errors import OrchError, Problem
 TOKEN_SUFFIXES = (".bin", ".npy")
 """Suffixes that ``data.format: auto`` reads as token files; everything else is text."""
 
+OTHER_FORMATS = (".npz", ".pt", ".pth", ".pkl", ".pickle", ".safetensors", ".parquet",
+                 ".arrow", ".h5", ".hdf5", ".zip", ".tar", ".zst")
+"""Suffixes of formats that are neither text nor token ids as orch reads them (they were read
+as text: their bytes trained on as if they were a corpus)."""
+
+_SNIFF_BYTES = 1 << 16
+"""How much of a text file is looked at for NUL bytes, which text never holds."""
+
 _SCAN_CHUNK = 1 << 24
 """Tokens per chunk when scanning a memory-mapped file, so the scan never loads it whole."""
 
@@ -92,6 +100,13 @@ def check_source(data: DataConfig) -> tuple[Path, str]:
         raise DataError(
             "data.path", f"{data.path!r} is empty", "point data.path at a file with data"
         )
+    if kind == "text" and not path.name.lower().endswith(".gz"):
+        with open(path, "rb") as f:
+            if b"\0" in f.read(_SNIFF_BYTES):
+                raise DataError("data.path", f"{data.path!r} holds NUL bytes in its first "
+                                f"{_SNIFF_BYTES // 1024} KiB: a binary file, not text",
+                                "give a text file, or token ids as .npy (np.save) or raw "
+                                ".bin of data.token_dtype")
     return path, kind
 
 
@@ -116,6 +131,10 @@ def _file_kind(data: DataConfig, path: Path) -> str:
     compressed = name.endswith(".gz")
     stem = name.removesuffix(".gz")
     token_suffix = next((s for s in TOKEN_SUFFIXES if stem.endswith(s)), None)
+    if other := next((s for s in OTHER_FORMATS if stem.endswith(s)), None):
+        raise DataError("data.path", f"{data.path!r} is a {other} file: neither text nor token "
+                        "ids as orch reads them", "export the token ids with numpy as .npy "
+                        "(np.save) or as raw .bin of data.token_dtype, or give a text file")
 
     if token_suffix and data.format != "text" and compressed:
         raise DataError(

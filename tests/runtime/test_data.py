@@ -100,6 +100,19 @@ def test_directory_is_refused(tmp_path: Path):
     assert "is not a file" in _error(DataConfig(path=str(tmp_path)))
 
 
+@pytest.mark.parametrize("name, content, said", [
+    ("tokens.npz", b"PK\x03\x04", "is a .npz file: neither text nor token ids"),
+    ("tokens.pt", b"PK\x03\x04", "is a .pt file"),
+    ("random.dat", bytes(range(256)) * 4, "holds NUL bytes in its first 64 KiB: a binary file"),
+])
+def test_a_file_that_is_neither_text_nor_token_ids_is_refused(tmp_path: Path, name: str,
+                                                              content: bytes, said: str):
+    """Each trained, its bytes read as if they were a corpus."""
+    (tmp_path / name).write_bytes(content)
+    message = _error(DataConfig(path=str(tmp_path / name)))
+    assert message.startswith("data.path:") and said in message and "fix:" in message
+
+
 @pytest.mark.parametrize("name", ["empty.txt", "empty.bin", "empty.npy"])
 def test_empty_file(tmp_path: Path, name: str):
     (tmp_path / name).write_bytes(b"")
