@@ -513,7 +513,7 @@ def launch(argv: Sequence[str]) -> int:
     """Validate, then run torchrun in this process; 0 when every worker succeeded."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import run
+    from torch.distributed.run import parse_min_max_nnodes, run
 
     args, cfg, plan = prepare(argv)
     run_dir = Path(cfg.run.dir)
@@ -524,6 +524,11 @@ def launch(argv: Sequence[str]) -> int:
               f"run dir {cfg.run.dir}", flush=True)
         if (warning := memory_warning(plan)) is not None:
             print(warning, flush=True)
+        if (nodes := parse_min_max_nnodes(args.nnodes)[1]) > 1:  # else silent until all joined
+            endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
+            print(f"orch launch: node {args.node_rank} of {nodes} waits at {endpoint} for the "
+                  "others (the same command on each node with its --node-rank); torchrun gives "
+                  "up after its rendezvous timeout", flush=True)
         while True:
             before = read_rebalance(run_dir)
             ooms = oom_kills()
