@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,7 +89,8 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     stages and sharded (tensor, expert and FSDP data parallelism) before each rank allocates
     and fills its own share, so no rank ever holds the whole model."""
     world = dist.get_world_size()
-    _agree("plan", _plan_fingerprint(plan, cfg), [])
+    settings = _settings(cfg)
+    _agree("plan", _plan_fingerprint(plan, settings), [], settings)
     mesh = build_mesh(plan, device.type)
     d = plan.degrees
     moe = cfg.model.is_moe  # the same on every rank (collectives below depend on it)
@@ -201,21 +203,37 @@ def _local_logits(module: nn.Module, args: object, output: torch.Tensor) -> torc
     return output.to_local() if isinstance(output, DTensor) else output
 
 
-def _plan_fingerprint(plan: Plan, cfg: Config) -> str:
-    """What must be equal on every rank: the degrees and the whole resolved config."""
-    text = json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return f"{plan.degrees.short()}, config {digest}"
+def _settings(cfg: Config) -> dict[str, str]:
+    """Every setting of the resolved config as ``section.key`` -> its value, and the data file's
+    size (``data.bytes``): nodes reading different copies of a relative ``data.path`` trained
+    together on different samples."""
+    flat = {f"{section}.{key}": json.dumps(value, sort_keys=True, default=str)
+            for section, values in config_to_dict(cfg).items() if isinstance(values, dict)
+            for key, value in values.items()}
+    if cfg.data.path:
+        try:
+            flat["data.bytes"] = str(Path(cfg.data.path).expanduser().stat().st_size)
+        except OSError as exc:
+            flat["data.bytes"] = f"unreadable ({exc.strerror})"
+    return flat
 
 
-def _agree(what: str, fingerprint: str, problems: list[str]) -> None:
+def _plan_fingerprint(plan: Plan, settings: dict[str, str]) -> str:
+    """What must be equal on every rank: the degrees and every setting."""
+    text = json.dumps(settings, sort_keys=True)
+    return f"{plan.degrees.short()}, config {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _agree(what: str, fingerprint: str, problems: list[str],
+           settings: dict[str, str] | None = None) -> None:
     """Gather every rank's ``fingerprint`` and ``problems``; if they differ or any rank has
-    problems, raise :class:`RanksDisagree` on every rank (nobody is left waiting)."""
+    problems, raise :class:`RanksDisagree` on every rank (nobody is left waiting), naming the
+    ``settings`` that differ."""
     world = dist.get_world_size()
     if world == 1 and not problems:
         return
-    gathered: list[tuple[str, list[str]] | None] = [None] * world
-    dist.all_gather_object(gathered, (fingerprint, problems))
+    gathered: list[tuple[str, list[str], dict[str, str]] | None] = [None] * world
+    dist.all_gather_object(gathered, (fingerprint, problems, settings or {}))
     views: dict[str, list[int]] = {}
     found: list[Problem] = []
     for rank, item in enumerate(gathered):
@@ -224,10 +242,27 @@ def _agree(what: str, fingerprint: str, problems: list[str]) -> None:
         found += [Problem(f"rank {rank}", message) for message in item[1]]
     if len(views) > 1:
         found.append(Problem(
-            what, "; ".join(f"ranks {_ranges(ranks)} have {view}" for view, ranks in views.items()),
-            "start every node with the same config file, --set overrides and orch version"))
+            what, "; ".join(f"ranks {_ranges(ranks)} have {view}" for view, ranks in views.items())
+            + _differences([item[2] for item in gathered if item is not None]),
+            "start every node with the same config file, --set overrides, data and orch "
+            "version"))
     if found:
         raise RanksDisagree(found, speaker=dist.get_rank() == 0)
+
+
+def _differences(settings: list[dict[str, str]]) -> str:
+    """The settings whose values differ between ranks, each with its values and ranks."""
+    keys = sorted({key for ranks in settings for key in ranks}
+                  - {key for key in settings[0] if all(s.get(key) == settings[0][key]
+                                                        for s in settings)})
+    parts = []
+    for key in keys:
+        values: dict[str, list[int]] = {}
+        for rank, ranks in enumerate(settings):
+            values.setdefault(ranks.get(key, "unset"), []).append(rank)
+        parts.append(f"{key}: " + ", ".join(f"{value} on ranks {_ranges(ranks)}"
+                                            for value, ranks in values.items()))
+    return ("; differing: " + "; ".join(parts)) if parts else ""
 
 
 def _ranges(ranks: list[int]) -> str:

@@ -44,5 +44,22 @@ def test_nodes_with_different_configs_stop_with_one_message(tmp_path):
     assert len(speakers) == 1 and speakers[0].count("ranks disagree") == 1, done
     message = speakers[0]
     assert "ranks 0 have fsdp2, config " in message and "ranks 1 have fsdp2, config " in message
+    assert "differing: train.lr: 0.001 on ranks 0, 0.002 on ranks 1" in message  # which one
     assert "fix: start every node with the same config file, --set overrides" in message
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing recorded for a bad start
+
+
+def test_the_settings_compared_include_the_data_files_size(tmp_path):
+    """Nodes reading different copies of a relative data.path trained together on different
+    samples: the size of each node's file is compared with the config."""
+    from orch.config import load_config
+    from orch.runtime.parallelize import _differences, _settings
+
+    small, large = tmp_path / "a.txt", tmp_path / "b.txt"
+    small.write_text("x" * 10)
+    large.write_text("x" * 20)
+    views = [_settings(load_config(REPO / "configs/tiny.yaml", [f"data.path={path}"]))
+             for path in (small, small, large)]
+    assert views[0]["data.bytes"] == "10" and views[2]["data.bytes"] == "20"
+    said = _differences(views)
+    assert "data.bytes: 10 on ranks 0-1, 20 on ranks 2" in said and "data.path" in said
