@@ -125,6 +125,18 @@ def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path
     load_hf_weights(back, back_cfg)
     for (name, a), b in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    if tie:  # a tied checkpoint that also saves its head (as some do) loads as transformers does
+        from safetensors.torch import load_file, save_file
+
+        shard = next(p for p in sorted(out.glob("*.safetensors"))
+                     if "model.embed_tokens.weight" in load_file(p))
+        tensors = load_file(shard)
+        save_file(tensors | {"lm_head.weight": tensors["model.embed_tokens.weight"].clone()},
+                  shard, metadata={"format": "pt"})
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        index["weight_map"]["lm_head.weight"] = shard.name
+        (out / "model.safetensors.index.json").write_text(json.dumps(index))
+        assert load_hf_weights(Transformer(back_cfg), back_cfg) == len(list(back.parameters()))
 
 
 def test_export_refuses_moe_an_existing_directory_and_a_bad_dtype(tmp_path, capsys):

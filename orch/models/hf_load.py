@@ -169,8 +169,9 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size]
             continue
         with handle:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                if hf_ignored(key):
-                    continue
+                if hf_ignored(key) or (cfg.tie_embeddings and key == "lm_head.weight"):
+                    continue  # with tied embeddings the head is the embedding, as transformers
+                    # ties it (some checkpoints save the tied head too)
                 ours = hf_to_ours(key)
                 if ours is None or ours not in shapes:
                     problems.append(Problem(key, f"in {shard.name} has no counterpart in "
