@@ -165,7 +165,8 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     attention_fpt = 12.0 * seq * m.heads * m.head_dim  # per layer
     recompute = {"none": 0.0, "selective": m.layers * attention_fpt / 3, "full": fpt / 3}
     rank_tokens = t.micro_batch * seq / deg.cp  # of one micro-batch, before TP splits them
-    rate = (device.peak_flops * device.compute_efficiency
+    peak = device.peak(t.precision)
+    rate = (peak * device.compute_efficiency
             * gemm_efficiency(rank_tokens, m.dim, deg.tp, device))
     tokens = t.global_batch * seq
     compute = (fpt + recompute[t.recompute]) * tokens / deg.world / rate
@@ -252,7 +253,7 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     return StepTime(
         compute_s=compute, comm_s=comm, exposed_comm_s=exposed, bubble_s=bubble, total_s=total,
         tokens_per_step=tokens, tokens_per_s=tokens_per_s,
-        mfu=fpt * tokens_per_s / (deg.world * device.peak_flops), flops_per_token=fpt,
+        mfu=fpt * tokens_per_s / (deg.world * peak), flops_per_token=fpt,
     )
 
 

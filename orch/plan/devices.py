@@ -44,7 +44,16 @@ class DeviceSpec:
     host_bw: float = 25e9
     """Device <-> host memory copies, one direction (offloaded parameters, gradients and
     activations cross it): PCIe 4.0 x16 sustains ~25 GB/s of its 32, PCIe 5.0 ~50 of its 64."""
+    fp32_flops: float = 0.0
+    """Dense fp32 FLOP/s, what float32 matmuls run at (PyTorch leaves TF32 off by default, so
+    they do not use the tensor cores); 0: ``peak_flops`` (``cpu``)."""
     description: str = ""
+
+    def peak(self, precision: str) -> float:
+        """FLOP/s at ``train.precision`` (``bf16`` or ``fp32``): what step times and MFU are
+        reckoned against (an fp32 plan was priced at the bf16 tensor-core peak, 15x too fast on
+        an H100)."""
+        return self.fp32_flops if precision == "fp32" and self.fp32_flops else self.peak_flops
 
 
 OVERRIDABLE = tuple(
@@ -56,37 +65,37 @@ OVERRIDABLE = tuple(
 DEVICES: dict[str, DeviceSpec] = {
     spec.name: spec
     for spec in (
-        # NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 TFLOPS with sparsity, so
-        # 989.4 dense; 80 GB HBM3; NVLink 4 900 GB/s bidirectional. DGX H100: one 400 Gb/s
+        # NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 TFLOPS with sparsity, so 989.4
+        # dense; FP32 67 TFLOPS; 80 GB HBM3; NVLink 4 900 GB/s bidirectional. DGX H100: one 400 Gb/s
         # ConnectX-7 (NDR) per GPU. Efficiency 0.55: bf16 MFU reported on H100 runs from 33-39%
-        # (torchtitan, Llama 3.1 8B, GPUs capped at 500 W) to 49.3% (Megatron-Core, Mixtral
-        # 8x22B), so compute alone must sustain a little more than the best of those.
+        # (torchtitan, Llama 3.1 8B, GPUs capped at 500 W) to 49.3% (Megatron-Core, Mixtral 8x22B),
+        # so compute alone must sustain a little more than the best of those.
         DeviceSpec(
-            name="h100-sxm-80gb", peak_flops=989.4e12, memory_bytes=80 * GiB,
+            name="h100-sxm-80gb", peak_flops=989.4e12, fp32_flops=67e12, memory_bytes=80 * GiB,
             intra_node_bw=450e9, inter_node_bw=50e9, compute_efficiency=0.55, host_bw=50e9,
             description="NVIDIA H100 SXM5 80GB, NVLink 4, 400 Gb/s NDR per GPU",
         ),
-        # NVIDIA H200 datasheet (SXM): same BF16 compute as H100 (1,979 TFLOPS sparse),
+        # NVIDIA H200 datasheet (SXM): same BF16 and FP32 compute as H100 (1,979 TFLOPS sparse),
         # 141 GB HBM3e, NVLink 900 GB/s bidirectional; DGX H200: 400 Gb/s per GPU.
         DeviceSpec(
-            name="h200", peak_flops=989.4e12, memory_bytes=141 * GB,
+            name="h200", peak_flops=989.4e12, fp32_flops=67e12, memory_bytes=141 * GB,
             intra_node_bw=450e9, inter_node_bw=50e9, compute_efficiency=0.55, host_bw=50e9,
             description="NVIDIA H200 SXM 141GB, NVLink 4, 400 Gb/s NDR per GPU",
         ),
-        # NVIDIA A100 datasheet (SXM4 80GB): BF16 312 TFLOPS dense (624 sparse), NVLink 3
-        # 600 GB/s bidirectional. DGX A100: one 200 Gb/s HDR ConnectX-6 per GPU. A100 is the
-        # easier part to saturate: torchtitan reports 56-58% MFU for Llama 3 8B on 64 A100s.
+        # NVIDIA A100 datasheet (SXM4 80GB): BF16 312 TFLOPS dense (624 sparse), FP32 19.5, NVLink 3
+        # 600 GB/s bidirectional. DGX A100: one 200 Gb/s HDR ConnectX-6 per GPU. A100 is the easier
+        # part to saturate: torchtitan reports 56-58% MFU for Llama 3 8B on 64 A100s.
         DeviceSpec(
-            name="a100-80gb", peak_flops=312e12, memory_bytes=80 * GiB,
+            name="a100-80gb", peak_flops=312e12, fp32_flops=19.5e12, memory_bytes=80 * GiB,
             intra_node_bw=300e9, inter_node_bw=25e9, compute_efficiency=0.6,
             description="NVIDIA A100 SXM4 80GB, NVLink 3, 200 Gb/s HDR per GPU",
         ),
         # NVIDIA Ada Lovelace architecture whitepaper, GeForce RTX 4090: BF16 tensor with FP32
-        # accumulate 165.2 TFLOPS dense; 24 GB GDDR6X. No NVLink: peers talk over PCIe 4.0 x16
-        # (32 GB/s theoretical, ~25 GB/s measured). Nodes: a 100 Gb/s Ethernet NIC shared by the
-        # box, taken here as 12.5 GB/s per device only when a cluster file says nothing better.
+        # accumulate 165.2 TFLOPS dense, FP32 82.6; 24 GB GDDR6X. No NVLink: peers talk over PCIe
+        # 4.0 x16 (32 GB/s theoretical, ~25 GB/s measured). Nodes: a 100 Gb/s Ethernet NIC shared by
+        # the box, taken here as 12.5 GB/s per device only when a cluster file says nothing better.
         DeviceSpec(
-            name="rtx4090", peak_flops=165.2e12, memory_bytes=24 * GiB,
+            name="rtx4090", peak_flops=165.2e12, fp32_flops=82.6e12, memory_bytes=24 * GiB,
             intra_node_bw=25e9, inter_node_bw=12.5e9, compute_efficiency=0.5,
             intra_latency_s=10e-6, inter_latency_s=30e-6,
             description="NVIDIA GeForce RTX 4090 24GB, PCIe 4.0 x16, no NVLink",

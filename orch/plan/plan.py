@@ -225,7 +225,7 @@ def evaluate(
         gpus_per_node=machine.gpus_per_node,
         nodes=machine.nodes,
         device=machine.device.name,
-        peak_flops=machine.device.peak_flops,
+        peak_flops=machine.device.peak(cfg.train.precision),
         degrees=deg,
         schedule=cfg.parallel.pp_schedule if deg.pp > 1 else "none",
         global_batch=t.global_batch,

@@ -112,6 +112,16 @@ def test_llama3_8b_on_64_h100_lands_in_a_believable_mfu_band() -> None:
         assert 0.30 <= step.mfu <= 0.60, settings
 
 
+def test_fp32_compute_is_priced_at_the_fp32_peak() -> None:
+    """An fp32 plan was priced at the bf16 tensor-core peak: the same step time as bf16 on an
+    H100, where float32 matmuls (TF32 off, PyTorch's default) run at 67 of 989 TFLOP/s."""
+    bf16 = estimate(config("llama3-8b"), 64)
+    fp32 = estimate(config("llama3-8b", train__precision="fp32"), 64)
+    assert fp32.compute_s == pytest.approx(bf16.compute_s * 989.4 / 67)
+    assert fp32.mfu == pytest.approx(bf16.mfu, rel=0.05)  # each against its own peak
+    assert get_device("cpu").peak("fp32") == get_device("cpu").peak_flops
+
+
 def test_tp_across_nodes_is_slower_than_inside_one() -> None:
     cfg = config("llama3-8b", parallel__tp=8)
     inside, across = estimate(cfg, 64, gpus_per_node=8), estimate(cfg, 64, gpus_per_node=4)
