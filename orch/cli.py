@@ -76,6 +76,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if problems or machine is None:
         raise PlanError(problems)
     result = search(cfg, machine, top=top)
+    if not result.evaluated:  # no valid degrees at all: the config's own layout says which rule
+        build_plan(cfg, args.world_size, args.gpus_per_node, args.device)  # (a PlanError)
     if args.json:
         print(
             json.dumps(

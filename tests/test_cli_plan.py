@@ -118,3 +118,13 @@ def test_a_cluster_takes_no_gpus_per_node_and_names_its_file_once(capsys, tmp_pa
     assert main(["plan", "configs/llama3-8b.yaml", "--set", f"cluster={broken}"]) == 2
     err = capsys.readouterr().err
     assert f"cluster {broken} nodes[0].devices: 0" in err and err.count(str(broken)) == 1
+
+
+def test_auto_with_no_valid_layout_names_the_rule(capsys):
+    """It said '0 fit, 0 over memory ... no plan fits: add devices, offload, or shorten
+    train.seq_len' where no data-parallel size divides the batch."""
+    from orch.cli import main
+
+    assert main(["plan", "configs/llama3-70b.yaml", "--world-size", "7", "--auto"]) == 2
+    assert "train.global_batch: 2048 is not divisible by micro_batch x dp = 1 x 7" in (
+        capsys.readouterr().err)

@@ -178,6 +178,9 @@ def render_search(result: SearchResult, world_size: int, device: str) -> str:
     if result.unconnected:
         head += (f"; {result.unconnected} sets of degrees need groups across nodes that share "
                  "no network (give the nodes a common network in the cluster description)")
+    if not result.evaluated:  # nothing to weigh: the degrees, not the memory, are the limit
+        return head + ("\nno layout of this world size passes the plan's rules: orch plan "
+                       "without --auto says which")
     if not result.best:
         return head + "\nno plan fits: add devices, offload (offload.*), or shorten train.seq_len"
     lines = [
