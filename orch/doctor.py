@@ -191,10 +191,13 @@ def _features(report: Report, gpu: bool, nvme_path: str | None) -> list[Feature]
                        "" if can_adam else "install a C++ compiler (apt-get install g++)"))
     if nvme_path:
         usable = Path(nvme_path).is_dir() and os.access(nvme_path, os.W_OK | os.X_OK)
-        out.append(Feature("NVMe tier directory", OK if usable else MISSING,
-                           nvme_path if usable else f"{nvme_path} is not a writable directory",
-                           "" if usable else "create it on an SSD, or point offload.nvme_path "
-                           "at one"))
+        free = shutil.disk_usage(nvme_path).free if usable else 0
+        why = (f"{nvme_path} is not a writable directory" if not usable else
+               f"{nvme_path} has no free space (a pseudo file system such as /proc?)"
+               if not free else nvme_path)
+        out.append(Feature("NVMe tier directory", OK if usable and free else MISSING, why,
+                           "" if usable and free else "create it on an SSD, or point "
+                           "offload.nvme_path at one"))
     megatron = v["megatron-core"] != "not installed"
     out.append(Feature("Megatron-Core interop", OK if megatron else MISSING,
                        f"megatron-core {v['megatron-core']}" if megatron else "not installed",

@@ -68,3 +68,11 @@ def test_the_p2p_matrix_tells_nvlink_from_pcie_from_neither():
     text = doctor.render(report)
     assert "  GPU 0: H100, 80.0 GiB, GPU-0" in text
     assert "  GPU 0      X   NV  P2P" in text
+
+
+def test_an_nvme_path_without_free_space_is_missing(capsys, monkeypatch):
+    """/proc passed as writable with '0.0 GB free of 0.0', and the machine was 'healthy'."""
+    from orch.cli import main
+
+    assert main(["doctor", "--nvme-path", "/proc"]) == 1
+    assert "MISSING  NVMe tier directory: /proc has no free space" in capsys.readouterr().out
