@@ -295,6 +295,11 @@ def test_parse_bytes_units():
     assert parse_bytes("1.5GiB") == int(1.5 * 2**30)
     assert parse_bytes("512") == 512
     assert parse_bytes("12 parsecs") is None
+    assert parse_bytes("1e9") == 10**9 and parse_bytes("1.5e3MB") == 15 * 10**8  # were refused
+    assert parse_bytes("1PiB") == 2**50 and parse_bytes("e9") is None
+    assert load_config(REPO / "configs/tiny.yaml", ["offload.pinned_budget=1.0e9",
+                                                    "offload.params=cpu", "offload.grads=cpu"]
+                       ).offload.pinned_budget == 10**9  # a YAML float
 
 
 def test_config_roundtrips_through_dict():

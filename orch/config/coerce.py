@@ -25,10 +25,10 @@ from orch.errors import Problem
 
 _UNITS = {
     "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
 }
-_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_bytes(text: str) -> int | None:
@@ -141,6 +141,8 @@ def convert(value: Any, tp: Any) -> Any:
     if _is_bytes(tp):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
+        if isinstance(value, float) and value.is_integer() and value >= 0:  # 1.0e9 in YAML
+            return int(value)
         if isinstance(value, str) and (parsed := parse_bytes(value)) is not None:
             return parsed
         raise Invalid(f"{value!r} is not a byte size",
