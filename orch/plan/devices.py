@@ -100,11 +100,13 @@ DEVICES: dict[str, DeviceSpec] = {
             intra_latency_s=10e-6, inter_latency_s=30e-6,
             description="NVIDIA GeForce RTX 4090 24GB, PCIe 4.0 x16, no NVLink",
         ),
-        # A modest CPU "device" for gloo runs on this kind of machine: 1 TFLOP/s fp32, gloo over
-        # loopback (~5 GB/s) inside a host, 10 Gb/s Ethernet between hosts; "host" copies are
-        # memory copies (~5 GB/s on 2 cores).
+        # A modest CPU "device" for gloo runs on this kind of machine: 170 GFLOP/s fp32 (torch's
+        # sgemm of 2048 x 2048 on the 2-core CI machine with two threads, 2026-12-05; it was
+        # 1 TFLOP/s, and the tiny model's plan said 21k tokens/s where 613 were measured), gloo
+        # over loopback (~5 GB/s) inside a host, 10 Gb/s Ethernet between hosts; "host" copies
+        # are memory copies (~5 GB/s on 2 cores).
         DeviceSpec(
-            name="cpu", peak_flops=1e12, memory_bytes=24 * GiB,
+            name="cpu", peak_flops=170e9, memory_bytes=24 * GiB,
             intra_node_bw=5e9, inter_node_bw=1.25e9, compute_efficiency=0.5, host_bw=5e9,
             intra_latency_s=20e-6, inter_latency_s=50e-6, matmul_half_size=2**14,
             description="CPU with gloo: loopback inside a host, 10 Gb/s Ethernet between",
