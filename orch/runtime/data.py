@@ -248,7 +248,9 @@ def _check_range(tokens: np.ndarray, vocab_size: int, source: str, data: DataCon
             "token ids must be non-negative; re-export the file with an unsigned dtype",
         )
     if high >= vocab_size:
-        hint = "" if data.path.endswith(".npy") else ", or check data.token_dtype"
+        suffix = next((s for s in TOKEN_SUFFIXES if data.path.lower().endswith(s)), None)
+        hint = {".bin": ", or check data.token_dtype", ".npy": ""}.get(
+            suffix or "", "; text is read as bytes, 256 ids")
         raise DataError(
             "model.vocab_size",
             f"{vocab_size}, but {source} contains token id {high}",

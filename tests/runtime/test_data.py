@@ -148,6 +148,7 @@ def test_text_needs_a_byte_vocabulary(tmp_path: Path):
     path.write_text("é")  # bytes 0xC3 0xA9
     message = _error(DataConfig(path=str(path)), vocab_size=128)
     assert "model.vocab_size: 128" in message and "at least 196" in message
+    assert "text is read as bytes, 256 ids" in message and "token_dtype" not in message
 
 
 def test_npy_must_be_a_flat_integer_array(tmp_path: Path):
