@@ -202,7 +202,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         print(json.dumps({
             "name": schedule.name, "stages": schedule.stages, "virtual": schedule.virtual,
             "placement": schedule.placement,
-            "microbatches": schedule.microbatches, "costs": vars(costs),
+            "microbatches": schedule.microbatches,
+            "costs": vars(costs) | {"b": costs.compute("B")},  # B's cost, given or I + W
             "makespan": timeline.makespan, "bubble_fraction": timeline.bubble_fraction,
             "idle_fraction": timeline.idle_fraction,
             "peak_activations": timeline.peak_activations,

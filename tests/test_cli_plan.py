@@ -128,3 +128,18 @@ def test_auto_with_no_valid_layout_names_the_rule(capsys):
     assert main(["plan", "configs/llama3-70b.yaml", "--world-size", "7", "--auto"]) == 2
     assert "train.global_batch: 2048 is not divisible by micro_batch x dp = 1 x 7" in (
         capsys.readouterr().err)
+
+
+def test_inputs_that_are_not_what_they_look_like_are_named(capsys, tmp_path):
+    """A directory was 'config file not found', a cluster file given as the config listed its
+    keys as unknown, and --device '' fell back to the default silently."""
+    from orch.cli import main
+
+    assert main(["plan", "configs"]) == 2
+    assert "configs: is a directory, not a config file" in capsys.readouterr().err
+    assert main(["plan", "configs/clusters/mixed-nic.yaml"]) == 2
+    assert ("is a cluster description (it lists nodes:), not a training config\n        fix: "
+            "give a config such as configs/llama3-8b.yaml, with this file as --set "
+            "cluster=configs/clusters/mixed-nic.yaml") in capsys.readouterr().err
+    assert main(["plan", "configs/tiny.yaml", "--device", ""]) == 2
+    assert "--device: is empty" in capsys.readouterr().err

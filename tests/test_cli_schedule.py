@@ -25,6 +25,12 @@ def test_1f1b_figures_match_the_analytic_bubble(capsys, tmp_path):
     assert (width, height) == (1200, 4 * (28 + 6) + 6)  # one band per rank
 
 
+def test_json_costs_hold_the_fused_backwards_cost(capsys):
+    """``costs.b`` was null in --json where the text said B 2 (I + W)."""
+    assert main(["schedule", "1f1b", "--stages", "2", "--microbatches", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["costs"]["b"] == 2.0
+
+
 def test_text_output_has_figures_per_rank_and_a_chart(capsys):
     assert main(["schedule", "zb-h1", "--stages", "4", "--microbatches", "8"]) == 0
     out = capsys.readouterr().out

@@ -202,6 +202,7 @@ MOE = ["model.experts=4"]
             "train.global_batch: 7 is not a multiple of train.micro_batch=2",
         ),
         (["train.lr=0"], "train.lr: must be positive"),
+        (["train.seed=-1"], "train.seed: must be 0 or more, got -1"),  # crashed every worker
         (["train.lr=inf"], "--set train.lr: 'inf' is not a finite number"),
         (["optimizer.weight_decay=.nan"], "--set optimizer.weight_decay: nan is not a finite"),
         (["model.norm_eps=-1"], "model.norm_eps: must be positive, got -1.0"),

@@ -99,6 +99,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML config (or defaults when ``path`` is None) with ``--set`` overrides applied."""
     data, locs = read_config_tree(path) if path is not None else ({}, {})
     problems: list[Problem] = []
+    if isinstance(data, dict) and "nodes" in data:  # its keys would each be "unknown"
+        raise ConfigError([Problem(str(path), "is a cluster description (it lists nodes:), not "
+                                   "a training config", "give a config such as "
+                                   f"configs/llama3-8b.yaml, with this file as --set "
+                                   f"cluster={path}")])
     data = apply_overrides(data, overrides or [], locs, problems)
     return config_from_dict(data, locs, problems)
 

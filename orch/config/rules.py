@@ -142,6 +142,8 @@ def check_config(cfg: Config) -> list[Problem]:
         "make global_batch a multiple of micro_batch",
     )
     need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}", "use e.g. 3e-4")
+    need(t.seed >= 0, "train.seed", f"must be 0 or more, got {t.seed}",  # numpy's generators
+         "use e.g. 0")  # refuse a negative one, in every worker
     need(
         0 <= t.min_lr_ratio <= 1,
         "train.min_lr_ratio",

@@ -114,8 +114,10 @@ def _read(
     where = _display(path)
     if not path.is_file():
         referrer = f" (named as base by {_display(chain[-1])})" if chain else ""
-        problems.append(Problem(where, f"config file not found{referrer}",
-                                "check the path; base paths are relative to the file naming them"))
+        problems.append(Problem(where, "is a directory, not a config file" + referrer,
+                                "give a YAML file, e.g. configs/tiny.yaml") if path.is_dir()
+                        else Problem(where, f"config file not found{referrer}", "check the path; "
+                                     "base paths are relative to the file naming them"))
         return {}, {}
     try:
         text = path.read_text(encoding="utf-8")

@@ -87,6 +87,10 @@ def resolve_machine(
             problems.append(Problem("cluster", str(exc), "fix the cluster description"))
             return None
     spec = None
+    if device is not None and not device.strip():  # fell back to the default silently
+        problems.append(Problem("--device", "is empty", "name a device, e.g. h100, or leave "
+                                "--device out for the default"))
+        return None
     if device is not None or cluster is None:
         try:
             spec = get_device(device or DEFAULT_DEVICE)
