@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -226,24 +229,27 @@ def test_a_recorded_failure_is_whole_and_read_by_torchruns_agent(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["error.json"]
 
 
-@pytest.mark.dist
-def test_a_signalled_launch_ends_its_workers_and_says_so_without_a_traceback(tmp_path):
-    """Ctrl-C or Slurm's SIGTERM reached the user as torchrun's SignalException traceback; now
-    one line, exit 128 + the signal, as a shell reports it."""
-    import os
-    import subprocess
-
+def _training(run_dir: Path, stderr: int) -> subprocess.Popen:
+    """A long one-process ``orch launch`` of the tiny model, returned once it is training."""
     from launch_harness import ORCH, REPO, overrides
 
     run = subprocess.Popen(
         [str(ORCH), "launch", "--nproc-per-node", "1", "configs/tiny.yaml",
-         *overrides(tmp_path / "run", "train.steps=100000")],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         *overrides(run_dir, "train.steps=100000")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert run.stdout is not None
-    for line in run.stdout:  # the workers are training
+    for line in run.stdout:
         if line.startswith("step "):
             break
+    return run
+
+
+@pytest.mark.dist
+def test_a_signalled_launch_ends_its_workers_and_says_so_without_a_traceback(tmp_path):
+    """Ctrl-C or Slurm's SIGTERM reached the user as torchrun's SignalException traceback; now
+    one line, exit 128 + the signal, as a shell reports it."""
+    run = _training(tmp_path / "run", subprocess.PIPE)
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 128 + signal.SIGTERM
@@ -255,22 +261,8 @@ def test_a_signalled_launch_ends_its_workers_and_says_so_without_a_traceback(tmp
 def test_workers_end_when_their_launcher_is_killed_outright(tmp_path):
     """A launcher killed with SIGKILL cannot end its workers; they went on training and saving
     into a run directory whose lock had died with the launcher. Now the kernel ends them."""
-    import os
-    import subprocess
-    import time
-
-    from launch_harness import ORCH, REPO, overrides
-
     run_dir = tmp_path / "run"
-    run = subprocess.Popen(
-        [str(ORCH), "launch", "--nproc-per-node", "1", "configs/tiny.yaml",
-         *overrides(run_dir, "train.steps=100000")],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert run.stdout is not None
-    for line in run.stdout:  # the worker is training
-        if line.startswith("step "):
-            break
+    run = _training(run_dir, subprocess.DEVNULL)
     workers = subprocess.run(["pgrep", "-f", f"orch.runtime.worker .*run.dir={run_dir}"],
                              capture_output=True, text=True).stdout.split()
     assert len(workers) == 1, workers
