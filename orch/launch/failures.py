@@ -88,6 +88,10 @@ def classify(exitcode: int, message: str, oom_rose: bool) -> tuple[str, str]:
         if name in ("SIGTERM", "SIGINT", "SIGHUP"):
             return "stopped", (f"stopped by {name} (the scheduler, or the launcher stopping the "
                                "other workers after one failed)")
+        if name == "SIGBUS":  # a read of a mapped page that is no longer there
+            return "killed", ("crashed with SIGBUS: a memory-mapped file shrank or its disk "
+                              "failed under the run (a .bin/.npy data.path rewritten, a "
+                              "safetensors shard of model.init_from, an NVMe scratch file)")
         return "killed", f"crashed with {name}"
     if exitcode == 2:  # an OrchError: the worker printed the whole message already
         return "bad input", "stopped on bad input (the worker's message is above)"

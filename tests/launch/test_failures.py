@@ -19,6 +19,7 @@ CASES = [  # (exit code, recorded message, oom killer seen) -> kind, words in th
     (-signal.SIGKILL, "", True, "out of memory", "out-of-memory killer"),
     (-signal.SIGKILL, "", False, "killed", "killed by SIGKILL"),
     (-signal.SIGSEGV, "", False, "killed", "crashed with SIGSEGV"),
+    (-signal.SIGBUS, "", False, "killed", "crashed with SIGBUS: a memory-mapped file shrank"),
     (-signal.SIGTERM, "", False, "stopped", "stopped by SIGTERM"),
     (1, "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", False,
      "out of memory", "out of memory: OutOfMemoryError: CUDA out of memory"),
