@@ -519,7 +519,7 @@ def launch(argv: Sequence[str]) -> int:
     run_dir = Path(cfg.run.dir)
     mark_launcher()  # the workers end with this process, even if it is killed outright
     run_dir.mkdir(parents=True, exist_ok=True)
-    with run_dir_lock(run_dir, f"{_node_name(args)}-{args.node_rank}"):
+    with run_dir_lock(run_dir, _lock_name(args, cfg)):
         print(f"orch launch: {plan.world_size} x {plan.device}, {plan.degrees.short()}, "
               f"run dir {cfg.run.dir}", flush=True)
         if (warning := memory_warning(plan)) is not None:
@@ -561,6 +561,13 @@ def memory_warning(plan: Plan) -> str | None:
     return (f"orch launch: warning: the plan estimates {gib(plan.memory.total)} per rank, over "
             f"the {gib(plan.memory_limit_bytes)} usable; the run may run out of memory "
             "(orch plan CONFIG --search lists plans that fit)")
+
+
+def _lock_name(args: argparse.Namespace, cfg: Config) -> str:
+    """Whose launch lock this is: with a cluster description the node's name alone (it fixes
+    the node's ranks: two launches claiming one node both took its ranks and hung in the
+    rendezvous), else the host and node rank."""
+    return _node_name(args) if cfg.cluster else f"{_node_name(args)}-{args.node_rank}"
 
 
 def _node_name(args: argparse.Namespace) -> str:

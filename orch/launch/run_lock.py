@@ -4,8 +4,9 @@ Two launches writing one run directory (the same config run twice by mistake, a 
 while the first still runs) each prune and supersede the other's checkpoints and interleave
 their metrics. Each node's launcher holds an advisory lock on a file of its own in the run
 directory for as long as it runs: a second launch of the same node finds it taken and stops
-before any process starts. Per node (host name and node rank), not per directory, because every
-node of one job launches into the same shared directory at once. ``flock`` locks are advisory
+before any process starts. Per node (host name and node rank; with a cluster description the
+node's name, which fixes its ranks), not per directory, because every node of one job launches
+into the same shared directory at once. ``flock`` locks are advisory
 and may not span hosts on a network file system, so two jobs on different hosts are not caught.
 """
 

@@ -77,3 +77,21 @@ def test_a_plan_over_the_device_memory_is_said_at_launch():
     warning = memory_warning(build_plan(cfg, 1, 1, "h100-sxm-80gb"))
     assert warning is not None and "over the" in warning and "--search" in warning
     assert memory_warning(build_plan(load_config("configs/tiny.yaml"), 1, 1, "cpu")) is None
+
+
+def test_two_launches_claiming_one_cluster_node_share_its_lock():
+    """With a cluster description a node's name fixes its ranks: two launches claiming node n0
+    (whatever their --node-rank) both took its ranks and hung in the rendezvous; now they take
+    the same lock, and the second stops. Without one, host and node rank tell nodes apart."""
+    from types import SimpleNamespace
+
+    from orch.config import Config
+    from orch.launch.launcher import _lock_name
+
+    def args(node_rank: int) -> SimpleNamespace:
+        return SimpleNamespace(node_rank=node_rank, training_script_args=["--node-name", "n0"])
+
+    clustered = Config()
+    clustered.cluster = "configs/clusters/mixed-nic.yaml"
+    assert _lock_name(args(0), clustered) == _lock_name(args(1), clustered) == "n0"
+    assert _lock_name(args(0), Config()) != _lock_name(args(1), Config())
