@@ -143,3 +143,5 @@ def test_inputs_that_are_not_what_they_look_like_are_named(capsys, tmp_path):
             "cluster=configs/clusters/mixed-nic.yaml") in capsys.readouterr().err
     assert main(["plan", "configs/tiny.yaml", "--device", ""]) == 2
     assert "--device: is empty" in capsys.readouterr().err
+    assert main(["plan", "configs/tiny.yaml", "--device", "tpu"]) == 2
+    assert capsys.readouterr().err.count("fix:") == 1  # it printed two

@@ -203,6 +203,8 @@ MOE = ["model.experts=4"]
         ),
         (["train.lr=0"], "train.lr: must be positive"),
         (["train.seed=-1"], "train.seed: must be 0 or more, got -1"),  # crashed every worker
+        (["train.recompute=yes"], "True (YAML reads yes, no, on and off as booleans) is not one "
+                                  "of none, selective, full"),  # it said True, not why
         (["train.lr=inf"], "--set train.lr: 'inf' is not a finite number"),
         (["optimizer.weight_decay=.nan"], "--set optimizer.weight_decay: nan is not a finite"),
         (["model.norm_eps=-1"], "model.norm_eps: must be positive, got -1.0"),
@@ -275,6 +277,11 @@ def test_a_value_that_must_be_positive_hides_no_other_problem():
                  "model.kv_heads: must be at least 1, got 0"):
         assert said in text, said
     assert "not a multiple of kv_heads" not in text
+
+
+def test_virtual_stages_of_zero_is_one_problem():
+    text = problems_of(REPO / "configs/tiny.yaml", ["parallel.virtual_stages=0"])
+    assert "(1 problem)" in text and "parallel.virtual_stages: must be at least 1, got 0" in text
 
 
 def test_valid_variants_pass():

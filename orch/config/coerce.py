@@ -175,7 +175,8 @@ def convert(value: Any, tp: Any) -> Any:
         if value in choices:
             return value
         hint = did_you_mean(str(value), [str(c) for c in choices])
-        raise Invalid(f"{value!r} is not one of {', '.join(map(str, choices))}",
+        read = " (YAML reads yes, no, on and off as booleans)" if isinstance(value, bool) else ""
+        raise Invalid(f"{value!r}{read} is not one of {', '.join(map(str, choices))}",
                       f"{hint}pick one of {', '.join(map(str, choices))}")
     if tp is bool:
         if isinstance(value, bool):

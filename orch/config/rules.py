@@ -191,7 +191,7 @@ def check_config(cfg: Config) -> list[Problem]:
         "use -1 to let the plan fill it",
     )
     need(
-        p.virtual_stages == 1 or p.pp_schedule in CHUNKED,
+        p.virtual_stages <= 1 or p.pp_schedule in CHUNKED,  # (below 1: said above)
         "parallel.virtual_stages",
         f"{p.virtual_stages} needs pp_schedule: interleaved (or zbv), not {p.pp_schedule}",
         "set parallel.pp_schedule=interleaved or virtual_stages=1",

@@ -15,7 +15,7 @@ from orch.config.schema import Config
 from orch.errors import OrchError, Problem, ProblemsError
 from orch.plan.cluster import MAX_WORLD_SIZE, ClusterSpec, load_cluster
 from orch.plan.degrees import Degrees
-from orch.plan.devices import DeviceSpec, get_device
+from orch.plan.devices import DeviceSpec, UnknownDeviceError, get_device
 from orch.plan.layout import first_groups, plan_groups
 from orch.plan.placement import NodePlace, candidate_orders, placement_of
 from orch.plan.topology import Link, Topology
@@ -95,7 +95,9 @@ def resolve_machine(
         try:
             spec = get_device(device or DEFAULT_DEVICE)
         except OrchError as exc:
-            problems.append(Problem("--device", str(exc), "pick a device from the catalog"))
+            problems.append(Problem("--device", exc.message, exc.fix) if isinstance(
+                exc, UnknownDeviceError) else Problem("--device", str(exc),
+                                                      "pick a device from the catalog"))
             return None
 
     if cluster is not None:
