@@ -65,7 +65,6 @@ class Machine:
         return -(-self.world_size // self.gpus_per_node)
 
 
-
 def resolve_machine(
     cfg: Config,
     world_size: int | None,
@@ -94,10 +93,8 @@ def resolve_machine(
     if device is not None or cluster is None:
         try:
             spec = get_device(device or DEFAULT_DEVICE)
-        except OrchError as exc:
-            problems.append(Problem("--device", exc.message, exc.fix) if isinstance(
-                exc, UnknownDeviceError) else Problem("--device", str(exc),
-                                                      "pick a device from the catalog"))
+        except UnknownDeviceError as exc:
+            problems.append(Problem("--device", exc.message, exc.fix))
             return None
 
     if cluster is not None:

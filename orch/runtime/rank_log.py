@@ -140,12 +140,11 @@ def report_crash(exc: BaseException) -> None:
     some 25 lines of gloo's "Connection reset by peer" above the summary)."""
     from orch.launch.failures import lost_peer
 
-    text = "".join(traceback.format_exception(exc))
-    first = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if isinstance(sys.stderr, _Tee) and lost_peer(f"{type(exc).__name__}: {exc}"):
+    text, said = "".join(traceback.format_exception(exc)), f"{type(exc).__name__}: {exc}"
+    if isinstance(sys.stderr, _Tee) and lost_peer(said):
         sys.stderr.to_log_only(text)
-        print(f"orch worker: stopped, a peer is gone ({first[:200]}); traceback in the rank log",
-              file=sys.stderr, flush=True)
+        print(f"orch worker: stopped, a peer is gone ({said.splitlines()[0][:200]}); traceback "
+              "in the rank log", file=sys.stderr, flush=True)
     else:
         print(text, end="", file=sys.stderr, flush=True)
 
