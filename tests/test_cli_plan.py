@@ -64,6 +64,20 @@ def test_auto_lists_best_five_and_reasons():
     assert "best plan:" in out.stdout
 
 
+def test_auto_table_columns_stay_aligned_with_long_labels():
+    """Labels such as ``hsdp256(128x2) cp2 tp2+sp ep8 etp2`` overflowed the degrees column and
+    shifted their row's figures."""
+    out = orch("plan", "configs/mixtral-8x22b.yaml", "--world-size", "1024", "--auto",
+               "--top", "8")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = next(line for line in lines if "recompute" in line and "degrees" in line)
+    rows = lines[lines.index(header) + 1:lines.index(header) + 9]
+    assert max(len(row[5:].split("  ")[0]) for row in rows) > 28  # longer than the default
+    column = header.index("recompute")
+    assert all(row[column:].split()[0] in {"none", "selective", "full"} for row in rows), rows
+
+
 def test_auto_json_plans_sorted_and_fitting():
     out = orch("plan", "configs/mixtral-8x22b.yaml", "--world-size", "128", "--auto", "--json")
     assert out.returncode == 0, out.stderr

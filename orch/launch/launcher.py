@@ -482,19 +482,31 @@ def _check_resume(cfg: Config, plan: Plan, resume: str | None) -> list[Problem]:
                         f"set train.steps above {manifest.step} to train further; --resume PATH "
                         "for an earlier checkpoint, or --resume none to start over (the "
                         "checkpoints are moved aside, not deleted)")]
-    return _check_8bit_resharding(cfg, plan, path, manifest.plan.get("degrees", {}).get("tp", 1))
+    return _check_8bit_resharding(cfg, plan, path, manifest.plan.get("degrees", {}))
 
 
-def _check_8bit_resharding(cfg: Config, plan: Plan, path: Path, saved_tp: int) -> list[Problem]:
+def _check_8bit_resharding(cfg: Config, plan: Plan, path: Path,
+                           saved: dict[str, int]) -> list[Problem]:
     """AdamW8bit's states of a row-parallel weight (split on its input dim by tensor
     parallelism) hold an absmax per 256 elements of each rank's slice of a row: the unsharded
     tensor's blocks only when the slice is a multiple of 256 wide. Between tensor-parallel
     degrees whose blocks differ the states cannot be resharded (DCP fails on the absmax
-    shapes, in the workers): refused here, naming the weight."""
+    shapes, in the workers): refused here, naming the weight. Expert tensor parallelism cuts
+    each expert's ``w1``/``w3`` rows (``dim x hidden``) in every ``dim`` stretch, so no two of
+    its degrees share blocks (DCP loaded them without a word, onto the wrong elements)."""
     from orch.kernels.adamw8bit.quant import BLOCK
 
-    new_tp = plan.degrees.tp
-    if cfg.optimizer.name != "adamw8bit" or new_tp == saved_tp:
+    if cfg.optimizer.name != "adamw8bit":
+        return []
+    saved_etp, new_etp = saved.get("etp", 1), plan.degrees.etp
+    if saved_etp != new_etp:
+        return [Problem("parallel.etp", f"{new_etp}, resuming {path} saved at etp={saved_etp} "
+                        "with optimizer.name=adamw8bit: expert tensor parallelism cuts every "
+                        "row of the experts' w1 and w3 weights, whose 8-bit states are in "
+                        f"blocks of {BLOCK} of each rank's part, so they cannot be resharded",
+                        f"resume with parallel.etp={saved_etp}")]
+    saved_tp, new_tp = saved.get("tp", 1), plan.degrees.tp
+    if new_tp == saved_tp:
         return []
     m = cfg.model
     for what, width in (("attention.wo", m.heads * m.head_dim), ("feed_forward.w2", m.ffn_dim)):

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from orch.kernels.attention import autocast_inputs, causal_attention, kernel_takes
 from orch.parallel.comm import all_to_all
@@ -174,66 +175,105 @@ class _Ring:
         return source, 2 * self.size - 1 - source
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, scale):  # noqa: ANN001, ANN205 (autograd signature)
-        ring = _Ring(group)
-        blocks = (_KERNEL_BLOCKS if kernel_takes(q, k, v, instead="plain-torch ring blocks")
-                  else _TORCH_BLOCKS)
-        half = q.shape[2] // 2
-        queries = (q[:, :, :half], q[:, :, half:])
-        mine = ring.chunks(ring.index)
-        acc = [[None, None], [None, None]]  # per local query chunk: (out, lse)
-        block_k, block_v = k, v
-        for step in range(ring.size):
-            source = (ring.index - step) % ring.size
-            keys = ring.chunks(source)
-            for qi in range(2):
-                for ki in range(2):
-                    mode = _visibility(mine[qi], keys[ki])
-                    if mode == _NONE:
-                        continue
-                    ks = slice(ki * half, (ki + 1) * half)
-                    out, lse = blocks.forward(queries[qi], block_k[:, :, ks], block_v[:, :, ks],
-                                              scale, mode)
-                    acc[qi] = list(_merge(acc[qi][0], acc[qi][1], out, lse))
-            if step < ring.size - 1:
-                block_k, block_v = ring.shift([block_k, block_v])
-        out = torch.cat([acc[0][0], acc[1][0]], dim=-2)
-        lse = torch.cat([acc[0][1], acc[1][1]], dim=-1)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.blocks = group, scale, blocks
-        return out.to(q.dtype)
+# As torch custom ops, not an ``autograd.Function``: the dispatcher then sees the ring as one op,
+# so selective recompute keeps its output (``orch.parallel.recompute`` names the forward) instead
+# of running every block and every send and receive again in the backward (with a Function it
+# saw the blocks' ops: on CPU it kept each block's score matrix, on CUDA nothing, and the ring ran
+# twice), and ``torch.compile`` calls the ring instead of tracing its sends. The group travels by
+# name.
 
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        q, k, v, out, lse = ctx.saved_tensors
-        ring, scale, blocks = _Ring(ctx.group), ctx.scale, ctx.blocks
-        half = q.shape[2] // 2
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros_like(dk)
-        block_k, block_v = k, v
-        mine = ring.chunks(ring.index)
-        for step in range(ring.size):
-            source = (ring.index - step) % ring.size
-            keys = ring.chunks(source)
-            for qi in range(2):
-                qs = slice(qi * half, (qi + 1) * half)
-                for ki in range(2):
-                    mode = _visibility(mine[qi], keys[ki])
-                    if mode == _NONE:
-                        continue
-                    ks = slice(ki * half, (ki + 1) * half)
-                    gq, gk, gv = blocks.backward(
-                        q[:, :, qs], block_k[:, :, ks], block_v[:, :, ks], out[:, :, qs],
-                        lse[..., qs], grad_out[:, :, qs], scale, mode)
-                    dq[:, :, qs] += gq
-                    dk[:, :, ks] += gk
-                    dv[:, :, ks] += gv
-            # Blocks and their gradients travel together; after ``size`` hops they are home.
-            block_k, block_v, dk, dv = ring.shift([block_k, block_v, dk, dv])
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+@torch.library.custom_op("orch::ring_attention_forward", mutates_args=())
+def _ring_forward(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float) -> _Pair:
+    """The merged float32 output and log-sum-exp of this rank's queries over the ring."""
+    ring = _Ring(_resolve_process_group(group))
+    blocks = _blocks(q, k, v)
+    half = q.shape[2] // 2
+    queries = (q[:, :, :half], q[:, :, half:])
+    mine = ring.chunks(ring.index)
+    acc = [[None, None], [None, None]]  # per local query chunk: (out, lse)
+    block_k, block_v = k, v
+    for step in range(ring.size):
+        source = (ring.index - step) % ring.size
+        keys = ring.chunks(source)
+        for qi in range(2):
+            for ki in range(2):
+                mode = _visibility(mine[qi], keys[ki])
+                if mode == _NONE:
+                    continue
+                ks = slice(ki * half, (ki + 1) * half)
+                out, lse = blocks.forward(queries[qi], block_k[:, :, ks], block_v[:, :, ks],
+                                          scale, mode)
+                acc[qi] = list(_merge(acc[qi][0], acc[qi][1], out, lse))
+        if step < ring.size - 1:
+            block_k, block_v = ring.shift([block_k, block_v])
+    return (torch.cat([acc[0][0], acc[1][0]], dim=-2),
+            torch.cat([acc[0][1], acc[1][1]], dim=-1))
+
+
+@_ring_forward.register_fake
+def _ring_forward_shapes(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float) -> _Pair:
+    return (q.new_empty(q.shape, dtype=torch.float32),
+            q.new_empty(q.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("orch::ring_attention_backward", mutates_args=())
+def _ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   group: str, scale: float) -> _Triple:
+    ring, blocks = _Ring(_resolve_process_group(group)), _blocks(q, k, v)
+    half = q.shape[2] // 2
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros_like(dk)
+    block_k, block_v = k, v
+    mine = ring.chunks(ring.index)
+    for step in range(ring.size):
+        source = (ring.index - step) % ring.size
+        keys = ring.chunks(source)
+        for qi in range(2):
+            qs = slice(qi * half, (qi + 1) * half)
+            for ki in range(2):
+                mode = _visibility(mine[qi], keys[ki])
+                if mode == _NONE:
+                    continue
+                ks = slice(ki * half, (ki + 1) * half)
+                gq, gk, gv = blocks.backward(
+                    q[:, :, qs], block_k[:, :, ks], block_v[:, :, ks], out[:, :, qs],
+                    lse[..., qs], grad_out[:, :, qs], scale, mode)
+                dq[:, :, qs] += gq
+                dk[:, :, ks] += gk
+                dv[:, :, ks] += gv
+        # Blocks and their gradients travel together; after ``size`` hops they are home.
+        block_k, block_v, dk, dv = ring.shift([block_k, block_v, dk, dv])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_ring_backward.register_fake
+def _ring_backward_shapes(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                          *rest: object) -> _Triple:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _blocks(q: Tensor, k: Tensor, v: Tensor) -> _Blocks:
+    return (_KERNEL_BLOCKS if kernel_takes(q, k, v, instead="plain-torch ring blocks")
+            else _TORCH_BLOCKS)
+
+
+def _keep_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd API)
+    q, k, v, group, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.group, ctx.scale = group, scale
+
+
+def _gradients(ctx, grad_out, grad_lse):  # noqa: ANN001, ANN202 (autograd API)
+    q, k, v, out, lse = ctx.saved_tensors
+    # the output reached the model in q's dtype: its gradient did too
+    dq, dk, dv = _ring_backward(grad_out.to(q.dtype), q, k, v, out, lse, ctx.group, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_ring_forward.register_autograd(_gradients, setup_context=_keep_for_backward)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
@@ -242,7 +282,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
     if q.shape[2] % 2:
         raise ValueError(f"ring attention needs two equal local chunks, got length {q.shape[2]}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _RingAttention.apply(*autocast_inputs(q, k, v), group, scale)
+    q, k, v = autocast_inputs(q, k, v)
+    out, _ = _ring_forward(q, k, v, group.group_name, float(scale))
+    return out.to(q.dtype)
 
 
 # --- Ulysses ------------------------------------------------------------------------------------

@@ -39,15 +39,21 @@ _SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
-_SAVED_ORCH_OPS = {"orch::flash_attention_forward", "orch::grouped_mm"}
+_SAVED_ORCH_OPS = {"orch::flash_attention_forward", "orch::grouped_mm",
+                   "orch::ring_attention_forward"}
 """orch's attention kernel and MoE grouped GEMM (``orch.kernels``), by name: they are registered
-only once the kernels are imported, which needs triton."""
+only once the kernels are imported, which needs triton; and context parallelism's ring
+attention (``orch.parallel.context_parallel``), kept whole: its sends are not run again."""
 
 
 def _policy(ctx: object, op: torch._ops.OpOverload, *args: object, **kwargs: object
             ) -> CheckpointPolicy:
     saved = op in _SAVED_OPS or op.name() in _SAVED_ORCH_OPS
     return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+selective_contexts = partial(create_selective_checkpoint_contexts, _policy)
+"""The context pair of op-level selective recompute, for :func:`recompute_once`."""
 
 
 def apply_recompute(model: nn.Module, mode: str) -> None:
@@ -61,10 +67,8 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
 def recompute_block(block: nn.Module, mode: str) -> None:
     """Checkpoint one block in place (``full`` or ``selective``); the offload engine's
     activation policy picks blocks one by one."""
-    context = None
-    if mode == "selective":
-        context = partial(create_selective_checkpoint_contexts, _policy)
-    block.forward = partial(recompute_once, block.forward, context)
+    block.forward = partial(recompute_once, block.forward,
+                            selective_contexts if mode == "selective" else None)
 
 
 ContextFn = Callable[[], tuple[contextlib.AbstractContextManager[object],

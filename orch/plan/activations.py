@@ -1,10 +1,13 @@
 """Activation memory of one decoder layer: the tensors it saves for backward, as a term list.
 
 Configured as GPT-3 (LayerNorm, GeLU 4h MLP, dropout, materialized attention, 16-bit
-activations) the terms reproduce Korthikanti et al. 2022, "Reducing Activation Recomputation in
-Large Transformer Models", exactly (``korthikanti_layer_bytes`` is the paper's formula, for the
-tests); configured as orch's Llama they list what ``orch.models.llama`` saves, which the tests
-check against torch's saved-tensor hooks. Pure arithmetic: the planner prices thousands of plans.
+activations, Megatron's sequence parallelism) the terms reproduce Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models", exactly
+(``korthikanti_layer_bytes`` is the paper's formula, for the tests); configured as orch's Llama
+they list what ``orch.models.llama`` keeps alive between forward and backward, without recompute
+(``layer_terms``) and under orch's op-level selective recompute (``selective_terms``), which the
+tests check against the bytes torch holds, on one process and under tensor parallelism. Pure
+arithmetic: the planner prices thousands of plans.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ class Arch:
     normalized input; CUDA's fused kernel saves only the input and the per-token statistics.
     ``flash`` attention keeps q, k, v, the output and the log-sum-exp (no ``s^2`` term; torch's
     CPU SDPA takes this path too); materialized attention keeps the softmax (and dropout) output.
-    ``experts > 0`` replaces the MLP by orch's MoE feed-forward.
+    ``experts > 0`` replaces the MLP by orch's MoE feed-forward. ``saves_gathered``: under
+    sequence parallelism a column-parallel linear saves the input it all-gathered (torch's
+    DTensor tensor parallelism, what orch runs), not its sequence shard (Megatron, which gathers
+    it again in backward; Korthikanti et al. count that).
     """
 
     hidden: int
@@ -41,15 +47,19 @@ class Arch:
     top_k: int = 0
     expert_ffn: int = 0
     shared_ffn: int = 0
+    saves_gathered: bool = True
+    ring: bool = False
+    """Context parallelism's ring attention, whose op keeps its merged output in float32."""
 
 
 @dataclass(frozen=True)
 class Term:
     """One saved tensor per rank and micro-batch.
 
-    ``tag`` "core" marks the attention ``s^2`` tensors that selective recompute drops; "minor"
-    marks what Korthikanti et al. neglect (per-token statistics, indices). ``wgrad`` marks inputs
-    of linear layers, which a deferred weight-gradient step (2BP) still reads.
+    ``tag`` "core" marks the attention ``s^2`` tensors that Korthikanti's selective recompute
+    drops; "minor" marks what Korthikanti et al. neglect (per-token statistics, indices).
+    ``wgrad`` marks inputs of linear layers, which a deferred weight-gradient step (2BP) still
+    reads.
     """
 
     name: str
@@ -61,6 +71,10 @@ class Term:
     @property
     def nbytes(self) -> int:
         return self.elements * self.bytes_per_element
+
+
+AUX_LOSS = Term("aux_loss", 1, 4, "minor")
+"""An MoE layer keeps its load-balancing loss for the trainer, whatever the recompute."""
 
 
 def norm_terms(name: str, arch: Arch, tokens: int) -> list[Term]:
@@ -80,19 +94,28 @@ def _mlp_terms(prefix: str, kind: str, tokens: int, hidden: int, act: int) -> li
             Term(f"{prefix}up", n, act), Term(f"{prefix}down_in", n, act, wgrad=True)]
 
 
-def _moe_terms(arch: Arch, tokens: int, t: int, sp: bool, etp: int) -> list[Term]:
-    """orch.models.moe: fp32 router, top-k, and per routed token copy the expert's SwiGLU.
+def _routed(tokens: int, k: int, t: int, sp: bool, etp: int) -> int:
+    """Token copies a rank's experts compute: expert parallelism moves copies but keeps their
+    number per rank on average; expert tensor parallelism gathers its group's copies."""
+    return tokens * k * (etp if sp else max(1, etp // t))
 
-    Expert parallelism moves token copies but keeps their number per rank on average; expert
-    tensor parallelism gathers its group's tokens and splits the expert hidden size.
+
+def _moe_terms(arch: Arch, tokens: int, gathered: int, t: int, sp: bool,
+               etp: int) -> list[Term]:
+    """orch.models.moe: fp32 router, top-k, and per routed token copy the expert's SwiGLU, on
+    the rank's ``tokens`` (expert tensor parallelism splits the expert hidden size); the shared
+    expert is tensor-parallel like the dense MLP, over the ``gathered`` sequence.
     """
     h, k, act = arch.hidden, arch.top_k, arch.act_bytes
-    routed = tokens * k * (etp if sp else max(1, etp // t))
+    routed = _routed(tokens, k, t, sp, etp)
     terms = [Term("router_probs", tokens * arch.experts, 4),
              Term("topk_indices", tokens * k, 8, "minor"),
              Term("topk_weights", tokens * k, 4, "minor"),
-             Term("topk_sum", tokens, 4, "minor"),
-             Term("expert_index", 2 * routed, 8, "minor"),
+             Term("topk_sum", 2 * tokens, 4, "minor"),  # the sum and its clamp
+             # each copy's slot, source token and row (the CPU path's, measured)
+             Term("expert_index", 3 * routed, 8, "minor"),
+             Term("load_fraction", arch.experts, 4, "minor"),
+             AUX_LOSS,
              Term("expert_in", routed * h, act, wgrad=True)]
     terms += _mlp_terms("expert_", "swiglu", routed, arch.expert_ffn // etp, act)
     terms += [Term("expert_weight", routed, act, "minor"),
@@ -100,8 +123,33 @@ def _moe_terms(arch: Arch, tokens: int, t: int, sp: bool, etp: int) -> list[Term
               # index_add_ keeps its source for backward, so the weighted copy is saved too.
               Term("expert_weighted_out", routed * h, act)]
     if arch.shared_ffn:
-        terms += _mlp_terms("shared_", "swiglu", tokens, arch.shared_ffn // t, act)
+        if sp and t > 1 and arch.saves_gathered:  # else the router's input, ``mlp_in``
+            terms.append(Term("shared_in", gathered * h, act, wgrad=True))
+        terms += _mlp_terms("shared_", "swiglu", gathered, arch.shared_ffn // t, act)
     return terms
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Per-rank sizes of one micro-batch through a layer (see :func:`layer_terms`)."""
+
+    tok: int
+    """Tokens each tensor-parallel rank computes attention and the MLP for."""
+    tok_sp: int
+    """Tokens of the residual stream on a rank (``tok / t`` with sequence parallelism)."""
+    tok_in: int
+    """Rows a column-parallel linear saves as its input (gathered, or the shard)."""
+    heads: int
+    q_dim: int
+    kv_dim: int
+
+    @classmethod
+    def of(cls, arch: Arch, s: int, b: int, t: int, sp: bool, cp: int) -> _Shape:
+        tok = s // cp * b
+        tok_sp = tok // t if sp else tok
+        heads = arch.heads // t
+        return cls(tok, tok_sp, tok if arch.saves_gathered else tok_sp, heads,
+                   heads * arch.head_dim, max(arch.kv_heads // t, 1) * arch.head_dim)
 
 
 def layer_terms(
@@ -112,38 +160,88 @@ def layer_terms(
     ``s`` is the full sequence; context parallelism keeps ``s/cp`` tokens per rank (keys of a
     materialized attention still span all ``s``). Tensor parallelism splits heads and the MLP
     hidden size by ``t``; sequence parallelism also splits the tensors between them (norms,
-    dropout masks, the inputs of the column-parallel linears, which are re-gathered in backward).
+    dropout masks, and with Megatron's the inputs of the column-parallel linears).
     """
     act, h = arch.act_bytes, arch.hidden
-    tok = s // cp * b
-    tok_sp = tok // t if sp else tok
-    heads = arch.heads // t
-    q_dim = heads * arch.head_dim
-    kv_dim = max(arch.kv_heads // t, 1) * arch.head_dim
-    terms = norm_terms("attention_norm", arch, tok_sp)
-    terms += [Term("qkv_in", tok_sp * h, act, wgrad=True),
-              Term("q", tok * q_dim, act), Term("k", tok * kv_dim, act),
-              Term("v", tok * kv_dim, act)]
+    x = _Shape.of(arch, s, b, t, sp, cp)
+    terms = norm_terms("attention_norm", arch, x.tok_sp)
+    terms += [Term("qkv_in", x.tok_in * h, act, wgrad=True),
+              Term("q", x.tok * x.q_dim, act), Term("k", x.tok * x.kv_dim, act),
+              Term("v", x.tok * x.kv_dim, act)]
+    terms += _attention_core(arch, x, s, b, cp)
+    # The output projection's input; flash attention's saved output is the same storage, but
+    # under context parallelism the attention's output is laid out by heads and copied.
+    terms.append(Term("attn_out", x.tok * x.q_dim, act, wgrad=True))
+    if cp > 1:
+        terms.append(_attention_output(arch, x, "attn_core_out"))
+    if arch.dropout:
+        terms.append(Term("attn_dropout_mask", x.tok_sp * h, 1))
+    terms += norm_terms("ffn_norm", arch, x.tok_sp)
+    if arch.experts:  # the MoE layer routes the rank's own tokens
+        terms.append(Term("mlp_in", x.tok_sp * h, act, wgrad=True))
+        terms += _moe_terms(arch, x.tok_sp, x.tok, t, sp, etp)
+    else:
+        terms.append(Term("mlp_in", x.tok_in * h, act, wgrad=True))
+        terms += _mlp_terms("", arch.mlp, x.tok, arch.ffn // t, act)
+    if arch.dropout:
+        terms.append(Term("mlp_dropout_mask", x.tok_sp * h, 1))
+    return terms
+
+
+def _attention_core(arch: Arch, x: _Shape, s: int, b: int, cp: int) -> list[Term]:
+    """What attention itself saves beside q, k, v and its output: flash's log-sum-exp, or a
+    materialized attention's softmax (and dropout) over all ``s`` keys."""
     if arch.flash:
-        terms.append(Term("lse", b * heads * (s // cp), 4, "minor"))
-    else:
-        scores = b * heads * (s // cp) * s
-        terms.append(Term("softmax_out", scores, act, "core"))
-        if arch.dropout:
-            terms += [Term("softmax_dropout_mask", scores, 1, "core"),
-                      Term("softmax_dropout_out", scores, act, "core")]
-    # The output projection's input; flash attention's saved output is the same storage.
-    terms.append(Term("attn_out", tok * q_dim, act, wgrad=True))
+        return [Term("lse", b * x.heads * (s // cp), 4, "minor")]
+    scores = b * x.heads * (s // cp) * s
+    terms = [Term("softmax_out", scores, arch.act_bytes, "core")]
     if arch.dropout:
-        terms.append(Term("attn_dropout_mask", tok_sp * h, 1))
-    terms += norm_terms("ffn_norm", arch, tok_sp)
-    terms.append(Term("mlp_in", tok_sp * h, act, wgrad=True))
-    if arch.experts:
-        terms += _moe_terms(arch, tok_sp, t, sp, etp)
-    else:
-        terms += _mlp_terms("", arch.mlp, tok, arch.ffn // t, act)
-    if arch.dropout:
-        terms.append(Term("mlp_dropout_mask", tok_sp * h, 1))
+        terms += [Term("softmax_dropout_mask", scores, 1, "core"),
+                  Term("softmax_dropout_out", scores, arch.act_bytes, "core")]
+    return terms
+
+
+def _attention_output(arch: Arch, x: _Shape, name: str) -> Term:
+    return Term(name, x.tok * x.q_dim, 4 if arch.ring else arch.act_bytes)
+
+
+def selective_terms(
+    arch: Arch, s: int, b: int, t: int = 1, sp: bool = False, cp: int = 1, etp: int = 1
+) -> list[Term]:
+    """Tensors one layer keeps under orch's op-level selective recompute, per rank and
+    micro-batch: the layer's input and the output of every matmul and attention call
+    (``orch.parallel.recompute``); the elementwise ops' tensors are recomputed from them.
+
+    Names shared with :func:`layer_terms` are the same tensors. A row-parallel linear's output
+    is kept before its reduction, a partial sum over the whole sequence, so it is not split by
+    tensor parallelism (nor, with expert tensor parallelism, the experts' down projection).
+    """
+    act, h = arch.act_bytes, arch.hidden
+    x = _Shape.of(arch, s, b, t, sp, cp)
+    terms = [Term("attention_norm_in", x.tok_sp * h, act),
+             Term("q_proj", x.tok * x.q_dim, act), Term("k_proj", x.tok * x.kv_dim, act),
+             Term("v", x.tok * x.kv_dim, act),
+             _attention_output(arch, x, "attn_core_out" if cp > 1 else "attn_out")]
+    if arch.flash:
+        terms += _attention_core(arch, x, s, b, cp)
+    else:  # the scores matmul's output; the softmax is recomputed from it
+        terms.append(Term("scores", b * x.heads * (s // cp) * s, act, "core"))
+    terms.append(Term("attn_proj_out", x.tok * h, act))
+    if not arch.experts:
+        hidden = arch.ffn // t
+        up = [Term("up", x.tok * hidden, act)] if arch.mlp == "swiglu" else []
+        return terms + [Term("gate" if up else "gelu_in", x.tok * hidden, act), *up,
+                        Term("down_out", x.tok * h, act)]
+    routed = _routed(x.tok_sp, arch.top_k, t, sp, etp)
+    terms += [Term("router_logits", x.tok_sp * arch.experts, act),
+              AUX_LOSS,
+              Term("expert_gate", routed * arch.expert_ffn // etp, act),
+              Term("expert_up", routed * arch.expert_ffn // etp, act),
+              Term("expert_out", routed * h, act)]
+    if arch.shared_ffn:
+        hidden = arch.shared_ffn // t
+        terms += [Term("shared_gate", x.tok * hidden, act), Term("shared_up", x.tok * hidden, act),
+                  Term("shared_down_out", x.tok * h, act)]
     return terms
 
 
@@ -153,13 +251,23 @@ def layer_activation_bytes(
 ) -> int:
     """Bytes one layer keeps between its forward and backward, per rank and micro-batch.
 
-    Selective recompute (Korthikanti's) recomputes the attention core and drops its ``s^2``
-    tensors, so with flash attention it saves nothing more. Full recompute keeps the layer input.
+    Full recompute keeps the layer input; selective, :func:`selective_terms`.
     """
     if recompute == "full":
-        return (s // cp * b // (t if sp else 1)) * arch.hidden * arch.act_bytes
-    terms = layer_terms(arch, s, b, t, sp, cp, etp)
-    return sum(x.nbytes for x in terms if recompute == "none" or x.tag != "core")
+        layer_input = (s // cp * b // (t if sp else 1)) * arch.hidden * arch.act_bytes
+        return layer_input + (AUX_LOSS.nbytes if arch.experts else 0)
+    terms = (selective_terms if recompute == "selective" else layer_terms)(
+        arch, s, b, t, sp, cp, etp)
+    return sum(x.nbytes for x in terms)
+
+
+def recomputed_bytes(
+    arch: Arch, s: int, b: int, t: int = 1, sp: bool = False, cp: int = 1, etp: int = 1
+) -> int:
+    """Bytes of the saved tensors selective recompute makes again in backward: those of
+    :func:`layer_terms` it does not keep (norms, RoPE, SiLU and products, the routing)."""
+    kept = {x.name for x in selective_terms(arch, s, b, t, sp, cp, etp)}
+    return sum(x.nbytes for x in layer_terms(arch, s, b, t, sp, cp, etp) if x.name not in kept)
 
 
 def korthikanti_layer_bytes(

@@ -3,7 +3,12 @@
 An analytic, per-rank model, cheap enough (microseconds) to price every candidate of a search:
 
 - **Compute**: the step's FLOPs (model FLOPs plus recomputation) split evenly over all ranks, at
-  ``peak_flops x compute_efficiency`` of the slowest device.
+  ``peak_flops x compute_efficiency`` of the slowest device. Full recompute runs the forward
+  again; orch's selective recompute keeps every matmul and attention output and runs only the
+  elementwise ops again, priced as memory traffic (``ELEMENTWISE_PASSES`` over the tensors they
+  make, at ``memory_bw x compute_efficiency``). Either recompute runs the collectives inside a
+  layer again (tensor, expert and Ulysses context parallelism); ring attention's outputs are
+  kept by selective recompute.
 - **Tensor parallelism** (+ sequence parallelism): per layer, forward and backward, an
   all-gather/reduce-scatter pair (or one all-reduce, the same volume) around attention and
   around the MLP, ring cost. It sits on the critical path, so it is all exposed.
@@ -20,7 +25,8 @@ An analytic, per-rank model, cheap enough (microseconds) to price every candidat
   locally and are reduced once per step (FSDP2's ``set_requires_gradient_sync(False)`` before
   the last micro-batch), in the compute dtype (bf16 reduction under bf16): reduce-scatter over
   FSDP's ``dp_shard x cp`` group, all-reduce of the shard over ``dp_replicate``. Expert weights
-  do the same over ``edp`` (sharded there when FSDP is on, else all-reduced). Gathers overlap
+  do the same over the ranks sharding them (``Degrees.expert_shard``: all ``edp`` ranks when
+  the experts are folded), else are all-reduced. Gathers overlap
   the whole step; gradient reduction only the last micro-batch's backward. Overlapped
   communication hides behind ``OVERLAP`` of the compute it runs beside.
 - **Pipeline**: activation and gradient sends per micro-batch (exposed, small), and a bubble of
@@ -41,7 +47,7 @@ from orch.config.schema import Config, ModelConfig
 from orch.parallel.schedules.generators import chunks_per_rank
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec
-from orch.plan.memory import estimate_memory, param_counts
+from orch.plan.memory import estimate_memory, param_counts, recomputed_layer_bytes
 from orch.plan.topology import Link
 
 OVERLAP = 0.9
@@ -63,6 +69,10 @@ BUBBLE_SCALE = {
 }
 """Bubble of each schedule relative to 1F1B's ``(pp - 1) / micro-batches`` (interleaved's also
 divided by its chunks per rank)."""
+
+ELEMENTWISE_PASSES = 3
+"""Bytes an elementwise op moves per byte it makes: it writes its output once and reads one or
+two inputs of the same size (norms, RoPE, SiLU and the gating product, residual adds)."""
 
 BACKWARD_SHARE = 2 / 3
 """Backward's share of a micro-batch's compute (2 of the 6 FLOPs per parameter are forward)."""
@@ -163,18 +173,23 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     seq, act = t.seq_len, 2 if t.precision == "bf16" else 4
     fpt = _flops(m, seq)
     attention_fpt = 12.0 * seq * m.heads * m.head_dim  # per layer
-    recompute = {"none": 0.0, "selective": m.layers * attention_fpt / 3, "full": fpt / 3}
     rank_tokens = t.micro_batch * seq / deg.cp  # of one micro-batch, before TP splits them
     peak = device.peak(t.precision)
     rate = (peak * device.compute_efficiency
             * gemm_efficiency(rank_tokens, m.dim, deg.tp, device))
     tokens = t.global_batch * seq
-    compute = (fpt + recompute[t.recompute]) * tokens / deg.world / rate
-    micro = max(1.0, t.global_batch / (t.micro_batch * deg.dp))
     full = t.recompute == "full"
-    # Collectives per block, forward and backward, and again in a fully recomputed forward.
-    fwd_bwd = 6 if full else 4
+    compute = (fpt + full * fpt / 3) * tokens / deg.world / rate
+    micro = max(1.0, t.global_batch / (t.micro_batch * deg.dp))
     layers, moe_layers = m.layers / deg.pp, pc.moe_layers / deg.pp
+    if t.recompute == "selective":
+        dense_bytes, moe_bytes = recomputed_layer_bytes(cfg, deg)
+        remade = micro * ((layers - moe_layers) * dense_bytes + moe_layers * moe_bytes)
+        compute += (ELEMENTWISE_PASSES * remade
+                    / (device.memory_bw * device.compute_efficiency))
+    # Collectives per block, forward and backward, and again in a recomputed forward.
+    recomputes = t.recompute != "none"
+    fwd_bwd = 6 if recomputes else 4
     comm: dict[str, float] = {}
 
     if deg.tp > 1:  # one block around attention in every layer, one around each dense MLP
@@ -193,14 +208,14 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
         link = links["cp"]
         if cfg.parallel.cp_kind == "ring":
             kv = 2 * max(m.n_kv_heads / deg.tp, 1) * m.head_dim * rank_tokens * act
-            passes = 4 if full else 3  # K/V forward; K/V and dK/dV backward; recomputation
+            passes = 4 if full else 3  # K/V forward; K/V and dK/dV backward; full recompute
             step = kv / link.bandwidth + link.latency_s
             comm["cp"] = micro * layers * passes * (deg.cp - 1) * step
             hiding = micro * layers * attention_fpt * rank_tokens / deg.tp / rate
             cp_exposed = max(0.0, comm["cp"] - hiding)
         else:  # Ulysses: q, k, v in and the output back, four all-to-alls each way
             qkvo = (2 * m.heads + 2 * m.n_kv_heads) * m.head_dim * rank_tokens / deg.tp * act
-            passes = 3 if full else 2
+            passes = 3 if recomputes else 2
             four = _collective(qkvo, deg.cp, link) + 3 * (deg.cp - 1) * link.latency_s
             comm["cp"] = micro * layers * passes * four
             cp_exposed = comm["cp"]
@@ -220,9 +235,9 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
         reduce += comm["dp_replicate"]
     if moe_layers and deg.edp > 1:
         experts, link = pc.expert_total / (deg.pp * deg.ep * deg.etp), links["edp"]
-        if deg.fsdp > 1:  # sharded like the dense weights, over the expert data-parallel group
-            expert_gather = gathers * _collective(experts * act, deg.edp, link)
-            expert_reduce = _collective(experts * act, deg.edp, link)
+        if deg.expert_shard > 1:  # gathered and reduce-scattered over the ranks sharding them
+            expert_gather = gathers * _collective(experts * act, deg.expert_shard, link)
+            expert_reduce = _collective(experts * act, deg.expert_shard, link)
         else:
             expert_gather, expert_reduce = 0.0, 2 * _collective(experts * act, deg.edp, link)
         comm["edp"] = expert_gather + expert_reduce

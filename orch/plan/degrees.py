@@ -44,6 +44,14 @@ class Degrees:
         return self.stage_ranks // (self.ep * self.etp)
 
     @property
+    def expert_shard(self) -> int:
+        """Ranks an MoE layer's expert weights are sharded over: the whole expert data-parallel
+        group when the experts are folded (``ep x etp > 1``, or ``tp > 1``: the runtime then
+        builds the expert mesh and shards each layer's experts over its ``edp`` ranks, whatever
+        the dense layers do), else FSDP's ranks, in the dense layers' units."""
+        return self.edp if self.ep * self.etp > 1 or self.tp > 1 else self.fsdp
+
+    @property
     def fsdp(self) -> int:
         """Ranks a dense parameter is sharded over (FSDP shards over dp_shard x cp)."""
         return self.dp_shard * self.cp

@@ -31,6 +31,8 @@ class DeviceSpec:
     """What one device can send to its node peers at once (NVLink: half the bidirectional total)."""
     inter_node_bw: float
     """The device's share of the node's NICs, used when a cluster does not list its NICs."""
+    memory_bw: float
+    """Device memory bandwidth, what elementwise ops stream at (selective recompute's cost)."""
     compute_efficiency: float = 0.6
     """Fraction of peak a well-tuned training step sustains on compute alone (matmuls,
     attention and the elementwise ops between them); the cost model's ceiling on MFU."""
@@ -66,37 +68,42 @@ DEVICES: dict[str, DeviceSpec] = {
     spec.name: spec
     for spec in (
         # NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 TFLOPS with sparsity, so 989.4
-        # dense; FP32 67 TFLOPS; 80 GB HBM3; NVLink 4 900 GB/s bidirectional. DGX H100: one 400 Gb/s
-        # ConnectX-7 (NDR) per GPU. Efficiency 0.55: bf16 MFU reported on H100 runs from 33-39%
-        # (torchtitan, Llama 3.1 8B, GPUs capped at 500 W) to 49.3% (Megatron-Core, Mixtral 8x22B),
-        # so compute alone must sustain a little more than the best of those.
+        # dense; FP32 67 TFLOPS; 80 GB HBM3 at 3.35 TB/s; NVLink 4 900 GB/s bidirectional. DGX
+        # H100: one 400 Gb/s ConnectX-7 (NDR) per GPU. Efficiency 0.55: bf16 MFU reported on H100
+        # runs from 33-39% (torchtitan, Llama 3.1 8B, GPUs capped at 500 W) to 49.3%
+        # (Megatron-Core, Mixtral 8x22B), so compute alone must sustain a little more than the
+        # best of those.
         DeviceSpec(
             name="h100-sxm-80gb", peak_flops=989.4e12, fp32_flops=67e12, memory_bytes=80 * GiB,
-            intra_node_bw=450e9, inter_node_bw=50e9, compute_efficiency=0.55, host_bw=50e9,
+            intra_node_bw=450e9, inter_node_bw=50e9, memory_bw=3.35e12, compute_efficiency=0.55,
+            host_bw=50e9,
             description="NVIDIA H100 SXM5 80GB, NVLink 4, 400 Gb/s NDR per GPU",
         ),
         # NVIDIA H200 datasheet (SXM): same BF16 and FP32 compute as H100 (1,979 TFLOPS sparse),
-        # 141 GB HBM3e, NVLink 900 GB/s bidirectional; DGX H200: 400 Gb/s per GPU.
+        # 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional; DGX H200: 400 Gb/s per GPU.
         DeviceSpec(
             name="h200", peak_flops=989.4e12, fp32_flops=67e12, memory_bytes=141 * GB,
-            intra_node_bw=450e9, inter_node_bw=50e9, compute_efficiency=0.55, host_bw=50e9,
+            intra_node_bw=450e9, inter_node_bw=50e9, memory_bw=4.8e12, compute_efficiency=0.55,
+            host_bw=50e9,
             description="NVIDIA H200 SXM 141GB, NVLink 4, 400 Gb/s NDR per GPU",
         ),
-        # NVIDIA A100 datasheet (SXM4 80GB): BF16 312 TFLOPS dense (624 sparse), FP32 19.5, NVLink 3
-        # 600 GB/s bidirectional. DGX A100: one 200 Gb/s HDR ConnectX-6 per GPU. A100 is the easier
-        # part to saturate: torchtitan reports 56-58% MFU for Llama 3 8B on 64 A100s.
+        # NVIDIA A100 datasheet (SXM4 80GB): BF16 312 TFLOPS dense (624 sparse), FP32 19.5, HBM2e
+        # 2,039 GB/s, NVLink 3 600 GB/s bidirectional. DGX A100: one 200 Gb/s HDR ConnectX-6 per
+        # GPU. A100 is the easier part to saturate: torchtitan reports 56-58% MFU for Llama 3 8B
+        # on 64 A100s.
         DeviceSpec(
             name="a100-80gb", peak_flops=312e12, fp32_flops=19.5e12, memory_bytes=80 * GiB,
-            intra_node_bw=300e9, inter_node_bw=25e9, compute_efficiency=0.6,
+            intra_node_bw=300e9, inter_node_bw=25e9, memory_bw=2.039e12, compute_efficiency=0.6,
             description="NVIDIA A100 SXM4 80GB, NVLink 3, 200 Gb/s HDR per GPU",
         ),
         # NVIDIA Ada Lovelace architecture whitepaper, GeForce RTX 4090: BF16 tensor with FP32
-        # accumulate 165.2 TFLOPS dense, FP32 82.6; 24 GB GDDR6X. No NVLink: peers talk over PCIe
-        # 4.0 x16 (32 GB/s theoretical, ~25 GB/s measured). Nodes: a 100 Gb/s Ethernet NIC shared by
-        # the box, taken here as 12.5 GB/s per device only when a cluster file says nothing better.
+        # accumulate 165.2 TFLOPS dense, FP32 82.6; 24 GB GDDR6X at 1,008 GB/s. No NVLink: peers
+        # talk over PCIe 4.0 x16 (32 GB/s theoretical, ~25 GB/s measured). Nodes: a 100 Gb/s
+        # Ethernet NIC shared by the box, taken here as 12.5 GB/s per device only when a cluster
+        # file says nothing better.
         DeviceSpec(
             name="rtx4090", peak_flops=165.2e12, fp32_flops=82.6e12, memory_bytes=24 * GiB,
-            intra_node_bw=25e9, inter_node_bw=12.5e9, compute_efficiency=0.5,
+            intra_node_bw=25e9, inter_node_bw=12.5e9, memory_bw=1.008e12, compute_efficiency=0.5,
             intra_latency_s=10e-6, inter_latency_s=30e-6,
             description="NVIDIA GeForce RTX 4090 24GB, PCIe 4.0 x16, no NVLink",
         ),
@@ -104,11 +111,13 @@ DEVICES: dict[str, DeviceSpec] = {
         # sgemm of 2048 x 2048 on the 2-core CI machine with two threads, 2026-12-05; it was
         # 1 TFLOP/s, and the tiny model's plan said 21k tokens/s where 613 were measured), gloo
         # over loopback (~5 GB/s) inside a host, 10 Gb/s Ethernet between hosts; "host" copies
-        # are memory copies (~5 GB/s on 2 cores).
+        # are memory copies (~5 GB/s on 2 cores); torch's elementwise ops stream at 23-24 GB/s
+        # (a copy, an add) down to 12 (a multiply by a scalar) and 2.5 (SiLU, bound by its
+        # exponential) with two threads: 20 GB/s.
         DeviceSpec(
             name="cpu", peak_flops=170e9, memory_bytes=24 * GiB,
-            intra_node_bw=5e9, inter_node_bw=1.25e9, compute_efficiency=0.5, host_bw=5e9,
-            intra_latency_s=20e-6, inter_latency_s=50e-6, matmul_half_size=2**14,
+            intra_node_bw=5e9, inter_node_bw=1.25e9, memory_bw=20e9, compute_efficiency=0.5,
+            host_bw=5e9, intra_latency_s=20e-6, inter_latency_s=50e-6, matmul_half_size=2**14,
             description="CPU with gloo: loopback inside a host, 10 Gb/s Ethernet between",
         ),
     )

@@ -24,6 +24,7 @@ from orch.plan.activations import (
     layer_activation_bytes,
     layer_terms,
     norm_terms,
+    recomputed_bytes,
 )
 from orch.plan.degrees import Degrees
 
@@ -110,11 +111,12 @@ def zero_bytes_per_param(stage: int, dp: int, k: int = 12) -> float:
     return 4 + k - sharded + sharded / dp
 
 
-def _archs(key: tuple, act_bytes: int, flash: bool, fused_norm: bool) -> tuple[Arch, Arch]:
+def _archs(key: tuple, act_bytes: int, flash: bool, fused_norm: bool,
+           ring: bool) -> tuple[Arch, Arch]:
     """The (dense layer, MoE layer) archs of ``orch.models.llama`` for a model key."""
     _, h, _, heads, kv, hd, ffn, experts, top_k, fe, shared, _, _ = key
     dense = Arch(hidden=h, heads=heads, kv_heads=kv, head_dim=hd, ffn=ffn, fused_norm=fused_norm,
-                 flash=flash, act_bytes=act_bytes)
+                 flash=flash, act_bytes=act_bytes, ring=ring)
     moe = replace(dense, experts=experts, top_k=top_k, expert_ffn=fe, shared_ffn=shared * fe)
     return dense, moe
 
@@ -127,8 +129,9 @@ class _Activations:
     moe: int
     dense_wgrad: int
     moe_wgrad: int
-    dense_none: int
-    moe_none: int
+    dense_recomputed: int
+    """What recomputing one layer in its backward holds at once (``train.recompute``)."""
+    moe_recomputed: int
     every_stage: int
     first_stage: int
     last_stage: int
@@ -138,9 +141,9 @@ class _Activations:
 @lru_cache(maxsize=1024)
 def _activations(
     key: tuple, act: int, flash: bool, fused_norm: bool, s: int, b: int, t: int, sp: bool,
-    cp: int, etp: int, recompute: Recompute,
+    cp: int, etp: int, recompute: Recompute, ring: bool,
 ) -> _Activations:
-    dense, moe = _archs(key, act, flash, fused_norm)
+    dense, moe = _archs(key, act, flash, fused_norm, ring)
     vocab, h, hd = key[0], key[1], key[5]
     tok = s // cp * b
     tok_sp = tok // t if sp else tok
@@ -148,16 +151,21 @@ def _activations(
     dense_terms = layer_terms(dense, s, b, t, sp, cp, etp)
     moe_terms = layer_terms(moe, s, b, t, sp, cp, etp) if moe.experts else []
     last = norm_terms("final_norm", dense, tok_sp) + [
-        Term("head_in", tok_sp * h, act, wgrad=True),
+        Term("head_in", tok * h, act, wgrad=True),  # gathered under sequence parallelism
         Term("log_probs", tok * -(-vocab // t), 4),  # the fp32 loss keeps log-softmax
     ]
+    def recomputed(arch: Arch, terms: list[Term]) -> int:
+        if recompute == "selective":
+            return recomputed_bytes(arch, s, b, t, sp, cp, etp)
+        return sum(x.nbytes for x in terms) if recompute == "full" else 0
+
     return _Activations(
         dense=layer_activation_bytes(dense, s, b, t, sp, cp, etp, recompute),
         moe=layer_activation_bytes(moe, s, b, t, sp, cp, etp, recompute) if moe.experts else 0,
         dense_wgrad=sum(x.nbytes for x in dense_terms if x.wgrad),
         moe_wgrad=sum(x.nbytes for x in moe_terms if x.wgrad),
-        dense_none=sum(x.nbytes for x in dense_terms),
-        moe_none=sum(x.nbytes for x in moe_terms),
+        dense_recomputed=recomputed(dense, dense_terms),
+        moe_recomputed=recomputed(moe, moe_terms) if moe.experts else 0,
         every_stage=2 * (s // cp) * hd * act,  # RoPE cos/sin tables, made once per forward
         first_stage=tok * 8,  # the embedding keeps the int64 token ids
         last_stage=sum(x.nbytes for x in last),
@@ -257,6 +265,21 @@ class MemoryEstimate:
         return asdict(self)
 
 
+def _ring(cfg: Config, deg: Degrees) -> bool:
+    return deg.cp > 1 and cfg.parallel.cp_kind == "ring"
+
+
+def recomputed_layer_bytes(cfg: Config, deg: Degrees) -> tuple[int, int]:
+    """Bytes of saved tensors one (dense, MoE) layer makes again in its backward under
+    ``train.recompute``, per rank and micro-batch (0 without recompute): the cost model reckons
+    selective recompute's time from them (elementwise ops, bound by memory bandwidth)."""
+    tr = cfg.train
+    acts = _activations(_model_key(cfg.model), 2 if tr.precision == "bf16" else 4, True, True,
+                        tr.seq_len, tr.micro_batch, deg.tp, deg.sequence_parallel, deg.cp,
+                        deg.etp, tr.recompute, _ring(cfg, deg))
+    return acts.dense_recomputed, acts.moe_recomputed
+
+
 def estimate_memory(
     cfg: Config, deg: Degrees, *, flash: bool = True, fused_norm: bool = True
 ) -> MemoryEstimate:
@@ -269,7 +292,7 @@ def estimate_memory(
 
     Approximations: FSDP keeps unsharded compute-dtype copies of the largest unit's parameters
     and gradients plus one prefetched layer (none when nothing is sharded and compute is fp32);
-    full recompute adds the recomputed layer's activations as a buffer; 2BP schedules keep one
+    recompute adds what one recomputed layer holds as a buffer; 2BP schedules keep one
     extra micro-batch of every layer's linear inputs for the deferred weight gradients, and
     ZB-H1 keeps 1F1B's peak (its point). Offloaded optimizer states are split over
     ``dp_replicate`` replicas (``orch.offload.partition``), and with ``offload.shard_params`` the
@@ -282,7 +305,7 @@ def estimate_memory(
     act_bytes = 2 if tr.precision == "bf16" else 4
     tp, etp = deg.tp, deg.etp
     acts = _activations(key, act_bytes, flash, fused_norm, tr.seq_len, tr.micro_batch, tp,
-                        deg.sequence_parallel, deg.cp, etp, tr.recompute)
+                        deg.sequence_parallel, deg.cp, etp, tr.recompute, _ring(cfg, deg))
     n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
     uneven = cfg.parallel.stage_layers
     chunk_layers = tuple(uneven) if deg.pp > 1 and len(uneven) == deg.pp * deg.virtual_stages \
@@ -296,7 +319,7 @@ def estimate_memory(
     dense_layer = pc.attention // tp + pc.norms + pc.mlp // tp
     moe_layer = pc.attention // tp + pc.norms + pc.router + pc.shared_expert // tp
     experts = pc.experts // (deg.ep * etp)
-    fsdp, eshard = deg.fsdp, max(1, deg.edp // deg.dp_replicate)
+    fsdp, eshard = deg.fsdp, deg.expert_shard
     gathers = fsdp > 1 or eshard > 1 or act_bytes == 2
     wgrad = cfg.parallel.pp_schedule.startswith("2bp")
     tiers = (off.params, off.grads, off.optimizer, off.activations)
@@ -326,8 +349,7 @@ def estimate_memory(
         # offloaded parameters are fetched as compute-dtype copies: nothing cast beside them
         buffers = (gathers and tiers[0] == "device") * (2 * unit + layer) * act_bytes \
             + last * acts.logits_buffer
-        if tr.recompute == "full":
-            buffers += max(nd and acts.dense_none, nm and acts.moe_none)
+        buffers += max(nd and acts.dense_recomputed, nm and acts.moe_recomputed)
 
         unit_bytes = PARAM_BYTES * -(-unit // fsdp)
         params, grads = PARAM_BYTES * n, GRAD_BYTES * n

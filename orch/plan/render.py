@@ -183,15 +183,16 @@ def render_search(result: SearchResult, world_size: int, device: str) -> str:
                        "without --auto says which")
     if not result.best:
         return head + "\nno plan fits: add devices, offload (offload.*), or shorten train.seq_len"
+    width = max(28, *(len(plan.degrees.short()) + 1 for plan in result.best))
     lines = [
         head,
         "",
-        f"  {'#':<3}{'degrees':<28}{'mb':>3}  {'recompute':<10}{'mem/rank':>11}"
+        f"  {'#':<3}{'degrees':<{width}}{'mb':>3}  {'recompute':<10}{'mem/rank':>11}"
         f"{'step s':>9}{'tokens/s':>10}{'MFU':>7}",
     ]
     for i, plan in enumerate(result.best, 1):
         lines.append(
-            f"  {i:<3}{plan.degrees.short():<28}{plan.micro_batch:>3}  "
+            f"  {i:<3}{plan.degrees.short():<{width}}{plan.micro_batch:>3}  "
             f"{plan.recompute:<10}{gib(plan.memory.total):>11}{plan.step.total_s:>9.3f}"
             f"{rate(plan.step.tokens_per_s):>10}{plan.step.mfu * 100:>6.1f}%"
         )

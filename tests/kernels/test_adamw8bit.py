@@ -274,14 +274,36 @@ def test_8bit_states_that_cannot_be_resharded_are_refused_before_start(sets, sav
     from orch.launch.launcher import _check_8bit_resharding
 
     cfg = load_config("configs/tiny.yaml", ["optimizer.name=adamw8bit", "parallel.tp=2", *sets])
-    plan = SimpleNamespace(degrees=SimpleNamespace(tp=2))
-    problems = _check_8bit_resharding(cfg, plan, Path("ckpt"), saved_tp)  # type: ignore[arg-type]
+    plan = SimpleNamespace(degrees=SimpleNamespace(tp=2, etp=1))
+    problems = _check_8bit_resharding(cfg, plan, Path("ckpt"),  # type: ignore[arg-type]
+                                      {"tp": saved_tp, "etp": 1})
     if refused is None:
         assert problems == []
     else:
         (problem,) = problems
         assert problem.where == "parallel.tp" and refused in problem.message
         assert f"resume with parallel.tp={saved_tp}" in problem.fix
+
+
+@pytest.mark.parametrize("saved_etp, new_etp", [(1, 2), (2, 1)])
+def test_8bit_expert_states_are_not_resharded_across_expert_tensor_parallelism(saved_etp,
+                                                                              new_etp):
+    """Expert tensor parallelism cuts each expert's w1/w3 row (dim x hidden) in every stretch of
+    hidden: a rank's 256-element blocks are none of the unsharded tensor's. DCP loaded such a
+    checkpoint without a word, onto the wrong elements (the resumed run drifted)."""
+    from types import SimpleNamespace
+
+    from orch.config import load_config
+    from orch.launch.launcher import _check_8bit_resharding
+
+    cfg = load_config("configs/tiny-moe.yaml", ["optimizer.name=adamw8bit"])
+    plan = SimpleNamespace(degrees=SimpleNamespace(tp=1, etp=new_etp))
+    (problem,) = _check_8bit_resharding(cfg, plan, Path("ckpt"),  # type: ignore[arg-type]
+                                        {"tp": 1, "etp": saved_etp})
+    assert problem.where == "parallel.etp" and f"saved at etp={saved_etp}" in problem.message
+    assert problem.fix == f"resume with parallel.etp={saved_etp}"
+    cfg.optimizer.name = "adamw"  # full-precision states reshard
+    assert _check_8bit_resharding(cfg, plan, Path("ckpt"), {"etp": saved_etp}) == []
 
 
 # --- training ---------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Ring and Ulysses attention on 2 and 4 gloo ranks equal full causal attention on one process,
 forward and backward, with grouped-query attention: in plain torch (the CPU path) and on orch's
-FlashAttention kernels (``ORCH_KERNELS=triton``, Triton's interpreter here; CUDA's path)."""
+FlashAttention kernels (``ORCH_KERNELS=triton``, Triton's interpreter here; CUDA's path), also
+under selective recompute, which keeps the attention's output instead of running it again."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -13,11 +15,13 @@ import torch.nn.functional as F
 from gloo_harness import run_on_gloo
 
 from orch.parallel.context_parallel import local_positions, ring_attention, ulysses_attention
+from orch.parallel.recompute import recompute_once, selective_contexts
 
 pytestmark = pytest.mark.dist
 
 B, HEADS, KV_HEADS, SEQ, DIM = 2, 8, 4, 32, 16
 KERNELS = ("reference", "triton")  # ORCH_KERNELS: plain-torch blocks and SDPA, or orch's
+IMPLS = (*KERNELS, "autocast", "selective")  # the kernels under autocast, and under recompute
 ATOL = 1e-5
 AUTOCAST_ATOL = 1e-2  # float16 inputs (values of size 1-4, ten bits of mantissa)
 
@@ -47,9 +51,10 @@ def _run(rank: int, world: int, results) -> None:
     # counts kernel runs (by hand: a spawned rank has no pytest fixtures)
     kernels.forward = lambda *args: launches.append(1) or launch(*args)
     # "autocast": the model's dtypes under float16 autocast (q and k float32 out of RoPE, v
-    # float16 out of its projection) on the kernels, which autocast does not cast for
-    for impl in (*KERNELS, "autocast"):
-        os.environ["ORCH_KERNELS"] = "triton" if impl == "autocast" else impl
+    # float16 out of its projection) on the kernels, which autocast does not cast for;
+    # "selective": the kernels under op-level selective recompute
+    for impl in IMPLS:
+        os.environ["ORCH_KERNELS"] = "reference" if impl == "reference" else "triton"
         for kind, attention in (("ring", ring_attention), ("ulysses", ulysses_attention)):
             pos = local_positions(SEQ, world, rank, kind)
             q, k, v, grad = (t[:, :, pos].clone() for t in inputs())
@@ -57,8 +62,11 @@ def _run(rank: int, world: int, results) -> None:
                 v = v.half()
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             launches.clear()
+            run = functools.partial(attention, group=dist.group.WORLD)
+            if impl == "selective":
+                run = functools.partial(recompute_once, run, selective_contexts)
             with torch.autocast("cpu", torch.float16, enabled=impl == "autocast"):
-                out = attention(q, k, v, dist.group.WORLD)
+                out = run(q, k, v)
             out.float().backward(grad)
             results[(impl, kind, world, rank)] = {
                 "pos": pos,
@@ -84,7 +92,7 @@ def test_zigzag_split_balances_the_causal_work():
     assert sum(positions[0]) == sum(positions[1])  # the same number of visible keys
 
 
-@pytest.mark.parametrize("impl", [*KERNELS, "autocast"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", ["ring", "ulysses"])
 def test_equals_full_attention_forward_and_backward(sharded, kind, world, impl):
@@ -92,7 +100,8 @@ def test_equals_full_attention_forward_and_backward(sharded, kind, world, impl):
     for rank in range(world):
         got = sharded[(impl, kind, world, rank)]
         # ring: one kernel forward per visible block (query chunk c sees chunks 0..c, and a
-        # rank holds chunks r and 2 world - 1 - r: 2 world + 1 in all); Ulysses: one
+        # rank holds chunks r and 2 world - 1 - r: 2 world + 1 in all); Ulysses: one; under
+        # selective recompute no more (the ring ran twice, the second time in backward)
         blocks = 2 * world + 1 if kind == "ring" else 1
         assert got["kernel_forwards"] == (blocks if impl != "reference" else 0)
         for name in ("out", "dq", "dk", "dv"):
