@@ -7,14 +7,20 @@ printed without a traceback and exit 2, internal bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from orch import __version__
 from orch.cli_ckpt import add_ckpt_parser
 from orch.errors import OrchError, PlanError, Problem
+
+if TYPE_CHECKING:
+    from orch.config import Config
+    from orch.plan import Plan
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +61,16 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+def with_launch_refusals(plan: Plan, cfg: Config) -> Plan:
+    """``plan`` with a note per feature this version's runtime cannot run for it, which
+    ``orch launch`` refuses (the plan prices what a later runtime could run)."""
+    from orch.launch.launcher import unsupported_features
+
+    refused = tuple(f"orch launch refuses it: {p.where}: {p.message}; fix: {p.fix}"
+                    for p in unsupported_features(cfg, plan.world_size))
+    return dataclasses.replace(plan, notes=plan.notes + refused) if refused else plan
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from orch.config import load_config
     from orch.plan import build_plan, resolve_machine, search
@@ -65,7 +81,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.top is not None:  # was ignored
             raise PlanError([Problem("--top", f"{args.top}: lists the plans --auto finds",
                                      "add --auto, or leave --top out")], title="bad arguments")
-        plan = build_plan(cfg, args.world_size, args.gpus_per_node, args.device)
+        plan = with_launch_refusals(build_plan(cfg, args.world_size, args.gpus_per_node,
+                                               args.device), cfg)
         print(json.dumps(plan.to_dict(), indent=1) if args.json else render_plan(plan))
         return 0
     problems: list[Problem] = []

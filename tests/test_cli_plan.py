@@ -159,3 +159,19 @@ def test_inputs_that_are_not_what_they_look_like_are_named(capsys, tmp_path):
     assert "--device: is empty" in capsys.readouterr().err
     assert main(["plan", "configs/tiny.yaml", "--device", "tpu"]) == 2
     assert capsys.readouterr().err.count("fix:") == 1  # it printed two
+
+
+def test_plan_notes_what_orch_launch_refuses():
+    """The plan prices offload with expert parallelism, which this runtime cannot run: it said
+    "fits" with no word, and orch launch then refused the same config."""
+    out = orch("plan", "configs/tiny-moe.yaml", "--device", "cpu", "--world-size", "2",
+               "--set", "parallel.ep=2", "--set", "parallel.dp_replicate=2",
+               "--set", "parallel.dp_shard=1", *(arg for group in ("params", "grads", "optimizer")
+                                                 for arg in ("--set", f"offload.{group}=cpu")),
+               "--json")
+    assert out.returncode == 0, out.stderr
+    (note,) = json.loads(out.stdout)["notes"]
+    assert note.startswith("orch launch refuses it: offload: with parallel.ep=2")
+    assert "fix: set parallel.ep=1" in note
+    clean = orch("plan", "configs/tiny.yaml", "--device", "cpu", "--world-size", "2", "--json")
+    assert json.loads(clean.stdout)["notes"] == []

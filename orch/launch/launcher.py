@@ -308,7 +308,16 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
                 f"offload.{group}", f"{tier}, with {offloaded}: once anything is offloaded this "
                 f"version keeps {group} on {' or '.join(OFFLOAD_HOMES_RUN[group])}",
                 f"set offload.{group}={OFFLOAD_HOMES_RUN[group][0]}"))
-    if off.enabled and world > 1 and p.dp_replicate != world:
+    split = {name: degree for name, degree in (("pp", p.pp), ("tp", p.tp), ("cp", p.cp))
+             if degree > 1}
+    if off.enabled and split:  # said first: the replica rule below cannot be met with them
+        settings = " ".join(f"parallel.{name}={degree}" for name, degree in split.items())
+        problems.append(Problem("offload", f"with {settings}: offloaded units are whole layers "
+                                "at home on every process, so offloaded training runs one "
+                                "process or data-parallel replicas only",
+                                f"set {' '.join(f'parallel.{name}=1' for name in split)}, or "
+                                "offload nothing"))
+    elif off.enabled and world > 1 and p.dp_replicate != world:
         problems.append(Problem("offload", f"with {world} processes and parallel.dp_replicate="
                                 f"{p.dp_replicate}: offloaded training runs one process, or "
                                 f"{world} replicas (each process keeps the whole model at home "

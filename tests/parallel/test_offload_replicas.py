@@ -264,3 +264,20 @@ def test_what_offload_cannot_hold_is_refused_before_start(config, sets, where, m
                                "parallel.dp_replicate=2", "parallel.dp_shard=1", *sets])
     (problem,) = unsupported_features(cfg, 2)
     assert problem.where == where and problem.message.startswith(message) and problem.fix
+
+
+@pytest.mark.parametrize("sets, settings", [
+    (["parallel.pp=2"], "parallel.pp=2"),
+    (["parallel.tp=2", "parallel.cp=2"], "parallel.tp=2 parallel.cp=2"),
+])
+def test_offload_with_model_parallelism_is_one_clear_refusal(sets, settings):
+    """Offload with pp (or tp, cp) was refused by the replica rule alone, whose fix
+    (dp_replicate = the world) the degrees then refused: round and round, pp never named."""
+    from orch.config import load_config
+    from orch.launch.launcher import unsupported_features
+
+    cfg = load_config("configs/tiny.yaml", ["offload.params=cpu", "offload.grads=cpu",
+                                            "offload.optimizer=cpu", *sets])
+    (problem,) = unsupported_features(cfg, 4)
+    assert problem.where == "offload" and problem.message.startswith(f"with {settings}:")
+    assert problem.fix == f"set {settings.replace('=2', '=1')}, or offload nothing"
