@@ -152,7 +152,9 @@ def _schedule_size_problem(args: argparse.Namespace, virtual: int) -> Problem | 
     work = args.stages * max(1, virtual) * args.microbatches
     if work <= SCHEDULE_MOST_WORK:
         return None
-    return Problem("--stages", f"{args.stages} x {virtual} chunks x {args.microbatches} "
+    return Problem("--stages x --virtual x --microbatches" if virtual > 1 else
+                   "--stages x --microbatches",
+                   f"{args.stages} x {virtual} chunks x {args.microbatches} "
                    f"micro-batches = {work:,} stage micro-batches, over the "
                    f"{SCHEDULE_MOST_WORK:,} orch schedule builds",
                    "give fewer stages or micro-batches")
@@ -188,6 +190,7 @@ def _schedule_argument_problems(args: argparse.Namespace) -> list[Problem]:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
+    import math
     from pathlib import Path
 
     from orch.errors import ProblemsError
@@ -208,6 +211,11 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         raise ProblemsError(problems, title="cannot build the schedule")
     costs = Costs(f=args.f, b=args.b, i=args.i, w=args.w, comm=args.comm)
     timeline = simulate(schedule, costs)
+    if not math.isfinite(timeline.makespan):  # each cost finite, their sum past the largest
+        raise ProblemsError([Problem("--f/--b/--i/--w/--comm", "the costs add up to more than "
+                                     "the largest float (the makespan was infinite and --json "
+                                     "invalid JSON)", "give smaller costs: any unit will do, "
+                                     "e.g. milliseconds")], title="cannot simulate the schedule")
     if args.png:
         try:
             write_png(timeline, Path(args.png))

@@ -109,7 +109,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     if any(r.get("comm_bytes") for r in records):
         written.append(_communication(out, steps, records))
     timeline = run_dir / "pipeline_timeline.png"
-    if timeline.is_file():
+    # a run resumed onto a plan without a pipeline keeps the earlier plan's timeline: not this
+    if timeline.is_file() and _json(run_dir / "plan.json").get("degrees", {}).get("pp", 1) > 1:
         written.append(Path(shutil.copy(timeline, out / timeline.name)))
     summary = out / "summary.md"
     summary.write_text(_summary(run_dir, records, written))

@@ -84,8 +84,18 @@ def test_a_schedule_too_large_to_build_in_seconds_is_refused_at_once(capsys):
     assert main(["schedule", "zbv", "--stages", "64", "--microbatches", "100000", "--f",
                  "nan"]) == 2
     err = capsys.readouterr().err
-    assert "(2 problems)" in err and "--stages: 64 x 2 chunks x 100000 micro-batches = " \
-        "12,800,000 stage micro-batches, over the 65,536 orch schedule builds" in err
+    assert "(2 problems)" in err and "--stages x --virtual x --microbatches: 64 x 2 chunks x " \
+        "100000 micro-batches = 12,800,000 stage micro-batches, over the 65,536 orch schedule " \
+        "builds" in err
+
+
+def test_costs_whose_sum_overflows_are_refused(capsys):
+    """Each cost finite, their sum past the largest float: the JSON said "makespan": Infinity
+    and "bubble_fraction": NaN (not JSON), the table "bubble nan%" and an empty timeline."""
+    assert main(["schedule", "1f1b", "--stages", "2", "--microbatches", "2", "--f", "1e308",
+                 "--b", "1e308", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "the costs add up to more than the largest float" in err
 
 
 def test_a_reader_that_leaves_early_ends_the_output_quietly():

@@ -27,7 +27,12 @@ from orch.launch.failures import summary as summary_of_failures
 from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
-from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, apply_rebalance, read_rebalance
+from orch.parallel.pipeline.rebalance import (
+    REBALANCE_EXIT,
+    apply_rebalance,
+    read_rebalance,
+    rebalance_notice,
+)
 from orch.plan import Plan, build_plan
 from orch.plan.cluster import ClusterSpec, NodeSpec, load_cluster
 from orch.runtime.checkpoint.files import CHECKPOINTS
@@ -543,8 +548,9 @@ def launch(argv: Sequence[str]) -> int:
     with run_dir_lock(run_dir, _lock_name(args, cfg)):
         print(f"orch launch: {plan.world_size} x {plan.device}, {plan.degrees.short()}, "
               f"run dir {cfg.run.dir}", flush=True)
-        if (warning := memory_warning(plan)) is not None:
-            print(warning, flush=True)
+        for note in (memory_warning(plan), rebalance_notice(cfg)):
+            if note is not None:
+                print(note, flush=True)
         if (nodes := parse_min_max_nnodes(args.nnodes)[1]) > 1:  # else silent until all joined
             endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
             print(f"orch launch: node {args.node_rank} of {nodes} waits at {endpoint} for the "

@@ -337,6 +337,10 @@ BAD = {
     "map dtype": (lambda: moe_unpermute(_perm, _map.int(), _wts, 4), "row_map has dtype"),
     "map tokens": (lambda: moe_unpermute(_perm, _map, _wts, 5), "row_map has 4 rows but num"),
     "map values": (lambda: moe_unpermute(_perm, _map + 3, _wts, 4), "row_map does not fit"),
+    # a row kept twice, another never: the result read unset memory (or an index error)
+    "map repeats": (lambda: moe_unpermute(_perm, _map.clone().index_fill_(0, torch.tensor([1]),
+                                                                          0), _wts, 4),
+                    r"8 kept copies \(2 of them repeated\)"),
     "weights shape": (lambda: moe_unpermute(_perm, _map, _wts[:, :1], 4), "weights has shape"),
     "weights device": (lambda: moe_unpermute(_perm, _map, _wts.to("meta"), 4),
                        "weights is on meta"),

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from orch.config import load_config
-from orch.parallel.pipeline.rebalance import StageMeter, apply_rebalance, write_rebalance
+from orch.errors import PlanError
+from orch.parallel.pipeline.rebalance import (
+    StageMeter,
+    apply_rebalance,
+    rebalance_notice,
+    write_rebalance,
+)
 from orch.parallel.pipeline.timeline import exposed_transfers
 from orch.parallel.schedules.actions import Action
 from orch.parallel.schedules.simulate import Span, Timeline
@@ -77,6 +83,36 @@ def test_a_run_directorys_repartition_sets_the_plans_stage_layers(tmp_path):
     assert apply_rebalance(cfg).parallel.stage_layers == [3, 1]
     other = load_config("configs/tiny.yaml", ["parallel.pp=4", f"run.dir={tmp_path}"])
     assert apply_rebalance(other) is other  # another pipeline: the record does not apply
+
+
+def test_an_explicit_split_the_repartition_replaces_is_said(tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["parallel.pp=2", f"run.dir={tmp_path}",
+                                            "parallel.stage_layers=[3,1]"])
+    assert rebalance_notice(cfg) is None  # no record yet
+    write_rebalance(tmp_path, {"layers_after": [2, 2]})
+    notice = rebalance_notice(cfg)
+    assert notice is not None and "parallel.stage_layers [3, 1] gives way" in notice
+    assert "re-partition [2, 2]" in notice and str(tmp_path / "rebalance.json") in notice
+    even = load_config("configs/tiny.yaml", ["parallel.pp=2", f"run.dir={tmp_path}"])
+    assert rebalance_notice(even) is None  # nothing given: nothing replaced
+
+
+@pytest.mark.parametrize("text, said", [
+    ("{not json", "unreadable (Expecting property name"),
+    ('{"step": 4}', "layers_after is None"),
+    ('{"layers_after": [0, 4]}', "layers_after is [0, 4]"),
+    ('[1, 3]', "layers_after is None"),
+])
+def test_a_damaged_repartition_record_is_a_problem_naming_the_file(tmp_path, text, said):
+    """It was a JSONDecodeError or KeyError traceback from orch launch (any plan), or a
+    stage_layers problem naming a split the user never set."""
+    (tmp_path / "rebalance.json").write_text(text)
+    cfg = load_config("configs/tiny.yaml", ["parallel.pp=2", f"run.dir={tmp_path}"])
+    with pytest.raises(PlanError) as info:
+        apply_rebalance(cfg)
+    (problem,) = info.value.problems
+    assert problem.where == str(tmp_path / "rebalance.json") and said in problem.message
+    assert problem.fix.startswith("delete the file")
 
 
 def test_rebalancing_without_a_plain_pipeline_is_refused():

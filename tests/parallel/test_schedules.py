@@ -328,7 +328,7 @@ def test_check_raises_with_every_problem():
         ({"virtual": 2}, "virtual=2 needs schedule 'interleaved' or 'zbv'"),
         ({"name": "zbv", "virtual": 3}, "zbv runs 2 stages per rank (a V), not virtual=3"),
         ({"max_deferred": 2}, "max_deferred=2 applies to 2bp-gpipe and 2bp-1f1b, not '1f1b'"),
-        ({"name": "2bp-1f1b", "max_deferred": -1}, "max_deferred must be None or at least 0"),
+        ({"name": "2bp-1f1b", "max_deferred": -1}, "max_deferred must be 0 or more (or left out"),
     ],
 )
 def test_build_schedule_rejects_bad_input(kwargs, expected):

@@ -140,3 +140,22 @@ def test_a_report_into_a_file_is_refused_with_the_fix(tmp_path):
     (tmp_path / "taken").write_text("")
     with pytest.raises(ReportError, match=r"--out .*taken: cannot be made a directory"):
         write_report(tmp_path, tmp_path / "taken")
+
+
+@pytest.mark.parametrize("pp, copied", [(2, True), (1, False)])
+def test_the_report_shows_the_pipeline_timeline_of_a_pipelined_plan_only(tmp_path, pp, copied):
+    """A run resumed from pp2 onto one process keeps pp2's timeline in its directory; the
+    report embedded it under "plan: 1 x cpu, one process"."""
+    import json
+
+    from orch.report import write_report
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(_record(n)) + "\n"
+                                                    for n in (1, 2)))
+    (tmp_path / "plan.json").write_text(json.dumps({"world_size": pp, "device": "cpu",
+                                                    "degrees": {"pp": pp}}))
+    (tmp_path / "pipeline_timeline.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    written = write_report(tmp_path)
+    assert (tmp_path / "report" / "pipeline_timeline.png" in written) is copied
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert ("pipeline_timeline.png" in summary) is copied

@@ -36,6 +36,7 @@ from typing import Any
 import torch.distributed as dist
 
 from orch.config.schema import Config
+from orch.errors import PlanError, Problem
 from orch.parallel.pipeline.timeline import exposed_transfers
 from orch.parallel.schedules.simulate import Timeline
 from orch.plan.placement import proportional_split
@@ -175,8 +176,27 @@ def _slashed(values: list) -> str:
 
 
 def read_rebalance(run_dir: Path) -> dict[str, Any] | None:
+    """The run directory's re-partition record, or None; a damaged one (the launcher reads it
+    before anything starts) is a problem naming the file, not a traceback."""
     path = Path(run_dir) / REBALANCE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _damaged(path, f"unreadable ({exc})") from None
+    split = record.get("layers_after") if isinstance(record, dict) else None
+    if not (isinstance(split, list) and split
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in split)):
+        raise _damaged(path, f"layers_after is {split!r}, not a list of layer counts of 1 or more")
+    return record
+
+
+def _damaged(path: Path, what: str) -> PlanError:
+    return PlanError([Problem(str(path), f"{what}: the pipeline re-partition of this run "
+                              "directory, which its plans follow",
+                              "delete the file to plan from parallel.stage_layers again (the "
+                              "checkpoints load onto any split), or restore it")])
 
 
 def write_rebalance(run_dir: Path, record: dict[str, Any]) -> None:
@@ -185,6 +205,18 @@ def write_rebalance(run_dir: Path, record: dict[str, Any]) -> None:
     part = path.with_suffix(".json.part")
     part.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(part, path)
+
+
+def rebalance_notice(cfg: Config) -> str | None:
+    """What the launcher says when the run directory's re-partition replaces the config's own
+    ``parallel.stage_layers`` (it did so silently, the run directory's config.yaml then naming
+    a split the run did not use)."""
+    given, used = cfg.parallel.stage_layers, apply_rebalance(cfg).parallel.stage_layers
+    if not given or used == given:
+        return None
+    return (f"orch launch: parallel.stage_layers {given} gives way to this run directory's "
+            f"pipeline re-partition {used} ({Path(cfg.run.dir) / REBALANCE_FILE}; delete it to "
+            "use the config's split)")
 
 
 def apply_rebalance(cfg: Config) -> Config:
@@ -200,4 +232,5 @@ def apply_rebalance(cfg: Config) -> Config:
 
 
 __all__ = ["REBALANCE_EXIT", "REBALANCE_FILE", "Repartition", "Repartitioner", "StageMeter",
-           "apply_rebalance", "compute_seconds", "read_rebalance", "write_rebalance"]
+           "apply_rebalance", "compute_seconds", "read_rebalance", "rebalance_notice",
+           "write_rebalance"]

@@ -178,7 +178,8 @@ def two_bp(base: str, stages: int, microbatches: int, max_deferred: int | None =
 
 def _deferred_problem(max_deferred: int | None) -> str | None:
     if max_deferred is not None and max_deferred < 0:
-        return f"max_deferred must be None or at least 0, got {max_deferred}"
+        return (f"max_deferred must be 0 or more (or left out: r on rank r), got "
+                f"{max_deferred}")
     return None
 
 
