@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import shutil
 import socket
@@ -543,6 +544,8 @@ def launch(argv: Sequence[str]) -> int:
 
     args, cfg, plan = prepare(argv)
     run_dir = Path(cfg.run.dir)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+        _QuietRepartitionExit())
     mark_launcher()  # the workers end with this process, even if it is killed outright
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir, _lock_name(args, cfg)):
@@ -578,6 +581,15 @@ def launch(argv: Sequence[str]) -> int:
     return 0
 
 
+class _QuietRepartitionExit(logging.Filter):
+    """torchrun logs a worker's exit as a failure, with its pid and binary (an "E" line between
+    orch's own); an exit with ``REBALANCE_EXIT`` is the restart orch asked for, which the
+    launcher says itself, so that line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"(exitcode: {REBALANCE_EXIT})" not in record.getMessage()
+
+
 def memory_warning(plan: Plan) -> str | None:
     """What the launch says when the plan's memory estimate per rank is over the device's
     usable memory: a warning, not a refusal, since the estimate is a model (``orch plan``)."""
@@ -587,7 +599,7 @@ def memory_warning(plan: Plan) -> str | None:
 
     return (f"orch launch: warning: the plan estimates {gib(plan.memory.total)} per rank, over "
             f"the {gib(plan.memory_limit_bytes)} usable; the run may run out of memory "
-            "(orch plan CONFIG --search lists plans that fit)")
+            f"(orch plan CONFIG --world-size {plan.world_size} --auto lists plans that fit)")
 
 
 def _lock_name(args: argparse.Namespace, cfg: Config) -> str:

@@ -12,6 +12,8 @@ import json
 import pytest
 from launch_harness import launch, metrics, overrides
 
+from orch.parallel.pipeline.rebalance import REBALANCE_EXIT
+
 STEPS = 8
 PIPELINE = ["parallel.pp=2", f"train.steps={STEPS}"]
 
@@ -41,6 +43,8 @@ def test_the_pipeline_moved_to_the_measured_split_and_finished(runs):
     assert len(record["idle_before_s"]) == len(record["idle_after_s"]) == 2
     assert "re-partitioning to 2/2 from the checkpoint of step 3" in out.stdout
     assert "orch launch: restarting on the re-partitioned pipeline (2/2 layers" in out.stdout
+    # torchrun's "failed (exitcode: 75) local_rank: 0 (pid ...)" line is not shown: no failure
+    assert f"(exitcode: {REBALANCE_EXIT})" not in out.stderr + out.stdout
     assert "orch: pipeline re-partitioned at step 3: layers 3/1 -> 2/2" in out.stdout
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["layers_per_stage"] == [2, 2]

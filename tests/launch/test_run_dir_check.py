@@ -70,12 +70,17 @@ def test_a_second_launch_into_a_run_directory_in_use_stops_before_starting(tmp_p
 def test_a_plan_over_the_device_memory_is_said_at_launch():
     """The plan's "DOES NOT FIT" was shown by orch plan only; a launch started silently."""
     from orch.config import load_config
+    from orch.cli import build_parser
     from orch.launch.launcher import memory_warning
     from orch.plan import build_plan
 
     cfg = load_config("configs/llama3-70b.yaml", ["parallel.dp_shard=1"])
     warning = memory_warning(build_plan(cfg, 1, 1, "h100-sxm-80gb"))
-    assert warning is not None and "over the" in warning and "--search" in warning
+    assert warning is not None and "over the" in warning
+    # the command it suggests is one orch plan takes (it named a --search that does not exist)
+    command = warning[warning.index("(orch plan ") + 6:warning.index(" lists plans")]
+    args = build_parser().parse_args(command.replace("CONFIG", "configs/llama3-70b.yaml").split())
+    assert args.auto and args.world_size == 1
     assert memory_warning(build_plan(load_config("configs/tiny.yaml"), 1, 1, "cpu")) is None
 
 
