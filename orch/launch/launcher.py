@@ -175,7 +175,9 @@ def parse_launch(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Name
 
 
 def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
-    """Parse and validate everything; return torchrun's args rewritten to start the workers."""
+    """Parse and validate everything; return torchrun's args rewritten to start the workers
+    (with ``finished``: the checkpoint the run would resume when it is already at
+    ``train.steps``, else None)."""
     args, extra, cfg = parse_launch(argv)
     problems: list[Problem] = []
     max_nodes = _nnodes(args.nnodes, problems)
@@ -202,9 +204,11 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     problems += _check_run_dir(Path(cfg.run.dir))
     problems += _check_drill(cfg, world)
     problems += _check_tensorboard(cfg)
+    args.finished = None
     if not problems:
         assert plan is not None
-        problems += _check_resume(cfg, plan, extra.resume)
+        resume_problems, args.finished = _check_resume(cfg, plan, extra.resume)
+        problems += resume_problems
     if problems:
         raise PlanError(problems, title="cannot launch")
     assert plan is not None
@@ -474,30 +478,33 @@ def _check_run_dir(run_dir: Path) -> list[Problem]:
             if (run_dir / name).exists() and (run_dir / name).is_dir() != is_dir]
 
 
-def _check_resume(cfg: Config, plan: Plan, resume: str | None) -> list[Problem]:
-    """Refuse another config's checkpoints and verify the one to resume, loading nothing."""
+def _check_resume(cfg: Config, plan: Plan,
+                  resume: str | None) -> tuple[list[Problem], Path | None]:
+    """Refuse another config's checkpoints and verify the one to resume, loading nothing; the
+    checkpoint when it is already at ``train.steps`` (nothing to train)."""
     from orch.runtime.checkpoint import CheckpointError, CheckpointManager
     from orch.runtime.checkpoint.manifest import read_manifest
 
     if resume is not None and not resume.strip():  # was taken for auto
-        return [Problem("--resume", "is empty", "give auto, none, or a checkpoint directory")]
+        return [Problem("--resume", "is empty", "give auto, none, or a checkpoint directory")], None
     manager = CheckpointManager(Path(cfg.run.dir), cfg, plan.to_dict(with_groups=False), 0, 1)
     try:
         # Sizes and the index here (cheap); the workers hash every file, split among them.
         path = manager.resolve_resume(resume or cfg.checkpoint.resume, hashes=False,
                                       report=False)
     except CheckpointError as exc:
-        return [Problem("--resume" if resume else "checkpoint.resume", str(exc), "")]
+        return [Problem("--resume" if resume else "checkpoint.resume", str(exc), "")], None
     if path is None:
-        return []
+        return [], None
     manifest = read_manifest(path)
     if manifest.step > cfg.train.steps:
         return [Problem("train.steps", f"{cfg.train.steps} is below step {manifest.step} of the "
                         f"checkpoint the run resumes ({path})",
                         f"set train.steps above {manifest.step} to train further; --resume PATH "
                         "for an earlier checkpoint, or --resume none to start over (the "
-                        "checkpoints are moved aside, not deleted)")]
-    return _check_8bit_resharding(cfg, plan, path, manifest.plan.get("degrees", {}))
+                        "checkpoints are moved aside, not deleted)")], None
+    return (_check_8bit_resharding(cfg, plan, path, manifest.plan.get("degrees", {})),
+            path if manifest.step == cfg.train.steps else None)
 
 
 def _check_8bit_resharding(cfg: Config, plan: Plan, path: Path,
@@ -543,6 +550,11 @@ def launch(argv: Sequence[str]) -> int:
     from torch.distributed.run import parse_min_max_nnodes, run
 
     args, cfg, plan = prepare(argv)
+    if args.finished is not None:  # loading it onto every device would train nothing
+        print(f"orch launch: nothing to train: {args.finished} is at train.steps="
+              f"{cfg.train.steps}", flush=True)
+        print(summary(cfg), flush=True)
+        return 0
     run_dir = Path(cfg.run.dir)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
         _QuietRepartitionExit())

@@ -87,6 +87,19 @@ def test_fewer_steps_than_the_checkpoint_or_a_run_dir_as_resume_are_refused(runs
     assert (run / "config.yaml").read_text() == before
 
 
+def test_a_finished_run_launched_again_starts_no_workers(runs):
+    """Relaunching a run at its train.steps started every worker to load the checkpoint (a
+    whole model onto every device) and train nothing."""
+    run = runs["whole"]
+    metrics_before = (run / "metrics.jsonl").read_text()
+    out = launch(*SHARD2, *overrides(run, f"train.steps={STEPS}", "checkpoint.interval=5"))
+    assert out.returncode == 0, out.stderr
+    assert f"nothing to train: {run / 'checkpoints' / 'step-00000010'} is at train.steps=" \
+        f"{STEPS}" in out.stdout and f"done at step {STEPS} of {STEPS}" in out.stdout
+    assert "resumed from" not in out.stdout + out.stderr  # no worker ran
+    assert (run / "metrics.jsonl").read_text() == metrics_before
+
+
 def test_corrupted_checkpoint_is_refused_before_loading(runs, tmp_path):
     import shutil
 

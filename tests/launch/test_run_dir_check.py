@@ -69,8 +69,8 @@ def test_a_second_launch_into_a_run_directory_in_use_stops_before_starting(tmp_p
 
 def test_a_plan_over_the_device_memory_is_said_at_launch():
     """The plan's "DOES NOT FIT" was shown by orch plan only; a launch started silently."""
-    from orch.config import load_config
     from orch.cli import build_parser
+    from orch.config import load_config
     from orch.launch.launcher import memory_warning
     from orch.plan import build_plan
 
