@@ -94,36 +94,35 @@ def _mlp_terms(prefix: str, kind: str, tokens: int, hidden: int, act: int) -> li
             Term(f"{prefix}up", n, act), Term(f"{prefix}down_in", n, act, wgrad=True)]
 
 
-def _routed(tokens: int, k: int, t: int, sp: bool, etp: int) -> int:
-    """Token copies a rank's experts compute: expert parallelism moves copies but keeps their
-    number per rank on average; expert tensor parallelism gathers its group's copies."""
-    return tokens * k * (etp if sp else max(1, etp // t))
-
-
-def _moe_terms(arch: Arch, tokens: int, gathered: int, t: int, sp: bool,
-               etp: int) -> list[Term]:
+def _moe_terms(arch: Arch, tokens: int, gathered: int, t: int, etp: int) -> list[Term]:
     """orch.models.moe: fp32 router, top-k, and per routed token copy the expert's SwiGLU, on
-    the rank's ``tokens`` (expert tensor parallelism splits the expert hidden size); the shared
-    expert is tensor-parallel like the dense MLP, over the ``gathered`` sequence.
+    the rank's ``tokens`` (under tensor parallelism its part of the sequence: MoE layers need
+    sequence parallelism); the shared expert is tensor-parallel like the dense MLP, over the
+    ``gathered`` sequence.
+
+    Expert parallelism moves token copies but keeps their number per rank on average; expert
+    tensor parallelism gathers its group's copies and splits the expert hidden size.
     """
     h, k, act = arch.hidden, arch.top_k, arch.act_bytes
-    routed = _routed(tokens, k, t, sp, etp)
+    copies = tokens * k
+    routed = copies * etp
     terms = [Term("router_probs", tokens * arch.experts, 4),
              Term("topk_indices", tokens * k, 8, "minor"),
              Term("topk_weights", tokens * k, 4, "minor"),
              Term("topk_sum", 2 * tokens, 4, "minor"),  # the sum and its clamp
              # each copy's slot, source token and row (the CPU path's, measured)
-             Term("expert_index", 3 * routed, 8, "minor"),
+             Term("expert_index", 3 * copies, 8, "minor"),
              Term("load_fraction", arch.experts, 4, "minor"),
              AUX_LOSS,
              Term("expert_in", routed * h, act, wgrad=True)]
     terms += _mlp_terms("expert_", "swiglu", routed, arch.expert_ffn // etp, act)
-    terms += [Term("expert_weight", routed, act, "minor"),
-              Term("expert_out", routed * h, act),
+    # back on the rank that routed them (expert tensor parallelism's partial sums added)
+    terms += [Term("expert_weight", copies, act, "minor"),
+              Term("expert_out", copies * h, act),
               # index_add_ keeps its source for backward, so the weighted copy is saved too.
-              Term("expert_weighted_out", routed * h, act)]
+              Term("expert_weighted_out", copies * h, act)]
     if arch.shared_ffn:
-        if sp and t > 1 and arch.saves_gathered:  # else the router's input, ``mlp_in``
+        if t > 1 and arch.saves_gathered:  # else the router's input, ``mlp_in``
             terms.append(Term("shared_in", gathered * h, act, wgrad=True))
         terms += _mlp_terms("shared_", "swiglu", gathered, arch.shared_ffn // t, act)
     return terms
@@ -179,7 +178,7 @@ def layer_terms(
     terms += norm_terms("ffn_norm", arch, x.tok_sp)
     if arch.experts:  # the MoE layer routes the rank's own tokens
         terms.append(Term("mlp_in", x.tok_sp * h, act, wgrad=True))
-        terms += _moe_terms(arch, x.tok_sp, x.tok, t, sp, etp)
+        terms += _moe_terms(arch, x.tok_sp, x.tok, t, etp)
     else:
         terms.append(Term("mlp_in", x.tok_in * h, act, wgrad=True))
         terms += _mlp_terms("", arch.mlp, x.tok, arch.ffn // t, act)
@@ -232,12 +231,13 @@ def selective_terms(
         up = [Term("up", x.tok * hidden, act)] if arch.mlp == "swiglu" else []
         return terms + [Term("gate" if up else "gelu_in", x.tok * hidden, act), *up,
                         Term("down_out", x.tok * h, act)]
-    routed = _routed(x.tok_sp, arch.top_k, t, sp, etp)
+    routed = x.tok_sp * arch.top_k * etp
     terms += [Term("router_logits", x.tok_sp * arch.experts, act),
               AUX_LOSS,
               Term("expert_gate", routed * arch.expert_ffn // etp, act),
               Term("expert_up", routed * arch.expert_ffn // etp, act),
-              Term("expert_out", routed * h, act)]
+              # a partial sum under expert tensor parallelism; returned as ``expert_out``
+              Term("expert_down_out", routed * h, act)]
     if arch.shared_ffn:
         hidden = arch.shared_ffn // t
         terms += [Term("shared_gate", x.tok * hidden, act), Term("shared_up", x.tok * hidden, act),

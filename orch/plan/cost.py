@@ -223,7 +223,9 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     # Data parallelism: parameter gathers overlap the step, gradient reduction the last backward.
     gathers = 2 * micro if deg.pp == 1 else 1
     gather = reduce = 0.0
-    dense = pc.dense_total / (deg.pp * deg.tp)
+    # experts not folded (ep = etp = tp = 1) are in the blocks' units, sharded like them
+    folded = moe_layers > 0 and deg.experts_folded
+    dense = (pc.dense_total + (0 if folded else pc.expert_total)) / (deg.pp * deg.tp)
     if deg.fsdp > 1:
         link = links["dp_shard-cp"]
         gather = gathers * _collective(dense * act, deg.fsdp, link)
@@ -233,13 +235,10 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
         shard = dense / deg.fsdp * act
         comm["dp_replicate"] = 2 * _collective(shard, deg.dp_replicate, links["dp_replicate"])
         reduce += comm["dp_replicate"]
-    if moe_layers and deg.edp > 1:
-        experts, link = pc.expert_total / (deg.pp * deg.ep * deg.etp), links["edp"]
-        if deg.expert_shard > 1:  # gathered and reduce-scattered over the ranks sharding them
-            expert_gather = gathers * _collective(experts * act, deg.expert_shard, link)
-            expert_reduce = _collective(experts * act, deg.expert_shard, link)
-        else:
-            expert_gather, expert_reduce = 0.0, 2 * _collective(experts * act, deg.edp, link)
+    if folded and deg.edp > 1:  # FSDP over every edp rank, whatever the dense layers do
+        experts, link = pc.expert_total / (deg.pp * deg.ep * deg.etp) * act, links["edp"]
+        expert_gather = gathers * _collective(experts, deg.edp, link)
+        expert_reduce = _collective(experts, deg.edp, link)
         comm["edp"] = expert_gather + expert_reduce
         gather, reduce = gather + expert_gather, reduce + expert_reduce
     window = BACKWARD_SHARE * compute / micro

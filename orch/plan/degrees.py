@@ -44,12 +44,17 @@ class Degrees:
         return self.stage_ranks // (self.ep * self.etp)
 
     @property
+    def experts_folded(self) -> bool:
+        """Whether an MoE model's experts get their own layout (``ep x etp > 1``, or ``tp > 1``,
+        where they are replicated over the tensor-parallel ranks): the runtime then builds the
+        expert mesh and shards each layer's experts over its ``edp`` ranks, whatever the dense
+        layers do; else they are in the blocks' FSDP units, sharded like the dense weights."""
+        return self.ep * self.etp > 1 or self.tp > 1
+
+    @property
     def expert_shard(self) -> int:
-        """Ranks an MoE layer's expert weights are sharded over: the whole expert data-parallel
-        group when the experts are folded (``ep x etp > 1``, or ``tp > 1``: the runtime then
-        builds the expert mesh and shards each layer's experts over its ``edp`` ranks, whatever
-        the dense layers do), else FSDP's ranks, in the dense layers' units."""
-        return self.edp if self.ep * self.etp > 1 or self.tp > 1 else self.fsdp
+        """Ranks an MoE layer's expert weights are sharded over (:attr:`experts_folded`)."""
+        return self.edp if self.experts_folded else self.fsdp
 
     @property
     def fsdp(self) -> int:

@@ -320,7 +320,7 @@ def estimate_memory(
     moe_layer = pc.attention // tp + pc.norms + pc.router + pc.shared_expert // tp
     experts = pc.experts // (deg.ep * etp)
     fsdp, eshard = deg.fsdp, deg.expert_shard
-    gathers = fsdp > 1 or eshard > 1 or act_bytes == 2
+    gathers = fsdp > 1 or (pc.moe_layers > 0 and eshard > 1) or act_bytes == 2
     wgrad = cfg.parallel.pp_schedule.startswith("2bp")
     tiers = (off.params, off.grads, off.optimizer, off.activations)
     # the largest single parameter: an MLP matrix, the (tp-split) embedding, or an expert stack

@@ -341,6 +341,10 @@ BAD = {
     "map repeats": (lambda: moe_unpermute(_perm, _map.clone().index_fill_(0, torch.tensor([1]),
                                                                           0), _wts, 4),
                     r"8 kept copies \(2 of them repeated\)"),
+    # a stray huge entry: refused by its range, not counted (a bincount of 10^11 entries)
+    "map huge": (lambda: moe_unpermute(_perm, _map.clone().index_fill_(0, torch.tensor([1]),
+                                                                       10**11), _wts, 4),
+                 r"entries span \[0, 100000000000\]"),
     "weights shape": (lambda: moe_unpermute(_perm, _map, _wts[:, :1], 4), "weights has shape"),
     "weights device": (lambda: moe_unpermute(_perm, _map, _wts.to("meta"), 4),
                        "weights is on meta"),

@@ -18,6 +18,7 @@ from orch.config import Config, load_config
 from orch.launch.launcher import prepare
 from orch.models.llama import Transformer
 from orch.parallel.context_parallel import apply_context_parallel, local_positions
+from orch.parallel.expert_parallel import apply_expert_parallel, build_expert_mesh
 from orch.parallel.recompute import apply_recompute
 from orch.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
 from orch.plan.activations import (
@@ -107,6 +108,16 @@ def test_fsdp_and_tp_divide_parameter_bytes():
     # not 1/8: torch's sequence parallelism keeps the gathered inputs of the column-parallel
     # linears (measured below)
     assert one.activations / 6 < tp.activations < one.activations / 4
+
+
+def test_a_dense_model_under_tensor_parallelism_gathers_nothing_in_fp32():
+    """Nothing is sharded or cast: only the (vocabulary-split) logits buffer. The experts'
+    sharding of an MoE model counted here too, for a model without experts (8.8x the buffers
+    of the tiny model at tp2)."""
+    cfg = load_config("configs/tiny.yaml", ["train.precision=fp32"])
+    one = estimate_memory(cfg, Degrees()).buffers
+    for deg in (Degrees(tp=2), Degrees(tp=2, sequence_parallel=True)):
+        assert estimate_memory(cfg, deg).buffers == one // 2
 
 
 def test_pipeline_worst_stage_and_in_flight_micro_batches():
@@ -259,8 +270,9 @@ def _split_activations(rank: int, world: int, results: dict, cases: list) -> Non
 def _split(model: Transformer, cfg: Config, layout: str, mesh: DeviceMesh,
            rank: int) -> tuple[Callable[[], torch.Tensor], Degrees]:
     """Split ``model`` over ``mesh`` by ``layout``: tensor parallelism (``tp``, ``tp+sp``) with a
-    vocabulary-parallel loss, or context parallelism (``cp ring``, ``cp ulysses``) on the rank's
-    tokens; its forward to the loss, and the plan's degrees."""
+    vocabulary-parallel loss, expert or expert tensor parallelism (``ep``, ``etp``), or context
+    parallelism (``cp ring``, ``cp ulysses``) on the rank's tokens; its forward to the loss, and
+    the plan's degrees."""
     world = mesh.size()
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.train.seq_len))
     if layout.startswith("tp"):
@@ -272,6 +284,14 @@ def _split(model: Transformer, cfg: Config, layout: str, mesh: DeviceMesh,
                 return vocab_parallel_loss(model(tokens).to_local(), tokens, mesh)
 
         return tensor_parallel, Degrees(tp=world, sequence_parallel=sp)
+    if layout in ("ep", "etp"):  # each rank routes its own tokens to the experts
+        deg = Degrees(dp_shard=world, **{layout: world})
+        apply_expert_parallel(model, build_expert_mesh(deg, "cpu")["ep", "etp"])
+
+        def expert_parallel() -> torch.Tensor:
+            return F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+
+        return expert_parallel, deg
     kind = layout.split()[1]
     apply_context_parallel(model, mesh.get_group(), kind)
     positions = local_positions(cfg.train.seq_len, world, rank, kind)
@@ -289,14 +309,21 @@ def test_estimate_matches_measured_activations_of_split_models(tmp_path):
     """torch's DTensor sequence parallelism saves the gathered inputs of the column-parallel
     linears (Korthikanti's Megatron count saves shards), selective recompute keeps the
     row-parallel outputs before their reduction, unsplit, and ring attention's merged output
-    (not its blocks' scores, nor running the ring again). The plan counts each."""
+    (not its blocks' scores, nor running the ring again); expert tensor parallelism computes
+    its group's copies and returns the rank's own. The plan counts each (under expert
+    parallelism, the mean over ranks: what each receives depends on the routing)."""
     cases = [(name, recompute, "tp+sp") for name in ("tiny", "tiny-moe")
              for recompute in ("none", "selective", "full")]
     cases += [("tiny", recompute, layout) for recompute in ("none", "selective")
               for layout in ("tp", "cp ring", "cp ulysses")]
+    cases += [("tiny-moe", recompute, "etp") for recompute in ("none", "selective")]
+    cases += [("tiny-moe", recompute, "ep") for recompute in ("none", "selective")]
     results = run_on_gloo(_split_activations, 2, tmp_path, cases)
     for name, recompute, layout in cases:
-        measured, est = results[(0, name, recompute, layout)]
+        (measured, est), (other, _) = (results[(rank, name, recompute, layout)]
+                                       for rank in (0, 1))
+        if layout == "ep":  # the copies a rank's experts receive depend on the routing
+            measured = (measured + other) / 2
         assert est == pytest.approx(measured, abs=4), (name, recompute, layout)
 
 

@@ -108,15 +108,15 @@ def check_unpermute(expert_out, row_map, weights, num_tokens, check: bool) -> No
         return
     lo, hi = torch.aminmax(row_map)
     kept = row_map[row_map >= 0]
-    # a row kept twice leaves another row unread: the inverse map had unset entries
-    distinct = torch.bincount(kept).count_nonzero() if kept.numel() else kept.new_zeros(())
-    lo, hi, used, distinct = torch.stack([lo, hi, kept.new_tensor(kept.numel()),
-                                          distinct]).tolist()
+    lo, hi, used = torch.stack([lo, hi, kept.new_tensor(kept.numel())]).tolist()
     rows = expert_out.shape[0]
-    if lo < -1 or hi >= rows or used != rows or distinct != used:
-        repeated = f" ({used - distinct} of them repeated)" if distinct != used else ""
+    # a row kept twice leaves another row unread: the inverse map had unset entries (counted
+    # once the range holds, so a stray huge entry is not a huge count)
+    repeated = used - kept.unique().numel() if lo >= -1 and hi < rows else 0
+    if lo < -1 or hi >= rows or used != rows or repeated:
+        also = f" ({repeated} of them repeated)" if repeated else ""
         raise MoEInputError(op, "row_map", f"does not fit expert_out: entries span [{lo}, {hi}] "
-                            f"with {used} kept copies{repeated}, but expert_out has {rows} rows",
+                            f"with {used} kept copies{also}, but expert_out has {rows} rows",
                             "pass the row_map from the moe_permute call that made these rows "
                             "(entries are -1 or a row index; one kept copy per row)")
 
