@@ -65,8 +65,14 @@ def with_launch_refusals(plan: Plan, cfg: Config) -> Plan:
     """``plan`` with a note per feature this version's runtime cannot run for it, which
     ``orch launch`` refuses (the plan prices what a later runtime could run)."""
     from orch.launch.launcher import unsupported_features
+    from orch.plan.render import LAUNCH_REFUSES
 
-    refused = tuple(f"orch launch refuses it: {p.where}: {p.message}; fix: {p.fix}"
+    d = plan.degrees  # the plan's own layout (a searched one need not be the config's)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+        cfg.parallel, pp=d.pp, dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, cp=d.cp,
+        tp=d.tp, ep=d.ep, etp=d.etp, virtual_stages=d.virtual_stages,
+        sequence_parallel=d.sequence_parallel))
+    refused = tuple(f"{LAUNCH_REFUSES}: {p.where}: {p.message}; fix: {p.fix}"
                     for p in unsupported_features(cfg, plan.world_size))
     return dataclasses.replace(plan, notes=plan.notes + refused) if refused else plan
 
@@ -93,6 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if problems or machine is None:
         raise PlanError(problems)
     result = search(cfg, machine, top=top)
+    result.best = [with_launch_refusals(plan, cfg) for plan in result.best]
     if not result.evaluated:  # no valid degrees at all: the config's own layout says which rule
         build_plan(cfg, args.world_size, args.gpus_per_node, args.device)  # (a PlanError)
     if args.json:

@@ -632,7 +632,12 @@ def _repartitioned(exc: Exception, before: dict | None, run_dir: Path) -> bool:
     ``REBALANCE_EXIT`` and the run directory has a new re-partition record (the others may
     have been stopped by torchrun before they exited themselves)."""
     codes = {failure.exitcode for failure in getattr(exc, "failures", {}).values()}
-    return REBALANCE_EXIT in codes and read_rebalance(run_dir) not in (None, before)
+    if REBALANCE_EXIT not in codes:
+        return False
+    try:
+        return read_rebalance(run_dir) not in (None, before)
+    except PlanError:  # damaged meanwhile: the workers' failure is what to report
+        return False
 
 
 def summary(cfg: Config) -> str:

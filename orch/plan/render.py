@@ -168,6 +168,10 @@ def render_rank_grid(plan: Plan, max_nodes: int = 2, max_ranks: int = 16) -> str
     return "\n".join(lines)
 
 
+LAUNCH_REFUSES = "orch launch refuses it"
+"""How a plan's note begins when this version's runtime cannot run the plan."""
+
+
 def render_search(result: SearchResult, world_size: int, device: str) -> str:
     head = (
         f"searched {result.evaluated} plans for {world_size} x {device}: {result.fit} fit, "
@@ -196,5 +200,10 @@ def render_search(result: SearchResult, world_size: int, device: str) -> str:
             f"{plan.recompute:<10}{gib(plan.memory.total):>11}{plan.step.total_s:>9.3f}"
             f"{rate(plan.step.tokens_per_s):>10}{plan.step.mfu * 100:>6.1f}%"
         )
+    refused = [str(i) for i, plan in enumerate(result.best, 1)
+               if any(note.startswith(LAUNCH_REFUSES) for note in plan.notes)]
+    if refused:
+        lines.append(f"  orch launch refuses #{', #'.join(refused)} (see each plan's notes: "
+                     "--json, or the best plan's below)")
     lines += ["", "best plan:", render_plan(result.best[0])]
     return "\n".join(lines)

@@ -113,6 +113,9 @@ def test_a_damaged_repartition_record_is_a_problem_naming_the_file(tmp_path, tex
     (problem,) = info.value.problems
     assert problem.where == str(tmp_path / "rebalance.json") and said in problem.message
     assert problem.fix.startswith("delete the file")
+    assert info.value.title == "damaged run directory"
+    unpipelined = load_config("configs/tiny.yaml", [f"run.dir={tmp_path}"])
+    assert apply_rebalance(unpipelined) is unpipelined  # no record applies: none is read
 
 
 def test_rebalancing_without_a_plain_pipeline_is_refused():

@@ -196,7 +196,8 @@ def _damaged(path: Path, what: str) -> PlanError:
     return PlanError([Problem(str(path), f"{what}: the pipeline re-partition of this run "
                               "directory, which its plans follow",
                               "delete the file to plan from parallel.stage_layers again (the "
-                              "checkpoints load onto any split), or restore it")])
+                              "checkpoints load onto any split), or restore it")],
+                     title="damaged run directory")
 
 
 def write_rebalance(run_dir: Path, record: dict[str, Any]) -> None:
@@ -222,9 +223,11 @@ def rebalance_notice(cfg: Config) -> str | None:
 def apply_rebalance(cfg: Config) -> Config:
     """``cfg`` with the stage layers of its run directory's re-partition, when there is one for
     this pipeline (same stage count and layers); ``cfg`` itself otherwise."""
-    record = read_rebalance(Path(cfg.run.dir))
     p = cfg.parallel
-    if (record is None or p.virtual_stages != 1 or len(record["layers_after"]) != p.pp
+    if p.pp == 1 or p.virtual_stages != 1:  # no record applies: none is read
+        return cfg
+    record = read_rebalance(Path(cfg.run.dir))
+    if (record is None or len(record["layers_after"]) != p.pp
             or sum(record["layers_after"]) != cfg.model.layers):
         return cfg
     return dataclasses.replace(cfg, parallel=dataclasses.replace(
