@@ -104,6 +104,12 @@ class _Frame:
         self.args = tuple(a.detach().requires_grad_(a.requires_grad)
                           if isinstance(a, torch.Tensor) else a for a in args)
         self.tensors: list[torch.Tensor] | None = None
+        # The forward's autocast, for the recompute: the backward may run outside it (the
+        # trainer's does; bf16 without FSDP then recomputed in float32 and failed)
+        devices = {"cpu"} | {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        self.autocast = [(device, torch.is_autocast_enabled(device),
+                          torch.get_autocast_dtype(device)) for device in sorted(devices)]
+        self.autocast_cache = torch.is_autocast_cache_enabled()
 
     def saved(self, index: int) -> torch.Tensor:
         if self.tensors is None:
@@ -117,7 +123,13 @@ class _Frame:
             saved.append(tensor.detach())
             return len(saved) - 1
 
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
-                pack, saved.__getitem__), self.context:
+        with contextlib.ExitStack() as stack:
+            for device, enabled, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device, dtype, enabled,
+                                                   cache_enabled=self.autocast_cache))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack,
+                                                                         saved.__getitem__))
+            stack.enter_context(self.context)
             self.fn(*self.args)
         return saved

@@ -50,6 +50,18 @@ class Arch:
     saves_gathered: bool = True
     ring: bool = False
     """Context parallelism's ring attention, whose op keeps its merged output in float32."""
+    autocast: bool = False
+    """16-bit compute under ``torch.autocast`` over float32 weights (no FSDP mixed-precision
+    policy casts them): the residual stream and the norms stay float32, and each linear casts
+    its input itself (no cache for activations: three copies for q, k, v; two for w1, w3)."""
+
+    @property
+    def residual_bytes(self) -> int:
+        return 4 if self.autocast else self.act_bytes
+
+    def casts(self, linears: int) -> int:
+        """Copies of one input that ``linears`` linears reading it keep."""
+        return linears if self.autocast else 1
 
 
 @dataclass(frozen=True)
@@ -78,11 +90,14 @@ AUX_LOSS = Term("aux_loss", 1, 4, "minor")
 
 
 def norm_terms(name: str, arch: Arch, tokens: int) -> list[Term]:
+    """A norm's input and statistics; torch's composite norm (CPU builds) computes in float32,
+    keeping its input's float32 copy and the normalized tensor, whatever the input's dtype."""
     stats = 2 if arch.norm == "layernorm" else 1
-    terms = [Term(f"{name}_in", tokens * arch.hidden, arch.act_bytes),
+    kept = arch.residual_bytes if arch.fused_norm else 4
+    terms = [Term(f"{name}_in", tokens * arch.hidden, kept),
              Term(f"{name}_stats", stats * tokens, 4, "minor")]
     if not arch.fused_norm:
-        terms.append(Term(f"{name}_normalized", tokens * arch.hidden, arch.act_bytes))
+        terms.append(Term(f"{name}_normalized", tokens * arch.hidden, 4))
     return terms
 
 
@@ -116,14 +131,15 @@ def _moe_terms(arch: Arch, tokens: int, gathered: int, t: int, etp: int) -> list
              AUX_LOSS,
              Term("expert_in", routed * h, act, wgrad=True)]
     terms += _mlp_terms("expert_", "swiglu", routed, arch.expert_ffn // etp, act)
-    # back on the rank that routed them (expert tensor parallelism's partial sums added)
-    terms += [Term("expert_weight", copies, act, "minor"),
-              Term("expert_out", copies * h, act),
+    # back on the rank that routed them (expert tensor parallelism's partial sums added),
+    # weighted by the float32 router weights: in float32
+    terms += [Term("expert_weight", copies, 4, "minor"),
+              Term("expert_out", copies * h, 4),
               # index_add_ keeps its source for backward, so the weighted copy is saved too.
-              Term("expert_weighted_out", copies * h, act)]
+              Term("expert_weighted_out", copies * h, 4)]
     if arch.shared_ffn:
-        if t > 1 and arch.saves_gathered:  # else the router's input, ``mlp_in``
-            terms.append(Term("shared_in", gathered * h, act, wgrad=True))
+        if (t > 1 and arch.saves_gathered) or arch.autocast:  # else the router's, ``mlp_in``
+            terms.append(Term("shared_in", arch.casts(2) * gathered * h, act, wgrad=True))
         terms += _mlp_terms("shared_", "swiglu", gathered, arch.shared_ffn // t, act)
     return terms
 
@@ -164,7 +180,7 @@ def layer_terms(
     act, h = arch.act_bytes, arch.hidden
     x = _Shape.of(arch, s, b, t, sp, cp)
     terms = norm_terms("attention_norm", arch, x.tok_sp)
-    terms += [Term("qkv_in", x.tok_in * h, act, wgrad=True),
+    terms += [Term("qkv_in", arch.casts(3) * x.tok_in * h, act, wgrad=True),
               Term("q", x.tok * x.q_dim, act), Term("k", x.tok * x.kv_dim, act),
               Term("v", x.tok * x.kv_dim, act)]
     terms += _attention_core(arch, x, s, b, cp)
@@ -180,7 +196,8 @@ def layer_terms(
         terms.append(Term("mlp_in", x.tok_sp * h, act, wgrad=True))
         terms += _moe_terms(arch, x.tok_sp, x.tok, t, etp)
     else:
-        terms.append(Term("mlp_in", x.tok_in * h, act, wgrad=True))
+        linears = 2 if arch.mlp == "swiglu" else 1
+        terms.append(Term("mlp_in", arch.casts(linears) * x.tok_in * h, act, wgrad=True))
         terms += _mlp_terms("", arch.mlp, x.tok, arch.ffn // t, act)
     if arch.dropout:
         terms.append(Term("mlp_dropout_mask", x.tok_sp * h, 1))
@@ -217,7 +234,7 @@ def selective_terms(
     """
     act, h = arch.act_bytes, arch.hidden
     x = _Shape.of(arch, s, b, t, sp, cp)
-    terms = [Term("attention_norm_in", x.tok_sp * h, act),
+    terms = [Term("attention_norm_in", x.tok_sp * h, arch.residual_bytes),
              Term("q_proj", x.tok * x.q_dim, act), Term("k_proj", x.tok * x.kv_dim, act),
              Term("v", x.tok * x.kv_dim, act),
              _attention_output(arch, x, "attn_core_out" if cp > 1 else "attn_out")]
@@ -254,7 +271,7 @@ def layer_activation_bytes(
     Full recompute keeps the layer input; selective, :func:`selective_terms`.
     """
     if recompute == "full":
-        layer_input = (s // cp * b // (t if sp else 1)) * arch.hidden * arch.act_bytes
+        layer_input = (s // cp * b // (t if sp else 1)) * arch.hidden * arch.residual_bytes
         return layer_input + (AUX_LOSS.nbytes if arch.experts else 0)
     terms = (selective_terms if recompute == "selective" else layer_terms)(
         arch, s, b, t, sp, cp, etp)

@@ -111,12 +111,12 @@ def zero_bytes_per_param(stage: int, dp: int, k: int = 12) -> float:
     return 4 + k - sharded + sharded / dp
 
 
-def _archs(key: tuple, act_bytes: int, flash: bool, fused_norm: bool,
-           ring: bool) -> tuple[Arch, Arch]:
+def _archs(key: tuple, act_bytes: int, flash: bool, fused_norm: bool, ring: bool,
+           autocast: bool) -> tuple[Arch, Arch]:
     """The (dense layer, MoE layer) archs of ``orch.models.llama`` for a model key."""
     _, h, _, heads, kv, hd, ffn, experts, top_k, fe, shared, _, _ = key
     dense = Arch(hidden=h, heads=heads, kv_heads=kv, head_dim=hd, ffn=ffn, fused_norm=fused_norm,
-                 flash=flash, act_bytes=act_bytes, ring=ring)
+                 flash=flash, act_bytes=act_bytes, ring=ring, autocast=autocast)
     moe = replace(dense, experts=experts, top_k=top_k, expert_ffn=fe, shared_ffn=shared * fe)
     return dense, moe
 
@@ -141,10 +141,19 @@ class _Activations:
 @lru_cache(maxsize=1024)
 def _activations(
     key: tuple, act: int, flash: bool, fused_norm: bool, s: int, b: int, t: int, sp: bool,
-    cp: int, etp: int, recompute: Recompute, ring: bool,
+    cp: int, ep: int, etp: int, recompute: Recompute, ring: bool, autocast: bool,
 ) -> _Activations:
-    dense, moe = _archs(key, act, flash, fused_norm, ring)
+    dense, moe = _archs(key, act, flash, fused_norm, ring, autocast)
     vocab, h, hd = key[0], key[1], key[5]
+    pc = _param_counts(key)
+    # Under autocast each matmul keeps the 16-bit copy of its weight it was cast to, from its
+    # forward to its backward: per micro-batch (autocast caches casts within one forward only),
+    # but not where recompute casts them again in the backward; the head is never recomputed.
+    copies = act if autocast and recompute == "none" else 0
+    dense_copies = copies * (pc.attention + pc.mlp) // t
+    moe_copies = copies * ((pc.attention + pc.shared_expert) // t + pc.router
+                           + pc.experts // (ep * etp))
+    head_copy = act * -(-vocab // t) * h if autocast else 0
     tok = s // cp * b
     tok_sp = tok // t if sp else tok
     logits = tok * -(-vocab // t) * 4
@@ -153,6 +162,7 @@ def _activations(
     last = norm_terms("final_norm", dense, tok_sp) + [
         Term("head_in", tok * h, act, wgrad=True),  # gathered under sequence parallelism
         Term("log_probs", tok * -(-vocab // t), 4),  # the fp32 loss keeps log-softmax
+        Term("head_weight_copy", head_copy, 1),
     ]
     def recomputed(arch: Arch, terms: list[Term]) -> int:
         if recompute == "selective":
@@ -160,13 +170,15 @@ def _activations(
         return sum(x.nbytes for x in terms) if recompute == "full" else 0
 
     return _Activations(
-        dense=layer_activation_bytes(dense, s, b, t, sp, cp, etp, recompute),
-        moe=layer_activation_bytes(moe, s, b, t, sp, cp, etp, recompute) if moe.experts else 0,
+        dense=layer_activation_bytes(dense, s, b, t, sp, cp, etp, recompute) + dense_copies,
+        moe=(layer_activation_bytes(moe, s, b, t, sp, cp, etp, recompute) + moe_copies
+             if moe.experts else 0),
         dense_wgrad=sum(x.nbytes for x in dense_terms if x.wgrad),
         moe_wgrad=sum(x.nbytes for x in moe_terms if x.wgrad),
         dense_recomputed=recomputed(dense, dense_terms),
         moe_recomputed=recomputed(moe, moe_terms) if moe.experts else 0,
-        every_stage=2 * (s // cp) * hd * act,  # RoPE cos/sin tables, made once per forward
+        # RoPE cos/sin tables, made once per forward in the residual stream's dtype
+        every_stage=2 * (s // cp) * hd * dense.residual_bytes,
         first_stage=tok * 8,  # the embedding keeps the int64 token ids
         last_stage=sum(x.nbytes for x in last),
         logits_buffer=logits,
@@ -269,6 +281,19 @@ def _ring(cfg: Config, deg: Degrees) -> bool:
     return deg.cp > 1 and cfg.parallel.cp_kind == "ring"
 
 
+def _autocast(cfg: Config, deg: Degrees) -> bool:
+    """Whether 16-bit compute runs under autocast over float32 weights: no FSDP wraps the
+    blocks (``orch.runtime.parallelize``: no data or context parallelism, or DDP's pure
+    replication without a pipeline or folded experts) and none are offloaded (the offload
+    engine fetches 16-bit copies)."""
+    if cfg.train.precision != "bf16" or cfg.offload.params != "device":
+        return False
+    folded = cfg.model.is_moe and deg.experts_folded
+    wrapped = deg.dp * deg.cp > 1 or (folded and deg.edp > 1)
+    ddp = deg.fsdp == 1 and not folded and deg.pp == 1
+    return not wrapped or ddp
+
+
 def recomputed_layer_bytes(cfg: Config, deg: Degrees) -> tuple[int, int]:
     """Bytes of saved tensors one (dense, MoE) layer makes again in its backward under
     ``train.recompute``, per rank and micro-batch (0 without recompute): the cost model reckons
@@ -276,7 +301,7 @@ def recomputed_layer_bytes(cfg: Config, deg: Degrees) -> tuple[int, int]:
     tr = cfg.train
     acts = _activations(_model_key(cfg.model), 2 if tr.precision == "bf16" else 4, True, True,
                         tr.seq_len, tr.micro_batch, deg.tp, deg.sequence_parallel, deg.cp,
-                        deg.etp, tr.recompute, _ring(cfg, deg))
+                        deg.ep, deg.etp, tr.recompute, _ring(cfg, deg), _autocast(cfg, deg))
     return acts.dense_recomputed, acts.moe_recomputed
 
 
@@ -305,7 +330,8 @@ def estimate_memory(
     act_bytes = 2 if tr.precision == "bf16" else 4
     tp, etp = deg.tp, deg.etp
     acts = _activations(key, act_bytes, flash, fused_norm, tr.seq_len, tr.micro_batch, tp,
-                        deg.sequence_parallel, deg.cp, etp, tr.recompute, _ring(cfg, deg))
+                        deg.sequence_parallel, deg.cp, deg.ep, etp, tr.recompute, _ring(cfg, deg),
+                        _autocast(cfg, deg))
     n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
     uneven = cfg.parallel.stage_layers
     chunk_layers = tuple(uneven) if deg.pp > 1 and len(uneven) == deg.pp * deg.virtual_stages \
@@ -320,7 +346,8 @@ def estimate_memory(
     moe_layer = pc.attention // tp + pc.norms + pc.router + pc.shared_expert // tp
     experts = pc.experts // (deg.ep * etp)
     fsdp, eshard = deg.fsdp, deg.expert_shard
-    gathers = fsdp > 1 or (pc.moe_layers > 0 and eshard > 1) or act_bytes == 2
+    autocast = _autocast(cfg, deg)  # its weight casts are counted with the activations
+    gathers = fsdp > 1 or (pc.moe_layers > 0 and eshard > 1) or (act_bytes == 2 and not autocast)
     wgrad = cfg.parallel.pp_schedule.startswith("2bp")
     tiers = (off.params, off.grads, off.optimizer, off.activations)
     # the largest single parameter: an MLP matrix, the (tp-split) embedding, or an expert stack
@@ -350,6 +377,8 @@ def estimate_memory(
         buffers = (gathers and tiers[0] == "device") * (2 * unit + layer) * act_bytes \
             + last * acts.logits_buffer
         buffers += max(nd and acts.dense_recomputed, nm and acts.moe_recomputed)
+        if autocast and tr.recompute != "none":  # a recomputed layer casts its weights again
+            buffers += layer * act_bytes
 
         unit_bytes = PARAM_BYTES * -(-unit // fsdp)
         params, grads = PARAM_BYTES * n, GRAD_BYTES * n

@@ -11,6 +11,9 @@ Offloaded training in bf16 fetches bf16 device copies of its float32 homes (``of
 the engine's own numbers are tests/offload/test_engine.py's): its accounted device peak is half
 the float32 run's and a staging buffer, where before it was the same (float32 copies, cast again
 by autocast outside the engine's accounting).
+
+One process casts by autocast and runs its backward outside it: a recomputed block recomputes
+under the forward's autocast (it recomputed in float32 and failed).
 """
 
 from __future__ import annotations
@@ -55,3 +58,15 @@ def test_offload_in_bf16_fetches_bf16_copies(tmp_path):
         peak, peak32 = b["offload"]["device_peak_bytes"], a["offload"]["device_peak_bytes"]
         # half, and the float32 staging of the conversions (the largest matrix: 0.7 MB)
         assert 0.5 < peak / peak32 < 0.7, (peak, peak32)
+
+
+def test_one_process_under_autocast_recomputes_as_it_computed(tmp_path):
+    """One process (no FSDP: autocast casts) runs its backward outside autocast: with either
+    recompute the workers failed on the first backward (the block recomputed in float32). Now
+    the losses and gradient norms equal the run without recompute (the same bf16 forward)."""
+    plain = _run(1, tmp_path / "none", "run.log_interval=1")
+    for mode in ("selective", "full"):
+        again = _run(1, tmp_path / mode, "run.log_interval=1", f"train.recompute={mode}")
+        assert len(again) == len(plain) == 3
+        for a, b in zip(plain, again, strict=True):
+            assert b["loss"] == a["loss"] and b["grad_norm"] == a["grad_norm"], (mode, a["step"])

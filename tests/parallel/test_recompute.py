@@ -33,6 +33,27 @@ def test_recompute_gives_the_same_loss_and_gradients(mode):
         torch.testing.assert_close(grads_b[name], grad, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_under_autocast_with_the_backward_outside_it(mode):
+    """The trainer runs one process's (or DDP's) bf16 forward under autocast and its backward
+    outside it: the recompute ran in float32 and failed ("expected m1 and m2 to have the same
+    dtype", SDPA's "query, key, and value to have the same dtype"). It recomputes under the
+    forward's autocast, to the same gradients as no recompute."""
+    cfg = load_config("configs/tiny.yaml").model
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for recompute in ("none", mode):
+        model = Transformer(cfg)
+        apply_recompute(model, recompute)
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                          tokens[:, 1:].flatten()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
+
+
 def test_every_block_is_checkpointed():
     model = Transformer(load_config("configs/tiny.yaml").model)
     apply_recompute(model, "full")
