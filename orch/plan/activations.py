@@ -70,8 +70,9 @@ class Term:
 
     ``tag`` "core" marks the attention ``s^2`` tensors that Korthikanti's selective recompute
     drops; "minor" marks what Korthikanti et al. neglect (per-token statistics, indices).
-    ``wgrad`` marks inputs of linear layers, which a deferred weight-gradient step (2BP) still
-    reads.
+    ``wgrad`` marks inputs of ``nn.Linear`` layers, which a deferred weight-gradient step (2BP,
+    ``orch.parallel.pipeline.weight_grads``) still reads; the experts' grouped GEMMs compute
+    their weight gradients at once.
     """
 
     name: str
@@ -101,12 +102,16 @@ def norm_terms(name: str, arch: Arch, tokens: int) -> list[Term]:
     return terms
 
 
-def _mlp_terms(prefix: str, kind: str, tokens: int, hidden: int, act: int) -> list[Term]:
+def _mlp_terms(prefix: str, kind: str, tokens: int, hidden: int, act: int,
+               linear: bool = True) -> list[Term]:
+    """An MLP's saved tensors; ``linear``: of ``nn.Linear`` layers (whose down projection's
+    input a deferred weight-gradient step reads), not the experts' grouped GEMMs."""
     n = tokens * hidden
     if kind == "gelu":
-        return [Term(f"{prefix}gelu_in", n, act), Term(f"{prefix}gelu_out", n, act, wgrad=True)]
+        return [Term(f"{prefix}gelu_in", n, act),
+                Term(f"{prefix}gelu_out", n, act, wgrad=linear)]
     return [Term(f"{prefix}gate", n, act), Term(f"{prefix}silu_out", n, act),
-            Term(f"{prefix}up", n, act), Term(f"{prefix}down_in", n, act, wgrad=True)]
+            Term(f"{prefix}up", n, act), Term(f"{prefix}down_in", n, act, wgrad=linear)]
 
 
 def _moe_terms(arch: Arch, tokens: int, gathered: int, t: int, etp: int) -> list[Term]:
@@ -129,8 +134,8 @@ def _moe_terms(arch: Arch, tokens: int, gathered: int, t: int, etp: int) -> list
              Term("expert_index", 3 * copies, 8, "minor"),
              Term("load_fraction", arch.experts, 4, "minor"),
              AUX_LOSS,
-             Term("expert_in", routed * h, act, wgrad=True)]
-    terms += _mlp_terms("expert_", "swiglu", routed, arch.expert_ffn // etp, act)
+             Term("expert_in", routed * h, act)]
+    terms += _mlp_terms("expert_", "swiglu", routed, arch.expert_ffn // etp, act, linear=False)
     # back on the rank that routed them (expert tensor parallelism's partial sums added),
     # weighted by the float32 router weights: in float32
     terms += [Term("expert_weight", copies, 4, "minor"),
@@ -235,31 +240,50 @@ def selective_terms(
     act, h = arch.act_bytes, arch.hidden
     x = _Shape.of(arch, s, b, t, sp, cp)
     terms = [Term("attention_norm_in", x.tok_sp * h, arch.residual_bytes),
-             Term("q_proj", x.tok * x.q_dim, act), Term("k_proj", x.tok * x.kv_dim, act),
-             Term("v", x.tok * x.kv_dim, act),
              _attention_output(arch, x, "attn_core_out" if cp > 1 else "attn_out")]
     if arch.flash:
         terms += _attention_core(arch, x, s, b, cp)
     else:  # the scores matmul's output; the softmax is recomputed from it
         terms.append(Term("scores", b * x.heads * (s // cp) * s, act, "core"))
-    terms.append(Term("attn_proj_out", x.tok * h, act))
+    terms += _linear_outputs(arch, x, t)
+    if arch.experts:
+        routed = x.tok_sp * arch.top_k * etp
+        terms += [AUX_LOSS,
+                  Term("expert_gate", routed * arch.expert_ffn // etp, act),
+                  Term("expert_up", routed * arch.expert_ffn // etp, act),
+                  # a partial sum under expert tensor parallelism; returned as ``expert_out``
+                  Term("expert_down_out", routed * h, act)]
+    return terms
+
+
+def _linear_outputs(arch: Arch, x: _Shape, t: int) -> list[Term]:
+    """The outputs of a layer's ``nn.Linear`` layers (a row-parallel one's before its
+    reduction): what selective recompute keeps of them, and the shapes of the output gradients
+    a deferred weight-gradient step holds."""
+    act, h = arch.act_bytes, arch.hidden
+    terms = [Term("q_proj", x.tok * x.q_dim, act), Term("k_proj", x.tok * x.kv_dim, act),
+             Term("v", x.tok * x.kv_dim, act), Term("attn_proj_out", x.tok * h, act)]
     if not arch.experts:
         hidden = arch.ffn // t
         up = [Term("up", x.tok * hidden, act)] if arch.mlp == "swiglu" else []
         return terms + [Term("gate" if up else "gelu_in", x.tok * hidden, act), *up,
                         Term("down_out", x.tok * h, act)]
-    routed = x.tok_sp * arch.top_k * etp
-    terms += [Term("router_logits", x.tok_sp * arch.experts, act),
-              AUX_LOSS,
-              Term("expert_gate", routed * arch.expert_ffn // etp, act),
-              Term("expert_up", routed * arch.expert_ffn // etp, act),
-              # a partial sum under expert tensor parallelism; returned as ``expert_out``
-              Term("expert_down_out", routed * h, act)]
+    terms.append(Term("router_logits", x.tok_sp * arch.experts, act))
     if arch.shared_ffn:
         hidden = arch.shared_ffn // t
         terms += [Term("shared_gate", x.tok * hidden, act), Term("shared_up", x.tok * hidden, act),
                   Term("shared_down_out", x.tok * h, act)]
     return terms
+
+
+def deferred_weight_grad_bytes(
+    arch: Arch, s: int, b: int, t: int = 1, sp: bool = False, cp: int = 1, etp: int = 1
+) -> int:
+    """Bytes a layer's deferred weight-gradient step holds between the input-gradient pass and
+    itself, per rank and micro-batch: every ``nn.Linear``'s input and output gradient."""
+    inputs = sum(x.nbytes for x in layer_terms(arch, s, b, t, sp, cp, etp) if x.wgrad)
+    outputs = _linear_outputs(arch, _Shape.of(arch, s, b, t, sp, cp), t)
+    return inputs + sum(x.nbytes for x in outputs)
 
 
 def layer_activation_bytes(

@@ -21,6 +21,7 @@ from orch.plan.activations import (
     Arch,
     Recompute,
     Term,
+    deferred_weight_grad_bytes,
     layer_activation_bytes,
     layer_terms,
     norm_terms,
@@ -173,8 +174,8 @@ def _activations(
         dense=layer_activation_bytes(dense, s, b, t, sp, cp, etp, recompute) + dense_copies,
         moe=(layer_activation_bytes(moe, s, b, t, sp, cp, etp, recompute) + moe_copies
              if moe.experts else 0),
-        dense_wgrad=sum(x.nbytes for x in dense_terms if x.wgrad),
-        moe_wgrad=sum(x.nbytes for x in moe_terms if x.wgrad),
+        dense_wgrad=deferred_weight_grad_bytes(dense, s, b, t, sp, cp, etp),
+        moe_wgrad=deferred_weight_grad_bytes(moe, s, b, t, sp, cp, etp) if moe.experts else 0,
         dense_recomputed=recomputed(dense, dense_terms),
         moe_recomputed=recomputed(moe, moe_terms) if moe.experts else 0,
         # RoPE cos/sin tables, made once per forward in the residual stream's dtype
@@ -318,11 +319,11 @@ def estimate_memory(
     Approximations: FSDP keeps unsharded compute-dtype copies of the largest unit's parameters
     and gradients plus one prefetched layer (none when nothing is sharded and compute is fp32);
     recompute adds what one recomputed layer holds as a buffer; 2BP schedules keep one
-    extra micro-batch of every layer's linear inputs for the deferred weight gradients, and
-    ZB-H1 keeps 1F1B's peak (its point). Offloaded optimizer states are split over
-    ``dp_replicate`` replicas (``orch.offload.partition``), and with ``offload.shard_params`` the
-    parameters and gradients at home too (``orch.offload.param_shards``). Per-parameter FSDP
-    padding is ignored.
+    extra micro-batch of every layer's linear inputs and output gradients for the deferred
+    weight gradients, and ZB-H1 keeps 1F1B's peak (its point). Offloaded optimizer states are
+    split over ``dp_replicate`` replicas (``orch.offload.partition``), and with
+    ``offload.shard_params`` the parameters and gradients at home too
+    (``orch.offload.param_shards``). Per-parameter FSDP padding is ignored.
     """
     m, tr, off = cfg.model, cfg.train, cfg.offload
     key = _model_key(m)

@@ -19,6 +19,7 @@ from orch.launch.launcher import prepare
 from orch.models.llama import Transformer
 from orch.parallel.context_parallel import apply_context_parallel, local_positions
 from orch.parallel.expert_parallel import apply_expert_parallel, build_expert_mesh
+from orch.parallel.pipeline.weight_grads import WeightGradStore, defer_linear_weight_grads
 from orch.parallel.recompute import apply_recompute
 from orch.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
 from orch.plan.activations import (
@@ -379,6 +380,31 @@ def test_parameter_bytes_match_the_runtime_sharding(tmp_path):
         for rank in range(4):
             measured, planned = results[(rank, key)]
             assert planned == measured, (sets, rank)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_deferred_weight_gradients_hold_what_the_plan_counts(name):
+    """2BP's deferred W holds every ``nn.Linear``'s input and output gradient from the
+    input-gradient pass to itself (``orch.parallel.pipeline.weight_grads``); the plan counted
+    the inputs only, and the experts' too, whose gradients come in the input-gradient pass."""
+    cfg = load_config(f"configs/{name}.yaml", ["train.precision=fp32"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    for block in model.layers.values():
+        defer_linear_weight_grads(block)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.train.seq_len))
+    loss = F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+    store = WeightGradStore()
+    with store.collect():
+        loss.backward()
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for _, _, inputs, grad in store._pending for t in (inputs, grad)}
+    per_layer = sum(held.values()) / cfg.model.layers
+    cfg.parallel.pp_schedule = "1f1b"
+    fused = estimate_memory(cfg, Degrees(pp=2), flash=True, fused_norm=False).activations
+    cfg.parallel.pp_schedule = "2bp-1f1b"
+    split = estimate_memory(cfg, Degrees(pp=2), flash=True, fused_norm=False).activations
+    assert (split - fused) / (cfg.model.layers // 2) == per_layer
 
 
 def test_uneven_stage_layers_are_priced_per_stage():
