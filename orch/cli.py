@@ -83,6 +83,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orch.plan.render import render_plan, render_search
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.cluster and args.device is not None:  # mixed the device's compute with the links'
+        raise PlanError([Problem("--device", f"{args.device} is set, but cluster {cfg.cluster} "
+                                 "names each node's device (and its links follow them)",
+                                 "leave --device out, or edit the cluster description's "
+                                 "device (or its device_overrides)")], title="bad arguments")
     if not args.auto:
         if args.top is not None:  # was ignored
             raise PlanError([Problem("--top", f"{args.top}: lists the plans --auto finds",
@@ -335,7 +340,7 @@ def _add_cluster_probe_parser(actions: argparse._SubParsersAction) -> None:
 def cmd_cluster_probe(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from orch.cluster.probe import probe, report, write_measurements
+    from orch.cluster.probe import probe, probe_problems, report, write_measurements
     from orch.launch.nodes import check_node, this_node
     from orch.plan.cluster import load_cluster
 
@@ -347,6 +352,7 @@ def cmd_cluster_probe(args: argparse.Namespace) -> int:
     node = this_node(cluster, args.node_name, problems)
     if node is not None:
         check_node(cluster, node, len(cluster.nodes), node.devices, problems)
+    problems += probe_problems(cluster, args.cluster)
     if problems:
         raise PlanError(problems, title="cannot probe")
     assert node is not None

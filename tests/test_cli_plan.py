@@ -129,6 +129,11 @@ def test_a_cluster_takes_no_gpus_per_node_and_names_its_file_once(capsys, tmp_pa
                  "cluster=configs/clusters/dgx-h100-4node.yaml", "--gpus-per-node", "4"]) == 2
     assert ("--gpus-per-node: 4 is set, but cluster configs/clusters/dgx-h100-4node.yaml lists "
             "each node's devices") in capsys.readouterr().err
+    # --device was mixed in: A100 compute priced over the H100 nodes' NVLink
+    assert main(["plan", "configs/llama3-8b.yaml", "--set",
+                 "cluster=configs/clusters/dgx-h100-4node.yaml", "--device", "a100"]) == 2
+    assert ("--device: a100 is set, but cluster configs/clusters/dgx-h100-4node.yaml names each "
+            "node's device") in capsys.readouterr().err
     broken = tmp_path / "c.yaml"
     broken.write_text("device: h100\nnodes:\n  - {name: a, devices: 0}\n")
     assert main(["plan", "configs/llama3-8b.yaml", "--set", f"cluster={broken}"]) == 2

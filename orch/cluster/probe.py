@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from orch.errors import Problem
 from orch.plan.cluster import ClusterSpec, NodeSpec
 from orch.plan.topology import Topology
 
@@ -61,6 +62,24 @@ def members(cluster: ClusterSpec) -> dict[str, list[int]]:
         for network in sorted({nic.network for nic in node.nics}):
             out.setdefault(network, []).append(index)
     return {net: nodes for net, nodes in sorted(out.items()) if len(nodes) > 1}
+
+
+def probe_problems(cluster: ClusterSpec, path: str) -> list[Problem]:
+    """The probe gathers every network's figures over one network all nodes share: without
+    one it cannot start (a node with no NIC, which ``orch cluster detect`` leaves so when it
+    cannot tell a link's speed, or nodes on separate networks)."""
+    if len(cluster.nodes) < 2:
+        return []
+    link = Topology.from_cluster(cluster).network_link(range(len(cluster.nodes)))
+    if link.kind != "unreachable":
+        return []
+    bare = [node.name for node in cluster.nodes if not node.nics]
+    why = (f"node(s) {', '.join(bare)} list no NIC" if bare else
+           "the nodes share no network")
+    return [Problem(path, f"{why}: the probe measures over a network every node is attached to",
+                    "list each node's NICs with the network they are on (orch cluster detect "
+                    "leaves out an interface whose speed it cannot read: add it by hand with its "
+                    "speed), with at least one network common to all nodes")]
 
 
 def _interface(node: NodeSpec, network: str) -> str:

@@ -206,6 +206,10 @@ def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple
         if device is None:
             report(f"{path}.device", "no device type for this node",
                    "set 'device:' at the top of the file or on this node")
+        names = [nic.name for nic in entry.nics]
+        for twice in sorted({n for n in names if names.count(n) > 1}):  # doubled its bandwidth
+            report(f"{path}.nics", f"NIC name {twice!r} is listed {names.count(twice)} times",
+                   "list each NIC once (its bandwidth_gbps is the port's)")
         if entry.gpus and len(entry.gpus) != entry.devices:
             report(f"{path}.gpus", f"{len(entry.gpus)} listed, but devices: {entry.devices}",
                    "list one GPU per device, or correct 'devices:'")

@@ -50,3 +50,26 @@ def test_a_description_that_would_not_load_is_not_written(tmp_path):
     with pytest.raises(ClusterError, match="so it was not written"):
         replace_checked(path, {"nodes": [{"name": "x", "devices": 0}]})
     assert path.read_text() == "kept\n" and not list(tmp_path.glob("*.part"))
+
+
+@pytest.mark.parametrize("nics, said", [
+    ("[]", "node(s) vm list no NIC"),  # as orch cluster detect writes an unreadable speed
+    ("[{name: eth1, type: ethernet, bandwidth_gbps: 10, network: other}]",
+     "the nodes share no network"),
+])
+def test_a_description_the_probe_cannot_run_over_is_refused(tmp_path, capsys, nics, said):
+    """It was a StopIteration traceback (looking for this node's NIC on the shared network)."""
+    from orch.cli import main
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(f"""nodes:
+  - {{name: vm, device: cpu, devices: 1, nics: {nics}}}
+  - name: peer
+    device: cpu
+    devices: 1
+    nics: [{{name: eth0, type: ethernet, bandwidth_gbps: 10, network: lan}}]
+""")
+    assert main(["cluster", "probe", str(path), "--master-addr", "127.0.0.1", "--master-port",
+                 "29779", "--node-name", "vm"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: {said}: the probe measures over a network every node is attached to" in err

@@ -177,6 +177,9 @@ BAD = [
     (("nodes", 1, "count"), 2, "nodes[1].name", ["'eth0'", "count: 2"], ['"eth0{i}"']),
     (("nodes", 1, "count"), -2, "nodes[1].count", ["-2"], ["integer"]),
     (("nodes", 1, "name"), "ib0", "nodes[1].name", ["'ib0'", "used twice"], ["distinct"]),
+    # the same NIC twice doubled the node's bandwidth (and NCCL_IB_HCA listed it twice)
+    (("nodes", 0, "nics", 1, "name"), "ib0", "nodes[0].nics",
+     ["NIC name 'ib0' is listed 2 times"], ["list each NIC once"]),
     (("nodes", 0, "nics"), "mlx5_0", "nodes[0].nics", ["'mlx5_0'", "expected a list"],
      ["name, type, bandwidth_gbps"]),
     (("nodes", 0, "nics", 0), 400, "nodes[0].nics[0]", ["400", "key: value pairs"],
