@@ -545,8 +545,10 @@ def _check_8bit_resharding(cfg: Config, plan: Plan, path: Path,
 
 def launch(argv: Sequence[str]) -> int:
     """Validate, then run torchrun in this process; 0 when every worker succeeded."""
+    from torch.distributed import DistStoreError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_min_max_nnodes, run
 
     args, cfg, plan = prepare(argv)
@@ -571,6 +573,8 @@ def launch(argv: Sequence[str]) -> int:
             print(f"orch launch: node {args.node_rank} of {nodes} waits at {endpoint} for the "
                   "others (the same command on each node with its --node-rank); torchrun gives "
                   "up after its rendezvous timeout", flush=True)
+            if (warning := rendezvous_host_warning(args)) is not None:
+                print(warning, flush=True)
         while True:
             before = read_rebalance(run_dir)
             ooms = oom_kills()
@@ -579,6 +583,8 @@ def launch(argv: Sequence[str]) -> int:
                 break
             except SignalException as exc:  # torchrun has ended the workers; no traceback
                 raise RunStopped(exc.sigval.name, int(exc.sigval)) from None
+            except (RendezvousError, DistStoreError) as exc:  # ~230 lines of traceback before
+                raise RunFailed(_rendezvous_failure(args, exc)) from None
             except ChildFailedError as exc:
                 if not _repartitioned(exc, before, run_dir):
                     oom_rose = ooms is not None and (oom_kills() or 0) > ooms
@@ -625,6 +631,48 @@ def _node_name(args: argparse.Namespace) -> str:
     """This machine's name in reports: its node in the cluster description, else the host."""
     extra = worker_parser().parse_known_args(args.training_script_args)[0]
     return extra.node_name or os.environ.get(NODE_ENV) or socket.gethostname()
+
+
+def rendezvous_host_warning(args: argparse.Namespace) -> str | None:
+    """Under torchrun's static rendezvous node 0 hosts it at ``--master-addr``: a node 0 for
+    which that is another machine's address waited in silence (nodes given swapped ranks, or
+    two nodes both rank 0), so it is said. Only node 0 can tell: a node on the same host as
+    node 0 may rightly be another rank."""
+    if args.rdzv_endpoint or args.rdzv_backend != "static" or args.node_rank != 0:
+        return None
+    if _is_this_machine(args.master_addr):
+        return None
+    return (f"orch launch: warning: --node-rank 0 hosts the rendezvous, but --master-addr "
+            f"{args.master_addr} is not an address of this machine: the other nodes will look "
+            "for node 0 there (give node 0 its own address as --master-addr on every node, or "
+            "--node-rank 0 to the machine that has it)")
+
+
+def _is_this_machine(host: str) -> bool:
+    """Whether ``host`` resolves to an address of this machine (one a socket can bind)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address, 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def _rendezvous_failure(args: argparse.Namespace, exc: Exception) -> str:
+    """One line for a rendezvous that could not form: where it was, torchrun's reason (its
+    first line), and what to check."""
+    endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return (f"the nodes could not meet at {endpoint} ({type(exc).__name__}: {reason}); fix: "
+            "check that the address is node 0's, reachable from this node, that its launcher "
+            "runs, and that every node has the same --nnodes and its own --node-rank")
 
 
 def _repartitioned(exc: Exception, before: dict | None, run_dir: Path) -> bool:

@@ -54,9 +54,17 @@ def cluster_placement(cluster: str, plan: Plan, node: str | None, backend: str
 def place_rank(plan: Plan, node: str) -> int:
     """Set ``RANK`` to the plan's rank of this worker on ``node`` (before the default process
     group is made) and return it."""
-    rank = plan.place_of(node).first_rank + int(os.environ["LOCAL_RANK"])
+    rank = planned_rank(plan, node)
     os.environ["RANK"] = str(rank)
     return rank
+
+
+def planned_rank(plan: Plan, node: str | None) -> int:
+    """This worker's rank in ``plan``: on ``node`` of a cluster description, its place there
+    (the plan orders nodes by their networks, not by torchrun's node ranks), else torchrun's."""
+    if not node or not plan.placement:
+        return int(os.environ.get("RANK", "0"))
+    return plan.place_of(node).first_rank + int(os.environ["LOCAL_RANK"])
 
 
 def interface_chooser(cluster: ClusterSpec, plan: Plan, node: str
@@ -105,4 +113,5 @@ def pin_gloo_groups(choose: Callable[[list[int]], str | None]) -> Iterator[None]
         c10d._new_process_group_helper = original
 
 
-__all__ = ["cluster_placement", "interface_chooser", "pin_gloo_groups", "place_rank"]
+__all__ = ["cluster_placement", "interface_chooser", "pin_gloo_groups", "place_rank",
+           "planned_rank"]

@@ -37,7 +37,7 @@ from orch.models.llama import Transformer
 from orch.models.weights import SeededInit, Unfilled, WeightSource
 from orch.offload.engine import offload_transformer
 from orch.offload.host_memory import return_large_frees
-from orch.parallel.interfaces import cluster_placement
+from orch.parallel.interfaces import cluster_placement, planned_rank
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, Repartition
 from orch.plan import Plan
 from orch.plan.layout import dense_layout
@@ -86,9 +86,11 @@ def run(argv: Sequence[str]) -> None:
     args = parser.parse_args(list(argv))
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    log_to_file(cfg.run.dir, int(os.environ.get("RANK", "0")), world)
-    device = _device()
     plan = launch_plan(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    # the plan's rank, not torchrun's: a cluster description may place this node elsewhere
+    # (its log and terminal were rank 1's on the node holding rank 0, which showed no steps)
+    log_to_file(cfg.run.dir, planned_rank(plan, os.environ.get(NODE_ENV)), world)
+    device = _device()
     if problems := unsupported_features(cfg, world):  # the launcher says so first
         raise PlanError(problems, title="cannot run")
     with cluster_placement(cfg.cluster or "", plan, os.environ.get(NODE_ENV), backend()):

@@ -16,7 +16,7 @@ import yaml
 from orch.errors import PlanError
 from orch.launch.launcher import prepare
 from orch.launch.nodes import check_node, node_settings
-from orch.parallel.interfaces import interface_chooser, pin_gloo_groups, place_rank
+from orch.parallel.interfaces import interface_chooser, pin_gloo_groups, place_rank, planned_rank
 from orch.plan.cluster import load_cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +106,12 @@ def test_each_backend_gets_the_settings_for_its_node(monkeypatch):
 def test_workers_take_the_plans_rank_and_each_group_its_networks_interface(monkeypatch):
     cluster, plan = load_cluster(MIXED), _mixed_plan()
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert place_rank(plan, "roce-b1") == 43
+    monkeypatch.setenv("RANK", "3")  # torchrun's: this node joined first
+    # the worker's log and terminal take the plan's rank before any group is made (they were
+    # torchrun's: the node holding rank 0 logged as another rank and showed no steps)
+    assert planned_rank(plan, "roce-b1") == 43 and os.environ["RANK"] == "3"
+    assert planned_rank(plan, None) == 3
+    assert place_rank(plan, "roce-b1") == 43 and os.environ["RANK"] == "43"
     choose = interface_chooser(cluster, plan, "ib-a1")
     assert choose([8, 9]) is None  # inside the node
     assert choose([0, 8]) == "ib0"  # an FSDP group of two InfiniBand nodes: their fabric
@@ -137,3 +142,36 @@ def test_gloo_groups_are_made_on_the_chosen_interface(tmp_path, monkeypatch):
         dist.destroy_process_group()
     assert seen == [loopback, None]
     assert c10d._new_process_group_helper.__name__ == "_new_process_group_helper"
+
+
+@pytest.mark.parametrize("argv, warned", [
+    (["--node-rank", "0", "--master-addr", "10.9.9.9"], True),  # another machine's address
+    (["--node-rank", "0", "--master-addr", "127.0.0.1"], False),
+    (["--node-rank", "1", "--master-addr", "10.9.9.9"], False),  # only node 0 can tell
+    (["--rdzv-backend", "c10d", "--rdzv-endpoint", "10.9.9.9:29500"], False),
+])
+def test_node_0_whose_master_address_is_elsewhere_is_warned(argv, warned):
+    """Swapped node ranks, or two nodes both given rank 0, waited in silence for minutes."""
+    from orch.launch.launcher import launch_parser, rendezvous_host_warning
+
+    args = launch_parser().parse_args(["--nnodes", "2", *argv, "configs/tiny.yaml"])
+    warning = rendezvous_host_warning(args)
+    assert (warning is not None) == warned
+    if warned:
+        assert "--master-addr 10.9.9.9 is not an address of this machine" in warning
+
+
+def test_a_rendezvous_that_cannot_form_is_one_line():
+    """An unreachable c10d endpoint ended in some 230 lines of Python and C++ traceback."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+    from orch.launch.launcher import _rendezvous_failure, launch_parser
+
+    args = launch_parser().parse_args(["--nnodes", "2", "--rdzv-backend", "c10d",
+                                       "--rdzv-endpoint", "10.9.9.9:29500", "configs/tiny.yaml"])
+    exc = RendezvousConnectionError("The connection to the C10d store has failed.\nmore")
+    message = _rendezvous_failure(args, exc)
+    assert message.startswith("the nodes could not meet at 10.9.9.9:29500 "
+                              "(RendezvousConnectionError: The connection to the C10d store has "
+                              "failed.); fix: check that the address is node 0's")
+    assert "\n" not in message
