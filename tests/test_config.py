@@ -257,7 +257,9 @@ MOE = ["model.experts=4"]
         (["offload.prefetch_depth=-1"], "offload.prefetch_depth: must be 0 or more"),
         (["offload.io_threads=0"], "offload.io_threads: must be at least 1"),
         (["run.log_interval=0"], "run.log_interval: must be at least 1"),
-    (["run.stop_at_step=501"], "run.stop_at_step: 501 is not between 0 and train.steps=500"),
+        (["run.stop_at_step=501"], "run.stop_at_step: 501 is not between 0 and train.steps=500"),
+        (["run.comm_timeout_s=0.5"], "run.comm_timeout_s: 0.5 is neither 0 (torch's timeouts) nor"),
+        (["run.comm_timeout_s=1e6"], "run.comm_timeout_s: 1e+06 is neither 0"),
         (["checkpoint.keep_last=-1"], "checkpoint.keep_last: must be 0 or more"),
     ],
 )

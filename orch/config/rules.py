@@ -345,6 +345,13 @@ def check_config(cfg: Config) -> list[Problem]:
         f"{cfg.run.stop_at_step} is not between 0 and train.steps={t.steps}",
         "use 0 to train to train.steps",
     )
+    need(
+        cfg.run.comm_timeout_s == 0 or 1 <= cfg.run.comm_timeout_s <= 86_400,
+        "run.comm_timeout_s",
+        f"{cfg.run.comm_timeout_s:g} is neither 0 (torch's timeouts) nor 1 to 86,400 seconds",
+        "use 0, or a few minutes (e.g. 300): long enough for a checkpoint save, which the other "
+        "ranks wait for",
+    )
     prof = cfg.run.profile
     need(
         prof.start == 0 or (1 <= prof.start and prof.steps >= 1

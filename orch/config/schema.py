@@ -272,6 +272,12 @@ class RunConfig:
     tensorboard: bool = field(
         default=False, metadata=_help("also write the metrics as TensorBoard events (RUN_DIR/tb)")
     )
+    comm_timeout_s: float = field(
+        default=0.0,
+        metadata=_help("seconds a collective waits for the other ranks, from the second step on, "
+                       "before the run stops (a node lost without a connection reset: a "
+                       "partition, a power loss); 0 = torch's (30 min gloo, 10 min NCCL)"),
+    )
 
 
 @dataclass

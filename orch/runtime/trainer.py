@@ -37,6 +37,7 @@ from orch.parallel.data_parallel import set_gradient_sync
 from orch.parallel.pipeline.timeline import exposed_transfers, measured_timeline, write_timeline
 from orch.parallel.tensor_parallel import vocab_parallel_loss
 from orch.plan import Plan
+from orch.runtime.comm_timeout import set_comm_timeout
 from orch.runtime.data import BatchStream
 from orch.runtime.drills import maybe_fail
 from orch.runtime.metrics import MetricsLog, StepMetrics, memory_bytes
@@ -138,6 +139,8 @@ class Trainer:
             done = _Step(step, lr, loss, aux_loss, grad_norm, loads,
                          self.ledger.take() if self.ledger else {})
             profiler.after(step)
+            if step == start_step + 1:  # after compiles and first loads (orch.runtime.comm_timeout)
+                set_comm_timeout(self.cfg.run.comm_timeout_s)
             self.finish_saves()
             if step % self.cfg.run.log_interval == 0 or step == last:
                 self._log(done, time.perf_counter() - start)
