@@ -246,7 +246,9 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     """Read a cluster description YAML file."""
     path = Path(path)
     if not path.is_file():
-        raise ClusterError([Problem(str(path), "cluster description not found",
+        where = "" if path.is_absolute() else f" (a relative path is from the current " \
+            f"directory: {path.absolute()})"
+        raise ClusterError([Problem(str(path), f"cluster description not found{where}",
                                     "check the path, e.g. configs/clusters/dgx-h100-4node.yaml")])
     data, locs, problems = parse_yaml_text(path.read_text(), str(path))
     if problems:

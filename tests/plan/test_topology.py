@@ -280,9 +280,13 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "invalid cluster description (3 problems)" in str(info.value)
 
 
-def test_missing_and_malformed_files(tmp_path: Path) -> None:
+def test_missing_and_malformed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ClusterError, match="not found"):
         load_cluster(tmp_path / "nope.yaml")
+    monkeypatch.chdir(tmp_path)  # a config's relative cluster: is from where orch runs
+    with pytest.raises(ClusterError, match="a relative path is from the current directory: "
+                       + str(tmp_path / "clusters" / "x.yaml")):
+        load_cluster("clusters/x.yaml")
     path = tmp_path / "broken.yaml"
     path.write_text("nodes: [\n")
     with pytest.raises(ClusterError, match="malformed YAML"):
