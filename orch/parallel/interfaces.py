@@ -22,13 +22,18 @@ placement and the per-node environment apply.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
+import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from orch.errors import PlanError, Problem
 from orch.plan.cluster import ClusterSpec, load_cluster
 from orch.plan.plan import Plan
 from orch.plan.topology import Topology
@@ -38,17 +43,65 @@ from orch.plan.topology import Topology
 def cluster_placement(cluster: str, plan: Plan, node: str | None, backend: str
                       ) -> Iterator[None]:
     """Around making the process groups and training: this worker's rank placed on ``node``
-    of the description ``cluster`` (the launcher's ``ORCH_NODE``), and on gloo its groups
-    pinned to their networks' interfaces; nothing without a node or a placement."""
+    of the description ``cluster`` (the launcher's ``ORCH_NODE``) once every worker agrees on
+    the placement, and on gloo its groups pinned to their networks' interfaces; nothing without
+    a node or a placement."""
     if not node or not plan.placement:
         yield
         return
+    description = load_cluster(cluster)
+    agree_on_placement(plan, node, description, int(os.environ.get("WORLD_SIZE", "1")))
     place_rank(plan, node)
     if backend != "gloo":
         yield
         return
-    with pin_gloo_groups(interface_chooser(load_cluster(cluster), plan, node)):
+    with pin_gloo_groups(interface_chooser(description, plan, node)):
         yield
+
+
+def agree_on_placement(plan: Plan, node: str, cluster: ClusterSpec, world: int,
+                       timeout: timedelta = timedelta(minutes=5)) -> None:
+    """Before any process group: every worker publishes, through torchrun's store, its node,
+    the plan rank it takes there and a digest of its cluster description, and all check them.
+    Nodes holding differently ordered (or otherwise different) descriptions each took ranks of
+    their own reading: two took rank 0, and the process group waited in silence for a rank
+    nobody had. Only under torchrun's agent store (which every worker reaches before any group
+    exists); a problem raised on every worker names the nodes."""
+    if world == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"orch/placement/attempt-{attempt}", dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+        timeout=timeout))
+    digest = hashlib.sha256(repr(cluster.nodes).encode()).hexdigest()[:12]
+    claim = {"node": node, "rank": planned_rank(plan, node), "digest": digest}
+    store.set(f"claim/{os.environ['RANK']}", json.dumps(claim))
+    keys = [f"claim/{rank}" for rank in range(world)]
+    store.wait(keys, timeout)
+    problems = placement_problems([json.loads(store.get(key)) for key in keys], cluster.source)
+    if problems:
+        raise PlanError(problems, title="cannot run")
+
+
+def placement_problems(claims: list[dict[str, Any]], source: str) -> list[Problem]:
+    """What the workers' claims (node, plan rank, description digest) disagree on."""
+    digests: dict[str, list[str]] = {}
+    for claim in claims:
+        nodes = digests.setdefault(claim["digest"], [])
+        if claim["node"] not in nodes:
+            nodes.append(claim["node"])
+    if len(digests) > 1:
+        readings = "; ".join(f"{', '.join(nodes)}: {digest}" for digest, nodes in digests.items())
+        return [Problem("cluster", f"the nodes hold different descriptions ({readings}), so "
+                        "each placed the ranks its own way", f"give every node the same file "
+                        f"{source} (the same nodes in the same order)")]
+    taken: dict[int, list[str]] = {}
+    for claim in claims:
+        taken.setdefault(claim["rank"], []).append(claim["node"])
+    twice = {rank: nodes for rank, nodes in taken.items() if len(nodes) > 1}
+    return [Problem("cluster", f"rank {rank} is taken on nodes {', '.join(nodes)}",
+                    "give each node its own --node-name (or ORCH_NODE)")
+            for rank, nodes in sorted(twice.items())]
 
 
 def place_rank(plan: Plan, node: str) -> int:
@@ -113,5 +166,5 @@ def pin_gloo_groups(choose: Callable[[list[int]], str | None]) -> Iterator[None]
         c10d._new_process_group_helper = original
 
 
-__all__ = ["cluster_placement", "interface_chooser", "pin_gloo_groups", "place_rank",
-           "planned_rank"]
+__all__ = ["agree_on_placement", "cluster_placement", "interface_chooser", "pin_gloo_groups",
+           "place_rank", "placement_problems", "planned_rank"]

@@ -175,3 +175,50 @@ def test_a_rendezvous_that_cannot_form_is_one_line():
                               "(RendezvousConnectionError: The connection to the C10d store has "
                               "failed.); fix: check that the address is node 0's")
     assert "\n" not in message
+
+
+def test_workers_that_placed_the_ranks_differently_are_told_apart():
+    """Nodes given the description with its nodes in another order each took the plan rank of
+    their own reading: both took rank 0, and the process group waited in silence."""
+    from orch.parallel.interfaces import placement_problems
+
+    same = [{"node": "a", "rank": 0, "digest": "d1"}, {"node": "b", "rank": 1, "digest": "d1"}]
+    assert placement_problems(same, "c.yaml") == []
+    reordered = [{"node": "a", "rank": 0, "digest": "d1"}, {"node": "b", "rank": 0, "digest": "d2"}]
+    (problem,) = placement_problems(reordered, "c.yaml")
+    assert problem.message.startswith("the nodes hold different descriptions (a: d1; b: d2)")
+    assert "give every node the same file c.yaml" in problem.fix
+    doubled = [{"node": "a", "rank": 0, "digest": "d1"}, {"node": "a", "rank": 0, "digest": "d1"}]
+    (problem,) = placement_problems(doubled, "c.yaml")
+    assert problem.message == "rank 0 is taken on nodes a, a"
+
+
+def test_placement_is_agreed_through_torchruns_store(monkeypatch):
+    """Two workers of two nodes, one store: each sees the other's claim."""
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from orch.parallel.interfaces import agree_on_placement
+
+    cluster, plan = load_cluster(MIXED), _mixed_plan()
+    server = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    other = dist.PrefixStore("orch/placement/attempt-0", server)  # the other node's worker
+    other.set("claim/1", json.dumps({"node": "ib-a0", "rank": 0, "digest": "elsewhere"}))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(PlanError, match="the nodes hold different descriptions"):
+        agree_on_placement(plan, "ib-a1", cluster, 2, timedelta(seconds=10))
+    import hashlib
+
+    from orch.parallel.interfaces import planned_rank
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the next attempt: agreeing claims
+    digest = hashlib.sha256(repr(cluster.nodes).encode()).hexdigest()[:12]
+    claim = {"node": "ib-a0", "rank": planned_rank(plan, "ib-a0"), "digest": digest}
+    dist.PrefixStore("orch/placement/attempt-1", server).set("claim/1", json.dumps(claim))
+    agree_on_placement(plan, "ib-a1", cluster, 2, timedelta(seconds=10))
