@@ -162,11 +162,13 @@ def _collective(size: float, n: int, link: Link) -> float:
 
 
 def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
-                       device: DeviceSpec) -> StepTime:
+                       device: DeviceSpec, stage_load: float = 1.0) -> StepTime:
     """Seconds per optimizer step of ``cfg`` laid out as ``deg`` over ``links``.
 
     ``links`` maps each group dimension of ``orch.plan.layout`` to its link (from
-    ``Topology.links``); only dimensions of size above one are read.
+    ``Topology.links``); only dimensions of size above one are read. ``stage_load`` scales the
+    compute to the slowest pipeline rank's (uneven layers, or devices of different speeds),
+    against an even split at ``device``'s speed.
     """
     m, t = cfg.model, cfg.train
     pc = param_counts(m)
@@ -179,7 +181,7 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
             * gemm_efficiency(rank_tokens, m.dim, deg.tp, device))
     tokens = t.global_batch * seq
     full = t.recompute == "full"
-    compute = (fpt + full * fpt / 3) * tokens / deg.world / rate
+    compute = stage_load * (fpt + full * fpt / 3) * tokens / deg.world / rate
     micro = max(1.0, t.global_batch / (t.micro_batch * deg.dp))
     layers, moe_layers = m.layers / deg.pp, pc.moe_layers / deg.pp
     if t.recompute == "selective":

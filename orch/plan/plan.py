@@ -14,6 +14,8 @@ from typing import Any
 
 from orch.config.schema import Config
 from orch.errors import PlanError, Problem
+from orch.parallel.schedules.actions import rank_stages
+from orch.parallel.schedules.generators import placement_of
 from orch.plan.cost import StepTime, estimate_step_time
 from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
@@ -216,7 +218,8 @@ def evaluate(
             cfg.parallel, stage_layers=list(stage_layers)))
         memory = None
     memory = memory if memory is not None else estimate_memory(cfg, deg)
-    step = estimate_step_time(cfg, deg, links, machine.device)
+    step = estimate_step_time(cfg, deg, links, machine.device,
+                              stage_load=_stage_load(cfg, deg, machine, stage_layers))
     limit = memory_limit(cfg, machine)
     t = cfg.train
     return Plan(
@@ -243,6 +246,23 @@ def evaluate(
         links=links,
         placement=machine.places(),
     )
+
+
+def _stage_load(cfg: Config, deg: Degrees, machine: Machine,
+                stage_layers: tuple[int, ...]) -> float:
+    """The slowest pipeline rank's compute (its layers over its speed) over an even split's
+    at the slowest device, what the cost model assumes: a 31/1 split costs about twice an even
+    one, a split in proportion to mixed devices' speeds less than all at the slowest's."""
+    if deg.pp == 1:
+        return 1.0
+    speeds = (stage_speeds(machine.topology, deg) if machine.cluster is not None
+              else [1.0] * deg.pp)
+    placement = placement_of(cfg.parallel.pp_schedule)
+    times = [sum(stage_layers[chunk] for chunk in rank_stages(rank, deg.pp, deg.virtual_stages,
+                                                              placement)) / speeds[rank]
+             for rank in range(deg.pp)]
+    even = cfg.model.layers / deg.pp / min(speeds)
+    return max(times) / even
 
 
 def _stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> tuple[int, ...]:

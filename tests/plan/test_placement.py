@@ -128,3 +128,30 @@ def test_the_search_counts_degrees_whose_groups_cannot_reach_each_other(tmp_path
     result = search(cfg, machine)
     assert result.best == [] and result.unconnected > 0
     assert "share no network" in render_search(result, 16, "h100-sxm-80gb")
+
+
+def _mixed_devices(tmp_path: Path) -> Path:
+    """An H100 node and an A100 node on one InfiniBand network."""
+    nic = "[{name: mlx5_0, type: ib, bandwidth_gbps: 400, network: ib}]"
+    path = tmp_path / "mixdev.yaml"
+    path.write_text(f"nodes:\n  - {{name: h, device: h100, devices: 8, nics: {nic}}}\n"
+                    f"  - {{name: a, device: a100, devices: 8, nics: {nic}}}\n")
+    return path
+
+
+def test_the_slowest_pipeline_stage_sets_the_step(tmp_path) -> None:
+    """Every split was priced as an even one at the slowest device: 31/1 as fast as 16/16, and
+    the split in proportion to mixed devices' speeds no faster than all on the A100s."""
+    def step(cluster: str | None, *sets: str) -> float:
+        cfg = load_config("configs/llama3-8b.yaml", ["parallel.tp=8", "parallel.pp=2", *sets,
+                                                      *([f"cluster={cluster}"] if cluster else [])])
+        return build_plan(cfg, None if cluster else 16, None, None).step.compute_s
+
+    even = step(None)
+    assert step(None, "parallel.stage_layers=[31,1]") == pytest.approx(even * 31 / 16)
+    assert step(None, "parallel.stage_layers=[1,31]") == pytest.approx(even * 31 / 16)
+    mixed = str(_mixed_devices(tmp_path))
+    slowest = step(mixed, "parallel.stage_layers=[16,16]")  # the A100 stage's 16 layers
+    by_speed = step(mixed)  # 23/9 by the devices' speeds
+    assert by_speed < 0.7 * slowest
+    assert step(mixed, "parallel.stage_layers=[9,23]") > slowest  # the slow node holds more
