@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from orch.parallel.schedules.generators import placement_of
 from orch.plan.degrees import Degrees
 from orch.plan.plan import Plan
@@ -28,6 +30,9 @@ def rate(n: float) -> str:
 def render_plan(plan: Plan) -> str:
     d = plan.degrees
     nodes = f"{plan.nodes} node{'s' if plan.nodes != 1 else ''} x {plan.gpus_per_node}"
+    sizes = Counter(place.ranks for place in plan.placement)
+    if len(sizes) > 1:  # nodes of different sizes (the gcd said "2 nodes x 4" for 8 + 4)
+        nodes = f"{plan.nodes} nodes: " + " + ".join(f"{n} x {size}" for size, n in sizes.items())
     lines = [f"plan for {plan.model} on {plan.world_size} x {plan.device} ({nodes})", ""]
     rows = [
         (

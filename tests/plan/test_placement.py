@@ -155,3 +155,17 @@ def test_the_slowest_pipeline_stage_sets_the_step(tmp_path) -> None:
     by_speed = step(mixed)  # 23/9 by the devices' speeds
     assert by_speed < 0.7 * slowest
     assert step(mixed, "parallel.stage_layers=[9,23]") > slowest  # the slow node holds more
+
+
+def test_the_header_counts_nodes_of_different_sizes(tmp_path) -> None:
+    """An 8-device and a 4-device node were "2 nodes x 4" (their greatest common divisor)."""
+    from orch.plan.render import render_plan
+
+    nic = "[{name: mlx5_0, type: ib, bandwidth_gbps: 400, network: ib}]"
+    path = tmp_path / "sizes.yaml"
+    path.write_text(f"device: h100\nnodes:\n  - {{name: big, devices: 8, nics: {nic}}}\n"
+                    f"  - {{name: small, devices: 4, nics: {nic}}}\n")
+    cfg = load_config("configs/tiny.yaml", [f"cluster={path}", "train.global_batch=96",
+                                            "train.micro_batch=1"])
+    header = render_plan(build_plan(cfg, None, None, None)).splitlines()[0]
+    assert header == "plan for tiny on 12 x h100-sxm-80gb (2 nodes: 1 x 8 + 1 x 4)"
