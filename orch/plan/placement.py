@@ -102,18 +102,23 @@ def mixed_groups(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
 
 
 def nic_notes(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
-              comm_s: dict[str, float], links: dict[str, Link]) -> tuple[str, ...]:
+              comm_s: dict[str, float], links: dict[str, Link],
+              only_listed: bool = False) -> tuple[str, ...]:
     """For each heavy group dimension (:data:`KEPT_INSIDE_NIC_TYPE`) that communicates and has
     a group spanning NIC types under this placement: which rule was relaxed, over which link
-    it runs, and its estimated seconds per step."""
+    it runs, and its estimated seconds per step (``only_listed``: only the description's node
+    order was tried)."""
     notes = []
     heavy = [dim for dim in KEPT_INSIDE_NIC_TYPE if dim in comm_s]
     for dim, (count, total, types) in mixed_groups(deg, topology, places, heavy).items():
         link = links[dim]
         notes.append(
             f"{KEPT_INSIDE_NIC_TYPE[dim]} groups span NIC types {' + '.join(types)} ({count} "
-            f"of {total}; rule relaxed: no node order tried keeps them "
-            f"inside one with these degrees); the slowest runs over "
+            f"of {total}; rule relaxed: "
+            + ("the listed node order (parallel.node_order: listed) does not keep them inside one"
+               if only_listed else
+               "no node order tried keeps them inside one with these degrees")
+            + "); the slowest runs over "
             f"{link.nic or 'the default network'} at {link.bandwidth / 1e9:.1f} GB/s per device, "
             f"estimated {comm_s[dim]:.3f} s per step; a pipeline degree whose stages match the "
             "NIC groups keeps them apart")

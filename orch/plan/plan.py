@@ -316,7 +316,7 @@ def with_notes(plan: Plan, machine: Machine) -> Plan:
         return plan
     return dataclasses.replace(plan, notes=nic_notes(plan.degrees, machine.topology,
                                                      plan.placement, plan.step.comm_s,
-                                                     plan.links))
+                                                     plan.links, machine.only_listed))
 
 
 def build_plan(

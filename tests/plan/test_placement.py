@@ -70,6 +70,12 @@ def test_degrees_that_cannot_respect_nic_boundaries_get_a_note_with_the_cost() -
     assert note.startswith("data-parallel (FSDP) groups span NIC types ethernet + ib + roce")
     assert "rule relaxed" in note and "over ethernet at 1.6 GB/s per device" in note
     assert f"estimated {plan.step.comm_s['dp_shard-cp']:.3f} s per step" in note
+    assert "no node order tried keeps them inside one" in note
+    # only the description's order tried: the note says so (it said no order tried kept them,
+    # where the default orders do)
+    (listed,) = mixed_plan("parallel.pp=4", "parallel.node_order=listed").notes
+    assert "the listed node order (parallel.node_order: listed) does not keep them" in listed
+    assert mixed_plan("parallel.pp=4").notes == ()
 
 
 def test_plan_json_lists_each_rank_with_its_node_and_nic(capsys) -> None:
