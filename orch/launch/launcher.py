@@ -569,10 +569,7 @@ def launch(argv: Sequence[str]) -> int:
             if note is not None:
                 print(note, flush=True)
         if (nodes := parse_min_max_nnodes(args.nnodes)[1]) > 1:  # else silent until all joined
-            endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
-            print(f"orch launch: node {args.node_rank} of {nodes} waits at {endpoint} for the "
-                  "others (the same command on each node with its --node-rank); torchrun gives "
-                  "up after its rendezvous timeout", flush=True)
+            print(waiting_line(args, nodes), flush=True)
             if (warning := rendezvous_host_warning(args)) is not None:
                 print(warning, flush=True)
         while True:
@@ -631,6 +628,19 @@ def _node_name(args: argparse.Namespace) -> str:
     """This machine's name in reports: its node in the cluster description, else the host."""
     extra = worker_parser().parse_known_args(args.training_script_args)[0]
     return extra.node_name or os.environ.get(NODE_ENV) or socket.gethostname()
+
+
+def waiting_line(args: argparse.Namespace, nodes: int) -> str:
+    """What a node says while it waits for the others (else silent until all joined)."""
+    endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
+    static = args.rdzv_backend == "static" and not args.rdzv_endpoint
+    # a dynamic rendezvous numbers the nodes as they join: this one has no rank yet (every node
+    # said "node 0")
+    who = (f"node {args.node_rank} of {nodes}" if static else
+           f"this node (one of {nodes}, numbered as they join)")
+    return (f"orch launch: {who} waits at {endpoint} for the others (the same command on each "
+            f"node{' with its --node-rank' if static else ''}); torchrun gives up after its "
+            "rendezvous timeout")
 
 
 def rendezvous_host_warning(args: argparse.Namespace) -> str | None:

@@ -222,3 +222,16 @@ def test_placement_is_agreed_through_torchruns_store(monkeypatch):
     claim = {"node": "ib-a0", "rank": planned_rank(plan, "ib-a0"), "digest": digest}
     dist.PrefixStore("orch/placement/attempt-1", server).set("claim/1", json.dumps(claim))
     agree_on_placement(plan, "ib-a1", cluster, 2, timedelta(seconds=10))
+
+
+def test_a_node_waiting_in_a_dynamic_rendezvous_claims_no_rank():
+    """Under c10d every node said "node 0 of 2 waits" (--node-rank's default)."""
+    from orch.launch.launcher import launch_parser, waiting_line
+
+    dynamic = launch_parser().parse_args(["--nnodes", "2", "--rdzv-backend", "c10d",
+                                          "--rdzv-endpoint", "head:29500", "configs/tiny.yaml"])
+    assert waiting_line(dynamic, 2).startswith("orch launch: this node (one of 2, numbered as "
+                                               "they join) waits at head:29500 for the others")
+    static = launch_parser().parse_args(["--nnodes", "2", "--node-rank", "1", "--master-addr",
+                                         "head", "configs/tiny.yaml"])
+    assert waiting_line(static, 2).startswith("orch launch: node 1 of 2 waits at head:")
