@@ -481,7 +481,7 @@ def _check_run_dir(run_dir: Path) -> list[Problem]:
 def _check_resume(cfg: Config, plan: Plan,
                   resume: str | None) -> tuple[list[Problem], Path | None]:
     """Refuse another config's checkpoints and verify the one to resume, loading nothing; the
-    checkpoint when it is already at ``train.steps`` (nothing to train)."""
+    checkpoint when it is already at ``train.steps`` and intact (nothing to train)."""
     from orch.runtime.checkpoint import CheckpointError, CheckpointManager
     from orch.runtime.checkpoint.manifest import read_manifest
 
@@ -503,8 +503,11 @@ def _check_resume(cfg: Config, plan: Plan,
                         f"set train.steps above {manifest.step} to train further; --resume PATH "
                         "for an earlier checkpoint, or --resume none to start over (the "
                         "checkpoints are moved aside, not deleted)")], None
+    # at train.steps: nothing to train, once every byte is as saved (a damaged one sends the
+    # workers back to an earlier checkpoint, which they hash and say)
+    finished = manifest.step == cfg.train.steps and not manager.verify(path)
     return (_check_8bit_resharding(cfg, plan, path, manifest.plan.get("degrees", {})),
-            path if manifest.step == cfg.train.steps else None)
+            path if finished else None)
 
 
 def _check_8bit_resharding(cfg: Config, plan: Plan, path: Path,
