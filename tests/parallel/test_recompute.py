@@ -13,20 +13,26 @@ from orch.models.llama import Transformer
 from orch.parallel.recompute import apply_recompute, recompute_once
 
 
+def _step(config: str, recompute: str, autocast: bool = False):
+    """One forward (under bf16 autocast, the backward outside it, as the trainer runs one
+    process) and backward of ``config``'s model: the loss, gradients and state-dict keys."""
+    cfg = load_config(config).model
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    model = Transformer(cfg)
+    apply_recompute(model, recompute)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                             tokens[:, 1:].flatten())
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return loss.detach(), grads, list(model.state_dict())
+
+
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_recompute_gives_the_same_loss_and_gradients(mode):
-    cfg = load_config("configs/tiny-moe.yaml").model
-    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    results = []
-    for recompute in ("none", mode):
-        model = Transformer(cfg)
-        apply_recompute(model, recompute)
-        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1),
-                                                 tokens[:, 1:].flatten())
-        loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters()}
-        results.append((loss.detach(), grads, list(model.state_dict())))
-    (loss_a, grads_a, keys_a), (loss_b, grads_b, keys_b) = results
+    (loss_a, grads_a, keys_a), (loss_b, grads_b, keys_b) = (
+        _step("configs/tiny-moe.yaml", recompute) for recompute in ("none", mode))
     assert keys_a == keys_b  # checkpoints stay interchangeable across recompute settings
     assert torch.equal(loss_a, loss_b)
     for name, grad in grads_a.items():
@@ -39,19 +45,10 @@ def test_recompute_under_autocast_with_the_backward_outside_it(mode):
     outside it: the recompute ran in float32 and failed ("expected m1 and m2 to have the same
     dtype", SDPA's "query, key, and value to have the same dtype"). It recomputes under the
     forward's autocast, to the same gradients as no recompute."""
-    cfg = load_config("configs/tiny.yaml").model
-    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    grads = []
-    for recompute in ("none", mode):
-        model = Transformer(cfg)
-        apply_recompute(model, recompute)
-        with torch.autocast("cpu", torch.bfloat16):
-            logits = model(tokens[:, :-1])
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                          tokens[:, 1:].flatten()).backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
+    (_, grads_a, _), (_, grads_b, _) = (_step("configs/tiny.yaml", recompute, autocast=True)
+                                        for recompute in ("none", mode))
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_every_block_is_checkpointed():
