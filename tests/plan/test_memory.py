@@ -112,9 +112,9 @@ def test_fsdp_and_tp_divide_parameter_bytes():
 
 
 def test_a_dense_model_under_tensor_parallelism_gathers_nothing_in_fp32():
-    """Nothing is sharded or cast: only the (vocabulary-split) logits buffer. The experts'
-    sharding of an MoE model counted here too, for a model without experts (8.8x the buffers
-    of the tiny model at tp2)."""
+    """Nothing is sharded or cast: only the (vocabulary-split) logits buffer. FSDP-style gather
+    buffers were counted for the experts' sharding (``Degrees.expert_shard``) of a model that
+    has no experts: 8.8x the buffers at tp2."""
     cfg = load_config("configs/tiny.yaml", ["train.precision=fp32"])
     one = estimate_memory(cfg, Degrees()).buffers
     for deg in (Degrees(tp=2), Degrees(tp=2, sequence_parallel=True)):
