@@ -6,8 +6,8 @@ activations, Megatron's sequence parallelism) the terms reproduce Korthikanti et
 (``korthikanti_layer_bytes`` is the paper's formula, for the tests); configured as orch's Llama
 they list what ``orch.models.llama`` keeps alive between forward and backward, without recompute
 (``layer_terms``) and under orch's op-level selective recompute (``selective_terms``), which the
-tests check against the bytes torch holds, on one process and under tensor parallelism. Pure
-arithmetic: the planner prices thousands of plans.
+tests check against the bytes torch holds, on one process and under tensor, context and expert
+parallelism, in fp32 and bf16. Pure arithmetic: the planner prices thousands of plans.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ Recompute = Literal["none", "selective", "full"]
 class Arch:
     """A decoder layer, as far as the tensors it saves for backward go.
 
-    ``fused_norm`` False is torch's composite RMSNorm (CPU builds), which also saves the
-    normalized input; CUDA's fused kernel saves only the input and the per-token statistics.
+    ``fused_norm`` False is torch's composite RMSNorm (CPU builds), which computes in float32
+    and also saves the normalized input; CUDA's fused kernel saves only the input and the
+    per-token statistics.
     ``flash`` attention keeps q, k, v, the output and the log-sum-exp (no ``s^2`` term; torch's
     CPU SDPA takes this path too); materialized attention keeps the softmax (and dropout) output.
     ``experts > 0`` replaces the MLP by orch's MoE feed-forward. ``saves_gathered``: under
