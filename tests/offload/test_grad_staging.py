@@ -70,8 +70,11 @@ def test_training_gathers_gradients_in_the_locked_buffers_and_writes_them_behind
     # first one the backward reaches were read ahead (the units between the embedding and the
     # head are each read while the unit after them runs)
     assert sum(ahead) >= len(engine.units) - 2, ahead
-    # the backward reads only the first unit it reaches (the optimizer's reads are its own)
-    assert readers.count("MainThread") == STEPS and "orch-grads-read_0" in readers, readers
+    # the backward reads the first unit it reaches itself (the optimizer's reads are its own),
+    # and any whose read ahead found no free buffer at the time (timing: one did, under load);
+    # most are read ahead
+    main = readers.count("MainThread")
+    assert STEPS <= main <= readers.count("orch-grads-read_0"), readers
     engine.close()
     assert sorted(unregistered) == sorted(registered)
 
