@@ -96,7 +96,7 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     moe = cfg.model.is_moe  # the same on every rank (collectives below depend on it)
     # Experts replicated over tensor-parallel ranks (ep < stage ranks) need the folded expert
     # mesh too: its edp ranks sum the gradients of the tokens each tp rank routed.
-    folded = d.ep * d.etp > 1 or (d.tp > 1 and moe)
+    folded = moe and d.experts_folded
     expert_mesh = build_expert_mesh(d, device.type) if folded else None
     _agree("mesh", "", mesh_problems(plan, mesh, expert_mesh))
 
