@@ -299,11 +299,18 @@ def recomputed_layer_bytes(cfg: Config, deg: Degrees) -> tuple[int, int]:
     """Bytes of saved tensors one (dense, MoE) layer makes again in its backward under
     ``train.recompute``, per rank and micro-batch (0 without recompute): the cost model reckons
     selective recompute's time from them (elementwise ops, bound by memory bandwidth)."""
-    tr = cfg.train
-    acts = _activations(_model_key(cfg.model), 2 if tr.precision == "bf16" else 4, True, True,
-                        tr.seq_len, tr.micro_batch, deg.tp, deg.sequence_parallel, deg.cp,
-                        deg.ep, deg.etp, tr.recompute, _ring(cfg, deg), _autocast(cfg, deg))
+    acts = _layer_activations(cfg, deg)
     return acts.dense_recomputed, acts.moe_recomputed
+
+
+def _layer_activations(cfg: Config, deg: Degrees, flash: bool = True,
+                       fused_norm: bool = True) -> _Activations:
+    """:func:`_activations` of ``cfg`` laid out as ``deg`` (its cached arithmetic)."""
+    tr = cfg.train
+    return _activations(_model_key(cfg.model), 2 if tr.precision == "bf16" else 4, flash,
+                        fused_norm, tr.seq_len, tr.micro_batch, deg.tp, deg.sequence_parallel,
+                        deg.cp, deg.ep, deg.etp, tr.recompute, _ring(cfg, deg),
+                        _autocast(cfg, deg))
 
 
 def estimate_memory(
@@ -330,9 +337,7 @@ def estimate_memory(
     pc = _param_counts(key)
     act_bytes = 2 if tr.precision == "bf16" else 4
     tp, etp = deg.tp, deg.etp
-    acts = _activations(key, act_bytes, flash, fused_norm, tr.seq_len, tr.micro_batch, tp,
-                        deg.sequence_parallel, deg.cp, deg.ep, etp, tr.recompute, _ring(cfg, deg),
-                        _autocast(cfg, deg))
+    acts = _layer_activations(cfg, deg, flash, fused_norm)
     n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
     uneven = cfg.parallel.stage_layers
     chunk_layers = tuple(uneven) if deg.pp > 1 and len(uneven) == deg.pp * deg.virtual_stages \
