@@ -146,8 +146,8 @@ def test_auto_with_no_valid_layout_names_the_rule(capsys):
     train.seq_len' where no data-parallel size divides the batch."""
     from orch.cli import main
 
-    assert main(["plan", "configs/llama3-70b.yaml", "--world-size", "7", "--auto"]) == 2
-    assert "train.global_batch: 2048 is not divisible by micro_batch x dp = 1 x 7" in (
+    assert main(["plan", "configs/tiny.yaml", "--world-size", "7", "--auto"]) == 2
+    assert "train.global_batch: 8 is not divisible by micro_batch x dp = 2 x 7" in (
         capsys.readouterr().err)
 
 

@@ -32,10 +32,11 @@ An analytic, per-rank model, cheap enough (microseconds) to price every candidat
 - **Pipeline**: activation and gradient sends per micro-batch (exposed, small), and a bubble of
   ``(pp - 1) / (micro-batches x v)`` of the per-rank critical work, scaled per schedule.
 
-FLOPs follow the PaLM / Megatron MFU convention (see ``flops_per_token``). Not modelled:
-embedding/head imbalance between pipeline stages, load imbalance between experts, contention of
-concurrent collectives for one NIC. Kernel efficiency falling at small per-rank matmuls is a
-heuristic (``gemm_efficiency``).
+FLOPs follow the PaLM / Megatron MFU convention (see ``flops_per_token``); a pipeline rank's share
+is its layers' FLOPs, and the output head's on the last stage (``layer_flops``, ``head_flops``). Not
+modelled: the embedding lookup and the loss (memory-bound, no matmul), load imbalance between
+experts, contention of concurrent collectives for one NIC. Kernel efficiency falling at small
+per-rank matmuls is a heuristic (``gemm_efficiency``).
 """
 
 from __future__ import annotations
@@ -87,15 +88,6 @@ NVME_BYTES_PER_S = 3e9
 transfers (``benchmarks/offload_io.py`` measures a machine's own)."""
 
 
-def matmul_weights(m: ModelConfig) -> int:
-    """Weights one token multiplies by: attention, dense MLP or top_k routed + shared experts,
-    the router, and the output head (the embedding lookup and the norms are not matmuls)."""
-    pc = param_counts(m)
-    one_expert = pc.experts // m.experts if m.experts else 0
-    return (m.layers * pc.attention + pc.dense_layers * pc.mlp + pc.embedding
-            + pc.moe_layers * (pc.router + pc.shared_expert + m.top_k * one_expert))
-
-
 def gemm_efficiency(tokens: float, hidden: int, tp: int, device: DeviceSpec) -> float:
     """Share of ``compute_efficiency`` reached by a rank's matmuls, ``x / (x + X0)``.
 
@@ -111,8 +103,25 @@ def gemm_efficiency(tokens: float, hidden: int, tp: int, device: DeviceSpec) -> 
     return size / (size + device.matmul_half_size)
 
 
+def layer_flops(m: ModelConfig, seq_len: int) -> tuple[float, ...]:
+    """Training FLOPs per token of each layer in order (``flops_per_token``'s convention): what
+    a pipeline stage's share of the compute is made of, dense and MoE layers differing."""
+    pc = param_counts(m)
+    attention = 12.0 * seq_len * m.heads * m.head_dim
+    one_expert = pc.experts // m.experts if m.experts else 0
+    dense = 6.0 * (pc.attention + pc.mlp) + attention
+    moe = 6.0 * (pc.attention + pc.router + pc.shared_expert + m.top_k * one_expert) + attention
+    return tuple(moe if m.is_moe_layer(i) else dense for i in range(m.layers))
+
+
+def head_flops(m: ModelConfig) -> float:
+    """Training FLOPs per token of the output head, which the last pipeline stage runs: for
+    Llama 3 8B (128K vocabulary) 1.8 layers' worth at 8K tokens."""
+    return 6.0 * param_counts(m).embedding
+
+
 def _flops(m: ModelConfig, seq_len: int) -> float:
-    return 6.0 * matmul_weights(m) + 12.0 * m.layers * seq_len * m.heads * m.head_dim
+    return sum(layer_flops(m, seq_len)) + head_flops(m)
 
 
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
@@ -317,4 +326,5 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
 
 
 __all__ = ["BUBBLE_SCALE", "CPU_ADAM_PARAMS_PER_S", "NVME_BYTES_PER_S", "OVERLAP", "StepTime",
-           "estimate_step_time", "flops_per_token", "gemm_efficiency", "matmul_weights"]
+           "estimate_step_time", "flops_per_token", "gemm_efficiency", "head_flops",
+           "layer_flops"]

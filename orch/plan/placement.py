@@ -16,8 +16,11 @@ rule could not be kept (a data-parallel or expert group spanning NIC types) and 
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from orch.plan.cluster import ClusterSpec
 from orch.plan.degrees import Degrees
@@ -162,6 +165,58 @@ def proportional_split(layers: int, speeds: Sequence[float]) -> list[int]:
     return shares
 
 
+@lru_cache(maxsize=256)
+def balanced_split(work: tuple[float, ...], speeds: tuple[float, ...]) -> tuple[int, ...]:
+    """Layers per stage: consecutive runs of ``work`` (each layer's, in order) over stages of
+    ``speeds``, at least one each, making the slowest stage's time (its work over its speed) the
+    least possible; of the splits that reach it, the one with the most even stage times (least
+    sum of squares: the rest of the pipeline waits less on any stage the estimate got wrong),
+    ties going to fewer layers on earlier stages, which hold more micro-batches in flight under
+    1F1B."""
+    n, k = len(work), len(speeds)
+    if n < k:
+        raise ValueError(f"{n} layers cannot fill {k} stages")
+    low, high = 0.0, sum(work) / min(speeds)  # high always fits, low never does
+    while (middle := (low + high) / 2) not in (low, high):
+        low, high = (middle, high) if not _fits(work, speeds, middle) else (low, middle)
+    limit = high * (1 + 1e-9)
+    prefix = list(itertools.accumulate(work, initial=0.0))
+    # best[s][j]: the least sum of squared times with layers [0, j) on stages 0..s, each
+    # within limit; start[s][j]: where stage s begins in it.
+    best = [[math.inf] * (n + 1) for _ in range(k)]
+    start = [[0] * (n + 1) for _ in range(k)]
+    for j in range(1, n - k + 2):
+        if (t := prefix[j] / speeds[0]) <= limit:
+            best[0][j] = t * t
+    for s in range(1, k):
+        for j in range(s + 1, n - k + s + 2):
+            for i in range(s, j):
+                t = (prefix[j] - prefix[i]) / speeds[s]
+                if t <= limit and (v := best[s - 1][i] + t * t) < best[s][j] * (1 - 1e-12):
+                    best[s][j], start[s][j] = v, i
+    split, end = [], n
+    for s in range(k - 1, 0, -1):
+        split.append(end - start[s][end])
+        end = start[s][end]
+    return (end, *reversed(split))
+
+
+def _fits(work: Sequence[float], speeds: Sequence[float], limit: float) -> bool:
+    """Whether every stage can finish its layers within ``limit``: each in turn takes as many
+    as it can while leaving one for each later stage (taking the most never hurts later)."""
+    begin = 0
+    for stage, speed in enumerate(speeds):
+        end, load = begin, 0.0
+        last = len(work) - (len(speeds) - 1 - stage)
+        while end < last and (load + work[end]) / speed <= limit:
+            load += work[end]
+            end += 1
+        if end == begin:
+            return False
+        begin = end
+    return begin == len(work)
+
+
 def _size(deg: Degrees, dim: str) -> int:
     size = 1
     for part in dim.split("-"):
@@ -169,6 +224,6 @@ def _size(deg: Degrees, dim: str) -> int:
     return size
 
 
-__all__ = ["KEPT_INSIDE_NIC_TYPE", "NodePlace", "candidate_orders", "fastest_nic",
-           "mixed_groups", "mixing", "nic_notes", "placement_of", "proportional_split",
-           "stage_speeds", "unreachable"]
+__all__ = ["KEPT_INSIDE_NIC_TYPE", "NodePlace", "balanced_split", "candidate_orders",
+           "fastest_nic", "mixed_groups", "mixing", "nic_notes", "placement_of",
+           "proportional_split", "stage_speeds", "unreachable"]

@@ -9,6 +9,8 @@ ranks they are large and the search evaluates thousands of plans without needing
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,16 +18,16 @@ from orch.config.schema import Config
 from orch.errors import PlanError, Problem
 from orch.parallel.schedules.actions import rank_stages
 from orch.parallel.schedules.generators import placement_of
-from orch.plan.cost import StepTime, estimate_step_time
+from orch.plan.cost import StepTime, estimate_step_time, head_flops, layer_flops
 from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
 from orch.plan.machine import Machine, resolve_machine
 from orch.plan.memory import MemoryEstimate, estimate_memory
 from orch.plan.placement import (
     NodePlace,
+    balanced_split,
     mixing,
     nic_notes,
-    proportional_split,
     stage_speeds,
     unreachable,
 )
@@ -208,16 +210,15 @@ def evaluate(
 ) -> Plan:
     """Price a set of degrees that already passed ``check_degrees``.
 
-    ``links`` and ``memory`` may be passed in when the caller (the search) already has them.
+    ``links`` and ``memory`` may be passed in when the caller (the search) already has them;
+    ``memory`` is of ``with_stage_layers(cfg, deg, machine)``.
     """
     links = links if links is not None else machine.links(deg)
+    planned = with_stage_layers(cfg, deg, machine)
+    if memory is None or planned is not cfg:  # a memory estimate of another split is no use
+        memory = estimate_memory(planned, deg)
+    cfg = planned
     stage_layers = _stage_layers(cfg, deg, machine)
-    if deg.pp > 1 and not cfg.parallel.stage_layers and len(set(stage_layers)) > 1:
-        # devices of different speeds: the memory model sees the uneven split
-        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
-            cfg.parallel, stage_layers=list(stage_layers)))
-        memory = None
-    memory = memory if memory is not None else estimate_memory(cfg, deg)
     step = estimate_step_time(cfg, deg, links, machine.device,
                               stage_load=_stage_load(cfg, deg, machine, stage_layers))
     limit = memory_limit(cfg, machine)
@@ -250,32 +251,77 @@ def evaluate(
 
 def _stage_load(cfg: Config, deg: Degrees, machine: Machine,
                 stage_layers: tuple[int, ...]) -> float:
-    """The slowest pipeline rank's compute (its layers over its speed) over an even split's
-    at the slowest device, what the cost model assumes: a 31/1 split costs about twice an even
-    one, a split in proportion to mixed devices' speeds less than all at the slowest's."""
+    """The slowest pipeline rank's compute (its layers' FLOPs, and the head's on the last stage,
+    over its speed) over an even share of the model's at the slowest device, what the cost
+    model assumes: a 31/1 split costs about twice an even one, a split in proportion to mixed
+    devices' speeds less than all at the slowest's, and an even split of Llama 3 8B over 4
+    stages 1.16x (the last stage's head is 1.8 layers' FLOPs at 8K tokens)."""
     if deg.pp == 1:
         return 1.0
-    speeds = (stage_speeds(machine.topology, deg) if machine.cluster is not None
-              else [1.0] * deg.pp)
+    speeds = _speeds(machine, deg)
+    work = _chunk_work(cfg, stage_layers)
     placement = placement_of(cfg.parallel.pp_schedule)
-    times = [sum(stage_layers[chunk] for chunk in rank_stages(rank, deg.pp, deg.virtual_stages,
-                                                              placement)) / speeds[rank]
+    times = [sum(work[chunk] for chunk in rank_stages(rank, deg.pp, deg.virtual_stages,
+                                                     placement)) / speeds[rank]
              for rank in range(deg.pp)]
-    even = cfg.model.layers / deg.pp / min(speeds)
+    even = sum(work) / deg.pp / min(speeds)
     return max(times) / even
 
 
+def _speeds(machine: Machine, deg: Degrees) -> list[float]:
+    """Each pipeline rank's relative speed: its slowest device on a cluster, else all equal."""
+    if machine.cluster is None:
+        return [1.0] * deg.pp
+    return stage_speeds(machine.topology, deg)
+
+
+def _layer_work(cfg: Config) -> list[float]:
+    """Each layer's training FLOPs per token, the output head's added to the last layer's."""
+    work = list(layer_flops(cfg.model, cfg.train.seq_len))
+    work[-1] += head_flops(cfg.model)
+    return work
+
+
+def _chunk_work(cfg: Config, stage_layers: tuple[int, ...]) -> list[float]:
+    """Each pipeline chunk's FLOPs per token, in chunk order."""
+    work, bounds = _layer_work(cfg), list(itertools.accumulate(stage_layers, initial=0))
+    return [sum(work[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+
+
+def with_stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> Config:
+    """``cfg`` with ``parallel.stage_layers`` set to the plan's split of a pipeline of one stage
+    per rank (what the memory model reads): the split by FLOPs, or the even one where only that
+    fits in memory (the split by FLOPs can give the first stage, which holds the most
+    micro-batches in flight, more layers); ``cfg`` itself when it holds a split already, has no
+    pipeline, or has virtual stages (an even split, which the memory model assumes)."""
+    if deg.pp == 1 or deg.virtual_stages > 1 or cfg.parallel.stage_layers:
+        return cfg
+    by_flops = _with_split(cfg, _stage_layers(cfg, deg, machine))
+    layers = cfg.model.layers
+    if layers % deg.pp or by_flops.parallel.stage_layers == [layers // deg.pp] * deg.pp:
+        return by_flops
+    limit = memory_limit(cfg, machine)
+    if estimate_memory(by_flops, deg).total <= limit or estimate_memory(cfg, deg).total > limit:
+        return by_flops
+    return _with_split(cfg, [layers // deg.pp] * deg.pp)
+
+
+def _with_split(cfg: Config, split: Sequence[int]) -> Config:
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel,
+                                                                 stage_layers=list(split)))
+
+
 def _stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> tuple[int, ...]:
-    """Layers per pipeline chunk: ``parallel.stage_layers`` when given; else in proportion to
-    each stage's device speed on a cluster whose stages differ (one stage per rank); else
-    even."""
+    """Layers per pipeline chunk: ``parallel.stage_layers`` when given; else, with one stage
+    per rank, the split that evens out each stage's FLOPs (the head's on the last stage) over
+    its device speed (:func:`balanced_split`: Llama 3 8B over 4 stages gets 8/8/9/7, what
+    Megatron-LM users set by hand with ``--decoder-last-pipeline-num-layers``); with virtual
+    stages an even split."""
     chunks = deg.pp * deg.virtual_stages
     if cfg.parallel.stage_layers and deg.pp > 1:
         return tuple(cfg.parallel.stage_layers)
-    if deg.pp > 1 and deg.virtual_stages == 1 and machine.cluster is not None:
-        speeds = stage_speeds(machine.topology, deg)
-        if len(set(speeds)) > 1:
-            return tuple(proportional_split(cfg.model.layers, speeds))
+    if deg.pp > 1 and deg.virtual_stages == 1:
+        return balanced_split(tuple(_layer_work(cfg)), tuple(_speeds(machine, deg)))
     return (cfg.model.layers // chunks,) * chunks
 
 

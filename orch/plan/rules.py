@@ -48,14 +48,21 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem
             f"{deg.virtual_stages}), each at least 1, adding up to model.layers={m.layers}",
             "give one layer count per pipeline stage, or leave it empty for an even split",
         )
-    else:
+    elif deg.virtual_stages > 1:
         need(
             m.layers % chunks == 0,
-            "parallel.pp",
+            "parallel.virtual_stages",
             f"model.layers={m.layers} is not divisible by pp x virtual_stages = {deg.pp} x "
             f"{deg.virtual_stages}",
             "pick pp and virtual_stages whose product divides layers, or set "
             "parallel.stage_layers",
+        )
+    else:  # the plan splits the layers by their FLOPs, evenly or not
+        need(
+            m.layers >= deg.pp,
+            "parallel.pp",
+            f"{deg.pp} pipeline stages for model.layers={m.layers}: each stage needs a layer",
+            f"pick a pp of at most {m.layers}",
         )
     need(
         deg.pp == 1 or not m.tie_embeddings,

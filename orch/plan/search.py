@@ -1,11 +1,11 @@
 """``orch plan --auto``: enumerate every valid plan for a machine and keep the fastest that fit.
 
-Candidates are generated valid by construction (tp inside a node and dividing the heads, pp
-dividing the layers, experts folding into a stage, batch divisible by micro-batch x dp) and are
-then checked by the same ``check_degrees`` that guards hand-written plans, so the two can never
-disagree. Each set of degrees is tried with several micro-batch sizes and recompute policies;
-the best of those represents the degrees in the ranking. Plans over memory are counted with
-the memory group that dominated them, so users learn why a machine is too small.
+Candidates are generated valid by construction (tp inside a node and dividing the heads, pp at most
+the layers and pp x virtual stages dividing them, experts folding into a stage, batch divisible by
+micro-batch x dp) and are then checked by the same ``check_degrees`` that guards hand-written plans,
+so the two can never disagree. Each set of degrees is tried with several micro-batch sizes and
+recompute policies; the best of those represents the degrees in the ranking. Plans over memory are
+counted with the memory group that dominated them, so users learn why a machine is too small.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from orch.plan.degrees import Degrees
 from orch.plan.machine import Machine
 from orch.plan.memory import MemoryEstimate, estimate_memory
 from orch.plan.placement import unreachable
-from orch.plan.plan import Plan, evaluate, memory_limit, placement_key, with_notes
+from orch.plan.plan import (
+    Plan,
+    evaluate,
+    memory_limit,
+    placement_key,
+    with_notes,
+    with_stage_layers,
+)
 from orch.plan.rules import check_degrees
 from orch.plan.topology import Link
 
@@ -76,7 +83,7 @@ def candidate_degrees(cfg: Config, machine: Machine) -> Iterator[Degrees]:
                 continue
             for pp in divisors(world // (tp * cp)):
                 v = virtual if pp > 1 else 1
-                if m.layers % (pp * v):
+                if m.layers < pp or (v > 1 and m.layers % (pp * v)):
                     continue
                 dp = world // (tp * cp * pp)
                 for dp_replicate in _replica_counts(dp, per_node // min(per_node, tp * cp)):
@@ -122,18 +129,20 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
     variants = {(mb, r): _with_train(cfg, micro_batch=mb, recompute=r)
                 for mb in MICRO_BATCHES for r in {cfg.train.recompute, *RECOMPUTE}}
     for deg in candidate_degrees(cfg, machine):
+        split = {key: with_stage_layers(variant, deg, machine)
+                 for key, variant in variants.items()}  # the memory model reads the split
         settings = [
-            variants[(mb, cfg.train.recompute)]
+            split[(mb, cfg.train.recompute)]
             for mb in MICRO_BATCHES
             if cfg.train.global_batch % (mb * deg.dp) == 0
-            and not check_degrees(variants[(mb, cfg.train.recompute)], deg,
+            and not check_degrees(split[(mb, cfg.train.recompute)], deg,
                                   machine.gpus_per_node)
         ]
         if not settings:
             continue
         # The smallest micro-batch with full recompute needs the least memory: when even that
         # does not fit, no setting of these degrees does.
-        leanest = estimate_memory(variants[(settings[0].train.micro_batch, "full")], deg)
+        leanest = estimate_memory(split[(settings[0].train.micro_batch, "full")], deg)
         if leanest.total > limit:
             count = len(settings) * len(RECOMPUTE)
             result.evaluated += count
@@ -148,7 +157,7 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
             # Recompute levels go from none to full: each needs less memory and more time, so
             # the first that fits is the only one worth pricing; the rest fit and are slower.
             for index, recompute in enumerate(RECOMPUTE):
-                trial = variants[(batch_cfg.train.micro_batch, recompute)]
+                trial = split[(batch_cfg.train.micro_batch, recompute)]
                 result.evaluated += 1
                 memory = estimate_memory(trial, deg)
                 if memory.total > limit:

@@ -11,6 +11,7 @@ from orch.config import load_config
 from orch.errors import PlanError
 from orch.plan import build_plan, evaluate, resolve_machine
 from orch.plan.cluster import cluster_from_dict, load_cluster
+from orch.plan.cost import head_flops, layer_flops
 from orch.plan.placement import candidate_orders, mixing
 from orch.plan.plan import config_degrees
 from orch.plan.topology import Topology
@@ -146,16 +147,22 @@ def _mixed_devices(tmp_path: Path) -> Path:
 
 
 def test_the_slowest_pipeline_stage_sets_the_step(tmp_path) -> None:
-    """Every split was priced as an even one at the slowest device: 31/1 as fast as 16/16, and
-    the split in proportion to mixed devices' speeds no faster than all on the A100s."""
+    """Every split was priced as an even one at the slowest device: 31/1 as fast as 16/16, the
+    split in proportion to mixed devices' speeds no faster than all on the A100s, and the last
+    stage's output head (about 1.8 layers of Llama 3 8B at 8K tokens) was free."""
     def step(cluster: str | None, *sets: str) -> float:
         cfg = load_config("configs/llama3-8b.yaml", ["parallel.tp=8", "parallel.pp=2", *sets,
                                                       *([f"cluster={cluster}"] if cluster else [])])
         return build_plan(cfg, None if cluster else 16, None, None).step.compute_s
 
-    even = step(None)
-    assert step(None, "parallel.stage_layers=[31,1]") == pytest.approx(even * 31 / 16)
-    assert step(None, "parallel.stage_layers=[1,31]") == pytest.approx(even * 31 / 16)
+    cfg = load_config("configs/llama3-8b.yaml")
+    layer, head = layer_flops(cfg.model, cfg.train.seq_len)[0], head_flops(cfg.model)
+    even = step(None, "parallel.stage_layers=[16,16]")  # its last stage: 16 layers and the head
+    assert step(None, "parallel.stage_layers=[31,1]") == pytest.approx(
+        even * 31 * layer / (16 * layer + head))
+    assert step(None, "parallel.stage_layers=[1,31]") == pytest.approx(
+        even * (31 * layer + head) / (16 * layer + head))
+    assert step(None) == pytest.approx(even * 17 * layer / (16 * layer + head))  # 17/15
     mixed = str(_mixed_devices(tmp_path))
     slowest = step(mixed, "parallel.stage_layers=[16,16]")  # the A100 stage's 16 layers
     by_speed = step(mixed)  # 23/9 by the devices' speeds

@@ -40,9 +40,9 @@ def plan_problems(config: Path, overrides: list[str], **machine) -> str:
         ),
         (
             TINY,
-            ["parallel.pp=3"],
-            {"world_size": 3},
-            "model.layers=4 is not divisible by pp x virtual_stages = 3 x 1",
+            ["parallel.pp=5"],
+            {"world_size": 5},
+            "5 pipeline stages for model.layers=4: each stage needs a layer",
         ),
         (
             TINY,
@@ -161,8 +161,8 @@ def test_cross_node_tp_can_be_forced():
 
 
 def test_all_problems_at_once():
-    text = plan_problems(TINY, ["parallel.tp=3", "parallel.pp=3"], world_size=9, gpus_per_node=9)
-    assert "tp=3" in text and "pp x virtual_stages = 3 x 1" in text and "(5 problems)" in text
+    text = plan_problems(TINY, ["parallel.tp=3", "parallel.pp=5"], world_size=15, gpus_per_node=15)
+    assert "tp=3" in text and "5 pipeline stages" in text and "(5 problems)" in text
 
 
 def test_world_size_from_fixed_degrees():
