@@ -172,8 +172,8 @@ class ParallelConfig:
     stage_layers: list[int] = field(
         default_factory=list,
         metadata=_help("layers of each pipeline stage, first to last (pp x virtual_stages "
-                       "numbers); empty = in proportion to each stage's device speed (even "
-                       "on alike devices)"),
+                       "numbers); empty = the plan's split, evening out each stage's FLOPs (the "
+                       "head's on the last) over its device speed"),
     )
     pp_rebalance_threshold: float = field(
         default=0.0,

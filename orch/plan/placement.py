@@ -151,20 +151,6 @@ def stage_speeds(topology: Topology, deg: Degrees) -> list[float]:
     return speeds
 
 
-def proportional_split(layers: int, speeds: Sequence[float]) -> list[int]:
-    """``layers`` shared in proportion to ``speeds``, each share at least one, by largest
-    remainder (ties to the earlier stage)."""
-    if layers < len(speeds):
-        raise ValueError(f"{layers} layers cannot fill {len(speeds)} stages")
-    total = sum(speeds)
-    exact = [(layers - len(speeds)) * s / total for s in speeds]
-    shares = [1 + int(x) for x in exact]
-    order = sorted(range(len(speeds)), key=lambda i: (-(exact[i] - int(exact[i])), i))
-    for i in order[:layers - sum(shares)]:
-        shares[i] += 1
-    return shares
-
-
 @lru_cache(maxsize=256)
 def balanced_split(work: tuple[float, ...], speeds: tuple[float, ...]) -> tuple[int, ...]:
     """Layers per stage: consecutive runs of ``work`` (each layer's, in order) over stages of
@@ -225,5 +211,5 @@ def _size(deg: Degrees, dim: str) -> int:
 
 
 __all__ = ["KEPT_INSIDE_NIC_TYPE", "NodePlace", "balanced_split", "candidate_orders",
-           "fastest_nic", "mixed_groups", "mixing", "nic_notes", "placement_of",
-           "proportional_split", "stage_speeds", "unreachable"]
+           "fastest_nic", "mixed_groups", "mixing", "nic_notes", "placement_of", "stage_speeds",
+           "unreachable"]

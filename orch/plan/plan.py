@@ -275,8 +275,9 @@ def _speeds(machine: Machine, deg: Degrees) -> list[float]:
     return stage_speeds(machine.topology, deg)
 
 
-def _layer_work(cfg: Config) -> list[float]:
-    """Each layer's training FLOPs per token, the output head's added to the last layer's."""
+def layer_work(cfg: Config) -> list[float]:
+    """Each layer's training FLOPs per token, the output head's added to the last layer's: what
+    a pipeline split evens out (here, and in the re-partition by measured speed)."""
     work = list(layer_flops(cfg.model, cfg.train.seq_len))
     work[-1] += head_flops(cfg.model)
     return work
@@ -284,7 +285,7 @@ def _layer_work(cfg: Config) -> list[float]:
 
 def _chunk_work(cfg: Config, stage_layers: tuple[int, ...]) -> list[float]:
     """Each pipeline chunk's FLOPs per token, in chunk order."""
-    work, bounds = _layer_work(cfg), list(itertools.accumulate(stage_layers, initial=0))
+    work, bounds = layer_work(cfg), list(itertools.accumulate(stage_layers, initial=0))
     return [sum(work[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
 
 
@@ -321,7 +322,7 @@ def _stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> tuple[int, ...
     if cfg.parallel.stage_layers and deg.pp > 1:
         return tuple(cfg.parallel.stage_layers)
     if deg.pp > 1 and deg.virtual_stages == 1:
-        return balanced_split(tuple(_layer_work(cfg)), tuple(_speeds(machine, deg)))
+        return balanced_split(tuple(layer_work(cfg)), tuple(_speeds(machine, deg)))
     return (cfg.model.layers // chunks,) * chunks
 
 

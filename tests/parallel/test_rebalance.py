@@ -16,18 +16,6 @@ from orch.parallel.pipeline.timeline import exposed_transfers
 from orch.parallel.schedules.actions import Action
 from orch.parallel.schedules.simulate import Span, Timeline
 from orch.plan import build_plan
-from orch.plan.placement import proportional_split
-
-
-@pytest.mark.parametrize("layers,speeds,want", [
-    (32, [1, 1, 1, 1], [8, 8, 8, 8]),
-    (32, [2, 1, 1], [16, 8, 8]),          # 2:1:1 of the 29 past one each, by largest remainder
-    (4, [100, 1], [3, 1]),                # every stage keeps a layer
-    (10, [1, 3], [3, 7]),
-])
-def test_layers_follow_speed_and_every_stage_keeps_one(layers, speeds, want):
-    assert proportional_split(layers, speeds) == want
-    assert sum(want) == layers
 
 
 def _timeline(busy: list[float]) -> Timeline:
@@ -41,14 +29,24 @@ def test_a_slow_stage_gets_fewer_layers_and_a_balanced_one_none():
         meter.add(_timeline([0.9, 0.3]))  # 3 layers take 0.9 s, 1 layer 0.3 s: equal speed
     assert meter.per_step() == [0.9, 0.3]
     assert meter.per_step('idle') == [0.0, 0.6]  # the step lasts 0.9 s on every rank
-    assert meter.proposal([3, 1], threshold=1.2) == [2, 2]
-    assert meter.proposal([3, 1], threshold=4.0) is None  # imbalance under the threshold
+    alike = (1.0,) * 4  # each layer's FLOPs
+    assert meter.proposal([3, 1], threshold=1.2, work=alike) == [2, 2]
+    assert meter.proposal([3, 1], threshold=4.0, work=alike) is None  # under the threshold
     balanced = StageMeter()
     balanced.add(_timeline([0.5, 0.5]))
-    assert balanced.proposal([2, 2], threshold=1.01) is None
+    assert balanced.proposal([2, 2], threshold=1.01, work=alike) is None
     slow_second = StageMeter()
     slow_second.add(_timeline([0.2, 0.6]))  # the second stage's device is 3x slower
-    assert slow_second.proposal([2, 2], threshold=1.2) == [3, 1]
+    assert slow_second.proposal([2, 2], threshold=1.2, work=alike) == [3, 1]
+
+
+def test_a_last_stage_slow_by_its_head_is_not_taken_for_a_slow_device():
+    """12 layers and a head of 6 layers' FLOPs on equal devices, measured as the FLOPs say
+    (6 s and 12 s on 6/6): layers per measured second made the last device look twice as slow
+    and proposed 8/4 (8 s against 10 s); the FLOPs at measured speeds give 9/3 (9 s each)."""
+    meter = StageMeter()
+    meter.add(_timeline([6.0, 12.0]))
+    assert meter.proposal([6, 6], threshold=1.2, work=(1.0,) * 11 + (7.0,)) == [9, 3]
 
 
 def _spans(*rows: list[tuple[str, float, float]]) -> Timeline:

@@ -1,23 +1,24 @@
 """Pipeline stages re-partitioned by their measured speed (Holmes' self-adapting partition).
 
-The plan starts each stage with layers in proportion to its devices' estimated speed
-(``orch.plan.plan``); what a stage really does per layer shows only in the run: a slower node, a
-busier host, a stage that also holds the embedding or the head. With
+The plan starts each stage with the layers that even out their FLOPs over its devices' estimated
+speed (``orch.plan.plan``); what a stage really does shows only in the run: a slower node, a
+busier host, an embedding or head that costs more than its FLOPs say. With
 ``parallel.pp_rebalance_threshold`` set, global rank 0 sums each rank's compute (the executor's
 measured F, B, I and W actions) over ``parallel.pp_rebalance_steps`` logged steps after the
 first, and their idle time with the part of it spent waiting for transfers
 (:func:`~orch.parallel.pipeline.timeline.exposed_transfers`); when the slowest rank's compute
-exceeds the fastest's by more than the threshold, it
-proposes layers in proportion to each rank's measured layers per second (largest remainder,
-at least one a stage). If that differs from the current split, every rank saves a checkpoint,
-rank 0 writes ``RUN_DIR/rebalance.json`` (the step, the split, compute, idle and transfer
-seconds per stage before, and the split after) and the workers exit with :data:`REBALANCE_EXIT`; the
-launcher starts them again (as torchrun would with ``--max-restarts``), and every plan built for
-the run directory
-from then on, the launcher's and the workers', takes its stage layers from the file
-(:func:`apply_rebalance`), resuming from that checkpoint on the new split. After the restart,
-the same measurement is written into the file as ``after`` and printed beside ``before``; a run
-re-partitions once (a second split from noisier figures could undo the first).
+exceeds the fastest's by more than the threshold, it proposes the plan's split by FLOPs
+(:func:`~orch.plan.placement.balanced_split`) at each rank's measured speed: its layers' FLOPs,
+and the output head's on the last stage, per measured second (so a last stage slow only because
+of its head is not taken for a slow device). If that differs from the current split, every rank
+saves a checkpoint, rank 0 writes ``RUN_DIR/rebalance.json`` (the step, the split, compute, idle
+and transfer seconds per stage before, and the split after) and the workers exit with
+:data:`REBALANCE_EXIT`; the launcher starts them again (as torchrun would with
+``--max-restarts``), and every plan built for the run directory from then on, the launcher's and
+the workers', takes its stage layers from the file (:func:`apply_rebalance`), resuming from that
+checkpoint on the new split. After the restart, the same measurement is written into the file as
+``after`` and printed beside ``before``; a run re-partitions once (a second split from noisier
+figures could undo the first).
 
 Only plain pipelines (one stage per rank) are re-partitioned: with virtual stages each rank's
 layers are spread over several chunks, and the measured time of a chunk is not separable here.
@@ -26,9 +27,10 @@ layers are spread over several chunks, and the measured time of a chunk is not s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,8 @@ from orch.config.schema import Config
 from orch.errors import PlanError, Problem
 from orch.parallel.pipeline.timeline import exposed_transfers
 from orch.parallel.schedules.simulate import Timeline
-from orch.plan.placement import proportional_split
+from orch.plan.placement import balanced_split
+from orch.plan.plan import layer_work
 
 REBALANCE_FILE = "rebalance.json"
 REBALANCE_EXIT = 75
@@ -74,16 +77,19 @@ class StageMeter:
         """Mean seconds per step of each rank: ``compute``, ``idle`` or ``transfer``."""
         return [round(seconds / max(1, self.steps), 4) for seconds in getattr(self, which)]
 
-    def proposal(self, split: list[int], threshold: float) -> list[int] | None:
-        """A split in proportion to each rank's measured layers per second, when the slowest
-        rank's compute exceeds the fastest's by more than ``threshold`` and the split differs
-        from ``split``; else None."""
+    def proposal(self, split: list[int], threshold: float,
+                 work: Sequence[float]) -> list[int] | None:
+        """The split evening out ``work`` (each layer's FLOPs, the head's on the last) at each
+        rank's measured speed, when the slowest rank's compute exceeds the fastest's by more
+        than ``threshold`` and the split differs from ``split``; else None."""
         if not self.compute or min(self.compute) <= 0:
             return None
         if max(self.compute) / min(self.compute) <= threshold:
             return None
-        speeds = [layers / seconds for layers, seconds in zip(split, self.compute, strict=True)]
-        proposed = proportional_split(sum(split), speeds)
+        bounds = list(itertools.accumulate(split, initial=0))
+        speeds = tuple(sum(work[lo:hi]) / seconds for (lo, hi), seconds
+                       in zip(itertools.pairwise(bounds), self.compute, strict=True))
+        proposed = list(balanced_split(tuple(work), speeds))
         return proposed if proposed != split else None
 
 
@@ -109,6 +115,7 @@ class Repartitioner:
         self.enabled = p.pp_rebalance_threshold > 0
         self.threshold, self.steps = p.pp_rebalance_threshold, p.pp_rebalance_steps
         self.split = split
+        self.work = layer_work(cfg)
         self.run_dir, self.rank = run_dir, rank
         self.record = read_rebalance(run_dir) if self.enabled and rank == 0 else None
         self.meter = StageMeter()
@@ -150,7 +157,7 @@ class Repartitioner:
         if self.meter.steps < self.steps:
             return None, False
         if self.record is None:  # deciding
-            proposal = self.meter.proposal(self.split, self.threshold)
+            proposal = self.meter.proposal(self.split, self.threshold, self.work)
             return proposal, True
         self.record |= self._measured("after")  # the new split's
         write_rebalance(self.run_dir, self.record)
