@@ -177,7 +177,7 @@ def parse_launch(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Name
 def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     """Parse and validate everything; return torchrun's args rewritten to start the workers
     (with ``finished``: the checkpoint the run would resume when it is already at
-    ``train.steps``, else None)."""
+    ``train.steps`` or ``run.stop_at_step``, else None)."""
     args, extra, cfg = parse_launch(argv)
     problems: list[Problem] = []
     max_nodes = _nnodes(args.nnodes, problems)
@@ -478,10 +478,16 @@ def _check_run_dir(run_dir: Path) -> list[Problem]:
             if (run_dir / name).exists() and (run_dir / name).is_dir() != is_dir]
 
 
+def _last_step(cfg: Config) -> int:
+    """The step this launch trains up to: ``run.stop_at_step`` when set, else ``train.steps``."""
+    return cfg.run.stop_at_step or cfg.train.steps
+
+
 def _check_resume(cfg: Config, plan: Plan,
                   resume: str | None) -> tuple[list[Problem], Path | None]:
     """Refuse another config's checkpoints and verify the one to resume, loading nothing; the
-    checkpoint when it is already at ``train.steps`` and intact (nothing to train)."""
+    checkpoint when it is already at ``train.steps`` (or ``run.stop_at_step``) and intact
+    (nothing to train)."""
     from orch.runtime.checkpoint import CheckpointError, CheckpointManager
     from orch.runtime.checkpoint.manifest import read_manifest
 
@@ -503,9 +509,9 @@ def _check_resume(cfg: Config, plan: Plan,
                         f"set train.steps above {manifest.step} to train further; --resume PATH "
                         "for an earlier checkpoint, or --resume none to start over (the "
                         "checkpoints are moved aside, not deleted)")], None
-    # at train.steps: nothing to train, once every byte is as saved (a damaged one sends the
-    # workers back to an earlier checkpoint, which they hash and say)
-    finished = manifest.step == cfg.train.steps and not manager.verify(path)
+    # at train.steps (or past run.stop_at_step): nothing to train, once every byte is as saved
+    # (a damaged one sends the workers back to an earlier checkpoint, which they hash and say)
+    finished = manifest.step >= _last_step(cfg) and not manager.verify(path)
     return (_check_8bit_resharding(cfg, plan, path, manifest.plan.get("degrees", {})),
             path if finished else None)
 
@@ -534,7 +540,10 @@ def _check_8bit_resharding(cfg: Config, plan: Plan, path: Path,
     if new_tp == saved_tp:
         return []
     m = cfg.model
-    for what, width in (("attention.wo", m.heads * m.head_dim), ("feed_forward.w2", m.ffn_dim)):
+    row_parallel = [("attention.wo", m.heads * m.head_dim), ("feed_forward.w2", m.ffn_dim)]
+    if m.is_moe and m.shared_experts:  # split like the dense MLP, over its own width
+        row_parallel.append(("feed_forward.shared_expert.w2", m.shared_experts * m.moe_ffn_dim))
+    for what, width in row_parallel:
         if any(tp > 1 and (width // tp) % BLOCK for tp in (saved_tp, new_tp)):
             return [Problem("parallel.tp", f"{new_tp}, resuming {path} saved at tp={saved_tp} "
                             f"with optimizer.name=adamw8bit: the {what} weights ({width} wide, "
@@ -556,8 +565,12 @@ def launch(argv: Sequence[str]) -> int:
 
     args, cfg, plan = prepare(argv)
     if args.finished is not None:  # loading it onto every device would train nothing
-        print(f"orch launch: nothing to train: {args.finished} is at train.steps="
-              f"{cfg.train.steps}", flush=True)
+        from orch.runtime.checkpoint import read_manifest
+
+        stop = cfg.run.stop_at_step
+        until = f"run.stop_at_step={stop}" if stop else f"train.steps={cfg.train.steps}"
+        where = "at" if read_manifest(args.finished).step == _last_step(cfg) else "past"
+        print(f"orch launch: nothing to train: {args.finished} is {where} {until}", flush=True)
         print(summary(cfg), flush=True)
         return 0
     run_dir = Path(cfg.run.dir)

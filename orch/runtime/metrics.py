@@ -86,11 +86,17 @@ def memory_bytes(device: torch.device) -> tuple[int, int]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, total
 
 
+SUPERSEDED_METRICS = "metrics.superseded.jsonl"
+"""Where a resumed run keeps the records of the steps it redoes (appended, oldest first)."""
+
+
 class MetricsLog:
     """Writes metrics on rank 0: a line to ``out`` and a JSON object to ``metrics.jsonl``.
 
-    A resumed run first drops the records after ``resume_step`` (steps it will redo), so the
-    file always reads as one run.
+    A resumed run first moves the records after ``resume_step`` (steps it will redo) to
+    ``metrics.superseded.jsonl``, so the file always reads as one run and nothing logged is
+    lost: if this run dies before its first checkpoint, the next may resume from a later one
+    whose steps are those records.
     """
 
     def __init__(self, run_dir: Path, enabled: bool, out: IO[str], resume_step: int = 0,
@@ -105,9 +111,15 @@ class MetricsLog:
 
             self._board = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
         path = run_dir / "metrics.jsonl"
-        kept: list[dict[str, Any]] = []
-        if resume_step and path.exists():  # (a torn last line of a killed run is dropped)
-            kept = [r for r in read_records(path)[0] if r["step"] <= resume_step]
+        records = read_records(path)[0] if path.exists() else []  # (a torn last line dropped)
+        if dropped := [r for r in records if r["step"] > resume_step]:
+            with (run_dir / SUPERSEDED_METRICS).open("a") as aside:
+                aside.write("".join(json.dumps(r) + "\n" for r in dropped))
+                aside.flush()
+                os.fsync(aside.fileno())
+            print(f"orch: {len(dropped)} metrics records after step {resume_step} moved to "
+                  f"{run_dir / SUPERSEDED_METRICS}", file=out, flush=True)
+        kept = [r for r in records if r["step"] <= resume_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.file = path.open("a")
 

@@ -285,6 +285,27 @@ def test_8bit_states_that_cannot_be_resharded_are_refused_before_start(sets, sav
         assert f"resume with parallel.tp={saved_tp}" in problem.fix
 
 
+def test_8bit_states_of_the_shared_expert_are_checked_too():
+    """The shared expert's w2 is split like the dense MLP's but is shared_experts x
+    expert_ffn_dim wide: 344 at tp 1 is blocks of 256 and 88, at tp 2 one of 172 a rank, the
+    same absmax shape, so DCP loaded it without a word onto the wrong elements (the resumed
+    run's losses left the uninterrupted ones at step 4)."""
+    from types import SimpleNamespace
+
+    from orch.config import load_config
+    from orch.launch.launcher import _check_8bit_resharding
+
+    cfg = load_config("configs/tiny-moe.yaml", [
+        "optimizer.name=adamw8bit", "model.dim=512", "model.ffn_dim=512",
+        "model.expert_ffn_dim=344"])
+    plan = SimpleNamespace(degrees=SimpleNamespace(tp=2, etp=1))
+    (problem,) = _check_8bit_resharding(cfg, plan, Path("ckpt"),  # type: ignore[arg-type]
+                                        {"tp": 1, "etp": 1})
+    assert "the feed_forward.shared_expert.w2 weights (344 wide" in problem.message
+    cfg.model.expert_ffn_dim = 512  # 256 a rank at tp 2: the unsharded tensor's blocks
+    assert _check_8bit_resharding(cfg, plan, Path("ckpt"), {"tp": 1, "etp": 1}) == []
+
+
 @pytest.mark.parametrize("saved_etp, new_etp", [(1, 2), (2, 1)])
 def test_8bit_expert_states_are_not_resharded_across_expert_tensor_parallelism(saved_etp,
                                                                               new_etp):

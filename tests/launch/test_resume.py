@@ -98,6 +98,13 @@ def test_a_finished_run_launched_again_starts_no_workers(runs):
         f"{STEPS}" in out.stdout and f"done at step {STEPS} of {STEPS}" in out.stdout
     assert "resumed from" not in out.stdout + out.stderr  # no worker ran
     assert (run / "metrics.jsonl").read_text() == metrics_before
+    # a stop before the checkpoint's step: the workers loaded it and trained nothing either
+    out = launch(*SHARD2, *overrides(run, f"train.steps={2 * STEPS}", "checkpoint.interval=5",
+                                     "run.stop_at_step=5"))
+    assert out.returncode == 0, out.stderr
+    assert f"nothing to train: {run / 'checkpoints' / 'step-00000010'} is past " \
+        "run.stop_at_step=5" in out.stdout and "resumed from" not in out.stdout + out.stderr
+    assert (run / "metrics.jsonl").read_text() == metrics_before
 
 
 def test_corrupted_checkpoint_is_refused_before_loading(runs, tmp_path):

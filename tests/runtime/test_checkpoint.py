@@ -645,6 +645,26 @@ def test_resume_auto_passes_over_damaged_checkpoints_and_says_so(tmp_path, capsy
         fresh.resolve_resume("auto")
 
 
+@pytest.mark.parametrize("hashes", [True, False])
+def test_resume_auto_takes_an_unreadable_manifest_for_damage_not_for_no_checkpoint(
+        tmp_path, capsys, hashes):
+    """Every manifest cut short: ``auto`` found no checkpoint, the run started over from step
+    0, cut metrics.jsonl and moved the checkpoints aside at its first save. Now each is a
+    damaged checkpoint: passed over for an older readable one, or refused when none is left
+    (the launcher's quick check and the workers' hashing alike)."""
+    mgr = CheckpointManager(tmp_path, make_cfg(), PLAN)
+    one, two = (mgr.save(step, tiny_state(step), {}) for step in (1, 2))
+    manifest = two / MANIFEST
+    manifest.write_text(manifest.read_text()[:100])
+    fresh = CheckpointManager(tmp_path, make_cfg(), PLAN)
+    assert fresh.resolve_resume("auto", hashes=hashes) == one
+    assert f"checkpoint {two} is damaged" in capsys.readouterr().out
+    manifest = one / MANIFEST
+    manifest.write_text(manifest.read_text()[:100])
+    with pytest.raises(CheckpointError, match="has no undamaged checkpoint to resume from"):
+        fresh.resolve_resume("auto", hashes=hashes)
+
+
 def test_restart_with_resume_none_moves_the_old_history_aside(tmp_path, capsys) -> None:
     old = CheckpointManager(tmp_path, make_cfg(), PLAN)
     for step in (1, 2, 3):

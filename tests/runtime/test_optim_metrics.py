@@ -130,6 +130,29 @@ def test_a_torn_last_metrics_line_neither_blocks_a_resume_nor_a_report(tmp_path,
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
 
 
+def test_records_a_resume_redoes_are_moved_aside_not_deleted(tmp_path):
+    """A resume from an older checkpoint (or ``resume=none``) deleted the records after it at
+    start; when that run died before its first save, the next ``--resume auto`` took the newer
+    checkpoint again, whose steps' records were gone."""
+    import io
+    import json
+
+    from orch.runtime.metrics import SUPERSEDED_METRICS, MetricsLog
+
+    path, aside = tmp_path / "metrics.jsonl", tmp_path / SUPERSEDED_METRICS
+    rows = [_record(n) for n in (1, 2, 3, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = io.StringIO()
+    MetricsLog(tmp_path, True, out, resume_step=2).close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
+    assert [json.loads(line) for line in aside.read_text().splitlines()] == rows[2:]
+    assert f"2 metrics records after step 2 moved to {aside}" in out.getvalue()
+    MetricsLog(tmp_path, True, io.StringIO(), resume_step=0).close()  # starting over
+    assert path.read_text() == ""
+    assert [json.loads(line) for line in aside.read_text().splitlines()] == [
+        *rows[2:], *rows[:2]]
+
+
 def test_a_report_into_a_file_is_refused_with_the_fix(tmp_path):
     """``--out`` naming an existing file crashed with FileExistsError."""
     import json

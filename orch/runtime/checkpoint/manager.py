@@ -103,6 +103,19 @@ def _write_error(exc: BaseException, directory: Path) -> str:
     return text + (f" (the file system is full: {free:,} bytes free)" if free < FULL_BELOW else "")
 
 
+def _unreadable(path: Path) -> bool:
+    """Whether ``path`` has a manifest that cannot be read: a checkpoint finished and then
+    damaged (a manifest is written last), which ``--resume auto`` must not take for no
+    checkpoint, lest the run start over from step 0."""
+    if not (path / MANIFEST).exists():
+        return False
+    try:
+        read_manifest(path)
+    except CheckpointError:
+        return True
+    return False
+
+
 @dataclass
 class _Pending:
     """An asynchronous save whose DCP write may still be running; finished by ``wait``."""
@@ -187,8 +200,10 @@ class CheckpointManager:
 
         def newest_first() -> list[Path]:
             self.check_run_dir()
-            if mode == "auto":
-                return [m.path for m in reversed(self.own())]
+            if mode == "auto":  # an unreadable manifest is a damaged checkpoint, not none
+                own = {m.path for m in self.own()}
+                return [path for _, path in sorted(step_dirs(self.dir), reverse=True)
+                        if path in own or _unreadable(path)]
             path = Path(mode)
             path = path.parent if path.name == MANIFEST else path
             if (path / "checkpoints").is_dir() or any(path.glob("step-*/")):
@@ -243,7 +258,15 @@ class CheckpointManager:
         every file's hash with the ranks splitting the files."""
         if not hashes:
             return self._ranks.from_rank0(lambda: verify(path, hashes=False))
-        names = self._ranks.from_rank0(lambda: sorted(read_manifest(path).files))
+        def listed() -> list[str] | None:
+            try:
+                return sorted(read_manifest(path).files)
+            except CheckpointError:
+                return None
+
+        names = self._ranks.from_rank0(listed)
+        if names is None:  # the manifest cannot be read: verify says why
+            return self._ranks.from_rank0(lambda: verify(path, hashes=False))
         mine = verify(path, names=names[self.rank :: self.world_size])
         return [problem for part in self._ranks.gather(mine) for problem in part]
 

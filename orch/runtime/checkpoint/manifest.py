@@ -149,8 +149,8 @@ def verify(path: str | Path, hashes: bool = True, names: list[str] | None = None
     path = Path(path)
     try:
         manifest = read_manifest(path)
-    except CheckpointError as exc:
-        return [str(exc.problem)]
+    except CheckpointError as exc:  # its fix (another checkpoint) is the caller's to give
+        return [f"{exc.problem.where}: {exc.problem.message}"]
     problems = []
     names = sorted(manifest.files) if names is None else names
     for name in names:
