@@ -3,7 +3,8 @@
 The kernel runs on CUDA tensors when triton imports; everything else (CPU tensors, no triton)
 takes the reference, which is the specification and computes the same result. ``ORCH_KERNELS``
 forces a choice: ``reference`` everywhere, or ``triton`` even on CPU (with ``TRITON_INTERPRET=1``,
-how the tests run the kernels here). A fallback on a CUDA tensor is logged once per op.
+how the tests run the kernels here); any other value, or ``triton`` without triton, is an error
+(``orch launch`` says so before starting). A fallback on a CUDA tensor is logged once per op.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 import os
 
 import torch
+
+from orch.errors import Problem, ProblemsError
 
 log = logging.getLogger("orch.kernels")
 
@@ -40,13 +43,33 @@ def warn_once(op: str, reason: str, instead: str = "the plain-torch reference") 
     log.warning("orch.kernels.%s: using %s (%s)", op, instead, reason)
 
 
+KERNEL_CHOICES = ("reference", "triton")
+"""What ``ORCH_KERNELS`` may force; unset or empty lets each call choose."""
+
+
+def kernel_choice_problem() -> Problem | None:
+    """What is wrong with ``ORCH_KERNELS``: a value that is not a choice (it was taken for
+    unset, so ``Reference`` still ran the kernels on CUDA), or ``triton`` where triton does
+    not import (the reference ran without a word)."""
+    forced = os.environ.get("ORCH_KERNELS", "")
+    if forced not in ("", *KERNEL_CHOICES):
+        return Problem("ORCH_KERNELS", f"{forced!r} is not one of {', '.join(KERNEL_CHOICES)}",
+                       "set ORCH_KERNELS=reference or triton, or unset it to let orch choose")
+    if forced == "triton" and not triton_available():
+        return Problem("ORCH_KERNELS", "'triton' forces the Triton kernels, but triton does "
+                       "not import", "install triton, or unset ORCH_KERNELS")
+    return None
+
+
 def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     """True when ``op`` should run its Triton kernel on ``tensors``."""
     forced = os.environ.get("ORCH_KERNELS", "")
     if forced == "reference":
         return False
-    if forced == "triton":
-        return triton_available()
+    if forced:
+        if (problem := kernel_choice_problem()) is not None:
+            raise ProblemsError([problem], title="cannot choose a kernel")
+        return True
     if not all(t.is_cuda for t in tensors):
         return False
     if not triton_available():

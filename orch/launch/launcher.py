@@ -23,6 +23,7 @@ from pathlib import Path
 
 from orch.config import Config, load_config
 from orch.errors import OrchError, PlanError, Problem, ProblemsError
+from orch.kernels.dispatch import kernel_choice_problem
 from orch.launch.failures import oom_kills, worker_failures
 from orch.launch.failures import summary as summary_of_failures
 from orch.launch.lifeline import mark_launcher
@@ -204,6 +205,8 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     problems += _check_run_dir(Path(cfg.run.dir))
     problems += _check_drill(cfg, world)
     problems += _check_tensorboard(cfg)
+    if (kernels := kernel_choice_problem()) is not None:
+        problems.append(kernels)
     args.finished = None
     if not problems:
         assert plan is not None

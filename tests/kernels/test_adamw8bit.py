@@ -241,6 +241,63 @@ def test_state_dict_round_trip_is_exact():
             assert torch.equal(value, before[index][key])
 
 
+def test_states_of_another_shape_are_refused_at_load():
+    """(64, 128) states loaded into a (32, 256) parameter (as many elements) were taken without a
+    word and stepped on misaligned blocks; torch's AdamW raises. Every mismatch is named at
+    once, and nothing is loaded."""
+    a, b = nn.Parameter(torch.randn(64, 128)), nn.Parameter(torch.randn(8))
+    source = AdamW8bit([a, b], lr=LR)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    source.step()
+    other = nn.Parameter(torch.randn(32, 256))
+    target = AdamW8bit([other, nn.Parameter(torch.randn(4, 2))], lr=LR)
+    with pytest.raises(ValueError) as refused:
+        target.load_state_dict(source.state_dict())
+    text = str(refused.value)
+    assert "parameter 0 (shape (32, 256)) needs {'exp_avg': (32, 256)" in text
+    assert "'exp_avg_absmax': (64, 1)" in text  # what the state dict has
+    assert "parameter 1 (shape (4, 2)) needs {'exp_avg': (4, 2), 'exp_avg_sq': (4, 2)}" in text
+    assert not target.state  # nothing loaded
+
+
+def test_small_low_precision_parameters_keep_fp32_moments():
+    """A small bf16 parameter's moments were bf16, where ``v *= 0.999`` rounds back to ``v``:
+    its second moment never decayed (9.99e-4 after 500 steps of gradient 1e-3 where fp32
+    gives 6.07e-4)."""
+    p = nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))
+    opt = AdamW8bit([p], weight_decay=0.0)
+    p.grad = torch.ones(8, dtype=torch.bfloat16)
+    opt.step()
+    for _ in range(500):
+        p.grad = torch.full((8,), 1e-3, dtype=torch.bfloat16)
+        opt.step()
+    v = opt.state[p]["exp_avg_sq"]
+    assert v.dtype == torch.float32
+    want = 0.001 * 0.999**500 + sum(0.001 * 0.999**k * 1e-6 for k in range(500))
+    torch.testing.assert_close(v, torch.full((8,), want), rtol=1e-2, atol=0)
+
+
+def test_bad_hyperparameters_and_complex_parameters_are_refused():
+    """lr=nan and eps=nan passed the ``< 0`` checks and turned every parameter to NaN; a complex
+    parameter lost its imaginary part on the 8-bit path."""
+    for bad in ({"lr": float("nan")}, {"eps": float("nan")}, {"weight_decay": -1.0}):
+        with pytest.raises(ValueError, match="invalid lr/eps/weight_decay"):
+            AdamW8bit([nn.Parameter(torch.zeros(2))], **bad)
+    z = nn.Parameter(torch.randn(64, 64, dtype=torch.cfloat))
+    opt = AdamW8bit([z])
+    z.grad = torch.randn_like(z)
+    with pytest.raises(ValueError, match="does not support complex parameters"):
+        opt.step()
+
+
+def test_narrow_rows_keep_fp32_moments():
+    """A (8192, 1) tensor's 8-bit moments took 10 bytes per element (an fp32 absmax per
+    one-element row for each), more than AdamW's 8; rows under 16 now keep fp32 moments."""
+    narrow, wide = nn.Parameter(torch.zeros(8192, 1)), nn.Parameter(torch.zeros(256, 16))
+    opt = AdamW8bit([narrow, wide])
+    assert not opt.quantized(narrow) and opt.quantized(wide)
+
+
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                if isinstance(t, torch.Tensor))

@@ -291,6 +291,25 @@ def test_dispatch(monkeypatch):
     assert from_kernel(out) and lse.shape == (1, 2, 16)
 
 
+def test_a_kernel_choice_that_is_not_one_is_an_error(monkeypatch):
+    """``ORCH_KERNELS=Reference`` (or any other value) was taken for unset, so on CUDA the
+    kernels still ran; ``triton`` without triton fell back to the reference without a word."""
+    from orch.errors import ProblemsError
+    from orch.kernels import dispatch
+
+    q, k, v = make(1, 16, 16, 2, 2, 16)
+    monkeypatch.setenv("ORCH_KERNELS", "Reference")
+    with pytest.raises(ProblemsError, match="ORCH_KERNELS: 'Reference' is not one of reference, "
+                       "triton"):
+        flash_attention(q, k, v)
+    monkeypatch.setenv("ORCH_KERNELS", "triton")
+    monkeypatch.setattr(dispatch, "_triton", False)  # as if triton did not import
+    problem = dispatch.kernel_choice_problem()
+    assert problem is not None and "triton does not import" in problem.message
+    with pytest.raises(ProblemsError, match="install triton, or unset ORCH_KERNELS"):
+        flash_attention(q, k, v)
+
+
 def test_default_tiles_are_valid(triton_path):
     for head_dim in range(16, 129, 16):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -3,12 +3,17 @@
 State per parameter (``optimizer.state[p]``), the same on the CPU and GPU paths:
 
 - ``step``: fp32 scalar tensor on the CPU (as torch's AdamW keeps it);
-- tensors of two or more dimensions with at least ``min_8bit_size`` elements (counted on the
-  whole, unsharded parameter): ``exp_avg`` and ``exp_avg_sq``, uint8 codes shaped like the
+- tensors of two or more dimensions with at least ``min_8bit_size`` elements and rows of at
+  least ``MIN_ROW`` (counted on the whole, unsharded parameter; a narrower row's absmax per
+  block would cost more than the codes save): ``exp_avg`` and ``exp_avg_sq``, uint8 codes
+  shaped like the
   parameter (signed and unsigned dynamic map), and ``exp_avg_absmax`` and ``exp_avg_sq_absmax``,
   fp32 ``[rows, ceil(rest / 256)]``, one per 256-element block of a row (see ``quant``);
 - every other tensor (small ones, and 1-D ones such as norm gains and biases, which have no rows
-  to align blocks with): fp32 ``exp_avg`` and ``exp_avg_sq`` shaped like the parameter.
+  to align blocks with): fp32 ``exp_avg`` and ``exp_avg_sq`` shaped like the parameter, whatever
+  its dtype (in bf16, ``v *= 0.999`` rounds back to ``v``: the second moment would never decay).
+
+Complex parameters are refused (the 8-bit path would drop their imaginary part).
 
 A sharded (DTensor) parameter is updated through its local shard, so each rank quantizes its
 own part; its states are DTensors on the parameter's mesh (codes with its placements, absmax
@@ -42,6 +47,11 @@ from orch.kernels.adamw8bit.reference import Hyper, ScratchPool, step_8bit_, ste
 from orch.kernels.dispatch import use_triton
 
 QUANTIZED_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+MIN_ROW = 16
+"""Fewest elements per row (after the first dim) for 8-bit moments. Each moment keeps a byte
+per element and an fp32 absmax per block of a row, so rows of ``w < 256`` elements cost
+``2 + 8 / w`` bytes per element: at most 2.5 here, where a (8192, 1) tensor took 10, more than
+AdamW's 8."""
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -61,7 +71,7 @@ class AdamW8bit(torch.optim.Optimizer):
         *,
         min_8bit_size: int = 4096,
     ) -> None:
-        if lr < 0 or eps < 0 or weight_decay < 0:
+        if not (lr >= 0 and eps >= 0 and weight_decay >= 0):  # NaN fails every comparison
             raise ValueError(f"invalid lr/eps/weight_decay: {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
@@ -72,7 +82,8 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def quantized(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s moments are (or will be) stored in 8 bits."""
-        return p.ndim >= 2 and p.numel() >= self.min_8bit_size
+        return (p.ndim >= 2 and p.numel() >= self.min_8bit_size
+                and p.shape[1:].numel() >= MIN_ROW)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -118,11 +129,15 @@ class AdamW8bit(torch.optim.Optimizer):
             param.copy_(target)
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        if p.is_complex():
+            raise ValueError(f"AdamW8bit does not support complex parameters (one of shape "
+                             f"{tuple(p.shape)}, {p.dtype}); use torch.optim.AdamW for them")
         state["step"] = torch.tensor(0.0)
         local = _local(p)
         if not self.quantized(p):
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(p, dtype=torch.float32,
+                                              memory_format=torch.preserve_format)
             return
         blocks = blocks_per_row(local.shape[1:].numel())  # per row of the local tensor
         codes = [torch.full(local.shape, zero_code(signed), dtype=torch.uint8,
@@ -140,14 +155,44 @@ class AdamW8bit(torch.optim.Optimizer):
         """torch's loader casts every state tensor to its parameter's dtype; the codes stay uint8
         and the absmax fp32, so take the saved tensors as they are (copied, on the parameter's
         device): a round trip is exact."""
-        super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) == len(params):  # else torch's loader says the groups differ
+            self._check_shapes(state_dict["state"], saved_ids, params)
+        super().load_state_dict(state_dict)
         for saved_id, p in zip(saved_ids, params, strict=True):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor):
                     device = torch.device("cpu") if key == "step" else p.device
                     self.state[p][key] = value.detach().to(device=device, copy=True)
+
+    def _check_shapes(self, saved: dict[Any, dict[str, Any]], saved_ids: list[Any],
+                      params: list[torch.Tensor]) -> None:
+        """Refuse states of other shapes than ``params`` keep, every mismatch at once, before
+        anything is loaded: a parameter of another shape with as many elements took them
+        without an error and stepped on misaligned blocks (torch's AdamW raises)."""
+        problems = []
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params, strict=True)):
+            state = {k: v for k, v in saved.get(saved_id, {}).items() if k != "step"}
+            if not state:
+                continue
+            want = self._state_shapes(p)
+            got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+            if got != want:
+                problems.append(f"parameter {index} (shape {tuple(p.shape)}) needs {want}, "
+                                f"the state dict has {got}")
+        if problems:
+            raise ValueError("AdamW8bit.load_state_dict: states of other parameters:\n  "
+                             + "\n  ".join(problems))
+
+    def _state_shapes(self, p: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        """The (global) shape of each state tensor ``p`` keeps, ``step`` aside."""
+        shape = tuple(p.shape)
+        if not self.quantized(p):
+            return {"exp_avg": shape, "exp_avg_sq": shape}
+        blocks = blocks_per_row(_local(p).shape[1:].numel())
+        absmax = _absmax_layout(p, blocks)[0] if isinstance(p, DTensor) else (shape[0], blocks)
+        return dict(zip(QUANTIZED_KEYS, (shape, shape, absmax, absmax), strict=True))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
