@@ -365,7 +365,12 @@ def _bad(kind):
         case "scale":
             return (
                 dict(q=q, k=k, v=v, softmax_scale=math.inf),
-                r"flash_attention\(softmax_scale\): must be finite",
+                r"flash_attention\(softmax_scale\): must be a finite number",
+            )
+        case "scale_text":  # passed float() in the check, then failed in the matmul
+            return (
+                dict(q=q, k=k, v=v, softmax_scale="0.5"),
+                r"flash_attention\(softmax_scale\): must be a finite number, got '0.5'",
             )
     raise AssertionError(kind)
 
@@ -384,6 +389,7 @@ def _bad(kind):
         "causal",
         "empty",
         "scale",
+        "scale_text",
     ],
 )
 def test_bad_input(kind):

@@ -8,6 +8,7 @@ argument, the value it got and the fix, and raises before any kernel launches.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -112,10 +113,12 @@ def check_inputs(
             "for a block whose keys all precede the queries pass causal=False; causal=True "
             "is the top-left-aligned diagonal block of equal lengths",
         )
-    if softmax_scale is not None and not math.isfinite(float(softmax_scale)):
-        raise AttentionInputError(
+    if softmax_scale is not None and (
+            isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)
+            or not math.isfinite(softmax_scale)):
+        raise AttentionInputError(  # a string passed float() here, then failed in the matmul
             "softmax_scale",
-            f"must be finite, got {softmax_scale}",
+            f"must be a finite number, got {softmax_scale!r}",
             "pass None for 1/sqrt(head_dim)",
         )
 
