@@ -38,6 +38,7 @@ from orch.parallel.pipeline.rebalance import (
 from orch.plan import Plan, build_plan
 from orch.plan.cluster import ClusterSpec, NodeSpec, load_cluster
 from orch.runtime.checkpoint.files import CHECKPOINTS
+from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
 from orch.runtime.rank_log import LOGS
 
 WORKER_MODULE = "orch.runtime.worker"
@@ -515,47 +516,9 @@ def _check_resume(cfg: Config, plan: Plan,
     # at train.steps (or past run.stop_at_step): nothing to train, once every byte is as saved
     # (a damaged one sends the workers back to an earlier checkpoint, which they hash and say)
     finished = manifest.step >= _last_step(cfg) and not manager.verify(path)
-    return (_check_8bit_resharding(cfg, plan, path, manifest.plan.get("degrees", {})),
+    return (adamw8bit_resharding_problems(cfg, plan.degrees, path,
+                                          manifest.plan.get("degrees", {})),
             path if finished else None)
-
-
-def _check_8bit_resharding(cfg: Config, plan: Plan, path: Path,
-                           saved: dict[str, int]) -> list[Problem]:
-    """AdamW8bit's states of a row-parallel weight (split on its input dim by tensor
-    parallelism) hold an absmax per 256 elements of each rank's slice of a row: the unsharded
-    tensor's blocks only when the slice is a multiple of 256 wide. Between tensor-parallel
-    degrees whose blocks differ the states cannot be resharded (DCP fails on the absmax
-    shapes, in the workers): refused here, naming the weight. Expert tensor parallelism cuts
-    each expert's ``w1``/``w3`` rows (``dim x hidden``) in every ``dim`` stretch, so no two of
-    its degrees share blocks (DCP loaded them without a word, onto the wrong elements)."""
-    from orch.kernels.adamw8bit.quant import BLOCK
-
-    if cfg.optimizer.name != "adamw8bit":
-        return []
-    saved_etp, new_etp = saved.get("etp", 1), plan.degrees.etp
-    if saved_etp != new_etp:
-        return [Problem("parallel.etp", f"{new_etp}, resuming {path} saved at etp={saved_etp} "
-                        "with optimizer.name=adamw8bit: expert tensor parallelism cuts every "
-                        "row of the experts' w1 and w3 weights, whose 8-bit states are in "
-                        f"blocks of {BLOCK} of each rank's part, so they cannot be resharded",
-                        f"resume with parallel.etp={saved_etp}")]
-    saved_tp, new_tp = saved.get("tp", 1), plan.degrees.tp
-    if new_tp == saved_tp:
-        return []
-    m = cfg.model
-    row_parallel = [("attention.wo", m.heads * m.head_dim), ("feed_forward.w2", m.ffn_dim)]
-    if m.is_moe and m.shared_experts:  # split like the dense MLP, over its own width
-        row_parallel.append(("feed_forward.shared_expert.w2", m.shared_experts * m.moe_ffn_dim))
-    for what, width in row_parallel:
-        if any(tp > 1 and (width // tp) % BLOCK for tp in (saved_tp, new_tp)):
-            return [Problem("parallel.tp", f"{new_tp}, resuming {path} saved at tp={saved_tp} "
-                            f"with optimizer.name=adamw8bit: the {what} weights ({width} wide, "
-                            f"split by tensor parallelism) have 8-bit states in blocks of "
-                            f"{BLOCK} of each rank's slice, which differ between the two "
-                            "degrees, so the states cannot be resharded",
-                            f"resume with parallel.tp={saved_tp}, or between degrees that split "
-                            f"{width} into multiples of {BLOCK}")]
-    return []
 
 
 def launch(argv: Sequence[str]) -> int:

@@ -41,7 +41,8 @@ from orch.parallel.interfaces import cluster_placement, planned_rank
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, Repartition
 from orch.plan import Plan
 from orch.plan.layout import dense_layout
-from orch.runtime.checkpoint import CheckpointManager, restore_rng
+from orch.runtime.checkpoint import CheckpointManager, read_manifest, restore_rng
+from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
 from orch.runtime.data import BatchStream, PackedSequences, load_tokens
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
@@ -137,6 +138,9 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
         return_large_frees()
     checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
     resume = checkpoints.resolve_resume(resume_arg or cfg.checkpoint.resume)
+    if resume is not None and (problems := adamw8bit_resharding_problems(
+            cfg, plan.degrees, resume, read_manifest(resume).plan.get("degrees", {}))):
+        raise PlanError(problems, title="cannot resume")  # the launcher checked another one
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):  # shapes only: the weights are filled where they will live
         model = Transformer(cfg.model)

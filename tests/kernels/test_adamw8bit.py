@@ -328,12 +328,12 @@ def test_8bit_states_that_cannot_be_resharded_are_refused_before_start(sets, sav
     from types import SimpleNamespace
 
     from orch.config import load_config
-    from orch.launch.launcher import _check_8bit_resharding
+    from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
 
     cfg = load_config("configs/tiny.yaml", ["optimizer.name=adamw8bit", "parallel.tp=2", *sets])
-    plan = SimpleNamespace(degrees=SimpleNamespace(tp=2, etp=1))
-    problems = _check_8bit_resharding(cfg, plan, Path("ckpt"),  # type: ignore[arg-type]
-                                      {"tp": saved_tp, "etp": 1})
+    degrees = SimpleNamespace(tp=2, etp=1)
+    problems = adamw8bit_resharding_problems(cfg, degrees,  # type: ignore[arg-type]
+                                             Path("ckpt"), {"tp": saved_tp, "etp": 1})
     if refused is None:
         assert problems == []
     else:
@@ -350,17 +350,17 @@ def test_8bit_states_of_the_shared_expert_are_checked_too():
     from types import SimpleNamespace
 
     from orch.config import load_config
-    from orch.launch.launcher import _check_8bit_resharding
+    from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
 
     cfg = load_config("configs/tiny-moe.yaml", [
         "optimizer.name=adamw8bit", "model.dim=512", "model.ffn_dim=512",
         "model.expert_ffn_dim=344"])
-    plan = SimpleNamespace(degrees=SimpleNamespace(tp=2, etp=1))
-    (problem,) = _check_8bit_resharding(cfg, plan, Path("ckpt"),  # type: ignore[arg-type]
-                                        {"tp": 1, "etp": 1})
+    degrees = SimpleNamespace(tp=2, etp=1)
+    (problem,) = adamw8bit_resharding_problems(cfg, degrees,  # type: ignore[arg-type]
+                                               Path("ckpt"), {"tp": 1, "etp": 1})
     assert "the feed_forward.shared_expert.w2 weights (344 wide" in problem.message
     cfg.model.expert_ffn_dim = 512  # 256 a rank at tp 2: the unsharded tensor's blocks
-    assert _check_8bit_resharding(cfg, plan, Path("ckpt"), {"tp": 1, "etp": 1}) == []
+    assert adamw8bit_resharding_problems(cfg, degrees, Path("ckpt"), {"tp": 1, "etp": 1}) == []
 
 
 @pytest.mark.parametrize("saved_etp, new_etp", [(1, 2), (2, 1)])
@@ -372,16 +372,16 @@ def test_8bit_expert_states_are_not_resharded_across_expert_tensor_parallelism(s
     from types import SimpleNamespace
 
     from orch.config import load_config
-    from orch.launch.launcher import _check_8bit_resharding
+    from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
 
     cfg = load_config("configs/tiny-moe.yaml", ["optimizer.name=adamw8bit"])
-    plan = SimpleNamespace(degrees=SimpleNamespace(tp=1, etp=new_etp))
-    (problem,) = _check_8bit_resharding(cfg, plan, Path("ckpt"),  # type: ignore[arg-type]
-                                        {"tp": 1, "etp": saved_etp})
+    degrees = SimpleNamespace(tp=1, etp=new_etp)
+    (problem,) = adamw8bit_resharding_problems(cfg, degrees,  # type: ignore[arg-type]
+                                               Path("ckpt"), {"tp": 1, "etp": saved_etp})
     assert problem.where == "parallel.etp" and f"saved at etp={saved_etp}" in problem.message
     assert problem.fix == f"resume with parallel.etp={saved_etp}"
     cfg.optimizer.name = "adamw"  # full-precision states reshard
-    assert _check_8bit_resharding(cfg, plan, Path("ckpt"), {"etp": saved_etp}) == []
+    assert adamw8bit_resharding_problems(cfg, degrees, Path("ckpt"), {"etp": saved_etp}) == []
 
 
 # --- training ---------------------------------------------------------------------------------
