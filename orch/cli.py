@@ -64,7 +64,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
 def with_launch_refusals(plan: Plan, cfg: Config) -> Plan:
     """``plan`` with a note per feature this version's runtime cannot run for it, which
     ``orch launch`` refuses (the plan prices what a later runtime could run)."""
-    from orch.launch.launcher import unsupported_features
+    from orch.launch.support import unsupported_features
     from orch.plan.render import LAUNCH_REFUSES
 
     d = plan.degrees  # the plan's own layout (a searched one need not be the config's)

@@ -48,7 +48,7 @@ from orch.config.schema import Config, ModelConfig
 from orch.parallel.schedules.generators import chunks_per_rank
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec
-from orch.plan.memory import estimate_memory, param_counts, recomputed_layer_bytes
+from orch.plan.memory import estimate_memory, model_key, param_counts, recomputed_layer_bytes
 from orch.plan.topology import Link
 
 OVERLAP = 0.9
@@ -103,15 +103,23 @@ def gemm_efficiency(tokens: float, hidden: int, tp: int, device: DeviceSpec) -> 
     return size / (size + device.matmul_half_size)
 
 
+_LAYER_FLOPS: dict[tuple, tuple[float, ...]] = {}
+"""``layer_flops`` by model shape and sequence length: the search asks for it per candidate."""
+
+
 def layer_flops(m: ModelConfig, seq_len: int) -> tuple[float, ...]:
     """Training FLOPs per token of each layer in order (``flops_per_token``'s convention): what
     a pipeline stage's share of the compute is made of, dense and MoE layers differing."""
-    pc = param_counts(m)
-    attention = 12.0 * seq_len * m.heads * m.head_dim
-    one_expert = pc.experts // m.experts if m.experts else 0
-    dense = 6.0 * (pc.attention + pc.mlp) + attention
-    moe = 6.0 * (pc.attention + pc.router + pc.shared_expert + m.top_k * one_expert) + attention
-    return tuple(moe if m.is_moe_layer(i) else dense for i in range(m.layers))
+    key = (model_key(m), seq_len)
+    if key not in _LAYER_FLOPS:
+        pc = param_counts(m)
+        attention = 12.0 * seq_len * m.heads * m.head_dim
+        one_expert = pc.experts // m.experts if m.experts else 0
+        dense = 6.0 * (pc.attention + pc.mlp) + attention
+        moe = (6.0 * (pc.attention + pc.router + pc.shared_expert + m.top_k * one_expert)
+               + attention)
+        _LAYER_FLOPS[key] = tuple(moe if m.is_moe_layer(i) else dense for i in range(m.layers))
+    return _LAYER_FLOPS[key]
 
 
 def head_flops(m: ModelConfig) -> float:

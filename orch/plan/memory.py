@@ -69,7 +69,7 @@ class ParamCounts:
         return self.total - self.expert_total
 
 
-def _model_key(m: ModelConfig) -> tuple:
+def model_key(m: ModelConfig) -> tuple:
     """The hashable shape of a model; ``_param_counts`` and ``_archs`` unpack it in this order."""
     return (m.vocab_size, m.dim, m.layers, m.heads, m.n_kv_heads, m.head_dim, m.ffn_dim,
             m.experts, m.top_k, m.moe_ffn_dim, m.shared_experts, m.moe_layer_interval,
@@ -99,7 +99,7 @@ def _param_counts(key: tuple) -> ParamCounts:
 
 def param_counts(model: ModelConfig) -> ParamCounts:
     """Closed-form parameter counts of ``orch.models.llama.Transformer(model)``."""
-    return _param_counts(_model_key(model))
+    return _param_counts(model_key(model))
 
 
 def zero_bytes_per_param(stage: int, dp: int, k: int = 12) -> float:
@@ -307,7 +307,7 @@ def _layer_activations(cfg: Config, deg: Degrees, flash: bool = True,
                        fused_norm: bool = True) -> _Activations:
     """:func:`_activations` of ``cfg`` laid out as ``deg`` (its cached arithmetic)."""
     tr = cfg.train
-    return _activations(_model_key(cfg.model), 2 if tr.precision == "bf16" else 4, flash,
+    return _activations(model_key(cfg.model), 2 if tr.precision == "bf16" else 4, flash,
                         fused_norm, tr.seq_len, tr.micro_batch, deg.tp, deg.sequence_parallel,
                         deg.cp, deg.ep, deg.etp, tr.recompute, _ring(cfg, deg),
                         _autocast(cfg, deg))
@@ -333,7 +333,7 @@ def estimate_memory(
     (``orch.offload.param_shards``). Per-parameter FSDP padding is ignored.
     """
     m, tr, off = cfg.model, cfg.train, cfg.offload
-    key = _model_key(m)
+    key = model_key(m)
     pc = _param_counts(key)
     act_bytes = 2 if tr.precision == "bf16" else 4
     tp, etp = deg.tp, deg.etp

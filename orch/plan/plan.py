@@ -261,8 +261,8 @@ def _stage_load(cfg: Config, deg: Degrees, machine: Machine,
     speeds = _speeds(machine, deg)
     work = _chunk_work(cfg, stage_layers)
     placement = placement_of(cfg.parallel.pp_schedule)
-    times = [sum(work[chunk] for chunk in rank_stages(rank, deg.pp, deg.virtual_stages,
-                                                     placement)) / speeds[rank]
+    times = [sum(work[chunk] for chunk in ([rank] if deg.virtual_stages == 1 else rank_stages(
+                 rank, deg.pp, deg.virtual_stages, placement))) / speeds[rank]
              for rank in range(deg.pp)]
     even = sum(work) / deg.pp / min(speeds)
     return max(times) / even
@@ -275,12 +275,11 @@ def _speeds(machine: Machine, deg: Degrees) -> list[float]:
     return stage_speeds(machine.topology, deg)
 
 
-def layer_work(cfg: Config) -> list[float]:
+def layer_work(cfg: Config) -> tuple[float, ...]:
     """Each layer's training FLOPs per token, the output head's added to the last layer's: what
     a pipeline split evens out (here, and in the re-partition by measured speed)."""
-    work = list(layer_flops(cfg.model, cfg.train.seq_len))
-    work[-1] += head_flops(cfg.model)
-    return work
+    *body, last = layer_flops(cfg.model, cfg.train.seq_len)
+    return (*body, last + head_flops(cfg.model))
 
 
 def _chunk_work(cfg: Config, stage_layers: tuple[int, ...]) -> list[float]:
@@ -294,12 +293,14 @@ def with_stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> Config:
     per rank (what the memory model reads): the split by FLOPs, or the even one where only that
     fits in memory (the split by FLOPs can give the first stage, which holds the most
     micro-batches in flight, more layers); ``cfg`` itself when it holds a split already, has no
-    pipeline, or has virtual stages (an even split, which the memory model assumes)."""
+    pipeline, has virtual stages, or splits evenly (what the memory model assumes then)."""
     if deg.pp == 1 or deg.virtual_stages > 1 or cfg.parallel.stage_layers:
         return cfg
-    by_flops = _with_split(cfg, _stage_layers(cfg, deg, machine))
-    layers = cfg.model.layers
-    if layers % deg.pp or by_flops.parallel.stage_layers == [layers // deg.pp] * deg.pp:
+    split, layers = _stage_layers(cfg, deg, machine), cfg.model.layers
+    if layers % deg.pp == 0 and len(set(split)) == 1:
+        return cfg  # even: what the memory model assumes without a split
+    by_flops = _with_split(cfg, split)
+    if layers % deg.pp:
         return by_flops
     limit = memory_limit(cfg, machine)
     if estimate_memory(by_flops, deg).total <= limit or estimate_memory(cfg, deg).total > limit:
@@ -322,7 +323,7 @@ def _stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> tuple[int, ...
     if cfg.parallel.stage_layers and deg.pp > 1:
         return tuple(cfg.parallel.stage_layers)
     if deg.pp > 1 and deg.virtual_stages == 1:
-        return balanced_split(tuple(layer_work(cfg)), tuple(_speeds(machine, deg)))
+        return balanced_split(layer_work(cfg), tuple(_speeds(machine, deg)))
     return (cfg.model.layers // chunks,) * chunks
 
 

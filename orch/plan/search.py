@@ -129,8 +129,7 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
     variants = {(mb, r): _with_train(cfg, micro_batch=mb, recompute=r)
                 for mb in MICRO_BATCHES for r in {cfg.train.recompute, *RECOMPUTE}}
     for deg in candidate_degrees(cfg, machine):
-        split = {key: with_stage_layers(variant, deg, machine)
-                 for key, variant in variants.items()}  # the memory model reads the split
+        split = _WithSplit(variants, deg, machine)
         settings = [
             split[(mb, cfg.train.recompute)]
             for mb in MICRO_BATCHES
@@ -183,6 +182,20 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
     best_per_degrees.sort(key=lambda pair: _rank_key(pair[0]))
     result.best = [with_notes(plan, variant) for plan, variant in best_per_degrees[:top]]
     return result
+
+
+class _WithSplit(dict):
+    """The search's variants of a config, each with a candidate's pipeline split (which the
+    memory model reads), made when first asked for."""
+
+    def __init__(self, variants: dict[tuple[int, str], Config], deg: Degrees,
+                 machine: Machine) -> None:
+        super().__init__()
+        self.variants, self.deg, self.machine = variants, deg, machine
+
+    def __missing__(self, key: tuple[int, str]) -> Config:
+        self[key] = with_stage_layers(self.variants[key], self.deg, self.machine)
+        return self[key]
 
 
 def _with_train(cfg: Config, **changes: object) -> Config:

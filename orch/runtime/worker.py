@@ -27,11 +27,11 @@ from orch.launch.launcher import (
     backend,
     launch_plan,
     run_precision,
-    unsupported_features,
     worker_parser,
 )
 from orch.launch.lifeline import end_with_launcher
 from orch.launch.nodes import NODE_ENV
+from orch.launch.support import unsupported_features
 from orch.models.hf_load import HFCheckpoint
 from orch.models.llama import Transformer
 from orch.models.weights import SeededInit, Unfilled, WeightSource
