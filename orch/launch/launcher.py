@@ -334,11 +334,17 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
                         "choose a directory this user can write")]
     if plan is None:
         return []
+    from orch.offload.nvme import stale_scratch_files
+
     need = plan.memory.nvme * plan.gpus_per_node
-    free = shutil.disk_usage(path).free
+    # a killed run's scratch files: the workers remove them before they write their own
+    stale = sum(f.stat().st_size for f in stale_scratch_files(path) if f.exists())
+    free = shutil.disk_usage(path).free + stale
     if free < need:
-        return [Problem("offload.nvme_path", f"{off.nvme_path!r} has {free:,} bytes free; the "
-                        f"plan puts {need:,} bytes there ({plan.memory.nvme:,} per rank, "
+        left = f" (with {stale:,} of a killed run's scratch files, removed at start)" if stale \
+            else ""
+        return [Problem("offload.nvme_path", f"{off.nvme_path!r} has {free:,} bytes free{left}; "
+                        f"the plan puts {need:,} bytes there ({plan.memory.nvme:,} per rank, "
                         f"{plan.gpus_per_node} on a node)",
                         "free space, choose a larger disk, or keep more groups on cpu")]
     return []

@@ -24,6 +24,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from orch.errors import OrchError
 from orch.offload.grad_homes import GradsForUpdate
 from orch.offload.homes import Homes
 from orch.offload.partition import Partition
@@ -115,6 +116,8 @@ class UnitUpdates:
             self.waited += time.perf_counter() - start
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, OrchError):  # the user's to fix (a full disk): said as it is
+                raise error
             raise RuntimeError("the CPU optimizer step failed") from error
 
     def wait_all(self) -> None:

@@ -22,6 +22,10 @@ backward for their update, and those reads then take nothing from disk. Kept cop
 room the pool has spare: when a request finds none, the copy due last goes first (what an
 optimal cache gives up: the one needed furthest in the future).
 
+The file's disk blocks are allocated as regions are added (``posix_fallocate``), before any
+write lands there: a full disk stops the run with :class:`NvmeFull` naming the numbers, where
+DeepSpeed's op counted the failed writes as done and the run went on with garbage.
+
 Between uses the owners keep *placeholders*: tensors with the right shape and dtype whose
 storage holds no bytes, so a parameter's ``data`` or an optimizer state entry costs no memory
 while its bytes are on disk.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from orch.errors import OrchError
 from orch.models.weights import placeholder
 from orch.offload.blockio import ALIGN, BlockIO, aligned
 
@@ -54,12 +60,44 @@ def scratch_file(directory: Path, rank: int) -> Path:
     an OOM kill skips the cleanup at the end of a run; a restarted run would otherwise leave
     one whole tier's bytes behind per failure). A file counts as left behind when the process
     id in its name is gone."""
-    for stale in Path(directory).glob(f"orch-rank{rank}-*.swap"):
-        pid = stale.name.removeprefix(f"orch-rank{rank}-").removesuffix(".swap")
-        if pid.isdigit() and not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
-            print(f"orch: removed {stale}, the NVMe scratch file of a killed run", flush=True)
+    for stale in stale_scratch_files(directory, rank):
+        stale.unlink(missing_ok=True)
+        print(f"orch: removed {stale}, the NVMe scratch file of a killed run", flush=True)
     return Path(directory) / f"orch-rank{rank}-{os.getpid()}.swap"
+
+
+def stale_scratch_files(directory: Path, rank: int | str = "*") -> list[Path]:
+    """Scratch files under ``directory`` of ``rank`` (any by default) whose process is gone:
+    a killed run's, which its next start removes (the launcher counts their bytes as free)."""
+    stale = []
+    for path in Path(directory).glob(f"orch-rank{rank}-*.swap"):
+        pid = path.name.removesuffix(".swap").rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.append(path)
+    return stale
+
+
+class NvmeFull(OrchError):
+    """The NVMe tier's file could not grow: the disk is full (or refused the space)."""
+
+
+def _reserve(path: Path, offset: int, nbytes: int) -> None:
+    """Allocate ``nbytes`` of ``path``'s disk blocks at ``offset`` before the tier writes
+    there. DeepSpeed's async I/O op counts a write that failed for want of space as done, so
+    on a full disk the run trained on, and checkpointed, garbage; allocating first turns that
+    into this error (``posix_fallocate`` writes zeros where a file system cannot allocate)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, offset, nbytes)
+    except OSError as exc:
+        directory = Path(path).parent
+        raise NvmeFull(
+            f"offload.nvme_path: the NVMe tier's file {path} cannot grow by {nbytes:,} bytes "
+            f"to {offset + nbytes:,} ({exc.strerror}; {shutil.disk_usage(directory).free:,} "
+            f"bytes free in {directory})\n    fix: free space, choose a larger disk, or keep "
+            "more groups on cpu") from exc
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -383,6 +421,7 @@ class NvmeTier:
             region = _Region(region.offset, nbytes, layout)
         else:
             with self._lock:
+                _reserve(self.path, self._end, nbytes)
                 region = _Region(self._end, nbytes, layout)
                 self._end += nbytes
         self._regions[key] = region

@@ -35,3 +35,24 @@ def test_a_disk_without_room_is_refused_with_the_numbers(tmp_path, monkeypatch):
     # the tiny model's AdamW moments: 3,033,344 parameters x 8 bytes
     assert (f"offload.nvme_path: '{tmp_path}' has 1,000 bytes free; the plan puts 24,266,752 "
             "bytes there (24,266,752 per rank, 1 on a node)") in text
+
+
+def test_a_killed_runs_scratch_file_counts_as_free(tmp_path, monkeypatch):
+    """After a kill -9 the relaunch refused: its free-space check counted the killed worker's
+    scratch file, which that relaunch's workers remove before they write, as used."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f"orch-rank0-{gone}.swap"
+    stale.write_bytes(b"\0" * 30_000_000)
+    live = tmp_path / f"orch-rank1-{__import__('os').getpid()}.swap"  # a running process's
+    live.write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    text = _problems(tmp_path, str(tmp_path))
+    assert "offload.nvme_path" not in text  # 30,001,000 free with the stale file: room
+    stale.write_bytes(b"\0" * 1000)
+    text = _problems(tmp_path, str(tmp_path))
+    assert (f"'{tmp_path}' has 2,000 bytes free (with 1,000 of a killed run's scratch files, "
+            "removed at start); the plan puts 24,266,752 bytes there") in text
