@@ -172,8 +172,8 @@ def run_other(name: str, sets: list[str], nvme_dir: Path, env: dict,
 def run_orch(sets: list[str], nvme_dir: Path, env: dict) -> dict:
     """Train with ``orch launch`` (one process, ``sets`` naming the offload tiers) and read
     back its metrics: the same fields as :func:`run_other`'s, and orch's TFLOP/s per step."""
-    rows, _ = launch("configs/tiny.yaml", 1,
-                     [*sets, "run.log_interval=1", f"offload.nvme_path={nvme_dir}"], env)
+    on_nvme = [f"offload.nvme_path={nvme_dir}"] if any(s.endswith("=nvme") for s in sets) else []
+    rows, _ = launch("configs/tiny.yaml", 1, [*sets, "run.log_interval=1", *on_nvme], env)
     offload = [r["offload"] for r in rows]
     return {"step_s": [r["step_time_s"] for r in rows], "losses": [r["loss"] for r in rows],
             "read": [o.get("nvme_read_bytes", 0) for o in offload],

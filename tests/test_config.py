@@ -222,6 +222,10 @@ MOE = ["model.experts=4"]
         (["offload.device_budget=1GB"], "offload.device_budget: 1000000000 is set, but nothing "
                                         "is offloaded"),  # was ignored
         (["offload.io_threads=4"], "offload.io_threads: 4 is set, but nothing rests on NVMe"),
+        (["offload.params=cpu", "offload.grads=cpu", "offload.nvme_path=/tmp"],
+         "offload.nvme_path: /tmp is set, but nothing rests on NVMe"),  # was ignored
+        (["offload.prefetch_depth=5"], "offload.prefetch_depth: 5 is set, but nothing is "
+                                       "offloaded"),  # was ignored
         (["offload.optimizer=cpu", "offload.cpu_adam=torch", "optimizer.name=adamw8bit"],
          "offload.cpu_adam: torch is set, but it picks the CPU step of AdamW"),  # was ignored
         (["train.compile=aot_eager", "parallel.pp=2", "train.recompute=full"],  # crashed later

@@ -315,13 +315,19 @@ def check_config(cfg: Config) -> list[Problem]:
     )
     defaults = type(off)()
     on_nvme = "nvme" in tiers.values()
-    for name in ("io_block_size", "io_queue_depth", "io_threads"):
+    for name in ("nvme_path", "io_block_size", "io_queue_depth", "io_threads"):
         need(
             on_nvme or getattr(off, name) == getattr(defaults, name),
             f"offload.{name}",
             f"{getattr(off, name)} is set, but nothing rests on NVMe, so no NVMe I/O applies",
             "set offload.params, grads, optimizer or activations to nvme, or leave it out",
         )
+    need(
+        off.enabled or off.prefetch_depth == defaults.prefetch_depth,
+        "offload.prefetch_depth",
+        f"{off.prefetch_depth} is set, but nothing is offloaded, so nothing is fetched ahead",
+        "set offload.params (and grads, optimizer) to cpu or nvme, or leave it out",
+    )
     need(
         off.prefetch_depth >= 0,
         "offload.prefetch_depth",
