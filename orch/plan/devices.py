@@ -50,6 +50,10 @@ class DeviceSpec:
     """Dense fp32 FLOP/s, what float32 matmuls run at (PyTorch leaves TF32 off by default, so
     they do not use the tensor cores); 0: ``peak_flops`` (``cpu``)."""
     description: str = ""
+    fused_norm: bool = True
+    """Whether torch's RMSNorm is one fused kernel here (CUDA: it keeps its input and
+    statistics) or composite (CPU builds: it also keeps the normalized tensor), what the memory
+    model counts of each norm."""
 
     def peak(self, precision: str) -> float:
         """FLOP/s at ``train.precision`` (``bf16`` or ``fp32``): what step times and MFU are
@@ -59,7 +63,8 @@ class DeviceSpec:
 
 
 OVERRIDABLE = tuple(
-    f.name for f in dataclasses.fields(DeviceSpec) if f.name not in ("name", "description")
+    f.name for f in dataclasses.fields(DeviceSpec)
+    if f.name not in ("name", "description", "fused_norm")
 )
 """Fields a cluster description may override: every number."""
 
@@ -119,6 +124,7 @@ DEVICES: dict[str, DeviceSpec] = {
             intra_node_bw=5e9, inter_node_bw=1.25e9, memory_bw=20e9, compute_efficiency=0.5,
             host_bw=5e9, intra_latency_s=20e-6, inter_latency_s=50e-6, matmul_half_size=2**14,
             description="CPU with gloo: loopback inside a host, 10 Gb/s Ethernet between",
+            fused_norm=False,
         ),
     )
 }

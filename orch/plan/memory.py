@@ -253,7 +253,8 @@ class MemoryEstimate:
     prefetch windows of offloaded ones, and buffers; ``cpu`` and ``nvme`` hold offloaded groups.
     ``window`` is the part of ``total`` the offload engine places (``offload.device_budget``
     bounds it), ``window_min`` the least it can work with: one unit's parameters, one
-    gradient on its way home and, when activations are swapped, one layer's saved activations.
+    gradient on its way home and, when activations are swapped, one unit's saved activations
+    (a block's, with the rotary tables each block copies).
     ``staging_min`` is the pinned CPU memory the NVMe tier stages through at once: a unit's
     parameters on their way to the device and another unit's parameters and optimizer states
     being updated (the groups that rest on NVMe); ``grad_staging`` the locked CPU memory
@@ -397,16 +398,17 @@ def estimate_memory(
                 params += max(1, depth) * unit_bytes
             grads = 2 * -(-grads // deg.dp_replicate) + max(1, depth) * unit_bytes
         groups = (params, grads, optim, act)
-        n_layers = max(1, nd + nm)
         # What the engine (orch.offload.engine) holds of an offloaded group: the unit in use
         # and up to depth - 1 prefetched, in the compute dtype; one matrix's gradient on its
         # way home; nothing of the optimizer (its step runs at home); activations: depth
         # layers' worth. Under bf16 also the float32 staging its copies convert through.
         copy_bytes = act_bytes * -(-unit // fsdp)
         converts = PARAM_BYTES * min(largest, CONVERSION_STAGING_ELEMENTS) * (act_bytes == 2)
-        minimum = (copy_bytes + converts, act_bytes * largest, 0, per_mb // n_layers)
-        windows = (max(1, depth) * copy_bytes + converts, *minimum[1:3],
-                   depth * per_mb // n_layers)
+        # a swapped unit copies every device tensor it saves, the tables each layer's
+        # attention shares (``every_stage``) too
+        unit_acts = max(nd and acts.dense, nm and acts.moe) + acts.every_stage
+        minimum = (copy_bytes + converts, act_bytes * largest, 0, unit_acts)
+        windows = (max(1, depth) * copy_bytes + converts, *minimum[1:3], depth * unit_acts)
         unit_optim = -(-whole_optim * -(-unit // fsdp) // max(1, n))
         staging = (2 * unit_bytes if tiers[0] == "nvme" else 0) + (
             unit_optim if tiers[2] == "nvme" else 0)

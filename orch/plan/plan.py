@@ -216,7 +216,7 @@ def evaluate(
     links = links if links is not None else machine.links(deg)
     planned = with_stage_layers(cfg, deg, machine)
     if memory is None or planned is not cfg:  # a memory estimate of another split is no use
-        memory = estimate_memory(planned, deg)
+        memory = estimate_memory(planned, deg, fused_norm=machine.device.fused_norm)
     cfg = planned
     stage_layers = _stage_layers(cfg, deg, machine)
     step = estimate_step_time(cfg, deg, links, machine.device,
@@ -303,7 +303,9 @@ def with_stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> Config:
     if layers % deg.pp:
         return by_flops
     limit = memory_limit(cfg, machine)
-    if estimate_memory(by_flops, deg).total <= limit or estimate_memory(cfg, deg).total > limit:
+    fused = machine.device.fused_norm
+    if (estimate_memory(by_flops, deg, fused_norm=fused).total <= limit
+            or estimate_memory(cfg, deg, fused_norm=fused).total > limit):
         return by_flops
     return _with_split(cfg, [layers // deg.pp] * deg.pp)
 

@@ -124,6 +124,7 @@ def _expert_layouts(cfg: Config, stage_ranks: int, tp: int) -> list[tuple[int, i
 def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
     result = SearchResult(best=[])
     limit = memory_limit(cfg, machine)
+    fused = machine.device.fused_norm  # what the memory model counts of each norm
     best_per_degrees: list[tuple[Plan, Machine]] = []
     # Every (micro-batch, recompute) variant of cfg, made once: thousands of degrees share them.
     variants = {(mb, r): _with_train(cfg, micro_batch=mb, recompute=r)
@@ -141,7 +142,8 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
             continue
         # The smallest micro-batch with full recompute needs the least memory: when even that
         # does not fit, no setting of these degrees does.
-        leanest = estimate_memory(split[(settings[0].train.micro_batch, "full")], deg)
+        leanest = estimate_memory(split[(settings[0].train.micro_batch, "full")], deg,
+                                  fused_norm=fused)
         if leanest.total > limit:
             count = len(settings) * len(RECOMPUTE)
             result.evaluated += count
@@ -158,7 +160,7 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
             for index, recompute in enumerate(RECOMPUTE):
                 trial = split[(batch_cfg.train.micro_batch, recompute)]
                 result.evaluated += 1
-                memory = estimate_memory(trial, deg)
+                memory = estimate_memory(trial, deg, fused_norm=fused)
                 if memory.total > limit:
                     result.over_memory += 1
                     result.over_memory_causes[_dominant_group(memory)] += 1

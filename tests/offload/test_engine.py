@@ -15,7 +15,7 @@ import threading
 
 import pytest
 import torch
-from offload_harness import BUDGET, train
+from offload_harness import BUDGET, tiny_cfg, train
 
 from orch.offload import transfers
 from orch.offload.blockio import DirectIO
@@ -202,6 +202,21 @@ def test_on_cuda_fetches_copy_on_a_side_stream_and_train_the_plain_numbers(tmp_p
 def test_a_budget_below_one_unit_is_refused_with_the_numbers():
     with pytest.raises(BudgetExceeded, match=r"layers\.0.*over the budget of 1,000,000"):
         train(True, budget=10**6)
+
+
+@pytest.mark.parametrize("activations", ["device", "cpu"])
+def test_the_plans_least_budget_is_enough(plain, activations):
+    """With swapped activations the plan's least budget (what ``orch launch`` accepts) was
+    short of what the engine then placed: it counted each norm as CUDA's fused kernel keeps it
+    (a CPU build also keeps the normalized tensor), and the rotary tables once, where every
+    swapped unit copies them. The run stopped on BudgetExceeded in its first backward."""
+    from orch.plan import build_plan
+
+    cfg = tiny_cfg("train.micro_batch=2", "offload.params=cpu", "offload.grads=cpu",
+                   "offload.optimizer=cpu", f"offload.activations={activations}")
+    least = build_plan(cfg, 1, 1, "cpu").memory.window_min
+    losses, _, _, peaks, *_ = train(True, activations=activations, budget=least)
+    assert losses == plain[0] and max(peaks) <= least
 
 
 @pytest.mark.parametrize("recompute", ["none", "full"])

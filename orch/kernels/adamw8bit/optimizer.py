@@ -177,8 +177,11 @@ class AdamW8bit(torch.optim.Optimizer):
             if not state:
                 continue
             want = self._state_shapes(p)
+            # (an offloaded run's loader passes stand-ins for states it reads a unit at a time)
             got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-            if got != want:
+            whole = len(got) == len(state)
+            if any(want.get(k) != shape for k, shape in got.items()) or (
+                    whole and got.keys() != want.keys()):
                 problems.append(f"parameter {index} (shape {tuple(p.shape)}) needs {want}, "
                                 f"the state dict has {got}")
         if problems:
