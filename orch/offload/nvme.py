@@ -46,8 +46,7 @@ import torch
 from orch.errors import OrchError
 from orch.models.weights import placeholder
 from orch.offload.blockio import ALIGN, BlockIO, aligned
-
-TENSOR_ALIGN = 64
+from orch.offload.sizes import TENSOR_ALIGN
 
 Due = tuple[int, int]
 """When a kept copy will be read next, as an order: (pass over the units, place in that pass);

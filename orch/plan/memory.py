@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from orch.config.schema import Config, ModelConfig
-from orch.offload.sizes import CONVERSION_STAGING_ELEMENTS, NVME_GRAD_BUFFERS
+from orch.offload.sizes import CONVERSION_STAGING_ELEMENTS, NVME_GRAD_BUFFERS, REGION_PADDING
 from orch.parallel.schedules.actions import rank_stages
 from orch.parallel.schedules.generators import placement_of
 from orch.plan.activations import (
@@ -422,8 +422,8 @@ def estimate_memory(
             window_min += min(size, least)
             if tier in ("cpu", "auto"):  # auto keeps layers only where the budget has room
                 cpu += size
-            else:
-                nvme += size
+            else:  # a region per unit, each padded
+                nvme += size + (nd + nm + first + last) * REGION_PADDING
         total += window
         if not best or total > best[5]:
             best = (*groups, buffers, total, cpu, nvme, p, window, window_min, staging,
