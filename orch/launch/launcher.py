@@ -23,12 +23,14 @@ from pathlib import Path
 
 from orch.config import Config, load_config
 from orch.errors import OrchError, PlanError, Problem, ProblemsError
+from orch.kernels.dispatch import kernel_choice_problem
 from orch.launch.failures import oom_kills, worker_failures
 from orch.launch.failures import summary as summary_of_failures
 from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
 from orch.launch.support import unsupported_features
+from orch.offload.nvme import stale_scratch_files
 from orch.parallel.pipeline.rebalance import (
     REBALANCE_EXIT,
     apply_rebalance,
@@ -206,8 +208,6 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     problems += _check_run_dir(Path(cfg.run.dir))
     problems += _check_drill(cfg, world)
     problems += _check_tensorboard(cfg)
-    from orch.kernels.dispatch import kernel_choice_problem  # torch: not for `orch plan`
-
     if (kernels := kernel_choice_problem()) is not None:
         problems.append(kernels)
     args.finished = None
@@ -334,8 +334,6 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
                         "choose a directory this user can write")]
     if plan is None:
         return []
-    from orch.offload.nvme import stale_scratch_files
-
     need = plan.memory.nvme * plan.gpus_per_node
     # a killed run's scratch files: the workers remove them before they write their own
     stale = sum(f.stat().st_size for f in stale_scratch_files(path) if f.exists())
