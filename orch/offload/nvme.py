@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from orch.errors import OrchError
+from orch.errors import Problem, ProblemsError
 from orch.models.weights import placeholder
 from orch.offload.blockio import ALIGN, BlockIO, aligned
 from orch.offload.sizes import TENSOR_ALIGN
@@ -76,8 +76,10 @@ def stale_scratch_files(directory: Path, rank: int | str = "*") -> list[Path]:
     return stale
 
 
-class NvmeFull(OrchError):
+class NvmeFull(ProblemsError):
     """The NVMe tier's file could not grow: the disk is full (or refused the space)."""
+
+    title = "the NVMe tier cannot grow"
 
 
 def _reserve(path: Path, offset: int, nbytes: int) -> None:
@@ -90,11 +92,11 @@ def _reserve(path: Path, offset: int, nbytes: int) -> None:
         os.posix_fallocate(fd, offset, nbytes)
     except OSError as exc:
         directory = Path(path).parent
-        raise NvmeFull(
-            f"offload.nvme_path: the NVMe tier's file {path} cannot grow by {nbytes:,} bytes "
+        raise NvmeFull([Problem(
+            "offload.nvme_path", f"the NVMe tier's file {path} cannot grow by {nbytes:,} bytes "
             f"to {offset + nbytes:,} ({exc.strerror}; {shutil.disk_usage(directory).free:,} "
-            f"bytes free in {directory})\n    fix: free space, choose a larger disk, or keep "
-            "more groups on cpu") from exc
+            f"bytes free in {directory})",
+            "free space, choose a larger disk, or keep more groups on cpu")]) from exc
     finally:
         os.close(fd)
 
