@@ -22,7 +22,7 @@ from orch.plan.cost import StepTime, estimate_step_time, head_flops, layer_flops
 from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
 from orch.plan.machine import Machine, resolve_machine
-from orch.plan.memory import MemoryEstimate, estimate_memory
+from orch.plan.memory import MemoryEstimate, estimate_memory, model_key
 from orch.plan.placement import (
     NodePlace,
     balanced_split,
@@ -275,11 +275,18 @@ def _speeds(machine: Machine, deg: Degrees) -> list[float]:
     return stage_speeds(machine.topology, deg)
 
 
+_LAYER_WORK: dict[tuple, tuple[float, ...]] = {}
+"""``layer_work`` by model shape and sequence length (the search asks per candidate)."""
+
+
 def layer_work(cfg: Config) -> tuple[float, ...]:
     """Each layer's training FLOPs per token, the output head's added to the last layer's: what
     a pipeline split evens out (here, and in the re-partition by measured speed)."""
-    *body, last = layer_flops(cfg.model, cfg.train.seq_len)
-    return (*body, last + head_flops(cfg.model))
+    key = (model_key(cfg.model), cfg.train.seq_len)
+    if key not in _LAYER_WORK:
+        *body, last = layer_flops(cfg.model, cfg.train.seq_len)
+        _LAYER_WORK[key] = (*body, last + head_flops(cfg.model))
+    return _LAYER_WORK[key]
 
 
 def _chunk_work(cfg: Config, stage_layers: tuple[int, ...]) -> list[float]:
