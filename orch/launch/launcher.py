@@ -335,8 +335,12 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
     if plan is None:
         return []
     need = plan.memory.nvme * plan.gpus_per_node
-    # a killed run's scratch files: the workers remove them before they write their own
-    stale = sum(f.stat().st_size for f in stale_scratch_files(path) if f.exists())
+    # A killed run's scratch files of the ranks this run has: its workers remove those before
+    # they write their own. On one node every rank is here; across nodes, which land here is
+    # settled only at rendezvous, so none are counted.
+    ranks = range(plan.world_size) if plan.nodes == 1 else range(0)
+    stale = sum(f.stat().st_blocks * 512 for rank in ranks
+                for f in stale_scratch_files(path, rank) if f.exists())
     free = shutil.disk_usage(path).free + stale
     if free < need:
         left = f" (with {stale:,} of a killed run's scratch files, removed at start)" if stale \

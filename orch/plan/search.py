@@ -173,9 +173,12 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                     result.unconnected += not placed
                 if not placed:
                     break
-                plan, variant = min(((evaluate(trial, deg, m, links, memory), m)
-                                     for m, links in placed),
-                                    key=lambda pair: placement_key(*pair))
+                if machine.cluster is None:  # one node order: the split priced above
+                    priced = [(evaluate(trial, deg, m, links, memory), m) for m, links in placed]
+                else:  # devices of different speeds: each node order splits by its own
+                    key = (batch_cfg.train.micro_batch, recompute)
+                    priced = [(evaluate(variants[key], deg, m, links), m) for m, links in placed]
+                plan, variant = min(priced, key=lambda pair: placement_key(*pair))
                 if best is None or _rank_key(plan) < _rank_key(best[0]):
                     best = plan, variant
                 break

@@ -94,9 +94,10 @@ class MetricsLog:
     """Writes metrics on rank 0: a line to ``out`` and a JSON object to ``metrics.jsonl``.
 
     A resumed run first moves the records after ``resume_step`` (steps it will redo) to
-    ``metrics.superseded.jsonl``, so the file always reads as one run and nothing logged is
-    lost: if this run dies before its first checkpoint, the next may resume from a later one
-    whose steps are those records.
+    ``metrics.superseded.jsonl`` (appended, oldest first), so the file reads as the run since
+    that checkpoint and nothing logged is deleted. They are not put back: when this run dies
+    before its first checkpoint and the next resumes from a later one, the records of the steps
+    in between are in that file, not in ``metrics.jsonl``.
     """
 
     def __init__(self, run_dir: Path, enabled: bool, out: IO[str], resume_step: int = 0,

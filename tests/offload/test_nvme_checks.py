@@ -40,7 +40,8 @@ def test_a_disk_without_room_is_refused_with_the_numbers(tmp_path, monkeypatch):
 
 def test_a_killed_runs_scratch_file_counts_as_free(tmp_path, monkeypatch):
     """After a kill -9 the relaunch refused: its free-space check counted the killed worker's
-    scratch file, which that relaunch's workers remove before they write, as used."""
+    scratch file, which that relaunch's workers remove before they write, as used. Only the
+    files of ranks the run has count (those its workers remove), by the blocks they hold."""
     import subprocess
     import sys
 
@@ -54,6 +55,10 @@ def test_a_killed_runs_scratch_file_counts_as_free(tmp_path, monkeypatch):
     text = _problems(tmp_path, str(tmp_path))
     assert "offload.nvme_path" not in text  # 30,001,000 free with the stale file: room
     stale.write_bytes(b"\0" * 1000)
+    held = stale.stat().st_blocks * 512  # what removing it frees
     text = _problems(tmp_path, str(tmp_path))
-    assert (f"'{tmp_path}' has 2,000 bytes free (with 1,000 of a killed run's scratch files, "
-            "removed at start); the plan puts 24,315,904 bytes there") in text
+    assert (f"'{tmp_path}' has {1000 + held:,} bytes free (with {held:,} of a killed run's "
+            "scratch files, removed at start); the plan puts 24,315,904 bytes there") in text
+    other = tmp_path / f"orch-rank3-{gone}.swap"  # a rank this one-process run does not have
+    other.write_bytes(b"\0" * 30_000_000)  # (its workers would not remove it)
+    assert f"has {1000 + held:,} bytes free" in _problems(tmp_path, str(tmp_path))

@@ -182,3 +182,37 @@ def test_the_header_counts_nodes_of_different_sizes(tmp_path) -> None:
                                             "train.micro_batch=1"])
     header = render_plan(build_plan(cfg, None, None, None)).splitlines()[0]
     assert header == "plan for tiny on 12 x h100-sxm-80gb (2 nodes: 1 x 8 + 1 x 4)"
+
+
+def test_the_search_splits_each_node_order_by_its_own_speeds(tmp_path, monkeypatch) -> None:
+    """``--auto`` priced every node order with the split made for the listed one: with H100
+    nodes on Ethernet and A100 nodes on InfiniBand listed H, A, H, A, the pipeline it chose ran
+    the H100s first but kept the listed order's 17/15 (220 s a step), where the plan of the same
+    degrees and order splits 25/7 (133 s); such plans could drop out of the ranking."""
+    import importlib
+
+    search_module = importlib.import_module("orch.plan.search")  # (orch.plan.search: a function)
+    eth = "{name: eth0, type: ethernet, bandwidth_gbps: 100, network: dc}"
+    ib = "{name: mlx5_0, type: ib, bandwidth_gbps: 400, network: ib}"
+    path = tmp_path / "mixed.yaml"
+    path.write_text("nodes:\n" + "".join(
+        f"  - {{name: {name}, device: {device}, devices: 8, nics: [{nics}]}}\n"
+        for name, device, nics in (("h0", "h100", eth), ("a0", "a100", f"{ib}, {eth}"),
+                                   ("h1", "h100", eth), ("a1", "a100", f"{ib}, {eth}"))))
+    every = search_module.candidate_degrees
+    monkeypatch.setattr(search_module, "candidate_degrees", lambda cfg, machine: (
+        d for d in every(cfg, machine) if d.pp == 2 and d.tp == 8 and d.cp == 1))
+    cluster = f"cluster={path}"
+    cfg = load_config("configs/llama3-8b.yaml", [cluster])
+    result = search_module.search(cfg, resolve_machine(cfg, None, None, None, []), top=3)
+    assert result.best
+    for plan in result.best:
+        d = plan.degrees
+        sets = [f"parallel.{name}={getattr(d, name)}" for name in (
+            "pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "virtual_stages")]
+        sets += [f"train.micro_batch={plan.micro_batch}", f"train.recompute={plan.recompute}"]
+        own = build_plan(load_config("configs/llama3-8b.yaml", [cluster, *sets]), None, None,
+                         None)
+        assert [n.name for n in own.placement] == [n.name for n in plan.placement], d.short()
+        assert own.layers_per_stage == plan.layers_per_stage, d.short()
+        assert own.step.total_s == pytest.approx(plan.step.total_s), d.short()
