@@ -179,13 +179,15 @@ def _collective(size: float, n: int, link: Link) -> float:
 
 
 def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
-                       device: DeviceSpec, stage_load: float = 1.0) -> StepTime:
+                       device: DeviceSpec, stage_load: float = 1.0,
+                       rank_layers: float | None = None) -> StepTime:
     """Seconds per optimizer step of ``cfg`` laid out as ``deg`` over ``links``.
 
     ``links`` maps each group dimension of ``orch.plan.layout`` to its link (from
     ``Topology.links``); only dimensions of size above one are read. ``stage_load`` scales the
     compute to the slowest pipeline rank's (uneven layers, or devices of different speeds),
-    against an even split at ``device``'s speed.
+    against an even split at ``device``'s speed; ``rank_layers``, the most layers a pipeline
+    rank holds (default an even share), sets the collectives and recompute inside layers.
     """
     m, t = cfg.model, cfg.train
     pc = param_counts(m)
@@ -200,7 +202,8 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     full = t.recompute == "full"
     compute = stage_load * (fpt + full * fpt / 3) * tokens / deg.world / rate
     micro = max(1.0, t.global_batch / (t.micro_batch * deg.dp))
-    layers, moe_layers = m.layers / deg.pp, pc.moe_layers / deg.pp
+    layers = rank_layers if rank_layers is not None else m.layers / deg.pp
+    moe_layers = layers * pc.moe_layers / m.layers
     if t.recompute == "selective":
         dense_bytes, moe_bytes = recomputed_layer_bytes(cfg, deg)
         remade = micro * ((layers - moe_layers) * dense_bytes + moe_layers * moe_bytes)

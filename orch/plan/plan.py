@@ -220,7 +220,9 @@ def evaluate(
     cfg = planned
     stage_layers = _stage_layers(cfg, deg, machine)
     step = estimate_step_time(cfg, deg, links, machine.device,
-                              stage_load=_stage_load(cfg, deg, machine, stage_layers))
+                              stage_load=_stage_load(cfg, deg, machine, stage_layers),
+                              rank_layers=max(sum(stage_layers[chunk] for chunk in chunks)
+                                              for chunks in _rank_chunks(cfg, deg)))
     limit = memory_limit(cfg, machine)
     t = cfg.train
     return Plan(
@@ -260,12 +262,19 @@ def _stage_load(cfg: Config, deg: Degrees, machine: Machine,
         return 1.0
     speeds = _speeds(machine, deg)
     work = _chunk_work(cfg, stage_layers)
-    placement = placement_of(cfg.parallel.pp_schedule)
-    times = [sum(work[chunk] for chunk in ([rank] if deg.virtual_stages == 1 else rank_stages(
-                 rank, deg.pp, deg.virtual_stages, placement))) / speeds[rank]
-             for rank in range(deg.pp)]
+    times = [sum(work[chunk] for chunk in chunks) / speed
+             for chunks, speed in zip(_rank_chunks(cfg, deg), speeds, strict=True)]
     even = sum(work) / deg.pp / min(speeds)
     return max(times) / even
+
+
+def _rank_chunks(cfg: Config, deg: Degrees) -> list[list[int]]:
+    """The pipeline chunks each rank runs (chunk ``r`` on rank ``r`` without virtual stages)."""
+    if deg.virtual_stages == 1:
+        return [[rank] for rank in range(deg.pp)]
+    placement = placement_of(cfg.parallel.pp_schedule)
+    return [list(rank_stages(rank, deg.pp, deg.virtual_stages, placement))
+            for rank in range(deg.pp)]
 
 
 def _speeds(machine: Machine, deg: Degrees) -> list[float]:

@@ -133,3 +133,13 @@ def test_the_even_split_stays_where_only_it_fits() -> None:
 
     assert plan(4096).layers_per_stage == (17, 15) and plan(4096).fits
     assert plan(4608).layers_per_stage == (16, 16) and plan(4608).fits
+
+
+def test_collectives_inside_layers_follow_the_busiest_stage() -> None:
+    """Tensor-parallel traffic was priced for an even share of the layers (16 of 32) while the
+    compute followed the slowest stage; the 17/15 split's first stage runs 17 layers' worth."""
+    def comm(*sets: str) -> float:
+        cfg = load_config("configs/llama3-8b.yaml", ["parallel.pp=2", "parallel.tp=2", *sets])
+        return build_plan(cfg, 16, 8, "h100").step.comm_s["tp"]
+
+    assert comm() == pytest.approx(comm("parallel.stage_layers=[16,16]") * 17 / 16)
