@@ -75,9 +75,11 @@ def flash_attention(
     path raise. Everything else runs the reference.
 
     Raises:
-        AttentionInputError (a ``ValueError``): bad shapes, dtypes, devices, head counts,
-        ``causal`` with ``seq_q != seq_k``, or inputs the selected kernel cannot take; the
-        message names the argument and the fix.
+        AttentionInputError (a ``ValueError``): bad shapes (an empty batch or sequence too,
+        where torch's SDPA returns an empty result), dtypes, devices, head counts, ``causal``
+        with ``seq_q != seq_k``, a ``softmax_scale`` that is not a finite number, or inputs the
+        selected kernel cannot take; the message names the argument and the fix. Double
+        backward runs on the reference path only.
     """
     check_inputs(q, k, v, causal, softmax_scale)
     if use_triton("flash_attention", q, k, v):
