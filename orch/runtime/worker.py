@@ -8,6 +8,7 @@ and training.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -196,7 +197,14 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     if par.pipeline is not None and cfg.parallel.pp_rebalance_threshold > 0:
         from orch.parallel.pipeline.rebalance import Repartitioner
 
-        repartitioner = Repartitioner(cfg, list(plan.layers_per_stage), run_dir, rank)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+        def fits(split: list[int]) -> bool:  # (or the run's own split does not fit either)
+            moved = dataclasses.replace(cfg, parallel=dataclasses.replace(
+                cfg.parallel, stage_layers=split))
+            return launch_plan(moved, world, local_world).fits or not plan.fits
+
+        repartitioner = Repartitioner(cfg, list(plan.layers_per_stage), run_dir, rank, fits)
     try:
         trainer = Trainer(cfg, plan, model, optimizer, stream, metrics, device, save, autocast,
                           par.positions, par.token_group, par.ledger, par.pipeline,

@@ -49,6 +49,25 @@ def test_a_last_stage_slow_by_its_head_is_not_taken_for_a_slow_device():
     assert meter.proposal([6, 6], threshold=1.2, work=(1.0,) * 11 + (7.0,)) == [9, 3]
 
 
+@pytest.mark.parametrize("room", [True, False])
+def test_a_split_that_does_not_fit_is_not_proposed(tmp_path, capsys, room):
+    """The plan keeps the even split where the split by FLOPs does not fit in memory; the
+    re-partition by measured speed proposed its split without asking, and could put more
+    layers on the first stage (the most micro-batches in flight) than it has room for."""
+    from orch.parallel.pipeline.rebalance import Repartitioner
+
+    cfg = load_config("configs/tiny.yaml", ["parallel.pp=2", "parallel.pp_rebalance_threshold=1.2",
+                                            "parallel.pp_rebalance_steps=1"])
+    asked = []
+    repartitioner = Repartitioner(cfg, [2, 2], tmp_path, 0,
+                                  fits=lambda split: asked.append(split) or room)
+    assert repartitioner._observe(_timeline([0.2, 0.6])) == (None, False)  # the warm-up step
+    proposal, done = repartitioner._observe(_timeline([0.2, 0.6]))
+    assert asked == [[3, 1]] and done and proposal == ([3, 1] if room else None)
+    dropped = "3/1 would even them out but does not fit in device memory: not re-partitioning"
+    assert (dropped in capsys.readouterr().out) is not room
+
+
 def _spans(*rows: list[tuple[str, float, float]]) -> Timeline:
     spans = [[Span(Action.parse(text), start, end) for text, start, end in row] for row in rows]
     return Timeline(spans, max(s.end for row in spans for s in row), [0.0] * len(rows),

@@ -110,8 +110,13 @@ class Repartitioner:
     each logged step; pipeline rank 0 of the world measures and decides, and the decision is
     broadcast so that every rank saves and restarts together."""
 
-    def __init__(self, cfg: Config, split: list[int], run_dir: Path, rank: int) -> None:
+    def __init__(self, cfg: Config, split: list[int], run_dir: Path, rank: int,
+                 fits: Callable[[list[int]], bool] = lambda split: True) -> None:
+        """``fits``: whether the plan of a split fits in device memory (a split by measured
+        speed can give the first stage, which holds the most micro-batches in flight, more
+        layers than it has room for; such a proposal is dropped, and the log says so)."""
         p = cfg.parallel
+        self.fits = fits
         self.enabled = p.pp_rebalance_threshold > 0
         self.threshold, self.steps = p.pp_rebalance_threshold, p.pp_rebalance_steps
         self.split = split
@@ -158,6 +163,12 @@ class Repartitioner:
             return None, False
         if self.record is None:  # deciding
             proposal = self.meter.proposal(self.split, self.threshold, self.work)
+            if proposal is not None and not self.fits(proposal):
+                print(f"orch: pipeline stages computed {_slashed(self.meter.per_step())} s per "
+                      f"step with {_slashed(self.split)} layers; {_slashed(proposal)} would "
+                      "even them out but does not fit in device memory: not re-partitioning",
+                      flush=True)
+                proposal = None
             return proposal, True
         self.record |= self._measured("after")  # the new split's
         write_rebalance(self.run_dir, self.record)
