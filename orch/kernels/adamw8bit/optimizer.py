@@ -6,9 +6,9 @@ State per parameter (``optimizer.state[p]``), the same on the CPU and GPU paths:
 - tensors of two or more dimensions with at least ``min_8bit_size`` elements and rows of at
   least ``MIN_ROW`` (counted on the whole, unsharded parameter; a narrower row's absmax per
   block would cost more than the codes save): ``exp_avg`` and ``exp_avg_sq``, uint8 codes
-  shaped like the
-  parameter (signed and unsigned dynamic map), and ``exp_avg_absmax`` and ``exp_avg_sq_absmax``,
-  fp32 ``[rows, ceil(rest / 256)]``, one per 256-element block of a row (see ``quant``);
+  shaped like the parameter (signed and unsigned dynamic map), and ``exp_avg_absmax`` and
+  ``exp_avg_sq_absmax``, fp32 ``[rows, ceil(rest / 256)]``, one per 256-element block of a
+  row (see ``quant``);
 - every other tensor (small ones, and 1-D ones such as norm gains and biases, which have no rows
   to align blocks with): fp32 ``exp_avg`` and ``exp_avg_sq`` shaped like the parameter, whatever
   its dtype (in bf16, ``v *= 0.999`` rounds back to ``v``: the second moment would never decay).
