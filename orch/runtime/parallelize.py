@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,13 +56,20 @@ if TYPE_CHECKING:  # imported where built: torch.distributed.pipelining adds ~1.
 
 class RanksDisagree(PlanError):
     """Ranks hold different plans, or a mesh that is not the plan's: every rank raises it, and
-    only rank 0 prints it (``speaker``), so the user reads one message."""
+    only rank 0 prints it (``speaker``), so the user reads one message; the first rank of each
+    other node prints a line that points there (``pointer``), since each node's launcher shows
+    only its own workers' output."""
 
     title = "ranks disagree"
 
-    def __init__(self, problems: list[Problem], speaker: bool) -> None:
+    def __init__(self, problems: list[Problem], speaker: bool, pointer: bool = False) -> None:
         super().__init__(problems)
         self.speaker = speaker
+        self.pointer = pointer
+
+    def pointer_line(self) -> str:
+        return ("ranks disagree on the plan; rank 0's node shows which ranks hold which plan, "
+                "and the settings that differ")
 
 
 @dataclass
@@ -232,8 +240,9 @@ def _agree(what: str, fingerprint: str, problems: list[str],
     world = dist.get_world_size()
     if world == 1 and not problems:
         return
-    gathered: list[tuple[str, list[str], dict[str, str]] | None] = [None] * world
-    dist.all_gather_object(gathered, (fingerprint, problems, settings or {}))
+    node = os.environ.get("GROUP_RANK", "0")  # torchrun's number for this node
+    gathered: list[tuple[str, list[str], dict[str, str], str] | None] = [None] * world
+    dist.all_gather_object(gathered, (fingerprint, problems, settings or {}, node))
     views: dict[str, list[int]] = {}
     found: list[Problem] = []
     for rank, item in enumerate(gathered):
@@ -247,7 +256,11 @@ def _agree(what: str, fingerprint: str, problems: list[str],
             "start every node with the same config file, --set overrides, data and orch "
             "version"))
     if found:
-        raise RanksDisagree(found, speaker=dist.get_rank() == 0)
+        rank = dist.get_rank()
+        nodes = [item[3] for item in gathered if item is not None]
+        first_here = min(r for r, item in enumerate(nodes) if item == node)
+        raise RanksDisagree(found, speaker=rank == 0,
+                            pointer=rank == first_here and nodes[0] != node)
 
 
 def _differences(settings: list[dict[str, str]]) -> str:

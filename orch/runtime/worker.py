@@ -229,6 +229,8 @@ def main() -> None:
     except OrchError as exc:
         if not isinstance(exc, RanksDisagree) or exc.speaker:
             print(f"orch worker: {exc}", file=sys.stderr, flush=True)
+        elif exc.pointer:
+            print(f"orch worker: {exc.pointer_line()}", file=sys.stderr, flush=True)
         record_failure(exc)
         code = exc.exit_code
     except BaseException as exc:  # a bug, or torch's (out of memory, a peer gone)

@@ -3,7 +3,8 @@
 Two ``orch launch`` processes on this machine form a 2-node job (one rank each) through a c10d
 rendezvous on localhost. Each validates its own config and plans a world of 2 happily, but the
 second was given another learning rate: the workers compare plan fingerprints before building
-any mesh, and every rank stops; only rank 0 explains, naming which ranks hold which plan.
+any mesh, and every rank stops; only rank 0 explains, naming which ranks hold which plan, and
+the other node's first worker says where to look.
 """
 
 from __future__ import annotations
@@ -41,10 +42,15 @@ def test_nodes_with_different_configs_stop_with_one_message(tmp_path):
         # numbers the nodes as they join, so no node claims a rank (each said its --node-rank)
         assert (f"orch launch: this node (one of 2, numbered as they join) waits at "
                 f"127.0.0.1:{port} for the others") in text
-    # Only rank 0 explains; with a c10d rendezvous that is whichever node joined first.
-    speakers = [text for text in said if "ranks disagree" in text]
+    # Only rank 0 explains; with a c10d rendezvous that is whichever node joined first. The
+    # other node's launcher shows only its own worker, which points there in one line.
+    speakers = [text for text in said if "ranks disagree (" in text]
     assert len(speakers) == 1 and speakers[0].count("ranks disagree") == 1, done
     message = speakers[0]
+    other = next(text for text in said if text is not message)
+    assert other.count("ranks disagree") == 1, other
+    assert ("orch worker: ranks disagree on the plan; rank 0's node shows which ranks hold which "
+            "plan") in other
     assert "ranks 0 have fsdp2, config " in message and "ranks 1 have fsdp2, config " in message
     assert "differing: train.lr: 0.001 on ranks 0, 0.002 on ranks 1" in message  # which one
     assert "fix: start every node with the same config file, --set overrides" in message
