@@ -239,7 +239,8 @@ class Trainer:
         tokens_per_s = tokens / secs
         tflops = self.plan.step.flops_per_token * tokens_per_s / self.plan.world_size / 1e12
         used, total = memory_bytes(self.device)
-        devices = self._devices()
+        offload = None if self.offload is None else self.offload.step_record()
+        devices = self._devices(offload)
         self.metrics.log(
             StepMetrics(
                 step=done.step, steps=t.steps, loss=float(losses.flatten()[0]), lr=done.lr,
@@ -247,21 +248,25 @@ class Trainer:
                 aux_loss=None if done.aux_loss is None else float(losses[1]),
                 expert_load=None if loads is None else loads.int().tolist(),
                 comm_bytes=done.comm_bytes, pipeline_idle=idle, pipeline_transfer_s=transfers,
-                offload=None if self.offload is None else self.offload.step_record(),
+                offload=offload,
                 tokens=tokens, step_time_s=secs, tokens_per_s=tokens_per_s, tflops=tflops,
                 mfu=tflops * 1e12 / self.plan.peak_flops, mem_bytes=used, mem_total_bytes=total,
                 devices=devices,
             )
         )
 
-    def _devices(self) -> list[dict]:
-        """Every rank's device reading (``orch.runtime.telemetry``), by rank; all ranks call."""
+    def _devices(self, offload: dict | None) -> list[dict]:
+        """Every rank's device reading (``orch.runtime.telemetry``), by rank, with its offload
+        figures on several replicas (each has its own budget, and under a partitioned optimizer
+        its own units and NVMe traffic; the record's ``offload`` is rank 0's); all ranks call."""
         if self._telemetry is None:
             rank = dist.get_rank() if dist.is_initialized() else 0
             self._telemetry = Telemetry(self.device, rank)
         reading = self._telemetry.read()
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return [reading]
+        if offload is not None:
+            reading = {**reading, "offload": offload}
         readings: list[dict] = [{}] * dist.get_world_size()
         dist.all_gather_object(readings, reading)
         return readings

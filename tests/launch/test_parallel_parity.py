@@ -346,11 +346,15 @@ def test_replication_with_tp_is_refused(tmp_path):
 
 
 def test_offloaded_replicas_kept_their_device_budget(runs):
-    """Two replicas, each the whole MoE model at home in CPU memory: every step's peak within
-    the budget (their numbers equal the single process's in the tests above)."""
+    """Two replicas, each the whole MoE model at home in CPU memory: every step's peak on each
+    replica within the budget (their numbers equal the single process's in the tests above);
+    ``offload`` is rank 0's figures, each rank's are in its ``devices`` reading."""
     for record in metrics(runs["offload_dp2_moe"]):
-        peak, budget = record["offload"]["device_peak_bytes"], REPLICAS_BUDGET
-        assert record["offload"]["device_budget_bytes"] == budget and 0 < peak <= budget
+        assert [d["rank"] for d in record["devices"]] == [0, 1]
+        assert record["devices"][0]["offload"] == record["offload"]
+        for figures in (d["offload"] for d in record["devices"]):
+            peak, budget = figures["device_peak_bytes"], REPLICAS_BUDGET
+            assert figures["device_budget_bytes"] == budget and 0 < peak <= budget
 
 
 @pytest.mark.parametrize("layout", ["offload_dp2_moe_shared", "offload_dp2_moe_shared_nvme"])
