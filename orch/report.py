@@ -3,7 +3,8 @@
 Read from what the run wrote (``metrics.jsonl``, ``plan.json``, ``config.yaml``, the pipeline
 timeline and checkpoints), written to ``RUN_DIR/report/`` (or ``--out``):
 
-- ``loss.png``: the language-model loss per logged step (and the MoE balancing term);
+- ``loss.png``: the language-model loss per logged step (and the MoE balancing term), with a
+  line where it first was not finite;
 - ``throughput.png``: tokens/s per logged step, with MFU on the right-hand axis;
 - ``memory.png``: each rank's device memory (GPU memory used, or the process's resident set on
   CPU) from the telemetry readings, or rank 0's peak where a run has none;
@@ -65,16 +66,23 @@ def _number(value: Any, least: float = -math.inf) -> bool:
             and math.isfinite(value) and value >= least)
 
 
+def _loss_value(value: Any) -> bool:
+    """A loss as the runtime writes it: a number, or null where it was not finite (a diverged
+    step is what a report must show, not skip)."""
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
 def _bad_field(record: dict[str, Any]) -> str | None:
     """What in a step record the report cannot use (``field: value``, with why), or None: each
     field it reads, of the type and range the runtime writes (a hand-edited or foreign line
     crashed the report)."""
-    for key, least in (("step", 1), ("steps", 1), ("loss", -math.inf), ("tokens_per_s", 0),
-                       ("mfu", 0), ("mem_bytes", 0)):
+    for key, least in (("step", 1), ("steps", 1), ("tokens_per_s", 0), ("mfu", 0),
+                       ("mem_bytes", 0)):
         if not _number(record.get(key), least):
             return f"{key} is {record.get(key)!r}, not a number of at least {least}"
-    if record.get("aux_loss") is not None and not _number(record["aux_loss"]):
-        return f"aux_loss is {record['aux_loss']!r}, not a number"
+    for key in ("loss", *(["aux_loss"] if "aux_loss" in record else [])):
+        if not _loss_value(record.get(key)):
+            return f"{key} is {record.get(key)!r}, not a number (or null where not finite)"
     comm = record.get("comm_bytes")
     if comm is not None and not (isinstance(comm, dict)
                                  and all(_number(v, 0) for v in comm.values())):
@@ -137,43 +145,60 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _finite(value: float | None) -> float:
+    """A loss to plot: NaN (a gap in the line) where it was not finite."""
+    return math.nan if value is None or not math.isfinite(value) else value
+
+
+def not_finite(records: list[dict]) -> list[int]:
+    """The logged steps whose loss was not finite (NaN or infinite: null in metrics.jsonl)."""
+    return [r["step"] for r in records if math.isnan(_finite(r["loss"]))]
+
+
 def _loss(out: Path, steps: list[int], records: list[dict]) -> Path:
     fig, ax = _figure("loss", "cross-entropy")
-    ax.plot(steps, [r["loss"] for r in records], label="language-model loss")
+    ax.plot(steps, [_finite(r["loss"]) for r in records], label="language-model loss")
     if any(r.get("aux_loss") is not None for r in records):
-        ax.plot(steps, [r.get("aux_loss") or 0.0 for r in records], label="MoE balancing term")
+        ax.plot(steps, [_finite(r.get("aux_loss")) for r in records], label="MoE balancing term")
+    if bad := not_finite(records):
+        ax.axvline(bad[0], color="red", linestyle="--",
+                   label=f"loss not finite from step {bad[0]}")
     ax.legend()
     return _save(fig, out / "loss.png")
 
 
 def _throughput(out: Path, steps: list[int], records: list[dict]) -> Path:
     fig, ax = _figure("throughput", "tokens/s")
-    ax.plot(steps, [r["tokens_per_s"] for r in records])
-    # MFU is tokens/s times a constant of the run (FLOPs per token over devices x peak): one
-    # line, read on either axis
-    per_token = next((r["mfu"] / r["tokens_per_s"] for r in records if r["tokens_per_s"]), 0.0)
-    if per_token:
-        mfu = ax.secondary_yaxis("right", functions=(lambda t: 100 * t * per_token,
-                                                     lambda m: m / (100 * per_token)))
-        mfu.set_ylabel("MFU (%)")
+    ax.plot(steps, [r["tokens_per_s"] for r in records], label="tokens/s")
+    # MFU as recorded, on its own axis: its ratio to tokens/s changes with the world size and
+    # device when a run resumes onto another plan
+    right = ax.twinx()
+    right.plot(steps, [100 * r["mfu"] for r in records], color="tab:orange", linestyle=":",
+               label="MFU")
+    right.set_ylabel("MFU (%)")
+    right.set_ylim(bottom=0)
+    ax.legend(handles=[*ax.get_lines(), *right.get_lines()], loc="lower right")
     return _save(fig, out / "throughput.png")
 
 
-def memory_by_rank(records: list[dict]) -> dict[int, list[float]]:
-    """GiB per rank per logged step: telemetry readings, else rank 0's peak (``mem_bytes``)."""
+def memory_by_rank(records: list[dict]) -> dict[int, list[tuple[int, float]]]:
+    """``(step, GiB)`` per rank per logged step where the rank has a reading: telemetry
+    readings (a run resumed onto more ranks has the new ranks from its resume on), else rank
+    0's peak (``mem_bytes``)."""
     if not all(r.get("devices") for r in records):
-        return {0: [r["mem_bytes"] / GIB for r in records]}
-    out: dict[int, list[float]] = {}
+        return {0: [(r["step"], r["mem_bytes"] / GIB) for r in records]}
+    out: dict[int, list[tuple[int, float]]] = {}
     for record in records:
         for reading in record["devices"]:
-            out.setdefault(reading["rank"], []).append(memory_in_use(reading) / GIB)
+            out.setdefault(reading["rank"], []).append(
+                (record["step"], memory_in_use(reading) / GIB))
     return out
 
 
 def _memory(out: Path, steps: list[int], records: list[dict]) -> Path:
     fig, ax = _figure("memory per rank", "GiB")
-    for rank, values in sorted(memory_by_rank(records).items()):
-        ax.plot(steps[: len(values)], values, label=f"rank {rank}")
+    for rank, points in sorted(memory_by_rank(records).items()):
+        ax.plot(*zip(*points, strict=True), label=f"rank {rank}")
     ax.legend(ncol=4, fontsize="small")
     return _save(fig, out / "memory.png")
 
@@ -200,23 +225,26 @@ def _summary(run_dir: Path, records: list[dict], written: list[Path]) -> str:
         print(f"orch report: {run_dir / 'plan.json'} is missing or unreadable; the plan is left "
               "unknown in the summary", file=sys.stderr)
     last = records[-1]
-    steady = records[1:] or records  # the first step includes warm-up
-    mean_of = "logged steps after the first" if records[1:] else "the one logged step"
-    degrees = plan.get("degrees", {})
-    layout = ", ".join(f"{k}={degrees[k]}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp",
-                                                      "ep", "etp") if degrees.get(k, 1) > 1)
+    # the median: the first step of every start (a resume's too) includes warm-up
+    steady = records[1:] or records
+    over = "logged steps after the first" if records[1:] else "the one logged step"
     memory = memory_by_rank(records)
-    peak = max(max(values) for values in memory.values())
+    peak = max(gib for points in memory.values() for _, gib in points)
     lines = [
         f"# Run report: {run_dir}",
         "",
-        f"- plan: {plan.get('world_size', '?')} x {plan.get('device', '?')}"
-        + (f", {layout}" if layout else ", one process"),
+        f"- plan: {_layout(plan, len(memory))}",
         f"- steps logged: {len(records)}, last step {last['step']} of {last['steps']}",
-        f"- loss: {records[0]['loss']:.4f} at step {records[0]['step']} -> {last['loss']:.4f} "
-        f"at step {last['step']}",
-        f"- throughput: {statistics.mean(r['tokens_per_s'] for r in steady):,.0f} tokens/s, "
-        f"MFU {100 * statistics.mean(r['mfu'] for r in steady):.2f}% (mean over {mean_of})",
+        f"- loss: {_finite(records[0]['loss']):.4f} at step {records[0]['step']} -> "
+        f"{_finite(last['loss']):.4f} at step {last['step']}",
+    ]
+    if bad := not_finite(records):
+        lines.append(f"- loss not finite (NaN or infinite) at {len(bad)} logged step(s), from "
+                     f"step {bad[0]}")
+    lines += [
+        f"- throughput: {statistics.median(r['tokens_per_s'] for r in steady):,.0f} tokens/s, "
+        f"MFU {100 * statistics.median(r['mfu'] for r in steady):.2f}% (median over "
+        f"{over})",
         f"- memory: peak {peak:.2f} GiB on one rank ({len(memory)} rank(s) recorded)",
     ]
     step = plan.get("step") or {}
@@ -231,6 +259,17 @@ def _summary(run_dir: Path, records: list[dict], written: list[Path]) -> str:
     lines.append(f"- checkpoints: {', '.join(complete) if complete else 'none'}")
     lines += ["", *[f"![{p.stem}]({p.name})" for p in written]]
     return "\n".join(lines) + "\n"
+
+
+def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:
+    """``4 x cpu, dp_shard=2, tp=2``, or what is known without ``plan.json``."""
+    if not plan:
+        return f"unknown (no readable plan.json; {ranks_recorded} rank(s) recorded)"
+    degrees = plan.get("degrees", {})
+    layout = ", ".join(f"{k}={degrees[k]}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp",
+                                                      "ep", "etp") if degrees.get(k, 1) > 1)
+    return (f"{plan.get('world_size', '?')} x {plan.get('device', '?')}"
+            + (f", {layout}" if layout else ", one process"))
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from the plan's model FLOPs per token, so they compare across plans and with oth
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 from dataclasses import asdict, dataclass, field
@@ -115,13 +116,18 @@ class MetricsLog:
         records = read_records(path)[0] if path.exists() else []  # (a torn last line dropped)
         if dropped := [r for r in records if r["step"] > resume_step]:
             with (run_dir / SUPERSEDED_METRICS).open("a") as aside:
-                aside.write("".join(json.dumps(r) + "\n" for r in dropped))
+                aside.write("".join(json_line(r) for r in dropped))
                 aside.flush()
                 os.fsync(aside.fileno())
             print(f"orch: {len(dropped)} metrics records after step {resume_step} moved to "
                   f"{run_dir / SUPERSEDED_METRICS}", file=out, flush=True)
         kept = [r for r in records if r["step"] <= resume_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        partial = path.with_name(path.name + ".partial")  # a crash here loses no record
+        with partial.open("w") as rewritten:
+            rewritten.write("".join(json_line(r) for r in kept))
+            rewritten.flush()
+            os.fsync(rewritten.fileno())
+        os.replace(partial, path)
         self.file = path.open("a")
 
     def log(self, metrics: StepMetrics) -> None:
@@ -135,7 +141,7 @@ class MetricsLog:
         else:
             print(metrics.line(), file=self.out, flush=True)
         assert self.file is not None
-        self.file.write(json.dumps(asdict(metrics)) + "\n")
+        self.file.write(json_line(asdict(metrics)))
         self.file.flush()
         if self._board is not None:
             self._scalars(metrics)
@@ -159,6 +165,23 @@ class MetricsLog:
             end()
         if self.file is not None:
             self.file.close()
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """``record`` as one line of strict JSON: a value that is not finite (a diverged loss or
+    gradient norm) is written ``null``, since ``NaN`` is not JSON and strict readers (jq, a
+    browser, most JSON libraries outside Python) refuse the line."""
+    return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def eta(seconds: float) -> str:

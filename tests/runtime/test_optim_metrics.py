@@ -91,7 +91,8 @@ def _record(step: int, **changes: object) -> dict:
     ({"comm_bytes": [1]}, "comm_bytes is [1]"),
     ({"tokens_per_s": None}, "tokens_per_s is None, not a number of at least 0"),
     ({"mfu": "x"}, "mfu is 'x'"),
-    ({"loss": None}, "loss is None"),
+    ({"loss": "x"}, "loss is 'x', not a number (or null where not finite)"),
+    ({"aux_loss": [1]}, "aux_loss is [1]"),
     ({"tokens_per_s": -5}, "tokens_per_s is -5, not a number of at least 0"),
 ])
 def test_the_report_skips_a_record_it_cannot_use_and_says_why(tmp_path, capsys, changes, said):
@@ -182,3 +183,68 @@ def test_the_report_shows_the_pipeline_timeline_of_a_pipelined_plan_only(tmp_pat
     assert (tmp_path / "report" / "pipeline_timeline.png" in written) is copied
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert ("pipeline_timeline.png" in summary) is copied
+
+
+def test_a_diverged_run_is_reported_not_skipped(tmp_path, capsys):
+    """Steps whose loss was NaN were written as ``NaN`` (not JSON) and skipped by the report,
+    whose summary then read as a healthy run of the steps before the divergence."""
+    import io
+    import json
+    import math
+
+    from orch.report import write_report
+    from orch.runtime.metrics import MetricsLog, StepMetrics
+
+    log = MetricsLog(tmp_path, True, io.StringIO())
+    for step, loss in ((1, 5.5), (2, 5.4), (3, math.nan), (4, math.inf)):
+        log.log(StepMetrics(step=step, steps=4, loss=loss, lr=1e-3, grad_norm=math.nan,
+                            tokens=8, step_time_s=1.0, tokens_per_s=8.0, tflops=0.1, mfu=0.01,
+                            mem_bytes=1 << 20, mem_total_bytes=1 << 30,
+                            devices=[{"rank": 0, "rss_bytes": 1 << 20}]))
+    log.close()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    rows = [json.loads(line, parse_constant=lambda name: pytest.fail(name))
+            for line in text.splitlines()]
+    assert [r["loss"] for r in rows] == [5.5, 5.4, None, None] and rows[0]["grad_norm"] is None
+    write_report(tmp_path)
+    assert "skipped" not in capsys.readouterr().err
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "- steps logged: 4, last step 4 of 4" in summary
+    assert "- loss: 5.5000 at step 1 -> nan at step 4" in summary
+    assert "- loss not finite (NaN or infinite) at 2 logged step(s), from step 3" in summary
+
+
+def test_the_report_draws_each_ranks_memory_and_the_mfu_at_their_own_steps(tmp_path,
+                                                                         monkeypatch):
+    """A run resumed onto more ranks: rank 1's readings of steps 3-4 were drawn at steps 1-2,
+    and the MFU axis was derived from the first record's tokens/s (off by the world size)."""
+    import json
+
+    import matplotlib
+
+    import orch.report
+    from orch.report import memory_by_rank, write_report
+
+    matplotlib.use("Agg")
+    drawn: dict[str, dict[str, tuple[list, list]]] = {}
+    save = orch.report._save
+
+    def keep_lines(fig, path):
+        drawn[path.name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                            for ax in fig.axes for line in ax.get_lines()}
+        return save(fig, path)
+
+    monkeypatch.setattr(orch.report, "_save", keep_lines)
+    one = [{"rank": 0, "rss_bytes": 1 << 30}]
+    two = [*one, {"rank": 1, "rss_bytes": 2 << 30}]
+    rows = [_record(1, devices=one), _record(2, devices=one, mfu=0.02),
+            _record(3, devices=two), _record(4, devices=two, mfu=0.03)]
+    assert memory_by_rank(rows) == {0: [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0)],
+                                    1: [(3, 2.0), (4, 2.0)]}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary_said = write_report(tmp_path)[-1].read_text()
+    assert "- plan: unknown (no readable plan.json; 2 rank(s) recorded)" in summary_said
+    assert "MFU 2.00% (median over logged steps after the first)" in summary_said
+    assert drawn["throughput.png"]["MFU"] == ([1, 2, 3, 4], [1.0, 2.0, 1.0, 3.0])
+    assert drawn["memory.png"]["rank 1"] == ([3, 4], [2.0, 2.0])
