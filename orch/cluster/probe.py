@@ -67,12 +67,21 @@ def members(cluster: ClusterSpec) -> dict[str, list[int]]:
 def probe_problems(cluster: ClusterSpec, path: str) -> list[Problem]:
     """The probe gathers every network's figures over one network all nodes share: without
     one it cannot start (a node with no NIC, which ``orch cluster detect`` leaves so when it
-    cannot tell a link's speed, or nodes on separate networks)."""
+    cannot tell a link's speed, or nodes on separate networks); and it measures each network
+    with gloo, over each member's socket interface there."""
     if len(cluster.nodes) < 2:
         return []
     link = Topology.from_cluster(cluster).network_link(range(len(cluster.nodes)))
     if link.kind != "unreachable":
-        return []
+        return [Problem(f"{path}: node {cluster.nodes[index].name}",
+                        f"lists no 'interface' for its NIC(s) on network {network!r} (an HCA's "
+                        "name is not a socket interface), and the probe's gloo group for that "
+                        "network runs over one",
+                        "set each such NIC's 'interface' to its IPoIB or RoCE netdev (ib0, ...: "
+                        "ls /sys/class/infiniband/NAME/device/net), which orch cluster detect "
+                        "writes where the HCA has one")
+                for network, nodes in members(cluster).items() for index in nodes
+                if not _interface(cluster.nodes[index], network)]
     bare = [node.name for node in cluster.nodes if not node.nics]
     why = (f"node(s) {', '.join(bare)} list no NIC" if bare else
            "the nodes share no network")
@@ -83,7 +92,8 @@ def probe_problems(cluster: ClusterSpec, path: str) -> list[Problem]:
 
 
 def _interface(node: NodeSpec, network: str) -> str:
-    return next(nic.netdev for nic in node.nics if nic.network == network)
+    """``node``'s socket interface on ``network``, "" where none of its NICs there names one."""
+    return next((nic.netdev for nic in node.nics if nic.network == network and nic.netdev), "")
 
 
 def probe(cluster: ClusterSpec, node: NodeSpec, address: str, port: int,

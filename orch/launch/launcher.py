@@ -250,17 +250,30 @@ def run_precision(cfg: Config, device: str) -> str:
 
 def launch_plan(cfg: Config, world: int, nproc: int) -> Plan:
     """The plan the launcher validates and every worker rebuilds: for ``world`` processes,
-    ``nproc`` a node, or with a cluster description for its nodes (which fix both); with the
+    ``nproc`` a node of this machine's device, or with a cluster description for its nodes and
+    devices (which fix all three, so that every node plans alike whatever its own device: an
+    A100 node and an H200 node of one job planned different node orders and splits); with the
     stage layers of the run directory's pipeline re-partition, when it had one; for the
     precision the run computes in (:func:`run_precision`: the offload engine's device copies
     are in it)."""
     cfg = apply_rebalance(cfg)
-    device = device_name()
+    device = _described_device(cfg.cluster) if cfg.cluster else device_name()
     if (precision := run_precision(cfg, device)) != cfg.train.precision:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     if cfg.cluster:
-        return build_plan(cfg, None, None, device)
+        return build_plan(cfg)
     return build_plan(cfg, world, nproc, device)
+
+
+def _described_device(cluster: str) -> str:
+    """``cpu`` where every node of the description computes on the CPU (bf16 then falls back
+    as on one CPU machine), else the name of the first node's device; "" for a description
+    that does not load (the plan reports why)."""
+    try:
+        nodes = load_cluster(cluster).nodes
+    except OrchError:
+        return ""
+    return "cpu" if all(node.device.name == "cpu" for node in nodes) else nodes[0].device.name
 
 
 def _visible_gpus() -> int:

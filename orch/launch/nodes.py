@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from orch.errors import Problem
 from orch.plan.cluster import ClusterSpec, NodeSpec
@@ -67,6 +68,17 @@ def this_node(cluster: ClusterSpec, given: str | None, problems: list[Problem]) 
     return None
 
 
+INFINIBAND = Path("/sys/class/infiniband")
+"""Where the kernel lists the RDMA devices (HCAs) by name: ``mlx5_0``, ..."""
+
+
+def _listing(directory: Path) -> list[str]:
+    try:
+        return [entry.name for entry in directory.iterdir()]
+    except OSError:
+        return []
+
+
 def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: int,
                problems: list[Problem], gpus: int = 0) -> None:
     """What launch finds against what the description says: the node count, and on this node
@@ -88,13 +100,23 @@ def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: 
                                 f"this machine shows {gpus} GPUs", "correct 'devices:' in the "
                                 "description, or check CUDA_VISIBLE_DEVICES"))
     present = {name for _, name in socket.if_nameindex()}
+    hcas = set(_listing(INFINIBAND))
     for nic in node.nics:
-        if nic.netdev not in present:
+        if nic.netdev and nic.netdev not in present:
             problems.append(Problem(
                 f"{where}: node {node.name}, NIC {nic.name}",
                 f"interface {nic.netdev!r} does not exist here (this machine has "
                 f"{', '.join(sorted(present))})",
                 "set the NIC's 'interface' to one of those, or run on the right machine"))
+    if missing := [nic.name for nic in node.nics
+                   if nic.type in ("ib", "roce") and nic.name not in hcas]:
+        problems.append(Problem(
+            f"{where}: node {node.name}",
+            f"no RDMA device {', '.join(missing)} here ({INFINIBAND} lists "
+            f"{', '.join(sorted(hcas)) or 'none'})",
+            "name each ib or roce NIC after its HCA (what NCCL_IB_HCA takes; orch cluster detect "
+            "writes it), or run on the right machine"))
+
 
 
 def node_settings(cluster: ClusterSpec, plan: Plan, node: NodeSpec, backend: str) -> NodeSettings:
@@ -102,7 +124,8 @@ def node_settings(cluster: ClusterSpec, plan: Plan, node: NodeSpec, backend: str
     first = plan.place_of(node.name).first_rank
     topology = Topology.from_cluster(cluster)
     shared = topology.network_link(range(len(cluster.nodes))).network
-    socket_if = next((nic.netdev for nic in node.nics if nic.network == shared), "")
+    socket_if = next((nic.netdev for nic in node.nics if nic.network == shared and nic.netdev),
+                     "")
     env = {NODE_ENV: node.name}
     if backend == "gloo":
         env["GLOO_SOCKET_IFNAME"] = socket_if

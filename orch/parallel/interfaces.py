@@ -123,7 +123,8 @@ def planned_rank(plan: Plan, node: str | None) -> int:
 def interface_chooser(cluster: ClusterSpec, plan: Plan, node: str
                       ) -> Callable[[list[int]], str | None]:
     """For a group of global ranks: this node's interface on the network the group runs over,
-    or None when the group stays on one node (any interface reaches the node itself)."""
+    or None when the group stays on one node (any interface reaches the node itself) or no
+    interface is known there (an HCA listed without its IPoIB netdev: gloo's default then)."""
     names = [n.name for n in cluster.nodes]
     topology = Topology.from_cluster(cluster, [names.index(p.name) for p in plan.placement])
     mine = cluster.nodes[names.index(node)]
@@ -132,7 +133,7 @@ def interface_chooser(cluster: ClusterSpec, plan: Plan, node: str
         link = topology.link(sorted(ranks))
         if link.kind != "inter":
             return None
-        return next((nic.netdev for nic in mine.nics if nic.network == link.network), None)
+        return next((nic.netdev for nic in mine.nics if nic.network == link.network), "") or None
 
     return choose
 

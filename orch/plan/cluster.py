@@ -78,14 +78,17 @@ class NicSpec:
     """Fabric this NIC is attached to; NICs on the same network reach each other."""
     interface: str = ""
     """The network interface that carries socket traffic over this NIC (IPoIB ``ib0``, a RoCE
-    port's netdev, ``eth0``): what gloo and NCCL's socket transport bind to. Empty: ``name``."""
+    port's netdev, ``eth0``): what gloo and NCCL's socket transport bind to. Empty: ``name`` for
+    an ethernet NIC; an HCA without it has no known interface (one without IPoIB has none)."""
     measured_gbps: Positive | None = None
     """What ``orch cluster probe`` measured through this NIC; the planner prefers it to
     ``bandwidth_gbps`` (the nominal link speed)."""
 
     @property
     def netdev(self) -> str:
-        return self.interface or self.name
+        """The socket interface over this NIC, or "" where none is known (an HCA's name is not
+        a network interface: ``GLOO_SOCKET_IFNAME=mlx5_0`` fails)."""
+        return self.interface or (self.name if self.type == "ethernet" else "")
 
     @property
     def bandwidth(self) -> float:

@@ -13,10 +13,12 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 import yaml
 
+from orch.config import load_config
 from orch.errors import PlanError
 from orch.launch.launcher import prepare
 from orch.launch.nodes import check_node, node_settings
 from orch.parallel.interfaces import interface_chooser, pin_gloo_groups, place_rank, planned_rank
+from orch.plan import build_plan
 from orch.plan.cluster import load_cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,9 +77,6 @@ def test_a_node_name_without_a_cluster_is_refused(tmp_path):
 
 
 def _mixed_plan(*extra: str):
-    from orch.config import load_config
-    from orch.plan import build_plan
-
     cfg = load_config(LLAMA, [f"cluster={MIXED}", "parallel.tp=8", "parallel.pp=4", *extra])
     return build_plan(cfg)
 
@@ -235,3 +234,55 @@ def test_a_node_waiting_in_a_dynamic_rendezvous_claims_no_rank():
     static = launch_parser().parse_args(["--nnodes", "2", "--node-rank", "1", "--master-addr",
                                          "head", "configs/tiny.yaml"])
     assert waiting_line(static, 2).startswith("orch launch: node 1 of 2 waits at head:")
+
+
+DGX = REPO / "configs/clusters/dgx-h100-4node.yaml"
+
+
+def test_hcas_are_checked_as_rdma_devices_and_never_bound_to(tmp_path, monkeypatch):
+    """The DGX description lists its InfiniBand HCAs without IPoIB interfaces, as orch cluster
+    detect writes a port without a netdev: the launch check looked for a network interface
+    named mlx5_0 (refusing the machine that wrote it), and the socket transports were told to
+    bind to it."""
+    import orch.launch.nodes as nodes
+
+    cluster = load_cluster(DGX)
+    node = cluster.nodes[0]
+    monkeypatch.setattr(nodes, "INFINIBAND", tmp_path)
+    for index in range(8):
+        (tmp_path / f"mlx5_{index}").mkdir()
+    problems: list = []
+    check_node(cluster, node, 4, 8, problems)
+    assert problems == []
+    (tmp_path / "mlx5_7").rmdir()
+    (tmp_path / "mlx5_6").rmdir()
+    check_node(cluster, node, 4, 8, problems)
+    (problem,) = problems  # one for the node
+    assert problem.where.endswith("node dgx0")
+    assert "no RDMA device mlx5_6, mlx5_7 here" in problem.message and "mlx5_0" in problem.message
+    plan = build_plan(load_config(LLAMA, [f"cluster={DGX}", "parallel.tp=8"]))
+    for backend, variable in (("gloo", "GLOO_SOCKET_IFNAME"), ("nccl", "NCCL_SOCKET_IFNAME")):
+        monkeypatch.delenv(variable, raising=False)
+        assert variable not in node_settings(cluster, plan, node, backend).env  # torch's choice
+    assert interface_chooser(cluster, plan, "dgx0")([0, 8]) is None
+    assert node_settings(cluster, plan, node, "nccl").env["NCCL_IB_HCA"].startswith("=mlx5_0,")
+
+
+def test_every_node_plans_a_cluster_alike_whatever_its_own_device(monkeypatch, tmp_path):
+    """Each launcher and worker planned with its own GPU as the cluster's device: an A100 node
+    and an H200 node of one job (and a CPU machine) chose different node orders and splits."""
+    import orch.launch.launcher as launcher
+
+    nic = {"name": "e0", "type": "ethernet", "bandwidth_gbps": 100, "network": "dc"}
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump({"nodes": [
+        {"name": name, "device": device, "devices": 8, "nics": [nic]}
+        for name, device in (("a0", "a100"), ("h0", "h200"), ("a1", "a100"), ("h1", "h200"))]}))
+    cfg = load_config(LLAMA, [f"cluster={path}", "parallel.pp=2"])
+    seen = set()
+    for local in ("a100-80gb", "h200", "cpu"):
+        monkeypatch.setattr(launcher, "device_name", lambda local=local: local)
+        plan = launcher.launch_plan(cfg, 32, 8)
+        seen.add((tuple(place.name for place in plan.placement), plan.layers_per_stage,
+                  plan.peak_flops))
+    assert len(seen) == 1, seen

@@ -73,3 +73,18 @@ def test_a_description_the_probe_cannot_run_over_is_refused(tmp_path, capsys, ni
                  "29779", "--node-name", "vm"]) == 2
     err = capsys.readouterr().err
     assert f"{path}: {said}: the probe measures over a network every node is attached to" in err
+
+
+def test_a_network_of_hcas_without_their_interfaces_is_refused_before_probing(tmp_path, capsys):
+    """The DGX description names its HCAs only: the probe set GLOO_SOCKET_IFNAME=mlx5_0, which
+    no gloo can bind to; each node is named once, with where to find its netdev."""
+    from orch.cli import main
+
+    dgx = Path(__file__).resolve().parents[2] / "configs/clusters/dgx-h100-4node.yaml"
+    assert main(["cluster", "probe", str(dgx), "--master-addr", "127.0.0.1", "--master-port",
+                 "29779", "--node-name", "dgx0"]) == 2
+    err = capsys.readouterr().err
+    for node in range(4):
+        assert (f"{dgx}: node dgx{node}: lists no 'interface' for its NIC(s) on network 'ib-a'"
+                in err)
+    assert "ls /sys/class/infiniband/NAME/device/net" in err
