@@ -197,7 +197,8 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     try:
         plan = launch_plan(cfg, world, nproc)
     except PlanError as exc:
-        problems += [_explain_world(p, world, max_nodes, nproc) for p in exc.problems]
+        problems += [_explain_world(p, world, max_nodes, nproc, cfg.cluster)
+                     for p in exc.problems]
     problems += unsupported_features(cfg, world)
     problems += _check_data(cfg)
     problems += _check_nvme(cfg, plan)
@@ -306,12 +307,17 @@ def _cluster_node(cfg: Config, given: str | None, problems: list[Problem]
     return cluster, this_node(cluster, given, problems)
 
 
-def _explain_world(problem: Problem, world: int, nodes: int, nproc: int) -> Problem:
-    """Plan problems about the world size point at the launch options that set it."""
-    if "world size" in problem.message:
-        return Problem(problem.where, f"{problem.message} (--nnodes {nodes} x --nproc-per-node "
-                       f"{nproc} = {world} processes)", problem.fix + ", or --nproc-per-node")
-    return problem
+def _explain_world(problem: Problem, world: int, nodes: int, nproc: int, cluster: str
+                   ) -> Problem:
+    """Plan problems about the world size point at what set it: the launch options, or the
+    cluster description (whose nodes may differ in size, and which the options must match)."""
+    if "world size" not in problem.message:
+        return problem
+    if cluster:
+        return Problem(problem.where, f"{problem.message} (the {world} devices of cluster "
+                       f"{cluster})", problem.fix + ", or edit the cluster description")
+    return Problem(problem.where, f"{problem.message} (--nnodes {nodes} x --nproc-per-node "
+                   f"{nproc} = {world} processes)", problem.fix + ", or --nproc-per-node")
 
 
 def _check_data(cfg: Config) -> list[Problem]:

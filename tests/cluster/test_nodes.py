@@ -286,3 +286,17 @@ def test_every_node_plans_a_cluster_alike_whatever_its_own_device(monkeypatch, t
         seen.add((tuple(place.name for place in plan.placement), plan.layers_per_stage,
                   plan.peak_flops))
     assert len(seen) == 1, seen
+
+
+def test_a_world_size_problem_on_a_cluster_names_the_description(tmp_path):
+    """With nodes of 2 and 1 devices the message read '--nnodes 2 x --nproc-per-node 2 = 3
+    processes' and suggested --nproc-per-node, which the description fixes."""
+    path = _cluster_file(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["nodes"][1]["devices"] = 1
+    path.write_text(yaml.safe_dump(data))
+    text = _problems(["--nnodes", "2", "configs/tiny.yaml", "--set", f"cluster={path}",
+                      "--set", "parallel.tp=2", "--set", f"run.dir={tmp_path / 'run'}",
+                      "--node-name", "here"])
+    assert "world size 3 is not divisible" in text and f"(the 3 devices of cluster {path})" in text
+    assert "or edit the cluster description" in text and "--nproc-per-node 2 =" not in text
