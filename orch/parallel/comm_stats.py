@@ -4,8 +4,9 @@ The runtime's traffic comes from three places, and each is counted where it ente
 torch.distributed, while a :class:`CommLedger` is active:
 
 - c10d calls made from Python (FSDP2's all-gather and reduce-scatter, expert dispatch and
-  Ulysses all-to-alls, ring attention's batched send/recv, loss and load all-reduces): the
-  ``torch.distributed`` functions are wrapped for the duration;
+  Ulysses all-to-alls, ring attention's batched send/recv, pipeline stages' sends, loss and
+  load all-reduces): the ``torch.distributed`` functions (and the pipelining runtime's batch
+  of sends) are wrapped for the duration;
 - DTensor redistributions (tensor parallelism, loss parallelism, norms of sharded gradients),
   which use the functional collectives (``torch.distributed._functional_collectives``);
 - DDP's bucketed all-reduce, through torch's Python default hook (:meth:`CommLedger.attach_ddp`).
@@ -110,10 +111,14 @@ class CommLedger:
     def tracking(self) -> Iterator[None]:
         """Count the collectives issued inside the block (wrapping torch.distributed's
         Python entry points for its duration)."""
+        from torch.distributed.pipelining import schedules
+
         patches = [(module, name, getattr(module, name),
                     self._counted(getattr(module, name), arg, module is funcol))
                    for module, table in ((dist, _C10D), (funcol, _FUNCOL))
                    for name, arg in table.items()]
+        patches.append((schedules, "_batch_p2p", schedules._batch_p2p,
+                        self._counted_pipeline_sends(schedules._batch_p2p)))
         for module, name, _, wrapper in patches:
             setattr(module, name, wrapper)
         self._active = True
@@ -147,6 +152,23 @@ class CommLedger:
                 else:
                     self.add(bound.get("group"), _nbytes(bound[tensor_arg]), functional)
             return fn(*args, **kwargs)
+
+        return counted
+
+
+    def _counted_pipeline_sends(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """torch's pipelining runtime issues a batch of sends alone with ``dist.isend`` per op
+        (``schedules._batch_p2p``), not through ``batch_isend_irecv``: count those batches
+        here (mixed batches still go through ``batch_isend_irecv``, counted there). Patching
+        ``dist.isend`` itself would not do: a ``P2POp`` made with the patched function fails
+        ``batch_isend_irecv``'s ``op is isend`` test."""
+
+        @functools.wraps(fn)
+        def counted(p2p_ops: list[dist.P2POp], *args: Any, **kwargs: Any) -> Any:
+            if self._active and p2p_ops and all(op.op is dist.isend for op in p2p_ops):
+                for op in p2p_ops:
+                    self.add(op.group, _nbytes(op.tensor))
+            return fn(p2p_ops, *args, **kwargs)
 
         return counted
 
