@@ -17,20 +17,30 @@ from orch.config.schema import ProfileConfig
 
 
 class StepProfiler:
-    """Starts and stops torch's profiler around the configured steps."""
+    """Starts and stops torch's profiler around the configured steps that this run does: a run
+    resumed inside the window, or stopped inside it (``run.stop_at_step``, a re-partition's
+    restart), profiles and writes the steps it has; a window wholly outside the run is said
+    once, rather than left without a trace and without a word."""
 
     def __init__(self, profile: ProfileConfig, run_dir: Path, rank: int,
-                 device: torch.device) -> None:
+                 device: torch.device, steps: range) -> None:
         self.first = profile.start
         self.last = profile.start + profile.steps - 1
         self.path = run_dir / "profile" / f"rank-{rank}.json"
         self.rank = rank
         self.device = device
         self._profiler: Any = None
+        self._started = 0
+        self._end = min(self.last, steps[-1]) if steps else 0
+        """The last step profiled: the window's, or this run's last step inside it."""
+        if self.first and rank == 0 and steps and not (
+                self.first <= steps[-1] and self.last >= steps[0]):
+            print(f"orch: run.profile's steps {self.first}-{self.last} are outside this run's "
+                  f"steps {steps[0]}-{steps[-1]}: nothing is profiled", flush=True)
 
     def before(self, step: int) -> None:
         """Call at the start of ``step``."""
-        if self.first and step == self.first:
+        if self.first and self._profiler is None and self.first <= step <= self._end:
             from torch.profiler import ProfilerActivity, profile
 
             activities = [ProfilerActivity.CPU]
@@ -38,10 +48,11 @@ class StepProfiler:
                 activities.append(ProfilerActivity.CUDA)
             self._profiler = profile(activities=activities, record_shapes=False)
             self._profiler.__enter__()
+            self._started = step
 
     def after(self, step: int) -> None:
         """Call at the end of ``step``; writes the trace after the last profiled step."""
-        if self._profiler is None or step != self.last:
+        if self._profiler is None or step != self._end:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -50,8 +61,10 @@ class StepProfiler:
         self._profiler.export_chrome_trace(str(self.path))
         self._profiler = None
         if self.rank == 0:
-            print(f"orch: profiled steps {self.first}-{self.last}: {self.path.parent}/rank-N.json",
-                  flush=True)
+            cut = ("" if (self._started, step) == (self.first, self.last) else
+                   f" (of run.profile's {self.first}-{self.last}: the steps this run does)")
+            print(f"orch: profiled steps {self._started}-{step}{cut}: "
+                  f"{self.path.parent}/rank-N.json", flush=True)
 
 
 __all__ = ["StepProfiler"]

@@ -111,8 +111,10 @@ class Trainer:
         t, interval = self.cfg.train, self.cfg.checkpoint.interval
         last = self.cfg.run.stop_at_step or t.steps
         rank = dist.get_rank() if dist.is_initialized() else 0
-        profiler = StepProfiler(self.cfg.run.profile, Path(self.cfg.run.dir), rank, self.device)
-        for step in range(start_step + 1, last + 1):
+        steps = range(start_step + 1, last + 1)
+        profiler = StepProfiler(self.cfg.run.profile, Path(self.cfg.run.dir), rank, self.device,
+                                steps)
+        for step in steps:
             at_step(step)
             profiler.before(step)
             start = time.perf_counter()
@@ -138,12 +140,13 @@ class Trainer:
                                            self.token_group)
             done = _Step(step, lr, loss, aux_loss, grad_norm, loads,
                          self.ledger.take() if self.ledger else {})
+            seconds = time.perf_counter() - start  # the step's, without the trace's export
             profiler.after(step)
             if step == start_step + 1:  # after compiles and first loads (orch.runtime.comm_timeout)
                 set_comm_timeout(self.cfg.run.comm_timeout_s)
             self.finish_saves()
             if step % self.cfg.run.log_interval == 0 or step == last:
-                self._log(done, time.perf_counter() - start)
+                self._log(done, seconds)
                 if self.repartitioner is not None:  # may save and raise Repartition
                     self.repartitioner.after_log(step, self._timeline, self.save)
             if step == last or (interval and step % interval == 0):
