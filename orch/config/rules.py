@@ -12,6 +12,8 @@ from orch.errors import Problem
 from orch.offload.sizes import ALIGN
 from orch.parallel.schedules.generators import CHUNKED, SPLIT_BACKWARD
 
+UINT16_IDS = 1 << 16
+
 
 def check_config(cfg: Config) -> list[Problem]:
     problems: list[Problem] = []
@@ -357,6 +359,16 @@ def check_config(cfg: Config) -> list[Problem]:
         f"{cfg.run.comm_timeout_s:g} is neither 0 (torch's timeouts) nor 1 to 86,400 seconds",
         "use 0, or a few minutes (e.g. 300): long enough for a checkpoint save, which the other "
         "ranks wait for",
+    )
+    d = cfg.data
+    need(  # a uint32 file read as uint16 passes every other check: each id's halves are < 65536
+        not (d.path.lower().endswith(".bin") and d.format != "text" and d.token_dtype == "uint16"
+             and m.vocab_size > UINT16_IDS),
+        "data.token_dtype",
+        f"uint16 for a .bin file of a model with model.vocab_size={m.vocab_size}: uint16 holds "
+        f"ids below {UINT16_IDS:,} only, and a file of 32-bit ids read as uint16 passes every "
+        "check as two ids each",
+        "set data.token_dtype: uint32 (what a tokenizer of this vocabulary writes)",
     )
     prof = cfg.run.profile
     need(

@@ -39,6 +39,7 @@ from orch.parallel.pipeline.rebalance import (
 )
 from orch.plan import Plan, build_plan
 from orch.plan.cluster import ClusterSpec, NodeSpec, load_cluster
+from orch.plan.degrees import Degrees
 from orch.runtime.checkpoint.files import CHECKPOINTS
 from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
 from orch.runtime.rank_log import LOGS
@@ -481,9 +482,25 @@ def _check_resume(cfg: Config, plan: Plan,
     # at train.steps (or past run.stop_at_step): nothing to train, once every byte is as saved
     # (a damaged one sends the workers back to an earlier checkpoint, which they hash and say)
     finished = manifest.step >= _last_step(cfg) and not manager.verify(path)
-    return (adamw8bit_resharding_problems(cfg, plan.degrees, path,
-                                          manifest.plan.get("degrees", {})),
-            path if finished else None)
+    return resume_problems(cfg, plan.degrees, path), path if finished else None
+
+
+def resume_problems(cfg: Config, degrees: Degrees, path: Path) -> list[Problem]:
+    """What stops the checkpoint at ``path`` from resuming under ``cfg`` and ``degrees``
+    beyond its config fingerprint: AdamW8bit states that cannot reshard onto the degrees, and
+    a data file that is not the one it was trained on. The launcher asks of the checkpoint it
+    checks by sizes, the workers of the one they resume after hashing (an older one when the
+    newest is damaged; a newer one after a restart)."""
+    from orch.runtime.checkpoint.manifest import read_manifest
+    from orch.runtime.data import source_change, source_identity
+
+    manifest = read_manifest(path)
+    problems = adamw8bit_resharding_problems(cfg, degrees, path,
+                                             manifest.plan.get("degrees", {}))
+    saved = manifest.data.get("source") if isinstance(manifest.data, dict) else None
+    if changed := source_change(saved, source_identity(cfg.data), cfg.data):
+        problems.append(changed)
+    return problems
 
 
 def launch(argv: Sequence[str]) -> int:

@@ -14,6 +14,7 @@ Every problem with the user's data is a ``DataError`` raised before training sta
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ as text: their bytes trained on as if they were a corpus)."""
 
 _SNIFF_BYTES = 1 << 16
 """How much of a text file is looked at for NUL bytes, which text never holds."""
+
+_NOT_TEXT_FIX = "give a text file, or token ids as .npy (np.save) or raw .bin of data.token_dtype"
 
 _SCAN_CHUNK = 1 << 24
 """Tokens per chunk when scanning a memory-mapped file, so the scan never loads it whole."""
@@ -91,6 +94,51 @@ def load_tokens(data: DataConfig, vocab_size: int) -> np.ndarray:
     return tokens
 
 
+_SAMPLE_BYTES = 1 << 16
+_SAMPLES = 32
+"""A data file's identity hashes this many pieces of this size, spread over it (2 MiB read,
+whatever its size: a resume reads it, not the terabytes a corpus may hold)."""
+
+
+def source_identity(data: DataConfig) -> dict[str, Any]:
+    """What tells the data a checkpoint was trained on from other data at the same path: the
+    file's size and a sha256 of pieces spread over it (the whole file when it is small). A
+    rewritten or replaced file of the same size is told apart unless every sampled piece is
+    unchanged; a file that changes only between the pieces is not (hashing a corpus whole at
+    every resume would take minutes)."""
+    if not data.path:
+        path = Path(str(importlib.resources.files("orch.runtime").joinpath("corpus/kjv.txt.gz")))
+    else:
+        path = _existing_file(data.path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _SAMPLE_BYTES * _SAMPLES:
+            digest.update(f.read())
+        else:
+            for index in range(_SAMPLES):
+                f.seek((size - _SAMPLE_BYTES) * index // (_SAMPLES - 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return {"bytes": size, "sampled_sha256": digest.hexdigest()}
+
+
+def source_change(saved: dict[str, Any] | None, now: dict[str, Any],
+                  data: DataConfig) -> Problem | None:
+    """A problem when ``now`` (``data``'s :func:`source_identity`) is not the identity a
+    checkpoint saved (``saved``; None for checkpoints from before it was saved, which are not
+    checked)."""
+    if not saved or now == saved:
+        return None
+    shown = repr(data.path) if data.path else "the shipped corpus"
+    what = (f"{saved['bytes']:,} bytes then, {now['bytes']:,} now" if saved["bytes"] != now["bytes"]
+            else f"the same size, {now['bytes']:,} bytes, but other contents")
+    return Problem("data.path", f"{shown} is not the data the checkpoint was trained on ({what}): "
+                   "its saved position would continue in other samples",
+                   "restore that file to resume; to train these weights on the new data, export "
+                   "them (orch ckpt export RUN_DIR --to hf OUT) and start a new run.dir with "
+                   "model.init_from: OUT; or start over with --resume none")
+
+
 def check_source(data: DataConfig) -> tuple[Path, str]:
     """The file checks of ``load_tokens`` that read no data: the launcher runs them before it
     starts any process. Returns the path and its kind ('text' or 'tokens')."""
@@ -105,8 +153,7 @@ def check_source(data: DataConfig) -> tuple[Path, str]:
             if b"\0" in f.read(_SNIFF_BYTES):
                 raise DataError("data.path", f"{data.path!r} holds NUL bytes in its first "
                                 f"{_SNIFF_BYTES // 1024} KiB: a binary file, not text",
-                                "give a text file, or token ids as .npy (np.save) or raw "
-                                ".bin of data.token_dtype")
+                                _NOT_TEXT_FIX)
     return path, kind
 
 
@@ -172,8 +219,14 @@ def _read_text(data: DataConfig, path: Path) -> np.ndarray:
             raise DataError(
                 "data.path", f"{data.path!r} decompresses to nothing", "point it at text"
             )
+        if b"\0" in raw[:_SNIFF_BYTES]:
+            raise DataError("data.path", f"{data.path!r} decompresses to NUL bytes in its first "
+                            f"{_SNIFF_BYTES // 1024} KiB: binary, not text", _NOT_TEXT_FIX)
     # Byte-level tokenization of a file is its bytes: no decode/encode round trip needed.
     return np.frombuffer(raw, dtype=np.uint8)
+
+
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 def _map_tokens(data: DataConfig, path: Path) -> np.ndarray:
@@ -193,6 +246,12 @@ def _map_tokens(data: DataConfig, path: Path) -> np.ndarray:
 
 
 def _map_npy(data: DataConfig, path: Path) -> np.ndarray:
+    with open(path, "rb") as f:
+        if f.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+            raise DataError("data.path", f"{data.path!r} is not a .npy file (it does not start "
+                            "with NumPy's header)",
+                            "save token ids with numpy.save(path, ids), or name a raw file of "
+                            "data.token_dtype ids .bin")
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -331,6 +390,7 @@ class BatchStream:
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 0,
+        source: dict[str, Any] | None = None,
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
@@ -350,6 +410,9 @@ class BatchStream:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
+        self.source = source
+        """The data file's :func:`source_identity`, saved with the position and checked on
+        resume (None: not saved, as in the tests' in-memory datasets)."""
         self.steps_per_epoch = len(dataset) // global_batch
         self._epoch = 0
         self._step_in_epoch = 0
@@ -386,15 +449,19 @@ class BatchStream:
             for i in range(0, per_rank, self.micro_batch)
         ]
 
-    def state_dict(self) -> dict[str, int]:
-        """The position as plain ints (JSON-ready), identical on every data-parallel rank."""
-        return {
+    def state_dict(self) -> dict[str, Any]:
+        """The position as plain values (JSON-ready), identical on every data-parallel rank,
+        with the data file's identity when the stream knows it."""
+        state: dict[str, Any] = {
             "epoch": self._epoch,
             "step_in_epoch": self._step_in_epoch,
             "seed": self.seed,
             "global_batch": self.global_batch,
             "samples": len(self.dataset),
         }
+        if self.source is not None:
+            state["source"] = self.source
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly after the step at which ``state`` was saved, on any ``dp_size``.

@@ -27,6 +27,7 @@ from orch.launch.launcher import (
     CPU_BF16,
     backend,
     launch_plan,
+    resume_problems,
     run_precision,
     worker_parser,
 )
@@ -42,9 +43,8 @@ from orch.parallel.interfaces import cluster_placement, planned_rank
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, Repartition
 from orch.plan import Plan
 from orch.plan.layout import dense_layout
-from orch.runtime.checkpoint import CheckpointManager, read_manifest, restore_rng
-from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
-from orch.runtime.data import BatchStream, PackedSequences, load_tokens
+from orch.runtime.checkpoint import CheckpointManager, restore_rng
+from orch.runtime.data import BatchStream, PackedSequences, load_tokens, source_identity
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
 from orch.runtime.parallelize import RanksDisagree, parallelize
@@ -139,9 +139,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
         return_large_frees()
     checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
     resume = checkpoints.resolve_resume(resume_arg or cfg.checkpoint.resume)
-    if resume is not None and (problems := adamw8bit_resharding_problems(
-            cfg, plan.degrees, resume, read_manifest(resume).plan.get("degrees", {}))):
-        raise PlanError(problems, title="cannot resume")  # the launcher checked another one
+    if resume is not None and (problems := resume_problems(cfg, plan.degrees, resume)):
+        raise PlanError(problems, title="cannot resume")
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):  # shapes only: the weights are filled where they will live
         model = Transformer(cfg.model)
@@ -176,7 +175,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     dp_rank = coords["dp_shard"] + coords["dp_replicate"] * plan.degrees.dp_shard
     dataset = PackedSequences(load_tokens(cfg.data, cfg.model.vocab_size), cfg.train.seq_len)
     stream = BatchStream(dataset, cfg.train.global_batch, cfg.train.micro_batch, dp_rank,
-                         plan.degrees.dp, cfg.train.seed)
+                         plan.degrees.dp, cfg.train.seed, source_identity(cfg.data))
 
     start = 0
     train_state = TrainState(model, optimizer, offload)

@@ -382,3 +382,30 @@ def test_a_save_onto_a_full_disk_fails_cleanly_and_keeps_the_previous_checkpoint
     assert named, out.stderr  # both failed; torchrun may have stopped one before it exited
     assert all(f"log: {run / 'logs' / f'rank-{rank}.log'}" in out.stderr for rank in named)
     assert "error: SaveFailed: " in out.stderr
+
+
+def test_a_data_file_changed_under_a_run_is_refused_on_resume(tmp_path):
+    """A checkpoint saves its data file's size and a sha256 of pieces of it: a file rewritten
+    with other text of the same size was resumed on without a word, its saved position
+    continuing in other samples."""
+    import random
+
+    corpus = tmp_path / "corpus.txt"
+    rng = random.Random(0)
+    corpus.write_text("".join(rng.choice("abcdefgh ") for _ in range(100_000)))
+    run = tmp_path / "run"
+    args = ["--nproc-per-node", "1", "configs/tiny.yaml",
+            *overrides(run, f"data.path={corpus}", "train.steps=2", "checkpoint.interval=2")]
+    out = launch(*args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    manifest = json.loads((run / "checkpoints/step-00000002/manifest.json").read_text())
+    assert manifest["data"]["source"]["bytes"] == 100_000
+    longer = [*args, "--set", "train.steps=4"]
+    prepare(longer)  # the same file resumes
+    corpus.write_text(corpus.read_text().upper())
+    with pytest.raises(OrchError) as info:
+        prepare(longer)
+    text = str(info.value)
+    assert (f"data.path: '{corpus}' is not the data the checkpoint was trained on (the same "
+            "size, 100,000 bytes, but other contents)") in text
+    assert "orch ckpt export RUN_DIR --to hf OUT" in text

@@ -104,6 +104,9 @@ def test_directory_is_refused(tmp_path: Path):
     ("tokens.npz", b"PK\x03\x04", "is a .npz file: neither text nor token ids"),
     ("tokens.pt", b"PK\x03\x04", "is a .pt file"),
     ("random.dat", bytes(range(256)) * 4, "holds NUL bytes in its first 64 KiB: a binary file"),
+    # compressed, the same was trained on; and numpy's own words for a file that is not .npy
+    ("data.gz", gzip.compress(bytes(range(256)) * 4), "decompresses to NUL bytes in its first"),
+    ("tokens.npy", b"\x80\x04K\x01." * 20, "is not a .npy file (it does not start with NumPy"),
 ])
 def test_a_file_that_is_neither_text_nor_token_ids_is_refused(tmp_path: Path, name: str,
                                                               content: bytes, said: str):
@@ -319,3 +322,27 @@ def test_resume_refuses_a_changed_global_batch_seed_or_data():
     shorter = PackedSequences(np.arange(50 * SEQ + 1, dtype=np.uint32), SEQ)
     with pytest.raises(DataError, match="checkpoint's had 103"):
         BatchStream(shorter, 8, 2).load_state_dict(state)
+
+
+def test_the_data_files_identity_tells_other_contents_apart(tmp_path: Path, monkeypatch):
+    """Saved with every checkpoint and compared on resume: the size and a sha256 of pieces
+    spread over the file (here 4 pieces of 16 bytes, so the file is sampled, not read whole)."""
+    from orch.runtime.data import source_change, source_identity
+
+    monkeypatch.setattr(data_module, "_SAMPLE_BYTES", 16)
+    monkeypatch.setattr(data_module, "_SAMPLES", 4)
+    path = tmp_path / "corpus.txt"
+    text = bytearray(b"abcdefgh" * 100)
+    path.write_bytes(text)
+    data = DataConfig(path=str(path))
+    saved = source_identity(data)
+    assert saved["bytes"] == 800 and source_change(saved, source_identity(data), data) is None
+    assert source_change(None, saved, data) is None  # a checkpoint from before: not checked
+    text[800 - 16] = ord("X")  # inside the last piece
+    path.write_bytes(text)
+    changed = source_change(saved, source_identity(data), data)
+    assert changed is not None and "the same size, 800 bytes, but other contents" in str(changed)
+    path.write_bytes(bytes(text) + b"more")
+    assert "800 bytes then, 804 now" in str(source_change(saved, source_identity(data), data))
+    corpus = source_identity(DataConfig())  # the shipped corpus has one too
+    assert corpus["bytes"] > 1e6 and len(corpus["sampled_sha256"]) == 64
