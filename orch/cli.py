@@ -21,6 +21,7 @@ from orch.errors import OrchError, PlanError, Problem
 if TYPE_CHECKING:
     from orch.config import Config
     from orch.plan import Plan
+    from orch.plan.cluster import ClusterSpec
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
@@ -310,9 +311,25 @@ def cmd_cluster_detect(args: argparse.Namespace) -> int:
     nodes = f"{len(cluster.nodes)} node" + ("" if len(cluster.nodes) == 1 else "s")
     print(f"wrote node {node.entry['name']} to {args.out}: cluster {cluster.name}, {nodes}, "
           f"{cluster.world_size} devices")
-    for note in node.notes:
+    for note in [*node.notes, *_unconnected_note(cluster)]:
         print(f"note: {note}")
     return 0
+
+
+def _unconnected_note(cluster: ClusterSpec) -> list[str]:
+    """A note when the nodes written so far share no network (one detected without a NIC whose
+    speed it could read, or on another subnet): every plan over more than one of them would be
+    refused, which the file itself does not say."""
+    from orch.plan.topology import Topology
+
+    if len(cluster.nodes) < 2 or Topology.from_cluster(cluster).network_link(
+            range(len(cluster.nodes))).kind != "unreachable":
+        return []
+    bare = [n.name for n in cluster.nodes if not n.nics]
+    why = f" (no NIC listed on {', '.join(bare)})" if bare else ""
+    return [f"the {len(cluster.nodes)} nodes in the file share no network{why}: a plan over more "
+            "than one node will be refused until they do; add each node's NICs by hand where "
+            "detect could not (name, type, bandwidth_gbps, network)"]
 
 
 def _add_cluster_probe_parser(actions: argparse._SubParsersAction) -> None:

@@ -3,6 +3,7 @@ what it left out, and cluster files the CLI writes that load back as the same no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -365,3 +366,21 @@ def test_orch_cluster_detect_on_this_machine() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert [entry["name"] for entry in yaml.safe_load(out.stdout)["nodes"]] == ["here"]
+
+
+def test_appending_a_node_that_shares_no_network_says_so(
+    fake_node: None, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM whose NIC speeds detect cannot read is written with no NIC; appended beside nodes
+    on networks, every plan over the nodes was then refused, and the write said nothing."""
+    path = tmp_path / "lab.yaml"
+    assert cli.main(["cluster", "detect", "--name", "gpu0", "--out", str(path)]) == 0
+    bare = detect.detect_node("vm")
+    monkeypatch.setattr(detect, "detect_node", lambda name=None: dataclasses.replace(
+        bare, entry={**bare.entry, "nics": []}))
+    capsys.readouterr()
+    assert cli.main(["cluster", "detect", "--name", "vm", "--out", str(path), "--append"]) == 0
+    out = capsys.readouterr().out
+    assert ("note: the 2 nodes in the file share no network (no NIC listed on vm): a plan over "
+            "more than one node will be refused") in out
