@@ -118,7 +118,6 @@ def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: 
             "writes it), or run on the right machine"))
 
 
-
 def node_settings(cluster: ClusterSpec, plan: Plan, node: NodeSpec, backend: str) -> NodeSettings:
     """The environment ``node``'s workers get under ``plan`` (see the module docstring)."""
     first = plan.place_of(node.name).first_rank

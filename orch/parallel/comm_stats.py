@@ -155,7 +155,6 @@ class CommLedger:
 
         return counted
 
-
     def _counted_pipeline_sends(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """torch's pipelining runtime issues a batch of sends alone with ``dist.isend`` per op
         (``schedules._batch_p2p``), not through ``batch_isend_irecv``: count those batches
