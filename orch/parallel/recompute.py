@@ -29,7 +29,20 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    SAC_IGNORED_OPS,
+    CheckpointPolicy,
+    create_selective_checkpoint_contexts,
+)
+
+# Selective recompute replays each op by its call count, and profiler annotations are ops too:
+# FSDP2's hooks on a nested unit inside a block (an MoE layer's experts under expert
+# parallelism) open record_function scopes a different number of times in the forward and in
+# the recompute, so the first backward failed ("profiler._record_function_enter_new.default
+# invocation index 2 ... not found in storage"; torchtitan issue 3427). They compute nothing:
+# pass them through, as torch itself does from pytorch PR 196862 on (the set is public).
+SAC_IGNORED_OPS.update({torch.ops.profiler._record_function_enter_new.default,
+                        torch.ops.profiler._record_function_exit._RecordFunction})
 
 _SAVED_OPS = {
     torch.ops.aten.mm.default,

@@ -90,7 +90,8 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "cp2_ulysses": (DENSE, 2, ["parallel.cp=2", "parallel.cp_kind=ulysses"], dict(cp=2)),
     "cp2_tp2": (DENSE, 4, ["parallel.cp=2", "parallel.tp=2", "train.recompute=full"],
                 dict(cp=2, tp=2)),
-    "ep2": (MOE, 2, ["parallel.ep=2"], dict(dp_shard=2, ep=2)),
+    # selective recompute around the experts' own FSDP unit failed in the first backward
+    "ep2": (MOE, 2, ["parallel.ep=2", "train.recompute=selective"], dict(dp_shard=2, ep=2)),
     "ep2_hsdp2x2": (MOE, 4, ["parallel.ep=2", "parallel.dp_replicate=2", "parallel.dp_shard=2"],
                     dict(dp_replicate=2, dp_shard=2, ep=2, edp=2)),
     "ep2_etp2": (MOE, 4, EP2_ETP2, dict(dp_shard=4, ep=2, etp=2)),
