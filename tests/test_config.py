@@ -274,6 +274,17 @@ def test_each_config_rule(overrides, message):
     assert message in text and "fix:" in text
 
 
+@pytest.mark.parametrize("config, overrides", [
+    ("tiny.yaml", ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.cp=2"]),  # HSDP
+    ("tiny-moe.yaml", ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.ep=2"]),
+])
+def test_compiled_selective_recompute_is_refused_under_ddp_only(config, overrides):
+    """The rule took every dp_shard=1 plan for DDP: with context parallelism or folded experts
+    the wrapper is FSDP (HSDP), and such a run trains to the uncompiled numbers."""
+    load_config(REPO / "configs" / config,
+                ["train.compile=aot_eager", "train.recompute=selective", *overrides])
+
+
 def test_a_value_that_must_be_positive_hides_no_other_problem():
     """The rules stopped after the positivity checks: model.dim=-1 hid parallel.tp=0, and
     train.steps=0 hid train.lr=-5; kv_heads=0 said 'heads=8 is not a multiple of kv_heads=0'."""

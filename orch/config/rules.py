@@ -233,9 +233,11 @@ def check_config(cfg: Config) -> list[Problem]:
         "the backward fails",
         "set train.recompute=none, or train.compile=none",
     )
+    folded = m.is_moe and (p.ep * p.etp > 1 or p.tp > 1)  # the experts' own FSDP layout
+    ddp = (p.dp_replicate > 1 and p.dp_shard == 1 and p.cp == 1 and p.pp == 1 and not folded
+           and not cfg.offload.enabled)  # as orch.parallel.data_parallel.replicates_with_ddp
     need(
-        t.compile == "none" or t.recompute != "selective" or cfg.offload.enabled
-        or not (p.dp_replicate > 1 and p.dp_shard == 1),
+        t.compile == "none" or t.recompute != "selective" or not ddp,
         "train.compile",
         f"{t.compile} with train.recompute=selective under DDP (dp_replicate={p.dp_replicate}, "
         "dp_shard=1): torch 2.13's DDP graph splitting fails on selective recompute's tags",
