@@ -114,6 +114,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 {
                     "world_size": machine.world_size,
                     "device": machine.device.name,
+                    "devices": machine.topology.describe(),
                     "searched": result.evaluated,
                     "fit": result.fit,
                     "over_memory": result.over_memory,
@@ -124,7 +125,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(render_search(result, machine.world_size, machine.device.name))
+        print(render_search(result, machine.topology.describe()))
     return 0 if result.best else 1
 
 

@@ -74,6 +74,9 @@ class Plan:
     notes: tuple[str, ...] = ()
     """What the plan could not keep and what it costs (a data-parallel group spanning NIC
     types), said by ``orch plan`` and at launch."""
+    devices: str = ""
+    """Every device of the plan, alike ones counted together (``Topology.describe``): on a
+    mixed cluster ``device`` names only the slowest."""
 
     @property
     def fits(self) -> bool:
@@ -89,6 +92,7 @@ class Plan:
             "gpus_per_node": self.gpus_per_node,
             "nodes": self.nodes,
             "device": self.device,
+            "devices": self.devices,
             "peak_flops": self.peak_flops,
             "degrees": self.degrees.as_dict(),
             "schedule": self.schedule,
@@ -134,8 +138,9 @@ class Plan:
 
 
 def memory_limit(cfg: Config, machine: Machine) -> int:
-    """The usable share of one device's memory."""
-    return int(machine.device.memory_bytes * USABLE_MEMORY_FRACTION)
+    """The usable share of the smallest device's memory: every node holds ranks of the plan
+    (the slowest device, whose figures price the step, may have more memory than another)."""
+    return int(machine.topology.memory_bytes * USABLE_MEMORY_FRACTION)
 
 
 def offload_budget(cfg: Config, memory: MemoryEstimate, limit: int) -> int:
@@ -248,6 +253,7 @@ def evaluate(
         step=step,
         links=links,
         placement=machine.places(),
+        devices=machine.topology.describe(),
     )
 
 

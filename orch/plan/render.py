@@ -33,7 +33,8 @@ def render_plan(plan: Plan) -> str:
     sizes = Counter(place.ranks for place in plan.placement)
     if len(sizes) > 1:  # nodes of different sizes (the gcd said "2 nodes x 4" for 8 + 4)
         nodes = f"{plan.nodes} nodes: " + " + ".join(f"{n} x {size}" for size, n in sizes.items())
-    lines = [f"plan for {plan.model} on {plan.world_size} x {plan.device} ({nodes})", ""]
+    devices = plan.devices or f"{plan.world_size} x {plan.device}"
+    lines = [f"plan for {plan.model} on {devices} ({nodes})", ""]
     rows = [
         (
             "dense",
@@ -177,9 +178,10 @@ LAUNCH_REFUSES = "orch launch refuses it"
 """How a plan's note begins when this version's runtime cannot run the plan."""
 
 
-def render_search(result: SearchResult, world_size: int, device: str) -> str:
+def render_search(result: SearchResult, devices: str) -> str:
+    """The ranking of ``orch plan --auto`` on ``devices`` (``Topology.describe``)."""
     head = (
-        f"searched {result.evaluated} plans for {world_size} x {device}: {result.fit} fit, "
+        f"searched {result.evaluated} plans for {devices}: {result.fit} fit, "
         f"{result.over_memory} over memory"
     )
     if result.over_memory:

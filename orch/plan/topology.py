@@ -79,6 +79,10 @@ class Topology:
                                 zip(self._networks, self._inter_lat, strict=True)}) == 1
         self.device = min(devices, key=lambda d: d.peak_flops * d.compute_efficiency)
         """The slowest device: synchronous training runs at its pace."""
+        self.memory_bytes = min(d.memory_bytes for d in devices)
+        """The least memory of any device: every rank holds its share of the model, so the
+        smallest device bounds a plan (the fastest need not be the largest)."""
+        self.sizes = list(sizes)
         self.homogeneous = bool(self._per_node) and self._same_inter and len(set(self._intra)) == 1
         """Every node alike: one group of a dimension then stands for all of them."""
 
@@ -97,6 +101,14 @@ class Topology:
         nodes = [cluster.nodes[i] for i in order] if order else list(cluster.nodes)
         return cls([n.device for n in nodes], [n.devices for n in nodes],
                    [attachments(n) for n in nodes])
+
+    def describe(self) -> str:
+        """The devices in rank order, alike ones counted together: ``16 x h100-sxm-80gb``, or
+        ``8 x h200 + 8 x h100-sxm-80gb`` on a mixed cluster (one name would hide the others)."""
+        counts: dict[str, int] = {}
+        for device, size in zip(self.devices, self.sizes, strict=True):
+            counts[device.name] = counts.get(device.name, 0) + size
+        return " + ".join(f"{count} x {name}" for name, count in counts.items())
 
     def node_of(self, rank: int) -> int:
         if self._per_node:

@@ -134,7 +134,7 @@ def test_the_search_counts_degrees_whose_groups_cannot_reach_each_other(tmp_path
     machine = resolve_machine(cfg, None, None, None, [])
     result = search(cfg, machine)
     assert result.best == [] and result.unconnected > 0
-    assert "share no network" in render_search(result, 16, "h100-sxm-80gb")
+    assert "share no network" in render_search(result, "16 x h100-sxm-80gb")
 
 
 def _mixed_devices(tmp_path: Path) -> Path:
