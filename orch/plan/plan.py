@@ -373,13 +373,14 @@ def place(cfg: Config, deg: Degrees, machine: Machine, problems: list[Problem]) 
     return with_notes(plan, placed)
 
 
-def placement_key(plan: Plan, machine: Machine) -> tuple[float, int]:
-    """Fastest first; on a tie, the order with fewer heavy groups spanning NIC types (then
-    the listed order: ``min`` keeps the first)."""
+def placement_key(plan: Plan, machine: Machine) -> tuple[bool, float, int]:
+    """A plan that fits first (node orders split a pipeline differently, so one may fit where
+    a faster one does not); then the fastest; on a tie, the order with fewer heavy groups
+    spanning NIC types (then the listed order: ``min`` keeps the first)."""
     if not plan.placement:
-        return plan.step.total_s, 0
-    return plan.step.total_s, mixing(plan.degrees, machine.topology, plan.placement,
-                                     plan.step.comm_s)
+        return not plan.fits, plan.step.total_s, 0
+    return not plan.fits, plan.step.total_s, mixing(plan.degrees, machine.topology,
+                                                    plan.placement, plan.step.comm_s)
 
 
 def with_notes(plan: Plan, machine: Machine) -> Plan:

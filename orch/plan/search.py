@@ -125,59 +125,63 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
     result = SearchResult(best=[])
     limit = memory_limit(cfg, machine)
     fused = machine.device.fused_norm  # what the memory model counts of each norm
+    orders = machine.placements()  # node orders: their pipeline splits, so memory, differ
     best_per_degrees: list[tuple[Plan, Machine]] = []
     # Every (micro-batch, recompute) variant of cfg, made once: thousands of degrees share them.
     variants = {(mb, r): _with_train(cfg, micro_batch=mb, recompute=r)
                 for mb in MICRO_BATCHES for r in {cfg.train.recompute, *RECOMPUTE}}
     for deg in candidate_degrees(cfg, machine):
-        split = _WithSplit(variants, deg, machine)
+        split = _WithSplit(variants, deg, orders)
         settings = [
-            split[(mb, cfg.train.recompute)]
-            for mb in MICRO_BATCHES
+            mb for mb in MICRO_BATCHES
             if cfg.train.global_batch % (mb * deg.dp) == 0
-            and not check_degrees(split[(mb, cfg.train.recompute)], deg,
-                                  machine.gpus_per_node)
+            and not check_degrees(split[mb, cfg.train.recompute, 0], deg, machine.gpus_per_node)
         ]
         if not settings:
             continue
         # The smallest micro-batch with full recompute needs the least memory: when even that
-        # does not fit, no setting of these degrees does.
-        leanest = estimate_memory(split[(settings[0].train.micro_batch, "full")], deg,
-                                  fused_norm=fused)
+        # does not fit under any node order, no setting of these degrees does.
+        leanest = min((estimate_memory(split[settings[0], "full", i], deg, fused_norm=fused)
+                       for i in range(len(orders))), key=lambda memory: memory.total)
         if leanest.total > limit:
             count = len(settings) * len(RECOMPUTE)
             result.evaluated += count
             result.over_memory += count
             result.over_memory_causes[_dominant_group(leanest)] += count
             continue
-        placed: list[tuple[Machine, dict[str, Link]]] | None = None
+        usable = list(range(len(orders)))  # then the orders whose groups reach their members
+        links: dict[int, dict[str, Link]] | None = None
         best: tuple[Plan, Machine] | None = None
-        for batch_cfg in settings:
-            if placed == []:
+        for mb in settings:
+            if not usable:
                 break
             # Recompute levels go from none to full: each needs less memory and more time, so
-            # the first that fits is the only one worth pricing; the rest fit and are slower.
+            # the first that fits (under some node order) is the only one worth pricing.
             for index, recompute in enumerate(RECOMPUTE):
-                trial = split[(batch_cfg.train.micro_batch, recompute)]
                 result.evaluated += 1
-                memory = estimate_memory(trial, deg, fused_norm=fused)
-                if memory.total > limit:
+                memory = {i: estimate_memory(split[mb, recompute, i], deg, fused_norm=fused)
+                          for i in usable}
+                fitting = [i for i in usable if memory[i].total <= limit]
+                if fitting and links is None:  # each node order whose groups all connect
+                    links = {i: found for i in usable
+                             if not unreachable(deg, found := orders[i].links(deg))}
+                    result.unconnected += not links
+                    usable = list(links)
+                    fitting = [i for i in fitting if i in links]
+                    if not usable:  # fits, but on nodes that cannot reach each other
+                        result.fit += len(RECOMPUTE) - index
+                        result.evaluated += len(RECOMPUTE) - index - 1
+                        break
+                if not fitting:
                     result.over_memory += 1
-                    result.over_memory_causes[_dominant_group(memory)] += 1
+                    result.over_memory_causes[_dominant_group(
+                        min(memory.values(), key=lambda m: m.total))] += 1
                     continue
                 result.evaluated += len(RECOMPUTE) - index - 1
                 result.fit += len(RECOMPUTE) - index
-                if placed is None:  # each node order whose groups all reach their members
-                    placed = [(m, links) for m in machine.placements()
-                              if not unreachable(deg, links := m.links(deg))]
-                    result.unconnected += not placed
-                if not placed:
-                    break
-                if machine.cluster is None:  # one node order: the split priced above
-                    priced = [(evaluate(trial, deg, m, links, memory), m) for m, links in placed]
-                else:  # devices of different speeds: each node order splits by its own
-                    key = (batch_cfg.train.micro_batch, recompute)
-                    priced = [(evaluate(variants[key], deg, m, links), m) for m, links in placed]
+                assert links is not None
+                priced = [(evaluate(split[mb, recompute, i], deg, orders[i], links[i],
+                                    memory[i]), orders[i]) for i in fitting]
                 plan, variant = min(priced, key=lambda pair: placement_key(*pair))
                 if best is None or _rank_key(plan) < _rank_key(best[0]):
                     best = plan, variant
@@ -190,16 +194,18 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
 
 
 class _WithSplit(dict):
-    """The search's variants of a config, each with a candidate's pipeline split (which the
-    memory model reads), made when first asked for."""
+    """The search's variants of a config, each with a candidate's pipeline split under one
+    node order (which the memory model reads), keyed ``(micro-batch, recompute, order)``,
+    made when first asked for."""
 
     def __init__(self, variants: dict[tuple[int, str], Config], deg: Degrees,
-                 machine: Machine) -> None:
+                 orders: list[Machine]) -> None:
         super().__init__()
-        self.variants, self.deg, self.machine = variants, deg, machine
+        self.variants, self.deg, self.orders = variants, deg, orders
 
-    def __missing__(self, key: tuple[int, str]) -> Config:
-        self[key] = with_stage_layers(self.variants[key], self.deg, self.machine)
+    def __missing__(self, key: tuple[int, str, int]) -> Config:
+        mb, recompute, order = key
+        self[key] = with_stage_layers(self.variants[mb, recompute], self.deg, self.orders[order])
         return self[key]
 
 

@@ -46,3 +46,49 @@ def test_a_node_overriding_its_memory_bounds_the_plan(tmp_path) -> None:
     plan = build_plan(cfg)
     assert plan.memory_limit_bytes == int(40 * GiB * USABLE_MEMORY_FRACTION)
     assert plan.devices == "16 x h100-sxm-80gb"
+
+
+def _mixspeed(tmp_path: Path) -> str:
+    """A100 nodes on InfiniBand and H100 nodes on RoCE, listed interleaved, all on a 100 GbE
+    network: node orders split a pipeline differently (the H100 stage takes more layers)."""
+    dc = "{name: e0, type: ethernet, bandwidth_gbps: 100, network: dc}"
+    path = tmp_path / "mixspeed.yaml"
+    path.write_text("nodes:\n" + "".join(
+        f"  - {{name: {name}, device: {device}, devices: 8, nics: [{{name: m0, type: {nic}, "
+        f"bandwidth_gbps: {gbps}, network: {net}}}, {dc}]}}\n"
+        for name, device, nic, gbps, net in (
+            ("a0", "a100", "ib", 200, "ibA"), ("h0", "h100", "roce", 400, "roceB"),
+            ("a1", "a100", "ib", 200, "ibA"), ("h1", "h100", "roce", 400, "roceB"))))
+    return f"cluster={path}"
+
+
+def test_a_node_order_that_fits_beats_a_faster_one_that_does_not(tmp_path) -> None:
+    """The H100s first split Qwen2 57B 22/6 (98.4 GiB per rank, over the 72 usable) and were
+    chosen for being faster, where the listed order's 15/13 fits."""
+    cfg = load_config("configs/qwen2-57b-a14b.yaml", [
+        _mixspeed(tmp_path), "parallel.pp=2", "parallel.dp_replicate=2",
+        "train.micro_batch=1", "train.recompute=full"])
+    plan = build_plan(cfg)
+    assert plan.fits and plan.layers_per_stage == (15, 13)
+    assert [place.name for place in plan.placement] == ["a0", "h0", "a1", "h1"]
+
+
+def test_the_search_checks_each_node_order_by_its_own_split(tmp_path, monkeypatch) -> None:
+    """Memory was checked on the listed order's split and the plan then priced under another
+    order with its own split: three of the five best were 98.4 GiB against 72 usable, and
+    pp8 cp4 without recompute, which fits with the A100s first (71.6 GiB, where the listed
+    order needs 79.4), was counted as over memory."""
+    import importlib
+
+    search_module = importlib.import_module("orch.plan.search")  # (orch.plan.search: a function)
+    cfg = load_config("configs/qwen2-57b-a14b.yaml", [_mixspeed(tmp_path)])
+    machine = resolve_machine(cfg, None, None, None, [])
+    result = search(cfg, machine)
+    assert len(result.best) == 5
+    assert all(plan.fits for plan in result.best)
+    every = search_module.candidate_degrees
+    monkeypatch.setattr(search_module, "candidate_degrees", lambda cfg, machine: (
+        d for d in every(cfg, machine) if d.short() == "pp8 cp4"))
+    one = search_module.search(cfg, machine)
+    assert (one.evaluated, one.fit, one.over_memory) == (12, 7, 5)  # was 12, 5, 7
+    assert one.best[0].fits
