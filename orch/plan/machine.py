@@ -39,10 +39,19 @@ class Machine:
 
     def links(self, deg: Degrees) -> dict[str, Link]:
         """The link of every group dimension of ``deg``: on alike nodes one group per dimension
-        tells; on a mixed cluster every group is looked at and the slowest counts."""
-        if self.topology.homogeneous:
-            return self.topology.links(first_groups(deg))
-        return self.topology.worst_links(plan_groups(deg))
+        tells when that dimension's groups tile the nodes (:func:`tiles`); otherwise (a group
+        may straddle a node boundary the first does not, or nodes differ) every group is looked
+        at and the slowest counts."""
+        if not self.topology.homogeneous:
+            return self.topology.worst_links(plan_groups(deg))
+        firsts = first_groups(deg)
+        links = self.topology.links({dim: group for dim, group in firsts.items()
+                                     if tiles(group, self.gpus_per_node)})
+        if len(links) < len(firsts):
+            groups = plan_groups(deg)
+            links.update(self.topology.worst_links({dim: groups[dim] for dim in firsts
+                                                    if dim not in links}))
+        return {dim: links[dim] for dim in firsts}
 
     def placements(self) -> list[Machine]:
         """This machine under each node order worth pricing (``orch.plan.placement``); a
@@ -63,6 +72,25 @@ class Machine:
         if self.cluster is not None:
             return len(self.cluster.nodes)
         return -(-self.world_size // self.gpus_per_node)
+
+
+def tiles(group: list[int], per_node: int) -> bool:
+    """Whether every group of a dimension crosses nodes as its first one, ``group``, does.
+
+    A dimension's groups are translates of its first, an arithmetic progression of stride
+    ``s`` and ``n`` ranks, each inside an aligned block of ``n * s`` ranks. When blocks and
+    nodes align (one divides the other) each group spans the whole of its block's nodes, or
+    one node; when ``s`` is at least a node each rank has a node of its own. Otherwise a group
+    can straddle a boundary the first does not: 4 ranks of context parallelism on 6-device
+    nodes put ranks 0-3 on one node and 4-7 on two.
+    """
+    if len(group) == 1:
+        return True
+    stride = group[1] - group[0]
+    if group != list(range(group[0], group[-1] + 1, stride)):
+        return False
+    block = stride * len(group)
+    return stride >= per_node or block % per_node == 0 or per_node % block == 0
 
 
 def resolve_machine(
