@@ -158,7 +158,8 @@ class StepTime:
     tokens_per_step: int
     tokens_per_s: float
     mfu: float
-    """Model FLOPs per second over the peak of all devices (recomputation does not count)."""
+    """Model FLOPs per second over the peak of all devices, each its own type's at the run's
+    precision (recomputation does not count)."""
     flops_per_token: float
 
     def as_dict(self) -> dict[str, Any]:
@@ -180,7 +181,8 @@ def _collective(size: float, n: int, link: Link) -> float:
 
 def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
                        device: DeviceSpec, stage_load: float = 1.0,
-                       rank_layers: float | None = None) -> StepTime:
+                       rank_layers: float | None = None,
+                       total_peak: float | None = None) -> StepTime:
     """Seconds per optimizer step of ``cfg`` laid out as ``deg`` over ``links``.
 
     ``links`` maps each group dimension of ``orch.plan.layout`` to its link (from
@@ -188,6 +190,8 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     compute to the slowest pipeline rank's (uneven layers, or devices of different speeds),
     against an even split at ``device``'s speed; ``rank_layers``, the most layers a pipeline
     rank holds (default an even share), sets the collectives and recompute inside layers.
+    ``total_peak``, the FLOP/s of every rank's device together at the run's precision
+    (``Topology.total_peak``; default every rank at ``device``'s), is MFU's denominator.
     """
     m, t = cfg.model, cfg.train
     pc = param_counts(m)
@@ -289,7 +293,7 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     return StepTime(
         compute_s=compute, comm_s=comm, exposed_comm_s=exposed, bubble_s=bubble, total_s=total,
         tokens_per_step=tokens, tokens_per_s=tokens_per_s,
-        mfu=fpt * tokens_per_s / (deg.world * peak), flops_per_token=fpt,
+        mfu=fpt * tokens_per_s / (total_peak or deg.world * peak), flops_per_token=fpt,
     )
 
 

@@ -227,7 +227,8 @@ def evaluate(
     step = estimate_step_time(cfg, deg, links, machine.device,
                               stage_load=_stage_load(cfg, deg, machine, stage_layers),
                               rank_layers=max(sum(stage_layers[chunk] for chunk in chunks)
-                                              for chunks in _rank_chunks(cfg, deg)))
+                                              for chunks in _rank_chunks(cfg, deg)),
+                              total_peak=machine.topology.total_peak(cfg.train.precision))
     limit = memory_limit(cfg, machine)
     t = cfg.train
     return Plan(

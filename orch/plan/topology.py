@@ -102,6 +102,13 @@ class Topology:
         return cls([n.device for n in nodes], [n.devices for n in nodes],
                    [attachments(n) for n in nodes])
 
+    def total_peak(self, precision: str) -> float:
+        """FLOP/s of every device together at ``precision``: what MFU is the share of (the
+        slowest device's peak times the ranks undercounts the faster ones, so a well-balanced
+        pipeline over mixed nodes showed more than 100%)."""
+        return sum(size * device.peak(precision)
+                   for device, size in zip(self.devices, self.sizes, strict=True))
+
     def describe(self) -> str:
         """The devices in rank order, alike ones counted together: ``16 x h100-sxm-80gb``, or
         ``8 x h200 + 8 x h100-sxm-80gb`` on a mixed cluster (one name would hide the others)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from orch.config import load_config
 from orch.plan import build_plan, resolve_machine, search
 from orch.plan.devices import GiB
@@ -92,3 +94,16 @@ def test_the_search_checks_each_node_order_by_its_own_split(tmp_path, monkeypatc
     one = search_module.search(cfg, machine)
     assert (one.evaluated, one.fit, one.over_memory) == (12, 7, 5)  # was 12, 5, 7
     assert one.best[0].fits
+
+
+def test_mfu_is_the_share_of_every_devices_peak(tmp_path) -> None:
+    """One A100 node and three H100 nodes: MFU was reckoned against 32 A100s' peak, so a
+    pipeline split by speed showed 118.2% where it is 45.0%."""
+    cfg = load_config("configs/llama3-8b.yaml", [
+        cluster(tmp_path, "device: a100", "device: h100", "device: h100", "device: h100"),
+        "parallel.pp=4"])
+    plan = build_plan(cfg)
+    step = plan.step
+    peak = 8 * 312e12 + 24 * 989.4e12  # bf16 dense peaks
+    assert step.mfu == pytest.approx(step.flops_per_token * step.tokens_per_s / peak)
+    assert round(step.mfu, 3) == 0.450
