@@ -144,7 +144,8 @@ def resolve_machine(
         for node in cluster.nodes:
             node_gcd = gcd(node_gcd, node.devices)
         listed = cfg.parallel.node_order == "listed"
-        return Machine(cluster.world_size, node_gcd, spec or topology.device, topology, cluster,
+        slowest = spec or topology.slowest(cfg.train.precision)
+        return Machine(cluster.world_size, node_gcd, slowest, topology, cluster,
                        only_listed=listed)
 
     assert spec is not None

@@ -25,7 +25,7 @@ from functools import lru_cache
 from orch.plan.cluster import ClusterSpec
 from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups
-from orch.plan.topology import Link, Topology, attachments
+from orch.plan.topology import Link, Topology, attachments, pace
 
 KEPT_INSIDE_NIC_TYPE = {"dp_shard-cp": "data-parallel (FSDP)", "dp_replicate": "data-parallel "
                         "(replicas)", "ep": "expert-parallel", "edp": "expert data-parallel"}
@@ -138,16 +138,16 @@ def mixing(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
     return sum(count for count, _, _ in mixed_groups(deg, topology, places, heavy).values())
 
 
-def stage_speeds(topology: Topology, deg: Degrees) -> list[float]:
-    """Each pipeline stage's speed: the slowest device among the nodes of its ranks (ranks of
-    a stage are a contiguous block: pipeline is the slowest-varying coordinate)."""
+def stage_speeds(topology: Topology, deg: Degrees, precision: str) -> list[float]:
+    """Each pipeline stage's speed at ``precision``: the slowest device among the nodes of its
+    ranks (ranks of a stage are a contiguous block: pipeline is the slowest-varying
+    coordinate)."""
     per_stage = topology.world_size // deg.pp
     speeds = []
     for stage in range(deg.pp):
         nodes = {topology.node_of(rank) for rank in range(stage * per_stage,
                                                            (stage + 1) * per_stage)}
-        speeds.append(min(topology.devices[n].peak_flops * topology.devices[n].compute_efficiency
-                          for n in nodes))
+        speeds.append(min(pace(topology.devices[n], precision) for n in nodes))
     return speeds
 
 

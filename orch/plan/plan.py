@@ -267,7 +267,7 @@ def _stage_load(cfg: Config, deg: Degrees, machine: Machine,
     stages 1.16x (the last stage's head is 1.8 layers' FLOPs at 8K tokens)."""
     if deg.pp == 1:
         return 1.0
-    speeds = _speeds(machine, deg)
+    speeds = _speeds(machine, deg, cfg.train.precision)
     work = _chunk_work(cfg, stage_layers)
     times = [sum(work[chunk] for chunk in chunks) / speed
              for chunks, speed in zip(_rank_chunks(cfg, deg), speeds, strict=True)]
@@ -284,11 +284,12 @@ def _rank_chunks(cfg: Config, deg: Degrees) -> list[list[int]]:
             for rank in range(deg.pp)]
 
 
-def _speeds(machine: Machine, deg: Degrees) -> list[float]:
-    """Each pipeline rank's relative speed: its slowest device on a cluster, else all equal."""
+def _speeds(machine: Machine, deg: Degrees, precision: str) -> list[float]:
+    """Each pipeline rank's relative speed at ``precision``: its slowest device on a cluster,
+    else all equal."""
     if machine.cluster is None:
         return [1.0] * deg.pp
-    return stage_speeds(machine.topology, deg)
+    return stage_speeds(machine.topology, deg, precision)
 
 
 _LAYER_WORK: dict[tuple, tuple[float, ...]] = {}
@@ -348,7 +349,7 @@ def _stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> tuple[int, ...
     if cfg.parallel.stage_layers and deg.pp > 1:
         return tuple(cfg.parallel.stage_layers)
     if deg.pp > 1 and deg.virtual_stages == 1:
-        return balanced_split(layer_work(cfg), tuple(_speeds(machine, deg)))
+        return balanced_split(layer_work(cfg), tuple(_speeds(machine, deg, cfg.train.precision)))
     return (cfg.model.layers // chunks,) * chunks
 
 

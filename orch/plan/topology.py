@@ -77,8 +77,6 @@ class Topology:
         self._inter_lat = [d.inter_latency_s for d in devices]
         self._same_inter = len({(tuple(sorted(n.items())), lat) for n, lat in
                                 zip(self._networks, self._inter_lat, strict=True)}) == 1
-        self.device = min(devices, key=lambda d: d.peak_flops * d.compute_efficiency)
-        """The slowest device: synchronous training runs at its pace."""
         self.memory_bytes = min(d.memory_bytes for d in devices)
         """The least memory of any device: every rank holds its share of the model, so the
         smallest device bounds a plan (the fastest need not be the largest)."""
@@ -101,6 +99,12 @@ class Topology:
         nodes = [cluster.nodes[i] for i in order] if order else list(cluster.nodes)
         return cls([n.device for n in nodes], [n.devices for n in nodes],
                    [attachments(n) for n in nodes])
+
+    def slowest(self, precision: str) -> DeviceSpec:
+        """The slowest device at ``precision`` (synchronous training runs at its pace): the
+        order can differ by precision (an RTX 4090 is slower than an H100 in bf16, faster in
+        fp32)."""
+        return min(self.devices, key=lambda d: pace(d, precision))
 
     def total_peak(self, precision: str) -> float:
         """FLOP/s of every device together at ``precision``: what MFU is the share of (the
@@ -192,6 +196,11 @@ class Topology:
                 for dim, gs in groups.items()}
 
 
+def pace(device: DeviceSpec, precision: str) -> float:
+    """FLOP/s ``device`` sustains on compute at ``precision``: what ranks devices by pace."""
+    return device.peak(precision) * device.compute_efficiency
+
+
 def attachments(node: NodeSpec) -> Attachments:
     """A node's networks: per network its NICs' total bandwidth shared by the node's devices
     and their type (the slowest type, should one network mix them); a node that lists no NICs
@@ -207,4 +216,4 @@ def attachments(node: NodeSpec) -> Attachments:
         for net, nics in by_network.items())
 
 
-__all__ = ["Attachment", "Link", "LinkKind", "NO_LINK", "Topology", "attachments"]
+__all__ = ["Attachment", "Link", "LinkKind", "NO_LINK", "Topology", "attachments", "pace"]

@@ -154,7 +154,7 @@ def test_uneven_nodes_and_mixed_devices() -> None:
     assert cluster.nodes[1].device.compute_efficiency == 0.5
     assert attachments(cluster.nodes[1]) == (Attachment("", get_device("a100").inter_node_bw),)
     topo = Topology.from_cluster(cluster)
-    assert topo.device.name == "a100-80gb"  # the slowest sets the pace
+    assert topo.slowest("bf16").name == "a100-80gb"  # the slowest sets the pace
     assert [topo.node_of(r) for r in (7, 8, 11)] == [0, 1, 1]
     assert topo.link([8, 9, 10, 11]).bandwidth == 300e9
     assert topo.link([6, 7, 8]).bandwidth == 25e9
