@@ -11,6 +11,7 @@ counted with the memory group that dominated them, so users learn why a machine 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -213,11 +214,18 @@ def _with_train(cfg: Config, **changes: object) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
-def _rank_key(plan: Plan) -> tuple[float, float, int]:
-    """Fastest first; plans within 0.1% of each other go to the one that communicates less
-    (more slack when the network is slower than modelled), then to the one with less memory."""
-    speed = float(f"{plan.step.tokens_per_s:.3g}")
-    return (-speed, sum(plan.step.comm_s.values()), plan.memory.total)
+TIE_BAND = 0.001
+"""Throughputs within one band this wide (a ratio) tie in the ranking."""
+
+
+def _rank_key(plan: Plan) -> tuple[int, float, int]:
+    """Fastest first; plans in one band of throughput (0.1% wide, on a log scale, so they are
+    within 0.1% of each other) go to the one that communicates less (more slack when the
+    network is slower than modelled), then to the one with less memory. A plan never ranks
+    above one more than 0.1% faster (3 significant figures, as before, made bands up to 1%
+    wide). Bands, not pairwise comparison, keep the order transitive, so sorting holds."""
+    band = math.floor(math.log(plan.step.tokens_per_s) / math.log1p(TIE_BAND))
+    return (-band, sum(plan.step.comm_s.values()), plan.memory.total)
 
 
 def _dominant_group(memory: MemoryEstimate) -> str:
