@@ -192,6 +192,10 @@ def render_search(result: SearchResult, devices: str) -> str:
     if not result.evaluated:  # nothing to weigh: the degrees, not the memory, are the limit
         return head + ("\nno layout of this world size passes the plan's rules: orch plan "
                        "without --auto says which")
+    if not result.best and result.unconnected:  # memory was not what stopped them
+        return head + ("\nno plan can run: the degrees that fit in memory need groups across "
+                       "nodes that share no network; attach the nodes to a common network in "
+                       "the cluster description (a NIC's 'network')")
     if not result.best:
         return head + "\nno plan fits: add devices, offload (offload.*), or shorten train.seq_len"
     width = max(28, *(len(plan.degrees.short()) + 1 for plan in result.best))

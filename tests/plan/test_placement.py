@@ -134,7 +134,13 @@ def test_the_search_counts_degrees_whose_groups_cannot_reach_each_other(tmp_path
     machine = resolve_machine(cfg, None, None, None, [])
     result = search(cfg, machine)
     assert result.best == [] and result.unconnected > 0
-    assert "share no network" in render_search(result, "16 x h100-sxm-80gb")
+    text = render_search(result, "16 x h100-sxm-80gb")
+    assert "share no network" in text
+    # fitting in memory was not the problem: "no plan fits: add devices, ..." said it was
+    assert text.splitlines()[-1] == (
+        "no plan can run: the degrees that fit in memory need groups across nodes that share no "
+        "network; attach the nodes to a common network in the cluster description (a NIC's "
+        "'network')")
 
 
 def _mixed_devices(tmp_path: Path) -> Path:
