@@ -274,9 +274,12 @@ class MemoryEstimate:
     window_min: int = 0
     staging_min: int = 0
     grad_staging: int = 0
+    stage_totals: tuple[tuple[int, int], ...] = ()
+    """``(stage, total)`` of every stage that can be the worst (:func:`_stages`): which stages
+    a pipeline split overfills (``orch.plan.plan`` caps their layers)."""
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {name: value for name, value in asdict(self).items() if name != "stage_totals"}
 
 
 def _ring(cfg: Config, deg: Degrees) -> bool:
@@ -362,6 +365,7 @@ def estimate_memory(
     depth = off.prefetch_depth
 
     best: tuple[int, ...] = ()
+    totals = []
     for p, nd, nm, first, last, num, den, first_mbs, last_mbs in stages:
         dense = nd * dense_layer + nm * moe_layer + first * vocab + last * head
         small = -(-((nd + nm) * pc.norms + nm * pc.router + last * h) // fsdp)
@@ -425,7 +429,8 @@ def estimate_memory(
             else:  # a region per unit, each padded
                 nvme += size + (nd + nm + first + last) * REGION_PADDING
         total += window
+        totals.append((p, total))
         if not best or total > best[5]:
             best = (*groups, buffers, total, cpu, nvme, p, window, window_min, staging,
                     grad_staging)
-    return MemoryEstimate(*best)
+    return MemoryEstimate(*best, stage_totals=tuple(totals))

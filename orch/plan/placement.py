@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -151,32 +152,40 @@ def stage_speeds(topology: Topology, deg: Degrees, precision: str) -> list[float
     return speeds
 
 
-@lru_cache(maxsize=256)
-def balanced_split(work: tuple[float, ...], speeds: tuple[float, ...]) -> tuple[int, ...]:
+@lru_cache(maxsize=4096)
+def balanced_split(work: tuple[float, ...], speeds: tuple[float, ...],
+                   caps: tuple[int, ...] = ()) -> tuple[int, ...]:
     """Layers per stage: consecutive runs of ``work`` (each layer's, in order) over stages of
-    ``speeds``, at least one each, making the slowest stage's time (its work over its speed) the
-    least possible; of the splits that reach it, the one with the most even stage times (least
-    sum of squares: the rest of the pipeline waits less on any stage the estimate got wrong),
-    ties going to fewer layers on earlier stages, which hold more micro-batches in flight under
-    1F1B."""
+    ``speeds``, at least one each and at most ``caps[s]`` on stage ``s`` (the most it has
+    memory for; default no limit), making the slowest stage's time (its work over its speed)
+    the least possible; of the splits that reach it, the one with the most even stage times
+    (least sum of squares: the rest of the pipeline waits less on any stage the estimate got
+    wrong), ties going to fewer layers on earlier stages, which hold more micro-batches in
+    flight under 1F1B."""
     n, k = len(work), len(speeds)
+    caps = caps or (n,) * k
     if n < k:
         raise ValueError(f"{n} layers cannot fill {k} stages")
+    if sum(caps) < n or min(caps) < 1:
+        raise ValueError(f"{n} layers cannot fill {k} stages of at most {caps} layers")
     low, high = 0.0, sum(work) / min(speeds)  # high always fits, low never does
     while (middle := (low + high) / 2) not in (low, high):
-        low, high = (middle, high) if not _fits(work, speeds, middle) else (low, middle)
+        low, high = (middle, high) if not _fits(work, speeds, caps, middle) else (low, middle)
     limit = high * (1 + 1e-9)
     prefix = list(itertools.accumulate(work, initial=0.0))
     # best[s][j]: the least sum of squared times with layers [0, j) on stages 0..s, each
-    # within limit; start[s][j]: where stage s begins in it.
+    # within limit and its cap; start[s][j]: where stage s begins in it.
     best = [[math.inf] * (n + 1) for _ in range(k)]
     start = [[0] * (n + 1) for _ in range(k)]
-    for j in range(1, n - k + 2):
+    for j in range(1, min(n - k + 1, caps[0]) + 1):
         if (t := prefix[j] / speeds[0]) <= limit:
             best[0][j] = t * t
     for s in range(1, k):
         for j in range(s + 1, n - k + s + 2):
-            for i in range(s, j):
+            # stages taking too long begin before the first start within limit (found by
+            # bisection, loosened against rounding: each is still checked)
+            first = bisect_left(prefix, prefix[j] - limit * speeds[s] * (1 + 1e-9))
+            for i in range(max(s, j - caps[s], first), j):
                 t = (prefix[j] - prefix[i]) / speeds[s]
                 if t <= limit and (v := best[s - 1][i] + t * t) < best[s][j] * (1 - 1e-12):
                     best[s][j], start[s][j] = v, i
@@ -187,13 +196,15 @@ def balanced_split(work: tuple[float, ...], speeds: tuple[float, ...]) -> tuple[
     return (end, *reversed(split))
 
 
-def _fits(work: Sequence[float], speeds: Sequence[float], limit: float) -> bool:
-    """Whether every stage can finish its layers within ``limit``: each in turn takes as many
-    as it can while leaving one for each later stage (taking the most never hurts later)."""
+def _fits(work: Sequence[float], speeds: Sequence[float], caps: Sequence[int],
+          limit: float) -> bool:
+    """Whether every stage can finish its layers within ``limit`` and its cap: each in turn
+    takes as many as it can while leaving one for each later stage (taking the most never
+    hurts later)."""
     begin = 0
     for stage, speed in enumerate(speeds):
         end, load = begin, 0.0
-        last = len(work) - (len(speeds) - 1 - stage)
+        last = min(len(work) - (len(speeds) - 1 - stage), begin + caps[stage])
         while end < last and (load + work[end]) / speed <= limit:
             load += work[end]
             end += 1

@@ -314,24 +314,39 @@ def _chunk_work(cfg: Config, stage_layers: tuple[int, ...]) -> list[float]:
 
 def with_stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> Config:
     """``cfg`` with ``parallel.stage_layers`` set to the plan's split of a pipeline of one stage
-    per rank (what the memory model reads): the split by FLOPs, or the even one where only that
-    fits in memory (the split by FLOPs can give the first stage, which holds the most
-    micro-batches in flight, more layers); ``cfg`` itself when it holds a split already, has no
-    pipeline, has virtual stages, or splits evenly (what the memory model assumes then)."""
+    per rank (what the memory model reads): the split by FLOPs, and where that does not fit in
+    memory the best split by FLOPs that does (:func:`_capped_split`); ``cfg`` itself when it
+    holds a split already, has no pipeline, has virtual stages, or splits evenly (what the
+    memory model assumes then)."""
     if deg.pp == 1 or deg.virtual_stages > 1 or cfg.parallel.stage_layers:
         return cfg
-    split, layers = _stage_layers(cfg, deg, machine), cfg.model.layers
-    if layers % deg.pp == 0 and len(set(split)) == 1:
+    split = _stage_layers(cfg, deg, machine)
+    if cfg.model.layers % deg.pp == 0 and len(set(split)) == 1:
         return cfg  # even: what the memory model assumes without a split
-    by_flops = _with_split(cfg, split)
-    if layers % deg.pp:
-        return by_flops
-    limit = memory_limit(cfg, machine)
-    fused = machine.device.fused_norm
-    if (estimate_memory(by_flops, deg, fused_norm=fused).total <= limit
-            or estimate_memory(cfg, deg, fused_norm=fused).total > limit):
-        return by_flops
-    return _with_split(cfg, [layers // deg.pp] * deg.pp)
+    return _capped_split(cfg, deg, machine, _with_split(cfg, split))
+
+
+def _capped_split(cfg: Config, deg: Degrees, machine: Machine, by_flops: Config) -> Config:
+    """``by_flops`` where it fits in memory; else the split by FLOPs under a cap on each stage's
+    layers, tightened until the split fits: a stage over memory with ``n`` layers is over with
+    ``n`` or more in any split (its memory follows its own layers and place in the pipeline),
+    so each such stage is capped at ``n - 1`` and the split remade. What fits then is the
+    fastest split that fits (an upgraded node's 24/8 that does not fit becomes 23/9, not the
+    even 16/16, which ran slower than before the upgrade); where none fits, ``by_flops``, for
+    the report."""
+    limit, fused = memory_limit(cfg, machine), machine.device.fused_norm
+    layers, planned = cfg.model.layers, by_flops
+    caps = [layers] * deg.pp
+    while (memory := estimate_memory(planned, deg, fused_norm=fused)).total > limit:
+        for stage, total in memory.stage_totals:
+            if total > limit:
+                caps[stage] = planned.parallel.stage_layers[stage] - 1
+        if sum(caps) < layers or min(caps) < 1:
+            return by_flops
+        split = balanced_split(layer_work(cfg), tuple(_speeds(machine, deg, cfg.train.precision)),
+                               tuple(caps))
+        planned = _with_split(cfg, split)
+    return planned
 
 
 def _with_split(cfg: Config, split: Sequence[int]) -> Config:

@@ -136,7 +136,8 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
         settings = [
             mb for mb in MICRO_BATCHES
             if cfg.train.global_batch % (mb * deg.dp) == 0
-            and not check_degrees(split[mb, cfg.train.recompute, 0], deg, machine.gpus_per_node)
+            # (the split the search makes always passes the rules: no need to make it here)
+            and not check_degrees(variants[mb, cfg.train.recompute], deg, machine.gpus_per_node)
         ]
         if not settings:
             continue

@@ -64,9 +64,17 @@ def _mixspeed(tmp_path: Path) -> str:
     return f"cluster={path}"
 
 
-def test_a_node_order_that_fits_beats_a_faster_one_that_does_not(tmp_path) -> None:
+def _split_by_flops_only(monkeypatch) -> None:
+    """Leave each node order's pipeline split by FLOPs, over memory or not (as before splits
+    were capped by memory), so that node orders differ in what fits."""
+    monkeypatch.setattr("orch.plan.plan._capped_split",
+                        lambda cfg, deg, machine, by_flops: by_flops)
+
+
+def test_a_node_order_that_fits_beats_a_faster_one_that_does_not(tmp_path, monkeypatch) -> None:
     """The H100s first split Qwen2 57B 22/6 (98.4 GiB per rank, over the 72 usable) and were
     chosen for being faster, where the listed order's 15/13 fits."""
+    _split_by_flops_only(monkeypatch)
     cfg = load_config("configs/qwen2-57b-a14b.yaml", [
         _mixspeed(tmp_path), "parallel.pp=2", "parallel.dp_replicate=2",
         "train.micro_batch=1", "train.recompute=full"])
@@ -83,6 +91,7 @@ def test_the_search_checks_each_node_order_by_its_own_split(tmp_path, monkeypatc
     import importlib
 
     search_module = importlib.import_module("orch.plan.search")  # (orch.plan.search: a function)
+    _split_by_flops_only(monkeypatch)
     cfg = load_config("configs/qwen2-57b-a14b.yaml", [_mixspeed(tmp_path)])
     machine = resolve_machine(cfg, None, None, None, [])
     result = search(cfg, machine)
@@ -119,3 +128,22 @@ def test_the_slowest_device_is_the_slowest_at_the_runs_precision(tmp_path) -> No
     plan = build_plan(cfg)
     assert plan.device == "h100-sxm-80gb"
     assert plan.layers_per_stage == (16, 16)
+
+
+def test_a_split_by_speed_that_does_not_fit_gives_way_to_the_best_that_does(tmp_path) -> None:
+    """Upgrading one of two A100 nodes to H100s made Llama 3 8B slower (47.0 s a step against
+    44.7): the split by speed, 24/8, is over memory on the H100 stage, and the plan fell back
+    to the even 16/16 where 23/9 fits and runs 28.6 s."""
+    def plan(first: str):
+        fast = "bandwidth_gbps: 3200, network: ibb"
+        path = tmp_path / f"{first}.yaml"
+        path.write_text("nodes:\n" + "".join(
+            f"  - {{name: n{i}, device: {device}, devices: 8, nics: [{{name: m0, type: ib, "
+            f"{fast}}}]}}\n" for i, device in enumerate((first, "a100"))))
+        return build_plan(load_config("configs/llama3-8b.yaml", [
+            f"cluster={path}", "train.global_batch=256", "parallel.pp=2"]))
+
+    before, after = plan("a100"), plan("h100")
+    assert before.layers_per_stage == (17, 15) and before.fits
+    assert after.layers_per_stage == (23, 9) and after.fits
+    assert round(before.step.total_s, 1) == 44.7 and round(after.step.total_s, 1) == 28.6

@@ -49,12 +49,17 @@ def test_layer_and_head_flops_equal_torchs_count(config: str) -> None:
     assert head_flops(m) * tokens_n == sum(counts["Transformer.output"].values())
 
 
-def _best_by_brute_force(work: list[float], speeds: list[float]) -> tuple[float, float]:
-    """(least slowest-stage time, least sum of squared stage times among splits reaching it)."""
+def _best_by_brute_force(work: list[float], speeds: list[float],
+                         caps: tuple[int, ...] = ()) -> tuple[float, float]:
+    """(least slowest-stage time, least sum of squared stage times among splits reaching it),
+    of the splits within ``caps``."""
     best = (float("inf"), float("inf"))
     n, k = len(work), len(speeds)
     for cuts in itertools.combinations(range(1, n), k - 1):
         bounds = (0, *cuts, n)
+        if caps and any(hi - lo > cap for (lo, hi), cap in zip(itertools.pairwise(bounds), caps,
+                                                                strict=True)):
+            continue
         times = [sum(work[lo:hi]) / s
                  for (lo, hi), s in zip(itertools.pairwise(bounds), speeds, strict=True)]
         worst = max(times)
@@ -82,6 +87,30 @@ def test_balanced_split_is_the_best_split() -> None:
         worst, squares = _best_by_brute_force(work, speeds)
         assert max(times) == pytest.approx(worst, rel=1e-9), (work, speeds, split)
         assert sum(t * t for t in times) == pytest.approx(squares, rel=1e-9), (work, speeds)
+
+
+def test_balanced_split_within_caps_is_the_best_such_split() -> None:
+    """Each stage at most its cap of layers (what its memory holds): against every split
+    within the caps of small random cases."""
+    rng = random.Random(1)
+    for _ in range(200):
+        n = rng.randint(2, 9)
+        k = rng.randint(1, min(n, 4))
+        caps = [rng.randint(1, n) for _ in range(k)]
+        if sum(caps) < n:
+            with pytest.raises(ValueError, match="cannot fill"):
+                balanced_split((1.0,) * n, (1.0,) * k, tuple(caps))
+            continue
+        work = [rng.choice([1.0, 1.0, 1.5, 0.25]) for _ in range(n)]
+        speeds = [rng.choice([1.0, 1.0, 2.0, 0.5]) for _ in range(k)]
+        split = balanced_split(tuple(work), tuple(speeds), tuple(caps))
+        assert sum(split) == n and all(1 <= s <= c for s, c in zip(split, caps, strict=True))
+        bounds = list(itertools.accumulate(split, initial=0))
+        times = [sum(work[lo:hi]) / s
+                 for (lo, hi), s in zip(itertools.pairwise(bounds), speeds, strict=True)]
+        worst, squares = _best_by_brute_force(work, speeds, tuple(caps))
+        assert max(times) == pytest.approx(worst, rel=1e-9), (work, speeds, caps, split)
+        assert sum(t * t for t in times) == pytest.approx(squares, rel=1e-9)
 
 
 def test_balanced_split_examples() -> None:
@@ -114,10 +143,14 @@ def test_a_pipeline_degree_need_not_divide_the_layers() -> None:
     """It had to ("model.layers=80 is not divisible by pp x virtual_stages = 6 x 1"); the plan
     splits 80 layers over 6 stages, and 4 over 3 (tiny's head is small: the middle stage, which
     holds fewer micro-batches in flight than the first, takes two). Virtual stages still need
-    an even split."""
-    cfg = load_config("configs/llama3-70b.yaml", ["parallel.pp=6", "parallel.tp=8"])
+    an even split. (With full recompute: without, the split by FLOPs is over memory and the
+    plan caps the stages that hold more micro-batches in flight, 8/9/11/14/18/20.)"""
+    sets = ["parallel.pp=6", "parallel.tp=8"]
+    cfg = load_config("configs/llama3-70b.yaml", [*sets, "train.recompute=full"])
     split = build_plan(cfg, 48, 8, "h100").layers_per_stage
     assert sum(split) == 80 and max(split) - min(split) <= 3 and split[-1] < split[1]
+    capped = build_plan(load_config("configs/llama3-70b.yaml", sets), 48, 8, "h100")
+    assert capped.layers_per_stage == (8, 9, 11, 14, 18, 20) and capped.fits
     tiny = load_config("configs/tiny.yaml", ["parallel.pp=3"])
     assert build_plan(tiny, 3, 3, "cpu").layers_per_stage == (1, 2, 1)
 
