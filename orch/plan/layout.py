@@ -105,6 +105,13 @@ def plan_groups(deg: Degrees) -> dict[str, list[list[int]]]:
     return {dim: layouts[view].groups(dim) for dim, view in GROUP_DIMS.items()}
 
 
+def dim_groups(deg: Degrees, dim: str) -> list[list[int]]:
+    """Every group of one published dimension (``plan_groups`` makes all of them, which the
+    search, asking for one or two per candidate on thousands of ranks, need not pay for)."""
+    layout = dense_layout(deg) if GROUP_DIMS[dim] == "dense" else expert_layout(deg)
+    return layout.groups(dim)
+
+
 def first_groups(deg: Degrees) -> dict[str, list[int]]:
     """The group containing rank 0 for every published dimension (cheap, for the search)."""
     layouts = {"dense": dense_layout(deg), "expert": expert_layout(deg)}
@@ -126,6 +133,7 @@ def rank_coordinates(deg: Degrees) -> list[dict[str, int]]:
 __all__ = [
     "RankLayout",
     "dense_layout",
+    "dim_groups",
     "expert_layout",
     "first_groups",
     "plan_groups",

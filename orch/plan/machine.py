@@ -9,6 +9,7 @@ a time, so ``orch plan`` can report them with the config's.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from math import gcd
 
 from orch.config.schema import Config
@@ -16,7 +17,7 @@ from orch.errors import OrchError, Problem, ProblemsError
 from orch.plan.cluster import MAX_WORLD_SIZE, ClusterSpec, load_cluster
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec, UnknownDeviceError, get_device
-from orch.plan.layout import first_groups, plan_groups
+from orch.plan.layout import dim_groups, first_groups
 from orch.plan.placement import NodePlace, candidate_orders, placement_of
 from orch.plan.topology import Link, Topology
 
@@ -38,20 +39,25 @@ class Machine:
     """``parallel.node_order: listed``: no other order is tried (a NIC-oblivious plan)."""
 
     def links(self, deg: Degrees) -> dict[str, Link]:
-        """The link of every group dimension of ``deg``: on alike nodes one group per dimension
-        tells when that dimension's groups tile the nodes (:func:`tiles`); otherwise (a group
-        may straddle a node boundary the first does not, or nodes differ) every group is looked
-        at and the slowest counts."""
-        if not self.topology.homogeneous:
-            return self.topology.worst_links(plan_groups(deg))
-        firsts = first_groups(deg)
-        links = self.topology.links({dim: group for dim, group in firsts.items()
-                                     if tiles(group, self.gpus_per_node)})
-        if len(links) < len(firsts):
-            groups = plan_groups(deg)
-            links.update(self.topology.worst_links({dim: groups[dim] for dim in firsts
-                                                    if dim not in links}))
-        return {dim: links[dim] for dim in firsts}
+        """The link of every group dimension of ``deg``: the slowest of its groups.
+
+        Dimensions whose first groups are equal have equal groups (translates of a group
+        containing rank 0 tile the ranks one way only), so each is looked at once. On alike
+        nodes one group tells for a dimension whose groups tile the nodes (:func:`tiles`);
+        otherwise (a group may straddle a node boundary the first does not, or nodes differ)
+        every group is looked at.
+        """
+        found: dict[tuple[int, ...], Link] = {}
+        links = {}
+        for dim, first in first_groups(deg).items():
+            key = tuple(first)
+            if key not in found:
+                found[key] = (self.topology.link(first)
+                              if len(first) == 1 or (self.topology.homogeneous
+                                                     and tiles(first, self.gpus_per_node))
+                              else self.topology.worst_link(dim_groups(deg, dim)))
+            links[dim] = found[key]
+        return links
 
     def placements(self) -> list[Machine]:
         """This machine under each node order worth pricing (``orch.plan.placement``); a
@@ -63,6 +69,12 @@ class Machine:
 
     def places(self) -> tuple[NodePlace, ...]:
         """The nodes in rank order, with their fastest NIC type."""
+        return self._places
+
+    @cached_property
+    def _places(self) -> tuple[NodePlace, ...]:
+        """:meth:`places`, made once per machine: every plan priced on it asks (each node's
+        NICs looked at again, at a hundred nodes and thousands of plans)."""
         if self.cluster is None:
             return ()
         return placement_of(self.cluster, self.order)

@@ -25,7 +25,7 @@ from functools import lru_cache
 
 from orch.plan.cluster import ClusterSpec
 from orch.plan.degrees import Degrees
-from orch.plan.layout import plan_groups
+from orch.plan.layout import dim_groups
 from orch.plan.topology import Link, Topology, attachments, pace
 
 KEPT_INSIDE_NIC_TYPE = {"dp_shard-cp": "data-parallel (FSDP)", "dp_replicate": "data-parallel "
@@ -92,17 +92,25 @@ def mixed_groups(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
     """Per heavy group dimension of size above one: how many of its groups span NIC types
     under this placement, of how many, and the types the first such group spans (dimensions
     with none left out)."""
+    return dict(_mixed_groups(deg, topology, tuple(places), tuple(dims)))
+
+
+@lru_cache(maxsize=1024)
+def _mixed_groups(deg: Degrees, topology: Topology, places: tuple[NodePlace, ...],
+                  dims: tuple[str, ...]) -> tuple[tuple[str, tuple[int, int, list[str]]], ...]:
+    """:func:`mixed_groups`, kept per (degrees, node order): the search asks it for every
+    micro-batch and recompute setting it prices, and at a thousand ranks its groups are many."""
     nic_of_node = [place.nic for place in places]
-    groups = plan_groups(deg)
-    mixed = {}
+    mixed = []
     for dim in dims:
         if _size(deg, dim) == 1:
             continue
-        spans = [types for group in groups[dim]
-                 if len(types := sorted({nic_of_node[topology.node_of(r)] for r in group})) > 1]
+        groups = dim_groups(deg, dim)
+        spans = [types for group in groups if len(
+            types := sorted({nic_of_node[node] for node in topology.nodes_of(group)})) > 1]
         if spans:
-            mixed[dim] = (len(spans), len(groups[dim]), spans[0])
-    return mixed
+            mixed.append((dim, (len(spans), len(groups), spans[0])))
+    return tuple(mixed)
 
 
 def nic_notes(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
@@ -146,8 +154,8 @@ def stage_speeds(topology: Topology, deg: Degrees, precision: str) -> list[float
     per_stage = topology.world_size // deg.pp
     speeds = []
     for stage in range(deg.pp):
-        nodes = {topology.node_of(rank) for rank in range(stage * per_stage,
-                                                           (stage + 1) * per_stage)}
+        nodes = range(topology.node_of(stage * per_stage),
+                      topology.node_of((stage + 1) * per_stage - 1) + 1)
         speeds.append(min(pace(topology.devices[n], precision) for n in nodes))
     return speeds
 

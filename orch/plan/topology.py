@@ -81,6 +81,7 @@ class Topology:
         """The least memory of any device: every rank holds its share of the model, so the
         smallest device bounds a plan (the fastest need not be the largest)."""
         self.sizes = list(sizes)
+        self._network_links: dict[tuple[int, ...], Link] = {}
         self.homogeneous = bool(self._per_node) and self._same_inter and len(set(self._intra)) == 1
         """Every node alike: one group of a dimension then stands for all of them."""
 
@@ -126,6 +127,10 @@ class Topology:
             return rank // self._per_node
         return bisect_right(self.node_ends, rank)
 
+    def nodes_of(self, group: Sequence[int]) -> Sequence[int]:
+        """Nodes holding the ranks of ``group`` (sorted by rank), ascending."""
+        return self._spanned(group) if len(group) > 1 else [self.node_of(group[0])]
+
     def _spanned(self, group: Sequence[int]) -> Sequence[int]:
         """Nodes holding the ranks of ``group`` (sorted ascending), without visiting every rank.
 
@@ -163,7 +168,10 @@ class Topology:
             best = max(self._networks[first].values(), key=lambda a: a.bandwidth)
             return Link("inter", best.bandwidth, self._inter_lat[first], len(nodes), best.network,
                         best.nic)
-        return self.network_link(nodes)
+        key = tuple(nodes)  # groups of a dimension often span the same nodes
+        if key not in self._network_links:
+            self._network_links[key] = self.network_link(nodes)
+        return self._network_links[key]
 
     def network_link(self, nodes: Sequence[int]) -> Link:
         """The fastest network all of ``nodes`` are attached to, at the slowest node's share."""
@@ -192,8 +200,11 @@ class Topology:
 
     def worst_links(self, groups: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, Link]:
         """Per dimension, the slowest link among all its groups (``layout.plan_groups``)."""
-        return {dim: min((self.link(g) for g in gs), key=lambda k: (k.bandwidth, -k.latency_s))
-                for dim, gs in groups.items()}
+        return {dim: self.worst_link(gs) for dim, gs in groups.items()}
+
+    def worst_link(self, groups: Sequence[Sequence[int]]) -> Link:
+        """The slowest link among ``groups``."""
+        return min((self.link(g) for g in groups), key=lambda k: (k.bandwidth, -k.latency_s))
 
 
 def pace(device: DeviceSpec, precision: str) -> float:
