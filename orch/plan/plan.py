@@ -47,7 +47,8 @@ class Plan:
     nodes: int
     device: str
     peak_flops: float
-    """Dense peak FLOP/s of the slowest device (bf16; fp32 for cpu): MFU's denominator."""
+    """Dense peak FLOP/s per device at the run's precision, the mean over the plan's devices
+    (on alike nodes the device's): MFU's denominator, in the plan and at run time."""
     degrees: Degrees
     schedule: str
     global_batch: int
@@ -237,7 +238,7 @@ def evaluate(
         gpus_per_node=machine.gpus_per_node,
         nodes=machine.nodes,
         device=machine.device.name,
-        peak_flops=machine.device.peak(cfg.train.precision),
+        peak_flops=machine.topology.total_peak(cfg.train.precision) / machine.world_size,
         degrees=deg,
         schedule=cfg.parallel.pp_schedule if deg.pp > 1 else "none",
         global_batch=t.global_batch,

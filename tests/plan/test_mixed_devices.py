@@ -116,6 +116,8 @@ def test_mfu_is_the_share_of_every_devices_peak(tmp_path) -> None:
     peak = 8 * 312e12 + 24 * 989.4e12  # bf16 dense peaks
     assert step.mfu == pytest.approx(step.flops_per_token * step.tokens_per_s / peak)
     assert round(step.mfu, 3) == 0.450
+    # the run's MFU (metrics.jsonl) divides by the plan's per-device peak: the same mean
+    assert plan.peak_flops == pytest.approx(peak / 32)
 
 
 def test_the_slowest_device_is_the_slowest_at_the_runs_precision(tmp_path) -> None:
