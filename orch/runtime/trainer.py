@@ -148,7 +148,8 @@ class Trainer:
             if step % self.cfg.run.log_interval == 0 or step == last:
                 self._log(done, seconds)
                 if self.repartitioner is not None:  # may save and raise Repartition
-                    self.repartitioner.after_log(step, self._timeline, self.save)
+                    self.repartitioner.after_log(step, self._timeline, self.save,
+                                                 last=step == last)
             if step == last or (interval and step % interval == 0):
                 if self.offload is not None:
                     self.offload.wait_updates()

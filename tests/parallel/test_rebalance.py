@@ -142,3 +142,17 @@ def test_rebalancing_without_a_plain_pipeline_is_refused():
         load_config("configs/tiny.yaml", ["parallel.pp_rebalance_threshold=0.5"])
     text = str(info.value)
     assert "0.5 must be above 1" in text and "needs a pipeline of one stage per rank" in text
+
+
+def test_no_repartition_at_the_runs_last_step(tmp_path):
+    """Decided at the last step, the re-partition saved, restarted every worker and trained
+    nothing (and never measured the new split); at the last step nothing is asked or saved
+    (no broadcast either: this test has no process group, which one would need)."""
+    from orch.parallel.pipeline.rebalance import Repartitioner
+
+    cfg = load_config("configs/tiny.yaml", ["parallel.pp=2", "parallel.pp_rebalance_threshold=1.2",
+                                            "parallel.pp_rebalance_steps=1"])
+    repartitioner = Repartitioner(cfg, [3, 1], tmp_path, 0)
+    saved = []
+    repartitioner.after_log(2, _timeline([0.9, 0.1]), saved.append, last=True)
+    assert saved == [] and not (tmp_path / "rebalance.json").exists()

@@ -127,9 +127,12 @@ class Repartitioner:
         self.warm = False
         """The first logged step of a process (start-up, first-touch allocation) is skipped."""
 
-    def after_log(self, step: int, timeline: Timeline | None,
-                  save: Callable[[int], None]) -> None:
-        if not self.enabled:
+    def after_log(self, step: int, timeline: Timeline | None, save: Callable[[int], None],
+                  last: bool = False) -> None:
+        """Measure the logged ``step``; save and raise :class:`Repartition` when a split is
+        decided. Not at this run's ``last`` step: the restart would train nothing and measure
+        nothing (every rank knows it, so none enters the broadcast)."""
+        if not self.enabled or last:
             return
         box = [self._observe(timeline) if self.rank == 0 and timeline is not None else None]
         dist.broadcast_object_list(box, src=0)  # every rank follows rank 0: same collectives
