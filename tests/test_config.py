@@ -212,6 +212,8 @@ MOE = ["model.experts=4"]
          "parallel.pp_max_deferred: must be 0 or more, got -3"),  # was under pp_schedule
         (["parallel.stage_layers=[2,2]"], "parallel.stage_layers: [2, 2] splits the layers "
                                           "between pipeline stages, but parallel.pp is 1"),
+        (["parallel.pp_schedule=interleaved", "parallel.virtual_stages=2"],
+         "parallel.virtual_stages: 2 stages per pipeline rank, but parallel.pp is 1"),
         (["train.compile=inductor", "parallel.tp=2"], "train.compile: inductor with "
                                                       "parallel.tp=2"),
         (["train.compile=aot_eager", "parallel.pp=2", "parallel.pp_schedule=zbv",

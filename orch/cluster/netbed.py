@@ -136,10 +136,11 @@ class NetBed:
     def cluster(self, name: str = "netbed", device: str = "cpu", devices: int = 1
                 ) -> dict[str, Any]:
         """A cluster description of the bed (as ``orch.plan.cluster`` reads it), with the
-        rates the bed set, in the order the nodes were given."""
+        rates the bed set, in the order the nodes were given; each veth is its NIC's
+        ``interface`` too (a NIC of type ib or roce names an HCA, which a veth stands in for)."""
         return {"name": name, "device": device, "nodes": [
             {"name": node, "devices": devices, "nics": [
-                {"name": a.interface, "type": a.network.nic,
+                {"name": a.interface, "type": a.network.nic, "interface": a.interface,
                  "bandwidth_gbps": a.network.rate_mbit / 1000, "network": a.network.name}
                 for a in self.attached[node]]}
             for node in self.nodes]}

@@ -256,6 +256,12 @@ def check_config(cfg: Config) -> list[Problem]:
         f"{p.stage_layers} splits the layers between pipeline stages, but parallel.pp is 1",
         "remove parallel.stage_layers, or set parallel.pp",
     )
+    need(  # the plan showed a split of the layers into stages nothing pipelines
+        p.virtual_stages <= 1 or p.pp != 1,
+        "parallel.virtual_stages",
+        f"{p.virtual_stages} stages per pipeline rank, but parallel.pp is 1",
+        "set parallel.virtual_stages=1, or parallel.pp >= 2",
+    )
     need(
         p.pp_rebalance_steps >= 1,
         "parallel.pp_rebalance_steps",

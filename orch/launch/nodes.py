@@ -83,7 +83,8 @@ def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: 
                problems: list[Problem], gpus: int = 0) -> None:
     """What launch finds against what the description says: the node count, and on this node
     (when found) its processes, its ``gpus`` (the visible ones; 0 on a CPU machine, where the
-    devices are the processes) and the network interfaces of its NICs."""
+    devices are the processes), the network interfaces of its NICs and, where NCCL runs (a
+    GPU machine), the RDMA devices its ib and roce NICs name (what ``NCCL_IB_HCA`` lists)."""
     where = f"cluster {cluster.source or cluster.name}"
     if nnodes != len(cluster.nodes):
         problems.append(Problem("--nnodes", f"{nnodes}, but {where} lists {len(cluster.nodes)} "
@@ -108,8 +109,8 @@ def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: 
                 f"interface {nic.netdev!r} does not exist here (this machine has "
                 f"{', '.join(sorted(present))})",
                 "set the NIC's 'interface' to one of those, or run on the right machine"))
-    if missing := [nic.name for nic in node.nics
-                   if nic.type in ("ib", "roce") and nic.name not in hcas]:
+    if gpus and (missing := [nic.name for nic in node.nics  # NCCL_IB_HCA's names
+                             if nic.type in ("ib", "roce") and nic.name not in hcas]):
         problems.append(Problem(
             f"{where}: node {node.name}",
             f"no RDMA device {', '.join(missing)} here ({INFINIBAND} lists "

@@ -167,9 +167,11 @@ def _schedule_problems(cfg: Config, deg: Degrees, microbatches: int) -> list[Pro
 
     error = schedule_problem(p.pp_schedule, deg.pp, microbatches, deg.virtual_stages, deferred)
     if error is not None:
+        t = cfg.train
         return [Problem("parallel.pp_schedule", f"{p.pp_schedule}: {error}",
-                        "pick a schedule, micro-batch count (train.global_batch / "
-                        "(micro_batch x dp)) and virtual_stages that fit together")]
+                        "pick a schedule, micro-batch count (train.global_batch / (micro_batch "
+                        f"x dp): now {t.global_batch} / ({t.micro_batch} x {deg.dp}) = "
+                        f"{microbatches}) and virtual_stages that fit together")]
     if p.pp_max_deferred is not None and not p.pp_schedule.startswith("2bp-"):
         return [Problem("parallel.pp_max_deferred", f"{p.pp_max_deferred} applies to the 2bp "
                         f"schedules, not {p.pp_schedule}", "leave it empty (null)")]

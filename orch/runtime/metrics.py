@@ -50,15 +50,16 @@ class StepMetrics:
     expert_load: list[list[int]] | None = None
     """MoE models: tokens routed to each expert in the step, per MoE layer, over all ranks."""
     comm_bytes: dict[str, int] = field(default_factory=dict)
-    """Bytes rank 0 handed to collectives in the step, per parallel dimension (dp, tp, cp, ep,
-    etp, edp, other; ``orch.parallel.comm_stats``)."""
+    """Bytes rank 0 handed to collectives in the step, per parallel dimension (dp, tp, cp, pp,
+    ep, etp, other; ``orch.parallel.comm_stats``)."""
     pipeline_idle: list[float] | None = None
     """Pipeline runs: each pipeline rank's idle fraction of the step's forward and backward,
     measured (``pipeline_timeline.png`` and ``pipeline_trace.json`` in the run directory)."""
     pipeline_transfer_s: list[float] | None = None
     """Pipeline runs: each pipeline rank's seconds of the step spent waiting for a transfer
     whose producer had finished (``orch.parallel.pipeline.timeline.exposed_transfers``); the
-    rest of its idle time is the bubble."""
+    rest of its idle time is the bubble, and with FSDP stages their parameter gathers waited for
+    and gradient reductions (run between the timed actions)."""
     offload: dict[str, int] | None = None
     """Offloaded runs: the step's accounted device peak (``device_peak_bytes``, never over
     ``offload.device_budget``) and bytes moved to the device and back home."""
