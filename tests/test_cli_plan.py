@@ -138,7 +138,7 @@ def test_a_cluster_takes_no_gpus_per_node_and_names_its_file_once(capsys, tmp_pa
     broken.write_text("device: h100\nnodes:\n  - {name: a, devices: 0}\n")
     assert main(["plan", "configs/llama3-8b.yaml", "--set", f"cluster={broken}"]) == 2
     err = capsys.readouterr().err
-    assert f"cluster {broken} nodes[0].devices: 0" in err and err.count(str(broken)) == 1
+    assert f"cluster {broken}:3 nodes[0].devices: 0" in err and err.count(str(broken)) == 1
 
 
 def test_auto_with_no_valid_layout_names_the_rule(capsys):

@@ -87,8 +87,10 @@ def test_malformed_yaml_reports_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("text, where, message", [
-    ("parallel: &p {x: *p}\n", "y.yaml:1", "parallel.x: an alias refers to a mapping that "
-                                          "contains it"),
+    ("parallel: &p {x: *p}\n", "y.yaml:1", "parallel.x: an alias refers to a mapping or list "
+                                          "that contains it"),
+    ("parallel: &p [1, *p]\n", "y.yaml:1", "parallel[1]: an alias refers to a mapping or list "
+                                          "that contains it"),
     ("model:\n  dim: 64\nparallel:\n  tp: !custom 2\n", "y.yaml:4",
      "parallel.tp: could not determine a constructor for the tag '!custom'"),
     ("parallel:\n  tp: !!int abc\n", "y.yaml:2", "parallel.tp: invalid literal for int()"),

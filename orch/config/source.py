@@ -30,17 +30,29 @@ _UNREADABLE_FIX = ("write plain values (numbers, strings, true/false, lists, map
                    "(!name) and aliases of a mapping inside itself have no config meaning")
 
 
+_PLAIN_LIST = "tag:yaml.org,2002:seq"
+"""A list without a tag (``!!omap``, ``!!python/tuple`` and the like are left to the loader,
+which accepts or refuses them as a whole)."""
+
+
 def _node_to_python(
     node: yaml.Node, prefix: str, where: str, locs: Locations, problems: list[Problem],
     enclosing: frozenset[int] = frozenset(),
 ) -> Any:
-    """Build plain Python values from a composed YAML node, recording each key's line; a value
-    that is not plain data (a tag, ``!!int abc``, a mapping aliased inside itself) becomes a
-    Problem at its line. Merge keys (``<<: *defaults``) merge as YAML defines them."""
+    """Build plain Python values from a composed YAML node, recording each key's and each list
+    item's line; a value that is not plain data (a tag, ``!!int abc``, a mapping or list
+    aliased inside itself) becomes a Problem at its line. Merge keys (``<<: *defaults``) merge
+    as YAML defines them."""
     line = f"{where}:{node.start_mark.line + 1}"
     try:
         if id(node) in enclosing:
-            raise ValueError("an alias refers to a mapping that contains it")
+            raise ValueError("an alias refers to a mapping or list that contains it")
+        if isinstance(node, yaml.SequenceNode) and node.tag == _PLAIN_LIST:  # nodes[37].nics[2]
+            items = [(f"{prefix}[{index}]", item) for index, item in enumerate(node.value)]
+            for path, item in items:
+                locs[path] = f"{where}:{item.start_mark.line + 1}"
+            return [_node_to_python(item, path, where, locs, problems, enclosing | {id(node)})
+                    for path, item in items]
         if not isinstance(node, yaml.MappingNode):
             return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
         yaml.constructor.SafeConstructor().flatten_mapping(node)  # resolves '<<' merge keys

@@ -192,7 +192,6 @@ def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple
         report("device_overrides", "overrides given without a top-level device",
                "add 'device:' at the top, or move the overrides onto the nodes")
     nodes: list[NodeSpec] = []
-    seen: set[str] = set()
     devices = 0
     for index, entry in enumerate(file.nodes):
         path, name, count = f"nodes[{index}]", entry.name, entry.count
@@ -209,10 +208,6 @@ def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple
         if device is None:
             report(f"{path}.device", "no device type for this node",
                    "set 'device:' at the top of the file or on this node")
-        names = [nic.name for nic in entry.nics]
-        for twice in sorted({n for n in names if names.count(n) > 1}):  # doubled its bandwidth
-            report(f"{path}.nics", f"NIC name {twice!r} is listed {names.count(twice)} times",
-                   "list each NIC once (its bandwidth_gbps is the port's)")
         if entry.gpus and len(entry.gpus) != entry.devices:
             report(f"{path}.gpus", f"{len(entry.gpus)} listed, but devices: {entry.devices}",
                    "list one GPU per device, or correct 'devices:'")
@@ -221,14 +216,55 @@ def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple
                    f"write name: \"{name}{{i}}\" to get {name}0..{name}{count - 1}")
             continue
         for node_name in [name.replace("{i}", str(i)) for i in range(count)] if count else [name]:
-            if node_name in seen:
-                report(f"{path}.name", f"node name {node_name!r} is used twice",
-                       "give every node a distinct name")
-            seen.add(node_name)
             if device is not None:
                 nodes.append(NodeSpec(node_name, entry.devices, device, entry.nics,
                                       entry.gpus))
+    _infiniband_alone(file, report)
     return tuple(nodes)
+
+
+def _infiniband_alone(file: _ClusterFile, report: Callable[[str, str, str], None]) -> None:
+    """An InfiniBand fabric holds only InfiniBand ports: a named network listing ib NICs beside
+    roce or ethernet ones is a typo (the planner priced it at the slower port and named it ib).
+    NICs without a network are on the default one, which stands for "reachable somehow"."""
+    kinds: dict[str, dict[str, int]] = {}  # network -> NIC type -> the first entry with it
+    for index, entry in enumerate(file.nodes):
+        for nic in entry.nics:
+            if nic.network:
+                kinds.setdefault(nic.network, {}).setdefault(nic.type, index)
+    for network, first in kinds.items():
+        if "ib" in first and len(first) > 1:
+            other = min(index for kind, index in first.items() if kind != "ib")
+            report(f"nodes[{other}].nics", f"network {network!r} has ib NICs and "
+                   f"{' and '.join(sorted(set(first) - {'ib'}))} ones: an InfiniBand fabric "
+                   "carries InfiniBand ports only",
+                   "give the NICs of each fabric their own network name (and their own type)")
+
+
+def _names_used_twice(data: Any, report: Callable[[str, str, str], None]) -> None:
+    """Node names (``count`` expanded) and a node's NIC names used twice, read off the plain
+    data, so that they are said with the values that do not convert (the rules across fields
+    wait for those)."""
+    entries = data.get("nodes") if isinstance(data, dict) else None
+    seen: set[str] = set()
+    for index, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(entry, dict):
+            continue
+        name, count = entry.get("name"), entry.get("count")
+        if isinstance(name, str) and name:
+            expands = isinstance(count, int) and 0 < count <= MAX_WORLD_SIZE and "{i}" in name
+            for node_name in ([name.replace("{i}", str(i)) for i in range(count)] if expands
+                              else [name]):
+                if node_name in seen:
+                    report(f"nodes[{index}].name", f"node name {node_name!r} is used twice",
+                           "give every node a distinct name")
+                seen.add(node_name)
+        nics = entry.get("nics")
+        names = [nic.get("name") for nic in nics if isinstance(nic, dict)
+                 and isinstance(nic.get("name"), str)] if isinstance(nics, list) else []
+        for twice in sorted({n for n in names if names.count(n) > 1}):  # doubled its bandwidth
+            report(f"nodes[{index}].nics", f"NIC name {twice!r} is listed {names.count(twice)} "
+                   "times", "list each NIC once (its bandwidth_gbps is the port's)")
 
 
 def cluster_from_dict(data: Any, source: str = "", locs: dict[str, str] | None = None
@@ -236,10 +272,15 @@ def cluster_from_dict(data: Any, source: str = "", locs: dict[str, str] | None =
     """Build a ClusterSpec from plain data; raise ClusterError listing every problem."""
     locs = locs or {}
     problems: list[Problem] = []
+
+    def report(path: str, message: str, fix: str) -> None:
+        problems.append(Problem(locate(path, locs, source), message, fix))
+
     file = build(_ClusterFile, data, "", locs, problems, source)
-    if not problems:  # rules across fields would only repeat conversion problems
-        nodes = _nodes(file, lambda path, message, fix: problems.append(
-            Problem(locate(path, locs, source), message, fix)))
+    converted = not problems
+    _names_used_twice(data, report)
+    if converted:  # rules across fields would only repeat conversion problems
+        nodes = _nodes(file, report)
     if problems:
         raise ClusterError(problems)
     return ClusterSpec(file.name or Path(source).stem or "cluster", nodes, source)

@@ -303,9 +303,26 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ClusterError) as info:
         load_cluster(path)
     wheres = [p.where for p in info.value.problems]
-    assert wheres == [f"{path}:2 device", f"{path} nodes[0].devices",
-                      f"{path} nodes[0].nics[0].type"]
+    # list items have lines too (a problem at nodes[37].nics[2] of a long file was unplaced)
+    assert wheres == [f"{path}:2 device", f"{path}:4 nodes[0].devices",
+                      f"{path}:4 nodes[0].nics[0].type"]
     assert "invalid cluster description (3 problems)" in str(info.value)
+
+
+def test_names_used_twice_are_reported_with_the_other_problems(tmp_path: Path) -> None:
+    """A node name and a NIC name used twice were said only once every value converted."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("device: h100\nnodes:\n"
+                    "  - {name: n0, devices: 0, nics: [{name: m0, type: ib, bandwidth_gbps: 1},\n"
+                    "                                  {name: m0, type: ib, bandwidth_gbps: 1}]}\n"
+                    "  - name: n0\n"
+                    "    devices: 8\n")
+    with pytest.raises(ClusterError) as info:
+        load_cluster(path)
+    said = {p.where: p.message for p in info.value.problems}
+    assert said[f"{path}:3 nodes[0].devices"] == "0 is not a positive whole number"
+    assert said[f"{path}:3 nodes[0].nics"] == "NIC name 'm0' is listed 2 times"
+    assert said[f"{path}:5 nodes[1].name"] == "node name 'n0' is used twice"
 
 
 def test_missing_and_malformed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -341,3 +358,18 @@ def test_mixed_cluster_prices_the_slowest_group(tmp_path) -> None:
     plan = build_plan(cfg)
     # The first dp group spans the two IB nodes; the second spans the Ethernet ones.
     assert plan.world_size == 32 and plan.links["dp"].bandwidth == 100e9 / 8 / 8
+
+
+def test_a_network_mixing_infiniband_with_other_ports_is_refused(tmp_path: Path) -> None:
+    """It was priced at the slower port and labelled ib."""
+    path = tmp_path / "mix.yaml"
+    path.write_text("device: h100\nnodes:\n"
+                    "  - {name: a, devices: 8, nics: [{name: m0, type: ib, bandwidth_gbps: 400,"
+                    " network: f}]}\n"
+                    "  - {name: b, devices: 8, nics: [{name: e0, type: ethernet,"
+                    " bandwidth_gbps: 100, network: f}]}\n")
+    with pytest.raises(ClusterError) as info:
+        load_cluster(path)
+    (problem,) = info.value.problems
+    assert problem.where == f"{path}:4 nodes[1].nics"
+    assert problem.message.startswith("network 'f' has ib NICs and ethernet ones")
