@@ -527,7 +527,7 @@ def launch(argv: Sequence[str]) -> int:
     mark_launcher()  # the workers end with this process, even if it is killed outright
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir, _lock_name(args, cfg)):
-        print(f"orch launch: {plan.world_size} x {plan.device}, {plan.degrees.short()}, "
+        print(f"orch launch: {plan.device_summary}, {plan.degrees.short()}, "
               f"run dir {cfg.run.dir}", flush=True)
         for note in (memory_warning(plan), rebalance_notice(cfg)):
             if note is not None:

@@ -80,6 +80,11 @@ class Plan:
     mixed cluster ``device`` names only the slowest."""
 
     @property
+    def device_summary(self) -> str:
+        """``16 x h100-sxm-80gb``, or a mixed cluster's devices, ``8 x h200 + 8 x h100-...``."""
+        return self.devices or f"{self.world_size} x {self.device}"
+
+    @property
     def fits(self) -> bool:
         return self.memory.total <= self.memory_limit_bytes
 

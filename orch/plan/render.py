@@ -33,8 +33,7 @@ def render_plan(plan: Plan) -> str:
     sizes = Counter(place.ranks for place in plan.placement)
     if len(sizes) > 1:  # nodes of different sizes (the gcd said "2 nodes x 4" for 8 + 4)
         nodes = f"{plan.nodes} nodes: " + " + ".join(f"{n} x {size}" for size, n in sizes.items())
-    devices = plan.devices or f"{plan.world_size} x {plan.device}"
-    lines = [f"plan for {plan.model} on {devices} ({nodes})", ""]
+    lines = [f"plan for {plan.model} on {plan.device_summary} ({nodes})", ""]
     rows = [
         (
             "dense",
