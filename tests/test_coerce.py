@@ -49,15 +49,17 @@ def test_element_paths_missing_fields_and_fallback_source() -> None:
     data = {"boxes": [{"name": "x"}, {"ports": [{"name": "p"}, {"name": "q", "knd": "b"}],
                                       "tags": "t", "size": 0}]}
     _, problems = _build(data, {"boxes": "r.yaml:1"}, source="r.yaml")
-    assert [(p.where, p.message) for p in problems] == [
-        ("r.yaml boxes[1].ports[1].knd", "unknown key 'knd'"),
-        ("r.yaml boxes[1].tags", "expected a list, got 't'"),
-        ("r.yaml boxes[1].size", "0 is not a positive whole number"),  # a check, not "or null"
-        ("r.yaml boxes[1].name", "is missing"),
+    assert [(p.where, p.message) for p in problems] == [  # placed at the nearest written parent
+        ("r.yaml:1 boxes[1].ports[1].knd", "unknown key 'knd'"),
+        ("r.yaml:1 boxes[1].tags", "expected a list, got 't'"),
+        ("r.yaml:1 boxes[1].size", "0 is not a positive whole number"),  # a check, not "or null"
+        ("r.yaml:1 boxes[1].name", "is missing"),
     ]
     assert "did you mean 'kind'?" in problems[0].fix
     assert "'- ' line" in problems[1].fix
     assert problems[3].fix == "add 'name:' here"
+    _, problems = _build(data, {}, source="r.yaml")  # nothing written has a line: the file
+    assert problems[3].where == "r.yaml boxes[1].name"
 
 
 def test_not_a_list_or_not_a_section() -> None:

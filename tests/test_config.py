@@ -338,3 +338,13 @@ def test_config_roundtrips_through_dict():
     from orch.config import config_from_dict
 
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_a_list_replaced_by_set_is_placed_at_set(tmp_path):
+    """List items carry their file's lines; a --set replacing the list kept them, so its bad
+    item was placed at the file's line."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"base: {REPO / 'configs/tiny.yaml'}\nparallel:\n  pp: 2\n"
+                    "  stage_layers:\n    - 2\n    - 2\n")
+    text = problems_of(path, ["parallel.stage_layers=[x, 2]"])
+    assert "--set parallel.stage_layers[0]: 'x' is not a whole number" in text

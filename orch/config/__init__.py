@@ -77,7 +77,7 @@ def apply_overrides(
             nested = {part: nested}
         data = deep_merge(data, nested)
         locs[key] = "--set"
-        for sub in [p for p in locs if p.startswith(key + ".")]:
+        for sub in [p for p in locs if p.startswith((key + ".", key + "["))]:
             locs[sub] = "--set"
     return data
 

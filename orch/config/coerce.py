@@ -45,8 +45,17 @@ def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
 
 
 def locate(path: str, locs: typing.Mapping[str, str], source: str = "") -> str:
-    """``file:line path`` where ``path`` was written, else ``source path`` (or just ``path``)."""
-    return f"{locs.get(path, source)} {path}".strip()
+    """``file:line path`` where ``path`` was written, or where its nearest written parent was
+    (a missing key: the line of the mapping or list item it is missing from), else ``source
+    path`` (or just ``path``)."""
+    written = path
+    while written and written not in locs:
+        written = _PARENT.sub("", written)
+    return f"{locs.get(written, source)} {path}".strip()
+
+
+_PARENT = re.compile(r"(^|\.)[^.\[\]]+$|\[\d+\]$")
+"""The last step of a dotted path: ``.key`` (or a top-level ``key``) or ``[index]``."""
 
 
 class Invalid(Exception):

@@ -373,3 +373,14 @@ def test_a_network_mixing_infiniband_with_other_ports_is_refused(tmp_path: Path)
     (problem,) = info.value.problems
     assert problem.where == f"{path}:4 nodes[1].nics"
     assert problem.message.startswith("network 'f' has ib NICs and ethernet ones")
+
+
+def test_a_missing_key_is_placed_at_its_list_item(tmp_path: Path) -> None:
+    path = tmp_path / "miss.yaml"
+    path.write_text("device: h100\nnodes:\n  - name: n0\n    devices: 8\n    nics:\n"
+                    "      - name: e0\n        type: ethernet\n")
+    with pytest.raises(ClusterError) as info:
+        load_cluster(path)
+    (problem,) = info.value.problems
+    assert problem.where == f"{path}:6 nodes[0].nics[0].bandwidth_gbps"
+    assert problem.message == "is missing"
