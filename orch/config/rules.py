@@ -233,17 +233,6 @@ def check_config(cfg: Config) -> list[Problem]:
         "the backward fails",
         "set train.recompute=none, or train.compile=none",
     )
-    folded = m.is_moe and (p.ep * p.etp > 1 or p.tp > 1)  # the experts' own FSDP layout
-    ddp = (p.dp_replicate > 1 and p.dp_shard == 1 and p.cp == 1 and p.pp == 1 and not folded
-           and not cfg.offload.enabled)  # as orch.parallel.data_parallel.replicates_with_ddp
-    need(
-        t.compile == "none" or t.recompute != "selective" or not ddp,
-        "train.compile",
-        f"{t.compile} with train.recompute=selective under DDP (dp_replicate={p.dp_replicate}, "
-        "dp_shard=1): torch 2.13's DDP graph splitting fails on selective recompute's tags",
-        "set train.recompute=full or none, parallel.dp_shard >= 2 (FSDP), or "
-        "train.compile=none",
-    )
     need(
         p.pp_max_deferred is None or p.pp_max_deferred >= 0,
         "parallel.pp_max_deferred",
@@ -255,12 +244,6 @@ def check_config(cfg: Config) -> list[Problem]:
         "parallel.stage_layers",
         f"{p.stage_layers} splits the layers between pipeline stages, but parallel.pp is 1",
         "remove parallel.stage_layers, or set parallel.pp",
-    )
-    need(  # the plan showed a split of the layers into stages nothing pipelines
-        p.virtual_stages <= 1 or p.pp != 1,
-        "parallel.virtual_stages",
-        f"{p.virtual_stages} stages per pipeline rank, but parallel.pp is 1",
-        "set parallel.virtual_stages=1, or parallel.pp >= 2",
     )
     need(
         p.pp_rebalance_steps >= 1,

@@ -38,6 +38,24 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem
         f"model.ffn_dim={m.ffn_dim} is not divisible by tp={deg.tp}",
         "pick a tp that divides ffn_dim",
     )
+    need(  # the plan showed a split of the layers into stages nothing pipelines (--auto, which
+        # picks pp, gives candidates without a pipeline one stage per rank)
+        deg.virtual_stages <= 1 or deg.pp > 1,
+        "parallel.virtual_stages",
+        f"{deg.virtual_stages} stages per pipeline rank, but the plan has no pipeline (pp=1)",
+        "set parallel.virtual_stages=1, or parallel.pp >= 2",
+    )
+    ddp = (deg.dp_replicate > 1 and deg.dp_shard * deg.cp == 1 and deg.pp == 1
+           and not (m.is_moe and deg.experts_folded) and not cfg.offload.enabled)
+    need(  # as orch.parallel.data_parallel.replicates_with_ddp, on the resolved degrees
+        t.compile == "none" or t.recompute != "selective" or not ddp,
+        "train.compile",
+        f"{t.compile} with train.recompute=selective under DDP (dp_replicate="
+        f"{deg.dp_replicate}, no sharding): torch 2.13's DDP graph splitting fails on selective "
+        "recompute's tags",
+        "set train.recompute=full or none, parallel.dp_shard >= 2 (FSDP), or "
+        "train.compile=none",
+    )
     chunks = deg.pp * deg.virtual_stages
     if p.stage_layers and deg.pp > 1:
         given = p.stage_layers

@@ -153,6 +153,12 @@ def plan_problems(config: Path, overrides: list[str], **machine) -> str:
             {"world_size": 4},
             "pp x dp_replicate x dp_shard x cp x tp = 1 x 1 x 2 x 1 x 1 = 2, not the world size 4",
         ),
+        (TINY, ["train.compile=aot_eager", "train.recompute=selective",  # crashed in dynamo's
+                "parallel.dp_replicate=2"], {"world_size": 2},  # DDP graph splitting; the
+         "train.compile: aot_eager with train.recompute=selective under DDP"),  # default dp_shard
+        (TINY, ["parallel.pp_schedule=interleaved", "parallel.virtual_stages=2"],
+         {"world_size": 1}, "parallel.virtual_stages: 2 stages per pipeline rank, but the plan "
+                            "has no pipeline"),
         (TINY, [], {}, "--world-size: not given"),
         (TINY, [], {"world_size": 0}, "--world-size: must be between 1 and 1,048,576, got 0"),
         (TINY, [], {"world_size": 10**9}, "--world-size: must be between 1 and 1,048,576"),
@@ -179,3 +185,25 @@ def test_all_problems_at_once():
 def test_world_size_from_fixed_degrees():
     plan = build_plan(load_config(TINY, ["parallel.dp_shard=2", "parallel.tp=2"]), device="cpu")
     assert plan.world_size == 4 and plan.degrees.dp_shard == 2
+
+
+@pytest.mark.parametrize("config, overrides, world", [
+    (TINY, ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.cp=2"], 4),  # HSDP
+    ("configs/tiny-moe.yaml", ["parallel.dp_replicate=2", "parallel.dp_shard=1",
+                               "parallel.ep=2"], 2),  # the experts' own FSDP
+])
+def test_compiled_selective_recompute_is_refused_under_ddp_only(config, overrides, world):
+    """The rule took every dp_shard=1 plan for DDP: with context parallelism or folded experts
+    the wrapper is FSDP (HSDP), and such a run trains to the uncompiled numbers."""
+    build_plan(load_config(config, ["train.compile=aot_eager", "train.recompute=selective",
+                                    *overrides]), world_size=world)
+
+
+def test_the_search_with_virtual_stages_leaves_them_to_pipelines(capsys):
+    """Searching interleaved or ZB-V plans needs virtual_stages in the config, whose pp stays 1
+    (the search picks it): refused as 'a pipeline of one stage' when checked on the config."""
+    from orch.cli import main
+
+    assert main(["plan", str(LLAMA), "--world-size", "64", "--auto", "--set",
+                 "parallel.virtual_stages=2", "--set", "parallel.pp_schedule=interleaved"]) == 0
+    assert "searched" in capsys.readouterr().out
