@@ -8,6 +8,7 @@ TensorBoard's profiler open. Outside those steps nothing is recorded and nothing
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,22 @@ class StepProfiler:
             self._profiler.__enter__()
             self._started = step
 
-    def after(self, step: int) -> None:
-        """Call at the end of ``step``; writes the trace after the last profiled step."""
+    def after(self, step: int) -> float:
+        """Call at the end of ``step``; writes the trace after the last profiled step. Returns
+        the seconds that took (0 on other steps), which are not the step's time."""
         if self._profiler is None or step != self._end:
-            return
+            return 0.0
+        start = time.perf_counter()
+        self._write(step)
+        return time.perf_counter() - start
+
+    def finish(self, step: int) -> None:
+        """Write what was traced when the run leaves the window early (a re-partition's
+        restart, an error): the steps up to ``step``."""
+        if self._profiler is not None:
+            self._write(step)
+
+    def _write(self, step: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._profiler.__exit__(None, None, None)

@@ -34,6 +34,7 @@ from orch.models.moe import (
 )
 from orch.parallel.comm_stats import CommLedger
 from orch.parallel.data_parallel import set_gradient_sync
+from orch.parallel.pipeline.rebalance import Repartition
 from orch.parallel.pipeline.timeline import exposed_transfers, measured_timeline, write_timeline
 from orch.parallel.tensor_parallel import vocab_parallel_loss
 from orch.plan import Plan
@@ -140,16 +141,19 @@ class Trainer:
                                            self.token_group)
             done = _Step(step, lr, loss, aux_loss, grad_norm, loads,
                          self.ledger.take() if self.ledger else {})
-            seconds = time.perf_counter() - start  # the step's, without the trace's export
-            profiler.after(step)
+            exporting = profiler.after(step)  # seconds writing a trace: not the step's
             if step == start_step + 1:  # after compiles and first loads (orch.runtime.comm_timeout)
                 set_comm_timeout(self.cfg.run.comm_timeout_s)
             self.finish_saves()
             if step % self.cfg.run.log_interval == 0 or step == last:
-                self._log(done, seconds)
+                self._log(done, time.perf_counter() - start - exporting)
                 if self.repartitioner is not None:  # may save and raise Repartition
-                    self.repartitioner.after_log(step, self._timeline, self.save,
-                                                 last=step == last)
+                    try:
+                        self.repartitioner.after_log(step, self._timeline, self.save,
+                                                     last=step == last)
+                    except Repartition:  # a restart inside the profiled steps: their trace
+                        profiler.finish(step)
+                        raise
             if step == last or (interval and step % interval == 0):
                 if self.offload is not None:
                     self.offload.wait_updates()

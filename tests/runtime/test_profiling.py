@@ -45,3 +45,18 @@ def test_a_window_outside_the_run_is_said(tmp_path, capsys, steps):
     assert traced == [] and not (tmp_path / "profile").exists()
     assert (f"orch: run.profile's steps 3-5 are outside this run's steps {steps[0]}-{steps[-1]}: "
             "nothing is profiled") in out
+
+
+def test_a_restart_inside_the_window_writes_the_steps_traced_so_far(tmp_path, capsys):
+    """A pipeline re-partition restarts the workers at a logged step: the profiler was left
+    running and its trace never written."""
+    profiler = StepProfiler(ProfileConfig(start=3, steps=3), tmp_path, 0, torch.device("cpu"),
+                            range(1, 11))
+    for step in (3, 4):
+        profiler.before(step)
+        torch.ones(8, 8) @ torch.ones(8, 8)
+        assert profiler.after(step) == 0.0  # nothing written before the window's end
+    profiler.finish(4)
+    assert (tmp_path / "profile" / "rank-0.json").is_file()
+    assert "orch: profiled steps 3-4 (of run.profile's 3-5" in capsys.readouterr().out
+    profiler.finish(4)  # nothing left running: nothing more
