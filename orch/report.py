@@ -268,8 +268,8 @@ def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:
     degrees = plan.get("degrees", {})
     layout = ", ".join(f"{k}={degrees[k]}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp",
                                                       "ep", "etp") if degrees.get(k, 1) > 1)
-    return (f"{plan.get('world_size', '?')} x {plan.get('device', '?')}"
-            + (f", {layout}" if layout else ", one process"))
+    devices = plan.get("devices") or f"{plan.get('world_size', '?')} x {plan.get('device', '?')}"
+    return devices + (f", {layout}" if layout else ", one process")
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def probe_problems(cluster: ClusterSpec, path: str) -> list[Problem]:
                         "ls /sys/class/infiniband/NAME/device/net), which orch cluster detect "
                         "writes where the HCA has one")
                 for network, nodes in members(cluster).items() for index in nodes
-                if not _interface(cluster.nodes[index], network)]
+                if not cluster.nodes[index].interface_on(network)]
     bare = [node.name for node in cluster.nodes if not node.nics]
     why = (f"node(s) {', '.join(bare)} list no NIC" if bare else
            "the nodes share no network")
@@ -89,11 +89,6 @@ def probe_problems(cluster: ClusterSpec, path: str) -> list[Problem]:
                     "list each node's NICs with the network they are on (orch cluster detect "
                     "leaves out an interface whose speed it cannot read: add it by hand with its "
                     "speed), with at least one network common to all nodes")]
-
-
-def _interface(node: NodeSpec, network: str) -> str:
-    """``node``'s socket interface on ``network``, "" where none of its NICs there names one."""
-    return next((nic.netdev for nic in node.nics if nic.network == network and nic.netdev), "")
 
 
 def probe(cluster: ClusterSpec, node: NodeSpec, address: str, port: int,
@@ -104,16 +99,16 @@ def probe(cluster: ClusterSpec, node: NodeSpec, address: str, port: int,
     rank = [n.name for n in cluster.nodes].index(node.name)
     world = len(cluster.nodes)
     shared = Topology.from_cluster(cluster).network_link(range(world)).network
-    os.environ["GLOO_SOCKET_IFNAME"] = _interface(node, shared)
+    os.environ["GLOO_SOCKET_IFNAME"] = node.interface_on(shared)
     store = dist.TCPStore(address, port, world, rank == 0, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     try:
         groups = {}
         for network, nodes in members(cluster).items():  # every rank makes every group
             if rank in nodes:
-                os.environ["GLOO_SOCKET_IFNAME"] = _interface(node, network)
+                os.environ["GLOO_SOCKET_IFNAME"] = node.interface_on(network)
             groups[network] = (nodes, dist.new_group(nodes, backend="gloo"))
-        os.environ["GLOO_SOCKET_IFNAME"] = _interface(node, shared)
+        os.environ["GLOO_SOCKET_IFNAME"] = node.interface_on(shared)
         mine = {net: _measure(nodes, group, rank, nbytes, repeats)
                 for net, (nodes, group) in groups.items() if rank in nodes}
         gathered: list[Any] = [None] * world

@@ -124,8 +124,7 @@ def node_settings(cluster: ClusterSpec, plan: Plan, node: NodeSpec, backend: str
     first = plan.place_of(node.name).first_rank
     topology = Topology.from_cluster(cluster)
     shared = topology.network_link(range(len(cluster.nodes))).network
-    socket_if = next((nic.netdev for nic in node.nics if nic.network == shared and nic.netdev),
-                     "")
+    socket_if = node.interface_on(shared)
     env = {NODE_ENV: node.name}
     if backend == "gloo":
         env["GLOO_SOCKET_IFNAME"] = socket_if

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -111,14 +112,15 @@ class CommLedger:
     def tracking(self) -> Iterator[None]:
         """Count the collectives issued inside the block (wrapping torch.distributed's
         Python entry points for its duration)."""
-        from torch.distributed.pipelining import schedules
-
         patches = [(module, name, getattr(module, name),
                     self._counted(getattr(module, name), arg, module is funcol))
                    for module, table in ((dist, _C10D), (funcol, _FUNCOL))
                    for name, arg in table.items()]
-        patches.append((schedules, "_batch_p2p", schedules._batch_p2p,
-                        self._counted_pipeline_sends(schedules._batch_p2p)))
+        # only where a pipeline loaded torch's pipelining (importing it costs runs without one
+        # half a second, orch.runtime.parallelize)
+        if (schedules := sys.modules.get("torch.distributed.pipelining.schedules")) is not None:
+            patches.append((schedules, "_batch_p2p", schedules._batch_p2p,
+                            self._counted_pipeline_sends(schedules._batch_p2p)))
         for module, name, _, wrapper in patches:
             setattr(module, name, wrapper)
         self._active = True

@@ -133,7 +133,7 @@ def interface_chooser(cluster: ClusterSpec, plan: Plan, node: str
         link = topology.link(sorted(ranks))
         if link.kind != "inter":
             return None
-        return next((nic.netdev for nic in mine.nics if nic.network == link.network), "") or None
+        return mine.interface_on(link.network) or None
 
     return choose
 

@@ -118,6 +118,12 @@ class NodeSpec:
     nics: tuple[NicSpec, ...] = ()
     gpus: tuple[GpuSpec, ...] = ()
 
+    def interface_on(self, network: str) -> str:
+        """This node's socket interface on ``network``: the first of its NICs there that names
+        one, "" where none does (gloo and NCCL then pick their own)."""
+        return next((nic.netdev for nic in self.nics if nic.network == network and nic.netdev),
+                    "")
+
 
 @dataclass(frozen=True)
 class ClusterSpec:

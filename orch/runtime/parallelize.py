@@ -62,14 +62,16 @@ class RanksDisagree(PlanError):
 
     title = "ranks disagree"
 
-    def __init__(self, problems: list[Problem], speaker: bool, pointer: bool = False) -> None:
+    def __init__(self, problems: list[Problem], speaker: bool, pointer: bool = False,
+                 what: str = "plan") -> None:
         super().__init__(problems)
         self.speaker = speaker
         self.pointer = pointer
+        self.what = what
+        """What the ranks compared: ``plan`` or ``mesh``."""
 
     def pointer_line(self) -> str:
-        return ("ranks disagree on the plan; rank 0's node shows which ranks hold which plan, "
-                "and the settings that differ")
+        return f"ranks disagree on the {self.what}; rank 0's node shows how"
 
 
 @dataclass
@@ -260,7 +262,7 @@ def _agree(what: str, fingerprint: str, problems: list[str],
         nodes = [item[3] for item in gathered if item is not None]
         first_here = min(r for r, item in enumerate(nodes) if item == node)
         raise RanksDisagree(found, speaker=rank == 0,
-                            pointer=rank == first_here and nodes[0] != node)
+                            pointer=rank == first_here and nodes[0] != node, what=what)
 
 
 def _differences(settings: list[dict[str, str]]) -> str:

@@ -302,3 +302,20 @@ def test_a_world_size_problem_on_a_cluster_names_the_description(tmp_path):
                       "--node-name", "here"])
     assert "world size 3 is not divisible" in text and f"(the 3 devices of cluster {path})" in text
     assert "or edit the cluster description" in text and "--nproc-per-node 2 =" not in text
+
+
+def test_every_user_of_a_nodes_interface_skips_hcas_without_one(tmp_path):
+    """Three copies of "this node's interface on network N" had drifted: the gloo groups took
+    the first NIC there even when it named no interface, the launcher and the probe the first
+    that did."""
+    nics = [{"name": "mlx5_0", "type": "ib", "bandwidth_gbps": 100, "network": "f"},
+            {"name": "mlx5_1", "type": "ib", "bandwidth_gbps": 100, "network": "f",
+             "interface": "ib1"}]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({"device": "cpu", "nodes": [
+        {"name": name, "devices": 1, "nics": nics} for name in ("a", "b")]}))
+    cluster = load_cluster(path)
+    plan = build_plan(load_config("configs/tiny.yaml", [f"cluster={path}"]))
+    assert cluster.nodes[0].interface_on("f") == "ib1"
+    assert interface_chooser(cluster, plan, "a")([0, 1]) == "ib1"
+    assert node_settings(cluster, plan, cluster.nodes[0], "gloo").env["GLOO_SOCKET_IFNAME"] == "ib1"

@@ -106,3 +106,15 @@ def test_labels_win_over_groups_and_nothing_outside_tracking(counted, rank):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_shared_group_names_c10d_calls_dp_and_dtensor_calls_tp(counted, rank):
     assert counted[(rank, "shared")] == {"dp": 3 * FLOAT, "tp": 8 * FLOAT}
+
+
+def test_counting_imports_no_pipelining_into_runs_without_a_pipeline():
+    """Counting pipeline sends imported torch's pipelining into every run's first step."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from orch.parallel.comm_stats import CommLedger\n"
+            "with CommLedger([]).tracking(): pass\n"
+            "assert 'torch.distributed.pipelining' not in sys.modules, 'imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -248,3 +248,16 @@ def test_the_report_draws_each_ranks_memory_and_the_mfu_at_their_own_steps(tmp_p
     assert "MFU 2.00% (median over logged steps after the first)" in summary_said
     assert drawn["throughput.png"]["MFU"] == ([1, 2, 3, 4], [1.0, 2.0, 1.0, 3.0])
     assert drawn["memory.png"]["rank 1"] == ([3, 4], [2.0, 2.0])
+
+
+def test_the_report_names_a_mixed_clusters_devices(tmp_path):
+    import json
+
+    from orch.report import write_report
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    (tmp_path / "plan.json").write_text(json.dumps({
+        "world_size": 16, "device": "h100-sxm-80gb", "devices": "8 x h200 + 8 x h100-sxm-80gb",
+        "degrees": {"dp_shard": 16}}))
+    summary = write_report(tmp_path)[-1].read_text()
+    assert "- plan: 8 x h200 + 8 x h100-sxm-80gb, dp_shard=16" in summary
