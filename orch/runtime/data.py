@@ -148,12 +148,18 @@ def check_source(data: DataConfig) -> tuple[Path, str]:
         raise DataError(
             "data.path", f"{data.path!r} is empty", "point data.path at a file with data"
         )
-    if kind == "text" and not path.name.lower().endswith(".gz"):
-        with open(path, "rb") as f:
-            if b"\0" in f.read(_SNIFF_BYTES):
-                raise DataError("data.path", f"{data.path!r} holds NUL bytes in its first "
-                                f"{_SNIFF_BYTES // 1024} KiB: a binary file, not text",
-                                _NOT_TEXT_FIX)
+    if kind == "text":
+        gz = path.name.lower().endswith(".gz")
+        try:
+            with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+                head = f.read(_SNIFF_BYTES)
+        except (OSError, EOFError) as e:  # gzip's complaints: not gzip, truncated
+            raise DataError("data.path", f"{data.path!r} is not a valid gzip file ({e})",
+                            "re-compress it") from e
+        if b"\0" in head:
+            raise DataError("data.path", f"{data.path!r} holds NUL bytes in its first "
+                            f"{_SNIFF_BYTES // 1024} KiB{' decompressed' if gz else ''}: a "
+                            "binary file, not text", _NOT_TEXT_FIX)
     return path, kind
 
 
@@ -219,9 +225,6 @@ def _read_text(data: DataConfig, path: Path) -> np.ndarray:
             raise DataError(
                 "data.path", f"{data.path!r} decompresses to nothing", "point it at text"
             )
-        if b"\0" in raw[:_SNIFF_BYTES]:
-            raise DataError("data.path", f"{data.path!r} decompresses to NUL bytes in its first "
-                            f"{_SNIFF_BYTES // 1024} KiB: binary, not text", _NOT_TEXT_FIX)
     # Byte-level tokenization of a file is its bytes: no decode/encode round trip needed.
     return np.frombuffer(raw, dtype=np.uint8)
 

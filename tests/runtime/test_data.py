@@ -105,7 +105,8 @@ def test_directory_is_refused(tmp_path: Path):
     ("tokens.pt", b"PK\x03\x04", "is a .pt file"),
     ("random.dat", bytes(range(256)) * 4, "holds NUL bytes in its first 64 KiB: a binary file"),
     # compressed, the same was trained on; and numpy's own words for a file that is not .npy
-    ("data.gz", gzip.compress(bytes(range(256)) * 4), "decompresses to NUL bytes in its first"),
+    ("data.gz", gzip.compress(bytes(range(256)) * 4), "NUL bytes in its first 64 KiB "
+                                                       "decompressed: a binary file"),
     ("tokens.npy", b"\x80\x04K\x01." * 20, "is not a .npy file (it does not start with NumPy"),
 ])
 def test_a_file_that_is_neither_text_nor_token_ids_is_refused(tmp_path: Path, name: str,
@@ -346,3 +347,17 @@ def test_the_data_files_identity_tells_other_contents_apart(tmp_path: Path, monk
     assert "800 bytes then, 804 now" in str(source_change(saved, source_identity(data), data))
     corpus = source_identity(DataConfig())  # the shipped corpus has one too
     assert corpus["bytes"] > 1e6 and len(corpus["sampled_sha256"]) == 64
+
+
+def test_a_binary_gz_is_refused_before_start(tmp_path: Path):
+    """The launcher's check (``check_source``) looked inside uncompressed text only: a binary
+    .gz passed it and failed in every worker."""
+    from orch.runtime.data import check_source
+
+    path = tmp_path / "data.gz"
+    path.write_bytes(gzip.compress(bytes(range(256)) * 4))
+    with pytest.raises(DataError, match="decompressed: a binary file"):
+        check_source(DataConfig(path=str(path)))
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="is not a valid gzip file"):
+        check_source(DataConfig(path=str(path)))
