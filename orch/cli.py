@@ -84,11 +84,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orch.plan.render import render_plan, render_search
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.cluster and args.device is not None:  # mixed the device's compute with the links'
-        raise PlanError([Problem("--device", f"{args.device} is set, but cluster {cfg.cluster} "
-                                 "names each node's device (and its links follow them)",
-                                 "leave --device out, or edit the cluster description's "
-                                 "device (or its device_overrides)")], title="bad arguments")
     if not args.auto:
         if args.top is not None:  # was ignored
             raise PlanError([Problem("--top", f"{args.top}: lists the plans --auto finds",

@@ -215,8 +215,8 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     args.finished = None
     if not problems:
         assert plan is not None
-        resume_problems, args.finished = _check_resume(cfg, plan, extra.resume)
-        problems += resume_problems
+        refused, args.finished = _check_resume(cfg, plan, extra.resume)
+        problems += refused
     if problems:
         raise PlanError(problems, title="cannot launch")
     assert plan is not None

@@ -152,13 +152,16 @@ def resolve_machine(
             problems.append(Problem("--gpus-per-node", f"{gpus_per_node} is set, but cluster "
                                     f"{cfg.cluster} lists each node's devices",
                                     "leave --gpus-per-node out, or edit the cluster description"))
+        if spec is not None:  # mixed the device's compute with the nodes' links and memory
+            problems.append(Problem("--device", f"{device} is set, but cluster {cfg.cluster} "
+                                    "names each node's device (and its links follow them)",
+                                    "leave --device out, or edit the cluster description's "
+                                    "device (or its device_overrides)"))
         node_gcd = 0
         for node in cluster.nodes:
             node_gcd = gcd(node_gcd, node.devices)
-        listed = cfg.parallel.node_order == "listed"
-        slowest = spec or topology.slowest(cfg.train.precision)
-        return Machine(cluster.world_size, node_gcd, slowest, topology, cluster,
-                       only_listed=listed)
+        return Machine(cluster.world_size, node_gcd, topology.slowest(cfg.train.precision),
+                       topology, cluster, only_listed=cfg.parallel.node_order == "listed")
 
     assert spec is not None
     if world_size is None:

@@ -206,20 +206,30 @@ def balanced_split(work: tuple[float, ...], speeds: tuple[float, ...],
 
 def _fits(work: Sequence[float], speeds: Sequence[float], caps: Sequence[int],
           limit: float) -> bool:
-    """Whether every stage can finish its layers within ``limit`` and its cap: each in turn
-    takes as many as it can while leaving one for each later stage (taking the most never
-    hurts later)."""
-    begin = 0
+    """Whether every stage can finish its layers within ``limit`` and its cap, one layer at
+    least each. Stage by stage, the set of layer counts the stages so far can have covered:
+    from each, the stage reaches every end up to the furthest within its time and cap. (Each
+    stage taking the most it can is not enough: on stages of different speeds it can hand a
+    slow stage a heavy layer that an earlier end would have kept from it.)"""
+    n, k = len(work), len(speeds)
+    prefix = list(itertools.accumulate(work, initial=0.0))
+    reached = [True] + [False] * n
     for stage, speed in enumerate(speeds):
-        end, load = begin, 0.0
-        last = min(len(work) - (len(speeds) - 1 - stage), begin + caps[stage])
-        while end < last and (load + work[end]) / speed <= limit:
-            load += work[end]
-            end += 1
-        if end == begin:
-            return False
-        begin = end
-    return begin == len(work)
+        budget, last = limit * speed, n - (k - 1 - stage)  # leave a layer for each later stage
+        ends = [False] * (n + 1)
+        furthest = end = 0
+        for begin in range(n):
+            if not reached[begin]:
+                continue
+            end = max(end, begin)  # the furthest end from ``begin`` only grows with it
+            while (end < min(last, begin + caps[stage])
+                   and (prefix[end + 1] - prefix[begin]) <= budget):
+                end += 1
+            for j in range(max(begin + 1, furthest + 1), end + 1):
+                ends[j] = True
+            furthest = max(furthest, end)
+        reached = ends
+    return reached[n]
 
 
 def _size(deg: Degrees, dim: str) -> int:

@@ -89,6 +89,18 @@ def test_balanced_split_is_the_best_split() -> None:
         assert sum(t * t for t in times) == pytest.approx(squares, rel=1e-9), (work, speeds)
 
 
+def test_a_slow_stage_is_not_handed_a_heavy_layer_by_a_greedy_check() -> None:
+    """The feasibility check let each stage take the most layers it could, which handed the
+    slow second stage a layer of 2 where ending the first stage a layer earlier gives it one of
+    1: the slowest stage took 3.0 where 2.0 is reachable."""
+    work, speeds = (3, 1, 2, 3, 1, 0.5, 0.5, 2, 3), (3, 1, 2, 3)
+    split = balanced_split(work, speeds)
+    bounds = list(itertools.accumulate(split, initial=0))
+    times = [sum(work[lo:hi]) / s
+             for (lo, hi), s in zip(itertools.pairwise(bounds), speeds, strict=True)]
+    assert max(times) == pytest.approx(_best_by_brute_force(list(work), list(speeds))[0]) == 2.0
+
+
 def test_balanced_split_within_caps_is_the_best_such_split() -> None:
     """Each stage at most its cap of layers (what its memory holds): against every split
     within the caps of small random cases."""
