@@ -109,7 +109,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 {
                     "world_size": machine.world_size,
                     "device": machine.device.name,
-                    "devices": machine.topology.describe(),
+                    "devices": machine.topology.description,
                     "searched": result.evaluated,
                     "fit": result.fit,
                     "over_memory": result.over_memory,
@@ -120,7 +120,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(render_search(result, machine.topology.describe()))
+        print(render_search(result, machine.topology.description))
     return 0 if result.best else 1
 
 

@@ -177,7 +177,8 @@ def balanced_split(work: tuple[float, ...], speeds: tuple[float, ...],
     if sum(caps) < n or min(caps) < 1:
         raise ValueError(f"{n} layers cannot fill {k} stages of at most {caps} layers")
     low, high = 0.0, sum(work) / min(speeds)  # high always fits, low never does
-    while (middle := (low + high) / 2) not in (low, high):
+    while high - low > high * 1e-10:  # to well inside the limit's slack below (not 60 halvings)
+        middle = (low + high) / 2
         low, high = (middle, high) if not _fits(work, speeds, caps, middle) else (low, middle)
     limit = high * (1 + 1e-9)
     prefix = list(itertools.accumulate(work, initial=0.0))
@@ -207,13 +208,15 @@ def balanced_split(work: tuple[float, ...], speeds: tuple[float, ...],
 def _fits(work: Sequence[float], speeds: Sequence[float], caps: Sequence[int],
           limit: float) -> bool:
     """Whether every stage can finish its layers within ``limit`` and its cap, one layer at
-    least each. Stage by stage, the set of layer counts the stages so far can have covered:
-    from each, the stage reaches every end up to the furthest within its time and cap. (Each
-    stage taking the most it can is not enough: on stages of different speeds it can hand a
-    slow stage a heavy layer that an earlier end would have kept from it.)"""
+    least each. On stages of one speed each stage taking the most it can decides it (a stage
+    ending earlier only leaves the next more to cover, and every layer fits a stage where any
+    split does); on stages of different speeds that can hand a slow stage a heavy layer that an
+    earlier end would have kept from it, so every reachable end is followed."""
+    if len(set(speeds)) == 1:
+        return _fits_greedily(work, speeds[0], caps, limit)
     n, k = len(work), len(speeds)
     prefix = list(itertools.accumulate(work, initial=0.0))
-    reached = [True] + [False] * n
+    reached = [True] + [False] * n  # layer counts the stages so far can have covered
     for stage, speed in enumerate(speeds):
         budget, last = limit * speed, n - (k - 1 - stage)  # leave a layer for each later stage
         ends = [False] * (n + 1)
@@ -230,6 +233,23 @@ def _fits(work: Sequence[float], speeds: Sequence[float], caps: Sequence[int],
             furthest = max(furthest, end)
         reached = ends
     return reached[n]
+
+
+def _fits_greedily(work: Sequence[float], speed: float, caps: Sequence[int],
+                   limit: float) -> bool:
+    """:func:`_fits` on stages of one ``speed``: each takes the most layers it can, leaving one
+    for each later stage."""
+    begin, k = 0, len(caps)
+    for stage, cap in enumerate(caps):
+        end, load = begin, 0.0
+        last = min(len(work) - (k - 1 - stage), begin + cap)
+        while end < last and (load + work[end]) / speed <= limit:
+            load += work[end]
+            end += 1
+        if end == begin:
+            return False
+        begin = end
+    return begin == len(work)
 
 
 def _size(deg: Degrees, dim: str) -> int:

@@ -260,7 +260,7 @@ def evaluate(
         step=step,
         links=links,
         placement=machine.places(),
-        devices=machine.topology.describe(),
+        devices=machine.topology.description,
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate
 from typing import Literal
 
@@ -82,6 +83,7 @@ class Topology:
         smallest device bounds a plan (the fastest need not be the largest)."""
         self.sizes = list(sizes)
         self._network_links: dict[tuple[int, ...], Link] = {}
+        self._total_peak: dict[str, float] = {}
         self.homogeneous = bool(self._per_node) and self._same_inter and len(set(self._intra)) == 1
         """Every node alike: one group of a dimension then stands for all of them."""
 
@@ -111,12 +113,17 @@ class Topology:
         """FLOP/s of every device together at ``precision``: what MFU is the share of (the
         slowest device's peak times the ranks undercounts the faster ones, so a well-balanced
         pipeline over mixed nodes showed more than 100%)."""
-        return sum(size * device.peak(precision)
-                   for device, size in zip(self.devices, self.sizes, strict=True))
+        if precision not in self._total_peak:  # asked by every plan a search prices
+            self._total_peak[precision] = sum(
+                size * device.peak(precision)
+                for device, size in zip(self.devices, self.sizes, strict=True))
+        return self._total_peak[precision]
 
-    def describe(self) -> str:
+    @cached_property
+    def description(self) -> str:
         """The devices in rank order, alike ones counted together: ``16 x h100-sxm-80gb``, or
-        ``8 x h200 + 8 x h100-sxm-80gb`` on a mixed cluster (one name would hide the others)."""
+        ``8 x h200 + 8 x h100-sxm-80gb`` on a mixed cluster (one name would hide the others);
+        made once (every plan a search prices carries it)."""
         counts: dict[str, int] = {}
         for device, size in zip(self.devices, self.sizes, strict=True):
             counts[device.name] = counts.get(device.name, 0) + size
