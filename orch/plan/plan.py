@@ -76,7 +76,7 @@ class Plan:
     """What the plan could not keep and what it costs (a data-parallel group spanning NIC
     types), said by ``orch plan`` and at launch."""
     devices: str = ""
-    """Every device of the plan, alike ones counted together (``Topology.describe``): on a
+    """Every device of the plan, alike ones counted together (``Topology.description``): on a
     mixed cluster ``device`` names only the slowest."""
 
     @property

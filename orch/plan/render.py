@@ -178,7 +178,7 @@ LAUNCH_REFUSES = "orch launch refuses it"
 
 
 def render_search(result: SearchResult, devices: str) -> str:
-    """The ranking of ``orch plan --auto`` on ``devices`` (``Topology.describe``)."""
+    """The ranking of ``orch plan --auto`` on ``devices`` (``Topology.description``)."""
     head = (
         f"searched {result.evaluated} plans for {devices}: {result.fit} fit, "
         f"{result.over_memory} over memory"

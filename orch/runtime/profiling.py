@@ -62,7 +62,7 @@ class StepProfiler:
 
     def finish(self, step: int) -> None:
         """Write what was traced when the run leaves the window early (a re-partition's
-        restart, an error): the steps up to ``step``."""
+        restart): the steps up to ``step``."""
         if self._profiler is not None:
             self._write(step)
 
