@@ -120,14 +120,10 @@ def plan_problems(config: Path, overrides: list[str], **machine) -> str:
         ),
         (  # the fix names the settings' values, so that global_batch shows as the lever
             TINY,
-            [
-                "parallel.pp=2",
-                "parallel.pp_schedule=interleaved",
-                "parallel.virtual_stages=2",
-                "train.global_batch=6",
-            ],
+            ["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.virtual_stages=2",
+             "train.global_batch=2"],
             {"world_size": 2},
-            "(micro_batch x dp): now 6 / (2 x 1) = 3)",
+            "(micro_batch x dp): now 2 / (2 x 1) = 1)",
         ),
         (
             LLAMA,

@@ -309,17 +309,24 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "invalid cluster description (3 problems)" in str(info.value)
 
 
-def test_names_used_twice_are_reported_with_the_other_problems(tmp_path: Path) -> None:
-    """A node name and a NIC name used twice were said only once every value converted."""
-    path = tmp_path / "bad.yaml"
-    path.write_text("device: h100\nnodes:\n"
-                    "  - {name: n0, devices: 0, nics: [{name: m0, type: ib, bandwidth_gbps: 1},\n"
-                    "                                  {name: m0, type: ib, bandwidth_gbps: 1}]}\n"
-                    "  - name: n0\n"
-                    "    devices: 8\n")
+def _refused(tmp_path: Path, text: str) -> tuple[Path, list]:
+    """The problems of a cluster file of ``text`` (which must not load), and its path."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
     with pytest.raises(ClusterError) as info:
         load_cluster(path)
-    said = {p.where: p.message for p in info.value.problems}
+    return path, info.value.problems
+
+
+def test_names_used_twice_are_reported_with_the_other_problems(tmp_path: Path) -> None:
+    """A node name and a NIC name used twice were said only once every value converted."""
+    path, problems = _refused(tmp_path, (
+        "device: h100\nnodes:\n"
+        "  - {name: n0, devices: 0, nics: [{name: m0, type: ib, bandwidth_gbps: 1},\n"
+        "                                  {name: m0, type: ib, bandwidth_gbps: 1}]}\n"
+        "  - name: n0\n"
+        "    devices: 8\n"))
+    said = {p.where: p.message for p in problems}
     assert said[f"{path}:3 nodes[0].devices"] == "0 is not a positive whole number"
     assert said[f"{path}:3 nodes[0].nics"] == "NIC name 'm0' is listed 2 times"
     assert said[f"{path}:5 nodes[1].name"] == "node name 'n0' is used twice"
@@ -362,25 +369,17 @@ def test_mixed_cluster_prices_the_slowest_group(tmp_path) -> None:
 
 def test_a_network_mixing_infiniband_with_other_ports_is_refused(tmp_path: Path) -> None:
     """It was priced at the slower port and labelled ib."""
-    path = tmp_path / "mix.yaml"
-    path.write_text("device: h100\nnodes:\n"
-                    "  - {name: a, devices: 8, nics: [{name: m0, type: ib, bandwidth_gbps: 400,"
-                    " network: f}]}\n"
-                    "  - {name: b, devices: 8, nics: [{name: e0, type: ethernet,"
-                    " bandwidth_gbps: 100, network: f}]}\n")
-    with pytest.raises(ClusterError) as info:
-        load_cluster(path)
-    (problem,) = info.value.problems
+    path, (problem,) = _refused(tmp_path, (
+        "device: h100\nnodes:\n"
+        "  - {name: a, devices: 8, nics: [{name: m0, type: ib, bandwidth_gbps: 400, network: f}]}\n"
+        "  - {name: b, devices: 8, nics: [{name: e0, type: ethernet, bandwidth_gbps: 100,"
+        " network: f}]}\n"))
     assert problem.where == f"{path}:4 nodes[1].nics"
     assert problem.message.startswith("network 'f' has ib NICs and ethernet ones")
 
 
 def test_a_missing_key_is_placed_at_its_list_item(tmp_path: Path) -> None:
-    path = tmp_path / "miss.yaml"
-    path.write_text("device: h100\nnodes:\n  - name: n0\n    devices: 8\n    nics:\n"
-                    "      - name: e0\n        type: ethernet\n")
-    with pytest.raises(ClusterError) as info:
-        load_cluster(path)
-    (problem,) = info.value.problems
+    path, (problem,) = _refused(tmp_path, "device: h100\nnodes:\n  - name: n0\n    devices: 8\n"
+                                "    nics:\n      - name: e0\n        type: ethernet\n")
     assert problem.where == f"{path}:6 nodes[0].nics[0].bandwidth_gbps"
     assert problem.message == "is missing"
