@@ -20,6 +20,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from orch.config import Config, load_config
 from orch.errors import OrchError, PlanError, Problem, ProblemsError
@@ -485,12 +486,14 @@ def _check_resume(cfg: Config, plan: Plan,
     return resume_problems(cfg, plan.degrees, path), path if finished else None
 
 
-def resume_problems(cfg: Config, degrees: Degrees, path: Path) -> list[Problem]:
+def resume_problems(cfg: Config, degrees: Degrees, path: Path,
+                    source: dict[str, Any] | None = None) -> list[Problem]:
     """What stops the checkpoint at ``path`` from resuming under ``cfg`` and ``degrees``
     beyond its config fingerprint: AdamW8bit states that cannot reshard onto the degrees, and
     a data file that is not the one it was trained on. The launcher asks of the checkpoint it
     checks by sizes, the workers of the one they resume after hashing (an older one when the
-    newest is damaged; a newer one after a restart)."""
+    newest is damaged; a newer one after a restart). ``source``: the data file's identity,
+    where the caller has it already (read here otherwise)."""
     from orch.runtime.checkpoint.manifest import read_manifest
     from orch.runtime.data import source_change, source_identity
 
@@ -498,7 +501,7 @@ def resume_problems(cfg: Config, degrees: Degrees, path: Path) -> list[Problem]:
     problems = adamw8bit_resharding_problems(cfg, degrees, path,
                                              manifest.plan.get("degrees", {}))
     saved = manifest.data.get("source") if isinstance(manifest.data, dict) else None
-    if changed := source_change(saved, source_identity(cfg.data), cfg.data):
+    if changed := source_change(saved, source or source_identity(cfg.data), cfg.data):
         problems.append(changed)
     return problems
 

@@ -139,7 +139,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
         return_large_frees()
     checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
     resume = checkpoints.resolve_resume(resume_arg or cfg.checkpoint.resume)
-    if resume is not None and (problems := resume_problems(cfg, plan.degrees, resume)):
+    source = source_identity(cfg.data)  # read once: the resume's check and every save
+    if resume is not None and (problems := resume_problems(cfg, plan.degrees, resume, source)):
         raise PlanError(problems, title="cannot resume")
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):  # shapes only: the weights are filled where they will live
@@ -175,7 +176,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     dp_rank = coords["dp_shard"] + coords["dp_replicate"] * plan.degrees.dp_shard
     dataset = PackedSequences(load_tokens(cfg.data, cfg.model.vocab_size), cfg.train.seq_len)
     stream = BatchStream(dataset, cfg.train.global_batch, cfg.train.micro_batch, dp_rank,
-                         plan.degrees.dp, cfg.train.seed, source_identity(cfg.data))
+                         plan.degrees.dp, cfg.train.seed, source)
 
     start = 0
     train_state = TrainState(model, optimizer, offload)
