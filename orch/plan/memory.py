@@ -10,8 +10,10 @@ for backward), here multiplied out over layers, pipeline stages and micro-batche
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import cache, lru_cache
+from typing import NamedTuple
 
 from orch.config.schema import Config, ModelConfig
 from orch.offload.sizes import CONVERSION_STAGING_ELEMENTS, NVME_GRAD_BUFFERS, REGION_PADDING
@@ -243,6 +245,23 @@ def _stages(
     return tuple(rows)
 
 
+class _StageBytes(NamedTuple):
+    """One stage's share of :class:`MemoryEstimate` (its fields, but ``stage``)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    buffers: int
+    total: int
+    cpu: int
+    nvme: int
+    window: int
+    window_min: int
+    staging_min: int
+    grad_staging: int
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per rank on the worst pipeline stage (``stage``: the most device bytes).
@@ -307,11 +326,13 @@ def recomputed_layer_bytes(cfg: Config, deg: Degrees) -> tuple[int, int]:
     return acts.dense_recomputed, acts.moe_recomputed
 
 
-def _layer_activations(cfg: Config, deg: Degrees, flash: bool = True,
-                       fused_norm: bool = True) -> _Activations:
-    """:func:`_activations` of ``cfg`` laid out as ``deg`` (its cached arithmetic)."""
+def _layer_activations(cfg: Config, deg: Degrees, flash: bool = True, fused_norm: bool = True,
+                       key: tuple | None = None) -> _Activations:
+    """:func:`_activations` of ``cfg`` laid out as ``deg`` (its cached arithmetic); ``key``:
+    the model's :func:`model_key`, where the caller has it (the search asks this thousands of
+    times)."""
     tr = cfg.train
-    return _activations(model_key(cfg.model), 2 if tr.precision == "bf16" else 4, flash,
+    return _activations(key or model_key(cfg.model), 2 if tr.precision == "bf16" else 4, flash,
                         fused_norm, tr.seq_len, tr.micro_batch, deg.tp, deg.sequence_parallel,
                         deg.cp, deg.ep, deg.etp, tr.recompute, _ring(cfg, deg),
                         _autocast(cfg, deg))
@@ -336,18 +357,37 @@ def estimate_memory(
     ``offload.shard_params`` the parameters and gradients at home too
     (``orch.offload.param_shards``). Per-parameter FSDP padding is ignored.
     """
-    m, tr, off = cfg.model, cfg.train, cfg.offload
+    m, tr = cfg.model, cfg.train
     key = model_key(m)
-    pc = _param_counts(key)
-    act_bytes = 2 if tr.precision == "bf16" else 4
-    tp, etp = deg.tp, deg.etp
-    acts = _layer_activations(cfg, deg, flash, fused_norm)
     n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
     uneven = cfg.parallel.stage_layers
     chunk_layers = tuple(uneven) if deg.pp > 1 and len(uneven) == deg.pp * deg.virtual_stages \
         else ()
-    stages = _stages(m.layers, m.moe_layer_interval, pc.moe_layers > 0, deg.pp,
+    stages = _stages(m.layers, m.moe_layer_interval, _param_counts(key).moe_layers > 0, deg.pp,
                      deg.virtual_stages, cfg.parallel.pp_schedule, n_micro, chunk_layers)
+    stage_bytes = _stage_bytes(cfg, deg, flash, fused_norm, key)
+    worst, totals = None, []
+    for p, *row in stages:
+        held = stage_bytes(*row)
+        totals.append((p, held.total))
+        if worst is None or held.total > worst[1].total:
+            worst = (p, held)
+    assert worst is not None  # every pipeline has a first stage
+    p, held = worst
+    return MemoryEstimate(**held._asdict(), stage=p, stage_totals=tuple(totals))
+
+
+def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
+                 key: tuple) -> Callable[..., _StageBytes]:
+    """What one pipeline stage holds, as a function of its row of :func:`_stages` (its dense
+    and MoE layers, whether it is first or last, its micro-batches in flight): the arithmetic
+    of :func:`estimate_memory`, made once per (config, degrees) and asked per stage, by the
+    estimate and by :func:`stage_layer_caps`."""
+    m, tr, off = cfg.model, cfg.train, cfg.offload
+    pc = _param_counts(key)
+    act_bytes = 2 if tr.precision == "bf16" else 4
+    tp, etp = deg.tp, deg.etp
+    acts = _layer_activations(cfg, deg, flash, fused_norm, key)
 
     h = m.dim
     vocab = -(-m.vocab_size // tp) * h
@@ -364,9 +404,8 @@ def estimate_memory(
     largest = max(h * m.ffn_dim // tp, vocab, pc.experts // 3 // (deg.ep * etp))
     depth = off.prefetch_depth
 
-    best: tuple[int, ...] = ()
-    totals = []
-    for p, nd, nm, first, last, num, den, first_mbs, last_mbs in stages:
+    def stage_bytes(nd: int, nm: int, first: bool, last: bool, num: int, den: int,
+                    first_mbs: int, last_mbs: int) -> _StageBytes:
         dense = nd * dense_layer + nm * moe_layer + first * vocab + last * head
         small = -(-((nd + nm) * pc.norms + nm * pc.router + last * h) // fsdp)
         n = -(-dense // fsdp) + -(-(nm * experts) // eshard)
@@ -429,8 +468,76 @@ def estimate_memory(
             else:  # a region per unit, each padded
                 nvme += size + (nd + nm + first + last) * REGION_PADDING
         total += window
-        totals.append((p, total))
-        if not best or total > best[5]:
-            best = (*groups, buffers, total, cpu, nvme, p, window, window_min, staging,
-                    grad_staging)
-    return MemoryEstimate(*best, stage_totals=tuple(totals))
+        return _StageBytes(*groups, buffers, total, cpu, nvme, window, window_min, staging,
+                           grad_staging)
+
+    return stage_bytes
+
+
+def stage_layer_caps(cfg: Config, deg: Degrees, limit: int, *,
+                     fused_norm: bool = True) -> tuple[int, ...] | None:
+    """The most layers each stage of a pipeline of one stage per rank can hold within
+    ``limit`` bytes (at most ``layers - pp + 1``: a layer left for each other stage), from the
+    stage's place in the pipeline alone, since a stage's bytes grow with its own layers and do
+    not depend on the others' (:func:`_stage_bytes`); None where the stages cannot hold the
+    model's layers between them. With MoE layers every few layers a stage's mix depends on
+    where its layers begin; the cap then holds for either mix (a split within the caps fits
+    wherever its stages begin; a few that would fit where they do begin are left out).
+
+    The search asks this of every pipeline candidate its split by FLOPs overfills, so it
+    prices few stages: middle stages hold no more micro-batches in flight than the one before
+    (GPipe as many, 1F1B and its split-backward variants ``pp - stage``), so their caps only
+    grow down the pipeline and are walked down from the last middle stage's."""
+    m, tr = cfg.model, cfg.train
+    key = model_key(m)
+    pc = _param_counts(key)
+    stage_bytes = _stage_bytes(cfg, deg, True, fused_norm, key)
+    n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
+    interval = m.moe_layer_interval if pc.moe_layers else 0
+    places = [(stage == 0, stage == deg.pp - 1,
+               *_in_flight(cfg.parallel.pp_schedule, deg.pp, 1, stage, n_micro))
+              for stage in range(deg.pp)]
+
+    @cache
+    def held(count: int, place: tuple) -> int:
+        moe_counts = {count // interval, -(-count // interval)} if interval else {0}
+        return max(stage_bytes(count - moe, moe, *place).total for moe in moe_counts)
+
+    def most(place: tuple, top: int = m.layers - deg.pp + 1) -> int:
+        """The most layers, up to ``top``, that fit at ``place`` (where one does): a guess
+        from the bytes of one layer and of two (a stage's bytes are affine in its layers but
+        for roundings and the MoE mix), stepped to the exact count."""
+        one = held(1, place)
+        if one > limit or top == 1:
+            return int(one <= limit)
+        per_layer = held(2, place) - one
+        count = min(top, 1 + (limit - one) // per_layer) if per_layer > 0 else top
+        while count < top and held(count + 1, place) <= limit:
+            count += 1
+        while count > 1 and held(count, place) > limit:
+            count -= 1
+        return count
+
+    # The tightest stage of each kind first: most candidates asked about fit nowhere.
+    if any(held(1, place) > limit for place in {places[0], places[1], places[-1]}):
+        return None
+    middle, last = places[1:-1], most(places[-1])
+    # no middle stage holds more than the last middle one, nor the first
+    widest = most(middle[-1]) if middle else m.layers - deg.pp + 1
+    if last + (deg.pp - 1) * widest < m.layers:
+        return None
+    first = most(places[0], widest)
+    caps, cap = [], widest
+    for stage in range(len(middle) - 1, -1, -1):
+        if first + last + sum(caps) + (stage + 1) * cap < m.layers:
+            return None  # even the stages left at ``cap`` leave layers over
+        # fewer fit where more micro-batches are in flight: often one layer fewer
+        for _ in range(2):
+            if held(cap, middle[stage]) <= limit:
+                break
+            cap -= 1
+        else:
+            cap = most(middle[stage], cap)
+        caps.append(cap)
+    caps = [first, *reversed(caps), last]
+    return tuple(caps) if sum(caps) >= m.layers else None

@@ -183,21 +183,30 @@ def balanced_split(work: tuple[float, ...], speeds: tuple[float, ...],
     limit = high * (1 + 1e-9)
     prefix = list(itertools.accumulate(work, initial=0.0))
     # best[s][j]: the least sum of squared times with layers [0, j) on stages 0..s, each
-    # within limit and its cap; start[s][j]: where stage s begins in it.
+    # within limit and its cap; start[s][j]: where stage s begins in it. Each stage's ends
+    # go from one past the previous stage's first reachable end to its cap past the last (and
+    # the last stage's is the end); its starts from the first within limit (found by
+    # bisection, loosened against rounding: each is still checked).
     best = [[math.inf] * (n + 1) for _ in range(k)]
     start = [[0] * (n + 1) for _ in range(k)]
     for j in range(1, min(n - k + 1, caps[0]) + 1):
         if (t := prefix[j] / speeds[0]) <= limit:
             best[0][j] = t * t
     for s in range(1, k):
-        for j in range(s + 1, n - k + s + 2):
-            # stages taking too long begin before the first start within limit (found by
-            # bisection, loosened against rounding: each is still checked)
-            first = bisect_left(prefix, prefix[j] - limit * speeds[s] * (1 + 1e-9))
-            for i in range(max(s, j - caps[s], first), j):
-                t = (prefix[j] - prefix[i]) / speeds[s]
-                if t <= limit and (v := best[s - 1][i] + t * t) < best[s][j] * (1 - 1e-12):
-                    best[s][j], start[s][j] = v, i
+        before, row, starts, speed, cap = best[s - 1], best[s], start[s], speeds[s], caps[s]
+        reached = [i for i in range(s, n - k + s + 1) if before[i] < math.inf]
+        lowest, highest = reached[0], reached[-1]
+        ends = range(n, n + 1) if s == k - 1 else range(
+            lowest + 1, min(highest + cap, n - k + s + 1) + 1)
+        slack = limit * speed * (1 + 1e-9)
+        for j in ends:
+            here, least, at = prefix[j], math.inf, 0
+            for i in range(max(lowest, j - cap, bisect_left(prefix, here - slack)),
+                           min(j, highest + 1)):
+                t = (here - prefix[i]) / speed
+                if t <= limit and (v := before[i] + t * t) < least * (1 - 1e-12):
+                    least, at = v, i
+            row[j], starts[j] = least, at
     split, end = [], n
     for s in range(k - 1, 0, -1):
         split.append(end - start[s][end])

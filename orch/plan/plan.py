@@ -22,7 +22,7 @@ from orch.plan.cost import StepTime, estimate_step_time, head_flops, layer_flops
 from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
 from orch.plan.machine import Machine, resolve_machine
-from orch.plan.memory import MemoryEstimate, estimate_memory, model_key
+from orch.plan.memory import MemoryEstimate, estimate_memory, model_key, stage_layer_caps
 from orch.plan.placement import (
     NodePlace,
     balanced_split,
@@ -334,25 +334,17 @@ def with_stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> Config:
 
 def _capped_split(cfg: Config, deg: Degrees, machine: Machine, by_flops: Config) -> Config:
     """``by_flops`` where it fits in memory; else the split by FLOPs under a cap on each stage's
-    layers, tightened until the split fits: a stage over memory with ``n`` layers is over with
-    ``n`` or more in any split (its memory follows its own layers and place in the pipeline),
-    so each such stage is capped at ``n - 1`` and the split remade. What fits then is the
-    fastest split that fits (an upgraded node's 24/8 that does not fit becomes 23/9, not the
-    even 16/16, which ran slower than before the upgrade); where none fits, ``by_flops``, for
-    the report."""
+    layers, the most it has memory for (:func:`stage_layer_caps`: a stage's bytes follow its own
+    layers and place in the pipeline): the fastest split that fits (an upgraded node's 24/8
+    that does not fit becomes 23/9, not the even 16/16, which ran slower than before the
+    upgrade); where none fits, ``by_flops``, for the report."""
     limit, fused = memory_limit(cfg, machine), machine.device.fused_norm
-    layers, planned = cfg.model.layers, by_flops
-    caps = [layers] * deg.pp
-    while (memory := estimate_memory(planned, deg, fused_norm=fused)).total > limit:
-        for stage, total in memory.stage_totals:
-            if total > limit:
-                caps[stage] = planned.parallel.stage_layers[stage] - 1
-        if sum(caps) < layers or min(caps) < 1:
-            return by_flops
-        split = balanced_split(layer_work(cfg), tuple(_speeds(machine, deg, cfg.train.precision)),
-                               tuple(caps))
-        planned = _with_split(cfg, split)
-    return planned
+    if estimate_memory(by_flops, deg, fused_norm=fused).total <= limit:
+        return by_flops
+    if (caps := stage_layer_caps(cfg, deg, limit, fused_norm=fused)) is None:
+        return by_flops
+    speeds = tuple(_speeds(machine, deg, cfg.train.precision))
+    return _with_split(cfg, balanced_split(layer_work(cfg), speeds, caps))
 
 
 def _with_split(cfg: Config, split: Sequence[int]) -> Config:
