@@ -11,7 +11,7 @@ for backward), here multiplied out over layers, pipeline stages and micro-batche
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cache, lru_cache
 from typing import NamedTuple
 
@@ -245,23 +245,6 @@ def _stages(
     return tuple(rows)
 
 
-class _StageBytes(NamedTuple):
-    """One stage's share of :class:`MemoryEstimate` (its fields, but ``stage``)."""
-
-    params: int
-    grads: int
-    optimizer: int
-    activations: int
-    buffers: int
-    total: int
-    cpu: int
-    nvme: int
-    window: int
-    window_min: int
-    staging_min: int
-    grad_staging: int
-
-
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per rank on the worst pipeline stage (``stage``: the most device bytes).
@@ -299,6 +282,12 @@ class MemoryEstimate:
 
     def as_dict(self) -> dict[str, int]:
         return {name: value for name, value in asdict(self).items() if name != "stage_totals"}
+
+
+_StageBytes = NamedTuple("_StageBytes", [
+    (f.name, int) for f in fields(MemoryEstimate) if f.name not in ("stage", "stage_totals")])
+"""One stage's share of :class:`MemoryEstimate` (its byte counts; a tuple: the search makes
+tens of thousands)."""
 
 
 def _ring(cfg: Config, deg: Degrees) -> bool:
