@@ -152,6 +152,25 @@ def _disk(nvme_path: str | None) -> list[str]:
     return lines
 
 
+def _forced_kernels() -> Feature | None:
+    """The kernels ``ORCH_KERNELS`` forces, where it is set, as ``orch launch`` checks it (doctor
+    said "healthy" to values launch refuses)."""
+    import torch
+
+    from orch.kernels.dispatch import kernel_choice_problem
+
+    forced = os.environ.get("ORCH_KERNELS", "")
+    if (problem := kernel_choice_problem()) is not None:
+        return Feature("Triton kernels", MISSING, f"ORCH_KERNELS: {problem.message}", problem.fix)
+    if forced == "reference":
+        return Feature("Triton kernels", OK, "plain-torch reference kernels everywhere "
+                       "(ORCH_KERNELS=reference)")
+    if forced == "triton":
+        where = "" if torch.cuda.is_available() else ", in Triton's interpreter (TRITON_INTERPRET)"
+        return Feature("Triton kernels", OK, f"forced (ORCH_KERNELS=triton){where}")
+    return None
+
+
 def _features(report: Report, gpu: bool, nvme_path: str | None) -> list[Feature]:
     import torch
 
@@ -168,15 +187,17 @@ def _features(report: Report, gpu: bool, nvme_path: str | None) -> list[Feature]
                            f"NCCL {v.get('nccl', '')}" if nccl else "this torch has no NCCL",
                            "" if nccl else "install a CUDA build of torch"))
         triton = v["triton"] != "not installed"
-        out.append(Feature("Triton kernels", OK if triton else MISSING,
-                           f"triton {v['triton']}" if triton else "triton is missing",
-                           "" if triton else "pip install triton"))
+        out.append(_forced_kernels() or Feature(
+            "Triton kernels", OK if triton else MISSING,
+            f"triton {v['triton']}" if triton else "triton is missing",
+            "" if triton else "pip install triton"))
         nvml = bool(report.gpus)
         out.append(Feature("GPU telemetry", OK if nvml else MISSING,
                            "NVML answers" if nvml else "NVML does not answer (see the notes)",
                            "" if nvml else "pip install nvidia-ml-py; check the driver"))
     else:
-        out.append(Feature("Triton kernels", NOT_HERE, "plain-torch reference kernels on CPU"))
+        out.append(_forced_kernels()
+                   or Feature("Triton kernels", NOT_HERE, "plain-torch reference kernels on CPU"))
         out.append(Feature("GPU telemetry", NOT_HERE, "process memory (RSS) on CPU"))
     can_aio, aio = _op_state("AsyncIOBuilder")
     out.append(Feature("NVMe offload I/O", OK if can_aio else FALLBACK,

@@ -30,6 +30,22 @@ def test_a_kernel_without_huge_pages_is_a_fallback_with_the_fix(capsys, monkeypa
     assert "fix: set /sys/kernel/mm/transparent_hugepage/enabled to madvise" in text
 
 
+def test_a_kernel_choice_launch_refuses_is_missing(capsys, monkeypatch):
+    """Doctor said "healthy" under ``ORCH_KERNELS=triton`` (or ``bogus``) without a GPU, where
+    ``orch launch`` refuses it (or the first step failed inside triton)."""
+    monkeypatch.setenv("ORCH_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["doctor"]) == 1
+    text = capsys.readouterr().out
+    assert ("MISSING  Triton kernels: ORCH_KERNELS: 'triton' forces the Triton kernels, with no "
+            "CUDA device on this machine") in text
+    assert "fix: unset ORCH_KERNELS" in text and "1 missing: Triton kernels" in text
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["doctor"]) == 0
+    assert ("ok       Triton kernels: forced (ORCH_KERNELS=triton), in Triton's interpreter"
+            in capsys.readouterr().out)
+
+
 def test_missing_pieces_are_listed_with_their_fix_and_exit_1(capsys, monkeypatch, tmp_path):
     real = doctor.version
     monkeypatch.setattr(doctor, "version",

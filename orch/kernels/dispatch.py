@@ -2,9 +2,10 @@
 
 The kernel runs on CUDA tensors when triton imports; everything else (CPU tensors, no triton)
 takes the reference, which is the specification and computes the same result. ``ORCH_KERNELS``
-forces a choice: ``reference`` everywhere, or ``triton`` even on CPU (with ``TRITON_INTERPRET=1``,
-how the tests run the kernels here); any other value, or ``triton`` without triton, is an error
-(``orch launch`` says so before starting). A fallback on a CUDA tensor is logged once per op.
+forces a choice: ``reference`` everywhere, or ``triton`` even on CPU (with
+``TRITON_INTERPRET=1``, how the tests run the kernels here); any other value, ``triton``
+without triton, or ``triton`` on the CPU without the interpreter, is an error (``orch launch``
+says so before starting). A fallback on a CUDA tensor is logged once per op.
 """
 
 from __future__ import annotations
@@ -47,17 +48,29 @@ KERNEL_CHOICES = ("reference", "triton")
 """What ``ORCH_KERNELS`` may force; unset or empty lets each call choose."""
 
 
-def kernel_choice_problem() -> Problem | None:
+def kernel_choice_problem(*tensors: torch.Tensor) -> Problem | None:
     """What is wrong with ``ORCH_KERNELS``: a value that is not a choice (it was taken for
-    unset, so ``Reference`` still ran the kernels on CUDA), or ``triton`` where triton does
-    not import (the reference ran without a word)."""
+    unset, so ``Reference`` still ran the kernels on CUDA), ``triton`` where triton does not
+    import (the reference ran without a word), or ``triton`` for tensors it cannot run: on
+    the CPU Triton runs only in its interpreter (``TRITON_INTERPRET=1``), else it failed in
+    the first step with "0 active drivers". ``tensors``: a call's; without (``orch launch``,
+    ``orch doctor``), whether this machine has a CUDA device."""
     forced = os.environ.get("ORCH_KERNELS", "")
     if forced not in ("", *KERNEL_CHOICES):
         return Problem("ORCH_KERNELS", f"{forced!r} is not one of {', '.join(KERNEL_CHOICES)}",
                        "set ORCH_KERNELS=reference or triton, or unset it to let orch choose")
-    if forced == "triton" and not triton_available():
+    if forced != "triton":
+        return None
+    if not triton_available():
         return Problem("ORCH_KERNELS", "'triton' forces the Triton kernels, but triton does "
                        "not import", "install triton, or unset ORCH_KERNELS")
+    on_cpu = not all(t.is_cuda for t in tensors) if tensors else not torch.cuda.is_available()
+    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        where = "tensors on the CPU" if tensors else "no CUDA device on this machine"
+        return Problem("ORCH_KERNELS", f"'triton' forces the Triton kernels, with {where}, "
+                       "where Triton runs only in its interpreter (TRITON_INTERPRET is not 1)",
+                       "unset ORCH_KERNELS (the CPU runs the plain-torch reference kernels), "
+                       "or set TRITON_INTERPRET=1 to run the kernels interpreted (slow: tests)")
     return None
 
 
@@ -67,7 +80,7 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     if forced == "reference":
         return False
     if forced:
-        if (problem := kernel_choice_problem()) is not None:
+        if (problem := kernel_choice_problem(*tensors)) is not None:
             raise ProblemsError([problem], title="cannot choose a kernel")
         return True
     if not all(t.is_cuda for t in tensors):

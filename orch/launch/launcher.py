@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from orch.config import Config, load_config
-from orch.errors import OrchError, PlanError, Problem, ProblemsError
+from orch.errors import ConfigError, OrchError, PlanError, Problem, ProblemsError
 from orch.kernels.dispatch import kernel_choice_problem
 from orch.launch.failures import oom_kills, worker_failures
 from orch.launch.failures import summary as summary_of_failures
@@ -184,7 +184,12 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     """Parse and validate everything; return torchrun's args rewritten to start the workers
     (with ``finished``: the checkpoint the run would resume when it is already at
     ``train.steps`` or ``run.stop_at_step``, else None)."""
-    args, extra, cfg = parse_launch(argv)
+    try:
+        args, extra, cfg = parse_launch(argv)
+    except ConfigError as exc:  # the environment's problem beside the config's, in one round
+        if (kernels := kernel_choice_problem()) is None:
+            raise
+        raise ConfigError([*exc.problems, kernels]) from None
     problems: list[Problem] = []
     max_nodes = _nnodes(args.nnodes, problems)
     cluster, node = _cluster_node(cfg, extra.node_name, problems)

@@ -310,6 +310,25 @@ def test_a_kernel_choice_that_is_not_one_is_an_error(monkeypatch):
         flash_attention(q, k, v)
 
 
+def test_triton_forced_on_the_cpu_without_its_interpreter_is_an_error(monkeypatch):
+    """``ORCH_KERNELS=triton`` on a machine without a GPU passed every check and the first
+    step failed inside triton ("0 active drivers"): on the CPU Triton runs only interpreted."""
+    pytest.importorskip("triton")
+    from orch.errors import ProblemsError
+    from orch.kernels import dispatch
+
+    q, k, v = make(1, 16, 16, 2, 2, 16)
+    monkeypatch.setenv("ORCH_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ProblemsError, match="ORCH_KERNELS: 'triton' forces the Triton kernels, "
+                       "with tensors on the CPU, where Triton runs only in its interpreter"):
+        flash_attention(q, k, v)
+    problem = dispatch.kernel_choice_problem()  # what orch launch and orch doctor ask
+    assert problem is not None and "no CUDA device on this machine" in problem.message
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.kernel_choice_problem() is None
+
+
 def test_default_tiles_are_valid(triton_path):
     for head_dim in range(16, 129, 16):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
