@@ -280,14 +280,43 @@ def test_small_low_precision_parameters_keep_fp32_moments():
 def test_bad_hyperparameters_and_complex_parameters_are_refused():
     """lr=nan and eps=nan passed the ``< 0`` checks and turned every parameter to NaN; a complex
     parameter lost its imaginary part on the 8-bit path."""
-    for bad in ({"lr": float("nan")}, {"eps": float("nan")}, {"weight_decay": -1.0}):
-        with pytest.raises(ValueError, match="invalid lr/eps/weight_decay"):
+    for bad, said in (({"lr": float("nan")}, "lr=nan"), ({"eps": float("nan")}, "eps=nan"),
+                      ({"weight_decay": -1.0}, "weight_decay=-1.0"),
+                      ({"weight_decay": float("inf")}, "weight_decay=inf")):
+        with pytest.raises(ValueError, match=f"AdamW8bit: {said} is not a finite number >= 0"):
             AdamW8bit([nn.Parameter(torch.zeros(2))], **bad)
     z = nn.Parameter(torch.randn(64, 64, dtype=torch.cfloat))
     opt = AdamW8bit([z])
     z.grad = torch.randn_like(z)
     with pytest.raises(ValueError, match="does not support complex parameters"):
         opt.step()
+
+
+def test_bad_hyperparameters_of_a_group_are_refused_wherever_they_come_from():
+    """Only the constructor's defaults were checked: a group's NaN ``lr`` (or one added later,
+    or set by a scheduler) turned its parameters to NaN without a word, ``betas`` of one value
+    failed in the step on an unpacking error and ``(0.9, 1.0)`` on a division by zero."""
+    p = nn.Parameter(torch.randn(64, 64))
+    p.grad = torch.ones_like(p)
+    for group, said in (({"lr": float("nan")}, "lr=nan is not a finite number >= 0"),
+                        ({"betas": (0.9,)}, r"betas=\(0.9,\) is not two numbers in \[0, 1\)"),
+                        ({"betas": (0.9, 1.0)}, r"betas=\(0.9, 1.0\) is not two numbers")):
+        with pytest.raises(ValueError, match=f"AdamW8bit param group 0: {said}"):
+            AdamW8bit([{"params": [p], **group}])
+    opt = AdamW8bit([p])
+    with pytest.raises(ValueError, match="param group 1: weight_decay=nan"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(4))],
+                             "weight_decay": float("nan")})
+    assert len(opt.param_groups) == 1  # the refused group is not kept
+    saved = opt.state_dict()
+    saved["param_groups"][0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="state dict's param group 0: lr=nan"):
+        opt.load_state_dict(saved)
+    opt.param_groups[0]["lr"] = float("nan")  # as a scheduler may set it
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="param group 0: lr=nan"):
+        opt.step()
+    assert torch.equal(p, before)
 
 
 def test_narrow_rows_keep_fp32_moments():

@@ -386,6 +386,11 @@ def _bad(kind):
                 dict(q=q, k=k, v=v, softmax_scale=math.inf),
                 r"flash_attention\(softmax_scale\): must be a finite number",
             )
+        case "causal_text":  # the reference took it as True; the kernel raised torch's error
+            return (
+                dict(q=q, k=k, v=v, causal="no"),
+                r"flash_attention\(causal\): must be True or False, got 'no'",
+            )
         case "scale_text":  # passed float() in the check, then failed in the matmul
             return (
                 dict(q=q, k=k, v=v, softmax_scale="0.5"),
@@ -406,6 +411,7 @@ def _bad(kind):
         "kv",
         "groups",
         "causal",
+        "causal_text",
         "empty",
         "scale",
         "scale_text",

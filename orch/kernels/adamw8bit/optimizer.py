@@ -34,6 +34,7 @@ layers rarely spread that far within 256 elements; the tiny Llama trains to Adam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -54,6 +55,31 @@ per element and an fp32 absmax per block of a row, so rows of ``w < 256`` elemen
 AdamW's 8."""
 
 
+def _check_hyperparameters(group: dict[str, Any], owner: str) -> None:
+    """Refuse what would turn parameters to NaN or fail mid-step, naming each value: ``lr``,
+    ``eps`` and ``weight_decay`` finite and at least 0 (NaN fails every comparison, so it
+    passed ``< 0`` checks), ``betas`` two values in [0, 1) (1 divided by zero in the bias
+    correction). One-element tensors count as their number (torch's optimizers take a
+    tensor ``lr``)."""
+    def number(value: object) -> float | None:
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        return float(value) if isinstance(value, int | float) else None
+
+    def within(value: object, high: float) -> bool:
+        x = number(value)
+        return x is not None and 0 <= x < high
+
+    problems = [f"{key}={group.get(key)!r} is not a finite number >= 0"
+                for key in ("lr", "eps", "weight_decay") if not within(group.get(key), math.inf)]
+    betas = group.get("betas")
+    if not (isinstance(betas, tuple | list) and len(betas) == 2
+            and all(within(b, 1.0) for b in betas)):
+        problems.append(f"betas={betas!r} is not two numbers in [0, 1)")
+    if problems:
+        raise ValueError(f"{owner}: {'; '.join(problems)}")
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction) with 8-bit block-wise moments.
 
@@ -71,14 +97,24 @@ class AdamW8bit(torch.optim.Optimizer):
         *,
         min_8bit_size: int = 4096,
     ) -> None:
-        if not (lr >= 0 and eps >= 0 and weight_decay >= 0):  # NaN fails every comparison
-            raise ValueError(f"invalid lr/eps/weight_decay: {lr}, {eps}, {weight_decay}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        _check_hyperparameters(defaults, "AdamW8bit")
+        defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
         self.min_8bit_size = min_8bit_size
         self._scratch = ScratchPool()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, then the group's hyperparameters (with the defaults it took) checked: a
+        group's NaN ``lr`` turned its parameters to NaN without a word, and ``betas`` of one
+        value failed only in the first step, on an unpacking error."""
+        super().add_param_group(param_group)
+        try:
+            _check_hyperparameters(self.param_groups[-1],
+                                   f"AdamW8bit param group {len(self.param_groups) - 1}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def quantized(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s moments are (or will be) stored in 8 bits."""
@@ -91,7 +127,9 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            # checked again here: a scheduler or the caller may have set them since
+            _check_hyperparameters(group, f"AdamW8bit param group {index}")
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
@@ -155,6 +193,8 @@ class AdamW8bit(torch.optim.Optimizer):
         """torch's loader casts every state tensor to its parameter's dtype; the codes stay uint8
         and the absmax fp32, so take the saved tensors as they are (copied, on the parameter's
         device): a round trip is exact."""
+        for index, group in enumerate(state_dict["param_groups"]):
+            _check_hyperparameters(group, f"AdamW8bit state dict's param group {index}")
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if len(saved_ids) == len(params):  # else torch's loader says the groups differ

@@ -106,6 +106,12 @@ def check_inputs(
             "grouped-query attention needs heads % kv_heads == 0; check the layout is "
             "(batch, seq, heads, head_dim) and the model's n_heads / n_kv_heads",
         )
+    if not isinstance(causal, bool):
+        raise AttentionInputError(  # the reference took any truthy value; the kernel raised
+            "causal",
+            f"must be True or False, got {causal!r}",
+            "pass causal=True for a causal mask, causal=False for none",
+        )
     if causal and q.shape[1] != k.shape[1]:
         raise AttentionInputError(
             "causal",
