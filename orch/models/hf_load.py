@@ -35,15 +35,39 @@ _CHECKED = {
     "rope_theta": "rope_theta",
     "tie_word_embeddings": "tie_embeddings",
 }
+# What transformers' LlamaConfig (4.x and 5.x) takes for a key that config.json lacks or holds as
+# null: orch compares those values, not its own, since they are what the checkpoint computes.
+# num_key_value_heads defaults to num_attention_heads; RoPE's theta is read in _config_problems.
+_HF_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+_DEFAULT_THETA = 10000.0
+
+
+def _as_transformers_reads(theirs: dict) -> dict:
+    """The checked fields of config.json ``theirs`` as transformers builds its LlamaConfig from
+    them: every absent (or null) key at LlamaConfig's default (all but rope_theta)."""
+    hf = {key: default if theirs.get(key) is None else theirs[key]
+          for key, default in _HF_DEFAULTS.items()}
+    kv_heads = theirs.get("num_key_value_heads")
+    hf["num_key_value_heads"] = hf["num_attention_heads"] if kv_heads is None else kv_heads
+    return hf
 
 
 def init_from_problems(model: ModelConfig) -> list[Problem]:
     """What stops ``model.init_from`` from loading into ``model``: a missing directory or file,
     a config that is not a bias-free Llama, or dimensions that differ (each with its fix); once
     the config matches, every tensor without a place in orch's Transformer, every shape that
-    differs and every parameter without a tensor, from the shards' headers (nothing is read,
-    and the model is built on the meta device): what the launcher checks before any process
-    starts."""
+    differs and every parameter without a tensor, from the shards' headers (nothing is read but
+    the two tensors a tied model's checkpoint may hold for its head, compared, and the model is
+    built on the meta device): what the launcher checks before any process starts. An absent
+    config.json key counts as transformers' default, as transformers reads it."""
     if problems := _config_problems(model):
         return problems
     with torch.device("meta"):
@@ -80,15 +104,28 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
     if not isinstance(theirs, dict):
         return [Problem(where, f"{config_file} holds a JSON {type(theirs).__name__}, not a "
                         "model config", "use a LlamaForCausalLM checkpoint")]
-    problems = []
-    rope = theirs.get("rope_parameters") or {}  # transformers 5 keeps rope_theta there
-    if theirs.get("rope_theta") is None and "rope_theta" in rope:
-        theirs["rope_theta"] = rope["rope_theta"]
-    scaling = theirs.get("rope_scaling") or (rope if rope.get("rope_type", "default")
-                                             != "default" else None)
-    if scaling:
-        problems.append(Problem(where, f"{config_file} scales RoPE ({scaling})",
+    problems, hf = [], _as_transformers_reads(theirs)
+    said = {}  # how config.json gives a checked value somewhere other than under its key
+    rope_key = "rope_scaling" if theirs.get("rope_scaling") else "rope_parameters"
+    rope = theirs.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        problems.append(Problem(where, f"{config_file} has {rope_key}: {rope!r}, not a mapping",
+                                "use a LlamaForCausalLM checkpoint"))
+        rope = {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(Problem(where, f"{config_file} scales RoPE ({rope_key}: {rope})",
                                 "orch's RoPE has no scaling: use an unscaled checkpoint"))
+    top, inner = theirs.get("rope_theta"), rope.get("rope_theta")
+    if top is not None and inner is not None and top != inner:
+        problems.append(Problem(where, f"{config_file} has rope_theta: {top!r} and {rope_key}."
+                                f"rope_theta: {inner!r}: transformers 5 reads the second, "
+                                "transformers 4 the first", "make config.json say the theta "
+                                "the checkpoint was trained with, in both places"))
+    elif inner is not None:
+        hf["rope_theta"] = inner
+        said["rope_theta"] = f"has {rope_key}.rope_theta: {inner!r}"
+    else:
+        hf["rope_theta"] = _DEFAULT_THETA if top is None else top
     architectures = theirs.get("architectures") or []
     if not isinstance(architectures, list) or (architectures and "LlamaForCausalLM" not in
                                                architectures):
@@ -104,10 +141,12 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
             problems.append(Problem(where, f"{config_file} has {flag}: true",
                                     "orch's Llama has no biases: use a bias-free checkpoint"))
     for key, field in _CHECKED.items():
-        if key not in theirs or theirs[key] == ours[key]:
+        if key not in hf or hf[key] == ours[key]:
             continue
+        given = said.get(key) or (f"has {key}: {theirs[key]!r}" if theirs.get(key) is not None
+                                  else f"has no {key}, which transformers reads as {hf[key]!r}")
         problems.append(Problem(f"model.{field}", f"{getattr(model, field)!r} but {config_file} "
-                                f"has {key}: {theirs[key]!r}", f"set model.{field}={theirs[key]}"))
+                                f"{given}", f"set model.{field}={hf[key]}"))
     return problems
 
 
@@ -159,6 +198,7 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size]
     located: dict[str, tuple[Path, str]] = {}
     found: set[str] = set()
     problems = []
+    tied_head: Path | None = None  # the shard of an lm_head.weight a tied model does not load
     for shard in _shards(Path(cfg.init_from)):
         try:
             handle = safe_open(str(shard), framework="pt")
@@ -169,9 +209,11 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size]
             continue
         with handle:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                if hf_ignored(key) or (cfg.tie_embeddings and key == "lm_head.weight"):
-                    continue  # with tied embeddings the head is the embedding, as transformers
-                    # ties it (some checkpoints save the tied head too)
+                if hf_ignored(key):
+                    continue
+                if cfg.tie_embeddings and key == _HEAD:
+                    tied_head = shard  # the head is the embedding, as transformers ties it
+                    continue  # when the two are equal (some checkpoints save the tied head too)
                 ours = hf_to_ours(key)
                 if ours is None or ours not in shapes:
                     problems.append(Problem(key, f"in {shard.name} has no counterpart in "
@@ -193,7 +235,29 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size]
                 located[ours] = (shard, key)
     problems += [Problem(name, f"has no tensor in {cfg.init_from}", "use a complete checkpoint")
                  for name in shapes if name not in found]
+    embedding = located.get("tok_embeddings.weight")
+    if tied_head is not None and embedding is not None and not _equal(embedding,
+                                                                       (tied_head, _HEAD)):
+        problems.append(Problem("model.tie_embeddings", f"true, but {tied_head.name} holds an "
+                                f"{_HEAD} that differs from the embedding (transformers then "
+                                "unties the two and uses it)", "re-save the checkpoint with "
+                                "tie_word_embeddings false and set model.tie_embeddings=false, "
+                                f"or drop its {_HEAD} if the embedding is the head it meant"))
     return located, problems
+
+
+_HEAD = "lm_head.weight"
+
+
+def _equal(first: tuple[Path, str], second: tuple[Path, str]) -> bool:
+    """Whether the tensors at (shard, key) ``first`` and ``second`` hold the same values."""
+    from safetensors import safe_open
+
+    values = []
+    for shard, key in (first, second):
+        with safe_open(str(shard), framework="pt") as handle:
+            values.append(handle.get_tensor(key))
+    return values[0].shape == values[1].shape and torch.equal(*values)
 
 
 def load_hf_weights(model: nn.Module, cfg: ModelConfig) -> int:

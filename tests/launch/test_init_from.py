@@ -157,6 +157,91 @@ def test_damaged_or_foreign_files_are_refused_not_raised(checkpoint, tmp_path):
     assert "is I8, not a floating-point tensor" in problem("int8", to_int8)
 
 
+def _with_config(source: Path, to: Path, change) -> Path:
+    """A copy of the checkpoint at ``source`` whose config.json ``change`` edited in place."""
+    _copy(source, to)
+    config = json.loads((to / "config.json").read_text())
+    change(config)
+    (to / "config.json").write_text(json.dumps(config))
+    return to
+
+
+def _text(model: ModelConfig) -> str:
+    return "\n".join(str(p) for p in init_from_problems(model))
+
+
+def test_absent_config_keys_are_transformers_defaults(checkpoint, tmp_path):
+    """config.json without tie_word_embeddings, rms_norm_eps or any RoPE theta: transformers
+    reads False, 1e-6 and 10000, so orch compares with those (it skipped absent keys and
+    loaded with its own values, logits 1.3 off); with the named fixes the logits are
+    transformers' own."""
+    path, _ = checkpoint
+
+    def strip(config: dict) -> None:
+        for key in ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters"):
+            config.pop(key, None)
+
+    bare = _with_config(path, tmp_path / "bare", strip)
+    text = _text(tiny(init_from=str(bare), tie_embeddings=True, rope_theta=500000.0))
+    for fix in ("set model.tie_embeddings=False", "set model.norm_eps=1e-06",
+                "set model.rope_theta=10000.0"):
+        assert fix in text, text
+    assert "has no rms_norm_eps, which transformers reads as 1e-06" in text
+    nulled = _with_config(path, tmp_path / "null", lambda c: c.update(num_key_value_heads=None))
+    assert "model.kv_heads" not in _text(tiny(init_from=str(nulled), kv_heads=None))  # heads
+    cfg = tiny(init_from=str(bare), norm_eps=1e-6)
+    assert init_from_problems(cfg) == []
+    ours = Transformer(cfg).eval()
+    load_hf_weights(ours, cfg)
+    hf = transformers.LlamaForCausalLM.from_pretrained(bare, attn_implementation="eager").eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-5
+
+
+def test_rope_theta_and_type_are_read_as_transformers_reads_them(checkpoint, tmp_path):
+    """transformers 5 takes theta from rope_parameters (or rope_scaling) before the top-level
+    key: two that disagree are refused; a legacy ``type`` scales RoPE like ``rope_type``, and
+    an explicit default type is no scaling."""
+    path, _ = checkpoint
+    cfg = tiny(rope_theta=500000.0)
+
+    def change(name: str, **keys: object) -> str:
+        edited = _with_config(path, tmp_path / name, lambda config: config.update(keys))
+        return _text(dataclasses.replace(cfg, init_from=str(edited)))
+
+    both = change("both", rope_theta=500000.0, rope_parameters={"rope_theta": 10000.0})
+    assert "rope_theta: 500000.0 and rope_parameters.rope_theta: 10000.0" in both
+    assert "set model.rope_theta" not in both  # no fix that would follow one reading
+    inner = change("inner", rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    assert "has rope_parameters.rope_theta: 10000.0" in inner and "set model.rope_theta=10000.0" \
+        in inner
+    assert "scales RoPE" in change("legacy", rope_parameters={"type": "linear", "factor": 2.0,
+                                                              "rope_theta": 500000.0})
+    assert change("default", rope_scaling={"rope_type": "default", "rope_theta": 500000.0}) == ""
+
+
+def test_a_tied_head_that_differs_from_the_embedding_is_refused(checkpoint, tmp_path):
+    """transformers does not tie a checkpoint's lm_head.weight that differs from its embedding:
+    loading the embedding as a tied orch model's head was another function, silently."""
+    path, _ = checkpoint
+    tied = _with_config(path, tmp_path / "tied", lambda c: c.update(tie_word_embeddings=True))
+    cfg = tiny(init_from=str(tied), tie_embeddings=True)
+    text = _text(cfg)
+    assert "model.tie_embeddings: true, but" in text and "lm_head.weight that differs" in text
+    assert "set model.tie_embeddings=false" in text
+    index = json.loads((tied / "model.safetensors.index.json").read_text())
+    head_shard = tied / index["weight_map"].pop("lm_head.weight")
+    (tied / "model.safetensors.index.json").write_text(json.dumps(index))
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(head_shard)
+    embedding = next(load_file(s)["model.embed_tokens.weight"] for s in tied.glob("*.safetensors")
+                     if "model.embed_tokens.weight" in load_file(s))
+    tensors["lm_head.weight"] = embedding.clone()  # saved, but the same: loads as before
+    save_file(tensors, head_shard, metadata={"format": "pt"})
+    assert _text(cfg) == ""
+
+
 @pytest.mark.slow  # one single-process launch each, ~10 s
 @pytest.mark.parametrize("homes", ["device", "nvme"])
 def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
