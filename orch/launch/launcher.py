@@ -209,20 +209,24 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     problems += unsupported_features(cfg, world)
     problems += _check_data(cfg)
     problems += _check_nvme(cfg, plan)
+    init_from: list[Problem] = []  # reported unless the run resumes (its weights come from there)
     if cfg.model.init_from:
         from orch.models.hf_load import init_from_problems
 
-        problems += init_from_problems(cfg.model)
+        init_from = init_from_problems(cfg.model)
     problems += _check_run_dir(Path(cfg.run.dir))
     problems += _check_drill(cfg, world)
     problems += _check_tensorboard(cfg)
     if (kernels := kernel_choice_problem()) is not None:
         problems.append(kernels)
     args.finished = None
-    if not problems:
+    if not problems:  # else whether the run resumes is not known, and init_from's are told too
         assert plan is not None
-        refused, args.finished = _check_resume(cfg, plan, extra.resume)
+        refused, resumed, args.finished = _check_resume(cfg, plan, extra.resume)
         problems += refused
+        if resumed:
+            init_from = []
+    problems += init_from
     if problems:
         raise PlanError(problems, title="cannot launch")
     assert plan is not None
@@ -460,35 +464,36 @@ def _last_step(cfg: Config) -> int:
 
 
 def _check_resume(cfg: Config, plan: Plan,
-                  resume: str | None) -> tuple[list[Problem], Path | None]:
+                  resume: str | None) -> tuple[list[Problem], Path | None, Path | None]:
     """Refuse another config's checkpoints and verify the one to resume, loading nothing; the
-    checkpoint when it is already at ``train.steps`` (or ``run.stop_at_step``) and intact
-    (nothing to train)."""
+    checkpoint the run resumes (None when it starts afresh), and that checkpoint again when it
+    is already at ``train.steps`` (or ``run.stop_at_step``) and intact (nothing to train)."""
     from orch.runtime.checkpoint import CheckpointError, CheckpointManager
     from orch.runtime.checkpoint.manifest import read_manifest
 
     if resume is not None and not resume.strip():  # was taken for auto
-        return [Problem("--resume", "is empty", "give auto, none, or a checkpoint directory")], None
+        return [Problem("--resume", "is empty", "give auto, none, or a checkpoint directory")
+                ], None, None
     manager = CheckpointManager(Path(cfg.run.dir), cfg, plan.to_dict(with_groups=False), 0, 1)
     try:
         # Sizes and the index here (cheap); the workers hash every file, split among them.
         path = manager.resolve_resume(resume or cfg.checkpoint.resume, hashes=False,
                                       report=False)
     except CheckpointError as exc:
-        return [Problem("--resume" if resume else "checkpoint.resume", str(exc), "")], None
+        return [Problem("--resume" if resume else "checkpoint.resume", str(exc), "")], None, None
     if path is None:
-        return [], None
+        return [], None, None
     manifest = read_manifest(path)
     if manifest.step > cfg.train.steps:
         return [Problem("train.steps", f"{cfg.train.steps} is below step {manifest.step} of the "
                         f"checkpoint the run resumes ({path})",
                         f"set train.steps above {manifest.step} to train further; --resume PATH "
                         "for an earlier checkpoint, or --resume none to start over (the "
-                        "checkpoints are moved aside, not deleted)")], None
+                        "checkpoints are moved aside, not deleted)")], path, None
     # at train.steps (or past run.stop_at_step): nothing to train, once every byte is as saved
     # (a damaged one sends the workers back to an earlier checkpoint, which they hash and say)
     finished = manifest.step >= _last_step(cfg) and not manager.verify(path)
-    return resume_problems(cfg, plan.degrees, path), path if finished else None
+    return resume_problems(cfg, plan.degrees, path), path, path if finished else None
 
 
 def resume_problems(cfg: Config, degrees: Degrees, path: Path,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_harness import FAST, launch, metrics, overrides
+from launch_harness import FAST, REPO, launch, metrics, overrides
 
 from orch.config import ModelConfig, load_config
 from orch.errors import ProblemsError
@@ -269,6 +269,23 @@ def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
         losses = [torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten())
                   for x, y in stream.next_step()]
     assert abs(logged - float(torch.stack(losses).mean())) < 1e-5
+    if homes == "device":  # the checkpoint directory gone, the run still resumes; a new one not
+        _resume_needs_no_init_from(run, tmp_path / "gone")
+
+
+def _resume_needs_no_init_from(run: Path, gone: Path) -> None:
+    """The launcher refused to resume a run whose init_from directory had gone ("is not a
+    directory"), although a resume takes its weights from the run's checkpoint."""
+    from orch.errors import OrchError
+    from orch.launch.launcher import prepare
+
+    def launch_args(run_dir: Path) -> list[str]:
+        return ["--nproc-per-node", "1", str(REPO / "configs/tiny.yaml"), *overrides(
+            run_dir, "train.steps=2", "train.warmup_steps=1", f"model.init_from={gone}")]
+
+    prepare(launch_args(run))
+    with pytest.raises(OrchError, match=f"model.init_from: '{gone}' is not a directory"):
+        prepare(launch_args(run.parent / "fresh"))
 
 
 def test_a_resumed_run_neither_reads_init_from_nor_draws_an_init(tmp_path):
