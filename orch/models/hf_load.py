@@ -77,6 +77,10 @@ def init_from_problems(model: ModelConfig) -> list[Problem]:
 
 def _config_problems(model: ModelConfig) -> list[Problem]:
     """The directory and its config.json against ``model`` (see :func:`init_from_problems`)."""
+    try:  # an MoE config cannot take a Llama checkpoint, whatever the directory holds
+        ours = hf_llama_config(model)
+    except ProblemsError as exc:
+        return exc.problems
     where, path = "model.init_from", Path(model.init_from)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -98,8 +102,7 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
                         "copy the whole checkpoint directory")]
     try:
         theirs = json.loads(config_file.read_text())
-        ours = hf_llama_config(model)
-    except (json.JSONDecodeError, UnicodeDecodeError, ProblemsError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return [Problem(where, f"{config_file}: {exc}", "use a LlamaForCausalLM checkpoint")]
     if not isinstance(theirs, dict):
         return [Problem(where, f"{config_file} holds a JSON {type(theirs).__name__}, not a "
@@ -140,6 +143,13 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
         if theirs.get(flag):
             problems.append(Problem(where, f"{config_file} has {flag}: true",
                                     "orch's Llama has no biases: use a bias-free checkpoint"))
+    head_dim, heads = theirs.get("head_dim"), hf["num_attention_heads"]
+    if head_dim is not None and head_dim * heads != hf["hidden_size"]:
+        problems.append(Problem(where, f"{config_file} has head_dim: {head_dim!r}, not "
+                                f"hidden_size / num_attention_heads = {hf['hidden_size']} / "
+                                f"{heads}", "orch's attention heads are model.dim / model.heads "
+                                "wide, with no setting for another width: use a checkpoint "
+                                "whose head_dim is hidden_size / num_attention_heads"))
     for key, field in _CHECKED.items():
         if key not in hf or hf[key] == ours[key]:
             continue

@@ -242,6 +242,20 @@ def test_a_tied_head_that_differs_from_the_embedding_is_refused(checkpoint, tmp_
     assert _text(cfg) == ""
 
 
+def test_what_no_model_setting_fixes_is_said_once_for_what_it_is(checkpoint, tmp_path):
+    """An MoE config was told "config.json: not a Llama model ... use a LlamaForCausalLM
+    checkpoint" of a Llama checkpoint; a head_dim other than hidden_size / heads gave one shape
+    problem per projection, each "check model.*", though orch has no head_dim setting."""
+    path, _ = checkpoint
+    moe = init_from_problems(tiny(init_from=str(path), experts=4, moe_layer_interval=2))
+    assert [p.where for p in moe] == ["model.experts"] and "model.experts: 0" in moe[0].fix
+    wide = _with_config(path, tmp_path / "wide", lambda c: c.update(head_dim=64))
+    problems = init_from_problems(tiny(init_from=str(wide)))
+    assert len(problems) == 1, problems
+    assert "has head_dim: 64, not hidden_size / num_attention_heads = 256 / 8" in str(problems[0])
+    assert "no setting for another width" in problems[0].fix
+
+
 @pytest.mark.slow  # one single-process launch each, ~10 s
 @pytest.mark.parametrize("homes", ["device", "nvme"])
 def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
