@@ -211,9 +211,9 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     problems += _check_nvme(cfg, plan)
     init_from: list[Problem] = []  # reported unless the run resumes (its weights come from there)
     if cfg.model.init_from:
-        from orch.models.hf_load import init_from_problems
+        from orch.models.hf_load import init_from_problems, text_data_problems
 
-        init_from = init_from_problems(cfg.model)
+        init_from = init_from_problems(cfg.model) + text_data_problems(cfg.model, cfg.data)
     problems += _check_run_dir(Path(cfg.run.dir))
     problems += _check_drill(cfg, world)
     problems += _check_tensorboard(cfg)

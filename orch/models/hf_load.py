@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orch.config.schema import ModelConfig
+from orch.config.schema import DataConfig, ModelConfig
 from orch.errors import Problem, ProblemsError
 from orch.models.hf import hf_ignored, hf_llama_config, hf_to_ours
 from orch.models.llama import Transformer
@@ -158,6 +158,34 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
         problems.append(Problem(f"model.{field}", f"{getattr(model, field)!r} but {config_file} "
                                 f"{given}", f"set model.{field}={hf[key]}"))
     return problems
+
+
+BYTE_VOCAB = 256
+"""The byte tokenizer's vocabulary: the one vocabulary orch's text data speaks."""
+
+
+def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
+    """Text data (the shipped corpus, or a text ``data.path``) with a checkpoint whose vocabulary
+    is not the byte one: orch tokenizes text as bytes, ids 0-255, which mean whatever those ids
+    meant to the checkpoint's own tokenizer, so a pretrained model would be fine-tuned on noise
+    without a word. A checkpoint of 256 tokens (one orch exported, or another byte model) reads
+    bytes as it was trained to. Problems of the data file itself are _check_data's."""
+    from orch.runtime.data import DataError, check_source
+
+    if model.vocab_size == BYTE_VOCAB:
+        return []
+    if data.path:
+        try:
+            if check_source(data)[1] != "text":
+                return []
+        except DataError:
+            return []
+    what = f"{data.path!r} is text" if data.path else "empty: the shipped corpus, text,"
+    return [Problem("data.path", f"{what} tokenized as bytes (ids 0-255), but model.init_from "
+                    f"starts from a checkpoint of {model.vocab_size} tokens (model.vocab_size), "
+                    "whose ids are its own tokenizer's", "tokenize the text with the "
+                    "checkpoint's tokenizer into a .npy (or a .bin of data.token_dtype) and point "
+                    "data.path at it (a model trained on orch's bytes: save the bytes so)")]
 
 
 class HFCheckpoint:
@@ -310,4 +338,4 @@ def _shards(path: Path) -> list[Path]:
     return [path / str(name) for name in names]
 
 
-__all__ = ["HFCheckpoint", "init_from_problems", "load_hf_weights"]
+__all__ = ["HFCheckpoint", "init_from_problems", "load_hf_weights", "text_data_problems"]

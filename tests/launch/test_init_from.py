@@ -256,6 +256,38 @@ def test_what_no_model_setting_fixes_is_said_once_for_what_it_is(checkpoint, tmp
     assert "no setting for another width" in problems[0].fix
 
 
+def test_text_data_with_a_tokenizer_vocabulary_is_refused_before_launch(tmp_path, monkeypatch):
+    """orch tokenizes text as bytes: a 512-token checkpoint started training on ids 0-255 that
+    meant its own tokenizer's tokens, without a word. Token files (made with its tokenizer)
+    launch; a 256-token checkpoint reads text as bytes (test_launch_starts_from_the_checkpoint)."""
+    import numpy as np
+
+    from orch.errors import OrchError
+    from orch.launch.launcher import prepare
+
+    monkeypatch.chdir(REPO)
+    cfg = tiny(vocab_size=512)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama_config(cfg)))
+    hf.save_pretrained(tmp_path / "hf")
+    text = tmp_path / "notes.txt"
+    text.write_text("text, not token ids " * 100)
+    np.save(tmp_path / "ids.npy", np.arange(2048, dtype=np.uint16) % 512)
+
+    def launch_args(data: Path | str) -> list[str]:
+        return ["--nproc-per-node", "1", "configs/tiny.yaml", *overrides(
+            tmp_path / "run", "model.vocab_size=512", f"model.init_from={tmp_path / 'hf'}",
+            f"data.path={data}")]
+
+    for data, said in [(text, f"data.path: {str(text)!r} is text tokenized as bytes"),
+                       ("", "data.path: empty: the shipped corpus, text, tokenized as bytes")]:
+        with pytest.raises(OrchError) as refused:
+            prepare(launch_args(data))
+        assert said in str(refused.value)
+        assert "checkpoint of 512 tokens" in str(refused.value)
+        assert "fix: tokenize the text with the checkpoint's tokenizer" in str(refused.value)
+    prepare(launch_args(tmp_path / "ids.npy"))
+
+
 @pytest.mark.slow  # one single-process launch each, ~10 s
 @pytest.mark.parametrize("homes", ["device", "nvme"])
 def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
