@@ -50,8 +50,9 @@ class UnitUpdates:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.seconds = self.waited = self._started = 0.0
-        self.last = (0.0, 0.0)
-        """The previous finished update's seconds, and the seconds the trainer waited for it."""
+        self.last: tuple[float, float] | None = None
+        """The previous finished update's seconds, and the seconds the trainer waited for it;
+        None while no update has run before the current one (a launch's first step)."""
 
     def start(self, optimizer: torch.optim.Optimizer,
               grads_for: GradsForUpdate | None = None) -> None:
@@ -59,7 +60,7 @@ class UnitUpdates:
         what ``grads_for(unit)`` puts there (gradients on NVMe), with the hyperparameters the
         optimizer's groups hold now; grads are dropped once used."""
         self.wait_all()
-        self.last = (self.seconds, self.waited)
+        self.last = (self.seconds, self.waited) if self._started else None  # 0.0: none yet
         steppers = [_unit_optimizer(optimizer, set(params)) for params in self.units]
         for event in self._stepped + self._done:
             event.clear()

@@ -616,12 +616,14 @@ class OffloadEngine:
     def step_record(self) -> dict[str, float]:
         """The step's figures for metrics.jsonl, after its optimizer step has started
         (:meth:`step`); the optimizer figures are the previous update's, which ran beside this
-        step's forward, and the NVMe bytes this step's forward and backward and that update's."""
-        seconds, waited = self.updates.last
+        step's forward (None at a launch's first step: no update ran before it, and a 0.0 would
+        read as an update nothing overlapped), and the NVMe bytes this step's forward and
+        backward and that update's."""
+        seconds, waited = self.updates.last or (None, None)  # null: no update ran before
         record = {"device_peak_bytes": self.budget.peak, "device_budget_bytes": self.budget.limit,
                   "to_device_bytes": self.bytes_to_device, "to_home_bytes": self.bytes_to_home,
                   "optimizer_s": seconds, "optimizer_wait_s": waited,
-                  "optimizer_overlap": max(0.0, 1.0 - waited / seconds) if seconds else 0.0}
+                  "optimizer_overlap": None if not seconds else max(0.0, 1.0 - waited / seconds)}
         if self.homes.tier is not None and self._io_marks is not None:
             before, after = self._io_marks
             for key, start, end in zip(("nvme_read_bytes", "nvme_written_bytes",

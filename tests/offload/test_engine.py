@@ -235,6 +235,11 @@ def test_swapped_activations_train_the_plain_numbers(plain, recompute):
         # the recompute keeps what it saves (each block's input) and 1 KB goes home
         sent = record["activations_to_home_bytes"]
         assert sent > 10**7 if recompute == "none" else 0 < sent < 10**4
+    # the optimizer figures are the previous update's: none before the first step (a 0.0
+    # overlap read as an update nothing hid)
+    first, *later = records
+    assert first["optimizer_s"] is first["optimizer_overlap"] is first["optimizer_wait_s"] is None
+    assert later and all(r["optimizer_s"] > 0 and 0 <= r["optimizer_overlap"] <= 1 for r in later)
 
 
 def test_eight_bit_adamw_steps_at_home_exactly():
