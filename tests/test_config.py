@@ -259,6 +259,8 @@ MOE = ["model.experts=4"]
         (["offload.params=nvme"], "offload.params: is nvme but offload.nvme_path is empty"),
         (["offload.prefetch_depth=-1"], "offload.prefetch_depth: must be 0 or more"),
         (["offload.io_threads=0"], "offload.io_threads: must be at least 1"),
+        (["offload.io_threads=0"], "fix: use e.g. 2 (the default)"),  # was "use e.g. 8 / 1"
+        (["offload.io_queue_depth=0"], "fix: use e.g. 32 (the default)"),
         (["run.log_interval=0"], "run.log_interval: must be at least 1"),
         (["run.stop_at_step=501"], "run.stop_at_step: 501 is not between 0 and train.steps=500"),
         (["run.comm_timeout_s=0.5"], "run.comm_timeout_s: 0.5 is neither 0 (torch's timeouts) nor"),

@@ -329,7 +329,8 @@ def check_config(cfg: Config) -> list[Problem]:
     )
     for name in ("io_queue_depth", "io_threads"):
         value = getattr(off, name)
-        need(value >= 1, f"offload.{name}", f"must be at least 1, got {value}", "use e.g. 8 / 1")
+        need(value >= 1, f"offload.{name}", f"must be at least 1, got {value}",
+             f"use e.g. {getattr(defaults, name)} (the default)")
     need(
         off.io_block_size >= ALIGN and off.io_block_size % ALIGN == 0,
         "offload.io_block_size",
