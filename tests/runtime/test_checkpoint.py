@@ -483,16 +483,76 @@ def test_fingerprint_covers_the_math_only() -> None:
     same_math.checkpoint.keep_last = 9
     same_math.offload.params = "cpu"
     assert config_fingerprint(same_math) == base
+    same_math.model.name = "another label"
+    same_math.data.path = "elsewhere/corpus.txt"  # the file itself is checked on resume
+    assert config_fingerprint(same_math) == base
     for section, name, value in [
         ("train", "lr", 1e-3),
         ("train", "seed", 1),
         ("model", "dim", 128),
-        ("data", "path", "x.txt"),
+        ("data", "format", "tokens"),
         ("optimizer", "eps", 1e-6),
     ]:
         other = Config()
         setattr(getattr(other, section), name, value)
         assert config_fingerprint(other) != base, f"{section}.{name}"
+
+
+def _as_if_older(checkpoint: Path, drop: str) -> None:
+    """Rewrite ``checkpoint``'s manifest as an older orch wrote it: another fingerprint hash
+    (one over other fields) and the config without field ``drop`` (added since)."""
+    raw = json.loads((checkpoint / MANIFEST).read_text())
+    raw["fingerprint"] = "0" * 64
+    section, name = drop.split(".")
+    del raw["config"][section][name]
+    (checkpoint / MANIFEST).write_text(json.dumps(raw))
+
+
+DATA_SOURCE = {"bytes": 4_150_000, "sampled_sha256": "ab" * 32}
+
+
+def test_checkpoints_of_an_older_orch_resume_and_real_changes_are_refused(tmp_path) -> None:
+    """A checkpoint is matched by the fields its manifest's config records, not by its stored
+    hash: one an older orch wrote (a field added since, another hash) resumes, and so does one
+    whose data path is spelled otherwise (its data file's identity is checked instead) or whose
+    model label changed; a change to the math is still refused, naming the field."""
+    cfg = make_cfg()
+    cfg.data.path = "orch/runtime/corpus/kjv.txt.gz"
+    saved = CheckpointManager(tmp_path, cfg, PLAN).save(
+        1, tiny_state(1.0), {"sample": 8, "source": DATA_SOURCE})
+    _as_if_older(saved, "model.score_func")
+    here = make_cfg()
+    here.data.path = "./orch/runtime/corpus/kjv.txt.gz"
+    here.model.name = "renamed"
+    mgr = CheckpointManager(tmp_path, here, PLAN)
+    assert mgr.resolve_resume("auto") == saved and mgr.latest() == saved
+    assert mgr.load(saved, tiny_state(0.0)).data["sample"] == 8
+
+    here.train.lr = 1e-3
+    here.optimizer.beta2 = 0.99
+    with pytest.raises(CheckpointError) as err:
+        CheckpointManager(tmp_path, here, PLAN).resolve_resume("auto")
+    text = str(err.value)
+    assert "another config" in text and "fix:" in text
+    assert "train.lr: 0.0003 -> 0.001" in text and "optimizer.beta2: 0.95 -> 0.99" in text
+    assert "data.path" not in text and "model.name" not in text
+
+    here = make_cfg()
+    here.model.score_func = "sigmoid"  # the default filled in for the field it lacks differs
+    with pytest.raises(CheckpointError, match="model.score_func: 'softmax' -> 'sigmoid'"):
+        CheckpointManager(tmp_path, here, PLAN).resolve_resume(str(saved))
+
+
+def test_a_checkpoint_without_its_data_identity_still_compares_the_data_path(tmp_path) -> None:
+    """Saved before checkpoints recorded the data file's identity, a checkpoint tells its data
+    by ``data.path`` alone, so another path is refused for it."""
+    saved = CheckpointManager(tmp_path, make_cfg(), PLAN).save(1, tiny_state(1.0), {"sample": 8})
+    _as_if_older(saved, "model.score_func")
+    here = make_cfg()
+    here.data.path = "other.txt"
+    with pytest.raises(CheckpointError, match="data.path: '' -> 'other.txt'"):
+        CheckpointManager(tmp_path, here, PLAN).check_run_dir()
+    assert CheckpointManager(tmp_path, make_cfg(), PLAN).resolve_resume("auto") == saved
 
 
 def test_unfinished_save_is_ignored_then_replaced(tmp_path, monkeypatch) -> None:

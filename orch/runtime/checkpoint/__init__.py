@@ -27,7 +27,7 @@ from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST, step_dir_name
 from orch.runtime.checkpoint.fingerprint import (
     FINGERPRINT_EXCLUDED,
     FINGERPRINT_SECTIONS,
-    config_differences,
+    config_changes,
     config_fingerprint,
 )
 from orch.runtime.checkpoint.manager import CheckpointManager, SaveFailed
@@ -55,7 +55,7 @@ __all__ = [
     "Manifest",
     "SaveFailed",
     "capture_rng",
-    "config_differences",
+    "config_changes",
     "config_fingerprint",
     "derive_rng_seed",
     "load_rng",

@@ -1,13 +1,20 @@
-"""The config fingerprint that ties a run directory to one training run.
+"""Which training run a checkpoint belongs to: the config fields that define its math.
 
-A run directory belongs to one training run, identified by ``config_fingerprint``: checkpoints of
-another config are refused, never overwritten or deleted. The fingerprint covers what defines the
-run's math, so a run may resume onto another plan or be extended, and ``config_differences``
-says what changed when it is refused.
+A run directory belongs to one training run: checkpoints of another config are refused, never
+overwritten or deleted. What counts is the part of the config that defines the run's math, so a run
+may resume onto another plan or be extended, and ``config_changes`` says what changed when it is
+refused.
+
+A checkpoint is matched by re-deriving that part from the resolved config its manifest records,
+not by the fingerprint hash it stores: a hash changes whenever orch adds a config field or leaves
+one out of the comparison, which would make every checkpoint an older orch wrote unresumable.
+Fields a saved config lacks (added since) are taken at the schema's defaults, which a new field
+must give to keep the old behaviour.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -19,40 +26,58 @@ from orch.runtime.checkpoint.manifest import CheckpointError, Manifest
 FINGERPRINT_SECTIONS = ("model", "data", "optimizer", "train")
 """Config sections that define the training run's math; the rest says how and where it runs."""
 FINGERPRINT_EXCLUDED = {"train": ("steps", "micro_batch", "recompute", "compile"),
-                       "model": ("init_from",)}
+                        "model": ("init_from", "name"),
+                        "data": ("path",)}
 """Fields that may change on resume: more steps, or another split of the same global batch and
-another memory/compute trade-off when the run moves to another plan, compiled or not; and where
-the weights started (a resume loads them from the checkpoint)."""
+another memory/compute trade-off when the run moves to another plan, compiled or not; where the
+weights started (a resume loads them from the checkpoint); the model's label; and where the data
+file is, since the file itself is checked: every checkpoint saves its identity (size and sampled
+sha256, ``orch.runtime.data.source_identity``) and a resume onto other data is refused, so the same
+file under another spelling of its path resumes."""
+UNIDENTIFIED_DATA = frozenset({"data.path"})
+"""Compared after all for a checkpoint saved before the data file's identity was: for it, the path
+is the only sign of which data it was trained on."""
 
 
-def _fingerprinted(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a resolved config dict that the fingerprint covers."""
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return config_to_dict(Config())
+
+
+def _fingerprinted(config: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The part of a resolved config dict that the fingerprint covers, as JSON data (a tuple
+    reads as a list, as it does from a manifest), with the fields it lacks at their defaults;
+    ``keep`` names excluded fields (``section.field``) to cover nonetheless."""
     out: dict[str, Any] = {}
     for section in FINGERPRINT_SECTIONS:
-        values = dict(config.get(section) or {})
+        saved = config.get(section)
+        values = {**_defaults()[section], **(saved if isinstance(saved, dict) else {})}
         for name in FINGERPRINT_EXCLUDED.get(section, ()):
-            values.pop(name, None)
-        out[section] = values
+            if f"{section}.{name}" not in keep:
+                values.pop(name, None)
+        out[section] = json.loads(json.dumps(values))
     return out
 
 
-def _fingerprint_of(config: dict[str, Any]) -> str:
-    text = json.dumps(_fingerprinted(config), sort_keys=True, separators=(",", ":"))
+def config_fingerprint(cfg: Config) -> str:
+    """sha256 over the config fields that define the run's math, recorded in every manifest to
+    tell runs apart at a glance (``orch ckpt inspect``); resumes compare the fields themselves
+    (``config_changes``).
+
+    Parallel degrees, offload, checkpoint, run and cluster settings are left out, and so are
+    the ``FINGERPRINT_EXCLUDED`` fields, so a run can resume onto another plan or be extended;
+    anything that changes what is computed changes the fingerprint.
+    """
+    text = json.dumps(_fingerprinted(config_to_dict(cfg)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def config_fingerprint(cfg: Config) -> str:
-    """sha256 over the config sections that define the run's math (``FINGERPRINT_SECTIONS``).
-
-    Parallel degrees, offload, checkpoint, run and cluster settings are left out, and so are
-    ``train.steps``, ``train.micro_batch`` and ``train.recompute``, so a run can resume onto
-    another plan or be extended; anything that changes what is computed changes the fingerprint.
-    """
-    return _fingerprint_of(config_to_dict(cfg))
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> list[str]:
-    """Fingerprinted fields that differ, as ``model.dim: 64 -> 128`` (old -> new)."""
+def config_changes(manifest: Manifest, config: dict[str, Any]) -> list[str]:
+    """Fingerprinted fields whose values differ between the config ``manifest`` was saved with
+    and the resolved ``config``, as ``model.dim: 64 -> 128`` (there -> here); empty when the
+    checkpoint belongs to this config's run."""
+    source = manifest.data.get("source") if isinstance(manifest.data, dict) else None
+    keep = frozenset() if source else UNIDENTIFIED_DATA
     diffs: list[str] = []
 
     def walk(a: Any, b: Any, where: str) -> None:
@@ -62,37 +87,36 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 8)
         elif a != b:
             diffs.append(f"{where}: {a!r} -> {b!r}")
 
-    walk(_fingerprinted(old), _fingerprinted(new), "")
-    return diffs[:limit] + ([f"... and {len(diffs) - limit} more"] if len(diffs) > limit else [])
+    walk(_fingerprinted(manifest.config, keep), _fingerprinted(config, keep), "")
+    return diffs
 
 
-def refuse_other_configs(
-    checkpoints: Path, complete: list[Manifest], fingerprint: str, config: dict[str, Any]
-) -> None:
+def _shown(diffs: list[str], limit: int = 8) -> str:
+    more = [f"... and {len(diffs) - limit} more"] if len(diffs) > limit else []
+    return ", ".join(diffs[:limit] + more)
+
+
+def refuse_other_configs(checkpoints: Path, complete: list[Manifest],
+                         config: dict[str, Any]) -> None:
     """Raise if any of the ``complete`` checkpoints in ``checkpoints`` is of another config."""
-    others = [m for m in complete if m.fingerprint != fingerprint]
+    others = [(m, diffs) for m in complete if (diffs := config_changes(m, config))]
     if not others:
         return
-    first = others[0]
-    diffs = config_differences(first.config, config)
-    what = f"; changed (there -> here): {', '.join(diffs)}" if diffs else ""
+    first, diffs = others[0]
     raise CheckpointError(
         checkpoints,
-        f"holds {len(others)} checkpoint(s) of another config ({first.path.name} has "
-        f"fingerprint {first.fingerprint[:12]}, this config {fingerprint[:12]}){what}",
+        f"holds {len(others)} checkpoint(s) of another config ({first.path.name} changed, there "
+        f"-> here: {_shown(diffs)})",
         "use another run.dir for this config, or set checkpoint.resume=none with a fresh "
         f"run.dir; orch never overwrites or deletes the checkpoints in {checkpoints}",
     )
 
 
-def check_fingerprint(manifest: Manifest, fingerprint: str, config: dict[str, Any]) -> None:
-    """Raise unless ``manifest`` was saved by the config with this ``fingerprint``."""
-    if manifest.fingerprint == fingerprint:
-        return
-    diffs = config_differences(manifest.config, config)
-    raise CheckpointError(
-        manifest.path,
-        f"was saved by another config (fingerprint {manifest.fingerprint[:12]}, this config "
-        f"{fingerprint[:12]}); changed (there -> here): {', '.join(diffs) or '?'}",
-        "resume with the config it was saved with, or start a fresh run.dir",
-    )
+def check_same_config(manifest: Manifest, config: dict[str, Any]) -> None:
+    """Raise unless ``manifest`` was saved by a config with the same math as ``config``."""
+    if diffs := config_changes(manifest, config):
+        raise CheckpointError(
+            manifest.path,
+            f"was saved by another config; changed (there -> here): {_shown(diffs)}",
+            "resume with the config it was saved with, or start a fresh run.dir",
+        )

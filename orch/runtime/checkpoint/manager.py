@@ -42,7 +42,8 @@ from orch.runtime.checkpoint.files import (
     write_durable,
 )
 from orch.runtime.checkpoint.fingerprint import (
-    check_fingerprint,
+    check_same_config,
+    config_changes,
     config_fingerprint,
     refuse_other_configs,
 )
@@ -162,7 +163,7 @@ class CheckpointManager:
     # --- finding checkpoints ---
 
     def complete(self) -> list[Manifest]:
-        """Readable manifests of this run directory, oldest first (any fingerprint)."""
+        """Readable manifests of this run directory, oldest first (any config)."""
         out = []
         for _, path in sorted(step_dirs(self.dir)):
             if not (path / MANIFEST).exists():
@@ -175,7 +176,7 @@ class CheckpointManager:
 
     def own(self) -> list[Manifest]:
         """The complete checkpoints of this config, oldest first."""
-        return [m for m in self.complete() if m.fingerprint == self.fingerprint]
+        return [m for m in self.complete() if not config_changes(m, self.config)]
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint of this config, or None; never an unfinished one."""
@@ -184,13 +185,13 @@ class CheckpointManager:
 
     def check_run_dir(self) -> None:
         """Refuse a run directory holding complete checkpoints of another config."""
-        refuse_other_configs(self.dir, self.complete(), self.fingerprint, self.config)
+        refuse_other_configs(self.dir, self.complete(), self.config)
 
     def resolve_resume(self, mode: str, hashes: bool = True, report: bool = True) -> Path | None:
         """The checkpoint to resume from: ``auto``, ``none`` or a checkpoint path.
 
         Every mode first refuses a run directory with another config's checkpoints. The chosen
-        checkpoint is verified: its manifest and fingerprint, every file's size, its index read
+        checkpoint is verified: its manifest and config, every file's size, its index read
         safely, and (``hashes``, split over the ranks) every file's sha256; ``load`` then skips
         what was verified here. ``auto`` takes the newest complete checkpoint that passes, and
         when it passes over damaged ones, rank 0 says which and why (``report``); a path given
@@ -226,7 +227,7 @@ class CheckpointManager:
                     f"give a directory like {self.dir / step_dir_name(100)}, or "
                     "checkpoint.resume=auto|none",
                 )
-            check_fingerprint(read_manifest(path), self.fingerprint, self.config)
+            check_same_config(read_manifest(path), self.config)
             return [path]
 
         if mode == "none":
@@ -462,7 +463,7 @@ class CheckpointManager:
         error: Problem | None = None
         try:
             manifest = read_manifest(path)
-            check_fingerprint(manifest, self.fingerprint, self.config)
+            check_same_config(manifest, self.config)
         except CheckpointError as exc:
             error = exc.problem
         errors = [e for e in self._ranks.gather(error) if e]
