@@ -12,9 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orch.config.coerce import parse_bytes
-from orch.errors import PlanError, Problem
-
 
 def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -144,12 +141,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from orch.models.hf_export import export_hf
 
-    limit = parse_bytes(args.max_shard_size)
-    if not limit:
-        raise PlanError([Problem("--max-shard-size", f"{args.max_shard_size!r} is not a "
-                                 "positive byte size", "give a size such as 5GB or 500MB")],
-                        title="cannot export")
-    files = export_hf(args.dir, args.out, args.dtype, limit)
+    files = export_hf(args.dir, args.out, args.dtype, args.max_shard_size)
     total = sum(file.stat().st_size for file in files)
     print(f"wrote {args.out}: {len(files)} files, {_size(total)} (" + ", ".join(
         file.name for file in files) + ")")

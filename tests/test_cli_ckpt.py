@@ -139,20 +139,31 @@ def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path
         assert load_hf_weights(Transformer(back_cfg), back_cfg) == len(list(back.parameters()))
 
 
-def test_export_refuses_moe_an_existing_directory_and_a_bad_dtype(tmp_path, capsys):
-    cfg, model = tiny_model()
-    save_run(tmp_path / "run", cfg, model, steps=(1,))
-    (tmp_path / "taken").mkdir()
-    args = ["ckpt", "export", str(tmp_path / "run"), "--to", "hf"]
-    assert main([*args, str(tmp_path / "taken"), "--dtype", "fp8"]) == 2
-    err = capsys.readouterr().err
-    assert "exists; an export never overwrites" in err and "--dtype: 'fp8'" in err
+def test_export_names_every_problem_of_the_request_at_once_before_hashing(tmp_path, capsys):
+    """Before: the whole checkpoint was hashed first (a damaged one was all that was said), then
+    an MoE model's refusal came alone, and a bad --max-shard-size alone."""
     moe = load_config("configs/tiny-moe.yaml")
     save_run(tmp_path / "moe", moe, Transformer(moe.model), steps=(1,))
-    assert main(["ckpt", "export", str(tmp_path / "moe"), "--to", "hf", str(tmp_path / "o")]) == 2
-    assert "MoE model" in capsys.readouterr().err and not (tmp_path / "o").exists()
-    assert main([*args, str(tmp_path / "o"), "--max-shard-size", "0"]) == 2
+    shard = tmp_path / "moe" / "checkpoints" / "step-00000001" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1  # found only by hashing, which waits for the quick checks
+    shard.write_bytes(bytes(data))
+    (tmp_path / "taken").mkdir()
+    assert main(["ckpt", "export", str(tmp_path / "moe"), "--to", "hf", str(tmp_path / "taken"),
+                 "--dtype", "int8", "--max-shard-size", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot export (4 problems)" in err and "Traceback" not in err
+    assert "--dtype: 'int8' is not a dtype an export writes" in err and "bfloat16" in err
+    assert "--max-shard-size: 'abc' is not a positive byte size" in err and "500MB" in err
+    assert f"{tmp_path / 'taken'}: exists; an export never overwrites" in err
+    assert "model.experts: 4 experts make this an MoE model" in err
+    assert "sha256" not in err and list((tmp_path / "taken").iterdir()) == []
+    cfg, model = tiny_model()
+    save_run(tmp_path / "run", cfg, model, steps=(1,))
+    args = ["ckpt", "export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "o")]
+    assert main([*args, "--max-shard-size", "0"]) == 2
     assert "--max-shard-size: '0' is not a positive byte size" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     assert hf_llama_config(cfg.model)["num_hidden_layers"] == 4
 
 
@@ -172,6 +183,10 @@ def test_export_refuses_a_damaged_checkpoint_and_a_path_under_a_file(run, tmp_pa
     err = capsys.readouterr().err
     assert "does not match its manifest" in err and "sha256 differs" in err
     assert "orch ckpt verify" in err and not (tmp_path / "hf").exists()
+    older = copy / "checkpoints" / "step-00000003"
+    (older / "rng-rank-00000.pt").write_bytes(b"changed, but not read by an export")
+    assert main(["ckpt", "export", str(older), "--to", "hf", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
     (tmp_path / "afile").write_text("")
     assert main(["ckpt", "export", str(run), "--to", "hf", str(tmp_path / "afile" / "hf")]) == 2
     assert f"{tmp_path / 'afile'}: is not a directory" in capsys.readouterr().err

@@ -7,12 +7,13 @@ them; ``transformers`` loads the directory and ``model.init_from`` reads it back
 read out of the sharded checkpoint one output shard at a time (DCP reshards any plan's
 checkpoint into full tensors), so memory holds one shard, not the model. The directory is
 written beside OUT and renamed into place at the end: a failed export leaves nothing named OUT,
-and an existing OUT is never overwritten. The checkpoint is verified against its manifest first
-(sizes and hashes, as a resume does): a damaged one would export damaged weights silently.
+and an existing OUT is never overwritten. The files it reads are verified against the manifest
+first (sizes and hashes, as a resume does): a damaged one would export damaged weights silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,45 +21,70 @@ from pathlib import Path
 
 import torch
 
-from orch.config.coerce import build
+from orch.config.coerce import build, parse_bytes
 from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
 from orch.models.hf import hf_llama_config, to_hf_state_dict
 from orch.runtime.checkpoint.browse import TensorInfo, contents, newest_complete, read_tensors
-from orch.runtime.checkpoint.manifest import read_manifest, verify
+from orch.runtime.checkpoint.manifest import (
+    INDEX,
+    CheckpointError,
+    Manifest,
+    read_manifest,
+    verify,
+)
+from orch.runtime.checkpoint.safe_load import read_metadata
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_PREFIX = "model."  # the worker saves {"model": ..., "optim": ...}
+_EARLIER = ("export an earlier checkpoint (orch ckpt verify says which are ok), or restore this "
+            "one")
 
 
 def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32",
-              max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+              max_shard_size: int | str = 5 * 2**30) -> list[Path]:
     """Write the newest complete checkpoint under ``checkpoint_dir`` to ``out`` (see the module
-    doc); returns the files written. ProblemsError for a checkpoint that does not match its
-    manifest, an MoE model, an existing ``out`` or one that cannot be made, or an unknown dtype,
-    before anything is written."""
+    doc); returns the files written. ``max_shard_size``: bytes, or a size such as ``"5GB"``.
+
+    ProblemsError before anything is written: first every problem of the request at once (an
+    unknown dtype, a shard size that is none, an existing ``out`` or one that cannot be made, an
+    MoE model, an unreadable manifest), since those take no time to find; then, hashing only
+    the files the export reads, the checkpoint's damage."""
     path = newest_complete(checkpoint_dir)
-    problems = [Problem(str(path), f"does not match its manifest: {damage}",
-                        "export an earlier checkpoint (orch ckpt verify says which are ok), or "
-                        "restore this one") for damage in verify(path)]
-    if problems:  # its config may be what is damaged
-        raise ProblemsError(problems, title="cannot export")
-    model = build(ModelConfig, read_manifest(path).config["model"], "model", {}, problems)
     out = Path(out)
+    problems: list[Problem] = []
     if dtype not in DTYPES:
         problems.append(Problem("--dtype", f"{dtype!r} is not a dtype an export writes",
                                 f"use one of {', '.join(DTYPES)}"))
+    limit = parse_bytes(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    if not limit or limit <= 0:
+        problems.append(Problem("--max-shard-size", f"{max_shard_size!r} is not a positive byte "
+                                "size", "give a size such as 5GB or 500MB"))
     if out.exists():
         problems.append(Problem(str(out), "exists; an export never overwrites",
                                 "choose a new directory, or remove this one"))
     else:
         problems.extend(_unwritable(out.parent))
-    config = hf_llama_config(model, dtype if dtype in DTYPES else "float32")  # refuses MoE
+    config, model, manifest = None, None, None
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as exc:
+        problems.append(dataclasses.replace(exc.problem, fix=_EARLIER))
+    else:
+        model = build(ModelConfig, manifest.config.get("model"), "model", {}, problems)
+        try:
+            config = hf_llama_config(model, dtype if dtype in DTYPES else "float32")
+        except ProblemsError as exc:  # an MoE model
+            problems.extend(exc.problems)
+    if problems:
+        raise ProblemsError(problems, title="cannot export")
+    problems = [Problem(str(path), f"does not match its manifest: {damage}", _EARLIER)
+                for damage in _damage(path, manifest)]
     if problems:
         raise ProblemsError(problems, title="cannot export")
     ours = [t for t in contents(path).tensors if t.name.startswith(MODEL_PREFIX)]
     names = {t.name: hf_name(t.name, model.tie_embeddings) for t in ours}
-    shards = _shard(ours, names, max_shard_bytes)
+    shards = _shard(ours, names, limit)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
@@ -74,6 +100,20 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return [out / name for name in [*written, "config.json"]]
+
+
+def _damage(path: Path, manifest: Manifest) -> list[str]:
+    """``verify``'s findings (sizes and hashes, as a resume checks) for the files the export
+    reads: the index and the files holding the model's tensors; the optimizer's states, twice
+    the model's bytes under AdamW, are not hashed where they have files of their own (an
+    offloaded run's bounded files)."""
+    try:
+        index = read_metadata(path)
+    except CheckpointError as exc:
+        return [f"{exc.problem.where}: {exc.problem.message}"]
+    read = {INDEX} | {info.relative_path for key, info in index.storage_data.items()
+                      if key.fqn.startswith(MODEL_PREFIX)}
+    return verify(path, names=sorted(read & set(manifest.files)))
 
 
 def hf_name(name: str, tied: bool) -> str | None:
