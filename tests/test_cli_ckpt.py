@@ -104,6 +104,29 @@ def test_verify_passes_intact_checkpoints_and_names_a_bad_file(run, tmp_path, ca
         read_metadata(newest)  # cut short: damaged, not forged (the fix said it was)
 
 
+def test_verify_names_an_unreadable_file_not_a_traceback(run, monkeypatch, capsys):
+    """A file the user may not read was a PermissionError traceback (the hashing was not
+    guarded), in ``orch ckpt verify`` and in a resume's check alike. Root reads any file, so
+    the read is made to fail as it does for a user without permission."""
+    from orch.runtime.checkpoint import files, manifest
+
+    newest = run / "checkpoints" / "step-00000006"
+    locked = newest / "__0_0.distcp"
+
+    def sha256(file: Path) -> str:
+        if file == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return files.sha256(file)
+
+    monkeypatch.setattr(manifest, "sha256", sha256)
+    assert main(["ckpt", "verify", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD         {newest}\n  {locked}: cannot be read (Permission denied)\n" in out
+    assert "2 checkpoint(s), 1 bad" in out
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: cannot be read \(Permission"):
+        CheckpointManager(run, tiny_model()[0], PLAN).resolve_resume(str(newest))
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path, tie):
     transformers = pytest.importorskip("transformers")

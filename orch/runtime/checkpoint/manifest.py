@@ -157,13 +157,15 @@ def verify(path: str | Path, hashes: bool = True, names: list[str] | None = None
         entry, file = manifest.files[name], path / name
         try:
             size = file.stat().st_size
-        except OSError:
+            if size != entry.size:
+                problems.append(f"{file}: {size} bytes, the manifest says {entry.size} "
+                                "(truncated?)")
+            elif hashes and sha256(file) != entry.sha256:
+                problems.append(f"{file}: sha256 differs from the manifest (the file changed)")
+        except FileNotFoundError:
             problems.append(f"{file}: missing (the manifest lists it)")
-            continue
-        if size != entry.size:
-            problems.append(f"{file}: {size} bytes, the manifest says {entry.size} (truncated?)")
-        elif hashes and sha256(file) != entry.sha256:
-            problems.append(f"{file}: sha256 differs from the manifest (the file changed)")
+        except OSError as exc:  # permissions, an I/O error: a problem to name, not a crash
+            problems.append(f"{file}: cannot be read ({exc.strerror or exc})")
     if INDEX in names and not any(p.startswith(str(path / INDEX)) for p in problems):
         # Here, not at import: the launcher checks resumes without importing DCP (slow).
         from orch.runtime.checkpoint.safe_load import read_metadata
