@@ -674,6 +674,27 @@ def test_resolve_resume(tmp_path) -> None:
         resumed.resolve_resume(str(one))
 
 
+def test_a_run_directory_given_as_resume_is_answered_with_its_newest_checkpoint(tmp_path):
+    """The fix named the new run's directory and a made-up step 100, a checkpoint that did not
+    exist; it names the newest complete one of the directory given."""
+    other = CheckpointManager(tmp_path / "other", make_cfg(), PLAN)
+    newest = [other.save(step, tiny_state(step), {}) for step in (1, 2)][-1]
+    (other.dir / "step-00000003").mkdir()  # an unfinished save is no answer
+    mgr = CheckpointManager(tmp_path / "new", make_cfg(), PLAN)
+    for given in (other.run_dir, other.dir):
+        with pytest.raises(CheckpointError) as err:
+            mgr.resolve_resume(str(given))
+        text = str(err.value)
+        assert f"{given}: is a run directory (or its checkpoints/), not one checkpoint" in text
+        assert text.endswith(f"give one of its checkpoints, such as its newest, {newest}")
+    with pytest.raises(CheckpointError, match=r"step-00000002, or --resume auto for this run"):
+        other.resolve_resume(str(other.run_dir))
+    (mgr.dir / "step-00000003").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="it holds no complete checkpoint: give a checkpoint "
+                       "of another run, or --resume auto for this run's newest"):
+        mgr.resolve_resume(str(tmp_path / "new"))
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_resume_auto_passes_over_damaged_checkpoints_and_says_so(tmp_path, capsys, damage):
     """``resume=auto`` takes the newest checkpoint whose files all match the manifest; a

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from orch.config import Config, config_to_dict
 from orch.errors import Problem, warn_once
+from orch.runtime.checkpoint.browse import newest_complete
 from orch.runtime.checkpoint.collectives import RankGroup
 from orch.runtime.checkpoint.files import (
     CHECKPOINTS,
@@ -207,13 +208,9 @@ class CheckpointManager:
                         if path in own or _unreadable(path)]
             path = Path(mode)
             path = path.parent if path.name == MANIFEST else path
-            if (path / "checkpoints").is_dir() or any(path.glob("step-*/")):
-                raise CheckpointError(
-                    path,
-                    "is a run directory (or its checkpoints/), not one checkpoint",
-                    f"give one of its checkpoints, such as {self.dir / step_dir_name(100)}, or "
-                    "--resume auto for the run's newest",
-                )
+            if (path / CHECKPOINTS).is_dir() or any(path.glob("step-*/")):
+                raise CheckpointError(path, "is a run directory (or its checkpoints/), not one "
+                                      "checkpoint", self._one_of(path))
             if not path.exists():
                 raise CheckpointError(path, "does not exist",
                                       "check the path, or give checkpoint.resume=auto|none")
@@ -224,7 +221,7 @@ class CheckpointManager:
                 raise CheckpointError(
                     path,
                     "is not a checkpoint directory",
-                    f"give a directory like {self.dir / step_dir_name(100)}, or "
+                    "give a checkpoint, RUN_DIR/checkpoints/step-NNNNNNNN, or "
                     "checkpoint.resume=auto|none",
                 )
             check_same_config(read_manifest(path), self.config)
@@ -253,6 +250,17 @@ class CheckpointManager:
                 "checkpoints are moved aside, not deleted)",
             )
         return None
+
+    def _one_of(self, run: Path) -> str:
+        """The fix for ``--resume`` naming run directory ``run``: its newest complete checkpoint
+        (by name; resolving checks it), and ``--resume auto`` where ``run`` is this run's."""
+        try:
+            fix = f"give one of its checkpoints, such as its newest, {newest_complete(run)}"
+        except CheckpointError:
+            fix = "it holds no complete checkpoint: give a checkpoint of another run"
+        if run.resolve() in (self.run_dir.resolve(), self.dir.resolve()):
+            fix += ", or --resume auto for this run's newest"
+        return fix
 
     def _problems(self, path: Path, hashes: bool) -> list[str]:
         """``verify``'s findings for ``path`` on every rank: sizes and the index (rank 0), or
