@@ -183,7 +183,8 @@ def parse_launch(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Name
 def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     """Parse and validate everything; return torchrun's args rewritten to start the workers
     (with ``finished``: the checkpoint the run would resume when it is already at
-    ``train.steps`` or ``run.stop_at_step``, else None)."""
+    ``train.steps`` or ``run.stop_at_step``, else None; and ``resume``: ``--resume``, if
+    given)."""
     try:
         args, extra, cfg = parse_launch(argv)
     except ConfigError as exc:  # the environment's problem beside the config's, in one round
@@ -219,7 +220,7 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     problems += _check_tensorboard(cfg)
     if (kernels := kernel_choice_problem()) is not None:
         problems.append(kernels)
-    args.finished = None
+    args.finished, args.resume = None, extra.resume
     if not problems:  # else whether the run resumes is not known, and init_from's are told too
         assert plan is not None
         refused, resumed, args.finished = _check_resume(cfg, plan, extra.resume)
@@ -532,7 +533,7 @@ def launch(argv: Sequence[str]) -> int:
         until = f"run.stop_at_step={stop}" if stop else f"train.steps={cfg.train.steps}"
         where = "at" if read_manifest(args.finished).step == _last_step(cfg) else "past"
         print(f"orch launch: nothing to train: {args.finished} is {where} {until}", flush=True)
-        print(summary(cfg), flush=True)
+        print(summary(cfg, args.resume, args.finished), flush=True)
         return 0
     run_dir = Path(cfg.run.dir)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
@@ -569,7 +570,7 @@ def launch(argv: Sequence[str]) -> int:
             plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
             print(f"orch launch: restarting on the re-partitioned pipeline "
                   f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)
-    print(summary(cfg), flush=True)
+    print(summary(cfg, args.resume), flush=True)
     return 0
 
 
@@ -675,21 +676,40 @@ def _repartitioned(exc: Exception, before: dict | None, run_dir: Path) -> bool:
         return False
 
 
-def summary(cfg: Config) -> str:
-    """Where a finished run left its results, and how to go on from its last checkpoint."""
-    from orch.runtime.checkpoint import CheckpointManager, read_manifest
+def summary(cfg: Config, resume: str | None = None, finished: Path | None = None) -> str:
+    """Where a finished run left its results, and how to go on from its last checkpoint.
+
+    That checkpoint is the run directory's newest, or ``finished``, the one a launch found
+    nothing to train after (taken with ``--resume PATH``, it may be another run's, and this run
+    directory may hold nothing yet). ``resume`` is the launch's ``--resume`` (None when not
+    given: ``checkpoint.resume``); once this run directory holds checkpoints of its own, a next
+    launch with a path or ``none`` there would start from that path or from scratch again, so
+    the hints say to take ``auto`` instead.
+    """
+    from orch.runtime.checkpoint import CHECKPOINTS, CheckpointManager, read_manifest
 
     run_dir = Path(cfg.run.dir)
-    newest = CheckpointManager(run_dir, cfg, {}).latest()  # what the next launch resumes from
+    newest = finished or CheckpointManager(run_dir, cfg, {}).latest()
     step = read_manifest(newest).step if newest else 0
-    lines = [f"orch launch: done at step {step} of {cfg.train.steps}",
-             f"  metrics      {run_dir / 'metrics.jsonl'}",
-             f"  checkpoints  {run_dir / 'checkpoints'}"]
+    own = newest is not None and newest.parent.resolve() == (run_dir / CHECKPOINTS).resolve()
+    lines = [f"orch launch: done at step {step} of {cfg.train.steps}"]
+    for name, path in (("metrics", run_dir / "metrics.jsonl"),
+                       ("checkpoints", run_dir / CHECKPOINTS)):
+        if path.exists():  # a launch that trained nothing may have written neither
+            lines.append(f"  {name:<12} {path}")
+    if newest is not None and not own:
+        lines.append(f"  checkpoint   {newest}")
+    mode = resume or cfg.checkpoint.resume
+    switch = "" if mode == "auto" or not own else (
+        f", with --resume auto in place of --resume {mode}" if resume
+        else f", with --set checkpoint.resume=auto in place of {mode}")
     if step < cfg.train.steps:
-        lines.append("  to resume, run the same command without run.stop_at_step: it continues "
-                     "from the newest checkpoint (checkpoint.resume: auto)")
+        without = " without run.stop_at_step" if cfg.run.stop_at_step else ""
+        lines.append(f"  to resume, run the same command{without}{switch}: it continues from the "
+                     "newest checkpoint")
     else:
-        lines.append(f"  to train further, run it again with --set train.steps=N (N > {step})")
+        lines.append(f"  to train further, run it again with --set train.steps=N (N > {step})"
+                     f"{switch}")
     return "\n".join(lines)
 
 

@@ -770,6 +770,33 @@ def test_restart_with_resume_none_moves_the_old_history_aside(tmp_path, capsys) 
     assert torch.equal(state["model"]["w"], torch.full((3, 2), 20.0))
 
 
+def test_the_closing_lines_after_resume_path_name_what_the_next_launch_needs(tmp_path) -> None:
+    """With ``--resume PATH``, nothing to train into a new run directory said "done at step 0",
+    named a metrics file that did not exist and told to drop a run.stop_at_step never set; once
+    the run directory has checkpoints of its own, "run the same command" resumed from PATH
+    again (retraining its steps), so the hints say to take auto instead."""
+    source = CheckpointManager(tmp_path / "a", make_cfg(), PLAN)
+    six = source.save(6, tiny_state(6.0), {})
+    cfg = make_cfg()
+    cfg.run.dir, cfg.train.steps = str(tmp_path / "z"), 6
+    assert summary(cfg, str(six), six).splitlines() == [
+        "orch launch: done at step 6 of 6",
+        f"  checkpoint   {six}",
+        "  to train further, run it again with --set train.steps=N (N > 6)",
+    ]
+    CheckpointManager(tmp_path / "z", cfg, PLAN).save(8, tiny_state(8.0), {})
+    cfg.train.steps, cfg.run.stop_at_step = 10, 8
+    assert summary(cfg, str(six)).splitlines()[1:] == [
+        f"  checkpoints  {tmp_path / 'z' / 'checkpoints'}",
+        "  to resume, run the same command without run.stop_at_step, with --resume auto in "
+        f"place of --resume {six}: it continues from the newest checkpoint",
+    ]
+    cfg.train.steps, cfg.checkpoint.resume = 8, "none"
+    assert summary(cfg).splitlines()[-1] == (
+        "  to train further, run it again with --set train.steps=N (N > 8), with --set "
+        "checkpoint.resume=auto in place of none")
+
+
 def test_derived_rng_seeds_are_deterministic_and_distinct() -> None:
     seeds = [derive_rng_seed(0, 10, rank) for rank in range(64)]
     assert len(set(seeds)) == 64 and seeds == [derive_rng_seed(0, 10, r) for r in range(64)]
