@@ -127,6 +127,31 @@ def test_verify_names_an_unreadable_file_not_a_traceback(run, monkeypatch, capsy
         CheckpointManager(run, tiny_model()[0], PLAN).resolve_resume(str(newest))
 
 
+def test_export_of_a_checkpoint_removed_meanwhile_says_so(run, tmp_path, monkeypatch, capsys):
+    """A live run's retention deleting the checkpoint mid-export was a traceback (DCP's
+    AssertionError, or "has a per-rank index (rank 0)", which was false)."""
+    import shutil
+
+    from orch.models import hf_export
+    from orch.runtime.checkpoint.files import remove_checkpoint
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    newest = copy / "checkpoints" / "step-00000006"
+    real = hf_export.read_tensors
+
+    def retention_meanwhile(path: Path, infos: list) -> dict:
+        remove_checkpoint(newest)
+        return real(path, infos)
+
+    monkeypatch.setattr(hf_export, "read_tensors", retention_meanwhile)
+    assert main(["ckpt", "export", str(copy), "--to", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"{newest}: was removed while it was being exported" in err and "Traceback" not in err
+    assert "checkpoint.keep_last" in err and "fix: export again" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no OUT, no temporary
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path, tie):
     transformers = pytest.importorskip("transformers")

@@ -26,6 +26,7 @@ from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
 from orch.models.hf import hf_llama_config, to_hf_state_dict
 from orch.runtime.checkpoint.browse import TensorInfo, contents, newest_complete, read_tensors
+from orch.runtime.checkpoint.files import MANIFEST
 from orch.runtime.checkpoint.manifest import (
     INDEX,
     CheckpointError,
@@ -96,10 +97,23 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         written = _write(path, shards, names, DTYPES[dtype], tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, KeyboardInterrupt | SystemExit) and not (path / MANIFEST).exists():
+            raise ProblemsError([_removed(path)], title="cannot export") from None
         raise
     return [out / name for name in [*written, "config.json"]]
+
+
+def _removed(path: Path) -> Problem:
+    """The checkpoint ``path`` was deleted (manifest first, ``files.remove_checkpoint``) while
+    its tensors were read: most likely by the retention of a run still saving into its run
+    directory. DCP's read then fails with errors that do not say so (an AssertionError, a
+    claim of a per-rank index)."""
+    return Problem(str(path), "was removed while it was being exported, probably by "
+                   "checkpoint.keep_last of a run still saving there; nothing was written",
+                   "export again (the newest checkpoint is removed last), export one that "
+                   "checkpoint.keep_every keeps, or export after the run has stopped")
 
 
 def _damage(path: Path, manifest: Manifest) -> list[str]:
