@@ -49,9 +49,13 @@ WORKER_MODULE = "orch.runtime.worker"
 
 
 class RunFailed(OrchError):
-    """A worker failed after a valid launch: not bad input, so exit 1, not 2."""
+    """A worker failed after a valid launch: exit 1; or 2 where every failed worker stopped on
+    bad input that only the workers could find (a checkpoint's bytes, which they hash), as a
+    launch refused before start exits."""
 
-    exit_code = 1
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class RunStopped(OrchError):
@@ -566,7 +570,9 @@ def launch(argv: Sequence[str]) -> int:
                     failed = worker_failures(exc.failures, run_dir, oom_rose)
                     print(summary_of_failures(failed, _node_name(args), args.max_restarts + 1),
                           file=sys.stderr, flush=True)
-                    raise RunFailed(f"{len(failed)} worker(s) failed (above)") from None
+                    bad_input = all(f.kind == "bad input" for f in failed)
+                    raise RunFailed(f"{len(failed)} worker(s) failed (above)",
+                                    2 if bad_input else 1) from None
             plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
             print(f"orch launch: restarting on the re-partitioned pipeline "
                   f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)

@@ -227,10 +227,13 @@ def main() -> None:
     except Repartition:  # saved; the launcher (or torchrun's restart) starts the new split
         code, failed = REBALANCE_EXIT, False
     except OrchError as exc:
+        # One write each, newline included: print's separate newline let another rank's
+        # message start on the same terminal line.
         if not isinstance(exc, RanksDisagree) or exc.speaker:
-            print(f"orch worker: {exc}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"orch worker: {exc}\n")
         elif exc.pointer:
-            print(f"orch worker: {exc.pointer_line()}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"orch worker: {exc.pointer_line()}\n")
+        sys.stderr.flush()
         record_failure(exc)
         code = exc.exit_code
     except BaseException as exc:  # a bug, or torch's (out of memory, a peer gone)

@@ -274,3 +274,56 @@ def test_workers_end_when_their_launcher_is_killed_outright(tmp_path):
         time.sleep(0.2)
     state = Path(f"/proc/{workers[0]}/stat")
     assert not state.exists() or state.read_text().split()[2] == "Z", "the worker lives on"
+
+
+@pytest.mark.parametrize(("codes", "exit_code"), [((2, 2), 2), ((2, 1), 1)])
+def test_workers_stopped_on_bad_input_make_the_launch_exit_2(tmp_path, monkeypatch, capsys,
+                                                             codes, exit_code):
+    """A damaged --resume PATH found only by the workers' hashing (both exit 2) made the
+    launcher exit 1, as for a crash; bad input exits 2 however late it is found. torchrun's
+    run is replaced by the failure it reports, so no process starts."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from orch.launch import lifeline
+    from orch.launch.launcher import RunFailed, launch
+
+    def fail(args: object) -> None:
+        raise ChildFailedError("orch.runtime.worker", {rank: ProcessFailure(
+            rank, 100 + rank, code, str(tmp_path / "none")) for rank, code in enumerate(codes)})
+
+    monkeypatch.setattr(torchrun, "run", fail)
+    for name in (lifeline.LAUNCHER_PID, "OMP_NUM_THREADS"):  # set by the launch: undone after
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RunFailed, match=r"2 worker\(s\) failed") as failed:
+        launch(["--nproc-per-node", "2", "configs/tiny.yaml", "--set", f"run.dir={tmp_path}"])
+    assert failed.value.exit_code == exit_code
+    assert "stopped on bad input" in capsys.readouterr().err
+
+
+def test_a_workers_message_is_one_write_ending_its_line(monkeypatch):
+    """Each rank printed its message and then, separately, the newline, so with two ranks
+    failing alike the second message began on the first one's last line."""
+    from orch.runtime import worker
+    from orch.runtime.checkpoint import CheckpointError
+
+    writes: list[str] = []
+    stream = SimpleNamespace(write=writes.append, flush=lambda: None)
+
+    def refuse(argv: list[str]) -> None:
+        raise CheckpointError("/ck/step-00000006/__0_0.distcp", "checkpoint is damaged:\n  "
+                              "sha256 differs", "resume from an older checkpoint")
+
+    def leave(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(worker, "run", refuse)
+    monkeypatch.setattr(worker, "end_with_launcher", lambda: None)
+    monkeypatch.setattr(worker.os, "_exit", leave)
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        worker.main()
+    assert exited.value.code == 2
+    assert writes == ["orch worker: /ck/step-00000006/__0_0.distcp: checkpoint is damaged:\n  "
+                      "sha256 differs\n    fix: resume from an older checkpoint\n"]
