@@ -162,7 +162,9 @@ def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path
                  "--max-shard-size", "2MB"]) == 0
     assert len(list(out.glob("*.safetensors"))) > 2  # sharded, with an index
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == tie
-    hf = transformers.LlamaForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    # through the Auto class, as pipeline() and vLLM load it (it needs config.json's model_type)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert isinstance(hf, transformers.LlamaForCausalLM)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 40),
                            generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -95,7 +95,10 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
                             title="cannot export") from None
     try:
         written = _write(path, shards, names, DTYPES[dtype], tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # model_type: what transformers' Auto classes (pipeline(), vLLM) read to pick the
+        # architecture; without it only LlamaForCausalLM itself could load the directory
+        (tmp / "config.json").write_text(json.dumps({"model_type": "llama", **config}, indent=2)
+                                         + "\n")
         os.replace(tmp, out)
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
         shutil.rmtree(tmp, ignore_errors=True)
