@@ -172,7 +172,10 @@ class OffloadEngine:
         backward follows at once): to CPU memory, or on to the NVMe tier."""
         self.auto = AutoActivations({u.index: u.name for u in units if u.name.startswith(
             "layers.")}, device) if activations == "auto" else None
-        """``activations: auto``: keep, swap or recompute per block, decided after step 1."""
+        """``activations: auto``: keep, swap or recompute per block, decided after the
+        measuring steps (step 1, or 2 with one micro-batch a step)."""
+        if self.auto is not None and self.swap is not None:
+            self.swap.timing = True
         self._kept: dict[int, int] = {}
         """Bytes of kept activations each unit holds on the device now (accounted)."""
         self.depth = max(1, prefetch_depth)
@@ -523,11 +526,11 @@ class OffloadEngine:
             self.shared.start_pass()
         for p, grad in self.grads.finish(self._fresh).items():
             p.grad = grad
-        if self.auto is not None and self.auto.measuring:
+        if self.auto is not None and self.auto.measuring and self.auto.step_done():
             self._choose_activations()
 
     def _choose_activations(self) -> None:
-        """After the measuring step: keep, swap or recompute each block from here on (room for
+        """After the measuring steps: keep, swap or recompute each block from here on (room for
         kept activations: the budget less the parameter window, a gradient and the largest
         block's activations coming back), and say what was chosen and why."""
         assert self.auto is not None and self.swap is not None
@@ -535,10 +538,13 @@ class OffloadEngine:
         window = self.depth * max(u.device_nbytes for u in self.units) + self._grad_reserve
         room = self.budget.limit - window - max(measured[i][0] for i in self.auto.blocks)
         choices = self.auto.decide(measured, max(0, room))
+        self.swap.timing = False
         for unit in self.units:
             if self.auto.actions.get(unit.index) == "recompute":
                 recompute_block(unit.modules[0], "full")
-        print(f"orch: activations per block (step 1 measured host copies at "
+        steps = "first step" if self.auto.steps == 1 else f"first {self.auto.steps} steps"
+        print(f"orch: activations per block (the launch's {steps} measured, each block's first "
+              f"forward left out: host copies at "
               f"{self.auto.bandwidth(measured) / 1e9:.2f} GB/s, room {max(0, room) / 1e6:.1f} "
               f"MB):\n" + "\n".join(f"  {choice}" for choice in choices), flush=True)
 
