@@ -79,26 +79,34 @@ def with_launch_refusals(plan: Plan, cfg: Config) -> Plan:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from orch.config import load_config
+    from orch.config import load_config_lenient
     from orch.plan import build_plan, resolve_machine, search
     from orch.plan.render import render_plan, render_search
 
-    cfg = load_config(args.config, args.overrides)
+    if args.top is not None and not args.auto:  # was ignored
+        raise PlanError([Problem("--top", f"{args.top}: lists the plans --auto finds",
+                                 "add --auto, or leave --top out")], title="bad arguments")
+    # the config's problems and the plan's in one round (a bad key hid tp=3's four)
+    loaded = load_config_lenient(args.config, args.overrides)
+    cfg = loaded.config
+    problems: list[Problem] = []
     if not args.auto:
-        if args.top is not None:  # was ignored
-            raise PlanError([Problem("--top", f"{args.top}: lists the plans --auto finds",
-                                     "add --auto, or leave --top out")], title="bad arguments")
-        plan = with_launch_refusals(build_plan(cfg, args.world_size, args.gpus_per_node,
-                                               args.device), cfg)
+        plan = None
+        try:
+            plan = build_plan(cfg, args.world_size, args.gpus_per_node, args.device)
+        except PlanError as exc:
+            problems = exc.problems
+        loaded.check(problems)
+        assert plan is not None
+        plan = with_launch_refusals(plan, cfg)
         print(json.dumps(plan.to_dict(), indent=1) if args.json else render_plan(plan))
         return 0
-    problems: list[Problem] = []
     top = 5 if args.top is None else args.top
     if top < 1:
         problems.append(Problem("--top", f"must be at least 1, got {top}", "use e.g. 5"))
     machine = resolve_machine(cfg, args.world_size, args.gpus_per_node, args.device, problems)
-    if problems or machine is None:
-        raise PlanError(problems)
+    loaded.check(problems)
+    assert machine is not None  # (else a problem said why)
     result = search(cfg, machine, top=top)
     result.best = [with_launch_refusals(plan, cfg) for plan in result.best]
     if not result.evaluated:  # no valid degrees at all: the config's own layout says which rule

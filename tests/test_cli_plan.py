@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +100,37 @@ def test_bad_input_exits_2_with_every_problem_and_no_traceback(tmp_path):
     assert "Traceback" not in out.stderr and out.stdout == ""
     assert "(3 problems)" in out.stderr and "did you mean 'heads'" in out.stderr
     assert "bad.yaml:4 model.dim" in out.stderr
+
+
+def test_the_readmes_bad_input_example_is_one_round(capsys, monkeypatch):
+    """The misspelled key hid tp=3's four problems (a second run found them): the README's
+    example prints them together, as the README shows (a line ending ', ...' cut short)."""
+    from orch.cli import main
+
+    readme = (REPO / "README.md").read_text()
+    command, shown = re.search(r"\n\$ \.venv/bin/orch (plan .*model\.hedas=4)\n(.*?)\n```",
+                               readme, re.S).groups()
+    monkeypatch.chdir(REPO)
+    assert main(shlex.split(command)) == 2
+    printed = capsys.readouterr().err.rstrip("\n").splitlines()
+    for said, got in zip(shown.splitlines(), printed, strict=True):
+        assert got == said or (said.endswith(", ...") and got.startswith(said[:-3])), got
+    assert "has no key 'hedas'" in shown and shown.count("by tp=3") == 3
+
+
+def test_a_stand_in_value_says_nothing_of_its_own(capsys):
+    """tp=0 is refused by a config rule, and tp=abc does not convert: the plan's checks run
+    with tp at its default (1), which on 3 devices made dp 3, which global_batch 8 with
+    micro_batch 2 does not divide; that is not the user's mistake and is not said. A problem
+    with no part in the stand-in (the misspelled key) still is."""
+    from orch.cli import main
+
+    for tp in ("0", "abc"):
+        assert main(["plan", "configs/tiny.yaml", "--world-size", "3", "--set",
+                     f"parallel.tp={tp}", "--set", "model.hedas=4"]) == 2
+        err = capsys.readouterr().err
+        assert "(2 problems)" in err and "parallel.tp" in err and "has no key 'hedas'" in err
+        assert "global_batch" not in err and "Traceback" not in err
 
 
 def test_plan_rule_errors_exit_2():

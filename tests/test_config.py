@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orch.config import Config, config_to_dict, load_config, parse_bytes
+from orch.config import Config, TrainConfig, config_to_dict, load_config, parse_bytes
 from orch.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,8 @@ def test_yaml_that_is_not_plain_data_is_a_problem_at_its_line(tmp_path, text, wh
 def test_merge_keys_merge_and_non_utf8_is_named(tmp_path):
     text = "shared: &s {steps: 3}\ntrain: {<<: *s, seq_len: 64}\n"
     got = problems_of(write(tmp_path, "m.yaml", text))
-    assert "(1 problem)" in got and "m.yaml:1 shared: unknown key 'shared'" in got
+    assert "(2 problems)" in got and "m.yaml:1 shared: unknown key 'shared'" in got
+    assert "train.warmup_steps: 10 is not between 0 and train.steps=3" in got  # merged in
     (tmp_path / "b.yaml").write_bytes(b"model:\n  name: \xff\xfe\n")
     assert "b.yaml: is not UTF-8 text (byte 15: b'\\xff')" in problems_of(tmp_path / "b.yaml")
 
@@ -286,6 +287,37 @@ def test_a_value_that_must_be_positive_hides_no_other_problem():
                  "model.kv_heads: must be at least 1, got 0"):
         assert said in text, said
     assert "not a multiple of kv_heads" not in text
+
+
+def test_a_value_that_does_not_convert_hides_no_rule_and_says_nothing_of_its_default():
+    """The cross-field rules were skipped once a value failed to convert (lr=-1 was said in a
+    second round); run on the failed field's default, the warmup rule said warmup 200 exceeds
+    train.steps=100, a value the user never gave (the file has 500)."""
+    text = problems_of(REPO / "configs/tiny.yaml", ["train.steps=abc", "train.warmup_steps=200",
+                                                     "train.lr=-1"])
+    assert "(2 problems)" in text and "--set train.steps: 'abc' is not a whole number" in text
+    assert "train.lr: must be positive, got -1" in text and "warmup" not in text
+
+
+def test_the_lenient_load_gives_the_config_later_checks_run_on():
+    """``orch plan`` and ``orch launch`` go on with the config: failed and refused fields at
+    their defaults (named as stand-ins; dp_shard too when a degree it fills the world after is
+    one), and their section where a rule still refuses that."""
+    from orch.config import load_config_lenient
+
+    loaded = load_config_lenient(REPO / "configs/tiny.yaml", ["parallel.tp=0", "train.lr=x"])
+    assert loaded.config is not None and loaded.config.parallel.tp == 1
+    assert loaded.config.train.lr == TrainConfig().lr and loaded.config.train.steps == 500
+    assert loaded.stand_ins == {"parallel.tp", "parallel.dp_shard", "train.lr"}
+    assert len(loaded.problems) == 2
+    with pytest.raises(ConfigError):
+        loaded.check()
+    wider = load_config_lenient(REPO / "configs/tiny.yaml",
+                                ["train.steps=2", "train.warmup_steps=5", "parallel.tp=2"])
+    assert wider.stand_ins == {"train.warmup_steps", "train"}  # default warmup 10 > 2 steps
+    assert wider.config.train == TrainConfig() and wider.config.parallel.tp == 2
+    clean = load_config_lenient(REPO / "configs/tiny.yaml", ["model.hedas=4"])
+    assert clean.config is not None and clean.stand_ins == frozenset()
 
 
 def test_virtual_stages_of_zero_is_one_problem():

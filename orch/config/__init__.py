@@ -2,12 +2,16 @@
 
 ``load_config`` is the one way in: it reads the file chain, applies overrides, converts every
 value by its schema type and runs the cross-field rules, raising one ``ConfigError`` that lists
-every problem (with ``file:line`` where the value came from a file).
+every problem (with ``file:line`` where the value came from a file). Commands that check more
+than the config (``orch plan``, ``orch launch``) use ``load_config_lenient``, which returns the
+problems beside a config they can go on checking, so that one run lists them all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,13 @@ from orch.config.schema import (
     TrainConfig,
 )
 from orch.config.source import Locations, deep_merge, read_config_tree
-from orch.errors import ConfigError, Problem
+from orch.errors import ConfigError, PlanError, Problem
 
 __all__ = [
     "CheckpointConfig",
     "Config",
     "DataConfig",
+    "LoadedConfig",
     "ModelConfig",
     "OffloadConfig",
     "OptimizerConfig",
@@ -43,6 +48,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "load_config_lenient",
     "parse_bytes",
 ]
 
@@ -82,21 +88,135 @@ def apply_overrides(
     return data
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadedConfig:
+    """A config read leniently, with its problems, for a command that checks more than the
+    config (the plan, the launch) and lists everything in one round.
+
+    A field whose value did not convert, or that a cross-field rule refuses, is set to its
+    default in ``config`` (the plan divides by degrees a rule refused, such as tp=0), and where
+    a rule still refuses that, its section is, up to the whole config. Those are the
+    ``stand_ins``: whatever a later check says about one (or about a section holding one) would
+    be about the default, not the user's value, so :meth:`check` leaves it out.
+    """
+
+    config: Config
+    """As read where there are no problems; else with the stand-ins at their defaults, which
+    every cross-field rule accepts."""
+    problems: tuple[Problem, ...]
+    """Every problem of the config: conversion, unknown keys, cross-field rules."""
+    stand_ins: frozenset[str]
+    """Dotted paths of the fields at their defaults in ``config`` (``parallel.tp``)."""
+
+    def check(self, later: Iterable[Problem] = (), title: str | None = None) -> Config:
+        """The config, or one error listing every problem: the config's, then those of
+        ``later`` (found on ``config``) that no stand-in had a part in. ConfigError where the
+        config has problems (so that callers catching it still do), else PlanError; ``title``
+        replaces either's own."""
+        problems = [*self.problems, *_unaffected(later, self.stand_ins)]
+        if self.problems:
+            raise ConfigError(problems, title)
+        if problems:
+            raise PlanError(problems, title)
+        return self.config
+
+
+_FILLS_THE_WORLD = frozenset({"parallel", "parallel.pp", "parallel.dp_replicate", "parallel.cp",
+                              "parallel.tp"})
+"""The degrees ``parallel.dp_shard: -1`` takes the rest of the world from: a stand-in among
+them makes dp_shard one too, under each of its names (tp=0 at its default 1 gave a dp of 3 that
+global_batch 8 does not divide, on 3 devices)."""
+
+_PLAN_NAMES = {"parallel.dp_shard": ("dp",), "parallel.dp_replicate": ("dp",)}
+"""What the plan's messages call a field besides its own name (``micro_batch x dp``)."""
+
+
+def _about(problem: Problem, field: str) -> bool:
+    """Whether ``problem`` involves ``field``: its ``where`` is the field, a field inside it or
+    the section holding it (``parallel`` for the world-size product), or its message or fix
+    names the field in full or by its own name (the plan's rules write ``tp=3``)."""
+    if not field:  # the whole config stands in
+        return True
+    where = problem.where.split()[-1] if problem.where else ""
+    if where and (where == field or where.startswith((field + ".", field + "["))
+                  or field.startswith(where + ".")):
+        return True
+    section, _, name = field.rpartition(".")
+    qualified = rf"(?:{re.escape(section)}\.)?" if section else ""
+    names = "|".join(re.escape(n) for n in (name, *_PLAN_NAMES.get(field, ())))
+    named = re.compile(rf"(?<![\w.]){qualified}(?:{names})(?!\w)")
+    return any(named.search(text) for text in (problem.message, problem.fix))
+
+
+def _unaffected(problems: Iterable[Problem], fields: Collection[str]) -> list[Problem]:
+    return [p for p in problems if not any(_about(p, field) for field in fields)]
+
+
+def _with_default(section: Any, path: str) -> Any:
+    """``section`` (a schema dataclass) with the field at dotted ``path`` set to its default."""
+    if not path:
+        return type(section)()
+    name, _, rest = path.partition(".")
+    if rest:
+        return dataclasses.replace(section, **{name: _with_default(getattr(section, name), rest)})
+    field = next(f for f in dataclasses.fields(section) if f.name == name)
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return dataclasses.replace(section, **{name: default})
+
+
+def _with_defaults(cfg: Config, stand_ins: set[str]) -> Config:
+    """``cfg`` with each of ``stand_ins`` at its default, adding to them until every
+    cross-field rule accepts the result (warmup_steps' default 10 is still past steps 2): a
+    field a rule still refuses stands in, or where it does already, the section holding it."""
+    while True:
+        if stand_ins & _FILLS_THE_WORLD:
+            stand_ins.add("parallel.dp_shard")
+        checked = cfg
+        for path in sorted(stand_ins):  # a section before the fields in it
+            checked = _with_default(checked, path)
+        if not (refused := check_config(checked)):
+            return checked
+        for problem in refused:
+            covering = [p for p in _sections_of(problem.where) if p in stand_ins]
+            stand_ins.add(covering[-1].rpartition(".")[0] if covering else problem.where)
+
+
+def _sections_of(path: str) -> list[str]:
+    """``train.seq_len`` -> [``train.seq_len``, ``train``, ``""`` (the whole config)]."""
+    paths = [path]
+    while path:
+        path = path.rpartition(".")[0]
+        paths.append(path)
+    return paths
+
+
+def _build(data: dict[str, Any], locs: Locations, problems: list[Problem]) -> LoadedConfig:
+    """Convert ``data`` (fields that fail keep their defaults), run the cross-field rules, and
+    make the config later checks can run on (see LoadedConfig)."""
+    failed: set[str] = set()
+    cfg = build(Config, data, "", locs, problems, failed=failed)
+    converted = {path.partition("[")[0] for path in failed}  # a list item: its list
+    rules = check_config(cfg)
+    problems = [*problems, *_unaffected(rules, converted)]
+    if not problems:
+        return LoadedConfig(cfg, (), frozenset())
+    stand_ins = converted | {p.where for p in rules}
+    cfg = _with_defaults(cfg, stand_ins)
+    return LoadedConfig(cfg, tuple(problems), frozenset(stand_ins))
+
+
 def config_from_dict(
     data: dict[str, Any], locs: Locations | None = None, problems: list[Problem] | None = None
 ) -> Config:
     """Build and validate a Config from plain data; raise ConfigError listing every problem."""
-    problems = [] if problems is None else problems
-    cfg = build(Config, data, "", locs or {}, problems)
-    if not problems:  # cross-field rules would only repeat conversion errors
-        problems.extend(check_config(cfg))
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return _build(data, locs or {}, [] if problems is None else problems).check()
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or defaults when ``path`` is None) with ``--set`` overrides applied."""
+def load_config_lenient(path: str | Path | None, overrides: list[str] | None = None
+                        ) -> LoadedConfig:
+    """``load_config`` for a command that goes on checking (see LoadedConfig): its problems are
+    returned, not raised, except where nothing can be built (a file that does not read, a
+    cluster description given as the config)."""
     data, locs = read_config_tree(path) if path is not None else ({}, {})
     problems: list[Problem] = []
     if isinstance(data, dict) and "nodes" in data:  # its keys would each be "unknown"
@@ -105,7 +225,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                                    f"configs/llama3-8b.yaml, with this file as --set "
                                    f"cluster={path}")])
     data = apply_overrides(data, overrides or [], locs, problems)
-    return config_from_dict(data, locs, problems)
+    return _build(data, locs, problems)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or defaults when ``path`` is None) with ``--set`` overrides applied;
+    raise ConfigError listing every problem."""
+    return load_config_lenient(path, overrides).check()
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -225,8 +225,8 @@ _FAILED = object()
 
 class _Builder:
     def __init__(self, locs: typing.Mapping[str, str], problems: list[Problem],
-                 source: str) -> None:
-        self.locs, self.problems, self.source = locs, problems, source
+                 source: str, failed: set[str]) -> None:
+        self.locs, self.problems, self.source, self.failed = locs, problems, source, failed
 
     def report(self, path: str, message: str, fix: str) -> None:
         self.problems.append(Problem(locate(path, self.locs, self.source), message, fix))
@@ -240,6 +240,7 @@ class _Builder:
             entries = _expect_list(data, item)
         except Invalid as exc:
             self.report(path, exc.message, exc.fix)
+            self.failed.add(path)
             return _FAILED
         built = [self.value(item, entry, f"{path}[{i}]") for i, entry in enumerate(entries)]
         built = [b for b in built if b is not _FAILED]
@@ -254,6 +255,7 @@ class _Builder:
             fix = (f"write '{prefix}:' followed by indented keys" if prefix and prefix[-1] != "]"
                    else f"write key: value pairs for {_fields_text(cls)}")
             self.report(prefix, f"expected a section of key: value pairs, got {data!r}", fix)
+            self.failed.add(prefix)
             return cls(**dict.fromkeys(required))
         hints = typing.get_type_hints(cls, include_extras=True)
         names = {f.name for f in fields}
@@ -275,13 +277,17 @@ class _Builder:
 
 
 def build(cls: type, data: Any, prefix: str, locs: typing.Mapping[str, str],
-          problems: list[Problem], source: str = "") -> Any:
+          problems: list[Problem], source: str = "", failed: set[str] | None = None) -> Any:
     """Build dataclass ``cls`` from ``data``; fields with problems keep their defaults.
 
     Required fields that are missing or invalid are None. Problems name ``locs[path]`` (the
     ``file:line`` of a key) or else ``source``, then the dotted path below ``prefix``.
+    ``failed`` (if given) collects the dotted path of every value that did not convert (a list
+    item's as ``path[i]``; a section that is not a mapping: its own), so that checks made on the
+    result can leave out what the stand-in values would cause.
     """
-    return _Builder(locs, problems, source).build(cls, data, prefix)
+    return _Builder(locs, problems, source, set() if failed is None else failed).build(
+        cls, data, prefix)
 
 
 def field_type(cls: type, dotted: str) -> tuple[Any, str]:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orch.config import Config, load_config
-from orch.errors import ConfigError, OrchError, PlanError, Problem, ProblemsError
+from orch.config import Config, LoadedConfig, load_config_lenient
+from orch.errors import OrchError, PlanError, Problem, ProblemsError
 from orch.kernels.dispatch import kernel_choice_problem
 from orch.launch.failures import oom_kills, worker_failures
 from orch.launch.failures import summary as summary_of_failures
@@ -177,11 +177,13 @@ def _nproc_per_node(value: str | None, cfg: Config, nnodes: int, problems: list[
     return max(count, 1)
 
 
-def parse_launch(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Namespace, Config]:
-    """torchrun's options, the options after CONFIG, and the config with its overrides."""
+def parse_launch(argv: Sequence[str]
+                 ) -> tuple[argparse.Namespace, argparse.Namespace, LoadedConfig]:
+    """torchrun's options, the options after CONFIG, and the config with its overrides, read
+    leniently: its problems are reported with the plan's and the launch's, in one round."""
     args = launch_parser().parse_args(list(argv))
     extra = worker_parser().parse_args(args.training_script_args)
-    return args, extra, load_config(args.training_script, extra.overrides)
+    return args, extra, load_config_lenient(args.training_script, extra.overrides)
 
 
 def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
@@ -189,13 +191,9 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     (with ``finished``: the checkpoint the run would resume when it is already at
     ``train.steps`` or ``run.stop_at_step``, else None; and ``resume``: ``--resume``, if
     given)."""
-    try:
-        args, extra, cfg = parse_launch(argv)
-    except ConfigError as exc:  # the environment's problem beside the config's, in one round
-        if (kernels := kernel_choice_problem()) is None:
-            raise
-        raise ConfigError([*exc.problems, kernels]) from None
+    args, extra, loaded = parse_launch(argv)
     problems: list[Problem] = []
+    cfg = loaded.config
     max_nodes = _nnodes(args.nnodes, problems)
     cluster, node = _cluster_node(cfg, extra.node_name, problems)
     if node is not None and args.nproc_per_node is None:
@@ -225,15 +223,15 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     if (kernels := kernel_choice_problem()) is not None:
         problems.append(kernels)
     args.finished, args.resume = None, extra.resume
-    if not problems:  # else whether the run resumes is not known, and init_from's are told too
+    # with problems, whether the run resumes is not known, and init_from's are told too
+    if not problems and not loaded.problems:
         assert plan is not None
         refused, resumed, args.finished = _check_resume(cfg, plan, extra.resume)
         problems += refused
         if resumed:
             init_from = []
     problems += init_from
-    if problems:
-        raise PlanError(problems, title="cannot launch")
+    loaded.check(problems, "cannot launch")  # the config's problems and these, in one round
     assert plan is not None
     if cluster is not None and node is not None:
         settings = node_settings(cluster, plan, node, backend())
