@@ -2,7 +2,8 @@
 
 Reuses torchrun's own argument parser and runs ``torch.distributed.run`` in this process (as
 torchtune does), so every torchrun option works: ``--nnodes``, ``--node-rank``, rendezvous,
-``--max-restarts``, log redirection. Before anything is spawned it loads the config, builds the
+``--max-restarts``, log redirection (but those that change what runs: see
+``REFUSED_TORCHRUN_OPTIONS``). Before anything is spawned it loads the config, builds the
 plan for ``nnodes x nproc-per-node`` devices, checks the run directory and the checkpoint to resume
 from, and reports every problem at once. Workers run ``python -m orch.runtime.worker`` with the
 same config and overrides, so each rebuilds the identical plan.
@@ -81,6 +82,13 @@ def worker_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REFUSED_TORCHRUN_OPTIONS = {"run_path": "--run-path", "module": "-m/--module",
+                            "no_python": "--no-python"}
+"""torchrun options (by dest) that change what each process runs, which orch launch refuses:
+it always runs its own worker. --run-path ran the worker's module name as a file and failed in
+every worker (FileNotFoundError); -m and --no-python were accepted and ignored."""
+
+
 def launch_parser() -> argparse.ArgumentParser:
     """torchrun's parser, with its positional arguments renamed to what orch launch takes."""
     from torch.distributed.run import get_args_parser
@@ -98,6 +106,8 @@ def launch_parser() -> argparse.ArgumentParser:
             action.metavar = "--set KEY=VALUE | --resume auto|none|PATH | --node-name NAME"
             action.help = ("config overrides (repeatable), the checkpoint to resume from, and "
                            "this machine's node in the cluster description")
+        elif action.dest in REFUSED_TORCHRUN_OPTIONS:
+            action.help = f"refused: orch launch runs its own worker ({WORKER_MODULE})"
         elif action.dest == "nproc_per_node":
             action.default = os.environ.get("PET_NPROC_PER_NODE")
             action.help = "processes per node (default: this node's devices in the cluster "
@@ -192,7 +202,10 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     ``train.steps`` or ``run.stop_at_step``, else None; and ``resume``: ``--resume``, if
     given)."""
     args, extra, loaded = parse_launch(argv)
-    problems: list[Problem] = []
+    problems = [Problem(option, "changes what each process runs, but orch launch always runs "
+                        f"its own worker (python -m {WORKER_MODULE} CONFIG)",
+                        f"leave {option} out (and PET_{dest.upper()} unset)")
+                for dest, option in REFUSED_TORCHRUN_OPTIONS.items() if getattr(args, dest)]
     cfg = loaded.config
     max_nodes = _nnodes(args.nnodes, problems)
     cluster, node = _cluster_node(cfg, extra.node_name, problems)
