@@ -176,9 +176,12 @@ def _with_defaults(cfg: Config, stand_ins: set[str]) -> Config:
             checked = _with_default(checked, path)
         if not (refused := check_config(checked)):
             return checked
+        before = len(stand_ins)
         for problem in refused:
             covering = [p for p in _sections_of(problem.where) if p in stand_ins]
             stand_ins.add(covering[-1].rpartition(".")[0] if covering else problem.where)
+        if len(stand_ins) == before:  # the whole config stands in, and a rule refuses even it
+            raise AssertionError(f"the schema's defaults break a rule: {refused}")
 
 
 def _sections_of(path: str) -> list[str]:
