@@ -366,3 +366,11 @@ def test_a_list_replaced_by_set_is_placed_at_set(tmp_path):
                     "  stage_layers:\n    - 2\n    - 2\n")
     text = problems_of(path, ["parallel.stage_layers=[x, 2]"])
     assert "--set parallel.stage_layers[0]: 'x' is not a whole number" in text
+
+
+def test_the_schemas_defaults_break_no_rule():
+    """What the lenient load falls back to when nothing else passes the rules (a section, up to
+    the whole config, at its defaults): the fallback must itself pass."""
+    from orch.config.rules import check_config
+
+    assert check_config(Config()) == []
