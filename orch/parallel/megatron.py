@@ -2,8 +2,14 @@
 
 orch numbers ranks in Megatron-Core's own order (``tp-cp-ep-dp-pp``), so megatron-core's groups
 built from the plan's degrees are the plan's groups, and megatron-core layers (its tensor-parallel
-linears, MoE dispatchers, ...) can run inside an ``orch launch`` job. ``megatron_groups`` reads
-the groups back so callers (and the tests) can check them against the plan.
+linears, MoE dispatchers, ...) can run in the user's own torchrun script on the plan's layout
+(``initialize_megatron(build_plan(...))``; ``orch launch`` runs orch's own worker, with no hook for
+user code). ``megatron_groups`` reads the groups back so callers (and the tests) can check them
+against the plan.
+
+Megatron-Core's parallel state assumes its interleaved layout (rank ``r`` holds chunks ``r``,
+``r + pp``, ...) and even layer splits, so plans it would misread (ZB-V's V, where rank ``r``
+holds stages ``r`` and ``2 pp - 1 - r``; uneven ``parallel.stage_layers``) are refused.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from orch.errors import OrchError
+from orch.errors import OrchError, Problem, ProblemsError
 from orch.plan import Plan
 
 # This rank's group of each plan dimension -> megatron-core's getter for the same group.
@@ -40,8 +46,58 @@ def _parallel_state() -> Any:
     return parallel_state
 
 
+class MegatronPlanError(ProblemsError):
+    """A plan megatron-core's parallel state cannot express, or a job that does not match it."""
+
+    title = "megatron-core cannot take this plan"
+
+
+def _problems(plan: Plan) -> list[Problem]:
+    """What megatron-core's parallel state cannot express about ``plan``, or the running job
+    does not match."""
+    d, problems = plan.degrees, []
+    if plan.schedule == "zbv":
+        problems.append(Problem(
+            "parallel.pp_schedule",
+            "zbv places stages r and 2*pp-1-r on pipeline rank r (a V); megatron-core's parallel "
+            "state assumes the interleaved layout (stages r and r+pp), so its first/last-stage "
+            "answers would be wrong",
+            "use parallel.pp_schedule=interleaved (same virtual_stages) for a megatron-core job",
+        ))
+    layers = plan.layers_per_stage
+    if len(set(layers)) > 1:
+        chunks, total = len(layers), sum(layers)
+        even = (f"{total // chunks} layers each" if total % chunks == 0
+                else f"model.layers divisible by {chunks}")
+        problems.append(Problem(
+            "parallel.stage_layers",
+            f"the plan splits the layers unevenly between pipeline stages "
+            f"({', '.join(map(str, layers))}); megatron-core's parallel state places them evenly",
+            f"split evenly for a megatron-core job: parallel.stage_layers empty with {even}",
+        ))
+    if not dist.is_initialized():
+        problems.append(Problem(
+            "", "torch.distributed is not initialized",
+            "call torch.distributed.init_process_group() first (under torchrun), then "
+            "initialize_megatron(plan)",
+        ))
+    elif dist.get_world_size() != plan.world_size:
+        problems.append(Problem(
+            "world size",
+            f"the plan is for {plan.world_size} ranks ({d.short()}), "
+            f"but this job has {dist.get_world_size()}",
+            f"start the job on {plan.world_size} processes, or build the plan with "
+            f"world size {dist.get_world_size()}",
+        ))
+    return problems
+
+
 def initialize_megatron(plan: Plan) -> None:
-    """Create megatron-core's process groups for ``plan`` (torch.distributed must be up)."""
+    """Create megatron-core's process groups for ``plan`` (torch.distributed must be up, with
+    the plan's world size); raises :class:`MegatronPlanError` for a plan megatron-core would
+    misread (ZB-V, uneven stages) or a job that does not match it."""
+    if problems := _problems(plan):
+        raise MegatronPlanError(problems)
     d = plan.degrees
     ps = _parallel_state()
     if ps.model_parallel_is_initialized():
@@ -60,6 +116,9 @@ def initialize_megatron(plan: Plan) -> None:
 def megatron_groups() -> dict[str, list[int]]:
     """This rank's megatron-core group of every dimension, as global ranks."""
     ps = _parallel_state()
+    if not ps.model_parallel_is_initialized():
+        raise OrchError("megatron-core's parallel state is not initialized\n"
+                        "    fix: call initialize_megatron(plan) first")
     return {dim: dist.get_process_group_ranks(getattr(ps, getter)())
             for dim, getter in _GETTERS.items()}
 

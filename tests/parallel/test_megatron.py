@@ -1,13 +1,16 @@
-"""megatron-core's parallel state built from an orch plan has the plan's groups (4 gloo ranks)."""
+"""megatron-core's parallel state built from an orch plan has the plan's groups (4 gloo ranks);
+plans it would misread, and jobs that do not match the plan, are refused with what to do."""
 
 from __future__ import annotations
 
 import warnings
 
 import pytest
+import torch.distributed as dist
 from gloo_harness import run_on_gloo
 
 from orch.config import load_config
+from orch.errors import OrchError
 from orch.plan import build_plan
 
 pytestmark = pytest.mark.dist
@@ -18,6 +21,20 @@ CASES = [
     ("configs/tiny-moe.yaml", ["parallel.ep=2", "parallel.pp=2"]),
     ("configs/tiny-moe.yaml", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
 ]
+
+# Refused: (config, overrides, world size of the plan) on 4 ranks.
+REFUSED = {
+    "zbv": ("configs/tiny.yaml", ["parallel.pp=2", "parallel.pp_schedule=zbv",
+                                  "parallel.virtual_stages=2"], 4),
+    "uneven": ("configs/tiny.yaml", ["parallel.pp=2", "parallel.stage_layers=[3,1]"], 4),
+    "world": ("configs/tiny.yaml", ["parallel.tp=2"], 2),
+}
+EXPECTED = {
+    "zbv": ["parallel.pp_schedule", "zbv", "fix: use parallel.pp_schedule=interleaved"],
+    "uneven": ["parallel.stage_layers", "(3, 1)", "fix: split evenly", "2 layers each"],
+    "world": ["the plan is for 2 ranks", "this job has 4", "fix: start the job on 2 processes"],
+    "groups before initialize": ["not initialized", "fix: call initialize_megatron(plan) first"],
+}
 
 
 def _check(rank: int, world: int, results) -> None:
@@ -31,6 +48,19 @@ def _check(rank: int, world: int, results) -> None:
         theirs = megatron_groups()
         results[(index, rank)] = {dim: (ours[dim], theirs[dim]) for dim in theirs}
         destroy_megatron()
+    for name, (config, sets, plan_world) in REFUSED.items():
+        plan = build_plan(load_config(config, sets), plan_world, plan_world, "cpu")
+        try:
+            initialize_megatron(plan)
+            results[(name, rank)] = "initialized"
+            destroy_megatron()
+        except OrchError as exc:
+            results[(name, rank)] = str(exc)
+    try:
+        megatron_groups()
+        results[("groups before initialize", rank)] = "returned"
+    except OrchError as exc:
+        results[("groups before initialize", rank)] = str(exc)
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +73,21 @@ def test_megatron_groups_equal_plan_groups(results, index):
     for rank in range(4):
         for dim, (ours, theirs) in results[(index, rank)].items():
             assert ours == theirs, (CASES[index], rank, dim)
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_megatron_refuses_what_it_would_misread(results, name):
+    for rank in range(4):
+        message = results[(name, rank)]
+        for part in EXPECTED[name]:
+            assert part in message, (name, rank, message)
+
+
+def test_megatron_needs_torch_distributed():
+    from orch.parallel.megatron import initialize_megatron
+
+    assert not dist.is_initialized()
+    plan = build_plan(load_config("configs/tiny.yaml", []), 1, 1, "cpu")
+    with pytest.raises(OrchError, match="torch.distributed is not initialized") as info:
+        initialize_megatron(plan)
+    assert "fix: call torch.distributed.init_process_group()" in str(info.value)
