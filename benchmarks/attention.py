@@ -14,7 +14,9 @@ when causal), backward 2.5x the forward.
     .venv/bin/python benchmarks/attention.py --sweep   # time a few tile configs of ours
 
 Without CUDA it says so, and times instead the two paths the model's attention can take on a CPU
-(orch's reference and torch's SDPA: ``cpu_paths``), which is why the model runs SDPA there.
+(orch's reference and torch's SDPA: ``cpu_paths``), which is why the model runs SDPA there. That
+CPU table has two fixed shapes: ``--dtype``, ``--head-dims``, ``--seqs``, ``--tokens``,
+``--model-dim`` and ``--sweep`` set the GPU comparison only, and it says which of them it ignored.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from bench_flags import at_least, positive_int
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -244,18 +247,31 @@ def cpu_paths(repeats: int = 10) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--tokens", type=int, default=16384, help="batch x seq in every case")
-    parser.add_argument("--model-dim", type=int, default=2048, help="heads x head_dim")
-    parser.add_argument("--sweep", action="store_true", help="time tile configs of ours instead")
+    gpu = parser.add_argument_group(
+        "the GPU comparison (without CUDA the CPU table has two fixed shapes and ignores these)")
+    gpu_only = [
+        gpu.add_argument("--dtype", choices=sorted(DTYPES), default="bf16"),
+        gpu.add_argument("--head-dims", type=at_least(16), nargs="+", default=[64, 128]),
+        gpu.add_argument("--seqs", type=positive_int, nargs="+",
+                         default=[1024, 2048, 4096, 8192, 16384]),
+        gpu.add_argument("--tokens", type=positive_int, default=16384,
+                         help="batch x seq in every case"),
+        gpu.add_argument("--model-dim", type=positive_int, default=2048, help="heads x head_dim"),
+        gpu.add_argument("--sweep", action="store_true", help="time tile configs of ours instead"),
+    ]
     args = parser.parse_args(argv)
+    if small := [d for d in args.head_dims if args.model_dim < d]:
+        parser.error(f"--model-dim {args.model_dim} is smaller than --head-dims {small[0]} "
+                     "(heads = model_dim / head_dim); fix: a larger --model-dim")
     if not torch.cuda.is_available():
         print(
             "No CUDA GPU: the Triton kernels cannot be timed here (they are compared with torch "
             "SDPA's flash backend and flash-attn on a GPU). On CPU, the paths the model can take:"
         )
+        if ignored := [action.option_strings[0] for action in gpu_only
+                       if getattr(args, action.dest) != action.default]:
+            print(f"({', '.join(ignored)} set the GPU comparison only, ignored here: the CPU "
+                  "table below has two fixed shapes)")
         cpu_paths()
         return 0
     dtype = DTYPES[args.dtype]

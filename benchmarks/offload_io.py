@@ -25,6 +25,7 @@ import datetime
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -32,8 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+from bench_flags import at_least, byte_size, positive_int
 
-from orch.config.coerce import parse_bytes
 from orch.config.schema import OffloadConfig
 from orch.offload.blockio import AsyncIO, BlockIO, DirectIO, load_async_io
 
@@ -109,17 +110,8 @@ def adam_step_seconds(params: int, repeats: int) -> dict[str, float]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default=tempfile.gettempdir(), help="directory on the disk")
-    parser.add_argument("--size", default="1GiB", help="bytes written and read per case")
-    parser.add_argument("--chunk", default="64MiB", help="bytes per call (a unit's region)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--params", type=int, default=100_000_000)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    size, chunk = parse_bytes(args.size), parse_bytes(args.chunk)
-    work = Path(tempfile.mkdtemp(prefix="orch-offload-io-", dir=args.dir))
+def io_part(args: argparse.Namespace, work: Path, size: int, chunk: int) -> None:
+    """Part 1: dd and orch's block I/O paths in alternating rounds, in ``work``."""
     defaults = OffloadConfig()  # what a run uses unless its config says otherwise
     block, depth, threads = defaults.io_block_size, defaults.io_queue_depth, defaults.io_threads
     makers = {"DirectIO (O_DIRECT pool)": lambda p: DirectIO(p, block, threads)}
@@ -143,7 +135,6 @@ def main() -> None:
         print(f"round {round_ + 1}: " + ", ".join(
             f"{name} w {w:.2f} r {r:.2f} GB/s" for name, (w, r) in
             ((n, v[-1]) for n, v in rows.items())))
-    work.rmdir()
     medians = {name: (statistics.median(v[0] for v in values),
                       statistics.median(v[1] for v in values)) for name, values in rows.items()}
     (small_w, small_r), (big_w, big_r) = medians["dd bs=1M"], medians[dd_big]
@@ -153,6 +144,39 @@ def main() -> None:
     for name, (w, r) in medians.items():
         print(f"| {name} | {w:.2f} | {r:.2f} | {w / small_w:.2f} | {r / small_r:.2f} | "
               f"{w / big_w:.2f} | {r / big_r:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="directory on the disk")
+    parser.add_argument("--size", type=byte_size, default="1GiB",
+                        help="bytes written and read per case (a whole number of --chunk)")
+    parser.add_argument("--chunk", type=byte_size, default="64MiB",
+                        help="bytes per call (a unit's region; whole MiB, dd's block size)")
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--params", type=at_least(16, "16 tensors"), default=100_000_000)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    args = parser.parse_args(argv)
+    size, chunk = args.size, args.chunk
+    if chunk > size:
+        parser.error(f"--chunk ({chunk:,} bytes) is larger than --size ({size:,} bytes); "
+                     "fix: a --chunk no larger than --size")
+    if chunk % (1 << 20):
+        parser.error(f"--chunk ({chunk:,} bytes) is not a whole number of MiB (dd runs with "
+                     "bs=--chunk in MiB); fix: e.g. --chunk 64MiB")
+    if size % chunk:
+        parser.error(f"--size ({size:,} bytes) is not a whole number of --chunk ({chunk >> 20} "
+                     "MiB) calls; fix: a --size that --chunk divides")
+    if not os.path.isdir(args.dir):
+        parser.error(f"--dir {args.dir} is not a directory; fix: an existing directory on the "
+                     "disk to measure")
+    if not os.access(args.dir, os.W_OK | os.X_OK):
+        parser.error(f"--dir {args.dir} is not writable here; fix: a directory you can write to")
+    work = Path(tempfile.mkdtemp(prefix="orch-offload-io-", dir=args.dir))
+    try:
+        io_part(args, work, size, chunk)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     steps = adam_step_seconds(args.params, args.repeats)
     print(f"\n| optimizer ({args.params / 1e6:.0f}M fp32 parameters) | step ms | vs torch "
           "AdamW (foreach) |")

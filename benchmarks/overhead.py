@@ -21,6 +21,7 @@ import subprocess
 import time
 from contextlib import nullcontext
 
+from bench_flags import at_least, positive_int
 from orch_runs import BIN, REPO, launch, steady_tokens_per_s
 
 WARMUP = 5
@@ -76,8 +77,10 @@ def run_baseline(steps: int, seq_len: int) -> float:
     out = subprocess.run(
         [str(BIN / "torchrun"), "--nproc-per-node", "2", "--standalone", __file__,
          "--baseline", "--steps", str(steps), "--seq-len", str(seq_len)],
-        capture_output=True, text=True, check=True, env=env, cwd=REPO,
+        capture_output=True, text=True, env=env, cwd=REPO,
     )
+    if out.returncode != 0:
+        raise RuntimeError(f"the plain DDP loop failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
@@ -90,8 +93,9 @@ def run_orch(steps: int, seq_len: int, extra: list[str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seq-len", type=int, default=256)
+    steps = at_least(WARMUP + 1, f"the first {WARMUP} are warm-up, left out of the median")
+    parser.add_argument("--steps", type=steps, default=30)
+    parser.add_argument("--seq-len", type=positive_int, default=256)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline:

@@ -28,6 +28,7 @@ import statistics
 import time
 
 import torch
+from bench_flags import at_least, positive_int
 from orch_runs import launch, steady_tokens_per_s
 
 WARMUP = 3
@@ -142,9 +143,11 @@ def dispatch_ratio(tokens: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (part 2)")
+    steps = at_least(WARMUP + 1, f"the first {WARMUP} are warm-up, left out of the median")
+    parser.add_argument("--steps", type=steps, default=12)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
+    parser.add_argument("--tokens", type=positive_int, default=4096,
+                        help="tokens per rank (part 2)")
     parser.add_argument("--only", nargs="+", choices=sorted(LAYOUTS), default=[],
                         help="run these layouts of part 1 only, and skip part 2")
     args = parser.parse_args()

@@ -330,13 +330,17 @@ def order_robustness(order: Schedule) -> tuple[float, float]:
 
 
 def main() -> None:
+    # Here, not at the top: tests load this file as a module, without benchmarks/ on the path.
+    from bench_flags import at_least, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--blocks", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--rows", type=int, default=192)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="steps per schedule per round")
+    parser.add_argument("--stages", type=at_least(2), default=2)
+    parser.add_argument("--blocks", type=positive_int, default=8)
+    parser.add_argument("--dim", type=positive_int, default=512)
+    parser.add_argument("--rows", type=positive_int, default=192)
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=3,
+                        help="steps per schedule per round")
     parser.add_argument("--split-only", action="store_true",
                         help="only the first table (what each split costs), then stop")
     every = [name for name, _ in ORCH] + list(TORCH)

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_flags import positive_int
+
 from orch.config import load_config
 from orch.plan import resolve_machine, search
 
@@ -54,7 +56,7 @@ def time_command(config: str, world: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=positive_int, default=3)
     args = parser.parse_args()
     time_search("llama3-8b", 64, 1)  # warm imports and caches
     print(

@@ -1,0 +1,78 @@
+"""The benchmarks refuse bad flags up front, as argparse errors (usage, the flag, what it must be,
+exit 2), not as tracebacks minutes into a run; nothing here runs a benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.append(str(BENCHMARKS))  # as when a benchmark runs: its directory is on the path
+
+
+def _benchmark(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+attention, offload_io, bench_flags = (_benchmark(n) for n in ("attention", "offload_io",
+                                                              "bench_flags"))
+at_least, byte_size, positive_int = bench_flags.at_least, bench_flags.byte_size, \
+    bench_flags.positive_int
+
+
+def test_whole_numbers_below_the_bound_are_refused_saying_why():
+    assert positive_int("3") == 3
+    assert at_least(6, "5 warm-up steps")("6") == 6
+    for text in ("0", "-1", "x", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
+            positive_int(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"at least 6 \(5 warm-up steps\)"):
+        at_least(6, "5 warm-up steps")("5")
+
+
+def test_byte_sizes():
+    assert byte_size("64MiB") == 64 << 20
+    for text in ("abc", "0", "-1MiB", "3 parsecs"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive byte size"):
+            byte_size(text)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--size", "abc"], "argument --size: must be a positive byte size"),
+    (["--size", "1MiB", "--chunk", "3MiB"], "--chunk (3,145,728 bytes) is larger than --size"),
+    (["--chunk", "1000"], "not a whole number of MiB"),
+    (["--size", "100MiB", "--chunk", "64MiB"], "not a whole number of --chunk"),
+    (["--rounds", "0"], "argument --rounds: must be a whole number of at least 1"),
+    (["--dir", "{tmp}/missing"], "is not a directory"),
+])
+def test_offload_io_refuses_bad_flags_before_making_its_directory(args, message, tmp_path,
+                                                                  capsys):
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    with pytest.raises(SystemExit) as info:
+        offload_io.main(["--dir", str(tmp_path), *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no orch-offload-io-* left behind
+
+
+def test_attention_on_cpu_says_which_flags_it_ignores(monkeypatch, capsys):
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(attention, "cpu_paths", lambda: print("cpu table"))
+    assert attention.main(["--seqs", "512", "--dtype", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "--dtype, --seqs set the GPU comparison only, ignored here" in out
+    assert "cpu table" in out
+    assert attention.main([]) == 0
+    assert "ignored here" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        attention.main(["--seqs", "0"])
+    assert "argument --seqs: must be a whole number of at least 1" in capsys.readouterr().err
