@@ -1,12 +1,17 @@
 """orch's training loop against a plain hand-written torch DDP loop: same model, data, batch.
 
-The claim: orch's runtime (plan, FSDP2/HSDP wrapping, metrics, data stream) costs almost nothing
-over the simplest correct loop, at least 0.95x its throughput. Both train ``configs/tiny.yaml``
-on 2 gloo processes for the same steps; the steady-state tokens/s (median step time after
-warm-up) of each are printed with their ratio. orch runs twice: with its default plan for the
-config (FSDP over both ranks) and replicated (``dp_replicate=2``, DDP's math).
+The claim: orch's runtime (plan, wrapping, metrics, data stream) costs almost nothing over the
+simplest correct loop, at least 0.95x its throughput where both do the same math (orch
+replicated, ``dp_replicate=2``, which is DDP's). Both train ``configs/tiny.yaml`` on 2 gloo
+processes for the same steps; the steady-state tokens/s of each run is the median step time after
+warm-up. orch runs twice: replicated, and with its default plan for the config (FSDP2 over both
+ranks, which costs more on two CPU processes and a tiny model). The runs are paired: each of
+``--rounds`` rounds runs the plain loop and both orch cases in turn (the order rotating from
+round to round), and each ratio is orch's over the plain loop's of the same round, so a machine
+whose speed drifts moves both sides of a ratio. It prints each case's median tokens/s and the
+median ratio with its range over the rounds.
 
-    .venv/bin/python benchmarks/overhead.py [--steps 30] [--seq-len 256]
+    .venv/bin/python benchmarks/overhead.py [--rounds 3] [--steps 30] [--seq-len 256]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from bench_flags import at_least, positive_int
 from orch_runs import BIN, REPO, launch, steady_tokens_per_s
 
 WARMUP = 5
+PLAIN = "plain DDP"
 
 
 def baseline(steps: int, seq_len: int) -> None:
@@ -96,6 +102,8 @@ def main() -> None:
     steps = at_least(WARMUP + 1, f"the first {WARMUP} are warm-up, left out of the median")
     parser.add_argument("--steps", type=steps, default=30)
     parser.add_argument("--seq-len", type=positive_int, default=256)
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="rounds, each running the plain loop and every orch case in turn")
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline:
@@ -103,17 +111,28 @@ def main() -> None:
         return
     import torch
 
-    ddp = run_baseline(args.steps, args.seq_len)
-    cases = {"orch default (fsdp2)": [], "orch replicated (dp_replicate=2)":
-             ["parallel.dp_replicate=2", "parallel.dp_shard=1"]}
+    cases = {"orch replicated (dp_replicate=2)": ["parallel.dp_replicate=2",
+                                                   "parallel.dp_shard=1"],
+             "orch default (fsdp2)": []}
     print(f"# overhead: configs/tiny.yaml, 2 gloo processes, seq {args.seq_len}, {args.steps} "
-          f"steps ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{datetime.date.today()})")
-    print("| case | orch tokens/s | plain DDP tokens/s | ratio |")
-    print("|---|---:|---:|---:|")
-    for name, extra in cases.items():
-        ours = run_orch(args.steps, args.seq_len, extra)
-        print(f"| {name} | {ours:,.0f} | {ddp:,.0f} | {ours / ddp:.3f} |")
+          f"steps, {args.rounds} paired rounds ({platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {datetime.date.today()})")
+    runs: dict[str, list[float]] = {PLAIN: [], **{name: [] for name in cases}}
+    for round_ in range(args.rounds):
+        names = list(runs)
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            runs[name].append(run_baseline(args.steps, args.seq_len) if name == PLAIN
+                              else run_orch(args.steps, args.seq_len, cases[name]))
+        print(f"round {round_ + 1}: " + ", ".join(f"{name} {values[-1]:,.0f}"
+                                                  for name, values in runs.items()), flush=True)
+    plain = runs[PLAIN]
+    print("\n| case | orch tokens/s (median) | plain DDP tokens/s (median) | ratio, median of "
+          "rounds | ratio range |")
+    print("|---|---:|---:|---:|---:|")
+    for name in cases:
+        ratios = sorted(ours / base for ours, base in zip(runs[name], plain, strict=True))
+        print(f"| {name} | {statistics.median(runs[name]):,.0f} | {statistics.median(plain):,.0f} "
+              f"| {statistics.median(ratios):.3f} | {ratios[0]:.3f}-{ratios[-1]:.3f} |")
 
 
 if __name__ == "__main__":
