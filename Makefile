@@ -53,8 +53,16 @@ test: $(STAMP) $(AIO_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP) $(AIO_STAMP)  # the CPU benchmarks (about 40 minutes on 2 cores); GPU ones: see README
+BENCH_STAMP := $(VENV)/.orch-bench
+
+# The outside implementations the benchmarks compare with (pyproject's bench extra).
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	@touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(AIO_STAMP) $(BENCH_STAMP)  # the CPU benchmarks (about 40 minutes on 2 cores); GPU ones: see README
 	$(PY) benchmarks/plan_search.py
+	$(PY) benchmarks/optim8bit.py --device cpu --steps 30
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/parallel_cpu.py
 	$(PY) benchmarks/pipeline.py

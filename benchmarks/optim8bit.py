@@ -8,8 +8,9 @@ of matrices plus norm vectors) with the same gradients, in this process:
 
 - CPU (always): ~10M parameters; orch's reference path vs torch AdamW (fused, foreach), and
   bitsandbytes' AdamW8bit and torchao's AdamW8bit when they are installed (they are not orch
-  dependencies: ``pip install bitsandbytes torchao`` with the torch you have, or they show as
-  "not installed");
+  dependencies but its ``bench`` extra, pinned to the versions of the recorded results:
+  ``make bench``, or ``pip install -e ".[bench]"``; else their rows say "not installed" and
+  that command);
 - GPU (only with CUDA): ~1B parameters; orch's Triton kernel vs the same alternatives.
 
     .venv/bin/python benchmarks/optim8bit.py [--device cpu|cuda|all] [--steps 20]
@@ -136,7 +137,8 @@ def measure(cases: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Op
         try:
             live[name] = build(make_params(shape_list, device))
         except ImportError as exc:
-            results[name] = Result(name, note=f"not installed ({exc.name})")
+            results[name] = Result(
+                name, note=f"not installed ({exc.name}): pip install -e \".[bench]\"")
             continue
         times[name] = [timed(live[name])]  # the first step: compilation, state allocation
         if not interleave:

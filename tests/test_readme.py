@@ -14,7 +14,7 @@ How far each is taken, short of training (the launch and parallel tests train):
 - ``srun`` and ``VAR=value`` before a command are taken off it (the variable set);
 - ``python benchmarks/X.py`` and ``python -m module``: the file or module exists and knows each
   ``--option`` given; ``make TARGET``: the Makefile has the target (and any ``VAR=``);
-  ``mkdir``: run.
+  ``mkdir``: run; ``pip install -e ".[EXTRA]"``: pyproject.toml has the extra.
 
 Paths under /tmp and run directories under runs/ are moved into the test's directory. A command
 with a ``$`` (a shell variable or substitution standing for an earlier run, such as ``$DEMO``)
@@ -29,6 +29,7 @@ import importlib.util
 import os
 import re
 import shlex
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,8 @@ def _check(command: Command, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None
             assert re.search(pattern, makefile, re.M), f"the Makefile has no {arg}"
     elif program == "mkdir":
         Path(args[-1]).mkdir(parents=True, exist_ok=True)
+    elif program == ".venv/bin/pip":
+        _check_pip(args)
     elif program == ".venv/bin/pytest":
         assert all((REPO / arg).exists() for arg in args if not arg.startswith("-"))
     elif program == "benchmarks/gpu.sh":
@@ -160,6 +163,17 @@ def _check_orch(args: list[str], placeholder: bool, tmp: Path) -> None:
         assert orch_main(args) == 0
     else:
         build_parser().parse_args(args)
+
+
+def _check_pip(args: list[str]) -> None:
+    """``pip install -e ".[EXTRA,...]"``: pyproject.toml has each extra."""
+    assert args[:2] == ["install", "-e"] and len(args) == 3, f"no check for pip {args} here"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    match = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", args[2])
+    assert match, f"pip installs {args[2]}, not this checkout"
+    for extra in filter(None, (match.group(1) or "").split(",")):
+        assert extra in extras, f"pyproject.toml has no extra {extra!r}"
 
 
 def _check_python(args: list[str]) -> None:
