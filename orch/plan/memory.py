@@ -469,9 +469,8 @@ def stage_layer_caps(cfg: Config, deg: Degrees, limit: int, *,
     ``limit`` bytes (at most ``layers - pp + 1``: a layer left for each other stage), from the
     stage's place in the pipeline alone, since a stage's bytes grow with its own layers and do
     not depend on the others' (:func:`_stage_bytes`); None where the stages cannot hold the
-    model's layers between them. With MoE layers every few layers a stage's mix depends on
-    where its layers begin; the cap then holds for either mix (a split within the caps fits
-    wherever its stages begin; a few that would fit where they do begin are left out).
+    model's layers between them. For dense models and MoE models with an MoE layer every
+    layer: with MoE every few layers a stage's bytes depend on where it begins too.
 
     The search asks this of every pipeline candidate its split by FLOPs overfills, so it
     prices few stages: middle stages hold no more micro-batches in flight than the one before
@@ -482,20 +481,23 @@ def stage_layer_caps(cfg: Config, deg: Degrees, limit: int, *,
     pc = _param_counts(key)
     stage_bytes = _stage_bytes(cfg, deg, True, fused_norm, key)
     n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
-    interval = m.moe_layer_interval if pc.moe_layers else 0
+    if pc.moe_layers and m.moe_layer_interval != 1:
+        raise ValueError("stage_layer_caps: a stage's bytes depend on where it begins with MoE "
+                         f"every {m.moe_layer_interval} layers")
+    every_layer_moe = pc.moe_layers > 0
     places = [(stage == 0, stage == deg.pp - 1,
                *_in_flight(cfg.parallel.pp_schedule, deg.pp, 1, stage, n_micro))
               for stage in range(deg.pp)]
 
     @cache
     def held(count: int, place: tuple) -> int:
-        moe_counts = {count // interval, -(-count // interval)} if interval else {0}
-        return max(stage_bytes(count - moe, moe, *place).total for moe in moe_counts)
+        moe = count if every_layer_moe else 0
+        return stage_bytes(count - moe, moe, *place).total
 
     def most(place: tuple, top: int = m.layers - deg.pp + 1) -> int:
         """The most layers, up to ``top``, that fit at ``place`` (where one does): a guess
         from the bytes of one layer and of two (a stage's bytes are affine in its layers but
-        for roundings and the MoE mix), stepped to the exact count."""
+        for roundings), stepped to the exact count."""
         one = held(1, place)
         if one > limit or top == 1:
             return int(one <= limit)

@@ -337,14 +337,29 @@ def _capped_split(cfg: Config, deg: Degrees, machine: Machine, by_flops: Config)
     layers, the most it has memory for (:func:`stage_layer_caps`: a stage's bytes follow its own
     layers and place in the pipeline): the fastest split that fits (an upgraded node's 24/8
     that does not fit becomes 23/9, not the even 16/16, which ran slower than before the
-    upgrade); where none fits, ``by_flops``, for the report."""
+    upgrade); where none fits, ``by_flops``, for the report.
+
+    With MoE layers every few layers a stage's bytes also depend on where it begins (its mix of
+    MoE and dense layers), so no cap follows from its place alone: each stage over memory is
+    capped a layer below what it holds and the split remade, until one fits or none can."""
     limit, fused = memory_limit(cfg, machine), machine.device.fused_norm
-    if estimate_memory(by_flops, deg, fused_norm=fused).total <= limit:
+    memory = estimate_memory(by_flops, deg, fused_norm=fused)
+    if memory.total <= limit:
         return by_flops
-    if (caps := stage_layer_caps(cfg, deg, limit, fused_norm=fused)) is None:
-        return by_flops
-    speeds = tuple(_speeds(machine, deg, cfg.train.precision))
-    return _with_split(cfg, balanced_split(layer_work(cfg), speeds, caps))
+    work, speeds = layer_work(cfg), tuple(_speeds(machine, deg, cfg.train.precision))
+    if not cfg.model.is_moe or cfg.model.moe_layer_interval == 1:
+        caps = stage_layer_caps(cfg, deg, limit, fused_norm=fused)
+        return by_flops if caps is None else _with_split(cfg, balanced_split(work, speeds, caps))
+    planned, tightened = by_flops, [cfg.model.layers] * deg.pp
+    while memory.total > limit:
+        for stage, total in memory.stage_totals:
+            if total > limit:
+                tightened[stage] = planned.parallel.stage_layers[stage] - 1
+        if sum(tightened) < cfg.model.layers or min(tightened) < 1:
+            return by_flops
+        planned = _with_split(cfg, balanced_split(work, speeds, tuple(tightened)))
+        memory = estimate_memory(planned, deg, fused_norm=fused)
+    return planned
 
 
 def _with_split(cfg: Config, split: Sequence[int]) -> Config:
