@@ -5,7 +5,8 @@ The plan used to find a split that fits by capping one over-memory stage a layer
 remaking the split (a dynamic program per step, thousands per ``orch plan --auto`` of a deep
 model: 70B at 1,024 GPUs took 1.3 s against a 1 s budget); the caps now come from each stage's
 place in the pipeline alone, in one pass, so they must say of every split what the memory
-model says.
+model says. With MoE every few layers a stage's bytes depend on where it begins too, and the
+split is still tightened step by step; it must find a split that fits wherever one does.
 """
 
 from __future__ import annotations
