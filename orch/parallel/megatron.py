@@ -64,17 +64,6 @@ def _problems(plan: Plan) -> list[Problem]:
             "answers would be wrong",
             "use parallel.pp_schedule=interleaved (same virtual_stages) for a megatron-core job",
         ))
-    layers = plan.layers_per_stage
-    if len(set(layers)) > 1:
-        chunks, total = len(layers), sum(layers)
-        even = (f"{total // chunks} layers each" if total % chunks == 0
-                else f"model.layers divisible by {chunks}")
-        problems.append(Problem(
-            "parallel.stage_layers",
-            f"the plan splits the layers unevenly between pipeline stages "
-            f"({', '.join(map(str, layers))}); megatron-core's parallel state places them evenly",
-            f"split evenly for a megatron-core job: parallel.stage_layers empty with {even}",
-        ))
     if not dist.is_initialized():
         problems.append(Problem(
             "", "torch.distributed is not initialized",
@@ -95,7 +84,9 @@ def _problems(plan: Plan) -> list[Problem]:
 def initialize_megatron(plan: Plan) -> None:
     """Create megatron-core's process groups for ``plan`` (torch.distributed must be up, with
     the plan's world size); raises :class:`MegatronPlanError` for a plan megatron-core would
-    misread (ZB-V, uneven stages) or a job that does not match it."""
+    misread (ZB-V) or a job that does not match it. Which layers each stage holds is the
+    model's to place (``plan.layers_per_stage``: orch's split, by FLOPs unless set), not the
+    parallel state's, so an uneven split is no problem here."""
     if problems := _problems(plan):
         raise MegatronPlanError(problems)
     d = plan.degrees
