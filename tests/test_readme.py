@@ -155,8 +155,8 @@ def _check(command: Command, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 def _check_orch(args: list[str], placeholder: bool, tmp: Path) -> None:
     if args[0] == "launch":
-        if placeholder:  # as far as options, config and overrides
-            parse_launch(args[1:])
+        if placeholder:  # as far as options, config and overrides (raising their problems)
+            parse_launch(args[1:])[2].check()
         else:
             prepare(args[1:])
     elif args[0] in ("plan", "schedule") or args[:2] == ["cluster", "detect"]:
