@@ -500,11 +500,13 @@ def test_fingerprint_covers_the_math_only() -> None:
 
 def _as_if_older(checkpoint: Path, drop: str) -> None:
     """Rewrite ``checkpoint``'s manifest as an older orch wrote it: another fingerprint hash
-    (one over other fields) and the config without field ``drop`` (added since)."""
+    (one over other fields), the config without field ``drop`` (added since) and with a field
+    the schema no longer has (removed since)."""
     raw = json.loads((checkpoint / MANIFEST).read_text())
     raw["fingerprint"] = "0" * 64
     section, name = drop.split(".")
     del raw["config"][section][name]
+    raw["config"]["train"]["removed_knob"] = 1
     (checkpoint / MANIFEST).write_text(json.dumps(raw))
 
 

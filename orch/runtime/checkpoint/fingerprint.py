@@ -46,12 +46,16 @@ def _defaults() -> dict[str, Any]:
 
 def _fingerprinted(config: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The part of a resolved config dict that the fingerprint covers, as JSON data (a tuple
-    reads as a list, as it does from a manifest), with the fields it lacks at their defaults;
+    reads as a list, as it does from a manifest), with the fields it lacks at their defaults and
+    those the schema lacks left out;
     ``keep`` names excluded fields (``section.field``) to cover nonetheless."""
     out: dict[str, Any] = {}
     for section in FINGERPRINT_SECTIONS:
-        saved = config.get(section)
-        values = {**_defaults()[section], **(saved if isinstance(saved, dict) else {})}
+        saved, defaults = config.get(section), _defaults()[section]
+        # fields the schema no longer has (removed or renamed since) cannot change this run's
+        # math: left out, or every checkpoint holding one would be another config's
+        values = {**defaults, **{name: value for name, value in (
+            saved.items() if isinstance(saved, dict) else ()) if name in defaults}}
         for name in FINGERPRINT_EXCLUDED.get(section, ()):
             if f"{section}.{name}" not in keep:
                 values.pop(name, None)
