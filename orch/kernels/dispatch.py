@@ -38,6 +38,17 @@ def triton_available() -> bool:
     return _triton
 
 
+def interpreting() -> bool:
+    """Whether Triton runs its interpreter (``TRITON_INTERPRET``), read as Triton reads it: it
+    takes ``true``, ``on`` and ``yes`` as well as ``1``."""
+    try:
+        import triton
+
+        return bool(triton.knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # no triton, or one without knobs: its plain rule
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
 @functools.cache
 def warn_once(op: str, reason: str, instead: str = "the plain-torch reference") -> None:
     """Log, once per op and reason, that ``op`` runs ``instead`` of its Triton kernel."""
@@ -65,10 +76,10 @@ def kernel_choice_problem(*tensors: torch.Tensor) -> Problem | None:
         return Problem("ORCH_KERNELS", "'triton' forces the Triton kernels, but triton does "
                        "not import", "install triton, or unset ORCH_KERNELS")
     on_cpu = not all(t.is_cuda for t in tensors) if tensors else not torch.cuda.is_available()
-    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+    if on_cpu and not interpreting():
         where = "tensors on the CPU" if tensors else "no CUDA device on this machine"
         return Problem("ORCH_KERNELS", f"'triton' forces the Triton kernels, with {where}, "
-                       "where Triton runs only in its interpreter (TRITON_INTERPRET is not 1)",
+                       "where Triton runs only in its interpreter (TRITON_INTERPRET is not set)",
                        "unset ORCH_KERNELS (the CPU runs the plain-torch reference kernels), "
                        "or set TRITON_INTERPRET=1 to run the kernels interpreted (slow: tests)")
     return None

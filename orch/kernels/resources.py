@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
+from orch.kernels.dispatch import interpreting
 
 TARGETS = {"sm_80": (80, 166_912), "sm_90": (90, 232_448)}
 """Target name -> (compute capability, shared memory a block may opt in to, in bytes): A100's
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="this dtype only (repeatable; default: all)")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         parser.error("TRITON_INTERPRET is set, so the kernels would be built for Triton's "
                      "interpreter: run with TRITON_INTERPRET unset (or 0)")
     names = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
