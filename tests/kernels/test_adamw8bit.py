@@ -13,6 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -303,6 +304,7 @@ def test_bad_hyperparameters_of_a_group_are_refused_wherever_they_come_from():
                         ({"betas": (0.9, 1.0)}, r"betas=\(0.9, 1.0\) is not two numbers")):
         with pytest.raises(ValueError, match=f"AdamW8bit param group 0: {said}"):
             AdamW8bit([{"params": [p], **group}])
+    AdamW8bit([p], lr=np.float32(1e-3)).step()  # any real number, numpy's too
     opt = AdamW8bit([p])
     with pytest.raises(ValueError, match="param group 1: weight_decay=nan"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(4))],

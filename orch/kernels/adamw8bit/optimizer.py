@@ -35,6 +35,7 @@ layers rarely spread that far within 256 elements; the tiny Llama trains to Adam
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -55,20 +56,21 @@ per element and an fp32 absmax per block of a row, so rows of ``w < 256`` elemen
 AdamW's 8."""
 
 
-def _check_hyperparameters(group: dict[str, Any], owner: str) -> None:
+def _check_hyperparameters(group: dict[str, Any], owner: str, read_tensors: bool = True) -> None:
     """Refuse what would turn parameters to NaN or fail mid-step, naming each value: ``lr``,
     ``eps`` and ``weight_decay`` finite and at least 0 (NaN fails every comparison, so it
     passed ``< 0`` checks), ``betas`` two values in [0, 1) (1 divided by zero in the bias
-    correction). One-element tensors count as their number (torch's optimizers take a
-    tensor ``lr``)."""
-    def number(value: object) -> float | None:
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        return float(value) if isinstance(value, int | float) else None
-
+    correction). Any real number counts (numpy's too), and a one-element tensor as its number
+    (torch's optimizers take a tensor ``lr``) where ``read_tensors``: ``step`` leaves tensors
+    to the checks when the group was added or loaded, since reading a CUDA one waits for the
+    device."""
     def within(value: object, high: float) -> bool:
-        x = number(value)
-        return x is not None and 0 <= x < high
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            if not read_tensors:
+                return True
+            value = value.item()
+        return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and 0 <= float(value) < high)
 
     problems = [f"{key}={group.get(key)!r} is not a finite number >= 0"
                 for key in ("lr", "eps", "weight_decay") if not within(group.get(key), math.inf)]
@@ -129,7 +131,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             # checked again here: a scheduler or the caller may have set them since
-            _check_hyperparameters(group, f"AdamW8bit param group {index}")
+            _check_hyperparameters(group, f"AdamW8bit param group {index}", read_tensors=False)
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
