@@ -106,7 +106,7 @@ def _first_weights(cfg: Config, model: Transformer, resuming: bool) -> WeightSou
     if resuming:
         return Unfilled()
     if cfg.model.init_from:
-        return HFCheckpoint(cfg.model, model)
+        return HFCheckpoint(cfg.model, model, checked=True)  # by orch launch, before start
     return SeededInit(model, cfg.train.seed)
 
 
