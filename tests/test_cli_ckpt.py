@@ -215,6 +215,11 @@ def test_export_names_every_problem_of_the_request_at_once_before_hashing(tmp_pa
     assert "--max-shard-size: '0' is not a positive byte size" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert hf_llama_config(cfg.model)["num_hidden_layers"] == 4
+    (tmp_path / "empty").mkdir()  # no complete checkpoint: said beside the request's problems
+    assert main(["ckpt", "export", str(tmp_path / "empty"), "--to", "hf", str(tmp_path / "taken"),
+                 "--dtype", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot export (3 problems)" in err and f"  - {tmp_path / 'empty'}: " in err, err
 
 
 def test_export_refuses_a_damaged_checkpoint_and_a_path_under_a_file(run, tmp_path, capsys):

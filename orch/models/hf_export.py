@@ -51,9 +51,13 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     unknown dtype, a shard size that is none, an existing ``out`` or one that cannot be made, an
     MoE model, an unreadable manifest), since those take no time to find; then, hashing only
     the files the export reads, the checkpoint's damage."""
-    path = newest_complete(checkpoint_dir)
     out = Path(out)
     problems: list[Problem] = []
+    try:
+        path: Path | None = newest_complete(checkpoint_dir)
+    except CheckpointError as exc:  # said beside the request's own problems
+        path = None
+        problems.append(exc.problem)
     if dtype not in DTYPES:
         problems.append(Problem("--dtype", f"{dtype!r} is not a dtype an export writes",
                                 f"use one of {', '.join(DTYPES)}"))
@@ -68,10 +72,10 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         problems.extend(_unwritable(out.parent))
     config, model, manifest = None, None, None
     try:
-        manifest = read_manifest(path)
+        manifest = read_manifest(path) if path is not None else None
     except CheckpointError as exc:
         problems.append(dataclasses.replace(exc.problem, fix=_EARLIER))
-    else:
+    if manifest is not None:
         model = build(ModelConfig, manifest.config.get("model"), "model", {}, problems)
         try:
             config = hf_llama_config(model, dtype if dtype in DTYPES else "float32")
@@ -79,6 +83,7 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
             problems.extend(exc.problems)
     if problems:
         raise ProblemsError(problems, title="cannot export")
+    assert path is not None and manifest is not None  # (else a problem above)
     problems = [Problem(str(path), f"does not match its manifest: {damage}", _EARLIER)
                 for damage in _damage(path, manifest)]
     if problems:
