@@ -479,6 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OrchError as exc:
         print(f"orch {command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print(f"\norch {command}: stopped by SIGINT", file=sys.stderr)
+        return 130  # as a shell reports a process ended by SIGINT
     except BrokenPipeError:  # the reader left (``orch ... --json | head``): stop, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141  # as a shell reports a process ended by SIGPIPE

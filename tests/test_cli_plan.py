@@ -239,3 +239,16 @@ def test_plan_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=REPO)
     assert done.stdout.splitlines()[-1] == "False"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """A Ctrl-C (during a long ``--auto`` search, or a c10d rendezvous wait in ``orch launch``)
+    ended in a KeyboardInterrupt traceback."""
+    import orch.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(orch.cli, "cmd_plan", interrupted)
+    assert orch.cli.main(["plan", "configs/tiny.yaml"]) == 130
+    assert capsys.readouterr().err == "\norch plan: stopped by SIGINT\n"

@@ -16,9 +16,11 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -534,11 +536,7 @@ def resume_problems(cfg: Config, degrees: Degrees, path: Path,
 
 def launch(argv: Sequence[str]) -> int:
     """Validate, then run torchrun in this process; 0 when every worker succeeded."""
-    from torch.distributed import DistStoreError
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError
-    from torch.distributed.run import parse_min_max_nnodes, run
+    from torch.distributed.run import parse_min_max_nnodes
 
     args, cfg, plan = prepare(argv)
     if args.finished is not None:  # loading it onto every device would train nothing
@@ -565,30 +563,52 @@ def launch(argv: Sequence[str]) -> int:
             print(waiting_line(args, nodes), flush=True)
             if (warning := rendezvous_host_warning(args)) is not None:
                 print(warning, flush=True)
-        while True:
-            before = read_rebalance(run_dir)
-            ooms = oom_kills()
-            try:
-                run(args)
-                break
-            except SignalException as exc:  # torchrun has ended the workers; no traceback
-                raise RunStopped(exc.sigval.name, int(exc.sigval)) from None
-            except (RendezvousError, DistStoreError) as exc:  # ~230 lines of traceback before
-                raise RunFailed(_rendezvous_failure(args, exc)) from None
-            except ChildFailedError as exc:
-                if not _repartitioned(exc, before, run_dir):
-                    oom_rose = ooms is not None and (oom_kills() or 0) > ooms
-                    failed = worker_failures(exc.failures, run_dir, oom_rose)
-                    print(summary_of_failures(failed, _node_name(args), args.max_restarts + 1),
-                          file=sys.stderr, flush=True)
-                    bad_input = all(f.kind == "bad input" for f in failed)
-                    raise RunFailed(f"{len(failed)} worker(s) failed (above)",
-                                    2 if bad_input else 1) from None
-            plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
-            print(f"orch launch: restarting on the re-partitioned pipeline "
-                  f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)
+        # Until torchrun starts the workers (and its own handlers, which stop them and raise
+        # SignalException), Ctrl-C ends this process at once: waiting for the other nodes, a
+        # static rendezvous holds the main thread in C++ (TCPStore), where a Python handler
+        # waited 15 minutes to run. Nothing is started yet, and the run lock goes with it.
+        interrupt = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            _run_workers(args, cfg, plan, run_dir)
+        finally:  # (torchrun leaves its own handler; a caller of launch() gets its back)
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, interrupt)
     print(summary(cfg, args.resume), flush=True)
     return 0
+
+
+def _run_workers(args: argparse.Namespace, cfg: Config, plan: Plan, run_dir: Path) -> None:
+    """torchrun, again after each re-partition of the pipeline; RunStopped, RunFailed."""
+    from torch.distributed import DistStoreError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import run
+
+    while True:
+        before = read_rebalance(run_dir)
+        ooms = oom_kills()
+        try:
+            run(args)
+            break
+        except SignalException as exc:  # torchrun has ended the workers; no traceback
+            raise RunStopped(exc.sigval.name, int(exc.sigval)) from None
+        except (RendezvousError, DistStoreError) as exc:  # ~230 lines of traceback before
+            raise RunFailed(_rendezvous_failure(args, exc)) from None
+        except ChildFailedError as exc:
+            if not _repartitioned(exc, before, run_dir):
+                oom_rose = ooms is not None and (oom_kills() or 0) > ooms
+                failed = worker_failures(exc.failures, run_dir, oom_rose)
+                print(summary_of_failures(failed, _node_name(args), args.max_restarts + 1),
+                      file=sys.stderr, flush=True)
+                bad_input = all(f.kind == "bad input" for f in failed)
+                raise RunFailed(f"{len(failed)} worker(s) failed (above)",
+                                2 if bad_input else 1) from None
+        plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
+        print(f"orch launch: restarting on the re-partitioned pipeline "
+              f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)
 
 
 class _QuietRepartitionExit(logging.Filter):
