@@ -40,13 +40,10 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     """Whether Triton runs its interpreter (``TRITON_INTERPRET``), read as Triton reads it: it
-    takes ``true``, ``on`` and ``yes`` as well as ``1``."""
-    try:
-        import triton
-
-        return bool(triton.knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # no triton, or one without knobs: its plain rule
-        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+    takes ``true``, ``on`` and ``yes`` (any case) as well as ``1``. Plain Python over the
+    environment, not ``triton.knobs`` (a C function ``torch.compile`` cannot trace through, and
+    ``use_triton`` runs inside compiled blocks)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
 @functools.cache
