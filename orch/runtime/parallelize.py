@@ -1,12 +1,12 @@
 """Apply a plan to the model on this rank, in torchtitan's order.
 
-First every rank checks that all ranks hold the same plan (nodes started with different configs
-or overrides would otherwise build different meshes and hang in their first collective), then
-builds the meshes and checks that their groups are the plan's. Then: the pipeline split (the
-rank keeps its stages' layers), tensor and sequence parallelism, expert parallelism on the
-folded expert mesh, context parallelism, activation checkpointing, data parallelism (FSDP2/HSDP
-over the TP- and EP-sharded DTensor parameters, per pipeline stage, the experts over their own
-edp ranks; DDP for pure replication), the pipeline executor, and the communication ledger.
+Before anything else, the worker has every rank check that all ranks hold the same plan and
+settings (:func:`agree_on_plan`). Here each rank builds the meshes and checks that their groups
+are the plan's. Then: the pipeline split (the rank keeps its stages' layers), tensor and sequence
+parallelism, expert parallelism on the folded expert mesh, context parallelism, activation
+checkpointing, data parallelism (FSDP2/HSDP over the TP- and EP-sharded DTensor parameters, per
+pipeline stage, the experts over their own edp ranks; DDP for pure replication), the pipeline
+executor, and the communication ledger.
 """
 
 from __future__ import annotations
@@ -99,8 +99,6 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     stages and sharded (tensor, expert and FSDP data parallelism) before each rank allocates
     and fills its own share, so no rank ever holds the whole model."""
     world = dist.get_world_size()
-    settings = _settings(cfg)
-    _agree("plan", _plan_fingerprint(plan, settings), [], settings)
     mesh = build_mesh(plan, device.type)
     d = plan.degrees
     moe = cfg.model.is_moe  # the same on every rank (collectives below depend on it)
@@ -170,6 +168,21 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
                 assert dp_mesh is not None
                 ledger.attach_ddp(part, dp_mesh.get_group("dp_replicate"))
     return Parallelized(model, positions, token_group, ledger, pipeline, offload_replicas)
+
+
+def agree_on_plan(plan: Plan, cfg: Config, resume: str) -> None:
+    """Raise :class:`RanksDisagree` on every rank unless all ranks hold ``plan``, the same
+    settings and the same ``resume`` (``--resume``, else ``checkpoint.resume``).
+
+    The worker's first collective: ranks that disagree would otherwise enter different
+    collectives and wait for each other until the backend's timeout (30 minutes under gloo).
+    Nodes started with different configs built different meshes; a node started with
+    ``--resume none`` beside nodes resuming skipped the checkpoint's verification that the
+    others entered (or, the other way round, crashed on its result)."""
+    settings = _settings(cfg)
+    del settings["checkpoint.resume"]  # the mode in effect instead, under both of its names
+    settings["--resume or checkpoint.resume"] = json.dumps(resume)
+    _agree("plan", _plan_fingerprint(plan, settings), [], settings)
 
 
 def _stage_modules(model: Transformer, layers: list[range], stages: list[int]) -> list[nn.Module]:
@@ -255,8 +268,8 @@ def _agree(what: str, fingerprint: str, problems: list[str],
         found.append(Problem(
             what, "; ".join(f"ranks {_ranges(ranks)} have {view}" for view, ranks in views.items())
             + _differences([item[2] for item in gathered if item is not None]),
-            "start every node with the same config file, --set overrides, data and orch "
-            "version"))
+            "start every node with the same config file, --set overrides, --resume, data and "
+            "orch version"))
     if found:
         rank = dist.get_rank()
         nodes = [item[3] for item in gathered if item is not None]
@@ -291,4 +304,4 @@ def _ranges(ranks: list[int]) -> str:
     return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
-__all__ = ["Parallelized", "RanksDisagree", "parallelize"]
+__all__ = ["Parallelized", "RanksDisagree", "agree_on_plan", "parallelize"]

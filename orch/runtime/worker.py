@@ -1,9 +1,9 @@
 """One training process: ``python -m orch.runtime.worker CONFIG [--set ...] [--resume ...]``.
 
 Started by ``orch launch`` (torchrun) on every rank. It rebuilds the same plan the launcher
-validated, checks that every rank holds it, and applies it (``orch.runtime.parallelize``:
-TP/SP, EP, CP, activation checkpointing, FSDP/DDP); then the optimizer, data, checkpoint resume
-and training.
+validated, checks before any other collective that every rank holds it with the same config and
+resume mode, and applies it (``orch.runtime.parallelize``: TP/SP, EP, CP, activation
+checkpointing, FSDP/DDP); then the optimizer, data, checkpoint resume and training.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from orch.runtime.checkpoint import CheckpointManager, restore_rng
 from orch.runtime.data import BatchStream, PackedSequences, load_tokens, source_identity
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
-from orch.runtime.parallelize import RanksDisagree, parallelize
+from orch.runtime.parallelize import RanksDisagree, agree_on_plan, parallelize
 from orch.runtime.rank_log import log_to_file, record_failure, report_crash
 from orch.runtime.train_state import TrainState
 from orch.runtime.trainer import Trainer
@@ -137,8 +137,10 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
 
     if cfg.offload.enabled:  # what an offloaded step frees must leave the process
         return_large_frees()
+    mode = resume_arg or cfg.checkpoint.resume
+    agree_on_plan(plan, cfg, mode)  # first: resolving the resume below is collective
     checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
-    resume = checkpoints.resolve_resume(resume_arg or cfg.checkpoint.resume)
+    resume = checkpoints.resolve_resume(mode)
     source = source_identity(cfg.data)  # read once: the resume's check and every save
     if resume is not None and (problems := resume_problems(cfg, plan.degrees, resume, source)):
         raise PlanError(problems, title="cannot resume")

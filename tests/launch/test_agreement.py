@@ -9,10 +9,11 @@ the other node's first worker says where to look.
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
-from launch_harness import ORCH, REPO, overrides
+from launch_harness import ORCH, REPO, launch, overrides
 
 from orch.cluster.netbed import run_together
 
@@ -25,36 +26,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_nodes_with_different_configs_stop_with_one_message(tmp_path):
-    port = free_port()
-    commands = {}
-    for node, lr in ((0, "0.001"), (1, "0.002")):
-        commands[f"node {node}"] = [
-            str(ORCH), "launch", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node",
-            "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "--rdzv-id", "agreement", "configs/tiny.yaml",
-            *overrides(tmp_path / "run", f"train.lr={lr}")]
-    done = run_together(commands, REPO, timeout=240)
-    # bad input (the nodes' commands disagree), which the workers find: exit 2 on every node
+def two_nodes(port: int, node_args: dict[int, list[str]]) -> dict[str, list[str]]:
+    """The ``orch launch`` command of each node of a 2-node job (one rank each) meeting at a
+    c10d rendezvous on ``port``; ``node_args`` follow each node's CONFIG."""
+    return {f"node {node}": [
+        str(ORCH), "launch", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+        "agreement", "configs/tiny.yaml", *args] for node, args in node_args.items()}
+
+
+def speaker(done: dict[str, tuple[int | None, str]], what: str = "plan") -> str:
+    """What rank 0's node said, after checking that every node stopped as bad input (exit 2)
+    before training, rank 0 explaining once and the other node pointing there in one line."""
     assert all(code == 2 for code, _ in done.values()), done
     said = [output for _, output in done.values()]
     assert all("step 1/" not in text for text in said)
+    speakers = [text for text in said if "ranks disagree (" in text]
+    assert len(speakers) == 1 and speakers[0].count("ranks disagree") == 1, done
+    other = next(text for text in said if text is not speakers[0])
+    assert other.count("ranks disagree") == 1, other
+    assert f"orch worker: ranks disagree on the {what}; rank 0's node shows how" in other
+    return speakers[0]
+
+
+def test_nodes_with_different_configs_stop_with_one_message(tmp_path):
+    port = free_port()
+    commands = two_nodes(port, {node: overrides(tmp_path / "run", f"train.lr={lr}")
+                                for node, lr in ((0, "0.001"), (1, "0.002"))})
+    done = run_together(commands, REPO, timeout=240)
+    # bad input (the nodes' commands disagree), which the workers find: exit 2 on every node
+    message = speaker(done)
     for _, text in done.values():  # not silent while the others join; a c10d rendezvous
         # numbers the nodes as they join, so no node claims a rank (each said its --node-rank)
         assert (f"orch launch: this node (one of 2, numbered as they join) waits at "
                 f"127.0.0.1:{port} for the others") in text
     # Only rank 0 explains; with a c10d rendezvous that is whichever node joined first. The
     # other node's launcher shows only its own worker, which points there in one line.
-    speakers = [text for text in said if "ranks disagree (" in text]
-    assert len(speakers) == 1 and speakers[0].count("ranks disagree") == 1, done
-    message = speakers[0]
-    other = next(text for text in said if text is not message)
-    assert other.count("ranks disagree") == 1, other
-    assert "orch worker: ranks disagree on the plan; rank 0's node shows how" in other
     assert "ranks 0 have fsdp2, config " in message and "ranks 1 have fsdp2, config " in message
     assert "differing: train.lr: 0.001 on ranks 0, 0.002 on ranks 1" in message  # which one
     assert "fix: start every node with the same config file, --set overrides" in message
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing recorded for a bad start
+
+
+def test_nodes_that_disagree_on_resuming_stop_with_one_message(tmp_path):
+    """One node given --resume none over a run directory with checkpoints, the other resuming:
+    the resume is resolved with collectives, which the two nodes entered differently (both hung
+    until gloo's 30-minute timeout, or the resuming one crashed with a TypeError), so the mode
+    in effect is compared before it."""
+    run = tmp_path / "run"
+    first = launch("--nproc-per-node", "1", "configs/tiny.yaml",
+                   *overrides(run, "train.steps=2", "checkpoint.interval=2"), timeout=240)
+    assert first.returncode == 0, first.stdout + first.stderr
+    commands = two_nodes(free_port(), {0: overrides(run, "train.steps=4"),
+                                       1: [*overrides(run, "train.steps=4"), "--resume", "none"]})
+    message = speaker(run_together(commands, REPO, timeout=240))
+    # c10d numbers the nodes as they join: either may be rank 0
+    assert re.search(r'differing: --resume or checkpoint\.resume: ("auto" on ranks 0, "none" '
+                     r'on ranks 1|"none" on ranks 0, "auto" on ranks 1)', message), message
+    assert message.count("differing:") == 1 and "; train." not in message  # only the resume
+    assert "--resume, data and orch version" in message
 
 
 def test_the_settings_compared_include_the_data_files_size(tmp_path):
