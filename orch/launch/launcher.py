@@ -253,6 +253,9 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
         os.environ.update(settings.env)  # the workers inherit it through torchrun
         print(settings.describe(), flush=True)
     args.nproc_per_node = str(nproc)
+    planned = (f"the cluster description's {world} processes" if cluster is not None
+               else f"--nnodes {max_nodes} x --nproc-per-node {nproc} = {world} processes")
+    os.environ[PLANNED_WORLD] = f"{world} {nproc} {planned} ({nproc} on this node)"
     # torchrun would set 1 and warn; share this node's cores between its workers instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
     args.module, args.no_python = True, False
@@ -261,6 +264,33 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     args.training_script_args = [str(args.training_script), *sets, *resume]
     args.training_script = WORKER_MODULE
     return args, cfg, plan
+
+
+PLANNED_WORLD = "ORCH_PLANNED_WORLD"
+"""The world the launcher validated, which its workers inherit: ``WORLD NPROC DESCRIPTION``."""
+
+
+def planned_world_problem(world: int, local_world: int) -> str | None:
+    """What is wrong where torchrun gave this worker another world (``WORLD_SIZE``,
+    ``LOCAL_WORLD_SIZE``) than its launcher planned and validated; None where it is the same,
+    or where no orch launch started the worker.
+
+    Nodes started with different --nnodes or --nproc-per-node each validate their own plan, but
+    torchrun forms one world: a node given --nnodes 4 beside nodes given 2 showed a plan for 4
+    while its workers trained as ranks of 2, and different --nproc-per-node failed on the plan
+    of an odd world, naming global_batch."""
+    if not (value := os.environ.get(PLANNED_WORLD)):
+        return None
+    planned, nproc, description = value.split(" ", 2)
+    if (int(planned), int(nproc)) == (world, local_world):
+        return None
+    return str(Problem(
+        "--nnodes, --nproc-per-node",
+        f"this node's launcher planned {description}, but torchrun started {world} processes "
+        f"({local_world} on this node): the nodes were given different --nnodes or "
+        "--nproc-per-node",
+        "give every node the same --nnodes and --nproc-per-node (under a cluster description, "
+        "--nproc-per-node as its node's devices)"))
 
 
 CPU_BF16 = "ORCH_CPU_BF16"
@@ -750,5 +780,5 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
     return "\n".join(lines)
 
 
-__all__ = ["backend", "launch", "launch_parser", "launch_plan", "prepare",
-           "worker_parser"]
+__all__ = ["PLANNED_WORLD", "backend", "launch", "launch_parser", "launch_plan",
+           "planned_world_problem", "prepare", "worker_parser"]

@@ -170,9 +170,11 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
     return Parallelized(model, positions, token_group, ledger, pipeline, offload_replicas)
 
 
-def agree_on_plan(plan: Plan, cfg: Config, resume: str) -> None:
+def agree_on_plan(plan: Plan | None, cfg: Config, resume: str, problems: list[str] | None = None
+                  ) -> None:
     """Raise :class:`RanksDisagree` on every rank unless all ranks hold ``plan``, the same
-    settings and the same ``resume`` (``--resume``, else ``checkpoint.resume``).
+    settings and the same ``resume`` (``--resume``, else ``checkpoint.resume``), and none has
+    ``problems`` (a rank with problems may hold no plan).
 
     The worker's first collective: ranks that disagree would otherwise enter different
     collectives and wait for each other until the backend's timeout (30 minutes under gloo).
@@ -182,7 +184,7 @@ def agree_on_plan(plan: Plan, cfg: Config, resume: str) -> None:
     settings = _settings(cfg)
     del settings["checkpoint.resume"]  # the mode in effect instead, under both of its names
     settings["--resume or checkpoint.resume"] = json.dumps(resume)
-    _agree("plan", _plan_fingerprint(plan, settings), [], settings)
+    _agree("plan", _plan_fingerprint(plan, settings), problems or [], settings)
 
 
 def _stage_modules(model: Transformer, layers: list[range], stages: list[int]) -> list[nn.Module]:
@@ -241,17 +243,18 @@ def _settings(cfg: Config) -> dict[str, str]:
     return flat
 
 
-def _plan_fingerprint(plan: Plan, settings: dict[str, str]) -> str:
+def _plan_fingerprint(plan: Plan | None, settings: dict[str, str]) -> str:
     """What must be equal on every rank: the degrees and every setting."""
     text = json.dumps(settings, sort_keys=True)
-    return f"{plan.degrees.short()}, config {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    degrees = plan.degrees.short() if plan is not None else "no plan"
+    return f"{degrees}, config {hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def _agree(what: str, fingerprint: str, problems: list[str],
            settings: dict[str, str] | None = None) -> None:
-    """Gather every rank's ``fingerprint`` and ``problems``; if they differ or any rank has
-    problems, raise :class:`RanksDisagree` on every rank (nobody is left waiting), naming the
-    ``settings`` that differ."""
+    """Gather every rank's ``fingerprint`` and ``problems``; if the fingerprints of the ranks
+    without problems differ or any rank has problems, raise :class:`RanksDisagree` on every
+    rank (nobody is left waiting), naming the ``settings`` that differ."""
     world = dist.get_world_size()
     if world == 1 and not problems:
         return
@@ -262,7 +265,8 @@ def _agree(what: str, fingerprint: str, problems: list[str],
     found: list[Problem] = []
     for rank, item in enumerate(gathered):
         assert item is not None
-        views.setdefault(item[0], []).append(rank)
+        if not item[1]:  # a rank with problems may hold no plan: they say why
+            views.setdefault(item[0], []).append(rank)
         found += [Problem(f"rank {rank}", message) for message in item[1]]
     if len(views) > 1:
         found.append(Problem(

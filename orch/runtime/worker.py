@@ -27,6 +27,7 @@ from orch.launch.launcher import (
     CPU_BF16,
     backend,
     launch_plan,
+    planned_world_problem,
     resume_problems,
     run_precision,
     worker_parser,
@@ -88,7 +89,13 @@ def run(argv: Sequence[str]) -> None:
     args = parser.parse_args(list(argv))
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = launch_plan(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if problem := planned_world_problem(world, local_world):
+        # Plan nothing for a world nobody validated, and stop every rank with this one: the
+        # other nodes' workers, planning the world they were given, meet it in the agreement.
+        init_process_group(backend(), world)
+        agree_on_plan(None, cfg, args.resume or cfg.checkpoint.resume, [problem])  # raises
+    plan = launch_plan(cfg, world, local_world)
     # the plan's rank, not torchrun's: a cluster description may place this node elsewhere
     # (its log and terminal were rank 1's on the node holding rank 0, which showed no steps)
     log_to_file(cfg.run.dir, planned_rank(plan, os.environ.get(NODE_ENV)), world)

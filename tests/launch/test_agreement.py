@@ -9,6 +9,7 @@ the other node's first worker says where to look.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 
@@ -16,6 +17,7 @@ import pytest
 from launch_harness import ORCH, REPO, launch, overrides
 
 from orch.cluster.netbed import run_together
+from orch.launch.launcher import PLANNED_WORLD, planned_world_problem, prepare
 
 pytestmark = pytest.mark.dist
 
@@ -85,6 +87,42 @@ def test_nodes_that_disagree_on_resuming_stop_with_one_message(tmp_path):
                      r'on ranks 1|"none" on ranks 0, "auto" on ranks 1)', message), message
     assert message.count("differing:") == 1 and "; train." not in message  # only the resume
     assert "--resume, data and orch version" in message
+
+
+def test_a_worker_refuses_a_world_its_launcher_did_not_plan(tmp_path, monkeypatch):
+    """Nodes given different --nnodes or --nproc-per-node each validated a plan of their own,
+    while torchrun formed one world: the launcher gives its workers the world it planned."""
+    monkeypatch.setenv(PLANNED_WORLD, "")  # prepare sets both; restored after the test
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    prepare(["--nnodes", "4", "--node-rank", "1", "--master-addr", "127.0.0.1",
+             "--nproc-per-node", "1", "configs/tiny.yaml", *overrides(tmp_path / "run")])
+    planned = "--nnodes 4 x --nproc-per-node 1 = 4 processes (1 on this node)"
+    assert os.environ[PLANNED_WORLD] == f"4 1 {planned}"
+    assert planned_world_problem(4, 1) is None
+    said = planned_world_problem(2, 1)
+    assert said == (
+        f"--nnodes, --nproc-per-node: this node's launcher planned {planned}, but torchrun "
+        "started 2 processes (1 on this node): the nodes were given different --nnodes or "
+        "--nproc-per-node\n    fix: give every node the same --nnodes and --nproc-per-node "
+        "(under a cluster description, --nproc-per-node as its node's devices)")
+    assert planned_world_problem(4, 2) is not None  # another --nproc-per-node on this node
+    monkeypatch.delenv(PLANNED_WORLD)
+    assert planned_world_problem(2, 1) is None  # a worker that orch launch did not start
+
+
+def test_a_node_given_another_nnodes_stops_every_node(tmp_path):
+    """torchrun's static rendezvous made a world of 2 with a node given --nnodes 4, whose
+    launcher had shown and checked a plan for 4: its worker says so, and both nodes stop."""
+    port = free_port()
+    commands = {f"node {node}": [
+        str(ORCH), "launch", "--nnodes", nnodes, "--node-rank", str(node), "--nproc-per-node",
+        "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "configs/tiny.yaml",
+        *overrides(tmp_path / "run")] for node, nnodes in ((0, "2"), (1, "4"))}
+    message = speaker(run_together(commands, REPO, timeout=240))
+    assert ("rank 1: --nnodes, --nproc-per-node: this node's launcher planned --nnodes 4 x "
+            "--nproc-per-node 1 = 4 processes (1 on this node), but torchrun started 2 "
+            "processes (1 on this node)") in message
+    assert "have no plan" not in message and "(1 problem)" in message  # the reason only
 
 
 def test_the_settings_compared_include_the_data_files_size(tmp_path):
