@@ -244,7 +244,10 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
         refused, resumed, args.finished = _check_resume(cfg, plan, extra.resume)
         problems += refused
         if resumed:
+            from orch.runtime.checkpoint.manifest import read_manifest
+
             init_from = []
+            problems += _check_drill(cfg, world, read_manifest(resumed).step)
     problems += init_from
     loaded.check(problems, "cannot launch")  # the config's problems and these, in one round
     assert plan is not None
@@ -430,10 +433,11 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
     return []
 
 
-def _check_drill(cfg: Config, world: int) -> list[Problem]:
+def _check_drill(cfg: Config, world: int, resumed_at: int = 0) -> list[Problem]:
     """A fault drill in the environment (``ORCH_DRILL``) must parse, and be one this run can
-    fire (a rank it has, a step it runs, a save it makes), before workers start: one that
-    cannot fire ran the job through and showed nothing."""
+    fire (a rank it has, a step it runs, a save it makes, after ``resumed_at``, the step of
+    the checkpoint it resumes), before workers start: one that cannot fire ran the job through
+    and showed nothing."""
     from orch.runtime.drills import DRILL_ENV, parse_drill
 
     if not (text := os.environ.get(DRILL_ENV)):
@@ -448,6 +452,9 @@ def _check_drill(cfg: Config, world: int) -> list[Problem]:
         why = f"rank {drill.rank} is not one of this run's {world}"
     elif drill.step > last:
         why = f"step {drill.step} is after the run's last, {last}"
+    elif drill.step <= resumed_at:
+        why = (f"the run resumes after step {drill.step}, from its checkpoint of step "
+               f"{resumed_at}")
     elif drill.during == "save" and drill.step != last and not (
             interval and drill.step % interval == 0):
         why = (f"no checkpoint is saved at step {drill.step} (checkpoint.interval={interval}, "

@@ -409,3 +409,15 @@ def test_a_data_file_changed_under_a_run_is_refused_on_resume(tmp_path):
     assert (f"data.path: '{corpus}' is not the data the checkpoint was trained on (the same "
             "size, 100,000 bytes, but other contents)") in text
     assert "orch ckpt export RUN_DIR --to hf OUT" in text
+
+
+def test_a_drill_before_the_step_the_run_resumes_at_is_refused(runs, monkeypatch):
+    """The run resumed past it (step 10 here), finished, and the drill never fired."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("ORCH_DRILL", "kill rank=1 step=7")
+    args = [*SHARD2, *overrides(runs["whole"], "train.steps=20", "checkpoint.interval=5")]
+    with pytest.raises(OrchError, match=re.escape(
+            "would never fire: the run resumes after step 7, from its checkpoint of step 10")):
+        prepare(args)
+    monkeypatch.setenv("ORCH_DRILL", "kill rank=1 step=12")  # after it: fires
+    prepare(args)
