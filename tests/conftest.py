@@ -31,3 +31,15 @@ def count_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str], list
         return calls
 
     return count
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """``orch launch``'s checks (``prepare``) export what its workers inherit into this
+    process's environment (the planned world, thread counts, a cluster node's settings): put
+    back after each test, so that no later test's workers read another test's launch."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

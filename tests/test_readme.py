@@ -100,17 +100,8 @@ def test_the_readme_has_the_commands_this_test_expects():
     assert any(text.startswith(".venv/bin/python -m orch.kernels.resources") for text in texts)
 
 
-@pytest.fixture
-def environment():
-    """The launcher sets OMP_NUM_THREADS (and a cluster node's variables) for its workers."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"line{block[0].line}" for block in BLOCKS])
-def test_readme_block_works_as_written(block, tmp_path, monkeypatch, capsys, environment):
+def test_readme_block_works_as_written(block, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     (tmp_path / "tmp").mkdir()  # the README's /tmp
     for command in block:
