@@ -40,10 +40,10 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     """Whether Triton runs its interpreter (``TRITON_INTERPRET``), read as Triton reads it: it
-    takes ``true``, ``on`` and ``yes`` (any case) as well as ``1``. Plain Python over the
+    takes ``true``, ``on``, ``yes`` and ``y`` (any case) as well as ``1``. Plain Python over the
     environment, not ``triton.knobs`` (a C function ``torch.compile`` cannot trace through, and
     ``use_triton`` runs inside compiled blocks)."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 @functools.cache

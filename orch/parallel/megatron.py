@@ -8,8 +8,9 @@ user code). ``megatron_groups`` reads the groups back so callers (and the tests)
 against the plan.
 
 Megatron-Core's parallel state assumes its interleaved layout (rank ``r`` holds chunks ``r``,
-``r + pp``, ...) and even layer splits, so plans it would misread (ZB-V's V, where rank ``r``
-holds stages ``r`` and ``2 pp - 1 - r``; uneven ``parallel.stage_layers``) are refused.
+``r + pp``, ...), so a plan it would misread (ZB-V's V, where rank ``r`` holds stages ``r`` and
+``2 pp - 1 - r``) is refused; uneven ``parallel.stage_layers`` are not its business (see
+``initialize_megatron``).
 """
 
 from __future__ import annotations

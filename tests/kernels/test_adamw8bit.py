@@ -305,6 +305,7 @@ def test_bad_hyperparameters_of_a_group_are_refused_wherever_they_come_from():
         with pytest.raises(ValueError, match=f"AdamW8bit param group 0: {said}"):
             AdamW8bit([{"params": [p], **group}])
     AdamW8bit([p], lr=np.float32(1e-3)).step()  # any real number, numpy's too
+    AdamW8bit([p], betas=np.array([0.9, 0.95])).step()  # two of them in any sequence, as AdamW
     opt = AdamW8bit([p])
     with pytest.raises(ValueError, match="param group 1: weight_decay=nan"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(4))],
@@ -314,11 +315,14 @@ def test_bad_hyperparameters_of_a_group_are_refused_wherever_they_come_from():
     saved["param_groups"][0]["lr"] = float("nan")
     with pytest.raises(ValueError, match="state dict's param group 0: lr=nan"):
         opt.load_state_dict(saved)
-    opt.param_groups[0]["lr"] = float("nan")  # as a scheduler may set it
+    second = nn.Parameter(torch.randn(8, 8))
+    second.grad = torch.ones_like(second)
+    opt.add_param_group({"params": [second]})
+    opt.param_groups[1]["lr"] = float("nan")  # as a scheduler may set it
     before = p.detach().clone()
-    with pytest.raises(ValueError, match="param group 0: lr=nan"):
+    with pytest.raises(ValueError, match="param group 1: lr=nan"):
         opt.step()
-    assert torch.equal(p, before)
+    assert torch.equal(p, before) and not opt.state  # group 0 was not stepped before the refusal
 
 
 def test_narrow_rows_keep_fp32_moments():

@@ -325,7 +325,7 @@ def test_triton_forced_on_the_cpu_without_its_interpreter_is_an_error(monkeypatc
         flash_attention(q, k, v)
     problem = dispatch.kernel_choice_problem()  # what orch launch and orch doctor ask
     assert problem is not None and "no CUDA device on this machine" in problem.message
-    for on in ("1", "true", "on"):  # as Triton reads it
+    for on in ("1", "true", "on", "yes", "Y"):  # as Triton reads it
         monkeypatch.setenv("TRITON_INTERPRET", on)
         assert dispatch.kernel_choice_problem() is None, on
 

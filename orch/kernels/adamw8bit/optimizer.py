@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -75,11 +75,20 @@ def _check_hyperparameters(group: dict[str, Any], owner: str, read_tensors: bool
     problems = [f"{key}={group.get(key)!r} is not a finite number >= 0"
                 for key in ("lr", "eps", "weight_decay") if not within(group.get(key), math.inf)]
     betas = group.get("betas")
-    if not (isinstance(betas, tuple | list) and len(betas) == 2
-            and all(within(b, 1.0) for b in betas)):
+    pair = _pair(betas)
+    if not (pair is not None and all(within(b, 1.0) for b in pair)):
         problems.append(f"betas={betas!r} is not two numbers in [0, 1)")
     if problems:
         raise ValueError(f"{owner}: {'; '.join(problems)}")
+
+
+def _pair(value: object) -> tuple[Any, Any] | None:
+    """``value``'s two items, where it is a sequence of two (a tuple, a list, a numpy array or
+    tensor of two, as torch's AdamW takes them), else None (a string or mapping is not)."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        return None
+    items = tuple(value)
+    return (items[0], items[1]) if len(items) == 2 else None
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -129,9 +138,11 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # checked again here, every group before any is updated (a refused step changes
+        # nothing): a scheduler or the caller may have set them since
         for index, group in enumerate(self.param_groups):
-            # checked again here: a scheduler or the caller may have set them since
             _check_hyperparameters(group, f"AdamW8bit param group {index}", read_tensors=False)
+        for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
