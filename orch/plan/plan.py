@@ -199,6 +199,12 @@ def config_degrees(cfg: Config, world_size: int, problems: list[Problem]) -> Deg
             )
         )
         return None
+    return _given_degrees(cfg, dp_shard)
+
+
+def _given_degrees(cfg: Config, dp_shard: int) -> Degrees:
+    """The config's degrees, with ``dp_shard`` as given (the config's may be -1)."""
+    p = cfg.parallel
     return Degrees(
         pp=p.pp,
         dp_replicate=p.dp_replicate,
@@ -432,8 +438,11 @@ def build_plan(
     problems: list[Problem] = []
     machine = resolve_machine(cfg, world_size, gpus_per_node, device, problems)
     deg = config_degrees(cfg, machine.world_size, problems) if machine else None
-    if machine is not None and deg is not None:
-        problems.extend(check_degrees(cfg, deg, machine.gpus_per_node))
+    if machine is not None:  # degrees that do not fill the world still meet the other rules
+        # (one round: heads that tp does not divide were said only once the world was right)
+        asked = deg or _given_degrees(cfg, max(cfg.parallel.dp_shard, 1))
+        problems.extend(check_degrees(cfg, asked, machine.gpus_per_node,
+                                      dp_known=deg is not None))
     if problems:
         raise PlanError(problems)
     assert machine is not None and deg is not None

@@ -12,7 +12,11 @@ from orch.errors import Problem
 from orch.plan.degrees import Degrees
 
 
-def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem]:
+def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool = True
+                  ) -> list[Problem]:
+    """Every rule ``deg`` breaks. ``dp_known`` False: the degrees do not fill the world (said
+    already), so ``deg.dp_shard`` is made up and the rules that read the data-parallel size
+    (the batch, the schedule, expert folding, DDP) are left out."""
     problems: list[Problem] = []
 
     def need(ok: bool, where: str, message: str, fix: str) -> None:
@@ -48,7 +52,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem
     ddp = (deg.dp_replicate > 1 and deg.dp_shard * deg.cp == 1 and deg.pp == 1
            and not (m.is_moe and deg.experts_folded) and not cfg.offload.enabled)
     need(  # as orch.parallel.data_parallel.replicates_with_ddp, on the resolved degrees
-        t.compile == "none" or t.recompute != "selective" or not ddp,
+        t.compile == "none" or t.recompute != "selective" or not ddp or not dp_known,
         "train.compile",
         f"{t.compile} with train.recompute=selective under DDP (dp_replicate="
         f"{deg.dp_replicate}, no sharding): torch 2.13's DDP graph splitting fails on selective "
@@ -117,7 +121,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem
             "pick an etp that divides expert_ffn_dim",
         )
         need(
-            deg.stage_ranks % (deg.ep * deg.etp) == 0,
+            deg.stage_ranks % (deg.ep * deg.etp) == 0 or not dp_known,
             "parallel.ep",
             f"ep x etp = {deg.ep} x {deg.etp} does not fold into the {deg.stage_ranks} ranks of "
             f"a pipeline stage (dp x cp x tp = {deg.dp} x {deg.cp} x {deg.tp})",
@@ -156,12 +160,12 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int) -> list[Problem
         )
     per_step = t.micro_batch * deg.dp
     need(
-        t.global_batch % per_step == 0,
+        t.global_batch % per_step == 0 or not dp_known,
         "train.global_batch",
         f"{t.global_batch} is not divisible by micro_batch x dp = {t.micro_batch} x {deg.dp}",
         f"use a multiple of {per_step}, or change micro_batch or the data-parallel size",
     )
-    if deg.pp > 1 and t.global_batch % per_step == 0:
+    if deg.pp > 1 and t.global_batch % per_step == 0 and dp_known:
         problems += _schedule_problems(cfg, deg, t.global_batch // per_step)
     for dim, size in (("tp", deg.tp), ("etp", deg.etp)):
         inside = size <= gpus_per_node and gpus_per_node % size == 0

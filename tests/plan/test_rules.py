@@ -203,3 +203,18 @@ def test_the_search_with_virtual_stages_leaves_them_to_pipelines(capsys):
     assert main(["plan", str(LLAMA), "--world-size", "64", "--auto", "--set",
                  "parallel.virtual_stages=2", "--set", "parallel.pp_schedule=interleaved"]) == 0
     assert "searched" in capsys.readouterr().out
+
+
+def test_degrees_that_do_not_fill_the_world_meet_the_other_rules_in_the_same_round():
+    """A world the degrees did not fill hid every other rule: tp=3 on 4 devices said only the
+    world's problem, and on 3 the next round named the heads, kv_heads and ffn_dim tp=3 does not
+    divide."""
+    text = plan_problems(TINY, ["parallel.tp=3"], world_size=4)
+    for said in ("world size 4 is not divisible by pp x dp_replicate x cp x tp", "heads=8",
+                 "kv_heads=4", "ffn_dim=688"):
+        assert said in text, said
+    text = plan_problems(MOE, ["parallel.ep=3", "parallel.cp=2", "parallel.dp_shard=2",
+                               "train.seq_len=66"], world_size=2, device="cpu")
+    for said in ("not the world size 2", "experts=4 is not divisible by ep=3",
+                 "66 is not divisible by 2 x cp = 4"):
+        assert said in text, said
