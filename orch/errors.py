@@ -8,7 +8,9 @@ traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 _warned: set[str] = set()
@@ -34,10 +36,24 @@ class Problem:
     where: str
     message: str
     fix: str = ""
+    reads: tuple[str, ...] = ()
+    """The config fields the check that found it read besides ``where`` (dotted paths; a
+    section stands for every field in it): a command that goes on checking a config whose
+    failed fields stand at their defaults leaves out what one of those had a part in
+    (``orch.config.LoadedConfig``), and only that."""
 
     def __str__(self) -> str:
         text = f"{self.where}: {self.message}" if self.where else self.message
         return f"{text}\n    fix: {self.fix}" if self.fix else text
+
+
+def reading(problems: Iterable[Problem], fields: Iterable[str]) -> list[Problem]:
+    """``problems`` with ``fields`` added to what their checks read (:attr:`Problem.reads`):
+    for checks given a value derived from the config, such as the world size, by the code that
+    derived it (the checks cannot tell where their arguments came from)."""
+    fields = tuple(fields)
+    return [dataclasses.replace(p, reads=tuple(dict.fromkeys((*p.reads, *fields))))
+            for p in problems]
 
 
 class OrchError(Exception):
@@ -75,3 +91,4 @@ class PlanError(ProblemsError):
     """The config is valid on its own but cannot be laid out on the requested devices."""
 
     title = "no valid plan"
+

@@ -299,6 +299,36 @@ def test_a_value_that_does_not_convert_hides_no_rule_and_says_nothing_of_its_def
     assert "train.lr: must be positive, got -1" in text and "warmup" not in text
 
 
+def test_a_rule_reading_a_failed_value_is_left_out_and_said_where_that_value_is_fine():
+    """The warmup rule reads train.steps (``Problem.reads``): with steps failed, it would judge
+    warmup 200 against the default 100; with steps at 150, warmup 200 is still said."""
+    from orch.config import load_config_lenient
+
+    failed = load_config_lenient(REPO / "configs/tiny.yaml",
+                                 ["train.steps=abc", "train.warmup_steps=200"])
+    assert [p.where for p in failed.problems] == ["--set train.steps"]
+    assert {"train.steps", "train.warmup_steps"} <= failed.stand_ins
+    fine = problems_of(REPO / "configs/tiny.yaml", ["train.steps=150", "train.warmup_steps=200"])
+    assert "(1 problem)" in fine and "train.warmup_steps: 200 is not between 0 and " \
+        "train.steps=150" in fine
+
+
+def test_later_problems_are_left_out_by_the_fields_they_read_not_their_section():
+    """A stand-in drops a later problem at it, or one that read it or its section; a problem
+    said at the section holding it but reading other fields is kept."""
+    from orch.config import load_config_lenient
+    from orch.errors import Problem
+
+    loaded = load_config_lenient(REPO / "configs/tiny.yaml", ["parallel.cp_kind=rinng"])
+    assert loaded.stand_ins == {"parallel.cp_kind"}
+    kept = Problem("parallel", "the world size", reads=("parallel.tp",))
+    later = [kept, Problem("parallel.cp_kind", "at it"),
+             Problem("run.dir", "a section read", reads=("parallel",))]
+    with pytest.raises(ConfigError) as info:
+        loaded.check(later)
+    assert info.value.problems == [*loaded.problems, kept]
+
+
 def test_the_lenient_load_gives_the_config_later_checks_run_on():
     """``orch plan`` and ``orch launch`` go on with the config: failed and refused fields at
     their defaults (named as stand-ins; dp_shard too when a degree it fills the world after is

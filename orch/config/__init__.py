@@ -10,7 +10,6 @@ problems beside a config they can go on checking, so that one run lists them all
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
@@ -96,8 +95,11 @@ class LoadedConfig:
     A field whose value did not convert, or that a cross-field rule refuses, is set to its
     default in ``config`` (the plan divides by degrees a rule refused, such as tp=0), and where
     a rule still refuses that, its section is, up to the whole config. Those are the
-    ``stand_ins``: whatever a later check says about one (or about a section holding one) would
-    be about the default, not the user's value, so :meth:`check` leaves it out.
+    ``stand_ins``: whatever a later check says about one, or found reading one, would be about
+    the default, not the user's value, so :meth:`check` leaves it out. What a check read is
+    what its Problems declare (``where`` and ``reads``), never words in their text: a field's
+    name is often an ordinary word ("steps", "name"), and a section's other fields are not
+    what a check of some of them read.
     """
 
     config: Config
@@ -121,31 +123,25 @@ class LoadedConfig:
         return self.config
 
 
-_FILLS_THE_WORLD = frozenset({"parallel", "parallel.pp", "parallel.dp_replicate", "parallel.cp",
-                              "parallel.tp"})
-"""The degrees ``parallel.dp_shard: -1`` takes the rest of the world from: a stand-in among
-them makes dp_shard one too, under each of its names (tp=0 at its default 1 gave a dp of 3 that
-global_batch 8 does not divide, on 3 devices)."""
-
-_PLAN_NAMES = {"parallel.dp_shard": ("dp",), "parallel.dp_replicate": ("dp",)}
-"""What the plan's messages call a field besides its own name (``micro_batch x dp``)."""
+_FILLS_THE_WORLD = frozenset({"cluster", "parallel", "parallel.pp", "parallel.dp_replicate",
+                              "parallel.cp", "parallel.tp"})
+"""What ``parallel.dp_shard: -1`` takes the rest of the world from (the other degrees, and the
+world the cluster description sets): a stand-in among them makes dp_shard one too (tp=0 at its
+default 1 gave a dp of 3 that global_batch 8 does not divide, on 3 devices)."""
 
 
-def _about(problem: Problem, field: str) -> bool:
-    """Whether ``problem`` involves ``field``: its ``where`` is the field, a field inside it or
-    the section holding it (``parallel`` for the world-size product), or its message or fix
-    names the field in full or by its own name (the plan's rules write ``tp=3``)."""
-    if not field:  # the whole config stands in
-        return True
-    where = problem.where.split()[-1] if problem.where else ""
-    if where and (where == field or where.startswith((field + ".", field + "["))
-                  or field.startswith(where + ".")):
-        return True
-    section, _, name = field.rpartition(".")
-    qualified = rf"(?:{re.escape(section)}\.)?" if section else ""
-    names = "|".join(re.escape(n) for n in (name, *_PLAN_NAMES.get(field, ())))
-    named = re.compile(rf"(?<![\w.]){qualified}(?:{names})(?!\w)")
-    return any(named.search(text) for text in (problem.message, problem.fix))
+def _about(problem: Problem, stand_in: str) -> bool:
+    """Whether ``stand_in`` had a part in ``problem``: its ``where`` is the stand-in or lies
+    inside it, or a field its check read (:attr:`Problem.reads`) is, lies inside it, or is a
+    section holding it. A ``where`` that is a section holding the stand-in is not enough: the
+    world-size product said at ``parallel`` reads the degrees, not ``parallel.cp_kind``."""
+    return (_inside(problem.where, stand_in)
+            or any(_inside(read, stand_in) or _inside(stand_in, read) for read in problem.reads))
+
+
+def _inside(path: str, section: str) -> bool:
+    """Whether dotted ``path`` is ``section`` or lies inside it (``""``: the whole config)."""
+    return not section or path == section or path.startswith((section + ".", section + "["))
 
 
 def _unaffected(problems: Iterable[Problem], fields: Collection[str]) -> list[Problem]:

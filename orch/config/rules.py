@@ -1,13 +1,14 @@
 """Rules between config fields that hold whatever devices the run gets.
 
-Each rule appends a Problem naming the field, the value and a fix; all rules run so users see
-every problem at once. Rules that depend on the world size or the device (divisibility by
+Each rule appends a Problem naming the field, the value and a fix, and the other fields it reads
+(``Problem.reads``: a failed value's default must not be blamed on the user); all rules run so
+users see every problem at once. Rules that depend on the world size or the device (divisibility by
 parallel degrees, memory) are the plan's, in ``orch.plan.rules``.
 """
 
 from __future__ import annotations
 
-from orch.config.schema import Config
+from orch.config.schema import KV_HEADS, OFFLOADED, Config
 from orch.errors import Problem
 from orch.offload.sizes import ALIGN
 from orch.parallel.schedules.generators import CHUNKED, SPLIT_BACKWARD
@@ -18,9 +19,9 @@ UINT16_IDS = 1 << 16
 def check_config(cfg: Config) -> list[Problem]:
     problems: list[Problem] = []
 
-    def need(ok: bool, where: str, message: str, fix: str) -> None:
+    def need(ok: bool, where: str, message: str, fix: str, reads: tuple[str, ...] = ()) -> None:
         if not ok:
-            problems.append(Problem(where, message, fix))
+            problems.append(Problem(where, message, fix, reads))
 
     m, t, p, o = cfg.model, cfg.train, cfg.parallel, cfg.optimizer
     need(
@@ -53,6 +54,7 @@ def check_config(cfg: Config) -> list[Problem]:
         "model.dim",
         f"{m.dim} is not divisible by model.heads={m.heads}",
         "choose dim = heads x head_dim, e.g. heads 32 with dim 4096",
+        ("model.heads",),
     )
     need(
         not heads_ok or m.dim % m.heads or m.dim // m.heads % 2 == 0,
@@ -60,18 +62,21 @@ def check_config(cfg: Config) -> list[Problem]:
         f"head_dim dim/heads = {m.dim // max(1, m.heads)} is odd; RoPE rotates pairs of "
         "channels",
         "choose heads so that dim/heads is even",
+        ("model.dim",),
     )
     need(
         m.n_kv_heads >= 1,
         "model.kv_heads",
         f"must be at least 1, got {m.n_kv_heads}",
         "use a kv_heads that divides heads (e.g. 8 for 32 heads), or null for heads",
+        KV_HEADS,
     )
     need(
         m.n_kv_heads < 1 or m.heads < 1 or m.heads % m.n_kv_heads == 0,
         "model.kv_heads",
         f"heads={m.heads} is not a multiple of kv_heads={m.n_kv_heads}",
         "use a kv_heads that divides heads (e.g. 8 for 32 heads), or null for heads",
+        KV_HEADS,
     )
     need(
         m.norm_eps > 0,
@@ -91,7 +96,7 @@ def check_config(cfg: Config) -> list[Problem]:
         f"must be 0 (dense) or more, got {m.experts}",
         "use 0 for a dense model",
     )
-    if m.is_moe:
+    if m.is_moe:  # (experts' default, 0, runs none of these: no need to declare it read)
         need(
             1 <= m.top_k <= m.experts,
             "model.top_k",
@@ -103,6 +108,7 @@ def check_config(cfg: Config) -> list[Problem]:
             "model.moe_layer_interval",
             f"{m.moe_layer_interval} is not between 1 and layers={m.layers}",
             "use 1 to make every layer MoE, 2 for every other layer",
+            ("model.layers",),
         )
         need(
             m.capacity_factor is None or m.capacity_factor > 0,
@@ -136,12 +142,14 @@ def check_config(cfg: Config) -> list[Problem]:
         "train.seq_len",
         f"{t.seq_len} is longer than model.max_seq_len={m.max_seq_len}",
         f"lower train.seq_len or raise model.max_seq_len to at least {t.seq_len}",
+        ("model.max_seq_len",),
     )
     need(
         t.micro_batch < 1 or t.global_batch % t.micro_batch == 0,
         "train.global_batch",
         f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}",
         "make global_batch a multiple of micro_batch",
+        ("train.micro_batch",),
     )
     need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}", "use e.g. 3e-4")
     need(t.seed >= 0, "train.seed", f"must be 0 or more, got {t.seed}",  # numpy's generators
@@ -157,6 +165,7 @@ def check_config(cfg: Config) -> list[Problem]:
         "train.warmup_steps",
         f"{t.warmup_steps} is not between 0 and train.steps={t.steps}",
         "shorten the warmup",
+        ("train.steps",),
     )
     need(
         t.grad_clip >= 0,
@@ -197,6 +206,7 @@ def check_config(cfg: Config) -> list[Problem]:
         "parallel.virtual_stages",
         f"{p.virtual_stages} needs pp_schedule: interleaved (or zbv), not {p.pp_schedule}",
         "set parallel.pp_schedule=interleaved or virtual_stages=1",
+        ("parallel.pp_schedule",),
     )
     need(
         p.pp_rebalance_threshold == 0 or p.pp_rebalance_threshold > 1,
@@ -210,6 +220,7 @@ def check_config(cfg: Config) -> list[Problem]:
         f"re-partitioning needs a pipeline of one stage per rank (pp {p.pp}, virtual_stages "
         f"{p.virtual_stages})",
         "set parallel.pp_rebalance_threshold=0, or pp > 1 with virtual_stages=1",
+        ("parallel.pp", "parallel.virtual_stages"),
     )
     need(
         t.compile == "none" or p.tp == 1,
@@ -217,6 +228,7 @@ def check_config(cfg: Config) -> list[Problem]:
         f"{t.compile} with parallel.tp={p.tp}: torch 2.13 hands a plain tensor where tensor "
         "parallelism's redistribution expects a DTensor gradient, and the backward fails",
         "set train.compile=none, or parallel.tp=1",
+        ("parallel.tp",),
     )
     need(
         t.compile == "none" or p.pp == 1 or p.pp_schedule not in SPLIT_BACKWARD,
@@ -224,6 +236,7 @@ def check_config(cfg: Config) -> list[Problem]:
         f"{t.compile} with pp_schedule={p.pp_schedule}: a compiled block computes its weight "
         "gradients with its input gradients, so the schedule's deferred W steps would be empty",
         "use pp_schedule 1f1b, gpipe or interleaved with train.compile, or train.compile=none",
+        ("parallel.pp", "parallel.pp_schedule"),
     )
     need(
         t.compile == "none" or p.pp == 1 or t.recompute == "none",
@@ -232,6 +245,7 @@ def check_config(cfg: Config) -> list[Problem]:
         "stage's recomputed compiled block saves other tensors than its first forward did, and "
         "the backward fails",
         "set train.recompute=none, or train.compile=none",
+        ("parallel.pp", "train.recompute"),
     )
     need(
         p.pp_max_deferred is None or p.pp_max_deferred >= 0,
@@ -244,6 +258,7 @@ def check_config(cfg: Config) -> list[Problem]:
         "parallel.stage_layers",
         f"{p.stage_layers} splits the layers between pipeline stages, but parallel.pp is 1",
         "remove parallel.stage_layers, or set parallel.pp",
+        ("parallel.pp",),
     )
     need(
         p.pp_rebalance_steps >= 1,
@@ -256,12 +271,14 @@ def check_config(cfg: Config) -> list[Problem]:
         "parallel.pp_schedule",
         "interleaved needs virtual_stages of 2 or more",
         "set parallel.virtual_stages=2 (or more), or pick 1f1b",
+        ("parallel.virtual_stages", "parallel.pp"),
     )
     need(
         p.pp_schedule != "zbv" or p.virtual_stages == 2 or p.pp == 1,
         "parallel.pp_schedule",
         f"zbv runs 2 stages per rank (a V), not virtual_stages={p.virtual_stages}",
         "set parallel.virtual_stages=2",
+        ("parallel.virtual_stages", "parallel.pp"),
     )
     if not m.is_moe:
         for name in ("ep", "etp"):
@@ -271,6 +288,7 @@ def check_config(cfg: Config) -> list[Problem]:
                 f"parallel.{name}",
                 f"{value} > 1 but the model has no experts",
                 f"set parallel.{name}=1, or model.experts > 0",
+                ("model.experts",),
             )
 
     off = cfg.offload
@@ -281,6 +299,7 @@ def check_config(cfg: Config) -> list[Problem]:
             f"offload.{group}",
             "is nvme but offload.nvme_path is empty",
             "set offload.nvme_path to a directory on an SSD",
+            ("offload.nvme_path",),
         )
     need(
         off.activations != "auto" or t.recompute == "none",
@@ -288,6 +307,7 @@ def check_config(cfg: Config) -> list[Problem]:
         f"auto with train.recompute={t.recompute}: the automatic policy decides recompute per "
         "layer itself",
         "set train.recompute=none, or offload.activations to device or cpu",
+        ("train.recompute",),
     )
     for name in ("device_budget", "pinned_budget"):
         need(
@@ -296,6 +316,7 @@ def check_config(cfg: Config) -> list[Problem]:
             f"{getattr(off, name)} is set, but nothing is offloaded (every offload group is on "
             "the device), so no budget applies",
             "set offload.params (and grads, optimizer) to cpu or nvme, or leave the budget auto",
+            OFFLOADED,
         )
     need(
         off.cpu_adam == "auto" or (off.optimizer != "device" and cfg.optimizer.name == "adamw"),
@@ -305,6 +326,7 @@ def check_config(cfg: Config) -> list[Problem]:
         f"offload.optimizer={off.optimizer}",
         "leave offload.cpu_adam auto, or use optimizer.name=adamw with offload.optimizer=cpu or "
         "nvme",
+        ("offload.optimizer", "optimizer.name"),
     )
     defaults = type(off)()
     on_nvme = "nvme" in tiers.values()
@@ -314,12 +336,14 @@ def check_config(cfg: Config) -> list[Problem]:
             f"offload.{name}",
             f"{getattr(off, name)} is set, but nothing rests on NVMe, so no NVMe I/O applies",
             "set offload.params, grads, optimizer or activations to nvme, or leave it out",
+            OFFLOADED,
         )
     need(
         off.enabled or off.prefetch_depth == defaults.prefetch_depth,
         "offload.prefetch_depth",
         f"{off.prefetch_depth} is set, but nothing is offloaded, so nothing is fetched ahead",
         "set offload.params (and grads, optimizer) to cpu or nvme, or leave it out",
+        OFFLOADED,
     )
     need(
         off.prefetch_depth >= 0,
@@ -344,6 +368,7 @@ def check_config(cfg: Config) -> list[Problem]:
         "run.stop_at_step",
         f"{cfg.run.stop_at_step} is not between 0 and train.steps={t.steps}",
         "use 0 to train to train.steps",
+        ("train.steps",),
     )
     need(
         cfg.run.comm_timeout_s == 0 or 1 <= cfg.run.comm_timeout_s <= 86_400,
@@ -361,6 +386,7 @@ def check_config(cfg: Config) -> list[Problem]:
         f"ids below {UINT16_IDS:,} only, and a file of 32-bit ids read as uint16 passes every "
         "check as two ids each",
         "set data.token_dtype: uint32 (what a tokenizer of this vocabulary writes)",
+        ("data.path", "data.format", "model.vocab_size"),
     )
     prof = cfg.run.profile
     need(
@@ -369,6 +395,7 @@ def check_config(cfg: Config) -> list[Problem]:
         "run.profile",
         f"start {prof.start}, steps {prof.steps}: not steps within 1..train.steps={t.steps}",
         "use e.g. {start: 5, steps: 2}, or start: 0 for none",
+        ("run.profile.start", "run.profile.steps", "train.steps"),
     )
     need(
         cfg.run.log_interval >= 1,

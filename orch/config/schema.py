@@ -293,3 +293,14 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     cluster: str | None = field(default=None, metadata=_help("cluster description YAML"))
+
+
+# What the checks that use a derived value read (each one's Problems declare it: Problem.reads)
+WORLD_DEGREES = tuple(f"parallel.{name}" for name in ("pp", "dp_replicate", "dp_shard", "cp", "tp"))
+"""The degrees whose product is the world size."""
+DP_DEGREES = ("parallel.dp_replicate", "parallel.dp_shard")
+"""What the data-parallel size (dp_replicate x dp_shard) reads."""
+OFFLOADED = tuple(f"offload.{group}" for group in ("params", "grads", "optimizer", "activations"))
+"""What :attr:`OffloadConfig.enabled` (whether anything is offloaded) reads: every group's home."""
+KV_HEADS = ("model.kv_heads", "model.heads")
+"""What :attr:`ModelConfig.n_kv_heads` reads (null kv_heads: as many as heads)."""

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from orch.config import Config, LoadedConfig, load_config_lenient
-from orch.errors import OrchError, PlanError, Problem, ProblemsError
+from orch.config.schema import WORLD_DEGREES
+from orch.errors import OrchError, PlanError, Problem, ProblemsError, reading
 from orch.kernels.dispatch import kernel_choice_problem
 from orch.launch.failures import oom_kills, worker_failures
 from orch.launch.failures import summary as summary_of_failures
@@ -44,6 +45,7 @@ from orch.parallel.pipeline.rebalance import (
 from orch.plan import Plan, build_plan
 from orch.plan.cluster import ClusterSpec, NodeSpec, load_cluster
 from orch.plan.degrees import Degrees
+from orch.plan.memory import MEMORY_READS
 from orch.runtime.checkpoint.files import CHECKPOINTS
 from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
 from orch.runtime.rank_log import LOGS
@@ -216,6 +218,10 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     else:
         nproc = _nproc_per_node(args.nproc_per_node, cfg, max_nodes, problems)
     world = cluster.world_size if cluster is not None else max_nodes * nproc
+    # what the checks given the world read through it: the cluster description, and the degrees
+    # where neither it nor --nproc-per-node gave this node's processes
+    world_reads = ("cluster", *(WORLD_DEGREES if node is None and args.nproc_per_node is None
+                                else ()))
     if cluster is not None:
         check_node(cluster, node, max_nodes, nproc, problems, _visible_gpus())
     plan = None
@@ -223,17 +229,17 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
         plan = launch_plan(cfg, world, nproc)
     except PlanError as exc:
         problems += [_explain_world(p, world, max_nodes, nproc, cfg.cluster)
-                     for p in exc.problems]
-    problems += unsupported_features(cfg, world)
+                     for p in reading(exc.problems, world_reads)]
+    problems += reading(unsupported_features(cfg, world), world_reads)
     problems += _check_data(cfg)
-    problems += _check_nvme(cfg, plan)
+    problems += reading(_check_nvme(cfg, plan), world_reads)
     init_from: list[Problem] = []  # reported unless the run resumes (its weights come from there)
     if cfg.model.init_from:
         from orch.models.hf_load import init_from_problems, text_data_problems
 
         init_from = init_from_problems(cfg.model) + text_data_problems(cfg.model, cfg.data)
     problems += _check_run_dir(Path(cfg.run.dir))
-    problems += _check_drill(cfg, world)
+    problems += reading(_check_drill(cfg, world), world_reads)
     problems += _check_tensorboard(cfg)
     if (kernels := kernel_choice_problem()) is not None:
         problems.append(kernels)
@@ -360,7 +366,7 @@ def _cluster_node(cfg: Config, given: str | None, problems: list[Problem]
         if given:
             problems.append(Problem("--node-name", f"{given!r} given, but the config names no "
                                     "cluster description", "set cluster: in the config, or "
-                                    "leave --node-name out"))
+                                    "leave --node-name out", ("cluster",)))
         return None, None
     try:
         cluster = load_cluster(cfg.cluster)
@@ -376,10 +382,12 @@ def _explain_world(problem: Problem, world: int, nodes: int, nproc: int, cluster
     if "world size" not in problem.message:
         return problem
     if cluster:
-        return Problem(problem.where, f"{problem.message} (the {world} devices of cluster "
-                       f"{cluster})", problem.fix + ", or edit the cluster description")
-    return Problem(problem.where, f"{problem.message} (--nnodes {nodes} x --nproc-per-node "
-                   f"{nproc} = {world} processes)", problem.fix + ", or --nproc-per-node")
+        return dataclasses.replace(problem, message=f"{problem.message} (the {world} devices "
+                                   f"of cluster {cluster})",
+                                   fix=problem.fix + ", or edit the cluster description")
+    return dataclasses.replace(problem, message=f"{problem.message} (--nnodes {nodes} x "
+                               f"--nproc-per-node {nproc} = {world} processes)",
+                               fix=problem.fix + ", or --nproc-per-node")
 
 
 def _check_data(cfg: Config) -> list[Problem]:
@@ -429,7 +437,8 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
         return [Problem("offload.nvme_path", f"{off.nvme_path!r} has {free:,} bytes free{left}; "
                         f"the plan puts {need:,} bytes there ({plan.memory.nvme:,} per rank, "
                         f"{plan.gpus_per_node} on a node)",
-                        "free space, choose a larger disk, or keep more groups on cpu")]
+                        "free space, choose a larger disk, or keep more groups on cpu",
+                        MEMORY_READS)]
     return []
 
 
@@ -446,10 +455,10 @@ def _check_drill(cfg: Config, world: int, resumed_at: int = 0) -> list[Problem]:
         drill = parse_drill(text)
     except ProblemsError as exc:
         return exc.problems
-    last, interval = cfg.run.stop_at_step or cfg.train.steps, cfg.checkpoint.interval
-    why = None
+    last, interval = _last_step(cfg), cfg.checkpoint.interval
+    why, reads = None, ("run.stop_at_step", "train.steps")  # what _last_step reads
     if drill.rank >= world:
-        why = f"rank {drill.rank} is not one of this run's {world}"
+        why, reads = f"rank {drill.rank} is not one of this run's {world}", ()
     elif drill.step > last:
         why = f"step {drill.step} is after the run's last, {last}"
     elif drill.step <= resumed_at:
@@ -459,10 +468,11 @@ def _check_drill(cfg: Config, world: int, resumed_at: int = 0) -> list[Problem]:
             interval and drill.step % interval == 0):
         why = (f"no checkpoint is saved at step {drill.step} (checkpoint.interval={interval}, "
                f"last step {last})")
+        reads += ("checkpoint.interval",)
     if why is None:
         return []
     return [Problem(DRILL_ENV, f"{text!r} would never fire: {why}",
-                    "choose a rank, step and save this run has, or unset it")]
+                    "choose a rank, step and save this run has, or unset it", reads)]
 
 
 def _check_tensorboard(cfg: Config) -> list[Problem]:

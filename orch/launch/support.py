@@ -7,6 +7,7 @@ Imports no torch, so ``orch plan`` stays quick (the launcher's own imports pull 
 from __future__ import annotations
 
 from orch.config import Config
+from orch.config.schema import OFFLOADED
 from orch.errors import Problem
 
 OFFLOAD_HOMES_RUN = {"params": ("cpu", "nvme"), "grads": ("cpu", "nvme"),
@@ -17,12 +18,14 @@ offloaded (gradients and parameters always leave the device)."""
 
 
 def unsupported_features(cfg: Config, world: int) -> list[Problem]:
-    """What the plan allows but this version of the runtime cannot run yet, said up front."""
+    """What the plan allows but this version of the runtime cannot run yet, said up front,
+    each with the config fields it read (``world``'s are the caller's to add)."""
     p, off, problems = cfg.parallel, cfg.offload, []
     if p.tp > 1 and p.dp_shard == 1 and p.dp_replicate > 1:
         problems.append(Problem("parallel.dp_shard", "1 with dp_replicate > 1 and tp > 1: DDP "
                                 "cannot replicate tensor-parallel (DTensor) parameters",
-                                "use parallel.dp_shard >= 2 (FSDP or HSDP) with tensor parallel"))
+                                "use parallel.dp_shard >= 2 (FSDP or HSDP) with tensor parallel",
+                                ("parallel.dp_replicate", "parallel.tp")))
     tiers = {g: getattr(off, g) for g in OFFLOAD_HOMES_RUN}
     unrun = {g: t for g, t in tiers.items() if t not in OFFLOAD_HOMES_RUN[g]}
     if off.enabled:  # one problem per group the runtime does not run where it is asked
@@ -31,45 +34,50 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
             problems.append(Problem(
                 f"offload.{group}", f"{tier}, with {offloaded}: once anything is offloaded this "
                 f"version keeps {group} on {' or '.join(OFFLOAD_HOMES_RUN[group])}",
-                f"set offload.{group}={OFFLOAD_HOMES_RUN[group][0]}"))
+                f"set offload.{group}={OFFLOAD_HOMES_RUN[group][0]}", OFFLOADED))
     split = {name: degree for name, degree in (("pp", p.pp), ("tp", p.tp), ("cp", p.cp))
              if degree > 1}
+    splits = (*OFFLOADED, "parallel.pp", "parallel.tp", "parallel.cp")
     if off.enabled and split:  # said first: the replica rule below cannot be met with them
         settings = " ".join(f"parallel.{name}={degree}" for name, degree in split.items())
         problems.append(Problem("offload", f"with {settings}: offloaded units are whole layers "
                                 "at home on every process, so offloaded training runs one "
                                 "process or data-parallel replicas only",
                                 f"set {' '.join(f'parallel.{name}=1' for name in split)}, or "
-                                "offload nothing"))
+                                "offload nothing", splits))
     elif off.enabled and world > 1 and p.dp_replicate != world:
         problems.append(Problem("offload", f"with {world} processes and parallel.dp_replicate="
                                 f"{p.dp_replicate}: offloaded training runs one process, or "
                                 f"{world} replicas (each process keeps the whole model at home "
                                 "and steps a share of it on the CPU)",
                                 f"set parallel.dp_replicate={world} parallel.dp_shard=1, or launch "
-                                "with --nproc-per-node 1"))
+                                "with --nproc-per-node 1", (*splits, "parallel.dp_replicate")))
     units = cfg.model.layers + 2  # orch.offload.engine.transformer_units
     if off.enabled and world > units:
         problems.append(Problem("offload", f"with {world} processes: each offloaded replica steps "
                                 f"at least one of the model's {units} units (embedding, blocks, "
-                                "head)", f"launch at most {units} processes"))
+                                "head)", f"launch at most {units} processes",
+                                (*OFFLOADED, "model.layers")))
     if off.shard_params and off.params == "device":
         problems.append(Problem("offload.shard_params", "true with offload.params=device: "
                                 "replicas share parameters that rest off the device", "set "
-                                "offload.params=cpu or nvme, or offload.shard_params=false"))
+                                "offload.params=cpu or nvme, or offload.shard_params=false",
+                                ("offload.params",)))
     if off.enabled and (p.ep > 1 or p.etp > 1):
         problems.append(Problem("offload", f"with parallel.ep={p.ep}, etp={p.etp}: offloaded "
                                 "units are whole on every replica, so experts cannot be split "
                                 "over ranks", "set parallel.ep=1 parallel.etp=1 (each replica "
-                                "keeps every expert at home), or offload nothing"))
+                                "keeps every expert at home), or offload nothing",
+                                (*OFFLOADED, "parallel.ep", "parallel.etp")))
     if off.enabled and cfg.model.tie_embeddings:
         problems.append(Problem("model.tie_embeddings", "true with offload: the embedding and "
                                 "the head are offloaded as separate units, and one weight "
                                 "cannot rest in both", "set model.tie_embeddings=false, or "
-                                "offload nothing"))
+                                "offload nothing", OFFLOADED))
     if off.enabled and world > 1 and off.grads == "nvme":
         problems.append(Problem("offload.grads", f"nvme with {world} processes: replicas average "
-                                "their gradients in CPU memory", "set offload.grads=cpu"))
+                                "their gradients in CPU memory", "set offload.grads=cpu",
+                                OFFLOADED))
     return problems
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from orch.config.schema import DataConfig, ModelConfig
-from orch.errors import Problem, ProblemsError
+from orch.errors import Problem, ProblemsError, reading
 from orch.models.hf import hf_ignored, hf_llama_config, hf_to_ours
 from orch.models.llama import Transformer
 from orch.models.weights import fill_all
@@ -72,7 +72,7 @@ def init_from_problems(model: ModelConfig) -> list[Problem]:
         return problems
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in Transformer(model).named_parameters()}
-    return _locate(model, shapes)[1]
+    return reading(_locate(model, shapes)[1], ("model",))  # the shapes of the whole model
 
 
 def _config_problems(model: ModelConfig) -> list[Problem]:
@@ -156,7 +156,7 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
         given = said.get(key) or (f"has {key}: {theirs[key]!r}" if theirs.get(key) is not None
                                   else f"has no {key}, which transformers reads as {hf[key]!r}")
         problems.append(Problem(f"model.{field}", f"{getattr(model, field)!r} but {config_file} "
-                                f"{given}", f"set model.{field}={hf[key]}"))
+                                f"{given}", f"set model.{field}={hf[key]}", ("model.init_from",)))
     return problems
 
 
@@ -185,7 +185,8 @@ def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
                     f"starts from a checkpoint of {model.vocab_size} tokens (model.vocab_size), "
                     "whose ids are its own tokenizer's", "tokenize the text with the "
                     "checkpoint's tokenizer into a .npy (or a .bin of data.token_dtype) and point "
-                    "data.path at it (a model trained on orch's bytes: save the bytes so)")]
+                    "data.path at it (a model trained on orch's bytes: save the bytes so)",
+                    ("model.vocab_size", "data.format"))]
 
 
 class HFCheckpoint:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from math import gcd
 
-from orch.config.schema import Config
+from orch.config.schema import WORLD_DEGREES, Config
 from orch.errors import OrchError, Problem, ProblemsError
 from orch.plan.cluster import MAX_WORLD_SIZE, ClusterSpec, load_cluster
 from orch.plan.degrees import Degrees
@@ -119,7 +119,8 @@ def resolve_machine(
             cluster = load_cluster(cfg.cluster)
         except ProblemsError as exc:
             problems.extend(  # each ``where`` starts with the file (and line)
-                Problem(f"cluster {p.where}", p.message, p.fix) for p in exc.problems
+                Problem(f"cluster {p.where}", p.message, p.fix, ("cluster",))
+                for p in exc.problems
             )
             return None
         except OrchError as exc:
@@ -146,17 +147,19 @@ def resolve_machine(
                     f"{world_size} differs from the "
                     f"{cluster.world_size} devices of cluster {cfg.cluster}",
                     "leave --world-size out, or edit the cluster description",
+                    ("cluster",),
                 )
             )
         if gpus_per_node is not None:  # was ignored
             problems.append(Problem("--gpus-per-node", f"{gpus_per_node} is set, but cluster "
                                     f"{cfg.cluster} lists each node's devices",
-                                    "leave --gpus-per-node out, or edit the cluster description"))
+                                    "leave --gpus-per-node out, or edit the cluster description",
+                                    ("cluster",)))
         if spec is not None:  # mixed the device's compute with the nodes' links and memory
             problems.append(Problem("--device", f"{device} is set, but cluster {cfg.cluster} "
                                     "names each node's device (and its links follow them)",
                                     "leave --device out, or edit the cluster description's "
-                                    "device (or its device_overrides)"))
+                                    "device (or its device_overrides)", ("cluster",)))
         node_gcd = 0
         for node in cluster.nodes:
             node_gcd = gcd(node_gcd, node.devices)
@@ -164,6 +167,8 @@ def resolve_machine(
                        topology, cluster, only_listed=cfg.parallel.node_order == "listed")
 
     assert spec is not None
+    # what the world size was read from, without a cluster description (which would set it)
+    world_reads = ("cluster", *(WORLD_DEGREES if world_size is None else ()))
     if world_size is None:
         world_size = _world_from_degrees(cfg)
     if world_size is None:
@@ -172,6 +177,7 @@ def resolve_machine(
                 "--world-size",
                 "not given, and parallel.dp_shard is -1 so the degrees do not fix it",
                 "pass --world-size N (devices in all), or set cluster: in the config",
+                world_reads,
             )
         )
         return None
@@ -181,6 +187,7 @@ def resolve_machine(
                 "--world-size",
                 f"must be between 1 and {MAX_WORLD_SIZE:,}, got {world_size:,}",
                 "pass the number of devices in the job",
+                world_reads,
             )
         )
         return None
@@ -191,7 +198,7 @@ def resolve_machine(
                    f"{gpus_per_node} does not divide the world size {world_size} into whole "
                    "nodes")
         problems.append(Problem("--gpus-per-node", message,
-                                "pass a --gpus-per-node that divides --world-size"))
+                                "pass a --gpus-per-node that divides --world-size", world_reads))
         return None
     return Machine(
         world_size, gpus_per_node, spec, Topology.uniform(world_size, gpus_per_node, spec)

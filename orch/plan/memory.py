@@ -39,6 +39,9 @@ ADAMW_BYTES = 8
 """Two fp32 moments."""
 QUANT_BLOCK = 256
 """adamw8bit: one fp32 absmax per block of 256 elements, per moment."""
+MEMORY_READS = ("model", "train", "optimizer", "parallel", "offload")
+"""The config sections :func:`estimate_memory` reads (shapes, batch and precision, optimizer
+states, degrees and schedule, homes): what a check of its bytes reads (``Problem.reads``)."""
 
 
 @dataclass(frozen=True)

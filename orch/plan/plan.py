@@ -14,15 +14,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from orch.config.schema import Config
-from orch.errors import PlanError, Problem
+from orch.config.schema import WORLD_DEGREES, Config
+from orch.errors import PlanError, Problem, reading
 from orch.parallel.schedules.actions import rank_stages
 from orch.parallel.schedules.generators import placement_of
 from orch.plan.cost import StepTime, estimate_step_time, head_flops, layer_flops
 from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
 from orch.plan.machine import Machine, resolve_machine
-from orch.plan.memory import MemoryEstimate, estimate_memory, model_key, stage_layer_caps
+from orch.plan.memory import (
+    MEMORY_READS,
+    MemoryEstimate,
+    estimate_memory,
+    model_key,
+    stage_layer_caps,
+)
 from orch.plan.placement import (
     NodePlace,
     balanced_split,
@@ -184,6 +190,7 @@ def config_degrees(cfg: Config, world_size: int, problems: list[Problem]) -> Deg
                     f"pp x dp_replicate x cp x tp = {p.pp} x {p.dp_replicate} x "
                     f"{p.cp} x {p.tp} = {fixed}",
                     "change the degrees or the world size so that they divide it",
+                    WORLD_DEGREES,
                 )
             )
             return None
@@ -196,6 +203,7 @@ def config_degrees(cfg: Config, world_size: int, problems: list[Problem]) -> Deg
                 f"{p.dp_replicate} x {dp_shard} x {p.cp} x {p.tp} = "
                 f"{fixed * dp_shard}, not the world size {world_size}",
                 "set parallel.dp_shard=-1 to fill the world, or fix the degrees",
+                WORLD_DEGREES,
             )
         )
         return None
@@ -403,7 +411,8 @@ def place(cfg: Config, deg: Degrees, machine: Machine, problems: list[Problem]) 
             "cluster", f"the {', '.join(sorted(stranded))} groups of {deg.short()} span nodes "
             "that share no network, under every node order tried",
             "attach the nodes to a common network in the cluster description (a NIC's "
-            "'network'), or choose degrees whose groups stay on connected nodes"))
+            "'network'), or choose degrees whose groups stay on connected nodes",
+            (*WORLD_DEGREES, "parallel.ep", "parallel.etp")))
         return None
     plan, placed = min(plans, key=lambda pair: placement_key(*pair))
     return with_notes(plan, placed)
@@ -434,36 +443,39 @@ def build_plan(
     gpus_per_node: int | None = None,
     device: str | None = None,
 ) -> Plan:
-    """The plan for exactly the degrees in ``cfg``; raises PlanError listing every problem."""
+    """The plan for exactly the degrees in ``cfg``; raises PlanError listing every problem.
+    What is found on the machine reads ``cluster`` too (``Problem.reads``): the machine is the
+    cluster description where one is given, else the options."""
     problems: list[Problem] = []
     machine = resolve_machine(cfg, world_size, gpus_per_node, device, problems)
-    deg = config_degrees(cfg, machine.world_size, problems) if machine else None
+    found: list[Problem] = []
+    deg = config_degrees(cfg, machine.world_size, found) if machine else None
     if machine is not None:  # degrees that do not fill the world still meet the other rules
         # (one round: heads that tp does not divide were said only once the world was right)
         asked = deg or _given_degrees(cfg, max(cfg.parallel.dp_shard, 1))
-        problems.extend(check_degrees(cfg, asked, machine.gpus_per_node,
-                                      dp_known=deg is not None))
-    if problems:
-        raise PlanError(problems)
+        found.extend(check_degrees(cfg, asked, machine.gpus_per_node,
+                                   dp_known=deg is not None))
+    if problems or found:
+        raise PlanError([*problems, *reading(found, ("cluster",))])
     assert machine is not None and deg is not None
-    plan = place(cfg, deg, machine, problems)
+    plan = place(cfg, deg, machine, found)
     if plan is None:
-        raise PlanError(problems)
+        raise PlanError(reading(found, ("cluster",)))
     need, staging = plan.memory.window_min, plan.memory.staging_min
     if cfg.offload.enabled and plan.offload_budget_bytes < need:
-        problems.append(Problem(
+        found.append(Problem(
             "offload.device_budget",
             f"{cfg.offload.device_budget} ({plan.offload_budget_bytes:,} bytes) is less than one "
             f"layer needs on the device: {need:,} bytes (its parameters, one gradient on its way "
             "home and, with offload.activations on cpu, its saved activations)",
-            f"set offload.device_budget to at least {need:,} bytes, or auto"))
+            f"set offload.device_budget to at least {need:,} bytes, or auto", MEMORY_READS))
     if plan.pinned_budget_bytes < staging:
-        problems.append(Problem(
+        found.append(Problem(
             "offload.pinned_budget",
             f"{cfg.offload.pinned_budget} ({plan.pinned_budget_bytes:,} bytes) is less than the "
             f"NVMe tier stages at once: {staging:,} bytes (a unit's parameters on their way to "
             "the device beside another unit's parameters and optimizer states being updated)",
-            f"set offload.pinned_budget to at least {staging:,} bytes, or auto"))
-    if problems:
-        raise PlanError(problems)
+            f"set offload.pinned_budget to at least {staging:,} bytes, or auto", MEMORY_READS))
+    if found:
+        raise PlanError(reading(found, ("cluster",)))
     return plan

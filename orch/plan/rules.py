@@ -1,13 +1,14 @@
 """Rules a set of degrees must satisfy for a given model, batch and machine shape.
 
-Each rule returns its own Problem (field, value, fix), and all rules run, so ``orch plan`` lists
+Each rule returns its own Problem (field, value, fix, and the config fields it reads besides the
+field: ``Problem.reads``), and all rules run, so ``orch plan`` lists
 every reason at once. The search enumerates candidates that satisfy these by construction; the
 rules are the contract both must agree on (tests check that every searched plan passes them).
 """
 
 from __future__ import annotations
 
-from orch.config.schema import Config
+from orch.config.schema import DP_DEGREES, KV_HEADS, OFFLOADED, WORLD_DEGREES, Config
 from orch.errors import Problem
 from orch.plan.degrees import Degrees
 
@@ -19,9 +20,9 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
     (the batch, the schedule, expert folding, DDP) are left out."""
     problems: list[Problem] = []
 
-    def need(ok: bool, where: str, message: str, fix: str) -> None:
+    def need(ok: bool, where: str, message: str, fix: str, reads: tuple[str, ...] = ()) -> None:
         if not ok:
-            problems.append(Problem(where, message, fix))
+            problems.append(Problem(where, message, fix, reads))
 
     m, t, p = cfg.model, cfg.train, cfg.parallel
     need(
@@ -29,18 +30,21 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
         "parallel.tp",
         f"model.heads={m.heads} is not divisible by tp={deg.tp}",
         "pick a tp that divides heads",
+        ("model.heads",),
     )
     need(
         m.n_kv_heads % deg.tp == 0,
         "parallel.tp",
         f"model.kv_heads={m.n_kv_heads} is not divisible by tp={deg.tp}",
         f"pick a tp that divides {m.n_kv_heads} (each rank needs whole key/value heads)",
+        KV_HEADS,
     )
     need(
         m.ffn_dim % deg.tp == 0,
         "parallel.tp",
         f"model.ffn_dim={m.ffn_dim} is not divisible by tp={deg.tp}",
         "pick a tp that divides ffn_dim",
+        ("model.ffn_dim",),
     )
     need(  # the plan showed a split of the layers into stages nothing pipelines (--auto, which
         # picks pp, gives candidates without a pipeline one stage per rank)
@@ -48,6 +52,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
         "parallel.virtual_stages",
         f"{deg.virtual_stages} stages per pipeline rank, but the plan has no pipeline (pp=1)",
         "set parallel.virtual_stages=1, or parallel.pp >= 2",
+        ("parallel.pp",),
     )
     ddp = (deg.dp_replicate > 1 and deg.dp_shard * deg.cp == 1 and deg.pp == 1
            and not (m.is_moe and deg.experts_folded) and not cfg.offload.enabled)
@@ -59,8 +64,11 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
         "recompute's tags",
         "set train.recompute=full or none, parallel.dp_shard >= 2 (FSDP), or "
         "train.compile=none",
+        ("train.recompute", *WORLD_DEGREES, "model.experts", "parallel.ep", "parallel.etp",
+         *OFFLOADED),
     )
     chunks = deg.pp * deg.virtual_stages
+    split = ("model.layers", "parallel.pp", "parallel.virtual_stages", "parallel.stage_layers")
     if p.stage_layers and deg.pp > 1:
         given = p.stage_layers
         need(
@@ -69,6 +77,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
             f"{given} must be {chunks} numbers (pp x virtual_stages = {deg.pp} x "
             f"{deg.virtual_stages}), each at least 1, adding up to model.layers={m.layers}",
             "give one layer count per pipeline stage, or leave it empty for an even split",
+            split,
         )
     elif deg.virtual_stages > 1:
         need(
@@ -78,6 +87,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
             f"{deg.virtual_stages}",
             "pick pp and virtual_stages whose product divides layers, or set "
             "parallel.stage_layers",
+            split,
         )
     else:  # the plan splits the layers by their FLOPs, evenly or not
         need(
@@ -85,19 +95,22 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
             "parallel.pp",
             f"{deg.pp} pipeline stages for model.layers={m.layers}: each stage needs a layer",
             f"pick a pp of at most {m.layers}",
+            split,
         )
     need(
         deg.pp == 1 or not m.tie_embeddings,
         "model.tie_embeddings",
         f"true with pp={deg.pp}: the embedding and the output head live on different stages",
         "set model.tie_embeddings=false to pipeline this model",
+        ("parallel.pp",),
     )
-    if m.is_moe:
+    if m.is_moe:  # (experts' default, 0, runs none of these: no need to declare it read)
         need(
             m.experts % deg.ep == 0,
             "parallel.ep",
             f"model.experts={m.experts} is not divisible by ep={deg.ep}",
             "pick an ep that divides the number of experts",
+            ("model.experts",),
         )
         need(
             deg.tp == 1 or deg.sequence_parallel,
@@ -105,6 +118,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
             f"false with tp={deg.tp} and MoE layers: every tp rank would route (and send to "
             "the experts) the same tokens",
             "set parallel.sequence_parallel=true (each tp rank routes its part of the sequence)",
+            ("parallel.tp",),
         )
         shared = m.shared_experts * m.moe_ffn_dim
         need(
@@ -113,12 +127,14 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
             f"the shared expert's hidden size {shared} (shared_experts x expert_ffn_dim) is not "
             f"divisible by tp={deg.tp}",
             "pick a tp that divides it",
+            ("model.shared_experts", "model.expert_ffn_dim", "model.ffn_dim"),
         )
         need(
             m.moe_ffn_dim % deg.etp == 0,
             "parallel.etp",
             f"expert_ffn_dim={m.moe_ffn_dim} is not divisible by etp={deg.etp}",
             "pick an etp that divides expert_ffn_dim",
+            ("model.expert_ffn_dim", "model.ffn_dim"),
         )
         need(
             deg.stage_ranks % (deg.ep * deg.etp) == 0 or not dp_known,
@@ -126,8 +142,10 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
             f"ep x etp = {deg.ep} x {deg.etp} does not fold into the {deg.stage_ranks} ranks of "
             f"a pipeline stage (dp x cp x tp = {deg.dp} x {deg.cp} x {deg.tp})",
             "pick ep and etp whose product divides dp x cp x tp",
+            ("parallel.etp", *DP_DEGREES, "parallel.cp", "parallel.tp"),
         )
-    if deg.cp > 1:
+    if deg.cp > 1:  # (nor cp's default, 1, these; nor sequence_parallel's, false, the next)
+        cp = ("parallel.cp", "parallel.cp_kind")
         if p.cp_kind == "ring":
             need(
                 t.seq_len % (2 * deg.cp) == 0,
@@ -135,6 +153,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
                 f"{t.seq_len} is not divisible by 2 x cp = {2 * deg.cp} (load-balanced ring "
                 "attention gives each rank two chunks)",
                 f"use a multiple of {2 * deg.cp}",
+                cp,
             )
         else:
             need(
@@ -142,6 +161,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
                 "train.seq_len",
                 f"{t.seq_len} is not divisible by cp={deg.cp}",
                 f"use a multiple of {deg.cp}",
+                cp,
             )
             need(
                 (m.heads // deg.tp) % deg.cp == 0 and (m.n_kv_heads // deg.tp) % deg.cp == 0,
@@ -149,6 +169,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
                 f"Ulysses needs heads/tp and kv_heads/tp divisible by cp={deg.cp} "
                 f"(heads={m.heads}, kv_heads={m.n_kv_heads}, tp={deg.tp})",
                 "use cp_kind: ring, or a cp that divides the heads per tp rank",
+                ("parallel.cp_kind", *KV_HEADS, "parallel.tp"),
             )
     if deg.sequence_parallel:
         local = t.seq_len // deg.cp
@@ -157,6 +178,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
             "train.seq_len",
             f"sequence parallel splits the {local} tokens per context rank over tp={deg.tp}",
             "use a seq_len divisible by cp x tp, or parallel.sequence_parallel=false",
+            ("parallel.cp", "parallel.tp", "parallel.sequence_parallel"),
         )
     per_step = t.micro_batch * deg.dp
     need(
@@ -164,6 +186,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
         "train.global_batch",
         f"{t.global_batch} is not divisible by micro_batch x dp = {t.micro_batch} x {deg.dp}",
         f"use a multiple of {per_step}, or change micro_batch or the data-parallel size",
+        ("train.micro_batch", *DP_DEGREES),
     )
     if deg.pp > 1 and t.global_batch % per_step == 0 and dp_known:
         problems += _schedule_problems(cfg, deg, t.global_batch // per_step)
@@ -176,6 +199,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
             "network is slow",
             f"use {dim} <= {gpus_per_node} dividing it, or set "
             "parallel.allow_cross_node_tp=true to force it",
+            ("parallel.allow_cross_node_tp",),
         )
     return problems
 
@@ -193,8 +217,11 @@ def _schedule_problems(cfg: Config, deg: Degrees, microbatches: int) -> list[Pro
         return [Problem("parallel.pp_schedule", f"{p.pp_schedule}: {error}",
                         "pick a schedule, micro-batch count (train.global_batch / (micro_batch "
                         f"x dp): now {t.global_batch} / ({t.micro_batch} x {deg.dp}) = "
-                        f"{microbatches}) and virtual_stages that fit together")]
+                        f"{microbatches}) and virtual_stages that fit together",
+                        ("parallel.pp", "parallel.virtual_stages", "parallel.pp_max_deferred",
+                         "train.global_batch", "train.micro_batch", *DP_DEGREES))]
     if p.pp_max_deferred is not None and not p.pp_schedule.startswith("2bp-"):
         return [Problem("parallel.pp_max_deferred", f"{p.pp_max_deferred} applies to the 2bp "
-                        f"schedules, not {p.pp_schedule}", "leave it empty (null)")]
+                        f"schedules, not {p.pp_schedule}", "leave it empty (null)",
+                        ("parallel.pp_schedule",))]
     return []

@@ -43,11 +43,17 @@ _SCAN_CHUNK = 1 << 24
 
 
 class DataError(OrchError):
-    """The training data cannot be used: names the field, the offending value and the fix."""
+    """The training data cannot be used: names the field, the offending value and the fix, and
+    the other fields the check read (``Problem.reads``)."""
 
-    def __init__(self, where: str, message: str, fix: str) -> None:
-        self.problem = Problem(where, message, fix)
+    def __init__(self, where: str, message: str, fix: str, reads: tuple[str, ...] = ()) -> None:
+        self.problem = Problem(where, message, fix, reads)
         super().__init__(str(self.problem))
+
+
+_READ_AS = ("data.format", "data.token_dtype")
+"""What decides how ``data.path``'s bytes are read (as text, or as ids of which type): what a
+check of what it read reads besides the path."""
 
 
 class ByteTokenizer:
@@ -155,11 +161,11 @@ def check_source(data: DataConfig) -> tuple[Path, str]:
                 head = f.read(_SNIFF_BYTES)
         except (OSError, EOFError) as e:  # gzip's complaints: not gzip, truncated
             raise DataError("data.path", f"{data.path!r} is not a valid gzip file ({e})",
-                            "re-compress it") from e
+                            "re-compress it", _READ_AS) from e
         if b"\0" in head:
             raise DataError("data.path", f"{data.path!r} holds NUL bytes in its first "
                             f"{_SNIFF_BYTES // 1024} KiB{' decompressed' if gz else ''}: a "
-                            "binary file, not text", _NOT_TEXT_FIX)
+                            "binary file, not text", _NOT_TEXT_FIX, _READ_AS)
     return path, kind
 
 
@@ -194,6 +200,7 @@ def _file_kind(data: DataConfig, path: Path) -> str:
             "data.path",
             f"{data.path!r} is a compressed token file, which cannot be memory-mapped",
             f"decompress it (gunzip) and point data.path at the {token_suffix} file",
+            ("data.format",),
         )
     if data.format == "text" and token_suffix:
         raise DataError(
@@ -201,6 +208,7 @@ def _file_kind(data: DataConfig, path: Path) -> str:
             f"'text', but data.path {data.path!r} ends in {token_suffix}, a token-file suffix",
             "set data.format to 'tokens' (or 'auto') to read token ids, or rename a text file "
             "so it does not end in .bin or .npy",
+            ("data.path",),
         )
     if data.format == "tokens" and not token_suffix:
         raise DataError(
@@ -208,6 +216,7 @@ def _file_kind(data: DataConfig, path: Path) -> str:
             f"'tokens', but data.path {data.path!r} ends in neither .bin nor .npy",
             "set data.format to 'text' (or 'auto') for a text file, or give a token file the "
             ".bin suffix (raw ids of data.token_dtype) or save it with numpy as .npy",
+            ("data.path",),
         )
     return "tokens" if token_suffix else "text"
 
@@ -219,11 +228,13 @@ def _read_text(data: DataConfig, path: Path) -> np.ndarray:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
             raise DataError(
-                "data.path", f"{data.path!r} is not a valid gzip file ({e})", "re-compress it"
+                "data.path", f"{data.path!r} is not a valid gzip file ({e})", "re-compress it",
+                _READ_AS,
             ) from e
         if not raw:
             raise DataError(
-                "data.path", f"{data.path!r} decompresses to nothing", "point it at text"
+                "data.path", f"{data.path!r} decompresses to nothing", "point it at text",
+                _READ_AS,
             )
     # Byte-level tokenization of a file is its bytes: no decode/encode round trip needed.
     return np.frombuffer(raw, dtype=np.uint8)
@@ -244,6 +255,7 @@ def _map_tokens(data: DataConfig, path: Path) -> np.ndarray:
             f"(data.token_dtype={data.token_dtype!r})",
             "set data.token_dtype to the type the file was written with, or re-export the "
             "file; it may be truncated",
+            _READ_AS,
         )
     return np.memmap(path, dtype=dtype, mode="r")
 
@@ -254,7 +266,7 @@ def _map_npy(data: DataConfig, path: Path) -> np.ndarray:
             raise DataError("data.path", f"{data.path!r} is not a .npy file (it does not start "
                             "with NumPy's header)",
                             "save token ids with numpy.save(path, ids), or name a raw file of "
-                            "data.token_dtype ids .bin")
+                            "data.token_dtype ids .bin", _READ_AS)
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -262,6 +274,7 @@ def _map_npy(data: DataConfig, path: Path) -> np.ndarray:
             "data.path",
             f"{data.path!r} is not a readable .npy array ({e})",
             "save token ids with numpy.save(path, ids), or use a raw .bin file",
+            _READ_AS,
         ) from e
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise DataError(
@@ -269,9 +282,11 @@ def _map_npy(data: DataConfig, path: Path) -> np.ndarray:
             f"{data.path!r} holds a {tokens.dtype} array of shape {tokens.shape}; token ids "
             "must be a 1-D integer array",
             "save a flat integer array, e.g. numpy.save(path, ids.ravel().astype(np.uint16))",
+            _READ_AS,
         )
     if tokens.size == 0:
-        raise DataError("data.path", f"{data.path!r} holds no tokens", "save some token ids")
+        raise DataError("data.path", f"{data.path!r} holds no tokens", "save some token ids",
+                        _READ_AS)
     return tokens
 
 
@@ -286,7 +301,8 @@ def token_count(data: DataConfig) -> int | None:
 
 
 def check_token_count(count: int, global_batch: int, seq_len: int) -> None:
-    """Enough tokens for one global batch of packed samples (``global_batch x seq_len + 1``)."""
+    """Enough tokens for one global batch of packed samples (``global_batch x seq_len + 1``);
+    ``count`` is the data's (its every field read)."""
     samples = max(0, (count - 1) // seq_len)
     if samples < global_batch:
         raise DataError(
@@ -294,6 +310,7 @@ def check_token_count(count: int, global_batch: int, seq_len: int) -> None:
             f"{global_batch} sequences of train.seq_len={seq_len} need at least "
             f"{global_batch * seq_len + 1} tokens, but the data has {count} ({samples} samples)",
             "use more data (data.path), or lower train.global_batch or train.seq_len",
+            ("train.seq_len", "data"),
         )
 
 
@@ -308,6 +325,7 @@ def _check_range(tokens: np.ndarray, vocab_size: int, source: str, data: DataCon
             "data.path",
             f"{source} contains the negative token id {low}",
             "token ids must be non-negative; re-export the file with an unsigned dtype",
+            _READ_AS,
         )
     if high >= vocab_size:
         suffix = next((s for s in TOKEN_SUFFIXES if data.path.lower().endswith(s)), None)
@@ -317,6 +335,7 @@ def _check_range(tokens: np.ndarray, vocab_size: int, source: str, data: DataCon
             "model.vocab_size",
             f"{vocab_size}, but {source} contains token id {high}",
             f"set model.vocab_size to at least {high + 1} (the tokenizer's vocabulary){hint}",
+            ("data",),
         )
 
 

@@ -14,8 +14,8 @@ from orch.errors import ConfigError
 from orch.launch.launcher import prepare
 
 
-def _refused(run_dir: Path, *sets: str) -> ConfigError:
-    argv = ["--nproc-per-node", "3", "configs/tiny.yaml", "--set", f"run.dir={run_dir}",
+def _refused(run_dir: Path, *sets: str, nproc: int = 3) -> ConfigError:
+    argv = ["--nproc-per-node", str(nproc), "configs/tiny.yaml", "--set", f"run.dir={run_dir}",
             *[arg for item in sets for arg in ("--set", item)]]
     with pytest.raises(ConfigError) as refused:
         prepare(argv)
@@ -40,3 +40,31 @@ def test_nothing_is_said_of_a_failed_values_default(tmp_path: Path):
     not divide: the user's tp might not; only tp itself is said."""
     error = _refused(tmp_path / "run", "parallel.tp=abc")
     assert [p.where for p in error.problems] == ["--set parallel.tp"]
+
+
+def test_a_drill_is_not_judged_against_a_failed_values_default(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    """steps=abc stood in at its default 100, and the drill at step 300 (the file has 500
+    steps) was said to fire after the run's last step, 100."""
+    monkeypatch.setenv("ORCH_DRILL", "kill rank=0 step=300")
+    error = _refused(tmp_path / "run", "train.steps=abc", nproc=1)
+    assert [p.where for p in error.problems] == ["--set train.steps"]
+
+
+def test_the_world_size_is_said_beside_another_fields_problem_in_its_section(tmp_path: Path):
+    """The world-size product, said at ``parallel``, reads the degrees: a failed cp_kind (in
+    the same section) dropped it."""
+    error = _refused(tmp_path / "run", "parallel.tp=3", "parallel.cp_kind=rinng", nproc=2)
+    kind, world = error.problems
+    assert kind.where == "--set parallel.cp_kind"
+    assert world.where == "parallel" and "x 3 = 3" in world.message
+
+
+def test_a_problem_whose_text_has_a_failed_fields_name_as_a_word_is_said(tmp_path: Path):
+    """The offload problem says a process "steps a share" of the model: a failed train.steps
+    dropped it, its name being an ordinary word."""
+    error = _refused(tmp_path / "run", "offload.params=cpu", "offload.grads=cpu",
+                     "offload.optimizer=cpu", "train.steps=abc", nproc=2)
+    steps, offload = error.problems
+    assert steps.where == "--set train.steps"
+    assert offload.where == "offload" and "with 2 processes" in offload.message
