@@ -55,9 +55,10 @@ def test_the_world_size_is_said_beside_another_fields_problem_in_its_section(tmp
     """The world-size product, said at ``parallel``, reads the degrees: a failed cp_kind (in
     the same section) dropped it."""
     error = _refused(tmp_path / "run", "parallel.tp=3", "parallel.cp_kind=rinng", nproc=2)
-    kind, world = error.problems
+    kind, world, *tp_rules = error.problems
     assert kind.where == "--set parallel.cp_kind"
     assert world.where == "parallel" and "x 3 = 3" in world.message
+    assert any("model.heads=8 is not divisible by tp=3" in p.message for p in tp_rules)
 
 
 def test_a_problem_whose_text_has_a_failed_fields_name_as_a_word_is_said(tmp_path: Path):
