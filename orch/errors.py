@@ -91,4 +91,3 @@ class PlanError(ProblemsError):
     """The config is valid on its own but cannot be laid out on the requested devices."""
 
     title = "no valid plan"
-
