@@ -10,7 +10,7 @@ for backward), here multiplied out over layers, pipeline stages and micro-batche
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from functools import cache, lru_cache
 from typing import NamedTuple
@@ -349,24 +349,8 @@ def estimate_memory(
     ``offload.shard_params`` the parameters and gradients at home too
     (``orch.offload.param_shards``). Per-parameter FSDP padding is ignored.
     """
-    m, tr = cfg.model, cfg.train
-    key = model_key(m)
-    n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
-    uneven = cfg.parallel.stage_layers
-    chunk_layers = tuple(uneven) if deg.pp > 1 and len(uneven) == deg.pp * deg.virtual_stages \
-        else ()
-    stages = _stages(m.layers, m.moe_layer_interval, _param_counts(key).moe_layers > 0, deg.pp,
-                     deg.virtual_stages, cfg.parallel.pp_schedule, n_micro, chunk_layers)
-    stage_bytes = _stage_bytes(cfg, deg, flash, fused_norm, key)
-    worst, totals = None, []
-    for p, *row in stages:
-        held = stage_bytes(*row)
-        totals.append((p, held.total))
-        if worst is None or held.total > worst[1].total:
-            worst = (p, held)
-    assert worst is not None  # every pipeline has a first stage
-    p, held = worst
-    return MemoryEstimate(**held._asdict(), stage=p, stage_totals=tuple(totals))
+    return StageMemory(cfg, deg, flash=flash, fused_norm=fused_norm).estimate(
+        cfg.parallel.stage_layers)
 
 
 def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
@@ -468,70 +452,106 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
 
 def stage_layer_caps(cfg: Config, deg: Degrees, limit: int, *,
                      fused_norm: bool = True) -> tuple[int, ...] | None:
-    """The most layers each stage of a pipeline of one stage per rank can hold within
-    ``limit`` bytes (at most ``layers - pp + 1``: a layer left for each other stage), from the
-    stage's place in the pipeline alone, since a stage's bytes grow with its own layers and do
-    not depend on the others' (:func:`_stage_bytes`); None where the stages cannot hold the
-    model's layers between them. For dense models and MoE models with an MoE layer every
-    layer: with MoE every few layers a stage's bytes depend on where it begins too.
+    """:meth:`StageMemory.caps` of ``cfg`` under ``deg``."""
+    return StageMemory(cfg, deg, fused_norm=fused_norm).caps(limit)
 
-    The search asks this of every pipeline candidate its split by FLOPs overfills, so it
-    prices few stages: middle stages hold no more micro-batches in flight than the one before
-    (GPipe as many, 1F1B and its split-backward variants ``pp - stage``), so their caps only
-    grow down the pipeline and are walked down from the last middle stage's."""
-    m, tr = cfg.model, cfg.train
-    key = model_key(m)
-    pc = _param_counts(key)
-    stage_bytes = _stage_bytes(cfg, deg, True, fused_norm, key)
-    n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
-    if pc.moe_layers and m.moe_layer_interval != 1:
-        raise ValueError("stage_layer_caps: a stage's bytes depend on where it begins with MoE "
-                         f"every {m.moe_layer_interval} layers")
-    every_layer_moe = pc.moe_layers > 0
-    places = [(stage == 0, stage == deg.pp - 1,
-               *_in_flight(cfg.parallel.pp_schedule, deg.pp, 1, stage, n_micro))
-              for stage in range(deg.pp)]
 
-    @cache
-    def held(count: int, place: tuple) -> int:
-        moe = count if every_layer_moe else 0
-        return stage_bytes(count - moe, moe, *place).total
+class StageMemory:
+    """What each pipeline stage of ``cfg`` holds under ``deg``, its split aside: the arithmetic
+    of :func:`_stage_bytes`, made once and asked of several splits. The search asks it of each
+    pipeline candidate's split by FLOPs, for the caps of the stages that split overfills, and
+    of the split under those caps: made once per (config, degrees) rather than per question, a
+    third of the search's memory arithmetic went."""
 
-    def most(place: tuple, top: int = m.layers - deg.pp + 1) -> int:
-        """The most layers, up to ``top``, that fit at ``place`` (where one does): a guess
-        from the bytes of one layer and of two (a stage's bytes are affine in its layers but
-        for roundings), stepped to the exact count."""
-        one = held(1, place)
-        if one > limit or top == 1:
-            return int(one <= limit)
-        per_layer = held(2, place) - one
-        count = min(top, 1 + (limit - one) // per_layer) if per_layer > 0 else top
-        while count < top and held(count + 1, place) <= limit:
-            count += 1
-        while count > 1 and held(count, place) > limit:
-            count -= 1
-        return count
+    def __init__(self, cfg: Config, deg: Degrees, *, flash: bool = True,
+                 fused_norm: bool = True) -> None:
+        self.cfg, self.deg = cfg, deg
+        self.key = model_key(cfg.model)
+        self.stage_bytes = _stage_bytes(cfg, deg, flash, fused_norm, self.key)
+        tr = cfg.train
+        self.n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
 
-    # The tightest stage of each kind first: most candidates asked about fit nowhere.
-    if any(held(1, place) > limit for place in {places[0], places[1], places[-1]}):
-        return None
-    middle, last = places[1:-1], most(places[-1])
-    # no middle stage holds more than the last middle one, nor the first
-    widest = most(middle[-1]) if middle else m.layers - deg.pp + 1
-    if last + (deg.pp - 1) * widest < m.layers:
-        return None
-    first = most(places[0], widest)
-    caps, cap = [], widest
-    for stage in range(len(middle) - 1, -1, -1):
-        if first + last + sum(caps) + (stage + 1) * cap < m.layers:
-            return None  # even the stages left at ``cap`` leave layers over
-        # fewer fit where more micro-batches are in flight: often one layer fewer
-        for _ in range(2):
-            if held(cap, middle[stage]) <= limit:
-                break
-            cap -= 1
-        else:
-            cap = most(middle[stage], cap)
-        caps.append(cap)
-    caps = [first, *reversed(caps), last]
-    return tuple(caps) if sum(caps) >= m.layers else None
+    def estimate(self, stage_layers: Sequence[int]) -> MemoryEstimate:
+        """:func:`estimate_memory` of the config with ``stage_layers`` as its
+        ``parallel.stage_layers`` (empty, or not one number per chunk: an even split)."""
+        m, deg = self.cfg.model, self.deg
+        chunk_layers = tuple(stage_layers) \
+            if deg.pp > 1 and len(stage_layers) == deg.pp * deg.virtual_stages else ()
+        stages = _stages(m.layers, m.moe_layer_interval, _param_counts(self.key).moe_layers > 0,
+                         deg.pp, deg.virtual_stages, self.cfg.parallel.pp_schedule,
+                         self.n_micro, chunk_layers)
+        worst, totals = None, []
+        for p, *row in stages:
+            held = self.stage_bytes(*row)
+            totals.append((p, held.total))
+            if worst is None or held.total > worst[1].total:
+                worst = (p, held)
+        assert worst is not None  # every pipeline has a first stage
+        p, held = worst
+        return MemoryEstimate(**held._asdict(), stage=p, stage_totals=tuple(totals))
+
+    def caps(self, limit: int) -> tuple[int, ...] | None:
+        """The most layers each stage of a pipeline of one stage per rank can hold within
+        ``limit`` bytes (at most ``layers - pp + 1``: a layer left for each other stage), from the
+        stage's place in the pipeline alone, since a stage's bytes grow with its own layers and do
+        not depend on the others' (:func:`_stage_bytes`); None where the stages cannot hold the
+        model's layers between them. For dense models and MoE models with an MoE layer every
+        layer: with MoE every few layers a stage's bytes depend on where it begins too.
+
+        The search asks this of every pipeline candidate its split by FLOPs overfills, so it
+        prices few stages: middle stages hold no more micro-batches in flight than the one before
+        (GPipe as many, 1F1B and its split-backward variants ``pp - stage``), so their caps only
+        grow down the pipeline and are walked down from the last middle stage's."""
+        cfg, deg, stage_bytes, n_micro = self.cfg, self.deg, self.stage_bytes, self.n_micro
+        m, pc = cfg.model, _param_counts(self.key)
+        if pc.moe_layers and m.moe_layer_interval != 1:
+            raise ValueError("stage_layer_caps: a stage's bytes depend on where it begins with MoE "
+                             f"every {m.moe_layer_interval} layers")
+        every_layer_moe = pc.moe_layers > 0
+        places = [(stage == 0, stage == deg.pp - 1,
+                   *_in_flight(cfg.parallel.pp_schedule, deg.pp, 1, stage, n_micro))
+                  for stage in range(deg.pp)]
+
+        @cache
+        def held(count: int, place: tuple) -> int:
+            moe = count if every_layer_moe else 0
+            return stage_bytes(count - moe, moe, *place).total
+
+        def most(place: tuple, top: int = m.layers - deg.pp + 1) -> int:
+            """The most layers, up to ``top``, that fit at ``place`` (where one does): a guess
+            from the bytes of one layer and of two (a stage's bytes are affine in its layers but
+            for roundings), stepped to the exact count."""
+            one = held(1, place)
+            if one > limit or top == 1:
+                return int(one <= limit)
+            per_layer = held(2, place) - one
+            count = min(top, 1 + (limit - one) // per_layer) if per_layer > 0 else top
+            while count < top and held(count + 1, place) <= limit:
+                count += 1
+            while count > 1 and held(count, place) > limit:
+                count -= 1
+            return count
+
+        # The tightest stage of each kind first: most candidates asked about fit nowhere.
+        if any(held(1, place) > limit for place in {places[0], places[1], places[-1]}):
+            return None
+        middle, last = places[1:-1], most(places[-1])
+        # no middle stage holds more than the last middle one, nor the first
+        widest = most(middle[-1]) if middle else m.layers - deg.pp + 1
+        if last + (deg.pp - 1) * widest < m.layers:
+            return None
+        first = most(places[0], widest)
+        caps, cap = [], widest
+        for stage in range(len(middle) - 1, -1, -1):
+            if first + last + sum(caps) + (stage + 1) * cap < m.layers:
+                return None  # even the stages left at ``cap`` leave layers over
+            # fewer fit where more micro-batches are in flight: often one layer fewer
+            for _ in range(2):
+                if held(cap, middle[stage]) <= limit:
+                    break
+                cap -= 1
+            else:
+                cap = most(middle[stage], cap)
+            caps.append(cap)
+        caps = [first, *reversed(caps), last]
+        return tuple(caps) if sum(caps) >= m.layers else None

@@ -22,13 +22,7 @@ from orch.plan.cost import StepTime, estimate_step_time, head_flops, layer_flops
 from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
 from orch.plan.machine import Machine, resolve_machine
-from orch.plan.memory import (
-    MEMORY_READS,
-    MemoryEstimate,
-    estimate_memory,
-    model_key,
-    stage_layer_caps,
-)
+from orch.plan.memory import MEMORY_READS, MemoryEstimate, StageMemory, model_key
 from orch.plan.placement import (
     NodePlace,
     balanced_split,
@@ -231,24 +225,12 @@ def evaluate(
     deg: Degrees,
     machine: Machine,
     links: dict[str, Link] | None = None,
-    memory: MemoryEstimate | None = None,
 ) -> Plan:
-    """Price a set of degrees that already passed ``check_degrees``.
-
-    ``links`` and ``memory`` may be passed in when the caller (the search) already has them;
-    ``memory`` is of ``with_stage_layers(cfg, deg, machine)``.
-    """
+    """Price a set of degrees that already passed ``check_degrees``; ``links`` may be passed in
+    when the caller (the search) already has them."""
     links = links if links is not None else machine.links(deg)
-    planned = with_stage_layers(cfg, deg, machine)
-    if memory is None or planned is not cfg:  # a memory estimate of another split is no use
-        memory = estimate_memory(planned, deg, fused_norm=machine.device.fused_norm)
-    cfg = planned
+    cfg, memory = planned_memory(cfg, deg, machine)
     stage_layers = _stage_layers(cfg, deg, machine)
-    step = estimate_step_time(cfg, deg, links, machine.device,
-                              stage_load=_stage_load(cfg, deg, machine, stage_layers),
-                              rank_layers=max(sum(stage_layers[chunk] for chunk in chunks)
-                                              for chunks in _rank_chunks(cfg, deg)),
-                              total_peak=machine.topology.total_peak(cfg.train.precision))
     limit = memory_limit(cfg, machine)
     t = cfg.train
     return Plan(
@@ -271,11 +253,23 @@ def evaluate(
         offload_budget_bytes=offload_budget(cfg, memory, limit),
         tiers={g: getattr(cfg.offload, g) for g in ("params", "grads", "optimizer", "activations")},
         pinned_budget_bytes=pinned_budget(cfg, memory),
-        step=step,
+        step=step_time(cfg, deg, machine, links),
         links=links,
         placement=machine.places(),
         devices=machine.topology.description,
     )
+
+
+def step_time(cfg: Config, deg: Degrees, machine: Machine, links: dict[str, Link]) -> StepTime:
+    """The step time of ``cfg``, split as :func:`planned_memory` splits it, under ``deg`` on
+    ``machine``: :func:`evaluate`'s estimate alone, which the search asks of every setting that
+    fits and makes a Plan of only for the few it lists."""
+    stage_layers = _stage_layers(cfg, deg, machine)
+    return estimate_step_time(cfg, deg, links, machine.device,
+                              stage_load=_stage_load(cfg, deg, machine, stage_layers),
+                              rank_layers=max(sum(stage_layers[chunk] for chunk in chunks)
+                                              for chunks in _rank_chunks(cfg, deg)),
+                              total_peak=machine.topology.total_peak(cfg.train.precision))
 
 
 def _stage_load(cfg: Config, deg: Degrees, machine: Machine,
@@ -334,46 +328,59 @@ def _chunk_work(cfg: Config, stage_layers: tuple[int, ...]) -> list[float]:
 
 def with_stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> Config:
     """``cfg`` with ``parallel.stage_layers`` set to the plan's split of a pipeline of one stage
-    per rank (what the memory model reads): the split by FLOPs, and where that does not fit in
-    memory the best split by FLOPs that does (:func:`_capped_split`); ``cfg`` itself when it
-    holds a split already, has no pipeline, has virtual stages, or splits evenly (what the
-    memory model assumes then)."""
+    per rank (what the memory model reads): :func:`planned_memory`'s config."""
+    return planned_memory(cfg, deg, machine)[0]
+
+
+def planned_memory(cfg: Config, deg: Degrees, machine: Machine) -> tuple[Config, MemoryEstimate]:
+    """``cfg`` with the plan's split of a pipeline of one stage per rank, and its memory
+    estimate: the split by FLOPs, and where that does not fit in memory the best split by FLOPs
+    that does (:func:`_capped_split`); ``cfg`` itself when it holds a split already, has no
+    pipeline, has virtual stages, or splits evenly (what the memory model assumes then). Both
+    come from one :class:`StageMemory`: the split is made from memory estimates, and the search
+    needs the estimate of the split it makes."""
+    stages = StageMemory(cfg, deg, fused_norm=machine.device.fused_norm)
     if deg.pp == 1 or deg.virtual_stages > 1 or cfg.parallel.stage_layers:
-        return cfg
+        return cfg, stages.estimate(cfg.parallel.stage_layers)
     split = _stage_layers(cfg, deg, machine)
     if cfg.model.layers % deg.pp == 0 and len(set(split)) == 1:
-        return cfg  # even: what the memory model assumes without a split
-    return _capped_split(cfg, deg, machine, _with_split(cfg, split))
+        return cfg, stages.estimate(())  # even: what the memory model assumes without a split
+    return _capped_split(cfg, deg, machine, split, stages)
 
 
-def _capped_split(cfg: Config, deg: Degrees, machine: Machine, by_flops: Config) -> Config:
-    """``by_flops`` where it fits in memory; else the split by FLOPs under a cap on each stage's
-    layers, the most it has memory for (:func:`stage_layer_caps`: a stage's bytes follow its own
-    layers and place in the pipeline): the fastest split that fits (an upgraded node's 24/8
-    that does not fit becomes 23/9, not the even 16/16, which ran slower than before the
-    upgrade); where none fits, ``by_flops``, for the report.
+def _capped_split(cfg: Config, deg: Degrees, machine: Machine, by_flops: tuple[int, ...],
+                  stages: StageMemory) -> tuple[Config, MemoryEstimate]:
+    """``cfg`` split ``by_flops`` where that fits in memory; else the split by FLOPs under a cap
+    on each stage's layers, the most it has memory for (:meth:`StageMemory.caps`: a stage's
+    bytes follow its own layers and place in the pipeline): the fastest split that fits (an
+    upgraded node's 24/8 that does not fit becomes 23/9, not the even 16/16, which ran slower
+    than before the upgrade); where none fits, ``by_flops``, for the report. Each with its
+    memory estimate (``stages``: of ``cfg``).
 
     With MoE layers every few layers a stage's bytes also depend on where it begins (its mix of
     MoE and dense layers), so no cap follows from its place alone: each stage over memory is
     capped a layer below what it holds and the split remade, until one fits or none can."""
-    limit, fused = memory_limit(cfg, machine), machine.device.fused_norm
-    memory = estimate_memory(by_flops, deg, fused_norm=fused)
+    limit = memory_limit(cfg, machine)
+    memory = stages.estimate(by_flops)
     if memory.total <= limit:
-        return by_flops
+        return _with_split(cfg, by_flops), memory
     work, speeds = layer_work(cfg), tuple(_speeds(machine, deg, cfg.train.precision))
     if not cfg.model.is_moe or cfg.model.moe_layer_interval == 1:
-        caps = stage_layer_caps(cfg, deg, limit, fused_norm=fused)
-        return by_flops if caps is None else _with_split(cfg, balanced_split(work, speeds, caps))
-    planned, tightened = by_flops, [cfg.model.layers] * deg.pp
-    while memory.total > limit:
-        for stage, total in memory.stage_totals:
+        caps = stages.caps(limit)
+        if caps is None:
+            return _with_split(cfg, by_flops), memory
+        split = balanced_split(work, speeds, caps)
+        return _with_split(cfg, split), stages.estimate(split)
+    split, planned, tightened = by_flops, memory, [cfg.model.layers] * deg.pp
+    while planned.total > limit:
+        for stage, total in planned.stage_totals:
             if total > limit:
-                tightened[stage] = planned.parallel.stage_layers[stage] - 1
+                tightened[stage] = split[stage] - 1
         if sum(tightened) < cfg.model.layers or min(tightened) < 1:
-            return by_flops
-        planned = _with_split(cfg, balanced_split(work, speeds, tuple(tightened)))
-        memory = estimate_memory(planned, deg, fused_norm=fused)
-    return planned
+            return _with_split(cfg, by_flops), memory
+        split = balanced_split(work, speeds, tuple(tightened))
+        planned = stages.estimate(split)
+    return _with_split(cfg, split), planned
 
 
 def _with_split(cfg: Config, split: Sequence[int]) -> Config:
@@ -414,18 +421,21 @@ def place(cfg: Config, deg: Degrees, machine: Machine, problems: list[Problem]) 
             "'network'), or choose degrees whose groups stay on connected nodes",
             (*WORLD_DEGREES, "parallel.ep", "parallel.etp")))
         return None
-    plan, placed = min(plans, key=lambda pair: placement_key(*pair))
+    plan, placed = min(plans, key=lambda pair: placement_key(
+        pair[0].fits, pair[0].step, deg, pair[1]))
     return with_notes(plan, placed)
 
 
-def placement_key(plan: Plan, machine: Machine) -> tuple[bool, float, int]:
+def placement_key(fits: bool, step: StepTime, deg: Degrees,
+                  machine: Machine) -> tuple[bool, float, int]:
     """A plan that fits first (node orders split a pipeline differently, so one may fit where
     a faster one does not); then the fastest; on a tie, the order with fewer heavy groups
-    spanning NIC types (then the listed order: ``min`` keeps the first)."""
-    if not plan.placement:
-        return not plan.fits, plan.step.total_s, 0
-    return not plan.fits, plan.step.total_s, mixing(plan.degrees, machine.topology,
-                                                    plan.placement, plan.step.comm_s)
+    spanning NIC types (then the listed order: ``min`` keeps the first). From the parts of a
+    plan on ``machine``, which the search has before it makes one."""
+    places = machine.places()
+    if not places:
+        return not fits, step.total_s, 0
+    return not fits, step.total_s, mixing(deg, machine.topology, places, step.comm_s)
 
 
 def with_notes(plan: Plan, machine: Machine) -> Plan:

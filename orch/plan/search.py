@@ -15,20 +15,23 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from orch.config.schema import Config
 from orch.parallel.schedules.generators import chunks_per_rank
+from orch.plan.cost import StepTime
 from orch.plan.degrees import Degrees
 from orch.plan.machine import Machine
-from orch.plan.memory import MemoryEstimate, estimate_memory
+from orch.plan.memory import MemoryEstimate
 from orch.plan.placement import unreachable
 from orch.plan.plan import (
     Plan,
     evaluate,
     memory_limit,
     placement_key,
+    planned_memory,
+    step_time,
     with_notes,
-    with_stage_layers,
 )
 from orch.plan.rules import check_degrees
 from orch.plan.topology import Link
@@ -125,9 +128,8 @@ def _expert_layouts(cfg: Config, stage_ranks: int, tp: int) -> list[tuple[int, i
 def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
     result = SearchResult(best=[])
     limit = memory_limit(cfg, machine)
-    fused = machine.device.fused_norm  # what the memory model counts of each norm
     orders = machine.placements()  # node orders: their pipeline splits, so memory, differ
-    best_per_degrees: list[tuple[Plan, Machine]] = []
+    best_per_degrees: list[_Priced] = []
     # Every (micro-batch, recompute) variant of cfg, made once: thousands of degrees share them.
     variants = {(mb, r): _with_train(cfg, micro_batch=mb, recompute=r)
                 for mb in MICRO_BATCHES for r in {cfg.train.recompute, *RECOMPUTE}}
@@ -143,8 +145,8 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
             continue
         # The smallest micro-batch with full recompute needs the least memory: when even that
         # does not fit under any node order, no setting of these degrees does.
-        leanest = min((estimate_memory(split[settings[0], "full", i], deg, fused_norm=fused)
-                       for i in range(len(orders))), key=lambda memory: memory.total)
+        leanest = min((split[settings[0], "full", i][1] for i in range(len(orders))),
+                      key=lambda memory: memory.total)
         if leanest.total > limit:
             count = len(settings) * len(RECOMPUTE)
             result.evaluated += count
@@ -153,7 +155,7 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
             continue
         usable = list(range(len(orders)))  # then the orders whose groups reach their members
         links: dict[int, dict[str, Link]] | None = None
-        best: tuple[Plan, Machine] | None = None
+        best: _Priced | None = None
         for mb in settings:
             if not usable:
                 break
@@ -161,8 +163,7 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
             # the first that fits (under some node order) is the only one worth pricing.
             for index, recompute in enumerate(RECOMPUTE):
                 result.evaluated += 1
-                memory = {i: estimate_memory(split[mb, recompute, i], deg, fused_norm=fused)
-                          for i in usable}
+                memory = {i: split[mb, recompute, i][1] for i in usable}
                 fitting = [i for i in usable if memory[i].total <= limit]
                 if fitting and links is None:  # each node order whose groups all connect
                     links = {i: found for i in usable
@@ -182,32 +183,53 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                 result.evaluated += len(RECOMPUTE) - index - 1
                 result.fit += len(RECOMPUTE) - index
                 assert links is not None
-                priced = [(evaluate(split[mb, recompute, i], deg, orders[i], links[i],
-                                    memory[i]), orders[i]) for i in fitting]
-                plan, variant = min(priced, key=lambda pair: placement_key(*pair))
-                if best is None or _rank_key(plan) < _rank_key(best[0]):
-                    best = plan, variant
+                priced = [_price(split[mb, recompute, i], deg, orders[i], links[i])
+                          for i in fitting]
+                chosen = min(priced, key=lambda p: placement_key(True, p.step, deg, p.machine))
+                if best is None or chosen.key < best.key:
+                    best = chosen
                 break
         if best is not None:
             best_per_degrees.append(best)
-    best_per_degrees.sort(key=lambda pair: _rank_key(pair[0]))
-    result.best = [with_notes(plan, variant) for plan, variant in best_per_degrees[:top]]
+    best_per_degrees.sort(key=lambda priced: priced.key)
+    result.best = [with_notes(evaluate(p.cfg, deg=p.deg, machine=p.machine, links=p.links),
+                              p.machine) for p in best_per_degrees[:top]]
     return result
+
+
+class _Priced(NamedTuple):
+    """A setting of one set of degrees that fits, priced: what ranks it, and what makes its
+    Plan. Only the plans listed are made (a Plan for every setting priced was a third of the
+    time the search spent pricing)."""
+
+    key: tuple[int, float, int]
+    step: StepTime
+    cfg: Config
+    deg: Degrees
+    machine: Machine
+    links: dict[str, Link]
+
+
+def _price(planned: tuple[Config, MemoryEstimate], deg: Degrees, machine: Machine,
+           links: dict[str, Link]) -> _Priced:
+    cfg, memory = planned
+    step = step_time(cfg, deg, machine, links)
+    return _Priced(_rank_key(step, memory), step, cfg, deg, machine, links)
 
 
 class _WithSplit(dict):
     """The search's variants of a config, each with a candidate's pipeline split under one
-    node order (which the memory model reads), keyed ``(micro-batch, recompute, order)``,
-    made when first asked for."""
+    node order (which the memory model reads) and that split's memory estimate, keyed
+    ``(micro-batch, recompute, order)``, made when first asked for."""
 
     def __init__(self, variants: dict[tuple[int, str], Config], deg: Degrees,
                  orders: list[Machine]) -> None:
         super().__init__()
         self.variants, self.deg, self.orders = variants, deg, orders
 
-    def __missing__(self, key: tuple[int, str, int]) -> Config:
+    def __missing__(self, key: tuple[int, str, int]) -> tuple[Config, MemoryEstimate]:
         mb, recompute, order = key
-        self[key] = with_stage_layers(self.variants[mb, recompute], self.deg, self.orders[order])
+        self[key] = planned_memory(self.variants[mb, recompute], self.deg, self.orders[order])
         return self[key]
 
 
@@ -219,14 +241,14 @@ TIE_BAND = 0.001
 """Throughputs within one band this wide (a ratio) tie in the ranking."""
 
 
-def _rank_key(plan: Plan) -> tuple[int, float, int]:
+def _rank_key(step: StepTime, memory: MemoryEstimate) -> tuple[int, float, int]:
     """Fastest first; plans in one band of throughput (0.1% wide, on a log scale, so they are
     within 0.1% of each other) go to the one that communicates less (more slack when the
     network is slower than modelled), then to the one with less memory. A plan never ranks
     above one more than 0.1% faster (3 significant figures, as before, made bands up to 1%
     wide). Bands, not pairwise comparison, keep the order transitive, so sorting holds."""
-    band = math.floor(math.log(plan.step.tokens_per_s) / math.log1p(TIE_BAND))
-    return (-band, sum(plan.step.comm_s.values()), plan.memory.total)
+    band = math.floor(math.log(step.tokens_per_s) / math.log1p(TIE_BAND))
+    return (-band, sum(step.comm_s.values()), memory.total)
 
 
 def _dominant_group(memory: MemoryEstimate) -> str:

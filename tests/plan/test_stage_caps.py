@@ -18,7 +18,7 @@ import pytest
 
 from orch.config import load_config
 from orch.plan.degrees import Degrees
-from orch.plan.memory import estimate_memory, stage_layer_caps
+from orch.plan.memory import StageMemory, estimate_memory, stage_layer_caps
 
 LAYERS = 9
 
@@ -72,11 +72,13 @@ def test_moe_every_other_layer_finds_a_split_that_fits_where_one_does(monkeypatc
     assert machine is not None, problems
     totals = {split: estimate_memory(_with_split(cfg, split), deg).total
               for split in _splits(LAYERS, pp)}
-    by_flops = plan_module._with_split(cfg, plan_module._stage_layers(cfg, deg, machine))
+    by_flops = plan_module._stage_layers(cfg, deg, machine)
+    stages = StageMemory(cfg, deg)
     for limit in sorted(set(totals.values())):
         monkeypatch.setattr(plan_module, "memory_limit", lambda cfg, machine, limit=limit: limit)
-        chosen = tuple(plan_module._capped_split(cfg, deg, machine, by_flops)
-                       .parallel.stage_layers)
+        planned, memory = plan_module._capped_split(cfg, deg, machine, by_flops, stages)
+        chosen = tuple(planned.parallel.stage_layers)
+        assert memory.total == totals[chosen]
         if totals[chosen] > limit:  # none found: none fits, or by flops it would have been
-            assert chosen == tuple(by_flops.parallel.stage_layers)
+            assert chosen == by_flops
             assert all(total > limit for total in totals.values()), (limit, chosen)
