@@ -379,6 +379,7 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     # the largest single parameter: an MLP matrix, the (tp-split) embedding, or an expert stack
     largest = max(h * m.ffn_dim // tp, vocab, pc.experts // 3 // (deg.ep * etp))
     depth = off.prefetch_depth
+    at_home = tiers == ("device",) * len(tiers)
 
     def stage_bytes(nd: int, nm: int, first: bool, last: bool, num: int, den: int,
                     first_mbs: int, last_mbs: int) -> _StageBytes:
@@ -417,6 +418,8 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
                 params += max(1, depth) * unit_bytes
             grads = 2 * -(-grads // deg.dp_replicate) + max(1, depth) * unit_bytes
         groups = (params, grads, optim, act)
+        if at_home:  # nothing offloaded: no windows, no staging (most of what the search asks)
+            return _StageBytes(*groups, buffers, buffers + sum(groups), 0, 0, 0, 0, 0, 0)
         # What the engine (orch.offload.engine) holds of an offloaded group: the unit in use
         # and up to depth - 1 prefetched, in the compute dtype; one matrix's gradient on its
         # way home; nothing of the optimizer (its step runs at home); activations: depth
