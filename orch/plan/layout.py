@@ -43,13 +43,9 @@ class RankLayout:
 
     def _offsets(self, mask: list[bool], inside: bool) -> list[int]:
         """Rank offsets spanned by the masked (inside=True) or unmasked dims, first dim fastest."""
-        picked = [
+        return span([
             (s, st) for s, st, m in zip(self.sizes, self.strides, mask, strict=True) if m == inside
-        ]
-        offsets = [0]
-        for size, stride in picked:
-            offsets = [o + i * stride for i in range(size) for o in offsets]
-        return offsets
+        ])
 
     def groups(self, dims: str) -> list[list[int]]:
         """Every group of ``dims`` (e.g. ``"tp"``, ``"tp-dp"``), ordered as Megatron orders them."""
@@ -61,10 +57,27 @@ class RankLayout:
         """The group holding rank 0; all groups of a dimension are translates of it."""
         return self._offsets(self._mask(dims), True)
 
+    def shape(self, dims: str) -> tuple[tuple[int, int], ...]:
+        """``(size, stride)`` of each dimension of ``dims`` above size one, fastest first: the
+        :meth:`first_group` they span (:func:`span`), and with it every group of ``dims`` (the
+        translates of a group holding rank 0 tile the ranks one way only), without listing
+        thousands of ranks."""
+        return tuple((size, stride) for size, stride, m in
+                     zip(self.sizes, self.strides, self._mask(dims), strict=True)
+                     if m and size > 1)
+
     def coords(self, rank: int) -> dict[str, int]:
         return {
             n: rank // st % s for n, s, st in zip(self.names, self.sizes, self.strides, strict=True)
         }
+
+
+def span(shape: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> list[int]:
+    """Rank offsets of dimensions of ``(size, stride)``, the first varying fastest."""
+    offsets = [0]
+    for size, stride in shape:
+        offsets = [o + i * stride for i in range(size) for o in offsets]
+    return offsets
 
 
 def dense_layout(deg: Degrees) -> RankLayout:
@@ -118,6 +131,14 @@ def first_groups(deg: Degrees) -> dict[str, list[int]]:
     return {dim: layouts[view].first_group(dim) for dim, view in GROUP_DIMS.items()}
 
 
+def group_shapes(deg: Degrees) -> dict[str, tuple[tuple[int, int], ...]]:
+    """:meth:`RankLayout.shape` of every published dimension: what fixes its groups, for the
+    search to know a group it has seen before (at 4,096 ranks a dimension's first group lists
+    up to 4,096 ranks; its shape, a pair or two)."""
+    layouts = {"dense": dense_layout(deg), "expert": expert_layout(deg)}
+    return {dim: layouts[view].shape(dim) for dim, view in GROUP_DIMS.items()}
+
+
 def rank_coordinates(deg: Degrees) -> list[dict[str, int]]:
     """Per rank, its coordinate in every dense and expert dimension."""
     dense, expert = dense_layout(deg), expert_layout(deg)
@@ -136,6 +157,8 @@ __all__ = [
     "dim_groups",
     "expert_layout",
     "first_groups",
+    "group_shapes",
     "plan_groups",
     "rank_coordinates",
+    "span",
 ]

@@ -17,7 +17,7 @@ from orch.errors import OrchError, Problem, ProblemsError
 from orch.plan.cluster import MAX_WORLD_SIZE, ClusterSpec, load_cluster
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec, UnknownDeviceError, get_device
-from orch.plan.layout import dim_groups, first_groups
+from orch.plan.layout import dim_groups, group_shapes, span
 from orch.plan.placement import NodePlace, candidate_orders, placement_of
 from orch.plan.topology import Link, Topology
 
@@ -41,23 +41,28 @@ class Machine:
     def links(self, deg: Degrees) -> dict[str, Link]:
         """The link of every group dimension of ``deg``: the slowest of its groups.
 
-        Dimensions whose first groups are equal have equal groups (translates of a group
-        containing rank 0 tile the ranks one way only), so each is looked at once. On alike
-        nodes one group tells for a dimension whose groups tile the nodes (:func:`tiles`);
-        otherwise (a group may straddle a node boundary the first does not, or nodes differ)
-        every group is looked at.
+        A dimension's groups follow from its shape (:func:`group_shapes`), so each shape is
+        looked at once per machine, whatever degrees it comes from (the search asks this of
+        thousands of degrees that share most of their groups). On alike nodes one group tells
+        for a dimension whose groups tile the nodes (:func:`tiles`); otherwise (a group may
+        straddle a node boundary the first does not, or nodes differ) every group is looked at.
         """
-        found: dict[tuple[int, ...], Link] = {}
         links = {}
-        for dim, first in first_groups(deg).items():
-            key = tuple(first)
-            if key not in found:
-                found[key] = (self.topology.link(first)
-                              if len(first) == 1 or (self.topology.homogeneous
-                                                     and tiles(first, self.gpus_per_node))
-                              else self.topology.worst_link(dim_groups(deg, dim)))
-            links[dim] = found[key]
+        for dim, shape in group_shapes(deg).items():
+            if shape not in self._group_links:
+                first = span(shape)
+                self._group_links[shape] = (
+                    self.topology.link(first)
+                    if len(first) == 1 or (self.topology.homogeneous
+                                           and tiles(first, self.gpus_per_node))
+                    else self.topology.worst_link(dim_groups(deg, dim)))
+            links[dim] = self._group_links[shape]
         return links
+
+    @cached_property
+    def _group_links(self) -> dict[tuple[tuple[int, int], ...], Link]:
+        """:meth:`links`' link of each group shape seen on this machine (its node order's)."""
+        return {}
 
     def placements(self) -> list[Machine]:
         """This machine under each node order worth pricing (``orch.plan.placement``); a
