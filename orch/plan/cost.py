@@ -179,6 +179,26 @@ def _collective(size: float, n: int, link: Link) -> float:
     return (n - 1) * (size / n / link.bandwidth + link.latency_s)
 
 
+def _rate(cfg: Config, deg: Degrees, device: DeviceSpec) -> float:
+    """FLOP/s a rank's matmuls reach for ``cfg``'s micro-batch under ``deg``."""
+    t = cfg.train
+    rank_tokens = t.micro_batch * t.seq_len / deg.cp  # of one micro-batch, before TP splits them
+    return (device.peak(t.precision) * device.compute_efficiency
+            * gemm_efficiency(rank_tokens, cfg.model.dim, deg.tp, device))
+
+
+def model_compute_s(cfg: Config, deg: Degrees, device: DeviceSpec,
+                    stage_load: float = 1.0) -> float:
+    """Seconds of a step's model FLOPs (full recompute's forward again included) on the most
+    loaded pipeline rank: :func:`estimate_step_time`'s compute but for selective recompute's
+    elementwise passes. Every other term of a step adds to it, so the search bounds a step
+    from below by it before pricing the rest."""
+    t = cfg.train
+    fpt, full = _flops(cfg.model, t.seq_len), t.recompute == "full"
+    tokens = t.global_batch * t.seq_len
+    return stage_load * (fpt + full * fpt / 3) * tokens / deg.world / _rate(cfg, deg, device)
+
+
 def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
                        device: DeviceSpec, stage_load: float = 1.0,
                        rank_layers: float | None = None,
@@ -200,11 +220,10 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     attention_fpt = 12.0 * seq * m.heads * m.head_dim  # per layer
     rank_tokens = t.micro_batch * seq / deg.cp  # of one micro-batch, before TP splits them
     peak = device.peak(t.precision)
-    rate = (peak * device.compute_efficiency
-            * gemm_efficiency(rank_tokens, m.dim, deg.tp, device))
+    rate = _rate(cfg, deg, device)
     tokens = t.global_batch * seq
     full = t.recompute == "full"
-    compute = stage_load * (fpt + full * fpt / 3) * tokens / deg.world / rate
+    compute = model_compute_s(cfg, deg, device, stage_load)
     micro = max(1.0, t.global_batch / (t.micro_batch * deg.dp))
     layers = rank_layers if rank_layers is not None else m.layers / deg.pp
     moe_layers = layers * pc.moe_layers / m.layers

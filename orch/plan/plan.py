@@ -18,7 +18,13 @@ from orch.config.schema import WORLD_DEGREES, Config
 from orch.errors import PlanError, Problem, reading
 from orch.parallel.schedules.actions import rank_stages
 from orch.parallel.schedules.generators import placement_of
-from orch.plan.cost import StepTime, estimate_step_time, head_flops, layer_flops
+from orch.plan.cost import (
+    StepTime,
+    estimate_step_time,
+    head_flops,
+    layer_flops,
+    model_compute_s,
+)
 from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
 from orch.plan.machine import Machine, resolve_machine
@@ -270,6 +276,22 @@ def step_time(cfg: Config, deg: Degrees, machine: Machine, links: dict[str, Link
                               rank_layers=max(sum(stage_layers[chunk] for chunk in chunks)
                                               for chunks in _rank_chunks(cfg, deg)),
                               total_peak=machine.topology.total_peak(cfg.train.precision))
+
+
+STEP_FLOOR_SLACK = 1e-9
+"""Share :func:`step_time_floor` takes off its bound, far above the rounding of the sums that
+make a step time (1e-16 each), so that no step is priced below its floor."""
+
+
+def step_time_floor(cfg: Config, deg: Degrees, machine: Machine) -> float:
+    """Seconds :func:`step_time` cannot go below: the model's compute alone, with the most
+    loaded pipeline rank at least as loaded as under a split in proportion to speeds (on alike
+    devices, an even split), less :data:`STEP_FLOOR_SLACK`. Communication, bubbles and the
+    split itself only add, so the search leaves settings unpriced whose floor is slower than
+    the plans it would list already."""
+    speeds = _speeds(machine, deg, cfg.train.precision)
+    least_load = len(speeds) * min(speeds) / sum(speeds)
+    return model_compute_s(cfg, deg, machine.device, least_load) * (1 - STEP_FLOOR_SLACK)
 
 
 def _stage_load(cfg: Config, deg: Degrees, machine: Machine,

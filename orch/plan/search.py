@@ -10,6 +10,7 @@ counted with the memory group that dominated them, so users learn why a machine 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from collections import Counter
@@ -31,6 +32,7 @@ from orch.plan.plan import (
     placement_key,
     planned_memory,
     step_time,
+    step_time_floor,
     with_notes,
 )
 from orch.plan.rules import check_degrees
@@ -130,6 +132,8 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
     limit = memory_limit(cfg, machine)
     orders = machine.placements()  # node orders: their pipeline splits, so memory, differ
     best_per_degrees: list[_Priced] = []
+    listed: list[tuple[int, float, int]] = []  # the best ``top`` keys of best_per_degrees
+    tokens = cfg.train.global_batch * cfg.train.seq_len
     # Every (micro-batch, recompute) variant of cfg, made once: thousands of degrees share them.
     variants = {(mb, r): _with_train(cfg, micro_batch=mb, recompute=r)
                 for mb in MICRO_BATCHES for r in {cfg.train.recompute, *RECOMPUTE}}
@@ -183,6 +187,10 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                 result.evaluated += len(RECOMPUTE) - index - 1
                 result.fit += len(RECOMPUTE) - index
                 assert links is not None
+                floor = min(step_time_floor(split[mb, recompute, i][0], deg, orders[i])
+                            for i in fitting)
+                if _band(tokens / floor) < _bar(best, listed, top):
+                    break  # slower than what it would have to beat: left unpriced
                 priced = [_price(split[mb, recompute, i], deg, orders[i], links[i])
                           for i in fitting]
                 chosen = min(priced, key=lambda p: placement_key(True, p.step, deg, p.machine))
@@ -191,6 +199,8 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                 break
         if best is not None:
             best_per_degrees.append(best)
+            bisect.insort(listed, best.key)
+            del listed[top:]
     best_per_degrees.sort(key=lambda priced: priced.key)
     result.best = [with_notes(evaluate(p.cfg, deg=p.deg, machine=p.machine, links=p.links),
                               p.machine) for p in best_per_degrees[:top]]
@@ -241,14 +251,29 @@ TIE_BAND = 0.001
 """Throughputs within one band this wide (a ratio) tie in the ranking."""
 
 
+def _band(tokens_per_s: float) -> int:
+    """The band of throughput :data:`TIE_BAND` wide that ``tokens_per_s`` falls in."""
+    return math.floor(math.log(tokens_per_s) / math.log1p(TIE_BAND))
+
+
+def _bar(best: _Priced | None, listed: list[tuple[int, float, int]], top: int) -> float:
+    """The band a setting must reach to change what the search lists: that of the best setting
+    of its degrees so far (a lower band ranks below it, whatever it communicates), and once
+    ``top`` degrees have their best, that of the last of those (a lower band ranks below all
+    ``top``, so it is not listed, nor is its degrees' best, which ranks no higher)."""
+    bands = [-best.key[0]] if best is not None else []
+    if len(listed) == top:
+        bands.append(-listed[-1][0])
+    return max(bands, default=-math.inf)
+
+
 def _rank_key(step: StepTime, memory: MemoryEstimate) -> tuple[int, float, int]:
     """Fastest first; plans in one band of throughput (0.1% wide, on a log scale, so they are
     within 0.1% of each other) go to the one that communicates less (more slack when the
     network is slower than modelled), then to the one with less memory. A plan never ranks
     above one more than 0.1% faster (3 significant figures, as before, made bands up to 1%
     wide). Bands, not pairwise comparison, keep the order transitive, so sorting holds."""
-    band = math.floor(math.log(step.tokens_per_s) / math.log1p(TIE_BAND))
-    return (-band, sum(step.comm_s.values()), memory.total)
+    return (-_band(step.tokens_per_s), sum(step.comm_s.values()), memory.total)
 
 
 def _dominant_group(memory: MemoryEstimate) -> str:
