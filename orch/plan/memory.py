@@ -463,8 +463,8 @@ class StageMemory:
     """What each pipeline stage of ``cfg`` holds under ``deg``, its split aside: the arithmetic
     of :func:`_stage_bytes`, made once and asked of several splits. The search asks it of each
     pipeline candidate's split by FLOPs, for the caps of the stages that split overfills, and
-    of the split under those caps: made once per (config, degrees) rather than per question, a
-    third of the search's memory arithmetic went."""
+    of the split under those caps: made once per (config, degrees) rather than once per
+    question (three times per pipeline candidate)."""
 
     def __init__(self, cfg: Config, deg: Degrees, *, flash: bool = True,
                  fused_norm: bool = True) -> None:
