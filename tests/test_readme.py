@@ -100,6 +100,16 @@ def test_the_readme_has_the_commands_this_test_expects():
     assert any(text.startswith(".venv/bin/python -m orch.kernels.resources") for text in texts)
 
 
+def test_every_code_fence_stands_on_its_own_line():
+    """A closing fence with the next sentence after it (``` Training uses ...) left the block
+    open in a renderer, and this test's parser took the prose after it, with its inline
+    command, for code."""
+    fences = [(number, line) for number, line in enumerate(README.read_text().splitlines(), 1)
+              if line.lstrip().startswith("```")]
+    assert [f for f in fences if not re.fullmatch(r"\s*```\w*", f[1])] == []
+    assert len(fences) % 2 == 0
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"line{block[0].line}" for block in BLOCKS])
 def test_readme_block_works_as_written(block, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
