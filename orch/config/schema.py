@@ -304,3 +304,8 @@ OFFLOADED = tuple(f"offload.{group}" for group in ("params", "grads", "optimizer
 """What :attr:`OffloadConfig.enabled` (whether anything is offloaded) reads: every group's home."""
 KV_HEADS = ("model.kv_heads", "model.heads")
 """What :attr:`ModelConfig.n_kv_heads` reads (null kv_heads: as many as heads)."""
+MODEL_SHAPE = tuple(f"model.{name}" for name in (
+    "vocab_size", "dim", "layers", "heads", "kv_heads", "ffn_dim", "tie_embeddings", "experts",
+    "top_k", "expert_ffn_dim", "shared_experts", "moe_layer_interval"))
+"""What the model's parameter shapes read (orch's Transformer; the plan's ``model_key``): a
+check of shapes or bytes reads these, not the rest of ``model`` (its name, RoPE, norm eps)."""

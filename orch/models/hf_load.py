@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orch.config.schema import DataConfig, ModelConfig
+from orch.config.schema import KV_HEADS, MODEL_SHAPE, DataConfig, ModelConfig
 from orch.errors import Problem, ProblemsError, reading
 from orch.models.hf import hf_ignored, hf_llama_config, hf_to_ours
 from orch.models.llama import Transformer
@@ -72,7 +72,7 @@ def init_from_problems(model: ModelConfig) -> list[Problem]:
         return problems
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in Transformer(model).named_parameters()}
-    return reading(_locate(model, shapes)[1], ("model",))  # the shapes of the whole model
+    return reading(_locate(model, shapes)[1], MODEL_SHAPE)
 
 
 def _config_problems(model: ModelConfig) -> list[Problem]:
@@ -156,7 +156,8 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
         given = said.get(key) or (f"has {key}: {theirs[key]!r}" if theirs.get(key) is not None
                                   else f"has no {key}, which transformers reads as {hf[key]!r}")
         problems.append(Problem(f"model.{field}", f"{getattr(model, field)!r} but {config_file} "
-                                f"{given}", f"set model.{field}={hf[key]}", ("model.init_from",)))
+                                f"{given}", f"set model.{field}={hf[key]}",
+                                ("model.init_from", *(KV_HEADS if field == "kv_heads" else ()))))
     return problems
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from functools import cache, lru_cache
 from typing import NamedTuple
 
-from orch.config.schema import Config, ModelConfig
+from orch.config.schema import MODEL_SHAPE, OFFLOADED, WORLD_DEGREES, Config, ModelConfig
 from orch.offload.sizes import CONVERSION_STAGING_ELEMENTS, NVME_GRAD_BUFFERS, REGION_PADDING
 from orch.parallel.schedules.actions import rank_stages
 from orch.parallel.schedules.generators import placement_of
@@ -39,9 +39,17 @@ ADAMW_BYTES = 8
 """Two fp32 moments."""
 QUANT_BLOCK = 256
 """adamw8bit: one fp32 absmax per block of 256 elements, per moment."""
-MEMORY_READS = ("model", "train", "optimizer", "parallel", "offload")
-"""The config sections :func:`estimate_memory` reads (shapes, batch and precision, optimizer
-states, degrees and schedule, homes): what a check of its bytes reads (``Problem.reads``)."""
+MEMORY_READS = (
+    *MODEL_SHAPE, *(f"train.{name}" for name in (
+        "precision", "recompute", "seq_len", "micro_batch", "global_batch")),
+    "optimizer.name", *WORLD_DEGREES, *(f"parallel.{name}" for name in (
+        "ep", "etp", "virtual_stages", "pp_schedule", "stage_layers", "cp_kind",
+        "sequence_parallel")),
+    *OFFLOADED, "offload.shard_params", "offload.prefetch_depth")
+"""The config fields :func:`estimate_memory` reads (shapes, batch and precision, optimizer
+states, degrees and schedule, homes): what a check of its bytes reads (``Problem.reads``);
+fields, not whole sections, so that a failed field it does not read (``train.lr``,
+``offload.nvme_path``) leaves its problems in."""
 
 
 @dataclass(frozen=True)

@@ -484,9 +484,10 @@ def build_plan(
     deg = config_degrees(cfg, machine.world_size, found) if machine else None
     if machine is not None:  # degrees that do not fill the world still meet the other rules
         # (one round: heads that tp does not divide were said only once the world was right)
+        # a dp_shard the config gives is the user's own; only -1's is made up here
         asked = deg or _given_degrees(cfg, max(cfg.parallel.dp_shard, 1))
         found.extend(check_degrees(cfg, asked, machine.gpus_per_node,
-                                   dp_known=deg is not None))
+                                   dp_known=deg is not None or cfg.parallel.dp_shard != -1))
     if problems or found:
         raise PlanError([*problems, *reading(found, ("cluster",))])
     assert machine is not None and deg is not None

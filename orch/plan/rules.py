@@ -16,8 +16,9 @@ from orch.plan.degrees import Degrees
 def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool = True
                   ) -> list[Problem]:
     """Every rule ``deg`` breaks. ``dp_known`` False: the degrees do not fill the world (said
-    already), so ``deg.dp_shard`` is made up and the rules that read the data-parallel size
-    (the batch, the schedule, expert folding, DDP) are left out."""
+    already) and ``dp_shard: -1`` had nothing to fill, so ``deg.dp_shard`` is made up and the
+    rules that read the data-parallel size (the batch, the schedule, expert folding, DDP) are
+    left out."""
     problems: list[Problem] = []
 
     def need(ok: bool, where: str, message: str, fix: str, reads: tuple[str, ...] = ()) -> None:

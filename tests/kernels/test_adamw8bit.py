@@ -291,6 +291,12 @@ def test_bad_hyperparameters_and_complex_parameters_are_refused():
     z.grad = torch.randn_like(z)
     with pytest.raises(ValueError, match="does not support complex parameters"):
         opt.step()
+    real = nn.Parameter(torch.ones(64, 64))
+    real.grad = torch.ones_like(real)
+    opt = AdamW8bit([{"params": [real]}, {"params": [z]}])
+    with pytest.raises(ValueError, match="does not support complex parameters"):
+        opt.step()
+    assert torch.equal(real, torch.ones_like(real)) and not opt.state  # nothing stepped first
 
 
 def test_bad_hyperparameters_of_a_group_are_refused_wherever_they_come_from():
@@ -306,6 +312,7 @@ def test_bad_hyperparameters_of_a_group_are_refused_wherever_they_come_from():
             AdamW8bit([{"params": [p], **group}])
     AdamW8bit([p], lr=np.float32(1e-3)).step()  # any real number, numpy's too
     AdamW8bit([p], betas=np.array([0.9, 0.95])).step()  # two of them in any sequence, as AdamW
+    assert AdamW8bit([p], betas=iter((0.9, 0.95))).defaults["betas"] == (0.9, 0.95)  # read once
     opt = AdamW8bit([p])
     with pytest.raises(ValueError, match="param group 1: weight_decay=nan"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(4))],

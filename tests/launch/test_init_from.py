@@ -106,6 +106,43 @@ def test_missing_and_misshapen_tensors_are_refused_before_launch(checkpoint, tmp
     assert f"{cut}: has shape (255, 256), orch's layers.2.attention.wq.weight (256, 256)" in text
 
 
+def _launch_problems(tmp_path: Path, *sets: str) -> list[str]:
+    """Where each problem ``orch launch`` finds before starting anything lies."""
+    from orch.launch.launcher import prepare
+
+    argv = ["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path / 'run'}",
+            *[arg for item in sets for arg in ("--set", item)]]
+    with pytest.raises(ProblemsError) as refused:
+        prepare(argv)
+    return [problem.where for problem in refused.value.problems]
+
+
+def test_checkpoint_problems_are_said_beside_a_failed_field_the_shapes_do_not_read(
+        checkpoint, tmp_path):
+    """The tensors' problems read "the whole model section": a failed max_seq_len (no
+    parameter's shape) dropped the 39 problems of a checkpoint missing most tensors; and the
+    kv_heads comparison, which reads heads through kv_heads null, judged a failed heads'
+    default (8) against the checkpoint's 16."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = checkpoint
+    sparse = _copy(path, tmp_path / "sparse")
+    for shard in sparse.glob("*.safetensors"):
+        kept = {k: v for k, v in load_file(shard).items() if k == "model.embed_tokens.weight"}
+        save_file(kept, shard, metadata={"format": "pt"})
+    wheres = _launch_problems(tmp_path, f"model.init_from={sparse}", "model.max_seq_len=0")
+    assert wheres[0] == "model.max_seq_len" and len(wheres) > 10, wheres
+
+    def sixteen_heads(config: dict) -> None:
+        config.update(num_attention_heads=16, head_dim=16)
+        config.pop("num_key_value_heads")
+
+    heads = _with_config(path, tmp_path / "heads", sixteen_heads)
+    wheres = _launch_problems(tmp_path, f"model.init_from={heads}", "model.kv_heads=null",
+                              "model.heads=abc")
+    assert wheres == ["--set model.heads"], wheres
+
+
 def _copy(source: Path, to: Path) -> Path:
     to.mkdir()
     for file in source.iterdir():

@@ -69,3 +69,13 @@ def test_a_problem_whose_text_has_a_failed_fields_name_as_a_word_is_said(tmp_pat
     steps, offload = error.problems
     assert steps.where == "--set train.steps"
     assert offload.where == "offload" and "with 2 processes" in offload.message
+
+
+def test_a_budget_problem_is_said_beside_a_failed_field_the_memory_model_does_not_read(
+        tmp_path: Path):
+    """The budget problems read "the whole model, train, optimizer, parallel and offload
+    sections": a failed train.lr (or offload.nvme_path) dropped the device_budget problem."""
+    error = _refused(tmp_path / "run", "offload.params=cpu", "offload.grads=cpu",
+                     "offload.optimizer=cpu", "offload.device_budget=1000", "train.lr=-1", nproc=1)
+    assert [p.where for p in error.problems] == ["train.lr", "offload.device_budget"]
+

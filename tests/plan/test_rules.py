@@ -218,3 +218,10 @@ def test_degrees_that_do_not_fill_the_world_meet_the_other_rules_in_the_same_rou
     for said in ("not the world size 2", "experts=4 is not divisible by ep=3",
                  "66 is not divisible by 2 x cp = 4"):
         assert said in text, said
+
+
+def test_a_given_dp_shard_is_the_users_own_on_a_world_it_does_not_fill():
+    """dp_shard=3 on 4 devices: the batch rule reads the user's dp (3), not a made-up one, and
+    was said only a round later."""
+    text = plan_problems(TINY, ["parallel.dp_shard=3"], world_size=4)
+    assert "not the world size 4" in text and "micro_batch x dp = 2 x 3" in text

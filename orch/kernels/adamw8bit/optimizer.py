@@ -108,9 +108,9 @@ class AdamW8bit(torch.optim.Optimizer):
         *,
         min_8bit_size: int = 4096,
     ) -> None:
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        defaults = {"lr": lr, "betas": _pair(betas) or betas, "eps": eps,
+                    "weight_decay": weight_decay}  # a pair read once (an iterator's items go)
         _check_hyperparameters(defaults, "AdamW8bit")
-        defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
         self.min_8bit_size = min_8bit_size
         self._scratch = ScratchPool()
@@ -138,17 +138,23 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # checked again here, every group before any is updated (a refused step changes
-        # nothing): a scheduler or the caller may have set them since
+        # every group checked before any is updated (a refused step changes nothing): its
+        # hyperparameters again (a scheduler or the caller may have set them since), and what
+        # it cannot step
         for index, group in enumerate(self.param_groups):
             _check_hyperparameters(group, f"AdamW8bit param group {index}", read_tensors=False)
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("AdamW8bit does not support sparse gradients")
+                if p.grad is not None and p.is_complex():
+                    raise ValueError(f"AdamW8bit does not support complex parameters (one of "
+                                     f"shape {tuple(p.shape)}, {p.dtype}); use "
+                                     "torch.optim.AdamW for them")
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW8bit does not support sparse gradients")
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
@@ -180,9 +186,6 @@ class AdamW8bit(torch.optim.Optimizer):
             param.copy_(target)
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        if p.is_complex():
-            raise ValueError(f"AdamW8bit does not support complex parameters (one of shape "
-                             f"{tuple(p.shape)}, {p.dtype}); use torch.optim.AdamW for them")
         state["step"] = torch.tensor(0.0)
         local = _local(p)
         if not self.quantized(p):
