@@ -72,17 +72,24 @@ def _loss_value(value: Any) -> bool:
     return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
+def _shown(record: dict[str, Any], key: str) -> str:
+    """``record[key]`` as a message quotes it, or ``missing``: a missing ``loss`` said "None"
+    as though the run had written null (a diverged step)."""
+    return repr(record[key]) if key in record else "missing"
+
+
 def _bad_field(record: dict[str, Any]) -> str | None:
     """What in a step record the report cannot use (``field: value``, with why), or None: each
     field it reads, of the type and range the runtime writes (a hand-edited or foreign line
-    crashed the report)."""
+    crashed the report). ``loss`` must be there: null is a diverged step's loss, but a record
+    without the key has none at all (it crashed the report with a KeyError)."""
     for key, least in (("step", 1), ("steps", 1), ("tokens_per_s", 0), ("mfu", 0),
                        ("mem_bytes", 0)):
         if not _number(record.get(key), least):
-            return f"{key} is {record.get(key)!r}, not a number of at least {least}"
+            return f"{key} is {_shown(record, key)}, not a number of at least {least}"
     for key in ("loss", *(["aux_loss"] if "aux_loss" in record else [])):
-        if not _loss_value(record.get(key)):
-            return f"{key} is {record.get(key)!r}, not a number (or null where not finite)"
+        if key not in record or not _loss_value(record[key]):
+            return f"{key} is {_shown(record, key)}, not a number (or null where not finite)"
     comm = record.get("comm_bytes")
     if comm is not None and not (isinstance(comm, dict)
                                  and all(_number(v, 0) for v in comm.values())):
@@ -95,34 +102,82 @@ def _bad_field(record: dict[str, Any]) -> str | None:
     return None
 
 
+_DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")
+"""The degrees of ``plan.json`` the summary names."""
+
+
+def read_plan(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/plan.json`` when the report can use it, else ``{}`` after a note saying why, and
+    the summary says the plan is unknown (the plots do not need it). Each field the report reads
+    is checked here, before anything is written: a valid JSON file that was not an object, or
+    held a degree or an estimate of another type, crashed the report after the plots were
+    written, leaving part of a report."""
+    path = run_dir / "plan.json"
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError):
+        why = "is missing or unreadable"
+    else:
+        if (why := _bad_plan(plan)) is None:
+            return plan
+    print(f"orch report: {path} {why}; the plan is left unknown in the summary", file=sys.stderr)
+    return {}
+
+
+def _bad_plan(plan: Any) -> str | None:
+    """Why the report cannot use ``plan`` (a parsed ``plan.json``), or None."""
+    if not isinstance(plan, dict):
+        return f"is not a JSON object (it holds {type(plan).__name__} {plan!r:.60})"
+    degrees = plan.get("degrees", {})
+    if not isinstance(degrees, dict):
+        return f"has degrees {degrees!r:.60}, not an object of degrees"
+    for key in _DEGREES:
+        value = degrees.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"has degree {key} {value!r}, not a whole number of at least 1"
+    if not isinstance(plan.get("devices", ""), str):
+        return f"has devices {plan['devices']!r:.60}, not a description such as '8 x h100'"
+    step = plan.get("step") or {}
+    comm = (step.get("comm_s") or {}) if isinstance(step, dict) else None
+    if not (isinstance(comm, dict) and all(_number(v, 0) for v in comm.values())
+            and all(_number(step.get(k, 0), 0) for k in ("compute_s", "exposed_comm_s"))):
+        return f"has step {step!r:.60}, not the plan's estimated seconds of a step"
+    return None
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Write the plots and ``summary.md`` of ``run_dir``; returns the files written."""
+    """Write the plots and ``summary.md`` of ``run_dir``; returns the files written.
+
+    Everything the report reads (records, plan, pipeline timeline, checkpoints) is read and
+    checked before the output directory is made: a run directory it cannot read leaves no
+    partial report behind."""
     import matplotlib
 
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
+    plan = read_plan(run_dir)
     out = Path(out) if out else run_dir / "report"
+    plots = {"loss": _loss, "throughput": _throughput, "memory": _memory}
+    if any(r.get("comm_bytes") for r in records):
+        plots["communication"] = _communication
+    timeline = run_dir / "pipeline_timeline.png"
+    # a run resumed onto a plan without a pipeline keeps the earlier plan's timeline: not this
+    copied = [timeline] if timeline.is_file() and plan.get("degrees", {}).get("pp", 1) > 1 else []
+    written = [*(out / f"{name}.png" for name in plots), *(out / t.name for t in copied)]
+    summary = _summary(run_dir, records, plan, written)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(f"--out {out}: cannot be made a directory ({exc.strerror}); fix: give "
                           "a new or existing directory you can write") from None
     steps = [r["step"] for r in records]
-    written = [
-        _loss(out, steps, records),
-        _throughput(out, steps, records),
-        _memory(out, steps, records),
-    ]
-    if any(r.get("comm_bytes") for r in records):
-        written.append(_communication(out, steps, records))
-    timeline = run_dir / "pipeline_timeline.png"
-    # a run resumed onto a plan without a pipeline keeps the earlier plan's timeline: not this
-    if timeline.is_file() and _json(run_dir / "plan.json").get("degrees", {}).get("pp", 1) > 1:
-        written.append(Path(shutil.copy(timeline, out / timeline.name)))
-    summary = out / "summary.md"
-    summary.write_text(_summary(run_dir, records, written))
-    return [*written, summary]
+    for name, plot in plots.items():
+        plot(out / f"{name}.png", steps, records)
+    for source in copied:
+        shutil.copy(source, out / source.name)
+    (out / "summary.md").write_text(summary)
+    return [*written, out / "summary.md"]
 
 
 def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
@@ -155,7 +210,7 @@ def not_finite(records: list[dict]) -> list[int]:
     return [r["step"] for r in records if math.isnan(_finite(r["loss"]))]
 
 
-def _loss(out: Path, steps: list[int], records: list[dict]) -> Path:
+def _loss(path: Path, steps: list[int], records: list[dict]) -> Path:
     fig, ax = _figure("loss", "cross-entropy")
     ax.plot(steps, [_finite(r["loss"]) for r in records], label="language-model loss")
     if any(r.get("aux_loss") is not None for r in records):
@@ -164,10 +219,10 @@ def _loss(out: Path, steps: list[int], records: list[dict]) -> Path:
         ax.axvline(bad[0], color="red", linestyle="--",
                    label=f"loss not finite from step {bad[0]}")
     ax.legend()
-    return _save(fig, out / "loss.png")
+    return _save(fig, path)
 
 
-def _throughput(out: Path, steps: list[int], records: list[dict]) -> Path:
+def _throughput(path: Path, steps: list[int], records: list[dict]) -> Path:
     fig, ax = _figure("throughput", "tokens/s")
     ax.plot(steps, [r["tokens_per_s"] for r in records], label="tokens/s")
     # MFU as recorded, on its own axis: its ratio to tokens/s changes with the world size and
@@ -178,7 +233,7 @@ def _throughput(out: Path, steps: list[int], records: list[dict]) -> Path:
     right.set_ylabel("MFU (%)")
     right.set_ylim(bottom=0)
     ax.legend(handles=[*ax.get_lines(), *right.get_lines()], loc="lower right")
-    return _save(fig, out / "throughput.png")
+    return _save(fig, path)
 
 
 def memory_by_rank(records: list[dict]) -> dict[int, list[tuple[int, float]]]:
@@ -195,15 +250,15 @@ def memory_by_rank(records: list[dict]) -> dict[int, list[tuple[int, float]]]:
     return out
 
 
-def _memory(out: Path, steps: list[int], records: list[dict]) -> Path:
+def _memory(path: Path, steps: list[int], records: list[dict]) -> Path:
     fig, ax = _figure("memory per rank", "GiB")
     for rank, points in sorted(memory_by_rank(records).items()):
         ax.plot(*zip(*points, strict=True), label=f"rank {rank}")
     ax.legend(ncol=4, fontsize="small")
-    return _save(fig, out / "memory.png")
+    return _save(fig, path)
 
 
-def _communication(out: Path, steps: list[int], records: list[dict]) -> Path:
+def _communication(path: Path, steps: list[int], records: list[dict]) -> Path:
     dims = sorted({dim for r in records for dim in (r.get("comm_bytes") or {})})
     fig, ax = _figure("bytes to collectives per step, by parallel dimension (rank 0)", "MB")
     bottom = [0.0] * len(records)
@@ -212,18 +267,16 @@ def _communication(out: Path, steps: list[int], records: list[dict]) -> Path:
         ax.bar(steps, mb, bottom=bottom, label=dim, width=0.8 * _spacing(steps))
         bottom = [b + m for b, m in zip(bottom, mb, strict=True)]
     ax.legend()
-    return _save(fig, out / "communication.png")
+    return _save(fig, path)
 
 
 def _spacing(steps: list[int]) -> float:
     return min((b - a for a, b in zip(steps, steps[1:], strict=False)), default=1) or 1
 
 
-def _summary(run_dir: Path, records: list[dict], written: list[Path]) -> str:
-    plan = _json(run_dir / "plan.json")
-    if not plan:
-        print(f"orch report: {run_dir / 'plan.json'} is missing or unreadable; the plan is left "
-              "unknown in the summary", file=sys.stderr)
+def _summary(run_dir: Path, records: list[dict], plan: dict[str, Any],
+             written: list[Path]) -> str:
+    """``summary.md``: ``plan`` as :func:`read_plan` gives it, ``written`` the plots beside it."""
     last = records[-1]
     # the median: the first step of every start (a resume's too) includes warm-up
     steady = records[1:] or records
@@ -264,19 +317,11 @@ def _summary(run_dir: Path, records: list[dict], written: list[Path]) -> str:
 def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:
     """``4 x cpu, dp_shard=2, tp=2``, or what is known without ``plan.json``."""
     if not plan:
-        return f"unknown (no readable plan.json; {ranks_recorded} rank(s) recorded)"
+        return f"unknown (no usable plan.json; {ranks_recorded} rank(s) recorded)"
     degrees = plan.get("degrees", {})
-    layout = ", ".join(f"{k}={degrees[k]}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp",
-                                                      "ep", "etp") if degrees.get(k, 1) > 1)
+    layout = ", ".join(f"{k}={degrees[k]}" for k in _DEGREES if degrees.get(k, 1) > 1)
     devices = plan.get("devices") or f"{plan.get('world_size', '?')} x {plan.get('device', '?')}"
     return devices + (f", {layout}" if layout else ", one process")
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-__all__ = ["ReportError", "memory_by_rank", "read_metrics", "write_report"]
+__all__ = ["ReportError", "memory_by_rank", "read_metrics", "read_plan", "write_report"]

@@ -76,6 +76,10 @@ def test_the_trainer_clips_the_global_gradient_norm(clip):
     assert float(total) == pytest.approx(clip if clip else norm, rel=1e-5)
 
 
+MISSING = object()
+"""A field a test leaves out of a step record."""
+
+
 def _record(step: int, **changes: object) -> dict:
     """A step record as the runtime writes it (the fields ``orch report`` reads)."""
     return {"step": step, "steps": 4, "loss": 5.0 - step, "tokens_per_s": 100.0, "mfu": 0.01,
@@ -94,14 +98,18 @@ def _record(step: int, **changes: object) -> dict:
     ({"loss": "x"}, "loss is 'x', not a number (or null where not finite)"),
     ({"aux_loss": [1]}, "aux_loss is [1]"),
     ({"tokens_per_s": -5}, "tokens_per_s is -5, not a number of at least 0"),
+    ({"loss": MISSING}, "loss is missing, not a number (or null where not finite)"),
+    ({"mfu": MISSING}, "mfu is missing, not a number of at least 0"),
 ])
 def test_the_report_skips_a_record_it_cannot_use_and_says_why(tmp_path, capsys, changes, said):
-    """Each of these crashed ``orch report`` with a TypeError, KeyError or AttributeError."""
+    """Each of these crashed ``orch report`` with a TypeError, KeyError or AttributeError (a
+    record without ``loss`` was taken for one whose loss was not finite)."""
     import json
 
     from orch.report import write_report
 
-    rows = [_record(1), _record(2, **changes), _record(3), _record(3, loss=0.5)]
+    bad = {k: v for k, v in _record(2, **changes).items() if v is not MISSING}
+    rows = [_record(1), bad, _record(3), _record(3, loss=0.5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(tmp_path)
     err = capsys.readouterr().err
@@ -185,6 +193,53 @@ def test_the_report_shows_the_pipeline_timeline_of_a_pipelined_plan_only(tmp_pat
     assert ("pipeline_timeline.png" in summary) is copied
 
 
+@pytest.mark.parametrize("plan, said", [
+    ("[1, 2]", "is not a JSON object (it holds list [1, 2])"),
+    ('{"degrees": [2]}', "has degrees [2], not an object of degrees"),
+    ('{"degrees": {"pp": "2"}}', "has degree pp '2', not a whole number of at least 1"),
+    ('{"devices": ["h100"]}', "has devices ['h100'], not a description"),
+    ('{"step": {"comm_s": {"dp": "x"}}}', "has step {'comm_s': {'dp': 'x'}}, not the plan's"),
+    ('{"step": {"comm_s": {"dp": 1}, "exposed_comm_s": "x"}}', "has step {'comm_s'"),
+])
+def test_a_plan_the_report_cannot_use_is_left_unknown_and_the_report_whole(tmp_path, capsys,
+                                                                         plan, said):
+    """Each of these crashed ``orch report`` (AttributeError, TypeError) after the plots were
+    written, leaving part of a report; a plan.json that cannot be read already left the plan
+    unknown, with a note."""
+    import json
+
+    from orch.report import write_report
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(_record(n)) + "\n"
+                                                    for n in (1, 2)))
+    (tmp_path / "plan.json").write_text(plan)
+    (tmp_path / "pipeline_timeline.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    written = write_report(tmp_path)
+    assert f"orch report: {tmp_path / 'plan.json'} {said}" in capsys.readouterr().err
+    assert [p.name for p in written] == ["loss.png", "throughput.png", "memory.png",
+                                         "communication.png", "summary.md"]
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "- plan: unknown (no usable plan.json; 1 rank(s) recorded)" in summary
+
+
+def test_the_report_reads_everything_before_it_writes_anything(tmp_path, monkeypatch):
+    """The summary, which reads the plan and the checkpoints last, is made before the output
+    directory: a failure reading the run leaves no partial report behind."""
+    import json
+
+    import orch.report
+    from orch.report import ReportError, write_report
+
+    def unreadable(*args: object) -> str:
+        raise ReportError("checkpoints unreadable")
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    monkeypatch.setattr(orch.report, "_summary", unreadable)
+    with pytest.raises(ReportError, match="checkpoints unreadable"):
+        write_report(tmp_path)
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_diverged_run_is_reported_not_skipped(tmp_path, capsys):
     """Steps whose loss was NaN were written as ``NaN`` (not JSON) and skipped by the report,
     whose summary then read as a healthy run of the steps before the divergence."""
@@ -244,7 +299,7 @@ def test_the_report_draws_each_ranks_memory_and_the_mfu_at_their_own_steps(tmp_p
                                     1: [(3, 2.0), (4, 2.0)]}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary_said = write_report(tmp_path)[-1].read_text()
-    assert "- plan: unknown (no readable plan.json; 2 rank(s) recorded)" in summary_said
+    assert "- plan: unknown (no usable plan.json; 2 rank(s) recorded)" in summary_said
     assert "MFU 2.00% (median over logged steps after the first)" in summary_said
     assert drawn["throughput.png"]["MFU"] == ([1, 2, 3, 4], [1.0, 2.0, 1.0, 3.0])
     assert drawn["memory.png"]["rank 1"] == ([3, 4], [2.0, 2.0])
