@@ -157,7 +157,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     plan = read_plan(run_dir)
-    out = Path(out) if out else run_dir / "report"
+    given, out = bool(out), Path(out) if out else run_dir / "report"
     plots = {"loss": _loss, "throughput": _throughput, "memory": _memory}
     if any(r.get("comm_bytes") for r in records):
         plots["communication"] = _communication
@@ -169,8 +169,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ReportError(f"--out {out}: cannot be made a directory ({exc.strerror}); fix: give "
-                          "a new or existing directory you can write") from None
+        raise ReportError(_unmade(out, given, exc)) from None
     steps = [r["step"] for r in records]
     for name, plot in plots.items():
         plot(out / f"{name}.png", steps, records)
@@ -178,6 +177,18 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
         shutil.copy(source, out / source.name)
     (out / "summary.md").write_text(summary)
     return [*written, out / "summary.md"]
+
+
+def _unmade(out: Path, given: bool, exc: OSError) -> str:
+    """Why the report's directory ``out`` cannot be made, and the fix: said as ``--out`` only
+    when the user gave it (a file at ``RUN_DIR/report`` was blamed on an --out never given)."""
+    if given:
+        return (f"--out {out}: cannot be made a directory ({exc.strerror}); fix: give a new or "
+                "existing directory you can write")
+    fix = (f"move the file {out} out of the way, or give --out PATH"
+           if isinstance(exc, FileExistsError) else "give --out PATH in a directory you can write")
+    return (f"{out}, the default output directory, cannot be made a directory ({exc.strerror}); "
+            f"fix: {fix}")
 
 
 def _figure(title: str, ylabel: str) -> tuple[Any, Any]:

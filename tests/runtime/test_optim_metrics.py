@@ -162,16 +162,24 @@ def test_records_a_resume_redoes_are_moved_aside_not_deleted(tmp_path):
         *rows[2:], *rows[:2]]
 
 
-def test_a_report_into_a_file_is_refused_with_the_fix(tmp_path):
-    """``--out`` naming an existing file crashed with FileExistsError."""
+def test_a_report_into_a_file_is_refused_with_the_fix(tmp_path, capsys):
+    """``--out`` naming an existing file crashed with FileExistsError; a file at the default
+    ``RUN_DIR/report`` was then blamed on an ``--out`` the user never gave."""
     import json
 
+    from orch.cli import main
     from orch.report import ReportError, write_report
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
     (tmp_path / "taken").write_text("")
     with pytest.raises(ReportError, match=r"--out .*taken: cannot be made a directory"):
         write_report(tmp_path, tmp_path / "taken")
+    (tmp_path / "report").write_text("")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{tmp_path / 'report'}, the default output directory, cannot be made a directory "
+            f"(File exists); fix: move the file {tmp_path / 'report'} out of the way, or give "
+            "--out PATH") in err and "--out " + str(tmp_path) not in err
 
 
 @pytest.mark.parametrize("pp, copied", [(2, True), (1, False)])
