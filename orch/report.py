@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orch.errors import OrchError
+from orch.plan.degrees import Degrees
 from orch.runtime.checkpoint.files import MANIFEST, step_dirs
 from orch.runtime.records import read_records
 from orch.runtime.telemetry import memory_field, memory_in_use
@@ -102,8 +103,8 @@ def _bad_field(record: dict[str, Any]) -> str | None:
     return None
 
 
-_DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")
-"""The degrees of ``plan.json`` the summary names."""
+_DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "virtual_stages")
+"""The whole-number degrees of ``plan.json`` the summary names (with ``sequence_parallel``)."""
 
 
 def read_plan(run_dir: Path) -> dict[str, Any]:
@@ -135,6 +136,9 @@ def _bad_plan(plan: Any) -> str | None:
         value = degrees.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"has degree {key} {value!r}, not a whole number of at least 1"
+    if not isinstance(degrees.get("sequence_parallel", False), bool):
+        return (f"has degree sequence_parallel {degrees['sequence_parallel']!r}, not true or "
+                "false")
     if not isinstance(plan.get("devices", ""), str):
         return f"has devices {plan['devices']!r:.60}, not a description such as '8 x h100'"
     step = plan.get("step") or {}
@@ -326,13 +330,18 @@ def _summary(run_dir: Path, records: list[dict], plan: dict[str, Any],
 
 
 def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:
-    """``4 x cpu, dp_shard=2, tp=2``, or what is known without ``plan.json``."""
+    """``4 x cpu, fsdp2 tp2``, ``2 x cpu, pp2v2 (zbv schedule)``: the degrees as ``orch
+    launch`` says them (:meth:`Degrees.short`; the summary spelled only the degrees, so a ZB-V
+    run read as plain pp=2), or what is known without ``plan.json``."""
     if not plan:
         return f"unknown (no usable plan.json; {ranks_recorded} rank(s) recorded)"
-    degrees = plan.get("degrees", {})
-    layout = ", ".join(f"{k}={degrees[k]}" for k in _DEGREES if degrees.get(k, 1) > 1)
+    saved = plan.get("degrees", {})
+    degrees = Degrees(**{k: saved[k] for k in (*_DEGREES, "sequence_parallel") if k in saved})
+    layout = degrees.short()
+    if degrees.pp > 1 and isinstance(plan.get("schedule"), str):
+        layout += f" ({plan['schedule']} schedule)"
     devices = plan.get("devices") or f"{plan.get('world_size', '?')} x {plan.get('device', '?')}"
-    return devices + (f", {layout}" if layout else ", one process")
+    return f"{devices}, {layout}"
 
 
 __all__ = ["ReportError", "memory_by_rank", "read_metrics", "read_plan", "write_report"]

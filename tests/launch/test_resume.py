@@ -262,7 +262,7 @@ def test_report_renders_the_plots_and_summary_of_a_real_run(runs, tmp_path):
     for name in ("loss", "throughput", "memory", "communication"):
         assert (tmp_path / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "- plan: 2 x cpu, dp_shard=2" in summary
+    assert "- plan: 2 x cpu, fsdp2\n" in summary
     assert "- steps logged: 10, last step 10 of 10" in summary
     assert "(2 rank(s) recorded)" in summary
     assert "- checkpoints: step-00000005, step-00000010" in summary

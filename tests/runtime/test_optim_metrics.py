@@ -205,6 +205,8 @@ def test_the_report_shows_the_pipeline_timeline_of_a_pipelined_plan_only(tmp_pat
     ("[1, 2]", "is not a JSON object (it holds list [1, 2])"),
     ('{"degrees": [2]}', "has degrees [2], not an object of degrees"),
     ('{"degrees": {"pp": "2"}}', "has degree pp '2', not a whole number of at least 1"),
+    ('{"degrees": {"virtual_stages": 0}}', "has degree virtual_stages 0, not a whole number"),
+    ('{"degrees": {"sequence_parallel": "yes"}}', "has degree sequence_parallel 'yes', not true"),
     ('{"devices": ["h100"]}', "has devices ['h100'], not a description"),
     ('{"step": {"comm_s": {"dp": "x"}}}', "has step {'comm_s': {'dp': 'x'}}, not the plan's"),
     ('{"step": {"comm_s": {"dp": 1}, "exposed_comm_s": "x"}}', "has step {'comm_s'"),
@@ -323,4 +325,27 @@ def test_the_report_names_a_mixed_clusters_devices(tmp_path):
         "world_size": 16, "device": "h100-sxm-80gb", "devices": "8 x h200 + 8 x h100-sxm-80gb",
         "degrees": {"dp_shard": 16}}))
     summary = write_report(tmp_path)[-1].read_text()
-    assert "- plan: 8 x h200 + 8 x h100-sxm-80gb, dp_shard=16" in summary
+    assert "- plan: 8 x h200 + 8 x h100-sxm-80gb, fsdp16" in summary
+
+
+@pytest.mark.parametrize("degrees, schedule, said", [
+    ({"pp": 2, "virtual_stages": 2}, "zbv", "2 x cpu, pp2v2 (zbv schedule)"),
+    ({"pp": 2, "dp_replicate": 2, "dp_shard": 2}, "1f1b",
+     "8 x cpu, pp2 hsdp4(2x2) (1f1b schedule)"),
+    ({"tp": 2, "sequence_parallel": True}, "none", "2 x cpu, tp2+sp"),
+    ({}, "none", "1 x cpu, single"),
+])
+def test_the_report_says_the_plan_as_launch_does(tmp_path, degrees, schedule, said):
+    """A ZB-V run's summary said "plan: 2 x cpu, pp=2" where launch had said pp2v2: without
+    the virtual stages and the schedule."""
+    import json
+
+    from orch.plan.degrees import Degrees
+    from orch.report import write_report
+
+    plan = Degrees(**degrees)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    (tmp_path / "plan.json").write_text(json.dumps({
+        "world_size": plan.world, "device": "cpu", "devices": "", "degrees": plan.as_dict(),
+        "schedule": schedule}))
+    assert f"- plan: {said}\n" in write_report(tmp_path)[-1].read_text()
