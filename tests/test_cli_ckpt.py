@@ -213,6 +213,10 @@ def test_export_names_every_problem_of_the_request_at_once_before_hashing(tmp_pa
     args = ["ckpt", "export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "o")]
     assert main([*args, "--max-shard-size", "0"]) == 2
     assert "--max-shard-size: '0' is not a positive byte size" in capsys.readouterr().err
+    assert main([*args, "--max-shard-size", "1.5"]) == 2  # was taken as 1 byte
+    err = capsys.readouterr().err
+    assert "--max-shard-size: '1.5' is not a positive byte size" in err
+    assert "fix: give a whole number of bytes, or a size such as 5GB" in err
     assert not (tmp_path / "o").exists()
     assert hf_llama_config(cfg.model)["num_hidden_layers"] == 4
     (tmp_path / "empty").mkdir()  # no complete checkpoint: said beside the request's problems

@@ -381,6 +381,16 @@ def test_parse_bytes_units():
                        ).offload.pinned_budget == 10**9  # a YAML float
 
 
+def test_parse_bytes_refuses_a_fraction_of_a_byte():
+    """``"1.5"`` was cut to 1 byte silently, where a YAML number 1.5 was refused; a unit may
+    still take a fraction that comes to whole bytes, read exactly."""
+    assert parse_bytes("1.5") is None and parse_bytes("1.5B") is None
+    assert parse_bytes("1e-10GB") is None and parse_bytes("1.0001kB") is None
+    assert parse_bytes("1e-3GB") == 10**6
+    assert parse_bytes("1.1GB") == 11 * 10**8 and parse_bytes("0.5KiB") == 512
+    assert parse_bytes("2.0") == 2
+
+
 def test_config_roundtrips_through_dict():
     cfg = load_config(REPO / "configs/mixtral-8x22b.yaml")
     from orch.config import config_from_dict

@@ -19,6 +19,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any, Literal
 
 from orch.errors import Problem
@@ -32,11 +33,14 @@ _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)
 
 
 def parse_bytes(text: str) -> int | None:
-    """``"80GB"`` -> 80e9, ``"1.5GiB"`` -> 1.5 * 2**30; None if it is not a byte size."""
+    """``"80GB"`` -> 80e9, ``"1.5GiB"`` -> 1.5 * 2**30; None if it is not a byte size, or not a
+    whole number of bytes (``"1.5"`` was cut to 1 byte silently, where a YAML number 1.5 was
+    refused). The number is read exactly, so ``"1.1GB"`` is whole."""
     match = _BYTES_RE.match(text)
     if not match or match.group(2).lower() not in _UNITS:
         return None
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = Fraction(match.group(1)) * _UNITS[match.group(2).lower()]
+    return int(size) if size.denominator == 1 else None
 
 
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
@@ -155,7 +159,7 @@ def convert(value: Any, tp: Any) -> Any:
         if isinstance(value, str) and (parsed := parse_bytes(value)) is not None:
             return parsed
         raise Invalid(f"{value!r} is not a byte size",
-                      "write bytes as 1048576 or 1MiB, 80GB, 1.5TiB")
+                      "write a whole number of bytes as 1048576 or 1MiB, 80GB, 1.5TiB")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)

@@ -64,7 +64,8 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     limit = parse_bytes(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     if not limit or limit <= 0:
         problems.append(Problem("--max-shard-size", f"{max_shard_size!r} is not a positive byte "
-                                "size", "give a size such as 5GB or 500MB"))
+                                "size", "give a whole number of bytes, or a size such as 5GB, "
+                                "500MB or 1.5GB"))
     if out.exists():
         problems.append(Problem(str(out), "exists; an export never overwrites",
                                 "choose a new directory, or remove this one"))
