@@ -49,7 +49,8 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
         "transformers loads and model.init_from reads back. Dense models only.")
     export.add_argument("dir", metavar="DIR", help="run directory or step-* checkpoint")
     export.add_argument("--to", required=True, choices=["hf"], help="the format: hf")
-    export.add_argument("out", metavar="OUT", help="directory to create (must not exist)")
+    export.add_argument("out", metavar="OUT", help="directory to create (must not exist, nor be "
+                        "in a run's checkpoints/, whose saves would delete it)")
     export.add_argument("--dtype", default="float32",
                         help="weights dtype: float32 (as trained), bfloat16 or float16")
     export.add_argument("--max-shard-size", default="5GB",

@@ -249,3 +249,29 @@ def test_export_refuses_a_damaged_checkpoint_and_a_path_under_a_file(run, tmp_pa
     (tmp_path / "afile").write_text("")
     assert main(["ckpt", "export", str(run), "--to", "hf", str(tmp_path / "afile" / "hf")]) == 2
     assert f"{tmp_path / 'afile'}: is not a directory" in capsys.readouterr().err
+
+
+def test_export_refuses_a_path_in_a_runs_checkpoints(run, tmp_path, capsys):
+    """An export into a run's checkpoints/ was accepted; there it looks like an unfinished save
+    (or lies inside a checkpoint), which that run's next save deletes with checkpoint.keep_last.
+    A directory merely named checkpoints, of no run, still takes an export."""
+    checkpoints = run / "checkpoints"
+    other = tmp_path / "other"  # a run that has started but not saved yet
+    other.mkdir()
+    (other / "plan.json").write_text("{}")
+    for out, inside in [
+        (checkpoints / "step-00000010", checkpoints),
+        (run.parent / "x" / ".." / "run" / "checkpoints" / "hf", checkpoints),
+        (checkpoints / "step-00000006" / "hf", checkpoints),  # pruned with that checkpoint
+        (other / "checkpoints" / "step-00000001", other / "checkpoints"),
+    ]:
+        assert main(["ckpt", "export", str(run), "--to", "hf", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{out}: is inside {inside}, a run's checkpoints directory" in err, err
+        assert f"fix: export outside it, such as to {inside.parent / 'hf'}" in err
+        assert not out.exists()
+    assert main(["ckpt", "export", str(run), "--to", "hf", str(checkpoints)]) == 2
+    assert f"{checkpoints}: is a run's checkpoints directory" in capsys.readouterr().err
+    mine = tmp_path / "mine" / "checkpoints" / "tiny-hf"
+    assert main(["ckpt", "export", str(run), "--to", "hf", str(mine)]) == 0
+    assert (mine / "config.json").is_file()

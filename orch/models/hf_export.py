@@ -26,7 +26,7 @@ from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
 from orch.models.hf import hf_llama_config, to_hf_state_dict
 from orch.runtime.checkpoint.browse import TensorInfo, contents, newest_complete, read_tensors
-from orch.runtime.checkpoint.files import MANIFEST
+from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST, STEP_NAME
 from orch.runtime.checkpoint.manifest import (
     INDEX,
     CheckpointError,
@@ -48,9 +48,9 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     doc); returns the files written. ``max_shard_size``: bytes, or a size such as ``"5GB"``.
 
     ProblemsError before anything is written: first every problem of the request at once (an
-    unknown dtype, a shard size that is none, an existing ``out`` or one that cannot be made, an
-    MoE model, an unreadable manifest), since those take no time to find; then, hashing only
-    the files the export reads, the checkpoint's damage."""
+    unknown dtype, a shard size that is none, an existing ``out``, one that cannot be made or one
+    in a run's ``checkpoints/``, an MoE model, an unreadable manifest), since those take no time
+    to find; then, hashing only the files the export reads, the checkpoint's damage."""
     out = Path(out)
     problems: list[Problem] = []
     try:
@@ -71,6 +71,7 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
                                 "choose a new directory, or remove this one"))
     else:
         problems.extend(_unwritable(out.parent))
+    problems.extend(_in_checkpoints(out))
     config, model, manifest = None, None, None
     try:
         manifest = read_manifest(path) if path is not None else None
@@ -159,6 +160,37 @@ def _unwritable(parent: Path) -> list[Problem]:
     why = "is not a directory" if not existing.is_dir() else "is not writable"
     return [Problem(str(existing), f"{why}, so the export cannot be written under it",
                     "give --to a path in a writable directory")]
+
+
+RUN_FILES = ("plan.json", "metrics.jsonl")
+"""Files every run writes beside its ``checkpoints/`` as it starts, before its first save."""
+
+
+def _in_checkpoints(out: Path) -> list[Problem]:
+    """Why ``out`` cannot be written where it is, if it is a run's ``checkpoints/`` directory
+    or inside one: the run's saves take a step directory without a manifest for an unfinished
+    save and delete it (``checkpoint.keep_last``'s retention, a save of the same step), and an
+    export inside a checkpoint goes when that checkpoint is pruned; so a later training run
+    would delete the export. A ``checkpoints`` directory is a run's when it holds step
+    directories (the one being exported always does) or sits beside a run's files (a run that
+    has not saved yet)."""
+    resolved = out.resolve()  # through .. and links, to the directory a run would see
+    for folder in (resolved, *resolved.parents):
+        if folder.name == CHECKPOINTS and (_holds_steps(folder) or any(
+                (folder.parent / name).is_file() for name in RUN_FILES)):
+            where = "is" if folder == resolved else f"is inside {folder},"
+            return [Problem(str(out), f"{where} a run's {CHECKPOINTS} directory, whose saves "
+                            "delete what they take for an unfinished or pruned checkpoint",
+                            f"export outside it, such as to {folder.parent / 'hf'}")]
+    return []
+
+
+def _holds_steps(folder: Path) -> bool:
+    """Whether ``folder`` holds a step directory (complete, unfinished or moved aside)."""
+    try:
+        return any(STEP_NAME.match(entry.name) for entry in folder.iterdir())
+    except OSError:  # missing, or not a directory we can list
+        return False
 
 
 def _shard(infos: list[TensorInfo], names: dict[str, str | None],
