@@ -161,26 +161,47 @@ def _add_schedule_parser(sub: argparse._SubParsersAction) -> None:
 
 SCHEDULE_MOST_WORK = 1 << 16
 """The most stage micro-batches (stages x chunks x micro-batches) ``orch schedule`` builds: 128
-stages of 512 micro-batches, about half a minute here; beyond, it ran for minutes and GBs."""
+stages of 512 micro-batches, or 65,536 stages of one, each built in 7-12 s on 2 shared cores;
+beyond, it ran for minutes and GBs."""
+
+ZBV_MOST_WORK, ZBV_MOST_STAGES = 1 << 15, 64
+"""ZB-V's own limits: its order search simulates up to 33 candidate orders step by step, so its
+time grows with the square of the stages where the others' grows with the work (2 shared cores:
+P = 128 of one micro-batch took 15 s, P = 256 a minute; 16 stages of 2,048 micro-batches 22 s).
+Within them its slowest take 6-12 s (P = 64, M = 4 and 256; P = 16, M = 1,024), as long as the
+others' slowest."""
 
 
-def _schedule_size_problem(args: argparse.Namespace, virtual: int) -> Problem | None:
+def _schedule_size_problems(args: argparse.Namespace, virtual: int) -> list[Problem]:
     """A schedule too large to build in seconds (refused before it is built)."""
+    zbv = args.name == "zbv"
+    most = ZBV_MOST_WORK if zbv else SCHEDULE_MOST_WORK
+    problems = []
+    if zbv and args.stages > ZBV_MOST_STAGES:
+        problems.append(Problem("--stages", f"{args.stages}: zbv builds up to "
+                                f"{ZBV_MOST_STAGES} stages (its order search grows with the "
+                                "square of the stages)", f"give {ZBV_MOST_STAGES} stages or "
+                                "fewer, or another schedule"))
     work = args.stages * max(1, virtual) * args.microbatches
-    if work <= SCHEDULE_MOST_WORK:
-        return None
-    return Problem("--stages x --virtual x --microbatches" if virtual > 1 else
-                   "--stages x --microbatches",
-                   f"{args.stages} x {virtual} chunks x {args.microbatches} "
-                   f"micro-batches = {work:,} stage micro-batches, over the "
-                   f"{SCHEDULE_MOST_WORK:,} orch schedule builds",
-                   "give fewer stages or micro-batches")
+    if work > most:
+        problems.append(Problem(
+            "--stages x --virtual x --microbatches" if virtual > 1 else
+            "--stages x --microbatches",
+            f"{args.stages} x {virtual} chunks x {args.microbatches} micro-batches = {work:,} "
+            f"stage micro-batches, over the {most:,} orch schedule builds"
+            f"{' for zbv' if zbv else ''}", "give fewer stages or micro-batches"))
+    return problems
+
+
+PNG_MOST_RANKS = 256
+"""The most ranks ``--png`` draws, one 34-pixel band each: 8,710 pixels tall. 4,096 ranks drew a
+1,200 x 139,270 image through 1.6 GB of memory, of bands one pixel in 116 of a screen's height."""
 
 
 def _schedule_argument_problems(args: argparse.Namespace) -> list[Problem]:
     """The costs must be finite (compute positive, communication 0 or more: NaN made the
-    makespan NaN and --json invalid JSON) and the PNG's place writable, checked before the
-    simulation rather than failing after it."""
+    makespan NaN and --json invalid JSON), the PNG's place writable and its ranks few enough to
+    see, checked before the simulation rather than failing after it."""
     import math
     import os
     from pathlib import Path
@@ -203,6 +224,11 @@ def _schedule_argument_problems(args: argparse.Namespace) -> list[Problem]:
         elif not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             problems.append(Problem("--png", f"{str(parent)!r} is not a writable directory",
                                     "give a file in an existing writable directory"))
+        if args.stages > PNG_MOST_RANKS:
+            problems.append(Problem("--png", f"draws up to {PNG_MOST_RANKS} ranks, one band "
+                                    f"each; --stages is {args.stages}",
+                                    f"leave out --png (--json gives every span), or give "
+                                    f"{PNG_MOST_RANKS} stages or fewer"))
     return problems
 
 
@@ -216,10 +242,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
     virtual = args.virtual if args.virtual is not None else 2 if args.name in CHUNKED else 1
     problems = _schedule_argument_problems(args)
-    if (too_large := _schedule_size_problem(args, virtual)) is not None:
-        problems.insert(0, too_large)
+    too_large = _schedule_size_problems(args, virtual)
+    problems[:0] = too_large
     try:
-        if too_large is None:
+        if not too_large:
             schedule = build_schedule(args.name, args.stages, args.microbatches, virtual,
                                       args.max_deferred)
     except ValueError as exc:

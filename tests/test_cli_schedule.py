@@ -85,8 +85,21 @@ def test_a_schedule_too_large_to_build_in_seconds_is_refused_at_once(capsys):
                  "nan"]) == 2
     err = capsys.readouterr().err
     assert "(2 problems)" in err and "--stages x --virtual x --microbatches: 64 x 2 chunks x " \
-        "100000 micro-batches = 12,800,000 stage micro-batches, over the 65,536 orch schedule " \
-        "builds" in err
+        "100000 micro-batches = 12,800,000 stage micro-batches, over the 32,768 orch schedule " \
+        "builds for zbv" in err
+
+
+def test_zbv_and_png_have_limits_of_their_own(capsys):
+    """ZB-V's order search grows with the square of the stages: 256 stages of one micro-batch
+    ran for 90 s, within the limit on stage micro-batches. --png drew a band per rank into one
+    image in memory: 1.6 GB and 139,270 pixels tall at 4,096 ranks."""
+    assert main(["schedule", "zbv", "--stages", "128", "--microbatches", "1"]) == 2
+    assert "--stages: 128: zbv builds up to 64 stages" in capsys.readouterr().err
+    assert main(["schedule", "1f1b", "--stages", "4096", "--microbatches", "16", "--png",
+                 "big.png"]) == 2
+    err = capsys.readouterr().err
+    assert "(1 problem)" in err and "--png: draws up to 256 ranks, one band each; --stages is " \
+        "4096" in err and "leave out --png" in err
 
 
 def test_costs_whose_sum_overflows_are_refused(capsys):

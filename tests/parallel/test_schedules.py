@@ -3,9 +3,11 @@ bubble and memory results, and the validator names the action behind each kind o
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import itertools
+import random
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +29,8 @@ from orch.parallel.schedules import (
     validate,
     worst_mix,
 )
+from orch.parallel.schedules.actions import RECVS, SENDS
+from orch.parallel.schedules.validate import issue_order
 from orch.parallel.schedules.vshape import v_orders
 
 UNIT = Costs(f=1, b=2, i=1, w=1, comm=0)
@@ -237,6 +241,50 @@ def test_action_text_form_round_trips():
 
 
 GOOD = ["0F0 0SEND_F0 0RECV_B0 0B0", "1RECV_F0 1F0 1B0 1SEND_B0"]
+
+
+def _rescanning_issue_order(schedule: Schedule
+                            ) -> tuple[list[tuple[int, Action]], list[tuple[int, Action]]]:
+    """``issue_order`` as it was: every pass rescans every rank (O(P^2) passes x ranks for a
+    GPipe of P stages), kept as the specification of the order the worklist must give."""
+    done, order, sent, moved = [0] * len(schedule.ranks), [], set(), True
+    while moved:
+        moved = False
+        for rank, actions in enumerate(schedule.ranks):
+            while done[rank] < len(actions):
+                act = actions[done[rank]]
+                if act.kind in RECVS and act.peer_key() not in sent:
+                    break
+                if act.kind in SENDS:
+                    sent.add(act.key())
+                order.append((rank, act))
+                done[rank] += 1
+                moved = True
+    return order, [(r, acts[done[r]]) for r, acts in enumerate(schedule.ranks)
+                   if done[r] < len(acts)]
+
+
+def test_issue_order_is_the_rescanning_walks_order():
+    """The worklist walk issues the same actions in the same order, and leaves the same ranks
+    stuck, as the walk that rescanned every rank per pass: for every generator, and for
+    schedules whose ranks' actions were shuffled (misordered and deadlocking)."""
+    schedules = [build_schedule(name, p, m, v) for name, p, m, v in CASES]
+    schedules += [build_schedule("gpipe", 300, 2), build_schedule("interleaved", 16, 32, 3)]
+    rng = random.Random(0)
+    for schedule in schedules[: len(CASES)]:
+        shuffled = copy.deepcopy(schedule)
+        for actions in shuffled.ranks:
+            rng.shuffle(actions)
+        schedules.append(shuffled)
+    for schedule in schedules:
+        assert issue_order(schedule) == _rescanning_issue_order(schedule), schedule.name
+
+
+def test_a_pipeline_of_20000_stages_is_simulated():
+    """GPipe over 20,000 stages of one micro-batch: the rescanning walk took over two minutes
+    (quadratic in the stages, twice per simulation), the worklist a second or two."""
+    timeline = simulate(build_schedule("gpipe", 20_000, 1), UNIT)
+    assert timeline.makespan == 3 * 20_000  # F 1 down and B 2 back up the pipeline
 
 
 def _problems(rows: list[str], microbatches: int = 1) -> list[str]:

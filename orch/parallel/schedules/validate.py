@@ -8,6 +8,7 @@ walk (``issue_order``) gives the simulator a global order in which every send pr
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 
 from orch.parallel.schedules.actions import RECVS, SENDS, Action, Schedule
@@ -18,22 +19,37 @@ def issue_order(schedule: Schedule) -> tuple[list[tuple[int, Action]], list[tupl
 
     A rank stops at a receive whose send has not been issued yet; it resumes once it has. Stuck
     lists the action each unfinished rank is blocked on; empty means the schedule completes.
+
+    The ranks run in passes, each rank in turn as far as it can, until a pass moves none. A pass
+    visits only the ranks that can move: a blocked rank waits on one receive, so the send that
+    unblocks it queues it, in this pass if it comes later in the pass, else in the next. Rescanning
+    every rank each pass took O(P^2) for a GPipe of P stages (minutes at P = 65,536); the order
+    is the same.
     """
     done, order = [0] * len(schedule.ranks), []
     sent: set[tuple[str, int, int]] = set()
-    moved = True
-    while moved:
-        moved = False
-        for rank, actions in enumerate(schedule.ranks):
+    waiting: dict[tuple[str, int, int], list[int]] = {}  # a send's key -> the ranks it unblocks
+    this_pass, next_pass = list(range(len(schedule.ranks))), []
+    while this_pass:
+        while this_pass:
+            rank = heapq.heappop(this_pass)
+            actions = schedule.ranks[rank]
             while done[rank] < len(actions):
                 act = actions[done[rank]]
-                if act.kind in RECVS and act.peer_key() not in sent:
+                if act.kind in RECVS and (peer := act.peer_key()) not in sent:
+                    waiting.setdefault(peer, []).append(rank)
                     break
                 if act.kind in SENDS:
-                    sent.add(act.key())
+                    sent.add(key := act.key())
+                    for woken in waiting.pop(key, ()):
+                        if woken > rank:
+                            heapq.heappush(this_pass, woken)
+                        else:
+                            next_pass.append(woken)
                 order.append((rank, act))
                 done[rank] += 1
-                moved = True
+        this_pass, next_pass = next_pass, []
+        heapq.heapify(this_pass)
     stuck = [(r, acts[done[r]]) for r, acts in enumerate(schedule.ranks) if done[r] < len(acts)]
     return order, stuck
 
