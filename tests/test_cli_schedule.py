@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 
 import pytest
 
@@ -100,6 +101,22 @@ def test_zbv_and_png_have_limits_of_their_own(capsys):
     err = capsys.readouterr().err
     assert "(1 problem)" in err and "--png: draws up to 256 ranks, one band each; --stages is " \
         "4096" in err and "leave out --png" in err
+
+
+def test_subnormal_costs_are_drawn(capsys, tmp_path):
+    """Costs of 1e-320 gave a subnormal makespan, whose inverse is infinite: the PNG's pixel
+    positions were 0 x infinity = NaN (ValueError: cannot convert float NaN to integer)."""
+    png = tmp_path / "tiny.png"
+    assert main(["schedule", "gpipe", "--stages", "2", "--microbatches", "2", "--f", "1e-320",
+                 "--i", "1e-320", "--w", "1e-320", "--png", str(png)]) == 0
+    assert "rank 0  |FFF" in capsys.readouterr().out
+    data = png.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    rows = zlib.decompress(data[41:-12])  # IDAT: after the signature and IHDR, before IEND
+    band = rows[6 * (1 + 3 * width) :][: 1 + 3 * width]  # rank 0's first scanline
+    assert (width, height) == (1200, 2 * (28 + 6) + 6)
+    assert band[1:7] == bytes((40, 40, 40, 66, 133, 244))  # a forward's edge, then its blue
+    assert band[-3:] == bytes((235, 235, 235))  # rank 0 ends idle: its last B ends at 5/6
 
 
 def test_costs_whose_sum_overflows_are_refused(capsys):

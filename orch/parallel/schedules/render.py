@@ -58,14 +58,21 @@ def write_png(timeline: Timeline, path: Path, width: int = 1200, row: int = 28) 
 
 def _band(spans: list[Span], makespan: float, width: int) -> bytes:
     """One scanline of a rank's band: idle grey, a block of colour per compute action, a dark
-    pixel where each block starts."""
+    pixel where each block starts.
+
+    A time's pixel is its fraction of the makespan times the width, divided first: a scale
+    ``(width - 1) / makespan`` overflows to infinity for a subnormal makespan (costs of 1e-320),
+    and 0 x infinity is NaN."""
     line = bytearray(bytes(IDLE) * width)
-    scale = (width - 1) / makespan if makespan else 0.0
+
+    def pixel(time: float) -> int:
+        return round(time / makespan * (width - 1)) if makespan else 0
+
     for span in spans:
         colour = COLOURS.get(span.action.kind)
         if colour is None:
             continue
-        x0, x1 = round(span.start * scale), max(round(span.end * scale), 1)
+        x0, x1 = pixel(span.start), max(pixel(span.end), 1)
         line[3 * x0 : 3 * x1] = bytes(colour) * (x1 - x0)
         line[3 * x0 : 3 * min(x0 + 1, x1)] = bytes(EDGE) * (min(x0 + 1, x1) - x0)
     return bytes(line)
