@@ -193,6 +193,10 @@ def _schedule_size_problems(args: argparse.Namespace, virtual: int) -> list[Prob
     return problems
 
 
+_SCHEDULE_FLAGS = {"name": "NAME", "stages": "--stages", "microbatches": "--microbatches",
+                   "virtual": "--virtual", "max_deferred": "--max-deferred"}
+"""The flag of each argument a schedule's problems are about (``ScheduleProblem.argument``)."""
+
 PNG_MOST_RANKS = 256
 """The most ranks ``--png`` draws, one 34-pixel band each: 8,710 pixels tall. 4,096 ranks drew a
 1,200 x 139,270 image through 1.6 GB of memory, of bands one pixel in 116 of a screen's height."""
@@ -237,21 +241,24 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from orch.errors import ProblemsError
-    from orch.parallel.schedules import CHUNKED, Costs, build_schedule, simulate
+    from orch.parallel.schedules import (
+        CHUNKED,
+        Costs,
+        build_schedule,
+        schedule_problems,
+        simulate,
+    )
     from orch.parallel.schedules.render import LEGEND, chart, write_png
 
     virtual = args.virtual if args.virtual is not None else 2 if args.name in CHUNKED else 1
-    problems = _schedule_argument_problems(args)
-    too_large = _schedule_size_problems(args, virtual)
-    problems[:0] = too_large
-    try:
-        if not too_large:
-            schedule = build_schedule(args.name, args.stages, args.microbatches, virtual,
-                                      args.max_deferred)
-    except ValueError as exc:
-        problems.insert(0, Problem(args.name, str(exc), "see orch schedule --help"))
+    problems = [Problem(_SCHEDULE_FLAGS[p.argument], p.message, p.fix)
+                for p in schedule_problems(args.name, args.stages, args.microbatches, virtual,
+                                           args.max_deferred)]
+    problems += _schedule_size_problems(args, virtual) + _schedule_argument_problems(args)
     if problems:
-        raise ProblemsError(problems, title="cannot build the schedule")
+        raise ProblemsError(problems, title=f"cannot build the schedule {args.name}")
+    schedule = build_schedule(args.name, args.stages, args.microbatches, virtual,
+                              args.max_deferred)
     costs = Costs(f=args.f, b=args.b, i=args.i, w=args.w, comm=args.comm)
     timeline = simulate(schedule, costs)
     if not math.isfinite(timeline.makespan):  # each cost finite, their sum past the largest

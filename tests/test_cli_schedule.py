@@ -55,10 +55,33 @@ def test_bad_sizes_exit_2_naming_the_fix(capsys):
     assert main(["schedule", "interleaved", "--stages", "4", "--microbatches", "6",
                  "--virtual", "2"]) == 2
     err = capsys.readouterr().err
-    assert "microbatches to be a multiple of stages" in err and "(try 8)" in err
+    assert "--microbatches: interleaved 1F1B needs microbatches to be a multiple of stages" in err
+    assert "fix: try 8 (the next multiple of 4)" in err
     with pytest.raises(SystemExit) as exc:
         main(["schedule", "pipedream", "--stages", "2", "--microbatches", "2"])
     assert exc.value.code == 2 and "invalid choice: 'pipedream'" in capsys.readouterr().err
+
+
+def test_every_bad_size_is_named_under_its_flag(capsys):
+    """Only the first bad value was named, under the schedule's name ('interleaved: stages must
+    be at least 1, got 0 / fix: see orch schedule --help'), and a schedule too large to build
+    hid every other problem."""
+    assert main(["schedule", "interleaved", "--stages", "0", "--microbatches", "0",
+                 "--virtual", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "(3 problems)" in err and "--stages: must be at least 1, got 0" in err
+    assert "--microbatches: must be at least 1, got 0\n        fix: give 1 or more micro" in err
+    assert "--virtual: interleaved runs 2 or more stages per rank, not virtual=0" in err
+    assert main(["schedule", "interleaved", "--stages", "3", "--microbatches", "4",
+                 "--virtual", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "(2 problems)" in err and "--virtual: interleaved runs 2" in err
+    assert "--microbatches: interleaved 1F1B needs microbatches to be a multiple" in err
+    assert main(["schedule", "1f1b", "--stages", "4", "--microbatches", "100000",
+                 "--max-deferred", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "(2 problems)" in err and "--max-deferred: 1 applies to 2bp-gpipe and 2bp-1f1b" in err
+    assert "--stages x --microbatches: 4 x 1 chunks x 100000 micro-batches" in err
 
 
 def test_costs_that_are_not_finite_and_unwritable_pngs_are_refused_before_simulating(

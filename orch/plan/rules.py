@@ -205,24 +205,34 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
     return problems
 
 
+_SCHEDULE_FIELDS = {"name": "parallel.pp_schedule", "stages": "parallel.pp",
+                    "microbatches": "train.global_batch", "virtual": "parallel.virtual_stages",
+                    "max_deferred": "parallel.pp_max_deferred"}
+"""The config field behind each argument a schedule's problems are about: the micro-batches per
+step are train.global_batch / (micro_batch x dp), of which global_batch is the lever."""
+
+
 def _schedule_problems(cfg: Config, deg: Degrees, microbatches: int) -> list[Problem]:
     """Whether the pipeline schedule can be built for these stages and micro-batches (the same
-    generator the runtime uses says why not)."""
-    p = cfg.parallel
+    generator the runtime uses says why not), each problem under the field it is about."""
+    p, t = cfg.parallel, cfg.train
     deferred = p.pp_max_deferred if p.pp_schedule.startswith("2bp-") else None
-    from orch.parallel.schedules import schedule_problem  # pure Python: no torch import
+    from orch.parallel.schedules import schedule_problems  # pure Python: no torch import
 
-    error = schedule_problem(p.pp_schedule, deg.pp, microbatches, deg.virtual_stages, deferred)
-    if error is not None:
-        t = cfg.train
-        return [Problem("parallel.pp_schedule", f"{p.pp_schedule}: {error}",
-                        "pick a schedule, micro-batch count (train.global_batch / (micro_batch "
-                        f"x dp): now {t.global_batch} / ({t.micro_batch} x {deg.dp}) = "
-                        f"{microbatches}) and virtual_stages that fit together",
-                        ("parallel.pp", "parallel.virtual_stages", "parallel.pp_max_deferred",
-                         "train.global_batch", "train.micro_batch", *DP_DEGREES))]
+    fields = ("parallel.pp_schedule", "parallel.pp", "parallel.virtual_stages",
+              "parallel.pp_max_deferred", "train.global_batch", "train.micro_batch", *DP_DEGREES)
+    problems = []
+    for problem in schedule_problems(p.pp_schedule, deg.pp, microbatches, deg.virtual_stages,
+                                     deferred):
+        where = _SCHEDULE_FIELDS[problem.argument]
+        fix = problem.fix
+        if problem.argument == "microbatches":
+            fix += (f"; the micro-batches per step are train.global_batch / (micro_batch x "
+                    f"dp): now {t.global_batch} / ({t.micro_batch} x {deg.dp}) = {microbatches}")
+        problems.append(Problem(where, problem.message, fix,
+                                tuple(f for f in fields if f != where)))
     if p.pp_max_deferred is not None and not p.pp_schedule.startswith("2bp-"):
-        return [Problem("parallel.pp_max_deferred", f"{p.pp_max_deferred} applies to the 2bp "
-                        f"schedules, not {p.pp_schedule}", "leave it empty (null)",
-                        ("parallel.pp_schedule",))]
-    return []
+        problems.append(Problem("parallel.pp_max_deferred", f"{p.pp_max_deferred} applies to the "
+                                f"2bp schedules, not {p.pp_schedule}", "leave it empty (null)",
+                                ("parallel.pp_schedule",)))
+    return problems

@@ -144,8 +144,10 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
         (["--nproc-per-node", "2", "configs/tiny.yaml", "--set", "parallel.pp=2",
           "--set", "parallel.pp_schedule=interleaved", "--set", "parallel.virtual_stages=2",
           "--set", "train.global_batch=6"],
-         "parallel.pp_schedule: interleaved: interleaved 1F1B needs microbatches to be a "
-         "multiple of stages"),
+         "train.global_batch: interleaved 1F1B needs microbatches to be a multiple of stages; "
+         "got microbatches=3, stages=2\n        fix: try 4 (the next multiple of 2); the "
+         "micro-batches per step are train.global_batch / (micro_batch x dp): now 6 / (2 x 1) = "
+         "3"),  # was under parallel.pp_schedule
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "model.dimm=3"],
          "did you mean 'dim'"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", "--set", "model.init_from=/nonexistent"],

@@ -22,7 +22,9 @@ from orch.parallel.schedules import (
     Schedule,
     build_schedule,
     check,
+    gpipe,
     interleaved_1f1b,
+    schedule_problems,
     schedule_with_comms,
     simulate,
     two_bp,
@@ -361,22 +363,24 @@ def test_check_raises_with_every_problem():
     [
         (
             {"name": "pipedream"},
-            "unknown schedule 'pipedream'; valid schedules: gpipe, 1f1b, "
+            "name: unknown schedule 'pipedream'; fix: use one of gpipe, 1f1b, "
             "interleaved, 2bp-gpipe, 2bp-1f1b, zb-h1, zbv",
         ),
-        ({"stages": 0}, "stages must be at least 1, got 0"),
-        ({"microbatches": 0}, "microbatches must be at least 1, got 0"),
+        ({"stages": 0}, "stages: must be at least 1, got 0; fix: give 1 or more pipeline stages"),
+        ({"microbatches": 0}, "microbatches: must be at least 1, got 0"),
         (
             {"name": "interleaved", "microbatches": 6, "virtual": 2},
-            "microbatches to be a multiple of stages; got microbatches=6, stages=4 (try 8)",
+            "microbatches to be a multiple of stages; got microbatches=6, stages=4; fix: try 8",
         ),
-        ({"name": "interleaved", "virtual": 0}, "virtual must be at least 1, got 0"),
+        ({"name": "interleaved", "virtual": 0}, "virtual: interleaved runs 2 or more stages per "
+                                                "rank, not virtual=0; fix: give 2 or more"),
+        ({"virtual": 0}, "virtual: must be at least 1, got 0; fix: leave it out (1)"),
         ({"name": "interleaved", "virtual": 1}, "interleaved runs 2 or more stages per rank, "
                                                 "not virtual=1 (that is 1f1b)"),
         ({"virtual": 2}, "virtual=2 needs schedule 'interleaved' or 'zbv'"),
         ({"name": "zbv", "virtual": 3}, "zbv runs 2 stages per rank (a V), not virtual=3"),
-        ({"max_deferred": 2}, "max_deferred=2 applies to 2bp-gpipe and 2bp-1f1b, not '1f1b'"),
-        ({"name": "2bp-1f1b", "max_deferred": -1}, "max_deferred must be 0 or more (or left out"),
+        ({"max_deferred": 2}, "max_deferred: 2 applies to 2bp-gpipe and 2bp-1f1b, not '1f1b'"),
+        ({"name": "2bp-1f1b", "max_deferred": -1}, "max_deferred: must be 0 or more, got -1"),
     ],
 )
 def test_build_schedule_rejects_bad_input(kwargs, expected):
@@ -384,6 +388,22 @@ def test_build_schedule_rejects_bad_input(kwargs, expected):
     with pytest.raises(ValueError) as info:
         build_schedule(**args)
     assert expected in str(info.value)
+
+
+def test_every_problem_with_a_schedules_arguments_is_named_at_once():
+    """The checks raised on the first bad argument: interleaved with 0 stages, 0 micro-batches
+    and 0 stages per rank named only the stages, with 3 stages of 4 micro-batches at virtual 1
+    only the virtual stages."""
+    assert [p.argument for p in schedule_problems("interleaved", 0, 0, 0)] == [
+        "stages", "microbatches", "virtual"]
+    assert [p.argument for p in schedule_problems("interleaved", 3, 4, 1)] == [
+        "virtual", "microbatches"]
+    with pytest.raises(ValueError) as info:
+        gpipe(0, -2)
+    assert str(info.value) == ("stages: must be at least 1, got 0; fix: give 1 or more pipeline "
+                               "stages; microbatches: must be at least 1, got -2; fix: give 1 "
+                               "or more micro-batches")
+    assert schedule_problems("zbv", 4, 8, 2) == []
 
 
 def test_two_bp_rejects_unknown_base():

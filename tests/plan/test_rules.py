@@ -116,14 +116,15 @@ def plan_problems(config: Path, overrides: list[str], **machine) -> str:
                 "train.global_batch=6",
             ],
             {"world_size": 2},
-            "needs microbatches to be a multiple of stages; got microbatches=3, stages=2",
+            "train.global_batch: interleaved 1F1B needs microbatches to be a multiple of "
+            "stages; got microbatches=3, stages=2",  # was under parallel.pp_schedule
         ),
         (  # the fix names the settings' values, so that global_batch shows as the lever
             TINY,
             ["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.virtual_stages=2",
              "train.global_batch=2"],
             {"world_size": 2},
-            "(micro_batch x dp): now 2 / (2 x 1) = 1)",
+            "(micro_batch x dp): now 2 / (2 x 1) = 1",
         ),
         (
             LLAMA,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 from orch.parallel.schedules.actions import Action, Schedule
 from orch.parallel.schedules.simulate import Costs, simulate, worst_mix
@@ -48,18 +49,23 @@ def schedule_with_comms(
     return schedule
 
 
-def _require(stages: int, microbatches: int, virtual: int = 1) -> None:
-    for label, value in (("stages", stages), ("microbatches", microbatches), ("virtual", virtual)):
-        if value < 1:
-            raise ValueError(f"{label} must be at least 1, got {value}")
+class ScheduleProblem(NamedTuple):
+    """One reason a schedule cannot be built, about one argument of :func:`build_schedule`
+    (``name``, ``stages``, ``microbatches``, ``virtual`` or ``max_deferred``): a caller names it
+    as its user gave it (``orch schedule``'s ``--stages``, a config's ``parallel.pp``)."""
+
+    argument: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.argument}: {self.message}; fix: {self.fix}"
 
 
-def _interleaved_problem(stages: int, microbatches: int) -> str | None:
-    if microbatches % stages:
-        next_multiple = -(-microbatches // stages) * stages
-        return (f"interleaved 1F1B needs microbatches to be a multiple of stages; got "
-                f"microbatches={microbatches}, stages={stages} (try {next_multiple})")
-    return None
+def _refuse(problems: list[ScheduleProblem]) -> None:
+    """Raise ValueError naming every problem at once, or return when there is none."""
+    if problems:
+        raise ValueError("; ".join(map(str, problems)))
 
 
 def _gpipe_order(stages: int, microbatches: int) -> Order:
@@ -83,7 +89,7 @@ def _one_f_one_b_order(stages: int, microbatches: int) -> Order:
 
 def gpipe(stages: int, microbatches: int) -> Schedule:
     """GPipe: every forward, then every backward. Holds all M activations at once."""
-    _require(stages, microbatches)
+    _refuse(schedule_problems("gpipe", stages, microbatches))
     return schedule_with_comms("gpipe", stages, microbatches, _gpipe_order(stages, microbatches))
 
 
@@ -92,7 +98,7 @@ def one_f_one_b(stages: int, microbatches: int) -> Schedule:
 
     Same bubble as GPipe, but rank r holds at most min(P - r, M) activations.
     """
-    _require(stages, microbatches)
+    _refuse(schedule_problems("1f1b", stages, microbatches))
     order = _one_f_one_b_order(stages, microbatches)
     return schedule_with_comms("1f1b", stages, microbatches, order)
 
@@ -103,9 +109,7 @@ def interleaved_1f1b(stages: int, microbatches: int, virtual: int = 2) -> Schedu
     Micro-batches go through a rank's chunks in groups of P, which is why M must be a multiple
     of P. The bubble shrinks by about V at the price of V times the point-to-point traffic.
     """
-    _require(stages, microbatches, virtual)
-    if problem := _interleaved_problem(stages, microbatches):
-        raise ValueError(problem)
+    _refuse(schedule_problems("interleaved", stages, microbatches, virtual))
     group, total = stages * virtual, microbatches * virtual
 
     def action(kind: str, rank: int, k: int) -> Action:
@@ -168,19 +172,10 @@ def two_bp(base: str, stages: int, microbatches: int, max_deferred: int | None =
     """
     if base not in _BASES:
         raise ValueError(f"unknown 2BP base {base!r}; valid bases: {', '.join(_BASES)}")
-    _require(stages, microbatches)
-    if problem := _deferred_problem(max_deferred):
-        raise ValueError(problem)
+    _refuse(schedule_problems(f"2bp-{base}", stages, microbatches, max_deferred=max_deferred))
     bound = (lambda rank: rank) if max_deferred is None else (lambda rank: max_deferred)
     order = _split_backward(_BASES[base](stages, microbatches), bound)
     return schedule_with_comms(f"2bp-{base}", stages, microbatches, order)
-
-
-def _deferred_problem(max_deferred: int | None) -> str | None:
-    if max_deferred is not None and max_deferred < 0:
-        return (f"max_deferred must be 0 or more (or left out: r on rank r), got "
-                f"{max_deferred}")
-    return None
 
 
 def zb_h1(stages: int, microbatches: int) -> Schedule:
@@ -190,7 +185,7 @@ def zb_h1(stages: int, microbatches: int) -> Schedule:
     defer up to r W's, which keeps every rank within rank 0's P (the 1F1B peak) while the
     deferred W's fill the cooldown bubbles, cutting the bubble by about a third for F = I = W.
     """
-    _require(stages, microbatches)
+    _refuse(schedule_problems("zb-h1", stages, microbatches))
     order = _split_backward(_one_f_one_b_order(stages, microbatches), lambda rank: rank)
     return schedule_with_comms("zb-h1", stages, microbatches, order)
 
@@ -208,7 +203,7 @@ def zbv(stages: int, microbatches: int) -> Schedule:
     of :mod:`orch.parallel.schedules.vshape`, the one whose longest step over ``COST_MIXES`` is
     shortest (then the shortest at equal costs): an order that holds up when the run's costs are
     not the ones it was made for (``_ZBV_WIDE``, ``_ZBV_NARROW``)."""
-    _require(stages, microbatches)
+    _refuse(schedule_problems("zbv", stages, microbatches, 2))
     size = stages * microbatches
     orders = itertools.chain(
         paper_orders(stages, microbatches),
@@ -258,38 +253,64 @@ def placement_of(name: str) -> str:
     return "v" if name == "zbv" else "loop"
 
 
-def schedule_problem(
+def schedule_problems(
     name: str, stages: int, microbatches: int, virtual: int = 1, max_deferred: int | None = None
-) -> str | None:
-    """Why :func:`build_schedule` would refuse these arguments, or None; without building the
+) -> list[ScheduleProblem]:
+    """Every reason :func:`build_schedule` would refuse these arguments (none: it builds), each
+    under its argument, so that a user fixes them all in one round; without building the
     schedule (the plan search asks for thousands of candidates)."""
+    problems = []
     if name not in SCHEDULES:
-        return f"unknown schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}"
+        problems.append(ScheduleProblem("name", f"unknown schedule {name!r}",
+                                        f"use one of {', '.join(SCHEDULES)}"))
+    for argument, value, what in (("stages", stages, "pipeline stages"),
+                                  ("microbatches", microbatches, "micro-batches")):
+        if value < 1:
+            problems.append(ScheduleProblem(argument, f"must be at least 1, got {value}",
+                                            f"give 1 or more {what}"))
+    if problem := _virtual_problem(name, virtual):
+        problems.append(problem)
+    if name == "interleaved" and stages >= 1 and microbatches >= 1 and microbatches % stages:
+        next_multiple = -(-microbatches // stages) * stages
+        problems.append(ScheduleProblem(
+            "microbatches", f"interleaved 1F1B needs microbatches to be a multiple of stages; "
+            f"got microbatches={microbatches}, stages={stages}",
+            f"try {next_multiple} (the next multiple of {stages})"))
     if max_deferred is not None and not name.startswith("2bp-"):
-        return f"max_deferred={max_deferred} applies to 2bp-gpipe and 2bp-1f1b, not {name!r}"
-    try:
-        _require(stages, microbatches, virtual)
-    except ValueError as exc:
-        return str(exc)
-    if name == "interleaved" and virtual < 2:  # as the config says (parallel.virtual_stages)
-        return (f"interleaved runs 2 or more stages per rank, not virtual={virtual} (that is "
-                "1f1b); set virtual=2")
-    if name == "interleaved":
-        return _interleaved_problem(stages, microbatches)
+        problems.append(ScheduleProblem(
+            "max_deferred", f"{max_deferred} applies to 2bp-gpipe and 2bp-1f1b, not {name!r}",
+            "leave it out"))
+    elif max_deferred is not None and max_deferred < 0:
+        problems.append(ScheduleProblem(
+            "max_deferred", f"must be 0 or more, got {max_deferred}",
+            "give 0 (each W right after its I) or more, or leave it out (r on rank r)"))
+    return problems
+
+
+def _virtual_problem(name: str, virtual: int) -> ScheduleProblem | None:
+    """What is wrong with ``virtual`` stages per rank for schedule ``name``: interleaved runs 2
+    or more (as the config says, parallel.virtual_stages), ZB-V 2 (a V), the others 1."""
+    if name == "interleaved" and virtual < 2:
+        return ScheduleProblem("virtual", f"interleaved runs 2 or more stages per rank, not "
+                               f"virtual={virtual}{' (that is 1f1b)' if virtual == 1 else ''}",
+                               "give 2 or more")
     if name == "zbv" and virtual != 2:
-        return f"zbv runs 2 stages per rank (a V), not virtual={virtual}; set virtual=2"
-    if name not in CHUNKED and virtual != 1:
+        return ScheduleProblem("virtual", f"zbv runs 2 stages per rank (a V), not "
+                               f"virtual={virtual}", "give 2")
+    if virtual < 1:
+        return ScheduleProblem("virtual", f"must be at least 1, got {virtual}", "leave it out (1)")
+    if name in SCHEDULES and name not in CHUNKED and virtual != 1:
         chunked = " or ".join(repr(n) for n in CHUNKED)
-        return f"virtual={virtual} needs schedule {chunked}; {name!r} runs one stage per rank"
-    return _deferred_problem(max_deferred)
+        return ScheduleProblem("virtual", f"virtual={virtual} needs schedule {chunked}; "
+                               f"{name!r} runs one stage per rank", "leave it out (1)")
+    return None
 
 
 def build_schedule(
     name: str, stages: int, microbatches: int, virtual: int = 1, max_deferred: int | None = None
 ) -> Schedule:
     """Make the schedule called ``name``; options a schedule does not take must stay default."""
-    if problem := schedule_problem(name, stages, microbatches, virtual, max_deferred):
-        raise ValueError(problem)
+    _refuse(schedule_problems(name, stages, microbatches, virtual, max_deferred))
     if name == "interleaved":
         return interleaved_1f1b(stages, microbatches, virtual)
     if name == "zbv":
