@@ -6,14 +6,18 @@ reason read from what it left: a signal (SIGKILL is told apart as the kernel's o
 killer when this cgroup's ``oom_kill`` count rose during the run), or the error its worker
 recorded (``orch.runtime.rank_log.record_failure``), classed as out of memory, a communication
 timeout, a lost peer, bad input, or a Python error with its first line; then where its log is.
-The likely cause comes first: a rank that was killed or raised on its own before ranks that
-only lost a peer because of it.
+A worker torchrun had to SIGKILL because it did not stop within the grace period after
+SIGTERM is told apart as hung (``ForcedKills`` reads torchrun's log for them). The likely cause
+comes first: a rank that was killed, hung or raised on its own before ranks that only lost a
+peer or timed out waiting because of it.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +54,8 @@ class WorkerFailure:
     pid: int
     exitcode: int
     kind: str
-    """killed, out of memory, communication timeout, lost peer, bad input, error, stopped."""
+    """killed, hung, out of memory, communication timeout, lost peer, bad input, error,
+    stopped."""
     reason: str
     log: Path | None
 
@@ -72,13 +77,43 @@ def lost_peer(message: str) -> bool:
     return bool(_PEER.search(message))
 
 
-def classify(exitcode: int, message: str, oom_rose: bool) -> tuple[str, str]:
-    """``(kind, reason)`` of one worker's exit code and recorded error message."""
+class ForcedKills(logging.Filter):
+    """Records the pids torchrun SIGKILLed because they did not stop within its grace period
+    after SIGTERM (30 s when a worker failed), from the warning it logs then.
+
+    Their exit code says SIGKILL alone, which read as kill -9 from outside or an out-of-memory
+    killer, while torchrun itself had killed a hung worker (stopped, or stuck in I/O) after the
+    other ranks timed out waiting for it. Added to torchrun's
+    ``torch.distributed.elastic.multiprocessing.api`` logger; lets every record through."""
+
+    _FORCED = "Unable to shutdown process %s via %s, forcefully exiting via %s"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pids: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self._FORCED and isinstance(record.args, tuple) and record.args:
+            try:
+                self.pids.add(int(record.args[0]))
+            except (TypeError, ValueError):
+                pass
+        return True
+
+
+def classify(exitcode: int, message: str, oom_rose: bool, forced: bool = False
+             ) -> tuple[str, str]:
+    """``(kind, reason)`` of one worker's exit code and recorded error message; ``forced``:
+    torchrun SIGKILLed it after it outlived the grace period after SIGTERM (``ForcedKills``)."""
     if exitcode < 0:
         try:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = f"signal {-exitcode}"
+        if name == "SIGKILL" and forced:
+            return "hung", ("hung (stuck in a collective, in I/O, or stopped): it did not stop "
+                            "within torchrun's grace period after SIGTERM, so torchrun killed it "
+                            "with SIGKILL")
         if name == "SIGKILL" and oom_rose:
             return "out of memory", ("killed by the kernel's out-of-memory killer (SIGKILL; "
                                      "this cgroup's oom_kill count rose)")
@@ -117,13 +152,15 @@ def _message(failure: Any) -> str:
     return "" if text.startswith(("To enable traceback", "Signal ")) else text
 
 
-def worker_failures(failures: dict[int, Any], run_dir: Path, oom_rose: bool
-                    ) -> list[WorkerFailure]:
+def worker_failures(failures: dict[int, Any], run_dir: Path, oom_rose: bool,
+                    forced: Collection[int] = ()) -> list[WorkerFailure]:
     """One ``WorkerFailure`` per entry of torchrun's ``ChildFailedError.failures``, likely
-    causes first, then by the time torchrun saw them."""
+    causes first, then by the time torchrun saw them; ``forced``: the pids torchrun SIGKILLed
+    after its grace period (``ForcedKills.pids``)."""
     out = []
     for rank, failure in failures.items():
-        kind, reason = classify(failure.exitcode, _message(failure), oom_rose)
+        kind, reason = classify(failure.exitcode, _message(failure), oom_rose,
+                                failure.pid in forced)
         log = rank_log_path(run_dir, rank)
         out.append((kind in CONSEQUENCES, failure.timestamp, WorkerFailure(
             rank, failure.local_rank, failure.pid, failure.exitcode, kind, reason,
@@ -148,4 +185,4 @@ def summary(failures: list[WorkerFailure], node: str, attempts: int) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["WorkerFailure", "classify", "oom_kills", "summary", "worker_failures"]
+__all__ = ["ForcedKills", "WorkerFailure", "classify", "oom_kills", "summary", "worker_failures"]

@@ -29,7 +29,7 @@ from orch.config import Config, LoadedConfig, load_config_lenient
 from orch.config.schema import WORLD_DEGREES
 from orch.errors import OrchError, PlanError, Problem, ProblemsError, reading
 from orch.kernels.dispatch import kernel_choice_problem
-from orch.launch.failures import oom_kills, worker_failures
+from orch.launch.failures import ForcedKills, oom_kills, worker_failures
 from orch.launch.failures import summary as summary_of_failures
 from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
@@ -637,6 +637,9 @@ def _run_workers(args: argparse.Namespace, cfg: Config, plan: Plan, run_dir: Pat
     while True:
         before = read_rebalance(run_dir)
         ooms = oom_kills()
+        forced = ForcedKills()  # the workers torchrun has to SIGKILL, hung, in this attempt
+        torch_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+        torch_log.addFilter(forced)
         try:
             run(args)
             break
@@ -647,12 +650,14 @@ def _run_workers(args: argparse.Namespace, cfg: Config, plan: Plan, run_dir: Pat
         except ChildFailedError as exc:
             if not _repartitioned(exc, before, run_dir):
                 oom_rose = ooms is not None and (oom_kills() or 0) > ooms
-                failed = worker_failures(exc.failures, run_dir, oom_rose)
+                failed = worker_failures(exc.failures, run_dir, oom_rose, forced.pids)
                 print(summary_of_failures(failed, _node_name(args), args.max_restarts + 1),
                       file=sys.stderr, flush=True)
                 bad_input = all(f.kind == "bad input" for f in failed)
                 raise RunFailed(f"{len(failed)} worker(s) failed (above)",
                                 2 if bad_input else 1) from None
+        finally:
+            torch_log.removeFilter(forced)
         plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
         print(f"orch launch: restarting on the re-partitioned pipeline "
               f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)

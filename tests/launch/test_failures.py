@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orch.launch.failures import classify, oom_kills, summary, worker_failures
+from orch.launch.failures import ForcedKills, classify, oom_kills, summary, worker_failures
 
 CASES = [  # (exit code, recorded message, oom killer seen) -> kind, words in the reason
     (-signal.SIGKILL, "", True, "out of memory", "out-of-memory killer"),
@@ -60,6 +60,61 @@ def test_the_killed_rank_comes_first_and_logs_are_named(tmp_path: Path):
     assert f"log: {tmp_path / 'logs' / 'rank-1.log'}" in text
     assert "log: none written" in text  # rank 0 has no log here
     assert "look first at rank 1" in text
+
+
+def test_a_worker_torchrun_had_to_sigkill_is_called_hung_and_named_first(tmp_path: Path):
+    """A worker stopped with SIGSTOP (or stuck in I/O) outlives torchrun's SIGTERM, and torchrun
+    SIGKILLs it after its grace period: that read as kill -9 from outside or an out-of-memory
+    killer, beside the rank that only timed out waiting for it."""
+    import logging
+
+    forced = ForcedKills()
+    torch_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    torch_log.addFilter(forced)
+    try:  # what torchrun logs as it stops the workers (its words: the next test)
+        torch_log.warning("Sending process %s closing signal %s", 101, "SIGTERM")
+        torch_log.warning("Unable to shutdown process %s via %s, forcefully exiting via %s",
+                          101, signal.SIGTERM, signal.SIGKILL)
+    finally:
+        torch_log.removeFilter(forced)
+    assert forced.pids == {101}
+    failures = {  # rank 0 timed out first; rank 1 was stopped, then killed by torchrun
+        0: failure(0, 1, "RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                   "waiting 5000ms for recv operation to complete", 10),
+        1: failure(1, -signal.SIGKILL, "Signal 9 (SIGKILL) received by PID 101", 40),
+    }
+    found = worker_failures(failures, tmp_path, oom_rose=True, forced=forced.pids)
+    assert [(f.rank, f.kind) for f in found] == [(1, "hung"), (0, "communication timeout")]
+    text = summary(found, "node-a", attempts=1)
+    assert ("rank 1 (local rank 1, pid 101) on node-a: hung (stuck in a collective, in I/O, or "
+            "stopped): it did not stop within torchrun's grace period after SIGTERM") in text
+    assert "killed by SIGKILL" not in text and "out-of-memory" not in text
+    assert text.splitlines()[-1] == "  look first at rank 1"
+
+
+def test_forced_kills_reads_the_pid_torchrun_sigkilled_after_its_grace_period(tmp_path: Path):
+    """The warning is torchrun's own (a worker that stopped itself outlives SIGTERM), so a
+    change of its words in torch is caught here, in a second, not only by a 30 s hang."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
+
+    stop_self = "import os, signal; os.kill(os.getpid(), signal.SIGSTOP)"
+    context = start_processes("stopped", sys.executable, {0: ("-c", stop_self)}, {0: {}},
+                              DefaultLogsSpecs(log_dir=str(tmp_path)))
+    pid = context.pids()[0]
+    forced = ForcedKills()
+    torch_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    torch_log.addFilter(forced)
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}/stat").read_text().split()[2] != "T":
+            assert time.monotonic() < deadline, "the child did not stop itself"
+            time.sleep(0.05)
+        context.close(timeout=1)
+    finally:
+        torch_log.removeFilter(forced)
+    assert forced.pids == {pid}
 
 
 def test_oom_counter_is_read_from_cgroup_v2_or_v1(tmp_path, monkeypatch):
