@@ -7,9 +7,10 @@ killer when this cgroup's ``oom_kill`` count rose during the run), or the error 
 recorded (``orch.runtime.rank_log.record_failure``), classed as out of memory, a communication
 timeout, a lost peer, bad input, or a Python error with its first line; then where its log is.
 A worker torchrun had to SIGKILL because it did not stop within the grace period after
-SIGTERM is told apart as hung (``ForcedKills`` reads torchrun's log for them). The likely cause
-comes first: a rank that was killed, hung or raised on its own before ranks that only lost a
-peer or timed out waiting because of it.
+SIGTERM is told apart as hung (``ForcedKills`` reads torchrun's log for them); one the launcher
+stopped while the others timed out in a collective, as likely hung. The likely cause comes
+first: a rank that was killed, hung or raised on its own before ranks that only lost a peer or
+timed out waiting because of it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import re
 import signal
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,8 @@ class WorkerFailure:
     pid: int
     exitcode: int
     kind: str
-    """killed, hung, out of memory, communication timeout, lost peer, bad input, error,
-    stopped."""
+    """killed, hung, likely hung, out of memory, communication timeout, lost peer, bad input,
+    error, stopped."""
     reason: str
     log: Path | None
 
@@ -162,14 +163,33 @@ def worker_failures(failures: dict[int, Any], run_dir: Path, oom_rose: bool,
         kind, reason = classify(failure.exitcode, _message(failure), oom_rose,
                                 failure.pid in forced)
         log = rank_log_path(run_dir, rank)
-        out.append((kind in CONSEQUENCES, failure.timestamp, WorkerFailure(
+        out.append((failure.timestamp, WorkerFailure(
             rank, failure.local_rank, failure.pid, failure.exitcode, kind, reason,
             log if log.exists() else None)))
-    return [item[2] for item in sorted(out, key=lambda item: (item[0], item[1]))]
+    found = _blame_the_stopped([item[1] for item in sorted(out, key=lambda item: item[0])])
+    return sorted(found, key=lambda f: not f.primary)  # stable: by time within each
 
 
-def summary(failures: list[WorkerFailure], node: str, attempts: int) -> str:
-    """The launcher's report of a failed run on this node."""
+def _blame_the_stopped(failures: list[WorkerFailure]) -> list[WorkerFailure]:
+    """``failures``, with the ranks only stopped by the launcher called likely hung when
+    others timed out in a collective and none failed on its own.
+
+    Ranks wait in a collective until a peer that never comes makes them time out; the launcher
+    then stops the rest with SIGTERM, and a hung rank that dies of it (asleep, in a loop, in
+    I/O that a signal ends) looked like one more stopped peer, leaving no rank blamed. Ranks
+    that were about to time out too are stopped alike, so every such rank is named."""
+    if any(f.primary for f in failures) or not any(
+            f.kind == "communication timeout" for f in failures):
+        return failures
+    return [replace(f, kind="likely hung", reason=(
+        f"likely hung: still running when the others timed out waiting in a collective, and "
+        f"then stopped by {signal.Signals(-f.exitcode).name} from the launcher"))
+        if f.kind == "stopped" else f for f in failures]
+
+
+def summary(failures: list[WorkerFailure], node: str, attempts: int, nodes: int) -> str:
+    """The launcher's report of a failed run on this node, one of ``nodes``: only with other
+    nodes can the cause be on another node."""
     tried = f" after {attempts} attempts" if attempts > 1 else ""
     lines = [f"orch launch: training failed on node {node}{tried}"]
     for f in failures:
@@ -178,10 +198,18 @@ def summary(failures: list[WorkerFailure], node: str, attempts: int) -> str:
         lines.append(f"      log: {f.log}" if f.log else "      log: none written (it failed "
                      "before opening one)")
     first = failures[0]
-    if len(failures) > 1 or not first.primary:
-        cause = "" if first.primary else (" (no rank here failed on its own: look at the other "
-                                          "nodes' launchers)")
-        lines.append(f"  look first at rank {first.rank}{cause}")
+    hung = [f.rank for f in failures if f.kind == "likely hung"]
+    elsewhere = " or at the other nodes' launchers" if nodes > 1 else ""
+    if len(hung) > 1:
+        lines.append(f"  look first at ranks {', '.join(map(str, hung))} (stopped while the "
+                     f"others timed out: one of them likely hung){elsewhere}")
+    elif hung:
+        lines.append(f"  look first at rank {first.rank} (likely hung){elsewhere}")
+    elif not first.primary and nodes > 1:
+        lines.append(f"  look first at rank {first.rank} (no rank here failed on its own: look "
+                     "at the other nodes' launchers)")
+    elif len(failures) > 1 or not first.primary:
+        lines.append(f"  look first at rank {first.rank}")
     return "\n".join(lines)
 
 

@@ -632,7 +632,7 @@ def _run_workers(args: argparse.Namespace, cfg: Config, plan: Plan, run_dir: Pat
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
-    from torch.distributed.run import run
+    from torch.distributed.run import parse_min_max_nnodes, run
 
     while True:
         before = read_rebalance(run_dir)
@@ -651,7 +651,8 @@ def _run_workers(args: argparse.Namespace, cfg: Config, plan: Plan, run_dir: Pat
             if not _repartitioned(exc, before, run_dir):
                 oom_rose = ooms is not None and (oom_kills() or 0) > ooms
                 failed = worker_failures(exc.failures, run_dir, oom_rose, forced.pids)
-                print(summary_of_failures(failed, _node_name(args), args.max_restarts + 1),
+                nodes = parse_min_max_nnodes(args.nnodes)[1]
+                print(summary_of_failures(failed, _node_name(args), args.max_restarts + 1, nodes),
                       file=sys.stderr, flush=True)
                 bad_input = all(f.kind == "bad input" for f in failed)
                 raise RunFailed(f"{len(failed)} worker(s) failed (above)",

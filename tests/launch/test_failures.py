@@ -54,7 +54,7 @@ def test_the_killed_rank_comes_first_and_logs_are_named(tmp_path: Path):
     }
     found = worker_failures(failures, tmp_path, oom_rose=False)
     assert [f.rank for f in found] == [1, 0]
-    text = summary(found, "node-a", attempts=3)
+    text = summary(found, "node-a", attempts=3, nodes=1)
     assert text.splitlines()[0] == "orch launch: training failed on node node-a after 3 attempts"
     assert "rank 1 (local rank 1, pid 101) on node-a: killed by SIGKILL" in text
     assert f"log: {tmp_path / 'logs' / 'rank-1.log'}" in text
@@ -85,11 +85,99 @@ def test_a_worker_torchrun_had_to_sigkill_is_called_hung_and_named_first(tmp_pat
     }
     found = worker_failures(failures, tmp_path, oom_rose=True, forced=forced.pids)
     assert [(f.rank, f.kind) for f in found] == [(1, "hung"), (0, "communication timeout")]
-    text = summary(found, "node-a", attempts=1)
+    text = summary(found, "node-a", attempts=1, nodes=1)
     assert ("rank 1 (local rank 1, pid 101) on node-a: hung (stuck in a collective, in I/O, or "
             "stopped): it did not stop within torchrun's grace period after SIGTERM") in text
     assert "killed by SIGKILL" not in text and "out-of-memory" not in text
     assert text.splitlines()[-1] == "  look first at rank 1"
+
+
+TIMED_OUT = ("RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms "
+             "for recv operation to complete")
+
+
+def test_ranks_stopped_while_the_others_timed_out_are_named_likely_hung(tmp_path: Path):
+    """A hung rank that dies of torchrun's SIGTERM looked like one more stopped peer: nobody
+    was blamed, and a one-node run was told to look at the other nodes' launchers."""
+    failures = {0: failure(0, 1, TIMED_OUT, 10),
+                1: failure(1, -signal.SIGTERM, "Signal 15 (SIGTERM) received by PID 101", 11)}
+    found = worker_failures(failures, tmp_path, oom_rose=False)
+    assert [(f.rank, f.kind) for f in found] == [(1, "likely hung"), (0, "communication timeout")]
+    assert found[0].reason == ("likely hung: still running when the others timed out waiting in "
+                               "a collective, and then stopped by SIGTERM from the launcher")
+    text = summary(found, "node-a", attempts=1, nodes=1)
+    assert text.splitlines()[-1] == "  look first at rank 1 (likely hung)"
+    assert "other nodes" not in text
+    assert summary(found, "node-a", attempts=1, nodes=2).splitlines()[-1] == (
+        "  look first at rank 1 (likely hung) or at the other nodes' launchers")
+    failures[2] = failure(2, -signal.SIGTERM, "", 11)  # waiting too, its timeout not yet come
+    found = worker_failures(failures, tmp_path, oom_rose=False)
+    assert summary(found, "node-a", attempts=1, nodes=1).splitlines()[-1] == (
+        "  look first at ranks 1, 2 (stopped while the others timed out: one of them likely "
+        "hung)")
+
+
+@pytest.mark.parametrize(("first", "nodes", "last"), [
+    ((1, TIMED_OUT), 2, "  look first at rank 0 (no rank here failed on its own: look at the "
+                        "other nodes' launchers)"),
+    ((1, TIMED_OUT), 1, "  look first at rank 0"),
+    ((1, "ValueError: bad"), 1, "  look first at rank 0"),  # the stopped rank is its peer
+    ((1, "RuntimeError: Connection closed by peer"), 2, "  look first at rank 0 (no rank here "
+                                                        "failed on its own: look at the other "
+                                                        "nodes' launchers)")])
+def test_only_timeouts_with_no_cause_blame_the_stopped_ranks(tmp_path: Path, first, nodes, last):
+    failures = {0: failure(0, *first, 10), 1: failure(1, -signal.SIGTERM, "", 11)}
+    if first[1] == TIMED_OUT:  # every rank here timed out: the hung one is elsewhere
+        failures[1] = failure(1, 1, TIMED_OUT, 11)
+    found = worker_failures(failures, tmp_path, oom_rose=False)
+    assert all(f.kind != "likely hung" for f in found)
+    assert summary(found, "node-a", attempts=1, nodes=nodes).splitlines()[-1] == last
+
+
+@pytest.mark.dist
+def test_a_rank_hung_until_sigterm_is_named_by_a_real_launch(tmp_path: Path):
+    """Rank 1 stopped (SIGSTOP) after step 2: rank 0 times out in the next collective
+    (run.comm_timeout_s), and rank 1, let go once torchrun has sent it SIGTERM, dies of it;
+    the one-node summary names rank 1 likely hung, first, and no other node."""
+    import re
+
+    from launch_harness import ORCH, REPO, overrides
+
+    run_dir = tmp_path / "run"
+    run = subprocess.Popen(
+        [str(ORCH), "launch", "--nproc-per-node", "2", "configs/tiny.yaml",
+         *overrides(run_dir, "train.steps=1000", "run.comm_timeout_s=5")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    pid = 0
+    try:
+        assert run.stdout is not None and run.stderr is not None
+        for line in run.stdout:
+            if line.startswith("step 2/"):
+                break
+        header = (run_dir / "logs" / "rank-1.log").read_text()
+        pid = int(re.findall(r"== rank 1 of 2, attempt 1, pid (\d+)", header)[-1])
+        os.kill(pid, signal.SIGSTOP)
+        seen = []
+        for line in run.stderr:
+            seen.append(line)
+            if f"Sending process {pid} closing signal SIGTERM" in line:
+                break
+        os.kill(pid, signal.SIGCONT)
+        _, err = run.communicate(timeout=120)
+        err = "".join(seen) + err
+    finally:
+        run.kill()
+        run.wait()
+        if pid:  # on a failure before torchrun's SIGKILL, the stopped worker must not stay
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert run.returncode == 1, err
+    assert f"rank 1 (local rank 1, pid {pid}) on " in err and ": likely hung: still running" in err
+    assert re.search(r"rank 0 \(.*\) on .*: communication timeout", err), err
+    assert err.rstrip().splitlines()[-2] == "  look first at rank 1 (likely hung)", err
 
 
 def test_forced_kills_reads_the_pid_torchrun_sigkilled_after_its_grace_period(tmp_path: Path):
