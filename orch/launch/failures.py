@@ -136,8 +136,10 @@ def classify(exitcode: int, message: str, oom_rose: bool, forced: bool = False
         return "error", f"exit code {exitcode}, no error recorded (see its log)"
     if _OOM.search(message):
         return "out of memory", f"out of memory: {first}"
-    if _TIMEOUT.search(first) and re.search(r"Dist|gloo|nccl|collective|barrier|store", message,
-                                            re.I):
+    # gloo's "Application timeout caused pair closure" names no backend: it is what every pair of
+    # a rank says once one of its collectives timed out (a consequence, not this rank's error)
+    if _TIMEOUT.search(first) and re.search(r"Dist|gloo|nccl|collective|barrier|store|"
+                                            r"pair closure", message, re.I):
         return "communication timeout", f"communication timeout: {first}"
     if lost_peer(message):
         return "lost peer", f"lost a peer (another rank or node failed): {first}"

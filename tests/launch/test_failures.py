@@ -27,6 +27,8 @@ CASES = [  # (exit code, recorded message, oom killer seen) -> kind, words in th
      "peer", False, "lost peer", "lost a peer"),
     (1, "DistBackendError: Timed out waiting 1800000ms for recv operation to complete (gloo)",
      False, "communication timeout", "communication timeout: DistBackendError: Timed out"),
+    (1, "RuntimeError: Application timeout caused pair closure", False,  # gloo, no backend named
+     "communication timeout", "communication timeout: RuntimeError: Application timeout"),
     (1, "ValueError: bad shape\nmore lines", False, "error", "error: ValueError: bad shape"),
     (2, "ConfigError: train.lr: -1 must be positive", False, "bad input",
      "stopped on bad input (the worker's message is above)"),
@@ -203,6 +205,17 @@ def test_forced_kills_reads_the_pid_torchrun_sigkilled_after_its_grace_period(tm
     finally:
         torch_log.removeFilter(forced)
     assert forced.pids == {pid}
+
+
+def test_the_rank_that_raised_comes_before_a_gloo_pair_closure(tmp_path: Path):
+    """gloo's "Application timeout caused pair closure", on a peer of the rank that raised, was
+    an error of its own, reported first and named as the place to look."""
+    failures = {0: failure(0, 1, "RuntimeError: Application timeout caused pair closure", 10),
+                1: failure(1, 1, "ValueError: FT injected failure", 11)}
+    found = worker_failures(failures, tmp_path, oom_rose=False)
+    assert [(f.rank, f.kind) for f in found] == [(1, "error"), (0, "communication timeout")]
+    assert summary(found, "node-a", attempts=1, nodes=1).splitlines()[-1] == (
+        "  look first at rank 1")
 
 
 def test_oom_counter_is_read_from_cgroup_v2_or_v1(tmp_path, monkeypatch):
