@@ -78,6 +78,16 @@ def lost_peer(message: str) -> bool:
     return bool(_PEER.search(message))
 
 
+def comm_timeout(message: str) -> bool:
+    """``message`` (an error's ``Type: text``) says a collective (or the store) timed out
+    waiting: usually for a rank that failed or hung first. gloo's "Application timeout caused
+    pair closure" names no backend: it is what every pair of a rank says once one of its
+    collectives timed out."""
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    return bool(_TIMEOUT.search(first) and re.search(
+        r"Dist|gloo|nccl|collective|barrier|store|pair closure", message, re.I))
+
+
 class ForcedKills(logging.Filter):
     """Records the pids torchrun SIGKILLed because they did not stop within its grace period
     after SIGTERM (30 s when a worker failed), from the warning it logs then.
@@ -136,10 +146,7 @@ def classify(exitcode: int, message: str, oom_rose: bool, forced: bool = False
         return "error", f"exit code {exitcode}, no error recorded (see its log)"
     if _OOM.search(message):
         return "out of memory", f"out of memory: {first}"
-    # gloo's "Application timeout caused pair closure" names no backend: it is what every pair of
-    # a rank says once one of its collectives timed out (a consequence, not this rank's error)
-    if _TIMEOUT.search(first) and re.search(r"Dist|gloo|nccl|collective|barrier|store|"
-                                            r"pair closure", message, re.I):
+    if comm_timeout(message):
         return "communication timeout", f"communication timeout: {first}"
     if lost_peer(message):
         return "lost peer", f"lost a peer (another rank or node failed): {first}"

@@ -135,21 +135,23 @@ def log_to_file(run_dir: str | Path, rank: int, world: int) -> Path | None:
 
 def report_crash(exc: BaseException) -> None:
     """Say why this worker stops on ``exc`` (a bug, or torch's error): its traceback, or, when
-    it only lost a peer (another rank failed first, and the launcher's summary names that one)
-    or was interrupted (the launcher's Ctrl-C, passed on by torchrun), one line on the terminal
-    and the traceback in the rank log (each surviving rank printed some 25 lines of gloo's
-    "Connection reset by peer" above the summary, or 50 of KeyboardInterrupt)."""
-    from orch.launch.failures import lost_peer
+    it only lost a peer or timed out waiting in a collective (another rank failed or hung
+    first, and the launcher's summary names that one) or was interrupted (the launcher's Ctrl-C,
+    passed on by torchrun), one line on the terminal and the traceback in the rank log (each
+    surviving rank printed some 25 lines of gloo's "Connection reset by peer" above the
+    summary, 40 of a timeout, or 50 of KeyboardInterrupt)."""
+    from orch.launch.failures import comm_timeout, lost_peer
 
     text, said = "".join(traceback.format_exception(exc)), f"{type(exc).__name__}: {exc}"
     if isinstance(sys.stderr, _Tee) and isinstance(exc, KeyboardInterrupt):
         sys.stderr.to_log_only(text)  # torchrun passed on the launcher's Ctrl-C
         print("orch worker: stopped by SIGINT; traceback in the rank log", file=sys.stderr,
               flush=True)
-    elif isinstance(sys.stderr, _Tee) and lost_peer(said):
+    elif isinstance(sys.stderr, _Tee) and (lost_peer(said) or comm_timeout(said)):
         sys.stderr.to_log_only(text)
-        print(f"orch worker: stopped, a peer is gone ({said.splitlines()[0][:200]}); traceback "
-              "in the rank log", file=sys.stderr, flush=True)
+        why = "a peer is gone" if lost_peer(said) else "timed out waiting for a peer"
+        print(f"orch worker: stopped, {why} ({said.splitlines()[0][:200]}); traceback in the "
+              "rank log", file=sys.stderr, flush=True)
     else:
         print(text, end="", file=sys.stderr, flush=True)
 

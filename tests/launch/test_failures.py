@@ -311,6 +311,13 @@ def test_a_rank_that_lost_a_peer_says_so_in_one_line_and_logs_its_traceback(tmp_
     assert shown == ("orch worker: stopped, a peer is gone (RuntimeError: [pair.cc:537] Read "
                      "error: Connection reset by peer); traceback in the rank log\n")
     assert "Traceback (most recent call last)" in path.read_text()
+    timeout = ("DistBackendError: [../third_party/gloo/gloo/transport/tcp/pair.cc:446] "
+               "Timed out waiting 5000ms for send operation to complete")
+    rank_log.report_crash(raised(RuntimeError(timeout)))  # 40 lines on the terminal before
+    shown = err.getvalue()[len(shown):]
+    assert shown.startswith("orch worker: stopped, timed out waiting for a peer") \
+        and shown.count("\n") == 1, shown
+    shown = err.getvalue()
     rank_log.report_crash(raised(ValueError("a bug")))
     assert "Traceback (most recent call last)" in err.getvalue()[len(shown):]
     # the launcher's Ctrl-C, passed on by torchrun: 50 lines of KeyboardInterrupt per worker
