@@ -220,8 +220,15 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
                           run_dir if rank == 0 else None, offload, repartitioner,
                           finish_saves=checkpoints.poll)
         trainer.train(start)
-    finally:
+    except Repartition:  # every rank stops here, after the save the new split starts from
+        checkpoints.wait()
+        raise
+    except BaseException:  # the peers may be mid-step or gone: no collective, let it surface
+        checkpoints.abandon()
+        raise
+    else:
         checkpoints.wait()  # an async save still in flight completes before the process ends
+    finally:
         metrics.close()
         if offload is not None:
             offload.close()  # deletes the NVMe tier's scratch file

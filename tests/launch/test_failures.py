@@ -261,6 +261,20 @@ def test_a_drill_fires_once_on_its_rank_at_its_point(monkeypatch):
     drills._armed.cache_clear()
 
 
+def test_a_raise_drill_raises_its_error_in_place_of_the_kill(monkeypatch):
+    import orch.runtime.drills as drills
+
+    monkeypatch.setattr(drills.os, "kill", lambda pid, sig: pytest.fail("killed"))
+    monkeypatch.setenv("ORCH_DRILL", "raise rank=0 step=3")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    drills._armed.cache_clear()
+    drills.maybe_fail("step", 2)
+    with pytest.raises(drills.DrillError, match="rank 0 raises during step 3"):
+        drills.maybe_fail("step", 3)
+    drills._armed.cache_clear()
+
+
 def test_rank_log_lines_carry_time_rank_and_step(tmp_path, monkeypatch):
     """What a worker prints goes to its rank log, each line with the rank and step; rank 1's
     stdout stays off the terminal, its stderr does not."""

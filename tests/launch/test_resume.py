@@ -305,6 +305,22 @@ def test_a_rank_killed_mid_step_or_mid_save_restarts_and_ends_like_an_uninterrup
     assert f" rank 1 step {step} | orch: drill: rank 1 kills itself" in log
 
 
+def test_an_error_during_a_background_save_ends_the_run_promptly_and_is_reported(tmp_path):
+    """Rank 1 raises in step 3 while checkpoint 2 is still written in the background: it leaves
+    without the save's collectives, which rank 0 never joins (waiting for them hung the run
+    until gloo's 30-minute timeout, and the error was never shown), and the launcher names its
+    error; the unfinished checkpoint is no complete one."""
+    run = tmp_path / "raised"
+    out = launch(*SHARD2, *overrides(run, "train.steps=8", "checkpoint.interval=2",
+                                     "checkpoint.async_save=true"),
+                 env={"ORCH_DRILL": "raise rank=1 step=3 during=step"}, timeout=150)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "writing checkpoint" in out.stdout and "step-00000002" in out.stdout
+    assert "rank 1 (local rank 1" in out.stderr
+    assert "error: DrillError: drill: rank 1 raises during step 3" in out.stderr
+    assert not (run / "checkpoints" / "step-00000002" / "manifest.json").exists()
+
+
 def test_a_run_killed_with_its_state_on_nvme_resumes_exactly_and_leaves_no_scratch(tmp_path):
     """Parameters, gradients and optimizer states on the NVMe tier, the process killed (SIGKILL)
     in the middle of step 5: the restarted worker removes the scratch file the killed one left,

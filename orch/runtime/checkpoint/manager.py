@@ -415,6 +415,19 @@ class CheckpointManager:
                 warn_once(f"checkpoint retention after {pending.path}: {exc}")
         self._written.add(pending.step)
 
+    def abandon(self) -> None:
+        """Give up a pending save without any collective: for a rank leaving on an error.
+
+        ``wait`` gathers every rank's outcome, which peers still training (or already gone)
+        never join, so calling it while an exception unwinds hung the run and hid the error.
+        The abandoned directory has no manifest, so it is never resumed from; the next save of
+        its step, or retention after a later one, removes it. Its background write may still
+        run until the process ends."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.future is not None and self.rank == 0:
+            warn_once(f"checkpoint {pending.path} was still being written when this rank "
+                      "failed: left unfinished, it is never resumed from")
+
     def _check_saving(self, error: str | None, step: int, path: Path, doing: str) -> None:
         """Raise ``SaveFailed`` on every rank when any rank's ``error`` is set, after rank 0
         removed the unfinished directory (it would never be resumed from, and a full disk wants
