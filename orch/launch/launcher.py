@@ -21,6 +21,7 @@ import socket
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,8 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     (with ``finished``: the checkpoint the run would resume when it is already at
     ``train.steps`` or ``run.stop_at_step``, else None; and ``resume``: ``--resume``, if
     given)."""
+    # A new launch, before resolving its resume: kept by torchrun's restarts and our own reruns
+    os.environ[LAUNCH_ID] = uuid.uuid4().hex
     args, extra, loaded = parse_launch(argv)
     problems = [Problem(option, "changes what each process runs, but orch launch always runs "
                         f"its own worker (python -m {WORKER_MODULE} CONFIG)",
@@ -277,6 +280,13 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
 
 PLANNED_WORLD = "ORCH_PLANNED_WORLD"
 """The world the launcher validated, which its workers inherit: ``WORLD NPROC DESCRIPTION``."""
+
+
+LAUNCH_ID = "ORCH_LAUNCH_ID"
+"""One id per ``orch launch``, which its workers inherit through every restart (torchrun's
+``--max-restarts``, a re-partitioned pipeline's rerun) and record in the checkpoints they save:
+a restart resumes from its own launch's newest, not from ``--resume PATH`` or ``none`` again.
+On several nodes rank 0's node's id counts (rank 0 finds and writes the checkpoints)."""
 
 
 def planned_world_problem(world: int, local_world: int) -> str | None:
@@ -539,7 +549,8 @@ def _check_resume(cfg: Config, plan: Plan,
     if resume is not None and not resume.strip():  # was taken for auto
         return [Problem("--resume", "is empty", "give auto, none, or a checkpoint directory")
                 ], None, None
-    manager = CheckpointManager(Path(cfg.run.dir), cfg, plan.to_dict(with_groups=False), 0, 1)
+    manager = CheckpointManager(Path(cfg.run.dir), cfg, plan.to_dict(with_groups=False), 0, 1,
+                                os.environ.get(LAUNCH_ID))
     try:
         # Sizes and the index here (cheap); the workers hash every file, split among them.
         path = manager.resolve_resume(resume or cfg.checkpoint.resume, hashes=False,
@@ -803,5 +814,5 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
     return "\n".join(lines)
 
 
-__all__ = ["PLANNED_WORLD", "backend", "launch", "launch_parser", "launch_plan",
+__all__ = ["LAUNCH_ID", "PLANNED_WORLD", "backend", "launch", "launch_parser", "launch_plan",
            "planned_world_problem", "prepare", "worker_parser"]

@@ -25,6 +25,7 @@ from orch.config import Config, config_to_dict, load_config
 from orch.errors import OrchError, PlanError
 from orch.launch.launcher import (
     CPU_BF16,
+    LAUNCH_ID,
     backend,
     launch_plan,
     planned_world_problem,
@@ -146,7 +147,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
         return_large_frees()
     mode = resume_arg or cfg.checkpoint.resume
     agree_on_plan(plan, cfg, mode)  # first: resolving the resume below is collective
-    checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world)
+    checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world,
+                                    os.environ.get(LAUNCH_ID))
     resume = checkpoints.resolve_resume(mode)
     source = source_identity(cfg.data)  # read once: the resume's check and every save
     if resume is not None and (problems := resume_problems(cfg, plan.degrees, resume, source)):

@@ -1,9 +1,10 @@
 """A pipeline started on an uneven split (3 layers on stage 0, 1 on stage 1) re-partitions itself
 under ``orch launch``: after two measured steps stage 0's compute is well over the 1.2 threshold
 above stage 1's, so the workers save, exit, and the launcher restarts them on the split the
-measurement calls for (2/2), resuming from that checkpoint. The record and the log carry the
-stage times before and after, and the losses equal an uninterrupted run on the even split (the
-split changes where layers run, not the numbers)."""
+measurement calls for (2/2), resuming from that checkpoint (launched with ``--resume none``,
+which decides the first start only). The record and the log carry the stage times before and
+after, and the losses equal an uninterrupted run on the even split (the split changes where layers
+run, not the numbers)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("repartition")
     moved = launch("--nproc-per-node", "2", "configs/tiny.yaml", *overrides(
         root / "moved", *PIPELINE, "parallel.stage_layers=[3,1]",
-        "parallel.pp_rebalance_threshold=1.2", "parallel.pp_rebalance_steps=2"))
+        "parallel.pp_rebalance_threshold=1.2", "parallel.pp_rebalance_steps=2"),
+        "--resume", "none")  # the first start only: the restart resumes from its checkpoint
     even = launch("--nproc-per-node", "2", "configs/tiny.yaml", *overrides(root / "even",
                                                                            *PIPELINE))
     assert even.returncode == 0, even.stderr
@@ -43,6 +45,8 @@ def test_the_pipeline_moved_to_the_measured_split_and_finished(runs):
     assert len(record["idle_before_s"]) == len(record["idle_after_s"]) == 2
     assert "re-partitioning to 2/2 from the checkpoint of step 3" in out.stdout
     assert "orch launch: restarting on the re-partitioned pipeline (2/2 layers" in out.stdout
+    # where the rerun torchrun, given --resume none again, started over at step 0
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000003'} at step 3" in out.stdout
     # torchrun's "failed (exitcode: 75) local_rank: 0 (pid ...)" line is not shown: no failure
     assert f"(exitcode: {REBALANCE_EXIT})" not in out.stderr + out.stdout
     assert "orch: pipeline re-partitioned at step 3: layers 3/1 -> 2/2" in out.stdout

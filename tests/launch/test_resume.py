@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -319,6 +320,39 @@ def test_an_error_during_a_background_save_ends_the_run_promptly_and_is_reported
     assert "rank 1 (local rank 1" in out.stderr
     assert "error: DrillError: drill: rank 1 raises during step 3" in out.stderr
     assert not (run / "checkpoints" / "step-00000002" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("resume", ["another run", "this run, keep_last=1", "none"])
+def test_a_restart_resumes_from_its_own_launchs_newest_checkpoint_whatever_the_mode(
+        runs, tmp_path, resume):
+    """--resume PATH or none applies to a launch's first start only: rank 1 killed in step 9,
+    the restarted workers resume from the checkpoint of step 8 this launch saved, where they
+    went back to PATH (moving steps 6 and 8 aside as another history) or to step 0. With PATH
+    in the run's own directory and keep_last=1, retention had deleted it once step 6 was
+    saved, and the restart failed on both ranks ('does not exist'). Every step's numbers
+    equal the uninterrupted run's."""
+    run = tmp_path / "run"
+    args, first = ["checkpoint.interval=2"], 1
+    if resume == "none":
+        given = "none"
+    else:
+        given, first = str(runs["split"] / "checkpoints" / "step-00000005"), 6
+        if resume.startswith("this run"):
+            (run / "checkpoints").mkdir(parents=True)
+            given = str(shutil.copytree(given, run / "checkpoints" / "step-00000005"))
+            args.append("checkpoint.keep_last=1")
+    out = launch("--max-restarts", "1", *SHARD2,
+                 *overrides(run, f"train.steps={STEPS}", *args), "--resume", given,
+                 env={"ORCH_DRILL": "kill rank=1 step=9 during=step"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "drill: rank 1 kills itself (SIGKILL) during step 9" in out.stderr
+    assert f"orch: this launch saved {run / 'checkpoints' / 'step-00000008'} before it " \
+        f"restarted: resuming from it, not from {given} again" in out.stdout
+    assert f"resumed from {run / 'checkpoints' / 'step-00000008'} at step 8" in out.stdout
+    assert not list((run / "checkpoints").glob("*superseded*"))
+    whole, got = metrics(runs["whole"]), metrics(run)
+    assert [(m["step"], m["loss"], m["grad_norm"], m["lr"]) for m in got] == [
+        (m["step"], m["loss"], m["grad_norm"], m["lr"]) for m in whole if m["step"] >= first]
 
 
 def test_a_run_killed_with_its_state_on_nvme_resumes_exactly_and_leaves_no_scratch(tmp_path):

@@ -458,6 +458,25 @@ def test_a_forged_or_damaged_manifest_is_named_not_followed(tmp_path, change, me
     assert f"{tmp_path / MANIFEST}: " in problem and message in problem
 
 
+def test_a_launch_resumes_its_own_newest_checkpoint_whatever_the_mode(tmp_path) -> None:
+    """A manifest records the launch that saved it; a manager of that launch (a restart) takes
+    its newest whatever the mode, where a path or none again threw the launch's progress away.
+    A manifest without the field (older orch, no launch) belongs to no launch, and a new launch
+    applies the mode as before."""
+    source = CheckpointManager(tmp_path / "a", make_cfg(), PLAN).save(2, tiny_state(2.0), {})
+    assert "launch" not in json.loads((source / MANIFEST).read_text())
+    assert ckpt.read_manifest(source).launch is None
+    run = tmp_path / "b"
+    assert CheckpointManager(run, make_cfg(), PLAN, launch="L1").resolve_resume(
+        str(source)) == source  # the first start: the mode applies
+    saved = CheckpointManager(run, make_cfg(), PLAN, launch="L1").save(4, tiny_state(4.0), {})
+    assert ckpt.read_manifest(saved).launch == "L1"
+    for mode in (str(source), "none", "auto"):
+        assert CheckpointManager(run, make_cfg(), PLAN, launch="L1").resolve_resume(mode) == saved
+    again = CheckpointManager(run, make_cfg(), PLAN, launch="L2")
+    assert again.resolve_resume(str(source)) == source and again.resolve_resume("none") is None
+
+
 def test_an_edited_manifest_is_refused_not_trusted(tmp_path) -> None:
     """A manifest whose step was edited resumed at that step from another step's state; one
     that left a file out had it loaded unchecked (verify said ok with that file changed)."""

@@ -139,8 +139,12 @@ class CheckpointManager:
         plan_dict: dict[str, Any],
         rank: int = 0,
         world_size: int = 1,
+        launch: str | None = None,
     ) -> None:
+        """``launch``: the id of the ``orch launch`` running this (``ORCH_LAUNCH_ID``), recorded
+        in every manifest saved here; ``resolve_resume`` prefers its checkpoints."""
         self.run_dir = Path(run_dir)
+        self.launch = launch
         self.dir = self.run_dir / CHECKPOINTS
         self.cfg = cfg
         self.config = config_to_dict(cfg)
@@ -184,6 +188,13 @@ class CheckpointManager:
         own = self.own()
         return own[-1].path if own else None
 
+    def this_launch(self) -> list[Path]:
+        """This config's complete checkpoints saved by this launch (``launch``), newest first:
+        the progress its restarts must not throw away."""
+        if self.launch is None:
+            return []
+        return [m.path for m in reversed(self.own()) if m.launch == self.launch]
+
     def check_run_dir(self) -> None:
         """Refuse a run directory holding complete checkpoints of another config."""
         refuse_other_configs(self.dir, self.complete(), self.config)
@@ -191,7 +202,11 @@ class CheckpointManager:
     def resolve_resume(self, mode: str, hashes: bool = True, report: bool = True) -> Path | None:
         """The checkpoint to resume from: ``auto``, ``none`` or a checkpoint path.
 
-        Every mode first refuses a run directory with another config's checkpoints. The chosen
+        Every mode first refuses a run directory with another config's checkpoints. Where this
+        launch has saved checkpoints already (a restart: torchrun's ``--max-restarts``, or a
+        re-partitioned pipeline), the newest of them is taken whatever ``mode`` says, as
+        ``auto`` takes it: a path or ``none`` again would throw away the launch's progress (and
+        retention may have deleted the path since). A launch's first start has none. The chosen
         checkpoint is verified: its manifest and config, every file's size, its index read
         safely, and (``hashes``, split over the ranks) every file's sha256; ``load`` then skips
         what was verified here. ``auto`` takes the newest complete checkpoint that passes, and
@@ -200,12 +215,18 @@ class CheckpointManager:
         ``hashes`` (sizes and the index are cheap), the workers with.
         """
 
-        def newest_first() -> list[Path]:
+        def newest_first() -> tuple[list[Path], bool]:
+            """The checkpoints to try, newest first, and whether a damaged one is passed over
+            (else refused)."""
             self.check_run_dir()
+            if ours := self.this_launch():
+                return ours, True
+            if mode == "none":
+                return [], False
             if mode == "auto":  # an unreadable manifest is a damaged checkpoint, not none
                 own = {m.path for m in self.own()}
                 return [path for _, path in sorted(step_dirs(self.dir), reverse=True)
-                        if path in own or _unreadable(path)]
+                        if path in own or _unreadable(path)], True
             path = Path(mode)
             path = path.parent if path.name == MANIFEST else path
             if (path / CHECKPOINTS).is_dir() or any(path.glob("step-*/")):
@@ -225,20 +246,21 @@ class CheckpointManager:
                     "checkpoint.resume=auto|none",
                 )
             check_same_config(read_manifest(path), self.config)
-            return [path]
+            return [path], False
 
-        if mode == "none":
-            self._ranks.from_rank0(self.check_run_dir)
-            return None
         damaged_ones: list[tuple[Path, list[str]]] = []
-        for path in self._ranks.from_rank0(newest_first):
+        paths, pass_over = self._ranks.from_rank0(newest_first)
+        for path in paths:
             problems = self._problems(path, hashes)
             if not problems:
                 if damaged_ones and report and self.rank == 0:
                     print(skipped_damaged(damaged_ones, path), flush=True)
+                if mode != "auto" and report and self.rank == 0 and pass_over:
+                    print(f"orch: this launch saved {path} before it restarted: resuming from "
+                          f"it, not from {mode} again", flush=True)
                 self._verified = path if hashes else None
                 return path
-            if mode != "auto":
+            if not pass_over:
                 raise damaged(path, problems)
             damaged_ones.append((path, problems))
         if damaged_ones:
@@ -400,6 +422,7 @@ class CheckpointManager:
                 files=files,
                 wall_time=time.time(),
                 save_seconds=time.time() - pending.started,
+                launch=self.launch,
             )
             try:
                 text = json.dumps(manifest.to_json(), indent=1, sort_keys=False) + "\n"

@@ -2,9 +2,9 @@
 
 Rank 0 writes the manifest last, durably (``files.write_durable``). It records the step, the
 config fingerprint, the plan, the resolved config, the caller's data position, the RNG file of
-every rank and the size and sha256 of every other file. A directory without one is a save that
-did not finish. ``verify`` checks every file against it, so loading can refuse a truncated or
-bit-flipped shard, naming the file, before reading any state.
+every rank, the size and sha256 of every other file, and the launch that saved it. A directory
+without one is a save that did not finish. ``verify`` checks every file against it, so loading can
+refuse a truncated or bit-flipped shard, naming the file, before reading any state.
 """
 
 from __future__ import annotations
@@ -54,10 +54,14 @@ class Manifest:
     wall_time: float
     save_seconds: float
     version: int = VERSION
+    launch: str | None = None
+    """The ``orch launch`` that saved it (``ORCH_LAUNCH_ID``): its restarts resume from their own
+    launch's checkpoints. Absent (None) in manifests saved before, or outside a launch."""
     rng: dict[str, Any] | None = None
     """This rank's RNG states after ``load``: saved ones, or ``{"seed": n}`` for a new rank."""
 
     def to_json(self) -> dict[str, Any]:
+        launch = {} if self.launch is None else {"launch": self.launch}  # older orch ignores it
         return {
             "format": FORMAT,
             "version": self.version,
@@ -67,6 +71,7 @@ class Manifest:
             "wall_time": self.wall_time,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall_time)),
             "save_seconds": self.save_seconds,
+            **launch,
             "data": self.data,
             "rng": {str(rank): name for rank, name in sorted(self.rng_files.items())},
             "files": {
@@ -103,6 +108,7 @@ class Manifest:
             },
             wall_time=float(raw["wall_time"]),
             save_seconds=float(raw["save_seconds"]),
+            launch=str(raw["launch"]) if raw.get("launch") is not None else None,
         )
 
 
