@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import os
 import shutil
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ Due = tuple[int, int]
 :meth:`~orch.offload.homes.Homes.next_pass` numbers the passes."""
 
 
+_MADE: set[Path] = set()
+"""Scratch files this process made and has not deleted yet (:func:`remove_scratch_files`)."""
+
+
 def scratch_file(directory: Path, rank: int) -> Path:
     """This process's scratch file under ``directory`` (``offload.nvme_path``), after removing
     the ones that ``rank``'s earlier processes left there when they were killed (a SIGKILL or
@@ -62,7 +67,33 @@ def scratch_file(directory: Path, rank: int) -> Path:
     for stale in stale_scratch_files(directory, rank):
         stale.unlink(missing_ok=True)
         print(f"orch: removed {stale}, the NVMe scratch file of a killed run", flush=True)
-    return Path(directory) / f"orch-rank{rank}-{os.getpid()}.swap"
+    path = Path(directory) / f"orch-rank{rank}-{os.getpid()}.swap"
+    if not _MADE and threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _remove_and_end)
+    _MADE.add(path)
+    return path
+
+
+def _remove_and_end(signum: int, frame: object) -> None:
+    """SIGTERM (torchrun stopping the workers after one failed, the scheduler) in a process
+    with scratch files: delete them, then end by the signal as before (torchrun and the
+    launcher's summary read it so). Installed only here, where there is a tier's worth of bytes
+    to delete: a handler runs once the main thread is back in Python, so one blocked in a
+    collective now waits for torchrun's SIGKILL (30 s later) instead of ending at once."""
+    remove_scratch_files()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def remove_scratch_files() -> None:
+    """Delete the scratch files this process made that are still there: the worker calls it
+    on its way out whatever ended it (an error or bad input before the run's own cleanup, a
+    SIGTERM), since each holds a whole tier's bytes that nothing else would remove (the next
+    run removes a killed process's only on the same rank)."""
+    for path in list(_MADE):
+        path.unlink(missing_ok=True)
+        _MADE.discard(path)
 
 
 def stale_scratch_files(directory: Path, rank: int | str = "*") -> list[Path]:
@@ -438,6 +469,7 @@ class NvmeTier:
         self.pool.close()
         self.io.close()
         Path(self.path).unlink(missing_ok=True)
+        _MADE.discard(Path(self.path))
 
 
-__all__ = ["Due", "NvmeTier", "PinnedPool", "placeholder"]
+__all__ = ["Due", "NvmeTier", "PinnedPool", "placeholder", "remove_scratch_files"]

@@ -41,6 +41,7 @@ from orch.models.llama import Transformer
 from orch.models.weights import SeededInit, Unfilled, WeightSource
 from orch.offload.engine import offload_transformer
 from orch.offload.host_memory import return_large_frees
+from orch.offload.nvme import remove_scratch_files
 from orch.parallel.interfaces import cluster_placement, planned_rank
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, Repartition
 from orch.plan import Plan
@@ -259,6 +260,7 @@ def main() -> None:
         record_failure(exc)
         code = 1
     finally:
+        remove_scratch_files()  # an NVMe tier's, where an error came before the run's cleanup
         # gloo threads can abort at interpreter exit after good work (DESIGN.md, known traps):
         # tear the group down ourselves and leave without running interpreter shutdown. After a
         # failure, leave at once: tearing down while a peer is gone or still inside a collective
