@@ -36,7 +36,6 @@ from __future__ import annotations
 import bisect
 import os
 import shutil
-import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,29 +67,17 @@ def scratch_file(directory: Path, rank: int) -> Path:
         stale.unlink(missing_ok=True)
         print(f"orch: removed {stale}, the NVMe scratch file of a killed run", flush=True)
     path = Path(directory) / f"orch-rank{rank}-{os.getpid()}.swap"
-    if not _MADE and threading.current_thread() is threading.main_thread() \
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _remove_and_end)
     _MADE.add(path)
     return path
 
 
-def _remove_and_end(signum: int, frame: object) -> None:
-    """SIGTERM (torchrun stopping the workers after one failed, the scheduler) in a process
-    with scratch files: delete them, then end by the signal as before (torchrun and the
-    launcher's summary read it so). Installed only here, where there is a tier's worth of bytes
-    to delete: a handler runs once the main thread is back in Python, so one blocked in a
-    collective now waits for torchrun's SIGKILL (30 s later) instead of ending at once."""
-    remove_scratch_files()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-
-
 def remove_scratch_files() -> None:
     """Delete the scratch files this process made that are still there: the worker calls it
-    on its way out whatever ended it (an error or bad input before the run's own cleanup, a
-    SIGTERM), since each holds a whole tier's bytes that nothing else would remove (the next
-    run removes a killed process's only on the same rank)."""
+    on its way out whatever error ended it (bad input before the run's own cleanup), since each
+    holds a whole tier's bytes that nothing else would remove (the next run removes a killed
+    process's only on the same rank). A signal's end (SIGTERM, SIGKILL) skips it: a Python
+    SIGTERM handler waits while the main thread is blocked in a collective, so such a rank
+    outlived torchrun's grace period and read as hung."""
     for path in list(_MADE):
         path.unlink(missing_ok=True)
         _MADE.discard(path)

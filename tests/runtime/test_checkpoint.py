@@ -475,6 +475,13 @@ def test_a_launch_resumes_its_own_newest_checkpoint_whatever_the_mode(tmp_path) 
         assert CheckpointManager(run, make_cfg(), PLAN, launch="L1").resolve_resume(mode) == saved
     again = CheckpointManager(run, make_cfg(), PLAN, launch="L2")
     assert again.resolve_resume(str(source)) == source and again.resolve_resume("none") is None
+    # all of the launch's own damaged: the mode decides, as on a first start (the restart
+    # failed with "no undamaged checkpoint", the fix it gave, resume none, ignored there)
+    metadata = saved / ".metadata"
+    metadata.write_bytes(b"\0" + metadata.read_bytes()[1:])  # same size, another sha256
+    restart = CheckpointManager(run, make_cfg(), PLAN, launch="L1")
+    assert restart.resolve_resume(str(source)) == source
+    assert restart.resolve_resume("none") is None
 
 
 def test_an_edited_manifest_is_refused_not_trusted(tmp_path) -> None:

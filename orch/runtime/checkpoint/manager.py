@@ -204,9 +204,10 @@ class CheckpointManager:
 
         Every mode first refuses a run directory with another config's checkpoints. Where this
         launch has saved checkpoints already (a restart: torchrun's ``--max-restarts``, or a
-        re-partitioned pipeline), the newest of them is taken whatever ``mode`` says, as
-        ``auto`` takes it: a path or ``none`` again would throw away the launch's progress (and
-        retention may have deleted the path since). A launch's first start has none. The chosen
+        re-partitioned pipeline), the newest whole one of them is taken whatever ``mode`` says,
+        as ``auto`` takes it: a path or ``none`` again would throw away the launch's progress (and
+        retention may have deleted the path since); where all of them are damaged, the mode
+        decides (``none``: start over). A launch's first start has none. The chosen
         checkpoint is verified: its manifest and config, every file's size, its index read
         safely, and (``hashes``, split over the ranks) every file's sha256; ``load`` then skips
         what was verified here. ``auto`` takes the newest complete checkpoint that passes, and
@@ -215,12 +216,13 @@ class CheckpointManager:
         ``hashes`` (sizes and the index are cheap), the workers with.
         """
 
-        def newest_first() -> tuple[list[Path], bool]:
-            """The checkpoints to try, newest first, and whether a damaged one is passed over
-            (else refused)."""
+        def this_launchs() -> list[Path]:
             self.check_run_dir()
-            if ours := self.this_launch():
-                return ours, True
+            return self.this_launch()
+
+        def for_mode() -> tuple[list[Path], bool]:
+            """The mode's checkpoints to try, newest first, and whether a damaged one is passed
+            over (else refused)."""
             if mode == "none":
                 return [], False
             if mode == "auto":  # an unreadable manifest is a damaged checkpoint, not none
@@ -248,22 +250,32 @@ class CheckpointManager:
             check_same_config(read_manifest(path), self.config)
             return [path], False
 
+        # this launch's own first (damaged ones passed over), then, where none of them is
+        # whole (a launch's first start has none), what the mode says
+        def candidates() -> Iterator[tuple[list[Path], bool, bool]]:
+            """(paths, pass damaged ones over, a restart's own); the mode's asked only when
+            needed (retention may have deleted its path since)."""
+            yield self._ranks.from_rank0(this_launchs), True, True
+            yield (*self._ranks.from_rank0(for_mode), False)
+
         damaged_ones: list[tuple[Path, list[str]]] = []
-        paths, pass_over = self._ranks.from_rank0(newest_first)
-        for path in paths:
-            problems = self._problems(path, hashes)
-            if not problems:
-                if damaged_ones and report and self.rank == 0:
-                    print(skipped_damaged(damaged_ones, path), flush=True)
-                if mode != "auto" and report and self.rank == 0 and pass_over:
-                    print(f"orch: this launch saved {path} before it restarted: resuming from "
-                          f"it, not from {mode} again", flush=True)
-                self._verified = path if hashes else None
-                return path
-            if not pass_over:
-                raise damaged(path, problems)
-            damaged_ones.append((path, problems))
-        if damaged_ones:
+        for paths, pass_over, restart in candidates():
+            for path in paths:
+                if path in (done for done, _ in damaged_ones):
+                    continue
+                problems = self._problems(path, hashes)
+                if not problems:
+                    if damaged_ones and report and self.rank == 0:
+                        print(skipped_damaged(damaged_ones, path), flush=True)
+                    if restart and mode != "auto" and report and self.rank == 0:
+                        print(f"orch: this launch saved {path} before it restarted: resuming "
+                              f"from it, not from {mode} again", flush=True)
+                    self._verified = path if hashes else None
+                    return path
+                if not pass_over:
+                    raise damaged(path, problems)
+                damaged_ones.append((path, problems))
+        if damaged_ones and mode != "none":
             raise CheckpointError(
                 self.dir,
                 "has no undamaged checkpoint to resume from:\n      " + "\n      ".join(
@@ -271,6 +283,10 @@ class CheckpointManager:
                 "restore the files, or start over with checkpoint.resume=none (the damaged "
                 "checkpoints are moved aside, not deleted)",
             )
+        if damaged_ones and report and self.rank == 0:
+            print("\n".join(f"orch: checkpoint {path} is damaged ({problems[0]}); starting "
+                            "over, as resume none says" for path, problems in damaged_ones),
+                  flush=True)
         return None
 
     def _one_of(self, run: Path) -> str:
