@@ -607,8 +607,6 @@ def launch(argv: Sequence[str]) -> int:
         print(summary(cfg, args.resume, args.finished), flush=True)
         return 0
     run_dir = Path(cfg.run.dir)
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
-        _QuietRepartitionExit())
     mark_launcher()  # the workers end with this process, even if it is killed outright
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir, _lock_name(args, cfg)):
@@ -650,7 +648,9 @@ def _run_workers(args: argparse.Namespace, cfg: Config, plan: Plan, run_dir: Pat
         ooms = oom_kills()
         forced = ForcedKills()  # the workers torchrun has to SIGKILL, hung, in this attempt
         torch_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
-        torch_log.addFilter(forced)
+        filters = (forced, _QuietRepartitionExit())  # on torchrun's log for this run only
+        for each in filters:
+            torch_log.addFilter(each)
         try:
             run(args)
             break
@@ -669,7 +669,8 @@ def _run_workers(args: argparse.Namespace, cfg: Config, plan: Plan, run_dir: Pat
                 raise RunFailed(f"{len(failed)} worker(s) failed (above)",
                                 2 if bad_input else 1) from None
         finally:
-            torch_log.removeFilter(forced)
+            for each in filters:
+                torch_log.removeFilter(each)
         plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
         print(f"orch launch: restarting on the re-partitioned pipeline "
               f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)

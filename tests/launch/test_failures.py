@@ -207,6 +207,23 @@ def test_forced_kills_reads_the_pid_torchrun_sigkilled_after_its_grace_period(tm
     assert forced.pids == {pid}
 
 
+def test_torchruns_log_keeps_no_filter_of_a_finished_launch(tmp_path: Path, monkeypatch):
+    """The filter that drops torchrun's line for a re-partition exit was added on every launch
+    and never removed: each in-process launch left one more on torchrun's logger."""
+    import logging
+
+    import torch.distributed.run
+
+    from orch.launch.launcher import launch
+
+    monkeypatch.setattr(torch.distributed.run, "run", lambda args: None)  # workers "done"
+    log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    before = list(log.filters)
+    assert launch(["--nproc-per-node", "1", "configs/tiny.yaml", "--set",
+                   f"run.dir={tmp_path / 'run'}"]) == 0
+    assert log.filters == before
+
+
 def test_the_rank_that_raised_comes_before_a_gloo_pair_closure(tmp_path: Path):
     """gloo's "Application timeout caused pair closure", on a peer of the rank that raised, was
     an error of its own, reported first and named as the place to look."""
