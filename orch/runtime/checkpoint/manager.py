@@ -216,7 +216,7 @@ class CheckpointManager:
         ``hashes`` (sizes and the index are cheap), the workers with.
         """
 
-        def this_launchs() -> list[Path]:
+        def launch_own() -> list[Path]:
             self.check_run_dir()
             return self.this_launch()
 
@@ -255,7 +255,7 @@ class CheckpointManager:
         def candidates() -> Iterator[tuple[list[Path], bool, bool]]:
             """(paths, pass damaged ones over, a restart's own); the mode's asked only when
             needed (retention may have deleted its path since)."""
-            yield self._ranks.from_rank0(this_launchs), True, True
+            yield self._ranks.from_rank0(launch_own), True, True
             yield (*self._ranks.from_rank0(for_mode), False)
 
         damaged_ones: list[tuple[Path, list[str]]] = []
