@@ -366,7 +366,7 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     """What one pipeline stage holds, as a function of its row of :func:`_stages` (its dense
     and MoE layers, whether it is first or last, its micro-batches in flight): the arithmetic
     of :func:`estimate_memory`, made once per (config, degrees) and asked per stage, by the
-    estimate and by :func:`stage_layer_caps`."""
+    estimate and by :meth:`StageMemory.caps`."""
     m, tr, off = cfg.model, cfg.train, cfg.offload
     pc = _param_counts(key)
     act_bytes = 2 if tr.precision == "bf16" else 4
@@ -461,12 +461,6 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     return stage_bytes
 
 
-def stage_layer_caps(cfg: Config, deg: Degrees, limit: int, *,
-                     fused_norm: bool = True) -> tuple[int, ...] | None:
-    """:meth:`StageMemory.caps` of ``cfg`` under ``deg``."""
-    return StageMemory(cfg, deg, fused_norm=fused_norm).caps(limit)
-
-
 class StageMemory:
     """What each pipeline stage of ``cfg`` holds under ``deg``, its split aside: the arithmetic
     of :func:`_stage_bytes`, made once and asked of several splits. The search asks it of each
@@ -516,7 +510,7 @@ class StageMemory:
         cfg, deg, stage_bytes, n_micro = self.cfg, self.deg, self.stage_bytes, self.n_micro
         m, pc = cfg.model, _param_counts(self.key)
         if pc.moe_layers and m.moe_layer_interval != 1:
-            raise ValueError("stage_layer_caps: a stage's bytes depend on where it begins with MoE "
+            raise ValueError("StageMemory.caps: a stage's bytes depend on where it begins with MoE "
                              f"every {m.moe_layer_interval} layers")
         every_layer_moe = pc.moe_layers > 0
         places = [(stage == 0, stage == deg.pp - 1,

@@ -348,12 +348,6 @@ def _chunk_work(cfg: Config, stage_layers: tuple[int, ...]) -> list[float]:
     return [sum(work[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
 
 
-def with_stage_layers(cfg: Config, deg: Degrees, machine: Machine) -> Config:
-    """``cfg`` with ``parallel.stage_layers`` set to the plan's split of a pipeline of one stage
-    per rank (what the memory model reads): :func:`planned_memory`'s config."""
-    return planned_memory(cfg, deg, machine)[0]
-
-
 def planned_memory(cfg: Config, deg: Degrees, machine: Machine) -> tuple[Config, MemoryEstimate]:
     """``cfg`` with the plan's split of a pipeline of one stage per rank, and its memory
     estimate: the split by FLOPs, and where that does not fit in memory the best split by FLOPs

@@ -18,7 +18,7 @@ import pytest
 
 from orch.config import load_config
 from orch.plan.degrees import Degrees
-from orch.plan.memory import StageMemory, estimate_memory, stage_layer_caps
+from orch.plan.memory import StageMemory, estimate_memory
 
 LAYERS = 9
 
@@ -50,7 +50,7 @@ def test_a_split_fits_exactly_when_each_stage_is_within_its_cap(config, sets, pp
     limits = sorted(set(totals.values()))
     for limit in [limits[0] - 1, *random.Random(pp).sample(limits, min(12, len(limits)))]:
         fitting = {split for split, total in totals.items() if total <= limit}
-        caps = stage_layer_caps(cfg, deg, limit)
+        caps = StageMemory(cfg, deg).caps(limit)
         within = set() if caps is None else {
             split for split in totals if all(n <= cap for n, cap in zip(split, caps, strict=True))}
         assert within == fitting, (limit, caps)  # a stage's bytes follow its layers and place
