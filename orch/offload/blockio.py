@@ -1,15 +1,20 @@
 """Block I/O for the NVMe tier: whole aligned buffers read from and written to one file.
 
 Two ways to move the bytes, same contract (an aligned CPU buffer, a file offset that is a
-multiple of :data:`ALIGN`, the whole buffer in one call that returns when the bytes are there):
+multiple of :data:`ALIGN`, the whole buffer in one call that returns when the bytes are there).
+Both reach the file by a path, which for the NVMe tier is ``/proc/self/fd/<N>``: its file has
+no name (:class:`~orch.offload.nvme.ScratchFile`), and opening that path reopens the unnamed
+inode, with the flags of the new open (O_DIRECT here):
 
 - :class:`AsyncIO`, DeepSpeed's async I/O op (libaio, O_DIRECT, ``io_threads`` workers each
-  keeping ``io_queue_depth`` requests of ``io_block_size`` in flight). Its buffers come from the
-  op's ``new_cpu_locked_tensor``: page-locked and aligned, which a CPU-only torch cannot give
-  (``pin_memory=True`` raises there); they were about twice as fast as ordinary tensors.
+  keeping ``io_queue_depth`` requests of ``io_block_size`` in flight). Each transfer opens the
+  path with O_DIRECT itself (its reads take a file name only; a descriptor, only its async
+  write). Its buffers come from the op's ``new_cpu_locked_tensor``: page-locked and aligned,
+  which a CPU-only torch cannot give (``pin_memory=True`` raises there); they were about twice
+  as fast as ordinary tensors.
 - :class:`DirectIO`, the fallback when the op cannot be built (no libaio, no compiler): a thread
-  pool of ``os.preadv``/``os.pwritev`` calls on an O_DIRECT descriptor, ``io_block_size`` bytes
-  each, into page-aligned anonymous mappings.
+  pool of ``os.preadv``/``os.pwritev`` calls on an O_DIRECT descriptor of its own (opened once),
+  ``io_block_size`` bytes each, into page-aligned anonymous mappings.
 
 :func:`open_block_io` picks the first that works and says once, on stderr, when it falls back
 and why. Locked buffers (the staging arena) of either sit on transparent huge pages where the
@@ -73,6 +78,7 @@ class AsyncIO:
         self._op = load_async_io()
         self._args = (block_size, queue_depth, False, True, threads)
         self._local = threading.local()
+        self._closed = False
         self._allocator = self._op.aio_handle(*self._args)
         """Owns the locked buffers (they are freed with the handle that made them)."""
         Path(path).touch()
@@ -95,10 +101,17 @@ class AsyncIO:
             self._allocator.free_cpu_locked_tensor(buffer)
 
     def read(self, buffer: torch.Tensor, offset: int) -> None:
-        self._check(self._handle().sync_pread(buffer, self.path, offset), "read", offset)
+        self._check(self._handle().sync_pread(buffer, self._open_path(), offset), "read", offset)
 
     def write(self, buffer: torch.Tensor, offset: int) -> None:
-        self._check(self._handle().sync_pwrite(buffer, self.path, offset), "write", offset)
+        self._check(self._handle().sync_pwrite(buffer, self._open_path(), offset), "write",
+                    offset)
+
+    def _open_path(self) -> str:
+        # After close a ``/proc/self/fd/<N>`` path may name whatever file took descriptor N.
+        if self._closed:
+            raise ValueError(f"async I/O on {self.path} after close")
+        return self.path
 
     def _check(self, result: int, what: str, offset: int) -> None:
         if result < 0:
@@ -106,6 +119,7 @@ class AsyncIO:
 
     def close(self) -> None:
         self._local = threading.local()
+        self._closed = True
 
 
 _said_views = False

@@ -610,7 +610,8 @@ class OffloadEngine:
             yield
 
     def close(self) -> None:
-        """Finish the last update and delete the NVMe tier's scratch file."""
+        """Finish the last update and close the NVMe tier's scratch file (its space is free
+        then; the kernel frees it too however the process ends)."""
         self.wait_updates()
         if self.shared is not None:  # units asked for and never fetched
             self.shared.close()
@@ -670,9 +671,13 @@ def offload_transformer(model: nn.Module, device: torch.device, budget_bytes: in
     on_nvme = {group: getattr(off, group) == "nvme" for group in ("params", "grads", "optimizer")}
     tier = None
     if any(on_nvme.values()) or off.activations == "nvme":
-        path = scratch_file(Path(off.nvme_path), rank)
-        io = open_block_io(path, off.io_block_size, off.io_queue_depth, off.io_threads)
-        tier = NvmeTier(path, io, pinned_bytes)
+        file = scratch_file(Path(off.nvme_path), rank)
+        try:
+            io = open_block_io(file.path, off.io_block_size, off.io_queue_depth, off.io_threads)
+        except BaseException:
+            file.close()
+            raise
+        tier = NvmeTier(file, io, pinned_bytes)
     return OffloadEngine(units, device, DeviceBudget(budget_bytes), off.prefetch_depth,
                          off.activations, tier, on_nvme["params"], on_nvme["optimizer"],
                          on_nvme["grads"], elsewhere, weights, param_dtype)

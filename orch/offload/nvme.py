@@ -26,6 +26,8 @@ The file's disk blocks are allocated as regions are added (``posix_fallocate``),
 write lands there: a full disk stops the run with :class:`NvmeFull` naming the numbers, where
 DeepSpeed's op counted the failed writes as done and the run went on with garbage.
 
+The file has no name (:class:`ScratchFile`), so it goes with its process however that ends.
+
 Between uses the owners keep *placeholders*: tensors with the right shape and dtype whose
 storage holds no bytes, so a parameter's ``data`` or an optimizer state entry costs no memory
 while its bytes are on disk.
@@ -34,6 +36,7 @@ while its bytes are on disk.
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 import shutil
 import threading
@@ -53,39 +56,69 @@ Due = tuple[int, int]
 :meth:`~orch.offload.homes.Homes.next_pass` numbers the passes."""
 
 
-_MADE: set[Path] = set()
-"""Scratch files this process made and has not deleted yet (:func:`remove_scratch_files`)."""
-
-
-def scratch_file(directory: Path, rank: int) -> Path:
-    """This process's scratch file under ``directory`` (``offload.nvme_path``), after removing
-    the ones that ``rank``'s earlier processes left there when they were killed (a SIGKILL or
-    an OOM kill skips the cleanup at the end of a run; a restarted run would otherwise leave
-    one whole tier's bytes behind per failure). A file counts as left behind when the process
-    id in its name is gone."""
+def scratch_file(directory: Path, rank: int) -> ScratchFile:
+    """This process's scratch file in ``directory`` (``offload.nvme_path``), after removing the
+    named ones of ``rank`` that older orch versions' killed processes left there
+    (:func:`stale_scratch_files`: a glob, cheap; this version's file has no name to leave)."""
     for stale in stale_scratch_files(directory, rank):
         stale.unlink(missing_ok=True)
         print(f"orch: removed {stale}, the NVMe scratch file of a killed run", flush=True)
-    path = Path(directory) / f"orch-rank{rank}-{os.getpid()}.swap"
-    _MADE.add(path)
-    return path
+    return ScratchFile(directory, rank)
 
 
-def remove_scratch_files() -> None:
-    """Delete the scratch files this process made that are still there: the worker calls it
-    on its way out whatever error ended it (bad input before the run's own cleanup), since each
-    holds a whole tier's bytes that nothing else would remove (the next run removes a killed
-    process's only on the same rank). A signal's end (SIGTERM, SIGKILL) skips it: a Python
-    SIGTERM handler waits while the main thread is blocked in a collective, so such a rank
-    outlived torchrun's grace period and read as hung."""
-    for path in list(_MADE):
-        path.unlink(missing_ok=True)
-        _MADE.discard(path)
+class ScratchFile:
+    """A file in ``directory`` with no name: its space goes back to the disk when the last
+    descriptor on it closes, which the kernel does however the process ends (SIGKILL, an OOM
+    kill, Slurm's cancel, a SIGTERM, which orch leaves unhandled: a Python handler waits while
+    the main thread is blocked in a collective, and torchrun then reads the rank as hung).
+    Named files were deleted by the tier's close and the worker's error exit, and a signal's
+    end left a whole tier's bytes (hundreds of GB) until the next start on the same rank.
+
+    Made with ``O_TMPFILE`` (ext4, xfs, btrfs, tmpfs), or where the file system refuses it
+    created as ``orch-rank<rank>-<pid>.swap`` and unlinked at once (a kill in between leaves an
+    empty file that :func:`scratch_file` removes later). Held by :attr:`fd`; the block I/O
+    (DeepSpeed's op opens a file name per transfer, with O_DIRECT) reaches the same file
+    through :attr:`path`, ``/proc/self/fd/<fd>``, which reopens the unnamed inode on Linux.
+    ``df`` counts its blocks, ``du`` cannot; ``ls -l /proc/PID/fd`` shows it ``(deleted)``."""
+
+    def __init__(self, directory: Path, rank: int = 0) -> None:
+        if not os.path.isdir("/proc/self/fd"):
+            raise ProblemsError([Problem(
+                "offload.nvme_path", "the NVMe tier reaches its unnamed scratch file through "
+                "/proc/self/fd, which this system does not have", "run on Linux with /proc")])
+        self.directory = Path(directory)
+        self.fd = _open_unnamed(self.directory, rank)
+        self.path = Path(f"/proc/self/fd/{self.fd}")
+
+    def close(self) -> None:
+        """Close the descriptor: the file's blocks are free once the I/O's own are closed."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+_TMPFILE = getattr(os, "O_TMPFILE", 0)
+
+
+def _open_unnamed(directory: Path, rank: int) -> int:
+    if _TMPFILE:
+        try:
+            return os.open(directory, _TMPFILE | os.O_RDWR, 0o600)
+        except OSError as exc:  # a file system without it; else the named file fails too
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+    # The name holds this process's id: one there already is a dead process's.
+    path = directory / f"orch-rank{rank}-{os.getpid()}.swap"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(path)
+    return fd
 
 
 def stale_scratch_files(directory: Path, rank: int | str = "*") -> list[Path]:
-    """Scratch files under ``directory`` of ``rank`` (any by default) whose process is gone:
-    a killed run's, which its next start removes (the launcher counts their bytes as free)."""
+    """Named scratch files under ``directory`` of ``rank`` (any by default) whose process is
+    gone: a killed run's of an older orch version, whose files had names until the process
+    ended, which :func:`scratch_file` removes (the launcher counts their bytes as free)."""
     stale = []
     for path in Path(directory).glob(f"orch-rank{rank}-*.swap"):
         pid = path.name.removesuffix(".swap").rsplit("-", 1)[-1]
@@ -100,23 +133,20 @@ class NvmeFull(ProblemsError):
     title = "the NVMe tier cannot grow"
 
 
-def _reserve(path: Path, offset: int, nbytes: int) -> None:
-    """Allocate ``nbytes`` of ``path``'s disk blocks at ``offset`` before the tier writes
+def _reserve(file: ScratchFile, offset: int, nbytes: int) -> None:
+    """Allocate ``nbytes`` of ``file``'s disk blocks at ``offset`` before the tier writes
     there. DeepSpeed's async I/O op counts a write that failed for want of space as done, so
     on a full disk the run trained on, and checkpointed, garbage; allocating first turns that
     into this error (``posix_fallocate`` writes zeros where a file system cannot allocate)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        os.posix_fallocate(fd, offset, nbytes)
+        os.posix_fallocate(file.fd, offset, nbytes)
     except OSError as exc:
-        directory = Path(path).parent
+        directory = file.directory
         raise NvmeFull([Problem(
-            "offload.nvme_path", f"the NVMe tier's file {path} cannot grow by {nbytes:,} bytes "
-            f"to {offset + nbytes:,} ({exc.strerror}; {shutil.disk_usage(directory).free:,} "
-            f"bytes free in {directory})",
+            "offload.nvme_path", f"the NVMe tier's file in {directory} cannot grow by "
+            f"{nbytes:,} bytes to {offset + nbytes:,} ({exc.strerror}; "
+            f"{shutil.disk_usage(directory).free:,} bytes free in {directory})",
             "free space, choose a larger disk, or keep more groups on cpu")]) from exc
-    finally:
-        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -269,10 +299,11 @@ class _Held:
 
 
 class NvmeTier:
-    """Groups of tensors, by key, in the file ``path`` (see the module docstring)."""
+    """Groups of tensors, by key, in ``file``, which ``io`` reads and writes through its
+    ``path`` (see the module docstring); the tier closes both."""
 
-    def __init__(self, path: Path, io: BlockIO, pinned_limit: int) -> None:
-        self.path, self.io = path, io
+    def __init__(self, file: ScratchFile, io: BlockIO, pinned_limit: int) -> None:
+        self.file, self.io = file, io
         self.pool = PinnedPool(io, pinned_limit, self._reclaim)
         self._regions: dict[object, _Region] = {}
         self._held: dict[object, _Held] = {}
@@ -440,7 +471,7 @@ class NvmeTier:
             region = _Region(region.offset, nbytes, layout)
         else:
             with self._lock:
-                _reserve(self.path, self._end, nbytes)
+                _reserve(self.file, self._end, nbytes)
                 region = _Region(self._end, nbytes, layout)
                 self._end += nbytes
         self._regions[key] = region
@@ -451,12 +482,13 @@ class NvmeTier:
         return self._end
 
     def close(self) -> None:
-        """Close the I/O and delete the file (it is scratch: checkpoints hold the state)."""
+        """Close the I/O and the file, which gives its space back (it is scratch:
+        checkpoints hold the state)."""
         self._held.clear()
         self.pool.close()
         self.io.close()
-        Path(self.path).unlink(missing_ok=True)
-        _MADE.discard(Path(self.path))
+        self.file.close()
 
 
-__all__ = ["Due", "NvmeTier", "PinnedPool", "placeholder", "remove_scratch_files"]
+__all__ = ["Due", "NvmeTier", "PinnedPool", "ScratchFile", "placeholder", "scratch_file",
+           "stale_scratch_files"]

@@ -41,7 +41,6 @@ from orch.models.llama import Transformer
 from orch.models.weights import SeededInit, Unfilled, WeightSource
 from orch.offload.engine import offload_transformer
 from orch.offload.host_memory import return_large_frees
-from orch.offload.nvme import remove_scratch_files
 from orch.parallel.interfaces import cluster_placement, planned_rank
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, Repartition
 from orch.plan import Plan
@@ -234,7 +233,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     finally:
         metrics.close()
         if offload is not None:
-            offload.close()  # deletes the NVMe tier's scratch file
+            offload.close()  # frees the NVMe tier's scratch file's space now
 
 
 def main() -> None:
@@ -260,7 +259,6 @@ def main() -> None:
         record_failure(exc)
         code = 1
     finally:
-        remove_scratch_files()  # an NVMe tier's, where an error came before the run's cleanup
         # gloo threads can abort at interpreter exit after good work (DESIGN.md, known traps):
         # tear the group down ourselves and leave without running interpreter shutdown. After a
         # failure, leave at once: tearing down while a peer is gone or still inside a collective

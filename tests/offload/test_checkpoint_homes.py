@@ -20,7 +20,7 @@ from orch.models.llama import Transformer
 from orch.models.weights import SeededInit
 from orch.offload.blockio import open_block_io
 from orch.offload.engine import OffloadEngine, offload_transformer
-from orch.offload.nvme import NvmeTier
+from orch.offload.nvme import NvmeTier, ScratchFile
 from orch.runtime.checkpoint import CheckpointManager
 from orch.runtime.optim import build_optimizer
 from orch.runtime.train_state import TrainState
@@ -73,8 +73,8 @@ def test_nvme_homes_are_saved_a_tensor_and_loaded_a_unit_at_a_time(tmp_path, mon
     read with only that unit in memory, and the tier is written once and never read; afterwards
     every parameter and state (AdamW8bit's quantized moments included: torch's loader would
     cast them) equals the saved run's."""
-    swap = tmp_path / "saving.swap"
-    tier = NvmeTier(swap, open_block_io(swap, 1 << 20, 8, 1, prefer="direct"), 12 << 20)
+    file = ScratchFile(tmp_path)
+    tier = NvmeTier(file, open_block_io(file.path, 1 << 20, 8, 1, prefer="direct"), 12 << 20)
     run = train(True, nvme=tier, on_nvme=on_nvme, optimizer=optimizer)
     saved = snapshot(run.model, run.optimizer, run.engine)
     units = run.engine.units

@@ -20,7 +20,12 @@ from offload_harness import BUDGET, tiny_cfg, train
 from orch.offload import transfers
 from orch.offload.blockio import DirectIO
 from orch.offload.budget import BudgetExceeded
-from orch.offload.nvme import NvmeTier
+from orch.offload.nvme import NvmeTier, ScratchFile
+
+
+def _tier(tmp_path) -> NvmeTier:
+    file = ScratchFile(tmp_path)
+    return NvmeTier(file, DirectIO(file.path, 1 << 20, 2), 64 << 20)
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +164,7 @@ class DeferredTransfers:
     ids=["cpu", "cpu-recompute", "nvme", "activations-cpu", "activations-nvme"])
 def test_copies_that_land_late_still_train_the_plain_numbers(plain, tmp_path, recompute,
                                                              on_nvme, activations):
-    tier = (NvmeTier(tmp_path / "swap", DirectIO(tmp_path / "swap", 1 << 20, 2), 64 << 20)
-            if on_nvme else None)
+    tier = _tier(tmp_path) if on_nvme else None
     transfers = DeferredTransfers()
     run = train(True, recompute, nvme=tier, on_nvme=on_nvme, transfers=transfers,
                 activations=activations)
@@ -182,8 +186,7 @@ def test_on_cuda_fetches_copy_on_a_side_stream_and_train_the_plain_numbers(tmp_p
     engine's stream (parameters, gradients, swapped activations; bf16 device copies converted
     there), the compute stream waiting for each where it is used: the plain CUDA run's numbers
     within rounding (its AdamW steps on the GPU, the engine's on the CPU)."""
-    tier = (NvmeTier(tmp_path / "swap", DirectIO(tmp_path / "swap", 1 << 20, 2), 64 << 20)
-            if on_nvme else None)
+    tier = _tier(tmp_path) if on_nvme else None
     ref = train(False, device="cuda", param_dtype=dtype)
     run = train(True, device="cuda", nvme=tier, on_nvme=on_nvme, activations=activations,
                 param_dtype=dtype)

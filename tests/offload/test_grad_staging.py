@@ -11,13 +11,14 @@ from offload_harness import STEPS, train
 
 from orch.offload.blockio import ALIGN, DirectIO
 from orch.offload.grad_staging import GradientStaging
-from orch.offload.nvme import NvmeTier
+from orch.offload.nvme import NvmeTier, ScratchFile
 from orch.offload.sizes import NVME_GRAD_BUFFERS
 from orch.offload.transfers import HostTransfers
 
 
 def _tier(tmp_path, pinned: int = 1 << 20) -> NvmeTier:
-    return NvmeTier(tmp_path / "swap", DirectIO(tmp_path / "swap", ALIGN * 4, 2), pinned)
+    file = ScratchFile(tmp_path)
+    return NvmeTier(file, DirectIO(file.path, ALIGN * 4, 2), pinned)
 
 
 def _staging(tier: NvmeTier, keys: int, numel: int = 3000) -> GradientStaging:

@@ -7,6 +7,7 @@ built (``make setup`` installs libaio-dev and builds it once)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import torch
 from offload_harness import BUDGET, train
 
 from orch.offload.blockio import ALIGN, AsyncIO, DirectIO, load_async_io
-from orch.offload.nvme import NvmeTier, PinnedPool, placeholder
+from orch.offload.nvme import NvmeTier, PinnedPool, ScratchFile, placeholder
 
 
 def _async_io_or_skip() -> None:
@@ -32,6 +33,25 @@ def _io(kind: str, path):
         _async_io_or_skip()
         return AsyncIO(path, block_size=ALIGN * 4, queue_depth=4, threads=2)
     return DirectIO(path, block_size=ALIGN * 4, threads=2)
+
+
+def _tier(tmp_path, kind: str, pinned_limit: int) -> NvmeTier:
+    file = ScratchFile(tmp_path)
+    return NvmeTier(file, _io(kind, file.path), pinned_limit)
+
+
+def _held_files(directory) -> list[str]:
+    """What this process's descriptors hold in ``directory`` (unnamed files too: their space
+    is free once none does)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed
+            continue
+        if target.startswith(f"{directory}/"):
+            held.append(target)
+    return held
 
 
 BACKENDS = [pytest.param("async", marks=pytest.mark.nvme), "direct"]
@@ -56,7 +76,7 @@ def test_block_io_round_trips_buffers_at_offsets(tmp_path, kind):
 
 
 def test_a_group_comes_back_as_views_of_one_buffer_and_moves_when_it_outgrows_its_region(tmp_path):
-    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=1 << 20)
+    tier = _tier(tmp_path, "direct", pinned_limit=1 << 20)
     tensors = [torch.randn(3, 5), torch.arange(7, dtype=torch.int64), torch.randn(1000)]
     tier.write("a", tensors)
     views = tier.read("a")
@@ -75,7 +95,7 @@ def test_a_group_comes_back_as_views_of_one_buffer_and_moves_when_it_outgrows_it
     assert tier.file_bytes > first_end and torch.equal(tier.read("a")[0], torch.ones(5000))
     tier.done("a")
     tier.close()
-    assert not (tmp_path / "swap").exists()
+    assert not list(tmp_path.iterdir()) and not _held_files(tmp_path)
 
 
 def _stepped(tier: NvmeTier, key: str, due: tuple[int, int] = (1, 0)) -> None:
@@ -87,7 +107,7 @@ def _stepped(tier: NvmeTier, key: str, due: tuple[int, int] = (1, 0)) -> None:
 
 
 def test_a_group_being_written_is_read_from_memory_and_kept_for_one_read(tmp_path):
-    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=ALIGN * 4)
+    tier = _tier(tmp_path, "direct", pinned_limit=ALIGN * 4)
     tier.write("a", [torch.zeros(1000)])
     _stepped(tier, "a")
     read, written = tier.bytes_read, tier.bytes_written
@@ -111,7 +131,7 @@ def test_a_group_being_written_is_read_from_memory_and_kept_for_one_read(tmp_pat
 def test_a_request_waiting_for_room_takes_a_kept_copy_once_its_write_ends(tmp_path):
     """The pool is full: one buffer read, one being written and kept. A request waits (the kept
     copy cannot go while it is written) and is served once the write ends (no lost wake-up)."""
-    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=ALIGN * 2)
+    tier = _tier(tmp_path, "direct", pinned_limit=ALIGN * 2)
     for key in "abc":
         tier.write(key, [torch.zeros(1000)])
     _stepped(tier, "a")  # staged, kept, its write not yet run
@@ -134,7 +154,7 @@ def test_a_request_waiting_for_room_takes_a_kept_copy_once_its_write_ends(tmp_pa
     ({"a": (2, 0), "b": (1, 5)}, "a"),  # a later pass first, whatever the place
 ])
 def test_kept_copies_give_way_due_last_first_when_the_pool_is_short(tmp_path, dues, given_up):
-    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=ALIGN * 2)
+    tier = _tier(tmp_path, "direct", pinned_limit=ALIGN * 2)
     for key in "abc":
         tier.write(key, [torch.zeros(1000)])
     for key, due in dues.items():
@@ -285,7 +305,7 @@ def test_the_async_io_op_loads_under_captured_stderr_where_it_loads_at_all(monke
 
 
 def test_a_staging_buffer_over_the_pinned_budget_names_the_setting(tmp_path):
-    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=ALIGN)
+    tier = _tier(tmp_path, "direct", pinned_limit=ALIGN)
     tier.write("big", [torch.zeros(2048)])  # a write of new tensors stages outside the pool
     with pytest.raises(ValueError, match="8,192 bytes is over offload.pinned_budget"):
         tier.read("big")
@@ -302,11 +322,10 @@ def test_the_file_is_allocated_as_it_grows_and_a_full_disk_is_an_error(tmp_path,
 
     from orch.offload import nvme
 
-    path = tmp_path / "swap"
-    tier = NvmeTier(path, _io(kind, path), pinned_limit=1 << 20)
+    tier = _tier(tmp_path, kind, pinned_limit=1 << 20)
     tier.write("a", [torch.arange(3000.0)])
-    assert path.stat().st_size == tier.file_bytes == 12288
-    assert path.stat().st_blocks * 512 >= 12288  # on disk, not a hole
+    assert os.fstat(tier.file.fd).st_size == tier.file_bytes == 12288
+    assert os.fstat(tier.file.fd).st_blocks * 512 >= 12288  # on disk, not a hole
 
     def full(fd: int, offset: int, nbytes: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -315,7 +334,7 @@ def test_the_file_is_allocated_as_it_grows_and_a_full_disk_is_an_error(tmp_path,
     with pytest.raises(nvme.NvmeFull) as refused:
         tier.write("b", [torch.zeros(10)])
     text = str(refused.value)
-    assert f"the NVMe tier's file {path} cannot grow by 4,096 bytes to 16,384" in text
+    assert f"the NVMe tier's file in {tmp_path} cannot grow by 4,096 bytes to 16,384" in text
     assert "No space left on device" in text and "fix: free space" in text
     assert torch.equal(tier.read("a")[0], torch.arange(3000.0))  # what was written stays
     tier.done("a")
@@ -331,8 +350,7 @@ def test_the_plan_counts_every_byte_the_tier_writes(tmp_path):
     from orch.plan import build_plan
 
     homes = ("params", "grads", "optimizer")
-    path = tmp_path / "swap"
-    tier = NvmeTier(path, _io("direct", path), pinned_limit=64 << 20)
+    tier = _tier(tmp_path, "direct", pinned_limit=64 << 20)
     train(True, activations="nvme", nvme=tier, on_nvme=homes, budget=10**9)
     cfg = tiny_cfg("train.micro_batch=2", "offload.activations=nvme",
                    f"offload.nvme_path={tmp_path}", *(f"offload.{g}=nvme" for g in homes))
@@ -366,7 +384,7 @@ def test_training_with_homes_on_nvme_equals_the_plain_run(plain, tmp_path, on_nv
     step."""
     # the least the tier stages at once (a block fetched, another block and its AdamW moments
     # updated: 11.6 MB), so a checkpoint-style read of every unit must not use the pool
-    tier = NvmeTier(tmp_path / "swap", _io(kind, tmp_path / "swap"), pinned_limit=12 << 20)
+    tier = _tier(tmp_path, kind, pinned_limit=12 << 20)
     losses, norms, params, peaks, engine, records, opt, _ = train(True, nvme=tier,
                                                                 on_nvme=on_nvme)
     ref_losses, ref_norms, ref_params, *_ = plain
@@ -386,7 +404,7 @@ def test_training_with_homes_on_nvme_equals_the_plain_run(plain, tmp_path, on_nv
     read = sum(r["nvme_read_bytes"] for r in records)
     assert read > 0 and records[-1]["nvme_written_bytes"] > 0
     engine.close()
-    assert not (tmp_path / "swap").exists()
+    assert not list(tmp_path.iterdir()) and not _held_files(tmp_path)
 
 
 
@@ -395,7 +413,7 @@ def test_with_room_in_the_pool_each_parameter_is_read_from_disk_once(plain, tmp_
     backward, the backward's to the update, the update's to the next forward; with a pinned
     budget that holds them all, only the first forward and the optimizer states read the
     disk. Each record holds its step's forward and backward and the previous step's update."""
-    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=64 << 20)
+    tier = _tier(tmp_path, "direct", pinned_limit=64 << 20)
     run = train(True, nvme=tier, on_nvme=("params", "optimizer"))
     assert run.losses == plain.losses
     indices = range(len(run.engine.units))
@@ -417,7 +435,7 @@ def test_with_room_in_the_pool_each_parameter_is_read_from_disk_once(plain, tmp_
 def test_activations_swapped_to_nvme_train_the_plain_numbers(plain, tmp_path, recompute):
     """Each block's saved activations go from the device to CPU memory to the tier's file when
     its forward ends, and come back (read ahead by one block) for its backward."""
-    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=1 << 20)
+    tier = _tier(tmp_path, "direct", pinned_limit=1 << 20)
     run = train(True, recompute, activations="nvme", nvme=tier)
     assert run.losses == plain.losses and run.norms == plain.norms
     for name, tensor in plain.params.items():
@@ -430,7 +448,7 @@ def test_activations_swapped_to_nvme_train_the_plain_numbers(plain, tmp_path, re
         assert sent <= record["nvme_read_bytes"] < sent + 16 * 4096 * 2
     assert all(peak <= BUDGET for peak in run.peaks)
     run.engine.close()
-    assert not (tmp_path / "swap").exists()
+    assert not list(tmp_path.iterdir()) and not _held_files(tmp_path)
 
 
 @pytest.mark.parametrize("on_nvme", [False, True], ids=["cpu", "nvme"])
@@ -443,7 +461,7 @@ def test_units_resting_on_other_replicas_are_never_held_or_written_here(tmp_path
     from orch.offload.homes import Homes
 
     units = [[nn.Parameter(torch.full((256,), float(index)))] for index in range(3)]
-    tier = NvmeTier(tmp_path / "swap", _io("direct", tmp_path / "swap"), pinned_limit=1 << 20)
+    tier = _tier(tmp_path, "direct", pinned_limit=1 << 20)
     homes = Homes(units, tier, params_on_nvme=on_nvme, elsewhere=frozenset({1}))
     for index in range(3):
         homes.place(index)
