@@ -434,9 +434,10 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
     if plan is None:
         return []
     need = plan.memory.nvme * plan.gpus_per_node
-    # A killed run's scratch files of the ranks this run has: its workers remove those before
-    # they write their own. On one node every rank is here; across nodes, which land here is
-    # settled only at rendezvous, so none are counted.
+    # Named scratch files an older orch's killed run left, of the ranks this run has: its
+    # workers remove those before they write their own (this version's have no name and go with
+    # their process). On one node every rank is here; across nodes, which land here is settled
+    # only at rendezvous, so none are counted.
     ranks = range(plan.world_size) if plan.nodes == 1 else range(0)
     stale = sum(f.stat().st_blocks * 512 for rank in ranks
                 for f in stale_scratch_files(path, rank) if f.exists())

@@ -1,6 +1,7 @@
 """An NVMe tier's scratch file (a whole tier's bytes) goes with the process when an error ends
-it: one before the run's own cleanup left it on disk, where only a later run on the same rank
-removed it, if one ever came."""
+it before the run's own cleanup: a named one was left on disk there, where only a later run on
+the same rank removed it, if one ever came. The file has no name now, so nothing needs removing
+(a kill's end: tests/offload/test_nvme_scratch.py)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,9 @@ def test_a_disk_without_room_is_refused_with_the_numbers(tmp_path, monkeypatch):
 def test_a_killed_runs_scratch_file_counts_as_free(tmp_path, monkeypatch):
     """After a kill -9 the relaunch refused: its free-space check counted the killed worker's
     scratch file, which that relaunch's workers remove before they write, as used. Only the
-    files of ranks the run has count (those its workers remove), by the blocks they hold."""
+    files of ranks the run has count (those its workers remove), by the blocks they hold.
+    (This version's files have no name and go with their process; an older version's killed
+    run can still have left named ones.)"""
     import subprocess
     import sys
 
