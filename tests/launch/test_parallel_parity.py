@@ -208,7 +208,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parity")
     names = ["single", "single_moe", *LAYOUTS, "nvme", *RESHARDED]
     dirs = {name: root / name for name in names}
-    scratch = root / "nvme"  # the NVMe tier's directory (scratch files named by process id)
+    scratch = root / "nvme"  # the NVMe tier's directory (its scratch files have no name)
     scratch.mkdir()
     # the most processes first, so the last launches to finish are short ones
     layouts = sorted(["single", "single_moe", *LAYOUTS], key=lambda name: -TARGETS[name][1])
