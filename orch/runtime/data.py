@@ -155,18 +155,39 @@ def check_source(data: DataConfig) -> tuple[Path, str]:
             "data.path", f"{data.path!r} is empty", "point data.path at a file with data"
         )
     if kind == "text":
-        gz = path.name.lower().endswith(".gz")
-        try:
-            with gzip.open(path, "rb") if gz else open(path, "rb") as f:
-                head = f.read(_SNIFF_BYTES)
-        except (OSError, EOFError) as e:  # gzip's complaints: not gzip, truncated
-            raise DataError("data.path", f"{data.path!r} is not a valid gzip file ({e})",
-                            "re-compress it", _READ_AS) from e
-        if b"\0" in head:
+        gz = _gzipped(path)
+        head = _text_head(data, path)
+        if b"\0" in head[:_SNIFF_BYTES]:
             raise DataError("data.path", f"{data.path!r} holds NUL bytes in its first "
                             f"{_SNIFF_BYTES // 1024} KiB{' decompressed' if gz else ''}: a "
                             "binary file, not text", _NOT_TEXT_FIX, _READ_AS)
+        if gz and not head:
+            raise _decompresses_to_nothing(data)
     return path, kind
+
+
+def _gzipped(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
+def _text_head(data: DataConfig, path: Path) -> bytes:
+    """A text file's first ``_SNIFF_BYTES + 1`` bytes, decompressed for gzip: all of it where
+    it is shorter, so a small compressed corpus's size is known before any process starts."""
+    try:
+        with gzip.open(path, "rb") if _gzipped(path) else open(path, "rb") as f:
+            return f.read(_SNIFF_BYTES + 1)
+    except (OSError, EOFError) as e:  # gzip's complaints: not gzip, truncated
+        raise _bad_gzip(data, e) from e
+
+
+def _bad_gzip(data: DataConfig, error: Exception) -> DataError:
+    return DataError("data.path", f"{data.path!r} is not a valid gzip file ({error})",
+                     "re-compress it", _READ_AS)
+
+
+def _decompresses_to_nothing(data: DataConfig) -> DataError:
+    return DataError("data.path", f"{data.path!r} decompresses to nothing", "point it at text",
+                     _READ_AS)
 
 
 def _existing_file(value: str) -> Path:
@@ -223,19 +244,13 @@ def _file_kind(data: DataConfig, path: Path) -> str:
 
 def _read_text(data: DataConfig, path: Path) -> np.ndarray:
     raw = path.read_bytes()
-    if path.name.lower().endswith(".gz"):
+    if _gzipped(path):
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise DataError(
-                "data.path", f"{data.path!r} is not a valid gzip file ({e})", "re-compress it",
-                _READ_AS,
-            ) from e
+        except (OSError, EOFError) as e:  # truncated past the head check_source read
+            raise _bad_gzip(data, e) from e
         if not raw:
-            raise DataError(
-                "data.path", f"{data.path!r} decompresses to nothing", "point it at text",
-                _READ_AS,
-            )
+            raise _decompresses_to_nothing(data)
     # Byte-level tokenization of a file is its bytes: no decode/encode round trip needed.
     return np.frombuffer(raw, dtype=np.uint8)
 
@@ -293,11 +308,15 @@ def _map_npy(data: DataConfig, path: Path) -> np.ndarray:
 def token_count(data: DataConfig) -> int | None:
     """How many tokens ``data.path`` holds, read from its size or header only (token files are
     mapped, nothing of their ids read; a plain text file's bytes are its tokens), with the
-    format checks of :func:`load_tokens`; None where only reading it all would tell (gzip)."""
+    format checks of :func:`load_tokens`; None where only reading it all would tell (a gzip
+    file that decompresses to more than the bytes :func:`check_source` looks at)."""
     path, kind = check_source(data)
     if kind == "tokens":
         return len(_map_tokens(data, path))
-    return None if path.name.lower().endswith(".gz") else path.stat().st_size
+    if not _gzipped(path):
+        return path.stat().st_size
+    head = _text_head(data, path)
+    return len(head) if len(head) <= _SNIFF_BYTES else None
 
 
 def check_token_count(count: int, global_batch: int, seq_len: int) -> None:

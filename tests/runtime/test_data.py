@@ -361,3 +361,21 @@ def test_a_binary_gz_is_refused_before_start(tmp_path: Path):
     path.write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match="is not a valid gzip file"):
         check_source(DataConfig(path=str(path)))
+
+
+def test_a_small_or_empty_gz_corpus_is_counted_before_start(tmp_path: Path):
+    """A gzip corpus's size was unknown to the launcher (None), so one that decompresses to
+    nothing, or to less than one global batch, failed in every worker after torchrun started;
+    what decompresses within the bytes ``check_source`` reads is its whole size."""
+    from orch.runtime.data import _SNIFF_BYTES, check_source, token_count
+
+    path = tmp_path / "data.txt.gz"
+    path.write_bytes(gzip.compress(b""))
+    with pytest.raises(DataError, match="decompresses to nothing"):
+        check_source(DataConfig(path=str(path)))
+    path.write_bytes(gzip.compress(b"hello world " * 50))
+    assert token_count(DataConfig(path=str(path))) == 600
+    path.write_bytes(gzip.compress(b"x" * _SNIFF_BYTES))
+    assert token_count(DataConfig(path=str(path))) == _SNIFF_BYTES
+    path.write_bytes(gzip.compress(b"x" * (_SNIFF_BYTES + 1)))
+    assert token_count(DataConfig(path=str(path))) is None  # only reading it all would tell
