@@ -238,6 +238,10 @@ MOE = ["model.experts=4"]
             ["train.warmup_steps=600"],
             "train.warmup_steps: 600 is not between 0 and train.steps=500",
         ),
+        (["train.decay_steps=-1"], "train.decay_steps: -1 is neither 0 nor a step at or "
+                                   "after train.warmup_steps=20"),
+        (["train.decay_steps=5"], "train.decay_steps: 5 is neither 0 nor a step at or after "
+                                  "train.warmup_steps=20"),
         (["train.grad_clip=-1"], "train.grad_clip: must be 0 (off) or positive"),
         (["optimizer.beta1=1"], "optimizer.beta1: 1.0 is not in [0, 1)"),
         (["optimizer.eps=0"], "optimizer.eps: must be positive"),

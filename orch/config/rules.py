@@ -168,6 +168,14 @@ def check_config(cfg: Config) -> list[Problem]:
         ("train.steps",),
     )
     need(
+        t.decay_steps == 0 or t.decay_steps >= max(1, t.warmup_steps),
+        "train.decay_steps",
+        f"{t.decay_steps} is neither 0 nor a step at or after train.warmup_steps="
+        f"{t.warmup_steps}",
+        "use 0 (decay until train.steps) or a step at or after the warmup",
+        ("train.warmup_steps",),
+    )
+    need(
         t.grad_clip >= 0,
         "train.grad_clip",
         f"must be 0 (off) or positive, got {t.grad_clip}",

@@ -121,6 +121,11 @@ class TrainConfig:
     lr_schedule: Literal["cosine", "linear", "constant"] = field(
         default="cosine", metadata=_help("decay after warmup")
     )
+    decay_steps: int = field(
+        default=0, metadata=_help("step where the decay ends and the lr stays at its floor; "
+                                  "0 = train.steps (a run extended to more steps keeps its "
+                                  "schedule with this set to its old train.steps)")
+    )
     grad_clip: float = field(default=1.0, metadata=_help("max global grad norm; 0 = off"))
     seed: int = field(default=0, metadata=_help("seed for init, data order and dropout"))
     precision: Literal["bf16", "fp32"] = field(

@@ -49,6 +49,7 @@ from orch.plan.degrees import Degrees
 from orch.plan.memory import MEMORY_READS
 from orch.runtime.checkpoint.files import CHECKPOINTS
 from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
+from orch.runtime.optim import decay_change
 from orch.runtime.rank_log import LOGS
 
 WORKER_MODULE = "orch.runtime.worker"
@@ -246,7 +247,7 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     problems += _check_tensorboard(cfg)
     if (kernels := kernel_choice_problem()) is not None:
         problems.append(kernels)
-    args.finished, args.resume = None, extra.resume
+    args.finished, args.resume, args.decay_note = None, extra.resume, None
     # with problems, whether the run resumes is not known, and init_from's are told too
     if not problems and not loaded.problems:
         assert plan is not None
@@ -256,7 +257,10 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
             from orch.runtime.checkpoint.manifest import read_manifest
 
             init_from = []
-            problems += _check_drill(cfg, world, read_manifest(resumed).step)
+            manifest = read_manifest(resumed)
+            problems += _check_drill(cfg, world, manifest.step)
+            args.decay_note = decay_change(manifest.config.get("train") or {}, cfg.train,
+                                           manifest.step)
     problems += init_from
     loaded.check(problems, "cannot launch")  # the config's problems and these, in one round
     assert plan is not None
@@ -613,8 +617,9 @@ def launch(argv: Sequence[str]) -> int:
     with run_dir_lock(run_dir, _lock_name(args, cfg)):
         print(f"orch launch: {plan.device_summary}, {plan.degrees.short()}, "
               f"run dir {cfg.run.dir}", flush=True)
-        for note in (memory_warning(plan), rebalance_notice(cfg)):
-            if note is not None:
+        decay = args.decay_note and f"orch launch: {args.decay_note}"
+        for note in (memory_warning(plan), rebalance_notice(cfg), decay):
+            if note:
                 print(note, flush=True)
         if (nodes := parse_min_max_nnodes(args.nnodes)[1]) > 1:  # else silent until all joined
             print(waiting_line(args, nodes), flush=True)
@@ -811,8 +816,11 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
         lines.append(f"  to resume, run the same command{without}{switch}: it continues from the "
                      "newest checkpoint")
     else:
+        keep = ("" if cfg.train.lr_schedule == "constant" or cfg.train.decay_steps else
+                f"; the lr decay then ends at step N, unless --set "
+                f"train.decay_steps={cfg.train.steps} keeps this run's")
         lines.append(f"  to train further, run it again with --set train.steps=N (N > {step})"
-                     f"{switch}")
+                     f"{switch}{keep}")
     return "\n".join(lines)
 
 

@@ -1,15 +1,19 @@
 """Optimizer and learning-rate schedule.
 
 The schedule is a pure function of the step, set on the optimizer before each step, so resuming
-needs no scheduler state and gives exactly the uninterrupted run's rates. Weight decay applies to
+needs no scheduler state and gives exactly the uninterrupted run's rates. A run extended to more
+``train.steps`` has its decay stretched to the new end unless ``train.decay_steps`` keeps the old
+one; the launcher says which (:func:`decay_change`). Weight decay applies to
 matrices only (linear and embedding weights), not to norm weights, as in Llama and torchtitan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,18 +22,43 @@ from orch.config.schema import Config, TrainConfig
 from orch.errors import OrchError
 
 
+def decay_end(train: TrainConfig) -> int:
+    """The step where the lr decay ends: ``train.decay_steps``, or ``train.steps`` (Megatron's
+    ``--lr-decay-iters``, defaulting to ``--train-iters``)."""
+    return train.decay_steps or train.steps
+
+
 def lr_at(step: int, train: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then the decay."""
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then the decay until
+    :func:`decay_end`, then the floor."""
     peak, floor = train.lr, train.lr * train.min_lr_ratio
     if step <= train.warmup_steps:
         return peak * step / max(1, train.warmup_steps)
     if train.lr_schedule == "constant":
         return peak
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    progress = (step - train.warmup_steps) / max(1, decay_end(train) - train.warmup_steps)
     progress = min(1.0, progress)
     if train.lr_schedule == "linear":
         return peak - (peak - floor) * progress
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def decay_change(saved_train: dict[str, Any], train: TrainConfig, step: int) -> str | None:
+    """What a resume at checkpoint ``step`` does to the lr schedule where ``train`` ends the
+    decay elsewhere than the checkpoint's run did (``saved_train``, its config's ``train``
+    section: the other schedule fields are the same, or the resume is refused): the rates of
+    the steps to come change, the next one's included. None where they do not (a constant
+    schedule, the same end, or both ends reached already)."""
+    before = int(saved_train.get("decay_steps") or saved_train.get("steps") or 0)
+    now = decay_end(train)
+    if train.lr_schedule == "constant" or not before or before == now or step >= max(before,
+                                                                                      now):
+        return None
+    old = dataclasses.replace(train, decay_steps=before)
+    return (f"the lr decay ends at step {now} where the checkpoint's run ended it at {before} "
+            f"(train.decay_steps, else train.steps): step {step + 1}'s lr is "
+            f"{lr_at(step + 1, train):.3g}, {lr_at(step + 1, old):.3g} on that schedule; "
+            f"--set train.decay_steps={before} keeps it")
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:

@@ -810,7 +810,8 @@ def test_the_closing_lines_after_resume_path_name_what_the_next_launch_needs(tmp
     assert summary(cfg, str(six), six).splitlines() == [
         "orch launch: done at step 6 of 6",
         f"  checkpoint   {six}",
-        "  to train further, run it again with --set train.steps=N (N > 6)",
+        "  to train further, run it again with --set train.steps=N (N > 6); the lr decay then "
+        "ends at step N, unless --set train.decay_steps=6 keeps this run's",
     ]
     CheckpointManager(tmp_path / "z", cfg, PLAN).save(8, tiny_state(8.0), {})
     cfg.train.steps, cfg.run.stop_at_step = 10, 8
@@ -822,7 +823,19 @@ def test_the_closing_lines_after_resume_path_name_what_the_next_launch_needs(tmp
     cfg.train.steps, cfg.checkpoint.resume = 8, "none"
     assert summary(cfg).splitlines()[-1] == (
         "  to train further, run it again with --set train.steps=N (N > 8), with --set "
-        "checkpoint.resume=auto in place of none")
+        "checkpoint.resume=auto in place of none; the lr decay then ends at step N, unless "
+        "--set train.decay_steps=8 keeps this run's")
+    constant = make_cfg()
+    constant.run.dir, constant.train.steps, constant.train.lr_schedule = (
+        str(tmp_path / "c"), 3, "constant")
+    CheckpointManager(tmp_path / "c", constant, PLAN).save(3, tiny_state(3.0), {})
+    assert summary(constant).splitlines()[-1] == (  # no decay to keep
+        "  to train further, run it again with --set train.steps=N (N > 3)")
+    kept = make_cfg()  # its decay ends where set, whatever train.steps becomes
+    kept.run.dir, kept.train.steps, kept.train.decay_steps = str(tmp_path / "k"), 3, 2
+    CheckpointManager(tmp_path / "k", kept, PLAN).save(3, tiny_state(3.0), {})
+    assert summary(kept).splitlines()[-1] == (
+        "  to train further, run it again with --set train.steps=N (N > 3)")
 
 
 def test_derived_rng_seeds_are_deterministic_and_distinct() -> None:

@@ -10,7 +10,7 @@ import pytest
 from orch.config import load_config
 from orch.models.llama import Transformer
 from orch.runtime.metrics import StepMetrics
-from orch.runtime.optim import build_optimizer, lr_at
+from orch.runtime.optim import build_optimizer, decay_change, lr_at
 
 CFG = load_config("configs/tiny.yaml", ["train.steps=110", "train.warmup_steps=10"])
 
@@ -27,6 +27,29 @@ def test_warmup_then_cosine_to_the_floor():
     rates = [lr_at(s, t) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
     assert not any(math.isnan(r) for r in rates)
+
+
+def test_decay_steps_ends_the_decay_and_a_resume_that_moves_the_end_says_so():
+    """Extending a finished run (train.steps 8 -> 12, as its closing lines suggest) stretched
+    its cosine: step 9's lr jumped from the floor back to 2.9x it, silently; train.decay_steps
+    keeps the old end (the floor after it), and the launcher says which happens."""
+    t8 = dataclasses.replace(CFG.train, steps=8, warmup_steps=2)
+    t12 = dataclasses.replace(t8, steps=12)
+    kept = dataclasses.replace(t12, decay_steps=8)
+    assert [lr_at(s, kept) for s in range(1, 9)] == [lr_at(s, t8) for s in range(1, 9)]
+    assert lr_at(9, kept) == lr_at(12, kept) == pytest.approx(t8.lr * t8.min_lr_ratio)
+    assert lr_at(9, t12) > 2 * lr_at(8, t8)
+    saved = dataclasses.asdict(t8)
+    said = decay_change(saved, t12, 8)
+    assert said == (f"the lr decay ends at step 12 where the checkpoint's run ended it at 8 "
+                    f"(train.decay_steps, else train.steps): step 9's lr is {lr_at(9, t12):.3g}, "
+                    f"{lr_at(9, kept):.3g} on that schedule; --set train.decay_steps=8 keeps it")
+    assert decay_change(saved, kept, 8) is None  # the same end
+    assert decay_change(saved, dataclasses.replace(t12, lr_schedule="constant"), 8) is None
+    assert decay_change(saved, dataclasses.replace(t8, decay_steps=6), 8) is None  # both past
+    assert decay_change(saved, t12, 5) is not None  # a preempted run extended: changes too
+    old = {k: v for k, v in saved.items() if k != "decay_steps"}  # saved before the field
+    assert decay_change(old, t12, 8) == said
 
 
 def test_no_weight_decay_on_norms():

@@ -25,15 +25,16 @@ from orch.runtime.checkpoint.manifest import CheckpointError, Manifest
 
 FINGERPRINT_SECTIONS = ("model", "data", "optimizer", "train")
 """Config sections that define the training run's math; the rest says how and where it runs."""
-FINGERPRINT_EXCLUDED = {"train": ("steps", "micro_batch", "recompute", "compile"),
+FINGERPRINT_EXCLUDED = {"train": ("steps", "decay_steps", "micro_batch", "recompute", "compile"),
                         "model": ("init_from", "name"),
                         "data": ("path",)}
-"""Fields that may change on resume: more steps, or another split of the same global batch and
-another memory/compute trade-off when the run moves to another plan, compiled or not; where the
-weights started (a resume loads them from the checkpoint); the model's label; and where the data
-file is, since the file itself is checked: every checkpoint saves its identity (size and sampled
-sha256, ``orch.runtime.data.source_identity``) and a resume onto other data is refused, so the same
-file under another spelling of its path resumes."""
+"""Fields that may change on resume: more steps (and where the lr decay ends: the launcher says when
+that changes the steps to come, ``orch.runtime.optim.decay_change``), or another split of the
+same global batch and another memory/compute trade-off when the run moves to another plan,
+compiled or not; where the weights started (a resume loads them from the checkpoint); the model's
+label; and where the data file is, since the file itself is checked: every checkpoint saves its
+identity (size and sampled sha256, ``orch.runtime.data.source_identity``) and a resume onto other
+data is refused, so the same file under another spelling of its path resumes."""
 UNIDENTIFIED_DATA = frozenset({"data.path"})
 """Compared after all for a checkpoint saved before the data file's identity was: for it, the path
 is the only sign of which data it was trained on."""
