@@ -167,6 +167,9 @@ def test_overrides_are_typed_by_schema():
         ("train.steps=true", "True is not a whole number"),
         ("offload.device_budget=lots", "'lots' is not a byte size or one of 'auto'"),
         ("offload.params=gpu", "'gpu' is not one of device, cpu, nvme"),
+        ("offload.activations=none",  # said "or one of 'auto'"; fix "...; or pick one of auto"
+         "'none' is not one of device, cpu, nvme, auto\n        fix: pick one of device, cpu, "
+         "nvme, auto"),
         ("optimizer.name=adam", "'adam' is not one of adamw, adamw8bit"),
         ("model=4", "expected a section of key: value pairs"),
         ("tp=2", "the top level has no key 'tp'"),

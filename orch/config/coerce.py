@@ -117,9 +117,21 @@ def _fields_text(cls: type) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
+def _merged_literals(tp: Any) -> Any:
+    """A union of Literal types (``Tier | Literal["auto"]``) as one Literal, so a bad value is
+    told every choice in one list, not each member's separately; ``tp`` itself otherwise."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return tp
+    options = typing.get_args(tp)
+    if not all(typing.get_origin(option) is Literal for option in options):
+        return tp
+    return Literal[tuple(choice for option in options for choice in typing.get_args(option))]
+
+
 def _describe(tp: Any) -> str:
     if _is_bytes(tp):
         return "a byte size"
+    tp = _merged_literals(tp)
     base, checks = _split_checks(tp)
     if checks:
         return next((c.what for c in reversed(checks) if hasattr(c, "what")), _describe(base))
@@ -160,6 +172,7 @@ def convert(value: Any, tp: Any) -> Any:
             return parsed
         raise Invalid(f"{value!r} is not a byte size",
                       "write a whole number of bytes as 1048576 or 1MiB, 80GB, 1.5TiB")
+    tp = _merged_literals(tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
