@@ -61,7 +61,13 @@ def build_expert_mesh(deg: Degrees, device_type: str) -> DeviceMesh:
     ``etp`` fastest and ``pp`` slowest, which is ``orch.plan.layout.expert_layout``'s order, so
     ``mesh["ep"]`` is the plan's ep group of this rank and ``mesh["edp"]`` its edp group."""
     shape = (deg.pp, deg.edp, deg.ep, deg.etp)
-    return init_device_mesh(device_type, shape, mesh_dim_names=EXPERT_MESH_DIMS)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=EXPERT_MESH_DIMS)
+    if deg.edp * deg.ep * deg.etp > 1:
+        # The expert weights' gradient norm is partial over all three (those of size 1 too):
+        # with them flattened here (every rank takes part, as a new group needs) DTensor sums
+        # it in one all-reduce, where it ran one per dimension and every rank logged a warning.
+        mesh["edp", "ep", "etp"]._flatten()
+    return mesh
 
 
 class AllToAllDispatcher:

@@ -179,6 +179,8 @@ def _run(rank: int, world: int, results) -> None:
         apply_expert_parallel(layer, etp_mesh["ep", "etp"])
         results[(world, f"etp-{case}", rank)] = run_layer(layer, *tokens(case, rank))
 
+    results[(world, "norm", rank)] = sharded_norm(etp_mesh, rank)
+
     for name, mesh, changes in (
         ("etp", etp_mesh["ep", "etp"], {"expert_ffn_dim": 345}),
         ("indivisible", None, {"experts": 2 * world - 1}),
@@ -187,6 +189,29 @@ def _run(rank: int, world: int, results) -> None:
             apply_expert_parallel(MoEFeedForward(dataclasses.replace(CFG, **changes)), mesh)
         except OrchError as exc:
             results[(world, name, rank)] = str(exc)
+
+
+def sharded_norm(mesh, rank: int) -> tuple[float, list[str]]:
+    """The norm of a tensor sharded over ``edp x ep x etp`` (as expert weights' gradients
+    are), and what torch logged computing it: DTensor reduced it with one all-reduce per
+    dimension and warned on every rank, until ``build_expert_mesh`` flattened them."""
+    import logging
+
+    from torch.distributed.tensor import Shard
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("torch.distributed.tensor._redistribute")
+    log.addHandler(handler)
+    try:
+        sub = mesh["edp", "ep", "etp"]
+        part = torch.arange(4.0) + 4 * rank
+        grad = DTensor.from_local(part, sub, [Shard(0)] * 3)
+        norm = torch.nn.utils.get_total_norm([grad])
+        return float(norm.full_tensor()), said
+    finally:
+        log.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +347,15 @@ def test_transformer_on_the_expert_mesh_equals_unsharded(sharded, world):
                     close(got[name], p.grad[2 * i : 2 * i + 2], name)
                 elif i == 0:
                     close(got[name], p.grad, name)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_expert_gradient_norms_take_one_reduction_and_no_warning(sharded, world):
+    want = float(torch.linalg.vector_norm(torch.arange(4.0 * world)))
+    for rank in range(world):
+        norm, said = sharded[(world, "norm", rank)]
+        assert norm == pytest.approx(want, rel=1e-6)
+        assert not [line for line in said if "While redistributing" in line], said
 
 
 @pytest.mark.parametrize("world", WORLDS)
