@@ -331,15 +331,13 @@ def _summary(run_dir: Path, records: list[dict], plan: dict[str, Any],
 
 def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:
     """``4 x cpu, fsdp2 tp2``, ``2 x cpu, pp2v2 (zbv schedule)``: the degrees as ``orch
-    launch`` says them (:meth:`Degrees.short`; the summary spelled only the degrees, so a ZB-V
-    run read as plain pp=2), or what is known without ``plan.json``."""
+    launch`` says them (:meth:`Degrees.short`), or what is known without ``plan.json``."""
     if not plan:
         return f"unknown (no usable plan.json; {ranks_recorded} rank(s) recorded)"
     saved = plan.get("degrees", {})
     degrees = Degrees(**{k: saved[k] for k in (*_DEGREES, "sequence_parallel") if k in saved})
-    layout = degrees.short()
-    if degrees.pp > 1 and isinstance(plan.get("schedule"), str):
-        layout += f" ({plan['schedule']} schedule)"
+    schedule = plan.get("schedule")
+    layout = degrees.short(schedule if isinstance(schedule, str) else None)
     devices = plan.get("devices") or f"{plan.get('world_size', '?')} x {plan.get('device', '?')}"
     return f"{devices}, {layout}"
 

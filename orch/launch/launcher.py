@@ -615,7 +615,7 @@ def launch(argv: Sequence[str]) -> int:
     mark_launcher()  # the workers end with this process, even if it is killed outright
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir, _lock_name(args, cfg)):
-        print(f"orch launch: {plan.device_summary}, {plan.degrees.short()}, "
+        print(f"orch launch: {plan.device_summary}, {plan.degrees.short(plan.schedule)}, "
               f"run dir {cfg.run.dir}", flush=True)
         decay = args.decay_note and f"orch launch: {args.decay_note}"
         for note in (memory_warning(plan), rebalance_notice(cfg), decay):

@@ -66,8 +66,10 @@ class Degrees:
         out.update(dp=self.dp, edp=self.edp, world=self.world)
         return out
 
-    def short(self) -> str:
-        """A compact label such as ``pp2 hsdp4(2x2) tp8`` listing only degrees above 1.
+    def short(self, schedule: str | None = None) -> str:
+        """A compact label such as ``pp2 hsdp4(2x2) tp8`` listing only degrees above 1, then
+        the pipeline's ``schedule`` where one is given: ``pp2v2 fsdp2 (zbv schedule)`` (the
+        degrees alone read a ZB-V run as any other pipeline of 2).
 
         fsdp: sharded data parallel; ddp: replicated; hsdp(replicas x shards): both.
         """
@@ -91,4 +93,5 @@ class Degrees:
             parts.append(f"ep{self.ep}")
         if self.etp > 1:
             parts.append(f"etp{self.etp}")
-        return " ".join(parts) or "single"
+        label = " ".join(parts) or "single"
+        return f"{label} ({schedule} schedule)" if schedule and self.pp > 1 else label

@@ -88,3 +88,11 @@ def test_rank_coordinates_agree_with_groups():
     for dim in ("tp", "cp", "dp", "pp", "ep", "etp", "edp"):
         for group in groups[dim]:
             assert [coords[r][dim] for r in group] == list(range(len(group))), dim
+
+
+def test_the_short_label_names_the_pipeline_schedule_where_there_is_one():
+    """The launch banner said ``pp2`` for a 2BP-1F1B and a ZB-V run alike, where the report's
+    summary (and the README quoting it as the banner) named the schedule."""
+    assert Degrees(pp=2, dp_shard=2).short("2bp-1f1b") == "pp2 fsdp2 (2bp-1f1b schedule)"
+    assert Degrees(pp=2, virtual_stages=2).short("zbv") == "pp2v2 (zbv schedule)"
+    assert Degrees(dp_shard=2).short("none") == Degrees(dp_shard=2).short() == "fsdp2"
