@@ -162,6 +162,10 @@ def _check_orch(args: list[str], placeholder: bool, tmp: Path) -> None:
             prepare(args[1:])
     elif args[0] in ("plan", "schedule") or args[:2] == ["cluster", "detect"]:
         assert orch_main(args) == 0
+    elif args == ["--version"]:  # argparse prints it and exits 0
+        with pytest.raises(SystemExit) as done:
+            build_parser().parse_args(args)
+        assert done.value.code == 0
     else:
         build_parser().parse_args(args)
 

@@ -183,6 +183,11 @@ def _nproc_per_node(value: str | None, cfg: Config, nnodes: int, problems: list[
         return torch.cuda.device_count()
     if value in ("cpu", "auto"):
         return usable_cores()
+    if value == "gpu":
+        problems.append(Problem("--nproc-per-node", "gpu: this machine has no GPU that torch "
+                                "can see", "pass a process count, or cpu (one per usable core); "
+                                "orch doctor says what is missing"))
+        return 1
     try:
         count = int(value)
     except ValueError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from orch.errors import PlanError
 from orch.launch.launcher import launch_parser, prepare
@@ -35,3 +36,14 @@ def test_torchruns_environment_variable_for_it_is_refused_too(tmp_path: Path, mo
 def test_the_help_says_so():
     text = launch_parser().format_help()
     assert text.count("refused: orch launch runs its own worker") == 3
+
+
+@pytest.mark.parametrize("given, said", [
+    pytest.param("gpu", "--nproc-per-node: gpu: this machine has no GPU that torch can see",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+    ("two", "--nproc-per-node: 'two' is not a positive number"),  # gpu said this too
+])
+def test_a_process_count_this_machine_cannot_give_is_refused_saying_why(tmp_path: Path,
+                                                                        given: str, said: str):
+    with pytest.raises(PlanError, match=said):
+        prepare(["--nproc-per-node", given, "configs/tiny.yaml", "--set", f"run.dir={tmp_path}"])
