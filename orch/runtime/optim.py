@@ -51,8 +51,7 @@ def decay_change(saved_train: dict[str, Any], train: TrainConfig, step: int) -> 
     schedule, the same end, or both ends reached already)."""
     before = int(saved_train.get("decay_steps") or saved_train.get("steps") or 0)
     now = decay_end(train)
-    if train.lr_schedule == "constant" or not before or before == now or step >= max(before,
-                                                                                      now):
+    if train.lr_schedule == "constant" or before in (0, now) or step >= max(before, now):
         return None
     old = dataclasses.replace(train, decay_steps=before)
     return (f"the lr decay ends at step {now} where the checkpoint's run ended it at {before} "
