@@ -82,9 +82,10 @@ def _listing(directory: Path) -> list[str]:
 def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: int,
                problems: list[Problem], gpus: int = 0) -> None:
     """What launch finds against what the description says: the node count, and on this node
-    (when found) its processes, its ``gpus`` (the visible ones; 0 on a CPU machine, where the
-    devices are the processes), the network interfaces of its NICs and, where NCCL runs (a
-    GPU machine), the RDMA devices its ib and roce NICs name (what ``NCCL_IB_HCA`` lists)."""
+    (when found) its processes, its ``gpus`` (the visible ones; 0 on a CPU machine, where only
+    a node described with ``device: cpu`` runs, its devices the processes), the network
+    interfaces of its NICs and, where NCCL runs (a GPU machine), the RDMA devices its ib and
+    roce NICs name (what ``NCCL_IB_HCA`` lists)."""
     where = f"cluster {cluster.source or cluster.name}"
     if nnodes != len(cluster.nodes):
         problems.append(Problem("--nnodes", f"{nnodes}, but {where} lists {len(cluster.nodes)} "
@@ -96,7 +97,13 @@ def check_node(cluster: ClusterSpec, node: NodeSpec | None, nnodes: int, nproc: 
         problems.append(Problem("--nproc-per-node", f"{nproc}, but {where} gives node "
                                 f"{node.name} {node.devices} devices",
                                 f"pass --nproc-per-node {node.devices}, or leave it out"))
-    if gpus and gpus < node.devices:
+    if not gpus and node.device.name != "cpu":  # a broken driver's node joined on gloo
+        problems.append(Problem(f"{where}: node {node.name}", f"{node.devices} "
+                                f"{node.device.name} devices, but this machine shows no GPU "
+                                "(it would train on its CPUs, planned as GPUs)",
+                                "check the driver and CUDA_VISIBLE_DEVICES (orch doctor), or "
+                                "describe the node with device: cpu to run the job on CPUs"))
+    elif gpus and gpus < node.devices:
         problems.append(Problem(f"{where}: node {node.name}", f"{node.devices} devices, but "
                                 f"this machine shows {gpus} GPUs", "correct 'devices:' in the "
                                 "description, or check CUDA_VISIBLE_DEVICES"))

@@ -256,8 +256,12 @@ def test_hcas_are_checked_as_rdma_devices_and_never_bound_to(tmp_path, monkeypat
     assert problems == []
     (tmp_path / "mlx5_7").rmdir()
     (tmp_path / "mlx5_6").rmdir()
-    check_node(cluster, node, 4, 8, problems)  # gloo on CPUs: the HCAs' names are not used
-    assert problems == []
+    check_node(cluster, node, 4, 8, problems)  # no GPU: said once, not the HCAs (no NCCL)
+    (no_gpu,) = problems
+    assert no_gpu.where == f"cluster {DGX}: node {node.name}" and no_gpu.message == (
+        "8 h100-sxm-80gb devices, but this machine shows no GPU (it would train on its CPUs, "
+        "planned as GPUs)") and "device: cpu" in no_gpu.fix  # it trained, MFU 0.0%
+    problems.clear()
     check_node(cluster, node, 4, 8, problems, gpus=8)
     (problem,) = problems  # one for the node
     assert problem.where.endswith("node dgx0")
