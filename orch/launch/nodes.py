@@ -7,12 +7,16 @@ interfaces), and sets, for the workers it starts:
 
 - ``ORCH_NODE``: the workers place their ranks by it (the plan's node order, see
   ``orch.plan.placement``), whatever order the rendezvous joined the nodes in;
-- for gloo, ``GLOO_SOCKET_IFNAME``: the interface on the fastest network every node shares (the
-  world group's; each smaller group is pinned to its own network's interface by
-  ``orch.parallel.interfaces``);
-- for NCCL, ``NCCL_SOCKET_IFNAME`` (bootstrap and socket transport, on that shared network),
-  ``NCCL_IB_HCA`` (this node's InfiniBand or RoCE HCAs, exact names), ``NCCL_IB_GID_INDEX=3``
-  on RoCE (RoCE v2's usual GID), or ``NCCL_IB_DISABLE=1`` on a node with neither.
+- for gloo, ``GLOO_SOCKET_IFNAME``: the interfaces on the fastest network every node shares (the
+  world group's), comma-separated, as many on every node as the node with the fewest there has
+  (gloo's rule); each smaller group is pinned to its own network's interfaces by
+  ``orch.parallel.interfaces``;
+- for NCCL, ``NCCL_SOCKET_IFNAME`` (bootstrap and socket transport: every interface on that
+  shared network, exact names), ``NCCL_IB_HCA`` (this node's InfiniBand or RoCE HCAs on the
+  network they give the most bandwidth, every one, exact names), ``NCCL_IB_GID_INDEX=3`` on
+  RoCE (RoCE v2's usual GID), or ``NCCL_IB_DISABLE=1`` on a node with neither.
+
+The planner prices a network at the sum of a node's NICs on it, so these list every NIC there.
 
 A variable already set in the environment is kept (the user knows better) and shown as such.
 """
@@ -131,15 +135,18 @@ def node_settings(cluster: ClusterSpec, plan: Plan, node: NodeSpec, backend: str
     first = plan.place_of(node.name).first_rank
     topology = Topology.from_cluster(cluster)
     shared = topology.network_link(range(len(cluster.nodes))).network
-    socket_if = node.interface_on(shared)
     env = {NODE_ENV: node.name}
-    if backend == "gloo":
-        env["GLOO_SOCKET_IFNAME"] = socket_if
+    if backend == "gloo":  # the world group: every node lists as many
+        env["GLOO_SOCKET_IFNAME"] = ",".join(node.gloo_interfaces(shared, cluster.nodes))
     else:
-        env["NCCL_SOCKET_IFNAME"] = socket_if
+        socket_ifs = node.interfaces_on(shared)  # "=": these names exactly, not as prefixes
+        env["NCCL_SOCKET_IFNAME"] = "=" + ",".join(socket_ifs) if socket_ifs else ""
         verbs = [nic for nic in node.nics if nic.type in ("ib", "roce")]
         if verbs:
-            fastest = max(verbs, key=lambda nic: nic.bandwidth).network
+            totals: dict[str, float] = {}  # per network, as the planner adds its NICs up
+            for nic in verbs:
+                totals[nic.network] = totals.get(nic.network, 0.0) + nic.bandwidth
+            fastest = max(totals, key=lambda network: totals[network])
             env["NCCL_IB_HCA"] = "=" + ",".join(n.name for n in verbs if n.network == fastest)
             if any(n.type == "roce" for n in verbs):
                 env["NCCL_IB_GID_INDEX"] = "3"

@@ -11,10 +11,12 @@ follow here, before and while the process groups are made:
   use its own network: a data-parallel group of InfiniBand nodes their fast fabric, a pipeline
   group that joins an InfiniBand and an Ethernet node the network they share. So while the
   groups are made, each new gloo group of ranks on several nodes is made with
-  ``GLOO_SOCKET_IFNAME`` set to this node's interface on the network the plan's topology picks
-  for exactly those ranks (``Topology.link``). The hook wraps torch's
-  ``_new_process_group_helper`` (the one function every group, DeviceMesh's included, is made
-  by, and the only place a group's ranks and its gloo device meet); a test checks its signature.
+  ``GLOO_SOCKET_IFNAME`` set to this node's interfaces on the network the plan's topology picks
+  for exactly those ranks (``Topology.link``): all of them, as the plan prices them (gloo makes
+  one device per listed interface and dispatches the group's collectives round-robin over
+  them). The hook wraps torch's ``_new_process_group_helper`` (the one function every group,
+  DeviceMesh's included, is made by, and the only place a group's ranks and its gloo devices
+  meet); a test checks its signature.
 
 NCCL chooses NICs per process (``NCCL_IB_HCA``), not per communicator; on NCCL only the rank
 placement and the per-node environment apply.
@@ -122,18 +124,23 @@ def planned_rank(plan: Plan, node: str | None) -> int:
 
 def interface_chooser(cluster: ClusterSpec, plan: Plan, node: str
                       ) -> Callable[[list[int]], str | None]:
-    """For a group of global ranks: this node's interface on the network the group runs over,
+    """For a group of global ranks: this node's interfaces on the network the group runs over
+    (``GLOO_SOCKET_IFNAME``'s comma-separated list: every one there, as the planner prices
+    them, but no more on any node than the group's node with the fewest has, as gloo needs),
     or None when the group stays on one node (any interface reaches the node itself) or no
     interface is known there (an HCA listed without its IPoIB netdev: gloo's default then)."""
     names = [n.name for n in cluster.nodes]
-    topology = Topology.from_cluster(cluster, [names.index(p.name) for p in plan.placement])
+    order = [names.index(p.name) for p in plan.placement]
+    topology = Topology.from_cluster(cluster, order)
     mine = cluster.nodes[names.index(node)]
 
     def choose(ranks: list[int]) -> str | None:
-        link = topology.link(sorted(ranks))
+        group = sorted(ranks)
+        link = topology.link(group)
         if link.kind != "inter":
             return None
-        return mine.interface_on(link.network) or None
+        spanned = [cluster.nodes[order[index]] for index in topology.nodes_of(group)]
+        return ",".join(mine.gloo_interfaces(link.network, spanned)) or None
 
     return choose
 

@@ -22,7 +22,7 @@ across fields are checked here. All problems are raised together as one ``Cluste
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, make_dataclass
 from functools import cached_property
 from itertools import accumulate
@@ -119,10 +119,26 @@ class NodeSpec:
     gpus: tuple[GpuSpec, ...] = ()
 
     def interface_on(self, network: str) -> str:
-        """This node's socket interface on ``network``: the first of its NICs there that names
-        one, "" where none does (gloo and NCCL then pick their own)."""
-        return next((nic.netdev for nic in self.nics if nic.network == network and nic.netdev),
-                    "")
+        """This node's first socket interface on ``network``, "" where none of its NICs there
+        names one (gloo and NCCL then pick their own)."""
+        return next(iter(self.interfaces_on(network)), "")
+
+    def interfaces_on(self, network: str) -> tuple[str, ...]:
+        """Every socket interface of this node's NICs on ``network``, in listed order: the
+        planner prices all of them (``orch.plan.topology.attachments``), so the launch lists
+        all of them (``NCCL_SOCKET_IFNAME``, ``GLOO_SOCKET_IFNAME``)."""
+        return tuple(dict.fromkeys(nic.netdev for nic in self.nics
+                                   if nic.network == network and nic.netdev))
+
+    def gloo_interfaces(self, network: str, group: Sequence[NodeSpec]) -> tuple[str, ...]:
+        """This node's interfaces on ``network`` for a gloo group spanning the nodes ``group``:
+        gloo makes one connection per listed interface and needs every process of a group to
+        list as many (torch's rule for ``GLOO_SOCKET_IFNAME``), so each node takes its first
+        ones, as many as the node of the group with the fewest has (a node with none counts as
+        one: gloo's own default device)."""
+        mine = self.interfaces_on(network)
+        fewest = min(len(node.interfaces_on(network)) or 1 for node in group)
+        return mine[:fewest]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 import yaml
@@ -20,6 +21,7 @@ from orch.launch.nodes import check_node, node_settings
 from orch.parallel.interfaces import interface_chooser, pin_gloo_groups, place_rank, planned_rank
 from orch.plan import build_plan
 from orch.plan.cluster import load_cluster
+from orch.plan.topology import Topology
 
 REPO = Path(__file__).resolve().parents[2]
 MIXED = REPO / "configs/clusters/mixed-nic.yaml"
@@ -88,12 +90,12 @@ def test_each_backend_gets_the_settings_for_its_node(monkeypatch):
     nodes = {node.name: node for node in cluster.nodes}
     ib = node_settings(cluster, plan, nodes["ib-a1"], "nccl")
     assert ib.first_rank == 8 and ib.env == {
-        "ORCH_NODE": "ib-a1", "NCCL_SOCKET_IFNAME": "eth0",
+        "ORCH_NODE": "ib-a1", "NCCL_SOCKET_IFNAME": "=eth0",
         "NCCL_IB_HCA": "=" + ",".join(f"mlx5_{i}" for i in range(8))}
     roce = node_settings(cluster, plan, nodes["roce-b0"], "nccl")
     assert roce.first_rank == 32 and roce.env["NCCL_IB_GID_INDEX"] == "3"
     eth = node_settings(cluster, plan, nodes["eth-c1"], "nccl")
-    assert eth.env["NCCL_IB_DISABLE"] == "1" and eth.env["NCCL_SOCKET_IFNAME"] == "eth0"
+    assert eth.env["NCCL_IB_DISABLE"] == "1" and eth.env["NCCL_SOCKET_IFNAME"] == "=eth0,eth1"
     assert node_settings(cluster, plan, nodes["eth-c1"], "gloo").env == {
         "ORCH_NODE": "eth-c1", "GLOO_SOCKET_IFNAME": "eth0"}
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "bond0")  # the user's own choice stays
@@ -113,8 +115,53 @@ def test_workers_take_the_plans_rank_and_each_group_its_networks_interface(monke
     assert place_rank(plan, "roce-b1") == 43 and os.environ["RANK"] == "43"
     choose = interface_chooser(cluster, plan, "ib-a1")
     assert choose([8, 9]) is None  # inside the node
-    assert choose([0, 8]) == "ib0"  # an FSDP group of two InfiniBand nodes: their fabric
+    ib_ports = ",".join(f"ib{i}" for i in range(8))
+    assert choose([0, 8]) == ib_ports  # an FSDP group of two InfiniBand nodes: their fabric
     assert choose([8, 40]) == "eth0"  # a pipeline pair into the RoCE stage: the shared network
+
+
+def test_the_launch_uses_every_nic_the_plan_prices(monkeypatch):
+    """The plan priced both 100 GbE ports of an Ethernet node (dp_shard at 3.12 GB/s per
+    device) and eight InfiniBand ports of an IB node, while the launch pinned eth0 and ib0:
+    one NIC each carried the traffic. Now each FSDP group's gloo interfaces on every node add
+    up to the link the plan priced for it, and NCCL is given every socket interface and HCA."""
+    for name in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "GLOO_SOCKET_IFNAME"):
+        monkeypatch.delenv(name, raising=False)
+    cluster, plan = load_cluster(MIXED), _mixed_plan()
+    assert f"{plan.links['dp_shard'].bandwidth / 1e9:.2f}" == "3.12"
+    nodes = {node.name: node for node in cluster.nodes}
+    topology = Topology.from_cluster(cluster, [list(nodes).index(p.name) for p in plan.placement])
+    for group in plan.groups()["dp_shard"]:
+        link = topology.link(group)
+        node = nodes[plan.placement[topology.node_of(group[0])].name]
+        used = interface_chooser(cluster, plan, node.name)(group).split(",")
+        assert sum(nic.bandwidth for nic in node.nics if nic.netdev in used) / node.devices == (
+            pytest.approx(link.bandwidth)), (node.name, used, link)
+    choose = interface_chooser(cluster, plan, "eth-c0")
+    assert choose([48, 56]) == "eth0,eth1"  # its FSDP group: both 100 GbE ports
+    assert choose([40, 48]) == "eth0"  # gloo: each node of a group lists as many (RoCE: one)
+    eth = node_settings(cluster, plan, nodes["eth-c0"], "nccl").env
+    assert eth["NCCL_SOCKET_IFNAME"] == "=eth0,eth1"  # exact names: eth0 alone matched eth01 too
+    ib = node_settings(cluster, plan, nodes["ib-a0"], "nccl").env
+    assert ib["NCCL_IB_HCA"] == "=" + ",".join(f"mlx5_{i}" for i in range(8))
+    # the world group under gloo: the IB and RoCE nodes have one port on dc, so one each
+    assert node_settings(cluster, plan, nodes["eth-c0"], "gloo").env["GLOO_SOCKET_IFNAME"] == "eth0"
+
+
+def test_nccl_takes_the_hcas_of_the_network_they_give_most(tmp_path):
+    """One 400 Gb/s InfiniBand port beside four 200 Gb/s RoCE ports: the planner prices the
+    RoCE network (800 Gb/s); NCCL_IB_HCA named the InfiniBand HCA, the fastest single port."""
+    nics = [{"name": "mlx5_0", "type": "ib", "bandwidth_gbps": 400, "network": "ib"}] + [
+        {"name": f"mlx5_{i}", "type": "roce", "bandwidth_gbps": 200, "network": "roce"}
+        for i in range(1, 5)]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({"device": "h100-sxm-80gb", "nodes": [
+        {"name": name, "devices": 8, "nics": nics} for name in ("a", "b")]}))
+    cluster = load_cluster(path)
+    plan = build_plan(load_config(LLAMA, [f"cluster={path}", "parallel.tp=8"]))
+    assert plan.links["dp_shard"].network == "roce"
+    env = node_settings(cluster, plan, cluster.nodes[0], "nccl").env
+    assert env["NCCL_IB_HCA"] == "=mlx5_1,mlx5_2,mlx5_3,mlx5_4"
 
 
 def test_gloo_groups_are_made_on_the_chosen_interface(tmp_path, monkeypatch):
@@ -137,9 +184,13 @@ def test_gloo_groups_are_made_on_the_chosen_interface(tmp_path, monkeypatch):
         with pin_gloo_groups(lambda ranks: loopback):
             dist.new_group([0], backend="gloo")
         dist.new_group([0], backend="gloo")
+        with pin_gloo_groups(lambda ranks: f"{loopback},{loopback}"):  # a network's two ports
+            both = dist.new_group([0], backend="gloo")
+        devices = both._get_backend(torch.device("cpu")).options._devices
+        assert len(devices) == 2  # one gloo device per listed interface, as torch documents
     finally:
         dist.destroy_process_group()
-    assert seen == [loopback, None]
+    assert seen == [loopback, None, f"{loopback},{loopback}"]
     assert c10d._new_process_group_helper.__name__ == "_new_process_group_helper"
 
 
