@@ -248,9 +248,23 @@ def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple
 def _infiniband_alone(file: _ClusterFile, report: Callable[[str, str, str], None]) -> None:
     """An InfiniBand fabric holds only InfiniBand ports: a named network listing ib NICs beside
     roce or ethernet ones is a typo (the planner priced it at the slower port and named it ib).
-    NICs without a network are on the default one, which stands for "reachable somehow"."""
+    NICs without a network are on the default one, which stands for "reachable somehow" across
+    nodes (an ib node and an ethernet node meet at the slower one's figure); but one node's
+    unnamed ib NICs beside its roce or ethernet ones were added up as one network and labelled
+    by the slower type, while a group runs over InfiniBand or over sockets, never both (adding
+    a 10 GbE port to two 400 Gb/s InfiniBand nodes made their plan faster): their networks must
+    be named."""
     kinds: dict[str, dict[str, int]] = {}  # network -> NIC type -> the first entry with it
     for index, entry in enumerate(file.nodes):
+        unnamed = sorted({nic.type for nic in entry.nics if not nic.network})
+        if "ib" in unnamed and len(unnamed) > 1:
+            others = " and ".join(kind for kind in unnamed if kind != "ib")
+            report(f"nodes[{index}].nics", f"ib NICs and {others} ones without a 'network': "
+                   "they would be priced as one network, their bandwidths added, but a group runs "
+                   "over InfiniBand or over sockets, not both",
+                   "name each fabric's network on every node, e.g. network: ib on the ib NICs "
+                   f"and network: dc on the {others} ones (the planner then takes the faster "
+                   "network a group's nodes share)")
         for nic in entry.nics:
             if nic.network:
                 kinds.setdefault(nic.network, {}).setdefault(nic.type, index)

@@ -378,6 +378,32 @@ def test_a_network_mixing_infiniband_with_other_ports_is_refused(tmp_path: Path)
     assert problem.message.startswith("network 'f' has ib NICs and ethernet ones")
 
 
+def test_a_nodes_unnamed_infiniband_beside_other_ports_is_refused(tmp_path: Path) -> None:
+    """Unnamed, a node's 400 Gb/s InfiniBand and 10 GbE ports were one default network: their
+    bandwidths added (6.41 GB/s per device, labelled ethernet), so adding the slow port made
+    the plan faster than InfiniBand alone (6.25 GB/s), though NCCL with NCCL_IB_HCA set never
+    adds socket bandwidth to InfiniBand's. Named, the faster network is taken."""
+    node = ("  - {{name: {}, devices: 8, nics: [{{name: mlx5_0, type: ib, bandwidth_gbps: 400{}}},"
+            " {{name: eth0, type: ethernet, bandwidth_gbps: 10{}}}]}}\n")
+    path, problems = _refused(tmp_path, "device: h100\nnodes:\n" + "".join(
+        node.format(name, "", "") for name in ("a", "b")))
+    assert [p.where for p in problems] == [f"{path}:3 nodes[0].nics", f"{path}:4 nodes[1].nics"]
+    problem = problems[0]
+    assert problem.message.startswith("ib NICs and ethernet ones without a 'network'")
+    assert "network: ib on the ib NICs and network: dc on the ethernet ones" in problem.fix
+    named = tmp_path / "named.yaml"
+    named.write_text("device: h100\nnodes:\n" + "".join(
+        node.format(name, ", network: ib", ", network: dc") for name in ("a", "b")))
+    link = Topology.from_cluster(load_cluster(named)).link(list(range(0, 16, 8)))
+    assert (link.bandwidth, link.nic) == (400e9 / 8 / 8, "ib")
+    alone = tmp_path / "alone.yaml"  # an ib node and an ethernet node: reachable somehow
+    alone.write_text(
+        "device: h100\nnodes:\n"
+        "  - {name: a, devices: 8, nics: [{name: m0, type: ib, bandwidth_gbps: 400}]}\n"
+        "  - {name: b, devices: 8, nics: [{name: e0, type: ethernet, bandwidth_gbps: 100}]}\n")
+    assert Topology.from_cluster(load_cluster(alone)).link([0, 8]).nic == "ethernet"
+
+
 def test_a_missing_key_is_placed_at_its_list_item(tmp_path: Path) -> None:
     path, (problem,) = _refused(tmp_path, "device: h100\nnodes:\n  - name: n0\n    devices: 8\n"
                                 "    nics:\n      - name: e0\n        type: ethernet\n")
