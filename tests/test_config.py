@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from orch.config import Config, TrainConfig, config_to_dict, load_config, parse_bytes
+from orch.config.source import parse_yaml_text
 from orch.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +113,32 @@ def test_merge_keys_merge_and_non_utf8_is_named(tmp_path):
     assert "train.warmup_steps: 10 is not between 0 and train.steps=3" in got  # merged in
     (tmp_path / "b.yaml").write_bytes(b"model:\n  name: \xff\xfe\n")
     assert "b.yaml: is not UTF-8 text (byte 15: b'\\xff')" in problems_of(tmp_path / "b.yaml")
+
+
+def test_a_key_written_beside_a_merge_overrides_it(tmp_path):
+    """YAML's explicit keys override merged ones; ``{<<: *t, steps: 20}`` was refused as
+    'train.steps appears twice'. A key written twice in the mapping itself still is."""
+    text = ("defaults: &t {steps: 10, seq_len: 64}\n"
+            "train:\n  <<: *t\n  steps: 20\n  warmup_steps: 30\n")
+    got = problems_of(write(tmp_path, "o.yaml", text))
+    assert "appears twice" not in got
+    assert "train.warmup_steps: 30 is not between 0 and train.steps=20" in got
+    assert "o.yaml:1 defaults: unknown key 'defaults'" in got
+    got = problems_of(write(tmp_path, "t.yaml", text + "  steps: 30\n"))
+    assert "(1 problem)" in got and "t.yaml:6: key 'train.steps' appears twice" in got
+
+
+def test_merges_of_several_mappings_follow_yaml():
+    """The first mapping of ``<<: [*a, *b]`` wins a key both have, the mapping's own keys win
+    over both, and an anchor whose own keys override a merge reads the same where it is
+    aliased (neither is a repeated key)."""
+    text = ("a: &a {x: 1, y: 1}\nb: &b {x: 2, z: 2}\nc: {<<: [*a, *b]}\n"
+            "d: &d {<<: *a, x: 3}\ne: {<<: [*d, *b], z: 4}\nf: *d\n")
+    data, locs, problems = parse_yaml_text(text, "m.yaml")
+    assert problems == []
+    assert (data["c"], data["d"], data["e"], data["f"]) == (
+        {"x": 1, "y": 1, "z": 2}, {"x": 3, "y": 1}, {"x": 3, "y": 1, "z": 4}, {"x": 3, "y": 1})
+    assert (locs["e.x"], locs["e.y"], locs["e.z"]) == ("m.yaml:4", "m.yaml:1", "m.yaml:5")
 
 
 def test_duplicate_key_reported(tmp_path):

@@ -55,17 +55,20 @@ def _node_to_python(
                     for path, item in items]
         if not isinstance(node, yaml.MappingNode):
             return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
-        yaml.constructor.SafeConstructor().flatten_mapping(node)  # resolves '<<' merge keys
-        keys = [str(yaml.constructor.SafeConstructor().construct_object(k)) for k, _ in node.value]
+        merged, own = _pairs(node, enclosing)
     except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
         name = prefix or "the file"
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         problems.append(Problem(line, f"cannot read {name}: {reason}", _UNREADABLE_FIX))
         return None
+    # A key written in the mapping replaces one merged in (``{<<: *t, steps: 20}``); only a key
+    # written twice in the mapping itself is a mistake.
+    written = {key for key, _, _ in own}
+    entries = [(key, *pair) for key, pair in merged.items() if key not in written] + own
     out: dict[str, Any] = {}
-    for key, (key_node, value_node) in zip(keys, node.value, strict=True):
+    for key, key_node, value_node in entries:
         path = f"{prefix}.{key}" if prefix else key
-        key_line = f"{where}:{key_node.start_mark.line + 1}"
+        key_line = f"{where}:{key_node.start_mark.line + 1}"  # a merged key: where it was written
         if key in out:
             problems.append(
                 Problem(key_line, f"key '{path}' appears twice", "keep only one of them")
@@ -73,7 +76,49 @@ def _node_to_python(
         locs[path] = key_line
         out[key] = _node_to_python(value_node, path, where, locs, problems,
                                    enclosing | {id(node)})
-    return out
+    return {key: out[key] for key in [*merged, *out] if key in out}  # PyYAML's order
+
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _key(node: yaml.Node) -> str:
+    if node.tag == "tag:yaml.org,2002:value":  # a '=' key, which PyYAML reads as the string
+        return str(node.value)
+    return str(yaml.constructor.SafeConstructor().construct_object(node))
+
+
+Pair = tuple[yaml.Node, yaml.Node]
+
+
+def _pairs(node: yaml.MappingNode, enclosing: frozenset[int]
+           ) -> tuple[dict[str, Pair], list[tuple[str, yaml.Node, yaml.Node]]]:
+    """A mapping's merged-in pairs (one per key) and its own pairs (in order, repeats kept).
+
+    Merging is the YAML merge key's: ``<<: *a`` brings in ``a``'s keys (its own merges
+    resolved), ``<<: [*a, *b]`` the keys of both with ``a`` winning a key they share, and the
+    mapping's own keys override them all. The nodes are not changed (PyYAML's
+    ``flatten_mapping`` rewrites them, so an anchor read again looked like repeated keys)."""
+    merged: dict[str, Pair] = {}
+    own: list[tuple[str, yaml.Node, yaml.Node]] = []
+    inside = enclosing | {id(node)}
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE:
+            own.append((_key(key_node), key_node, value_node))
+            continue
+        sources = (value_node.value if isinstance(value_node, yaml.SequenceNode)
+                   else [value_node])
+        for source in sources:
+            if not isinstance(source, yaml.MappingNode):
+                raise ValueError(f"'<<' merges a mapping or a list of mappings, but found a "
+                                 f"{source.id}")
+            if id(source) in inside:
+                raise ValueError("an alias refers to a mapping or list that contains it")
+            inner, inner_own = _pairs(source, inside)
+            resolved = dict(inner) | {key: (k, v) for key, k, v in inner_own}
+            for key, pair in resolved.items():
+                merged.setdefault(key, pair)  # an earlier source wins
+    return merged, own
 
 
 def parse_yaml_text(

@@ -409,3 +409,19 @@ def test_a_missing_key_is_placed_at_its_list_item(tmp_path: Path) -> None:
                                 "    nics:\n      - name: e0\n        type: ethernet\n")
     assert problem.where == f"{path}:6 nodes[0].nics[0].bandwidth_gbps"
     assert problem.message == "is missing"
+
+
+def test_a_node_merged_from_another_overrides_its_keys(tmp_path: Path) -> None:
+    """``{<<: *n, name: b}`` was refused as 'nodes[1].name appears twice': a key written beside
+    a merge overrides the merged one, as in YAML. A merged-in key keeps the line it was written
+    on, so a bad value shared by both nodes points at that line."""
+    path = tmp_path / "merged.yaml"
+    path.write_text("device: h100\nnodes:\n  - &n {name: a, devices: 8}\n"
+                    "  - {<<: *n, name: b}\n  - {<<: *n, name: c, devices: 4}\n")
+    cluster = load_cluster(path)
+    assert [(node.name, node.devices) for node in cluster.nodes] == [("a", 8), ("b", 8), ("c", 4)]
+    path.write_text("device: h100\nnodes:\n  - &n {name: a, devices: 0}\n  - {<<: *n, name: b}\n")
+    with pytest.raises(ClusterError) as info:
+        load_cluster(path)
+    assert [p.where for p in info.value.problems] == [f"{path}:3 nodes[0].devices",
+                                                      f"{path}:3 nodes[1].devices"]
