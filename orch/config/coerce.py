@@ -6,7 +6,7 @@ nested sections, and how to say what went wrong in terms a user can act on (dott
 ``nodes[2].nics[0].type``, ``file:line``, the value, and a fix, with a did-you-mean for misspelled
 keys and choices). A dataclass field without a default is required. ``Annotated[T, check]``
 adds a condition on the converted value: ``check`` is a ``Check`` or any callable that returns the
-value or raises ``Rejected``.
+value or raises ``Rejected``; ``Annotated[float, Quantity(...)]`` reads a figure with units.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -89,6 +90,67 @@ class Check:
         raise Rejected(f"{value!r} is not {self.what}", self.fix)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: Annotated hashes its metadata
+class Quantity:
+    """``Annotated[float, Quantity(...)]``: a positive figure in ``unit``, written as a number or
+    as a string with one of ``units`` (``"900GB/s"`` in a bytes/s field).
+
+    A bare number outside ``plausible`` is refused as a unit slip (``400`` in a bytes/s field
+    was meant as Gb/s), ``implausible`` saying what it was likely meant as; a figure written with
+    its unit is taken as written, however small."""
+
+    unit: str
+    """What a bare number counts, e.g. "bytes/s per device"."""
+    example: str
+    units: typing.Mapping[str, float]
+    """Each spelling of a unit -> what one of it is in ``unit``."""
+    spellings: str
+    """The units as the fix lists them."""
+    plausible: tuple[float, float]
+    implausible: Callable[[float], tuple[str, str]]
+    """A bare number outside ``plausible`` -> (message, fix)."""
+    fold_case: bool = False
+
+    @property
+    def what(self) -> str:
+        return f"a number of {self.unit}"
+
+    def read(self, value: Any) -> float:
+        """``value`` in ``unit``; raises Rejected (a value given is meant as this quantity)."""
+        fix = (f"write a number of {self.unit} such as {self.example}, or the figure with its "
+               f"unit ({self.spellings})")
+        number, bare = None, True
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)  # YAML 1.1 reads 50e9 (no dot) as a string
+            if number is None and (match := _QUANTITY_RE.match(value)):
+                unit = match.group(2).lower() if self.fold_case else match.group(2)
+                if unit in self.units:  # in decimal: 15us is 1.5e-05, not 1.4999999999999999e-05
+                    scale = Decimal(repr(self.units[unit]))
+                    number, bare = float(Decimal(match.group(1)) * scale), False
+        if number is None:
+            raise Rejected(f"{value!r} is not {self.what}", fix)
+        if not math.isfinite(number):
+            raise Rejected(f"{value!r} is not a finite number", fix)
+        if number <= 0:
+            raise Rejected(f"{value!r} is not a positive number", fix)
+        low, high = self.plausible
+        if bare and not low <= number <= high:
+            raise Rejected(*self.implausible(number))
+        return number
+
+
+_QUANTITY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(\S+)\s*$")
+
+
+def _quantity(tp: Any) -> Quantity | None:
+    if typing.get_origin(tp) is not typing.Annotated:
+        return None
+    return next((m for m in tp.__metadata__ if isinstance(m, Quantity)), None)
+
+
 def _is_bytes(tp: Any) -> bool:
     return typing.get_origin(tp) is typing.Annotated and "bytes" in tp.__metadata__
 
@@ -129,6 +191,8 @@ def _merged_literals(tp: Any) -> Any:
 
 
 def _describe(tp: Any) -> str:
+    if (quantity := _quantity(tp)) is not None:
+        return quantity.what
     if _is_bytes(tp):
         return "a byte size"
     tp = _merged_literals(tp)
@@ -157,6 +221,8 @@ def _expect_list(value: Any, item: Any) -> list[Any]:
 
 def convert(value: Any, tp: Any) -> Any:
     """Convert one YAML value to type ``tp`` or raise Invalid (lists: of scalars only)."""
+    if (quantity := _quantity(tp)) is not None:
+        return quantity.read(value)
     base, checks = _split_checks(tp)
     if checks:
         value = convert(value, base)

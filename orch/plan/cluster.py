@@ -40,6 +40,14 @@ from orch.plan.devices import (
     get_device,
     with_overrides,
 )
+from orch.plan.units import (
+    FlopsPerSecond,
+    Gbps,
+    LinkBandwidth,
+    MemoryBandwidth,
+    Seconds,
+    device_memory,
+)
 
 NicType = Literal["ib", "roce", "ethernet"]
 NIC_TYPES: tuple[str, ...] = get_args(NicType)
@@ -73,14 +81,15 @@ class NicSpec:
     """The device: an HCA for ib and roce (``mlx5_0``, what NCCL_IB_HCA lists), the network
     interface for ethernet (``eth0``)."""
     type: NicType
-    bandwidth_gbps: Positive
+    bandwidth_gbps: Gbps
+    """The port's speed in Gb/s (a number, or with its unit: ``200Gb/s``, ``25GB/s``)."""
     network: Name = ""
     """Fabric this NIC is attached to; NICs on the same network reach each other."""
     interface: str = ""
     """The network interface that carries socket traffic over this NIC (IPoIB ``ib0``, a RoCE
     port's netdev, ``eth0``): what gloo and NCCL's socket transport bind to. Empty: ``name`` for
     an ethernet NIC; an HCA without it has no known interface (one without IPoIB has none)."""
-    measured_gbps: Positive | None = None
+    measured_gbps: Gbps | None = None
     """What ``orch cluster probe`` measured through this NIC; the planner prefers it to
     ``bandwidth_gbps`` (the nominal link speed)."""
 
@@ -167,9 +176,14 @@ class ClusterSpec:
 # --- the file format, read by the config schema engine ----------------------------------------
 
 _OVERRIDE_TYPES: dict[str, Any] = {
-    "memory_bytes": Annotated[Bytes, Check(lambda n: n > 0, "a positive byte size", "write 80GiB")],
+    "memory_bytes": Annotated[Bytes, Check(lambda n: n > 0, "a positive byte size", "write 80GiB"),
+                              device_memory],
     "compute_efficiency": Annotated[float, Check(lambda x: 0 < x <= 1, "a fraction in (0, 1]",
                                                  "write e.g. 0.55")],
+    **dict.fromkeys(("intra_node_bw", "inter_node_bw", "host_bw"), LinkBandwidth),
+    "memory_bw": MemoryBandwidth,
+    **dict.fromkeys(("peak_flops", "fp32_flops"), FlopsPerSecond),
+    **dict.fromkeys(("intra_latency_s", "inter_latency_s"), Seconds),
 }
 Overrides = make_dataclass(  # one optional field per overridable DeviceSpec number
     "Overrides", [(n, _OVERRIDE_TYPES.get(n, Positive) | None, None) for n in OVERRIDABLE])

@@ -425,3 +425,56 @@ def test_a_node_merged_from_another_overrides_its_keys(tmp_path: Path) -> None:
         load_cluster(path)
     assert [p.where for p in info.value.problems] == [f"{path}:3 nodes[0].devices",
                                                       f"{path}:3 nodes[1].devices"]
+
+
+def test_figures_in_another_unit_are_refused_and_figures_with_units_are_read() -> None:
+    """``inter_node_bw: 400`` (meant as Gb/s) priced every collective at 400 bytes/s, a step of
+    9.7e9 s, without a word, and "900GB/s" was told to write a number such as 3e-4. A bare
+    number no such hardware has is refused with what it likely meant; a unit is read."""
+    data = mixed_cluster()
+    data["device_overrides"] = {"inter_node_bw": 400, "intra_node_bw": "900 gb/s",
+                                "memory_bw": 3.35, "host_bw": 5e7, "peak_flops": 989,
+                                "inter_latency_s": 15, "memory_bytes": 80}
+    data["nodes"][0]["nics"][1]["bandwidth_gbps"] = 400e9
+    with pytest.raises(ClusterError) as info:
+        cluster_from_dict(data, "c.yaml")
+    said = {p.where.removeprefix("c.yaml "): (p.message, p.fix) for p in info.value.problems}
+    assert said.pop("device_overrides.inter_node_bw") == (
+        "400 looks like Gb/s or GB/s: this field is bytes/s per device (400 bytes/s is no GPU, "
+        "memory or network link)",
+        "write 5e10 or '400Gb/s' for 400 Gb/s, 4e11 or '400GB/s' for 400 GB/s")
+    assert said.pop("device_overrides.memory_bw")[1] == (
+        "write 3.35e12 or '3.35TB/s' for 3.35 TB/s, 3.35e9 or '3.35GB/s' for 3.35 GB/s")
+    message, fix = said.pop("device_overrides.intra_node_bw")
+    assert message == "'900 gb/s' is not a number of bytes/s per device"
+    assert "such as 50e9, or the figure with its unit" in fix and "b is a bit, B a byte" in fix
+    assert said.pop("device_overrides.host_bw") == (
+        "5e7 bytes/s (0.4 Gb/s) per device is slower than a GPU, memory or network link: this "
+        "field is bytes/s per device", "write the figure in bytes/s such as 50e9 (400 Gb/s), or "
+        "write it with its unit if it is this slow: '50MB/s'")
+    assert said.pop("device_overrides.peak_flops") == (
+        "989 FLOP/s is slower than any device: this field is FLOP/s per device",
+        "write 9.89e14 or '989TFLOP/s' for 989 TFLOP/s")
+    assert said.pop("device_overrides.inter_latency_s")[1] == (
+        "write 1.5e-5 or '15us' for 15 microseconds")
+    assert said.pop("device_overrides.memory_bytes") == (
+        "80 bytes is no device's memory: this field is bytes",
+        "write it with its unit: 80GiB (or 80GB)")
+    message, fix = said.pop("nodes[0].nics[1].bandwidth_gbps")
+    assert message.startswith("4e11 Gb/s is faster than any NIC port: this field is Gb/s")
+    assert fix.endswith("as bits/s 4e11 is 400 Gb/s, as bytes/s 3200 Gb/s")
+    assert said == {}
+
+    data["device_overrides"] = {"inter_node_bw": "400Gb/s", "intra_node_bw": "900GB/s",
+                                "memory_bw": "3.35TB/s", "host_bw": "50MB/s",
+                                "peak_flops": "989.4 TFLOPS", "inter_latency_s": "15us",
+                                "memory_bytes": "80GiB"}
+    data["nodes"][0]["nics"][1]["bandwidth_gbps"] = "25GB/s"
+    data["nodes"][1]["nics"][0]["bandwidth_gbps"] = "100Mb/s"  # a slow port with its unit
+    cluster = cluster_from_dict(data)
+    device = cluster.nodes[0].device
+    assert (device.inter_node_bw, device.intra_node_bw, device.memory_bw, device.host_bw,
+            device.peak_flops, device.inter_latency_s) == (50e9, 900e9, 3.35e12, 50e6,
+                                                           989.4e12, 15e-6)
+    assert cluster.nodes[0].nics[1].bandwidth_gbps == 200
+    assert cluster.nodes[1].nics[0].bandwidth_gbps == 0.1
