@@ -326,7 +326,8 @@ def _add_cluster_detect_parser(actions: argparse._SubParsersAction) -> None:
                    help="write a cluster description file (named after FILE) with this node")
     p.add_argument("--append", action="store_true",
                    help="with --out: add this node to FILE (created if missing), replacing the "
-                   "entry of the same name; FILE is rewritten without its comments")
+                   "entry of the same name (or splitting it out of a count: entry); FILE is "
+                   "rewritten without its comments")
     p.set_defaults(func=cmd_cluster_detect)
 
 

@@ -16,7 +16,13 @@ import yaml
 from orch.cluster.detect import DetectedNode
 from orch.config.source import parse_yaml_text
 from orch.errors import Problem, ProblemsError
-from orch.plan.cluster import ClusterError, ClusterSpec, cluster_from_dict, load_cluster
+from orch.plan.cluster import (
+    MAX_WORLD_SIZE,
+    ClusterError,
+    ClusterSpec,
+    cluster_from_dict,
+    load_cluster,
+)
 
 
 def render_cluster(data: dict[str, Any], node: DetectedNode) -> str:
@@ -33,7 +39,11 @@ def render_cluster(data: dict[str, Any], node: DetectedNode) -> str:
 
 def with_node(data: dict[str, Any], entry: dict[str, Any], where: str) -> dict[str, Any]:
     """``data`` with ``entry`` in place of the node of its name (ranks keep their order), or
-    after the last node."""
+    after the last node.
+
+    A node of a ``count:`` entry is split out of it: replacing ``vm2`` of ``{name: "vm{i}",
+    count: 5}`` leaves ``{name: "vm{i}", count: 2}`` (vm0 and vm1: a count names from 0), the
+    new ``vm2``, then ``vm3`` and ``vm4`` as entries of their own, with the fields they had."""
     nodes = list(data.get("nodes") or [])
     if not all(isinstance(node, dict) for node in nodes):
         raise _not_written(
@@ -44,9 +54,28 @@ def with_node(data: dict[str, Any], entry: dict[str, Any], where: str) -> dict[s
     names = [node.get("name") for node in nodes]
     if entry["name"] in names:
         nodes[names.index(entry["name"])] = entry
-    else:
-        nodes.append(entry)
-    return data | {"nodes": nodes}
+        return data | {"nodes": nodes}
+    for index, node in enumerate(nodes):
+        expanded = _expanded_names(node)
+        if entry["name"] in expanded:
+            split = expanded.index(entry["name"])
+            one = {key: value for key, value in node.items() if key != "count"}
+            before = ([node | {"count": split}] if split > 1
+                      else [one | {"name": expanded[0]}] if split else [])
+            after = [one | {"name": name} for name in expanded[split + 1:]]
+            nodes[index:index + 1] = [*before, entry, *after]
+            return data | {"nodes": nodes}
+    return data | {"nodes": [*nodes, entry]}
+
+
+def _expanded_names(node: dict[str, Any]) -> list[str]:
+    """The node names of a ``count:`` entry (as the cluster loader expands them); [] for any
+    other entry, or one the loader would refuse."""
+    name, count = node.get("name"), node.get("count")
+    if (not isinstance(name, str) or "{i}" not in name or isinstance(count, bool)
+            or not isinstance(count, int) or not 0 < count <= MAX_WORLD_SIZE):
+        return []
+    return [name.replace("{i}", str(i)) for i in range(count)]
 
 
 def write_node(path: Path, node: DetectedNode, append: bool = False) -> ClusterSpec:

@@ -384,3 +384,26 @@ def test_appending_a_node_that_shares_no_network_says_so(
     out = capsys.readouterr().out
     assert ("note: the 2 nodes in the file share no network (no NIC listed on vm): a plan over "
             "more than one node will be refused") in out
+
+
+def test_appending_a_node_of_a_count_entry_splits_it_out(
+    fake_node: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--append "adds or replaces this node", but vm1 of {name: "vm{i}", count: 3} was refused
+    as 'nodes[1].name: node name vm1 is used twice', a nodes[1] the file did not have."""
+    path = tmp_path / "cnt.yaml"
+    path.write_text('name: cnt\ndevice: cpu\nnodes:\n  - {name: "vm{i}", count: 4, devices: 2,'
+                    ' nics: [{name: eth0, type: ethernet, bandwidth_gbps: 10, network: lan}]}\n')
+    assert cli.main(["cluster", "detect", "--name", "vm2", "--out", str(path), "--append"]) == 0
+    assert "wrote node vm2" in capsys.readouterr().out
+    was = NodeSpec("", 2, get_device("cpu"), (NicSpec("eth0", "ethernet", 10, "lan"),))
+    cluster = load_cluster(path)
+    assert cluster.nodes == (dataclasses.replace(was, name="vm0"),
+                             dataclasses.replace(was, name="vm1"), _expected_node("vm2"),
+                             dataclasses.replace(was, name="vm3"))
+    assert [node.get("count") for node in yaml.safe_load(path.read_text())["nodes"]] == [
+        2, None, None]  # vm0 and vm1 stay one entry (a count names from 0)
+    assert cli.main(["cluster", "detect", "--name", "vm0", "--out", str(path), "--append"]) == 0
+    assert [node.name for node in load_cluster(path).nodes] == ["vm0", "vm1", "vm2", "vm3"]
+    assert load_cluster(path).nodes[:2] == (_expected_node("vm0"),
+                                            dataclasses.replace(was, name="vm1"))
