@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from orch.parallel.schedules.generators import placement_of
@@ -125,7 +126,8 @@ def _pipeline(plan: Plan) -> str:
 
 
 def _placement(plan: Plan) -> str:
-    """Runs of nodes of one NIC type in rank order: ``ranks 0-15 ib-a0 ib-a1 (ib); ...``."""
+    """Runs of nodes of one NIC type in rank order: ``ranks 0-15 ib-a0 ib-a1 (ib); ...``, with
+    numbered names in sequence as ranges (``ib0..ib2047``)."""
     runs: list[list] = []
     for place in plan.placement:
         if runs and runs[-1][0] == place.nic:
@@ -135,9 +137,36 @@ def _placement(plan: Plan) -> str:
     parts = []
     for nic, places in runs:
         last = places[-1].first_rank + places[-1].ranks - 1
-        parts.append(f"ranks {places[0].first_rank}-{last} {' '.join(p.name for p in places)}"
+        parts.append(f"ranks {places[0].first_rank}-{last} {_names([p.name for p in places])}"
                      f" ({nic or 'no NIC listed'})")
     return "; ".join(parts)
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    """``names`` with each sequence of three or more numbered names as a range (``ib0..ib2047``,
+    where 4,096 nodes were listed one by one on a 27 KB line), and at most ``most`` items: the
+    first ones, how many nodes are left out, and the last."""
+    items: list[list] = []  # [first, last, count]
+    for name in names:
+        if items and _next_name(items[-1][1]) == name:
+            items[-1][1:] = [name, items[-1][2] + 1]
+        else:
+            items.append([name, name, 1])
+    words = [first if count == 1 else f"{first} {last}" if count == 2 else f"{first}..{last}"
+             for first, last, count in items]
+    if len(words) <= most:
+        return " ".join(words)
+    hidden = sum(count for _, _, count in items[most - 2:-1])
+    return " ".join([*words[:most - 2], f"... {hidden} more nodes ...", words[-1]])
+
+
+def _next_name(name: str) -> str | None:
+    """The name after ``name`` in a numbered sequence (node9 -> node10, node09 -> node10)."""
+    match = re.fullmatch(r"(.*?)(\d+)", name)
+    if match is None:
+        return None
+    digits = match[2]
+    return match[1] + str(int(digits) + 1).zfill(len(digits) if digits[0] == "0" else 0)
 
 
 def render_rank_grid(plan: Plan, max_nodes: int = 2, max_ranks: int = 16) -> str:

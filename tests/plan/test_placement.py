@@ -256,3 +256,25 @@ def test_the_shortcuts_of_the_search_give_what_every_group_gives(monkeypatch) ->
                         lambda *args: made.append(args) or placement_of(*args))
     assert search(cfg, machine).best
     assert len(made) == len(machine.placements()) == 3
+
+
+def test_the_nodes_line_writes_numbered_names_as_ranges(tmp_path) -> None:
+    """With 4,096 nodes the ``nodes`` line listed every name, 27 KB on one line, where the rank
+    grid says "... N more nodes": names in sequence are a range, and a line of names that are
+    not shows its first ones, how many it leaves out, and the last."""
+    from orch.plan.render import _names, render_plan
+
+    ib = "[{name: m0, type: ib, bandwidth_gbps: 400, network: ib}, {name: e0, type: ethernet, " \
+        "bandwidth_gbps: 100, network: dc}]"
+    eth = "[{name: e0, type: ethernet, bandwidth_gbps: 100, network: dc}]"
+    path = tmp_path / "big.yaml"
+    path.write_text(f"device: h100\nnodes:\n  - {{name: 'ib{{i}}', count: 512, devices: 8, "
+                    f"nics: {ib}}}\n  - {{name: 'eth{{i}}', count: 512, devices: 8, nics: {eth}}}"
+                    "\n")
+    cfg = load_config(LLAMA, [f"cluster={path}", "parallel.tp=8", "parallel.pp=2"])
+    [nodes] = [line for line in render_plan(build_plan(cfg)).splitlines()
+               if line.startswith("  nodes ")]
+    assert nodes == ("  nodes    ranks 0-4095 ib0..ib511 (ib); ranks 4096-8191 eth0..eth511 "
+                     "(ethernet)")
+    assert _names(["n08", "n09", "n10", "x", "y1", "y2", "z", "a", "b", "c", "d", "e"]) == (
+        "n08..n10 x y1 y2 z a b ... 2 more nodes ... e")
