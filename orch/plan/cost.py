@@ -42,7 +42,7 @@ per-rank matmuls is a heuristic (``gemm_efficiency``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from orch.config.schema import Config, ModelConfig
 from orch.parallel.schedules.generators import chunks_per_rank
@@ -191,8 +191,7 @@ def model_compute_s(cfg: Config, deg: Degrees, device: DeviceSpec,
                     stage_load: float = 1.0) -> float:
     """Seconds of a step's model FLOPs (full recompute's forward again included) on the most
     loaded pipeline rank: :func:`estimate_step_time`'s compute but for selective recompute's
-    elementwise passes. Every other term of a step adds to it, so the search bounds a step
-    from below by it before pricing the rest."""
+    elementwise passes."""
     t = cfg.train
     fpt, full = _flops(cfg.model, t.seq_len), t.recompute == "full"
     tokens = t.global_batch * t.seq_len
@@ -214,18 +213,68 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
     (``Topology.total_peak``; default every rank at ``device``'s), is MFU's denominator.
     """
     m, t = cfg.model, cfg.train
+    layers = rank_layers if rank_layers is not None else m.layers / deg.pp
+    compute, comm, exposed, bubble, micro = _terms(cfg, deg, links, device, stage_load, layers)
+    if cfg.offload.enabled:
+        comm["offload"], offload_exposed = _offload_seconds(cfg, deg, device, compute, micro,
+                                                            links.get("dp_replicate"))
+        exposed += offload_exposed
+    total = compute + exposed + bubble
+    fpt, tokens = _flops(m, t.seq_len), t.global_batch * t.seq_len
+    tokens_per_s = tokens / total
+    return StepTime(
+        compute_s=compute, comm_s=comm, exposed_comm_s=exposed, bubble_s=bubble, total_s=total,
+        tokens_per_step=tokens, tokens_per_s=tokens_per_s,
+        mfu=fpt * tokens_per_s / (total_peak or deg.world * device.peak(t.precision)),
+        flops_per_token=fpt,
+    )
+
+
+def step_time_bound(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec,
+                    least_load: float) -> float:
+    """Seconds :func:`estimate_step_time` cannot price ``cfg`` under ``deg`` below, whatever
+    its pipeline split, so long as the most loaded rank's ``stage_load`` is at least
+    ``least_load``: its terms at that load, with every pipeline rank holding an even share of
+    the layers (the most any rank holds is at least that), and without host offload's.
+
+    A bound because each term only grows with the load and the layers: the compute, the
+    collectives inside the layers and the bubble directly; data parallelism's exposed traffic
+    shrinks as the compute it hides behind grows, but by at most ``OVERLAP`` (under 1) of it,
+    so compute plus that exposure never shrinks; offload's exposure is left out (it too
+    shrinks with the compute, and is never negative). The search prunes with it: the
+    collectives that no compute hides (tensor, expert, Ulysses) and the pipeline's bubble and
+    sends are a third or more of a step for MoE models, which compute alone missed."""
+    compute, _, exposed, bubble, _ = _terms(cfg, deg, links, device, least_load,
+                                            cfg.model.layers / deg.pp)
+    return compute + exposed + bubble
+
+
+class _Terms(NamedTuple):
+    """:func:`estimate_step_time`'s terms before host offload's (which it adds)."""
+
+    compute: float
+    comm: dict[str, float]
+    """Per group dimension, seconds of communication before any overlap."""
+    exposed: float
+    bubble: float
+    micro: float
+    """Micro-batches per data-parallel rank per step."""
+
+
+def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec,
+           stage_load: float, layers: float) -> _Terms:
+    """:func:`estimate_step_time` but host offload, with the most loaded pipeline rank at
+    ``stage_load`` and holding ``layers`` layers: what it prices and what
+    :func:`step_time_bound` bounds it by, from one set of formulas."""
+    m, t = cfg.model, cfg.train
     pc = param_counts(m)
     seq, act = t.seq_len, 2 if t.precision == "bf16" else 4
-    fpt = _flops(m, seq)
     attention_fpt = 12.0 * seq * m.heads * m.head_dim  # per layer
     rank_tokens = t.micro_batch * seq / deg.cp  # of one micro-batch, before TP splits them
-    peak = device.peak(t.precision)
     rate = _rate(cfg, deg, device)
-    tokens = t.global_batch * seq
     full = t.recompute == "full"
     compute = model_compute_s(cfg, deg, device, stage_load)
     micro = max(1.0, t.global_batch / (t.micro_batch * deg.dp))
-    layers = rank_layers if rank_layers is not None else m.layers / deg.pp
     moe_layers = layers * pc.moe_layers / m.layers
     if t.recompute == "selective":
         dense_bytes, moe_bytes = recomputed_layer_bytes(cfg, deg)
@@ -303,17 +352,7 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
         bubble = (deg.pp - 1) / (micro * fills) * BUBBLE_SCALE[schedule] * (compute + on_path)
 
     exposed = on_path + dp_exposed + comm.get("pp", 0.0)
-    if cfg.offload.enabled:
-        comm["offload"], offload_exposed = _offload_seconds(cfg, deg, device, compute, micro,
-                                                            links.get("dp_replicate"))
-        exposed += offload_exposed
-    total = compute + exposed + bubble
-    tokens_per_s = tokens / total
-    return StepTime(
-        compute_s=compute, comm_s=comm, exposed_comm_s=exposed, bubble_s=bubble, total_s=total,
-        tokens_per_step=tokens, tokens_per_s=tokens_per_s,
-        mfu=fpt * tokens_per_s / (total_peak or deg.world * peak), flops_per_token=fpt,
-    )
+    return _Terms(compute, comm, exposed, bubble, micro)
 
 
 def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: float,
@@ -361,4 +400,4 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
 
 __all__ = ["BUBBLE_SCALE", "CPU_ADAM_PARAMS_PER_S", "NVME_BYTES_PER_S", "OVERLAP", "StepTime",
            "estimate_step_time", "flops_per_token", "gemm_efficiency", "head_flops",
-           "layer_flops"]
+           "layer_flops", "step_time_bound"]

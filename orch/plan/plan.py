@@ -23,7 +23,7 @@ from orch.plan.cost import (
     estimate_step_time,
     head_flops,
     layer_flops,
-    model_compute_s,
+    step_time_bound,
 )
 from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
@@ -280,18 +280,22 @@ def step_time(cfg: Config, deg: Degrees, machine: Machine, links: dict[str, Link
 
 STEP_FLOOR_SLACK = 1e-9
 """Share :func:`step_time_floor` takes off its bound, far above the rounding of the sums that
-make a step time (1e-16 each), so that no step is priced below its floor."""
+make a step time (1e-16 each, summed in another order by the bound), so that no step is priced
+below its floor."""
 
 
-def step_time_floor(cfg: Config, deg: Degrees, machine: Machine) -> float:
-    """Seconds :func:`step_time` cannot go below: the model's compute alone, with the most
-    loaded pipeline rank at least as loaded as under a split in proportion to speeds (on alike
-    devices, an even split), less :data:`STEP_FLOOR_SLACK`. Communication, bubbles and the
-    split itself only add, so the search leaves settings unpriced whose floor is slower than
-    the plans it would list already."""
+def step_time_floor(cfg: Config, deg: Degrees, machine: Machine,
+                    links: dict[str, Link]) -> float:
+    """Seconds :func:`step_time` cannot go below, whatever the pipeline split:
+    :func:`step_time_bound` with the most loaded pipeline rank at least as loaded as under a
+    split in proportion to speeds (on alike devices, an even split), less
+    :data:`STEP_FLOOR_SLACK`. The search leaves settings unpriced whose floor is slower than
+    the plans it would list already (most of them, so it prices a hundred settings, not
+    thousands)."""
     speeds = _speeds(machine, deg, cfg.train.precision)
     least_load = len(speeds) * min(speeds) / sum(speeds)
-    return model_compute_s(cfg, deg, machine.device, least_load) * (1 - STEP_FLOOR_SLACK)
+    return (step_time_bound(cfg, deg, links, machine.device, least_load)
+            * (1 - STEP_FLOOR_SLACK))
 
 
 def _stage_load(cfg: Config, deg: Degrees, machine: Machine,

@@ -187,8 +187,8 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                 result.evaluated += len(RECOMPUTE) - index - 1
                 result.fit += len(RECOMPUTE) - index
                 assert links is not None
-                floor = min(step_time_floor(split[mb, recompute, i][0], deg, orders[i])
-                            for i in fitting)
+                floor = min(step_time_floor(split[mb, recompute, i][0], deg, orders[i],
+                                            links[i]) for i in fitting)
                 if _band(tokens / floor) < _bar(best, listed, top):
                     break  # slower than what it would have to beat: left unpriced
                 priced = [_price(split[mb, recompute, i], deg, orders[i], links[i])
