@@ -128,8 +128,15 @@ def head_flops(m: ModelConfig) -> float:
     return 6.0 * param_counts(m).embedding
 
 
+_FLOPS: dict[tuple, float] = {}
+"""``_flops`` by model shape and sequence length: every step time asks for it."""
+
+
 def _flops(m: ModelConfig, seq_len: int) -> float:
-    return sum(layer_flops(m, seq_len)) + head_flops(m)
+    key = (model_key(m), seq_len)
+    if key not in _FLOPS:
+        _FLOPS[key] = sum(layer_flops(m, seq_len)) + head_flops(m)
+    return _FLOPS[key]
 
 
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
@@ -185,17 +192,6 @@ def _rate(cfg: Config, deg: Degrees, device: DeviceSpec) -> float:
     rank_tokens = t.micro_batch * t.seq_len / deg.cp  # of one micro-batch, before TP splits them
     return (device.peak(t.precision) * device.compute_efficiency
             * gemm_efficiency(rank_tokens, cfg.model.dim, deg.tp, device))
-
-
-def model_compute_s(cfg: Config, deg: Degrees, device: DeviceSpec,
-                    stage_load: float = 1.0) -> float:
-    """Seconds of a step's model FLOPs (full recompute's forward again included) on the most
-    loaded pipeline rank: :func:`estimate_step_time`'s compute but for selective recompute's
-    elementwise passes."""
-    t = cfg.train
-    fpt, full = _flops(cfg.model, t.seq_len), t.recompute == "full"
-    tokens = t.global_batch * t.seq_len
-    return stage_load * (fpt + full * fpt / 3) * tokens / deg.world / _rate(cfg, deg, device)
 
 
 def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
@@ -272,8 +268,9 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
     attention_fpt = 12.0 * seq * m.heads * m.head_dim  # per layer
     rank_tokens = t.micro_batch * seq / deg.cp  # of one micro-batch, before TP splits them
     rate = _rate(cfg, deg, device)
-    full = t.recompute == "full"
-    compute = model_compute_s(cfg, deg, device, stage_load)
+    fpt, full = _flops(m, seq), t.recompute == "full"
+    # the model's FLOPs (full recompute's forward again) on the most loaded pipeline rank
+    compute = stage_load * (fpt + full * fpt / 3) * (t.global_batch * seq) / deg.world / rate
     micro = max(1.0, t.global_batch / (t.micro_batch * deg.dp))
     moe_layers = layers * pc.moe_layers / m.layers
     if t.recompute == "selective":
