@@ -12,6 +12,7 @@ cheap and ``first_group`` (one group per dimension) is cheaper still for the sea
 
 from __future__ import annotations
 
+from functools import lru_cache
 from math import prod
 
 from orch.plan.degrees import Degrees
@@ -30,18 +31,14 @@ class RankLayout:
         self.strides = [prod(self.sizes[:i]) for i in range(len(self.sizes))]
         self.world = prod(self.sizes)
         self.aliases = aliases or {}
+        self._key = (tuple(self.names),
+                     tuple((alias, tuple(parts)) for alias, parts in self.aliases.items()))
 
-    def _mask(self, dims: str) -> list[bool]:
-        wanted: set[str] = set()
-        for part in dims.split("-"):
-            parts = self.aliases.get(part, (part,))
-            for name in parts:
-                if name not in self.names:
-                    raise KeyError(f"unknown dimension '{name}' (have {self.names})")
-                wanted.add(name)
-        return [name in wanted for name in self.names]
+    def _mask(self, dims: str) -> tuple[bool, ...]:
+        names, aliases = self._key
+        return _dims_mask(names, dims, aliases)
 
-    def _offsets(self, mask: list[bool], inside: bool) -> list[int]:
+    def _offsets(self, mask: tuple[bool, ...], inside: bool) -> list[int]:
         """Rank offsets spanned by the masked (inside=True) or unmasked dims, first dim fastest."""
         return span([
             (s, st) for s, st, m in zip(self.sizes, self.strides, mask, strict=True) if m == inside
@@ -70,6 +67,20 @@ class RankLayout:
         return {
             n: rank // st % s for n, s, st in zip(self.names, self.sizes, self.strides, strict=True)
         }
+
+
+@lru_cache(maxsize=256)
+def _dims_mask(names: tuple[str, ...], dims: str,
+               aliases: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[bool, ...]:
+    """Which of ``names`` the dimensions ``dims`` (``"tp-dp"``, aliases expanded) span: the
+    same few questions for every layout of every candidate the search makes."""
+    expand, wanted = dict(aliases), set()
+    for part in dims.split("-"):
+        for name in expand.get(part, (part,)):
+            if name not in names:
+                raise KeyError(f"unknown dimension '{name}' (have {list(names)})")
+            wanted.add(name)
+    return tuple(name in wanted for name in names)
 
 
 def span(shape: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> list[int]:
