@@ -171,32 +171,45 @@ def _activations(
     tok = s // cp * b
     tok_sp = tok // t if sp else tok
     logits = tok * -(-vocab // t) * 4
-    dense_terms = layer_terms(dense, s, b, t, sp, cp, etp)
-    moe_terms = layer_terms(moe, s, b, t, sp, cp, etp) if moe.experts else []
     last = norm_terms("final_norm", dense, tok_sp) + [
         Term("head_in", tok * h, act, wgrad=True),  # gathered under sequence parallelism
         Term("log_probs", tok * -(-vocab // t), 4),  # the fp32 loss keeps log-softmax
         Term("head_weight_copy", head_copy, 1),
     ]
-    def recomputed(arch: Arch, terms: list[Term]) -> int:
-        if recompute == "selective":
-            return recomputed_bytes(arch, s, b, t, sp, cp, etp)
-        return sum(x.nbytes for x in terms) if recompute == "full" else 0
-
+    # (a dense layer has no experts for etp to split: one answer for every etp)
+    dense_kept, dense_wgrad, dense_recomputed = _layer_bytes(dense, s, b, t, sp, cp, 1, recompute)
+    moe_kept, moe_wgrad, moe_recomputed = (_layer_bytes(moe, s, b, t, sp, cp, etp, recompute)
+                                           if moe.experts else (0, 0, 0))
     return _Activations(
-        dense=layer_activation_bytes(dense, s, b, t, sp, cp, etp, recompute) + dense_copies,
-        moe=(layer_activation_bytes(moe, s, b, t, sp, cp, etp, recompute) + moe_copies
-             if moe.experts else 0),
-        dense_wgrad=deferred_weight_grad_bytes(dense, s, b, t, sp, cp, etp),
-        moe_wgrad=deferred_weight_grad_bytes(moe, s, b, t, sp, cp, etp) if moe.experts else 0,
-        dense_recomputed=recomputed(dense, dense_terms),
-        moe_recomputed=recomputed(moe, moe_terms) if moe.experts else 0,
+        dense=dense_kept + dense_copies,
+        moe=moe_kept + moe_copies if moe.experts else 0,
+        dense_wgrad=dense_wgrad,
+        moe_wgrad=moe_wgrad,
+        dense_recomputed=dense_recomputed,
+        moe_recomputed=moe_recomputed,
         # RoPE cos/sin tables, made once per forward in the residual stream's dtype
         every_stage=2 * (s // cp) * hd * dense.residual_bytes,
         first_stage=tok * 8,  # the embedding keeps the int64 token ids
         last_stage=sum(x.nbytes for x in last),
         logits_buffer=logits,
     )
+
+
+@lru_cache(maxsize=1024)
+def _layer_bytes(arch: Arch, s: int, b: int, t: int, sp: bool, cp: int, etp: int,
+                 recompute: Recompute) -> tuple[int, int, int]:
+    """Bytes one layer of ``arch`` keeps between forward and backward under ``recompute``,
+    holds for a deferred weight-gradient step, and holds again while being recomputed, per rank
+    and micro-batch: made once per layer shape, where :func:`_activations` is asked once per
+    expert layout too (hundreds of them in a search, each listing every tensor again)."""
+    if recompute == "selective":
+        recomputed = recomputed_bytes(arch, s, b, t, sp, cp, etp)
+    elif recompute == "full":
+        recomputed = sum(x.nbytes for x in layer_terms(arch, s, b, t, sp, cp, etp))
+    else:
+        recomputed = 0
+    return (layer_activation_bytes(arch, s, b, t, sp, cp, etp, recompute),
+            deferred_weight_grad_bytes(arch, s, b, t, sp, cp, etp), recomputed)
 
 
 def _in_flight(schedule: str, pp: int, v: int, stage: int,
@@ -388,43 +401,49 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     largest = max(h * m.ffn_dim // tp, vocab, pc.experts // 3 // (deg.ep * etp))
     depth = off.prefetch_depth
     at_home = tiers == ("device",) * len(tiers)
+    # What every stage reads, looked up once: the search asks tens of thousands of stages.
+    norms, router, replicas = pc.norms, pc.router, deg.dp_replicate
+    eight_bit = cfg.optimizer.name == "adamw8bit"
+    optim_away = tiers[2] != "device"
+    # offloaded parameters are fetched as compute-dtype copies: nothing cast beside them
+    gathered = (gathers and tiers[0] == "device") * act_bytes
+    recast = act_bytes if autocast and tr.recompute != "none" else 0
+    sharded_home = off.shard_params and tiers[0] != "device" and replicas > 1
+    expert_layer = moe_layer + experts
+    a = acts
 
     def stage_bytes(nd: int, nm: int, first: bool, last: bool, num: int, den: int,
                     first_mbs: int, last_mbs: int) -> _StageBytes:
         dense = nd * dense_layer + nm * moe_layer + first * vocab + last * head
-        small = -(-((nd + nm) * pc.norms + nm * pc.router + last * h) // fsdp)
         n = -(-dense // fsdp) + -(-(nm * experts) // eshard)
-        if cfg.optimizer.name == "adamw8bit":
+        if eight_bit:
+            small = -(-((nd + nm) * norms + nm * router + last * h) // fsdp)
             big = n - small
             optim = ADAMW_BYTES * small + 2 * big + 8 * -(-big // QUANT_BLOCK)
         else:
             optim = ADAMW_BYTES * n
         whole_optim = optim  # a unit's states are stepped whole, on one replica
-        if tiers[2] != "device":  # offloaded replicas each hold their own units' states
-            optim = -(-optim // deg.dp_replicate)
-        per_mb = nd * acts.dense + nm * acts.moe
-        act = (num * (per_mb + acts.every_stage) // den
-               + first * first_mbs * acts.first_stage + last * last_mbs * acts.last_stage
-               + wgrad * (nd * acts.dense_wgrad + nm * acts.moe_wgrad))
-        layer = max(nd and dense_layer, nm and moe_layer + experts)
+        if optim_away:  # offloaded replicas each hold their own units' states
+            optim = -(-optim // replicas)
+        act = (num * (nd * a.dense + nm * a.moe + a.every_stage) // den
+               + first * first_mbs * a.first_stage + last * last_mbs * a.last_stage
+               + wgrad * (nd * a.dense_wgrad + nm * a.moe_wgrad))
+        layer = max(nd and dense_layer, nm and expert_layer)
         unit = max(layer, first * vocab, last * head)
-        # offloaded parameters are fetched as compute-dtype copies: nothing cast beside them
-        buffers = (gathers and tiers[0] == "device") * (2 * unit + layer) * act_bytes \
-            + last * acts.logits_buffer
-        buffers += max(nd and acts.dense_recomputed, nm and acts.moe_recomputed)
-        if autocast and tr.recompute != "none":  # a recomputed layer casts its weights again
-            buffers += layer * act_bytes
+        buffers = (gathered * (2 * unit + layer) + last * a.logits_buffer
+                   + max(nd and a.dense_recomputed, nm and a.moe_recomputed)
+                   + recast * layer)  # a recomputed layer casts its weights again
 
         unit_bytes = PARAM_BYTES * -(-unit // fsdp)
         params, grads = PARAM_BYTES * n, GRAD_BYTES * n
-        if off.shard_params and tiers[0] != "device" and deg.dp_replicate > 1:
+        if sharded_home:
             # each replica keeps its own units (in CPU memory with depth units on their way
             # from the others; on NVMe only its own); gradients: its own units' and the
             # others' sums for them, and the others' only until summed
-            params = -(-params // deg.dp_replicate)
+            params = -(-params // replicas)
             if tiers[0] == "cpu":
                 params += max(1, depth) * unit_bytes
-            grads = 2 * -(-grads // deg.dp_replicate) + max(1, depth) * unit_bytes
+            grads = 2 * -(-grads // replicas) + max(1, depth) * unit_bytes
         groups = (params, grads, optim, act)
         if at_home:  # nothing offloaded: no windows, no staging (most of what the search asks)
             return _StageBytes(*groups, buffers, buffers + sum(groups), 0, 0, 0, 0, 0, 0)
