@@ -27,10 +27,10 @@ from orch.plan.memory import MemoryEstimate
 from orch.plan.placement import unreachable
 from orch.plan.plan import (
     Plan,
+    PlannedSplit,
     evaluate,
-    memory_limit,
     placement_key,
-    planned_memory,
+    plan_split,
     step_time,
     step_time_floor,
     with_notes,
@@ -129,7 +129,6 @@ def _expert_layouts(cfg: Config, stage_ranks: int, tp: int) -> list[tuple[int, i
 
 def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
     result = SearchResult(best=[])
-    limit = memory_limit(cfg, machine)
     orders = machine.placements()  # node orders: their pipeline splits, so memory, differ
     best_per_degrees: list[_Priced] = []
     listed: list[tuple[int, float, int]] = []  # the best ``top`` keys of best_per_degrees
@@ -149,13 +148,12 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
             continue
         # The smallest micro-batch with full recompute needs the least memory: when even that
         # does not fit under any node order, no setting of these degrees does.
-        leanest = min((split[settings[0], "full", i][1] for i in range(len(orders))),
-                      key=lambda memory: memory.total)
-        if leanest.total > limit:
+        leanest = [split[settings[0], "full", i] for i in range(len(orders))]
+        if not any(planned.fits for planned in leanest):
             count = len(settings) * len(RECOMPUTE)
             result.evaluated += count
             result.over_memory += count
-            result.over_memory_causes[_dominant_group(leanest)] += count
+            result.over_memory_causes[_dominant_group(_least(leanest))] += count
             continue
         usable = list(range(len(orders)))  # then the orders whose groups reach their members
         links: dict[int, dict[str, Link]] | None = None
@@ -167,8 +165,7 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
             # the first that fits (under some node order) is the only one worth pricing.
             for index, recompute in enumerate(RECOMPUTE):
                 result.evaluated += 1
-                memory = {i: split[mb, recompute, i][1] for i in usable}
-                fitting = [i for i in usable if memory[i].total <= limit]
+                fitting = [i for i in usable if split[mb, recompute, i].fits]
                 if fitting and links is None:  # each node order whose groups all connect
                     links = {i: found for i in usable
                              if not unreachable(deg, found := orders[i].links(deg))}
@@ -182,16 +179,17 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                 if not fitting:
                     result.over_memory += 1
                     result.over_memory_causes[_dominant_group(
-                        min(memory.values(), key=lambda m: m.total))] += 1
+                        _least([split[mb, recompute, i] for i in usable]))] += 1
                     continue
                 result.evaluated += len(RECOMPUTE) - index - 1
                 result.fit += len(RECOMPUTE) - index
                 assert links is not None
-                floor = min(step_time_floor(split[mb, recompute, i][0], deg, orders[i],
-                                            links[i]) for i in fitting)
+                # (a floor whatever the split: the split need not be made to know it)
+                floor = min(step_time_floor(variants[mb, recompute], deg, orders[i], links[i])
+                            for i in fitting)
                 if _band(tokens / floor) < _bar(best, listed, top):
                     break  # slower than what it would have to beat: left unpriced
-                priced = [_price(split[mb, recompute, i], deg, orders[i], links[i])
+                priced = [_price(split[mb, recompute, i].planned, deg, orders[i], links[i])
                           for i in fitting]
                 chosen = min(priced, key=lambda p: placement_key(True, p.step, deg, p.machine))
                 if best is None or chosen.key < best.key:
@@ -229,18 +227,25 @@ def _price(planned: tuple[Config, MemoryEstimate], deg: Degrees, machine: Machin
 
 class _WithSplit(dict):
     """The search's variants of a config, each with a candidate's pipeline split under one
-    node order (which the memory model reads) and that split's memory estimate, keyed
-    ``(micro-batch, recompute, order)``, made when first asked for."""
+    node order (which the memory model reads) and that split's memory estimate
+    (:class:`PlannedSplit`), keyed ``(micro-batch, recompute, order)``, made when first asked
+    for."""
 
     def __init__(self, variants: dict[tuple[int, str], Config], deg: Degrees,
                  orders: list[Machine]) -> None:
         super().__init__()
         self.variants, self.deg, self.orders = variants, deg, orders
 
-    def __missing__(self, key: tuple[int, str, int]) -> tuple[Config, MemoryEstimate]:
+    def __missing__(self, key: tuple[int, str, int]) -> PlannedSplit:
         mb, recompute, order = key
-        self[key] = planned_memory(self.variants[mb, recompute], self.deg, self.orders[order])
+        self[key] = plan_split(self.variants[mb, recompute], self.deg, self.orders[order])
         return self[key]
+
+
+def _least(over: list[PlannedSplit]) -> MemoryEstimate:
+    """The estimate needing the least memory of settings that do not fit (each node order's):
+    what its largest group says of why."""
+    return min((planned.memory for planned in over), key=lambda memory: memory.total)
 
 
 def _with_train(cfg: Config, **changes: object) -> Config:

@@ -9,7 +9,7 @@ import pytest
 from orch.config import load_config
 from orch.plan import build_plan, resolve_machine, search
 from orch.plan.devices import GiB
-from orch.plan.plan import USABLE_MEMORY_FRACTION, _with_split
+from orch.plan.plan import USABLE_MEMORY_FRACTION, PlannedSplit, memory_limit
 from orch.plan.render import render_plan
 
 IB = "[{name: mlx5_0, type: ib, bandwidth_gbps: 400, network: f}]"
@@ -68,8 +68,8 @@ def _split_by_flops_only(monkeypatch) -> None:
     """Leave each node order's pipeline split by FLOPs, over memory or not (as before splits
     were capped by memory), so that node orders differ in what fits."""
     monkeypatch.setattr("orch.plan.plan._capped_split",
-                        lambda cfg, deg, machine, by_flops, stages: (
-                            _with_split(cfg, by_flops), stages.estimate(by_flops)))
+                        lambda cfg, deg, machine, by_flops, stages: PlannedSplit.made(
+                            cfg, by_flops, stages.estimate(by_flops), memory_limit(cfg, machine)))
 
 
 def test_a_node_order_that_fits_beats_a_faster_one_that_does_not(tmp_path, monkeypatch) -> None:

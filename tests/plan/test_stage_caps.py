@@ -76,7 +76,7 @@ def test_moe_every_other_layer_finds_a_split_that_fits_where_one_does(monkeypatc
     stages = StageMemory(cfg, deg)
     for limit in sorted(set(totals.values())):
         monkeypatch.setattr(plan_module, "memory_limit", lambda cfg, machine, limit=limit: limit)
-        planned, memory = plan_module._capped_split(cfg, deg, machine, by_flops, stages)
+        planned, memory = plan_module._capped_split(cfg, deg, machine, by_flops, stages).planned
         chosen = tuple(planned.parallel.stage_layers)
         assert memory.total == totals[chosen]
         if totals[chosen] > limit:  # none found: none fits, or by flops it would have been
