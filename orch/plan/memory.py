@@ -480,6 +480,25 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     return stage_bytes
 
 
+class WorstStage(NamedTuple):
+    """The stage of a pipeline split holding the most device bytes, what it holds, and the
+    total of every stage that can be the worst (:func:`_stages`): a :class:`MemoryEstimate`
+    in the making, made one only when asked (it is a frozen record of fourteen fields, a
+    third of an estimate's time, and the search asks of most splits whether they fit)."""
+
+    stage: int
+    held: _StageBytes
+    stage_totals: tuple[tuple[int, int], ...]
+
+    @property
+    def total(self) -> int:
+        return self.held.total
+
+    def estimate(self) -> MemoryEstimate:
+        return MemoryEstimate(**self.held._asdict(), stage=self.stage,
+                              stage_totals=self.stage_totals)
+
+
 class StageMemory:
     """What each pipeline stage of ``cfg`` holds under ``deg``, its split aside: the arithmetic
     of :func:`_stage_bytes`, made once and asked of several splits. The search asks it of each
@@ -498,6 +517,11 @@ class StageMemory:
     def estimate(self, stage_layers: Sequence[int]) -> MemoryEstimate:
         """:func:`estimate_memory` of the config with ``stage_layers`` as its
         ``parallel.stage_layers`` (empty, or not one number per chunk: an even split)."""
+        return self.worst(stage_layers).estimate()
+
+    def worst(self, stage_layers: Sequence[int]) -> WorstStage:
+        """:meth:`estimate`'s worst stage and what it holds, before it is made into a
+        :class:`MemoryEstimate` (the search asks only whether most splits fit)."""
         m, deg = self.cfg.model, self.deg
         chunk_layers = tuple(stage_layers) \
             if deg.pp > 1 and len(stage_layers) == deg.pp * deg.virtual_stages else ()
@@ -511,8 +535,7 @@ class StageMemory:
             if worst is None or held.total > worst[1].total:
                 worst = (p, held)
         assert worst is not None  # every pipeline has a first stage
-        p, held = worst
-        return MemoryEstimate(**held._asdict(), stage=p, stage_totals=tuple(totals))
+        return WorstStage(*worst, tuple(totals))
 
     def caps(self, limit: int) -> tuple[int, ...] | None:
         """The most layers each stage of a pipeline of one stage per rank can hold within

@@ -29,7 +29,13 @@ from orch.plan.cost import (
 from orch.plan.degrees import Degrees
 from orch.plan.layout import plan_groups, rank_coordinates
 from orch.plan.machine import Machine, resolve_machine
-from orch.plan.memory import MEMORY_READS, MemoryEstimate, StageMemory, model_key
+from orch.plan.memory import (
+    MEMORY_READS,
+    MemoryEstimate,
+    StageMemory,
+    WorstStage,
+    model_key,
+)
 from orch.plan.placement import (
     NodePlace,
     balanced_split,
@@ -365,28 +371,34 @@ def planned_memory(cfg: Config, deg: Degrees, machine: Machine) -> tuple[Config,
 
 class PlannedSplit:
     """:func:`planned_memory`'s answer, made as far as it is asked for: whether the split fits
-    at once, the config with the split and its estimate (``planned``) when first asked. The
-    search asks the first of every setting (13,300 for Mixtral at 1,024 GPUs) and the second
-    of those it prices (a few dozen), and where the split by FLOPs overfills a stage the split
-    that fits is a dynamic program (160 of them, a tenth of that search, before)."""
+    (``fits``) at once, its estimate (``memory``) and the config holding it (``planned``) when
+    first asked. The search asks the first of every setting (13,300 for Mixtral at 1,024
+    GPUs), the second of those that do not fit and the third of the few dozen it prices;
+    where the split by FLOPs overfills a stage the split that fits is a dynamic program (160 of
+    them, a tenth of that search, before)."""
 
-    def __init__(self, fits: bool, make: Callable[[], tuple[Config, MemoryEstimate]]) -> None:
-        self.fits, self._make = fits, make
+    def __init__(self, cfg: Config, fits: bool,
+                 make: Callable[[], tuple[Sequence[int] | None, WorstStage]]) -> None:
+        self.cfg, self.fits, self._make = cfg, fits, make
 
     @classmethod
-    def made(cls, cfg: Config, split: Sequence[int] | None, memory: MemoryEstimate,
+    def made(cls, cfg: Config, split: Sequence[int] | None, worst: WorstStage,
              limit: int) -> PlannedSplit:
-        """``cfg`` given ``split`` (None: as it is), whose estimate is ``memory``."""
-        return cls(memory.total <= limit, lambda: (
-            cfg if split is None else _with_split(cfg, split), memory))
+        """``cfg`` given ``split`` (None: as it is), whose worst stage is ``worst``."""
+        return cls(cfg, worst.total <= limit, lambda: (split, worst))
 
     @cached_property
-    def planned(self) -> tuple[Config, MemoryEstimate]:
+    def _split(self) -> tuple[Sequence[int] | None, WorstStage]:
         return self._make()
 
-    @property
+    @cached_property
     def memory(self) -> MemoryEstimate:
-        return self.planned[1]
+        return self._split[1].estimate()
+
+    @property
+    def planned(self) -> tuple[Config, MemoryEstimate]:
+        split = self._split[0]
+        return (self.cfg if split is None else _with_split(self.cfg, split)), self.memory
 
 
 def plan_split(cfg: Config, deg: Degrees, machine: Machine) -> PlannedSplit:
@@ -394,11 +406,11 @@ def plan_split(cfg: Config, deg: Degrees, machine: Machine) -> PlannedSplit:
     limit = memory_limit(cfg, machine)
     stages = StageMemory(cfg, deg, fused_norm=machine.device.fused_norm)
     if deg.pp == 1 or deg.virtual_stages > 1 or cfg.parallel.stage_layers:
-        return PlannedSplit.made(cfg, None, stages.estimate(cfg.parallel.stage_layers), limit)
+        return PlannedSplit.made(cfg, None, stages.worst(cfg.parallel.stage_layers), limit)
     split = _stage_layers(cfg, deg, machine)
     if cfg.model.layers % deg.pp == 0 and len(set(split)) == 1:
         # even: what the memory model assumes without a split
-        return PlannedSplit.made(cfg, None, stages.estimate(()), limit)
+        return PlannedSplit.made(cfg, None, stages.worst(()), limit)
     return _capped_split(cfg, deg, machine, split, stages)
 
 
@@ -417,31 +429,31 @@ def _capped_split(cfg: Config, deg: Degrees, machine: Machine, by_flops: tuple[i
     MoE and dense layers), so no cap follows from its place alone: each stage over memory is
     capped a layer below what it holds and the split remade, until one fits or none can."""
     limit = memory_limit(cfg, machine)
-    memory = stages.estimate(by_flops)
-    if memory.total <= limit:
-        return PlannedSplit.made(cfg, by_flops, memory, limit)
+    worst = stages.worst(by_flops)
+    if worst.total <= limit:
+        return PlannedSplit.made(cfg, by_flops, worst, limit)
     work, speeds = layer_work(cfg), tuple(_speeds(machine, deg, cfg.train.precision))
     if not cfg.model.is_moe or cfg.model.moe_layer_interval == 1:
         caps = stages.caps(limit)
         if caps is None:
-            return PlannedSplit.made(cfg, by_flops, memory, limit)
+            return PlannedSplit.made(cfg, by_flops, worst, limit)
 
-        def under_caps() -> tuple[Config, MemoryEstimate]:
+        def under_caps() -> tuple[Sequence[int], WorstStage]:
             split = balanced_split(work, speeds, caps)
-            planned = stages.estimate(split)
+            planned = stages.worst(split)
             assert planned.total <= limit, (caps, split)  # (each stage within its cap)
-            return _with_split(cfg, split), planned
+            return split, planned
 
-        return PlannedSplit(True, under_caps)
-    split, planned, tightened = by_flops, memory, [cfg.model.layers] * deg.pp
+        return PlannedSplit(cfg, True, under_caps)
+    split, planned, tightened = by_flops, worst, [cfg.model.layers] * deg.pp
     while planned.total > limit:
         for stage, total in planned.stage_totals:
             if total > limit:
                 tightened[stage] = split[stage] - 1
         if sum(tightened) < cfg.model.layers or min(tightened) < 1:
-            return PlannedSplit.made(cfg, by_flops, memory, limit)
+            return PlannedSplit.made(cfg, by_flops, worst, limit)
         split = balanced_split(work, speeds, tuple(tightened))
-        planned = stages.estimate(split)
+        planned = stages.worst(split)
     return PlannedSplit.made(cfg, split, planned, limit)
 
 

@@ -69,7 +69,7 @@ def _split_by_flops_only(monkeypatch) -> None:
     were capped by memory), so that node orders differ in what fits."""
     monkeypatch.setattr("orch.plan.plan._capped_split",
                         lambda cfg, deg, machine, by_flops, stages: PlannedSplit.made(
-                            cfg, by_flops, stages.estimate(by_flops), memory_limit(cfg, machine)))
+                            cfg, by_flops, stages.worst(by_flops), memory_limit(cfg, machine)))
 
 
 def test_a_node_order_that_fits_beats_a_faster_one_that_does_not(tmp_path, monkeypatch) -> None:
