@@ -23,8 +23,9 @@ An analytic, per-rank model, cheap enough (microseconds) to price every candidat
   (reshard after forward) for every micro-batch when there is no pipeline, once per step with
   one (torch's pipeline stage keeps them gathered across micro-batches); gradients accumulate
   locally and are reduced once per step (FSDP2's ``set_requires_gradient_sync(False)`` before
-  the last micro-batch), in the compute dtype (bf16 reduction under bf16): reduce-scatter over
-  FSDP's ``dp_shard x cp`` group, all-reduce of the shard over ``dp_replicate``. Expert weights
+  the last micro-batch), in fp32 whatever the compute dtype (``GRAD_REDUCE_BYTES``):
+  reduce-scatter over FSDP's ``dp_shard x cp`` group, all-reduce of the shard over
+  ``dp_replicate``. Expert weights
   do the same over the ranks sharding them (``Degrees.expert_shard``: all ``edp`` ranks when
   the experts are folded), else are all-reduced. Gathers overlap
   the whole step; gradient reduction only the last micro-batch's backward. Overlapped
@@ -51,6 +52,11 @@ from orch.plan.devices import DeviceSpec
 from orch.plan.memory import estimate_memory, model_key, param_counts, recomputed_layer_bytes
 from orch.plan.topology import Link
 
+GRAD_REDUCE_BYTES = 4
+"""Bytes per gradient element that data parallelism reduces: fp32 under bf16 too (FSDP2's
+``reduce_dtype``, DDP's fp32 parameters: ``orch.parallel.data_parallel``), where parameters are
+gathered in the compute dtype. A run's ``comm_bytes`` shows it (tiny model, 2 ranks: gathers
+halve under bf16, the 12.1 MB reduce does not)."""
 OVERLAP = 0.9
 """Share of the compute beside it that overlapped communication can hide: collectives running
 concurrently take SMs and memory bandwidth from the kernels they overlap."""
@@ -320,16 +326,16 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
     if deg.fsdp > 1:
         link = links["dp_shard-cp"]
         gather = gathers * _collective(dense * act, deg.fsdp, link)
-        reduce = _collective(dense * act, deg.fsdp, link)
+        reduce = _collective(dense * GRAD_REDUCE_BYTES, deg.fsdp, link)
         comm["dp_shard-cp"] = gather + reduce
     if deg.dp_replicate > 1:
-        shard = dense / deg.fsdp * act
+        shard = dense / deg.fsdp * GRAD_REDUCE_BYTES
         comm["dp_replicate"] = 2 * _collective(shard, deg.dp_replicate, links["dp_replicate"])
         reduce += comm["dp_replicate"]
     if folded and deg.edp > 1:  # FSDP over every edp rank, whatever the dense layers do
-        experts, link = pc.expert_total / (deg.pp * deg.ep * deg.etp) * act, links["edp"]
-        expert_gather = gathers * _collective(experts, deg.edp, link)
-        expert_reduce = _collective(experts, deg.edp, link)
+        experts, link = pc.expert_total / (deg.pp * deg.ep * deg.etp), links["edp"]
+        expert_gather = gathers * _collective(experts * act, deg.edp, link)
+        expert_reduce = _collective(experts * GRAD_REDUCE_BYTES, deg.edp, link)
         comm["edp"] = expert_gather + expert_reduce
         gather, reduce = gather + expert_gather, reduce + expert_reduce
     window = BACKWARD_SHARE * compute / micro

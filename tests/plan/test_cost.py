@@ -122,6 +122,18 @@ def test_fp32_compute_is_priced_at_the_fp32_peak() -> None:
     assert get_device("cpu").peak("fp32") == get_device("cpu").peak_flops
 
 
+def test_gradients_are_reduced_in_fp32_under_bf16_too() -> None:
+    """Gradient reduction was priced in the compute dtype, at half its bytes under bf16, where
+    FSDP2 reduces in fp32 (reduce_dtype) and DDP holds fp32 parameters: a run's comm_bytes
+    showed the gathers halve under bf16 and the reduce not. Under a pipeline FSDP gathers once
+    per step, as many bytes as it reduces under fp32."""
+    cfg = dict(parallel__pp=2, parallel__dp_replicate=2)
+    bf16 = estimate(config("llama3-8b", **cfg), 64).comm_s
+    fp32 = estimate(config("llama3-8b", train__precision="fp32", **cfg), 64).comm_s
+    assert bf16["dp_shard-cp"] == pytest.approx(0.75 * fp32["dp_shard-cp"], rel=1e-3)
+    assert bf16["dp_replicate"] == fp32["dp_replicate"]  # the shards' gradients only
+
+
 def test_tp_across_nodes_is_slower_than_inside_one() -> None:
     cfg = config("llama3-8b", parallel__tp=8)
     inside, across = estimate(cfg, 64, gpus_per_node=8), estimate(cfg, 64, gpus_per_node=4)
