@@ -215,18 +215,18 @@ def test_plan_notes_what_orch_launch_refuses():
     assert "fix: set parallel.ep=1" in note
     clean = orch("plan", "configs/tiny.yaml", "--device", "cpu", "--world-size", "2", "--json")
     assert json.loads(clean.stdout)["notes"] == []
-    # --auto notes each listed plan by its own layout, and the table says which are refused
+    # --auto offloaded lists what orch launch runs offloaded, replicas (it listed only FSDP,
+    # TP and pipeline plans, each refused); a refusal the config makes is noted on each row
     offload = [arg for group in ("params", "grads", "optimizer")
                for arg in ("--set", f"offload.{group}=cpu")]
-    searched = orch("plan", "configs/tiny.yaml", "--device", "cpu", "--world-size", "2",
-                    "--auto", *offload)
-    assert searched.returncode == 0, searched.stderr
-    assert "orch launch refuses #" in searched.stdout
     plans = json.loads(orch("plan", "configs/tiny.yaml", "--device", "cpu", "--world-size",
                             "2", "--auto", "--json", *offload).stdout)["plans"]
-    for plan in plans:
-        refused = any(n.startswith("orch launch refuses it") for n in plan["notes"])
-        assert refused == (plan["degrees"]["dp_replicate"] != 2), plan["degrees"]
+    assert [(p["degrees"]["dp_replicate"], p["degrees"]["dp_shard"], p["notes"])
+            for p in plans] == [(2, 1, [])]
+    searched = orch("plan", "configs/tiny.yaml", "--device", "cpu", "--world-size", "2",
+                    "--auto", *offload, "--set", "model.tie_embeddings=true")
+    assert searched.returncode == 0, searched.stderr
+    assert "orch launch refuses #1 (see each plan's notes" in searched.stdout
 
 
 def test_plan_does_not_import_torch():

@@ -107,3 +107,18 @@ def test_planner_imports_no_torch():
     code = "import sys, orch.cli, orch.plan, orch.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_search_lists_only_layouts_the_runtime_runs():
+    """Offloaded, --auto listed FSDP, TP and pipeline plans, every one refused by orch launch
+    (offloaded training runs replicas of the whole model), and never the replicas; DDP over
+    tensor-parallel ranks (refused: DDP cannot hold DTensor parameters) was ranked too."""
+    cfg = load_config(REPO / "configs/llama3-8b.yaml")
+    machine = resolve_machine(cfg, 64, None, None, [])
+    found = list(candidate_degrees(cfg, machine))
+    assert not [d for d in found if d.tp > 1 and d.dp_shard == 1 and d.dp_replicate > 1]
+    assert [d for d in found if d.tp > 1 and d.dp_shard > 1 and d.dp_replicate > 1]  # HSDP
+    assert [d for d in found if d.tp == 1 and d.dp_shard == 1 and d.dp_replicate > 1]  # DDP
+    offloaded = load_config(REPO / "configs/llama3-8b.yaml", ["offload.optimizer=cpu"])
+    (replicas,) = candidate_degrees(offloaded, machine)
+    assert (replicas.dp_replicate, replicas.dp_shard, replicas.short()) == (64, 1, "ddp64")
