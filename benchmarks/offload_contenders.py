@@ -112,7 +112,12 @@ def _deepspeed(model, adamw: dict, clip: float, micro: int, tier: str, nvme_dir:
     from deepspeed.accelerator import get_accelerator
 
     from orch.models.weights import buffers_to
+    from orch.offload.cpu_adam import use_venv_extension_cache
 
+    # DeepSpeed's CPU Adam and async I/O ops as make setup built them for orch: its default
+    # cache (~/.cache/torch_extensions) rebuilt both on a fresh machine, minutes per run of
+    # tests/offload/test_finetune_benchmark.py; its shared-memory comm op is built there once.
+    use_venv_extension_cache()
     if device == "cpu":
         # deepspeed/runtime/zero/partition_parameters.py, Init._set_dtype, reads
         # `dtype or torch.float16 if is_fp16_supported() else torch.bfloat16`: on the CPU
