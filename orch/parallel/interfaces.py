@@ -127,8 +127,10 @@ def interface_chooser(cluster: ClusterSpec, plan: Plan, node: str
     """For a group of global ranks: this node's interfaces on the network the group runs over
     (``GLOO_SOCKET_IFNAME``'s comma-separated list: every one there, as the planner prices
     them, but no more on any node than the group's node with the fewest has, as gloo needs),
-    or None when the group stays on one node (any interface reaches the node itself) or no
-    interface is known there (an HCA listed without its IPoIB netdev: gloo's default then)."""
+    "" where no interface is known there (an HCA listed without its IPoIB netdev: gloo's one
+    default device, which the other nodes count it as; leaving the launcher's world list in
+    place gave it as many devices as that list, and the group's first collective timed out),
+    or None when the group stays on one node (any interface reaches the node itself)."""
     names = [n.name for n in cluster.nodes]
     order = [names.index(p.name) for p in plan.placement]
     topology = Topology.from_cluster(cluster, order)
@@ -140,7 +142,7 @@ def interface_chooser(cluster: ClusterSpec, plan: Plan, node: str
         if link.kind != "inter":
             return None
         spanned = [cluster.nodes[order[index]] for index in topology.nodes_of(group)]
-        return ",".join(mine.gloo_interfaces(link.network, spanned)) or None
+        return ",".join(mine.gloo_interfaces(link.network, spanned))
 
     return choose
 

@@ -321,7 +321,7 @@ def test_hcas_are_checked_as_rdma_devices_and_never_bound_to(tmp_path, monkeypat
     for backend, variable in (("gloo", "GLOO_SOCKET_IFNAME"), ("nccl", "NCCL_SOCKET_IFNAME")):
         monkeypatch.delenv(variable, raising=False)
         assert variable not in node_settings(cluster, plan, node, backend).env  # torch's choice
-    assert interface_chooser(cluster, plan, "dgx0")([0, 8]) is None
+    assert interface_chooser(cluster, plan, "dgx0")([0, 8]) == ""  # gloo's default device
     assert node_settings(cluster, plan, node, "nccl").env["NCCL_IB_HCA"].startswith("=mlx5_0,")
 
 
@@ -374,3 +374,26 @@ def test_every_user_of_a_nodes_interface_skips_hcas_without_one(tmp_path):
     assert cluster.nodes[0].interface_on("f") == "ib1"
     assert interface_chooser(cluster, plan, "a")([0, 1]) == "ib1"
     assert node_settings(cluster, plan, cluster.nodes[0], "gloo").env["GLOO_SOCKET_IFNAME"] == "ib1"
+
+
+def test_a_node_without_an_interface_on_a_groups_network_takes_one_device_as_the_others_count(
+        tmp_path):
+    """A node naming no interface on the group's network kept the launcher's world list
+    (eth0,eth1: two gloo devices) where the other nodes counted it as one; gloo's first
+    collective on such a group timed out. It now takes gloo's one default device."""
+    dc = [{"name": f"e{i}", "type": "ethernet", "bandwidth_gbps": 10, "network": "dc",
+           "interface": f"eth{i}"} for i in range(2)]
+    fabric = {"name": "mlx5_0", "type": "ib", "bandwidth_gbps": 400, "network": "ib"}
+    path = tmp_path / "half.yaml"
+    path.write_text(yaml.safe_dump({"device": "cpu", "nodes": [
+        {"name": "a", "devices": 1, "nics": [*dc, {**fabric, "interface": "ib0"}]},
+        {"name": "b", "devices": 1, "nics": [*dc, fabric]},
+        {"name": "c", "devices": 1, "nics": dc}, {"name": "d", "devices": 1, "nics": dc}]}))
+    cluster = load_cluster(path)
+    plan = build_plan(load_config("configs/tiny.yaml", [
+        f"cluster={path}", "parallel.dp_replicate=2", "parallel.dp_shard=2"]))
+    assert [place.name for place in plan.placement][:2] == ["a", "b"]  # a shard group on ib
+    assert node_settings(cluster, plan, cluster.nodes[1], "gloo").env[
+        "GLOO_SOCKET_IFNAME"] == "eth0,eth1"  # the world group's, on the shared network
+    assert interface_chooser(cluster, plan, "a")([0, 1]) == "ib0"
+    assert interface_chooser(cluster, plan, "b")([0, 1]) == ""  # one device, as a counts it
