@@ -49,7 +49,7 @@ from orch.plan.degrees import Degrees
 from orch.plan.memory import MEMORY_READS
 from orch.runtime.checkpoint.files import CHECKPOINTS
 from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
-from orch.runtime.optim import decay_change
+from orch.runtime.optim import decay_change, decay_end
 from orch.runtime.rank_log import LOGS
 
 WORKER_MODULE = "orch.runtime.worker"
@@ -803,7 +803,8 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
 
     run_dir = Path(cfg.run.dir)
     newest = finished or CheckpointManager(run_dir, cfg, {}).latest()
-    step = read_manifest(newest).step if newest else 0
+    manifest = read_manifest(newest) if newest else None
+    step = manifest.step if manifest else 0
     own = newest is not None and newest.parent.resolve() == (run_dir / CHECKPOINTS).resolve()
     lines = [f"orch launch: done at step {step} of {cfg.train.steps}"]
     for name, path in (("metrics", run_dir / "metrics.jsonl"),
@@ -821,9 +822,12 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
         lines.append(f"  to resume, run the same command{without}{switch}: it continues from the "
                      "newest checkpoint")
     else:
+        # the decay the checkpoint was trained under (this launch may have changed it)
+        saved = (manifest.config.get("train") or {}) if manifest else {}
+        end = saved.get("decay_steps") or saved.get("steps") or decay_end(cfg.train)
         keep = ("" if cfg.train.lr_schedule == "constant" or cfg.train.decay_steps else
                 f"; the lr decay then ends at step N, unless --set "
-                f"train.decay_steps={cfg.train.steps} keeps this run's")
+                f"train.decay_steps={end} keeps this run's")
         lines.append(f"  to train further, run it again with --set train.steps=N (N > {step})"
                      f"{switch}{keep}")
     return "\n".join(lines)

@@ -101,11 +101,12 @@ class AsyncIO:
             self._allocator.free_cpu_locked_tensor(buffer)
 
     def read(self, buffer: torch.Tensor, offset: int) -> None:
-        self._check(self._handle().sync_pread(buffer, self._open_path(), offset), "read", offset)
+        path = self._open_path()  # first: after close, no new handle (and its threads)
+        self._check(self._handle().sync_pread(buffer, path, offset), "read", offset)
 
     def write(self, buffer: torch.Tensor, offset: int) -> None:
-        self._check(self._handle().sync_pwrite(buffer, self._open_path(), offset), "write",
-                    offset)
+        path = self._open_path()
+        self._check(self._handle().sync_pwrite(buffer, path, offset), "write", offset)
 
     def _open_path(self) -> str:
         # After close a ``/proc/self/fd/<N>`` path may name whatever file took descriptor N.

@@ -54,9 +54,10 @@ def decay_change(saved_train: dict[str, Any], train: TrainConfig, step: int) -> 
     if train.lr_schedule == "constant" or before in (0, now) or step >= max(before, now):
         return None
     old = dataclasses.replace(train, decay_steps=before)
+    first = max(step, train.warmup_steps) + 1  # the warmup is the same on both
     return (f"the lr decay ends at step {now} where the checkpoint's run ended it at {before} "
-            f"(train.decay_steps, else train.steps): step {step + 1}'s lr is "
-            f"{lr_at(step + 1, train):.3g}, {lr_at(step + 1, old):.3g} on that schedule; "
+            f"(train.decay_steps, else train.steps): step {first}'s lr is "
+            f"{lr_at(first, train):.3g}, {lr_at(first, old):.3g} on that schedule; "
             f"--set train.decay_steps={before} keeps it")
 
 

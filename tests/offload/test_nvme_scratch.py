@@ -107,3 +107,26 @@ def test_an_older_versions_scratch_file_of_a_killed_run_is_removed_at_start(tmp_
     said = capsys.readouterr().out
     assert f"orch: removed {stale}, the NVMe scratch file of a killed run" in said
     file.close()
+
+
+@pytest.mark.nvme
+def test_async_io_after_close_is_refused_before_it_makes_a_handle(tmp_path):
+    """After close a /proc/self/fd/N path may name whatever file took that descriptor: the
+    I/O is refused, and before a new aio handle (with its I/O threads) is made for it."""
+    from orch.offload.blockio import AsyncIO
+
+    try:
+        load_async_io()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    file = ScratchFile(tmp_path)
+    io = AsyncIO(file.path, 1 << 20, 8, 1)
+    buffer = io.buffer(1 << 20)
+    io.write(buffer, 0)
+    io.close()
+    for step in (io.read, io.write):
+        with pytest.raises(ValueError, match="after close"):
+            step(buffer, 0)
+    assert not hasattr(io._local, "handle")
+    io.free(buffer)
+    file.close()

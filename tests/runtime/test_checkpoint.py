@@ -811,7 +811,7 @@ def test_the_closing_lines_after_resume_path_name_what_the_next_launch_needs(tmp
         "orch launch: done at step 6 of 6",
         f"  checkpoint   {six}",
         "  to train further, run it again with --set train.steps=N (N > 6); the lr decay then "
-        "ends at step N, unless --set train.decay_steps=6 keeps this run's",
+        "ends at step N, unless --set train.decay_steps=100 keeps this run's",  # trained so
     ]
     CheckpointManager(tmp_path / "z", cfg, PLAN).save(8, tiny_state(8.0), {})
     cfg.train.steps, cfg.run.stop_at_step = 10, 8
@@ -824,13 +824,19 @@ def test_the_closing_lines_after_resume_path_name_what_the_next_launch_needs(tmp
     assert summary(cfg).splitlines()[-1] == (
         "  to train further, run it again with --set train.steps=N (N > 8), with --set "
         "checkpoint.resume=auto in place of none; the lr decay then ends at step N, unless "
-        "--set train.decay_steps=8 keeps this run's")
+        "--set train.decay_steps=6 keeps this run's")  # its checkpoint saved under steps=6
     constant = make_cfg()
     constant.run.dir, constant.train.steps, constant.train.lr_schedule = (
         str(tmp_path / "c"), 3, "constant")
     CheckpointManager(tmp_path / "c", constant, PLAN).save(3, tiny_state(3.0), {})
     assert summary(constant).splitlines()[-1] == (  # no decay to keep
         "  to train further, run it again with --set train.steps=N (N > 3)")
+    stopped = make_cfg()  # trained toward 10, relaunched at 6 when step 6 was saved: the
+    stopped.run.dir, stopped.train.steps = str(tmp_path / "s"), 10  # decay it had ended at 10
+    CheckpointManager(tmp_path / "s", stopped, PLAN).save(6, tiny_state(6.0), {})
+    stopped.train.steps = 6
+    assert summary(stopped).splitlines()[-1].endswith("--set train.decay_steps=10 keeps this "
+                                                      "run's")
     kept = make_cfg()  # its decay ends where set, whatever train.steps becomes
     kept.run.dir, kept.train.steps, kept.train.decay_steps = str(tmp_path / "k"), 3, 2
     CheckpointManager(tmp_path / "k", kept, PLAN).save(3, tiny_state(3.0), {})

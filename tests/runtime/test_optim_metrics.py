@@ -48,6 +48,8 @@ def test_decay_steps_ends_the_decay_and_a_resume_that_moves_the_end_says_so():
     assert decay_change(saved, dataclasses.replace(t12, lr_schedule="constant"), 8) is None
     assert decay_change(saved, dataclasses.replace(t8, decay_steps=6), 8) is None  # both past
     assert decay_change(saved, t12, 5) is not None  # a preempted run extended: changes too
+    warming = dataclasses.replace(t12, steps=20, warmup_steps=8)  # the same lr until step 8
+    assert "step 9's lr is " in decay_change({"steps": 10}, warming, 3)
     old = {k: v for k, v in saved.items() if k != "decay_steps"}  # saved before the field
     assert decay_change(old, t12, 8) == said
 
