@@ -65,16 +65,11 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
 def with_launch_refusals(plan: Plan, cfg: Config) -> Plan:
     """``plan`` with a note per feature this version's runtime cannot run for it, which
     ``orch launch`` refuses (the plan prices what a later runtime could run)."""
-    from orch.launch.support import unsupported_features
+    from orch.launch.support import layout_refusals
     from orch.plan.render import LAUNCH_REFUSES
 
-    d = plan.degrees  # the plan's own layout (a searched one need not be the config's)
-    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
-        cfg.parallel, pp=d.pp, dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, cp=d.cp,
-        tp=d.tp, ep=d.ep, etp=d.etp, virtual_stages=d.virtual_stages,
-        sequence_parallel=d.sequence_parallel))
     refused = tuple(f"{LAUNCH_REFUSES}: {p.where}: {p.message}; fix: {p.fix}"
-                    for p in unsupported_features(cfg, plan.world_size))
+                    for p in layout_refusals(cfg, plan.degrees, plan.world_size))
     return dataclasses.replace(plan, notes=plan.notes + refused) if refused else plan
 
 

@@ -226,7 +226,7 @@ def test_plan_notes_what_orch_launch_refuses():
     searched = orch("plan", "configs/tiny.yaml", "--device", "cpu", "--world-size", "2",
                     "--auto", *offload, "--set", "model.tie_embeddings=true")
     assert searched.returncode == 0, searched.stderr
-    assert "orch launch refuses #1 (see each plan's notes" in searched.stdout
+    assert "orch launch refuses #1, #2 (see each plan's notes" in searched.stdout
 
 
 def test_plan_does_not_import_torch():

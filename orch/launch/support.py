@@ -6,9 +6,12 @@ Imports no torch, so ``orch plan`` stays quick (the launcher's own imports pull 
 
 from __future__ import annotations
 
+import dataclasses
+
 from orch.config import Config
 from orch.config.schema import OFFLOADED
 from orch.errors import Problem
+from orch.plan.degrees import Degrees
 
 OFFLOAD_HOMES_RUN = {"params": ("cpu", "nvme"), "grads": ("cpu", "nvme"),
                      "optimizer": ("cpu", "nvme"),
@@ -81,4 +84,14 @@ def unsupported_features(cfg: Config, world: int) -> list[Problem]:
     return problems
 
 
-__all__ = ["OFFLOAD_HOMES_RUN", "unsupported_features"]
+def layout_refusals(cfg: Config, degrees: Degrees, world: int) -> list[Problem]:
+    """:func:`unsupported_features` of ``cfg`` laid out as ``degrees`` (a searched plan's
+    own layout need not be the config's)."""
+    d = degrees
+    return unsupported_features(dataclasses.replace(cfg, parallel=dataclasses.replace(
+        cfg.parallel, pp=d.pp, dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, cp=d.cp,
+        tp=d.tp, ep=d.ep, etp=d.etp, virtual_stages=d.virtual_stages,
+        sequence_parallel=d.sequence_parallel)), world)
+
+
+__all__ = ["OFFLOAD_HOMES_RUN", "layout_refusals", "unsupported_features"]

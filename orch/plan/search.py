@@ -81,8 +81,14 @@ def candidate_degrees(cfg: Config, machine: Machine) -> Iterator[Degrees]:
     m, p = cfg.model, cfg.parallel
     world, per_node = machine.world_size, machine.gpus_per_node
     if cfg.offload.enabled:
-        yield Degrees(dp_replicate=world, dp_shard=1)
-        return
+        from orch.launch.support import layout_refusals  # (the runtime's rules; no torch)
+
+        replicas = Degrees(dp_replicate=world, dp_shard=1)
+        if not layout_refusals(cfg, replicas, world):
+            yield replicas
+            return
+        # refused whatever the layout (parameters left on the device, say): every layout is
+        # priced, each row noting the refusal and its fix, as no plan otherwise would
     tp_limit = world if p.allow_cross_node_tp else per_node
     virtual = chunks_per_rank(p.pp_schedule, p.virtual_stages)
     for tp in divisors(tp_limit):

@@ -119,6 +119,12 @@ def test_the_search_lists_only_layouts_the_runtime_runs():
     assert not [d for d in found if d.tp > 1 and d.dp_shard == 1 and d.dp_replicate > 1]
     assert [d for d in found if d.tp > 1 and d.dp_shard > 1 and d.dp_replicate > 1]  # HSDP
     assert [d for d in found if d.tp == 1 and d.dp_shard == 1 and d.dp_replicate > 1]  # DDP
-    offloaded = load_config(REPO / "configs/llama3-8b.yaml", ["offload.optimizer=cpu"])
-    (replicas,) = candidate_degrees(offloaded, machine)
-    assert (replicas.dp_replicate, replicas.dp_shard, replicas.short()) == (64, 1, "ddp64")
+    offloaded = load_config(REPO / "configs/llama3-8b.yaml", [
+        f"offload.{group}=cpu" for group in ("params", "grads", "optimizer")])
+    (replicas,) = candidate_degrees(offloaded, eight := resolve_machine(offloaded, 8, None,
+                                                                       None, []))
+    assert (replicas.dp_replicate, replicas.dp_shard, replicas.short()) == (8, 1, "ddp8")
+    # where no layout runs (the parameters left on the device), every layout is searched,
+    # each row saying so: replicas alone read "no plan fits: ... offload (offload.*)"
+    assert len(list(candidate_degrees(load_config(REPO / "configs/llama3-8b.yaml", [
+        "offload.optimizer=cpu"]), eight))) == len(list(candidate_degrees(cfg, eight)))
