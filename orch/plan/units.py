@@ -22,6 +22,15 @@ def sci(x: float) -> str:
     return re.sub(r"e([+-]?)0*(\d)", lambda m: f"e{m[1].strip('+')}{m[2]}", f"{x:.4g}")
 
 
+def given(x: float) -> str:
+    """A figure the user wrote, as :func:`sci` writes it where that keeps every digit, else in
+    full (``sci`` rounds to four: 100001 read "1e5", the very limit it was refused for)."""
+    short = sci(x)
+    if float(short) == x:
+        return short
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else repr(float(x))
+
+
 _DECIMAL = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _BINARY = {"Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40}
 BYTES_PER_S: dict[str, float] = {
@@ -38,11 +47,11 @@ def _slow_rate(*meant: str) -> Callable[[float], tuple[str, str]]:
 
     def said(n: float) -> tuple[str, str]:
         if n < 1e5:
-            return (f"{sci(n)} looks like {' or '.join(meant)}: this field is bytes/s per device "
+            return (f"{given(n)} looks like {' or '.join(meant)}: this field is bytes/s per device "
                     f"({sci(n)} bytes/s is no GPU, memory or network link)",
                     "write " + ", ".join(f"{sci(n * BYTES_PER_S[unit])} or '{sci(n)}{unit}' for "
                                          f"{sci(n)} {unit}" for unit in meant))
-        return (f"{sci(n)} bytes/s ({n * 8 / 1e9:.3g} Gb/s) per device is slower than a GPU, "
+        return (f"{given(n)} bytes/s ({n * 8 / 1e9:.3g} Gb/s) per device is slower than a GPU, "
                 "memory or network link: this field is bytes/s per device",
                 "write the figure in bytes/s such as 50e9 (400 Gb/s), or write it with its unit "
                 f"if it is this slow: '{sci(n / 1e6)}MB/s'")
@@ -61,7 +70,7 @@ MemoryBandwidth = Annotated[float, Quantity(
 
 
 def _fast_port(n: float) -> tuple[str, str]:
-    return (f"{sci(n)} Gb/s is faster than any NIC port: this field is Gb/s (gigabits per "
+    return (f"{given(n)} Gb/s is faster than any NIC port: this field is Gb/s (gigabits per "
             "second)", f"write the port's speed in Gb/s such as 400, or with its unit "
             f"('400Gb/s', '50GB/s'): as bits/s {sci(n)} is {sci(n / 1e9)} Gb/s, as bytes/s "
             f"{sci(n * 8 / 1e9)} Gb/s")
@@ -77,7 +86,7 @@ Gbps = Annotated[float, Quantity(
 def _slow_compute(n: float) -> tuple[str, str]:
     fix = (f"write {sci(n * 1e12)} or '{sci(n)}TFLOP/s' for {sci(n)} TFLOP/s" if n < 1e5
            else "write the figure in FLOP/s such as 989.4e12, or with its unit ('989.4TFLOP/s')")
-    return f"{sci(n)} FLOP/s is slower than any device: this field is FLOP/s per device", fix
+    return f"{given(n)} FLOP/s is slower than any device: this field is FLOP/s per device", fix
 
 
 FlopsPerSecond = Annotated[float, Quantity(
@@ -89,7 +98,7 @@ FlopsPerSecond = Annotated[float, Quantity(
 
 
 def _long_latency(n: float) -> tuple[str, str]:
-    return (f"{sci(n)} s per ring step is longer than any link's latency: this field is seconds",
+    return (f"{given(n)} s per ring step is longer than any link's latency: this field is seconds",
             f"write {sci(n * 1e-6)} or '{sci(n)}us' for {sci(n)} microseconds")
 
 

@@ -464,6 +464,9 @@ def test_figures_in_another_unit_are_refused_and_figures_with_units_are_read() -
     assert message.startswith("4e11 Gb/s is faster than any NIC port: this field is Gb/s")
     assert fix.endswith("as bits/s 4e11 is 400 Gb/s, as bytes/s 3200 Gb/s")
     assert said == {}
+    data["nodes"][0]["nics"][1]["bandwidth_gbps"] = 100001  # said "1e5": the limit itself
+    with pytest.raises(ClusterError, match="100001 Gb/s is faster than any NIC port"):
+        cluster_from_dict(data, "c.yaml")
 
     data["device_overrides"] = {"inter_node_bw": "400Gb/s", "intra_node_bw": "900GB/s",
                                 "memory_bw": "3.35TB/s", "host_bw": "50MB/s",
