@@ -65,8 +65,8 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
 def with_launch_refusals(plan: Plan, cfg: Config) -> Plan:
     """``plan`` with a note per feature this version's runtime cannot run for it, which
     ``orch launch`` refuses (the plan prices what a later runtime could run)."""
-    from orch.launch.support import layout_refusals
     from orch.plan.render import LAUNCH_REFUSES
+    from orch.plan.support import layout_refusals
 
     refused = tuple(f"{LAUNCH_REFUSES}: {p.where}: {p.message}; fix: {p.fix}"
                     for p in layout_refusals(cfg, plan.degrees, plan.world_size))

@@ -35,7 +35,6 @@ from orch.launch.failures import summary as summary_of_failures
 from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
-from orch.launch.support import unsupported_features
 from orch.offload.nvme import stale_scratch_files
 from orch.parallel.pipeline.rebalance import (
     REBALANCE_EXIT,
@@ -47,9 +46,10 @@ from orch.plan import Plan, build_plan
 from orch.plan.cluster import ClusterSpec, NodeSpec, load_cluster
 from orch.plan.degrees import Degrees
 from orch.plan.memory import MEMORY_READS
+from orch.plan.support import unsupported_features
 from orch.runtime.checkpoint.files import CHECKPOINTS
 from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
-from orch.runtime.optim import decay_change, decay_end
+from orch.runtime.optim import decay_change, decay_end, saved_decay_end
 from orch.runtime.rank_log import LOGS
 
 WORKER_MODULE = "orch.runtime.worker"
@@ -824,7 +824,7 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
     else:
         # the decay the checkpoint was trained under (this launch may have changed it)
         saved = (manifest.config.get("train") or {}) if manifest else {}
-        end = saved.get("decay_steps") or saved.get("steps") or decay_end(cfg.train)
+        end = saved_decay_end(saved) or decay_end(cfg.train)
         keep = ("" if cfg.train.lr_schedule == "constant" or cfg.train.decay_steps else
                 f"; the lr decay then ends at step N, unless --set "
                 f"train.decay_steps={end} keeps this run's")

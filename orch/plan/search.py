@@ -36,6 +36,7 @@ from orch.plan.plan import (
     with_notes,
 )
 from orch.plan.rules import check_degrees
+from orch.plan.support import ddp_over_tp, layout_refusals
 from orch.plan.topology import Link
 
 MICRO_BATCHES = (1, 2, 4, 8)
@@ -74,15 +75,13 @@ def divisors(n: int) -> list[int]:
 
 def candidate_degrees(cfg: Config, machine: Machine) -> Iterator[Degrees]:
     """Every combination of degrees worth pricing on ``machine`` (before batch-size choices)
-    that this version's runtime runs (``orch.launch.support``): offloaded, only replicas of
+    that this version's runtime runs (``orch.plan.support``): offloaded, only replicas of
     the whole model (one process, or ``dp_replicate`` = the world; the search listed only
     FSDP, TP and pipeline plans, each refused by ``orch launch``); tensor parallelism never
     under plain DDP (``dp_shard`` 1 with replicas), which cannot hold DTensor parameters."""
     m, p = cfg.model, cfg.parallel
     world, per_node = machine.world_size, machine.gpus_per_node
     if cfg.offload.enabled:
-        from orch.launch.support import layout_refusals  # (the runtime's rules; no torch)
-
         replicas = Degrees(dp_replicate=world, dp_shard=1)
         if not layout_refusals(cfg, replicas, world):
             yield replicas
@@ -105,8 +104,9 @@ def candidate_degrees(cfg: Config, machine: Machine) -> Iterator[Degrees]:
                 if m.layers < pp or (v > 1 and m.layers % (pp * v)):
                     continue
                 dp = world // (tp * cp * pp)
-                for dp_replicate in _replica_counts(dp, per_node // min(per_node, tp * cp),
-                                                    ddp=tp == 1):
+                for dp_replicate in _replica_counts(dp, per_node // min(per_node, tp * cp)):
+                    if ddp_over_tp(tp, dp // dp_replicate, dp_replicate):
+                        continue
                     for ep, etp in _expert_layouts(cfg, dp * cp * tp, tp):
                         yield Degrees(
                             pp=pp,
@@ -121,11 +121,10 @@ def candidate_degrees(cfg: Config, machine: Machine) -> Iterator[Degrees]:
                         )
 
 
-def _replica_counts(dp: int, dp_per_node: int, ddp: bool = True) -> list[int]:
-    """dp_replicate values: 1 (full FSDP), and HSDP with shard groups of whole nodes (of one
-    rank, which is DDP, only where ``ddp``)."""
+def _replica_counts(dp: int, dp_per_node: int) -> list[int]:
+    """dp_replicate values: 1 (full FSDP), and HSDP with shard groups of whole nodes."""
     shards = {dp_per_node * n for n in HSDP_NODE_GROUPS} if dp_per_node > 0 else set()
-    return [1] + sorted(dp // s for s in shards if s < dp and dp % s == 0 and (ddp or s > 1))
+    return [1] + sorted(dp // s for s in shards if s < dp and dp % s == 0)
 
 
 def _expert_layouts(cfg: Config, stage_ranks: int, tp: int) -> list[tuple[int, int]]:

@@ -43,13 +43,19 @@ def lr_at(step: int, train: TrainConfig) -> float:
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def saved_decay_end(saved_train: dict[str, Any]) -> int:
+    """:func:`decay_end` of a checkpoint's run, from its config's ``train`` section (one saved
+    before ``decay_steps`` existed ended its decay at ``steps``); 0 where it says neither."""
+    return int(saved_train.get("decay_steps") or saved_train.get("steps") or 0)
+
+
 def decay_change(saved_train: dict[str, Any], train: TrainConfig, step: int) -> str | None:
     """What a resume at checkpoint ``step`` does to the lr schedule where ``train`` ends the
     decay elsewhere than the checkpoint's run did (``saved_train``, its config's ``train``
     section: the other schedule fields are the same, or the resume is refused): the rates of
     the steps to come change, the next one's included. None where they do not (a constant
     schedule, the same end, or both ends reached already)."""
-    before = int(saved_train.get("decay_steps") or saved_train.get("steps") or 0)
+    before = saved_decay_end(saved_train)
     now = decay_end(train)
     if train.lr_schedule == "constant" or before in (0, now) or step >= max(before, now):
         return None

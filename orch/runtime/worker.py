@@ -35,7 +35,6 @@ from orch.launch.launcher import (
 )
 from orch.launch.lifeline import end_with_launcher
 from orch.launch.nodes import NODE_ENV
-from orch.launch.support import unsupported_features
 from orch.models.hf_load import HFCheckpoint
 from orch.models.llama import Transformer
 from orch.models.weights import SeededInit, Unfilled, WeightSource
@@ -45,6 +44,7 @@ from orch.parallel.interfaces import cluster_placement, planned_rank
 from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, Repartition
 from orch.plan import Plan
 from orch.plan.layout import dense_layout
+from orch.plan.support import unsupported_features
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
 from orch.runtime.data import BatchStream, PackedSequences, load_tokens, source_identity
 from orch.runtime.metrics import MetricsLog

@@ -433,8 +433,8 @@ def _loss_curve(name: str, steps: int) -> list[float]:
     """The tiny model's losses over ``steps`` steps with optimizer ``name`` (one thread: the
     test runs both curves side by side, one per core)."""
     from orch.config import load_config
-    from orch.launch.support import unsupported_features
     from orch.models.llama import Transformer
+    from orch.plan.support import unsupported_features
     from orch.runtime.data import BatchStream, PackedSequences, load_tokens
     from orch.runtime.optim import build_optimizer, lr_at, set_lr
 

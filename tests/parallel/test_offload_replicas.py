@@ -208,7 +208,7 @@ def test_shared_parameters_rest_on_their_owner_and_reach_the_others_per_use(tmp_
 
 def test_shared_parameters_need_offloaded_parameters():
     from orch.config import load_config
-    from orch.launch.support import unsupported_features
+    from orch.plan.support import unsupported_features
 
     cfg = load_config("configs/tiny.yaml", ["offload.shard_params=true",
                                             "parallel.dp_replicate=2", "parallel.dp_shard=1"])
@@ -234,7 +234,7 @@ def test_one_process_keeps_its_own_gradients():
 
 def test_more_replicas_than_units_are_refused_before_start():
     from orch.config import load_config
-    from orch.launch.support import unsupported_features
+    from orch.plan.support import unsupported_features
 
     cfg = load_config("configs/tiny.yaml", ["offload.params=cpu", "offload.grads=cpu",
                                             "offload.optimizer=cpu", "parallel.dp_replicate=8",
@@ -258,7 +258,7 @@ def test_more_replicas_than_units_are_refused_before_start():
 ])
 def test_what_offload_cannot_hold_is_refused_before_start(config, sets, where, message):
     from orch.config import load_config
-    from orch.launch.support import unsupported_features
+    from orch.plan.support import unsupported_features
 
     cfg = load_config(config, ["offload.params=cpu", "offload.grads=cpu", "offload.optimizer=cpu",
                                "parallel.dp_replicate=2", "parallel.dp_shard=1", *sets])
@@ -274,7 +274,7 @@ def test_offload_with_model_parallelism_is_one_clear_refusal(sets, settings):
     """Offload with pp (or tp, cp) was refused by the replica rule alone, whose fix
     (dp_replicate = the world) the degrees then refused: round and round, pp never named."""
     from orch.config import load_config
-    from orch.launch.support import unsupported_features
+    from orch.plan.support import unsupported_features
 
     cfg = load_config("configs/tiny.yaml", ["offload.params=cpu", "offload.grads=cpu",
                                             "offload.optimizer=cpu", *sets])

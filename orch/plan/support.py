@@ -20,11 +20,17 @@ OFFLOAD_HOMES_RUN = {"params": ("cpu", "nvme"), "grads": ("cpu", "nvme"),
 offloaded (gradients and parameters always leave the device)."""
 
 
+def ddp_over_tp(tp: int, dp_shard: int, dp_replicate: int) -> bool:
+    """Replicas by plain DDP (shards of one) of tensor-parallel ranks: DDP cannot hold DTensor
+    parameters, so the runtime refuses it and the search never lists it."""
+    return tp > 1 and dp_shard == 1 and dp_replicate > 1
+
+
 def unsupported_features(cfg: Config, world: int) -> list[Problem]:
     """What the plan allows but this version of the runtime cannot run yet, said up front,
     each with the config fields it read (``world``'s are the caller's to add)."""
     p, off, problems = cfg.parallel, cfg.offload, []
-    if p.tp > 1 and p.dp_shard == 1 and p.dp_replicate > 1:
+    if ddp_over_tp(p.tp, p.dp_shard, p.dp_replicate):
         problems.append(Problem("parallel.dp_shard", "1 with dp_replicate > 1 and tp > 1: DDP "
                                 "cannot replicate tensor-parallel (DTensor) parameters",
                                 "use parallel.dp_shard >= 2 (FSDP or HSDP) with tensor parallel",
@@ -94,4 +100,4 @@ def layout_refusals(cfg: Config, degrees: Degrees, world: int) -> list[Problem]:
         sequence_parallel=d.sequence_parallel)), world)
 
 
-__all__ = ["OFFLOAD_HOMES_RUN", "layout_refusals", "unsupported_features"]
+__all__ = ["OFFLOAD_HOMES_RUN", "ddp_over_tp", "layout_refusals", "unsupported_features"]
