@@ -35,7 +35,7 @@ from orch.launch.failures import summary as summary_of_failures
 from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
-from orch.offload.nvme import stale_scratch_files
+from orch.offload.stale_scratch import stale_scratch_files
 from orch.parallel.pipeline.rebalance import (
     REBALANCE_EXIT,
     apply_rebalance,

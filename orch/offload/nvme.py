@@ -50,6 +50,7 @@ from orch.errors import Problem, ProblemsError
 from orch.models.weights import placeholder
 from orch.offload.blockio import ALIGN, BlockIO, aligned
 from orch.offload.sizes import TENSOR_ALIGN
+from orch.offload.stale_scratch import scratch_name, stale_scratch_files
 
 Due = tuple[int, int]
 """When a kept copy will be read next, as an order: (pass over the units, place in that pass);
@@ -108,23 +109,11 @@ def _open_unnamed(directory: Path, rank: int) -> int:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
     # The name holds this process's id: one there already is a dead process's.
-    path = directory / f"orch-rank{rank}-{os.getpid()}.swap"
+    path = directory / scratch_name(rank)
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     os.unlink(path)
     return fd
-
-
-def stale_scratch_files(directory: Path, rank: int | str = "*") -> list[Path]:
-    """Named scratch files under ``directory`` of ``rank`` (any by default) whose process is
-    gone: a killed run's of an older orch version, whose files had names until the process
-    ended, which :func:`scratch_file` removes (the launcher counts their bytes as free)."""
-    stale = []
-    for path in Path(directory).glob(f"orch-rank{rank}-*.swap"):
-        pid = path.name.removesuffix(".swap").rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            stale.append(path)
-    return stale
 
 
 class NvmeFull(ProblemsError):
@@ -147,16 +136,6 @@ def _reserve(file: ScratchFile, offset: int, nbytes: int) -> None:
             f"{nbytes:,} bytes to {offset + nbytes:,} ({exc.strerror}; "
             f"{shutil.disk_usage(directory).free:,} bytes free in {directory})",
             "free space, choose a larger disk, or keep more groups on cpu")]) from exc
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -490,5 +469,4 @@ class NvmeTier:
         self.file.close()
 
 
-__all__ = ["Due", "NvmeTier", "PinnedPool", "ScratchFile", "placeholder", "scratch_file",
-           "stale_scratch_files"]
+__all__ = ["Due", "NvmeTier", "PinnedPool", "ScratchFile", "placeholder", "scratch_file"]
