@@ -26,10 +26,13 @@ weights) has blocks within each rank's slice of a row; see ``_absmax_layout``.
 Which path updates a tensor is ``orch.kernels.dispatch.use_triton("adamw8bit", p, grad)``: the
 fused Triton kernel on CUDA, the chunked plain-torch reference otherwise.
 
-A property of the method, not of this code: the unsigned map's smallest nonzero code is 3.25e-7
-of the block's absmax, so an element whose gradient stays more than ~2,500x below the largest
-in its block has its second moment stored as 0 and steps larger than AdamW would. Rows of real
-layers rarely spread that far within 256 elements; the tiny Llama trains to AdamW's loss.
+The unsigned map's smallest nonzero code is 3.25e-7 of the block's absmax, and a positive second
+moment is stored as at least that (``quant.midpoints``), so an element whose gradient stays more
+than ~2,500x below the largest in its block keeps a second moment too large and steps less than
+AdamW would. Rounded to the nearest code, as in the paper's method, that second moment was 0
+beside a nonzero first moment: any element whose gradient was under ~4e-4 of its block's
+largest then moved by ``lr * m / eps`` on a step with a zero gradient (an MoE expert that got
+no tokens, an embedding row of an absent token, ``zero_grad(set_to_none=False)``).
 """
 
 from __future__ import annotations

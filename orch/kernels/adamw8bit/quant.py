@@ -19,14 +19,17 @@ inside rows is what lets FSDP2's dim-0 shards own whole blocks: a shard quantize
 blocks the unsharded tensor would, and DCP can reshard the states.
 
 **Rounding.** A value ``x`` normalised by its block's absmax becomes the index of the nearest
-code: ``#{midpoints < x}`` over the 255 midpoints between neighbouring codes (``torch.bucketize``
-semantics; a tie goes to the lower code). ``torch.bucketize`` costs ~40 ns per element on CPU,
-so the CPU path gets the same answer from a table indexed by the bf16 rounding of ``x``: every
-bf16 value covers an interval of floats that contains at most one midpoint (checked when the
-table is built), so the table's entry, the number of midpoints below the interval and the one
-midpoint that may lie inside it, settles ``x`` with one comparison. The tests hold this equal
-to bucketize. Dequantizing reads two codes at once from a table of code pairs. Both tables
-pack two fp32 values per fp64 slot, so one gather fetches both.
+code: ``#{midpoints < x}`` over the 255 midpoints between neighbouring codes
+(``torch.bucketize`` semantics; a tie goes to the lower code), except that the unsigned map
+rounds every positive value up to at least its smallest nonzero code (see ``midpoints``: a
+second moment stored as 0 beside a nonzero first moment is a step of ``lr * m / eps``).
+``torch.bucketize`` costs ~40 ns per element on CPU, so the CPU path gets the same answer from a
+table indexed by the bf16 rounding of ``x``: every bf16 value covers an interval of floats that
+contains at most one midpoint (checked when the table is built), so the table's entry, the
+number of midpoints below the interval and the one midpoint that may lie inside it, settles
+``x`` with one comparison. The tests hold this equal to bucketize. Dequantizing reads two codes
+at once from a table of code pairs. Both tables pack two fp32 values per fp64 slot, so one
+gather fetches both.
 
 The signed map has no code for -1.0 (its most negative is -0.99297): a block whose largest
 magnitude is negative stores it 0.7% small, as in the paper's map.
@@ -71,9 +74,20 @@ def zero_code(signed: bool) -> int:
 
 
 def midpoints(signed: bool) -> torch.Tensor:
-    """256 fp32 thresholds: the 255 midpoints between neighbouring codes, then +inf."""
+    """256 fp32 thresholds: the 255 midpoints between neighbouring codes, then +inf; the
+    unsigned map's first is 0, so that a positive second moment never rounds to code 0.
+
+    An element whose gradient is under ~4e-4 of its block's largest has ``v`` under the first
+    midpoint (1.6e-7 of the block's absmax), while its first moment, ~4e-4 of its block's, is
+    far above the signed map's smallest code (5.5e-7): rounded to the nearest code, ``v`` was
+    stored as 0 and ``m`` was not, and a step with a zero gradient moved it by ``lr * m / eps``
+    (weights of 0.02 jumped by 8 at lr 1e-4: an MoE expert that got no tokens, embedding rows
+    of absent tokens). Rounded up, ``v`` is stored too large, never too small, so such an
+    element steps less than AdamW would, never more."""
     code = _dynamic_map(signed)
     mids = (code[1:] + code[:-1]) / 2
+    if not signed:
+        mids[0] = 0.0
     return torch.cat([mids, torch.tensor([float("inf")])])
 
 
@@ -256,9 +270,10 @@ def codes_into(x: torch.Tensor, codes: torch.Tensor, t: Tables, s: Scratch) -> N
     index.copy_(half.view(torch.uint16))  # its 16-bit pattern is the table index
     torch.index_select(t.buckets, 0, index, out=pair)
     mid, below = pair.view(torch.float32).view(n, 2).unbind(1)
-    # x - mid has the exact sign; when x and mid share an interval (|mid| >= 1.6e-7) a nonzero
-    # difference is at least an ulp of mid (> 1e-14), so the scaling below saturates it to 1
+    # x - mid has the exact sign (fp32 subtraction is 0 only for equal values, with gradual
+    # underflow); its sign, not a scaling of it: the unsigned map's threshold 0 shares the bf16
+    # zero's interval with positive x down to 1e-45, which no fp32 factor saturates to 1
     torch.sub(x, mid, out=d)
-    d.mul_(2.0**100).clamp_(0, 1)  # 1 where x > midpoint, else 0
+    d.sign_().clamp_(0, 1)  # 1 where x > midpoint, else 0
     d.add_(below)
     codes.copy_(d)

@@ -23,7 +23,8 @@ from orch.kernels.adamw8bit.reference import Hyper
 
 @triton.jit
 def _nearest_code(x, mids_ptr):
-    """#{midpoints < x}: eight probes of the 256 thresholds (the last is +inf)."""
+    """#{midpoints < x}: eight probes of the 256 thresholds (the last is +inf; the unsigned
+    map's first is 0, so a positive second moment never gets code 0, as on the CPU path)."""
     index = tl.zeros(x.shape, dtype=tl.int32)
     for level in tl.static_range(8):
         step = 128 >> level
