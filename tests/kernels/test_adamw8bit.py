@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from orch.errors import ProblemsError
 from orch.kernels import AdamW8bit
 from orch.kernels.adamw8bit.optimizer import QUANTIZED_KEYS
 from orch.kernels.adamw8bit.quant import (
@@ -422,6 +423,44 @@ def test_bad_hyperparameters_of_a_group_are_refused_wherever_they_come_from():
     with pytest.raises(ValueError, match="param group 1: lr=nan"):
         opt.step()
     assert torch.equal(p, before) and not opt.state  # group 0 was not stepped before the refusal
+
+
+def test_a_step_refused_for_its_kernel_choice_changes_nothing(monkeypatch):
+    """``ORCH_KERNELS=triton`` on the CPU without the interpreter was refused by the 8-bit
+    weight's update, after the fp32 bias before it had stepped and the weight's step count had
+    advanced (a retry then ran a step with the wrong bias correction)."""
+    torch.manual_seed(0)
+    bias, weight = nn.Parameter(torch.randn(128)), nn.Parameter(torch.randn(64, 128))
+    opt = AdamW8bit([bias, weight])
+    for refuse in (False, True):  # the refused step both before and after a good one
+        bias.grad, weight.grad = torch.randn_like(bias), torch.randn_like(weight)
+        before = [bias.detach().clone(), weight.detach().clone()]
+        states = copy.deepcopy(opt.state_dict()["state"])
+        monkeypatch.setenv("ORCH_KERNELS", "triton")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ProblemsError, match="cannot choose a kernel") as refused:
+            opt.step()
+        assert "ORCH_KERNELS" in str(refused.value)
+        assert torch.equal(bias, before[0]) and torch.equal(weight, before[1])
+        after = opt.state_dict()["state"]
+        assert after.keys() == states.keys()
+        for index, state in after.items():
+            assert all(torch.equal(v, states[index][k]) for k, v in state.items()), index
+        monkeypatch.setenv("ORCH_KERNELS", "reference")
+        if not refuse:
+            opt.step()
+            assert [int(opt.state[p]["step"]) for p in (bias, weight)] == [1, 1]
+
+    # an update that fails in the middle (out of memory, say) leaves its step uncounted
+    def fail(*args: object) -> None:
+        raise RuntimeError("out of memory")
+
+    from orch.kernels.adamw8bit import optimizer
+
+    monkeypatch.setattr(optimizer, "step_8bit_", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step()
+    assert int(opt.state[weight]["step"]) == 1
 
 
 def test_narrow_rows_keep_fp32_moments():

@@ -46,10 +46,10 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
-from orch.errors import OrchError
+from orch.errors import OrchError, ProblemsError
 from orch.kernels.adamw8bit.quant import blocks_per_row, zero_code
 from orch.kernels.adamw8bit.reference import Hyper, ScratchPool, step_8bit_, step_fp32_
-from orch.kernels.dispatch import use_triton
+from orch.kernels.dispatch import kernel_choice_problem, use_triton
 
 QUANTIZED_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 MIN_ROW = 16
@@ -147,12 +147,8 @@ class AdamW8bit(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             _check_hyperparameters(group, f"AdamW8bit param group {index}", read_tensors=False)
             for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError("AdamW8bit does not support sparse gradients")
-                if p.grad is not None and p.is_complex():
-                    raise ValueError(f"AdamW8bit does not support complex parameters (one of "
-                                     f"shape {tuple(p.shape)}, {p.dtype}); use "
-                                     "torch.optim.AdamW for them")
+                if p.grad is not None:
+                    self._check_steppable(p, p.grad)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -161,11 +157,26 @@ class AdamW8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
-                state["step"] += 1
-                h = Hyper.at(int(state["step"].item()), float(group["lr"]), float(beta1),
+                h = Hyper.at(int(state["step"].item()) + 1, float(group["lr"]), float(beta1),
                              float(beta2), float(group["eps"]), float(group["weight_decay"]))
                 self._update(p, state, h)
+                state["step"] += 1  # after the update: a step that failed did not count
         return loss
+
+    def _check_steppable(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Refuse what ``step`` cannot do for ``p`` before it updates anything: a sparse
+        gradient, a complex parameter, and a kernel choice (``ORCH_KERNELS``) that cannot run
+        ``p``'s 8-bit update, which ``use_triton`` raised in the middle of the step, after the
+        parameters before ``p`` had moved and ``p``'s step count had advanced."""
+        if grad.is_sparse:
+            raise RuntimeError("AdamW8bit does not support sparse gradients")
+        if p.is_complex():
+            raise ValueError(f"AdamW8bit does not support complex parameters (one of shape "
+                             f"{tuple(p.shape)}, {p.dtype}); use torch.optim.AdamW for them")
+        state = self.state.get(p)
+        eight_bit = "exp_avg_absmax" in state if state else self.quantized(p)
+        if eight_bit and (problem := kernel_choice_problem(_local(p), _local(grad))):
+            raise ProblemsError([problem], title="cannot choose a kernel")
 
     def _update(self, p: torch.Tensor, state: dict[str, Any], h: Hyper) -> None:
         grad = p.grad
