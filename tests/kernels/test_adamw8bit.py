@@ -354,6 +354,87 @@ def test_states_of_another_shape_are_refused_at_load():
     assert not target.state  # nothing loaded
 
 
+def _three_params() -> list[nn.Parameter]:
+    """Two 8,192-element matrices and a bias."""
+    torch.manual_seed(0)
+    return [nn.Parameter(torch.randn(64, 128)), nn.Parameter(torch.randn(128)),
+            nn.Parameter(torch.randn(32, 256))]
+
+
+def _stepped(make: type[torch.optim.Optimizer], **kw) -> tuple[list[nn.Parameter], dict]:
+    """``_three_params`` after one step of ``make``, and its state dict."""
+    params = _three_params()
+    opt = make(params, **kw)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return params, opt.state_dict()
+
+
+def _refusal(state_dict: dict, **kw) -> str:
+    """What a fresh AdamW8bit over ``_stepped``'s parameters says loading ``state_dict``; it
+    loads nothing."""
+    opt = AdamW8bit(_three_params(), **kw)
+    with pytest.raises(ValueError) as refused:
+        opt.load_state_dict(state_dict)
+    assert not opt.state
+    return str(refused.value)
+
+
+def test_a_state_dict_of_another_optimizer_is_named_at_load():
+    """torch's AdamW state dict, or AdamW8bit's with another ``min_8bit_size``, was refused as
+    "states of other parameters" with the shapes alone: the state dict's origin and the fix
+    are said, from ``min_8bit_size`` recorded in the state dict, or, in one saved before it
+    was, from which parameters have 8-bit states."""
+    _, saved = _stepped(torch.optim.AdamW)
+    text = _refusal(saved)
+    assert "the state dict is torch.optim.AdamW's (fp32 exp_avg and exp_avg_sq)" in text
+    assert "fix: load it into torch.optim.AdamW (optimizer.name: adamw), or start" in text
+    assert "construct it with min_8bit_size=8193" in text
+
+    _, saved = _stepped(AdamW8bit, min_8bit_size=10**9)
+    assert saved["min_8bit_size"] == 10**9
+    assert "fix: construct this AdamW8bit with min_8bit_size=1000000000" in _refusal(saved)
+    del saved["min_8bit_size"]  # as saved before it was recorded: told from the states
+    text = _refusal(saved)
+    assert "an AdamW8bit's with a min_8bit_size over 8192, or torch.optim.AdamW's" in text
+    assert "if AdamW8bit saved it, construct this one with min_8bit_size=8193" in text
+    AdamW8bit(_three_params(), min_8bit_size=8193).load_state_dict(saved)  # which then loads
+
+    _, saved = _stepped(AdamW8bit)
+    text = _refusal(saved, min_8bit_size=10**9)
+    assert "saved by AdamW8bit(min_8bit_size=4096)" in text
+    assert "fix: construct this AdamW8bit with min_8bit_size=4096" in text
+    del saved["min_8bit_size"]
+    text = _refusal(saved, min_8bit_size=10**9)
+    assert "a min_8bit_size of at most 8192, not 1000000000" in text
+    assert "fix: construct this AdamW8bit with min_8bit_size=8192" in text
+
+
+def test_state_dtypes_are_checked_and_a_number_step_is_taken_at_load():
+    """Codes cast to float (``.float()`` of every tensor) loaded and the step failed on a size
+    mismatch; a step saved as a number (as older torch saved it) loaded and the step failed on
+    ``.item()``, where torch's AdamW takes it."""
+    params, saved = _stepped(AdamW8bit)
+    saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].float()
+    text = _refusal(saved)
+    assert "parameter 0: exp_avg is torch.float32, needs torch.uint8 (8-bit codes)" in text
+    assert "fix: load the state dict as AdamW8bit.state_dict() gave it" in text
+    saved["state"][0]["step"] = "one"
+    assert "parameter 0: step='one' is not a number" in _refusal(saved)
+
+    params, saved = _stepped(AdamW8bit)
+    saved["state"][0]["step"] = 1
+    saved["state"][1]["exp_avg"] = saved["state"][1]["exp_avg"].bfloat16()  # fp32 moments
+    opt = AdamW8bit(params)
+    opt.load_state_dict(saved)
+    assert opt.state[params[1]]["exp_avg"].dtype == torch.float32
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [2.0, 2.0, 2.0]
+
+
 def test_small_low_precision_parameters_keep_fp32_moments():
     """A small bf16 parameter's moments were bf16, where ``v *= 0.999`` rounds back to ``v``:
     its second moment never decayed (9.99e-4 after 500 steps of gradient 1e-3 where fp32

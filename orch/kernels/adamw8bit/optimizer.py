@@ -15,6 +15,10 @@ State per parameter (``optimizer.state[p]``), the same on the CPU and GPU paths:
 
 Complex parameters are refused (the 8-bit path would drop their imaginary part).
 
+``state_dict()`` adds ``min_8bit_size`` to torch's (at the top level, which DCP leaves out), so
+that loading it into an optimizer with another one says so; ``load_state_dict`` refuses states of
+other shapes or dtypes before taking any (``loading``).
+
 A sharded (DTensor) parameter is updated through its local shard, so each rank quantizes its
 own part; its states are DTensors on the parameter's mesh (codes with its placements, absmax
 with the same sharding of rows), so ``torch.distributed.checkpoint`` saves every rank's shard
@@ -47,11 +51,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from orch.errors import OrchError, ProblemsError
+from orch.kernels.adamw8bit.loading import QUANTIZED_KEYS, Wanted, check_loadable
 from orch.kernels.adamw8bit.quant import blocks_per_row, zero_code
 from orch.kernels.adamw8bit.reference import Hyper, ScratchPool, step_8bit_, step_fp32_
 from orch.kernels.dispatch import kernel_choice_problem, use_triton
 
-QUANTIZED_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 MIN_ROW = 16
 """Fewest elements per row (after the first dim) for 8-bit moments. Each moment keeps a byte
 per element and an fp32 absmax per block of a row, so rows of ``w < 256`` elements cost
@@ -132,8 +136,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def quantized(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s moments are (or will be) stored in 8 bits."""
-        return (p.ndim >= 2 and p.numel() >= self.min_8bit_size
-                and p.shape[1:].numel() >= MIN_ROW)
+        return _eligible(p) and p.numel() >= self.min_8bit_size
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -219,53 +222,56 @@ class AdamW8bit(torch.optim.Optimizer):
                                          shape=shape, stride=(shape[1], 1)) for a in absmax]
         state.update(zip(QUANTIZED_KEYS, (*codes, *absmax), strict=True))
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, with ``min_8bit_size``, which decides which parameters have 8-bit states:
+        a loader of another one can then name it. (A top-level entry, not a param-group one:
+        DCP's optimizer state dicts, orch's checkpoints, keep only the state and the groups, and
+        would refuse to resume a checkpoint saved before without a group entry it expects.)"""
+        return {**super().state_dict(), "min_8bit_size": self.min_8bit_size}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader casts every state tensor to its parameter's dtype; the codes stay uint8
-        and the absmax fp32, so take the saved tensors as they are (copied, on the parameter's
-        device): a round trip is exact."""
+        and the rest fp32, so take the saved tensors as they are (copied, on the parameter's
+        device, other floating dtypes as fp32): a round trip is exact. A ``step`` saved as a
+        number becomes a tensor, as torch's AdamW takes it (``.item()`` failed on it)."""
         for index, group in enumerate(state_dict["param_groups"]):
             _check_hyperparameters(group, f"AdamW8bit state dict's param group {index}")
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if len(saved_ids) == len(params):  # else torch's loader says the groups differ
-            self._check_shapes(state_dict["state"], saved_ids, params)
-        super().load_state_dict(state_dict)
+            check_loadable(state_dict, [self._wanted(p) for p in params], self.min_8bit_size)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "min_8bit_size"})
         for saved_id, p in zip(saved_ids, params, strict=True):
             for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor):
-                    device = torch.device("cpu") if key == "step" else p.device
-                    self.state[p][key] = value.detach().to(device=device, copy=True)
+                if key == "step" and not isinstance(value, torch.Tensor):
+                    self.state[p][key] = torch.tensor(float(value))
+                elif isinstance(value, torch.Tensor):
+                    self.state[p][key] = _loaded(key, value, p.device)
 
-    def _check_shapes(self, saved: dict[Any, dict[str, Any]], saved_ids: list[Any],
-                      params: list[torch.Tensor]) -> None:
-        """Refuse states of other shapes than ``params`` keep, every mismatch at once, before
-        anything is loaded: a parameter of another shape with as many elements took them
-        without an error and stepped on misaligned blocks (torch's AdamW raises)."""
-        problems = []
-        for index, (saved_id, p) in enumerate(zip(saved_ids, params, strict=True)):
-            state = {k: v for k, v in saved.get(saved_id, {}).items() if k != "step"}
-            if not state:
-                continue
-            want = self._state_shapes(p)
-            # (an offloaded run's loader passes stand-ins for states it reads a unit at a time)
-            got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-            whole = len(got) == len(state)
-            if any(want.get(k) != shape for k, shape in got.items()) or (
-                    whole and got.keys() != want.keys()):
-                problems.append(f"parameter {index} (shape {tuple(p.shape)}) needs {want}, "
-                                f"the state dict has {got}")
-        if problems:
-            raise ValueError("AdamW8bit.load_state_dict: states of other parameters:\n  "
-                             + "\n  ".join(problems))
-
-    def _state_shapes(self, p: torch.Tensor) -> dict[str, tuple[int, ...]]:
-        """The (global) shape of each state tensor ``p`` keeps, ``step`` aside."""
+    def _wanted(self, p: torch.Tensor) -> Wanted:
+        """What ``p`` keeps: the (global) shape of each state tensor, ``step`` aside."""
         shape = tuple(p.shape)
         if not self.quantized(p):
-            return {"exp_avg": shape, "exp_avg_sq": shape}
+            return Wanted(shape, {"exp_avg": shape, "exp_avg_sq": shape}, _eligible(p))
         blocks = blocks_per_row(_local(p).shape[1:].numel())
         absmax = _absmax_layout(p, blocks)[0] if isinstance(p, DTensor) else (shape[0], blocks)
-        return dict(zip(QUANTIZED_KEYS, (shape, shape, absmax, absmax), strict=True))
+        states = dict(zip(QUANTIZED_KEYS, (shape, shape, absmax, absmax), strict=True))
+        return Wanted(shape, states, eligible=True)
+
+
+def _eligible(p: torch.Tensor) -> bool:
+    """Whether ``p`` has 8-bit moments at a small enough ``min_8bit_size``: two or more dims,
+    rows of at least ``MIN_ROW``."""
+    return p.ndim >= 2 and p.shape[1:].numel() >= MIN_ROW
+
+
+def _loaded(key: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A saved state tensor as the optimizer keeps it: a copy (never the caller's), ``step`` on
+    the CPU, codes as uint8 and every other state fp32."""
+    if key == "step":
+        return value.detach().to(device="cpu", copy=True)
+    dtype = torch.uint8 if value.dtype == torch.uint8 else torch.float32
+    return value.detach().to(device=device, dtype=dtype, copy=True)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
