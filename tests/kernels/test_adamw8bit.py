@@ -473,6 +473,16 @@ def test_bad_hyperparameters_and_complex_parameters_are_refused():
     assert torch.equal(real, torch.ones_like(real)) and not opt.state  # nothing stepped first
 
 
+def test_a_bad_min_8bit_size_is_refused():
+    """``min_8bit_size='big'`` was taken and failed in the first step with a TypeError, ``-5``
+    was taken without a word."""
+    for bad in ("big", -5, 4096.0, True, None):
+        with pytest.raises(ValueError, match=f"AdamW8bit: min_8bit_size={bad!r} is not an int "
+                                             r">= 0 .*fix: give a count of elements as an int"):
+            AdamW8bit([nn.Parameter(torch.zeros(2))], min_8bit_size=bad)
+    assert AdamW8bit([nn.Parameter(torch.zeros(2))], min_8bit_size=np.int64(0)).min_8bit_size == 0
+
+
 def test_bad_hyperparameters_of_a_group_are_refused_wherever_they_come_from():
     """Only the constructor's defaults were checked: a group's NaN ``lr`` (or one added later,
     or set by a scheduler) turned its parameters to NaN without a word, ``betas`` of one value

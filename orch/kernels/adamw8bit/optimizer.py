@@ -89,6 +89,15 @@ def _check_hyperparameters(group: dict[str, Any], owner: str, read_tensors: bool
         raise ValueError(f"{owner}: {'; '.join(problems)}")
 
 
+def _check_min_8bit_size(value: object) -> None:
+    """Refuse a ``min_8bit_size`` that is not an int >= 0: ``'big'`` was taken and
+    failed in the first step on a comparison with an int, and ``-5`` was taken as 0."""
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0):
+        raise ValueError(f"AdamW8bit: min_8bit_size={value!r} is not an int >= 0 (the fewest "
+                         "elements a tensor needs for 8-bit moments); fix: give a count of "
+                         "elements as an int, such as the default 4096")
+
+
 def _pair(value: object) -> tuple[Any, Any] | None:
     """``value``'s two items, where it is a sequence of two (a tuple, a list, a numpy array or
     tensor of two, as torch's AdamW takes them), else None (a string or mapping is not)."""
@@ -118,8 +127,9 @@ class AdamW8bit(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": _pair(betas) or betas, "eps": eps,
                     "weight_decay": weight_decay}  # a pair read once (an iterator's items go)
         _check_hyperparameters(defaults, "AdamW8bit")
+        _check_min_8bit_size(min_8bit_size)
         super().__init__(params, defaults)
-        self.min_8bit_size = min_8bit_size
+        self.min_8bit_size = int(min_8bit_size)
         self._scratch = ScratchPool()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
