@@ -429,7 +429,10 @@ def test_bad_input(kind):
     "head_dim, dtype, pattern",
     [
         (40, torch.float32, r"flash_attention\(head_dim\): .*multiple of 16 up to 128, got 40"),
-        (144, torch.float32, r"flash_attention\(head_dim\): .*got 144"),
+        # over 128: no padding helps (the fix said "pad head_dim to a multiple of 16")
+        (144, torch.float32, r"(?s)flash_attention\(head_dim\): .* up to 128 \(a multiple of "
+                             r"16\), got 144\n    fix: use heads of at most 128 \(more heads"),
+        (256, torch.float32, r"(?s)got 256\n    fix: use heads of at most 128"),
         (16, torch.float64, r"flash_attention\(q\): the Triton kernel takes .* got torch.float64"),
     ],
 )

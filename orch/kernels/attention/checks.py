@@ -149,7 +149,15 @@ def kernel_problem(q: torch.Tensor, k_dtype: torch.dtype | None = None,
             "split the batch into smaller micro-batches",
         )
     head_dim = q.shape[3]
-    if head_dim % 16 or head_dim > KERNEL_MAX_HEAD_DIM:
+    if head_dim > KERNEL_MAX_HEAD_DIM:  # padding cannot help: say so (it said "pad to 16")
+        return AttentionInputError(
+            "head_dim",
+            f"the Triton kernel takes head_dim up to {KERNEL_MAX_HEAD_DIM} (a multiple of 16), "
+            f"got {head_dim}",
+            f"use heads of at most {KERNEL_MAX_HEAD_DIM} (more heads for the same width), or "
+            "run the reference with ORCH_KERNELS=reference",
+        )
+    if head_dim % 16:
         return AttentionInputError(
             "head_dim",
             f"the Triton kernel takes head_dim a multiple of 16 up to "
