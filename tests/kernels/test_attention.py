@@ -270,6 +270,25 @@ def from_kernel(out: torch.Tensor) -> bool:
     return "orch_flash_attention_forward" in type(out.grad_fn).__name__
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_causal_attention_takes_a_scale_of_zero_or_below(scale):
+    """torch's CPU SDPA with is_causal returns all NaN for softmax_scale <= 0, and
+    causal_attention ran it there (flash_attention's reference was right): it runs the reference
+    for such a scale, forward and backward, grouped-query heads too."""
+    from orch.kernels import causal_attention
+
+    q, k, v = make(2, 7, 7, 4, 2, 16)
+    weight = torch.randn(2, 7, 4, 16, generator=torch.Generator().manual_seed(1))
+    results = []
+    for out in (causal_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                 softmax_scale=scale).transpose(1, 2),
+                attention_reference(q, k, v, True, scale)[0]):
+        results.append((out, *torch.autograd.grad((out * weight).sum(), (q, k, v))))
+    for got, want in zip(*results, strict=True):
+        assert not got.isnan().any()
+        close(got, want)
+
+
 def test_importing_orch_loads_no_triton():
     """The kernels' modules import triton only when a kernel runs, so a process that runs none
     (every CPU run) never loads triton or torch's compiler stack (``torch._dynamo``)."""

@@ -131,7 +131,8 @@ def causal_attention(
     (no copy); elsewhere torch's ``scaled_dot_product_attention``, the same function, runs
     instead of the reference, whose scores matrix made attention 2.4-3.5x slower on CPU at the
     tiny model's shape and 6.1-6.3x at 1,024 tokens (forward and backward;
-    benchmarks/results/attention-cpu.md).
+    benchmarks/results/attention-cpu.md), except for a ``softmax_scale <= 0``, for which torch's
+    CPU SDPA returns NaN: the reference runs it.
     """
     q, k, v = autocast_inputs(q, k, v)
     if kernel_takes(q, k, v, instead="torch's scaled_dot_product_attention"):
@@ -141,6 +142,11 @@ def causal_attention(
 
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out, _ = flash_attention_triton(q, k, v, causal=True, softmax_scale=softmax_scale)
+        return out.transpose(1, 2)
+    if softmax_scale is not None and softmax_scale <= 0:
+        # torch's CPU SDPA with is_causal returns all NaN for a scale <= 0 (torch 2.13; with
+        # an explicit mask, or without causal, it does not); the reference is exact for any
+        out, _ = attention_reference(*(t.transpose(1, 2) for t in (q, k, v)), True, softmax_scale)
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=softmax_scale, enable_gqa=k.shape[1] != q.shape[1]
