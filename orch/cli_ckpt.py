@@ -75,6 +75,10 @@ _DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")  # the on
 
 def render(record: dict[str, Any]) -> str:
     """One checkpoint of ``orch ckpt inspect`` as text."""
+    if record.get("removed"):
+        from orch.runtime.checkpoint.browse import REMOVED
+
+        return f"{record['path']}\n  {REMOVED}"
     if not record["complete"]:
         return f"{record['path']}\n  unfinished save (no manifest): resume ignores it"
     if "error" in record:
@@ -113,7 +117,7 @@ def _size(nbytes: int) -> str:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from orch.runtime.checkpoint import MANIFEST, CheckpointError, verify
+    from orch.runtime.checkpoint import CheckpointError
     from orch.runtime.checkpoint.browse import checkpoints_in
 
     paths, bad = [], 0
@@ -124,19 +128,41 @@ def cmd_verify(args: argparse.Namespace) -> int:
             bad += 1
             print(f"BAD         {d}\n  {exc.problem}")
     for path, one in paths:  # one: asked for by name, so an unfinished save is bad
-        if not (path / MANIFEST).exists() and not one:
-            print(f"unfinished  {path} (no manifest: resume ignores it)")
-            continue
-        problems = verify(path, hashes=not args.quick)
-        if problems:
-            bad += 1
-            print(f"BAD         {path}")
-            for problem in problems:
-                print(f"  {problem}")
-        else:
-            print(f"ok          {path}" + (" (sizes and index; no hashes)" if args.quick else ""))
+        bad += _verify_one(path, one, args.quick) == "bad"
     print(f"{len(paths)} checkpoint(s), {bad} bad")
     return 1 if bad else 0
+
+
+def _verify_one(path: Path, one: bool, quick: bool) -> str:
+    """Check one listed checkpoint and print its line(s); returns ``ok``, ``bad``,
+    ``unfinished`` or ``removed``. A checkpoint deleted while it is checked (a live run's
+    ``checkpoint.keep_last``) is ``removed``, not bad: its files vanish mid-check."""
+    from orch.runtime.checkpoint import MANIFEST, verify
+    from orch.runtime.checkpoint.browse import removed_meanwhile
+
+    had_manifest = (path / MANIFEST).exists()
+    if removed_meanwhile(path, had_manifest=False):  # the whole directory gone
+        return _removed(path)
+    if not had_manifest and not one:
+        print(f"unfinished  {path} (no manifest: resume ignores it)")
+        return "unfinished"
+    problems = verify(path, hashes=not quick)
+    if problems and removed_meanwhile(path, had_manifest):
+        return _removed(path)
+    if problems:
+        print(f"BAD         {path}")
+        for problem in problems:
+            print(f"  {problem}")
+        return "bad"
+    print(f"ok          {path}" + (" (sizes and index; no hashes)" if quick else ""))
+    return "ok"
+
+
+def _removed(path: Path) -> str:
+    from orch.runtime.checkpoint.browse import REMOVED
+
+    print(f"removed     {path}: {REMOVED}, not counted as bad")
+    return "removed"
 
 
 def cmd_export(args: argparse.Namespace) -> int:

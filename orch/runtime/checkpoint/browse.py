@@ -37,6 +37,19 @@ def checkpoints_in(directory: str | Path) -> list[Path]:
                           f"give a run directory (with {CHECKPOINTS}/) or one step-* directory")
 
 
+REMOVED = "removed while checking (checkpoint.keep_last of a running run)"
+"""What ``inspect`` and ``verify`` say of a checkpoint deleted between listing and checking it."""
+
+
+def removed_meanwhile(path: Path, had_manifest: bool = True) -> bool:
+    """Whether checkpoint ``path``, listed a moment ago (with its manifest when
+    ``had_manifest``), has been deleted since: ``files.remove_checkpoint`` takes the manifest
+    first, so a directory gone, or one that had a manifest and has none now, is a checkpoint
+    being deleted (the retention of a run still saving there), not a damaged one; checking
+    it fails in ways that would otherwise read as damage (files missing, an index unreadable)."""
+    return not path.exists() or (had_manifest and not (path / MANIFEST).exists())
+
+
 def newest_complete(directory: str | Path) -> Path:
     """The newest checkpoint with a manifest among ``checkpoints_in(directory)``."""
     complete = [p for p in checkpoints_in(directory) if (p / MANIFEST).exists()]
@@ -104,13 +117,19 @@ def read_tensors(path: str | Path, infos: Iterable[TensorInfo]) -> dict[str, tor
 
 def describe(path: Path, with_tensors: bool = False) -> dict[str, Any]:
     """``orch ckpt inspect``'s record of one checkpoint (JSON-ready); an unfinished save is
-    ``complete: false``, an unreadable manifest or index an ``error``."""
-    if not (path / MANIFEST).exists():
+    ``complete: false``, an unreadable manifest or index an ``error``, and one deleted since it
+    was listed ``removed: true`` (``removed_meanwhile``), not an error."""
+    had_manifest = (path / MANIFEST).exists()
+    if removed_meanwhile(path, had_manifest=False):
+        return {"path": str(path), "complete": False, "removed": True}
+    if not had_manifest:
         return {"path": str(path), "complete": False}
     try:
         manifest = read_manifest(path)
         held = contents(path)
     except CheckpointError as exc:
+        if removed_meanwhile(path):
+            return {"path": str(path), "complete": False, "removed": True}
         return {"path": str(path), "complete": True, "error": str(exc.problem)}
     groups: dict[str, dict[str, int]] = {}
     for info in held.tensors:
@@ -141,5 +160,5 @@ def describe(path: Path, with_tensors: bool = False) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Contents", "TensorInfo", "checkpoints_in", "contents", "describe",
-           "newest_complete", "read_tensors"]
+__all__ = ["REMOVED", "Contents", "TensorInfo", "checkpoints_in", "contents", "describe",
+           "newest_complete", "read_tensors", "removed_meanwhile"]
