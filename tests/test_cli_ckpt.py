@@ -104,6 +104,28 @@ def test_verify_passes_intact_checkpoints_and_names_a_bad_file(run, tmp_path, ca
         read_metadata(newest)  # cut short: damaged, not forged (the fix said it was)
 
 
+def test_a_run_directory_named_step_something_is_a_run_directory(run, tmp_path, capsys):
+    """A run directory whose name began with ``step-`` (``step-lr-sweep``) was taken for one
+    checkpoint: inspect said "unfinished save", verify BAD, export "has no complete
+    checkpoint". Only ``step-NNNNNNNN`` without a ``checkpoints/`` of its own is one now."""
+    import shutil
+
+    from orch.runtime.checkpoint.browse import checkpoints_in, newest_complete
+
+    for name in ("step-lr-sweep", "step-00000001"):
+        sweep = tmp_path / name
+        shutil.copytree(run / "checkpoints", sweep / "checkpoints")
+        steps = [sweep / "checkpoints" / f"step-0000000{n}" for n in (3, 6)]
+        assert checkpoints_in(sweep) == steps and newest_complete(sweep) == steps[-1]
+        assert main(["ckpt", "verify", str(sweep)]) == 0
+        assert "2 checkpoint(s), 0 bad" in capsys.readouterr().out
+        assert main(["ckpt", "inspect", str(sweep)]) == 0
+        assert "unfinished" not in capsys.readouterr().out
+    unfinished = tmp_path / "step-00000009"  # named as a step, no manifest: one, unfinished
+    unfinished.mkdir()
+    assert checkpoints_in(unfinished) == [unfinished]
+
+
 def test_verify_names_an_unreadable_file_not_a_traceback(run, monkeypatch, capsys):
     """A file the user may not read was a PermissionError traceback (the hashing was not
     guarded), in ``orch ckpt verify`` and in a resume's check alike. Root reads any file, so

@@ -16,18 +16,24 @@ from typing import Any
 
 import torch
 
-from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST, step_dirs
+from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST, STEP_NAME, step_dirs
 from orch.runtime.checkpoint.manifest import CheckpointError, read_manifest
 
 
 def checkpoints_in(directory: str | Path) -> list[Path]:
     """The step directories ``directory`` stands for, oldest first: itself when it is one
     checkpoint, else those of a run directory or of its ``checkpoints/`` folder (complete or
-    not). CheckpointError when it is none of these."""
+    not). CheckpointError when it is none of these.
+
+    A directory is one checkpoint when it has a manifest, or is named as a step directory
+    (``step-NNNNNNNN``, an unfinished save) and holds no ``checkpoints/``: a run directory
+    may be named ``step-lr-sweep``, or even ``step-00000001``."""
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(path, "is not a directory", "give a run directory or a checkpoint")
-    if (path / MANIFEST).exists() or path.name.startswith("step-"):
+    if (path / MANIFEST).exists():
+        return [path]
+    if STEP_NAME.match(path.name) and not (path / CHECKPOINTS).is_dir():
         return [path]
     for folder in (path / CHECKPOINTS, path):
         found = [p for _, p in sorted(step_dirs(folder))]
