@@ -33,8 +33,9 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=cmd_inspect)
     verify = actions.add_parser(
         "verify", help="check every file against its manifest (exit 1 naming the bad ones)",
-        description="Check each checkpoint: its manifest, every file's size and sha256, and "
-        "that its index holds nothing but checkpoint data. Exit 0 when all are intact, 1 "
+        description="Check each checkpoint: its manifest (and that its config is the one "
+        "saved), every file's size and sha256, and that its index holds nothing but checkpoint "
+        "data. Exit 0 when all are intact, 1 "
         "naming each bad file. In a run directory an unfinished save (no manifest) is listed "
         "but not an error: resume ignores it and the next save of that step replaces it.")
     verify.add_argument("dirs", nargs="+", metavar="DIR",
@@ -146,7 +147,7 @@ def _verify_one(path: Path, one: bool, quick: bool) -> str:
     if not had_manifest and not one:
         print(f"unfinished  {path} (no manifest: resume ignores it)")
         return "unfinished"
-    problems = verify(path, hashes=not quick)
+    problems = verify(path, hashes=not quick) + _edited(path)
     if problems and removed_meanwhile(path, had_manifest):
         return _removed(path)
     if problems:
@@ -156,6 +157,21 @@ def _verify_one(path: Path, one: bool, quick: bool) -> str:
         return "bad"
     print(f"ok          {path}" + (" (sizes and index; no hashes)" if quick else ""))
     return "ok"
+
+
+def _edited(path: Path) -> list[str]:
+    """The manifest's config edited after the save (``fingerprint.edited_config``): the files
+    still match the manifest, but the config no longer says what they hold, and an export, or
+    anyone reading the config, would take it at its word. [] when the manifest cannot be read
+    (``verify`` says why)."""
+    from orch.runtime.checkpoint import CheckpointError, read_manifest
+    from orch.runtime.checkpoint.fingerprint import edited_config
+
+    try:
+        problem = edited_config(read_manifest(path))
+    except CheckpointError:
+        return []
+    return [problem] if problem else []
 
 
 def _removed(path: Path) -> str:

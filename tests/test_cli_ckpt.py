@@ -321,6 +321,66 @@ def test_export_refuses_a_damaged_checkpoint_and_a_path_under_a_file(run, tmp_pa
     assert f"{tmp_path / 'afile'}: is not a directory" in capsys.readouterr().err
 
 
+def edit_manifest(checkpoint: Path, **model: object) -> None:
+    """Set ``model`` fields in ``checkpoint``'s manifest config, as a hand edit would."""
+    file = checkpoint / "manifest.json"
+    manifest = json.loads(file.read_text())
+    manifest["config"]["model"].update(model)
+    file.write_text(json.dumps(manifest))
+
+
+def test_export_and_verify_refuse_a_manifest_config_that_is_not_the_saved_one(run, tmp_path,
+                                                                               capsys):
+    """export wrote config.json from the manifest's config unchecked: with model.dim edited to
+    512 and vocab_size to 32000, verify said ok and transformers loaded the export with "Reinit
+    due to size mismatch" (random weights); a rope_theta, norm_eps or tying edit gave no shape
+    error at all. The config is now checked against the fingerprint saved beside it."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    newest = copy / "checkpoints" / "step-00000006"
+    for edit in ({"dim": 512, "vocab_size": 32000}, {"rope_theta": 500000.0},
+                 {"tie_embeddings": True}):
+        shutil.copy(run / "checkpoints" / "step-00000006" / "manifest.json", newest)
+        edit_manifest(newest, **edit)
+        assert main(["ckpt", "export", str(copy), "--to", "hf", str(tmp_path / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert f"{newest / 'manifest.json'}: config does not hash to the fingerprint saved " \
+            "with it" in err and "edited after the save" in err, (edit, err)
+        assert "fix: restore manifest.json's config as it was saved" in err
+        assert not (tmp_path / "hf").exists()
+        assert main(["ckpt", "verify", "--quick", str(copy)]) == 1
+        out = capsys.readouterr().out
+        assert f"BAD         {newest}\n  {newest / 'manifest.json'}: config does not hash" in out
+        assert "ok          " + str(copy / "checkpoints" / "step-00000003") in out
+
+
+def test_export_refuses_tensors_the_manifest_config_does_not_describe(run, tmp_path, capsys):
+    """A manifest whose config hashes right but is another model's (copied from another run's
+    checkpoint, or edited with its fingerprint recomputed) passes the fingerprint check; the
+    tensors' shapes against a model built from it on the meta device still catch it."""
+    import shutil
+
+    from orch.config import config_to_dict
+    from orch.runtime.checkpoint import config_fingerprint
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    newest = copy / "checkpoints" / "step-00000006"
+    other = load_config("configs/tiny.yaml", ["model.dim=512", "model.layers=5"])
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest |= {"config": config_to_dict(other), "fingerprint": config_fingerprint(other)}
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["ckpt", "export", str(copy), "--to", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"{newest / 'manifest.json'}: config.model does not describe the checkpoint's " \
+        "tensors (model.tok_embeddings.weight is [256, 256], the config's model [256, 512]; " \
+        "model.layers.0.attention_norm.weight is [256], the config's model [512]" in err, err
+    assert "more" in err and "fix: restore the manifest.json saved with this checkpoint" in err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_refuses_a_path_in_a_runs_checkpoints(run, tmp_path, capsys):
     """An export into a run's checkpoints/ was accepted; there it looks like an unfinished save
     (or lies inside a checkpoint), which that run's next save deletes with checkpoint.keep_last.

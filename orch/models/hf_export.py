@@ -8,7 +8,9 @@ read out of the sharded checkpoint one output shard at a time (DCP reshards any 
 checkpoint into full tensors), so memory holds one shard, not the model. The directory is
 written beside OUT and renamed into place at the end: a failed export leaves nothing named OUT,
 and an existing OUT is never overwritten. The files it reads are verified against the manifest
-first (sizes and hashes, as a resume does): a damaged one would export damaged weights silently.
+first (sizes and hashes, as a resume does): a damaged one would export damaged weights silently;
+and the manifest's config against its fingerprint and the tensors' shapes, since config.json is
+written from it: one that does not describe the weights loads them wrongly or at random.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from orch.config.coerce import build, parse_bytes
 from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
 from orch.models.hf import hf_llama_config, to_hf_state_dict
+from orch.models.llama import Transformer
 from orch.runtime.checkpoint.browse import TensorInfo, contents, newest_complete, read_tensors
 from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST, STEP_NAME
+from orch.runtime.checkpoint.fingerprint import fingerprint_matches
 from orch.runtime.checkpoint.manifest import (
     INDEX,
     CheckpointError,
@@ -49,8 +53,10 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
 
     ProblemsError before anything is written: first every problem of the request at once (an
     unknown dtype, a shard size that is none, an existing ``out``, one that cannot be made or one
-    in a run's ``checkpoints/``, an MoE model, an unreadable manifest), since those take no time
-    to find; then, hashing only the files the export reads, the checkpoint's damage."""
+    in a run's ``checkpoints/``, an MoE model, an unreadable manifest, or one whose config was
+    edited after the save), since those take no time to find; then, hashing only the files the
+    export reads, the checkpoint's damage; then every tensor whose shape the manifest's config
+    does not give (a config.json must describe the weights it is written beside)."""
     out = Path(out)
     problems: list[Problem] = []
     try:
@@ -77,7 +83,9 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         manifest = read_manifest(path) if path is not None else None
     except CheckpointError as exc:
         problems.append(dataclasses.replace(exc.problem, fix=_EARLIER))
-    if manifest is not None:
+    if manifest is not None and not fingerprint_matches(manifest):
+        problems.append(_edited(manifest))
+    elif manifest is not None:
         model = build(ModelConfig, manifest.config.get("model"), "model", {}, problems)
         try:
             config = hf_llama_config(model, dtype if dtype in DTYPES else "float32")
@@ -91,6 +99,8 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     if problems:
         raise ProblemsError(problems, title="cannot export")
     ours = [t for t in contents(path).tensors if t.name.startswith(MODEL_PREFIX)]
+    if problems := _shape_problems(path, model, ours):
+        raise ProblemsError(problems, title="cannot export")
     names = {t.name: hf_name(t.name, model.tie_embeddings) for t in ours}
     shards = _shard(ours, names, limit)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -113,6 +123,46 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
             raise ProblemsError([_removed(path)], title="cannot export") from None
         raise
     return [out / name for name in [*written, "config.json"]]
+
+
+def _edited(manifest: Manifest) -> Problem:
+    """The problem of a manifest whose config is not the one it was saved with: a config.json
+    written from it would describe other weights than the checkpoint's (``fingerprint_matches``)."""
+    return Problem(str(manifest.path / MANIFEST), "config does not hash to the fingerprint saved "
+                   f"with it ({manifest.fingerprint[:12]}...): it was edited after the save, so "
+                   "a config.json written from it may not describe the weights (transformers "
+                   "would load them with other shapes, rope_theta, norm_eps or tying)",
+                   "restore manifest.json's config as it was saved (the run directory's "
+                   "config.yaml holds the resolved config), or export an earlier checkpoint "
+                   "(orch ckpt verify says which are ok)")
+
+
+def _shape_problems(path: Path, model: ModelConfig, held: list[TensorInfo]) -> list[Problem]:
+    """Where the checkpoint's model tensors ``held`` differ from those of ``model`` (its
+    manifest's config), built on the meta device (no memory): a tensor of another shape, one
+    missing, or one the model has no place for. A config.json from a config that does not
+    describe the tensors makes transformers re-initialize the mismatched weights at random
+    ("Reinit due to size mismatch") and load the model anyway. A tied model's head may be
+    absent: the export writes the embedding for it."""
+    with torch.device("meta"):
+        wanted = {MODEL_PREFIX + name: tuple(t.shape)
+                  for name, t in Transformer(model).state_dict().items()}
+    saved = {t.name: t.shape for t in held}
+    head = MODEL_PREFIX + "output.weight"
+    differ = [f"{name} is {list(saved[name])}, the config's model {list(shape)}"
+              for name, shape in wanted.items() if name in saved and saved[name] != shape]
+    differ += [f"{name} is missing" for name in wanted
+               if name not in saved and not (model.tie_embeddings and name == head)]
+    differ += [f"{name} has no place in the config's model" for name in saved
+               if name not in wanted]
+    if not differ:
+        return []
+    shown = differ[:4] + ([f"and {len(differ) - 4} more"] if len(differ) > 4 else [])
+    return [Problem(str(path / MANIFEST), "config.model does not describe the checkpoint's "
+                    f"tensors ({'; '.join(shown)}): the manifest belongs to another "
+                    "checkpoint, or its config was edited",
+                    "restore the manifest.json saved with this checkpoint, or export an earlier "
+                    "checkpoint (orch ckpt verify says which are ok)")]
 
 
 def _removed(path: Path) -> Problem:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orch.config import Config, config_to_dict
+from orch.runtime.checkpoint.files import MANIFEST
 from orch.runtime.checkpoint.manifest import CheckpointError, Manifest
 
 FINGERPRINT_SECTIONS = ("model", "data", "optimizer", "train")
@@ -35,6 +36,17 @@ compiled or not; where the weights started (a resume loads them from the checkpo
 label; and where the data file is, since the file itself is checked: every checkpoint saves its
 identity (size and sampled sha256, ``orch.runtime.data.source_identity``) and a resume onto other
 data is refused, so the same file under another spelling of its path resumes."""
+EXCLUDED_BEFORE: tuple[dict[str, tuple[str, ...]], ...] = (
+    {"train": ("steps", "micro_batch", "recompute")},
+    {"train": ("steps", "micro_batch", "recompute"), "model": ("init_from",)},
+    {"train": ("steps", "micro_batch", "recompute", "compile"), "model": ("init_from",)},
+    {"train": ("steps", "micro_batch", "recompute", "compile"), "model": ("init_from", "name"),
+     "data": ("path",)},
+)
+"""``FINGERPRINT_EXCLUDED`` as earlier orchs had it, oldest first: the fingerprint a manifest
+records was hashed with its own orch's, so ``fingerprint_matches`` tries each. When changing
+``FINGERPRINT_EXCLUDED``, append its old value here, or every checkpoint saved before reads as
+one whose config was edited."""
 UNIDENTIFIED_DATA = frozenset({"data.path"})
 """Compared after all for a checkpoint saved before the data file's identity was: for it, the path
 is the only sign of which data it was trained on."""
@@ -75,6 +87,37 @@ def config_fingerprint(cfg: Config) -> str:
     """
     text = json.dumps(_fingerprinted(config_to_dict(cfg)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint_matches(manifest: Manifest) -> bool:
+    """Whether the config ``manifest`` records hashes to the fingerprint it records, as the orch
+    that saved it hashed it: its own fields (none at a default: it saved every field it had),
+    less the fields that orch left out (``FINGERPRINT_EXCLUDED`` or an ``EXCLUDED_BEFORE``).
+    False means the config was edited after the save (``verify`` checks the files against the
+    manifest, but nothing checks the manifest), so it may not describe the weights: an export's
+    config.json from it would load them wrongly (another rope_theta, norm_eps, tying) or not at
+    all."""
+    saved = manifest.config
+    if not all(isinstance(saved.get(s, {}), dict) for s in FINGERPRINT_SECTIONS):
+        return False
+    for excluded in (FINGERPRINT_EXCLUDED, *reversed(EXCLUDED_BEFORE)):
+        covered = {section: {name: value for name, value in (saved.get(section) or {}).items()
+                             if name not in excluded.get(section, ())}
+                   for section in FINGERPRINT_SECTIONS}
+        text = json.dumps(covered, sort_keys=True, separators=(",", ":"))
+        if hashlib.sha256(text.encode()).hexdigest() == manifest.fingerprint:
+            return True
+    return False
+
+
+def edited_config(manifest: Manifest) -> str | None:
+    """What is wrong with ``manifest`` when its config is not the one it was saved with
+    (``fingerprint_matches``), as ``verify`` words a problem (``file: what``); else None."""
+    if fingerprint_matches(manifest):
+        return None
+    return (f"{manifest.path / MANIFEST}: config does not hash to the fingerprint saved with it "
+            f"({manifest.fingerprint[:12]}...): it was edited after the save, so it may not "
+            "describe the weights")
 
 
 def config_changes(manifest: Manifest, config: dict[str, Any]) -> list[str]:
