@@ -170,10 +170,15 @@ def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
     is not the byte one: orch tokenizes text as bytes, ids 0-255, which mean whatever those ids
     meant to the checkpoint's own tokenizer, so a pretrained model would be fine-tuned on noise
     without a word. A checkpoint of 256 tokens (one orch exported, or another byte model) reads
-    bytes as it was trained to. Problems of the data file itself are _check_data's."""
+    bytes as it was trained to. The vocabulary is the checkpoint's own (its config.json, as
+    transformers reads it), not ``model.vocab_size``: a wrong one is already a problem of its own
+    (``init_from_problems``), and would have this one name a checkpoint of its size. Nothing is
+    said when config.json cannot be read (``init_from_problems`` says why). Problems of the data
+    file itself are _check_data's."""
     from orch.runtime.data import DataError, check_source
 
-    if model.vocab_size == BYTE_VOCAB:
+    vocab = _checkpoint_vocab(model)
+    if vocab is None or vocab == BYTE_VOCAB:
         return []
     if data.path:
         try:
@@ -183,11 +188,24 @@ def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
             return []
     what = f"{data.path!r} is text" if data.path else "empty: the shipped corpus, text,"
     return [Problem("data.path", f"{what} tokenized as bytes (ids 0-255), but model.init_from "
-                    f"starts from a checkpoint of {model.vocab_size} tokens (model.vocab_size), "
+                    f"starts from a checkpoint of {vocab} tokens (its config.json's vocab_size), "
                     "whose ids are its own tokenizer's", "tokenize the text with the "
                     "checkpoint's tokenizer into a .npy (or a .bin of data.token_dtype) and point "
                     "data.path at it (a model trained on orch's bytes: save the bytes so)",
-                    ("model.vocab_size", "data.format"))]
+                    ("model.init_from", "data.format"))]
+
+
+def _checkpoint_vocab(model: ModelConfig) -> int | None:
+    """The vocabulary size of the checkpoint at ``model.init_from`` as transformers reads its
+    config.json (absent: LlamaConfig's default); None when that cannot be read."""
+    try:
+        theirs = json.loads((Path(model.init_from) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(theirs, dict):
+        return None
+    vocab = _as_transformers_reads(theirs)["vocab_size"]
+    return vocab if isinstance(vocab, int) else None
 
 
 class HFCheckpoint:

@@ -332,6 +332,27 @@ def test_text_data_with_a_tokenizer_vocabulary_is_refused_before_launch(tmp_path
     prepare(launch_args(tmp_path / "ids.npy"))
 
 
+def test_a_wrong_vocab_size_with_init_from_is_one_problem_not_two(checkpoint, tmp_path,
+                                                                  monkeypatch):
+    """model.vocab_size=512 with a 256-token checkpoint gave its own problem and a second,
+    false one: "data.path: ... model.init_from starts from a checkpoint of 512 tokens". The
+    text-data check reads the checkpoint's vocabulary now; the other way round (a 512-token
+    checkpoint, model.vocab_size=256) both problems are real and both are said."""
+    from orch.errors import OrchError
+    from orch.launch.launcher import prepare
+
+    monkeypatch.chdir(REPO)
+    path, _ = checkpoint
+    wide = _with_config(path, tmp_path / "wide", lambda c: c.update(vocab_size=512))
+    for init_from, vocab, said in [(path, 512, []), (wide, 256, ["checkpoint of 512 tokens"])]:
+        with pytest.raises(OrchError) as refused:
+            prepare(["--nproc-per-node", "1", "configs/tiny.yaml", *overrides(
+                tmp_path / "run", f"model.vocab_size={vocab}", f"model.init_from={init_from}")])
+        text = str(refused.value)
+        assert f"model.vocab_size: {vocab} but" in text, text
+        assert ("data.path:" in text) == bool(said) and all(s in text for s in said), text
+
+
 @pytest.mark.slow  # one single-process launch each, ~10 s
 @pytest.mark.parametrize("homes", ["device", "nvme"])
 def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
