@@ -24,7 +24,8 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
     inspect = actions.add_parser(
         "inspect", help="step, plan, config, files and tensors of each checkpoint",
         description="Print each checkpoint's step, when it was saved, the plan and config it "
-        "was saved under, its files and sizes, and the tensors it holds (full shapes).")
+        "was saved under, its files and sizes, and the tensors it holds (full shapes). A DIR "
+        "that is no checkpoint is named after the others are shown, with exit 2.")
     inspect.add_argument("dirs", nargs="+", metavar="DIR",
                          help="run directory or step-* checkpoint (several may be given)")
     inspect.add_argument("--tensors", action="store_true", help="list every tensor")
@@ -60,14 +61,27 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """Describe the checkpoints of every DIR; a DIR that is none is said at the end (exit 2)
+    after the others are shown, as verify goes on: one mistyped path among several hid the
+    rest."""
+    from orch.errors import ProblemsError
+    from orch.runtime.checkpoint import CheckpointError
     from orch.runtime.checkpoint.browse import checkpoints_in, describe
 
-    records = [describe(path, args.tensors) for directory in args.dirs
-               for path in checkpoints_in(directory)]
+    records, refused = [], []
+    for directory in args.dirs:
+        try:
+            paths = checkpoints_in(directory)
+        except CheckpointError as exc:
+            refused.append(exc.problem)
+            continue
+        records += [describe(path, args.tensors) for path in paths]
     if args.json:
         print(json.dumps(records, indent=1))
-    else:
+    elif records:
         print("\n\n".join(render(record) for record in records))
+    if refused:
+        raise ProblemsError(refused, title="not a run directory or checkpoint")
     return 0
 
 

@@ -66,6 +66,22 @@ def test_inspect_shows_step_plan_config_files_and_tensors(run, capsys):
     assert record["bytes"] == sum(record["files"].values())
 
 
+def test_inspect_goes_on_past_an_argument_that_is_no_checkpoint(run, tmp_path, capsys):
+    """``inspect nowhere RUN`` stopped at the first argument (exit 2, RUN not shown); verify
+    went on. Each one that is no checkpoint is named at the end, the others shown."""
+    nowhere, empty = tmp_path / "nowhere", tmp_path / "empty"
+    empty.mkdir()
+    assert main(["ckpt", "inspect", str(nowhere), str(run), str(empty)]) == 2
+    captured = capsys.readouterr()
+    assert "step-00000003" in captured.out and "step      6 (saved" in captured.out
+    assert "not a run directory or checkpoint (2 problems)" in captured.err
+    assert f"{nowhere}: " in captured.err and f"{empty}: holds no checkpoints" in captured.err
+    assert main(["ckpt", "inspect", "--json", str(nowhere), str(run)]) == 2
+    captured = capsys.readouterr()
+    assert [r["step"] for r in json.loads(captured.out)] == [3, 6]
+    assert f"{nowhere}: " in captured.err
+
+
 def test_verify_passes_intact_checkpoints_and_names_a_bad_file(run, tmp_path, capsys):
     import shutil
 
