@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,8 @@ def render(record: dict[str, Any]) -> str:
     if not record["complete"]:
         return f"{record['path']}\n  unfinished save (no manifest): resume ignores it"
     if "error" in record:
-        return f"{record['path']}\n  damaged: {record['error']}"
-    saved = record["plan"].get("degrees", {})
-    degrees = ", ".join(f"{k}={saved[k]}" for k in _DEGREES if saved.get(k, 1) > 1)
+        fix = f"\n  fix: {record['fix']}" if record.get("fix") else ""
+        return f"{record['path']}\n  damaged: {record['error']}{fix}"
     ranks = record["plan"].get("world_size", record["world_size"])
     config = record["config"]
     model, train = config.get("model", {}), config.get("train", {})
@@ -107,7 +107,7 @@ def render(record: dict[str, Any]) -> str:
         f"{record['path']}",
         f"  step      {record['step']} (saved {record['saved_at']} in "
         f"{record['save_seconds']:.1f} s)",
-        f"  plan      {ranks} rank{'s' if ranks > 1 else ''}" + (f": {degrees}" if degrees else ""),
+        f"  plan      {ranks} rank{'s' if ranks > 1 else ''}" + _layout(record["plan"]),
         "  model     " + " ".join(f"{k}={model[k]}" for k in (
             "dim", "layers", "heads", "kv_heads", "vocab_size", "experts") if k in model),
         "  train     " + " ".join(f"{k}={train[k]}" for k in (
@@ -124,6 +124,27 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _layout(plan: dict[str, Any]) -> str:
+    """The plan line's tail: the degrees above 1, the pipeline's schedule and virtual stages,
+    and the offload tiers away from the device, where the saved plan has them (``pp=2`` alone
+    did not say which of five schedules, nor that the states lived on NVMe)."""
+    saved = plan.get("degrees", {})
+    parts = [f"{k}={saved[k]}" for k in _DEGREES if _above_one(saved.get(k))]
+    if _above_one(saved.get("pp")) and plan.get("schedule"):
+        virtual = saved.get("virtual_stages")
+        stages = f", {virtual} virtual stages per rank" if _above_one(virtual) else ""
+        parts[0] += f" ({plan['schedule']} schedule{stages})"
+    tiers = plan.get("tiers") if isinstance(plan.get("tiers"), dict) else {}
+    offloaded = " ".join(f"{group}={tier}" for group, tier in tiers.items() if tier != "device")
+    text = ", ".join(parts) + ("; " if parts and offloaded else "") + (
+        f"offload {offloaded}" if offloaded else "")
+    return f": {text}" if text else ""
+
+
+def _above_one(value: Any) -> bool:
+    return isinstance(value, int) and value > 1
+
+
 def _size(nbytes: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if nbytes >= scale:
@@ -135,17 +156,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from orch.runtime.checkpoint import CheckpointError
     from orch.runtime.checkpoint.browse import checkpoints_in
 
-    paths, bad = [], 0
+    paths, refused = [], 0
     for d in args.dirs:  # one that is no checkpoint is reported, and the others still checked
         try:
             paths += [(path, Path(d).resolve() == path.resolve()) for path in checkpoints_in(d)]
         except CheckpointError as exc:
-            bad += 1
+            refused += 1
             print(f"BAD         {d}\n  {exc.problem}")
-    for path, one in paths:  # one: asked for by name, so an unfinished save is bad
-        bad += _verify_one(path, one, args.quick) == "bad"
-    print(f"{len(paths)} checkpoint(s), {bad} bad")
-    return 1 if bad else 0
+    # one: asked for by name, so an unfinished save is bad
+    found = Counter(_verify_one(path, one, args.quick) for path, one in paths)
+    print(_summary(found, refused))
+    return 1 if found["bad"] or refused else 0
+
+
+def _summary(found: Counter[str], refused: int) -> str:
+    """verify's last line: checkpoints by outcome, then the arguments that were none (they were
+    counted as bad checkpoints: ``verify nowhere RUN`` said "2 checkpoint(s), 1 bad")."""
+    total = sum(found.values())
+    line = f"{total} checkpoint{'' if total == 1 else 's'}: " + ", ".join(
+        f"{found[what]} {what}" for what in ("ok", "bad", "unfinished", "removed")
+        if found[what] or what in ("ok", "bad"))
+    if found["removed"]:
+        line += " while checking"
+    if refused:
+        line += f"; {refused} argument{'' if refused == 1 else 's'} not a checkpoint"
+    return line
 
 
 def _verify_one(path: Path, one: bool, quick: bool) -> str:

@@ -86,7 +86,7 @@ def test_verify_passes_intact_checkpoints_and_names_a_bad_file(run, tmp_path, ca
     import shutil
 
     assert main(["ckpt", "verify", str(run)]) == 0
-    assert "2 checkpoint(s), 0 bad" in capsys.readouterr().out
+    assert "2 checkpoints: 2 ok, 0 bad\n" in capsys.readouterr().out
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     newest = copy / "checkpoints" / "step-00000006"
@@ -106,6 +106,11 @@ def test_verify_passes_intact_checkpoints_and_names_a_bad_file(run, tmp_path, ca
     assert main(["ckpt", "inspect", str(copy)]) == 0
     out = capsys.readouterr().out
     assert "damaged: " in out and ".metadata: is not a checkpoint index" in out
+    assert "\n  fix: " in out
+    assert main(["ckpt", "inspect", "--json", str(copy / "checkpoints" / "step-00000003")]) == 0
+    (damaged,) = json.loads(capsys.readouterr().out)  # the fix was inside "error", after "\n"
+    assert ".metadata: is not a checkpoint index" in damaged["error"]
+    assert "\n" not in damaged["error"] and damaged["fix"]
     assert main(["ckpt", "verify", str(unfinished)]) == 1  # one checkpoint: incomplete is bad
     assert "is missing: the save of this checkpoint did not finish" in capsys.readouterr().out
     # a path that is no checkpoint is reported, and the others are still checked (it stopped
@@ -113,11 +118,27 @@ def test_verify_passes_intact_checkpoints_and_names_a_bad_file(run, tmp_path, ca
     assert main(["ckpt", "verify", str(tmp_path / "nowhere"), str(run)]) == 1
     out = capsys.readouterr().out
     nowhere = tmp_path / "nowhere"
-    assert f"BAD         {nowhere}\n  {nowhere}: is not a directory" in out
-    assert "2 checkpoint(s), 1 bad" in out and f"ok          {run}" in out
+    assert f"BAD         {nowhere}\n  {nowhere}: does not exist" in out
+    assert "2 checkpoints: 2 ok, 0 bad; 1 argument not a checkpoint" in out  # was "2 checkpoint(s)"
+    assert f"ok          {run}" in out
     (newest / ".metadata").write_bytes((newest / ".metadata").read_bytes()[:40])
     with pytest.raises(CheckpointError, match="is truncated: the file ends before the index"):
         read_metadata(newest)  # cut short: damaged, not forged (the fix said it was)
+
+
+def test_inspect_plan_line_names_the_schedule_virtual_stages_and_offload_tiers(run):
+    """The plan line showed ``pp=2`` alone: which schedule, how many virtual stages and where
+    the states lived (offload tiers) were in the manifest but not said."""
+    from orch.cli_ckpt import render
+    from orch.runtime.checkpoint.browse import describe
+
+    record = describe(run / "checkpoints" / "step-00000006")
+    assert "  plan      2 ranks: dp_shard=2\n" in render(record)
+    record["plan"] = {"world_size": 4, "schedule": "interleaved", "tiers": {
+        "params": "cpu", "grads": "device", "optimizer": "nvme", "activations": "device"},
+        "degrees": {"pp": 2, "dp_shard": 2, "virtual_stages": 2}}
+    assert "  plan      4 ranks: pp=2 (interleaved schedule, 2 virtual stages per rank), " \
+        "dp_shard=2; offload params=cpu optimizer=nvme\n" in render(record)
 
 
 def test_a_run_directory_named_step_something_is_a_run_directory(run, tmp_path, capsys):
@@ -134,7 +155,7 @@ def test_a_run_directory_named_step_something_is_a_run_directory(run, tmp_path, 
         steps = [sweep / "checkpoints" / f"step-0000000{n}" for n in (3, 6)]
         assert checkpoints_in(sweep) == steps and newest_complete(sweep) == steps[-1]
         assert main(["ckpt", "verify", str(sweep)]) == 0
-        assert "2 checkpoint(s), 0 bad" in capsys.readouterr().out
+        assert "2 checkpoints: 2 ok, 0 bad" in capsys.readouterr().out
         assert main(["ckpt", "inspect", str(sweep)]) == 0
         assert "unfinished" not in capsys.readouterr().out
     unfinished = tmp_path / "step-00000009"  # named as a step, no manifest: one, unfinished
@@ -160,7 +181,7 @@ def test_verify_names_an_unreadable_file_not_a_traceback(run, monkeypatch, capsy
     assert main(["ckpt", "verify", str(run)]) == 1
     out = capsys.readouterr().out
     assert f"BAD         {newest}\n  {locked}: cannot be read (Permission denied)\n" in out
-    assert "2 checkpoint(s), 1 bad" in out
+    assert "2 checkpoints: 1 ok, 1 bad" in out
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp: cannot be read \(Permission"):
         CheckpointManager(run, tiny_model()[0], PLAN).resolve_resume(str(newest))
 
@@ -189,7 +210,7 @@ def test_a_checkpoint_removed_while_checked_is_said_to_be_not_bad(run, tmp_path,
     out = capsys.readouterr().out
     assert f"removed     {older}: removed while checking (checkpoint.keep_last of a running " \
         "run), not counted as bad" in out and f"ok          {newest}" in out
-    assert "BAD" not in out and "2 checkpoint(s), 0 bad" in out
+    assert "BAD" not in out and "2 checkpoints: 1 ok, 0 bad, 1 removed while checking" in out
     shutil.copytree(run, copy, dirs_exist_ok=True)
     assert main(["ckpt", "verify", str(older)]) == 0  # named alone: the same
     assert f"removed     {older}: removed while checking" in capsys.readouterr().out
@@ -239,7 +260,7 @@ def test_export_of_a_checkpoint_removed_meanwhile_says_so(run, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path, tie):
+def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path, tie, capsys):
     transformers = pytest.importorskip("transformers")
     cfg, model = tiny_model(tie)
     save_run(tmp_path / "run", cfg, model, steps=(1,))
@@ -248,6 +269,10 @@ def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path
                  "--max-shard-size", "2MB"]) == 0
     assert len(list(out.glob("*.safetensors"))) > 2  # sharded, with an index
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == tie
+    capsys.readouterr()
+    assert main(["ckpt", "inspect", "--json", str(tmp_path / "run")]) == 0
+    (record,) = json.loads(capsys.readouterr().out)  # a tied head was counted twice
+    assert record["groups"]["model"]["tensors"] == len(list(model.parameters()))
     # through the Auto class, as pipeline() and vLLM load it (it needs config.json's model_type)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert isinstance(hf, transformers.LlamaForCausalLM)
@@ -290,7 +315,7 @@ def test_export_names_every_problem_of_the_request_at_once_before_hashing(tmp_pa
     err = capsys.readouterr().err
     assert "cannot export (4 problems)" in err and "Traceback" not in err
     assert "--dtype: 'int8' is not a dtype an export writes" in err and "bfloat16" in err
-    assert "--max-shard-size: 'abc' is not a positive byte size" in err and "500MB" in err
+    assert "--max-shard-size: 'abc' is not a byte size" in err and "500MB" in err
     assert f"{tmp_path / 'taken'}: exists; an export never overwrites" in err
     assert "model.experts: 4 experts make this an MoE model" in err
     assert "sha256" not in err and list((tmp_path / "taken").iterdir()) == []
@@ -298,10 +323,10 @@ def test_export_names_every_problem_of_the_request_at_once_before_hashing(tmp_pa
     save_run(tmp_path / "run", cfg, model, steps=(1,))
     args = ["ckpt", "export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "o")]
     assert main([*args, "--max-shard-size", "0"]) == 2
-    assert "--max-shard-size: '0' is not a positive byte size" in capsys.readouterr().err
+    assert "--max-shard-size: '0' is not a positive size" in capsys.readouterr().err
     assert main([*args, "--max-shard-size", "1.5"]) == 2  # was taken as 1 byte
     err = capsys.readouterr().err
-    assert "--max-shard-size: '1.5' is not a positive byte size" in err
+    assert "--max-shard-size: '1.5' is not a whole number of bytes" in err
     assert "fix: give a whole number of bytes, or a size such as 5GB" in err
     assert not (tmp_path / "o").exists()
     assert hf_llama_config(cfg.model)["num_hidden_layers"] == 4

@@ -37,11 +37,17 @@ def parse_bytes(text: str) -> int | None:
     """``"80GB"`` -> 80e9, ``"1.5GiB"`` -> 1.5 * 2**30; None if it is not a byte size, or not a
     whole number of bytes (``"1.5"`` was cut to 1 byte silently, where a YAML number 1.5 was
     refused). The number is read exactly, so ``"1.1GB"`` is whole."""
+    size = byte_count(text)
+    return int(size) if size is not None and size.denominator == 1 else None
+
+
+def byte_count(text: str) -> Fraction | None:
+    """The bytes ``text`` says (``"1.5"`` is 3/2: exact, for a caller to say that it is not
+    whole), or None if it is not a byte size at all."""
     match = _BYTES_RE.match(text)
     if not match or match.group(2).lower() not in _UNITS:
         return None
-    size = Fraction(match.group(1)) * _UNITS[match.group(2).lower()]
-    return int(size) if size.denominator == 1 else None
+    return Fraction(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:

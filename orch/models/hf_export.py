@@ -19,11 +19,12 @@ import dataclasses
 import json
 import os
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import torch
 
-from orch.config.coerce import build, parse_bytes
+from orch.config.coerce import build, byte_count
 from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
 from orch.models.hf import hf_llama_config, to_hf_state_dict
@@ -67,11 +68,11 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     if dtype not in DTYPES:
         problems.append(Problem("--dtype", f"{dtype!r} is not a dtype an export writes",
                                 f"use one of {', '.join(DTYPES)}"))
-    limit = parse_bytes(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
-    if not limit or limit <= 0:
-        problems.append(Problem("--max-shard-size", f"{max_shard_size!r} is not a positive byte "
-                                "size", "give a whole number of bytes, or a size such as 5GB, "
-                                "500MB or 1.5GB"))
+    limit, why = _shard_size(max_shard_size)
+    if why:
+        problems.append(Problem("--max-shard-size", f"{str(max_shard_size)!r} {why}",
+                                "give a whole number of bytes, or a size such as 5GB, 500MB or "
+                                "1.5GB"))
     if out.exists():
         problems.append(Problem(str(out), "exists; an export never overwrites",
                                 "choose a new directory, or remove this one"))
@@ -123,6 +124,20 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
             raise ProblemsError([_removed(path)], title="cannot export") from None
         raise
     return [out / name for name in [*written, "config.json"]]
+
+
+def _shard_size(given: int | str) -> tuple[int, str]:
+    """``--max-shard-size`` in bytes, and what is wrong with it ("" if nothing): one reason each,
+    since "is not a positive byte size" said of ``1.5`` (1.5 bytes) sent users looking for a
+    sign or a unit."""
+    size = Fraction(given) if isinstance(given, int) else byte_count(given)
+    if size is None:
+        return 0, "is not a byte size"
+    if size.denominator != 1:
+        return 0, "is not a whole number of bytes"
+    if size <= 0:
+        return 0, "is not a positive size"
+    return int(size), ""
 
 
 def _edited(manifest: Manifest) -> Problem:

@@ -143,15 +143,19 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
         if theirs.get(flag):
             problems.append(Problem(where, f"{config_file} has {flag}: true",
                                     "orch's Llama has no biases: use a bias-free checkpoint"))
+    mistyped = _mistyped(hf, theirs.get("head_dim"))
+    problems += [Problem(where, f"{config_file} has {key}: {hf.get(key, theirs.get(key))!r}, "
+                         f"not {want}", f"write {key} in config.json as {_AS_JSON[want]}, as "
+                         "save_pretrained does") for key, want in mistyped.items()]
     head_dim, heads = theirs.get("head_dim"), hf["num_attention_heads"]
-    if head_dim is not None and head_dim * heads != hf["hidden_size"]:
+    if head_dim is not None and not mistyped and head_dim * heads != hf["hidden_size"]:
         problems.append(Problem(where, f"{config_file} has head_dim: {head_dim!r}, not "
                                 f"hidden_size / num_attention_heads = {hf['hidden_size']} / "
                                 f"{heads}", "orch's attention heads are model.dim / model.heads "
                                 "wide, with no setting for another width: use a checkpoint "
                                 "whose head_dim is hidden_size / num_attention_heads"))
     for key, field in _CHECKED.items():
-        if key not in hf or hf[key] == ours[key]:
+        if key not in hf or key in mistyped or hf[key] == ours[key]:
             continue
         given = said.get(key) or (f"has {key}: {theirs[key]!r}" if theirs.get(key) is not None
                                   else f"has no {key}, which transformers reads as {hf[key]!r}")
@@ -159,6 +163,25 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
                                 f"{given}", f"set model.{field}={hf[key]}",
                                 ("model.init_from", *(KV_HEADS if field == "kv_heads" else ()))))
     return problems
+
+
+_INT, _NUMBER, _BOOL = "a whole number", "a number", "true or false"
+_NUMBERS = {"rms_norm_eps", "rope_theta"}
+_AS_JSON = {_INT: "a JSON integer (256, not \"256\")", _NUMBER: "a JSON number (1e-05, not "
+            "\"1e-05\")", _BOOL: "a JSON true or false"}
+
+
+def _mistyped(hf: dict, head_dim: object) -> dict[str, str]:
+    """The checked config.json values ``hf`` (and ``head_dim``, if given) of the wrong JSON
+    type, key -> the type wanted: a string "256" compared unequal to 256 and was answered with
+    "set model.dim=256" (the value it already had), and a head_dim string multiplied as one."""
+    values = {**hf, **({} if head_dim is None else {"head_dim": head_dim})}
+    wanted = {key: _BOOL if key == "tie_word_embeddings" else _NUMBER if key in _NUMBERS
+              else _INT for key in values}
+    ok = {_INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          _NUMBER: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+          _BOOL: lambda v: isinstance(v, bool)}
+    return {key: want for key, want in wanted.items() if not ok[want](values[key])}
 
 
 BYTE_VOCAB = 256

@@ -236,6 +236,23 @@ def test_absent_config_keys_are_transformers_defaults(checkpoint, tmp_path):
         assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-5
 
 
+def test_config_values_of_the_wrong_json_type_are_named(checkpoint, tmp_path):
+    """config.json with "hidden_size": "256" (a string) was answered "model.dim: 256 but ...
+    has hidden_size: '256'; fix: set model.dim=256", the value it already had."""
+    path, _ = checkpoint
+    quoted = _with_config(path, tmp_path / "quoted", lambda c: c.update(
+        hidden_size="256", head_dim="32", tie_word_embeddings="false", rms_norm_eps="1e-05"))
+    problems = init_from_problems(tiny(init_from=str(quoted)))
+    text = "\n".join(str(p) for p in problems)
+    assert len(problems) == 4 and "model.dim" not in text and "set model." not in text, text
+    config = quoted / "config.json"
+    assert f"model.init_from: {config} has hidden_size: '256', not a whole number" in text
+    assert "fix: write hidden_size in config.json as a JSON integer (256, not \"256\")" in text
+    assert "has head_dim: '32', not a whole number" in text
+    assert "has tie_word_embeddings: 'false', not true or false" in text
+    assert "has rms_norm_eps: '1e-05', not a number" in text
+
+
 def test_rope_theta_and_type_are_read_as_transformers_reads_them(checkpoint, tmp_path):
     """transformers 5 takes theta from rope_parameters (or rope_scaling) before the top-level
     key: two that disagree are refused; a legacy ``type`` scales RoPE like ``rope_type``, and

@@ -8,6 +8,7 @@ through ``safe_load`` (the index by the restricted unpickler, values by the weig
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ def checkpoints_in(directory: str | Path) -> list[Path]:
     (``step-NNNNNNNN``, an unfinished save) and holds no ``checkpoints/``: a run directory
     may be named ``step-lr-sweep``, or even ``step-00000001``."""
     path = Path(directory)
+    if not path.exists():
+        raise CheckpointError(path, "does not exist", "give a run directory or a checkpoint")
     if not path.is_dir():
         raise CheckpointError(path, "is not a directory", "give a run directory or a checkpoint")
     if (path / MANIFEST).exists():
@@ -121,10 +124,25 @@ def read_tensors(path: str | Path, infos: Iterable[TensorInfo]) -> dict[str, tor
     return out
 
 
+def _counted(tensors: list[TensorInfo], tied: object) -> list[TensorInfo]:
+    """``tensors`` as inspect counts them: a tied model's head (``output.weight``, saved beside
+    the embedding it is, and likewise any state of it) left out, so the count is the model's
+    parameters, not one more (the export writes it once, as transformers does)."""
+    if tied is not True:
+        return tensors
+    names = {t.name for t in tensors}
+    return [t for t in tensors if not (_HEAD.search(t.name) and _HEAD.sub(
+        r"\1tok_embeddings.weight\2", t.name) in names)]
+
+
+_HEAD = re.compile(r"(^|\.)output\.weight(\.|$)")
+"""The head's name inside a tensor's (``model.output.weight``, ``optim.state.output.weight.x``)."""
+
+
 def describe(path: Path, with_tensors: bool = False) -> dict[str, Any]:
     """``orch ckpt inspect``'s record of one checkpoint (JSON-ready); an unfinished save is
-    ``complete: false``, an unreadable manifest or index an ``error``, and one deleted since it
-    was listed ``removed: true`` (``removed_meanwhile``), not an error."""
+    ``complete: false``, an unreadable manifest or index an ``error`` (with its ``fix``), and
+    one deleted since it was listed ``removed: true`` (``removed_meanwhile``), not an error."""
     had_manifest = (path / MANIFEST).exists()
     if removed_meanwhile(path, had_manifest=False):
         return {"path": str(path), "complete": False, "removed": True}
@@ -136,9 +154,12 @@ def describe(path: Path, with_tensors: bool = False) -> dict[str, Any]:
     except CheckpointError as exc:
         if removed_meanwhile(path):
             return {"path": str(path), "complete": False, "removed": True}
-        return {"path": str(path), "complete": True, "error": str(exc.problem)}
+        where, message, fix = exc.problem.where, exc.problem.message, exc.problem.fix
+        return {"path": str(path), "complete": True, "error": f"{where}: {message}", "fix": fix}
     groups: dict[str, dict[str, int]] = {}
-    for info in held.tensors:
+    model = manifest.config.get("model")
+    tied = model.get("tie_embeddings") if isinstance(model, dict) else None
+    for info in _counted(held.tensors, tied):
         group = groups.setdefault(info.name.split(".", 1)[0], {"tensors": 0, "bytes": 0,
                                                                "elements": 0})
         group["tensors"] += 1
