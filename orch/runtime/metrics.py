@@ -68,14 +68,28 @@ class StepMetrics:
     memory used/total, utilization, power, temperature by UUID; on CPU the resident set."""
 
     def line(self) -> str:
-        tok = self.tokens_per_s
-        rate = f"{tok / 1e6:.2f}M" if tok >= 1e6 else f"{tok / 1e3:.1f}k"
         return (
-            f"step {self.step}/{self.steps} | loss {self.loss:.3f} | {rate} tok/s | "
+            f"step {self.step}/{self.steps} | loss {self.loss:.3f} | "
+            f"{token_rate(self.tokens_per_s)} tok/s | "
             f"{self.tflops:.3g} TFLOP/s | MFU {self.mfu * 100:.1f}% | "
             f"mem {self.mem_bytes / GIB:.1f}/{self.mem_total_bytes / GIB:.1f} GiB | "
             f"{self.step_time_s:.2f} s/step"
         )
+
+
+def token_rate(tokens_per_s: float) -> str:
+    """Tokens/s as the progress line says it: ``4.2``, ``42``, ``48.2k``, ``1.25M``.
+
+    Plain below a thousand: offloaded fine-tuning of a large model runs at tens of tokens/s,
+    which a fixed ``k`` said as ``0.0k``. Each unit ends where its rounding would carry into
+    the next (999.96k read ``1000.0k``)."""
+    if tokens_per_s < 9.95:
+        return f"{tokens_per_s:.1f}"
+    if tokens_per_s < 999.5:
+        return f"{tokens_per_s:.0f}"
+    if tokens_per_s < 999_950:
+        return f"{tokens_per_s / 1e3:.1f}k"
+    return f"{tokens_per_s / 1e6:.2f}M"
 
 
 def memory_bytes(device: torch.device) -> tuple[int, int]:

@@ -374,3 +374,17 @@ def test_the_report_says_the_plan_as_launch_does(tmp_path, degrees, schedule, sa
         "world_size": plan.world, "device": "cpu", "devices": "", "degrees": plan.as_dict(),
         "schedule": schedule}))
     assert f"- plan: {said}\n" in write_report(tmp_path)[-1].read_text()
+
+
+@pytest.mark.parametrize("rate, said", [
+    (0.0, "0.0"), (4.24, "4.2"), (9.94, "9.9"), (9.96, "10"), (42.4, "42"), (999.4, "999"),
+    (999.6, "1.0k"), (48_200, "48.2k"), (999_940, "999.9k"), (999_960, "1.00M"),
+    (1_250_000, "1.25M"),
+])
+def test_the_progress_line_says_tokens_per_s_in_the_unit_that_shows_them(rate, said):
+    """Below 50 tok/s (offloaded fine-tuning of a large model) the line read ``0.0k tok/s``, and
+    just under a million ``1000.0k``."""
+    line = StepMetrics(step=1, steps=2, loss=3.0, lr=1e-3, grad_norm=1.0, tokens=4096,
+                       step_time_s=1.0, tokens_per_s=rate, tflops=1.0, mfu=0.1, mem_bytes=0,
+                       mem_total_bytes=1).line()
+    assert f" | {said} tok/s | " in line
