@@ -13,6 +13,7 @@ from the plan's model FLOPs per token, so they compare across plans and with oth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from typing import IO, Any
 
 import torch
 
+from orch.errors import warn_once
 from orch.runtime.records import read_records
 from orch.runtime.telemetry import memory_in_use
 
@@ -119,6 +121,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, out: IO[str], resume_step: int = 0,
                  tensorboard: bool = False) -> None:
         self.enabled, self.out, self.file = enabled, out, None
+        self.path = run_dir / "metrics.jsonl"
         self._step_s: float | None = None  # smoothed seconds per step, for the ETA
         self._board: Any = None
         if not enabled:
@@ -127,7 +130,7 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._board = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
-        path = run_dir / "metrics.jsonl"
+        path = self.path
         records = read_records(path)[0] if path.exists() else []  # (a torn last line dropped)
         if dropped := [r for r in records if r["step"] > resume_step]:
             with (run_dir / SUPERSEDED_METRICS).open("a") as aside:
@@ -155,11 +158,37 @@ class MetricsLog:
             status(f"{metrics.line()} | ETA {eta(self._step_s * (metrics.steps - metrics.step))}")
         else:
             print(metrics.line(), file=self.out, flush=True)
-        assert self.file is not None
-        self.file.write(json_line(asdict(metrics)))
-        self.file.flush()
+        self._append(metrics)
         if self._board is not None:
-            self._scalars(metrics)
+            try:
+                self._scalars(metrics)
+            except OSError as exc:
+                self._drop_board(exc)
+
+    def _append(self, metrics: StepMetrics) -> None:
+        """Append ``metrics``' record to ``metrics.jsonl``. A failed write (a full disk, a file
+        system gone read-only) loses the records, not the run: warned once, and nothing more is
+        written to the file in this start (as the rank log does), so a torn record can only be
+        its last line, which the next start's cut and ``orch report`` pass over."""
+        if self.file is None:
+            return
+        try:
+            self.file.write(json_line(asdict(metrics)))
+            self.file.flush()
+        except OSError as exc:
+            self._give_up(exc, f"writing step {metrics.step}'s record")
+
+    def _give_up(self, exc: OSError, doing: str) -> None:
+        """Stop writing ``metrics.jsonl`` after ``exc``; say so once, naming the file, the
+        error and the fix."""
+        file, self.file = self.file, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # its buffered rest fails the same way
+                file.close()
+        warn_once(f"{self.path}: {doing} failed ({type(exc).__name__}: {exc.strerror or exc}); "
+                  "training goes on, with no more records written to it in this run's start "
+                  "(the progress line and the rank logs go on); fix: free space or fix "
+                  f"permissions under {self.path.parent}")
 
     def _scalars(self, m: StepMetrics) -> None:
         """The same values as TensorBoard scalars (``RUN_DIR/tb``), memory per rank too."""
@@ -173,13 +202,30 @@ class MetricsLog:
                              step)
         board.flush()
 
+    def _drop_board(self, exc: OSError) -> None:
+        """Stop writing TensorBoard scalars after ``exc``, as ``metrics.jsonl`` stops."""
+        board, self._board = self._board, None
+        with contextlib.suppress(OSError):
+            board.close()
+        warn_once(f"{self.path.parent / 'tb'}: writing TensorBoard scalars failed "
+                  f"({type(exc).__name__}: {exc.strerror or exc}); training goes on without "
+                  f"them; fix: free space or fix permissions under {self.path.parent}")
+
     def close(self) -> None:
+        """Close the files. Called in the worker's ``finally``: a failed write is said, never
+        raised over the error that got there (a full disk's traceback hid the run's own)."""
         if self._board is not None:
-            self._board.close()
+            try:
+                self._board.close()
+            except OSError as exc:
+                self._drop_board(exc)
         if (end := getattr(self.out, "end_status", None)) is not None:
             end()
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as exc:
+                self._give_up(exc, "writing the last records")
 
 
 def json_line(record: dict[str, Any]) -> str:
