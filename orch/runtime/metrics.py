@@ -25,7 +25,7 @@ from typing import IO, Any
 import torch
 
 from orch.errors import warn_once
-from orch.runtime.records import read_records
+from orch.runtime.records import move_records_after
 from orch.runtime.telemetry import memory_in_use
 
 GIB = 2**30
@@ -130,23 +130,11 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._board = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
-        path = self.path
-        records = read_records(path)[0] if path.exists() else []  # (a torn last line dropped)
-        if dropped := [r for r in records if r["step"] > resume_step]:
-            with (run_dir / SUPERSEDED_METRICS).open("a") as aside:
-                aside.write("".join(json_line(r) for r in dropped))
-                aside.flush()
-                os.fsync(aside.fileno())
-            print(f"orch: {len(dropped)} metrics records after step {resume_step} moved to "
-                  f"{run_dir / SUPERSEDED_METRICS}", file=out, flush=True)
-        kept = [r for r in records if r["step"] <= resume_step]
-        partial = path.with_name(path.name + ".partial")  # a crash here loses no record
-        with partial.open("w") as rewritten:
-            rewritten.write("".join(json_line(r) for r in kept))
-            rewritten.flush()
-            os.fsync(rewritten.fileno())
-        os.replace(partial, path)
-        self.file = path.open("a")
+        aside = run_dir / SUPERSEDED_METRICS
+        if moved := move_records_after(self.path, aside, resume_step):
+            print(f"orch: {moved} metrics records after step {resume_step} moved to {aside}",
+                  file=out, flush=True)
+        self.file = self.path.open("a")
 
     def log(self, metrics: StepMetrics) -> None:
         if not self.enabled:
