@@ -800,12 +800,13 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
     the hints say to take ``auto`` instead.
     """
     from orch.runtime.checkpoint import CHECKPOINTS, CheckpointManager, read_manifest
+    from orch.runtime.checkpoint.files import of_run
 
     run_dir = Path(cfg.run.dir)
     newest = finished or CheckpointManager(run_dir, cfg, {}).latest()
     manifest = read_manifest(newest) if newest else None
     step = manifest.step if manifest else 0
-    own = newest is not None and newest.parent.resolve() == (run_dir / CHECKPOINTS).resolve()
+    own = newest is not None and of_run(newest, run_dir)
     lines = [f"orch launch: done at step {step} of {cfg.train.steps}"]
     for name, path in (("metrics", run_dir / "metrics.jsonl"),
                        ("checkpoints", run_dir / CHECKPOINTS)):

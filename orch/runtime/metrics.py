@@ -18,6 +18,7 @@ import json
 import math
 import os
 import resource
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +26,7 @@ from typing import IO, Any
 import torch
 
 from orch.errors import warn_once
+from orch.runtime.checkpoint.files import of_run
 from orch.runtime.records import move_records_after
 from orch.runtime.telemetry import memory_in_use
 
@@ -115,26 +117,50 @@ class MetricsLog:
     ``metrics.superseded.jsonl`` (appended, oldest first), so the file reads as the run since
     that checkpoint and nothing logged is deleted. They are not put back: when this run dies
     before its first checkpoint and the next resumes from a later one, the records of the steps
-    in between are in that file, not in ``metrics.jsonl``.
+    in between are in that file, not in ``metrics.jsonl``. A run resumed from another run
+    directory's checkpoint (``resumed_from``) moves every record: none of them is of the history
+    it continues (the checkpoints of this directory's own history are moved aside likewise when
+    it saves their steps again).
+
+    The first record of each start says where it started from, ``resumed_from``: the
+    checkpoint, or null on a fresh start (``orch report`` leaves each start's first step, with
+    its warm-up, out of its medians).
     """
 
     def __init__(self, run_dir: Path, enabled: bool, out: IO[str], resume_step: int = 0,
-                 tensorboard: bool = False) -> None:
+                 tensorboard: bool = False, resumed_from: Path | None = None) -> None:
         self.enabled, self.out, self.file = enabled, out, None
         self.path = run_dir / "metrics.jsonl"
         self._step_s: float | None = None  # smoothed seconds per step, for the ETA
         self._board: Any = None
+        self._start: str | None = None if resumed_from is None else str(resumed_from)
+        self._first = True  # the next record is this start's first
         if not enabled:
             return
+        foreign = resumed_from is not None and not of_run(resumed_from, run_dir)
+        if foreign and tensorboard:
+            _move_aside(run_dir / "tb", out)
         if tensorboard:  # the launcher checked that the package is there
             from torch.utils.tensorboard import SummaryWriter
 
             self._board = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
-        aside = run_dir / SUPERSEDED_METRICS
-        if moved := move_records_after(self.path, aside, resume_step):
-            print(f"orch: {moved} metrics records after step {resume_step} moved to {aside}",
-                  file=out, flush=True)
+        self._cut(resume_step, resumed_from if foreign else None)
         self.file = self.path.open("a")
+
+    def _cut(self, resume_step: int, foreign: Path | None) -> None:
+        """Move the records this start does not continue to ``metrics.superseded.jsonl``: those
+        after ``resume_step``, or all of them when it resumes from ``foreign``, another run
+        directory's checkpoint; say so."""
+        aside = self.path.with_name(SUPERSEDED_METRICS)
+        moved = move_records_after(self.path, aside, None if foreign else resume_step)
+        if foreign is not None:
+            gone = f"; this run's {moved} earlier records moved to {aside}" if moved else ""
+            print(f"orch: resuming from {foreign}, another run's checkpoint: {self.path} starts "
+                  f"over at step {resume_step + 1} (the steps before are that run's){gone}",
+                  file=self.out, flush=True)
+        elif moved:
+            print(f"orch: {moved} metrics records after step {resume_step} moved to {aside}",
+                  file=self.out, flush=True)
 
     def log(self, metrics: StepMetrics) -> None:
         if not self.enabled:
@@ -160,8 +186,11 @@ class MetricsLog:
         its last line, which the next start's cut and ``orch report`` pass over."""
         if self.file is None:
             return
+        record = asdict(metrics)
+        if self._first:
+            record["resumed_from"], self._first = self._start, False
         try:
-            self.file.write(json_line(asdict(metrics)))
+            self.file.write(json_line(record))
             self.file.flush()
         except OSError as exc:
             self._give_up(exc, f"writing step {metrics.step}'s record")
@@ -214,6 +243,16 @@ class MetricsLog:
                 self.file.close()
             except OSError as exc:
                 self._give_up(exc, "writing the last records")
+
+
+def _move_aside(path: Path, out: IO[str]) -> None:
+    """Rename ``path``, when there, to ``NAME.superseded-STAMP`` beside it: kept, not mixed into
+    what a new history writes there (TensorBoard reads every event file of a directory)."""
+    if path.exists():
+        aside = path.with_name(f"{path.name}.superseded-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(path, aside)
+        print(f"orch: {path} is of another history: moved aside to {aside.name}", file=out,
+              flush=True)
 
 
 def json_line(record: dict[str, Any]) -> str:

@@ -42,6 +42,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_resumed_steps_equal_uninterrupted_run_exactly(runs):
     whole, split = metrics(runs["whole"]), metrics(runs["split"])
     assert [m["step"] for m in split] == list(range(1, STEPS + 1))
+    # each start's first record says where it started from (orch report's medians skip them)
+    assert [(m["step"], m["resumed_from"]) for m in split if "resumed_from" in m] == [
+        (1, None), (6, str(runs["split"] / "checkpoints" / "step-00000005"))]
     for a, b in zip(whole, split, strict=True):
         assert (a["step"], a["loss"], a["grad_norm"], a["lr"]) == (
             b["step"], b["loss"], b["grad_norm"], b["lr"])

@@ -136,3 +136,66 @@ def test_a_resume_streams_metrics_jsonl_and_leaves_the_kept_records_in_place(
     assert os.stat(path).st_ino == inode and path.read_bytes() == head[: len(path.read_bytes())]
     assert (tmp_path / SUPERSEDED_METRICS).read_text().count("\n") == 50
     assert path.read_text().count("\n") == 50
+
+
+def _records(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_run_resumed_from_another_runs_checkpoint_starts_its_metrics_over(tmp_path: Path):
+    """Run A (6 steps) resumed from run B's step 4 kept A's own steps 1-4 in metrics.jsonl and
+    appended steps 5-6 trained from B's weights: ``orch report`` drew one run of two histories
+    (the checkpoint side already moved A's step 6 aside as an earlier history). Now every record
+    of A moves aside, the launch says where the history came from, and the first record says
+    which checkpoint it continues."""
+    from orch.runtime.metrics import SUPERSEDED_METRICS
+
+    run, other = tmp_path / "A", tmp_path / "B" / "checkpoints" / "step-00000004"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(_line(n) for n in range(1, 7)))
+    out = io.StringIO()
+    log = MetricsLog(run, True, out, resume_step=4, resumed_from=other)
+    log.log(_metrics(5))
+    log.log(_metrics(6))
+    log.close()
+    said = out.getvalue()
+    assert (f"orch: resuming from {other}, another run's checkpoint: {run / 'metrics.jsonl'} "
+            f"starts over at step 5 (the steps before are that run's); this run's 6 earlier "
+            f"records moved to {run / SUPERSEDED_METRICS}") in said
+    records = _records(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [5, 6]
+    assert records[0]["resumed_from"] == str(other) and "resumed_from" not in records[1]
+    assert [r["step"] for r in _records(run / SUPERSEDED_METRICS)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_a_resume_from_this_runs_own_checkpoint_keeps_the_steps_before_it(tmp_path: Path,
+                                                                          own: bool) -> None:
+    """The same step of this run's own checkpoints (however the path is spelled) is this
+    history: the records up to it stay, as without ``resumed_from``; a fresh start's first
+    record says ``resumed_from: null``."""
+    run = tmp_path / "A"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(_line(n) for n in range(1, 7)))
+    ckpt = tmp_path / "A" / ".." / "A" / "checkpoints" / "step-00000004"
+    log = MetricsLog(run, True, io.StringIO(), resume_step=4 if own else 0,
+                     resumed_from=ckpt if own else None)
+    log.log(_metrics(5 if own else 1))
+    log.close()
+    records = _records(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == ([1, 2, 3, 4, 5] if own else [1])
+    assert records[-1]["resumed_from"] == (str(ckpt) if own else None)
+
+
+def test_tensorboard_of_another_history_is_moved_aside(tmp_path: Path) -> None:
+    """TensorBoard reads every event file of ``tb``: A's own steps 1-4 would stand beside B's."""
+    pytest.importorskip("tensorboard")
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events.out.tfevents.1").write_bytes(b"")
+    MetricsLog(tmp_path, True, io.StringIO(), resume_step=4, tensorboard=True,
+               resumed_from=tmp_path / "B" / "step-00000004").close()
+    [aside] = tmp_path.glob("tb.superseded-*")
+    assert (aside / "events.out.tfevents.1").exists()
+    assert not (tmp_path / "tb" / "events.out.tfevents.1").exists()

@@ -40,6 +40,13 @@ def step_dirs(checkpoints: Path) -> Iterator[tuple[int, Path]]:
             yield int(match.group(1)), path
 
 
+def of_run(checkpoint: Path, run_dir: str | Path) -> bool:
+    """Whether ``checkpoint`` is one of ``run_dir``'s own (in its ``checkpoints/``), not another
+    run directory's taken with ``--resume PATH``: a run continued from another's has none of its
+    own history before it."""
+    return checkpoint.resolve().parent == (Path(run_dir) / CHECKPOINTS).resolve()
+
+
 def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
