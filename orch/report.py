@@ -155,8 +155,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     Everything the report reads (records, plan, pipeline timeline, checkpoints) is read and
     checked before the output directory is made: a run directory it cannot read leaves no
     partial report behind."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ReportError(f"orch report draws its plots with matplotlib, which this Python "
+                          f"cannot import ({exc}); fix: pip install matplotlib") from None
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
@@ -293,9 +296,7 @@ def _summary(run_dir: Path, records: list[dict], plan: dict[str, Any],
              written: list[Path]) -> str:
     """``summary.md``: ``plan`` as :func:`read_plan` gives it, ``written`` the plots beside it."""
     last = records[-1]
-    # the median: the first step of every start (a resume's too) includes warm-up
-    steady = records[1:] or records
-    over = "logged steps after the first" if records[1:] else "the one logged step"
+    steady, over = _steady(records)
     memory = memory_by_rank(records)
     peak = max(gib for points in memory.values() for _, gib in points)
     lines = [
@@ -327,6 +328,21 @@ def _summary(run_dir: Path, records: list[dict], plan: dict[str, Any],
     lines.append(f"- checkpoints: {', '.join(complete) if complete else 'none'}")
     lines += ["", *[f"![{p.stem}]({p.name})" for p in written]]
     return "\n".join(lines) + "\n"
+
+
+def _steady(records: list[dict]) -> tuple[list[dict], str]:
+    """The records the medians are taken over, and how the summary says which: all but the
+    first step of each start, whose time includes warm-up (compiles, first loads), a resumed
+    start's as much as the first. A start's first record has ``resumed_from`` (a file of an
+    older orch has none: only its first record is known to start one)."""
+    firsts = {id(records[0])} | {id(r) for r in records if "resumed_from" in r}
+    steady = [r for r in records if id(r) not in firsts]
+    if not steady:
+        return records, ("the one logged step" if len(records) == 1 else
+                         f"all {len(records)} logged steps, each a start's first")
+    if len(firsts) == 1:
+        return steady, "logged steps after the first"
+    return steady, f"logged steps but the first of each of the run's {len(firsts)} starts"
 
 
 def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:

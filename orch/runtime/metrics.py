@@ -128,8 +128,12 @@ class MetricsLog:
     """
 
     def __init__(self, run_dir: Path, enabled: bool, out: IO[str], resume_step: int = 0,
-                 tensorboard: bool = False, resumed_from: Path | None = None) -> None:
+                 tensorboard: bool = False, resumed_from: Path | None = None,
+                 last_step: int | None = None) -> None:
+        """``last_step``: the step this start ends at, where not ``train.steps`` (a
+        ``run.stop_at_step``): the ETA counts to it."""
         self.enabled, self.out, self.file = enabled, out, None
+        self.last_step = last_step
         self.path = run_dir / "metrics.jsonl"
         self._step_s: float | None = None  # smoothed seconds per step, for the ETA
         self._board: Any = None
@@ -169,7 +173,8 @@ class MetricsLog:
         if status is not None and self.out.isatty():  # one line, redrawn in place, with ETA
             self._step_s = metrics.step_time_s if self._step_s is None else (
                 0.8 * self._step_s + 0.2 * metrics.step_time_s)
-            status(f"{metrics.line()} | ETA {eta(self._step_s * (metrics.steps - metrics.step))}")
+            left = (self.last_step or metrics.steps) - metrics.step
+            status(f"{metrics.line()} | ETA {eta(self._step_s * left)}")
         else:
             print(metrics.line(), file=self.out, flush=True)
         self._append(metrics)

@@ -36,8 +36,9 @@ class StepProfiler:
         """The last step profiled: the window's, or this run's last step inside it."""
         if self.first and rank == 0 and steps and not (
                 self.first <= steps[-1] and self.last >= steps[0]):
-            print(f"orch: run.profile's steps {self.first}-{self.last} are outside this run's "
-                  f"steps {steps[0]}-{steps[-1]}: nothing is profiled", flush=True)
+            verb = "is" if self.first == self.last else "are"
+            print(f"orch: run.profile's {_steps(self.first, self.last)} {verb} outside this "
+                  f"run's {_steps(steps[0], steps[-1])}: nothing is profiled", flush=True)
 
     def before(self, step: int) -> None:
         """Call at the start of ``step``."""
@@ -75,9 +76,20 @@ class StepProfiler:
         self._profiler = None
         if self.rank == 0:
             cut = ("" if (self._started, step) == (self.first, self.last) else
-                   f" (of run.profile's {self.first}-{self.last}: the steps this run does)")
-            print(f"orch: profiled steps {self._started}-{step}{cut}: "
+                   f" (of run.profile's {_span(self.first, self.last)}: the steps this run "
+                   "does)")
+            print(f"orch: profiled {_steps(self._started, step)}{cut}: "
                   f"{self.path.parent}/rank-N.json", flush=True)
+
+
+def _span(first: int, last: int) -> str:
+    """``3-5``, or ``3`` for one step."""
+    return f"{first}" if first == last else f"{first}-{last}"
+
+
+def _steps(first: int, last: int) -> str:
+    """``steps 3-5``, or ``step 3``: "profiled steps 2-2" read as a typo."""
+    return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
 __all__ = ["StepProfiler"]

@@ -203,7 +203,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
         train_state.save(checkpoints, step, stream.state_dict())
 
     metrics = MetricsLog(run_dir, rank == 0, sys.stdout, resume_step=start,
-                         tensorboard=cfg.run.tensorboard, resumed_from=resume)
+                         tensorboard=cfg.run.tensorboard, resumed_from=resume,
+                         last_step=cfg.run.stop_at_step or cfg.train.steps)
     repartitioner = None
     if par.pipeline is not None and cfg.parallel.pp_rebalance_threshold > 0:
         from orch.parallel.pipeline.rebalance import Repartitioner

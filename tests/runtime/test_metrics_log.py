@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 from pathlib import Path
@@ -199,3 +200,20 @@ def test_tensorboard_of_another_history_is_moved_aside(tmp_path: Path) -> None:
     [aside] = tmp_path.glob("tb.superseded-*")
     assert (aside / "events.out.tfevents.1").exists()
     assert not (tmp_path / "tb" / "events.out.tfevents.1").exists()
+
+
+def test_the_eta_counts_to_the_step_the_run_stops_at(tmp_path: Path) -> None:
+    """Under ``run.stop_at_step: 5`` of 100 steps the ETA counted to step 100."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+        def status(self, text: str) -> None:
+            self.write(text + "\n")
+
+    out = Terminal()
+    log = MetricsLog(tmp_path, True, out, last_step=5)
+    log.log(dataclasses.replace(_metrics(1), steps=100, step_time_s=2.0))
+    log.close()
+    assert out.getvalue().startswith("step 1/100 | ") and out.getvalue().endswith("| ETA 8s\n")

@@ -388,3 +388,34 @@ def test_the_progress_line_says_tokens_per_s_in_the_unit_that_shows_them(rate, s
                        step_time_s=1.0, tokens_per_s=rate, tflops=1.0, mfu=0.1, mem_bytes=0,
                        mem_total_bytes=1).line()
     assert f" | {said} tok/s | " in line
+
+
+def test_the_reports_medians_leave_out_the_first_step_of_every_start(tmp_path):
+    """The median dropped only the run's very first record, though each start's first step
+    (a resume's too) includes its warm-up: a resumed start's slow step counted."""
+    import json
+
+    from orch.report import write_report
+
+    rows = [_record(1, tokens_per_s=1.0, resumed_from=None), _record(2, tokens_per_s=100.0),
+            _record(3, tokens_per_s=1.0, mfu=0.0, resumed_from="ckpt/step-00000002"),
+            _record(4, tokens_per_s=100.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = write_report(tmp_path)[-1].read_text()
+    assert ("- throughput: 100 tokens/s, MFU 1.00% (median over logged steps but the first of "
+            "each of the run's 2 starts)") in summary
+
+
+def test_a_report_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    """It raised ModuleNotFoundError with a traceback."""
+    import json
+    import sys
+
+    from orch.cli import main
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "orch report draws its plots with matplotlib, which this Python cannot import" in err
+    assert "fix: pip install matplotlib" in err and "Traceback" not in err

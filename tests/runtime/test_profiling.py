@@ -28,7 +28,7 @@ def _run(tmp_path, steps: range, capsys) -> tuple[list[int], str]:
 
 @pytest.mark.parametrize("steps, traced, said", [
     (range(1, 8), [3, 4, 5], "orch: profiled steps 3-5: "),
-    (range(5, 8), [5], "orch: profiled steps 5-5 (of run.profile's 3-5: the steps this run does)"),
+    (range(5, 8), [5], "orch: profiled step 5 (of run.profile's 3-5: the steps this run does)"),
     (range(1, 5), [3, 4], "orch: profiled steps 3-4 (of run.profile's 3-5: the steps this run"),
 ])
 def test_a_run_profiles_and_writes_the_steps_of_the_window_it_does(tmp_path, capsys, steps,
@@ -60,3 +60,16 @@ def test_a_restart_inside_the_window_writes_the_steps_traced_so_far(tmp_path, ca
     assert (tmp_path / "profile" / "rank-0.json").is_file()
     assert "orch: profiled steps 3-4 (of run.profile's 3-5" in capsys.readouterr().out
     profiler.finish(4)  # nothing left running: nothing more
+
+
+def test_one_profiled_step_is_said_as_one(tmp_path, capsys):
+    """``run.profile: {start: 2, steps: 1}`` said "profiled steps 2-2"."""
+    profiler = StepProfiler(ProfileConfig(start=2, steps=1), tmp_path, 0, torch.device("cpu"),
+                            range(1, 4))
+    for step in range(1, 4):
+        profiler.before(step)
+        profiler.after(step)
+    assert "orch: profiled step 2: " in capsys.readouterr().out
+    StepProfiler(ProfileConfig(start=2, steps=1), tmp_path, 0, torch.device("cpu"), range(3, 4))
+    assert ("orch: run.profile's step 2 is outside this run's step 3: nothing is profiled"
+            in capsys.readouterr().out)
