@@ -18,11 +18,14 @@ matplotlib (Agg, no display) is imported here only, never on the training path.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +157,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
 
     Everything the report reads (records, plan, pipeline timeline, checkpoints) is read and
     checked before the output directory is made: a run directory it cannot read leaves no
-    partial report behind."""
+    partial report behind. It is drawn in a directory of its own and put in place at the end,
+    so a failure writing it (a full disk, a read-only mount) leaves none of it either: a
+    ``ReportError`` says why."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -173,17 +178,55 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     copied = [timeline] if timeline.is_file() and plan.get("degrees", {}).get("pp", 1) > 1 else []
     written = [*(out / f"{name}.png" for name in plots), *(out / t.name for t in copied)]
     summary = _summary(run_dir, records, plan, written)
+    stage = _staging(out, given)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        steps = [r["step"] for r in records]
+        for name, plot in plots.items():
+            plot(stage / f"{name}.png", steps, records)
+        for source in copied:
+            shutil.copy(source, stage / source.name)
+        (stage / "summary.md").write_text(summary)
+        _publish(stage, out)
+    except OSError as exc:  # a full disk, a read-only mount: PIL's traceback, half a report
+        raise ReportError(_unwritten(out, given, exc)) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return [*written, out / "summary.md"]
+
+
+def _staging(out: Path, given: bool) -> Path:
+    """A new, empty directory to draw the report in, so that a failure leaves none of it in
+    ``out``: inside ``out`` when it is a directory already (the same file system, even when
+    ``out`` is a mount point), else beside it, to be renamed into place."""
+    try:
+        if out.is_dir():
+            return Path(tempfile.mkdtemp(prefix=".report-partial-", dir=out))
+        if out.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as exc:
         raise ReportError(_unmade(out, given, exc)) from None
-    steps = [r["step"] for r in records]
-    for name, plot in plots.items():
-        plot(out / f"{name}.png", steps, records)
-    for source in copied:
-        shutil.copy(source, out / source.name)
-    (out / "summary.md").write_text(summary)
-    return [*written, out / "summary.md"]
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Put the finished report of ``stage`` in place: ``stage`` renamed to ``out``, or, when
+    ``out`` is a directory already (it may hold other files), each file renamed into it."""
+    if stage.parent != out:
+        os.rename(stage, out)
+        return
+    for file in sorted(stage.iterdir()):
+        os.replace(file, out / file.name)
+
+
+def _unwritten(out: Path, given: bool, exc: OSError) -> str:
+    """Why the report could not be written into ``out`` (nothing of it was left there), and
+    the fix."""
+    where = f"--out {out}" if given else f"{out}, the default output directory,"
+    fix = ("give --out a directory you can write, on a file system with free space" if given
+           else "free space there, or give --out PATH on a file system you can write")
+    return (f"{where}: the report could not be written ({exc.strerror or exc}); none of it "
+            f"was left there; fix: {fix}")
 
 
 def _unmade(out: Path, given: bool, exc: OSError) -> str:

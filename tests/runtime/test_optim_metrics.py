@@ -419,3 +419,58 @@ def test_a_report_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "orch report draws its plots with matplotlib, which this Python cannot import" in err
     assert "fix: pip install matplotlib" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_report_that_cannot_be_written_leaves_none_of_it_and_says_why(tmp_path, monkeypatch,
+                                                                        existing):
+    """A full disk (or a read-only ``--out``) failed in PIL with a traceback, after some plots
+    were written: half a report, which looked like a whole one. The report is now drawn in a
+    directory of its own and put in place at the end; a failure removes it and says why."""
+    import errno
+    import json
+
+    import orch.report
+    from orch.report import ReportError, write_report
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    out = tmp_path / "out"
+    if existing:  # a directory holding other files, and an earlier report's
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        (out / "loss.png").write_bytes(b"old")
+    save, saved = orch.report._save, []
+
+    def full_disk(fig, path):
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        saved.append(save(fig, path))
+        return saved[-1]
+
+    monkeypatch.setattr(orch.report, "_save", full_disk)
+    with pytest.raises(ReportError) as refused:
+        write_report(tmp_path, out)
+    assert str(refused.value) == (
+        f"--out {out}: the report could not be written (No space left on device); none of it "
+        "was left there; fix: give --out a directory you can write, on a file system with free "
+        "space")
+    assert saved  # one plot was drawn before the disk filled
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                  if p.name != "metrics.jsonl")  # (the staging directory too: .out.partial-*)
+    assert left == (["out", "out/loss.png", "out/notes.txt"] if existing else [])
+    if existing:
+        assert (out / "loss.png").read_bytes() == b"old"
+
+
+def test_a_report_into_an_existing_directory_keeps_its_other_files(tmp_path):
+    import json
+
+    from orch.report import write_report
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    written = write_report(tmp_path, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["notes.txt", *(p.name for p in written)])
