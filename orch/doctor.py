@@ -45,6 +45,8 @@ class Report:
     features: list[Feature] = field(default_factory=list)
     p2p: list[list[str]] = field(default_factory=list)
     """Per GPU pair: NV (NVLink), P2P (peer-to-peer over PCIe), . (neither), X (itself)."""
+    cuda_devices: int = 0
+    """The GPUs torch sees through CUDA, whether or not NVML answers (``gpus`` is NVML's)."""
 
     @property
     def missing(self) -> list[Feature]:
@@ -97,11 +99,20 @@ def examine(nvme_path: str | None = None) -> Report:
         versions["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     node = detect_node()
     report = Report(socket.gethostname(), versions, node.entry["gpus"], node.entry["nics"],
-                    list(node.notes), _disk(nvme_path))
+                    _notes(node.notes, gpu), _disk(nvme_path),
+                    cuda_devices=torch.cuda.device_count() if gpu else 0)
     if len(report.gpus) > 1:
         report.p2p = p2p_matrix(_pynvml(), len(report.gpus))
     report.features = _features(report, gpu, nvme_path)
     return report
+
+
+def _notes(notes: tuple[str, ...], gpu: bool) -> list[str]:
+    """The node detection's notes, less its "no GPU: CPU node" where torch sees CUDA: NVML not
+    answering made detection call a GPU host a CPU node, beside "training: CUDA with NCCL"."""
+    from orch.cluster.detect import CPU_NOTE
+
+    return [note for note in notes if not (gpu and note == CPU_NOTE)]
 
 
 def _pynvml() -> Any:
@@ -267,7 +278,9 @@ def render(report: Report) -> str:
         "safetensors", "transformers")))
     lines.append("devices")
     if not report.gpus:
-        lines.append("  no GPU: CPU mode (one gloo process per node by default)")
+        lines.append(f"  {report.cuda_devices} CUDA GPU(s) seen by torch; NVML does not answer "
+                     "(see the notes)" if report.cuda_devices else
+                     "  no GPU: CPU mode (one gloo process per node by default)")
     for gpu in report.gpus:
         lines.append(f"  GPU {gpu['index']}: {gpu['name']}, {gpu['memory_bytes'] / 2**30:.1f} "
                      f"GiB, {gpu['uuid']}")

@@ -92,3 +92,26 @@ def test_an_nvme_path_without_free_space_is_missing(capsys, monkeypatch):
 
     assert main(["doctor", "--nvme-path", "/proc"]) == 1
     assert "MISSING  NVMe tier directory: /proc " in capsys.readouterr().out  # (or unwritable)
+
+
+def test_a_gpu_host_whose_nvml_is_silent_is_not_called_a_cpu_node(capsys, monkeypatch):
+    """With CUDA working but NVML not answering (no nvidia-ml-py, a driver mismatch), doctor said
+    "no GPU: CPU mode" and "note: no GPU: CPU node" beside "ok training: CUDA with NCCL"."""
+    import torch
+
+    from orch.cluster import detect
+
+    node = detect.DetectedNode({"name": "gpu-07", "devices": 1, "device": "cpu", "nics": [],
+                                "gpus": []},
+                               ("NVML did not start: Driver Not Loaded", detect.CPU_NOTE))
+    monkeypatch.setattr(detect, "detect_node", lambda: node)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(doctor, "_op_state", lambda name: (True, "built"))
+    text = doctor.render(doctor.examine())
+    assert "  8 CUDA GPU(s) seen by torch; NVML does not answer (see the notes)" in text
+    assert "note: NVML did not start: Driver Not Loaded" in text
+    assert "CPU mode" not in text and "CPU node" not in text
+    assert "ok       training: CUDA with NCCL" in text
+    assert "MISSING  GPU telemetry: NVML does not answer (see the notes)" in text
