@@ -7,7 +7,8 @@ timeline and checkpoints), written to ``RUN_DIR/report/`` (or ``--out``):
   line where it first was not finite;
 - ``throughput.png``: tokens/s per logged step, with MFU on the right-hand axis;
 - ``memory.png``: each rank's device memory (GPU memory used, or the process's resident set on
-  CPU) from the telemetry readings, or rank 0's peak where a run has none;
+  CPU) from the telemetry readings, or rank 0's peak where a run has none; above 16 ranks, their
+  min, median and max per step;
 - ``communication.png``: bytes handed to collectives per step, stacked by parallel dimension;
 - ``pipeline_timeline.png``: the measured timeline of the last logged step, when there is one;
 - ``summary.md``: the plan, the steps done, the losses, throughput, MFU and memory figures, the
@@ -311,11 +312,38 @@ def memory_by_rank(records: list[dict]) -> dict[int, list[tuple[int, float]]]:
     return out
 
 
+BAND_ABOVE = 16
+"""Ranks above which ``memory.png`` draws their min/median/max per step, not a line each (a
+legend of hundreds of ranks covered the plot)."""
+
+
 def _memory(path: Path, steps: list[int], records: list[dict]) -> Path:
+    by_rank = memory_by_rank(records)
+    if len(by_rank) > BAND_ABOVE:
+        return _memory_band(path, by_rank)
     fig, ax = _figure("memory per rank", "GiB")
-    for rank, points in sorted(memory_by_rank(records).items()):
+    for rank, points in sorted(by_rank.items()):
         ax.plot(*zip(*points, strict=True), label=f"rank {rank}")
     ax.legend(ncol=4, fontsize="small")
+    return _save(fig, path)
+
+
+def memory_band(by_rank: dict[int, list[tuple[int, float]]]) -> list[tuple[int, float, float,
+                                                                            float]]:
+    """``(step, min, median, max)`` GiB over the ranks with a reading at each step."""
+    at: dict[int, list[float]] = {}
+    for points in by_rank.values():
+        for step, gib in points:
+            at.setdefault(step, []).append(gib)
+    return [(step, min(v), statistics.median(v), max(v)) for step, v in sorted(at.items())]
+
+
+def _memory_band(path: Path, by_rank: dict[int, list[tuple[int, float]]]) -> Path:
+    fig, ax = _figure(f"memory over {len(by_rank)} ranks", "GiB")
+    steps, low, mid, high = zip(*memory_band(by_rank), strict=True)
+    ax.fill_between(steps, low, high, alpha=0.3, label="min to max over ranks")
+    ax.plot(steps, mid, label="median rank")
+    ax.legend(fontsize="small")
     return _save(fig, path)
 
 

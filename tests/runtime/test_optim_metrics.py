@@ -474,3 +474,29 @@ def test_a_report_into_an_existing_directory_keeps_its_other_files(tmp_path):
     written = write_report(tmp_path, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["notes.txt", *(p.name for p in written)])
+
+
+def test_the_memory_plot_of_many_ranks_is_a_band_not_a_legend_of_each(tmp_path, monkeypatch):
+    """Above 16 ranks memory.png drew a line and a legend entry per rank (hundreds of them over
+    the plot); it now draws their min/median/max per step."""
+    import json
+
+    import orch.report
+    from orch.report import memory_band, write_report
+
+    labels = {}
+    save = orch.report._save
+
+    def keep_labels(fig, path):
+        labels[path.name] = [t.get_text() for ax in fig.axes if ax.get_legend()
+                             for t in ax.get_legend().get_texts()]
+        return save(fig, path)
+
+    monkeypatch.setattr(orch.report, "_save", keep_labels)
+    ranks = [{"rank": r, "rss_bytes": (r + 1) << 30} for r in range(17)]
+    rows = [_record(1, devices=ranks), _record(2, devices=ranks[:3])]
+    assert memory_band(orch.report.memory_by_rank(rows)) == [(1, 1.0, 9.0, 17.0),
+                                                             (2, 1.0, 2.0, 3.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(tmp_path)
+    assert sorted(labels["memory.png"]) == ["median rank", "min to max over ranks"]
