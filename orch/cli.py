@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
@@ -522,9 +523,13 @@ def entry() -> NoReturn:
     With torch imported that teardown (freeing every module, then torch's C++ statics) took 0.5
     to 1.5 s on 2 cores after the work was done and said: every ``orch launch`` paid it once
     its workers had finished. The atexit handlers still run (logging, temporary directories),
-    and the output is flushed first; an exception out of :func:`main` (a bug) takes Python's
-    normal exit with its traceback."""
+    and the output is flushed first. Python's normal exit stays where it has more to do: after
+    an exception out of :func:`main` (a bug: its traceback), and while a thread the interpreter
+    would wait for still runs (a non-daemon thread, an executor's workers)."""
     code = main()
+    if any(thread is not threading.main_thread() and not thread.daemon
+           for thread in threading.enumerate()):
+        sys.exit(code)
     atexit._run_exitfuncs()  # what the interpreter's own exit would run first
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -36,3 +36,16 @@ def test_the_orch_command_skips_the_interpreter_teardown_after_its_exit_handlers
                           cwd=REPO)
     assert done.returncode == 2 and "no-such-dir" in done.stderr
     assert "atexit ran" in done.stdout and "teardown ran" not in done.stdout
+
+
+def test_the_orch_command_waits_for_its_threads_as_python_does():
+    """A thread the interpreter would wait for (non-daemon) still running when the command is
+    done: the normal exit, which finishes it, not ``os._exit``, which would cut it off."""
+    code = ("import sys, threading, time; from orch.cli import entry\n"
+            "def late(): time.sleep(0.5); print('thread finished', flush=True)\n"
+            "threading.Thread(target=late).start()\n"
+            "sys.argv = ['orch', 'ckpt', 'inspect', 'no-such-dir']\n"
+            "entry()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode == 2 and "thread finished" in done.stdout
