@@ -533,8 +533,9 @@ def entry() -> NoReturn:
     atexit._run_exitfuncs()  # what the interpreter's own exit would run first
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
-        except (BrokenPipeError, ValueError):  # the reader left, or the stream was closed
+            if stream is not None:  # None: started with the descriptor closed (``>&-``)
+                stream.flush()
+        except (OSError, ValueError):  # the reader left, the disk is full, the stream closed
             pass
     os._exit(code)
 

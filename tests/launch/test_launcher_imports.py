@@ -50,3 +50,15 @@ def test_the_orch_command_waits_for_its_threads_as_python_does():
                           cwd=REPO)
     assert done.returncode == 0 and "plan for tiny" in done.stdout
     assert done.stdout.rstrip().endswith("thread finished")
+
+
+def test_the_orch_command_started_with_stdout_closed_exits_as_before():
+    """``orch plan ... >&-``: Python sets ``sys.stdout`` to None; the command's result is its
+    exit code (0), not a traceback from flushing a stream that is not there."""
+    code = ("import os, sys; os.close(1)\n"
+            "os.execv(sys.executable, [sys.executable, '-c', 'import sys; from orch.cli import "
+            "entry; sys.argv = [\\'orch\\', \\'plan\\', \\'configs/tiny.yaml\\', "
+            "\\'--world-size\\', \\'2\\', \\'--json\\']; entry()'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
