@@ -40,6 +40,7 @@ from torch import nn
 from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
+from orch.kernels.adamw8bit.loading import repair_orphaned_second_moments_
 from orch.models.weights import is_placeholder
 from orch.offload.cpu_step import zero_step
 
@@ -146,7 +147,9 @@ class CheckpointHomes:
     def load_units(self, resting: list[Resting], read: Callable[[State], None]) -> None:
         """Each unit with entries on NVMe in ``resting``, one at a time: memory for its
         parameters and states, ``read`` loads its entries into it (a state dict shaped like
-        the one they were set aside from), then they are written back."""
+        the one they were set aside from), then they are written back. These states never pass
+        through the optimizer's loader, so AdamW8bit's repair of states saved by older versions
+        (``repair_orphaned_second_moments_``) runs on them here, before the write."""
         by_unit: dict[int, list[Resting]] = defaultdict(list)
         for entry in resting:
             if not entry.elsewhere:
@@ -160,6 +163,8 @@ class CheckpointHomes:
                             else self.optimizer.state[entry.param][entry.state_key])
                     state.setdefault(entry.part, {})[entry.key] = into
                 read(state)
+                for param in dict.fromkeys(e.param for e in by_unit[index] if e.state_key):
+                    repair_orphaned_second_moments_(self.optimizer.state[param])
 
     def _resting(self, state: State) -> Iterator[Resting]:
         """The entries of ``state`` that hold placeholders, located in their units."""

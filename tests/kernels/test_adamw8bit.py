@@ -34,6 +34,7 @@ from orch.kernels.adamw8bit.quant import (
     midpoints,
     quantize_blockwise,
     tables,
+    zero_code,
 )
 
 LR = 1e-2
@@ -293,6 +294,44 @@ def test_an_expert_without_tokens_stays_within_adamw_bound(path, monkeypatch):
     w = nn.Parameter(w.detach().to(device))
     opt = AdamW8bit([w], lr=1e-4, weight_decay=0.0)
     _assert_within_adamw_bound(_largest_steps(w, opt, grads, path, monkeypatch))
+
+
+def _as_saved_before_rounding_up(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
+    """The second-moment codes ``q2`` as a version before positive second moments were rounded
+    up would have stored them: code 0 where today's smallest code sits beside a nonzero
+    first-moment code (an old state has them where the gradient was under ~4e-4 of its
+    block's largest)."""
+    orphans = (q2 == 1) & (q1 != zero_code(True))
+    assert orphans.any()
+    return torch.where(orphans, 0, q2).to(torch.uint8)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_a_state_saved_with_zero_second_moments_is_repaired_at_load(path, monkeypatch):
+    """A state saved before the fix keeps a second moment of code 0 beside a nonzero first
+    moment; loaded as it was, the next zero-gradient step moved such an element by
+    ``lr * m / eps`` (thousands of lr). Loading gives those codes the smallest nonzero code,
+    what today's quantizer stores: the codes equal a fresh save's, and the step stays within
+    the bound of the zero-gradient tests above."""
+    device = _device_of(path)
+    shape = (8, 512)
+    torch.manual_seed(0)
+    start = (torch.randn(*shape) * 0.02).to(device)
+    p = nn.Parameter(start.clone())
+    opt = AdamW8bit([p], lr=1e-4, weight_decay=0.0)
+    spread = torch.logspace(-6, 0, BLOCK).repeat(2)  # six decades within each block
+    p.grad = (torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * spread).to(device)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    state = saved["state"][0]
+    state["exp_avg_sq"] = _as_saved_before_rounding_up(state["exp_avg"], state["exp_avg_sq"])
+
+    q = nn.Parameter(p.detach().clone())
+    loaded = AdamW8bit([q], lr=1e-4, weight_decay=0.0)
+    loaded.load_state_dict(saved)
+    assert torch.equal(loaded.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+    (move,) = _largest_steps(q, loaded, [torch.zeros_like(q)], path, monkeypatch)
+    assert move <= 2 * _adamw_step_bound(2), move
 
 
 def test_state_dict_round_trip_is_exact():
@@ -809,6 +848,40 @@ def _strided_run() -> bool:
     return exact
 
 
+def _old_form_repaired_on_shards(sharded: nn.Module, opt: AdamW8bit) -> bool:
+    """Load ``opt``'s FSDP2-sharded states in the form older versions saved (second-moment code 0
+    beside a nonzero first-moment code, every third such element of each rank's shard) through
+    DCP's ``set_optimizer_state_dict``, as orch's checkpoints load: whether each rank's local
+    codes come out with the smallest nonzero code there and are otherwise unchanged."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    saved = get_optimizer_state_dict(sharded, opt)
+    saved["state"] = {name: {k: v.clone() for k, v in state.items()}
+                      for name, state in saved["state"].items()}
+    wanted = {}
+    for name, state in saved["state"].items():
+        if "exp_avg_absmax" not in state:
+            continue
+        q1, q2 = state["exp_avg"].to_local(), state["exp_avg_sq"].to_local()
+        every_third = (torch.arange(q2.numel()) % 3 == 0).view(q2.shape)
+        orphans = every_third & (q1 != zero_code(True))
+        q2.masked_fill_(orphans, 0)  # in place: the DTensor's local shard
+        assert bool(orphans.any()) and bool((state["exp_avg_sq"].to_local()[orphans] == 0).all())
+        wanted[name] = torch.where(orphans, 1, q2).to(torch.uint8)
+    fresh = fully_shard(_mlp(), mesh=init_device_mesh("cpu", (2,)))
+    fresh_opt = AdamW8bit(fresh.parameters(), lr=LR, weight_decay=0.1)
+    set_optimizer_state_dict(fresh, fresh_opt, saved)
+    params = dict(fresh.named_parameters())
+    return bool(wanted) and all(
+        torch.equal(fresh_opt.state[params[name]]["exp_avg_sq"].to_local(), codes)
+        for name, codes in wanted.items())
+
+
 def _fsdp_worker(rank: int, root: str) -> None:
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint import load as dcp_load
@@ -845,6 +918,7 @@ def _fsdp_worker(rank: int, root: str) -> None:
                 other = other.to_local() if isinstance(other, DTensor) else other
                 exact &= local.dtype == other.dtype and torch.equal(local, other)
         out["dcp_exact"] = exact
+        out["old_form_repaired"] = _old_form_repaired_on_shards(sharded, opt)
     except Exception:  # noqa: BLE001 - reported to the test
         out["error"] = traceback.format_exc()
     Path(root, f"rank{rank}.json").write_text(json.dumps(out))
@@ -868,7 +942,8 @@ def test_sharded_parameters_match_one_process(tmp_path):
       within 0.2 lr after 8 steps (measured 0.063; torch's AdamW 1.5e-4), 99.8% of codes equal,
       every dequantized moment within one code step of the map's top decade (0.9/64 and
       0.9/128 of its block's absmax).
-    - DCP: each rank's shard of the states saves and loads back exactly.
+    - DCP: each rank's shard of the states saves and loads back exactly; one in the form older
+      versions saved is repaired on each rank's shard as it loads.
     - Tensor parallel's row-parallel layout (sharded on dim 1), see ``_tp_run``.
     """
     mp.start_processes(_fsdp_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")
@@ -884,5 +959,6 @@ def test_sharded_parameters_match_one_process(tmp_path):
         assert split["value_diff"]["exp_avg_sq"] <= 1.1 * 0.9 / 128, split
         assert split["absmax_diff"] < 1e-2, split
         assert out["dcp_exact"], out
+        assert out["old_form_repaired"], out
         assert out["strided_exact"], out
         assert out["tensor_parallel"] == {"exact": True, "narrow_absmax": [[8, 2], [8, 4]]}, out

@@ -6,6 +6,9 @@ lists every parameter that differs and, where the differences say where the stat
 from, names it with its fix: torch's AdamW (fp32 moments where this optimizer keeps 8-bit
 ones), or AdamW8bit with another ``min_8bit_size`` (recorded in state dicts saved since, and
 otherwise told from which parameters have 8-bit states).
+
+Loading also repairs states saved before a positive second moment was always stored as at
+least the unsigned map's smallest nonzero code (:func:`repair_orphaned_second_moments_`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from orch.kernels.adamw8bit.quant import zero_code
 
 FP32_KEYS = ("exp_avg", "exp_avg_sq")
 QUANTIZED_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
@@ -76,6 +82,43 @@ def check_loadable(state_dict: Mapping[str, Any], wanted: list[Wanted],
         fixes.append("fix: give each state's step as a number or a one-element tensor")
     raise ValueError("AdamW8bit.load_state_dict: states these parameters cannot take:\n  "
                      + "\n  ".join(problems + fixes))
+
+
+REPAIR_CHUNK = 1 << 22
+"""Elements per pass of :func:`repair_orphaned_second_moments_`: its masks stay a few MiB
+however large the tensor (a loaded state may fill most of a GPU)."""
+
+
+def repair_orphaned_second_moments_(state: Mapping[str, Any]) -> None:
+    """Give every second-moment code 0 that sits beside a nonzero first-moment code the unsigned
+    map's smallest nonzero code, in place (on the local shard of a DTensor).
+
+    Before the quantizer rounded every positive ``v`` up (``quant.midpoints``), an element whose
+    gradient was under ~4e-4 of its block's largest had ``v`` stored as code 0 and ``m`` as a
+    nonzero code; such a state, loaded into this version, still moved that element by
+    ``lr * m / eps`` on a step with a zero gradient. A nonzero ``m`` comes from a nonzero
+    gradient, so ``v`` was positive and its code 0 stands for a value under the first midpoint,
+    which today's quantizer stores as the smallest code: the repair gives what a save from this
+    version would hold. Done once, at load, rather than in every step: it costs one pass over
+    the codes, and the step kernels (reference and Triton, bit-identical) stay as they are.
+
+    A no-op on fp32 states and on stand-ins that hold no bytes (an offloaded run's loader reads
+    those states later, a unit at a time, and repairs them then)."""
+    if not all(isinstance(state.get(key), torch.Tensor) for key in QUANTIZED_KEYS):
+        return
+    q1, q2 = (_local(state[key]) for key in ("exp_avg", "exp_avg_sq"))
+    if q1.numel() == 0 or any(q.untyped_storage().size() == 0 for q in (q1, q2)):
+        return
+    signed_zero, smallest = zero_code(True), zero_code(False) + 1  # the map's 0 is code 0
+    per_chunk = max(1, REPAIR_CHUNK // max(1, q1.shape[1:].numel()))
+    for r0 in range(0, q1.shape[0], per_chunk):  # row slices: views, so the fill is in place
+        m, v = q1[r0:r0 + per_chunk], q2[r0:r0 + per_chunk]
+        orphaned = (v == 0) & (m != signed_zero)
+        v.masked_fill_(orphaned, smallest)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _shape_problem(index: int, state: Mapping[str, Any], want: Wanted) -> str | None:

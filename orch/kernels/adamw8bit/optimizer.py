@@ -36,7 +36,8 @@ than ~2,500x below the largest in its block keeps a second moment too large and 
 AdamW would. Rounded to the nearest code, as in the paper's method, that second moment was 0
 beside a nonzero first moment: any element whose gradient was under ~4e-4 of its block's
 largest then moved by ``lr * m / eps`` on a step with a zero gradient (an MoE expert that got
-no tokens, an embedding row of an absent token, ``zero_grad(set_to_none=False)``).
+no tokens, an embedding row of an absent token, ``zero_grad(set_to_none=False)``). States
+saved that way are repaired as they load (``loading.repair_orphaned_second_moments_``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,12 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from orch.errors import OrchError, ProblemsError
-from orch.kernels.adamw8bit.loading import QUANTIZED_KEYS, Wanted, check_loadable
+from orch.kernels.adamw8bit.loading import (
+    QUANTIZED_KEYS,
+    Wanted,
+    check_loadable,
+    repair_orphaned_second_moments_,
+)
 from orch.kernels.adamw8bit.quant import blocks_per_row, zero_code
 from orch.kernels.adamw8bit.reference import Hyper, ScratchPool, step_8bit_, step_fp32_
 from orch.kernels.dispatch import kernel_choice_problem, use_triton
@@ -243,7 +249,9 @@ class AdamW8bit(torch.optim.Optimizer):
         """torch's loader casts every state tensor to its parameter's dtype; the codes stay uint8
         and the rest fp32, so take the saved tensors as they are (copied, on the parameter's
         device, other floating dtypes as fp32): a round trip is exact. A ``step`` saved as a
-        number becomes a tensor, as torch's AdamW takes it (``.item()`` failed on it)."""
+        number becomes a tensor, as torch's AdamW takes it (``.item()`` failed on it). A state
+        saved before positive second moments were rounded up is repaired
+        (``loading.repair_orphaned_second_moments_``)."""
         for index, group in enumerate(state_dict["param_groups"]):
             _check_hyperparameters(group, f"AdamW8bit state dict's param group {index}")
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -257,6 +265,7 @@ class AdamW8bit(torch.optim.Optimizer):
                     self.state[p][key] = torch.tensor(float(value))
                 elif isinstance(value, torch.Tensor):
                     self.state[p][key] = _loaded(key, value, p.device)
+            repair_orphaned_second_moments_(self.state[p])
 
     def _wanted(self, p: torch.Tensor) -> Wanted:
         """What ``p`` keeps: the (global) shape of each state tensor, ``step`` aside."""
