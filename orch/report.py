@@ -179,7 +179,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     copied = [timeline] if timeline.is_file() and plan.get("degrees", {}).get("pp", 1) > 1 else []
     written = [*(out / f"{name}.png" for name in plots), *(out / t.name for t in copied)]
     summary = _summary(run_dir, records, plan, written)
-    stage = _staging(out, given)
+    stage, inside = _staging(out, given)
     try:
         steps = [r["step"] for r in records]
         for name, plot in plots.items():
@@ -187,7 +187,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
         for source in copied:
             shutil.copy(source, stage / source.name)
         (stage / "summary.md").write_text(summary)
-        _publish(stage, out)
+        _publish(stage, out, inside)
     except OSError as exc:  # a full disk, a read-only mount: PIL's traceback, half a report
         raise ReportError(_unwritten(out, given, exc)) from None
     finally:
@@ -195,25 +195,28 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     return [*written, out / "summary.md"]
 
 
-def _staging(out: Path, given: bool) -> Path:
+def _staging(out: Path, given: bool) -> tuple[Path, bool]:
     """A new, empty directory to draw the report in, so that a failure leaves none of it in
-    ``out``: inside ``out`` when it is a directory already (the same file system, even when
-    ``out`` is a mount point), else beside it, to be renamed into place."""
+    ``out``, and whether it is inside ``out``: inside when ``out`` is a directory already (the
+    same file system, even when ``out`` is a mount point), else beside it, to be renamed into
+    place. The flag, not a comparison of paths, tells :func:`_publish` which: since Python 3.12
+    ``mkdtemp`` returns an absolute path, which never equals a relative ``out``."""
     try:
         if out.is_dir():
-            return Path(tempfile.mkdtemp(prefix=".report-partial-", dir=out))
+            return Path(tempfile.mkdtemp(prefix=".report-partial-", dir=out)), True
         if out.exists():
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out))
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)), False
     except OSError as exc:
         raise ReportError(_unmade(out, given, exc)) from None
 
 
-def _publish(stage: Path, out: Path) -> None:
-    """Put the finished report of ``stage`` in place: ``stage`` renamed to ``out``, or, when
-    ``out`` is a directory already (it may hold other files), each file renamed into it."""
-    if stage.parent != out:
+def _publish(stage: Path, out: Path, inside: bool) -> None:
+    """Put the finished report of ``stage`` in place: when ``stage`` is ``inside`` ``out``, a
+    directory already (it may hold other files), each file renamed into it; else ``stage``
+    renamed to ``out``."""
+    if not inside:
         os.rename(stage, out)
         return
     for file in sorted(stage.iterdir()):

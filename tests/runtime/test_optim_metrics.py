@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -500,3 +502,27 @@ def test_the_memory_plot_of_many_ranks_is_a_band_not_a_legend_of_each(tmp_path, 
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(tmp_path)
     assert sorted(labels["memory.png"]) == ["median rank", "min to max over ranks"]
+
+
+def test_a_relative_out_is_reported_into_twice_with_absolute_temporary_paths(tmp_path,
+                                                                              monkeypatch):
+    """Since Python 3.12 ``tempfile.mkdtemp`` returns an absolute path. The second report into
+    a relative output directory (there from the first) told its staging directory inside it
+    from one beside it by comparing the staging directory's parent with ``out``: never equal,
+    so the staging directory was renamed onto the non-empty report directory (ENOTEMPTY) and
+    the report failed as "could not be written". Here mkdtemp behaves as on 3.12."""
+    import json
+    import tempfile
+
+    from orch.report import write_report
+
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp",
+                        lambda *args, **kwargs: os.path.abspath(mkdtemp(*args, **kwargs)))
+    monkeypatch.chdir(tmp_path)
+    Path("run").mkdir()
+    Path("run/metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    first = write_report("run")
+    second = write_report("run")
+    assert first == second and all(p.is_file() for p in second)
+    assert sorted(p.name for p in Path("run/report").iterdir()) == sorted(p.name for p in second)
