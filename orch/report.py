@@ -23,6 +23,7 @@ import errno
 import json
 import math
 import os
+import secrets
 import shutil
 import statistics
 import sys
@@ -207,9 +208,25 @@ def _staging(out: Path, given: bool) -> tuple[Path, bool]:
         if out.exists():
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out))
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)), False
+        return _new_directory(out.parent, f".{out.name}.partial-"), False
     except OSError as exc:
         raise ReportError(_unmade(out, given, exc)) from None
+
+
+def _new_directory(parent: Path, prefix: str) -> Path:
+    """A new directory ``parent/<prefix><random>``, made by a plain mkdir so that it has the
+    mode a plain mkdir gives (``0o777 & ~umask``, or what the parent's default ACL says): it is
+    renamed into place as the report directory, which ``mkdtemp`` would leave 0700, readable by
+    its owner alone (it was 0755 under the usual umask before the report was staged)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no unused name for the report's staging directory",
+                          str(parent / prefix))
 
 
 def _publish(stage: Path, out: Path, inside: bool) -> None:

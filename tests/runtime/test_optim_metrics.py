@@ -526,3 +526,21 @@ def test_a_relative_out_is_reported_into_twice_with_absolute_temporary_paths(tmp
     second = write_report("run")
     assert first == second and all(p.is_file() for p in second)
     assert sorted(p.name for p in Path("run/report").iterdir()) == sorted(p.name for p in second)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)])
+def test_a_new_report_directory_has_the_mode_a_plain_mkdir_gives(tmp_path, umask, mode):
+    """The report directory, drawn in a staging directory and renamed into place, kept
+    ``mkdtemp``'s 0700: a report others could read before (0755 under umask 022) no longer
+    was."""
+    import json
+
+    from orch.report import write_report
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    before = os.umask(umask)
+    try:
+        write_report(tmp_path)
+    finally:
+        os.umask(before)
+    assert (tmp_path / "report").stat().st_mode & 0o777 == mode
