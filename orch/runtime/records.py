@@ -67,7 +67,9 @@ def move_records_after(path: Path, aside: Path, step: int | None) -> int:
     line and the file cut there (no whole-file rewrite, memory bounded by one line). Only a file
     whose records are out of order (edited by hand) is rewritten, still line by line, through a
     side file and a rename. ``aside`` is made durable before ``path`` is cut: a crash between
-    the two leaves the moved records in both, never in neither."""
+    the two leaves the moved records in both, never in neither. The cut truncates ``path`` in
+    place, so a reader holding it open (``tail -f``, an ``orch report`` reading it) sees it
+    shrink, where a rename left such a reader the old file whole."""
     if not path.exists():
         return 0
     moved, out, rewrite = 0, None, None  # (aside and the side file: opened when needed)
@@ -81,7 +83,7 @@ def move_records_after(path: Path, aside: Path, step: int | None) -> int:
                 continue
             line = line if line.endswith(b"\n") else line + b"\n"
             if step is None or record_step > step:
-                out = out or opened.enter_context(aside.open("ab"))
+                out = out or opened.enter_context(_appending(aside))
                 out.write(line)
                 moved += 1
             else:  # a kept record after the cut: out of order, the file is rewritten
@@ -97,6 +99,23 @@ def move_records_after(path: Path, aside: Path, step: int | None) -> int:
             file.truncate(cut)
             _durable(file)
     return moved
+
+
+def _appending(path: Path) -> IO[bytes]:
+    """``path`` opened to append whole lines: a newline first where it ends in a torn line (an
+    earlier move that failed mid-write, a full disk), which the first appended record would
+    otherwise continue, both then one unparseable line."""
+    file = open(path, "a+b")  # noqa: SIM115 - the caller's; reads allowed, writes at the end
+    try:
+        end = file.seek(0, os.SEEK_END)
+        if end:
+            file.seek(end - 1)
+            if file.read(1) != b"\n":
+                file.write(b"\n")  # "a" mode: at the end, wherever the file was read
+    except BaseException:
+        file.close()
+        raise
+    return file
 
 
 def _first_off_record(file: IO[bytes], step: int | None) -> int | None:

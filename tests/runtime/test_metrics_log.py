@@ -217,3 +217,21 @@ def test_the_eta_counts_to_the_step_the_run_stops_at(tmp_path: Path) -> None:
     log.log(dataclasses.replace(_metrics(1), steps=100, step_time_s=2.0))
     log.close()
     assert out.getvalue().startswith("step 1/100 | ") and out.getvalue().endswith("| ETA 8s\n")
+
+
+def test_records_moved_aside_after_a_torn_line_there_start_on_a_line_of_their_own(
+        tmp_path: Path) -> None:
+    """``metrics.superseded.jsonl`` left ending in a torn line (an earlier move that failed
+    mid-write) had the next move's first record appended onto it: one unparseable line, that
+    record lost to ``orch report`` and to anyone reading the file."""
+    from orch.runtime.records import move_records_after, read_records
+
+    path, aside = tmp_path / "metrics.jsonl", tmp_path / "metrics.superseded.jsonl"
+    path.write_text("".join(_line(n) for n in range(1, 6)))
+    aside.write_text(_line(7) + '{"step": 8, "loss": 4.')
+    assert move_records_after(path, aside, 2) == 3
+    records, skipped = read_records(aside)
+    assert [r["step"] for r in records] == [7, 3, 4, 5] and skipped == 1
+    assert [r["step"] for r in read_records(path)[0]] == [1, 2]
+    move_records_after(path, aside, 1)  # an aside that ends whole gets no blank line
+    assert aside.read_text().endswith(_line(5) + _line(2))
