@@ -18,7 +18,6 @@ import json
 import math
 import os
 import resource
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -26,7 +25,7 @@ from typing import IO, Any
 import torch
 
 from orch.errors import warn_once
-from orch.runtime.checkpoint.files import of_run
+from orch.runtime.checkpoint.files import of_run, superseded_path
 from orch.runtime.records import move_records_after
 from orch.runtime.telemetry import memory_in_use
 
@@ -251,10 +250,11 @@ class MetricsLog:
 
 
 def _move_aside(path: Path, out: IO[str]) -> None:
-    """Rename ``path``, when there, to ``NAME.superseded-STAMP`` beside it: kept, not mixed into
-    what a new history writes there (TensorBoard reads every event file of a directory)."""
+    """Rename ``path``, when there, to ``NAME.superseded-STAMP`` beside it (``superseded_path``):
+    kept, not mixed into what a new history writes there (TensorBoard reads every event file of
+    a directory)."""
     if path.exists():
-        aside = path.with_name(f"{path.name}.superseded-{time.strftime('%Y%m%dT%H%M%S')}")
+        aside = superseded_path(path)
         os.replace(path, aside)
         print(f"orch: {path} is of another history: moved aside to {aside.name}", file=out,
               flush=True)

@@ -865,3 +865,20 @@ def test_captured_rng_round_trips() -> None:
 
 if __name__ == "__main__":
     worker(int(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_a_step_moved_aside_twice_within_a_second_keeps_both(tmp_path, monkeypatch) -> None:
+    """Two restarts that each moved the same step of an earlier history aside within one second
+    named both ``step-N.superseded-STAMP`` (to the second): the second rename onto the first's
+    non-empty directory failed and ended the save. Now the second gets ``-2``."""
+    monkeypatch.setattr(time, "strftime", lambda *args: "20260101T000000")  # the same second
+    CheckpointManager(tmp_path, make_cfg(), PLAN).save(2, tiny_state(1.0), {})
+    for value in (2.0, 3.0):  # two restarts with resume=none, each saving step 2 again
+        CheckpointManager(tmp_path, make_cfg(), PLAN).save(2, tiny_state(value), {})
+    aside = tmp_path / "checkpoints" / "step-00000002.superseded-20260101T000000"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-00000002", aside.name, aside.name + "-2"]
+    for path, value in ((aside, 1.0), (aside.with_name(aside.name + "-2"), 2.0)):
+        state = tiny_state(0.0)
+        CheckpointManager(tmp_path, make_cfg(), PLAN).load(path, state)
+        assert torch.equal(state["model"]["w"], torch.full((3, 2), value))

@@ -235,3 +235,23 @@ def test_records_moved_aside_after_a_torn_line_there_start_on_a_line_of_their_ow
     assert [r["step"] for r in read_records(path)[0]] == [1, 2]
     move_records_after(path, aside, 1)  # an aside that ends whole gets no blank line
     assert aside.read_text().endswith(_line(5) + _line(2))
+
+
+def test_tensorboard_moved_aside_twice_within_a_second_keeps_both(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """Two starts from another run's checkpoint within one second named their aside
+    directories alike (``tb.superseded-STAMP``, to the second): the second rename onto the
+    first's non-empty directory failed and ended the worker. Now the second gets ``-2``."""
+    import time
+
+    pytest.importorskip("tensorboard")
+    monkeypatch.setattr(time, "strftime", lambda *args: "20260101T000000")  # the same second
+    other = tmp_path / "B" / "step-00000004"
+    for start in (1, 2):
+        (tmp_path / "tb").mkdir(exist_ok=True)
+        (tmp_path / "tb" / f"events.out.tfevents.{start}").write_bytes(b"")
+        MetricsLog(tmp_path, True, io.StringIO(), resume_step=4, tensorboard=True,
+                   resumed_from=other).close()
+    first = tmp_path / "tb.superseded-20260101T000000"
+    assert (first / "events.out.tfevents.1").exists()
+    assert (first.with_name(first.name + "-2") / "events.out.tfevents.2").exists()

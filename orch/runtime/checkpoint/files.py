@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,19 @@ CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 STEP_NAME = re.compile(r"^step-(\d{8,})(?:$|\.superseded-)")
 """The name of a step directory, also one moved aside (``step-N.superseded-*``)."""
+
+
+def superseded_path(path: Path) -> Path:
+    """An unused name beside ``path`` to move it aside to: ``NAME.superseded-STAMP`` (local time
+    to the second), then ``-2``, ``-3``... for later moves within the same second. A stamp alone
+    was the same for two moves within a second (two quick restarts), and the second
+    ``os.replace`` onto the first's non-empty directory failed and ended the worker."""
+    base = f"{path.name}.superseded-{time.strftime('%Y%m%dT%H%M%S')}"
+    candidate, n = path.with_name(base), 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{base}-{n}")
+    return candidate
 
 
 def step_dir_name(step: int) -> str:

@@ -8,11 +8,16 @@ config's complete checkpoints beyond ``keep_last``/``keep_every`` and unfinished
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from orch.errors import warn_once
-from orch.runtime.checkpoint.files import MANIFEST, fsync_dir, remove_checkpoint, step_dirs
+from orch.runtime.checkpoint.files import (
+    MANIFEST,
+    fsync_dir,
+    remove_checkpoint,
+    step_dirs,
+    superseded_path,
+)
 
 
 def clear_way(checkpoints: Path, step: int, path: Path, written: set[int]) -> None:
@@ -23,12 +28,11 @@ def clear_way(checkpoints: Path, step: int, path: Path, written: set[int]) -> No
     or with resume=none); it is renamed aside, not deleted, so that ``latest`` can never pick a
     checkpoint from the abandoned history.
     """
-    stamp = time.strftime("%Y%m%dT%H%M%S")
     for other_step, other in sorted(step_dirs(checkpoints)):
         if other_step < step or other_step in written:
             continue
         if (other / MANIFEST).exists():
-            aside = other.with_name(f"{other.name}.superseded-{stamp}")
+            aside = superseded_path(other)
             warn_once(f"moving {other} aside to {aside.name}: it is from an earlier history of "
                       f"this run, saving step {step} now")
             os.replace(other, aside)
