@@ -274,15 +274,19 @@ def from_kernel(out: torch.Tensor) -> bool:
 def test_causal_attention_takes_a_scale_of_zero_or_below(scale):
     """torch's CPU SDPA with is_causal returns all NaN for softmax_scale <= 0, and
     causal_attention ran it there (flash_attention's reference was right): it runs the reference
-    for such a scale, forward and backward, grouped-query heads too."""
+    for such a scale, forward and backward, grouped-query heads too. Checked against torch's
+    SDPA with an explicit boolean causal mask, right on the CPU for any scale (causal_attention
+    runs the reference itself here, so the reference would be checked against itself)."""
     from orch.kernels import causal_attention
 
     q, k, v = make(2, 7, 7, 4, 2, 16)
-    weight = torch.randn(2, 7, 4, 16, generator=torch.Generator().manual_seed(1))
+    heads_first = [t.transpose(1, 2) for t in (q, k, v)]  # (batch, heads, seq, head_dim)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    weight = torch.randn(2, 4, 7, 16, generator=torch.Generator().manual_seed(1))
     results = []
-    for out in (causal_attention(*(t.transpose(1, 2) for t in (q, k, v)),
-                                 softmax_scale=scale).transpose(1, 2),
-                attention_reference(q, k, v, True, scale)[0]):
+    for out in (causal_attention(*heads_first, softmax_scale=scale),
+                F.scaled_dot_product_attention(*heads_first, attn_mask=causal, scale=scale,
+                                               enable_gqa=True)):
         results.append((out, *torch.autograd.grad((out * weight).sum(), (q, k, v))))
     for got, want in zip(*results, strict=True):
         assert not got.isnan().any()
