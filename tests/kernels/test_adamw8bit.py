@@ -52,10 +52,11 @@ def _pair(shape: tuple[int, ...], seed: int = 0, **kw):
 def _grads(shape: tuple[int, ...], steps: int, seed: int = 1) -> list[torch.Tensor]:
     """Gradients whose scale spans six decades across rows and two within a row.
 
-    Within one block the dynamic map resolves about 3.4 decades of gradient (6.8 of its square,
-    the second moment): an element more than ~2,500x smaller than its block's largest has its
-    second moment rounded up to the map's smallest code, and steps less than AdamW would. Two
-    decades within a row keep the comparison about quantization error, not that."""
+    Within one block the dynamic map resolves about 3.2 decades of gradient (6.5 of its square,
+    the second moment, down to the unsigned map's smallest code, 3.25e-7): an element more than
+    ~1,750x (``1 / sqrt(3.25e-7)``) smaller than its block's largest has its second moment
+    rounded up to that code, and steps less than AdamW would. Two decades within a row keep the
+    comparison about quantization error, not that."""
     gen = torch.Generator().manual_seed(seed)
     scale = torch.logspace(-2, 0, shape[-1]) * torch.logspace(-6, 0, shape[0]).view(
         -1, *[1] * (len(shape) - 1))

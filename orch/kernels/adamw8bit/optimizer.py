@@ -32,12 +32,13 @@ fused Triton kernel on CUDA, the chunked plain-torch reference otherwise.
 
 The unsigned map's smallest nonzero code is 3.25e-7 of the block's absmax, and a positive second
 moment is stored as at least that (``quant.midpoints``), so an element whose gradient stays more
-than ~2,500x below the largest in its block keeps a second moment too large and steps less than
-AdamW would. Rounded to the nearest code, as in the paper's method, that second moment was 0
-beside a nonzero first moment: any element whose gradient was under ~4e-4 of its block's
-largest then moved by ``lr * m / eps`` on a step with a zero gradient (an MoE expert that got
-no tokens, an embedding row of an absent token, ``zero_grad(set_to_none=False)``). States
-saved that way are repaired as they load (``loading.repair_orphaned_second_moments_``).
+than ~1,750x below the largest in its block (``1 / sqrt(3.25e-7)``) keeps a second moment too
+large and steps less than AdamW would. Rounded to the nearest code, as in the paper's method,
+that second moment was 0 beside a nonzero first moment: any element whose gradient was under
+~4e-4 of its block's largest (below the first midpoint, 1.6e-7) then moved by
+``lr * m / eps`` on a step with a zero gradient (an MoE expert that got no tokens, an embedding
+row of an absent token, ``zero_grad(set_to_none=False)``). States saved that way are repaired
+as they load (``loading.repair_orphaned_second_moments_``).
 """
 
 from __future__ import annotations
