@@ -882,3 +882,30 @@ def test_a_step_moved_aside_twice_within_a_second_keeps_both(tmp_path, monkeypat
         state = tiny_state(0.0)
         CheckpointManager(tmp_path, make_cfg(), PLAN).load(path, state)
         assert torch.equal(state["model"]["w"], torch.full((3, 2), value))
+
+
+def test_ctrl_c_during_a_save_stops_the_run_and_is_no_disk_problem(tmp_path, monkeypatch):
+    """DCP wraps a KeyboardInterrupt (Ctrl-C while it writes) in its CheckpointException: it
+    must come out as KeyboardInterrupt (the worker's "stopped by SIGINT"), not as SaveFailed
+    saying to free space; an error that is no OSError is named without the disk fix."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    mgr = CheckpointManager(tmp_path, make_cfg(), PLAN)
+    mgr.save(1, tiny_state(1.0), {"sample": 1})
+
+    def interrupted(state: dict[str, Any], *, checkpoint_id: Path, **kwargs: Any) -> None:
+        raise CheckpointException("save failed", {0: (KeyboardInterrupt(), None)})
+
+    monkeypatch.setattr(dcp, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(2, tiny_state(2.0), {"sample": 2})
+
+    def broken(state: dict[str, Any], *, checkpoint_id: Path, **kwargs: Any) -> None:
+        raise CheckpointException("save failed", {0: (TypeError("cannot pickle 'lock'"), None)})
+
+    monkeypatch.setattr(dcp, "save", broken)
+    with pytest.raises(SaveFailed) as failed:
+        mgr.save(3, tiny_state(3.0), {"sample": 3})
+    text = str(failed.value)
+    assert "rank 0: TypeError: cannot pickle 'lock'" in text
+    assert "free space" not in text and "not a disk problem" in text and "TypeError" in text

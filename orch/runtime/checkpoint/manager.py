@@ -93,6 +93,29 @@ FULL_BELOW = 1 << 20
 """Free bytes under which a failed write is put down to a full file system."""
 
 
+def _wrapped(exc: BaseException) -> list[BaseException]:
+    """The underlying errors of DCP's gathered CheckpointException (one per failed rank), or
+    ``[exc]`` for any other error."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return [w[0] if isinstance(w, tuple) else exc for w in failures.values()]
+    return [exc]
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    """Raise KeyboardInterrupt when DCP wrapped one (or a SystemExit) in its
+    CheckpointException: Ctrl-C during a save is the user stopping the run, which the worker
+    reports as such, not a failed write whose fix is freeing disk space."""
+    if any(not isinstance(e, Exception) for e in _wrapped(exc)):
+        raise KeyboardInterrupt from exc
+
+
+def _is_disk_error(exc: BaseException, text: str) -> bool:
+    """Whether a failed write is the file system's doing (an OSError, or the full disk
+    ``_write_error`` noticed), so that freeing space or fixing permissions is the fix."""
+    return any(isinstance(e, OSError) for e in _wrapped(exc)) or "file system is full" in text
+
+
 def _write_error(exc: BaseException, directory: Path) -> str:
     """``_first_line`` of a failed write, saying so when the file system is full: a full disk
     surfaces as ENOSPC from a plain write but as torch's "unexpected pos" from its zip writer,
@@ -358,6 +381,7 @@ class CheckpointManager:
         from orch.runtime.checkpoint.bounded_files import BoundedFilesWriter
 
         future = None
+        disk = True
         if planner is not None and self._async_group is not None and self.rank == 0 and (
                 not self._said_synchronous):
             self._said_synchronous = True
@@ -378,8 +402,10 @@ class CheckpointManager:
                     dcp.save(app_state, checkpoint_id=path, storage_writer=writer,
                              planner=planner, no_dist=not self._dist)
         except (Exception, CheckpointException) as exc:  # DCP raises it on every rank
+            _reraise_interrupt(exc)
             error = _write_error(exc, self.dir)
-        self._check_saving(error, step, path, "writing the sharded state")
+            disk = _is_disk_error(exc, error)
+        self._check_saving(error, step, path, "writing the sharded state", disk)
         self._pending = _Pending(step, path, data, started, future)
         if future is None:
             self.wait()
@@ -407,12 +433,15 @@ class CheckpointManager:
         from torch.distributed.checkpoint.api import CheckpointException
 
         error = None
+        disk = True
         if pending.future is not None:
             try:
                 pending.future.result()
             except (Exception, CheckpointException) as exc:  # reported on every rank below
+                _reraise_interrupt(exc)
                 error = _write_error(exc, self.dir)
-        self._check_saving(error, pending.step, pending.path, "writing the sharded state")
+                disk = _is_disk_error(exc, error)
+        self._check_saving(error, pending.step, pending.path, "writing the sharded state", disk)
         maybe_fail("save", pending.step)  # a fault drill (ORCH_DRILL), when one is set
         # Every rank hashes a share of the files; rank 0 lists them so all agree on the split.
         names = self._ranks.from_rank0(lambda: files_of(pending.path))
@@ -467,11 +496,16 @@ class CheckpointManager:
             warn_once(f"checkpoint {pending.path} was still being written when this rank "
                       "failed: left unfinished, it is never resumed from")
 
-    def _check_saving(self, error: str | None, step: int, path: Path, doing: str) -> None:
+    def _check_saving(
+        self, error: str | None, step: int, path: Path, doing: str, disk: bool = True
+    ) -> None:
         """Raise ``SaveFailed`` on every rank when any rank's ``error`` is set, after rank 0
         removed the unfinished directory (it would never be resumed from, and a full disk wants
-        its space back); older checkpoints are left as they are."""
-        errors = self._ranks.errors(error)
+        its space back); older checkpoints are left as they are. ``disk`` says whether this
+        rank's error is the file system's (an OSError, a full disk): only then is freeing space
+        or fixing permissions the fix; any other error is named without it."""
+        gathered = self._ranks.gather((error, disk) if error else None)
+        errors = [(r, g) for r, g in enumerate(gathered) if g]
         if not errors:
             return
         self._pending = None
@@ -480,14 +514,21 @@ class CheckpointManager:
         newest = self.latest()
         kept = f"the newest complete checkpoint, {newest}, is intact" if newest else (
             "there is no earlier complete checkpoint")
-        free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+        again = "then run the same command: it resumes from the newest complete checkpoint"
+        if any(d for _, (_, d) in errors):
+            free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+            fix = (f"free space or fix permissions under {self.dir} ({free:,} bytes free now), "
+                   + again)
+        else:
+            names = sorted({e.split(":")[0] for _, (e, _) in errors})
+            fix = (f"this is not a disk problem: fix the cause of the {', '.join(names)} "
+                   f"above, {again}")
         raise SaveFailed(
             path,
             f"saving step {step} failed while {doing} ("
-            + "; ".join(f"rank {r}: {e}" for r, e in errors)
+            + "; ".join(f"rank {r}: {e}" for r, (e, _) in errors)
             + f"); the unfinished directory was removed and {kept}",
-            f"free space or fix permissions under {self.dir} ({free:,} bytes free now), then "
-            "run the same command: it resumes from the newest complete checkpoint",
+            fix,
         )
 
     def _prepare(self, step: int, path: Path) -> None:
