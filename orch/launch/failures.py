@@ -66,7 +66,10 @@ class WorkerFailure:
         return self.kind not in CONSEQUENCES
 
 
-_OOM = re.compile(r"out of memory|OutOfMemoryError|MemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I)
+_OOM = re.compile(r"out of memory|OutOfMemoryError|MemoryError|CUBLAS_STATUS_ALLOC_FAILED|"
+                  r"can't allocate memory|Cannot allocate memory|ENOMEM", re.I)
+"""Out of memory on the device or the host: torch's CPU allocator raises a plain RuntimeError
+("DefaultCPUAllocator: can't allocate memory ... Error code 12 (Cannot allocate memory)")."""
 _TIMEOUT = re.compile(r"timed? ?out|Timeout|watchdog", re.I)
 _PEER = re.compile(r"Connection (closed|reset) by peer|Broken pipe|peer.*(closed|died)|"
                    r"ProcessGroupGloo|NCCL (communicator was aborted|error)", re.I)

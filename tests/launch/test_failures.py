@@ -23,6 +23,9 @@ CASES = [  # (exit code, recorded message, oom killer seen) -> kind, words in th
     (-signal.SIGTERM, "", False, "stopped", "stopped by SIGTERM"),
     (1, "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", False,
      "out of memory", "out of memory: OutOfMemoryError: CUDA out of memory"),
+    (1, "RuntimeError: [enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+     "allocate memory: you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate "
+     "memory)", False, "out of memory", "out of memory: RuntimeError: [enforce fail"),  # host
     (1, "DistBackendError: [../gloo/transport/tcp/pair.cc:534] Read error: Connection reset by "
      "peer", False, "lost peer", "lost a peer"),
     (1, "DistBackendError: Timed out waiting 1800000ms for recv operation to complete (gloo)",
