@@ -25,15 +25,39 @@ from typing import Any
 
 from orch.runtime.rank_log import rank_log_path
 
-OOM_COUNTERS = (
-    Path("/sys/fs/cgroup/memory.events"),  # cgroup v2: "oom_kill N"
-    Path("/sys/fs/cgroup/memory/memory.oom_control"),  # cgroup v1
-)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
-def oom_kills() -> int | None:
-    """How many processes the kernel's OOM killer has killed in this cgroup, if it says."""
-    for path in OOM_COUNTERS:
+def oom_counters(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> list[Path]:
+    """The files that count OOM kills for this process's cgroup, then the root's as a fallback.
+
+    ``proc_cgroup`` (``/proc/self/cgroup``) names the cgroup: cgroup v2's ``0::P`` counts in
+    ``root/P/memory.events``, v1's ``N:memory:P`` (or a controller list with ``memory``) in
+    ``root/memory/P/memory.oom_control``. Reading the root's alone missed a job's own cgroup
+    (a Slurm step, a systemd unit, a container without a cgroup namespace), whose OOM kills
+    are not counted there."""
+    own: list[Path] = []
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        relative = path.strip().lstrip("/")
+        if number == "0" and controllers == "":
+            own.append(root / relative / "memory.events")
+        elif "memory" in controllers.split(","):
+            own.append(root / "memory" / relative / "memory.oom_control")
+    fallback = [root / "memory.events", root / "memory" / "memory.oom_control"]
+    return own + [path for path in fallback if path not in own]
+
+
+def oom_kills(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> int | None:
+    """How many processes the kernel's OOM killer has killed in this process's cgroup (the
+    root's where its own has no counter), if it says."""
+    for path in oom_counters(proc_cgroup, root):
         try:
             for line in path.read_text().splitlines():
                 key, _, value = line.partition(" ")

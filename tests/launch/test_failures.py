@@ -238,16 +238,39 @@ def test_the_rank_that_raised_comes_before_a_gloo_pair_closure(tmp_path: Path):
         "  look first at rank 1")
 
 
-def test_oom_counter_is_read_from_cgroup_v2_or_v1(tmp_path, monkeypatch):
-    import orch.launch.failures as failures
-
-    v2, v1 = tmp_path / "memory.events", tmp_path / "memory.oom_control"
-    monkeypatch.setattr(failures, "OOM_COUNTERS", (v2, v1))
-    assert oom_kills() is None  # neither file: unknown, so SIGKILL is not called an OOM
+def test_oom_counter_is_read_from_cgroup_v2_or_v1(tmp_path):
+    proc, root = tmp_path / "cgroup", tmp_path / "sys"
+    v2, v1 = root / "memory.events", root / "memory" / "memory.oom_control"
+    v1.parent.mkdir(parents=True)
+    assert oom_kills(proc, root) is None  # neither file: unknown, so SIGKILL is not called an OOM
     v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
-    assert oom_kills() == 3
+    assert oom_kills(proc, root) == 3
     v2.write_text("low 0\nhigh 0\nmax 2\noom 2\noom_kill 5\n")
-    assert oom_kills() == 5
+    assert oom_kills(proc, root) == 5
+
+
+def test_oom_counter_is_read_from_this_process_cgroup_not_the_root(tmp_path):
+    """The OOM kills of a job's own cgroup (a Slurm step, a systemd unit) are counted there,
+    not at the root: /proc/self/cgroup names it, for cgroup v2 and v1; the root's counter is
+    the fallback where the own cgroup's file is missing."""
+    proc, root = tmp_path / "cgroup", tmp_path / "sys"
+    (root / "memory").mkdir(parents=True)
+    (root / "memory.events").write_text("oom_kill 1\n")
+    (root / "memory" / "memory.oom_control").write_text("oom_kill 2\n")
+    own_v2 = root / "system.slice" / "job.scope" / "memory.events"
+    own_v2.parent.mkdir(parents=True)
+    own_v2.write_text("oom 7\noom_kill 7\n")
+    proc.write_text("0::/system.slice/job.scope\n")
+    assert oom_kills(proc, root) == 7
+    own_v1 = root / "memory" / "slurm" / "job_4" / "memory.oom_control"
+    own_v1.parent.mkdir(parents=True)
+    own_v1.write_text("under_oom 0\noom_kill 9\n")
+    proc.write_text("12:pids:/slurm/job_4\n4:memory:/slurm/job_4\n1:name=systemd:/x\n")
+    assert oom_kills(proc, root) == 9
+    proc.write_text("3:cpu,memory:/slurm/job_4\n")  # a controller list holding memory
+    assert oom_kills(proc, root) == 9
+    proc.write_text("0::/gone.scope\n")  # its file missing: the root's counter
+    assert oom_kills(proc, root) == 1
 
 
 @pytest.mark.parametrize("text", ["kill rank=1", "kill rank=1 step=0", "stop rank=1 step=3",
