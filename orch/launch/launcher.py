@@ -476,23 +476,27 @@ def _check_drill(cfg: Config, world: int, resumed_at: int = 0) -> list[Problem]:
     except ProblemsError as exc:
         return exc.problems
     last, interval = _last_step(cfg), cfg.checkpoint.interval
-    why, reads = None, ("run.stop_at_step", "train.steps")  # what _last_step reads
+    steps = ("run.stop_at_step", "train.steps")  # what _last_step reads
+    whys: list[str] = []
+    reads: list[str] = []
     if drill.rank >= world:
-        why, reads = f"rank {drill.rank} is not one of this run's {world}", ()
-    elif drill.step > last:
-        why = f"step {drill.step} is after the run's last, {last}"
+        whys.append(f"rank {drill.rank} is not one of this run's {world}")
+    if drill.step > last:
+        whys.append(f"step {drill.step} is after the run's last, {last}")
+        reads += steps
     elif drill.step <= resumed_at:
-        why = (f"the run resumes after step {drill.step}, from its checkpoint of step "
-               f"{resumed_at}")
+        whys.append(f"the run resumes after step {drill.step}, from its checkpoint of step "
+                    f"{resumed_at}")
+        reads += steps
     elif drill.during == "save" and drill.step != last and not (
             interval and drill.step % interval == 0):
-        why = (f"no checkpoint is saved at step {drill.step} (checkpoint.interval={interval}, "
-               f"last step {last})")
-        reads += ("checkpoint.interval",)
-    if why is None:
+        whys.append(f"no checkpoint is saved at step {drill.step} (checkpoint.interval="
+                    f"{interval}, last step {last})")
+        reads += [*steps, "checkpoint.interval"]
+    if not whys:
         return []
-    return [Problem(DRILL_ENV, f"{text!r} would never fire: {why}",
-                    "choose a rank, step and save this run has, or unset it", reads)]
+    return [Problem(DRILL_ENV, f"{text!r} would never fire: {'; '.join(whys)}",
+                    "choose a rank, step and save this run has, or unset it", tuple(reads))]
 
 
 def _check_tensorboard(cfg: Config) -> list[Problem]:

@@ -40,24 +40,51 @@ class Drill:
     action: str = "kill"
 
 
+EXAMPLE = "set it like 'kill rank=1 step=7 during=step' (kill or raise; during: step or save)"
+KEYS = ("rank", "step", "during")
+
+
+def _why_not(words: list[str]) -> tuple[str, str] | None:
+    """Why ``words`` are not a drill, and its fix; ``None`` when they are one. Every word after
+    the action is ``key=value``, each key once: a word without ``=`` (``during save``) or a
+    repeated key was once dropped, or took the last, and ran another drill than the one
+    written."""
+    if not words or words[0] not in ACTIONS:
+        return "its first word must be kill or raise", EXAMPLE
+    seen: set[str] = set()
+    for i, word in enumerate(words[1:], 1):
+        key, eq, value = word.partition("=")
+        if not eq:
+            after = words[i + 1] if i + 1 < len(words) else ""
+            if word in KEYS and after and "=" not in after:
+                return f"{word!r} is not key=value", f"write {word}={after}"
+            return f"{word!r} is not key=value", f"remove it, or {EXAMPLE}"
+        if key not in KEYS:
+            return f"{key!r} is not one of {', '.join(KEYS)}", EXAMPLE
+        if key in seen:
+            return f"{key} is given twice", f"give {key} once; {EXAMPLE}"
+        seen.add(key)
+    return None
+
+
 def parse_drill(text: str) -> Drill:
-    """``kill|raise rank=R step=S [during=step|save]``; ProblemsError naming the variable
-    otherwise."""
+    """``kill|raise rank=R step=S [during=step|save]``; ProblemsError naming the variable,
+    the word at fault and its fix otherwise."""
     words = text.split()
-    fields = dict(word.split("=", 1) for word in words[1:] if "=" in word)
-    try:
-        if not words or words[0] not in ACTIONS or set(fields) - {"rank", "step", "during"}:
-            raise ValueError
-        drill = Drill(int(fields["rank"]), int(fields["step"]), fields.get("during", "step"),
-                      words[0])
-        if drill.during not in POINTS or drill.rank < 0 or drill.step < 1:
-            raise ValueError
-    except (ValueError, KeyError):
-        raise ProblemsError([Problem(DRILL_ENV, f"{text!r} is not a drill",
-                                     "set it like 'kill rank=1 step=7 during=step' (kill or "
-                                     "raise; during: step or save)")],
-                            title="invalid fault drill") from None
-    return drill
+    why = _why_not(words)
+    if why is None:
+        fields = dict(word.split("=", 1) for word in words[1:])
+        try:
+            drill = Drill(int(fields["rank"]), int(fields["step"]), fields.get("during", "step"),
+                          words[0])
+            if drill.during not in POINTS or drill.rank < 0 or drill.step < 1:
+                raise ValueError
+            return drill
+        except (ValueError, KeyError):
+            why = None
+    message = f"{text!r} is not a drill" + (f": {why[0]}" if why else "")
+    raise ProblemsError([Problem(DRILL_ENV, message, why[1] if why else EXAMPLE)],
+                        title="invalid fault drill")
 
 
 @cache

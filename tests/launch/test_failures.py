@@ -286,6 +286,36 @@ def test_a_bad_drill_is_refused_before_any_process_starts(monkeypatch, text):
     assert "kill rank=1 step=7 during=step" in problem.fix
 
 
+@pytest.mark.parametrize(("text", "why", "fix"), [
+    ("kill rank=1 step=5 during save", "'during' is not key=value", "write during=save"),
+    ("kill rank=1 step=5 bogus", "'bogus' is not key=value", "remove it"),
+    ("kill rank=1 rank=0 step=5", "rank is given twice", "give rank once"),
+])
+def test_a_drill_word_that_is_not_key_value_or_a_repeated_key_is_refused(monkeypatch, text, why,
+                                                                        fix):
+    """Such words were dropped (``during save`` ran a drill during the step) or the last of a
+    repeated key taken: a drill other than the one written, which looks like a working job."""
+    from orch.config import Config
+    from orch.launch.launcher import _check_drill
+
+    monkeypatch.setenv("ORCH_DRILL", text)
+    (problem,) = _check_drill(Config(), 2)
+    assert problem.where == "ORCH_DRILL"
+    assert problem.message == f"{text!r} is not a drill: {why}" and problem.fix.startswith(fix)
+
+
+def test_a_drill_that_cannot_fire_names_every_reason(monkeypatch):
+    from orch.config import Config
+    from orch.launch.launcher import _check_drill
+
+    cfg = Config()
+    cfg.train.steps = 10
+    monkeypatch.setenv("ORCH_DRILL", "kill rank=4 step=11")
+    (problem,) = _check_drill(cfg, 2)
+    assert problem.message == ("'kill rank=4 step=11' would never fire: rank 4 is not one of "
+                               "this run's 2; step 11 is after the run's last, 10")
+
+
 def test_a_drill_fires_once_on_its_rank_at_its_point(monkeypatch):
     import orch.runtime.drills as drills
 
