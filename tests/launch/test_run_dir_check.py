@@ -6,8 +6,11 @@ directory)" and the other nodes waited for it in the rendezvous until the CI's t
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
+
+import pytest
 
 from orch.errors import Problem
 from orch.launch.launcher import _check_run_dir
@@ -100,3 +103,50 @@ def test_two_launches_claiming_one_cluster_node_share_its_lock():
     clustered.cluster = "configs/clusters/mixed-nic.yaml"
     assert _lock_name(args(0), clustered) == _lock_name(args(1), clustered) == "n0"
     assert _lock_name(args(0), Config()) != _lock_name(args(1), Config())
+
+
+def test_a_run_directory_that_cannot_be_locked_is_warned_about_or_refused(tmp_path, monkeypatch,
+                                                                           capsys):
+    """Only a lock held by another launch was handled; any other flock or open error was a
+    traceback. A file system without flock (ENOLCK, ENOSYS, EOPNOTSUPP) now warns once and goes
+    on unlocked; a lock file that cannot be opened (a directory in its place) or another lock
+    error stops the launch naming the path and the fix."""
+    import errno
+    import fcntl
+
+    import orch.errors
+    from orch.errors import PlanError
+    from orch.launch import run_lock
+    from orch.launch.run_lock import run_dir_lock
+
+    monkeypatch.setattr(orch.errors, "_warned", set())
+    (tmp_path / ".orch-launch-dir-0.lock").mkdir()
+    with pytest.raises(PlanError) as refused:
+        with run_dir_lock(tmp_path, "dir-0"):
+            pytest.fail("ran without its lock file")
+    (problem,) = refused.value.problems
+    assert problem.message.startswith(
+        f"cannot open the launch lock file '{tmp_path}/.orch-launch-dir-0.lock': Is a directory")
+    assert f"remove what is at {tmp_path}/.orch-launch-dir-0.lock" in problem.fix
+
+    def cannot(code: int):
+        def flock(fd: int, op: int) -> None:
+            raise OSError(code, os.strerror(code))
+        return flock
+
+    ran = []
+    for code in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+        monkeypatch.setattr(fcntl, "flock", cannot(code))
+        with run_dir_lock(tmp_path, "n-0"):
+            ran.append(code)
+    assert len(ran) == 3
+    err = capsys.readouterr().err
+    assert err.count(f"orch: warning: the run directory {tmp_path} cannot be locked") == 3
+    assert "does not support flock: No locks available" in err
+    monkeypatch.setattr(fcntl, "flock", cannot(errno.EIO))
+    with pytest.raises(PlanError, match=r"cannot lock '.*\.orch-launch-n-0\.lock': Input/output"):
+        with run_dir_lock(tmp_path, "n-0"):
+            pytest.fail("ran unlocked after an I/O error")
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nfs:/x {tmp_path} nfs4 rw 0 0\n")
+    assert run_lock._file_system(tmp_path / "sub", mounts) == "nfs4"
