@@ -296,7 +296,8 @@ def test_causal_attention_takes_a_scale_of_zero_or_below(scale):
 def test_importing_orch_loads_no_triton():
     """The kernels' modules import triton only when a kernel runs, so a process that runs none
     (every CPU run) never loads triton or torch's compiler stack (``torch._dynamo``)."""
-    code = ("import sys, orch.cli, orch.runtime.worker, orch.kernels.attention, orch.kernels.moe; "
+    code = ("import sys, orch.cli, orch.runtime.training_worker, orch.kernels.attention, "
+            "orch.kernels.moe; "
             "print([m for m in ('triton', 'torch._dynamo') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

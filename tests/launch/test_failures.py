@@ -593,7 +593,7 @@ def test_workers_stopped_on_bad_input_make_the_launch_exit_2(tmp_path, monkeypat
 def test_a_workers_message_is_one_write_ending_its_line(monkeypatch):
     """Each rank printed its message and then, separately, the newline, so with two ranks
     failing alike the second message began on the first one's last line."""
-    from orch.runtime import worker
+    from orch.runtime import training_worker as worker
     from orch.runtime.checkpoint import CheckpointError
 
     writes: list[str] = []
@@ -616,3 +616,22 @@ def test_a_workers_message_is_one_write_ending_its_line(monkeypatch):
     assert exited.value.code == 2
     assert writes == ["orch worker: /ck/step-00000006/__0_0.distcp: checkpoint is damaged:\n  "
                       "sha256 differs\n    fix: resume from an older checkpoint\n"]
+
+
+def test_ctrl_c_while_a_worker_imports_says_one_line(capsys):
+    """A Ctrl-C while the workers still imported torch (before the worker's own handler) dumped
+    each worker's KeyboardInterrupt traceback, interleaved; the entry module's guard says the
+    one line a worker stopped later says, and the worker exits 130."""
+    from orch.runtime import worker
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    assert worker.load_worker(interrupted) is None
+    assert capsys.readouterr().err == "orch worker: stopped by SIGINT while starting\n"
+    assert worker.INTERRUPTED == 130
+    assert worker.load_worker(lambda: print) is print  # no Ctrl-C: the worker's main
+    # the entry imports nothing heavy itself: a Ctrl-C at any later point is the guard's
+    code = "import sys, orch.runtime.worker; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

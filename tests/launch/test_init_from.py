@@ -421,7 +421,7 @@ def test_a_resumed_run_neither_reads_init_from_nor_draws_an_init(tmp_path):
     overwrites every parameter, so ``model.init_from`` is not opened (here it does not even
     exist) and fill_all leaves the parameters as allocated."""
     from orch.models.weights import Unfilled, fill_all
-    from orch.runtime.worker import _first_weights
+    from orch.runtime.training_worker import _first_weights
 
     cfg = load_config("configs/tiny.yaml", [f"model.init_from={tmp_path / 'absent'}"])
     with torch.device("meta"):
