@@ -127,7 +127,7 @@ class TrainConfig:
                                   "schedule with this set to its old train.steps)")
     )
     grad_clip: float = field(default=1.0, metadata=_help("max global grad norm; 0 = off"))
-    seed: int = field(default=0, metadata=_help("seed for init, data order and dropout"))
+    seed: int = field(default=0, metadata=_help("seed for init and data order"))
     precision: Literal["bf16", "fp32"] = field(
         default="bf16", metadata=_help("compute dtype; parameters and optimizer stay fp32")
     )
