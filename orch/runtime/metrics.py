@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import torch
 
-from orch.errors import warn_once
+from orch.errors import OrchError, warn_once
 from orch.runtime.checkpoint.files import of_run, superseded_path
 from orch.runtime.records import move_records_after
 from orch.runtime.telemetry import memory_in_use
@@ -109,6 +109,14 @@ SUPERSEDED_METRICS = "metrics.superseded.jsonl"
 """Where a resumed run keeps the records of the steps it redoes (appended, oldest first)."""
 
 
+class MetricsCutFailed(OrchError):
+    """A start could not move the records it does not continue out of ``metrics.jsonl`` (a full
+    disk): it stops before its first step, where going on would append its records after ones
+    of another history. Exit 1, as a failed checkpoint save: nothing in the input to fix."""
+
+    exit_code = 1
+
+
 class MetricsLog:
     """Writes metrics on rank 0: a line to ``out`` and a JSON object to ``metrics.jsonl``.
 
@@ -147,7 +155,16 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._board = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
-        self._cut(resume_step, resumed_from if foreign else None)
+        try:
+            self._cut(resume_step, resumed_from if foreign else None)
+        except OSError as exc:
+            raise MetricsCutFailed(
+                f"{self.path}: moving the records after step {resume_step} to "
+                f"{self.path.with_name(SUPERSEDED_METRICS)} failed before step "
+                f"{resume_step + 1} ({type(exc).__name__}: {exc.strerror or exc}); nothing was "
+                f"lost (the records are in one file or in both)\n    fix: free space or fix "
+                f"permissions under {self.path.parent}, then run the same command again"
+            ) from None
         self.file = self.path.open("a")
 
     def _cut(self, resume_step: int, foreign: Path | None) -> None:

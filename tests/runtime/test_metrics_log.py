@@ -255,3 +255,27 @@ def test_tensorboard_moved_aside_twice_within_a_second_keeps_both(tmp_path: Path
     first = tmp_path / "tb.superseded-20260101T000000"
     assert (first / "events.out.tfevents.1").exists()
     assert (first.with_name(first.name + "-2") / "events.out.tfevents.2").exists()
+
+
+def test_a_full_disk_during_the_resume_cut_stops_before_step_one_and_says_why(
+        tmp_path: Path, monkeypatch) -> None:
+    """Moving the records after the resumed step aside failed as a raw OSError traceback on
+    rank 0. Going on would append this start's records after ones of the history it replaces:
+    it stops, naming the file, the error and the fix, with metrics.jsonl as it was."""
+    import orch.runtime.metrics as metrics_module
+    from orch.runtime.metrics import MetricsCutFailed
+
+    (tmp_path / "metrics.jsonl").write_text("".join(_line(n) for n in range(1, 5)))
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics_module, "move_records_after", full)
+    with pytest.raises(MetricsCutFailed) as failed:
+        MetricsLog(tmp_path, True, io.StringIO(), resume_step=2)
+    assert failed.value.exit_code == 1
+    text = str(failed.value)
+    assert f"{tmp_path / 'metrics.jsonl'}: moving the records after step 2" in text
+    assert "(OSError: No space left on device)" in text and "fix: free space" in text
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
