@@ -85,7 +85,12 @@ def config_fingerprint(cfg: Config) -> str:
     the ``FINGERPRINT_EXCLUDED`` fields, so a run can resume onto another plan or be extended;
     anything that changes what is computed changes the fingerprint.
     """
-    text = json.dumps(_fingerprinted(config_to_dict(cfg)), sort_keys=True, separators=(",", ":"))
+    return _digest(_fingerprinted(config_to_dict(cfg)))
+
+
+def _digest(sections: dict[str, Any]) -> str:
+    """sha256 of ``sections`` as canonical JSON (sorted keys, no spaces): a fingerprint."""
+    text = json.dumps(sections, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -104,8 +109,7 @@ def fingerprint_matches(manifest: Manifest) -> bool:
         covered = {section: {name: value for name, value in (saved.get(section) or {}).items()
                              if name not in excluded.get(section, ())}
                    for section in FINGERPRINT_SECTIONS}
-        text = json.dumps(covered, sort_keys=True, separators=(",", ":"))
-        if hashlib.sha256(text.encode()).hexdigest() == manifest.fingerprint:
+        if _digest(covered) == manifest.fingerprint:
             return True
     return False
 
