@@ -27,7 +27,6 @@ import secrets
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -200,11 +199,11 @@ def _staging(out: Path, given: bool) -> tuple[Path, bool]:
     """A new, empty directory to draw the report in, so that a failure leaves none of it in
     ``out``, and whether it is inside ``out``: inside when ``out`` is a directory already (the
     same file system, even when ``out`` is a mount point), else beside it, to be renamed into
-    place. The flag, not a comparison of paths, tells :func:`_publish` which: since Python 3.12
-    ``mkdtemp`` returns an absolute path, which never equals a relative ``out``."""
+    place. The flag, not a comparison of paths, tells :func:`_publish` which (a path made
+    absolute on the way never equals a relative ``out``)."""
     try:
         if out.is_dir():
-            return Path(tempfile.mkdtemp(prefix=".report-partial-", dir=out)), True
+            return _new_directory(out, ".report-partial-"), True
         if out.exists():
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,9 +214,10 @@ def _staging(out: Path, given: bool) -> tuple[Path, bool]:
 
 def _new_directory(parent: Path, prefix: str) -> Path:
     """A new directory ``parent/<prefix><random>``, made by a plain mkdir so that it has the
-    mode a plain mkdir gives (``0o777 & ~umask``, or what the parent's default ACL says): it is
-    renamed into place as the report directory, which ``mkdtemp`` would leave 0700, readable by
-    its owner alone (it was 0755 under the usual umask before the report was staged)."""
+    mode a plain mkdir gives (``0o777 & ~umask``, or what the parent's default ACL says): beside
+    ``out`` it is renamed into place as the report directory, which ``mkdtemp`` would leave 0700,
+    readable by its owner alone (it was 0755 under the usual umask before the report was
+    staged)."""
     for _ in range(100):
         path = parent / f"{prefix}{secrets.token_hex(4)}"
         try:

@@ -506,19 +506,20 @@ def test_the_memory_plot_of_many_ranks_is_a_band_not_a_legend_of_each(tmp_path, 
 
 def test_a_relative_out_is_reported_into_twice_with_absolute_temporary_paths(tmp_path,
                                                                               monkeypatch):
-    """Since Python 3.12 ``tempfile.mkdtemp`` returns an absolute path. The second report into
-    a relative output directory (there from the first) told its staging directory inside it
-    from one beside it by comparing the staging directory's parent with ``out``: never equal,
-    so the staging directory was renamed onto the non-empty report directory (ENOTEMPTY) and
-    the report failed as "could not be written". Here mkdtemp behaves as on 3.12."""
+    """Since Python 3.12 ``tempfile.mkdtemp``, which made the staging directory, returns an
+    absolute path. The second report into a relative output directory (there from the first)
+    told its staging directory inside it from one beside it by comparing the staging directory's
+    parent with ``out``: never equal, so the staging directory was renamed onto the non-empty
+    report directory (ENOTEMPTY) and the report failed as "could not be written". Here the
+    staging directory is made absolute, as mkdtemp did on 3.12."""
     import json
-    import tempfile
 
+    import orch.report
     from orch.report import write_report
 
-    mkdtemp = tempfile.mkdtemp
-    monkeypatch.setattr(tempfile, "mkdtemp",
-                        lambda *args, **kwargs: os.path.abspath(mkdtemp(*args, **kwargs)))
+    made = orch.report._new_directory
+    monkeypatch.setattr(orch.report, "_new_directory",
+                        lambda *args: Path(os.path.abspath(made(*args))))
     monkeypatch.chdir(tmp_path)
     Path("run").mkdir()
     Path("run/metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
