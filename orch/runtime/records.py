@@ -36,7 +36,7 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
         except ValueError:
             skipped += 1
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+        if _step_of(record) is not None:
             records.append(record)
         else:
             skipped += 1
@@ -50,9 +50,14 @@ def _record_step(line: bytes) -> int | None:
     if line.endswith(b"\n") and (match := _STEP_FIRST.match(line)):
         return int(match[1])
     try:
-        record = json.loads(line)
+        return _step_of(json.loads(line))
     except ValueError:
         return None
+
+
+def _step_of(record: object) -> int | None:
+    """The step of a parsed line that is a step record (an object with an integer ``step``,
+    not a boolean), else None: the one test of what a record is, for reading and for moving."""
     step = record.get("step") if isinstance(record, dict) else None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 

@@ -85,6 +85,8 @@ def _line(step: int, **extra: object) -> str:
     pytest.param([_line(1), _line(4), _line(2), _line(5), _line(3)], id="out of order"),
     pytest.param([_line(1), '{"loss": 4.7, "step": 2}\n', _line(3), '{"loss": 4.6, "step": 4}\n',
                   _line(5)], id="step not first"),
+    pytest.param([_line(1), '{"step": true, "loss": 4.0}\n', _line(2), _line(3), _line(4)],
+                 id="boolean step"),  # a record to the reader only, until they shared the test
     pytest.param([_line(1), _line(2), _line(3)], id="nothing after"),
     pytest.param([], id="empty"),
 ])
