@@ -223,11 +223,11 @@ def _blame_the_stopped(failures: list[WorkerFailure]) -> list[WorkerFailure]:
         if f.kind == "stopped" else f for f in failures]
 
 
-def summary(failures: list[WorkerFailure], node: str, attempts: int, nodes: int) -> str:
-    """The launcher's report of a failed run on this node, one of ``nodes``: only with other
-    nodes can the cause be on another node."""
-    tried = f" after {attempts} attempts" if attempts > 1 else ""
-    lines = [f"orch launch: training failed on node {node}{tried}"]
+def summary(failures: list[WorkerFailure], headline: str, node: str, nodes: int) -> str:
+    """The launcher's report of failed workers on this node, one of ``nodes`` (only with other
+    nodes can the cause be on another node), under ``headline``: the run failed, or this
+    attempt did and torchrun restarts it."""
+    lines = [headline]
     for f in failures:
         lines.append(f"  rank {f.rank} (local rank {f.local_rank}, pid {f.pid}) on {node}: "
                      f"{f.reason}")

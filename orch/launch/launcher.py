@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import uuid
@@ -30,8 +29,7 @@ from orch.config import Config, LoadedConfig, load_config_lenient
 from orch.config.schema import WORLD_DEGREES
 from orch.errors import OrchError, PlanError, Problem, ProblemsError, reading
 from orch.kernels.dispatch import kernel_choice_problem
-from orch.launch.failures import ForcedKills, oom_kills, worker_failures
-from orch.launch.failures import summary as summary_of_failures
+from orch.launch.attempts import Attempts, consulted_on_restarts
 from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
@@ -39,7 +37,6 @@ from orch.offload.stale_scratch import stale_scratch_files
 from orch.parallel.pipeline.rebalance import (
     REBALANCE_EXIT,
     apply_rebalance,
-    read_rebalance,
     rebalance_notice,
 )
 from orch.plan import Plan, build_plan
@@ -658,37 +655,35 @@ def _run_workers(args: argparse.Namespace, cfg: Config, plan: Plan, run_dir: Pat
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_min_max_nnodes, run
 
-    while True:
-        before = read_rebalance(run_dir)
-        ooms = oom_kills()
-        forced = ForcedKills()  # the workers torchrun has to SIGKILL, hung, in this attempt
-        torch_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
-        filters = (forced, _QuietRepartitionExit())  # on torchrun's log for this run only
+    attempts = Attempts(run_dir, _node_name(args), parse_min_max_nnodes(args.nnodes)[1],
+                        args.max_restarts)
+    torch_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    filters = (attempts.forced, _QuietRepartitionExit())  # on torchrun's log for this run only
+    for each in filters:
+        torch_log.addFilter(each)
+    try:
+        while True:
+            attempts.start()
+            args.max_restarts = attempts.restarts_left
+            try:
+                with consulted_on_restarts(attempts.restart):
+                    run(args)
+                return
+            except SignalException as exc:  # torchrun has ended the workers; no traceback
+                raise RunStopped(exc.sigval.name, int(exc.sigval)) from None
+            except (RendezvousError, DistStoreError) as exc:  # ~230 lines of traceback before
+                raise RunFailed(_rendezvous_failure(args, exc)) from None
+            except ChildFailedError as exc:
+                if not attempts.repartitioned(exc.failures):
+                    code = attempts.final(exc.failures)
+                    raise RunFailed(f"{len(exc.failures)} worker(s) failed (above)",
+                                    code) from None
+            plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
+            print(f"orch launch: restarting on the re-partitioned pipeline "
+                  f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)
+    finally:
         for each in filters:
-            torch_log.addFilter(each)
-        try:
-            run(args)
-            break
-        except SignalException as exc:  # torchrun has ended the workers; no traceback
-            raise RunStopped(exc.sigval.name, int(exc.sigval)) from None
-        except (RendezvousError, DistStoreError) as exc:  # ~230 lines of traceback before
-            raise RunFailed(_rendezvous_failure(args, exc)) from None
-        except ChildFailedError as exc:
-            if not _repartitioned(exc, before, run_dir):
-                oom_rose = ooms is not None and (oom_kills() or 0) > ooms
-                failed = worker_failures(exc.failures, run_dir, oom_rose, forced.pids)
-                nodes = parse_min_max_nnodes(args.nnodes)[1]
-                print(summary_of_failures(failed, _node_name(args), args.max_restarts + 1, nodes),
-                      file=sys.stderr, flush=True)
-                bad_input = all(f.kind == "bad input" for f in failed)
-                raise RunFailed(f"{len(failed)} worker(s) failed (above)",
-                                2 if bad_input else 1) from None
-        finally:
-            for each in filters:
-                torch_log.removeFilter(each)
-        plan = launch_plan(cfg, plan.world_size, int(args.nproc_per_node))
-        print(f"orch launch: restarting on the re-partitioned pipeline "
-              f"({'/'.join(map(str, plan.layers_per_stage))} layers per stage)", flush=True)
+            torch_log.removeFilter(each)
 
 
 class _QuietRepartitionExit(logging.Filter):
@@ -778,19 +773,6 @@ def _rendezvous_failure(args: argparse.Namespace, exc: Exception) -> str:
     return (f"the nodes could not meet at {endpoint} ({type(exc).__name__}: {reason}); fix: "
             "check that the address is node 0's, reachable from this node, that its launcher "
             "runs, and that every node has the same --nnodes and its own --node-rank")
-
-
-def _repartitioned(exc: Exception, before: dict | None, run_dir: Path) -> bool:
-    """Whether the workers stopped to re-partition the pipeline: one exited with
-    ``REBALANCE_EXIT`` and the run directory has a new re-partition record (the others may
-    have been stopped by torchrun before they exited themselves)."""
-    codes = {failure.exitcode for failure in getattr(exc, "failures", {}).values()}
-    if REBALANCE_EXIT not in codes:
-        return False
-    try:
-        return read_rebalance(run_dir) not in (None, before)
-    except PlanError:  # damaged meanwhile: the workers' failure is what to report
-        return False
 
 
 def summary(cfg: Config, resume: str | None = None, finished: Path | None = None) -> str:

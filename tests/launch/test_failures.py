@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from orch.launch.attempts import Attempts
 from orch.launch.failures import ForcedKills, classify, oom_kills, summary, worker_failures
 
 CASES = [  # (exit code, recorded message, oom killer seen) -> kind, words in the reason
@@ -50,7 +52,7 @@ def failure(rank: int, code: int, message: object, when: int) -> SimpleNamespace
                            timestamp=when)
 
 
-def test_the_killed_rank_comes_first_and_logs_are_named(tmp_path: Path):
+def test_the_killed_rank_comes_first_and_logs_are_named(tmp_path: Path, capsys):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "rank-1.log").write_text("...")
     failures = {  # rank 0 lost its peer and reported first; rank 1 was killed
@@ -59,7 +61,10 @@ def test_the_killed_rank_comes_first_and_logs_are_named(tmp_path: Path):
     }
     found = worker_failures(failures, tmp_path, oom_rose=False)
     assert [f.rank for f in found] == [1, 0]
-    text = summary(found, "node-a", attempts=3, nodes=1)
+    attempts = Attempts(tmp_path, "node-a", nodes=1, max_restarts=2)
+    attempts.restarts = 2
+    assert attempts.final(failures) == 1
+    text = capsys.readouterr().err
     assert text.splitlines()[0] == "orch launch: training failed on node node-a after 3 attempts"
     assert "rank 1 (local rank 1, pid 101) on node-a: killed by SIGKILL" in text
     assert f"log: {tmp_path / 'logs' / 'rank-1.log'}" in text
@@ -90,7 +95,7 @@ def test_a_worker_torchrun_had_to_sigkill_is_called_hung_and_named_first(tmp_pat
     }
     found = worker_failures(failures, tmp_path, oom_rose=True, forced=forced.pids)
     assert [(f.rank, f.kind) for f in found] == [(1, "hung"), (0, "communication timeout")]
-    text = summary(found, "node-a", attempts=1, nodes=1)
+    text = summary(found, "orch launch: failed", "node-a", nodes=1)
     assert ("rank 1 (local rank 1, pid 101) on node-a: hung (stuck in a collective, in I/O, or "
             "stopped): it did not stop within torchrun's grace period after SIGTERM") in text
     assert "killed by SIGKILL" not in text and "out-of-memory" not in text
@@ -110,14 +115,14 @@ def test_ranks_stopped_while_the_others_timed_out_are_named_likely_hung(tmp_path
     assert [(f.rank, f.kind) for f in found] == [(1, "likely hung"), (0, "communication timeout")]
     assert found[0].reason == ("likely hung: still running when the others timed out waiting in "
                                "a collective, and then stopped by SIGTERM from the launcher")
-    text = summary(found, "node-a", attempts=1, nodes=1)
+    text = summary(found, "orch launch: failed", "node-a", nodes=1)
     assert text.splitlines()[-1] == "  look first at rank 1 (likely hung)"
     assert "other nodes" not in text
-    assert summary(found, "node-a", attempts=1, nodes=2).splitlines()[-1] == (
+    assert summary(found, "orch launch: failed", "node-a", nodes=2).splitlines()[-1] == (
         "  look first at rank 1 (likely hung) or at the other nodes' launchers")
     failures[2] = failure(2, -signal.SIGTERM, "", 11)  # waiting too, its timeout not yet come
     found = worker_failures(failures, tmp_path, oom_rose=False)
-    assert summary(found, "node-a", attempts=1, nodes=1).splitlines()[-1] == (
+    assert summary(found, "orch launch: failed", "node-a", nodes=1).splitlines()[-1] == (
         "  look first at ranks 1, 2 (stopped while the others timed out: one of them likely "
         "hung)")
 
@@ -136,7 +141,7 @@ def test_only_timeouts_with_no_cause_blame_the_stopped_ranks(tmp_path: Path, fir
         failures[1] = failure(1, 1, TIMED_OUT, 11)
     found = worker_failures(failures, tmp_path, oom_rose=False)
     assert all(f.kind != "likely hung" for f in found)
-    assert summary(found, "node-a", attempts=1, nodes=nodes).splitlines()[-1] == last
+    assert summary(found, "orch launch: failed", "node-a", nodes=nodes).splitlines()[-1] == last
 
 
 @pytest.mark.dist
@@ -234,7 +239,7 @@ def test_the_rank_that_raised_comes_before_a_gloo_pair_closure(tmp_path: Path):
                 1: failure(1, 1, "ValueError: FT injected failure", 11)}
     found = worker_failures(failures, tmp_path, oom_rose=False)
     assert [(f.rank, f.kind) for f in found] == [(1, "error"), (0, "communication timeout")]
-    assert summary(found, "node-a", attempts=1, nodes=1).splitlines()[-1] == (
+    assert summary(found, "orch launch: failed", "node-a", nodes=1).splitlines()[-1] == (
         "  look first at rank 1")
 
 
@@ -635,3 +640,49 @@ def test_ctrl_c_while_a_worker_imports_says_one_line(capsys):
     code = "import sys, orch.runtime.worker; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_each_failed_attempt_torchrun_restarts_after_is_reported(tmp_path: Path, capsys):
+    """torchrun's agent restarts every worker after a failure, logging only the first failed
+    process's exit code: each attempt it restarts after gets the launcher's report, numbered."""
+    attempts = Attempts(tmp_path, "node-a", nodes=1, max_restarts=2)
+    attempts.start()
+    killed = {1: failure(1, -signal.SIGKILL, "", 12),
+              0: failure(0, 1, {"message": "RuntimeError: Connection closed by peer"}, 10)}
+    assert attempts.restart(killed) and attempts.restarts_left == 1
+    text = capsys.readouterr().err
+    assert text.splitlines()[0] == ("orch launch: attempt 1 of 3 failed on node node-a; "
+                                    "restarting every worker (1 restart left after this one)")
+    assert "rank 1 (local rank 1, pid 101) on node-a: killed by SIGKILL" in text
+    assert attempts.restart(killed) and attempts.restarts_left == 0
+    assert "attempt 2 of 3 failed" in capsys.readouterr().err
+
+
+def test_a_failure_on_bad_input_is_not_restarted(tmp_path: Path, capsys):
+    """Every failed worker stopped on bad input (exit 2): a restart would meet it again, so
+    none is made, and the report says why the restarts were left."""
+    attempts = Attempts(tmp_path, "node-a", nodes=1, max_restarts=2)
+    attempts.start()
+    bad = {0: failure(0, 2, "", 10), 1: failure(1, 2, "", 11)}
+    assert not attempts.restart(bad) and capsys.readouterr().err == ""
+    assert attempts.final(bad) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "orch launch: training failed on node node-a (not restarted: a restart would meet the "
+        "same bad input)")
+    mixed = {0: failure(0, 2, "", 10), 1: failure(1, -signal.SIGKILL, "", 11)}
+    assert attempts.restart(mixed)
+
+
+def test_a_repartition_is_no_failed_attempt(tmp_path: Path, capsys):
+    """Workers that exit to re-partition the pipeline (a new record in the run directory) are
+    run again by the launcher on the new split, not restarted by torchrun, spending nothing."""
+    from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, REBALANCE_FILE
+
+    attempts = Attempts(tmp_path, "node-a", nodes=1, max_restarts=1)
+    attempts.start()
+    exits = {0: failure(0, REBALANCE_EXIT, "", 10), 1: failure(1, -signal.SIGTERM, "", 11)}
+    assert not attempts.repartitioned(exits)  # no record: a worker's own exit 75
+    (tmp_path / REBALANCE_FILE).write_text(json.dumps({"step": 4, "layers_after": [3, 1]}))
+    assert attempts.repartitioned(exits)
+    assert not attempts.restart(exits) and attempts.restarts_left == 1
+    assert capsys.readouterr().err == ""

@@ -300,6 +300,9 @@ def test_a_rank_killed_mid_step_or_mid_save_restarts_and_ends_like_an_uninterrup
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"drill: rank 1 kills itself (SIGKILL) during {during} {step}" in out.stderr
     assert "resumed from" in out.stdout and "step-00000005" in out.stdout
+    assert re.search(r"orch launch: attempt 1 of 3 failed on node \S+; restarting every worker "
+                     r"\(1 restart left after this one\)\n  rank 1 \(local rank 1, pid \d+\) "
+                     r"on \S+: killed by SIGKILL", out.stderr), out.stderr
     _same_as_whole(runs, run)
     kept = sorted((run / "checkpoints").iterdir())
     assert [p.name for p in kept] == ["step-00000005", "step-00000010"]
@@ -404,6 +407,27 @@ def test_resume_auto_passes_over_a_changed_checkpoint_and_says_so(runs, tmp_path
     assert "resumed from" in out.stdout and "step-00000005" in out.stdout
     _same_as_whole(runs, run)
     assert len(list((run / "checkpoints").glob("step-00000010.superseded-*"))) == 1
+
+
+def test_a_changed_checkpoint_given_by_path_fails_once_not_once_per_restart(runs, tmp_path):
+    """``--resume PATH`` to a checkpoint whose bytes changed (only the workers' hashes see it):
+    every worker stops on bad input, which a restart would meet again, so torchrun's restarts
+    are not spent on it: one attempt, exit 2, and the report says so."""
+    run = tmp_path / "changed"
+    shutil.copytree(runs["split"], run)
+    newest = run / "checkpoints" / "step-00000010"
+    shard = sorted(newest.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = launch("--max-restarts", "2", *SHARD2,
+                 *overrides(run, f"train.steps={STEPS + 2}", "checkpoint.interval=5"),
+                 "--resume", str(newest))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "sha256 differs" in out.stdout + out.stderr
+    assert "(not restarted: a restart would meet the same bad input)" in out.stderr
+    assert "attempt 1 of 3 failed" not in out.stderr
+    assert "attempt 2," not in (run / "logs" / "rank-0.log").read_text()
 
 
 @pytest.fixture
