@@ -24,7 +24,7 @@ def test_catalog_has_the_datasheet_figures() -> None:
     assert h100.intra_node_bw == 450e9  # NVLink 4: 900 GB/s both directions
     assert h100.inter_node_bw == 50e9  # 400 Gb/s NDR per GPU
     assert DEVICES["h200"].peak_flops == h100.peak_flops
-    assert DEVICES["h200"].memory_bytes == 141e9
+    assert DEVICES["h200"].memory_bytes == 143_771 * 2**20  # nvidia-smi's MiB
     assert DEVICES["a100-80gb"].peak_flops == 312e12
     assert DEVICES["a100-80gb"].intra_node_bw == 300e9
     assert DEVICES["rtx4090"].peak_flops == 165.2e12

@@ -27,7 +27,7 @@ def cluster(tmp_path: Path, *nodes: str, top: str = "") -> str:
 
 def test_the_smallest_device_memory_bounds_a_mixed_cluster(tmp_path) -> None:
     """An H200 node listed before an H100 node (equal speed): the 70B search listed plans of
-    107 GiB per rank as fitting, against the H200's 141 GB where the H100 has 80 GiB."""
+    107 GiB per rank as fitting, against the H200's 140 GiB where the H100 has 80 GiB."""
     cfg = load_config("configs/llama3-70b.yaml", [cluster(tmp_path, "device: h200",
                                                           "device: h100")])
     result = search(cfg, resolve_machine(cfg, None, None, None, []))
