@@ -133,6 +133,27 @@ def test_a_stand_in_value_says_nothing_of_its_own(capsys):
         assert "global_batch" not in err and "Traceback" not in err
 
 
+def test_the_rules_of_model_and_config_run_without_a_machine(capsys, tmp_path):
+    """Where the machine could not be resolved (a bad --world-size, --device, --gpus-per-node
+    or cluster file) the degree rules were skipped: only the machine's problem was said, and
+    tp=3's four came in a second round. The rules that read only the model and the config run;
+    those of the node size (tp inside a node) cannot."""
+    from orch.cli import main
+
+    for machine in (["--world-size", "0"], ["--device", "h300"], ["--world-size", "12"],
+                    ["--set", f"cluster={tmp_path / 'none.yaml'}"]):
+        assert main(["plan", "configs/tiny.yaml", *machine, "--set", "parallel.tp=3"]) == 2
+        err = capsys.readouterr().err
+        assert "(5 problems)" in err, (machine, err)
+        assert "model.heads=8 is not divisible by tp=3" in err
+    assert main(["plan", "configs/tiny.yaml", "--device", "h300", "--set", "parallel.pp=9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'h300'" in err and "9 pipeline stages for model.layers=4" in err
+    assert main(["plan", "configs/tiny.yaml", "--world-size", "0", "--set",
+                 "parallel.tp=16"]) == 2
+    assert "spans nodes" not in capsys.readouterr().err
+
+
 def test_plan_rule_errors_exit_2():
     out = orch("plan", "configs/tiny.yaml", "--world-size", "3", "--set", "parallel.tp=3")
     assert out.returncode == 2 and "Traceback" not in out.stderr

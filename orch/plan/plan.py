@@ -534,12 +534,14 @@ def build_plan(
     machine = resolve_machine(cfg, world_size, gpus_per_node, device, problems)
     found: list[Problem] = []
     deg = config_degrees(cfg, machine.world_size, found) if machine else None
-    if machine is not None:  # degrees that do not fill the world still meet the other rules
-        # (one round: heads that tp does not divide were said only once the world was right)
-        # a dp_shard the config gives is the user's own; only -1's is made up here
-        asked = deg or _given_degrees(cfg, max(cfg.parallel.dp_shard, 1))
-        found.extend(check_degrees(cfg, asked, machine.gpus_per_node,
-                                   dp_known=deg is not None or cfg.parallel.dp_shard != -1))
+    # degrees that do not fill the world, or with no machine at all, still meet the other rules
+    # (one round: heads that tp does not divide were said only once the world was right, and
+    # not at all beside a bad --world-size, --device or cluster file); a dp_shard the config
+    # gives is the user's own, only -1's is made up here; without a machine the rules that
+    # read its node size (tp inside a node) are left out
+    asked = deg or _given_degrees(cfg, max(cfg.parallel.dp_shard, 1))
+    found.extend(check_degrees(cfg, asked, machine.gpus_per_node if machine else None,
+                               dp_known=deg is not None or cfg.parallel.dp_shard != -1))
     if problems or found:
         raise PlanError([*problems, *reading(found, ("cluster",))])
     assert machine is not None and deg is not None

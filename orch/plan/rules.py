@@ -13,12 +13,13 @@ from orch.errors import Problem
 from orch.plan.degrees import Degrees
 
 
-def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool = True
+def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int | None, dp_known: bool = True
                   ) -> list[Problem]:
     """Every rule ``deg`` breaks. ``dp_known`` False: the degrees do not fill the world (said
     already) and ``dp_shard: -1`` had nothing to fill, so ``deg.dp_shard`` is made up and the
     rules that read the data-parallel size (the batch, the schedule, expert folding, DDP) are
-    left out."""
+    left out. ``gpus_per_node`` None: the machine is not known (a bad ``--world-size``, say,
+    said already), so the rules that read its node size (tp and etp inside a node) are."""
     problems: list[Problem] = []
 
     def need(where: str, message: str, fix: str, reads: tuple[str, ...] = ()) -> None:
@@ -195,7 +196,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int, dp_known: bool 
         )
     if deg.pp > 1 and t.global_batch % per_step == 0 and dp_known:
         problems += _schedule_problems(cfg, deg, t.global_batch // per_step)
-    for dim, size in (("tp", deg.tp), ("etp", deg.etp)):
+    for dim, size in (("tp", deg.tp), ("etp", deg.etp)) if gpus_per_node else ():
         inside = size <= gpus_per_node and gpus_per_node % size == 0
         if not inside and not p.allow_cross_node_tp:
             need(
