@@ -323,6 +323,19 @@ def test_a_value_that_must_be_positive_hides_no_other_problem():
     assert "not a multiple of kv_heads" not in text
 
 
+def test_a_value_refused_on_its_own_is_no_bound_of_another():
+    """train.steps=-5 was said three times: on its own, and as the bound of warmup_steps and
+    run.stop_at_step, values the user did not give ('20 is not between 0 and train.steps=-5').
+    A rule comparing values the user gave, neither refused on its own, is still said."""
+    text = problems_of(REPO / "configs/tiny.yaml", ["train.steps=-5"])
+    assert "(1 problem)" in text and "train.steps: must be at least 1, got -5" in text
+    text = problems_of(REPO / "configs/tiny.yaml", ["train.steps=-5", "train.decay_steps=5",
+                                                     "parallel.pp=0",
+                                                     "parallel.pp_rebalance_threshold=1.5"])
+    assert "(3 problems)" in text and "train.decay_steps: 5 is neither 0 nor" in text
+    assert "stop_at_step" not in text and "re-partitioning" not in text
+
+
 def test_a_value_that_does_not_convert_hides_no_rule_and_says_nothing_of_its_default():
     """The cross-field rules were skipped once a value failed to convert (lr=-1 was said in a
     second round); run on the failed field's default, the warmup rule said warmup 200 exceeds

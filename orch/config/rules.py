@@ -419,4 +419,19 @@ def check_config(cfg: Config) -> list[Problem]:
             f"must be 0 or more, got {value}",
             "use 0 to switch it off",
         )
-    return problems
+    return _checked_no_further(problems)
+
+
+def _checked_no_further(problems: list[Problem]) -> list[Problem]:
+    """``problems`` less those of rules that compare with a value refused on its own (a rule
+    that read no other field refused it): train.steps=-5 is said once, not again as the bound
+    of train.warmup_steps and run.stop_at_step, values the user did not give."""
+    refused = {p.where for p in problems if set(p.reads) <= {p.where}}
+    return [p for p in problems
+            if not any(_inside(read, field) or _inside(field, read)
+                       for read in p.reads if read != p.where for field in refused)]
+
+
+def _inside(path: str, section: str) -> bool:
+    """Whether dotted ``path`` is ``section`` or lies inside it."""
+    return path == section or path.startswith((section + ".", section + "["))
