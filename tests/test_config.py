@@ -164,6 +164,21 @@ def test_every_problem_at_once_with_lines_and_fixes(tmp_path):
     assert text.count("fix:") == 6
 
 
+def test_a_rules_problem_names_the_file_and_line_of_its_value(tmp_path):
+    """A conversion problem said 'a.yaml:3 model.dim' while a rule's in the same file said
+    only 'train.lr': the README promises file:line. A value from --set, or a field at its
+    default, has no line to name."""
+    path = write(tmp_path, "a.yaml", f"base: {REPO / 'configs/tiny.yaml'}\nmodel:\n  dim: abc\n"
+                 "train:\n  lr: -0.1\n  steps: 5\n  warmup_steps: 20\n")
+    text = problems_of(path)
+    assert "a.yaml:3 model.dim: 'abc' is not a whole number" in text
+    assert "a.yaml:5 train.lr: must be positive, got -0.1" in text
+    assert "a.yaml:7 train.warmup_steps: 20 is not between 0 and train.steps=5" in text
+    text = problems_of(path, ["train.lr=-1", "train.warmup_steps=30"])
+    assert "\n  - train.lr: must be positive" in text
+    assert "\n  - train.warmup_steps: 30 is not" in text
+
+
 def test_overrides_are_typed_by_schema():
     cfg = load_config(
         None,

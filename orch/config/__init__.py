@@ -196,12 +196,22 @@ def _build(data: dict[str, Any], locs: Locations, problems: list[Problem]) -> Lo
     cfg = build(Config, data, "", locs, problems, failed=failed)
     converted = {path.partition("[")[0] for path in failed}  # a list item: its list
     rules = check_config(cfg)
-    problems = [*problems, *_unaffected(rules, converted)]
+    problems = [*problems, *(_at_source(p, locs) for p in _unaffected(rules, converted))]
     if not problems:
         return LoadedConfig(cfg, (), frozenset())
     stand_ins = converted | {p.where for p in rules}
     cfg = _with_defaults(cfg, stand_ins)
     return LoadedConfig(cfg, tuple(problems), frozenset(stand_ins))
+
+
+def _at_source(problem: Problem, locs: Locations) -> Problem:
+    """A rule's ``problem`` with the ``file:line`` its field's value was written at, as a
+    value that does not convert says it (``a.yaml:16 train.lr``); as it is where the value
+    came from ``--set`` or is the schema's default."""
+    written = locs.get(problem.where, "--set")
+    if written == "--set":
+        return problem
+    return dataclasses.replace(problem, where=f"{written} {problem.where}")
 
 
 def config_from_dict(
