@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -86,18 +87,24 @@ def unreachable(deg: Degrees, links: dict[str, Link]) -> list[str]:
             and _size(deg, dim) > 1]
 
 
+Spans = tuple[tuple[tuple[str, ...], int], ...]
+"""Each distinct set of NIC types that groups span (sorted) with how many groups span it, the
+most spanned first."""
+
+
 def mixed_groups(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
                  dims: Iterable[str] = KEPT_INSIDE_NIC_TYPE
-                 ) -> dict[str, tuple[int, int, list[str]]]:
+                 ) -> dict[str, tuple[int, int, Spans]]:
     """Per heavy group dimension of size above one: how many of its groups span NIC types
-    under this placement, of how many, and the types the first such group spans (dimensions
-    with none left out)."""
+    under this placement, of how many, and each set of types they span with its count
+    (dimensions with none left out). Only the first group's types were kept: a note said
+    'ib + roce (32 of 32)' where half the groups were ethernet + ib."""
     return dict(_mixed_groups(deg, topology, tuple(places), tuple(dims)))
 
 
 @lru_cache(maxsize=1024)
 def _mixed_groups(deg: Degrees, topology: Topology, places: tuple[NodePlace, ...],
-                  dims: tuple[str, ...]) -> tuple[tuple[str, tuple[int, int, list[str]]], ...]:
+                  dims: tuple[str, ...]) -> tuple[tuple[str, tuple[int, int, Spans]], ...]:
     """:func:`mixed_groups`, kept per (degrees, node order): the search asks it for every
     micro-batch and recompute setting it prices, and at a thousand ranks its groups are many."""
     nic_of_node = [place.nic for place in places]
@@ -106,11 +113,20 @@ def _mixed_groups(deg: Degrees, topology: Topology, places: tuple[NodePlace, ...
         if _size(deg, dim) == 1:
             continue
         groups = dim_groups(deg, dim)
-        spans = [types for group in groups if len(
-            types := sorted({nic_of_node[node] for node in topology.nodes_of(group)})) > 1]
+        spans = Counter(types for group in groups if len(
+            types := tuple(sorted({nic_of_node[node] for node in topology.nodes_of(group)}))) > 1)
         if spans:
-            mixed.append((dim, (len(spans), len(groups), spans[0])))
+            combos = tuple(sorted(spans.items(), key=lambda item: (-item[1], item[0])))
+            mixed.append((dim, (spans.total(), len(groups), combos)))
     return tuple(mixed)
+
+
+def _spans_text(combos: Spans) -> str:
+    """``ib + roce``, or where groups span different sets, each with its count:
+    ``ib + roce in 16, ethernet + ib in 16``."""
+    if len(combos) == 1:
+        return " + ".join(combos[0][0])
+    return ", ".join(f"{' + '.join(types)} in {count}" for types, count in combos)
 
 
 def nic_notes(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
@@ -125,7 +141,7 @@ def nic_notes(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
     for dim, (count, total, types) in mixed_groups(deg, topology, places, heavy).items():
         link = links[dim]
         notes.append(
-            f"{KEPT_INSIDE_NIC_TYPE[dim]} groups span NIC types {' + '.join(types)} ({count} "
+            f"{KEPT_INSIDE_NIC_TYPE[dim]} groups span NIC types {_spans_text(types)} ({count} "
             f"of {total}; rule relaxed: "
             + ("the listed node order (parallel.node_order: listed) does not keep them inside one"
                if only_listed else

@@ -79,6 +79,15 @@ def test_degrees_that_cannot_respect_nic_boundaries_get_a_note_with_the_cost() -
     assert mixed_plan("parallel.pp=4").notes == ()
 
 
+def test_a_note_names_every_mix_of_nic_types_its_groups_span() -> None:
+    """As listed, pp4's stages are ib-a0 + roce-b0, eth-c0 + ib-a1, ib-a2 + roce-b1 and
+    eth-c1 + ib-a3: the note said 'ib + roce (32 of 32)', the first group's types, where half
+    the groups are ethernet + ib."""
+    (note,) = mixed_plan("parallel.pp=4", "parallel.node_order=listed").notes
+    assert note.startswith("data-parallel (FSDP) groups span NIC types ethernet + ib in 16, "
+                           "ib + roce in 16 (32 of 32; ")
+
+
 def test_plan_json_lists_each_rank_with_its_node_and_nic(capsys) -> None:
     from orch.cli import main
 
@@ -245,10 +254,12 @@ def test_the_shortcuts_of_the_search_give_what_every_group_gives(monkeypatch) ->
             assert placed.links(deg) == topo.worst_links(groups)
             every = {}
             for dim in ("dp_shard-cp", "dp_replicate", "ep", "edp"):
-                spans = [types for g in groups[dim] if len(types := sorted(
-                    {places[topo.node_of(r)].nic for r in g})) > 1]
+                spans = [types for g in groups[dim] if len(types := tuple(sorted(
+                    {places[topo.node_of(r)].nic for r in g}))) > 1]
                 if spans and len(groups[dim][0]) > 1:
-                    every[dim] = (len(spans), len(groups[dim]), spans[0])
+                    combos = sorted({t: spans.count(t) for t in spans}.items(),
+                                    key=lambda item: (-item[1], item[0]))
+                    every[dim] = (len(spans), len(groups[dim]), tuple(combos))
             assert mixed_groups(deg, topo, places) == every
     made = []
     placement_of = machine_module.placement_of
