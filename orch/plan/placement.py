@@ -88,8 +88,8 @@ def unreachable(deg: Degrees, links: dict[str, Link]) -> list[str]:
 
 
 Spans = tuple[tuple[tuple[str, ...], int], ...]
-"""Each distinct set of NIC types that groups span (sorted) with how many groups span it, the
-most spanned first."""
+"""Each distinct set of NIC types that groups span (sorted, ``""`` for a node with no NIC
+listed) with how many groups span it, the most spanned first."""
 
 
 def mixed_groups(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
@@ -121,12 +121,23 @@ def _mixed_groups(deg: Degrees, topology: Topology, places: tuple[NodePlace, ...
     return tuple(mixed)
 
 
+NO_NIC = "no NIC listed"
+"""How a node without NICs in the cluster description is named (as the plan's nodes line
+names it): it reaches the others over the default network."""
+
+
+def nic_types(types: Iterable[str]) -> str:
+    """``ethernet + ib``, a node with no NIC listed named so (last), not an empty name."""
+    named = [nic for nic in types if nic]
+    return " + ".join(named + [NO_NIC] * (len(named) < len(list(types))))
+
+
 def _spans_text(combos: Spans) -> str:
     """``ib + roce``, or where groups span different sets, each with its count:
     ``ib + roce in 16, ethernet + ib in 16``."""
     if len(combos) == 1:
-        return " + ".join(combos[0][0])
-    return ", ".join(f"{' + '.join(types)} in {count}" for types, count in combos)
+        return nic_types(combos[0][0])
+    return ", ".join(f"{nic_types(types)} in {count}" for types, count in combos)
 
 
 def nic_notes(deg: Degrees, topology: Topology, places: Sequence[NodePlace],
@@ -284,6 +295,6 @@ def _size(deg: Degrees, dim: str) -> int:
     return size
 
 
-__all__ = ["KEPT_INSIDE_NIC_TYPE", "NodePlace", "balanced_split", "candidate_orders",
-           "fastest_nic", "mixed_groups", "mixing", "nic_notes", "placement_of", "stage_speeds",
-           "unreachable"]
+__all__ = ["KEPT_INSIDE_NIC_TYPE", "NO_NIC", "NodePlace", "balanced_split", "candidate_orders",
+           "fastest_nic", "mixed_groups", "mixing", "nic_notes", "nic_types", "placement_of",
+           "stage_speeds", "unreachable"]

@@ -7,6 +7,7 @@ from collections import Counter
 
 from orch.parallel.schedules.generators import placement_of
 from orch.plan.degrees import Degrees
+from orch.plan.placement import NO_NIC
 from orch.plan.plan import Plan
 from orch.plan.search import SearchResult
 
@@ -138,7 +139,7 @@ def _placement(plan: Plan) -> str:
     for nic, places in runs:
         last = places[-1].first_rank + places[-1].ranks - 1
         parts.append(f"ranks {places[0].first_rank}-{last} {_names([p.name for p in places])}"
-                     f" ({nic or 'no NIC listed'})")
+                     f" ({nic or NO_NIC})")
     return "; ".join(parts)
 
 

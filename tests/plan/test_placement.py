@@ -107,6 +107,21 @@ def _two_islands() -> dict:
         {"name": "b", "devices": 8, "nics": [{"name": "mlx5_0", "network": "fabric-b", **nic}]}]}
 
 
+def test_a_node_with_no_nic_is_named_in_a_note_as_the_nodes_line_names_it(tmp_path) -> None:
+    """A node with no NICs listed was an empty NIC type: 'span NIC types  + ethernet + ib'."""
+    path = tmp_path / "bare.yaml"
+    path.write_text("device: h100\nnodes:\n"
+                    "  - {name: a, devices: 8, nics: [{name: m0, type: ib, bandwidth_gbps: 400}]}\n"
+                    "  - {name: b, devices: 8, nics: [{name: e0, type: ethernet, "
+                    "bandwidth_gbps: 100}]}\n"
+                    "  - {name: c, devices: 8}\n")
+    plan = build_plan(load_config(LLAMA, [f"cluster={path}", "parallel.tp=8",
+                                          "train.global_batch=2040"]))
+    (note,) = plan.notes
+    assert note.startswith("data-parallel (FSDP) groups span NIC types ethernet + ib + no NIC "
+                           "listed (8 of 8; ")
+
+
 def test_groups_across_nodes_without_a_common_network_are_refused(tmp_path) -> None:
     import yaml
 
