@@ -22,7 +22,7 @@ from orch.errors import OrchError, PlanError, Problem
 
 if TYPE_CHECKING:
     from orch.config import Config
-    from orch.plan import Plan
+    from orch.plan import Machine, Plan
     from orch.plan.cluster import ClusterSpec
 
 
@@ -75,10 +75,67 @@ def with_launch_refusals(plan: Plan, cfg: Config) -> Plan:
     return dataclasses.replace(plan, notes=plan.notes + refused) if refused else plan
 
 
+def _set_paths(overrides: Sequence[str]) -> list[str]:
+    """The dotted paths ``--set`` items give: ``parallel.tp`` of ``parallel.tp=2``, and of
+    ``parallel={tp: 2}`` too (not the section's other fields, which the file gives)."""
+    import yaml
+
+    paths = []
+    for item in overrides:
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError, TypeError, RecursionError):  # (said by the load)
+            value = text
+        stack = [(key.strip(), value)]
+        while stack:
+            path, value = stack.pop()
+            if isinstance(value, dict):
+                stack += [(f"{path}.{name}", inner) for name, inner in value.items()]
+            else:
+                paths.append(path)
+    return paths
+
+
+def excluded(cfg: Config, machine: Machine, fixed: dict[str, int | str],
+             args: argparse.Namespace) -> None:
+    """Where ``--auto`` found no valid plan keeping ``fixed`` (the values given with --set)
+    and some without them: a PlanError naming the constraints that leave nothing (each that
+    does alone, else all together), with the rules the config's own layout breaks through them;
+    else nothing (the config's layout is the limit, said as before)."""
+    from orch.plan import build_plan, search
+
+    def valid(kept: dict[str, int | str]) -> bool:
+        return search(cfg, machine, top=1, fixed=kept).evaluated > 0
+
+    if not valid({}):
+        return
+    alone = [path for path in fixed if not valid({path: fixed[path]})]
+    culprits = alone or list(fixed)
+    on = machine.topology.description
+    if len(culprits) == 1:
+        (path,) = culprits
+        problems = [Problem(f"--set {path}", f"{fixed[path]}: --auto keeps it as given, and no "
+                            f"valid plan on {on} has {path}={fixed[path]}",
+                            f"choose another {path}, or leave it out for --auto to choose")]
+    else:
+        said = ", ".join(f"{path}={fixed[path]}" for path in culprits)
+        problems = [Problem("--set", f"{said}: --auto keeps them as given, and no valid plan on "
+                            f"{on} has them together",
+                            "change one, or leave one out for --auto to choose")]
+    try:
+        build_plan(cfg, args.world_size, args.gpus_per_node, args.device)
+    except PlanError as exc:  # what the config's own layout breaks through the constraints
+        problems += [p for p in exc.problems
+                     if any(p.where == path or path in p.reads for path in culprits)]
+    raise PlanError(problems)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from orch.config import load_config_lenient
     from orch.plan import build_plan, resolve_machine, search
     from orch.plan.render import render_plan, render_search
+    from orch.plan.search import constraints
 
     if args.top is not None and not args.auto:  # was ignored
         raise PlanError([Problem("--top", f"{args.top}: lists the plans --auto finds",
@@ -104,8 +161,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     machine = resolve_machine(cfg, args.world_size, args.gpus_per_node, args.device, problems)
     loaded.check(problems)
     assert machine is not None  # (else a problem said why)
-    result = search(cfg, machine, top=top)
+    # degrees, micro-batch and recompute given with --set are kept (the file's are searched)
+    fixed = constraints(cfg, _set_paths(args.overrides))
+    result = search(cfg, machine, top=top, fixed=fixed)
     result.best = [with_launch_refusals(plan, cfg) for plan in result.best]
+    if not result.evaluated and fixed:  # the --set values may be what leaves nothing
+        excluded(cfg, machine, fixed, args)
     if not result.evaluated:  # no valid degrees at all: the config's own layout says which rule
         build_plan(cfg, args.world_size, args.gpus_per_node, args.device)  # (a PlanError)
     if args.json:
@@ -116,6 +177,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "device": machine.device.name,
                     "devices": machine.topology.description,
                     "searched": result.evaluated,
+                    "kept": result.fixed,
                     "fit": result.fit,
                     "over_memory": result.over_memory,
                     "most_common_cause": result.most_common_cause,

@@ -205,6 +205,51 @@ def test_auto_with_no_valid_layout_names_the_rule(capsys):
         capsys.readouterr().err)
 
 
+def test_auto_keeps_what_set_gives_and_searches_what_the_file_gives(capsys, tmp_path):
+    """--auto --set parallel.tp=2 listed an fsdp2 plan as the best and never said tp=2 was
+    dropped. Degrees, micro-batch and recompute given with --set are kept, even where the
+    search would not go by itself (cp under 1,024 tokens a rank, a micro-batch of 3); those
+    the config file gives are searched as before."""
+    from orch.cli import main
+
+    def auto(*args: str) -> dict:
+        assert main(["plan", *args, "--auto", "--json", "--top", "20"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    kept = auto("configs/tiny.yaml", "--world-size", "2", "--set", "parallel.tp=2")
+    assert kept["kept"] == {"parallel.tp": 2} and kept["plans"]
+    assert {plan["degrees"]["tp"] for plan in kept["plans"]} == {2}
+    assert main(["plan", "configs/tiny.yaml", "--world-size", "2", "--auto", "--set",
+                 "parallel.tp=2"]) == 0
+    assert "with parallel.tp=2 (given with --set)" in capsys.readouterr().out.splitlines()[0]
+    outside = auto("configs/tiny.yaml", "--world-size", "4", "--set", "parallel.cp=2",
+                   "--set", "train.recompute=full", "--set", "parallel={dp_shard: 2}")
+    assert {(p["degrees"]["cp"], p["degrees"]["dp_shard"], p["recompute"])
+            for p in outside["plans"]} == {(2, 2, "full")}
+    three = auto("configs/tiny.yaml", "--world-size", "3", "--set", "train.global_batch=6",
+                 "--set", "train.micro_batch=3")
+    assert {plan["micro_batch"] for plan in three["plans"]} == {3}
+    written = tmp_path / "tp2.yaml"
+    written.write_text(f"base: {REPO / 'configs/tiny.yaml'}\nparallel:\n  tp: 2\n")
+    searched = auto(str(written), "--world-size", "2")
+    assert searched["kept"] == {} and {p["degrees"]["tp"] for p in searched["plans"]} == {1, 2}
+
+
+def test_auto_says_which_value_given_with_set_leaves_no_plan(capsys):
+    from orch.cli import main
+
+    assert main(["plan", "configs/tiny.yaml", "--world-size", "2", "--auto", "--set",
+                 "parallel.tp=3", "--set", "train.recompute=full"]) == 2
+    err = capsys.readouterr().err
+    assert ("--set parallel.tp: 3: --auto keeps it as given, and no valid plan on 2 x "
+            "h100-sxm-80gb has parallel.tp=3") in err
+    assert "model.heads=8 is not divisible by tp=3" in err and "recompute" not in err
+    assert main(["plan", "configs/tiny.yaml", "--world-size", "4", "--auto", "--set",
+                 "parallel.tp=2", "--set", "parallel.pp=4"]) == 2
+    assert ("--set: parallel.pp=4, parallel.tp=2: --auto keeps them as given, and no valid "
+            "plan on 4 x h100-sxm-80gb has them together") in capsys.readouterr().err
+
+
 def test_inputs_that_are_not_what_they_look_like_are_named(capsys, tmp_path):
     """A directory was 'config file not found', a cluster file given as the config listed its
     keys as unknown, and --device '' fell back to the default silently."""

@@ -209,8 +209,9 @@ LAUNCH_REFUSES = "orch launch refuses it"
 
 def render_search(result: SearchResult, devices: str) -> str:
     """The ranking of ``orch plan --auto`` on ``devices`` (``Topology.description``)."""
+    kept = f" with {result.kept} (given with --set)" if result.fixed else ""
     head = (
-        f"searched {result.evaluated} plans for {devices}: {result.fit} fit, "
+        f"searched {result.evaluated} plans for {devices}{kept}: {result.fit} fit, "
         f"{result.over_memory} over memory"
     )
     if result.over_memory:
@@ -226,7 +227,9 @@ def render_search(result: SearchResult, devices: str) -> str:
                        "nodes that share no network; attach the nodes to a common network in "
                        "the cluster description (a NIC's 'network')")
     if not result.best:
-        return head + "\nno plan fits: add devices, offload (offload.*), or shorten train.seq_len"
+        return head + ("\nno plan fits: add devices, offload (offload.*), or shorten "
+                       "train.seq_len" + (f", or leave out --set {', '.join(result.fixed)}"
+                                          if result.fixed else ""))
     width = max(28, *(len(plan.degrees.short()) + 1 for plan in result.best))
     lines = [
         head,

@@ -14,7 +14,7 @@ import bisect
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -60,6 +60,13 @@ class SearchResult:
     unconnected: int = 0
     """Sets of degrees that fit but whose groups span nodes sharing no network, in every node
     order tried."""
+    fixed: dict[str, int | str] = field(default_factory=dict)
+    """What the search kept as given (:func:`constraints`), by dotted path."""
+
+    @property
+    def kept(self) -> str:
+        """``parallel.tp=2, train.micro_batch=4``: the constraints, as ``--set`` gives them."""
+        return ", ".join(f"{path}={value}" for path, value in self.fixed.items())
 
     @property
     def most_common_cause(self) -> str:
@@ -73,41 +80,78 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_degrees(cfg: Config, machine: Machine) -> Iterator[Degrees]:
+SEARCHED = ("parallel.pp", "parallel.dp_replicate", "parallel.dp_shard", "parallel.cp",
+            "parallel.tp", "parallel.ep", "parallel.etp", "train.micro_batch", "train.recompute")
+"""What ``--auto`` chooses. One given with ``--set`` is kept as given (a constraint of the
+search), and tried where the search would not try it by itself (a cp below
+:data:`MIN_CP_CHUNK` tokens a rank, HSDP groups of part of a node, a micro-batch of 3); the
+config file's values are searched over."""
+
+
+def constraints(cfg: Config, given: Iterable[str]) -> dict[str, int | str]:
+    """The values in ``cfg`` of the fields of :data:`SEARCHED` among ``given`` (dotted paths),
+    in :data:`SEARCHED`'s order; ``dp_shard: -1`` (fill the world) constrains nothing."""
+    given = set(given)
+    fixed: dict[str, int | str] = {}
+    for path in SEARCHED:
+        if path in given:
+            section, _, name = path.partition(".")
+            value = getattr(getattr(cfg, section), name)
+            if (path, value) != ("parallel.dp_shard", -1):
+                fixed[path] = value
+    return fixed
+
+
+def candidate_degrees(cfg: Config, machine: Machine,
+                      fixed: Mapping[str, int | str] | None = None) -> Iterator[Degrees]:
     """Every combination of degrees worth pricing on ``machine`` (before batch-size choices)
     that this version's runtime runs (``orch.plan.support``): offloaded, only replicas of
     the whole model (one process, or ``dp_replicate`` = the world; the search listed only
     FSDP, TP and pipeline plans, each refused by ``orch launch``); tensor parallelism never
-    under plain DDP (``dp_shard`` 1 with replicas), which cannot hold DTensor parameters."""
+    under plain DDP (``dp_shard`` 1 with replicas), which cannot hold DTensor parameters.
+    ``fixed`` (:func:`constraints`): only degrees with those values."""
     m, p = cfg.model, cfg.parallel
+    fixed = fixed or {}
     world, per_node = machine.world_size, machine.gpus_per_node
+
+    def only(name: str, choices: Iterable[int]) -> list[int]:
+        """``choices``, or where ``name`` is fixed, its value if it is one of them."""
+        value = fixed.get(f"parallel.{name}")
+        return [c for c in choices if value is None or c == value]
+
     if cfg.offload.enabled:
         replicas = Degrees(dp_replicate=world, dp_shard=1)
-        if not layout_refusals(cfg, replicas, world):
+        if not layout_refusals(cfg, replicas, world) and _keeps(replicas, fixed):
             yield replicas
             return
         # refused whatever the layout (parameters left on the device, say): every layout is
         # priced, each row noting the refusal and its fix, as no plan otherwise would
     tp_limit = world if p.allow_cross_node_tp else per_node
     virtual = chunks_per_rank(p.pp_schedule, p.virtual_stages)
-    for tp in divisors(tp_limit):
+    for tp in only("tp", divisors(tp_limit)):
         if m.heads % tp or m.n_kv_heads % tp or m.ffn_dim % tp or world % tp:
             continue
         if tp > 1 and m.is_moe and (not p.sequence_parallel
                                     or m.shared_experts * m.moe_ffn_dim % tp):
             continue
-        for cp in divisors(world // tp):
-            if cp > 1 and cfg.train.seq_len // cp < MIN_CP_CHUNK:
+        for cp in only("cp", divisors(world // tp)):
+            if (cp > 1 and cfg.train.seq_len // cp < MIN_CP_CHUNK
+                    and "parallel.cp" not in fixed):
                 continue
-            for pp in divisors(world // (tp * cp)):
+            for pp in only("pp", divisors(world // (tp * cp))):
                 v = virtual if pp > 1 else 1
                 if m.layers < pp or (v > 1 and m.layers % (pp * v)):
                     continue
                 dp = world // (tp * cp * pp)
-                for dp_replicate in _replica_counts(dp, per_node // min(per_node, tp * cp)):
+                replicas = (divisors(dp) if {"parallel.dp_replicate", "parallel.dp_shard"}
+                            & fixed.keys()
+                            else _replica_counts(dp, per_node // min(per_node, tp * cp)))
+                for dp_replicate in only("dp_replicate", replicas):
+                    if not only("dp_shard", [dp // dp_replicate]):
+                        continue
                     if ddp_over_tp(tp, dp // dp_replicate, dp_replicate):
                         continue
-                    for ep, etp in _expert_layouts(cfg, dp * cp * tp, tp):
+                    for ep, etp in _expert_layouts(cfg, dp * cp * tp, tp, fixed):
                         yield Degrees(
                             pp=pp,
                             dp_replicate=dp_replicate,
@@ -121,39 +165,56 @@ def candidate_degrees(cfg: Config, machine: Machine) -> Iterator[Degrees]:
                         )
 
 
+def _keeps(deg: Degrees, fixed: Mapping[str, int | str]) -> bool:
+    """Whether ``deg`` has every fixed degree's value."""
+    return all(getattr(deg, path.partition(".")[2]) == value
+               for path, value in fixed.items() if path.startswith("parallel."))
+
+
 def _replica_counts(dp: int, dp_per_node: int) -> list[int]:
     """dp_replicate values: 1 (full FSDP), and HSDP with shard groups of whole nodes."""
     shards = {dp_per_node * n for n in HSDP_NODE_GROUPS} if dp_per_node > 0 else set()
     return [1] + sorted(dp // s for s in shards if s < dp and dp % s == 0)
 
 
-def _expert_layouts(cfg: Config, stage_ranks: int, tp: int) -> list[tuple[int, int]]:
+def _expert_layouts(cfg: Config, stage_ranks: int, tp: int,
+                    fixed: Mapping[str, int | str] | None = None) -> list[tuple[int, int]]:
     """(ep, etp) pairs folding into a stage. Expert tensor parallelism is searched at 1 and at
-    the dense tp (Megatron-Core's common choices); other values stay open to explicit plans."""
-    m = cfg.model
+    the dense tp (Megatron-Core's common choices); other values stay open to explicit plans
+    (``fixed``: the values given)."""
+    m, fixed = cfg.model, fixed or {}
     if not m.is_moe:
         return [(1, 1)]
+    etps = ([fixed["parallel.etp"]] if "parallel.etp" in fixed else sorted({1, tp}))
     return [
         (ep, etp)
         for ep in divisors(m.experts)
-        for etp in sorted({1, tp})
+        for etp in etps
         if stage_ranks % (ep * etp) == 0 and m.moe_ffn_dim % etp == 0
+        and fixed.get("parallel.ep", ep) == ep
     ]
 
 
-def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
-    result = SearchResult(best=[])
+def search(cfg: Config, machine: Machine, top: int = 5,
+           fixed: Mapping[str, int | str] | None = None) -> SearchResult:
+    """The fastest plans that fit, ``top`` of them, one per set of degrees; ``fixed``
+    (:func:`constraints`): only plans with those values."""
+    fixed = dict(fixed or {})
+    result = SearchResult(best=[], fixed=fixed)
     orders = machine.placements()  # node orders: their pipeline splits, so memory, differ
     best_per_degrees: list[_Priced] = []
     listed: list[tuple[int, float, int]] = []  # the best ``top`` keys of best_per_degrees
     tokens = cfg.train.global_batch * cfg.train.seq_len
+    micro_batches = (int(fixed["train.micro_batch"]),) if "train.micro_batch" in fixed \
+        else MICRO_BATCHES
+    recomputes = (str(fixed["train.recompute"]),) if "train.recompute" in fixed else RECOMPUTE
     # Every (micro-batch, recompute) variant of cfg, made once: thousands of degrees share them.
     variants = {(mb, r): _with_train(cfg, micro_batch=mb, recompute=r)
-                for mb in MICRO_BATCHES for r in {cfg.train.recompute, *RECOMPUTE}}
-    for deg in candidate_degrees(cfg, machine):
+                for mb in micro_batches for r in {cfg.train.recompute, *recomputes}}
+    for deg in candidate_degrees(cfg, machine, fixed):
         split = _WithSplit(variants, deg, orders)
         settings = [
-            mb for mb in MICRO_BATCHES
+            mb for mb in micro_batches
             if cfg.train.global_batch % (mb * deg.dp) == 0
             # (the split the search makes always passes the rules: no need to make it here)
             and not check_degrees(variants[mb, cfg.train.recompute], deg, machine.gpus_per_node)
@@ -162,9 +223,9 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
             continue
         # The smallest micro-batch with full recompute needs the least memory: when even that
         # does not fit under any node order, no setting of these degrees does.
-        leanest = [split[settings[0], "full", i] for i in range(len(orders))]
+        leanest = [split[settings[0], recomputes[-1], i] for i in range(len(orders))]
         if not any(planned.fits for planned in leanest):
-            count = len(settings) * len(RECOMPUTE)
+            count = len(settings) * len(recomputes)
             result.evaluated += count
             result.over_memory += count
             result.over_memory_causes[_dominant_group(_least(leanest))] += count
@@ -177,7 +238,7 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                 break
             # Recompute levels go from none to full: each needs less memory and more time, so
             # the first that fits (under some node order) is the only one worth pricing.
-            for index, recompute in enumerate(RECOMPUTE):
+            for index, recompute in enumerate(recomputes):
                 result.evaluated += 1
                 fitting = [i for i in usable if split[mb, recompute, i].fits]
                 if fitting and links is None:  # each node order whose groups all connect
@@ -187,16 +248,16 @@ def search(cfg: Config, machine: Machine, top: int = 5) -> SearchResult:
                     usable = list(links)
                     fitting = [i for i in fitting if i in links]
                     if not usable:  # fits, but on nodes that cannot reach each other
-                        result.fit += len(RECOMPUTE) - index
-                        result.evaluated += len(RECOMPUTE) - index - 1
+                        result.fit += len(recomputes) - index
+                        result.evaluated += len(recomputes) - index - 1
                         break
                 if not fitting:
                     result.over_memory += 1
                     result.over_memory_causes[_dominant_group(
                         _least([split[mb, recompute, i] for i in usable]))] += 1
                     continue
-                result.evaluated += len(RECOMPUTE) - index - 1
-                result.fit += len(RECOMPUTE) - index
+                result.evaluated += len(recomputes) - index - 1
+                result.fit += len(recomputes) - index
                 assert links is not None
                 # (a floor whatever the split: the split need not be made to know it)
                 floor = min(step_time_floor(variants[mb, recompute], deg, orders[i], links[i])

@@ -99,8 +99,8 @@ def test_the_search_checks_each_node_order_by_its_own_split(tmp_path, monkeypatc
     assert len(result.best) == 5
     assert all(plan.fits for plan in result.best)
     every = search_module.candidate_degrees
-    monkeypatch.setattr(search_module, "candidate_degrees", lambda cfg, machine: (
-        d for d in every(cfg, machine) if d.short() == "pp8 cp4"))
+    monkeypatch.setattr(search_module, "candidate_degrees", lambda cfg, machine, fixed: (
+        d for d in every(cfg, machine, fixed) if d.short() == "pp8 cp4"))
     one = search_module.search(cfg, machine)
     assert (one.evaluated, one.fit, one.over_memory) == (12, 7, 5)  # was 12, 5, 7
     assert one.best[0].fits

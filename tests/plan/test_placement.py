@@ -230,8 +230,8 @@ def test_the_search_splits_each_node_order_by_its_own_speeds(tmp_path, monkeypat
         for name, device, nics in (("h0", "h100", eth), ("a0", "a100", f"{ib}, {eth}"),
                                    ("h1", "h100", eth), ("a1", "a100", f"{ib}, {eth}"))))
     every = search_module.candidate_degrees
-    monkeypatch.setattr(search_module, "candidate_degrees", lambda cfg, machine: (
-        d for d in every(cfg, machine) if d.pp == 2 and d.tp == 8 and d.cp == 1))
+    monkeypatch.setattr(search_module, "candidate_degrees", lambda cfg, machine, fixed: (
+        d for d in every(cfg, machine, fixed) if d.pp == 2 and d.tp == 8 and d.cp == 1))
     cluster = f"cluster={path}"
     cfg = load_config("configs/llama3-8b.yaml", [cluster])
     result = search_module.search(cfg, resolve_machine(cfg, None, None, None, []), top=3)
