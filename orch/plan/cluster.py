@@ -9,7 +9,8 @@ A cluster is written by hand (or detected later) as YAML::
       - {name: "node{i}", count: 4, devices: 8,
          nics: [{name: mlx5_0, type: ib, bandwidth_gbps: 400, network: ib-a}]}
 
-``count: N`` expands one entry into N nodes, ``{i}`` in the name becoming 0..N-1. A node may
+``count: N`` expands one entry into N nodes, ``{i}`` in the name becoming 0..N-1 (``count: 1``
+without ``{i}``: one node of that name). A node may
 name its own ``device`` and ``device_overrides``; top-level overrides belong to the top-level
 device. Global ranks fill nodes in the order they are listed, ``devices`` ranks per node. A node
 may list its ``gpus`` as ``orch cluster detect`` found them, one per device.
@@ -247,7 +248,7 @@ def _nodes(file: _ClusterFile, report: Callable[[str, str, str], None]) -> tuple
         if entry.gpus and len(entry.gpus) != entry.devices:
             report(f"{path}.gpus", f"{len(entry.gpus)} listed, but devices: {entry.devices}",
                    "list one GPU per device, or correct 'devices:'")
-        if count is not None and "{i}" not in name:
+        if count is not None and count > 1 and "{i}" not in name:  # (count 1: the one node)
             report(f"{path}.name", f"{name!r} has no '{{i}}', so count: {count} would repeat it",
                    f"write name: \"{name}{{i}}\" to get {name}0..{name}{count - 1}")
             continue

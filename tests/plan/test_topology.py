@@ -229,6 +229,14 @@ BAD = [
 ]
 
 
+def test_a_count_of_one_needs_no_number_in_the_name() -> None:
+    """count: 1 with a plain name was refused 'would repeat it', fix 'to get eth00..eth00';
+    it is one node of that name."""
+    cluster = cluster_from_dict(_set(mixed_cluster(), ("nodes", 1, "count"), 1), "c.yaml")
+    assert [node.name for node in cluster.nodes].count("eth0") == 1
+    assert len(cluster.nodes) == len(mixed_cluster()["nodes"])
+
+
 @pytest.mark.parametrize(("path", "value", "where", "message", "fix"), BAD,
                          ids=[b[2] + "=" + repr(b[1]) for b in BAD])
 def test_each_rule_names_field_value_and_fix(path: tuple[Any, ...], value: Any, where: str,
