@@ -217,6 +217,9 @@ def test_overrides_are_typed_by_schema():
         ("tp=2", "the top level has no key 'tp'"),
         ("parallel.tp.x=2", "'parallel.tp' is a value, it has no key 'x'"),
         ("parallel.tp", "is not of the form key.path=value"),
+        # letter case aside: TP got no suggestion
+        ("parallel.TP=2", "parallel has no key 'TP'\n        fix: did you mean 'tp'?"),
+        ("parallel.cp_kind=RING", "fix: did you mean 'ring'?"),
     ],
 )
 def test_bad_override_messages(override, message):

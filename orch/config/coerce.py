@@ -51,8 +51,13 @@ def byte_count(text: str) -> Fraction | None:
 
 
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'? " if close else ""
+    """``did you mean 'tp'? `` for the choice closest to ``word``, letter case aside (``TP``
+    got no suggestion: difflib compares case), or ``""`` where none is close."""
+    by_lower: dict[str, str] = {}
+    for choice in choices:
+        by_lower.setdefault(choice.lower(), choice)
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"did you mean '{by_lower[close[0]]}'? " if close else ""
 
 
 def locate(path: str, locs: typing.Mapping[str, str], source: str = "") -> str:
