@@ -135,7 +135,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orch.config import load_config_lenient
     from orch.plan import build_plan, resolve_machine, search
     from orch.plan.render import render_plan, render_search
-    from orch.plan.search import constraints
+    from orch.plan.search import MICRO_BATCHES, constraints
 
     if args.top is not None and not args.auto:  # was ignored
         raise PlanError([Problem("--top", f"{args.top}: lists the plans --auto finds",
@@ -167,8 +167,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result.best = [with_launch_refusals(plan, cfg) for plan in result.best]
     if not result.evaluated and fixed:  # the --set values may be what leaves nothing
         excluded(cfg, machine, fixed, args)
-    if not result.evaluated:  # no valid degrees at all: the config's own layout says which rule
-        build_plan(cfg, args.world_size, args.gpus_per_node, args.device)  # (a PlanError)
+    if not result.evaluated:  # no valid degrees at all: the config's own layout says which
+        # rule, at the least micro-batch the search tried (the config's 2 said 'use a multiple
+        # of 14' of a batch where 7 does at micro-batch 1)
+        least = cfg if "train.micro_batch" in fixed else dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, micro_batch=min(MICRO_BATCHES)))
+        build_plan(least, args.world_size, args.gpus_per_node, args.device)  # (a PlanError)
     if args.json:
         print(
             json.dumps(
