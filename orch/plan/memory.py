@@ -361,8 +361,14 @@ def estimate_memory(
     data-parallel shard degree. ``flash``/``fused_norm`` pick the kernels activations assume: the
     defaults are CUDA's; torch's CPU build uses flash SDPA but a composite RMSNorm.
 
+    Gradients are sharded only where each step's backward reduces at once: with several
+    micro-batches per step FSDP2 accumulates whole unsharded fp32 gradients until the last
+    one's backward (gradient sync off), and a pipeline stage until its step's end, so those
+    ranks hold their stage's gradients divided by ``tp`` and expert parallelism only.
+
     Approximations: FSDP keeps unsharded compute-dtype copies of the largest unit's parameters
-    and gradients plus one prefetched layer (none when nothing is sharded and compute is fp32);
+    and gradients plus one prefetched layer (a pipeline stage: all its parameters and one
+    unit's gradients; none when nothing is sharded and compute is fp32);
     recompute adds what one recomputed layer holds as a buffer; 2BP schedules keep one
     extra micro-batch of every layer's linear inputs and output gradients for the deferred
     weight gradients, and ZB-H1 keeps 1F1B's peak (its point). Offloaded optimizer states are
@@ -397,6 +403,14 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     gathers = fsdp > 1 or (pc.moe_layers > 0 and eshard > 1) or (act_bytes == 2 and not autocast)
     wgrad = cfg.parallel.pp_schedule.startswith("2bp")
     tiers = (off.params, off.grads, off.optimizer, off.activations)
+    # FSDP2 with gradient sync off keeps each unit's whole unsharded gradient (in fp32, its
+    # reduce dtype) from one backward to the next, and reduce-scatters the sum only in the
+    # step's last backward: the trainer turns sync off for every micro-batch but the last, and
+    # torch's pipeline stage for all of them (it reduces after the last). So accumulating
+    # ranks hold their stage's gradients unsharded, sharded ones only after the step's reduce.
+    n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
+    pipelined = deg.pp > 1
+    unsharded_grads = (n_micro > 1 or pipelined) and not off.enabled
     # the largest single parameter: an MLP matrix, the (tp-split) embedding, or an expert stack
     largest = max(h * m.ffn_dim // tp, vocab, pc.experts // 3 // (deg.ep * etp))
     depth = off.prefetch_depth
@@ -430,12 +444,16 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
                + wgrad * (nd * a.dense_wgrad + nm * a.moe_wgrad))
         layer = max(nd and dense_layer, nm and expert_layer)
         unit = max(layer, first * vocab, last * head)
-        buffers = (gathered * (2 * unit + layer) + last * a.logits_buffer
+        # a pipeline stage keeps all its parameters gathered for the step (torch's stage
+        # reshards after the last backward), else one unit, the next prefetched
+        held = dense + nm * experts + unit if pipelined else 2 * unit + layer
+        buffers = (gathered * held + last * a.logits_buffer
                    + max(nd and a.dense_recomputed, nm and a.moe_recomputed)
                    + recast * layer)  # a recomputed layer casts its weights again
 
         unit_bytes = PARAM_BYTES * -(-unit // fsdp)
-        params, grads = PARAM_BYTES * n, GRAD_BYTES * n
+        params = PARAM_BYTES * n
+        grads = GRAD_BYTES * (dense + nm * experts if unsharded_grads else n)
         if sharded_home:
             # each replica keeps its own units (in CPU memory with depth units on their way
             # from the others; on NVMe only its own); gradients: its own units' and the
