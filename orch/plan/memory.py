@@ -30,6 +30,7 @@ from orch.plan.activations import (
     recomputed_bytes,
 )
 from orch.plan.degrees import Degrees
+from orch.plan.schedule_shape import COUNTED, Held, held
 
 PARAM_BYTES = 4
 """Parameters stay fp32 (FSDP2 mixed precision); the bf16 compute copy is a transient buffer."""
@@ -43,7 +44,7 @@ MEMORY_READS = (
     *MODEL_SHAPE, *(f"train.{name}" for name in (
         "precision", "recompute", "seq_len", "micro_batch", "global_batch")),
     "optimizer.name", *WORLD_DEGREES, *(f"parallel.{name}" for name in (
-        "ep", "etp", "virtual_stages", "pp_schedule", "stage_layers", "cp_kind",
+        "ep", "etp", "virtual_stages", "pp_schedule", "pp_max_deferred", "stage_layers", "cp_kind",
         "sequence_parallel")),
     *OFFLOADED, "offload.shard_params", "offload.prefetch_depth")
 """The config fields :func:`estimate_memory` reads (shapes, batch and precision, optimizer
@@ -212,13 +213,17 @@ def _layer_bytes(arch: Arch, s: int, b: int, t: int, sp: bool, cp: int, etp: int
             deferred_weight_grad_bytes(arch, s, b, t, sp, cp, etp), recomputed)
 
 
-def _in_flight(schedule: str, pp: int, v: int, stage: int,
-               n_micro: int) -> tuple[int, int, int, int]:
-    """Micro-batches whose activations ``stage`` holds at its peak: ``(num, den, first, last)``.
+def _in_flight(schedule: str, pp: int, v: int, stage: int, n_micro: int,
+               max_deferred: int | None = None) -> tuple[int, int, int, int, Held]:
+    """Micro-batches whose activations ``stage`` holds at its peak: ``(num, den, first, last,
+    deferred)``.
 
     Layer activations are ``num / den`` micro-batches of all the stage's layers; ``first`` and
-    ``last`` count micro-batches for the embedding's and the loss's tensors. GPipe runs every
-    forward first; 1F1B and its split-backward variants hold ``pp - stage``; interleaved 1F1B holds
+    ``last`` count micro-batches for the embedding's and the loss's tensors. ``deferred``, for
+    the 2BP schedules and ZB-H1 (``orch.plan.schedule_shape``), is what the schedule built with
+    ``max_deferred`` holds instead of ``num``: each ``(activations, pending W's)`` that can be the
+    rank's peak, a pending W holding its layers' ``deferred_weight_grad_bytes``.
+    GPipe runs every forward first; 1F1B holds ``pp - stage``; interleaved 1F1B holds
     ``pp*v + pp - 1 - 2*stage`` chunk micro-batches of ``1/v`` of the stage's layers (Megatron's
     warmup), i.e. ``1 + (pp-1)/(pp*v)`` times 1F1B's on stage 0; ZB-V holds ``2*pp`` half-share
     chunks on every rank (its bound); its first rank runs up to ``2*pp - 1`` first-chunk forwards
@@ -226,27 +231,34 @@ def _in_flight(schedule: str, pp: int, v: int, stage: int,
     (``orch.parallel.schedules.vshape``).
     """
     if pp == 1:
-        return 1, 1, 1, 1
+        return 1, 1, 1, 1, ()
     if schedule in ("gpipe", "2bp-gpipe"):
-        return n_micro, 1, n_micro, n_micro
+        edge = n_micro
+    else:
+        edge = min(pp - stage, n_micro)
+    if schedule in COUNTED:
+        deferred = held(schedule, pp, n_micro, max_deferred)[stage]
+        return max(live for live, _ in deferred), 1, edge, edge, deferred
+    if schedule == "gpipe":
+        return n_micro, 1, n_micro, n_micro, ()
     if schedule == "zbv":
-        return min(2 * pp, 2 * n_micro), 2, min(2 * pp - 1, n_micro), 1
-    edge = min(pp - stage, n_micro)
+        return min(2 * pp, 2 * n_micro), 2, min(2 * pp - 1, n_micro), 1, ()
     if schedule == "interleaved" and v > 1:
-        return min(pp * v + pp - 1 - 2 * stage, n_micro * v), v, edge, edge
-    return edge, 1, edge, edge
+        return min(pp * v + pp - 1 - 2 * stage, n_micro * v), v, edge, edge, ()
+    return edge, 1, edge, edge, ()
 
 
 @lru_cache(maxsize=1024)
 def _stages(
     layers: int, interval: int, is_moe: bool, pp: int, v: int, schedule: str, n_micro: int,
-    chunk_layers: tuple[int, ...] = (),
-) -> tuple[tuple[int, int, int, bool, bool, int, int, int, int], ...]:
-    """``(stage, dense layers, MoE layers, first, last, num, den, edges...)`` of each stage that can
-    be the worst: the first and last, and the first middle stage of each layer mix (later ones hold
-    no more micro-batches). Stage ``p`` owns the chunks the schedule places on it (``p, p+pp, ...``
-    of ``pp*v``, or ``p`` and ``2*pp-1-p`` in ZB-V's V), each of ``chunk_layers[c]`` layers
-    (``parallel.stage_layers``) or an even split.
+    chunk_layers: tuple[int, ...] = (), max_deferred: int | None = None,
+) -> tuple[tuple[int, int, int, bool, bool, int, int, int, int, Held], ...]:
+    """``(stage, dense layers, MoE layers, first, last, num, den, edges..., deferred)`` (of
+    :func:`_in_flight`, ``max_deferred`` the 2BP bound) of each stage that can be the worst: the
+    first and last, and the first middle stage of each layer mix and deferred states (later ones
+    hold no more micro-batches). Stage ``p`` owns the chunks the schedule places on it (``p,
+    p+pp, ...`` of ``pp*v``, or ``p`` and ``2*pp-1-p`` in ZB-V's V), each of
+    ``chunk_layers[c]`` layers (``parallel.stage_layers``) or an even split.
     """
     chunks = pp * v
     sizes = chunk_layers or tuple((c + 1) * layers // chunks - c * layers // chunks
@@ -262,10 +274,13 @@ def _stages(
             n_moe += hi // interval - lo // interval if is_moe else 0
         mix = (n_layers - n_moe, n_moe)
         first, last = 0 in owned, chunks - 1 in owned
-        if not first and not last and mix in seen:
+        in_flight = _in_flight(schedule, pp, v, p, n_micro, max_deferred)
+        # a later stage with deferred W's can hold more than an earlier one: same mix, other W's
+        kind = (mix, in_flight[-1])
+        if not first and not last and kind in seen:
             continue
-        seen.add(mix)
-        rows.append((p, *mix, first, last, *_in_flight(schedule, pp, v, p, n_micro)))
+        seen.add(kind)
+        rows.append((p, *mix, first, last, *in_flight))
     return tuple(rows)
 
 
@@ -369,10 +384,11 @@ def estimate_memory(
     Approximations: FSDP keeps unsharded compute-dtype copies of the largest unit's parameters
     and gradients plus one prefetched layer (a pipeline stage: all its parameters and one
     unit's gradients; none when nothing is sharded and compute is fp32);
-    recompute adds what one recomputed layer holds as a buffer; 2BP schedules keep one
-    extra micro-batch of every layer's linear inputs and output gradients for the deferred
-    weight gradients, and ZB-H1 keeps 1F1B's peak (its point). Offloaded optimizer states are
-    split over ``dp_replicate`` replicas (``orch.offload.partition``), and with
+    recompute adds what one recomputed layer holds as a buffer; the 2BP schedules and ZB-H1
+    hold, per rank, what their built schedule holds at its peak: activations in flight and, for
+    each weight-gradient step waiting (as many as ``parallel.pp_max_deferred`` lets wait), every
+    layer's linear inputs and output gradients (``orch.plan.schedule_shape``). Offloaded
+    optimizer states are split over ``dp_replicate`` replicas (``orch.offload.partition``), and with
     ``offload.shard_params`` the parameters and gradients at home too
     (``orch.offload.param_shards``). Per-parameter FSDP padding is ignored.
     """
@@ -401,7 +417,6 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     fsdp, eshard = deg.fsdp, deg.expert_shard
     autocast = _autocast(cfg, deg)  # its weight casts are counted with the activations
     gathers = fsdp > 1 or (pc.moe_layers > 0 and eshard > 1) or (act_bytes == 2 and not autocast)
-    wgrad = cfg.parallel.pp_schedule.startswith("2bp")
     tiers = (off.params, off.grads, off.optimizer, off.activations)
     # FSDP2 with gradient sync off keeps each unit's whole unsharded gradient (in fp32, its
     # reduce dtype) from one backward to the next, and reduce-scatters the sum only in the
@@ -427,7 +442,7 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     a = acts
 
     def stage_bytes(nd: int, nm: int, first: bool, last: bool, num: int, den: int,
-                    first_mbs: int, last_mbs: int) -> _StageBytes:
+                    first_mbs: int, last_mbs: int, deferred: Held = ()) -> _StageBytes:
         dense = nd * dense_layer + nm * moe_layer + first * vocab + last * head
         n = -(-dense // fsdp) + -(-(nm * experts) // eshard)
         if eight_bit:
@@ -439,9 +454,10 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
         whole_optim = optim  # a unit's states are stepped whole, on one replica
         if optim_away:  # offloaded replicas each hold their own units' states
             optim = -(-optim // replicas)
-        act = (num * (nd * a.dense + nm * a.moe + a.every_stage) // den
-               + first * first_mbs * a.first_stage + last * last_mbs * a.last_stage
-               + wgrad * (nd * a.dense_wgrad + nm * a.moe_wgrad))
+        live = nd * a.dense + nm * a.moe + a.every_stage
+        act = (max(n * live + w * (nd * a.dense_wgrad + nm * a.moe_wgrad) for n, w in deferred)
+               if deferred else num * live // den)
+        act += first * first_mbs * a.first_stage + last * last_mbs * a.last_stage
         layer = max(nd and dense_layer, nm and expert_layer)
         unit = max(layer, first * vocab, last * head)
         # a pipeline stage keeps all its parameters gathered for the step (torch's stage
@@ -545,7 +561,7 @@ class StageMemory:
             if deg.pp > 1 and len(stage_layers) == deg.pp * deg.virtual_stages else ()
         stages = _stages(m.layers, m.moe_layer_interval, _param_counts(self.key).moe_layers > 0,
                          deg.pp, deg.virtual_stages, self.cfg.parallel.pp_schedule,
-                         self.n_micro, chunk_layers)
+                         self.n_micro, chunk_layers, self.cfg.parallel.pp_max_deferred)
         worst, totals = None, []
         for p, *row in stages:
             held = self.stage_bytes(*row)
@@ -565,8 +581,9 @@ class StageMemory:
 
         The search asks this of every pipeline candidate its split by FLOPs overfills, so it
         prices few stages: middle stages hold no more micro-batches in flight than the one before
-        (GPipe as many, 1F1B and its split-backward variants ``pp - stage``), so their caps only
-        grow down the pipeline and are walked down from the last middle stage's."""
+        (GPipe as many, 1F1B ``pp - stage``), so their caps only grow down the pipeline and are
+        walked down from the last middle stage's; under the 2BP schedules and ZB-H1, whose
+        waiting W's can grow down the pipeline, each stage is capped on its own."""
         cfg, deg, stage_bytes, n_micro = self.cfg, self.deg, self.stage_bytes, self.n_micro
         m, pc = cfg.model, _param_counts(self.key)
         if pc.moe_layers and m.moe_layer_interval != 1:
@@ -574,7 +591,8 @@ class StageMemory:
                              f"every {m.moe_layer_interval} layers")
         every_layer_moe = pc.moe_layers > 0
         places = [(stage == 0, stage == deg.pp - 1,
-                   *_in_flight(cfg.parallel.pp_schedule, deg.pp, 1, stage, n_micro))
+                   *_in_flight(cfg.parallel.pp_schedule, deg.pp, 1, stage, n_micro,
+                               cfg.parallel.pp_max_deferred))
                   for stage in range(deg.pp)]
 
         @cache
@@ -601,6 +619,11 @@ class StageMemory:
         if any(held(1, place) > limit for place in {places[0], places[1], places[-1]}):
             return None
         middle, last = places[1:-1], most(places[-1])
+        if cfg.parallel.pp_schedule in COUNTED:
+            # W's waiting (more down the pipeline by default) can make a later stage hold more
+            # than an earlier one: each stage's own cap
+            caps = [most(places[0]), *(most(place) for place in middle), last]
+            return tuple(caps) if all(caps) and sum(caps) >= m.layers else None
         # no middle stage holds more than the last middle one, nor the first
         widest = most(middle[-1]) if middle else m.layers - deg.pp + 1
         if last + (deg.pp - 1) * widest < m.layers:

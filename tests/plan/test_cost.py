@@ -23,6 +23,7 @@ from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec, get_device
 from orch.plan.layout import first_groups
 from orch.plan.memory import param_counts
+from orch.plan.schedule_shape import COUNTED
 from orch.plan.topology import Topology
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,7 +172,28 @@ def test_schedules_order_their_bubbles() -> None:
         pytest.approx(one_f_one_b / 2))
     assert bubble(parallel__pp_schedule="zbv", parallel__virtual_stages=2) == (
         pytest.approx(one_f_one_b / 6))
-    assert set(BUBBLE_SCALE) == set(SCHEDULES)
+    assert set(BUBBLE_SCALE) | set(COUNTED) == set(SCHEDULES)
+    assert not set(BUBBLE_SCALE) & set(COUNTED)
+
+
+def test_2bp_bubble_follows_its_bound_on_deferred_steps():
+    """The bubble of a 2BP schedule is its built schedule's simulated idle time: it was half
+    1F1B's whatever ``parallel.pp_max_deferred`` said (369.5 ms for Llama 3 8B on 4 stages at
+    0 and at 16), where ``orch schedule`` shows 16 waiting W's idle more than 1F1B."""
+    def bubble(**settings: Any) -> float:
+        return estimate(config("llama3-70b", parallel__tp=8, parallel__pp=4, **settings),
+                        256).bubble_s
+
+    one_f_one_b = bubble(parallel__pp_schedule="1f1b")
+    by_bound = {d: bubble(parallel__pp_schedule="2bp-1f1b",
+                          **({} if d is None else {"parallel__pp_max_deferred": d}))
+                for d in (None, 0, 16)}
+    # 4 stages: 1F1B idles 3 (F + I + W); W's right after their I's 2, r on rank r 1 (ZB-H1's
+    # staircase), 16 waiting 6, the backlog a tail at the end of the step
+    assert by_bound[None] == pytest.approx(one_f_one_b / 3)
+    assert by_bound[0] == pytest.approx(one_f_one_b * 2 / 3)
+    assert by_bound[16] == pytest.approx(one_f_one_b * 2)
+    assert bubble(parallel__pp_schedule="2bp-gpipe") == pytest.approx(one_f_one_b * 2 / 3)
 
 
 def test_recompute_costs_compute_but_not_model_flops() -> None:

@@ -33,7 +33,12 @@ from orch.plan.activations import (
     layer_terms,
 )
 from orch.plan.degrees import Degrees
-from orch.plan.memory import estimate_memory, param_counts, zero_bytes_per_param
+from orch.plan.memory import (
+    _layer_activations,
+    estimate_memory,
+    param_counts,
+    zero_bytes_per_param,
+)
 from orch.runtime.parallelize import parallelize
 
 # --- published figures --------------------------------------------------------------------------
@@ -139,8 +144,12 @@ def test_pipeline_worst_stage_and_in_flight_micro_batches():
     inter = estimate_memory(cfg, Degrees(pp=4, virtual_stages=2))
     # Korthikanti et al.: interleaving multiplies stage 0's activations by 1 + (p-1)/(pv).
     assert inter.activations / est.activations == pytest.approx(1 + 3 / 8, rel=0.02)
+    # 2BP: the first stage keeps its fused backward (1F1B's peak, the worst by default); a
+    # stage that defers holds its W's too
     cfg.parallel.pp_schedule = "2bp-1f1b"
-    assert estimate_memory(cfg, Degrees(pp=4)).activations > est.activations
+    two_bp = estimate_memory(cfg, Degrees(pp=4))
+    assert two_bp.activations == est.activations
+    assert 1 in dict(two_bp.stage_totals)  # priced: it may hold more than the first
     # ZB-V: 2P half-share chunks, 1F1B's layer peak; its first rank also computes the loss
     cfg.parallel.pp_schedule = "zbv"
     zbv = estimate_memory(cfg, Degrees(pp=4, virtual_stages=2))
@@ -496,11 +505,39 @@ def test_deferred_weight_gradients_hold_what_the_plan_counts(name):
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for _, _, inputs, grad in store._pending for t in (inputs, grad)}
     per_layer = sum(held.values()) / cfg.model.layers
+
+    def second_stage(schedule: str) -> int:  # the stage that defers: the first keeps its B
+        cfg.parallel.pp_schedule = schedule
+        est = estimate_memory(cfg, Degrees(pp=2), flash=True, fused_norm=False)
+        return dict(est.stage_totals)[1]
+
+    # one micro-batch in flight under 1F1B; 2BP's bound of 1 on rank 1 keeps one W waiting
+    assert (second_stage("2bp-1f1b") - second_stage("1f1b")) / (cfg.model.layers // 2) \
+        == per_layer
+
+
+def test_deferred_weight_gradients_are_counted_as_the_schedule_holds_them():
+    """``parallel.pp_max_deferred`` bounds the W's waiting on a rank; the plan added one
+    micro-batch of them whatever it said (49.5 GiB for Llama 3 8B at 0 and at 16, where rank 1
+    holds 16 W's of 8 layers, ~1 GiB each)."""
+    cfg = big()  # 32 layers over 4 stages, 64 micro-batches
     cfg.parallel.pp_schedule = "1f1b"
-    fused = estimate_memory(cfg, Degrees(pp=2), flash=True, fused_norm=False).activations
+    one_f_one_b = estimate_memory(cfg, Degrees(pp=4))
     cfg.parallel.pp_schedule = "2bp-1f1b"
-    split = estimate_memory(cfg, Degrees(pp=2), flash=True, fused_norm=False).activations
-    assert (split - fused) / (cfg.model.layers // 2) == per_layer
+    # by default (r on rank r) and with none waiting, the first stage, which keeps its fused
+    # backward, holds the most: 1F1B's 4 micro-batches, and nothing deferred
+    for bound in (None, 0):
+        cfg.parallel.pp_max_deferred = bound
+        assert estimate_memory(cfg, Degrees(pp=4)).activations == one_f_one_b.activations
+    cfg.parallel.pp_max_deferred = 16
+    deferring = estimate_memory(cfg, Degrees(pp=4))
+    a = _layer_activations(cfg, Degrees(pp=4))
+    live, wgrad = 8 * a.dense + a.every_stage, 8 * a.dense_wgrad
+    # rank 1 runs 3 forwards ahead, then waits up to 16 W's (17 just after an I, before the
+    # oldest W runs): what the schedule the run builds shows (orch schedule --max-deferred 16)
+    assert deferring.stage == 1
+    assert deferring.activations == max(3 * live + 16 * wgrad, 2 * live + 17 * wgrad)
+    assert deferring.activations > 3 * one_f_one_b.activations
 
 
 def test_uneven_stage_layers_are_priced_per_stage():
