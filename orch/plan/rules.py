@@ -81,11 +81,20 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int | None, dp_known
                 "parallel.stage_layers",
                 f"{given} must be {chunks} numbers (pp x virtual_stages = {deg.pp} x "
                 f"{deg.virtual_stages}), each at least 1, adding up to model.layers={m.layers}",
-                "give one layer count per pipeline stage, or leave it empty for an even split",
+                "give one layer count per pipeline stage, or leave it empty for the plan's "
+                "split (by FLOPs; even with virtual stages)",
                 split,
             )
     elif deg.virtual_stages > 1:
-        if m.layers % chunks:
+        if m.layers < chunks:  # no stage_layers can help: say what can
+            need(
+                "parallel.virtual_stages",
+                f"{chunks} pipeline stages (pp x virtual_stages = {deg.pp} x "
+                f"{deg.virtual_stages}) for model.layers={m.layers}: each stage needs a layer",
+                f"pick pp and virtual_stages whose product is at most {m.layers}",
+                split,
+            )
+        elif m.layers % chunks:
             need(
                 "parallel.virtual_stages",
                 f"model.layers={m.layers} is not divisible by pp x virtual_stages = {deg.pp} x "

@@ -46,9 +46,17 @@ def plan_problems(config: Path, overrides: list[str], **machine) -> str:
         ),
         (
             TINY,
-            ["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.virtual_stages=4"],
+            ["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.virtual_stages=4",
+             "model.layers=10"],
             {"world_size": 2},
             "is not divisible by pp x virtual_stages = 2 x 4",
+        ),
+        (  # no stage_layers can give 8 stages a layer each of 4: pp or virtual_stages must go
+            TINY,
+            ["parallel.pp=4", "parallel.pp_schedule=zbv", "parallel.virtual_stages=2"],
+            {"world_size": 4},
+            "8 pipeline stages (pp x virtual_stages = 4 x 2) for model.layers=4: each stage needs "
+            "a layer\n        fix: pick pp and virtual_stages whose product is at most 4",
         ),
         (
             TINY,
