@@ -308,6 +308,8 @@ MOE = ["model.experts=4"]
             ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.virtual_stages=3"],
             "parallel.pp_schedule: zbv runs 2 stages per rank (a V), not virtual_stages=3",
         ),
+        (["parallel.pp=2", "parallel.pp_max_deferred=1"],
+         "parallel.pp_max_deferred: 1 applies to the 2bp schedules, not 1f1b"),
         (["parallel.ep=2"], "parallel.ep: 2 > 1 but the model has no experts"),
         (["offload.params=nvme"], "offload.params: is nvme but offload.nvme_path is empty"),
         (["offload.prefetch_depth=-1"], "offload.prefetch_depth: must be 0 or more"),
@@ -326,6 +328,16 @@ MOE = ["model.experts=4"]
 def test_each_config_rule(overrides, message):
     text = problems_of(REPO / "configs/tiny.yaml", overrides)
     assert message in text and "fix:" in text
+
+
+def test_a_bound_on_deferred_steps_is_refused_beside_the_schedules_other_problem():
+    """A zbv with virtual_stages=3 and pp_max_deferred=2 was refused for its V alone; the
+    bound, refused by the plan where the schedule had a problem no more, came a round later."""
+    text = problems_of(REPO / "configs/tiny.yaml", [
+        "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.virtual_stages=3",
+        "parallel.pp_max_deferred=2"])
+    assert "zbv runs 2 stages per rank (a V), not virtual_stages=3" in text
+    assert "parallel.pp_max_deferred: 2 applies to the 2bp schedules, not zbv" in text
 
 
 def test_a_value_that_must_be_positive_hides_no_other_problem():

@@ -261,6 +261,12 @@ def check_config(cfg: Config) -> list[Problem]:
         f"must be 0 or more, got {p.pp_max_deferred}",
         "use null (r waiting weight steps on pipeline rank r) or a bound such as 2",
     )
+    need(  # here, not in the plan: beside any other problem of the schedule (zbv's V)
+        p.pp_max_deferred is None or p.pp_schedule.startswith("2bp-"),
+        "parallel.pp_max_deferred",
+        f"{p.pp_max_deferred} applies to the 2bp schedules, not {p.pp_schedule}",
+        "leave it empty (null)",
+    )
     need(
         not p.stage_layers or p.pp > 1,
         "parallel.stage_layers",

@@ -245,8 +245,5 @@ def _schedule_problems(cfg: Config, deg: Degrees, microbatches: int) -> list[Pro
                     f"dp): now {t.global_batch} / ({t.micro_batch} x {deg.dp}) = {microbatches}")
         problems.append(Problem(where, problem.message, fix,
                                 tuple(f for f in fields if f != where)))
-    if p.pp_max_deferred is not None and not p.pp_schedule.startswith("2bp-"):
-        problems.append(Problem("parallel.pp_max_deferred", f"{p.pp_max_deferred} applies to the "
-                                f"2bp schedules, not {p.pp_schedule}", "leave it empty (null)",
-                                ("parallel.pp_schedule",)))
+    # (pp_max_deferred under another schedule is the config's rule: orch.config.rules)
     return problems

@@ -71,12 +71,6 @@ def plan_problems(config: Path, overrides: list[str], **machine) -> str:
             {"world_size": 2},
             "true with pp=2: the embedding and the output head live on different stages",
         ),
-        (
-            TINY,
-            ["parallel.pp=2", "parallel.pp_max_deferred=1"],
-            {"world_size": 2},
-            "parallel.pp_max_deferred: 1 applies to the 2bp schedules, not 1f1b",
-        ),
         (MOE, ["parallel.ep=3"], {"world_size": 3}, "model.experts=4 is not divisible by ep=3"),
         (
             MOE,
