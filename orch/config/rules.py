@@ -288,10 +288,10 @@ def check_config(cfg: Config) -> list[Problem]:
         ("parallel.virtual_stages", "parallel.pp"),
     )
     need(
-        p.pp_schedule != "zbv" or p.virtual_stages == 2 or p.pp == 1,
+        p.pp_schedule != "zbv" or p.virtual_stages in (1, 2) or p.pp == 1,  # 1: left out, 2
         "parallel.pp_schedule",
         f"zbv runs 2 stages per rank (a V), not virtual_stages={p.virtual_stages}",
-        "set parallel.virtual_stages=2",
+        "leave parallel.virtual_stages out (zbv's 2) or set it to 2",
         ("parallel.virtual_stages", "parallel.pp"),
     )
     if not m.is_moe:

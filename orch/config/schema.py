@@ -167,7 +167,7 @@ class ParallelConfig:
                          "zbv"] = field(default="1f1b", metadata=_help("pipeline schedule"))
     virtual_stages: int = field(
         default=1, metadata=_help("model chunks per pipeline rank (interleaved: 2 or more; "
-                                  "zbv: 2)")
+                                  "zbv: 2, which the default 1 means for it)")
     )
     pp_max_deferred: int | None = field(
         default=None,

@@ -18,7 +18,7 @@ from typing import Any
 from orch.config.schema import WORLD_DEGREES, Config
 from orch.errors import PlanError, Problem, reading
 from orch.parallel.schedules.actions import rank_stages
-from orch.parallel.schedules.generators import placement_of
+from orch.parallel.schedules.generators import chunks_per_rank, placement_of
 from orch.plan.cost import (
     StepTime,
     estimate_step_time,
@@ -228,7 +228,9 @@ def _given_degrees(cfg: Config, dp_shard: int) -> Degrees:
         tp=p.tp,
         ep=p.ep,
         etp=p.etp,
-        virtual_stages=p.virtual_stages,
+        # zbv's default (1, left out) is its 2; without a pipeline, as given (1, or a problem)
+        virtual_stages=chunks_per_rank(p.pp_schedule, p.virtual_stages) if p.pp > 1
+        else p.virtual_stages,
         sequence_parallel=p.sequence_parallel and p.tp > 1,
     )
 

@@ -228,3 +228,15 @@ def test_a_given_dp_shard_is_the_users_own_on_a_world_it_does_not_fill():
     was said only a round later."""
     text = plan_problems(TINY, ["parallel.dp_shard=3"], world_size=4)
     assert "not the world size 4" in text and "micro_batch x dp = 2 x 3" in text
+
+
+def test_zbv_runs_its_v_without_virtual_stages_spelled_out():
+    """ZB-V runs 2 stages per rank and nothing else; the config's default (1, left out) was
+    refused as 'not virtual_stages=1' where ``orch schedule zbv`` defaults to 2."""
+    plan = build_plan(load_config(TINY, ["parallel.pp=2", "parallel.pp_schedule=zbv"]),
+                      world_size=2, device="cpu")
+    assert plan.degrees.virtual_stages == 2 and tuple(plan.layers_per_stage) == (1, 1, 1, 1)
+    spelled = build_plan(load_config(TINY, ["parallel.pp=2", "parallel.pp_schedule=zbv",
+                                            "parallel.virtual_stages=2"]),
+                         world_size=2, device="cpu")
+    assert spelled.degrees == plan.degrees

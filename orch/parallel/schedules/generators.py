@@ -244,7 +244,11 @@ CHUNKED = ("interleaved", "zbv")
 
 
 def chunks_per_rank(name: str, virtual: int) -> int:
-    """Model chunks each rank runs under schedule ``name`` given ``virtual`` stages per rank."""
+    """Model chunks each rank runs under schedule ``name`` given ``virtual`` stages per rank;
+    for ZB-V, which runs nothing but 2, the config's default 1 means 2 (``parallel.
+    virtual_stages`` left out), as ``orch schedule zbv`` defaults ``--virtual`` to 2."""
+    if name == "zbv" and virtual == 1:
+        return 2
     return virtual if name in CHUNKED else 1
 
 
