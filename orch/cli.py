@@ -351,8 +351,13 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         return 0
     b = costs.compute("B")
     shape = " in a V" if schedule.placement == "v" else ""
-    print(f"schedule {schedule.name}: {schedule.stages} stages x {schedule.virtual} chunks{shape}, "
-          f"{schedule.microbatches} micro-batches (F {costs.f:g}, B {b:g}, I {costs.i:g}, "
+    def count(n: int, one: str, many: str = "") -> str:
+        return f"{n} {one if n == 1 else many or one + 's'}"
+
+    print(f"schedule {schedule.name}: {count(schedule.stages, 'stage')} x "
+          f"{count(schedule.virtual, 'chunk')}{shape}, "
+          f"{count(schedule.microbatches, 'micro-batch', 'micro-batches')} "
+          f"(F {costs.f:g}, B {b:g}, I {costs.i:g}, "
           f"W {costs.w:g}, comm {costs.comm:g})")
     print(f"makespan {timeline.makespan:g}, bubble {timeline.bubble_fraction:.1%}")
     print("rank  idle    peak activations")

@@ -165,3 +165,9 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly():
     run.stdout.close()
     _, err = run.communicate(timeout=120)
     assert run.returncode == 141 and err == b"", err
+
+
+def test_header_counts_in_the_singular_for_one(capsys):
+    """'1 stages x 1 chunks' read wrong."""
+    assert main(["schedule", "1f1b", "--stages", "1", "--microbatches", "1"]) == 0
+    assert "schedule 1f1b: 1 stage x 1 chunk, 1 micro-batch (" in capsys.readouterr().out
