@@ -23,7 +23,40 @@ def test_1f1b_figures_match_the_analytic_bubble(capsys, tmp_path):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (1200, 4 * (28 + 6) + 6)  # one band per rank
+    assert (width, height) == (1200, 22 + 4 * (28 + 6) + 6)  # a legend, one band per rank
+
+
+def _pixels(png: bytes) -> list[bytes]:
+    """The scanlines of one of ``write_png``'s images (RGB, filter 0, one IDAT)."""
+    width, height = struct.unpack(">II", png[16:24])
+    start = png.index(b"IDAT") + 4
+    raw = zlib.decompress(png[start:start + struct.unpack(">I", png[start - 8:start - 4])[0]])
+    return [raw[y * (3 * width + 1) + 1:(y + 1) * (3 * width + 1)] for y in range(height)]
+
+
+def test_the_png_says_what_its_colours_ranks_and_step_are(tmp_path):
+    """The run directory's timeline PNG is read alone (orch schedule prints the legend beside
+    its own): a legend strip on top with a swatch per action and the measured step, and each
+    band's rank number on its left."""
+    from orch.parallel.schedules.generators import build_schedule
+    from orch.parallel.schedules.render import COLOURS, HEADER, TEXT, write_png
+    from orch.parallel.schedules.simulate import Costs, simulate
+
+    timeline = simulate(build_schedule("1f1b", 2, 4, 1), Costs())
+    write_png(timeline, tmp_path / "plain.png")
+    write_png(timeline, tmp_path / "step.png", step=12)
+    plain, stepped = (_pixels((tmp_path / name).read_bytes()) for name in ("plain.png",
+                                                                           "step.png"))
+    legend = b"".join(plain[:HEADER])
+    assert all(bytes(colour) in legend for colour in COLOURS.values())
+    assert bytes(TEXT) in legend
+    assert plain[HEADER:] == stepped[HEADER:] and plain[:HEADER] != stepped[:HEADER]
+    for rank in (0, 1):  # the number's pixels sit in the band's margin, left of the blocks
+        band = plain[HEADER + 6 + rank * (28 + 6):HEADER + 6 + rank * (28 + 6) + 28]
+        assert any(bytes(TEXT) in line[:3 * 20] for line in band)
+    one = [line[:3 * 20] for line in plain[HEADER + 6:HEADER + 6 + 28]]
+    two = [line[:3 * 20] for line in plain[HEADER + 6 + 34:HEADER + 6 + 34 + 28]]
+    assert one != two  # "0" and "1"
 
 
 def test_json_costs_hold_the_fused_backwards_cost(capsys):
@@ -135,10 +168,11 @@ def test_subnormal_costs_are_drawn(capsys, tmp_path):
     assert "rank 0  |FFF" in capsys.readouterr().out
     data = png.read_bytes()
     width, height = struct.unpack(">II", data[16:24])
-    rows = zlib.decompress(data[41:-12])  # IDAT: after the signature and IHDR, before IEND
-    band = rows[6 * (1 + 3 * width) :][: 1 + 3 * width]  # rank 0's first scanline
-    assert (width, height) == (1200, 2 * (28 + 6) + 6)
-    assert band[1:7] == bytes((40, 40, 40, 66, 133, 244))  # a forward's edge, then its blue
+    band = _pixels(data)[22 + 6]  # rank 0's first scanline, under the legend
+    assert (width, height) == (1200, 22 + 2 * (28 + 6) + 6)
+    margin = 4 * 2 + 2 * 6  # one digit, and a gap either side
+    assert band[3 * margin:3 * margin + 6] == bytes((40, 40, 40, 66, 133, 244))  # a forward's
+    # edge, then its blue
     assert band[-3:] == bytes((235, 235, 235))  # rank 0 ends idle: its last B ends at 5/6
 
 

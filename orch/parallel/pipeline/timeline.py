@@ -89,7 +89,7 @@ def write_timeline(timeline: Timeline, directory: Path, step: int) -> None:
     """``pipeline_timeline.png`` and ``pipeline_trace.json`` of ``step`` in ``directory``
     (the latest logged step replaces the previous one)."""
     directory.mkdir(parents=True, exist_ok=True)
-    write_png(timeline, directory / "pipeline_timeline.png")
+    write_png(timeline, directory / "pipeline_timeline.png", step=step)
     trace = chrome_trace(timeline) | {"otherData": {"step": step}}
     (directory / "pipeline_trace.json").write_text(json.dumps(trace) + "\n")
 
