@@ -261,8 +261,9 @@ _SCHEDULE_FLAGS = {"name": "NAME", "stages": "--stages", "microbatches": "--micr
 """The flag of each argument a schedule's problems are about (``ScheduleProblem.argument``)."""
 
 PNG_MOST_RANKS = 256
-"""The most ranks ``--png`` draws, one 34-pixel band each: 8,710 pixels tall. 4,096 ranks drew a
-1,200 x 139,270 image through 1.6 GB of memory, of bands one pixel in 116 of a screen's height."""
+"""The most ranks ``--png`` draws, one 34-pixel band each under a legend: 8,732 pixels tall.
+4,096 ranks drew a 1,200 x 139,270 image through 1.6 GB of memory, of bands one pixel in 116 of a
+screen's height."""
 
 
 def _schedule_argument_problems(args: argparse.Namespace) -> list[Problem]:

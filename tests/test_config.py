@@ -310,6 +310,10 @@ MOE = ["model.experts=4"]
         ),
         (["parallel.pp=2", "parallel.pp_max_deferred=1"],
          "parallel.pp_max_deferred: 1 applies to the 2bp schedules, not 1f1b"),
+        (["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_rebalance_threshold=1.2"],
+         "re-partitioning needs a pipeline of one stage per rank (pp 2, 2 stages per rank "
+         "under zbv)"),  # zbv's V without virtual_stages spelled out: the rebalancer's split
+        # of 4 chunks over 2 measured ranks raised in the middle of the run
         (["parallel.ep=2"], "parallel.ep: 2 > 1 but the model has no experts"),
         (["offload.params=nvme"], "offload.params: is nvme but offload.nvme_path is empty"),
         (["offload.prefetch_depth=-1"], "offload.prefetch_depth: must be 0 or more"),
@@ -338,6 +342,14 @@ def test_a_bound_on_deferred_steps_is_refused_beside_the_schedules_other_problem
         "parallel.pp_max_deferred=2"])
     assert "zbv runs 2 stages per rank (a V), not virtual_stages=3" in text
     assert "parallel.pp_max_deferred: 2 applies to the 2bp schedules, not zbv" in text
+
+
+def test_a_misspelled_schedule_is_not_named_as_the_default_by_another_rule():
+    """pp_max_deferred with the schedule misspelled was also refused as 'not 1f1b': the
+    default standing in for the refused value."""
+    text = problems_of(REPO / "configs/tiny.yaml", [
+        "parallel.pp=2", "parallel.pp_schedule=2bp-1ff1b", "parallel.pp_max_deferred=2"])
+    assert "did you mean '2bp-1f1b'" in text and "not 1f1b" not in text
 
 
 def test_a_value_that_must_be_positive_hides_no_other_problem():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from orch.config.schema import KV_HEADS, OFFLOADED, Config
 from orch.errors import Problem
 from orch.offload.sizes import ALIGN
-from orch.parallel.schedules.generators import CHUNKED, SPLIT_BACKWARD
+from orch.parallel.schedules.generators import CHUNKED, SPLIT_BACKWARD, chunks_per_rank
 
 UINT16_IDS = 1 << 16
 
@@ -222,13 +222,15 @@ def check_config(cfg: Config) -> list[Problem]:
         f"{p.pp_rebalance_threshold} must be above 1 (a ratio of stage times), or 0 for never",
         "use e.g. 1.2",
     )
+    chunks = chunks_per_rank(p.pp_schedule, p.virtual_stages)
     need(
-        p.pp_rebalance_threshold == 0 or (p.pp > 1 and p.virtual_stages == 1),
+        p.pp_rebalance_threshold == 0 or (p.pp > 1 and chunks == 1),
         "parallel.pp_rebalance_threshold",
-        f"re-partitioning needs a pipeline of one stage per rank (pp {p.pp}, virtual_stages "
-        f"{p.virtual_stages})",
-        "set parallel.pp_rebalance_threshold=0, or pp > 1 with virtual_stages=1",
-        ("parallel.pp", "parallel.virtual_stages"),
+        f"re-partitioning needs a pipeline of one stage per rank (pp {p.pp}, {chunks} stages "
+        f"per rank under {p.pp_schedule})",
+        "set parallel.pp_rebalance_threshold=0, or pp > 1 with one stage per rank (not zbv; "
+        "virtual_stages=1)",
+        ("parallel.pp", "parallel.virtual_stages", "parallel.pp_schedule"),
     )
     need(
         t.compile == "none" or p.tp == 1,
@@ -266,6 +268,7 @@ def check_config(cfg: Config) -> list[Problem]:
         "parallel.pp_max_deferred",
         f"{p.pp_max_deferred} applies to the 2bp schedules, not {p.pp_schedule}",
         "leave it empty (null)",
+        ("parallel.pp_schedule",),
     )
     need(
         not p.stage_layers or p.pp > 1,

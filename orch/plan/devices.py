@@ -86,7 +86,7 @@ DEVICES: dict[str, DeviceSpec] = {
         # NVIDIA H200 datasheet (SXM): same BF16 and FP32 compute as H100 (1,979 TFLOPS sparse),
         # 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional; DGX H200: 400 Gb/s per GPU.
         # Its "141 GB" is nearer GiB: nvidia-smi reports 143,771 MiB (140.4 GiB; 141e9 bytes
-        # left 7% of it out of every plan), as the "80GB" of the H100 is 80 GiB.
+        # left 7% of it out of every plan); the H100's 81,559 MiB is taken as its 80 GiB.
         DeviceSpec(
             name="h200", peak_flops=989.4e12, fp32_flops=67e12, memory_bytes=143_771 * 2**20,
             intra_node_bw=450e9, inter_node_bw=50e9, memory_bw=4.8e12, compute_efficiency=0.55,

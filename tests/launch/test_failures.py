@@ -669,8 +669,47 @@ def test_a_failure_on_bad_input_is_not_restarted(tmp_path: Path, capsys):
     assert capsys.readouterr().err.splitlines()[0] == (
         "orch launch: training failed on node node-a (not restarted: a restart would meet the "
         "same bad input)")
+    stopped = {0: failure(0, 2, "", 10), 1: failure(1, -signal.SIGTERM, "", 11)}
+    assert not attempts.restart(stopped)  # torchrun stopped rank 1 after rank 0's exit 2
+    assert attempts.final(stopped) == 2
+    capsys.readouterr()
     mixed = {0: failure(0, 2, "", 10), 1: failure(1, -signal.SIGKILL, "", 11)}
     assert attempts.restart(mixed)
+    several = Attempts(tmp_path, "node-a", nodes=2, max_restarts=2)
+    several.start()  # each node decides alone: one that stopped would strand the others
+    assert several.restart(bad) and "attempt 1 of 3 failed" in capsys.readouterr().err
+
+
+def test_launches_in_threads_each_consult_their_own_and_torch_gets_its_agent_back():
+    """The agent class is torch's module global: launches overlapping in threads (launch()
+    runs outside the main thread too) each ask their own, and the last to end puts torch's
+    back, whatever order they end in."""
+    import threading
+
+    import torch.distributed.launcher.api as launcher_api
+
+    from orch.launch.attempts import _RESTART, consulted_on_restarts
+
+    torch_agent = launcher_api.LocalElasticAgent
+    entered, first_ended, seen = threading.Event(), threading.Event(), []
+
+    def other() -> None:  # a launch that starts during the first and outlives it
+        with consulted_on_restarts(lambda f: False):
+            entered.set()
+            first_ended.wait(10)
+            seen.append((launcher_api.LocalElasticAgent, _RESTART.get()({})))
+
+    with consulted_on_restarts(lambda f: True):
+        agent = launcher_api.LocalElasticAgent
+        assert agent is not torch_agent and issubclass(agent, torch_agent)
+        thread = threading.Thread(target=other)
+        thread.start()
+        entered.wait(10)
+        assert _RESTART.get()({}) is True  # this thread's own
+    first_ended.set()
+    thread.join()
+    assert seen == [(agent, False)]  # still in place for the launch still running, its own
+    assert launcher_api.LocalElasticAgent is torch_agent and _RESTART.get() is None
 
 
 def test_a_repartition_is_no_failed_attempt(tmp_path: Path, capsys):
