@@ -220,6 +220,9 @@ def test_overrides_are_typed_by_schema():
         # letter case aside: TP got no suggestion
         ("parallel.TP=2", "parallel has no key 'TP'\n        fix: did you mean 'tp'?"),
         ("parallel.cp_kind=RING", "fix: did you mean 'ring'?"),
+        ("parallel.grad_reduce=steps",
+         "parallel.grad_reduce: 'steps' is not one of microbatch, step\n        fix: did you "
+         "mean 'step'?"),
     ],
 )
 def test_bad_override_messages(override, message):

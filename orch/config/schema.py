@@ -197,6 +197,14 @@ class ParallelConfig:
     allow_cross_node_tp: bool = field(
         default=False, metadata=_help("let tensor-parallel groups span nodes (slow; forced)")
     )
+    grad_reduce: Literal["microbatch", "step"] = field(
+        default="microbatch",
+        metadata=_help("when FSDP reduces gradients under accumulation: microbatch "
+                       "reduce-scatters each micro-batch's (sharded between them; HSDP's "
+                       "all-reduce waits for the last), step once per step (whole unsharded "
+                       "gradients held between micro-batches); DDP and pipeline stages reduce "
+                       "once per step either way"),
+    )
     node_order: Literal["auto", "listed"] = field(
         default="auto", metadata=_help("with a cluster description: auto orders the nodes by "
                                        "their fastest network (NIC-aware), listed keeps the "

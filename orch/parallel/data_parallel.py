@@ -89,11 +89,24 @@ def replicates_with_ddp(dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh | None,
     return dp_mesh.size(1) == 1 and expert_dp_mesh is None and not pipelined
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Skip (or restore) the gradient reduce-scatter/all-reduce for accumulation micro-batches."""
+def set_gradient_sync(model: nn.Module, last: bool, grad_reduce: str) -> None:
+    """Say whether the coming backward is its step's ``last`` micro-batch's, under
+    ``parallel.grad_reduce``.
+
+    ``step`` reduces once per step: the earlier micro-batches skip the reduce-scatter (and
+    HSDP's all-reduce) and FSDP2 keeps each unit's whole unsharded fp32 gradient until the last
+    backward reduces the sum. ``microbatch`` (torchtitan's default) reduce-scatters every
+    backward, so only shards are kept between micro-batches; HSDP defers only its all-reduce
+    across replicas to the last (FSDP2 adds the reduce-scatter outputs up until then: torch PR
+    126166). DDP keeps whole gradients either way, so it always skips until the last; a pipeline
+    stage's sync is its runtime's (it reduces once per step) and never comes here."""
     if isinstance(model, DistributedDataParallel):
-        model.require_backward_grad_sync = enabled  # what DDP.no_sync() toggles
+        model.require_backward_grad_sync = last  # what DDP.no_sync() toggles
         return
     for module in model.modules():  # the root, or only the experts' units
         if isinstance(module, FSDPModule):
-            module.set_requires_gradient_sync(enabled, recurse=False)
+            if grad_reduce == "microbatch":
+                module.set_requires_gradient_sync(True, recurse=False)
+                module.set_requires_all_reduce(last, recurse=False)  # HSDP's only
+            else:
+                module.set_requires_gradient_sync(last, recurse=False)

@@ -167,7 +167,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for index, (inputs, targets) in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            set_gradient_sync(self.model, last)
+            set_gradient_sync(self.model, last, self.cfg.parallel.grad_reduce)
             if self.offload is not None:
                 self.offload.start_micro_batch(last)
             if self.positions is not None:

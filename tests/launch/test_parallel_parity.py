@@ -3,8 +3,10 @@
 One module-scoped set of runs, two launches at a time (process start-up dominates: a launch
 costs 4-10 s alone on 2 cores, a 4-process one about twice a 1-process one; 34 launches took
 318 s one at a time and 273 s two at a time): a single-process reference per model and one run
-per layout, all on the same data. Dense (tiny): data parallel (FSDP2 on 4 ranks, DDP on 2), tensor +
-sequence parallelism composed with FSDP2, context parallel (Ulysses alone, ring composed with TP).
+per layout, all on the same data. Dense (tiny): data parallel (FSDP2 on 4 ranks, DDP on 2; FSDP2
+on 2 and HSDP 2x2 accumulating micro-batches, under both ``parallel.grad_reduce`` modes for FSDP2),
+tensor + sequence parallelism composed with FSDP2, context parallel (Ulysses alone, ring composed
+with TP).
 MoE (tiny-moe with 8 experts, top-2, aux loss and aux-loss-free bias both on): expert parallel over
 2 ranks, ep2 folded into HSDP 2x2 (so the dense part runs HSDP), ep2 x etp2, ep2 with ring context
 parallelism (the balancing loss sums the loads of the cp ranks, so it sees whole sequences), and
@@ -86,6 +88,13 @@ OFFLOAD_REPLICAS = ["offload.params=cpu", "offload.grads=cpu", "offload.optimize
 LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "fsdp4": (DENSE, 4, ["parallel.dp_shard=4"], dict(dp_shard=4)),
     "ddp2": (DENSE, 2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"], dict(dp_replicate=2)),
+    # four micro-batches per rank, reduce-scattered each (parallel.grad_reduce's default) and
+    # once per step; HSDP's all-reduce waiting for the last of two
+    "fsdp2_accum": (DENSE, 2, ["train.micro_batch=1"], dict(dp_shard=2)),
+    "fsdp2_accum_step": (DENSE, 2, ["train.micro_batch=1", "parallel.grad_reduce=step"],
+                         dict(dp_shard=2)),
+    "hsdp2x2_accum": (DENSE, 4, ["train.micro_batch=1", "parallel.dp_replicate=2",
+                                 "parallel.dp_shard=2"], dict(dp_replicate=2, dp_shard=2)),
     "tp2sp_fsdp2": (DENSE, 4, TP2_DP2, dict(dp_shard=2, tp=2)),
     "cp2_ulysses": (DENSE, 2, ["parallel.cp=2", "parallel.cp_kind=ulysses"], dict(cp=2)),
     "cp2_tp2": (DENSE, 4, ["parallel.cp=2", "parallel.tp=2", "train.recompute=full"],
@@ -260,6 +269,14 @@ def assert_same_steps(ref: list[dict], got: list[dict]) -> None:
             assert abs(a["aux_loss"] - b["aux_loss"]) <= LOSS_ATOL, a["step"]
     for a, b in zip(ref[same:], got[same:], strict=True):  # after a flip: close, not exact
         assert abs(a["loss"] - b["loss"]) <= FLIPPED_LOSS_ATOL, (a["step"], a["loss"], b["loss"])
+
+
+def test_both_grad_reduce_modes_train_the_same_numbers(runs):
+    """A reduce-scatter per micro-batch sums the same gradients as one per step."""
+    assert_same_steps(metrics(runs["fsdp2_accum_step"]), metrics(runs["fsdp2_accum"]))
+    plans = [json.loads((runs[name] / "plan.json").read_text())
+             for name in ("fsdp2_accum", "fsdp2_accum_step", "hsdp2x2_accum")]
+    assert [p["microbatches"] for p in plans] == [4, 4, 2]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

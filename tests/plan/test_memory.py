@@ -434,7 +434,7 @@ def _accumulated_grad_bytes(rank: int, world: int, results: dict, plans: list) -
         n = cfg.train.micro_batch * (plan.microbatches if par.pipeline else 1)
         tokens = torch.randint(0, cfg.model.vocab_size, (n, cfg.train.seq_len))
         if par.pipeline is None:
-            set_gradient_sync(par.model, plan.microbatches == 1)
+            set_gradient_sync(par.model, plan.microbatches == 1, "step")
             F.cross_entropy(par.model(tokens).float().flatten(0, 1), tokens.flatten()).backward()
             held = _held_gradient_bytes(par.model)
         else:
