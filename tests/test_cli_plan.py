@@ -31,6 +31,28 @@ def test_plan_table_for_tiny_on_cpu():
         assert text in out.stdout
 
 
+def test_plan_says_when_gradients_are_reduced_where_it_matters():
+    """``parallel.grad_reduce`` decides what a rank holds and sends only with several
+    micro-batches per rank, FSDP-sharded gradients and no pipeline: the plan says it there."""
+    def reduce_line(*sets: str) -> list[str]:
+        args = [arg for item in sets for arg in ("--set", item)]
+        out = orch("plan", "configs/llama3-8b.yaml", "--world-size", "16", *args)
+        assert out.returncode == 0, out.stderr
+        return [line for line in out.stdout.splitlines() if line.startswith("  reduce ")]
+
+    assert reduce_line() == [
+        "  reduce   every micro-batch (parallel.grad_reduce: microbatch)"]
+    assert reduce_line("parallel.dp_replicate=2") == [
+        "  reduce   every micro-batch, across replicas once per step"
+        " (parallel.grad_reduce: microbatch)"]
+    assert reduce_line("parallel.grad_reduce=step") == [
+        "  reduce   once per step, whole gradients held between micro-batches"
+        " (parallel.grad_reduce: step)"]
+    assert reduce_line("parallel.pp=2") == []  # the stage reduces once per step
+    assert reduce_line("parallel.dp_replicate=16") == []  # DDP: whole gradients anyway
+    assert reduce_line("train.global_batch=16") == []  # one micro-batch per rank
+
+
 def test_plan_json_has_the_documented_keys():
     out = orch(
         "plan",

@@ -23,12 +23,15 @@ An analytic, per-rank model, cheap enough (microseconds) to price every candidat
   (reshard after forward) for every micro-batch when there is no pipeline, once per step with
   one (torch's pipeline stage keeps them gathered across micro-batches); gradients accumulate
   locally and are reduced once per step (FSDP2's ``set_requires_gradient_sync(False)`` before
-  the last micro-batch), in fp32 whatever the compute dtype (``GRAD_REDUCE_BYTES``):
-  reduce-scatter over FSDP's ``dp_shard x cp`` group, all-reduce of the shard over
-  ``dp_replicate``. Expert weights
+  the last micro-batch) under ``parallel.grad_reduce: step`` or in a pipeline, in fp32 whatever
+  the compute dtype (``GRAD_REDUCE_BYTES``): reduce-scatter over FSDP's ``dp_shard x cp`` group,
+  all-reduce of the shard over ``dp_replicate``; under ``microbatch`` (outside a pipeline) the
+  reduce-scatter runs in every micro-batch's backward and only HSDP's all-reduce once per step.
+  Expert weights
   do the same over the ranks sharding them (``Degrees.expert_shard``: all ``edp`` ranks when
-  the experts are folded), else are all-reduced. Gathers overlap
-  the whole step; gradient reduction only the last micro-batch's backward. Overlapped
+  the experts are folded), else are all-reduced. Gathers and the earlier micro-batches'
+  reduce-scatters overlap the whole step but the last backward; the last reduction only the
+  last micro-batch's backward. Overlapped
   communication hides behind ``OVERLAP`` of the compute it runs beside.
 - **Pipeline**: activation and gradient sends per micro-batch (exposed, small), and a bubble of
   ``(pp - 1) / (micro-batches x v)`` of the per-rank critical work, scaled per schedule; for the
@@ -262,6 +265,13 @@ class _Terms(NamedTuple):
     """Micro-batches per data-parallel rank per step."""
 
 
+def reduces_per_micro_batch(cfg: Config, deg: Degrees) -> bool:
+    """Whether FSDP reduce-scatters the gradients of every micro-batch, not once per step:
+    ``parallel.grad_reduce: microbatch`` outside a pipeline (torch's pipeline stage reduces
+    once per step whatever it says; DDP all-reduces once per step either way)."""
+    return cfg.parallel.grad_reduce == "microbatch" and deg.pp == 1
+
+
 def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec,
            stage_load: float, layers: float) -> _Terms:
     """:func:`estimate_step_time` but host offload, with the most loaded pipeline rank at
@@ -316,9 +326,11 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
             comm["cp"] = micro * layers * passes * four
             cp_exposed = comm["cp"]
 
-    # Data parallelism: parameter gathers overlap the step, gradient reduction the last backward.
+    # Data parallelism: parameter gathers overlap the step, gradient reduction the last backward;
+    # under grad_reduce: microbatch (no pipeline) FSDP's reduce-scatters run in every backward.
     gathers = 2 * micro if deg.pp == 1 else 1
-    gather = reduce = 0.0
+    scatters = micro if reduces_per_micro_batch(cfg, deg) else 1
+    gather = reduce = early = 0.0  # early: the reduce-scatters of all backwards but the last
     # experts not folded (ep = etp = tp = 1) are in the blocks' units, sharded like them
     folded = moe_layers > 0 and deg.experts_folded
     dense = (pc.dense_total + (0 if folded else pc.expert_total)) / (deg.pp * deg.tp)
@@ -326,8 +338,9 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         link = links["dp_shard-cp"]
         gather = gathers * _collective(dense * act, deg.fsdp, link)
         reduce = _collective(dense * GRAD_REDUCE_BYTES, deg.fsdp, link)
-        comm["dp_shard-cp"] = gather + reduce
-    if deg.dp_replicate > 1:
+        early = (scatters - 1) * reduce
+        comm["dp_shard-cp"] = gather + scatters * reduce
+    if deg.dp_replicate > 1:  # once per step (HSDP's waits for the last micro-batch's)
         shard = dense / deg.fsdp * GRAD_REDUCE_BYTES
         comm["dp_replicate"] = 2 * _collective(shard, deg.dp_replicate, links["dp_replicate"])
         reduce += comm["dp_replicate"]
@@ -335,10 +348,13 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         experts, link = pc.expert_total / (deg.pp * deg.ep * deg.etp), links["edp"]
         expert_gather = gathers * _collective(experts * act, deg.edp, link)
         expert_reduce = _collective(experts * GRAD_REDUCE_BYTES, deg.edp, link)
-        comm["edp"] = expert_gather + expert_reduce
+        comm["edp"] = expert_gather + scatters * expert_reduce
         gather, reduce = gather + expert_gather, reduce + expert_reduce
+        early += (scatters - 1) * expert_reduce
+    # The last backward's reduce hides behind that backward only; the gathers, and the earlier
+    # backwards' reduce-scatters, behind the rest of the step (one micro-batch: as before).
     window = BACKWARD_SHARE * compute / micro
-    dp_exposed = (max(0.0, gather - OVERLAP * (compute - window))
+    dp_exposed = (max(0.0, gather + early - OVERLAP * (compute - window))
                   + max(0.0, reduce - OVERLAP * window))
 
     # Communication on the critical path of every micro-batch; the bubble idles a share of it.
@@ -406,4 +422,4 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
 
 __all__ = ["BUBBLE_SCALE", "CPU_ADAM_PARAMS_PER_S", "NVME_BYTES_PER_S", "OVERLAP", "StepTime",
            "estimate_step_time", "flops_per_token", "gemm_efficiency", "head_flops",
-           "layer_flops", "step_time_bound"]
+           "layer_flops", "reduces_per_micro_batch", "step_time_bound"]

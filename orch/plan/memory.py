@@ -376,10 +376,11 @@ def estimate_memory(
     data-parallel shard degree. ``flash``/``fused_norm`` pick the kernels activations assume: the
     defaults are CUDA's; torch's CPU build uses flash SDPA but a composite RMSNorm.
 
-    Gradients are sharded only where each step's backward reduces at once: with several
-    micro-batches per step FSDP2 accumulates whole unsharded fp32 gradients until the last
-    one's backward (gradient sync off), and a pipeline stage until its step's end, so those
-    ranks hold their stage's gradients divided by ``tp`` and expert parallelism only.
+    Gradients are sharded unless a step reduces them once: with several micro-batches per
+    step and ``parallel.grad_reduce: step`` FSDP2 accumulates whole unsharded fp32 gradients
+    until the last one's backward (gradient sync off), and a pipeline stage until its step's
+    end whatever the setting, so those ranks hold their stage's gradients divided by ``tp``
+    and expert parallelism only; ``microbatch`` reduce-scatters every backward.
 
     Approximations: FSDP keeps unsharded compute-dtype copies of the largest unit's parameters
     and gradients plus one prefetched layer (a pipeline stage: all its parameters and one
@@ -420,12 +421,15 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     tiers = (off.params, off.grads, off.optimizer, off.activations)
     # FSDP2 with gradient sync off keeps each unit's whole unsharded gradient (in fp32, its
     # reduce dtype) from one backward to the next, and reduce-scatters the sum only in the
-    # step's last backward: the trainer turns sync off for every micro-batch but the last, and
-    # torch's pipeline stage for all of them (it reduces after the last). So accumulating
-    # ranks hold their stage's gradients unsharded, sharded ones only after the step's reduce.
+    # step's last backward: the trainer turns sync off for every micro-batch but the last under
+    # ``parallel.grad_reduce: step``, and torch's pipeline stage for all of them whatever it
+    # says (it reduces after the last). So those ranks hold their stage's gradients unsharded,
+    # sharded ones only after the step's reduce. Under ``microbatch`` each backward
+    # reduce-scatters, and only shards are kept (HSDP's sum of them waiting for the all-reduce).
     n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
     pipelined = deg.pp > 1
-    unsharded_grads = (n_micro > 1 or pipelined) and not off.enabled
+    accumulates_whole = pipelined or (n_micro > 1 and cfg.parallel.grad_reduce == "step")
+    unsharded_grads = accumulates_whole and not off.enabled
     # the largest single parameter: an MLP matrix, the (tp-split) embedding, or an expert stack
     largest = max(h * m.ffn_dim // tp, vocab, pc.experts // 3 // (deg.ep * etp))
     depth = off.prefetch_depth

@@ -70,6 +70,9 @@ class Plan:
     microbatches: int
     """Micro-batches per data-parallel rank per step (gradient accumulation / pipeline depth)."""
     recompute: str
+    grad_reduce: str
+    """``parallel.grad_reduce`` where it decides something (several micro-batches per rank,
+    gradients FSDP shards, no pipeline), else "" (one reduce per step whatever it says)."""
     layers_per_stage: tuple[int, ...]
     """Layers of each pipeline stage, first to last (pp x virtual_stages of them)."""
     memory: MemoryEstimate
@@ -120,6 +123,7 @@ class Plan:
             "seq_len": self.seq_len,
             "microbatches": self.microbatches,
             "recompute": self.recompute,
+            "grad_reduce": self.grad_reduce,
             "layers_per_stage": list(self.layers_per_stage),
             "memory_bytes_per_rank": self.memory.total,
             "memory_limit_bytes": self.memory_limit_bytes,
@@ -262,6 +266,7 @@ def evaluate(
         seq_len=t.seq_len,
         microbatches=t.global_batch // (t.micro_batch * deg.dp),
         recompute=t.recompute,
+        grad_reduce=_grad_reduce(cfg, deg),
         layers_per_stage=stage_layers,
         memory=memory,
         memory_limit_bytes=limit,
@@ -273,6 +278,15 @@ def evaluate(
         placement=machine.places(),
         devices=machine.topology.description,
     )
+
+
+def _grad_reduce(cfg: Config, deg: Degrees) -> str:
+    """:attr:`Plan.grad_reduce`: the setting where it changes what a rank holds and sends."""
+    t = cfg.train
+    several = t.global_batch // (t.micro_batch * deg.dp) > 1
+    sharded = deg.fsdp > 1 or (cfg.model.is_moe and deg.expert_shard > 1)
+    applies = several and sharded and deg.pp == 1 and not cfg.offload.enabled
+    return cfg.parallel.grad_reduce if applies else ""
 
 
 def step_time(cfg: Config, deg: Degrees, machine: Machine, links: dict[str, Link]) -> StepTime:

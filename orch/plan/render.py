@@ -29,6 +29,17 @@ def rate(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _grad_reduce(plan: Plan) -> str:
+    """When the gradients are reduced, and the setting that says so."""
+    if plan.grad_reduce == "step":
+        when = "once per step, whole gradients held between micro-batches"
+    elif plan.degrees.dp_replicate > 1:
+        when = "every micro-batch, across replicas once per step"
+    else:
+        when = "every micro-batch"
+    return f"{when} (parallel.grad_reduce: {plan.grad_reduce})"
+
+
 def render_plan(plan: Plan) -> str:
     d = plan.degrees
     nodes = f"{plan.nodes} node{'s' if plan.nodes != 1 else ''} x {plan.gpus_per_node}"
@@ -64,6 +75,8 @@ def render_plan(plan: Plan) -> str:
             or "none (single device)",
         ),
     ]
+    if plan.grad_reduce:  # several micro-batches, FSDP-sharded gradients, no pipeline
+        rows.insert(-1, ("reduce", _grad_reduce(plan)))
     if plan.placement:
         rows.append(("nodes", _placement(plan)))
     rows += [("note", note) for note in plan.notes]

@@ -276,7 +276,8 @@ def test_both_grad_reduce_modes_train_the_same_numbers(runs):
     assert_same_steps(metrics(runs["fsdp2_accum_step"]), metrics(runs["fsdp2_accum"]))
     plans = [json.loads((runs[name] / "plan.json").read_text())
              for name in ("fsdp2_accum", "fsdp2_accum_step", "hsdp2x2_accum")]
-    assert [p["microbatches"] for p in plans] == [4, 4, 2]
+    assert [(p["microbatches"], p["grad_reduce"]) for p in plans] == [
+        (4, "microbatch"), (4, "step"), (2, "microbatch")]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

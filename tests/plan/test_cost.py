@@ -116,8 +116,10 @@ def test_llama3_8b_on_64_h100_lands_in_a_believable_mfu_band() -> None:
 def test_fp32_compute_is_priced_at_the_fp32_peak() -> None:
     """An fp32 plan was priced at the bf16 tensor-core peak: the same step time as bf16 on an
     H100, where float32 matmuls (TF32 off, PyTorch's default) run at 67 of 989 TFLOP/s."""
-    bf16 = estimate(config("llama3-8b"), 64)
-    fp32 = estimate(config("llama3-8b", train__precision="fp32"), 64)
+    # (one reduce per step: bf16's reduce-scatter every micro-batch over 8 nodes would show)
+    bf16 = estimate(config("llama3-8b", parallel__grad_reduce="step"), 64)
+    fp32 = estimate(config("llama3-8b", train__precision="fp32", parallel__grad_reduce="step"),
+                    64)
     assert fp32.compute_s == pytest.approx(bf16.compute_s * 989.4 / 67)
     assert fp32.mfu == pytest.approx(bf16.mfu, rel=0.05)  # each against its own peak
     assert get_device("cpu").peak("fp32") == get_device("cpu").peak_flops
@@ -133,6 +135,37 @@ def test_gradients_are_reduced_in_fp32_under_bf16_too() -> None:
     fp32 = estimate(config("llama3-8b", train__precision="fp32", **cfg), 64).comm_s
     assert bf16["dp_shard-cp"] == pytest.approx(0.75 * fp32["dp_shard-cp"], rel=1e-3)
     assert bf16["dp_replicate"] == fp32["dp_replicate"]  # the shards' gradients only
+
+
+def test_grad_reduce_microbatch_reduce_scatters_every_micro_batch() -> None:
+    """``parallel.grad_reduce: microbatch`` (the default) reduce-scatters each micro-batch's
+    gradients, ``step`` once per step; HSDP's all-reduce across replicas runs once per step
+    either way, and a pipeline stage reduces once per step whatever the setting. With one
+    micro-batch per rank the two are the same plan."""
+    def comm(world: int, mode: str, **settings: Any) -> StepTime:
+        return estimate(config("llama3-8b", parallel__grad_reduce=mode, **settings), world)
+
+    hsdp = dict(parallel__dp_replicate=2)  # 16 ranks: 128 micro-batches per rank
+    per_micro, per_step = comm(16, "microbatch", **hsdp), comm(16, "step", **hsdp)
+    deg = degrees(config("llama3-8b", **hsdp), 16)
+    links = Topology.uniform(16, 8, H100).links(first_groups(deg))
+    dense = param_counts(config("llama3-8b").model).dense_total
+    reduce = 7 * (dense * 4 / 8 / links["dp_shard-cp"].bandwidth
+                  + links["dp_shard-cp"].latency_s)  # a ring reduce-scatter over 8 ranks, fp32
+    assert per_micro.comm_s["dp_shard-cp"] - per_step.comm_s["dp_shard-cp"] == pytest.approx(
+        127 * reduce)
+    assert per_micro.comm_s["dp_replicate"] == per_step.comm_s["dp_replicate"]
+    assert per_micro.compute_s == per_step.compute_s
+    assert per_micro.exposed_comm_s >= per_step.exposed_comm_s
+    # the reduce-scatters beside 127 backwards hide as the step's one did beside the last (on
+    # NVLink), where 32 reduce-scatters a step over 8 nodes at 50 GB/s do not
+    assert per_micro.total_s == pytest.approx(per_step.total_s, rel=0.01)
+    across = comm(64, "microbatch"), comm(64, "step")
+    assert across[0].total_s > 1.1 * across[1].total_s
+    one = dict(train__global_batch=16)  # one micro-batch per rank
+    assert comm(16, "microbatch", **one) == comm(16, "step", **one)
+    pipelined = dict(parallel__pp=2)
+    assert comm(16, "microbatch", **pipelined) == comm(16, "step", **pipelined)
 
 
 def test_tp_across_nodes_is_slower_than_inside_one() -> None:
@@ -290,8 +323,10 @@ def test_experts_not_folded_travel_with_the_dense_weights() -> None:
     """With ep = etp = tp = 1 the experts are in the blocks' FSDP units: gathered inside the
     shard group and all-reduced over the replicas, like the dense weights. They were priced as
     gathered over every replica on the inter-node link: 156 of a 160 s step for Mixtral 8x22B on
-    8 x 8 H100s, where the dense weights took 0.7 s."""
-    cfg = config("mixtral-8x22b", parallel__dp_replicate=8, parallel__ep=1)
+    8 x 8 H100s, where the dense weights took 0.7 s. (Reduced once per step: each micro-batch's
+    reduce-scatter of 141B parameters' gradients would show beside 2 s of compute.)"""
+    cfg = config("mixtral-8x22b", parallel__dp_replicate=8, parallel__ep=1,
+                 parallel__grad_reduce="step")
     step = estimate(cfg, 64)
     assert "edp" not in step.comm_s and step.total_s < 1.1 * step.compute_s
     folded = estimate(config("mixtral-8x22b", parallel__dp_replicate=8, parallel__ep=8), 64)

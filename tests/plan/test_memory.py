@@ -62,6 +62,27 @@ def test_our_adamw_is_16_bytes_per_param_and_adamw8bit_about_10():
     assert 2.0 < est.optimizer / n < 2.04  # 1 + 1 bytes of moments + absmax per 256
 
 
+def test_gradients_held_between_micro_batches_follow_grad_reduce():
+    """Llama 3 8B on 8 ranks, 256 micro-batches per rank: ``parallel.grad_reduce: step`` holds
+    each unit's whole fp32 gradient between them (29.9 GiB, over an H100's 72 usable);
+    ``microbatch`` (the default) reduce-scatters each and holds the shards, 3.7. A pipeline
+    stage reduces once per step whatever the setting; one micro-batch per rank holds shards
+    either way."""
+    def grads(*overrides: str, **degrees: int) -> float:
+        cfg = load_config("configs/llama3-8b.yaml", list(overrides))
+        return estimate_memory(cfg, Degrees(**degrees)).grads / 2**30
+
+    assert round(grads(dp_shard=8), 1) == 3.7
+    assert round(grads("parallel.grad_reduce=step", dp_shard=8), 1) == 29.9
+    assert grads("parallel.grad_reduce=step", "train.global_batch=8", dp_shard=8) == grads(
+        dp_shard=8)
+    hsdp = dict(dp_replicate=2, dp_shard=4)  # the replicas' all-reduce waits: shards still
+    assert grads(**hsdp) == 2 * grads(dp_shard=8)
+    pipelined = dict(pp=2, dp_shard=4)
+    assert grads(**pipelined) == grads("parallel.grad_reduce=step", **pipelined)
+    assert grads(**pipelined) > 4 * grads(dp_shard=8) / 2
+
+
 GPT3 = dict(s=2048, b=1, h=12288, a=96)
 GPT3_ARCH = Arch(hidden=12288, heads=96, kv_heads=96, head_dim=128, ffn=4 * 12288, mlp="gelu",
                  norm="layernorm", dropout=True, flash=False, act_bytes=2, saves_gathered=False)
@@ -417,6 +438,9 @@ def _held_gradient_bytes(model: torch.nn.Module) -> int:
                     unsharded = getattr(param, "_unsharded_param", None)
                     add(None if unsharded is None else unsharded.grad)
                     add(param.sharded_param.grad)
+                # HSDP reducing each micro-batch keeps the sum of its reduce-scatter outputs
+                # here (flat, in the reduce dtype) until the last one's all-reduce
+                add(group._partial_reduce_output)
     for p in model.parameters():
         add(p.grad)
     return sum(held.values())
@@ -434,7 +458,7 @@ def _accumulated_grad_bytes(rank: int, world: int, results: dict, plans: list) -
         n = cfg.train.micro_batch * (plan.microbatches if par.pipeline else 1)
         tokens = torch.randint(0, cfg.model.vocab_size, (n, cfg.train.seq_len))
         if par.pipeline is None:
-            set_gradient_sync(par.model, plan.microbatches == 1, "step")
+            set_gradient_sync(par.model, plan.microbatches == 1, cfg.parallel.grad_reduce)
             F.cross_entropy(par.model(tokens).float().flatten(0, 1), tokens.flatten()).backward()
             held = _held_gradient_bytes(par.model)
         else:
@@ -458,18 +482,28 @@ def _accumulated_grad_bytes(rank: int, world: int, results: dict, plans: list) -
 @pytest.mark.dist
 @pytest.mark.slow
 def test_gradient_bytes_match_what_fsdp_holds_between_micro_batches(tmp_path):
-    """With gradient sync off (every micro-batch of a step but the last; every one in a
-    pipeline stage, which reduces after the last) FSDP2 keeps each unit's whole unsharded
-    gradient, in float32 under bf16 too, not its shard: the plan counted shards, 1/fsdp of what
-    each rank holds (3.7 against ~30 GiB for Llama 3 8B on 8 ranks with 256 micro-batches).
-    Sharded once a step's one backward has reduced them; DDP holds whole ones either way."""
+    """With gradient sync off (``parallel.grad_reduce: step``: every micro-batch of a step but
+    the last; every one in a pipeline stage, which reduces after the last, whatever the
+    setting) FSDP2 keeps each unit's whole unsharded gradient, in float32 under bf16 too, not
+    its shard: the plan counted shards, 1/fsdp of what each rank holds (3.7 against ~30 GiB for
+    Llama 3 8B on 8 ranks with 256 micro-batches). Sharded once a step's one backward has
+    reduced them, and between micro-batches under ``microbatch`` (the default), which
+    reduce-scatters each (HSDP: the sum of its shards waiting for the all-reduce); DDP holds
+    whole ones either way."""
+    step = "parallel.grad_reduce=step"
     layouts = [
         ["train.precision=bf16"],  # fsdp4, one micro-batch: sharded
-        ["train.precision=bf16", "train.global_batch=16"],  # two: unsharded, in fp32
-        ["train.precision=fp32", "train.global_batch=16"],
-        ["train.precision=bf16", "train.global_batch=16", "parallel.dp_replicate=2"],  # hsdp
+        ["train.precision=bf16", "train.global_batch=16", step],  # two: unsharded, in fp32
+        ["train.precision=fp32", "train.global_batch=16", step],
+        ["train.precision=bf16", "train.global_batch=16", "parallel.dp_replicate=2", step],  # hsdp
         ["train.precision=bf16", "train.global_batch=16", "parallel.dp_replicate=4"],  # ddp
         ["train.precision=bf16", "parallel.pp=2"],  # pp2 x fsdp2, two micro-batches
+        ["train.precision=bf16", "parallel.pp=2", step],  # the same
+        ["train.precision=bf16", "train.global_batch=16", "parallel.ep=2", "moe", step],
+        # grad_reduce: microbatch (the default) reduce-scatters every micro-batch: shards
+        ["train.precision=bf16", "train.global_batch=16"],
+        ["train.precision=fp32", "train.global_batch=16"],
+        ["train.precision=bf16", "train.global_batch=16", "parallel.dp_replicate=2"],  # hsdp
         ["train.precision=bf16", "train.global_batch=16", "parallel.ep=2", "moe"],
     ]
     plans = []
@@ -485,6 +519,11 @@ def test_gradient_bytes_match_what_fsdp_holds_between_micro_batches(tmp_path):
             measured, planned, worst_stage = results[(rank, key)]
             if worst_stage:  # the plan prices the worst pipeline stage
                 assert planned == measured, (sets, rank)
+    # the same layouts under each mode (measured: fsdp4 3.0 against 12.1 MB, hsdp 2x2 6.1
+    # against 12.1, ep2 6.2 against 16.4)
+    for step_key, micro_key in ((1, 8), (2, 9), (3, 10), (7, 11)):
+        for rank in range(4):
+            assert results[(rank, micro_key)][0] <= results[(rank, step_key)][0] / 2, rank
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
