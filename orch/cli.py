@@ -141,7 +141,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise PlanError([Problem("--top", f"{args.top}: lists the plans --auto finds",
                                  "add --auto, or leave --top out")], title="bad arguments")
     # the config's problems and the plan's in one round (a bad key hid tp=3's four)
-    loaded = load_config_lenient(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.auto and "train.micro_batch" not in _set_paths(overrides):
+        # searched: the file's micro-batch is no bound of global_batch (7 at world 7 was
+        # refused as 'not a multiple of train.micro_batch=2', where the search tries 1)
+        overrides.append(f"train.micro_batch={min(MICRO_BATCHES)}")
+    loaded = load_config_lenient(args.config, overrides)
     cfg = loaded.config
     problems: list[Problem] = []
     if not args.auto:
@@ -168,11 +173,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not result.evaluated and fixed:  # the --set values may be what leaves nothing
         excluded(cfg, machine, fixed, args)
     if not result.evaluated:  # no valid degrees at all: the config's own layout says which
-        # rule, at the least micro-batch the search tried (the config's 2 said 'use a multiple
-        # of 14' of a batch where 7 does at micro-batch 1)
-        least = cfg if "train.micro_batch" in fixed else dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, micro_batch=min(MICRO_BATCHES)))
-        build_plan(least, args.world_size, args.gpus_per_node, args.device)  # (a PlanError)
+        # rule, at the least micro-batch the search tried unless one was given (above: the
+        # file's 2 said 'use a multiple of 14' of a batch where 7 does at micro-batch 1)
+        build_plan(cfg, args.world_size, args.gpus_per_node, args.device)  # (a PlanError)
     if args.json:
         print(
             json.dumps(

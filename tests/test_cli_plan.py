@@ -227,6 +227,13 @@ def test_auto_with_no_valid_layout_names_the_rule(capsys):
     err = capsys.readouterr().err
     assert "train.global_batch: 8 is not divisible by micro_batch x dp = 1 x 7" in err
     assert "use a multiple of 7," in err
+    # a batch the search can split: the file's micro-batch 2 is no bound of it under --auto
+    assert main(["plan", "configs/tiny.yaml", "--world-size", "7", "--device", "cpu",
+                 "--auto", "--set", "train.global_batch=7"]) == 0
+    assert "1  fsdp7                         1  " in capsys.readouterr().out
+    assert main(["plan", "configs/tiny.yaml", "--world-size", "7", "--device", "cpu",
+                 "--auto", "--set", "train.global_batch=7", "--set", "train.micro_batch=2"]) == 2
+    assert "7 is not a multiple of train.micro_batch=2" in capsys.readouterr().err
 
 
 def test_auto_keeps_what_set_gives_and_searches_what_the_file_gives(capsys, tmp_path):
