@@ -144,6 +144,9 @@ class _Activations:
     moe: int
     dense_wgrad: int
     moe_wgrad: int
+    head_wgrad: int
+    """What the output head's deferred weight-gradient step holds on the last stage: its input
+    and the logits' gradient (the stage defers every ``nn.Linear`` of its module, the head's)."""
     dense_recomputed: int
     """What recomputing one layer in its backward holds at once (``train.recompute``)."""
     moe_recomputed: int
@@ -186,6 +189,7 @@ def _activations(
         moe=moe_kept + moe_copies if moe.experts else 0,
         dense_wgrad=dense_wgrad,
         moe_wgrad=moe_wgrad,
+        head_wgrad=sum(x.nbytes for x in last if x.wgrad) + tok * -(-vocab // t) * act,
         dense_recomputed=dense_recomputed,
         moe_recomputed=moe_recomputed,
         # RoPE cos/sin tables, made once per forward in the residual stream's dtype
@@ -388,7 +392,8 @@ def estimate_memory(
     recompute adds what one recomputed layer holds as a buffer; the 2BP schedules and ZB-H1
     hold, per rank, what their built schedule holds at its peak: activations in flight and, for
     each weight-gradient step waiting (as many as ``parallel.pp_max_deferred`` lets wait), every
-    layer's linear inputs and output gradients (``orch.plan.schedule_shape``). Offloaded
+    layer's linear inputs and output gradients, and on the last stage the head's input and
+    logits gradient (``orch.plan.schedule_shape``). Offloaded
     optimizer states are split over ``dp_replicate`` replicas (``orch.offload.partition``), and with
     ``offload.shard_params`` the parameters and gradients at home too
     (``orch.offload.param_shards``). Per-parameter FSDP padding is ignored.
@@ -459,8 +464,8 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
         if optim_away:  # offloaded replicas each hold their own units' states
             optim = -(-optim // replicas)
         live = nd * a.dense + nm * a.moe + a.every_stage
-        act = (max(n * live + w * (nd * a.dense_wgrad + nm * a.moe_wgrad) for n, w in deferred)
-               if deferred else num * live // den)
+        wgrad = nd * a.dense_wgrad + nm * a.moe_wgrad + last * a.head_wgrad
+        act = (max(n * live + w * wgrad for n, w in deferred) if deferred else num * live // den)
         act += first * first_mbs * a.first_stage + last * last_mbs * a.last_stage
         layer = max(nd and dense_layer, nm and expert_layer)
         unit = max(layer, first * vocab, last * head)
