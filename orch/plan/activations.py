@@ -287,6 +287,24 @@ def deferred_weight_grad_bytes(
     return inputs + sum(x.nbytes for x in outputs)
 
 
+def split_weight_grad_bytes(
+    arch: Arch, s: int, b: int, t: int = 1, sp: bool = False, cp: int = 1, etp: int = 1
+) -> int:
+    """Gradients a layer keeps, per rank and micro-batch, between the input-gradient pass and
+    the weight-gradient step of torch's split backward (``stage_backward_input``, which orch
+    runs under tensor parallelism): the gradient flowing into every node where a parameter
+    meets the input's path, kept for ``W`` to start from. Each linear's output gradient (the
+    experts' grouped GEMMs' too, which torch defers like the rest) and each norm's output
+    gradient; the saved tensors stay as well, the graph being retained (``retain_graph``)."""
+    x = _Shape.of(arch, s, b, t, sp, cp)
+    grads = sum(y.nbytes for y in _linear_outputs(arch, x, t))
+    grads += 2 * x.tok_sp * arch.hidden * arch.residual_bytes  # the two norms' outputs
+    if arch.experts:
+        routed = x.tok_sp * arch.top_k * etp
+        grads += (2 * routed * arch.expert_ffn // etp + routed * arch.hidden) * arch.act_bytes
+    return grads
+
+
 def layer_activation_bytes(
     arch: Arch, s: int, b: int, t: int = 1, sp: bool = False, cp: int = 1, etp: int = 1,
     recompute: Recompute = "none",

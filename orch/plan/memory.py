@@ -28,6 +28,7 @@ from orch.plan.activations import (
     layer_terms,
     norm_terms,
     recomputed_bytes,
+    split_weight_grad_bytes,
 )
 from orch.plan.degrees import Degrees
 from orch.plan.schedule_shape import COUNTED, Held, held
@@ -147,6 +148,16 @@ class _Activations:
     head_wgrad: int
     """What the output head's deferred weight-gradient step holds on the last stage: its input
     and the logits' gradient (the stage defers every ``nn.Linear`` of its module, the head's)."""
+    wgrad_keeps_live: bool
+    """Under tensor parallelism the runtime splits the backward as torch does
+    (``torch_split``, :class:`~orch.parallel.pipeline.late_grads.LateGradsStage`): its ``I`` keeps
+    the micro-batch's whole graph for ``W`` (``retain_graph``), so a waiting ``W`` holds the
+    stage's live activations, and ``dense_wgrad`` and the others count the gradients kept beside
+    them (:func:`~orch.plan.activations.split_weight_grad_bytes`)."""
+    boundary_wgrad: int
+    """What torch's waiting ``W`` also keeps on a stage before the last: the stage's output and
+    the gradient received for it (the latter the last layer's output gradient itself, without
+    sequence parallelism)."""
     dense_recomputed: int
     """What recomputing one layer in its backward holds at once (``train.recompute``)."""
     moe_recomputed: int
@@ -160,6 +171,7 @@ class _Activations:
 def _activations(
     key: tuple, act: int, flash: bool, fused_norm: bool, s: int, b: int, t: int, sp: bool,
     cp: int, ep: int, etp: int, recompute: Recompute, ring: bool, autocast: bool,
+    torch_split: bool = False,
 ) -> _Activations:
     dense, moe = _archs(key, act, flash, fused_norm, ring, autocast)
     vocab, h, hd = key[0], key[1], key[5]
@@ -181,15 +193,22 @@ def _activations(
         Term("head_weight_copy", head_copy, 1),
     ]
     # (a dense layer has no experts for etp to split: one answer for every etp)
-    dense_kept, dense_wgrad, dense_recomputed = _layer_bytes(dense, s, b, t, sp, cp, 1, recompute)
-    moe_kept, moe_wgrad, moe_recomputed = (_layer_bytes(moe, s, b, t, sp, cp, etp, recompute)
+    residual = dense.residual_bytes
+    dense_kept, dense_wgrad, dense_recomputed = _layer_bytes(dense, s, b, t, sp, cp, 1, recompute,
+                                                             torch_split)
+    moe_kept, moe_wgrad, moe_recomputed = (_layer_bytes(moe, s, b, t, sp, cp, etp, recompute,
+                                                        torch_split)
                                            if moe.experts else (0, 0, 0))
     return _Activations(
         dense=dense_kept + dense_copies,
         moe=moe_kept + moe_copies if moe.experts else 0,
         dense_wgrad=dense_wgrad,
         moe_wgrad=moe_wgrad,
-        head_wgrad=sum(x.nbytes for x in last if x.wgrad) + tok * -(-vocab // t) * act,
+        head_wgrad=(sum(x.nbytes for x in last if x.name != "log_probs") + tok_sp * h * residual
+                    if torch_split else sum(x.nbytes for x in last if x.wgrad))
+        + tok * -(-vocab // t) * act,  # the logits' gradient
+        wgrad_keeps_live=torch_split,
+        boundary_wgrad=tok_sp * h * residual * (1 + sp) if torch_split else 0,
         dense_recomputed=dense_recomputed,
         moe_recomputed=moe_recomputed,
         # RoPE cos/sin tables, made once per forward in the residual stream's dtype
@@ -202,9 +221,10 @@ def _activations(
 
 @lru_cache(maxsize=1024)
 def _layer_bytes(arch: Arch, s: int, b: int, t: int, sp: bool, cp: int, etp: int,
-                 recompute: Recompute) -> tuple[int, int, int]:
+                 recompute: Recompute, torch_split: bool = False) -> tuple[int, int, int]:
     """Bytes one layer of ``arch`` keeps between forward and backward under ``recompute``,
-    holds for a deferred weight-gradient step, and holds again while being recomputed, per rank
+    holds for a deferred weight-gradient step (``torch_split``: beside what it keeps), and
+    holds again while being recomputed, per rank
     and micro-batch: made once per layer shape, where :func:`_activations` is asked once per
     expert layout too (hundreds of them in a search, each listing every tensor again)."""
     if recompute == "selective":
@@ -214,7 +234,8 @@ def _layer_bytes(arch: Arch, s: int, b: int, t: int, sp: bool, cp: int, etp: int
     else:
         recomputed = 0
     return (layer_activation_bytes(arch, s, b, t, sp, cp, etp, recompute),
-            deferred_weight_grad_bytes(arch, s, b, t, sp, cp, etp), recomputed)
+            (split_weight_grad_bytes if torch_split else deferred_weight_grad_bytes)(
+                arch, s, b, t, sp, cp, etp), recomputed)
 
 
 def _in_flight(schedule: str, pp: int, v: int, stage: int, n_micro: int,
@@ -367,7 +388,7 @@ def _layer_activations(cfg: Config, deg: Degrees, flash: bool = True, fused_norm
     return _activations(key or model_key(cfg.model), 2 if tr.precision == "bf16" else 4, flash,
                         fused_norm, tr.seq_len, tr.micro_batch, deg.tp, deg.sequence_parallel,
                         deg.cp, deg.ep, deg.etp, tr.recompute, _ring(cfg, deg),
-                        _autocast(cfg, deg))
+                        _autocast(cfg, deg), deg.tp > 1)  # torch's split: orch.runtime.parallelize
 
 
 def estimate_memory(
@@ -393,7 +414,8 @@ def estimate_memory(
     hold, per rank, what their built schedule holds at its peak: activations in flight and, for
     each weight-gradient step waiting (as many as ``parallel.pp_max_deferred`` lets wait), every
     layer's linear inputs and output gradients, and on the last stage the head's input and
-    logits gradient (``orch.plan.schedule_shape``). Offloaded
+    logits gradient (``orch.plan.schedule_shape``); under tensor parallelism, where the run splits
+    the backward as torch does, the stage's activations and the gradients at its weights. Offloaded
     optimizer states are split over ``dp_replicate`` replicas (``orch.offload.partition``), and with
     ``offload.shard_params`` the parameters and gradients at home too
     (``orch.offload.param_shards``). Per-parameter FSDP padding is ignored.
@@ -464,7 +486,9 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
         if optim_away:  # offloaded replicas each hold their own units' states
             optim = -(-optim // replicas)
         live = nd * a.dense + nm * a.moe + a.every_stage
-        wgrad = nd * a.dense_wgrad + nm * a.moe_wgrad + last * a.head_wgrad
+        # a stage's first never waits a W (rank 0 runs fused B's): torch's I would keep it all
+        wgrad = (a.wgrad_keeps_live * live + nd * a.dense_wgrad + nm * a.moe_wgrad
+                 + last * a.head_wgrad + (not last) * a.boundary_wgrad)
         act = (max(n * live + w * wgrad for n, w in deferred) if deferred else num * live // den)
         act += first * first_mbs * a.first_stage + last * last_mbs * a.last_stage
         layer = max(nd and dense_layer, nm and expert_layer)
