@@ -1,7 +1,8 @@
 """Block I/O for the NVMe tier: whole aligned buffers read from and written to one file.
 
-Two ways to move the bytes, same contract (an aligned CPU buffer, a file offset that is a
-multiple of :data:`ALIGN`, the whole buffer in one call that returns when the bytes are there).
+Two ways to move the bytes, same contract (an aligned CPU buffer whose size is a multiple of
+the I/O's :attr:`~BlockIO.align`, a file offset that is one too, the whole buffer in one call
+that returns when the bytes are there).
 Both reach the file by a path, which for the NVMe tier is ``/proc/self/fd/<N>``: its file has
 no name (:class:`~orch.offload.nvme.ScratchFile`), and opening that path reopens the unnamed
 inode, with the flags of the new open (O_DIRECT here):
@@ -22,6 +23,16 @@ kernel allows (``orch.offload.host_memory``: O_DIRECT reads into them ran 1.8x a
 said once when it does not. Each calling thread gets its own DeepSpeed handle (a handle is one
 request queue, not meant to be shared between threads: the trainer's thread reads parameters
 while the optimizer's thread reads and writes its states).
+
+Alignment: O_DIRECT needs each request's size, file offset and address to be multiples of the
+disk's logical block size (:func:`logical_block_size`: 512 or 4096 bytes). DeepSpeed's op cuts
+a transfer into ``io_threads`` equal parts, one per thread, so the whole must be a multiple of
+``io_threads`` times that (:func:`~orch.offload.sizes.io_align`): a transfer of 65 pages on a
+4096-byte-sector disk with 2 threads made two parts of 32.5 pages, each refused by the kernel,
+and the op, which never looks at a request's result, counted them done (the reads left zeros:
+a run trained an all-zero model and saved it). Each I/O says its :attr:`~BlockIO.align` and
+refuses a transfer that is not a multiple of it; the NVMe tier sizes everything by it, and
+checks a write and read-back when it opens (:class:`~orch.offload.nvme.NvmeTier`).
 """
 
 from __future__ import annotations
@@ -37,20 +48,57 @@ import torch
 
 from orch.offload.cpu_adam import stderr_with_descriptor, use_venv_extension_cache
 from orch.offload.host_memory import onto_huge_pages
-from orch.offload.sizes import ALIGN
+from orch.offload.sizes import ALIGN, io_align
 from orch.offload.threads import helper_pool
 
 
-def aligned(nbytes: int) -> int:
-    """``nbytes`` rounded up to :data:`ALIGN`."""
-    return -(-nbytes // ALIGN) * ALIGN
+def aligned(nbytes: int, align: int = ALIGN) -> int:
+    """``nbytes`` rounded up to a multiple of ``align``."""
+    return -(-nbytes // align) * align
+
+
+def logical_block_size(path: Path | str) -> int | None:
+    """The logical block size of the disk holding ``path`` (what O_DIRECT aligns to), from
+    sysfs; None where the file system has no one block device (tmpfs, overlay, btrfs) or sysfs
+    does not say."""
+    try:
+        device = os.stat(path).st_dev
+    except OSError:
+        return None
+    if os.major(device) == 0:
+        return None
+    node = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+    try:
+        node = node.resolve(strict=True)
+    except OSError:
+        return None
+    for queue in (node / "queue", node.parent / "queue"):  # a partition's is its disk's
+        try:
+            return int((queue / "logical_block_size").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _check_layout(io: BlockIO, buffer: torch.Tensor, offset: int, what: str) -> None:
+    """A transfer of a size or at an offset that is not a multiple of ``io.align`` would fail in
+    the kernel, and DeepSpeed's op would count it done: refuse it here (a bug of the caller)."""
+    if buffer.numel() % io.align or offset % io.align:
+        raise ValueError(f"NVMe {what} of {buffer.numel():,} bytes at offset {offset:,}: not "
+                         f"multiples of the I/O's alignment {io.align:,}")
 
 
 class BlockIO(Protocol):
     """Moves whole aligned buffers between CPU memory and one file."""
 
+    align: int
+    """What every transfer's size and file offset must be a multiple of (module docstring)."""
+    sector: int
+    """The disk's logical block size as found (:data:`ALIGN` where it could not be)."""
+    threads: int
+
     def buffer(self, nbytes: int, locked: bool = True) -> torch.Tensor:
-        """A new uint8 CPU buffer of ``nbytes`` (a multiple of :data:`ALIGN`) this I/O can use;
+        """A new uint8 CPU buffer of ``nbytes`` (a multiple of :attr:`align`) this I/O can use;
         ``locked=False`` for large one-off reads (a checkpoint's), which stay pageable."""
         ...
 
@@ -73,15 +121,21 @@ class BlockIO(Protocol):
 class AsyncIO:
     """DeepSpeed's async I/O op (see the module docstring)."""
 
-    def __init__(self, path: Path, block_size: int, queue_depth: int, threads: int) -> None:
+    def __init__(self, path: Path, block_size: int, queue_depth: int, threads: int,
+                 sector: int | None = None) -> None:
+        """``sector``: the disk's logical block size (else :func:`logical_block_size`)."""
         self.path = str(path)
         self._op = load_async_io()
+        Path(path).touch()
+        self.sector = max(sector or logical_block_size(path) or ALIGN, 1)
+        self.threads = threads
+        self.align = io_align(threads, self.sector)
+        block_size = aligned(block_size, max(ALIGN, self.sector))
         self._args = (block_size, queue_depth, False, True, threads)
         self._local = threading.local()
         self._closed = False
         self._allocator = self._op.aio_handle(*self._args)
         """Owns the locked buffers (they are freed with the handle that made them)."""
-        Path(path).touch()
         _check_views_locked(self._allocator)
 
     def _handle(self):
@@ -102,10 +156,12 @@ class AsyncIO:
 
     def read(self, buffer: torch.Tensor, offset: int) -> None:
         path = self._open_path()  # first: after close, no new handle (and its threads)
+        _check_layout(self, buffer, offset, "read")
         self._check(self._handle().sync_pread(buffer, path, offset), "read", offset)
 
     def write(self, buffer: torch.Tensor, offset: int) -> None:
         path = self._open_path()
+        _check_layout(self, buffer, offset, "write")
         self._check(self._handle().sync_pwrite(buffer, path, offset), "write", offset)
 
     def _open_path(self) -> str:
@@ -115,6 +171,9 @@ class AsyncIO:
         return self.path
 
     def _check(self, result: int, what: str, offset: int) -> None:
+        # Only whole-call failures (an open, a size the op refuses) come back: the op never
+        # looks at a request's own result, so a refused request reads as done (hence
+        # _check_layout, and the tier's read-back check when it opens).
         if result < 0:
             raise OSError(f"async I/O {what} of {self.path} at offset {offset} failed ({result})")
 
@@ -148,9 +207,14 @@ def _check_views_locked(handle) -> None:
 class DirectIO:
     """A thread pool of O_DIRECT ``preadv``/``pwritev`` calls (see the module docstring)."""
 
-    def __init__(self, path: Path, block_size: int, threads: int) -> None:
-        self.block = aligned(block_size)
+    def __init__(self, path: Path, block_size: int, threads: int,
+                 sector: int | None = None) -> None:
+        """``sector``: the disk's logical block size (else :func:`logical_block_size`)."""
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+        self.sector = max(sector or logical_block_size(path) or ALIGN, 1)
+        self.threads = threads
+        self.align = io_align(1, self.sector)  # each request is a whole block or the buffer's end
+        self.block = aligned(block_size, self.align)
         self.pool = helper_pool("orch-direct-io", max(1, threads))
 
     def buffer(self, nbytes: int, locked: bool = True) -> torch.Tensor:
@@ -170,17 +234,18 @@ class DirectIO:
             yield view[start:start + self.block], offset + start
 
     def read(self, buffer: torch.Tensor, offset: int) -> None:
-        jobs = [self.pool.submit(os.preadv, self.fd, [chunk], at)
+        self._run(os.preadv, buffer, offset, "read")
+
+    def write(self, buffer: torch.Tensor, offset: int) -> None:
+        self._run(os.pwritev, buffer, offset, "write")
+
+    def _run(self, call, buffer: torch.Tensor, offset: int, what: str) -> None:
+        _check_layout(self, buffer, offset, what)
+        jobs = [self.pool.submit(call, self.fd, [chunk], at)
                 for chunk, at in self._blocks(buffer, offset)]
         for job, (chunk, at) in zip(jobs, self._blocks(buffer, offset), strict=True):
             if (got := job.result()) != len(chunk):
-                raise OSError(f"short read at offset {at}: {got} of {len(chunk)} bytes")
-
-    def write(self, buffer: torch.Tensor, offset: int) -> None:
-        jobs = [self.pool.submit(os.pwritev, self.fd, [chunk], at)
-                for chunk, at in self._blocks(buffer, offset)]
-        for job in jobs:
-            job.result()
+                raise OSError(f"short {what} at offset {at}: {got} of {len(chunk)} bytes")
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -246,4 +311,4 @@ def open_block_io(path: Path, block_size: int, queue_depth: int, threads: int,
 
 
 __all__ = ["ALIGN", "AsyncIO", "BlockIO", "DirectIO", "aligned", "load_async_io",
-           "open_block_io"]
+           "logical_block_size", "open_block_io"]

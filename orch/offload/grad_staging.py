@@ -42,7 +42,9 @@ class GradientStaging:
         """``nbytes``: the largest group's; ``register``: makes a buffer one the device copies
         to directly, returning the undo (:meth:`~orch.offload.transfers.HostTransfers.register`)."""
         self.tier = tier
-        self._locked = [tier.io.buffer(aligned(max(nbytes, 1))) for _ in range(NVME_GRAD_BUFFERS)]
+        align = tier.io.align
+        self._locked = [tier.io.buffer(aligned(max(nbytes, 1), align))
+                        for _ in range(NVME_GRAD_BUFFERS)]
         self._unregister = [register(buffer) for buffer in self._locked]
         self._free = list(self._locked)
         self._writing = 0
@@ -138,7 +140,7 @@ class GradientStaging:
                 self._cond.wait()
             if self._free:
                 return self._free.pop()
-        return self.tier.io.buffer(aligned(nbytes), False)
+        return self.tier.io.buffer(aligned(nbytes, self.tier.io.align), False)
 
     def _give(self, flat: torch.Tensor) -> None:
         """``flat``'s buffer is free again (a pageable one is just let go)."""

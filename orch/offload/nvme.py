@@ -2,9 +2,10 @@
 
 A group (a unit's parameters, a unit's optimizer states) gets a region of the file the first
 time it is written: its tensors packed one after another (each at a 64-byte boundary, so views
-of any dtype line up), the region a multiple of the I/O alignment. Reading a group fills a
-staging buffer from its region and hands back views of the buffer shaped like the tensors;
-writing writes that buffer back when the tensors are its views (the steady state: read,
+of any dtype line up), the region a multiple of the I/O's alignment (``io.align``: the disk's
+logical block size times ``offload.io_threads``, :mod:`orch.offload.blockio`). Reading a
+group fills a staging buffer from its region and hands back views of the buffer shaped like the
+tensors; writing writes that buffer back when the tensors are its views (the steady state: read,
 stepped in place, written), else copies the tensors into a pageable buffer of its own (the first
 spill, fresh optimizer states), so a write never waits for the pool it gives buffers back to.
 Staging buffers are ranges of one arena of ``pinned_budget`` bytes, the
@@ -28,6 +29,11 @@ DeepSpeed's op counted the failed writes as done and the run went on with garbag
 
 The file has no name (:class:`ScratchFile`), so it goes with its process however that ends.
 
+When the tier opens it writes a few aligned blocks of a pattern and reads them back
+(:func:`check_round_trip`): a layout the disk refuses (DeepSpeed's op counts a refused request
+as done, and the read leaves the buffer as it was) stops the run before training, naming the
+disk, its block size and ``offload.io_threads``, instead of training on zeros.
+
 Between uses the owners keep *placeholders*: tensors with the right shape and dtype whose
 storage holds no bytes, so a parameter's ``data`` or an optimizer state entry costs no memory
 while its bytes are on disk.
@@ -48,7 +54,7 @@ import torch
 
 from orch.errors import Problem, ProblemsError
 from orch.models.weights import placeholder
-from orch.offload.blockio import ALIGN, BlockIO, aligned
+from orch.offload.blockio import BlockIO, aligned
 from orch.offload.sizes import TENSOR_ALIGN
 from orch.offload.stale_scratch import scratch_name, stale_scratch_files
 
@@ -138,6 +144,48 @@ def _reserve(file: ScratchFile, offset: int, nbytes: int) -> None:
             "free space, choose a larger disk, or keep more groups on cpu")]) from exc
 
 
+class NvmeLayout(ProblemsError):
+    """The NVMe tier's disk did not give back what was written in the tier's layout."""
+
+    title = "the NVMe tier's disk does not take its I/O layout"
+
+
+def check_round_trip(file: ScratchFile, io: BlockIO) -> None:
+    """Write a pattern in the tier's layout at the start of ``file`` and read it back, through a
+    locked buffer and a pageable one, of sizes an odd and an even multiple of ``io.align`` (the
+    regions and staging buffers' unit); raise :class:`NvmeLayout` naming the numbers when the
+    bytes differ. The file is empty again after."""
+    align, offset = io.align, 0
+    sizes = [(3 * align, True), (2 * align, False)]
+    _reserve(file, 0, sum(nbytes for nbytes, _ in sizes))
+    for nbytes, locked in sizes:
+        out, back = io.buffer(nbytes, locked), io.buffer(nbytes, locked)
+        try:
+            out.copy_((torch.arange(nbytes, dtype=torch.int32) % 251 + 1).to(torch.uint8))
+            back.zero_()
+            try:
+                io.write(out, offset)
+                io.read(back, offset)
+                wrong = int((out != back).sum())
+                failed = ""
+            except OSError as exc:
+                wrong, failed = nbytes, f" ({exc})"
+        finally:
+            io.free(out)
+            io.free(back)
+        if wrong:
+            raise NvmeLayout([Problem(
+                "offload.nvme_path", f"{wrong:,} of {nbytes:,} bytes written at offset "
+                f"{offset:,} of the tier's file in {file.directory} came back different"
+                f"{failed}: its disk ({io.sector:,}-byte logical blocks as found) does not take "
+                f"transfers of {align:,}-byte multiples split over offload.io_threads="
+                f"{io.threads} ({type(io).__name__})",
+                "set offload.io_threads to 1, or choose an offload.nvme_path on another disk "
+                "(a local NVMe drive with an ext4 or xfs file system)", ("offload.io_threads",))])
+        offset += nbytes
+    os.ftruncate(file.fd, 0)  # the tier's regions start from an empty file
+
+
 @dataclass(frozen=True)
 class _Region:
     offset: int
@@ -200,12 +248,12 @@ class PinnedPool:
                 self._unregister = register(self._arena)
 
     def take(self, nbytes: int) -> torch.Tensor:
-        if nbytes > self.limit // ALIGN * ALIGN:
+        if nbytes > self.limit // self.io.align * self.io.align:
             raise ValueError(f"a staging buffer of {nbytes:,} bytes is over offload.pinned_budget "
                              f"({self.limit:,}); raise offload.pinned_budget")
         with self._cond:
             if self._arena is None:
-                self._arena = self.io.buffer(self.limit // ALIGN * ALIGN)
+                self._arena = self.io.buffer(self.limit // self.io.align * self.io.align)
                 self._free = [(0, self._arena.numel())]
                 if self._register is not None:
                     self._unregister = self._register(self._arena)
@@ -292,6 +340,12 @@ class NvmeTier:
         self.bytes_read = self.bytes_written = 0
         self.bytes_from_memory = 0
         """What reads found in a held buffer (kept, or being written) instead of the disk."""
+        try:
+            check_round_trip(file, io)
+        except BaseException:
+            self.io.close()
+            self.file.close()
+            raise
 
     def has(self, key: object) -> bool:
         return key in self._regions
@@ -344,9 +398,9 @@ class NvmeTier:
         with self._lock:
             if (held := self._held.get(key)) is not None:
                 return region.views(held.buffer)[position].clone()
-        nbytes = shape.numel() * dtype.itemsize
-        start = (region.offset + at) // ALIGN * ALIGN
-        buffer = self.io.buffer(aligned(region.offset + at + nbytes) - start, False)
+        nbytes, align = shape.numel() * dtype.itemsize, self.io.align
+        start = (region.offset + at) // align * align
+        buffer = self.io.buffer(aligned(region.offset + at + nbytes, align) - start, False)
         self.io.read(buffer, start)
         self.bytes_read += buffer.numel()
         skip = region.offset + at - start
@@ -445,7 +499,7 @@ class NvmeTier:
         if region is not None and region.layout == layout:
             return region
         end = layout[-1][0] + tensors[-1].numel() * tensors[-1].element_size() if layout else 0
-        nbytes = aligned(max(end, 1))
+        nbytes = aligned(max(end, 1), self.io.align)
         if region is not None and nbytes <= region.nbytes:  # a new layout that fits: same place
             region = _Region(region.offset, nbytes, layout)
         else:
@@ -469,4 +523,5 @@ class NvmeTier:
         self.file.close()
 
 
-__all__ = ["Due", "NvmeTier", "PinnedPool", "ScratchFile", "placeholder", "scratch_file"]
+__all__ = ["Due", "NvmeLayout", "NvmeTier", "PinnedPool", "ScratchFile", "check_round_trip",
+           "placeholder", "scratch_file"]

@@ -4,8 +4,19 @@ torch (``orch plan`` does not load it)."""
 from __future__ import annotations
 
 ALIGN = 4096
-"""O_DIRECT's alignment of offsets, sizes and buffer addresses (a page; covers 512-byte
-sectors too): NVMe I/O blocks are multiples of it (:mod:`orch.offload.blockio`)."""
+"""The least O_DIRECT alignment of offsets, sizes and buffer addresses the NVMe tier uses (a
+page; covers 512-byte and 4096-byte sectors): NVMe I/O blocks are multiples of it. A transfer
+of DeepSpeed's op is cut into ``offload.io_threads`` equal parts, each of which must be aligned
+on its own, so the tier's regions and buffers are multiples of :func:`io_align`
+(:mod:`orch.offload.blockio`)."""
+
+
+def io_align(threads: int, sector: int = ALIGN) -> int:
+    """What every NVMe region, staging buffer and transfer is a multiple of with ``threads``
+    I/O threads on a disk of ``sector``-byte logical blocks: DeepSpeed's op splits each
+    transfer into ``threads`` equal parts, each at least sector-aligned in size, file offset and
+    address (its own ``get_alignment()`` is the same product with 4096)."""
+    return max(ALIGN, sector) * max(1, threads)
 
 CONVERSION_STAGING_ELEMENTS = 1 << 24
 """The most elements a copy that changes dtype stages at once on the device (64 MiB of float32;
@@ -26,6 +37,8 @@ REGION_TENSORS = 64
 parameters, four 8-bit AdamW states each, or its saved activations' storages): with
 :data:`ALIGN` and :data:`TENSOR_ALIGN`, what bounds a region's padding for the plan."""
 
-REGION_PADDING = ALIGN + REGION_TENSORS * TENSOR_ALIGN
-"""The most one unit's NVMe region holds beyond its tensors' bytes: its end rounded up to
-:data:`ALIGN`, each tensor's start to :data:`TENSOR_ALIGN`."""
+def region_padding(threads: int) -> int:
+    """The most one unit's NVMe region holds beyond its tensors' bytes with ``threads`` I/O
+    threads (on disks of sectors up to :data:`ALIGN`): its end rounded up to :func:`io_align`,
+    each tensor's start to :data:`TENSOR_ALIGN`."""
+    return io_align(threads) + REGION_TENSORS * TENSOR_ALIGN

@@ -16,7 +16,7 @@ from functools import cache, lru_cache
 from typing import NamedTuple
 
 from orch.config.schema import MODEL_SHAPE, OFFLOADED, WORLD_DEGREES, Config, ModelConfig
-from orch.offload.sizes import CONVERSION_STAGING_ELEMENTS, NVME_GRAD_BUFFERS, REGION_PADDING
+from orch.offload.sizes import CONVERSION_STAGING_ELEMENTS, NVME_GRAD_BUFFERS, region_padding
 from orch.parallel.schedules.actions import rank_stages
 from orch.parallel.schedules.generators import placement_of
 from orch.plan.activations import (
@@ -539,7 +539,7 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
             if tier in ("cpu", "auto"):  # auto keeps layers only where the budget has room
                 cpu += size
             else:  # a region per unit, each padded
-                nvme += size + (nd + nm + first + last) * REGION_PADDING
+                nvme += size + (nd + nm + first + last) * region_padding(off.io_threads)
         total += window
         return _StageBytes(*groups, buffers, total, cpu, nvme, window, window_min, staging,
                            grad_staging)

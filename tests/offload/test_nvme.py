@@ -17,7 +17,7 @@ import pytest
 import torch
 from offload_harness import BUDGET, train
 
-from orch.offload.blockio import ALIGN, AsyncIO, DirectIO, load_async_io
+from orch.offload.blockio import ALIGN, AsyncIO, DirectIO, aligned, load_async_io
 from orch.offload.nvme import NvmeTier, PinnedPool, ScratchFile, placeholder
 
 
@@ -61,8 +61,8 @@ BACKENDS = [pytest.param("async", marks=pytest.mark.nvme), "direct"]
 def test_block_io_round_trips_buffers_at_offsets(tmp_path, kind):
     io = _io(kind, tmp_path / "swap")
     gen = torch.Generator().manual_seed(0)
-    written = {}
-    for offset, nbytes in [(0, ALIGN * 5), (ALIGN * 5, ALIGN), (ALIGN * 6, ALIGN * 17)]:
+    written, unit = {}, io.align  # a page times the op's threads (each moves an equal part)
+    for offset, nbytes in [(0, unit * 5), (unit * 5, unit), (unit * 6, unit * 17)]:
         buf = io.buffer(nbytes)
         buf.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen))
         io.write(buf, offset)
@@ -71,7 +71,7 @@ def test_block_io_round_trips_buffers_at_offsets(tmp_path, kind):
         buf = io.buffer(expected.numel())
         io.read(buf, offset)
         assert torch.equal(buf, expected), offset
-    assert (tmp_path / "swap").stat().st_size == ALIGN * 23
+    assert (tmp_path / "swap").stat().st_size == unit * 23
     io.close()
 
 
@@ -324,8 +324,9 @@ def test_the_file_is_allocated_as_it_grows_and_a_full_disk_is_an_error(tmp_path,
 
     tier = _tier(tmp_path, kind, pinned_limit=1 << 20)
     tier.write("a", [torch.arange(3000.0)])
-    assert os.fstat(tier.file.fd).st_size == tier.file_bytes == 12288
-    assert os.fstat(tier.file.fd).st_blocks * 512 >= 12288  # on disk, not a hole
+    end = aligned(12000, tier.io.align)  # 12,288, or 16,384 for the op's 2 threads
+    assert os.fstat(tier.file.fd).st_size == tier.file_bytes == end
+    assert os.fstat(tier.file.fd).st_blocks * 512 >= end  # on disk, not a hole
 
     def full(fd: int, offset: int, nbytes: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -334,7 +335,9 @@ def test_the_file_is_allocated_as_it_grows_and_a_full_disk_is_an_error(tmp_path,
     with pytest.raises(nvme.NvmeFull) as refused:
         tier.write("b", [torch.zeros(10)])
     text = str(refused.value)
-    assert f"the NVMe tier's file in {tmp_path} cannot grow by 4,096 bytes to 16,384" in text
+    grow = tier.io.align
+    assert (f"the NVMe tier's file in {tmp_path} cannot grow by {grow:,} bytes to "
+            f"{end + grow:,}") in text
     assert "No space left on device" in text and "fix: free space" in text
     assert torch.equal(tier.read("a")[0], torch.arange(3000.0))  # what was written stays
     tier.done("a")

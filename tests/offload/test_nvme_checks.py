@@ -34,8 +34,8 @@ def test_a_disk_without_room_is_refused_with_the_numbers(tmp_path, monkeypatch):
     text = _problems(tmp_path, str(tmp_path))
     # the tiny model's AdamW moments: 3,033,344 parameters x 8 bytes, and 8,192 bytes of
     # padding at most in each of its 6 units' regions
-    assert (f"offload.nvme_path: '{tmp_path}' has 1,000 bytes free; the plan puts 24,315,904 "
-            "bytes there (24,315,904 per rank, 1 on a node)") in text
+    assert (f"offload.nvme_path: '{tmp_path}' has 1,000 bytes free; the plan puts 24,340,480 "
+            "bytes there (24,340,480 per rank, 1 on a node)") in text
 
 
 def test_a_killed_runs_scratch_file_counts_as_free(tmp_path, monkeypatch):
@@ -60,7 +60,7 @@ def test_a_killed_runs_scratch_file_counts_as_free(tmp_path, monkeypatch):
     held = stale.stat().st_blocks * 512  # what removing it frees
     text = _problems(tmp_path, str(tmp_path))
     assert (f"'{tmp_path}' has {1000 + held:,} bytes free (with {held:,} of a killed run's "
-            "scratch files, removed at start); the plan puts 24,315,904 bytes there") in text
+            "scratch files, removed at start); the plan puts 24,340,480 bytes there") in text
     other = tmp_path / f"orch-rank3-{gone}.swap"  # a rank this one-process run does not have
     other.write_bytes(b"\0" * 30_000_000)  # (its workers would not remove it)
     assert f"has {1000 + held:,} bytes free" in _problems(tmp_path, str(tmp_path))

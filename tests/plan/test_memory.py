@@ -19,7 +19,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from orch.config import Config, load_config
 from orch.launch.launcher import prepare
 from orch.models.llama import Transformer
-from orch.offload.sizes import REGION_PADDING
+from orch.offload.sizes import region_padding
 from orch.parallel.context_parallel import apply_context_parallel, local_positions
 from orch.parallel.data_parallel import set_gradient_sync
 from orch.parallel.expert_parallel import apply_expert_parallel, build_expert_mesh
@@ -187,7 +187,7 @@ def test_offload_moves_groups_off_device_but_keeps_a_prefetch_window():
     cfg.offload.optimizer = "cpu"
     cfg.offload.params = "nvme"
     off = estimate_memory(cfg, Degrees())
-    padding = (cfg.model.layers + 2) * REGION_PADDING  # a region per unit, each padded
+    padding = (cfg.model.layers + 2) * region_padding(cfg.offload.io_threads)  # per unit
     assert off.cpu == base.optimizer and off.nvme == base.params + padding
     # the engine holds the unit in use and one prefetched (depth 2), the largest unit being the
     # head (vocabulary x dim + the final norm), as bf16 copies that their float32 homes convert
