@@ -76,11 +76,13 @@ class UnitUpdates:
         try:
             for index, (stepper, params) in enumerate(zip(steppers, self.units, strict=True)):
                 mine = self.partition is None or self.partition.owns(index)
-                self.homes.prepare(index + 1)
                 with self.homes.in_memory(index, optimizer if mine else None,
                                           on_stored=partial(self._stored, index),
                                           keep=(due, index)), (
                         grads_for(index) if grads_for else nullcontext()):
+                    # the next unit's read starts once this one's is through: begun before, it
+                    # could take the room this one's own read then waits for
+                    self.homes.prepare(index + 1)
                     if mine:
                         stepper.step()
                     for p in params:

@@ -107,7 +107,10 @@ class Homes:
             return
         assert self.tier is not None
         ahead = self._ahead.pop(index, None)
-        views = ahead.result() if ahead is not None else self.tier.read(("params", index))
+        views = ahead.result() if ahead is not None else None
+        if views is None:  # no read ahead, or one that found no room
+            views = self.tier.read(("params", index))
+            assert views is not None
         try:
             yield views
         finally:
@@ -123,16 +126,19 @@ class Homes:
     def read_ahead(self, index: int) -> None:
         """Start reading unit ``index``'s parameters from NVMe in the background, once its
         update has stepped it, so its fetch finds them in memory (the read overlaps the compute
-        of the units before it; a copy the tier kept is taken without a read)."""
+        of the units before it; a copy the tier kept is taken without a read). Where the pinned
+        pool has no room then, nothing is read and the fetch reads for itself: a read ahead that
+        waited for room held the pool's room from the transfers it was waiting on (at the
+        least ``offload.pinned_budget`` the plan accepts, the run hung)."""
         if not self.params_on_nvme or index in self._ahead:
             return
         assert self.tier is not None
         tier, updated = self.tier, self._updated
 
-        def read() -> list[torch.Tensor]:
+        def read() -> list[torch.Tensor] | None:
             if updated is not None:
                 updated(index).wait()
-            return tier.read(("params", index))
+            return tier.read(("params", index), wait=False)
 
         self._ahead[index] = self._reader.submit(read)
 
@@ -140,17 +146,37 @@ class Homes:
         """Give back what reads ahead brought and nobody fetched (the end of a backward)."""
         assert self.tier is not None or not self._ahead
         for index, ahead in list(self._ahead.items()):
-            ahead.result()
-            self.tier.done(("params", index))  # type: ignore[union-attr]
+            if ahead.result() is not None:
+                self.tier.done(("params", index))  # type: ignore[union-attr]
         self._ahead.clear()
 
     def prepare(self, index: int) -> None:
         """Start reading what unit ``index``'s optimizer step needs from NVMe (its parameters
-        and states) in the background, while the unit before it is stepped."""
+        and states) in the background, while the unit before it is stepped; only as far as the
+        pinned pool has room (:meth:`read_ahead`), the step reading the rest itself."""
         if (self.tier is None or index >= len(self.units) or index in self._prepared
                 or index in self.elsewhere or not (self.params_on_nvme or self.optimizer_on_nvme)):
             return
-        self._prepared[index] = self._update_reader.submit(self._read_for_update, index, True)
+        self._prepared[index] = self._update_reader.submit(self._read_ahead_for_update, index,
+                                                           self._passes)
+
+    def _read_ahead_for_update(self, index: int, due: int
+                               ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """:meth:`prepare`'s read: the states, then the parameters, each only where the pool
+        has room now; states read without their parameters' room are kept for the step (due in
+        pass ``due``), which reads the parameters itself."""
+        tier = self.tier
+        assert tier is not None
+        params = states = None
+        if self.optimizer_on_nvme and tier.has(("optimizer", index)):
+            if (states := tier.read(("optimizer", index), wait=False)) is None:
+                return None, None
+        if self.params_on_nvme:
+            if (params := tier.read(("params", index), wait=False)) is None:
+                if states is not None:
+                    tier.done(("optimizer", index), keep=(due, index))
+                return None, None
+        return params, states
 
     def _read_for_update(self, index: int, staged: bool, states: bool = True,
                          fill: bool = True
@@ -159,9 +185,12 @@ class Homes:
         :meth:`NvmeTier.read`)."""
         tier = self.tier
         assert tier is not None
-        params = tier.read(("params", index), staged, fill) if self.params_on_nvme else None
+        # the states (the larger group) first: holding them, the parameters need a range of
+        # their size beside; with the pool at the plan's least (two units' parameters and one's
+        # states) one is free wherever the states were put, once the other transfers are through
         state_views = (tier.read(("optimizer", index), staged, fill) if states
                        and self.optimizer_on_nvme and tier.has(("optimizer", index)) else None)
+        params = tier.read(("params", index), staged, fill) if self.params_on_nvme else None
         return params, state_views
 
     @contextmanager
@@ -185,9 +214,10 @@ class Homes:
                 on_stored(None)
             return
         prepared = self._prepared.pop(index, None)
-        param_views, state_views = (prepared.result() if prepared is not None
-                                    else self._read_for_update(index, staged,
-                                                               optimizer is not None, fill))
+        param_views, state_views = prepared.result() if prepared is not None else (None, None)
+        if param_views is None and state_views is None:  # none, or one that found no room
+            param_views, state_views = self._read_for_update(index, staged,
+                                                             optimizer is not None, fill)
         params = self.units[index]
         if param_views is not None:
             for p, view in zip(params, param_views, strict=True):

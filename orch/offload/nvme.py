@@ -247,7 +247,10 @@ class PinnedPool:
             if self._arena is not None and self._unregister is None:
                 self._unregister = register(self._arena)
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int, wait: bool = True) -> torch.Tensor | None:
+        """A range of ``nbytes``; without room (after giving up kept copies), wait for one to
+        come back, or with ``wait=False`` return None (a read ahead: the budget's minimum
+        covers the transfers that must happen, not those that would only start early)."""
         if nbytes > self.limit // self.io.align * self.io.align:
             raise ValueError(f"a staging buffer of {nbytes:,} bytes is over offload.pinned_budget "
                              f"({self.limit:,}); raise offload.pinned_budget")
@@ -270,6 +273,8 @@ class PinnedPool:
                 if (freed := self.reclaim()) is not None:
                     self._put(freed)
                     continue
+                if not wait:
+                    return None
                 self._cond.wait()
 
     def give(self, buffer: torch.Tensor) -> None:
@@ -355,7 +360,7 @@ class NvmeTier:
         return self._regions[key].nbytes
 
     def read(self, key: object, staged: bool = True, fill: bool = True,
-             into: torch.Tensor | None = None) -> list[torch.Tensor]:
+             into: torch.Tensor | None = None, wait: bool = True) -> list[torch.Tensor] | None:
         """The group's tensors, as views of a buffer held until :meth:`write` or :meth:`done`
         for the same key: the group's held buffer if it has one (no disk read), else a staging
         buffer of the pool, or with ``staged=False`` a pageable one of its own (for reads that
@@ -363,7 +368,8 @@ class NvmeTier:
         the caller's ``into`` (an ``io.buffer`` of at least :meth:`nbytes`; the caller's
         again once the write or done is through). ``fill=False`` leaves a new buffer as it
         comes, for a caller that overwrites every tensor (a checkpoint load, a first
-        gradient)."""
+        gradient). ``wait=False`` (a read ahead): None, holding nothing, where a staging buffer
+        would have to wait for room."""
         region = self._regions[key]
         with self._lock:
             if (held := self._held.get(key)) is not None:
@@ -373,9 +379,12 @@ class NvmeTier:
                 return region.views(held.buffer)
         if into is not None:
             buffer, staged = into[:region.nbytes], False
+        elif staged:
+            if (taken := self.pool.take(region.nbytes, wait)) is None:
+                return None
+            buffer = taken
         else:
-            buffer = (self.pool.take(region.nbytes) if staged
-                      else self.io.buffer(region.nbytes, False))
+            buffer = self.io.buffer(region.nbytes, False)
         if fill:
             self.io.read(buffer, region.offset)
             self.bytes_read += region.nbytes

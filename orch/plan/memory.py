@@ -323,7 +323,9 @@ class MemoryEstimate:
     (a block's, with the rotary tables each block copies).
     ``staging_min`` is the pinned CPU memory the NVMe tier stages through at once: a unit's
     parameters on their way to the device and another unit's parameters and optimizer states
-    being updated (the groups that rest on NVMe); ``grad_staging`` the locked CPU memory
+    being updated (the groups that rest on NVMe), each a padded region; reads ahead take only
+    room spare beyond it (:meth:`orch.offload.homes.Homes.read_ahead`), so a pool of exactly
+    this many bytes trains with less overlap; ``grad_staging`` the locked CPU memory
     gradients on NVMe gather in, beside it (:mod:`orch.offload.grad_staging`).
     """
 
@@ -526,9 +528,12 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
         minimum = (copy_bytes + converts, act_bytes * largest, 0, unit_acts)
         windows = (max(1, depth) * copy_bytes + converts, *minimum[1:3], depth * unit_acts)
         unit_optim = -(-whole_optim * -(-unit // fsdp) // max(1, n))
-        staging = (2 * unit_bytes if tiers[0] == "nvme" else 0) + (
-            unit_optim if tiers[2] == "nvme" else 0)
-        grad_staging = NVME_GRAD_BUFFERS * GRAD_BYTES * -(-unit // fsdp) * (tiers[1] == "nvme")
+        # each a region of the tier, padded (orch.offload.nvme): its staging buffer is as large
+        pad = region_padding(off.io_threads)
+        staging = (2 * (unit_bytes + pad) if tiers[0] == "nvme" else 0) + (
+            unit_optim + pad if tiers[2] == "nvme" else 0)
+        grad_staging = NVME_GRAD_BUFFERS * (GRAD_BYTES * -(-unit // fsdp) + pad) * (
+            tiers[1] == "nvme")
         total, cpu, nvme, window, window_min = buffers, 0, 0, 0, 0
         for size, tier, most, least in zip(groups, tiers, windows, minimum, strict=True):
             if tier == "device":

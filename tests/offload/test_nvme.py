@@ -475,3 +475,19 @@ def test_units_resting_on_other_replicas_are_never_held_or_written_here(tmp_path
     with homes.all_in_memory(None):
         assert [unit[0].untyped_storage().nbytes() > 0 for unit in units] == [True, False, True]
     homes.close()
+
+
+def test_a_read_ahead_takes_only_spare_room_and_holds_nothing_when_there_is_none(tmp_path):
+    """A read ahead that waited for room held the pool from the transfers it was waiting on
+    (a run at the least pinned budget hung): ``wait=False`` gives up at once instead."""
+    tier = _tier(tmp_path, "direct", pinned_limit=ALIGN * 2)
+    tier.write("a", [torch.ones(1024)])
+    tier.write("b", [torch.arange(2048.0)])
+    (held,) = tier.read("a")
+    assert tier.pool.take(ALIGN * 2, wait=False) is None
+    assert tier.read("b", wait=False) is None and tier.pool.peak == ALIGN
+    tier.done("a")
+    (back,) = tier.read("b", wait=False)
+    assert torch.equal(back, torch.arange(2048.0))
+    tier.done("b")
+    tier.close()

@@ -207,17 +207,19 @@ def test_offload_moves_groups_off_device_but_keeps_a_prefetch_window():
     assert fp32.window == 2 * 4 * unit and fp32.window_min == 4 * unit
     cfg.train.precision = "bf16"
     # NVMe parameters stage through pinned memory: a unit on its way to the device and another
-    # being updated; with the optimizer states on NVMe too, that unit's AdamW moments as well
-    assert off.staging_min == 2 * 4 * unit
+    # being updated; with the optimizer states on NVMe too, that unit's AdamW moments as well;
+    # each a padded region of the tier
+    pad = region_padding(cfg.offload.io_threads)
+    assert off.staging_min == 2 * (4 * unit + pad)
     cfg.offload.optimizer = "nvme"
     both = estimate_memory(cfg, Degrees())
-    assert both.staging_min == 2 * 4 * unit + 8 * unit
+    assert both.staging_min == 2 * (4 * unit + pad) + 8 * unit + pad
     assert both.nvme == off.nvme + off.cpu + padding
     # gradients on NVMe gather in three locked float32 buffers of a unit (gathering, written,
     # read ahead), beside the pool
     assert both.grad_staging == 0
     cfg.offload.grads = "nvme"
-    assert estimate_memory(cfg, Degrees()).grad_staging == 3 * 4 * unit
+    assert estimate_memory(cfg, Degrees()).grad_staging == 3 * (4 * unit + pad)
     cfg.offload.grads = "device"
     # offloaded replicas each keep the states of the units they step (a share), and still
     # stage a whole unit's states for its update
