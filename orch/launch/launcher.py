@@ -33,6 +33,7 @@ from orch.launch.attempts import Attempts, consulted_on_restarts
 from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
+from orch.offload.sizes import AIO_HANDLES_AT_START, aio_events_problem
 from orch.offload.stale_scratch import stale_scratch_files
 from orch.parallel.pipeline.rebalance import (
     REBALANCE_EXIT,
@@ -439,6 +440,10 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
                         "choose a directory this user can write")]
     if plan is None:
         return []
+    # the handles every rank on this node opens at once with its tier (DeepSpeed's op's)
+    events = aio_events_problem(off.io_queue_depth, off.io_threads,
+                                AIO_HANDLES_AT_START * plan.gpus_per_node)
+    problems = [events] if events is not None else []
     need = plan.memory.nvme * plan.gpus_per_node
     # Named scratch files an older orch's killed run left, of the ranks this run has: its
     # workers remove those before they write their own (this version's have no name and go with
@@ -451,12 +456,12 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
     if free < need:
         left = f" (with {stale:,} of a killed run's scratch files, removed at start)" if stale \
             else ""
-        return [Problem("offload.nvme_path", f"{off.nvme_path!r} has {free:,} bytes free{left}; "
-                        f"the plan puts {need:,} bytes there ({plan.memory.nvme:,} per rank, "
-                        f"{plan.gpus_per_node} on a node)",
-                        "free space, choose a larger disk, or keep more groups on cpu",
-                        MEMORY_READS)]
-    return []
+        problems.append(Problem(
+            "offload.nvme_path", f"{off.nvme_path!r} has {free:,} bytes free{left}; the plan "
+            f"puts {need:,} bytes there ({plan.memory.nvme:,} per rank, {plan.gpus_per_node} on "
+            "a node)", "free space, choose a larger disk, or keep more groups on cpu",
+            MEMORY_READS))
+    return problems
 
 
 def _check_drill(cfg: Config, world: int, resumed_at: int = 0) -> list[Problem]:

@@ -46,9 +46,10 @@ from typing import Protocol
 
 import torch
 
+from orch.errors import ProblemsError
 from orch.offload.cpu_adam import stderr_with_descriptor, use_venv_extension_cache
 from orch.offload.host_memory import onto_huge_pages
-from orch.offload.sizes import ALIGN, io_align
+from orch.offload.sizes import AIO_HANDLES_AT_START, ALIGN, aio_events_problem, io_align
 from orch.offload.threads import helper_pool
 
 
@@ -132,6 +133,7 @@ class AsyncIO:
         self.align = io_align(threads, self.sector)
         block_size = aligned(block_size, max(ALIGN, self.sector))
         self._args = (block_size, queue_depth, False, True, threads)
+        _check_aio_events(self._args, AIO_HANDLES_AT_START)
         self._local = threading.local()
         self._closed = False
         self._allocator = self._op.aio_handle(*self._args)
@@ -141,6 +143,7 @@ class AsyncIO:
     def _handle(self):
         handle = getattr(self._local, "handle", None)
         if handle is None:
+            _check_aio_events(self._args, 1)
             handle = self._local.handle = self._op.aio_handle(*self._args)
         return handle
 
@@ -180,6 +183,20 @@ class AsyncIO:
     def close(self) -> None:
         self._local = threading.local()
         self._closed = True
+
+
+class AioEvents(ProblemsError):
+    """The kernel has too few AIO events left for another of DeepSpeed's I/O handles."""
+
+    title = "the NVMe tier cannot open its async I/O"
+
+
+def _check_aio_events(args: tuple, handles: int) -> None:
+    """Raise :class:`AioEvents` where ``handles`` more handles made with ``args`` would not get
+    their AIO contexts (the op would die on an assertion at its first submit)."""
+    _, queue_depth, _, _, threads = args
+    if (problem := aio_events_problem(queue_depth, threads, handles)) is not None:
+        raise AioEvents([problem])
 
 
 _said_views = False

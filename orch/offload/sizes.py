@@ -3,6 +3,10 @@ torch (``orch plan`` does not load it)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from orch.errors import Problem
+
 ALIGN = 4096
 """The least O_DIRECT alignment of offsets, sizes and buffer addresses the NVMe tier uses (a
 page; covers 512-byte and 4096-byte sectors): NVMe I/O blocks are multiples of it. A transfer
@@ -42,3 +46,37 @@ def region_padding(threads: int) -> int:
     threads (on disks of sectors up to :data:`ALIGN`): its end rounded up to :func:`io_align`,
     each tensor's start to :data:`TENSOR_ALIGN`."""
     return io_align(threads) + REGION_TENSORS * TENSOR_ALIGN
+
+
+AIO_HANDLES_AT_START = 2
+"""DeepSpeed I/O handles a rank opens with its NVMe tier before anything else: the one whose
+locked buffers the tier stages through and the opening thread's (its read-back check); each
+thread that moves NVMe bytes later opens one more (about a dozen in a run with every group on
+NVMe and a checkpoint)."""
+
+
+def aio_events_problem(queue_depth: int, threads: int, handles: int = 1,
+                       proc: Path = Path("/proc/sys/fs")) -> Problem | None:
+    """The problem with opening ``handles`` more DeepSpeed I/O handles of ``threads`` threads
+    and ``queue_depth`` requests each, where the kernel's AIO events left (``fs.aio-max-nr``
+    less ``fs.aio-nr``, read under ``proc``) cannot cover them: each handle sets up
+    ``threads + 1`` AIO contexts of ``queue_depth`` events, and the op does not check that
+    they were made (its first submit then fails an assertion and kills the process). None
+    where they fit, or where the kernel does not say."""
+    try:
+        most = int((proc / "aio-max-nr").read_text())
+        used = int((proc / "aio-nr").read_text())
+    except (OSError, ValueError):
+        return None
+    per_handle = (threads + 1) * queue_depth
+    if handles * per_handle <= most - used:
+        return None
+    return Problem(
+        "offload.io_queue_depth",
+        f"{queue_depth:,} with offload.io_threads={threads}: each of DeepSpeed's I/O handles "
+        f"takes {threads + 1} AIO contexts of {queue_depth:,} events ({per_handle:,}), "
+        f"{handles} of them {handles * per_handle:,}, and the kernel has {max(most - used, 0):,} "
+        f"left (fs.aio-max-nr={most:,}, fs.aio-nr={used:,} in use)",
+        "lower offload.io_queue_depth or offload.io_threads (32 and 2 are the defaults; a "
+        "run opens about a dozen handles per rank), or raise the kernel's limit "
+        "(sysctl -w fs.aio-max-nr=1048576)", ("offload.io_threads",))
