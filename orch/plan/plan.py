@@ -581,4 +581,21 @@ def build_plan(
             f"set offload.pinned_budget to at least {staging:,} bytes, or auto", MEMORY_READS))
     if found:
         raise PlanError(reading(found, ("cluster",)))
-    return plan
+    return _budget_note(cfg, plan)
+
+
+def _budget_note(cfg: Config, plan: Plan) -> Plan:
+    """``plan`` with a note where ``offload.device_budget`` is above what the device has left
+    beside what is not offloaded: the budget then bounds nothing, and the engine's prefetching
+    is held back by the device's memory, not by it (a plan said "of a 93.1 GiB offload budget"
+    on a device with 21.6 GiB usable, silently)."""
+    budget = cfg.offload.device_budget
+    left = max(0, plan.memory_limit_bytes - (plan.memory.total - plan.memory.window))
+    if not cfg.offload.enabled or not isinstance(budget, int) or budget <= left:
+        return plan
+    gib = 1 << 30
+    note = (f"offload.device_budget {budget / gib:.1f} GiB is above the device's "
+            f"{plan.memory_limit_bytes / gib:.1f} GiB usable ({left / gib:.1f} GiB of it left "
+            "beside what is not offloaded): it bounds nothing there; set auto, or at most "
+            f"{left:,} bytes")
+    return dataclasses.replace(plan, notes=(*plan.notes, note))

@@ -240,3 +240,19 @@ def test_zbv_runs_its_v_without_virtual_stages_spelled_out():
                                             "parallel.virtual_stages=2"]),
                          world_size=2, device="cpu")
     assert spelled.degrees == plan.degrees
+
+
+def test_a_device_budget_above_the_devices_usable_memory_is_noted():
+    """offload.device_budget=100GB on a device with 72 GiB usable said 'of a 93.1 GiB offload
+    budget' and nothing else: the budget bounds nothing there."""
+    offload = ["offload.params=cpu", "offload.grads=cpu", "offload.optimizer=cpu"]
+    over = build_plan(load_config("configs/tiny.yaml", [*offload, "offload.device_budget=100GB"]),
+                      1)
+    (note,) = [n for n in over.notes if n.startswith("offload.device_budget")]
+    left = over.memory_limit_bytes - (over.memory.total - over.memory.window)
+    assert (f"offload.device_budget 93.1 GiB is above the device's "
+            f"{over.memory_limit_bytes / 2**30:.1f} GiB usable") in note
+    assert note.endswith(f"set auto, or at most {left:,} bytes")
+    within = build_plan(load_config("configs/tiny.yaml", [*offload, "offload.device_budget=1GB"]),
+                        1)
+    assert not [n for n in within.notes if n.startswith("offload.device_budget")]
