@@ -33,7 +33,7 @@ from orch.launch.attempts import Attempts, consulted_on_restarts
 from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
-from orch.offload.sizes import AIO_HANDLES_AT_START, aio_events_problem
+from orch.offload.sizes import aio_events_problem, aio_handles
 from orch.offload.stale_scratch import stale_scratch_files
 from orch.parallel.pipeline.rebalance import (
     REBALANCE_EXIT,
@@ -440,9 +440,10 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
                         "choose a directory this user can write")]
     if plan is None:
         return []
-    # the handles every rank on this node opens at once with its tier (DeepSpeed's op's)
+    # the handles every rank on this node opens over the run (DeepSpeed's op's, one a thread)
+    handles = aio_handles(off.params, off.grads, off.optimizer, off.activations)
     events = aio_events_problem(off.io_queue_depth, off.io_threads,
-                                AIO_HANDLES_AT_START * plan.gpus_per_node)
+                                handles * plan.gpus_per_node)
     problems = [events] if events is not None else []
     need = plan.memory.nvme * plan.gpus_per_node
     # Named scratch files an older orch's killed run left, of the ranks this run has: its

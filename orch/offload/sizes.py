@@ -51,8 +51,25 @@ def region_padding(threads: int) -> int:
 AIO_HANDLES_AT_START = 2
 """DeepSpeed I/O handles a rank opens with its NVMe tier before anything else: the one whose
 locked buffers the tier stages through and the opening thread's (its read-back check); each
-thread that moves NVMe bytes later opens one more (about a dozen in a run with every group on
-NVMe and a checkpoint)."""
+thread that moves NVMe bytes later opens one more (:func:`aio_handles`)."""
+
+
+def aio_handles(params: str, grads: str, optimizer: str, activations: str) -> int:
+    """The most DeepSpeed I/O handles one rank's NVMe tier opens over a run with these homes:
+    one per thread that moves NVMe bytes (each keeps its own), beyond the
+    :data:`AIO_HANDLES_AT_START`: the parameter and state homes' reader, reader ahead for the
+    update, and writer, and the CPU optimizer's thread (parameters or optimizer on NVMe); the
+    gradients' reader and writer; the activation swapper; a checkpoint's writer (every tier:
+    it reads what rests on NVMe as it saves). Ten with every group on NVMe; counting only the
+    first two let the launch pass queues that stopped the run after its first step."""
+    handles = AIO_HANDLES_AT_START + 1
+    if "nvme" in (params, optimizer):
+        handles += 4
+    if grads == "nvme":
+        handles += 2
+    if activations == "nvme":
+        handles += 1
+    return handles
 
 
 def aio_events_problem(queue_depth: int, threads: int, handles: int = 1,
@@ -78,5 +95,5 @@ def aio_events_problem(queue_depth: int, threads: int, handles: int = 1,
         f"{handles} of them {handles * per_handle:,}, and the kernel has {max(most - used, 0):,} "
         f"left (fs.aio-max-nr={most:,}, fs.aio-nr={used:,} in use)",
         "lower offload.io_queue_depth or offload.io_threads (32 and 2 are the defaults; a "
-        "run opens about a dozen handles per rank), or raise the kernel's limit "
-        "(sysctl -w fs.aio-max-nr=1048576)", ("offload.io_threads",))
+        "rank opens up to 10 handles, one per thread moving NVMe bytes), or raise the "
+        "kernel's limit (sysctl -w fs.aio-max-nr=1048576)", ("offload.io_threads",))

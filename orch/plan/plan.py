@@ -594,8 +594,8 @@ def _budget_note(cfg: Config, plan: Plan) -> Plan:
     if not cfg.offload.enabled or not isinstance(budget, int) or budget <= left:
         return plan
     gib = 1 << 30
-    note = (f"offload.device_budget {budget / gib:.1f} GiB is above the device's "
-            f"{plan.memory_limit_bytes / gib:.1f} GiB usable ({left / gib:.1f} GiB of it left "
-            "beside what is not offloaded): it bounds nothing there; set auto, or at most "
-            f"{left:,} bytes")
+    note = (f"offload.device_budget {budget / gib:.1f} GiB is above the {left / gib:.1f} GiB "
+            f"the device has left beside what is not offloaded (of "
+            f"{plan.memory_limit_bytes / gib:.1f} GiB usable): it bounds nothing there; set "
+            f"auto, or at most {left:,} bytes")
     return dataclasses.replace(plan, notes=(*plan.notes, note))

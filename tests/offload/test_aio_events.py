@@ -53,8 +53,31 @@ def test_the_launch_refuses_a_queue_the_kernel_cannot_give_every_rank(tmp_path, 
     with pytest.raises(PlanError) as refused:
         prepare(argv)
     assert ("offload.io_queue_depth: 5,000 with offload.io_threads=16: each of DeepSpeed's I/O "
-            "handles takes 17 AIO contexts of 5,000 events (85,000), 2 of them 170,000") in str(
+            "handles takes 17 AIO contexts of 5,000 events (85,000), 7 of them 595,000") in str(
                 refused.value)
+
+
+def test_the_launch_counts_the_handles_the_run_opens_not_only_its_first(tmp_path, monkeypatch):
+    """Each thread that moves NVMe bytes keeps its own handle: with every group on NVMe about
+    nine by the first step and one more at a checkpoint. The launch counted the first two and
+    passed io_queue_depth=3000 (2 x 9,000 of 65,536), which stopped after step 1 (7 handles)."""
+    from orch.offload.sizes import aio_handles
+
+    assert aio_handles("nvme", "nvme", "nvme", "nvme") == 10
+    assert aio_handles("nvme", "cpu", "cpu", "device") == 7
+    assert aio_handles("cpu", "nvme", "cpu", "device") == 5
+    (tmp_path / "proc").mkdir()
+    proc = _proc(tmp_path / "proc", 65536, 0)
+    monkeypatch.setattr(launcher, "aio_events_problem",
+                        functools.partial(aio_events_problem, proc=proc))
+    argv = ["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path}/run"]
+    for item in ("offload.params=nvme", "offload.grads=nvme", "offload.optimizer=nvme",
+                 "offload.activations=nvme", f"offload.nvme_path={tmp_path}",
+                 "offload.io_queue_depth=3000", "offload.cpu_adam=torch"):
+        argv += ["--set", item]
+    with pytest.raises(PlanError) as refused:
+        prepare(argv)
+    assert "10 of them 90,000, and the kernel has 65,536 left" in str(refused.value)
 
 
 def _async_io_or_skip() -> None:

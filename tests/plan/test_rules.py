@@ -250,9 +250,17 @@ def test_a_device_budget_above_the_devices_usable_memory_is_noted():
                       1)
     (note,) = [n for n in over.notes if n.startswith("offload.device_budget")]
     left = over.memory_limit_bytes - (over.memory.total - over.memory.window)
-    assert (f"offload.device_budget 93.1 GiB is above the device's "
-            f"{over.memory_limit_bytes / 2**30:.1f} GiB usable") in note
+    assert (f"offload.device_budget 93.1 GiB is above the {left / 2**30:.1f} GiB the device "
+            f"has left beside what is not offloaded (of {over.memory_limit_bytes / 2**30:.1f} "
+            "GiB usable)") in note
     assert note.endswith(f"set auto, or at most {left:,} bytes")
+    # between what is left and what is usable: it said 'above the device's 72.0 GiB usable'
+    big = ["configs/llama3-8b.yaml", ["parallel.dp_replicate=8", "parallel.dp_shard=1",
+                                      *offload, "offload.device_budget=30GB"]]
+    between = build_plan(load_config(*big), 8)
+    (note,) = [n for n in between.notes if n.startswith("offload.device_budget")]
+    assert "27.9 GiB is above the 23.0 GiB the device has left" in note
+    assert "of 72.0 GiB usable" in note
     within = build_plan(load_config("configs/tiny.yaml", [*offload, "offload.device_budget=1GB"]),
                         1)
     assert not [n for n in within.notes if n.startswith("offload.device_budget")]
