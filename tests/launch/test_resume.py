@@ -172,7 +172,7 @@ def test_bad_launches_stop_before_any_process(tmp_path, monkeypatch):
           "--set", "offload.nvme_path=/tmp", "--set", "offload.params=nvme",
           "--set", "offload.pinned_budget=1MB"],
          "offload.pinned_budget: 1000000 (1,000,000 bytes) is less than the NVMe tier stages at "
-         "once: 5,804,032 bytes"),
+         "once: 5,828,608 bytes"),
         (["--nproc-per-node", "1", "configs/tiny.yaml", *OFFLOAD, "--set",
           "offload.activations=auto", "--set", "train.recompute=selective"],
          "offload.activations: auto with train.recompute=selective"),
