@@ -46,8 +46,8 @@ MEMORY_READS = (
         "precision", "recompute", "seq_len", "micro_batch", "global_batch")),
     "optimizer.name", *WORLD_DEGREES, *(f"parallel.{name}" for name in (
         "ep", "etp", "virtual_stages", "pp_schedule", "pp_max_deferred", "stage_layers", "cp_kind",
-        "sequence_parallel")),
-    *OFFLOADED, "offload.shard_params", "offload.prefetch_depth")
+        "sequence_parallel", "grad_reduce")),
+    *OFFLOADED, "offload.shard_params", "offload.prefetch_depth", "offload.io_threads")
 """The config fields :func:`estimate_memory` reads (shapes, batch and precision, optimizer
 states, degrees and schedule, homes): what a check of its bytes reads (``Problem.reads``);
 fields, not whole sections, so that a failed field it does not read (``train.lr``,
