@@ -324,9 +324,10 @@ class MemoryEstimate:
     ``staging_min`` is the pinned CPU memory the NVMe tier stages through at once: a unit's
     parameters on their way to the device and another unit's parameters and optimizer states
     being updated (the groups that rest on NVMe), each a padded region; reads ahead take only
-    room spare beyond it (:meth:`orch.offload.homes.Homes.read_ahead`), so a pool of exactly
-    this many bytes trains with less overlap; ``grad_staging`` the locked CPU memory
-    gradients on NVMe gather in, beside it (:mod:`orch.offload.grad_staging`).
+    free room (or what kept copies hold, given up) beyond it, never waiting
+    (:meth:`orch.offload.homes.Homes.read_ahead`), so a pool of exactly this many bytes trains
+    with less overlap; ``grad_staging`` the locked CPU memory gradients on NVMe gather in,
+    beside it (:mod:`orch.offload.grad_staging`).
     """
 
     params: int
