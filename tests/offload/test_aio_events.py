@@ -40,21 +40,27 @@ def test_handles_that_the_kernel_has_events_for_pass_and_others_are_named(tmp_pa
     assert aio_events_problem(32, 2, 1, tmp_path / "absent") is None  # the kernel does not say
 
 
-def test_the_launch_refuses_a_queue_the_kernel_cannot_give_every_rank(tmp_path, monkeypatch):
+def _refused_launch(tmp_path, monkeypatch, *items: str) -> str:
+    """What the launch says of a tiny run with ``items`` set, the kernel having 65,536 AIO
+    events and none in use."""
     (tmp_path / "proc").mkdir()
     proc = _proc(tmp_path / "proc", 65536, 0)
     monkeypatch.setattr(launcher, "aio_events_problem",
                         functools.partial(aio_events_problem, proc=proc))
     argv = ["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path}/run"]
-    for item in ("offload.params=nvme", "offload.grads=cpu", "offload.optimizer=nvme",
-                 f"offload.nvme_path={tmp_path}", "offload.io_queue_depth=5000",
-                 "offload.io_threads=16"):
+    for item in (f"offload.nvme_path={tmp_path}", *items):
         argv += ["--set", item]
     with pytest.raises(PlanError) as refused:
         prepare(argv)
+    return str(refused.value)
+
+
+def test_the_launch_refuses_a_queue_the_kernel_cannot_give_every_rank(tmp_path, monkeypatch):
+    said = _refused_launch(tmp_path, monkeypatch, "offload.params=nvme", "offload.grads=cpu",
+                           "offload.optimizer=nvme", "offload.io_queue_depth=5000",
+                           "offload.io_threads=16")
     assert ("offload.io_queue_depth: 5,000 with offload.io_threads=16: each of DeepSpeed's I/O "
-            "handles takes 17 AIO contexts of 5,000 events (85,000), 7 of them 595,000") in str(
-                refused.value)
+            "handles takes 17 AIO contexts of 5,000 events (85,000), 7 of them 595,000") in said
 
 
 def test_the_launch_counts_the_handles_the_run_opens_not_only_its_first(tmp_path, monkeypatch):
@@ -66,18 +72,10 @@ def test_the_launch_counts_the_handles_the_run_opens_not_only_its_first(tmp_path
     assert aio_handles("nvme", "nvme", "nvme", "nvme") == 10
     assert aio_handles("nvme", "cpu", "cpu", "device") == 7
     assert aio_handles("cpu", "nvme", "cpu", "device") == 5
-    (tmp_path / "proc").mkdir()
-    proc = _proc(tmp_path / "proc", 65536, 0)
-    monkeypatch.setattr(launcher, "aio_events_problem",
-                        functools.partial(aio_events_problem, proc=proc))
-    argv = ["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path}/run"]
-    for item in ("offload.params=nvme", "offload.grads=nvme", "offload.optimizer=nvme",
-                 "offload.activations=nvme", f"offload.nvme_path={tmp_path}",
-                 "offload.io_queue_depth=3000", "offload.cpu_adam=torch"):
-        argv += ["--set", item]
-    with pytest.raises(PlanError) as refused:
-        prepare(argv)
-    assert "10 of them 90,000, and the kernel has 65,536 left" in str(refused.value)
+    said = _refused_launch(tmp_path, monkeypatch, "offload.params=nvme", "offload.grads=nvme",
+                           "offload.optimizer=nvme", "offload.activations=nvme",
+                           "offload.io_queue_depth=3000", "offload.cpu_adam=torch")
+    assert "10 of them 90,000, and the kernel has 65,536 left" in said
 
 
 def _async_io_or_skip() -> None:
