@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from orch.parallel.schedules.actions import Schedule
 from orch.parallel.schedules.generators import build_schedule
-from orch.parallel.schedules.simulate import Costs, _Walk
+from orch.parallel.schedules.simulate import Costs, makespan
 
 COUNTED = ("2bp-gpipe", "2bp-1f1b", "zb-h1")
 """Schedules whose activation peaks and bubble are read off the built schedule."""
@@ -102,6 +102,4 @@ def bubble_share(schedule: str, stages: int, microbatches: int,
     :func:`_simulated` of them and its idle time taken over its own work: the same number, in
     milliseconds instead of seconds at thousands of micro-batches."""
     built = _built(schedule, stages, microbatches, max_deferred)
-    # the simulator's timing alone (``simulate`` without its spans: a valid schedule, built)
-    _, ends, _ = _Walk.of(built).times(Costs(), stages, 1)
-    return (max(ends) - 3 * built.microbatches) / (3 * microbatches)
+    return (makespan(built, Costs()) - 3 * built.microbatches) / (3 * microbatches)
