@@ -33,7 +33,7 @@ from orch.launch.attempts import Attempts, consulted_on_restarts
 from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
-from orch.offload.sizes import aio_events_problem, aio_handles
+from orch.offload.sizes import aio_events_problem, aio_handles, async_io_may_load
 from orch.offload.stale_scratch import stale_scratch_files
 from orch.parallel.pipeline.rebalance import (
     REBALANCE_EXIT,
@@ -440,11 +440,14 @@ def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:
                         "choose a directory this user can write")]
     if plan is None:
         return []
-    # the handles every rank on this node opens over the run (DeepSpeed's op's, one a thread)
-    handles = aio_handles(off.params, off.grads, off.optimizer, off.activations)
-    events = aio_events_problem(off.io_queue_depth, off.io_threads,
-                                handles * plan.gpus_per_node)
-    problems = [events] if events is not None else []
+    problems = []
+    if async_io_may_load():
+        # the handles every rank on this node opens over the run (DeepSpeed's op's, one a
+        # thread); the O_DIRECT fallback, where the op cannot load, needs no AIO events
+        handles = aio_handles(off.params, off.grads, off.optimizer, off.activations)
+        if (events := aio_events_problem(off.io_queue_depth, off.io_threads,
+                                         handles * plan.gpus_per_node)) is not None:
+            problems.append(events)
     need = plan.memory.nvme * plan.gpus_per_node
     # Named scratch files an older orch's killed run left, of the ranks this run has: its
     # workers remove those before they write their own (this version's have no name and go with

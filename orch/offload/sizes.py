@@ -3,6 +3,8 @@ torch (``orch plan`` does not load it)."""
 
 from __future__ import annotations
 
+import ctypes.util
+import importlib.util
 from pathlib import Path
 
 from orch.errors import Problem
@@ -70,6 +72,15 @@ def aio_handles(params: str, grads: str, optimizer: str, activations: str) -> in
     if activations == "nvme":
         handles += 1
     return handles
+
+
+def async_io_may_load() -> bool:
+    """Whether DeepSpeed's async I/O op may load on this machine: DeepSpeed installed and libaio
+    on the library path. Without either the NVMe tier takes its O_DIRECT thread pool, which
+    opens no AIO contexts, so the kernel's AIO events do not bound its queue
+    (:func:`aio_events_problem` is for the op's handles only). Cheap: finds, imports nothing."""
+    return importlib.util.find_spec("deepspeed") is not None \
+        and ctypes.util.find_library("aio") is not None
 
 
 def aio_events_problem(queue_depth: int, threads: int, handles: int = 1,

@@ -78,6 +78,26 @@ def test_the_launch_counts_the_handles_the_run_opens_not_only_its_first(tmp_path
     assert "10 of them 90,000, and the kernel has 65,536 left" in said
 
 
+def test_without_the_async_io_op_the_launch_does_not_count_aio_events(tmp_path, monkeypatch):
+    """Where DeepSpeed's op cannot load (no libaio), the NVMe tier's O_DIRECT thread pool opens
+    no AIO contexts: a queue the kernel's events could not give the op is not refused."""
+    from orch.offload import sizes
+
+    items = ("offload.params=nvme", "offload.grads=cpu", "offload.optimizer=nvme",
+             "offload.io_queue_depth=5000", "offload.io_threads=16")
+    monkeypatch.setattr(sizes.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(launcher, "aio_events_problem", functools.partial(
+        aio_events_problem, proc=_proc(tmp_path, 65536, 0)))
+    argv = ["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path}/run",
+            "--set", f"offload.nvme_path={tmp_path}"]
+    for item in items:
+        argv += ["--set", item]
+    prepare(argv)  # no PlanError
+    monkeypatch.undo()
+    (tmp_path / "op").mkdir()
+    assert "AIO contexts" in _refused_launch(tmp_path / "op", monkeypatch, *items)
+
+
 def _async_io_or_skip() -> None:
     try:
         load_async_io()
