@@ -266,7 +266,7 @@ def evaluate(
         seq_len=t.seq_len,
         microbatches=t.global_batch // (t.micro_batch * deg.dp),
         recompute=t.recompute,
-        grad_reduce=_grad_reduce(cfg, deg),
+        grad_reduce=grad_reduce(cfg, deg),
         layers_per_stage=stage_layers,
         memory=memory,
         memory_limit_bytes=limit,
@@ -280,8 +280,10 @@ def evaluate(
     )
 
 
-def _grad_reduce(cfg: Config, deg: Degrees) -> str:
-    """:attr:`Plan.grad_reduce`: the setting where it changes what a rank holds and sends."""
+def grad_reduce(cfg: Config, deg: Degrees) -> str:
+    """:attr:`Plan.grad_reduce`: the setting where it changes what a rank holds and sends
+    (several micro-batches, sharded gradients, no pipeline, no offload); "" elsewhere, where
+    both settings run alike (``orch plan --auto`` then prices one)."""
     t = cfg.train
     several = t.global_batch // (t.micro_batch * deg.dp) > 1
     sharded = deg.fsdp > 1 or (cfg.model.is_moe and deg.expert_shard > 1)

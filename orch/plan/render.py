@@ -247,13 +247,14 @@ def render_search(result: SearchResult, devices: str) -> str:
     lines = [
         head,
         "",
-        f"  {'#':<3}{'degrees':<{width}}{'mb':>3}  {'recompute':<10}{'mem/rank':>11}"
-        f"{'step s':>9}{'tokens/s':>10}{'MFU':>7}",
+        f"  {'#':<3}{'degrees':<{width}}{'mb':>3}  {'recompute':<10}{'reduce':<10}"
+        f"{'mem/rank':>11}{'step s':>9}{'tokens/s':>10}{'MFU':>7}",
     ]
     for i, plan in enumerate(result.best, 1):
         lines.append(
             f"  {i:<3}{plan.degrees.short():<{width}}{plan.micro_batch:>3}  "
-            f"{plan.recompute:<10}{gib(plan.memory.total):>11}{plan.step.total_s:>9.3f}"
+            f"{plan.recompute:<10}{plan.grad_reduce or '-':<10}{gib(plan.memory.total):>11}"
+            f"{plan.step.total_s:>9.3f}"
             f"{rate(plan.step.tokens_per_s):>10}{plan.step.mfu * 100:>6.1f}%"
         )
     refused = [str(i) for i, plan in enumerate(result.best, 1)

@@ -4,7 +4,8 @@ Candidates are generated valid by construction (tp inside a node and dividing th
 the layers and pp x virtual stages dividing them, experts folding into a stage, batch divisible by
 micro-batch x dp) and are then checked by the same ``check_degrees`` that guards hand-written plans,
 so the two can never disagree. Each set of degrees is tried with several micro-batch sizes and
-recompute policies; the best of those represents the degrees in the ranking. Plans over memory are
+recompute policies (and both ``parallel.grad_reduce`` settings where they differ); the best of
+those represents the degrees in the ranking. Plans over memory are
 counted with the memory group that dominated them, so users learn why a machine is too small.
 """
 
@@ -29,6 +30,7 @@ from orch.plan.plan import (
     Plan,
     PlannedSplit,
     evaluate,
+    grad_reduce,
     placement_key,
     plan_split,
     step_time,
@@ -41,6 +43,10 @@ from orch.plan.topology import Link
 
 MICRO_BATCHES = (1, 2, 4, 8)
 RECOMPUTE = ("none", "selective", "full")
+GRAD_REDUCE = ("microbatch", "step")
+"""``parallel.grad_reduce`` settings, least memory first: ``step`` holds whole gradients between
+micro-batches for one reduce per step, which can be faster or, where the per-micro-batch
+reduce-scatters hide behind the backward, not."""
 MIN_CP_CHUNK = 1024
 """Context parallelism is searched only while each rank keeps this many tokens: below that its
 ring exchanges cost more than the activation memory they save."""
@@ -81,7 +87,8 @@ def divisors(n: int) -> list[int]:
 
 
 SEARCHED = ("parallel.pp", "parallel.dp_replicate", "parallel.dp_shard", "parallel.cp",
-            "parallel.tp", "parallel.ep", "parallel.etp", "train.micro_batch", "train.recompute")
+            "parallel.tp", "parallel.ep", "parallel.etp", "train.micro_batch", "train.recompute",
+            "parallel.grad_reduce")
 """What ``--auto`` chooses. One given with ``--set`` is kept as given (a constraint of the
 search), and tried where the search would not try it by itself (a cp below
 :data:`MIN_CP_CHUNK` tokens a rank, HSDP groups of part of a node, a micro-batch of 3); the
@@ -208,22 +215,28 @@ def search(cfg: Config, machine: Machine, top: int = 5,
     micro_batches = (int(fixed["train.micro_batch"]),) if "train.micro_batch" in fixed \
         else MICRO_BATCHES
     recomputes = (str(fixed["train.recompute"]),) if "train.recompute" in fixed else RECOMPUTE
-    # Every (micro-batch, recompute) variant of cfg, made once: thousands of degrees share them.
-    variants = {(mb, r): _with_train(cfg, micro_batch=mb, recompute=r)
-                for mb in micro_batches for r in {cfg.train.recompute, *recomputes}}
+    reduces = (str(fixed["parallel.grad_reduce"]),) if "parallel.grad_reduce" in fixed \
+        else GRAD_REDUCE
+    lean = reduces[0]  # the setting needing the least memory, what decides what fits
+    # Every (micro-batch, recompute, grad_reduce) variant of cfg, made once: thousands of
+    # degrees share them.
+    variants = {(mb, r, g): _with(cfg, micro_batch=mb, recompute=r, grad_reduce=g)
+                for mb in micro_batches for r in {cfg.train.recompute, *recomputes}
+                for g in reduces}
     for deg in candidate_degrees(cfg, machine, fixed):
         split = _WithSplit(variants, deg, orders)
         settings = [
             mb for mb in micro_batches
             if cfg.train.global_batch % (mb * deg.dp) == 0
             # (the split the search makes always passes the rules: no need to make it here)
-            and not check_degrees(variants[mb, cfg.train.recompute], deg, machine.gpus_per_node)
+            and not check_degrees(variants[mb, cfg.train.recompute, lean], deg,
+                                  machine.gpus_per_node)
         ]
         if not settings:
             continue
         # The smallest micro-batch with full recompute needs the least memory: when even that
         # does not fit under any node order, no setting of these degrees does.
-        leanest = [split[settings[0], recomputes[-1], i] for i in range(len(orders))]
+        leanest = [split[settings[0], recomputes[-1], lean, i] for i in range(len(orders))]
         if not any(planned.fits for planned in leanest):
             count = len(settings) * len(recomputes)
             result.evaluated += count
@@ -240,7 +253,7 @@ def search(cfg: Config, machine: Machine, top: int = 5,
             # the first that fits (under some node order) is the only one worth pricing.
             for index, recompute in enumerate(recomputes):
                 result.evaluated += 1
-                fitting = [i for i in usable if split[mb, recompute, i].fits]
+                fitting = [i for i in usable if split[mb, recompute, lean, i].fits]
                 if fitting and links is None:  # each node order whose groups all connect
                     links = {i: found for i in usable
                              if not unreachable(deg, found := orders[i].links(deg))}
@@ -254,21 +267,29 @@ def search(cfg: Config, machine: Machine, top: int = 5,
                 if not fitting:
                     result.over_memory += 1
                     result.over_memory_causes[_dominant_group(
-                        _least([split[mb, recompute, i] for i in usable]))] += 1
+                        _least([split[mb, recompute, lean, i] for i in usable]))] += 1
                     continue
                 result.evaluated += len(recomputes) - index - 1
                 result.fit += len(recomputes) - index
                 assert links is not None
+                options = {(recompute, lean): fitting}
+                for reduce in reduces[1:]:
+                    if grad_reduce(variants[mb, recompute, reduce], deg):
+                        # where it differs from the lean setting, it needs more memory: priced
+                        # at the first recompute level from this one that fits
+                        options |= _first_fit(split, mb, recomputes[index:], reduce, usable)
                 # (a floor whatever the split: the split need not be made to know it)
-                floor = min(step_time_floor(variants[mb, recompute], deg, orders[i], links[i])
-                            for i in fitting)
+                floor = min(step_time_floor(variants[mb, *setting], deg, orders[i], links[i])
+                            for setting, fit in options.items() for i in fit)
                 if _band(tokens / floor) < _bar(best, listed, top):
                     break  # slower than what it would have to beat: left unpriced
-                priced = [_price(split[mb, recompute, i].planned, deg, orders[i], links[i])
-                          for i in fitting]
-                chosen = min(priced, key=lambda p: placement_key(True, p.step, deg, p.machine))
-                if best is None or chosen.key < best.key:
-                    best = chosen
+                for setting, fit in options.items():
+                    priced = [_price(split[mb, *setting, i].planned, deg, orders[i], links[i])
+                              for i in fit]
+                    chosen = min(priced,
+                                 key=lambda p: placement_key(True, p.step, deg, p.machine))
+                    if best is None or chosen.key < best.key:
+                        best = chosen
                 break
         if best is not None:
             best_per_degrees.append(best)
@@ -278,6 +299,16 @@ def search(cfg: Config, machine: Machine, top: int = 5,
     result.best = [with_notes(evaluate(p.cfg, deg=p.deg, machine=p.machine, links=p.links),
                               p.machine) for p in best_per_degrees[:top]]
     return result
+
+
+def _first_fit(split: _WithSplit, mb: int, recomputes: Iterable[str], reduce: str,
+               orders: list[int]) -> dict[tuple[str, str], list[int]]:
+    """``{(recompute, reduce): the orders it fits}`` for the first of ``recomputes`` that fits
+    under one of ``orders`` with micro-batch ``mb`` and ``reduce``; empty where none does."""
+    for recompute in recomputes:
+        if fit := [i for i in orders if split[mb, recompute, reduce, i].fits]:
+            return {(recompute, reduce): fit}
+    return {}
 
 
 class _Priced(NamedTuple):
@@ -303,17 +334,18 @@ def _price(planned: tuple[Config, MemoryEstimate], deg: Degrees, machine: Machin
 class _WithSplit(dict):
     """The search's variants of a config, each with a candidate's pipeline split under one
     node order (which the memory model reads) and that split's memory estimate
-    (:class:`PlannedSplit`), keyed ``(micro-batch, recompute, order)``, made when first asked
-    for."""
+    (:class:`PlannedSplit`), keyed ``(micro-batch, recompute, grad_reduce, order)``, made when
+    first asked for."""
 
-    def __init__(self, variants: dict[tuple[int, str], Config], deg: Degrees,
+    def __init__(self, variants: dict[tuple[int, str, str], Config], deg: Degrees,
                  orders: list[Machine]) -> None:
         super().__init__()
         self.variants, self.deg, self.orders = variants, deg, orders
 
-    def __missing__(self, key: tuple[int, str, int]) -> PlannedSplit:
-        mb, recompute, order = key
-        self[key] = plan_split(self.variants[mb, recompute], self.deg, self.orders[order])
+    def __missing__(self, key: tuple[int, str, str, int]) -> PlannedSplit:
+        mb, recompute, reduce, order = key
+        self[key] = plan_split(self.variants[mb, recompute, reduce], self.deg,
+                               self.orders[order])
         return self[key]
 
 
@@ -323,8 +355,11 @@ def _least(over: list[PlannedSplit]) -> MemoryEstimate:
     return min((planned.memory for planned in over), key=lambda memory: memory.total)
 
 
-def _with_train(cfg: Config, **changes: object) -> Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+def _with(cfg: Config, micro_batch: int, recompute: str, grad_reduce: str) -> Config:
+    """``cfg`` with one setting of what the search chooses besides the degrees."""
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, micro_batch=micro_batch, recompute=recompute),
+        parallel=dataclasses.replace(cfg.parallel, grad_reduce=grad_reduce))
 
 
 TIE_BAND = 0.001

@@ -12,7 +12,7 @@ from orch.config import load_config
 from orch.plan import resolve_machine, search
 from orch.plan.plan import evaluate
 from orch.plan.rules import check_degrees
-from orch.plan.search import MICRO_BATCHES, RECOMPUTE, _rank_key, candidate_degrees
+from orch.plan.search import GRAD_REDUCE, MICRO_BATCHES, RECOMPUTE, _rank_key, candidate_degrees
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,22 +29,25 @@ def rank_key(plan):
 
 
 def brute_force(cfg, machine):
-    """Price every candidate and setting with no shortcut; return (best plan, fit, over)."""
+    """Price every candidate and setting with no shortcut; return (best plan, fit, over), the
+    counts of (degrees, micro-batch, recompute) settings under grad_reduce: microbatch (the
+    search's count)."""
     best, fit, over = None, 0, 0
     for deg in candidate_degrees(cfg, machine):
-        for mb in MICRO_BATCHES:
-            for rc in RECOMPUTE:
-                train = dataclasses.replace(cfg.train, micro_batch=mb, recompute=rc)
-                trial = dataclasses.replace(cfg, train=train)
-                if check_degrees(trial, deg, machine.gpus_per_node):
-                    continue
-                plan = evaluate(trial, deg, machine)
-                if not plan.fits:
-                    over += 1
-                    continue
-                fit += 1
-                if best is None or rank_key(plan) < rank_key(best):
-                    best = plan
+        for mb, rc, reduce in itertools.product(MICRO_BATCHES, RECOMPUTE, GRAD_REDUCE):
+            trial = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, micro_batch=mb, recompute=rc),
+                parallel=dataclasses.replace(cfg.parallel, grad_reduce=reduce))
+            if check_degrees(trial, deg, machine.gpus_per_node):
+                continue
+            plan = evaluate(trial, deg, machine)
+            counted = reduce == GRAD_REDUCE[0]
+            if not plan.fits:
+                over += counted
+                continue
+            fit += counted
+            if best is None or rank_key(plan) < rank_key(best):
+                best = plan
     return best, fit, over
 
 
@@ -57,6 +60,34 @@ def test_search_equals_brute_force_dense_and_moe():
         assert (result.fit, result.over_memory) == (fit, over), name
         assert result.best[0].degrees == best.degrees, name
         assert result.best[0].step.total_s == best.step.total_s, name
+
+
+def test_grad_reduce_is_searched_where_it_differs():
+    """Whole gradients held between micro-batches (``step``) for one reduce per step win where
+    the network is slow and memory ample (Ethernet between H200 nodes); ``microbatch`` where
+    the per-micro-batch reduce-scatters hide or ``step`` does not fit; the search equals
+    pricing both, and ``--set parallel.grad_reduce`` keeps one."""
+    cluster = REPO / "tests/plan/eth-h200-4node.yaml"
+    cfg = load_config(REPO / "configs/llama3-8b.yaml", [f"cluster={cluster}"])
+    machine = machine_for(cfg, None)
+    fixed = {"parallel.dp_shard": 32}
+    result = search(cfg, machine, fixed=fixed)
+    assert [p.grad_reduce for p in result.best] == ["step"]
+    best = result.best[0]
+    for reduce in GRAD_REDUCE:
+        trial = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, micro_batch=best.micro_batch, recompute=best.recompute),
+            parallel=dataclasses.replace(cfg.parallel, grad_reduce=reduce))
+        assert evaluate(trial, best.degrees, machine).step.total_s >= best.step.total_s
+    kept = search(cfg, machine, fixed={**fixed, "parallel.grad_reduce": "microbatch"})
+    assert [p.grad_reduce for p in kept.best] == ["microbatch"]
+    assert kept.best[0].step.total_s > 1.5 * best.step.total_s
+    assert kept.kept == "parallel.dp_shard=32, parallel.grad_reduce=microbatch"
+    open_search = search(cfg, machine)
+    brute, _, _ = brute_force(cfg, machine)
+    assert (open_search.best[0].degrees, open_search.best[0].grad_reduce) == \
+        (brute.degrees, brute.grad_reduce)
+    assert {p.grad_reduce for p in open_search.best} == {"microbatch", "step"}
 
 
 def test_results_fit_pass_rules_and_are_sorted():
