@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -418,7 +419,26 @@ def test_later_problems_are_left_out_by_the_fields_they_read_not_their_section()
              Problem("run.dir", "a section read", reads=("parallel",))]
     with pytest.raises(ConfigError) as info:
         loaded.check(later)
-    assert info.value.problems == [*loaded.problems, kept]
+    assert info.value.problems == [*loaded.problems, dataclasses.replace(
+        kept, where="configs/base/tiny-run.yaml:13 parallel")]  # (where it was written)
+
+
+def test_later_problems_say_where_their_field_was_written(tmp_path):
+    """A plan rule's or the launch's problem with a field a file set names its ``file:line``,
+    as the config's own rules do; one given with --set or left at its default is named as
+    before."""
+    from orch.config import load_config_lenient
+    from orch.errors import PlanError, Problem
+
+    config = tmp_path / "tp3.yaml"
+    config.write_text(f"base: {REPO}/configs/tiny.yaml\nparallel:\n  tp: 3\n")
+    loaded = load_config_lenient(config, ["train.lr=0.001"])
+    later = [Problem("parallel.tp", "heads"), Problem("train.lr", "lr"),
+             Problem("parallel.cp", "cp"), Problem("--top", "top")]
+    with pytest.raises(PlanError) as info:
+        loaded.check(later)
+    assert [p.where for p in info.value.problems] == [
+        f"{config}:3 parallel.tp", "train.lr", "parallel.cp", "--top"]
 
 
 def test_the_lenient_load_gives_the_config_later_checks_run_on():

@@ -109,13 +109,17 @@ class LoadedConfig:
     """Every problem of the config: conversion, unknown keys, cross-field rules."""
     stand_ins: frozenset[str]
     """Dotted paths of the fields at their defaults in ``config`` (``parallel.tp``)."""
+    locs: Locations = dataclasses.field(default_factory=dict)
+    """Where each value was written (``file:line``), for the later checks' problems too."""
 
     def check(self, later: Iterable[Problem] = (), title: str | None = None) -> Config:
         """The config, or one error listing every problem: the config's, then those of
-        ``later`` (found on ``config``) that no stand-in had a part in. ConfigError where the
+        ``later`` (found on ``config``) that no stand-in had a part in, each at the
+        ``file:line`` its field was written at as the config's own are. ConfigError where the
         config has problems (so that callers catching it still do), else PlanError; ``title``
         replaces either's own."""
-        problems = [*self.problems, *_unaffected(later, self.stand_ins)]
+        problems = [*self.problems, *(_at_source(problem, self.locs)
+                                      for problem in _unaffected(later, self.stand_ins))]
         if self.problems:
             raise ConfigError(problems, title)
         if problems:
@@ -198,10 +202,10 @@ def _build(data: dict[str, Any], locs: Locations, problems: list[Problem]) -> Lo
     rules = check_config(cfg)
     problems = [*problems, *(_at_source(p, locs) for p in _unaffected(rules, converted))]
     if not problems:
-        return LoadedConfig(cfg, (), frozenset())
+        return LoadedConfig(cfg, (), frozenset(), locs)
     stand_ins = converted | {p.where for p in rules}
     cfg = _with_defaults(cfg, stand_ins)
-    return LoadedConfig(cfg, tuple(problems), frozenset(stand_ins))
+    return LoadedConfig(cfg, tuple(problems), frozenset(stand_ins), locs)
 
 
 def _at_source(problem: Problem, locs: Locations) -> Problem:
