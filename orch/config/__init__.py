@@ -211,9 +211,10 @@ def _build(data: dict[str, Any], locs: Locations, problems: list[Problem]) -> Lo
 def _at_source(problem: Problem, locs: Locations) -> Problem:
     """A rule's ``problem`` with the ``file:line`` its field's value was written at, as a
     value that does not convert says it (``a.yaml:16 train.lr``); as it is where the value
-    came from ``--set`` or is the schema's default."""
+    came from ``--set`` or is the schema's default, or where it is about a whole section
+    (``parallel``: its values may come from anywhere, the section's line says none of them)."""
     written = locs.get(problem.where, "--set")
-    if written == "--set":
+    if written == "--set" or any(path.startswith(f"{problem.where}.") for path in locs):
         return problem
     return dataclasses.replace(problem, where=f"{written} {problem.where}")
 
