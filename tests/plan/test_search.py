@@ -90,6 +90,29 @@ def test_grad_reduce_is_searched_where_it_differs():
     assert {p.grad_reduce for p in open_search.best} == {"microbatch", "step"}
 
 
+def test_a_hand_written_plan_notes_the_grad_reduce_that_wins():
+    """``orch plan`` without --auto says where the other setting fits and is at least 10%
+    faster, or fits where the config's does not; not where it is within that."""
+    from orch.plan import build_plan
+
+    def notes(cluster: str, *settings: str) -> list[str]:
+        cfg = load_config(REPO / "configs/llama3-8b.yaml", [f"cluster={REPO / cluster}",
+                                                             *settings])
+        return [n for n in build_plan(cfg).notes if n.startswith("parallel.grad_reduce=")]
+
+    slow = ("tests/plan/eth-h200-4node.yaml", "parallel.dp_shard=32", "train.micro_batch=8",
+            "train.recompute=full")
+    assert notes(*slow, "parallel.grad_reduce=microbatch") == [
+        "parallel.grad_reduce=step fits (125.0 GiB a rank) and steps in 724.4 s, 43% faster: "
+        "set it, or compare with orch plan --auto"]
+    assert notes(*slow, "parallel.grad_reduce=step") == []
+    dgx = ("configs/clusters/dgx-h100-4node.yaml", "train.micro_batch=1")
+    assert notes(*dgx, "parallel.grad_reduce=microbatch") == []  # step does not fit
+    assert notes(*dgx, "parallel.grad_reduce=step") == [
+        "parallel.grad_reduce=microbatch fits (55.1 GiB a rank) and steps in 85.65 s, 44% "
+        "slower: set it, or compare with orch plan --auto"]
+
+
 def test_results_fit_pass_rules_and_are_sorted():
     cfg = load_config(REPO / "configs/qwen2-57b-a14b.yaml")
     machine = machine_for(cfg, 128)
