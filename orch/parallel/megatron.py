@@ -10,12 +10,14 @@ against the plan.
 Megatron-Core's parallel state assumes its interleaved layout (rank ``r`` holds chunks ``r``,
 ``r + pp``, ...), so a plan it would misread (ZB-V's V, where rank ``r`` holds stages ``r`` and
 ``2 pp - 1 - r``) is refused; uneven ``parallel.stage_layers`` are not its business (see
-``initialize_megatron``).
+``initialize_megatron``). HSDP's replicas (``parallel.dp_replicate``) are megatron-core's
+distributed-optimizer instances: each shards over its own ``dp_shard x cp`` ranks, as FSDP does.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -23,15 +25,21 @@ import torch.distributed as dist
 from orch.errors import OrchError, Problem, ProblemsError
 from orch.plan import Plan
 
-# This rank's group of each plan dimension -> megatron-core's getter for the same group.
-_GETTERS = {
-    "tp": "get_tensor_model_parallel_group",
-    "pp": "get_pipeline_model_parallel_group",
-    "cp": "get_context_parallel_group",
-    "dp": "get_data_parallel_group",
-    "ep": "get_expert_model_parallel_group",
-    "etp": "get_expert_tensor_parallel_group",
-    "edp": "get_expert_data_parallel_group",
+# This rank's group of each plan dimension -> megatron-core's call for the same group.
+_GETTERS: dict[str, Callable[[Any], Any]] = {
+    "tp": lambda ps: ps.get_tensor_model_parallel_group(),
+    "pp": lambda ps: ps.get_pipeline_model_parallel_group(),
+    "cp": lambda ps: ps.get_context_parallel_group(),
+    "dp": lambda ps: ps.get_data_parallel_group(),
+    "ep": lambda ps: ps.get_expert_model_parallel_group(),
+    "etp": lambda ps: ps.get_expert_tensor_parallel_group(),
+    "edp": lambda ps: ps.get_expert_data_parallel_group(),
+    # What its distributed optimizer and FSDP shard over: one instance's dp x cp ranks.
+    "dp_shard-cp": lambda ps: ps.get_data_parallel_group(
+        with_context_parallel=True, partial_data_parallel=True),
+    # Across the instances; None where there is one (megatron-core then makes no such group).
+    "dp_replicate": lambda ps: ps.get_inter_distributed_optimizer_instance_group(
+        check_initialized=False),
 }
 
 
@@ -65,6 +73,20 @@ def _problems(plan: Plan) -> list[Problem]:
             "answers would be wrong",
             "use parallel.pp_schedule=interleaved (same virtual_stages) for a megatron-core job",
         ))
+    if d.edp % d.dp_replicate:
+        problems.append(Problem(
+            "parallel.dp_replicate",
+            f"its {d.dp_replicate} replicas are megatron-core's {d.dp_replicate} "
+            f"distributed-optimizer instances, and megatron-core needs each to hold whole expert "
+            f"groups: ep x etp = {d.ep} x {d.etp} must divide one replica's dp_shard x cp x tp "
+            f"= {d.dp_shard} x {d.cp} x {d.tp} ranks (edp {d.edp} is not a multiple of "
+            f"{d.dp_replicate})",
+            "make parallel.ep x parallel.etp divide parallel.dp_shard x parallel.cp x "
+            "parallel.tp (fewer expert ranks, or more dp_shard and fewer dp_replicate), or set "
+            "parallel.dp_replicate=1",
+            reads=("parallel.ep", "parallel.etp", "parallel.dp_shard", "parallel.cp",
+                   "parallel.tp"),
+        ))
     if not dist.is_initialized():
         problems.append(Problem(
             "", "torch.distributed is not initialized",
@@ -85,9 +107,11 @@ def _problems(plan: Plan) -> list[Problem]:
 def initialize_megatron(plan: Plan) -> None:
     """Create megatron-core's process groups for ``plan`` (torch.distributed must be up, with
     the plan's world size); raises :class:`MegatronPlanError` for a plan megatron-core would
-    misread (ZB-V) or a job that does not match it. Which layers each stage holds is the
-    model's to place (``plan.layers_per_stage``: orch's split, by FLOPs unless set), not the
-    parallel state's, so an uneven split is no problem here."""
+    misread (ZB-V) or cannot build (HSDP replicas that split an expert group) or a job that
+    does not match it. The replicas become its distributed-optimizer instances, so what its
+    optimizer shards over is FSDP's ``dp_shard x cp`` group, not the whole dp. Which layers
+    each stage holds is the model's to place (``plan.layers_per_stage``: orch's split, by FLOPs
+    unless set), not the parallel state's, so an uneven split is no problem here."""
     if problems := _problems(plan):
         raise MegatronPlanError(problems)
     d = plan.degrees
@@ -101,6 +125,7 @@ def initialize_megatron(plan: Plan) -> None:
         context_parallel_size=d.cp,
         expert_model_parallel_size=d.ep,
         expert_tensor_parallel_size=d.etp,
+        num_distributed_optimizer_instances=d.dp_replicate,
         order="tp-cp-ep-dp-pp",
     )
 
@@ -111,8 +136,13 @@ def megatron_groups() -> dict[str, list[int]]:
     if not ps.model_parallel_is_initialized():
         raise OrchError("megatron-core's parallel state is not initialized\n"
                         "    fix: call initialize_megatron(plan) first")
-    return {dim: dist.get_process_group_ranks(getattr(ps, getter)())
-            for dim, getter in _GETTERS.items()}
+    return {dim: _ranks(getter(ps)) for dim, getter in _GETTERS.items()}
+
+
+def _ranks(group: Any) -> list[int]:
+    """``group``'s global ranks; this rank alone for a group megatron-core does not make (the
+    inter-instance group of a single distributed-optimizer instance)."""
+    return [dist.get_rank()] if group is None else dist.get_process_group_ranks(group)
 
 
 def destroy_megatron() -> None:

@@ -1,5 +1,6 @@
-"""megatron-core's parallel state built from an orch plan has the plan's groups (4 gloo ranks);
-plans it would misread, and jobs that do not match the plan, are refused with what to do."""
+"""megatron-core's parallel state built from an orch plan has the plan's groups (4 gloo ranks),
+HSDP's among them (its distributed optimizer's shard and inter-instance groups); plans it would
+misread or cannot build, and jobs that do not match the plan, are refused with what to do."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ CASES = [
     # an uneven split (the plan's by FLOPs, or set) is the model's to place, not the parallel
     # state's: it was refused, so every default pipeline plan was
     ("configs/tiny.yaml", ["parallel.pp=2", "parallel.stage_layers=[3,1]"]),
+    # HSDP: megatron-core's distributed optimizer sharded over the whole dp ([0,1,2,3]), not
+    # the plan's dp_shard x cp ([0,1]/[2,3]), and had no inter-instance ([0,2]/[1,3]) group
+    ("configs/tiny.yaml", ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
     ("configs/tiny.yaml", ["parallel.cp=2", "parallel.dp_replicate=2"]),
+    ("configs/tiny-moe.yaml", ["parallel.dp_replicate=2", "parallel.ep=2"]),
     ("configs/tiny-moe.yaml", ["parallel.ep=2", "parallel.pp=2"]),
     ("configs/tiny-moe.yaml", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
 ]
@@ -30,10 +35,13 @@ REFUSED = {
     "zbv": ("configs/tiny.yaml", ["parallel.pp=2", "parallel.pp_schedule=zbv",
                                   "parallel.virtual_stages=2"], 4),
     "world": ("configs/tiny.yaml", ["parallel.tp=2"], 2),
+    "replicas": ("configs/tiny-moe.yaml", ["parallel.dp_replicate=2", "parallel.ep=4"], 4),
 }
 EXPECTED = {
     "zbv": ["parallel.pp_schedule", "zbv", "fix: use parallel.pp_schedule=interleaved"],
     "world": ["the plan is for 2 ranks", "this job has 4", "fix: start the job on 2 processes"],
+    "replicas": ["parallel.dp_replicate: its 2 replicas", "ep x etp = 4 x 1 must divide",
+                 "dp_shard x cp x tp = 2 x 1 x 1", "fix: make parallel.ep x parallel.etp divide"],
     "groups before initialize": ["not initialized", "fix: call initialize_megatron(plan) first"],
 }
 
