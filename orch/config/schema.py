@@ -88,6 +88,12 @@ class ModelConfig:
     def moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.layers))
 
+    @property
+    def has_dense_mlp(self) -> bool:
+        """Whether some layer has a dense MLP (of ``ffn_dim``): not where every layer is MoE,
+        whose experts have ``moe_ffn_dim``, so tensor parallelism need not divide ffn_dim."""
+        return self.moe_layers < self.layers
+
 
 @dataclass
 class DataConfig:

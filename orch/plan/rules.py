@@ -42,7 +42,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int | None, dp_known
             f"pick a tp that divides {m.n_kv_heads} (each rank needs whole key/value heads)",
             KV_HEADS,
         )
-    if m.ffn_dim % deg.tp:
+    if m.has_dense_mlp and m.ffn_dim % deg.tp:
         need(
             "parallel.tp",
             f"model.ffn_dim={m.ffn_dim} is not divisible by tp={deg.tp}",
@@ -161,13 +161,17 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int | None, dp_known
             )
     if deg.cp > 1:  # (nor cp's default, 1, these; nor sequence_parallel's, false, the next)
         cp = ("parallel.cp", "parallel.cp_kind")
+        ulysses_heads = not ((m.heads // deg.tp) % deg.cp or (m.n_kv_heads // deg.tp) % deg.cp)
         if p.cp_kind == "ring":
             if t.seq_len % (2 * deg.cp):
+                ulysses = t.seq_len % deg.cp == 0 and ulysses_heads
                 need(
                     "train.seq_len",
                     f"{t.seq_len} is not divisible by 2 x cp = {2 * deg.cp} (load-balanced ring "
                     "attention gives each rank two chunks)",
-                    f"use a multiple of {2 * deg.cp}",
+                    f"use a multiple of {2 * deg.cp}" + (
+                        ", or parallel.cp_kind=ulysses (a multiple of cp does there)"
+                        if ulysses else ""),
                     cp,
                 )
         else:
@@ -178,7 +182,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int | None, dp_known
                     f"use a multiple of {deg.cp}",
                     cp,
                 )
-            if (m.heads // deg.tp) % deg.cp or (m.n_kv_heads // deg.tp) % deg.cp:
+            if not ulysses_heads:
                 need(
                     "parallel.cp",
                     f"Ulysses needs heads/tp and kv_heads/tp divisible by cp={deg.cp} "

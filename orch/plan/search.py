@@ -136,7 +136,7 @@ def candidate_degrees(cfg: Config, machine: Machine,
     tp_limit = world if p.allow_cross_node_tp else per_node
     virtual = chunks_per_rank(p.pp_schedule, p.virtual_stages)
     for tp in only("tp", divisors(tp_limit)):
-        if m.heads % tp or m.n_kv_heads % tp or m.ffn_dim % tp or world % tp:
+        if m.heads % tp or m.n_kv_heads % tp or (m.has_dense_mlp and m.ffn_dim % tp) or world % tp:
             continue
         if tp > 1 and m.is_moe and (not p.sequence_parallel
                                     or m.shared_experts * m.moe_ffn_dim % tp):

@@ -90,6 +90,15 @@ def test_rank_coordinates_agree_with_groups():
             assert [coords[r][dim] for r in group] == list(range(len(group))), dim
 
 
+def test_replicas_with_sharded_experts_are_labelled_hsdp_as_they_run():
+    """With ep x etp > 1 the runtime wraps the dense weights in FSDP2 (one shard a replica),
+    not DDP, as for a pipeline's replicas: the label said ddp2 ep2."""
+    assert Degrees(dp_replicate=2, ep=2).short() == "hsdp2(2x1) ep2"
+    assert Degrees(dp_replicate=2, etp=2).short() == "hsdp2(2x1) etp2"
+    assert Degrees(pp=2, dp_replicate=2).short() == "pp2 hsdp2(2x1)"  # (so are pipelines)
+    assert Degrees(dp_replicate=2).short() == "ddp2"
+
+
 def test_the_short_label_names_the_pipeline_schedule_where_there_is_one():
     """The launch banner said ``pp2`` for a 2BP-1F1B and a ZB-V run alike, where the report's
     summary (and the README quoting it as the banner) named the schedule."""

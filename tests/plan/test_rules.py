@@ -170,6 +170,23 @@ def test_each_plan_rule(config, overrides, machine, message):
     assert message in text and "fix:" in text
 
 
+def test_ffn_dim_need_not_divide_tp_where_no_layer_has_a_dense_mlp():
+    """tiny-moe's layers are all MoE (experts of expert_ffn_dim): its ffn_dim builds nothing,
+    and tp=2 with ffn_dim 687 was refused; with a dense layer in between it still is."""
+    odd = ["parallel.tp=2", "model.ffn_dim=687"]
+    assert build_plan(load_config(MOE, odd), world_size=2).degrees.tp == 2
+    assert "model.ffn_dim=687 is not divisible by tp=2" in plan_problems(
+        MOE, [*odd, "model.moe_layer_interval=2"], world_size=2)
+
+
+def test_a_ring_seq_len_refusal_offers_ulysses_where_it_would_run():
+    ring = plan_problems(TINY, ["parallel.cp=2", "train.seq_len=254"], world_size=2)
+    assert "fix: use a multiple of 4, or parallel.cp_kind=ulysses (a multiple of cp does " \
+        "there)" in ring
+    odd = plan_problems(TINY, ["parallel.cp=2", "train.seq_len=255"], world_size=2)
+    assert "fix: use a multiple of 4\n" in odd + "\n"  # ulysses needs a multiple of cp too
+
+
 def test_cross_node_tp_can_be_forced():
     cfg = load_config(LLAMA, ["parallel.tp=8", "parallel.allow_cross_node_tp=true"])
     plan = build_plan(cfg, world_size=16, gpus_per_node=4)
