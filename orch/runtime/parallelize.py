@@ -16,8 +16,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from orch.config import Config, config_to_dict
+from orch.config.schema import DataConfig
 from orch.errors import PlanError, Problem
 from orch.models.llama import Transformer
 from orch.models.moe import inject_aux_gradients, set_sequence_group
@@ -49,6 +49,7 @@ from orch.parallel.schedules import Schedule, build_schedule
 from orch.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
 from orch.plan import Plan
 from orch.runtime.block_compile import compile_blocks
+from orch.runtime.data import DataError, source_identity
 
 if TYPE_CHECKING:  # imported where built: torch.distributed.pipelining adds ~1.5 s to start-up
     from orch.parallel.pipeline.executor import PipelineExecutor
@@ -171,20 +172,39 @@ def parallelize(model: nn.Module, plan: Plan, cfg: Config, device: torch.device,
 
 
 def agree_on_plan(plan: Plan | None, cfg: Config, resume: str, problems: list[str] | None = None
-                  ) -> None:
+                  ) -> dict[str, Any]:
     """Raise :class:`RanksDisagree` on every rank unless all ranks hold ``plan``, the same
-    settings and the same ``resume`` (``--resume``, else ``checkpoint.resume``), and none has
-    ``problems`` (a rank with problems may hold no plan).
+    settings, the same ``resume`` (``--resume``, else ``checkpoint.resume``) and the same data
+    file, and none has ``problems`` (a rank with problems may hold no plan). Returns this rank's
+    data identity (:func:`~orch.runtime.data.source_identity`), read once here for the
+    resume's check and every save.
 
     The worker's first collective: ranks that disagree would otherwise enter different
     collectives and wait for each other until the backend's timeout (30 minutes under gloo).
     Nodes started with different configs built different meshes; a node started with
     ``--resume none`` beside nodes resuming skipped the checkpoint's verification that the
-    others entered (or, the other way round, crashed on its result)."""
-    settings = _settings(cfg)
+    others entered (or, the other way round, crashed on its result); nodes reading different
+    files of one size at a relative ``data.path`` trained together on different samples."""
+    problems = list(problems or [])
+    source = _data_identity(cfg.data, problems)
+    settings = _settings(cfg, source)
     del settings["checkpoint.resume"]  # the mode in effect instead, under both of its names
     settings["--resume or checkpoint.resume"] = json.dumps(resume)
-    _agree("plan", _plan_fingerprint(plan, settings), problems or [], settings)
+    _agree("plan", _plan_fingerprint(plan, settings), problems, settings)
+    assert source is not None  # else the rank had a problem and every rank raised
+    return source
+
+
+def _data_identity(data: DataConfig, problems: list[str]) -> dict[str, Any] | None:
+    """``data``'s identity, or None with the reason added to ``problems``: a rank that cannot
+    read its copy raises nothing alone, which would leave the others waiting in the agreement."""
+    try:
+        return source_identity(data)
+    except DataError as exc:
+        problems.append(str(exc.problem))
+    except OSError as exc:
+        problems.append(f"data.path: {data.path!r} cannot be read ({exc.strerror})")
+    return None
 
 
 def _stage_modules(model: Transformer, layers: list[range], stages: list[int]) -> list[nn.Module]:
@@ -228,18 +248,17 @@ def _local_logits(module: nn.Module, args: object, output: torch.Tensor) -> torc
     return output.to_local() if isinstance(output, DTensor) else output
 
 
-def _settings(cfg: Config) -> dict[str, str]:
-    """Every setting of the resolved config as ``section.key`` -> its value, and the data file's
-    size (``data.bytes``): nodes reading different copies of a relative ``data.path`` trained
-    together on different samples."""
+def _settings(cfg: Config, source: dict[str, Any] | None) -> dict[str, str]:
+    """Every setting of the resolved config as ``section.key`` -> its value, and the data
+    file's ``source`` identity (``data.bytes``, ``data.sampled_sha256``): nodes reading
+    different copies of a relative ``data.path`` trained together on different samples, and
+    copies of one size are told apart only by their contents."""
     flat = {f"{section}.{key}": json.dumps(value, sort_keys=True, default=str)
             for section, values in config_to_dict(cfg).items() if isinstance(values, dict)
             for key, value in values.items()}
-    if cfg.data.path:
-        try:
-            flat["data.bytes"] = str(Path(cfg.data.path).expanduser().stat().st_size)
-        except OSError as exc:
-            flat["data.bytes"] = f"unreadable ({exc.strerror})"
+    if source is not None:
+        flat["data.bytes"] = str(source["bytes"])
+        flat["data.sampled_sha256"] = source["sampled_sha256"]
     return flat
 
 

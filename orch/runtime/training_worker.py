@@ -48,7 +48,7 @@ from orch.plan import Plan
 from orch.plan.layout import dense_layout
 from orch.plan.support import unsupported_features
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
-from orch.runtime.data import BatchStream, PackedSequences, load_tokens, source_identity
+from orch.runtime.data import BatchStream, PackedSequences, load_tokens
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
 from orch.runtime.parallelize import RanksDisagree, agree_on_plan, parallelize
@@ -148,11 +148,12 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     if cfg.offload.enabled:  # what an offloaded step frees must leave the process
         return_large_frees()
     mode = resume_arg or cfg.checkpoint.resume
-    agree_on_plan(plan, cfg, mode)  # first: resolving the resume below is collective
+    # first: resolving the resume below is collective; the data's identity, compared there,
+    # is read once for the resume's check and every save
+    source = agree_on_plan(plan, cfg, mode)
     checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world,
                                     os.environ.get(LAUNCH_ID))
     resume = checkpoints.resolve_resume(mode)
-    source = source_identity(cfg.data)  # read once: the resume's check and every save
     if resume is not None and (problems := resume_problems(cfg, plan.degrees, resume, source)):
         raise PlanError(problems, title="cannot resume")
     torch.manual_seed(cfg.train.seed)

@@ -14,9 +14,11 @@ import re
 import socket
 
 import pytest
+from gloo_harness import run_on_gloo
 from launch_harness import ORCH, REPO, launch, overrides
 
 from orch.cluster.netbed import run_together
+from orch.config.schema import DataConfig
 from orch.launch.launcher import PLANNED_WORLD, planned_world_problem, prepare
 
 pytestmark = pytest.mark.dist
@@ -129,13 +131,59 @@ def test_the_settings_compared_include_the_data_files_size(tmp_path):
     """Nodes reading different copies of a relative data.path trained together on different
     samples: the size of each node's file is compared with the config."""
     from orch.config import load_config
+    from orch.runtime.data import source_identity
     from orch.runtime.parallelize import _differences, _settings
 
     small, large = tmp_path / "a.txt", tmp_path / "b.txt"
     small.write_text("x" * 10)
     large.write_text("x" * 20)
-    views = [_settings(load_config(REPO / "configs/tiny.yaml", [f"data.path={path}"]))
-             for path in (small, small, large)]
+    configs = [load_config(REPO / "configs/tiny.yaml", [f"data.path={path}"])
+               for path in (small, small, large)]
+    views = [_settings(cfg, source_identity(cfg.data)) for cfg in configs]
     assert views[0]["data.bytes"] == "10" and views[2]["data.bytes"] == "20"
     said = _differences(views)
     assert "data.bytes: 10 on ranks 0-1, 20 on ranks 2" in said and "data.path" in said
+
+
+def _agree_on_data(rank: int, world: int, results: dict, cases: dict[str, list[str]]) -> None:
+    """Each case's agreement with this rank in its case's directory (a node of its own) reading
+    data.path x.bin there; what each rank got."""
+    from orch.config import load_config
+    from orch.runtime.parallelize import RanksDisagree, agree_on_plan
+
+    cfg = load_config(REPO / "configs/tiny.yaml", ["data.path=x.bin"])
+    for case, directories in cases.items():
+        os.chdir(directories[rank])
+        try:
+            agree_on_plan(None, cfg, "auto")
+            results[(case, rank)] = "agreed"
+        except RanksDisagree as exc:
+            results[(case, rank)] = str(exc) if exc.speaker else "stopped"
+
+
+def test_ranks_reading_different_files_of_one_size_stop(tmp_path):
+    """Two nodes each reading its own 40,000-byte file at one relative data.path trained
+    together on different samples: only the size was compared. The sampled sha256 (what a
+    checkpoint saves of its data) is compared too, and a rank whose file cannot be read stops
+    every rank with its reason rather than alone."""
+    from orch.runtime.data import source_identity
+
+    nodes = [tmp_path / name for name in ("a", "b", "c", "empty")]
+    for node, last in zip(nodes[:3], (b"\0", b"\1", b"\0"), strict=True):
+        node.mkdir()
+        (node / "x.bin").write_bytes(bytes(39_999) + last)
+    nodes[3].mkdir()
+    hashes = [source_identity(DataConfig(path=str(node / "x.bin")))["sampled_sha256"]
+              for node in nodes[:2]]
+    cases = {"same": [str(nodes[0]), str(nodes[2])], "contents": [str(nodes[0]), str(nodes[1])],
+             "missing": [str(nodes[0]), str(nodes[3])]}
+    results = run_on_gloo(_agree_on_data, 2, tmp_path, cases)
+    assert results[("same", 0)] == results[("same", 1)] == "agreed"  # copies of one file
+    said = results[("contents", 0)]
+    assert results[("contents", 1)] == "stopped"
+    assert said.endswith(f"differing: data.sampled_sha256: {hashes[0]} on ranks 0, {hashes[1]} "
+                         "on ranks 1\n        fix: start every node with the same config file, "
+                         "--set overrides, --resume, data and orch version"), said
+    said = results[("missing", 0)]
+    assert results[("missing", 1)] == "stopped"
+    assert "rank 1: data.path: 'x.bin' (" in said and "x.bin) does not exist" in said, said
