@@ -256,7 +256,10 @@ MOE = ["model.experts=4"]
             "train.global_batch: 7 is not a multiple of train.micro_batch=2",
         ),
         (["train.lr=0"], "train.lr: must be positive"),
-        (["train.seed=-1"], "train.seed: must be 0 or more, got -1"),  # crashed every worker
+        (["train.seed=-1"], "train.seed: -1 is not in [0, 2**64 - 1]: numpy's generators "
+                            "refuse a negative seed"),  # crashed every worker
+        (["train.seed=18446744073709551616"], "train.seed: 18446744073709551616 is not in [0, "
+                                              "2**64 - 1]"),  # so did torch.manual_seed
         (["train.recompute=yes"], "True (YAML reads yes, no, on and off as booleans) is not one "
                                   "of none, selective, full"),  # it said True, not why
         (["train.lr=inf"], "--set train.lr: 'inf' is not a finite number"),
@@ -335,6 +338,20 @@ MOE = ["model.experts=4"]
 def test_each_config_rule(overrides, message):
     text = problems_of(REPO / "configs/tiny.yaml", overrides)
     assert message in text and "fix:" in text
+
+
+def test_the_largest_seed_is_the_largest_torch_takes():
+    """train.seed's bound is torch's: 2**64 - 1 seeds its generators (numpy's take any size)."""
+    import numpy as np
+    import torch
+
+    from orch.config.rules import SEED_MAX
+
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"train.seed={SEED_MAX}"])
+    torch.Generator().manual_seed(cfg.train.seed)
+    np.random.default_rng((cfg.train.seed, 0))  # the data order's
+    with pytest.raises(ValueError, match="Overflow"):
+        torch.Generator().manual_seed(SEED_MAX + 1)
 
 
 def test_a_bound_on_deferred_steps_is_refused_beside_the_schedules_other_problem():

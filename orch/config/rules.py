@@ -14,6 +14,9 @@ from orch.offload.sizes import ALIGN
 from orch.parallel.schedules.generators import CHUNKED, SPLIT_BACKWARD, chunks_per_rank
 
 UINT16_IDS = 1 << 16
+SEED_MAX = (1 << 64) - 1
+"""The largest ``train.seed``: torch's generators take an unsigned 64-bit seed (one above it
+crashed every worker: "Overflow when unpacking long long")."""
 
 
 def check_config(cfg: Config) -> list[Problem]:
@@ -152,8 +155,9 @@ def check_config(cfg: Config) -> list[Problem]:
         ("train.micro_batch",),
     )
     need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}", "use e.g. 3e-4")
-    need(t.seed >= 0, "train.seed", f"must be 0 or more, got {t.seed}",  # numpy's generators
-         "use e.g. 0")  # refuse a negative one, in every worker
+    need(0 <= t.seed <= SEED_MAX, "train.seed",
+         f"{t.seed} is not in [0, 2**64 - 1]: numpy's generators refuse a negative seed and "
+         "torch's one over 64 bits", "use e.g. 0")  # either crashed every worker
     need(
         0 <= t.min_lr_ratio <= 1,
         "train.min_lr_ratio",
