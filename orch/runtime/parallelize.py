@@ -1,12 +1,13 @@
 """Apply a plan to the model on this rank, in torchtitan's order.
 
 Before anything else, the worker has every rank check that all ranks hold the same plan and
-settings (:func:`agree_on_plan`). Here each rank builds the meshes and checks that their groups
-are the plan's. Then: the pipeline split (the rank keeps its stages' layers), tensor and sequence
-parallelism, expert parallelism on the folded expert mesh, context parallelism, activation
-checkpointing, data parallelism (FSDP2/HSDP over the TP- and EP-sharded DTensor parameters, per
-pipeline stage, the experts over their own edp ranks; DDP for pure replication), the pipeline
-executor, and the communication ledger.
+settings (:func:`agree_on_plan`) and see the same run directory (:func:`agree_on_run_dir`).
+Here each rank builds the meshes and checks that their groups are the plan's. Then: the pipeline
+split (the rank keeps its stages' layers), tensor and sequence parallelism, expert parallelism on
+the folded expert mesh, context parallelism, activation checkpointing, data parallelism
+(FSDP2/HSDP over the TP- and EP-sharded DTensor parameters, per pipeline stage, the experts over
+their own edp ranks; DDP for pure replication), the pipeline executor, and the communication
+ledger.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import functools
 import hashlib
 import json
 import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -207,6 +212,66 @@ def _data_identity(data: DataConfig, problems: list[str]) -> dict[str, Any] | No
     return None
 
 
+def agree_on_run_dir(run_dir: Path) -> None:
+    """Raise :class:`RanksDisagree` on every rank unless every node sees the run directory rank
+    0 writes: rank 0 writes a marker file there, of a name new to this start, and the first
+    rank of each node looks for it; rank 0 removes it once all have looked.
+
+    A ``run.dir`` not on a file system every node shares (each node its own relative
+    directory) trained until its first save, which failed on the other nodes ("0 bytes free",
+    their checkpoints directory did not exist); the launchers, each checking its own node's
+    directory, cannot tell."""
+    if dist.get_world_size() == 1:
+        return
+    marker, problems = _write_marker(run_dir) if dist.get_rank() == 0 else (None, [])
+    name = [marker.name if marker is not None else None]
+    dist.broadcast_object_list(name, src=0)  # once rank 0 has written it
+    first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"  # the others see what it sees
+    try:
+        if name[0] is not None and first_on_node and not _appears(run_dir / name[0]):
+            problems.append(_not_shared(run_dir))
+        _agree("run directory", "", problems)
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+
+
+def _not_shared(run_dir: Path) -> str:
+    """The problem of a node whose ``run_dir`` is not the one rank 0 writes, naming where it
+    points on which host."""
+    return str(Problem(
+        "run.dir", f"{str(run_dir)!r} ({run_dir.resolve()} on {socket.gethostname()}) is not the "
+        "directory rank 0 writes: every node must see the same run.dir (a shared file system)",
+        "put run.dir on a file system every node mounts at the same path (e.g. --set "
+        "run.dir=/shared/runs/NAME), and start every node's launcher from the same directory "
+        "or give run.dir as an absolute path"))
+
+
+def _write_marker(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """Rank 0's marker file in ``run_dir`` (made where missing), or None and why it could not
+    be written."""
+    marker = run_dir / f".orch-shared-{uuid.uuid4().hex}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.touch(exist_ok=False)
+    except OSError as exc:
+        return None, [str(Problem("run.dir", f"{str(run_dir)!r}: cannot write {marker.name} "
+                                  f"there ({exc.strerror})",
+                                  "fix the permissions of run.dir or choose another"))]
+    return marker, []
+
+
+def _appears(path: Path, wait_s: float = 2.0) -> bool:
+    """Whether ``path`` exists within ``wait_s`` seconds: a network file system may show
+    another node's new file a moment late."""
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _stage_modules(model: Transformer, layers: list[range], stages: list[int]) -> list[nn.Module]:
     """The modules the pipeline runs: ``model`` itself for one stage per rank, else a view of
     it per stage (each its own FSDP unit tree and torch pipeline stage)."""
@@ -327,4 +392,4 @@ def _ranges(ranks: list[int]) -> str:
     return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
-__all__ = ["Parallelized", "RanksDisagree", "agree_on_plan", "parallelize"]
+__all__ = ["Parallelized", "RanksDisagree", "agree_on_plan", "agree_on_run_dir", "parallelize"]

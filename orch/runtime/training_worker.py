@@ -51,7 +51,7 @@ from orch.runtime.checkpoint import CheckpointManager, restore_rng
 from orch.runtime.data import BatchStream, PackedSequences, load_tokens
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
-from orch.runtime.parallelize import RanksDisagree, agree_on_plan, parallelize
+from orch.runtime.parallelize import RanksDisagree, agree_on_plan, agree_on_run_dir, parallelize
 from orch.runtime.rank_log import log_to_file, record_failure, report_crash
 from orch.runtime.train_state import TrainState
 from orch.runtime.trainer import Trainer
@@ -151,6 +151,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     # first: resolving the resume below is collective; the data's identity, compared there,
     # is read once for the resume's check and every save
     source = agree_on_plan(plan, cfg, mode)
+    agree_on_run_dir(run_dir)  # before the resume reads it and the first save writes it
     checkpoints = CheckpointManager(run_dir, cfg, plan.to_dict(with_groups=False), rank, world,
                                     os.environ.get(LAUNCH_ID))
     resume = checkpoints.resolve_resume(mode)

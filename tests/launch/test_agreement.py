@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from pathlib import Path
 
 import pytest
 from gloo_harness import run_on_gloo
@@ -145,45 +146,80 @@ def test_the_settings_compared_include_the_data_files_size(tmp_path):
     assert "data.bytes: 10 on ranks 0-1, 20 on ranks 2" in said and "data.path" in said
 
 
-def _agree_on_data(rank: int, world: int, results: dict, cases: dict[str, list[str]]) -> None:
-    """Each case's agreement with this rank in its case's directory (a node of its own) reading
-    data.path x.bin there; what each rank got."""
+def _agree_in(rank: int, world: int, results: dict,
+              cases: dict[str, tuple[str, list[str]]]) -> None:
+    """Each case's agreement (on the ``plan`` or the ``run directory``) with this rank in the
+    case's directory for it (a node of its own), reading data.path x.bin and writing run.dir
+    run there; what each rank got."""
     from orch.config import load_config
-    from orch.runtime.parallelize import RanksDisagree, agree_on_plan
+    from orch.runtime.parallelize import RanksDisagree, agree_on_plan, agree_on_run_dir
 
-    cfg = load_config(REPO / "configs/tiny.yaml", ["data.path=x.bin"])
-    for case, directories in cases.items():
+    cfg = load_config(REPO / "configs/tiny.yaml", ["data.path=x.bin", "run.dir=run"])
+    for case, (what, directories) in cases.items():
         os.chdir(directories[rank])
         try:
-            agree_on_plan(None, cfg, "auto")
+            if what == "plan":
+                agree_on_plan(None, cfg, "auto")
+            else:
+                agree_on_run_dir(Path(cfg.run.dir))
             results[(case, rank)] = "agreed"
         except RanksDisagree as exc:
             results[(case, rank)] = str(exc) if exc.speaker else "stopped"
 
 
-def test_ranks_reading_different_files_of_one_size_stop(tmp_path):
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], dict]:
+    """Four node directories (a, b and c hold a 40,000-byte x.bin, b's differing from the
+    others' in its last byte; the fourth holds none) and what two gloo ranks got in each case,
+    run in one process group."""
+    root = tmp_path_factory.mktemp("nodes")
+    dirs = [root / name for name in ("a", "b", "c", "empty")]
+    for node, last in zip(dirs, (b"\0", b"\1", b"\0", None), strict=True):
+        node.mkdir()
+        if last is not None:
+            (node / "x.bin").write_bytes(bytes(39_999) + last)
+    a, b, c, empty = (str(d) for d in dirs)
+    cases = {"same data": ("plan", [a, c]), "other contents": ("plan", [a, b]),
+             "missing": ("plan", [a, empty]), "shared run dir": ("run directory", [a, a]),
+             "own run dirs": ("run directory", [b, c])}
+    return dirs, run_on_gloo(_agree_in, 2, root, cases)
+
+
+def test_ranks_reading_different_files_of_one_size_stop(nodes):
     """Two nodes each reading its own 40,000-byte file at one relative data.path trained
     together on different samples: only the size was compared. The sampled sha256 (what a
     checkpoint saves of its data) is compared too, and a rank whose file cannot be read stops
     every rank with its reason rather than alone."""
     from orch.runtime.data import source_identity
 
-    nodes = [tmp_path / name for name in ("a", "b", "c", "empty")]
-    for node, last in zip(nodes[:3], (b"\0", b"\1", b"\0"), strict=True):
-        node.mkdir()
-        (node / "x.bin").write_bytes(bytes(39_999) + last)
-    nodes[3].mkdir()
+    dirs, results = nodes
     hashes = [source_identity(DataConfig(path=str(node / "x.bin")))["sampled_sha256"]
-              for node in nodes[:2]]
-    cases = {"same": [str(nodes[0]), str(nodes[2])], "contents": [str(nodes[0]), str(nodes[1])],
-             "missing": [str(nodes[0]), str(nodes[3])]}
-    results = run_on_gloo(_agree_on_data, 2, tmp_path, cases)
-    assert results[("same", 0)] == results[("same", 1)] == "agreed"  # copies of one file
-    said = results[("contents", 0)]
-    assert results[("contents", 1)] == "stopped"
+              for node in dirs[:2]]
+    assert results[("same data", 0)] == results[("same data", 1)] == "agreed"  # copies
+    said = results[("other contents", 0)]
+    assert results[("other contents", 1)] == "stopped"
     assert said.endswith(f"differing: data.sampled_sha256: {hashes[0]} on ranks 0, {hashes[1]} "
                          "on ranks 1\n        fix: start every node with the same config file, "
                          "--set overrides, --resume, data and orch version"), said
     said = results[("missing", 0)]
     assert results[("missing", 1)] == "stopped"
     assert "rank 1: data.path: 'x.bin' (" in said and "x.bin) does not exist" in said, said
+
+
+def test_nodes_that_do_not_share_the_run_dir_stop_before_training(nodes):
+    """Each node with its own relative run.dir (no shared file system) trained until its first
+    save, which failed on node 1 saying "0 bytes free": every rank now stops at start, the
+    node that cannot see rank 0's marker file named; the marker is removed either way."""
+    dirs, results = nodes
+    assert results[("shared run dir", 0)] == results[("shared run dir", 1)] == "agreed"
+    said = results[("own run dirs", 0)]
+    assert results[("own run dirs", 1)] == "stopped"
+    assert said == (
+        "ranks disagree (1 problem):\n"
+        f"  - rank 1: run.dir: 'run' ({dirs[2] / 'run'} on {socket.gethostname()}) is not the "
+        "directory rank 0 writes: every node must see the same run.dir (a shared file system)\n"
+        "        fix: put run.dir on a file system every node mounts at the same path (e.g. "
+        "--set run.dir=/shared/runs/NAME), and start every node's launcher from the same "
+        "directory or give run.dir as an absolute path"), said
+    assert list((dirs[0] / "run").iterdir()) == list((dirs[1] / "run").iterdir()) == []
+    assert not (dirs[2] / "run").exists()  # rank 1's run.dir: made by its launcher only

@@ -641,6 +641,28 @@ def test_a_failed_save_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path,
     assert verify(first) == [] and mgr.resolve_resume("auto") == first
 
 
+def test_a_save_into_a_directory_that_is_gone_says_so_not_that_no_space_is_free(tmp_path,
+                                                                                  monkeypatch):
+    """A node that did not see rank 0's run.dir (not a shared file system) failed its first save
+    with "free space or fix permissions under .../checkpoints (0 bytes free now)": a directory
+    that does not exist has no space to free."""
+    import shutil
+
+    mgr = CheckpointManager(tmp_path / "run", make_cfg(), PLAN)
+
+    def gone(state: dict[str, Any], *, checkpoint_id: Path, **kwargs: Any) -> None:
+        shutil.rmtree(mgr.dir)
+        raise FileNotFoundError(2, "No such file or directory", str(checkpoint_id))
+
+    monkeypatch.setattr(dcp, "save", gone)
+    with pytest.raises(SaveFailed) as failed:
+        mgr.save(1, tiny_state(1.0), {"sample": 1})
+    text = str(failed.value)
+    assert f"fix: {mgr.dir} does not exist on rank 0's node: restore it if it was removed; every " \
+           "node must see the same run.dir (a shared file system), then run the same" in text
+    assert "bytes free" not in text
+
+
 @pytest.mark.parametrize(
     ("keep_last", "keep_every", "kept"),
     [(2, 3, [3, 6, 7]), (0, 0, [1, 2, 3, 4, 5, 6, 7]), (1, 0, [7]), (1, 4, [4, 7])],

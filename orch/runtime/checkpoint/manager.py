@@ -516,9 +516,7 @@ class CheckpointManager:
             "there is no earlier complete checkpoint")
         again = "then run the same command: it resumes from the newest complete checkpoint"
         if any(d for _, (_, d) in errors):
-            free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
-            fix = (f"free space or fix permissions under {self.dir} ({free:,} bytes free now), "
-                   + again)
+            fix = f"{self._disk_fix()}, {again}"
         else:
             names = sorted({e.split(":")[0] for _, (e, _) in errors})
             fix = (f"this is not a disk problem: fix the cause of the {', '.join(names)} "
@@ -530,6 +528,17 @@ class CheckpointManager:
             + f"); the unfinished directory was removed and {kept}",
             fix,
         )
+
+    def _disk_fix(self) -> str:
+        """What to do about a save the file system refused, as this rank sees the checkpoints
+        directory: free space or fix permissions there, with the space free now. A directory
+        this rank cannot see has no space to free: it was removed, or run.dir is not on a file
+        system every node shares (its node's saves failed, said to have "0 bytes free")."""
+        if not self.dir.exists():
+            return (f"{self.dir} does not exist on rank {self.rank}'s node: restore it if it was "
+                    "removed; every node must see the same run.dir (a shared file system)")
+        free = shutil.disk_usage(self.dir).free
+        return f"free space or fix permissions under {self.dir} ({free:,} bytes free now)"
 
     def _prepare(self, step: int, path: Path) -> None:
         """Rank 0, before a save: refuse a foreign run dir; clear the way for ``path``
