@@ -107,6 +107,15 @@ def check_config(cfg: Config) -> list[Problem]:
             "route to 1..experts experts",
         )
         need(
+            m.top_k != 1 or not m.norm_topk_prob,
+            "model.top_k",
+            "1 with model.norm_topk_prob=true: the router would learn only from the balancing "
+            "loss, its weight being always 1 (one chosen score renormalized to sum to 1)",
+            "set model.norm_topk_prob=false (Switch Transformer's routing: the expert's output "
+            "times its router probability), or route to 2 or more experts",
+            ("model.norm_topk_prob",),
+        )
+        need(
             1 <= m.moe_layer_interval <= m.layers,
             "model.moe_layer_interval",
             f"{m.moe_layer_interval} is not between 1 and layers={m.layers}",

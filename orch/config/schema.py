@@ -56,6 +56,13 @@ class ModelConfig:
     score_func: Literal["softmax", "sigmoid"] = field(
         default="softmax", metadata=_help("router scores: softmax, or sigmoid (DeepSeek-V3)")
     )
+    norm_topk_prob: bool = field(
+        default=True,
+        metadata=_help(
+            "combine weights: the chosen experts' scores renormalized to sum to 1 per token "
+            "(Mixtral, DeepSeek-V3); false = the raw scores (Switch, Qwen2-MoE, OLMoE)"
+        ),
+    )
     aux_loss_coeff: float = field(
         default=0.01, metadata=_help("weight of the load-balancing loss; 0 = off")
     )

@@ -4,7 +4,9 @@ The token path is Megatron-Core's dispatcher cut into steps, each an op of ``orc
 
 1. route: router logits in fp32 -> scores (softmax, or sigmoid as DeepSeek-V3) -> top-k experts
    per token, chosen on ``scores + expert_bias`` -> weights = the chosen *unbiased* scores,
-   renormalized to sum to 1 per token;
+   renormalized to sum to 1 per token (``norm_topk_prob``, Mixtral's way) or as they are
+   (Switch Transformer's, Qwen2-MoE's: with ``top_k`` 1 the only way the language-model loss
+   reaches the router, a renormalized single weight being always 1);
 2. permute (:func:`moe_permute`): one copy of each token per chosen expert, in expert order; with
    ``capacity_factor`` each expert keeps at most ``ceil(capacity_factor * T * top_k / experts)``
    copies (the lowest token indices) and the rest are dropped, else nothing is dropped;
@@ -78,18 +80,21 @@ class FeedForward(nn.Module):
 
 
 def route(
-    scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None
+    scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick each token's ``top_k`` experts from router scores ``[tokens, experts]``.
 
     Selection ranks ``scores + bias`` (``bias``: the aux-loss-free balancing bias, or None); the
-    weights are the chosen experts' unbiased ``scores`` renormalized to sum to 1 per token, so a
-    token's output is a convex combination of its experts' outputs. Returns ``(weights,
-    indices)``, both ``[tokens, top_k]``.
+    weights are the chosen experts' unbiased ``scores``, with ``normalize`` renormalized to sum
+    to 1 per token, so a token's output is a convex combination of its experts' outputs (and
+    with ``top_k`` 1 the weight is a constant 1 that passes the router no gradient), else as
+    they are. Returns ``(weights, indices)``, both ``[tokens, top_k]``.
     """
     ranked = scores if bias is None else scores + bias
     indices = ranked.topk(top_k, dim=-1).indices
     weights = scores.gather(-1, indices)
+    if not normalize:
+        return weights, indices
     total = weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     return weights / total, indices
 
@@ -223,6 +228,7 @@ class MoEFeedForward(nn.Module):
         self.top_k = cfg.top_k
         self.capacity_factor = cfg.capacity_factor
         self.score_func: ScoreFunc = cfg.score_func
+        self.norm_topk_prob = cfg.norm_topk_prob
         self.aux_loss_coeff = cfg.aux_loss_coeff
         self.router = nn.Linear(cfg.dim, cfg.experts, bias=False)
         self.experts = GroupedExperts(cfg.experts, cfg.dim, cfg.moe_ffn_dim)
@@ -266,7 +272,7 @@ class MoEFeedForward(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         num_tokens = tokens.shape[0]
         scores = router_scores(self.router(tokens).float(), self.score_func)
-        weights, indices = route(scores, self.top_k, self.expert_bias)
+        weights, indices = route(scores, self.top_k, self.expert_bias, self.norm_topk_prob)
         load = torch.bincount(indices.flatten(), minlength=self.num_experts)
         probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
         batch_load, batch_tokens = self._sequence_load(load, num_tokens)

@@ -157,6 +157,14 @@ def test_rope_follows_huggingface_half_rotation():
             torch.testing.assert_close(out[0, 0, pos, i + 4], rot2)
 
 
+def test_route_without_normalizing_keeps_the_chosen_scores():
+    scores = torch.softmax(torch.randn(50, 8), dim=-1)
+    weights, indices = route(scores, 2, normalize=False)
+    torch.testing.assert_close(weights, scores.topk(2).values, rtol=0, atol=0)
+    assert torch.equal(indices, route(scores, 2)[1])
+    assert (weights.sum(-1) < 1).all()
+
+
 def test_route_picks_top_k_distinct_experts_with_unit_weights():
     scores = torch.softmax(torch.randn(50, 8), dim=-1)
     weights, indices = route(scores, 3)
@@ -228,17 +236,20 @@ def test_llama3_8b_has_8_030_261_248_parameters():
 
 
 def moe_cfg(**changes: object) -> ModelConfig:
-    return small(experts=4, top_k=2, expert_ffn_dim=24, shared_experts=1, **changes)
+    return small(**{"experts": 4, "top_k": 2, "expert_ffn_dim": 24, "shared_experts": 1,
+                    **changes})
 
 
 def loop_moe(layer: MoEFeedForward, x: torch.Tensor, capacity: int | None) -> torch.Tensor:
     """The old plain-loop math: route, then each expert's kept copies (lowest token index, then
-    slot, up to ``capacity``) through its SwiGLU, weighted and summed, plus the shared expert."""
+    slot, up to ``capacity``) through its SwiGLU, weighted (by the chosen scores, renormalized
+    per token where the layer says so) and summed, plus the shared expert."""
     logits = layer.router(x).float()
     scores = logits.softmax(-1) if layer.score_func == "softmax" else logits.sigmoid()
     indices = (scores + layer.expert_bias).topk(layer.top_k, dim=-1).indices
     weights = scores.gather(1, indices)
-    weights = weights / weights.sum(-1, keepdim=True)
+    if layer.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
     w = layer.experts
     out = torch.zeros_like(x)
     for e in range(layer.num_experts):
@@ -259,22 +270,44 @@ def moe_layer(seed: int = 0, **kwargs: object) -> MoEFeedForward:
     return layer
 
 
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("capacity_factor", [None, 0.6])
-def test_moe_layer_matches_the_plain_loop(score_func, capacity_factor):
-    layer = moe_layer(score_func=score_func, capacity_factor=capacity_factor)
+def assert_matches_the_plain_loop(layer: MoEFeedForward, capacity: int | None) -> dict:
+    """The layer's output and gradients (the balancing loss's off) equal :func:`loop_moe`'s on
+    random ``[2, 15, 32]`` tokens; returns the layer's gradients by name (``x`` the input's)."""
     inject_aux_gradients(layer, 0.0)  # the loop has no balancing loss
     x = torch.randn(2, 15, 32, requires_grad=True)
     grad = torch.randn(2, 15, 32)
     out = layer(x)
     got = torch.autograd.grad(out, [x, *layer.parameters()], grad)
-    capacity = expert_capacity(capacity_factor, 30, 2, 4)
-    assert capacity in (None, 9)  # ceil(0.6 * 30 * 2 / 4): some copies are dropped
     ref = loop_moe(layer, x.view(30, 32), capacity).view_as(x)
     want = torch.autograd.grad(ref, [x, *layer.parameters()], grad)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    for name, g, w in zip(["x", *dict(layer.named_parameters())], got, want, strict=True):
+    names = ["x", *dict(layer.named_parameters())]
+    for name, g, w in zip(names, got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=2e-5, msg=name)
+    return dict(zip(names, got, strict=True))
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_moe_layer_matches_the_plain_loop(score_func, capacity_factor):
+    layer = moe_layer(score_func=score_func, capacity_factor=capacity_factor)
+    capacity = expert_capacity(capacity_factor, 30, 2, 4)
+    assert capacity in (None, 9)  # ceil(0.6 * 30 * 2 / 4): some copies are dropped
+    assert_matches_the_plain_loop(layer, capacity)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_unnormalized_weights_are_the_raw_scores_and_train_the_router(score_func, top_k):
+    """``norm_topk_prob=false`` combines with the chosen experts' scores as they are (Switch
+    Transformer's routing), so the output's gradient reaches the router even with one expert
+    per token; renormalized, that one weight is a constant 1 and the router gets nothing."""
+    layer = moe_layer(score_func=score_func, top_k=top_k, norm_topk_prob=False)
+    router = assert_matches_the_plain_loop(layer, None)["router.weight"].norm()
+    assert router > 1e-3
+    if top_k == 1:  # renormalized: the weight is w / w = 1, its gradient rounding residue
+        layer = moe_layer(score_func=score_func, top_k=1)
+        assert assert_matches_the_plain_loop(layer, None)["router.weight"].norm() < 1e-4 * router
 
 
 def test_aux_loss_is_switch_formula_and_reaches_the_router():

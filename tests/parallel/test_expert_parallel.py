@@ -8,7 +8,9 @@ reference's (it already holds every token routed to those experts). With a capac
 per sending rank (local batch), so that reference runs each rank's tokens separately (summing the
 gradients), which is the same statement without the concatenation. Routing is forced uneven
 through a constant input feature: one expert takes almost every token and one none (with 4
-ranks, a rank receives nothing; the "starved" case leaves half the ranks idle).
+ranks, a rank receives nothing; the "starved" case leaves half the ranks idle). The "switch"
+case routes each token to one expert weighted by its raw router probability
+(``norm_topk_prob`` false), so the router's gradient comes from the tokens' path alone.
 
 A whole 2-layer Transformer with the plan's expert mesh (ep=2 inside a world of 2 or 4, so with
 4 ranks two ep groups run side by side) is compared the same way, with the aux loss in the loss.
@@ -54,12 +56,13 @@ STEER = {  # router weight on the constant feature x[..., 0] = 1, per expert
     "uneven": [3.0, 1.0, 0.5, -8.0],  # expert 0 takes nearly all tokens, expert 3 none
     "starved": [3.0, 3.0, -8.0, -8.0],  # experts 2 and 3 get nothing
 }
-CASES = {  # name: (steer, score_func, capacity_factor)
-    "balanced": ("balanced", "softmax", None),
-    "uneven": ("uneven", "softmax", None),
-    "starved": ("starved", "softmax", None),
-    "capacity": ("uneven", "softmax", 1.0),
-    "sigmoid": ("uneven", "sigmoid", None),
+CASES = {  # name: (steer, changes to tiny-moe's model config)
+    "balanced": ("balanced", {}),
+    "uneven": ("uneven", {}),
+    "starved": ("starved", {}),
+    "capacity": ("uneven", {"capacity_factor": 1.0}),
+    "sigmoid": ("uneven", {"score_func": "sigmoid"}),
+    "switch": ("uneven", {"top_k": 1, "norm_topk_prob": False}),  # raw router probabilities
 }
 EXPERT_PARAMS = ("experts.w1", "experts.w2", "experts.w3")
 HIDDEN_DIM = {"experts.w1": 2, "experts.w3": 2, "experts.w2": 1}
@@ -84,11 +87,9 @@ def one_thread():
 
 
 def make_layer(case: str) -> MoEFeedForward:
-    steer, score_func, capacity_factor = CASES[case]
+    steer, changes = CASES[case]
     torch.manual_seed(0)
-    layer = MoEFeedForward(
-        dataclasses.replace(CFG, capacity_factor=capacity_factor, score_func=score_func)
-    )
+    layer = MoEFeedForward(dataclasses.replace(CFG, **changes))
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.05)
     # The token path only: each rank's balancing loss covers its own tokens, not the
@@ -226,7 +227,7 @@ def reference(case: str, world: int) -> tuple[MoEFeedForward, list[dict]]:
     """The unsharded layer on all ranks' tokens (per rank with a capacity); per-rank slices."""
     layer = make_layer(case)
     batches = [tokens(case, r) for r in range(world)]
-    if CASES[case][2] is None:
+    if "capacity_factor" not in CASES[case][1]:
         x = torch.cat([b[0] for b in batches])
         g = torch.cat([b[1] for b in batches])
         full = run_layer(layer, x, g)
@@ -272,6 +273,14 @@ def test_equals_unsharded_layer_forward_and_backward(sharded, world, case):
     check_against_reference(sharded, case, world, case, etp=1)
     for rank in range(world):
         assert sharded[(world, case, rank)]["offset"] == rank * CFG.experts // world
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_switch_routing_trains_the_router_on_every_layout(sharded, world):
+    """The parity above compares a real router gradient there: with one expert per token at its
+    raw probability the output's gradient reaches the router (renormalized, the weight is 1)."""
+    summed = sum(sharded[(world, "switch", r)]["router.weight"] for r in range(world))
+    assert summed.norm() > 1e-3
 
 
 @pytest.mark.parametrize("case", ETP_CASES)
