@@ -93,7 +93,8 @@ class ModelConfig:
 
     @property
     def moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.layers))
+        """How many layers :meth:`is_moe_layer` says are MoE (the last of each interval)."""
+        return self.layers // self.moe_layer_interval if self.is_moe else 0
 
     @property
     def has_dense_mlp(self) -> bool:

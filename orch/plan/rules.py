@@ -42,7 +42,7 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int | None, dp_known
             f"pick a tp that divides {m.n_kv_heads} (each rank needs whole key/value heads)",
             KV_HEADS,
         )
-    if m.has_dense_mlp and m.ffn_dim % deg.tp:
+    if m.ffn_dim % deg.tp and m.has_dense_mlp:
         need(
             "parallel.tp",
             f"model.ffn_dim={m.ffn_dim} is not divisible by tp={deg.tp}",

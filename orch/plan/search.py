@@ -136,7 +136,7 @@ def candidate_degrees(cfg: Config, machine: Machine,
     tp_limit = world if p.allow_cross_node_tp else per_node
     virtual = chunks_per_rank(p.pp_schedule, p.virtual_stages)
     for tp in only("tp", divisors(tp_limit)):
-        if m.heads % tp or m.n_kv_heads % tp or (m.has_dense_mlp and m.ffn_dim % tp) or world % tp:
+        if m.heads % tp or m.n_kv_heads % tp or (m.ffn_dim % tp and m.has_dense_mlp) or world % tp:
             continue
         if tp > 1 and m.is_moe and (not p.sequence_parallel
                                     or m.shared_experts * m.moe_ffn_dim % tp):
@@ -156,7 +156,7 @@ def candidate_degrees(cfg: Config, machine: Machine,
                 for dp_replicate in only("dp_replicate", replicas):
                     if not only("dp_shard", [dp // dp_replicate]):
                         continue
-                    if ddp_over_tp(tp, dp // dp_replicate, dp_replicate):
+                    if ddp_over_tp(tp, dp // dp_replicate, dp_replicate, pp, m.is_moe):
                         continue
                     for ep, etp in _expert_layouts(cfg, dp * cp * tp, tp, fixed):
                         yield Degrees(

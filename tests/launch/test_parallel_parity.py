@@ -10,8 +10,9 @@ with TP).
 MoE (tiny-moe with 8 experts, top-2, aux loss and aux-loss-free bias both on): expert parallel over
 2 ranks, ep2 folded into HSDP 2x2 (so the dense part runs HSDP), ep2 x etp2, ep2 with ring context
 parallelism (the balancing loss sums the loads of the cp ranks, so it sees whole sequences), and
-tensor + sequence parallel dense layers with the experts replicated on the tp ranks (tp2: their
-expert-data-parallel unit sums the gradients) or split over them (ep2 x tp2 x FSDP2). Pipeline
+tensor + sequence parallel dense layers with the experts replicated on the tp ranks (tp2 in two
+replicas: their expert-data-parallel unit sums the gradients) or split over them (ep2 x tp2 x
+FSDP2). Pipeline
 (every schedule on 2 and 4 ranks is checked gradient by gradient in tests/parallel/test_pipeline.py;
 here under orch launch): 1F1B on 2 stages, ZB-H1 x FSDP2 with full recompute, 2BP-1F1B x 2 replicas
 (HSDP with shards of one: DDP let them drift apart), 2BP-1F1B x TP2 with selective recompute,
@@ -126,7 +127,10 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                                              "offload.params=nvme", "offload.optimizer=nvme",
                                              "offload.nvme_path={scratch}"],
                                     dict(dp_replicate=2)),
-    "tp2_moe": (MOE, 2, ["parallel.tp=2"], dict(tp=2)),
+    # replicas of tp ranks: FSDP2 with shards of one, as the experts tp folds need (a plain
+    # DDP could not hold the DTensors, and this was refused as if it ran)
+    "tp2_moe_replicas": (MOE, 4, ["parallel.tp=2", "parallel.dp_replicate=2",
+                                  "parallel.dp_shard=1"], dict(tp=2, dp_replicate=2)),
     "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
                       dict(dp_shard=2, tp=2, ep=2)),
 }

@@ -170,9 +170,15 @@ def test_the_search_lists_only_layouts_the_runtime_runs():
     cfg = load_config(REPO / "configs/llama3-8b.yaml")
     machine = resolve_machine(cfg, 64, None, None, [])
     found = list(candidate_degrees(cfg, machine))
-    assert not [d for d in found if d.tp > 1 and d.dp_shard == 1 and d.dp_replicate > 1]
+    assert not [d for d in found
+                if d.tp > 1 and d.dp_shard == 1 and d.dp_replicate > 1 and d.pp == 1]
     assert [d for d in found if d.tp > 1 and d.dp_shard > 1 and d.dp_replicate > 1]  # HSDP
     assert [d for d in found if d.tp == 1 and d.dp_shard == 1 and d.dp_replicate > 1]  # DDP
+    # replicas of a pipeline's or an MoE model's tp ranks are FSDP2 with shards of one: listed
+    assert [d for d in found if d.tp > 1 and d.dp_shard == 1 and d.dp_replicate > 1 and d.pp > 1]
+    moe = load_config(REPO / "configs/mixtral-8x22b.yaml")
+    assert [d for d in candidate_degrees(moe, resolve_machine(moe, 64, None, None, []))
+            if d.tp > 1 and d.dp_shard == 1 and d.dp_replicate > 1 and d.pp == 1]
     offloaded = load_config(REPO / "configs/llama3-8b.yaml", [
         f"offload.{group}=cpu" for group in ("params", "grads", "optimizer")])
     (replicas,) = candidate_degrees(offloaded, eight := resolve_machine(offloaded, 8, None,
