@@ -658,7 +658,7 @@ def launch(argv: Sequence[str]) -> int:
 
 def _run_workers(args: argparse.Namespace, cfg: Config, plan: Plan, run_dir: Path) -> None:
     """torchrun, again after each re-partition of the pipeline; RunStopped, RunFailed."""
-    from torch.distributed import DistStoreError
+    from torch.distributed import DistNetworkError, DistStoreError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -680,7 +680,9 @@ def _run_workers(args: argparse.Namespace, cfg: Config, plan: Plan, run_dir: Pat
                 return
             except SignalException as exc:  # torchrun has ended the workers; no traceback
                 raise RunStopped(exc.sigval.name, int(exc.sigval)) from None
-            except (RendezvousError, DistStoreError) as exc:  # ~230 lines of traceback before
+            # ~230 lines of traceback before; DistNetworkError: a node whose node 0 never came
+            # (static rendezvous: its store client timed out connecting, 90 lines)
+            except (RendezvousError, DistStoreError, DistNetworkError) as exc:
                 raise RunFailed(_rendezvous_failure(args, exc)) from None
             except ChildFailedError as exc:
                 if not attempts.repartitioned(exc.failures):
