@@ -16,10 +16,8 @@ import dataclasses
 import logging
 import os
 import shutil
-import signal
 import socket
 import tempfile
-import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ from orch.launch.attempts import Attempts, consulted_on_restarts
 from orch.launch.lifeline import mark_launcher
 from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
+from orch.launch.waiting import stopped_at_once
 from orch.offload.sizes import aio_events_problem, aio_handles, async_io_may_load
 from orch.offload.stale_scratch import stale_scratch_files
 from orch.parallel.pipeline.rebalance import (
@@ -640,18 +639,8 @@ def launch(argv: Sequence[str]) -> int:
             print(waiting_line(args, nodes), flush=True)
             if (warning := rendezvous_host_warning(args)) is not None:
                 print(warning, flush=True)
-        # Until torchrun starts the workers (and its own handlers, which stop them and raise
-        # SignalException), Ctrl-C ends this process at once: waiting for the other nodes, a
-        # static rendezvous holds the main thread in C++ (TCPStore), where a Python handler
-        # waited 15 minutes to run. Nothing is started yet, and the run lock goes with it.
-        interrupt = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-        try:
+        with stopped_at_once():  # until torchrun's own handlers, while the nodes meet
             _run_workers(args, cfg, plan, run_dir)
-        finally:  # (torchrun leaves its own handler; a caller of launch() gets its back)
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, interrupt)
     print(summary(cfg, args.resume), flush=True)
     return 0
 

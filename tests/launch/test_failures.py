@@ -422,37 +422,6 @@ def test_a_rank_that_lost_a_peer_says_so_in_one_line_and_logs_its_traceback(tmp_
     assert "KeyboardInterrupt" in path.read_text()
 
 
-def test_ctrl_c_while_waiting_for_the_other_nodes_ends_the_launch_at_once(tmp_path):
-    """Waiting in a static rendezvous, the launcher's main thread sits in torch's C++ store,
-    where Python's Ctrl-C handler waited 15 minutes (the rendezvous timeout) to run."""
-    import signal
-    import socket
-    import subprocess
-    import time
-
-    from launch_harness import ORCH, REPO, overrides
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [str(ORCH), "launch", "--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "1",
-         "--master-addr", "127.0.0.1", "--master-port", str(port), "configs/tiny.yaml",
-         *overrides(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # until it waits for node 1, which never comes
-            if "waits at" in line:
-                break
-        time.sleep(3)  # inside the rendezvous
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) in (-signal.SIGINT, 130)
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True
