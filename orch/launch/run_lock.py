@@ -69,7 +69,11 @@ def run_dir_lock(run_dir: Path, node: str) -> Iterator[None]:
         os.close(fd)
         raise PlanError([Problem("run.dir", f"{str(run_dir)!r} is in use by another orch launch "
                                  f"on this node ({holder})",
-                                 "wait for that run to end, or give this one its own run.dir")],
+                                 "wait for that run to end, or give this one its own run.dir; "
+                                 "for another node of the same job on this machine (a c10d "
+                                 "rendezvous has every node at --node-rank 0), give each "
+                                 "launcher its own ORCH_NODE=NAME (or --node-name NAME under a "
+                                 "cluster description)")],
                         title="cannot launch") from None
     except OSError as exc:
         os.close(fd)

@@ -63,6 +63,10 @@ def test_a_second_launch_into_a_run_directory_in_use_stops_before_starting(tmp_p
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert f"run.dir: '{run_dir}' is in use by another orch launch on this node (pid " \
                f"{os.getpid()}, since" in out.stderr
+        # two c10d launchers on one machine (every node at --node-rank 0) share a lock name
+        assert "for another node of the same job on this machine (a c10d rendezvous has every " \
+               "node at --node-rank 0), give each launcher its own ORCH_NODE=NAME" in \
+               " ".join(out.stderr.split()), out.stderr
         assert not (run_dir / "config.yaml").exists()  # nothing of the second launch written
         with run_dir_lock(run_dir, "other-host-0"):  # another node of the same job
             pass
