@@ -639,6 +639,7 @@ def launch(argv: Sequence[str]) -> int:
             print(waiting_line(args, nodes), flush=True)
             if (warning := rendezvous_host_warning(args)) is not None:
                 print(warning, flush=True)
+            host_c10d_store(args)
         with stopped_at_once():  # until torchrun's own handlers, while the nodes meet
             _run_workers(args, cfg, plan, run_dir)
     print(summary(cfg, args.resume), flush=True)
@@ -748,6 +749,45 @@ def rendezvous_host_warning(args: argparse.Namespace) -> str | None:
             "--node-rank 0 to the machine that has it)")
 
 
+def host_c10d_store(args: argparse.Namespace) -> None:
+    """Under a c10d rendezvous the endpoint's machine hosts its store, but torch knows that
+    machine by its host name and the addresses that resolves to: given one of the head's own
+    IP addresses that the name does not resolve to (Debian's ``127.0.1.1 hostname``, a second
+    NIC), no node hosted it, and every node failed after ~100 s with "could not meet". So the
+    machine the endpoint is an address of, where torch would not host and the user did not
+    say (``is_host`` in ``--rdzv-conf``), hosts it (``is_host=1``); unless the port is taken
+    there already (another launcher of the job on the same machine hosts it: with ``is_host``
+    set, torch does not fall back to joining as a client)."""
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import DEFAULT_PORT
+    from torch.distributed.elastic.rendezvous.utils import (
+        _matches_machine_hostname,
+        _parse_rendezvous_config,
+        parse_rendezvous_endpoint,
+    )
+
+    if args.rdzv_backend != "c10d" or not args.rdzv_endpoint:
+        return
+    if "is_host" in _parse_rendezvous_config(args.rdzv_conf or ""):
+        return
+    host, port = parse_rendezvous_endpoint(args.rdzv_endpoint, default_port=DEFAULT_PORT)
+    if _matches_machine_hostname(host) or not _is_this_machine(host) or not _port_free(host,
+                                                                                        port):
+        return
+    args.rdzv_conf = ",".join(filter(None, (args.rdzv_conf, "is_host=1")))
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a TCP server could listen on ``host:port`` now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 def _is_this_machine(host: str) -> bool:
     """Whether ``host`` resolves to an address of this machine (one a socket can bind)."""
     try:
@@ -770,9 +810,15 @@ def _rendezvous_failure(args: argparse.Namespace, exc: Exception) -> str:
     first line), and what to check."""
     endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if args.rdzv_backend == "static":
+        check = ("the address is node 0's, reachable from this node, that its launcher runs, "
+                 "and that every node has the same --nnodes and its own --node-rank")
+    else:  # the nodes are numbered as they join: a --node-rank is no one's concern
+        check = ("the address is one of the nodes' (the one that hosts the store), reachable "
+                 "from this node, that its launcher runs, and that every node has the same "
+                 "--nnodes and --rdzv-id")
     return (f"the nodes could not meet at {endpoint} ({type(exc).__name__}: {reason}); fix: "
-            "check that the address is node 0's, reachable from this node, that its launcher "
-            "runs, and that every node has the same --nnodes and its own --node-rank")
+            f"check that {check}")
 
 
 def summary(cfg: Config, resume: str | None = None, finished: Path | None = None) -> str:

@@ -223,7 +223,8 @@ def test_a_rendezvous_that_cannot_form_is_one_line():
     message = _rendezvous_failure(args, exc)
     assert message.startswith("the nodes could not meet at 10.9.9.9:29500 "
                               "(RendezvousConnectionError: The connection to the C10d store has "
-                              "failed.); fix: check that the address is node 0's")
+                              "failed.); fix: check that the address is one of the nodes' "
+                              "(the one that hosts the store)")
     assert "\n" not in message
 
 

@@ -4,6 +4,7 @@ rendezvous timeouts of a few seconds keep the failures short."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -61,3 +62,83 @@ def test_a_signal_while_waiting_for_the_other_nodes_ends_the_launch_at_once(tmp_
     finally:
         proc.kill()
         proc.wait()
+
+
+def _own_address_torch_does_not_know() -> str | None:
+    """An IPv4 address of this machine (not loopback) that its host name does not resolve to:
+    one torch's c10d backend does not take for this machine."""
+    import json
+
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+
+    try:
+        links = json.loads(subprocess.run(["ip", "-j", "-4", "addr"], capture_output=True,
+                                          text=True, check=True).stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    addresses = [a["local"] for link in links for a in link.get("addr_info", [])
+                 if not a["local"].startswith("127.")]
+    return next((a for a in addresses if not _matches_machine_hostname(a)), None)
+
+
+def _listening(host: str, port: int, launcher: subprocess.Popen, within: float) -> bool:
+    """Whether ``launcher`` listens on ``host:port`` within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and launcher.poll() is None:
+        with socket.socket() as probe:
+            if probe.connect_ex((host, port)) == 0:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_c10d_endpoint_given_as_the_heads_own_address_is_hosted_there(tmp_path):
+    """torch hosts a c10d store where the endpoint matches the host name or the addresses it
+    resolves to: given another of the head's addresses, no node hosted it and every node failed
+    after ~100 s saying "could not meet ... its own --node-rank". The machine that has the
+    address now hosts it. Two launchers on this machine, the second once the first listens
+    (the second then joins as a client, its port being taken)."""
+    if (address := _own_address_torch_does_not_know()) is None:
+        pytest.skip("this machine has no address its host name does not resolve to")
+    port = free_port()
+    command = [str(ORCH), "launch", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
+               "c10d", "--rdzv-endpoint", f"{address}:{port}", "--rdzv-id", "own-address",
+               "--rdzv-conf", "read_timeout=20,timeout=60", "configs/tiny.yaml",
+               *overrides(tmp_path / "run", "train.steps=1", "train.warmup_steps=0")]
+    nodes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "ORCH_NODE": "head"})]
+    try:
+        if not _listening(address, port, nodes[0], 60):
+            nodes[0].kill()
+            pytest.fail(f"the head does not host the store: {nodes[0].communicate()[0]}")
+        nodes.append(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True,
+                                      env={**os.environ, "ORCH_NODE": "other"}))
+        said = [node.communicate(timeout=240)[0] for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], said
+        assert sum("step 1/1" in text for text in said) == 1
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait()
+
+
+@pytest.mark.parametrize("backend, check", [
+    ("static", "every node has the same --nnodes and its own --node-rank"),
+    ("c10d", "the address is one of the nodes' (the one that hosts the store), reachable from "
+             "this node, that its launcher runs, and that every node has the same --nnodes and "
+             "--rdzv-id")])
+def test_a_rendezvous_failure_names_what_to_check_under_its_backend(backend, check):
+    """A c10d rendezvous numbers the nodes as they join: its failure told the user to give
+    each node its own --node-rank, which it ignores."""
+    from types import SimpleNamespace
+
+    from orch.launch.launcher import _rendezvous_failure
+
+    args = SimpleNamespace(rdzv_backend=backend, rdzv_endpoint="10.0.0.1:29400",
+                           master_addr="127.0.0.1", master_port=29500)
+    said = _rendezvous_failure(args, TimeoutError("timed out\nmore"))
+    assert said.startswith("the nodes could not meet at 10.0.0.1:29400 (TimeoutError: timed "
+                           "out); fix: check that ")
+    assert said.endswith(check)
+    assert (backend == "static") == ("--node-rank" in said)
