@@ -47,6 +47,7 @@ from orch.parallel.pipeline.rebalance import REBALANCE_EXIT, Repartition
 from orch.plan import Plan
 from orch.plan.layout import dense_layout
 from orch.plan.support import unsupported_features
+from orch.runtime import agent_store
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
 from orch.runtime.data import BatchStream, PackedSequences, load_tokens
 from orch.runtime.metrics import MetricsLog
@@ -127,15 +128,13 @@ def init_process_group(backend_name: str, world: int) -> None:
     rank's gloo address, NCCL's unique id) are the same in every attempt. After a restart
     (``--max-restarts``) a worker could read its peer's address from the failed attempt: seen
     here as "Gloo connectFullMesh failed ... Connection refused" on 1 of 2 first restarts.
+    The worker reaches that store within a minute, or says why (``orch.runtime.agent_store``).
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend_name)
         return
-    from torch.distributed.constants import default_pg_timeout
-
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=False, timeout=default_pg_timeout)
+    store = agent_store.connect(world)
     dist.init_process_group(backend_name, store=dist.PrefixStore(f"orch/attempt-{attempt}", store),
                             rank=int(os.environ["RANK"]), world_size=world)
 

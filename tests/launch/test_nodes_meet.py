@@ -142,3 +142,28 @@ def test_a_rendezvous_failure_names_what_to_check_under_its_backend(backend, che
                            "out); fix: check that ")
     assert said.endswith(check)
     assert (backend == "static") == ("--node-rank" in said)
+
+
+def test_a_worker_that_cannot_reach_torchruns_store_says_why_within_a_minute(monkeypatch):
+    """Under c10d torch gives the workers the head's host name, which resolved to loopback
+    there (Debian's 127.0.1.1): the other nodes' workers waited 30 minutes in silence."""
+    from orch.runtime import agent_store
+
+    monkeypatch.setattr(agent_store, "CONNECT_S", 1)
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # nothing listens there
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    start = time.monotonic()
+    with pytest.raises(agent_store.StoreUnreachable) as caught:
+        agent_store.connect(2)
+    assert time.monotonic() - start < 30
+    said = str(caught.value)
+    assert said.startswith(f"cannot reach torchrun's store at localhost:{os.environ['MASTER_PORT']}"
+                           " (MASTER_ADDR:MASTER_PORT) within 1 s (")
+    assert ": localhost is 127.0.0.1 here, a loopback address, but the job spans nodes" in said
+    assert said.endswith("fix: pass --local-addr THIS_NODE_IP on every node (each its own "
+                         "address on the network the nodes share)")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one node: loopback is right, the fix general
+    with pytest.raises(agent_store.StoreUnreachable) as caught:
+        agent_store.connect(2)
+    assert "loopback" not in str(caught.value) and "--local-addr" in str(caught.value)
