@@ -80,7 +80,13 @@ def detect_node(
 
 
 def ipv4_subnet(interface: str) -> str | None:
-    """The subnet of ``interface``'s first IPv4 address (``10.1.0.0/24``), by ``ip -j addr``.
+    """The subnet of ``interface``'s first IPv4 address (``10.1.0.0/24``); None without one."""
+    found = ipv4_interface(interface)
+    return str(found.network) if found else None
+
+
+def ipv4_interface(interface: str) -> ipaddress.IPv4Interface | None:
+    """``interface``'s first IPv4 address with its prefix (``10.1.0.17/24``), by ``ip -j addr``.
 
     None when it has no address or ``ip`` is missing or fails.
     """
@@ -98,7 +104,7 @@ def ipv4_subnet(interface: str) -> str | None:
     for link in links:
         for addr in link.get("addr_info", []):
             if addr.get("family") == "inet":
-                return str(ipaddress.ip_interface(f"{addr['local']}/{addr['prefixlen']}").network)
+                return ipaddress.IPv4Interface(f"{addr['local']}/{addr['prefixlen']}")
     return None
 
 

@@ -29,7 +29,7 @@ from orch.errors import OrchError, PlanError, Problem, ProblemsError, reading
 from orch.kernels.dispatch import kernel_choice_problem
 from orch.launch.attempts import Attempts, consulted_on_restarts
 from orch.launch.lifeline import mark_launcher
-from orch.launch.nodes import NODE_ENV, check_node, node_settings, this_node
+from orch.launch.nodes import NODE_ENV, NodeSettings, check_node, node_settings, this_node
 from orch.launch.run_lock import run_dir_lock
 from orch.launch.waiting import stopped_at_once
 from orch.offload.sizes import aio_events_problem, aio_handles, async_io_may_load
@@ -270,6 +270,10 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
         settings = node_settings(cluster, plan, node, backend())
         os.environ.update(settings.env)  # the workers inherit it through torchrun
         print(settings.describe(), flush=True)
+        if (local := local_address(args, settings)) is not None:
+            args.local_addr = local
+            print(f"orch launch: --local-addr {local} (node {node.name}'s address on the "
+                  "network every node shares)", flush=True)
     args.nproc_per_node = str(nproc)
     planned = (f"the cluster description's {world} processes" if cluster is not None
                else f"--nnodes {max_nodes} x --nproc-per-node {nproc} = {world} processes")
@@ -282,6 +286,17 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
     args.training_script_args = [str(args.training_script), *sets, *resume]
     args.training_script = WORKER_MODULE
     return args, cfg, plan
+
+
+def local_address(args: argparse.Namespace, settings: NodeSettings) -> str | None:
+    """The ``--local-addr`` torchrun gets where the user gave none: under a dynamic (c10d)
+    rendezvous torch hands the workers the rank-0 agent's ``--local-addr``, else its host
+    name, and a head whose name resolves to loopback (Debian's ``127.0.1.1 hostname``) sent the
+    other nodes' workers to their own loopback for 30 minutes. The cluster description names
+    this node's interface on the network every node shares: its address is reachable."""
+    if args.local_addr or args.rdzv_backend == "static":
+        return None
+    return settings.address
 
 
 PLANNED_WORLD = "ORCH_PLANNED_WORLD"

@@ -45,6 +45,9 @@ class NodeSettings:
     first_rank: int
     env: dict[str, str]
     kept: dict[str, str]
+    address: str | None = None
+    """This node's IPv4 address on the network every node shares (its first interface there),
+    for torchrun's ``--local-addr``; None where it has none."""
 
     def describe(self) -> str:
         last = self.first_rank + self.node.devices - 1
@@ -154,7 +157,19 @@ def node_settings(cluster: ClusterSpec, plan: Plan, node: NodeSpec, backend: str
             env["NCCL_IB_DISABLE"] = "1"
     env = {k: v for k, v in env.items() if v}  # no NIC listed: leave the choice to the library
     kept = {k: os.environ[k] for k in env if k != NODE_ENV and k in os.environ}
-    return NodeSettings(node, first, {k: v for k, v in env.items() if k not in kept}, kept)
+    return NodeSettings(node, first, {k: v for k, v in env.items() if k not in kept}, kept,
+                        _address_on(node, shared))
+
+
+def _address_on(node: NodeSpec, network: str) -> str | None:
+    """``node``'s IPv4 address on ``network`` (its first interface there with one), as this
+    machine has it."""
+    from orch.cluster.detect import ipv4_interface
+
+    for interface in node.interfaces_on(network):
+        if (found := ipv4_interface(interface)) is not None:
+            return str(found.ip)
+    return None
 
 
 __all__ = ["NODE_ENV", "NodeSettings", "check_node", "node_settings", "this_node"]

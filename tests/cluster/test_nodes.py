@@ -228,6 +228,25 @@ def test_a_rendezvous_that_cannot_form_is_one_line():
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("argv, local", [
+    (["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29400"], "127.0.0.1"),
+    (["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29400", "--local-addr", "h"], "h"),
+    (["--master-addr", "127.0.0.1"], None),  # static: the store is --master-addr's
+])
+def test_a_c10d_launch_on_a_cluster_gives_torchrun_the_nodes_shared_address(tmp_path, monkeypatch,
+                                                                            argv, local):
+    """Under c10d torch hands the workers the head agent's host name, which resolved to
+    loopback on a Debian head (127.0.1.1): the other nodes' workers waited 30 minutes. With a
+    cluster description the node's address on the shared network ("lo" here) is known."""
+    for name in ("GLOO_SOCKET_IFNAME", "ORCH_NODE", "ORCH_PLANNED_WORLD", "ORCH_LAUNCH_ID"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    args, _, _ = prepare(["--nnodes", "2", *argv, "configs/tiny.yaml", "--set",
+                          f"cluster={_cluster_file(tmp_path)}", "--set",
+                          f"run.dir={tmp_path / 'run'}", "--node-name", "here"])
+    assert args.local_addr == local
+
+
 def test_workers_that_placed_the_ranks_differently_are_told_apart():
     """Nodes given the description with its nodes in another order each took the plan rank of
     their own reading: both took rank 0, and the process group waited in silence."""
