@@ -1,13 +1,20 @@
-"""A worker's connection to torchrun's store.
+"""A worker's connection to torchrun's store, and its claim on its rank there.
 
 torchrun's agents share one TCPStore for the whole job (``TORCHELASTIC_USE_AGENT_STORE``), at
 ``MASTER_ADDR:MASTER_PORT``, hosted by node 0's agent (static rendezvous) or rank 0's (c10d),
-before any worker starts. A worker connects to it before its process group exists; where it
-cannot reach the store, it waited silently: under c10d, torch hands the workers the rank-0
-agent's ``getfqdn()`` unless ``--local-addr`` was given, and a head whose host name resolves to
-loopback (Debian's ``127.0.1.1 hostname``) sent the other nodes' workers to their own loopback,
-where they waited torch's 30 minutes in silence. Only the network can keep a worker from a
-store that is already up, so the connection gets ``CONNECT_S``.
+before any worker starts. A worker connects to it before its process group exists, which is
+the one point where two things can go wrong silently:
+
+- it cannot reach the store: under c10d, torch hands the workers the rank-0 agent's
+  ``getfqdn()`` unless ``--local-addr`` was given, and a head whose host name resolves to
+  loopback (Debian's ``127.0.1.1 hostname``) sent the other nodes' workers to their own
+  loopback, where they waited torch's 30 minutes in silence. Only the network can keep a
+  worker from a store that is already up, so the connection gets ``CONNECT_S``.
+- its rank is taken: without a cluster description nothing checked that two nodes were not
+  given the same ``--node-rank`` (static rendezvous): torchrun started both nodes' workers as
+  the same ranks, and one trained while the other said "a peer is gone", or waited 30 minutes.
+  Each worker counts its rank's claims in the store before joining the group; the second
+  claimer stops (its launcher then does not restart a failure on bad input).
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ CONNECT_S = 60
 
 class StoreUnreachable(OrchError):
     """This worker cannot reach torchrun's store: exit 2, a launch setting to fix."""
+
+
+class RankTaken(OrchError):
+    """Another node's worker claimed this worker's rank: exit 2."""
 
 
 def connect(world: int) -> dist.TCPStore:
@@ -69,4 +80,15 @@ def _loopback(host: str) -> str | None:
     return next((a for a in sorted(addresses) if ipaddress.ip_address(a).is_loopback), None)
 
 
-__all__ = ["CONNECT_S", "StoreUnreachable", "connect"]
+def claim_rank(store: dist.Store, attempt: str, rank: int) -> None:
+    """Count this worker's claim on ``rank`` in torchrun's store (per torchrun attempt: a
+    restart claims again); RankTaken for the second claimer of a rank."""
+    if store.add(f"orch/rank-claim/{attempt}/{rank}", 1) > 1:
+        node_rank = os.environ.get("GROUP_RANK", "?")
+        raise RankTaken(f"rank {rank} started twice: two nodes were given --node-rank "
+                        f"{node_rank}, and the other one's worker took it first; fix: give each "
+                        "node its own --node-rank, 0 to --nnodes - 1 (this node stops; the "
+                        "others may go on as the whole job)")
+
+
+__all__ = ["CONNECT_S", "RankTaken", "StoreUnreachable", "claim_rank", "connect"]

@@ -128,15 +128,17 @@ def init_process_group(backend_name: str, world: int) -> None:
     rank's gloo address, NCCL's unique id) are the same in every attempt. After a restart
     (``--max-restarts``) a worker could read its peer's address from the failed attempt: seen
     here as "Gloo connectFullMesh failed ... Connection refused" on 1 of 2 first restarts.
-    The worker reaches that store within a minute, or says why (``orch.runtime.agent_store``).
+    The worker reaches that store within a minute, or says why, and claims its rank there
+    before joining (``orch.runtime.agent_store``).
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend_name)
         return
-    store = agent_store.connect(world)
+    store, rank = agent_store.connect(world), int(os.environ["RANK"])
+    agent_store.claim_rank(store, attempt, rank)
     dist.init_process_group(backend_name, store=dist.PrefixStore(f"orch/attempt-{attempt}", store),
-                            rank=int(os.environ["RANK"]), world_size=world)
+                            rank=rank, world_size=world)
 
 
 def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None) -> None:

@@ -144,6 +144,29 @@ def test_a_rendezvous_failure_names_what_to_check_under_its_backend(backend, che
     assert (backend == "static") == ("--node-rank" in said)
 
 
+def test_two_nodes_given_one_node_rank_stop_the_second_with_one_message(tmp_path):
+    """Without a cluster description nothing checked node ranks: torchrun gave both nodes'
+    workers RANK=1, and one trained with node 0 while the other said "a peer is gone" (or waited
+    gloo's 30 minutes). The worker that claims rank 1 second stops, saying why (exit 2); node 0
+    and the first node 1 are a whole job."""
+    from orch.cluster.netbed import run_together
+
+    port = free_port()
+    commands = {name: ["env", f"ORCH_NODE={name}", str(ORCH), "launch", "--nnodes", "2",
+                       "--nproc-per-node", "1", "--node-rank", rank, "--master-addr",
+                       "127.0.0.1", "--master-port", str(port), "configs/tiny.yaml",
+                       *overrides(tmp_path / "run", "train.steps=1", "train.warmup_steps=0")]
+                for name, rank in (("d0", "0"), ("d1", "1"), ("d2", "1"))}
+    done = run_together(commands, REPO, timeout=240)
+    refused = [text for code, text in done.values() if code == 2]
+    assert len(refused) == 1 and sorted(code for code, _ in done.values()) == [0, 0, 2], done
+    assert ("orch worker: rank 1 started twice: two nodes were given --node-rank 1, and the "
+            "other one's worker took it first; fix: give each node its own --node-rank") \
+        in refused[0]
+    assert "not restarted" in refused[0] or "bad input" in refused[0], refused[0]
+    assert "step 1/1" in done["d0"][1]
+
+
 def test_a_worker_that_cannot_reach_torchruns_store_says_why_within_a_minute(monkeypatch):
     """Under c10d torch gives the workers the head's host name, which resolved to loopback
     there (Debian's 127.0.1.1): the other nodes' workers waited 30 minutes in silence."""
@@ -167,3 +190,16 @@ def test_a_worker_that_cannot_reach_torchruns_store_says_why_within_a_minute(mon
     with pytest.raises(agent_store.StoreUnreachable) as caught:
         agent_store.connect(2)
     assert "loopback" not in str(caught.value) and "--local-addr" in str(caught.value)
+
+
+def test_a_rank_is_claimed_once_per_torchrun_attempt():
+    import torch.distributed as dist
+
+    from orch.runtime.agent_store import RankTaken, claim_rank
+
+    store = dist.HashStore()
+    claim_rank(store, "0", 1)
+    claim_rank(store, "0", 0)
+    claim_rank(store, "1", 1)  # a restart claims again
+    with pytest.raises(RankTaken, match="rank 1 started twice"):
+        claim_rank(store, "0", 1)
