@@ -150,10 +150,21 @@ def report_crash(exc: BaseException) -> None:
     elif isinstance(sys.stderr, _Tee) and (lost_peer(said) or comm_timeout(said)):
         sys.stderr.to_log_only(text)
         why = "a peer is gone" if lost_peer(said) else "timed out waiting for a peer"
-        print(f"orch worker: stopped, {why} ({said.splitlines()[0][:200]}); traceback in the "
-              "rank log", file=sys.stderr, flush=True)
+        print(f"orch worker: stopped, {why} ({_first_sentences(said, 200)}); traceback in "
+              "the rank log", file=sys.stderr, flush=True)
     else:
         print(text, end="", file=sys.stderr, flush=True)
+
+
+def _first_sentences(text: str, limit: int) -> str:
+    """``text``'s first line cut to its whole sentences within ``limit`` characters (gloo's
+    errors run on: a cut at the limit ended one at "Check the logs of"), or to the limit with
+    "..." where its first sentence is longer."""
+    line = text.splitlines()[0] if text else ""
+    if len(line) <= limit:
+        return line
+    end = line.rfind(". ", 0, limit)
+    return line[:end + 1] if end > 0 else line[:limit - 3] + "..."
 
 
 def record_failure(exc: BaseException) -> None:

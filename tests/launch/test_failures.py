@@ -409,6 +409,16 @@ def test_a_rank_that_lost_a_peer_says_so_in_one_line_and_logs_its_traceback(tmp_
     shown = err.getvalue()[len(shown):]
     assert shown.startswith("orch worker: stopped, timed out waiting for a peer") \
         and shown.count("\n") == 1, shown
+    # gloo's long reason is cut at a sentence's end, not mid-sentence ("Check the logs of")
+    long = ("[pair.cc:538] Read error: Connection reset by peer. This is typically caused by a "
+            "remote worker crashing. Check the logs of the remote worker for the error. "
+            "Otherwise this may be a network problem.")
+    before = len(err.getvalue())
+    rank_log.report_crash(raised(RuntimeError(long)))
+    assert err.getvalue()[before:] == (
+        "orch worker: stopped, a peer is gone (RuntimeError: [pair.cc:538] Read error: "
+        "Connection reset by peer. This is typically caused by a remote worker crashing. Check "
+        "the logs of the remote worker for the error.); traceback in the rank log\n")
     shown = err.getvalue()
     rank_log.report_crash(raised(ValueError("a bug")))
     assert "Traceback (most recent call last)" in err.getvalue()[len(shown):]
