@@ -22,11 +22,15 @@ from contextlib import contextmanager
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stopping = threading.Lock()
 
 
 def _stop(number: int, frame: FrameType | None = None) -> None:
     """End this process as the signal ``number`` would, after one line (the run lock goes with
-    the process: flock)."""
+    the process: flock). Once: the Python handler (the main thread, where it runs Python) and
+    the watcher thread can both take one signal, and both wrote the line."""
+    if not _stopping.acquire(blocking=False):
+        threading.Event().wait()  # the other is ending the process
     name = signal.Signals(number).name
     sys.stderr.write(f"orch launch: stopped by {name} while waiting for the other nodes: no "
                      "worker had started\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes.util
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 from orch.errors import Problem
@@ -75,11 +77,16 @@ def aio_handles(params: str, grads: str, optimizer: str, activations: str) -> in
 
 
 def async_io_may_load() -> bool:
-    """Whether DeepSpeed's async I/O op may load on this machine: DeepSpeed installed and libaio
-    on the library path. Without either the NVMe tier takes its O_DIRECT thread pool, which
-    opens no AIO contexts, so the kernel's AIO events do not bound its queue
-    (:func:`aio_events_problem` is for the op's handles only). Cheap: finds, imports nothing."""
-    return importlib.util.find_spec("deepspeed") is not None \
+    """Whether DeepSpeed's async I/O op may load on this machine: DeepSpeed installed, libaio
+    on the library path, its header and a C compiler (the op's compatibility check, which its
+    loader runs every time, compiles and links a call to ``io_submit``; without any of these
+    it fails). Otherwise the NVMe tier takes its O_DIRECT thread pool, which opens no AIO
+    contexts, so the kernel's AIO events do not bound its queue (:func:`aio_events_problem`
+    is for the op's handles only). Cheap: finds, imports and compiles nothing."""
+    header = any(Path(folder, "libaio.h").is_file()
+                 for folder in ("/usr/include", "/usr/local/include"))
+    compiler = shutil.which(os.environ.get("CC", "cc")) is not None
+    return header and compiler and importlib.util.find_spec("deepspeed") is not None \
         and ctypes.util.find_library("aio") is not None
 
 

@@ -72,8 +72,9 @@ class Degrees:
         degrees alone read a ZB-V run as any other pipeline of 2).
 
         fsdp: sharded data parallel; ddp: replicated; hsdp(replicas x shards): both, and
-        replicas of expert, tensor or pipeline parallel ranks: the runtime wraps those in FSDP2,
-        one shard a replica, not DDP ("ddp2 ep2" named what did not run).
+        replicas of context, expert, tensor or pipeline parallel ranks: the runtime wraps those
+        in FSDP2 (over dp_shard x cp; one shard a replica), not DDP ("ddp2 ep2" named what did
+        not run).
         """
         parts = []
         if self.pp > 1:
@@ -83,7 +84,7 @@ class Degrees:
         if self.dp > 1:
             if self.dp_replicate == 1:
                 parts.append(f"fsdp{self.dp}")
-            elif self.dp_shard == 1 and self.ep * self.etp * self.tp == 1 and self.pp == 1:
+            elif self.fsdp == 1 and self.ep * self.etp * self.tp == 1 and self.pp == 1:
                 parts.append(f"ddp{self.dp}")
             else:
                 parts.append(f"hsdp{self.dp}({self.dp_replicate}x{self.dp_shard})")

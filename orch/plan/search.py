@@ -156,7 +156,7 @@ def candidate_degrees(cfg: Config, machine: Machine,
                 for dp_replicate in only("dp_replicate", replicas):
                     if not only("dp_shard", [dp // dp_replicate]):
                         continue
-                    if ddp_over_tp(tp, dp // dp_replicate, dp_replicate, pp, m.is_moe):
+                    if ddp_over_tp(tp, dp // dp_replicate * cp, dp_replicate, pp, m.is_moe):
                         continue
                     for ep, etp in _expert_layouts(cfg, dp * cp * tp, tp, fixed):
                         yield Degrees(

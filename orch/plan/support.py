@@ -20,20 +20,20 @@ OFFLOAD_HOMES_RUN = {"params": ("cpu", "nvme"), "grads": ("cpu", "nvme"),
 offloaded (gradients and parameters always leave the device)."""
 
 
-def ddp_over_tp(tp: int, dp_shard: int, dp_replicate: int, pp: int = 1,
-                moe: bool = False) -> bool:
-    """Replicas by plain DDP (shards of one) of tensor-parallel ranks: DDP cannot hold DTensor
-    parameters, so the runtime refuses it and the search never lists it. A pipeline's replicas
-    and an MoE model's (whose experts tp folds) are FSDP2 with shards of one, not DDP
-    (``orch.parallel.data_parallel.replicates_with_ddp``): those run."""
-    return tp > 1 and dp_shard == 1 and dp_replicate > 1 and pp == 1 and not moe
+def ddp_over_tp(tp: int, fsdp: int, dp_replicate: int, pp: int = 1, moe: bool = False) -> bool:
+    """Replicas by plain DDP (``fsdp``, dp_shard x cp, of one) of tensor-parallel ranks: DDP
+    cannot hold DTensor parameters, so the runtime refuses it and the search never lists it. A
+    pipeline's replicas and an MoE model's (whose experts tp folds) are FSDP2 with shards of
+    one, not DDP (``orch.parallel.data_parallel.replicates_with_ddp``): those run, as do
+    replicas of cp ranks (FSDP2 over dp_shard x cp)."""
+    return tp > 1 and fsdp == 1 and dp_replicate > 1 and pp == 1 and not moe
 
 
 def unsupported_features(cfg: Config, world: int) -> list[Problem]:
     """What the plan allows but this version of the runtime cannot run yet, said up front,
     each with the config fields it read (``world``'s are the caller's to add)."""
     p, off, problems = cfg.parallel, cfg.offload, []
-    if ddp_over_tp(p.tp, p.dp_shard, p.dp_replicate, p.pp, cfg.model.is_moe):
+    if ddp_over_tp(p.tp, p.dp_shard * p.cp, p.dp_replicate, p.pp, cfg.model.is_moe):
         problems.append(Problem("parallel.dp_shard", "1 with dp_replicate > 1 and tp > 1: DDP "
                                 "cannot replicate tensor-parallel (DTensor) parameters",
                                 "use parallel.dp_shard >= 2 (FSDP or HSDP) with tensor parallel",

@@ -10,11 +10,11 @@ the one point where two things can go wrong silently:
   loopback (Debian's ``127.0.1.1 hostname``) sent the other nodes' workers to their own
   loopback, where they waited torch's 30 minutes in silence. Only the network can keep a
   worker from a store that is already up, so the connection gets ``CONNECT_S``.
-- its rank is taken: without a cluster description nothing checked that two nodes were not
+- its node rank is taken: without a cluster description nothing checked that two nodes were not
   given the same ``--node-rank`` (static rendezvous): torchrun started both nodes' workers as
   the same ranks, and one trained while the other said "a peer is gone", or waited 30 minutes.
-  Each worker counts its rank's claims in the store before joining the group; the second
-  claimer stops (its launcher then does not restart a failure on bad input).
+  Each worker claims its node rank for its launcher in the store before joining the group; the
+  workers of a second launcher stop (which then does not restart a failure on bad input).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class StoreUnreachable(OrchError):
     """This worker cannot reach torchrun's store: exit 2, a launch setting to fix."""
 
 
-class RankTaken(OrchError):
-    """Another node's worker claimed this worker's rank: exit 2."""
+class NodeTaken(OrchError):
+    """Another launcher claimed this worker's node rank: exit 2."""
 
 
 def connect(world: int) -> dist.TCPStore:
@@ -80,15 +80,25 @@ def _loopback(host: str) -> str | None:
     return next((a for a in sorted(addresses) if ipaddress.ip_address(a).is_loopback), None)
 
 
-def claim_rank(store: dist.Store, attempt: str, rank: int) -> None:
-    """Count this worker's claim on ``rank`` in torchrun's store (per torchrun attempt: a
-    restart claims again); RankTaken for the second claimer of a rank."""
-    if store.add(f"orch/rank-claim/{attempt}/{rank}", 1) > 1:
-        node_rank = os.environ.get("GROUP_RANK", "?")
-        raise RankTaken(f"rank {rank} started twice: two nodes were given --node-rank "
-                        f"{node_rank}, and the other one's worker took it first; fix: give each "
-                        "node its own --node-rank, 0 to --nnodes - 1 (this node stops; the "
-                        "others may go on as the whole job)")
+def claim_node(store: dist.Store, attempt: str, node_rank: str, node: str) -> None:
+    """Claim ``node_rank`` for ``node`` (this launcher: its workers' common parent on this
+    host) in torchrun's store, once per torchrun attempt (a restart claims again); NodeTaken
+    where another launcher holds it. Whole nodes, not ranks: with several workers a node, two
+    nodes' claims on single ranks interleaved, each lost one worker and the job failed."""
+    key = f"orch/node-claim/{attempt}/{node_rank}"
+    holder = store.compare_set(key, "", node).decode()
+    if holder != node:
+        raise NodeTaken(f"node rank {node_rank} started twice: two nodes were given --node-rank "
+                        f"{node_rank}, and the other ({holder.partition(':')[0]}) took it first; "
+                        "fix: give each node its own --node-rank, 0 to --nnodes - 1 (this node "
+                        "stops; the others may go on as the whole job)")
 
 
-__all__ = ["CONNECT_S", "RankTaken", "StoreUnreachable", "claim_rank", "connect"]
+def this_launcher() -> str:
+    """``host:pid`` of this worker's launcher (torchrun's agent, every local worker's parent):
+    what tells two launchers given one node rank apart, on one host too."""
+    return f"{socket.gethostname()}:{os.getppid()}"
+
+
+__all__ = ["CONNECT_S", "NodeTaken", "StoreUnreachable", "claim_node", "connect",
+           "this_launcher"]

@@ -128,7 +128,7 @@ def init_process_group(backend_name: str, world: int) -> None:
     rank's gloo address, NCCL's unique id) are the same in every attempt. After a restart
     (``--max-restarts``) a worker could read its peer's address from the failed attempt: seen
     here as "Gloo connectFullMesh failed ... Connection refused" on 1 of 2 first restarts.
-    The worker reaches that store within a minute, or says why, and claims its rank there
+    The worker reaches that store within a minute, or says why, and claims its node there
     before joining (``orch.runtime.agent_store``).
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
@@ -136,7 +136,8 @@ def init_process_group(backend_name: str, world: int) -> None:
         dist.init_process_group(backend_name)
         return
     store, rank = agent_store.connect(world), int(os.environ["RANK"])
-    agent_store.claim_rank(store, attempt, rank)
+    agent_store.claim_node(store, attempt, os.environ.get("GROUP_RANK", "0"),
+                           agent_store.this_launcher())
     dist.init_process_group(backend_name, store=dist.PrefixStore(f"orch/attempt-{attempt}", store),
                             rank=rank, world_size=world)
 

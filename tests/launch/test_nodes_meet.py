@@ -38,6 +38,25 @@ def test_a_node_whose_node_0_never_comes_says_so_in_one_line(tmp_path):
             "client socket has timed out after 3000ms") in said
 
 
+def test_a_signal_taken_by_the_handler_and_the_watcher_both_is_said_once(monkeypatch, capsys):
+    """Under c10d the main thread runs Python while it waits, so Python's handler and the
+    watcher thread can both take one SIGTERM: both wrote the line before either ended the
+    process."""
+    import threading
+
+    from orch.launch import waiting
+
+    exits: list[int] = []
+    monkeypatch.setattr(waiting, "_stopping", threading.Lock())
+    monkeypatch.setattr(waiting.os, "_exit", exits.append)
+    waiting._stop(signal.SIGTERM)
+    second = threading.Thread(target=waiting._stop, args=(signal.SIGTERM,), daemon=True)
+    second.start()
+    second.join(timeout=1)
+    assert second.is_alive() and exits == [128 + signal.SIGTERM]  # it waits for the first's exit
+    assert capsys.readouterr().err.count("stopped by SIGTERM") == 1
+
+
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_waiting_for_the_other_nodes_ends_the_launch_at_once(tmp_path, number):
     """Waiting in a static rendezvous, the launcher's main thread sits in torch's C++ store,
@@ -147,22 +166,22 @@ def test_a_rendezvous_failure_names_what_to_check_under_its_backend(backend, che
 def test_two_nodes_given_one_node_rank_stop_the_second_with_one_message(tmp_path):
     """Without a cluster description nothing checked node ranks: torchrun gave both nodes'
     workers RANK=1, and one trained with node 0 while the other said "a peer is gone" (or waited
-    gloo's 30 minutes). The worker that claims rank 1 second stops, saying why (exit 2); node 0
-    and the first node 1 are a whole job."""
+    gloo's 30 minutes). The workers of the launcher that claims node rank 1 second stop, saying
+    why (exit 2); node 0 and the first node 1 are a whole job. Two workers a node: claims on
+    single ranks interleaved, and each node 1 lost one worker."""
     from orch.cluster.netbed import run_together
 
     port = free_port()
     commands = {name: ["env", f"ORCH_NODE={name}", str(ORCH), "launch", "--nnodes", "2",
-                       "--nproc-per-node", "1", "--node-rank", rank, "--master-addr",
+                       "--nproc-per-node", "2", "--node-rank", rank, "--master-addr",
                        "127.0.0.1", "--master-port", str(port), "configs/tiny.yaml",
                        *overrides(tmp_path / "run", "train.steps=1", "train.warmup_steps=0")]
                 for name, rank in (("d0", "0"), ("d1", "1"), ("d2", "1"))}
     done = run_together(commands, REPO, timeout=240)
     refused = [text for code, text in done.values() if code == 2]
     assert len(refused) == 1 and sorted(code for code, _ in done.values()) == [0, 0, 2], done
-    assert ("orch worker: rank 1 started twice: two nodes were given --node-rank 1, and the "
-            "other one's worker took it first; fix: give each node its own --node-rank") \
-        in refused[0]
+    assert ("orch worker: node rank 1 started twice: two nodes were given --node-rank 1, and "
+            "the other (") in refused[0] and "fix: give each node its own --node-rank" in refused[0]
     assert "not restarted" in refused[0] or "bad input" in refused[0], refused[0]
     assert "step 1/1" in done["d0"][1]
 
@@ -192,14 +211,18 @@ def test_a_worker_that_cannot_reach_torchruns_store_says_why_within_a_minute(mon
     assert "loopback" not in str(caught.value) and "--local-addr" in str(caught.value)
 
 
-def test_a_rank_is_claimed_once_per_torchrun_attempt():
+def test_a_node_rank_is_claimed_once_per_torchrun_attempt():
+    """By a launcher (all its workers), not by each rank: two nodes' claims on single ranks
+    interleaved with several workers a node, and each lost one worker."""
     import torch.distributed as dist
 
-    from orch.runtime.agent_store import RankTaken, claim_rank
+    from orch.runtime.agent_store import NodeTaken, claim_node
 
     store = dist.HashStore()
-    claim_rank(store, "0", 1)
-    claim_rank(store, "0", 0)
-    claim_rank(store, "1", 1)  # a restart claims again
-    with pytest.raises(RankTaken, match="rank 1 started twice"):
-        claim_rank(store, "0", 1)
+    claim_node(store, "0", "1", "host-a:10")
+    claim_node(store, "0", "1", "host-a:10")  # its second worker
+    claim_node(store, "0", "0", "host-b:20")
+    claim_node(store, "1", "1", "host-c:30")  # a restart claims again
+    with pytest.raises(NodeTaken, match=r"node rank 1 started twice: two nodes were given "
+                                        r"--node-rank 1, and the other \(host-a\) took it"):
+        claim_node(store, "0", "1", "host-c:30")

@@ -98,6 +98,24 @@ def test_without_the_async_io_op_the_launch_does_not_count_aio_events(tmp_path, 
     assert "AIO contexts" in _refused_launch(tmp_path / "op", monkeypatch, *items)
 
 
+def test_the_async_io_op_may_load_only_with_what_its_check_compiles(monkeypatch):
+    """DeepSpeed's loader compiles and links a call to io_submit every time: libaio's runtime
+    library alone (libaio.so.1, no header or no compiler) leaves the O_DIRECT fallback, and the
+    launch refused a queue for it."""
+    from orch.offload import sizes
+
+    monkeypatch.setattr(sizes.ctypes.util, "find_library", lambda name: "libaio.so.1")
+    monkeypatch.setattr(sizes.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(sizes.shutil, "which", lambda name: "/usr/bin/cc")
+    monkeypatch.setattr(sizes.Path, "is_file", lambda self: self.name == "libaio.h")
+    assert sizes.async_io_may_load()
+    monkeypatch.setattr(sizes.shutil, "which", lambda name: None)  # no compiler
+    assert not sizes.async_io_may_load()
+    monkeypatch.setattr(sizes.shutil, "which", lambda name: "/usr/bin/cc")
+    monkeypatch.setattr(sizes.Path, "is_file", lambda self: False)  # no libaio-dev
+    assert not sizes.async_io_may_load()
+
+
 def _async_io_or_skip() -> None:
     try:
         load_async_io()

@@ -97,6 +97,7 @@ def test_replicas_with_sharded_experts_are_labelled_hsdp_as_they_run():
     assert Degrees(dp_replicate=2, etp=2).short() == "hsdp2(2x1) etp2"
     assert Degrees(pp=2, dp_replicate=2).short() == "pp2 hsdp2(2x1)"  # (so are pipelines)
     assert Degrees(dp_replicate=2, tp=2).short() == "hsdp2(2x1) tp2"  # (and MoE's tp ranks)
+    assert Degrees(dp_replicate=2, cp=2).short() == "hsdp2(2x1) cp2"  # (FSDP2 over cp)
     assert Degrees(dp_replicate=2).short() == "ddp2"
 
 

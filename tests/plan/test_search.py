@@ -171,7 +171,9 @@ def test_the_search_lists_only_layouts_the_runtime_runs():
     machine = resolve_machine(cfg, 64, None, None, [])
     found = list(candidate_degrees(cfg, machine))
     assert not [d for d in found
-                if d.tp > 1 and d.dp_shard == 1 and d.dp_replicate > 1 and d.pp == 1]
+                if d.tp > 1 and d.fsdp == 1 and d.dp_replicate > 1 and d.pp == 1]
+    # replicas of cp ranks shard over them (FSDP2 over dp_shard x cp): listed with tp too
+    assert [d for d in found if d.tp > 1 and d.dp_shard == 1 and d.cp > 1 and d.dp_replicate > 1]
     assert [d for d in found if d.tp > 1 and d.dp_shard > 1 and d.dp_replicate > 1]  # HSDP
     assert [d for d in found if d.tp == 1 and d.dp_shard == 1 and d.dp_replicate > 1]  # DDP
     # replicas of a pipeline's or an MoE model's tp ranks are FSDP2 with shards of one: listed
