@@ -1,0 +1,164 @@
+"""benchmarks/gpu.sh and the GPU benchmarks it runs, checked without a GPU: gpu.sh's commands
+against their scripts' own parsers, its refusals, and its exit status when a part fails (with a
+stand-in Python that says it has a GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+GPU_SH = BENCHMARKS / "gpu.sh"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.append(str(BENCHMARKS))  # as when a benchmark runs: its directory is on the path
+
+
+def _benchmark(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gpu_sh(*args: str, env: dict[str, str] | None = None,
+            script: Path = GPU_SH) -> subprocess.CompletedProcess:
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def _printed_commands() -> list[tuple[str, list[str]]]:
+    """(part, Python arguments) of every command ``gpu.sh --print`` lists."""
+    out = _gpu_sh("--print", env={"PYTHON": "python3"})
+    assert out.returncode == 0, out.stderr
+    commands = []
+    for line in out.stdout.splitlines():
+        part, command = line.split(": ", 1)
+        python, *args = shlex.split(command)
+        assert python == "python3"
+        commands.append((part, args))
+    return commands
+
+
+class _Parsed(Exception):
+    """Raised in place of running a benchmark once its parser has taken the arguments."""
+
+
+def _parse_with_script(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give ``args`` (a script and its flags) to the script's ``main``, stopping right after its
+    argparse parser took them: a flag it does not know, or a bad value, is a SystemExit."""
+    script = REPO / args[0]
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202 (argparse's)
+        raise _Parsed(original(self, *a, **k))
+
+    module = _benchmark(script)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(sys, "argv", [str(script), *args[1:]])
+    with pytest.raises(_Parsed):
+        module.main()
+
+
+def test_every_part_runs_commands_its_scripts_accept(monkeypatch):
+    commands = _printed_commands()
+    assert sorted({part for part, _ in commands}) == sorted(
+        "tests attention moe optim pipeline offload compile".split())
+    for part, args in commands:
+        if args[:2] == ["-m", "pytest"]:
+            markers = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"][
+                "ini_options"]["markers"]
+            assert args[args.index("-m", 2) + 1] in {m.split(":")[0] for m in markers}
+            assert all((REPO / a).is_dir() for a in args if a.startswith("tests/")), part
+        else:
+            _parse_with_script(args, monkeypatch)
+    assert [a for p, a in commands if p == "pipeline"] == [
+        ["benchmarks/pipeline.py", "--stages", s, "--blocks", "16", "--rounds", "2", "--steps",
+         "2"] for s in ("4", "8")]
+
+
+def test_a_bad_flag_fails_the_parse_check(monkeypatch):
+    with pytest.raises(SystemExit):
+        _parse_with_script(["benchmarks/moe_dispatch.py", "--tokenz", "8"], monkeypatch)
+
+
+def test_unknown_parts_are_refused_before_anything_runs(tmp_path):
+    out = _gpu_sh("moe", "bogus", "", env={"RESULTS": str(tmp_path / "r"),
+                                           "PYTHON": str(tmp_path / "missing")})
+    assert out.returncode == 2
+    assert "unknown part 'bogus' ''; parts: tests attention moe" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_without_a_cuda_device_it_stops_before_running_anything(tmp_path):
+    out = _gpu_sh("moe", env={"RESULTS": str(tmp_path / "r"), "PYTHON": sys.executable})
+    assert out.returncode == 1
+    assert "sees no CUDA device" in out.stderr
+    assert "run it on a GPU machine, with PYTHON set to a Python whose torch has CUDA" \
+        in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+FAKE_PYTHON = """#!/bin/sh
+case "$1" in
+    -c) echo "NVIDIA H100 80GB HBM3"; exit 0 ;;
+    benchmarks/pipeline.py) [ "$3" = 4 ] && { echo "4 stages broke"; exit 3; } ;;
+    benchmarks/moe_dispatch.py) sleep 30 ;;
+esac
+echo "ran $*"
+"""
+
+
+@pytest.fixture
+def gpu_checkout(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of gpu.sh in a checkout of its own (its results go under it) and a stand-in
+    Python that reports an H100, fails the 4-stage pipeline and outlasts moe's time limit."""
+    (tmp_path / "benchmarks").mkdir()
+    script = tmp_path / "benchmarks" / "gpu.sh"
+    shutil.copy(GPU_SH, script)
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    return script, {"PYTHON": str(python), "PART_LIMIT_S": "2"}
+
+
+def test_a_failed_command_fails_its_part_and_the_script(gpu_checkout):
+    script, env = gpu_checkout
+    out = _gpu_sh("pipeline", "optim", "moe", script=script, env=env)
+    assert out.returncode == 1
+    assert "gpu.sh: failed: pipeline moe" in out.stderr
+    (folder,) = (script.parent / "results").iterdir()
+    assert folder.name.startswith("gpu-") and folder.name.endswith("-h100-80gb-hbm3")
+    assert sorted(f.name for f in folder.iterdir()) == [
+        "machine.txt", "moe.txt", "optim.txt", "pipeline.txt"]
+    pipeline = (folder / "pipeline.txt").read_text()
+    assert "== exit 3: " in pipeline and "--stages 4" in pipeline
+    assert "ran benchmarks/pipeline.py --stages 8" in pipeline  # the 8-stage run still ran
+    assert pipeline.endswith("== pipeline: exit 3\n")
+    assert (folder / "moe.txt").read_text().endswith(
+        "== moe: exit 124 (cut off at the 2 s limit)\n")
+    assert (folder / "optim.txt").read_text().endswith("== optim: exit 0\n")
+
+    again = _gpu_sh("optim", script=script, env=env)  # the same day, the same device
+    assert again.returncode == 2
+    assert f"{folder.relative_to(script.parents[1])} holds results already" in again.stderr
+    assert (folder / "optim.txt").stat().st_size and not (folder / "tests.txt").exists()
+
+
+def test_an_empty_results_folder_is_used(gpu_checkout, tmp_path):
+    script, env = gpu_checkout
+    (tmp_path / "out").mkdir()
+    out = _gpu_sh("optim", script=script, env={**env, "RESULTS": str(tmp_path / "out")})
+    assert out.returncode == 0, out.stderr
+    assert f"results in {tmp_path / 'out'}" in out.stdout
