@@ -162,3 +162,35 @@ def test_an_empty_results_folder_is_used(gpu_checkout, tmp_path):
     out = _gpu_sh("optim", script=script, env={**env, "RESULTS": str(tmp_path / "out")})
     assert out.returncode == 0, out.stderr
     assert f"results in {tmp_path / 'out'}" in out.stdout
+
+
+moe_dispatch = _benchmark(BENCHMARKS / "moe_dispatch.py")
+
+
+def test_moe_dispatch_times_grouped_mm_unchecked_against_both_alternatives(monkeypatch):
+    """The value check reads the counts back to the host (a synchronization each call); the
+    model skips it, and so must orch's side of every row, torch._grouped_mm's included."""
+    import orch.kernels.moe as moe
+
+    checks, grouped_mm = [], moe.grouped_mm
+
+    def recording(*args, check: bool = True, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        checks.append(check)
+        return grouped_mm(*args, check=check, **kwargs)
+
+    monkeypatch.setattr(moe, "grouped_mm", recording)
+    rows = moe_dispatch.run_case("E4 K2", 16, 32, 4, 2, 16, moe_dispatch.torch.float32,
+                                 moe_dispatch.torch.device("cpu"), lambda fn: (fn(), 1.0)[1])
+    assert {alt for _, op, alt, *_ in rows if op.startswith("grouped_mm")} == {
+        "torch loop", "torch._grouped_mm"}
+    assert checks == [False] * 4
+
+
+@pytest.mark.parametrize("flag", ["--tokens", "--hidden", "--reps"])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_moe_dispatch_refuses_sizes_below_one(flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        moe_dispatch.main([flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: must be a whole number of at least 1, not '{value}'" \
+        in capsys.readouterr().err
