@@ -16,9 +16,9 @@ of matrices plus norm vectors) with the same gradients, in this process:
     .venv/bin/python benchmarks/optim8bit.py [--device cpu|cuda|all] [--steps 20]
         [--write benchmarks/results/optim8bit-cpu.md]
 
-Times are the median (and the best) of ``--steps`` steps after warm-up steps; on the CPU the
-optimizers take their steps in turn (see ``measure``). torchao compiles its step per tensor
-shape, so the first step is reported apart.
+Times are the median (and the best) of ``--steps`` steps after the first step and ``--warmup``
+warm-up steps; on the CPU the optimizers take their steps in turn (see ``measure``). torchao
+compiles its step per tensor shape, so the first step is reported apart.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_flags import at_least, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -126,7 +127,7 @@ def measure(cases: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Op
 
     def finish(name: str) -> None:
         opt = live.pop(name)
-        ts = times[name][warmup:]
+        ts = times[name][1 + warmup:]  # after the first step and the warm-up steps
         results[name] = Result(name, ms=statistics.median(ts) * 1e3, best_ms=min(ts) * 1e3,
                                state_bytes=state_bytes(opt), first_s=times[name][0])
         del opt
@@ -233,15 +234,20 @@ def run(device: str, steps: int, warmup: int) -> list[str]:
     return header + table(results, shape_list)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                         help="all: the CPU section, and the GPU one when CUDA is available")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=20,
+                        help="timed steps per optimizer, after the first and --warmup")
+    parser.add_argument("--warmup", type=at_least(0), default=3,
+                        help="untimed steps after the first (which is reported apart)")
     parser.add_argument("--write", type=Path, default=None,
                         help="also write the CPU section as markdown to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device here; "
+                     "use --device cpu, or all (the GPU section where there is CUDA)")
     warnings.filterwarnings("ignore")
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     for device in devices:
@@ -251,7 +257,8 @@ def main() -> None:
         lines = run(device, args.steps, args.warmup)
         print("\n".join(lines), flush=True)
         if device == "cpu" and args.write:
-            command = " ".join(["benchmarks/optim8bit.py", *sys.argv[1:]])
+            given = sys.argv[1:] if argv is None else argv
+            command = " ".join(["benchmarks/optim8bit.py", *given])
             args.write.write_text("\n".join([
                 "# AdamW8bit: time per optimizer step and state bytes", "",
                 f"Command: `.venv/bin/python {command}`", "", *lines, "", *CPU_NOTES, ""]))

@@ -194,3 +194,43 @@ def test_moe_dispatch_refuses_sizes_below_one(flag, value, capsys):
     assert info.value.code == 2
     assert f"argument {flag}: must be a whole number of at least 1, not '{value}'" \
         in capsys.readouterr().err
+
+
+optim8bit = _benchmark(BENCHMARKS / "optim8bit.py")
+
+
+class _ClockedOptimizer:
+    """An optimizer whose steps take the given seconds on a fake clock: the first step, then
+    the warm-up steps, then the timed ones."""
+
+    clock = 0.0
+
+    def __init__(self, seconds: list[float]) -> None:
+        self.seconds, self.state = iter(seconds), {}
+
+    def step(self) -> None:
+        _ClockedOptimizer.clock += next(self.seconds)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_optim8bit_times_only_the_steps_after_the_first_and_the_warm_up(warmup, interleave,
+                                                                        monkeypatch):
+    monkeypatch.setattr(optim8bit.time, "perf_counter", lambda: _ClockedOptimizer.clock)
+    seconds = [100.0] + [10.0] * warmup + [1.0, 3.0]  # compiling, warming up, timed
+    (result,) = optim8bit.measure({"clocked": lambda _: _ClockedOptimizer(seconds)}, [(2, 2)],
+                                  "cpu", steps=2, warmup=warmup, interleave=interleave)
+    assert (result.first_s, result.ms, result.best_ms) == (100.0, 2000.0, 1000.0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--steps", "0"], "argument --steps: must be a whole number of at least 1, not '0'"),
+    (["--warmup", "-1"], "argument --warmup: must be a whole number of at least 0, not '-1'"),
+    (["--device", "cuda"], "--device cuda: torch "),
+])
+def test_optim8bit_refuses_flags_it_cannot_time(args, message, monkeypatch, capsys):
+    monkeypatch.setattr(optim8bit.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        optim8bit.main(args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
