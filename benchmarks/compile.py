@@ -3,9 +3,10 @@ against the same run uncompiled, in turn, in the same session.
 
     .venv/bin/python benchmarks/compile.py [--procs 1] [--steps 12] [--rounds 2] [--set k=v ...]
 
-Default: the tiny model of configs/tiny.yaml, one process, fp32 on CPU (bf16 on a GPU, as the
-config asks). The first steps compile (inductor: tens of seconds on CPU), so the median step
-time after ``--warmup`` steps is compared; the compile time is printed apart.
+Default: the tiny model of configs/tiny.yaml, one process, in bf16 on a GPU, as users train there
+(the config's fp32 is for CPU runs), fp32 on CPU (``train.precision`` set so before ``--set``,
+which may change it). The first steps compile (inductor: tens of seconds on CPU), so the median
+step time after ``--warmup`` steps is compared; the compile time is printed apart.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    print(f"# train.compile: {args.config} {' '.join(args.sets)}, {args.procs} process(es), "
-          f"{args.steps} steps ({platform.machine()}, {os.cpu_count()} cores, torch "
+    cuda = torch.cuda.is_available()
+    overrides = [f"train.precision={'bf16' if cuda else 'fp32'}", *args.sets]
+    where = torch.cuda.get_device_name() if cuda else platform.machine()
+    print(f"# train.compile: {args.config} {' '.join(overrides)}, {args.procs} process(es), "
+          f"{args.steps} steps ({where}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {datetime.date.today()})")
     print("| round | compile | tokens/s | first step s | steady step s |")
     print("|---:|---|---:|---:|---:|")
@@ -39,7 +43,7 @@ def main() -> None:
     for round_ in range(1, args.rounds + 1):
         for backend in speed:
             sets = [f"train.steps={args.steps}", "train.warmup_steps=1", "run.log_interval=1",
-                    f"train.compile={backend}", *args.sets]
+                    f"train.compile={backend}", *overrides]
             rows, _ = launch(args.config, args.procs, sets)
             rate = steady_tokens_per_s(rows, args.warmup)
             speed[backend].append(rate)

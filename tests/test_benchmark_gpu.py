@@ -234,3 +234,27 @@ def test_optim8bit_refuses_flags_it_cannot_time(args, message, monkeypatch, caps
         optim8bit.main(args)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("cuda", "sets", "precision"), [
+    (True, [], "bf16"), (False, [], "fp32"), (True, ["train.precision=fp32"], "fp32")])
+def test_compile_benchmark_runs_bf16_on_a_gpu(cuda, sets, precision, monkeypatch, capsys):
+    """configs/tiny.yaml's base asks fp32 (for CPU runs); a GPU run measures bf16, as users
+    train there, unless --set says otherwise."""
+    compile_bench = _benchmark(BENCHMARKS / "compile.py")
+    launched = []
+
+    def launch(config: str, procs: int, items: list[str]) -> tuple[list[dict], dict]:
+        launched.append(items)
+        return [{"tokens": 64, "step_time_s": 0.5}] * 12, {}
+
+    monkeypatch.setattr(compile_bench, "launch", launch)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: cuda)  # main imports torch
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda: "NVIDIA H100")
+    monkeypatch.setattr(sys, "argv", ["compile.py", "--rounds", "1", "--set", *sets])
+    compile_bench.main()
+    assert len(launched) == 2
+    for items in launched:
+        chosen = [item for item in items if item.startswith("train.precision=")]
+        assert chosen[-1] == f"train.precision={precision}"  # the last one given wins
+    assert f"train.precision={'bf16' if cuda else 'fp32'}" in capsys.readouterr().out
