@@ -243,10 +243,6 @@ MOE = ["model.experts=4"]
         (["model.rope_theta=0"], "model.rope_theta: must be positive"),
         (["model.experts=-1"], "model.experts: must be 0 (dense) or more"),
         ([*MOE, "model.top_k=9"], "model.top_k: 9 is not between 1 and experts=4"),
-        ([*MOE, "model.top_k=1"], "model.top_k: 1 with model.norm_topk_prob=true: the router "
-                                  "would learn only from the balancing loss, its weight being "
-                                  "always 1"),  # was accepted: the router never learned
-        ([*MOE, "model.top_k=1"], "fix: set model.norm_topk_prob=false (Switch Transformer's"),
         ([*MOE, "model.moe_layer_interval=0"], "model.moe_layer_interval: 0 is not between 1"),
         ([*MOE, "model.capacity_factor=0"], "model.capacity_factor: must be positive"),
         ([*MOE, "model.shared_experts=-1"], "model.shared_experts: must be 0 or more"),
@@ -358,12 +354,27 @@ def test_the_largest_seed_is_the_largest_torch_takes():
         torch.Generator().manual_seed(SEED_MAX + 1)
 
 
-def test_switch_routing_is_accepted():
-    """One expert per token with its raw router probability as the weight (Switch Transformer)
-    passes the router the language-model loss's gradient; only the renormalized 1 is refused."""
-    cfg = load_config(REPO / "configs/tiny-moe.yaml",
-                      ["model.top_k=1", "model.norm_topk_prob=false"])
-    assert (cfg.model.top_k, cfg.model.norm_topk_prob) == (1, False)
+def test_a_renormalized_top1_is_said_not_refused():
+    """One expert per token with its weight renormalized (always 1) trains the router on the
+    balancing loss alone: ``orch plan`` notes it and ``orch launch`` warns (it was accepted
+    silently). Said, not refused: a run saved before ``norm_topk_prob`` existed resumes only
+    with it true. Switch Transformer's raw probability says nothing."""
+    from orch.config.rules import renormalized_top1
+    from orch.plan import build_plan
+
+    said = ("model.top_k: 1 with model.norm_topk_prob=true: the router learns only from the "
+            "balancing loss, its weight being always 1")
+    top1 = load_config(REPO / "configs/tiny-moe.yaml", ["model.top_k=1"])
+    from orch.launch.launcher import start_notes
+
+    assert renormalized_top1(top1.model).startswith(said)
+    plan = build_plan(top1, world_size=1)
+    assert any(note.startswith(said) for note in plan.notes)
+    assert f"orch launch: warning: {said}" in "\n".join(start_notes(top1, plan, None))
+    switch = load_config(REPO / "configs/tiny-moe.yaml",
+                         ["model.top_k=1", "model.norm_topk_prob=false"])
+    assert renormalized_top1(switch.model) is None
+    assert renormalized_top1(load_config(REPO / "configs/tiny-moe.yaml").model) is None
 
 
 def test_a_bound_on_deferred_steps_is_refused_beside_the_schedules_other_problem():

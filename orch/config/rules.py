@@ -8,7 +8,7 @@ parallel degrees, memory) are the plan's, in ``orch.plan.rules``.
 
 from __future__ import annotations
 
-from orch.config.schema import KV_HEADS, OFFLOADED, Config
+from orch.config.schema import KV_HEADS, OFFLOADED, Config, ModelConfig
 from orch.errors import Problem
 from orch.offload.sizes import ALIGN
 from orch.parallel.schedules.generators import CHUNKED, SPLIT_BACKWARD, chunks_per_rank
@@ -105,15 +105,6 @@ def check_config(cfg: Config) -> list[Problem]:
             "model.top_k",
             f"{m.top_k} is not between 1 and experts={m.experts}",
             "route to 1..experts experts",
-        )
-        need(
-            m.top_k != 1 or not m.norm_topk_prob,
-            "model.top_k",
-            "1 with model.norm_topk_prob=true: the router would learn only from the balancing "
-            "loss, its weight being always 1 (one chosen score renormalized to sum to 1)",
-            "set model.norm_topk_prob=false (Switch Transformer's routing: the expert's output "
-            "times its router probability), or route to 2 or more experts",
-            ("model.norm_topk_prob",),
         )
         need(
             1 <= m.moe_layer_interval <= m.layers,
@@ -457,3 +448,17 @@ def _checked_no_further(problems: list[Problem]) -> list[Problem]:
 def _inside(path: str, section: str) -> bool:
     """Whether dotted ``path`` is ``section`` or lies inside it."""
     return path == section or path.startswith((section + ".", section + "["))
+def renormalized_top1(m: ModelConfig) -> str | None:
+    """What ``orch plan`` notes and ``orch launch`` warns of where an MoE model routes each
+    token to one expert with its weight renormalized (``norm_topk_prob``): the weight is then
+    always 1 and the router learns only from the balancing loss. Said, not refused: it runs as
+    Megatron-Core's default does, and a run saved before ``norm_topk_prob`` existed resumes only
+    so (its manifest reads the field at its default)."""
+    if not (m.is_moe and m.top_k == 1 and m.norm_topk_prob):
+        return None
+    return ("model.top_k: 1 with model.norm_topk_prob=true: the router learns only from the "
+            "balancing loss, its weight being always 1 (one chosen score renormalized to sum "
+            "to 1); set model.norm_topk_prob=false for Switch Transformer's routing (the "
+            "expert's output times its router probability), or route to 2 or more experts")
+
+

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orch.config import Config, LoadedConfig, load_config_lenient
+from orch.config.rules import renormalized_top1
 from orch.config.schema import WORLD_DEGREES
 from orch.errors import OrchError, PlanError, Problem, ProblemsError, reading
 from orch.kernels.dispatch import kernel_choice_problem
@@ -646,10 +647,8 @@ def launch(argv: Sequence[str]) -> int:
     with run_dir_lock(run_dir, _lock_name(args, cfg)):
         print(f"orch launch: {plan.device_summary}, {plan.degrees.short(plan.schedule)}, "
               f"run dir {cfg.run.dir}", flush=True)
-        decay = args.decay_note and f"orch launch: {args.decay_note}"
-        for note in (memory_warning(plan), rebalance_notice(cfg), decay):
-            if note:
-                print(note, flush=True)
+        for note in start_notes(cfg, plan, args.decay_note):
+            print(note, flush=True)
         if (nodes := parse_min_max_nnodes(args.nnodes)[1]) > 1:  # else silent until all joined
             print(waiting_line(args, nodes), flush=True)
             if (warning := rendezvous_host_warning(args)) is not None:
@@ -709,6 +708,16 @@ class _QuietRepartitionExit(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return f"(exitcode: {REBALANCE_EXIT})" not in record.getMessage()
+
+
+def start_notes(cfg: Config, plan: Plan, decay_note: str | None) -> list[str]:
+    """The lines a launch prints under its first: what the plan warns of, the re-partition's
+    notice, how a resume changes the lr decay, a routing that trains its router on the
+    balancing loss alone."""
+    routing = renormalized_top1(cfg.model)
+    return [note for note in (
+        memory_warning(plan), rebalance_notice(cfg), decay_note and f"orch launch: {decay_note}",
+        routing and f"orch launch: warning: {routing}") if note]
 
 
 def memory_warning(plan: Plan) -> str | None:

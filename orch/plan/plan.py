@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from orch.config.rules import renormalized_top1
 from orch.config.schema import WORLD_DEGREES, Config
 from orch.errors import PlanError, Problem, reading
 from orch.parallel.schedules.actions import rank_stages
@@ -583,7 +584,10 @@ def build_plan(
             f"set offload.pinned_budget to at least {staging:,} bytes, or auto", MEMORY_READS))
     if found:
         raise PlanError(reading(found, ("cluster",)))
-    return _grad_reduce_note(cfg, deg, machine, _budget_note(cfg, plan))
+    plan = _grad_reduce_note(cfg, deg, machine, _budget_note(cfg, plan))
+    if (routing := renormalized_top1(cfg.model)) is not None:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, routing))
+    return plan
 
 
 GRAD_REDUCE_NOTE_GAIN = 0.1
