@@ -22,13 +22,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from bench_flags import at_least, positive_int
+from orch_runs import json_worker
 
 WAYS = ("all in memory", "a tensor / a unit at a time")
 
@@ -55,8 +57,6 @@ def peak_growth(action: Callable[[], object]) -> tuple[float, int]:
 
 def worker(way: str, phase: str, sets: list[str], nvme_dir: str, run_dir: str) -> dict:
     """Build the offloaded model, then save (``phase`` save) or load a checkpoint ``way``."""
-    import dataclasses
-
     import torch
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -69,15 +69,17 @@ def worker(way: str, phase: str, sets: list[str], nvme_dir: str, run_dir: str) -
     from orch.runtime.optim import build_optimizer
     from orch.runtime.train_state import STATE_OPTIONS, TrainState
 
+    # The tiers are overrides, not set after loading: the config is validated with them (a
+    # torch CPU step on device-resident optimizer states is refused).
     cfg = load_config(Path(__file__).parents[1] / "configs/tiny.yaml",
-                      [*sets, "offload.cpu_adam=torch"])
-    off = dataclasses.replace(cfg.offload, params="nvme", grads="cpu", optimizer="nvme",
-                              nvme_path=nvme_dir)
+                      [*sets, "offload.params=nvme", "offload.grads=cpu",
+                       "offload.optimizer=nvme", f"offload.nvme_path={nvme_dir}",
+                       "offload.cpu_adam=torch"])
     return_large_frees()  # as the worker does with offload on
     with torch.device("meta"):
         model = Transformer(cfg.model)
     model.init_buffers()
-    engine = offload_transformer(model, torch.device("cpu"), 1 << 40, 1 << 28, off,
+    engine = offload_transformer(model, torch.device("cpu"), 1 << 40, 1 << 28, cfg.offload,
                                  weights=SeededInit(model, 1 if phase == "save" else 2))
     optimizer = build_optimizer(model, cfg)
     checkpoints = CheckpointManager(run_dir, cfg, {})
@@ -119,22 +121,23 @@ def worker(way: str, phase: str, sets: list[str], nvme_dir: str, run_dir: str) -
     return {"growth": growth, "seconds": seconds, "param_bytes": params, "checksum": checksum}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--ffn", type=int, default=2816)
+    parser.add_argument("--dim", type=at_least(128, "heads of 128", multiple_of=128),
+                        default=1024)
+    parser.add_argument("--layers", type=positive_int, default=16)
+    parser.add_argument("--ffn", type=positive_int, default=2816)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="NVMe and checkpoint dir")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     heads = args.dim // 128
     sets = [f"model.dim={args.dim}", f"model.layers={args.layers}", f"model.ffn_dim={args.ffn}",
             f"model.heads={heads}", f"model.kv_heads={heads}"]
     if args.worker:
         way, phase, nvme_dir, run_dir = args.worker
         print(json.dumps(worker(way, phase, sets, nvme_dir, run_dir)))
-        return
+        return 0
     import torch
 
     shape = ["--dim", str(args.dim), "--layers", str(args.layers), "--ffn", str(args.ffn)]
@@ -144,12 +147,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory(dir=args.dir) as run_dir:
                 for phase in ("save", "load"):
                     with tempfile.TemporaryDirectory(dir=args.dir) as nvme_dir:
-                        out = subprocess.run(
+                        runs[way, phase].append(json_worker(
                             [sys.executable, __file__, *shape, "--worker", way, phase, nvme_dir,
-                             run_dir], capture_output=True, text=True)
-                    if out.returncode:
-                        sys.exit(f"{way} {phase} failed:\n{out.stderr[-3000:]}")
-                    runs[way, phase].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                             run_dir], f"{way} {phase}"))
     sums = {r["checksum"] for rs in runs.values() for r in rs}
     if len(sums) != 1:
         sys.exit(f"the ways disagree on the loaded values: {sorted(sums)}")
@@ -173,7 +173,8 @@ def main() -> None:
                  / max(r["growth"] for r in runs[WAYS[0], phase]))
         print(f"\n{phase}: resident-set growth, {WAYS[1]} / {WAYS[0]}: {ratio:.2f}", end="")
     print()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

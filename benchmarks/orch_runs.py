@@ -1,4 +1,5 @@
-"""Run ``orch launch`` as a user does and read back what the run recorded (for benchmarks)."""
+"""Run ``orch launch`` as a user does and read back what the run recorded, or a benchmark's own
+worker in a process of its own (for benchmarks)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,13 @@ def launch(config: str, procs: int, sets: list[str],
 def steady_tokens_per_s(rows: list[dict], warmup: int) -> float:
     """Tokens per step over the median step time after ``warmup`` steps."""
     return rows[0]["tokens"] / statistics.median(r["step_time_s"] for r in rows[warmup:])
+
+
+def json_worker(command: list[str], what: str) -> dict:
+    """Run ``command`` (a benchmark's worker, in a process of its own so that its resident set is
+    its own) and return the JSON of its last line of output. If it fails, exit saying ``what``
+    failed with the end of its stderr: the worker's own error, not a ``CalledProcessError``."""
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if out.returncode:
+        sys.exit(f"{what} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -37,6 +37,12 @@ def test_whole_numbers_below_the_bound_are_refused_saying_why():
             positive_int(text)
     with pytest.raises(argparse.ArgumentTypeError, match=r"at least 6 \(5 warm-up steps\)"):
         at_least(6, "5 warm-up steps")("5")
+    heads = at_least(128, "heads of 128", multiple_of=128)
+    assert heads("256") == 256
+    for text in ("64", "192", "0"):
+        with pytest.raises(argparse.ArgumentTypeError,
+                           match=r"a multiple of 128 of at least 128 \(heads of 128\)"):
+            heads(text)
 
 
 def test_byte_sizes():
@@ -76,3 +82,17 @@ def test_attention_on_cpu_says_which_flags_it_ignores(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         attention.main(["--seqs", "0"])
     assert "argument --seqs: must be a whole number of at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "args", "message"), [
+    ("offload_checkpoint", ["--rounds", "0"], "argument --rounds: must be a whole number of at "
+     "least 1, not '0'"),
+    ("offload_checkpoint", ["--dim", "64"], "argument --dim: must be a multiple of 128 of at "
+     "least 128 (heads of 128), not '64'"),
+    ("offload_checkpoint", ["--layers", "0"], "argument --layers: must be a whole number"),
+])
+def test_benchmarks_refuse_bad_flags_naming_them(name, args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        _benchmark(name).main(args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
