@@ -12,12 +12,17 @@ the same initial weights and AdamW settings with clipping, trained for ``--steps
   and on NVMe (``offload.params/optimizer: nvme``), gradients in CPU memory.
 
 Each runs in its own process, all of them in turn for ``--rounds`` rounds (this machine's disk
-speed drifts by 2x over minutes). Printed per contender: median seconds per step after ``--warmup``
-(per round, and their median), peak RSS of the training process during training (``ru_maxrss``
-before any checkpoint save; orch's progress line reports the same), disk bytes read and written per
-step (``/proc/self/io`` for DeepSpeed, orch's own ``nvme_*_bytes`` records), and the first losses,
-which must agree (same weights, same batches). Targets (issue 8): orch's NVMe offload at least 1.5x
-DeepSpeed's NVMe speed, and a lower peak RSS than the plain torch loop.
+speed drifts by 2x over minutes), the order rotating from round to round and the disk's dirty
+pages written back (``os.sync``) between one contender and the next: a contender that ran right
+after an NVMe one otherwise paid for its predecessor's gigabytes still being written (0.46x or
+1.27x the same ratio, by the order alone). Printed per contender: median seconds per step after
+``--warmup`` (per round, and their median), peak RSS of the training process during training
+(``ru_maxrss`` before any checkpoint save; orch's progress line reports the same), disk bytes
+read and written per step (``/proc/self/io`` for DeepSpeed, orch's own ``nvme_*_bytes``
+records), and the first losses, which must agree (same weights, same batches); then the speed
+ratio of the same round, its median and range over the rounds (``rounds.py``). Targets (issue
+8): orch's NVMe offload at least 1.5x DeepSpeed's NVMe speed, and a lower peak RSS than the
+plain torch loop.
 
     .venv/bin/python benchmarks/offload_cpu.py [--steps 6] [--rounds 2] [--dir /tmp]
 """
@@ -30,10 +35,12 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 from offload_contenders import run_orch, run_other
+from rounds import in_turn, paired
 
 MODEL = ["model.name=gpt-128m", "model.dim=768", "model.layers=18", "model.heads=12",
          "model.kv_heads=12", "model.ffn_dim=2048", "model.max_seq_len=256"]
@@ -43,14 +50,14 @@ TRAIN = ["train.seq_len=256", "train.global_batch=4", "train.micro_batch=4",
 CONTENDERS = ["torch loop", "deepspeed cpu", "deepspeed nvme", "orch cpu", "orch nvme"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="each contender this many times")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="NVMe directory")
     parser.add_argument("--only", nargs="*", choices=CONTENDERS, default=CONTENDERS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import torch
 
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
@@ -59,7 +66,8 @@ def main() -> None:
           f"{datetime.date.today()}), NVMe directory {args.dir}")
     runs: dict[str, list[dict]] = {name: [] for name in args.only}
     for round_ in range(args.rounds):  # in turn: this disk's speed drifts over minutes
-        for name in args.only:
+        for name in in_turn(args.only, round_):
+            os.sync()  # the last contender's writes, not this one's, are paid for here
             with tempfile.TemporaryDirectory(dir=args.dir) as nvme_dir:
                 sets = [*MODEL, *TRAIN, f"train.steps={args.steps}"]
                 if name.startswith("orch"):
@@ -86,15 +94,15 @@ def main() -> None:
         print(f"| {name} | {step:.2f} ({each}) | {rss:.2f} | {read:.2f} | {written:.2f} | "
               f"{losses} |")
     if "orch nvme" in runs and "deepspeed nvme" in runs:
-        ratios = [d / o for d, o in zip(seconds["deepspeed nvme"], seconds["orch nvme"],
-                                        strict=True)]
-        print(f"\norch nvme vs deepspeed nvme, per round: "
-              f"{', '.join(f'{x:.2f}x' for x in ratios)} the speed (target 1.5x)")
+        median, low, high = paired(seconds["deepspeed nvme"], seconds["orch nvme"])
+        print(f"\norch nvme vs deepspeed nvme, the speed of the same round: median {median:.2f}x "
+              f"({low:.2f}x-{high:.2f}x over {args.rounds} rounds; target 1.5x)")
     if "orch nvme" in runs and "torch loop" in runs:
         rss = (max(x["peak_rss"] for x in runs["orch nvme"])
                / max(x["peak_rss"] for x in runs["torch loop"]))
         print(f"orch nvme peak RSS / torch loop peak RSS: {rss:.2f} (target below 1)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

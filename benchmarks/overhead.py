@@ -28,6 +28,7 @@ from contextlib import nullcontext
 
 from bench_flags import at_least, positive_int
 from orch_runs import BIN, REPO, launch, steady_tokens_per_s
+from rounds import in_turn, paired
 
 WARMUP = 5
 PLAIN = "plain DDP"
@@ -119,8 +120,7 @@ def main() -> None:
           f"torch {torch.__version__}, {datetime.date.today()})")
     runs: dict[str, list[float]] = {PLAIN: [], **{name: [] for name in cases}}
     for round_ in range(args.rounds):
-        names = list(runs)
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+        for name in in_turn(list(runs), round_):
             runs[name].append(run_baseline(args.steps, args.seq_len) if name == PLAIN
                               else run_orch(args.steps, args.seq_len, cases[name]))
         print(f"round {round_ + 1}: " + ", ".join(f"{name} {values[-1]:,.0f}"
@@ -130,9 +130,9 @@ def main() -> None:
           "rounds | ratio range |")
     print("|---|---:|---:|---:|---:|")
     for name in cases:
-        ratios = sorted(ours / base for ours, base in zip(runs[name], plain, strict=True))
+        median, low, high = paired(runs[name], plain)
         print(f"| {name} | {statistics.median(runs[name]):,.0f} | {statistics.median(plain):,.0f} "
-              f"| {statistics.median(ratios):.3f} | {ratios[0]:.3f}-{ratios[-1]:.3f} |")
+              f"| {median:.3f} | {low:.3f}-{high:.3f} |")
 
 
 if __name__ == "__main__":

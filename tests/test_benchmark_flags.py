@@ -4,26 +4,11 @@ exit 2), not as tracebacks minutes into a run; nothing here runs a benchmark."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from benchmark_modules import benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.append(str(BENCHMARKS))  # as when a benchmark runs: its directory is on the path
-
-
-def _benchmark(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-attention, offload_io, bench_flags = (_benchmark(n) for n in ("attention", "offload_io",
+attention, offload_io, bench_flags = (benchmark(n) for n in ("attention", "offload_io",
                                                               "bench_flags"))
 at_least, byte_size, positive_int = bench_flags.at_least, bench_flags.byte_size, \
     bench_flags.positive_int
@@ -93,6 +78,6 @@ def test_attention_on_cpu_says_which_flags_it_ignores(monkeypatch, capsys):
 ])
 def test_benchmarks_refuse_bad_flags_naming_them(name, args, message, capsys):
     with pytest.raises(SystemExit) as info:
-        _benchmark(name).main(args)
+        benchmark(name).main(args)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
