@@ -12,18 +12,48 @@ disk bytes read and written; and its peak RSS.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from orch_runs import REPO, launch
 
 OTHERS = ("torch loop", "deepspeed cpu", "deepspeed nvme")
 """Contenders this module's worker trains (orch's run through ``orch launch``)."""
+
+
+def installed(names: Sequence[str]) -> list[str]:
+    """``names`` less DeepSpeed's contenders where DeepSpeed is not installed (said on stdout):
+    each would otherwise start a process to fail in it, in every round."""
+    if importlib.util.find_spec("deepspeed") is not None:
+        return list(names)
+    kept = [name for name in names if not name.startswith("deepspeed")]
+    if len(kept) < len(names):
+        print(f"# DeepSpeed is not installed here: {', '.join(sorted(set(names) - set(kept)))} "
+              f"left out (no ratio against it; `pip install deepspeed` to run it)", flush=True)
+    return kept
+
+
+def train(name: str, sets: list[str], nvme_dir: Path, env: dict, device: str = "cpu") -> dict:
+    """Train contender ``name``: ``orch cpu`` or ``orch nvme`` through ``orch launch``, with
+    parameters and optimizer states on that tier and gradients in CPU memory; the others in
+    this module's worker. A contender that fails comes back as ``{"failed": the last line of its
+    error}``, its error printed whole: one failure does not lose the others' results."""
+    try:
+        if name.startswith("orch"):
+            tier = name.split()[1]
+            return run_orch([*sets, f"offload.params={tier}", "offload.grads=cpu",
+                             f"offload.optimizer={tier}"], nvme_dir, env)
+        return run_other(name, sets, nvme_dir, env, device)
+    except RuntimeError as error:
+        print(error, flush=True)
+        return {"failed": str(error).strip().splitlines()[-1]}
 
 
 def config(sets: list[str]):

@@ -20,9 +20,10 @@ after an NVMe one otherwise paid for its predecessor's gigabytes still being wri
 (``ru_maxrss`` before any checkpoint save; orch's progress line reports the same), disk bytes
 read and written per step (``/proc/self/io`` for DeepSpeed, orch's own ``nvme_*_bytes``
 records), and the first losses, which must agree (same weights, same batches); then the speed
-ratio of the same round, its median and range over the rounds (``rounds.py``). Targets (issue
-8): orch's NVMe offload at least 1.5x DeepSpeed's NVMe speed, and a lower peak RSS than the
-plain torch loop.
+ratio of the same round, its median and range over the rounds (``rounds.py``). Without
+DeepSpeed its contenders are left out (said at the start); a contender that fails is a row
+saying why, and the others run on. Targets (issue 8): orch's NVMe offload at least 1.5x
+DeepSpeed's NVMe speed, and a lower peak RSS than the plain torch loop.
 
     .venv/bin/python benchmarks/offload_cpu.py [--steps 6] [--rounds 2] [--dir /tmp]
 """
@@ -39,7 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from offload_contenders import run_orch, run_other
+from offload_contenders import installed, train
 from rounds import in_turn, paired
 
 MODEL = ["model.name=gpt-128m", "model.dim=768", "model.layers=18", "model.heads=12",
@@ -48,6 +49,56 @@ TRAIN = ["train.seq_len=256", "train.global_batch=4", "train.micro_batch=4",
          "train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.lr=1e-4",
          "optimizer.weight_decay=0.0"]  # orch decays matrices only; the others decay all
 CONTENDERS = ["torch loop", "deepspeed cpu", "deepspeed nvme", "orch cpu", "orch nvme"]
+
+
+def measure(names: list[str], args: argparse.Namespace, env: dict
+            ) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Each contender's results per round, and why each that failed did (it runs no more: its
+    rounds would have no pairs; the others go on)."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    failed: dict[str, str] = {}
+    sets = [*MODEL, *TRAIN, f"train.steps={args.steps}"]
+    for round_ in range(args.rounds):  # in turn: this disk's speed drifts over minutes
+        for name in in_turn([n for n in names if n not in failed], round_):
+            os.sync()  # the last contender's writes, not this one's, are paid for here
+            with tempfile.TemporaryDirectory(dir=args.dir) as nvme_dir:
+                r = train(name, sets, Path(nvme_dir), env)
+            if "failed" in r:
+                failed[name] = r["failed"]
+                del runs[name]
+            else:
+                runs[name].append(r)
+            print(f"round {round_ + 1} {name}: {json.dumps(r)}", flush=True)
+    return runs, failed
+
+
+def report(runs: dict[str, list[dict]], failed: dict[str, str], args: argparse.Namespace
+           ) -> None:
+    """The table (a row per contender, failed ones saying why) and the paired ratios."""
+    w = args.warmup
+    seconds = {name: [statistics.median(r["step_s"][w:]) for r in rs] for name, rs in runs.items()}
+    print("\n| contender | s/step (each round) | peak RSS GiB | disk read GB/step | "
+          "disk written GB/step | first losses |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, rs in runs.items():
+        r = rs[0]
+        step = statistics.median(seconds[name])
+        each = ", ".join(f"{x:.2f}" for x in seconds[name])
+        read, written = (statistics.median(r[k][w:]) / 1e9 for k in ("read", "written"))
+        losses = ", ".join(f"{x:.4f}" for x in r["losses"][:3])
+        rss = max(x["peak_rss"] for x in rs) / 2**30
+        print(f"| {name} | {step:.2f} ({each}) | {rss:.2f} | {read:.2f} | {written:.2f} | "
+              f"{losses} |")
+    for name, why in failed.items():
+        print(f"| {name} | failed: {why} | | | | |")
+    if "orch nvme" in runs and "deepspeed nvme" in runs:
+        median, low, high = paired(seconds["deepspeed nvme"], seconds["orch nvme"])
+        print(f"\norch nvme vs deepspeed nvme, the speed of the same round: median {median:.2f}x "
+              f"({low:.2f}x-{high:.2f}x over {args.rounds} rounds; target 1.5x)")
+    if "orch nvme" in runs and "torch loop" in runs:
+        rss = (max(x["peak_rss"] for x in runs["orch nvme"])
+               / max(x["peak_rss"] for x in runs["torch loop"]))
+        print(f"orch nvme peak RSS / torch loop peak RSS: {rss:.2f} (target below 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,43 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# offload on CPU: 128M-parameter GPT-like model, batch 4 x 256, {args.steps} steps "
           f"({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{datetime.date.today()}), NVMe directory {args.dir}")
-    runs: dict[str, list[dict]] = {name: [] for name in args.only}
-    for round_ in range(args.rounds):  # in turn: this disk's speed drifts over minutes
-        for name in in_turn(args.only, round_):
-            os.sync()  # the last contender's writes, not this one's, are paid for here
-            with tempfile.TemporaryDirectory(dir=args.dir) as nvme_dir:
-                sets = [*MODEL, *TRAIN, f"train.steps={args.steps}"]
-                if name.startswith("orch"):
-                    tier = name.split()[1]
-                    sets += [f"offload.params={tier}", "offload.grads=cpu",
-                             f"offload.optimizer={tier}"]
-                    r = run_orch(sets, Path(nvme_dir), env)
-                else:
-                    r = run_other(name, sets, Path(nvme_dir), env)
-            runs[name].append(r)
-            print(f"round {round_ + 1} {name}: {json.dumps(r)}", flush=True)
-    w = args.warmup
-    seconds = {name: [statistics.median(r["step_s"][w:]) for r in rs] for name, rs in runs.items()}
-    results = {name: rs[0] for name, rs in runs.items()}
-    print("\n| contender | s/step (each round) | peak RSS GiB | disk read GB/step | "
-          "disk written GB/step | first losses |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name, r in results.items():
-        step = statistics.median(seconds[name])
-        each = ", ".join(f"{x:.2f}" for x in seconds[name])
-        read, written = (statistics.median(r[k][w:]) / 1e9 for k in ("read", "written"))
-        losses = ", ".join(f"{x:.4f}" for x in r["losses"][:3])
-        rss = max(x["peak_rss"] for x in runs[name]) / 2**30
-        print(f"| {name} | {step:.2f} ({each}) | {rss:.2f} | {read:.2f} | {written:.2f} | "
-              f"{losses} |")
-    if "orch nvme" in runs and "deepspeed nvme" in runs:
-        median, low, high = paired(seconds["deepspeed nvme"], seconds["orch nvme"])
-        print(f"\norch nvme vs deepspeed nvme, the speed of the same round: median {median:.2f}x "
-              f"({low:.2f}x-{high:.2f}x over {args.rounds} rounds; target 1.5x)")
-    if "orch nvme" in runs and "torch loop" in runs:
-        rss = (max(x["peak_rss"] for x in runs["orch nvme"])
-               / max(x["peak_rss"] for x in runs["torch loop"]))
-        print(f"orch nvme peak RSS / torch loop peak RSS: {rss:.2f} (target below 1)")
+    runs, failed = measure(installed(args.only), args, env)
+    report(runs, failed, args)
     return 0
 
 

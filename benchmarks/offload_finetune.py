@@ -17,7 +17,8 @@ per parameter, the fp32 model as built plus fp32 gradients, with a fifth to spar
 contender, seconds per step (median after ``--warmup``), tokens/s, TFLOP/s by PaLM's formula
 (``orch.plan.cost.flops_per_token``, the figure orch's metrics report), peak RSS, NVMe bytes per
 step and the first losses (close, not equal: bf16 on both sides); then orch's TFLOP/s over
-DeepSpeed's (issue 8's target: at least 2x). Without a GPU it says so and stops; ``--device cpu
+DeepSpeed's (issue 8's target: at least 2x). A contender that fails is a row saying why;
+without DeepSpeed orch runs alone. Without a GPU it says so and stops; ``--device cpu
 --shape tiny`` runs the same path on a tiny model in fp32 (the test suite does).
 
     .venv/bin/python benchmarks/offload_finetune.py [--dir /nvme] [--shape auto] [--steps 4]
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -37,7 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from offload_contenders import config, run_orch, run_other
+from offload_contenders import config, installed, train
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(dim=256, layers=2, heads=8, kv_heads=4, ffn_dim=688),
@@ -147,27 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# offloaded fine-tuning: Llama-style {shape} ({n / 1e9:.2f}B parameters: {why}), "
           f"batch {args.batch} x {args.seq} tokens, {args.steps} steps", flush=True)
     print(f"# {machine(args.device, args.dir)}", flush=True)
-    contenders = list(args.only)
-    if "deepspeed nvme" in contenders and importlib.util.find_spec("deepspeed") is None:
-        print("# DeepSpeed is not installed here: orch runs alone (no ratio)", flush=True)
-        contenders.remove("deepspeed nvme")
     sets = run_sets(shape, args.seq, args.batch, args.steps, args.device)
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     results = {}
-    for name in contenders:
+    for name in installed(args.only):
         with tempfile.TemporaryDirectory(dir=args.dir) as nvme_dir:
-            if name == "orch nvme":
-                orch_sets = [*sets, "offload.params=nvme", "offload.grads=cpu",
-                             "offload.optimizer=nvme"]
-                results[name] = run_orch(orch_sets, Path(nvme_dir), env)
-            else:
-                results[name] = run_other(name, sets, Path(nvme_dir), env, args.device)
+            results[name] = train(name, sets, Path(nvme_dir), env, args.device)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     print("\n| contender | s/step | tokens/s | TFLOP/s | peak RSS GiB | NVMe read GB/step | "
           "NVMe written GB/step | first losses |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     speed = {}
     for name, r in results.items():
+        if "failed" in r:
+            print(f"| {name} | failed: {r['failed']} | | | | | | |")
+            continue
         seconds, speed[name] = tflops(r, shape, args.seq, args.warmup)
         read, written = (statistics.median(r[k][args.warmup:]) / 1e9 for k in ("read", "written"))
         losses = ", ".join(f"{x:.4f}" for x in r["losses"][:3])

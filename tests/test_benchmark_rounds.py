@@ -4,6 +4,9 @@ the disk is synced between contenders, and ratios are taken within a round."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import pytest
 from benchmark_modules import benchmark
 
@@ -27,24 +30,34 @@ def _result(seconds: float, steps: int) -> dict:
             "read": [0] * steps, "written": [0] * steps, "peak_rss": 1 << 30, "tokens": 1024}
 
 
+def _no_training(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a test of the benchmark's bookkeeping started a real training run")
+
+
 @pytest.fixture
 def offload_cpu(monkeypatch):
     """offload_cpu.py whose contenders are fakes: each call is logged (with the syncs between),
-    and DeepSpeed's NVMe run takes 2 s per step in round 1 and 3 s in round 2, orch's 1 s."""
+    DeepSpeed's NVMe run takes 2 s per step in round 1 and 3 s in round 2, orch's 1 s, and
+    DeepSpeed's CPU run fails as a missing module would make it."""
     module = benchmark("offload_cpu")
+    contenders = sys.modules["offload_contenders"]
     log: list[str] = []
     monkeypatch.setattr(module.os, "sync", lambda: log.append("sync"))
 
-    def run_other(name, sets, nvme_dir, env):
+    def run_other(name, sets, nvme_dir, env, device):
         log.append(name)
+        if name == "deepspeed cpu":
+            raise RuntimeError(f"{name} failed:\n...\nModuleNotFoundError: No module named 'x'")
         return _result(1.0 + sum(entry == name for entry in log), 3)
 
     def run_orch(sets, nvme_dir, env):
-        log.append("orch nvme")
+        log.append("orch " + next(s for s in sets if s.startswith("offload.params="))[15:])
         return _result(1.0, 3)
 
-    monkeypatch.setattr(module, "run_other", run_other)
-    monkeypatch.setattr(module, "run_orch", run_orch)
+    monkeypatch.setattr(contenders, "run_other", run_other)
+    monkeypatch.setattr(contenders, "run_orch", run_orch)
+    for where, name in ((contenders, "launch"), (contenders.subprocess, "run")):
+        monkeypatch.setattr(where, name, _no_training)  # whatever the fakes miss fails at once
     module.log = log
     return module
 
@@ -57,3 +70,28 @@ def test_offload_cpu_rotates_syncs_and_pairs_its_rounds(offload_cpu, tmp_path, c
     out = capsys.readouterr().out
     assert "| deepspeed nvme | 2.50 (2.00, 3.00) |" in out  # rounds in order, whatever ran first
     assert "the speed of the same round: median 2.50x (2.00x-3.00x over 2 rounds" in out
+
+
+def test_a_failing_contender_is_reported_and_the_others_still_make_the_table(offload_cpu,
+                                                                          tmp_path, capsys):
+    assert offload_cpu.main(["--only", "deepspeed cpu", "deepspeed nvme", "orch nvme",
+                             "--rounds", "2", "--steps", "3", "--warmup", "1",
+                             "--dir", str(tmp_path)]) == 0
+    assert offload_cpu.log.count("deepspeed cpu") == 1  # not run again after it failed
+    out = capsys.readouterr().out
+    assert "| deepspeed cpu | failed: ModuleNotFoundError: No module named 'x' |" in out
+    assert "| orch nvme | 1.00 (1.00, 1.00) |" in out
+    assert "median 2.50x (2.00x-3.00x over 2 rounds" in out
+
+
+def test_without_deepspeed_its_contenders_are_left_out_saying_so(offload_cpu, monkeypatch,
+                                                                 tmp_path, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    assert offload_cpu.main(["--rounds", "1", "--steps", "3", "--warmup", "1",
+                             "--dir", str(tmp_path)]) == 0
+    assert [e for e in offload_cpu.log if e != "sync"] == ["torch loop", "orch cpu", "orch nvme"]
+    out = capsys.readouterr().out
+    assert "DeepSpeed is not installed here: deepspeed cpu, deepspeed nvme left out" in out
+    assert "| orch nvme | 1.00 (1.00) |" in out
