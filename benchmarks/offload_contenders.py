@@ -217,6 +217,16 @@ def run_orch(sets: list[str], nvme_dir: Path, env: dict) -> dict:
             "tflops": [r["tflops"] for r in rows]}
 
 
+def disk_per_step(runs: Sequence[dict], warmup: int) -> tuple[float, float]:
+    """Bytes read and written per step after ``warmup``, over all of ``runs``: their total over
+    the steps counted. Not a median of each step's bytes: bytes are counted as they reach the
+    disk (``/proc/self/io``) or as a write-behind ends (orch), often in a later step than the
+    one that moved them, so one step shows 0.62 GB and the next 2.10 GB."""
+    steps = sum(len(r["read"][warmup:]) for r in runs)
+    read, written = (sum(sum(r[k][warmup:]) for r in runs) for k in ("read", "written"))
+    return read / steps, written / steps
+
+
 def _host_memory(row: dict) -> int:
     """A metrics record's host memory: on a CPU device its peak resident set (``mem_bytes``);
     on a GPU, where ``mem_bytes`` is the device's, the resident set read at the step's end."""

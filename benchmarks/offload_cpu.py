@@ -11,19 +11,19 @@ the same initial weights and AdamW settings with clipping, trained for ``--steps
 - orch (``orch launch``, one process) with parameters and optimizer states at home on the CPU,
   and on NVMe (``offload.params/optimizer: nvme``), gradients in CPU memory.
 
-Each runs in its own process, all of them in turn for ``--rounds`` rounds (this machine's disk
-speed drifts by 2x over minutes), the order rotating from round to round and the disk's dirty
-pages written back (``os.sync``) between one contender and the next: a contender that ran right
-after an NVMe one otherwise paid for its predecessor's gigabytes still being written (0.46x or
-1.27x the same ratio, by the order alone). Printed per contender: median seconds per step after
-``--warmup`` (per round, and their median), peak RSS of the training process during training
-(``ru_maxrss`` before any checkpoint save; orch's progress line reports the same), disk bytes
-read and written per step (``/proc/self/io`` for DeepSpeed, orch's own ``nvme_*_bytes``
-records), and the first losses, which must agree (same weights, same batches); then the speed
-ratio of the same round, its median and range over the rounds (``rounds.py``). Without
-DeepSpeed its contenders are left out (said at the start); a contender that fails is a row
-saying why, and the others run on. Targets (issue 8): orch's NVMe offload at least 1.5x
-DeepSpeed's NVMe speed, and a lower peak RSS than the plain torch loop.
+Each runs in its own process, all of them in turn for ``--rounds`` rounds (this machine's disk speed
+drifts by 2x over minutes), the order rotating from round to round and the disk's dirty pages
+written back (``os.sync``) between one contender and the next: a contender that ran right after an
+NVMe one otherwise paid for its predecessor's gigabytes still being written (0.46x or 1.27x the same
+ratio, by the order alone). Printed per contender: median seconds per step after ``--warmup`` (per
+round, and their median), peak RSS of the training process during training (``ru_maxrss`` before any
+checkpoint save; orch's progress line reports the same), disk bytes read and written per step
+(``/proc/self/io`` for DeepSpeed, orch's own ``nvme_*_bytes`` records; their total after
+``--warmup`` over the steps, all rounds), and the first losses, which must agree (same weights, same
+batches); then the speed ratio of the same round, its median and range over the rounds
+(``rounds.py``). Without DeepSpeed its contenders are left out (said at the start); a contender that
+fails is a row saying why, and the others run on. Targets (issue 8): orch's NVMe offload at least
+1.5x DeepSpeed's NVMe speed, and a lower peak RSS than the plain torch loop.
 
     .venv/bin/python benchmarks/offload_cpu.py [--steps 6] [--rounds 2] [--dir /tmp]
 """
@@ -40,7 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from offload_contenders import installed, train
+from offload_contenders import disk_per_step, installed, train
 from rounds import in_turn, paired
 
 MODEL = ["model.name=gpt-128m", "model.dim=768", "model.layers=18", "model.heads=12",
@@ -84,7 +84,7 @@ def report(runs: dict[str, list[dict]], failed: dict[str, str], args: argparse.N
         r = rs[0]
         step = statistics.median(seconds[name])
         each = ", ".join(f"{x:.2f}" for x in seconds[name])
-        read, written = (statistics.median(r[k][w:]) / 1e9 for k in ("read", "written"))
+        read, written = (b / 1e9 for b in disk_per_step(rs, w))
         losses = ", ".join(f"{x:.4f}" for x in r["losses"][:3])
         rss = max(x["peak_rss"] for x in rs) / 2**30
         print(f"| {name} | {step:.2f} ({each}) | {rss:.2f} | {read:.2f} | {written:.2f} | "

@@ -10,16 +10,17 @@ compute on the GPU, and parameters and optimizer states on NVMe:
 - DeepSpeed ZeRO-3 with ``offload_param`` and ``offload_optimizer`` on NVMe (ZeRO-Infinity,
   ``max_in_cpu: 0`` so the parameters really leave RAM, pinned buffers).
 
-``--shape auto`` (the default) picks the largest shape whose state fits this machine's free
-memory and the free space under ``--dir``, for the more demanding of the two (NVMe: 14 bytes per
-parameter, DeepSpeed's bf16 parameters and fp32 master weights and moments; CPU memory: 10 bytes
-per parameter, the fp32 model as built plus fp32 gradients, with a fifth to spare). Printed: per
-contender, seconds per step (median after ``--warmup``), tokens/s, TFLOP/s by PaLM's formula
+``--shape auto`` (the default) picks the largest shape whose state fits this machine's free memory
+and the free space under ``--dir``, for the more demanding of the two (NVMe: 14 bytes per parameter,
+DeepSpeed's bf16 parameters and fp32 master weights and moments; CPU memory: 10 bytes per parameter,
+the fp32 model as built plus fp32 gradients, with a fifth to spare). Printed: per contender, seconds
+per step (median after ``--warmup``), tokens/s, TFLOP/s by PaLM's formula
 (``orch.plan.cost.flops_per_token``, the figure orch's metrics report), peak RSS, NVMe bytes per
-step and the first losses (close, not equal: bf16 on both sides); then orch's TFLOP/s over
-DeepSpeed's (issue 8's target: at least 2x). A contender that fails is a row saying why;
-without DeepSpeed orch runs alone. Without a GPU it says so and stops; ``--device cpu
---shape tiny`` runs the same path on a tiny model in fp32 (the test suite does).
+step (their total after ``--warmup`` over those steps) and the first losses (close, not equal: bf16
+on both sides); then orch's TFLOP/s over DeepSpeed's (issue 8's target: at least 2x). A contender
+that fails is a row saying why; without DeepSpeed orch runs alone. Without a GPU it says so and
+stops; ``--device cpu --shape tiny`` runs the same path on a tiny model in fp32 (the test suite
+does).
 
     .venv/bin/python benchmarks/offload_finetune.py [--dir /nvme] [--shape auto] [--steps 4]
 """
@@ -37,7 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from offload_contenders import config, installed, train
+from offload_contenders import config, disk_per_step, installed, train
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(dim=256, layers=2, heads=8, kv_heads=4, ffn_dim=688),
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | failed: {r['failed']} | | | | | | |")
             continue
         seconds, speed[name] = tflops(r, shape, args.seq, args.warmup)
-        read, written = (statistics.median(r[k][args.warmup:]) / 1e9 for k in ("read", "written"))
+        read, written = (b / 1e9 for b in disk_per_step([r], args.warmup))
         losses = ", ".join(f"{x:.4f}" for x in r["losses"][:3])
         print(f"| {name} | {seconds:.2f} | {r['tokens'] / seconds:,.0f} | {speed[name]:.3g} | "
               f"{r['peak_rss'] / 2**30:.1f} | {read:.2f} | {written:.2f} | {losses} |")

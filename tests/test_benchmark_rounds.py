@@ -25,6 +25,10 @@ def test_paired_ratios_are_taken_within_a_round():
         rounds.paired([1.0], [1.0, 2.0])  # a round without its pair
 
 
+READ = [9e9, 0.823e9, 0.624e9, 2.10e9]
+"""Bytes a fake orch nvme run reads per step: as counted, they jump from step to step."""
+
+
 def _result(seconds: float, steps: int) -> dict:
     return {"step_s": [seconds] * steps, "losses": [5.72, 4.22, 4.80][:steps],
             "read": [0] * steps, "written": [0] * steps, "peak_rss": 1 << 30, "tokens": 1024}
@@ -52,7 +56,7 @@ def offload_cpu(monkeypatch):
 
     def run_orch(sets, nvme_dir, env):
         log.append("orch " + next(s for s in sets if s.startswith("offload.params="))[15:])
-        return _result(1.0, 3)
+        return {**_result(1.0, 4), "read": READ, "written": [x / 2 for x in READ]}
 
     monkeypatch.setattr(contenders, "run_other", run_other)
     monkeypatch.setattr(contenders, "run_orch", run_orch)
@@ -95,3 +99,14 @@ def test_without_deepspeed_its_contenders_are_left_out_saying_so(offload_cpu, mo
     out = capsys.readouterr().out
     assert "DeepSpeed is not installed here: deepspeed cpu, deepspeed nvme left out" in out
     assert "| orch nvme | 1.00 (1.00) |" in out
+
+
+def test_disk_bytes_per_step_are_the_total_over_the_steps_after_warm_up(offload_cpu, tmp_path,
+                                                                         capsys):
+    contenders = sys.modules["offload_contenders"]
+    runs = [{"read": READ, "written": [0, 1, 2, 3]}, {"read": [5e9, 1e9], "written": [0, 4]}]
+    assert contenders.disk_per_step(runs, 1) == ((0.823e9 + 0.624e9 + 2.10e9 + 1e9) / 4, 10 / 4)
+    assert offload_cpu.main(["--only", "orch nvme", "--rounds", "2", "--steps", "4",
+                             "--warmup", "1", "--dir", str(tmp_path)]) == 0
+    # (0.823 + 0.624 + 2.10) / 3 = 1.18 GB read, half that written; the median would say 0.82
+    assert "| orch nvme | 1.00 (1.00, 1.00) | 1.00 | 1.18 | 0.59 |" in capsys.readouterr().out
