@@ -1,9 +1,11 @@
-"""argparse types the benchmarks share, so a bad flag is an argparse error (usage line, the flag,
-what it must be, exit 2) before anything runs, not a traceback minutes into a run.
+"""argparse types and checks the benchmarks share, so a bad flag is an argparse error (usage line,
+the flag, what it must be, exit 2) before anything runs, not a traceback minutes into a run.
 
     parser.add_argument("--steps", type=at_least(6), default=30)
-    parser.add_argument("--dim", type=at_least(128, "heads of 128", multiple_of=128))
     parser.add_argument("--size", type=byte_size, default="1GiB")
+    add_model_shape(parser, dim=1024, layers=16, ffn=2816)   # --dim, --layers, --ffn
+    args = parser.parse_args(argv)
+    steps_after_warmup(parser, args)                          # --steps > --warmup
 """
 
 from __future__ import annotations
@@ -36,6 +38,35 @@ def at_least(low: int, why: str = "", multiple_of: int = 1) -> Callable[[str], i
 
 
 positive_int = at_least(1)
+
+
+def steps_after_warmup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--steps`` not above ``--warmup`` as an argparse error: the median is taken over
+    the steps after the warm-up, and of none there is no median (a StatisticsError after every
+    run had been made, before)."""
+    if args.steps <= args.warmup:
+        parser.error(f"argument --steps: must be more than --warmup ({args.warmup}), whose steps "
+                     f"are left out of the median, not {args.steps}")
+
+
+HEAD_DIM = 128
+"""The offload benchmarks' models have heads of this width: ``--dim`` is a multiple of it."""
+
+
+def add_model_shape(parser: argparse.ArgumentParser, dim: int, layers: int, ffn: int) -> None:
+    """``--dim``, ``--layers`` and ``--ffn`` (defaults given) of a benchmark's Llama-style model
+    on ``configs/tiny.yaml``; :func:`model_sets` makes them ``--set`` items."""
+    parser.add_argument("--dim", type=at_least(HEAD_DIM, f"heads of {HEAD_DIM}",
+                                               multiple_of=HEAD_DIM), default=dim)
+    parser.add_argument("--layers", type=positive_int, default=layers)
+    parser.add_argument("--ffn", type=positive_int, default=ffn)
+
+
+def model_sets(args: argparse.Namespace) -> list[str]:
+    """The model of :func:`add_model_shape`'s flags, as orch ``--set`` items."""
+    heads = args.dim // HEAD_DIM
+    return [f"model.dim={args.dim}", f"model.layers={args.layers}", f"model.ffn_dim={args.ffn}",
+            f"model.heads={heads}", f"model.kv_heads={heads}"]
 
 
 def byte_size(text: str) -> int:

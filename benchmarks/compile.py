@@ -17,18 +17,20 @@ import os
 import platform
 import statistics
 
+from bench_flags import at_least, positive_int, steps_after_warmup
 from orch_runs import launch, steady_tokens_per_s
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--procs", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--procs", type=positive_int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=12)
+    parser.add_argument("--warmup", type=at_least(0), default=3)
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--set", dest="sets", nargs="*", default=[])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    steps_after_warmup(parser, args)
     import torch
 
     cuda = torch.cuda.is_available()

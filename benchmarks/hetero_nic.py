@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from bench_flags import at_least, positive_int
 
 from orch.cluster.netbed import NetBed, Network, unavailable
 
@@ -57,13 +58,14 @@ def run(bed: NetBed, cluster: Path, order: str, steps: int, seq_len: int, port: 
     return statistics.median(r["step_time_s"] for r in rows[WARMUP:]), plan["step_time_s"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--fast-mbit", type=int, default=1000)
-    parser.add_argument("--slow-mbit", type=int, default=100)
-    args = parser.parse_args()
+    steps = at_least(WARMUP + 1, f"the first {WARMUP} are warm-up, left out of the median")
+    parser.add_argument("--steps", type=steps, default=10)
+    parser.add_argument("--seq-len", type=positive_int, default=64)
+    parser.add_argument("--fast-mbit", type=positive_int, default=1000)
+    parser.add_argument("--slow-mbit", type=positive_int, default=100)
+    args = parser.parse_args(argv)
     if why := unavailable():
         sys.exit(f"hetero_nic: cannot build the test bed: {why}")
     networks = [Network("ib", "ib", args.fast_mbit), Network("roce", "roce", args.fast_mbit),

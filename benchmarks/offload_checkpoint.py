@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_flags import at_least, positive_int
+from bench_flags import add_model_shape, model_sets, positive_int
 from orch_runs import json_worker
 
 WAYS = ("all in memory", "a tensor / a unit at a time")
@@ -123,17 +123,12 @@ def worker(way: str, phase: str, sets: list[str], nvme_dir: str, run_dir: str) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=at_least(128, "heads of 128", multiple_of=128),
-                        default=1024)
-    parser.add_argument("--layers", type=positive_int, default=16)
-    parser.add_argument("--ffn", type=positive_int, default=2816)
+    add_model_shape(parser, dim=1024, layers=16, ffn=2816)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="NVMe and checkpoint dir")
     parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    heads = args.dim // 128
-    sets = [f"model.dim={args.dim}", f"model.layers={args.layers}", f"model.ffn_dim={args.ffn}",
-            f"model.heads={heads}", f"model.kv_heads={heads}"]
+    sets = model_sets(args)
     if args.worker:
         way, phase, nvme_dir, run_dir = args.worker
         print(json.dumps(worker(way, phase, sets, nvme_dir, run_dir)))

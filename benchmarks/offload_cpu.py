@@ -40,6 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_flags import at_least, positive_int, steps_after_warmup
 from offload_contenders import disk_per_step, installed, train
 from rounds import in_turn, paired
 
@@ -103,12 +104,14 @@ def report(runs: dict[str, list[dict]], failed: dict[str, str], args: argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="each contender this many times")
+    parser.add_argument("--steps", type=positive_int, default=6)
+    parser.add_argument("--warmup", type=at_least(0), default=2)
+    parser.add_argument("--rounds", type=positive_int, default=2,
+                        help="each contender this many times")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="NVMe directory")
     parser.add_argument("--only", nargs="*", choices=CONTENDERS, default=CONTENDERS)
     args = parser.parse_args(argv)
+    steps_after_warmup(parser, args)
     import torch
 
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}

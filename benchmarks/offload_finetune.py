@@ -38,6 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_flags import at_least, positive_int, steps_after_warmup
 from offload_contenders import config, disk_per_step, installed, train
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -126,15 +127,16 @@ def machine(device: str, nvme_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["auto", *SHAPES], default="auto")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seq", type=positive_int, default=2048)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=4)
+    parser.add_argument("--warmup", type=at_least(0), default=1)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="NVMe directory")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--only", nargs="*", choices=CONTENDERS, default=CONTENDERS)
     args = parser.parse_args(argv)
+    steps_after_warmup(parser, args)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():

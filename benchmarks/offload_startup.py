@@ -21,11 +21,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_flags import add_model_shape, model_sets, positive_int
+from orch_runs import json_worker
 
 WAYS = ("whole", "unit by unit")
 
@@ -72,33 +74,28 @@ def worker(way: str, sets: list[str], homes: str, nvme_dir: str) -> dict:
     return {"growth": peak - before, "seconds": seconds, "param_bytes": params}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--ffn", type=int, default=5632)
+    add_model_shape(parser, dim=2048, layers=16, ffn=5632)
     parser.add_argument("--homes", choices=("cpu", "nvme"), default="nvme")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="NVMe directory")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--worker", choices=WAYS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    heads = args.dim // 128
-    sets = [f"model.dim={args.dim}", f"model.layers={args.layers}", f"model.ffn_dim={args.ffn}",
-            f"model.heads={heads}", f"model.kv_heads={heads}"]
+    args = parser.parse_args(argv)
+    sets = model_sets(args)
     if args.worker:
         print(json.dumps(worker(args.worker, sets, args.homes, args.dir)))
-        return
+        return 0
     import torch
 
     runs: dict[str, list[dict]] = {way: [] for way in WAYS}
     for _ in range(args.rounds):
         for way in WAYS:
             with tempfile.TemporaryDirectory(dir=args.dir) as nvme_dir:
-                out = subprocess.run(
+                runs[way].append(json_worker(
                     [sys.executable, __file__, "--worker", way, "--homes", args.homes,
                      "--dir", nvme_dir, "--dim", str(args.dim), "--layers", str(args.layers),
-                     "--ffn", str(args.ffn)], capture_output=True, text=True, check=True)
-            runs[way].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                     "--ffn", str(args.ffn)], f"the {way} build"))
     model_gib = runs["whole"][0]["param_bytes"] / 2**30
     print(f"# offloaded model build, {args.homes} homes: dim {args.dim}, {args.layers} layers, "
           f"ffn {args.ffn}, {model_gib:.2f} GiB of fp32 parameters ({platform.machine()}, "
@@ -112,7 +109,8 @@ def main() -> None:
     ratio = (max(r["growth"] for r in runs["unit by unit"])
              / max(r["growth"] for r in runs["whole"]))
     print(f"\nunit by unit / whole, resident-set growth: {ratio:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

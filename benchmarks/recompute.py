@@ -15,22 +15,25 @@ import argparse
 import datetime
 import os
 import platform
+import sys
 
+from bench_flags import at_least, positive_int, steps_after_warmup
 from orch_runs import launch, steady_tokens_per_s
 
 MODES = ("none", "selective", "full")
 SHAPE = ["train.seq_len=512", "train.micro_batch=8", "train.global_batch=8"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--procs", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--procs", type=positive_int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=at_least(0), default=3)
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--set", dest="sets", nargs="*", default=SHAPE)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    steps_after_warmup(parser, args)
     import torch
 
     print(f"# train.recompute: {args.config} {' '.join(args.sets)}, {args.procs} process(es), "
@@ -50,7 +53,8 @@ def main() -> None:
             activations = plan["memory"]["activations"] / 2**20
             print(f"| {round_} | {mode} | {rate:,.0f} | {rate / base[0]:.2f}x | "
                   f"{planned / base[1]:.2f}x | {activations:,.1f} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

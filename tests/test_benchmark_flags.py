@@ -4,6 +4,7 @@ exit 2), not as tracebacks minutes into a run; nothing here runs a benchmark."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pytest
 from benchmark_modules import benchmark
@@ -75,9 +76,33 @@ def test_attention_on_cpu_says_which_flags_it_ignores(monkeypatch, capsys):
     ("offload_checkpoint", ["--dim", "64"], "argument --dim: must be a multiple of 128 of at "
      "least 128 (heads of 128), not '64'"),
     ("offload_checkpoint", ["--layers", "0"], "argument --layers: must be a whole number"),
+    ("offload_startup", ["--dim", "64"], "argument --dim: must be a multiple of 128"),
+    ("offload_startup", ["--rounds", "0"], "argument --rounds: must be a whole number"),
+    ("recompute", ["--steps", "3"], "argument --steps: must be more than --warmup (3), whose "
+     "steps are left out of the median, not 3"),
+    ("recompute", ["--rounds", "0"], "argument --rounds: must be a whole number"),
+    ("recompute", ["--procs", "0"], "argument --procs: must be a whole number"),
+    ("compile", ["--steps", "2", "--warmup", "2"], "argument --steps: must be more than --warmup"),
+    ("compile", ["--procs", "0"], "argument --procs: must be a whole number"),
+    ("hetero_nic", ["--fast-mbit", "-5"], "argument --fast-mbit: must be a whole number of at "
+     "least 1, not '-5'"),
+    ("hetero_nic", ["--steps", "2"], "argument --steps: must be a whole number of at least 3 "
+     "(the first 2 are warm-up"),
+    ("offload_cpu", ["--steps", "2"], "argument --steps: must be more than --warmup (2)"),
+    ("offload_cpu", ["--rounds", "0"], "argument --rounds: must be a whole number"),
+    ("offload_finetune", ["--steps", "1"], "argument --steps: must be more than --warmup (1)"),
+    ("offload_finetune", ["--batch", "0"], "argument --batch: must be a whole number"),
 ])
 def test_benchmarks_refuse_bad_flags_naming_them(name, args, message, capsys):
     with pytest.raises(SystemExit) as info:
         benchmark(name).main(args)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_failing_worker_is_named_with_its_own_error():
+    orch_runs = benchmark("orch_runs")
+    with pytest.raises(SystemExit) as info:
+        orch_runs.json_worker([sys.executable, "-c", "import sys; sys.exit('heads must be >= 1')"],
+                              "the whole build")
+    assert str(info.value).startswith("the whole build failed (exit 1):\nheads must be >= 1")
