@@ -5,8 +5,11 @@ Part 1 trains the tiny configs under ``orch launch`` (gloo, fp32) for each layou
 parallel issue and prints the steady-state tokens/s (median step after warm-up), the plan's
 estimate for the same degrees on the ``cpu`` device entry, their ratio, the single-process
 tokens/s of the same config (the alternative: not splitting at all), and rank 0's bytes per
-step per dimension from metrics.jsonl. On a 2-core machine every layout past 2 processes
-oversubscribes the cores, which the ratio column shows; the plan's CPU entry has no notion of it.
+step per dimension from metrics.jsonl. Each layout and its single process run in turn for
+``--rounds`` rounds, the order rotating, and "vs 1 process" is the median of the same round's
+ratios, with their range (``rounds.py``): this machine's speed drifts with its load. On a 2-core
+machine every layout past 2 processes oversubscribes the cores, which the ratio column shows;
+the plan's CPU entry has no notion of it.
 
 Part 2 times one MoE layer's expert-parallel dispatch (route, permute, the two all-to-alls with
 their count exchange, unpermute; forward and backward, experts replaced by the identity) and its
@@ -14,7 +17,7 @@ expert compute alone (the grouped SwiGLU on the rows this rank receives, forward
 on 2 and 4 gloo ranks, and prints their ratio.
 
     .venv/bin/python benchmarks/parallel_cpu.py [--steps 12] [--seq-len 128] [--tokens 4096]
-        [--only LAYOUT ...]
+        [--rounds 2] [--only LAYOUT ...]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 import torch
 from bench_flags import at_least, positive_int
 from orch_runs import launch, steady_tokens_per_s
+from rounds import in_turn, paired
 
 WARMUP = 3
 DENSE, MOE = "configs/tiny.yaml", "configs/tiny-moe.yaml"
@@ -50,32 +54,44 @@ LAYOUTS = {  # name: (config, processes, overrides)
     "ep2 x tp2+sp": (MOE, 2, ["parallel.tp=2", "parallel.ep=2"]),
 }
 MOE_SETTINGS = ["model.experts=8"]
+SINGLE = "1 process"
 
 
-def layouts(steps: int, seq_len: int, only: list[str]) -> None:
+def _run(config: str, procs: int, sets: list[str]) -> tuple[float, list[dict], dict]:
+    """Steady tokens/s of one ``orch launch``, its metrics records and its plan."""
+    rows, plan = launch(config, procs, sets)
+    return steady_tokens_per_s(rows, WARMUP), rows, plan
+
+
+def layouts(steps: int, seq_len: int, only: list[str], rounds: int) -> None:
+    """Part 1. Each layout runs in turn with one process of its own config, ``rounds`` times,
+    the order rotating (``rounds.py``), and "vs 1 process" is the ratio within a round: one
+    single-process run at the start stood for every layout, and a machine whose load changed in
+    between made the ratio say 15.9x."""
     common = [f"train.steps={steps}", f"train.seq_len={seq_len}", "run.log_interval=1",
               "train.warmup_steps=1", "train.micro_batch=1"]
-    single = {}
-    for config in (DENSE, MOE):
-        extra = MOE_SETTINGS if config == MOE else []
-        rows, _ = launch(config, 1, [*common, *extra])
-        single[config] = steady_tokens_per_s(rows, WARMUP)
     print("| layout | procs | tokens/s | plan estimate | measured / plan | 1 process | "
-          "vs 1 process | MB per step by dimension |")
+          "vs 1 process (range) | MB per step by dimension |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for name, (config, procs, overrides) in LAYOUTS.items():
-        if only and name not in only:
-            continue
-        extra = MOE_SETTINGS if config == MOE else []
-        rows, plan = launch(config, procs, [*common, *extra, *overrides])
-        ours = steady_tokens_per_s(rows, WARMUP)
+    for name in only or LAYOUTS:
+        config, procs, overrides = LAYOUTS[name]
+        sets = [*common, *(MOE_SETTINGS if config == MOE else [])]
+        runs: dict[str, list[float]] = {name: [], SINGLE: []}
+        for round_ in range(rounds):
+            for who in in_turn(list(runs), round_):
+                if who == SINGLE:
+                    runs[SINGLE].append(_run(config, 1, sets)[0])
+                else:
+                    rate, rows, plan = _run(config, procs, [*sets, *overrides])
+                    runs[name].append(rate)
+        ours, base = statistics.median(runs[name]), statistics.median(runs[SINGLE])
         estimate = plan["step"]["tokens_per_s"]
         comm = {dim: statistics.median(r["comm_bytes"].get(dim, 0) for r in rows[WARMUP:])
                 for dim in sorted({d for r in rows for d in r["comm_bytes"]})}
         traffic = ", ".join(f"{dim} {b / 1e6:.1f}" for dim, b in comm.items())
-        base = single[config]
+        median, low, high = paired(runs[name], runs[SINGLE])
         print(f"| {name} | {procs} | {ours:,.0f} | {estimate:,.0f} | {ours / estimate:.2f} | "
-              f"{base:,.0f} | {ours / base:.2f} | {traffic} |", flush=True)
+              f"{base:,.0f} | {median:.2f} ({low:.2f}-{high:.2f}) | {traffic} |", flush=True)
 
 
 class _Identity(torch.nn.Module):
@@ -141,20 +157,22 @@ def dispatch_ratio(tokens: int) -> None:
               f"{dispatch / compute:.2f} |", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     steps = at_least(WARMUP + 1, f"the first {WARMUP} are warm-up, left out of the median")
     parser.add_argument("--steps", type=steps, default=12)
     parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--tokens", type=positive_int, default=4096,
                         help="tokens per rank (part 2)")
+    parser.add_argument("--rounds", type=positive_int, default=2,
+                        help="rounds of part 1, each running every layout beside one process")
     parser.add_argument("--only", nargs="+", choices=sorted(LAYOUTS), default=[],
                         help="run these layouts of part 1 only, and skip part 2")
-    args = parser.parse_args()
-    print(f"# parallel_cpu: tiny configs, gloo fp32, seq {args.seq_len}, {args.steps} steps "
-          f"({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{datetime.date.today()})\n")
-    layouts(args.steps, args.seq_len, args.only)
+    args = parser.parse_args(argv)
+    print(f"# parallel_cpu: tiny configs, gloo fp32, seq {args.seq_len}, {args.steps} steps, "
+          f"{args.rounds} paired rounds ({platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {datetime.date.today()})\n")
+    layouts(args.steps, args.seq_len, args.only, args.rounds)
     if not args.only:
         dispatch_ratio(args.tokens)
 

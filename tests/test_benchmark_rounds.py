@@ -110,3 +110,22 @@ def test_disk_bytes_per_step_are_the_total_over_the_steps_after_warm_up(offload_
                              "--warmup", "1", "--dir", str(tmp_path)]) == 0
     # (0.823 + 0.624 + 2.10) / 3 = 1.18 GB read, half that written; the median would say 0.82
     assert "| orch nvme | 1.00 (1.00, 1.00) | 1.00 | 1.18 | 0.59 |" in capsys.readouterr().out
+
+
+def test_parallel_cpu_pairs_each_layout_with_one_process_of_its_config(monkeypatch, capsys):
+    module = benchmark("parallel_cpu")
+    calls: list[tuple[str, int]] = []
+    single = iter([100.0, 300.0])  # the machine's speed drifts between rounds
+
+    def launch(config, procs, sets):
+        calls.append((config, procs))
+        rate = next(single) if procs == 1 else 150.0
+        rows = [{"tokens": rate, "step_time_s": 1.0, "comm_bytes": {"dp": 2e6}}] * 5
+        return rows, {"step": {"tokens_per_s": 1000.0}}
+
+    monkeypatch.setattr(module, "launch", launch)
+    module.main(["--only", "fsdp2", "--rounds", "2"])
+    assert calls == [("configs/tiny.yaml", 2), ("configs/tiny.yaml", 1),
+                     ("configs/tiny.yaml", 1), ("configs/tiny.yaml", 2)]  # no MoE run
+    out = capsys.readouterr().out
+    assert "| fsdp2 | 2 | 150 | 1,000 | 0.15 | 200 | 1.00 (0.50-1.50) | dp 2.0 |" in out
