@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable
 
 import torch
-from bench_flags import at_least, positive_int
+from bench_flags import at_least, description, positive_int
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -246,7 +246,7 @@ def cpu_paths(repeats: int = 10) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     gpu = parser.add_argument_group(
         "the GPU comparison (without CUDA the CPU table has two fixed shapes and ignores these)")
     gpu_only = [

@@ -1,6 +1,7 @@
 """argparse types and checks the benchmarks share, so a bad flag is an argparse error (usage line,
 the flag, what it must be, exit 2) before anything runs, not a traceback minutes into a run.
 
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--steps", type=at_least(6), default=30)
     parser.add_argument("--size", type=byte_size, default="1GiB")
     add_model_shape(parser, dim=1024, layers=16, ffn=2816)   # --dim, --layers, --ffn
@@ -14,6 +15,12 @@ import argparse
 from collections.abc import Callable
 
 from orch.config.coerce import parse_bytes
+
+
+def description(doc: str) -> str:
+    """A benchmark's ``--help`` description: its docstring's first paragraph, as one line (its
+    first line alone stops mid-sentence wherever the sentence wraps)."""
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def at_least(low: int, why: str = "", multiple_of: int = 1) -> Callable[[str], int]:

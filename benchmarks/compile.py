@@ -17,12 +17,12 @@ import os
 import platform
 import statistics
 
-from bench_flags import at_least, positive_int, steps_after_warmup
+from bench_flags import at_least, description, positive_int, steps_after_warmup
 from orch_runs import launch, steady_tokens_per_s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--procs", type=positive_int, default=1)
     parser.add_argument("--steps", type=positive_int, default=12)
     parser.add_argument("--warmup", type=at_least(0), default=3)

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from bench_flags import at_least, positive_int
+from bench_flags import at_least, description, positive_int
 
 from orch.cluster.netbed import NetBed, Network, unavailable
 
@@ -59,7 +59,7 @@ def run(bed: NetBed, cluster: Path, order: str, steps: int, seq_len: int, port: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     steps = at_least(WARMUP + 1, f"the first {WARMUP} are warm-up, left out of the median")
     parser.add_argument("--steps", type=steps, default=10)
     parser.add_argument("--seq-len", type=positive_int, default=64)

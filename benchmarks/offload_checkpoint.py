@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_flags import add_model_shape, model_sets, positive_int
+from bench_flags import add_model_shape, description, model_sets, positive_int
 from orch_runs import json_worker
 
 WAYS = ("all in memory", "a tensor / a unit at a time")
@@ -122,7 +122,7 @@ def worker(way: str, phase: str, sets: list[str], nvme_dir: str, run_dir: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     add_model_shape(parser, dim=1024, layers=16, ffn=2816)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="NVMe and checkpoint dir")
     parser.add_argument("--rounds", type=positive_int, default=2)

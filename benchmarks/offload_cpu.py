@@ -40,7 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_flags import at_least, positive_int, steps_after_warmup
+from bench_flags import at_least, description, positive_int, steps_after_warmup
 from offload_contenders import disk_per_step, installed, train
 from rounds import in_turn, paired
 
@@ -103,7 +103,7 @@ def report(runs: dict[str, list[dict]], failed: dict[str, str], args: argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--steps", type=positive_int, default=6)
     parser.add_argument("--warmup", type=at_least(0), default=2)
     parser.add_argument("--rounds", type=positive_int, default=2,

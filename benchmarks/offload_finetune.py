@@ -38,7 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_flags import at_least, positive_int, steps_after_warmup
+from bench_flags import at_least, description, positive_int, steps_after_warmup
 from offload_contenders import config, disk_per_step, installed, train
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -125,7 +125,7 @@ def machine(device: str, nvme_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--shape", choices=["auto", *SHAPES], default="auto")
     parser.add_argument("--seq", type=positive_int, default=2048)
     parser.add_argument("--batch", type=positive_int, default=4)

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_flags import at_least, byte_size, positive_int
+from bench_flags import at_least, byte_size, description, positive_int
 
 from orch.config.schema import OffloadConfig
 from orch.offload.blockio import AsyncIO, BlockIO, DirectIO, load_async_io
@@ -147,7 +147,7 @@ def io_part(args: argparse.Namespace, work: Path, size: int, chunk: int) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="directory on the disk")
     parser.add_argument("--size", type=byte_size, default="1GiB",
                         help="bytes written and read per case (a whole number of --chunk)")

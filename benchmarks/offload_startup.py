@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_flags import add_model_shape, model_sets, positive_int
+from bench_flags import add_model_shape, description, model_sets, positive_int
 from orch_runs import json_worker
 
 WAYS = ("whole", "unit by unit")
@@ -75,7 +75,7 @@ def worker(way: str, sets: list[str], homes: str, nvme_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     add_model_shape(parser, dim=2048, layers=16, ffn=5632)
     parser.add_argument("--homes", choices=("cpu", "nvme"), default="nvme")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="NVMe directory")

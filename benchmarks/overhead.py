@@ -26,7 +26,7 @@ import subprocess
 import time
 from contextlib import nullcontext
 
-from bench_flags import at_least, positive_int
+from bench_flags import at_least, description, positive_int
 from orch_runs import BIN, REPO, launch, steady_tokens_per_s
 from rounds import in_turn, paired
 
@@ -98,15 +98,15 @@ def run_orch(steps: int, seq_len: int, extra: list[str]) -> float:
     return steady_tokens_per_s(rows, WARMUP)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=description(__doc__))
     steps = at_least(WARMUP + 1, f"the first {WARMUP} are warm-up, left out of the median")
     parser.add_argument("--steps", type=steps, default=30)
     parser.add_argument("--seq-len", type=positive_int, default=256)
     parser.add_argument("--rounds", type=positive_int, default=3,
                         help="rounds, each running the plain loop and every orch case in turn")
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.baseline:
         baseline(args.steps, args.seq_len)
         return

@@ -31,7 +31,7 @@ import statistics
 import time
 
 import torch
-from bench_flags import at_least, positive_int
+from bench_flags import at_least, description, positive_int
 from orch_runs import launch, steady_tokens_per_s
 from rounds import in_turn, paired
 
@@ -158,7 +158,7 @@ def dispatch_ratio(tokens: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     steps = at_least(WARMUP + 1, f"the first {WARMUP} are warm-up, left out of the median")
     parser.add_argument("--steps", type=steps, default=12)
     parser.add_argument("--seq-len", type=positive_int, default=128)

@@ -1,5 +1,6 @@
-"""Pipeline schedules measured: orch's, run by orch's executor, against torch.distributed.
-pipelining's own, on the same model and batch, with the simulator's prediction beside each.
+"""Pipeline schedules measured: orch's, run by orch's executor, against
+torch.distributed.pipelining's own, on the same model and batch, with the simulator's prediction
+beside each.
 
 Model: ``--blocks`` residual MLP blocks (``x + W2 gelu(W1 x)``, d = ``--dim``, hidden 4d), split
 evenly over the stages; ``--rows`` rows per micro-batch; mean-squared-error loss. Every pipeline
@@ -42,6 +43,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_flags import description
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
@@ -329,11 +331,11 @@ def order_robustness(order: Schedule) -> tuple[float, float]:
     return simulate(order, Costs()).makespan / (3 * order.microbatches), worst_mix(order)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     # Here, not at the top: tests load this file as a module, without benchmarks/ on the path.
     from bench_flags import at_least, positive_int
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--stages", type=at_least(2), default=2)
     parser.add_argument("--blocks", type=positive_int, default=8)
     parser.add_argument("--dim", type=positive_int, default=512)
@@ -346,7 +348,7 @@ def main() -> None:
     every = [name for name, _ in ORCH] + list(TORCH)
     parser.add_argument("--schedules", default=",".join(every),
                         help=f"comma-separated subset of: {', '.join(every)}")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     chosen = {name.strip() for name in args.schedules.split(",")}
     if unknown := chosen - set(every):
         raise SystemExit(f"--schedules: unknown {', '.join(sorted(unknown))}; valid: "

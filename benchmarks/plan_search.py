@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_flags import positive_int
+from bench_flags import description, positive_int
 
 from orch.config import load_config
 from orch.plan import resolve_machine, search
@@ -54,10 +54,10 @@ def time_command(config: str, world: int) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--repeat", type=positive_int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     time_search("llama3-8b", 64, 1)  # warm imports and caches
     print(
         f"# plan search ({platform.processor() or platform.machine()}, "

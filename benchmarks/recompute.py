@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 
-from bench_flags import at_least, positive_int, steps_after_warmup
+from bench_flags import at_least, description, positive_int, steps_after_warmup
 from orch_runs import launch, steady_tokens_per_s
 
 MODES = ("none", "selective", "full")
@@ -25,7 +25,7 @@ SHAPE = ["train.seq_len=512", "train.micro_batch=8", "train.global_batch=8"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--procs", type=positive_int, default=1)
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--warmup", type=at_least(0), default=3)

@@ -1,5 +1,6 @@
 """The benchmarks refuse bad flags up front, as argparse errors (usage, the flag, what it must be,
-exit 2), not as tracebacks minutes into a run; nothing here runs a benchmark."""
+exit 2), not as tracebacks minutes into a run, and their ``--help`` says what each measures in
+whole sentences; nothing here runs a benchmark."""
 
 from __future__ import annotations
 
@@ -106,3 +107,17 @@ def test_a_failing_worker_is_named_with_its_own_error():
         orch_runs.json_worker([sys.executable, "-c", "import sys; sys.exit('heads must be >= 1')"],
                               "the whole build")
     assert str(info.value).startswith("the whole build failed (exit 1):\nheads must be >= 1")
+
+
+@pytest.mark.parametrize("name", ["attention", "compile", "hetero_nic", "offload_checkpoint",
+                                  "offload_cpu", "offload_finetune", "offload_io",
+                                  "offload_startup", "overhead", "parallel_cpu", "pipeline",
+                                  "plan_search", "recompute"])
+def test_help_describes_a_benchmark_in_whole_sentences(name, capsys):
+    module = benchmark(name)
+    with pytest.raises(SystemExit) as info:
+        module.main(["--help"])
+    assert info.value.code == 0
+    first_paragraph = "".join(module.__doc__.split("\n\n")[0].split())
+    assert first_paragraph.endswith(".")
+    assert first_paragraph in "".join(capsys.readouterr().out.split())  # as argparse wraps it

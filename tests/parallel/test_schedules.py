@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import itertools
 import random
 from collections import Counter
-from pathlib import Path
 from types import ModuleType
 
 import pytest
+from benchmark_modules import benchmark
 
 from orch.parallel.schedules import (
     CHUNKED,
@@ -36,7 +35,6 @@ from orch.parallel.schedules.validate import issue_order
 from orch.parallel.schedules.vshape import v_orders
 
 UNIT = Costs(f=1, b=2, i=1, w=1, comm=0)
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "pipeline.py"
 """F = I = W = 1 and a fused B = 2: the costs the analytic results assume."""
 
 SIZES = [(1, 1), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (4, 16), (3, 5), (8, 3)]
@@ -197,10 +195,7 @@ def _torch_zbv(stages: int, microbatches: int) -> Schedule:
 
 @functools.cache
 def _pipeline_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pipeline_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("pipeline")  # with benchmarks/ on the path, for its bench_flags import
 
 
 @pytest.mark.parametrize("stages", [2, 4, 8])
