@@ -60,7 +60,7 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	@touch $(BENCH_STAMP)
 
-bench: $(STAMP) $(AIO_STAMP) $(BENCH_STAMP)  # the CPU benchmarks (about 40 minutes on 2 cores); GPU ones: see README
+bench: $(STAMP) $(AIO_STAMP) $(BENCH_STAMP)  # the CPU benchmarks (about an hour on 2 cores); GPU ones: see README
 	$(PY) benchmarks/plan_search.py
 	$(PY) benchmarks/optim8bit.py --device cpu --steps 30
 	$(PY) benchmarks/overhead.py

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from bench_flags import positive_int
+from bench_flags import description, positive_int
 
 # (name, experts, top_k, ffn) at the --tokens / --hidden given: Mixtral-like and fine-grained.
 GPU_CASES = [("E8 K2 ffn14336", 8, 2, 14336), ("E64 K8 ffn1408", 64, 8, 1408)]
@@ -147,7 +147,7 @@ def run_case(name: str, tokens_n: int, hidden: int, experts: int, top_k: int, ff
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--tokens", type=positive_int, help="tokens per call (GPU 8192, CPU 1024)")
     parser.add_argument("--hidden", type=positive_int, help="model dim (GPU 4096, CPU 256)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],

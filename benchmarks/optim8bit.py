@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_flags import at_least, positive_int
+from bench_flags import at_least, description, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -235,7 +235,7 @@ def run(device: str, steps: int, warmup: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                         help="all: the CPU section, and the GPU one when CUDA is available")
     parser.add_argument("--steps", type=positive_int, default=20,
