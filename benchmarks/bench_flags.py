@@ -56,6 +56,22 @@ def steps_after_warmup(parser: argparse.ArgumentParser, args: argparse.Namespace
                      f"are left out of the median, not {args.steps}")
 
 
+def timed_launches(parser: argparse.ArgumentParser, argv: list[str] | None, steps: int,
+                   sets: list[str]) -> argparse.Namespace:
+    """The flags of a benchmark that times ``orch launch`` runs of a config in rounds
+    (``--procs``, ``--steps``, ``--warmup``, ``--rounds``, ``--config``, ``--set``; defaults
+    ``steps`` and ``sets``), parsed from ``argv`` and checked (:func:`steps_after_warmup`)."""
+    parser.add_argument("--procs", type=positive_int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=steps)
+    parser.add_argument("--warmup", type=at_least(0), default=3)
+    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--set", dest="sets", nargs="*", default=sets)
+    args = parser.parse_args(argv)
+    steps_after_warmup(parser, args)
+    return args
+
+
 HEAD_DIM = 128
 """The offload benchmarks' models have heads of this width: ``--dim`` is a multiple of it."""
 

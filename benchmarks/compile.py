@@ -17,20 +17,13 @@ import os
 import platform
 import statistics
 
-from bench_flags import at_least, description, positive_int, steps_after_warmup
+from bench_flags import description, timed_launches
 from orch_runs import launch, steady_tokens_per_s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--procs", type=positive_int, default=1)
-    parser.add_argument("--steps", type=positive_int, default=12)
-    parser.add_argument("--warmup", type=at_least(0), default=3)
-    parser.add_argument("--rounds", type=positive_int, default=2)
-    parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--set", dest="sets", nargs="*", default=[])
-    args = parser.parse_args(argv)
-    steps_after_warmup(parser, args)
+    args = timed_launches(argparse.ArgumentParser(description=description(__doc__)), argv,
+                          steps=12, sets=[])
     import torch
 
     cuda = torch.cuda.is_available()

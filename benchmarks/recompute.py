@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 
-from bench_flags import at_least, description, positive_int, steps_after_warmup
+from bench_flags import description, timed_launches
 from orch_runs import launch, steady_tokens_per_s
 
 MODES = ("none", "selective", "full")
@@ -25,15 +25,8 @@ SHAPE = ["train.seq_len=512", "train.micro_batch=8", "train.global_batch=8"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--procs", type=positive_int, default=1)
-    parser.add_argument("--steps", type=positive_int, default=10)
-    parser.add_argument("--warmup", type=at_least(0), default=3)
-    parser.add_argument("--rounds", type=positive_int, default=2)
-    parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--set", dest="sets", nargs="*", default=SHAPE)
-    args = parser.parse_args(argv)
-    steps_after_warmup(parser, args)
+    args = timed_launches(argparse.ArgumentParser(description=description(__doc__)), argv,
+                          steps=10, sets=SHAPE)
     import torch
 
     print(f"# train.recompute: {args.config} {' '.join(args.sets)}, {args.procs} process(es), "
