@@ -43,11 +43,30 @@ class ReportError(OrchError):
     """A directory ``orch report`` cannot read as a run."""
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+def _unreadable_run(run_dir: Path) -> str | None:
+    """Why ``run_dir`` is not a run directory the report can read, with the fix, or None: a
+    path that does not exist, a file, and a ``metrics.jsonl`` that is a directory were all said
+    as "no metrics.jsonl", which sent the user looking for a file that was not the problem."""
     path = run_dir / "metrics.jsonl"
+    fix = "fix: give the run directory of an orch launch (its run.dir)"
+    if not run_dir.exists():
+        return f"{run_dir} does not exist; {fix}"
+    if not run_dir.is_dir():
+        return f"{run_dir} is a file, not a run directory; {fix}"
+    if not path.exists():
+        return f"{run_dir}: no metrics.jsonl; {fix} that has logged at least one step"
     if not path.is_file():
-        raise ReportError(f"{run_dir}: no metrics.jsonl; fix: give a run directory of orch launch "
-                          "(run.dir) that has logged at least one step")
+        return (f"{path} is not a file (the run's step records are written there); fix: move it "
+                "out of the way and report a run that has logged a step")
+    return None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The usable step records of ``run_dir/metrics.jsonl``, by step, after notes on stderr
+    about what was skipped; a :class:`ReportError` where there are none."""
+    if (why := _unreadable_run(run_dir)) is not None:
+        raise ReportError(why)
+    path = run_dir / "metrics.jsonl"
     records, skipped = read_records(path)
     if skipped:
         print(f"orch report: skipped {skipped} line(s) of {path} that are not step records "

@@ -209,6 +209,28 @@ def test_a_report_into_a_file_is_refused_with_the_fix(tmp_path, capsys):
             "--out PATH") in err and "--out " + str(tmp_path) not in err
 
 
+@pytest.mark.parametrize("make, said", [
+    (lambda run: None, "{run} does not exist; fix: give the run directory of an orch launch"),
+    (lambda run: run.write_text(""), "{run} is a file, not a run directory; fix: give the run "
+     "directory of an orch launch (its run.dir)"),
+    (lambda run: (run / "metrics.jsonl").mkdir(parents=True),
+     "{run}/metrics.jsonl is not a file (the run's step records are written there); fix: move "
+     "it out of the way"),
+    (lambda run: run.mkdir(), "{run}: no metrics.jsonl; fix: give the run directory of an orch "
+     "launch (its run.dir) that has logged at least one step"),
+])
+def test_a_run_directory_the_report_cannot_read_is_said_as_what_it_is(tmp_path, capsys, make,
+                                                                      said):
+    """A path that does not exist, a file, and a metrics.jsonl that is a directory were all
+    said as "no metrics.jsonl"."""
+    from orch.cli import main
+
+    run = tmp_path / "run"
+    make(run)
+    assert main(["report", str(run)]) == 2
+    assert f"orch report: {said.format(run=run)}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("pp, copied", [(2, True), (1, False)])
 def test_the_report_shows_the_pipeline_timeline_of_a_pipelined_plan_only(tmp_path, pp, copied):
     """A run resumed from pp2 onto one process keeps pp2's timeline in its directory; the
