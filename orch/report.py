@@ -319,8 +319,18 @@ def _loss(path: Path, steps: list[int], records: list[dict]) -> Path:
     if bad := not_finite(records):
         ax.axvline(bad[0], color="red", linestyle="--",
                    label=f"loss not finite from step {bad[0]}")
+    ax.set_xlim(*_step_limits(steps))
     ax.legend()
     return _save(fig, path)
+
+
+def _step_limits(steps: list[int]) -> tuple[float, float]:
+    """The x-axis of ``loss.png``: the steps logged with matplotlib's usual 5% margin. Left to
+    autoscaling, a run whose every loss is null (nothing finite to draw) was scaled to the red
+    line alone, step 1 (0.96-1.04), though 6 steps were logged."""
+    low, high = min(steps), max(steps)
+    margin = 0.05 * (high - low) or 0.5
+    return low - margin, high + margin
 
 
 def _throughput(path: Path, steps: list[int], records: list[dict]) -> Path:

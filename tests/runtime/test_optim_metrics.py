@@ -329,6 +329,29 @@ def test_a_diverged_run_is_reported_not_skipped(tmp_path, capsys):
     assert "- loss not finite (NaN or infinite) at 2 logged step(s), from step 3" in summary
 
 
+def test_the_loss_plot_of_a_run_without_a_finite_loss_spans_the_steps_logged(tmp_path,
+                                                                            monkeypatch):
+    """Every loss null: the x-axis was scaled to the line at step 1 alone (0.96-1.04), though
+    6 steps were logged."""
+    import json
+
+    import orch.report
+    from orch.report import write_report
+
+    limits = {}
+    save = orch.report._save
+
+    def keep_limits(fig, path):
+        limits[path.name] = fig.axes[0].get_xlim()
+        return save(fig, path)
+
+    monkeypatch.setattr(orch.report, "_save", keep_limits)
+    rows = [_record(n, loss=None) for n in range(1, 7)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(tmp_path)
+    assert limits["loss.png"] == pytest.approx((0.75, 6.25))
+
+
 def test_the_report_draws_each_ranks_memory_and_the_mfu_at_their_own_steps(tmp_path,
                                                                          monkeypatch):
     """A run resumed onto more ranks: rank 1's readings of steps 3-4 were drawn at steps 1-2,
