@@ -179,7 +179,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     checked before the output directory is made: a run directory it cannot read leaves no
     partial report behind. It is drawn in a directory of its own and put in place at the end,
     so a failure writing it (a full disk, a read-only mount) leaves none of it either: a
-    ``ReportError`` says why."""
+    ``ReportError`` says why. It replaces only what an earlier report wrote (:data:`MARKER`):
+    a directory holding other files of the names it writes is refused, before anything is
+    drawn."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -198,6 +200,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     copied = [timeline] if timeline.is_file() and plan.get("degrees", {}).get("pp", 1) > 1 else []
     written = [*(out / f"{name}.png" for name in plots), *(out / t.name for t in copied)]
     summary = _summary(run_dir, records, plan, written)
+    owned = _owned(out)
+    _refuse_overwrite(out, given, [*(p.name for p in written), "summary.md"], owned)
     stage, inside = _staging(out, given)
     try:
         steps = [r["step"] for r in records]
@@ -206,7 +210,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
         for source in copied:
             shutil.copy(source, stage / source.name)
         (stage / "summary.md").write_text(summary)
-        _publish(stage, out, inside)
+        _publish(stage, out, inside, owned)
     except OSError as exc:  # a full disk, a read-only mount: PIL's traceback, half a report
         raise ReportError(_unwritten(out, given, exc)) from None
     finally:
@@ -248,15 +252,61 @@ def _new_directory(parent: Path, prefix: str) -> Path:
                           str(parent / prefix))
 
 
-def _publish(stage: Path, out: Path, inside: bool) -> None:
+MARKER = ".orch-report"
+"""The file by which a report directory says which of its files an ``orch report`` wrote (JSON:
+``{"written_by": "orch report", "files": [...]}``): those, and only those, a later report may
+replace."""
+
+
+def _owned(out: Path) -> set[str]:
+    """The files of ``out`` that an earlier report wrote, as its :data:`MARKER` lists them:
+    none where there is no marker, or one that is not a list of plain file names (a name with a
+    slash could reach outside ``out``)."""
+    try:
+        files = json.loads((out / MARKER).read_text())["files"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
+    if not isinstance(files, list) or not all(
+            isinstance(f, str) and f not in ("", ".", "..") and "/" not in f for f in files):
+        return set()
+    return set(files)
+
+
+def _refuse_overwrite(out: Path, given: bool, names: list[str], owned: set[str]) -> None:
+    """Refuse, before anything is drawn, a report whose files ``names`` would replace files of
+    ``out`` that no earlier report wrote (``owned``): a user's ``summary.md`` or ``loss.png`` in
+    ``--out`` was silently replaced."""
+    clash = [n for n in names if n not in owned and os.path.lexists(out / n)]
+    if not clash:
+        return
+    where = f"--out {out}" if given else f"{out}, the default output directory,"
+    fix = ("give --out a new or empty directory, or remove those files (or the directory)" if given
+           else "move those files out of the way, or give --out PATH")
+    raise ReportError(f"{where} holds {', '.join(clash)}, which the report would replace and "
+                      f"which no earlier orch report wrote (its {MARKER} file lists those); "
+                      f"nothing was written; fix: {fix}")
+
+
+def _mark(stage: Path, files: set[str]) -> Path:
+    """``stage/MARKER`` listing ``files`` as the report's own."""
+    path = stage / MARKER
+    path.write_text(json.dumps({"written_by": "orch report", "files": sorted(files)}) + "\n")
+    return path
+
+
+def _publish(stage: Path, out: Path, inside: bool, owned: set[str]) -> None:
     """Put the finished report of ``stage`` in place: when ``stage`` is ``inside`` ``out``, a
-    directory already (it may hold other files), each file renamed into it; else ``stage``
-    renamed to ``out``."""
+    directory already (it may hold other files), each file renamed into it, after a marker
+    that lists them with the files an earlier report wrote (``owned``: a report cut short
+    still owns what it put there); else ``stage``, with its marker, renamed to ``out``."""
+    files = {p.name for p in stage.iterdir()}
     if not inside:
+        _mark(stage, files)
         os.rename(stage, out)
         return
-    for file in sorted(stage.iterdir()):
-        os.replace(file, out / file.name)
+    os.replace(_mark(stage, owned | files), out / MARKER)
+    for name in sorted(files):
+        os.replace(stage / name, out / name)
 
 
 def _unwritten(out: Path, given: bool, exc: OSError) -> str:

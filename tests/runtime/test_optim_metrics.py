@@ -478,7 +478,7 @@ def test_a_report_that_cannot_be_written_leaves_none_of_it_and_says_why(tmp_path
     import json
 
     import orch.report
-    from orch.report import ReportError, write_report
+    from orch.report import MARKER, ReportError, write_report
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
     out = tmp_path / "out"
@@ -486,6 +486,7 @@ def test_a_report_that_cannot_be_written_leaves_none_of_it_and_says_why(tmp_path
         out.mkdir()
         (out / "notes.txt").write_text("mine")
         (out / "loss.png").write_bytes(b"old")
+        (out / MARKER).write_text('{"files": ["loss.png"]}')
     save, saved = orch.report._save, []
 
     def full_disk(fig, path):
@@ -504,7 +505,8 @@ def test_a_report_that_cannot_be_written_leaves_none_of_it_and_says_why(tmp_path
     assert saved  # one plot was drawn before the disk filled
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
                   if p.name != "metrics.jsonl")  # (the staging directory too: .out.partial-*)
-    assert left == (["out", "out/loss.png", "out/notes.txt"] if existing else [])
+    assert left == (["out", "out/.orch-report", "out/loss.png", "out/notes.txt"] if existing
+                    else [])
     if existing:
         assert (out / "loss.png").read_bytes() == b"old"
 
@@ -512,7 +514,7 @@ def test_a_report_that_cannot_be_written_leaves_none_of_it_and_says_why(tmp_path
 def test_a_report_into_an_existing_directory_keeps_its_other_files(tmp_path):
     import json
 
-    from orch.report import write_report
+    from orch.report import MARKER, write_report
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
     out = tmp_path / "out"
@@ -520,7 +522,71 @@ def test_a_report_into_an_existing_directory_keeps_its_other_files(tmp_path):
     (out / "notes.txt").write_text("mine")
     written = write_report(tmp_path, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["notes.txt", *(p.name for p in written)])
+        ["notes.txt", MARKER, *(p.name for p in written)])
+
+
+@pytest.mark.parametrize("marker", [None, '{"files": ["summary.md"]}',
+                                    '{"files": ["../loss.png", "summary.md"]}', "not json"])
+def test_a_report_never_replaces_files_no_earlier_report_wrote(tmp_path, capsys, marker):
+    """``--out DIR`` holding the user's ``summary.md`` and ``loss.png`` said "wrote 4 files" and
+    had replaced both. Only files an earlier report's marker lists may be replaced: none without
+    a marker (or with one that is not a list of plain names), not loss.png where it lists
+    summary.md alone (a file the user put beside a report)."""
+    import json
+
+    from orch.cli import main
+    from orch.report import MARKER
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "summary.md").write_text("MY NOTES\n")
+    (out / "loss.png").write_text("keep\n")
+    if marker is not None:
+        (out / MARKER).write_text(marker)
+    assert main(["report", str(tmp_path), "--out", str(out)]) == 2
+    clash = "loss.png" if marker == '{"files": ["summary.md"]}' else "loss.png, summary.md"
+    assert (f"orch report: --out {out} holds {clash}, which the report would replace and which "
+            f"no earlier orch report wrote (its {MARKER} file lists those); nothing was written; "
+            "fix: give --out a new or empty directory, or remove those files (or the directory)"
+            ) in capsys.readouterr().err
+    assert (out / "summary.md").read_text() == "MY NOTES\n"
+    assert (out / "loss.png").read_text() == "keep\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["loss.png", "summary.md", *([MARKER] if marker else [])])
+
+
+def test_a_default_report_directory_of_other_files_is_refused_with_the_fix(tmp_path, capsys):
+    import json
+
+    from orch.cli import main
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "memory.png").write_text("mine")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (f"orch report: {tmp_path / 'report'}, the default output directory, holds "
+            "memory.png, which the report would replace") in err
+    assert err.endswith("fix: move those files out of the way, or give --out PATH\n")
+    assert (tmp_path / "report" / "memory.png").read_text() == "mine"
+
+
+def test_an_earlier_report_is_replaced_and_its_marker_lists_the_reports_files(tmp_path):
+    import json
+
+    from orch.report import MARKER, write_report
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    out = tmp_path / "out"
+    first = write_report(tmp_path, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "summary.md").write_text("an earlier summary")
+    second = write_report(tmp_path, out)
+    assert first == second and "# Run report" in (out / "summary.md").read_text()
+    assert json.loads((out / MARKER).read_text()) == {
+        "written_by": "orch report", "files": sorted(p.name for p in second)}
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_the_memory_plot_of_many_ranks_is_a_band_not_a_legend_of_each(tmp_path, monkeypatch):
@@ -560,7 +626,7 @@ def test_a_relative_out_is_reported_into_twice_with_absolute_temporary_paths(tmp
     import json
 
     import orch.report
-    from orch.report import write_report
+    from orch.report import MARKER, write_report
 
     made = orch.report._new_directory
     monkeypatch.setattr(orch.report, "_new_directory",
@@ -571,7 +637,8 @@ def test_a_relative_out_is_reported_into_twice_with_absolute_temporary_paths(tmp
     first = write_report("run")
     second = write_report("run")
     assert first == second and all(p.is_file() for p in second)
-    assert sorted(p.name for p in Path("run/report").iterdir()) == sorted(p.name for p in second)
+    assert sorted(p.name for p in Path("run/report").iterdir()) == sorted(
+        [MARKER, *(p.name for p in second)])
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)])
