@@ -298,7 +298,10 @@ def _publish(stage: Path, out: Path, inside: bool, owned: set[str]) -> None:
     """Put the finished report of ``stage`` in place: when ``stage`` is ``inside`` ``out``, a
     directory already (it may hold other files), each file renamed into it, after a marker
     that lists them with the files an earlier report wrote (``owned``: a report cut short
-    still owns what it put there); else ``stage``, with its marker, renamed to ``out``."""
+    still owns what it put there); then the earlier report's files this one does not write are
+    removed (a pp run's ``communication.png`` and ``pipeline_timeline.png`` stayed beside the
+    next run's summary), and the marker lists this report's alone. Else ``stage``, with its
+    marker, renamed to ``out``."""
     files = {p.name for p in stage.iterdir()}
     if not inside:
         _mark(stage, files)
@@ -307,6 +310,9 @@ def _publish(stage: Path, out: Path, inside: bool, owned: set[str]) -> None:
     os.replace(_mark(stage, owned | files), out / MARKER)
     for name in sorted(files):
         os.replace(stage / name, out / name)
+    for name in sorted(owned - files):
+        (out / name).unlink(missing_ok=True)
+    os.replace(_mark(stage, files), out / MARKER)
 
 
 def _unwritten(out: Path, given: bool, exc: OSError) -> str:

@@ -589,6 +589,32 @@ def test_an_earlier_report_is_replaced_and_its_marker_lists_the_reports_files(tm
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_report_directory_holds_the_latest_reports_files_alone(tmp_path):
+    """A pp run's report, then another run's into the same directory (or the pp run resumed
+    onto a plan without a pipeline, into its default RUN_DIR/report): the pp report's
+    communication.png and pipeline_timeline.png stayed beside the new summary. They go now;
+    files no report wrote stay."""
+    import json
+
+    from orch.report import MARKER, write_report
+
+    pp, basic, out = tmp_path / "pp", tmp_path / "basic", tmp_path / "out"
+    for run, changes in ((pp, {}), (basic, {"comm_bytes": {}})):
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps(_record(1, **changes)) + "\n")
+    (pp / "plan.json").write_text(json.dumps({"world_size": 2, "device": "cpu",
+                                              "degrees": {"pp": 2}}))
+    (pp / "pipeline_timeline.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert {p.name for p in write_report(pp, out)} >= {"communication.png",
+                                                       "pipeline_timeline.png"}
+    (out / "notes.txt").write_text("mine")
+    written = write_report(basic, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MARKER, "notes.txt", *(p.name for p in written)])
+    assert "communication.png" not in {p.name for p in written}
+    assert json.loads((out / MARKER).read_text())["files"] == sorted(p.name for p in written)
+
+
 def test_the_memory_plot_of_many_ranks_is_a_band_not_a_legend_of_each(tmp_path, monkeypatch):
     """Above 16 ranks memory.png drew a line and a legend entry per rank (hundreds of them over
     the plot); it now draws their min/median/max per step."""
