@@ -11,8 +11,10 @@ timeline and checkpoints), written to ``RUN_DIR/report/`` (or ``--out``):
   min, median and max per step;
 - ``communication.png``: bytes handed to collectives per step, stacked by parallel dimension;
 - ``pipeline_timeline.png``: the measured timeline of the last logged step, when there is one;
-- ``summary.md``: the plan, the steps done, the losses, throughput, MFU and memory figures, the
-  plan's estimated communication share of a step, and the checkpoints.
+- ``summary.md``: the plan (with an offloaded run's tiers), the steps done, the losses,
+  throughput, MFU and memory figures (an offloaded run's device peak against its budget), the
+  plan's estimated share of a step for collectives and for offload transfers, and the
+  checkpoints.
 
 matplotlib (Agg, no display) is imported here only, never on the training path.
 """
@@ -32,6 +34,7 @@ from typing import Any
 
 from orch.errors import OrchError
 from orch.plan.degrees import Degrees
+from orch.plan.render import gib
 from orch.runtime.checkpoint.files import MANIFEST, step_dirs
 from orch.runtime.records import read_records
 from orch.runtime.telemetry import memory_field, memory_in_use
@@ -123,6 +126,13 @@ def _bad_field(record: dict[str, Any]) -> str | None:
             isinstance(d, dict) and isinstance(d.get("rank"), int) and not isinstance(
                 d["rank"], bool) and _number(memory_field(d), 0) for d in devices)):
         return f"devices is {devices!r}, not readings with a rank and memory figures"
+    offloads = [("offload", record.get("offload")),
+                *((f"devices[{i}].offload", d.get("offload")) for i, d in enumerate(devices or []))]
+    for where, figures in offloads:
+        if figures is not None and not (isinstance(figures, dict) and _number(
+                figures.get("device_peak_bytes"), 0) and _number(
+                figures.get("device_budget_bytes"), 1)):
+            return f"{where} is {figures!r:.80}, not a device peak and budget in bytes"
     return None
 
 
@@ -164,6 +174,9 @@ def _bad_plan(plan: Any) -> str | None:
                 "false")
     if not isinstance(plan.get("devices", ""), str):
         return f"has devices {plan['devices']!r:.60}, not a description such as '8 x h100'"
+    tiers = plan.get("tiers", {})
+    if not (isinstance(tiers, dict) and all(isinstance(t, str) for t in tiers.values())):
+        return f"has tiers {tiers!r:.60}, not each tensor group's home tier"
     step = plan.get("step") or {}
     comm = (step.get("comm_s") or {}) if isinstance(step, dict) else None
     if not (isinstance(comm, dict) and all(_number(v, 0) for v in comm.values())
@@ -438,8 +451,8 @@ def memory_band(by_rank: dict[int, list[tuple[int, float]]]) -> list[tuple[int, 
     """``(step, min, median, max)`` GiB over the ranks with a reading at each step."""
     at: dict[int, list[float]] = {}
     for points in by_rank.values():
-        for step, gib in points:
-            at.setdefault(step, []).append(gib)
+        for step, used in points:
+            at.setdefault(step, []).append(used)
     return [(step, min(v), statistics.median(v), max(v)) for step, v in sorted(at.items())]
 
 
@@ -492,18 +505,48 @@ def _summary(run_dir: Path, records: list[dict], plan: dict[str, Any],
         f"{over})",
         f"- memory: peak {peak:.2f} GiB on one rank ({len(memory)} rank(s) recorded)",
     ]
-    step = plan.get("step") or {}
-    if step.get("comm_s"):
-        comm = sum(step["comm_s"].values())
-        share = comm / (comm + step.get("compute_s", 0) or 1)
-        lines.append(f"- communication (the plan's estimate): {100 * share:.1f}% of a step's "
-                     f"compute + communication time, {step.get('exposed_comm_s', 0):.3g} s "
-                     "exposed")
+    if offload := _offload_peak(records):
+        lines.append(offload)
+    if communication := _communication_estimate(plan.get("step") or {}):
+        lines.append(communication)
     complete = sorted(p.name for _, p in step_dirs(run_dir / "checkpoints")  # not moved-aside
                       if (p / MANIFEST).exists())
     lines.append(f"- checkpoints: {', '.join(complete) if complete else 'none'}")
     lines += ["", *[f"![{p.stem}]({p.name})" for p in written]]
     return "\n".join(lines) + "\n"
+
+
+def _offload_peak(records: list[dict]) -> str | None:
+    """The summary's line for an offloaded run: the most the offload engine placed on the
+    device at once, over the logged steps and the replicas' readings, against that step's
+    ``offload.device_budget`` (the figure an offloaded run is about; the memory line's is the
+    process's resident set on CPU), or None for a run that did not offload."""
+    figures = [o for r in records
+               for o in (r.get("offload"), *(d.get("offload") for d in r.get("devices") or []))
+               if o is not None]
+    if not figures:
+        return None
+    top = max(figures, key=lambda o: o["device_peak_bytes"] / o["device_budget_bytes"])
+    peak, budget = top["device_peak_bytes"], top["device_budget_bytes"]
+    return (f"- offload: device peak {gib(peak)} of the {gib(budget)} device budget "
+            f"({100 * peak / budget:.0f}%; offload.device_budget)")
+
+
+def _communication_estimate(step: dict[str, Any]) -> str | None:
+    """The summary's line for the plan's estimated communication: the collectives' share of a
+    step, and an offloaded run's host<->device transfers (the plan's ``comm_s["offload"]``)
+    named as such (they were said as the communication share of a run on one process), or
+    None where the plan estimates neither."""
+    comm = step.get("comm_s") or {}
+    kinds = {"collectives": sum(v for k, v in comm.items() if k != "offload"),
+             "host<->device offload transfers": comm.get("offload", 0)}
+    total = sum(kinds.values()) + step.get("compute_s", 0) or 1
+    shares = [f"{kind} {100 * seconds / total:.1f}%" for kind, seconds in kinds.items()
+              if seconds]
+    if not shares:
+        return None
+    return (f"- communication (the plan's estimate): {', '.join(shares)} of a step's compute + "
+            f"communication time, {step.get('exposed_comm_s', 0):.3g} s exposed")
 
 
 def _steady(records: list[dict]) -> tuple[list[dict], str]:
@@ -523,7 +566,9 @@ def _steady(records: list[dict]) -> tuple[list[dict], str]:
 
 def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:
     """``4 x cpu, fsdp2 tp2``, ``2 x cpu, pp2v2 (zbv schedule)``: the degrees as ``orch
-    launch`` says them (:meth:`Degrees.short`), or what is known without ``plan.json``."""
+    launch`` says them (:meth:`Degrees.short`), then the tiers away from the device (``1 x
+    cpu, single, offload params=cpu grads=cpu``: an offloaded run read as a plain one), or
+    what is known without ``plan.json``."""
     if not plan:
         return f"unknown (no usable plan.json; {ranks_recorded} rank(s) recorded)"
     saved = plan.get("degrees", {})
@@ -531,7 +576,9 @@ def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:
     schedule = plan.get("schedule")
     layout = degrees.short(schedule if isinstance(schedule, str) else None)
     devices = plan.get("devices") or f"{plan.get('world_size', '?')} x {plan.get('device', '?')}"
-    return f"{devices}, {layout}"
+    offloaded = " ".join(f"{group}={tier}" for group, tier in plan.get("tiers", {}).items()
+                         if tier != "device")
+    return f"{devices}, {layout}" + (f", offload {offloaded}" if offloaded else "")
 
 
 __all__ = ["ReportError", "memory_by_rank", "read_metrics", "read_plan", "write_report"]

@@ -127,6 +127,11 @@ def _record(step: int, **changes: object) -> dict:
     ({"tokens_per_s": -5}, "tokens_per_s is -5, not a number of at least 0"),
     ({"loss": MISSING}, "loss is missing, not a number (or null where not finite)"),
     ({"mfu": MISSING}, "mfu is missing, not a number of at least 0"),
+    ({"offload": {"device_peak_bytes": "x", "device_budget_bytes": 7}},
+     "offload is {'device_peak_bytes': 'x', 'device_budget_bytes': 7}, not a device peak and "
+     "budget in bytes"),
+    ({"devices": [{"rank": 0, "rss_bytes": 5, "offload": {"device_peak_bytes": 5}}]},
+     "devices[0].offload is {'device_peak_bytes': 5}, not a device peak and budget in bytes"),
 ])
 def test_the_report_skips_a_record_it_cannot_use_and_says_why(tmp_path, capsys, changes, said):
     """Each of these crashed ``orch report`` with a TypeError, KeyError or AttributeError (a
@@ -257,6 +262,8 @@ def test_the_report_shows_the_pipeline_timeline_of_a_pipelined_plan_only(tmp_pat
     ('{"degrees": {"virtual_stages": 0}}', "has degree virtual_stages 0, not a whole number"),
     ('{"degrees": {"sequence_parallel": "yes"}}', "has degree sequence_parallel 'yes', not true"),
     ('{"devices": ["h100"]}', "has devices ['h100'], not a description"),
+    ('{"tiers": ["cpu"]}', "has tiers ['cpu'], not each tensor group's home tier"),
+    ('{"tiers": {"params": 1}}', "has tiers {'params': 1}, not each tensor group's home tier"),
     ('{"step": {"comm_s": {"dp": "x"}}}', "has step {'comm_s': {'dp': 'x'}}, not the plan's"),
     ('{"step": {"comm_s": {"dp": 1}, "exposed_comm_s": "x"}}', "has step {'comm_s'"),
 ])
@@ -421,6 +428,56 @@ def test_the_report_says_the_plan_as_launch_does(tmp_path, degrees, schedule, sa
         "world_size": plan.world, "device": "cpu", "devices": "", "degrees": plan.as_dict(),
         "schedule": schedule}))
     assert f"- plan: {said}\n" in write_report(tmp_path)[-1].read_text()
+
+
+OFFLOADED = {"params": "cpu", "grads": "cpu", "optimizer": "cpu", "activations": "device"}
+"""The tiers of the plan of an offloaded tiny run (``offload.params/grads/optimizer=cpu``)."""
+
+
+def _offload(peak: int, budget: int = 7_000_000) -> dict:
+    """A step record's ``offload`` as the engine writes it (``OffloadEngine.step_record``)."""
+    return {"device_peak_bytes": peak, "device_budget_bytes": budget,
+            "to_device_bytes": 96014336, "to_home_bytes": 48533504, "optimizer_s": None,
+            "optimizer_wait_s": None, "optimizer_overlap": None}
+
+
+@pytest.mark.parametrize("world, comm_s, rows, said", [
+    (1, {"offload": 0.0307}, [_record(n, comm_bytes={}, offload=_offload(6508544))
+                              for n in (1, 2)],
+     ["- plan: 1 x cpu, single, offload params=cpu grads=cpu optimizer=cpu\n",
+      "- offload: device peak 6.2 MiB of the 6.7 MiB device budget (93%; "
+      "offload.device_budget)\n",
+      "- communication (the plan's estimate): host<->device offload transfers 15.5% of a step's "
+      "compute + communication time, 0.0291 s exposed\n"]),
+    (2, {"dp_replicate": 0.02, "offload": 0.0307},
+     [_record(n, offload=_offload(3 << 20, 4 << 20), devices=[
+         {"rank": 0, "rss_bytes": 1 << 20, "offload": _offload(3 << 20, 4 << 20)},
+         {"rank": 1, "rss_bytes": 1 << 20, "offload": _offload(7 << 19, 4 << 20)}])
+      for n in (1, 2)],
+     ["- plan: 2 x cpu, ddp2, offload params=cpu grads=cpu optimizer=cpu\n",
+      "- offload: device peak 3.5 MiB of the 4.0 MiB device budget (88%; "
+      "offload.device_budget)\n",
+      "- communication (the plan's estimate): collectives 9.1%, host<->device offload transfers "
+      "14.0% of a step's compute + communication time, 0.0291 s exposed\n"]),
+])
+def test_an_offloaded_runs_summary_names_its_tiers_transfers_and_device_peak(tmp_path, world,
+                                                                            comm_s, rows, said):
+    """An offloaded run's summary read as a plain one: ``plan: 1 x cpu, single``, its
+    host<->device transfers (the plan's ``comm_s["offload"]``) as its "communication", and the
+    process's resident set as its only memory figure, without the device peak against
+    ``offload.device_budget`` that the records hold (the highest over the replicas' here)."""
+    import json
+
+    from orch.plan.degrees import Degrees
+    from orch.report import write_report
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "plan.json").write_text(json.dumps({
+        "world_size": world, "device": "cpu", "devices": f"{world} x cpu",
+        "degrees": Degrees(dp_replicate=world).as_dict(), "tiers": OFFLOADED,
+        "step": {"compute_s": 0.1679, "comm_s": comm_s, "exposed_comm_s": 0.0291}}))
+    summary = write_report(tmp_path)[-1].read_text()
+    assert all(line in summary for line in said), summary
 
 
 @pytest.mark.parametrize("rate, said", [
