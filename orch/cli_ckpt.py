@@ -134,8 +134,9 @@ def _layout(plan: dict[str, Any]) -> str:
         virtual = saved.get("virtual_stages")
         stages = f", {virtual} virtual stages per rank" if _above_one(virtual) else ""
         parts[0] += f" ({plan['schedule']} schedule{stages})"
-    tiers = plan.get("tiers") if isinstance(plan.get("tiers"), dict) else {}
-    offloaded = " ".join(f"{group}={tier}" for group, tier in tiers.items() if tier != "device")
+    from orch.plan.render import offloaded_tiers
+
+    offloaded = offloaded_tiers(plan.get("tiers"))
     text = ", ".join(parts) + ("; " if parts and offloaded else "") + (
         f"offload {offloaded}" if offloaded else "")
     return f": {text}" if text else ""

@@ -34,7 +34,7 @@ from typing import Any
 
 from orch.errors import OrchError
 from orch.plan.degrees import Degrees
-from orch.plan.render import gib
+from orch.plan.render import gib, offloaded_tiers
 from orch.runtime.checkpoint.files import MANIFEST, step_dirs
 from orch.runtime.records import read_records
 from orch.runtime.telemetry import memory_field, memory_in_use
@@ -576,8 +576,7 @@ def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:
     schedule = plan.get("schedule")
     layout = degrees.short(schedule if isinstance(schedule, str) else None)
     devices = plan.get("devices") or f"{plan.get('world_size', '?')} x {plan.get('device', '?')}"
-    offloaded = " ".join(f"{group}={tier}" for group, tier in plan.get("tiers", {}).items()
-                         if tier != "device")
+    offloaded = offloaded_tiers(plan.get("tiers"))
     return f"{devices}, {layout}" + (f", offload {offloaded}" if offloaded else "")
 
 

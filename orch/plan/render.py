@@ -29,6 +29,15 @@ def rate(n: float) -> str:
     return f"{n:.0f}"
 
 
+def offloaded_tiers(tiers: object) -> str:
+    """``params=cpu grads=nvme``: the groups of a saved plan's ``tiers`` whose home is away from
+    the device ('' for none, or for a ``tiers`` that is not a mapping): what tells an offloaded
+    run's summary and checkpoint listing from a plain one's."""
+    if not isinstance(tiers, dict):
+        return ""
+    return " ".join(f"{group}={tier}" for group, tier in tiers.items() if tier != "device")
+
+
 def _grad_reduce(plan: Plan) -> str:
     """When the gradients are reduced, and the setting that says so."""
     if plan.grad_reduce == "step":
