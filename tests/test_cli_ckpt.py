@@ -446,3 +446,47 @@ def test_export_refuses_a_path_in_a_runs_checkpoints(run, tmp_path, capsys):
     mine = tmp_path / "mine" / "checkpoints" / "tiny-hf"
     assert main(["ckpt", "export", str(run), "--to", "hf", str(mine)]) == 0
     assert (mine / "config.json").is_file()
+
+
+def test_export_refuses_a_dangling_link_and_an_out_that_appears_meanwhile(run, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A dangling link as OUT passed the existence check (exists() follows links) and the
+    final rename raised NotADirectoryError with a traceback (exit 1); so did an OUT made while
+    exporting (a second export into the same path: "Directory not empty"). The link is refused
+    before anything is read; an OUT that appeared is named, left as it was, the temporary gone."""
+    from orch.models import hf_export
+
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    read = []
+    real = hf_export.read_tensors
+    monkeypatch.setattr(hf_export, "read_tensors", lambda *a: read.append(1) or real(*a))
+    assert main(["ckpt", "export", str(run), "--to", "hf", str(link)]) == 2
+    err = capsys.readouterr().err
+    assert f"{link}: is a link to {tmp_path / 'nowhere'}, which does not exist" in err, err
+    assert "fix: choose a new directory, or remove the link" in err and not read
+    link.unlink()
+
+    def appears(out: Path, make) -> str:
+        def other_export_meanwhile(*args: object) -> dict:
+            make(out)
+            return real(*args)
+
+        monkeypatch.setattr(hf_export, "read_tensors", other_export_meanwhile)
+        assert main(["ckpt", "export", str(run), "--to", "hf", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and not list(tmp_path.glob(".*tmp-*"))
+        return err
+
+    def full_directory(out: Path) -> None:
+        out.mkdir()
+        (out / "config.json").write_text("theirs")
+
+    err = appears(tmp_path / "raced", full_directory)
+    assert f"{tmp_path / 'raced'}: appeared while exporting (Directory not empty); nothing of " \
+        "it was touched, and nothing was written" in err, err
+    assert "fix: export again into a new directory" in err
+    assert (tmp_path / "raced" / "config.json").read_text() == "theirs"
+    err = appears(tmp_path / "linked", lambda out: out.symlink_to(tmp_path / "nowhere"))
+    assert f"{tmp_path / 'linked'}: appeared while exporting" in err, err
+    assert (tmp_path / "linked").is_symlink()

@@ -53,11 +53,13 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     doc); returns the files written. ``max_shard_size``: bytes, or a size such as ``"5GB"``.
 
     ProblemsError before anything is written: first every problem of the request at once (an
-    unknown dtype, a shard size that is none, an existing ``out``, one that cannot be made or one
-    in a run's ``checkpoints/``, an MoE model, an unreadable manifest, or one whose config was
-    edited after the save), since those take no time to find; then, hashing only the files the
-    export reads, the checkpoint's damage; then every tensor whose shape the manifest's config
-    does not give (a config.json must describe the weights it is written beside)."""
+    unknown dtype, a shard size that is none, an existing ``out`` or a link there, dangling
+    too, one that cannot be made or one in a run's ``checkpoints/``, an MoE model, an
+    unreadable manifest, or one whose config was edited after the save), since those take no
+    time to find; then, hashing only the files the export reads, the checkpoint's damage; then
+    every tensor whose shape the manifest's config does not give (a config.json must describe
+    the weights it is written beside). After the writing, an ``out`` that appeared meanwhile
+    (``_into_place``)."""
     out = Path(out)
     problems: list[Problem] = []
     try:
@@ -73,7 +75,11 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         problems.append(Problem("--max-shard-size", f"{str(max_shard_size)!r} {why}",
                                 "give a whole number of bytes, or a size such as 5GB, 500MB or "
                                 "1.5GB"))
-    if out.exists():
+    if out.is_symlink() and not out.exists():  # exists() follows the link: False
+        problems.append(Problem(str(out), f"is a link to {os.readlink(out)}, which does not "
+                                "exist; an export never writes through a link",
+                                "choose a new directory, or remove the link"))
+    elif out.exists():
         problems.append(Problem(str(out), "exists; an export never overwrites",
                                 "choose a new directory, or remove this one"))
     else:
@@ -117,13 +123,30 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         # architecture; without it only LlamaForCausalLM itself could load the directory
         (tmp / "config.json").write_text(json.dumps({"model_type": "llama", **config}, indent=2)
                                          + "\n")
-        os.replace(tmp, out)
+        _into_place(tmp, out)
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, KeyboardInterrupt | SystemExit) and not (path / MANIFEST).exists():
+        if not isinstance(exc, KeyboardInterrupt | SystemExit | ProblemsError) and not (
+                path / MANIFEST).exists():
             raise ProblemsError([_removed(path)], title="cannot export") from None
         raise
     return [out / name for name in [*written, "config.json"]]
+
+
+def _into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished export ``tmp`` to ``out``, which was absent when the export began.
+    One that appeared since (a second export into the same path, a link made meanwhile) fails
+    the rename (not empty, not a directory) and is left as it is: a ProblemsError, not the
+    OSError's traceback. (rename(2) replaces a directory that appeared empty: nothing is lost.)"""
+    try:
+        os.replace(tmp, out)
+    except OSError as exc:
+        if not (out.exists() or out.is_symlink()):
+            raise  # not what this export raced with: an internal error, with its traceback
+        raise ProblemsError([Problem(str(out), f"appeared while exporting ({exc.strerror}); "
+                                     "nothing of it was touched, and nothing was written",
+                                     "export again into a new directory")],
+                            title="cannot export") from None
 
 
 def _shard_size(given: int | str) -> tuple[int, str]:
