@@ -49,7 +49,8 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
         "export", help="write a checkpoint in another format (--to hf)",
         description="Write the newest complete checkpoint of DIR (or the one given) as a "
         "HuggingFace LlamaForCausalLM directory: config.json and safetensors shards, which "
-        "transformers loads and model.init_from reads back. Dense models only.")
+        "transformers loads and model.init_from reads back; it says which checkpoint, and "
+        "which newer step directories (unfinished saves) it passed over. Dense models only.")
     export.add_argument("dir", metavar="DIR", help="run directory or step-* checkpoint")
     export.add_argument("--to", required=True, choices=["hf"], help="the format: hf")
     export.add_argument("out", metavar="OUT", help="directory to create (must not exist, nor be "
@@ -231,13 +232,23 @@ def _removed(path: Path) -> str:
     return "removed"
 
 
+PASSED_OVER = ("it has no manifest.json (a save that did not finish, or a checkpoint whose "
+               "manifest was lost), and resume passes over it too")
+"""Why ``export`` passed over a newer step directory (the only kind it passes over: one whose
+manifest cannot be read, or whose files are damaged, is refused, naming it)."""
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    """Export, and say from which checkpoint: a run's newest step without its manifest was
+    passed over for an older one with the same line as a full export of the newest."""
     from orch.models.hf_export import export_hf
 
-    files = export_hf(args.dir, args.out, args.dtype, args.max_shard_size)
-    total = sum(file.stat().st_size for file in files)
-    print(f"wrote {args.out}: {len(files)} files, {_size(total)} (" + ", ".join(
-        file.name for file in files) + ")")
+    done = export_hf(args.dir, args.out, args.dtype, args.max_shard_size)
+    total = sum(file.stat().st_size for file in done.files)
+    print(f"wrote {args.out} from {done.checkpoint} (step {done.step}): {len(done.files)} "
+          f"files, {_size(total)} (" + ", ".join(file.name for file in done.files) + ")")
+    for path in done.passed_over:
+        print(f"  passed over newer {path}: {PASSED_OVER}")
     return 0
 
 

@@ -490,3 +490,24 @@ def test_export_refuses_a_dangling_link_and_an_out_that_appears_meanwhile(run, t
     err = appears(tmp_path / "linked", lambda out: out.symlink_to(tmp_path / "nowhere"))
     assert f"{tmp_path / 'linked'}: appeared while exporting" in err, err
     assert (tmp_path / "linked").is_symlink()
+
+
+def test_export_says_which_checkpoint_and_the_newer_ones_it_passed_over(run, tmp_path, capsys):
+    """With the newest step's manifest.json gone, export took step 3 instead of 6 and printed
+    the same "wrote OUT: 2 files, ..." line as an export of step 6."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    older, newest = (copy / "checkpoints" / f"step-0000000{n}" for n in (3, 6))
+    assert main(["ckpt", "export", str(copy), "--to", "hf", str(tmp_path / "all")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {tmp_path / 'all'} from {newest} (step 6): 2 files, "), out
+    assert "passed over" not in out
+    (newest / "manifest.json").unlink()
+    assert main(["ckpt", "export", str(copy), "--to", "hf", str(tmp_path / "hf")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"wrote {tmp_path / 'hf'} from {older} (step 3): 2 files, ")
+    assert lines[1:] == [f"  passed over newer {newest}: it has no manifest.json (a save that did "
+                         "not finish, or a checkpoint whose manifest was lost), and resume "
+                         "passes over it too"], lines

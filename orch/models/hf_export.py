@@ -29,7 +29,12 @@ from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
 from orch.models.hf import hf_llama_config, to_hf_state_dict
 from orch.models.llama import Transformer
-from orch.runtime.checkpoint.browse import TensorInfo, contents, newest_complete, read_tensors
+from orch.runtime.checkpoint.browse import (
+    TensorInfo,
+    contents,
+    newest_complete_and_newer,
+    read_tensors,
+)
 from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST, STEP_NAME
 from orch.runtime.checkpoint.fingerprint import fingerprint_matches
 from orch.runtime.checkpoint.manifest import (
@@ -47,10 +52,22 @@ _EARLIER = ("export an earlier checkpoint (orch ckpt verify says which are ok), 
             "one")
 
 
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """What ``export_hf`` wrote, and from which checkpoint: the command says so, since the
+    newest complete checkpoint need not be the newest step directory."""
+
+    files: list[Path]
+    checkpoint: Path
+    step: int
+    passed_over: list[Path]
+    """Step directories newer than ``checkpoint``, none with a manifest (an unfinished save)."""
+
+
 def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32",
-              max_shard_size: int | str = 5 * 2**30) -> list[Path]:
+              max_shard_size: int | str = 5 * 2**30) -> Exported:
     """Write the newest complete checkpoint under ``checkpoint_dir`` to ``out`` (see the module
-    doc); returns the files written. ``max_shard_size``: bytes, or a size such as ``"5GB"``.
+    doc). ``max_shard_size``: bytes, or a size such as ``"5GB"``.
 
     ProblemsError before anything is written: first every problem of the request at once (an
     unknown dtype, a shard size that is none, an existing ``out`` or a link there, dangling
@@ -62,10 +79,11 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     (``_into_place``)."""
     out = Path(out)
     problems: list[Problem] = []
+    path: Path | None = None
+    passed_over: list[Path] = []
     try:
-        path: Path | None = newest_complete(checkpoint_dir)
+        path, passed_over = newest_complete_and_newer(checkpoint_dir)
     except CheckpointError as exc:  # said beside the request's own problems
-        path = None
         problems.append(exc.problem)
     if dtype not in DTYPES:
         problems.append(Problem("--dtype", f"{dtype!r} is not a dtype an export writes",
@@ -130,7 +148,8 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
                 path / MANIFEST).exists():
             raise ProblemsError([_removed(path)], title="cannot export") from None
         raise
-    return [out / name for name in [*written, "config.json"]]
+    return Exported([out / name for name in [*written, "config.json"]], path, manifest.step,
+                    passed_over)
 
 
 def _into_place(tmp: Path, out: Path) -> None:
@@ -323,4 +342,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["DTYPES", "export_hf", "hf_name"]
+__all__ = ["DTYPES", "Exported", "export_hf", "hf_name"]

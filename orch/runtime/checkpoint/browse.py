@@ -61,11 +61,20 @@ def removed_meanwhile(path: Path, had_manifest: bool = True) -> bool:
 
 def newest_complete(directory: str | Path) -> Path:
     """The newest checkpoint with a manifest among ``checkpoints_in(directory)``."""
-    complete = [p for p in checkpoints_in(directory) if (p / MANIFEST).exists()]
+    return newest_complete_and_newer(directory)[0]
+
+
+def newest_complete_and_newer(directory: str | Path) -> tuple[Path, list[Path]]:
+    """``newest_complete(directory)``, and the newer step directories passed over for it (none
+    has a manifest), from one listing: a user who asked for a run's newest checkpoint is told
+    when it is not the newest step (an export of step 2 beside a step 4 that lost its manifest
+    looked like an export of step 4)."""
+    listed = checkpoints_in(directory)
+    complete = [i for i, p in enumerate(listed) if (p / MANIFEST).exists()]
     if not complete:
         raise CheckpointError(directory, "has no complete checkpoint (none has its manifest)",
                               "give a checkpoint whose save finished")
-    return complete[-1]
+    return listed[complete[-1]], listed[complete[-1] + 1:]
 
 
 @dataclass(frozen=True)
@@ -188,4 +197,4 @@ def describe(path: Path, with_tensors: bool = False) -> dict[str, Any]:
 
 
 __all__ = ["REMOVED", "Contents", "TensorInfo", "checkpoints_in", "contents", "describe",
-           "newest_complete", "read_tensors", "removed_meanwhile"]
+           "newest_complete", "newest_complete_and_newer", "read_tensors", "removed_meanwhile"]
