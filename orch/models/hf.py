@@ -67,6 +67,21 @@ def hf_to_ours(key: str) -> str | None:
             ours = f"layers.{index}.{_PER_LAYER_INV[rest]}"
     return ours
 
+TIED_HEAD_ABSENT = "as in a checkpoint with tied embeddings"
+"""What a missing ``lm_head.weight`` of an untied model most likely means: such checkpoints
+store the embedding alone."""
+
+
+def ours_to_hf(name: str) -> str | None:
+    """The ``LlamaForCausalLM`` key of our ``Transformer`` parameter ``name``, or None when it
+    has none (MoE layers, wrapper prefixes); the inverse of :func:`hf_to_ours`."""
+    hf = _TOP_LEVEL.get(name)
+    match = _OUR_LAYER.fullmatch(name)
+    if hf is None and match is not None and match.group(2) in _PER_LAYER:
+        hf = f"model.layers.{match.group(1)}.{_PER_LAYER[match.group(2)]}"
+    return hf
+
+
 _MOE_FIX = (
     "HuggingFace export/import covers dense Llama models only: keep an MoE model in orch's own "
     "checkpoints (to start from a Llama checkpoint, use a dense config: model.experts: 0)"
@@ -136,17 +151,13 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     problems: list[Problem] = []
     moe_layers: list[str] = []
     for key, tensor in state.items():
-        hf_key = _TOP_LEVEL.get(key)
+        hf_key = ours_to_hf(key)
         match = _OUR_LAYER.fullmatch(key)
-        if hf_key is None and match is not None:
-            index, rest = match.groups()
-            if rest.startswith(_MOE_PARTS):
-                layer = f"layers.{index}.feed_forward"
-                if layer not in moe_layers:
-                    moe_layers.append(layer)
-                continue
-            if rest in _PER_LAYER:
-                hf_key = f"model.layers.{index}.{_PER_LAYER[rest]}"
+        if hf_key is None and match is not None and match.group(2).startswith(_MOE_PARTS):
+            layer = f"layers.{match.group(1)}.feed_forward"
+            if layer not in moe_layers:
+                moe_layers.append(layer)
+            continue
         if hf_key is None:
             problems.append(
                 Problem(
@@ -213,7 +224,7 @@ def from_hf_state_dict(
         problems.append(
             Problem(
                 "lm_head.weight",
-                "is missing, as in a checkpoint with tied embeddings",
+                f"is missing, {TIED_HEAD_ABSENT}",
                 "import it with tie_embeddings=True (model.tie_embeddings: true)",
             )
         )

@@ -27,7 +27,7 @@ import torch
 from orch.config.coerce import build, byte_count
 from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
-from orch.models.hf import hf_llama_config, to_hf_state_dict
+from orch.models.hf import hf_llama_config, ours_to_hf
 from orch.models.llama import Transformer
 from orch.runtime.checkpoint.browse import (
     TensorInfo,
@@ -253,7 +253,7 @@ def hf_name(name: str, tied: bool) -> str | None:
     fqn = name.removeprefix(MODEL_PREFIX)
     if tied and fqn == "output.weight":
         return None
-    return next(iter(to_hf_state_dict({fqn: torch.empty(0)})))
+    return ours_to_hf(fqn)
 
 
 def _unwritable(parent: Path) -> list[Problem]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from orch.config.schema import KV_HEADS, MODEL_SHAPE, DataConfig, ModelConfig
 from orch.errors import Problem, ProblemsError, reading
-from orch.models.hf import hf_ignored, hf_llama_config, hf_to_ours
+from orch.models.hf import TIED_HEAD_ABSENT, hf_ignored, hf_llama_config, hf_to_ours, ours_to_hf
 from orch.models.llama import Transformer
 from orch.models.weights import fill_all
 
@@ -318,8 +318,7 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size], compare_tied_head: 
                                             f"{tuple(shapes[ours])}", "check model.*"))
                     continue
                 located[ours] = (shard, key)
-    problems += [Problem(name, f"has no tensor in {cfg.init_from}", "use a complete checkpoint")
-                 for name in shapes if name not in found]
+    problems += [_missing(cfg, name) for name in shapes if name not in found]
     embedding = located.get("tok_embeddings.weight")
     if (compare_tied_head and tied_head is not None and embedding is not None
             and not _equal(embedding, (tied_head, _HEAD))):
@@ -332,6 +331,21 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size], compare_tied_head: 
 
 
 _HEAD = "lm_head.weight"
+
+
+def _missing(cfg: ModelConfig, name: str) -> Problem:
+    """The problem of our parameter ``name`` with no tensor in the checkpoint, named by the HF
+    key the user would look for in its shards (our name, "output.weight", is not in them). An
+    untied model's missing head is most likely a checkpoint saved tied (config.json's
+    tie_word_embeddings equals model.tie_embeddings here, both false, so neither side says so)."""
+    key = ours_to_hf(name) or name
+    if key != _HEAD:
+        return Problem(key, f"has no tensor in {cfg.init_from}", "use a complete checkpoint")
+    return Problem(key, f"has no tensor in {cfg.init_from}, {TIED_HEAD_ABSENT}, but its "
+                   "config.json's tie_word_embeddings is false (as model.tie_embeddings)",
+                   "if the checkpoint ties its head to the embedding, set tie_word_embeddings: "
+                   "true in its config.json and model.tie_embeddings=true; else copy the whole "
+                   "checkpoint")
 
 
 EQUAL_ROWS = 4096

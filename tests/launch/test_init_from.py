@@ -102,8 +102,31 @@ def test_missing_and_misshapen_tensors_are_refused_before_launch(checkpoint, tmp
     problems = init_from_problems(tiny(init_from=str(broken)))
     text = "\n".join(str(p) for p in problems)
     assert len(problems) == 2, text
-    assert "layers.1.feed_forward.w3.weight: has no tensor in" in text
+    assert f"{gone}: has no tensor in" in text
     assert f"{cut}: has shape (255, 256), orch's layers.2.attention.wq.weight (256, 256)" in text
+
+
+def test_missing_tensors_are_named_by_their_hf_keys(checkpoint, tmp_path):
+    """A missing lm_head.weight was "output.weight: has no tensor", model.norm.weight
+    "norm.weight: ...": orch's names, not in the shards, beside problems that used HF keys. An
+    untied model's missing head is said to be what a tied checkpoint looks like."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = checkpoint
+    headless = _copy(path, tmp_path / "headless")
+    for shard in headless.glob("*.safetensors"):
+        tensors = load_file(shard)
+        kept = {k: v for k, v in tensors.items() if k not in ("lm_head.weight",
+                                                               "model.norm.weight")}
+        if len(kept) < len(tensors):
+            save_file(kept, shard, metadata={"format": "pt"})
+    problems = init_from_problems(tiny(init_from=str(headless)))
+    assert [p.where for p in problems] == ["model.norm.weight", "lm_head.weight"], problems
+    assert f"has no tensor in {headless}, as in a checkpoint with tied embeddings, but its " \
+        "config.json's tie_word_embeddings is false" in problems[1].message
+    assert "set tie_word_embeddings: true in its config.json and model.tie_embeddings=true" \
+        in problems[1].fix
+    assert problems[0].fix == "use a complete checkpoint"
 
 
 def _launch_problems(tmp_path: Path, *sets: str) -> list[str]:
