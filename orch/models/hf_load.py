@@ -314,8 +314,7 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size], compare_tied_head: 
                     continue
                 shape = torch.Size(handle.get_slice(key).get_shape())
                 if shape != shapes[ours]:
-                    problems.append(Problem(key, f"has shape {tuple(shape)}, orch's {ours} "
-                                            f"{tuple(shapes[ours])}", "check model.*"))
+                    problems.append(_misshapen(key, shape, ours, shapes[ours]))
                     continue
                 located[ours] = (shard, key)
     problems += [_missing(cfg, name) for name in shapes if name not in found]
@@ -331,6 +330,16 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size], compare_tied_head: 
 
 
 _HEAD = "lm_head.weight"
+
+
+def _misshapen(key: str, shape: torch.Size, ours: str, wanted: torch.Size) -> Problem:
+    """The problem of tensor ``key`` whose ``shape`` is not that of our parameter ``ours``.
+    Shapes are compared only once config.json equals model.* in every field a shape depends on
+    (``_config_problems`` first), so the tensor disagrees with its own config.json: "check
+    model.*" sent users to settings that were already right."""
+    return Problem(key, f"has shape {tuple(shape)}, orch's {ours} {tuple(wanted)}, as the "
+                   "checkpoint's own config.json (equal to model.*) gives it: the tensors do not "
+                   "match their config.json", "re-save the checkpoint, or copy it again")
 
 
 def _missing(cfg: ModelConfig, name: str) -> Problem:

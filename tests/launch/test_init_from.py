@@ -104,6 +104,9 @@ def test_missing_and_misshapen_tensors_are_refused_before_launch(checkpoint, tmp
     assert len(problems) == 2, text
     assert f"{gone}: has no tensor in" in text
     assert f"{cut}: has shape (255, 256), orch's layers.2.attention.wq.weight (256, 256)" in text
+    # config.json equals model.* here (checked first), so "check model.*" was no fix
+    assert "as the checkpoint's own config.json (equal to model.*) gives it: the tensors do not " \
+        "match their config.json\n    fix: re-save the checkpoint, or copy it again" in text, text
 
 
 def test_missing_tensors_are_named_by_their_hf_keys(checkpoint, tmp_path):
