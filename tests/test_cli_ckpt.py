@@ -511,3 +511,12 @@ def test_export_says_which_checkpoint_and_the_newer_ones_it_passed_over(run, tmp
     assert lines[1:] == [f"  passed over newer {newest}: it has no manifest.json (a save that did "
                          "not finish, or a checkpoint whose manifest was lost), and resume "
                          "passes over it too"], lines
+
+
+def test_export_to_an_empty_out_says_it_is_empty(run, capsys):
+    """``--to hf ""`` was refused as "- .: exists; an export never overwrites" (Path("") is
+    ".")."""
+    assert main(["ckpt", "export", str(run), "--to", "hf", ""]) == 2
+    err = capsys.readouterr().err
+    assert "cannot export (1 problem):\n  - OUT: is empty\n" in err and "- .:" not in err, err
+    assert "fix: give the directory to create" in err

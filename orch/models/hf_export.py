@@ -70,14 +70,13 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     doc). ``max_shard_size``: bytes, or a size such as ``"5GB"``.
 
     ProblemsError before anything is written: first every problem of the request at once (an
-    unknown dtype, a shard size that is none, an existing ``out`` or a link there, dangling
-    too, one that cannot be made or one in a run's ``checkpoints/``, an MoE model, an
+    unknown dtype, a shard size that is none, an ``out`` that is empty, exists or is a link,
+    one that cannot be made or one in a run's ``checkpoints/``, an MoE model, an
     unreadable manifest, or one whose config was edited after the save), since those take no
     time to find; then, hashing only the files the export reads, the checkpoint's damage; then
     every tensor whose shape the manifest's config does not give (a config.json must describe
     the weights it is written beside). After the writing, an ``out`` that appeared meanwhile
     (``_into_place``)."""
-    out = Path(out)
     problems: list[Problem] = []
     path: Path | None = None
     passed_over: list[Path] = []
@@ -93,16 +92,8 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         problems.append(Problem("--max-shard-size", f"{str(max_shard_size)!r} {why}",
                                 "give a whole number of bytes, or a size such as 5GB, 500MB or "
                                 "1.5GB"))
-    if out.is_symlink() and not out.exists():  # exists() follows the link: False
-        problems.append(Problem(str(out), f"is a link to {os.readlink(out)}, which does not "
-                                "exist; an export never writes through a link",
-                                "choose a new directory, or remove the link"))
-    elif out.exists():
-        problems.append(Problem(str(out), "exists; an export never overwrites",
-                                "choose a new directory, or remove this one"))
-    else:
-        problems.extend(_unwritable(out.parent))
-    problems.extend(_in_checkpoints(out))
+    problems += _out_problems(out)
+    out = Path(out)
     config, model, manifest = None, None, None
     try:
         manifest = read_manifest(path) if path is not None else None
@@ -150,6 +141,25 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         raise
     return Exported([out / name for name in [*written, "config.json"]], path, manifest.step,
                     passed_over)
+
+
+def _out_problems(given: str | Path) -> list[Problem]:
+    """Why the export cannot be written to ``given``: empty (``Path("")`` is ".", which exists,
+    so "" was refused as "- .: exists"), taken (a link too, dangling or not: ``exists()``
+    follows links), not creatable, or in a run's ``checkpoints/``."""
+    if str(given) == "":
+        return [Problem("OUT", "is empty", "give the directory to create, such as runs/tiny-hf")]
+    out = Path(given)
+    if out.is_symlink() and not out.exists():
+        problems = [Problem(str(out), f"is a link to {os.readlink(out)}, which does not exist; "
+                            "an export never writes through a link",
+                            "choose a new directory, or remove the link")]
+    elif out.exists():
+        problems = [Problem(str(out), "exists; an export never overwrites",
+                            "choose a new directory, or remove this one")]
+    else:
+        problems = _unwritable(out.parent)
+    return problems + _in_checkpoints(out)
 
 
 def _into_place(tmp: Path, out: Path) -> None:
