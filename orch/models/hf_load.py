@@ -85,7 +85,7 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
     config_file = path / "config.json"
     if not config_file.is_file():
         what = "has no config.json" if path.is_dir() else "is not a directory"
-        return [Problem(where, f"{model.init_from!r} {what}",
+        return [Problem(where, f"{model.init_from!r} {what}", _orch_checkpoint_fix(path) or
                         "point it at a directory written by save_pretrained (config.json and "
                         "*.safetensors)")]
     try:
@@ -163,6 +163,29 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
                                 f"{given}", f"set model.{field}={hf[key]}",
                                 ("model.init_from", *(KV_HEADS if field == "kv_heads" else ()))))
     return problems
+
+
+def _orch_checkpoint_fix(path: Path) -> str | None:
+    """The fix for ``model.init_from`` naming an orch checkpoint (``manifest.json``, DCP's
+    ``.metadata``) or run directory (``checkpoints/``), None for any other directory: those
+    were told only to use a directory written by save_pretrained, not how to use the one they
+    have. Imported here: the checkpoint package pulls in DCP, which the launcher's checks
+    otherwise never need."""
+    from orch.runtime.checkpoint.browse import newest_complete
+    from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST
+    from orch.runtime.checkpoint.manifest import INDEX, CheckpointError
+
+    if not ((path / MANIFEST).is_file() or (path / INDEX).is_file()
+            or (path / CHECKPOINTS).is_dir()):
+        return None
+    try:
+        checkpoint = newest_complete(path)
+    except CheckpointError:  # none complete: name the directory itself
+        checkpoint = path
+    return (f"it is an orch checkpoint or run directory, which init_from does not read: "
+            f"continue it with --resume {checkpoint} (weights, optimizer and step), or start "
+            f"from its weights alone with orch ckpt export {path} --to hf OUT and "
+            "model.init_from=OUT")
 
 
 _INT, _NUMBER, _BOOL = "a whole number", "a number", "true or false"

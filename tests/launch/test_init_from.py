@@ -70,6 +70,21 @@ def test_mismatched_config_is_refused_field_by_field(checkpoint):
 def test_missing_or_foreign_directories_are_refused(tmp_path, checkpoint):
     assert "is not a directory" in str(init_from_problems(tiny(init_from=str(tmp_path / "no")))[0])
     assert "has no config.json" in str(init_from_problems(tiny(init_from=str(tmp_path)))[0])
+    assert "save_pretrained" in init_from_problems(tiny(init_from=str(tmp_path)))[0].fix
+    # orch's own checkpoints were told only "a directory written by save_pretrained"
+    step = tmp_path / "run" / "checkpoints" / "step-00000004"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text("{}")
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(b"")
+    for given, resume in ((step, step), (tmp_path / "run", step),
+                          (tmp_path / "dcp", tmp_path / "dcp")):
+        (problem,) = init_from_problems(tiny(init_from=str(given)))
+        assert problem.message == f"{str(given)!r} has no config.json", problem
+        assert problem.fix == "it is an orch checkpoint or run directory, which init_from " \
+            f"does not read: continue it with --resume {resume} (weights, optimizer and step), " \
+            f"or start from its weights alone with orch ckpt export {given} --to hf OUT and " \
+            "model.init_from=OUT", problem
     path, _ = checkpoint
     config = json.loads((path / "config.json").read_text())
     other = tmp_path / "biased"
