@@ -931,3 +931,26 @@ def test_ctrl_c_during_a_save_stops_the_run_and_is_no_disk_problem(tmp_path, mon
     text = str(failed.value)
     assert "rank 0: TypeError: cannot pickle 'lock'" in text
     assert "free space" not in text and "not a disk problem" in text and "TypeError" in text
+
+
+def test_a_damaged_checkpoints_fix_sets_it_aside_never_deletes_it(tmp_path) -> None:
+    """The fixes of an unreadable manifest, one without an entry, one of another step, and a
+    damaged file said "delete {path} (if it is damaged)": nothing saved is to be lost, and
+    resume passes such a checkpoint over (moving it aside when its step is saved again)."""
+    from orch.runtime.checkpoint.manifest import damaged
+
+    saved = CheckpointManager(tmp_path, make_cfg(), PLAN).save(6, tiny_state(6.0), {})
+    raw = json.loads((saved / MANIFEST).read_text())
+    fixes = []
+    for manifest in ("{", json.dumps({k: v for k, v in raw.items() if k != "files"}),
+                     json.dumps({**raw, "step": 4})):
+        (saved / MANIFEST).write_text(manifest)
+        with pytest.raises(CheckpointError) as refused:
+            ckpt.read_manifest(saved)
+        fixes.append(refused.value.problem.fix)
+    fixes.append(damaged(saved, [f"{saved / '.metadata'}: sha256 differs"]).problem.fix)
+    aside = ("--resume auto passes over this one, and moves it aside when its step is saved "
+             f"again; to set it aside now, rename it rather than delete it: mv {saved} "
+             f"{saved}.damaged")
+    for fix in fixes:
+        assert fix.endswith(aside) and f"delete {saved}" not in fix, fix

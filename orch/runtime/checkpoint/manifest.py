@@ -112,6 +112,18 @@ class Manifest:
         )
 
 
+def _set_aside(path: Path) -> str:
+    """How to get damaged checkpoint ``path`` out of the way without losing it. The fixes said
+    "delete {path}", though its damage may be repairable (a file copied again) and it may hold
+    the only copy of its step, and resume needs no deletion: it passes the checkpoint over and
+    moves it aside when its step is saved again (``retention.clear_way``), as orch never deletes
+    a complete checkpoint for being damaged. A ``step-N.damaged`` name is no step directory,
+    so nothing lists, resumes or prunes it."""
+    return (f"--resume auto passes over this one, and moves it aside when its step is saved "
+            f"again; to set it aside now, rename it rather than delete it: "
+            f"mv {path} {path}.damaged")
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """The manifest of checkpoint directory ``path``; CheckpointError if absent or unreadable."""
     path = Path(path)
@@ -127,7 +139,7 @@ def read_manifest(path: str | Path) -> Manifest:
     except KeyError as exc:
         raise CheckpointError(
             file, f"has no {exc.args[0]!r} entry: it is damaged, or not one orch wrote",
-            f"resume from another checkpoint, or delete {path} if it is damaged",
+            f"resume from another checkpoint: {_set_aside(path)}",
         ) from None
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         reason = str(exc) if isinstance(exc, OSError | ValueError) else (
@@ -135,14 +147,14 @@ def read_manifest(path: str | Path) -> Manifest:
         raise CheckpointError(
             file,
             f"cannot be read: {reason}",
-            f"resume from another checkpoint, or delete {path} if it is damaged",
+            f"resume from another checkpoint: {_set_aside(path)}",
         ) from None
     named = STEP_NAME.match(path.name)  # a copy under a name of its own is not checked
     if named and int(named.group(1)) != manifest.step:
         raise CheckpointError(
             file, f"says step {manifest.step}, but its directory is {path.name}: the manifest "
             "was edited, or belongs elsewhere",
-            f"restore it, or resume from another checkpoint (delete {path} if it is damaged)")
+            f"restore it, or resume from another checkpoint: {_set_aside(path)}")
     return manifest
 
 
@@ -193,5 +205,5 @@ def damaged(path: Path, problems: list[str]) -> CheckpointError:
     return CheckpointError(
         problems[0].split(": ", 1)[0],
         "checkpoint is damaged, nothing was loaded:\n      " + "\n      ".join(problems),
-        f"resume from an older checkpoint (checkpoint.resume=<path>) or delete {path}",
+        f"resume from an older checkpoint (checkpoint.resume=<path>): {_set_aside(path)}",
     )
