@@ -442,6 +442,11 @@ def _unconnected_note(cluster: ClusterSpec) -> list[str]:
             "detect could not (name, type, bandwidth_gbps, network)"]
 
 
+PROBE_TIMEOUT_S = 120
+"""How long a probing node waits for the others (``--timeout``): the probe is started by hand on
+every node, so longer than a launch's workers need, yet far shorter than torch's 5 minutes."""
+
+
 def _add_cluster_probe_parser(actions: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "probe",
@@ -459,6 +464,9 @@ def _add_cluster_probe_parser(actions: argparse._SubParsersAction) -> None:
                    "name)")
     p.add_argument("--mbytes", type=int, default=16, help="buffer size in MiB (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    p.add_argument("--timeout", type=int, default=PROBE_TIMEOUT_S, metavar="SECONDS",
+                   help="how long each node waits for the others to join "
+                   f"(default {PROBE_TIMEOUT_S})")
     p.add_argument("--out", metavar="FILE", help="write the measured description here "
                    "instead of over CLUSTER (which is rewritten without its comments)")
     p.set_defaults(func=cmd_cluster_probe)
@@ -476,6 +484,8 @@ def cmd_cluster_probe(args: argparse.Namespace) -> int:
     if args.mbytes < 1 or args.repeats < 1:
         problems.append(Problem("--mbytes/--repeats", f"{args.mbytes} MiB x {args.repeats}",
                                 "use at least 1 of each"))
+    if args.timeout < 1:
+        problems.append(Problem("--timeout", f"{args.timeout} s", "pass at least 1 second"))
     node = this_node(cluster, args.node_name, problems)
     if node is not None:
         check_node(cluster, node, len(cluster.nodes), node.devices, problems)
@@ -484,7 +494,8 @@ def cmd_cluster_probe(args: argparse.Namespace) -> int:
         raise PlanError(problems, title="cannot probe")
     assert node is not None
     nbytes = args.mbytes * 2**20
-    figures = probe(cluster, node, args.master_addr, args.master_port, nbytes, args.repeats)
+    figures = probe(cluster, node, args.master_addr, args.master_port, args.timeout, nbytes,
+                    args.repeats)
     if figures is None:
         print(f"orch cluster probe: node {node.name} done")
         return 0

@@ -4,6 +4,7 @@
 time, as a launch does (one process per node; the first node listed holds the rendezvous store,
 so ``A`` is its address). Each process is the node of the description it runs on (``--node-name``,
 ``ORCH_NODE`` or the host name, as for ``orch launch``); its rank is the node's place in the list.
+A node waits ``--timeout`` seconds for the others to join, then stops with the nodes missing.
 For every network with two or more nodes, a gloo group of those nodes is made on that network's
 interfaces (``GLOO_SOCKET_IFNAME`` at creation, as ``orch.parallel.interfaces`` does for
 training), and two things are timed over it:
@@ -28,6 +29,7 @@ from __future__ import annotations
 import copy
 import datetime
 import os
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -38,11 +40,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orch.errors import Problem
+from orch.errors import Problem, ProblemsError
 from orch.plan.cluster import ClusterSpec, NodeSpec
 from orch.plan.topology import Topology
 
 DEFAULT_BYTES = 16 * 2**20
+_JOINED = "orch-probe/joined/"
+"""Store key prefix; each node sets ``<prefix><rank>`` once it is in."""
+_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -91,17 +96,26 @@ def probe_problems(cluster: ClusterSpec, path: str) -> list[Problem]:
                     "speed), with at least one network common to all nodes")]
 
 
-def probe(cluster: ClusterSpec, node: NodeSpec, address: str, port: int,
-          nbytes: int = DEFAULT_BYTES, repeats: int = 3,
-          timeout: timedelta = timedelta(minutes=5)) -> list[NetworkFigures] | None:
+def probe(cluster: ClusterSpec, node: NodeSpec, address: str, port: int, timeout_s: float,
+          nbytes: int = DEFAULT_BYTES, repeats: int = 3) -> list[NetworkFigures] | None:
     """Run this node's part of the probe; the first node gets every network's figures, the
-    others None."""
+    others None. A node that waits over ``timeout_s`` for the others raises an OrchError."""
     rank = [n.name for n in cluster.nodes].index(node.name)
     world = len(cluster.nodes)
     shared = Topology.from_cluster(cluster).network_link(range(world)).network
     os.environ["GLOO_SOCKET_IFNAME"] = node.interface_on(shared)
-    store = dist.TCPStore(address, port, world, rank == 0, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    store = _join(cluster, rank, address, port, timeout_s)
+    try:
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+    except dist.DistError as exc:
+        raise _not_started(
+            f"node {node.name}", f"every node joined, but gloo could not connect them over "
+            f"interface {os.environ['GLOO_SOCKET_IFNAME']!r} within {timeout_s:g} s "
+            f"({str(exc).splitlines()[0]})",
+            f"check that each node's 'interface' on network {shared!r} in "
+            f"{cluster.source or cluster.name} "
+            "has an address the other nodes reach (not lo, on more than one machine)") from None
     try:
         groups = {}
         for network, nodes in members(cluster).items():  # every rank makes every group
@@ -120,6 +134,81 @@ def probe(cluster: ClusterSpec, node: NodeSpec, address: str, port: int,
     return [NetworkFigures(net, {cluster.nodes[r].name: gathered[r][net][0] for r in nodes},
                            gathered[nodes[0]][net][1])
             for net, (nodes, _) in groups.items()]
+
+
+def _join(cluster: ClusterSpec, rank: int, address: str, port: int,
+          timeout_s: float) -> dist.TCPStore:
+    """The rendezvous store at ``address:port`` (held by rank 0), once every node is in it.
+
+    torch's own wait (a ``TCPStore`` that waits for its workers) ended, after 5 minutes, in a
+    ``DistStoreError`` traceback that named no node; this one polls the nodes' keys, so the
+    error says which did not come. A client first waits for the port with a plain socket:
+    ``TCPStore``'s client logs a C++ stack for every connection it retries."""
+    deadline = time.monotonic() + timeout_s
+    if rank and not _port_answers(address, port, deadline):
+        raise _not_joined(cluster, address, port, timeout_s,
+                          f"node {cluster.nodes[rank].name} could not reach the probe's store "
+                          f"at {address}:{port}, which node {cluster.nodes[0].name} (the first "
+                          f"listed) holds, within {timeout_s:g} s")
+    store = dist.TCPStore(address, port, len(cluster.nodes), rank == 0,
+                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    store.set(f"{_JOINED}{rank}", cluster.nodes[rank].name)
+    _wait_for_all(store, cluster, address, port, timeout_s, deadline)
+    return store
+
+
+def _wait_for_all(store: dist.TCPStore, cluster: ClusterSpec, address: str, port: int,
+                  timeout_s: float, deadline: float) -> None:
+    """Return once every node's key is in ``store``; raise, naming those missing, at
+    ``deadline`` (monotonic) or when the store goes away."""
+    world = len(cluster.nodes)
+    joined: list[int] = []
+    while True:
+        try:
+            joined = [r for r in range(world) if store.check([f"{_JOINED}{r}"])]
+        except dist.DistError:  # rank 0 gave up waiting, or failed, and its store went with it
+            raise _not_joined(cluster, address, port, timeout_s,
+                              f"the probe's store at {address}:{port} stopped answering with "
+                              f"{len(joined)} of {world} nodes joined (node "
+                              f"{cluster.nodes[0].name}, which holds it, gave up or failed: "
+                              "see its output)") from None
+        if len(joined) == world:
+            return
+        if time.monotonic() >= deadline:
+            missing = [cluster.nodes[r].name for r in range(world) if r not in joined]
+            raise _not_joined(cluster, address, port, timeout_s,
+                              f"{len(joined)} of {world} nodes joined the probe at "
+                              f"{address}:{port} within {timeout_s:g} s (not joined: "
+                              f"{', '.join(missing)})")
+        time.sleep(_POLL_S)
+
+
+def _port_answers(address: str, port: int, deadline: float) -> bool:
+    """Whether ``address:port`` accepts a connection before ``deadline`` (monotonic)."""
+    while True:
+        try:
+            socket.create_connection((address, port), timeout=1).close()
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL_S)
+
+
+def _not_joined(cluster: ClusterSpec, address: str, port: int, timeout_s: float,
+                message: str) -> ProblemsError:
+    """The error of a probe whose nodes did not all come: start it everywhere, at one address."""
+    return _not_started(
+        "--master-addr/--master-port", message,
+        f"start orch cluster probe on every node of {cluster.source or cluster.name} within "
+        f"--timeout ({timeout_s:g} s) of each other, each with --master-addr the address of "
+        f"node {cluster.nodes[0].name} (the first listed; {address} here) and the same "
+        f"--master-port ({port})")
+
+
+def _not_started(where: str, message: str, fix: str) -> ProblemsError:
+    """A user error (printed without a traceback) for a probe that could not get going."""
+    return ProblemsError([Problem(where, message, fix)], title="the probe did not run")
 
 
 def _measure(nodes: list[int], group: dist.ProcessGroup, rank: int, nbytes: int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,79 @@ def test_a_network_of_hcas_without_their_interfaces_is_refused_before_probing(tm
         assert (f"{dgx}: node dgx{node}: lists no 'interface' for its NIC(s) on network 'ib-a'"
                 in err)
     assert "ls /sys/class/infiniband/NAME/device/net" in err
+
+
+LOOP_PAIR = """nodes:
+  - {name: n0, device: cpu, devices: 1, nics: [{name: lo, type: ethernet, bandwidth_gbps: 10,
+                                               network: loop, interface: lo}]}
+  - {name: n1, device: cpu, devices: 1, nics: [{name: lo, type: ethernet, bandwidth_gbps: 10,
+                                               network: loop, interface: lo}]}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("node, said", [
+    ("n0", "1 of 2 nodes joined the probe at 127.0.0.1:{port} within 1 s (not joined: n1)"),
+    ("n1", "node n1 could not reach the probe's store at 127.0.0.1:{port}, which node n0 (the "
+           "first listed) holds, within 1 s"),
+])
+def test_a_node_that_never_joins_ends_the_probe_after_timeout_with_the_count(
+        tmp_path, capsys, node, said):
+    """Node n0 alone waited 5 minutes, then died with a DistStoreError traceback (exit 1)."""
+    from orch.cli import main
+
+    path, port = tmp_path / "pair.yaml", _free_port()
+    path.write_text(LOOP_PAIR)
+    start = time.monotonic()
+    assert main(["cluster", "probe", str(path), "--master-addr", "127.0.0.1", "--master-port",
+                 str(port), "--node-name", node, "--mbytes", "1", "--timeout", "1"]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert "the probe did not run" in err and said.format(port=port) in err
+    assert (f"fix: start orch cluster probe on every node of {path} within --timeout (1 s) of "
+            "each other, each with --master-addr the address of node n0 (the first listed; "
+            f"127.0.0.1 here) and the same --master-port ({port})") in err
+    assert "Traceback" not in err and yaml.safe_load(path.read_text()) == yaml.safe_load(LOOP_PAIR)
+
+
+def test_a_timeout_under_a_second_is_refused_with_the_other_flags(tmp_path, capsys):
+    from orch.cli import main
+
+    path = tmp_path / "pair.yaml"
+    path.write_text(LOOP_PAIR)
+    assert main(["cluster", "probe", str(path), "--master-addr", "127.0.0.1", "--node-name",
+                 "n0", "--repeats", "0", "--timeout", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot probe (2 problems)" in err
+    assert "--timeout: 0 s\n        fix: pass at least 1 second" in err
+
+
+def test_nodes_that_joined_but_cannot_connect_over_their_interface_are_told_so(
+        tmp_path, monkeypatch):
+    """gloo's own connection (after the store) failing was a traceback too."""
+    import torch.distributed as dist
+
+    from orch.cluster import probe
+    from orch.errors import ProblemsError
+
+    def refuse(*args, **kwargs):
+        raise dist.DistBackendError("Gloo connectFullMesh failed with timeout\nmore")
+
+    path = tmp_path / "pair.yaml"
+    path.write_text(LOOP_PAIR)
+    cluster = load_cluster(path)
+    monkeypatch.setattr(probe, "_join", lambda *args: None)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)  # restored after: probe sets it
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+    with pytest.raises(ProblemsError) as raised:
+        probe.probe(cluster, cluster.nodes[1], "127.0.0.1", _free_port(), 3)
+    assert str(raised.value.problems[0]) == (
+        "node n1: every node joined, but gloo could not connect them over interface 'lo' within "
+        "3 s (Gloo connectFullMesh failed with timeout)\n    fix: check that each node's "
+        f"'interface' on network 'loop' in {path} has an address the other nodes reach (not lo, "
+        "on more than one machine)")
