@@ -70,14 +70,20 @@ def members(cluster: ClusterSpec) -> dict[str, list[int]]:
 
 
 def probe_problems(cluster: ClusterSpec, path: str) -> list[Problem]:
-    """The probe gathers every network's figures over one network all nodes share: without
-    one it cannot start (a node with no NIC, which ``orch cluster detect`` leaves so when it
-    cannot tell a link's speed, or nodes on separate networks); and it measures each network
-    with gloo, over each member's socket interface there."""
+    """The probe measures the networks of the NICs listed, between two nodes or more, and
+    gathers the figures over one network all nodes share: a single node, or a node with no NIC
+    (which ``orch cluster detect`` leaves so when it cannot tell a link's speed), would measure
+    nothing it can write down (NIC-less nodes all meet on the default network, which has no NIC
+    to hold a figure), and nodes on separate networks cannot gather; and it measures each
+    network with gloo, over each member's socket interface there."""
     if len(cluster.nodes) < 2:
-        return []
+        return [Problem(path, f"one node ({cluster.nodes[0].name}): the probe measures networks "
+                        "between two nodes or more, so it would measure nothing",
+                        "list every node of the cluster (orch cluster detect --out FILE "
+                        "--append on each), then run the probe on all of them")]
     link = Topology.from_cluster(cluster).network_link(range(len(cluster.nodes)))
-    if link.kind != "unreachable":
+    bare = [node.name for node in cluster.nodes if not node.nics]
+    if not bare and link.kind != "unreachable":
         return [Problem(f"{path}: node {cluster.nodes[index].name}",
                         f"lists no 'interface' for its NIC(s) on network {network!r} (an HCA's "
                         "name is not a socket interface), and the probe's gloo group for that "
@@ -87,7 +93,6 @@ def probe_problems(cluster: ClusterSpec, path: str) -> list[Problem]:
                         "writes where the HCA has one")
                 for network, nodes in members(cluster).items() for index in nodes
                 if not cluster.nodes[index].interface_on(network)]
-    bare = [node.name for node in cluster.nodes if not node.nics]
     why = (f"node(s) {', '.join(bare)} list no NIC" if bare else
            "the nodes share no network")
     return [Problem(path, f"{why}: the probe measures over a network every node is attached to",
@@ -269,9 +274,12 @@ def report(figures: list[NetworkFigures], nbytes: int) -> str:
 
 def write_measurements(source: Path, figures: list[NetworkFigures], target: Path) -> None:
     """The description at ``source`` with ``figures`` in, written to ``target`` (checked to
-    load, then atomically)."""
+    load, then atomically); never without figures, which would only drop comments and expand
+    ``count:`` entries."""
     from orch.cluster.write import read_cluster_data, replace_checked
 
+    if not figures:  # probe_problems refuses what would measure nothing; rewriting drops comments
+        raise ValueError(f"no figures to write into {target}: nothing was measured")
     replace_checked(target, with_measurements(read_cluster_data(source), figures))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orch.cluster.probe import NetworkFigures, members, with_measurements
+from orch.cluster.probe import NetworkFigures, members, with_measurements, write_measurements
 from orch.cluster.write import read_cluster_data, replace_checked
 from orch.plan.cluster import ClusterError, load_cluster
 
@@ -166,3 +166,38 @@ def test_nodes_that_joined_but_cannot_connect_over_their_interface_are_told_so(
         "3 s (Gloo connectFullMesh failed with timeout)\n    fix: check that each node's "
         f"'interface' on network 'loop' in {path} has an address the other nodes reach (not lo, "
         "on more than one machine)")
+
+
+@pytest.mark.parametrize("text, said", [
+    # what orch cluster detect --out F --append writes where every link speed reads -1
+    ("# lab\nnodes:\n  - {name: n0, device: cpu, devices: 1, nics: []}\n"
+     "  - {name: 'w{i}', device: cpu, devices: 1, count: 2, nics: []}\n",
+     "node(s) n0, w0, w1 list no NIC: the probe measures over a network every node is attached "
+     "to"),
+    ("# lab\nnodes:\n  - {name: n0, device: cpu, devices: 1, nics: [{name: lo, type: ethernet, "
+     "bandwidth_gbps: 10, network: loop, interface: lo}]}\n",
+     "one node (n0): the probe measures networks between two nodes or more, so it would measure "
+     "nothing"),
+])
+def test_a_description_with_nothing_to_measure_is_refused_and_left_as_it_was(
+        tmp_path, capsys, text, said):
+    """Nodes without NICs all rode the default network: the probe measured nothing, printed an
+    empty table, said 'wrote measured_gbps' (exit 0) and rewrote the file without its comments
+    and count: entries."""
+    from orch.cli import main
+
+    path = tmp_path / "lab.yaml"
+    path.write_text(text)
+    assert main(["cluster", "probe", str(path), "--master-addr", "127.0.0.1", "--master-port",
+                 str(_free_port()), "--node-name", "n0", "--timeout", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert f"cannot probe (1 problem):\n  - {path}: {said}" in err
+    assert "wrote" not in out and path.read_text() == text
+
+
+def test_no_figures_never_rewrite_the_description(tmp_path):
+    path = tmp_path / "lab.yaml"
+    path.write_text("# lab\n" + LOOP_PAIR)
+    with pytest.raises(ValueError, match="nothing was measured"):
+        write_measurements(path, [], path)
+    assert path.read_text() == "# lab\n" + LOOP_PAIR
