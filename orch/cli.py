@@ -397,8 +397,9 @@ def _add_cluster_detect_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE",
                    help="write a cluster description file (named after FILE) with this node")
     p.add_argument("--append", action="store_true",
-                   help="with --out: add this node to FILE (created if missing), replacing the "
-                   "entry of the same name (or splitting it out of a count: entry); FILE is "
+                   help="with --out: add this node to FILE (created if missing), or update the "
+                   "entry of the same name (or split it out of a count: entry) with what was "
+                   "detected, keeping what detect does not write or did not find; FILE is "
                    "rewritten without its comments")
     p.set_defaults(func=cmd_cluster_detect)
 
@@ -417,11 +418,11 @@ def cmd_cluster_detect(args: argparse.Namespace) -> int:
     if not args.out:
         print(render_cluster({"nodes": [node.entry]}, node), end="")
         return 0
-    cluster = write_node(Path(args.out), node, args.append)
+    cluster, merged = write_node(Path(args.out), node, args.append)
     nodes = f"{len(cluster.nodes)} node" + ("" if len(cluster.nodes) == 1 else "s")
     print(f"wrote node {node.entry['name']} to {args.out}: cluster {cluster.name}, {nodes}, "
           f"{cluster.world_size} devices")
-    for note in [*node.notes, *_unconnected_note(cluster)]:
+    for note in [*merged, *node.notes, *_unconnected_note(cluster)]:
         print(f"note: {note}")
     return 0
 

@@ -3,26 +3,33 @@
 A file is only written once its new text passes the cluster loader, so a bad entry never
 replaces a good file; the file written is then read back with ``load_cluster``. The text comes from
 PyYAML, so a file rewritten to add a node loses the comments it had; the notes of the node being
-written go back above its entry.
+written go back above its entry. A node already in the file is merged, not replaced: detect's
+findings update its entry, and what a person added there stays (``merged_entry``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
 from orch.cluster.detect import DetectedNode
+from orch.config.coerce import Quantity, Rejected
 from orch.config.source import parse_yaml_text
 from orch.errors import Problem, ProblemsError
 from orch.plan.cluster import (
     MAX_WORLD_SIZE,
+    NIC_TYPES,
     ClusterError,
     ClusterSpec,
     cluster_from_dict,
     load_cluster,
 )
+from orch.plan.units import Gbps
 
 
 def render_cluster(data: dict[str, Any], node: DetectedNode) -> str:
@@ -37,13 +44,16 @@ def render_cluster(data: dict[str, Any], node: DetectedNode) -> str:
     return "".join(parts)
 
 
-def with_node(data: dict[str, Any], entry: dict[str, Any], where: str) -> dict[str, Any]:
+def with_node(data: dict[str, Any], entry: dict[str, Any],
+              where: str) -> tuple[dict[str, Any], list[str]]:
     """``data`` with ``entry`` in place of the node of its name (ranks keep their order), or
-    after the last node.
+    after the last node; and notes on what of the entry it replaced was kept or replaced.
 
-    A node of a ``count:`` entry is split out of it: replacing ``vm2`` of ``{name: "vm{i}",
-    count: 5}`` leaves ``{name: "vm{i}", count: 2}`` (vm0 and vm1: a count names from 0), the
-    new ``vm2``, then ``vm3`` and ``vm4`` as entries of their own, with the fields they had."""
+    ``entry`` is merged into the entry it replaces (``merged_entry``), so what a user added by
+    hand stays. A node of a ``count:`` entry is split out of it first: replacing ``vm2`` of
+    ``{name: "vm{i}", count: 5}`` leaves ``{name: "vm{i}", count: 2}`` (vm0 and vm1: a count
+    names from 0), the new ``vm2`` (the count entry's fields merged with ``entry``), then
+    ``vm3`` and ``vm4`` as entries of their own, with the fields they had."""
     nodes = list(data.get("nodes") or [])
     if not all(isinstance(node, dict) for node in nodes):
         raise _not_written(
@@ -53,8 +63,9 @@ def with_node(data: dict[str, Any], entry: dict[str, Any], where: str) -> dict[s
         )
     names = [node.get("name") for node in nodes]
     if entry["name"] in names:
-        nodes[names.index(entry["name"])] = entry
-        return data | {"nodes": nodes}
+        at = names.index(entry["name"])
+        nodes[at], notes = merged_entry(nodes[at], entry)
+        return data | {"nodes": nodes}, notes
     for index, node in enumerate(nodes):
         expanded = _expanded_names(node)
         if entry["name"] in expanded:
@@ -63,9 +74,114 @@ def with_node(data: dict[str, Any], entry: dict[str, Any], where: str) -> dict[s
             before = ([node | {"count": split}] if split > 1
                       else [one | {"name": expanded[0]}] if split else [])
             after = [one | {"name": name} for name in expanded[split + 1:]]
-            nodes[index:index + 1] = [*before, entry, *after]
-            return data | {"nodes": nodes}
-    return data | {"nodes": [*nodes, entry]}
+            merged, notes = merged_entry(one, entry)
+            nodes[index:index + 1] = [*before, merged, *after]
+            return data | {"nodes": nodes}, notes
+    return data | {"nodes": [*nodes, entry]}, []
+
+
+_NIC_FACTS = ("type", "bandwidth_gbps", "interface")
+"""What ``orch cluster detect`` reads of a NIC from sysfs: a NIC found again takes these."""
+_GBPS: Quantity = get_args(Gbps)[1]
+
+
+@dataclass
+class _Changes:
+    """What a merge kept of the file's entry, replaced in it, and dropped from it."""
+
+    kept: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+def merged_entry(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The detected entry ``new`` merged into the file's entry ``old`` of the same node, and
+    notes on what changed.
+
+    Detect's findings win: devices, device, gpus, and each NIC's type, speed and interface. What
+    a user added stays: keys detect does not write (``device_overrides``; a ``device`` set by
+    hand where detect could tell none), NICs detect did not see (an interface whose speed reads
+    -1, added by hand), a NIC's other keys (``measured_gbps``), and a network a person named
+    (``ib-a``) where detect writes a stand-in (a subnet, or the NIC type). A NIC whose findings
+    or network changed loses its ``measured_gbps``: that measured another link."""
+    changes = _Changes(kept=[key for key in old if key not in new])
+    changes.replaced = [key if key == "gpus" else f"{key} {old[key]} -> {new[key]}"
+                        for key in new if key not in ("name", "nics") and key in old
+                        and old[key] != new[key]]
+    old_nics = old.get("nics")
+    nics = _merged_nics(old_nics if isinstance(old_nics, list) else [], new["nics"], changes)
+    return old | new | {"nics": nics}, _merge_notes(changes)
+
+
+def _merged_nics(old: list[Any], new: list[dict[str, Any]],
+                 changes: _Changes) -> list[Any]:
+    """The file's NICs in their order (the first on a network is the one launch binds to),
+    each one detect found again merged with it, then the NICs detect found that are new."""
+    found = {nic["name"]: nic for nic in new}
+    merged = []
+    for nic in old:
+        name = nic.get("name") if isinstance(nic, dict) else None
+        if name in found:
+            merged.append(_merged_nic(nic, found.pop(name), changes))
+        else:
+            merged.append(nic)
+            changes.kept.append(f"NIC {name} (not detected)")
+    return merged + list(found.values())
+
+
+def _merged_nic(old: dict[str, Any], new: dict[str, Any], changes: _Changes) -> dict[str, Any]:
+    """One NIC detect found again (see ``merged_entry``)."""
+    name, network = new["name"], old.get("network", "")
+    nic = old | new
+    if not _named_by_detect(network) and network != new["network"]:
+        nic["network"] = network
+        changes.kept.append(f"network {network} of {name} (detect: {new['network']})")
+    changed = [f"{key} of {name} {old.get(key, '(none)')} -> {nic[key]}"
+               for key in (*_NIC_FACTS, "network") if key in nic
+               and not _same(key, old.get(key), nic[key])]
+    changes.replaced += changed
+    extra = [key for key in old if key not in new and key != "measured_gbps"]
+    changes.kept += [f"{key} of {name}" for key in extra]
+    if "measured_gbps" in old and changed:
+        del nic["measured_gbps"]
+        changes.dropped.append(name)
+    elif "measured_gbps" in old:
+        changes.kept.append(f"measured_gbps of {name}")
+    return nic
+
+
+def _same(key: str, was: Any, found: Any) -> bool:
+    """Whether a NIC's ``key`` is unchanged: a speed written with its unit (``200Gb/s``) is the
+    200 detect writes."""
+    if key == "bandwidth_gbps":
+        with contextlib.suppress(Rejected):
+            return _GBPS.read(was) == _GBPS.read(found)
+    return was == found
+
+
+def _named_by_detect(network: str) -> bool:
+    """Whether ``network`` is a name ``orch cluster detect`` writes (a subnet, or a NIC type
+    where the interface has no address) or the default network, rather than a person's."""
+    try:
+        ipaddress.ip_network(network)
+    except ValueError:
+        return not network or network in NIC_TYPES
+    return True
+
+
+def _merge_notes(changes: _Changes) -> list[str]:
+    """One note per kind of change, for the user to check against the machine."""
+    notes = []
+    if changes.kept:
+        notes.append(f"kept from the node's entry in the file (detect does not write or did not "
+                     f"find them): {', '.join(changes.kept)}")
+    if changes.replaced:
+        notes.append(f"replaced in the node's entry with what detect found: "
+                     f"{', '.join(changes.replaced)}")
+    if changes.dropped:
+        notes.append(f"dropped measured_gbps of {', '.join(changes.dropped)}: the link or its "
+                     "network changed since it was measured; run orch cluster probe again")
+    return notes
 
 
 def _expanded_names(node: dict[str, Any]) -> list[str]:
@@ -78,11 +194,13 @@ def _expanded_names(node: dict[str, Any]) -> list[str]:
     return [name.replace("{i}", str(i)) for i in range(count)]
 
 
-def write_node(path: Path, node: DetectedNode, append: bool = False) -> ClusterSpec:
-    """Write ``node`` into the cluster file ``path`` and return the file as loaded.
+def write_node(path: Path, node: DetectedNode,
+               append: bool = False) -> tuple[ClusterSpec, list[str]]:
+    """Write ``node`` into the cluster file ``path``; return the file as loaded, and notes on
+    what of an entry of the node's name was kept or replaced (``with_node``).
 
     A new file is named after ``path``'s stem. An existing one is only changed with ``append``:
-    the node replaces the entry of its name or is added last.
+    the node is merged into the entry of its name or is added last.
     """
     if path.exists() and not append:
         raise _not_written(
@@ -91,8 +209,9 @@ def write_node(path: Path, node: DetectedNode, append: bool = False) -> ClusterS
             "pass --append to add this node to it, or pick another file",
         )
     data = read_cluster_data(path) if path.exists() else {"name": path.stem, "nodes": []}
-    _replace(path, render_cluster(with_node(data, node.entry, str(path)), node))
-    return load_cluster(path)
+    data, notes = with_node(data, node.entry, str(path))
+    _replace(path, render_cluster(data, node))
+    return load_cluster(path), notes
 
 
 def replace_checked(path: Path, data: dict[str, Any]) -> ClusterSpec:

@@ -274,7 +274,7 @@ def test_subnet_of_real_interfaces() -> None:
 def test_this_machine_without_nvml_is_a_loadable_cpu_node(tmp_path: Path) -> None:
     node = detect_node(nvml=None)
     assert (node.entry["devices"], node.entry["device"], node.entry["gpus"]) == (1, "cpu", [])
-    cluster = write_node(tmp_path / "here.yaml", node)
+    cluster, _ = write_node(tmp_path / "here.yaml", node)
     assert cluster.nodes[0].device.name == "cpu" and cluster.world_size == 1
 
 
@@ -399,11 +399,68 @@ def test_appending_a_node_of_a_count_entry_splits_it_out(
     was = NodeSpec("", 2, get_device("cpu"), (NicSpec("eth0", "ethernet", 10, "lan"),))
     cluster = load_cluster(path)
     assert cluster.nodes == (dataclasses.replace(was, name="vm0"),
-                             dataclasses.replace(was, name="vm1"), _expected_node("vm2"),
+                             dataclasses.replace(was, name="vm1"), _on_lan(_expected_node("vm2")),
                              dataclasses.replace(was, name="vm3"))
     assert [node.get("count") for node in yaml.safe_load(path.read_text())["nodes"]] == [
         2, None, None]  # vm0 and vm1 stay one entry (a count names from 0)
     assert cli.main(["cluster", "detect", "--name", "vm0", "--out", str(path), "--append"]) == 0
     assert [node.name for node in load_cluster(path).nodes] == ["vm0", "vm1", "vm2", "vm3"]
-    assert load_cluster(path).nodes[:2] == (_expected_node("vm0"),
+    assert load_cluster(path).nodes[:2] == (_on_lan(_expected_node("vm0")),
                                             dataclasses.replace(was, name="vm1"))
+
+
+def _on_lan(node: NodeSpec) -> NodeSpec:
+    """``node`` as detect writes it over an entry whose eth0 a person put on network lan: eth0
+    first (the entry's NIC order), at the speed detect found, on lan; then the NICs it adds."""
+    eth0 = next(nic for nic in node.nics if nic.name == "eth0")
+    others = tuple(nic for nic in node.nics if nic.name != "eth0")
+    return dataclasses.replace(node, nics=(dataclasses.replace(eth0, network="lan"), *others))
+
+
+def test_appending_a_node_already_in_the_file_keeps_what_a_person_added(
+    fake_node: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--append replaced the node's entry wholesale: a NIC added by hand (eth3, whose speed
+    reads -1), measured_gbps from a probe, device_overrides and network names vanished, and
+    orch plan over the file then refused (the node shared no network with gpu1)."""
+    path = tmp_path / "lab.yaml"
+    path.write_text("""name: lab
+nodes:
+  - name: gpu0
+    devices: 4
+    device: h100-sxm-80gb
+    device_overrides: {inter_latency_s: 20us}
+    nics:
+      - {name: eth3, type: ethernet, bandwidth_gbps: 10, network: lan, measured_gbps: 9.1}
+      - {name: mlx5_0, type: ib, bandwidth_gbps: 400Gb/s, network: ib-a, interface: ib0,
+         measured_gbps: 380}
+      - {name: mlx5_1, type: roce, bandwidth_gbps: 100, network: 10.2.0.0/24, interface: eth2,
+         measured_gbps: 90}
+  - name: gpu1
+    devices: 8
+    device: h100
+    nics:
+      - {name: eth3, type: ethernet, bandwidth_gbps: 10, network: lan}
+      - {name: mlx5_0, type: ib, bandwidth_gbps: 400, network: ib-a, interface: ib0}
+""")
+    assert cli.main(["cluster", "detect", "--name", "gpu0", "--out", str(path), "--append"]) == 0
+    out = capsys.readouterr().out
+    entry = yaml.safe_load(path.read_text())["nodes"][0]
+    assert entry["device_overrides"] == {"inter_latency_s": "20us"}
+    assert [nic["name"] for nic in entry["nics"]] == ["eth3", "mlx5_0", "mlx5_1", "mlx5_3",
+                                                      "bond0", "eth0"]
+    nics = {nic["name"]: nic for nic in entry["nics"]}
+    assert nics["eth3"] == {"name": "eth3", "type": "ethernet", "bandwidth_gbps": 10,
+                            "network": "lan", "measured_gbps": 9.1}
+    assert nics["mlx5_0"] == {"name": "mlx5_0", "type": "ib", "bandwidth_gbps": 400,
+                              "network": "ib-a", "interface": "ib0", "measured_gbps": 380}
+    assert nics["mlx5_1"] == EXPECTED_NICS[1]  # rated 200 now, not 100: 90 measured another link
+    assert ("note: kept from the node's entry in the file (detect does not write or did not find "
+            "them): device_overrides, NIC eth3 (not detected), network ib-a of mlx5_0 (detect: "
+            "10.1.0.0/24), measured_gbps of mlx5_0\n") in out
+    assert ("note: replaced in the node's entry with what detect found: devices 4 -> 8, "
+            "bandwidth_gbps of mlx5_1 100 -> 200\n") in out
+    assert ("note: dropped measured_gbps of mlx5_1: the link or its network changed since it "
+            "was measured; run orch cluster probe again\n") in out
+    assert cli.main(["plan", "configs/tiny.yaml", "--set", f"cluster={path}", "--set",
+                     "train.global_batch=32"]) == 0
