@@ -405,15 +405,22 @@ def _add_cluster_detect_parser(actions: argparse._SubParsersAction) -> None:
 
 
 def cmd_cluster_detect(args: argparse.Namespace) -> int:
+    import socket
     from pathlib import Path
 
     from orch.cluster.detect import detect_node
     from orch.cluster.write import render_cluster, write_node
     from orch.errors import ProblemsError
 
+    problems: list[Problem] = []
+    if args.name is not None and not args.name.strip():
+        problems.append(Problem("--name", f"{args.name!r} is empty", "pass this node's name as "
+                                "the description should list it, or leave --name out for the "
+                                f"host name ({socket.gethostname()})"))
     if args.append and not args.out:
-        raise ProblemsError([Problem("--append", "adds to the file given by --out",
-                                     "add --out FILE")], title="invalid arguments")
+        problems.append(Problem("--append", "adds to the file given by --out", "add --out FILE"))
+    if problems:
+        raise ProblemsError(problems, title="invalid arguments")
     node = detect_node(args.name)
     if not args.out:
         print(render_cluster({"nodes": [node.entry]}, node), end="")

@@ -268,7 +268,7 @@ def report(figures: list[NetworkFigures], nbytes: int) -> str:
         for index, (name, gbps) in enumerate(figure.p2p_gbps.items()):
             bus = f"{figure.allreduce_gbps:.3f} Gb/s" if index == 0 else ""
             lines.append(f"  {figure.network if index == 0 else '':<12}{name:<16}"
-                         f"{gbps:>11.3f} Gb/s{bus:>18}")
+                         f"{gbps:>11.3f} Gb/s{bus:>18}".rstrip())
     return "\n".join(lines)
 
 

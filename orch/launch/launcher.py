@@ -404,7 +404,7 @@ def _cluster_node(cfg: Config, given: str | None, problems: list[Problem]
         cluster = load_cluster(cfg.cluster)
     except OrchError:
         return None, None
-    return cluster, this_node(cluster, given, problems)
+    return cluster, this_node(cluster, given, problems, after="CONFIG")
 
 
 def _explain_world(problem: Problem, world: int, nodes: int, nproc: int, cluster: str

@@ -57,9 +57,12 @@ class NodeSettings:
                 f"{' '.join(filter(None, (chosen, kept)))}")
 
 
-def this_node(cluster: ClusterSpec, given: str | None, problems: list[Problem]) -> NodeSpec | None:
-    """The description's node this process runs on: ``given`` (``--node``), ``ORCH_NODE``, or
-    the host name; a problem when none of them names a node of ``cluster``."""
+def this_node(cluster: ClusterSpec, given: str | None, problems: list[Problem],
+              after: str = "") -> NodeSpec | None:
+    """The description's node this process runs on: ``given`` (``--node-name``),
+    ``ORCH_NODE``, or the host name; a problem when none of them names a node of ``cluster``.
+    ``after``: the positional argument ``--node-name`` must follow on the command line (launch's
+    CONFIG: torchrun's options come before it), none where it may go anywhere."""
     names = [node.name for node in cluster.nodes]
     host = socket.gethostname()
     name = given or os.environ.get(NODE_ENV) or host
@@ -68,10 +71,11 @@ def this_node(cluster: ClusterSpec, given: str | None, problems: list[Problem]) 
             return node
     source = ("--node-name" if given else NODE_ENV if os.environ.get(NODE_ENV)
               else "this host's name")
+    place = f" (after {after})" if after else ""
     problems.append(Problem("--node-name", f"{name!r} ({source}) is not a node of cluster "
                             f"{cluster.name} ({', '.join(names)})",
-                            "pass --node-name NAME (after CONFIG) with this machine's node in "
-                            "the description"))
+                            f"pass --node-name NAME{place} with this machine's node in the "
+                            "description"))
     return None
 
 

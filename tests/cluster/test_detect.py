@@ -464,3 +464,10 @@ nodes:
             "was measured; run orch cluster probe again\n") in out
     assert cli.main(["plan", "configs/tiny.yaml", "--set", f"cluster={path}", "--set",
                      "train.global_batch=32"]) == 0
+
+
+def test_an_empty_name_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """--name "" fell back to the host name without a word."""
+    assert cli.main(["cluster", "detect", "--name", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--name: '' is empty\n        fix: pass this node's name as the description" in err

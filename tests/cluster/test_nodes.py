@@ -69,7 +69,7 @@ def test_a_node_not_in_the_description_is_named_with_the_fix(tmp_path):
                       f"cluster={_cluster_file(tmp_path)}", "--set",
                       f"run.dir={tmp_path / 'run'}", "--node-name", "elsewhere"])
     assert "'elsewhere' (--node-name) is not a node of cluster two (here, there)" in text
-    assert "pass --node-name NAME" in text
+    assert "pass --node-name NAME (after CONFIG) with this machine's node" in text
 
 
 def test_a_node_name_without_a_cluster_is_refused(tmp_path):

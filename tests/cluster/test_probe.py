@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -201,3 +203,41 @@ def test_no_figures_never_rewrite_the_description(tmp_path):
     with pytest.raises(ValueError, match="nothing was measured"):
         write_measurements(path, [], path)
     assert path.read_text() == "# lab\n" + LOOP_PAIR
+
+
+def test_an_unknown_node_name_gets_the_probes_own_fix(tmp_path, capsys):
+    """The fix said '(after CONFIG)', launch's positional; probe's is CLUSTER, and there
+    --node-name may go anywhere."""
+    from orch.cli import main
+
+    path = tmp_path / "pair.yaml"
+    path.write_text(LOOP_PAIR)
+    assert main(["cluster", "probe", str(path), "--master-addr", "127.0.0.1", "--node-name",
+                 "n9"]) == 2
+    err = capsys.readouterr().err
+    assert "--node-name: 'n9' (--node-name) is not a node of cluster pair (n0, n1)" in err
+    assert "fix: pass --node-name NAME with this machine's node in the description" in err
+
+
+def test_the_readme_shows_the_probe_table_as_it_is_printed(monkeypatch):
+    """The README's header read 'probe of 4 MiB buffers (--mbytes 4), DATE:', which the probe
+    never printed: its table, rebuilt from the figures it shows, must be what report prints."""
+    import datetime
+
+    from orch.cluster import probe
+
+    text = (REPO / "README.md").read_text()
+    shown = text[text.index("\nprobe of ") + 1:]
+    shown = shown[:shown.index("\n```")]
+    head = re.fullmatch(r"probe of (\d+) MiB buffers, (\d{4}-\d\d-\d\d):", shown.splitlines()[0])
+    assert head, shown.splitlines()[0]
+    figures: list[NetworkFigures] = []
+    for row in shown.splitlines()[2:]:
+        network, node, p2p, bus = re.fullmatch(
+            r"  (\S*)\s+(\S+)\s+([\d.]+) Gb/s(?:\s+([\d.]+) Gb/s)?", row).groups()
+        if network:
+            figures.append(NetworkFigures(network, {}, float(bus)))
+        figures[-1].p2p_gbps[node] = float(p2p)
+    day = datetime.date.fromisoformat(head[2])
+    monkeypatch.setattr(probe, "datetime", SimpleNamespace(date=SimpleNamespace(today=lambda: day)))
+    assert probe.report(figures, int(head[1]) * 2**20) == shown
