@@ -49,9 +49,13 @@ demo: $(STAMP) $(AIO_STAMP)
 	@echo "== stopped at step 250 as if preempted; the same command resumes from its checkpoint =="
 	$(VENV)/bin/orch launch --nproc-per-node 2 configs/tiny.yaml --set run.dir=$(DEMO_DIR)
 
+# Two pytest workers (pytest-xdist), each a file at a time, so that a module's processes
+# and fixtures stay together: the suite's processes leave a core idle much of the time alone.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(AIO_STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 BENCH_STAMP := $(VENV)/.orch-bench
 

@@ -12,6 +12,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # ``make test`` runs two pytest workers side by side (pytest-xdist), one per core of the CI
+    # machine: each computes on one thread, and so do the launches it starts (orch launch keeps
+    # an OMP_NUM_THREADS it is given), since OpenMP threads that outnumber the cores wait on
+    # each other's barriers (measured: 0.5-8.2 s a step instead of 0.15; see
+    # tests/launch/test_omp_threads.py).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def count_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str], list[int]]:
