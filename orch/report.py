@@ -192,9 +192,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     checked before the output directory is made: a run directory it cannot read leaves no
     partial report behind. It is drawn in a directory of its own and put in place at the end,
     so a failure writing it (a full disk, a read-only mount) leaves none of it either: a
-    ``ReportError`` says why. It replaces only what an earlier report wrote (:data:`MARKER`):
-    a directory holding other files of the names it writes is refused, before anything is
-    drawn."""
+    ``ReportError`` says why. It replaces only what an earlier report wrote (:data:`MARKER`,
+    or :data:`REPORT_FILES` in a default directory without one): a directory holding other
+    files of the names it writes is refused, before anything is drawn."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -213,7 +213,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     copied = [timeline] if timeline.is_file() and plan.get("degrees", {}).get("pp", 1) > 1 else []
     written = [*(out / f"{name}.png" for name in plots), *(out / t.name for t in copied)]
     summary = _summary(run_dir, records, plan, written)
-    owned = _owned(out)
+    owned = _owned(out, given)
     _refuse_overwrite(out, given, [*(p.name for p in written), "summary.md"], owned)
     stage, inside = _staging(out, given)
     try:
@@ -271,12 +271,23 @@ MARKER = ".orch-report"
 replace."""
 
 
-def _owned(out: Path) -> set[str]:
+REPORT_FILES = ("loss.png", "throughput.png", "memory.png", "communication.png",
+                "pipeline_timeline.png", "summary.md")
+"""Every name a report may write: in a default ``RUN_DIR/report`` without a :data:`MARKER`,
+reported into by an orch older than the marker, these are the report's own (the directory is
+orch's)."""
+
+
+def _owned(out: Path, given: bool) -> set[str]:
     """The files of ``out`` that an earlier report wrote, as its :data:`MARKER` lists them:
-    none where there is no marker, or one that is not a list of plain file names (a name with a
+    where there is none, the :data:`REPORT_FILES` of the default output directory (an orch
+    older than the marker wrote them there: a report of such a run was refused) and none of a
+    user's ``--out``; none where the marker is not a list of plain file names (a name with a
     slash could reach outside ``out``)."""
     try:
         files = json.loads((out / MARKER).read_text())["files"]
+    except FileNotFoundError:
+        return set() if given else {n for n in REPORT_FILES if (out / n).is_file()}
     except (OSError, ValueError, TypeError, KeyError):
         return set()
     if not isinstance(files, list) or not all(
@@ -295,9 +306,9 @@ def _refuse_overwrite(out: Path, given: bool, names: list[str], owned: set[str])
     where = f"--out {out}" if given else f"{out}, the default output directory,"
     fix = ("give --out a new or empty directory, or remove those files (or the directory)" if given
            else "move those files out of the way, or give --out PATH")
-    raise ReportError(f"{where} holds {', '.join(clash)}, which the report would replace and "
-                      f"which no earlier orch report wrote (its {MARKER} file lists those); "
-                      f"nothing was written; fix: {fix}")
+    raise ReportError(f"{where} holds {', '.join(clash)} (written by you, or by an orch older "
+                      f"than the {MARKER} marker), which the report would replace; nothing was "
+                      f"written; fix: {fix}")
 
 
 def _mark(stage: Path, files: set[str]) -> Path:

@@ -603,9 +603,9 @@ def test_a_report_never_replaces_files_no_earlier_report_wrote(tmp_path, capsys,
         (out / MARKER).write_text(marker)
     assert main(["report", str(tmp_path), "--out", str(out)]) == 2
     clash = "loss.png" if marker == '{"files": ["summary.md"]}' else "loss.png, summary.md"
-    assert (f"orch report: --out {out} holds {clash}, which the report would replace and which "
-            f"no earlier orch report wrote (its {MARKER} file lists those); nothing was written; "
-            "fix: give --out a new or empty directory, or remove those files (or the directory)"
+    assert (f"orch report: --out {out} holds {clash} (written by you, or by an orch older than "
+            f"the {MARKER} marker), which the report would replace; nothing was written; fix: "
+            "give --out a new or empty directory, or remove those files (or the directory)"
             ) in capsys.readouterr().err
     assert (out / "summary.md").read_text() == "MY NOTES\n"
     assert (out / "loss.png").read_text() == "keep\n"
@@ -614,19 +614,47 @@ def test_a_report_never_replaces_files_no_earlier_report_wrote(tmp_path, capsys,
 
 
 def test_a_default_report_directory_of_other_files_is_refused_with_the_fix(tmp_path, capsys):
+    """A file of a report's name that the default directory's marker does not list."""
     import json
 
     from orch.cli import main
+    from orch.report import MARKER
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "memory.png").write_text("mine")
+    (tmp_path / "report" / MARKER).write_text('{"files": []}')
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert (f"orch report: {tmp_path / 'report'}, the default output directory, holds "
-            "memory.png, which the report would replace") in err
+            "memory.png (written by you, or by an orch older than the .orch-report marker), "
+            "which the report would replace") in err
     assert err.endswith("fix: move those files out of the way, or give --out PATH\n")
     assert (tmp_path / "report" / "memory.png").read_text() == "mine"
+
+
+def test_a_default_report_directory_of_an_orch_older_than_the_marker_is_replaced(tmp_path):
+    """``orch report RUN_DIR`` of a run an orch older than the marker reported (its
+    ``RUN_DIR/report`` holds the report's files and no marker) exited 2, saying they were
+    written by "no earlier orch report". That directory is orch's: the report's names in it are
+    replaced (an earlier report's communication.png it does not write is removed), other files
+    stay; a user's ``--out`` without a marker is still refused (above)."""
+    import json
+
+    from orch.report import MARKER, write_report
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1, comm_bytes={})) + "\n")
+    old = tmp_path / "report"
+    old.mkdir()
+    for name in ("loss.png", "throughput.png", "memory.png", "communication.png", "summary.md",
+                 "notes.txt"):
+        (old / name).write_text("older orch's")
+    written = write_report(tmp_path)
+    assert "communication.png" not in {p.name for p in written}
+    assert sorted(p.name for p in old.iterdir()) == sorted(
+        [MARKER, "notes.txt", *(p.name for p in written)])
+    assert "# Run report" in (old / "summary.md").read_text()
+    assert (old / "notes.txt").read_text() == "older orch's"
 
 
 def test_an_earlier_report_is_replaced_and_its_marker_lists_the_reports_files(tmp_path):
@@ -653,7 +681,7 @@ def test_a_report_directory_holds_the_latest_reports_files_alone(tmp_path):
     files no report wrote stay."""
     import json
 
-    from orch.report import MARKER, write_report
+    from orch.report import MARKER, REPORT_FILES, write_report
 
     pp, basic, out = tmp_path / "pp", tmp_path / "basic", tmp_path / "out"
     for run, changes in ((pp, {}), (basic, {"comm_bytes": {}})):
@@ -662,8 +690,9 @@ def test_a_report_directory_holds_the_latest_reports_files_alone(tmp_path):
     (pp / "plan.json").write_text(json.dumps({"world_size": 2, "device": "cpu",
                                               "degrees": {"pp": 2}}))
     (pp / "pipeline_timeline.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    assert {p.name for p in write_report(pp, out)} >= {"communication.png",
-                                                       "pipeline_timeline.png"}
+    names = {p.name for p in write_report(pp, out)}
+    assert names >= {"communication.png", "pipeline_timeline.png"}
+    assert names <= set(REPORT_FILES)  # the names a default directory without a marker owns
     (out / "notes.txt").write_text("mine")
     written = write_report(basic, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
