@@ -22,6 +22,7 @@ matplotlib (Agg, no display) is imported here only, never on the training path.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -213,8 +214,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     copied = [timeline] if timeline.is_file() and plan.get("degrees", {}).get("pp", 1) > 1 else []
     written = [*(out / f"{name}.png" for name in plots), *(out / t.name for t in copied)]
     summary = _summary(run_dir, records, plan, written)
-    owned = _owned(out, given)
-    _refuse_overwrite(out, given, [*(p.name for p in written), "summary.md"], owned)
+    names = [*(p.name for p in written), "summary.md"]
+    earlier = _earlier(out, given)
+    owned = _owned(out, earlier)
+    _refuse_overwrite(out, given, names, earlier, owned)
     stage, inside = _staging(out, given)
     try:
         steps = [r["step"] for r in records]
@@ -228,6 +231,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
         raise ReportError(_unwritten(out, given, exc)) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    if kept := [n for n in earlier if n not in owned and n not in names and (out / n).is_file()]:
+        print(f"orch report: kept {', '.join(kept)} in {out}: an earlier report wrote them and "
+              "this one does not, but they changed since, so they are yours now", file=sys.stderr)
     return [*written, out / "summary.md"]
 
 
@@ -266,10 +272,10 @@ def _new_directory(parent: Path, prefix: str) -> Path:
 
 
 MARKER = ".orch-report"
-"""The file by which a report directory says which of its files an ``orch report`` wrote (JSON:
-``{"written_by": "orch report", "files": [...]}``): those, and only those, a later report may
-replace."""
-
+"""The file by which a report directory says what an ``orch report`` wrote in it (JSON:
+``{"written_by": "orch report", "files": {NAME: [SHA256, ...]}}``, the sha256 of each file's
+contents as the report left them; two while a report replaces an earlier one's): those files,
+while they still hold those contents, and only those, a later report may replace."""
 
 REPORT_FILES = ("loss.png", "throughput.png", "memory.png", "communication.png",
                 "pipeline_timeline.png", "summary.md")
@@ -278,65 +284,93 @@ reported into by an orch older than the marker, these are the report's own (the 
 orch's)."""
 
 
-def _owned(out: Path, given: bool) -> set[str]:
-    """The files of ``out`` that an earlier report wrote, as its :data:`MARKER` lists them:
-    where there is none, the :data:`REPORT_FILES` of the default output directory (an orch
-    older than the marker wrote them there: a report of such a run was refused) and none of a
-    user's ``--out``; none where the marker is not a list of plain file names (a name with a
-    slash could reach outside ``out``)."""
+def _earlier(out: Path, given: bool) -> dict[str, list[str] | None]:
+    """What an earlier report wrote in ``out``: each file's name and the sha256 digests its
+    contents may have, as the :data:`MARKER` records them. Where there is no marker, the
+    :data:`REPORT_FILES` of the default output directory, with any contents (an orch older than
+    the marker wrote them there: a report of such a run was refused), and nothing of a user's
+    ``--out``; nothing where the marker is not such a record of plain file names (a name with
+    a slash could reach outside ``out``)."""
     try:
         files = json.loads((out / MARKER).read_text())["files"]
     except FileNotFoundError:
-        return set() if given else {n for n in REPORT_FILES if (out / n).is_file()}
+        return {} if given else dict.fromkeys(REPORT_FILES)
     except (OSError, ValueError, TypeError, KeyError):
-        return set()
-    if not isinstance(files, list) or not all(
-            isinstance(f, str) and f not in ("", ".", "..") and "/" not in f for f in files):
-        return set()
-    return set(files)
+        return {}
+    if not isinstance(files, dict) or not all(
+            name not in ("", ".", "..") and "/" not in name and isinstance(digests, list)
+            and all(isinstance(d, str) for d in digests) for name, digests in files.items()):
+        return {}
+    return files
 
 
-def _refuse_overwrite(out: Path, given: bool, names: list[str], owned: set[str]) -> None:
+def _sha256(path: Path) -> str:
+    """The hex sha256 of the file at ``path`` (a report's files are a few hundred KiB)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _owned(out: Path, earlier: dict[str, list[str] | None]) -> dict[str, str]:
+    """The files of ``out`` that still hold what an ``earlier`` report wrote, with their sha256:
+    a report's ``summary.md`` the user edited since was silently replaced (the marker listed
+    names alone)."""
+    owned = {}
+    for name, digests in earlier.items():
+        if (out / name).is_file():
+            digest = _sha256(out / name)
+            if digests is None or digest in digests:
+                owned[name] = digest
+    return owned
+
+
+def _refuse_overwrite(out: Path, given: bool, names: list[str],
+                      earlier: dict[str, list[str] | None], owned: dict[str, str]) -> None:
     """Refuse, before anything is drawn, a report whose files ``names`` would replace files of
-    ``out`` that no earlier report wrote (``owned``): a user's ``summary.md`` or ``loss.png`` in
-    ``--out`` was silently replaced."""
+    ``out`` that are not an ``earlier`` report's as it wrote them (``owned``): a user's
+    ``summary.md`` or ``loss.png`` in ``--out`` was silently replaced, and so was a report's
+    ``summary.md`` the user had edited."""
     clash = [n for n in names if n not in owned and os.path.lexists(out / n)]
     if not clash:
         return
+    why = {"changed since an orch report wrote them": [n for n in clash if earlier.get(n)],
+           f"written by you, or by an orch older than the {MARKER} marker":
+           [n for n in clash if not earlier.get(n)]}
+    held = " and ".join(f"{', '.join(files)} ({reason})" for reason, files in why.items() if files)
     where = f"--out {out}" if given else f"{out}, the default output directory,"
     fix = ("give --out a new or empty directory, or remove those files (or the directory)" if given
            else "move those files out of the way, or give --out PATH")
-    raise ReportError(f"{where} holds {', '.join(clash)} (written by you, or by an orch older "
-                      f"than the {MARKER} marker), which the report would replace; nothing was "
+    raise ReportError(f"{where} holds {held}, which the report would replace; nothing was "
                       f"written; fix: {fix}")
 
 
-def _mark(stage: Path, files: set[str]) -> Path:
-    """``stage/MARKER`` listing ``files`` as the report's own."""
+def _mark(stage: Path, files: dict[str, list[str]]) -> Path:
+    """``stage/MARKER`` recording ``files`` (name: sha256 digests) as the report's own."""
     path = stage / MARKER
-    path.write_text(json.dumps({"written_by": "orch report", "files": sorted(files)}) + "\n")
+    path.write_text(json.dumps({"written_by": "orch report", "files": dict(sorted(files.items()))})
+                    + "\n")
     return path
 
 
-def _publish(stage: Path, out: Path, inside: bool, owned: set[str]) -> None:
+def _publish(stage: Path, out: Path, inside: bool, owned: dict[str, str]) -> None:
     """Put the finished report of ``stage`` in place: when ``stage`` is ``inside`` ``out``, a
     directory already (it may hold other files), each file renamed into it, after a marker
-    that lists them with the files an earlier report wrote (``owned``: a report cut short
-    still owns what it put there); then the earlier report's files this one does not write are
-    removed (a pp run's ``communication.png`` and ``pipeline_timeline.png`` stayed beside the
-    next run's summary), and the marker lists this report's alone. Else ``stage``, with its
-    marker, renamed to ``out``."""
-    files = {p.name for p in stage.iterdir()}
+    that records them with the files an earlier report wrote (``owned``), each name with both
+    its earlier and its new contents' digests (a report cut short still owns what it put
+    there); then the earlier report's files this one does not write are removed (a pp run's
+    ``communication.png`` and ``pipeline_timeline.png`` stayed beside the next run's summary),
+    and the marker records this report's alone. Else ``stage``, with its marker, renamed to
+    ``out``."""
+    files = {p.name: _sha256(p) for p in stage.iterdir()}
     if not inside:
-        _mark(stage, files)
+        _mark(stage, {name: [digest] for name, digest in files.items()})
         os.rename(stage, out)
         return
-    os.replace(_mark(stage, owned | files), out / MARKER)
+    both = {name: sorted({owned.get(name), files.get(name)} - {None}) for name in owned | files}
+    os.replace(_mark(stage, both), out / MARKER)
     for name in sorted(files):
         os.replace(stage / name, out / name)
-    for name in sorted(owned - files):
+    for name in sorted(owned.keys() - files.keys()):
         (out / name).unlink(missing_ok=True)
-    os.replace(_mark(stage, files), out / MARKER)
+    os.replace(_mark(stage, {name: [digest] for name, digest in files.items()}), out / MARKER)
 
 
 def _unwritten(out: Path, given: bool, exc: OSError) -> str:

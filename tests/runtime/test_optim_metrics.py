@@ -543,7 +543,7 @@ def test_a_report_that_cannot_be_written_leaves_none_of_it_and_says_why(tmp_path
         out.mkdir()
         (out / "notes.txt").write_text("mine")
         (out / "loss.png").write_bytes(b"old")
-        (out / MARKER).write_text('{"files": ["loss.png"]}')
+        (out / MARKER).write_text(json.dumps({"files": {"loss.png": [_sha256(b"old")]}}))
     save, saved = orch.report._save, []
 
     def full_disk(fig, path):
@@ -582,13 +582,32 @@ def test_a_report_into_an_existing_directory_keeps_its_other_files(tmp_path):
         ["notes.txt", MARKER, *(p.name for p in written)])
 
 
-@pytest.mark.parametrize("marker", [None, '{"files": ["summary.md"]}',
-                                    '{"files": ["../loss.png", "summary.md"]}', "not json"])
-def test_a_report_never_replaces_files_no_earlier_report_wrote(tmp_path, capsys, marker):
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+_YOURS = "(written by you, or by an orch older than the .orch-report marker)"
+_CHANGED = "(changed since an orch report wrote them)"
+
+
+@pytest.mark.parametrize("marker, clash", [
+    (None, f"loss.png, summary.md {_YOURS}"),
+    ({"summary.md": [_sha256(b"MY NOTES\n")]}, f"loss.png {_YOURS}"),
+    ({"../loss.png": [_sha256(b"keep\n")], "summary.md": [_sha256(b"MY NOTES\n")]},
+     f"loss.png, summary.md {_YOURS}"),
+    ({"summary.md": [_sha256(b"MY NOTES\n")], "loss.png": [_sha256(b"earlier\n")]},
+     f"loss.png {_CHANGED}"),
+    ({"summary.md": [_sha256(b"earlier\n")]}, f"summary.md {_CHANGED} and loss.png {_YOURS}"),
+    (["loss.png", "summary.md"], f"loss.png, summary.md {_YOURS}"),
+    ("not json", f"loss.png, summary.md {_YOURS}")])
+def test_a_report_never_replaces_files_no_earlier_report_wrote(tmp_path, capsys, marker, clash):
     """``--out DIR`` holding the user's ``summary.md`` and ``loss.png`` said "wrote 4 files" and
-    had replaced both. Only files an earlier report's marker lists may be replaced: none without
-    a marker (or with one that is not a list of plain names), not loss.png where it lists
-    summary.md alone (a file the user put beside a report)."""
+    had replaced both. Only files an earlier report's marker records, still holding what it
+    wrote (the marker's sha256), may be replaced: none without a marker (or with one that is not
+    a record of plain names and digests), not loss.png where it records summary.md alone (a file
+    the user put beside a report), not loss.png the user changed since the report wrote it."""
     import json
 
     from orch.cli import main
@@ -600,13 +619,12 @@ def test_a_report_never_replaces_files_no_earlier_report_wrote(tmp_path, capsys,
     (out / "summary.md").write_text("MY NOTES\n")
     (out / "loss.png").write_text("keep\n")
     if marker is not None:
-        (out / MARKER).write_text(marker)
+        (out / MARKER).write_text(marker if isinstance(marker, str)
+                                  else json.dumps({"files": marker}))
     assert main(["report", str(tmp_path), "--out", str(out)]) == 2
-    clash = "loss.png" if marker == '{"files": ["summary.md"]}' else "loss.png, summary.md"
-    assert (f"orch report: --out {out} holds {clash} (written by you, or by an orch older than "
-            f"the {MARKER} marker), which the report would replace; nothing was written; fix: "
-            "give --out a new or empty directory, or remove those files (or the directory)"
-            ) in capsys.readouterr().err
+    assert (f"orch report: --out {out} holds {clash}, which the report would replace; nothing "
+            "was written; fix: give --out a new or empty directory, or remove those files (or the "
+            "directory)") in capsys.readouterr().err
     assert (out / "summary.md").read_text() == "MY NOTES\n"
     assert (out / "loss.png").read_text() == "keep\n"
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -623,7 +641,7 @@ def test_a_default_report_directory_of_other_files_is_refused_with_the_fix(tmp_p
     (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "memory.png").write_text("mine")
-    (tmp_path / "report" / MARKER).write_text('{"files": []}')
+    (tmp_path / "report" / MARKER).write_text('{"files": {}}')
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert (f"orch report: {tmp_path / 'report'}, the default output directory, holds "
@@ -657,7 +675,7 @@ def test_a_default_report_directory_of_an_orch_older_than_the_marker_is_replaced
     assert (old / "notes.txt").read_text() == "older orch's"
 
 
-def test_an_earlier_report_is_replaced_and_its_marker_lists_the_reports_files(tmp_path):
+def test_an_earlier_report_is_replaced_and_its_marker_records_the_reports_files(tmp_path):
     import json
 
     from orch.report import MARKER, write_report
@@ -666,12 +684,43 @@ def test_an_earlier_report_is_replaced_and_its_marker_lists_the_reports_files(tm
     out = tmp_path / "out"
     first = write_report(tmp_path, out)
     (out / "notes.txt").write_text("mine")
-    (out / "summary.md").write_text("an earlier summary")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(2)) + "\n")
     second = write_report(tmp_path, out)
-    assert first == second and "# Run report" in (out / "summary.md").read_text()
+    assert first == second and "last step 2 of 4" in (out / "summary.md").read_text()
     assert json.loads((out / MARKER).read_text()) == {
-        "written_by": "orch report", "files": sorted(p.name for p in second)}
+        "written_by": "orch report",
+        "files": {p.name: [_sha256(p.read_bytes())] for p in sorted(second)}}
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_reports_file_changed_since_is_neither_replaced_nor_removed(tmp_path, capsys):
+    """The marker listed the report's names alone: a report's ``summary.md`` the user had edited
+    was replaced by the next report without a word. The marker records each file's sha256 now:
+    a changed file the new report would write is refused, one it does not write (an earlier
+    pp run's ``communication.png``) is kept, said on stderr, and no longer the report's."""
+    import json
+
+    from orch.cli import main
+    from orch.report import MARKER, write_report
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n")
+    out = tmp_path / "out"
+    write_report(tmp_path, out)
+    (out / "summary.md").write_text("my edits")
+    assert main(["report", str(tmp_path), "--out", str(out)]) == 2
+    assert (f"holds summary.md {_CHANGED}, which the report would replace; nothing was written"
+            ) in capsys.readouterr().err
+    assert (out / "summary.md").read_text() == "my edits"
+    (out / "summary.md").unlink()
+    (out / "communication.png").write_text("my edits")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1, comm_bytes={})) + "\n")
+    written = write_report(tmp_path, out)
+    assert (out / "communication.png").read_text() == "my edits"
+    assert (f"orch report: kept communication.png in {out}: an earlier report wrote them and this "
+            "one does not, but they changed since, so they are yours now"
+            ) in capsys.readouterr().err
+    assert sorted(json.loads((out / MARKER).read_text())["files"]) == sorted(
+        p.name for p in written)
 
 
 def test_a_report_directory_holds_the_latest_reports_files_alone(tmp_path):
@@ -698,7 +747,8 @@ def test_a_report_directory_holds_the_latest_reports_files_alone(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [MARKER, "notes.txt", *(p.name for p in written)])
     assert "communication.png" not in {p.name for p in written}
-    assert json.loads((out / MARKER).read_text())["files"] == sorted(p.name for p in written)
+    assert sorted(json.loads((out / MARKER).read_text())["files"]) == sorted(
+        p.name for p in written)
 
 
 def test_the_memory_plot_of_many_ranks_is_a_band_not_a_legend_of_each(tmp_path, monkeypatch):
