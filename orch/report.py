@@ -563,9 +563,11 @@ def _summary(run_dir: Path, records: list[dict], plan: dict[str, Any],
 
 def _offload_peak(records: list[dict]) -> str | None:
     """The summary's line for an offloaded run: the most the offload engine placed on the
-    device at once, over the logged steps and the replicas' readings, against that step's
-    ``offload.device_budget`` (the figure an offloaded run is about; the memory line's is the
-    process's resident set on CPU), or None for a run that did not offload."""
+    device at once against that step's ``offload.device_budget``, from the reading, over the
+    logged steps and the replicas, that is the highest share of its budget (a run resumed under
+    another budget has two; how near the budget it came is the figure an offloaded run is about;
+    the memory line's is the process's resident set on CPU), or None for a run that did not
+    offload."""
     figures = [o for r in records
                for o in (r.get("offload"), *(d.get("offload") for d in r.get("devices") or []))
                if o is not None]

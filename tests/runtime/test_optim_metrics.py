@@ -480,6 +480,25 @@ def test_an_offloaded_runs_summary_names_its_tiers_transfers_and_device_peak(tmp
     assert all(line in summary for line in said), summary
 
 
+def test_the_offload_device_peak_is_the_reading_nearest_its_budget_as_the_readme_says(tmp_path):
+    """The README said the device peak is "the highest of its records'
+    ``offload.device_peak_bytes``"; the report takes the reading that is the highest share of its
+    own budget (a run resumed under a larger budget: 3 of 4 MiB, 75%, then 5 of 8 MiB, 62%),
+    which is what the line is about. The README says so now."""
+    import json
+
+    from orch.report import write_report
+
+    rows = [_record(1, offload=_offload(3 << 20, 4 << 20)),
+            _record(2, offload=_offload(5 << 20, 8 << 20))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ("- offload: device peak 3.0 MiB of the 4.0 MiB device budget (75%; "
+            "offload.device_budget)\n") in write_report(tmp_path)[-1].read_text()
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    assert ("`offload.device_budget` (of its records' `offload.device_peak_bytes`, the reading "
+            "that is the highest share of its own `offload.device_budget_bytes`") in readme
+
+
 @pytest.mark.parametrize("rate, said", [
     (0.0, "0.0"), (4.24, "4.2"), (9.94, "9.9"), (9.96, "10"), (42.4, "42"), (999.4, "999"),
     (999.6, "1.0k"), (48_200, "48.2k"), (999_940, "999.9k"), (999_960, "1.00M"),
