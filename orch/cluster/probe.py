@@ -4,7 +4,9 @@
 time, as a launch does (one process per node; the first node listed holds the rendezvous store,
 so ``A`` is its address). Each process is the node of the description it runs on (``--node-name``,
 ``ORCH_NODE`` or the host name, as for ``orch launch``); its rank is the node's place in the list.
-A node waits ``--timeout`` seconds for the others to join, then stops with the nodes missing.
+A node waits ``--timeout`` seconds for the others to join, then stops with the nodes missing;
+the gloo group itself gets at least ``GLOO_TIMEOUT_S`` (its connection and every collective on
+it, such as the gather that waits for the slowest network's timings, take that long at most).
 For every network with two or more nodes, a gloo group of those nodes is made on that network's
 interfaces (``GLOO_SOCKET_IFNAME`` at creation, as ``orch.parallel.interfaces`` does for
 training), and two things are timed over it:
@@ -48,6 +50,11 @@ DEFAULT_BYTES = 16 * 2**20
 _JOINED = "orch-probe/joined/"
 """Store key prefix; each node sets ``<prefix><rank>`` once it is in."""
 _POLL_S = 0.2
+GLOO_TIMEOUT_S = 300.0
+"""The least timeout of the probe's gloo group. ``--timeout`` says how long a node waits for the
+others to join; as the group's timeout it also bounded every transfer timed on it, so
+``--timeout 10 --mbytes 2048`` on a slow network ended mid-transfer with a traceback (a node
+outside a network waits in the final gather while the others time it)."""
 
 
 @dataclass(frozen=True)
@@ -104,19 +111,21 @@ def probe_problems(cluster: ClusterSpec, path: str) -> list[Problem]:
 def probe(cluster: ClusterSpec, node: NodeSpec, address: str, port: int, timeout_s: float,
           nbytes: int = DEFAULT_BYTES, repeats: int = 3) -> list[NetworkFigures] | None:
     """Run this node's part of the probe; the first node gets every network's figures, the
-    others None. A node that waits over ``timeout_s`` for the others raises an OrchError."""
+    others None. A node that waits over ``timeout_s`` for the others raises an OrchError; gloo's
+    connection and collectives get ``max(timeout_s, GLOO_TIMEOUT_S)``."""
     rank = [n.name for n in cluster.nodes].index(node.name)
     world = len(cluster.nodes)
     shared = Topology.from_cluster(cluster).network_link(range(world)).network
     os.environ["GLOO_SOCKET_IFNAME"] = node.interface_on(shared)
     store = _join(cluster, rank, address, port, timeout_s)
+    gloo_s = max(timeout_s, GLOO_TIMEOUT_S)
     try:
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
+                                timeout=timedelta(seconds=gloo_s))
     except dist.DistError as exc:
         raise _not_started(
             f"node {node.name}", f"every node joined, but gloo could not connect them over "
-            f"interface {os.environ['GLOO_SOCKET_IFNAME']!r} within {timeout_s:g} s "
+            f"interface {os.environ['GLOO_SOCKET_IFNAME']!r} within {gloo_s:g} s "
             f"({str(exc).splitlines()[0]})",
             f"check that each node's 'interface' on network {shared!r} in "
             f"{cluster.source or cluster.name} "

@@ -146,13 +146,20 @@ def test_a_timeout_under_a_second_is_refused_with_the_other_flags(tmp_path, caps
 
 def test_nodes_that_joined_but_cannot_connect_over_their_interface_are_told_so(
         tmp_path, monkeypatch):
-    """gloo's own connection (after the store) failing was a traceback too."""
+    """gloo's own connection (after the store) failing was a traceback too. The group's timeout
+    is not --timeout (3 s here, how long a node waits for the others) but at least 5 minutes:
+    as --timeout, it also bounded every transfer timed on it."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     from orch.cluster import probe
     from orch.errors import ProblemsError
 
-    def refuse(*args, **kwargs):
+    timeouts = []
+
+    def refuse(*args, timeout, **kwargs):
+        timeouts.append(timeout)
         raise dist.DistBackendError("Gloo connectFullMesh failed with timeout\nmore")
 
     path = tmp_path / "pair.yaml"
@@ -165,9 +172,10 @@ def test_nodes_that_joined_but_cannot_connect_over_their_interface_are_told_so(
         probe.probe(cluster, cluster.nodes[1], "127.0.0.1", _free_port(), 3)
     assert str(raised.value.problems[0]) == (
         "node n1: every node joined, but gloo could not connect them over interface 'lo' within "
-        "3 s (Gloo connectFullMesh failed with timeout)\n    fix: check that each node's "
+        "300 s (Gloo connectFullMesh failed with timeout)\n    fix: check that each node's "
         f"'interface' on network 'loop' in {path} has an address the other nodes reach (not lo, "
         "on more than one machine)")
+    assert timeouts == [timedelta(seconds=300)]
 
 
 @pytest.mark.parametrize("text, said", [
