@@ -164,11 +164,30 @@ def _join(cluster: ClusterSpec, rank: int, address: str, port: int,
                           f"node {cluster.nodes[rank].name} could not reach the probe's store "
                           f"at {address}:{port}, which node {cluster.nodes[0].name} (the first "
                           f"listed) holds, within {timeout_s:g} s")
-    store = dist.TCPStore(address, port, len(cluster.nodes), rank == 0,
-                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-    store.set(f"{_JOINED}{rank}", cluster.nodes[rank].name)
+    try:
+        store = dist.TCPStore(address, port, len(cluster.nodes), rank == 0,
+                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        store.set(f"{_JOINED}{rank}", cluster.nodes[rank].name)
+    except dist.DistError as exc:
+        raise _no_store(cluster, rank, address, port, timeout_s, exc) from None
     _wait_for_all(store, cluster, address, port, timeout_s, deadline)
     return store
+
+
+def _no_store(cluster: ClusterSpec, rank: int, address: str, port: int, timeout_s: float,
+              exc: dist.DistError) -> ProblemsError:
+    """The error of a node that could not hold (the first) or enter (the others) the store: a
+    taken ``--master-port`` (a probe still running, another job) was a ``DistNetworkError
+    ... EADDRINUSE`` traceback on the first node."""
+    why = str(exc).splitlines()[0]
+    if rank == 0:
+        return _not_started("--master-port", f"node {cluster.nodes[0].name} could not hold the "
+                            f"probe's store on port {port} ({why}): the port is in use on this "
+                            "machine (a probe still running, another job)",
+                            "pass another --master-port, the same on every node")
+    return _not_joined(cluster, address, port, timeout_s,
+                       f"node {cluster.nodes[rank].name} reached {address}:{port} but could not "
+                       f"join the probe's store there ({why})")
 
 
 def _wait_for_all(store: dist.TCPStore, cluster: ClusterSpec, address: str, port: int,

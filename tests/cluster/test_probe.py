@@ -249,3 +249,46 @@ def test_the_readme_shows_the_probe_table_as_it_is_printed(monkeypatch):
     day = datetime.date.fromisoformat(head[2])
     monkeypatch.setattr(probe, "datetime", SimpleNamespace(date=SimpleNamespace(today=lambda: day)))
     assert probe.report(figures, int(head[1]) * 2**20) == shown
+
+
+def test_a_master_port_in_use_is_named_with_another_to_pass(tmp_path, capsys, monkeypatch):
+    """The first node's store could not listen on a taken --master-port (a probe still running,
+    another job): a DistNetworkError traceback ending in EADDRINUSE."""
+    from orch.cli import main
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)  # restored after: probe sets it
+    path = tmp_path / "pair.yaml"
+    path.write_text(LOOP_PAIR)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["cluster", "probe", str(path), "--master-addr", "127.0.0.1",
+                     "--master-port", str(port), "--node-name", "n0", "--timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "the probe did not run" in err and "Traceback" not in err
+    assert (f"--master-port: node n0 could not hold the probe's store on port {port} (") in err
+    assert "EADDRINUSE" in err and "the port is in use on this machine" in err
+    assert "fix: pass another --master-port, the same on every node" in err
+
+
+def test_a_node_the_store_turns_away_is_told_where_and_why(tmp_path, monkeypatch):
+    """A node whose port check passed but whose store client failed had a traceback too."""
+    import torch.distributed as dist
+
+    from orch.cluster import probe
+    from orch.errors import ProblemsError
+
+    def refuse(*args, **kwargs):
+        raise dist.DistNetworkError("Connection reset by peer\nmore")
+
+    path = tmp_path / "pair.yaml"
+    path.write_text(LOOP_PAIR)
+    cluster = load_cluster(path)
+    monkeypatch.setattr(probe, "_port_answers", lambda *args: True)
+    monkeypatch.setattr(dist, "TCPStore", refuse)
+    with pytest.raises(ProblemsError) as raised:
+        probe._join(cluster, 1, "127.0.0.1", 29779, 3)
+    assert str(raised.value.problems[0]).startswith(
+        "--master-addr/--master-port: node n1 reached 127.0.0.1:29779 but could not join the "
+        "probe's store there (Connection reset by peer)\n    fix: start orch cluster probe")
