@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import copy
 import datetime
-import os
 import socket
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from orch.errors import Problem, ProblemsError
+from orch.parallel.interfaces import gloo_interface
 from orch.plan.cluster import ClusterSpec, NodeSpec
 from orch.plan.topology import Topology
 
@@ -116,38 +117,45 @@ def probe(cluster: ClusterSpec, node: NodeSpec, address: str, port: int, timeout
     rank = [n.name for n in cluster.nodes].index(node.name)
     world = len(cluster.nodes)
     shared = Topology.from_cluster(cluster).network_link(range(world)).network
-    os.environ["GLOO_SOCKET_IFNAME"] = node.interface_on(shared)
-    store = _join(cluster, rank, address, port, timeout_s)
-    gloo_s = max(timeout_s, GLOO_TIMEOUT_S)
-    try:
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=gloo_s))
-    except dist.DistError as exc:
-        raise _not_started(
-            f"node {node.name}", f"every node joined, but gloo could not connect them over "
-            f"interface {os.environ['GLOO_SOCKET_IFNAME']!r} within {gloo_s:g} s "
-            f"({str(exc).splitlines()[0]})",
-            f"check that each node's 'interface' on network {shared!r} in "
-            f"{cluster.source or cluster.name} "
-            "has an address the other nodes reach (not lo, on more than one machine)") from None
-    try:
-        groups = {}
-        for network, nodes in members(cluster).items():  # every rank makes every group
-            if rank in nodes:
-                os.environ["GLOO_SOCKET_IFNAME"] = node.interface_on(network)
-            groups[network] = (nodes, dist.new_group(nodes, backend="gloo"))
-        os.environ["GLOO_SOCKET_IFNAME"] = node.interface_on(shared)
-        mine = {net: _measure(nodes, group, rank, nbytes, repeats)
-                for net, (nodes, group) in groups.items() if rank in nodes}
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, mine)
-    finally:
-        dist.destroy_process_group()
+    with gloo_interface(node.interface_on(shared)):  # the default group's; restored after
+        store = _join(cluster, rank, address, port, timeout_s)
+        gloo_s = max(timeout_s, GLOO_TIMEOUT_S)
+        try:
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=gloo_s))
+        except dist.DistError as exc:
+            raise _not_started(
+                f"node {node.name}", f"every node joined, but gloo could not connect them over "
+                f"interface {node.interface_on(shared)!r} within {gloo_s:g} s "
+                f"({str(exc).splitlines()[0]})",
+                f"check that each node's 'interface' on network {shared!r} in "
+                f"{cluster.source or cluster.name} "
+                "has an address the other nodes reach (not lo, on more than one machine)"
+            ) from None
+        try:
+            groups = _network_groups(cluster, node, rank)
+            mine = {net: _measure(nodes, group, rank, nbytes, repeats)
+                    for net, (nodes, group) in groups.items() if rank in nodes}
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, mine)
+        finally:
+            dist.destroy_process_group()
     if rank != 0:
         return None
     return [NetworkFigures(net, {cluster.nodes[r].name: gathered[r][net][0] for r in nodes},
                            gathered[nodes[0]][net][1])
             for net, (nodes, _) in groups.items()]
+
+
+def _network_groups(cluster: ClusterSpec, node: NodeSpec,
+                    rank: int) -> dict[str, tuple[list[int], dist.ProcessGroup]]:
+    """Each network's nodes and gloo group, made by every rank (as ``new_group`` requires), a
+    member on its interface on that network."""
+    groups = {}
+    for network, nodes in members(cluster).items():
+        with gloo_interface(node.interface_on(network)) if rank in nodes else nullcontext():
+            groups[network] = (nodes, dist.new_group(nodes, backend="gloo"))
+    return groups
 
 
 def _join(cluster: ClusterSpec, rank: int, address: str, port: int,

@@ -148,6 +148,22 @@ def interface_chooser(cluster: ClusterSpec, plan: Plan, node: str
 
 
 @contextmanager
+def gloo_interface(interface: str) -> Iterator[None]:
+    """Within the block, ``GLOO_SOCKET_IFNAME`` is ``interface``; after it, what it was (unset
+    where it was unset). gloo reads it when a group is made, so a value left behind would pick
+    the interface of every later group of the process (and of the tests after it)."""
+    before = os.environ.get("GLOO_SOCKET_IFNAME")
+    os.environ["GLOO_SOCKET_IFNAME"] = interface
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
+        else:
+            os.environ["GLOO_SOCKET_IFNAME"] = before
+
+
+@contextmanager
 def pin_gloo_groups(choose: Callable[[list[int]], str | None]) -> Iterator[None]:
     """Within the block, make each gloo group with ``GLOO_SOCKET_IFNAME`` set by ``choose``."""
     original = c10d._new_process_group_helper
@@ -158,16 +174,9 @@ def pin_gloo_groups(choose: Callable[[list[int]], str | None]) -> Iterator[None]
         if interface is None or str(backend) != "gloo":
             return original(group_size, group_rank, global_ranks_in_group, backend, *args,
                             **kwargs)
-        before = os.environ.get("GLOO_SOCKET_IFNAME")
-        os.environ["GLOO_SOCKET_IFNAME"] = interface
-        try:
+        with gloo_interface(interface):
             return original(group_size, group_rank, global_ranks_in_group, backend, *args,
                             **kwargs)
-        finally:
-            if before is None:
-                os.environ.pop("GLOO_SOCKET_IFNAME", None)
-            else:
-                os.environ["GLOO_SOCKET_IFNAME"] = before
 
     c10d._new_process_group_helper = helper
     try:
@@ -176,5 +185,5 @@ def pin_gloo_groups(choose: Callable[[list[int]], str | None]) -> Iterator[None]
         c10d._new_process_group_helper = original
 
 
-__all__ = ["agree_on_placement", "cluster_placement", "interface_chooser", "pin_gloo_groups",
-           "place_rank", "placement_problems", "planned_rank"]
+__all__ = ["agree_on_placement", "cluster_placement", "gloo_interface", "interface_chooser",
+           "pin_gloo_groups", "place_rank", "placement_problems", "planned_rank"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -114,10 +115,12 @@ def _free_port() -> int:
            "first listed) holds, within 1 s"),
 ])
 def test_a_node_that_never_joins_ends_the_probe_after_timeout_with_the_count(
-        tmp_path, capsys, node, said):
-    """Node n0 alone waited 5 minutes, then died with a DistStoreError traceback (exit 1)."""
+        tmp_path, capsys, monkeypatch, node, said):
+    """Node n0 alone waited 5 minutes, then died with a DistStoreError traceback (exit 1). The
+    probe's GLOO_SOCKET_IFNAME (lo) stayed set after it, into the worker's later tests."""
     from orch.cli import main
 
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)  # restored after, whatever probe does
     path, port = tmp_path / "pair.yaml", _free_port()
     path.write_text(LOOP_PAIR)
     start = time.monotonic()
@@ -130,6 +133,7 @@ def test_a_node_that_never_joins_ends_the_probe_after_timeout_with_the_count(
             "each other, each with --master-addr the address of node n0 (the first listed; "
             f"127.0.0.1 here) and the same --master-port ({port})") in err
     assert "Traceback" not in err and yaml.safe_load(path.read_text()) == yaml.safe_load(LOOP_PAIR)
+    assert "GLOO_SOCKET_IFNAME" not in os.environ
 
 
 def test_a_timeout_under_a_second_is_refused_with_the_other_flags(tmp_path, capsys):
