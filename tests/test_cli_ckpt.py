@@ -520,3 +520,20 @@ def test_export_to_an_empty_out_says_it_is_empty(run, capsys):
     err = capsys.readouterr().err
     assert "cannot export (1 problem):\n  - OUT: is empty\n" in err and "- .:" not in err, err
     assert "fix: give the directory to create" in err
+
+
+def test_a_tensor_without_a_hf_key_is_refused_not_left_out(run, tmp_path, monkeypatch, capsys):
+    """Every tensor ours_to_hf gave no key for was filtered out with the tied head: an export
+    without it, and no word. Here the final norm stands for a parameter the mapping lacks."""
+    from orch.models import hf_export
+
+    real = hf_export.ours_to_hf
+    monkeypatch.setattr(hf_export, "ours_to_hf", lambda fqn: None if fqn == "norm.weight"
+                        else real(fqn))
+    assert main(["ckpt", "export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot export" in err and "Traceback" not in err
+    assert ("model.norm.weight: has no LlamaForCausalLM key (orch.models.hf.ours_to_hf maps "
+            "none), so the export would leave it out") in err
+    assert not (tmp_path / "hf").exists()
+    assert hf_export.hf_name("model.output.weight", tied=True) is None  # HF keeps one copy

@@ -259,11 +259,19 @@ def _damage(path: Path, manifest: Manifest) -> list[str]:
 
 def hf_name(name: str, tied: bool) -> str | None:
     """The ``LlamaForCausalLM`` key of checkpoint tensor ``name`` (``model.<our fqn>``); None
-    for the head of a tied model (HF stores the embedding once)."""
+    for the head of a tied model (HF stores the embedding once), the one tensor the export
+    leaves out. ProblemsError for a tensor ``ours_to_hf`` has no key for: the export would have
+    dropped it without a word (a model parameter the mapping does not know yet)."""
     fqn = name.removeprefix(MODEL_PREFIX)
     if tied and fqn == "output.weight":
         return None
-    return ours_to_hf(fqn)
+    if (hf := ours_to_hf(fqn)) is None:
+        raise ProblemsError([Problem(name, "has no LlamaForCausalLM key (orch.models.hf."
+                                     "ours_to_hf maps none), so the export would leave it out",
+                                     "keep this model in orch's own checkpoints: HuggingFace "
+                                     "export covers the parameters of orch's dense Llama only")],
+                            title="cannot export")
+    return hf
 
 
 def _unwritable(parent: Path) -> list[Problem]:
