@@ -167,21 +167,27 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
 
 def _orch_checkpoint_fix(path: Path) -> str | None:
     """The fix for ``model.init_from`` naming an orch checkpoint (``manifest.json``, DCP's
-    ``.metadata``) or run directory (``checkpoints/``), None for any other directory: those
-    were told only to use a directory written by save_pretrained, not how to use the one they
-    have. Imported here: the checkpoint package pulls in DCP, which the launcher's checks
+    ``.metadata``), run directory (``checkpoints/``) or a run's ``checkpoints/`` folder (by its
+    name, or the step directories it holds), None for any other directory: those were told only
+    to use a directory written by save_pretrained, not how to use the one they have. One with
+    no complete checkpoint gets no command: ``--resume`` and ``orch ckpt export`` refuse it
+    too. Imported here: the checkpoint package pulls in DCP, which the launcher's checks
     otherwise never need."""
     from orch.runtime.checkpoint.browse import newest_complete
-    from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST
+    from orch.runtime.checkpoint.files import CHECKPOINTS, MANIFEST, step_dirs
     from orch.runtime.checkpoint.manifest import INDEX, CheckpointError
 
-    if not ((path / MANIFEST).is_file() or (path / INDEX).is_file()
-            or (path / CHECKPOINTS).is_dir()):
+    if not path.is_dir() or not ((path / MANIFEST).is_file() or (path / INDEX).is_file()
+                                 or (path / CHECKPOINTS).is_dir() or path.name == CHECKPOINTS
+                                 or any(step_dirs(path))):
         return None
     try:
         checkpoint = newest_complete(path)
-    except CheckpointError:  # none complete: name the directory itself
-        checkpoint = path
+    except CheckpointError:
+        return ("it is an orch checkpoint or run directory, which init_from does not read, and "
+                "holds no complete checkpoint (none has its manifest.json: no save finished), "
+                "so --resume and orch ckpt export refuse it too: point init_from at a directory "
+                "written by save_pretrained, or export a complete checkpoint of a run")
     return (f"it is an orch checkpoint or run directory, which init_from does not read: "
             f"continue it with --resume {checkpoint} (weights, optimizer and step), or start "
             f"from its weights alone with orch ckpt export {path} --to hf OUT and "

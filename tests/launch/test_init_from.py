@@ -75,16 +75,28 @@ def test_missing_or_foreign_directories_are_refused(tmp_path, checkpoint):
     step = tmp_path / "run" / "checkpoints" / "step-00000004"
     step.mkdir(parents=True)
     (step / "manifest.json").write_text("{}")
-    (tmp_path / "dcp").mkdir()
-    (tmp_path / "dcp" / ".metadata").write_bytes(b"")
-    for given, resume in ((step, step), (tmp_path / "run", step),
-                          (tmp_path / "dcp", tmp_path / "dcp")):
+    # a run's checkpoints/ folder got the save_pretrained advice alone
+    for given in (step, tmp_path / "run", tmp_path / "run" / "checkpoints"):
         (problem,) = init_from_problems(tiny(init_from=str(given)))
         assert problem.message == f"{str(given)!r} has no config.json", problem
         assert problem.fix == "it is an orch checkpoint or run directory, which init_from " \
-            f"does not read: continue it with --resume {resume} (weights, optimizer and step), " \
+            f"does not read: continue it with --resume {step} (weights, optimizer and step), " \
             f"or start from its weights alone with orch ckpt export {given} --to hf OUT and " \
             "model.init_from=OUT", problem
+    # none complete: the fix offered --resume and orch ckpt export, which refuse them too
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(b"")
+    unfinished = tmp_path / "new" / "checkpoints" / "step-00000002"
+    unfinished.mkdir(parents=True)
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    for given in (tmp_path / "dcp", tmp_path / "new", unfinished.parent,
+                  tmp_path / "fresh" / "checkpoints"):
+        (problem,) = init_from_problems(tiny(init_from=str(given)))
+        assert problem.fix == "it is an orch checkpoint or run directory, which init_from " \
+            "does not read, and holds no complete checkpoint (none has its manifest.json: no " \
+            "save finished), so --resume and orch ckpt export refuse it too: point init_from " \
+            "at a directory written by save_pretrained, or export a complete checkpoint of a " \
+            "run", (given, problem)
     path, _ = checkpoint
     config = json.loads((path / "config.json").read_text())
     other = tmp_path / "biased"
