@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -951,6 +952,13 @@ def test_a_damaged_checkpoints_fix_sets_it_aside_never_deletes_it(tmp_path) -> N
     fixes.append(damaged(saved, [f"{saved / '.metadata'}: sha256 differs"]).problem.fix)
     aside = ("--resume auto passes over this one, and moves it aside when its step is saved "
              f"again; to set it aside now, rename it rather than delete it: mv {saved} "
-             f"{saved}.damaged")
+             f"{saved}.damaged-$(date +%Y%m%dT%H%M%S)")  # .damaged: into one set aside before
     for fix in fixes:
         assert fix.endswith(aside) and f"delete {saved}" not in fix, fix
+    before = saved.with_name(f"{saved.name}.damaged")  # one set aside by the old fix
+    before.mkdir()
+    subprocess.run(["bash", "-c", aside.split("rather than delete it: ")[1]], check=True)
+    assert not saved.exists() and not any(before.iterdir())
+    (moved,) = saved.parent.glob(f"{saved.name}.damaged-*")
+    assert re.fullmatch(r"step-00000006\.damaged-\d{8}T\d{6}", moved.name) and (
+        moved / MANIFEST).is_file()

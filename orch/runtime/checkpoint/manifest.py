@@ -117,11 +117,14 @@ def _set_aside(path: Path) -> str:
     "delete {path}", though its damage may be repairable (a file copied again) and it may hold
     the only copy of its step, and resume needs no deletion: it passes the checkpoint over and
     moves it aside when its step is saved again (``retention.clear_way``), as orch never deletes
-    a complete checkpoint for being damaged. A ``step-N.damaged`` name is no step directory,
-    so nothing lists, resumes or prunes it."""
+    a complete checkpoint for being damaged. A ``step-N.damaged-STAMP`` name is no step
+    directory, so nothing lists, resumes or prunes it; the stamp (local time to the second, as
+    ``files.superseded_path``'s) makes a name that does not exist yet: ``mv PATH PATH.damaged``
+    onto an existing ``PATH.damaged`` directory (a checkpoint set aside before) moved the
+    checkpoint inside it."""
     return (f"--resume auto passes over this one, and moves it aside when its step is saved "
             f"again; to set it aside now, rename it rather than delete it: "
-            f"mv {path} {path}.damaged")
+            f"mv {path} {path}.damaged-$(date +%Y%m%dT%H%M%S)")
 
 
 def read_manifest(path: str | Path) -> Manifest:
