@@ -145,6 +145,21 @@ def test_only_timeouts_with_no_cause_blame_the_stopped_ranks(tmp_path: Path, fir
 
 
 @pytest.mark.dist
+def _wait_for_pending(pid: int, signum: int, timeout_s: float = 60) -> None:
+    """Return once ``signum`` is pending for the (stopped) process ``pid``: its bit in the
+    process-wide or thread-shared pending masks of /proc/PID/status."""
+    bit = 1 << (signum - 1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        masks = [int(line.split()[1], 16) for line in status
+                 if line.startswith(("ShdPnd:", "SigPnd:"))]
+        if any(mask & bit for mask in masks):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"signal {signum} never reached process {pid}")
+
+
 def test_a_rank_hung_until_sigterm_is_named_by_a_real_launch(tmp_path: Path):
     """Rank 1 stopped (SIGSTOP) after step 2: rank 0 times out in the next collective
     (run.comm_timeout_s), and rank 1, let go once torchrun has sent it SIGTERM, dies of it;
@@ -173,6 +188,10 @@ def test_a_rank_hung_until_sigterm_is_named_by_a_real_launch(tmp_path: Path):
             seen.append(line)
             if f"Sending process {pid} closing signal SIGTERM" in line:
                 break
+        # torchrun logs that line before it sends the signal: let rank 1 go only once SIGTERM
+        # waits for it, else (seen under load) it ran on, found its collective timed out, and
+        # exited with that error before the signal came
+        _wait_for_pending(pid, signal.SIGTERM)
         os.kill(pid, signal.SIGCONT)
         _, err = run.communicate(timeout=120)
         err = "".join(seen) + err
