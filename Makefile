@@ -49,8 +49,8 @@ demo: $(STAMP) $(AIO_STAMP)
 	@echo "== stopped at step 250 as if preempted; the same command resumes from its checkpoint =="
 	$(VENV)/bin/orch launch --nproc-per-node 2 configs/tiny.yaml --set run.dir=$(DEMO_DIR)
 
-# Two pytest workers (pytest-xdist), each a file at a time, so that a module's processes
-# and fixtures stay together: the suite's processes leave a core idle much of the time alone.
+# Two pytest workers (pytest-xdist), each taking a test file at a time so that a module's
+# fixtures and processes stay together: one pytest alone leaves a core idle much of the time.
 TEST_WORKERS ?= 2
 
 test: $(STAMP) $(AIO_STAMP)

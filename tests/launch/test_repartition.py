@@ -6,11 +6,10 @@ recorded split follows from the recorded measurement, which other load on the ma
 3/1 split of the 4-layer model was not uneven enough on a loaded machine (a full suite beside
 three other jobs): twice the run finished without re-partitioning, the stages' measured times
 (which count the time a process waits for a core) presumably within 1.2 of each other. The
-restart resumes from that
-checkpoint (launched with ``--resume none``, which decides the first start only, and
-``--max-restarts 1``, which the re-partition does not spend). The record and the log carry the
-stage times before and after, and the losses equal an uninterrupted run on the even split (the
-split changes where layers run, not the numbers)."""
+restart resumes from that checkpoint (launched with ``--resume none``, which decides the first
+start only, and ``--max-restarts 1``, which the re-partition does not spend). The record and the
+log carry the stage times before and after, and the losses equal an uninterrupted run on the even
+split (the split changes where layers run, not the numbers)."""
 
 from __future__ import annotations
 
