@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from orch.errors import OrchError
+from orch.parallel.pipeline.timeline import TIMELINE_PNG
 from orch.plan.degrees import Degrees
 from orch.plan.render import gib, offloaded_tiers
 from orch.runtime.checkpoint.files import MANIFEST, step_dirs
@@ -206,10 +207,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     records = read_metrics(run_dir)
     plan = read_plan(run_dir)
     given, out = bool(out), Path(out) if out else run_dir / "report"
-    plots = {"loss": _loss, "throughput": _throughput, "memory": _memory}
-    if any(r.get("comm_bytes") for r in records):
-        plots["communication"] = _communication
-    timeline = run_dir / "pipeline_timeline.png"
+    moved = any(r.get("comm_bytes") for r in records)
+    plots = {name: draw for name, draw in _PLOTS.items() if name != "communication" or moved}
+    timeline = run_dir / TIMELINE_PNG
     # a run resumed onto a plan without a pipeline keeps the earlier plan's timeline: not this
     copied = [timeline] if timeline.is_file() and plan.get("degrees", {}).get("pp", 1) > 1 else []
     written = [*(out / f"{name}.png" for name in plots), *(out / t.name for t in copied)]
@@ -276,13 +276,6 @@ MARKER = ".orch-report"
 ``{"written_by": "orch report", "files": {NAME: [SHA256, ...]}}``, the sha256 of each file's
 contents as the report left them; two while a report replaces an earlier one's): those files,
 while they still hold those contents, and only those, a later report may replace."""
-
-REPORT_FILES = ("loss.png", "throughput.png", "memory.png", "communication.png",
-                "pipeline_timeline.png", "summary.md")
-"""Every name a report may write: in a default ``RUN_DIR/report`` without a :data:`MARKER`,
-reported into by an orch older than the marker, these are the report's own (the directory is
-orch's)."""
-
 
 def _earlier(out: Path, given: bool) -> dict[str, list[str] | None]:
     """What an earlier report wrote in ``out``: each file's name and the sha256 digests its
@@ -625,6 +618,17 @@ def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:
     devices = plan.get("devices") or f"{plan.get('world_size', '?')} x {plan.get('device', '?')}"
     offloaded = offloaded_tiers(plan.get("tiers"))
     return f"{devices}, {layout}" + (f", offload {offloaded}" if offloaded else "")
+
+
+_PLOTS = {"loss": _loss, "throughput": _throughput, "memory": _memory,
+          "communication": _communication}
+"""Every plot a report may draw, as ``NAME.png`` (communication where collectives moved
+bytes)."""
+
+REPORT_FILES = (*(f"{name}.png" for name in _PLOTS), TIMELINE_PNG, "summary.md")
+"""Every name a report may write: in a default ``RUN_DIR/report`` without a :data:`MARKER`,
+reported into by an orch older than the marker, these are the report's own (the directory is
+orch's)."""
 
 
 __all__ = ["ReportError", "memory_by_rank", "read_metrics", "read_plan", "write_report"]

@@ -85,11 +85,15 @@ def chrome_trace(timeline: Timeline) -> dict:
     return {"traceEvents": names + events, "displayTimeUnit": "ms"}
 
 
+TIMELINE_PNG = "pipeline_timeline.png"
+"""The drawn timeline's file name in the run directory (``orch report`` copies it)."""
+
+
 def write_timeline(timeline: Timeline, directory: Path, step: int) -> None:
     """``pipeline_timeline.png`` and ``pipeline_trace.json`` of ``step`` in ``directory``
     (the latest logged step replaces the previous one)."""
     directory.mkdir(parents=True, exist_ok=True)
-    write_png(timeline, directory / "pipeline_timeline.png", step=step)
+    write_png(timeline, directory / TIMELINE_PNG, step=step)
     trace = chrome_trace(timeline) | {"otherData": {"step": step}}
     (directory / "pipeline_trace.json").write_text(json.dumps(trace) + "\n")
 
