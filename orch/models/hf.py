@@ -67,6 +67,7 @@ def hf_to_ours(key: str) -> str | None:
             ours = f"layers.{index}.{_PER_LAYER_INV[rest]}"
     return ours
 
+
 TIED_HEAD_ABSENT = "as in a checkpoint with tied embeddings"
 """What a missing ``lm_head.weight`` of an untied model most likely means: such checkpoints
 store the embedding alone."""
