@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from orch import __version__
 from orch.cli_ckpt import add_ckpt_parser
+from orch.cli_data import add_data_parser
 from orch.errors import OrchError, PlanError, Problem
 
 if TYPE_CHECKING:
@@ -585,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedule_parser(sub)
     _add_cluster_parser(sub)
     add_ckpt_parser(sub)
+    add_data_parser(sub)
     _add_doctor_parser(sub)
     _add_report_parser(sub)
     return parser

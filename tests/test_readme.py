@@ -9,6 +9,7 @@ How far each is taken, short of training (the launch and parallel tests train):
   option or config key, or a layout the plan refuses, fails here;
 - ``orch plan``, ``orch schedule``: run in full (they start nothing), exit 0;
 - ``orch cluster detect``: run in full on this machine;
+- ``orch data prepare``: run in full (its output under the test's directory, for the launch after);
 - the other ``orch`` commands (they read run directories a demo would have made): their options
   parse;
 - ``srun`` and ``VAR=value`` before a command are taken off it (the variable set);
@@ -160,7 +161,8 @@ def _check_orch(args: list[str], placeholder: bool, tmp: Path) -> None:
             parse_launch(args[1:])[2].check()
         else:
             prepare(args[1:])
-    elif args[0] in ("plan", "schedule") or args[:2] == ["cluster", "detect"]:
+    elif args[0] in ("plan", "schedule") or args[:2] in (["cluster", "detect"],
+                                                         ["data", "prepare"]):
         assert orch_main(args) == 0
     elif args == ["--version"]:  # argparse prints it and exits 0
         with pytest.raises(SystemExit) as done:

@@ -242,8 +242,9 @@ def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
     return [Problem("data.path", f"{what} tokenized as bytes (ids 0-255), but model.init_from "
                     f"starts from a checkpoint of {vocab} tokens (its config.json's vocab_size), "
                     "whose ids are its own tokenizer's", "tokenize the text with the "
-                    "checkpoint's tokenizer into a .npy (or a .bin of data.token_dtype) and point "
-                    "data.path at it (a model trained on orch's bytes: save the bytes so)",
+                    f"checkpoint's tokenizer: orch data prepare {data.path or 'FILE'} --tokenizer "
+                    f"{model.init_from} --out DATA.bin, then set data.path and data.token_dtype "
+                    "as it prints (a model trained on orch's bytes: --tokenizer byte)",
                     ("model.init_from", "data.format"))]
 
 

@@ -398,7 +398,8 @@ def test_text_data_with_a_tokenizer_vocabulary_is_refused_before_launch(tmp_path
             prepare(launch_args(data))
         assert said in str(refused.value)
         assert "checkpoint of 512 tokens" in str(refused.value)
-        assert "fix: tokenize the text with the checkpoint's tokenizer" in str(refused.value)
+        assert "fix: tokenize the text with the checkpoint's tokenizer: orch data prepare " \
+            f"{data or 'FILE'} --tokenizer {tmp_path / 'hf'} --out DATA.bin" in str(refused.value)
     prepare(launch_args(tmp_path / "ids.npy"))
 
 

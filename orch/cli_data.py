@@ -1,0 +1,50 @@
+"""``orch data prepare``: tokenize documents into a token file (:mod:`orch.prepare_data`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "data",
+        help="tokenize documents into a token file training reads",
+        description="Training data from documents, before any run.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prepare = actions.add_parser(
+        "prepare", help="text and JSON-lines files to a .bin of token ids",
+        description="Tokenize text files (each one document; .gz read transparently) and "
+        "JSON-lines files (.jsonl: one object per line, its --key field a document) with a "
+        "HuggingFace tokenizer or orch's byte tokenizer, each document followed by the "
+        "end-of-document id, into NAME.bin (uint16 ids for vocabularies up to 65,536, else "
+        "uint32), for data.path. Nothing is written until every argument checks out, and OUT "
+        "appears only once complete.")
+    prepare.add_argument("inputs", nargs="+", metavar="INPUT", help="text or .jsonl files")
+    prepare.add_argument("--tokenizer", required=True, metavar="TOKENIZER",
+                         help="'byte', a tokenizer.json, or a HuggingFace model directory "
+                         "holding one (e.g. the model.init_from directory)")
+    prepare.add_argument("--out", required=True, metavar="OUT.bin", help="the token file")
+    prepare.add_argument("--key", default="text",
+                         help="the documents' field in JSON-lines files (default: text)")
+    eos = prepare.add_mutually_exclusive_group()
+    eos.add_argument("--eos", metavar="TOKEN", help="the end-of-document token (default: the "
+                     "eos_token of the tokenizer_config.json beside tokenizer.json)")
+    eos.add_argument("--no-eos", action="store_true",
+                     help="append nothing between documents")
+    prepare.add_argument("--force", action="store_true",
+                         help="replace OUT if it exists (once the new file is complete)")
+    prepare.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from orch.prepare_data import prepare
+
+    done = prepare(args.inputs, args.tokenizer, args.out, key=args.key, eos=args.eos,
+                   no_eos=args.no_eos, force=args.force)
+    print(f"wrote {done.out}: {done.tokens:,} tokens of {done.documents:,} "
+          f"document{'s' if done.documents != 1 else ''} "
+          f"({done.dtype}, vocabulary {done.vocab_size:,})")
+    print(f"train on it with: data.path={done.out} data.token_dtype={done.dtype} "
+          f"(model.vocab_size at least {done.vocab_size:,})")
+    return 0

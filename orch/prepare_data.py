@@ -1,0 +1,310 @@
+"""``orch data prepare``: documents (text files, JSON lines) to a token file training reads.
+
+Training reads token ids memory-mapped (``.bin`` of uint16 or uint32, nanoGPT's format; Megatron's
+``preprocess_data.py`` plays the same part there). Text given straight to ``data.path`` is
+byte-tokenized, which suits orch's own small models but not one initialized from a HuggingFace
+checkpoint, whose embedding rows belong to its own tokenizer's ids. This module tokenizes with
+that tokenizer (the ``tokenizers`` package reading ``tokenizer.json``, the file transformers reads;
+nothing is downloaded): each document's ids as the tokenizer encodes it without special tokens,
+then the end-of-document id, so packed training sequences show where one document ends and the
+next begins (Megatron's convention). Ids are written as they come, to a temporary file renamed
+into place at the end, so a corpus never has to fit in memory and a failed or interrupted run
+leaves no partial file behind and overwrites nothing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
+
+import numpy as np
+
+from orch.errors import Problem, ProblemsError
+from orch.runtime.data import OTHER_FORMATS, TOKEN_SUFFIXES, ByteTokenizer
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+"""Inputs read as one JSON object per line, each a document (``.gz`` read transparently)."""
+
+PIECE_CHARS = 8 << 20
+"""A text file is tokenized in pieces of about this many characters, each cut after a newline,
+so a large file is never held whole; tokenization can differ from the whole file's only where a
+piece ends (one place in 8 MiB, at a line end)."""
+
+BATCH_CHARS = 4 << 20
+"""JSON-lines documents are encoded in batches of about this many characters (the tokenizers
+package spreads a batch over the cores)."""
+
+UINT16_VOCAB = 1 << 16
+"""Vocabularies up to this size are written as uint16 ids, larger ones as uint32."""
+
+
+class PrepareError(ProblemsError):
+    """The inputs, tokenizer or output of ``orch data prepare`` cannot be used."""
+
+    title = "cannot prepare the data"
+
+
+class Tokenizer(Protocol):
+    """What preparing needs of a tokenizer: its vocabulary size, the end-of-document id (None:
+    none appended) and ids for a batch of documents, without special tokens."""
+
+    vocab_size: int
+    eos: int | None
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
+
+
+class Bytes:
+    """orch's byte tokenizer (``data.tokenizer: byte``): UTF-8 bytes, no end-of-document id."""
+
+    vocab_size = ByteTokenizer.vocab_size
+    eos: int | None = None
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [ByteTokenizer().encode(text) for text in texts]
+
+
+class HuggingFace:
+    """A HuggingFace ``tokenizer.json`` read by the ``tokenizers`` package."""
+
+    def __init__(self, path: Path, eos: str | None) -> None:
+        """``path``: the ``tokenizer.json`` file; ``eos``: the end-of-document token's text
+        (None: no end-of-document id)."""
+        from tokenizers import Tokenizer as Fast
+
+        self._tokenizer = Fast.from_file(str(path))
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eos = None if eos is None else self._tokenizer.token_to_id(eos)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64)
+                for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`prepare` wrote."""
+
+    out: Path
+    tokens: int
+    documents: int
+    dtype: str
+    vocab_size: int
+
+
+def _tokenizer_file(value: str) -> Path:
+    """``tokenizer.json`` itself, or the one in a model directory."""
+    path = Path(value).expanduser()
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def _configured_eos(tokenizer_file: Path) -> str | None:
+    """The ``eos_token`` of the ``tokenizer_config.json`` beside ``tokenizer_file``, if any
+    (transformers' own source of it; a string, or a dict with its ``content``)."""
+    config = tokenizer_file.parent / "tokenizer_config.json"
+    try:
+        eos = json.loads(config.read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
+def load_tokenizer(value: str, eos: str | None, no_eos: bool) -> Tokenizer:
+    """The tokenizer ``--tokenizer`` names (``byte``, a ``tokenizer.json`` or a directory
+    holding one) with its end-of-document token: ``eos`` when given, else the one its
+    ``tokenizer_config.json`` names; ``no_eos``: none. Raises :class:`PrepareError`."""
+    if value == "byte":
+        if eos is not None:
+            raise PrepareError([Problem("--eos", f"{eos!r}, but the byte tokenizer has no "
+                                        "special tokens", "leave --eos out with --tokenizer "
+                                        "byte (documents are then simply concatenated)")])
+        return Bytes()
+    path = _tokenizer_file(value)
+    if not path.is_file():
+        raise PrepareError([Problem("--tokenizer", f"{value!r}: no tokenizer.json there",
+                                    "give 'byte', a tokenizer.json file, or a HuggingFace model "
+                                    "directory holding one (the model.init_from directory)")])
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError as e:
+        raise PrepareError([Problem("--tokenizer", f"{value!r} needs the tokenizers package, "
+                                    "which is not installed", "pip install tokenizers (it comes "
+                                    "with transformers)")]) from e
+    name = None if no_eos else eos or _configured_eos(path)
+    try:
+        tokenizer = HuggingFace(path, name)
+    except Exception as e:  # the package's own parse errors (a Rust exception type)
+        raise PrepareError([Problem("--tokenizer", f"{str(path)!r} is not a tokenizer.json the "
+                                    f"tokenizers package reads: {e}", "give the tokenizer.json "
+                                    "of a HuggingFace model")]) from e
+    if not no_eos and name is None:
+        raise PrepareError([Problem("--eos", f"{str(path.parent / 'tokenizer_config.json')!r} "
+                                    "names no eos_token", "name the end-of-document token with "
+                                    "--eos (e.g. --eos '</s>'), or pass --no-eos")])
+    if name is not None and tokenizer.eos is None:
+        raise PrepareError([Problem("--eos", f"{name!r} is not a token of {str(path)!r}",
+                                    "give the tokenizer's end-of-document token (its "
+                                    "tokenizer_config.json's eos_token), or pass --no-eos")])
+    return tokenizer
+
+
+def _input_problems(inputs: list[str]) -> list[Problem]:
+    """What is wrong with the input files, all of them: missing, not files, or a format that
+    is not text or JSON lines."""
+    problems = []
+    for value in inputs:
+        path = Path(value).expanduser()
+        stem = path.name.lower().removesuffix(".gz")
+        if not path.is_file():
+            problems.append(Problem(value, "does not exist" if not path.exists() else
+                                    "is not a file", "give text or JSON-lines files"))
+        elif not _is_jsonl(path) and (suffix := next(
+                (s for s in (*TOKEN_SUFFIXES, *OTHER_FORMATS, ".json") if stem.endswith(s)),
+                None)):
+            problems.append(Problem(value, f"is a {suffix} file, not text or JSON lines",
+                                    "token files train as they are (data.path); write other "
+                                    "formats as .jsonl, one {\"text\": ...} object per line"))
+    return problems
+
+
+def _out_problems(out: Path, force: bool) -> list[Problem]:
+    if out.suffix != ".bin":
+        return [Problem("--out", f"{str(out)!r} does not end in .bin",
+                        "name the output NAME.bin: training reads .bin files as token ids")]
+    if out.exists() and not force:
+        return [Problem("--out", f"{str(out)!r} exists", "choose another name, or pass --force "
+                        "to replace it (only once the new file is complete)")]
+    if not out.parent.is_dir():
+        return [Problem("--out", f"its directory {str(out.parent)!r} does not exist",
+                        "create it first")]
+    if not os.access(out.parent, os.W_OK):
+        return [Problem("--out", f"its directory {str(out.parent)!r} is not writable",
+                        "choose a directory you can write to")]
+    return []
+
+
+def _open_text(path: Path) -> IO[str]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8")  # type: ignore[operator]
+
+
+def _text_pieces(path: Path) -> Iterator[str]:
+    """The text of ``path`` in pieces of about :data:`PIECE_CHARS`, each ending at a line end
+    (the last maybe not)."""
+    with _open_text(path) as f:
+        carry = ""
+        while chunk := f.read(PIECE_CHARS):
+            text = carry + chunk
+            cut = text.rfind("\n") + 1
+            if cut == 0:  # one line longer than a piece: wait for its end
+                carry = text
+                continue
+            carry = text[cut:]
+            yield text[:cut]
+        if carry:
+            yield carry
+
+
+def _json_documents(path: Path, key: str) -> Iterator[str]:
+    """The ``key`` string of each JSON object line of ``path`` (blank lines skipped)."""
+    with _open_text(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise PrepareError([Problem(where, f"not JSON: {e}", "give one JSON object per "
+                                            "line")]) from e
+            text = record.get(key) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                held = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise PrepareError([Problem(where, f"no string field {key!r} (holds {held})",
+                                            "name the documents' field with --key")])
+            yield text
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.lower().removesuffix(".gz").endswith(JSONL_SUFFIXES)
+
+
+def _encoded(tokenizer: Tokenizer, files: list[Path], key: str) -> Iterator[tuple[np.ndarray,
+                                                                                   bool]]:
+    """Every document's ids in order, in parts: ``(ids, ends_a_document)``."""
+    for path in files:
+        try:
+            yield from (_jsonl_encoded if _is_jsonl(path) else _text_encoded)(tokenizer, path,
+                                                                              key)
+        except UnicodeDecodeError as e:
+            raise PrepareError([Problem(str(path), f"is not UTF-8 text ({e.reason} at a byte "
+                                        f"{e.object[e.start:e.start + 1]!r})", "convert it to "
+                                        "UTF-8 (e.g. iconv), or leave binary files out")]) from e
+        except (OSError, EOFError) as e:  # a damaged .gz, a file gone while read
+            raise PrepareError([Problem(str(path), f"cannot be read: {e}",
+                                        "give a readable file (a .gz must be complete)")]) from e
+
+
+def _jsonl_encoded(tokenizer: Tokenizer, path: Path, key: str) -> Iterator[tuple[np.ndarray,
+                                                                                  bool]]:
+    batch: list[str] = []
+    size = 0
+    for text in _json_documents(path, key):
+        batch.append(text)
+        size += len(text)
+        if size >= BATCH_CHARS:
+            yield from ((ids, True) for ids in tokenizer.encode_batch(batch))
+            batch, size = [], 0
+    yield from ((ids, True) for ids in tokenizer.encode_batch(batch))
+
+
+def _text_encoded(tokenizer: Tokenizer, path: Path, _key: str) -> Iterator[tuple[np.ndarray,
+                                                                                bool]]:
+    pieces = _text_pieces(path)
+    piece = next(pieces, None)
+    while piece is not None:
+        following = next(pieces, None)
+        yield tokenizer.encode_batch([piece])[0], following is None
+        piece = following
+
+
+def prepare(inputs: list[str], tokenizer: str, out: str, key: str = "text",
+            eos: str | None = None, no_eos: bool = False, force: bool = False) -> Prepared:
+    """Tokenize ``inputs`` into the token file ``out`` (see the module docstring). Every problem
+    with the arguments is reported together before anything is written."""
+    out_path = Path(out).expanduser()
+    problems = _input_problems(inputs) + _out_problems(out_path, force)
+    try:
+        chosen = load_tokenizer(tokenizer, eos, no_eos)
+    except PrepareError as e:
+        problems += e.problems
+    if problems:
+        raise PrepareError(problems)
+    dtype = np.dtype(np.uint16 if chosen.vocab_size <= UINT16_VOCAB else np.uint32)
+    partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    tokens = documents = 0
+    try:
+        with open(partial, "wb") as f:
+            for ids, ends in _encoded(chosen, [Path(i).expanduser() for i in inputs], key):
+                if ends and chosen.eos is not None:
+                    ids = np.append(ids, chosen.eos)
+                f.write(ids.astype(dtype).tobytes())
+                tokens += len(ids)
+                documents += ends
+            f.flush()
+            os.fsync(f.fileno())
+        if tokens == 0:
+            raise PrepareError([Problem(", ".join(inputs), "hold no text",
+                                        "give files with documents in them")])
+        os.replace(partial, out_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return Prepared(out_path, tokens, documents, dtype.name, chosen.vocab_size)
+
+
+__all__ = ["PrepareError", "Prepared", "load_tokenizer", "prepare"]

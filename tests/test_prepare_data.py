@@ -1,0 +1,161 @@
+"""``orch data prepare``: documents to the token file training reads, against the tokenizer's own
+encoding of each document; refusals before anything is written."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from orch import prepare_data
+from orch.cli import main
+from orch.config.schema import DataConfig
+from orch.runtime.data import load_tokens
+
+DOCS = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs",
+        "How vexingly quick daft zebras jump!\nSphinx of black quartz, judge my vow."]
+TEXT = "In the beginning was the word.\nAnd the word was with the dog, the fox and the box.\n"
+
+
+def bpe_dir(tmp_path: Path, eos: str | None = "</s>") -> Path:
+    """A small BPE tokenizer trained here (nothing downloaded), saved as a HuggingFace model
+    directory keeps it: tokenizer.json, and tokenizer_config.json naming ``eos``."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(DOCS + [TEXT] * 3, trainer)
+    out = tmp_path / "model"
+    out.mkdir()
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({} if eos is None else
+                                                          {"eos_token": {"content": eos}}))
+    return out
+
+
+def write_inputs(tmp_path: Path) -> list[str]:
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"id": i, "text": d}) for i, d in enumerate(DOCS))
+                     + "\n\n")
+    text = tmp_path / "book.txt.gz"
+    text.write_bytes(gzip.compress(TEXT.encode()))
+    return [str(jsonl), str(text)]
+
+
+def test_each_document_is_the_tokenizers_encoding_then_the_eos_id(tmp_path, capsys):
+    model = bpe_dir(tmp_path)
+    out = tmp_path / "train.bin"
+    assert main(["data", "prepare", *write_inputs(tmp_path), "--tokenizer", str(model),
+                 "--out", str(out)]) == 0
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    eos = tokenizer.token_to_id("</s>")
+    expected = [i for doc in [*DOCS, TEXT]
+                for i in [*tokenizer.encode(doc, add_special_tokens=False).ids, eos]]
+    written = np.fromfile(out, dtype=np.uint16)
+    assert written.tolist() == expected
+    said = capsys.readouterr().out
+    assert f"{len(expected):,} tokens of 4 documents (uint16, vocabulary 300)" in said
+    assert f"data.path={out} data.token_dtype=uint16" in said
+    # what the trainer reads back from it, as the printed settings say
+    read = load_tokens(DataConfig(path=str(out), token_dtype="uint16"), vocab_size=300)
+    assert read.tolist() == expected
+
+
+def test_a_text_file_read_in_pieces_loses_and_repeats_nothing(tmp_path, monkeypatch):
+    """Pieces shorter than a line, and than the file: the byte tokenizer's ids are the file's
+    bytes, so the output must be exactly those."""
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 7)
+    text = tmp_path / "t.txt"
+    body = "short\na line much longer than one piece of seven\n\nlast line without newline"
+    text.write_text(body)
+    out = tmp_path / "t.bin"
+    assert main(["data", "prepare", str(text), "--tokenizer", "byte", "--out", str(out)]) == 0
+    assert np.fromfile(out, dtype=np.uint16).tobytes() == np.frombuffer(
+        body.encode(), dtype=np.uint8).astype(np.uint16).tobytes()
+
+
+def test_a_vocabulary_over_65536_is_written_as_uint32(tmp_path):
+    words = {f"w{i}": i for i in range(70_000)}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    docs = tmp_path / "d.jsonl"
+    docs.write_text(json.dumps({"body": "w3 w69999 w65536"}) + "\n")
+    out = tmp_path / "d.bin"
+    assert main(["data", "prepare", str(docs), "--tokenizer", str(path), "--key", "body",
+                 "--eos", "w1", "--out", str(out)]) == 0
+    assert np.fromfile(out, dtype=np.uint32).tolist() == [3, 69999, 65536, 1]
+
+
+def test_every_bad_argument_is_named_together_and_nothing_is_written(tmp_path, capsys):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    (tmp_path / "x.json").write_text("[]")
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(b"saved")
+    assert main(["data", "prepare", str(tmp_path / "missing.txt"), str(tmp_path / "x.parquet"),
+                 str(tmp_path / "x.json"), "--tokenizer", str(tmp_path), "--out",
+                 str(kept)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot prepare the data (5 problems)" in err
+    assert f"{tmp_path / 'missing.txt'}: does not exist" in err
+    assert "x.parquet: is a .parquet file, not text or JSON lines" in err
+    assert "x.json: is a .json file" in err and "one {\"text\": ...} object per line" in err
+    assert f"--out: '{kept}' exists" in err and "pass --force" in err
+    assert "--tokenizer" in err and "no tokenizer.json there" in err
+    assert kept.read_bytes() == b"saved"
+    assert main(["data", "prepare", str(tmp_path / "x.json"), "--tokenizer", "byte", "--out",
+                 str(tmp_path / "x.npy")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_a_bad_line_stops_the_run_leaving_the_old_file_and_no_partial_one(tmp_path, capsys):
+    docs = tmp_path / "d.jsonl"
+    docs.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"txt": "typo"}) + "\n")
+    out = tmp_path / "d.bin"
+    out.write_bytes(b"earlier")
+    assert main(["data", "prepare", str(docs), "--tokenizer", "byte", "--out", str(out),
+                 "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"{docs}:2: no string field 'text' (holds ['txt'])" in err
+    assert "--key" in err
+    assert out.read_bytes() == b"earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.jsonl"]
+    docs.write_text("{not json\n")
+    assert main(["data", "prepare", str(docs), "--tokenizer", "byte", "--out",
+                 str(tmp_path / "e.bin")]) == 2
+    assert f"{docs}:1: not JSON" in capsys.readouterr().err
+    assert not (tmp_path / "e.bin").exists()
+
+
+@pytest.mark.parametrize(("eos", "args", "said"), [
+    (None, [], "names no eos_token"),
+    ("</s>", ["--eos", "<end>"], "'<end>' is not a token of"),
+])
+def test_an_end_of_document_token_that_cannot_be_found_is_refused(tmp_path, capsys, eos, args,
+                                                                   said):
+    model = bpe_dir(tmp_path, eos)
+    docs = write_inputs(tmp_path)
+    assert main(["data", "prepare", *docs, "--tokenizer", str(model), *args, "--out",
+                 str(tmp_path / "o.bin")]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "--no-eos" in err
+    assert main(["data", "prepare", *docs, "--tokenizer", str(model), "--no-eos", "--out",
+                 str(tmp_path / "o.bin")]) == 0
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    assert np.fromfile(tmp_path / "o.bin", dtype=np.uint16).tolist() == [
+        i for doc in [*DOCS, TEXT] for i in tokenizer.encode(doc, add_special_tokens=False).ids]
+
+
+def test_a_file_that_is_not_utf8_or_a_damaged_gz_is_named(tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(b"x" * 1000)[:20])
+    for name, said in [("latin1.txt", "is not UTF-8 text"), ("cut.txt.gz", "cannot be read")]:
+        assert main(["data", "prepare", str(tmp_path / name), "--tokenizer", "byte", "--out",
+                     str(tmp_path / "o.bin")]) == 2
+        assert f"{tmp_path / name}: {said}" in capsys.readouterr().err
+        assert not (tmp_path / "o.bin").exists()
