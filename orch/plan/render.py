@@ -70,7 +70,8 @@ def render_plan(plan: Plan) -> str:
         (
             "batch",
             f"global {plan.global_batch} x {plan.seq_len} tokens, micro-batch "
-            f"{plan.micro_batch}, {plan.microbatches} micro-batches per rank, recompute "
+            f"{plan.micro_batch}, {plan.microbatches} micro-batch"
+            f"{'es' if plan.microbatches != 1 else ''} per rank, recompute "
             f"{plan.recompute}",
         ),
         (
