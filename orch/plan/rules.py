@@ -196,8 +196,9 @@ def check_degrees(cfg: Config, deg: Degrees, gpus_per_node: int | None, dp_known
             need(
                 "train.seq_len",
                 f"sequence parallel splits the {local} tokens per context rank over tp={deg.tp}",
-                "use a seq_len divisible by cp x tp, or parallel.sequence_parallel=false",
-                ("parallel.cp", "parallel.tp", "parallel.sequence_parallel"),
+                f"use a seq_len divisible by cp x tp = {deg.cp * deg.tp}" + (
+                    "" if m.is_moe else ", or parallel.sequence_parallel=false"),  # MoE needs it
+                ("parallel.cp", "parallel.tp", "parallel.sequence_parallel", "model.experts"),
             )
     per_step = t.micro_batch * deg.dp
     if t.global_batch % per_step and dp_known:

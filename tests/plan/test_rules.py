@@ -187,6 +187,17 @@ def test_a_ring_seq_len_refusal_offers_ulysses_where_it_would_run():
     assert "fix: use a multiple of 4\n" in odd + "\n"  # ulysses needs a multiple of cp too
 
 
+@pytest.mark.parametrize("config, offers_off", [(TINY, True), (MOE, False)])
+def test_a_sequence_parallel_seq_len_refusal_offers_turning_it_off_only_where_allowed(
+        config, offers_off):
+    """MoE layers with tp need sequence parallelism (a rule of its own refuses it off): its
+    fix there would only trade one refusal for the other."""
+    text = plan_problems(config, ["parallel.tp=2", "parallel.cp=2", "parallel.cp_kind=ulysses",
+                                  "train.seq_len=130", "model.max_seq_len=256"], world_size=4)
+    assert "fix: use a seq_len divisible by cp x tp = 4" in text
+    assert ("parallel.sequence_parallel=false" in text) == offers_off
+
+
 def test_cross_node_tp_can_be_forced():
     cfg = load_config(LLAMA, ["parallel.tp=8", "parallel.allow_cross_node_tp=true"])
     plan = build_plan(cfg, world_size=16, gpus_per_node=4)
