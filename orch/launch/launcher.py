@@ -200,8 +200,16 @@ def parse_launch(argv: Sequence[str]
                  ) -> tuple[argparse.Namespace, argparse.Namespace, LoadedConfig]:
     """torchrun's options, the options after CONFIG, and the config with its overrides, read
     leniently: its problems are reported with the plan's and the launch's, in one round."""
-    args = launch_parser().parse_args(list(argv))
-    extra = worker_parser().parse_args(args.training_script_args)
+    parser = launch_parser()
+    args = parser.parse_args(list(argv))
+    after = worker_parser()
+    extra, unknown = after.parse_known_args(args.training_script_args)
+    if unknown:  # argparse's own message, and where a torchrun option given after CONFIG goes
+        torchrun = parser._option_string_actions
+        misplaced = [word for word in unknown if word.split("=")[0] in torchrun]
+        after.error(f"unrecognized arguments: {' '.join(unknown)}" + (
+            f" ({', '.join(misplaced)}: torchrun options go before CONFIG: orch launch "
+            "[torchrun options] CONFIG [--set KEY=VALUE ...] [--resume ...])" if misplaced else ""))
     return args, extra, load_config_lenient(args.training_script, extra.overrides)
 
 

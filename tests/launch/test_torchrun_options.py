@@ -47,3 +47,15 @@ def test_a_process_count_this_machine_cannot_give_is_refused_saying_why(tmp_path
                                                                         given: str, said: str):
     with pytest.raises(PlanError, match=said):
         prepare(["--nproc-per-node", given, "configs/tiny.yaml", "--set", f"run.dir={tmp_path}"])
+
+
+def test_a_torchrun_option_after_config_is_said_to_go_before_it(tmp_path: Path, capsys):
+    """argparse said only 'unrecognized arguments: --max-restarts 2'."""
+    with pytest.raises(SystemExit) as refused:
+        prepare(["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path}",
+                 "--max-restarts", "2", "--nnodes=1", "--bogus"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --max-restarts 2 --nnodes=1 --bogus (--max-restarts, " \
+        "--nnodes=1: torchrun options go before CONFIG: orch launch [torchrun options] " \
+        "CONFIG" in err
