@@ -482,7 +482,8 @@ def test_later_problems_say_where_their_field_was_written(tmp_path):
 def test_the_lenient_load_gives_the_config_later_checks_run_on():
     """``orch plan`` and ``orch launch`` go on with the config: failed and refused fields at
     their defaults (named as stand-ins; dp_shard too when a degree it fills the world after is
-    one), and their section where a rule still refuses that."""
+    one), and the fields a rule compared one with where it still refuses the default, not the
+    section (which hid every later problem reading the section's other fields)."""
     from orch.config import load_config_lenient
 
     loaded = load_config_lenient(REPO / "configs/tiny.yaml", ["parallel.tp=0", "train.lr=x"])
@@ -494,8 +495,10 @@ def test_the_lenient_load_gives_the_config_later_checks_run_on():
         loaded.check()
     wider = load_config_lenient(REPO / "configs/tiny.yaml",
                                 ["train.steps=2", "train.warmup_steps=5", "parallel.tp=2"])
-    assert wider.stand_ins == {"train.warmup_steps", "train"}  # default warmup 10 > 2 steps
-    assert wider.config.train == TrainConfig() and wider.config.parallel.tp == 2
+    # default warmup 10 > 2 steps: steps stands in too, at its default 100
+    assert wider.stand_ins == {"train.warmup_steps", "train.steps"}
+    assert (wider.config.train.warmup_steps, wider.config.train.steps) == (10, 100)
+    assert wider.config.train.lr == 1e-3 and wider.config.parallel.tp == 2  # the file's lr
     clean = load_config_lenient(REPO / "configs/tiny.yaml", ["model.hedas=4"])
     assert clean.config is not None and clean.stand_ins == frozenset()
 

@@ -93,10 +93,11 @@ class LoadedConfig:
     config (the plan, the launch) and lists everything in one round.
 
     A field whose value did not convert, or that a cross-field rule refuses, is set to its
-    default in ``config`` (the plan divides by degrees a rule refused, such as tp=0), and where
-    a rule still refuses that, its section is, up to the whole config. Those are the
-    ``stand_ins``: whatever a later check says about one, or found reading one, would be about
-    the default, not the user's value, so :meth:`check` leaves it out. What a check read is
+    default in ``config`` (the plan divides by degrees a rule refused, such as tp=0); where a
+    rule still refuses that, so are the fields the rule compared it with, and only where it
+    refuses those too, its section, up to the whole config. Those are the ``stand_ins``:
+    whatever a later check says about one, or found reading one, would be about the default,
+    not the user's value, so :meth:`check` leaves it out. What a check read is
     what its Problems declare (``where`` and ``reads``), never words in their text: a field's
     name is often an ordinary word ("steps", "name"), and a section's other fields are not
     what a check of some of them read.
@@ -166,8 +167,7 @@ def _with_default(section: Any, path: str) -> Any:
 
 def _with_defaults(cfg: Config, stand_ins: set[str]) -> Config:
     """``cfg`` with each of ``stand_ins`` at its default, adding to them until every
-    cross-field rule accepts the result (warmup_steps' default 10 is still past steps 2): a
-    field a rule still refuses stands in, or where it does already, the section holding it."""
+    cross-field rule accepts the result (see :func:`_widened`)."""
     while True:
         if stand_ins & _FILLS_THE_WORLD:
             stand_ins.add("parallel.dp_shard")
@@ -178,10 +178,29 @@ def _with_defaults(cfg: Config, stand_ins: set[str]) -> Config:
             return checked
         before = len(stand_ins)
         for problem in refused:
-            covering = [p for p in _sections_of(problem.where) if p in stand_ins]
-            stand_ins.add(covering[-1].rpartition(".")[0] if covering else problem.where)
+            stand_ins |= _widened(problem, stand_ins)
         if len(stand_ins) == before:  # the whole config stands in, and a rule refuses even it
             raise AssertionError(f"the schema's defaults break a rule: {refused}")
+
+
+def _widened(problem: Problem, stand_ins: set[str]) -> set[str]:
+    """What else stands in where a rule refuses the config with ``stand_ins`` at defaults: the
+    field it refused; where that stands in already, the fields the rule compared it with
+    (:attr:`Problem.reads`: train.seq_len's default 256 is still past a model.max_seq_len of
+    128, warmup_steps' default 10 past train.steps=2); only where those do too, the section
+    holding the field. Climbing first put a whole section, then the whole config, at defaults,
+    and the later checks found nothing of the user's (nvme_path, init_from) to say."""
+    if not _covered(problem.where, stand_ins):
+        return {problem.where}
+    if reads := {read for read in problem.reads if not _covered(read, stand_ins)}:
+        return reads
+    covering = [p for p in _sections_of(problem.where) if p in stand_ins]
+    return {covering[-1].rpartition(".")[0]}
+
+
+def _covered(path: str, stand_ins: Collection[str]) -> bool:
+    """Whether ``path`` stands in, or a section holding it does."""
+    return any(section in stand_ins for section in _sections_of(path))
 
 
 def _sections_of(path: str) -> list[str]:

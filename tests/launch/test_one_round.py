@@ -79,3 +79,22 @@ def test_a_budget_problem_is_said_beside_a_failed_field_the_memory_model_does_no
                      "offload.optimizer=cpu", "offload.device_budget=1000", "train.lr=-1", nproc=1)
     assert [p.where for p in error.problems] == ["train.lr", "offload.device_budget"]
 
+
+
+
+@pytest.mark.parametrize("refused, said", [
+    (("model.max_seq_len=128", "train.seq_len=256"), ["train.seq_len", "offload.nvme_path"]),
+    (("train.steps=1", "train.warmup_steps=2"),
+     ["train.warmup_steps", "offload.device_budget", "offload.nvme_path"]),
+])
+def test_a_refused_value_whose_default_is_refused_too_hides_no_other_problem(
+        tmp_path: Path, refused: tuple[str, str], said: list[str]):
+    """seq_len's default 256 is still past a max_seq_len of 128 (warmup's default 10 past one
+    step): the whole train section stood in, then the whole config, and the launch said only
+    the seq_len, not the nvme_path that is not a directory nor the budget below one layer.
+    Now the field the rule compared with stands in too, and nothing else (the budget reads
+    train.seq_len, for the activations, but not train.steps)."""
+    error = _refused(tmp_path / "run", *refused, "offload.params=nvme", "offload.grads=nvme",
+                     "offload.optimizer=nvme", f"offload.nvme_path={tmp_path / 'absent'}",
+                     "offload.device_budget=10kB", nproc=1)
+    assert [p.where for p in error.problems] == said
