@@ -38,6 +38,7 @@ from torch import nn
 from orch.models.weights import placeholder
 from orch.offload.grad_staging import GradientStaging
 from orch.offload.nvme import NvmeTier
+from orch.parallel.comm_stats import dimension
 
 GradsForUpdate = Callable[[int], AbstractContextManager]
 """Unit index -> a context in which its parameters' ``grad`` are the step's (clipped) gradients."""
@@ -243,8 +244,9 @@ class GradientHomes:
         while self._next in self._ready:
             unit, summed = self._next, self._ready.pop(self._next)
             if self.units[unit]:
-                self._pending[unit] = dist.reduce(summed, dst=self.owners[unit],
-                                                  group=self.group, async_op=True)
+                with dimension("dp"):  # the replicas' group is no mesh's (on CUDA)
+                    self._pending[unit] = dist.reduce(summed, dst=self.owners[unit],
+                                                      group=self.group, async_op=True)
             self._next -= 1
         for unit, work in list(self._pending.items()):  # let what has landed go
             if work.is_completed():

@@ -44,6 +44,7 @@ from orch.offload.grad_homes import packed_views
 from orch.offload.nvme import placeholder
 from orch.offload.partition import Partition
 from orch.offload.threads import helper_pool
+from orch.parallel.comm_stats import dimension
 
 
 class SharedParams:
@@ -117,7 +118,8 @@ class SharedParams:
             with self._read_home(index) as homes:
                 for part, home in zip(packed_views(packed, params), homes, strict=True):
                     part.copy_(home)
-        dist.broadcast(packed, src=self.partition.owners[index], group=self._group)
+        with dimension("dp"):  # a group of its own, no mesh's
+            dist.broadcast(packed, src=self.partition.owners[index], group=self._group)
         return packed
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orch.offload.grad_homes import packed_views
+from orch.parallel.comm_stats import dimension
 
 
 def owners_by_size(unit_bytes: list[int], replicas: int) -> list[int]:
@@ -73,7 +74,8 @@ class Partition:
             return
         packed = (torch.cat([p.data.reshape(-1) for p in params]) if self.owns(index)
                   else torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype))
-        dist.broadcast(packed, src=self.owners[index], group=self._sharing)
+        with dimension("dp"):  # a group of its own, no mesh's
+            dist.broadcast(packed, src=self.owners[index], group=self._sharing)
         if not self.owns(index):
             for p, part in zip(params, packed_views(packed, params), strict=True):
                 p.data.copy_(part)
@@ -85,7 +87,8 @@ class Partition:
         for slot, p in enumerate(params):
             if self.owns(self._unit_of[p]):
                 norms[slot] = -1.0 if p.grad is None else torch.linalg.vector_norm(p.grad)
-        dist.all_reduce(norms, group=self.group)
+        with dimension("dp"):  # the replicas' group is no mesh's (on CUDA)
+            dist.all_reduce(norms, group=self.group)
         reached = norms[norms >= 0]
         return torch.linalg.vector_norm(reached) if reached.numel() else torch.zeros(())
 

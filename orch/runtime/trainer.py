@@ -109,6 +109,12 @@ class Trainer:
     def train(self, start_step: int) -> None:
         """Run steps ``start_step + 1`` to ``train.steps`` (or ``run.stop_at_step``), saving a
         checkpoint every ``checkpoint.interval`` steps and at the last step run."""
+        # installed across the steps: the offload helpers' collectives between two steps'
+        # windows count too (orch.parallel.comm_stats)
+        with self.ledger.installed() if self.ledger else contextlib.nullcontext():
+            self._train(start_step)
+
+    def _train(self, start_step: int) -> None:
         t, interval = self.cfg.train, self.cfg.checkpoint.interval
         last = self.cfg.run.stop_at_step or t.steps
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -133,6 +139,9 @@ class Trainer:
                     aux_loss = torch.zeros((), device=self.device)
                 grad_norm = self._clip()
                 if self.offload is not None:  # on the CPU, beside the next forward
+                    if self.ledger:  # the previous update's broadcasts are this step's
+                        self.offload.wait_updates()
+                        self.ledger.count_helpers()
                     self.offload.step(self.optimizer)
                 else:
                     self.optimizer.step()

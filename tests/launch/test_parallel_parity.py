@@ -371,8 +371,14 @@ def test_replication_with_tp_is_refused(tmp_path):
 def test_offloaded_replicas_kept_their_device_budget(runs):
     """Two replicas, each the whole MoE model at home in CPU memory: every step's peak on each
     replica within the budget (their numbers equal the single process's in the tests above);
-    ``offload`` is rank 0's figures, each rank's are in its ``devices`` reading."""
-    for record in metrics(runs["offload_dp2_moe"]):
+    ``offload`` is rank 0's figures, each rank's are in its ``devices`` reading. Its
+    comm_bytes hold every gradient's reduce onto its owner (a step said only the norms'
+    all-reduce, 120 bytes) and, after the first step, the previous update's broadcasts."""
+    run = runs["offload_dp2_moe"]
+    grads = json.loads((run / "plan.json").read_text())["memory"]["grads"]
+    first, *later = [record["comm_bytes"]["dp"] for record in metrics(run)]
+    assert first >= grads and all(sent > first for sent in later)
+    for record in metrics(run):
         assert [d["rank"] for d in record["devices"]] == [0, 1]
         assert record["devices"][0]["offload"] == record["offload"]
         for figures in (d["offload"] for d in record["devices"]):

@@ -5,7 +5,8 @@ reduce-scatter, DDP's bucket all-reduce (through the hook the ledger attaches), 
 redistribution (functional collectives), orch's labelled all-to-all, ring send/recv, a pipeline
 runtime's batch of sends, and a collective outside ``tracking`` (not counted); then a tp and an
 edp mesh on the same ranks (one process group), where c10d calls count as dp and functional ones
-as tp. Expected bytes are worked out by hand.
+as tp; then the offloaded replicas' reduce and broadcasts, from the training thread and from a
+helper thread between two steps. Expected bytes are worked out by hand.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch.distributed.pipelining import schedules
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from orch.offload.partition import Partition
+from orch.offload.threads import helper_thread
 from orch.parallel.comm import all_to_all
 from orch.parallel.comm_stats import CommLedger, dimension
 
@@ -74,6 +77,43 @@ def _run(rank: int, world: int, results) -> None:
         distribute_tensor(torch.ones(4, 4), tp, [Shard(0)]).full_tensor()  # DTensor, as TP
     results[(rank, "shared")] = shared.take()
 
+    _offload_replicas(rank, mesh, ledger, results)
+
+
+def _offload_replicas(rank: int, mesh, ledger: CommLedger, results) -> None:
+    """The collectives offloaded replicas use: reduce, broadcast (not counted before), the
+    partition's broadcasts on a group no mesh has, and a helper thread's between two steps."""
+    with ledger.tracking():
+        dist.reduce(torch.ones(10), dst=0, group=mesh.get_group())  # every rank puts in
+        dist.broadcast(torch.ones(6) if rank == 1 else torch.empty(6), src=1)  # the source
+        dist.broadcast(torch.ones(4) if rank == 0 else torch.empty(4), group_src=0,
+                       group=mesh.get_group())
+    results[(rank, "reduce_broadcast")] = ledger.take()
+
+    # owners: unit 1 (5 floats) on rank 0, unit 0 (3 floats) on rank 1; the replicas' group
+    # and the partition's own are not the mesh's: named dp by the partition, not "other"
+    units = [[nn.Parameter(torch.ones(3))], [nn.Parameter(torch.ones(5))]]
+    partition = Partition(units, dist.new_group([0, 1], backend="gloo"))
+    with ledger.tracking():
+        partition.share(0)
+        partition.share(1)
+    results[(rank, "partition")] = ledger.take()
+
+    # the CPU optimizer's thread shares a stepped unit between two steps' windows: counted
+    # while installed, in the step that says so; the training thread's own collective there
+    # is not counted
+    with ledger.installed():
+        with ledger.tracking():
+            pass
+        helper = helper_thread("orch-cpu-optimizer", partition.share, 1)
+        helper.start()
+        helper.join()
+        dist.all_reduce(torch.ones(100))  # the training thread, outside a step
+        with ledger.tracking():
+            results[(rank, "before_count")] = ledger.take()
+            ledger.count_helpers()
+    results[(rank, "between_steps")] = ledger.take()
+
 
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory):
@@ -118,3 +158,26 @@ def test_counting_imports_no_pipelining_into_runs_without_a_pipeline():
             "assert 'torch.distributed.pipelining' not in sys.modules, 'imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_reduce_counts_on_every_rank_and_a_broadcast_on_its_source(counted, rank):
+    """Offloaded replicas sum gradients with ``dist.reduce`` and send parameters with
+    ``dist.broadcast``: neither was counted, and comm_bytes said only the norms' all-reduce."""
+    sent = 4 if rank == 0 else 6  # group_src=0 of the mesh's group; src=1 of the world
+    assert counted[(rank, "reduce_broadcast")] == {"dp": (10 + sent) * FLOAT}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_partitions_broadcasts_count_as_dp_on_its_own_group(counted, rank):
+    assert counted[(rank, "partition")] == {"dp": (5 if rank == 0 else 3) * FLOAT}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_helper_threads_broadcast_between_steps_counts_the_training_threads_does_not(
+        counted, rank):
+    """The owners share a stepped unit from the CPU optimizer's thread beside the next forward,
+    often before that step's window opens: counted in the step that counts the helpers' bytes
+    (the trainer: once the update is done), not lost, and not in a step before."""
+    assert counted[(rank, "before_count")] == {}
+    assert counted[(rank, "between_steps")] == ({"dp": 5 * FLOAT} if rank == 0 else {})
