@@ -60,8 +60,10 @@ from torch.nn.parallel import DistributedDataParallel
 from orch.offload.threads import PREFIX as HELPER_PREFIX
 
 DIMENSION_OF = {"dp_replicate": "dp", "dp_shard": "dp", "dp_shard_cp": "dp", "dp_cp": "dp",
-                "dp_cp_tp": "dp", "edp": "dp"}
-"""Mesh dimension -> reported dimension (others report under their own name)."""
+                "dp_cp_tp": "dp", "edp": "dp", "edp_ep_etp": "dp"}
+"""Mesh dimension -> reported dimension (others report under their own name): the flattened
+meshes over which gradient norms are summed (``dp_cp_tp``, the experts' ``edp_ep_etp``) count
+as dp, with the other reductions of gradients."""
 _LABEL: ContextVar[str | None] = ContextVar("orch_comm_dimension", default=None)
 
 

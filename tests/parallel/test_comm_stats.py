@@ -5,8 +5,9 @@ reduce-scatter, DDP's bucket all-reduce (through the hook the ledger attaches), 
 redistribution (functional collectives), orch's labelled all-to-all, ring send/recv, a pipeline
 runtime's batch of sends, and a collective outside ``tracking`` (not counted); then a tp and an
 edp mesh on the same ranks (one process group), where c10d calls count as dp and functional ones
-as tp; then the offloaded replicas' reduce and broadcasts, from the training thread and from a
-helper thread between two steps. Expected bytes are worked out by hand.
+as tp; the experts' flattened gradient-norm group (dp); then the offloaded replicas' reduce and
+broadcasts, from the training thread and from a helper thread between two steps. Expected bytes
+are worked out by hand.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from orch.offload.partition import Partition
 from orch.offload.threads import helper_thread
 from orch.parallel.comm import all_to_all
 from orch.parallel.comm_stats import CommLedger, dimension
+from orch.parallel.expert_parallel import build_expert_mesh
+from orch.plan.degrees import Degrees
 
 pytestmark = pytest.mark.dist
 
@@ -76,6 +79,13 @@ def _run(rank: int, world: int, results) -> None:
         dist.all_reduce(torch.ones(3), group=edp.get_group())  # c10d, as FSDP reduces
         distribute_tensor(torch.ones(4, 4), tp, [Shard(0)]).full_tensor()  # DTensor, as TP
     results[(rank, "shared")] = shared.take()
+
+    # the experts' mesh, its three data dimensions flattened for the gradient norm: dp
+    experts = build_expert_mesh(Degrees(dp_shard=world, ep=world), "cpu")
+    ledger_experts = CommLedger([experts])
+    with ledger_experts.tracking():
+        dist.all_reduce(torch.ones(2), group=experts["edp_ep_etp"].get_group())
+    results[(rank, "experts_norm")] = ledger_experts.take()
 
     _offload_replicas(rank, mesh, ledger, results)
 
@@ -146,6 +156,13 @@ def test_labels_win_over_groups_and_nothing_outside_tracking(counted, rank):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_shared_group_names_c10d_calls_dp_and_dtensor_calls_tp(counted, rank):
     assert counted[(rank, "shared")] == {"dp": 3 * FLOAT, "tp": 8 * FLOAT}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_experts_gradient_norm_group_counts_as_dp(counted, rank):
+    """It was logged under its mesh's flattened name, ``edp_ep_etp``, which the README's list of
+    dimensions does not have."""
+    assert counted[(rank, "experts_norm")] == {"dp": 2 * FLOAT}
 
 
 def test_counting_imports_no_pipelining_into_runs_without_a_pipeline():
