@@ -31,6 +31,7 @@ import yaml
 from bench_flags import at_least, description, positive_int
 
 from orch.cluster.netbed import NetBed, Network, unavailable
+from orch.runtime.records import is_eval
 
 REPO = Path(__file__).resolve().parents[1]
 ORCH = str(Path(sys.executable).parent / "orch")
@@ -53,7 +54,8 @@ def run(bed: NetBed, cluster: Path, order: str, steps: int, seq_len: int, port: 
         for node, (code, output) in done.items():
             if code:
                 raise RuntimeError(f"{order}: node {node} failed:\n{output[-3000:]}")
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").open()]
+        rows = [row for row in map(json.loads, (Path(run_dir) / "metrics.jsonl").open())
+                if not is_eval(row)]  # the steps' records, not held-out evaluations'
         plan = json.loads((Path(run_dir) / "plan.json").read_text())
     return statistics.median(r["step_time_s"] for r in rows[WARMUP:]), plan["step_time_s"]
 

@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from orch.runtime.records import is_eval
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ORCH = [sys.executable, "-m", "orch.cli"]
@@ -30,7 +32,8 @@ def launch(config: str, procs: int, sets: list[str],
                              cwd=REPO)
         if out.returncode != 0:
             raise RuntimeError(f"orch launch {config} {sets} failed:\n{out.stderr[-3000:]}")
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").open()]
+        rows = [row for row in map(json.loads, (Path(run_dir) / "metrics.jsonl").open())
+                if not is_eval(row)]  # the steps' records, not held-out evaluations'
         plan = json.loads((Path(run_dir) / "plan.json").read_text())
     return rows, plan
 

@@ -3,18 +3,18 @@
 Read from what the run wrote (``metrics.jsonl``, ``plan.json``, ``config.yaml``, the pipeline
 timeline and checkpoints), written to ``RUN_DIR/report/`` (or ``--out``):
 
-- ``loss.png``: the language-model loss per logged step (and the MoE balancing term), with a
-  line where it first was not finite;
+- ``loss.png``: the language-model loss per logged step (and the MoE balancing term, and the
+  held-out evaluations' loss as points), with a line where it first was not finite;
 - ``throughput.png``: tokens/s per logged step, with MFU on the right-hand axis;
 - ``memory.png``: each rank's device memory (GPU memory used, or the process's resident set on
   CPU) from the telemetry readings, or rank 0's peak where a run has none; above 16 ranks, their
   min, median and max per step;
 - ``communication.png``: bytes handed to collectives per step, stacked by parallel dimension;
 - ``pipeline_timeline.png``: the measured timeline of the last logged step, when there is one;
-- ``summary.md``: the plan (with an offloaded run's tiers), the steps done, the losses,
-  throughput, MFU and memory figures (an offloaded run's device peak against its budget), the
-  plan's estimated share of a step for collectives and for offload transfers, and the
-  checkpoints.
+- ``summary.md``: the plan (with an offloaded run's tiers), the steps done, the losses (the
+  held-out one too), throughput, MFU and memory figures (an offloaded run's device peak against
+  its budget), the plan's estimated share of a step for collectives and for offload transfers,
+  and the checkpoints.
 
 matplotlib (Agg, no display) is imported here only, never on the training path.
 """
@@ -22,6 +22,7 @@ matplotlib (Agg, no display) is imported here only, never on the training path.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from orch.parallel.pipeline.timeline import TIMELINE_PNG
 from orch.plan.degrees import Degrees
 from orch.plan.render import gib, offloaded_tiers
 from orch.runtime.checkpoint.files import MANIFEST, step_dirs
-from orch.runtime.records import read_records
+from orch.runtime.records import is_eval, read_records
 from orch.runtime.telemetry import memory_field, memory_in_use
 
 GIB = 2**30
@@ -69,6 +70,13 @@ def _unreadable_run(run_dir: Path) -> str | None:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The usable step records of ``run_dir/metrics.jsonl``, by step, after notes on stderr
     about what was skipped; a :class:`ReportError` where there are none."""
+    return read_run_records(run_dir)[0]
+
+
+def read_run_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The usable step records of ``run_dir/metrics.jsonl`` and its held-out evaluations'
+    (:func:`~orch.runtime.records.is_eval`), each by step, after notes on stderr about what was
+    skipped; a :class:`ReportError` where there are no step records."""
     if (why := _unreadable_run(run_dir)) is not None:
         raise ReportError(why)
     path = run_dir / "metrics.jsonl"
@@ -76,18 +84,35 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if skipped:
         print(f"orch report: skipped {skipped} line(s) of {path} that are not step records "
               "(a run killed while writing leaves its last line torn)", file=sys.stderr)
-    usable = []
+    usable: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
     for record in records:
-        if (bad := _bad_field(record)) is None:
-            usable.append(record)
+        bad = _bad_eval_field(record) if is_eval(record) else _bad_field(record)
+        if bad is None:
+            (evals if is_eval(record) else usable).append(record)
         else:
-            print(f"orch report: skipped the record of step {record['step']} in {path}: {bad}",
+            what = "evaluation" if is_eval(record) else "record"
+            print(f"orch report: skipped the {what} of step {record['step']} in {path}: {bad}",
                   file=sys.stderr)
     if not usable:
         raise ReportError(f"{path} has no usable step records; fix: report once the run has "
                           "logged a step")
     # a run resumed from an earlier checkpoint logs its steps again: the later ones stand
-    return sorted({r["step"]: r for r in usable}.values(), key=lambda r: r["step"])
+    return _by_step(usable), _by_step(evals)
+
+
+def _by_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
+
+
+def _bad_eval_field(record: dict[str, Any]) -> str | None:
+    """What in an evaluation's record the report cannot use, or None (as :func:`_bad_field`)."""
+    if not _number(record.get("step"), 1):
+        return f"step is {_shown(record, 'step')}, not a number of at least 1"
+    if not _loss_value(record["eval_loss"]):
+        return f"eval_loss is {_shown(record, 'eval_loss')}, not a number (or null where not " \
+               "finite)"
+    return None
 
 
 def _number(value: Any, least: float = -math.inf) -> bool:
@@ -204,16 +229,17 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
                           f"cannot import ({exc}); fix: pip install matplotlib") from None
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records, evals = read_run_records(run_dir)
     plan = read_plan(run_dir)
     given, out = bool(out), Path(out) if out else run_dir / "report"
     moved = any(r.get("comm_bytes") for r in records)
-    plots = {name: draw for name, draw in _PLOTS.items() if name != "communication" or moved}
+    plots = {name: functools.partial(draw, evals=evals) if name == "loss" else draw
+             for name, draw in _PLOTS.items() if name != "communication" or moved}
     timeline = run_dir / TIMELINE_PNG
     # a run resumed onto a plan without a pipeline keeps the earlier plan's timeline: not this
     copied = [timeline] if timeline.is_file() and plan.get("degrees", {}).get("pp", 1) > 1 else []
     written = [*(out / f"{name}.png" for name in plots), *(out / t.name for t in copied)]
-    summary = _summary(run_dir, records, plan, written)
+    summary = _summary(run_dir, records, plan, written, evals)
     names = [*(p.name for p in written), "summary.md"]
     earlier = _earlier(out, given)
     owned = _owned(out, earlier)
@@ -418,15 +444,18 @@ def not_finite(records: list[dict]) -> list[int]:
     return [r["step"] for r in records if math.isnan(_finite(r["loss"]))]
 
 
-def _loss(path: Path, steps: list[int], records: list[dict]) -> Path:
+def _loss(path: Path, steps: list[int], records: list[dict], evals: list[dict] = ()) -> Path:
     fig, ax = _figure("loss", "cross-entropy")
     ax.plot(steps, [_finite(r["loss"]) for r in records], label="language-model loss")
+    if evals:  # points (with a line): evaluations are sparser than logged steps
+        ax.plot([e["step"] for e in evals], [_finite(e["eval_loss"]) for e in evals],
+                marker="o", label="held-out loss (eval.path)")
     if any(r.get("aux_loss") is not None for r in records):
         ax.plot(steps, [_finite(r.get("aux_loss")) for r in records], label="MoE balancing term")
     if bad := not_finite(records):
         ax.axvline(bad[0], color="red", linestyle="--",
                    label=f"loss not finite from step {bad[0]}")
-    ax.set_xlim(*_step_limits(steps))
+    ax.set_xlim(*_step_limits(steps + [e["step"] for e in evals]))
     ax.legend()
     return _save(fig, path)
 
@@ -520,8 +549,9 @@ def _spacing(steps: list[int]) -> float:
 
 
 def _summary(run_dir: Path, records: list[dict], plan: dict[str, Any],
-             written: list[Path]) -> str:
-    """``summary.md``: ``plan`` as :func:`read_plan` gives it, ``written`` the plots beside it."""
+             written: list[Path], evals: list[dict] = ()) -> str:
+    """``summary.md``: ``plan`` as :func:`read_plan` gives it, ``written`` the plots beside it,
+    ``evals`` the held-out evaluations."""
     last = records[-1]
     steady, over = _steady(records)
     memory = memory_by_rank(records)
@@ -537,6 +567,10 @@ def _summary(run_dir: Path, records: list[dict], plan: dict[str, Any],
     if bad := not_finite(records):
         lines.append(f"- loss not finite (NaN or infinite) at {len(bad)} logged step(s), from "
                      f"step {bad[0]}")
+    if evals:
+        lines.append(f"- held-out loss: {_finite(evals[0]['eval_loss']):.4f} at step "
+                     f"{evals[0]['step']} -> {_finite(evals[-1]['eval_loss']):.4f} at step "
+                     f"{evals[-1]['step']} ({len(evals)} evaluation(s))")
     lines += [
         f"- throughput: {statistics.median(r['tokens_per_s'] for r in steady):,.0f} tokens/s, "
         f"MFU {100 * statistics.median(r['mfu'] for r in steady):.2f}% (median over "
@@ -631,4 +665,5 @@ reported into by an orch older than the marker, these are the report's own (the 
 orch's)."""
 
 
-__all__ = ["ReportError", "memory_by_rank", "read_metrics", "read_plan", "write_report"]
+__all__ = ["ReportError", "memory_by_rank", "read_metrics", "read_plan", "read_run_records",
+           "write_report"]

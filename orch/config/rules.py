@@ -409,6 +409,15 @@ def check_config(cfg: Config) -> list[Problem]:
         "set data.token_dtype: uint32 (what a tokenizer of this vocabulary writes)",
         ("data.path", "data.format", "model.vocab_size"),
     )
+    ev = cfg.eval
+    need(ev.interval >= 0, "eval.interval", f"must be 0 or more, got {ev.interval}",
+         "use 0 to switch evaluation off, or e.g. 100")
+    need(ev.batches >= 1, "eval.batches", f"must be at least 1, got {ev.batches}",
+         "use a positive number of global batches, e.g. 4")
+    need(ev.interval <= 0 or bool(ev.path.strip()), "eval.path",
+         f"is empty, but eval.interval={ev.interval} asks for evaluations",
+         "set eval.path to a held-out text or token file, or eval.interval to 0",
+         ("eval.interval",))
     prof = cfg.run.profile
     need(
         prof.start == 0 or (1 <= prof.start and prof.steps >= 1

@@ -122,6 +122,22 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training: the mean token cross-entropy of the same first
+    ``batches`` global batches of ``path`` (read as ``data.path`` is), every ``interval``
+    optimizer steps and at ``train.steps``."""
+
+    interval: int = field(
+        default=0, metadata=_help("evaluate every n optimizer steps and at train.steps; 0 = never")
+    )
+    batches: int = field(default=1, metadata=_help("global batches of eval.path per evaluation"))
+    path: str = field(
+        default="", metadata=_help("held-out text or token file, read with data.path's rules "
+                                   "(data.format, data.token_dtype, data.tokenizer)")
+    )
+
+
+@dataclass
 class TrainConfig:
     """Batch sizes, schedule and numerics. Batch sizes count sequences."""
 
@@ -313,6 +329,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

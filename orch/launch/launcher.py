@@ -247,6 +247,7 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
                      for p in reading(exc.problems, world_reads)]
     problems += reading(unsupported_features(cfg, world), world_reads)
     problems += _check_data(cfg)
+    problems += _check_eval(cfg)
     problems += reading(_check_nvme(cfg, plan), world_reads)
     init_from: list[Problem] = []  # reported unless the run resumes (its weights come from there)
     if cfg.model.init_from:
@@ -446,6 +447,14 @@ def _check_data(cfg: Config) -> list[Problem]:
     except DataError as exc:
         return [exc.problem]
     return []
+
+
+def _check_eval(cfg: Config) -> list[Problem]:
+    """The held-out file (``eval.path``) as the data file is checked, and its size against
+    ``eval.batches`` (:func:`orch.runtime.evaluation.eval_file_problems`)."""
+    from orch.runtime.evaluation import eval_file_problems
+
+    return eval_file_problems(cfg)
 
 
 def _check_nvme(cfg: Config, plan: Plan | None) -> list[Problem]:

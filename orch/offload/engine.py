@@ -180,6 +180,8 @@ class OffloadEngine:
         """Bytes of kept activations each unit holds on the device now (accounted)."""
         self.depth = max(1, prefetch_depth)
         self.in_backward = False
+        self.forward_only = False
+        """Inside :meth:`forward_passes`: forwards no backward follows (an evaluation)."""
         self._pass = 0
         """The number of the pass over the units running now (:meth:`Homes.next_pass`)."""
         self._io_marks: tuple[tuple[int, ...], tuple[int, ...]] | None = None
@@ -293,7 +295,7 @@ class OffloadEngine:
         update, or the next micro-batch's forward, first unit first), but the last unit's
         from its forward, which it stays fetched through to its backward: in the pass after."""
         last = len(self.units) - 1
-        if self.in_backward:
+        if self.in_backward or self.forward_only:  # the next pass: the training forward's
             return (self._pass + 1, unit.index)
         if unit.index == last:
             return (self._pass + 2, unit.index)
@@ -347,6 +349,8 @@ class OffloadEngine:
         if self.in_backward:
             return None
         self._prefetch(iter(self.units[unit.index + 1:]))
+        if self.forward_only:  # nothing is saved for a backward, nothing measured
+            return None
         if (self.swap is not None and unit.index != len(self.units) - 1
                 and (self.auto is None or self.auto.swaps(unit.index))):
             self.swap.enter(unit.index, unit.device_copies)
@@ -359,6 +363,9 @@ class OffloadEngine:
         return None
 
     def _after_forward(self, unit: Unit, output: torch.Tensor) -> torch.Tensor:
+        if self.forward_only:  # no backward: the head is released too
+            self.release(unit)
+            return output
         if self.auto is not None:
             self.auto.forward_ended(unit.index)
         if self.swap is not None:
@@ -461,6 +468,41 @@ class OffloadEngine:
             self.grads.reduce(unit.index, self._fresh)
             if self.grads.free_summed and not self.grads.owns(unit.index):
                 self._fresh.update(unit.params)  # its buffer goes: the next copies, not adds
+
+    @contextmanager
+    def forward_passes(self) -> Iterator[None]:
+        """Forward passes that no backward follows (an evaluation, under ``torch.no_grad``,
+        between optimizer steps), leaving the engine as a training step left it: every unit is
+        released after its forward (the head too, which training keeps for its backward), the
+        activations are neither swapped nor measured (``offload.activations: auto``), the
+        fetches name the next training forward as when their NVMe copies are due, and the
+        step's figures (bytes moved, the device peak, the NVMe traffic between two optimizer
+        steps, the seconds waited for an update) are those of training alone. The update
+        running beside is waited for first, so no byte of it is counted as the passes'."""
+        assert not self.in_backward and not any(unit.fetched for unit in self.units), \
+            "forward passes start between steps"
+        figures = (self.bytes_to_device, self.bytes_to_home, self.budget.peak,
+                   self.updates.waited)
+        self.wait_updates()
+        received = self.shared.bytes_received if self.shared is not None else 0
+        io_before = self._io_now()
+        self.forward_only = True
+        try:
+            yield
+        finally:
+            self.forward_only = False
+            for unit in self.units:  # after an error part way
+                self.release(unit)
+            if self.shared is not None:  # broadcasts asked for and not fetched
+                self.shared.start_pass()
+                self.shared.bytes_received = received
+            self.homes.drop_reads_ahead()
+            (self.bytes_to_device, self.bytes_to_home, self.budget.peak,
+             self.updates.waited) = figures
+            if self._io_marks is not None:  # the passes' NVMe bytes: in no step's record
+                spent = [now - then for now, then in zip(self._io_now(), io_before, strict=True)]
+                since, mark = self._io_marks
+                self._io_marks = (since, tuple(a + b for a, b in zip(mark, spent, strict=True)))
 
     # --- steps ------------------------------------------------------------------------------
 

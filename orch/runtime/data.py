@@ -13,9 +13,11 @@ Every problem with the user's data is a ``DataError`` raised before training sta
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import importlib.resources
+import os
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,9 @@ def check_source(data: DataConfig) -> tuple[Path, str]:
     starts any process. Returns the path and its kind ('text' or 'tokens')."""
     path = _existing_file(data.path)
     kind = _file_kind(data, path)
+    if not os.access(path, os.R_OK):
+        raise DataError("data.path", f"{data.path!r} cannot be read by this user (permission "
+                        "denied)", "make it readable (chmod a+r), or point data.path at a copy")
     if path.stat().st_size == 0:
         raise DataError(
             "data.path", f"{data.path!r} is empty", "point data.path at a file with data"
@@ -190,6 +195,9 @@ def _decompresses_to_nothing(data: DataConfig) -> DataError:
                      _READ_AS)
 
 
+_CORPUS_HINT = ", or set data.path to '' for the shipped corpus"
+
+
 def _existing_file(value: str) -> Path:
     path = Path(value).expanduser()
     shown = f"{value!r}" if str(path.resolve()) == value else f"{value!r} ({path.resolve()})"
@@ -197,8 +205,7 @@ def _existing_file(value: str) -> Path:
         raise DataError(
             "data.path",
             f"{shown} does not exist",
-            "correct the path (relative paths start where orch runs), or set data.path to '' "
-            "for the shipped corpus",
+            f"correct the path (relative paths start where orch runs){_CORPUS_HINT}",
         )
     if not path.is_file():
         raise DataError("data.path", f"{shown} is not a file", "point data.path at one file")
@@ -319,10 +326,34 @@ def token_count(data: DataConfig) -> int | None:
     return len(head) if len(head) <= _SNIFF_BYTES else None
 
 
+def read_like_data(data: DataConfig, path: str) -> DataConfig:
+    """The config that reads ``path`` by ``data``'s rules (format, token dtype, tokenizer): a
+    held-out file (``eval.path``) goes through the same checks and loading as ``data.path``;
+    its problems are said of its own field with :func:`problem_of`."""
+    return dataclasses.replace(data, path=path)
+
+
+def problem_of(problem: Problem, field: str) -> Problem:
+    """``problem``, found in a file read by :func:`read_like_data`, said of ``field`` (the
+    field holding that file) where it names ``data.path`` (the shipped corpus is no fix
+    there)."""
+    def said(text: str) -> str:
+        return text.replace(_CORPUS_HINT, "").replace("data.path", field)
+
+    return Problem(said(problem.where), said(problem.message), said(problem.fix),
+                   tuple(dict.fromkeys(said(read) for read in problem.reads)))
+
+
+def packed_samples(count: int, seq_len: int) -> int:
+    """How many samples of ``seq_len`` tokens :class:`PackedSequences` cuts from ``count``
+    tokens (neighbours share a boundary token)."""
+    return max(0, (count - 1) // seq_len)
+
+
 def check_token_count(count: int, global_batch: int, seq_len: int) -> None:
     """Enough tokens for one global batch of packed samples (``global_batch x seq_len + 1``);
     ``count`` is the data's (its every field read)."""
-    samples = max(0, (count - 1) // seq_len)
+    samples = packed_samples(count, seq_len)
     if samples < global_batch:
         raise DataError(
             "train.global_batch",
@@ -387,7 +418,7 @@ class PackedSequences:
             )
 
     def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
+        return packed_samples(len(self.tokens), self.seq_len)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``index`` as (input, target), int64 tensors of shape ``[seq_len]``."""
@@ -410,6 +441,16 @@ class PackedSequences:
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
+
+
+def rank_micro_batches(dataset: PackedSequences, indices: np.ndarray, micro_batch: int,
+                       dp_rank: int, dp_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Data-parallel rank ``dp_rank``'s share of the global batch of samples ``indices``: the
+    ``dp_rank``-th contiguous ``1 / dp_size`` of them, as ``(inputs, targets)`` micro-batches
+    of ``micro_batch`` samples (how every batch, training's or an evaluation's, is split)."""
+    per_rank = len(indices) // dp_size
+    mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    return [dataset.gather(mine[i : i + micro_batch]) for i in range(0, per_rank, micro_batch)]
 
 
 class BatchStream:
@@ -479,16 +520,13 @@ class BatchStream:
         """This rank's micro-batches for the next optimizer step: ``(inputs, targets)`` pairs,
         each ``[micro_batch, seq_len]`` int64, ``global_batch / (dp_size * micro_batch)`` of them.
         """
-        per_rank = self.global_batch // self.dp_size
-        start = self._step_in_epoch * self.global_batch + self.dp_rank * per_rank
-        indices = self._permutation(self._epoch)[start : start + per_rank]
+        start = self._step_in_epoch * self.global_batch
+        indices = self._permutation(self._epoch)[start : start + self.global_batch]
         self._step_in_epoch += 1
         if self._step_in_epoch == self.steps_per_epoch:
             self._epoch, self._step_in_epoch = self._epoch + 1, 0
-        return [
-            self.dataset.gather(indices[i : i + self.micro_batch])
-            for i in range(0, per_rank, self.micro_batch)
-        ]
+        return rank_micro_batches(self.dataset, indices, self.micro_batch, self.dp_rank,
+                                  self.dp_size)
 
     def state_dict(self) -> dict[str, Any]:
         """The position as plain values (JSON-ready), identical on every data-parallel rank,

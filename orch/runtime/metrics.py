@@ -80,6 +80,25 @@ class StepMetrics:
         )
 
 
+@dataclass(frozen=True)
+class EvalMetrics:
+    """One held-out evaluation (``eval:``), a record of its own in ``metrics.jsonl`` beside the
+    step records (``step`` first, as theirs; told apart by ``eval_loss``:
+    :func:`~orch.runtime.records.is_eval`)."""
+
+    step: int
+    """The optimizer steps taken before it: the weights it evaluated."""
+    eval_loss: float
+    """The mean token cross-entropy over every eval token of every rank."""
+    eval_tokens: int
+    eval_s: float
+
+    def line(self) -> str:
+        perplexity = math.exp(self.eval_loss) if self.eval_loss < 700 else math.inf
+        return (f"eval step {self.step}: loss {self.eval_loss:.3f} (ppl {perplexity:.4g}) over "
+                f"{self.eval_tokens:,} tokens in {self.eval_s:.2f} s")
+
+
 def token_rate(tokens_per_s: float) -> str:
     """Tokens/s as the progress line says it: ``4.2``, ``42``, ``48.2k``, ``1.25M``.
 
@@ -200,7 +219,20 @@ class MetricsLog:
             except OSError as exc:
                 self._drop_board(exc)
 
-    def _append(self, metrics: StepMetrics) -> None:
+    def log_eval(self, metrics: EvalMetrics) -> None:
+        """An evaluation's line (above a redrawn progress line) and record."""
+        if not self.enabled:
+            return
+        print(metrics.line(), file=self.out, flush=True)
+        self._append(metrics)
+        if self._board is not None:
+            try:
+                self._board.add_scalar("eval/loss", metrics.eval_loss, metrics.step)
+                self._board.flush()
+            except OSError as exc:
+                self._drop_board(exc)
+
+    def _append(self, metrics: StepMetrics | EvalMetrics) -> None:
         """Append ``metrics``' record to ``metrics.jsonl``. A failed write (a full disk, a file
         system gone read-only) loses the records, not the run: warned once, and nothing more is
         written to the file in this start (as the rank log does), so a torn record can only be
@@ -208,7 +240,7 @@ class MetricsLog:
         if self.file is None:
             return
         record = asdict(metrics)
-        if self._first:
+        if self._first and isinstance(metrics, StepMetrics):  # a start's first step
             record["resumed_from"], self._first = self._start, False
         try:
             self.file.write(json_line(record))

@@ -1,4 +1,5 @@
-"""Reading a run's ``metrics.jsonl``: one JSON object per logged step.
+"""Reading a run's ``metrics.jsonl``: one JSON object per logged step, and one per held-out
+evaluation (:func:`is_eval`).
 
 A run killed while it writes (out of time, out of disk, a node lost) can leave its last line torn
 (``{"step": 3, "loss": 4.``); a resume, which rewrites the file up to its checkpoint's step, and
@@ -22,6 +23,12 @@ from typing import IO, Any
 _STEP_FIRST = re.compile(rb'\{"step": (\d+)[,}]')
 """How the runtime starts every record it writes (``json_line`` of ``StepMetrics``, whose first
 field is ``step``): the step is read off a line's first bytes, without parsing the rest."""
+
+
+def is_eval(record: dict[str, Any]) -> bool:
+    """Whether a record is a held-out evaluation's (``EvalMetrics``: step, ``eval_loss``,
+    ``eval_tokens``, ``eval_s``) rather than a training step's."""
+    return "eval_loss" in record
 
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:

@@ -41,7 +41,8 @@ from orch.plan import Plan
 from orch.runtime.comm_timeout import set_comm_timeout
 from orch.runtime.data import BatchStream
 from orch.runtime.drills import maybe_fail
-from orch.runtime.metrics import MetricsLog, StepMetrics, memory_bytes
+from orch.runtime.evaluation import Evaluation, MicroBatches, isolated
+from orch.runtime.metrics import EvalMetrics, MetricsLog, StepMetrics, memory_bytes
 from orch.runtime.optim import lr_at, set_lr
 from orch.runtime.profiling import StepProfiler
 from orch.runtime.rank_log import at_step
@@ -102,6 +103,8 @@ class Trainer:
     finish_saves: Callable[[], None] = lambda: None
     """Called after every step by every rank: completes a background save whose writes have
     ended (:meth:`~orch.runtime.checkpoint.CheckpointManager.poll`)."""
+    evaluation: Evaluation | None = None
+    """Held-out evaluation (``eval:``), run after the steps it is due at."""
     _timeline: Timeline | None = None
     _telemetry: Telemetry | None = None
     """Rank 0's measured pipeline timeline of the last logged step."""
@@ -156,6 +159,9 @@ class Trainer:
             self.finish_saves()
             if step % self.cfg.run.log_interval == 0 or step == last:
                 self._log(done, time.perf_counter() - start - exporting)
+            if self.evaluation is not None and self.evaluation.due(step):
+                self._evaluate(step)  # before a re-partition's or a preemption's save
+            if step % self.cfg.run.log_interval == 0 or step == last:
                 if self.repartitioner is not None:  # may save and raise Repartition
                     try:
                         self.repartitioner.after_log(step, self._timeline, self.save,
@@ -173,12 +179,19 @@ class Trainer:
         loss, unreduced (MoE layers keep their balancing losses for :func:`take_aux_loss`)."""
         micro_batches = self.stream.next_step()
         inject_aux_gradients(self.model, 1 / len(micro_batches))  # each is 1/n of the loss
+        return self._micro_batches(micro_batches, train=True)
+
+    def _micro_batches(self, micro_batches: MicroBatches, train: bool) -> torch.Tensor:
+        """This rank's mean loss over ``micro_batches``, unreduced; with ``train``, each one's
+        backward too (gradient sync on the last, the offload engine told), else forwards only
+        (an evaluation, inside :func:`~orch.runtime.evaluation.isolated`)."""
         total = torch.zeros((), device=self.device)
         for index, (inputs, targets) in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            set_gradient_sync(self.model, last, self.cfg.parallel.grad_reduce)
-            if self.offload is not None:
-                self.offload.start_micro_batch(last)
+            if train:
+                last = index == len(micro_batches) - 1
+                set_gradient_sync(self.model, last, self.cfg.parallel.grad_reduce)
+                if self.offload is not None:
+                    self.offload.start_micro_batch(last)
             if self.positions is not None:
                 inputs, targets = inputs[:, self.positions], targets[:, self.positions]
             inputs, targets = inputs.to(self.device), targets.to(self.device)
@@ -190,25 +203,54 @@ class Trainer:
             sharded = isinstance(logits, DTensor)
             with loss_parallel() if sharded else contextlib.nullcontext():
                 loss = vocab_parallel_loss(logits, targets, tp_mesh=None)
-                (loss / len(micro_batches)).backward()  # MoE layers add their balancing grads
-            if self.offload is not None:
+                if train:
+                    (loss / len(micro_batches)).backward()  # MoE layers add balancing grads
+            if train and self.offload is not None:
                 self.offload.finish_backward()
             total += loss.detach() / len(micro_batches)
         return total
 
-    def _pipelined(self) -> torch.Tensor:
-        """The step's forward and backward through the pipeline (``self.pipeline``); returns
-        the mean loss on the last stage's ranks and zero on the others."""
+    def _pipelined(self, micro_batches: MicroBatches | None = None, train: bool = True
+                   ) -> torch.Tensor:
+        """The step's forward and backward through the pipeline (``self.pipeline``), or with
+        ``train`` false the forwards alone of ``micro_batches`` (an evaluation); returns the
+        mean loss on the last stage's ranks and zero on the others."""
         assert self.pipeline is not None
-        micro_batches = self.stream.next_step()
+        if micro_batches is None:
+            micro_batches = self.stream.next_step()
         inputs = torch.cat([i for i, _ in micro_batches])
         targets = torch.cat([t for _, t in micro_batches])
         if self.positions is not None:
             inputs, targets = inputs[:, self.positions], targets[:, self.positions]
+        run = self.pipeline.step if train else self.pipeline.evaluate
         cast = self.autocast
         with torch.autocast(self.device.type, cast) if cast else contextlib.nullcontext():
             with loss_parallel() if self.plan.degrees.tp > 1 else contextlib.nullcontext():
-                return self.pipeline.step(inputs.to(self.device), targets.to(self.device))
+                return run(inputs.to(self.device), targets.to(self.device))
+
+    def _evaluate(self, step: int) -> None:
+        """Evaluate the weights after ``step`` on the held-out batches (every rank calls it):
+        the mean token cross-entropy over all of them, logged on rank 0."""
+        assert self.evaluation is not None
+        start = time.perf_counter()
+        with isolated(self.model, self.device, self.offload):
+            losses = [self._micro_batches(batch, train=False) if self.pipeline is None
+                      else self._pipelined(batch, train=False)
+                      for batch in self.evaluation.batches]
+            loss = self._global_mean(torch.stack(losses).mean())
+        self.metrics.log_eval(EvalMetrics(step=step, eval_loss=float(loss),
+                                          eval_tokens=self.evaluation.tokens,
+                                          eval_s=time.perf_counter() - start))
+
+    def _global_mean(self, losses: torch.Tensor) -> torch.Tensor:
+        """``losses`` (this rank's means of its share of a batch) as the whole batch's means:
+        the last pipeline stage's shared with the other stages, then averaged over every rank
+        (each holds an equal share of the tokens; tensor-parallel ranks hold the same)."""
+        if self.pipeline is not None:  # the last stage's loss
+            dist.all_reduce(losses, group=self.pipeline.group)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(losses, op=dist.ReduceOp.AVG)  # every rank's share of the batch
+        return losses
 
     def _clip(self) -> float:
         """Clip the global gradient norm (over all shards) and return it before clipping.
@@ -245,12 +287,10 @@ class Trainer:
     def _log(self, done: _Step, secs: float) -> None:
         losses = done.loss if done.aux_loss is None else torch.stack([done.loss, done.aux_loss])
         loads, idle, transfers = done.loads, None, None
-        if self.pipeline is not None:  # the last stage's loss, every stage's MoE layers
-            dist.all_reduce(losses, group=self.pipeline.group)
+        if self.pipeline is not None:  # every stage's MoE layers
             loads = self._pipeline_loads(loads)
             idle, transfers = self._pipeline_timeline(done.step)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(losses, op=dist.ReduceOp.AVG)  # every rank's share of the batch
+        losses = self._global_mean(losses)
         t = self.cfg.train
         tokens = t.global_batch * t.seq_len
         tokens_per_s = tokens / secs

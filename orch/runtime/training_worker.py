@@ -50,6 +50,7 @@ from orch.plan.support import unsupported_features
 from orch.runtime import agent_store
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
 from orch.runtime.data import BatchStream, PackedSequences, load_tokens
+from orch.runtime.evaluation import Evaluation
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
 from orch.runtime.parallelize import RanksDisagree, agree_on_plan, agree_on_run_dir, parallelize
@@ -194,6 +195,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     dataset = PackedSequences(load_tokens(cfg.data, cfg.model.vocab_size), cfg.train.seq_len)
     stream = BatchStream(dataset, cfg.train.global_batch, cfg.train.micro_batch, dp_rank,
                          plan.degrees.dp, cfg.train.seed, source)
+    evaluation = Evaluation.of(cfg, dp_rank, plan.degrees.dp)
 
     start = 0
     train_state = TrainState(model, optimizer, offload)
@@ -227,7 +229,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
         trainer = Trainer(cfg, plan, model, optimizer, stream, metrics, device, save, autocast,
                           par.positions, par.token_group, par.ledger, par.pipeline,
                           run_dir if rank == 0 else None, offload, repartitioner,
-                          finish_saves=checkpoints.poll)
+                          finish_saves=checkpoints.poll, evaluation=evaluation)
         trainer.train(start)
     except Repartition:  # every rank stops here, after the save the new split starts from
         checkpoints.wait()

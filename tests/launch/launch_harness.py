@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from orch.runtime.records import is_eval
+
 REPO = Path(__file__).resolve().parents[2]
 ORCH = Path(sys.executable).parent / "orch"
 
@@ -32,5 +34,16 @@ def overrides(run_dir: Path, *extra: str) -> list[str]:
     return out
 
 
-def metrics(run_dir: Path) -> list[dict]:
+def records(run_dir: Path) -> list[dict]:
+    """Every record of ``run_dir/metrics.jsonl``: the steps' and the evaluations'."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The training steps' records (not the held-out evaluations')."""
+    return [r for r in records(run_dir) if not is_eval(r)]
+
+
+def eval_metrics(run_dir: Path) -> list[dict]:
+    """The held-out evaluations' records (``eval:``)."""
+    return [r for r in records(run_dir) if is_eval(r)]

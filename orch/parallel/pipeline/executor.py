@@ -37,6 +37,8 @@ from torch.distributed.pipelining.schedules import (
     FORWARD,
     FULL_BACKWARD,
     _Action,
+    _add_send_recv,
+    _add_unshard_reshard,
     _PipelineScheduleRuntime,
 )
 
@@ -79,6 +81,9 @@ class ActionClock:
     def __init__(self) -> None:
         self.records: list[Record] = []
         self._origin = time.perf_counter()
+        self.recording = True
+        """Off while forward-only passes run (an evaluation): the timeline and the
+        re-partitioner measure training steps only."""
 
     def start(self) -> None:
         """Forget earlier records; times count from now."""
@@ -92,6 +97,8 @@ class ActionClock:
         index = stage.stage_index
 
         def timed(kind: str, fn: Callable, microbatch: int, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if not self.recording:
+                return fn(microbatch, *args, **kwargs)
             start = time.perf_counter() - self._origin
             try:
                 return fn(microbatch, *args, **kwargs)
@@ -145,6 +152,17 @@ class PipelineExecutor:
                           for a in actions if not a.is_comm]
                    for rank, actions in enumerate(schedule.ranks)}
         self.runtime._prepare_schedule_with_comms(compute)  # adds sends/recvs and FSDP steps
+        self._training_order = self.runtime.pipeline_order_with_comms
+        # The schedule's forwards alone, in its order (deadlock-free as the whole is: a forward
+        # waits only for earlier stages' forwards, and sends do not block), lowered as torch
+        # lowers the whole (its validator wants every backward, so its passes are called
+        # directly): each FSDP stage unsharded before its first forward and resharded after its
+        # last, the sends and receives, and no gradient reduction.
+        mapping = self.runtime.stage_index_to_group_rank
+        self._forward_order = _add_send_recv(
+            {rank: _add_unshard_reshard([a for a in actions if a.computation_type == FORWARD])
+             for rank, actions in compute.items()},
+            stage_to_rank=lambda stage: mapping[stage], num_stages=self.runtime._num_stages)
         self.clock = ActionClock()
         for stage in stages:
             self.clock.attach(stage)
@@ -167,6 +185,26 @@ class PipelineExecutor:
         args = (inputs,) if self.holds_first else ()
         self.runtime.step(*args, target=targets if self.holds_last else None,
                           losses=losses, return_outputs=False)
+        if not losses:
+            return torch.zeros((), device=self.stages[0].device)
+        return torch.stack([loss.detach() for loss in losses]).mean()
+
+    def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """The mean loss of one batch's forward passes alone (as :meth:`step` takes and returns
+        them), on torch's forward-only path (``eval``: stages hold no activations for a
+        backward, none runs) with the schedule's forwards; call it under ``torch.no_grad``.
+        Training's actions, and the clock's records of the last step, are left as they were."""
+        self.runtime.pipeline_order_with_comms = self._forward_order
+        self.clock.recording = False
+        try:
+            losses: list[torch.Tensor] = []
+            args = (inputs,) if self.holds_first else ()
+            self.runtime.eval(*args, target=targets if self.holds_last else None,
+                              losses=losses, return_outputs=False)
+        finally:
+            self.runtime.pipeline_order_with_comms = self._training_order
+            self.clock.recording = True
         if not losses:
             return torch.zeros((), device=self.stages[0].device)
         return torch.stack([loss.detach() for loss in losses]).mean()
