@@ -191,6 +191,9 @@ class OffloadEngine:
         update running, so no byte of the update's threads falls between two records or into
         the wrong one."""
         self._update_marked = False
+        self._io_passes: tuple[int, ...] = (0, 0, 0)
+        """The NVMe counters' growth in :meth:`forward_passes` since the last mark: left out of
+        the next step's record (its count starts that much later)."""
         self.bytes_to_device = 0
         self.bytes_to_home = 0
         self._fresh: set[nn.Parameter] = set()
@@ -499,10 +502,9 @@ class OffloadEngine:
             self.homes.drop_reads_ahead()
             (self.bytes_to_device, self.bytes_to_home, self.budget.peak,
              self.updates.waited) = figures
-            if self._io_marks is not None:  # the passes' NVMe bytes: in no step's record
-                spent = [now - then for now, then in zip(self._io_now(), io_before, strict=True)]
-                since, mark = self._io_marks
-                self._io_marks = (since, tuple(a + b for a, b in zip(mark, spent, strict=True)))
+            self._io_passes = tuple(  # the passes' NVMe bytes: in no step's record
+                skipped + now - then for skipped, now, then in zip(
+                    self._io_passes, self._io_now(), io_before, strict=True))
 
     # --- steps ------------------------------------------------------------------------------
 
@@ -514,7 +516,7 @@ class OffloadEngine:
         self.budget.reset_peak()
         self.bytes_to_device = self.bytes_to_home = 0
         if not self._update_marked:  # not the load of a resumed run, nor the placing
-            self._io_marks = (self._io_now(), self._io_now())
+            self._io_marks, self._io_passes = (self._io_now(), self._io_now()), (0, 0, 0)
         if self.swap is not None:
             self.swap.bytes_out = self.swap.bytes_in = 0
         if self.shared is not None:
@@ -625,7 +627,8 @@ class OffloadEngine:
         gradients: read back per unit as it steps)."""
         self.updates.wait_all()  # the previous update's bytes are all counted: mark them
         assert self._io_marks is not None, "start_step() comes first"
-        self._io_marks = (self._io_marks[1], self._io_now())
+        since = tuple(a + b for a, b in zip(self._io_marks[1], self._io_passes, strict=True))
+        self._io_marks, self._io_passes = (since, self._io_now()), (0, 0, 0)
         self._update_marked = True
         self.updates.start(optimizer, self.grads.handover())
 

@@ -30,10 +30,14 @@ def tiny_cfg(*extra: str):
 def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = BUDGET,
            activations: str = "device", optimizer: str = "adamw", nvme: NvmeTier | None = None,
            on_nvme: tuple[str, ...] = (), cpu_adam: str = "", device: str = "cpu",
-           transfers: object = None, param_dtype: torch.dtype | None = None):
+           transfers: object = None, param_dtype: torch.dtype | None = None,
+           evaluate: bool = False):
     """``param_dtype``: the engine's device copies in it; the plain run then computes on a copy
     of the model whose parameters are cast to it, its gradients summed in float32 into the
-    model's (FSDP's mixed precision, the engine's reference)."""
+    model's (FSDP's mixed precision, the engine's reference). ``evaluate``: after each step
+    (where the trainer evaluates) the loss of two held-out micro-batches, forwards alone under
+    ``torch.no_grad`` (in the engine's :meth:`~OffloadEngine.forward_passes`), into
+    ``Run.evals``; the engine's state around them into ``Run.around_evals``."""
     cpu = ["offload.optimizer=cpu", f"offload.cpu_adam={cpu_adam}"] if cpu_adam else []
     cfg = tiny_cfg(f"train.recompute={recompute}", f"optimizer.name={optimizer}", *cpu)
     torch.manual_seed(0)
@@ -56,7 +60,9 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
     compute = model if engine or param_dtype is None else copy.deepcopy(model)
     opt = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(1)
-    losses, norms, peaks, records = [], [], [], []
+    held_out = torch.randint(0, cfg.model.vocab_size, (MICRO, 2, 33),
+                             generator=torch.Generator().manual_seed(2)).to(device)
+    losses, norms, peaks, records, evals, around = [], [], [], [], [], []
     for _ in range(STEPS):
         if engine:
             engine.start_step()
@@ -92,9 +98,29 @@ def train(offload: bool, recompute: str = "none", depth: int = 2, budget: int = 
             opt.step()
             opt.zero_grad(set_to_none=True)
         losses.append(total)
+        if evaluate:
+            before = engine_state(engine)
+            with torch.no_grad(), engine.forward_passes() if engine else contextlib.nullcontext():
+                evals.append(sum(F.cross_entropy(compute(tokens[:, :-1]).flatten(0, 1),
+                                                 tokens[:, 1:].flatten()).item()
+                                 for tokens in held_out) / MICRO)
+            around.append((before, engine_state(engine)))
     with engine.resident(opt) if engine else contextlib.nullcontext():
         params = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
-    return Run(losses, norms, params, peaks, engine, records, opt, model)
+    return Run(losses, norms, params, peaks, engine, records, opt, model, evals, around)
+
+
+def engine_state(engine: OffloadEngine | None) -> dict | None:
+    """What training reads of the engine between steps: its step record (with every figure of
+    the step), what it holds on the device, and its per-step bookkeeping."""
+    if engine is None:
+        return None
+    return {"record": engine.step_record(), "used": engine.budget.used,
+            "fetched": [unit.index for unit in engine.units if unit.fetched],
+            "in_backward": engine.in_backward, "kept": dict(engine._kept),
+            "fresh": len(engine._fresh), "io_marks": engine._io_marks,
+            "measuring": engine.auto.measuring if engine.auto else None,
+            "measured": dict(engine.swap.measured) if engine.swap else None}
 
 
 class Run(NamedTuple):
@@ -106,3 +132,5 @@ class Run(NamedTuple):
     records: list[dict]
     optimizer: torch.optim.Optimizer
     model: torch.nn.Module
+    evals: list[float]
+    around_evals: list[tuple[dict | None, dict | None]]

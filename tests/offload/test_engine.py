@@ -289,6 +289,30 @@ def test_a_slow_host_link_makes_the_policy_recompute(plain, monkeypatch, capsys)
     assert "layers.0 recompute (1.3 MB: copies 2" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("on_nvme,activations,budget", [
+    ((), "device", BUDGET), (("params", "optimizer", "grads"), "nvme", BUDGET),
+    ((), "auto", AUTO_BUDGET)], ids=["cpu", "nvme", "auto"])
+def test_forward_passes_between_steps_leave_training_and_the_engine_as_they_were(
+        plain, tmp_path, on_nvme, activations, budget):
+    """An evaluation after each step (forwards alone, no gradients: ``forward_passes``) gives
+    the plain model's held-out loss exactly, and the steps the plain numbers: the head, which a
+    training forward keeps for its backward, is released too; no activation is swapped or
+    measured (``auto`` measures and decides as without them); the step record (bytes moved,
+    device peak, NVMe traffic, the update's waits) and what the engine holds are as before the
+    passes."""
+    tier = _tier(tmp_path) if on_nvme else None
+    run = train(True, nvme=tier, on_nvme=on_nvme, activations=activations, budget=budget,
+                evaluate=True)
+    ref = train(False, evaluate=True)
+    assert run.losses == plain.losses and run.norms == plain.norms
+    for name, tensor in plain.params.items():
+        assert torch.equal(run.params[name], tensor), name
+    assert run.evals == ref.evals and len(run.evals) == 3
+    for before, after in run.around_evals:  # (auto: what the policy measured, and decided)
+        assert before == after
+        assert after["fetched"] == [] and not after["in_backward"]
+
+
 @pytest.mark.parametrize("cpu_adam", ["torch", pytest.param("deepspeed", marks=pytest.mark.nvme)])
 def test_the_cpu_adamw_kernels_step_at_home_exactly_and_agree_with_torch_adamw(plain, cpu_adam):
     """offload.cpu_adam's kernels (torch's fused AdamW, DeepSpeed's CPU Adam on torch's state

@@ -11,6 +11,10 @@ so the tolerances are rounding-level only.
 Stages split the backward by deferring their linear layers' weight GEMMs (orch's split); two
 schedules also run on torch's own split (autograd's, used under tensor parallelism).
 
+Forward-only passes (an evaluation, ``PipelineExecutor.evaluate``) run before and after each
+schedule's step: they give the plain model's loss and leave the step's numbers and records as
+they were.
+
 Also: the split backward does not run the forward again (a forward counter on every block, with
 and without activation checkpointing, full and selective, the gradients again equal to one
 process: one forward per micro-batch, plus one recompute per micro-batch with checkpointing,
@@ -108,16 +112,33 @@ def run_schedule(rank: int, world: int, name: str, virtual: int, microbatches: i
                                       shapes, group, torch_split)
     executor = PipelineExecutor(torch_stages, schedule, group, loss_fn)
     inputs, targets = batch(microbatches)
-    loss = executor.step(inputs, targets)
     counters = [mod for mod in m.modules() if isinstance(mod, _CountForwards)]
+    evals = [_evaluate(executor, inputs, targets)]  # forwards alone, before and after a step
+    calls = [c.calls for c in counters]
+    loss = executor.step(inputs, targets)
+    calls = [c.calls - before for c, before in zip(counters, calls, strict=True)]
+    evals.append(_evaluate(executor, inputs, targets))
+    records = [text for text, _, _ in executor.clock.records]  # the step's, not the passes'
     return {
-        "loss": float(loss), "last": executor.holds_last,
+        "loss": float(loss), "last": executor.holds_last, "evals": evals,
+        "actions": records,
         "grads": {n.replace(".block", ""): p.grad for n, p in m.named_parameters()},
-        "calls": [c.calls for c in counters],
-        "actions": [text for text, _, _ in executor.clock.records],
+        "calls": calls,
         "schedule": [str(a) for a in schedule.ranks[rank] if not a.is_comm],
         "stages": {type(stage).__name__ for stage in torch_stages},
     }
+
+
+def _evaluate(executor: PipelineExecutor, inputs: torch.Tensor, targets: torch.Tensor
+              ) -> float:
+    """The executor's forward-only loss of the batch; no gradient may appear or change."""
+    params = [p for stage in executor.stages for p in stage.submod.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    with torch.no_grad():
+        loss = executor.evaluate(inputs, targets)
+    for p, grad in zip(params, grads, strict=True):
+        assert (p.grad is None) if grad is None else torch.equal(p.grad, grad)
+    return float(loss)
 
 
 def _run(rank: int, world: int, results) -> None:
@@ -155,6 +176,22 @@ def test_every_schedule_equals_the_plain_model(pipelined):
         assert seen.keys() == ref_grads.keys(), run  # every parameter lives on one stage
         for key, grad in ref_grads.items():
             torch.testing.assert_close(seen[key], grad, rtol=0, atol=GRAD_ATOL, msg=key)
+
+
+def test_forward_only_passes_give_the_loss_and_leave_the_step_as_it_was(pipelined):
+    """``PipelineExecutor.evaluate`` (the schedule's forwards alone, torch's eval path) before
+    and after a training step, which it must not change (the step's loss and gradients equal
+    the plain model's above; its records are its own): the batch's loss on the last stage,
+    as the plain model computes it (the step takes none: no optimizer here)."""
+    world, results = pipelined
+    for name, _, microbatches, _ in CASES[world]:
+        ref_loss, _ = reference(microbatches)
+        for rank in range(world):
+            got = results[(name, rank)]
+            if got["last"]:
+                assert max(abs(e - ref_loss) for e in got["evals"]) <= LOSS_ATOL, (name, got)
+            else:
+                assert got["evals"] == [0.0, 0.0], name
 
 
 def test_stages_defer_weight_gemms_unless_told_to_use_torchs_split(pipelined):
