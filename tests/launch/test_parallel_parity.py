@@ -28,6 +28,13 @@ per-gradient tests in tests/parallel, to keep the suite's time: tensor parallel 
 without sequence parallelism), expert parallel over 4 ranks, dense HSDP on its own, ring
 attention without TP, FSDP x CP x TP on 8 processes (each was here and passed before 2026-12-02;
 FSDP2 on 2 ranks is in every composed layout).
+Every run evaluates as well (``eval:``, after steps 2 and 4, on two global batches of a small
+held-out file the fixture writes): each layout's held-out losses must equal the single process's
+within the loss tolerance, so evaluation is checked on every layout without a launch of its own;
+the single process's run without evaluation (the one launch added for them) must train the same
+numbers bit for bit, and the single processes' last evaluations must equal their final
+checkpoints' weights run forward by hand on the same windows of the file.
+
 Five layouts (pp2, the offloaded ones) run as a user resuming after a preemption: stopped at step
 2, then the same command again, so their checks also cover a resume into pipeline stages and into
 the offload tiers and the replicas' partition (an exact resume is tested in test_resume.py, so no
@@ -59,12 +66,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_harness import launch, metrics, overrides
+from launch_harness import FAST, eval_metrics, launch, metrics, overrides
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from orch.config import load_config
+from orch.models.llama import Transformer
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 STEPS = 4
+EVAL_BATCHES = 2
+EVAL_FILE = "held_out.txt"  # in the fixture's directory, beside every run's
+EVAL = ["eval.interval=2", f"eval.batches={EVAL_BATCHES}"]  # after steps 2 and 4
 LOSS_ATOL = 1e-5
 GRAD_NORM_RTOL = 3e-5
 PARAM_ATOL = 3e-4
@@ -145,9 +158,19 @@ RESHARDED = {  # name: (the layout that saved step 2, the plan that resumes it)
     "fsdp4_to_offload": ("fsdp4", "offload_nvme"),  # chunks from 4 ranks into NVMe units
 }
 TARGETS = {**LAYOUTS, "single": (DENSE, 1, [], {}), "single_moe": (MOE, 1, [], {}),
+           "single_no_eval": (DENSE, 1, ["eval.interval=0"], {}),
            "ep4": (MOE, 4, ["parallel.ep=4"], dict(dp_shard=4, ep=4))}
 SAVED_AT_2 = {source for source, _ in RESHARDED.values()} - set(RESUMED)
 DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "edp")
+
+
+HELD_OUT = """In the beginning was the Word, and the Word was with God, and the Word was God.
+The same was in the beginning with God. All things were made by him; and without him was not
+any thing made that was made. In him was life; and the life was the light of men. And the light
+shineth in darkness; and the darkness comprehended it not. There was a man sent from God, whose
+name was John. The same came for a witness, to bear witness of the Light, that all men through
+him might believe. He was not that Light, but was sent to bear witness of that Light.
+"""
 
 
 def same_routing_steps(ref: list[dict], got: list[dict]) -> int:
@@ -186,8 +209,10 @@ half), and two launches whose threads outnumber the cores wait for each other's 
 def _launch(config: str, procs: int, run_dir: Path, *extra: str, resume: Path | None = None
             ) -> str:
     settings = MOE_SETTINGS if config == MOE else []
+    held_out = f"eval.path={run_dir.parent / EVAL_FILE}"
     out = launch("--nproc-per-node", str(procs), config,
-                 *overrides(run_dir, f"train.steps={STEPS}", *settings, *extra),
+                 *overrides(run_dir, f"train.steps={STEPS}", *settings, *EVAL, held_out,
+                            *extra),
                  *(["--resume", str(resume)] if resume else []), env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
@@ -219,12 +244,16 @@ def _reshard(name: str, dirs: dict[str, Path], scratch: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parity")
-    names = ["single", "single_moe", *LAYOUTS, "nvme", *RESHARDED]
+    references = ["single", "single_moe", "single_no_eval"]
+    names = [*references, *LAYOUTS, "nvme", *RESHARDED]
     dirs = {name: root / name for name in names}
     scratch = root / "nvme"  # the NVMe tier's directory (its scratch files have no name)
     scratch.mkdir()
+    # text for two evaluation batches and a tail no evaluation reads (held out in name only:
+    # the corpus has these verses too; the checks need comparable numbers, not unseen text)
+    (root / EVAL_FILE).write_text(HELD_OUT * 4)
     # the most processes first, so the last launches to finish are short ones
-    layouts = sorted(["single", "single_moe", *LAYOUTS], key=lambda name: -TARGETS[name][1])
+    layouts = sorted([*references, *LAYOUTS], key=lambda name: -TARGETS[name][1])
     with ThreadPoolExecutor(CONCURRENT_LAUNCHES) as pool:
         _all(pool, _run_layout, layouts, dirs, scratch)
         _all(pool, _reshard, RESHARDED, dirs, scratch)  # from the layouts' checkpoints
@@ -351,6 +380,65 @@ def test_a_checkpoint_resumes_onto_another_plan_as_that_plan_would_have_run(runs
     assert [m["step"] for m in got] == list(range(3, STEPS + 1))
     assert_same_steps(ref[2:], got)
     assert_same_final_params(runs[uninterrupted(target)], runs[name], tmp_path)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_evaluations_match_single_process(runs, layout):
+    """The held-out loss after steps 2 and 4 (each global batch split over the data-parallel
+    ranks and context-parallel positions, run forward only through TP, EP, pipeline stages or
+    the offload tiers) equals the single process's within the loss tolerance (after a routing
+    flip, the looser one)."""
+    ref, got = eval_metrics(runs[reference_of(layout)]), eval_metrics(runs[layout])
+    assert [e["step"] for e in got] == [2, STEPS] == [e["step"] for e in ref]
+    tokens = EVAL_BATCHES * 8 * 64
+    assert all(e["eval_tokens"] == tokens for e in got)
+    same = same_routing_steps(metrics(runs[reference_of(layout)]), metrics(runs[layout]))
+    for a, b in zip(ref, got, strict=True):
+        atol = LOSS_ATOL if a["step"] <= same else FLIPPED_LOSS_ATOL
+        assert abs(a["eval_loss"] - b["eval_loss"]) <= atol, (a, b)
+
+
+@pytest.mark.parametrize("name", sorted(RESHARDED))
+def test_a_resharded_run_evaluates_as_its_plans_uninterrupted_run(runs, name):
+    _, target = RESHARDED[name]
+    ref = [e for e in eval_metrics(runs[uninterrupted(target)]) if e["step"] > 2]
+    got = eval_metrics(runs[name])
+    assert [e["step"] for e in got] == [STEPS] == [e["step"] for e in ref]
+    assert abs(ref[0]["eval_loss"] - got[0]["eval_loss"]) <= LOSS_ATOL
+
+
+def test_evaluations_change_no_training_number(runs, tmp_path):
+    """The same run with evaluations and without: the same losses, gradient norms and final
+    parameters, bit for bit (no data, RNG, gradient or optimizer state touched)."""
+    with_eval, without = runs["single"], runs["single_no_eval"]
+    assert eval_metrics(without) == [] and len(eval_metrics(with_eval)) == 2
+    keys = ("step", "loss", "grad_norm", "lr")
+    assert ([[m[k] for k in keys] for m in metrics(with_eval)]
+            == [[m[k] for k in keys] for m in metrics(without)])
+    ref, got = final_params(without, tmp_path), final_params(with_eval, tmp_path)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize("reference", ["single", "single_moe"])
+def test_the_eval_loss_is_the_checkpoints_weights_run_forward_by_hand(runs, reference,
+                                                                        tmp_path):
+    """An independent computation: the final checkpoint's weights in a fresh model, run forward
+    on the held-out file's first ``EVAL_BATCHES x 8`` windows of 65 tokens (packed back to
+    back, each sharing its last token with the next window's first), all at once; the mean
+    token cross-entropy equals the run's evaluation after the last step."""
+    config, _, extra, _ = TARGETS[reference]
+    cfg = load_config(config, [*FAST, *(MOE_SETTINGS if config == MOE else []), *extra])
+    model = Transformer(cfg.model)
+    model.load_state_dict(final_params(runs[reference], tmp_path))
+    model.eval()
+    ids = torch.tensor(list((runs[reference].parent / EVAL_FILE).read_bytes()))  # byte ids
+    seq, count = cfg.train.seq_len, EVAL_BATCHES * cfg.train.global_batch
+    windows = torch.stack([ids[i * seq: i * seq + seq + 1] for i in range(count)])
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    (last,) = [e for e in eval_metrics(runs[reference]) if e["step"] == STEPS]
+    assert abs(float(loss) - last["eval_loss"]) <= LOSS_ATOL, (float(loss), last["eval_loss"])
 
 
 def test_loss_falls(runs):
