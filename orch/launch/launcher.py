@@ -254,6 +254,12 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
         from orch.models.hf_load import init_from_problems, text_data_problems
 
         init_from = init_from_problems(cfg.model) + text_data_problems(cfg.model, cfg.data)
+        if cfg.eval.interval > 0 and cfg.eval.path:  # held-out text is byte-tokenized too
+            from orch.runtime.data import problem_of, read_like_data
+
+            held_out = read_like_data(cfg.data, cfg.eval.path)
+            init_from += [problem_of(p, "eval.path")
+                          for p in text_data_problems(cfg.model, held_out)]
     problems += _check_run_dir(Path(cfg.run.dir))
     problems += reading(_check_drill(cfg, world), world_reads)
     problems += _check_tensorboard(cfg)

@@ -401,6 +401,11 @@ def test_text_data_with_a_tokenizer_vocabulary_is_refused_before_launch(tmp_path
         assert "fix: tokenize the text with the checkpoint's tokenizer: orch data prepare " \
             f"{data or 'FILE'} --tokenizer {tmp_path / 'hf'} --out DATA.bin" in str(refused.value)
     prepare(launch_args(tmp_path / "ids.npy"))
+    with pytest.raises(OrchError) as refused:  # held-out text too (eval.path)
+        prepare([*launch_args(tmp_path / "ids.npy"), "--set", "eval.interval=5", "--set",
+                 f"eval.path={text}"])
+    assert f"eval.path: {str(text)!r} is text tokenized as bytes" in str(refused.value)
+    assert "point eval.path at it" in str(refused.value)
 
 
 def test_a_wrong_vocab_size_with_init_from_is_one_problem_not_two(checkpoint, tmp_path,
