@@ -37,17 +37,20 @@ $(AIO_STAMP): $(STAMP)
 		| grep -v "Setting accelerator to CPU" || true
 	@touch $(AIO_STAMP)
 
-# The main job: plan, then train the tiny Llama on 2 CPU processes (FSDP) on the shipped corpus.
-# It stops half way as if preempted, then the same command resumes from the checkpoint.
+# The main job: plan, then train the tiny Llama on 2 CPU processes (FSDP) on the shipped corpus,
+# evaluated every 100 steps on held-out text (this repository's README). It stops half way as if
+# preempted, then the same command resumes from the checkpoint.
 ifndef DEMO_DIR
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 endif
+DEMO_EVAL := --set eval.interval=100 --set eval.batches=4 --set eval.path=README.md
 demo: $(STAMP) $(AIO_STAMP)
 	$(VENV)/bin/orch plan configs/tiny.yaml --world-size 2 --device cpu
 	$(VENV)/bin/orch launch --nproc-per-node 2 configs/tiny.yaml --set run.dir=$(DEMO_DIR) \
-		--set run.stop_at_step=250
+		$(DEMO_EVAL) --set run.stop_at_step=250
 	@echo "== stopped at step 250 as if preempted; the same command resumes from its checkpoint =="
-	$(VENV)/bin/orch launch --nproc-per-node 2 configs/tiny.yaml --set run.dir=$(DEMO_DIR)
+	$(VENV)/bin/orch launch --nproc-per-node 2 configs/tiny.yaml --set run.dir=$(DEMO_DIR) \
+		$(DEMO_EVAL)
 
 # Two pytest workers (pytest-xdist), each taking a test file at a time so that a module's
 # fixtures and processes stay together: one pytest alone leaves a core idle much of the time.
