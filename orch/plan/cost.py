@@ -35,7 +35,7 @@ An analytic, per-rank model, cheap enough (microseconds) to price every candidat
   communication hides behind ``OVERLAP`` of the compute it runs beside.
 - **Pipeline**: activation and gradient sends per micro-batch (exposed, small), and a bubble of
   ``(pp - 1) / (micro-batches x v)`` of the per-rank critical work, scaled per schedule; for the
-  2BP schedules and ZB-H1 the built schedule's simulated idle time over its work.
+  2BP schedules, ZB-H1 and ZB-V the built schedule's simulated idle time over its work.
 
 FLOPs follow the PaLM / Megatron MFU convention (see ``flops_per_token``); a pipeline rank's share
 is its layers' FLOPs, and the output head's on the last stage (``layer_flops``, ``head_flops``). Not
@@ -54,7 +54,7 @@ from orch.parallel.schedules.generators import chunks_per_rank
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec
 from orch.plan.memory import estimate_memory, model_key, param_counts, recomputed_layer_bytes
-from orch.plan.schedule_shape import COUNTED, bubble_share
+from orch.plan.schedule_shape import SIMULATED, bubble_share
 from orch.plan.topology import Link
 
 GRAD_REDUCE_BYTES = 4
@@ -66,18 +66,15 @@ OVERLAP = 0.9
 """Share of the compute beside it that overlapped communication can hide: collectives running
 concurrently take SMs and memory bandwidth from the kernels they overlap."""
 
-BUBBLE_SCALE = {
-    "gpipe": 1.0, "1f1b": 1.0, "interleaved": 1.0,
-    # ZB-V (Qi et al., 2024) with orch's order (orch.parallel.schedules.vshape): only the fill
-    # is left, about (p-1) T_F / 2 against 1F1B's (p-1)(T_F + T_B + T_W): a sixth at equal costs.
-    "zbv": 1 / 6,
-}
+BUBBLE_SCALE = {"gpipe": 1.0, "1f1b": 1.0, "interleaved": 1.0}
 """Bubble of each schedule relative to 1F1B's ``(pp - 1) / micro-batches`` (interleaved's also
 divided by its chunks per rank): what the simulator finds for them at equal costs. The 2BP
-schedules and ZB-H1 (``orch.plan.schedule_shape.COUNTED``) are simulated as built instead, since
-how much of the bubble their deferred weight-gradient steps fill depends on how many may wait
-(``parallel.pp_max_deferred``: 2BP-1F1B at 4 stages fills two thirds of it by default, a third
-with 0, and idles twice 1F1B's with 16, the backlog of W's becoming a tail)."""
+schedules, ZB-H1 and ZB-V (``orch.plan.schedule_shape.SIMULATED``) are simulated as built
+instead, since how much of the bubble their deferred weight-gradient steps fill depends on how
+many may wait (``parallel.pp_max_deferred``: 2BP-1F1B at 4 stages fills two thirds of it by
+default, a third with 0, and idles twice 1F1B's with 16, the backlog of W's becoming a tail) and,
+for ZB-V, on how many micro-batches there are: only its fill, a sixth of 1F1B's, from ``2 pp``
+micro-batches on, 0.58 of the work at ``pp = 4`` with 2 (a sixth said 0.25)."""
 
 ELEMENTWISE_PASSES = 3
 """Bytes an elementwise op moves per byte it makes: it writes its output once and reads one or
@@ -366,11 +363,10 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         link = links["pp"]
         message = rank_tokens * m.dim * act / (deg.tp if deg.sequence_parallel else 1)
         comm["pp"] = micro * 2 * chunks * (message / link.bandwidth + link.latency_s)
-        if schedule in COUNTED:
+        if schedule in SIMULATED:
             share = bubble_share(schedule, deg.pp, int(micro), cfg.parallel.pp_max_deferred)
         else:
-            fills = chunks if schedule == "interleaved" else 1  # ZB-V's scale counts its V
-            share = (deg.pp - 1) / (micro * fills) * BUBBLE_SCALE[schedule]
+            share = (deg.pp - 1) / (micro * chunks) * BUBBLE_SCALE[schedule]
         bubble = share * (compute + on_path)
 
     exposed = on_path + dp_exposed + comm.get("pp", 0.0)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from orch.config import Config, load_config
-from orch.parallel.schedules import SCHEDULES
+from orch.parallel.schedules import SCHEDULES, Costs, build_schedule, simulate
 from orch.plan.cost import (
     BUBBLE_SCALE,
     CPU_ADAM_PARAMS_PER_S,
@@ -23,7 +23,7 @@ from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec, get_device
 from orch.plan.layout import first_groups
 from orch.plan.memory import param_counts
-from orch.plan.schedule_shape import COUNTED
+from orch.plan.schedule_shape import SIMULATED
 from orch.plan.topology import Topology
 
 REPO = Path(__file__).resolve().parents[2]
@@ -205,8 +205,26 @@ def test_schedules_order_their_bubbles() -> None:
         pytest.approx(one_f_one_b / 2))
     assert bubble(parallel__pp_schedule="zbv", parallel__virtual_stages=2) == (
         pytest.approx(one_f_one_b / 6))
-    assert set(BUBBLE_SCALE) | set(COUNTED) == set(SCHEDULES)
-    assert not set(BUBBLE_SCALE) & set(COUNTED)
+    assert set(BUBBLE_SCALE) | set(SIMULATED) == set(SCHEDULES)
+    assert not set(BUBBLE_SCALE) & set(SIMULATED)
+
+
+@pytest.mark.parametrize(("stages", "microbatches"), [(2, 1), (2, 3), (4, 1), (4, 2), (4, 5),
+                                                      (4, 8), (8, 1), (8, 4), (8, 12), (8, 20)])
+def test_zbv_bubble_is_the_simulated_one_at_any_micro_batch_count(stages, microbatches):
+    """The plan priced ZB-V at a sixth of 1F1B's bubble whatever the micro-batches, where with
+    fewer than ``2 pp`` of them more than the fill idles (4 stages, 2 micro-batches: 0.58 of the
+    work, not 0.25): its share of the work now is the simulator's."""
+    def bubble(schedule: str) -> float:
+        # 256 ranks, tp 8: 32 / stages data-parallel ranks, one sequence per micro-batch
+        return estimate(config("llama3-70b", parallel__tp=8, parallel__pp=stages,
+                               parallel__pp_schedule=schedule,
+                               train__global_batch=32 // stages * microbatches), 256).bubble_s
+
+    share = bubble("zbv") / bubble("1f1b") * (stages - 1) / microbatches
+    built = build_schedule("zbv", stages, microbatches, 2)
+    simulated = simulate(built, Costs()).makespan / (3 * microbatches) - 1
+    assert share == pytest.approx(simulated)
 
 
 def test_2bp_bubble_follows_its_bound_on_deferred_steps():

@@ -6,7 +6,7 @@ import pytest
 
 from orch.parallel.schedules import Costs, build_schedule, simulate
 from orch.plan import schedule_shape
-from orch.plan.schedule_shape import COUNTED, bound, bubble_share, held
+from orch.plan.schedule_shape import COUNTED, SIMULATED, bound, bubble_share, held
 
 
 def _walked(name: str, stages: int, microbatches: int, max_deferred: int | None) -> tuple:
@@ -41,3 +41,18 @@ def test_a_short_step_shows_what_the_whole_step_holds_and_idles(name):
                 idle = simulate(whole, Costs()).makespan - 3 * microbatches
                 assert bubble_share(*args) * 3 * microbatches == pytest.approx(idle), args
     assert schedule_shape._simulated(name, 4, 4096, 3 if name != "zb-h1" else None) <= 14
+
+
+def test_zbv_idles_on_a_short_step_what_it_idles_on_the_whole_step():
+    """ZB-V is simulated on ``2P`` micro-batches of a longer step: past them only its fill, half
+    a forward per stage after the first, idles; below them as much more as the built order
+    idles (4 stages, 2 micro-batches: 3.5 against 1.5)."""
+    assert "zbv" in SIMULATED and "zbv" not in COUNTED
+    for stages in (2, 3, 4, 6):
+        for microbatches in (1, 2, 3, 5, 2 * stages - 1, 2 * stages, 3 * stages + 1):
+            idle = simulate(build_schedule("zbv", stages, microbatches, 2), Costs()).makespan
+            idle -= 3 * microbatches
+            assert bubble_share("zbv", stages, microbatches) * 3 * microbatches == (
+                pytest.approx(idle)), (stages, microbatches)
+    assert bubble_share("zbv", 4, 2) == pytest.approx(3.5 / 6)
+    assert schedule_shape._simulated("zbv", 8, 4096, None) == 16
