@@ -39,11 +39,12 @@ def apply_data_parallel(
 
     Under expert parallelism (experts already DTensors over ``ep``), ``expert_dp_mesh`` is the
     expert layout's ``edp`` mesh: each MoE layer's experts become their own FSDP unit over it,
-    before their block, so the block's unit leaves them out (when ``dp_mesh`` is one rank, only
-    the experts are wrapped). Their gradients are sums over the
-    tokens of ``expert_grad_divide`` ranks (the dense data-parallel size: every rank's loss is a
-    mean over its own tokens), so FSDP divides by that instead of the edp size. DDP cannot
-    hold DTensor parameters: expert parallelism always takes the FSDP path.
+    before their block, so the block's unit leaves them out (when ``dp_mesh`` is one rank, only the
+    experts are wrapped; a pipeline stage then is no FSDP module, and orch's stage keeps its expert
+    units gathered and reduces them once per step: ``orch.parallel.pipeline.late_grads``). Their
+    gradients are sums over the tokens of ``expert_grad_divide`` ranks (the dense data-parallel
+    size: every rank's loss is a mean over its own tokens), so FSDP divides by that instead of the
+    edp size. DDP cannot hold DTensor parameters: expert parallelism always takes the FSDP path.
 
     Under ``bf16`` the blocks compute in bf16 and reduce gradients in fp32, while parameters and
     optimizer state stay fp32 (FSDP2's mixed precision; DDP under autocast); under ``fp32``

@@ -3,7 +3,8 @@
 The schedule's compute actions (F, B, I, W per stage and micro-batch, in orch's order) are handed
 to torch's ``_PipelineScheduleRuntime``, which adds the sends and receives between stages and,
 for FSDP stages, the unshard/reshard and the one gradient reduction per step, and runs them on
-``PipelineStage`` objects. Stages split their backward where the work is
+``PipelineStage`` objects (orch's reduce the FSDP units inside a stage that is not one the same
+way: :mod:`orch.parallel.pipeline.late_grads`). Stages split their backward where the work is
 (:mod:`orch.parallel.pipeline.weight_grads`): ``I`` is one ordinary backward pass whose linear
 layers hold back their weight GEMMs, ``W`` runs those GEMMs, so ``I + W`` cost one backward and
 nothing recomputes the forward; under tensor parallelism torch's own split is used (``I``
