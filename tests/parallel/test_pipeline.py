@@ -153,6 +153,7 @@ def _evaluate(executor: PipelineExecutor, inputs: torch.Tensor, targets: torch.T
         assert (p.grad is None) if grad is None else torch.equal(p.grad, grad)
     return float(loss)
 
+
 def run_sharded_experts(name: str, virtual: int, microbatches: int,
                         per_stage: list[int]) -> list[dict]:
     """Two steps of ``name`` on a pipeline of 2 (of 4 ranks) whose stages are not FSDP modules
@@ -241,6 +242,7 @@ def test_forward_only_passes_give_the_loss_and_leave_the_step_as_it_was(pipeline
                 assert max(abs(e - ref_loss) for e in got["evals"]) <= LOSS_ATOL, (name, got)
             else:
                 assert got["evals"] == [0.0, 0.0], name
+
 
 def test_sharded_experts_in_unsharded_stages_equal_the_plain_model(pipelined):
     """Stages that are not FSDP modules but hold FSDP expert units keep those units gathered
