@@ -25,7 +25,8 @@ counted only inside windows, those bytes were lost or not by the timing. The hel
 apart until :meth:`~CommLedger.count_helpers` adds them to the step's: the trainer calls it once
 the previous update has finished, before it starts the step's own, so a step's record holds
 exactly the previous step's update's broadcasts (and the shared parameters' broadcasts of its own
-forward and backward); the last step's update, which runs after the last record, is in none.
+forward and backward); the last step's update, which runs after the last record, is in none,
+and neither are an evaluation's broadcasts (:meth:`~CommLedger.helpers_left_out`).
 
 Which dimension: orch's own collectives say it (:func:`dimension`: expert dispatch is ``ep``,
 its gather ``etp``, ring and Ulysses attention ``cp``), since torch hands one process group to
@@ -139,6 +140,20 @@ class CommLedger:
             for name, nbytes in self._helpers.items():
                 self.bytes[name] += nbytes
             self._helpers.clear()
+
+    @contextlib.contextmanager
+    def helpers_left_out(self) -> Iterator[None]:
+        """Leave the helper threads' collectives inside the block out of every step (an
+        evaluation's shared-parameter broadcasts, which no training step sent); what they had
+        counted before it stays for :meth:`count_helpers`. Helpers still running work of
+        before the block (an optimizer update) must have finished when it starts."""
+        with self._lock:
+            kept = dict(self._helpers)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._helpers = defaultdict(int, kept)
 
     def take(self) -> dict[str, int]:
         """The bytes counted since the last call, by dimension, and a fresh start."""

@@ -232,8 +232,11 @@ class Trainer:
         """Evaluate the weights after ``step`` on the held-out batches (every rank calls it):
         the mean token cross-entropy over all of them, logged on rank 0."""
         assert self.evaluation is not None
+        if self.offload is not None:  # the update's broadcasts belong to the next step's record,
+            self.offload.wait_updates()  # and its time to no evaluation
         start = time.perf_counter()
-        with isolated(self.model, self.device, self.offload):
+        with self.ledger.helpers_left_out() if self.ledger else contextlib.nullcontext(), \
+                isolated(self.model, self.device, self.offload):
             losses = [self._micro_batches(batch, train=False) if self.pipeline is None
                       else self._pipelined(batch, train=False)
                       for batch in self.evaluation.batches]

@@ -118,6 +118,10 @@ def _offload_replicas(rank: int, mesh, ledger: CommLedger, results) -> None:
         helper = helper_thread("orch-cpu-optimizer", partition.share, 1)
         helper.start()
         helper.join()
+        with ledger.helpers_left_out():  # an evaluation's broadcasts: in no step
+            helper = helper_thread("orch-shared-params", partition.share, 0)
+            helper.start()
+            helper.join()
         dist.all_reduce(torch.ones(100))  # the training thread, outside a step
         with ledger.tracking():
             results[(rank, "before_count")] = ledger.take()
@@ -195,6 +199,7 @@ def test_a_helper_threads_broadcast_between_steps_counts_the_training_threads_do
         counted, rank):
     """The owners share a stepped unit from the CPU optimizer's thread beside the next forward,
     often before that step's window opens: counted in the step that counts the helpers' bytes
-    (the trainer: once the update is done), not lost, and not in a step before."""
+    (the trainer: once the update is done), not lost, and not in a step before; those of an
+    evaluation (``helpers_left_out``: unit 0, rank 1's) in none."""
     assert counted[(rank, "before_count")] == {}
     assert counted[(rank, "between_steps")] == ({"dp": 5 * FLOAT} if rank == 0 else {})
