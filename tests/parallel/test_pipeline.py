@@ -144,11 +144,25 @@ def run_schedule(rank: int, world: int, name: str, virtual: int, microbatches: i
 
 def _evaluate(executor: PipelineExecutor, inputs: torch.Tensor, targets: torch.Tensor
               ) -> float:
-    """The executor's forward-only loss of the batch; no gradient may appear or change."""
+    """The executor's forward-only loss of the batch; no gradient may appear or change, and no
+    stage keeps an output for a backward that never comes: the last stage none of an earlier
+    micro-batch when the next starts (torch's stage kept every micro-batch's logits), none
+    after."""
     params = [p for stage in executor.stages for p in stage.submod.parameters()]
     grads = [None if p.grad is None else p.grad.clone() for p in params]
+    held: list[int] = []
+    forwards = {stage: stage.forward_one_chunk for stage in executor.stages if stage.is_last}
+    for stage, forward in forwards.items():
+        def counting(microbatch, *args, stage=stage, forward=forward, **kwargs):
+            held.append(len(stage.fwd_cache))
+            return forward(microbatch, *args, **kwargs)
+        stage.forward_one_chunk = counting
     with torch.no_grad():
         loss = executor.evaluate(inputs, targets)
+    for stage, forward in forwards.items():
+        stage.forward_one_chunk = forward
+    assert held == [] or max(held) == 0, held
+    assert all(not stage.fwd_cache for stage in executor.stages)
     for p, grad in zip(params, grads, strict=True):
         assert (p.grad is None) if grad is None else torch.equal(p.grad, grad)
     return float(loss)

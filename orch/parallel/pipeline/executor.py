@@ -116,6 +116,17 @@ class ActionClock:
             lambda mb, *a, **k: timed("W", weight, mb, *a, **k))
 
 
+def _forgetting(stage: PipelineStage, forward: Callable) -> Callable:
+    """``forward`` (``stage.forward_one_chunk``, the last stage's) dropping what the stage keeps
+    of the micro-batch for a backward: its output is returned for the loss, and sent nowhere."""
+    def forward_and_forget(microbatch: int, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return forward(microbatch, *args, **kwargs)
+        finally:
+            stage.fwd_cache.pop(microbatch, None)
+    return forward_and_forget
+
+
 def transformer_stages(modules: list[nn.Module], stage_ids: list[int], num_stages: int,
                        device: torch.device, shapes: StageShapes, group: dist.ProcessGroup,
                        torch_split: bool = False) -> list[PipelineStage]:
@@ -193,11 +204,19 @@ class PipelineExecutor:
     def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None
                  ) -> torch.Tensor:
         """The mean loss of one batch's forward passes alone (as :meth:`step` takes and returns
-        them), on torch's forward-only path (``eval``: stages hold no activations for a
-        backward, none runs) with the schedule's forwards; call it under ``torch.no_grad``.
-        Training's actions, and the clock's records of the last step, are left as they were."""
+        them), on torch's forward-only path (``eval``: no backward runs) with the schedule's
+        forwards; call it under ``torch.no_grad``. Training's actions, and the clock's records
+        of the last step, are left as they were.
+
+        torch's stages keep every forward's output until its backward (``fwd_cache``), which
+        never comes here: the last stage's, a micro-batch's logits, is dropped as soon as its
+        loss is taken (it sends nothing on), the others' once the sends are done, so an
+        evaluation holds no more than a step does."""
         self.runtime.pipeline_order_with_comms = self._forward_order
         self.clock.recording = False
+        forwards = {stage: stage.forward_one_chunk for stage in self.stages if stage.is_last}
+        for stage, forward in forwards.items():
+            stage.forward_one_chunk = _forgetting(stage, forward)  # type: ignore[method-assign]
         try:
             losses: list[torch.Tensor] = []
             args = (inputs,) if self.holds_first else ()
@@ -206,6 +225,10 @@ class PipelineExecutor:
         finally:
             self.runtime.pipeline_order_with_comms = self._training_order
             self.clock.recording = True
+            for stage, forward in forwards.items():
+                stage.forward_one_chunk = forward  # type: ignore[method-assign]
+            for stage in self.stages:  # the runtime waited for the sends that read them
+                stage.fwd_cache.clear()
         if not losses:
             return torch.zeros((), device=self.stages[0].device)
         return torch.stack([loss.detach() for loss in losses]).mean()
