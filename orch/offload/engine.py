@@ -480,8 +480,10 @@ class OffloadEngine:
         activations are neither swapped nor measured (``offload.activations: auto``), the
         fetches name the next training forward as when their NVMe copies are due, and the
         step's figures (bytes moved, the device peak, the NVMe traffic between two optimizer
-        steps, the seconds waited for an update) are those of training alone. The update
-        running beside is waited for first, so no byte of it is counted as the passes'."""
+        steps, the seconds waited for an update) are those of training alone, should the record
+        be read after them. The update running beside is waited for first (the trainer already
+        has: that wait is the update's, and its broadcasts the next step's), so no byte of it is
+        counted as the passes'."""
         assert not self.in_backward and not any(unit.fetched for unit in self.units), \
             "forward passes start between steps"
         figures = (self.bytes_to_device, self.bytes_to_home, self.budget.peak,

@@ -81,8 +81,10 @@ class ByteTokenizer:
 # Loading
 
 
-def load_tokens(data: DataConfig, vocab_size: int) -> np.ndarray:
-    """The whole training stream of ``data`` as a 1-D array of token ids below ``vocab_size``.
+def load_tokens(data: DataConfig, vocab_size: int, limit: int | None = None) -> np.ndarray:
+    """The whole training stream of ``data`` as a 1-D array of token ids below ``vocab_size``
+    (with ``limit``, its first ``limit`` ids alone, read and checked: a held-out file of which
+    an evaluation uses the start).
 
     An empty ``data.path`` means the corpus shipped with orch. Text (any suffix, ``.gz`` read
     transparently) is byte-tokenized into a uint8 array in memory; token files are memory-mapped:
@@ -92,12 +94,13 @@ def load_tokens(data: DataConfig, vocab_size: int) -> np.ndarray:
     """
     if not data.path:
         blob = importlib.resources.files("orch.runtime").joinpath("corpus/kjv.txt.gz")
-        tokens = np.frombuffer(gzip.decompress(blob.read_bytes()), dtype=np.uint8)
+        tokens = np.frombuffer(gzip.decompress(blob.read_bytes()), dtype=np.uint8)[:limit]
         _check_range(tokens, vocab_size, "the shipped corpus", data)
         return tokens
 
     path, kind = check_source(data)
-    tokens = _read_text(data, path) if kind == "text" else _map_tokens(data, path)
+    tokens = (_read_text(data, path, limit) if kind == "text"
+              else _map_tokens(data, path)[:limit])
     _check_range(tokens, vocab_size, repr(data.path), data)
     return tokens
 
@@ -249,15 +252,20 @@ def _file_kind(data: DataConfig, path: Path) -> str:
     return "tokens" if token_suffix else "text"
 
 
-def _read_text(data: DataConfig, path: Path) -> np.ndarray:
-    raw = path.read_bytes()
+def _read_text(data: DataConfig, path: Path, limit: int | None = None) -> np.ndarray:
+    """The bytes of ``path`` (decompressed), the first ``limit`` of them where given."""
+    size = -1 if limit is None else limit
     if _gzipped(path):
         try:
-            raw = gzip.decompress(raw)
+            with gzip.open(path, "rb") as f:
+                raw = f.read(size)
         except (OSError, EOFError) as e:  # truncated past the head check_source read
             raise _bad_gzip(data, e) from e
         if not raw:
             raise _decompresses_to_nothing(data)
+    else:
+        with open(path, "rb") as f:
+            raw = f.read(size)
     # Byte-level tokenization of a file is its bytes: no decode/encode round trip needed.
     return np.frombuffer(raw, dtype=np.uint8)
 

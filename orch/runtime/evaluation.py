@@ -11,8 +11,8 @@ over every eval token of every rank.
 An evaluation must leave training as it was: the trainer runs its forwards (its own loss, its
 autocast, the pipeline's forward-only path) inside :func:`isolated`, which turns gradients off,
 puts the model in eval mode (MoE layers then add no loads and no balancing loss to the step's),
-keeps every random generator's state, and keeps the pipeline timeline and the offload engine's
-accounting to training steps (:meth:`PipelineExecutor.evaluate`,
+keeps torch's random generators' states (the CPU's and the device's), and keeps the pipeline
+timeline and the offload engine's accounting to training steps (:meth:`PipelineExecutor.evaluate`,
 :meth:`OffloadEngine.forward_passes`).
 """
 
@@ -89,7 +89,8 @@ def load_eval_batches(cfg: Config, dp_rank: int, dp_size: int) -> list[MicroBatc
     size, ids beyond the vocabulary)."""
     source = read_like_data(cfg.data, cfg.eval.path)
     try:
-        tokens = load_tokens(source, cfg.model.vocab_size)
+        tokens = load_tokens(source, cfg.model.vocab_size, limit=cfg.eval.batches
+                             * cfg.train.global_batch * cfg.train.seq_len + 1)
     except DataError as exc:
         raise DataError(*_fields(problem_of(exc.problem, "eval.path"))) from None
     if problems := size_problems(cfg, len(tokens)):
@@ -135,8 +136,8 @@ def isolated(model: nn.Module, device: torch.device, offload: OffloadEngine | No
              ) -> Iterator[None]:
     """Forwards that leave training exactly as it was: no gradients, the model in eval mode
     (its MoE layers count no expert loads and no balancing loss: ``MoEFeedForward.forward``),
-    every random generator's state restored, and the offload engine's forward-only passes.
-    (The pipeline's forward-only path is :meth:`PipelineExecutor.evaluate`, which also keeps
+    torch's CPU and device random generators restored, and the offload engine's forward-only
+    passes. (The pipeline's forward-only path is :meth:`PipelineExecutor.evaluate`, which also keeps
     its timeline to training.)"""
     training = model.training
     devices = [device] if device.type == "cuda" else []

@@ -6,6 +6,7 @@ forward-only passes in tests/parallel/test_pipeline.py and tests/offload/test_en
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from pathlib import Path
@@ -18,7 +19,7 @@ from orch.config import load_config
 from orch.config.rules import check_config
 from orch.errors import ConfigError
 from orch.launch.launcher import prepare
-from orch.runtime.data import DataError, PackedSequences
+from orch.runtime.data import DataError, PackedSequences, load_tokens, read_like_data
 from orch.runtime.evaluation import Evaluation, eval_file_problems, load_eval_batches
 from orch.runtime.metrics import EvalMetrics, MetricsLog
 from orch.runtime.records import is_eval
@@ -141,6 +142,26 @@ def test_a_token_id_beyond_the_vocabulary_is_said_when_the_worker_reads_the_file
         load_eval_batches(_cfg("eval.interval=2", f"eval.path={path}"), 0, 1)
     assert str(info.value).startswith(f"model.vocab_size: 256, but '{path}' contains token id "
                                       "300")
+
+
+@pytest.mark.parametrize("name", ["held.bin", "held.txt", "held.txt.gz"])
+def test_only_the_part_an_evaluation_uses_is_read(tmp_path, name):
+    """Every rank read (and range-scanned) the whole held-out file for the first
+    ``batches x global_batch x seq_len + 1`` ids it uses: an id past them is not looked at,
+    and text is read that far."""
+    used = 2 * BATCH * SEQ + 1
+    path = tmp_path / name
+    if name.endswith(".bin"):
+        ids = np.full(used + 100, 7, dtype=np.uint16)
+        ids[used] = 300  # beyond the vocabulary, past what two batches use
+        ids.tofile(path)
+    else:
+        body = bytes(range(65, 91)) * 100
+        path.write_bytes(gzip.compress(body) if name.endswith(".gz") else body)
+        source = read_like_data(_cfg().data, str(path))
+        assert load_tokens(source, 256, limit=used).tobytes() == body[:used]
+    cfg = _cfg("eval.interval=2", "eval.batches=2", f"eval.path={path}")
+    assert sum(len(micro) for micro in load_eval_batches(cfg, 0, 1)) == 2 * BATCH
 
 
 @pytest.mark.parametrize("dp_size", [1, 2, 4])
