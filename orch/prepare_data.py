@@ -173,19 +173,23 @@ def _input_problems(inputs: list[str]) -> list[Problem]:
 
 
 def _out_problems(out: Path, force: bool) -> list[Problem]:
+    problems = []
     if out.suffix != ".bin":
-        return [Problem("--out", f"{str(out)!r} does not end in .bin",
-                        "name the output NAME.bin: training reads .bin files as token ids")]
-    if out.exists() and not force:
-        return [Problem("--out", f"{str(out)!r} exists", "choose another name, or pass --force "
-                        "to replace it (only once the new file is complete)")]
+        problems.append(Problem("--out", f"{str(out)!r} does not end in .bin", "name the output "
+                                "NAME.bin: training reads .bin files as token ids"))
+    if out.exists() and not out.is_file():
+        problems.append(Problem("--out", f"{str(out)!r} exists and is not a file",
+                                "name a file to write"))
+    elif out.exists() and not force:
+        problems.append(Problem("--out", f"{str(out)!r} exists", "choose another name, or pass "
+                                "--force to replace it (only once the new file is complete)"))
     if not out.parent.is_dir():
-        return [Problem("--out", f"its directory {str(out.parent)!r} does not exist",
-                        "create it first")]
-    if not os.access(out.parent, os.W_OK):
-        return [Problem("--out", f"its directory {str(out.parent)!r} is not writable",
-                        "choose a directory you can write to")]
-    return []
+        problems.append(Problem("--out", f"its directory {str(out.parent)!r} does not exist",
+                                "create it first"))
+    elif not os.access(out.parent, os.W_OK):
+        problems.append(Problem("--out", f"its directory {str(out.parent)!r} is not writable",
+                                "choose a directory you can write to"))
+    return problems
 
 
 def _open_text(path: Path) -> IO[str]:

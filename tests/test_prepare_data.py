@@ -109,8 +109,13 @@ def test_every_bad_argument_is_named_together_and_nothing_is_written(tmp_path, c
     assert "--tokenizer" in err and "no tokenizer.json there" in err
     assert kept.read_bytes() == b"saved"
     assert main(["data", "prepare", str(tmp_path / "x.json"), "--tokenizer", "byte", "--out",
-                 str(tmp_path / "x.npy")]) == 2
-    assert "--out" in capsys.readouterr().err
+                 str(tmp_path / "no" / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "x.npy' does not end in .bin" in err and "does not exist\n" in err
+    (tmp_path / "dir.bin").mkdir()
+    assert main(["data", "prepare", str(tmp_path / "x.json"), "--tokenizer", "byte", "--out",
+                 str(tmp_path / "dir.bin"), "--force"]) == 2
+    assert f"--out: '{tmp_path / 'dir.bin'}' exists and is not a file" in capsys.readouterr().err
 
 
 def test_a_bad_line_stops_the_run_leaving_the_old_file_and_no_partial_one(tmp_path, capsys):
