@@ -205,12 +205,21 @@ def parse_launch(argv: Sequence[str]
     after = worker_parser()
     extra, unknown = after.parse_known_args(args.training_script_args)
     if unknown:  # argparse's own message, and where a torchrun option given after CONFIG goes
-        torchrun = parser._option_string_actions
-        misplaced = [word for word in unknown if word.split("=")[0] in torchrun]
+        misplaced = [word for word in unknown if _torchrun_option(parser, word.split("=")[0])]
         after.error(f"unrecognized arguments: {' '.join(unknown)}" + (
             f" ({', '.join(misplaced)}: torchrun options go before CONFIG: orch launch "
             "[torchrun options] CONFIG [--set KEY=VALUE ...] [--resume ...])" if misplaced else ""))
     return args, extra, load_config_lenient(args.training_script, extra.overrides)
+
+
+def _torchrun_option(parser: argparse.ArgumentParser, word: str) -> bool:
+    """Whether ``word`` names one of torchrun's options (or abbreviates one, as argparse lets
+    it before CONFIG); help is not one here: after CONFIG it asks for nothing."""
+    helps = {option for action in parser._actions if isinstance(action, argparse._HelpAction)
+             for option in action.option_strings}
+    options = set(parser._option_string_actions) - helps
+    return word in options or (word.startswith("--") and len(word) > 2
+                               and any(option.startswith(word) for option in options))
 
 
 def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:

@@ -53,9 +53,9 @@ def test_a_torchrun_option_after_config_is_said_to_go_before_it(tmp_path: Path, 
     """argparse said only 'unrecognized arguments: --max-restarts 2'."""
     with pytest.raises(SystemExit) as refused:
         prepare(["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path}",
-                 "--max-restarts", "2", "--nnodes=1", "--bogus"])
+                 "--max-restarts", "2", "--nnode=1", "--bogus", "-h"])
     assert refused.value.code == 2
     err = capsys.readouterr().err
-    assert "unrecognized arguments: --max-restarts 2 --nnodes=1 --bogus (--max-restarts, " \
-        "--nnodes=1: torchrun options go before CONFIG: orch launch [torchrun options] " \
+    assert "unrecognized arguments: --max-restarts 2 --nnode=1 --bogus -h (--max-restarts, " \
+        "--nnode=1: torchrun options go before CONFIG: orch launch [torchrun options] " \
         "CONFIG" in err
