@@ -14,9 +14,12 @@ leaves no partial file behind and overwrites nothing.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,9 +146,11 @@ def load_tokenizer(value: str, eos: str | None, no_eos: bool) -> Tokenizer:
                                     f"tokenizers package reads: {e}", "give the tokenizer.json "
                                     "of a HuggingFace model")]) from e
     if not no_eos and name is None:
-        raise PrepareError([Problem("--eos", f"{str(path.parent / 'tokenizer_config.json')!r} "
-                                    "names no eos_token", "name the end-of-document token with "
-                                    "--eos (e.g. --eos '</s>'), or pass --no-eos")])
+        config = path.parent / "tokenizer_config.json"
+        said = (f"{str(config)!r} names no eos_token" if config.is_file() else
+                f"no tokenizer_config.json beside {str(path)!r} names the eos_token")
+        raise PrepareError([Problem("--eos", said, "name the end-of-document token with --eos "
+                                    "(e.g. --eos '</s>'), or pass --no-eos")])
     if name is not None and tokenizer.eos is None:
         raise PrepareError([Problem("--eos", f"{name!r} is not a token of {str(path)!r}",
                                     "give the tokenizer's end-of-document token (its "
@@ -193,8 +198,11 @@ def _out_problems(out: Path, force: bool) -> list[Problem]:
 
 
 def _open_text(path: Path) -> IO[str]:
+    """``path`` as text, its line ends kept as written (``\r\n`` stays two characters: the
+    byte tokenizer must give the file's bytes, as training on the text file does) and a
+    leading byte-order mark dropped."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8")  # type: ignore[operator]
+    return opener(path, "rt", encoding="utf-8-sig", newline="")  # type: ignore[operator]
 
 
 def _text_pieces(path: Path) -> Iterator[str]:
@@ -228,9 +236,13 @@ def _json_documents(path: Path, key: str) -> Iterator[str]:
                                             "line")]) from e
             text = record.get(key) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                held = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise PrepareError([Problem(where, f"no string field {key!r} (holds {held})",
-                                            "name the documents' field with --key")])
+                what = (f"its field {key!r} is {type(text).__name__}, not a string"
+                        if isinstance(record, dict) and key in record else
+                        f"no field {key!r} (holds {sorted(record)})"
+                        if isinstance(record, dict) else f"a {type(record).__name__}, not an "
+                        "object")
+                raise PrepareError([Problem(where, what, "name the documents' text field with "
+                                            "--key")])
             yield text
 
 
@@ -277,6 +289,25 @@ def _text_encoded(tokenizer: Tokenizer, path: Path, _key: str) -> Iterator[tuple
         piece = following
 
 
+@contextlib.contextmanager
+def _terminated_as_exit() -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, ``kill``) raises ``SystemExit`` inside the block, so
+    the partial file is removed as after an error or Ctrl-C: Python's default handling ends the
+    process at once, leaving it. (Only the main thread can take signals.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # as a shell reports a process ended by it
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def prepare(inputs: list[str], tokenizer: str, out: str, key: str = "text",
             eos: str | None = None, no_eos: bool = False, force: bool = False) -> Prepared:
     """Tokenize ``inputs`` into the token file ``out`` (see the module docstring). Every problem
@@ -292,22 +323,23 @@ def prepare(inputs: list[str], tokenizer: str, out: str, key: str = "text",
     dtype = np.dtype(np.uint16 if chosen.vocab_size <= UINT16_VOCAB else np.uint32)
     partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     tokens = documents = 0
-    try:
-        with open(partial, "wb") as f:
-            for ids, ends in _encoded(chosen, [Path(i).expanduser() for i in inputs], key):
-                if ends and chosen.eos is not None:
-                    ids = np.append(ids, chosen.eos)
-                f.write(ids.astype(dtype).tobytes())
-                tokens += len(ids)
-                documents += ends
-            f.flush()
-            os.fsync(f.fileno())
-        if tokens == 0:
-            raise PrepareError([Problem(", ".join(inputs), "hold no text",
-                                        "give files with documents in them")])
-        os.replace(partial, out_path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with _terminated_as_exit():
+        try:
+            with open(partial, "wb") as f:
+                for ids, ends in _encoded(chosen, [Path(i).expanduser() for i in inputs], key):
+                    if ends and chosen.eos is not None:
+                        ids = np.append(ids, chosen.eos)
+                    f.write(ids.astype(dtype).tobytes())
+                    tokens += len(ids)
+                    documents += ends
+                f.flush()
+                os.fsync(f.fileno())
+            if tokens == 0:
+                raise PrepareError([Problem(", ".join(inputs), "hold no text",
+                                            "give files with documents in them")])
+            os.replace(partial, out_path)
+        finally:
+            partial.unlink(missing_ok=True)
     return Prepared(out_path, tokens, documents, dtype.name, chosen.vocab_size)
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from orch.runtime.data import load_tokens
 
 DOCS = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs",
         "How vexingly quick daft zebras jump!\nSphinx of black quartz, judge my vow."]
+REPO = Path(__file__).resolve().parents[1]
 TEXT = "In the beginning was the word.\nAnd the word was with the dog, the fox and the box.\n"
 
 
@@ -126,7 +130,7 @@ def test_a_bad_line_stops_the_run_leaving_the_old_file_and_no_partial_one(tmp_pa
     assert main(["data", "prepare", str(docs), "--tokenizer", "byte", "--out", str(out),
                  "--force"]) == 2
     err = capsys.readouterr().err
-    assert f"{docs}:2: no string field 'text' (holds ['txt'])" in err
+    assert f"{docs}:2: no field 'text' (holds ['txt'])" in err
     assert "--key" in err
     assert out.read_bytes() == b"earlier"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.jsonl"]
@@ -164,3 +168,51 @@ def test_a_file_that_is_not_utf8_or_a_damaged_gz_is_named(tmp_path, capsys):
                      str(tmp_path / "o.bin")]) == 2
         assert f"{tmp_path / name}: {said}" in capsys.readouterr().err
         assert not (tmp_path / "o.bin").exists()
+
+
+def test_line_ends_are_kept_as_written_and_a_byte_order_mark_dropped(tmp_path):
+    """Universal newlines turned every \\r\\n and lone \\r into \\n: the byte tokenizer's ids
+    then differed from training on the text file itself."""
+    text = tmp_path / "crlf.txt"
+    body = b"line1\r\nline2\r\nlone\rcr\r\n"
+    text.write_bytes(b"\xef\xbb\xbf" + body)
+    out = tmp_path / "crlf.bin"
+    assert main(["data", "prepare", str(text), "--tokenizer", "byte", "--out", str(out)]) == 0
+    assert np.fromfile(out, dtype=np.uint16).astype(np.uint8).tobytes() == body
+    docs = tmp_path / "bom.jsonl"
+    docs.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "a"}).encode() + b"\r\n")
+    assert main(["data", "prepare", str(docs), "--tokenizer", "byte", "--out",
+                 str(tmp_path / "bom.bin")]) == 0
+
+
+def test_messages_name_a_field_of_another_type_and_a_missing_tokenizer_config(tmp_path, capsys):
+    docs = tmp_path / "d.jsonl"
+    docs.write_text(json.dumps({"text": 5}) + "\n")
+    assert main(["data", "prepare", str(docs), "--tokenizer", "byte", "--out",
+                 str(tmp_path / "d.bin")]) == 2
+    assert f"{docs}:1: its field 'text' is int, not a string" in capsys.readouterr().err
+    model = bpe_dir(tmp_path)
+    (model / "tokenizer_config.json").unlink()
+    assert main(["data", "prepare", str(docs), "--tokenizer", str(model), "--out",
+                 str(tmp_path / "d.bin")]) == 2
+    assert "no tokenizer_config.json beside" in capsys.readouterr().err
+
+
+def test_sigterm_removes_the_partial_file(tmp_path):
+    """Python's default SIGTERM ended the process with ``.NAME.bin.partial-PID`` left behind."""
+    text = tmp_path / "big.txt"
+    text.write_text("x" * 1000 + "\n")
+    script = (
+        "import os, signal, sys\n"
+        "from orch import prepare_data\n"
+        "real = prepare_data._encoded\n"
+        "def slow(*args):\n"
+        "    yield from real(*args)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    yield np.zeros(1), True\n"
+        "import numpy as np\n"
+        "prepare_data._encoded = slow\n"
+        f"prepare_data.prepare([{str(text)!r}], 'byte', {str(tmp_path / 'o.bin')!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
