@@ -332,7 +332,10 @@ MOE = ["model.experts=4"]
         (["run.comm_timeout_s=1e6"], "run.comm_timeout_s: 1e+06 is neither 0"),
         (["checkpoint.keep_last=-1"], "checkpoint.keep_last: must be 0 or more"),
         (["data.path=ids.bin", "model.vocab_size=128256"],  # read as twice as many ids
-         "data.token_dtype: uint16 for a .bin file of a model with model.vocab_size=128256"),
+         "data.token_dtype: uint16 for a .bin file (data.path) of a model with "
+         "model.vocab_size=128256"),
+        (["eval.interval=10", "eval.path=held.bin", "model.vocab_size=128256"],  # held out too
+         "data.token_dtype: uint16 for a .bin file (eval.path) of a model with"),
     ],
 )
 def test_each_config_rule(overrides, message):

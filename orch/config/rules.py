@@ -398,18 +398,21 @@ def check_config(cfg: Config) -> list[Problem]:
         "use 0, or a few minutes (e.g. 300): long enough for a checkpoint save, which the other "
         "ranks wait for",
     )
-    d = cfg.data
-    need(  # a uint32 file read as uint16 passes every other check: each id's halves are < 65536
-        not (d.path.lower().endswith(".bin") and d.format != "text" and d.token_dtype == "uint16"
-             and m.vocab_size > UINT16_IDS),
+    d, ev = cfg.data, cfg.eval
+    # a uint32 file read as uint16 passes every other check: each id's halves are < 65536
+    bins = [field for field, path, read_as_text in (
+        ("data.path", d.path, d.format == "text"),
+        ("eval.path", ev.path if ev.interval > 0 else "", False))  # (its format: its suffix)
+        if path.lower().endswith(".bin") and not read_as_text]
+    need(
+        not (bins and d.token_dtype == "uint16" and m.vocab_size > UINT16_IDS),
         "data.token_dtype",
-        f"uint16 for a .bin file of a model with model.vocab_size={m.vocab_size}: uint16 holds "
-        f"ids below {UINT16_IDS:,} only, and a file of 32-bit ids read as uint16 passes every "
-        "check as two ids each",
+        f"uint16 for a .bin file ({' and '.join(bins)}) of a model with model.vocab_size="
+        f"{m.vocab_size}: uint16 holds ids below {UINT16_IDS:,} only, and a file of 32-bit ids "
+        "read as uint16 passes every check as two ids each",
         "set data.token_dtype: uint32 (what a tokenizer of this vocabulary writes)",
-        ("data.path", "data.format", "model.vocab_size"),
+        (*bins, "data.format", "model.vocab_size", "eval.interval"),
     )
-    ev = cfg.eval
     need(ev.interval >= 0, "eval.interval", f"must be 0 or more, got {ev.interval}",
          "use 0 to switch evaluation off, or e.g. 100")
     need(ev.batches >= 1, "eval.batches", f"must be at least 1, got {ev.batches}",

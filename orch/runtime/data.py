@@ -335,10 +335,12 @@ def token_count(data: DataConfig) -> int | None:
 
 
 def read_like_data(data: DataConfig, path: str) -> DataConfig:
-    """The config that reads ``path`` by ``data``'s rules (format, token dtype, tokenizer): a
-    held-out file (``eval.path``) goes through the same checks and loading as ``data.path``;
-    its problems are said of its own field with :func:`problem_of`."""
-    return dataclasses.replace(data, path=path)
+    """The config that reads ``path`` by ``data``'s rules (token dtype, tokenizer), its format
+    told by its suffix (``data.format`` says how ``data.path`` reads: a text held-out file
+    beside a token file's training, or the other way round, is normal): a held-out file
+    (``eval.path``) goes through the same checks and loading as ``data.path``; its problems are
+    said of its own field with :func:`problem_of`."""
+    return dataclasses.replace(data, path=path, format="auto")
 
 
 def problem_of(problem: Problem, field: str) -> Problem:

@@ -94,10 +94,13 @@ def test_the_file_is_checked_with_data_paths_rules(tmp_path, name, content, said
     assert got.startswith(f"eval.path: '{path}'") and said in got, got
 
 
-def test_data_format_applies_to_the_held_out_file_too(tmp_path):
-    path = _text(tmp_path, 200, "held.bin")
-    said = _file_problem(tmp_path, path, "data.format=text")
-    assert said.startswith("data.format: 'text', but eval.path ") and "ends in .bin" in said
+def test_the_held_out_files_suffix_says_how_it_reads_not_data_format(tmp_path):
+    """``data.format`` says how data.path reads: with ``tokens`` for a .bin of training data,
+    a text held-out file was refused with the fix 'set data.format to text', which would have
+    broken the training data."""
+    cfg = _cfg("data.format=tokens", "eval.interval=2", f"eval.path={_text(tmp_path, 200)}")
+    assert eval_file_problems(cfg) == []
+    assert len(load_eval_batches(cfg, 0, 1)) == 1
 
 
 def test_an_unreadable_file(tmp_path, monkeypatch):
