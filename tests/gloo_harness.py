@@ -1,8 +1,11 @@
 """Run a function on N spawned processes that share one gloo process group.
 
 Spawn, not fork: a child forked after the parent's OpenMP pool ran (earlier tests' matmuls) can
-hang in libgomp. Process start-up dominates small distributed tests, so each test module starts
-one group and runs all its cases inside it, returning results through a manager dict.
+hang in libgomp. The manager process that carries the results back is spawned too: forked from
+a pytest worker that had run many tests in-process, it died of a segmentation fault at the fork
+in one full run (2026-12-07), and every later test of that worker using this harness with it.
+Process start-up dominates small distributed tests, so each test module starts one group and runs
+all its cases inside it, returning results through a manager dict.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _entry(rank: int, fn: Worker, world: int, store: str, results: Any, args: tu
 
 def run_on_gloo(fn: Worker, world: int, directory: Path, *args: Any) -> dict:
     """``fn`` on ``world`` ranks; the union of what every rank put into ``results``."""
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:
         shared = manager.dict()
         mp.start_processes(
             _entry,
