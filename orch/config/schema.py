@@ -124,16 +124,16 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     """Held-out evaluation during training: the mean token cross-entropy of the same first
-    ``batches`` global batches of ``path`` (read as ``data.path`` is), every ``interval``
-    optimizer steps and at ``train.steps``."""
+    ``batches`` global batches of ``path`` (read as ``data.path`` is, text or token ids by its
+    suffix), every ``interval`` optimizer steps and at ``train.steps``."""
 
     interval: int = field(
         default=0, metadata=_help("evaluate every n optimizer steps and at train.steps; 0 = never")
     )
     batches: int = field(default=1, metadata=_help("global batches of eval.path per evaluation"))
     path: str = field(
-        default="", metadata=_help("held-out text or token file, read with data.path's rules "
-                                   "(data.format, data.token_dtype, data.tokenizer)")
+        default="", metadata=_help("held-out text or token file (which, by its suffix), read "
+                                   "with data.path's rules (data.token_dtype, data.tokenizer)")
     )
 
 
