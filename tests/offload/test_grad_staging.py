@@ -63,7 +63,7 @@ def test_training_gathers_gradients_in_the_locked_buffers_and_writes_them_behind
     monkeypatch.setattr(GradientStaging, "take", take)
     monkeypatch.setattr(NvmeTier, "flush", flush)
     monkeypatch.setattr(NvmeTier, "read", read)
-    *_, engine, _, _, _ = train(True, nvme=_tier(tmp_path, 12 << 20), on_nvme=("grads",))
+    engine = train(True, nvme=_tier(tmp_path, 12 << 20), on_nvme=("grads",)).engine
     assert len(registered) == NVME_GRAD_BUFFERS
     assert locked_takes and all(locked_takes)
     assert writers and all(name.startswith("orch-grads-write") for name in writers), writers

@@ -388,8 +388,8 @@ def test_training_with_homes_on_nvme_equals_the_plain_run(plain, tmp_path, on_nv
     # the least the tier stages at once (a block fetched, another block and its AdamW moments
     # updated: 11.6 MB), so a checkpoint-style read of every unit must not use the pool
     tier = _tier(tmp_path, kind, pinned_limit=12 << 20)
-    losses, norms, params, peaks, engine, records, opt, _ = train(True, nvme=tier,
-                                                                on_nvme=on_nvme)
+    losses, norms, params, peaks, engine, records, opt, *_ = train(True, nvme=tier,
+                                                                 on_nvme=on_nvme)
     ref_losses, ref_norms, ref_params, *_ = plain
     assert losses == ref_losses and norms == ref_norms
     for name, tensor in ref_params.items():
