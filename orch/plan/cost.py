@@ -66,9 +66,9 @@ OVERLAP = 0.9
 """Share of the compute beside it that overlapped communication can hide: collectives running
 concurrently take SMs and memory bandwidth from the kernels they overlap."""
 
-BUBBLE_SCALE = {"gpipe": 1.0, "1f1b": 1.0, "interleaved": 1.0}
-"""Bubble of each schedule relative to 1F1B's ``(pp - 1) / micro-batches`` (interleaved's also
-divided by its chunks per rank): what the simulator finds for them at equal costs. The 2BP
+CLOSED_FORM = ("gpipe", "1f1b", "interleaved")
+"""Schedules whose bubble is 1F1B's ``(pp - 1) / micro-batches`` (interleaved's divided by its
+chunks per rank): what the simulator finds for them at equal costs. The 2BP
 schedules, ZB-H1 and ZB-V (``orch.plan.schedule_shape.SIMULATED``) are simulated as built
 instead, since how much of the bubble their deferred weight-gradient steps fill depends on how
 many may wait (``parallel.pp_max_deferred``: 2BP-1F1B at 4 stages fills two thirds of it by
@@ -366,7 +366,7 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         if schedule in SIMULATED:
             share = bubble_share(schedule, deg.pp, int(micro), cfg.parallel.pp_max_deferred)
         else:
-            share = (deg.pp - 1) / (micro * chunks) * BUBBLE_SCALE[schedule]
+            share = (deg.pp - 1) / (micro * chunks)  # CLOSED_FORM
         bubble = share * (compute + on_path)
 
     exposed = on_path + dp_exposed + comm.get("pp", 0.0)
@@ -416,6 +416,6 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
     return transfers + optimizer, transfers + max(0.0, optimizer - hidden)
 
 
-__all__ = ["BUBBLE_SCALE", "CPU_ADAM_PARAMS_PER_S", "NVME_BYTES_PER_S", "OVERLAP", "StepTime",
+__all__ = ["CLOSED_FORM", "CPU_ADAM_PARAMS_PER_S", "NVME_BYTES_PER_S", "OVERLAP", "StepTime",
            "estimate_step_time", "flops_per_token", "gemm_efficiency", "head_flops",
            "layer_flops", "reduces_per_micro_batch", "step_time_bound"]

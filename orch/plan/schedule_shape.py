@@ -13,7 +13,7 @@ ZB-V's bubble is read off its built schedule too (:data:`SIMULATED`): with fewer
 micro-batches its fill is not yet all that idles (at ``P = 4, M = 2`` it idles 0.58 of its work,
 where a sixth of 1F1B's ``(P - 1) / M`` said 0.25), and how much more follows no closed form.
 The other schedules keep their closed forms (``orch.plan.memory._in_flight``,
-``orch.plan.cost.BUBBLE_SCALE``), which equal what the simulator finds for them, as does ZB-V's
+``orch.plan.cost.CLOSED_FORM``), which equal what the simulator finds for them, as does ZB-V's
 activation peak.
 """
 

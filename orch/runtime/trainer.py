@@ -157,11 +157,12 @@ class Trainer:
             if step == start_step + 1:  # after compiles and first loads (orch.runtime.comm_timeout)
                 set_comm_timeout(self.cfg.run.comm_timeout_s)
             self.finish_saves()
-            if step % self.cfg.run.log_interval == 0 or step == last:
+            logged = step % self.cfg.run.log_interval == 0 or step == last
+            if logged:
                 self._log(done, time.perf_counter() - start - exporting)
             if self.evaluation is not None and self.evaluation.due(step):
                 self._evaluate(step)  # before a re-partition's or a preemption's save
-            if step % self.cfg.run.log_interval == 0 or step == last:
+            if logged:
                 if self.repartitioner is not None:  # may save and raise Repartition
                     try:
                         self.repartitioner.after_log(step, self._timeline, self.save,

@@ -11,7 +11,7 @@ import pytest
 from orch.config import Config, load_config
 from orch.parallel.schedules import SCHEDULES, Costs, build_schedule, simulate
 from orch.plan.cost import (
-    BUBBLE_SCALE,
+    CLOSED_FORM,
     CPU_ADAM_PARAMS_PER_S,
     NVME_BYTES_PER_S,
     StepTime,
@@ -205,8 +205,8 @@ def test_schedules_order_their_bubbles() -> None:
         pytest.approx(one_f_one_b / 2))
     assert bubble(parallel__pp_schedule="zbv", parallel__virtual_stages=2) == (
         pytest.approx(one_f_one_b / 6))
-    assert set(BUBBLE_SCALE) | set(SIMULATED) == set(SCHEDULES)
-    assert not set(BUBBLE_SCALE) & set(SIMULATED)
+    assert set(CLOSED_FORM) | set(SIMULATED) == set(SCHEDULES)
+    assert not set(CLOSED_FORM) & set(SIMULATED)
 
 
 @pytest.mark.parametrize(("stages", "microbatches"), [(2, 1), (2, 3), (4, 1), (4, 2), (4, 5),
