@@ -18,13 +18,15 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
         "JSON-lines files (.jsonl: one object per line, its --key field a document) with a "
         "HuggingFace tokenizer or orch's byte tokenizer, each document followed by the "
         "end-of-document id, into NAME.bin (uint16 ids for vocabularies up to 65,536, else "
-        "uint32), for data.path. Nothing is written until every argument checks out, and OUT "
-        "appears only once complete.")
+        "int32) with Megatron's index NAME.idx beside it (the ids' type and where documents "
+        "start), for data.path here and --data-path NAME in Megatron. Nothing is written until "
+        "every argument checks out, and the files appear only once complete.")
     prepare.add_argument("inputs", nargs="+", metavar="INPUT", help="text or .jsonl files")
     prepare.add_argument("--tokenizer", required=True, metavar="TOKENIZER",
                          help="'byte', a tokenizer.json, or a HuggingFace model directory "
                          "holding one (e.g. the model.init_from directory)")
-    prepare.add_argument("--out", required=True, metavar="OUT.bin", help="the token file")
+    prepare.add_argument("--out", required=True, metavar="OUT.bin",
+                         help="the token file (OUT.idx is written beside it)")
     prepare.add_argument("--key", default="text",
                          help="the documents' field in JSON-lines files (default: text)")
     eos = prepare.add_mutually_exclusive_group()
@@ -33,7 +35,8 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     eos.add_argument("--no-eos", action="store_true",
                      help="append nothing between documents")
     prepare.add_argument("--force", action="store_true",
-                         help="replace OUT if it exists (once the new file is complete)")
+                         help="replace OUT and its .idx if they exist (once the new files are "
+                         "complete)")
     prepare.set_defaults(func=cmd_prepare)
 
 
@@ -45,6 +48,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"wrote {done.out}: {done.tokens:,} tokens of {done.documents:,} "
           f"document{'s' if done.documents != 1 else ''} "
           f"({done.dtype}, vocabulary {done.vocab_size:,})")
-    print(f"train on it with: data.path={done.out} data.token_dtype={done.dtype} "
-          f"(model.vocab_size at least {done.vocab_size:,})")
+    print(f"train on it with: data.path={done.out} (model.vocab_size at least "
+          f"{done.vocab_size:,}; {done.out.with_suffix('.idx').name} beside it gives the ids' "
+          f"type; Megatron reads the pair as --data-path {done.out.with_suffix('')})")
     return 0

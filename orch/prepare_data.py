@@ -1,7 +1,10 @@
 """``orch data prepare``: documents (text files, JSON lines) to a token file training reads.
 
-Training reads token ids memory-mapped (``.bin`` of uint16 or uint32, nanoGPT's format; Megatron's
-``preprocess_data.py`` plays the same part there). Text given straight to ``data.path`` is
+Training reads token ids memory-mapped. This writes them as Megatron's ``preprocess_data.py``
+does: ``NAME.bin``, the ids back to back (uint16, or int32 for vocabularies over 65,536), and
+``NAME.idx`` beside it, Megatron's index of their type and of where each document starts
+(:mod:`orch.runtime.indexed`), so the same files train under orch and Megatron. Text given
+straight to ``data.path`` is
 byte-tokenized, which suits orch's own small models but not one initialized from a HuggingFace
 checkpoint, whose embedding rows belong to its own tokenizer's ids. This module tokenizes with
 that tokenizer (the ``tokenizers`` package reading ``tokenizer.json``, the file transformers reads;
@@ -29,6 +32,7 @@ import numpy as np
 
 from orch.errors import Problem, ProblemsError
 from orch.runtime.data import OTHER_FORMATS, TOKEN_SUFFIXES, ByteTokenizer
+from orch.runtime.indexed import IndexWriter
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 """Inputs read as one JSON object per line, each a document (``.gz`` read transparently)."""
@@ -43,7 +47,8 @@ BATCH_CHARS = 4 << 20
 package spreads a batch over the cores)."""
 
 UINT16_VOCAB = 1 << 16
-"""Vocabularies up to this size are written as uint16 ids, larger ones as uint32."""
+"""Vocabularies up to this size are written as uint16 ids, larger ones as int32 (Megatron's
+index has no uint32; ids of real vocabularies are far below 2**31, so the bytes are the same)."""
 
 
 class PrepareError(ProblemsError):
@@ -182,12 +187,14 @@ def _out_problems(out: Path, force: bool) -> list[Problem]:
     if out.suffix != ".bin":
         problems.append(Problem("--out", f"{str(out)!r} does not end in .bin", "name the output "
                                 "NAME.bin: training reads .bin files as token ids"))
-    if out.exists() and not out.is_file():
-        problems.append(Problem("--out", f"{str(out)!r} exists and is not a file",
-                                "name a file to write"))
-    elif out.exists() and not force:
-        problems.append(Problem("--out", f"{str(out)!r} exists", "choose another name, or pass "
-                                "--force to replace it (only once the new file is complete)"))
+    for written in dict.fromkeys((out, out.with_suffix(".idx"))):
+        if written.exists() and not written.is_file():
+            problems.append(Problem("--out", f"{str(written)!r} exists and is not a file",
+                                    "name a file to write"))
+        elif written.exists() and not force:
+            problems.append(Problem("--out", f"{str(written)!r} exists", "choose another name, "
+                                    "or pass --force to replace it (only once the new files are "
+                                    "complete)"))
     if not out.parent.is_dir():
         problems.append(Problem("--out", f"its directory {str(out.parent)!r} does not exist",
                                 "create it first"))
@@ -320,9 +327,12 @@ def prepare(inputs: list[str], tokenizer: str, out: str, key: str = "text",
         problems += e.problems
     if problems:
         raise PrepareError(problems)
-    dtype = np.dtype(np.uint16 if chosen.vocab_size <= UINT16_VOCAB else np.uint32)
-    partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
-    tokens = documents = 0
+    dtype = np.dtype(np.uint16 if chosen.vocab_size <= UINT16_VOCAB else np.int32)
+    index = IndexWriter(dtype)
+    idx_path = out_path.with_suffix(".idx")
+    partial, idx_partial = (p.with_name(f".{p.name}.partial-{os.getpid()}")
+                            for p in (out_path, idx_path))
+    tokens = 0
     with _terminated_as_exit():
         try:
             with open(partial, "wb") as f:
@@ -331,16 +341,22 @@ def prepare(inputs: list[str], tokenizer: str, out: str, key: str = "text",
                         ids = np.append(ids, chosen.eos)
                     f.write(ids.astype(dtype).tobytes())
                     tokens += len(ids)
-                    documents += ends
+                    index.add(len(ids), ends)
                 f.flush()
                 os.fsync(f.fileno())
             if tokens == 0:
                 raise PrepareError([Problem(", ".join(inputs), "hold no text",
                                             "give files with documents in them")])
+            index.write(idx_partial)
+            # a stale index beside the new ids would type them: gone before they are in place
+            idx_path.unlink(missing_ok=True)
             os.replace(partial, out_path)
+            os.replace(idx_partial, idx_path)
         finally:
             partial.unlink(missing_ok=True)
-    return Prepared(out_path, tokens, documents, dtype.name, chosen.vocab_size)
+            idx_partial.unlink(missing_ok=True)
+    return Prepared(out_path, tokens, len(index.document_starts) - 1, dtype.name,
+                    chosen.vocab_size)
 
 
 __all__ = ["PrepareError", "Prepared", "load_tokenizer", "prepare"]

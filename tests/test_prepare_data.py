@@ -63,7 +63,8 @@ def test_each_document_is_the_tokenizers_encoding_then_the_eos_id(tmp_path, caps
     assert written.tolist() == expected
     said = capsys.readouterr().out
     assert f"{len(expected):,} tokens of 4 documents (uint16, vocabulary 300)" in said
-    assert f"data.path={out} data.token_dtype=uint16" in said
+    assert f"data.path={out} (model.vocab_size at least 300; train.idx beside it" in said
+    assert f"--data-path {tmp_path / 'train'})" in said
     # what the trainer reads back from it, as the printed settings say
     read = load_tokens(DataConfig(path=str(out), token_dtype="uint16"), vocab_size=300)
     assert read.tolist() == expected
@@ -82,7 +83,33 @@ def test_a_text_file_read_in_pieces_loses_and_repeats_nothing(tmp_path, monkeypa
         body.encode(), dtype=np.uint8).astype(np.uint16).tobytes()
 
 
-def test_a_vocabulary_over_65536_is_written_as_uint32(tmp_path):
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, as megatron imports
+def test_megatron_reads_the_pair_with_each_document_where_it_was(tmp_path, monkeypatch):
+    """The .idx is Megatron's: its own reader (megatron-core's IndexedDataset, the reference)
+    finds the ids and the document boundaries, a text file cut into pieces being one document
+    of several sequences."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 40)
+    model = bpe_dir(tmp_path)
+    out = tmp_path / "train.bin"
+    assert main(["data", "prepare", *write_inputs(tmp_path), "--tokenizer", str(model),
+                 "--out", str(out)]) == 0
+    megatron = IndexedDataset(str(tmp_path / "train"))
+    pieces = [megatron[i] for i in range(len(megatron))]
+    assert np.concatenate(pieces).tolist() == np.fromfile(out, dtype=np.uint16).tolist()
+    starts = megatron.document_indices.tolist()
+    assert starts[:4] == [0, 1, 2, 3] and starts[-1] == len(megatron) > 4  # the text: 2+ pieces
+    eos = Tokenizer.from_file(str(model / "tokenizer.json")).token_to_id("</s>")
+    assert [pieces[end - 1][-1] for end in starts[1:]] == [eos] * 4
+    assert megatron.index.dtype == np.uint16
+    # --force replaces the pair: the byte tokenizer's index is the new one
+    assert main(["data", "prepare", str(tmp_path / "book.txt.gz"), "--tokenizer", "byte",
+                 "--out", str(out), "--force"]) == 0
+    assert IndexedDataset(str(tmp_path / "train")).document_indices.tolist() == [0, 2]
+
+
+def test_a_vocabulary_over_65536_is_written_as_int32(tmp_path):
     words = {f"w{i}": i for i in range(70_000)}
     tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -93,7 +120,10 @@ def test_a_vocabulary_over_65536_is_written_as_uint32(tmp_path):
     out = tmp_path / "d.bin"
     assert main(["data", "prepare", str(docs), "--tokenizer", str(path), "--key", "body",
                  "--eos", "w1", "--out", str(out)]) == 0
-    assert np.fromfile(out, dtype=np.uint32).tolist() == [3, 69999, 65536, 1]
+    assert np.fromfile(out, dtype=np.int32).tolist() == [3, 69999, 65536, 1]
+    # read with the index's type, whatever data.token_dtype says (no uint32 in Megatron's index)
+    read = load_tokens(DataConfig(path=str(out), token_dtype="uint16"), vocab_size=70_000)
+    assert read.dtype == np.int32 and read.tolist() == [3, 69999, 65536, 1]
 
 
 def test_every_bad_argument_is_named_together_and_nothing_is_written(tmp_path, capsys):
@@ -101,11 +131,14 @@ def test_every_bad_argument_is_named_together_and_nothing_is_written(tmp_path, c
     (tmp_path / "x.json").write_text("[]")
     kept = tmp_path / "kept.bin"
     kept.write_bytes(b"saved")
+    kept.with_suffix(".idx").write_bytes(b"index")
     assert main(["data", "prepare", str(tmp_path / "missing.txt"), str(tmp_path / "x.parquet"),
                  str(tmp_path / "x.json"), "--tokenizer", str(tmp_path), "--out",
                  str(kept)]) == 2
     err = capsys.readouterr().err
-    assert "cannot prepare the data (5 problems)" in err
+    assert "cannot prepare the data (6 problems)" in err
+    assert f"--out: '{kept.with_suffix('.idx')}' exists" in err
+    assert kept.with_suffix(".idx").read_bytes() == b"index"
     assert f"{tmp_path / 'missing.txt'}: does not exist" in err
     assert "x.parquet: is a .parquet file, not text or JSON lines" in err
     assert "x.json: is a .json file" in err and "one {\"text\": ...} object per line" in err

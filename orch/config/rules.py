@@ -8,10 +8,13 @@ parallel degrees, memory) are the plan's, in ``orch.plan.rules``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orch.config.schema import KV_HEADS, OFFLOADED, Config, ModelConfig
 from orch.errors import Problem
 from orch.offload.sizes import ALIGN
 from orch.parallel.schedules.generators import CHUNKED, SPLIT_BACKWARD, chunks_per_rank
+from orch.runtime.indexed import index_beside
 
 UINT16_IDS = 1 << 16
 SEED_MAX = (1 << 64) - 1
@@ -400,10 +403,12 @@ def check_config(cfg: Config) -> list[Problem]:
     )
     d, ev = cfg.data, cfg.eval
     # a uint32 file read as uint16 passes every other check: each id's halves are < 65536
+    # (a Megatron .idx beside a .bin names its type, and token_dtype is not read)
     bins = [field for field, path, read_as_text in (
         ("data.path", d.path, d.format == "text"),
         ("eval.path", ev.path if ev.interval > 0 else "", False))  # (its format: its suffix)
-        if path.lower().endswith(".bin") and not read_as_text]
+        if path.lower().endswith(".bin") and not read_as_text
+        and not index_beside(Path(path).expanduser())]
     need(
         not (bins and d.token_dtype == "uint16" and m.vocab_size > UINT16_IDS),
         "data.token_dtype",

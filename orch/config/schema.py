@@ -114,7 +114,8 @@ class DataConfig:
         default="auto", metadata=_help("auto picks by suffix: .bin/.npy are tokens, else text")
     )
     token_dtype: Literal["uint16", "uint32"] = field(
-        default="uint16", metadata=_help("element type of a token file")
+        default="uint16", metadata=_help("element type of a .bin token file (not read where "
+                                         "a Megatron .idx beside it names its own)")
     )
     tokenizer: Literal["byte"] = field(
         default="byte", metadata=_help("byte-level tokenizer, needs no download")

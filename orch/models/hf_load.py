@@ -243,8 +243,8 @@ def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
                     f"starts from a checkpoint of {vocab} tokens (its config.json's vocab_size), "
                     "whose ids are its own tokenizer's", "tokenize the text with the "
                     f"checkpoint's tokenizer: orch data prepare {data.path or 'FILE'} --tokenizer "
-                    f"{model.init_from} --out DATA.bin, then set data.path and data.token_dtype "
-                    "as it prints (a model trained on orch's bytes: --tokenizer byte)",
+                    f"{model.init_from} --out DATA.bin, then set data.path to DATA.bin "
+                    "(a model trained on orch's bytes: --tokenizer byte)",
                     ("model.init_from", "data.format"))]
 
 

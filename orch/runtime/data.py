@@ -26,6 +26,7 @@ import torch
 
 from orch.config.schema import DataConfig
 from orch.errors import OrchError, Problem
+from orch.runtime.indexed import NotAnIndex, index_beside, megatron_prefix, read_index
 
 TOKEN_SUFFIXES = (".bin", ".npy")
 """Suffixes that ``data.format: auto`` reads as token files; everything else is text."""
@@ -88,21 +89,28 @@ def load_tokens(data: DataConfig, vocab_size: int, limit: int | None = None) -> 
 
     An empty ``data.path`` means the corpus shipped with orch. Text (any suffix, ``.gz`` read
     transparently) is byte-tokenized into a uint8 array in memory; token files are memory-mapped:
-    ``.bin`` is raw ids of ``data.token_dtype`` (nanoGPT's format) and ``.npy`` carries its own
-    dtype in its header, so ``token_dtype`` does not apply to it. Every check (existence, format,
+    ``.bin`` is raw ids of ``data.token_dtype`` (nanoGPT's format) unless a Megatron ``.idx``
+    beside it names their type (:mod:`orch.runtime.indexed`; ``data.path`` may then also be the
+    pair's prefix, as Megatron's ``--data-path`` takes it), and ``.npy`` carries its own dtype in
+    its header, so ``token_dtype`` does not apply to either. Every check (existence, format,
     size, largest id) runs here, before training starts; nothing is cached on disk.
     """
     if not data.path:
         blob = importlib.resources.files("orch.runtime").joinpath("corpus/kjv.txt.gz")
         tokens = np.frombuffer(gzip.decompress(blob.read_bytes()), dtype=np.uint8)[:limit]
-        _check_range(tokens, vocab_size, "the shipped corpus", data)
+        _check_range(tokens, vocab_size, "the shipped corpus", _TEXT_IDS)
         return tokens
 
     path, kind = check_source(data)
     tokens = (_read_text(data, path, limit) if kind == "text"
               else _map_tokens(data, path)[:limit])
-    _check_range(tokens, vocab_size, repr(data.path), data)
+    typed_by_config = path.suffix.lower() == ".bin" and not index_beside(path)
+    _check_range(tokens, vocab_size, repr(data.path), _TEXT_IDS if kind == "text" else
+                 ", or check data.token_dtype" if typed_by_config else "")
     return tokens
+
+
+_TEXT_IDS = "; text is read as bytes, 256 ids"
 
 
 _SAMPLE_BYTES = 1 << 16
@@ -202,12 +210,18 @@ _CORPUS_HINT = ", or set data.path to '' for the shipped corpus"
 
 
 def _existing_file(value: str) -> Path:
+    """The file ``value`` names: itself, or ``PREFIX.bin`` for a Megatron data prefix."""
+    if pair := megatron_prefix(value):
+        return pair
     path = Path(value).expanduser()
     shown = f"{value!r}" if str(path.resolve()) == value else f"{value!r} ({path.resolve()})"
     if not path.exists():
+        halves = [path.with_name(path.name + s) for s in (".bin", ".idx")]
+        half = next((h.name for h in halves if h.exists()), None)
         raise DataError(
             "data.path",
-            f"{shown} does not exist",
+            f"{shown} does not exist" + (f" (as a Megatron prefix: {half} is there, but not "
+                                         "both .bin and .idx)" if half else ""),
             f"correct the path (relative paths start where orch runs){_CORPUS_HINT}",
         )
     if not path.is_file():
@@ -276,6 +290,8 @@ _NPY_MAGIC = b"\x93NUMPY"
 def _map_tokens(data: DataConfig, path: Path) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         return _map_npy(data, path)
+    if idx := index_beside(path):
+        return _map_indexed(data, path, idx)
     dtype = np.dtype(data.token_dtype)
     size = path.stat().st_size
     if size % dtype.itemsize:
@@ -288,6 +304,28 @@ def _map_tokens(data: DataConfig, path: Path) -> np.ndarray:
             _READ_AS,
         )
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _map_indexed(data: DataConfig, path: Path, idx: Path) -> np.ndarray:
+    """A Megatron ``.bin`` read with the id type its ``.idx`` names (``data.token_dtype`` is
+    not read), once the index shows the two belong together."""
+    redo = ("re-run the preprocessing that wrote the pair, or move the .idx away to read the .bin "
+            "alone as raw ids of data.token_dtype")
+    try:
+        header = read_index(idx)
+    except NotAnIndex as e:
+        raise DataError("data.path", f"{data.path!r} has {idx.name} beside it, which is not a "
+                        f"Megatron index: {e}", redo) from e
+    if header.dtype.kind not in "iu":
+        raise DataError("data.path", f"{data.path!r}: its index {idx.name} says the ids are "
+                        f"{header.dtype}, not integers", "give a token file of integer ids")
+    size = path.stat().st_size
+    if size != header.data_bytes:
+        raise DataError("data.path", f"{data.path!r} has {size:,} bytes, but its index "
+                        f"{idx.name} says {header.data_bytes:,} ({header.sequences:,} sequences "
+                        f"of {header.dtype}): one of the pair is truncated or from another "
+                        "corpus", redo)
+    return np.memmap(path, dtype=header.dtype, mode="r")
 
 
 def _map_npy(data: DataConfig, path: Path) -> np.ndarray:
@@ -374,8 +412,9 @@ def check_token_count(count: int, global_batch: int, seq_len: int) -> None:
         )
 
 
-def _check_range(tokens: np.ndarray, vocab_size: int, source: str, data: DataConfig) -> None:
-    """Every id in ``[0, vocab_size)``, scanned in chunks so a memory map stays a memory map."""
+def _check_range(tokens: np.ndarray, vocab_size: int, source: str, hint: str) -> None:
+    """Every id in ``[0, vocab_size)``, scanned in chunks so a memory map stays a memory map;
+    ``hint`` ends the fix of an id too large (what else may be wrong than the vocabulary)."""
     low, high = 0, -1
     for start in range(0, len(tokens), _SCAN_CHUNK):
         chunk = tokens[start : start + _SCAN_CHUNK]
@@ -388,9 +427,6 @@ def _check_range(tokens: np.ndarray, vocab_size: int, source: str, data: DataCon
             _READ_AS,
         )
     if high >= vocab_size:
-        suffix = next((s for s in TOKEN_SUFFIXES if data.path.lower().endswith(s)), None)
-        hint = {".bin": ", or check data.token_dtype", ".npy": ""}.get(
-            suffix or "", "; text is read as bytes, 256 ids")
         raise DataError(
             "model.vocab_size",
             f"{vocab_size}, but {source} contains token id {high}",

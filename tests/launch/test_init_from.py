@@ -405,7 +405,7 @@ def test_text_data_with_a_tokenizer_vocabulary_is_refused_before_launch(tmp_path
         prepare([*launch_args(tmp_path / "ids.npy"), "--set", "eval.interval=5", "--set",
                  f"eval.path={text}"])
     assert f"eval.path: {str(text)!r} is text tokenized as bytes" in str(refused.value)
-    assert "then set eval.path and data.token_dtype as it prints" in str(refused.value)
+    assert "then set eval.path to DATA.bin (a model" in str(refused.value)
 
 
 def test_a_wrong_vocab_size_with_init_from_is_one_problem_not_two(checkpoint, tmp_path,
