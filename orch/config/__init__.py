@@ -192,12 +192,20 @@ def _widened(problem: Problem, stand_ins: set[str]) -> set[str]:
     128, warmup_steps' default 10 past train.steps=2); only where those do too, the section
     holding the field. Climbing first put a whole section, then the whole config, at defaults,
     and the later checks found nothing of the user's (nvme_path, init_from) to say."""
-    if not _covered(problem.where, stand_ins):
-        return {problem.where}
-    if reads := {read for read in problem.reads if not _covered(read, stand_ins)}:
+    where = _field_of(problem.where)
+    if not _covered(where, stand_ins):
+        return {where}
+    if reads := {_field_of(read) for read in problem.reads
+                 if not _covered(_field_of(read), stand_ins)}:
         return reads
-    covering = [p for p in _sections_of(problem.where) if p in stand_ins]
+    covering = [p for p in _sections_of(where) if p in stand_ins]
     return {covering[-1].rpartition(".")[0]}
+
+
+def _field_of(where: str) -> str:
+    """The field a problem's ``where`` is in: a list item (``data.blend[1]``) is in its list,
+    which stands in whole."""
+    return where.partition("[")[0]
 
 
 def _covered(path: str, stand_ins: Collection[str]) -> bool:
@@ -219,12 +227,12 @@ def _build(data: dict[str, Any], locs: Locations, problems: list[Problem]) -> Lo
     make the config later checks can run on (see LoadedConfig)."""
     failed: set[str] = set()
     cfg = build(Config, data, "", locs, problems, failed=failed)
-    converted = {path.partition("[")[0] for path in failed}  # a list item: its list
+    converted = {_field_of(path) for path in failed}
     rules = check_config(cfg)
     problems = [*problems, *(_at_source(p, locs) for p in _unaffected(rules, converted))]
     if not problems:
         return LoadedConfig(cfg, (), frozenset(), locs)
-    stand_ins = converted | {p.where for p in rules}
+    stand_ins = converted | {_field_of(p.where) for p in rules}
     cfg = _with_defaults(cfg, stand_ins)
     return LoadedConfig(cfg, tuple(problems), frozenset(stand_ins), locs)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from orch.config.blend import FIELD, blend_field, parse_blend
 from orch.config.schema import KV_HEADS, OFFLOADED, Config, ModelConfig
 from orch.errors import Problem
 from orch.offload.sizes import ALIGN
@@ -402,11 +403,17 @@ def check_config(cfg: Config) -> list[Problem]:
         "ranks wait for",
     )
     d, ev = cfg.data, cfg.eval
+    blend, blend_problems = parse_blend(d.blend)
+    problems += blend_problems
+    need(not (d.blend and d.path), "data.path", f"{d.path!r} is set beside data.blend, which "
+         "replaces it", "put the file in data.blend with a weight, or leave data.blend empty",
+         (FIELD,))
     # a uint32 file read as uint16 passes every other check: each id's halves are < 65536
     # (a Megatron .idx beside a .bin names its type, and token_dtype is not read)
     bins = [field for field, path, read_as_text in (
         ("data.path", d.path, d.format == "text"),
-        ("eval.path", ev.path if ev.interval > 0 else "", False))  # (its format: its suffix)
+        ("eval.path", ev.path if ev.interval > 0 else "", False),  # (its format: its suffix)
+        *((blend_field(i), path, False) for i, (_, path) in enumerate(blend)))
         if path.lower().endswith(".bin") and not read_as_text
         and not index_beside(Path(path).expanduser())]
     need(

@@ -120,6 +120,12 @@ class DataConfig:
     tokenizer: Literal["byte"] = field(
         default="byte", metadata=_help("byte-level tokenizer, needs no download")
     )
+    blend: list[str] = field(
+        default_factory=list,
+        metadata=_help("a weighted mixture of data files instead of data.path, each entry "
+                       "'WEIGHT PATH' (Megatron's --data-path pairs); each file read by "
+                       "data.path's rules, its format by its suffix"),
+    )
 
 
 @dataclass

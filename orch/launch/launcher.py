@@ -448,10 +448,22 @@ def _explain_world(problem: Problem, world: int, nodes: int, nproc: int, cluster
 
 def _check_data(cfg: Config) -> list[Problem]:
     """The data file's existence, format and size (enough tokens for a global batch, from its
-    size or header); the shipped corpus is small enough to load whole (its ids are checked
-    against the vocabulary too). Workers scan a user file's ids, which may be many GB."""
-    from orch.runtime.data import DataError, check_token_count, load_tokens, token_count
+    size or header; each ``data.blend`` file's, every one said); the shipped corpus is small
+    enough to load whole (its ids are checked against the vocabulary too). Workers scan a user
+    file's ids, which may be many GB."""
+    from orch.runtime.data import (
+        DataError,
+        check_blended_file,
+        check_token_count,
+        each_blended,
+        load_tokens,
+        token_count,
+    )
 
+    if cfg.data.blend:
+        problems: list[Problem] = []
+        each_blended(cfg.data, lambda one: check_blended_file(one, cfg.train.seq_len), problems)
+        return problems
     try:
         if cfg.data.path:
             count = token_count(cfg.data)

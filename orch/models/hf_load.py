@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from orch.config.blend import blend_field
 from orch.config.schema import KV_HEADS, MODEL_SHAPE, DataConfig, ModelConfig
 from orch.errors import Problem, ProblemsError, reading
 from orch.models.hf import TIED_HEAD_ABSENT, hf_ignored, hf_llama_config, hf_to_ours, ours_to_hf
@@ -218,20 +219,24 @@ BYTE_VOCAB = 256
 
 
 def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
-    """Text data (the shipped corpus, or a text ``data.path``) with a checkpoint whose vocabulary
-    is not the byte one: orch tokenizes text as bytes, ids 0-255, which mean whatever those ids
-    meant to the checkpoint's own tokenizer, so a pretrained model would be fine-tuned on noise
-    without a word. A checkpoint of 256 tokens (one orch exported, or another byte model) reads
-    bytes as it was trained to. The vocabulary is the checkpoint's own (its config.json, as
-    transformers reads it), not ``model.vocab_size``: a wrong one is already a problem of its own
-    (``init_from_problems``), and would have this one name a checkpoint of its size. Nothing is
-    said when config.json cannot be read (``init_from_problems`` says why). Problems of the data
-    file itself are _check_data's."""
-    from orch.runtime.data import DataError, check_source
+    """Text data (the shipped corpus, a text ``data.path`` or ``data.blend`` file) with a
+    checkpoint whose vocabulary is not the byte one: orch tokenizes text as bytes, ids 0-255,
+    which mean whatever those ids meant to the checkpoint's own tokenizer, so a pretrained model
+    would be fine-tuned on noise without a word. A checkpoint of 256 tokens (one orch exported,
+    or another byte model) reads bytes as it was trained to. The vocabulary is the checkpoint's
+    own (its config.json, as transformers reads it), not ``model.vocab_size``: a wrong one is
+    already a problem of its own (``init_from_problems``), and would have this one name a
+    checkpoint of its size. Nothing is said when config.json cannot be read
+    (``init_from_problems`` says why). Problems of the data file itself are _check_data's."""
+    from orch.runtime.data import DataError, check_source, each_blended, problem_of
 
     vocab = _checkpoint_vocab(model)
     if vocab is None or vocab == BYTE_VOCAB:
         return []
+    if data.blend:  # each file's, said of its entry
+        found = each_blended(data, lambda one: text_data_problems(model, one), [])
+        return [problem_of(p, blend_field(index)) for index, said in enumerate(found)
+                for p in said]
     if data.path:
         try:
             if check_source(data)[1] != "text":

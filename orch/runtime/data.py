@@ -1,14 +1,15 @@
-"""Training data: a byte tokenizer, one token stream, packed samples and a resumable sampler.
+"""Training data: a byte tokenizer, token streams, packed samples and resumable samplers.
 
 The pipeline is deliberately small. ``load_tokens`` turns ``data.path`` into one 1-D integer
 array (text is byte-tokenized in memory; token files are memory-mapped, never read whole).
 ``PackedSequences`` cuts that stream into fixed-length samples with no padding. ``BatchStream``
 walks a seeded permutation of those samples, one global batch per optimizer step, and hands each
-data-parallel rank its slice as micro-batches.
+data-parallel rank its slice as micro-batches; ``BlendStream`` does the same for a
+``data.blend``, several files' samples (``BlendedSequences``) mixed by weight.
 
-The sampler's position is counted in global batches, not per-rank samples, so a checkpoint's data
-state is the same on every rank and can be resumed on a different number of data-parallel ranks.
-Every problem with the user's data is a ``DataError`` raised before training starts.
+The samplers' positions count global samples, not per-rank ones, so a checkpoint's data state is
+the same on every rank and can be resumed on a different number of data-parallel ranks. Every
+problem with the user's data is a ``DataError`` raised before training starts.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import gzip
 import hashlib
 import importlib.resources
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from orch.config.schema import DataConfig
+from orch.config.blend import blend_field, parse_blend
+from orch.config.schema import Config, DataConfig
 from orch.errors import OrchError, Problem
 from orch.runtime.indexed import NotAnIndex, index_beside, megatron_prefix, read_index
 
@@ -52,6 +55,11 @@ class DataError(OrchError):
     def __init__(self, where: str, message: str, fix: str, reads: tuple[str, ...] = ()) -> None:
         self.problem = Problem(where, message, fix, reads)
         super().__init__(str(self.problem))
+
+    @classmethod
+    def of(cls, problem: Problem) -> DataError:
+        """The error saying ``problem`` (one found in a file, said of the field holding it)."""
+        return cls(problem.where, problem.message, problem.fix, problem.reads)
 
 
 _READ_AS = ("data.format", "data.token_dtype")
@@ -121,10 +129,12 @@ whatever its size: a resume reads it, not the terabytes a corpus may hold)."""
 
 def source_identity(data: DataConfig) -> dict[str, Any]:
     """What tells the data a checkpoint was trained on from other data at the same path: the
-    file's size and a sha256 of pieces spread over it (the whole file when it is small). A
-    rewritten or replaced file of the same size is told apart unless every sampled piece is
-    unchanged; a file that changes only between the pieces is not (hashing a corpus whole at
-    every resume would take minutes)."""
+    file's size and a sha256 of pieces spread over it (the whole file when it is small); for a
+    ``data.blend``, each file's, in order. A rewritten or replaced file of the same size is told
+    apart unless every sampled piece is unchanged; a file that changes only between the pieces
+    is not (hashing a corpus whole at every resume would take minutes)."""
+    if data.blend:
+        return {"blend": each_blended(data, source_identity)}
     if not data.path:
         path = Path(str(importlib.resources.files("orch.runtime").joinpath("corpus/kjv.txt.gz")))
     else:
@@ -148,14 +158,59 @@ def source_change(saved: dict[str, Any] | None, now: dict[str, Any],
     checked)."""
     if not saved or now == saved:
         return None
-    shown = repr(data.path) if data.path else "the shipped corpus"
+    if data.blend:  # (a blend of other files or weights is another config: refused before)
+        for index, (before, (_, path)) in enumerate(zip(saved.get("blend", []),
+                                                        parse_blend(data.blend)[0], strict=False)):
+            if before != now["blend"][index]:
+                return _changed(before, now["blend"][index], blend_field(index), repr(path))
+        return None
+    return _changed(saved, now, "data.path",
+                    repr(data.path) if data.path else "the shipped corpus")
+
+
+def _changed(saved: dict[str, Any], now: dict[str, Any], where: str, shown: str) -> Problem:
     what = (f"{saved['bytes']:,} bytes then, {now['bytes']:,} now" if saved["bytes"] != now["bytes"]
             else f"the same size, {now['bytes']:,} bytes, but other contents")
-    return Problem("data.path", f"{shown} is not the data the checkpoint was trained on ({what}): "
+    return Problem(where, f"{shown} is not the data the checkpoint was trained on ({what}): "
                    "its saved position would continue in other samples",
                    "restore that file to resume; to train these weights on the new data, export "
                    "them (orch ckpt export RUN_DIR --to hf OUT) and start a new run.dir with "
                    "model.init_from: OUT; or start over with --resume none")
+
+
+T = TypeVar("T")
+
+
+def each_blended(data: DataConfig, read: Callable[[DataConfig], T],
+                 problems: list[Problem] | None = None) -> list[T]:
+    """``read`` of each ``data.blend`` file, given the config that reads it by ``data.path``'s
+    rules (:func:`read_like_data`); a ``DataError`` it raises is said of the entry
+    (``data.blend[i]``) and raised, or, given ``problems``, added to them (every entry read)."""
+    done = []
+    for index, (_, path) in enumerate(parse_blend(data.blend)[0]):
+        try:
+            done.append(read(read_like_data(data, path)))
+        except DataError as exc:
+            problem = problem_of(exc.problem, blend_field(index))
+            if problems is None:
+                raise DataError.of(problem) from None
+            problems.append(problem)
+    return done
+
+
+def check_blended_file(data: DataConfig, seq_len: int) -> None:
+    """The launcher's check of one ``data.blend`` file: readable, of a format orch reads, and
+    holding at least one sample where its size tells (every file gives samples in turn, so
+    none needs a global batch of its own)."""
+    count = token_count(data)
+    if count is not None and packed_samples(count, seq_len) == 0:
+        raise _too_short(count, seq_len)
+
+
+def _too_short(count: int, seq_len: int) -> DataError:
+    return DataError("data.path", f"the data has {count} tokens, fewer than one sample of "
+                     f"train.seq_len={seq_len} needs ({seq_len + 1})",
+                     "use more data or lower train.seq_len")
 
 
 def check_source(data: DataConfig) -> tuple[Path, str]:
@@ -378,7 +433,7 @@ def read_like_data(data: DataConfig, path: str) -> DataConfig:
     beside a token file's training, or the other way round, is normal): a held-out file
     (``eval.path``) goes through the same checks and loading as ``data.path``; its problems are
     said of its own field with :func:`problem_of`."""
-    return dataclasses.replace(data, path=path, format="auto")
+    return dataclasses.replace(data, path=path, format="auto", blend=[])
 
 
 def problem_of(problem: Problem, field: str) -> Problem:
@@ -456,12 +511,7 @@ class PackedSequences:
         self.tokens = tokens
         self.seq_len = seq_len
         if len(self) == 0:
-            raise DataError(
-                "data.path",
-                f"the data has {len(tokens)} tokens, fewer than one sample of train.seq_len="
-                f"{seq_len} needs ({seq_len + 1})",
-                "use more data or lower train.seq_len",
-            )
+            raise _too_short(len(tokens), seq_len)
 
     def __len__(self) -> int:
         return packed_samples(len(self.tokens), self.seq_len)
@@ -499,27 +549,17 @@ def rank_micro_batches(dataset: PackedSequences, indices: np.ndarray, micro_batc
     return [dataset.gather(mine[i : i + micro_batch]) for i in range(0, per_rank, micro_batch)]
 
 
-class BatchStream:
-    """A deterministic, resumable stream of per-rank micro-batches, one global batch per step.
+class _GlobalBatches:
+    """What every training stream shares: a deterministic, resumable order of global batches of
+    sample indices (a subclass's :meth:`_next_indices`), split the same way over data-parallel
+    ranks: rank ``r`` of ``dp_size`` takes the ``r``-th contiguous ``G / dp_size`` of each batch
+    and cuts it into micro-batches. The order of global samples therefore depends only on the
+    seed, the data and ``global_batch``, never on the rank count, and a position saved on one
+    number of ranks resumes on another."""
 
-    Each epoch is a permutation of all sample indices from ``default_rng((seed, epoch))``. Step
-    ``s`` of an epoch takes the ``global_batch`` permuted indices ``[s*G, (s+1)*G)``; the epoch's
-    tail that cannot fill a whole batch is dropped (it is in another place next epoch). Rank ``r``
-    of ``dp_size`` takes the ``r``-th contiguous ``G / dp_size`` of them and splits it into
-    micro-batches. The order of global samples therefore depends only on the seed, the number of
-    samples and ``global_batch``, never on the rank count.
-    """
-
-    def __init__(
-        self,
-        dataset: PackedSequences,
-        global_batch: int,
-        micro_batch: int,
-        dp_rank: int = 0,
-        dp_size: int = 1,
-        seed: int = 0,
-        source: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, dataset: PackedSequences | BlendedSequences, global_batch: int,
+                 micro_batch: int, dp_rank: int, dp_size: int, seed: int,
+                 source: dict[str, Any] | None) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
         if global_batch < 1 or micro_batch < 1:
@@ -531,7 +571,6 @@ class BatchStream:
                 f"train.micro_batch={micro_batch}",
                 f"make train.global_batch a multiple of {dp_size * micro_batch}",
             )
-        check_token_count(len(dataset.tokens), global_batch, dataset.seq_len)
         self.dataset = dataset
         self.global_batch = global_batch
         self.micro_batch = micro_batch
@@ -539,8 +578,75 @@ class BatchStream:
         self.dp_size = dp_size
         self.seed = seed
         self.source = source
-        """The data file's :func:`source_identity`, saved with the position and checked on
-        resume (None: not saved, as in the tests' in-memory datasets)."""
+        """The data's :func:`source_identity`, saved with the position and checked on resume
+        (None: not saved, as in the tests' in-memory datasets)."""
+
+    def _next_indices(self) -> np.ndarray:
+        """The next global batch's sample indices, advancing the position."""
+        raise NotImplementedError
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches for the next optimizer step: ``(inputs, targets)`` pairs,
+        each ``[micro_batch, seq_len]`` int64, ``global_batch / (dp_size * micro_batch)`` of them.
+        """
+        return rank_micro_batches(self.dataset, self._next_indices(), self.micro_batch,
+                                  self.dp_rank, self.dp_size)
+
+    def _state(self, position: dict[str, Any]) -> dict[str, Any]:
+        """``position`` with what every stream saves: the seed, the global batch and the data's
+        identity when known."""
+        state = {**position, "seed": self.seed, "global_batch": self.global_batch}
+        if self.source is not None:
+            state["source"] = self.source
+        return state
+
+    def _check_state(self, state: dict[str, Any], keys: set[str]) -> None:
+        """Refuse a saved position lacking ``keys``, or of another seed or global batch: with
+        either changed it would point into a different order, and resuming would silently
+        repeat or skip data."""
+        if missing := (keys | {"seed", "global_batch"}) - set(state):
+            raise DataError(
+                "checkpoint data state",
+                f"lacks {sorted(missing)}",
+                "resume from a checkpoint written by this version of orch with this data, or "
+                "start afresh (checkpoint.resume: none)",
+            )
+        if int(state["global_batch"]) != self.global_batch:
+            raise DataError(
+                "train.global_batch",
+                f"{self.global_batch}, but the checkpoint was trained with "
+                f"{state['global_batch']}; its data position counts global batches of that size",
+                f"set train.global_batch back to {state['global_batch']} to resume, {_FRESH}",
+            )
+        if int(state["seed"]) != self.seed:
+            raise DataError(
+                "train.seed",
+                f"{self.seed}, but the checkpoint's data order came from seed {state['seed']}",
+                f"set train.seed back to {state['seed']} to resume, {_FRESH}",
+            )
+
+
+_FRESH = "or start a fresh run (checkpoint.resume: none)"
+
+
+class BatchStream(_GlobalBatches):
+    """One data file's global batches: each epoch a permutation of all sample indices from
+    ``default_rng((seed, epoch))``. Step ``s`` of an epoch takes the ``global_batch`` permuted
+    indices ``[s*G, (s+1)*G)``; the epoch's tail that cannot fill a whole batch is dropped (it is
+    in another place next epoch)."""
+
+    def __init__(
+        self,
+        dataset: PackedSequences,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        source: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(dataset, global_batch, micro_batch, dp_rank, dp_size, seed, source)
+        check_token_count(len(dataset.tokens), global_batch, dataset.seq_len)
         self.steps_per_epoch = len(dataset) // global_batch
         self._epoch = 0
         self._step_in_epoch = 0
@@ -562,67 +668,31 @@ class BatchStream:
             self._order = (epoch, rng.permutation(len(self.dataset)))
         return self._order[1]
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches for the next optimizer step: ``(inputs, targets)`` pairs,
-        each ``[micro_batch, seq_len]`` int64, ``global_batch / (dp_size * micro_batch)`` of them.
-        """
+    def _next_indices(self) -> np.ndarray:
         start = self._step_in_epoch * self.global_batch
         indices = self._permutation(self._epoch)[start : start + self.global_batch]
         self._step_in_epoch += 1
         if self._step_in_epoch == self.steps_per_epoch:
             self._epoch, self._step_in_epoch = self._epoch + 1, 0
-        return rank_micro_batches(self.dataset, indices, self.micro_batch, self.dp_rank,
-                                  self.dp_size)
+        return indices
 
     def state_dict(self) -> dict[str, Any]:
         """The position as plain values (JSON-ready), identical on every data-parallel rank,
         with the data file's identity when the stream knows it."""
-        state: dict[str, Any] = {
-            "epoch": self._epoch,
-            "step_in_epoch": self._step_in_epoch,
-            "seed": self.seed,
-            "global_batch": self.global_batch,
-            "samples": len(self.dataset),
-        }
-        if self.source is not None:
-            state["source"] = self.source
-        return state
+        return self._state({"epoch": self._epoch, "step_in_epoch": self._step_in_epoch,
+                            "samples": len(self.dataset)})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after the step at which ``state`` was saved, on any ``dp_size``.
-
-        The seed, global batch and sample count must match: with any of them changed the saved
-        position would point into a different order, and resuming would silently repeat or skip
-        data.
-        """
-        missing = {"epoch", "step_in_epoch", "seed", "global_batch", "samples"} - set(state)
-        if missing:
-            raise DataError(
-                "checkpoint data state",
-                f"lacks {sorted(missing)}",
-                "resume from a checkpoint written by this version of orch, or start afresh "
-                "(checkpoint.resume: none)",
-            )
-        fresh = "or start a fresh run (checkpoint.resume: none)"
-        if int(state["global_batch"]) != self.global_batch:
-            raise DataError(
-                "train.global_batch",
-                f"{self.global_batch}, but the checkpoint was trained with "
-                f"{state['global_batch']}; its data position counts global batches of that size",
-                f"set train.global_batch back to {state['global_batch']} to resume, {fresh}",
-            )
-        if int(state["seed"]) != self.seed:
-            raise DataError(
-                "train.seed",
-                f"{self.seed}, but the checkpoint's data order came from seed {state['seed']}",
-                f"set train.seed back to {state['seed']} to resume, {fresh}",
-            )
+        """Continue exactly after the step at which ``state`` was saved, on any ``dp_size``;
+        the sample count must match too (another file or ``train.seq_len`` gives another
+        order)."""
+        self._check_state(state, {"epoch", "step_in_epoch", "samples"})
         if int(state["samples"]) != len(self.dataset):
             raise DataError(
                 "data.path",
                 f"the data now gives {len(self.dataset)} samples of train.seq_len="
                 f"{self.dataset.seq_len}, but the checkpoint's had {state['samples']}",
-                f"resume with the same data and train.seq_len as the checkpoint, {fresh}",
+                f"resume with the same data and train.seq_len as the checkpoint, {_FRESH}",
             )
         epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
@@ -630,6 +700,119 @@ class BatchStream:
                 "checkpoint data state",
                 f"position epoch={epoch}, step_in_epoch={step} is outside the data "
                 f"({self.steps_per_epoch} steps per epoch)",
-                f"the checkpoint is damaged; resume from an earlier one, {fresh}",
+                f"the checkpoint is damaged; resume from an earlier one, {_FRESH}",
             )
         self._epoch, self._step_in_epoch = epoch, step
+
+
+class BlendedSequences:
+    """The samples of several files (each :class:`PackedSequences` of one ``seq_len``) in one
+    index space, file after file, with each file's share of the training samples
+    (``data.blend``'s normalized weights)."""
+
+    def __init__(self, parts: list[PackedSequences], weights: list[float]) -> None:
+        if len(parts) != len(weights) or not parts:
+            raise ValueError(f"{len(parts)} files for {len(weights)} weights")
+        self.parts = parts
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.sizes = np.array([len(part) for part in parts], dtype=np.int64)
+        self.offsets = np.concatenate(([0], np.cumsum(self.sizes)[:-1]))
+        self.seq_len = parts[0].seq_len
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``indices`` of the joint index space, stacked in their order, as
+        :meth:`PackedSequences.gather` stacks one file's."""
+        indices = np.asarray(indices, dtype=np.int64)
+        owner = np.searchsorted(self.offsets, indices, side="right") - 1
+        inputs = torch.empty(len(indices), self.seq_len, dtype=torch.int64)
+        targets = torch.empty_like(inputs)
+        for part in np.unique(owner):
+            rows = torch.from_numpy(np.flatnonzero(owner == part))
+            inputs[rows], targets[rows] = self.parts[part].gather(
+                indices[rows.numpy()] - self.offsets[part])
+        return inputs, targets
+
+
+class BlendStream(_GlobalBatches):
+    """A ``data.blend``'s global batches: each sample is drawn from the file furthest below its
+    share so far (Megatron's blending: after ``n`` samples, file ``f`` has given within one of
+    ``weight_f * n``, at every step, not only on average), and file ``f``'s ``k``-th sample is
+    entry ``k mod size_f`` of its own permutation for epoch ``k // size_f``, from
+    ``default_rng((seed, f, epoch))``: a small file repeats in a fresh order while a large one
+    is still in its first epoch. The position is how many samples each file has given."""
+
+    def __init__(self, dataset: BlendedSequences, global_batch: int, micro_batch: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 source: dict[str, Any] | None = None) -> None:
+        super().__init__(dataset, global_batch, micro_batch, dp_rank, dp_size, seed, source)
+        self.taken = np.zeros(len(dataset.parts), dtype=np.int64)
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # file -> (epoch, permutation)
+
+    def _picks(self) -> np.ndarray:
+        """Which file each sample of the next global batch comes from."""
+        weights, taken = self.dataset.weights, self.taken.copy()
+        picks = np.empty(self.global_batch, dtype=np.int64)
+        for i in range(self.global_batch):
+            picks[i] = int(np.argmax(weights * (taken.sum() + 1) - taken))
+            taken[picks[i]] += 1
+        return picks
+
+    def _permutation(self, part: int, epoch: int) -> np.ndarray:
+        if part not in self._orders or self._orders[part][0] != epoch:
+            rng = np.random.default_rng((self.seed, part, epoch))
+            self._orders[part] = (epoch, rng.permutation(int(self.dataset.sizes[part])))
+        return self._orders[part][1]
+
+    def _next_indices(self) -> np.ndarray:
+        picks = self._picks()
+        indices = np.empty_like(picks)
+        for part in np.unique(picks):
+            rows = np.flatnonzero(picks == part)
+            size = int(self.dataset.sizes[part])
+            ks = self.taken[part] + np.arange(len(rows))  # the file's k-th samples
+            for epoch in np.unique(ks // size):  # a small file may wrap within a step
+                now = ks // size == epoch
+                indices[rows[now]] = self._permutation(part, int(epoch))[ks[now] % size]
+            indices[rows] += self.dataset.offsets[part]
+            self.taken[part] += len(rows)
+        return indices
+
+    def state_dict(self) -> dict[str, Any]:
+        """How many samples each file has given, and each file's sample count (JSON-ready)."""
+        return self._state({"blend_taken": self.taken.tolist(),
+                            "blend_samples": self.dataset.sizes.tolist()})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly after the step at which ``state`` was saved, on any ``dp_size``."""
+        self._check_state(state, {"blend_taken", "blend_samples"})
+        sizes = self.dataset.sizes.tolist()
+        if list(state["blend_samples"]) != sizes:
+            raise DataError(
+                "data.blend",
+                f"its files now give {sizes} samples of train.seq_len={self.dataset.seq_len}, "
+                f"but the checkpoint's gave {state['blend_samples']}",
+                f"resume with the same files and train.seq_len as the checkpoint, {_FRESH}",
+            )
+        taken = [int(n) for n in state["blend_taken"]]
+        if len(taken) != len(sizes) or min(taken) < 0 or sum(taken) % self.global_batch:
+            raise DataError("checkpoint data state", f"blend position {taken} is not one this "
+                            "blend reaches", f"the checkpoint is damaged; resume from an "
+                            f"earlier one, {_FRESH}")
+        self.taken = np.asarray(taken, dtype=np.int64)
+
+
+def training_stream(cfg: Config, dp_rank: int, dp_size: int,
+                    source: dict[str, Any] | None) -> BatchStream | BlendStream:
+    """The stream of data-parallel rank ``dp_rank``'s training micro-batches: ``data.path``'s,
+    or ``data.blend``'s files mixed by their weights."""
+    data, t, vocab_size = cfg.data, cfg.train, cfg.model.vocab_size
+    args = (t.global_batch, t.micro_batch, dp_rank, dp_size, t.seed, source)
+    if not data.blend:
+        return BatchStream(PackedSequences(load_tokens(data, vocab_size), t.seq_len), *args)
+    parts = each_blended(data, lambda one: PackedSequences(load_tokens(one, vocab_size),
+                                                           t.seq_len))
+    weights = [weight for weight, _ in parse_blend(data.blend)[0]]
+    return BlendStream(BlendedSequences(parts, weights), *args)

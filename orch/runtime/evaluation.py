@@ -92,18 +92,14 @@ def load_eval_batches(cfg: Config, dp_rank: int, dp_size: int) -> list[MicroBatc
         tokens = load_tokens(source, cfg.model.vocab_size, limit=cfg.eval.batches
                              * cfg.train.global_batch * cfg.train.seq_len + 1)
     except DataError as exc:
-        raise DataError(*_fields(problem_of(exc.problem, "eval.path"))) from None
+        raise DataError.of(problem_of(exc.problem, "eval.path")) from None
     if problems := size_problems(cfg, len(tokens)):
-        raise DataError(*_fields(problems[0]))
+        raise DataError.of(problems[0])
     t = cfg.train
     dataset = PackedSequences(tokens, t.seq_len)
     return [rank_micro_batches(dataset, np.arange(b * t.global_batch, (b + 1) * t.global_batch),
                                t.micro_batch, dp_rank, dp_size)
             for b in range(cfg.eval.batches)]
-
-
-def _fields(problem: Problem) -> tuple[str, str, str, tuple[str, ...]]:
-    return problem.where, problem.message, problem.fix, problem.reads
 
 
 @dataclass(frozen=True)

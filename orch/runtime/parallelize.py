@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from orch.config import Config, config_to_dict
+from orch.config.blend import blend_field
 from orch.config.schema import DataConfig
 from orch.errors import PlanError, Problem
 from orch.models.llama import Transformer
@@ -315,15 +316,18 @@ def _local_logits(module: nn.Module, args: object, output: torch.Tensor) -> torc
 
 def _settings(cfg: Config, source: dict[str, Any] | None) -> dict[str, str]:
     """Every setting of the resolved config as ``section.key`` -> its value, and the data
-    file's ``source`` identity (``data.bytes``, ``data.sampled_sha256``): nodes reading
+    file's ``source`` identity (``data.bytes``, ``data.sampled_sha256``; each ``data.blend``
+    file's as ``data.blend[i].bytes`` ...): nodes reading
     different copies of a relative ``data.path`` trained together on different samples, and
     copies of one size are told apart only by their contents."""
     flat = {f"{section}.{key}": json.dumps(value, sort_keys=True, default=str)
             for section, values in config_to_dict(cfg).items() if isinstance(values, dict)
             for key, value in values.items()}
-    if source is not None:
-        flat["data.bytes"] = str(source["bytes"])
-        flat["data.sampled_sha256"] = source["sampled_sha256"]
+    files = ([] if source is None else [("data", source)] if "blend" not in source
+             else [(blend_field(index), one) for index, one in enumerate(source["blend"])])
+    for where, one in files:
+        flat[f"{where}.bytes"] = str(one["bytes"])
+        flat[f"{where}.sampled_sha256"] = one["sampled_sha256"]
     return flat
 
 

@@ -39,7 +39,7 @@ from orch.parallel.pipeline.timeline import exposed_transfers, measured_timeline
 from orch.parallel.tensor_parallel import vocab_parallel_loss
 from orch.plan import Plan
 from orch.runtime.comm_timeout import set_comm_timeout
-from orch.runtime.data import BatchStream
+from orch.runtime.data import BatchStream, BlendStream
 from orch.runtime.drills import maybe_fail
 from orch.runtime.evaluation import Evaluation, MicroBatches, isolated
 from orch.runtime.metrics import EvalMetrics, MetricsLog, StepMetrics, memory_bytes
@@ -77,7 +77,7 @@ class Trainer:
     plan: Plan
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    stream: BatchStream
+    stream: BatchStream | BlendStream
     metrics: MetricsLog
     device: torch.device
     save: SaveFn

@@ -49,7 +49,7 @@ from orch.plan.layout import dense_layout
 from orch.plan.support import unsupported_features
 from orch.runtime import agent_store
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
-from orch.runtime.data import BatchStream, PackedSequences, load_tokens
+from orch.runtime.data import training_stream
 from orch.runtime.evaluation import Evaluation
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
@@ -192,9 +192,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
 
     coords = dense_layout(plan.degrees).coords(rank)
     dp_rank = coords["dp_shard"] + coords["dp_replicate"] * plan.degrees.dp_shard
-    dataset = PackedSequences(load_tokens(cfg.data, cfg.model.vocab_size), cfg.train.seq_len)
-    stream = BatchStream(dataset, cfg.train.global_batch, cfg.train.micro_batch, dp_rank,
-                         plan.degrees.dp, cfg.train.seed, source)
+    stream = training_stream(cfg, dp_rank, plan.degrees.dp, source)
     evaluation = Evaluation.of(cfg, dp_rank, plan.degrees.dp)
 
     start = 0

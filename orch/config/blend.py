@@ -1,0 +1,50 @@
+"""``data.blend``: a weighted mixture of data files, each entry ``'WEIGHT PATH'``.
+
+Megatron users give their mixture as ``--data-path 0.7 web 0.3 code``; ``data.blend`` holds the
+same pairs, one string each (``['0.7 /data/web_text_document', '0.3 /data/code_text_document']``),
+so a path may hold spaces (everything after the weight is the path). Weights are relative: they
+are normalized to sum to one. Parsed here without reading any file, so the config's rules can
+check the entries before the launcher looks at the files.
+"""
+
+from __future__ import annotations
+
+import math
+
+from orch.errors import Problem
+
+FIELD = "data.blend"
+_FORM = ("write each entry as 'WEIGHT PATH', a positive number then the file (or Megatron "
+         "prefix), e.g. '0.3 /data/code_text_document'")
+
+
+def blend_field(index: int) -> str:
+    """The dotted name of entry ``index`` of ``data.blend``, as problems name it."""
+    return f"{FIELD}[{index}]"
+
+
+def parse_blend(entries: list[str]) -> tuple[list[tuple[float, str]], list[Problem]]:
+    """Each entry's normalized weight and path, and every problem with the entries (the pairs
+    are only meaningful when there are none)."""
+    pairs: list[tuple[float, str]] = []
+    problems: list[Problem] = []
+    for index, entry in enumerate(entries):
+        where = blend_field(index)
+        parts = str(entry).strip().split(maxsplit=1)
+        if len(parts) < 2:
+            problems.append(Problem(where, f"{entry!r} is not a weight and a path", _FORM))
+            continue
+        try:
+            weight = float(parts[0])
+        except ValueError:
+            problems.append(Problem(where, f"{entry!r}: its weight {parts[0]!r} is not a number",
+                                    _FORM))
+            continue
+        if not (math.isfinite(weight) and weight > 0):
+            problems.append(Problem(where, f"{entry!r}: its weight {parts[0]} is not a positive "
+                                    "finite number", "give each file a weight above 0 (leave "
+                                    "a file out rather than weigh it 0)"))
+            continue
+        pairs.append((weight, parts[1]))
+    total = sum(weight for weight, _ in pairs)
+    return [(weight / total, path) for weight, path in pairs], problems

@@ -1,0 +1,78 @@
+"""``data.blend`` under ``orch launch``: every entry's file checked before start, and a blended
+run resumed onto another number of ranks trains the uninterrupted run's losses."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from launch_harness import launch, metrics, overrides
+
+from orch.errors import OrchError
+from orch.launch.launcher import prepare
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+
+def corpus(path: Path, letters: str, size: int = 40_000) -> Path:
+    rng = random.Random(letters)
+    path.write_text("".join(rng.choice(letters) for _ in range(size)))
+    return path
+
+
+def test_every_blended_file_is_checked_before_start(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short for one sample")
+    np.save(tmp_path / "floats.npy", np.zeros(10, np.float32))
+    blend = (f'data.blend=["1 {tmp_path}/missing.txt", "1 {short}", "1 {tmp_path}/floats.npy", '
+             f'"2 {corpus(tmp_path / "fine.txt", "ab ")}"]')
+    with pytest.raises(OrchError) as info:
+        prepare(["--nproc-per-node", "1", "configs/tiny.yaml", *overrides(tmp_path / "run",
+                                                                            blend)])
+    said = str(info.value)
+    assert f"data.blend[0]: '{tmp_path}/missing.txt' does not exist" in said
+    assert "data.blend[1]: the data has 24 tokens, fewer than one sample of train.seq_len=64" \
+        in said
+    assert "data.blend[2]: " in said and "1-D integer array" in said
+    assert "data.blend[3]" not in said and "data.path" not in said
+
+
+def test_a_blended_run_resumed_on_other_ranks_trains_the_uninterrupted_losses(tmp_path):
+    blend = (f'data.blend=["0.75 {corpus(tmp_path / "a.txt", "abcd ")}", '
+             f'"0.25 {corpus(tmp_path / "b.txt", "wxyz ", 5_000)}"]')
+    args = [blend, "train.steps=4", "checkpoint.interval=2"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    out = launch("--nproc-per-node", "1", "configs/tiny.yaml", *overrides(whole, *args))
+    assert out.returncode == 0, out.stdout + out.stderr
+    first = launch("--nproc-per-node", "2", "configs/tiny.yaml",
+                   *overrides(split, *args, "run.stop_at_step=2"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = launch("--nproc-per-node", "1", "configs/tiny.yaml", *overrides(split, *args))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resumed from" in second.stdout
+    assert [m["step"] for m in metrics(split)] == [1, 2, 3, 4]
+    # two ranks' reduction order differs from one's in the last bits
+    assert [m["loss"] for m in metrics(split)] == pytest.approx(
+        [m["loss"] for m in metrics(whole)], rel=1e-5)
+    # each file is checked on resume as data.path is: one rewritten is refused, named
+    smaller = tmp_path / "b.txt"
+    smaller.write_text(smaller.read_text().upper())
+    with pytest.raises(OrchError) as info:
+        prepare(["--nproc-per-node", "1", "configs/tiny.yaml",
+                 *overrides(split, *args, "train.steps=6")])
+    assert (f"data.blend[1]: '{smaller}' is not the data the checkpoint was trained on (the "
+            "same size, 5,000 bytes, but other contents)") in str(info.value)
+
+
+def test_text_in_a_blend_is_refused_with_a_checkpoint_of_another_vocabulary(tmp_path):
+    from orch.config.schema import DataConfig, ModelConfig
+    from orch.models.hf_load import text_data_problems
+
+    (tmp_path / "config.json").write_text('{"vocab_size": 512}')
+    np.save(tmp_path / "ids.npy", np.arange(10, dtype=np.uint16))
+    found = text_data_problems(ModelConfig(init_from=str(tmp_path)), DataConfig(
+        blend=[f"1 {tmp_path}/ids.npy", f"1 {corpus(tmp_path / 'a.txt', 'ab')}"]))
+    assert [p.where for p in found] == ["data.blend[1]"]
+    assert "is text tokenized as bytes (ids 0-255), but model.init_from" in found[0].message
