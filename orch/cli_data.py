@@ -48,6 +48,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"wrote {done.out}: {done.tokens:,} tokens of {done.documents:,} "
           f"document{'s' if done.documents != 1 else ''} "
           f"({done.dtype}, vocabulary {done.vocab_size:,})")
+    if args.force and (cache := done.out.with_suffix("") / "cache").is_dir():
+        print(f"note: {cache} holds Megatron's sample indices of the pair this replaced; "
+              "remove it before Megatron reads the new one (it would reuse them)")
     print(f"train on it with: data.path={done.out} (model.vocab_size at least "
           f"{done.vocab_size:,}; {done.out.with_suffix('.idx').name} beside it gives the ids' "
           f"type; Megatron reads the pair as --data-path {done.out.with_suffix('')})")

@@ -213,20 +213,21 @@ def _open_text(path: Path) -> IO[str]:
 
 
 def _text_pieces(path: Path) -> Iterator[str]:
-    """The text of ``path`` in pieces of about :data:`PIECE_CHARS`, each ending at a line end
-    (the last maybe not)."""
+    """The text of ``path`` in pieces of about :data:`PIECE_CHARS`, each but the last ending
+    at a line end; a file that fits in one piece is one piece, whatever its lines."""
     with _open_text(path) as f:
-        carry = ""
-        while chunk := f.read(PIECE_CHARS):
-            text = carry + chunk
+        text = f.read(PIECE_CHARS)
+        while text:
+            more = f.read(PIECE_CHARS)
+            if not more:
+                yield text
+                return
             cut = text.rfind("\n") + 1
-            if cut == 0:  # one line longer than a piece: wait for its end
-                carry = text
-                continue
-            carry = text[cut:]
-            yield text[:cut]
-        if carry:
-            yield carry
+            if cut:
+                yield text[:cut]
+                text = text[cut:] + more
+            else:  # one line longer than a piece: wait for its end
+                text += more
 
 
 def _json_documents(path: Path, key: str) -> Iterator[str]:
@@ -348,11 +349,11 @@ def prepare(inputs: list[str], tokenizer: str, out: str, key: str = "text",
                 raise PrepareError([Problem(", ".join(inputs), "hold no text",
                                             "give files with documents in them")])
             index.write(idx_partial)
-            # a stale index beside the new ids would type them: gone before they are in place
-            idx_path.unlink(missing_ok=True)
             os.replace(partial, out_path)
             os.replace(idx_partial, idx_path)
         finally:
+            if idx_partial.exists() and not partial.exists():  # stopped between the renames:
+                os.replace(idx_partial, idx_path)  # the new ids are in place, so is their index
             partial.unlink(missing_ok=True)
             idx_partial.unlink(missing_ok=True)
     return Prepared(out_path, tokens, len(index.document_starts) - 1, dtype.name,

@@ -81,6 +81,39 @@ def test_a_text_file_read_in_pieces_loses_and_repeats_nothing(tmp_path, monkeypa
     assert main(["data", "prepare", str(text), "--tokenizer", "byte", "--out", str(out)]) == 0
     assert np.fromfile(out, dtype=np.uint16).tobytes() == np.frombuffer(
         body.encode(), dtype=np.uint8).astype(np.uint16).tobytes()
+    # a file that fits in one piece is one piece, its last line too (a tokenizer that marks a
+    # text's start, as Llama 2's does, marked that line's as well)
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 1000)
+    assert list(prepare_data._text_pieces(text)) == [body]
+
+
+def test_an_index_is_no_input_and_megatrons_stale_cache_is_pointed_out(tmp_path, capsys):
+    (tmp_path / "x.idx").write_bytes(b"MMIDIDX\0\0")
+    assert main(["data", "prepare", str(tmp_path / "x.idx"), "--tokenizer", "byte", "--out",
+                 str(tmp_path / "o.bin")]) == 2
+    assert "x.idx: is a .idx file, not text or JSON lines" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("text")
+    (tmp_path / "o" / "cache").mkdir(parents=True)  # Megatron's, for an earlier o.{bin,idx}
+    assert main(["data", "prepare", str(tmp_path / "t.txt"), "--tokenizer", "byte", "--out",
+                 str(tmp_path / "o.bin"), "--force"]) == 0
+    assert f"note: {tmp_path / 'o' / 'cache'} holds Megatron's sample indices" in (
+        capsys.readouterr().out)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, as megatron imports
+def test_a_document_longer_than_an_index_sequence_is_split_in_order(tmp_path, monkeypatch):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from orch.runtime import indexed
+
+    monkeypatch.setattr(indexed, "SEQUENCE_MAX", 4)
+    docs = tmp_path / "d.jsonl"
+    docs.write_text(json.dumps({"text": "abcdefghij"}) + "\n" + json.dumps({"text": "xy"}) + "\n")
+    assert main(["data", "prepare", str(docs), "--tokenizer", "byte", "--out",
+                 str(tmp_path / "d.bin")]) == 0
+    megatron = IndexedDataset(str(tmp_path / "d"))
+    assert [len(megatron[i]) for i in range(len(megatron))] == [4, 4, 2, 2]
+    assert megatron.document_indices.tolist() == [0, 3, 4]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, as megatron imports
@@ -98,15 +131,17 @@ def test_megatron_reads_the_pair_with_each_document_where_it_was(tmp_path, monke
     megatron = IndexedDataset(str(tmp_path / "train"))
     pieces = [megatron[i] for i in range(len(megatron))]
     assert np.concatenate(pieces).tolist() == np.fromfile(out, dtype=np.uint16).tolist()
-    starts = megatron.document_indices.tolist()
-    assert starts[:4] == [0, 1, 2, 3] and starts[-1] == len(megatron) > 4  # the text: 2+ pieces
+    # one sequence per document, the text file's too though tokenized in pieces: Megatron's
+    # GPTDataset shuffles sequences, and trained the pieces of one document out of order
+    assert megatron.document_indices.tolist() == [0, 1, 2, 3, 4] and len(megatron) == 4
     eos = Tokenizer.from_file(str(model / "tokenizer.json")).token_to_id("</s>")
-    assert [pieces[end - 1][-1] for end in starts[1:]] == [eos] * 4
+    assert [piece[-1] for piece in pieces] == [eos] * 4
+    assert len(pieces[3]) > prepare_data.PIECE_CHARS // 4  # more than one piece's ids
     assert megatron.index.dtype == np.uint16
     # --force replaces the pair: the byte tokenizer's index is the new one
     assert main(["data", "prepare", str(tmp_path / "book.txt.gz"), "--tokenizer", "byte",
                  "--out", str(out), "--force"]) == 0
-    assert IndexedDataset(str(tmp_path / "train")).document_indices.tolist() == [0, 2]
+    assert IndexedDataset(str(tmp_path / "train")).document_indices.tolist() == [0, 1]
 
 
 def test_a_vocabulary_over_65536_is_written_as_int32(tmp_path):
@@ -229,6 +264,29 @@ def test_messages_name_a_field_of_another_type_and_a_missing_tokenizer_config(tm
     assert main(["data", "prepare", str(docs), "--tokenizer", str(model), "--out",
                  str(tmp_path / "d.bin")]) == 2
     assert "no tokenizer_config.json beside" in capsys.readouterr().err
+
+
+def test_sigterm_between_the_renames_leaves_the_new_pair_whole(tmp_path):
+    """The old .idx was removed first and the finished new one deleted with the partial files:
+    a SIGTERM between the renames left the new .bin without an index Megatron needs."""
+    text = tmp_path / "held.txt"
+    text.write_text("new text\n")
+    for name in ("g.bin", "g.idx"):
+        (tmp_path / name).write_bytes(b"old")
+    script = (
+        "import os, signal\n"
+        "from orch import prepare_data\n"
+        "real = os.replace\n"
+        "def replace(*args):\n"
+        "    real(*args)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "prepare_data.os.replace = replace\n"
+        f"prepare_data.prepare([{str(text)!r}], 'byte', {str(tmp_path / 'g.bin')!r}, "
+        "force=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.bin", "g.idx", "held.txt"]
+    assert load_tokens(DataConfig(path=str(tmp_path / "g")), 256).tolist() == list(b"new text\n")
 
 
 def test_sigterm_removes_the_partial_file(tmp_path):

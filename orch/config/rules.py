@@ -8,14 +8,12 @@ parallel degrees, memory) are the plan's, in ``orch.plan.rules``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from orch.config.blend import FIELD, blend_field, parse_blend
 from orch.config.schema import KV_HEADS, OFFLOADED, Config, ModelConfig
 from orch.errors import Problem
 from orch.offload.sizes import ALIGN
 from orch.parallel.schedules.generators import CHUNKED, SPLIT_BACKWARD, chunks_per_rank
-from orch.runtime.indexed import index_beside
+from orch.runtime.indexed import typed_by_config
 
 UINT16_IDS = 1 << 16
 SEED_MAX = (1 << 64) - 1
@@ -414,8 +412,7 @@ def check_config(cfg: Config) -> list[Problem]:
         ("data.path", d.path, d.format == "text"),
         ("eval.path", ev.path if ev.interval > 0 else "", False),  # (its format: its suffix)
         *((blend_field(i), path, False) for i, (_, path) in enumerate(blend)))
-        if path.lower().endswith(".bin") and not read_as_text
-        and not index_beside(Path(path).expanduser())]
+        if typed_by_config(path) and not read_as_text]
     need(
         not (bins and d.token_dtype == "uint16" and m.vocab_size > UINT16_IDS),
         "data.token_dtype",

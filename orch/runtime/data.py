@@ -35,7 +35,7 @@ TOKEN_SUFFIXES = (".bin", ".npy")
 """Suffixes that ``data.format: auto`` reads as token files; everything else is text."""
 
 OTHER_FORMATS = (".npz", ".pt", ".pth", ".pkl", ".pickle", ".safetensors", ".parquet",
-                 ".arrow", ".h5", ".hdf5", ".zip", ".tar", ".zst")
+                 ".arrow", ".h5", ".hdf5", ".zip", ".tar", ".zst", ".idx")
 """Suffixes of formats that are neither text nor token ids as orch reads them (they were read
 as text: their bytes trained on as if they were a corpus)."""
 
@@ -139,6 +139,14 @@ def source_identity(data: DataConfig) -> dict[str, Any]:
         path = Path(str(importlib.resources.files("orch.runtime").joinpath("corpus/kjv.txt.gz")))
     else:
         path = _existing_file(data.path)
+    identity = _sampled(path)
+    if idx := index_beside(path):  # it types the ids: another one reads them otherwise
+        identity["index"] = _sampled(idx)
+    return identity
+
+
+def _sampled(path: Path) -> dict[str, Any]:
+    """``path``'s size and the sha256 of :data:`_SAMPLES` pieces spread over it."""
     size = path.stat().st_size
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -156,21 +164,32 @@ def source_change(saved: dict[str, Any] | None, now: dict[str, Any],
     """A problem when ``now`` (``data``'s :func:`source_identity`) is not the identity a
     checkpoint saved (``saved``; None for checkpoints from before it was saved, which are not
     checked)."""
-    if not saved or now == saved:
+    if not saved or _comparable(now, saved) == saved:
         return None
     if data.blend:  # (a blend of other files or weights is another config: refused before)
         for index, (before, (_, path)) in enumerate(zip(saved.get("blend", []),
                                                         parse_blend(data.blend)[0], strict=False)):
-            if before != now["blend"][index]:
+            if before != _comparable(now["blend"][index], before):
                 return _changed(before, now["blend"][index], blend_field(index), repr(path))
         return None
     return _changed(saved, now, "data.path",
                     repr(data.path) if data.path else "the shipped corpus")
 
 
+def _comparable(now: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``now`` as ``saved`` can be compared with it: without an index identity where a
+    checkpoint from before indexes were read has none (nor a blend's, where it is not one)."""
+    if "blend" in now:
+        return now
+    return now if "index" in saved else {key: value for key, value in now.items()
+                                         if key != "index"}
+
+
 def _changed(saved: dict[str, Any], now: dict[str, Any], where: str, shown: str) -> Problem:
     what = (f"{saved['bytes']:,} bytes then, {now['bytes']:,} now" if saved["bytes"] != now["bytes"]
-            else f"the same size, {now['bytes']:,} bytes, but other contents")
+            else f"the same size, {now['bytes']:,} bytes, but other contents"
+            if saved["sampled_sha256"] != now["sampled_sha256"]
+            else "the same ids, but another Megatron .idx beside them, which types them")
     return Problem(where, f"{shown} is not the data the checkpoint was trained on ({what}): "
                    "its saved position would continue in other samples",
                    "restore that file to resume; to train these weights on the new data, export "
@@ -266,10 +285,19 @@ _CORPUS_HINT = ", or set data.path to '' for the shipped corpus"
 
 def _existing_file(value: str) -> Path:
     """The file ``value`` names: itself, or ``PREFIX.bin`` for a Megatron data prefix."""
-    if pair := megatron_prefix(value):
-        return pair
     path = Path(value).expanduser()
     shown = f"{value!r}" if str(path.resolve()) == value else f"{value!r} ({path.resolve()})"
+    if pair := megatron_prefix(value):
+        if path.is_file():  # Megatron's --data-path would read the pair, orch the file
+            raise DataError("data.path", f"{shown} is a file and the prefix of the Megatron "
+                            f"pair {pair.name} + .idx beside it: which is meant is not clear",
+                            f"point data.path at {pair.name} for the pair's token ids, or "
+                            "rename the file")
+        return pair
+    if path.name.lower().endswith(".idx") and path.with_suffix(".bin").is_file():
+        raise DataError("data.path", f"{shown} is the index of a Megatron pair, not its ids",
+                        f"point data.path at {path.with_suffix('.bin').name} or at the prefix "
+                        f"{path.with_suffix('').name}")
     if not path.exists():
         halves = [path.with_name(path.name + s) for s in (".bin", ".idx")]
         half = next((h.name for h in halves if h.exists()), None)
@@ -303,9 +331,11 @@ def _file_kind(data: DataConfig, path: Path) -> str:
             ("data.format",),
         )
     if data.format == "text" and token_suffix:
+        named = (f"ends in {token_suffix}, a token-file suffix" if data.path.lower().endswith(
+            token_suffix) else f"is the prefix of the Megatron pair {path.name} + .idx, token ids")
         raise DataError(
             "data.format",
-            f"'text', but data.path {data.path!r} ends in {token_suffix}, a token-file suffix",
+            f"'text', but data.path {data.path!r} {named}",
             "set data.format to 'tokens' (or 'auto') to read token ids, or rename a text file "
             "so it does not end in .bin or .npy",
             ("data.path",),

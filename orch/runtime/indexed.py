@@ -16,6 +16,7 @@ document, then N; so D is the document count plus one).
 
 from __future__ import annotations
 
+import os
 import struct
 from array import array
 from dataclasses import dataclass
@@ -56,12 +57,18 @@ def index_beside(bin_path: Path) -> Path | None:
 
 def megatron_prefix(value: str) -> Path | None:
     """``PREFIX.bin`` where ``value`` is a Megatron data prefix (``--data-path``'s form: the
-    pair's common name, no suffix) that is not itself a file; else None."""
+    pair's common name, no suffix) with both files there; else None. A directory of the
+    prefix's name may be there too: Megatron keeps its sample-index cache in ``PREFIX/cache``."""
     path = Path(value).expanduser()
-    if path.exists():
-        return None
     data = path.with_name(path.name + ".bin")
     return data if data.is_file() and path.with_name(path.name + ".idx").is_file() else None
+
+
+def typed_by_config(value: str) -> bool:
+    """Whether ``data.token_dtype`` says the type of the ids of the file ``value`` names: a
+    ``.bin`` without an index beside it (text, ``.npy`` and indexed pairs say their own)."""
+    path = Path(value).expanduser()
+    return path.name.lower().endswith(".bin") and index_beside(path) is None
 
 
 def read_index(idx: Path) -> IndexHeader:
@@ -94,12 +101,18 @@ def read_index(idx: Path) -> IndexHeader:
     return IndexHeader(dtype, sequences, max(0, doc_indices - 1), data_bytes)
 
 
-class IndexWriter:
-    """Collects sequence lengths and document ends as ids are written to a ``.bin``, then
-    writes the ``.idx`` Megatron reads beside it.
+SEQUENCE_MAX = (1 << 31) - 1
+"""The longest sequence an index holds (its lengths are int32)."""
 
-    A document may span several sequences (Megatron's sentences; here, the pieces a long text
-    file is tokenized in, so no sequence length overflows its int32)."""
+
+class IndexWriter:
+    """Collects document lengths as ids are written to a ``.bin``, then writes the ``.idx``
+    Megatron reads beside it.
+
+    Each document is one sequence, as Megatron's ``preprocess_data.py`` writes without
+    ``--split-sentences``: Megatron's GPTDataset shuffles sequences, so a document written as
+    several (the pieces a long text file is tokenized in) would be trained out of order there.
+    Only a document longer than an int32 length is split."""
 
     def __init__(self, dtype: np.dtype) -> None:
         codes = {dtype: code for code, dtype in DTYPE_CODES.items()}
@@ -109,17 +122,28 @@ class IndexWriter:
         self.itemsize = np.dtype(dtype).itemsize
         self.lengths = array("i")
         self.document_starts = array("q", [0])
+        self._open = 0  # ids of the document being written
 
     def add(self, length: int, ends_document: bool) -> None:
-        """One sequence of ``length`` ids, written to the ``.bin`` after the previous one."""
-        self.lengths.append(length)
+        """``length`` more ids of the current document, written to the ``.bin`` after the
+        previous ones; ``ends_document``: they end it."""
+        self._open += length
         if ends_document:
-            self.document_starts.append(len(self.lengths))
+            self._close()
+
+    def _close(self) -> None:
+        while self._open > SEQUENCE_MAX:
+            self.lengths.append(SEQUENCE_MAX)
+            self._open -= SEQUENCE_MAX
+        self.lengths.append(self._open)
+        self._open = 0
+        self.document_starts.append(len(self.lengths))
 
     def write(self, path: Path) -> None:
-        """The index file: a document still open (no end seen) is closed first."""
-        if self.document_starts[-1] != len(self.lengths):
-            self.document_starts.append(len(self.lengths))
+        """The index file, synced to disk: a document still open (no end seen) is closed
+        first."""
+        if self._open:
+            self._close()
         lengths = np.frombuffer(self.lengths, dtype=np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1].astype(np.int64) * self.itemsize, out=pointers[1:])
@@ -128,3 +152,5 @@ class IndexWriter:
             f.write(lengths.tobytes())
             f.write(pointers.tobytes())
             f.write(np.frombuffer(self.document_starts, dtype=np.int64).tobytes())
+            f.flush()
+            os.fsync(f.fileno())

@@ -328,6 +328,8 @@ def _settings(cfg: Config, source: dict[str, Any] | None) -> dict[str, str]:
     for where, one in files:
         flat[f"{where}.bytes"] = str(one["bytes"])
         flat[f"{where}.sampled_sha256"] = one["sampled_sha256"]
+        if "index" in one:  # a Megatron .idx types the ids
+            flat[f"{where}.index_sha256"] = one["index"]["sampled_sha256"]
     return flat
 
 

@@ -89,3 +89,67 @@ def test_the_uint16_rule_leaves_a_bin_with_an_index_to_its_index(tmp_path):
     Path(f"{prefix}.idx").unlink()
     with pytest.raises(ConfigError, match="data.token_dtype: uint16 for a .bin file"):
         load_config(TINY, overrides)
+
+
+def test_a_prefix_reads_beside_megatrons_cache_directory_but_not_beside_a_file_of_its_name(
+        tmp_path):
+    """Megatron keeps its sample indices in PREFIX/cache: the prefix was refused as "not a
+    file" once Megatron had trained on the pair. A file of the prefix's own name is another
+    matter: Megatron would read the pair, orch the file, so it is refused, naming both."""
+    prefix = megatron_pair(tmp_path)
+    (prefix / "cache" / "GPTDataset_indices").mkdir(parents=True)
+    assert load_tokens(DataConfig(path=str(prefix)), 80_000).tolist()[:3] == DOCUMENTS[0]
+    (prefix / "cache" / "GPTDataset_indices").rmdir()
+    (prefix / "cache").rmdir()
+    prefix.rmdir()
+    prefix.write_text("some text")
+    with pytest.raises(DataError, match="(?s)is a file and the prefix of the Megatron pair "
+                       r"corpus.bin \+ .idx beside it.*point data.path at corpus.bin"):
+        load_tokens(DataConfig(path=str(prefix)), 80_000)
+
+
+def test_the_index_itself_or_a_prefix_read_as_text_is_told_what_it_is(tmp_path):
+    prefix = megatron_pair(tmp_path)
+    with pytest.raises(DataError, match="(?s)is the index of a Megatron pair, not its ids.*point "
+                       "data.path at corpus.bin or at the prefix corpus"):
+        load_tokens(DataConfig(path=f"{prefix}.idx"), 80_000)
+    with pytest.raises(DataError, match=f"data.format: 'text', but data.path '{prefix}' is the "
+                       r"prefix of the Megatron pair corpus.bin \+ .idx, token ids"):
+        load_tokens(DataConfig(path=str(prefix), format="text"), 80_000)
+
+
+def test_another_index_beside_the_same_ids_is_another_source(tmp_path):
+    """The index types the ids, so it is part of the data's identity: an index of another
+    type beside the same .bin reads other ids. A checkpoint from before indexes were read has
+    no index identity and still resumes."""
+    from orch.runtime.data import source_change, source_identity
+
+    prefix = megatron_pair(tmp_path, np.uint16, [[1, 2], [3, 4]])
+    data = DataConfig(path=str(prefix))
+    saved = source_identity(data)
+    assert set(saved) == {"bytes", "sampled_sha256", "index"}
+    assert source_change(saved, source_identity(data), data) is None
+    old = {key: saved[key] for key in ("bytes", "sampled_sha256")}
+    assert source_change(old, source_identity(data), data) is None
+    megatron_pair(tmp_path, np.uint8, [[1, 0, 2, 0, 3, 0, 4, 0]])  # the same 8 bytes
+    changed = source_change(saved, source_identity(data), data)
+    assert changed is not None and "the same ids, but another Megatron .idx beside them" in (
+        changed.message)
+
+
+def test_data_token_dtype_changed_on_resume_matters_only_to_a_raw_bin(tmp_path):
+    """The field is not read for an indexed pair (nor text, nor .npy): a resume that changed it
+    was refused as another config."""
+    from types import SimpleNamespace
+
+    from orch.config import Config, config_to_dict
+    from orch.runtime.checkpoint.fingerprint import config_changes
+
+    prefix = megatron_pair(tmp_path)
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(b"\0" * 8)
+    for path, refused in [(f"{prefix}.bin", False), (str(prefix), False), (str(raw), True)]:
+        saved = Config(data=DataConfig(path=path, token_dtype="uint16"))
+        now = Config(data=DataConfig(path=path, token_dtype="uint32"))
+        manifest = SimpleNamespace(config=config_to_dict(saved), data={"source": {"bytes": 1}})
+        assert bool(config_changes(manifest, config_to_dict(now))) == refused, path

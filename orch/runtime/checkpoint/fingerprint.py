@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from orch.config import Config, config_to_dict
+from orch.config.blend import parse_blend
 from orch.runtime.checkpoint.files import MANIFEST
 from orch.runtime.checkpoint.manifest import CheckpointError, Manifest
+from orch.runtime.indexed import typed_by_config
 
 FINGERPRINT_SECTIONS = ("model", "data", "optimizer", "train")
 """Config sections that define the training run's math; the rest says how and where it runs."""
@@ -140,7 +142,19 @@ def config_changes(manifest: Manifest, config: dict[str, Any]) -> list[str]:
             diffs.append(f"{where}: {a!r} -> {b!r}")
 
     walk(_fingerprinted(manifest.config, keep), _fingerprinted(config, keep), "")
+    if not reads_token_dtype(config.get("data", {})):
+        diffs = [diff for diff in diffs if not diff.startswith("data.token_dtype:")]
     return diffs
+
+
+def reads_token_dtype(data: dict[str, Any]) -> bool:
+    """Whether the training data of a resolved config's ``data`` section is read by
+    ``data.token_dtype``: some file of it is a ``.bin`` without a Megatron index beside it. Text,
+    ``.npy`` and indexed pairs say their ids' type, so a change of it changes nothing there."""
+    paths = [entry for _, entry in parse_blend(data.get("blend") or [])[0]]
+    if data.get("format") != "text":
+        paths.append(data.get("path") or "")
+    return any(typed_by_config(path) for path in paths)
 
 
 def _shown(diffs: list[str], limit: int = 8) -> str:
