@@ -426,10 +426,17 @@ def check_config(cfg: Config) -> list[Problem]:
          "use 0 to switch evaluation off, or e.g. 100")
     need(ev.batches >= 1, "eval.batches", f"must be at least 1, got {ev.batches}",
          "use a positive number of global batches, e.g. 4")
-    need(ev.interval <= 0 or bool(ev.path.strip()), "eval.path",
+    need(0 <= d.holdout < 1, "data.holdout", f"{d.holdout:g} is not a fraction in [0, 1)",
+         "hold out a small fraction of the training data, e.g. 0.01, or 0 for none")
+    need(not (d.holdout > 0 and ev.path.strip()), "data.holdout",
+         f"{d.holdout:g} holds data out for evaluations, but they read eval.path {ev.path!r}",
+         "clear eval.path to evaluate on the held-out data, or set data.holdout to 0",
+         ("eval.path",))
+    need(ev.interval <= 0 or bool(ev.path.strip()) or d.holdout > 0, "eval.path",
          f"is empty, but eval.interval={ev.interval} asks for evaluations",
-         "set eval.path to a held-out text or token file, or eval.interval to 0",
-         ("eval.interval",))
+         "set eval.path to a held-out text or token file, data.holdout to the fraction of the "
+         "training data to hold out for them (e.g. 0.01), or eval.interval to 0",
+         ("eval.interval", "data.holdout"))
     prof = cfg.run.profile
     need(
         prof.start == 0 or (1 <= prof.start and prof.steps >= 1

@@ -120,6 +120,12 @@ class DataConfig:
     tokenizer: Literal["byte"] = field(
         default="byte", metadata=_help("byte-level tokenizer, needs no download")
     )
+    holdout: float = field(
+        default=0.0,
+        metadata=_help("fraction of the training data held out of training for evaluation (the "
+                       "last tokens of data.path, of each data.blend file): Megatron's --split; "
+                       "evaluations read it where eval.path is empty"),
+    )
     blend: list[str] = field(
         default_factory=list,
         metadata=_help("a weighted mixture of data files instead of data.path, each entry "

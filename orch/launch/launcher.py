@@ -456,6 +456,7 @@ def _check_data(cfg: Config) -> list[Problem]:
         check_blended_file,
         check_token_count,
         each_blended,
+        held_out_start,
         load_tokens,
         token_count,
     )
@@ -470,7 +471,8 @@ def _check_data(cfg: Config) -> list[Problem]:
         else:
             count = len(load_tokens(cfg.data, cfg.model.vocab_size))
         if count is not None:
-            check_token_count(count, cfg.train.global_batch, cfg.train.seq_len)
+            check_token_count(held_out_start(count, cfg.data.holdout), cfg.train.global_batch,
+                              cfg.train.seq_len)
     except DataError as exc:
         return [exc.problem]
     return []

@@ -18,6 +18,7 @@ import dataclasses
 import gzip
 import hashlib
 import importlib.resources
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -222,14 +223,15 @@ def check_blended_file(data: DataConfig, seq_len: int) -> None:
     holding at least one sample where its size tells (every file gives samples in turn, so
     none needs a global batch of its own)."""
     count = token_count(data)
-    if count is not None and packed_samples(count, seq_len) == 0:
-        raise _too_short(count, seq_len)
+    if count is not None and packed_samples(trained := held_out_start(count, data.holdout),
+                                            seq_len) == 0:
+        raise _too_short(trained, seq_len)
 
 
 def _too_short(count: int, seq_len: int) -> DataError:
-    return DataError("data.path", f"the data has {count} tokens, fewer than one sample of "
-                     f"train.seq_len={seq_len} needs ({seq_len + 1})",
-                     "use more data or lower train.seq_len")
+    return DataError("data.path", f"the data has {count} tokens to train on, fewer than one "
+                     f"sample of train.seq_len={seq_len} needs ({seq_len + 1})",
+                     "use more data, or lower train.seq_len or data.holdout", ("data.holdout",))
 
 
 def check_source(data: DataConfig) -> tuple[Path, str]:
@@ -477,6 +479,12 @@ def problem_of(problem: Problem, field: str) -> Problem:
                    tuple(dict.fromkeys(said(read) for read in problem.reads)))
 
 
+def held_out_start(count: int, holdout: float) -> int:
+    """Where the part of ``count`` tokens that ``data.holdout`` keeps out of training starts:
+    the last ``ceil(count * holdout)`` tokens are held out (none for 0)."""
+    return count - math.ceil(count * holdout)
+
+
 def packed_samples(count: int, seq_len: int) -> int:
     """How many samples of ``seq_len`` tokens :class:`PackedSequences` cuts from ``count``
     tokens (neighbours share a boundary token)."""
@@ -491,8 +499,10 @@ def check_token_count(count: int, global_batch: int, seq_len: int) -> None:
         raise DataError(
             "train.global_batch",
             f"{global_batch} sequences of train.seq_len={seq_len} need at least "
-            f"{global_batch * seq_len + 1} tokens, but the data has {count} ({samples} samples)",
-            "use more data (data.path), or lower train.global_batch or train.seq_len",
+            f"{global_batch * seq_len + 1} tokens, but the data has {count} to train on "
+            f"({samples} samples)",
+            "use more data (data.path), or lower train.global_batch, train.seq_len or "
+            "data.holdout",
             ("train.seq_len", "data"),
         )
 
@@ -569,7 +579,20 @@ class PackedSequences:
 # Sampling
 
 
-def rank_micro_batches(dataset: PackedSequences, indices: np.ndarray, micro_batch: int,
+class StackedSamples:
+    """Samples already gathered, ``(inputs, targets)`` of ``[n, seq_len]``: an evaluation's,
+    read once and split for every evaluation as training splits its batches."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return self.inputs[rows], self.targets[rows]
+
+
+def rank_micro_batches(dataset: PackedSequences | BlendedSequences | StackedSamples,
+                       indices: np.ndarray, micro_batch: int,
                        dp_rank: int, dp_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Data-parallel rank ``dp_rank``'s share of the global batch of samples ``indices``: the
     ``dp_rank``-th contiguous ``1 / dp_size`` of them, as ``(inputs, targets)`` micro-batches
@@ -766,6 +789,18 @@ class BlendedSequences:
         return inputs, targets
 
 
+def blend_picks(weights: np.ndarray, taken: np.ndarray, count: int) -> np.ndarray:
+    """Which file each of the next ``count`` samples of a blend comes from, after each file
+    ``f`` has given ``taken[f]``: every sample from the file furthest below its share
+    ``weights[f]`` of all samples so far (ties to the first)."""
+    taken = taken.copy()
+    picks = np.empty(count, dtype=np.int64)
+    for i in range(count):
+        picks[i] = int(np.argmax(weights * (taken.sum() + 1) - taken))
+        taken[picks[i]] += 1
+    return picks
+
+
 class BlendStream(_GlobalBatches):
     """A ``data.blend``'s global batches: each sample is drawn from the file furthest below its
     share so far (Megatron's blending: after ``n`` samples, file ``f`` has given within one of
@@ -781,15 +816,6 @@ class BlendStream(_GlobalBatches):
         self.taken = np.zeros(len(dataset.parts), dtype=np.int64)
         self._orders: dict[int, tuple[int, np.ndarray]] = {}  # file -> (epoch, permutation)
 
-    def _picks(self) -> np.ndarray:
-        """Which file each sample of the next global batch comes from."""
-        weights, taken = self.dataset.weights, self.taken.copy()
-        picks = np.empty(self.global_batch, dtype=np.int64)
-        for i in range(self.global_batch):
-            picks[i] = int(np.argmax(weights * (taken.sum() + 1) - taken))
-            taken[picks[i]] += 1
-        return picks
-
     def _permutation(self, part: int, epoch: int) -> np.ndarray:
         if part not in self._orders or self._orders[part][0] != epoch:
             rng = np.random.default_rng((self.seed, part, epoch))
@@ -797,7 +823,7 @@ class BlendStream(_GlobalBatches):
         return self._orders[part][1]
 
     def _next_indices(self) -> np.ndarray:
-        picks = self._picks()
+        picks = blend_picks(self.dataset.weights, self.taken, self.global_batch)
         indices = np.empty_like(picks)
         for part in np.unique(picks):
             rows = np.flatnonzero(picks == part)
@@ -840,9 +866,16 @@ def training_stream(cfg: Config, dp_rank: int, dp_size: int,
     or ``data.blend``'s files mixed by their weights."""
     data, t, vocab_size = cfg.data, cfg.train, cfg.model.vocab_size
     args = (t.global_batch, t.micro_batch, dp_rank, dp_size, t.seed, source)
+
+    def trained(one: DataConfig) -> PackedSequences:
+        tokens = load_tokens(one, vocab_size)
+        return PackedSequences(tokens[:held_out_start(len(tokens), one.holdout)], t.seq_len)
+
     if not data.blend:
-        return BatchStream(PackedSequences(load_tokens(data, vocab_size), t.seq_len), *args)
-    parts = each_blended(data, lambda one: PackedSequences(load_tokens(one, vocab_size),
-                                                           t.seq_len))
-    weights = [weight for weight, _ in parse_blend(data.blend)[0]]
-    return BlendStream(BlendedSequences(parts, weights), *args)
+        return BatchStream(trained(data), *args)
+    return BlendStream(BlendedSequences(each_blended(data, trained), blend_weights(data)), *args)
+
+
+def blend_weights(data: DataConfig) -> list[float]:
+    """``data.blend``'s normalized weights, in order."""
+    return [weight for weight, _ in parse_blend(data.blend)[0]]

@@ -1,5 +1,6 @@
 """``data.blend`` under ``orch launch``: every entry's file checked before start, and a blended
-run resumed onto another number of ranks trains the uninterrupted run's losses."""
+run resumed onto another number of ranks trains the uninterrupted run's losses and evaluates its
+files' held-out parts (``data.holdout``) as it does."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launch_harness import launch, metrics, overrides
+from launch_harness import eval_metrics, launch, metrics, overrides
 
 from orch.errors import OrchError
 from orch.launch.launcher import prepare
@@ -33,7 +34,7 @@ def test_every_blended_file_is_checked_before_start(tmp_path):
                                                                             blend)])
     said = str(info.value)
     assert f"data.blend[0]: '{tmp_path}/missing.txt' does not exist" in said
-    assert "data.blend[1]: the data has 24 tokens, fewer than one sample of train.seq_len=64" \
+    assert "data.blend[1]: the data has 24 tokens to train on, fewer than one sample of " \
         in said
     assert "data.blend[2]: " in said and "1-D integer array" in said
     assert "data.blend[3]" not in said and "data.path" not in said
@@ -42,7 +43,8 @@ def test_every_blended_file_is_checked_before_start(tmp_path):
 def test_a_blended_run_resumed_on_other_ranks_trains_the_uninterrupted_losses(tmp_path):
     blend = (f'data.blend=["0.75 {corpus(tmp_path / "a.txt", "abcd ")}", '
              f'"0.25 {corpus(tmp_path / "b.txt", "wxyz ", 5_000)}"]')
-    args = [blend, "train.steps=4", "checkpoint.interval=2"]
+    args = [blend, "train.steps=4", "checkpoint.interval=2", "data.holdout=0.05",
+            "eval.interval=2"]  # evaluated on the files' held-out parts
     whole, split = tmp_path / "whole", tmp_path / "split"
     out = launch("--nproc-per-node", "1", "configs/tiny.yaml", *overrides(whole, *args))
     assert out.returncode == 0, out.stdout + out.stderr
@@ -56,6 +58,11 @@ def test_a_blended_run_resumed_on_other_ranks_trains_the_uninterrupted_losses(tm
     # two ranks' reduction order differs from one's in the last bits
     assert [m["loss"] for m in metrics(split)] == pytest.approx(
         [m["loss"] for m in metrics(whole)], rel=1e-5)
+    evaluated = [(m["step"], m["eval_tokens"]) for m in eval_metrics(split)]
+    assert evaluated == [(m["step"], m["eval_tokens"]) for m in eval_metrics(whole)] == [
+        (2, 8 * 64), (4, 8 * 64)]
+    assert [m["eval_loss"] for m in eval_metrics(split)] == pytest.approx(
+        [m["eval_loss"] for m in eval_metrics(whole)], rel=1e-5)
     # each file is checked on resume as data.path is: one rewritten is refused, named
     smaller = tmp_path / "b.txt"
     smaller.write_text(smaller.read_text().upper())

@@ -51,7 +51,13 @@ def test_evaluation_is_off_by_default_and_asks_for_nothing():
 
 @pytest.mark.parametrize("sets, said", [
     (["eval.interval=5"], "eval.path: is empty, but eval.interval=5 asks for evaluations\n"
-     "    fix: set eval.path to a held-out text or token file, or eval.interval to 0"),
+     "    fix: set eval.path to a held-out text or token file, data.holdout to the fraction of "
+     "the training data to hold out for them (e.g. 0.01), or eval.interval to 0"),
+    (["data.holdout=1"], "data.holdout: 1 is not a fraction in [0, 1)\n"
+     "    fix: hold out a small fraction of the training data, e.g. 0.01, or 0 for none"),
+    (["data.holdout=0.1", "eval.path=x.txt"], "data.holdout: 0.1 holds data out for "
+     "evaluations, but they read eval.path 'x.txt'\n    fix: clear eval.path to evaluate on "
+     "the held-out data, or set data.holdout to 0"),
     (["eval.interval=-1"], "eval.interval: must be 0 or more, got -1\n"
      "    fix: use 0 to switch evaluation off, or e.g. 100"),
     (["eval.batches=0"], "eval.batches: must be at least 1, got 0\n"
