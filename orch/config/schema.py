@@ -170,6 +170,12 @@ class TrainConfig:
                                   "schedule with this set to its old train.steps)")
     )
     grad_clip: float = field(default=1.0, metadata=_help("max global grad norm; 0 = off"))
+    stop_on_nonfinite: bool = field(
+        default=True,
+        metadata=_help("stop the run at a step whose gradient norm is NaN or infinite, before "
+                       "its update reaches the weights (Megatron's "
+                       "--check-for-nan-in-loss-and-grad); false trains on"),
+    )
     seed: int = field(default=0, metadata=_help("seed for init and data order"))
     precision: Literal["bf16", "fp32"] = field(
         default="bf16", metadata=_help("compute dtype; parameters and optimizer stay fp32")

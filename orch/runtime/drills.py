@@ -9,23 +9,29 @@ manifest. ``raise`` in place of ``kill`` raises ``DrillError`` there instead: a 
 (a bug, a bad batch) that unwinds the worker, its cleanup included, while its peers run on. The
 drill fires on the job's first attempt only (torchrun's
 ``TORCHELASTIC_RESTART_COUNT`` is 0), so with ``--max-restarts`` the restarted workers run on
-and the job can show it resumes from the newest complete checkpoint. Without the variable
-nothing here does anything.
+and the job can show it resumes from the newest complete checkpoint. ``nan`` (during a step
+only) makes the rank's model outputs NaN for step 7, as a diverged step would, so its gradient
+norm is NaN on every rank: the run's ``train.stop_on_nonfinite`` is what it shows. Without the
+variable nothing here does anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
+
+from torch import nn
 
 from orch.errors import Problem, ProblemsError
 
 DRILL_ENV = "ORCH_DRILL"
 POINTS = ("step", "save")
-ACTIONS = ("kill", "raise")
+ACTIONS = ("kill", "raise", "nan")
 
 
 class DrillError(RuntimeError):
@@ -40,7 +46,8 @@ class Drill:
     action: str = "kill"
 
 
-EXAMPLE = "set it like 'kill rank=1 step=7 during=step' (kill or raise; during: step or save)"
+EXAMPLE = ("set it like 'kill rank=1 step=7 during=step' (kill, raise or nan; during: step or "
+           "save, nan during a step only)")
 KEYS = ("rank", "step", "during")
 
 
@@ -50,7 +57,7 @@ def _why_not(words: list[str]) -> tuple[str, str] | None:
     repeated key was once dropped, or took the last, and ran another drill than the one
     written."""
     if not words or words[0] not in ACTIONS:
-        return "its first word must be kill or raise", EXAMPLE
+        return "its first word must be kill, raise or nan", EXAMPLE
     seen: set[str] = set()
     for i, word in enumerate(words[1:], 1):
         key, eq, value = word.partition("=")
@@ -77,7 +84,8 @@ def parse_drill(text: str) -> Drill:
         try:
             drill = Drill(int(fields["rank"]), int(fields["step"]), fields.get("during", "step"),
                           words[0])
-            if drill.during not in POINTS or drill.rank < 0 or drill.step < 1:
+            if (drill.during not in POINTS or drill.rank < 0 or drill.step < 1
+                    or (drill.action == "nan" and drill.during != "step")):
                 raise ValueError
             return drill
         except (ValueError, KeyError):
@@ -100,7 +108,7 @@ def _armed() -> Drill | None:
 def maybe_fail(point: str, step: int) -> None:
     """SIGKILL this process, or raise DrillError, if its drill is for ``point`` of ``step``."""
     drill = _armed()
-    if drill is None or (drill.during, drill.step) != (point, step):
+    if drill is None or drill.action == "nan" or (drill.during, drill.step) != (point, step):
         return
     if drill.action == "raise":
         raise DrillError(f"drill: rank {drill.rank} raises during {point} {step}")
@@ -109,4 +117,21 @@ def maybe_fail(point: str, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-__all__ = ["DRILL_ENV", "Drill", "DrillError", "maybe_fail", "parse_drill"]
+@contextlib.contextmanager
+def nan_drill(model: nn.Module, step: int) -> Iterator[None]:
+    """Within the block, ``model``'s outputs are NaN if this process's drill is ``nan`` for
+    ``step`` (a forward hook on the whole local model: a pipeline stage's, an offloaded one's)."""
+    drill = _armed()
+    if drill is None or drill.action != "nan" or drill.step != step:
+        yield
+        return
+    print(f"orch: drill: rank {drill.rank} makes its outputs NaN in step {step}",
+          file=sys.stderr, flush=True)
+    handle = model.register_forward_hook(lambda _module, _args, out: out * float("nan"))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+__all__ = ["DRILL_ENV", "Drill", "DrillError", "maybe_fail", "nan_drill", "parse_drill"]

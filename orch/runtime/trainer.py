@@ -12,6 +12,8 @@ gradient norm and MoE figures are summed over the stages before they are reporte
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from orch.config.schema import Config
+from orch.errors import OrchError
 from orch.models.moe import (
     MoEFeedForward,
     inject_aux_gradients,
@@ -40,7 +43,7 @@ from orch.parallel.tensor_parallel import vocab_parallel_loss
 from orch.plan import Plan
 from orch.runtime.comm_timeout import set_comm_timeout
 from orch.runtime.data import BatchStream, BlendStream
-from orch.runtime.drills import maybe_fail
+from orch.runtime.drills import maybe_fail, nan_drill
 from orch.runtime.evaluation import Evaluation, MicroBatches, isolated
 from orch.runtime.metrics import EvalMetrics, MetricsLog, StepMetrics, memory_bytes
 from orch.runtime.optim import lr_at, set_lr
@@ -69,6 +72,24 @@ class _Step:
     grad_norm: float
     loads: torch.Tensor | None
     comm_bytes: dict[str, int]
+
+
+class NonFiniteStep(OrchError):
+    """A step's global gradient norm is NaN or infinite (``train.stop_on_nonfinite``): raised on
+    every rank (the norm is the same everywhere) before the update, so the weights, and every
+    checkpoint, stay those of the steps before; exit 2, so no restart runs into it again."""
+
+    def __init__(self, step: int, grad_norm: float) -> None:
+        self.speaker = os.environ.get("LOCAL_RANK", "0") == "0"
+        """Whether this rank says it: one per node, as each node's launcher shows its own."""
+        super().__init__(
+            f"train.stop_on_nonfinite: step {step}'s gradient norm is {grad_norm}: the run "
+            "stopped before its update reached the weights, and its checkpoints are those of "
+            "the steps before\n"
+            "    fix: look at that step's data; or go on from the newest checkpoint with a lower "
+            "train.lr, a longer train.warmup_steps or a train.grad_clip in a new run.dir (orch "
+            "ckpt export RUN_DIR --to hf OUT, then model.init_from: OUT); "
+            "train.stop_on_nonfinite: false trains on such steps")
 
 
 @dataclass
@@ -133,7 +154,8 @@ class Trainer:
             with self.ledger.tracking() if self.ledger else contextlib.nullcontext():
                 if self.offload is not None:
                     self.offload.start_step()
-                loss = self._accumulate() if self.pipeline is None else self._pipelined()
+                with nan_drill(self.model, step):  # a fault drill (ORCH_DRILL), when set
+                    loss = self._accumulate() if self.pipeline is None else self._pipelined()
                 maybe_fail("step", step)  # a fault drill (ORCH_DRILL), when one is set
                 if self.offload is not None:
                     self.offload.finish_step()
@@ -141,6 +163,8 @@ class Trainer:
                 if aux_loss is None and self.cfg.model.is_moe:  # a stage without MoE layers
                     aux_loss = torch.zeros((), device=self.device)
                 grad_norm = self._clip()
+                if t.stop_on_nonfinite and not math.isfinite(grad_norm):  # same on every rank
+                    raise NonFiniteStep(step, grad_norm)
                 if self.offload is not None:  # on the CPU, beside the next forward
                     if self.ledger:  # the previous update's broadcasts are this step's
                         self.offload.wait_updates()

@@ -254,9 +254,9 @@ def main() -> None:
     except OrchError as exc:
         # One write each, newline included: print's separate newline let another rank's
         # message start on the same terminal line.
-        if not isinstance(exc, RanksDisagree) or exc.speaker:
+        if getattr(exc, "speaker", True):  # errors every rank raises alike say so once
             sys.stderr.write(f"orch worker: {exc}\n")
-        elif exc.pointer:
+        elif isinstance(exc, RanksDisagree) and exc.pointer:
             sys.stderr.write(f"orch worker: {exc.pointer_line()}\n")
         sys.stderr.flush()
         record_failure(exc)

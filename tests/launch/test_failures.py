@@ -299,7 +299,8 @@ def test_oom_counter_is_read_from_this_process_cgroup_not_the_root(tmp_path):
 
 @pytest.mark.parametrize("text", ["kill rank=1", "kill rank=1 step=0", "stop rank=1 step=3",
                                   "kill rank=1 step=3 during=load", "kill rank=x step=3",
-                                  "kill rank=1 step=3 when=now"])
+                                  "kill rank=1 step=3 when=now",
+                                  "nan rank=1 step=3 during=save"])
 def test_a_bad_drill_is_refused_before_any_process_starts(monkeypatch, text):
     from orch.config import Config
     from orch.launch.launcher import _check_drill
