@@ -156,13 +156,20 @@ def _unaffected(problems: Iterable[Problem], fields: Collection[str]) -> list[Pr
 
 
 def _with_default(section: Any, path: str) -> Any:
-    """``section`` (a schema dataclass) with the field at dotted ``path`` set to its default."""
+    """``section`` (a schema dataclass) with the field at dotted ``path`` set to its default;
+    a list item (``blend[1]``) to its field's ``item_stand_in`` of it where it has one (the
+    other items, and their places, stay: the checks after name them), else the whole list."""
     if not path:
         return type(section)()
     name, _, rest = path.partition(".")
     if rest:
         return dataclasses.replace(section, **{name: _with_default(getattr(section, name), rest)})
+    name, bracket, index = name.partition("[")
     field = next(f for f in dataclasses.fields(section) if f.name == name)
+    if bracket and (stand_in := field.metadata.get("item_stand_in")):
+        items = list(getattr(section, name))
+        items[int(index.rstrip("]"))] = stand_in(items[int(index.rstrip("]"))])
+        return dataclasses.replace(section, **{name: items})
     default = field.default_factory() if field.default is dataclasses.MISSING else field.default
     return dataclasses.replace(section, **{name: default})
 
@@ -192,19 +199,16 @@ def _widened(problem: Problem, stand_ins: set[str]) -> set[str]:
     128, warmup_steps' default 10 past train.steps=2); only where those do too, the section
     holding the field. Climbing first put a whole section, then the whole config, at defaults,
     and the later checks found nothing of the user's (nvme_path, init_from) to say."""
-    where = _field_of(problem.where)
-    if not _covered(where, stand_ins):
-        return {where}
-    if reads := {_field_of(read) for read in problem.reads
-                 if not _covered(_field_of(read), stand_ins)}:
+    if not _covered(problem.where, stand_ins):
+        return {problem.where}
+    if reads := {read for read in problem.reads if not _covered(read, stand_ins)}:
         return reads
-    covering = [p for p in _sections_of(where) if p in stand_ins]
-    return {covering[-1].rpartition(".")[0]}
+    covering = [p for p in _sections_of(problem.where) if p in stand_ins]
+    return {_sections_of(covering[-1])[1]}
 
 
 def _field_of(where: str) -> str:
-    """The field a problem's ``where`` is in: a list item (``data.blend[1]``) is in its list,
-    which stands in whole."""
+    """The field a ``where`` is in: a list item (``data.blend[1]``) is in its list."""
     return where.partition("[")[0]
 
 
@@ -214,8 +218,12 @@ def _covered(path: str, stand_ins: Collection[str]) -> bool:
 
 
 def _sections_of(path: str) -> list[str]:
-    """``train.seq_len`` -> [``train.seq_len``, ``train``, ``""`` (the whole config)]."""
+    """``train.seq_len`` -> [``train.seq_len``, ``train``, ``""`` (the whole config)]; a list
+    item's list comes after it (``data.blend[1]``, ``data.blend``, ``data``, ``""``)."""
     paths = [path]
+    if path != _field_of(path):
+        path = _field_of(path)
+        paths.append(path)
     while path:
         path = path.rpartition(".")[0]
         paths.append(path)
@@ -232,7 +240,7 @@ def _build(data: dict[str, Any], locs: Locations, problems: list[Problem]) -> Lo
     problems = [*problems, *(_at_source(p, locs) for p in _unaffected(rules, converted))]
     if not problems:
         return LoadedConfig(cfg, (), frozenset(), locs)
-    stand_ins = converted | {_field_of(p.where) for p in rules}
+    stand_ins = converted | {p.where for p in rules}
     cfg = _with_defaults(cfg, stand_ins)
     return LoadedConfig(cfg, tuple(problems), frozenset(stand_ins), locs)
 

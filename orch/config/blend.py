@@ -23,6 +23,13 @@ def blend_field(index: int) -> str:
     return f"{FIELD}[{index}]"
 
 
+def blend_stand_in(entry: str) -> str:
+    """What stands in for an entry a rule refused while the config's other checks run: weight
+    1 and its path where it has one (the checks of the files then keep their places)."""
+    parts = str(entry).strip().split(maxsplit=1)
+    return f"1 {parts[1] if len(parts) == 2 else '-'}"
+
+
 def parse_blend(entries: list[str]) -> tuple[list[tuple[float, str]], list[Problem]]:
     """Each entry's normalized weight and path, and every problem with the entries (the pairs
     are only meaningful when there are none)."""
@@ -46,5 +53,7 @@ def parse_blend(entries: list[str]) -> tuple[list[tuple[float, str]], list[Probl
                                     "a file out rather than weigh it 0)"))
             continue
         pairs.append((weight, parts[1]))
-    total = sum(weight for weight, _ in pairs)
-    return [(weight / total, path) for weight, path in pairs], problems
+    # relative to the largest first: a sum of weights near the float maximum is infinite
+    largest = max((weight for weight, _ in pairs), default=1.0)
+    total = sum(weight / largest for weight, _ in pairs)
+    return [(weight / largest / total, path) for weight, path in pairs], problems

@@ -406,6 +406,9 @@ def check_config(cfg: Config) -> list[Problem]:
     need(not (d.blend and d.path), "data.path", f"{d.path!r} is set beside data.blend, which "
          "replaces it", "put the file in data.blend with a weight, or leave data.blend empty",
          (FIELD,))
+    need(not (d.blend and d.format != "auto"), "data.format", f"{d.format!r} beside "
+         "data.blend, whose files read as their suffixes say (.bin and .npy token ids, others "
+         "text)", "leave data.format at auto, and name the files by what they hold", (FIELD,))
     # a uint32 file read as uint16 passes every other check: each id's halves are < 65536
     # (a Megatron .idx beside a .bin names its type, and token_dtype is not read)
     bins = [field for field, path, read_as_text in (

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+from orch.config.blend import blend_stand_in
+
 Bytes = Annotated[int, "bytes"]
 """A byte count. YAML may write it as a number or with a unit: ``512MiB``, ``80GB``, ``1.5TiB``."""
 
@@ -128,9 +130,10 @@ class DataConfig:
     )
     blend: list[str] = field(
         default_factory=list,
-        metadata=_help("a weighted mixture of data files instead of data.path, each entry "
-                       "'WEIGHT PATH' (Megatron's --data-path pairs); each file read by "
-                       "data.path's rules, its format by its suffix"),
+        metadata={**_help("a weighted mixture of data files instead of data.path, each entry "
+                          "'WEIGHT PATH' (Megatron's --data-path pairs); each file read by "
+                          "data.path's rules, its format by its suffix"),
+                  "item_stand_in": blend_stand_in},
     )
 
 

@@ -11,6 +11,7 @@ in CPU memory at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -235,8 +236,13 @@ def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
         return []
     if data.blend:  # each file's, said of its entry
         found = each_blended(data, lambda one: text_data_problems(model, one), [])
-        return [problem_of(p, blend_field(index)) for index, said in enumerate(found)
-                for p in said]
+        problems = []
+        for index, said in enumerate(found):
+            field = blend_field(index)
+            problems += [dataclasses.replace(p, fix=p.fix.replace(
+                f"set {field} to DATA.bin", f"make {field} 'WEIGHT DATA.bin'"))
+                for p in (problem_of(one, field) for one in said)]
+        return problems
     if data.path:
         try:
             if check_source(data)[1] != "text":

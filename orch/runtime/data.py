@@ -29,7 +29,7 @@ import torch
 
 from orch.config.blend import blend_field, parse_blend
 from orch.config.schema import Config, DataConfig
-from orch.errors import OrchError, Problem
+from orch.errors import OrchError, Problem, ProblemsError
 from orch.runtime.indexed import NotAnIndex, index_beside, megatron_prefix, read_index
 
 TOKEN_SUFFIXES = (".bin", ".npy")
@@ -135,7 +135,7 @@ def source_identity(data: DataConfig) -> dict[str, Any]:
     apart unless every sampled piece is unchanged; a file that changes only between the pieces
     is not (hashing a corpus whole at every resume would take minutes)."""
     if data.blend:
-        return {"blend": each_blended(data, source_identity)}
+        return {"blend": each_blended(data, source_identity), "weights": blend_weights(data)}
     if not data.path:
         path = Path(str(importlib.resources.files("orch.runtime").joinpath("corpus/kjv.txt.gz")))
     else:
@@ -167,20 +167,37 @@ def source_change(saved: dict[str, Any] | None, now: dict[str, Any],
     checked)."""
     if not saved or _comparable(now, saved) == saved:
         return None
-    if data.blend:  # (a blend of other files or weights is another config: refused before)
-        for index, (before, (_, path)) in enumerate(zip(saved.get("blend", []),
-                                                        parse_blend(data.blend)[0], strict=False)):
-            if before != _comparable(now["blend"][index], before):
-                return _changed(before, now["blend"][index], blend_field(index), repr(path))
-        return None
-    return _changed(saved, now, "data.path",
-                    repr(data.path) if data.path else "the shipped corpus")
+    fresh = ("set it back to resume, or start over in a new run.dir (orch ckpt export RUN_DIR "
+             "--to hf OUT, then model.init_from: OUT, keeps the weights)")
+    if ("blend" in saved) != bool(data.blend):
+        then = (f"a data.blend of {len(saved['blend'])} files" if "blend" in saved
+                else "data.path")
+        return Problem("data.blend" if data.blend else "data.path", f"the checkpoint was "
+                       f"trained on {then}: its saved position counts that data's samples", fresh)
+    if not data.blend:
+        return _changed(saved, now, "data.path",
+                        repr(data.path) if data.path else "the shipped corpus")
+    if len(saved["blend"]) != len(now["blend"]) or not np.allclose(
+            saved.get("weights", now["weights"]), now["weights"], rtol=1e-12, atol=0):
+        return Problem("data.blend", f"{len(now['blend'])} files of weights "
+                       f"{_rounded(now['weights'])}, but the checkpoint was trained on "
+                       f"{len(saved['blend'])} of weights {_rounded(saved.get('weights', []))}: "
+                       "its saved position counts samples of that blend", fresh)
+    for index, (before, (_, path)) in enumerate(zip(saved["blend"], parse_blend(data.blend)[0],
+                                                    strict=True)):
+        if before != _comparable(now["blend"][index], before):
+            return _changed(before, now["blend"][index], blend_field(index), repr(path))
+    return None
+
+
+def _rounded(weights: list[float]) -> list[float]:
+    return [round(weight, 4) for weight in weights]
 
 
 def _comparable(now: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
     """``now`` as ``saved`` can be compared with it: without an index identity where a
     checkpoint from before indexes were read has none (nor a blend's, where it is not one)."""
-    if "blend" in now:
+    if "blend" in now or "blend" in saved:
         return now
     return now if "index" in saved else {key: value for key, value in now.items()
                                          if key != "index"}
@@ -791,12 +808,20 @@ class BlendedSequences:
 
 def blend_picks(weights: np.ndarray, taken: np.ndarray, count: int) -> np.ndarray:
     """Which file each of the next ``count`` samples of a blend comes from, after each file
-    ``f`` has given ``taken[f]``: every sample from the file furthest below its share
-    ``weights[f]`` of all samples so far (ties to the first)."""
+    ``f`` has given ``taken[f]``, by Tijdeman's rule for the chairman assignment problem: of
+    the files at least ``c = 1 / (2k - 2)`` below their share ``weights[f]`` of the samples so
+    far (``k`` files), the one whose next sample is due first. Every file's count then stays
+    within ``1 - c`` of its share after every sample (picking the file furthest below its
+    share, Megatron's rule, let one fall more than a sample behind among six files)."""
     taken = taken.copy()
-    picks = np.empty(count, dtype=np.int64)
+    picks = np.zeros(count, dtype=np.int64)
+    if len(weights) == 1:
+        return picks
+    c = 1.0 / (2 * len(weights) - 2)
     for i in range(count):
-        picks[i] = int(np.argmax(weights * (taken.sum() + 1) - taken))
+        due = weights * (taken.sum() + 1) - taken
+        urgency = np.where(due >= c - 1e-12, (taken + 1 - c) / weights, np.inf)
+        picks[i] = int(np.argmin(urgency))
         taken[picks[i]] += 1
     return picks
 
@@ -873,7 +898,11 @@ def training_stream(cfg: Config, dp_rank: int, dp_size: int,
 
     if not data.blend:
         return BatchStream(trained(data), *args)
-    return BlendStream(BlendedSequences(each_blended(data, trained), blend_weights(data)), *args)
+    problems: list[Problem] = []  # what only reading tells (ids beyond the vocabulary), of all
+    parts = each_blended(data, trained, problems)
+    if problems:
+        raise ProblemsError(problems, title="cannot train on data.blend")
+    return BlendStream(BlendedSequences(parts, blend_weights(data)), *args)
 
 
 def blend_weights(data: DataConfig) -> list[float]:

@@ -209,7 +209,8 @@ def _data_identity(data: DataConfig, problems: list[str]) -> dict[str, Any] | No
     except DataError as exc:
         problems.append(str(exc.problem))
     except OSError as exc:
-        problems.append(f"data.path: {data.path!r} cannot be read ({exc.strerror})")
+        where = "data.blend" if data.blend else "data.path"
+        problems.append(f"{where}: {exc.filename or data.path!r} cannot be read ({exc.strerror})")
     return None
 
 

@@ -28,7 +28,7 @@ def test_every_blended_file_is_checked_before_start(tmp_path):
     short.write_text("too short for one sample")
     np.save(tmp_path / "floats.npy", np.zeros(10, np.float32))
     blend = (f'data.blend=["1 {tmp_path}/missing.txt", "1 {short}", "1 {tmp_path}/floats.npy", '
-             f'"2 {corpus(tmp_path / "fine.txt", "ab ")}"]')
+             f'"2 {corpus(tmp_path / "fine.txt", "ab ")}", "0 {tmp_path}/fine.txt"]')
     with pytest.raises(OrchError) as info:
         prepare(["--nproc-per-node", "1", "configs/tiny.yaml", *overrides(tmp_path / "run",
                                                                             blend)])
@@ -37,6 +37,8 @@ def test_every_blended_file_is_checked_before_start(tmp_path):
     assert "data.blend[1]: the data has 24 tokens to train on, fewer than one sample of " \
         in said
     assert "data.blend[2]: " in said and "1-D integer array" in said
+    # a refused weight hid every file problem: the whole list stood in at its default, empty
+    assert f"data.blend[4]: '0 {tmp_path}/fine.txt': its weight 0 is not a positive" in said
     assert "data.blend[3]" not in said and "data.path" not in said
 
 
@@ -63,6 +65,15 @@ def test_a_blended_run_resumed_on_other_ranks_trains_the_uninterrupted_losses(tm
         (2, 8 * 64), (4, 8 * 64)]
     assert [m["eval_loss"] for m in eval_metrics(split)] == pytest.approx(
         [m["eval_loss"] for m in eval_metrics(whole)], rel=1e-5)
+    # the same files under other spellings and the same weights written otherwise resume (a
+    # path respelled was refused as another config); other weights are refused
+    respelled = [f'data.blend=["3 {tmp_path}/./a.txt", ".1e1 {tmp_path}/b.txt"]',
+                 "train.steps=6", *args[2:]]
+    prepare(["--nproc-per-node", "1", "configs/tiny.yaml", *overrides(split, *respelled)])
+    with pytest.raises(OrchError, match="data.blend: 2 files of weights \\[0.6667, 0.3333\\], "
+                       "but the checkpoint was trained on 2 of weights \\[0.75, 0.25\\]"):
+        prepare(["--nproc-per-node", "1", "configs/tiny.yaml", *overrides(
+            split, f'data.blend=["2 {tmp_path}/a.txt", "1 {tmp_path}/b.txt"]', *respelled[1:])])
     # each file is checked on resume as data.path is: one rewritten is refused, named
     smaller = tmp_path / "b.txt"
     smaller.write_text(smaller.read_text().upper())
@@ -83,3 +94,4 @@ def test_text_in_a_blend_is_refused_with_a_checkpoint_of_another_vocabulary(tmp_
         blend=[f"1 {tmp_path}/ids.npy", f"1 {corpus(tmp_path / 'a.txt', 'ab')}"]))
     assert [p.where for p in found] == ["data.blend[1]"]
     assert "is text tokenized as bytes (ids 0-255), but model.init_from" in found[0].message
+    assert "then make data.blend[1] 'WEIGHT DATA.bin'" in found[0].fix

@@ -55,6 +55,19 @@ def test_each_files_share_is_within_one_sample_of_its_weight_after_every_sample(
         assert np.all(np.abs(counts - np.array(WEIGHTS) * n) < 1 + 1e-9), (n, counts)
 
 
+@pytest.mark.parametrize("weights", [[1, 1, 1, 1, 7, 7], [5, 1], [1] * 9 + [20, 3]])
+def test_the_share_bound_holds_where_the_furthest_behind_rule_breaks_it(weights):
+    """Picking the file furthest below its share let file 5 of [1,1,1,1,7,7] fall 1.06 samples
+    behind after 31 samples; Tijdeman's rule keeps every file within 1 - 1/(2k-2)."""
+    from orch.runtime.data import blend_picks
+
+    w = np.array(weights, dtype=float) / sum(weights)
+    counts = np.zeros(len(w))
+    for n, part in enumerate(blend_picks(w, np.zeros(len(w), dtype=np.int64), 500), start=1):
+        counts[part] += 1
+        assert np.abs(counts - w * n).max() <= 1 - 1 / (2 * len(w) - 2) + 1e-9, (n, counts)
+
+
 def test_each_file_gives_a_fresh_permutation_of_its_samples_every_epoch():
     order = global_order(1, 50)
     for part, size in enumerate(SIZES):
@@ -118,6 +131,8 @@ def test_a_resume_onto_other_files_or_a_damaged_position_is_refused():
      "data.path: 'b.txt' is set beside data.blend, which replaces it"),
     (['data.blend=["1 a.txt", "2 ids.bin"]', "model.vocab_size=70000"],
      "data.token_dtype: uint16 for a .bin file (data.blend[1]) of a model"),
+    (['data.blend=["1 a.txt"]', "data.format=tokens"],  # read as text all the same
+     "data.format: 'tokens' beside data.blend, whose files read as their suffixes say"),
 ])
 def test_blend_entries_are_checked_with_the_config(overrides, said):
     with pytest.raises(ConfigError) as info:
@@ -130,3 +145,37 @@ def test_weights_are_relative_and_a_path_may_hold_spaces():
 
     assert parse_blend(["3 /data/my corpus.txt", "1 b"]) == (
         [(0.75, "/data/my corpus.txt"), (0.25, "b")], [])
+    # their sum overflowed to infinity: every weight 0, an even mix trained without a word
+    assert [w for w, _ in parse_blend(["1e308 a", "1e308 b", "1 c"])[0]] == pytest.approx(
+        [0.5, 0.5, 0.0], abs=1e-300)
+
+
+def test_every_files_ids_beyond_the_vocabulary_are_said_together_by_the_workers(tmp_path):
+    from orch.errors import ProblemsError
+    from orch.runtime.data import training_stream
+
+    for name in ("a.npy", "b.npy"):
+        np.save(tmp_path / name, np.full(100, 300, dtype=np.uint16))
+    cfg = load_config("configs/tiny.yaml", [
+        f'data.blend=["1 {tmp_path}/a.npy", "1 {tmp_path}/b.npy"]', "train.seq_len=8",
+        "train.global_batch=2"])
+    with pytest.raises(ProblemsError) as info:
+        training_stream(cfg, 0, 1, None)
+    said = [str(p) for p in info.value.problems]
+    assert len(said) == 2 and all("contains token id 300" in one for one in said)
+    assert f"{tmp_path}/a.npy" in said[0] and f"{tmp_path}/b.npy" in said[1]
+
+
+def test_a_blend_file_a_rank_cannot_read_is_named_as_the_blends(tmp_path, monkeypatch):
+    from orch.config import DataConfig
+    from orch.runtime import data as data_module
+    from orch.runtime.parallelize import _data_identity
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(data_module, "_sampled", unreadable)
+    (tmp_path / "b.txt").write_text("text")
+    problems: list[str] = []
+    _data_identity(DataConfig(blend=[f"1 {tmp_path}/b.txt"]), problems)
+    assert problems == [f"data.blend: '{tmp_path}/b.txt' cannot be read (Permission denied)"]

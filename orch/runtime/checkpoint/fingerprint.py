@@ -31,15 +31,16 @@ FINGERPRINT_SECTIONS = ("model", "data", "optimizer", "train")
 FINGERPRINT_EXCLUDED = {"train": ("steps", "decay_steps", "micro_batch", "recompute", "compile",
                                   "stop_on_nonfinite"),
                         "model": ("init_from", "name"),
-                        "data": ("path",)}
+                        "data": ("path", "blend")}
 """Fields that may change on resume: more steps (and where the lr decay ends: the launcher says when
 that changes the steps to come, ``orch.runtime.optim.decay_change``), or another split of the
 same global batch and another memory/compute trade-off when the run moves to another plan,
 compiled or not; whether a non-finite step stops the run (it changes nothing while steps are
 finite); where the weights started (a resume loads them from the checkpoint); the model's
 label; and where the data file is, since the file itself is checked: every checkpoint saves its
-identity (size and sampled sha256, ``orch.runtime.data.source_identity``) and a resume onto other
-data is refused, so the same file under another spelling of its path resumes."""
+identity (size and sampled sha256, ``orch.runtime.data.source_identity``; a ``data.blend``'s
+files' and its normalized weights) and a resume onto other data is refused, so the same file
+under another spelling of its path, or a blend's weights written otherwise, resumes."""
 EXCLUDED_BEFORE: tuple[dict[str, tuple[str, ...]], ...] = (
     {"train": ("steps", "micro_batch", "recompute")},
     {"train": ("steps", "micro_batch", "recompute"), "model": ("init_from",)},
@@ -48,6 +49,8 @@ EXCLUDED_BEFORE: tuple[dict[str, tuple[str, ...]], ...] = (
      "data": ("path",)},
     {"train": ("steps", "decay_steps", "micro_batch", "recompute", "compile"),
      "model": ("init_from", "name"), "data": ("path",)},
+    {"train": ("steps", "decay_steps", "micro_batch", "recompute", "compile",
+               "stop_on_nonfinite"), "model": ("init_from", "name"), "data": ("path",)},
 )
 """``FINGERPRINT_EXCLUDED`` as earlier orchs had it, oldest first: the fingerprint a manifest
 records was hashed with its own orch's, so ``fingerprint_matches`` tries each. When changing
