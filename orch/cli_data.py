@@ -51,7 +51,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.force and (cache := done.out.with_suffix("") / "cache").is_dir():
         print(f"note: {cache} holds Megatron's sample indices of the pair this replaced; "
               "remove it before Megatron reads the new one (it would reuse them)")
-    print(f"train on it with: data.path={done.out} (model.vocab_size at least "
+    eos = "" if done.eos is None else f" data.eos_id={done.eos}"  # for train.document_mask
+    print(f"train on it with: data.path={done.out}{eos} (model.vocab_size at least "
           f"{done.vocab_size:,}; {done.out.with_suffix('.idx').name} beside it gives the ids' "
           f"type; Megatron reads the pair as --data-path {done.out.with_suffix('')})")
     return 0

@@ -103,6 +103,8 @@ class Prepared:
     documents: int
     dtype: str
     vocab_size: int
+    eos: int | None
+    """The end-of-document id after each document (``data.eos_id``), or None."""
 
 
 def _tokenizer_file(value: str) -> Path:
@@ -357,7 +359,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, key: str = "text",
             partial.unlink(missing_ok=True)
             idx_partial.unlink(missing_ok=True)
     return Prepared(out_path, tokens, len(index.document_starts) - 1, dtype.name,
-                    chosen.vocab_size)
+                    chosen.vocab_size, chosen.eos)
 
 
 __all__ = ["PrepareError", "Prepared", "load_tokenizer", "prepare"]

@@ -63,7 +63,8 @@ def test_each_document_is_the_tokenizers_encoding_then_the_eos_id(tmp_path, caps
     assert written.tolist() == expected
     said = capsys.readouterr().out
     assert f"{len(expected):,} tokens of 4 documents (uint16, vocabulary 300)" in said
-    assert f"data.path={out} (model.vocab_size at least 300; train.idx beside it" in said
+    assert f"data.path={out} data.eos_id={eos} (model.vocab_size at least 300; train.idx " \
+        "beside it" in said
     assert f"--data-path {tmp_path / 'train'})" in said
     # what the trainer reads back from it, as the printed settings say
     read = load_tokens(DataConfig(path=str(out), token_dtype="uint16"), vocab_size=300)

@@ -429,6 +429,11 @@ def check_config(cfg: Config) -> list[Problem]:
          "use 0 to switch evaluation off, or e.g. 100")
     need(ev.batches >= 1, "eval.batches", f"must be at least 1, got {ev.batches}",
          "use a positive number of global batches, e.g. 4")
+    need(not t.document_mask or 0 <= d.eos_id < m.vocab_size, "train.document_mask",
+         f"needs the end-of-document id, but data.eos_id is {d.eos_id}" if d.eos_id < 0 else
+         f"needs an end-of-document id below model.vocab_size={m.vocab_size}, but data.eos_id "
+         f"is {d.eos_id}", "set data.eos_id to the tokenizer's eos id (orch data prepare "
+         "prints it), or train.document_mask to false", ("data.eos_id", "model.vocab_size"))
     need(0 <= d.holdout < 1, "data.holdout", f"{d.holdout:g} is not a fraction in [0, 1)",
          "hold out a small fraction of the training data, e.g. 0.01, or 0 for none")
     need(not (d.holdout > 0 and ev.path.strip()), "data.holdout",

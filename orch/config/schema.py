@@ -122,6 +122,11 @@ class DataConfig:
     tokenizer: Literal["byte"] = field(
         default="byte", metadata=_help("byte-level tokenizer, needs no download")
     )
+    eos_id: int = field(
+        default=-1,
+        metadata=_help("the end-of-document id between documents in the token stream (orch "
+                       "data prepare appends the tokenizer's eos_token); -1 = none"),
+    )
     holdout: float = field(
         default=0.0,
         metadata=_help("fraction of the training data held out of training for evaluation (the "
@@ -173,6 +178,12 @@ class TrainConfig:
                                   "schedule with this set to its old train.steps)")
     )
     grad_clip: float = field(default=1.0, metadata=_help("max global grad norm; 0 = off"))
+    document_mask: bool = field(
+        default=False,
+        metadata=_help("attention within documents only (block-causal; documents end at "
+                       "data.eos_id): torchtitan's block_causal, Megatron's "
+                       "--reset-attention-mask"),
+    )
     stop_on_nonfinite: bool = field(
         default=True,
         metadata=_help("stop the run at a step whose gradient norm is NaN or infinite, before "

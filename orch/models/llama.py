@@ -72,8 +72,9 @@ class Attention(nn.Module):
     ``heads/tp`` query and ``kv_heads/tp`` key/value heads runs the same code (same ratio).
     The local causal attention is ``orch.kernels.attention.causal_attention``: orch's
     FlashAttention kernels on a GPU, torch's SDPA elsewhere. ``attention_fn`` replaces it, taking
-    and returning ``(batch, heads, seq, head_dim)`` tensors: context parallelism installs ring or
-    Ulysses attention there (``orch.parallel.context_parallel``).
+    and returning ``(batch, heads, seq, head_dim)`` tensors (and ``documents=``, the whole
+    sequence's document ids, where attention keeps to documents): context parallelism installs
+    ring or Ulysses attention there (``orch.parallel.context_parallel``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -85,7 +86,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.heads * self.head_dim, cfg.dim, bias=False)
         self.attention_fn: Callable[..., torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        """``documents``: the whole sequence's document ids ``(batch, seq)`` for a block-causal
+        mask (``train.document_mask``), or None for plain causal attention."""
         b, s, _ = x.shape
         # -1, not self.heads: under tensor parallelism each rank holds heads/tp of them.
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
@@ -93,7 +97,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attention = self.attention_fn if self.attention_fn is not None else causal_attention
-        out = attention(q, k, v)
+        out = attention(q, k, v) if documents is None else attention(q, k, v, documents=documents)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -109,8 +113,9 @@ class TransformerBlock(nn.Module):
             MoEFeedForward(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.ffn_dim)
         )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -152,11 +157,15 @@ class Transformer(nn.Module):
             if isinstance(module, RotaryEmbedding | MoEFeedForward):
                 module.reset_buffers()
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         """``positions`` are the tokens' places in the sequence (default :attr:`positions`, else
         ``0..seq-1``); under context parallelism a rank holds a subset of the sequence and says
         which. A pipeline stage without the embedding takes the previous stage's hidden states
-        ``[batch, seq, dim]`` as ``tokens``, and one without the head returns hidden states."""
+        ``[batch, seq, dim]`` as ``tokens``, and one without the head returns hidden states.
+        ``documents``: the document id of every token of the whole sequence ``[batch, seq]``
+        (all of it under context parallelism too), for attention within documents
+        (``train.document_mask``); None attends causally across them."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = self.positions
@@ -164,7 +173,7 @@ class Transformer(nn.Module):
             positions = torch.arange(tokens.shape[1])
         cos, sin = self.rope(positions, h.dtype)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, documents)
         if self.output is None:
             return h
         assert self.norm is not None

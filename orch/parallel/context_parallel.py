@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from orch.kernels.attention import autocast_inputs, causal_attention, kernel_takes
+from orch.kernels.dispatch import use_triton, warn_once
 from orch.parallel.comm import all_to_all
 from orch.parallel.comm_stats import dimension
 
@@ -67,13 +68,26 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.reshape(b, kv_heads, h // kv_heads, s, d)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, mode: int) -> torch.Tensor:
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, mode: int,
+            documents: _Pair | None = None) -> torch.Tensor:
+    """Block scores ``(b, kv_heads, group, q, k)``, -inf where hidden: above the diagonal of a
+    ``_DIAG`` block, and across documents where ``documents`` (the query chunk's and the key
+    chunk's ids, ``(b, q)`` and ``(b, k)``) are given."""
     scores = torch.einsum("bkgqd,bksd->bkgqs", q, k) * scale
     if mode == _DIAG:
         n = scores.shape[-1]
         mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
+    if documents is not None:
+        other = documents[0][:, :, None] != documents[1][:, None, :]
+        scores = scores.masked_fill(other[:, None, None], float("-inf"))
     return scores
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` with the -inf of rows that see no key of a block (another document's block)
+    as 0, so ``exp(scores - lse)`` is 0 there, not NaN."""
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
 Tensor = torch.Tensor
@@ -83,29 +97,33 @@ _Triple = tuple[Tensor, Tensor, Tensor]
 
 class _Blocks(NamedTuple):
     """Attention of one query chunk over one key chunk, tensors laid out (b, heads, seq,
-    head_dim). ``forward(q, k, v, scale, mode) -> (out, lse)`` in float32, for merging;
-    ``backward(q, k, v, out, lse, dout, scale, mode) -> (dq, dk, dv)``, where ``out`` and ``lse``
-    are the merged results over every key chunk (the block's share of the gradient needs the
-    whole softmax), summed by the caller in float32."""
+    head_dim). ``forward(q, k, v, scale, mode, documents) -> (out, lse)`` in float32, for
+    merging; ``backward(q, k, v, out, lse, dout, scale, mode, documents) -> (dq, dk, dv)``, where
+    ``out`` and ``lse`` are the merged results over every key chunk (the block's share of the
+    gradient needs the whole softmax), summed by the caller in float32. ``documents``: the
+    chunks' document ids (plain-torch blocks only), or None."""
 
     forward: Callable[..., _Pair]
     backward: Callable[..., _Triple]
 
 
-def _torch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) -> _Pair:
+def _torch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int,
+                   documents: _Pair | None = None) -> _Pair:
     kv_heads = k.shape[1]
-    scores = _scores(_grouped(q.float(), kv_heads), k.float(), scale, mode)
+    scores = _scores(_grouped(q.float(), kv_heads), k.float(), scale, mode, documents)
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bkgqs,bksd->bkgqd", torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    probs = torch.exp(scores - _finite(lse).unsqueeze(-1))
+    out = torch.einsum("bkgqs,bksd->bkgqd", probs, v.float())
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
 def _torch_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                    scale: float, mode: int) -> _Triple:
+                    scale: float, mode: int, documents: _Pair | None = None) -> _Triple:
     kv_heads = k.shape[1]
     qg, outg, doutg = (_grouped(t.float(), kv_heads) for t in (q, out, dout))
     kf, vf = k.float(), v.float()
-    probs = torch.exp(_scores(qg, kf, scale, mode) - lse.reshape(qg.shape[:-1]).unsqueeze(-1))
+    scores = _scores(qg, kf, scale, mode, documents)
+    probs = torch.exp(scores - lse.reshape(qg.shape[:-1]).unsqueeze(-1))
     delta = (doutg * outg).sum(-1, keepdim=True)
     dv = torch.einsum("bkgqs,bkgqd->bksd", probs, doutg)
     dscores = probs * (torch.einsum("bkgqd,bksd->bkgqs", doutg, vf) - delta) * scale
@@ -114,7 +132,8 @@ def _torch_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d
     return dq, dk, dv
 
 
-def _kernel_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) -> _Pair:
+def _kernel_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int,
+                    documents: None = None) -> _Pair:
     from orch.kernels.attention.kernels import default_config, forward
 
     config = default_config(q.shape[-1], q.dtype)
@@ -123,7 +142,7 @@ def _kernel_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int) ->
 
 
 def _kernel_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                     scale: float, mode: int) -> _Triple:
+                     scale: float, mode: int, documents: None = None) -> _Triple:
     from orch.kernels.attention.kernels import backward, default_config
 
     config = default_config(q.shape[-1], q.dtype)
@@ -144,8 +163,9 @@ nothing beyond the kernels ``flash_attention`` runs."""
 def _merge(out, lse, block_out, block_lse):
     if out is None:
         return block_out, block_lse
-    new = torch.logaddexp(lse, block_lse)
-    keep, add = torch.exp(lse - new).unsqueeze(-1), torch.exp(block_lse - new).unsqueeze(-1)
+    new = torch.logaddexp(lse, block_lse)  # -inf where neither saw a key (documents)
+    keep = torch.exp(lse - _finite(new)).unsqueeze(-1)
+    add = torch.exp(block_lse - _finite(new)).unsqueeze(-1)
     return out * keep + block_out * add, new
 
 
@@ -183,11 +203,27 @@ class _Ring:
 # name.
 
 
+def _chunk_documents(documents: Tensor | None, chunk: int, size: int) -> Tensor | None:
+    """The document ids of zigzag chunk ``chunk`` (of ``size`` tokens) of the whole sequence's
+    ``documents``: every rank has them all, so none travel around the ring."""
+    return None if documents is None else documents[:, chunk * size:(chunk + 1) * size]
+
+
+def _pair(documents: Tensor | None, query_chunk: int, key_chunk: int, size: int
+          ) -> _Pair | None:
+    if documents is None:
+        return None
+    return (_chunk_documents(documents, query_chunk, size),
+            _chunk_documents(documents, key_chunk, size))
+
+
 @torch.library.custom_op("orch::ring_attention_forward", mutates_args=())
-def _ring_forward(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float) -> _Pair:
-    """The merged float32 output and log-sum-exp of this rank's queries over the ring."""
+def _ring_forward(q: Tensor, k: Tensor, v: Tensor, documents: Tensor | None, group: str,
+                  scale: float) -> _Pair:
+    """The merged float32 output and log-sum-exp of this rank's queries over the ring; with
+    ``documents`` (the whole sequence's ids), within documents."""
     ring = _Ring(_resolve_process_group(group))
-    blocks = _blocks(q, k, v)
+    blocks = _blocks(q, k, v, documents)
     half = q.shape[2] // 2
     queries = (q[:, :, :half], q[:, :, half:])
     mine = ring.chunks(ring.index)
@@ -203,7 +239,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float) -> 
                     continue
                 ks = slice(ki * half, (ki + 1) * half)
                 out, lse = blocks.forward(queries[qi], block_k[:, :, ks], block_v[:, :, ks],
-                                          scale, mode)
+                                          scale, mode, _pair(documents, mine[qi], keys[ki], half))
                 acc[qi] = list(_merge(acc[qi][0], acc[qi][1], out, lse))
         if step < ring.size - 1:
             block_k, block_v = ring.shift([block_k, block_v])
@@ -212,15 +248,16 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float) -> 
 
 
 @_ring_forward.register_fake
-def _ring_forward_shapes(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float) -> _Pair:
+def _ring_forward_shapes(q: Tensor, k: Tensor, v: Tensor, documents: Tensor | None, group: str,
+                         scale: float) -> _Pair:
     return (q.new_empty(q.shape, dtype=torch.float32),
             q.new_empty(q.shape[:-1], dtype=torch.float32))
 
 
 @torch.library.custom_op("orch::ring_attention_backward", mutates_args=())
 def _ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   group: str, scale: float) -> _Triple:
-    ring, blocks = _Ring(_resolve_process_group(group)), _blocks(q, k, v)
+                   documents: Tensor | None, group: str, scale: float) -> _Triple:
+    ring, blocks = _Ring(_resolve_process_group(group)), _blocks(q, k, v, documents)
     half = q.shape[2] // 2
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -239,7 +276,8 @@ def _ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                 ks = slice(ki * half, (ki + 1) * half)
                 gq, gk, gv = blocks.backward(
                     q[:, :, qs], block_k[:, :, ks], block_v[:, :, ks], out[:, :, qs],
-                    lse[..., qs], grad_out[:, :, qs], scale, mode)
+                    lse[..., qs], grad_out[:, :, qs], scale, mode,
+                    _pair(documents, mine[qi], keys[ki], half))
                 dq[:, :, qs] += gq
                 dk[:, :, ks] += gk
                 dv[:, :, ks] += gv
@@ -254,36 +292,44 @@ def _ring_backward_shapes(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _blocks(q: Tensor, k: Tensor, v: Tensor) -> _Blocks:
+def _blocks(q: Tensor, k: Tensor, v: Tensor, documents: Tensor | None) -> _Blocks:
+    if documents is not None:  # orch's kernels take no document ids yet
+        if use_triton("flash_attention", q, k, v):
+            warn_once("flash_attention", "document masks (train.document_mask) are not in "
+                      "orch's kernels yet", instead="plain-torch ring blocks")
+        return _TORCH_BLOCKS
     return (_KERNEL_BLOCKS if kernel_takes(q, k, v, instead="plain-torch ring blocks")
             else _TORCH_BLOCKS)
 
 
 def _keep_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd API)
-    q, k, v, group, scale = inputs
+    q, k, v, documents, group, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, documents)
     ctx.group, ctx.scale = group, scale
 
 
 def _gradients(ctx, grad_out, grad_lse):  # noqa: ANN001, ANN202 (autograd API)
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, documents = ctx.saved_tensors
     # the output reached the model in q's dtype: its gradient did too
-    dq, dk, dv = _ring_backward(grad_out.to(q.dtype), q, k, v, out, lse, ctx.group, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _ring_backward(grad_out.to(q.dtype), q, k, v, out, lse, documents, ctx.group,
+                                ctx.scale)
+    return dq, dk, dv, None, None, None
 
 
 _ring_forward.register_autograd(_gradients, setup_context=_keep_for_backward)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                   scale: float | None = None) -> torch.Tensor:
-    """Causal attention of this rank's zigzag queries over the whole sequence of ``group``."""
+                   scale: float | None = None, documents: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Causal attention of this rank's zigzag queries over the whole sequence of ``group``;
+    with ``documents`` (the whole sequence's document ids), within documents."""
     if q.shape[2] % 2:
         raise ValueError(f"ring attention needs two equal local chunks, got length {q.shape[2]}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = autocast_inputs(q, k, v)
-    out, _ = _ring_forward(q, k, v, group.group_name, float(scale))
+    out, _ = _ring_forward(q, k, v, documents, group.group_name, float(scale))
     return out.to(q.dtype)
 
 
@@ -307,12 +353,15 @@ def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.T
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      group: dist.ProcessGroup, scale: float | None = None) -> torch.Tensor:
-    """Causal attention of contiguous sequence shards via sequence<->head all-to-alls."""
+                      group: dist.ProcessGroup, scale: float | None = None,
+                      documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of contiguous sequence shards via sequence<->head all-to-alls; with
+    ``documents`` (the whole sequence's ids, the order the all-to-all puts it in), within
+    documents."""
     cp = dist.get_world_size(group)
     # in autocast's dtype before they travel (what the attention would cast them to anyway)
     q, k, v = (_seq_to_heads(t, group, cp) for t in autocast_inputs(q, k, v))
-    out = causal_attention(q, k, v, scale)
+    out = causal_attention(q, k, v, scale, documents)
     return _heads_to_seq(out, group, cp)
 
 

@@ -99,9 +99,9 @@ def apply_tensor_parallel(
                 "attention_norm": SequenceParallel(),
                 "ffn_norm": SequenceParallel(),
                 # x arrives sequence-sharded; cos/sin are plain full-length tables.
-                "attention": PrepareModuleInput(
-                    input_layouts=(Shard(1), None, None),
-                    desired_input_layouts=(Replicate(), None, None),
+                "attention": PrepareModuleInput(  # (x, cos, sin, documents)
+                    input_layouts=(Shard(1), None, None, None),
+                    desired_input_layouts=(Replicate(), None, None, None),
                 ),
             }
         parallelize_module(block, tp_mesh, plan)

@@ -596,6 +596,14 @@ class PackedSequences:
 # Sampling
 
 
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Which document each token of ``tokens`` (``[batch, seq]``) is in, counted from 0 at each
+    sequence's start: a new document begins after every ``eos_id``, which belongs to the one it
+    ends (what ``train.document_mask`` masks attention by)."""
+    ends = tokens == eos_id
+    return torch.cumsum(ends, dim=1) - ends.long()
+
+
 class StackedSamples:
     """Samples already gathered, ``(inputs, targets)`` of ``[n, seq_len]``: an evaluation's,
     read once and split for every evaluation as training splits its batches."""

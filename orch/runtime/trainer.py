@@ -42,7 +42,7 @@ from orch.parallel.pipeline.timeline import exposed_transfers, measured_timeline
 from orch.parallel.tensor_parallel import vocab_parallel_loss
 from orch.plan import Plan
 from orch.runtime.comm_timeout import set_comm_timeout
-from orch.runtime.data import BatchStream, BlendStream
+from orch.runtime.data import BatchStream, BlendStream, document_ids
 from orch.runtime.drills import maybe_fail, nan_drill
 from orch.runtime.evaluation import Evaluation, MicroBatches, isolated
 from orch.runtime.metrics import EvalMetrics, MetricsLog, StepMetrics, memory_bytes
@@ -217,12 +217,13 @@ class Trainer:
                 set_gradient_sync(self.model, last, self.cfg.parallel.grad_reduce)
                 if self.offload is not None:
                     self.offload.start_micro_batch(last)
+            documents = self._documents(inputs)  # of the whole sequence, before the cp split
             if self.positions is not None:
                 inputs, targets = inputs[:, self.positions], targets[:, self.positions]
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             cast = self.autocast
             with torch.autocast(self.device.type, cast) if cast else contextlib.nullcontext():
-                logits = self.model(inputs, self.positions)
+                logits = self.model(inputs, self.positions, documents)
             # Tensor-parallel logits arrive sharded on the vocabulary: loss_parallel computes
             # the cross-entropy (forward and backward) without gathering them.
             sharded = isinstance(logits, DTensor)
@@ -245,13 +246,21 @@ class Trainer:
             micro_batches = self.stream.next_step()
         inputs = torch.cat([i for i, _ in micro_batches])
         targets = torch.cat([t for _, t in micro_batches])
+        documents = self._documents(inputs)  # every stage's, of the whole sequence
         if self.positions is not None:
             inputs, targets = inputs[:, self.positions], targets[:, self.positions]
         run = self.pipeline.step if train else self.pipeline.evaluate
         cast = self.autocast
         with torch.autocast(self.device.type, cast) if cast else contextlib.nullcontext():
             with loss_parallel() if self.plan.degrees.tp > 1 else contextlib.nullcontext():
-                return run(inputs.to(self.device), targets.to(self.device))
+                return run(inputs.to(self.device), targets.to(self.device), documents)
+
+    def _documents(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The document ids of ``inputs`` (whole sequences) on the device where attention keeps
+        to documents (``train.document_mask``), else None."""
+        if not self.cfg.train.document_mask:
+            return None
+        return document_ids(inputs, self.cfg.data.eos_id).to(self.device)
 
     def _evaluate(self, step: int) -> None:
         """Evaluate the weights after ``step`` on the held-out batches (every rank calls it):

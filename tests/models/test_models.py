@@ -46,6 +46,25 @@ def test_causal_later_tokens_do_not_change_earlier_logits():
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
+def test_packed_documents_under_the_document_mask_give_each_documents_own_logits():
+    """Block-causal attention (train.document_mask): a document packed after another gives the
+    logits it gives alone (RoPE sees only relative positions), and the first document's end
+    (its EOS) belongs to it; without the mask the second reads the first."""
+    from orch.runtime.data import document_ids
+
+    model = Transformer(small())
+    eos = 63
+    first, second = torch.randint(0, 63, (1, 7)), torch.randint(0, 63, (1, 9))
+    first[0, -1] = eos
+    packed = torch.cat([first, second], dim=1)
+    documents = document_ids(packed, eos)
+    assert documents.tolist() == [[0] * 7 + [1] * 9]
+    within = model(packed, documents=documents)
+    torch.testing.assert_close(within[:, :7], model(first), rtol=0, atol=1e-5)
+    torch.testing.assert_close(within[:, 7:], model(second), rtol=0, atol=1e-5)
+    assert not torch.allclose(model(packed)[:, 7:], model(second), atol=1e-3)
+
+
 def test_gqa_matches_explicitly_repeated_kv_heads():
     cfg = small(heads=4, kv_heads=2)
     attn = Attention(cfg)

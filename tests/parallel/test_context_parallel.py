@@ -25,7 +25,9 @@ pytestmark = pytest.mark.dist
 B, HEADS, KV_HEADS, SEQ, DIM = 2, 8, 4, 32, 16
 KERNELS = ("reference", "triton")  # ORCH_KERNELS: plain-torch blocks and SDPA, or orch's
 IMPLS = (*KERNELS, "autocast", "selective")  # the kernels under autocast, and under recompute
-WORLDS = {2: IMPLS, 4: KERNELS}
+WORLDS = {2: (*IMPLS, "documents"), 4: (*KERNELS, "documents")}
+"""``documents``: within documents (train.document_mask), the plain-torch blocks: query rows
+whose document has no key in a whole chunk (its blocks' rows see nothing) must not be NaN."""
 ATOL = 1e-5
 AUTOCAST_ATOL = 1e-2  # float16 inputs (values of size 1-4, ten bits of mantissa)
 
@@ -39,10 +41,25 @@ def inputs() -> tuple[torch.Tensor, ...]:
     return q, k, v, grad
 
 
-def reference() -> dict[str, torch.Tensor]:
+def documents() -> torch.Tensor:
+    """Document ids of the whole sequence: documents starting at 5, 17 and 30 in the first
+    sequence, at 1 in the second (one token, then one document over every chunk after)."""
+    starts = torch.zeros(B, SEQ, dtype=torch.long)
+    starts[0, [5, 17, 30]] = 1
+    starts[1, 1] = 1
+    return starts.cumsum(1)
+
+
+def reference(within_documents: bool = False) -> dict[str, torch.Tensor]:
+    from orch.kernels.attention import document_mask
+
     q, k, v, grad = inputs()
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if within_documents:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(documents()),
+                                             enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     out.backward(grad)
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
@@ -58,7 +75,8 @@ def _run(rank: int, world: int, results) -> None:
     # float16 out of its projection) on the kernels, which autocast does not cast for;
     # "selective": the kernels under op-level selective recompute
     for impl in WORLDS[world]:
-        os.environ["ORCH_KERNELS"] = "reference" if impl == "reference" else "triton"
+        os.environ["ORCH_KERNELS"] = "triton" if impl in ("triton", "autocast", "selective") \
+            else "reference"
         for kind, attention in (("ring", ring_attention), ("ulysses", ulysses_attention)):
             pos = local_positions(SEQ, world, rank, kind)
             q, k, v, grad = (t[:, :, pos].clone() for t in inputs())
@@ -67,6 +85,8 @@ def _run(rank: int, world: int, results) -> None:
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             launches.clear()
             run = functools.partial(attention, group=dist.group.WORLD)
+            if impl == "documents":
+                run = functools.partial(run, documents=documents())
             if impl == "selective":
                 run = functools.partial(recompute_once, run, selective_contexts)
             with torch.autocast("cpu", torch.float16, enabled=impl == "autocast"):
@@ -99,14 +119,15 @@ def test_zigzag_split_balances_the_causal_work():
 @pytest.mark.parametrize(("world", "impl"), [(w, i) for w, impls in WORLDS.items() for i in impls])
 @pytest.mark.parametrize("kind", ["ring", "ulysses"])
 def test_equals_full_attention_forward_and_backward(sharded, kind, world, impl):
-    ref = reference()
+    ref = reference(within_documents=impl == "documents")
     for rank in range(world):
         got = sharded[(impl, kind, world, rank)]
         # ring: one kernel forward per visible block (query chunk c sees chunks 0..c, and a
         # rank holds chunks r and 2 world - 1 - r: 2 world + 1 in all); Ulysses: one; under
         # selective recompute no more (the ring ran twice, the second time in backward)
         blocks = 2 * world + 1 if kind == "ring" else 1
-        assert got["kernel_forwards"] == (blocks if impl != "reference" else 0)
+        assert got["kernel_forwards"] == (blocks if impl in ("triton", "autocast", "selective")
+                                          else 0)
         for name in ("out", "dq", "dk", "dv"):
             torch.testing.assert_close(
                 got[name].float(),

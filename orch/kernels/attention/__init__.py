@@ -41,6 +41,7 @@ __all__ = [
     "AttentionInputError",
     "attention_reference",
     "causal_attention",
+    "document_mask",
     "flash_attention",
     "kernel_takes",
 ]
@@ -120,12 +121,25 @@ def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, instead: str
     return True
 
 
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """The block-causal mask of ``documents`` (``(batch, seq)`` document ids, one per token):
+    ``(batch, 1, seq, seq)``, True where query ``i`` may see key ``j``: ``j <= i`` in the same
+    document. Every query sees itself, so no row is empty."""
+    same = documents[:, :, None] == documents[:, None, :]
+    n = documents.shape[1]
+    return (same & torch.ones(n, n, dtype=torch.bool, device=documents.device).tril())[:, None]
+
+
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal self-attention laid out as the model holds its heads, ``(batch, heads, seq,
     head_dim)`` (k and v may have fewer heads): the attention of orch's model and of Ulysses
-    context parallelism.
+    context parallelism. With ``documents`` (``(batch, seq)`` document ids), block-causal:
+    a token sees the earlier tokens of its own document only (:func:`document_mask`); that runs
+    on torch's SDPA with the mask on every device (orch's kernels take no document ids yet, which
+    the log says once on a GPU).
 
     orch's Triton kernels run it where they can (:func:`kernel_takes`), through transposed views
     (no copy); elsewhere torch's ``scaled_dot_product_attention``, the same function, runs
@@ -135,6 +149,14 @@ def causal_attention(
     CPU SDPA returns NaN: the reference runs it.
     """
     q, k, v = autocast_inputs(q, k, v)
+    if documents is not None:
+        if use_triton("flash_attention", q, k, v):
+            warn_once("flash_attention", "document masks (train.document_mask) are not in "
+                      "orch's kernels yet", instead="torch's scaled_dot_product_attention with "
+                      "the block-causal mask")
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=document_mask(documents.to(q.device)), scale=softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1])
     if kernel_takes(q, k, v, instead="torch's scaled_dot_product_attention"):
         # kernel_takes has dispatched and checked: straight to the kernel's op, not through
         # flash_attention's dispatch and checks a second time on every layer's call

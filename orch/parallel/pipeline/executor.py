@@ -187,22 +187,24 @@ class PipelineExecutor:
     def holds_first(self) -> bool:
         return any(stage.is_first for stage in self.stages)
 
-    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+             documents: torch.Tensor | None = None) -> torch.Tensor:
         """One training step's forward and backward over all micro-batches: ``inputs`` (first
         stage) and ``targets`` (last stage) are the step's whole batch, micro-batches
-        concatenated. Returns the mean loss on the last stage's rank (zero elsewhere)."""
+        concatenated; ``documents`` (every stage's: its attention keeps to them) their document
+        ids, or None. Returns the mean loss on the last stage's rank (zero elsewhere)."""
         dist.barrier(group=self.group)  # a common start, so the ranks' timelines line up
         self.clock.start()
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.holds_first else ()
         self.runtime.step(*args, target=targets if self.holds_last else None,
-                          losses=losses, return_outputs=False)
+                          losses=losses, return_outputs=False, **_stage_kwargs(documents))
         if not losses:
             return torch.zeros((), device=self.stages[0].device)
         return torch.stack([loss.detach() for loss in losses]).mean()
 
-    def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None
-                 ) -> torch.Tensor:
+    def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+                 documents: torch.Tensor | None = None) -> torch.Tensor:
         """The mean loss of one batch's forward passes alone (as :meth:`step` takes and returns
         them), on torch's forward-only path (``eval``: no backward runs) with the schedule's
         forwards; call it under ``torch.no_grad``. Training's actions, and the clock's records
@@ -221,7 +223,7 @@ class PipelineExecutor:
             losses: list[torch.Tensor] = []
             args = (inputs,) if self.holds_first else ()
             self.runtime.eval(*args, target=targets if self.holds_last else None,
-                              losses=losses, return_outputs=False)
+                              losses=losses, return_outputs=False, **_stage_kwargs(documents))
         finally:
             self.runtime.pipeline_order_with_comms = self._training_order
             self.clock.recording = True
@@ -239,6 +241,12 @@ class PipelineExecutor:
         gathered: list[list[Record] | None] = [None] * self.size
         dist.all_gather_object(gathered, self.clock.records, group=self.group)
         return [r or [] for r in gathered] if self.rank == 0 else None
+
+
+def _stage_kwargs(documents: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """What every stage's forward takes besides its input: torch's runtime splits keyword
+    arguments into micro-batches as it splits the inputs, and passes them to every stage."""
+    return {} if documents is None else {"documents": documents}
 
 
 __all__ = ["ActionClock", "LossFn", "PipelineExecutor", "StageShapes", "transformer_stages"]
