@@ -23,11 +23,17 @@ def blend_field(index: int) -> str:
     return f"{FIELD}[{index}]"
 
 
+def blend_paths(entries: list[str]) -> list[str]:
+    """Each entry's path, in place ("" where it has none), whether or not its weight is good:
+    rules about the files name them by their places."""
+    return [parts[1] if len(parts := str(entry).strip().split(maxsplit=1)) == 2 else ""
+            for entry in entries]
+
+
 def blend_stand_in(entry: str) -> str:
     """What stands in for an entry a rule refused while the config's other checks run: weight
     1 and its path where it has one (the checks of the files then keep their places)."""
-    parts = str(entry).strip().split(maxsplit=1)
-    return f"1 {parts[1] if len(parts) == 2 else '-'}"
+    return f"1 {blend_paths([entry])[0] or '-'}"
 
 
 def parse_blend(entries: list[str]) -> tuple[list[tuple[float, str]], list[Problem]]:

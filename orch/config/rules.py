@@ -8,7 +8,7 @@ parallel degrees, memory) are the plan's, in ``orch.plan.rules``.
 
 from __future__ import annotations
 
-from orch.config.blend import FIELD, blend_field, parse_blend
+from orch.config.blend import FIELD, blend_field, blend_paths, parse_blend
 from orch.config.schema import KV_HEADS, OFFLOADED, Config, ModelConfig
 from orch.errors import Problem
 from orch.offload.sizes import ALIGN
@@ -401,8 +401,7 @@ def check_config(cfg: Config) -> list[Problem]:
         "ranks wait for",
     )
     d, ev = cfg.data, cfg.eval
-    blend, blend_problems = parse_blend(d.blend)
-    problems += blend_problems
+    problems += parse_blend(d.blend)[1]
     need(not (d.blend and d.path), "data.path", f"{d.path!r} is set beside data.blend, which "
          "replaces it", "put the file in data.blend with a weight, or leave data.blend empty",
          (FIELD,))
@@ -414,7 +413,7 @@ def check_config(cfg: Config) -> list[Problem]:
     bins = [field for field, path, read_as_text in (
         ("data.path", d.path, d.format == "text"),
         ("eval.path", ev.path if ev.interval > 0 else "", False),  # (its format: its suffix)
-        *((blend_field(i), path, False) for i, (_, path) in enumerate(blend)))
+        *((blend_field(i), path, False) for i, path in enumerate(blend_paths(d.blend))))
         if typed_by_config(path) and not read_as_text]
     need(
         not (bins and d.token_dtype == "uint16" and m.vocab_size > UINT16_IDS),

@@ -131,6 +131,8 @@ def test_a_resume_onto_other_files_or_a_damaged_position_is_refused():
      "data.path: 'b.txt' is set beside data.blend, which replaces it"),
     (['data.blend=["1 a.txt", "2 ids.bin"]', "model.vocab_size=70000"],
      "data.token_dtype: uint16 for a .bin file (data.blend[1]) of a model"),
+    (['data.blend=["x", "2 ids.bin"]', "model.vocab_size=70000"],  # in place after a bad one
+     "data.token_dtype: uint16 for a .bin file (data.blend[1]) of a model"),
     (['data.blend=["1 a.txt"]', "data.format=tokens"],  # read as text all the same
      "data.format: 'tokens' beside data.blend, whose files read as their suffixes say"),
 ])
