@@ -89,7 +89,7 @@ class Partition:
                 norms[slot] = -1.0 if p.grad is None else torch.linalg.vector_norm(p.grad)
         with dimension("dp"):  # the replicas' group is no mesh's (on CUDA)
             dist.all_reduce(norms, group=self.group)
-        reached = norms[norms >= 0]
+        reached = norms[~(norms < 0)]  # a NaN norm is reached: NaN >= 0 is False too
         return torch.linalg.vector_norm(reached) if reached.numel() else torch.zeros(())
 
 

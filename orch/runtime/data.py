@@ -21,6 +21,7 @@ import importlib.resources
 import math
 import os
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -498,8 +499,9 @@ def problem_of(problem: Problem, field: str) -> Problem:
 
 def held_out_start(count: int, holdout: float) -> int:
     """Where the part of ``count`` tokens that ``data.holdout`` keeps out of training starts:
-    the last ``ceil(count * holdout)`` tokens are held out (none for 0)."""
-    return count - math.ceil(count * holdout)
+    the last ``ceil(count * holdout)`` tokens are held out (none for 0), the product taken in
+    decimal (``holdout`` as written: 100 x 0.07 is 7, not the 8 binary floats make of it)."""
+    return count - math.ceil(count * Fraction(str(holdout)))
 
 
 def packed_samples(count: int, seq_len: int) -> int:

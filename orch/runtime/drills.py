@@ -118,20 +118,22 @@ def maybe_fail(point: str, step: int) -> None:
 
 
 @contextlib.contextmanager
-def nan_drill(model: nn.Module, step: int) -> Iterator[None]:
-    """Within the block, ``model``'s outputs are NaN if this process's drill is ``nan`` for
-    ``step`` (a forward hook on the whole local model: a pipeline stage's, an offloaded one's)."""
+def nan_drill(models: list[nn.Module], step: int) -> Iterator[None]:
+    """Within the block, the outputs of ``models`` (what this rank runs: its model, or each of
+    its pipeline stages) are NaN if this process's drill is ``nan`` for ``step``."""
     drill = _armed()
     if drill is None or drill.action != "nan" or drill.step != step:
         yield
         return
     print(f"orch: drill: rank {drill.rank} makes its outputs NaN in step {step}",
           file=sys.stderr, flush=True)
-    handle = model.register_forward_hook(lambda _module, _args, out: out * float("nan"))
+    handles = [model.register_forward_hook(lambda _module, _args, out: out * float("nan"))
+               for model in models]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 __all__ = ["DRILL_ENV", "Drill", "DrillError", "maybe_fail", "nan_drill", "parse_drill"]

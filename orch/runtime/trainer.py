@@ -154,7 +154,7 @@ class Trainer:
             with self.ledger.tracking() if self.ledger else contextlib.nullcontext():
                 if self.offload is not None:
                     self.offload.start_step()
-                with nan_drill(self.model, step):  # a fault drill (ORCH_DRILL), when set
+                with nan_drill(self._runs(), step):  # a fault drill (ORCH_DRILL), when set
                     loss = self._accumulate() if self.pipeline is None else self._pipelined()
                 maybe_fail("step", step)  # a fault drill (ORCH_DRILL), when one is set
                 if self.offload is not None:
@@ -254,6 +254,13 @@ class Trainer:
         with torch.autocast(self.device.type, cast) if cast else contextlib.nullcontext():
             with loss_parallel() if self.plan.degrees.tp > 1 else contextlib.nullcontext():
                 return run(inputs.to(self.device), targets.to(self.device), documents)
+
+    def _runs(self) -> list[nn.Module]:
+        """The modules this rank calls in a step: its model, or its pipeline stages (a rank of
+        several stages calls each stage's view, not the model holding them)."""
+        if self.pipeline is None:
+            return [self.model]
+        return [stage.submod for stage in self.pipeline.stages]
 
     def _documents(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """The document ids of ``inputs`` (whole sequences) on the device where attention keeps

@@ -56,7 +56,7 @@ from orch.runtime.optim import build_optimizer
 from orch.runtime.parallelize import RanksDisagree, agree_on_plan, agree_on_run_dir, parallelize
 from orch.runtime.rank_log import log_to_file, record_failure, report_crash
 from orch.runtime.train_state import TrainState
-from orch.runtime.trainer import Trainer
+from orch.runtime.trainer import NonFiniteStep, Trainer
 
 
 def _device() -> torch.device:
@@ -229,9 +229,9 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
                           run_dir if rank == 0 else None, offload, repartitioner,
                           finish_saves=checkpoints.poll, evaluation=evaluation)
         trainer.train(start)
-    except Repartition:  # every rank stops here, after the save the new split starts from
-        checkpoints.wait()
-        raise
+    except (Repartition, NonFiniteStep):  # every rank stops here, at the same step: the save
+        checkpoints.wait()  # in flight completes (the new split starts from it; it is the
+        raise  # newest good one)
     except BaseException:  # the peers may be mid-step or gone: no collective, let it surface
         checkpoints.abandon()
         raise

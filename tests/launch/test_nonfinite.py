@@ -14,15 +14,28 @@ DRILL = {"ORCH_DRILL": "nan rank=1 step=3"}
 TWO = ["--nproc-per-node", "2", "--max-restarts", "1", "configs/tiny.yaml"]
 
 
-def test_a_nan_step_stops_every_rank_before_its_update_keeping_the_checkpoints(tmp_path):
+@pytest.mark.parametrize("layout", [
+    # a background save of step 2 in flight: it was abandoned, as after a peer's failure
+    ["checkpoint.async_save=true"],
+    # two stages a rank: the drill hooked the model, which the stages' views bypass
+    ["parallel.dp_shard=1", "parallel.pp=2", "parallel.pp_schedule=zbv"],
+    # offloaded replicas: their norm dropped NaN as an unreached gradient's -1 (NaN >= 0 is
+    # False) and said 0.0, and the run trained on and saved NaN weights
+    ["parallel.dp_shard=1", "parallel.dp_replicate=2", "offload.params=cpu",
+     "offload.grads=cpu", "offload.optimizer=cpu"],
+], ids=["async-save", "zbv", "offload-replicas"])
+def test_a_nan_step_stops_every_rank_before_its_update_keeping_the_checkpoints(tmp_path,
+                                                                              layout):
     run = tmp_path / "run"
-    out = launch(*TWO, *overrides(run, "train.steps=4", "checkpoint.interval=2"), env=DRILL)
+    out = launch(*TWO, *overrides(run, "train.steps=4", "checkpoint.interval=2", *layout),
+                 env=DRILL)
     said = out.stdout + out.stderr
     assert out.returncode == 2, said
     assert said.count("train.stop_on_nonfinite: step 3's gradient norm is nan: the run stopped "
                       "before its update reached the weights") == 1  # one rank speaks per node
     assert "not restarted: a restart would meet the same bad input" in said
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]
+    assert (run / "checkpoints" / "step-00000002" / "manifest.json").is_file()  # complete
     assert [m["step"] for m in metrics(run)] == [1, 2]
 
 

@@ -35,6 +35,7 @@ def test_training_stops_where_the_held_out_part_starts_and_evaluations_read_it_i
     path = ids(tmp_path, "a.npy", 1000)
     config = cfg(f"data.path={path}", "data.holdout=0.1", "eval.batches=2")
     assert held_out_start(1000, 0.1) == 900 and held_out_start(1000, 0.0) == 1000
+    assert held_out_start(100, 0.07) == 93  # ceil(100 x 0.07) is 7; in binary floats, 8
     stream = training_stream(config, 0, 1, None)
     assert len(stream.dataset.tokens) == 900  # the sampler cannot reach the held-out tokens
     inputs, targets = held_out_samples(config)
