@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
+from torch.profiler import record_function
 
 from orch.config.schema import Config
 from orch.errors import OrchError
@@ -277,7 +278,8 @@ class Trainer:
             self.offload.wait_updates()  # and its time to no evaluation
         start = time.perf_counter()
         with self.ledger.helpers_left_out() if self.ledger else contextlib.nullcontext(), \
-                isolated(self.model, self.device, self.offload):
+                isolated(self.model, self.device, self.offload), \
+                record_function(f"evaluation after step {step}"):  # its own range in a trace
             losses = [self._micro_batches(batch, train=False) if self.pipeline is None
                       else self._pipelined(batch, train=False)
                       for batch in self.evaluation.batches]

@@ -29,7 +29,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     whole, split = root / "whole", root / "split"
     args = [f"train.steps={STEPS}", "checkpoint.interval=5"]
     out = launch(*SHARD2, *overrides(whole, *args, "run.profile.start=3", "run.profile.steps=2",
-                                     "run.tensorboard=true"))
+                                     "run.tensorboard=true", "eval.interval=3",
+                                     "eval.path=README.md"))  # (changes no step's numbers)
     assert out.returncode == 0, out.stdout + out.stderr
     first = launch(*SHARD2, *overrides(split, *args, "run.stop_at_step=5"))
     assert first.returncode == 0, first.stdout + first.stderr
@@ -247,6 +248,7 @@ def test_every_rank_records_its_device_and_a_profile_of_the_asked_steps(runs):
         trace = json.loads((runs["whole"] / "profile" / f"rank-{rank}.json").read_text())
         names = {event.get("name", "") for event in trace["traceEvents"]}
         assert any("aten::" in name for name in names)
+        assert "evaluation after step 3" in names  # inside the window, a range of its own
     assert not (runs["split"] / "profile").exists()
 
 
