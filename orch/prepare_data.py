@@ -37,14 +37,16 @@ from orch.runtime.indexed import IndexWriter
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 """Inputs read as one JSON object per line, each a document (``.gz`` read transparently)."""
 
-PIECE_CHARS = 8 << 20
-"""A text file is tokenized in pieces of about this many characters, each cut after a newline,
-so a large file is never held whole; tokenization can differ from the whole file's only where a
-piece ends (one place in 8 MiB, at a line end)."""
+PIECE_CHARS = 1 << 20
+"""A text file is tokenized in pieces of about this many characters, each cut after a newline
+(before a space in a longer line), so a large file is never held whole: the tokenizers package
+holds about 200 bytes per character it encodes at once (1.4-1.7 GB for 8 MiB, measured), about
+220 MB here. Tokenization can differ from the whole file's only where a piece ends (one place
+in a MiB)."""
 
-BATCH_CHARS = 4 << 20
+BATCH_CHARS = 1 << 20
 """JSON-lines documents are encoded in batches of about this many characters (the tokenizers
-package spreads a batch over the cores)."""
+package spreads a batch over the cores; its memory grows with the batch as with a piece)."""
 
 UINT16_VOCAB = 1 << 16
 """Vocabularies up to this size are written as uint16 ids, larger ones as int32 (Megatron's
@@ -216,7 +218,8 @@ def _open_text(path: Path) -> IO[str]:
 
 def _text_pieces(path: Path) -> Iterator[str]:
     """The text of ``path`` in pieces of about :data:`PIECE_CHARS`, each but the last ending
-    at a line end; a file that fits in one piece is one piece, whatever its lines."""
+    at a line end, or, in a line longer than a piece, before a space (a 10 MB line went to the
+    tokenizer whole: 2 GB of memory); a file that fits in one piece is one piece."""
     with _open_text(path) as f:
         text = f.read(PIECE_CHARS)
         while text:
@@ -224,11 +227,11 @@ def _text_pieces(path: Path) -> Iterator[str]:
             if not more:
                 yield text
                 return
-            cut = text.rfind("\n") + 1
-            if cut:
+            cut = text.rfind("\n") + 1 or text.rfind(" ")
+            if cut > 0:
                 yield text[:cut]
                 text = text[cut:] + more
-            else:  # one line longer than a piece: wait for its end
+            else:  # not a line end nor a space in a whole piece: wait for one
                 text += more
 
 

@@ -86,6 +86,12 @@ def test_a_text_file_read_in_pieces_loses_and_repeats_nothing(tmp_path, monkeypa
     # text's start, as Llama 2's does, marked that line's as well)
     monkeypatch.setattr(prepare_data, "PIECE_CHARS", 1000)
     assert list(prepare_data._text_pieces(text)) == [body]
+    # a line longer than a piece is cut before a space (it went to the tokenizer whole)
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 16)
+    text.write_text(" ".join(f"word{i}" for i in range(40)))
+    pieces = list(prepare_data._text_pieces(text))
+    assert "".join(pieces) == text.read_text() and max(map(len, pieces)) < 40
+    assert all(piece.startswith(" ") for piece in pieces[1:])
 
 
 def test_an_index_is_no_input_and_megatrons_stale_cache_is_pointed_out(tmp_path, capsys):
