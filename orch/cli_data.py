@@ -31,7 +31,8 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
                          help="the documents' field in JSON-lines files (default: text)")
     eos = prepare.add_mutually_exclusive_group()
     eos.add_argument("--eos", metavar="TOKEN", help="the end-of-document token (default: the "
-                     "eos_token of the tokenizer_config.json beside tokenizer.json)")
+                     "eos_token of the tokenizer_config.json beside tokenizer.json; with "
+                     "--tokenizer byte a byte value, e.g. 0)")
     eos.add_argument("--no-eos", action="store_true",
                      help="append nothing between documents")
     prepare.add_argument("--force", action="store_true",

@@ -59,6 +59,10 @@ def reading(problems: Iterable[Problem], fields: Iterable[str]) -> list[Problem]
 class OrchError(Exception):
     """Base class of errors caused by user input; printed without a traceback."""
 
+    speaker = True
+    """Whether this process prints it: an error every rank of a worker group raises alike is
+    said by one rank a node (each node's launcher shows its own workers' output)."""
+
     exit_code = 2
 
 

@@ -70,10 +70,13 @@ class Tokenizer(Protocol):
 
 
 class Bytes:
-    """orch's byte tokenizer (``data.tokenizer: byte``): UTF-8 bytes, no end-of-document id."""
+    """orch's byte tokenizer (``data.tokenizer: byte``): UTF-8 bytes; the end-of-document id a
+    byte value given with ``--eos`` (such as 0, which text never holds), or none."""
 
     vocab_size = ByteTokenizer.vocab_size
-    eos: int | None = None
+
+    def __init__(self, eos: int | None = None) -> None:
+        self.eos = eos
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [ByteTokenizer().encode(text) for text in texts]
@@ -131,11 +134,12 @@ def load_tokenizer(value: str, eos: str | None, no_eos: bool) -> Tokenizer:
     holding one) with its end-of-document token: ``eos`` when given, else the one its
     ``tokenizer_config.json`` names; ``no_eos``: none. Raises :class:`PrepareError`."""
     if value == "byte":
-        if eos is not None:
-            raise PrepareError([Problem("--eos", f"{eos!r}, but the byte tokenizer has no "
-                                        "special tokens", "leave --eos out with --tokenizer "
-                                        "byte (documents are then simply concatenated)")])
-        return Bytes()
+        if eos is not None and not (eos.isdigit() and int(eos) < Bytes.vocab_size):
+            raise PrepareError([Problem("--eos", f"{eos!r}, but the byte tokenizer's ids are "
+                                        "the bytes 0-255 and it has no special tokens",
+                                        "give a byte value, e.g. --eos 0 (text never holds it), "
+                                        "or leave --eos out (documents simply concatenated)")])
+        return Bytes(None if eos is None else int(eos))
     path = _tokenizer_file(value)
     if not path.is_file():
         raise PrepareError([Problem("--tokenizer", f"{value!r}: no tokenizer.json there",

@@ -332,9 +332,10 @@ MOE = ["model.experts=4"]
         (["run.comm_timeout_s=1e6"], "run.comm_timeout_s: 1e+06 is neither 0"),
         (["checkpoint.keep_last=-1"], "checkpoint.keep_last: must be 0 or more"),
         (["train.document_mask=true"],
-         "train.document_mask: needs the end-of-document id, but data.eos_id is -1"),
-        (["train.document_mask=true", "data.eos_id=300"], "train.document_mask: needs an "
-         "end-of-document id below model.vocab_size=256, but data.eos_id is 300"),
+         "train.document_mask: needs the end-of-document id, but data.eos_id is -1 (none)"),
+        (["data.eos_id=300"], "data.eos_id: 300 is neither -1 (none) nor an id of the "
+         "vocabulary (0 to model.vocab_size - 1 = 255)"),
+        (["data.eos_id=-7"], "data.eos_id: -7 is neither -1 (none) nor an id"),
         (["data.path=ids.bin", "model.vocab_size=128256"],  # read as twice as many ids
          "data.token_dtype: uint16 for a .bin file (data.path) of a model with "
          "model.vocab_size=128256"),

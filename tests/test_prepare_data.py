@@ -151,6 +151,22 @@ def test_megatron_reads_the_pair_with_each_document_where_it_was(tmp_path, monke
     assert IndexedDataset(str(tmp_path / "train")).document_indices.tolist() == [0, 1]
 
 
+def test_the_byte_tokenizer_ends_documents_with_a_byte_given_as_eos(tmp_path, capsys):
+    """Without it byte-level documents ran into each other, and train.document_mask had no
+    data.eos_id to split them by."""
+    docs = tmp_path / "d.jsonl"
+    docs.write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"text": "c"}) + "\n")
+    out = tmp_path / "d.bin"
+    assert main(["data", "prepare", str(docs), "--tokenizer", "byte", "--eos", "0", "--out",
+                 str(out)]) == 0
+    assert np.fromfile(out, dtype=np.uint16).tolist() == [97, 98, 0, 99, 0]
+    assert "data.eos_id=0" in capsys.readouterr().out
+    assert main(["data", "prepare", str(docs), "--tokenizer", "byte", "--eos", "</s>", "--out",
+                 str(tmp_path / "e.bin")]) == 2
+    assert "--eos: '</s>', but the byte tokenizer's ids are the bytes 0-255" in (
+        capsys.readouterr().err)
+
+
 def test_a_vocabulary_over_65536_is_written_as_int32(tmp_path):
     words = {f"w{i}": i for i in range(70_000)}
     tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
@@ -284,9 +300,12 @@ def test_sigterm_between_the_renames_leaves_the_new_pair_whole(tmp_path):
         "import os, signal\n"
         "from orch import prepare_data\n"
         "real = os.replace\n"
+        "calls = []\n"
         "def replace(*args):\n"
         "    real(*args)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 1:  # between the two renames, once\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "prepare_data.os.replace = replace\n"
         f"prepare_data.prepare([{str(text)!r}], 'byte', {str(tmp_path / 'g.bin')!r}, "
         "force=True)\n")

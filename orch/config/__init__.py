@@ -182,7 +182,8 @@ def _with_defaults(cfg: Config, stand_ins: set[str]) -> Config:
             stand_ins.add("parallel.dp_shard")
         checked = cfg
         for path in sorted(stand_ins):  # a section before the fields in it
-            checked = _with_default(checked, path)
+            if not _covered(path, stand_ins - {path}):  # (a list item of a list at default)
+                checked = _with_default(checked, path)
         if not (refused := check_config(checked)):
             return checked
         before = len(stand_ins)

@@ -62,4 +62,20 @@ def parse_blend(entries: list[str]) -> tuple[list[tuple[float, str]], list[Probl
     # relative to the largest first: a sum of weights near the float maximum is infinite
     largest = max((weight for weight, _ in pairs), default=1.0)
     total = sum(weight / largest for weight, _ in pairs)
-    return [(weight / largest / total, path) for weight, path in pairs], problems
+    normalized = [(weight / largest / total, path) for weight, path in pairs]
+    problems += [Problem(blend_field(index), f"{entries[index]!r}: its weight is 0 beside the "
+                         "others' (below the smallest float)", "give each file a weight within "
+                         "a factor of 1e300 of the largest")
+                 for index, (weight, _) in zip(_valid_indices(entries, problems), normalized,
+                                               strict=True) if weight <= 0]
+    return normalized, problems
+
+
+def _valid_indices(entries: list[str], problems: list[Problem]) -> list[int]:
+    refused = {problem.where for problem in problems}
+    return [index for index in range(len(entries)) if blend_field(index) not in refused]
+
+
+def blend_weights(entries: list[str]) -> list[float]:
+    """The normalized weights of ``data.blend``'s ``entries``, in order (entries checked)."""
+    return [weight for weight, _ in parse_blend(entries)[0]]

@@ -401,7 +401,9 @@ def check_config(cfg: Config) -> list[Problem]:
         "ranks wait for",
     )
     d, ev = cfg.data, cfg.eval
-    problems += parse_blend(d.blend)[1]
+    blend_problems = parse_blend(d.blend)[1]
+    problems += blend_problems
+    refused = {problem.where for problem in blend_problems}  # (said: not blamed again below)
     need(not (d.blend and d.path), "data.path", f"{d.path!r} is set beside data.blend, which "
          "replaces it", "put the file in data.blend with a weight, or leave data.blend empty",
          (FIELD,))
@@ -413,7 +415,8 @@ def check_config(cfg: Config) -> list[Problem]:
     bins = [field for field, path, read_as_text in (
         ("data.path", d.path, d.format == "text"),
         ("eval.path", ev.path if ev.interval > 0 else "", False),  # (its format: its suffix)
-        *((blend_field(i), path, False) for i, path in enumerate(blend_paths(d.blend))))
+        *((blend_field(i), path, False) for i, path in enumerate(blend_paths(d.blend))
+          if blend_field(i) not in refused))
         if typed_by_config(path) and not read_as_text]
     need(
         not (bins and d.token_dtype == "uint16" and m.vocab_size > UINT16_IDS),
@@ -428,11 +431,14 @@ def check_config(cfg: Config) -> list[Problem]:
          "use 0 to switch evaluation off, or e.g. 100")
     need(ev.batches >= 1, "eval.batches", f"must be at least 1, got {ev.batches}",
          "use a positive number of global batches, e.g. 4")
-    need(not t.document_mask or 0 <= d.eos_id < m.vocab_size, "train.document_mask",
-         f"needs the end-of-document id, but data.eos_id is {d.eos_id}" if d.eos_id < 0 else
-         f"needs an end-of-document id below model.vocab_size={m.vocab_size}, but data.eos_id "
-         f"is {d.eos_id}", "set data.eos_id to the tokenizer's eos id (orch data prepare "
-         "prints it), or train.document_mask to false", ("data.eos_id", "model.vocab_size"))
+    need(-1 <= d.eos_id < m.vocab_size, "data.eos_id", f"{d.eos_id} is neither -1 (none) nor "
+         f"an id of the vocabulary (0 to model.vocab_size - 1 = {m.vocab_size - 1})",
+         "set the tokenizer's end-of-document id (orch data prepare prints it), or -1",
+         ("model.vocab_size",))
+    need(not t.document_mask or d.eos_id >= 0, "train.document_mask", "needs the "
+         "end-of-document id, but data.eos_id is -1 (none)", "set data.eos_id to the "
+         "tokenizer's eos id (orch data prepare prints it), or train.document_mask to false",
+         ("data.eos_id",))
     need(0 <= d.holdout < 1, "data.holdout", f"{d.holdout:g} is not a fraction in [0, 1)",
          "hold out a small fraction of the training data, e.g. 0.01, or 0 for none")
     need(not (d.holdout > 0 and ev.path.strip()), "data.holdout",

@@ -264,11 +264,10 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Config, Plan]:
 
         init_from = init_from_problems(cfg.model) + text_data_problems(cfg.model, cfg.data)
         if cfg.eval.interval > 0 and cfg.eval.path:  # held-out text is byte-tokenized too
-            from orch.runtime.data import problem_of, read_like_data
+            from orch.runtime.data import read_like_data
 
             held_out = read_like_data(cfg.data, cfg.eval.path)
-            init_from += [problem_of(p, "eval.path")
-                          for p in text_data_problems(cfg.model, held_out)]
+            init_from += text_data_problems(cfg.model, held_out, "eval.path")
     problems += _check_run_dir(Path(cfg.run.dir))
     problems += reading(_check_drill(cfg, world), world_reads)
     problems += _check_tensorboard(cfg)
@@ -451,20 +450,18 @@ def _check_data(cfg: Config) -> list[Problem]:
     size or header; each ``data.blend`` file's, every one said); the shipped corpus is small
     enough to load whole (its ids are checked against the vocabulary too). Workers scan a user
     file's ids, which may be many GB."""
+    from orch.runtime.blend import check_blended_file
     from orch.runtime.data import (
         DataError,
-        check_blended_file,
         check_token_count,
-        each_blended,
+        every_blended,
         held_out_start,
         load_tokens,
         token_count,
     )
 
     if cfg.data.blend:
-        problems: list[Problem] = []
-        each_blended(cfg.data, lambda one: check_blended_file(one, cfg.train.seq_len), problems)
-        return problems
+        return every_blended(cfg.data, lambda one: check_blended_file(one, cfg.train.seq_len))[1]
     try:
         if cfg.data.path:
             count = token_count(cfg.data)

@@ -11,14 +11,13 @@ in CPU memory at once.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from orch.config.blend import blend_field
+from orch.config.blend import blend_field, parse_blend
 from orch.config.schema import KV_HEADS, MODEL_SHAPE, DataConfig, ModelConfig
 from orch.errors import Problem, ProblemsError, reading
 from orch.models.hf import TIED_HEAD_ABSENT, hf_ignored, hf_llama_config, hf_to_ours, ours_to_hf
@@ -219,7 +218,8 @@ BYTE_VOCAB = 256
 """The byte tokenizer's vocabulary: the one vocabulary orch's text data speaks."""
 
 
-def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
+def text_data_problems(model: ModelConfig, data: DataConfig,
+                       field: str = "data.path") -> list[Problem]:
     """Text data (the shipped corpus, a text ``data.path`` or ``data.blend`` file) with a
     checkpoint whose vocabulary is not the byte one: orch tokenizes text as bytes, ids 0-255,
     which mean whatever those ids meant to the checkpoint's own tokenizer, so a pretrained model
@@ -228,21 +228,18 @@ def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
     own (its config.json, as transformers reads it), not ``model.vocab_size``: a wrong one is
     already a problem of its own (``init_from_problems``), and would have this one name a
     checkpoint of its size. Nothing is said when config.json cannot be read
-    (``init_from_problems`` says why). Problems of the data file itself are _check_data's."""
-    from orch.runtime.data import DataError, check_source, each_blended, problem_of
+    (``init_from_problems`` says why). Problems of the data file itself are _check_data's.
+    ``field``: the field holding ``data.path``'s file (``eval.path``, ``data.blend[i]``), which
+    the problem is said of."""
+    from orch.runtime.data import DataError, check_source, read_like_data
 
     vocab = _checkpoint_vocab(model)
     if vocab is None or vocab == BYTE_VOCAB:
         return []
     if data.blend:  # each file's, said of its entry
-        found = each_blended(data, lambda one: text_data_problems(model, one), [])
-        problems = []
-        for index, said in enumerate(found):
-            field = blend_field(index)
-            problems += [dataclasses.replace(p, fix=p.fix.replace(
-                f"set {field} to DATA.bin", f"make {field} 'WEIGHT DATA.bin'"))
-                for p in (problem_of(one, field) for one in said)]
-        return problems
+        return [problem for index, (_, path) in enumerate(parse_blend(data.blend)[0])
+                for problem in text_data_problems(model, read_like_data(data, path),
+                                                  blend_field(index))]
     if data.path:
         try:
             if check_source(data)[1] != "text":
@@ -250,13 +247,14 @@ def text_data_problems(model: ModelConfig, data: DataConfig) -> list[Problem]:
         except DataError:
             return []
     what = f"{data.path!r} is text" if data.path else "empty: the shipped corpus, text,"
-    return [Problem("data.path", f"{what} tokenized as bytes (ids 0-255), but model.init_from "
+    then = (f"make {field} 'WEIGHT DATA.bin'" if field.startswith("data.blend")
+            else f"set {field} to DATA.bin")
+    return [Problem(field, f"{what} tokenized as bytes (ids 0-255), but model.init_from "
                     f"starts from a checkpoint of {vocab} tokens (its config.json's vocab_size), "
                     "whose ids are its own tokenizer's", "tokenize the text with the "
                     f"checkpoint's tokenizer: orch data prepare {data.path or 'FILE'} --tokenizer "
-                    f"{model.init_from} --out DATA.bin, then set data.path to DATA.bin "
-                    "(a model trained on orch's bytes: --tokenizer byte)",
-                    ("model.init_from", "data.format"))]
+                    f"{model.init_from} --out DATA.bin, then {then} (a model trained on orch's "
+                    "bytes: --tokenizer byte)", ("model.init_from", "data.format"))]
 
 
 def _checkpoint_vocab(model: ModelConfig) -> int | None:

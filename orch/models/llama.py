@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orch.config.schema import ModelConfig
-from orch.kernels.attention import causal_attention
+from orch.kernels.attention import Documents, causal_attention
 from orch.models.moe import FeedForward, MoEFeedForward
 from orch.models.weights import SeededInit, fill_all
 
@@ -87,9 +87,9 @@ class Attention(nn.Module):
         self.attention_fn: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
-        """``documents``: the whole sequence's document ids ``(batch, seq)`` for a block-causal
-        mask (``train.document_mask``), or None for plain causal attention."""
+                documents: Documents | None = None) -> torch.Tensor:
+        """``documents``: the whole sequence's document ids for a block-causal mask
+        (``train.document_mask``), or None for plain causal attention."""
         b, s, _ = x.shape
         # -1, not self.heads: under tensor parallelism each rank holds heads/tp of them.
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
@@ -114,7 +114,7 @@ class TransformerBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                documents: Documents | None = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -172,8 +172,9 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(tokens.shape[1])
         cos, sin = self.rope(positions, h.dtype)
+        within = Documents(documents) if documents is not None else None  # one mask, every layer
         for layer in self.layers.values():
-            h = layer(h, cos, sin, documents)
+            h = layer(h, cos, sin, within)
         if self.output is None:
             return h
         assert self.norm is not None

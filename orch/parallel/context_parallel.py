@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from orch.kernels.attention import autocast_inputs, causal_attention, kernel_takes
+from orch.kernels.attention import Documents, autocast_inputs, causal_attention, kernel_takes
 from orch.kernels.dispatch import use_triton, warn_once
 from orch.parallel.comm import all_to_all
 from orch.parallel.comm_stats import dimension
@@ -321,7 +321,7 @@ _ring_forward.register_autograd(_gradients, setup_context=_keep_for_backward)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                   scale: float | None = None, documents: torch.Tensor | None = None
+                   scale: float | None = None, documents: Documents | None = None
                    ) -> torch.Tensor:
     """Causal attention of this rank's zigzag queries over the whole sequence of ``group``;
     with ``documents`` (the whole sequence's document ids), within documents."""
@@ -329,7 +329,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
         raise ValueError(f"ring attention needs two equal local chunks, got length {q.shape[2]}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = autocast_inputs(q, k, v)
-    out, _ = _ring_forward(q, k, v, documents, group.group_name, float(scale))
+    ids = documents.ids.to(q.device) if documents is not None else None
+    out, _ = _ring_forward(q, k, v, ids, group.group_name, float(scale))
     return out.to(q.dtype)
 
 
@@ -354,7 +355,7 @@ def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.T
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       group: dist.ProcessGroup, scale: float | None = None,
-                      documents: torch.Tensor | None = None) -> torch.Tensor:
+                      documents: Documents | None = None) -> torch.Tensor:
     """Causal attention of contiguous sequence shards via sequence<->head all-to-alls; with
     ``documents`` (the whole sequence's ids, the order the all-to-all puts it in), within
     documents."""

@@ -43,7 +43,7 @@ QUANT_BLOCK = 256
 """adamw8bit: one fp32 absmax per block of 256 elements, per moment."""
 MEMORY_READS = (
     *MODEL_SHAPE, *(f"train.{name}" for name in (
-        "precision", "recompute", "seq_len", "micro_batch", "global_batch")),
+        "precision", "recompute", "seq_len", "micro_batch", "global_batch", "document_mask")),
     "optimizer.name", *WORLD_DEGREES, *(f"parallel.{name}" for name in (
         "ep", "etp", "virtual_stages", "pp_schedule", "pp_max_deferred", "stage_layers", "cp_kind",
         "sequence_parallel", "grad_reduce")),
@@ -171,7 +171,7 @@ class _Activations:
 def _activations(
     key: tuple, act: int, flash: bool, fused_norm: bool, s: int, b: int, t: int, sp: bool,
     cp: int, ep: int, etp: int, recompute: Recompute, ring: bool, autocast: bool,
-    torch_split: bool = False,
+    torch_split: bool = False, documents: bool = False,
 ) -> _Activations:
     dense, moe = _archs(key, act, flash, fused_norm, ring, autocast)
     vocab, h, hd = key[0], key[1], key[5]
@@ -211,8 +211,12 @@ def _activations(
         boundary_wgrad=tok_sp * h * residual * (1 + sp) if torch_split else 0,
         dense_recomputed=dense_recomputed,
         moe_recomputed=moe_recomputed,
-        # RoPE cos/sin tables, made once per forward in the residual stream's dtype
-        every_stage=2 * (s // cp) * hd * dense.residual_bytes,
+        # RoPE cos/sin tables, made once per forward in the residual stream's dtype; with
+        # train.document_mask the int64 document ids of the whole sequence, and the
+        # block-causal mask every layer's attention shares (Ulysses' too; ring blocks mask as
+        # they go, and keep none)
+        every_stage=2 * (s // cp) * hd * dense.residual_bytes
+        + documents * b * s * (8 + (not ring) * s * act),
         first_stage=tok * 8,  # the embedding keeps the int64 token ids
         last_stage=sum(x.nbytes for x in last),
         logits_buffer=logits,
@@ -391,7 +395,8 @@ def _layer_activations(cfg: Config, deg: Degrees, flash: bool = True, fused_norm
     return _activations(key or model_key(cfg.model), 2 if tr.precision == "bf16" else 4, flash,
                         fused_norm, tr.seq_len, tr.micro_batch, deg.tp, deg.sequence_parallel,
                         deg.cp, deg.ep, deg.etp, tr.recompute, _ring(cfg, deg),
-                        _autocast(cfg, deg), deg.tp > 1)  # torch's split: orch.runtime.parallelize
+                        _autocast(cfg, deg), deg.tp > 1,  # torch's split: orch.runtime.parallelize
+                        tr.document_mask)
 
 
 def estimate_memory(

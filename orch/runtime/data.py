@@ -4,8 +4,8 @@ The pipeline is deliberately small. ``load_tokens`` turns ``data.path`` into one
 array (text is byte-tokenized in memory; token files are memory-mapped, never read whole).
 ``PackedSequences`` cuts that stream into fixed-length samples with no padding. ``BatchStream``
 walks a seeded permutation of those samples, one global batch per optimizer step, and hands each
-data-parallel rank its slice as micro-batches; ``BlendStream`` does the same for a
-``data.blend``, several files' samples (``BlendedSequences``) mixed by weight.
+data-parallel rank its slice as micro-batches; :mod:`orch.runtime.blend` does the same for a
+``data.blend``, several files' samples mixed by weight.
 
 The samplers' positions count global samples, not per-rank ones, so a checkpoint's data state is
 the same on every rank and can be resumed on a different number of data-parallel ranks. Every
@@ -23,15 +23,21 @@ import os
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
-from orch.config.blend import blend_field, parse_blend
-from orch.config.schema import Config, DataConfig
-from orch.errors import OrchError, Problem, ProblemsError
-from orch.runtime.indexed import NotAnIndex, index_beside, megatron_prefix, read_index
+from orch.config.blend import blend_field, blend_weights, parse_blend
+from orch.config.schema import DataConfig
+from orch.errors import OrchError, Problem
+from orch.runtime.indexed import (
+    NotAnIndex,
+    index_beside,
+    megatron_prefix,
+    read_index,
+    typed_by_config,
+)
 
 TOKEN_SUFFIXES = (".bin", ".npy")
 """Suffixes that ``data.format: auto`` reads as token files; everything else is text."""
@@ -92,10 +98,12 @@ class ByteTokenizer:
 # Loading
 
 
-def load_tokens(data: DataConfig, vocab_size: int, limit: int | None = None) -> np.ndarray:
+def load_tokens(data: DataConfig, vocab_size: int, limit: int | None = None,
+                checked: bool = True) -> np.ndarray:
     """The whole training stream of ``data`` as a 1-D array of token ids below ``vocab_size``
     (with ``limit``, its first ``limit`` ids alone, read and checked: a held-out file of which
-    an evaluation uses the start).
+    an evaluation uses the start; not ``checked``: the ids not scanned, for a caller that uses a
+    part of them and checks that, :func:`check_ids`).
 
     An empty ``data.path`` means the corpus shipped with orch. Text (any suffix, ``.gz`` read
     transparently) is byte-tokenized into a uint8 array in memory; token files are memory-mapped:
@@ -108,16 +116,24 @@ def load_tokens(data: DataConfig, vocab_size: int, limit: int | None = None) -> 
     if not data.path:
         blob = importlib.resources.files("orch.runtime").joinpath("corpus/kjv.txt.gz")
         tokens = np.frombuffer(gzip.decompress(blob.read_bytes()), dtype=np.uint8)[:limit]
-        _check_range(tokens, vocab_size, "the shipped corpus", _TEXT_IDS)
-        return tokens
-
-    path, kind = check_source(data)
-    tokens = (_read_text(data, path, limit) if kind == "text"
-              else _map_tokens(data, path)[:limit])
-    typed_by_config = path.suffix.lower() == ".bin" and not index_beside(path)
-    _check_range(tokens, vocab_size, repr(data.path), _TEXT_IDS if kind == "text" else
-                 ", or check data.token_dtype" if typed_by_config else "")
+    else:
+        path, kind = check_source(data)
+        tokens = (_read_text(data, path, limit) if kind == "text"
+                  else _map_tokens(data, path)[:limit])
+    if checked:
+        check_ids(tokens, vocab_size, data)
     return tokens
+
+
+def check_ids(tokens: np.ndarray, vocab_size: int, data: DataConfig) -> None:
+    """Every id of ``tokens`` (read from ``data``, or a part of them) below ``vocab_size``, the
+    fix saying what else may be wrong for that kind of file."""
+    if not data.path:
+        _check_range(tokens, vocab_size, "the shipped corpus", _TEXT_IDS)
+        return
+    path, kind = check_source(data)
+    _check_range(tokens, vocab_size, repr(data.path), _TEXT_IDS if kind == "text" else
+                 ", or check data.token_dtype" if typed_by_config(str(path)) else "")
 
 
 _TEXT_IDS = "; text is read as bytes, 256 ids"
@@ -136,7 +152,8 @@ def source_identity(data: DataConfig) -> dict[str, Any]:
     apart unless every sampled piece is unchanged; a file that changes only between the pieces
     is not (hashing a corpus whole at every resume would take minutes)."""
     if data.blend:
-        return {"blend": each_blended(data, source_identity), "weights": blend_weights(data)}
+        return {"blend": each_blended(data, source_identity),
+                "weights": blend_weights(data.blend)}
     if not data.path:
         path = Path(str(importlib.resources.files("orch.runtime").joinpath("corpus/kjv.txt.gz")))
     else:
@@ -166,7 +183,7 @@ def source_change(saved: dict[str, Any] | None, now: dict[str, Any],
     """A problem when ``now`` (``data``'s :func:`source_identity`) is not the identity a
     checkpoint saved (``saved``; None for checkpoints from before it was saved, which are not
     checked)."""
-    if not saved or _comparable(now, saved) == saved:
+    if not saved:
         return None
     fresh = ("set it back to resume, or start over in a new run.dir (orch ckpt export RUN_DIR "
              "--to hf OUT, then model.init_from: OUT, keeps the weights)")
@@ -176,39 +193,39 @@ def source_change(saved: dict[str, Any] | None, now: dict[str, Any],
         return Problem("data.blend" if data.blend else "data.path", f"the checkpoint was "
                        f"trained on {then}: its saved position counts that data's samples", fresh)
     if not data.blend:
-        return _changed(saved, now, "data.path",
-                        repr(data.path) if data.path else "the shipped corpus")
+        shown = repr(data.path) if data.path else "the shipped corpus"
+        return None if _same_file(saved, now) else _changed(saved, now, "data.path", shown)
     if len(saved["blend"]) != len(now["blend"]) or not np.allclose(
-            saved.get("weights", now["weights"]), now["weights"], rtol=1e-12, atol=0):
+            saved["weights"], now["weights"], rtol=1e-12, atol=0):
         return Problem("data.blend", f"{len(now['blend'])} files of weights "
                        f"{_rounded(now['weights'])}, but the checkpoint was trained on "
-                       f"{len(saved['blend'])} of weights {_rounded(saved.get('weights', []))}: "
-                       "its saved position counts samples of that blend", fresh)
-    for index, (before, (_, path)) in enumerate(zip(saved["blend"], parse_blend(data.blend)[0],
-                                                    strict=True)):
-        if before != _comparable(now["blend"][index], before):
-            return _changed(before, now["blend"][index], blend_field(index), repr(path))
+                       f"{len(saved['blend'])} of weights {_rounded(saved['weights'])}: its "
+                       "saved position counts samples of that blend", fresh)
+    for index, (before, after, (_, path)) in enumerate(zip(
+            saved["blend"], now["blend"], parse_blend(data.blend)[0], strict=True)):
+        if not _same_file(before, after):
+            return _changed(before, after, blend_field(index), repr(path))
     return None
+
+
+def _same_file(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a file's identity ``now`` is the one a checkpoint ``saved``, compared on what was
+    saved (a checkpoint from before a Megatron .idx was part of it saved none)."""
+    return all(now.get(key) == value for key, value in saved.items())
 
 
 def _rounded(weights: list[float]) -> list[float]:
     return [round(weight, 4) for weight in weights]
 
 
-def _comparable(now: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-    """``now`` as ``saved`` can be compared with it: without an index identity where a
-    checkpoint from before indexes were read has none (nor a blend's, where it is not one)."""
-    if "blend" in now or "blend" in saved:
-        return now
-    return now if "index" in saved else {key: value for key, value in now.items()
-                                         if key != "index"}
-
-
 def _changed(saved: dict[str, Any], now: dict[str, Any], where: str, shown: str) -> Problem:
-    what = (f"{saved['bytes']:,} bytes then, {now['bytes']:,} now" if saved["bytes"] != now["bytes"]
-            else f"the same size, {now['bytes']:,} bytes, but other contents"
-            if saved["sampled_sha256"] != now["sampled_sha256"]
-            else "the same ids, but another Megatron .idx beside them, which types them")
+    if saved["bytes"] != now["bytes"]:
+        what = f"{saved['bytes']:,} bytes then, {now['bytes']:,} now"
+    elif saved["sampled_sha256"] != now["sampled_sha256"]:
+        what = f"the same size, {now['bytes']:,} bytes, but other contents"
+    else:
+        what = ("the same ids, but " + ("another Megatron .idx beside them, which types them"
+                                        if "index" in now else "no Megatron .idx beside them now"))
     return Problem(where, f"{shown} is not the data the checkpoint was trained on ({what}): "
                    "its saved position would continue in other samples",
                    "restore that file to resume; to train these weights on the new data, export "
@@ -219,34 +236,30 @@ def _changed(saved: dict[str, Any], now: dict[str, Any], where: str, shown: str)
 T = TypeVar("T")
 
 
-def each_blended(data: DataConfig, read: Callable[[DataConfig], T],
-                 problems: list[Problem] | None = None) -> list[T]:
+def each_blended(data: DataConfig, read: Callable[[DataConfig], T]) -> list[T]:
     """``read`` of each ``data.blend`` file, given the config that reads it by ``data.path``'s
     rules (:func:`read_like_data`); a ``DataError`` it raises is said of the entry
-    (``data.blend[i]``) and raised, or, given ``problems``, added to them (every entry read)."""
-    done = []
+    (``data.blend[i]``)."""
+    done, problems = every_blended(data, read)
+    if problems:
+        raise DataError.of(problems[0])
+    return done
+
+
+def every_blended(data: DataConfig, read: Callable[[DataConfig], T]
+                  ) -> tuple[list[T], list[Problem]]:
+    """:func:`each_blended` reading every file whatever the others' problems: what they gave,
+    and every problem, each said of its entry."""
+    done, problems = [], []
     for index, (_, path) in enumerate(parse_blend(data.blend)[0]):
         try:
             done.append(read(read_like_data(data, path)))
         except DataError as exc:
-            problem = problem_of(exc.problem, blend_field(index))
-            if problems is None:
-                raise DataError.of(problem) from None
-            problems.append(problem)
-    return done
+            problems.append(problem_of(exc.problem, blend_field(index)))
+    return done, problems
 
 
-def check_blended_file(data: DataConfig, seq_len: int) -> None:
-    """The launcher's check of one ``data.blend`` file: readable, of a format orch reads, and
-    holding at least one sample where its size tells (every file gives samples in turn, so
-    none needs a global batch of its own)."""
-    count = token_count(data)
-    if count is not None and packed_samples(trained := held_out_start(count, data.holdout),
-                                            seq_len) == 0:
-        raise _too_short(trained, seq_len)
-
-
-def _too_short(count: int, seq_len: int) -> DataError:
+def too_short(count: int, seq_len: int) -> DataError:
     return DataError("data.path", f"the data has {count} tokens to train on, fewer than one "
                      f"sample of train.seq_len={seq_len} needs ({seq_len + 1})",
                      "use more data, or lower train.seq_len or data.holdout", ("data.holdout",))
@@ -570,7 +583,7 @@ class PackedSequences:
         self.tokens = tokens
         self.seq_len = seq_len
         if len(self) == 0:
-            raise _too_short(len(tokens), seq_len)
+            raise too_short(len(tokens), seq_len)
 
     def __len__(self) -> int:
         return packed_samples(len(self.tokens), self.seq_len)
@@ -606,20 +619,18 @@ def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return torch.cumsum(ends, dim=1) - ends.long()
 
 
-class StackedSamples:
-    """Samples already gathered, ``(inputs, targets)`` of ``[n, seq_len]``: an evaluation's,
-    read once and split for every evaluation as training splits its batches."""
+class Samples(Protocol):
+    """What batches are gathered from: one file's :class:`PackedSequences`, or a blend's files'
+    (:class:`orch.runtime.blend.BlendedSequences`)."""
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        self.inputs, self.targets = inputs, targets
+    seq_len: int
 
-    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-        return self.inputs[rows], self.targets[rows]
+    def __len__(self) -> int: ...
+
+    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def rank_micro_batches(dataset: PackedSequences | BlendedSequences | StackedSamples,
-                       indices: np.ndarray, micro_batch: int,
+def rank_micro_batches(dataset: Samples, indices: np.ndarray, micro_batch: int,
                        dp_rank: int, dp_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Data-parallel rank ``dp_rank``'s share of the global batch of samples ``indices``: the
     ``dp_rank``-th contiguous ``1 / dp_size`` of them, as ``(inputs, targets)`` micro-batches
@@ -629,7 +640,7 @@ def rank_micro_batches(dataset: PackedSequences | BlendedSequences | StackedSamp
     return [dataset.gather(mine[i : i + micro_batch]) for i in range(0, per_rank, micro_batch)]
 
 
-class _GlobalBatches:
+class GlobalBatches:
     """What every training stream shares: a deterministic, resumable order of global batches of
     sample indices (a subclass's :meth:`_next_indices`), split the same way over data-parallel
     ranks: rank ``r`` of ``dp_size`` takes the ``r``-th contiguous ``G / dp_size`` of each batch
@@ -637,7 +648,7 @@ class _GlobalBatches:
     seed, the data and ``global_batch``, never on the rank count, and a position saved on one
     number of ranks resumes on another."""
 
-    def __init__(self, dataset: PackedSequences | BlendedSequences, global_batch: int,
+    def __init__(self, dataset: Samples, global_batch: int,
                  micro_batch: int, dp_rank: int, dp_size: int, seed: int,
                  source: dict[str, Any] | None) -> None:
         if not 0 <= dp_rank < dp_size:
@@ -660,17 +671,28 @@ class _GlobalBatches:
         self.source = source
         """The data's :func:`source_identity`, saved with the position and checked on resume
         (None: not saved, as in the tests' in-memory datasets)."""
+        self._last = "no step taken"
 
     def _next_indices(self) -> np.ndarray:
         """The next global batch's sample indices, advancing the position."""
+        raise NotImplementedError
+
+    def _position(self) -> str:
+        """Where the next global batch comes from, in words."""
         raise NotImplementedError
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches for the next optimizer step: ``(inputs, targets)`` pairs,
         each ``[micro_batch, seq_len]`` int64, ``global_batch / (dp_size * micro_batch)`` of them.
         """
+        self._last = self._position()
         return rank_micro_batches(self.dataset, self._next_indices(), self.micro_batch,
                                   self.dp_rank, self.dp_size)
+
+    def last_step(self) -> str:
+        """Where the last step's global batch came from, in words (for a step that went
+        wrong: which data to look at)."""
+        return self._last
 
     def _state(self, position: dict[str, Any]) -> dict[str, Any]:
         """``position`` with what every stream saves: the seed, the global batch and the data's
@@ -696,20 +718,20 @@ class _GlobalBatches:
                 "train.global_batch",
                 f"{self.global_batch}, but the checkpoint was trained with "
                 f"{state['global_batch']}; its data position counts global batches of that size",
-                f"set train.global_batch back to {state['global_batch']} to resume, {_FRESH}",
+                f"set train.global_batch back to {state['global_batch']} to resume, {FRESH}",
             )
         if int(state["seed"]) != self.seed:
             raise DataError(
                 "train.seed",
                 f"{self.seed}, but the checkpoint's data order came from seed {state['seed']}",
-                f"set train.seed back to {state['seed']} to resume, {_FRESH}",
+                f"set train.seed back to {state['seed']} to resume, {FRESH}",
             )
 
 
-_FRESH = "or start a fresh run (checkpoint.resume: none)"
+FRESH = "or start a fresh run (checkpoint.resume: none)"
 
 
-class BatchStream(_GlobalBatches):
+class BatchStream(GlobalBatches):
     """One data file's global batches: each epoch a permutation of all sample indices from
     ``default_rng((seed, epoch))``. Step ``s`` of an epoch takes the ``global_batch`` permuted
     indices ``[s*G, (s+1)*G)``; the epoch's tail that cannot fill a whole batch is dropped (it is
@@ -748,6 +770,10 @@ class BatchStream(_GlobalBatches):
             self._order = (epoch, rng.permutation(len(self.dataset)))
         return self._order[1]
 
+    def _position(self) -> str:
+        return (f"epoch {self._epoch}, global batch {self._step_in_epoch + 1} of "
+                f"{self.steps_per_epoch}, seed {self.seed}")
+
     def _next_indices(self) -> np.ndarray:
         start = self._step_in_epoch * self.global_batch
         indices = self._permutation(self._epoch)[start : start + self.global_batch]
@@ -772,7 +798,7 @@ class BatchStream(_GlobalBatches):
                 "data.path",
                 f"the data now gives {len(self.dataset)} samples of train.seq_len="
                 f"{self.dataset.seq_len}, but the checkpoint's had {state['samples']}",
-                f"resume with the same data and train.seq_len as the checkpoint, {_FRESH}",
+                f"resume with the same data and train.seq_len as the checkpoint, {FRESH}",
             )
         epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
@@ -780,141 +806,6 @@ class BatchStream(_GlobalBatches):
                 "checkpoint data state",
                 f"position epoch={epoch}, step_in_epoch={step} is outside the data "
                 f"({self.steps_per_epoch} steps per epoch)",
-                f"the checkpoint is damaged; resume from an earlier one, {_FRESH}",
+                f"the checkpoint is damaged; resume from an earlier one, {FRESH}",
             )
         self._epoch, self._step_in_epoch = epoch, step
-
-
-class BlendedSequences:
-    """The samples of several files (each :class:`PackedSequences` of one ``seq_len``) in one
-    index space, file after file, with each file's share of the training samples
-    (``data.blend``'s normalized weights)."""
-
-    def __init__(self, parts: list[PackedSequences], weights: list[float]) -> None:
-        if len(parts) != len(weights) or not parts:
-            raise ValueError(f"{len(parts)} files for {len(weights)} weights")
-        self.parts = parts
-        self.weights = np.asarray(weights, dtype=np.float64)
-        self.sizes = np.array([len(part) for part in parts], dtype=np.int64)
-        self.offsets = np.concatenate(([0], np.cumsum(self.sizes)[:-1]))
-        self.seq_len = parts[0].seq_len
-
-    def __len__(self) -> int:
-        return int(self.sizes.sum())
-
-    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples ``indices`` of the joint index space, stacked in their order, as
-        :meth:`PackedSequences.gather` stacks one file's."""
-        indices = np.asarray(indices, dtype=np.int64)
-        owner = np.searchsorted(self.offsets, indices, side="right") - 1
-        inputs = torch.empty(len(indices), self.seq_len, dtype=torch.int64)
-        targets = torch.empty_like(inputs)
-        for part in np.unique(owner):
-            rows = torch.from_numpy(np.flatnonzero(owner == part))
-            inputs[rows], targets[rows] = self.parts[part].gather(
-                indices[rows.numpy()] - self.offsets[part])
-        return inputs, targets
-
-
-def blend_picks(weights: np.ndarray, taken: np.ndarray, count: int) -> np.ndarray:
-    """Which file each of the next ``count`` samples of a blend comes from, after each file
-    ``f`` has given ``taken[f]``, by Tijdeman's rule for the chairman assignment problem: of
-    the files at least ``c = 1 / (2k - 2)`` below their share ``weights[f]`` of the samples so
-    far (``k`` files), the one whose next sample is due first. Every file's count then stays
-    within ``1 - c`` of its share after every sample (picking the file furthest below its
-    share, Megatron's rule, let one fall more than a sample behind among six files)."""
-    taken = taken.copy()
-    picks = np.zeros(count, dtype=np.int64)
-    if len(weights) == 1:
-        return picks
-    c = 1.0 / (2 * len(weights) - 2)
-    for i in range(count):
-        due = weights * (taken.sum() + 1) - taken
-        urgency = np.where(due >= c - 1e-12, (taken + 1 - c) / weights, np.inf)
-        picks[i] = int(np.argmin(urgency))
-        taken[picks[i]] += 1
-    return picks
-
-
-class BlendStream(_GlobalBatches):
-    """A ``data.blend``'s global batches: each sample is drawn from the file furthest below its
-    share so far (Megatron's blending: after ``n`` samples, file ``f`` has given within one of
-    ``weight_f * n``, at every step, not only on average), and file ``f``'s ``k``-th sample is
-    entry ``k mod size_f`` of its own permutation for epoch ``k // size_f``, from
-    ``default_rng((seed, f, epoch))``: a small file repeats in a fresh order while a large one
-    is still in its first epoch. The position is how many samples each file has given."""
-
-    def __init__(self, dataset: BlendedSequences, global_batch: int, micro_batch: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 source: dict[str, Any] | None = None) -> None:
-        super().__init__(dataset, global_batch, micro_batch, dp_rank, dp_size, seed, source)
-        self.taken = np.zeros(len(dataset.parts), dtype=np.int64)
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # file -> (epoch, permutation)
-
-    def _permutation(self, part: int, epoch: int) -> np.ndarray:
-        if part not in self._orders or self._orders[part][0] != epoch:
-            rng = np.random.default_rng((self.seed, part, epoch))
-            self._orders[part] = (epoch, rng.permutation(int(self.dataset.sizes[part])))
-        return self._orders[part][1]
-
-    def _next_indices(self) -> np.ndarray:
-        picks = blend_picks(self.dataset.weights, self.taken, self.global_batch)
-        indices = np.empty_like(picks)
-        for part in np.unique(picks):
-            rows = np.flatnonzero(picks == part)
-            size = int(self.dataset.sizes[part])
-            ks = self.taken[part] + np.arange(len(rows))  # the file's k-th samples
-            for epoch in np.unique(ks // size):  # a small file may wrap within a step
-                now = ks // size == epoch
-                indices[rows[now]] = self._permutation(part, int(epoch))[ks[now] % size]
-            indices[rows] += self.dataset.offsets[part]
-            self.taken[part] += len(rows)
-        return indices
-
-    def state_dict(self) -> dict[str, Any]:
-        """How many samples each file has given, and each file's sample count (JSON-ready)."""
-        return self._state({"blend_taken": self.taken.tolist(),
-                            "blend_samples": self.dataset.sizes.tolist()})
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after the step at which ``state`` was saved, on any ``dp_size``."""
-        self._check_state(state, {"blend_taken", "blend_samples"})
-        sizes = self.dataset.sizes.tolist()
-        if list(state["blend_samples"]) != sizes:
-            raise DataError(
-                "data.blend",
-                f"its files now give {sizes} samples of train.seq_len={self.dataset.seq_len}, "
-                f"but the checkpoint's gave {state['blend_samples']}",
-                f"resume with the same files and train.seq_len as the checkpoint, {_FRESH}",
-            )
-        taken = [int(n) for n in state["blend_taken"]]
-        if len(taken) != len(sizes) or min(taken) < 0 or sum(taken) % self.global_batch:
-            raise DataError("checkpoint data state", f"blend position {taken} is not one this "
-                            "blend reaches", f"the checkpoint is damaged; resume from an "
-                            f"earlier one, {_FRESH}")
-        self.taken = np.asarray(taken, dtype=np.int64)
-
-
-def training_stream(cfg: Config, dp_rank: int, dp_size: int,
-                    source: dict[str, Any] | None) -> BatchStream | BlendStream:
-    """The stream of data-parallel rank ``dp_rank``'s training micro-batches: ``data.path``'s,
-    or ``data.blend``'s files mixed by their weights."""
-    data, t, vocab_size = cfg.data, cfg.train, cfg.model.vocab_size
-    args = (t.global_batch, t.micro_batch, dp_rank, dp_size, t.seed, source)
-
-    def trained(one: DataConfig) -> PackedSequences:
-        tokens = load_tokens(one, vocab_size)
-        return PackedSequences(tokens[:held_out_start(len(tokens), one.holdout)], t.seq_len)
-
-    if not data.blend:
-        return BatchStream(trained(data), *args)
-    problems: list[Problem] = []  # what only reading tells (ids beyond the vocabulary), of all
-    parts = each_blended(data, trained, problems)
-    if problems:
-        raise ProblemsError(problems, title="cannot train on data.blend")
-    return BlendStream(BlendedSequences(parts, blend_weights(data)), *args)
-
-
-def blend_weights(data: DataConfig) -> list[float]:
-    """``data.blend``'s normalized weights, in order."""
-    return [weight for weight, _ in parse_blend(data.blend)[0]]

@@ -22,21 +22,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from orch.config.blend import blend_field, parse_blend
+from orch.config.blend import blend_field, blend_weights, parse_blend
 from orch.config.schema import Config, DataConfig
 from orch.errors import Problem
+from orch.runtime.blend import BlendedSequences, blend_picks
 from orch.runtime.data import (
     DataError,
     PackedSequences,
-    StackedSamples,
-    blend_picks,
-    blend_weights,
+    Samples,
+    check_ids,
     check_source,
     each_blended,
     held_out_start,
@@ -54,30 +54,46 @@ if TYPE_CHECKING:
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def size_problems(cfg: Config, count: int, held_out: str | None = None) -> list[Problem]:
-    """Whether ``count`` tokens hold one global batch of ``train.seq_len`` sequences, and
-    ``eval.batches`` of them (saying the most they allow): ``eval.path``'s, or those of the
-    part ``data.holdout`` keeps of the training file ``held_out`` names."""
+class HeldOut(NamedTuple):
+    """What an evaluation reads, as its size problems name it: the field they are said of,
+    the source after that field, the source in another field's problem, and the fix's way to
+    more of it."""
+
+    field: str
+    named: str
+    said: str
+    more: str
+
+    @classmethod
+    def eval_path(cls, cfg: Config) -> HeldOut:
+        path = repr(cfg.eval.path)
+        return cls("eval.path", path, f"eval.path {path}", "use a longer eval.path")
+
+    @classmethod
+    def part_of(cls, cfg: Config, file: str) -> HeldOut:
+        """The part ``data.holdout`` keeps of the training file ``file`` names."""
+        part = f"the held-out part (data.holdout={cfg.data.holdout:g}) of {file}"
+        return cls("data.holdout", part, part, "raise data.holdout")
+
+
+def size_problems(cfg: Config, count: int, source: HeldOut | None = None) -> list[Problem]:
+    """Whether ``count`` tokens of ``source`` (default ``eval.path``) hold one global batch of
+    ``train.seq_len`` sequences, and ``eval.batches`` of them (saying the most they allow)."""
     ev, t = cfg.eval, cfg.train
-    if held_out is None:
-        where, named, said, longer = ("eval.path", repr(ev.path), f"eval.path {ev.path!r}",
-                                      ("use a longer held-out file", "use a longer eval.path"))
-    else:
-        where, named, said = "data.holdout", held_out, held_out
-        longer = ("raise data.holdout", "raise data.holdout")
+    source = source or HeldOut.eval_path(cfg)
     held = packed_samples(count, t.seq_len) // t.global_batch
     if held == 0:
-        return [Problem(where, f"{named} holds {count} tokens, fewer than one global batch of "
-                        f"train.global_batch={t.global_batch} sequences of "
+        return [Problem(source.field, f"{source.named} holds {count} tokens, fewer than one "
+                        f"global batch of train.global_batch={t.global_batch} sequences of "
                         f"train.seq_len={t.seq_len} needs ({t.global_batch * t.seq_len + 1})",
-                        f"{longer[0]}, or lower train.global_batch or train.seq_len",
+                        f"{source.more}, or lower train.global_batch or train.seq_len",
                         ("train.global_batch", "train.seq_len", "data"))]
     if ev.batches > held:
-        return [Problem("eval.batches", f"{ev.batches}, but {said} holds "
+        return [Problem("eval.batches", f"{ev.batches}, but {source.said} holds "
                         f"{held} global batch{'es' if held > 1 else ''} of "
                         f"{t.global_batch} x {t.seq_len} tokens ({count} tokens)",
-                        f"set eval.batches to at most {held}, or {longer[1]}",
-                        (where, "train.global_batch", "train.seq_len", "data"))]
+                        f"set eval.batches to at most {held}, or {source.more}",
+                        (source.field, "train.global_batch", "train.seq_len", "data"))]
     return []
 
 
@@ -103,8 +119,8 @@ def _training_counts(cfg: Config) -> list[int | None]:
     """Each training file's token count, from its size or header (None: not known before it is
     read, or unreadable: the data checks say why)."""
     data = cfg.data
-    if not data.path and not data.blend:
-        return [len(load_tokens(data, cfg.model.vocab_size))]  # the shipped corpus: small
+    if not data.path and not data.blend:  # the shipped corpus: small, read (its ids: not here)
+        return [len(load_tokens(data, cfg.model.vocab_size, checked=False))]
 
     def count(one: DataConfig) -> int | None:
         try:
@@ -126,13 +142,13 @@ def _training_names(cfg: Config) -> list[str]:
 def holdout_problems(cfg: Config, counts: list[int | None]) -> list[Problem]:
     """Whether the parts ``data.holdout`` keeps of the training files (of ``counts`` tokens
     each; None: unknown) hold what each evaluation reads: ``eval.batches`` global batches, from
-    a blend's files by its weights (:func:`held_out_samples`)."""
+    a blend's files by its weights (:func:`eval_samples`)."""
     h, names = cfg.data.holdout, _training_names(cfg)
     held = [None if n is None else n - held_out_start(n, h) for n in counts]
     if not cfg.data.blend:
-        return [] if held[0] is None else size_problems(
-            cfg, held[0], f"the held-out part (data.holdout={h:g}) of {names[0]}")
-    needed = _blend_needs(cfg)
+        return [] if held[0] is None else size_problems(cfg, held[0],
+                                                        HeldOut.part_of(cfg, names[0]))
+    needed = np.bincount(_blend_picks(cfg), minlength=len(counts))
     return [Problem("data.holdout", f"{h:g} holds out {have} tokens of {name}, "
                     f"{packed_samples(have, cfg.train.seq_len)} samples, but each evaluation "
                     f"draws {need} from it by the blend's weights ({cfg.eval.batches} global "
@@ -143,56 +159,64 @@ def holdout_problems(cfg: Config, counts: list[int | None]) -> list[Problem]:
             if have is not None and packed_samples(have, cfg.train.seq_len) < need]
 
 
-def _blend_needs(cfg: Config) -> np.ndarray:
-    """How many held-out samples of each ``data.blend`` file an evaluation reads."""
-    weights = np.asarray(blend_weights(cfg.data))
-    picks = blend_picks(weights, np.zeros(len(weights), dtype=np.int64),
-                        cfg.eval.batches * cfg.train.global_batch)
-    return np.bincount(picks, minlength=len(weights))
+def _blend_picks(cfg: Config) -> np.ndarray:
+    """Which ``data.blend`` file each sample of an evaluation comes from, by the weights."""
+    weights = np.asarray(blend_weights(cfg.data.blend))
+    return blend_picks(weights, np.zeros(len(weights), dtype=np.int64),
+                       cfg.eval.batches * cfg.train.global_batch)
 
 
-def held_out_samples(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample an evaluation reads, stacked as ``(inputs, targets)``: the first
-    ``eval.batches x train.global_batch`` of ``eval.path``, or of the part ``data.holdout``
-    keeps of the training data (a blend's files in its weights' order, each file's held-out
-    samples in file order). Raises the launcher's problems for what only reading tells (a large
-    gzip file's size, ids beyond the vocabulary)."""
-    t, wanted = cfg.train, cfg.eval.batches * cfg.train.global_batch
+def eval_samples(cfg: Config) -> tuple[Samples, np.ndarray]:
+    """What evaluations read and in which order: the first ``eval.batches x
+    train.global_batch`` samples of ``eval.path``, or of the part ``data.holdout`` keeps of the
+    training data (a blend's files in its weights' order, each file's held-out samples in file
+    order). Only what is used is read for ids (a token file's training part is mapped, not
+    scanned: training scans it). Raises the launcher's problems for what only reading tells (a
+    large gzip file's size, ids beyond the vocabulary)."""
+    t, vocab, wanted = cfg.train, cfg.model.vocab_size, cfg.eval.batches * cfg.train.global_batch
     if cfg.eval.path:
         source = read_like_data(cfg.data, cfg.eval.path)
         try:
-            tokens = load_tokens(source, cfg.model.vocab_size, limit=wanted * t.seq_len + 1)
+            tokens = load_tokens(source, vocab, limit=wanted * t.seq_len + 1)
         except DataError as exc:
             raise DataError.of(problem_of(exc.problem, "eval.path")) from None
         if problems := size_problems(cfg, len(tokens)):
             raise DataError.of(problems[0])
-        return PackedSequences(tokens, t.seq_len).gather(np.arange(wanted))
-    files = (each_blended(cfg.data, lambda one: load_tokens(one, cfg.model.vocab_size))
-             if cfg.data.blend else [load_tokens(cfg.data, cfg.model.vocab_size)])
-    if problems := holdout_problems(cfg, [len(tokens) for tokens in files]):
+        return PackedSequences(tokens, t.seq_len), np.arange(wanted)
+
+    def held_part(one: DataConfig) -> tuple[int, np.ndarray]:
+        """The file's token count and its held-out part, whose ids are checked."""
+        tokens = load_tokens(one, vocab, checked=False)
+        held = tokens[held_out_start(len(tokens), one.holdout):]
+        check_ids(held, vocab, one)
+        return len(tokens), held
+
+    read = each_blended(cfg.data, held_part) if cfg.data.blend else [held_part(cfg.data)]
+    if problems := holdout_problems(cfg, [count for count, _ in read]):
         raise DataError.of(problems[0])
-    held = [tokens[held_out_start(len(tokens), cfg.data.holdout):] for tokens in files]
+    parts = [part for _, part in read]
     if not cfg.data.blend:
-        return PackedSequences(held[0], t.seq_len).gather(np.arange(wanted))
-    weights = np.asarray(blend_weights(cfg.data))
-    picks = blend_picks(weights, np.zeros(len(weights), dtype=np.int64), wanted)
-    inputs = torch.empty(wanted, t.seq_len, dtype=torch.int64)
-    targets = torch.empty_like(inputs)
-    for part in np.unique(picks):
-        rows = torch.from_numpy(np.flatnonzero(picks == part))
-        inputs[rows], targets[rows] = PackedSequences(held[part], t.seq_len).gather(
-            np.arange(len(rows)))
-    return inputs, targets
+        return PackedSequences(parts[0], t.seq_len), np.arange(wanted)
+    picks = _blend_picks(cfg)
+    used = list(np.unique(picks))  # a file the evaluation draws nothing from may hold none
+    weights = blend_weights(cfg.data.blend)
+    data = BlendedSequences([PackedSequences(parts[f], t.seq_len) for f in used],
+                            [weights[f] for f in used])
+    order = np.empty(wanted, dtype=np.int64)
+    for slot, part in enumerate(used):
+        rows = np.flatnonzero(picks == part)
+        order[rows] = data.offsets[slot] + np.arange(len(rows))
+    return data, order
 
 
 def load_eval_batches(cfg: Config, dp_rank: int, dp_size: int) -> list[MicroBatches]:
     """This rank's micro-batches of each of the ``eval.batches`` global batches of
-    :func:`held_out_samples`, ``train.global_batch`` a batch in order, each split as training
-    splits its own."""
-    t = cfg.train
-    samples = StackedSamples(*held_out_samples(cfg))
-    return [rank_micro_batches(samples, np.arange(b * t.global_batch, (b + 1) * t.global_batch),
-                               t.micro_batch, dp_rank, dp_size)
+    :func:`eval_samples`, ``train.global_batch`` a batch in order, each split as training
+    splits its own (each rank gathers its share alone)."""
+    g = cfg.train.global_batch
+    samples, order = eval_samples(cfg)
+    return [rank_micro_batches(samples, order[b * g:(b + 1) * g], cfg.train.micro_batch,
+                               dp_rank, dp_size)
             for b in range(cfg.eval.batches)]
 
 
@@ -243,4 +267,5 @@ def isolated(model: nn.Module, device: torch.device, offload: OffloadEngine | No
             model.train(training)
 
 
-__all__ = ["Evaluation", "eval_file_problems", "isolated", "load_eval_batches", "size_problems"]
+__all__ = ["Evaluation", "HeldOut", "eval_file_problems", "eval_samples", "isolated",
+           "load_eval_batches", "size_problems"]

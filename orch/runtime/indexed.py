@@ -115,7 +115,7 @@ class IndexWriter:
     Only a document longer than an int32 length is split."""
 
     def __init__(self, dtype: np.dtype) -> None:
-        codes = {dtype: code for code, dtype in DTYPE_CODES.items()}
+        codes = {known: code for code, known in DTYPE_CODES.items()}
         if np.dtype(dtype) not in codes:
             raise ValueError(f"Megatron's index has no code for {dtype}")
         self.code = codes[np.dtype(dtype)]

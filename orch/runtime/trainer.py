@@ -29,7 +29,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.profiler import record_function
 
 from orch.config.schema import Config
-from orch.errors import OrchError
+from orch.errors import OrchError, Problem
 from orch.models.moe import (
     MoEFeedForward,
     inject_aux_gradients,
@@ -42,8 +42,9 @@ from orch.parallel.pipeline.rebalance import Repartition
 from orch.parallel.pipeline.timeline import exposed_transfers, measured_timeline, write_timeline
 from orch.parallel.tensor_parallel import vocab_parallel_loss
 from orch.plan import Plan
+from orch.runtime.blend import BlendStream
 from orch.runtime.comm_timeout import set_comm_timeout
-from orch.runtime.data import BatchStream, BlendStream, document_ids
+from orch.runtime.data import BatchStream, document_ids
 from orch.runtime.drills import maybe_fail, nan_drill
 from orch.runtime.evaluation import Evaluation, MicroBatches, isolated
 from orch.runtime.metrics import EvalMetrics, MetricsLog, StepMetrics, memory_bytes
@@ -80,17 +81,17 @@ class NonFiniteStep(OrchError):
     every rank (the norm is the same everywhere) before the update, so the weights, and every
     checkpoint, stay those of the steps before; exit 2, so no restart runs into it again."""
 
-    def __init__(self, step: int, grad_norm: float) -> None:
+    def __init__(self, step: int, grad_norm: float, position: str) -> None:
         self.speaker = os.environ.get("LOCAL_RANK", "0") == "0"
-        """Whether this rank says it: one per node, as each node's launcher shows its own."""
-        super().__init__(
-            f"train.stop_on_nonfinite: step {step}'s gradient norm is {grad_norm}: the run "
+        problem = Problem(
+            "train.stop_on_nonfinite", f"step {step}'s gradient norm is {grad_norm}: the run "
             "stopped before its update reached the weights, and its checkpoints are those of "
-            "the steps before\n"
-            "    fix: look at that step's data; or go on from the newest checkpoint with a lower "
+            f"the steps before (the step's data: {position})",
+            "look at that step's data; or go on from the newest checkpoint with a lower "
             "train.lr, a longer train.warmup_steps or a train.grad_clip in a new run.dir (orch "
             "ckpt export RUN_DIR --to hf OUT, then model.init_from: OUT); "
             "train.stop_on_nonfinite: false trains on such steps")
+        super().__init__(str(problem))
 
 
 @dataclass
@@ -165,7 +166,8 @@ class Trainer:
                     aux_loss = torch.zeros((), device=self.device)
                 grad_norm = self._clip()
                 if t.stop_on_nonfinite and not math.isfinite(grad_norm):  # same on every rank
-                    raise NonFiniteStep(step, grad_norm)
+                    profiler.finish(step)  # the trace of the steps before it
+                    raise NonFiniteStep(step, grad_norm, self.stream.last_step())
                 if self.offload is not None:  # on the CPU, beside the next forward
                     if self.ledger:  # the previous update's broadcasts are this step's
                         self.offload.wait_updates()

@@ -48,8 +48,8 @@ from orch.plan import Plan
 from orch.plan.layout import dense_layout
 from orch.plan.support import unsupported_features
 from orch.runtime import agent_store
+from orch.runtime.blend import training_stream
 from orch.runtime.checkpoint import CheckpointManager, restore_rng
-from orch.runtime.data import training_stream
 from orch.runtime.evaluation import Evaluation
 from orch.runtime.metrics import MetricsLog
 from orch.runtime.optim import build_optimizer
@@ -254,7 +254,7 @@ def main() -> None:
     except OrchError as exc:
         # One write each, newline included: print's separate newline let another rank's
         # message start on the same terminal line.
-        if getattr(exc, "speaker", True):  # errors every rank raises alike say so once
+        if exc.speaker:  # an error every rank raises alike is said once a node
             sys.stderr.write(f"orch worker: {exc}\n")
         elif isinstance(exc, RanksDisagree) and exc.pointer:
             sys.stderr.write(f"orch worker: {exc.pointer_line()}\n")

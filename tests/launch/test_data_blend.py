@@ -37,7 +37,7 @@ def test_every_blended_file_is_checked_before_start(tmp_path):
     assert "data.blend[1]: the data has 24 tokens to train on, fewer than one sample of " \
         in said
     assert "data.blend[2]: " in said and "1-D integer array" in said
-    # a refused weight hid every file problem: the whole list stood in at its default, empty
+    # regression: a refused weight once hid every file problem (the whole list stood in, empty)
     assert f"data.blend[4]: '0 {tmp_path}/fine.txt': its weight 0 is not a positive" in said
     assert "data.blend[3]" not in said and "data.path" not in said
 

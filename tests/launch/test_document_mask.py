@@ -1,9 +1,10 @@
 """``train.document_mask`` under ``orch launch``: documents end at ``data.eos_id`` (here the
 shipped corpus's newline: every line a document), and the losses and held-out losses of one
 process equal those of tensor + sequence parallel (the attention's input layouts take the
-document ids), of a two-stage pipeline (every stage's forward takes them) and of ring context
-parallelism (each rank's blocks mask by the whole sequence's ids), and differ from plain causal
-attention's. Ulysses is checked against one process in tests/parallel/test_context_parallel.py."""
+document ids), of two-stage pipelines (every stage's forward takes them; 1F1B, and ZB-V with two
+stages a rank and a split backward), of ring context parallelism (each rank's blocks mask by the
+whole sequence's ids) and of an offloaded model, and differ from plain causal attention's.
+Ulysses is checked against one process in tests/parallel/test_context_parallel.py."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def runs(tmp_path_factory) -> dict[str, list[tuple[float, ...]]]:
     layouts = {"one": (1, []), "tp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
                "pp": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
                "cp": (2, ["parallel.cp=2"]),
+               "zbv": (2, ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.dp_shard=1"]),
+               "offload": (1, ["offload.params=cpu", "offload.grads=cpu",
+                               "offload.optimizer=cpu"]),
                "causal": (1, ["train.document_mask=false"])}
     found = {}
     for name, (nproc, extra) in layouts.items():
@@ -33,7 +37,7 @@ def runs(tmp_path_factory) -> dict[str, list[tuple[float, ...]]]:
     return found
 
 
-@pytest.mark.parametrize("layout", ["tp", "pp", "cp"])
+@pytest.mark.parametrize("layout", ["tp", "pp", "cp", "zbv", "offload"])
 def test_every_layout_trains_and_evaluates_the_one_process_losses(runs, layout):
     assert len(runs[layout]) == 4  # three steps and an evaluation
     assert runs[layout] == pytest.approx(runs["one"], rel=1e-5)

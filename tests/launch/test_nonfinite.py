@@ -34,6 +34,7 @@ def test_a_nan_step_stops_every_rank_before_its_update_keeping_the_checkpoints(t
     assert said.count("train.stop_on_nonfinite: step 3's gradient norm is nan: the run stopped "
                       "before its update reached the weights") == 1  # one rank speaks per node
     assert "not restarted: a restart would meet the same bad input" in said
+    assert "(the step's data: epoch 0, global batch 3 of" in said  # where to look
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]
     assert (run / "checkpoints" / "step-00000002" / "manifest.json").is_file()  # complete
     assert [m["step"] for m in metrics(run)] == [1, 2]

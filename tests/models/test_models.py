@@ -65,6 +65,26 @@ def test_packed_documents_under_the_document_mask_give_each_documents_own_logits
     assert not torch.allclose(model(packed)[:, 7:], model(second), atol=1e-3)
 
 
+def test_every_layer_keeps_one_shared_document_mask_for_its_backward():
+    """A boolean mask became a float copy inside SDPA in each layer, each kept for backward:
+    8 GiB at 8,192 tokens over 32 layers. One additive mask serves them all."""
+    from orch.runtime.data import document_ids
+
+    model = Transformer(small(layers=3))
+    tokens = torch.randint(0, 63, (2, 16))
+    tokens[:, 5] = 63
+    masks = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 4 and tensor.shape[-2:] == (16, 16):
+            masks.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(tokens, documents=document_ids(tokens, 63)).sum().backward()
+    assert len(masks) == 1
+
+
 def test_gqa_matches_explicitly_repeated_kv_heads():
     cfg = small(heads=4, kv_heads=2)
     attn = Attention(cfg)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from gloo_harness import run_on_gloo
 
+from orch.kernels.attention import Documents
 from orch.parallel.context_parallel import local_positions, ring_attention, ulysses_attention
 from orch.parallel.recompute import recompute_once, selective_contexts
 
@@ -86,7 +87,7 @@ def _run(rank: int, world: int, results) -> None:
             launches.clear()
             run = functools.partial(attention, group=dist.group.WORLD)
             if impl == "documents":
-                run = functools.partial(run, documents=documents())
+                run = functools.partial(run, documents=Documents(documents()))
             if impl == "selective":
                 run = functools.partial(recompute_once, run, selective_contexts)
             with torch.autocast("cpu", torch.float16, enabled=impl == "autocast"):

@@ -43,6 +43,7 @@ from orch.plan.memory import (
     param_counts,
     zero_bytes_per_param,
 )
+from orch.runtime.data import document_ids
 from orch.runtime.parallelize import parallelize
 
 # --- published figures --------------------------------------------------------------------------
@@ -268,12 +269,13 @@ def measure(cfg: Config, autocast: bool = True) -> dict[str, int]:
     apply_recompute(model, cfg.train.recompute)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.train.seq_len))
+    documents = (document_ids(tokens, cfg.data.eos_id) if cfg.train.document_mask else None)
     losses = []
 
     def forward() -> torch.Tensor:
         with torch.autocast("cpu", torch.bfloat16,
                             enabled=cfg.train.precision == "bf16" and autocast):
-            logits = model(tokens)
+            logits = model(tokens, documents=documents)
         losses.append(F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()))
         return losses[-1]
 
@@ -309,6 +311,21 @@ def test_estimate_matches_measured_cpu_step(name, recompute, precision):
     for key, value in measured.items():
         # activations exact (but the loss's 4-byte total weight); AdamW's step counters aside
         assert est[key] == pytest.approx(value, abs=4, rel=1e-5 * (key == "optimizer")), key
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_document_mask_is_counted_once_for_every_layer(precision):
+    """train.document_mask: one additive seq x seq mask per sequence, in the attention's dtype,
+    which every layer's SDPA keeps for its backward (a boolean one became a copy per layer)."""
+    cfg = load_config("configs/tiny.yaml", [f"train.precision={precision}", "data.eos_id=10",
+                                            "train.document_mask=true"])
+    plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, document_mask=False))
+    est, est_plain = (estimate_memory(c, Degrees(), flash=True, fused_norm=False).activations
+                      for c in (cfg, plain))
+    act = 2 if precision == "bf16" else 4
+    b, seq = cfg.train.micro_batch, cfg.train.seq_len
+    assert est - est_plain == b * seq * seq * act + b * seq * 8  # the mask, the int64 ids
+    assert est == pytest.approx(measure(cfg)["activations"], abs=4)
 
 
 def _split_activations(rank: int, world: int, results: dict, cases: list) -> None:

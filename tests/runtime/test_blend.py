@@ -9,7 +9,8 @@ import pytest
 
 from orch.config import load_config
 from orch.errors import ConfigError
-from orch.runtime.data import BlendedSequences, BlendStream, DataError, PackedSequences
+from orch.runtime.blend import BlendedSequences, BlendStream
+from orch.runtime.data import DataError, PackedSequences
 
 SEQ = 4
 SIZES = (13, 50, 7)  # samples per file; the last wraps several epochs within a few steps
@@ -59,7 +60,7 @@ def test_each_files_share_is_within_one_sample_of_its_weight_after_every_sample(
 def test_the_share_bound_holds_where_the_furthest_behind_rule_breaks_it(weights):
     """Picking the file furthest below its share let file 5 of [1,1,1,1,7,7] fall 1.06 samples
     behind after 31 samples; Tijdeman's rule keeps every file within 1 - 1/(2k-2)."""
-    from orch.runtime.data import blend_picks
+    from orch.runtime.blend import blend_picks
 
     w = np.array(weights, dtype=float) / sum(weights)
     counts = np.zeros(len(w))
@@ -133,6 +134,8 @@ def test_a_resume_onto_other_files_or_a_damaged_position_is_refused():
      "data.token_dtype: uint16 for a .bin file (data.blend[1]) of a model"),
     (['data.blend=["x", "2 ids.bin"]', "model.vocab_size=70000"],  # in place after a bad one
      "data.token_dtype: uint16 for a .bin file (data.blend[1]) of a model"),
+    (['data.blend=["1 a.bin", "x b.bin"]', "model.vocab_size=70000"],  # not hidden by the
+     "data.token_dtype: uint16 for a .bin file (data.blend[0]) of a model"),  # refused one
     (['data.blend=["1 a.txt"]', "data.format=tokens"],  # read as text all the same
      "data.format: 'tokens' beside data.blend, whose files read as their suffixes say"),
 ])
@@ -147,14 +150,19 @@ def test_weights_are_relative_and_a_path_may_hold_spaces():
 
     assert parse_blend(["3 /data/my corpus.txt", "1 b"]) == (
         [(0.75, "/data/my corpus.txt"), (0.25, "b")], [])
-    # their sum overflowed to infinity: every weight 0, an even mix trained without a word
-    assert [w for w, _ in parse_blend(["1e308 a", "1e308 b", "1 c"])[0]] == pytest.approx(
-        [0.5, 0.5, 0.0], abs=1e-300)
+    # their sum overflowed to infinity: every weight 0, an even mix trained without a word;
+    # and one too small beside the others is 0, never drawn: said
+    pairs, problems = parse_blend(["1e308 a", "1e308 b", "1 c"])
+    assert [w for w, _ in pairs] == pytest.approx([0.5, 0.5, 0.0], abs=1e-300)
+    assert problems == []
+    problems = parse_blend(["1e308 a", "1e-300 b"])[1]
+    assert [p.where for p in problems] == ["data.blend[1]"]
+    assert "its weight is 0 beside the others'" in problems[0].message
 
 
 def test_every_files_ids_beyond_the_vocabulary_are_said_together_by_the_workers(tmp_path):
     from orch.errors import ProblemsError
-    from orch.runtime.data import training_stream
+    from orch.runtime.blend import training_stream
 
     for name in ("a.npy", "b.npy"):
         np.save(tmp_path / name, np.full(100, 300, dtype=np.uint16))

@@ -572,6 +572,36 @@ def test_checkpoints_of_an_older_orch_resume_and_real_changes_are_refused(tmp_pa
         CheckpointManager(tmp_path, here, PLAN).resolve_resume(str(saved))
 
 
+def test_a_checkpoint_of_the_orch_before_blends_and_document_masks_is_not_read_as_edited(
+        tmp_path) -> None:
+    """A manifest as the orch before data.blend, data.holdout, data.eos_id, train.document_mask
+    and train.stop_on_nonfinite wrote it: its config without them, its fingerprint hashed with
+    that orch's exclusions (EXCLUDED_BEFORE), is that orch's own, not an edited one, and it
+    resumes under today's defaults."""
+    from orch.runtime.checkpoint.fingerprint import (
+        EXCLUDED_BEFORE,
+        FINGERPRINT_SECTIONS,
+        _digest,
+        fingerprint_matches,
+    )
+    from orch.runtime.checkpoint.manifest import read_manifest
+
+    saved = CheckpointManager(tmp_path, make_cfg(), PLAN).save(
+        1, tiny_state(1.0), {"sample": 8, "source": DATA_SOURCE})
+    raw = json.loads((saved / MANIFEST).read_text())
+    for section, name in [("data", "blend"), ("data", "holdout"), ("data", "eos_id"),
+                          ("train", "document_mask"), ("train", "stop_on_nonfinite")]:
+        del raw["config"][section][name]
+    then = EXCLUDED_BEFORE[-2]  # FINGERPRINT_EXCLUDED as that orch had it
+    raw["fingerprint"] = _digest({section: {name: value for name, value in
+                                            raw["config"][section].items()
+                                            if name not in then.get(section, ())}
+                                  for section in FINGERPRINT_SECTIONS})
+    (saved / MANIFEST).write_text(json.dumps(raw))
+    assert fingerprint_matches(read_manifest(saved))
+    assert CheckpointManager(tmp_path, make_cfg(), PLAN).resolve_resume("auto") == saved
+
+
 def test_a_checkpoint_without_its_data_identity_still_compares_the_data_path(tmp_path) -> None:
     """Saved before checkpoints recorded the data file's identity, a checkpoint tells its data
     by ``data.path`` alone, so another path is refused for it."""

@@ -122,7 +122,7 @@ def test_too_short_for_one_global_batch(tmp_path):
     assert _file_problem(tmp_path, path) == (
         f"eval.path: '{path}' holds 64 tokens, fewer than one global batch of "
         "train.global_batch=4 sequences of train.seq_len=16 needs (65)\n"
-        "    fix: use a longer held-out file, or lower train.global_batch or train.seq_len")
+        "    fix: use a longer eval.path, or lower train.global_batch or train.seq_len")
 
 
 def test_more_batches_than_the_file_holds_says_the_most_it_allows(tmp_path):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from orch.config import load_config
-from orch.runtime.data import DataError, PackedSequences, held_out_start, training_stream
-from orch.runtime.evaluation import eval_file_problems, held_out_samples
+from orch.runtime.blend import training_stream
+from orch.runtime.data import DataError, PackedSequences, held_out_start
+from orch.runtime.evaluation import eval_file_problems, eval_samples
 
 SEQ, BATCH = 8, 4
 
@@ -22,6 +23,12 @@ def ids(tmp_path: Path, name: str, count: int, offset: int = 0) -> Path:
     path = tmp_path / name
     np.save(path, (offset + np.arange(count)).astype(np.uint16))
     return path
+
+
+def held_out_samples(config):
+    """Every sample an evaluation reads, in its order, as ``(inputs, targets)``."""
+    samples, order = eval_samples(config)
+    return samples.gather(order)
 
 
 def cfg(*sets: str):

@@ -135,9 +135,14 @@ def test_another_index_beside_the_same_ids_is_another_source(tmp_path):
     changed = source_change(saved, source_identity(data), data)
     assert changed is not None and "the same ids, but another Megatron .idx beside them" in (
         changed.message)
+    by_file = DataConfig(path=f"{prefix}.bin")
+    Path(f"{prefix}.idx").unlink()
+    gone = source_change(saved, source_identity(by_file), by_file)
+    assert gone is not None and "the same ids, but no Megatron .idx beside them now" in (
+        gone.message)
 
 
-def test_data_token_dtype_changed_on_resume_matters_only_to_a_raw_bin(tmp_path):
+def test_fields_nothing_reads_do_not_refuse_a_resume(tmp_path):
     """The field is not read for an indexed pair (nor text, nor .npy): a resume that changed it
     was refused as another config."""
     from types import SimpleNamespace
@@ -153,3 +158,10 @@ def test_data_token_dtype_changed_on_resume_matters_only_to_a_raw_bin(tmp_path):
         now = Config(data=DataConfig(path=path, token_dtype="uint32"))
         manifest = SimpleNamespace(config=config_to_dict(saved), data={"source": {"bytes": 1}})
         assert bool(config_changes(manifest, config_to_dict(now))) == refused, path
+    # data.eos_id (orch data prepare prints it) matters only to train.document_mask
+    saved, now = Config(), Config(data=DataConfig(eos_id=2))
+    manifest = SimpleNamespace(config=config_to_dict(saved), data={"source": {"bytes": 1}})
+    assert config_changes(manifest, config_to_dict(now)) == []
+    now.train.document_mask = True
+    assert config_changes(manifest, config_to_dict(now)) == [
+        "data.eos_id: -1 -> 2", "train.document_mask: False -> True"]

@@ -149,9 +149,12 @@ def config_changes(manifest: Manifest, config: dict[str, Any]) -> list[str]:
             diffs.append(f"{where}: {a!r} -> {b!r}")
 
     walk(_fingerprinted(manifest.config, keep), _fingerprinted(config, keep), "")
+    unread = set()  # fields that change nothing computed where nothing reads them
     if not reads_token_dtype(config.get("data", {})):
-        diffs = [diff for diff in diffs if not diff.startswith("data.token_dtype:")]
-    return diffs
+        unread.add("data.token_dtype")
+    if not any((c.get("train") or {}).get("document_mask") for c in (manifest.config, config)):
+        unread.add("data.eos_id")  # (orch data prepare prints it: pasted into a running run)
+    return [diff for diff in diffs if diff.partition(":")[0] not in unread]
 
 
 def reads_token_dtype(data: dict[str, Any]) -> bool:
