@@ -1,8 +1,8 @@
 """``train.document_mask`` under ``orch launch``: documents end at ``data.eos_id`` (here the
 shipped corpus's newline: every line a document), and the losses and held-out losses of one
 process equal those of tensor + sequence parallel (the attention's input layouts take the
-document ids), of two-stage pipelines (every stage's forward takes them; 1F1B, and ZB-V with two
-stages a rank and a split backward), of ring context parallelism (each rank's blocks mask by the
+document ids), of a two-stage pipeline (every stage's forward takes them; ZB-V: two stages a rank
+and a split backward), of ring context parallelism (each rank's blocks mask by the
 whole sequence's ids) and of an offloaded model, and differ from plain causal attention's.
 Ulysses is checked against one process in tests/parallel/test_context_parallel.py."""
 
@@ -21,7 +21,6 @@ MASKED = ["train.document_mask=true", "data.eos_id=10", "train.steps=3", "train.
 def runs(tmp_path_factory) -> dict[str, list[tuple[float, ...]]]:
     root = tmp_path_factory.mktemp("documents")
     layouts = {"one": (1, []), "tp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-               "pp": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
                "cp": (2, ["parallel.cp=2"]),
                "zbv": (2, ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.dp_shard=1"]),
                "offload": (1, ["offload.params=cpu", "offload.grads=cpu",
@@ -37,7 +36,7 @@ def runs(tmp_path_factory) -> dict[str, list[tuple[float, ...]]]:
     return found
 
 
-@pytest.mark.parametrize("layout", ["tp", "pp", "cp", "zbv", "offload"])
+@pytest.mark.parametrize("layout", ["tp", "cp", "zbv", "offload"])
 def test_every_layout_trains_and_evaluates_the_one_process_losses(runs, layout):
     assert len(runs[layout]) == 4  # three steps and an evaluation
     assert runs[layout] == pytest.approx(runs["one"], rel=1e-5)
