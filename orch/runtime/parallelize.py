@@ -55,7 +55,7 @@ from orch.parallel.schedules import Schedule, build_schedule
 from orch.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
 from orch.plan import Plan
 from orch.runtime.block_compile import compile_blocks
-from orch.runtime.data import DataError, source_identity
+from orch.runtime.data import DataError, problem_of, read_like_data, source_identity
 
 if TYPE_CHECKING:  # imported where built: torch.distributed.pipelining adds ~1.5 s to start-up
     from orch.parallel.pipeline.executor import PipelineExecutor
@@ -193,7 +193,10 @@ def agree_on_plan(plan: Plan | None, cfg: Config, resume: str, problems: list[st
     files of one size at a relative ``data.path`` trained together on different samples."""
     problems = list(problems or [])
     source = _data_identity(cfg.data, problems)
-    settings = _settings(cfg, source)
+    held_out = None  # evaluations that read eval.path: every node's copy the same file too
+    if cfg.eval.interval > 0 and cfg.eval.path:
+        held_out = _data_identity(read_like_data(cfg.data, cfg.eval.path), problems, "eval.path")
+    settings = _settings(cfg, source, held_out)
     del settings["checkpoint.resume"]  # the mode in effect instead, under both of its names
     settings["--resume or checkpoint.resume"] = json.dumps(resume)
     _agree("plan", _plan_fingerprint(plan, settings), problems, settings)
@@ -201,15 +204,19 @@ def agree_on_plan(plan: Plan | None, cfg: Config, resume: str, problems: list[st
     return source
 
 
-def _data_identity(data: DataConfig, problems: list[str]) -> dict[str, Any] | None:
+def _data_identity(data: DataConfig, problems: list[str], field: str = "data.path"
+                   ) -> dict[str, Any] | None:
     """``data``'s identity, or None with the reason added to ``problems``: a rank that cannot
-    read its copy raises nothing alone, which would leave the others waiting in the agreement."""
+    read its copy raises nothing alone, which would leave the others waiting in the agreement.
+    ``field``: the field holding ``data.path``'s file (``eval.path``: a held-out file read by
+    the training data's rules), which problems are said of."""
     try:
         return source_identity(data)
     except DataError as exc:
-        problems.append(str(exc.problem))
+        problems.append(str(exc.problem if field == "data.path"
+                            else problem_of(exc.problem, field)))
     except OSError as exc:
-        where = "data.blend" if data.blend else "data.path"
+        where = "data.blend" if data.blend else field
         problems.append(f"{where}: {exc.filename or data.path!r} cannot be read ({exc.strerror})")
     return None
 
@@ -315,17 +322,20 @@ def _local_logits(module: nn.Module, args: object, output: torch.Tensor) -> torc
     return output.to_local() if isinstance(output, DTensor) else output
 
 
-def _settings(cfg: Config, source: dict[str, Any] | None) -> dict[str, str]:
+def _settings(cfg: Config, source: dict[str, Any] | None,
+              held_out: dict[str, Any] | None = None) -> dict[str, str]:
     """Every setting of the resolved config as ``section.key`` -> its value, and the data
     file's ``source`` identity (``data.bytes``, ``data.sampled_sha256``; each ``data.blend``
-    file's as ``data.blend[i].bytes`` ...): nodes reading
-    different copies of a relative ``data.path`` trained together on different samples, and
-    copies of one size are told apart only by their contents."""
+    file's as ``data.blend[i].bytes`` ...; ``eval.path``'s, ``held_out``, as ``eval.bytes``
+    ...): nodes reading different copies of a relative ``data.path`` trained together on
+    different samples (of an ``eval.path``, evaluated on them), and copies of one size are told
+    apart only by their contents."""
     flat = {f"{section}.{key}": json.dumps(value, sort_keys=True, default=str)
             for section, values in config_to_dict(cfg).items() if isinstance(values, dict)
             for key, value in values.items()}
     files = ([] if source is None else [("data", source)] if "blend" not in source
              else [(blend_field(index), one) for index, one in enumerate(source["blend"])])
+    files += [("eval", held_out)] if held_out is not None else []
     for where, one in files:
         flat[f"{where}.bytes"] = str(one["bytes"])
         flat[f"{where}.sampled_sha256"] = one["sampled_sha256"]

@@ -144,6 +144,11 @@ def test_the_settings_compared_include_the_data_files_size(tmp_path):
     assert views[0]["data.bytes"] == "10" and views[2]["data.bytes"] == "20"
     said = _differences(views)
     assert "data.bytes: 10 on ranks 0-1, 20 on ranks 2" in said and "data.path" in said
+    # a relative eval.path too: nodes evaluating on different held-out files compared numbers
+    # that meant nothing together
+    held_out = [source_identity(DataConfig(path=str(path))) for path in (small, large)]
+    views = [_settings(configs[0], source_identity(configs[0].data), one) for one in held_out]
+    assert "eval.bytes: 10 on ranks 0, 20 on ranks 1" in _differences(views)
 
 
 def _agree_in(rank: int, world: int, results: dict,
@@ -154,8 +159,9 @@ def _agree_in(rank: int, world: int, results: dict,
     from orch.config import load_config
     from orch.runtime.parallelize import RanksDisagree, agree_on_plan, agree_on_run_dir
 
-    cfg = load_config(REPO / "configs/tiny.yaml", ["data.path=x.bin", "run.dir=run"])
-    for case, (what, directories) in cases.items():
+    for case, (what, directories, *extra) in cases.items():
+        cfg = load_config(REPO / "configs/tiny.yaml", ["data.path=x.bin", "run.dir=run",
+                                                        *(extra[0] if extra else [])])
         os.chdir(directories[rank])
         try:
             if what == "plan":
@@ -170,19 +176,29 @@ def _agree_in(rank: int, world: int, results: dict,
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], dict]:
     """Four node directories (a, b and c hold a 40,000-byte x.bin, b's differing from the
-    others' in its last byte; the fourth holds none) and what two gloo ranks got in each case,
-    run in one process group."""
+    others' in its last byte; the fourth holds none; each a held.txt of its own, of one size)
+    and what two gloo ranks got in each case, run in one process group."""
     root = tmp_path_factory.mktemp("nodes")
     dirs = [root / name for name in ("a", "b", "c", "empty")]
     for node, last in zip(dirs, (b"\0", b"\1", b"\0", None), strict=True):
         node.mkdir()
         if last is not None:
             (node / "x.bin").write_bytes(bytes(39_999) + last)
+        (node / "held.txt").write_text(f"held-out text of node {node.name} " * 400)
     a, b, c, empty = (str(d) for d in dirs)
     cases = {"same data": ("plan", [a, c]), "other contents": ("plan", [a, b]),
              "missing": ("plan", [a, empty]), "shared run dir": ("run directory", [a, a]),
+             "other held-out": ("plan", [a, c], ["eval.interval=5", "eval.path=held.txt"]),
              "own run dirs": ("run directory", [b, c])}
     return dirs, run_on_gloo(_agree_in, 2, root, cases)
+
+
+def test_ranks_evaluating_on_different_held_out_files_stop(nodes):
+    """A relative eval.path on each node its own copy: every evaluation's loss averaged ranks'
+    losses over different texts. Its identity is compared as data.path's is."""
+    _, results = nodes
+    said = results[("other held-out", 0)]
+    assert "eval.sampled_sha256:" in said and results[("other held-out", 1)] == "stopped"
 
 
 def test_ranks_reading_different_files_of_one_size_stop(nodes):
