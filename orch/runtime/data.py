@@ -131,9 +131,9 @@ def check_ids(tokens: np.ndarray, vocab_size: int, data: DataConfig) -> None:
     if not data.path:
         _check_range(tokens, vocab_size, "the shipped corpus", _TEXT_IDS)
         return
-    path, kind = check_source(data)
-    _check_range(tokens, vocab_size, repr(data.path), _TEXT_IDS if kind == "text" else
-                 ", or check data.token_dtype" if typed_by_config(str(path)) else "")
+    path = _existing_file(data.path)  # what the file is, from its name: its head read already
+    _check_range(tokens, vocab_size, repr(data.path), _TEXT_IDS if _file_kind(data, path) ==
+                 "text" else ", or check data.token_dtype" if typed_by_config(str(path)) else "")
 
 
 _TEXT_IDS = "; text is read as bytes, 256 ids"

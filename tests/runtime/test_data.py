@@ -379,3 +379,15 @@ def test_a_small_or_empty_gz_corpus_is_counted_before_start(tmp_path: Path):
     assert token_count(DataConfig(path=str(path))) == _SNIFF_BYTES
     path.write_bytes(gzip.compress(b"x" * (_SNIFF_BYTES + 1)))
     assert token_count(DataConfig(path=str(path))) is None  # only reading it all would tell
+
+
+def test_loading_a_gz_corpus_reads_its_head_once(tmp_path: Path, monkeypatch):
+    """The id check ran the file checks again: a second gzip open and decompression of the
+    head of every text corpus each load."""
+    path = tmp_path / "c.txt.gz"
+    path.write_bytes(gzip.compress(b"some text\n" * 100))
+    heads = []
+    real = data_module._text_head
+    monkeypatch.setattr(data_module, "_text_head", lambda *a: heads.append(1) or real(*a))
+    assert len(load_tokens(DataConfig(path=str(path)), 256)) == 1000
+    assert len(heads) == 1
