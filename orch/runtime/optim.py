@@ -89,9 +89,12 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
         return cpu_adamw(groups, lr_at(1, cfg.train), (o.beta1, o.beta2), o.eps,
                          cfg.offload.cpu_adam)
-    return torch.optim.AdamW(
-        groups, lr=lr_at(1, cfg.train), betas=(o.beta1, o.beta2), eps=o.eps, foreach=True
-    )
+    # torch's own choice of implementation (foreach=None): the multi-tensor step on a GPU, one
+    # tensor at a time on the CPU, bit for bit the same update. Forcing foreach on the CPU cost
+    # twice the time per step (tiny model: 15 ms against 7) and, on DTensor parameters, seconds of
+    # sharding propagation for the foreach ops' many-tensor schemas in the first step (tp2 x
+    # FSDP2 on 4 CPU processes: 7.4 s against 3.3 s)
+    return torch.optim.AdamW(groups, lr=lr_at(1, cfg.train), betas=(o.beta1, o.beta2), eps=o.eps)
 
 
 IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")

@@ -9,7 +9,7 @@ Ulysses is checked against one process in tests/parallel/test_context_parallel.p
 from __future__ import annotations
 
 import pytest
-from launch_harness import eval_metrics, launch, metrics, overrides
+from launch_harness import ONE_THREAD, eval_metrics, launch, metrics, overrides, two_at_a_time
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -27,12 +27,16 @@ def runs(tmp_path_factory) -> dict[str, list[tuple[float, ...]]]:
                                "offload.optimizer=cpu"]),
                "causal": (1, ["train.document_mask=false"])}
     found = {}
-    for name, (nproc, extra) in layouts.items():
+
+    def run(name: str) -> None:
+        nproc, extra = layouts[name]
         out = launch("--nproc-per-node", str(nproc), "configs/tiny.yaml",
-                     *overrides(root / name, *MASKED, *extra))
+                     *overrides(root / name, *MASKED, *extra), env=ONE_THREAD)
         assert out.returncode == 0, out.stdout + out.stderr
         found[name] = ([m["loss"] for m in metrics(root / name)]
                        + [m["eval_loss"] for m in eval_metrics(root / name)])
+
+    two_at_a_time(run, layouts)
     return found
 
 

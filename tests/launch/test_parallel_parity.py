@@ -3,10 +3,11 @@
 One module-scoped set of runs, two launches at a time (process start-up dominates: a launch
 costs 4-10 s alone on 2 cores, a 4-process one about twice a 1-process one; 34 launches took
 318 s one at a time and 273 s two at a time): a single-process reference per model and one run
-per layout, all on the same data. Dense (tiny): data parallel (FSDP2 on 4 ranks, DDP on 2; FSDP2
-on 2 and HSDP 2x2 accumulating micro-batches, under both ``parallel.grad_reduce`` modes for FSDP2),
-tensor + sequence parallelism composed with FSDP2, context parallel (Ulysses alone, ring composed
-with TP).
+per layout, all on the same data. Dense (tiny): data parallel (FSDP2 on 4 ranks, DDP on 2; HSDP
+2x2 accumulating micro-batches with a reduce per micro-batch, FSDP2 on 2 with one per step: both
+``parallel.grad_reduce`` modes, each checked gradient by gradient in
+tests/parallel/test_grad_reduce.py), tensor + sequence parallelism composed with FSDP2, context
+parallel (Ulysses alone, ring composed with TP).
 MoE (tiny-moe with 8 experts, top-2, aux loss and aux-loss-free bias both on): expert parallel over
 2 ranks, ep2 folded into HSDP 2x2 (so the dense part runs HSDP), ep2 x etp2, ep2 with ring context
 parallelism (the balancing loss sums the loads of the cp ranks, so it sees whole sequences), and
@@ -21,9 +22,10 @@ first rank also computing the loss) x FSDP2. Offload: one process with parameter
 states and swapped activations resting on the NVMe tier (a file in the test's directory), and a 7 MB
 device budget (CPU homes are checked bit for bit in tests/offload); and two offloaded replicas of
 the MoE model (``parallel.dp_replicate=2``: CPU homes, each replica stepping and saving the
-optimizer states of its own units), three times: keeping every parameter, and with
-``offload.shard_params`` keeping only its own units' parameters, in CPU memory and on NVMe (the
-three must agree bit for bit). Paths that a listed layout already runs are left to the
+optimizer states of its own units), twice: keeping every parameter in CPU memory, and with
+``offload.shard_params`` keeping only its own units' parameters, on NVMe (the two must agree bit
+for bit; shared parameters in CPU memory are checked in tests/parallel/test_offload_replicas.py).
+Paths that a listed layout already runs are left to the
 per-gradient tests in tests/parallel, to keep the suite's time: tensor parallel alone (with and
 without sequence parallelism), expert parallel over 4 ranks, dense HSDP on its own, ring
 attention without TP, FSDP x CP x TP on 8 processes (each was here and passed before 2026-12-02;
@@ -37,7 +39,7 @@ checkpoints' weights run forward by hand on the same windows of the file. Measur
 losses within 9.6e-7 of the single process's on every layout and resharded run (0 on 13 of 30),
 the hand computation within 4.8e-7 (0 for the dense model).
 
-Five layouts (pp2, the offloaded ones) run as a user resuming after a preemption: stopped at step
+Four layouts (pp2, the offloaded ones) run as a user resuming after a preemption: stopped at step
 2, then the same command again, so their checks also cover a resume into pipeline stages and into
 the offload tiers and the replicas' partition (an exact resume is tested in test_resume.py, so no
 uninterrupted twin here).
@@ -62,13 +64,19 @@ DESIGN.md).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from launch_harness import FAST, eval_metrics, launch, metrics, overrides
+from launch_harness import (
+    FAST,
+    ONE_THREAD,
+    eval_metrics,
+    launch,
+    metrics,
+    overrides,
+    two_at_a_time,
+)
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from orch.config import load_config
@@ -104,9 +112,8 @@ OFFLOAD_REPLICAS = ["offload.params=cpu", "offload.grads=cpu", "offload.optimize
 LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "fsdp4": (DENSE, 4, ["parallel.dp_shard=4"], dict(dp_shard=4)),
     "ddp2": (DENSE, 2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"], dict(dp_replicate=2)),
-    # four micro-batches per rank, reduce-scattered each (parallel.grad_reduce's default) and
-    # once per step; HSDP's all-reduce waiting for the last of two
-    "fsdp2_accum": (DENSE, 2, ["train.micro_batch=1"], dict(dp_shard=2)),
+    # four micro-batches per rank reduce-scattered once per step; HSDP's two reduce-scattered
+    # each (parallel.grad_reduce's default), its all-reduce waiting for the last
     "fsdp2_accum_step": (DENSE, 2, ["train.micro_batch=1", "parallel.grad_reduce=step"],
                          dict(dp_shard=2)),
     "hsdp2x2_accum": (DENSE, 4, ["train.micro_batch=1", "parallel.dp_replicate=2",
@@ -136,8 +143,6 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                         dict(pp=2, dp_shard=2)),
     "offload_nvme": (DENSE, 1, OFFLOAD, dict()),
     "offload_dp2_moe": (MOE, 2, OFFLOAD_REPLICAS, dict(dp_replicate=2)),
-    "offload_dp2_moe_shared": (MOE, 2, [*OFFLOAD_REPLICAS, "offload.shard_params=true"],
-                               dict(dp_replicate=2)),
     "offload_dp2_moe_shared_nvme": (MOE, 2, [*OFFLOAD_REPLICAS, "offload.shard_params=true",
                                              "offload.params=nvme", "offload.optimizer=nvme",
                                              "offload.nvme_path={scratch}"],
@@ -149,8 +154,7 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "ep2_tp2_fsdp2": (MOE, 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"],
                       dict(dp_shard=2, tp=2, ep=2)),
 }
-RESUMED = ("pp2", "offload_nvme", "offload_dp2_moe", "offload_dp2_moe_shared",
-           "offload_dp2_moe_shared_nvme")
+RESUMED = ("pp2", "offload_nvme", "offload_dp2_moe", "offload_dp2_moe_shared_nvme")
 RESHARDED = {  # name: (the layout that saved step 2, the plan that resumes it)
     "dp4_to_dp2tp2": ("fsdp4", "tp2sp_fsdp2"),
     "pp2_to_pp1": ("pp2", "single"),
@@ -201,13 +205,6 @@ def final_params(run_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=False)["model"]
 
 
-CONCURRENT_LAUNCHES = 2
-"""Launches run two at a time, each worker on one thread: a launch alone leaves a core idle
-much of the time (start-up is one process importing, a 1-process run computes on a core and a
-half), and two launches whose threads outnumber the cores wait for each other's OpenMP barriers
-(measured: two 1-process runs at 2 threads each took 0.5-8.2 s a step instead of 0.15)."""
-
-
 def _launch(config: str, procs: int, run_dir: Path, *extra: str, resume: Path | None = None
             ) -> str:
     settings = MOE_SETTINGS if config == MOE else []
@@ -215,7 +212,7 @@ def _launch(config: str, procs: int, run_dir: Path, *extra: str, resume: Path | 
     out = launch("--nproc-per-node", str(procs), config,
                  *overrides(run_dir, f"train.steps={STEPS}", *settings, *EVAL, held_out,
                             *extra),
-                 *(["--resume", str(resume)] if resume else []), env={"OMP_NUM_THREADS": "1"})
+                 *(["--resume", str(resume)] if resume else []), env=ONE_THREAD)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -256,24 +253,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     (root / EVAL_FILE).write_text(HELD_OUT * 4)
     # the most processes first, so the last launches to finish are short ones
     layouts = sorted([*references, *LAYOUTS], key=lambda name: -TARGETS[name][1])
-    with ThreadPoolExecutor(CONCURRENT_LAUNCHES) as pool:
-        _all(pool, _run_layout, layouts, dirs, scratch)
-        _all(pool, _reshard, RESHARDED, dirs, scratch)  # from the layouts' checkpoints
+    two_at_a_time(_run_layout, layouts, dirs, scratch)
+    two_at_a_time(_reshard, RESHARDED, dirs, scratch)  # from the layouts' checkpoints
     return dirs
-
-
-def _all(pool: ThreadPoolExecutor, run: Callable[..., None], names: Iterable[str],
-         *args: object) -> None:
-    """``run(name, *args)`` for every name on the pool; the first failure is raised and the
-    launches not started yet are dropped."""
-    futures = [pool.submit(run, name, *args) for name in names]
-    try:
-        for future in futures:
-            future.result()
-    except BaseException:
-        for future in futures:
-            future.cancel()
-        raise
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -306,13 +288,13 @@ def assert_same_steps(ref: list[dict], got: list[dict]) -> None:
         assert abs(a["loss"] - b["loss"]) <= FLIPPED_LOSS_ATOL, (a["step"], a["loss"], b["loss"])
 
 
-def test_both_grad_reduce_modes_train_the_same_numbers(runs):
-    """A reduce-scatter per micro-batch sums the same gradients as one per step."""
-    assert_same_steps(metrics(runs["fsdp2_accum_step"]), metrics(runs["fsdp2_accum"]))
+def test_the_accumulating_runs_reduce_as_asked(runs):
+    """Both ``parallel.grad_reduce`` modes ran (and trained the single process's numbers, in the
+    tests above), each over several micro-batches."""
     plans = [json.loads((runs[name] / "plan.json").read_text())
-             for name in ("fsdp2_accum", "fsdp2_accum_step", "hsdp2x2_accum")]
+             for name in ("fsdp2_accum_step", "hsdp2x2_accum")]
     assert [(p["microbatches"], p["grad_reduce"]) for p in plans] == [
-        (4, "microbatch"), (4, "step"), (2, "microbatch")]
+        (4, "step"), (2, "microbatch")]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -483,14 +465,14 @@ def test_offloaded_replicas_kept_their_device_budget(runs):
             assert figures["device_budget_bytes"] == budget and 0 < peak <= budget
 
 
-@pytest.mark.parametrize("layout", ["offload_dp2_moe_shared", "offload_dp2_moe_shared_nvme"])
-def test_shared_parameters_train_the_replicas_numbers_exactly(runs, layout, tmp_path):
-    """``offload.shard_params``: each replica keeps only its own units' parameters (in CPU
-    memory, or on NVMe) and receives the others' per use, and sums each micro-batch's gradients
-    onto the owners, which changes where the bytes are and nothing else: with two replicas the
-    same losses, gradient norms and final parameters as the replicas that keep every parameter
-    in CPU memory, bit for bit (a stop and resume included for the CPU homes; uneven routing
-    makes the replicas finish units in different orders and fetch ahead differently)."""
+def test_shared_parameters_train_the_replicas_numbers_exactly(runs, tmp_path):
+    """``offload.shard_params``: each replica keeps only its own units' parameters (here on
+    NVMe) and receives the others' per use, and sums each micro-batch's gradients onto the
+    owners, which changes where the bytes are and nothing else: with two replicas the same
+    losses, gradient norms and final parameters as the replicas that keep every parameter in CPU
+    memory, bit for bit (both stopped at step 2 and resumed; uneven routing makes the replicas
+    finish units in different orders and fetch ahead differently)."""
+    layout = "offload_dp2_moe_shared_nvme"
     kept, shared = metrics(runs["offload_dp2_moe"]), metrics(runs[layout])
     for a, b in zip(kept, shared, strict=True):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
