@@ -102,7 +102,7 @@ def worker(name: str, sets: list[str], nvme_dir: str, device: str) -> None:
     bf16 = device == "cuda" and cfg.train.precision == "bf16"
     if name == "torch loop":
         model.to(device)
-        opt = torch.optim.AdamW(model.parameters(), **adamw, foreach=True)
+        opt = torch.optim.AdamW(model.parameters(), **adamw)  # torch picks, as for orch
 
         def train_step(inputs, targets):
             with torch.autocast(device, torch.bfloat16, enabled=bf16):

@@ -53,7 +53,7 @@ def baseline(steps: int, seq_len: int) -> None:
     ddp = DistributedDataParallel(model)
     t, o = cfg.train, cfg.optimizer
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay, foreach=True)
+                            weight_decay=o.weight_decay)  # torch picks, as for orch
     tokens = torch.from_numpy(load_tokens(cfg.data, cfg.model.vocab_size).astype(np.int64))
     micro = t.global_batch // (world * t.micro_batch)
     gen = torch.Generator().manual_seed(rank)
