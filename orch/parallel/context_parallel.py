@@ -17,7 +17,8 @@ Tensors are laid out ``(batch, heads, seq, head_dim)`` as the model's attention 
 and value may have fewer heads (grouped-query attention) and are never expanded before sending.
 Each block runs on orch's FlashAttention kernels where ``flash_attention`` would (CUDA tensors;
 ``orch.kernels.attention.kernel_takes``), else in plain torch (the specification, and the CPU
-path); Ulysses' local attention is the model's (``causal_attention``).
+path), within documents too (the kernels take the chunks' document ids); Ulysses' local
+attention is the model's (``causal_attention``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from orch.kernels.attention import Documents, autocast_inputs, causal_attention, kernel_takes
-from orch.kernels.dispatch import use_triton, warn_once
 from orch.parallel.comm import all_to_all
 from orch.parallel.comm_stats import dimension
 
@@ -101,7 +101,8 @@ class _Blocks(NamedTuple):
     merging; ``backward(q, k, v, out, lse, dout, scale, mode, documents) -> (dq, dk, dv)``, where
     ``out`` and ``lse`` are the merged results over every key chunk (the block's share of the
     gradient needs the whole softmax), summed by the caller in float32. ``documents``: the
-    chunks' document ids (plain-torch blocks only), or None."""
+    query and key chunks' document ids, or None; a query whose document has no key in the
+    block gets out 0 and lse -inf there, and no gradient from it."""
 
     forward: Callable[..., _Pair]
     backward: Callable[..., _Triple]
@@ -133,22 +134,24 @@ def _torch_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d
 
 
 def _kernel_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int,
-                    documents: None = None) -> _Pair:
+                    documents: _Pair | None = None) -> _Pair:
     from orch.kernels.attention.kernels import default_config, forward
 
     config = default_config(q.shape[-1], q.dtype)
-    out, lse = forward(*(t.transpose(1, 2) for t in (q, k, v)), mode == _DIAG, scale, config)
+    out, lse = forward(*(t.transpose(1, 2) for t in (q, k, v)), mode == _DIAG, scale, config,
+                       documents)
     return out.transpose(1, 2).float(), lse
 
 
 def _kernel_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                     scale: float, mode: int, documents: None = None) -> _Triple:
+                     scale: float, mode: int, documents: _Pair | None = None) -> _Triple:
     from orch.kernels.attention.kernels import backward, default_config
 
     config = default_config(q.shape[-1], q.dtype)
     # ``out`` stays the float32 merge: the kernel reads it only for delta, in float32
     q, k, v, out, dout = (t.transpose(1, 2) for t in (q, k, v, out, dout))
-    grads = backward(q, k, v, out, lse.contiguous(), dout, None, mode == _DIAG, scale, config)
+    grads = backward(q, k, v, out, lse.contiguous(), dout, None, mode == _DIAG, scale, config,
+                     documents)
     dq, dk, dv = (g.transpose(1, 2) for g in grads)
     return dq, dk, dv
 
@@ -157,7 +160,8 @@ _TORCH_BLOCKS = _Blocks(_torch_forward, _torch_backward)
 _KERNEL_BLOCKS = _Blocks(_kernel_forward, _kernel_backward)
 """orch's FlashAttention kernels on the blocks: given the merged ``out`` and ``lse`` their
 backward computes exactly a block's share (``delta`` from the merged output), so the ring needs
-nothing beyond the kernels ``flash_attention`` runs."""
+nothing beyond the kernels ``flash_attention`` runs; with documents they skip the key blocks of
+documents the queries lack (a whole ring block, where the chunks share none)."""
 
 
 def _merge(out, lse, block_out, block_lse):
@@ -223,7 +227,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, documents: Tensor | None, gro
     """The merged float32 output and log-sum-exp of this rank's queries over the ring; with
     ``documents`` (the whole sequence's ids), within documents."""
     ring = _Ring(_resolve_process_group(group))
-    blocks = _blocks(q, k, v, documents)
+    blocks = _blocks(q, k, v)
     half = q.shape[2] // 2
     queries = (q[:, :, :half], q[:, :, half:])
     mine = ring.chunks(ring.index)
@@ -257,7 +261,7 @@ def _ring_forward_shapes(q: Tensor, k: Tensor, v: Tensor, documents: Tensor | No
 @torch.library.custom_op("orch::ring_attention_backward", mutates_args=())
 def _ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    documents: Tensor | None, group: str, scale: float) -> _Triple:
-    ring, blocks = _Ring(_resolve_process_group(group)), _blocks(q, k, v, documents)
+    ring, blocks = _Ring(_resolve_process_group(group)), _blocks(q, k, v)
     half = q.shape[2] // 2
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -292,12 +296,10 @@ def _ring_backward_shapes(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _blocks(q: Tensor, k: Tensor, v: Tensor, documents: Tensor | None) -> _Blocks:
-    if documents is not None:  # orch's kernels take no document ids yet
-        if use_triton("flash_attention", q, k, v):
-            warn_once("flash_attention", "document masks (train.document_mask) are not in "
-                      "orch's kernels yet", instead="plain-torch ring blocks")
-        return _TORCH_BLOCKS
+def _blocks(q: Tensor, k: Tensor, v: Tensor) -> _Blocks:
+    """orch's kernels where ``flash_attention`` would run them and they take the inputs
+    (``kernel_takes``: CUDA tensors, or ``ORCH_KERNELS=triton``), with or without documents;
+    the plain-torch blocks elsewhere."""
     return (_KERNEL_BLOCKS if kernel_takes(q, k, v, instead="plain-torch ring blocks")
             else _TORCH_BLOCKS)
 

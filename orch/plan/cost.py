@@ -394,7 +394,8 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
     if off.grads != "device":
         traffic += micro * params * 4
     if off.activations != "device":  # a micro-batch's saved activations, out and back
-        traffic += 2 * micro * estimate_memory(cfg, deg, fused_norm=device.fused_norm).activations
+        traffic += 2 * micro * estimate_memory(
+            cfg, deg, fused_norm=device.fused_norm, kernels=device.orch_kernels).activations
     transfers = traffic / device.host_bw
     if off.shard_params and deg.dp_replicate > 1 and replicas_link is not None:
         transfers += 2 * micro * (params * 4 / replicas_link.bandwidth + replicas_link.latency_s)
@@ -406,7 +407,8 @@ def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: flo
     disk = 2 * micro * params * 4 if off.params == "nvme" else 0.0
     update_io = 2 * params * 4 if off.params == "nvme" else 0.0
     if off.optimizer == "nvme":
-        update_io += 2 * estimate_memory(cfg, deg, fused_norm=device.fused_norm).optimizer
+        update_io += 2 * estimate_memory(
+            cfg, deg, fused_norm=device.fused_norm, kernels=device.orch_kernels).optimizer
     if off.grads == "nvme":  # written after each micro-batch's backward, read before the
         disk += (2 * micro - 1) * params * 4  # next adds (behind and ahead of the backward,
         update_io += params * 4  # counted as exposed, as the fetches), and read by the update

@@ -53,6 +53,10 @@ class DeviceSpec:
     """Whether torch's RMSNorm is one fused kernel here (CUDA: it keeps its input and
     statistics) or composite (CPU builds: it also keeps the normalized tensor), what the memory
     model counts of each norm."""
+    orch_kernels: bool = True
+    """Whether orch's Triton kernels run here (CUDA) or torch's ops do (CPU builds): attention
+    within documents then keeps no seq x seq mask (the kernels take the document ids), what the
+    memory model counts of ``train.document_mask``."""
 
     def peak(self, precision: str) -> float:
         """FLOP/s at ``train.precision`` (``bf16`` or ``fp32``): what step times and MFU are
@@ -63,7 +67,7 @@ class DeviceSpec:
 
 OVERRIDABLE = tuple(
     f.name for f in dataclasses.fields(DeviceSpec)
-    if f.name not in ("name", "description", "fused_norm")
+    if f.name not in ("name", "description", "fused_norm", "orch_kernels")
 )
 """Fields a cluster description may override: every number."""
 
@@ -125,7 +129,7 @@ DEVICES: dict[str, DeviceSpec] = {
             intra_node_bw=5e9, inter_node_bw=1.25e9, memory_bw=20e9, compute_efficiency=0.5,
             host_bw=5e9, intra_latency_s=20e-6, inter_latency_s=50e-6, matmul_half_size=2**14,
             description="CPU with gloo: loopback inside a host, 10 Gb/s Ethernet between",
-            fused_norm=False,
+            fused_norm=False, orch_kernels=False,
         ),
     )
 }

@@ -171,7 +171,7 @@ class _Activations:
 def _activations(
     key: tuple, act: int, flash: bool, fused_norm: bool, s: int, b: int, t: int, sp: bool,
     cp: int, ep: int, etp: int, recompute: Recompute, ring: bool, autocast: bool,
-    torch_split: bool = False, documents: bool = False,
+    torch_split: bool = False, documents: bool = False, document_mask: bool = False,
 ) -> _Activations:
     dense, moe = _archs(key, act, flash, fused_norm, ring, autocast)
     vocab, h, hd = key[0], key[1], key[5]
@@ -212,11 +212,10 @@ def _activations(
         dense_recomputed=dense_recomputed,
         moe_recomputed=moe_recomputed,
         # RoPE cos/sin tables, made once per forward in the residual stream's dtype; with
-        # train.document_mask the int64 document ids of the whole sequence, and the
-        # block-causal mask every layer's attention shares (Ulysses' too; ring blocks mask as
-        # they go, and keep none)
+        # train.document_mask the int64 document ids of the whole sequence, and where SDPA
+        # runs the attention the block-causal mask every layer shares (:func:`_document_mask`)
         every_stage=2 * (s // cp) * hd * dense.residual_bytes
-        + documents * b * s * (8 + (not ring) * s * act),
+        + documents * b * s * 8 + document_mask * b * s * s * act,
         first_stage=tok * 8,  # the embedding keeps the int64 token ids
         last_stage=sum(x.nbytes for x in last),
         logits_buffer=logits,
@@ -386,28 +385,44 @@ def recomputed_layer_bytes(cfg: Config, deg: Degrees) -> tuple[int, int]:
     return acts.dense_recomputed, acts.moe_recomputed
 
 
+KERNEL_HEAD_DIMS = range(16, 129, 16)
+"""The head_dims orch's attention kernels take (``orch.kernels.attention.checks``: a multiple of
+16 up to 128); others run on torch's SDPA on a GPU too."""
+
+
+def _document_mask(cfg: Config, deg: Degrees, kernels: bool) -> bool:
+    """Whether attention within documents keeps the additive seq x seq mask every layer's SDPA
+    shares (``orch.kernels.attention.Documents``; Ulysses' too): not where orch's kernels run
+    the attention (``kernels``: the device's, for a head_dim they take), which take the document
+    ids, nor under ring context parallelism, whose blocks mask as they go."""
+    kernels = kernels and cfg.model.head_dim in KERNEL_HEAD_DIMS
+    return cfg.train.document_mask and not kernels and not _ring(cfg, deg)
+
+
 def _layer_activations(cfg: Config, deg: Degrees, flash: bool = True, fused_norm: bool = True,
-                       key: tuple | None = None) -> _Activations:
+                       key: tuple | None = None, kernels: bool = True) -> _Activations:
     """:func:`_activations` of ``cfg`` laid out as ``deg`` (its cached arithmetic); ``key``:
     the model's :func:`model_key`, where the caller has it (the search asks this thousands of
-    times)."""
+    times); ``kernels``: whether orch's kernels run (:func:`_document_mask`)."""
     tr = cfg.train
     return _activations(key or model_key(cfg.model), 2 if tr.precision == "bf16" else 4, flash,
                         fused_norm, tr.seq_len, tr.micro_batch, deg.tp, deg.sequence_parallel,
                         deg.cp, deg.ep, deg.etp, tr.recompute, _ring(cfg, deg),
                         _autocast(cfg, deg), deg.tp > 1,  # torch's split: orch.runtime.parallelize
-                        tr.document_mask)
+                        tr.document_mask, _document_mask(cfg, deg, kernels))
 
 
 def estimate_memory(
-    cfg: Config, deg: Degrees, *, flash: bool = True, fused_norm: bool = True
+    cfg: Config, deg: Degrees, *, flash: bool = True, fused_norm: bool = True,
+    kernels: bool = True,
 ) -> MemoryEstimate:
     """Per-rank memory of training ``cfg`` under ``deg``, for the worst pipeline stage.
 
     Dense parameters are split by ``tp`` (norms and routers replicated) and sharded over
     ``deg.fsdp``; routed experts are split by ``ep * etp`` and sharded over the expert
-    data-parallel shard degree. ``flash``/``fused_norm`` pick the kernels activations assume: the
-    defaults are CUDA's; torch's CPU build uses flash SDPA but a composite RMSNorm.
+    data-parallel shard degree. ``flash``/``fused_norm``/``kernels`` pick the kernels activations
+    assume: the defaults are CUDA's; torch's CPU build uses flash SDPA but a composite RMSNorm,
+    and no orch kernels (``train.document_mask`` then keeps SDPA's seq x seq mask).
 
     Gradients are sharded unless a step reduces them once: with several micro-batches per
     step and ``parallel.grad_reduce: step`` FSDP2 accumulates whole unsharded fp32 gradients
@@ -428,12 +443,12 @@ def estimate_memory(
     ``offload.shard_params`` the parameters and gradients at home too
     (``orch.offload.param_shards``). Per-parameter FSDP padding is ignored.
     """
-    return StageMemory(cfg, deg, flash=flash, fused_norm=fused_norm).estimate(
+    return StageMemory(cfg, deg, flash=flash, fused_norm=fused_norm, kernels=kernels).estimate(
         cfg.parallel.stage_layers)
 
 
 def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
-                 key: tuple) -> Callable[..., _StageBytes]:
+                 key: tuple, kernels: bool = True) -> Callable[..., _StageBytes]:
     """What one pipeline stage holds, as a function of its row of :func:`_stages` (its dense
     and MoE layers, whether it is first or last, its micro-batches in flight): the arithmetic
     of :func:`estimate_memory`, made once per (config, degrees) and asked per stage, by the
@@ -442,7 +457,7 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     pc = _param_counts(key)
     act_bytes = 2 if tr.precision == "bf16" else 4
     tp, etp = deg.tp, deg.etp
-    acts = _layer_activations(cfg, deg, flash, fused_norm, key)
+    acts = _layer_activations(cfg, deg, flash, fused_norm, key, kernels)
 
     h = m.dim
     vocab = -(-m.vocab_size // tp) * h
@@ -585,10 +600,10 @@ class StageMemory:
     question (three times per pipeline candidate)."""
 
     def __init__(self, cfg: Config, deg: Degrees, *, flash: bool = True,
-                 fused_norm: bool = True) -> None:
+                 fused_norm: bool = True, kernels: bool = True) -> None:
         self.cfg, self.deg = cfg, deg
         self.key = model_key(cfg.model)
-        self.stage_bytes = _stage_bytes(cfg, deg, flash, fused_norm, self.key)
+        self.stage_bytes = _stage_bytes(cfg, deg, flash, fused_norm, self.key, kernels)
         tr = cfg.train
         self.n_micro = max(1, tr.global_batch // (tr.micro_batch * deg.dp))
 

@@ -423,7 +423,8 @@ class PlannedSplit:
 def plan_split(cfg: Config, deg: Degrees, machine: Machine) -> PlannedSplit:
     """:func:`planned_memory`, made as far as asked (:class:`PlannedSplit`)."""
     limit = memory_limit(cfg, machine)
-    stages = StageMemory(cfg, deg, fused_norm=machine.device.fused_norm)
+    stages = StageMemory(cfg, deg, fused_norm=machine.device.fused_norm,
+                         kernels=machine.device.orch_kernels)
     if deg.pp == 1 or deg.virtual_stages > 1 or cfg.parallel.stage_layers:
         return PlannedSplit.made(cfg, None, stages.worst(cfg.parallel.stage_layers), limit)
     split = _stage_layers(cfg, deg, machine)

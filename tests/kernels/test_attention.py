@@ -1,5 +1,6 @@
 """flash_attention: the reference against torch SDPA, the Triton kernels (interpreter mode on CPU)
-against the reference, the log-sum-exp contract ring attention relies on, and bad input.
+against the reference, the log-sum-exp contract ring attention relies on, attention within
+documents, and bad input.
 
 Tolerances (float32 on CPU, measured max differences ~1e-6 at these shapes): the reference
 against SDPA and the Triton kernels against the reference, out, lse and every gradient, within
@@ -249,25 +250,196 @@ def test_lse_merges_key_blocks_like_ring_attention(monkeypatch, impl):
         close(a, b, what=f"d{name}")
 
 
-def test_kernels_are_ops_torch_can_trace(triton_path):
+@pytest.mark.parametrize("within_documents", [False, True], ids=["causal", "documents"])
+def test_kernels_are_ops_torch_can_trace(triton_path, within_documents):
     """The forward and backward kernels are torch custom ops whose schemas, fake (shape-only)
     implementations and autograd registration pass ``torch.library.opcheck`` (which also traces
-    them with AOT autograd): what ``torch.compile`` and selective recompute rely on."""
+    them with AOT autograd): what ``torch.compile`` and selective recompute rely on; the
+    document ids are optional tensors of both."""
     q, k, v = make(1, 20, 20, 4, 2, 16)
     tiles = list(dataclasses.astuple(small(triton_path)))
+    ids = documents(20, (3, 11))
+    docs = (ids, ids) if within_documents else ()
     ops = torch.ops.orch
-    torch.library.opcheck(ops.flash_attention_forward.default, (q, k, v, True, 0.25, tiles))
-    out, lse = ops.flash_attention_forward(*(t.detach() for t in (q, k, v)), True, 0.25, tiles)
+    torch.library.opcheck(ops.flash_attention_forward.default, (q, k, v, True, 0.25, tiles, *docs))
+    out, lse = ops.flash_attention_forward(*(t.detach() for t in (q, k, v)), True, 0.25, tiles,
+                                           *docs)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     for extra in (dlse, None):  # with and without a gradient on lse
         torch.library.opcheck(ops.flash_attention_backward.default,
                               (dout, extra, q.detach(), k.detach(), v.detach(), out, lse, True,
-                               0.25, tiles))
+                               0.25, tiles, *docs))
 
 
 def from_kernel(out: torch.Tensor) -> bool:
     """Whether ``out`` came from the Triton kernels' op (its autograd node is the op's)."""
     return "orch_flash_attention_forward" in type(out.grad_fn).__name__
+
+
+# --- within documents ---------------------------------------------------------------------------
+
+
+def documents(seq, *starts):
+    """Document ids ``(len(starts), seq)``: row ``r`` starts a document at 0 and at each of
+    ``starts[r]`` (a cumulative sum over starts, as packed data numbers them)."""
+    ids = torch.zeros(len(starts), seq, dtype=torch.long)
+    for row, begins in enumerate(starts):
+        ids[row, list(begins)] = 1
+    return ids.cumsum(1)
+
+
+def same_document(q_ids, k_ids, causal):
+    """SDPA's boolean mask ``(batch, 1, seq_q, seq_k)``: the same document (and causal)."""
+    from orch.kernels.attention import document_mask
+
+    if causal:
+        return document_mask(q_ids)
+    return (q_ids[:, :, None] == k_ids[:, None, :])[:, None]
+
+
+def sdpa_masked(q, k, v, mask):
+    out = F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2]
+    )
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_reference_within_documents_matches_sdpa_with_the_mask(causal):
+    """The reference's ``documents`` is torch SDPA with the boolean document mask, documents of
+    one token and grouped-query heads included."""
+    q, k, v = make(2, 19, 19, 4, 2, 16)
+    ids = documents(19, (1, 2, 9, 18), (10,))
+    out = attention_reference(q, k, v, causal, None, (ids, ids))[0]
+    expected = sdpa_masked(q, k, v, same_document(ids, ids, causal))
+    close(out, expected, what="out")
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * w).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a, b, what=f"d{name}")
+
+
+def pair_without_keys():
+    """Query and key ids of a ring block's kind: some queries' documents (3 in row 0, 6 in row
+    1) have no key here, and some keys' documents no query."""
+    q_ids = torch.tensor([[0] * 4 + [1] * 9 + [3] * 8, [2] * 6 + [5] * 12 + [6] * 3])
+    k_ids = torch.tensor([[0] * 20 + [1] * 10 + [2] * 20, [2] * 10 + [5] * 30 + [7] * 10])
+    return q_ids, k_ids
+
+
+DOCUMENT_CASES = [  # shape, causal, ids (one tensor: self-attention; or a pair), tiles
+    pytest.param((2, 37, 37, 4, 2, 32), True, documents(37, (3, 4, 20, 36), (1,)), None,
+                 id="causal-gqa2-ragged"),
+    pytest.param((2, 37, 37, 4, 2, 32), False, documents(37, (3, 4, 20, 36), (1,)), None,
+                 id="full-gqa2-ragged"),
+    pytest.param((1, 64, 64, 2, 1, 16), True, documents(64, (3, 60)), ((16, 16),) * 3,
+                 id="causal-over-blocks-all16"),
+    pytest.param((2, 21, 50, 4, 1, 48), False, pair_without_keys(), None,
+                 id="pair-rows-without-keys"),
+]
+
+
+@pytest.mark.parametrize("shape, causal, ids, tiles", DOCUMENT_CASES)
+def test_triton_within_documents_matches_reference(triton_path, shape, causal, ids, tiles):
+    """Documents of one token, documents over several blocks (whose inner blocks need no
+    mask), blocks across boundaries, a ragged end; and a query/key pair where some queries see
+    no key at all: their out is 0, lse -inf, and their gradients 0, never NaN."""
+    q, k, v = make(*shape)
+    pair = (ids, ids) if isinstance(ids, torch.Tensor) else ids
+    cfg = small(triton_path, *(tiles or ()))
+    out, lse, got = grads(
+        lambda *t: triton_path.flash_attention_triton(*t, causal, None, cfg, pair), q, k, v
+    )
+    ref_out, ref_lse, want = grads(lambda *t: attention_reference(*t, causal, None, pair), q, k, v)
+    close(out, sdpa_masked(q, k, v, same_document(*pair, causal)).nan_to_num(0.0), what="sdpa")
+    close(out, ref_out, what="out")
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=RTOL)  # -inf where ref's is
+    for name, a, b in zip("qkv", got, want, strict=True):
+        assert a.isfinite().all() and b.isfinite().all(), f"d{name}"
+        close(a, b, what=f"d{name}")
+    blind = ~same_document(*pair, causal).any(-1)[:, 0]  # (batch, seq_q): sees no key
+    assert blind.any() == (not isinstance(ids, torch.Tensor))
+    assert (out[blind] == 0).all() and (got[0][blind] == 0).all()
+    assert (lse.transpose(1, 2)[blind] == -math.inf).all()
+
+
+def test_triton_within_one_document_is_plain_causal_exactly(triton_path):
+    """One document is plain causal attention, bit for bit: the same blocks in the same order
+    (the documents' bounds coincide with the causal ones), out, lse and gradients."""
+    q, k, v = make(1, 45, 45, 2, 1, 32)
+    cfg = small(triton_path)
+    ids = torch.zeros(1, 45, dtype=torch.long)
+    results = [grads(lambda *t, d=d: triton_path.flash_attention_triton(*t, True, None, cfg, d),
+                     q, k, v) for d in (None, (ids, ids))]
+    (out, lse, got), (doc_out, doc_lse, doc_got) = results
+    assert torch.equal(out, doc_out) and torch.equal(lse, doc_lse)
+    for a, b in zip(got, doc_got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_triton_never_reads_blocks_no_query_sees(triton_path):
+    """The kernels skip whole blocks of other documents: NaN in the keys and values of a
+    document no query has (two whole key blocks), and in the queries of a document no key has
+    (a whole query block), leave every output and gradient finite and equal to the reference
+    on the clean inputs; a block loaded and masked would spread the NaN (0 * NaN)."""
+    q, k, v = make(1, 48, 64, 2, 1, 16)
+    q_ids = torch.tensor([[0] * 16 + [1] * 16 + [3] * 16])
+    k_ids = torch.tensor([[0] * 16 + [2] * 32 + [3] * 16])
+    poisoned = [t.detach().clone() for t in (q, k, v)]
+    poisoned[0][:, 16:32] = math.nan
+    poisoned[1][:, 16:48] = math.nan
+    poisoned[2][:, 16:48] = math.nan
+    poisoned = [t.requires_grad_() for t in poisoned]
+    cfg = small(triton_path, (16, 16), (16, 16), (16, 16))
+    pair = (q_ids, k_ids)
+    out, lse, got = grads(
+        lambda *t: triton_path.flash_attention_triton(*t, False, None, cfg, pair), *poisoned
+    )
+    ref_out, ref_lse, want = grads(lambda *t: attention_reference(*t, False, None, pair), q, k, v)
+    close(out, ref_out, what="out")
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=RTOL)
+    for name, a, b in zip("qkv", got, want, strict=True):
+        assert a.isfinite().all(), f"d{name}"
+        close(a, b, what=f"d{name}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_flash_attention_takes_documents(monkeypatch, impl):
+    """``flash_attention(..., documents=)`` on either path: one tensor for self-attention."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ORCH_KERNELS", impl)
+    q, k, v = make(1, 24, 24, 2, 1, 16)
+    ids = documents(24, (5, 6))
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True, documents=ids)
+    assert from_kernel(out) == (impl == "triton")
+    ref_out, ref_lse = attention_reference(q, k, v, True, None, (ids, ids))
+    close(out, ref_out, what="out")
+    close(lse, ref_lse, what="lse")
+
+
+def test_causal_attention_within_documents_runs_the_kernel_without_a_mask(
+        triton_path, monkeypatch, count_calls):
+    """The model's attention within documents (``Documents``) runs orch's kernels with the ids
+    where they run, and builds no seq x seq mask there; its result is SDPA's with the mask."""
+    from orch.kernels import causal_attention
+    from orch.kernels.attention import Documents
+
+    launches = count_calls(triton_path, "forward")
+    q, k, v = (t.transpose(1, 2) for t in make(2, 19, 19, 4, 2, 16))  # (batch, heads, seq, dim)
+    ids = documents(19, (1, 2, 9, 18), (10,))
+    weight = torch.randn(2, 4, 19, 16, generator=torch.Generator().manual_seed(1))
+    results = []
+    for impl in ("triton", "reference"):
+        monkeypatch.setenv("ORCH_KERNELS", impl)
+        within = Documents(ids)
+        out = causal_attention(q, k, v, documents=within)
+        results.append((out, *torch.autograd.grad((out * weight).sum(), (q, k, v))))
+        assert (within._masks == {}) == (impl == "triton")
+    assert len(launches) == 1
+    for got, want in zip(*results, strict=True):
+        close(got, want)
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.5])
@@ -421,6 +593,45 @@ def _bad(kind):
                 dict(q=q, k=k, v=v, softmax_scale="0.5"),
                 r"flash_attention\(softmax_scale\): must be a finite number, got '0.5'",
             )
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    match kind:
+        case "documents_kind":
+            return (
+                dict(q=q, k=k, v=v, documents=[ids, ids, ids]),
+                r"flash_attention\(documents\): expected a \(batch, seq\) tensor .* got list",
+            )
+        case "documents_dtype":
+            return (
+                dict(q=q, k=k, v=v, documents=ids.float()),
+                r"flash_attention\(documents\): expected an integer dtype, got torch.float32",
+            )
+        case "documents_shape":
+            return (
+                dict(q=q, k=k, v=v, documents=ids[:, :7]),
+                r"flash_attention\(documents\): shape \(1, 7\) is not q's \(batch, seq\) "
+                r"\(1, 8\).*fix: give one id per token of q",
+            )
+        case "documents_one_for_two":
+            return (
+                dict(q=q[:, :5], k=k, v=v, documents=ids),
+                r"flash_attention\(documents\): one tensor of ids is for self-attention.*"
+                r"fix: pass a pair",
+            )
+        case "documents_key_shape":
+            return (
+                dict(q=q, k=k, v=v, documents=(ids, ids[:, :5])),
+                r"flash_attention\(documents\[1\]\): shape \(1, 5\) is not k's",
+            )
+        case "documents_device":
+            return (
+                dict(q=q, k=k, v=v, documents=ids.to("meta")),
+                r"flash_attention\(documents\): is on meta but q is on cpu",
+            )
+        case "documents_order":
+            return (
+                dict(q=q, k=k, v=v, documents=torch.tensor([[0, 0, 1, 1, 0, 0, 2, 2]])),
+                r"flash_attention\(documents\): ids decrease along a row.*cumulative sum",
+            )
     raise AssertionError(kind)
 
 
@@ -440,6 +651,13 @@ def _bad(kind):
         "empty",
         "scale",
         "scale_text",
+        "documents_kind",
+        "documents_dtype",
+        "documents_shape",
+        "documents_one_for_two",
+        "documents_key_shape",
+        "documents_device",
+        "documents_order",
     ],
 )
 def test_bad_input(kind):
@@ -511,6 +729,31 @@ def test_gpu_kernels_within_sdpa_error(monkeypatch, dtype, shape, causal):
     ref = torch.autograd.grad((ref_lse * w_lse).sum(), (q32, k32, v32))
     for name, a, r in zip("qkv", mine, ref, strict=True):
         assert err(a, r) <= 2e-2 * r.abs().max().item() + 1e-3, f"d{name} through lse"
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_kernels_within_documents_within_sdpa_error(monkeypatch, dtype):
+    """Within documents (one-token documents, long ones over many blocks, a ragged end) the
+    kernels' error against a float32 reference is within twice that of torch SDPA with the
+    block-causal mask, out and gradients."""
+    monkeypatch.delenv("ORCH_KERNELS", raising=False)
+    q, k, v = make(2, 1000, 1000, 8, 2, 128, dtype=dtype, device="cuda")
+    ids = documents(1000, (1, 2, 3, 300, 301, 700), (500,)).cuda()
+    out = flash_attention(q, k, v, causal=True, documents=ids)
+    assert from_kernel(out)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref_out = attention_reference(q32, k32, v32, True, None, (ids, ids))[0]
+    base_out = sdpa_masked(q, k, v, same_document(ids, ids, True))
+    err = lambda a, b: (a.float() - b.float()).abs().max().item()  # noqa: E731
+    assert err(out, ref_out) <= 2 * err(base_out, ref_out) + 1e-3
+    w = torch.randn_like(out)
+    mine = torch.autograd.grad((out * w).sum(), (q, k, v))
+    base = torch.autograd.grad((base_out * w).sum(), (q, k, v))
+    ref = torch.autograd.grad((ref_out * w.float()).sum(), (q32, k32, v32))
+    for name, a, b, r in zip("qkv", mine, base, ref, strict=True):
+        assert err(a, r) <= 2 * err(b, r) + 1e-3, name
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
 """Ring and Ulysses attention on 2 and 4 gloo ranks equal full causal attention on one process,
 forward and backward, with grouped-query attention: in plain torch (the CPU path) and on orch's
 FlashAttention kernels (``ORCH_KERNELS=triton``, Triton's interpreter here; CUDA's path), also
-under selective recompute, which keeps the attention's output instead of running it again.
+under selective recompute, which keeps the attention's output instead of running it again, and
+within documents on both.
 On 4 ranks only the two kernels: autocast and recompute wrap each ring step the same way
 whatever the world (2 ranks check them), and on 4 processes over 2 cores they took 22 of the
 fixture's 53 s (Triton's interpreter)."""
@@ -26,9 +27,13 @@ pytestmark = pytest.mark.dist
 B, HEADS, KV_HEADS, SEQ, DIM = 2, 8, 4, 32, 16
 KERNELS = ("reference", "triton")  # ORCH_KERNELS: plain-torch blocks and SDPA, or orch's
 IMPLS = (*KERNELS, "autocast", "selective")  # the kernels under autocast, and under recompute
-WORLDS = {2: (*IMPLS, "documents"), 4: (*KERNELS, "documents")}
-"""``documents``: within documents (train.document_mask), the plain-torch blocks: query rows
-whose document has no key in a whole chunk (its blocks' rows see nothing) must not be NaN."""
+DOCUMENTS = ("documents", "triton-documents")
+WORLDS = {2: (*IMPLS, *DOCUMENTS), 4: (*KERNELS, "documents")}
+"""``documents``: within documents (train.document_mask), on the plain-torch blocks and SDPA;
+``triton-documents`` on orch's kernels (2 ranks: every kind of block is there already, and on 4
+they cost 2 ranks' time again): query rows whose document has no key in a whole chunk (its
+blocks' rows see nothing; a whole block, where the chunks share no document) must not be NaN."""
+ON_KERNELS = ("triton", "autocast", "selective", "triton-documents")
 ATOL = 1e-5
 AUTOCAST_ATOL = 1e-2  # float16 inputs (values of size 1-4, ten bits of mantissa)
 
@@ -76,8 +81,7 @@ def _run(rank: int, world: int, results) -> None:
     # float16 out of its projection) on the kernels, which autocast does not cast for;
     # "selective": the kernels under op-level selective recompute
     for impl in WORLDS[world]:
-        os.environ["ORCH_KERNELS"] = "triton" if impl in ("triton", "autocast", "selective") \
-            else "reference"
+        os.environ["ORCH_KERNELS"] = "triton" if impl in ON_KERNELS else "reference"
         for kind, attention in (("ring", ring_attention), ("ulysses", ulysses_attention)):
             pos = local_positions(SEQ, world, rank, kind)
             q, k, v, grad = (t[:, :, pos].clone() for t in inputs())
@@ -86,7 +90,7 @@ def _run(rank: int, world: int, results) -> None:
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             launches.clear()
             run = functools.partial(attention, group=dist.group.WORLD)
-            if impl == "documents":
+            if impl in DOCUMENTS:
                 run = functools.partial(run, documents=Documents(documents()))
             if impl == "selective":
                 run = functools.partial(recompute_once, run, selective_contexts)
@@ -120,15 +124,14 @@ def test_zigzag_split_balances_the_causal_work():
 @pytest.mark.parametrize(("world", "impl"), [(w, i) for w, impls in WORLDS.items() for i in impls])
 @pytest.mark.parametrize("kind", ["ring", "ulysses"])
 def test_equals_full_attention_forward_and_backward(sharded, kind, world, impl):
-    ref = reference(within_documents=impl == "documents")
+    ref = reference(within_documents=impl in DOCUMENTS)
     for rank in range(world):
         got = sharded[(impl, kind, world, rank)]
         # ring: one kernel forward per visible block (query chunk c sees chunks 0..c, and a
         # rank holds chunks r and 2 world - 1 - r: 2 world + 1 in all); Ulysses: one; under
         # selective recompute no more (the ring ran twice, the second time in backward)
         blocks = 2 * world + 1 if kind == "ring" else 1
-        assert got["kernel_forwards"] == (blocks if impl in ("triton", "autocast", "selective")
-                                          else 0)
+        assert got["kernel_forwards"] == (blocks if impl in ON_KERNELS else 0)
         for name in ("out", "dq", "dk", "dv"):
             torch.testing.assert_close(
                 got[name].float(),

@@ -315,17 +315,43 @@ def test_estimate_matches_measured_cpu_step(name, recompute, precision):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_document_mask_is_counted_once_for_every_layer(precision):
-    """train.document_mask: one additive seq x seq mask per sequence, in the attention's dtype,
-    which every layer's SDPA keeps for its backward (a boolean one became a copy per layer)."""
+    """train.document_mask where torch's SDPA runs the attention (the CPU): one additive seq x
+    seq mask per sequence, in the attention's dtype, which every layer's SDPA keeps for its
+    backward (a boolean one became a copy per layer). Where orch's kernels run it (a GPU) they
+    take the document ids: no mask."""
     cfg = load_config("configs/tiny.yaml", [f"train.precision={precision}", "data.eos_id=10",
                                             "train.document_mask=true"])
     plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, document_mask=False))
-    est, est_plain = (estimate_memory(c, Degrees(), flash=True, fused_norm=False).activations
-                      for c in (cfg, plain))
+    est, est_plain = (estimate_memory(c, Degrees(), flash=True, fused_norm=False,
+                                      kernels=False).activations for c in (cfg, plain))
     act = 2 if precision == "bf16" else 4
     b, seq = cfg.train.micro_batch, cfg.train.seq_len
     assert est - est_plain == b * seq * seq * act + b * seq * 8  # the mask, the int64 ids
     assert est == pytest.approx(measure(cfg)["activations"], abs=4)
+    gpu, gpu_plain = (estimate_memory(c, Degrees()).activations for c in (cfg, plain))
+    assert gpu - gpu_plain == b * seq * 8  # the ids alone
+
+
+def test_a_plan_counts_the_document_mask_only_where_sdpa_runs():
+    """A plan for the CPU counts SDPA's mask; one for a GPU does not, where orch's kernels take
+    the model's head_dim (the head_dims the plan assumes they take are theirs), and does where
+    they do not (head_dim 8: SDPA with the mask on the GPU too)."""
+    from orch.kernels.attention.checks import kernel_problem
+    from orch.plan import build_plan
+    from orch.plan.memory import KERNEL_HEAD_DIMS
+
+    for head_dim in range(8, 264, 8):
+        refused = kernel_problem(torch.empty(1, 1, 1, head_dim)) is not None
+        assert (head_dim in KERNEL_HEAD_DIMS) != refused, head_dim
+    for device, heads, counted in (("cpu", 8, True), ("h100", 8, False), ("h100", 32, True)):
+        cfg = load_config("configs/tiny.yaml", ["data.eos_id=10", f"model.heads={heads}"])
+        b, seq = cfg.train.micro_batch, cfg.train.seq_len
+        act = 2 if cfg.train.precision == "bf16" else 4
+        with_mask = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                       document_mask=True))
+        extra = (build_plan(with_mask, world_size=1, device=device).memory.activations
+                 - build_plan(cfg, world_size=1, device=device).memory.activations)
+        assert extra == b * seq * 8 + counted * b * seq * seq * act, (device, heads)
 
 
 def _split_activations(rank: int, world: int, results: dict, cases: list) -> None:

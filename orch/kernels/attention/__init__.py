@@ -1,4 +1,5 @@
-"""Attention with its log-sum-exp: ``flash_attention(q, k, v, causal, softmax_scale, return_lse)``.
+"""Attention with its log-sum-exp: ``flash_attention(q, k, v, causal, softmax_scale, return_lse,
+documents)``.
 
 Layout ``(batch, seq, heads, head_dim)`` for q, k and v (the layout a linear projection produces,
 before any transpose); k and v may have fewer heads than q (grouped-query attention: query head
@@ -21,6 +22,16 @@ that are fully hidden are skipped by the caller. Partial results over disjoint k
 exactly through their log-sum-exps: ``lse = logaddexp(lse1, lse2)``,
 ``out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse)`` (lse is (batch, heads, seq_q); move
 it to (batch, seq_q, heads, 1) before weighting ``out``).
+
+**documents.** Packed sequences hold several documents (``train.document_mask``): with
+``documents`` (one id per token, nondecreasing along the sequence) a query sees only keys of
+its own document, on top of ``causal``. Self-attention takes one ``(batch, seq)`` tensor; a
+block of ring attention the pair ``(query_documents, key_documents)``, where a query whose
+document has no key in the block sees nothing: its ``out`` is 0 and its ``lse`` -inf (no NaN,
+zero gradients), which the merge above weighs by 0. The kernels skip every key block that no
+query of a block can see, the saving packed documents are there for (as FlashAttention's varlen
+kernels and torchtitan's flex-attention document masks do), and no ``(seq, seq)`` mask exists;
+torch's SDPA, where the kernels do not run, takes a dense mask (:class:`Documents`).
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import torch.nn.functional as F
 
 from orch.kernels.attention.checks import (
     AttentionInputError,
+    check_documents,
     check_inputs,
     check_kernel_inputs,
     kernel_problem,
@@ -55,6 +67,7 @@ def flash_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    documents: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q over k, v; differentiable in q, k and v.
 
@@ -65,12 +78,18 @@ def flash_attention(
         causal: query ``i`` sees keys ``0..i``; needs ``seq_q == seq_k`` (see the module doc).
         softmax_scale: multiplies ``q . k``; default ``1 / sqrt(head_dim)``.
         return_lse: also return the log-sum-exp.
+        documents: attention within documents (see the module doc): integer document ids,
+            nondecreasing along each row, ``(batch, seq)`` for self-attention (seq_q == seq_k),
+            or a pair ``((batch, seq_q), (batch, seq_k))`` of the queries' and the keys' ids.
+            Their order is checked for CPU tensors only: on a GPU the check would cost a sync,
+            and the kernels, which find each document by binary search, would mask by wrong
+            ranges.
 
     Returns:
         ``out`` (batch, seq_q, heads, head_dim) in q's dtype, or ``(out, lse)`` with ``lse``
         (batch, heads, seq_q) float32 (float64 on the reference path for float64 inputs): the
-        natural log of ``sum_j exp(softmax_scale * q_i . k_j)`` over the keys ``i`` sees.
-        Gradients flow through both.
+        natural log of ``sum_j exp(softmax_scale * q_i . k_j)`` over the keys ``i`` sees
+        (-inf, and ``out`` 0, where it sees none). Gradients flow through both.
 
     The Triton kernel runs on CUDA tensors (or anywhere with ``ORCH_KERNELS=triton``) and takes
     float16, bfloat16 or float32 with head_dim a multiple of 16 up to 128; other inputs on that
@@ -79,18 +98,20 @@ def flash_attention(
     Raises:
         AttentionInputError (a ``ValueError``): bad shapes (an empty batch or sequence too,
         where torch's SDPA returns an empty result), dtypes, devices, head counts, ``causal``
-        with ``seq_q != seq_k``, a ``softmax_scale`` that is not a finite number, or inputs the
-        selected kernel cannot take; the message names the argument and the fix. Double
-        backward runs on the reference path only.
+        with ``seq_q != seq_k``, a ``softmax_scale`` that is not a finite number, ``documents``
+        of the wrong type, dtype, shape or device, or inputs the selected kernel cannot take;
+        the message names the argument and the fix. Double backward runs on the reference
+        path only.
     """
     check_inputs(q, k, v, causal, softmax_scale)
+    pair = check_documents(documents, q, k)
     if use_triton("flash_attention", q, k, v):
         check_kernel_inputs(q)
         from orch.kernels.attention.kernels import flash_attention_triton
 
-        out, lse = flash_attention_triton(q, k, v, causal, softmax_scale)
+        out, lse = flash_attention_triton(q, k, v, causal, softmax_scale, documents=pair)
     else:
-        out, lse = attention_reference(q, k, v, causal, softmax_scale)
+        out, lse = attention_reference(q, k, v, causal, softmax_scale, pair)
     return (out, lse) if return_lse else out
 
 
@@ -132,10 +153,12 @@ def document_mask(documents: torch.Tensor) -> torch.Tensor:
 
 
 class Documents:
-    """One forward pass's document ids (``ids``: ``(batch, seq)``, the whole sequence) and the
-    additive block-causal mask SDPA takes, built once and shared by every layer: a boolean
-    mask SDPA turns into a float one of its own, which each layer kept for its backward (8 GiB
-    at 8,192 tokens over 32 layers); one float mask in the attention's dtype is kept once."""
+    """One forward pass's document ids (``ids``: ``(batch, seq)``, the whole sequence) and,
+    where torch's SDPA runs instead of orch's kernels (which take the ids themselves and build
+    no mask), the additive block-causal mask it takes, built once and shared by every layer: a
+    boolean mask SDPA turns into a float one of its own, which each layer kept for its backward
+    (8 GiB at 8,192 tokens over 32 layers); one float mask in the attention's dtype is kept
+    once."""
 
     def __init__(self, ids: torch.Tensor) -> None:
         self.ids = ids
@@ -157,33 +180,34 @@ def causal_attention(
     """Causal self-attention laid out as the model holds its heads, ``(batch, heads, seq,
     head_dim)`` (k and v may have fewer heads): the attention of orch's model and of Ulysses
     context parallelism. With ``documents``, block-causal: a token sees the earlier tokens of
-    its own document only (:class:`Documents`); that runs on torch's SDPA with the mask on every
-    device (orch's kernels take no document ids yet, which the log says once on a GPU).
+    its own document only (:class:`Documents`).
 
     orch's Triton kernels run it where they can (:func:`kernel_takes`), through transposed views
-    (no copy); elsewhere torch's ``scaled_dot_product_attention``, the same function, runs
-    instead of the reference, whose scores matrix made attention 2.4-3.5x slower on CPU at the
-    tiny model's shape and 6.1-6.3x at 1,024 tokens (forward and backward;
-    benchmarks/results/attention-cpu.md), except for a ``softmax_scale <= 0``, for which torch's
-    CPU SDPA returns NaN: the reference runs it.
+    (no copy), with the document ids as they are (no mask is built); elsewhere torch's
+    ``scaled_dot_product_attention``, the same function, runs instead of the reference, whose
+    scores matrix made attention 2.4-3.5x slower on CPU at the tiny model's shape and 6.1-6.3x
+    at 1,024 tokens (forward and backward; benchmarks/results/attention-cpu.md), with the
+    documents' additive mask, and without one except for a ``softmax_scale <= 0``, for which
+    torch's CPU SDPA returns NaN: the reference runs it.
     """
     q, k, v = autocast_inputs(q, k, v)
+    instead = "torch's scaled_dot_product_attention"
     if documents is not None:
-        if use_triton("flash_attention", q, k, v):
-            warn_once("flash_attention", "document masks (train.document_mask) are not in "
-                      "orch's kernels yet", instead="torch's scaled_dot_product_attention with "
-                      "the block-causal mask")
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=documents.additive(q.dtype, q.device), scale=softmax_scale,
-            enable_gqa=k.shape[1] != q.shape[1])
-    if kernel_takes(q, k, v, instead="torch's scaled_dot_product_attention"):
+        instead += " with the block-causal mask"
+    if kernel_takes(q, k, v, instead=instead):
         # kernel_takes has dispatched and checked: straight to the kernel's op, not through
         # flash_attention's dispatch and checks a second time on every layer's call
         from orch.kernels.attention.kernels import flash_attention_triton
 
+        ids = None if documents is None else documents.ids.to(q.device)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out, _ = flash_attention_triton(q, k, v, causal=True, softmax_scale=softmax_scale)
+        out, _ = flash_attention_triton(q, k, v, causal=True, softmax_scale=softmax_scale,
+                                        documents=None if ids is None else (ids, ids))
         return out.transpose(1, 2)
+    if documents is not None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=documents.additive(q.dtype, q.device), scale=softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1])
     if softmax_scale is not None and softmax_scale <= 0:
         # torch's CPU SDPA with is_causal returns all NaN for a scale <= 0 (torch 2.13; with
         # an explicit mask, or without causal, it does not); the reference is exact for any

@@ -129,6 +129,62 @@ def check_inputs(
         )
 
 
+def check_documents(documents: object, q: torch.Tensor, k: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (query, key) document ids of a valid ``documents`` argument, or None without one;
+    raise ``AttentionInputError`` for a bad one. A single tensor serves self-attention (seq_q
+    == seq_k) as both. Ids must be nondecreasing along each row (how packed documents are
+    numbered: the kernels find each document's range by binary search); that is checked only
+    for CPU tensors, where it costs no device sync."""
+    if documents is None:
+        return None
+    if isinstance(documents, torch.Tensor):
+        if q.shape[1] != k.shape[1]:
+            raise AttentionInputError(
+                "documents",
+                f"one tensor of ids is for self-attention, but seq_q {q.shape[1]} != seq_k "
+                f"{k.shape[1]}",
+                "pass a pair (query_documents, key_documents)",
+            )
+        pair = (documents, documents)
+    elif isinstance(documents, (tuple, list)) and len(documents) == 2:
+        pair = tuple(documents)
+    else:
+        raise AttentionInputError(
+            "documents",
+            f"expected a (batch, seq) tensor of document ids or a pair of them, got "
+            f"{type(documents).__name__}",
+            "pass the ids of every token, or (query_documents, key_documents)",
+        )
+    for index, (side, of) in enumerate((("q", q), ("k", k))):
+        ids = pair[index]
+        name = "documents" if pair[0] is pair[1] else f"documents[{index}]"
+        if not isinstance(ids, torch.Tensor):
+            raise AttentionInputError(name, f"expected a torch.Tensor, got {type(ids).__name__}",
+                                      "pass (batch, seq) integer document ids")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise AttentionInputError(name, f"expected an integer dtype, got {ids.dtype}",
+                                      "pass integer ids (e.g. orch.runtime.data.document_ids, "
+                                      "int64)")
+        if tuple(ids.shape) != (of.shape[0], of.shape[1]):
+            raise AttentionInputError(
+                name,
+                f"shape {_shape(ids)} is not {side}'s (batch, seq) ({of.shape[0]}, {of.shape[1]})",
+                f"give one id per token of {side}, laid out (batch, seq)",
+            )
+        if ids.device != q.device:
+            raise AttentionInputError(name, f"is on {ids.device} but q is on {q.device}",
+                                      f"move the ids to q's device ({name}.to(q.device))")
+        if ids.device.type == "cpu" and bool((ids[:, 1:] < ids[:, :-1]).any()):
+            raise AttentionInputError(
+                name,
+                "ids decrease along a row",
+                "number documents in order along the sequence (a cumulative sum over document "
+                "ends, as orch.runtime.data.document_ids does)",
+            )
+    return pair
+
+
 def kernel_problem(q: torch.Tensor, k_dtype: torch.dtype | None = None,
                    v_dtype: torch.dtype | None = None) -> AttentionInputError | None:
     """Why the Triton kernels cannot take these (valid) inputs, or None when they can; k's and

@@ -22,6 +22,22 @@ and ``dkv_n % dkv_m == 0``. head_dim is padded to a power of two inside the kern
 of 16 up to 128 is accepted). Tensors may have any strides (a (batch, heads, seq, head_dim)
 tensor's transpose goes in without a copy) as long as head_dim is contiguous; others are copied.
 
+Documents (packed sequences; ``HAS_DOCS``): the host finds, by binary search over the
+nondecreasing ids, each query's document's keys ``[k_lo, k_hi)`` and each key's document's
+queries ``[q_lo, q_hi)`` (``document_ranges``). Since ids only grow, a query block's rows see
+keys only from its first row's ``k_lo`` to its last row's ``k_hi``, so a program walks those key
+blocks alone (the dK/dV program likewise the query blocks of its keys' documents): blocks of
+other documents are never loaded, which is where packed documents save their time, as in
+FlashAttention's varlen kernels and torchtitan's flex-attention document masks. Of the blocks
+walked, those inside every row's range (and the causal bound) still run unmasked; only those
+that straddle a boundary get a mask (the trailing masked phase, or a third, leading one that
+documents add), which compares positions with the ranges the program has already loaded (no id
+is loaded per block). A row
+that sees no key at all (a ring block whose keys lack its document) gets out 0 and lse -inf,
+and its P is exactly 0 in the backward (``where``, never ``0 * inf``). Without documents the
+kernels compile to what they were: the flag is a ``constexpr``, and the range pointers are
+stand-ins that are never read.
+
 The kernels live in ``triton_forward`` and ``triton_backward``; this module holds the tiles, the
 launchers and the op torch sees (forward and backward, with autograd).
 
@@ -106,13 +122,29 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit inputs
 
 
-def forward(q, k, v, causal: bool, scale: float, config: BlockConfig):
-    """out (b, sq, h, d) in q's dtype and lse (b, h, sq) float32, for valid inputs."""
+def document_ranges(ids: torch.Tensor, of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)``, int32 ``of``'s shape: the positions ``[lo[b, i], hi[b, i])`` of ``ids``
+    (``(batch, seq)``, nondecreasing along each row) that hold the id ``of[b, i]``, e.g. the
+    keys of each query's document. The kernels read these to skip the blocks of other
+    documents and to mask those that straddle a boundary. Two batched binary searches, next to
+    nothing beside the attention: made at each launch rather than kept, so the op keeps only
+    the ids for its backward."""
+    ids, of = ids.contiguous(), of.to(ids.dtype).contiguous()
+    return (torch.searchsorted(ids, of, out_int32=True),
+            torch.searchsorted(ids, of, right=True, out_int32=True))
+
+
+def forward(q, k, v, causal: bool, scale: float, config: BlockConfig, documents=None):
+    """out (b, sq, h, d) in q's dtype and lse (b, h, sq) float32, for valid inputs;
+    ``documents``: None, or the queries' and the keys' document ids, ``(b, sq)`` and
+    ``(b, sk)``: attention within documents."""
     q, k, v = (_inner_contiguous(t) for t in (q, k, v))
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    # without documents the kernel reads no ranges: any pointer stands in
+    k_lo, k_hi = document_ranges(documents[1], documents[0]) if documents else (lse, lse)
     grid = (triton.cdiv(seq_q, config.fwd_m), batch * heads)
     _fwd_kernel[grid](
         q,
@@ -120,6 +152,8 @@ def forward(q, k, v, causal: bool, scale: float, config: BlockConfig):
         v,
         out,
         lse,
+        k_lo,
+        k_hi,
         *_strides(q),
         *_strides(k),
         *_strides(v),
@@ -135,14 +169,17 @@ def forward(q, k, v, causal: bool, scale: float, config: BlockConfig):
         BLOCK_M=config.fwd_m,
         BLOCK_N=config.fwd_n,
         PRECISION=_precision(q.dtype),
+        HAS_DOCS=documents is not None,
         num_warps=config.warps,
         num_stages=config.stages,
     )
     return out, lse
 
 
-def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, config: BlockConfig):
-    """dq, dk, dv for the gradients ``dout`` (of out) and ``dlse`` (of lse; may be None)."""
+def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, config: BlockConfig,
+             documents=None):
+    """dq, dk, dv for the gradients ``dout`` (of out) and ``dlse`` (of lse; may be None);
+    ``documents`` as in ``forward``."""
     q, k, v, out, dout = (_inner_contiguous(t) for t in (q, k, v, out, dout))
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -174,8 +211,14 @@ def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, config: 
         D_PAD=d_pad,
         CAUSAL=causal,
         PRECISION=precision,
+        HAS_DOCS=documents is not None,
         num_warps=config.warps,
         num_stages=config.stages,
+    )
+    k_lo, k_hi = document_ranges(documents[1], documents[0]) if documents else (delta, delta)
+    q_lo, q_hi = (
+        (k_lo, k_hi) if not documents or documents[0] is documents[1]  # self-attention: the same
+        else document_ranges(documents[0], documents[1])
     )
     _bwd_dkv_kernel[(triton.cdiv(seq_k, config.dkv_n), batch * kv_heads)](
         q,
@@ -186,6 +229,8 @@ def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, config: 
         delta,
         dk,
         dv,
+        q_lo,
+        q_hi,
         *_strides(q),
         *_strides(k),
         *_strides(v),
@@ -209,6 +254,8 @@ def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, config: 
         lse,
         delta,
         dq,
+        k_lo,
+        k_hi,
         *_strides(q),
         *_strides(k),
         *_strides(v),
@@ -238,15 +285,17 @@ def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, config: 
 
 @torch.library.custom_op("orch::flash_attention_forward", mutates_args=())
 def _forward_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, tiles: list[int]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+    tiles: list[int], q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward(q, k, v, causal, scale, BlockConfig(*tiles))
+    return forward(q, k, v, causal, scale, BlockConfig(*tiles), _documents(q_doc, k_doc))
 
 
 @_forward_op.register_fake
 def _forward_shapes(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, tiles: list[int]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: object
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs' shapes: q's, and (batch, heads, seq_q) (the rest play no part)."""
     batch, seq_q, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, seq_q), dtype=torch.float32)
 
@@ -263,8 +312,11 @@ def _backward_op(
     causal: bool,
     scale: float,
     tiles: list[int],
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward(q, k, v, out, lse, dout, dlse, causal, scale, BlockConfig(*tiles))
+    return backward(q, k, v, out, lse, dout, dlse, causal, scale, BlockConfig(*tiles),
+                    _documents(q_doc, k_doc))
 
 
 @_backward_op.register_fake
@@ -276,22 +328,29 @@ def _backward_shapes(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _documents(q_doc: torch.Tensor | None, k_doc: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The launchers' ``documents`` from the ops' two optional tensors (both or neither)."""
+    return None if q_doc is None or k_doc is None else (q_doc, k_doc)
+
+
 def _keep_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd API)
-    q, k, v, causal, scale, tiles = inputs
+    q, k, v, causal, scale, tiles, q_doc, k_doc = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, q_doc, k_doc)
     ctx.causal, ctx.scale, ctx.tiles = causal, scale, tiles
     ctx.set_materialize_grads(False)  # no gradient on lse: the backward skips its term
 
 
 def _gradients(ctx, dout, dlse):  # noqa: ANN001, ANN202 (autograd API)
     if dout is None and dlse is None:
-        return None, None, None, None, None, None
-    q, k, v, out, lse = ctx.saved_tensors
+        return (None,) * 8
+    q, k, v, out, lse, q_doc, k_doc = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _backward_op(dout, dlse, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.tiles)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _backward_op(dout, dlse, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.tiles,
+                              q_doc, k_doc)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _forward_op.register_autograd(_gradients, setup_context=_keep_for_backward)
@@ -304,9 +363,12 @@ def flash_attention_triton(
     causal: bool = False,
     softmax_scale: float | None = None,
     config: BlockConfig | None = None,
+    documents: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
-    """The Triton path without dispatch or input checks: (out, lse), differentiable."""
+    """The Triton path without dispatch or input checks: (out, lse), differentiable;
+    ``documents``: None, or the (query, key) document ids (``forward``)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     config = config or default_config(q.shape[-1], q.dtype)
     config.validate()
-    return _forward_op(q, k, v, causal, float(scale), list(astuple(config)))
+    q_doc, k_doc = documents if documents is not None else (None, None)
+    return _forward_op(q, k, v, causal, float(scale), list(astuple(config)), q_doc, k_doc)

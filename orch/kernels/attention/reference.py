@@ -20,17 +20,22 @@ def attention_reference(
     v: torch.Tensor,
     causal: bool = False,
     softmax_scale: float | None = None,
+    documents: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention with its log-sum-exp; inputs are assumed valid (see ``checks``).
 
     q (batch, seq_q, heads, head_dim); k, v (batch, seq_k, kv_heads, head_dim), query head ``h``
     reading key/value head ``h // (heads // kv_heads)``. Scores are ``softmax_scale * q . k``
     (default ``1/sqrt(head_dim)``); with ``causal`` (seq_q == seq_k) query ``i`` sees keys
-    ``0..i``. Accumulates in float32 (float64 for float64 inputs).
+    ``0..i``; with ``documents`` (the queries' and the keys' ids, (batch, seq_q) and (batch,
+    seq_k)) only the keys of its own document too. Accumulates in float32 (float64 for float64
+    inputs).
 
     Returns ``out`` (batch, seq_q, heads, head_dim) in q's dtype and ``lse`` (batch, heads,
     seq_q), the natural log of the sum over visible keys of ``exp(score)``, in float32 (float64
-    for float64 inputs).
+    for float64 inputs). A query that sees no key (its document absent from the keys: a block
+    of ring attention) gets ``out`` 0 and ``lse`` -inf, and zero gradients, never NaN: merging
+    by log-sum-exp then weighs the block by 0.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -42,11 +47,19 @@ def attention_reference(
         kf = kf.repeat_interleave(group, dim=1)
         vf = vf.repeat_interleave(group, dim=1)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    hidden = None
     if causal:
         n = scores.shape[-1]
         hidden = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    if documents is not None:
+        other = (documents[0][:, :, None] != documents[1][:, None, :])[:, None]
+        hidden = other if hidden is None else hidden | other
+    if hidden is not None:  # one fill: its backward zeroes every hidden score's gradient
         scores = scores.masked_fill(hidden, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1))
+    shift = lse
+    if documents is not None:  # a row that sees no key: exp(-inf - 0) = 0, not -inf - -inf
+        shift = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - shift.unsqueeze(-1))
     out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
     return out, lse

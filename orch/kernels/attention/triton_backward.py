@@ -5,7 +5,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from orch.kernels.attention.triton_forward import _load_tile, _query_program, _store_tile
+from orch.kernels.attention.triton_forward import (
+    _document_blocks,
+    _key_blocks,
+    _keys_seen,
+    _load_tile,
+    _query_program,
+    _store_tile,
+)
 
 
 @triton.jit
@@ -70,6 +77,8 @@ def _dkv_blocks(
     sqs,
     sds,
     keys,
+    q_lo,
+    q_hi,
     offs_m,
     cols,
     lo,
@@ -82,6 +91,7 @@ def _dkv_blocks(
     CAUSAL: tl.constexpr,
     MASK: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     for start in range(lo, hi, BLOCK_M):
         rows = start + offs_m
@@ -98,9 +108,13 @@ def _dkv_blocks(
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (keys, rows)
+        # a row that sees no key has lse -inf and pt inf here: masked to exactly 0 below
         pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
         if MASK:
-            keep = rows[None, :] < seq_q
+            if HAS_DOCS:  # the rows of each key's document (inside the sequence)
+                keep = (rows[None, :] >= q_lo[:, None]) & (rows[None, :] < q_hi[:, None])
+            else:
+                keep = rows[None, :] < seq_q
             if CAUSAL:
                 keep = keep & (rows[None, :] >= keys[:, None])
             pt = tl.where(keep, pt, 0.0)
@@ -121,6 +135,8 @@ def _bwd_dkv_kernel(
     DELTA,
     DK,
     DV,
+    QLO,
+    QHI,
     sqb,
     sqs,
     sqh,
@@ -146,6 +162,7 @@ def _bwd_dkv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     start_n = tl.program_id(0) * BLOCK_N
@@ -162,14 +179,33 @@ def _bwd_dkv_kernel(
     v = _load_tile(v_ptrs, keys, seq_k, cols, HEAD_DIM, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    full_q = (seq_q // BLOCK_M) * BLOCK_M
-    if CAUSAL:  # rows start_n .. start_n + BLOCK_N straddle the diagonal; later rows see it all
-        diag_end = tl.minimum(start_n + BLOCK_N, seq_q)
-        lo = start_n + BLOCK_N
+    # query blocks in three loops: masked [lead, lead_end), unmasked [lo, full_q), masked
+    # [tail, tail_end)
+    q_lo, q_hi = keys, keys  # the ranges are read with documents only
+    if HAS_DOCS:  # only the query blocks of the keys' documents; with causal, rows from start_n
+        if CAUSAL:
+            floor = start_n
+            full_floor = start_n + BLOCK_N
+        else:
+            floor = 0
+            full_floor = 0
+        q_lo, q_hi, lead, lo, full_q, tail_end = _document_blocks(
+            QLO + b64 * seq_k, QHI + b64 * seq_k, keys, seq_k, seq_q, floor, full_floor, seq_q,
+            seq_q, BLOCK_M
+        )
+        lead_end = lo
+        tail = full_q
     else:
-        diag_end = 0
-        lo = 0
-    tail = tl.maximum(lo, full_q)
+        full_q = (seq_q // BLOCK_M) * BLOCK_M
+        lead = start_n
+        tail_end = seq_q
+        if CAUSAL:  # rows start_n .. start_n + BLOCK_N straddle the diagonal; later rows see it
+            lead_end = tl.minimum(start_n + BLOCK_N, seq_q)
+            lo = start_n + BLOCK_N
+        else:
+            lead_end = 0
+            lo = 0
+        tail = tl.maximum(lo, full_q)
     for g in range(group):
         h = (kvh * group + g).to(tl.int64)
         q_base = Q + b64 * sqb + h * sqh
@@ -187,10 +223,12 @@ def _bwd_dkv_kernel(
             sqs,
             sds,
             keys,
+            q_lo,
+            q_hi,
             offs_m,
             cols,
-            start_n,
-            diag_end,
+            lead,
+            lead_end,
             seq_q,
             qk_scale,
             HEAD_DIM,
@@ -199,6 +237,7 @@ def _bwd_dkv_kernel(
             CAUSAL,
             True,
             PRECISION,
+            HAS_DOCS,
         )
         dk, dv = _dkv_blocks(
             dk,
@@ -212,6 +251,8 @@ def _bwd_dkv_kernel(
             sqs,
             sds,
             keys,
+            q_lo,
+            q_hi,
             offs_m,
             cols,
             lo,
@@ -224,6 +265,7 @@ def _bwd_dkv_kernel(
             CAUSAL,
             False,
             PRECISION,
+            HAS_DOCS,
         )
         dk, dv = _dkv_blocks(
             dk,
@@ -237,10 +279,12 @@ def _bwd_dkv_kernel(
             sqs,
             sds,
             keys,
+            q_lo,
+            q_hi,
             offs_m,
             cols,
             tail,
-            seq_q,
+            tail_end,
             seq_q,
             qk_scale,
             HEAD_DIM,
@@ -249,6 +293,7 @@ def _bwd_dkv_kernel(
             CAUSAL,
             True,
             PRECISION,
+            HAS_DOCS,
         )
     # DK/DV are contiguous (batch, seq_k, kv_heads, head_dim)
     out = (b64 * seq_k * kv_heads + kvh) * HEAD_DIM + keys[:, None] * (kv_heads * HEAD_DIM)
@@ -275,6 +320,8 @@ def _dq_blocks(
     sks,
     svs,
     rows,
+    k_lo,
+    k_hi,
     offs_n,
     cols,
     lo,
@@ -287,6 +334,7 @@ def _dq_blocks(
     CAUSAL: tl.constexpr,
     MASK: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     for start in range(lo, hi, BLOCK_N):
         keys = start + offs_n
@@ -297,12 +345,9 @@ def _dq_blocks(
             v_base + keys[:, None] * svs + cols[None, :], keys, seq_k, cols, HEAD_DIM, MASK, EVEN_D
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2(s - lse2[:, None])  # inf in a row that sees no key: masked to 0 below
         if MASK:
-            keep = keys[None, :] < seq_k
-            if CAUSAL:
-                keep = keep & (rows[:, None] >= keys[None, :])
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_keys_seen(rows, keys, k_lo, k_hi, seq_k, CAUSAL, HAS_DOCS), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -318,6 +363,8 @@ def _bwd_dq_kernel(
     LSE,
     DELTA,
     DQ,
+    KLO,
+    KHI,
     sqb,
     sqs,
     sqh,
@@ -342,6 +389,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     start_m, b, h, kvh, rows = _query_program(heads, group, BLOCK_M)
@@ -371,7 +419,40 @@ def _bwd_dq_kernel(
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    if CAUSAL:
+    k_lo, k_hi, full_start = rows, rows, 0  # the ranges are read with documents only
+    if HAS_DOCS:  # the forward's key blocks
+        k_lo, k_hi, lo, full_start, full_end, hi = _key_blocks(
+            KLO + b * seq_q, KHI + b * seq_q, rows, start_m, seq_q, seq_k, CAUSAL, BLOCK_M,
+            BLOCK_N
+        )
+        dq = _dq_blocks(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            sks,
+            svs,
+            rows,
+            k_lo,
+            k_hi,
+            offs_n,
+            cols,
+            lo,
+            full_start,
+            seq_k,
+            qk_scale,
+            HEAD_DIM,
+            EVEN_D,
+            BLOCK_N,
+            CAUSAL,
+            True,
+            PRECISION,
+            HAS_DOCS,
+        )
+    elif CAUSAL:
         full_end = start_m
         hi = tl.minimum(start_m + BLOCK_M, seq_k)
     else:
@@ -388,9 +469,11 @@ def _bwd_dq_kernel(
         sks,
         svs,
         rows,
+        k_lo,
+        k_hi,
         offs_n,
         cols,
-        0,
+        full_start,
         full_end,
         seq_k,
         qk_scale,
@@ -400,6 +483,7 @@ def _bwd_dq_kernel(
         CAUSAL,
         False,
         PRECISION,
+        HAS_DOCS,
     )
     dq = _dq_blocks(
         dq,
@@ -412,6 +496,8 @@ def _bwd_dq_kernel(
         sks,
         svs,
         rows,
+        k_lo,
+        k_hi,
         offs_n,
         cols,
         full_end,
@@ -424,6 +510,7 @@ def _bwd_dq_kernel(
         CAUSAL,
         True,
         PRECISION,
+        HAS_DOCS,
     )
     # DQ is contiguous (batch, seq_q, heads, head_dim)
     out = (b * seq_q * heads + h) * HEAD_DIM + rows[:, None] * (heads * HEAD_DIM) + cols[None, :]
