@@ -603,7 +603,13 @@ def _bad(kind):
         case "documents_dtype":
             return (
                 dict(q=q, k=k, v=v, documents=ids.float()),
-                r"flash_attention\(documents\): expected an integer dtype, got torch.float32",
+                r"flash_attention\(documents\): expected integer ids .* got torch.float32",
+            )
+        case "documents_unsigned":  # uint32 ids: torch has no comparison or search for them
+            return (
+                dict(q=q, k=k, v=v, documents=ids.to(torch.uint32)),
+                r"flash_attention\(documents\): expected integer ids of dtype int64, int32, "
+                r"int16, int8 or uint8, got torch.uint32.*fix: pass int64 ids \(documents.long",
             )
         case "documents_shape":
             return (
@@ -653,6 +659,7 @@ def _bad(kind):
         "scale_text",
         "documents_kind",
         "documents_dtype",
+        "documents_unsigned",
         "documents_shape",
         "documents_one_for_two",
         "documents_key_shape",

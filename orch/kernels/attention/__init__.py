@@ -78,9 +78,10 @@ def flash_attention(
         causal: query ``i`` sees keys ``0..i``; needs ``seq_q == seq_k`` (see the module doc).
         softmax_scale: multiplies ``q . k``; default ``1 / sqrt(head_dim)``.
         return_lse: also return the log-sum-exp.
-        documents: attention within documents (see the module doc): integer document ids,
-            nondecreasing along each row, ``(batch, seq)`` for self-attention (seq_q == seq_k),
-            or a pair ``((batch, seq_q), (batch, seq_k))`` of the queries' and the keys' ids.
+        documents: attention within documents (see the module doc): document ids (int64,
+            int32, int16, int8 or uint8), nondecreasing along each row, ``(batch, seq)`` for
+            self-attention (seq_q == seq_k), or a pair ``((batch, seq_q), (batch, seq_k))`` of
+            the queries' and the keys' ids.
             Their order is checked for CPU tensors only: on a GPU the check would cost a sync,
             and the kernels, which find each document by binary search, would mask by wrong
             ranges.

@@ -20,6 +20,9 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_MAX_HEAD_DIM = 128
 #: most (batch, head) pairs per launch: the kernels' second grid axis, which CUDA caps.
 KERNEL_MAX_BATCH_HEADS = 65_535
+#: dtypes of document ids: the integers torch compares and binary-searches (``searchsorted``)
+#: on every device; its unsigned 16- to 64-bit ones have neither on the CPU.
+DOCUMENT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 class AttentionInputError(OrchError, ValueError):
@@ -162,10 +165,11 @@ def check_documents(documents: object, q: torch.Tensor, k: torch.Tensor
         if not isinstance(ids, torch.Tensor):
             raise AttentionInputError(name, f"expected a torch.Tensor, got {type(ids).__name__}",
                                       "pass (batch, seq) integer document ids")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise AttentionInputError(name, f"expected an integer dtype, got {ids.dtype}",
-                                      "pass integer ids (e.g. orch.runtime.data.document_ids, "
-                                      "int64)")
+        if ids.dtype not in DOCUMENT_DTYPES:
+            raise AttentionInputError(
+                name, f"expected integer ids of dtype int64, int32, int16, int8 or uint8, got "
+                f"{ids.dtype}", f"pass int64 ids ({name}.long(); orch.runtime.data.document_ids "
+                "makes them)")
         if tuple(ids.shape) != (of.shape[0], of.shape[1]):
             raise AttentionInputError(
                 name,
