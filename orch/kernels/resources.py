@@ -10,11 +10,14 @@ the real launchers run on CPU tensors with their kernels replaced by recorders
 the GPU path would pass them, is compiled for sm_80 or sm_90 (:func:`compile_for`); ptxas's
 verdict is read back from the binary with the ``cuobjdump`` that ships with Triton.
 
-    python -m orch.kernels.resources [--target sm_90] [--op attention] [--dtype bf16] [--json]
+    python -m orch.kernels.resources [--target sm_90] [--op attention] [--dtype bf16]
+                                     [--documents only] [--json]
 
-prints that table for every kernel at its shipped tiles; the tests hold it (no launch over a
-limit, no spills on the 16-bit paths on sm_90). These are compile-time facts, not timings:
-``benchmarks/attention.py --sweep`` on a GPU decides between tiles that pass.
+prints that table for every kernel at its shipped tiles (attention's with and without the ids
+of packed documents: ``HAS_DOCS`` kernels keep each row's document range in registers too); the
+tests hold it (no launch over a limit, no spills on the 16-bit paths on sm_90). These are
+compile-time facts, not timings: ``benchmarks/attention.py --sweep`` on a GPU decides between
+tiles that pass.
 
 Needs Triton's compiler, not its interpreter: the kernel modules must be imported with
 ``TRITON_INTERPRET`` unset (the command line refuses otherwise; the tests, which run the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import re
 import subprocess
@@ -178,19 +182,23 @@ def compile_for(launch: Launch, target: str) -> Resources:
 
 
 def attention_launches(dtype: torch.dtype, head_dim: int, causal: bool,
-                       config: Any = None) -> list[Launch]:
+                       config: Any = None, documents: bool = False) -> list[Launch]:
     """The forward and backward launches of flash attention (grouped-query, a gradient on lse)
     at ``config`` (default: the shipped tiles for this dtype and head_dim), on a sequence of
-    a multiple of 16 tokens as training uses (Triton specializes on that)."""
+    a multiple of 16 tokens as training uses (Triton specializes on that); with ``documents``,
+    those of packed documents (``HAS_DOCS``: the kernels that also load each row's document
+    range, more registers than without)."""
     from orch.kernels.attention import kernels
 
     config = config or kernels.default_config(head_dim, dtype)
     q = torch.zeros(1, 256, 4, head_dim, dtype=dtype)
     kv = torch.zeros(1, 256, 2, head_dim, dtype=dtype)
+    ids = torch.arange(256).reshape(1, 256) // 100  # documents of 100 tokens, the last of 56
+    pair = (ids, ids) if documents else None
     names = ("_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkv_kernel", "_bwd_dq_kernel")
     with recording(kernels, *names) as launches:
-        out, lse = kernels.forward(q, kv, kv, causal, 0.125, config)
-        kernels.backward(q, kv, kv, out, lse, out, lse, causal, 0.125, config)
+        out, lse = kernels.forward(q, kv, kv, causal, 0.125, config, pair)
+        kernels.backward(q, kv, kv, out, lse, out, lse, causal, 0.125, config, pair)
     return launches
 
 
@@ -252,18 +260,26 @@ class Case:
         return " ".join(filter(None, (self.op, _DTYPE_NAMES[self.dtype], self.detail)))
 
 
+DOCUMENTS = {"both": (False, True), "none": (False,), "only": (True,)}
+"""``--documents``: which attention launches to compile, without the packed documents' ids,
+with them (``HAS_DOCS``, the kernels of ``train.document_mask``), or both."""
+
+
 def shipped_cases(ops: tuple[str, ...] = tuple(OPS),
-                  dtypes: tuple[torch.dtype, ...] = (*HALF_DTYPES, torch.float32)) -> list[Case]:
-    """Every op's launches at every dtype at the shipped tiles, one per distinct binary."""
+                  dtypes: tuple[torch.dtype, ...] = (*HALF_DTYPES, torch.float32),
+                  documents: tuple[bool, ...] = DOCUMENTS["both"]) -> list[Case]:
+    """Every op's launches at every dtype at the shipped tiles, one per distinct binary;
+    attention's without and with document ids as ``documents`` lists."""
     cases: list[Case] = []
     for dtype in dtypes:
         for op in ops:
             if op == "attention":
-                for head_dim in (64, 128):
-                    for causal in (False, True):
-                        detail = f"d={head_dim}{' causal' if causal else ''}"
-                        cases += [Case(op, dtype, detail, one)
-                                  for one in attention_launches(dtype, head_dim, causal)]
+                for head_dim, causal, docs in itertools.product((64, 128), (False, True),
+                                                                documents):
+                    detail = f"d={head_dim}{' causal' if causal else ''}"
+                    detail += " documents" if docs else ""
+                    cases += [Case(op, dtype, detail, one) for one in
+                              attention_launches(dtype, head_dim, causal, documents=docs)]
             else:
                 cases += [Case(op, dtype, "", one) for one in OPS[op](dtype)]
     seen: set[tuple[str, str, str]] = set()
@@ -300,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="kernels of this op only (repeatable; default: all)")
     parser.add_argument("--dtype", choices=sorted(_DTYPE_NAMES.values()), action="append",
                         help="this dtype only (repeatable; default: all)")
+    parser.add_argument("--documents", choices=sorted(DOCUMENTS), default="both",
+                        help="attention's launches with packed documents' ids, without them, "
+                             "or both (default)")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args(argv)
     if interpreting():
@@ -307,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                      "interpreter: run with TRITON_INTERPRET unset (or 0)")
     names = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
     dtypes = tuple(names[name] for name in args.dtype) if args.dtype else tuple(names.values())
-    cases = shipped_cases(tuple(args.op or OPS), dtypes)
+    cases = shipped_cases(tuple(args.op or OPS), dtypes, DOCUMENTS[args.documents])
     if not args.json:
         print("| target | case | kernel | registers | local bytes | shared bytes | matmul "
               "| problems |")
