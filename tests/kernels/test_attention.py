@@ -404,6 +404,21 @@ def test_triton_never_reads_blocks_no_query_sees(triton_path):
         close(a, b, what=f"d{name}")
 
 
+def test_triton_compares_ids_of_two_dtypes_by_value(triton_path):
+    """Query and key ids in different integer dtypes mean what the reference makes of them:
+    the query document 300 (int64) has no key among int8 ids, where 300 would wrap to 44."""
+    q, k, v = make(1, 16, 16, 2, 1, 16)
+    pair = (torch.tensor([[0] * 8 + [300] * 8]),
+            torch.tensor([[0] * 8 + [44] * 8], dtype=torch.int8))
+    out, lse, got = grads(lambda *t: flash_attention(*t, return_lse=True, documents=pair),
+                          q, k, v)
+    ref_out, ref_lse, want = grads(lambda *t: attention_reference(*t, False, None, pair), q, k, v)
+    assert (lse[..., 8:] == -math.inf).all()
+    close(out, ref_out, what="out")
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a, b, what=f"d{name}")
+
+
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_flash_attention_takes_documents(monkeypatch, impl):
     """``flash_attention(..., documents=)`` on either path: one tensor for self-attention."""

@@ -128,8 +128,10 @@ def document_ranges(ids: torch.Tensor, of: torch.Tensor) -> tuple[torch.Tensor, 
     keys of each query's document. The kernels read these to skip the blocks of other
     documents and to mask those that straddle a boundary. Two batched binary searches, next to
     nothing beside the attention: made at each launch rather than kept, so the op keeps only
-    the ids for its backward."""
-    ids, of = ids.contiguous(), of.to(ids.dtype).contiguous()
+    the ids for its backward. Both go to their common dtype: cast to a narrower one of
+    ``ids``, another document's id could wrap onto one of its (int64 300 is int8 44)."""
+    common = torch.promote_types(ids.dtype, of.dtype)
+    ids, of = ids.to(common).contiguous(), of.to(common).contiguous()
     return (torch.searchsorted(ids, of, out_int32=True),
             torch.searchsorted(ids, of, right=True, out_int32=True))
 
