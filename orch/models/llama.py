@@ -164,8 +164,9 @@ class Transformer(nn.Module):
         which. A pipeline stage without the embedding takes the previous stage's hidden states
         ``[batch, seq, dim]`` as ``tokens``, and one without the head returns hidden states.
         ``documents``: the document id of every token of the whole sequence ``[batch, seq]``
-        (all of it under context parallelism too), for attention within documents
-        (``train.document_mask``); None attends causally across them."""
+        (all of it under context parallelism too), nondecreasing along it (as
+        ``orch.runtime.data.document_ids`` numbers them; checked on CPU ids), for attention
+        within documents (``train.document_mask``); None attends causally across them."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = self.positions

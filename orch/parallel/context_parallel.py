@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from orch.kernels.attention import Documents, autocast_inputs, causal_attention, kernel_takes
+from orch.kernels.attention.checks import check_document_ids
 from orch.parallel.comm import all_to_all
 from orch.parallel.comm_stats import dimension
 
@@ -331,7 +332,12 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
         raise ValueError(f"ring attention needs two equal local chunks, got length {q.shape[2]}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = autocast_inputs(q, k, v)
-    ids = documents.ids.to(q.device) if documents is not None else None
+    ids = None
+    if documents is not None:  # the kernels read each chunk's ids: all of them must be there
+        shape = (q.shape[0], q.shape[2] * dist.get_world_size(group))
+        check_document_ids(documents.ids, "documents", shape, "the whole sequence",
+                           "ring_attention")
+        ids = documents.ids.to(q.device)
     out, _ = _ring_forward(q, k, v, ids, group.group_name, float(scale))
     return out.to(q.dtype)
 

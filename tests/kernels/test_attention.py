@@ -457,6 +457,29 @@ def test_causal_attention_within_documents_runs_the_kernel_without_a_mask(
         close(got, want)
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("ids, pattern", [
+    (documents(19, (4,)).expand(2, -1), r"shape \(2, 19\) is not q's \(batch, seq\) \(2, 20\)"),
+    (documents(20, (4,)), r"shape \(1, 20\) is not q's \(batch, seq\) \(2, 20\)"),
+    (torch.tensor([[0] * 5 + [1] * 5] * 4).view(2, 20), r"ids decrease along a row"),
+], ids=["seq", "batch", "order"])
+def test_causal_attention_refuses_ids_that_do_not_fit(monkeypatch, impl, ids, pattern):
+    """The model's attention checks its document ids as ``flash_attention`` does, on either
+    path: the kernels read one range per query (too few ids: past their end) found by binary
+    search (unordered ids: wrong ranges, where SDPA's mask compared ids and gave another
+    answer), and SDPA failed on a mask of the wrong size or broadcast a batch of 1."""
+    from orch.kernels import causal_attention
+    from orch.kernels.attention import Documents
+
+    if impl == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ORCH_KERNELS", impl)
+    q, k, v = (t.detach().transpose(1, 2) for t in make(2, 20, 20, 2, 1, 16))
+    with pytest.raises(AttentionInputError,
+                       match=rf"(?s)causal_attention\(documents\): {pattern}.*fix:"):
+        causal_attention(q, k, v, documents=Documents(ids))
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.5])
 def test_causal_attention_takes_a_scale_of_zero_or_below(scale):
     """torch's CPU SDPA with is_causal returns all NaN for softmax_scale <= 0, and

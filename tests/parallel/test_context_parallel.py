@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import pytest
 import torch
@@ -105,6 +106,14 @@ def _run(rank: int, world: int, results) -> None:
                 "dv": v.grad,
                 "kernel_forwards": len(launches),
             }
+    os.environ["ORCH_KERNELS"] = "triton"
+    for kind, attention in (("ring", ring_attention), ("ulysses", ulysses_attention)):
+        q, k, v, _ = (t[:, :, local_positions(SEQ, world, rank, kind)] for t in inputs())
+        local = Documents(documents()[:, local_positions(SEQ, world, rank, kind)])
+        try:  # the rank's own ids, not the whole sequence's: the kernels read past them
+            attention(q, k, v, group=dist.group.WORLD, documents=local)
+        except ValueError as error:
+            results[("local ids", kind, world, rank)] = str(error)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +122,21 @@ def sharded(tmp_path_factory):
     for world in WORLDS:
         results.update(run_on_gloo(_run, world, tmp_path_factory.mktemp(f"cp{world}")))
     return results
+
+
+@pytest.mark.parametrize("kind", ["ring", "ulysses"])
+def test_ids_of_the_local_tokens_are_refused(sharded, kind):
+    """Documents of a rank's own tokens instead of the whole sequence's are refused, naming
+    them and the shape they need, before the ring's kernels read past them (on the ring's
+    later chunks) or Ulysses' attention does."""
+    function, side = (("ring_attention", "the whole sequence") if kind == "ring"
+                      else ("causal_attention", "q"))
+    for world in WORLDS:
+        for rank in range(world):
+            message = sharded.get(("local ids", kind, world, rank), "")
+            assert re.search(rf"(?s){function}\(documents\): shape \({B}, {SEQ // world}\) "
+                             rf"is not {side}'s \(batch, seq\) \({B}, {SEQ}\).*fix:",
+                             message), message
 
 
 def test_zigzag_split_balances_the_causal_work():

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from orch.kernels.attention.checks import (
     AttentionInputError,
+    check_document_ids,
     check_documents,
     check_inputs,
     check_kernel_inputs,
@@ -154,7 +155,8 @@ def document_mask(documents: torch.Tensor) -> torch.Tensor:
 
 
 class Documents:
-    """One forward pass's document ids (``ids``: ``(batch, seq)``, the whole sequence) and,
+    """One forward pass's document ids (``ids``: ``(batch, seq)``, the whole sequence,
+    nondecreasing along it; the attention checks them: ``check_document_ids``) and,
     where torch's SDPA runs instead of orch's kernels (which take the ids themselves and build
     no mask), the additive block-causal mask it takes, built once and shared by every layer: a
     boolean mask SDPA turns into a float one of its own, which each layer kept for its backward
@@ -193,7 +195,9 @@ def causal_attention(
     """
     q, k, v = autocast_inputs(q, k, v)
     instead = "torch's scaled_dot_product_attention"
-    if documents is not None:
+    if documents is not None:  # a metadata check, and on CPU ids an O(seq) one: every layer
+        check_document_ids(documents.ids, "documents", (q.shape[0], q.shape[2]), "q",
+                           "causal_attention")
         instead += " with the block-causal mask"
     if kernel_takes(q, k, v, instead=instead):
         # kernel_takes has dispatched and checked: straight to the kernel's op, not through

@@ -26,11 +26,13 @@ DOCUMENT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int6
 
 
 class AttentionInputError(OrchError, ValueError):
-    """Bad arguments to ``flash_attention``: a ``ValueError`` and a user error (``OrchError``)."""
+    """Bad arguments to ``flash_attention`` (or to ``function``, another attention entry point
+    of orch's): a ``ValueError`` and a user error (``OrchError``)."""
 
-    def __init__(self, where: str, message: str, fix: str) -> None:
+    def __init__(self, where: str, message: str, fix: str,
+                 function: str = "flash_attention") -> None:
         self.where = where
-        super().__init__(str(Problem(f"flash_attention({where})", message, fix)))
+        super().__init__(str(Problem(f"{function}({where})", message, fix)))
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -162,31 +164,40 @@ def check_documents(documents: object, q: torch.Tensor, k: torch.Tensor
     for index, (side, of) in enumerate((("q", q), ("k", k))):
         ids = pair[index]
         name = "documents" if pair[0] is pair[1] else f"documents[{index}]"
-        if not isinstance(ids, torch.Tensor):
-            raise AttentionInputError(name, f"expected a torch.Tensor, got {type(ids).__name__}",
-                                      "pass (batch, seq) integer document ids")
-        if ids.dtype not in DOCUMENT_DTYPES:
-            raise AttentionInputError(
-                name, f"expected integer ids of dtype int64, int32, int16, int8 or uint8, got "
-                f"{ids.dtype}", f"pass int64 ids ({name}.long(); orch.runtime.data.document_ids "
-                "makes them)")
-        if tuple(ids.shape) != (of.shape[0], of.shape[1]):
-            raise AttentionInputError(
-                name,
-                f"shape {_shape(ids)} is not {side}'s (batch, seq) ({of.shape[0]}, {of.shape[1]})",
-                f"give one id per token of {side}, laid out (batch, seq)",
-            )
+        check_document_ids(ids, name, (of.shape[0], of.shape[1]), side)
         if ids.device != q.device:
             raise AttentionInputError(name, f"is on {ids.device} but q is on {q.device}",
                                       f"move the ids to q's device ({name}.to(q.device))")
-        if ids.device.type == "cpu" and bool((ids[:, 1:] < ids[:, :-1]).any()):
-            raise AttentionInputError(
-                name,
-                "ids decrease along a row",
-                "number documents in order along the sequence (a cumulative sum over document "
-                "ends, as orch.runtime.data.document_ids does)",
-            )
     return pair
+
+
+def check_document_ids(ids: object, name: str, shape: tuple[int, int], side: str,
+                       function: str = "flash_attention") -> None:
+    """Raise ``AttentionInputError`` unless ``ids`` are document ids of ``side``'s tokens:
+    a tensor of ``shape`` (batch, seq) in one of ``DOCUMENT_DTYPES``, nondecreasing along each
+    row where that costs no device sync (CPU tensors). Every entry point that hands ids to the
+    kernels checks them (``function`` names it): the kernels read one range per token and
+    find it by binary search, so wrong shapes read past the ids and unordered ids mask wrong."""
+    if not isinstance(ids, torch.Tensor):
+        raise AttentionInputError(name, f"expected a torch.Tensor, got {type(ids).__name__}",
+                                  "pass (batch, seq) integer document ids", function)
+    if ids.dtype not in DOCUMENT_DTYPES:
+        raise AttentionInputError(
+            name, f"expected integer ids of dtype int64, int32, int16, int8 or uint8, got "
+            f"{ids.dtype}", f"pass int64 ids ({name}.long(); orch.runtime.data.document_ids "
+            "makes them)", function)
+    if tuple(ids.shape) != shape:
+        raise AttentionInputError(
+            name, f"shape {_shape(ids)} is not {side}'s (batch, seq) ({shape[0]}, {shape[1]})",
+            f"give one id per token of {side}, laid out (batch, seq)", function)
+    if ids.device.type == "cpu" and bool((ids[:, 1:] < ids[:, :-1]).any()):
+        raise AttentionInputError(
+            name,
+            "ids decrease along a row",
+            "number documents in order along the sequence (a cumulative sum over document "
+            "ends, as orch.runtime.data.document_ids does)",
+            function,
+        )
 
 
 def kernel_problem(q: torch.Tensor, k_dtype: torch.dtype | None = None,
