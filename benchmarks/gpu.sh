@@ -15,8 +15,11 @@
 # PART_LIMIT_S seconds if set, else the part's own below (about 14 minutes in all, for the
 # smaller grids these commands ask for; the full ones take longer). A part fails when any of
 # its commands does; the script then exits 1 after the other parts, naming the failed ones.
-# The optimizer benchmark compares with bitsandbytes and torchao, and the fine-tuning one with
-# DeepSpeed, where they are installed; each says when they are not.
+# The attention part times orch's kernels against torch SDPA's flash backend, then within packed
+# documents of about 1,024 tokens against SDPA with the block-causal mask (--documents). The
+# attention benchmark compares with flash-attn too, the optimizer one with bitsandbytes and
+# torchao, and the fine-tuning one with DeepSpeed, where they are installed; each says when they
+# are not.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -35,7 +38,9 @@ command_line() { echo "$*"; }  # one command's Python arguments (no word holds a
 commands() {  # PART: the Python arguments of each command PART runs, one command a line
     case $1 in
         tests) command_line -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/offload ;;
-        attention) command_line benchmarks/attention.py --seqs 1024 4096 16384 ;;
+        attention)  # the kernels against SDPA's flash backend, then within packed documents
+            command_line benchmarks/attention.py --seqs 1024 4096 16384
+            command_line benchmarks/attention.py --documents 1024 --seqs 8192 16384 ;;
         moe) command_line benchmarks/moe_dispatch.py ;;
         optim) command_line benchmarks/optim8bit.py --device cuda --steps 10 ;;
         pipeline)  # a core per stage: 4 and 8 stages, where CI's 2 cores allow only 2; one

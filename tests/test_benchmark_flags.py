@@ -60,9 +60,9 @@ def test_offload_io_refuses_bad_flags_before_making_its_directory(args, message,
 def test_attention_on_cpu_says_which_flags_it_ignores(monkeypatch, capsys):
     monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(attention, "cpu_paths", lambda: print("cpu table"))
-    assert attention.main(["--seqs", "512", "--dtype", "fp16"]) == 0
+    assert attention.main(["--seqs", "512", "--dtype", "fp16", "--documents", "512"]) == 0
     out = capsys.readouterr().out
-    assert "--dtype, --seqs set the GPU comparison only, ignored here" in out
+    assert "--dtype, --seqs, --documents set the GPU comparison only, ignored here" in out
     assert "cpu table" in out
     assert attention.main([]) == 0
     assert "ignored here" not in capsys.readouterr().out
@@ -93,6 +93,10 @@ def test_attention_on_cpu_says_which_flags_it_ignores(monkeypatch, capsys):
     ("offload_cpu", ["--rounds", "0"], "argument --rounds: must be a whole number"),
     ("offload_finetune", ["--steps", "1"], "argument --steps: must be more than --warmup (1)"),
     ("offload_finetune", ["--batch", "0"], "argument --batch: must be a whole number"),
+    ("attention", ["--documents", "0"], "argument --documents: must be a whole number of at "
+     "least 1, not '0'"),
+    ("attention", ["--documents", "1024", "--sweep"], "argument --sweep: not allowed with "
+     "argument --documents"),
 ])
 def test_benchmarks_refuse_bad_flags_naming_them(name, args, message, capsys):
     with pytest.raises(SystemExit) as info:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -86,6 +88,8 @@ def test_every_part_runs_commands_its_scripts_accept(monkeypatch):
     assert [a for p, a in commands if p == "pipeline"] == [
         ["benchmarks/pipeline.py", "--stages", s, "--blocks", "16", "--rounds", "2", "--steps",
          "2"] for s in ("4", "8")]
+    assert [a for p, a in commands if p == "attention"][1] == [
+        "benchmarks/attention.py", "--documents", "1024", "--seqs", "8192", "16384"]
 
 
 def test_a_bad_flag_fails_the_parse_check(monkeypatch):
@@ -258,3 +262,116 @@ def test_compile_benchmark_runs_bf16_on_a_gpu(cuda, sets, precision, monkeypatch
         chosen = [item for item in items if item.startswith("train.precision=")]
         assert chosen[-1] == f"train.precision={precision}"  # the last one given wins
     assert f"train.precision={'bf16' if cuda else 'fp32'}" in capsys.readouterr().out
+
+
+attention = _benchmark(BENCHMARKS / "attention.py")
+
+
+def test_packed_documents_are_seeded_runs_of_lengths_around_the_mean():
+    from orch.kernels.attention import document_mask
+
+    ids = attention.packed_documents(3, 1000, 64)
+    assert torch.equal(ids, attention.packed_documents(3, 1000, 64))
+    assert not torch.equal(ids, attention.packed_documents(3, 1000, 64, seed=1))
+    assert (ids[:, 0] == 0).all() and set(ids.diff(dim=1).unique().tolist()) == {0, 1}
+    lengths = attention.document_lengths(ids)
+    assert int(lengths.sum()) == ids.numel()
+    last = (ids[:, -1] + 1).cumsum(0) - 1  # each row's last document, cut at its end
+    whole = lengths[[i for i in range(len(lengths)) if i not in last.tolist()]]
+    assert 32 <= int(whole.min()) and int(whole.max()) <= 96
+    assert 56 <= float(whole.float().mean()) <= 72
+    # the pairs its TFLOP/s count: each document's causal pairs, the diagonal's halved
+    assert float((lengths.double() ** 2).sum()) / 2 == document_mask(ids).sum() - ids.numel() / 2
+    assert attention.document_lengths(torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+                                      ).tolist() == [2, 3, 1, 1, 5]
+
+
+def _cpu_inputs(batch, seq, heads, head_dim, dtype):  # noqa: ANN001, ANN202 (the benchmark's)
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, seq, heads, head_dim, generator=gen).to(dtype).requires_grad_()
+            for _ in range(3)]
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,  # noqa: ANN001, ANN202
+            causal=False):
+    """flash-attn's ``flash_attn_varlen_func`` by its contract: (total, heads, head_dim) tokens,
+    each sequence of ``cu_seqlens`` (int32) attending on its own."""
+    assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    assert max_seqlen_q == max_seqlen_k == int(cu_seqlens_q.diff().max()) and causal
+    bounds = cu_seqlens_q.tolist()
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+
+
+@pytest.fixture
+def attention_on_cpu(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """attention.py's GPU path on CPU tensors, with a clock that runs a call once and says it
+    took 1 ns (3 ns with the backward), and flash-attn's varlen function as :func:`_varlen`;
+    the list fills with each timing's ``backward``."""
+    timed = []
+
+    def clock(fn, q, k, v, backward):  # noqa: ANN001, ANN202
+        timed.append(backward)
+        out = fn(q, k, v)
+        if backward:
+            out.sum().backward()
+        return 3e-6 if backward else 1e-6
+
+    flash_attn = ModuleType("flash_attn")
+    flash_attn.flash_attn_varlen_func = _varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn)
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_header", lambda dtype: None)
+    monkeypatch.setattr(attention, "_inputs", _cpu_inputs)
+    monkeypatch.setattr(attention, "_time", clock)
+    return timed
+
+
+DOCUMENTS = ["--documents", "16", "--seqs", "64", "--head-dims", "16", "--model-dim", "32",
+             "--tokens", "128"]
+
+
+def _table(out: str) -> list[dict[str, str]]:
+    """The rows of the markdown table ``out`` holds, by column (every row as wide as its
+    header; ``\\|`` is a pipe inside a cell)."""
+    rows = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+            for line in out.splitlines() if line.startswith("|")]
+    return [dict(zip(rows[0], row, strict=True)) for row in rows[2:]]
+
+
+def test_documents_times_each_contender_counting_only_visible_pairs(attention_on_cpu, capsys):
+    assert attention.main(DOCUMENTS) == 0
+    fwd, both = _table(capsys.readouterr().out)
+    assert attention_on_cpu == [False] * 4 + [True] * 4  # orch, sdpa+mask, causal, flash-attn
+    ids = attention.packed_documents(2, 64, 16)
+    pairs = float((attention.document_lengths(ids).double() ** 2).sum()) / 2
+    assert (fwd["batch x heads"], fwd["pass"], both["pass"]) == ("2 x 2", "fwd", "fwd+bwd")
+    assert fwd["visible"] == f"{pairs / (2 * 64 * 64 / 2):.1%}"
+    for row, ns, backward in ((fwd, 1, 1.0), (both, 3, 3.5)):
+        tflops = 4 * 2 * 16 * backward / ns / 1e3  # per pair: 4 x heads x head_dim; 1 FLOP/ns
+        for name in ("orch", "sdpa+mask", "flash-attn varlen"):  # is 1e-3 TFLOP/s
+            assert row[f"{name} TFLOP/s"] == f"{pairs * tflops:.1f}", name
+        assert row["orch causal TFLOP/s"] == f"{2 * 64 * 64 / 2 * tflops:.1f}"
+        assert row["orch/sdpa+mask"] == row["orch/flash-attn"] == "1.00"
+    diffs = fwd["max\\|diff\\|"]
+    assert diffs.startswith("orch ") and "; flash-attn varlen " in diffs
+
+
+def test_documents_are_not_timed_where_orch_differs_from_sdpa(attention_on_cpu, monkeypatch,
+                                                               capsys):
+    """orch's output is checked against SDPA's with the mask before anything is timed: here a
+    flash_attention that drops the document ids (plain causal attention)."""
+    import orch.kernels.attention as orch_attention
+
+    causal_only = orch_attention.flash_attention
+    monkeypatch.setattr(orch_attention, "flash_attention",
+                        lambda q, k, v, causal=False, documents=None: causal_only(q, k, v, causal))
+    assert attention.main(DOCUMENTS) == 1
+    out, err = capsys.readouterr()
+    (row,) = _table(out)
+    assert row["orch ms"] == ("not timed: orch differs from sdpa+mask beyond torch.bfloat16's "
+                              "rounding")
+    assert attention_on_cpu == []
+    assert "differs from torch SDPA's with the mask, so these cases were not timed: head_dim 16, " \
+        "seq 64: orch\n" in err
