@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import subprocess
 import sys
 
@@ -362,6 +363,40 @@ def test_triton_within_documents_matches_reference(triton_path, shape, causal, i
     assert blind.any() == (not isinstance(ids, torch.Tensor))
     assert (out[blind] == 0).all() and (got[0][blind] == 0).all()
     assert (lse.transpose(1, 2)[blind] == -math.inf).all()
+
+
+def random_ids(rng, batch, seq, names):
+    """``(batch, seq)`` ids drawn from ``names`` and sorted: documents of random lengths (one
+    token often), numbered with gaps and not from 0, a different layout in every row."""
+    return torch.tensor([sorted(rng.choices(names, k=seq)) for _ in range(batch)])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_within_random_documents(triton_path, seed):
+    """Layouts the cases above miss, drawn at random: query/key pairs under ``causal`` too
+    (the ring's diagonal block with ids of its own), queries whose document has no key,
+    tiles of every shape the launchers take, head_dim 48 and 64, float16; out, lse and
+    gradients through both against the reference."""
+    rng = random.Random(seed)
+    tiles = [(m, n) for m in (16, 32, 64) for n in (16, 32, 64) if m % n == 0]
+    cfg = small(triton_path, rng.choice(tiles), rng.choice(tiles)[::-1], rng.choice(tiles))
+    causal, dtype = seed % 2 == 0, (torch.float32, torch.float16)[seed // 2]
+    seq_q = rng.randint(1, 70)
+    seq_k = seq_q if causal else rng.randint(1, 70)
+    names = rng.sample(range(3, 40), rng.randint(1, 6))
+    # the keys lack the first document: its queries see nothing
+    pair = (random_ids(rng, 2, seq_q, names), random_ids(rng, 2, seq_k, names[1:] or names))
+    q, k, v = make(2, seq_q, seq_k, 4, (1, 2, 4, 1)[seed], (16, 48, 64, 48)[seed], dtype)
+    out, lse, got = grads(
+        lambda *t: triton_path.flash_attention_triton(*t, causal, None, cfg, pair), q, k, v
+    )
+    ref_out, ref_lse, want = grads(lambda *t: attention_reference(*t, causal, None, pair), q, k, v)
+    tol, grad_tol = (ATOL, RTOL) if dtype == torch.float32 else (3e-3, 2e-2)
+    close(out, ref_out, tol, tol, what=f"out {cfg}")
+    torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=tol)
+    for name, a, b in zip("qkv", got, want, strict=True):
+        assert a.isfinite().all(), f"d{name}"
+        close(a, b, grad_tol, grad_tol, what=f"d{name} {cfg}")
 
 
 def test_triton_within_one_document_is_plain_causal_exactly(triton_path):
