@@ -516,6 +516,19 @@ def test_causal_attention_refuses_ids_that_do_not_fit(monkeypatch, impl, ids, pa
         causal_attention(q, k, v, documents=Documents(ids))
 
 
+def test_causal_attention_within_documents_compiles_without_a_graph_break(monkeypatch):
+    """The ids' order check on CPU (a data-dependent ``bool``) is left out while torch.compile
+    traces, as on a GPU: it split each compiled decoder block's graph in three, every layer."""
+    from orch.kernels import causal_attention
+    from orch.kernels.attention import Documents
+
+    monkeypatch.setenv("ORCH_KERNELS", "reference")
+    q = torch.randn(1, 2, 16, 16)
+    within = Documents(documents(16, (8,)))
+    explained = torch._dynamo.explain(lambda q: causal_attention(q, q, q, documents=within))(q)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.5])
 def test_causal_attention_takes_a_scale_of_zero_or_below(scale):
     """torch's CPU SDPA with is_causal returns all NaN for softmax_scale <= 0, and

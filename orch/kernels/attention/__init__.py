@@ -83,9 +83,10 @@ def flash_attention(
             int32, int16, int8 or uint8), nondecreasing along each row, ``(batch, seq)`` for
             self-attention (seq_q == seq_k), or a pair ``((batch, seq_q), (batch, seq_k))`` of
             the queries' and the keys' ids.
-            Their order is checked for CPU tensors only: on a GPU the check would cost a sync,
-            and the kernels, which find each document by binary search, would mask by wrong
-            ranges.
+            Their order is checked for CPU tensors outside ``torch.compile`` only (on a GPU
+            the check would cost a sync, under compile a graph break): unordered ids there go
+            unnoticed, and the kernels, which find each document by binary search, mask by
+            wrong ranges.
 
     Returns:
         ``out`` (batch, seq_q, heads, head_dim) in q's dtype, or ``(out, lse)`` with ``lse``

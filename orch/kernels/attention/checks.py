@@ -140,7 +140,7 @@ def check_documents(documents: object, q: torch.Tensor, k: torch.Tensor
     raise ``AttentionInputError`` for a bad one. A single tensor serves self-attention (seq_q
     == seq_k) as both. Ids must be nondecreasing along each row (how packed documents are
     numbered: the kernels find each document's range by binary search); that is checked only
-    for CPU tensors, where it costs no device sync."""
+    where it costs no device sync and no graph break (``check_document_ids``)."""
     if documents is None:
         return None
     if isinstance(documents, torch.Tensor):
@@ -175,9 +175,11 @@ def check_document_ids(ids: object, name: str, shape: tuple[int, int], side: str
                        function: str = "flash_attention") -> None:
     """Raise ``AttentionInputError`` unless ``ids`` are document ids of ``side``'s tokens:
     a tensor of ``shape`` (batch, seq) in one of ``DOCUMENT_DTYPES``, nondecreasing along each
-    row where that costs no device sync (CPU tensors). Every entry point that hands ids to the
-    kernels checks them (``function`` names it): the kernels read one range per token and
-    find it by binary search, so wrong shapes read past the ids and unordered ids mask wrong."""
+    row where that costs no device sync (CPU tensors) and no graph break (not while
+    ``torch.compile`` traces: a compiled decoder block would split in three around it, every
+    layer). Every entry point that hands ids to the kernels checks them (``function`` names
+    it): the kernels read one range per token and find it by binary search, so wrong shapes
+    read past the ids and unordered ids mask wrong."""
     if not isinstance(ids, torch.Tensor):
         raise AttentionInputError(name, f"expected a torch.Tensor, got {type(ids).__name__}",
                                   "pass (batch, seq) integer document ids", function)
@@ -190,7 +192,8 @@ def check_document_ids(ids: object, name: str, shape: tuple[int, int], side: str
         raise AttentionInputError(
             name, f"shape {_shape(ids)} is not {side}'s (batch, seq) ({shape[0]}, {shape[1]})",
             f"give one id per token of {side}, laid out (batch, seq)", function)
-    if ids.device.type == "cpu" and bool((ids[:, 1:] < ids[:, :-1]).any()):
+    if (ids.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool((ids[:, 1:] < ids[:, :-1]).any())):
         raise AttentionInputError(
             name,
             "ids decrease along a row",
