@@ -56,6 +56,17 @@ def close(actual, expected, atol=ATOL, rtol=RTOL, what=""):
     )
 
 
+def same_with_gradients(out, expected, inputs):
+    """``out`` is ``expected`` within the tolerances, and so are their gradients in ``inputs``
+    (q, k, v) under one random weighting."""
+    close(out, expected, what="out")
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), inputs)
+    want = torch.autograd.grad((expected * w).sum(), inputs)
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a, b, what=f"d{name}")
+
+
 def sdpa(q, k, v, causal, scale=None):
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
@@ -83,14 +94,8 @@ def sdpa(q, k, v, causal, scale=None):
 )
 def test_reference_matches_sdpa(shape, causal, scale):
     q, k, v = make(*shape)
-    out = attention_reference(q, k, v, causal, scale)[0]
-    expected = sdpa(q, k, v, causal, scale)
-    close(out, expected, what="out")
-    w = torch.randn_like(out)
-    got = torch.autograd.grad((out * w).sum(), (q, k, v))
-    want = torch.autograd.grad((expected * w).sum(), (q, k, v))
-    for name, a, b in zip("qkv", got, want, strict=True):
-        close(a, b, what=f"d{name}")
+    same_with_gradients(attention_reference(q, k, v, causal, scale)[0],
+                        sdpa(q, k, v, causal, scale), (q, k, v))
 
 
 def test_reference_lse_is_logsumexp_of_scaled_scores():
@@ -311,14 +316,8 @@ def test_reference_within_documents_matches_sdpa_with_the_mask(causal):
     one token and grouped-query heads included."""
     q, k, v = make(2, 19, 19, 4, 2, 16)
     ids = documents(19, (1, 2, 9, 18), (10,))
-    out = attention_reference(q, k, v, causal, None, (ids, ids))[0]
-    expected = sdpa_masked(q, k, v, same_document(ids, ids, causal))
-    close(out, expected, what="out")
-    w = torch.randn_like(out)
-    got = torch.autograd.grad((out * w).sum(), (q, k, v))
-    want = torch.autograd.grad((expected * w).sum(), (q, k, v))
-    for name, a, b in zip("qkv", got, want, strict=True):
-        close(a, b, what=f"d{name}")
+    same_with_gradients(attention_reference(q, k, v, causal, None, (ids, ids))[0],
+                        sdpa_masked(q, k, v, same_document(ids, ids, causal)), (q, k, v))
 
 
 def pair_without_keys():
