@@ -34,6 +34,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from orch.kernels.attention import Documents, autocast_inputs, causal_attention, kernel_takes
 from orch.kernels.attention.checks import check_document_ids
+from orch.kernels.attention.reference import finite_lse
 from orch.parallel.comm import all_to_all
 from orch.parallel.comm_stats import dimension
 
@@ -85,12 +86,6 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, mode: int,
     return scores
 
 
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """``lse`` with the -inf of rows that see no key of a block (another document's block)
-    as 0, so ``exp(scores - lse)`` is 0 there, not NaN."""
-    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-
-
 Tensor = torch.Tensor
 _Pair = tuple[Tensor, Tensor]
 _Triple = tuple[Tensor, Tensor, Tensor]
@@ -114,7 +109,7 @@ def _torch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: int,
     kv_heads = k.shape[1]
     scores = _scores(_grouped(q.float(), kv_heads), k.float(), scale, mode, documents)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - _finite(lse).unsqueeze(-1))
+    probs = torch.exp(scores - finite_lse(lse).unsqueeze(-1))
     out = torch.einsum("bkgqs,bksd->bkgqd", probs, v.float())
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
@@ -169,8 +164,8 @@ def _merge(out, lse, block_out, block_lse):
     if out is None:
         return block_out, block_lse
     new = torch.logaddexp(lse, block_lse)  # -inf where neither saw a key (documents)
-    keep = torch.exp(lse - _finite(new)).unsqueeze(-1)
-    add = torch.exp(block_lse - _finite(new)).unsqueeze(-1)
+    keep = torch.exp(lse - finite_lse(new)).unsqueeze(-1)
+    add = torch.exp(block_lse - finite_lse(new)).unsqueeze(-1)
     return out * keep + block_out * add, new
 
 

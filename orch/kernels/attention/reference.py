@@ -57,9 +57,14 @@ def attention_reference(
     if hidden is not None:  # one fill: its backward zeroes every hidden score's gradient
         scores = scores.masked_fill(hidden, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    shift = lse
-    if documents is not None:  # a row that sees no key: exp(-inf - 0) = 0, not -inf - -inf
-        shift = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    shift = lse if documents is None else finite_lse(lse)
     probs = torch.exp(scores - shift.unsqueeze(-1))
     out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
     return out, lse
+
+
+def finite_lse(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` with the -inf of rows that see no key (their document has none among the keys)
+    as 0, so ``exp(scores - lse)`` is ``exp(-inf - 0) = 0`` there, not the NaN of
+    ``-inf - -inf``; also how ring attention merges such rows' blocks."""
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
