@@ -99,7 +99,8 @@ def size_problems(cfg: Config, count: int, source: HeldOut | None = None) -> lis
 
 def eval_file_problems(cfg: Config) -> list[Problem]:
     """The launcher's checks of what evaluations read, before any process starts: ``eval.path``
-    with ``data.path``'s rules (existence, readability, format, size from its size or header),
+    with ``data.path``'s rules (existence, readability, format, size from its size or header,
+    or for gzip text by decompressing the part evaluations read),
     or the part ``data.holdout`` keeps of the training files (its size); none when no evaluation
     is asked for (an empty path with an interval is the config's problem)."""
     if cfg.eval.interval <= 0:
@@ -110,9 +111,21 @@ def eval_file_problems(cfg: Config) -> list[Problem]:
     try:
         check_source(source)
         count = token_count(source)
+        if count is None:  # gzip text past its sniffed head: decompress as far as evaluations
+            # read (a file that ends sooner is then counted whole), or every rank stopped on it
+            count = len(load_tokens(source, cfg.model.vocab_size, limit=eval_tokens(cfg),
+                                    checked=False))
     except DataError as exc:
         return [problem_of(exc.problem, "eval.path")]
-    return [] if count is None else size_problems(cfg, count)
+    return size_problems(cfg, count)
+
+
+def eval_tokens(cfg: Config) -> int:
+    """The tokens of ``eval.path`` that evaluations read: ``eval.batches`` global batches of
+    ``train.seq_len``-token samples packed back to back (each sharing its last token with the
+    next one's first), the first of them alone."""
+    t = cfg.train
+    return cfg.eval.batches * t.global_batch * t.seq_len + 1
 
 
 def _training_counts(cfg: Config) -> list[int | None]:
@@ -177,7 +190,7 @@ def eval_samples(cfg: Config) -> tuple[Samples, np.ndarray]:
     if cfg.eval.path:
         source = read_like_data(cfg.data, cfg.eval.path)
         try:
-            tokens = load_tokens(source, vocab, limit=wanted * t.seq_len + 1)
+            tokens = load_tokens(source, vocab, limit=eval_tokens(cfg))
         except DataError as exc:
             raise DataError.of(problem_of(exc.problem, "eval.path")) from None
         if problems := size_problems(cfg, len(tokens)):

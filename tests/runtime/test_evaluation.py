@@ -134,6 +134,20 @@ def test_more_batches_than_the_file_holds_says_the_most_it_allows(tmp_path):
                     "    fix: set eval.batches to at most 3, or use a longer eval.path")
 
 
+def test_a_gzip_file_past_its_sniffed_head_is_read_as_far_as_evaluations_read(tmp_path):
+    """A compressed held-out text whose size its first 64 KiB do not tell: too few batches
+    for eval.batches were found only by every rank's worker after start; the launcher now
+    decompresses what evaluations would read (all of it here, the file ending sooner)."""
+    tokens = 70_000  # 1,093 global batches of 4 x 16 tokens
+    path = tmp_path / "held.txt.gz"
+    path.write_bytes(gzip.compress(_text(tmp_path, tokens).read_bytes()))
+    assert _said(_cfg("eval.interval=2", f"eval.path={path}", "eval.batches=1093")) == []
+    assert _file_problem(tmp_path, path, "eval.batches=2000") == (
+        f"eval.batches: 2000, but eval.path '{path}' holds 1093 global batches of 4 x 16 tokens "
+        f"({tokens} tokens)\n    fix: set eval.batches to at most 1093, or use a longer "
+        "eval.path")
+
+
 def test_orch_launch_says_them_with_every_other_problem_before_starting(tmp_path):
     argv = ["--nproc-per-node", "1", "configs/tiny.yaml", "--set", f"run.dir={tmp_path / 'r'}",
             "--set", "train.lr=abc", "--set", "eval.interval=10", "--set",
