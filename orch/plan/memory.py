@@ -171,7 +171,7 @@ class _Activations:
 def _activations(
     key: tuple, act: int, flash: bool, fused_norm: bool, s: int, b: int, t: int, sp: bool,
     cp: int, ep: int, etp: int, recompute: Recompute, ring: bool, autocast: bool,
-    torch_split: bool = False, documents: bool = False, document_mask: bool = False,
+    torch_split: bool = False, documents: bool = False, sdpa_mask: bool = False,
 ) -> _Activations:
     dense, moe = _archs(key, act, flash, fused_norm, ring, autocast)
     vocab, h, hd = key[0], key[1], key[5]
@@ -213,9 +213,9 @@ def _activations(
         moe_recomputed=moe_recomputed,
         # RoPE cos/sin tables, made once per forward in the residual stream's dtype; with
         # train.document_mask the int64 document ids of the whole sequence, and where SDPA
-        # runs the attention the block-causal mask every layer shares (:func:`_document_mask`)
+        # runs the attention the block-causal mask every layer shares (:func:`_sdpa_mask`)
         every_stage=2 * (s // cp) * hd * dense.residual_bytes
-        + documents * b * s * 8 + document_mask * b * s * s * act,
+        + documents * b * s * 8 + sdpa_mask * b * s * s * act,
         first_stage=tok * 8,  # the embedding keeps the int64 token ids
         last_stage=sum(x.nbytes for x in last),
         logits_buffer=logits,
@@ -390,7 +390,7 @@ KERNEL_HEAD_DIMS = range(16, 129, 16)
 16 up to 128); others run on torch's SDPA on a GPU too."""
 
 
-def _document_mask(cfg: Config, deg: Degrees, kernels: bool) -> bool:
+def _sdpa_mask(cfg: Config, deg: Degrees, kernels: bool) -> bool:
     """Whether attention within documents keeps the additive seq x seq mask every layer's SDPA
     shares (``orch.kernels.attention.Documents``; Ulysses' too): not where orch's kernels run
     the attention (``kernels``: the device's, for a head_dim they take), which take the document
@@ -403,13 +403,13 @@ def _layer_activations(cfg: Config, deg: Degrees, flash: bool = True, fused_norm
                        key: tuple | None = None, kernels: bool = True) -> _Activations:
     """:func:`_activations` of ``cfg`` laid out as ``deg`` (its cached arithmetic); ``key``:
     the model's :func:`model_key`, where the caller has it (the search asks this thousands of
-    times); ``kernels``: whether orch's kernels run (:func:`_document_mask`)."""
+    times); ``kernels``: whether orch's kernels run (:func:`_sdpa_mask`)."""
     tr = cfg.train
     return _activations(key or model_key(cfg.model), 2 if tr.precision == "bf16" else 4, flash,
                         fused_norm, tr.seq_len, tr.micro_batch, deg.tp, deg.sequence_parallel,
                         deg.cp, deg.ep, deg.etp, tr.recompute, _ring(cfg, deg),
                         _autocast(cfg, deg), deg.tp > 1,  # torch's split: orch.runtime.parallelize
-                        tr.document_mask, _document_mask(cfg, deg, kernels))
+                        tr.document_mask, _sdpa_mask(cfg, deg, kernels))
 
 
 def estimate_memory(
