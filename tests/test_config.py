@@ -296,6 +296,18 @@ MOE = ["model.experts=4"]
                                    "after train.warmup_steps=20"),
         (["train.decay_steps=5"], "train.decay_steps: 5 is neither 0 nor a step at or after "
                                   "train.warmup_steps=20"),
+        (["train.cooldown_steps=5"], "train.cooldown_steps: 5 is set, but train.lr_schedule "
+                                     "is cosine: it shapes a wsd schedule's cooldown"),
+        (["train.cooldown_shape=sqrt", "train.lr_schedule=linear"], "train.cooldown_shape: "
+         "sqrt is set, but train.lr_schedule is linear: it shapes a wsd schedule's cooldown"),
+        (["train.lr_schedule=wsd", "train.cooldown_steps=-1"],
+         "train.cooldown_steps: must be 0 or more, got -1"),
+        (["train.lr_schedule=wsd", "train.cooldown_steps=481"], "train.cooldown_steps: 481 is "
+         "longer than the 480 steps from the warmup's end (train.warmup_steps=20) to the "
+         "decay's (train.steps=500)"),
+        (["train.lr_schedule=wsd", "train.decay_steps=100", "train.cooldown_steps=90"],
+         "train.cooldown_steps: 90 is longer than the 80 steps from the warmup's end "
+         "(train.warmup_steps=20) to the decay's (train.decay_steps=100)"),
         (["train.grad_clip=-1"], "train.grad_clip: must be 0 (off) or positive"),
         (["optimizer.beta1=1"], "optimizer.beta1: 1.0 is not in [0, 1)"),
         (["optimizer.eps=0"], "optimizer.eps: must be positive"),

@@ -181,6 +181,32 @@ def check_config(cfg: Config) -> list[Problem]:
         "use 0 (decay until train.steps) or a step at or after the warmup",
         ("train.warmup_steps",),
     )
+    wsd = t.lr_schedule == "wsd"
+    need(
+        t.cooldown_steps >= 0,
+        "train.cooldown_steps",
+        f"must be 0 or more, got {t.cooldown_steps}",
+        "use 0 (a fifth of the steps after warmup) or the cooldown's length in steps",
+    )
+    stable = max(0, (t.decay_steps or t.steps) - t.warmup_steps)
+    end = f"decay_steps={t.decay_steps}" if t.decay_steps else f"steps={t.steps}"
+    need(
+        not wsd or t.cooldown_steps <= stable,
+        "train.cooldown_steps",
+        f"{t.cooldown_steps} is longer than the {stable} steps from the warmup's end "
+        f"(train.warmup_steps={t.warmup_steps}) to the decay's (train.{end})",
+        f"use at most {stable}, or 0 for a fifth of them",
+        ("train.warmup_steps", "train.decay_steps", "train.steps"),
+    )
+    for name, default in (("cooldown_steps", 0), ("cooldown_shape", "linear")):
+        need(
+            wsd or getattr(t, name) == default,
+            f"train.{name}",
+            f"{getattr(t, name)} is set, but train.lr_schedule is {t.lr_schedule}: it shapes "
+            "a wsd schedule's cooldown",
+            f"set train.lr_schedule=wsd, or leave train.{name} out",
+            ("train.lr_schedule",),
+        )
     need(
         t.grad_clip >= 0,
         "train.grad_clip",

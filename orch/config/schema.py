@@ -169,13 +169,23 @@ class TrainConfig:
     lr: float = field(default=3e-4, metadata=_help("peak learning rate"))
     min_lr_ratio: float = field(default=0.1, metadata=_help("final lr as a fraction of lr"))
     warmup_steps: int = field(default=10, metadata=_help("linear warmup steps"))
-    lr_schedule: Literal["cosine", "linear", "constant"] = field(
-        default="cosine", metadata=_help("decay after warmup")
+    lr_schedule: Literal["cosine", "linear", "wsd", "constant"] = field(
+        default="cosine",
+        metadata=_help("decay after warmup; wsd: warmup-stable-decay, the peak lr until the "
+                       "last train.cooldown_steps before the decay's end"),
     )
     decay_steps: int = field(
         default=0, metadata=_help("step where the decay ends and the lr stays at its floor; "
                                   "0 = train.steps (a run extended to more steps keeps its "
                                   "schedule with this set to its old train.steps)")
+    )
+    cooldown_steps: int = field(
+        default=0, metadata=_help("wsd only: steps of the final decay, ending at decay_steps "
+                                  "(else train.steps); 0 = a fifth of the steps after warmup")
+    )
+    cooldown_shape: Literal["linear", "cosine", "sqrt"] = field(
+        default="linear", metadata=_help("wsd only: the cooldown's curve from the peak lr to "
+                                         "the floor (sqrt: 1 - sqrt of its progress)")
     )
     grad_clip: float = field(default=1.0, metadata=_help("max global grad norm; 0 = off"))
     document_mask: bool = field(

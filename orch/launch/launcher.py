@@ -21,7 +21,7 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orch.config import Config, LoadedConfig, load_config_lenient
 from orch.config.rules import renormalized_top1
@@ -47,8 +47,11 @@ from orch.plan.memory import MEMORY_READS
 from orch.plan.support import unsupported_features
 from orch.runtime.checkpoint.files import CHECKPOINTS
 from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
-from orch.runtime.optim import decay_change, decay_end, saved_decay_end
+from orch.runtime.optim import decay_change, decay_end, decay_start, saved_decay_end, saved_schedule
 from orch.runtime.rank_log import LOGS
+
+if TYPE_CHECKING:
+    from orch.runtime.checkpoint.manifest import Manifest
 
 WORKER_MODULE = "orch.runtime.worker"
 
@@ -930,7 +933,28 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
                 f"train.decay_steps={end} keeps this run's")
         lines.append(f"  to train further, run it again with --set train.steps=N (N > {step})"
                      f"{switch}{keep}")
+    if cfg.train.lr_schedule == "wsd":
+        lines += _stable_phase_hint(run_dir, cfg, manifest)
     return "\n".join(lines)
+
+
+def _stable_phase_hint(run_dir: Path, cfg: Config, manifest: Manifest | None) -> list[str]:
+    """Where a ``wsd`` run that has begun its cooldown can go on at the peak lr: from one of its
+    checkpoints of the stable phase (what the schedule is for), into a new run directory, where
+    ``--resume auto`` will not take the cooled-down checkpoints for newer progress. None where
+    the run is still in its stable phase (or has no checkpoint)."""
+    from orch.runtime.checkpoint import CheckpointManager
+
+    if manifest is None:
+        return []
+    last = decay_start(saved_schedule(manifest.config.get("train") or {}, cfg.train))
+    if manifest.step <= last:
+        return []
+    stable = [m.path for m in CheckpointManager(run_dir, cfg, {}).own() if m.step <= last]
+    source = (f"--resume {stable[-1]}" if stable else "none is kept here (checkpoint.keep_every "
+              "keeps some)")
+    return [f"  to go on at the peak lr instead (the stable phase ended at step {last}), resume "
+            f"a checkpoint of it into a new run.dir with more train.steps: {source}"]
 
 
 __all__ = ["LAUNCH_ID", "PLANNED_WORLD", "backend", "launch", "launch_parser", "launch_plan",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,19 +28,41 @@ def decay_end(train: TrainConfig) -> int:
     return train.decay_steps or train.steps
 
 
+def cooldown_length(train: TrainConfig) -> int:
+    """Steps of a ``wsd`` schedule's cooldown: ``train.cooldown_steps``, or a fifth of the steps
+    between the warmup's end and the decay's (rounded up), the share Hägele et al. (2024) found
+    to match a cosine schedule's final loss."""
+    return train.cooldown_steps or math.ceil(max(0, decay_end(train) - train.warmup_steps) / 5)
+
+
+def decay_start(train: TrainConfig) -> int:
+    """The last step at the peak lr: the warmup's end, or where a ``wsd`` schedule's cooldown
+    begins (the stable phase's end, never before the warmup's)."""
+    if train.lr_schedule == "wsd":
+        return max(train.warmup_steps, decay_end(train) - cooldown_length(train))
+    return train.warmup_steps
+
+
+DECAY_SHAPES: dict[str, Callable[[float], float]] = {
+    "linear": lambda progress: 1 - progress,
+    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+    "sqrt": lambda progress: 1 - math.sqrt(progress),
+}
+"""The share of (peak - floor) left at a decay's ``progress`` from 0 to 1, by curve."""
+
+
 def lr_at(step: int, train: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then the decay until
-    :func:`decay_end`, then the floor."""
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, the peak until
+    :func:`decay_start`, the decay until :func:`decay_end`, then the floor."""
     peak, floor = train.lr, train.lr * train.min_lr_ratio
     if step <= train.warmup_steps:
         return peak * step / max(1, train.warmup_steps)
-    if train.lr_schedule == "constant":
+    start = decay_start(train)
+    if train.lr_schedule == "constant" or step <= start:
         return peak
-    progress = (step - train.warmup_steps) / max(1, decay_end(train) - train.warmup_steps)
-    progress = min(1.0, progress)
-    if train.lr_schedule == "linear":
-        return peak - (peak - floor) * progress
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - start) / max(1, decay_end(train) - start))
+    shape = train.cooldown_shape if train.lr_schedule == "wsd" else train.lr_schedule
+    return floor + (peak - floor) * DECAY_SHAPES[shape](progress)
 
 
 def saved_decay_end(saved_train: dict[str, Any]) -> int:
@@ -49,22 +71,54 @@ def saved_decay_end(saved_train: dict[str, Any]) -> int:
     return int(saved_train.get("decay_steps") or saved_train.get("steps") or 0)
 
 
+COOLDOWN_FIELDS = ("cooldown_steps", "cooldown_shape")
+"""A ``wsd`` schedule's fields that a resume may change, as it may ``decay_steps`` (all three
+left out of the config fingerprint): they place and shape the decay, so they change only the
+rates of steps to come, and :func:`decay_change` says how."""
+
+
+def saved_schedule(saved_train: dict[str, Any], train: TrainConfig) -> TrainConfig:
+    """``train`` with the decay a checkpoint's run placed (``saved_train``, its config's
+    ``train`` section): its end (:func:`saved_decay_end`, else ``train``'s) and cooldown."""
+    defaults = TrainConfig()
+    return dataclasses.replace(train, decay_steps=saved_decay_end(saved_train) or decay_end(train),
+                               **{name: saved_train.get(name, getattr(defaults, name))
+                                  for name in COOLDOWN_FIELDS})
+
+
 def decay_change(saved_train: dict[str, Any], train: TrainConfig, step: int) -> str | None:
-    """What a resume at checkpoint ``step`` does to the lr schedule where ``train`` ends the
+    """What a resume at checkpoint ``step`` does to the lr schedule where ``train`` places the
     decay elsewhere than the checkpoint's run did (``saved_train``, its config's ``train``
     section: the other schedule fields are the same, or the resume is refused): the rates of
-    the steps to come change, the next one's included. None where they do not (a constant
-    schedule, the same end, or both ends reached already)."""
+    the steps to come change, from the first that differs. None where none does (a constant
+    schedule, the same decay, or both decays over already)."""
     before = saved_decay_end(saved_train)
-    now = decay_end(train)
-    if train.lr_schedule == "constant" or before in (0, now) or step >= max(before, now):
+    if train.lr_schedule == "constant" or before == 0:
         return None
-    old = dataclasses.replace(train, decay_steps=before)
-    first = max(step, train.warmup_steps) + 1  # the warmup is the same on both
-    return (f"the lr decay ends at step {now} where the checkpoint's run ended it at {before} "
-            f"(train.decay_steps, else train.steps): step {first}'s lr is "
-            f"{lr_at(first, train):.3g}, {lr_at(first, old):.3g} on that schedule; "
-            f"--set train.decay_steps={before} keeps it")
+    old = saved_schedule(saved_train, train)
+    ends = (decay_end(old), decay_end(train))
+    starts = (decay_start(old), decay_start(train))
+    reshaped = train.lr_schedule == "wsd" and old.cooldown_shape != train.cooldown_shape
+    if starts[0] == starts[1] and ends[0] == ends[1] and not reshaped:
+        return None
+    # both hold the peak until the earlier decay starts, and the floor after the later ends
+    first = next((s for s in range(max(step, min(starts)) + 1, max(ends) + 1)
+                  if lr_at(s, train) != lr_at(s, old)), None)
+    if first is None:
+        return None
+    keep = [f"--set train.decay_steps={before}"] if ends[0] != ends[1] else []
+    if train.lr_schedule == "wsd":
+        keep += [f"--set train.{name}={getattr(old, name)}" for name in COOLDOWN_FIELDS
+                 if getattr(old, name) != getattr(train, name)]
+        where = (f"the lr cooldown ({train.cooldown_shape}) runs over steps {starts[1] + 1}-"
+                 f"{ends[1]} where the checkpoint's run ran it ({old.cooldown_shape}) over "
+                 f"{starts[0] + 1}-{ends[0]} (train.cooldown_steps and train.decay_steps, else "
+                 "train.steps)")
+    else:
+        where = (f"the lr decay ends at step {ends[1]} where the checkpoint's run ended it at "
+                 f"{ends[0]} (train.decay_steps, else train.steps)")
+    return (f"{where}: step {first}'s lr is {lr_at(first, train):.3g}, "
+            f"{lr_at(first, old):.3g} on that schedule; {' '.join(keep)} keeps it")
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:

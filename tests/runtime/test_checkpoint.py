@@ -509,6 +509,8 @@ def test_fingerprint_covers_the_math_only() -> None:
     same_math.run.dir = "elsewhere"
     same_math.checkpoint.keep_last = 9
     same_math.offload.params = "cpu"
+    same_math.train.decay_steps = 4000  # where the decay goes: a resume says what it changes
+    same_math.train.cooldown_steps, same_math.train.cooldown_shape = 900, "sqrt"
     assert config_fingerprint(same_math) == base
     same_math.model.name = "another label"
     same_math.data.path = "elsewhere/corpus.txt"  # the file itself is checked on resume
@@ -516,6 +518,7 @@ def test_fingerprint_covers_the_math_only() -> None:
     for section, name, value in [
         ("train", "lr", 1e-3),
         ("train", "seed", 1),
+        ("train", "lr_schedule", "wsd"),
         ("model", "dim", 128),
         ("data", "format", "tokens"),
         ("optimizer", "eps", 1e-6),
@@ -592,7 +595,7 @@ def test_a_checkpoint_of_the_orch_before_blends_and_document_masks_is_not_read_a
     for section, name in [("data", "blend"), ("data", "holdout"), ("data", "eos_id"),
                           ("train", "document_mask"), ("train", "stop_on_nonfinite")]:
         del raw["config"][section][name]
-    then = EXCLUDED_BEFORE[-2]  # FINGERPRINT_EXCLUDED as that orch had it
+    then = EXCLUDED_BEFORE[-3]  # FINGERPRINT_EXCLUDED as that orch had it
     raw["fingerprint"] = _digest({section: {name: value for name, value in
                                             raw["config"][section].items()
                                             if name not in then.get(section, ())}
@@ -895,6 +898,30 @@ def test_the_closing_lines_after_resume_path_name_what_the_next_launch_needs(tmp
     CheckpointManager(tmp_path / "k", kept, PLAN).save(3, tiny_state(3.0), {})
     assert summary(kept).splitlines()[-1] == (
         "  to train further, run it again with --set train.steps=N (N > 3)")
+
+
+def test_a_cooled_down_wsd_run_names_its_checkpoint_of_the_stable_phase(tmp_path) -> None:
+    """A wsd run is meant to go on from before its cooldown: extended from its last checkpoint,
+    its lr would climb back to the peak until the cooldown's new start; the closing lines name
+    the newest checkpoint still at the peak (into a new run.dir, where auto resumes will not
+    take the cooled-down ones for newer progress), or say that none is kept."""
+    cfg = make_cfg()
+    cfg.run.dir, cfg.train.steps, cfg.train.warmup_steps = str(tmp_path / "w"), 10, 2
+    cfg.train.lr_schedule, cfg.train.cooldown_steps = "wsd", 3  # the peak until step 7
+    mgr = CheckpointManager(tmp_path / "w", cfg, PLAN)
+    four, _, _ = (mgr.save(step, tiny_state(step), {}) for step in (4, 8, 10))
+    hint = ("  to go on at the peak lr instead (the stable phase ended at step 7), resume a "
+            "checkpoint of it into a new run.dir with more train.steps: ")
+    assert summary(cfg).splitlines()[-2:] == [
+        "  to train further, run it again with --set train.steps=N (N > 10); the lr decay then "
+        "ends at step N, unless --set train.decay_steps=10 keeps this run's",
+        hint + f"--resume {four}"]
+    shutil.rmtree(four)
+    assert summary(cfg).splitlines()[-1] == hint + (
+        "none is kept here (checkpoint.keep_every keeps some)")
+    cfg.run.dir, cfg.train.steps, cfg.run.stop_at_step = str(tmp_path / "s"), 20, 12
+    CheckpointManager(tmp_path / "s", cfg, PLAN).save(12, tiny_state(12), {})
+    assert "stable phase" not in summary(cfg)  # stopped at 12, cooling down over 18-20
 
 
 def test_derived_rng_seeds_are_deterministic_and_distinct() -> None:

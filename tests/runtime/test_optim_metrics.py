@@ -56,6 +56,60 @@ def test_decay_steps_ends_the_decay_and_a_resume_that_moves_the_end_says_so():
     assert decay_change(old, t12, 8) == said
 
 
+@pytest.mark.parametrize("shape", ["linear", "cosine", "sqrt"])
+def test_wsd_holds_the_peak_then_cools_down_to_the_floor(shape):
+    """Warmup-stable-decay (torchtitan's decay_ratio, Megatron's WSD): the peak lr until the
+    last cooldown_steps before the decay's end, then the curve named to the floor; by default
+    the cooldown is a fifth of the steps after warmup."""
+    t = dataclasses.replace(CFG.train, lr_schedule="wsd", cooldown_shape=shape)  # 10 + 100
+    peak, floor = t.lr, t.lr * t.min_lr_ratio
+    assert [lr_at(s, t) for s in (1, 10)] == pytest.approx([peak / 10, peak])
+    assert all(lr_at(s, t) == peak for s in range(10, 91))  # cooldown: 20 of the 100 steps
+    left = {"linear": 0.5, "cosine": 0.5, "sqrt": 1 - math.sqrt(0.5)}[shape]
+    assert lr_at(100, t) == pytest.approx(floor + (peak - floor) * left)
+    quarter = {"linear": 0.75, "cosine": 0.5 * (1 + math.cos(math.pi / 4)), "sqrt": 0.5}[shape]
+    assert lr_at(95, t) == pytest.approx(floor + (peak - floor) * quarter)
+    assert lr_at(110, t) == lr_at(200, t) == pytest.approx(floor)
+    rates = [lr_at(s, t) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    short = dataclasses.replace(t, cooldown_steps=4, decay_steps=50)
+    assert lr_at(46, short) == peak and lr_at(50, short) == pytest.approx(floor)
+    assert lr_at(47, short) < peak
+    whole = dataclasses.replace(t, cooldown_steps=100)  # from the warmup's end: no stable phase
+    assert lr_at(11, whole) < peak
+
+
+def test_a_resume_that_moves_or_reshapes_a_wsd_cooldown_says_from_which_step():
+    """The wsd way to go on: more steps from a checkpoint of the stable phase, whose cooldown
+    then moves to the new end; or another cooldown from it. The rates change only from the
+    first step where the two schedules part, which the launcher names."""
+    t = dataclasses.replace(CFG.train, lr_schedule="wsd", cooldown_steps=20)  # peak to 90
+    saved = dataclasses.asdict(t)
+    longer = dataclasses.replace(t, steps=200)  # cooldown 181-200
+    said = decay_change(saved, longer, 60)
+    assert said == ("the lr cooldown (linear) runs over steps 181-200 where the checkpoint's run "
+                    "ran it (linear) over 91-110 (train.cooldown_steps and train.decay_steps, "
+                    f"else train.steps): step 91's lr is {lr_at(91, longer):.3g}, "
+                    f"{lr_at(91, t):.3g} on that schedule; --set train.decay_steps=110 keeps it")
+    assert lr_at(91, longer) == t.lr
+    assert decay_change(saved, longer, 95).startswith(
+        "the lr cooldown (linear) runs over steps 181-200")  # inside the old cooldown: next one
+    assert "step 96's lr is " in decay_change(saved, longer, 95)
+    resh = dataclasses.replace(t, cooldown_shape="sqrt", cooldown_steps=40)
+    said = decay_change(saved, resh, 60)
+    assert "runs over steps 71-110 where the checkpoint's run ran it (linear) over 91-110" in said
+    assert said.endswith("step 71's lr is "
+                         f"{lr_at(71, resh):.3g}, {t.lr:.3g} on that schedule; --set "
+                         "train.cooldown_steps=20 --set train.cooldown_shape=linear keeps it")
+    assert decay_change(saved, t, 60) is None  # the same schedule
+    assert decay_change(saved, dataclasses.replace(t, decay_steps=110), 60) is None  # spelled so
+    assert decay_change(saved, resh, 110) is None  # both over
+    one_step = dataclasses.replace(t, cooldown_steps=1)  # every curve ends at the floor
+    saved_one = dataclasses.asdict(one_step)
+    assert decay_change(saved_one, dataclasses.replace(one_step, cooldown_shape="sqrt"),
+                        50) is None
+
+
 def test_no_weight_decay_on_norms():
     optimizer = build_optimizer(Transformer(CFG.model), CFG)
     decay, no_decay = optimizer.param_groups

@@ -28,12 +28,13 @@ from orch.runtime.indexed import typed_by_config
 
 FINGERPRINT_SECTIONS = ("model", "data", "optimizer", "train")
 """Config sections that define the training run's math; the rest says how and where it runs."""
-FINGERPRINT_EXCLUDED = {"train": ("steps", "decay_steps", "micro_batch", "recompute", "compile",
-                                  "stop_on_nonfinite"),
+FINGERPRINT_EXCLUDED = {"train": ("steps", "decay_steps", "cooldown_steps", "cooldown_shape",
+                                  "micro_batch", "recompute", "compile", "stop_on_nonfinite"),
                         "model": ("init_from", "name"),
                         "data": ("path", "blend")}
-"""Fields that may change on resume: more steps (and where the lr decay ends: the launcher says when
-that changes the steps to come, ``orch.runtime.optim.decay_change``), or another split of the
+"""Fields that may change on resume: more steps (and where the lr decay ends, or a wsd schedule's
+cooldown starts and how it falls: the launcher says when that changes the steps to come,
+``orch.runtime.optim.decay_change``), or another split of the
 same global batch and another memory/compute trade-off when the run moves to another plan,
 compiled or not; whether a non-finite step stops the run (it changes nothing while steps are
 finite); where the weights started (a resume loads them from the checkpoint); the model's
@@ -51,6 +52,8 @@ EXCLUDED_BEFORE: tuple[dict[str, tuple[str, ...]], ...] = (
      "model": ("init_from", "name"), "data": ("path",)},
     {"train": ("steps", "decay_steps", "micro_batch", "recompute", "compile",
                "stop_on_nonfinite"), "model": ("init_from", "name"), "data": ("path",)},
+    {"train": ("steps", "decay_steps", "micro_batch", "recompute", "compile",
+               "stop_on_nonfinite"), "model": ("init_from", "name"), "data": ("path", "blend")},
 )
 """``FINGERPRINT_EXCLUDED`` as earlier orchs had it, oldest first: the fingerprint a manifest
 records was hashed with its own orch's, so ``fingerprint_matches`` tries each. When changing
