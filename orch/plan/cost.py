@@ -184,11 +184,20 @@ class StepTime:
         }
 
 
-def _collective(size: float, n: int, link: Link) -> float:
+RING_DIMS = ("tp", "dp_shard", "dp_shard-cp", "dp_replicate", "etp", "edp")
+"""Groups whose collectives are priced as rings (gathers, reduce-scatters, all-reduces), at the
+link's ring bandwidth; the others send point to point or all to all (pipeline, cp: ring
+attention's neighbour sends and Ulysses' all-to-alls; ep), each rank at its own share."""
+
+
+def _collective(size: float, n: int, link: Link, ring: bool = True) -> float:
     """Seconds for a ring all-gather or reduce-scatter of a ``size``-byte tensor over ``n``
-    ranks, or an all-to-all in which each rank spreads ``size`` bytes evenly: either way each
-    rank moves ``(n - 1) / n`` of ``size`` in ``n - 1`` latency-bound steps."""
-    return (n - 1) * (size / n / link.bandwidth + link.latency_s)
+    ranks (at the link's :attr:`~orch.plan.topology.Link.ring_bandwidth`), or (``ring``
+    false) an all-to-all in which each rank spreads ``size`` bytes evenly (at its own share of
+    the link): either way each rank moves ``(n - 1) / n`` of ``size`` in ``n - 1``
+    latency-bound steps."""
+    bandwidth = link.ring_bandwidth if ring else link.bandwidth
+    return (n - 1) * (size / n / bandwidth + link.latency_s)
 
 
 def _rate(cfg: Config, deg: Degrees, device: DeviceSpec) -> float:
@@ -304,7 +313,8 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         gathered = routed * deg.etp
         comm["etp"] = micro * moe_layers * fwd_bwd * _collective(gathered, deg.etp, links["etp"])
     if moe_layers and deg.ep > 1:
-        comm["ep"] = micro * moe_layers * fwd_bwd * _collective(routed, deg.ep, links["ep"])
+        comm["ep"] = micro * moe_layers * fwd_bwd * _collective(routed, deg.ep, links["ep"],
+                                                                ring=False)
 
     cp_exposed = 0.0
     if deg.cp > 1:
@@ -319,7 +329,8 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         else:  # Ulysses: q, k, v in and the output back, four all-to-alls each way
             qkvo = (2 * m.heads + 2 * m.n_kv_heads) * m.head_dim * rank_tokens / deg.tp * act
             passes = 3 if recomputes else 2
-            four = _collective(qkvo, deg.cp, link) + 3 * (deg.cp - 1) * link.latency_s
+            four = (_collective(qkvo, deg.cp, link, ring=False)
+                    + 3 * (deg.cp - 1) * link.latency_s)
             comm["cp"] = micro * layers * passes * four
             cp_exposed = comm["cp"]
 

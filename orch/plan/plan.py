@@ -397,8 +397,13 @@ class PlannedSplit:
     them, a tenth of that search, before)."""
 
     def __init__(self, cfg: Config, fits: bool,
-                 make: Callable[[], tuple[Sequence[int] | None, WorstStage]]) -> None:
+                 make: Callable[[], tuple[Sequence[int] | None, WorstStage]],
+                 capped: bool = False) -> None:
         self.cfg, self.fits, self._make = cfg, fits, make
+        self.capped = capped
+        """Whether the split fits only with layers moved off the stages by FLOPs would give
+        them (memory caps): its slowest stage is then slower than that split's, so a setting
+        needing less memory (more recompute) may step faster."""
 
     @classmethod
     def made(cls, cfg: Config, split: Sequence[int] | None, worst: WorstStage,
@@ -464,7 +469,7 @@ def _capped_split(cfg: Config, deg: Degrees, machine: Machine, by_flops: tuple[i
             assert planned.total <= limit, (caps, split)  # (each stage within its cap)
             return split, planned
 
-        return PlannedSplit(cfg, True, under_caps)
+        return PlannedSplit(cfg, True, under_caps, capped=True)
     split, planned, tightened = by_flops, worst, [cfg.model.layers] * deg.pp
     while planned.total > limit:
         for stage, total in planned.stage_totals:
@@ -474,7 +479,7 @@ def _capped_split(cfg: Config, deg: Degrees, machine: Machine, by_flops: tuple[i
             return PlannedSplit.made(cfg, by_flops, worst, limit)
         split = balanced_split(work, speeds, tuple(tightened))
         planned = stages.worst(split)
-    return PlannedSplit.made(cfg, split, planned, limit)
+    return PlannedSplit(cfg, True, lambda: (split, planned), capped=True)
 
 
 def _with_split(cfg: Config, split: Sequence[int]) -> Config:
@@ -585,38 +590,60 @@ def build_plan(
             f"set offload.pinned_budget to at least {staging:,} bytes, or auto", MEMORY_READS))
     if found:
         raise PlanError(reading(found, ("cluster",)))
-    plan = _grad_reduce_note(cfg, deg, machine, _budget_note(cfg, plan))
+    plan = _budget_note(cfg, plan)
+    other = "step" if plan.grad_reduce == "microbatch" else "microbatch"
+    for setting, values in (("parallel.grad_reduce", (other,) if plan.grad_reduce else ()),
+                            ("train.recompute", _more_recompute(cfg, deg))):
+        if (note := _faster_setting_note(cfg, deg, machine, plan, setting, values)) is not None:
+            plan = dataclasses.replace(plan, notes=(*plan.notes, note))
     if (routing := renormalized_top1(cfg.model)) is not None:
         plan = dataclasses.replace(plan, notes=(*plan.notes, routing))
     return plan
 
 
-GRAD_REDUCE_NOTE_GAIN = 0.1
-"""How much faster the other ``parallel.grad_reduce`` setting must be for a plan to say so: less
-is within what the step-time model can tell apart."""
+FASTER_SETTING_NOTE_GAIN = 0.1
+"""How much faster another setting must be for a plan to say so: less is within what the
+step-time model can tell apart."""
 
 
-def _grad_reduce_note(cfg: Config, deg: Degrees, machine: Machine, plan: Plan) -> Plan:
-    """``plan`` with a note where the other ``parallel.grad_reduce`` setting fits and is at
-    least :data:`GRAD_REDUCE_NOTE_GAIN` faster, or fits where this one does not: ``step``'s one
-    reduce a step won by 44% on Ethernet-joined nodes, silently, for a hand-written plan
-    (``--auto`` weighs both)."""
-    if not plan.grad_reduce:  # both settings run alike here
-        return plan
-    other = "step" if plan.grad_reduce == "microbatch" else "microbatch"
-    alternative = place(dataclasses.replace(
-        cfg, parallel=dataclasses.replace(cfg.parallel, grad_reduce=other)), deg, machine, [])
-    if alternative is None or not alternative.fits:
-        return plan
-    faster = 1 - alternative.step.total_s / plan.step.total_s
-    if plan.fits and faster < GRAD_REDUCE_NOTE_GAIN:
-        return plan
-    gib = 1 << 30
-    gain = f"{faster:.0%} faster" if faster > 0 else f"{-faster:.0%} slower"
-    note = (f"parallel.grad_reduce={other} fits ({alternative.memory.total / gib:.1f} GiB a "
-            f"rank) and steps in {alternative.step.total_s:.4g} s, {gain}: set it, or "
-            "compare with orch plan --auto")
-    return dataclasses.replace(plan, notes=(*plan.notes, note))
+def _more_recompute(cfg: Config, deg: Degrees) -> tuple[str, ...]:
+    """The recompute levels above ``cfg``'s worth trying for a faster plan: only where the plan
+    splits a pipeline by itself (each level needs less memory and more time, but a split
+    capped to fit, layers moved off the early stages, can be slower than the FLOP-balanced one
+    a higher level fits: Llama 3.1 405B on pp16 with selective recompute, 30.5 s a step
+    against full recompute's 24.5 s)."""
+    if deg.pp == 1 or deg.virtual_stages > 1 or cfg.parallel.stage_layers:
+        return ()
+    levels = ("none", "selective", "full")
+    return levels[levels.index(cfg.train.recompute) + 1:]
+
+
+def _faster_setting_note(cfg: Config, deg: Degrees, machine: Machine, plan: Plan, setting: str,
+                         values: Sequence[str]) -> str | None:
+    """A note where ``setting`` (``section.field``) at the fastest of ``values`` that fits is at
+    least :data:`FASTER_SETTING_NOTE_GAIN` faster than ``plan``, or fits where ``plan`` does
+    not; a hand-written plan kept such a setting to itself (``--auto`` weighs them): ``step``'s
+    one reduce a step won by 44% on Ethernet-joined nodes, silently."""
+    section, field = setting.split(".")
+    fitting = []
+    for value in values:
+        changed = dataclasses.replace(cfg, **{section: dataclasses.replace(
+            getattr(cfg, section), **{field: value})})
+        if (found := place(changed, deg, machine, [])) is not None and found.fits:
+            fitting.append((found.step.total_s, value, found))
+    if not fitting:
+        return None
+    seconds, value, alternative = min(fitting, key=lambda option: option[0])
+    faster = 1 - seconds / plan.step.total_s
+    if plan.fits and faster < FASTER_SETTING_NOTE_GAIN:
+        return None
+    if plan.fits:
+        said = f" and steps in {seconds:.4g} s, {faster:.0%} faster"
+    else:  # beside a plan that does not fit, its step time is no yardstick ("-0% slower")
+        said = (f" where {getattr(getattr(cfg, section), field)} does not, and steps in "
+                f"{seconds:.4g} s")
+    return (f"{setting}={value} fits ({alternative.memory.total / (1 << 30):.1f} GiB a rank)"
+            f"{said}: set it, or compare with orch plan --auto")
 
 
 def _budget_note(cfg: Config, plan: Plan) -> Plan:

@@ -6,6 +6,7 @@ import re
 from collections import Counter
 
 from orch.parallel.schedules.generators import placement_of
+from orch.plan.cost import RING_DIMS
 from orch.plan.degrees import Degrees
 from orch.plan.placement import NO_NIC
 from orch.plan.plan import Plan
@@ -79,6 +80,8 @@ def render_plan(plan: Plan) -> str:
             ", ".join(
                 f"{dim} {link.kind} {link.bandwidth / 1e9:.3g} GB/s"
                 + (f" {link.nic}" if link.nic else "")
+                + (f" (rings {link.ring_bandwidth / 1e9:.3g} GB/s)"
+                   if dim in RING_DIMS and link.ring_bandwidth != link.bandwidth else "")
                 for dim, link in plan.links.items()
                 if dim in _link_dims(d) and link.kind != "none"
             )

@@ -250,7 +250,9 @@ def search(cfg: Config, machine: Machine, top: int = 5,
             if not usable:
                 break
             # Recompute levels go from none to full: each needs less memory and more time, so
-            # the first that fits (under some node order) is the only one worth pricing.
+            # the first that fits (under some node order) is the one worth pricing, and the next
+            # ones only where it fits by a pipeline split capped in memory (layers moved off
+            # the early stages): a level needing less memory may fit the faster split by FLOPs.
             for index, recompute in enumerate(recomputes):
                 result.evaluated += 1
                 fitting = [i for i in usable if split[mb, recompute, lean, i].fits]
@@ -273,6 +275,12 @@ def search(cfg: Config, machine: Machine, top: int = 5,
                 result.fit += len(recomputes) - index
                 assert links is not None
                 options = {(recompute, lean): fitting}
+                capped = any(split[mb, recompute, lean, i].capped for i in fitting)
+                for later in recomputes[index + 1:] if capped else ():
+                    if fit := [i for i in usable if split[mb, later, lean, i].fits]:
+                        options[later, lean] = fit
+                    if not any(split[mb, later, lean, i].capped for i in fit):
+                        break
                 for reduce in reduces[1:]:
                     if grad_reduce(variants[mb, recompute, reduce], deg):
                         # where it differs from the lean setting, it needs more memory: priced

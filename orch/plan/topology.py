@@ -4,19 +4,20 @@ A collective is as fast as the slowest device pair it involves: a group inside o
 node's device interconnect (NVLink, PCIe); a group spanning nodes runs over a network every node
 it touches is attached to (a cluster description's ``network`` of each NIC; NICs that name none
 share one default network), the fastest such, limited by the smallest per-device share of that
-network's NICs among those nodes. A group whose nodes share no network cannot communicate: its
-link is ``unreachable`` and the plan refuses it. The search asks this for every candidate plan at
-up to thousands of ranks, so no Python loop here runs per rank: ranks fill nodes in order, so a
-group sorted by rank (as ``orch.plan.layout`` produces) is on one node when its ends are, an
-arithmetic progression of ranks crosses nodes predictably, and any other group leaves a node
-when it passes the node's last rank, found by bisection.
+network's NICs among those nodes (and, for its ring collectives, by as many such shares as the
+group has ranks on a node: :attr:`Link.ring_bandwidth`). A group whose nodes share no network
+cannot communicate: its link is ``unreachable`` and the plan refuses it. The search asks this
+for every candidate plan at up to thousands of ranks, so no Python loop here runs per rank: ranks
+fill nodes in order, so a group sorted by rank (as ``orch.plan.layout`` produces) is on one node
+when its ends are, an arithmetic progression of ranks crosses nodes predictably, and any other
+group leaves a node when it passes the node's last rank, found by bisection.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import accumulate
 from typing import Literal
@@ -42,6 +43,15 @@ class Link:
     """The network an inter-node group runs over ("" for the default network)."""
     nic: str = ""
     """That network's NIC type (ib, roce, ethernet; "" when the description names none)."""
+    ring_bandwidth: float = 0.0
+    """Bytes/s per device of a ring collective over the group (all-gather, reduce-scatter,
+    all-reduce; 0 where nothing runs). Inside a node, ``bandwidth``. Across nodes NCCL runs one
+    ring per NIC: each of the group's ranks on a node drives one through its own share of the
+    node's NICs, and the bytes each ring carries between nodes are the same as between two
+    ranks inside one, so the group moves data at its per-device share times the fewest of its
+    ranks on one node, up to the node's device interconnect (which the same bytes cross). One
+    rank a node (HSDP's replicas, a pipeline) gets its share alone, as ``bandwidth`` says; a
+    whole node's ranks in one group (FSDP across nodes) get all of the node's NICs."""
 
 
 NO_LINK = Link("none", 0.0, 0.0, 1)
@@ -73,7 +83,8 @@ class Topology:
         self.world_size = self.node_ends[-1]
         # Equal node sizes let node_of divide instead of bisect.
         self._per_node = sizes[0] if len(set(sizes)) == 1 else 0
-        self._intra = [Link("intra", d.intra_node_bw, d.intra_latency_s, 1) for d in devices]
+        self._intra = [Link("intra", d.intra_node_bw, d.intra_latency_s, 1,
+                            ring_bandwidth=d.intra_node_bw) for d in devices]
         self._networks = [{a.network: a for a in attached} for attached in networks]
         self._inter_lat = [d.inter_latency_s for d in devices]
         self._same_inter = len({(tuple(sorted(n.items())), lat) for n, lat in
@@ -136,30 +147,38 @@ class Topology:
 
     def nodes_of(self, group: Sequence[int]) -> Sequence[int]:
         """Nodes holding the ranks of ``group`` (sorted by rank), ascending."""
-        return self._spanned(group) if len(group) > 1 else [self.node_of(group[0])]
+        return self._spread(group)[0] if len(group) > 1 else [self.node_of(group[0])]
 
-    def _spanned(self, group: Sequence[int]) -> Sequence[int]:
-        """Nodes holding the ranks of ``group`` (sorted ascending), without visiting every rank.
+    def _spread(self, group: Sequence[int]) -> tuple[Sequence[int], int]:
+        """Nodes holding the ranks of ``group`` (sorted ascending), and the fewest of its ranks
+        any of them holds, without visiting every rank.
 
         Layout groups are arithmetic progressions; on equal nodes a step below the node size
-        visits every node between the ends and a larger step gives each rank its own node.
+        visits every node between the ends (the end nodes may hold fewer ranks than those
+        between) and a larger step gives each rank its own node.
         (The equality check runs over the ranks, but in C.)
         Anything else is walked one bisection per node.
         """
         lo, hi, per = group[0], group[-1], self._per_node
         step = group[1] - lo
         if per and hi - lo == step * (len(group) - 1) and group == list(range(lo, hi + 1, step)):
-            if step < per:
-                return range(lo // per, hi // per + 1)
-            if step % per == 0:
-                return range(lo // per, hi // per + 1, step // per)
-            return [rank // per for rank in group]  # one rank per node: as many as nodes
-        nodes, index = [], 0
+            if step >= per:  # one rank per node
+                nodes = (range(lo // per, hi // per + 1, step // per) if step % per == 0
+                         else [rank // per for rank in group])
+                return nodes, 1
+            first_end, last_start = (lo // per + 1) * per, hi // per * per
+            counts = [(min(hi, first_end - 1) - lo) // step + 1,
+                      (hi - (lo + -(-(last_start - lo) // step) * step)) // step + 1]
+            if hi // per - lo // per > 1:
+                counts.append(per // step)  # a node between the ends holds at least that many
+            return range(lo // per, hi // per + 1), min(counts)
+        nodes, index, fewest = [], 0, len(group)
         while index < len(group):
             node = self.node_of(group[index])
             nodes.append(node)
-            index = bisect_left(group, self.node_ends[node], index)
-        return nodes
+            start, index = index, bisect_left(group, self.node_ends[node], index)
+            fewest = min(fewest, index - start)
+        return nodes, fewest
 
     def link(self, group: Sequence[int]) -> Link:
         """The link of one group of global ranks, sorted ascending."""
@@ -170,15 +189,21 @@ class Topology:
         first = self.node_of(group[0])
         if first == self.node_of(group[-1]):
             return self._intra[first]
-        nodes = self._spanned(group)
+        nodes, fewest = self._spread(group)
         if self._same_inter:
             best = max(self._networks[first].values(), key=lambda a: a.bandwidth)
-            return Link("inter", best.bandwidth, self._inter_lat[first], len(nodes), best.network,
-                        best.nic)
-        key = tuple(nodes)  # groups of a dimension often span the same nodes
-        if key not in self._network_links:
-            self._network_links[key] = self.network_link(nodes)
-        return self._network_links[key]
+            found = Link("inter", best.bandwidth, self._inter_lat[first], len(nodes),
+                         best.network, best.nic, best.bandwidth)
+        else:
+            key = tuple(nodes)  # groups of a dimension often span the same nodes
+            if key not in self._network_links:
+                self._network_links[key] = self.network_link(nodes)
+            found = self._network_links[key]
+        if found.kind == "unreachable" or fewest == 1:
+            return found
+        inside = (self._intra[first] if self.homogeneous
+                  else min((self._intra[n] for n in nodes), key=lambda k: k.bandwidth))
+        return replace(found, ring_bandwidth=min(found.bandwidth * fewest, inside.bandwidth))
 
     def network_link(self, nodes: Sequence[int]) -> Link:
         """The fastest network all of ``nodes`` are attached to, at the slowest node's share."""
@@ -191,7 +216,8 @@ class Topology:
         shares = {net: min((self._networks[n][net] for n in nodes), key=lambda a: a.bandwidth)
                   for net in sorted(common)}
         best = max(shares.values(), key=lambda a: a.bandwidth)
-        return Link("inter", best.bandwidth, latency, len(nodes), best.network, best.nic)
+        return Link("inter", best.bandwidth, latency, len(nodes), best.network, best.nic,
+                    best.bandwidth)
 
     def node_networks(self, node: int) -> Attachments:
         """What node ``node`` (in rank order) is attached to, fastest first."""
@@ -211,7 +237,8 @@ class Topology:
 
     def worst_link(self, groups: Sequence[Sequence[int]]) -> Link:
         """The slowest link among ``groups``."""
-        return min((self.link(g) for g in groups), key=lambda k: (k.bandwidth, -k.latency_s))
+        return min((self.link(g) for g in groups),
+                   key=lambda k: (k.bandwidth, k.ring_bandwidth, -k.latency_s))
 
 
 def pace(device: DeviceSpec, precision: str) -> float:

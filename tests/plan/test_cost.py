@@ -133,7 +133,8 @@ def test_gradients_are_reduced_in_fp32_under_bf16_too() -> None:
     cfg = dict(parallel__pp=2, parallel__dp_replicate=2)
     bf16 = estimate(config("llama3-8b", **cfg), 64).comm_s
     fp32 = estimate(config("llama3-8b", train__precision="fp32", **cfg), 64).comm_s
-    assert bf16["dp_shard-cp"] == pytest.approx(0.75 * fp32["dp_shard-cp"], rel=1e-3)
+    # (each ring step's latency, the same in both, aside)
+    assert bf16["dp_shard-cp"] == pytest.approx(0.75 * fp32["dp_shard-cp"], rel=2e-3)
     assert bf16["dp_replicate"] == fp32["dp_replicate"]  # the shards' gradients only
 
 
@@ -158,9 +159,13 @@ def test_grad_reduce_microbatch_reduce_scatters_every_micro_batch() -> None:
     assert per_micro.compute_s == per_step.compute_s
     assert per_micro.exposed_comm_s >= per_step.exposed_comm_s
     # the reduce-scatters beside 127 backwards hide as the step's one did beside the last (on
-    # NVLink), where 32 reduce-scatters a step over 8 nodes at 50 GB/s do not
+    # NVLink), and so do 32 a step over 8 nodes whose rings use every NIC of theirs; not those
+    # of a group with one rank a node, on its NIC share alone
     assert per_micro.total_s == pytest.approx(per_step.total_s, rel=0.01)
-    across = comm(64, "microbatch"), comm(64, "step")
+    whole_nodes = comm(64, "microbatch"), comm(64, "step")
+    assert whole_nodes[0].total_s == pytest.approx(whole_nodes[1].total_s, rel=0.01)
+    across = [estimate(config("llama3-8b", parallel__grad_reduce=mode), 64, gpus_per_node=1)
+              for mode in ("microbatch", "step")]
     assert across[0].total_s > 1.1 * across[1].total_s
     one = dict(train__global_batch=16)  # one micro-batch per rank
     assert comm(16, "microbatch", **one) == comm(16, "step", **one)
@@ -171,7 +176,8 @@ def test_grad_reduce_microbatch_reduce_scatters_every_micro_batch() -> None:
 def test_tp_across_nodes_is_slower_than_inside_one() -> None:
     cfg = config("llama3-8b", parallel__tp=8)
     inside, across = estimate(cfg, 64, gpus_per_node=8), estimate(cfg, 64, gpus_per_node=4)
-    assert across.comm_s["tp"] > 5 * inside.comm_s["tp"]
+    # rings over 4 NICs' shares a node (200 GB/s) against NVLink (450 GB/s), slower latency
+    assert across.comm_s["tp"] > 2 * inside.comm_s["tp"]
     assert across.total_s > inside.total_s
 
 

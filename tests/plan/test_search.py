@@ -103,14 +103,45 @@ def test_a_hand_written_plan_notes_the_grad_reduce_that_wins():
     slow = ("tests/plan/eth-h200-4node.yaml", "parallel.dp_shard=32", "train.micro_batch=8",
             "train.recompute=full")
     assert notes(*slow, "parallel.grad_reduce=microbatch") == [
-        "parallel.grad_reduce=step fits (125.0 GiB a rank) and steps in 724.4 s, 43% faster: "
+        "parallel.grad_reduce=step fits (125.0 GiB a rank) and steps in 97.12 s, 42% faster: "
         "set it, or compare with orch plan --auto"]
     assert notes(*slow, "parallel.grad_reduce=step") == []
     dgx = ("configs/clusters/dgx-h100-4node.yaml", "train.micro_batch=1")
     assert notes(*dgx, "parallel.grad_reduce=microbatch") == []  # step does not fit
     assert notes(*dgx, "parallel.grad_reduce=step") == [
-        "parallel.grad_reduce=microbatch fits (55.1 GiB a rank) and steps in 85.65 s, 44% "
-        "slower: set it, or compare with orch plan --auto"]
+        "parallel.grad_reduce=microbatch fits (55.1 GiB a rank) where step does not, and steps "
+        "in 59.28 s: set it, or compare with orch plan --auto"]
+
+
+LLAMA_405B_PP16 = ["model.dim=16384", "model.layers=126", "model.heads=128", "model.ffn_dim=53248",
+                   "parallel.tp=8", "parallel.pp=16", "parallel.cp=1", "parallel.dp_shard=64",
+                   "train.micro_batch=1", "train.global_batch=2048", "parallel.pp_schedule=1f1b"]
+"""Llama 3.1 405B on 8,192 GPUs as Meta laid it out (tp8, pp16), the case an audit against
+published runs found: selective recompute fits pp16 only with layers moved off the early
+stages (4/4/5/.../12/12), 30.5 s a step, where full recompute fits the split by FLOPs (7/8/.../7)
+in 24.5 s; the search priced only the first level that fit, a plain plan said nothing."""
+
+
+def test_a_pipeline_split_capped_to_fit_is_weighed_against_more_recompute():
+    from orch.plan import build_plan
+
+    cfg = load_config(REPO / "configs/llama3-70b.yaml", LLAMA_405B_PP16)
+    fixed = {"parallel.tp": 8, "parallel.pp": 16, "parallel.cp": 1, "parallel.dp_shard": 64,
+             "train.micro_batch": 1}
+    best = search(cfg, machine_for(cfg, 8192), fixed=fixed).best
+    full = evaluate(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, recompute="full")), best[0].degrees, machine_for(cfg, 8192))
+    selective = build_plan(load_config(REPO / "configs/llama3-70b.yaml",
+                                       [*LLAMA_405B_PP16, "train.recompute=selective"]), 8192)
+    assert (best[0].recompute, best[0].step.total_s) == ("full", full.step.total_s)
+    assert selective.fits and full.step.total_s < 0.85 * selective.step.total_s
+    assert selective.layers_per_stage[0] < selective.layers_per_stage[-1]  # capped to fit
+    assert [n for n in selective.notes if n.startswith("train.recompute=")] == [
+        f"train.recompute=full fits (24.0 GiB a rank) and steps in {full.step.total_s:.4g} s, "
+        f"20% faster: set it, or compare with orch plan --auto"]
+    assert [n for n in build_plan(cfg, 8192).notes if n.startswith("train.recompute=")] == [
+        f"train.recompute=full fits (24.0 GiB a rank) where none does not, and steps in "
+        f"{full.step.total_s:.4g} s: set it, or compare with orch plan --auto"]
 
 
 def test_results_fit_pass_rules_and_are_sorted():
