@@ -134,8 +134,10 @@ def _seconds(value: float) -> str:
 
 
 def _link_dims(d: Degrees) -> tuple[str, ...]:
-    """Groups worth showing links for: the expert view only when it differs from the dense."""
-    dense = ("tp", "cp", "dp_shard", "dp_replicate", "pp")
+    """Groups worth showing links for: FSDP's (``dp_shard-cp``: with cp its rings can be
+    faster than ``dp_shard``'s alone, 400 GB/s against 100 for fsdp16 cp4 on H100 nodes, which
+    the line showed), and the expert view only when it differs from the dense."""
+    dense = ("tp", "cp", "dp_shard-cp" if d.cp > 1 else "dp_shard", "dp_replicate", "pp")
     return (*dense, "ep", "etp", "edp") if d.ep > 1 or d.etp > 1 else dense
 
 

@@ -154,8 +154,10 @@ class Topology:
         any of them holds, without visiting every rank.
 
         Layout groups are arithmetic progressions; on equal nodes a step below the node size
-        visits every node between the ends (the end nodes may hold fewer ranks than those
-        between) and a larger step gives each rank its own node.
+        visits every node between the ends and a larger step gives each rank its own node.
+        The nodes between the ends hold ``per // step`` ranks or one more, repeating every
+        ``step`` nodes at most, so the end nodes and ``step`` nodes after the first are counted
+        (on 16-device nodes ranks 0, 9, ..., 63 are two a node; ``16 // 9`` said one).
         (The equality check runs over the ranks, but in C.)
         Anything else is walked one bisection per node.
         """
@@ -166,12 +168,12 @@ class Topology:
                 nodes = (range(lo // per, hi // per + 1, step // per) if step % per == 0
                          else [rank // per for rank in group])
                 return nodes, 1
-            first_end, last_start = (lo // per + 1) * per, hi // per * per
-            counts = [(min(hi, first_end - 1) - lo) // step + 1,
-                      (hi - (lo + -(-(last_start - lo) // step) * step)) // step + 1]
-            if hi // per - lo // per > 1:
-                counts.append(per // step)  # a node between the ends holds at least that many
-            return range(lo // per, hi // per + 1), min(counts)
+            first, last = lo // per, hi // per
+            fewest = min(  # ranks up to the node's last, less those before its first
+                (min(hi, (node + 1) * per - 1) - lo) // step
+                - (max(lo, node * per) - 1 - lo) // step
+                for node in {*range(first, min(last, first + step) + 1), last})
+            return range(first, last + 1), fewest
         nodes, index, fewest = [], 0, len(group)
         while index < len(group):
             node = self.node_of(group[index])
@@ -236,9 +238,13 @@ class Topology:
         return {dim: self.worst_link(gs) for dim, gs in groups.items()}
 
     def worst_link(self, groups: Sequence[Sequence[int]]) -> Link:
-        """The slowest link among ``groups``."""
-        return min((self.link(g) for g in groups),
-                   key=lambda k: (k.bandwidth, k.ring_bandwidth, -k.latency_s))
+        """The slowest link among ``groups``, with the slowest rings among them, which need not
+        be its own: on a mixed cluster a group over RoCE nodes of 8 devices (a 25 GB/s share
+        each) rings at 200 GB/s, 8 ranks a node, and one over IB nodes of 2 (50 GB/s) at 100;
+        the rings were priced at 200."""
+        links = [self.link(g) for g in groups]
+        worst = min(links, key=lambda k: (k.bandwidth, -k.latency_s))
+        return replace(worst, ring_bandwidth=min(k.ring_bandwidth for k in links))
 
 
 def pace(device: DeviceSpec, precision: str) -> float:

@@ -118,6 +118,37 @@ def test_rings_across_nodes_run_over_every_nic_of_the_groups_ranks() -> None:
                     topo, group, per_node), (per_node, group)
 
 
+def test_the_links_line_shows_fsdps_rings() -> None:
+    """FSDP runs over dp_shard x cp; with cp the line showed ``dp_shard`` alone, a group of
+    ranks cp apart (2 a node: rings at 100 GB/s), where the step priced FSDP's at 400."""
+    from orch.config import load_config
+    from orch.plan import build_plan
+    from orch.plan.render import render_plan
+
+    cfg = load_config(REPO / "configs/llama3-70b.yaml",
+                      ["parallel.dp_shard=16", "parallel.cp=4", "train.micro_batch=1"])
+    [links] = [line for line in render_plan(build_plan(cfg, 64)).splitlines()
+               if line.startswith("  links ")]
+    assert links == "  links    cp intra 450 GB/s, dp_shard-cp inter 50 GB/s (rings 400 GB/s)"
+
+
+def test_fewest_ranks_on_a_node_of_every_progression() -> None:
+    """Nodes between a progression's ends hold ``per_node // step`` ranks or one more; all of
+    them held one more on 16-device nodes for ranks 0, 9, ..., 63 (two a node), where the
+    rings were priced at one rank's share. Every progression on nodes of 1-16 devices (and a
+    partly filled last node, walked) against counting its ranks."""
+    for per_node in range(1, 17):
+        for world in (5 * per_node, 5 * per_node + per_node // 2):
+            topo = Topology.uniform(world, per_node, H100)
+            for start, step in itertools.product(range(per_node + 1), range(1, per_node + 2)):
+                for end in range(start + step, world, step):
+                    group = list(range(start, end + 1, step))
+                    assert list(topo.nodes_of(group)) == sorted({topo.node_of(r) for r in group})
+                    assert topo.link(group).ring_bandwidth == _ring_by_brute_force(
+                        topo, group, per_node), (per_node, world, group)
+    assert Topology.uniform(64, 16, H100).link(list(range(0, 64, 9))).ring_bandwidth == 100e9
+
+
 def test_partly_filled_last_node() -> None:
     topo = Topology.uniform(12, 8, H100)
     assert topo.node_ends == [8, 12]
@@ -181,6 +212,22 @@ def test_worst_links_see_the_slow_translate() -> None:
     assert first["dp_shard"].bandwidth == 50e9  # ib0 + ib1
     assert worst["dp_shard"].bandwidth == 100e9 / 8 / 4  # eth0 + eth1
     assert worst["tp"].kind == "intra"
+
+
+def test_worst_links_see_the_slowest_rings() -> None:
+    """A pipeline's first stage on IB nodes of 2 devices (a 50 GB/s share a rank, rings at 100
+    GB/s), its second on RoCE nodes of 8 (25 GB/s, rings at 200 through 8 ranks a node): the
+    FSDP group with the least share has the faster rings, and the rings were priced at 200."""
+    def node(kind: str, devices: int, gbps: float) -> dict[str, Any]:
+        nics = [{**nic, "network": kind} for nic in _nics(kind, devices, gbps)]
+        return {"name": f"{kind}{{i}}", "devices": devices,
+                "nics": [*nics, {"name": "dc", "type": "ethernet", "bandwidth_gbps": 100}]}
+
+    topo = Topology.from_cluster(cluster_from_dict(
+        {"name": "stages", "device": "h100",
+         "nodes": [{**node("ib", 2, 400), "count": 8}, {**node("roce", 8, 200), "count": 2}]}))
+    worst = topo.worst_links(plan_groups(Degrees(pp=2, dp_shard=16)))["dp_shard"]
+    assert (worst.nic, worst.bandwidth, worst.ring_bandwidth) == ("roce", 25e9, 100e9)
 
 
 def test_uneven_nodes_and_mixed_devices() -> None:
