@@ -639,9 +639,10 @@ def _faster_setting_note(cfg: Config, deg: Degrees, machine: Machine, plan: Plan
         return None
     if plan.fits:
         said = f" and steps in {seconds:.4g} s, {faster:.0%} faster"
-    else:  # beside a plan that does not fit, its step time is no yardstick ("-0% slower")
-        said = (f" where {getattr(getattr(cfg, section), field)} does not, and steps in "
-                f"{seconds:.4g} s")
+    else:  # beside a plan that does not fit, its step time is no yardstick ("-0% slower");
+        # the setting named with its value ("where none does not" read as "nothing")
+        said = (f" where {field}={getattr(getattr(cfg, section), field)} does not, and steps "
+                f"in {seconds:.4g} s")
     return (f"{setting}={value} fits ({alternative.memory.total / (1 << 30):.1f} GiB a rank)"
             f"{said}: set it, or compare with orch plan --auto")
 
