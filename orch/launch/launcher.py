@@ -942,15 +942,23 @@ def _stable_phase_hint(run_dir: Path, cfg: Config, manifest: Manifest | None) ->
     """Where a ``wsd`` run that has begun its cooldown can go on at the peak lr: from one of its
     checkpoints of the stable phase (what the schedule is for), into a new run directory, where
     ``--resume auto`` will not take the cooled-down checkpoints for newer progress. None where
-    the run is still in its stable phase (or has no checkpoint)."""
+    the run is still in its stable phase (or has no checkpoint, or no step at the peak).
+
+    Each checkpoint was trained under its own launch's schedule, and a resume may have moved the
+    cooldown later (a run stopped inside it and went on with more train.cooldown_steps or
+    train.steps): the stable phase ended at the earliest cooldown start that a checkpoint had
+    passed, not at the newest checkpoint's."""
     from orch.runtime.checkpoint import CheckpointManager
 
     if manifest is None:
         return []
-    last = decay_start(saved_schedule(manifest.config.get("train") or {}, cfg.train))
-    if manifest.step <= last:
+    own = CheckpointManager(run_dir, cfg, {}).own()
+    starts = [(m.step, decay_start(saved_schedule(m.config.get("train") or {}, cfg.train)))
+              for m in (*own, manifest)]
+    last = min((start for step, start in starts if step > start), default=None)
+    if not last:  # still stable, or cooling down from step 1 (no warmup, no stable phase)
         return []
-    stable = [m.path for m in CheckpointManager(run_dir, cfg, {}).own() if m.step <= last]
+    stable = [m.path for m in own if m.step <= last]
     source = (f"--resume {stable[-1]}" if stable else "none is kept here (checkpoint.keep_every "
               "keeps some)")
     return [f"  to go on at the peak lr instead (the stable phase ended at step {last}), resume "

@@ -924,6 +924,28 @@ def test_a_cooled_down_wsd_run_names_its_checkpoint_of_the_stable_phase(tmp_path
     assert "stable phase" not in summary(cfg)  # stopped at 12, cooling down over 18-20
 
 
+def test_the_stable_phase_of_a_run_whose_cooldown_moved_ends_where_it_first_cooled(
+        tmp_path) -> None:
+    """A run stopped inside its cooldown (peak until 6, stopped at 8) and resumed with a shorter
+    one (peak until 8) had step 8's checkpoint named as still at the peak lr, by the newest
+    checkpoint's schedule: its weights went through steps 7-8 of the first cooldown. A schedule
+    cooling down from step 1 (no warmup, the cooldown over every step) has no checkpoint at the
+    peak to name, nor one checkpoint.keep_every could keep."""
+    cfg = make_cfg()
+    cfg.run.dir, cfg.train.steps, cfg.train.warmup_steps = str(tmp_path / "w"), 10, 2
+    cfg.train.lr_schedule, cfg.train.cooldown_steps = "wsd", 4
+    four, _ = (CheckpointManager(tmp_path / "w", cfg, PLAN).save(step, tiny_state(step), {})
+               for step in (4, 8))
+    cfg.train.cooldown_steps = 2
+    CheckpointManager(tmp_path / "w", cfg, PLAN).save(10, tiny_state(10), {})
+    assert summary(cfg).splitlines()[-1] == (
+        "  to go on at the peak lr instead (the stable phase ended at step 6), resume a "
+        f"checkpoint of it into a new run.dir with more train.steps: --resume {four}")
+    cfg.run.dir, cfg.train.warmup_steps, cfg.train.cooldown_steps = str(tmp_path / "c"), 0, 10
+    CheckpointManager(tmp_path / "c", cfg, PLAN).save(10, tiny_state(10), {})
+    assert "peak lr" not in summary(cfg)
+
+
 def test_derived_rng_seeds_are_deterministic_and_distinct() -> None:
     seeds = [derive_rng_seed(0, 10, rank) for rank in range(64)]
     assert len(set(seeds)) == 64 and seeds == [derive_rng_seed(0, 10, r) for r in range(64)]
