@@ -360,6 +360,22 @@ def test_each_config_rule(overrides, message):
     assert message in text and "fix:" in text
 
 
+def test_a_wsd_cooldown_is_judged_against_a_valid_warmup_and_decay_end_only():
+    """With train.decay_steps=-1 (or a warmup past train.steps) refused, the cooldown's bound
+    was taken from it: '50 is longer than the 0 steps ...; fix: use at most 0', a second,
+    wrong problem. With no step between a valid warmup and the decay's end, the fix said
+    'use at most 0, or 0 for a fifth of them'."""
+    for bad in ("train.decay_steps=-1", "train.warmup_steps=600"):
+        text = problems_of(REPO / "configs/tiny.yaml", ["train.lr_schedule=wsd", bad,
+                                                         "train.cooldown_steps=50"])
+        assert "(1 problem)" in text and "cooldown" not in text, text
+    text = problems_of(REPO / "configs/tiny.yaml", ["train.lr_schedule=wsd", "train.steps=20",
+                                                     "train.cooldown_steps=1"])
+    assert ("train.cooldown_steps: 1 is longer than the 0 steps from the warmup's end "
+            "(train.warmup_steps=20) to the decay's (train.steps=20)\n        fix: use 0 (no "
+            "step lies between them to cool down over), or end the decay later") in text
+
+
 def test_the_largest_seed_is_the_largest_torch_takes():
     """train.seed's bound is torch's: 2**64 - 1 seeds its generators (numpy's take any size)."""
     import numpy as np

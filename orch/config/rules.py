@@ -166,15 +166,17 @@ def check_config(cfg: Config) -> list[Problem]:
         f"{t.min_lr_ratio} is not in [0, 1]",
         "use e.g. 0.1 to decay to a tenth of lr",
     )
+    warmup_ok = 0 <= t.warmup_steps <= t.steps
     need(
-        0 <= t.warmup_steps <= t.steps,
+        warmup_ok,
         "train.warmup_steps",
         f"{t.warmup_steps} is not between 0 and train.steps={t.steps}",
         "shorten the warmup",
         ("train.steps",),
     )
+    decay_ok = t.decay_steps == 0 or t.decay_steps >= max(1, t.warmup_steps)
     need(
-        t.decay_steps == 0 or t.decay_steps >= max(1, t.warmup_steps),
+        decay_ok,
         "train.decay_steps",
         f"{t.decay_steps} is neither 0 nor a step at or after train.warmup_steps="
         f"{t.warmup_steps}",
@@ -190,12 +192,13 @@ def check_config(cfg: Config) -> list[Problem]:
     )
     stable = max(0, (t.decay_steps or t.steps) - t.warmup_steps)
     end = f"decay_steps={t.decay_steps}" if t.decay_steps else f"steps={t.steps}"
-    need(
-        not wsd or t.cooldown_steps <= stable,
+    need(  # judged only between a valid warmup and decay end ("the 0 steps" from a bad one)
+        not wsd or not (warmup_ok and decay_ok) or t.cooldown_steps <= stable,
         "train.cooldown_steps",
         f"{t.cooldown_steps} is longer than the {stable} steps from the warmup's end "
         f"(train.warmup_steps={t.warmup_steps}) to the decay's (train.{end})",
-        f"use at most {stable}, or 0 for a fifth of them",
+        f"use at most {stable}, or 0 for a fifth of them" if stable else
+        "use 0 (no step lies between them to cool down over), or end the decay later",
         ("train.warmup_steps", "train.decay_steps", "train.steps"),
     )
     for name, default in (("cooldown_steps", 0), ("cooldown_shape", "linear")):
