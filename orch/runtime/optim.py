@@ -110,15 +110,23 @@ def decay_change(saved_train: dict[str, Any], train: TrainConfig, step: int) -> 
     if train.lr_schedule == "wsd":
         keep += [f"--set train.{name}={getattr(old, name)}" for name in COOLDOWN_FIELDS
                  if getattr(old, name) != getattr(train, name)]
-        where = (f"the lr cooldown ({train.cooldown_shape}) runs over steps {starts[1] + 1}-"
-                 f"{ends[1]} where the checkpoint's run ran it ({old.cooldown_shape}) over "
-                 f"{starts[0] + 1}-{ends[0]} (train.cooldown_steps and train.decay_steps, else "
-                 "train.steps)")
+        where = (f"the lr cooldown ({train.cooldown_shape}) runs over "
+                 f"{_steps(starts[1] + 1, ends[1])} where the checkpoint's run ran it "
+                 f"({old.cooldown_shape}) over {_steps(starts[0] + 1, ends[0])} "
+                 "(train.cooldown_steps and train.decay_steps, else train.steps)")
     else:
         where = (f"the lr decay ends at step {ends[1]} where the checkpoint's run ended it at "
                  f"{ends[0]} (train.decay_steps, else train.steps)")
     return (f"{where}: step {first}'s lr is {lr_at(first, train):.3g}, "
             f"{lr_at(first, old):.3g} on that schedule; {' '.join(keep)} keeps it")
+
+
+def _steps(first: int, last: int) -> str:
+    """Steps ``first`` to ``last`` in words: a cooldown of one step, or of none (the warmup
+    reaching the decay's end), read "steps 30-30" and "steps 21-20" otherwise."""
+    if first > last:
+        return "no step"
+    return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:

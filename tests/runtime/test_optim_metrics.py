@@ -88,16 +88,18 @@ def test_a_resume_that_moves_or_reshapes_a_wsd_cooldown_says_from_which_step():
     longer = dataclasses.replace(t, steps=200)  # cooldown 181-200
     said = decay_change(saved, longer, 60)
     assert said == ("the lr cooldown (linear) runs over steps 181-200 where the checkpoint's run "
-                    "ran it (linear) over 91-110 (train.cooldown_steps and train.decay_steps, "
-                    f"else train.steps): step 91's lr is {lr_at(91, longer):.3g}, "
-                    f"{lr_at(91, t):.3g} on that schedule; --set train.decay_steps=110 keeps it")
+                    "ran it (linear) over steps 91-110 (train.cooldown_steps and "
+                    "train.decay_steps, else train.steps): step 91's lr is "
+                    f"{lr_at(91, longer):.3g}, {lr_at(91, t):.3g} on that schedule; "
+                    "--set train.decay_steps=110 keeps it")
     assert lr_at(91, longer) == t.lr
     assert decay_change(saved, longer, 95).startswith(
         "the lr cooldown (linear) runs over steps 181-200")  # inside the old cooldown: next one
     assert "step 96's lr is " in decay_change(saved, longer, 95)
     resh = dataclasses.replace(t, cooldown_shape="sqrt", cooldown_steps=40)
     said = decay_change(saved, resh, 60)
-    assert "runs over steps 71-110 where the checkpoint's run ran it (linear) over 91-110" in said
+    assert ("runs over steps 71-110 where the checkpoint's run ran it (linear) over steps "
+            "91-110") in said
     assert said.endswith("step 71's lr is "
                          f"{lr_at(71, resh):.3g}, {t.lr:.3g} on that schedule; --set "
                          "train.cooldown_steps=20 --set train.cooldown_shape=linear keeps it")
@@ -108,6 +110,20 @@ def test_a_resume_that_moves_or_reshapes_a_wsd_cooldown_says_from_which_step():
     saved_one = dataclasses.asdict(one_step)
     assert decay_change(saved_one, dataclasses.replace(one_step, cooldown_shape="sqrt"),
                         50) is None
+
+
+def test_a_cooldown_of_one_step_or_none_is_worded_so():
+    """A cooldown of one step was said to run "over steps 30-30", and a run whose warmup
+    reached its decay's end (no cooldown) to have run it "over 21-20"."""
+    t = dataclasses.replace(CFG.train, lr_schedule="wsd", steps=30, warmup_steps=5,
+                            cooldown_steps=25)
+    said = decay_change(dataclasses.asdict(t), dataclasses.replace(t, cooldown_steps=1), 3)
+    assert said.startswith("the lr cooldown (linear) runs over step 30 where the checkpoint's "
+                           "run ran it (linear) over steps 6-30 (")
+    t = dataclasses.replace(t, steps=20, warmup_steps=20, cooldown_steps=0)
+    said = decay_change(dataclasses.asdict(t), dataclasses.replace(t, steps=40), 20)
+    assert said.startswith("the lr cooldown (linear) runs over steps 37-40 where the "
+                           "checkpoint's run ran it (linear) over no step (")
 
 
 def test_no_weight_decay_on_norms():
