@@ -229,6 +229,31 @@ def check_config(cfg: Config) -> list[Problem]:
         f"must be 0 or more, got {o.weight_decay}",
         "use e.g. 0.1",
     )
+    muon = o.name == "muon"
+    need(0 <= o.muon_momentum < 1, "optimizer.muon_momentum",
+         f"{o.muon_momentum} is not in [0, 1)", "use e.g. 0.95")
+    need(1 <= o.muon_ns_steps <= 20, "optimizer.muon_ns_steps",
+         f"{o.muon_ns_steps} is not between 1 and 20",
+         "use 5 (the quintic iteration's usual count)")
+    for name in ("muon_momentum", "muon_ns_steps"):
+        need(
+            muon or getattr(o, name) == getattr(type(o)(), name),
+            f"optimizer.{name}",
+            f"{getattr(o, name)} is set, but optimizer.name is {o.name}: it tunes Muon",
+            f"set optimizer.name=muon, or leave optimizer.{name} out",
+            ("optimizer.name",),
+        )
+    offloaded = [f"{where}={tier}" for where in OFFLOADED
+                 if (tier := getattr(cfg.offload, where.split(".")[1])) != "device"]
+    need(
+        not (muon and offloaded),
+        "optimizer.name",
+        f"muon with {', '.join(offloaded)}: the offload engine steps AdamW's CPU kernels unit "
+        "by unit on its homes, Muon whole matrices on the device",
+        "use optimizer.name=adamw (or adamw8bit) with offload, or keep every offload group on "
+        "the device",
+        OFFLOADED,
+    )
 
     for name in ("dp_replicate", "tp", "pp", "virtual_stages", "ep", "etp", "cp"):
         value = getattr(p, name)

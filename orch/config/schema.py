@@ -216,11 +216,19 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata=_help("optimizer"))
+    name: Literal["adamw", "adamw8bit", "muon"] = field(
+        default="adamw",
+        metadata=_help("optimizer; muon: Muon for the blocks' matrices, AdamW (beta1, beta2, "
+                       "eps) for the embedding, output head and norms, one lr"),
+    )
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
+    muon_momentum: float = field(
+        default=0.95, metadata=_help("muon only: Nesterov momentum of the matrices' gradients"))
+    muon_ns_steps: int = field(
+        default=5, metadata=_help("muon only: Newton-Schulz iterations per matrix and step"))
 
 
 @dataclass

@@ -381,7 +381,56 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         bubble = share * (compute + on_path)
 
     exposed = on_path + dp_exposed + comm.get("pp", 0.0)
+    if cfg.optimizer.name == "muon":  # the step itself, after the last backward: nothing hides it
+        iterations, gathers = _muon_step(cfg, deg, links, device, layers, moe_layers)
+        compute += iterations
+        for dim, seconds in gathers.items():
+            comm[dim] = comm.get(dim, 0.0) + seconds
+        exposed += sum(gathers.values())
     return _Terms(compute, comm, exposed, bubble, micro)
+
+
+def _newton_schulz_flops(rows: int, cols: int, steps: int) -> float:
+    """FLOPs of ``steps`` quintic Newton-Schulz iterations on a ``rows x cols`` matrix (on its
+    wide orientation, ``m <= n``): per step the Gram matrix ``X X^T`` (2 m^2 n), its square
+    (2 m^3) and that times ``X`` (2 m^2 n)."""
+    m, n = sorted((rows, cols))
+    return steps * (4.0 * m * m * n + 2.0 * m ** 3)
+
+
+def _muon_step(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec,
+               layers: float, moe_layers: float) -> tuple[float, dict[str, float]]:
+    """Seconds of a Muon step on the most loaded pipeline rank (``orch.runtime.muon``): every
+    rank orthogonalizes each whole matrix of its stage (its ``layers``, ``moe_layers`` of them
+    MoE), its own experts' matrices whole; and the gathers that make them whole, of the fp32
+    momentum-updated gradients, per group dimension: over FSDP's shards of the dense matrices
+    and tensor parallelism's, and expert tensor parallelism's of the experts' (a stack's split
+    by experts stays). At the device's matmul pace in the compute dtype."""
+    m, steps = cfg.model, cfg.optimizer.muon_ns_steps
+    q, kv = m.heads * m.head_dim, m.n_kv_heads * m.head_dim
+    attention = (2 * _newton_schulz_flops(q, m.dim, steps)
+                 + 2 * _newton_schulz_flops(kv, m.dim, steps), (2 * q + 2 * kv) * m.dim)
+    mlp = (3 * _newton_schulz_flops(m.ffn_dim, m.dim, steps), 3 * m.ffn_dim * m.dim)
+    local_experts = m.experts / max(deg.ep, 1)
+    fe, shared = m.moe_ffn_dim, m.shared_experts * m.moe_ffn_dim
+    routed = 3 * local_experts * m.dim * fe
+    moe = (_newton_schulz_flops(m.experts, m.dim, steps)
+           + 3 * local_experts * _newton_schulz_flops(fe, m.dim, steps)
+           + (3 * _newton_schulz_flops(shared, m.dim, steps) if shared else 0.0))
+    dense = layers - moe_layers
+    flops = layers * attention[0] + dense * mlp[0] + moe_layers * moe
+    dense_params = (layers * attention[1] + dense * mlp[1]
+                    + moe_layers * (m.experts + 3 * shared) * m.dim)
+    rate = device.peak(cfg.train.precision) * device.compute_efficiency
+    gathers: dict[str, float] = {}
+    if deg.fsdp > 1:  # each rank's tp slice of the dense matrices, whole over its FSDP group
+        gathers["dp_shard-cp"] = _collective(4 * dense_params / deg.tp, deg.fsdp,
+                                             links["dp_shard-cp"])
+    if deg.tp > 1:
+        gathers["tp"] = _collective(4 * dense_params, deg.tp, links["tp"])
+    if moe_layers and deg.etp > 1:
+        gathers["etp"] = _collective(4 * moe_layers * routed, deg.etp, links["etp"])
+    return flops / rate, gathers
 
 
 def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: float,

@@ -41,6 +41,10 @@ ADAMW_BYTES = 8
 """Two fp32 moments."""
 QUANT_BLOCK = 256
 """adamw8bit: one fp32 absmax per block of 256 elements, per moment."""
+MUON_BYTES = 4
+"""muon: one fp32 momentum per element of the blocks' matrices (the rest keeps AdamW's two).
+The step's transient whole matrices (a gathered update and the iterations' three copies of the
+largest) come after the backward has freed the activations, so no peak counts them."""
 MEMORY_READS = (
     *MODEL_SHAPE, *(f"train.{name}" for name in (
         "precision", "recompute", "seq_len", "micro_batch", "global_batch", "document_mask")),
@@ -486,7 +490,7 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     at_home = tiers == ("device",) * len(tiers)
     # What every stage reads, looked up once: the search asks tens of thousands of stages.
     norms, router, replicas = pc.norms, pc.router, deg.dp_replicate
-    eight_bit = cfg.optimizer.name == "adamw8bit"
+    eight_bit, muon = cfg.optimizer.name == "adamw8bit", cfg.optimizer.name == "muon"
     optim_away = tiers[2] != "device"
     # offloaded parameters are fetched as compute-dtype copies: nothing cast beside them
     gathered = (gathers and tiers[0] == "device") * act_bytes
@@ -503,6 +507,9 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
             small = -(-((nd + nm) * norms + nm * router + last * h) // fsdp)
             big = n - small
             optim = ADAMW_BYTES * small + 2 * big + 8 * -(-big // QUANT_BLOCK)
+        elif muon:  # AdamW for the embedding, the head and the norms
+            adamw = -(-((nd + nm) * norms + first * vocab + last * head) // fsdp)
+            optim = ADAMW_BYTES * adamw + MUON_BYTES * (n - adamw)
         else:
             optim = ADAMW_BYTES * n
         whole_optim = optim  # a unit's states are stepped whole, on one replica

@@ -129,14 +129,22 @@ def _steps(first: int, last: int) -> str:
     return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW (torch's; on offloaded runs the CPU kernel ``offload.cpu_adam`` picks) or
-    AdamW8bit (orch's 8-bit moments), decay on matrices only."""
+def build_optimizer(model: nn.Module, cfg: Config, precision: str | None = None
+                    ) -> torch.optim.Optimizer:
+    """AdamW (torch's; on offloaded runs the CPU kernel ``offload.cpu_adam`` picks), AdamW8bit
+    (orch's 8-bit moments) or Muon (``orch.runtime.muon``, its iterations in the run's compute
+    ``precision``, else ``train.precision``), decay on matrices only."""
     o = cfg.optimizer
-    if o.name not in ("adamw", "adamw8bit"):
-        raise OrchError(
-            f"optimizer.name: {o.name!r} is not one of adamw, adamw8bit; fix: use one of them"
-        )
+    if o.name not in ("adamw", "adamw8bit", "muon"):
+        raise OrchError(f"optimizer.name: {o.name!r} is not one of adamw, adamw8bit, muon; "
+                        "fix: use one of them")
+    if o.name == "muon":
+        from orch.runtime.muon import Muon, muon_groups
+
+        bf16 = (precision or cfg.train.precision) == "bf16"
+        return Muon(muon_groups(model, o.weight_decay), lr=lr_at(1, cfg.train),
+                    betas=(o.beta1, o.beta2), eps=o.eps, momentum=o.muon_momentum,
+                    ns_steps=o.muon_ns_steps, ns_dtype=torch.bfloat16 if bf16 else torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},

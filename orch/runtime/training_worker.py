@@ -188,7 +188,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     # FSDP's mixed-precision policy casts the blocks it wraps; otherwise autocast does.
     cast = any(isinstance(block, FSDPModule) for block in transformer.layers.values())
     autocast = torch.bfloat16 if precision == "bf16" and not cast else None
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, precision)
 
     coords = dense_layout(plan.degrees).coords(rank)
     dp_rank = coords["dp_shard"] + coords["dp_replicate"] * plan.degrees.dp_shard

@@ -291,6 +291,28 @@ def measure(cfg: Config, autocast: bool = True) -> dict[str, int]:
     )
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_muon_states_are_counted_as_they_are_held(name):
+    """optimizer.name=muon: one fp32 momentum per element of the blocks' matrices (experts'
+    stacks and the router among them), AdamW's two moments for the embedding, head and norms:
+    the estimate equals the states a step leaves (AdamW's step counters aside)."""
+    from orch.runtime.optim import build_optimizer
+
+    cfg = load_config(f"configs/{name}.yaml", ["optimizer.name=muon"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    opt = build_optimizer(model, cfg)
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, 16))
+    F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+    opt.step()
+    held = sum(t.nbytes for s in opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor) and t.ndim > 0)
+    est = estimate_memory(cfg, Degrees(), flash=True, fused_norm=False)
+    assert est.optimizer == held
+    assert est.optimizer < 0.6 * estimate_memory(
+        load_config(f"configs/{name}.yaml"), Degrees(), flash=True, fused_norm=False).optimizer
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
