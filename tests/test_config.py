@@ -308,6 +308,15 @@ MOE = ["model.experts=4"]
         (["train.lr_schedule=wsd", "train.decay_steps=100", "train.cooldown_steps=90"],
          "train.cooldown_steps: 90 is longer than the 80 steps from the warmup's end "
          "(train.warmup_steps=20) to the decay's (train.decay_steps=100)"),
+        (["optimizer.muon_momentum=0.9"], "optimizer.muon_momentum: 0.9 is set, but "
+                                           "optimizer.name is adamw: it tunes Muon"),
+        (["optimizer.name=muon", "optimizer.muon_momentum=1"],
+         "optimizer.muon_momentum: 1.0 is not in [0, 1)"),
+        (["optimizer.name=muon", "optimizer.muon_ns_steps=0"],
+         "optimizer.muon_ns_steps: 0 is not between 1 and 20"),
+        (["optimizer.name=muon", "offload.params=cpu", "offload.optimizer=cpu"],
+         "optimizer.name: muon with offload.params=cpu, offload.optimizer=cpu: the offload "
+         "engine steps AdamW's CPU kernels unit by unit"),
         (["train.grad_clip=-1"], "train.grad_clip: must be 0 (off) or positive"),
         (["optimizer.beta1=1"], "optimizer.beta1: 1.0 is not in [0, 1)"),
         (["optimizer.eps=0"], "optimizer.eps: must be positive"),

@@ -74,6 +74,9 @@ def test_the_adamw_part_is_torch_adamw():
         cfg.model.tie_embeddings and decayed == ["tok_embeddings.weight"])
     assert all(n.startswith("layers.") for n in muon) and all(".norm" in n or "norm" in n
                                                                for n in plain)
+    wrapped = nn.ModuleDict({"module": twin})  # as DDP names them: module.layers.0...
+    assert [[id(p) for p in g["params"]] for g in muon_groups(wrapped, 0.1)] == [
+        [id(p) for p in g["params"]] for g in groups]
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 17))
     for m in (model, twin):
         F.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
