@@ -46,6 +46,7 @@ per-rank matmuls is a heuristic (``gemm_efficiency``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -190,14 +191,15 @@ link's ring bandwidth; the others send point to point or all to all (pipeline, c
 attention's neighbour sends and Ulysses' all-to-alls; ep), each rank at its own share."""
 
 
-def _collective(size: float, n: int, link: Link, ring: bool = True) -> float:
+def _collective(size: float, n: int, link: Link, ring: bool = True, pieces: float = 1) -> float:
     """Seconds for a ring all-gather or reduce-scatter of a ``size``-byte tensor over ``n``
     ranks (at the link's :attr:`~orch.plan.topology.Link.ring_bandwidth`), or (``ring``
     false) an all-to-all in which each rank spreads ``size`` bytes evenly (at its own share of
     the link): either way each rank moves ``(n - 1) / n`` of ``size`` in ``n - 1``
-    latency-bound steps."""
+    latency-bound steps; ``size`` moved as ``pieces`` collectives (FSDP's, one per unit) pays
+    those steps' latency for each."""
     bandwidth = link.ring_bandwidth if ring else link.bandwidth
-    return (n - 1) * (size / n / bandwidth + link.latency_s)
+    return (n - 1) * (size / n / bandwidth + pieces * link.latency_s)
 
 
 def _rate(cfg: Config, deg: Degrees, device: DeviceSpec) -> float:
@@ -342,20 +344,28 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
     # experts not folded (ep = etp = tp = 1) are in the blocks' units, sharded like them
     folded = moe_layers > 0 and deg.experts_folded
     dense = (pc.dense_total + (0 if folded else pc.expert_total)) / (deg.pp * deg.tp)
+    # FSDP gathers and reduces unit by unit (a block each, and the root's embedding, norm and
+    # head): every unit's collective pays the ring's n - 1 latency-bound steps, which over
+    # thousands of ranks outweigh the bytes (Llama 3 70B over 4,096 ranks: 41 ms a ring, 3.3 s
+    # for each gather or reduce-scatter of its 81 units, once priced as one ring's 41 ms)
+    units = math.ceil(layers) + 1
     if deg.fsdp > 1:
         link = links["dp_shard-cp"]
-        gather = gathers * _collective(dense * act, deg.fsdp, link)
-        reduce = _collective(dense * GRAD_REDUCE_BYTES, deg.fsdp, link)
+        gather = gathers * _collective(dense * act, deg.fsdp, link, pieces=units)
+        reduce = _collective(dense * GRAD_REDUCE_BYTES, deg.fsdp, link, pieces=units)
         early = (scatters - 1) * reduce
         comm["dp_shard-cp"] = gather + scatters * reduce
     if deg.dp_replicate > 1:  # once per step (HSDP's waits for the last micro-batch's)
         shard = dense / deg.fsdp * GRAD_REDUCE_BYTES
-        comm["dp_replicate"] = 2 * _collective(shard, deg.dp_replicate, links["dp_replicate"])
+        comm["dp_replicate"] = 2 * _collective(shard, deg.dp_replicate, links["dp_replicate"],
+                                               pieces=units)
         reduce += comm["dp_replicate"]
     if folded and deg.edp > 1:  # FSDP over every edp rank, whatever the dense layers do
         experts, link = pc.expert_total / (deg.pp * deg.ep * deg.etp), links["edp"]
-        expert_gather = gathers * _collective(experts * act, deg.edp, link)
-        expert_reduce = _collective(experts * GRAD_REDUCE_BYTES, deg.edp, link)
+        moe_units = math.ceil(moe_layers)
+        expert_gather = gathers * _collective(experts * act, deg.edp, link, pieces=moe_units)
+        expert_reduce = _collective(experts * GRAD_REDUCE_BYTES, deg.edp, link,
+                                    pieces=moe_units)
         comm["edp"] = expert_gather + scatters * expert_reduce
         gather, reduce = gather + expert_gather, reduce + expert_reduce
         early += (scatters - 1) * expert_reduce

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -131,10 +132,11 @@ def test_gradients_are_reduced_in_fp32_under_bf16_too() -> None:
     showed the gathers halve under bf16 and the reduce not. Under a pipeline FSDP gathers once
     per step, as many bytes as it reduces under fp32."""
     cfg = dict(parallel__pp=2, parallel__dp_replicate=2)
-    bf16 = estimate(config("llama3-8b", **cfg), 64).comm_s
-    fp32 = estimate(config("llama3-8b", train__precision="fp32", **cfg), 64).comm_s
-    # (each ring step's latency, the same in both, aside)
-    assert bf16["dp_shard-cp"] == pytest.approx(0.75 * fp32["dp_shard-cp"], rel=2e-3)
+    instant = dataclasses.replace(H100, intra_latency_s=0.0, inter_latency_s=0.0)  # bytes alone
+    bf16 = estimate(config("llama3-8b", **cfg), 64, device=instant).comm_s
+    fp32 = estimate(config("llama3-8b", train__precision="fp32", **cfg), 64,
+                    device=instant).comm_s
+    assert bf16["dp_shard-cp"] == pytest.approx(0.75 * fp32["dp_shard-cp"], rel=1e-12)
     assert bf16["dp_replicate"] == fp32["dp_replicate"]  # the shards' gradients only
 
 
@@ -151,8 +153,9 @@ def test_grad_reduce_microbatch_reduce_scatters_every_micro_batch() -> None:
     deg = degrees(config("llama3-8b", **hsdp), 16)
     links = Topology.uniform(16, 8, H100).links(first_groups(deg))
     dense = param_counts(config("llama3-8b").model).dense_total
-    reduce = 7 * (dense * 4 / 8 / links["dp_shard-cp"].bandwidth
-                  + links["dp_shard-cp"].latency_s)  # a ring reduce-scatter over 8 ranks, fp32
+    units = config("llama3-8b").model.layers + 1  # a block each, and the root
+    reduce = 7 * (dense * 4 / 8 / links["dp_shard-cp"].bandwidth  # a ring reduce-scatter over 8
+                  + units * links["dp_shard-cp"].latency_s)  # ranks, fp32, one per unit
     assert per_micro.comm_s["dp_shard-cp"] - per_step.comm_s["dp_shard-cp"] == pytest.approx(
         127 * reduce)
     assert per_micro.comm_s["dp_replicate"] == per_step.comm_s["dp_replicate"]
@@ -171,6 +174,25 @@ def test_grad_reduce_microbatch_reduce_scatters_every_micro_batch() -> None:
     assert comm(16, "microbatch", **one) == comm(16, "step", **one)
     pipelined = dict(parallel__pp=2)
     assert comm(16, "microbatch", **pipelined) == comm(16, "step", **pipelined)
+
+
+def test_fsdp_pays_each_units_ring_latency() -> None:
+    """FSDP gathers and reduce-scatters unit by unit (a block each, and the root), and each
+    ring pays n - 1 latency-bound steps: priced as one collective for the whole model, a gather
+    of Llama 3 70B over 4,096 ranks paid 41 ms of latency where its 81 units' pay 3.3 s, and
+    --auto chose plain FSDP over 1,024 ranks of 4,096 (an HSDP keeps the rings short)."""
+    cfg = config("llama3-70b", parallel__dp_shard=4096, train__global_batch=4096)
+    instant = dataclasses.replace(H100, intra_latency_s=0.0, inter_latency_s=0.0)
+    latency = (estimate(cfg, 4096).comm_s["dp_shard-cp"]
+               - estimate(cfg, 4096, device=instant).comm_s["dp_shard-cp"])
+    collectives = 2 + 1  # one micro-batch: two gathers (forward, backward), one reduce-scatter
+    assert latency == pytest.approx(collectives * 81 * 4095 * H100.inter_latency_s)
+    from orch.plan import resolve_machine, search
+
+    machine = resolve_machine(config("llama3-70b"), 4096, None, None, [])
+    assert machine is not None
+    best = search(config("llama3-70b"), machine, top=1).best[0]
+    assert best.degrees.dp_replicate > 1, best.degrees
 
 
 def test_tp_across_nodes_is_slower_than_inside_one() -> None:
