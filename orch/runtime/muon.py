@@ -152,16 +152,20 @@ def muon_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """``model``'s trainable parameters as :class:`Muon`'s groups: the decoder blocks'
     (``layers.*``, whatever wraps them: DDP, compiled blocks, a pipeline rank's share) of two or
     more dimensions (Muon); the embedding's and output head's (AdamW with decay); the rest, 1-D
-    (AdamW without decay, as orch's AdamW runs)."""
+    (AdamW without decay, as orch's AdamW runs). Empty groups are left out: a pipeline rank
+    holding neither the embedding nor the head (a middle stage, ZB-V's second rank) has none
+    of the second, and torch's loader of name-keyed optimizer state reads each group's values
+    from its first parameter (a resume failed with an IndexError)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     inside = [p for name, p in named if p.ndim >= 2 and "layers" in name.split(".")]
     taken = {id(p) for p in inside}
-    return [
+    groups = [
         {"params": inside, "weight_decay": weight_decay, "muon": True},
         {"params": [p for _, p in named if p.ndim >= 2 and id(p) not in taken],
          "weight_decay": weight_decay},
         {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
     ]
+    return [group for group in groups if group["params"]]
 
 
 __all__ = ["Muon", "muon_groups", "newton_schulz", "orthogonalized", "rms_matched_lr"]

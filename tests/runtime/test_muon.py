@@ -87,6 +87,37 @@ def test_the_adamw_part_is_torch_adamw():
             assert torch.equal(p, q), name
 
 
+def test_a_pipeline_stage_without_embedding_or_head_resumes():
+    """A middle pipeline stage (or ZB-V's second rank) holds no embedding and no head: its
+    optimizer state, keyed by parameter names as checkpoints hold it, loads back (an empty
+    param group made torch's loader fail with an IndexError)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from orch.parallel.pipeline.stages import prune_to_rank, stage_layers
+    from orch.runtime.train_state import STATE_OPTIONS
+
+    cfg = load_config("configs/tiny.yaml", ["optimizer.name=muon"])
+
+    def middle_stage() -> tuple[nn.Module, Muon]:
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        prune_to_rank(model, stage_layers([1, 1, 1, 1]), [1])
+        return model, build_optimizer(model, cfg)
+
+    model, opt = middle_stage()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    _, saved = get_state_dict(model, opt, options=STATE_OPTIONS)
+    fresh, fresh_opt = middle_stage()
+    set_state_dict(fresh, fresh_opt, model_state_dict={}, optim_state_dict=saved,
+                   options=STATE_OPTIONS)
+    loaded = [fresh_opt.state[p] for p in fresh.parameters()]
+    assert [s.keys() for s in loaded] == [opt.state[p].keys() for p in model.parameters()]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(
+        loaded, (opt.state[p] for p in model.parameters()), strict=True) for k in a)
+
+
 # --- sharded parameters (gloo ranks) ---------------------------------------------------------
 
 
