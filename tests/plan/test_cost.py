@@ -377,3 +377,36 @@ def test_experts_not_folded_travel_with_the_dense_weights() -> None:
     assert "edp" not in step.comm_s and step.total_s < 1.1 * step.compute_s
     folded = estimate(config("mixtral-8x22b", parallel__dp_replicate=8, parallel__ep=8), 64)
     assert folded.comm_s["edp"] > 0  # folded experts: FSDP over their own edp ranks
+
+
+def _newton_schulz(rows: int, cols: int) -> float:
+    """FLOPs of Muon's five quintic iterations on a matrix, by hand: per iteration X X^T, its
+    square and that times X, on the wide orientation (m <= n)."""
+    m, n = sorted((rows, cols))
+    return 5 * (2 * m * m * n + 2 * m ** 3 + 2 * m * m * n)
+
+
+def test_muon_orthogonalizes_only_the_experts_fsdp_leaves_a_rank() -> None:
+    """FSDP shards an expert stack on its experts' dim and Muon keeps that split: Mixtral 8x22B
+    over 64 FSDP ranks leaves each rank one expert (or none) to orthogonalize, not all 8 (its
+    step was priced 38 s where the busiest rank spends 6)."""
+    muon = estimate(config("mixtral-8x22b", optimizer__name="muon"), 64)
+    adamw = estimate(config("mixtral-8x22b"), 64)
+    per_layer = (2 * _newton_schulz(6144, 6144) + 2 * _newton_schulz(1024, 6144)  # q, o; k, v
+                 + _newton_schulz(8, 6144) + 3 * _newton_schulz(16384, 6144))  # router; 1 expert
+    rate = H100.peak("bf16") * H100.compute_efficiency
+    assert muon.compute_s - adamw.compute_s == pytest.approx(56 * per_layer / rate, rel=1e-9)
+
+
+def test_muon_gathers_each_matrix_paying_its_rings_latency() -> None:
+    """Each sharded matrix is its own gather (``orch.runtime.muon.orthogonalized``): Llama 3
+    8B's 32 x 7 over 64 FSDP ranks pay 224 rings' latency, once priced as one's."""
+    instant = dataclasses.replace(H100, intra_latency_s=0.0, inter_latency_s=0.0)
+
+    def latency(name: str) -> float:
+        cfg = config("llama3-8b", optimizer__name=name)
+        return (estimate(cfg, 64).comm_s["dp_shard-cp"]
+                - estimate(cfg, 64, device=instant).comm_s["dp_shard-cp"])
+
+    assert latency("muon") - latency("adamw") == pytest.approx(
+        32 * 7 * 63 * H100.inter_latency_s, rel=1e-6)
