@@ -214,6 +214,12 @@ class TrainConfig:
     )
 
 
+COOLDOWN_FIELDS = ("cooldown_steps", "cooldown_shape")
+"""A ``wsd`` schedule's fields that a resume may change, as it may ``decay_steps`` (all three
+left out of the config fingerprint): they place and shape the decay, so they change only the
+rates of steps to come, and ``orch.runtime.optim.decay_change`` says how."""
+
+
 @dataclass
 class OptimizerConfig:
     name: Literal["adamw", "adamw8bit", "muon"] = field(

@@ -13,9 +13,11 @@ parallelism, in fp32 and bf16. Pure arithmetic: the planner prices thousands of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Recompute = Literal["none", "selective", "full"]
+RECOMPUTE: tuple[Recompute, ...] = get_args(Recompute)
+"""The levels from none to full: each keeps fewer activations and spends more time."""
 
 
 @dataclass(frozen=True)

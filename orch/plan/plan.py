@@ -20,6 +20,7 @@ from orch.config.schema import WORLD_DEGREES, Config
 from orch.errors import PlanError, Problem, reading
 from orch.parallel.schedules.actions import rank_stages
 from orch.parallel.schedules.generators import chunks_per_rank, placement_of
+from orch.plan.activations import RECOMPUTE
 from orch.plan.cost import (
     StepTime,
     estimate_step_time,
@@ -614,8 +615,7 @@ def _more_recompute(cfg: Config, deg: Degrees) -> tuple[str, ...]:
     against full recompute's 24.5 s)."""
     if deg.pp == 1 or deg.virtual_stages > 1 or cfg.parallel.stage_layers:
         return ()
-    levels = ("none", "selective", "full")
-    return levels[levels.index(cfg.train.recompute) + 1:]
+    return RECOMPUTE[RECOMPUTE.index(cfg.train.recompute) + 1:]
 
 
 def _faster_setting_note(cfg: Config, deg: Degrees, machine: Machine, plan: Plan, setting: str,
@@ -641,7 +641,7 @@ def _faster_setting_note(cfg: Config, deg: Degrees, machine: Machine, plan: Plan
         said = f" and steps in {seconds:.4g} s, {faster:.0%} faster"
     else:  # beside a plan that does not fit, its step time is no yardstick ("-0% slower");
         # the setting named with its value ("where none does not" read as "nothing")
-        said = (f" where {field}={getattr(getattr(cfg, section), field)} does not, and steps "
+        said = (f" where {setting}={getattr(getattr(cfg, section), field)} does not, and steps "
                 f"in {seconds:.4g} s")
     return (f"{setting}={value} fits ({alternative.memory.total / (1 << 30):.1f} GiB a rank)"
             f"{said}: set it, or compare with orch plan --auto")

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from orch.config.schema import Config
 from orch.parallel.schedules.generators import chunks_per_rank
+from orch.plan.activations import RECOMPUTE
 from orch.plan.cost import StepTime
 from orch.plan.degrees import Degrees
 from orch.plan.machine import Machine
@@ -42,7 +43,6 @@ from orch.plan.support import ddp_over_tp, layout_refusals
 from orch.plan.topology import Link
 
 MICRO_BATCHES = (1, 2, 4, 8)
-RECOMPUTE = ("none", "selective", "full")
 GRAD_REDUCE = ("microbatch", "step")
 """``parallel.grad_reduce`` settings, least memory first: ``step`` holds whole gradients between
 micro-batches for one reduce per step, which can be faster or, where the per-micro-batch

@@ -43,15 +43,19 @@ class Link:
     """The network an inter-node group runs over ("" for the default network)."""
     nic: str = ""
     """That network's NIC type (ib, roce, ethernet; "" when the description names none)."""
-    ring_bandwidth: float = 0.0
+    ring_bandwidth: float | None = None
     """Bytes/s per device of a ring collective over the group (all-gather, reduce-scatter,
-    all-reduce; 0 where nothing runs). Inside a node, ``bandwidth``. Across nodes NCCL runs one
+    all-reduce; left out, ``bandwidth``). Inside a node, ``bandwidth``. Across nodes NCCL runs one
     ring per NIC: each of the group's ranks on a node drives one through its own share of the
     node's NICs, and the bytes each ring carries between nodes are the same as between two
     ranks inside one, so the group moves data at its per-device share times the fewest of its
     ranks on one node, up to the node's device interconnect (which the same bytes cross). One
     rank a node (HSDP's replicas, a pipeline) gets its share alone, as ``bandwidth`` says; a
     whole node's ranks in one group (FSDP across nodes) get all of the node's NICs."""
+
+    def __post_init__(self) -> None:
+        if self.ring_bandwidth is None:  # one rank a node's rings, or none: the share
+            object.__setattr__(self, "ring_bandwidth", self.bandwidth)
 
 
 NO_LINK = Link("none", 0.0, 0.0, 1)
@@ -83,8 +87,7 @@ class Topology:
         self.world_size = self.node_ends[-1]
         # Equal node sizes let node_of divide instead of bisect.
         self._per_node = sizes[0] if len(set(sizes)) == 1 else 0
-        self._intra = [Link("intra", d.intra_node_bw, d.intra_latency_s, 1,
-                            ring_bandwidth=d.intra_node_bw) for d in devices]
+        self._intra = [Link("intra", d.intra_node_bw, d.intra_latency_s, 1) for d in devices]
         self._networks = [{a.network: a for a in attached} for attached in networks]
         self._inter_lat = [d.inter_latency_s for d in devices]
         self._same_inter = len({(tuple(sorted(n.items())), lat) for n, lat in
@@ -195,7 +198,7 @@ class Topology:
         if self._same_inter:
             best = max(self._networks[first].values(), key=lambda a: a.bandwidth)
             found = Link("inter", best.bandwidth, self._inter_lat[first], len(nodes),
-                         best.network, best.nic, best.bandwidth)
+                         best.network, best.nic)
         else:
             key = tuple(nodes)  # groups of a dimension often span the same nodes
             if key not in self._network_links:
@@ -218,8 +221,7 @@ class Topology:
         shares = {net: min((self._networks[n][net] for n in nodes), key=lambda a: a.bandwidth)
                   for net in sorted(common)}
         best = max(shares.values(), key=lambda a: a.bandwidth)
-        return Link("inter", best.bandwidth, latency, len(nodes), best.network, best.nic,
-                    best.bandwidth)
+        return Link("inter", best.bandwidth, latency, len(nodes), best.network, best.nic)
 
     def node_networks(self, node: int) -> Attachments:
         """What node ``node`` (in rank order) is attached to, fastest first."""

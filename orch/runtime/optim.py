@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orch.config.schema import Config, TrainConfig
+from orch.config.schema import COOLDOWN_FIELDS, Config, TrainConfig
 from orch.errors import OrchError
 
 
@@ -70,11 +70,6 @@ def saved_decay_end(saved_train: dict[str, Any]) -> int:
     before ``decay_steps`` existed ended its decay at ``steps``); 0 where it says neither."""
     return int(saved_train.get("decay_steps") or saved_train.get("steps") or 0)
 
-
-COOLDOWN_FIELDS = ("cooldown_steps", "cooldown_shape")
-"""A ``wsd`` schedule's fields that a resume may change, as it may ``decay_steps`` (all three
-left out of the config fingerprint): they place and shape the decay, so they change only the
-rates of steps to come, and :func:`decay_change` says how."""
 
 
 def saved_schedule(saved_train: dict[str, Any], train: TrainConfig) -> TrainConfig:

@@ -109,8 +109,8 @@ def test_a_hand_written_plan_notes_the_grad_reduce_that_wins():
     dgx = ("configs/clusters/dgx-h100-4node.yaml", "train.micro_batch=1")
     assert notes(*dgx, "parallel.grad_reduce=microbatch") == []  # step does not fit
     assert notes(*dgx, "parallel.grad_reduce=step") == [
-        "parallel.grad_reduce=microbatch fits (55.1 GiB a rank) where grad_reduce=step does "
-        "not, and steps in 59.28 s: set it, or compare with orch plan --auto"]
+        "parallel.grad_reduce=microbatch fits (55.1 GiB a rank) where parallel.grad_reduce=step "
+        "does not, and steps in 59.28 s: set it, or compare with orch plan --auto"]
 
 
 LLAMA_405B_PP16 = ["model.dim=16384", "model.layers=126", "model.heads=128", "model.ffn_dim=53248",
@@ -140,7 +140,7 @@ def test_a_pipeline_split_capped_to_fit_is_weighed_against_more_recompute():
         f"train.recompute=full fits (24.0 GiB a rank) and steps in {full.step.total_s:.4g} s, "
         f"20% faster: set it, or compare with orch plan --auto"]
     assert [n for n in build_plan(cfg, 8192).notes if n.startswith("train.recompute=")] == [
-        f"train.recompute=full fits (24.0 GiB a rank) where recompute=none does not, and "
+        f"train.recompute=full fits (24.0 GiB a rank) where train.recompute=none does not, and "
         f"steps in {full.step.total_s:.4g} s: set it, or compare with orch plan --auto"]
 
 

@@ -22,14 +22,15 @@ from typing import Any
 
 from orch.config import Config, config_to_dict
 from orch.config.blend import parse_blend
+from orch.config.schema import COOLDOWN_FIELDS
 from orch.runtime.checkpoint.files import MANIFEST
 from orch.runtime.checkpoint.manifest import CheckpointError, Manifest
 from orch.runtime.indexed import typed_by_config
 
 FINGERPRINT_SECTIONS = ("model", "data", "optimizer", "train")
 """Config sections that define the training run's math; the rest says how and where it runs."""
-FINGERPRINT_EXCLUDED = {"train": ("steps", "decay_steps", "cooldown_steps", "cooldown_shape",
-                                  "micro_batch", "recompute", "compile", "stop_on_nonfinite"),
+FINGERPRINT_EXCLUDED = {"train": ("steps", "decay_steps", *COOLDOWN_FIELDS, "micro_batch",
+                                  "recompute", "compile", "stop_on_nonfinite"),
                         "model": ("init_from", "name"),
                         "data": ("path", "blend")}
 """Fields that may change on resume: more steps (and where the lr decay ends, or a wsd schedule's
