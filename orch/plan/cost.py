@@ -174,14 +174,18 @@ class StepTime:
     """Model FLOPs per second over the peak of all devices, each its own type's at the run's
     precision (recomputation does not count)."""
     flops_per_token: float
+    optimizer_s: float = 0.0
+    """The optimizer step's device time after the last backward, which nothing hides: Muon's
+    iterations and the gathers that make its matrices whole (in ``comm_s`` too, by group);
+    0 for AdamW, whose elementwise update the model leaves out."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "compute_s": self.compute_s, "comm_s": dict(self.comm_s),
             "exposed_comm_s": self.exposed_comm_s, "bubble_s": self.bubble_s,
-            "total_s": self.total_s, "tokens_per_step": self.tokens_per_step,
-            "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-            "flops_per_token": self.flops_per_token,
+            "optimizer_s": self.optimizer_s, "total_s": self.total_s,
+            "tokens_per_step": self.tokens_per_step, "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu, "flops_per_token": self.flops_per_token,
         }
 
 
@@ -189,6 +193,10 @@ RING_DIMS = ("tp", "dp_shard", "dp_shard-cp", "dp_replicate", "etp", "edp")
 """Groups whose collectives are priced as rings (gathers, reduce-scatters, all-reduces), at the
 link's ring bandwidth; the others send point to point or all to all (pipeline, cp: ring
 attention's neighbour sends and Ulysses' all-to-alls; ep), each rank at its own share."""
+
+
+DDP_BUCKET_BYTES = 25 << 20
+"""What DDP all-reduces at once (``bucket_cap_mb``'s default, which orch keeps)."""
 
 
 def _collective(size: float, n: int, link: Link, ring: bool = True, pieces: float = 1) -> float:
@@ -231,14 +239,20 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
         comm["offload"], offload_exposed = _offload_seconds(cfg, deg, device, compute, micro,
                                                             links.get("dp_replicate"))
         exposed += offload_exposed
-    total = compute + exposed + bubble
+    optimizer = 0.0
+    if cfg.optimizer.name == "muon":
+        iterations, muon_gathers = _muon_step(cfg, deg, links, device, layers)
+        for dim, seconds in muon_gathers.items():
+            comm[dim] = comm.get(dim, 0.0) + seconds
+        optimizer = iterations + sum(muon_gathers.values())
+    total = compute + exposed + bubble + optimizer
     fpt, tokens = _flops(m, t.seq_len), t.global_batch * t.seq_len
     tokens_per_s = tokens / total
     return StepTime(
         compute_s=compute, comm_s=comm, exposed_comm_s=exposed, bubble_s=bubble, total_s=total,
         tokens_per_step=tokens, tokens_per_s=tokens_per_s,
         mfu=fpt * tokens_per_s / (total_peak or deg.world * device.peak(t.precision)),
-        flops_per_token=fpt,
+        flops_per_token=fpt, optimizer_s=optimizer,
     )
 
 
@@ -348,7 +362,8 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
     # head): every unit's collective pays the ring's n - 1 latency-bound steps, which over
     # thousands of ranks outweigh the bytes (Llama 3 70B over 4,096 ranks: 41 ms a ring, 3.3 s
     # for each gather or reduce-scatter of its 81 units, once priced as one ring's 41 ms)
-    units = math.ceil(layers) + 1
+    units = math.ceil(layers) + deg.virtual_stages  # a root per chunk (at most: a middle
+    # stage's holds no parameters)
     if deg.fsdp > 1:
         link = links["dp_shard-cp"]
         gather = gathers * _collective(dense * act, deg.fsdp, link, pieces=units)
@@ -357,8 +372,12 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         comm["dp_shard-cp"] = gather + scatters * reduce
     if deg.dp_replicate > 1:  # once per step (HSDP's waits for the last micro-batch's)
         shard = dense / deg.fsdp * GRAD_REDUCE_BYTES
+        # HSDP all-reduces unit by unit; DDP (replicas alone, outside a pipeline or MoE folding:
+        # orch.parallel.data_parallel.replicates_with_ddp) bucket by bucket
+        ddp = deg.fsdp == 1 and deg.pp == 1 and not folded
+        pieces = math.ceil(shard / DDP_BUCKET_BYTES) if ddp else units
         comm["dp_replicate"] = 2 * _collective(shard, deg.dp_replicate, links["dp_replicate"],
-                                               pieces=units)
+                                               pieces=pieces)
         reduce += comm["dp_replicate"]
     if folded and deg.edp > 1:  # FSDP over every edp rank, whatever the dense layers do
         experts, link = pc.expert_total / (deg.pp * deg.ep * deg.etp), links["edp"]
@@ -391,12 +410,6 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         bubble = share * (compute + on_path)
 
     exposed = on_path + dp_exposed + comm.get("pp", 0.0)
-    if cfg.optimizer.name == "muon":  # the step itself, after the last backward: nothing hides it
-        iterations, gathers = _muon_step(cfg, deg, links, device, layers, moe_layers)
-        compute += iterations
-        for dim, seconds in gathers.items():
-            comm[dim] = comm.get(dim, 0.0) + seconds
-        exposed += sum(gathers.values())
     return _Terms(compute, comm, exposed, bubble, micro)
 
 
@@ -409,18 +422,19 @@ def _newton_schulz_flops(rows: int, cols: int, steps: int) -> float:
 
 
 def _muon_step(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec,
-               layers: float, moe_layers: float) -> tuple[float, dict[str, float]]:
+               layers: float) -> tuple[float, dict[str, float]]:
     """Seconds of a Muon step on the most loaded pipeline rank (``orch.runtime.muon``): every
-    rank orthogonalizes each whole matrix of its stage (its ``layers``, ``moe_layers`` of them
-    MoE), and of the experts its own share whole: an expert stack stays split by experts over
-    expert parallelism and over the FSDP that shards it (``Degrees.expert_shard``, on the
-    experts' dim: Mixtral's 8 over 64 FSDP ranks leave one to a rank, not 8); and the gathers
-    that make them whole, of the fp32 momentum-updated gradients, per group dimension: over
-    FSDP's shards of the dense matrices and tensor parallelism's, and expert tensor
-    parallelism's of the experts'. Each matrix is its own gather, paying its ring's latency
-    (Llama 3 70B's 560 over 1,024 ranks: 5.7 s, where one gather's paid 10 ms). At the
-    device's matmul pace in the compute dtype."""
+    rank orthogonalizes each whole matrix of its stage (its ``layers``, MoE ones among them in
+    the model's proportion), and of the experts its own share whole: an expert stack stays
+    split by experts over expert parallelism and over the FSDP that shards it
+    (``Degrees.expert_shard``, on the experts' dim: Mixtral's 8 over 64 FSDP ranks leave one to
+    a rank, not 8); and the gathers that make them whole, of the fp32 momentum-updated
+    gradients, per group dimension: over FSDP's shards of the dense matrices and tensor
+    parallelism's, and expert tensor parallelism's of the experts'. Each matrix is its own
+    gather, paying its ring's latency (Llama 3 70B's 560 over 1,024 ranks: 5.7 s, where one
+    gather's paid 10 ms). At the device's matmul pace in the compute dtype."""
     m, steps = cfg.model, cfg.optimizer.muon_ns_steps
+    moe_layers = layers * m.moe_layers / m.layers
     q, kv = m.heads * m.head_dim, m.n_kv_heads * m.head_dim
     attention = (2 * _newton_schulz_flops(q, m.dim, steps)
                  + 2 * _newton_schulz_flops(kv, m.dim, steps), (2 * q + 2 * kv) * m.dim)

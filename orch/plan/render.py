@@ -119,7 +119,8 @@ def render_plan(plan: Plan) -> str:
     lines += [
         "",
         f"  step time   {_seconds(s.total_s)} (compute {_seconds(s.compute_s)}, exposed comm "
-        f"{_seconds(s.exposed_comm_s)}, pipeline bubble {_seconds(s.bubble_s)})",
+        f"{_seconds(s.exposed_comm_s)}, pipeline bubble {_seconds(s.bubble_s)}"
+        + (f", optimizer step {_seconds(s.optimizer_s)}" if s.optimizer_s else "") + ")",
         f"  throughput  {rate(s.tokens_per_s)} tokens/s, MFU {s.mfu * 100:.1f}%",
         "",
         render_rank_grid(plan),

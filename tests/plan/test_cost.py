@@ -187,6 +187,18 @@ def test_fsdp_pays_each_units_ring_latency() -> None:
                - estimate(cfg, 4096, device=instant).comm_s["dp_shard-cp"])
     collectives = 2 + 1  # one micro-batch: two gathers (forward, backward), one reduce-scatter
     assert latency == pytest.approx(collectives * 81 * 4095 * H100.inter_latency_s)
+    def replicas_latency(**settings: Any) -> float:
+        cfg = config("llama3-8b", **settings)
+        return (estimate(cfg, 64).comm_s["dp_replicate"]
+                - estimate(cfg, 64, device=instant).comm_s["dp_replicate"])
+
+    # HSDP all-reduces unit by unit (32 blocks and the root); DDP bucket by bucket (25 MiB of
+    # Llama 3 8B's 32 GB of fp32 gradients: 1,226), not per unit
+    hsdp = replicas_latency(parallel__dp_replicate=8, parallel__dp_shard=8)
+    assert hsdp == pytest.approx(2 * 33 * 7 * H100.inter_latency_s)
+    buckets = -(-param_counts(config("llama3-8b").model).dense_total * 4 // (25 << 20))
+    ddp = replicas_latency(parallel__dp_replicate=64, parallel__dp_shard=1)
+    assert ddp == pytest.approx(2 * buckets * 63 * H100.inter_latency_s)
     from orch.plan import resolve_machine, search
 
     machine = resolve_machine(config("llama3-70b"), 4096, None, None, [])
@@ -395,7 +407,11 @@ def test_muon_orthogonalizes_only_the_experts_fsdp_leaves_a_rank() -> None:
     per_layer = (2 * _newton_schulz(6144, 6144) + 2 * _newton_schulz(1024, 6144)  # q, o; k, v
                  + _newton_schulz(8, 6144) + 3 * _newton_schulz(16384, 6144))  # router; 1 expert
     rate = H100.peak("bf16") * H100.compute_efficiency
-    assert muon.compute_s - adamw.compute_s == pytest.approx(56 * per_layer / rate, rel=1e-9)
+    gathers = sum(seconds - adamw.comm_s.get(dim, 0.0) for dim, seconds in muon.comm_s.items())
+    assert muon.optimizer_s - gathers == pytest.approx(56 * per_layer / rate, rel=1e-9)
+    # the step's own term, after the model's compute and communication, which it leaves alone
+    assert (muon.compute_s, muon.exposed_comm_s) == (adamw.compute_s, adamw.exposed_comm_s)
+    assert muon.total_s == pytest.approx(adamw.total_s + muon.optimizer_s)
 
 
 def test_muon_gathers_each_matrix_paying_its_rings_latency() -> None:
