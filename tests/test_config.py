@@ -612,3 +612,14 @@ def test_the_schemas_defaults_break_no_rule():
     from orch.config.rules import check_config
 
     assert check_config(Config()) == []
+
+
+@pytest.mark.parametrize("value, schedule_field", [
+    ("optimizer.muon_ns_steps=0", "optimizer.name is adamw"),
+    ("train.cooldown_steps=-1", "train.lr_schedule is cosine"),
+])
+def test_a_field_its_feature_does_not_read_is_one_problem(value, schedule_field):
+    """A Muon or wsd field set without Muon or wsd is said to be unread, once: its range was
+    judged as well (two problems for one value, one of them moot)."""
+    text = problems_of(REPO / "configs/tiny.yaml", [value])
+    assert "(1 problem)" in text and schedule_field in text

@@ -184,8 +184,8 @@ def check_config(cfg: Config) -> list[Problem]:
         ("train.warmup_steps",),
     )
     wsd = t.lr_schedule == "wsd"
-    need(
-        t.cooldown_steps >= 0,
+    need(  # (without wsd a cooldown is said to be unread below, not judged as well)
+        not wsd or t.cooldown_steps >= 0,
         "train.cooldown_steps",
         f"must be 0 or more, got {t.cooldown_steps}",
         "use 0 (a fifth of the steps after warmup) or the cooldown's length in steps",
@@ -230,9 +230,10 @@ def check_config(cfg: Config) -> list[Problem]:
         "use e.g. 0.1",
     )
     muon = o.name == "muon"
-    need(0 <= o.muon_momentum < 1, "optimizer.muon_momentum",
+    # (a value Muon does not read is said to be so below, not judged as well)
+    need(not muon or 0 <= o.muon_momentum < 1, "optimizer.muon_momentum",
          f"{o.muon_momentum} is not in [0, 1)", "use e.g. 0.95")
-    need(1 <= o.muon_ns_steps <= 20, "optimizer.muon_ns_steps",
+    need(not muon or 1 <= o.muon_ns_steps <= 20, "optimizer.muon_ns_steps",
          f"{o.muon_ns_steps} is not between 1 and 20",
          "use 5 (the quintic iteration's usual count)")
     for name in ("muon_momentum", "muon_ns_steps"):

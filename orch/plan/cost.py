@@ -330,7 +330,7 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         comm["etp"] = micro * moe_layers * fwd_bwd * _collective(gathered, deg.etp, links["etp"])
     if moe_layers and deg.ep > 1:
         comm["ep"] = micro * moe_layers * fwd_bwd * _collective(routed, deg.ep, links["ep"],
-                                                                ring=False)
+                                                                ring="ep" in RING_DIMS)
 
     cp_exposed = 0.0
     if deg.cp > 1:
@@ -345,7 +345,7 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
         else:  # Ulysses: q, k, v in and the output back, four all-to-alls each way
             qkvo = (2 * m.heads + 2 * m.n_kv_heads) * m.head_dim * rank_tokens / deg.tp * act
             passes = 3 if recomputes else 2
-            four = (_collective(qkvo, deg.cp, link, ring=False)
+            four = (_collective(qkvo, deg.cp, link, ring="cp" in RING_DIMS)
                     + 3 * (deg.cp - 1) * link.latency_s)
             comm["cp"] = micro * layers * passes * four
             cp_exposed = comm["cp"]

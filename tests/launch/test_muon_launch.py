@@ -1,9 +1,10 @@
 """``optimizer.name: muon`` under ``orch launch``: sharded layouts train the single process's
 numbers (each rank gathers a matrix whole, orthogonalizes it and keeps its shard:
-``orch.runtime.muon``). Five launches, two at a time: the dense model one-process, under FSDP2 x
+``orch.runtime.muon``). Six launches, two at a time: the dense model one-process, under FSDP2 x
 TP2 (rows and columns split by tensor parallelism, FSDP2's strided rows over them) and in two
-pipeline stages (each rank's optimizer holds its stage's matrices); the MoE model one-process and
-with its experts over ep2 x FSDP2 (stacks split by experts, kept whole per expert). The
+pipeline stages (each rank's optimizer holds its stage's matrices); the MoE model one-process,
+with its experts over ep2 x FSDP2 (stacks split by experts, kept whole per expert) and over ep2 x
+etp2 beside tp2 dense layers (each expert's matrices split by etp, gathered whole). The
 placements are checked one by one, bit for bit, in tests/runtime/test_muon.py; here the whole
 training step (clipping, the lr schedule, the AdamW part) runs as a user runs it. Measured:
 losses within 9.5e-7, gradient norms within 6.3e-7 relative."""
@@ -27,6 +28,8 @@ RUNS = {  # name: (config, processes, overrides)
     "moe": ("configs/tiny-moe.yaml", 1, ["model.experts=8"]),
     "moe_ep2_fsdp2": ("configs/tiny-moe.yaml", 4, ["model.experts=8", "parallel.ep=2",
                                                    "parallel.dp_shard=4"]),
+    "moe_tp2_ep2_etp2": ("configs/tiny-moe.yaml", 4, ["model.experts=8", "parallel.tp=2",
+                                                      "parallel.ep=2", "parallel.etp=2"]),
 }
 
 
@@ -46,7 +49,8 @@ def runs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("layout, reference", [
-    ("dense_fsdp2_tp2", "dense"), ("dense_pp2", "dense"), ("moe_ep2_fsdp2", "moe")])
+    ("dense_fsdp2_tp2", "dense"), ("dense_pp2", "dense"), ("moe_ep2_fsdp2", "moe"),
+    ("moe_tp2_ep2_etp2", "moe")])
 def test_a_sharded_layout_trains_the_single_process_losses(runs, layout, reference):
     ours, theirs = metrics(runs / layout), metrics(runs / reference)
     assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, STEPS + 1))
