@@ -200,17 +200,19 @@ def _resume_case(rank: int, directory: str) -> float:
             opt.step()
             opt.zero_grad()
 
+    from orch.runtime.train_state import STATE_OPTIONS  # as orch's checkpoints: keyed by name
+
     model, opt = run()
     train(model, opt, range(3))
-    model_state, optim_state = get_state_dict(model, opt)
+    model_state, optim_state = get_state_dict(model, opt, options=STATE_OPTIONS)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
     train(model, opt, range(3, 6))
     fresh, fresh_opt = run()
-    model_state, optim_state = get_state_dict(fresh, fresh_opt)
+    model_state, optim_state = get_state_dict(fresh, fresh_opt, options=STATE_OPTIONS)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=directory)
     set_state_dict(fresh, fresh_opt, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+                   optim_state_dict=state["optim"], options=STATE_OPTIONS)
     train(fresh, fresh_opt, range(3, 6))
     return max(float((p.full_tensor() - q.full_tensor()).abs().max())
                for p, q in zip(model.parameters(), fresh.parameters(), strict=True))
