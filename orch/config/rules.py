@@ -9,7 +9,7 @@ parallel degrees, memory) are the plan's, in ``orch.plan.rules``.
 from __future__ import annotations
 
 from orch.config.blend import FIELD, blend_field, blend_paths, parse_blend
-from orch.config.schema import KV_HEADS, OFFLOADED, Config, ModelConfig
+from orch.config.schema import COOLDOWN_FIELDS, KV_HEADS, OFFLOADED, Config, ModelConfig
 from orch.errors import Problem
 from orch.offload.sizes import ALIGN
 from orch.parallel.schedules.generators import CHUNKED, SPLIT_BACKWARD, chunks_per_rank
@@ -201,9 +201,9 @@ def check_config(cfg: Config) -> list[Problem]:
         "use 0 (no step lies between them to cool down over), or end the decay later",
         ("train.warmup_steps", "train.decay_steps", "train.steps"),
     )
-    for name, default in (("cooldown_steps", 0), ("cooldown_shape", "linear")):
+    for name in COOLDOWN_FIELDS:
         need(
-            wsd or getattr(t, name) == default,
+            wsd or getattr(t, name) == getattr(type(t)(), name),
             f"train.{name}",
             f"{getattr(t, name)} is set, but train.lr_schedule is {t.lr_schedule}: it shapes "
             "a wsd schedule's cooldown",

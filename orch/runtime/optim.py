@@ -71,7 +71,6 @@ def saved_decay_end(saved_train: dict[str, Any]) -> int:
     return int(saved_train.get("decay_steps") or saved_train.get("steps") or 0)
 
 
-
 def saved_schedule(saved_train: dict[str, Any], train: TrainConfig) -> TrainConfig:
     """``train`` with the decay a checkpoint's run placed (``saved_train``, its config's
     ``train`` section): its end (:func:`saved_decay_end`, else ``train``'s) and cooldown."""
