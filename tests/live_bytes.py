@@ -54,3 +54,28 @@ def live_forward_bytes(model: torch.nn.Module, forward: Callable[[], torch.Tenso
     kept.add(loss.untyped_storage().data_ptr())
     return sum(size for address, (ref, size) in watch.storages.items()
                if not ref.expired() and address not in kept)
+
+
+class _Peak(_Watch):
+    """:class:`_Watch` that also keeps the most bytes its tensors held alive at once, but those
+    of storages that existed before (an in-place op's output is its input)."""
+
+    def __init__(self, existing: set[int]) -> None:
+        super().__init__()
+        self.existing, self.peak = existing, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        alive = sum(size for address, (ref, size) in self.storages.items()
+                    if not ref.expired() and address not in self.existing)
+        self.peak = max(self.peak, alive)
+        return out
+
+
+def peak_new_bytes(run: Callable[[], object], existing: Iterable[torch.Tensor]) -> int:
+    """The most bytes of tensors ``run()`` made that were alive at once, beside ``existing``
+    (what it needs on top of the tensors it updates in place)."""
+    watch = _Peak({t.untyped_storage().data_ptr() for t in _plain(existing)})
+    with watch:
+        run()
+    return watch.peak

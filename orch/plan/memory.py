@@ -42,9 +42,28 @@ ADAMW_BYTES = 8
 QUANT_BLOCK = 256
 """adamw8bit: one fp32 absmax per block of 256 elements, per moment."""
 MUON_BYTES = 4
-"""muon: one fp32 momentum per element of the blocks' matrices (the rest keeps AdamW's two).
-The step's transient whole matrices (a gathered update and the iterations' three copies of the
-largest) come after the backward has freed the activations, so no peak counts them."""
+"""muon: one fp32 momentum per element of the blocks' matrices (the rest keeps AdamW's two)."""
+
+
+def muon_step_bytes(m: ModelConfig, deg: Degrees, ns_bytes: int) -> int:
+    """Bytes a Muon step (``orch.runtime.muon``) holds beside the parameters, gradients and
+    states, at its largest matrix: one whole (gathered over every split of its matrix dims:
+    tensor parallelism's too) or a rank's expert stack, its Nesterov update and the result in
+    fp32 (8 bytes an element), the iterate and its next in ``ns_bytes`` each, and two Gram
+    matrices (``X X^T`` and its polynomial) of the shorter side squared. Measured on the CPU
+    to the byte in fp32 (tests/plan/test_memory.py). The step runs after the backward has freed
+    the activations, so it raises a rank's peak only where it exceeds them."""
+    h, q, kv = m.dim, m.heads * m.head_dim, m.n_kv_heads * m.head_dim
+    shapes = [(1, q, h), (1, kv, h)]  # (matrices, rows, cols)
+    if m.has_dense_mlp:
+        shapes.append((1, m.ffn_dim, h))
+    if m.is_moe:
+        own = -(-m.experts // (deg.ep * deg.expert_shard))
+        shapes += [(1, m.experts, h), (own, m.moe_ffn_dim, h)]
+        if m.shared_experts:
+            shapes.append((1, m.shared_experts * m.moe_ffn_dim, h))
+    return max(count * rows * cols * (8 + 2 * ns_bytes) + 2 * count * min(rows, cols) ** 2
+               * ns_bytes for count, rows, cols in shapes)
 MEMORY_READS = (
     *MODEL_SHAPE, *(f"train.{name}" for name in (
         "precision", "recompute", "seq_len", "micro_batch", "global_batch", "document_mask")),
@@ -491,6 +510,7 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
     # What every stage reads, looked up once: the search asks tens of thousands of stages.
     norms, router, replicas = pc.norms, pc.router, deg.dp_replicate
     eight_bit, muon = cfg.optimizer.name == "adamw8bit", cfg.optimizer.name == "muon"
+    muon_scratch = muon_step_bytes(m, deg, act_bytes) if muon else 0
     optim_away = tiers[2] != "device"
     # offloaded parameters are fetched as compute-dtype copies: nothing cast beside them
     gathered = (gathers and tiers[0] == "device") * act_bytes
@@ -529,6 +549,8 @@ def _stage_bytes(cfg: Config, deg: Degrees, flash: bool, fused_norm: bool,
         buffers = (gathered * held + last * a.logits_buffer
                    + max(nd and a.dense_recomputed, nm and a.moe_recomputed)
                    + recast * layer)  # a recomputed layer casts its weights again
+        if muon:  # its step's peak, after the backward's: where it is the larger
+            buffers = max(buffers, muon_scratch - act)
 
         unit_bytes = PARAM_BYTES * -(-unit // fsdp)
         params = PARAM_BYTES * n

@@ -313,6 +313,34 @@ def test_muon_states_are_counted_as_they_are_held(name):
         load_config(f"configs/{name}.yaml"), Degrees(), flash=True, fused_norm=False).optimizer
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_a_muon_steps_own_bytes_are_counted_and_can_set_the_peak(name):
+    """A Muon step holds its largest matrix whole (gathered over any split), its update and
+    result in fp32 and the iterations' copies: measured on the CPU, to the byte. Where the
+    activations are smaller (one short sequence here), the step sets the rank's peak."""
+    from live_bytes import peak_new_bytes
+
+    from orch.plan.memory import muon_step_bytes
+    from orch.runtime.optim import build_optimizer
+
+    cfg = load_config(f"configs/{name}.yaml", ["optimizer.name=muon", "train.precision=fp32",
+                                               "train.micro_batch=1", "train.seq_len=8",
+                                               "train.recompute=full"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    opt = build_optimizer(model, cfg, "fp32")
+    for _ in range(2):  # the first step makes the states; the second holds only its own
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        kept = [*model.parameters(), *(p.grad for p in model.parameters()),
+                *(t for state in opt.state.values() for t in state.values())]
+        step = peak_new_bytes(opt.step, kept)
+    assert step == muon_step_bytes(cfg.model, Degrees(), 4)
+    est = estimate_memory(cfg, Degrees(), flash=True, fused_norm=False)
+    assert est.activations + est.buffers == step
+    assert est.total == est.params + est.grads + est.optimizer + step
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
