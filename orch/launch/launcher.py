@@ -905,7 +905,8 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
     from orch.runtime.checkpoint.files import of_run
 
     run_dir = Path(cfg.run.dir)
-    newest = finished or CheckpointManager(run_dir, cfg, {}).latest()
+    kept = CheckpointManager(run_dir, cfg, {}).own()  # this config's, oldest first
+    newest = finished or (kept[-1].path if kept else None)
     manifest = read_manifest(newest) if newest else None
     step = manifest.step if manifest else 0
     own = newest is not None and of_run(newest, run_dir)
@@ -934,25 +935,25 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
         lines.append(f"  to train further, run it again with --set train.steps=N (N > {step})"
                      f"{switch}{keep}")
     if cfg.train.lr_schedule == "wsd":
-        lines += _stable_phase_hint(run_dir, cfg, manifest)
+        lines += _stable_phase_hint(kept, cfg, manifest)
     return "\n".join(lines)
 
 
-def _stable_phase_hint(run_dir: Path, cfg: Config, manifest: Manifest | None) -> list[str]:
+def _stable_phase_hint(own: list[Manifest], cfg: Config, manifest: Manifest | None
+                       ) -> list[str]:
     """Where a ``wsd`` run that has begun its cooldown can go on at the peak lr: from one of its
-    checkpoints of the stable phase (what the schedule is for), into a new run directory, where
-    ``--resume auto`` will not take the cooled-down checkpoints for newer progress. None where
-    the run is still in its stable phase (or has no checkpoint, or no step at the peak).
+    checkpoints (``own``: the run directory's of this config, oldest first; ``manifest``: the
+    newest's, maybe another run's) of the stable phase (what the schedule is for), into a new
+    run directory, where ``--resume auto`` will not take the cooled-down checkpoints for newer
+    progress. None where the run is still in its stable phase (or has no checkpoint, or no step
+    at the peak).
 
     Each checkpoint was trained under its own launch's schedule, and a resume may have moved the
     cooldown later (a run stopped inside it and went on with more train.cooldown_steps or
     train.steps): the stable phase ended at the earliest cooldown start that a checkpoint had
     passed, not at the newest checkpoint's."""
-    from orch.runtime.checkpoint import CheckpointManager
-
     if manifest is None:
         return []
-    own = CheckpointManager(run_dir, cfg, {}).own()
     starts = [(m.step, decay_start(saved_schedule(m.config.get("train") or {}, cfg.train)))
               for m in (*own, manifest)]
     last = min((start for step, start in starts if step > start), default=None)

@@ -447,18 +447,19 @@ def _muon_step(cfg: Config, deg: Degrees, links: dict[str, Link], device: Device
            + (3 * _newton_schulz_flops(shared, m.dim, steps) if shared else 0.0))
     dense = layers - moe_layers
     flops = layers * attention[0] + dense * mlp[0] + moe_layers * moe
-    dense_params = (layers * attention[1] + dense * mlp[1]
-                    + moe_layers * (m.experts + 3 * shared) * m.dim)
-    # the dense matrices: four of attention's, and the MLP's three or the router and the
-    # shared expert's three
-    matrices = 4 * layers + 3 * dense + moe_layers * (1 + 3 * (shared > 0))
+    # the dense matrices tensor parallelism splits: four of attention's, and the MLP's three or
+    # the shared expert's three; the router beside them is whole on every tp rank
+    split = layers * attention[1] + dense * mlp[1] + moe_layers * 3 * shared * m.dim
+    split_matrices = 4 * layers + 3 * dense + moe_layers * 3 * (shared > 0)
+    router = moe_layers * m.experts * m.dim
     rate = device.peak(cfg.train.precision) * device.compute_efficiency
     gathers: dict[str, float] = {}
     if deg.fsdp > 1:  # each rank's tp slice of the dense matrices, whole over its FSDP group
-        gathers["dp_shard-cp"] = _collective(4 * dense_params / deg.tp, deg.fsdp,
-                                             links["dp_shard-cp"], pieces=matrices)
+        gathers["dp_shard-cp"] = _collective(4 * (split / deg.tp + router), deg.fsdp,
+                                             links["dp_shard-cp"],
+                                             pieces=split_matrices + moe_layers)
     if deg.tp > 1:
-        gathers["tp"] = _collective(4 * dense_params, deg.tp, links["tp"], pieces=matrices)
+        gathers["tp"] = _collective(4 * split, deg.tp, links["tp"], pieces=split_matrices)
     if moe_layers and deg.etp > 1:
         gathers["etp"] = _collective(4 * moe_layers * routed, deg.etp, links["etp"],
                                      pieces=3 * moe_layers)

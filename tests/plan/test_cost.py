@@ -414,6 +414,17 @@ def test_muon_orthogonalizes_only_the_experts_fsdp_leaves_a_rank() -> None:
     assert muon.total_s == pytest.approx(adamw.total_s + muon.optimizer_s)
 
 
+def test_muon_gathers_the_router_over_fsdp_only() -> None:
+    """The router is whole on every tensor-parallel rank (only FSDP splits it): its gather runs
+    over the FSDP group alone, so the tp gather does not grow with the experts."""
+    def tp_gather(experts: int) -> float:
+        settings = dict(parallel__tp=2, model__experts=experts)
+        return (estimate(config("mixtral-8x22b", optimizer__name="muon", **settings), 64)
+                .comm_s["tp"] - estimate(config("mixtral-8x22b", **settings), 64).comm_s["tp"])
+
+    assert tp_gather(8) == pytest.approx(tp_gather(16), rel=1e-12)
+
+
 def test_muon_gathers_each_matrix_paying_its_rings_latency() -> None:
     """Each sharded matrix is its own gather (``orch.runtime.muon.orthogonalized``): Llama 3
     8B's 32 x 7 over 64 FSDP ranks pay 224 rings' latency, once priced as one's."""
