@@ -426,12 +426,18 @@ class PlannedSplit:
         return (self.cfg if split is None else _with_split(self.cfg, split)), self.memory
 
 
+def splits_pipeline(cfg: Config, deg: Degrees) -> bool:
+    """Whether the plan splits the layers over the pipeline stages itself (one stage per rank,
+    no ``parallel.stage_layers``): only then can memory cap the split (:func:`plan_split`)."""
+    return deg.pp > 1 and deg.virtual_stages == 1 and not cfg.parallel.stage_layers
+
+
 def plan_split(cfg: Config, deg: Degrees, machine: Machine) -> PlannedSplit:
     """:func:`planned_memory`, made as far as asked (:class:`PlannedSplit`)."""
     limit = memory_limit(cfg, machine)
     stages = StageMemory(cfg, deg, fused_norm=machine.device.fused_norm,
                          kernels=machine.device.orch_kernels)
-    if deg.pp == 1 or deg.virtual_stages > 1 or cfg.parallel.stage_layers:
+    if not splits_pipeline(cfg, deg):
         return PlannedSplit.made(cfg, None, stages.worst(cfg.parallel.stage_layers), limit)
     split = _stage_layers(cfg, deg, machine)
     if cfg.model.layers % deg.pp == 0 and len(set(split)) == 1:
@@ -613,7 +619,7 @@ def _more_recompute(cfg: Config, deg: Degrees) -> tuple[str, ...]:
     capped to fit, layers moved off the early stages, can be slower than the FLOP-balanced one
     a higher level fits: Llama 3.1 405B on pp16 with selective recompute, 30.5 s a step
     against full recompute's 24.5 s)."""
-    if deg.pp == 1 or deg.virtual_stages > 1 or cfg.parallel.stage_layers:
+    if not splits_pipeline(cfg, deg):
         return ()
     return RECOMPUTE[RECOMPUTE.index(cfg.train.recompute) + 1:]
 
