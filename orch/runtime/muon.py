@@ -13,13 +13,20 @@ both parts share ``train.lr`` and its schedule, and decoupled weight decay
 settings (tests/runtime/test_muon.py), the AdamW part ``torch.optim.AdamW``'s bit for bit.
 
 The orthogonalization needs whole matrices. A sharded parameter (a DTensor: FSDP2's dim-0
-shards, tensor parallelism's rows or columns) has its momentum-updated gradient gathered along
-its matrices' dims only (an expert stack keeps its experts' dim sharded, each rank
-orthogonalizing its own experts), every rank of the group orthogonalizes the same matrix to the
-same result, and each keeps its own shard of it: as the single-process step, up to the
-gradients' reduction order. That is Moonlight's "distributed Muon" without its split of the
-iterations over the data-parallel ranks: each rank spends the iterations' FLOPs on every matrix
-of its stage (``orch plan`` counts them, and the gather, in the step time).
+shards, tensor parallelism's rows or columns) has its matrices split over some ranks; those
+ranks share out the work (:func:`matrix_chunks`, :func:`orthogonalized`): the momentum-updated
+gradients of one layout go in chunks of as many matrices as ranks split them, an all-to-all
+hands each rank one whole matrix of a chunk, it orthogonalizes that one, and another all-to-all
+sends every rank its shards of the results back, as modded-nanogpt's distributed Muon, Dion and
+Essential AI's "Practical Efficiency of Muon" do. Each rank spends the iterations' FLOPs on one
+matrix in ``ranks`` (Llama 3 70B under tp8 x fsdp128: 5 of its stage's 560) and moves
+about a matrix's bytes per chunk, where Moonlight's "Distributed Muon" (and orch before this)
+gathers every matrix whole on every rank of its group and orthogonalizes all of them there. An
+expert stack keeps its experts' dim split (each rank orthogonalizes its own experts); replicas
+(HSDP's, DDP's) each do their own share of the same work rather than gather over the slower
+link. The same whole matrix goes through the same iterations as on one process, so a sharded
+step equals the single-process one up to the gradients' reduction order
+(tests/runtime/test_muon.py); ``orch plan`` prices the iterations and the all-to-alls.
 
 The iterations run in ``ns_dtype``: bf16, as the reference implementations, on bf16 runs;
 float32 on fp32 runs (the CPU), where bf16 rounding would part a sharded run from the
@@ -34,7 +41,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.optim.adamw import adamw
 
@@ -66,22 +73,131 @@ def newton_schulz(update: torch.Tensor, steps: int, dtype: torch.dtype) -> torch
     return x.mT if tall else x
 
 
-def orthogonalized(update: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`newton_schulz` of ``update``, in its dtype and, for a DTensor, its placements:
-    gathered along the matrix dims (the last two) where they are sharded, orthogonalized on
-    every rank alike, and cut back to this rank's shard (a local slice, no communication). A
-    split of a leading dim (an expert stack's, FSDP2's strided one over expert parallelism's
-    included: torch's ``_StridedShard`` is no ``Shard``) stays."""
-    if not isinstance(update, DTensor):
-        return newton_schulz(update, steps, dtype).to(update.dtype)
-    matrix_dims = range(update.ndim - 2, update.ndim)
-    kept = tuple(p if isinstance(p, Shard | _StridedShard) and p.dim not in matrix_dims
-                 else Replicate() for p in update.placements)
+def split_mesh_dims(update: DTensor) -> tuple[int, ...]:
+    """The mesh dims that split ``update``'s matrices (its last two dims): the ranks along them
+    hold pieces of the same matrices, and share out their orthogonalization."""
+    matrix_dims = (update.ndim - 2, update.ndim - 1)
+    return tuple(i for i, p in enumerate(update.placements)
+                 if isinstance(p, Shard | _StridedShard) and p.dim in matrix_dims)
+
+
+def _shifted(placement: Placement, by: int, after: int = -1) -> Placement:
+    """``placement`` with its tensor dim moved ``by`` where it is above ``after``."""
+    if not isinstance(placement, Shard | _StridedShard) or placement.dim <= after:
+        return placement
+    if isinstance(placement, _StridedShard):
+        return _StridedShard(placement.dim + by, split_factor=placement.split_factor)
+    return Shard(placement.dim + by)
+
+
+def _unstrided(update: DTensor) -> tuple[list[int], list[int], list[Placement]]:
+    """``update``'s layout with FSDP2's strided split of a matrix dim made plain: its shape, its
+    local shape and its placements on a view where such a dim is ``(split_factor, size /
+    split_factor)``. ``_StridedShard(d, sf)`` followed by ``Shard(d)`` on later mesh dims (FSDP2
+    over tensor parallelism) splits each of the ``sf`` blocks those make over its own mesh dim;
+    on the view, the later ones split the blocks and it the rows inside them, each one dim,
+    which DTensor moves by all-to-alls (it gathers a ``_StridedShard`` whole instead). Layouts
+    of any other form are left as they are (DTensor redistributes them all the same, by
+    gathers)."""
+    shape, local = list(update.shape), list(update.to_local().shape)
+    placements = list(update.placements)
     mesh = update.device_mesh
-    whole = update.redistribute(mesh, kept).to_local()
-    done = newton_schulz(whole, steps, dtype).to(update.dtype)
-    return DTensor.from_local(done, mesh, kept, shape=update.shape,
-                              stride=update.stride()).redistribute(mesh, update.placements)
+    for d in (update.ndim - 1, update.ndim - 2):  # the last first: the view keeps d - 1 in place
+        on = [i for i, p in enumerate(placements) if isinstance(p, Shard | _StridedShard)
+              and p.dim == d]
+        if not on or not isinstance(placements[on[0]], _StridedShard):
+            continue
+        first, later = on[0], on[1:]
+        blocks = placements[first].split_factor
+        over = math.prod(mesh.size(i) for i in later)
+        if (shape[d] % blocks or blocks % over
+                or any(isinstance(placements[i], _StridedShard) for i in later)):
+            continue
+        shape[d:d + 1] = [blocks, shape[d] // blocks]
+        local[d:d + 1] = [blocks // over, local[d] * over // blocks]
+        placements = [_shifted(p, 1, d) for p in placements]
+        placements[first] = Shard(d + 1)
+        for i in later:
+            placements[i] = Shard(d)
+    return shape, local, placements
+
+
+def matrix_chunks(params: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``params`` (with gradients) in the chunks :func:`orthogonalized` takes: those whose
+    gradients are DTensors of one mesh, placements, shape and dtype, as many at a time as the
+    ranks that split their matrices (:func:`split_mesh_dims`); plain ones one by one. Every
+    rank of a group holds the same parameters in the same order, so each makes the same chunks
+    and joins the same collectives."""
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        g = p.grad
+        key = (g.device_mesh, g.placements, g.shape, g.dtype) if isinstance(g, DTensor) else id(p)
+        buckets.setdefault(key, []).append(p)
+    chunks = []
+    for bucket in buckets.values():
+        g = bucket[0].grad
+        ranks = (math.prod(g.device_mesh.size(i) for i in split_mesh_dims(g))
+                 if isinstance(g, DTensor) else 1)
+        chunks += [bucket[i:i + ranks] for i in range(0, len(bucket), ranks)]
+    return chunks
+
+
+def orthogonalized(updates: Iterable[torch.Tensor], steps: int,
+                   dtype: torch.dtype) -> list[torch.Tensor]:
+    """:func:`newton_schulz` of each of ``updates`` (the updates of a chunk of
+    :func:`matrix_chunks`), in its dtype and, for a DTensor, its placements.
+
+    A plain tensor is orthogonalized as it is. A chunk of DTensors is stacked, padded with
+    zeros to as many matrices as ranks split them, on one new leading dim per splitting mesh
+    dim (of that dim's size), and redistributed so that each splitting mesh dim splits its
+    stack dim instead of the matrices: one all-to-all per splitting mesh dim, after which each
+    rank holds one whole matrix, orthogonalizes it (unless it is padding) and the results
+    travel back the same way. A split of a leading dim (an expert stack's, FSDP2's strided one
+    over expert parallelism's included: torch's ``_StridedShard`` is no ``Shard``) stays, each
+    rank orthogonalizing its own experts; a ``Replicate`` mesh dim (HSDP's replicas, DDP)
+    orthogonalizes the same matrices on each of its ranks, where splitting them would add a
+    gather over the slower link. The same whole matrix goes through the same
+    :func:`newton_schulz` as on one process.
+
+    ``updates`` is consumed (pass a generator): the updates are freed once stacked, so a rank
+    holds the stack, not both, and neither beside its whole matrix's iterations."""
+    updates = list(updates)
+    head = updates[0]
+    if not isinstance(head, DTensor):
+        return [newton_schulz(u, steps, dtype).to(u.dtype) for u in updates]
+    mesh, placements, shape, stride = (head.device_mesh, head.placements, head.shape,
+                                       head.stride())
+    split = split_mesh_dims(head)
+    sizes = [mesh.size(i) for i in split]
+    view, local_view, view_placements = _unstrided(head)
+    stack = tuple(_shifted(p, len(split)) for p in view_placements)
+    owned = tuple(Shard(split.index(i)) if i in split
+                  else _shifted(p, len(split)) if isinstance(p, Shard | _StridedShard)
+                  else Replicate() for i, p in enumerate(view_placements))
+    stacked_shape = (*sizes, *view)
+    stacked_stride = tuple(math.prod(stacked_shape[i + 1:]) for i in range(len(stacked_shape)))
+
+    def stacked(local: torch.Tensor, layout: tuple[Placement, ...]) -> DTensor:
+        return DTensor.from_local(local, mesh, layout, shape=stacked_shape,
+                                  stride=stacked_stride, run_check=False)
+
+    local_shape, count = head.to_local().shape, len(updates)
+    local = head.to_local().new_empty((math.prod(sizes), *local_shape))
+    torch.stack([u.to_local() for u in updates], out=local[:count])
+    local[count:].zero_()
+    del head
+    updates.clear()
+    mine = stacked(local.view(*sizes, *local_view), stack).redistribute(mesh, owned).to_local()
+    del local
+    # this rank's matrix of the chunk: the one at its coordinates on the splitting mesh dims
+    index = sum(mesh.get_local_rank(i) * math.prod(sizes[n + 1:]) for n, i in enumerate(split))
+    if index < count:  # the rest is padding (zeros, and zeros back)
+        whole = mine.reshape(*mine.shape[len(split):len(split) + len(shape) - 2], *shape[-2:])
+        mine = newton_schulz(whole, steps, dtype).to(mine.dtype).reshape(mine.shape)
+    back = stacked(mine, owned).redistribute(mesh, stack).to_local()
+    back = back.reshape(-1, *local_shape)
+    return [DTensor.from_local(back[n], mesh, placements, shape=shape, stride=stride,
+                               run_check=False) for n in range(count)]
 
 
 def rms_matched_lr(lr: float, shape: torch.Size) -> float:
@@ -119,17 +235,21 @@ class Muon(torch.optim.Optimizer):
 
     def _muon(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         lr, momentum = group["lr"], group["momentum"]
-        for p in params:
-            grad = p.grad
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(grad)
-            buffer = state["momentum_buffer"]
-            buffer.lerp_(grad, 1 - momentum)
-            update = orthogonalized(grad.lerp(buffer, momentum), group["ns_steps"],
-                                    self.ns_dtype)
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(update, alpha=-rms_matched_lr(lr, p.shape))
+        for chunk in matrix_chunks(params):
+            updates = orthogonalized((self._nesterov(p, momentum) for p in chunk),
+                                     group["ns_steps"], self.ns_dtype)
+            for p, update in zip(chunk, updates, strict=True):
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-rms_matched_lr(lr, p.shape))
+
+    def _nesterov(self, p: torch.Tensor, momentum: float) -> torch.Tensor:
+        """``p``'s momentum buffer stepped by its gradient, and the Nesterov update from it."""
+        grad, state = p.grad, self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        buffer = state["momentum_buffer"]
+        buffer.lerp_(grad, 1 - momentum)
+        return grad.lerp(buffer, momentum)
 
     def _adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """torch's AdamW step (its functional form, its state), so the AdamW part of a Muon
@@ -168,4 +288,5 @@ def muon_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [group for group in groups if group["params"]]
 
 
-__all__ = ["Muon", "muon_groups", "newton_schulz", "orthogonalized", "rms_matched_lr"]
+__all__ = ["Muon", "matrix_chunks", "muon_groups", "newton_schulz", "orthogonalized",
+           "rms_matched_lr", "split_mesh_dims"]

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from gloo_harness import run_on_gloo
 from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from orch.config import load_config
 from orch.models.llama import Transformer
@@ -122,22 +124,22 @@ def test_a_pipeline_stage_without_embedding_or_head_resumes():
 
 
 def _fsdp_case(rank: int) -> float:
-    """An MLP trained single-process on the whole batch and FSDP2-sharded on half of it per
-    rank: the largest parameter difference, in units of the lr."""
+    """An MLP trained single-process on the whole batch and FSDP2-sharded on a quarter of it
+    per rank: the largest parameter difference, in units of the lr."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     def mlp() -> nn.Module:
-        torch.manual_seed(0)  # [40, 300], [129, 40] (65/64 row shards), [300, 129]
+        torch.manual_seed(0)  # [40, 300], [129, 40] (33/33/33/30 row shards), [300, 129]
         return nn.Sequential(nn.Linear(300, 40), nn.Tanh(), nn.Linear(40, 129), nn.Tanh(),
                              nn.Linear(129, 300, bias=False))
 
     torch.manual_seed(1)
     x, y = torch.randn(8, 300), torch.randn(8, 300)
-    single, sharded = mlp(), fully_shard(mlp(), mesh=init_device_mesh("cpu", (2,)))
+    single, sharded = mlp(), fully_shard(mlp(), mesh=init_device_mesh("cpu", (WORLD,)))
     opts = [Muon(muon_groups_of(m), lr=LR, betas=(0.9, 0.95), eps=1e-8, momentum=0.95,
                  ns_steps=5, ns_dtype=torch.float32) for m in (single, sharded)]
-    part = slice(4 * rank, 4 * rank + 4)
+    part = slice(2 * rank, 2 * rank + 2)
     for _ in range(6):
         F.mse_loss(single(x), y).backward()
         F.mse_loss(sharded(x[part]), y[part]).backward()
@@ -156,24 +158,82 @@ def muon_groups_of(model: nn.Module) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def _placement_case(placements: list, shape: tuple[int, ...]) -> bool:
-    """One parameter under ``placements`` (on 2 ranks) against the same on one process:
-    whether their parameters and momentum buffers are equal bit for bit after 3 steps."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor
+MATRICES = 5
+"""Parameters of one layout in a placement case: a full chunk and a partial one over 4 ranks."""
+STEPS = 2
+"""Steps of a placement case: the second reads the momentum the first left."""
 
-    mesh = init_device_mesh("cpu", (2,))
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
-    single, sharded = nn.Parameter(w.clone()), nn.Parameter(distribute_tensor(w, mesh, placements))
-    opts = [_muon([single]), _muon([sharded])]
-    for g in _grads(shape, 3):
-        single.grad, sharded.grad = g.clone(), distribute_tensor(g, mesh, placements)
-        for opt in opts:
-            opt.step()
-    buffer = opts[1].state[sharded]["momentum_buffer"]
-    return (sharded.placements == tuple(placements) and buffer.placements == tuple(placements)
-            and torch.equal(sharded.detach().full_tensor(), single.detach())
-            and torch.equal(buffer.full_tensor(), opts[0].state[single]["momentum_buffer"]))
+
+def _shard(tensor: torch.Tensor, mesh, placements: list) -> torch.Tensor:
+    """``tensor`` under ``placements``, FSDP2's rows over tensor parallelism's (``[STRIDED,
+    Shard(0)]``) cut as FSDP2 cuts them: each tp rank's rows chunked over the FSDP ranks
+    (``distribute_tensor`` refuses an uneven strided split)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if placements != [STRIDED, Shard(0)]:
+        return distribute_tensor(tensor, mesh, placements)
+    rows = tensor.chunk(mesh.size(1))[mesh.get_local_rank(1)].chunk(mesh.size(0))
+    local = rows[mesh.get_local_rank(0)] if mesh.get_local_rank(0) < len(rows) else rows[0][:0]
+    return DTensor.from_local(local.contiguous(), mesh, placements, shape=tensor.shape,
+                              stride=tensor.stride(), run_check=False)
+
+
+def _placement_case(mesh_shape: tuple[int, ...], placements: list,
+                    shape: tuple[int, ...]) -> tuple[bool, int, int]:
+    """:data:`MATRICES` parameters of ``shape`` under ``placements`` on a ``mesh_shape`` mesh
+    against the same on one process: whether their parameters and momentum buffers are equal
+    bit for bit after :data:`STEPS` steps (this rank's shards of them), the matrices this rank
+    orthogonalized a step, and the gathers DTensor ran (a ``Shard`` made ``Replicate``; an
+    all-to-all, ``Shard`` to ``Shard``, is one too on gloo, but not on a GPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from orch.runtime import muon
+
+    mesh = init_device_mesh("cpu", mesh_shape)
+    ws = [torch.randn(shape, generator=torch.Generator().manual_seed(3 + i))
+          for i in range(MATRICES)]
+    single = [nn.Parameter(w.clone()) for w in ws]
+    sharded = [nn.Parameter(_shard(w, mesh, placements)) for w in ws]
+    opts = [_muon(single), _muon(sharded)]
+    calls = []
+    iterate = muon.newton_schulz
+
+    def counted(update: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
+        calls.append(update.shape)
+        return iterate(update, steps, dtype)
+
+    gathers = []
+    kinds = {kind: kind._to_replicate_tensor for kind in (Shard, _StridedShard)}
+
+    def gathering(kind: type) -> object:
+        def gather(*args: object, **kwargs: object) -> torch.Tensor:
+            gathers.append(kind)
+            return kinds[kind](*args, **kwargs)
+        return gather
+
+    grads = [_grads(shape, STEPS, seed=1 + i) for i in range(MATRICES)]
+    for step in range(STEPS):
+        for p, q, g in zip(single, sharded, grads, strict=True):
+            p.grad, q.grad = g[step].clone(), _shard(g[step], mesh, placements)
+        opts[0].step()
+        muon.newton_schulz = counted
+        for kind in kinds:
+            kind._to_replicate_tensor = gathering(kind)
+        try:
+            opts[1].step()
+        finally:
+            muon.newton_schulz = iterate
+            for kind, gather in kinds.items():
+                kind._to_replicate_tensor = gather
+
+    def same(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+        return (ours.placements == tuple(placements)
+                and torch.equal(ours.to_local(), _shard(theirs, mesh, placements).to_local()))
+
+    equal = all(same(q.detach(), p.detach()) and same(opts[1].state[q]["momentum_buffer"],
+                                                      opts[0].state[p]["momentum_buffer"])
+                for p, q in zip(single, sharded, strict=True))
+    return equal, len(calls) // STEPS, len(gathers)
 
 
 def _resume_case(rank: int, directory: str) -> float:
@@ -184,7 +244,7 @@ def _resume_case(rank: int, directory: str) -> float:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (2,))
+    mesh = init_device_mesh("cpu", (WORLD,))
 
     def run() -> tuple[nn.Module, Muon]:
         torch.manual_seed(0)
@@ -218,43 +278,73 @@ def _resume_case(rank: int, directory: str) -> float:
                for p, q in zip(model.parameters(), fresh.parameters(), strict=True))
 
 
-def _cases(rank: int, world: int, results: dict, directory: str) -> None:
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
+WORLD = 4
+STRIDED = _StridedShard(0, split_factor=2)
+PLACEMENTS = {  # name: (mesh, placements, shape, matrices each rank orthogonalizes a step)
+    "rows": ((4,), [Shard(0)], (10, 24), [2, 1, 1, 1]),  # FSDP2, colwise tensor parallel
+    "columns": ((4,), [Shard(1)], (12, 40), [2, 1, 1, 1]),  # rowwise tensor parallel
+    "strided rows": ((4,), [STRIDED], (8, 36), [2, 1, 1, 1]),  # FSDP2 over another split
+    "experts": ((4,), [Shard(0)], (4, 12, 20), [5] * 4),  # each rank its own expert
+    "strided experts": ((4,), [STRIDED], (8, 12, 20), [5] * 4),
+    "expert rows": ((4,), [Shard(1)], (2, 12, 20), [2, 1, 1, 1]),
+    "replicated": ((4,), [Replicate()], (9, 6), [5] * 4),
+    # FSDP2 x TP (dp, tp): colwise rows strided over tp's, rowwise rows and columns
+    "fsdp x tp rows": ((2, 2), [STRIDED, Shard(0)], (12, 20), [2, 1, 1, 1]),
+    "fsdp x tp uneven rows": ((2, 2), [STRIDED, Shard(0)], (10, 20), [2, 1, 1, 1]),
+    "fsdp x tp columns": ((2, 2), [Shard(0), Shard(1)], (12, 20), [2, 1, 1, 1]),
+    # HSDP (replicas, shards): each replica shares out its matrices on its own
+    "hsdp": ((2, 2), [Replicate(), Shard(0)], (10, 24), [3, 2, 3, 2]),
+    # an expert stack over ep x FSDP2 (experts split, kept), over ep x etp (rows split)
+    "ep x fsdp experts": ((2, 2), [STRIDED, Shard(0)], (4, 12, 20), [5] * 4),
+    "ep x etp experts": ((2, 2), [Shard(0), Shard(1)], (4, 12, 20), [3, 2, 3, 2]),
+}
 
+
+def _cases(rank: int, world: int, results: dict, directory: str) -> None:
     torch.set_num_threads(1)
     results[rank, "fsdp"] = _fsdp_case(rank)
-    for name, placements, shape in (
-            ("rows", [Shard(0)], (10, 24)), ("columns", [Shard(1)], (12, 40)),
-            ("strided rows", [_StridedShard(0, split_factor=2)], (8, 36)),
-            ("experts", [Shard(0)], (4, 12, 20)),
-            ("strided experts", [_StridedShard(0, split_factor=2)], (4, 12, 20)),
-            ("expert rows", [Shard(1)], (2, 12, 20)), ("replicated", [Replicate()], (9, 6))):
-        results[rank, name] = _placement_case(placements, shape)
+    for name, (mesh, placements, shape, _) in PLACEMENTS.items():
+        results[rank, name] = _placement_case(mesh, placements, shape)
     results[rank, "resume"] = _resume_case(rank, directory)
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
     directory = tmp_path_factory.mktemp("muon")
-    return run_on_gloo(_cases, 2, directory, str(directory / "checkpoint"))
+    return run_on_gloo(_cases, WORLD, directory, str(directory / "checkpoint"))
 
 
 def test_fsdp2_shards_step_as_the_whole_matrix_does(sharded):
-    """Each rank gathers a matrix's momentum-updated gradient, orthogonalizes the whole and
-    keeps its rows: the single-process run's parameters within float32 rounding of the
-    gradients' reduction (measured 1e-6 lr)."""
-    assert all(sharded[rank, "fsdp"] < 1e-4 for rank in (0, 1)), sharded
+    """The ranks share out the whole matrices of the momentum-updated gradients, orthogonalize
+    them and send each rank its rows back: the single-process run's parameters within float32
+    rounding of the gradients' reduction (measured 1e-6 lr)."""
+    assert all(sharded[rank, "fsdp"] < 1e-4 for rank in range(WORLD)), sharded
 
 
-@pytest.mark.parametrize("name", ["rows", "columns", "strided rows", "experts",
-                                  "strided experts", "expert rows", "replicated"])
+@pytest.mark.parametrize("name", PLACEMENTS)
 def test_every_placement_steps_exactly_as_one_process(sharded, name):
     """Rows (FSDP2, colwise tensor parallel), columns (rowwise), FSDP2's strided rows over
     another split, an expert stack split by experts (kept: each rank orthogonalizes its own)
-    or by rows: the same parameters and momentum, placements kept."""
-    assert sharded[0, name] and sharded[1, name]
+    or by rows, and their 2-D meshes: the same parameters and momentum, placements kept."""
+    assert all(sharded[rank, name][0] for rank in range(WORLD))
+
+
+@pytest.mark.parametrize("name", PLACEMENTS)
+def test_the_ranks_that_split_a_matrix_share_out_its_orthogonalization(sharded, name):
+    """Five matrices over the ranks that split them (4, or HSDP's and etp's 2): a chunk of one
+    each, and the rest to the first (rank 0 did all five on every rank before); splits of
+    experts and replicas each orthogonalize their own."""
+    assert [sharded[rank, name][1] for rank in range(WORLD)] == PLACEMENTS[name][3]
+
+
+@pytest.mark.parametrize("name", PLACEMENTS)
+def test_the_matrices_travel_by_all_to_alls_not_gathers(sharded, name):
+    """Each splitting mesh dim moves from a matrix dim to a stack dim of its own (DTensor's
+    ``Shard`` to ``Shard``, an all-to-all on a GPU): no rank gathers a stack whole (one stack
+    dim for all of them, or FSDP2's strided rows left strided, made DTensor plan gathers of
+    the whole chunk, the FSDP group's size times a matrix)."""
+    assert [sharded[rank, name][2] for rank in range(WORLD)] == [0] * WORLD
 
 
 def test_a_resume_through_dcp_continues_exactly(sharded):
-    assert sharded[0, "resume"] == 0.0 and sharded[1, "resume"] == 0.0
+    assert all(sharded[rank, "resume"] == 0.0 for rank in range(WORLD))
