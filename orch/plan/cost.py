@@ -176,7 +176,7 @@ class StepTime:
     flops_per_token: float
     optimizer_s: float = 0.0
     """The optimizer step's device time after the last backward, which nothing hides: Muon's
-    iterations and the gathers that make its matrices whole (in ``comm_s`` too, by group);
+    iterations and the all-to-alls that share out its matrices (in ``comm_s`` too, by group);
     0 for AdamW, whose elementwise update the model leaves out."""
 
     def as_dict(self) -> dict[str, Any]:
@@ -241,10 +241,10 @@ def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
         exposed += offload_exposed
     optimizer = 0.0
     if cfg.optimizer.name == "muon":
-        iterations, muon_gathers = _muon_step(cfg, deg, links, device, layers)
-        for dim, seconds in muon_gathers.items():
+        iterations, muon_comm = _muon_step(cfg, deg, links, device, layers)
+        for dim, seconds in muon_comm.items():
             comm[dim] = comm.get(dim, 0.0) + seconds
-        optimizer = iterations + sum(muon_gathers.values())
+        optimizer = iterations + sum(muon_comm.values())
     total = compute + exposed + bubble + optimizer
     fpt, tokens = _flops(m, t.seq_len), t.global_batch * t.seq_len
     tokens_per_s = tokens / total
@@ -421,49 +421,82 @@ def _newton_schulz_flops(rows: int, cols: int, steps: int) -> float:
     return steps * (4.0 * m * m * n + 2.0 * m ** 3)
 
 
+class _MuonBucket(NamedTuple):
+    """Matrices of one layout that ``orch.runtime.muon.matrix_chunks`` steps together."""
+
+    count: int
+    """How many the busiest pipeline rank holds."""
+    rows: int
+    cols: int
+    stack: int
+    """Whole matrices in each (a rank's experts of an expert stack; else 1)."""
+    split: tuple[str, ...]
+    """The group dimensions that split its matrices."""
+
+
+def _muon_buckets(m: ModelConfig, deg: Degrees, layers: float) -> list[_MuonBucket]:
+    """The busiest pipeline rank's Muon matrices (its ``layers``, MoE ones among them in the
+    model's proportion) by layout: one mesh, placements and shape make a bucket whatever layer
+    they are in. FSDP's shards and tensor parallelism's split the dense matrices (TP's columns
+    and rows are layouts apart: colwise ``wq``, ``wk``, ``wv``, ``w1``, ``w3`` and rowwise
+    ``wo``, ``w2``); FSDP alone the router (whole on every tp rank); expert tensor parallelism
+    the experts' matrices, of which a rank keeps its own share whole (an expert stack stays
+    split by experts over expert parallelism and over the FSDP that shards it:
+    ``Degrees.expert_shard``, Mixtral's 8 over 64 FSDP ranks leave one to a rank, not 8)."""
+    moe = layers * m.moe_layers / m.layers
+    dense = layers - moe
+    h, q, kv = m.dim, m.heads * m.head_dim, m.n_kv_heads * m.head_dim
+    shared = m.shared_experts * m.moe_ffn_dim
+    tp = deg.tp > 1
+    both = tuple(dim for dim, n in (("dp_shard-cp", deg.fsdp), ("tp", deg.tp)) if n > 1)
+    counts: dict[tuple, float] = {}
+
+    def add(count: float, rows: int, cols: int, layout: object, split: tuple[str, ...] = both,
+            stack: int = 1) -> None:
+        if count:
+            key = (rows, cols, stack, split, layout)
+            counts[key] = counts.get(key, 0.0) + count
+
+    for count, rows, cols, colwise in (
+            (layers, q, h, True), (2 * layers, kv, h, True), (layers, h, q, False),
+            (2 * dense, m.ffn_dim, h, True), (dense, h, m.ffn_dim, False),
+            (2 * moe * bool(shared), shared, h, True), (moe * bool(shared), h, shared, False)):
+        add(count, rows, cols, colwise if tp else None)
+    own_experts = math.ceil(m.experts / max(deg.ep, 1) / deg.expert_shard)
+    expert_split = ("etp",) if deg.etp > 1 else ()
+    add(moe, m.experts, h, "router" if tp else None, both[:1] if deg.fsdp > 1 else ())
+    add(2 * moe, h, m.moe_ffn_dim, "experts", expert_split, own_experts)
+    add(moe, m.moe_ffn_dim, h, "experts", expert_split, own_experts)
+    # a fraction of a layer (an even share of layers over stages) holds whole matrices
+    return [_MuonBucket(math.ceil(round(count, 6)), rows, cols, stack, split)
+            for (rows, cols, stack, split, _), count in counts.items()]
+
+
 def _muon_step(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec,
                layers: float) -> tuple[float, dict[str, float]]:
-    """Seconds of a Muon step on the most loaded pipeline rank (``orch.runtime.muon``): every
-    rank orthogonalizes each whole matrix of its stage (its ``layers``, MoE ones among them in
-    the model's proportion), and of the experts its own share whole: an expert stack stays
-    split by experts over expert parallelism and over the FSDP that shards it
-    (``Degrees.expert_shard``, on the experts' dim: Mixtral's 8 over 64 FSDP ranks leave one to
-    a rank, not 8); and the gathers that make them whole, of the fp32 momentum-updated
-    gradients, per group dimension: over FSDP's shards of the dense matrices and tensor
-    parallelism's, and expert tensor parallelism's of the experts'. Each matrix is its own
-    gather, paying its ring's latency (Llama 3 70B's 560 over 1,024 ranks: 5.7 s, where one
-    gather's paid 10 ms). At the device's matmul pace in the compute dtype."""
-    m, steps = cfg.model, cfg.optimizer.muon_ns_steps
-    moe_layers = layers * m.moe_layers / m.layers
-    q, kv = m.heads * m.head_dim, m.n_kv_heads * m.head_dim
-    attention = (2 * _newton_schulz_flops(q, m.dim, steps)
-                 + 2 * _newton_schulz_flops(kv, m.dim, steps), (2 * q + 2 * kv) * m.dim)
-    mlp = (3 * _newton_schulz_flops(m.ffn_dim, m.dim, steps), 3 * m.ffn_dim * m.dim)
-    own_experts = math.ceil(m.experts / max(deg.ep, 1) / deg.expert_shard)
-    fe, shared = m.moe_ffn_dim, m.shared_experts * m.moe_ffn_dim
-    routed = 3 * own_experts * m.dim * fe
-    moe = (_newton_schulz_flops(m.experts, m.dim, steps)
-           + 3 * own_experts * _newton_schulz_flops(fe, m.dim, steps)
-           + (3 * _newton_schulz_flops(shared, m.dim, steps) if shared else 0.0))
-    dense = layers - moe_layers
-    flops = layers * attention[0] + dense * mlp[0] + moe_layers * moe
-    # the dense matrices tensor parallelism splits: four of attention's, and the MLP's three or
-    # the shared expert's three; the router beside them is whole on every tp rank
-    split = layers * attention[1] + dense * mlp[1] + moe_layers * 3 * shared * m.dim
-    split_matrices = 4 * layers + 3 * dense + moe_layers * 3 * (shared > 0)
-    router = moe_layers * m.experts * m.dim
+    """Seconds of a Muon step on the busiest pipeline rank (``orch.runtime.muon``): the
+    iterations and the all-to-alls, per group dimension, that share out its matrices.
+
+    A bucket of :func:`_muon_buckets` goes in chunks of as many matrices as ranks split them
+    (the last padded with zeros), each rank orthogonalizing one whole matrix of a chunk, so the
+    busiest runs ``ceil(count / ranks)`` (Llama 3 70B under tp8 x fsdp128: 5 matrices where it
+    ran all 560). A chunk travels by one all-to-all per splitting group there and one back, in
+    which each rank spreads a matrix's bytes in fp32 (its shards of the chunk's matrices, or
+    their pieces whole over the groups already passed), each paying its ring's latency. At the
+    device's matmul pace in the compute dtype."""
+    steps, flops = cfg.optimizer.muon_ns_steps, 0.0
+    group_sizes = {"dp_shard-cp": deg.fsdp, "tp": deg.tp, "etp": deg.etp}
+    comm: dict[str, float] = {}
+    for bucket in _muon_buckets(cfg.model, deg, layers):
+        chunks = math.ceil(bucket.count / math.prod(group_sizes[d] for d in bucket.split))
+        flops += chunks * bucket.stack * _newton_schulz_flops(bucket.rows, bucket.cols, steps)
+        matrix_bytes = 4 * bucket.stack * bucket.rows * bucket.cols
+        for dim in bucket.split:
+            seconds = 2 * chunks * _collective(matrix_bytes, group_sizes[dim], links[dim],
+                                               ring=False)
+            comm[dim] = comm.get(dim, 0.0) + seconds
     rate = device.peak(cfg.train.precision) * device.compute_efficiency
-    gathers: dict[str, float] = {}
-    if deg.fsdp > 1:  # each rank's tp slice of the dense matrices, whole over its FSDP group
-        gathers["dp_shard-cp"] = _collective(4 * (split / deg.tp + router), deg.fsdp,
-                                             links["dp_shard-cp"],
-                                             pieces=split_matrices + moe_layers)
-    if deg.tp > 1:
-        gathers["tp"] = _collective(4 * split, deg.tp, links["tp"], pieces=split_matrices)
-    if moe_layers and deg.etp > 1:
-        gathers["etp"] = _collective(4 * moe_layers * routed, deg.etp, links["etp"],
-                                     pieces=3 * moe_layers)
-    return flops / rate, gathers
+    return flops / rate, comm
 
 
 def _offload_seconds(cfg: Config, deg: Degrees, device: DeviceSpec, compute: float,

@@ -47,23 +47,33 @@ MUON_BYTES = 4
 
 def muon_step_bytes(m: ModelConfig, deg: Degrees, ns_bytes: int) -> int:
     """Bytes a Muon step (``orch.runtime.muon``) holds beside the parameters, gradients and
-    states, at its largest matrix: one whole (gathered over every split of its matrix dims:
-    tensor parallelism's too) or a rank's expert stack, its Nesterov update and the result in
-    fp32 (8 bytes an element), the iterate and its next in ``ns_bytes`` each, and two Gram
-    matrices (``X X^T`` and its polynomial) of the shorter side squared. Measured on the CPU
-    to the byte in fp32 (tests/plan/test_memory.py). The step runs after the backward has freed
-    the activations, so it raises a rank's peak only where it exceeds them."""
+    states, at its largest matrix, which a rank holds whole once the ranks that split it have
+    shared out its chunk (or a rank's expert stack): its Nesterov update and the result in fp32
+    (8 bytes an element), the iterate and its next in ``ns_bytes`` each, and two Gram matrices
+    (``X X^T`` and its polynomial) of the shorter side squared; measured on the CPU to the byte
+    in fp32 (tests/plan/test_memory.py). Where groups split the matrix, the all-to-alls that
+    bring it and take the result back hold up to ``2 groups + 1`` fp32 copies of it: the
+    chunk's stack of shards, each group's received pieces and their rearranged copy (torch's
+    ``shard_dim_alltoall``; padding of uneven shards aside), 20 bytes an element under FSDP x
+    TP, more than the iterations' 12 to 16; read from torch's code, not measured: gloo has no
+    all-to-all (DTensor gathers instead). The step runs after the backward has freed the
+    activations, so it raises a rank's peak only where it exceeds them."""
     h, q, kv = m.dim, m.heads * m.head_dim, m.n_kv_heads * m.head_dim
-    shapes = [(1, q, h), (1, kv, h)]  # (matrices, rows, cols)
+    dense = (deg.fsdp > 1) + (deg.tp > 1)
+    shapes = [(1, q, h, dense), (1, kv, h, dense)]  # (matrices, rows, cols, splitting groups)
     if m.has_dense_mlp:
-        shapes.append((1, m.ffn_dim, h))
+        shapes.append((1, m.ffn_dim, h, dense))
     if m.is_moe:
         own = -(-m.experts // (deg.ep * deg.expert_shard))
-        shapes += [(1, m.experts, h), (own, m.moe_ffn_dim, h)]
+        shapes += [(1, m.experts, h, int(deg.fsdp > 1)), (own, m.moe_ffn_dim, h, int(deg.etp > 1))]
         if m.shared_experts:
-            shapes.append((1, m.shared_experts * m.moe_ffn_dim, h))
-    return max(count * rows * cols * (8 + 2 * ns_bytes) + 2 * count * min(rows, cols) ** 2
-               * ns_bytes for count, rows, cols in shapes)
+            shapes.append((1, m.shared_experts * m.moe_ffn_dim, h, dense))
+    return max(max(count * rows * cols * (8 + 2 * ns_bytes)
+                   + 2 * count * min(rows, cols) ** 2 * ns_bytes,
+                   4 * (2 * groups + 1) * count * rows * cols if groups else 0)
+               for count, rows, cols, groups in shapes)
+
+
 MEMORY_READS = (
     *MODEL_SHAPE, *(f"train.{name}" for name in (
         "precision", "recompute", "seq_len", "micro_batch", "global_batch", "document_mask")),

@@ -401,33 +401,72 @@ def _newton_schulz(rows: int, cols: int) -> float:
 def test_muon_orthogonalizes_only_the_experts_fsdp_leaves_a_rank() -> None:
     """FSDP shards an expert stack on its experts' dim and Muon keeps that split: Mixtral 8x22B
     over 64 FSDP ranks leaves each rank one expert (or none) to orthogonalize, not all 8 (its
-    step was priced 38 s where the busiest rank spends 6)."""
+    step was priced 38 s where the busiest rank spends 6); the dense matrices the 64 ranks
+    split they share out: 2 of the 112 q and o (6144 square, one layout), 2 of the 112 k and v,
+    1 of the 56 routers."""
     muon = estimate(config("mixtral-8x22b", optimizer__name="muon"), 64)
     adamw = estimate(config("mixtral-8x22b"), 64)
-    per_layer = (2 * _newton_schulz(6144, 6144) + 2 * _newton_schulz(1024, 6144)  # q, o; k, v
-                 + _newton_schulz(8, 6144) + 3 * _newton_schulz(16384, 6144))  # router; 1 expert
+    shared_out = (2 * _newton_schulz(6144, 6144) + 2 * _newton_schulz(1024, 6144)
+                  + _newton_schulz(8, 6144))
     rate = H100.peak("bf16") * H100.compute_efficiency
-    gathers = sum(seconds - adamw.comm_s.get(dim, 0.0) for dim, seconds in muon.comm_s.items())
-    assert muon.optimizer_s - gathers == pytest.approx(56 * per_layer / rate, rel=1e-9)
+    comm = sum(seconds - adamw.comm_s.get(dim, 0.0) for dim, seconds in muon.comm_s.items())
+    assert muon.optimizer_s - comm == pytest.approx(
+        (shared_out + 56 * 3 * _newton_schulz(16384, 6144)) / rate, rel=1e-9)
     # the step's own term, after the model's compute and communication, which it leaves alone
     assert (muon.compute_s, muon.exposed_comm_s) == (adamw.compute_s, adamw.exposed_comm_s)
     assert muon.total_s == pytest.approx(adamw.total_s + muon.optimizer_s)
 
 
-def test_muon_gathers_the_router_over_fsdp_only() -> None:
-    """The router is whole on every tensor-parallel rank (only FSDP splits it): its gather runs
-    over the FSDP group alone, so the tp gather does not grow with the experts."""
-    def tp_gather(experts: int) -> float:
+def test_muon_shares_out_the_matrices_over_the_ranks_that_split_them() -> None:
+    """Each rank orthogonalizes one whole matrix of each chunk of as many as ranks split them
+    (``orch.runtime.muon.matrix_chunks``): Llama 3 70B under tp8 x fsdp128 has 5 layouts (wq,
+    wo; wk and wv; w1 and w3; w2) of at most 160 matrices over 1,024 ranks, so the busiest
+    rank runs 5 matrices' iterations, not all 560 (26 s of a 58 s step). HSDP's replicas each
+    share out the same matrices (their iterations are plain FSDP's)."""
+    def iterations(name: str, world: int, **settings: Any) -> float:
+        muon = estimate(config(name, optimizer__name="muon", **settings), world)
+        adamw = estimate(config(name, **settings), world)
+        return muon.optimizer_s - sum(seconds - adamw.comm_s.get(dim, 0.0)
+                                      for dim, seconds in muon.comm_s.items())
+
+    rate = H100.peak("bf16") * H100.compute_efficiency
+    five = (2 * _newton_schulz(8192, 8192) + _newton_schulz(1024, 8192)
+            + 2 * _newton_schulz(28672, 8192))
+    assert iterations("llama3-70b", 1024, parallel__tp=8) == pytest.approx(five / rate, rel=1e-9)
+    assert iterations("llama3-8b", 128, parallel__dp_replicate=2) == pytest.approx(
+        iterations("llama3-8b", 64), rel=1e-12)
+
+
+def test_each_all_to_all_spreads_a_matrix_a_chunk() -> None:
+    """A chunk (the last padded to the group with zeros) goes out and back by an all-to-all in
+    which each rank spreads one matrix's fp32 bytes: Llama 3 8B over 64 FSDP ranks sends its 4
+    chunks' (q and o 4096 square, k and v 1024 x 4096, w1 and w3, and w2's 32 of 64) twice,
+    63/64 of each at a rank's own share of the link (priced as one gather a matrix: 224)."""
+    instant = dataclasses.replace(H100, intra_latency_s=0.0, inter_latency_s=0.0)
+    cfg = config("llama3-8b", optimizer__name="muon")
+    deg = degrees(cfg, 64)
+    link = Topology.uniform(64, 8, instant).links(first_groups(deg))["dp_shard-cp"]
+    sent = estimate(cfg, 64, device=instant).comm_s["dp_shard-cp"] - estimate(
+        config("llama3-8b"), 64, device=instant).comm_s["dp_shard-cp"]
+    matrices = 4096 * 4096 + 1024 * 4096 + 2 * 14336 * 4096
+    assert sent == pytest.approx(2 * 63 / 64 * 4 * matrices / link.bandwidth, rel=1e-9)
+
+
+def test_muon_shares_the_router_over_fsdp_only() -> None:
+    """The router is whole on every tensor-parallel rank (only FSDP splits it): its all-to-alls
+    run over the FSDP group alone, so the tp ones do not grow with the experts."""
+    def tp_comm(experts: int) -> float:
         settings = dict(parallel__tp=2, model__experts=experts)
         return (estimate(config("mixtral-8x22b", optimizer__name="muon", **settings), 64)
                 .comm_s["tp"] - estimate(config("mixtral-8x22b", **settings), 64).comm_s["tp"])
 
-    assert tp_gather(8) == pytest.approx(tp_gather(16), rel=1e-12)
+    assert tp_comm(8) == pytest.approx(tp_comm(16), rel=1e-12)
 
 
-def test_muon_gathers_each_matrix_paying_its_rings_latency() -> None:
-    """Each sharded matrix is its own gather (``orch.runtime.muon.orthogonalized``): Llama 3
-    8B's 32 x 7 over 64 FSDP ranks pay 224 rings' latency, once priced as one's."""
+def test_muon_pays_its_rings_latency_per_chunk_and_direction() -> None:
+    """A chunk goes out and comes back by one all-to-all each (``orch.runtime.muon``): Llama 3
+    8B's 224 matrices over 64 FSDP ranks are 4 chunks (q and o share a layout; k and v; w1 and
+    w3; w2), 8 all-to-alls' latency, where a gather a matrix paid 224 rings'."""
     instant = dataclasses.replace(H100, intra_latency_s=0.0, inter_latency_s=0.0)
 
     def latency(name: str) -> float:
@@ -436,4 +475,4 @@ def test_muon_gathers_each_matrix_paying_its_rings_latency() -> None:
                 - estimate(cfg, 64, device=instant).comm_s["dp_shard-cp"])
 
     assert latency("muon") - latency("adamw") == pytest.approx(
-        32 * 7 * 63 * H100.inter_latency_s, rel=1e-6)
+        4 * 2 * 63 * H100.inter_latency_s, rel=1e-6)

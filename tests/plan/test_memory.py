@@ -315,9 +315,10 @@ def test_muon_states_are_counted_as_they_are_held(name):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_a_muon_steps_own_bytes_are_counted_and_can_set_the_peak(name):
-    """A Muon step holds its largest matrix whole (gathered over any split), its update and
-    result in fp32 and the iterations' copies: measured on the CPU, to the byte. Where the
-    activations are smaller (one short sequence here), the step sets the rank's peak."""
+    """A Muon step holds its largest matrix whole (the one a rank owns of its chunk, where
+    ranks split it), its update and result in fp32 and the iterations' copies: measured on the
+    CPU, to the byte. Where the activations are smaller (one short sequence here), the step
+    sets the rank's peak."""
     from live_bytes import peak_new_bytes
 
     from orch.plan.memory import muon_step_bytes
@@ -339,6 +340,20 @@ def test_a_muon_steps_own_bytes_are_counted_and_can_set_the_peak(name):
     est = estimate_memory(cfg, Degrees(), flash=True, fused_norm=False)
     assert est.activations + est.buffers == step
     assert est.total == est.params + est.grads + est.optimizer + step
+
+
+def test_a_split_muon_step_counts_its_all_to_alls():
+    """Where groups split a matrix, the all-to-alls that share out its chunk hold up to
+    ``2 groups + 1`` fp32 copies of it: Llama 3 8B's MLP matrix under FSDP x TP in bf16 takes
+    20 bytes an element there, more than its iterations' 12 and two Gram matrices; under FSDP
+    alone (12) the iterations stay the larger, as on one process."""
+    from orch.plan.memory import muon_step_bytes
+
+    m = load_config("configs/llama3-8b.yaml").model
+    mlp, grams = 14336 * 4096, 2 * 4096 ** 2 * 2
+    assert muon_step_bytes(m, Degrees(), 2) == 12 * mlp + grams
+    assert muon_step_bytes(m, Degrees(dp_shard=64), 2) == 12 * mlp + grams
+    assert muon_step_bytes(m, Degrees(dp_shard=8, tp=8), 2) == 20 * mlp
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
