@@ -1,13 +1,14 @@
 """``optimizer.name: muon`` under ``orch launch``: sharded layouts train the single process's
-numbers (each rank gathers a matrix whole, orthogonalizes it and keeps its shard:
-``orch.runtime.muon``). Six launches, two at a time: the dense model one-process, under FSDP2 x
-TP2 (rows and columns split by tensor parallelism, FSDP2's strided rows over them) and in two
-pipeline stages (each rank's optimizer holds its stage's matrices); the MoE model one-process,
-with its experts over ep2 x FSDP2 (stacks split by experts, kept whole per expert) and over ep2 x
-etp2 beside tp2 dense layers (each expert's matrices split by etp, gathered whole). The
-placements are checked one by one, bit for bit, in tests/runtime/test_muon.py; here the whole
-training step (clipping, the lr schedule, the AdamW part) runs as a user runs it. Measured:
-losses within 9.5e-7, gradient norms within 6.3e-7 relative."""
+numbers (the ranks that split a matrix share out the orthogonalization, each iterating whole
+matrices and sending back the others' shards: ``orch.runtime.muon``). Six launches, two at a
+time: the dense model one-process, under FSDP2 x TP2 (rows and columns split by tensor
+parallelism, FSDP2's strided rows over them) and in two pipeline stages (each rank's optimizer
+holds its stage's matrices); the MoE model one-process, with its experts over ep2 x FSDP2
+(stacks split by experts, kept whole per expert) and over ep2 x etp2 beside tp2 dense layers
+(each expert's matrices split by etp, shared out whole). The placements are checked one by one,
+bit for bit, in tests/runtime/test_muon.py; here the whole training step (clipping, the lr
+schedule, the AdamW part) runs as a user runs it. Measured: losses within 9.5e-7, gradient norms
+within 6.3e-7 relative."""
 
 from __future__ import annotations
 
