@@ -103,7 +103,7 @@ def render(record: dict[str, Any]) -> str:
         return f"{record['path']}\n  damaged: {record['error']}{fix}"
     ranks = record["plan"].get("world_size", record["world_size"])
     config = record["config"]
-    model, train = config.get("model", {}), config.get("train", {})
+    model, train, optimizer = (config.get(k, {}) for k in ("model", "train", "optimizer"))
     lines = [
         f"{record['path']}",
         f"  step      {record['step']} (saved {record['saved_at']} in "
@@ -112,7 +112,10 @@ def render(record: dict[str, Any]) -> str:
         "  model     " + " ".join(f"{k}={model[k]}" for k in (
             "dim", "layers", "heads", "kv_heads", "vocab_size", "experts") if k in model),
         "  train     " + " ".join(f"{k}={train[k]}" for k in (
-            "steps", "global_batch", "seq_len", "lr", "precision", "seed") if k in train),
+            "steps", "global_batch", "seq_len", "lr", *_schedule_keys(train), "precision",
+            "seed") if k in train),
+        "  optimizer " + " ".join(f"{k}={v}" for k, v in optimizer.items()  # (muon_*: Muon's)
+                                  if not k.startswith("muon_") or optimizer.get("name") == "muon"),
         f"  data      {json.dumps(record['data'])}",
         f"  files     {len(record['files'])}, {_size(record['bytes'])}: " + ", ".join(
             f"{file} {_size(size)}" for file, size in record["files"].items()),
@@ -123,6 +126,20 @@ def render(record: dict[str, Any]) -> str:
     for tensor in record.get("tensors", []):
         lines.append(f"    {tensor['name']}  {tensor['shape']}  {tensor['dtype']}")
     return "\n".join(lines)
+
+
+def _schedule_keys(train: dict[str, Any]) -> tuple[str, ...]:
+    """The saved ``train`` fields that shape the lr schedule: which one, its warmup, where its
+    decay ends when set, a ``wsd`` schedule's cooldown and the floor it decays to (what a
+    resume with ``--resume PATH`` goes on from: a run resumed from a stable-phase checkpoint
+    needs its warmup and floor, and places its own cooldown)."""
+    from orch.config.schema import COOLDOWN_FIELDS
+
+    schedule = train.get("lr_schedule")
+    ends = ("decay_steps",) if train.get("decay_steps") else ()
+    cooldown = COOLDOWN_FIELDS if schedule == "wsd" else ()
+    floor = ("min_lr_ratio",) if schedule != "constant" else ()
+    return ("lr_schedule", "warmup_steps", *ends, *cooldown, *floor)
 
 
 def _layout(plan: dict[str, Any]) -> str:

@@ -537,3 +537,24 @@ def test_a_tensor_without_a_hf_key_is_refused_not_left_out(run, tmp_path, monkey
             "none), so the export would leave it out") in err
     assert not (tmp_path / "hf").exists()
     assert hf_export.hf_name("model.output.weight", tied=True) is None  # HF keeps one copy
+
+
+def test_inspect_names_the_optimizer_and_the_lr_schedule(tmp_path, capsys):
+    """A Muon checkpoint read as an AdamW one (``optim 61 (...)`` and no optimizer named), and a
+    wsd run's schedule was not said: both must match to resume (the optimizer) or place the
+    next run's cooldown (``--resume PATH`` from a stable-phase checkpoint)."""
+    cfg = load_config("configs/tiny.yaml", [
+        "optimizer.name=muon", "optimizer.muon_ns_steps=3", "train.lr_schedule=wsd",
+        "train.cooldown_steps=100", "train.cooldown_shape=sqrt", "train.decay_steps=400"])
+    save_run(tmp_path / "muon", cfg, Transformer(cfg.model), steps=(3,))
+    adamw = load_config("configs/tiny.yaml", ["train.lr_schedule=constant"])
+    save_run(tmp_path / "adamw", adamw, Transformer(adamw.model), steps=(3,))
+    assert main(["ckpt", "inspect", str(tmp_path / "muon"), str(tmp_path / "adamw")]) == 0
+    text = capsys.readouterr().out
+    assert "  train     steps=500 global_batch=8 seq_len=256 lr=0.001 lr_schedule=wsd " \
+        "warmup_steps=20 decay_steps=400 cooldown_steps=100 cooldown_shape=sqrt " \
+        "min_lr_ratio=0.1 precision=fp32 seed=0\n" in text
+    assert "  optimizer name=muon beta1=0.9 beta2=0.95 eps=1e-08 weight_decay=0.1 " \
+        "muon_momentum=0.95 muon_ns_steps=3\n" in text
+    assert "lr=0.001 lr_schedule=constant warmup_steps=20 precision=fp32" in text
+    assert "  optimizer name=adamw beta1=0.9 beta2=0.95 eps=1e-08 weight_decay=0.1\n" in text
