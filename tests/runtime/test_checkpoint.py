@@ -734,6 +734,28 @@ def test_another_config_is_refused_and_left_intact(tmp_path) -> None:
     assert snapshot(tmp_path) == before
 
 
+def test_a_changed_optimizer_is_told_how_to_keep_the_weights(tmp_path) -> None:
+    """A run switched from Muon to AdamW was refused with 'resume with the config it was saved
+    with, or start a fresh run.dir': no way to train its weights under the new optimizer (the
+    export and init_from route), which is only offered while the model is the same."""
+    muon = make_cfg()
+    muon.optimizer.name = "muon"
+    CheckpointManager(tmp_path / "muon", muon, PLAN).save(1, tiny_state(1.0), {})
+    saved = tmp_path / "muon" / "checkpoints" / "step-00000001"
+    adamw = make_cfg()
+    for run, mode in ((tmp_path / "muon", "auto"), (tmp_path / "fresh", str(saved))):
+        with pytest.raises(CheckpointError) as err:
+            CheckpointManager(run, adamw, PLAN).resolve_resume(mode)
+        assert "optimizer.name: 'muon' -> 'adamw'" in str(err.value)
+        source = tmp_path / "muon" if mode == "auto" else saved
+        assert f"orch ckpt export {source} --to hf OUT, then --set model.init_from=OUT" \
+            in str(err.value)
+    adamw.model.dim = 128  # the weights would not fit the new model: no such route
+    with pytest.raises(CheckpointError) as err:
+        CheckpointManager(tmp_path / "fresh", adamw, PLAN).resolve_resume(str(saved))
+    assert "model.dim" in str(err.value) and "ckpt export" not in str(err.value)
+
+
 def test_resolve_resume(tmp_path) -> None:
     cfg = make_cfg()
     mgr = CheckpointManager(tmp_path, cfg, PLAN)
