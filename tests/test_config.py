@@ -292,6 +292,7 @@ MOE = ["model.experts=4"]
             ["train.warmup_steps=600"],
             "train.warmup_steps: 600 is not between 0 and train.steps=500",
         ),
+        (["train.warmup_steps=-1"], "fix: use 0 (no warmup) or the warmup's length in steps"),
         (["train.decay_steps=-1"], "train.decay_steps: -1 is neither 0 nor a step at or "
                                    "after train.warmup_steps=20"),
         (["train.decay_steps=5"], "train.decay_steps: 5 is neither 0 nor a step at or after "

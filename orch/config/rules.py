@@ -171,7 +171,8 @@ def check_config(cfg: Config) -> list[Problem]:
         warmup_ok,
         "train.warmup_steps",
         f"{t.warmup_steps} is not between 0 and train.steps={t.steps}",
-        "shorten the warmup",
+        "shorten the warmup" if t.warmup_steps > 0 else "use 0 (no warmup) or the warmup's "
+        "length in steps",
         ("train.steps",),
     )
     decay_ok = t.decay_steps == 0 or t.decay_steps >= max(1, t.warmup_steps)
