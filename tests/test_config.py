@@ -36,6 +36,7 @@ def test_all_example_configs_load():
         "llama3-70b",
         "mixtral-8x22b",
         "qwen2-57b-a14b",
+        "mistral-nemo-12b",
     } <= names
     for path in CONFIGS:
         cfg = load_config(path)
@@ -239,6 +240,8 @@ MOE = ["model.experts=4"]
         (["train.micro_batch=0"], "train.micro_batch: must be at least 1, got 0"),
         (["model.dim=250"], "model.dim: 250 is not divisible by model.heads=8"),
         (["model.dim=24", "model.heads=8"], "model.heads: head_dim dim/heads = 3 is odd"),
+        (["model.head_dim=7"], "model.head_dim: 7 is not an even width of at least 2"),
+        (["model.head_dim=0"], "model.head_dim: 0 is not an even width of at least 2"),
         (["model.kv_heads=3"], "heads=8 is not a multiple of kv_heads=3"),
         (["model.rope_theta=0"], "model.rope_theta: must be positive"),
         (["model.experts=-1"], "model.experts: must be 0 (dense) or more"),
@@ -368,6 +371,14 @@ MOE = ["model.experts=4"]
 def test_each_config_rule(overrides, message):
     text = problems_of(REPO / "configs/tiny.yaml", overrides)
     assert message in text and "fix:" in text
+
+
+def test_a_head_dim_frees_dim_from_a_multiple_of_the_heads():
+    """dim 250 over 8 heads is refused (250 / 8 is no width) unless model.head_dim gives the
+    heads' width, as Mistral NeMo's 128 at dim 5120 with 32 heads."""
+    cfg = load_config(REPO / "configs/tiny.yaml", ["model.dim=250", "model.head_dim=40"])
+    assert cfg.model.head_size == 40 and load_config(REPO / "configs/tiny.yaml").model.head_size \
+        == 32
 
 
 def test_a_wsd_cooldown_is_judged_against_a_valid_warmup_and_decay_end_only():

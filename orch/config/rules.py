@@ -54,21 +54,30 @@ def check_config(cfg: Config) -> list[Problem]:
     # the rules that divide by those run only where they are positive; every other rule runs
     # (one mistake hid the others: model.dim=-1 hid parallel.tp=0)
     heads_ok = m.dim >= 1 and m.heads >= 1
-    need(
-        not heads_ok or m.dim % m.heads == 0,
-        "model.dim",
-        f"{m.dim} is not divisible by model.heads={m.heads}",
-        "choose dim = heads x head_dim, e.g. heads 32 with dim 4096",
-        ("model.heads",),
-    )
-    need(
-        not heads_ok or m.dim % m.heads or m.dim // m.heads % 2 == 0,
-        "model.heads",
-        f"head_dim dim/heads = {m.dim // max(1, m.heads)} is odd; RoPE rotates pairs of "
-        "channels",
-        "choose heads so that dim/heads is even",
-        ("model.dim",),
-    )
+    if m.head_dim is None:
+        need(
+            not heads_ok or m.dim % m.heads == 0,
+            "model.dim",
+            f"{m.dim} is not divisible by model.heads={m.heads}",
+            "choose dim = heads x head_dim, e.g. heads 32 with dim 4096, or set model.head_dim "
+            "to the heads' width",
+            ("model.heads", "model.head_dim"),
+        )
+        need(
+            not heads_ok or m.dim % m.heads or m.dim // m.heads % 2 == 0,
+            "model.heads",
+            f"head_dim dim/heads = {m.dim // max(1, m.heads)} is odd; RoPE rotates pairs of "
+            "channels",
+            "choose heads so that dim/heads is even, or set an even model.head_dim",
+            ("model.dim", "model.head_dim"),
+        )
+    else:
+        need(
+            m.head_dim >= 2 and m.head_dim % 2 == 0,
+            "model.head_dim",
+            f"{m.head_dim} is not an even width of at least 2; RoPE rotates pairs of channels",
+            "use an even head_dim such as 128, or null for dim / heads",
+        )
     need(
         m.n_kv_heads >= 1,
         "model.kv_heads",

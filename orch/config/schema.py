@@ -35,6 +35,11 @@ class ModelConfig:
     kv_heads: int | None = field(
         default=None, metadata=_help("key/value heads for grouped-query attention; null = heads")
     )
+    head_dim: int | None = field(
+        default=None,
+        metadata=_help("width of each attention head; null = dim / heads (Llama), set where "
+                       "heads x head_dim is not dim (Mistral NeMo: 128 at dim 5120, 32 heads)"),
+    )
     ffn_dim: int = field(default=688, metadata=_help("SwiGLU hidden size of dense layers"))
     rope_theta: float = field(default=10000.0, metadata=_help("RoPE base frequency"))
     max_seq_len: int = field(default=2048, metadata=_help("longest sequence the model supports"))
@@ -74,8 +79,11 @@ class ModelConfig:
     )
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
+    def head_size(self) -> int:
+        """Each attention head's width: ``head_dim``, or dim / heads where it is null (a field
+        of its own, not resolved into ``head_dim``, so that a checkpoint saved before the field
+        existed reads as the same config)."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.heads
 
     @property
     def n_kv_heads(self) -> int:
@@ -406,7 +414,7 @@ OFFLOADED = tuple(f"offload.{group}" for group in ("params", "grads", "optimizer
 KV_HEADS = ("model.kv_heads", "model.heads")
 """What :attr:`ModelConfig.n_kv_heads` reads (null kv_heads: as many as heads)."""
 MODEL_SHAPE = tuple(f"model.{name}" for name in (
-    "vocab_size", "dim", "layers", "heads", "kv_heads", "ffn_dim", "tie_embeddings", "experts",
-    "top_k", "expert_ffn_dim", "shared_experts", "moe_layer_interval"))
+    "vocab_size", "dim", "layers", "heads", "kv_heads", "head_dim", "ffn_dim", "tie_embeddings",
+    "experts", "top_k", "expert_ffn_dim", "shared_experts", "moe_layer_interval"))
 """What the model's parameter shapes read (orch's Transformer; the plan's ``model_key``): a
 check of shapes or bytes reads these, not the rest of ``model`` (its name, RoPE, norm eps)."""

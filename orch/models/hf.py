@@ -120,7 +120,7 @@ def hf_llama_config(model: ModelConfig, dtype: torch.dtype | str = "float32") ->
         "num_hidden_layers": model.layers,
         "num_attention_heads": model.heads,
         "num_key_value_heads": model.n_kv_heads,
-        "head_dim": model.head_dim,
+        "head_dim": model.head_size,
         "hidden_act": "silu",
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": model.norm_eps,

@@ -49,14 +49,32 @@ _HF_DEFAULTS = {
     "tie_word_embeddings": False,
 }
 _DEFAULT_THETA = 10000.0
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+"""The HuggingFace classes whose checkpoints orch's Llama loads -> their ``model_type``:
+Mistral's decoder is Llama's (the same names, no biases), with a sliding window where its config
+gives one (refused: orch's attention sees the whole sequence) and its own defaults below."""
+_MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8}
+"""Where transformers' MistralConfig defaults differ from LlamaConfig's, for a key config.json
+lacks (a null ``num_key_value_heads`` still reads as the heads)."""
+
+
+def _family(theirs: dict) -> str:
+    """The ``model_type`` a config.json describes: from ``architectures`` where it names one
+    orch loads, else its ``model_type`` (Llama's where it says neither)."""
+    architectures = theirs.get("architectures")
+    named = [ARCHITECTURES[a] for a in architectures or () if a in ARCHITECTURES] \
+        if isinstance(architectures, list) else []
+    return named[0] if named else str(theirs.get("model_type", "llama"))
 
 
 def _as_transformers_reads(theirs: dict) -> dict:
-    """The checked fields of config.json ``theirs`` as transformers builds its LlamaConfig from
-    them: every absent (or null) key at LlamaConfig's default (all but rope_theta)."""
+    """The checked fields of config.json ``theirs`` as transformers builds its LlamaConfig (or
+    MistralConfig) from them: every absent (or null) key at that config's default (all but
+    rope_theta)."""
+    defaults = {**_HF_DEFAULTS, **(_MISTRAL_DEFAULTS if _family(theirs) == "mistral" else {})}
     hf = {key: default if theirs.get(key) is None else theirs[key]
-          for key, default in _HF_DEFAULTS.items()}
-    kv_heads = theirs.get("num_key_value_heads")
+          for key, default in defaults.items() if key != "num_key_value_heads"}
+    kv_heads = theirs.get("num_key_value_heads", defaults.get("num_key_value_heads"))
     hf["num_key_value_heads"] = hf["num_attention_heads"] if kv_heads is None else kv_heads
     return hf
 
@@ -130,16 +148,26 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
         said["rope_theta"] = f"has {rope_key}.rope_theta: {inner!r}"
     else:
         hf["rope_theta"] = _DEFAULT_THETA if top is None else top
-    architectures = theirs.get("architectures") or []
-    if not isinstance(architectures, list) or (architectures and "LlamaForCausalLM" not in
-                                               architectures):
+    architectures, family = theirs.get("architectures") or [], _family(theirs)
+    known = " or ".join(ARCHITECTURES)
+    if not isinstance(architectures, list) or (architectures and
+                                               not set(architectures) & set(ARCHITECTURES)):
         problems.append(Problem(where, f"{config_file} describes {architectures}",
-                                "use a LlamaForCausalLM checkpoint"))
-    for key, llama in (("model_type", "llama"), ("hidden_act", "silu")):  # where architectures
-        if theirs.get(key, llama) != llama:  # is missing, these still tell another model
+                                f"use a {known} checkpoint"))
+    types = " or ".join(map(repr, ARCHITECTURES.values()))
+    for key, want in (("model_type", family), ("hidden_act", "silu")):  # where architectures
+        foreign = key == "model_type" and family not in ARCHITECTURES.values()
+        if foreign or theirs.get(key, want) != want:  # is missing, these still tell another
             problems.append(Problem(where, f"{config_file} has {key}: {theirs[key]!r}, not "
-                                    f"{llama!r}: another model than orch's Llama",
-                                    "use a LlamaForCausalLM checkpoint"))
+                                    f"{types if foreign else repr(want)}: another model than "
+                                    "orch's Llama", f"use a {known} checkpoint"))
+    if family == "mistral" and (window := theirs.get("sliding_window", 4096)) is not None:
+        said_window = ("has no sliding_window, which transformers reads as 4096"
+                       if "sliding_window" not in theirs else f"has sliding_window: {window!r}")
+        problems.append(Problem(where, f"{config_file} {said_window}: its attention sees only "
+                                "that many tokens back, orch's the whole sequence",
+                                "use a checkpoint whose sliding_window is null (Mistral 7B v0.3, "
+                                "Mistral NeMo)"))
     for flag in ("attention_bias", "mlp_bias"):
         if theirs.get(flag):
             problems.append(Problem(where, f"{config_file} has {flag}: true",
@@ -149,12 +177,17 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
                          f"not {want}", f"write {key} in config.json as {_AS_JSON[want]}, as "
                          "save_pretrained does") for key, want in mistyped.items()]
     head_dim, heads = theirs.get("head_dim"), hf["num_attention_heads"]
-    if head_dim is not None and not mistyped and head_dim * heads != hf["hidden_size"]:
-        problems.append(Problem(where, f"{config_file} has head_dim: {head_dim!r}, not "
-                                f"hidden_size / num_attention_heads = {hf['hidden_size']} / "
-                                f"{heads}", "orch's attention heads are model.dim / model.heads "
-                                "wide, with no setting for another width: use a checkpoint "
-                                "whose head_dim is hidden_size / num_attention_heads"))
+    if not mistyped and heads > 0:  # transformers' head width: head_dim, else hidden / heads
+        coupled = hf["hidden_size"] // heads
+        width = coupled if head_dim is None else head_dim
+        # a width that follows from dim and heads is the fix of those fields, said below
+        if width != model.head_size and (model.head_dim is not None or width != coupled):
+            given = (f"has head_dim: {head_dim!r}" if head_dim is not None else "has no "
+                     f"head_dim, which transformers reads as hidden_size / num_attention_heads "
+                     f"= {coupled}")
+            problems.append(Problem("model.head_dim", f"{model.head_dim!r} (heads "
+                                    f"{model.head_size} wide) but {config_file} {given}",
+                                    f"set model.head_dim={width}", ("model.init_from",)))
     for key, field in _CHECKED.items():
         if key not in hf or key in mistyped or hf[key] == ours[key]:
             continue

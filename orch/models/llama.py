@@ -79,7 +79,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.head_size
         self.wq = nn.Linear(cfg.dim, self.heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
@@ -130,7 +130,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_size, cfg.rope_theta)
         # Keyed by global index, so a pipeline stage holding layers 4-7 keeps their names.
         self.layers = nn.ModuleDict((str(i), TransformerBlock(cfg, i)) for i in range(cfg.layers))
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)

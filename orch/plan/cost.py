@@ -119,7 +119,7 @@ def layer_flops(m: ModelConfig, seq_len: int) -> tuple[float, ...]:
     key = (model_key(m), seq_len)
     if key not in _LAYER_FLOPS:
         pc = param_counts(m)
-        attention = 12.0 * seq_len * m.heads * m.head_dim
+        attention = 12.0 * seq_len * m.heads * m.head_size
         one_expert = pc.experts // m.experts if m.experts else 0
         dense = 6.0 * (pc.attention + pc.mlp) + attention
         moe = (6.0 * (pc.attention + pc.router + pc.shared_expert + m.top_k * one_expert)
@@ -302,7 +302,7 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
     m, t = cfg.model, cfg.train
     pc = param_counts(m)
     seq, act = t.seq_len, 2 if t.precision == "bf16" else 4
-    attention_fpt = 12.0 * seq * m.heads * m.head_dim  # per layer
+    attention_fpt = 12.0 * seq * m.heads * m.head_size  # per layer
     rank_tokens = t.micro_batch * seq / deg.cp  # of one micro-batch, before TP splits them
     rate = _rate(cfg, deg, device)
     fpt, full = _flops(m, seq), t.recompute == "full"
@@ -336,14 +336,14 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
     if deg.cp > 1:
         link = links["cp"]
         if cfg.parallel.cp_kind == "ring":
-            kv = 2 * max(m.n_kv_heads / deg.tp, 1) * m.head_dim * rank_tokens * act
+            kv = 2 * max(m.n_kv_heads / deg.tp, 1) * m.head_size * rank_tokens * act
             passes = 4 if full else 3  # K/V forward; K/V and dK/dV backward; full recompute
             step = kv / link.bandwidth + link.latency_s
             comm["cp"] = micro * layers * passes * (deg.cp - 1) * step
             hiding = micro * layers * attention_fpt * rank_tokens / deg.tp / rate
             cp_exposed = max(0.0, comm["cp"] - hiding)
         else:  # Ulysses: q, k, v in and the output back, four all-to-alls each way
-            qkvo = (2 * m.heads + 2 * m.n_kv_heads) * m.head_dim * rank_tokens / deg.tp * act
+            qkvo = (2 * m.heads + 2 * m.n_kv_heads) * m.head_size * rank_tokens / deg.tp * act
             passes = 3 if recomputes else 2
             four = (_collective(qkvo, deg.cp, link, ring="cp" in RING_DIMS)
                     + 3 * (deg.cp - 1) * link.latency_s)
@@ -445,7 +445,7 @@ def _muon_buckets(m: ModelConfig, deg: Degrees, layers: float) -> list[_MuonBuck
     ``Degrees.expert_shard``, Mixtral's 8 over 64 FSDP ranks leave one to a rank, not 8)."""
     moe = layers * m.moe_layers / m.layers
     dense = layers - moe
-    h, q, kv = m.dim, m.heads * m.head_dim, m.n_kv_heads * m.head_dim
+    h, q, kv = m.dim, m.heads * m.head_size, m.n_kv_heads * m.head_size
     shared = m.shared_experts * m.moe_ffn_dim
     tp = deg.tp > 1
     both = tuple(dim for dim, n in (("dp_shard-cp", deg.fsdp), ("tp", deg.tp)) if n > 1)

@@ -58,7 +58,7 @@ def muon_step_bytes(m: ModelConfig, deg: Degrees, ns_bytes: int) -> int:
     TP, more than the iterations' 12 to 16; read from torch's code, not measured: gloo has no
     all-to-all (DTensor gathers instead). The step runs after the backward has freed the
     activations, so it raises a rank's peak only where it exceeds them."""
-    h, q, kv = m.dim, m.heads * m.head_dim, m.n_kv_heads * m.head_dim
+    h, q, kv = m.dim, m.heads * m.head_size, m.n_kv_heads * m.head_size
     dense = (deg.fsdp > 1) + (deg.tp > 1)
     shapes = [(1, q, h, dense), (1, kv, h, dense)]  # (matrices, rows, cols, splitting groups)
     if m.has_dense_mlp:
@@ -119,7 +119,7 @@ class ParamCounts:
 
 def model_key(m: ModelConfig) -> tuple:
     """The hashable shape of a model; ``_param_counts`` and ``_archs`` unpack it in this order."""
-    return (m.vocab_size, m.dim, m.layers, m.heads, m.n_kv_heads, m.head_dim, m.ffn_dim,
+    return (m.vocab_size, m.dim, m.layers, m.heads, m.n_kv_heads, m.head_size, m.ffn_dim,
             m.experts, m.top_k, m.moe_ffn_dim, m.shared_experts, m.moe_layer_interval,
             m.tie_embeddings)
 
@@ -428,7 +428,7 @@ def _sdpa_mask(cfg: Config, deg: Degrees, kernels: bool) -> bool:
     shares (``orch.kernels.attention.Documents``; Ulysses' too): not where orch's kernels run
     the attention (``kernels``: the device's, for a head_dim they take), which take the document
     ids, nor under ring context parallelism, whose blocks mask as they go."""
-    kernels = kernels and cfg.model.head_dim in KERNEL_HEAD_DIMS
+    kernels = kernels and cfg.model.head_size in KERNEL_HEAD_DIMS
     return cfg.train.document_mask and not kernels and not _ring(cfg, deg)
 
 

@@ -229,7 +229,7 @@ def test_damaged_or_foreign_files_are_refused_not_raised(checkpoint, tmp_path):
         "index without map": (lambda d: (d / index).write_text("{}"), "weight_map is missing"),
         "architectures null": (lambda d: (d / "config.json").write_text(json.dumps(
             config | {"architectures": None, "model_type": "gemma"})), "has model_type: "
-            "'gemma', not 'llama'"),
+            "'gemma', not 'llama' or 'mistral'"),
         "config a list": (lambda d: (d / "config.json").write_text("[]"), "holds a JSON list, "
                           "not a model config"),
         "gelu": (lambda d: (d / "config.json").write_text(json.dumps(
@@ -358,16 +358,74 @@ def test_a_tied_head_that_differs_from_the_embedding_is_refused(checkpoint, tmp_
 
 def test_what_no_model_setting_fixes_is_said_once_for_what_it_is(checkpoint, tmp_path):
     """An MoE config was told "config.json: not a Llama model ... use a LlamaForCausalLM
-    checkpoint" of a Llama checkpoint; a head_dim other than hidden_size / heads gave one shape
-    problem per projection, each "check model.*", though orch has no head_dim setting."""
+    checkpoint" of a Llama checkpoint; a head_dim other than the model's gave one shape problem
+    per projection, each "check model.*": one problem now, with the setting that fixes it."""
     path, _ = checkpoint
     moe = init_from_problems(tiny(init_from=str(path), experts=4, moe_layer_interval=2))
     assert [p.where for p in moe] == ["model.experts"] and "model.experts: 0" in moe[0].fix
     wide = _with_config(path, tmp_path / "wide", lambda c: c.update(head_dim=64))
     problems = init_from_problems(tiny(init_from=str(wide)))
     assert len(problems) == 1, problems
-    assert "has head_dim: 64, not hidden_size / num_attention_heads = 256 / 8" in str(problems[0])
-    assert "no setting for another width" in problems[0].fix
+    assert f"model.head_dim: None (heads 32 wide) but {wide / 'config.json'} has head_dim: 64" \
+        in str(problems[0]) and problems[0].fix == "set model.head_dim=64"
+    # a model.head_dim the checkpoint's hidden_size / heads does not give, and one that dim and
+    # heads give anyway (said once, as model.dim's problem)
+    assert "has head_dim: 32" in _text(tiny(init_from=str(path), head_dim=48))
+    bare = _with_config(path, tmp_path / "bare", lambda c: c.pop("head_dim"))
+    text = _text(tiny(init_from=str(bare), head_dim=48))
+    assert "has no head_dim, which transformers reads as hidden_size / num_attention_heads = 32" \
+        in text and "set model.head_dim=32" in text
+    assert "model.head_dim" not in _text(tiny(init_from=str(path), dim=512))
+
+
+def _saved(tmp_path: Path, family: str, cfg: ModelConfig, **extra: object):
+    """A random ``family`` (llama or mistral) checkpoint of ``cfg``'s shape, saved, and the
+    transformers model that saved it."""
+    config = {**hf_llama_config(cfg), **extra}
+    if family == "mistral":
+        config = {k: v for k, v in config.items() if k not in ("attention_bias", "mlp_bias",
+                                                                "pretraining_tp")}
+        config["architectures"] = ["MistralForCausalLM"]
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+               "mistral": ("MistralConfig", "MistralForCausalLM")}[family]
+    torch.manual_seed(5)
+    hf_cfg = getattr(transformers, classes[0])(**config, attn_implementation="eager")
+    model = getattr(transformers, classes[1])(hf_cfg).float().eval()
+    path = tmp_path / family
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_heads_wider_than_dim_over_heads_load_with_the_same_logits(tmp_path, family):
+    """``model.head_dim``: heads 48 wide at dim 256 with 8 heads (384-wide query projections),
+    as Mistral NeMo's 128 at 5120 with 32; saved by LlamaForCausalLM, and by MistralForCausalLM
+    (Llama's decoder, loaded where its sliding window is off)."""
+    cfg = tiny(head_dim=48)
+    path, hf = _saved(tmp_path, family, cfg, sliding_window=None)
+    loading = dataclasses.replace(cfg, init_from=str(path))
+    assert init_from_problems(loading) == []
+    ours = Transformer(loading).eval()
+    load_hf_weights(ours, loading)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(tokens).logits).abs().max()
+    assert diff < 1e-5, diff
+
+
+def test_a_mistral_checkpoint_attending_through_a_window_is_refused(tmp_path):
+    """Mistral 7B v0.1's attention sees 4,096 tokens back (transformers' default where
+    config.json says nothing), orch's the whole sequence: another function past that length."""
+    cfg = tiny()
+    path, _ = _saved(tmp_path, "mistral", cfg, sliding_window=4096)
+    text = _text(dataclasses.replace(cfg, init_from=str(path)))
+    assert f"{path / 'config.json'} has sliding_window: 4096: its attention sees only that " \
+        "many tokens back" in text and "null (Mistral 7B v0.3, Mistral NeMo)" in text
+    config = json.loads((path / "config.json").read_text())
+    del config["sliding_window"]
+    (path / "config.json").write_text(json.dumps(config))
+    assert "has no sliding_window, which transformers reads as 4096" in _text(
+        dataclasses.replace(cfg, init_from=str(path)))
 
 
 def test_text_data_with_a_tokenizer_vocabulary_is_refused_before_launch(tmp_path, monkeypatch):

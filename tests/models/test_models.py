@@ -85,13 +85,16 @@ def test_every_layer_keeps_one_shared_document_mask_for_its_backward():
     assert len(masks) == 1
 
 
-def test_gqa_matches_explicitly_repeated_kv_heads():
-    cfg = small(heads=4, kv_heads=2)
+@pytest.mark.parametrize("head_dim", [None, 12], ids=["dim-over-heads", "wider"])
+def test_gqa_matches_explicitly_repeated_kv_heads(head_dim):
+    """Heads dim / heads wide (8), and wider (12, ``model.head_dim``: projections of 48 from a
+    hidden size of 32, as Mistral NeMo's 4096 from 5120)."""
+    cfg = small(heads=4, kv_heads=2, head_dim=head_dim)
     attn = Attention(cfg)
     x = torch.randn(2, 6, cfg.dim)
     rope = Transformer(cfg).rope
     cos, sin = rope(torch.arange(6), x.dtype)
-    b, s, hd = 2, 6, cfg.head_dim
+    b, s, hd = 2, 6, cfg.head_size
     q = apply_rope(attn.wq(x).view(b, s, 4, hd).transpose(1, 2), cos, sin)
     k = apply_rope(attn.wk(x).view(b, s, 2, hd).transpose(1, 2), cos, sin)
     v = attn.wv(x).view(b, s, 2, hd).transpose(1, 2)
@@ -261,7 +264,9 @@ def meta_numel(cfg: ModelConfig) -> int:
     load_config("configs/tiny-moe.yaml").model,
     small(tie_embeddings=True),
     small(experts=4, top_k=1, shared_experts=2, moe_layer_interval=2, expert_ffn_dim=24),
-], ids=["tiny", "tiny-moe", "tied", "interleaved-moe"])
+    small(head_dim=12),
+    load_config("configs/mistral-nemo-12b.yaml").model,
+], ids=["tiny", "tiny-moe", "tied", "interleaved-moe", "head-dim", "mistral-nemo"])
 def test_param_count_matches_closed_form(cfg: ModelConfig):
     assert meta_numel(cfg) == param_counts(cfg).total
 

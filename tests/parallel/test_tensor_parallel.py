@@ -39,7 +39,8 @@ pytestmark = pytest.mark.dist
 TP = 2
 LOSS_ATOL = 5e-6
 ATOL = 2e-6
-BASE = ModelConfig(vocab_size=64, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=48)
+BASE = ModelConfig(vocab_size=64, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=48,
+                   head_dim=12)  # heads wider than dim / heads (model.head_dim): 48-wide q
 CASES = [  # (sequence_parallel, loss_parallel, tie_embeddings)
     *itertools.product((False, True), (False, True), (False,)),
     (True, True, True),

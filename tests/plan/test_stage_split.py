@@ -36,8 +36,8 @@ def test_layer_and_head_flops_equal_torchs_count(config: str) -> None:
     tokens = torch.randint(0, m.vocab_size, (BATCH, SEQ))
     with FlopCounterMode(display=False) as model_count:
         model(tokens).float().logsumexp(-1).mean().backward()
-    q = torch.randn(BATCH, m.heads, SEQ, m.head_dim, requires_grad=True)
-    k, v = (torch.randn(BATCH, m.heads, SEQ, m.head_dim, requires_grad=True) for _ in "kv")
+    q = torch.randn(BATCH, m.heads, SEQ, m.head_size, requires_grad=True)
+    k, v = (torch.randn(BATCH, m.heads, SEQ, m.head_size, requires_grad=True) for _ in "kv")
     with FlopCounterMode(display=False) as attention_count:
         ((q @ k.transpose(-1, -2)).softmax(-1) @ v).sum().backward()
     counts = model_count.get_flop_counts()

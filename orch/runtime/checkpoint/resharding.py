@@ -40,7 +40,7 @@ def adamw8bit_resharding_problems(cfg: Config, degrees: Degrees, path: Path,
     if new_tp == saved_tp:
         return []
     m = cfg.model
-    row_parallel = [("attention.wo", m.heads * m.head_dim), ("feed_forward.w2", m.ffn_dim)]
+    row_parallel = [("attention.wo", m.heads * m.head_size), ("feed_forward.w2", m.ffn_dim)]
     if m.is_moe and m.shared_experts:  # split like the dense MLP, over its own width
         row_parallel.append(("feed_forward.shared_expert.w2", m.shared_experts * m.moe_ffn_dim))
     for what, width in row_parallel:
