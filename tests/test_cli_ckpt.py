@@ -12,7 +12,7 @@ import torch
 
 from orch.cli import main
 from orch.config import load_config
-from orch.models.hf import hf_llama_config
+from orch.models.hf import hf_config
 from orch.models.hf_load import load_hf_weights
 from orch.models.llama import Transformer
 from orch.runtime.checkpoint import CheckpointError, CheckpointManager
@@ -21,8 +21,8 @@ from orch.runtime.checkpoint.safe_load import read_metadata
 PLAN = {"world_size": 2, "degrees": {"dp_shard": 2, "tp": 1, "dp": 2, "world": 2}}
 
 
-def tiny_model(tie: bool = False) -> tuple[object, Transformer]:
-    cfg = load_config("configs/tiny.yaml", [f"model.tie_embeddings={str(tie).lower()}"])
+def tiny_model(tie: bool = False, *extra: str) -> tuple[object, Transformer]:
+    cfg = load_config("configs/tiny.yaml", [f"model.tie_embeddings={str(tie).lower()}", *extra])
     model = Transformer(cfg.model)
     model.init_weights(5)
     with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows
@@ -259,10 +259,17 @@ def test_export_of_a_checkpoint_removed_meanwhile_says_so(run, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no OUT, no temporary
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path, tie, capsys):
+EXPORTED = {"llama": (False, ()), "llama-tied": (True, ()),
+            "qwen3": (True, ("model.qk_norm=true", "model.head_dim=48"))}
+"""Models exported: Llama's, untied and tied, and Qwen3's attention (QK-norm, wider heads) with
+its small models' tied embeddings."""
+
+
+@pytest.mark.parametrize("name", list(EXPORTED))
+def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path, name, capsys):
     transformers = pytest.importorskip("transformers")
-    cfg, model = tiny_model(tie)
+    tie, extra = EXPORTED[name]
+    cfg, model = tiny_model(tie, *extra)
     save_run(tmp_path / "run", cfg, model, steps=(1,))
     out = tmp_path / "hf"
     assert main(["ckpt", "export", str(tmp_path / "run"), "--to", "hf", str(out),
@@ -275,7 +282,8 @@ def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path
     assert record["groups"]["model"]["tensors"] == len(list(model.parameters()))
     # through the Auto class, as pipeline() and vLLM load it (it needs config.json's model_type)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert isinstance(hf, transformers.LlamaForCausalLM)
+    assert isinstance(hf, transformers.Qwen3ForCausalLM if cfg.model.qk_norm
+                      else transformers.LlamaForCausalLM)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 40),
                            generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -329,7 +337,7 @@ def test_export_names_every_problem_of_the_request_at_once_before_hashing(tmp_pa
     assert "--max-shard-size: '1.5' is not a whole number of bytes" in err
     assert "fix: give a whole number of bytes, or a size such as 5GB" in err
     assert not (tmp_path / "o").exists()
-    assert hf_llama_config(cfg.model)["num_hidden_layers"] == 4
+    assert hf_config(cfg.model)["num_hidden_layers"] == 4
     (tmp_path / "empty").mkdir()  # no complete checkpoint: said beside the request's problems
     assert main(["ckpt", "export", str(tmp_path / "empty"), "--to", "hf", str(tmp_path / "taken"),
                  "--dtype", "int8"]) == 2

@@ -37,6 +37,7 @@ def test_all_example_configs_load():
         "mixtral-8x22b",
         "qwen2-57b-a14b",
         "mistral-nemo-12b",
+        "qwen3-8b",
     } <= names
     for path in CONFIGS:
         cfg = load_config(path)

@@ -40,6 +40,10 @@ class ModelConfig:
         metadata=_help("width of each attention head; null = dim / heads (Llama), set where "
                        "heads x head_dim is not dim (Mistral NeMo: 128 at dim 5120, 32 heads)"),
     )
+    qk_norm: bool = field(
+        default=False,
+        metadata=_help("RMSNorm over each query and key head before RoPE (Qwen3, OLMo 2)"),
+    )
     ffn_dim: int = field(default=688, metadata=_help("SwiGLU hidden size of dense layers"))
     rope_theta: float = field(default=10000.0, metadata=_help("RoPE base frequency"))
     max_seq_len: int = field(default=2048, metadata=_help("longest sequence the model supports"))
@@ -414,7 +418,7 @@ OFFLOADED = tuple(f"offload.{group}" for group in ("params", "grads", "optimizer
 KV_HEADS = ("model.kv_heads", "model.heads")
 """What :attr:`ModelConfig.n_kv_heads` reads (null kv_heads: as many as heads)."""
 MODEL_SHAPE = tuple(f"model.{name}" for name in (
-    "vocab_size", "dim", "layers", "heads", "kv_heads", "head_dim", "ffn_dim", "tie_embeddings",
-    "experts", "top_k", "expert_ffn_dim", "shared_experts", "moe_layer_interval"))
+    "vocab_size", "dim", "layers", "heads", "kv_heads", "head_dim", "qk_norm", "ffn_dim",
+    "tie_embeddings", "experts", "top_k", "expert_ffn_dim", "shared_experts", "moe_layer_interval"))
 """What the model's parameter shapes read (orch's Transformer; the plan's ``model_key``): a
 check of shapes or bytes reads these, not the rest of ``model`` (its name, RoPE, norm eps)."""

@@ -6,7 +6,7 @@ permutation. This module holds that rename (both ways) and the ``LlamaConfig`` f
 :class:`ModelConfig`; exporting and importing checkpoints build on it.
 
 It is pure torch on purpose: ``transformers`` is an optional dev dependency, so nothing here
-imports it. ``LlamaConfig(**hf_llama_config(cfg))`` builds the matching HF config where it is
+imports it. ``LlamaConfig(**hf_config(cfg))`` builds the matching HF config where it is
 installed. Only dense models map: an MoE layer has no ``LlamaForCausalLM`` counterpart, and asking
 for one raises an :class:`~orch.errors.OrchError` that says so.
 """
@@ -35,6 +35,8 @@ _PER_LAYER = {
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",  # Qwen3's QK-norm (model.qk_norm)
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
@@ -89,10 +91,18 @@ _MOE_FIX = (
 )
 
 
-def hf_llama_config(model: ModelConfig, dtype: torch.dtype | str = "float32") -> dict[str, Any]:
-    """The keyword arguments of a transformers ``LlamaConfig`` describing ``model``.
+def hf_family(model: ModelConfig) -> tuple[str, str]:
+    """The transformers class and ``model_type`` of ``model``'s HuggingFace view: Qwen3's where
+    its attention normalizes each query and key head (``model.qk_norm``: Qwen3's decoder is
+    Llama's with that norm), else Llama's."""
+    return ("Qwen3ForCausalLM", "qwen3") if model.qk_norm else ("LlamaForCausalLM", "llama")
 
-    ``LlamaForCausalLM(LlamaConfig(**hf_llama_config(cfg)))`` computes the same function as
+
+def hf_config(model: ModelConfig, dtype: torch.dtype | str = "float32") -> dict[str, Any]:
+    """The keyword arguments of a transformers ``LlamaConfig`` describing ``model`` (a
+    ``Qwen3Config`` with ``model.qk_norm``: :func:`hf_family`).
+
+    ``LlamaForCausalLM(LlamaConfig(**hf_config(cfg)))`` computes the same function as
     ``Transformer(cfg)`` once loaded with :func:`to_hf_state_dict`. ``dtype`` is recorded as
     ``torch_dtype`` (the name every transformers version reads); it describes the weights and
     changes nothing here. The byte tokenizer has no special tokens, so bos/eos/pad ids are None.
@@ -112,8 +122,10 @@ def hf_llama_config(model: ModelConfig, dtype: torch.dtype | str = "float32") ->
         )
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
+    qwen3 = {"use_sliding_window": False, "sliding_window": None,
+             "max_window_layers": model.layers} if model.qk_norm else {}
     return {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [hf_family(model)[0]],
         "vocab_size": model.vocab_size,
         "hidden_size": model.dim,
         "intermediate_size": model.ffn_dim,
@@ -137,6 +149,7 @@ def hf_llama_config(model: ModelConfig, dtype: torch.dtype | str = "float32") ->
         "eos_token_id": None,
         "pad_token_id": None,
         "torch_dtype": dtype,
+        **qwen3,
     }
 
 

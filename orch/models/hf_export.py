@@ -1,6 +1,7 @@
-"""``orch ckpt export DIR --to hf OUT``: an orch checkpoint as a HuggingFace Llama directory.
+"""``orch ckpt export DIR --to hf OUT``: an orch checkpoint as a HuggingFace Llama directory
+(Qwen3's, for a model with ``model.qk_norm``).
 
-OUT gets ``config.json`` (``hf.hf_llama_config`` of the checkpoint's own model config) and the
+OUT gets ``config.json`` (``hf.hf_config`` of the checkpoint's own model config) and the
 weights as safetensors, split into shards of at most ``max_shard_bytes`` with a
 ``model.safetensors.index.json`` when there is more than one, as ``save_pretrained`` writes
 them; ``transformers`` loads the directory and ``model.init_from`` reads it back. Tensors are
@@ -27,7 +28,7 @@ import torch
 from orch.config.coerce import build, byte_count
 from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
-from orch.models.hf import hf_llama_config, ours_to_hf
+from orch.models.hf import hf_config, hf_family, ours_to_hf
 from orch.models.llama import Transformer
 from orch.runtime.checkpoint.browse import (
     TensorInfo,
@@ -104,7 +105,7 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     elif manifest is not None:
         model = build(ModelConfig, manifest.config.get("model"), "model", {}, problems)
         try:
-            config = hf_llama_config(model, dtype if dtype in DTYPES else "float32")
+            config = hf_config(model, dtype if dtype in DTYPES else "float32")
         except ProblemsError as exc:  # an MoE model
             problems.extend(exc.problems)
     if problems:
@@ -130,8 +131,8 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         written = _write(path, shards, names, DTYPES[dtype], tmp)
         # model_type: what transformers' Auto classes (pipeline(), vLLM) read to pick the
         # architecture; without it only LlamaForCausalLM itself could load the directory
-        (tmp / "config.json").write_text(json.dumps({"model_type": "llama", **config}, indent=2)
-                                         + "\n")
+        (tmp / "config.json").write_text(json.dumps({"model_type": hf_family(model)[1], **config},
+                                                    indent=2) + "\n")
         _into_place(tmp, out)
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ from torch import nn
 from orch.config.blend import blend_field, parse_blend
 from orch.config.schema import KV_HEADS, MODEL_SHAPE, DataConfig, ModelConfig
 from orch.errors import Problem, ProblemsError, reading
-from orch.models.hf import TIED_HEAD_ABSENT, hf_ignored, hf_llama_config, hf_to_ours, ours_to_hf
+from orch.models.hf import TIED_HEAD_ABSENT, hf_config, hf_ignored, hf_to_ours, ours_to_hf
 from orch.models.llama import Transformer
 from orch.models.weights import fill_all
 
@@ -49,13 +49,22 @@ _HF_DEFAULTS = {
     "tie_word_embeddings": False,
 }
 _DEFAULT_THETA = 10000.0
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
-"""The HuggingFace classes whose checkpoints orch's Llama loads -> their ``model_type``:
-Mistral's decoder is Llama's (the same names, no biases), with a sliding window where its config
-gives one (refused: orch's attention sees the whole sequence) and its own defaults below."""
-_MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8}
-"""Where transformers' MistralConfig defaults differ from LlamaConfig's, for a key config.json
-lacks (a null ``num_key_value_heads`` still reads as the heads)."""
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                 "Qwen3ForCausalLM": "qwen3"}
+"""The HuggingFace classes whose checkpoints orch's Llama loads -> their ``model_type``.
+Mistral's decoder is Llama's (the same names, no biases), Qwen3's Llama's with each query and
+key head normalized (``model.qk_norm``); both attend through a sliding window where their
+config turns one on (refused: orch's attention sees the whole sequence), and have their own
+defaults (below)."""
+_FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
+    "llama": {},
+    "mistral": {"intermediate_size": 14336, "num_key_value_heads": 8},
+    "qwen3": {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+              "head_dim": 128},
+}
+"""Where transformers' MistralConfig and Qwen3Config defaults differ from LlamaConfig's, for a
+key config.json lacks (a null ``num_key_value_heads`` still reads as the heads, a null or
+absent Llama or Mistral ``head_dim`` as hidden_size / heads)."""
 
 
 def _family(theirs: dict) -> str:
@@ -69,14 +78,34 @@ def _family(theirs: dict) -> str:
 
 def _as_transformers_reads(theirs: dict) -> dict:
     """The checked fields of config.json ``theirs`` as transformers builds its LlamaConfig (or
-    MistralConfig) from them: every absent (or null) key at that config's default (all but
-    rope_theta)."""
-    defaults = {**_HF_DEFAULTS, **(_MISTRAL_DEFAULTS if _family(theirs) == "mistral" else {})}
+    MistralConfig, Qwen3Config) from them: every absent (or null) key at that config's default
+    (all but rope_theta and head_dim)."""
+    family = _FAMILY_DEFAULTS.get(_family(theirs), {})
+    defaults = {**_HF_DEFAULTS, **family}
     hf = {key: default if theirs.get(key) is None else theirs[key]
-          for key, default in defaults.items() if key != "num_key_value_heads"}
-    kv_heads = theirs.get("num_key_value_heads", defaults.get("num_key_value_heads"))
+          for key, default in defaults.items() if key not in ("num_key_value_heads", "head_dim")}
+    kv_heads = theirs.get("num_key_value_heads", family.get("num_key_value_heads"))
     hf["num_key_value_heads"] = hf["num_attention_heads"] if kv_heads is None else kv_heads
     return hf
+
+
+def _window_problem(theirs: dict, family: str, config_file: Path) -> Problem | None:
+    """A Mistral or Qwen3 config.json whose attention looks back through a sliding window:
+    Mistral's unless ``sliding_window`` is null (4096 where absent), Qwen3's where
+    ``use_sliding_window`` is true or ``layer_types`` names a sliding layer."""
+    if family == "mistral" and (window := theirs.get("sliding_window", 4096)) is not None:
+        said = ("has no sliding_window, which transformers reads as 4096"
+                if "sliding_window" not in theirs else f"has sliding_window: {window!r}")
+    elif family == "qwen3" and (theirs.get("use_sliding_window") and theirs.get(
+            "sliding_window", 4096) is not None or "sliding_attention" in (
+            theirs.get("layer_types") or ())):
+        said = "turns a sliding window on (use_sliding_window, layer_types)"
+    else:
+        return None
+    return Problem("model.init_from", f"{config_file} {said}: its attention sees only that "
+                   "many tokens back, orch's the whole sequence", "use a checkpoint without a "
+                   "sliding window (Mistral 7B v0.3's and NeMo's sliding_window is null, Qwen3's "
+                   "use_sliding_window false)")
 
 
 def init_from_problems(model: ModelConfig) -> list[Problem]:
@@ -97,7 +126,7 @@ def init_from_problems(model: ModelConfig) -> list[Problem]:
 def _config_problems(model: ModelConfig) -> list[Problem]:
     """The directory and its config.json against ``model`` (see :func:`init_from_problems`)."""
     try:  # an MoE config cannot take a Llama checkpoint, whatever the directory holds
-        ours = hf_llama_config(model)
+        ours = hf_config(model)
     except ProblemsError as exc:
         return exc.problems
     where, path = "model.init_from", Path(model.init_from)
@@ -161,13 +190,15 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
             problems.append(Problem(where, f"{config_file} has {key}: {theirs[key]!r}, not "
                                     f"{types if foreign else repr(want)}: another model than "
                                     "orch's Llama", f"use a {known} checkpoint"))
-    if family == "mistral" and (window := theirs.get("sliding_window", 4096)) is not None:
-        said_window = ("has no sliding_window, which transformers reads as 4096"
-                       if "sliding_window" not in theirs else f"has sliding_window: {window!r}")
-        problems.append(Problem(where, f"{config_file} {said_window}: its attention sees only "
-                                "that many tokens back, orch's the whole sequence",
-                                "use a checkpoint whose sliding_window is null (Mistral 7B v0.3, "
-                                "Mistral NeMo)"))
+    if (window := _window_problem(theirs, family, config_file)) is not None:
+        problems.append(window)
+    if family in ARCHITECTURES.values() and model.qk_norm != (family == "qwen3"):
+        does = ("normalizes each query and key head (q_norm, k_norm)" if family == "qwen3"
+                else "normalizes no query or key head")
+        problems.append(Problem("model.qk_norm", f"{str(model.qk_norm).lower()} but "
+                                f"{config_file} describes a {family} model, whose attention "
+                                f"{does}", f"set model.qk_norm={str(family == 'qwen3').lower()}",
+                                ("model.init_from",)))
     for flag in ("attention_bias", "mlp_bias"):
         if theirs.get(flag):
             problems.append(Problem(where, f"{config_file} has {flag}: true",
@@ -177,14 +208,17 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
                          f"not {want}", f"write {key} in config.json as {_AS_JSON[want]}, as "
                          "save_pretrained does") for key, want in mistyped.items()]
     head_dim, heads = theirs.get("head_dim"), hf["num_attention_heads"]
+    default_width = _FAMILY_DEFAULTS.get(family, {}).get("head_dim")
     if not mistyped and heads > 0:  # transformers' head width: head_dim, else hidden / heads
         coupled = hf["hidden_size"] // heads
-        width = coupled if head_dim is None else head_dim
+        width = head_dim if head_dim is not None else (
+            default_width if "head_dim" not in theirs and default_width else coupled)
         # a width that follows from dim and heads is the fix of those fields, said below
         if width != model.head_size and (model.head_dim is not None or width != coupled):
-            given = (f"has head_dim: {head_dim!r}" if head_dim is not None else "has no "
-                     f"head_dim, which transformers reads as hidden_size / num_attention_heads "
-                     f"= {coupled}")
+            given = (f"has head_dim: {head_dim!r}" if head_dim is not None
+                     else f"has no head_dim, which transformers reads as {width} ({family}'s "
+                     "default)" if width != coupled else "has no head_dim, which transformers "
+                     f"reads as hidden_size / num_attention_heads = {coupled}")
             problems.append(Problem("model.head_dim", f"{model.head_dim!r} (heads "
                                     f"{model.head_size} wide) but {config_file} {given}",
                                     f"set model.head_dim={width}", ("model.init_from",)))

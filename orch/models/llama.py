@@ -84,6 +84,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.heads * self.head_dim, cfg.dim, bias=False)
+        # Qwen3's QK-norm: each head's query and key normalized over its head_dim (one weight
+        # for every head), before RoPE
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attention_fn: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -92,10 +96,13 @@ class Attention(nn.Module):
         (``train.document_mask``), or None for plain causal attention."""
         b, s, _ = x.shape
         # -1, not self.heads: under tensor parallelism each rank holds heads/tp of them.
-        q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
         attention = self.attention_fn if self.attention_fn is not None else causal_attention
         out = attention(q, k, v) if documents is None else attention(q, k, v, documents=documents)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))

@@ -17,6 +17,10 @@ weights replicated DTensors), the row-parallel layers reduce-scatter instead of 
 each attention/feed-forward input is all-gathered on entry. Without it those activations are
 replicated plain tensors and the norm weights plain parameters.
 
+QK-norm's weights (``model.qk_norm``) are replicated DTensors computing on the rank's heads
+(``Shard(2)`` of ``[b, s, heads, head_dim]``, torchtitan's Qwen3 layout), sequence parallelism
+or not: each rank's gradient covers its own heads, a partial sum reduced over the tp ranks.
+
 MoE layers (``orch.models.moe``) need sequence parallelism (as in Megatron-Core): each TP rank
 routes its own sequence shard, so no token is dispatched twice. The layer takes and returns
 its rank's tokens as plain tensors; the router is replicated (a ``Replicate`` DTensor computing on
@@ -89,6 +93,9 @@ def apply_tensor_parallel(
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=between),
         }
+        if block.attention.q_norm is not None:  # each rank normalizes its own heads (dim 2)
+            plan |= {f"attention.{norm}": SequenceParallel(sequence_dim=2, use_local_output=True)
+                     for norm in ("q_norm", "k_norm")}
         if isinstance(block.feed_forward, MoEFeedForward):
             plan |= _moe_plan(block.feed_forward)
             block.feed_forward.partial_grad_ranks = tp_mesh.size()

@@ -51,6 +51,8 @@ class Arch:
     expert_ffn: int = 0
     shared_ffn: int = 0
     saves_gathered: bool = True
+    qk_norm: bool = False
+    """Qwen3's QK-norm: an RMSNorm over each query and key head before RoPE."""
     ring: bool = False
     """Context parallelism's ring attention, whose op keeps its merged output in float32."""
     autocast: bool = False
@@ -93,15 +95,19 @@ AUX_LOSS = Term("aux_loss", 1, 4, "minor")
 """An MoE layer keeps its load-balancing loss for the trainer, whatever the recompute."""
 
 
-def norm_terms(name: str, arch: Arch, tokens: int) -> list[Term]:
-    """A norm's input and statistics; torch's composite norm (CPU builds) computes in float32,
-    keeping its input's float32 copy and the normalized tensor, whatever the input's dtype."""
+def norm_terms(name: str, arch: Arch, rows: int, width: int | None = None,
+               input_bytes: int | None = None) -> list[Term]:
+    """A norm's input and statistics over ``rows`` of ``width`` (the hidden size: the residual
+    stream's, in its bytes; a QK-norm's rows are heads, of the compute dtype); torch's
+    composite norm (CPU builds) computes in float32, keeping its input's float32 copy and the
+    normalized tensor, whatever the input's dtype."""
     stats = 2 if arch.norm == "layernorm" else 1
-    kept = arch.residual_bytes if arch.fused_norm else 4
-    terms = [Term(f"{name}_in", tokens * arch.hidden, kept),
-             Term(f"{name}_stats", stats * tokens, 4, "minor")]
+    width = arch.hidden if width is None else width
+    kept = (arch.residual_bytes if input_bytes is None else input_bytes) if arch.fused_norm else 4
+    terms = [Term(f"{name}_in", rows * width, kept),
+             Term(f"{name}_stats", stats * rows, 4, "minor")]
     if not arch.fused_norm:
-        terms.append(Term(f"{name}_normalized", tokens * arch.hidden, 4))
+        terms.append(Term(f"{name}_normalized", rows * width, 4))
     return terms
 
 
@@ -191,6 +197,10 @@ def layer_terms(
     terms += [Term("qkv_in", arch.casts(3) * x.tok_in * h, act, wgrad=True),
               Term("q", x.tok * x.q_dim, act), Term("k", x.tok * x.kv_dim, act),
               Term("v", x.tok * x.kv_dim, act)]
+    if arch.qk_norm:  # their inputs (the projections' outputs); "q" and "k" are their outputs
+        terms += (norm_terms("q_norm", arch, x.tok * x.q_dim // arch.head_dim, arch.head_dim, act)
+                  + norm_terms("k_norm", arch, x.tok * x.kv_dim // arch.head_dim, arch.head_dim,
+                               act))
     terms += _attention_core(arch, x, s, b, cp)
     # The output projection's input; flash attention's saved output is the same storage, but
     # under context parallelism the attention's output is laid out by heads and copied.

@@ -121,23 +121,24 @@ def model_key(m: ModelConfig) -> tuple:
     """The hashable shape of a model; ``_param_counts`` and ``_archs`` unpack it in this order."""
     return (m.vocab_size, m.dim, m.layers, m.heads, m.n_kv_heads, m.head_size, m.ffn_dim,
             m.experts, m.top_k, m.moe_ffn_dim, m.shared_experts, m.moe_layer_interval,
-            m.tie_embeddings)
+            m.tie_embeddings, m.qk_norm)
 
 
 @lru_cache(maxsize=64)
 def _param_counts(key: tuple) -> ParamCounts:
-    vocab, h, layers, heads, kv, hd, ffn, experts, top_k, fe, shared, interval, tied = key
+    vocab, h, layers, heads, kv, hd, ffn, experts, top_k, fe, shared, interval, tied, qk = key
     moe_layers = layers // interval if experts else 0
     dense_layers = layers - moe_layers
     attention = 2 * h * heads * hd + 2 * h * kv * hd
     one_expert = 3 * h * fe
     counts = dict(
-        embedding=vocab * h, head=0 if tied else vocab * h, attention=attention, norms=2 * h,
+        embedding=vocab * h, head=0 if tied else vocab * h, attention=attention,
+        norms=2 * h + (2 * hd if qk else 0),  # the block's two, and QK-norm's q and k
         mlp=3 * h * ffn, router=h * experts, experts=experts * one_expert,
         shared_expert=shared * one_expert if experts else 0, final_norm=h,
         dense_layers=dense_layers, moe_layers=moe_layers,
     )
-    total = (counts["embedding"] + counts["head"] + h + layers * (attention + 2 * h)
+    total = (counts["embedding"] + counts["head"] + h + layers * (attention + counts["norms"])
              + dense_layers * counts["mlp"]
              + moe_layers * (counts["router"] + counts["experts"] + counts["shared_expert"]))
     expert_total = moe_layers * counts["experts"]
@@ -163,9 +164,9 @@ def zero_bytes_per_param(stage: int, dp: int, k: int = 12) -> float:
 def _archs(key: tuple, act_bytes: int, flash: bool, fused_norm: bool, ring: bool,
            autocast: bool) -> tuple[Arch, Arch]:
     """The (dense layer, MoE layer) archs of ``orch.models.llama`` for a model key."""
-    _, h, _, heads, kv, hd, ffn, experts, top_k, fe, shared, _, _ = key
+    _, h, _, heads, kv, hd, ffn, experts, top_k, fe, shared, _, _, qk = key
     dense = Arch(hidden=h, heads=heads, kv_heads=kv, head_dim=hd, ffn=ffn, fused_norm=fused_norm,
-                 flash=flash, act_bytes=act_bytes, ring=ring, autocast=autocast)
+                 flash=flash, act_bytes=act_bytes, ring=ring, autocast=autocast, qk_norm=qk)
     moe = replace(dense, experts=experts, top_k=top_k, expert_ffn=fe, shared_ffn=shared * fe)
     return dense, moe
 

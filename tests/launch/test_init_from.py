@@ -14,7 +14,7 @@ from launch_harness import FAST, REPO, launch, metrics, overrides
 
 from orch.config import ModelConfig, load_config
 from orch.errors import ProblemsError
-from orch.models.hf import hf_llama_config
+from orch.models.hf import hf_config
 from orch.models.hf_load import init_from_problems, load_hf_weights
 from orch.models.llama import Transformer
 
@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
     """A randomly initialized LlamaForCausalLM of the tiny shape, saved in 1 MB shards."""
     path = tmp_path_factory.mktemp("hf")
     torch.manual_seed(3)
-    hf_cfg = transformers.LlamaConfig(**hf_llama_config(tiny()), attn_implementation="eager")
+    hf_cfg = transformers.LlamaConfig(**hf_config(tiny()), attn_implementation="eager")
     model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
     with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows
         for name, p in model.named_parameters():
@@ -379,29 +379,31 @@ def test_what_no_model_setting_fixes_is_said_once_for_what_it_is(checkpoint, tmp
 
 
 def _saved(tmp_path: Path, family: str, cfg: ModelConfig, **extra: object):
-    """A random ``family`` (llama or mistral) checkpoint of ``cfg``'s shape, saved, and the
-    transformers model that saved it."""
-    config = {**hf_llama_config(cfg), **extra}
-    if family == "mistral":
-        config = {k: v for k, v in config.items() if k not in ("attention_bias", "mlp_bias",
-                                                                "pretraining_tp")}
-        config["architectures"] = ["MistralForCausalLM"]
-    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-               "mistral": ("MistralConfig", "MistralForCausalLM")}[family]
+    """A random ``family`` (llama, mistral or qwen3) checkpoint of ``cfg``'s shape, saved, and
+    the transformers model that saved it."""
+    classes = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
+    causal_lm = getattr(transformers, classes[family])
     torch.manual_seed(5)
-    hf_cfg = getattr(transformers, classes[0])(**config, attn_implementation="eager")
-    model = getattr(transformers, classes[1])(hf_cfg).float().eval()
+    hf_cfg = causal_lm.config_class(**{**hf_config(cfg), "architectures": [classes[family]],
+                                       **extra}, attn_implementation="eager")
+    model = causal_lm(hf_cfg).float().eval()
+    with torch.no_grad():  # norms away from 1 (QK-norm's too), so a misplaced one shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape))
     path = tmp_path / family
     model.save_pretrained(path, safe_serialization=True)
     return path, model
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
 def test_heads_wider_than_dim_over_heads_load_with_the_same_logits(tmp_path, family):
     """``model.head_dim``: heads 48 wide at dim 256 with 8 heads (384-wide query projections),
-    as Mistral NeMo's 128 at 5120 with 32; saved by LlamaForCausalLM, and by MistralForCausalLM
-    (Llama's decoder, loaded where its sliding window is off)."""
-    cfg = tiny(head_dim=48)
+    as Mistral NeMo's 128 at 5120 with 32 and Qwen3's 128 at 2560 with 32; saved by
+    LlamaForCausalLM, MistralForCausalLM (Llama's decoder, loaded where its sliding window is
+    off) and Qwen3ForCausalLM (Llama's with QK-norm: ``model.qk_norm``)."""
+    cfg = tiny(head_dim=48, qk_norm=family == "qwen3")
     path, hf = _saved(tmp_path, family, cfg, sliding_window=None)
     loading = dataclasses.replace(cfg, init_from=str(path))
     assert init_from_problems(loading) == []
@@ -411,21 +413,47 @@ def test_heads_wider_than_dim_over_heads_load_with_the_same_logits(tmp_path, fam
     with torch.no_grad():
         diff = (ours(tokens) - hf(tokens).logits).abs().max()
     assert diff < 1e-5, diff
+    other = _text(dataclasses.replace(loading, qk_norm=family != "qwen3"))
+    want = str(family == "qwen3").lower()
+    assert f"model.qk_norm: {str(family != 'qwen3').lower()} but {path / 'config.json'} " \
+        f"describes a {family} model" in other and f"set model.qk_norm={want}" in other
 
 
-def test_a_mistral_checkpoint_attending_through_a_window_is_refused(tmp_path):
+def test_a_checkpoint_attending_through_a_window_is_refused(tmp_path):
     """Mistral 7B v0.1's attention sees 4,096 tokens back (transformers' default where
-    config.json says nothing), orch's the whole sequence: another function past that length."""
+    config.json says nothing), as Qwen3's does with use_sliding_window; orch's the whole
+    sequence: another function past that length."""
     cfg = tiny()
     path, _ = _saved(tmp_path, "mistral", cfg, sliding_window=4096)
     text = _text(dataclasses.replace(cfg, init_from=str(path)))
     assert f"{path / 'config.json'} has sliding_window: 4096: its attention sees only that " \
-        "many tokens back" in text and "null (Mistral 7B v0.3, Mistral NeMo)" in text
+        "many tokens back" in text and "Mistral 7B v0.3's and NeMo's sliding_window is null" \
+        in text
     config = json.loads((path / "config.json").read_text())
     del config["sliding_window"]
     (path / "config.json").write_text(json.dumps(config))
     assert "has no sliding_window, which transformers reads as 4096" in _text(
         dataclasses.replace(cfg, init_from=str(path)))
+    qwen3 = tiny(qk_norm=True)
+    path, _ = _saved(tmp_path, "qwen3", qwen3, use_sliding_window=True, sliding_window=16,
+                     max_window_layers=2)
+    assert "turns a sliding window on (use_sliding_window, layer_types)" in _text(
+        dataclasses.replace(qwen3, init_from=str(path)))
+
+
+def test_absent_qwen3_keys_are_its_own_defaults(tmp_path):
+    """Qwen3Config's defaults are not LlamaConfig's: heads 128 wide whatever the hidden size,
+    32 key/value heads, 151,936 tokens."""
+    cfg = tiny(qk_norm=True, head_dim=128)
+    path, _ = _saved(tmp_path, "qwen3", cfg)
+    config = json.loads((path / "config.json").read_text())
+    for key in ("head_dim", "num_key_value_heads", "vocab_size"):
+        del config[key]
+    (path / "config.json").write_text(json.dumps(config))
+    text = _text(dataclasses.replace(cfg, init_from=str(path), head_dim=None))
+    assert "has no head_dim, which transformers reads as 128 (qwen3's default)" in text
+    assert "set model.head_dim=128" in text and "set model.kv_heads=32" in text
+    assert "set model.vocab_size=151936" in text
 
 
 def test_text_data_with_a_tokenizer_vocabulary_is_refused_before_launch(tmp_path, monkeypatch):
@@ -439,7 +467,7 @@ def test_text_data_with_a_tokenizer_vocabulary_is_refused_before_launch(tmp_path
 
     monkeypatch.chdir(REPO)
     cfg = tiny(vocab_size=512)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama_config(cfg)))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(cfg)))
     hf.save_pretrained(tmp_path / "hf")
     text = tmp_path / "notes.txt"
     text.write_text("text, not token ids " * 100)

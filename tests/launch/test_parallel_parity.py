@@ -7,7 +7,10 @@ per layout, all on the same data. Dense (tiny): data parallel (FSDP2 on 4 ranks,
 2x2 accumulating micro-batches with a reduce per micro-batch, FSDP2 on 2 with one per step: both
 ``parallel.grad_reduce`` modes, each checked gradient by gradient in
 tests/parallel/test_grad_reduce.py), tensor + sequence parallelism composed with FSDP2, context
-parallel (Ulysses alone, ring composed with TP).
+parallel (Ulysses alone, ring composed with TP). Two of the tensor-parallel layouts (ring x TP,
+and 2BP-1F1B x TP below) run Qwen3's attention (``model.qk_norm``, heads wider than dim / heads:
+QK-norm's weights replicated over the tp ranks, their gradients summed) against a single process
+of that model, one launch more.
 MoE (tiny-moe with 8 experts, top-2, aux loss and aux-loss-free bias both on): expert parallel over
 2 ranks, ep2 folded into HSDP 2x2 (so the dense part runs HSDP), ep2 x etp2, ep2 with ring context
 parallelism (the balancing loss sums the loads of the cp ranks, so it sees whole sequences), and
@@ -99,6 +102,7 @@ DENSE = "configs/tiny.yaml"
 MOE = "configs/tiny-moe.yaml"
 MOE_SETTINGS = ["model.experts=8", "model.bias_update_rate=0.001"]
 TP2_DP2 = ["parallel.tp=2", "parallel.dp_shard=2", "train.recompute=selective"]
+QWEN3 = ["model.qk_norm=true", "model.head_dim=48"]  # Qwen3's attention on the dense model
 EP2_ETP2 = ["parallel.ep=2", "parallel.etp=2", "train.recompute=full"]
 OFFLOAD_BUDGET = 7_000_000
 OFFLOAD = ["offload.params=nvme", "offload.grads=nvme", "offload.optimizer=nvme",
@@ -120,7 +124,7 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
                                  "parallel.dp_shard=2"], dict(dp_replicate=2, dp_shard=2)),
     "tp2sp_fsdp2": (DENSE, 4, TP2_DP2, dict(dp_shard=2, tp=2)),
     "cp2_ulysses": (DENSE, 2, ["parallel.cp=2", "parallel.cp_kind=ulysses"], dict(cp=2)),
-    "cp2_tp2": (DENSE, 4, ["parallel.cp=2", "parallel.tp=2", "train.recompute=full"],
+    "cp2_tp2": (DENSE, 4, [*QWEN3, "parallel.cp=2", "parallel.tp=2", "train.recompute=full"],
                 dict(cp=2, tp=2)),
     # selective recompute around the experts' own FSDP unit failed in the first backward
     "ep2": (MOE, 2, ["parallel.ep=2", "train.recompute=selective"], dict(dp_shard=2, ep=2)),
@@ -132,8 +136,9 @@ LAYOUTS = {  # name: (config, processes, overrides, expected degrees)
     "pp2_fsdp2_zb": (DENSE, 4, ["parallel.pp=2", "parallel.dp_shard=2",
                                 "parallel.pp_schedule=zb-h1", "train.recompute=full"],
                      dict(pp=2, dp_shard=2)),
-    "pp2_tp2_2bp": (DENSE, 4, ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=2bp-1f1b",
-                               "train.recompute=selective"], dict(pp=2, tp=2)),
+    "pp2_tp2_2bp": (DENSE, 4, [*QWEN3, "parallel.pp=2", "parallel.tp=2",
+                               "parallel.pp_schedule=2bp-1f1b", "train.recompute=selective"],
+                    dict(pp=2, tp=2)),
     "pp2_ddp2_2bp": (DENSE, 4, ["parallel.pp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1",
                                 "parallel.pp_schedule=2bp-1f1b"], dict(pp=2, dp_replicate=2)),
     "pp2v2_ep2": (MOE, 4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=interleaved",
@@ -165,6 +170,7 @@ RESHARDED = {  # name: (the layout that saved step 2, the plan that resumes it)
 }
 TARGETS = {**LAYOUTS, "single": (DENSE, 1, [], {}), "single_moe": (MOE, 1, [], {}),
            "single_no_eval": (DENSE, 1, ["eval.interval=0"], {}),
+           "single_qwen3": (DENSE, 1, QWEN3, {}),
            "ep4": (MOE, 4, ["parallel.ep=4"], dict(dp_shard=4, ep=4))}
 SAVED_AT_2 = {source for source, _ in RESHARDED.values()} - set(RESUMED)
 DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp", "edp")
@@ -190,7 +196,9 @@ def same_routing_steps(ref: list[dict], got: list[dict]) -> int:
 
 
 def reference_of(layout: str) -> str:
-    return "single_moe" if TARGETS[layout][0] == MOE else "single"
+    if TARGETS[layout][0] == MOE:
+        return "single_moe"
+    return "single_qwen3" if QWEN3[0] in TARGETS[layout][2] else "single"
 
 
 def uninterrupted(target: str) -> str:
@@ -243,7 +251,7 @@ def _reshard(name: str, dirs: dict[str, Path], scratch: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parity")
-    references = ["single", "single_moe", "single_no_eval"]
+    references = ["single", "single_moe", "single_no_eval", "single_qwen3"]
     names = [*references, *LAYOUTS, "nvme", *RESHARDED]
     dirs = {name: root / name for name in names}
     scratch = root / "nvme"  # the NVMe tier's directory (its scratch files have no name)
@@ -403,7 +411,7 @@ def test_evaluations_change_no_training_number(runs, tmp_path):
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-@pytest.mark.parametrize("reference", ["single", "single_moe"])
+@pytest.mark.parametrize("reference", ["single", "single_moe", "single_qwen3"])
 def test_the_eval_loss_is_the_checkpoints_weights_run_forward_by_hand(runs, reference,
                                                                         tmp_path):
     """An independent computation: the final checkpoint's weights in a fresh model, run forward

@@ -1,4 +1,5 @@
-"""Our Llama equals HuggingFace's ``LlamaForCausalLM`` once weights are renamed by orch.models.hf.
+"""Our Llama equals HuggingFace's ``LlamaForCausalLM`` once weights are renamed by orch.models.hf
+(and ``Qwen3ForCausalLM`` with ``model.qk_norm``).
 
 The HF side uses eager attention (an independent implementation, not the SDPA we call), and
 every weight, norms included, is randomized, so a swapped or misnamed tensor shows in the logits.
@@ -13,7 +14,7 @@ import torch
 
 from orch.config import ModelConfig, load_config
 from orch.errors import OrchError
-from orch.models.hf import from_hf_state_dict, hf_llama_config, to_hf_state_dict
+from orch.models.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from orch.models.llama import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -37,8 +38,12 @@ def randomized(cfg: ModelConfig, seed: int = 0) -> Transformer:
 
 
 def hf_twin(cfg: ModelConfig, ours: Transformer) -> torch.nn.Module:
-    hf_cfg = transformers.LlamaConfig(**hf_llama_config(cfg), attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    """The transformers model ``hf_config`` names (``architectures``), holding ``ours``'s
+    weights."""
+    fields = hf_config(cfg)
+    causal_lm = getattr(transformers, fields["architectures"][0])
+    hf_cfg = causal_lm.config_class(**fields, attn_implementation="eager")
+    model = causal_lm(hf_cfg).float().eval()
     model.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=True)
     return model
 
@@ -47,6 +52,8 @@ CASES = {
     "tiny-gqa": {},  # configs/tiny.yaml: 8 heads, 4 kv heads
     "mha-rope-theta": {"kv_heads": None, "rope_theta": 500000.0, "norm_eps": 1e-6},
     "tied": {"tie_embeddings": True, "kv_heads": 2},
+    # Qwen3's attention: heads wider than dim / heads, each query and key head normalized
+    "qwen3": {"qk_norm": True, "head_dim": 48, "tie_embeddings": True, "rope_theta": 1e6},
 }
 
 
@@ -69,8 +76,9 @@ def test_logits_match_transformers(changes):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_round_trip_is_identity(tie):
-    state = Transformer(tiny(tie_embeddings=tie)).state_dict()
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_round_trip_is_identity(tie, qk_norm):
+    state = Transformer(tiny(tie_embeddings=tie, qk_norm=qk_norm)).state_dict()
     back = from_hf_state_dict(to_hf_state_dict(state), tie_embeddings=tie)
     assert set(back) == set(state)
     assert all(torch.equal(back[k], state[k]) for k in state)
@@ -80,7 +88,7 @@ def test_round_trip_is_identity(tie):
 
 def test_config_fields():
     cfg = tiny()
-    fields = hf_llama_config(cfg, dtype=torch.bfloat16)
+    fields = hf_config(cfg, dtype=torch.bfloat16)
     hf_cfg = transformers.LlamaConfig(**fields)
     assert (hf_cfg.hidden_size, hf_cfg.num_hidden_layers, hf_cfg.intermediate_size) == (256, 4, 688)
     assert (hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads, hf_cfg.head_dim) == (8, 4, 32)
@@ -109,7 +117,7 @@ def test_unknown_hf_keys_are_listed():
 def test_moe_model_is_refused_with_a_fix():
     cfg = tiny(experts=4, moe_layer_interval=2)
     with pytest.raises(OrchError, match=r"model\.experts.*\n.*fix: .*experts: 0"):
-        hf_llama_config(cfg)
+        hf_config(cfg)
     with pytest.raises(OrchError) as info:
         to_hf_state_dict(Transformer(cfg).state_dict())
     message = str(info.value)

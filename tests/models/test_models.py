@@ -266,7 +266,8 @@ def meta_numel(cfg: ModelConfig) -> int:
     small(experts=4, top_k=1, shared_experts=2, moe_layer_interval=2, expert_ffn_dim=24),
     small(head_dim=12),
     load_config("configs/mistral-nemo-12b.yaml").model,
-], ids=["tiny", "tiny-moe", "tied", "interleaved-moe", "head-dim", "mistral-nemo"])
+    load_config("configs/qwen3-8b.yaml").model,
+], ids=["tiny", "tiny-moe", "tied", "interleaved-moe", "head-dim", "mistral-nemo", "qwen3-8b"])
 def test_param_count_matches_closed_form(cfg: ModelConfig):
     assert meta_numel(cfg) == param_counts(cfg).total
 
@@ -274,6 +275,13 @@ def test_param_count_matches_closed_form(cfg: ModelConfig):
 def test_llama3_8b_has_8_030_261_248_parameters():
     cfg = load_config("configs/llama3-8b.yaml").model
     assert meta_numel(cfg) == param_counts(cfg).total == 8_030_261_248
+
+
+def test_qwen3_8b_has_its_published_parameters():
+    """Qwen3-8B's model card: 8.2B parameters, 6.95B of them outside the two embeddings."""
+    pc = param_counts(load_config("configs/qwen3-8b.yaml").model)
+    assert pc.total == 8_190_735_360 and round((pc.total - pc.embedding - pc.head) / 1e9, 2) \
+        == 6.95
 
 
 # ------------------------------------------------------------------------------- the MoE layer

@@ -103,7 +103,7 @@ def write_hf_checkpoint(model: Transformer, path, shards: int = 3) -> None:
     index ``save_pretrained`` writes)."""
     from safetensors.torch import save_file
 
-    from orch.models.hf import hf_llama_config, to_hf_state_dict
+    from orch.models.hf import hf_config, to_hf_state_dict
 
     path.mkdir()
     state = to_hf_state_dict(model.state_dict())
@@ -115,7 +115,7 @@ def write_hf_checkpoint(model: Transformer, path, shards: int = 3) -> None:
         save_file({k: state[k].contiguous() for k in part}, str(path / file))
         weight_map |= dict.fromkeys(part, file)
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps(hf_llama_config(model.cfg)))
+    (path / "config.json").write_text(json.dumps(hf_config(model.cfg)))
 
 
 def test_init_from_reads_a_checkpoint_unit_by_unit_into_nvme_homes(tmp_path):

@@ -41,9 +41,10 @@ LOSS_ATOL = 5e-6
 ATOL = 2e-6
 BASE = ModelConfig(vocab_size=64, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=48,
                    head_dim=12)  # heads wider than dim / heads (model.head_dim): 48-wide q
-CASES = [  # (sequence_parallel, loss_parallel, tie_embeddings)
-    *itertools.product((False, True), (False, True), (False,)),
-    (True, True, True),
+CASES = [  # (sequence_parallel, loss_parallel, tie_embeddings, qk_norm)
+    *itertools.product((False, True), (False, True), (False,), (True,)),
+    (True, True, True, True),
+    (True, True, False, False),
 ]
 
 
@@ -83,21 +84,21 @@ def forward_backward(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference(tie: bool) -> dict[str, torch.Tensor]:
-    model = Transformer(dataclasses.replace(BASE, tie_embeddings=tie))
+def reference(tie: bool, qk: bool) -> dict[str, torch.Tensor]:
+    model = Transformer(dataclasses.replace(BASE, tie_embeddings=tie, qk_norm=qk))
     return forward_backward(model)
 
 
 def _run(rank: int, world: int, results) -> None:
     mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
-    for sp, lp, tie in CASES:
-        model = Transformer(dataclasses.replace(BASE, tie_embeddings=tie))
+    for sp, lp, tie, qk in CASES:
+        model = Transformer(dataclasses.replace(BASE, tie_embeddings=tie, qk_norm=qk))
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp, loss_parallel=lp)
         out = forward_backward(model)
         out["dtensor_params"] = torch.tensor(
             sum(isinstance(p, DTensor) for p in model.parameters())
         )
-        results[(sp, lp, tie, rank)] = out
+        results[(sp, lp, tie, qk, rank)] = out
     for ep in (1, 2):
         moe = moe_model()
         apply_tensor_parallel(moe, mesh["tp"], sequence_parallel=True, loss_parallel=True)
@@ -122,11 +123,13 @@ def sharded(tmp_path_factory):
     return run_on_gloo(_run, TP, tmp_path_factory.mktemp("tp"))
 
 
-@pytest.mark.parametrize("sp,lp,tie", CASES)
-def test_equals_plain_model_forward_and_backward(sharded, sp, lp, tie):
-    ref = reference(tie)
+@pytest.mark.parametrize("sp,lp,tie,qk", CASES)
+def test_equals_plain_model_forward_and_backward(sharded, sp, lp, tie, qk):
+    """``qk``: Qwen3's QK-norm, whose weights' gradients each rank computes from its own heads
+    (summed over the tp ranks, as the plain model's cover every head)."""
+    ref = reference(tie, qk)
     for rank in range(TP):
-        got = sharded[(sp, lp, tie, rank)]
+        got = sharded[(sp, lp, tie, qk, rank)]
         assert got.keys() - {"dtensor_params"} == ref.keys()
         for key, value in ref.items():
             atol = LOSS_ATOL if key == "loss" else ATOL
@@ -134,11 +137,16 @@ def test_equals_plain_model_forward_and_backward(sharded, sp, lp, tie):
 
 
 def test_sharding_follows_sequence_parallel(sharded):
-    # Norm weights are replicated DTensors only under sequence parallelism.
-    plain = sum(1 for name, _ in Transformer(BASE).named_parameters() if "norm" not in name)
-    assert int(sharded[(False, True, False, 0)]["dtensor_params"]) == plain
-    everything = sum(1 for _ in Transformer(BASE).parameters())
-    assert int(sharded[(True, True, False, 0)]["dtensor_params"]) == everything
+    # The block norms' weights are replicated DTensors only under sequence parallelism; the
+    # QK-norm's always (they compute on the rank's heads)
+    qk = dataclasses.replace(BASE, qk_norm=True)
+    plain = sum(1 for name, _ in Transformer(qk).named_parameters() if name != "norm.weight"
+                and not name.endswith(("attention_norm.weight", "ffn_norm.weight")))
+    assert int(sharded[(False, True, False, True, 0)]["dtensor_params"]) == plain
+    for case in ((True, True, False, True), (True, True, False, False)):
+        everything = sum(1 for _ in Transformer(dataclasses.replace(BASE, qk_norm=case[3]))
+                         .parameters())
+        assert int(sharded[(*case, 0)]["dtensor_params"]) == everything
 
 
 @pytest.mark.parametrize("ep", [1, 2])

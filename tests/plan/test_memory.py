@@ -356,15 +356,22 @@ def test_a_split_muon_step_counts_its_all_to_alls():
     assert muon_step_bytes(m, Degrees(dp_shard=8, tp=8), 2) == 20 * mlp
 
 
+MEASURED_MODELS = {"tiny": ("tiny", []), "tiny-moe": ("tiny-moe", []),
+                   "qk-norm": ("tiny", ["model.qk_norm=true", "model.head_dim=48"])}
+"""Models whose bytes are measured: the two tiny ones, and Qwen3's attention (QK-norm, heads
+wider than dim / heads) on the dense one."""
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("name", list(MEASURED_MODELS))
 def test_estimate_matches_measured_cpu_step(name, recompute, precision):
     """bf16 on one process is autocast over float32 weights: the residual stream and norms
     stay float32, each linear keeps its own cast of its input and of its weight (the plan
     counted all of it at 2 bytes, and no weight casts: 0.57-0.62 of the bytes held)."""
-    cfg = load_config(f"configs/{name}.yaml", [f"train.precision={precision}",
-                                               f"train.recompute={recompute}"])
+    config, extra = MEASURED_MODELS[name]
+    cfg = load_config(f"configs/{config}.yaml", [f"train.precision={precision}",
+                                                 f"train.recompute={recompute}", *extra])
     measured = measure(cfg)
     if precision == "bf16":  # and as FSDP's mixed precision computes: bf16 weights
         fsdp = estimate_memory(cfg, Degrees(dp_shard=2), flash=True, fused_norm=False)
