@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -754,6 +755,12 @@ def test_a_changed_optimizer_is_told_how_to_keep_the_weights(tmp_path) -> None:
     with pytest.raises(CheckpointError) as err:
         CheckpointManager(tmp_path / "fresh", adamw, PLAN).resolve_resume(str(saved))
     assert "model.dim" in str(err.value) and "ckpt export" not in str(err.value)
+    adamw.model = dataclasses.replace(muon.model, experts=4)  # nor for experts (export
+    muon.model.experts = 4  # refuses them)
+    CheckpointManager(tmp_path / "moe", muon, PLAN).save(1, tiny_state(1.0), {})
+    with pytest.raises(CheckpointError) as err:
+        CheckpointManager(tmp_path / "moe", adamw, PLAN).resolve_resume("auto")
+    assert "optimizer.name" in str(err.value) and "ckpt export" not in str(err.value)
 
 
 def test_resolve_resume(tmp_path) -> None:

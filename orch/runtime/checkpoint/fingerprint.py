@@ -189,23 +189,23 @@ def refuse_other_configs(checkpoints: Path, complete: list[Manifest],
         f"-> here: {_shown(diffs)})",
         "use another run.dir for this config, or set checkpoint.resume=none with a fresh "
         f"run.dir; orch never overwrites or deletes the checkpoints in {checkpoints}"
-        + _weights_only(diffs, checkpoints.parent),
+        + _weights_only(diffs, config, checkpoints.parent),
     )
 
 
-def _weights_only(diffs: list[str], source: Path) -> str:
+def _weights_only(diffs: list[str], config: dict[str, Any], source: Path) -> str:
     """The way on for a resume refused because the optimizer changed: its state cannot load
     into another optimizer (Muon's momenta are not AdamW's moments), but the weights can start
     a new run, as Megatron's ``--no-load-optim`` and torchtitan's ``exclude_from_loading``
     allow; nothing where the optimizer is the same, or the model is not (its weights would
-    not fit)."""
+    not fit), or has experts (export and ``model.init_from`` take dense models only)."""
     changed = {diff.partition(".")[0] for diff in diffs}
-    if "optimizer" not in changed or "model" in changed:
+    moe = (config.get("model") or {}).get("experts")
+    if "optimizer" not in changed or "model" in changed or moe:
         return ""
     return (f"; to train its weights under the new optimizer settings, export them and start "
             f"a fresh run.dir from them: orch ckpt export {source} --to hf OUT, then --set "
-            "model.init_from=OUT (step, data position and optimizer state start over; dense "
-            "models)")
+            "model.init_from=OUT (step, data position and optimizer state start over)")
 
 
 def check_same_config(manifest: Manifest, config: dict[str, Any]) -> None:
@@ -215,5 +215,5 @@ def check_same_config(manifest: Manifest, config: dict[str, Any]) -> None:
             manifest.path,
             f"was saved by another config; changed (there -> here): {_shown(diffs)}",
             "resume with the config it was saved with, or start a fresh run.dir"
-            + _weights_only(diffs, manifest.path),
+            + _weights_only(diffs, config, manifest.path),
         )
