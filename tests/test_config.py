@@ -264,6 +264,10 @@ MOE = ["model.experts=4"]
                             "refuse a negative seed"),  # crashed every worker
         (["train.seed=18446744073709551616"], "train.seed: 18446744073709551616 is not in [0, "
                                               "2**64 - 1]"),  # so did torch.manual_seed
+        (["train.lr_schedule=wsd", "train.cooldown_shape=null"],  # was "did you mean 'cosine'?"
+         "--set train.cooldown_shape: None (YAML reads null, ~ and an empty value as nothing) is "
+         "not one of linear, cosine, sqrt\n        fix: pick one of"),
+        (["train.recompute=~"], "fix: did you mean 'none'? pick one of none, selective, full"),
         (["train.recompute=yes"], "True (YAML reads yes, no, on and off as booleans) is not one "
                                   "of none, selective, full"),  # it said True, not why
         (["train.lr=inf"], "--set train.lr: 'inf' is not a finite number"),

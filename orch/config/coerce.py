@@ -277,8 +277,13 @@ def convert(value: Any, tp: Any) -> Any:
         choices = typing.get_args(tp)
         if value in choices:
             return value
-        hint = did_you_mean(str(value), [str(c) for c in choices])
-        read = " (YAML reads yes, no, on and off as booleans)" if isinstance(value, bool) else ""
+        if value is None:  # null, ~ or nothing: 'None' read as close to 'cosine' by difflib
+            hint = "did you mean 'none'? " if "none" in choices else ""
+            read = " (YAML reads null, ~ and an empty value as nothing)"
+        else:
+            hint = did_you_mean(str(value), [str(c) for c in choices])
+            read = " (YAML reads yes, no, on and off as booleans)" if isinstance(value, bool) \
+                else ""
         raise Invalid(f"{value!r}{read} is not one of {', '.join(map(str, choices))}",
                       f"{hint}pick one of {', '.join(map(str, choices))}")
     if tp is bool:
