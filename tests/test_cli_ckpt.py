@@ -55,7 +55,7 @@ def test_inspect_shows_step_plan_config_files_and_tensors(run, capsys):
     text = capsys.readouterr().out
     assert "step-00000003" in text and "step-00000006" in text
     assert "step      6 (saved" in text and "plan      2 ranks: dp_shard=2" in text
-    assert "model     dim=256 layers=4 heads=8 kv_heads=4" in text
+    assert "model     dim=256 layers=4 heads=8 kv_heads=4 vocab_size=256 experts=0\n" in text
     assert "__0_0.distcp" in text and ".metadata" in text
     assert "model.layers.0.attention.wq.weight  [256, 256]  float32" in text
     assert main(["ckpt", "inspect", str(run / "checkpoints" / "step-00000003"), "--json"]) == 0
@@ -545,6 +545,17 @@ def test_a_tensor_without_a_hf_key_is_refused_not_left_out(run, tmp_path, monkey
             "none), so the export would leave it out") in err
     assert not (tmp_path / "hf").exists()
     assert hf_export.hf_name("model.output.weight", tied=True) is None  # HF keeps one copy
+
+
+def test_inspect_names_qwen3_attention_where_the_model_has_it(tmp_path, capsys):
+    """A Qwen3-shaped checkpoint (QK-norm, heads 48 wide at dim 256 with 8 heads) read as the
+    Llama one beside it: a resume refused for ``model.qk_norm: True -> False`` sent the user to a
+    model line that did not say it. A Llama checkpoint's line stays as it was."""
+    qwen3 = load_config("configs/tiny.yaml", ["model.qk_norm=true", "model.head_dim=48"])
+    save_run(tmp_path / "qwen3", qwen3, Transformer(qwen3.model), steps=(3,))
+    assert main(["ckpt", "inspect", str(tmp_path / "qwen3")]) == 0
+    assert "  model     dim=256 layers=4 heads=8 kv_heads=4 head_dim=48 qk_norm=True " \
+        "vocab_size=256 experts=0\n" in capsys.readouterr().out
 
 
 def test_inspect_names_the_optimizer_and_the_lr_schedule(tmp_path, capsys):
