@@ -67,6 +67,10 @@ key config.json lacks (a null ``num_key_value_heads`` still reads as the heads, 
 absent Llama or Mistral ``head_dim`` as hidden_size / heads)."""
 
 
+_KNOWN = " or ".join(ARCHITECTURES)
+"""The classes a fix names: ``LlamaForCausalLM or MistralForCausalLM or Qwen3ForCausalLM``."""
+
+
 def _family(theirs: dict) -> str:
     """The ``model_type`` a config.json describes: from ``architectures`` where it names one
     orch loads, else its ``model_type`` (Llama's where it says neither)."""
@@ -151,17 +155,17 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
     try:
         theirs = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return [Problem(where, f"{config_file}: {exc}", "use a LlamaForCausalLM checkpoint")]
+        return [Problem(where, f"{config_file}: {exc}", f"use a {_KNOWN} checkpoint")]
     if not isinstance(theirs, dict):
         return [Problem(where, f"{config_file} holds a JSON {type(theirs).__name__}, not a "
-                        "model config", "use a LlamaForCausalLM checkpoint")]
+                        "model config", f"use a {_KNOWN} checkpoint")]
     problems, hf = [], _as_transformers_reads(theirs)
     said = {}  # how config.json gives a checked value somewhere other than under its key
     rope_key = "rope_scaling" if theirs.get("rope_scaling") else "rope_parameters"
     rope = theirs.get(rope_key) or {}
     if not isinstance(rope, dict):
         problems.append(Problem(where, f"{config_file} has {rope_key}: {rope!r}, not a mapping",
-                                "use a LlamaForCausalLM checkpoint"))
+                                f"use a {_KNOWN} checkpoint"))
         rope = {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(Problem(where, f"{config_file} scales RoPE ({rope_key}: {rope})",
@@ -178,18 +182,17 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
     else:
         hf["rope_theta"] = _DEFAULT_THETA if top is None else top
     architectures, family = theirs.get("architectures") or [], _family(theirs)
-    known = " or ".join(ARCHITECTURES)
     if not isinstance(architectures, list) or (architectures and
                                                not set(architectures) & set(ARCHITECTURES)):
         problems.append(Problem(where, f"{config_file} describes {architectures}",
-                                f"use a {known} checkpoint"))
+                                f"use a {_KNOWN} checkpoint"))
     types = " or ".join(map(repr, ARCHITECTURES.values()))
     for key, want in (("model_type", family), ("hidden_act", "silu")):  # where architectures
         foreign = key == "model_type" and family not in ARCHITECTURES.values()
         if foreign or theirs.get(key, want) != want:  # is missing, these still tell another
             problems.append(Problem(where, f"{config_file} has {key}: {theirs[key]!r}, not "
                                     f"{types if foreign else repr(want)}: another model than "
-                                    "orch's Llama", f"use a {known} checkpoint"))
+                                    "orch's Llama", f"use a {_KNOWN} checkpoint"))
     if (window := _window_problem(theirs, family, config_file)) is not None:
         problems.append(window)
     if family in ARCHITECTURES.values() and model.qk_norm != (family == "qwen3"):
