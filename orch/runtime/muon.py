@@ -35,6 +35,7 @@ single-process one by more than float32's tolerance.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -207,6 +208,19 @@ def rms_matched_lr(lr: float, shape: torch.Size) -> float:
     return lr * 0.2 * math.sqrt(max(shape[-2], shape[-1]))
 
 
+class _NoGlooAllToAllWarning(logging.Filter):
+    """Drops DTensor's warning that a CPU (gloo) mesh has no all-to-all: every rank of every
+    Muon run on the CPU printed it once, though the exchange it stands an all-gather in for is
+    the one :func:`orthogonalized` asks for, and on the CPU the iterations it shares out cost
+    far more than the gather (a GPU's NCCL runs the all-to-all itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("CPU process group does not support alltoall")
+
+
+_GLOO_ALL_TO_ALL = _NoGlooAllToAllWarning()
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for the param groups marked ``muon: True``, AdamW for the others (see the module
     docstring). Each group takes ``lr``, ``weight_decay``, ``betas`` and ``eps`` (AdamW's),
@@ -218,6 +232,9 @@ class Muon(torch.optim.Optimizer):
                     "momentum": momentum, "ns_steps": ns_steps, "muon": False}
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
+        logger = logging.getLogger("torch.distributed.tensor._collective_utils")
+        if _GLOO_ALL_TO_ALL not in logger.filters:
+            logger.addFilter(_GLOO_ALL_TO_ALL)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # noqa: ANN401 (torch's signature)
