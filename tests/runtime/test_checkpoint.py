@@ -576,6 +576,24 @@ def test_checkpoints_of_an_older_orch_resume_and_real_changes_are_refused(tmp_pa
         CheckpointManager(tmp_path, here, PLAN).resolve_resume(str(saved))
 
 
+def test_a_head_width_or_kv_heads_written_out_is_the_same_model(tmp_path) -> None:
+    """A run saved with model.head_dim and model.kv_heads null (an older orch's: neither field
+    in its manifest) resumes with them written out at what null meant (dim / heads, heads): it
+    was refused as "model.head_dim: None -> 64", told to start over in a fresh run.dir. Another
+    width is still refused, said as the width the checkpoint has."""
+    cfg = make_cfg()
+    saved = CheckpointManager(tmp_path, cfg, PLAN).save(1, tiny_state(1.0), {"sample": 8})
+    _as_if_older(saved, "model.head_dim")
+    here = make_cfg()
+    here.model.head_dim = here.model.dim // here.model.heads
+    here.model.kv_heads = here.model.heads
+    assert CheckpointManager(tmp_path, here, PLAN).resolve_resume("auto") == saved
+    here.model.head_dim *= 2
+    with pytest.raises(CheckpointError, match=f"there -> here: model.head_dim: "
+                       f"{cfg.model.head_size} -> {here.model.head_dim}\\)"):
+        CheckpointManager(tmp_path, here, PLAN).resolve_resume("auto")
+
+
 def test_a_checkpoint_of_the_orch_before_blends_and_document_masks_is_not_read_as_edited(
         tmp_path) -> None:
     """A manifest as the orch before data.blend, data.holdout, data.eos_id, train.document_mask

@@ -152,13 +152,34 @@ def config_changes(manifest: Manifest, config: dict[str, Any]) -> list[str]:
         elif a != b:
             diffs.append(f"{where}: {a!r} -> {b!r}")
 
-    walk(_fingerprinted(manifest.config, keep), _fingerprinted(config, keep), "")
+    there, here = _fingerprinted(manifest.config, keep), _fingerprinted(config, keep)
+    there["model"], here["model"] = _spelled_alike(there["model"], here["model"])
+    walk(there, here, "")
     unread = set()  # fields that change nothing computed where nothing reads them
     if not reads_token_dtype(config.get("data", {})):
         unread.add("data.token_dtype")
     if not any((c.get("train") or {}).get("document_mask") for c in (manifest.config, config)):
         unread.add("data.eos_id")  # (orch data prepare prints it: pasted into a running run)
     return [diff for diff in diffs if diff.partition(":")[0] not in unread]
+
+
+def _spelled_alike(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two ``model`` sections with a null ``head_dim`` or ``kv_heads`` that the other writes out
+    read as the value null stands for (dim / heads, heads): the same model either way (a run
+    resumed with ``model.head_dim: 128`` written out was refused as ``None -> 128`` and told to
+    start over). A null on both sides stays null, so a changed dim is said once."""
+    def meant(model: dict[str, Any]) -> dict[str, Any]:
+        dim, heads = model.get("dim"), model.get("heads")
+        if not (isinstance(dim, int) and isinstance(heads, int) and heads > 0):
+            return {}
+        return {"head_dim": dim // heads, "kv_heads": heads}
+
+    a, b = dict(a), dict(b)
+    for name in set(meant(a)) & set(meant(b)):
+        if (a.get(name) is None) != (b.get(name) is None):
+            for model in (a, b):
+                model[name] = meant(model)[name] if model.get(name) is None else model[name]
+    return a, b
 
 
 def reads_token_dtype(data: dict[str, Any]) -> bool:
