@@ -47,7 +47,12 @@ from orch.plan.memory import MEMORY_READS
 from orch.plan.support import unsupported_features
 from orch.runtime.checkpoint.files import CHECKPOINTS
 from orch.runtime.checkpoint.resharding import adamw8bit_resharding_problems
-from orch.runtime.optim import decay_change, decay_end, decay_start, saved_decay_end, saved_schedule
+from orch.runtime.optim import (
+    checkpoint_peak_until,
+    decay_change,
+    decay_end,
+    saved_decay_end,
+)
 from orch.runtime.rank_log import LOGS
 
 if TYPE_CHECKING:
@@ -935,33 +940,49 @@ def summary(cfg: Config, resume: str | None = None, finished: Path | None = None
         lines.append(f"  to train further, run it again with --set train.steps=N (N > {step})"
                      f"{switch}{keep}")
     if cfg.train.lr_schedule == "wsd":
-        lines += _stable_phase_hint(kept, cfg, manifest)
+        lines += _stable_phase_hint(kept, cfg, manifest, _resumed_manifest(resume))
     return "\n".join(lines)
 
 
-def _stable_phase_hint(own: list[Manifest], cfg: Config, manifest: Manifest | None
-                       ) -> list[str]:
+def _resumed_manifest(resume: str | None) -> Manifest | None:
+    """The manifest of the checkpoint ``--resume PATH`` named (None for auto, none, or one that
+    cannot be read: the launch said why already)."""
+    from orch.runtime.checkpoint.manifest import CheckpointError, read_manifest
+
+    if resume in (None, "auto", "none"):
+        return None
+    try:
+        return read_manifest(Path(resume))
+    except CheckpointError:
+        return None
+
+
+def _stable_phase_hint(own: list[Manifest], cfg: Config, manifest: Manifest | None,
+                       resumed: Manifest | None) -> list[str]:
     """Where a ``wsd`` run that has begun its cooldown can go on at the peak lr: from one of its
     checkpoints (``own``: the run directory's of this config, oldest first; ``manifest``: the
-    newest's, maybe another run's) of the stable phase (what the schedule is for), into a new
-    run directory, where ``--resume auto`` will not take the cooled-down checkpoints for newer
-    progress. None where the run is still in its stable phase (or has no checkpoint, or no step
-    at the peak).
+    newest's, maybe another run's; ``resumed``: the one ``--resume PATH`` named) of the stable
+    phase (what the schedule is for), into a new run directory, where ``--resume auto`` will not
+    take the cooled-down checkpoints for newer progress. None where the run is still in its
+    stable phase (or has no checkpoint, or no step at the peak).
 
-    Each checkpoint was trained under its own launch's schedule, and a resume may have moved the
-    cooldown later (a run stopped inside it and went on with more train.cooldown_steps or
-    train.steps): the stable phase ended at the earliest cooldown start that a checkpoint had
-    passed, not at the newest checkpoint's."""
+    Each manifest records the last step its weights trained at the peak across the resumes
+    that led to it (``Manifest.lr``, ``orch.runtime.optim.peak_until``): a resume may have moved
+    the cooldown later (a run stopped inside it went on with more train.cooldown_steps or
+    train.steps), and retention may have removed the checkpoints that showed the first one
+    (seen: step 30 named as at the peak, though steps 21-25 had cooled its weights, once steps
+    20 and 25 were gone). The stable phase ended at the earliest such step, and the checkpoints
+    of it are those whose history never left the peak."""
     if manifest is None:
         return []
-    starts = [(m.step, decay_start(saved_schedule(m.config.get("train") or {}, cfg.train)))
-              for m in (*own, manifest)]
-    last = min((start for step, start in starts if step > start), default=None)
+    candidates = [*own, *([resumed] if resumed is not None else [])]
+    peaks = {m.path: checkpoint_peak_until(m, cfg.train) for m in (*candidates, manifest)}
+    last = min((peak for peak in peaks.values() if peak is not None), default=None)
     if not last:  # still stable, or cooling down from step 1 (no warmup, no stable phase)
         return []
-    stable = [m.path for m in own if m.step <= last]
-    source = (f"--resume {stable[-1]}" if stable else "none is kept here (checkpoint.keep_every "
-              "keeps some)")
+    stable = sorted((m for m in candidates if peaks[m.path] is None), key=lambda m: m.step)
+    source = (f"--resume {stable[-1].path}" if stable else "none is kept here "
+              "(checkpoint.keep_every keeps some)")
     return [f"  to go on at the peak lr instead (the stable phase ended at step {last}), resume "
             f"a checkpoint of it into a new run.dir with more train.steps: {source}"]
 

@@ -13,13 +13,16 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from orch.config.schema import COOLDOWN_FIELDS, Config, TrainConfig
 from orch.errors import OrchError
+
+if TYPE_CHECKING:
+    from orch.runtime.checkpoint.manifest import Manifest
 
 
 def decay_end(train: TrainConfig) -> int:
@@ -113,6 +116,33 @@ def decay_change(saved_train: dict[str, Any], train: TrainConfig, step: int) -> 
                  f"{ends[0]} (train.decay_steps, else train.steps)")
     return (f"{where}: step {first}'s lr is {lr_at(first, train):.3g}, "
             f"{lr_at(first, old):.3g} on that schedule; {' '.join(keep)} keeps it")
+
+
+def peak_until(step: int, train: TrainConfig, resumed_at: int, before: int | None
+               ) -> int | None:
+    """The last step of a run's history still at the peak lr (warmup aside) for its
+    checkpoint at ``step``, where it went below the peak after that; None where it never has.
+
+    ``train``: the schedule this launch trains under, from step ``resumed_at`` on (0 for a fresh
+    run); ``before``: the same for the checkpoint it resumed from (None: at the peak
+    throughout). The launch trains below the peak after the later of its own
+    :func:`decay_start` and ``resumed_at``: a resume that moved the cooldown earlier does not
+    make the steps before it cooled ones, nor one that moved it later the steps it cooled
+    already peak ones (a constant schedule never leaves the peak)."""
+    ours = max(decay_start(train), resumed_at)
+    cooled = ours if train.lr_schedule != "constant" and step > ours else None
+    return min((s for s in (before, cooled) if s is not None), default=None)
+
+
+def checkpoint_peak_until(manifest: Manifest, train: TrainConfig) -> int | None:
+    """:func:`peak_until` of checkpoint ``manifest``: as its manifest records it, or, where it
+    was saved before manifests did, by its own config's schedule (``train`` for the fields it
+    lacks), as though it had trained under that schedule from the start."""
+    if manifest.lr is not None:
+        value = manifest.lr.get("peak_until")
+        return value if isinstance(value, int) else None
+    saved = saved_schedule(manifest.config.get("train") or {}, train)
+    return peak_until(manifest.step, saved, 0, None)
 
 
 def _steps(first: int, last: int) -> str:

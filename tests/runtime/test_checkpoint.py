@@ -993,6 +993,38 @@ def test_the_stable_phase_of_a_run_whose_cooldown_moved_ends_where_it_first_cool
     assert "peak lr" not in summary(cfg)
 
 
+def test_the_stable_phase_is_read_from_each_checkpoints_history_across_resumes(tmp_path) -> None:
+    """Each manifest records the last step its weights trained at the peak, across the resumes
+    that led to it. Before, the closing lines read each checkpoint's own schedule: a run
+    cooling down over steps 21-30, stopped at 25 and extended to 40 (cooldown 31-40) named step
+    30 as at the peak once retention had removed steps 20 and 25; one resumed at 25 with a
+    longer cooldown (from step 11) said the stable phase ended at step 10, though steps 11-20
+    had trained at the peak; and the checkpoint a --resume PATH started from was never named."""
+    def launch(run: str, steps: int, cooldown: int, saves: tuple[int, ...],
+               resume: Path | None = None, keep_last: int = 0) -> tuple[Config, list[Path]]:
+        cfg = make_cfg(keep_last=keep_last, keep_every=15)
+        cfg.run.dir, cfg.train.steps, cfg.train.warmup_steps = str(tmp_path / run), steps, 5
+        cfg.train.lr_schedule, cfg.train.cooldown_steps = "wsd", cooldown
+        mgr = CheckpointManager(tmp_path / run, cfg, PLAN)
+        if resume is not None:
+            mgr.load(resume, tiny_state(0.0))
+        return cfg, [mgr.save(step, tiny_state(step), {}) for step in saves]
+
+    hint = "  to go on at the peak lr instead (the stable phase ended at step {}), resume a " \
+        "checkpoint of it into a new run.dir with more train.steps: {}"
+    _, first = launch("a", 30, 10, (5, 10, 15, 20, 25))
+    cfg, _ = launch("a", 40, 10, (30, 35, 40), resume=first[-1], keep_last=2)
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert kept == ["step-00000015", "step-00000030", "step-00000035", "step-00000040"]
+    assert summary(cfg).splitlines()[-1] == hint.format(20, f"--resume {first[2]}")
+    _, first = launch("b", 30, 10, (20, 25))
+    cfg, _ = launch("b", 30, 20, (30,), resume=first[-1])
+    assert summary(cfg).splitlines()[-1] == hint.format(20, f"--resume {first[0]}")
+    cfg, _ = launch("c", 40, 10, (40,), resume=first[0])  # another run's step 20, at the peak
+    assert summary(cfg, str(first[0])).splitlines()[-1] == hint.format(
+        30, f"--resume {first[0]}")
+
+
 def test_derived_rng_seeds_are_deterministic_and_distinct() -> None:
     seeds = [derive_rng_seed(0, 10, rank) for rank in range(64)]
     assert len(set(seeds)) == 64 and seeds == [derive_rng_seed(0, 10, r) for r in range(64)]

@@ -59,6 +59,7 @@ from orch.runtime.checkpoint.manifest import (
 from orch.runtime.checkpoint.retention import clear_way, retain
 from orch.runtime.checkpoint.rng import capture_rng, derive_rng_seed, load_rng
 from orch.runtime.drills import maybe_fail
+from orch.runtime.optim import checkpoint_peak_until, peak_until
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.planner import SavePlanner
@@ -181,6 +182,9 @@ class CheckpointManager:
         self._verified: Path | None = None  # hashed by resolve_resume; load need not again
         self._pending: _Pending | None = None
         self._loaded: Path | None = None  # by load; read_into reads only from it
+        self._resumed: tuple[int, int | None] = (0, None)
+        """The step ``load`` resumed at and its checkpoint's ``peak_until``, which every
+        manifest saved after carries on (``Manifest.lr``)."""
         self._said_synchronous = False
         self._async_group: Any = None
         if cfg.checkpoint.async_save and self._dist:
@@ -468,6 +472,7 @@ class CheckpointManager:
                 wall_time=time.time(),
                 save_seconds=time.time() - pending.started,
                 launch=self.launch,
+                lr={"peak_until": peak_until(pending.step, self.cfg.train, *self._resumed)},
             )
             try:
                 text = json.dumps(manifest.to_json(), indent=1, sort_keys=False) + "\n"
@@ -586,6 +591,7 @@ class CheckpointManager:
             raise damaged(path, problems)
         self._read(path, app_state, no_dist=not self._dist)
         self._loaded = path
+        self._resumed = (manifest.step, checkpoint_peak_until(manifest, self.cfg.train))
         if self.rank in manifest.rng_files:
             rng = load_rng(path / manifest.rng_files[self.rank])
         else:

@@ -57,11 +57,18 @@ class Manifest:
     launch: str | None = None
     """The ``orch launch`` that saved it (``ORCH_LAUNCH_ID``): its restarts resume from their own
     launch's checkpoints. Absent (None) in manifests saved before, or outside a launch."""
+    lr: dict[str, Any] | None = None
+    """The lr history of the weights: ``{"peak_until": N or None}``, the last step they trained
+    at the peak lr (warmup aside) before a step below it, across the resumes that led here
+    (``orch.runtime.optim.peak_until``), which the closing lines of a wsd run read to name a
+    checkpoint of its stable phase once the ones in between are gone. None in manifests saved
+    before (their own config's schedule stands in)."""
     rng: dict[str, Any] | None = None
     """This rank's RNG states after ``load``: saved ones, or ``{"seed": n}`` for a new rank."""
 
     def to_json(self) -> dict[str, Any]:
         launch = {} if self.launch is None else {"launch": self.launch}  # older orch ignores it
+        lr = {} if self.lr is None else {"lr": self.lr}
         return {
             "format": FORMAT,
             "version": self.version,
@@ -72,6 +79,7 @@ class Manifest:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall_time)),
             "save_seconds": self.save_seconds,
             **launch,
+            **lr,
             "data": self.data,
             "rng": {str(rank): name for rank, name in sorted(self.rng_files.items())},
             "files": {
@@ -109,6 +117,7 @@ class Manifest:
             wall_time=float(raw["wall_time"]),
             save_seconds=float(raw["save_seconds"]),
             launch=str(raw["launch"]) if raw.get("launch") is not None else None,
+            lr=dict(raw["lr"]) if isinstance(raw.get("lr"), dict) else None,
         )
 
 
