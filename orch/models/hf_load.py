@@ -95,14 +95,20 @@ def _as_transformers_reads(theirs: dict) -> dict:
 
 def _window_problem(theirs: dict, family: str, config_file: Path) -> Problem | None:
     """A Mistral or Qwen3 config.json whose attention looks back through a sliding window:
-    Mistral's unless ``sliding_window`` is null (4096 where absent), Qwen3's where
-    ``use_sliding_window`` is true or ``layer_types`` names a sliding layer."""
+    Mistral's unless ``sliding_window`` is null (4096 where absent); Qwen3's where
+    ``layer_types`` names a sliding layer or, without it, where ``use_sliding_window`` is true
+    and a layer lies from ``max_window_layers`` (28) on, as transformers derives layer_types.
+    Qwen3-8B's max_window_layers is its 36 layers: use_sliding_window true slides none of them,
+    the same function as orch's (it was refused)."""
+    layer_types, layers = theirs.get("layer_types"), theirs.get("num_hidden_layers", 32)
+    first = theirs.get("max_window_layers", 28)
     if family == "mistral" and (window := theirs.get("sliding_window", 4096)) is not None:
         said = ("has no sliding_window, which transformers reads as 4096"
                 if "sliding_window" not in theirs else f"has sliding_window: {window!r}")
-    elif family == "qwen3" and (theirs.get("use_sliding_window") and theirs.get(
-            "sliding_window", 4096) is not None or "sliding_attention" in (
-            theirs.get("layer_types") or ())):
+    elif family == "qwen3" and ("sliding_attention" in layer_types if isinstance(
+            layer_types, list) else theirs.get("use_sliding_window") and theirs.get(
+            "sliding_window", 4096) is not None and not (
+            isinstance(layers, int) and isinstance(first, int) and layers <= first)):
         said = "turns a sliding window on (use_sliding_window, layer_types)"
     else:
         return None

@@ -441,6 +441,28 @@ def test_a_checkpoint_attending_through_a_window_is_refused(tmp_path):
         dataclasses.replace(qwen3, init_from=str(path)))
 
 
+def test_a_qwen3_window_that_no_layer_takes_is_no_window(tmp_path):
+    """use_sliding_window slides only the layers from max_window_layers on (transformers'
+    layer_types, where it wrote them): Qwen3-8B's max_window_layers is its 36 layers, so none,
+    and transformers computes orch's function; such a checkpoint was refused all the same."""
+    qwen3 = tiny(qk_norm=True)
+    path, hf = _saved(tmp_path, "qwen3", qwen3, use_sliding_window=True, sliding_window=16,
+                      max_window_layers=qwen3.layers)
+    cfg = dataclasses.replace(qwen3, init_from=str(path))
+    assert _text(cfg) == ""
+    ours = Transformer(cfg).eval()
+    load_hf_weights(ours, cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # 48 tokens: past the window of 16, had any layer slid
+        assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-5
+    config = json.loads((path / "config.json").read_text())
+    del config["layer_types"]  # as transformers before 4.53 wrote it: derived from the rest
+    (path / "config.json").write_text(json.dumps(config))
+    assert _text(cfg) == ""
+    (path / "config.json").write_text(json.dumps(config | {"max_window_layers": 2}))
+    assert "turns a sliding window on" in _text(cfg)
+
+
 def test_absent_qwen3_keys_are_its_own_defaults(tmp_path):
     """Qwen3Config's defaults are not LlamaConfig's: heads 128 wide whatever the hidden size,
     32 key/value heads, 151,936 tokens."""
