@@ -53,6 +53,20 @@ def test_plan_says_when_gradients_are_reduced_where_it_matters():
     assert reduce_line("train.global_batch=16") == []  # one micro-batch per rank
 
 
+def test_plan_names_the_optimizer_whose_states_it_counts():
+    """The memory's optimizer line was AdamW's, 8-bit AdamW's or Muon's with nothing saying
+    which (a tester compared a muon plan with an adamw one line by line)."""
+    for name, said in (("adamw", "AdamW (two fp32 moments a parameter)"),
+                       ("adamw8bit", "8-bit AdamW (two 8-bit moments"),
+                       ("muon", "Muon for the blocks' matrices (one fp32 momentum), AdamW for")):
+        out = orch("plan", "configs/tiny.yaml", "--world-size", "2", "--set",
+                   f"optimizer.name={name}")
+        assert out.returncode == 0 and f"\n  optim    {said}" in out.stdout, out.stderr
+        json_out = orch("plan", "configs/tiny.yaml", "--world-size", "2", "--json", "--set",
+                        f"optimizer.name={name}")
+        assert json.loads(json_out.stdout)["optimizer"] == name
+
+
 def test_plan_json_has_the_documented_keys():
     out = orch(
         "plan",

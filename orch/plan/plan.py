@@ -90,6 +90,8 @@ class Plan:
     links: dict[str, Link]
     placement: tuple[NodePlace, ...] = ()
     """With a cluster description: its nodes in rank order (``orch.plan.placement``)."""
+    optimizer: str = "adamw"
+    """``optimizer.name``: what the optimizer states counted under memory are."""
     notes: tuple[str, ...] = ()
     """What the plan could not keep and what it costs (a data-parallel group spanning NIC
     types), said by ``orch plan`` and at launch."""
@@ -126,6 +128,7 @@ class Plan:
             "microbatches": self.microbatches,
             "recompute": self.recompute,
             "grad_reduce": self.grad_reduce,
+            "optimizer": self.optimizer,
             "layers_per_stage": list(self.layers_per_stage),
             "memory_bytes_per_rank": self.memory.total,
             "memory_limit_bytes": self.memory_limit_bytes,
@@ -279,6 +282,7 @@ def evaluate(
         links=links,
         placement=machine.places(),
         devices=machine.topology.description,
+        optimizer=cfg.optimizer.name,
     )
 
 

@@ -50,6 +50,12 @@ def _grad_reduce(plan: Plan) -> str:
     return f"{when} (parallel.grad_reduce: {plan.grad_reduce})"
 
 
+OPTIMIZERS = {"adamw": "AdamW (two fp32 moments a parameter)",
+              "adamw8bit": "8-bit AdamW (two 8-bit moments, an fp32 scale per 256)",
+              "muon": "Muon for the blocks' matrices (one fp32 momentum), AdamW for the rest"}
+"""How the plan names each ``optimizer.name``, whose states its memory counts."""
+
+
 def render_plan(plan: Plan) -> str:
     d = plan.degrees
     nodes = f"{plan.nodes} node{'s' if plan.nodes != 1 else ''} x {plan.gpus_per_node}"
@@ -75,6 +81,7 @@ def render_plan(plan: Plan) -> str:
             f"{'es' if plan.microbatches != 1 else ''} per rank, recompute "
             f"{plan.recompute}",
         ),
+        ("optim", OPTIMIZERS.get(plan.optimizer, plan.optimizer)),
         (
             "links",
             ", ".join(
