@@ -52,6 +52,7 @@ from orch.runtime.optim import (
     decay_change,
     decay_end,
     saved_decay_end,
+    wsd_phases,
 )
 from orch.runtime.rank_log import LOGS
 
@@ -763,11 +764,13 @@ class _QuietRepartitionExit(logging.Filter):
 
 def start_notes(cfg: Config, plan: Plan, decay_note: str | None) -> list[str]:
     """The lines a launch prints under its first: what the plan warns of, the re-partition's
-    notice, how a resume changes the lr decay, a routing that trains its router on the
-    balancing loss alone."""
+    notice, a wsd schedule's phases, how a resume changes the lr decay, a routing that trains
+    its router on the balancing loss alone."""
     routing = renormalized_top1(cfg.model)
+    phases = cfg.train.lr_schedule == "wsd" and f"orch launch: {wsd_phases(cfg.train)}"
     return [note for note in (
-        memory_warning(plan), rebalance_notice(cfg), decay_note and f"orch launch: {decay_note}",
+        memory_warning(plan), rebalance_notice(cfg), phases,
+        decay_note and f"orch launch: {decay_note}",
         routing and f"orch launch: warning: {routing}") if note]
 
 

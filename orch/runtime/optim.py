@@ -118,6 +118,17 @@ def decay_change(saved_train: dict[str, Any], train: TrainConfig, step: int) -> 
             f"{lr_at(first, old):.3g} on that schedule; {' '.join(keep)} keeps it")
 
 
+def wsd_phases(train: TrainConfig) -> str:
+    """A ``wsd`` schedule's phases in words, which a launch says under its first line (the
+    cooldown's start is derived from ``train.cooldown_steps``, or a fifth of the steps after
+    the warmup, so nothing else shows where it falls)."""
+    start, end = decay_start(train), decay_end(train)
+    warmup = (f"warmup over {_steps(1, train.warmup_steps)}, " if train.warmup_steps else "")
+    return (f"lr wsd: {warmup}the peak {train.lr:.3g} until step {start}, then a "
+            f"{train.cooldown_shape} cooldown over {_steps(start + 1, end)} to "
+            f"{train.lr * train.min_lr_ratio:.3g}")
+
+
 def peak_until(step: int, train: TrainConfig, resumed_at: int, before: int | None
                ) -> int | None:
     """The last step of a run's history still at the peak lr (warmup aside) for its

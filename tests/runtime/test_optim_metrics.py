@@ -79,6 +79,22 @@ def test_wsd_holds_the_peak_then_cools_down_to_the_floor(shape):
     assert lr_at(11, whole) < peak
 
 
+def test_a_wsd_launch_says_where_its_cooldown_falls():
+    """The cooldown's start is derived (train.cooldown_steps, else a fifth of the steps after
+    the warmup): a launch said nothing of it until the run ended. The words agree with lr_at."""
+    from orch.runtime.optim import wsd_phases
+
+    t = dataclasses.replace(CFG.train, lr_schedule="wsd")  # 10 + 100 steps, cooldown 20
+    said = wsd_phases(t)
+    assert said == (f"lr wsd: warmup over steps 1-10, the peak {t.lr:.3g} until step 90, then a "
+                    f"linear cooldown over steps 91-110 to {t.lr * t.min_lr_ratio:.3g}")
+    assert lr_at(90, t) == t.lr > lr_at(91, t) and lr_at(110, t) == pytest.approx(
+        t.lr * t.min_lr_ratio)
+    cold = dataclasses.replace(t, warmup_steps=0, cooldown_shape="sqrt", cooldown_steps=1)
+    assert wsd_phases(cold).startswith(f"lr wsd: the peak {t.lr:.3g} until step 109, then a "
+                                       "sqrt cooldown over step 110 to")
+
+
 def test_a_resume_that_moves_or_reshapes_a_wsd_cooldown_says_from_which_step():
     """The wsd way to go on: more steps from a checkpoint of the stable phase, whose cooldown
     then moves to the new end; or another cooldown from it. The rates change only from the
