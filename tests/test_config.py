@@ -38,6 +38,7 @@ def test_all_example_configs_load():
         "qwen2-57b-a14b",
         "mistral-nemo-12b",
         "qwen3-8b",
+        "qwen3-30b-a3b",
     } <= names
     for path in CONFIGS:
         cfg = load_config(path)

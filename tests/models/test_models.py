@@ -277,11 +277,16 @@ def test_llama3_8b_has_8_030_261_248_parameters():
     assert meta_numel(cfg) == param_counts(cfg).total == 8_030_261_248
 
 
-def test_qwen3_8b_has_its_published_parameters():
-    """Qwen3-8B's model card: 8.2B parameters, 6.95B of them outside the two embeddings."""
+def test_qwen3_models_have_their_published_parameters():
+    """Qwen3-8B's model card: 8.2B parameters, 6.95B of them outside the two embeddings;
+    Qwen3-30B-A3B's: 30.5B, 3.3B of them active (8 of 128 experts a token: 3.35B here)."""
     pc = param_counts(load_config("configs/qwen3-8b.yaml").model)
     assert pc.total == 8_190_735_360 and round((pc.total - pc.embedding - pc.head) / 1e9, 2) \
         == 6.95
+    cfg = load_config("configs/qwen3-30b-a3b.yaml").model
+    moe = param_counts(cfg)
+    assert (moe.total, moe.active) == (30_532_122_624, 3_353_032_704)
+    assert meta_numel(cfg) == moe.total
 
 
 # ------------------------------------------------------------------------------- the MoE layer
