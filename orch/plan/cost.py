@@ -218,6 +218,29 @@ def _rate(cfg: Config, deg: Degrees, device: DeviceSpec) -> float:
             * gemm_efficiency(rank_tokens, cfg.model.dim, deg.tp, device))
 
 
+def _expert_rate(cfg: Config, deg: Degrees, device: DeviceSpec) -> float:
+    """FLOP/s a rank's routed experts reach: each local expert's GEMMs take the tokens routed
+    to it, on average the rank's own (its sequence shard under tensor parallelism) times
+    ``top_k``, gathered from the ``ep x etp`` ranks that share the experts, over the experts;
+    split by ``etp``. Fine-grained experts without expert parallelism run thin GEMMs (Qwen3-30B-A3B
+    at 8K tokens: 512 rows an expert, against 4,096 under ep8), which is why Megatron and
+    DeepSeek spread them: before, the experts were priced at the dense layers' rate and
+    ``--auto`` left a 128-expert model on plain FSDP."""
+    m, t = cfg.model, cfg.train
+    own = t.micro_batch * t.seq_len / deg.cp / deg.tp
+    rows = own * m.top_k * max(deg.ep, 1) * max(deg.etp, 1) / m.experts
+    return (device.peak(t.precision) * device.compute_efficiency
+            * gemm_efficiency(rows, m.dim, max(deg.etp, 1), device))
+
+
+def _routed_share(m: ModelConfig, seq_len: int) -> float:
+    """The routed experts' share of a token's training FLOPs (:func:`flops_per_token`)."""
+    if not m.is_moe:
+        return 0.0
+    pc = param_counts(m)
+    return pc.moe_layers * 6.0 * m.top_k * (pc.experts // m.experts) / _flops(m, seq_len)
+
+
 def estimate_step_time(cfg: Config, deg: Degrees, links: dict[str, Link],
                        device: DeviceSpec, stage_load: float = 1.0,
                        rank_layers: float | None = None,
@@ -306,8 +329,12 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
     rank_tokens = t.micro_batch * seq / deg.cp  # of one micro-batch, before TP splits them
     rate = _rate(cfg, deg, device)
     fpt, full = _flops(m, seq), t.recompute == "full"
+    routed = _routed_share(m, seq)  # at the experts' own rate, the rest at the dense one
+    seconds_per_flop = (1 - routed) / rate + (routed / _expert_rate(cfg, deg, device)
+                                             if routed else 0.0)
     # the model's FLOPs (full recompute's forward again) on the most loaded pipeline rank
-    compute = stage_load * (fpt + full * fpt / 3) * (t.global_batch * seq) / deg.world / rate
+    compute = (stage_load * (fpt + full * fpt / 3) * (t.global_batch * seq) / deg.world
+               * seconds_per_flop)
     micro = max(1.0, t.global_batch / (t.micro_batch * deg.dp))
     moe_layers = layers * pc.moe_layers / m.layers
     if t.recompute == "selective":

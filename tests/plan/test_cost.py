@@ -326,6 +326,25 @@ def test_small_matmuls_lose_efficiency():
     assert gemm_efficiency(512, 256, 1, cpu) > 0.85 > gemm_efficiency(512, 256, 1, h100)
 
 
+def test_fine_grained_experts_compute_at_their_own_gemms_size() -> None:
+    """Qwen3-30B-A3B's 128 experts (top-8) at 8K tokens: an expert's GEMMs take 512 rows a
+    micro-batch without expert parallelism, 4,096 under ep8; they were priced at the dense
+    layers' rate, so ``--auto`` saw no reason to spread them. A dense model is priced as
+    before, and Mixtral's 8 coarse experts (thousands of rows each) lose next to nothing."""
+    h100 = get_device("h100")
+    alone = estimate(config("qwen3-30b-a3b"), 64)
+    spread = estimate(config("qwen3-30b-a3b", parallel__ep=8), 64)
+    assert spread.compute_s < 0.8 * alone.compute_s
+    rows = 8192 * 8 / 128  # a rank's tokens, top-8, over 128 experts
+    dense_rate = gemm_efficiency(8192, 2048, 1, h100)
+    routed = (gemm_efficiency(rows, 2048, 1, h100), gemm_efficiency(8 * rows, 2048, 1, h100))
+    assert routed[0] < routed[1] < dense_rate
+    llama = config("llama3-8b")
+    assert estimate(llama, 64).compute_s == pytest.approx(
+        flops_per_token(llama.model, 8192) * 2048 * 8192 / 64
+        / (h100.peak("bf16") * h100.compute_efficiency * gemm_efficiency(8192, 4096, 1, h100)))
+
+
 def test_offload_prices_host_traffic_and_the_cpu_step() -> None:
     """One H100 fine-tuning Llama 3 8B with parameters, gradients and optimizer at home on the
     CPU: 8 micro-batches each move the parameters in twice and the gradients out once over
