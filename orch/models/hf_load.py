@@ -93,29 +93,38 @@ def _as_transformers_reads(theirs: dict) -> dict:
     return hf
 
 
-def _window_problem(theirs: dict, family: str, config_file: Path) -> Problem | None:
+def _window_problem(theirs: dict, family: str, config_file: Path, span: int
+                    ) -> Problem | None:
     """A Mistral or Qwen3 config.json whose attention looks back through a sliding window:
     Mistral's unless ``sliding_window`` is null (4096 where absent); Qwen3's where
     ``layer_types`` names a sliding layer or, without it, where ``use_sliding_window`` is true
     and a layer lies from ``max_window_layers`` (28) on, as transformers derives layer_types.
     Qwen3-8B's max_window_layers is its 36 layers: use_sliding_window true slides none of them,
-    the same function as orch's (it was refused)."""
+    the same function as orch's (it was refused). A window of at least ``span``
+    (``model.max_seq_len``, which bounds train.seq_len) never cuts a sequence orch trains on:
+    Mistral 7B v0.1's 4096 with model.max_seq_len 4096 is the same function too."""
     layer_types, layers = theirs.get("layer_types"), theirs.get("num_hidden_layers", 32)
     first = theirs.get("max_window_layers", 28)
-    if family == "mistral" and (window := theirs.get("sliding_window", 4096)) is not None:
+    window = theirs.get("sliding_window", 4096)
+    if isinstance(window, int) and not isinstance(window, bool) and window >= span:
+        return None
+    if family == "mistral" and window is not None:
         said = ("has no sliding_window, which transformers reads as 4096"
                 if "sliding_window" not in theirs else f"has sliding_window: {window!r}")
     elif family == "qwen3" and ("sliding_attention" in layer_types if isinstance(
-            layer_types, list) else theirs.get("use_sliding_window") and theirs.get(
-            "sliding_window", 4096) is not None and not (
-            isinstance(layers, int) and isinstance(first, int) and layers <= first)):
+            layer_types, list) else theirs.get("use_sliding_window") and window is not None
+            and not (isinstance(layers, int) and isinstance(first, int) and layers <= first)):
         said = "turns a sliding window on (use_sliding_window, layer_types)"
     else:
         return None
+    shorter = (f", or set model.max_seq_len (and so train.seq_len) to at most its window, "
+               f"{window}: orch then never attends further back than it"
+               if isinstance(window, int) and not isinstance(window, bool) else "")
     return Problem("model.init_from", f"{config_file} {said}: its attention sees only that "
-                   "many tokens back, orch's the whole sequence", "use a checkpoint without a "
-                   "sliding window (Mistral 7B v0.3's and NeMo's sliding_window is null, Qwen3's "
-                   "use_sliding_window false)")
+                   f"many tokens back, orch's the whole sequence (model.max_seq_len={span})",
+                   "use a checkpoint without a sliding window (Mistral 7B v0.3's and NeMo's "
+                   f"sliding_window is null, Qwen3's use_sliding_window false){shorter}",
+                   ("model.max_seq_len",))
 
 
 def init_from_problems(model: ModelConfig) -> list[Problem]:
@@ -199,7 +208,7 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
             problems.append(Problem(where, f"{config_file} has {key}: {theirs[key]!r}, not "
                                     f"{types if foreign else repr(want)}: another model than "
                                     "orch's Llama", f"use a {_KNOWN} checkpoint"))
-    if (window := _window_problem(theirs, family, config_file)) is not None:
+    if (window := _window_problem(theirs, family, config_file, model.max_seq_len)) is not None:
         problems.append(window)
     if family in ARCHITECTURES.values() and model.qk_norm != (family == "qwen3"):
         does = ("normalizes each query and key head (q_norm, k_norm)" if family == "qwen3"

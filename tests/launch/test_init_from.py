@@ -422,18 +422,29 @@ def test_heads_wider_than_dim_over_heads_load_with_the_same_logits(tmp_path, fam
 def test_a_checkpoint_attending_through_a_window_is_refused(tmp_path):
     """Mistral 7B v0.1's attention sees 4,096 tokens back (transformers' default where
     config.json says nothing), as Qwen3's does with use_sliding_window; orch's the whole
-    sequence: another function past that length."""
-    cfg = tiny()
-    path, _ = _saved(tmp_path, "mistral", cfg, sliding_window=4096)
+    sequence: another function past that length. A window of at least model.max_seq_len (which
+    bounds train.seq_len) cuts no sequence orch trains on: loaded, with transformers' logits."""
+    cfg = tiny()  # model.max_seq_len 512
+    path, _ = _saved(tmp_path, "mistral", cfg, sliding_window=256)
     text = _text(dataclasses.replace(cfg, init_from=str(path)))
-    assert f"{path / 'config.json'} has sliding_window: 4096: its attention sees only that " \
-        "many tokens back" in text and "Mistral 7B v0.3's and NeMo's sliding_window is null" \
-        in text
+    assert f"{path / 'config.json'} has sliding_window: 256: its attention sees only that " \
+        "many tokens back, orch's the whole sequence (model.max_seq_len=512)" in text
+    assert "Mistral 7B v0.3's and NeMo's sliding_window is null" in text
+    assert "or set model.max_seq_len (and so train.seq_len) to at most its window, 256" in text
+    long = dataclasses.replace(cfg, max_seq_len=8192)
     config = json.loads((path / "config.json").read_text())
     del config["sliding_window"]
     (path / "config.json").write_text(json.dumps(config))
     assert "has no sliding_window, which transformers reads as 4096" in _text(
-        dataclasses.replace(cfg, init_from=str(path)))
+        dataclasses.replace(long, init_from=str(path)))
+    v01, hf = _saved(tmp_path / "v01", "mistral", cfg, sliding_window=4096)
+    loading = dataclasses.replace(cfg, init_from=str(v01))
+    assert _text(loading) == ""
+    ours = Transformer(loading).eval()
+    load_hf_weights(ours, loading)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-5
     qwen3 = tiny(qk_norm=True)
     path, _ = _saved(tmp_path, "qwen3", qwen3, use_sliding_window=True, sliding_window=16,
                      max_window_layers=2)
