@@ -42,7 +42,7 @@ class ModelConfig:
     )
     qk_norm: bool = field(
         default=False,
-        metadata=_help("RMSNorm over each query and key head before RoPE (Qwen3, OLMo 2)"),
+        metadata=_help("RMSNorm over each query and key head before RoPE (Qwen3)"),
     )
     ffn_dim: int = field(default=688, metadata=_help("SwiGLU hidden size of dense layers"))
     rope_theta: float = field(default=10000.0, metadata=_help("RoPE base frequency"))
