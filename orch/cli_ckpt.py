@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from orch.config.schema import COOLDOWN_FIELDS, ModelConfig
+
 
 def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -88,7 +90,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 _DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")  # the ones a user sets
-_LLAMA_ATTENTION = {"head_dim": None, "qk_norm": False}
+_LLAMA_ATTENTION = {name: getattr(ModelConfig(), name) for name in ("head_dim", "qk_norm")}
 """Model fields the model line names only where they differ from Llama's attention: a Qwen3
 checkpoint (QK-norm, heads wider than dim / heads) read as a Llama one, and a resume refused for
 ``model.qk_norm`` sent the user to a line that did not say it."""
@@ -138,8 +140,6 @@ def _schedule_keys(train: dict[str, Any]) -> tuple[str, ...]:
     decay ends when set, a ``wsd`` schedule's cooldown and the floor it decays to (what a
     resume with ``--resume PATH`` goes on from: a run resumed from a stable-phase checkpoint
     needs its warmup and floor, and places its own cooldown)."""
-    from orch.config.schema import COOLDOWN_FIELDS
-
     schedule = train.get("lr_schedule")
     ends = ("decay_steps",) if train.get("decay_steps") else ()
     cooldown = COOLDOWN_FIELDS if schedule == "wsd" else ()

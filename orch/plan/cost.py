@@ -54,7 +54,13 @@ from orch.config.schema import Config, ModelConfig
 from orch.parallel.schedules.generators import chunks_per_rank
 from orch.plan.degrees import Degrees
 from orch.plan.devices import DeviceSpec
-from orch.plan.memory import estimate_memory, model_key, param_counts, recomputed_layer_bytes
+from orch.plan.memory import (
+    estimate_memory,
+    model_key,
+    muon_matrices,
+    param_counts,
+    recomputed_layer_bytes,
+)
 from orch.plan.schedule_shape import SIMULATED, bubble_share
 from orch.plan.topology import Link
 
@@ -210,27 +216,22 @@ def _collective(size: float, n: int, link: Link, ring: bool = True, pieces: floa
     return (n - 1) * (size / n / bandwidth + pieces * link.latency_s)
 
 
-def _rate(cfg: Config, deg: Degrees, device: DeviceSpec) -> float:
-    """FLOP/s a rank's matmuls reach for ``cfg``'s micro-batch under ``deg``."""
-    t = cfg.train
-    rank_tokens = t.micro_batch * t.seq_len / deg.cp  # of one micro-batch, before TP splits them
-    return (device.peak(t.precision) * device.compute_efficiency
-            * gemm_efficiency(rank_tokens, cfg.model.dim, deg.tp, device))
-
-
-def _expert_rate(cfg: Config, deg: Degrees, device: DeviceSpec) -> float:
-    """FLOP/s a rank's routed experts reach: each local expert's GEMMs take the tokens routed
-    to it, on average the rank's own (its sequence shard under tensor parallelism) times
-    ``top_k``, gathered from the ``ep x etp`` ranks that share the experts, over the experts;
-    split by ``etp``. Fine-grained experts without expert parallelism run thin GEMMs (Qwen3-30B-A3B
-    at 8K tokens: 512 rows an expert, against 4,096 under ep8), which is why Megatron and
-    DeepSeek spread them: before, the experts were priced at the dense layers' rate and
-    ``--auto`` left a 128-expert model on plain FSDP."""
+def _rate(cfg: Config, deg: Degrees, device: DeviceSpec, experts: bool = False) -> float:
+    """FLOP/s a rank's matmuls reach for ``cfg``'s micro-batch under ``deg``; with
+    ``experts``, its routed experts' GEMMs: each local expert's take the tokens routed to it,
+    on average the rank's own (its sequence shard under tensor parallelism) times ``top_k``,
+    gathered from the ``ep x etp`` ranks that share the experts, over the experts, split by
+    ``etp``. Fine-grained experts without expert parallelism run thin GEMMs (Qwen3-30B-A3B at
+    8K tokens: 512 rows an expert, against 4,096 under ep8), which is why Megatron and
+    DeepSeek spread them: priced at the dense layers' rate, ``--auto`` left a 128-expert model
+    on plain FSDP."""
     m, t = cfg.model, cfg.train
-    own = t.micro_batch * t.seq_len / deg.cp / deg.tp
-    rows = own * m.top_k * max(deg.ep, 1) * max(deg.etp, 1) / m.experts
+    rank_tokens = t.micro_batch * t.seq_len / deg.cp  # of one micro-batch, before TP splits them
+    rows, split = rank_tokens, deg.tp
+    if experts:
+        rows, split = rank_tokens / deg.tp * m.top_k * deg.ep * deg.etp / m.experts, deg.etp
     return (device.peak(t.precision) * device.compute_efficiency
-            * gemm_efficiency(rows, m.dim, max(deg.etp, 1), device))
+            * gemm_efficiency(rows, m.dim, split, device))
 
 
 def _routed_share(m: ModelConfig, seq_len: int) -> float:
@@ -330,7 +331,7 @@ def _terms(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec
     rate = _rate(cfg, deg, device)
     fpt, full = _flops(m, seq), t.recompute == "full"
     routed = _routed_share(m, seq)  # at the experts' own rate, the rest at the dense one
-    seconds_per_flop = (1 - routed) / rate + (routed / _expert_rate(cfg, deg, device)
+    seconds_per_flop = (1 - routed) / rate + (routed / _rate(cfg, deg, device, experts=True)
                                              if routed else 0.0)
     # the model's FLOPs (full recompute's forward again) on the most loaded pipeline rank
     compute = (stage_load * (fpt + full * fpt / 3) * (t.global_batch * seq) / deg.world
@@ -448,73 +449,22 @@ def _newton_schulz_flops(rows: int, cols: int, steps: int) -> float:
     return steps * (4.0 * m * m * n + 2.0 * m ** 3)
 
 
-class _MuonBucket(NamedTuple):
-    """Matrices of one layout that ``orch.runtime.muon.matrix_chunks`` steps together."""
-
-    count: int
-    """How many the busiest pipeline rank holds."""
-    rows: int
-    cols: int
-    stack: int
-    """Whole matrices in each (a rank's experts of an expert stack; else 1)."""
-    split: tuple[str, ...]
-    """The group dimensions that split its matrices."""
-
-
-def _muon_buckets(m: ModelConfig, deg: Degrees, layers: float) -> list[_MuonBucket]:
-    """The busiest pipeline rank's Muon matrices (its ``layers``, MoE ones among them in the
-    model's proportion) by layout: one mesh, placements and shape make a bucket whatever layer
-    they are in. FSDP's shards and tensor parallelism's split the dense matrices (TP's columns
-    and rows are layouts apart: colwise ``wq``, ``wk``, ``wv``, ``w1``, ``w3`` and rowwise
-    ``wo``, ``w2``); FSDP alone the router (whole on every tp rank); expert tensor parallelism
-    the experts' matrices, of which a rank keeps its own share whole (an expert stack stays
-    split by experts over expert parallelism and over the FSDP that shards it:
-    ``Degrees.expert_shard``, Mixtral's 8 over 64 FSDP ranks leave one to a rank, not 8)."""
-    moe = layers * m.moe_layers / m.layers
-    dense = layers - moe
-    h, q, kv = m.dim, m.heads * m.head_size, m.n_kv_heads * m.head_size
-    shared = m.shared_experts * m.moe_ffn_dim
-    tp = deg.tp > 1
-    both = tuple(dim for dim, n in (("dp_shard-cp", deg.fsdp), ("tp", deg.tp)) if n > 1)
-    counts: dict[tuple, float] = {}
-
-    def add(count: float, rows: int, cols: int, layout: object, split: tuple[str, ...] = both,
-            stack: int = 1) -> None:
-        if count:
-            key = (rows, cols, stack, split, layout)
-            counts[key] = counts.get(key, 0.0) + count
-
-    for count, rows, cols, colwise in (
-            (layers, q, h, True), (2 * layers, kv, h, True), (layers, h, q, False),
-            (2 * dense, m.ffn_dim, h, True), (dense, h, m.ffn_dim, False),
-            (2 * moe * bool(shared), shared, h, True), (moe * bool(shared), h, shared, False)):
-        add(count, rows, cols, colwise if tp else None)
-    own_experts = math.ceil(m.experts / max(deg.ep, 1) / deg.expert_shard)
-    expert_split = ("etp",) if deg.etp > 1 else ()
-    add(moe, m.experts, h, "router" if tp else None, both[:1] if deg.fsdp > 1 else ())
-    add(2 * moe, h, m.moe_ffn_dim, "experts", expert_split, own_experts)
-    add(moe, m.moe_ffn_dim, h, "experts", expert_split, own_experts)
-    # a fraction of a layer (an even share of layers over stages) holds whole matrices
-    return [_MuonBucket(math.ceil(round(count, 6)), rows, cols, stack, split)
-            for (rows, cols, stack, split, _), count in counts.items()]
-
-
 def _muon_step(cfg: Config, deg: Degrees, links: dict[str, Link], device: DeviceSpec,
                layers: float) -> tuple[float, dict[str, float]]:
     """Seconds of a Muon step on the busiest pipeline rank (``orch.runtime.muon``): the
     iterations and the all-to-alls, per group dimension, that share out its matrices.
 
-    A bucket of :func:`_muon_buckets` goes in chunks of as many matrices as ranks split them
-    (the last padded with zeros), each rank orthogonalizing one whole matrix of a chunk, so the
-    busiest runs ``ceil(count / ranks)`` (Llama 3 70B under tp8 x fsdp128: 5 matrices where it
-    ran all 560). A chunk travels by one all-to-all per splitting group there and one back, in
-    which each rank spreads a matrix's bytes in fp32 (its shards of the chunk's matrices, or
-    their pieces whole over the groups already passed), each paying its ring's latency. At the
-    device's matmul pace in the compute dtype."""
+    A bucket of :func:`~orch.plan.memory.muon_matrices` goes in chunks of as many matrices as
+    ranks split them (the last padded with zeros), each rank orthogonalizing one whole matrix
+    of a chunk, so the busiest runs ``ceil(count / ranks)`` (Llama 3 70B under tp8 x fsdp128: 5
+    matrices where it ran all 560). A chunk travels by one all-to-all per splitting group there
+    and one back, in which each rank spreads a matrix's bytes in fp32 (its shards of the
+    chunk's matrices, or their pieces whole over the groups already passed), each paying its
+    ring's latency. At the device's matmul pace in the compute dtype."""
     steps, flops = cfg.optimizer.muon_ns_steps, 0.0
     group_sizes = {"dp_shard-cp": deg.fsdp, "tp": deg.tp, "etp": deg.etp}
     comm: dict[str, float] = {}
-    for bucket in _muon_buckets(cfg.model, deg, layers):
+    for bucket in muon_matrices(cfg.model, deg, layers):
         chunks = math.ceil(bucket.count / math.prod(group_sizes[d] for d in bucket.split))
         flops += chunks * bucket.stack * _newton_schulz_flops(bucket.rows, bucket.cols, steps)
         matrix_bytes = 4 * bucket.stack * bucket.rows * bucket.cols

@@ -10,6 +10,7 @@ for backward), here multiplied out over layers, pipeline stages and micro-batche
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from functools import cache, lru_cache
@@ -45,33 +46,78 @@ MUON_BYTES = 4
 """muon: one fp32 momentum per element of the blocks' matrices (the rest keeps AdamW's two)."""
 
 
+class MuonMatrices(NamedTuple):
+    """Matrices of one layout that ``orch.runtime.muon.matrix_chunks`` steps together."""
+
+    count: int
+    """How many the busiest pipeline rank holds."""
+    rows: int
+    cols: int
+    stack: int
+    """Whole matrices in each (a rank's experts of an expert stack; else 1)."""
+    split: tuple[str, ...]
+    """The group dimensions that split its matrices."""
+
+
+def muon_matrices(m: ModelConfig, deg: Degrees, layers: float) -> list[MuonMatrices]:
+    """The busiest pipeline rank's Muon matrices (its ``layers``, MoE ones among them in the
+    model's proportion) by layout, which the step's memory (:func:`muon_step_bytes`) and time
+    (``orch.plan.cost``) both read: one mesh, placements and shape make a bucket whatever layer
+    they are in. FSDP's shards and tensor parallelism's split the dense matrices (TP's columns
+    and rows are layouts apart: colwise ``wq``, ``wk``, ``wv``, ``w1``, ``w3`` and rowwise
+    ``wo``, ``w2``); FSDP alone the router (whole on every tp rank); expert tensor parallelism
+    the experts' matrices, of which a rank keeps its own share whole (an expert stack stays
+    split by experts over expert parallelism and over the FSDP that shards it:
+    ``Degrees.expert_shard``, Mixtral's 8 over 64 FSDP ranks leave one to a rank, not 8)."""
+    moe = layers * m.moe_layers / m.layers
+    dense = layers - moe
+    h, q, kv = m.dim, m.heads * m.head_size, m.n_kv_heads * m.head_size
+    shared = m.shared_experts * m.moe_ffn_dim
+    tp = deg.tp > 1
+    both = tuple(dim for dim, n in (("dp_shard-cp", deg.fsdp), ("tp", deg.tp)) if n > 1)
+    counts: dict[tuple, float] = {}
+
+    def add(count: float, rows: int, cols: int, layout: object, split: tuple[str, ...] = both,
+            stack: int = 1) -> None:
+        if count:
+            key = (rows, cols, stack, split, layout)
+            counts[key] = counts.get(key, 0.0) + count
+
+    for count, rows, cols, colwise in (
+            (layers, q, h, True), (2 * layers, kv, h, True), (layers, h, q, False),
+            (2 * dense, m.ffn_dim, h, True), (dense, h, m.ffn_dim, False),
+            (2 * moe * bool(shared), shared, h, True), (moe * bool(shared), h, shared, False)):
+        add(count, rows, cols, colwise if tp else None)
+    own_experts = math.ceil(m.experts / max(deg.ep, 1) / deg.expert_shard)
+    expert_split = ("etp",) if deg.etp > 1 else ()
+    add(moe, m.experts, h, "router" if tp else None, both[:1] if deg.fsdp > 1 else ())
+    add(2 * moe, h, m.moe_ffn_dim, "experts", expert_split, own_experts)
+    add(moe, m.moe_ffn_dim, h, "experts", expert_split, own_experts)
+    # a fraction of a layer (an even share of layers over stages) holds whole matrices
+    return [MuonMatrices(math.ceil(round(count, 6)), rows, cols, stack, split)
+            for (rows, cols, stack, split, _), count in counts.items()]
+
+
 def muon_step_bytes(m: ModelConfig, deg: Degrees, ns_bytes: int) -> int:
     """Bytes a Muon step (``orch.runtime.muon``) holds beside the parameters, gradients and
-    states, at its largest matrix, which a rank holds whole once the ranks that split it have
-    shared out its chunk (or a rank's expert stack): its Nesterov update and the result in fp32
-    (8 bytes an element), the iterate and its next in ``ns_bytes`` each, and two Gram matrices
-    (``X X^T`` and its polynomial) of the shorter side squared; measured on the CPU to the byte
-    in fp32 (tests/plan/test_memory.py). Where groups split the matrix, the all-to-alls that
-    bring it and take the result back hold up to ``2 groups + 1`` fp32 copies of it: the
-    chunk's stack of shards, each group's received pieces and their rearranged copy (torch's
-    ``shard_dim_alltoall``; padding of uneven shards aside), 20 bytes an element under FSDP x
-    TP, more than the iterations' 12 to 16; read from torch's code, not measured: gloo has no
-    all-to-all (DTensor gathers instead). The step runs after the backward has freed the
-    activations, so it raises a rank's peak only where it exceeds them."""
-    h, q, kv = m.dim, m.heads * m.head_size, m.n_kv_heads * m.head_size
-    dense = (deg.fsdp > 1) + (deg.tp > 1)
-    shapes = [(1, q, h, dense), (1, kv, h, dense)]  # (matrices, rows, cols, splitting groups)
-    if m.has_dense_mlp:
-        shapes.append((1, m.ffn_dim, h, dense))
-    if m.is_moe:
-        own = -(-m.experts // (deg.ep * deg.expert_shard))
-        shapes += [(1, m.experts, h, int(deg.fsdp > 1)), (own, m.moe_ffn_dim, h, int(deg.etp > 1))]
-        if m.shared_experts:
-            shapes.append((1, m.shared_experts * m.moe_ffn_dim, h, dense))
-    return max(max(count * rows * cols * (8 + 2 * ns_bytes)
-                   + 2 * count * min(rows, cols) ** 2 * ns_bytes,
-                   4 * (2 * groups + 1) * count * rows * cols if groups else 0)
-               for count, rows, cols, groups in shapes)
+    states, at its largest matrix (:func:`muon_matrices`), which a rank holds whole once the
+    ranks that split it have shared out its chunk (or a rank's expert stack): its Nesterov
+    update and the result in fp32 (8 bytes an element), the iterate and its next in
+    ``ns_bytes`` each, and two Gram matrices (``X X^T`` and its polynomial) of the shorter side
+    squared; measured on the CPU to the byte in fp32 (tests/plan/test_memory.py). Where groups
+    split the matrix, the all-to-alls that bring it and take the result back hold up to
+    ``2 groups + 1`` fp32 copies of it: the chunk's stack of shards, each group's received
+    pieces and their rearranged copy (torch's ``shard_dim_alltoall``; padding of uneven shards
+    aside), 20 bytes an element under FSDP x TP, more than the iterations' 12 to 16; read from
+    torch's code, not measured: gloo has no all-to-all (DTensor gathers instead). The step
+    runs after the backward has freed the activations, so it raises a rank's peak only where
+    it exceeds them."""
+    def held(stack: int, rows: int, cols: int, groups: int) -> int:
+        iterations = (stack * rows * cols * (8 + 2 * ns_bytes)
+                      + 2 * stack * min(rows, cols) ** 2 * ns_bytes)
+        return max(iterations, 4 * (2 * groups + 1) * stack * rows * cols if groups else 0)
+
+    return max(held(b.stack, b.rows, b.cols, len(b.split)) for b in muon_matrices(m, deg, m.layers))
 
 
 MEMORY_READS = (

@@ -22,7 +22,7 @@ from typing import Any
 
 from orch.config import Config, config_to_dict
 from orch.config.blend import parse_blend
-from orch.config.schema import COOLDOWN_FIELDS
+from orch.config.schema import COOLDOWN_FIELDS, ModelConfig
 from orch.runtime.checkpoint.files import MANIFEST
 from orch.runtime.checkpoint.manifest import CheckpointError, Manifest
 from orch.runtime.indexed import typed_by_config
@@ -168,11 +168,12 @@ def _spelled_alike(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any]
     read as the value null stands for (dim / heads, heads): the same model either way (a run
     resumed with ``model.head_dim: 128`` written out was refused as ``None -> 128`` and told to
     start over). A null on both sides stays null, so a changed dim is said once."""
-    def meant(model: dict[str, Any]) -> dict[str, Any]:
+    def meant(model: dict[str, Any]) -> dict[str, Any]:  # as ModelConfig reads a null
         dim, heads = model.get("dim"), model.get("heads")
         if not (isinstance(dim, int) and isinstance(heads, int) and heads > 0):
             return {}
-        return {"head_dim": dim // heads, "kv_heads": heads}
+        shape = ModelConfig(dim=dim, heads=heads)
+        return {"head_dim": shape.head_size, "kv_heads": shape.n_kv_heads}
 
     a, b = dict(a), dict(b)
     for name in set(meant(a)) & set(meant(b)):
