@@ -12,7 +12,7 @@ import torch
 
 from orch.cli import main
 from orch.config import load_config
-from orch.models.hf import hf_config
+from orch.models.hf import hf_config, hf_family
 from orch.models.hf_load import load_hf_weights
 from orch.models.llama import Transformer
 from orch.runtime.checkpoint import CheckpointError, CheckpointManager
@@ -259,10 +259,14 @@ def test_export_of_a_checkpoint_removed_meanwhile_says_so(run, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no OUT, no temporary
 
 
-EXPORTED = {"llama": (False, ()), "llama-tied": (True, ()),
-            "qwen3": (True, ("model.qk_norm=true", "model.head_dim=48"))}
+QWEN3 = ("model.qk_norm=true", "model.head_dim=48")
+EXPORTED = {"llama": (False, ()), "llama-tied": (True, ()), "qwen3": (True, QWEN3),
+            "mixtral": (False, ("model.experts=4",)),
+            "qwen3-moe": (True, (*QWEN3, "model.experts=4", "model.moe_layer_interval=2",
+                                 "model.norm_topk_prob=false", "model.expert_ffn_dim=96"))}
 """Models exported: Llama's, untied and tied, and Qwen3's attention (QK-norm, wider heads) with
-its small models' tied embeddings."""
+its small models' tied embeddings; Mixtral's MoE (every layer, top-2 renormalized) and
+Qwen3-MoE's (every other layer, narrower experts, top-k weights as they are)."""
 
 
 @pytest.mark.parametrize("name", list(EXPORTED))
@@ -279,11 +283,14 @@ def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path
     capsys.readouterr()
     assert main(["ckpt", "inspect", "--json", str(tmp_path / "run")]) == 0
     (record,) = json.loads(capsys.readouterr().out)  # a tied head was counted twice
-    assert record["groups"]["model"]["tensors"] == len(list(model.parameters()))
+    assert record["groups"]["model"]["tensors"] == len(list(model.parameters())) + \
+        cfg.model.moe_layers  # and a balancing bias per MoE layer
     # through the Auto class, as pipeline() and vLLM load it (it needs config.json's model_type)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert isinstance(hf, transformers.Qwen3ForCausalLM if cfg.model.qk_norm
-                      else transformers.LlamaForCausalLM)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, attn_implementation="eager", output_loading_info=True)
+    assert not any(info.values()), info  # no key missing, unexpected or of another shape
+    assert type(hf).__name__ == hf_family(cfg.model)[0]
+    hf.eval()
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 40),
                            generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -305,7 +312,21 @@ def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path
         index = json.loads((out / "model.safetensors.index.json").read_text())
         index["weight_map"]["lm_head.weight"] = shard.name
         (out / "model.safetensors.index.json").write_text(json.dumps(index))
-        assert load_hf_weights(Transformer(back_cfg), back_cfg) == len(list(back.parameters()))
+        # every tensor read but that head (an MoE stack's experts one by one)
+        assert load_hf_weights(Transformer(back_cfg), back_cfg) == len(index["weight_map"]) - 1
+
+
+def test_export_refuses_balancing_biases_that_change_the_routing(tmp_path, capsys):
+    """HF's routers have no aux-loss-free balancing bias: one that is not zero picks other
+    experts there, so the export would compute another function without a word."""
+    cfg, model = tiny_model(False, "model.experts=4", "model.bias_update_rate=0.001")
+    model.layers["2"].feed_forward.expert_bias[1] = 0.01
+    save_run(tmp_path / "run", cfg, model, steps=(1,))
+    assert main(["ckpt", "export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot export (1 problem)" in err, err
+    assert "model.layers.2.feed_forward.expert_bias: is not all zero" in err
+    assert "model.bias_update_rate: 0" in err and not (tmp_path / "hf").exists()
 
 
 def test_export_names_every_problem_of_the_request_at_once_before_hashing(tmp_path, capsys):
@@ -325,7 +346,7 @@ def test_export_names_every_problem_of_the_request_at_once_before_hashing(tmp_pa
     assert "--dtype: 'int8' is not a dtype an export writes" in err and "bfloat16" in err
     assert "--max-shard-size: 'abc' is not a byte size" in err and "500MB" in err
     assert f"{tmp_path / 'taken'}: exists; an export never overwrites" in err
-    assert "model.experts: 4 experts make this an MoE model" in err
+    assert "model.shared_experts: 1, which MixtralForCausalLM cannot compute" in err
     assert "sha256" not in err and list((tmp_path / "taken").iterdir()) == []
     cfg, model = tiny_model()
     save_run(tmp_path / "run", cfg, model, steps=(1,))
@@ -531,20 +552,19 @@ def test_export_to_an_empty_out_says_it_is_empty(run, capsys):
 
 
 def test_a_tensor_without_a_hf_key_is_refused_not_left_out(run, tmp_path, monkeypatch, capsys):
-    """Every tensor ours_to_hf gave no key for was filtered out with the tied head: an export
+    """Every tensor the mapping gave no key for was filtered out with the tied head: an export
     without it, and no word. Here the final norm stands for a parameter the mapping lacks."""
     from orch.models import hf_export
 
-    real = hf_export.ours_to_hf
-    monkeypatch.setattr(hf_export, "ours_to_hf", lambda fqn: None if fqn == "norm.weight"
-                        else real(fqn))
+    real = hf_export.hf_keys
+    monkeypatch.setattr(hf_export, "hf_keys", lambda fqn, *args: [] if fqn == "norm.weight"
+                        else real(fqn, *args))
     assert main(["ckpt", "export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert "cannot export" in err and "Traceback" not in err
-    assert ("model.norm.weight: has no LlamaForCausalLM key (orch.models.hf.ours_to_hf maps "
+    assert ("model.norm.weight: has no LlamaForCausalLM key (orch.models.hf.hf_keys maps "
             "none), so the export would leave it out") in err
     assert not (tmp_path / "hf").exists()
-    assert hf_export.hf_name("model.output.weight", tied=True) is None  # HF keeps one copy
 
 
 def test_inspect_names_qwen3_attention_where_the_model_has_it(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""``orch ckpt export DIR --to hf OUT``: an orch checkpoint as a HuggingFace Llama directory
-(Qwen3's, for a model with ``model.qk_norm``).
+"""``orch ckpt export DIR --to hf OUT``: an orch checkpoint as a HuggingFace directory: Llama's,
+Qwen3's for a model with ``model.qk_norm``, Mixtral's or Qwen3-MoE's for an MoE one
+(``hf.hf_family``; each routed expert's weights written as that family's per-expert tensors).
 
 OUT gets ``config.json`` (``hf.hf_config`` of the checkpoint's own model config) and the
 weights as safetensors, split into shards of at most ``max_shard_bytes`` with a
@@ -28,7 +29,14 @@ import torch
 from orch.config.coerce import build, byte_count
 from orch.config.schema import ModelConfig
 from orch.errors import Problem, ProblemsError
-from orch.models.hf import hf_config, hf_family, ours_to_hf
+from orch.models.hf import (
+    EXPERT_BIAS,
+    expert_bias_problem,
+    hf_config,
+    hf_family,
+    hf_keys,
+    is_expert_stack,
+)
 from orch.models.llama import Transformer
 from orch.runtime.checkpoint.browse import (
     TensorInfo,
@@ -72,11 +80,12 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
 
     ProblemsError before anything is written: first every problem of the request at once (an
     unknown dtype, a shard size that is none, an ``out`` that is empty, exists or is a link,
-    one that cannot be made or one in a run's ``checkpoints/``, an MoE model, an
-    unreadable manifest, or one whose config was edited after the save), since those take no
-    time to find; then, hashing only the files the export reads, the checkpoint's damage; then
-    every tensor whose shape the manifest's config does not give (a config.json must describe
-    the weights it is written beside). After the writing, an ``out`` that appeared meanwhile
+    one that cannot be made or one in a run's ``checkpoints/``, an MoE model no HF class
+    computes, an unreadable manifest, or one whose config was edited after the save), since
+    those take no time to find; then, hashing only the files the export reads, the
+    checkpoint's damage; then every tensor whose shape the manifest's config does not give (a
+    config.json must describe the weights it is written beside) and every balancing bias that
+    is not zero (HF's routers have none). After the writing, an ``out`` that appeared meanwhile
     (``_into_place``)."""
     problems: list[Problem] = []
     path: Path | None = None
@@ -106,7 +115,7 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         model = build(ModelConfig, manifest.config.get("model"), "model", {}, problems)
         try:
             config = hf_config(model, dtype if dtype in DTYPES else "float32")
-        except ProblemsError as exc:  # an MoE model
+        except ProblemsError as exc:  # an MoE model no HF class computes
             problems.extend(exc.problems)
     if problems:
         raise ProblemsError(problems, title="cannot export")
@@ -116,9 +125,9 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
     if problems:
         raise ProblemsError(problems, title="cannot export")
     ours = [t for t in contents(path).tensors if t.name.startswith(MODEL_PREFIX)]
-    if problems := _shape_problems(path, model, ours):
+    if problems := _shape_problems(path, model, ours) or _bias_problems(path, ours):
         raise ProblemsError(problems, title="cannot export")
-    names = {t.name: hf_name(t.name, model.tie_embeddings) for t in ours}
+    names = {t.name: hf_names(t, model) for t in ours}
     shards = _shard(ours, names, limit)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
@@ -258,19 +267,30 @@ def _damage(path: Path, manifest: Manifest) -> list[str]:
     return verify(path, names=sorted(read & set(manifest.files)))
 
 
-def hf_name(name: str, tied: bool) -> str | None:
-    """The ``LlamaForCausalLM`` key of checkpoint tensor ``name`` (``model.<our fqn>``); None
-    for the head of a tied model (HF stores the embedding once), the one tensor the export
-    leaves out. ProblemsError for a tensor ``ours_to_hf`` has no key for: the export would have
-    dropped it without a word (a model parameter the mapping does not know yet)."""
-    fqn = name.removeprefix(MODEL_PREFIX)
-    if tied and fqn == "output.weight":
-        return None
-    if (hf := ours_to_hf(fqn)) is None:
-        raise ProblemsError([Problem(name, "has no LlamaForCausalLM key (orch.models.hf."
-                                     "ours_to_hf maps none), so the export would leave it out",
+def _bias_problems(path: Path, held: list[TensorInfo]) -> list[Problem]:
+    """The balancing biases among the checkpoint's tensors ``held`` that are not all zero (read:
+    one vector per MoE layer), each a problem (``hf.expert_bias_problem``)."""
+    biases = [t for t in held if EXPERT_BIAS.fullmatch(t.name.removeprefix(MODEL_PREFIX))]
+    read = read_tensors(path, biases) if biases else {}
+    return [expert_bias_problem(name) for name, bias in read.items() if bias.any()]
+
+
+def hf_names(info: TensorInfo, model: ModelConfig) -> list[str]:
+    """The HuggingFace keys of checkpoint tensor ``info`` (``model.<our fqn>``) in ``model``'s
+    family: one, or one per expert of a stacked routed-expert weight (``hf.hf_keys``); none for
+    the head of a tied model (HF stores the embedding once) and the balancing biases (zero:
+    ``_bias_problems``), the tensors the export leaves out. ProblemsError for any other tensor
+    ``hf_keys`` has no key for: the export would have dropped it without a word (a model
+    parameter the mapping does not know yet)."""
+    fqn = info.name.removeprefix(MODEL_PREFIX)
+    if model.tie_embeddings and fqn == "output.weight" or EXPERT_BIAS.fullmatch(fqn):
+        return []
+    family = hf_family(model)
+    if not (hf := hf_keys(fqn, family[1], info.shape[0] if is_expert_stack(fqn) else 0)):
+        raise ProblemsError([Problem(info.name, f"has no {family[0]} key (orch.models.hf."
+                                     "hf_keys maps none), so the export would leave it out",
                                      "keep this model in orch's own checkpoints: HuggingFace "
-                                     "export covers the parameters of orch's dense Llama only")],
+                                     "export covers the parameters HuggingFace's classes have")],
                             title="cannot export")
     return hf
 
@@ -319,13 +339,14 @@ def _holds_steps(folder: Path) -> bool:
         return False
 
 
-def _shard(infos: list[TensorInfo], names: dict[str, str | None],
+def _shard(infos: list[TensorInfo], names: dict[str, list[str]],
            max_bytes: int) -> list[list[TensorInfo]]:
-    """Tensors in HF key order, cut into consecutive groups of at most ``max_bytes`` (a tensor
-    larger than that gets a shard of its own)."""
+    """Tensors in HF key order (a stacked expert weight's first expert's), cut into
+    consecutive groups of at most ``max_bytes`` (a tensor larger than that gets a shard of its
+    own; a stacked expert weight stays in one)."""
     shards: list[list[TensorInfo]] = [[]]
     size = 0
-    for info in sorted((i for i in infos if names[i.name]), key=lambda i: names[i.name] or ""):
+    for info in sorted((i for i in infos if names[i.name]), key=lambda i: names[i.name][0]):
         if shards[-1] and size + info.nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -334,7 +355,7 @@ def _shard(infos: list[TensorInfo], names: dict[str, str | None],
     return [shard for shard in shards if shard]
 
 
-def _write(path: Path, shards: list[list[TensorInfo]], names: dict[str, str | None],
+def _write(path: Path, shards: list[list[TensorInfo]], names: dict[str, list[str]],
            dtype: torch.dtype, out: Path) -> list[str]:
     from safetensors.torch import save_file
 
@@ -343,7 +364,9 @@ def _write(path: Path, shards: list[list[TensorInfo]], names: dict[str, str | No
     weight_map, total = {}, 0
     for file, shard in zip(files, shards, strict=True):
         tensors = read_tensors(path, shard)
-        renamed = {names[n]: t.to(dtype).contiguous() for n, t in tensors.items()}
+        renamed = {key: (t[j].T if is_expert_stack(n.removeprefix(MODEL_PREFIX)) else t)
+                   .to(dtype).contiguous() for n, t in tensors.items()
+                   for j, key in enumerate(names[n])}
         save_file(renamed, str(out / file), metadata={"format": "pt"})
         os.chmod(out / file, 0o666 & ~_umask())  # safetensors writes 0600; like config.json
         weight_map.update({key: file for key in renamed})
@@ -361,4 +384,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["DTYPES", "Exported", "export_hf", "hf_name"]
+__all__ = ["DTYPES", "Exported", "export_hf", "hf_names"]

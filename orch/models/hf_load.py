@@ -1,4 +1,5 @@
-"""Start training from a HuggingFace Llama checkpoint directory (``model.init_from``).
+"""Start training from a HuggingFace checkpoint directory (``model.init_from``): Llama's, or
+Mistral's, Qwen3's, Mixtral's or Qwen3-MoE's (:data:`ARCHITECTURES`).
 
 The directory holds ``config.json`` and one or more ``*.safetensors`` shards (with
 ``model.safetensors.index.json`` when sharded), as ``save_pretrained`` writes them. The config
@@ -20,22 +21,18 @@ from torch import nn
 from orch.config.blend import blend_field, parse_blend
 from orch.config.schema import KV_HEADS, MODEL_SHAPE, DataConfig, ModelConfig
 from orch.errors import Problem, ProblemsError, reading
-from orch.models.hf import TIED_HEAD_ABSENT, hf_config, hf_ignored, hf_to_ours, ours_to_hf
+from orch.models.hf import (
+    TIED_HEAD_ABSENT,
+    hf_expert,
+    hf_family,
+    hf_ignored,
+    hf_keys,
+    hf_to_ours,
+    is_expert_stack,
+)
 from orch.models.llama import Transformer
 from orch.models.weights import fill_all
 
-# config.json key -> the ModelConfig field it must equal (and how to print it)
-_CHECKED = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "dim",
-    "intermediate_size": "ffn_dim",
-    "num_hidden_layers": "layers",
-    "num_attention_heads": "heads",
-    "num_key_value_heads": "kv_heads",
-    "rms_norm_eps": "norm_eps",
-    "rope_theta": "rope_theta",
-    "tie_word_embeddings": "tie_embeddings",
-}
 # What transformers' LlamaConfig (4.x and 5.x) takes for a key that config.json lacks or holds as
 # null: orch compares those values, not its own, since they are what the checkpoint computes.
 # num_key_value_heads defaults to num_attention_heads; RoPE's theta is read in _config_problems.
@@ -50,25 +47,37 @@ _HF_DEFAULTS = {
 }
 _DEFAULT_THETA = 10000.0
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen3ForCausalLM": "qwen3"}
-"""The HuggingFace classes whose checkpoints orch's Llama loads -> their ``model_type``.
+                 "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
+                 "Qwen3MoeForCausalLM": "qwen3_moe"}
+"""The HuggingFace classes whose checkpoints orch's Transformer loads -> their ``model_type``.
 Mistral's decoder is Llama's (the same names, no biases), Qwen3's Llama's with each query and
-key head normalized (``model.qk_norm``); both attend through a sliding window where their
-config turns one on (refused: orch's attention sees the whole sequence), and have their own
-defaults (below)."""
-_FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
+key head normalized (``model.qk_norm``); Mixtral's is Mistral's with softmax-routed experts in
+every layer, Qwen3-MoE's Qwen3's with them every ``decoder_sparse_step`` layers (orch's
+``model.moe_layer_interval``: the same layers). Those but Llama attend through a sliding window
+where their config turns one on (refused: orch's attention sees the whole sequence), and each
+has its own defaults (below)."""
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
+_QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+_FAMILY_DEFAULTS: dict[str, dict[str, int | float | bool]] = {
     "llama": {},
     "mistral": {"intermediate_size": 14336, "num_key_value_heads": 8},
     "qwen3": {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
               "head_dim": 128},
+    "mixtral": {"intermediate_size": 14336, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+                "rope_theta": 1e6, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen3_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                  "num_hidden_layers": 24, "num_key_value_heads": 4, "num_experts": 128,
+                  "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                  "decoder_sparse_step": 1, "norm_topk_prob": False},
 }
-"""Where transformers' MistralConfig and Qwen3Config defaults differ from LlamaConfig's, for a
-key config.json lacks (a null ``num_key_value_heads`` still reads as the heads, a null or
-absent Llama or Mistral ``head_dim`` as hidden_size / heads)."""
+"""Where transformers' configs of the other families default differently from LlamaConfig, for
+a key config.json lacks (a null ``num_key_value_heads`` still reads as the heads, a null or
+absent ``head_dim`` as hidden_size / heads but for Qwen3's 128); the MoE keys are read only
+for the MoE families."""
 
 
 _KNOWN = " or ".join(ARCHITECTURES)
-"""The classes a fix names: ``LlamaForCausalLM or MistralForCausalLM or Qwen3ForCausalLM``."""
+"""The classes a fix names: ``LlamaForCausalLM or MistralForCausalLM or ...``."""
 
 
 def _family(theirs: dict) -> str:
@@ -80,14 +89,53 @@ def _family(theirs: dict) -> str:
     return named[0] if named else str(theirs.get("model_type", "llama"))
 
 
+def _checked(family: str, model: ModelConfig, hf: dict) -> dict[str, tuple[str, object]]:
+    """config.json key -> the ModelConfig field it must equal and that field's value as the key
+    means it (``kv_heads`` null is the heads), for a checkpoint of ``family`` read as ``hf``.
+    Mixtral's ``intermediate_size`` and Qwen3-MoE's ``moe_intermediate_size`` are the experts'
+    width (``model.expert_ffn_dim``, or ``ffn_dim`` where that is null); Qwen3-MoE's own
+    ``intermediate_size`` is its dense layers', compared only where it has some (a
+    ``decoder_sparse_step`` above 1: transformers never reads it otherwise)."""
+    experts = "expert_ffn_dim" if model.expert_ffn_dim is not None else "ffn_dim"
+    checked: dict[str, tuple[str, object]] = {
+        "vocab_size": ("vocab_size", model.vocab_size),
+        "hidden_size": ("dim", model.dim),
+        "intermediate_size": ("ffn_dim", model.ffn_dim),
+        "num_hidden_layers": ("layers", model.layers),
+        "num_attention_heads": ("heads", model.heads),
+        "num_key_value_heads": ("kv_heads", model.n_kv_heads),
+        "rms_norm_eps": ("norm_eps", model.norm_eps),
+        "rope_theta": ("rope_theta", model.rope_theta),
+        "tie_word_embeddings": ("tie_embeddings", model.tie_embeddings),
+    }
+    if family in MOE_FAMILIES:
+        checked |= {"num_local_experts" if family == "mixtral" else "num_experts":
+                    ("experts", model.experts), "num_experts_per_tok": ("top_k", model.top_k),
+                    "decoder_sparse_step": ("moe_layer_interval", model.moe_layer_interval),
+                    "norm_topk_prob": ("norm_topk_prob", model.norm_topk_prob)}
+    if family == "mixtral":
+        checked["intermediate_size"] = (experts, model.moe_ffn_dim)
+    elif family == "qwen3_moe":
+        checked["moe_intermediate_size"] = (experts, model.moe_ffn_dim)
+        if hf.get("decoder_sparse_step") == 1:
+            del checked["intermediate_size"]
+    return checked
+
+
+_MIXTRAL_ROUTING = {"decoder_sparse_step": (1, "MoE in every layer"),
+                    "norm_topk_prob": (True, "whose router renormalizes its top-k weights")}
+"""What a Mixtral checkpoint computes without a config key for it, in Qwen3-MoE's keys (which
+orch's fields are compared with)."""
+
+
 def _as_transformers_reads(theirs: dict) -> dict:
     """The checked fields of config.json ``theirs`` as transformers builds its LlamaConfig (or
     MistralConfig, Qwen3Config) from them: every absent (or null) key at that config's default
     (all but rope_theta and head_dim)."""
     family = _FAMILY_DEFAULTS.get(_family(theirs), {})
     defaults = {**_HF_DEFAULTS, **family}
-    hf = {key: default if theirs.get(key) is None else theirs[key]
-          for key, default in defaults.items() if key not in ("num_key_value_heads", "head_dim")}
+    hf = {key: default if theirs.get(key) is None else theirs[key] for key, default in
+          defaults.items() if key not in ("num_key_value_heads", "head_dim", "rope_theta")}
     kv_heads = theirs.get("num_key_value_heads", family.get("num_key_value_heads"))
     hf["num_key_value_heads"] = hf["num_attention_heads"] if kv_heads is None else kv_heads
     return hf
@@ -96,7 +144,8 @@ def _as_transformers_reads(theirs: dict) -> dict:
 def _window_problem(theirs: dict, family: str, config_file: Path, span: int
                     ) -> Problem | None:
     """A Mistral or Qwen3 config.json whose attention looks back through a sliding window:
-    Mistral's unless ``sliding_window`` is null (4096 where absent); Qwen3's where
+    Mistral's unless ``sliding_window`` is null (4096 where absent), Mixtral's where it is
+    not (null where absent); Qwen3-MoE's where ``use_sliding_window`` is true; Qwen3's where
     ``layer_types`` names a sliding layer or, without it, where ``use_sliding_window`` is true
     and a layer lies from ``max_window_layers`` (28) on, as transformers derives layer_types.
     Qwen3-8B's max_window_layers is its 36 layers: use_sliding_window true slides none of them,
@@ -105,17 +154,20 @@ def _window_problem(theirs: dict, family: str, config_file: Path, span: int
     Mistral 7B v0.1's 4096 with model.max_seq_len 4096 is the same function too."""
     layer_types, layers = theirs.get("layer_types"), theirs.get("num_hidden_layers", 32)
     first = theirs.get("max_window_layers", 28)
-    window = theirs.get("sliding_window", 4096)
+    window = theirs.get("sliding_window", None if family == "mixtral" else 4096)
     if isinstance(window, int) and not isinstance(window, bool) and window >= span:
         return None
-    if family == "mistral" and window is not None:
+    if family in ("mistral", "mixtral"):
+        slides = window is not None
         said = ("has no sliding_window, which transformers reads as 4096"
                 if "sliding_window" not in theirs else f"has sliding_window: {window!r}")
-    elif family == "qwen3" and ("sliding_attention" in layer_types if isinstance(
-            layer_types, list) else theirs.get("use_sliding_window") and window is not None
-            and not (isinstance(layers, int) and isinstance(first, int) and layers <= first)):
-        said = "turns a sliding window on (use_sliding_window, layer_types)"
     else:
+        turned_on = bool(theirs.get("use_sliding_window")) and window is not None
+        slides = family == "qwen3_moe" and turned_on or family == "qwen3" and (
+            "sliding_attention" in layer_types if isinstance(layer_types, list) else turned_on
+            and not (isinstance(layers, int) and isinstance(first, int) and layers <= first))
+        said = "turns a sliding window on (use_sliding_window, layer_types)"
+    if not slides:
         return None
     shorter = (f", or set model.max_seq_len (and so train.seq_len) to at most its window, "
                f"{window}: orch then never attends further back than it"
@@ -144,10 +196,6 @@ def init_from_problems(model: ModelConfig) -> list[Problem]:
 
 def _config_problems(model: ModelConfig) -> list[Problem]:
     """The directory and its config.json against ``model`` (see :func:`init_from_problems`)."""
-    try:  # an MoE config cannot take a Llama checkpoint, whatever the directory holds
-        ours = hf_config(model)
-    except ProblemsError as exc:
-        return exc.problems
     where, path = "model.init_from", Path(model.init_from)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -174,7 +222,7 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
     if not isinstance(theirs, dict):
         return [Problem(where, f"{config_file} holds a JSON {type(theirs).__name__}, not a "
                         "model config", f"use a {_KNOWN} checkpoint")]
-    problems, hf = [], _as_transformers_reads(theirs)
+    problems, hf, family = [], _as_transformers_reads(theirs), _family(theirs)
     said = {}  # how config.json gives a checked value somewhere other than under its key
     rope_key = "rope_scaling" if theirs.get("rope_scaling") else "rope_parameters"
     rope = theirs.get(rope_key) or {}
@@ -195,8 +243,9 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
         hf["rope_theta"] = inner
         said["rope_theta"] = f"has {rope_key}.rope_theta: {inner!r}"
     else:
-        hf["rope_theta"] = _DEFAULT_THETA if top is None else top
-    architectures, family = theirs.get("architectures") or [], _family(theirs)
+        theta = _FAMILY_DEFAULTS.get(family, {}).get("rope_theta", _DEFAULT_THETA)
+        hf["rope_theta"] = theta if top is None else top
+    architectures = theirs.get("architectures") or []
     if not isinstance(architectures, list) or (architectures and
                                                not set(architectures) & set(ARCHITECTURES)):
         problems.append(Problem(where, f"{config_file} describes {architectures}",
@@ -207,16 +256,17 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
         if foreign or theirs.get(key, want) != want:  # is missing, these still tell another
             problems.append(Problem(where, f"{config_file} has {key}: {theirs[key]!r}, not "
                                     f"{types if foreign else repr(want)}: another model than "
-                                    "orch's Llama", f"use a {_KNOWN} checkpoint"))
+                                    "orch's Transformer", f"use a {_KNOWN} checkpoint"))
     if (window := _window_problem(theirs, family, config_file, model.max_seq_len)) is not None:
         problems.append(window)
-    if family in ARCHITECTURES.values() and model.qk_norm != (family == "qwen3"):
-        does = ("normalizes each query and key head (q_norm, k_norm)" if family == "qwen3"
-                else "normalizes no query or key head")
-        problems.append(Problem("model.qk_norm", f"{str(model.qk_norm).lower()} but "
-                                f"{config_file} describes a {family} model, whose attention "
-                                f"{does}", f"set model.qk_norm={str(family == 'qwen3').lower()}",
-                                ("model.init_from",)))
+    problems += _family_problems(model, family, theirs, config_file)
+    if family == "qwen3_moe" and theirs.get("num_local_experts") is not None:
+        hf["num_experts"] = theirs["num_local_experts"]  # the name transformers 5 saves it by
+        said["num_experts"] = f"has num_local_experts: {hf['num_experts']!r}"
+    if family == "mixtral":
+        hf |= {key: value for key, (value, _) in _MIXTRAL_ROUTING.items()}
+        said |= {key: f"describes a mixtral model, {what}"
+                 for key, (_, what) in _MIXTRAL_ROUTING.items()}
     for flag in ("attention_bias", "mlp_bias"):
         if theirs.get(flag):
             problems.append(Problem(where, f"{config_file} has {flag}: true",
@@ -240,14 +290,49 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
             problems.append(Problem("model.head_dim", f"{model.head_dim!r} (heads "
                                     f"{model.head_size} wide) but {config_file} {given}",
                                     f"set model.head_dim={width}", ("model.init_from",)))
-    for key, field in _CHECKED.items():
-        if key not in hf or key in mistyped or hf[key] == ours[key]:
+    for key, (field, value) in _checked(family, model, hf).items():
+        if key not in hf or key in mistyped or hf[key] == value:
             continue
         given = said.get(key) or (f"has {key}: {theirs[key]!r}" if theirs.get(key) is not None
                                   else f"has no {key}, which transformers reads as {hf[key]!r}")
         problems.append(Problem(f"model.{field}", f"{getattr(model, field)!r} but {config_file} "
                                 f"{given}", f"set model.{field}={hf[key]}",
                                 ("model.init_from", *(KV_HEADS if field == "kv_heads" else ()))))
+    return problems
+
+
+def _family_problems(model: ModelConfig, family: str, theirs: dict,
+                     config_file: Path) -> list[Problem]:
+    """What of ``model`` a ``family`` checkpoint has no weights or function for, beside the
+    fields compared one by one: QK-norm either way, MoE layers in a dense family, and in an MoE
+    one shared experts, sigmoid routing and Qwen3-MoE's dense ``mlp_only_layers`` (orch puts
+    its dense layers by ``model.moe_layer_interval`` alone)."""
+    if family not in ARCHITECTURES.values():
+        return []
+    problems, norms = [], family in _QK_NORM_FAMILIES
+    if model.qk_norm != norms:
+        does = ("normalizes each query and key head (q_norm, k_norm)" if norms
+                else "normalizes no query or key head")
+        problems.append(Problem("model.qk_norm", f"{str(model.qk_norm).lower()} but "
+                                f"{config_file} describes a {family} model, whose attention "
+                                f"{does}", f"set model.qk_norm={str(norms).lower()}",
+                                ("model.init_from",)))
+    moe = family in MOE_FAMILIES
+    wrong = [("experts", model.is_moe and not moe, "whose feed-forward layers are all dense", 0),
+             ("shared_experts", moe and model.shared_experts > 0, "which has no shared experts",
+              0),
+             ("score_func", moe and model.score_func != "softmax", "whose router takes softmax "
+              "scores", "softmax")]
+    problems += [Problem(f"model.{field}", f"{getattr(model, field)!r} but {config_file} "
+                         f"describes a {family} model, {what}", f"set model.{field}={want}",
+                         ("model.init_from",)) for field, bad, what, want in wrong if bad]
+    dense = theirs.get("mlp_only_layers") if family == "qwen3_moe" else None
+    if dense:
+        problems.append(Problem("model.init_from", f"{config_file} has mlp_only_layers: "
+                                f"{dense!r}: dense layers where the MoE ones fall every "
+                                "decoder_sparse_step layers, which orch's layout "
+                                "(model.moe_layer_interval) cannot say",
+                                "use a checkpoint whose mlp_only_layers is empty"))
     return problems
 
 
@@ -281,7 +366,7 @@ def _orch_checkpoint_fix(path: Path) -> str | None:
 
 
 _INT, _NUMBER, _BOOL = "a whole number", "a number", "true or false"
-_NUMBERS = {"rms_norm_eps", "rope_theta"}
+_NUMBERS, _BOOLS = {"rms_norm_eps", "rope_theta"}, {"tie_word_embeddings", "norm_topk_prob"}
 _AS_JSON = {_INT: "a JSON integer (256, not \"256\")", _NUMBER: "a JSON number (1e-05, not "
             "\"1e-05\")", _BOOL: "a JSON true or false"}
 
@@ -291,7 +376,7 @@ def _mistyped(hf: dict, head_dim: object) -> dict[str, str]:
     type, key -> the type wanted: a string "256" compared unequal to 256 and was answered with
     "set model.dim=256" (the value it already had), and a head_dim string multiplied as one."""
     values = {**hf, **({} if head_dim is None else {"head_dim": head_dim})}
-    wanted = {key: _BOOL if key == "tie_word_embeddings" else _NUMBER if key in _NUMBERS
+    wanted = {key: _BOOL if key in _BOOLS else _NUMBER if key in _NUMBERS
               else _INT for key in values}
     ok = {_INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
           _NUMBER: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
@@ -375,7 +460,8 @@ class HFCheckpoint:
         if not problems:
             shapes = {name: p.shape for name, p in model.named_parameters()}
             self._where, problems = _locate(cfg, shapes, compare_tied_head=not checked)
-            """Our parameter name -> (shard, key) holding its tensor."""
+            """Our parameter name -> the (shard, key) holding its tensor, or those of its
+            experts, in order, for a stacked routed-expert weight."""
         if problems:
             raise ProblemsError(problems, title="cannot initialize from the checkpoint")
         self._open: tuple[Path, object] | None = None
@@ -383,14 +469,22 @@ class HFCheckpoint:
         """Tensors read so far."""
 
     def fill(self, name: str, into: torch.Tensor) -> None:
+        pieces = self._where[name]
+        if is_expert_stack(name):  # expert j's projection is our [j] transposed (orch.models.hf)
+            for j, piece in enumerate(pieces):
+                into[j].copy_(self._tensor(piece).T)
+        else:
+            into.copy_(self._tensor(pieces[0]))
+        self.read += len(pieces)
+
+    def _tensor(self, piece: tuple[Path, str]) -> torch.Tensor:
         from safetensors import safe_open
 
-        shard, key = self._where[name]
+        shard, key = piece
         if self._open is None or self._open[0] != shard:
             self._open = None  # the previous shard's mapping goes before the next one opens
             self._open = (shard, safe_open(str(shard), framework="pt"))
-        into.copy_(self._open[1].get_tensor(key))  # type: ignore[attr-defined]
-        self.read += 1
+        return self._open[1].get_tensor(key)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         """Let the open shard go (its mapped pages with it)."""
@@ -398,14 +492,16 @@ class HFCheckpoint:
 
 
 def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size], compare_tied_head: bool = True
-            ) -> tuple[dict[str, tuple[Path, str]], list[Problem]]:
-    """Where each parameter named in ``shapes`` is in ``cfg.init_from``'s shards (shard, key),
-    and the problems: keys with no counterpart, shapes that differ, parameters with no key, and
+            ) -> tuple[dict[str, list[tuple[Path, str]]], list[Problem]]:
+    """Where each parameter named in ``shapes`` is in ``cfg.init_from``'s shards (shard, key:
+    one, or one per expert of a stacked routed-expert weight, in order), and the problems: keys
+    with no counterpart, shapes that differ, parameters (or experts) with no key, and
     (``compare_tied_head``) a tied model's saved head that is not its embedding."""
     from safetensors import safe_open
 
-    located: dict[str, tuple[Path, str]] = {}
-    found: set[str] = set()
+    located: dict[str, list[tuple[Path, str]]] = {}
+    experts: dict[str, dict[int, tuple[Path, str]]] = {}  # stacked weight -> expert -> where
+    found: dict[str, set[int]] = {}  # our name -> the experts (0 where not a stack) with a key
     problems = []
     tied_head: Path | None = None  # the shard of an lm_head.weight a tied model does not load
     for shard in _shards(Path(cfg.init_from)):
@@ -423,13 +519,14 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size], compare_tied_head: 
                 if cfg.tie_embeddings and key == _HEAD:
                     tied_head = shard  # the head is the embedding, as transformers ties it
                     continue  # when the two are equal (some checkpoints save the tied head too)
-                ours = hf_to_ours(key)
-                if ours is None or ours not in shapes:
+                ours, expert = hf_expert(key) or (hf_to_ours(key), None)
+                if ours is None or ours not in shapes or (
+                        expert is not None and expert >= shapes[ours][0]):
                     problems.append(Problem(key, f"in {shard.name} has no counterpart in "
-                                            "orch's Llama Transformer",
-                                            "use a bias-free Llama checkpoint"))
+                                            "orch's Transformer",
+                                            f"use a bias-free {_KNOWN} checkpoint"))
                     continue
-                found.add(ours)
+                found.setdefault(ours, set()).add(expert or 0)
                 dtype = handle.get_slice(key).get_dtype()
                 if dtype not in _FLOATS:  # copied into the float parameters, silently
                     problems.append(Problem(key, f"is {dtype}, not a floating-point tensor",
@@ -437,14 +534,22 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size], compare_tied_head: 
                                             "F64)"))
                     continue
                 shape = torch.Size(handle.get_slice(key).get_shape())
-                if shape != shapes[ours]:
-                    problems.append(_misshapen(key, shape, ours, shapes[ours]))
-                    continue
-                located[ours] = (shard, key)
-    problems += [_missing(cfg, name) for name in shapes if name not in found]
+                wanted = shapes[ours] if expert is None else shapes[ours][1:][::-1]
+                if shape != wanted:
+                    problems.append(_misshapen(key, shape, ours if expert is None else
+                                               f"{ours}[{expert}] transposed", wanted))
+                elif expert is None:
+                    located[ours] = [(shard, key)]
+                else:
+                    experts.setdefault(ours, {})[expert] = (shard, key)
+    for name, held in experts.items():
+        if len(held) == shapes[name][0]:
+            located[name] = [held[j] for j in range(len(held))]
+    problems += [problem for name in shapes for problem in _missing(cfg, name, shapes[name],
+                                                                     found.get(name, set()))]
     embedding = located.get("tok_embeddings.weight")
     if (compare_tied_head and tied_head is not None and embedding is not None
-            and not _equal(embedding, (tied_head, _HEAD))):
+            and not _equal(embedding[0], (tied_head, _HEAD))):
         problems.append(Problem("model.tie_embeddings", f"true, but {tied_head.name} holds an "
                                 f"{_HEAD} that differs from the embedding (transformers then "
                                 "unties the two and uses it)", "re-save the checkpoint with "
@@ -466,19 +571,24 @@ def _misshapen(key: str, shape: torch.Size, ours: str, wanted: torch.Size) -> Pr
                    "match their config.json", "re-save the checkpoint, or copy it again")
 
 
-def _missing(cfg: ModelConfig, name: str) -> Problem:
-    """The problem of our parameter ``name`` with no tensor in the checkpoint, named by the HF
-    key the user would look for in its shards (our name, "output.weight", is not in them). An
-    untied model's missing head is most likely a checkpoint saved tied (config.json's
-    tie_word_embeddings equals model.tie_embeddings here, both false, so neither side says so)."""
-    key = ours_to_hf(name) or name
-    if key != _HEAD:
-        return Problem(key, f"has no tensor in {cfg.init_from}", "use a complete checkpoint")
-    return Problem(key, f"has no tensor in {cfg.init_from}, {TIED_HEAD_ABSENT}, but its "
-                   "config.json's tie_word_embeddings is false (as model.tie_embeddings)",
-                   "if the checkpoint ties its head to the embedding, set tie_word_embeddings: "
-                   "true in its config.json and model.tie_embeddings=true; else copy the whole "
-                   "checkpoint")
+def _missing(cfg: ModelConfig, name: str, shape: torch.Size, found: set[int]
+             ) -> list[Problem]:
+    """The problems of our parameter ``name`` (of ``shape``) whose tensors the checkpoint lacks
+    (``found``: the experts of a stacked weight that have one, {0} for another parameter that
+    has), each named by the HF key the user would look for in its shards (our name,
+    "output.weight", is not in them). An untied model's missing head is most likely a
+    checkpoint saved tied (config.json's tie_word_embeddings equals model.tie_embeddings here,
+    both false, so neither side says so)."""
+    keys = hf_keys(name, hf_family(cfg)[1], shape[0] if is_expert_stack(name) else 0) or [name]
+    missing = [key for index, key in enumerate(keys) if index not in found]
+    if missing != [_HEAD]:
+        return [Problem(key, f"has no tensor in {cfg.init_from}", "use a complete checkpoint")
+                for key in missing]
+    return [Problem(_HEAD, f"has no tensor in {cfg.init_from}, {TIED_HEAD_ABSENT}, but its "
+                    "config.json's tie_word_embeddings is false (as model.tie_embeddings)",
+                    "if the checkpoint ties its head to the embedding, set tie_word_embeddings: "
+                    "true in its config.json and model.tie_embeddings=true; else copy the whole "
+                    "checkpoint")]
 
 
 EQUAL_ROWS = 4096

@@ -15,7 +15,7 @@ from launch_harness import FAST, REPO, launch, metrics, overrides
 from orch.config import ModelConfig, load_config
 from orch.errors import ProblemsError
 from orch.models.hf import hf_config
-from orch.models.hf_load import init_from_problems, load_hf_weights
+from orch.models.hf_load import ARCHITECTURES, init_from_problems, load_hf_weights
 from orch.models.llama import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -362,7 +362,9 @@ def test_what_no_model_setting_fixes_is_said_once_for_what_it_is(checkpoint, tmp
     per projection, each "check model.*": one problem now, with the setting that fixes it."""
     path, _ = checkpoint
     moe = init_from_problems(tiny(init_from=str(path), experts=4, moe_layer_interval=2))
-    assert [p.where for p in moe] == ["model.experts"] and "model.experts: 0" in moe[0].fix
+    assert [p.where for p in moe] == ["model.experts"] and moe[0].fix == "set model.experts=0"
+    assert f"4 but {path / 'config.json'} describes a llama model, whose feed-forward layers " \
+        "are all dense" == moe[0].message
     wide = _with_config(path, tmp_path / "wide", lambda c: c.update(head_dim=64))
     problems = init_from_problems(tiny(init_from=str(wide)))
     assert len(problems) == 1, problems
@@ -379,10 +381,9 @@ def test_what_no_model_setting_fixes_is_said_once_for_what_it_is(checkpoint, tmp
 
 
 def _saved(tmp_path: Path, family: str, cfg: ModelConfig, **extra: object):
-    """A random ``family`` (llama, mistral or qwen3) checkpoint of ``cfg``'s shape, saved, and
-    the transformers model that saved it."""
-    classes = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen3": "Qwen3ForCausalLM"}
+    """A random ``family`` (llama, mistral, qwen3, mixtral or qwen3_moe) checkpoint of
+    ``cfg``'s shape, saved, and the transformers model that saved it."""
+    classes = {family: name for name, family in ARCHITECTURES.items()}
     causal_lm = getattr(transformers, classes[family])
     torch.manual_seed(5)
     hf_cfg = causal_lm.config_class(**{**hf_config(cfg), "architectures": [classes[family]],
@@ -417,6 +418,111 @@ def test_heads_wider_than_dim_over_heads_load_with_the_same_logits(tmp_path, fam
     want = str(family == "qwen3").lower()
     assert f"model.qk_norm: {str(family != 'qwen3').lower()} but {path / 'config.json'} " \
         f"describes a {family} model" in other and f"set model.qk_norm={want}" in other
+
+
+MOE = {"mixtral": {"experts": 4},
+       "qwen3_moe": {"experts": 4, "top_k": 3, "qk_norm": True, "moe_layer_interval": 2,
+                     "expert_ffn_dim": 96, "norm_topk_prob": False}}
+"""MoE models of the tiny shape: Mixtral's (every layer, top-2 renormalized) and Qwen3-MoE's
+(every other layer, narrower experts, top-3 weights as they are)."""
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_checkpoints_saved_by_transformers_load_with_the_same_logits(tmp_path, family):
+    """transformers holds each MoE layer's experts fused and saves them one tensor per expert
+    and projection (Mixtral's w1/w2/w3, Qwen3-MoE's gate/up/down_proj): orch stacks them,
+    transposed, into its grouped experts."""
+    cfg = tiny(**MOE[family])
+    path, hf = _saved(tmp_path, family, cfg)
+    with torch.no_grad():  # routers far from uniform, so a misplaced expert changes the routing
+        for name, p in hf.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0.0, 0.5)
+    hf.save_pretrained(path, safe_serialization=True)
+    loading = dataclasses.replace(cfg, init_from=str(path))
+    assert init_from_problems(loading) == []
+    ours = Transformer(loading).eval()
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as saved:
+        assert load_hf_weights(ours, loading) == len(list(saved.keys()))  # one read per expert
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(tokens).logits).abs().max()
+    assert diff < 1e-5, diff
+
+
+def test_moe_fields_that_differ_from_the_checkpoint_are_named_at_once(tmp_path):
+    """Each routing field set otherwise than the checkpoint computes is named with its fix, and
+    what the family has no weights or function for (shared experts, sigmoid scores) too;
+    Mixtral's implied layout (MoE in every layer, renormalized top-k) included."""
+    mixtral, _ = _saved(tmp_path, "mixtral", tiny(**MOE["mixtral"]))
+    problems = init_from_problems(tiny(
+        init_from=str(mixtral), experts=8, top_k=1, expert_ffn_dim=100, moe_layer_interval=2,
+        norm_topk_prob=False, shared_experts=1, score_func="sigmoid"))
+    text = "\n".join(map(str, problems))
+    config = mixtral / "config.json"
+    for said, fix in [
+            ("model.experts: 8 but {} has num_local_experts: 4", "set model.experts=4"),
+            ("model.top_k: 1 but {} has num_experts_per_tok: 2", "set model.top_k=2"),
+            ("model.expert_ffn_dim: 100 but {} has intermediate_size: 688",
+             "set model.expert_ffn_dim=688"),
+            ("model.moe_layer_interval: 2 but {} describes a mixtral model, MoE in every layer",
+             "set model.moe_layer_interval=1"),
+            ("model.norm_topk_prob: False but {} describes a mixtral model, whose router "
+             "renormalizes", "set model.norm_topk_prob=True"),
+            ("model.shared_experts: 1 but {} describes a mixtral model, which has no shared "
+             "experts", "set model.shared_experts=0"),
+            ("model.score_func: 'sigmoid' but {} describes a mixtral model, whose router takes "
+             "softmax scores", "set model.score_func=softmax")]:
+        assert said.format(config) in text and fix in text, (said, text)
+    assert len(problems) == 7, text
+    dense = _text(tiny(init_from=str(mixtral)))  # a dense config, an MoE checkpoint
+    assert f"model.experts: 0 but {config} has num_local_experts: 4" in dense
+
+
+def test_qwen3_moe_config_keys_as_transformers_reads_them(tmp_path):
+    """Qwen3-MoE's hub configs say num_experts, transformers 5 saves num_local_experts: both
+    read; absent keys are Qwen3MoeConfig's defaults; dense layers listed in mlp_only_layers
+    (not every decoder_sparse_step-th) have no orch layout."""
+    cfg = tiny(**MOE["qwen3_moe"])
+    path, _ = _saved(tmp_path, "qwen3_moe", cfg)
+    assert "num_local_experts" in json.loads((path / "config.json").read_text())
+    hub = _with_config(path, tmp_path / "hub", lambda c: c.update(
+        num_experts=c.pop("num_local_experts")))
+    assert init_from_problems(dataclasses.replace(cfg, init_from=str(hub))) == []
+    text = _text(dataclasses.replace(cfg, init_from=str(path), experts=8))
+    assert "model.experts: 8 but" in text and "has num_local_experts: 4" in text, text
+
+    def bare(config: dict) -> None:
+        for key in ("num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+                    "norm_topk_prob", "decoder_sparse_step"):
+            config.pop(key)
+
+    text = _text(dataclasses.replace(cfg, init_from=str(_with_config(path, tmp_path / "bare",
+                                                                        bare))))
+    for fix in ("set model.experts=128", "set model.top_k=8", "set model.expert_ffn_dim=768",
+                "set model.moe_layer_interval=1"):
+        assert fix in text, (fix, text)
+    assert "has no decoder_sparse_step, which transformers reads as 1" in text
+    assert "norm_topk_prob" not in text  # absent is false, as the model's
+    listed = _with_config(path, tmp_path / "listed", lambda c: c.update(mlp_only_layers=[0]))
+    text = _text(dataclasses.replace(cfg, init_from=str(listed)))
+    assert "has mlp_only_layers: [0]" in text and "model.moe_layer_interval" in text, text
+
+
+def test_a_missing_expert_is_named_by_its_hf_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny(**MOE["qwen3_moe"])
+    path, _ = _saved(tmp_path, "qwen3_moe", cfg)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.2.up_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    problems = init_from_problems(dataclasses.replace(cfg, init_from=str(path)))
+    assert [str(p) for p in problems] == [
+        f"model.layers.1.mlp.experts.2.up_proj.weight: has no tensor in {path}\n"
+        "    fix: use a complete checkpoint"], problems
 
 
 def test_a_checkpoint_attending_through_a_window_is_refused(tmp_path):
@@ -553,8 +659,6 @@ def test_a_wrong_vocab_size_with_init_from_is_one_problem_not_two(checkpoint, tm
 def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
     """The first logged loss is the HuggingFace model's own loss on the first batch, also when
     the checkpoint is read unit by unit into NVMe homes (offloaded parameters and states)."""
-    from orch.runtime.data import BatchStream, PackedSequences, load_tokens
-
     path, hf = checkpoint
     run = tmp_path / "run"
     offload = [] if homes == "device" else [
@@ -565,8 +669,17 @@ def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
                             f"model.init_from={path}", *offload))
     assert out.returncode == 0, out.stderr
     assert f"orch: initialized from {path}" in out.stdout
-    logged = metrics(run)[0]["loss"]
-    cfg = load_config("configs/tiny.yaml", FAST)
+    assert abs(metrics(run)[0]["loss"] - _first_step_loss(hf, "configs/tiny.yaml")) < 1e-5
+    if homes == "device":  # the checkpoint directory gone, the run still resumes; a new one not
+        _resume_needs_no_init_from(run, tmp_path / "gone")
+
+
+def _first_step_loss(hf: torch.nn.Module, config: str, *sets: str) -> float:
+    """The loss of the transformers model ``hf`` on the first step's batch of a launch of
+    ``config`` (with ``sets``), computed in this process."""
+    from orch.runtime.data import BatchStream, PackedSequences, load_tokens
+
+    cfg = load_config(config, [*FAST, *sets])
     t = cfg.train
     stream = BatchStream(PackedSequences(load_tokens(cfg.data, cfg.model.vocab_size),
                                          t.seq_len), t.global_batch, t.micro_batch,
@@ -574,9 +687,23 @@ def test_launch_starts_from_the_checkpoint(checkpoint, tmp_path, homes):
     with torch.no_grad():
         losses = [torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten())
                   for x, y in stream.next_step()]
-    assert abs(logged - float(torch.stack(losses).mean())) < 1e-5
-    if homes == "device":  # the checkpoint directory gone, the run still resumes; a new one not
-        _resume_needs_no_init_from(run, tmp_path / "gone")
+    return float(torch.stack(losses).mean())
+
+
+@pytest.mark.slow  # one launch of two processes, ~15 s
+def test_an_moe_launch_with_expert_parallelism_starts_from_a_mixtral_checkpoint(tmp_path):
+    """Each rank's half of every expert stack (ep=2 over dp_shard=2) read from the
+    checkpoint's per-expert tensors: the first logged loss is MixtralForCausalLM's own."""
+    sets = ["model.shared_experts=0"]
+    path, hf = _saved(tmp_path, "mixtral", load_config("configs/tiny-moe.yaml", sets).model)
+    run = tmp_path / "run"
+    out = launch("--nproc-per-node", "2", "configs/tiny-moe.yaml", *overrides(
+        run, *sets, "parallel.ep=2", "train.steps=1", "train.warmup_steps=1",
+        f"model.init_from={path}"))
+    assert out.returncode == 0, out.stderr
+    assert f"orch: initialized from {path}" in out.stdout
+    logged = metrics(run)[0]["loss"]
+    assert abs(logged - _first_step_loss(hf, "configs/tiny-moe.yaml", *sets)) < 1e-5, logged
 
 
 def _resume_needs_no_init_from(run: Path, gone: Path) -> None:

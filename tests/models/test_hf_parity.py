@@ -1,5 +1,6 @@
-"""Our Llama equals HuggingFace's ``LlamaForCausalLM`` once weights are renamed by orch.models.hf
-(and ``Qwen3ForCausalLM`` with ``model.qk_norm``).
+"""Our Transformer equals HuggingFace's ``LlamaForCausalLM`` once weights are renamed by
+orch.models.hf (``Qwen3ForCausalLM`` with ``model.qk_norm``; ``MixtralForCausalLM`` and
+``Qwen3MoeForCausalLM`` for MoE models, each expert's weights unstacked).
 
 The HF side uses eager attention (an independent implementation, not the SDPA we call), and
 every weight, norms included, is randomized, so a swapped or misnamed tensor shows in the logits.
@@ -8,13 +9,15 @@ every weight, norms included, is randomized, so a swapped or misnamed tensor sho
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from orch.config import ModelConfig, load_config
 from orch.errors import OrchError
-from orch.models.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from orch.models.hf import from_hf_state_dict, hf_config, hf_family, to_hf_state_dict
 from orch.models.llama import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -37,15 +40,23 @@ def randomized(cfg: ModelConfig, seed: int = 0) -> Transformer:
     return model.eval()
 
 
-def hf_twin(cfg: ModelConfig, ours: Transformer) -> torch.nn.Module:
+def hf_twin(cfg: ModelConfig, ours: Transformer, where: Path) -> torch.nn.Module:
     """The transformers model ``hf_config`` names (``architectures``), holding ``ours``'s
-    weights."""
+    weights: saved in ``where`` as save_pretrained writes them and loaded by transformers
+    (which fuses each MoE layer's experts as it loads), every key taken."""
+    from safetensors.torch import save_file
+
     fields = hf_config(cfg)
-    causal_lm = getattr(transformers, fields["architectures"][0])
-    hf_cfg = causal_lm.config_class(**fields, attn_implementation="eager")
-    model = causal_lm(hf_cfg).float().eval()
-    model.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=True)
-    return model
+    (where / "config.json").write_text(json.dumps({"model_type": hf_family(cfg)[1], **fields}))
+    state = {key: t.contiguous() for key, t in to_hf_state_dict(ours.state_dict()).items()}
+    if cfg.tie_embeddings:
+        del state["lm_head.weight"]  # safetensors keeps one copy, as save_pretrained does
+    save_file(state, str(where / "model.safetensors"), metadata={"format": "pt"})
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        where, attn_implementation="eager", output_loading_info=True)
+    assert type(model).__name__ == fields["architectures"][0]
+    assert not any(info.values()), info  # no key missing, unexpected or of another shape
+    return model.float().eval()
 
 
 CASES = {
@@ -54,14 +65,20 @@ CASES = {
     "tied": {"tie_embeddings": True, "kv_heads": 2},
     # Qwen3's attention: heads wider than dim / heads, each query and key head normalized
     "qwen3": {"qk_norm": True, "head_dim": 48, "tie_embeddings": True, "rope_theta": 1e6},
+    # Mixtral: every layer's feed-forward 4 softmax-routed experts, top-2 renormalized
+    "mixtral": {"experts": 4, "top_k": 2, "rope_theta": 1e6},
+    # Qwen3-MoE: Qwen3's attention, MoE every other layer with narrower experts, top-3 weights
+    # as they are (Qwen3-MoE's norm_topk_prob false)
+    "qwen3-moe": {"qk_norm": True, "head_dim": 48, "experts": 4, "top_k": 3,
+                  "moe_layer_interval": 2, "expert_ffn_dim": 96, "norm_topk_prob": False},
 }
 
 
 @pytest.mark.parametrize("changes", CASES.values(), ids=CASES.keys())
-def test_logits_match_transformers(changes):
+def test_logits_match_transformers(changes, tmp_path):
     cfg = tiny(**changes)
     ours = randomized(cfg)
-    hf = hf_twin(cfg, ours)
+    hf = hf_twin(cfg, ours, tmp_path)
     if cfg.tie_embeddings:
         assert hf.lm_head.weight is hf.model.embed_tokens.weight
     tokens = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -77,13 +94,17 @@ def test_logits_match_transformers(changes):
 
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_round_trip_is_identity(tie, qk_norm):
-    state = Transformer(tiny(tie_embeddings=tie, qk_norm=qk_norm)).state_dict()
+@pytest.mark.parametrize("experts", [0, 4])
+def test_round_trip_is_identity(tie, qk_norm, experts):
+    cfg = tiny(tie_embeddings=tie, qk_norm=qk_norm, experts=experts,
+               moe_layer_interval=2 if qk_norm else 1)
+    state = Transformer(cfg).state_dict()
     back = from_hf_state_dict(to_hf_state_dict(state), tie_embeddings=tie)
-    assert set(back) == set(state)
+    assert set(back) == set(state)  # the balancing biases too (zero), so loads are strict
     assert all(torch.equal(back[k], state[k]) for k in state)
-    # Renames only: every tensor still shares its parameter's storage.
-    assert all(back[k].data_ptr() == state[k].data_ptr() for k in state)
+    # Renames only: every tensor but the restacked experts still shares its storage.
+    assert all(back[k].data_ptr() == state[k].data_ptr() for k in state
+               if ".experts." not in k and not k.endswith("expert_bias"))
 
 
 def test_config_fields():
@@ -114,13 +135,37 @@ def test_unknown_hf_keys_are_listed():
         from_hf_state_dict(hf_state)
 
 
-def test_moe_model_is_refused_with_a_fix():
-    cfg = tiny(experts=4, moe_layer_interval=2)
-    with pytest.raises(OrchError, match=r"model\.experts.*\n.*fix: .*experts: 0"):
-        hf_config(cfg)
+def test_moe_models_no_hf_class_computes_are_refused_with_a_fix():
+    """Mixtral's and Qwen3-MoE's classes have no ungated shared experts and no sigmoid router,
+    and Mixtral no dense layers or unnormalized top-k weights: each such field named, at once."""
+    cfg = tiny(experts=4, moe_layer_interval=2, norm_topk_prob=False, shared_experts=1,
+               score_func="sigmoid")
     with pytest.raises(OrchError) as info:
-        to_hf_state_dict(Transformer(cfg).state_dict())
+        hf_config(cfg)
     message = str(info.value)
-    assert "layers.1.feed_forward: is an MoE layer" in message
-    assert "layers.3.feed_forward" in message and "layers.0.feed_forward" not in message
-    assert "experts: 0" in message
+    assert "not a MixtralForCausalLM model (4 problems)" in message, message
+    for field, want in [("shared_experts", 0), ("score_func", "softmax"),
+                        ("moe_layer_interval", 1), ("norm_topk_prob", "true")]:
+        assert f"model.{field}: " in message and f"model.{field}: {want}" in message, field
+    # with Qwen3's QK-norm, the dense layers and top-k weights are Qwen3-MoE's to compute
+    message = str(pytest.raises(OrchError, hf_config, dataclasses.replace(cfg, qk_norm=True)
+                                ).value)
+    assert "not a Qwen3MoeForCausalLM model (2 problems)" in message, message
+
+
+def test_balancing_biases_that_route_differently_are_refused():
+    model = Transformer(tiny(experts=4))
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in to_hf_state_dict(
+        model.state_dict())  # zero biases route as HF's routers do: left out
+    with torch.no_grad():
+        model.layers["1"].feed_forward.expert_bias[0] = 0.5
+    with pytest.raises(OrchError, match=r"layers\.1\.feed_forward\.expert_bias: is not all zero"):
+        to_hf_state_dict(model.state_dict())
+
+
+def test_an_expert_missing_from_a_hf_state_dict_is_named():
+    state = to_hf_state_dict(Transformer(tiny(experts=4)).state_dict())
+    del state["model.layers.2.block_sparse_moe.experts.1.w3.weight"]
+    with pytest.raises(OrchError, match=r"layers\.2\.feed_forward\.experts\.w3: has tensors for "
+                       r"experts \[0, 2, 3\], the router 4"):
+        from_hf_state_dict(state)
