@@ -24,13 +24,22 @@ from orch.models.weights import SeededInit, fill_all
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension, in the input's dtype.
+
+    The weight is taken in the input's dtype: under autocast, Qwen3's per-head query and key
+    norms (``model.qk_norm``) get bf16 projections and hold an fp32 weight, and a mixed pair
+    cannot use the fused kernel: torch falls back to the composite op (fp32 copies of the
+    queries and keys saved for backward, and a warning per call), where FSDP's bf16 weights,
+    as torchtitan runs Qwen3, take the fused one. The fused kernel accumulates in fp32 either
+    way; the cast itself is differentiable (the gradient reaches the fp32 weight)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class RotaryEmbedding(nn.Module):

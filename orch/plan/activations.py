@@ -100,7 +100,8 @@ def norm_terms(name: str, arch: Arch, rows: int, width: int | None = None,
     """A norm's input and statistics over ``rows`` of ``width`` (the hidden size: the residual
     stream's, in its bytes; a QK-norm's rows are heads, of the compute dtype); torch's
     composite norm (CPU builds) computes in float32, keeping its input's float32 copy and the
-    normalized tensor, whatever the input's dtype."""
+    normalized tensor, whatever the input's dtype. A 16-bit input under autocast (a QK-norm's)
+    also keeps its float32 weight's cast to that dtype (``orch.models.llama.RMSNorm``)."""
     stats = 2 if arch.norm == "layernorm" else 1
     width = arch.hidden if width is None else width
     kept = (arch.residual_bytes if input_bytes is None else input_bytes) if arch.fused_norm else 4
@@ -108,6 +109,8 @@ def norm_terms(name: str, arch: Arch, rows: int, width: int | None = None,
              Term(f"{name}_stats", stats * rows, 4, "minor")]
     if not arch.fused_norm:
         terms.append(Term(f"{name}_normalized", rows * width, 4))
+    if arch.autocast and input_bytes is not None and input_bytes < 4:
+        terms.append(Term(f"{name}_weight", width, input_bytes, "minor"))
     return terms
 
 

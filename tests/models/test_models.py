@@ -161,6 +161,23 @@ def test_attention_kernel_under_autocast_gets_one_dtype(monkeypatch, count_calls
         torch.testing.assert_close(a, b, rtol=0, atol=0.05 * b.abs().max().item())
 
 
+def test_qk_norms_under_autocast_take_the_fused_norm_and_train_their_weights():
+    """Qwen3's query and key norms get bf16 projections under autocast and held an fp32 weight:
+    torch cannot fuse a mixed pair, so it warned on every call and ran the composite norm
+    (float32 copies of the queries and keys saved). The weight is now cast to the input's
+    dtype, which the gradient crosses back to the fp32 parameter."""
+    import warnings
+
+    model = Transformer(small(qk_norm=True, head_dim=16))
+    tokens = torch.randint(0, 64, (2, 12))
+    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu", torch.bfloat16):
+        warnings.simplefilter("always")
+        model(tokens).float().square().mean().backward()
+    assert not [w for w in caught if "Mismatch dtype" in str(w.message)], caught
+    norm = model.layers["0"].attention.q_norm.weight
+    assert norm.dtype == torch.float32 and norm.grad is not None and norm.grad.abs().sum() > 0
+
+
 def test_blocks_on_orchs_kernels_compile_without_graph_breaks(monkeypatch):
     """A decoder block on orch's attention kernel (``ORCH_KERNELS=triton``) compiles as one graph
     (``fullgraph=True``; AOT autograd over the ops' shape-only implementations, the eager
