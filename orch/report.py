@@ -6,6 +6,9 @@ timeline and checkpoints), written to ``RUN_DIR/report/`` (or ``--out``):
 - ``loss.png``: the language-model loss per logged step (and the MoE balancing term, and the
   held-out evaluations' loss as points), with a line where it first was not finite;
 - ``throughput.png``: tokens/s per logged step, with MFU on the right-hand axis;
+- ``optimization.png``: the learning rate each logged step trained at (warmup, decay or a wsd
+  cooldown as they ran, across resumes), with the gradient norm before clipping on a log-scaled
+  right-hand axis, the two curves to read beside a loss spike;
 - ``memory.png``: each rank's device memory (GPU memory used, or the process's resident set on
   CPU) from the telemetry readings, or rank 0's peak where a run has none; above 16 ranks, their
   min, median and max per step;
@@ -141,7 +144,9 @@ def _bad_field(record: dict[str, Any]) -> str | None:
                        ("mem_bytes", 0)):
         if not _number(record.get(key), least):
             return f"{key} is {_shown(record, key)}, not a number of at least {least}"
-    for key in ("loss", *(["aux_loss"] if "aux_loss" in record else [])):
+    if "lr" in record and not _number(record["lr"], 0):
+        return f"lr is {_shown(record, 'lr')}, not a number of at least 0"
+    for key in ("loss", *(key for key in ("aux_loss", "grad_norm") if key in record)):
         if key not in record or not _loss_value(record[key]):
             return f"{key} is {_shown(record, key)}, not a number (or null where not finite)"
     comm = record.get("comm_bytes")
@@ -232,9 +237,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     records, evals = read_run_records(run_dir)
     plan = read_plan(run_dir)
     given, out = bool(out), Path(out) if out else run_dir / "report"
-    moved = any(r.get("comm_bytes") for r in records)
+    drawn = {"communication": any(r.get("comm_bytes") for r in records),
+             "optimization": any("lr" in r for r in records)}  # bytes moved; lr recorded
     plots = {name: functools.partial(draw, evals=evals) if name == "loss" else draw
-             for name, draw in _PLOTS.items() if name != "communication" or moved}
+             for name, draw in _PLOTS.items() if drawn.get(name, True)}
     timeline = run_dir / TIMELINE_PNG
     # a run resumed onto a plan without a pipeline keeps the earlier plan's timeline: not this
     copied = [timeline] if timeline.is_file() and plan.get("degrees", {}).get("pp", 1) > 1 else []
@@ -483,6 +489,38 @@ def _throughput(path: Path, steps: list[int], records: list[dict]) -> Path:
     return _save(fig, path)
 
 
+def _optimization(path: Path, steps: list[int], records: list[dict]) -> Path:
+    fig, ax = _figure("learning rate and gradient norm", "learning rate")
+    ax.plot(steps, [_finite(r.get("lr")) for r in records], label="learning rate")
+    right = ax.twinx()  # norms span decades (a spike, the early steps): a log scale shows both
+    right.plot(steps, [_finite(r.get("grad_norm")) for r in records], color="tab:orange",
+               linestyle=":", label="gradient norm (before clipping)")
+    right.set_ylabel("gradient norm")
+    if any(_finite(r.get("grad_norm")) > 0 for r in records):
+        right.set_yscale("log")
+    ax.set_ylim(bottom=0)
+    ax.legend(handles=[*ax.get_lines(), *right.get_lines()], loc="upper right")
+    return _save(fig, path)
+
+
+def _optimization_line(records: list[dict]) -> str | None:
+    """The summary's line for the learning rate and the gradient norm (the peak lr, the last
+    step's, and the norms' median and largest finite value with its step), or None for records
+    without an lr (an orch older than the field)."""
+    rates = [(r["step"], r["lr"]) for r in records if "lr" in r]
+    if not rates:
+        return None
+    peak = max(lr for _, lr in rates)
+    line = f"- learning rate: {rates[-1][1]:.3g} at step {rates[-1][0]} (peak {peak:.3g})"
+    norms = [(r["step"], r["grad_norm"]) for r in records
+             if _number(r.get("grad_norm")) and math.isfinite(r["grad_norm"])]
+    if norms:
+        step, top = max(norms, key=lambda n: n[1])
+        line += (f"; gradient norm median {statistics.median(n for _, n in norms):.3g}, largest "
+                 f"{top:.3g} at step {step}")
+    return line
+
+
 def memory_by_rank(records: list[dict]) -> dict[int, list[tuple[int, float]]]:
     """``(step, GiB)`` per rank per logged step where the rank has a reading: telemetry
     readings (a run resumed onto more ranks has the new ranks from its resume on), else rank
@@ -571,6 +609,8 @@ def _summary(run_dir: Path, records: list[dict], plan: dict[str, Any],
         lines.append(f"- held-out loss: {_finite(evals[0]['eval_loss']):.4f} at step "
                      f"{evals[0]['step']} -> {_finite(evals[-1]['eval_loss']):.4f} at step "
                      f"{evals[-1]['step']} ({len(evals)} evaluation(s))")
+    if optimization := _optimization_line(records):
+        lines.append(optimization)
     lines += [
         f"- throughput: {statistics.median(r['tokens_per_s'] for r in steady):,.0f} tokens/s, "
         f"MFU {100 * statistics.median(r['mfu'] for r in steady):.2f}% (median over "
@@ -654,10 +694,10 @@ def _layout(plan: dict[str, Any], ranks_recorded: int) -> str:
     return f"{devices}, {layout}" + (f", offload {offloaded}" if offloaded else "")
 
 
-_PLOTS = {"loss": _loss, "throughput": _throughput, "memory": _memory,
-          "communication": _communication}
+_PLOTS = {"loss": _loss, "optimization": _optimization, "throughput": _throughput,
+          "memory": _memory, "communication": _communication}
 """Every plot a report may draw, as ``NAME.png`` (communication where collectives moved
-bytes)."""
+bytes, optimization where the records hold the learning rate)."""
 
 REPORT_FILES = (*(f"{name}.png" for name in _PLOTS), TIMELINE_PNG, "summary.md")
 """Every name a report may write: in a default ``RUN_DIR/report`` without a :data:`MARKER`,

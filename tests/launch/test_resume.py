@@ -267,7 +267,7 @@ def test_report_renders_the_plots_and_summary_of_a_real_run(runs, tmp_path):
     from orch.cli import main
 
     assert main(["report", str(runs["whole"]), "--out", str(tmp_path / "report")]) == 0
-    for name in ("loss", "throughput", "memory", "communication"):
+    for name in ("loss", "optimization", "throughput", "memory", "communication"):
         assert (tmp_path / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "- plan: 2 x cpu, fsdp2\n" in summary
@@ -275,6 +275,7 @@ def test_report_renders_the_plots_and_summary_of_a_real_run(runs, tmp_path):
     assert "(2 rank(s) recorded)" in summary
     assert "- checkpoints: step-00000005, step-00000010" in summary
     assert "![memory](memory.png)" in summary
+    assert "- learning rate: " in summary and "gradient norm median" in summary
 
 
 # --- fault drills: a rank killed with SIGKILL (orch.runtime.drills), a full disk -------------

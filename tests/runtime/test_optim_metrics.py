@@ -195,9 +195,9 @@ MISSING = object()
 
 def _record(step: int, **changes: object) -> dict:
     """A step record as the runtime writes it (the fields ``orch report`` reads)."""
-    return {"step": step, "steps": 4, "loss": 5.0 - step, "tokens_per_s": 100.0, "mfu": 0.01,
-            "mem_bytes": 1 << 20, "devices": [{"rank": 0, "rss_bytes": 1 << 20}],
-            "comm_bytes": {"dp": 10}, **changes}
+    return {"step": step, "steps": 4, "loss": 5.0 - step, "lr": 1e-3 * step, "grad_norm": 2.0,
+            "tokens_per_s": 100.0, "mfu": 0.01, "mem_bytes": 1 << 20,
+            "devices": [{"rank": 0, "rss_bytes": 1 << 20}], "comm_bytes": {"dp": 10}, **changes}
 
 
 @pytest.mark.parametrize("changes, said", [
@@ -210,6 +210,9 @@ def _record(step: int, **changes: object) -> dict:
     ({"mfu": "x"}, "mfu is 'x'"),
     ({"loss": "x"}, "loss is 'x', not a number (or null where not finite)"),
     ({"aux_loss": [1]}, "aux_loss is [1]"),
+    ({"lr": -1e-3}, "lr is -0.001, not a number of at least 0"),
+    ({"lr": None}, "lr is None, not a number of at least 0"),
+    ({"grad_norm": "big"}, "grad_norm is 'big', not a number (or null where not finite)"),
     ({"tokens_per_s": -5}, "tokens_per_s is -5, not a number of at least 0"),
     ({"loss": MISSING}, "loss is missing, not a number (or null where not finite)"),
     ({"mfu": MISSING}, "mfu is missing, not a number of at least 0"),
@@ -235,6 +238,33 @@ def test_the_report_skips_a_record_it_cannot_use_and_says_why(tmp_path, capsys, 
     summary = (tmp_path / "report" / "summary.md").read_text()
     # a resumed run's steps logged again: the later record stands, once
     assert "- steps logged: 2, last step 3 of 4" in summary and "-> 0.5000 at step 3" in summary
+
+
+def test_the_report_draws_the_learning_rate_and_gradient_norm(tmp_path):
+    """``optimization.png`` and a summary line: the lr each step trained at (its peak, where it
+    ended) and the gradient norm (median, the largest finite one and its step; a diverged
+    step's null left out). Records without an lr (an older orch's) draw no such plot."""
+    import json
+
+    from orch.report import write_report
+
+    rows = [_record(1, lr=1e-3, grad_norm=3.0), _record(2, lr=3e-3, grad_norm=40.0),
+            _record(3, lr=2e-3, grad_norm=None), _record(4, lr=5e-4, grad_norm=1.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = write_report(tmp_path)
+    assert tmp_path / "report" / "optimization.png" in written
+    assert (tmp_path / "report" / "optimization.png").read_bytes()[:4] == b"\x89PNG"
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "- learning rate: 0.0005 at step 4 (peak 0.003); gradient norm median 3, largest " \
+        "40 at step 2\n" in summary, summary
+    assert "![optimization](optimization.png)" in summary
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "metrics.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k not in ("lr", "grad_norm")}) + "\n"
+        for r in rows))
+    assert "optimization.png" not in [p.name for p in write_report(older)]
+    assert "learning rate" not in (older / "report" / "summary.md").read_text()
 
 
 def test_a_torn_last_metrics_line_neither_blocks_a_resume_nor_a_report(tmp_path, capsys):
@@ -368,8 +398,8 @@ def test_a_plan_the_report_cannot_use_is_left_unknown_and_the_report_whole(tmp_p
     (tmp_path / "pipeline_timeline.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     written = write_report(tmp_path)
     assert f"orch report: {tmp_path / 'plan.json'} {said}" in capsys.readouterr().err
-    assert [p.name for p in written] == ["loss.png", "throughput.png", "memory.png",
-                                         "communication.png", "summary.md"]
+    assert [p.name for p in written] == ["loss.png", "optimization.png", "throughput.png",
+                                         "memory.png", "communication.png", "summary.md"]
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "- plan: unknown (no usable plan.json; 1 rank(s) recorded)" in summary
 
