@@ -139,7 +139,7 @@ def _schedule_keys(train: dict[str, Any]) -> tuple[str, ...]:
     """The saved ``train`` fields that shape the lr schedule: which one, its warmup, where its
     decay ends when set, a ``wsd`` schedule's cooldown and the floor it decays to (what a
     resume with ``--resume PATH`` goes on from: a run resumed from a stable-phase checkpoint
-    needs its warmup and floor, and places its own cooldown)."""
+    needs its warmup, and places its own cooldown and floor)."""
     schedule = train.get("lr_schedule")
     ends = ("decay_steps",) if train.get("decay_steps") else ()
     cooldown = COOLDOWN_FIELDS if schedule == "wsd" else ()

@@ -230,6 +230,12 @@ COOLDOWN_FIELDS = ("cooldown_steps", "cooldown_shape")
 """A ``wsd`` schedule's fields that a resume may change, as it may ``decay_steps`` (all three
 left out of the config fingerprint): they place and shape the decay, so they change only the
 rates of steps to come, and ``orch.runtime.optim.decay_change`` says how."""
+AFTER_PEAK_FIELDS = ("lr_schedule", "min_lr_ratio")
+"""The schedule's fields that only the steps after the peak lr read (every schedule warms up
+alike): in the config fingerprint, yet a resume may change them where the checkpoint's weights
+never left the peak and the new schedule holds it through their step, so nothing trained
+changes (deciding a cooldown later is what ``wsd`` is for;
+``orch.runtime.optim.after_peak_refusal``)."""
 
 
 @dataclass

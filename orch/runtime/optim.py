@@ -3,8 +3,10 @@
 The schedule is a pure function of the step, set on the optimizer before each step, so resuming
 needs no scheduler state and gives exactly the uninterrupted run's rates. A run extended to more
 ``train.steps`` has its decay stretched to the new end unless ``train.decay_steps`` keeps the old
-one; the launcher says which (:func:`decay_change`). Weight decay applies to
-matrices only (linear and embedding weights), not to norm weights, as in Llama and torchtitan.
+one; the launcher says which (:func:`decay_change`). A resume may also change the schedule or
+its floor where the steps trained keep their rates (:func:`after_peak_refusal`). Weight decay
+applies to matrices only (linear and embedding weights), not to norm weights, as in Llama and
+torchtitan.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from orch.config.schema import COOLDOWN_FIELDS, Config, TrainConfig
+from orch.config.schema import AFTER_PEAK_FIELDS, COOLDOWN_FIELDS, Config, TrainConfig
 from orch.errors import OrchError
 
 if TYPE_CHECKING:
@@ -76,46 +78,119 @@ def saved_decay_end(saved_train: dict[str, Any]) -> int:
 
 def saved_schedule(saved_train: dict[str, Any], train: TrainConfig) -> TrainConfig:
     """``train`` with the decay a checkpoint's run placed (``saved_train``, its config's
-    ``train`` section): its end (:func:`saved_decay_end`, else ``train``'s) and cooldown."""
+    ``train`` section): its end (:func:`saved_decay_end`, else ``train``'s), cooldown, schedule
+    and floor (the fields a resume may change)."""
     defaults = TrainConfig()
     return dataclasses.replace(train, decay_steps=saved_decay_end(saved_train) or decay_end(train),
                                **{name: saved_train.get(name, getattr(defaults, name))
-                                  for name in COOLDOWN_FIELDS})
+                                  for name in (*COOLDOWN_FIELDS, *AFTER_PEAK_FIELDS)})
+
+
+def train_of(section: dict[str, Any]) -> TrainConfig:
+    """A resolved config's ``train`` section (``config_to_dict``) as a TrainConfig, the fields it
+    lacks at their defaults."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{name: value for name, value in section.items() if name in names})
 
 
 def decay_change(saved_train: dict[str, Any], train: TrainConfig, step: int) -> str | None:
-    """What a resume at checkpoint ``step`` does to the lr schedule where ``train`` places the
-    decay elsewhere than the checkpoint's run did (``saved_train``, its config's ``train``
-    section: the other schedule fields are the same, or the resume is refused): the rates of
-    the steps to come change, from the first that differs. None where none does (a constant
-    schedule, the same decay, or both decays over already)."""
+    """What a resume at checkpoint ``step`` does to the lr schedule where ``train`` gives the
+    steps to come other rates than the checkpoint's run did (``saved_train``, its config's
+    ``train`` section): it places the decay elsewhere, or, from weights still at the peak
+    (:func:`after_peak_refusal`), changes the schedule or its floor; the rates change from the first
+    step that differs, and the ``--set``s named keep the checkpoint's. None where none does
+    (constant schedules, the same decay, or both decays over already)."""
     before = saved_decay_end(saved_train)
-    if train.lr_schedule == "constant" or before == 0:
+    if before == 0:
         return None
     old = saved_schedule(saved_train, train)
+    kinds = (old.lr_schedule, train.lr_schedule)
     ends = (decay_end(old), decay_end(train))
     starts = (decay_start(old), decay_start(train))
-    reshaped = train.lr_schedule == "wsd" and old.cooldown_shape != train.cooldown_shape
-    if starts[0] == starts[1] and ends[0] == ends[1] and not reshaped:
+    reshaped = kinds == ("wsd", "wsd") and old.cooldown_shape != train.cooldown_shape
+    moved = starts[0] != starts[1] or ends[0] != ends[1] or reshaped
+    refloored = "constant" not in kinds and old.min_lr_ratio != train.min_lr_ratio
+    if kinds == ("constant", "constant") or (kinds[0] == kinds[1] and not (moved or refloored)):
         return None
-    # both hold the peak until the earlier decay starts, and the floor after the later ends
-    first = next((s for s in range(max(step, min(starts)) + 1, max(ends) + 1)
+    # both hold the peak until the earlier decay starts, and their floor (the peak, where
+    # constant) after the later ends
+    first = next((s for s in range(max(step, min(starts)) + 1, max(ends) + 2)
                   if lr_at(s, train) != lr_at(s, old)), None)
     if first is None:
         return None
-    keep = [f"--set train.decay_steps={before}"] if ends[0] != ends[1] else []
+    changed = []
+    if kinds[0] != kinds[1]:
+        changed.append(f"the lr schedule is {kinds[1]} where the checkpoint's run's was "
+                       f"{kinds[0]} (train.lr_schedule)")
+    elif kinds[1] == "wsd" and moved:
+        changed.append(f"the lr cooldown ({train.cooldown_shape}) runs over "
+                       f"{_steps(starts[1] + 1, ends[1])} where the checkpoint's run ran it "
+                       f"({old.cooldown_shape}) over {_steps(starts[0] + 1, ends[0])} "
+                       "(train.cooldown_steps and train.decay_steps, else train.steps)")
+    elif moved:
+        changed.append(f"the lr decay ends at step {ends[1]} where the checkpoint's run ended "
+                       f"it at {ends[0]} (train.decay_steps, else train.steps)")
+    if refloored:
+        changed.append(f"the lr floor is {train.lr * train.min_lr_ratio:.3g} where the "
+                       f"checkpoint's run's was {old.lr * old.min_lr_ratio:.3g} "
+                       "(train.min_lr_ratio)")
+    return (f"{', and '.join(changed)}: step {first}'s lr is {lr_at(first, train):.3g}, "
+            f"{lr_at(first, old):.3g} on that schedule; {' '.join(_keeping(old, train, before))} "
+            "keeps it")
+
+
+def _keeping(old: TrainConfig, train: TrainConfig, before: int) -> list[str]:
+    """The ``--set``s that give ``train`` the checkpoint's schedule ``old`` (whose decay ended
+    at ``before``): a constant one needs its name alone, the others where they differ."""
+    if old.lr_schedule == "constant":
+        return ["--set train.lr_schedule=constant"]
+    keep = [f"--set train.decay_steps={before}"] if decay_end(old) != decay_end(train) else []
+    names = (*AFTER_PEAK_FIELDS, *(COOLDOWN_FIELDS if old.lr_schedule == "wsd" else ()))
+    return keep + [f"--set train.{name}={getattr(old, name)}" for name in names
+                   if getattr(old, name) != getattr(train, name)]
+
+
+def after_peak_refusal(manifest: Manifest, train: TrainConfig) -> str | None:
+    """Why a resume from checkpoint ``manifest`` under ``train`` may not change the schedule's
+    ``AFTER_PEAK_FIELDS`` (lr_schedule, min_lr_ratio), with the fix; None where it may.
+
+    It may where nothing trained changes: the checkpoint's weights trained at the warmup's
+    rates and then at the peak lr (:func:`checkpoint_peak_until` None) and ``train`` holds the
+    peak through their step, so every step trained had the lr ``train`` gives it: a constant
+    run cooled down as ``wsd``, a ``wsd`` run's floor set in its stable phase (MiniCPM's and
+    DeepSeek's way: the cooldown decided later). Steps trained below the peak were shaped by
+    the saved fields, and a schedule below the peak before the checkpoint's step would jump
+    down to rates no step before it had."""
+    step, peak = manifest.step, checkpoint_peak_until(manifest, train)
+    if peak is not None:
+        earlier = (f", or resume a checkpoint of step {peak} or earlier into a new run.dir"
+                   if peak else "")
+        return (f"its weights trained below the peak lr from step {peak + 1}, at the rates the "
+                f"saved train.lr_schedule and train.min_lr_ratio gave them: keep those{earlier}")
+    start = decay_start(train)
+    if train.lr_schedule == "constant" or start >= step:
+        return None
+    trained = f"its weights trained at the peak lr through step {step}"
     if train.lr_schedule == "wsd":
-        keep += [f"--set train.{name}={getattr(old, name)}" for name in COOLDOWN_FIELDS
-                 if getattr(old, name) != getattr(train, name)]
-        where = (f"the lr cooldown ({train.cooldown_shape}) runs over "
-                 f"{_steps(starts[1] + 1, ends[1])} where the checkpoint's run ran it "
-                 f"({old.cooldown_shape}) over {_steps(starts[0] + 1, ends[0])} "
-                 "(train.cooldown_steps and train.decay_steps, else train.steps)")
-    else:
-        where = (f"the lr decay ends at step {ends[1]} where the checkpoint's run ended it at "
-                 f"{ends[0]} (train.decay_steps, else train.steps)")
-    return (f"{where}: step {first}'s lr is {lr_at(first, train):.3g}, "
-            f"{lr_at(first, old):.3g} on that schedule; {' '.join(keep)} keeps it")
+        return (f"{trained}, and the cooldown starts at step {start + 1}: hold the peak through "
+                f"step {step} with {_cooldown_after(step, train)}")
+    as_wsd = dataclasses.replace(train, lr_schedule="wsd", cooldown_steps=0)
+    later = "" if decay_start(as_wsd) >= step else f" with {_cooldown_after(step, as_wsd)}"
+    return (f"{trained}, and {train.lr_schedule} decays it from step {start + 1}: decay "
+            f"after step {step} instead, as a wsd cooldown: --set "
+            f"train.lr_schedule=wsd --set train.cooldown_shape={train.lr_schedule}{later}")
+
+
+def _cooldown_after(step: int, train: TrainConfig) -> str:
+    """The ``--set``s that start ``wsd`` schedule ``train``'s cooldown after ``step`` (past the
+    warmup): a cooldown no longer than the steps left to the decay's end, or a later end (the
+    default cooldown, a fifth of the steps after the warmup, leaves four fifths stable)."""
+    end, warmup = decay_end(train), train.warmup_steps
+    later = (step + train.cooldown_steps if train.cooldown_steps
+             else warmup - (-5 * (step - warmup) // 4))
+    shorter = [f"--set train.cooldown_steps={end - step} (or fewer)"] if end > step else []
+    where = "decay_steps" if train.decay_steps else "steps"
+    return " or ".join([*shorter, f"--set train.{where}={later} (or more)"])
 
 
 def wsd_phases(train: TrainConfig) -> str:

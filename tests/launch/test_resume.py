@@ -494,6 +494,33 @@ def test_a_data_file_changed_under_a_run_is_refused_on_resume(tmp_path):
     assert "orch ckpt export RUN_DIR --to hf OUT" in text
 
 
+def test_a_constant_run_cools_down_as_wsd_from_its_checkpoint(tmp_path, monkeypatch):
+    """Deciding to cool down a run trained at a constant lr is the wsd use case; resumed with
+    train.lr_schedule=wsd, it was refused as another config. Now it resumes where its steps
+    trained keep their lr (the cooldown after the checkpoint's step), says what the steps to
+    come get, and cools down; a cooldown from before that step is refused with the --set that
+    moves it."""
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "run"
+    args = ["--nproc-per-node", "1", "configs/tiny.yaml",
+            *overrides(run, "train.steps=8", "train.lr_schedule=constant")]
+    out = launch(*args, "--set", "run.stop_at_step=4")
+    assert out.returncode == 0, out.stdout + out.stderr
+    wsd = [*args, "--set", "train.lr_schedule=wsd"]
+    with pytest.raises(OrchError) as refused:
+        prepare([*wsd, "--set", "train.cooldown_steps=5"])  # cooling from step 4
+    assert ("its weights trained at the peak lr through step 4, and the cooldown starts at "
+            "step 4: hold the peak through step 4 with --set train.cooldown_steps=4 (or fewer) "
+            "or --set train.steps=9 (or more)") in str(refused.value)
+    out = launch(*wsd, "--set", "train.cooldown_steps=2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert ("orch launch: the lr schedule is wsd where the checkpoint's run's was constant "
+            "(train.lr_schedule): step 7's lr is ") in out.stdout
+    lrs = [m["lr"] for m in metrics(run)]
+    peak = lrs[1]
+    assert lrs[1:6] == [peak] * 5 and peak > lrs[6] > lrs[7] == pytest.approx(peak * 0.1)
+
+
 def test_a_drill_before_the_step_the_run_resumes_at_is_refused(runs, monkeypatch):
     """The run resumed past it (step 10 here), finished, and the drill never fired."""
     monkeypatch.chdir(REPO)

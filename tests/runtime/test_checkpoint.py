@@ -1025,6 +1025,67 @@ def test_the_stable_phase_is_read_from_each_checkpoints_history_across_resumes(t
         30, f"--resume {first[0]}")
 
 
+def test_the_schedule_or_its_floor_may_change_on_resume_while_the_weights_are_at_the_peak(
+        tmp_path) -> None:
+    """Deciding the cooldown later is what wsd is for (MiniCPM, DeepSeek): a wsd run's
+    train.min_lr_ratio changed in its stable phase, and a constant run resumed as wsd, were
+    refused as another config, though no step trained reads either. Both resume where every
+    step the checkpoint trained keeps its lr; where one would not, the refusal says why and
+    the --set that holds the peak through the checkpoint's step."""
+    def saved(run: str, step: int, **train: Any) -> tuple[Config, Path]:
+        cfg = make_cfg()
+        cfg.run.dir, cfg.train.steps, cfg.train.warmup_steps = str(tmp_path / run), 100, 5
+        for name, value in train.items():
+            setattr(cfg.train, name, value)
+        return cfg, CheckpointManager(tmp_path / run, cfg, PLAN).save(step, tiny_state(step), {})
+
+    def refusal(cfg: Config, mode: str = "auto") -> str:
+        with pytest.raises(CheckpointError) as refused:
+            CheckpointManager(Path(cfg.run.dir), cfg, PLAN).resolve_resume(mode, hashes=False)
+        return str(refused.value)
+
+    cfg, stable = saved("floor", 40, lr_schedule="wsd", cooldown_steps=20)  # peak until 80
+    cfg.train.min_lr_ratio = 0.01
+    assert CheckpointManager(tmp_path / "floor", cfg, PLAN).resolve_resume("auto") == stable
+    cfg, cooled = saved("cooled", 90, lr_schedule="wsd", cooldown_steps=20)
+    cfg.train.min_lr_ratio = 0.01
+    said = refusal(cfg)
+    assert "changed, there -> here: train.min_lr_ratio: 0.1 -> 0.01)" in said
+    assert said.endswith("its weights trained below the peak lr from step 81, at the rates the "
+                         "saved train.lr_schedule and train.min_lr_ratio gave them: keep those, "
+                         "or resume a checkpoint of step 80 or earlier into a new run.dir")
+
+    cfg, constant = saved("constant", 40, lr_schedule="constant")
+    cfg.train.lr_schedule, cfg.train.cooldown_steps = "wsd", 20
+    mgr = CheckpointManager(tmp_path / "constant", cfg, PLAN)
+    assert mgr.resolve_resume("auto") == constant
+    mgr.load(constant, tiny_state(0.0))
+    assert ckpt.read_manifest(mgr.save(90, tiny_state(90), {})).lr == {"peak_until": 80}
+    cfg.train.cooldown_steps = 70  # cooling from step 31: steps 31-40 trained at the peak
+    cfg.run.dir = str(tmp_path / "elsewhere")
+    said = refusal(cfg, str(constant))
+    assert "changed (there -> here): train.lr_schedule: 'constant' -> 'wsd'" in said
+    assert said.endswith("train.lr_schedule and train.min_lr_ratio may change on resume only "
+                         "where the steps the checkpoint trained keep their lr, but its weights "
+                         "trained at the peak lr through step 40, and the cooldown starts at "
+                         "step 31: hold the peak through step 40 with --set "
+                         "train.cooldown_steps=60 (or fewer) or --set train.steps=110 (or more)")
+    cfg.train.lr_schedule, cfg.train.cooldown_steps = "cosine", 0  # decays from step 6
+    assert refusal(cfg, str(constant)).endswith(
+        "trained at the peak lr through step 40, and cosine decays it from step 6: decay after "
+        "step 40 instead, as a wsd cooldown: --set train.lr_schedule=wsd --set "
+        "train.cooldown_shape=cosine")
+    # one an older orch saved (no lr history): its own schedule's, constant, held the peak
+    cfg, older = saved("older", 90, lr_schedule="constant")
+    raw = json.loads((older / MANIFEST).read_text())
+    del raw["lr"]
+    (older / MANIFEST).write_text(json.dumps(raw))
+    cfg.train.lr_schedule = "wsd"  # a fifth of 95 steps: cooling from step 82
+    assert refusal(cfg).endswith("through step 90, and the cooldown starts at step 82: hold "
+                                 "the peak through step 90 with --set train.cooldown_steps=10 "
+                                 "(or fewer) or --set train.steps=112 (or more)")
+
+
 def test_derived_rng_seeds_are_deterministic_and_distinct() -> None:
     seeds = [derive_rng_seed(0, 10, rank) for rank in range(64)]
     assert len(set(seeds)) == 64 and seeds == [derive_rng_seed(0, 10, r) for r in range(64)]

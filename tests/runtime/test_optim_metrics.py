@@ -47,7 +47,8 @@ def test_decay_steps_ends_the_decay_and_a_resume_that_moves_the_end_says_so():
                     f"(train.decay_steps, else train.steps): step 9's lr is {lr_at(9, t12):.3g}, "
                     f"{lr_at(9, kept):.3g} on that schedule; --set train.decay_steps=8 keeps it")
     assert decay_change(saved, kept, 8) is None  # the same end
-    assert decay_change(saved, dataclasses.replace(t12, lr_schedule="constant"), 8) is None
+    constant = {**saved, "lr_schedule": "constant"}  # constant both: no decay to move
+    assert decay_change(constant, dataclasses.replace(t12, lr_schedule="constant"), 8) is None
     assert decay_change(saved, dataclasses.replace(t8, decay_steps=6), 8) is None  # both past
     assert decay_change(saved, t12, 5) is not None  # a preempted run extended: changes too
     warming = dataclasses.replace(t12, steps=20, warmup_steps=8)  # the same lr until step 8
@@ -140,6 +141,32 @@ def test_a_cooldown_of_one_step_or_none_is_worded_so():
     said = decay_change(dataclasses.asdict(t), dataclasses.replace(t, steps=40), 20)
     assert said.startswith("the lr cooldown (linear) runs over steps 37-40 where the "
                            "checkpoint's run ran it (linear) over no step (")
+
+
+def test_a_resume_from_the_peak_under_another_schedule_or_floor_says_what_comes():
+    """A stable-phase resume may set a wsd run's floor, or cool a constant run down as wsd
+    (nothing trained reads either): the launch names the first step whose lr changes, and the
+    --set that keeps the checkpoint's schedule, as it does for a moved cooldown. Before, a
+    constant schedule on either side said nothing."""
+    t = dataclasses.replace(CFG.train, lr_schedule="wsd", cooldown_steps=20)  # peak to 90
+    lower = dataclasses.replace(t, min_lr_ratio=0.01)
+    assert decay_change(dataclasses.asdict(t), lower, 60) == (
+        f"the lr floor is {t.lr * 0.01:.3g} where the checkpoint's run's was "
+        f"{t.lr * 0.1:.3g} (train.min_lr_ratio): step 91's lr is {lr_at(91, lower):.3g}, "
+        f"{lr_at(91, t):.3g} on that schedule; --set train.min_lr_ratio=0.1 keeps it")
+    constant = dataclasses.asdict(dataclasses.replace(t, lr_schedule="constant",
+                                                      cooldown_steps=0))
+    assert decay_change(constant, lower, 60) == (
+        "the lr schedule is wsd where the checkpoint's run's was constant (train.lr_schedule): "
+        f"step 91's lr is {lr_at(91, lower):.3g}, {t.lr:.3g} on that schedule; --set "
+        "train.lr_schedule=constant keeps it")
+    held = dataclasses.replace(t, lr_schedule="constant", cooldown_steps=0, steps=200)
+    assert decay_change(dataclasses.asdict(t), held, 60) == (
+        "the lr schedule is constant where the checkpoint's run's was wsd (train.lr_schedule): "
+        f"step 91's lr is {t.lr:.3g}, {lr_at(91, t):.3g} on that schedule; --set "
+        "train.decay_steps=110 --set train.lr_schedule=wsd --set train.cooldown_steps=20 keeps "
+        "it")
+    assert decay_change(constant, dataclasses.replace(lower, min_lr_ratio=1.0), 60) is None
 
 
 def test_no_weight_decay_on_norms():

@@ -22,10 +22,11 @@ from typing import Any
 
 from orch.config import Config, config_to_dict
 from orch.config.blend import parse_blend
-from orch.config.schema import COOLDOWN_FIELDS, ModelConfig
+from orch.config.schema import AFTER_PEAK_FIELDS, COOLDOWN_FIELDS, ModelConfig
 from orch.runtime.checkpoint.files import MANIFEST
 from orch.runtime.checkpoint.manifest import CheckpointError, Manifest
 from orch.runtime.indexed import typed_by_config
+from orch.runtime.optim import after_peak_refusal, train_of
 
 FINGERPRINT_SECTIONS = ("model", "data", "optimizer", "train")
 """Config sections that define the training run's math; the rest says how and where it runs."""
@@ -140,7 +141,9 @@ def edited_config(manifest: Manifest) -> str | None:
 def config_changes(manifest: Manifest, config: dict[str, Any]) -> list[str]:
     """Fingerprinted fields whose values differ between the config ``manifest`` was saved with
     and the resolved ``config``, as ``model.dim: 64 -> 128`` (there -> here); empty when the
-    checkpoint belongs to this config's run."""
+    checkpoint belongs to this config's run. A changed schedule or floor
+    (``AFTER_PEAK_FIELDS``) is not one where no step the checkpoint trained reads it
+    (``orch.runtime.optim.after_peak_refusal``): the run reads as this config's from step 1."""
     source = manifest.data.get("source") if isinstance(manifest.data, dict) else None
     keep = frozenset() if source else UNIDENTIFIED_DATA
     diffs: list[str] = []
@@ -160,7 +163,31 @@ def config_changes(manifest: Manifest, config: dict[str, Any]) -> list[str]:
         unread.add("data.token_dtype")
     if not any((c.get("train") or {}).get("document_mask") for c in (manifest.config, config)):
         unread.add("data.eos_id")  # (orch data prepare prints it: pasted into a running run)
+    if _schedule_changes(diffs) and _after_peak_refusal(manifest, config) is None:
+        unread.update(_schedule_changes(diffs))
     return [diff for diff in diffs if diff.partition(":")[0] not in unread]
+
+
+def _schedule_changes(diffs: list[str]) -> set[str]:
+    """The ``AFTER_PEAK_FIELDS`` among ``config_changes``' ``diffs``, as ``train.NAME``."""
+    names = {f"train.{name}" for name in AFTER_PEAK_FIELDS}
+    return {field for diff in diffs if (field := diff.partition(":")[0]) in names}
+
+
+def _after_peak_refusal(manifest: Manifest, config: dict[str, Any]) -> str | None:
+    """``orch.runtime.optim.after_peak_refusal`` for a resume of ``manifest`` under ``config``."""
+    return after_peak_refusal(manifest, train_of(config.get("train") or {}))
+
+
+def _schedule_only(diffs: list[str], manifest: Manifest, config: dict[str, Any]) -> str:
+    """Why a resume that changes only the schedule or its floor (``AFTER_PEAK_FIELDS``) is
+    refused, and the ``--set``s that make it one nothing trained reads; nothing where other
+    fields changed too (that is not the way on)."""
+    if not diffs or len(_schedule_changes(diffs)) != len(diffs):
+        return ""
+    why = _after_peak_refusal(manifest, config)
+    return ("; train.lr_schedule and train.min_lr_ratio may change on resume only where the "
+            f"steps the checkpoint trained keep their lr, but {why}")
 
 
 def _spelled_alike(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -211,7 +238,8 @@ def refuse_other_configs(checkpoints: Path, complete: list[Manifest],
         f"-> here: {_shown(diffs)})",
         "use another run.dir for this config, or set checkpoint.resume=none with a fresh "
         f"run.dir; orch never overwrites or deletes the checkpoints in {checkpoints}"
-        + _weights_only(diffs, config, checkpoints.parent),
+        + _weights_only(diffs, config, checkpoints.parent)
+        + _schedule_only(diffs, first, config),
     )
 
 
@@ -237,5 +265,6 @@ def check_same_config(manifest: Manifest, config: dict[str, Any]) -> None:
             manifest.path,
             f"was saved by another config; changed (there -> here): {_shown(diffs)}",
             "resume with the config it was saved with, or start a fresh run.dir"
-            + _weights_only(diffs, config, manifest.path),
+            + _weights_only(diffs, config, manifest.path)
+            + _schedule_only(diffs, manifest, config),
         )
