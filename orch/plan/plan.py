@@ -604,7 +604,7 @@ def build_plan(
     plan = _budget_note(cfg, plan)
     other = "step" if plan.grad_reduce == "microbatch" else "microbatch"
     for setting, values in (("parallel.grad_reduce", (other,) if plan.grad_reduce else ()),
-                            ("train.recompute", _more_recompute(cfg, deg))):
+                            ("train.recompute", _more_recompute(cfg, deg, plan.fits))):
         if (note := _faster_setting_note(cfg, deg, machine, plan, setting, values)) is not None:
             plan = dataclasses.replace(plan, notes=(*plan.notes, note))
     if (routing := renormalized_top1(cfg.model)) is not None:
@@ -617,13 +617,15 @@ FASTER_SETTING_NOTE_GAIN = 0.1
 step-time model can tell apart."""
 
 
-def _more_recompute(cfg: Config, deg: Degrees) -> tuple[str, ...]:
-    """The recompute levels above ``cfg``'s worth trying for a faster plan: only where the plan
-    splits a pipeline by itself (each level needs less memory and more time, but a split
-    capped to fit, layers moved off the early stages, can be slower than the FLOP-balanced one
-    a higher level fits: Llama 3.1 405B on pp16 with selective recompute, 30.5 s a step
-    against full recompute's 24.5 s)."""
-    if not splits_pipeline(cfg, deg):
+def _more_recompute(cfg: Config, deg: Degrees, fits: bool) -> tuple[str, ...]:
+    """The recompute levels above ``cfg``'s worth trying: every one for a plan that does not
+    fit (the fix most often wanted: Mistral NeMo 12B at 8K tokens on 16 H100s fits with
+    selective recompute, and was only said not to fit); for one that fits, for a faster plan,
+    only where the plan splits a pipeline by itself (each level needs less memory and more
+    time, but a split capped to fit, layers moved off the early stages, can be slower than the
+    FLOP-balanced one a higher level fits: Llama 3.1 405B on pp16 with selective recompute,
+    30.5 s a step against full recompute's 24.5 s)."""
+    if fits and not splits_pipeline(cfg, deg):
         return ()
     return RECOMPUTE[RECOMPUTE.index(cfg.train.recompute) + 1:]
 

@@ -144,6 +144,25 @@ def test_a_pipeline_split_capped_to_fit_is_weighed_against_more_recompute():
         f"steps in {full.step.total_s:.4g} s: set it, or compare with orch plan --auto"]
 
 
+def test_a_plan_that_does_not_fit_names_the_recompute_that_does():
+    """Mistral NeMo 12B at 8K tokens on 16 H100s without recompute needs 76 GiB a rank: the
+    plan said only "DOES NOT FIT", though selective recompute fits (the note was given only
+    where a pipeline split itself); the cheapest level that fits is named, not full's."""
+    from orch.plan import build_plan
+
+    cfg = load_config(REPO / "configs/mistral-nemo-12b.yaml", ["train.recompute=none"])
+    plan = build_plan(cfg, 16, 8, "h100")
+    selective = build_plan(load_config(REPO / "configs/mistral-nemo-12b.yaml",
+                                       ["train.recompute=selective"]), 16, 8, "h100")
+    assert not plan.fits and selective.fits
+    gib = selective.memory.total / (1 << 30)
+    assert [n for n in plan.notes if n.startswith("train.recompute=")] == [
+        f"train.recompute=selective fits ({gib:.1f} GiB a rank) where train.recompute=none does "
+        f"not, and steps in {selective.step.total_s:.4g} s: set it, or compare with orch plan "
+        "--auto"]
+    assert not [n for n in selective.notes if n.startswith("train.recompute=")]
+
+
 def test_results_fit_pass_rules_and_are_sorted():
     cfg = load_config(REPO / "configs/qwen2-57b-a14b.yaml")
     machine = machine_for(cfg, 128)
