@@ -312,6 +312,13 @@ MOE = ["model.experts=4"]
          "sqrt is set, but train.lr_schedule is linear: it shapes a wsd schedule's cooldown"),
         (["train.lr_schedule=wsd", "train.cooldown_steps=-1"],
          "train.cooldown_steps: must be 0 or more, got -1"),
+        # a constant schedule never decays: a floor or decay end set for it was ignored
+        (["train.lr_schedule=constant", "train.min_lr_ratio=0.05"], "train.min_lr_ratio: 0.05 "
+         "is set, but train.lr_schedule is constant: it shapes the decay after the warmup\n"
+         "        fix: set a schedule that decays (train.lr_schedule=cosine, linear or wsd), or "
+         "leave train.min_lr_ratio out"),
+        (["train.lr_schedule=constant", "train.decay_steps=100"], "train.decay_steps: 100 is "
+         "set, but train.lr_schedule is constant"),
         (["train.lr_schedule=wsd", "train.cooldown_steps=481"], "train.cooldown_steps: 481 is "
          "longer than the 480 steps from the warmup's end (train.warmup_steps=20) to the "
          "decay's (train.steps=500)"),

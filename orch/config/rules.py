@@ -211,13 +211,18 @@ def check_config(cfg: Config) -> list[Problem]:
         "use 0 (no step lies between them to cool down over), or end the decay later",
         ("train.warmup_steps", "train.decay_steps", "train.steps"),
     )
-    for name in COOLDOWN_FIELDS:
+    unread = {name: "a wsd schedule's cooldown" for name in COOLDOWN_FIELDS if not wsd}
+    if t.lr_schedule == "constant":  # the peak held to the end: no decay, no floor
+        unread |= dict.fromkeys(("min_lr_ratio", "decay_steps"), "the decay after the warmup")
+    for name, shapes in unread.items():
         need(
-            wsd or getattr(t, name) == getattr(type(t)(), name),
+            getattr(t, name) == getattr(type(t)(), name),
             f"train.{name}",
             f"{getattr(t, name)} is set, but train.lr_schedule is {t.lr_schedule}: it shapes "
-            "a wsd schedule's cooldown",
-            f"set train.lr_schedule=wsd, or leave train.{name} out",
+            f"{shapes}",
+            f"set train.lr_schedule=wsd, or leave train.{name} out" if name in COOLDOWN_FIELDS
+            else f"set a schedule that decays (train.lr_schedule=cosine, linear or wsd), or "
+            f"leave train.{name} out",
             ("train.lr_schedule",),
         )
     need(
