@@ -18,11 +18,12 @@ Two sources: orch's seeded initialization (:class:`SeededInit`) and a HuggingFac
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard  # FSDP2's over TP or EP
 
 from orch.models.moe import INIT_STD
 
@@ -33,6 +34,18 @@ class WeightSource(Protocol):
     def fill(self, name: str, into: torch.Tensor) -> None:
         """Write parameter ``name``'s whole values into ``into`` (its full shape; on the CPU, or
         on the device a parameter was allocated on)."""
+        ...
+
+
+@runtime_checkable
+class ShardSource(Protocol):
+    """A :class:`WeightSource` that can also read just the elements a shard holds: a checkpoint
+    on disk (where every rank reading every whole tensor to keep its share multiplies the
+    reads by the ranks sharing it), not a random stream (whose draws depend on the order)."""
+
+    def fill_shard(self, name: str, into: torch.Tensor, index: list[torch.Tensor]) -> None:
+        """Write parameter ``name``'s elements at the global indices ``index`` (one ascending
+        index tensor per dim: :func:`shard_indices`) into ``into``, of their shape."""
         ...
 
 
@@ -104,19 +117,38 @@ def is_placeholder(tensor: torch.Tensor) -> bool:
     return tensor.numel() > 0 and tensor.untyped_storage().size() == 0
 
 
+def shard_indices(param: DTensor) -> list[torch.Tensor]:
+    """The global indices, one ascending tensor per dim, of the elements ``param``'s local
+    shard holds: per dim, a 1-d ``arange`` distributed with the placements that split that dim
+    (DTensor's own split, and FSDP2's strided one over tensor or expert parallelism, which is
+    no ``Shard``), the others replicated; nothing is communicated."""
+    index = []
+    for dim, size in enumerate(param.shape):
+        placements = [p if isinstance(p, Shard | _StridedShard) and p.dim == dim
+                      else Replicate() for p in param.placements]
+        positions = torch.arange(size).view([size if d == dim else 1 for d in range(param.ndim)])
+        local = distribute_tensor(positions, param.device_mesh, placements,
+                                  src_data_rank=None).to_local()
+        index.append(local.flatten().cpu())
+    return index
+
+
 @torch.no_grad()
 def fill_all(model: nn.Module, source: WeightSource) -> None:
     """Every parameter of ``model`` (already allocated) from ``source``, in parameter order.
 
     A DTensor parameter (sharded by tensor, expert or data parallelism) gets its local shard:
-    its full values are made on the CPU (one parameter at a time) and split as its placements
-    say, the same split on every rank without communication, since every rank's source gives
-    the same values."""
+    from a :class:`ShardSource`, only its elements are read (:func:`shard_indices`); else its
+    full values are made on the CPU (one parameter at a time) and split as its placements say,
+    the same split on every rank without communication, since every rank's source gives the
+    same values."""
     if isinstance(source, Unfilled):  # nothing to write, so no full-size copy per shard either
         return
     for name, p in model.named_parameters():
         into = p.data
-        if isinstance(into, DTensor):
+        if isinstance(into, DTensor) and isinstance(source, ShardSource):
+            source.fill_shard(name, into.to_local(), shard_indices(into))
+        elif isinstance(into, DTensor):
             full = torch.empty(into.shape, dtype=into.dtype)
             source.fill(name, full)
             local = into.to_local()
@@ -163,5 +195,6 @@ def buffers_to(model: nn.Module, device: torch.device) -> None:
             setattr(module, name, buf.to(device))
 
 
-__all__ = ["SeededInit", "Unfilled", "WeightSource", "buffers_to", "fill_all", "is_placeholder",
-           "materialize", "meta_to_placeholders", "placeholder"]
+__all__ = ["SeededInit", "ShardSource", "Unfilled", "WeightSource", "buffers_to", "fill_all",
+           "is_placeholder", "materialize", "meta_to_placeholders", "placeholder",
+           "shard_indices"]

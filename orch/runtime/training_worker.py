@@ -178,8 +178,9 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     if isinstance(weights, HFCheckpoint):
         weights.close()
         if rank == 0:
-            print(f"orch: initialized from {cfg.model.init_from} ({weights.read} tensors read "
-                  "by rank 0)", flush=True)
+            print(f"orch: initialized from {cfg.model.init_from} ({weights.read} tensors, "
+                  f"{weights.bytes_read / 2**20:,.1f} MiB read by rank 0)",
+                  flush=True)
     model = par.model
     if offload is not None and par.offload_replicas is not None:
         offload.average_gradients_over(par.offload_replicas, cfg.offload.shard_params)
