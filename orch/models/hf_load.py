@@ -95,10 +95,14 @@ def _checked(family: str, model: ModelConfig, hf: dict) -> dict[str, tuple[str, 
     """config.json key -> the ModelConfig field it must equal and that field's value as the key
     means it (``kv_heads`` null is the heads), for a checkpoint of ``family`` read as ``hf``.
     Mixtral's ``intermediate_size`` and Qwen3-MoE's ``moe_intermediate_size`` are the experts'
-    width (``model.expert_ffn_dim``, or ``ffn_dim`` where that is null); Qwen3-MoE's own
-    ``intermediate_size`` is its dense layers', compared only where it has some (a
-    ``decoder_sparse_step`` above 1: transformers never reads it otherwise)."""
-    experts = "expert_ffn_dim" if model.expert_ffn_dim is not None else "ffn_dim"
+    width (``model.expert_ffn_dim``, or ``ffn_dim`` where that is null and the checkpoint
+    has no dense layers); Qwen3-MoE's own ``intermediate_size`` is its dense layers'
+    (``ffn_dim``), compared only where it has some (a ``decoder_sparse_step`` other than 1:
+    transformers never reads it otherwise), and the experts' width is then
+    ``expert_ffn_dim``'s, whatever it holds: "set model.ffn_dim" to the experts' width was
+    otherwise answered by "set model.ffn_dim" to the dense layers'."""
+    dense = family == "qwen3_moe" and hf.get("decoder_sparse_step") != 1
+    experts = "expert_ffn_dim" if model.expert_ffn_dim is not None or dense else "ffn_dim"
     checked: dict[str, tuple[str, object]] = {
         "vocab_size": ("vocab_size", model.vocab_size),
         "hidden_size": ("dim", model.dim),
@@ -119,7 +123,7 @@ def _checked(family: str, model: ModelConfig, hf: dict) -> dict[str, tuple[str, 
         checked["intermediate_size"] = (experts, model.moe_ffn_dim)
     elif family == "qwen3_moe":
         checked["moe_intermediate_size"] = (experts, model.moe_ffn_dim)
-        if hf.get("decoder_sparse_step") == 1:
+        if not dense:
             del checked["intermediate_size"]
     return checked
 
@@ -297,8 +301,10 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
             continue
         given = said.get(key) or (f"has {key}: {theirs[key]!r}" if theirs.get(key) is not None
                                   else f"has no {key}, which transformers reads as {hf[key]!r}")
-        problems.append(Problem(f"model.{field}", f"{getattr(model, field)!r} but {config_file} "
-                                f"{given}", f"set model.{field}={hf[key]}",
+        held = getattr(model, field)  # a null field as what it stands for (kv_heads: heads)
+        held = repr(held) if held is not None else f"null (so {value})"
+        problems.append(Problem(f"model.{field}", f"{held} but {config_file} {given}",
+                                f"set model.{field}={hf[key]}",
                                 ("model.init_from", *(KV_HEADS if field == "kv_heads" else ()))))
     return problems
 

@@ -525,6 +525,20 @@ def test_a_missing_expert_is_named_by_its_hf_key(tmp_path):
         "    fix: use a complete checkpoint"], problems
 
 
+def test_qwen3_moe_experts_width_beside_dense_layers_is_expert_ffn_dims(tmp_path):
+    """A Qwen3-MoE checkpoint with dense layers has two widths: intermediate_size (the dense
+    layers', model.ffn_dim) and moe_intermediate_size (the experts'). With model.expert_ffn_dim
+    null the experts' width was said to be ffn_dim's to fix ("set model.ffn_dim=96"), and once
+    set, the dense width asked it back ("set model.ffn_dim=688"): no config passed."""
+    cfg = tiny(**MOE["qwen3_moe"])
+    path, _ = _saved(tmp_path, "qwen3_moe", cfg)
+    problems = init_from_problems(dataclasses.replace(cfg, init_from=str(path),
+                                                      expert_ffn_dim=None))
+    assert [(p.where, p.fix) for p in problems] == [
+        ("model.expert_ffn_dim", "set model.expert_ffn_dim=96")], problems
+    assert problems[0].message.startswith("null (so 688) but "), problems[0].message
+
+
 def test_a_checkpoint_attending_through_a_window_is_refused(tmp_path):
     """Mistral 7B v0.1's attention sees 4,096 tokens back (transformers' default where
     config.json says nothing), as Qwen3's does with use_sliding_window; orch's the whole
