@@ -128,6 +128,14 @@ def _checked(family: str, model: ModelConfig, hf: dict) -> dict[str, tuple[str, 
     return checked
 
 
+_EXPERT_COUNT = {"mixtral": ("num_local_experts", "num_experts"),
+                 "qwen3_moe": ("num_experts", "num_local_experts")}
+"""Each MoE family's config.json key for its number of routed experts (its hub configs'), and
+the other name of it: transformers 5 maps num_experts to num_local_experts in both families'
+configs, saves num_local_experts and, given both, reads the other name; transformers 4 reads
+the family's own key alone. Mixtral's num_experts was read as the default 8 experts."""
+
+
 _MIXTRAL_ROUTING = {"decoder_sparse_step": (1, "MoE in every layer"),
                     "norm_topk_prob": (True, "whose router renormalizes its top-k weights")}
 """What a Mixtral checkpoint computes without a config key for it, in Qwen3-MoE's keys (which
@@ -266,9 +274,18 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
     if (window := _window_problem(theirs, family, config_file, model.max_seq_len)) is not None:
         problems.append(window)
     problems += _family_problems(model, family, theirs, config_file)
-    if family == "qwen3_moe" and theirs.get("num_local_experts") is not None:
-        hf["num_experts"] = theirs["num_local_experts"]  # the name transformers 5 saves it by
-        said["num_experts"] = f"has num_local_experts: {hf['num_experts']!r}"
+    named, ambiguous = {}, set()  # checked key -> the config.json key giving it; unreadable
+    if family in _EXPERT_COUNT:
+        key, alias = _EXPERT_COUNT[family]
+        own, other = theirs.get(key), theirs.get(alias)
+        if own is not None and other is not None and own != other:
+            ambiguous.add(key)
+            problems.append(Problem(where, f"{config_file} has {key}: {own!r} and {alias}: "
+                                    f"{other!r}: transformers 5 reads {alias}, transformers 4 "
+                                    f"{key}", "make config.json say the checkpoint's number of "
+                                    "experts (its routers' rows) under one of the two keys"))
+        elif other is not None:
+            hf[key], said[key], named[key] = other, f"has {alias}: {other!r}", alias
     if family == "mixtral":
         hf |= {key: value for key, (value, _) in _MIXTRAL_ROUTING.items()}
         said |= {key: f"describes a mixtral model, {what}"
@@ -278,8 +295,9 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
             problems.append(Problem(where, f"{config_file} has {flag}: true",
                                     "orch's Llama has no biases: use a bias-free checkpoint"))
     mistyped = _mistyped(hf, theirs.get("head_dim"))
-    problems += [Problem(where, f"{config_file} has {key}: {hf.get(key, theirs.get(key))!r}, "
-                         f"not {want}", f"write {key} in config.json as {_AS_JSON[want]}, as "
+    problems += [Problem(where, f"{config_file} has {named.get(key, key)}: "
+                         f"{hf.get(key, theirs.get(key))!r}, not {want}", f"write "
+                         f"{named.get(key, key)} in config.json as {_AS_JSON[want]}, as "
                          "save_pretrained does") for key, want in mistyped.items()]
     head_dim, heads = theirs.get("head_dim"), hf["num_attention_heads"]
     default_width = _FAMILY_DEFAULTS.get(family, {}).get("head_dim")
@@ -297,7 +315,7 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
                                     f"{model.head_size} wide) but {config_file} {given}",
                                     f"set model.head_dim={width}", ("model.init_from",)))
     for key, (field, value) in _checked(family, model, hf).items():
-        if key not in hf or key in mistyped or hf[key] == value:
+        if key not in hf or key in mistyped or key in ambiguous or hf[key] == value:
             continue
         given = said.get(key) or (f"has {key}: {theirs[key]!r}" if theirs.get(key) is not None
                                   else f"has no {key}, which transformers reads as {hf[key]!r}")

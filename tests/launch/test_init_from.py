@@ -539,6 +539,42 @@ def test_qwen3_moe_experts_width_beside_dense_layers_is_expert_ffn_dims(tmp_path
     assert problems[0].message.startswith("null (so 688) but "), problems[0].message
 
 
+def test_both_names_of_the_expert_count_are_read_as_transformers_reads_them(tmp_path):
+    """transformers 5 maps num_experts to num_local_experts in Mixtral's and Qwen3-MoE's
+    configs: a Mixtral config.json saying num_experts alone was read as the default 8 experts,
+    one giving the two names different counts loaded whichever orch read, and a mistyped
+    alias was named by the other key, not in the file."""
+    cfg = tiny(**MOE["mixtral"])
+    path, hf = _saved(tmp_path, "mixtral", cfg)
+    alias = _with_config(path, tmp_path / "alias", lambda c: c.update(
+        num_experts=c.pop("num_local_experts")))
+    loading = dataclasses.replace(cfg, init_from=str(alias))
+    assert transformers.AutoConfig.from_pretrained(alias).num_local_experts == 4
+    assert init_from_problems(loading) == []
+    ours = Transformer(loading).eval()
+    load_hf_weights(ours, loading)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-5
+    both = _with_config(path, tmp_path / "both", lambda c: c.update(num_experts=6))
+    problems = init_from_problems(dataclasses.replace(cfg, init_from=str(both)))
+    assert [str(p) for p in problems] == [
+        f"model.init_from: {both / 'config.json'} has num_local_experts: 4 and num_experts: 6: "
+        "transformers 5 reads num_experts, transformers 4 num_local_experts\n    fix: make "
+        "config.json say the checkpoint's number of experts (its routers' rows) under one of "
+        "the two keys"], problems
+    qwen = tiny(**MOE["qwen3_moe"])
+    path, _ = _saved(tmp_path, "qwen3_moe", qwen)  # transformers 5 saves num_local_experts
+    both = _with_config(path, tmp_path / "qwen-both", lambda c: c.update(num_experts=6))
+    text = _text(dataclasses.replace(qwen, init_from=str(both)))
+    assert "has num_experts: 6 and num_local_experts: 4: transformers 5 reads " \
+        "num_local_experts" in text and "model.experts" not in text, text
+    typed = _with_config(path, tmp_path / "typed", lambda c: c.update(num_local_experts="4"))
+    text = _text(dataclasses.replace(qwen, init_from=str(typed)))
+    assert "has num_local_experts: '4', not a whole number" in text, text
+    assert "write num_local_experts in config.json as a JSON integer" in text, text
+
+
 def test_a_checkpoint_attending_through_a_window_is_refused(tmp_path):
     """Mistral 7B v0.1's attention sees 4,096 tokens back (transformers' default where
     config.json says nothing), as Qwen3's does with use_sliding_window; orch's the whole
