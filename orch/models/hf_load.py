@@ -567,11 +567,13 @@ def _locate(cfg: ModelConfig, shapes: dict[str, torch.Size], compare_tied_head: 
                     tied_head = shard  # the head is the embedding, as transformers ties it
                     continue  # when the two are equal (some checkpoints save the tied head too)
                 ours, expert = hf_expert(key) or (hf_to_ours(key), None)
-                if ours is None or ours not in shapes or (
-                        expert is not None and expert >= shapes[ours][0]):
+                if ours is None:
                     problems.append(Problem(key, f"in {shard.name} has no counterpart in "
                                             "orch's Transformer",
                                             f"use a bias-free {_KNOWN} checkpoint"))
+                    continue
+                if ours not in shapes or expert is not None and expert >= shapes[ours][0]:
+                    problems.append(_unplaced(cfg, key, shard, ours, expert))
                     continue
                 found.setdefault(ours, set()).add(expert or 0)
                 dtype = handle.get_slice(key).get_dtype()
@@ -628,6 +630,34 @@ def _misshapen(key: str, shape: torch.Size, ours: str, wanted: torch.Size) -> Pr
     return Problem(key, f"has shape {tuple(shape)}, orch's {ours} {tuple(wanted)}, as the "
                    "checkpoint's own config.json (equal to model.*) gives it: the tensors do not "
                    "match their config.json", "re-save the checkpoint, or copy it again")
+
+
+def _unplaced(cfg: ModelConfig, key: str, shard: Path, ours: str, expert: int | None
+              ) -> Problem:
+    """The problem of tensor ``key`` (in ``shard``), which orch's Transformer names ``ours``
+    (expert ``expert`` of it) but the model of ``cfg`` has no place for: a layer, an expert,
+    MoE tensors in a dense layer or a dense MLP in an MoE layer that the checkpoint's own
+    config.json (equal to model.* once compared) does not have. "No counterpart in orch's
+    Transformer, use a bias-free Qwen3MoeForCausalLM checkpoint" was said of a Qwen3-MoE
+    checkpoint's own tensors."""
+    layer = int(ours.split(".")[1]) if ours.startswith("layers.") else -1
+    every = f"as model.moe_layer_interval: MoE every {cfg.moe_layer_interval} layers"
+    routed = is_expert_stack(ours) or ours.endswith("feed_forward.router.weight")
+    if layer >= cfg.layers:
+        why = f"is of layer {layer}, but config.json has {cfg.layers} layers (as model.layers)"
+    elif routed and expert is not None and cfg.is_moe_layer(layer):
+        why = (f"is of expert {expert}, but config.json has {cfg.experts} experts a layer (as "
+               f"model.experts), 0 to {cfg.experts - 1}")
+    elif routed:
+        why = (f"is an MoE layer's, but config.json makes layer {layer} dense ({every})"
+               if cfg.is_moe else "is an MoE layer's, but config.json describes a dense model")
+    elif ".feed_forward.w" in ours and cfg.is_moe_layer(layer):
+        why = f"is a dense feed-forward's, but config.json makes layer {layer} MoE ({every})"
+    else:
+        why = f"would be orch's {ours}, but config.json describes a model without one"
+    return Problem(key, f"in {shard.name} {why}: the tensors do not match the checkpoint's own "
+                   "config.json",
+                   "re-save the checkpoint, or copy it again")
 
 
 def _missing(cfg: ModelConfig, name: str, shape: torch.Size, found: set[int]

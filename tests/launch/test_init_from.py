@@ -575,6 +575,33 @@ def test_both_names_of_the_expert_count_are_read_as_transformers_reads_them(tmp_
     assert "write num_local_experts in config.json as a JSON integer" in text, text
 
 
+def test_tensors_their_config_json_has_no_place_for_are_said_so(tmp_path):
+    """An expert beyond config.json's count, experts in a layer it makes dense, a dense MLP in
+    one it makes MoE and a layer beyond its count were each "no counterpart in orch's
+    Transformer, use a bias-free ... Qwen3MoeForCausalLM checkpoint": the checkpoint's own
+    family's tensors, told to use that family."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny(**MOE["qwen3_moe"])  # MoE in layers 1 and 3
+    path, _ = _saved(tmp_path, "qwen3_moe", cfg)
+    tensors = load_file(path / "model.safetensors")
+    extra = {"model.layers.1.mlp.experts.4.up_proj.weight": "is of expert 4, but config.json "
+             "has 4 experts a layer (as model.experts), 0 to 3",
+             "model.layers.0.mlp.gate.weight": "is an MoE layer's, but config.json makes layer "
+             "0 dense (as model.moe_layer_interval: MoE every 2 layers)",
+             "model.layers.3.mlp.down_proj.weight": "is a dense feed-forward's, but config.json "
+             "makes layer 3 MoE (as model.moe_layer_interval: MoE every 2 layers)",
+             "model.layers.4.input_layernorm.weight": "is of layer 4, but config.json has 4 "
+             "layers (as model.layers)"}
+    save_file({**tensors, **{key: torch.zeros(1) for key in extra}},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    problems = init_from_problems(dataclasses.replace(cfg, init_from=str(path)))
+    assert sorted(str(p) for p in problems) == sorted(
+        f"{key}: in model.safetensors {why}: the tensors do not match the checkpoint's own "
+        "config.json\n    fix: re-save the checkpoint, or copy it again"
+        for key, why in extra.items()), problems
+
+
 def test_a_checkpoint_attending_through_a_window_is_refused(tmp_path):
     """Mistral 7B v0.1's attention sees 4,096 tokens back (transformers' default where
     config.json says nothing), as Qwen3's does with use_sliding_window; orch's the whole
