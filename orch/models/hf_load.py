@@ -353,13 +353,26 @@ def _family_problems(model: ModelConfig, family: str, theirs: dict,
                          f"describes a {family} model, {what}", f"set model.{field}={want}",
                          ("model.init_from",)) for field, bad, what, want in wrong if bad]
     dense = theirs.get("mlp_only_layers") if family == "qwen3_moe" else None
-    if dense:
+    if dense and _sparse_made_dense(dense, theirs):
         problems.append(Problem("model.init_from", f"{config_file} has mlp_only_layers: "
                                 f"{dense!r}: dense layers where the MoE ones fall every "
                                 "decoder_sparse_step layers, which orch's layout "
                                 "(model.moe_layer_interval) cannot say",
                                 "use a checkpoint whose mlp_only_layers is empty"))
     return problems
+
+
+def _sparse_made_dense(dense: object, theirs: dict) -> bool:
+    """Whether Qwen3-MoE's ``mlp_only_layers`` (``dense``) makes a layer dense that its
+    ``decoder_sparse_step`` (transformers' default 1) makes MoE, as transformers builds it
+    (index in the list, else MoE every step layers): a list of layers that are dense anyway,
+    or beyond ``num_hidden_layers``, is orch's layout, and was refused. Anything but a list of
+    whole numbers with a whole step counts as one that does."""
+    step, layers = theirs.get("decoder_sparse_step", 1), theirs.get("num_hidden_layers", 24)
+    if not (isinstance(dense, list) and all(isinstance(i, int) for i in dense)
+            and isinstance(step, int) and step > 0 and isinstance(layers, int)):
+        return True
+    return any(0 <= i < layers and (i + 1) % step == 0 for i in dense)
 
 
 def _orch_checkpoint_fix(path: Path) -> str | None:

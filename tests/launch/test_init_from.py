@@ -506,9 +506,25 @@ def test_qwen3_moe_config_keys_as_transformers_reads_them(tmp_path):
         assert fix in text, (fix, text)
     assert "has no decoder_sparse_step, which transformers reads as 1" in text
     assert "norm_topk_prob" not in text  # absent is false, as the model's
-    listed = _with_config(path, tmp_path / "listed", lambda c: c.update(mlp_only_layers=[0]))
+    listed = _with_config(path, tmp_path / "listed", lambda c: c.update(mlp_only_layers=[1]))
     text = _text(dataclasses.replace(cfg, init_from=str(listed)))
-    assert "has mlp_only_layers: [0]" in text and "model.moe_layer_interval" in text, text
+    assert "has mlp_only_layers: [1]" in text and "model.moe_layer_interval" in text, text
+
+
+def test_mlp_only_layers_that_are_dense_anyway_load(tmp_path):
+    """mlp_only_layers listing only layers that decoder_sparse_step makes dense anyway (or
+    beyond the model) is the layout orch computes: it was refused for being non-empty."""
+    cfg = tiny(**MOE["qwen3_moe"])  # MoE in layers 1 and 3
+    path, _ = _saved(tmp_path, "qwen3_moe", cfg, mlp_only_layers=[0, 2, 7])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    assert type(hf.model.layers[1].mlp).__name__ == "Qwen3MoeSparseMoeBlock"
+    loading = dataclasses.replace(cfg, init_from=str(path))
+    assert init_from_problems(loading) == []
+    ours = Transformer(loading).eval()
+    load_hf_weights(ours, loading)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - hf.float().eval()(tokens).logits).abs().max() < 1e-5
 
 
 def test_a_missing_expert_is_named_by_its_hf_key(tmp_path):
