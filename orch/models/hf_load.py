@@ -520,7 +520,10 @@ class HFCheckpoint:
         shard, FSDP's over tensor parallelism, is a few such blocks per dim)."""
         pieces, runs = self._where[name], [_runs(i) for i in index]
         if is_expert_stack(name):  # expert j's projection is our [j] transposed (orch.models.hf)
-            for at, expert in enumerate(index[0].tolist()):
+            # shard by shard: save_pretrained orders keys as text (experts 1, 10, 100, 101, ...),
+            # so a layer's experts spanning two shards alternate between them in expert order
+            held = sorted(enumerate(index[0].tolist()), key=lambda e: pieces[e[1]][0])
+            for at, expert in held:
                 view = self._view(pieces[expert])
                 for (ours_1, theirs_1), (ours_2, theirs_2) in itertools.product(*runs[1:]):
                     self._copy(into[at, ours_1, ours_2], view[theirs_2, theirs_1].T)
