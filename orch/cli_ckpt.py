@@ -271,6 +271,8 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"files, {_size(total)} (" + ", ".join(file.name for file in done.files) + ")")
     for path in done.passed_over:
         print(f"  passed over newer {path}: {PASSED_OVER}")
+    for note in done.notes:
+        print(f"  note: {note}")
     return 0
 
 

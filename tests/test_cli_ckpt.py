@@ -316,6 +316,15 @@ def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path
         assert load_hf_weights(Transformer(back_cfg), back_cfg) == len(index["weight_map"]) - 1
 
 
+def test_export_notes_an_expert_capacity_the_hf_model_does_not_have(tmp_path, capsys):
+    cfg, model = tiny_model(False, "model.experts=4", "model.capacity_factor=1.25")
+    save_run(tmp_path / "run", cfg, model, steps=(1,))
+    assert main(["ckpt", "export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert "  note: model.capacity_factor is 1.25: orch drops the routed copies over an " \
+        "expert's capacity, MixtralForCausalLM routes every token" in out, out
+
+
 def test_export_refuses_balancing_biases_that_change_the_routing(tmp_path, capsys):
     """HF's routers have no aux-loss-free balancing bias: one that is not zero picks other
     experts there, so the export would compute another function without a word."""

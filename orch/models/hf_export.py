@@ -71,6 +71,8 @@ class Exported:
     step: int
     passed_over: list[Path]
     """Step directories newer than ``checkpoint``, none with a manifest (an unfinished save)."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """Where the HF model computes otherwise than orch's in some cases, said not refused."""
 
 
 def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32",
@@ -150,7 +152,21 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
             raise ProblemsError([_removed(path)], title="cannot export") from None
         raise
     return Exported([out / name for name in [*written, "config.json"]], path, manifest.step,
-                    passed_over)
+                    passed_over, _notes(model))
+
+
+def _notes(model: ModelConfig) -> list[str]:
+    """What the export's HF model computes otherwise than orch's where it does: an expert
+    capacity (``model.capacity_factor``) drops a token's copies routed to an expert beyond it,
+    in training and evaluation alike, where transformers' MoE classes route every token (as
+    orch does with it null); the weights are the same, and so are the outputs where no expert
+    overflows."""
+    if not model.is_moe or model.capacity_factor is None:
+        return []
+    return [f"model.capacity_factor is {model.capacity_factor:g}: orch drops the routed copies "
+            f"over an expert's capacity, {hf_family(model)[0]} routes every token, so their "
+            "outputs differ where an expert overflows (as orch's own do with "
+            "model.capacity_factor: null)"]
 
 
 def _out_problems(given: str | Path) -> list[Problem]:
