@@ -498,7 +498,8 @@ def _optimization(path: Path, steps: list[int], records: list[dict]) -> Path:
     right.set_ylabel("gradient norm")
     if any(_finite(r.get("grad_norm")) > 0 for r in records):
         right.set_yscale("log")
-    ax.set_ylim(bottom=0)
+    rates = [r["lr"] for r in records if _number(r.get("lr"))]
+    ax.set_ylim(0, 1.3 * max(rates) or None)  # headroom: the legend above the peak's line
     ax.legend(handles=[*ax.get_lines(), *right.get_lines()], loc="upper right")
     return _save(fig, path)
 
