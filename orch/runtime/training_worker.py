@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,6 +165,7 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
     with torch.device("meta"):  # shapes only: the weights are filled where they will live
         model = Transformer(cfg.model)
     weights = _first_weights(cfg, model, resuming=resume is not None)
+    filling = time.perf_counter()  # the offload homes or the sharded model filled from it
     offload = None
     precision = _precision(cfg, device, rank)
     if cfg.offload.enabled:  # unit by unit into their homes (CPU or NVMe), never all in memory
@@ -179,8 +181,8 @@ def train(cfg: Config, plan: Plan, device: torch.device, resume_arg: str | None)
         weights.close()
         if rank == 0:
             print(f"orch: initialized from {cfg.model.init_from} ({weights.read} tensors, "
-                  f"{weights.bytes_read / 2**20:,.1f} MiB read by rank 0)",
-                  flush=True)
+                  f"{weights.bytes_read / 2**20:,.1f} MiB read by rank 0 in "
+                  f"{time.perf_counter() - filling:.1f} s)", flush=True)
     model = par.model
     if offload is not None and par.offload_replicas is not None:
         offload.average_gradients_over(par.offload_replicas, cfg.offload.shard_params)
