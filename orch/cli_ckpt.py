@@ -90,10 +90,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 _DEGREES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")  # the ones a user sets
-_LLAMA_ATTENTION = {name: getattr(ModelConfig(), name) for name in ("head_dim", "qk_norm")}
+_LLAMA_ATTENTION = {name: getattr(ModelConfig(), name)
+                    for name in ("head_dim", "qk_norm", "qkv_bias")}
 """Model fields the model line names only where they differ from Llama's attention: a Qwen3
 checkpoint (QK-norm, heads wider than dim / heads) read as a Llama one, and a resume refused for
-``model.qk_norm`` sent the user to a line that did not say it."""
+``model.qk_norm`` sent the user to a line that did not say it (Qwen2's biases alike)."""
 
 
 def render(record: dict[str, Any]) -> str:
@@ -116,7 +117,8 @@ def render(record: dict[str, Any]) -> str:
         f"{record['save_seconds']:.1f} s)",
         f"  plan      {ranks} rank{'s' if ranks > 1 else ''}" + _layout(record["plan"]),
         "  model     " + " ".join(f"{k}={model[k]}" for k in (
-            "dim", "layers", "heads", "kv_heads", "head_dim", "qk_norm", "vocab_size", "experts")
+            "dim", "layers", "heads", "kv_heads", "head_dim", "qk_norm", "qkv_bias", "vocab_size",
+            "experts")
             if k in model and (k not in _LLAMA_ATTENTION or model[k] != _LLAMA_ATTENTION[k])),
         "  train     " + " ".join(f"{k}={train[k]}" for k in (
             "steps", "global_batch", "seq_len", "lr", *_schedule_keys(train), "precision",

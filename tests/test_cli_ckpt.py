@@ -261,12 +261,14 @@ def test_export_of_a_checkpoint_removed_meanwhile_says_so(run, tmp_path, monkeyp
 
 QWEN3 = ("model.qk_norm=true", "model.head_dim=48")
 EXPORTED = {"llama": (False, ()), "llama-tied": (True, ()), "qwen3": (True, QWEN3),
+            "qwen2": (True, ("model.qkv_bias=true",)),
             "mixtral": (False, ("model.experts=4",)),
             "qwen3-moe": (True, (*QWEN3, "model.experts=4", "model.moe_layer_interval=2",
                                  "model.norm_topk_prob=false", "model.expert_ffn_dim=96"))}
-"""Models exported: Llama's, untied and tied, and Qwen3's attention (QK-norm, wider heads) with
-its small models' tied embeddings; Mixtral's MoE (every layer, top-2 renormalized) and
-Qwen3-MoE's (every other layer, narrower experts, top-k weights as they are)."""
+"""Models exported: Llama's, untied and tied, and Qwen3's attention (QK-norm, wider heads) and
+Qwen2's (q/k/v biases) with their small models' tied embeddings; Mixtral's MoE (every layer,
+top-2 renormalized) and Qwen3-MoE's (every other layer, narrower experts, top-k weights as they
+are)."""
 
 
 @pytest.mark.parametrize("name", list(EXPORTED))

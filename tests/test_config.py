@@ -39,6 +39,7 @@ def test_all_example_configs_load():
         "mistral-nemo-12b",
         "qwen3-8b",
         "qwen3-30b-a3b",
+        "qwen2.5-7b",
     } <= names
     for path in CONFIGS:
         cfg = load_config(path)

@@ -44,6 +44,10 @@ class ModelConfig:
         default=False,
         metadata=_help("RMSNorm over each query and key head before RoPE (Qwen3)"),
     )
+    qkv_bias: bool = field(
+        default=False,
+        metadata=_help("biases on the query, key and value projections (Qwen2, Qwen2.5)"),
+    )
     ffn_dim: int = field(default=688, metadata=_help("SwiGLU hidden size of dense layers"))
     rope_theta: float = field(default=10000.0, metadata=_help("RoPE base frequency"))
     max_seq_len: int = field(default=2048, metadata=_help("longest sequence the model supports"))
@@ -424,7 +428,8 @@ OFFLOADED = tuple(f"offload.{group}" for group in ("params", "grads", "optimizer
 KV_HEADS = ("model.kv_heads", "model.heads")
 """What :attr:`ModelConfig.n_kv_heads` reads (null kv_heads: as many as heads)."""
 MODEL_SHAPE = tuple(f"model.{name}" for name in (
-    "vocab_size", "dim", "layers", "heads", "kv_heads", "head_dim", "qk_norm", "ffn_dim",
-    "tie_embeddings", "experts", "top_k", "expert_ffn_dim", "shared_experts", "moe_layer_interval"))
+    "vocab_size", "dim", "layers", "heads", "kv_heads", "head_dim", "qk_norm", "qkv_bias",
+    "ffn_dim", "tie_embeddings", "experts", "top_k", "expert_ffn_dim", "shared_experts",
+    "moe_layer_interval"))
 """What the model's parameter shapes read (orch's Transformer; the plan's ``model_key``): a
 check of shapes or bytes reads these, not the rest of ``model`` (its name, RoPE, norm eps)."""

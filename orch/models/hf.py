@@ -1,6 +1,6 @@
 """The HuggingFace view of orch's ``Transformer``: ``LlamaForCausalLM`` (``Qwen3ForCausalLM``
-with ``model.qk_norm``) for a dense model, ``MixtralForCausalLM`` (``Qwen3MoeForCausalLM``) for
-an MoE one.
+with ``model.qk_norm``, ``Qwen2ForCausalLM`` with ``model.qkv_bias``) for a dense model,
+``MixtralForCausalLM`` (``Qwen3MoeForCausalLM``) for an MoE one.
 
 Our parameter names follow Meta's Llama checkpoints and our RoPE uses HuggingFace's rotate-half
 convention, so converting is a rename of state-dict keys: no q/k permutation. The one reshaping
@@ -41,6 +41,9 @@ _PER_LAYER = {
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",  # Qwen2's (model.qkv_bias)
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.bias": "self_attn.v_proj.bias",
     "attention.q_norm.weight": "self_attn.q_norm.weight",  # Qwen3's QK-norm (model.qk_norm)
     "attention.k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -57,15 +60,18 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HF_IGNORED = re.compile(r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
 
 FAMILIES = {
-    (False, False): ("LlamaForCausalLM", "llama"),
-    (False, True): ("Qwen3ForCausalLM", "qwen3"),
-    (True, False): ("MixtralForCausalLM", "mixtral"),
-    (True, True): ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    (False, False, False): ("LlamaForCausalLM", "llama"),
+    (False, True, False): ("Qwen3ForCausalLM", "qwen3"),
+    (False, False, True): ("Qwen2ForCausalLM", "qwen2"),
+    (True, False, False): ("MixtralForCausalLM", "mixtral"),
+    (True, True, False): ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
-"""(MoE, QK-norm) -> the transformers class and ``model_type`` computing orch's model: Qwen3's
-decoder is Llama's with each query and key head normalized, Mixtral's Llama's with every
-feed-forward a softmax-routed MoE, Qwen3-MoE's Qwen3's with MoE every ``decoder_sparse_step``
-layers."""
+"""(MoE, QK-norm, q/k/v biases) -> the transformers class and ``model_type`` computing orch's
+model: Qwen3's decoder is Llama's with each query and key head normalized, Qwen2's (and
+Qwen2.5's) Llama's with biases on the query, key and value projections, Mixtral's Llama's with
+every feed-forward a softmax-routed MoE, Qwen3-MoE's Qwen3's with MoE every
+``decoder_sparse_step`` layers. Other combinations have no class (Qwen2-MoE gates its shared
+expert)."""
 FAMILIES_BY_TYPE = {model_type: name for name, model_type in FAMILIES.values()}
 MOE_BLOCKS = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp"}
 """Where each MoE family's sparse block sits in ``model.layers.{i}``: its router is
@@ -161,17 +167,22 @@ _KEEP_IN_ORCH = "keep this model in orch's own checkpoints"
 
 def hf_family(model: ModelConfig) -> tuple[str, str]:
     """The transformers class and ``model_type`` of ``model``'s HuggingFace view
-    (:data:`FAMILIES`)."""
-    return FAMILIES[(model.is_moe, model.qk_norm)]
+    (:data:`FAMILIES`); a combination without one (:func:`_unsupported`) is named as its
+    family without the biases."""
+    return FAMILIES.get((model.is_moe, model.qk_norm, model.qkv_bias),
+                        FAMILIES[(model.is_moe, model.qk_norm, False)])
 
 
-def _moe_problems(model: ModelConfig) -> list[Problem]:
-    """What in an MoE ``model`` neither Mixtral's nor Qwen3-MoE's classes compute: shared
-    experts (Qwen2-MoE's is gated, DeepSeek's are MLA models), sigmoid routing (DeepSeek-V3's),
-    and, without QK-norm (Mixtral's), dense layers between the MoE ones or top-k weights left
-    unnormalized."""
+def _unsupported(model: ModelConfig) -> list[Problem]:
+    """What in ``model`` no class of :data:`FAMILIES` computes: q/k/v biases beside QK-norm or
+    MoE layers (Qwen2's alone have them), and in an MoE model shared experts (Qwen2-MoE's is
+    gated, DeepSeek's are MLA models), sigmoid routing (DeepSeek-V3's), and, without QK-norm
+    (Mixtral's), dense layers between the MoE ones or top-k weights left unnormalized."""
     mixtral = not model.qk_norm
-    checks = [
+    biased = model.qkv_bias and (model.qk_norm or model.is_moe)
+    checks = [("qkv_bias", not biased, "false: Qwen2's attention has q/k/v biases, Qwen3's and "
+               "the MoE classes' none")]
+    checks += [
         ("shared_experts", model.shared_experts == 0, "0: no HuggingFace class orch writes has "
          "ungated shared experts (Mixtral and Qwen3-MoE have none)"),
         ("score_func", model.score_func == "softmax", "softmax: Mixtral's and Qwen3-MoE's "
@@ -180,7 +191,7 @@ def _moe_problems(model: ModelConfig) -> list[Problem]:
          "layer is MoE (Qwen3-MoE's decoder_sparse_step needs model.qk_norm: true)"),
         ("norm_topk_prob", not mixtral or model.norm_topk_prob, "true: Mixtral renormalizes its "
          "top-k weights"),
-    ]
+    ] if model.is_moe else []
     return [Problem(f"model.{field}", f"{getattr(model, field)!r}, which "
                     f"{hf_family(model)[0]} cannot compute",
                     f"{_KEEP_IN_ORCH}, or train it with model.{field}: {want}")
@@ -195,10 +206,10 @@ def hf_config(model: ModelConfig, dtype: torch.dtype | str = "float32") -> dict[
     ``Transformer(cfg)`` once loaded with :func:`to_hf_state_dict`. ``dtype`` is recorded as
     ``torch_dtype`` (the name every transformers version reads); it describes the weights and
     changes nothing here. The byte tokenizer has no special tokens, so bos/eos/pad ids are None.
-    Raises an :class:`~orch.errors.OrchError` for an MoE model those classes do not compute
-    (:func:`_moe_problems`).
+    Raises an :class:`~orch.errors.OrchError` for a model those classes do not compute
+    (:func:`_unsupported`).
     """
-    if model.is_moe and (problems := _moe_problems(model)):
+    if problems := _unsupported(model):
         raise ProblemsError(problems, title=f"not a {hf_family(model)[0]} model")
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
@@ -207,6 +218,7 @@ def hf_config(model: ModelConfig, dtype: torch.dtype | str = "float32") -> dict[
     extra: dict[str, Any] = {
         "llama": {},
         "qwen3": {**no_window, "max_window_layers": model.layers},
+        "qwen2": {**no_window, "max_window_layers": model.layers},
         "mixtral": {"num_local_experts": model.experts, "sliding_window": None,
                     "router_jitter_noise": 0.0},
         "qwen3_moe": {**no_window, "num_experts": model.experts, "mlp_only_layers": [],
@@ -233,9 +245,7 @@ def hf_config(model: ModelConfig, dtype: torch.dtype | str = "float32") -> dict[
         "rope_theta": model.rope_theta,
         "rope_scaling": None,
         "tie_word_embeddings": model.tie_embeddings,
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": INIT_STD,
         "pretraining_tp": 1,
         "use_cache": True,
@@ -243,15 +253,20 @@ def hf_config(model: ModelConfig, dtype: torch.dtype | str = "float32") -> dict[
         "eos_token_id": None,
         "pad_token_id": None,
         "torch_dtype": dtype,
+        # Llama's flags (both false: true would add o_proj's and the MLP's biases too)
+        **({} if family == "qwen2" else {"attention_bias": False, "mlp_bias": False}),
         **extra,
     }
 
 
 def _state_family(state: dict[str, torch.Tensor]) -> str:
     """The ``model_type`` (:data:`FAMILIES`) of the model a state dict of ours holds, by its
-    keys: MoE where a router is, QK-norm where a query norm is."""
+    keys: MoE where a router is, QK-norm where a query norm is, q/k/v biases where the query's
+    is."""
     moe = any(key.endswith(_OUR_ROUTER) for key in state)
-    return FAMILIES[(moe, any(key.endswith("attention.q_norm.weight") for key in state))][1]
+    qk = any(key.endswith("attention.q_norm.weight") for key in state)
+    bias = any(key.endswith("attention.wq.bias") for key in state)
+    return FAMILIES.get((moe, qk, bias), FAMILIES[(moe, qk, False)])[1]
 
 
 def expert_bias_problem(name: str) -> Problem:
@@ -333,7 +348,8 @@ def from_hf_state_dict(
                     key,
                     "has no counterpart in orch's Transformer",
                     "import only bias-free LlamaForCausalLM checkpoints (attention_bias and "
-                    "mlp_bias false) or their Mistral, Qwen3, Mixtral and Qwen3-MoE kin",
+                    "mlp_bias false) or their Mistral, Qwen2, Qwen3, Mixtral and Qwen3-MoE "
+                    "kin",
                 )
             )
             continue

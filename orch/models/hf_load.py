@@ -49,22 +49,27 @@ _HF_DEFAULTS = {
 }
 _DEFAULT_THETA = 10000.0
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
-                 "Qwen3MoeForCausalLM": "qwen3_moe"}
+                 "Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2",
+                 "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
 """The HuggingFace classes whose checkpoints orch's Transformer loads -> their ``model_type``.
 Mistral's decoder is Llama's (the same names, no biases), Qwen3's Llama's with each query and
-key head normalized (``model.qk_norm``); Mixtral's is Mistral's with softmax-routed experts in
-every layer, Qwen3-MoE's Qwen3's with them every ``decoder_sparse_step`` layers (orch's
+key head normalized (``model.qk_norm``), Qwen2's (Qwen2.5's) Llama's with biases on the query,
+key and value projections (``model.qkv_bias``); Mixtral's is Mistral's with softmax-routed
+experts in every layer, Qwen3-MoE's Qwen3's with them every ``decoder_sparse_step`` layers (orch's
 ``model.moe_layer_interval``: the same layers). Those but Llama attend through a sliding window
 where their config turns one on (refused: orch's attention sees the whole sequence), and each
 has its own defaults (below)."""
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 _QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+_LAYER_WINDOW_FAMILIES = ("qwen2", "qwen3")
+"""Families whose sliding window covers the layers from ``max_window_layers`` on (or those
+``layer_types`` names) where ``use_sliding_window`` turns it on."""
 _FAMILY_DEFAULTS: dict[str, dict[str, int | float | bool]] = {
     "llama": {},
     "mistral": {"intermediate_size": 14336, "num_key_value_heads": 8},
     "qwen3": {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
               "head_dim": 128},
+    "qwen2": {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32},
     "mixtral": {"intermediate_size": 14336, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
                 "rope_theta": 1e6, "num_local_experts": 8, "num_experts_per_tok": 2},
     "qwen3_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
@@ -159,7 +164,8 @@ def _window_problem(theirs: dict, family: str, config_file: Path, span: int
                     ) -> Problem | None:
     """A Mistral or Qwen3 config.json whose attention looks back through a sliding window:
     Mistral's unless ``sliding_window`` is null (4096 where absent), Mixtral's where it is
-    not (null where absent); Qwen3-MoE's where ``use_sliding_window`` is true; Qwen3's where
+    not (null where absent); Qwen3-MoE's where ``use_sliding_window`` is true; Qwen3's and
+    Qwen2's where
     ``layer_types`` names a sliding layer or, without it, where ``use_sliding_window`` is true
     and a layer lies from ``max_window_layers`` (28) on, as transformers derives layer_types.
     Qwen3-8B's max_window_layers is its 36 layers: use_sliding_window true slides none of them,
@@ -177,7 +183,7 @@ def _window_problem(theirs: dict, family: str, config_file: Path, span: int
                 if "sliding_window" not in theirs else f"has sliding_window: {window!r}")
     else:
         turned_on = bool(theirs.get("use_sliding_window")) and window is not None
-        slides = family == "qwen3_moe" and turned_on or family == "qwen3" and (
+        slides = family == "qwen3_moe" and turned_on or family in _LAYER_WINDOW_FAMILIES and (
             "sliding_attention" in layer_types if isinstance(layer_types, list) else turned_on
             and not (isinstance(layers, int) and isinstance(first, int) and layers <= first))
         said = "turns a sliding window on (use_sliding_window, layer_types)"
@@ -293,7 +299,9 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
     for flag in ("attention_bias", "mlp_bias"):
         if theirs.get(flag):
             problems.append(Problem(where, f"{config_file} has {flag}: true",
-                                    "orch's Llama has no biases: use a bias-free checkpoint"))
+                                    "orch's Llama has no output or MLP biases: use a checkpoint "
+                                    "without them (Qwen2's q/k/v biases alone load, "
+                                    "model.qkv_bias)"))
     mistyped = _mistyped(hf, theirs.get("head_dim"))
     problems += [Problem(where, f"{config_file} has {named.get(key, key)}: "
                          f"{hf.get(key, theirs.get(key))!r}, not {want}", f"write "
@@ -330,7 +338,8 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
 def _family_problems(model: ModelConfig, family: str, theirs: dict,
                      config_file: Path) -> list[Problem]:
     """What of ``model`` a ``family`` checkpoint has no weights or function for, beside the
-    fields compared one by one: QK-norm either way, MoE layers in a dense family, and in an MoE
+    fields compared one by one: QK-norm and q/k/v biases either way, MoE layers in a dense
+    family, and in an MoE
     one shared experts, sigmoid routing and Qwen3-MoE's dense ``mlp_only_layers`` (orch puts
     its dense layers by ``model.moe_layer_interval`` alone)."""
     if family not in ARCHITECTURES.values():
@@ -343,6 +352,12 @@ def _family_problems(model: ModelConfig, family: str, theirs: dict,
                                 f"{config_file} describes a {family} model, whose attention "
                                 f"{does}", f"set model.qk_norm={str(norms).lower()}",
                                 ("model.init_from",)))
+    if model.qkv_bias != (biased := family == "qwen2"):
+        has = "has" if biased else "has no"
+        problems.append(Problem("model.qkv_bias", f"{str(model.qkv_bias).lower()} but "
+                                f"{config_file} describes a {family} model, whose attention "
+                                f"{has} query, key and value biases",
+                                f"set model.qkv_bias={str(biased).lower()}", ("model.init_from",)))
     moe = family in MOE_FAMILIES
     wrong = [("experts", model.is_moe and not moe, "whose feed-forward layers are all dense", 0),
              ("shared_experts", moe and model.shared_experts > 0, "which has no shared experts",

@@ -89,9 +89,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.head_size
-        self.wq = nn.Linear(cfg.dim, self.heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
+        # Qwen2's q, k and v (not o) add a bias (model.qkv_bias)
+        self.wq = nn.Linear(cfg.dim, self.heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.heads * self.head_dim, cfg.dim, bias=False)
         # Qwen3's QK-norm: each head's query and key normalized over its head_dim (one weight
         # for every head), before RoPE
@@ -160,7 +161,7 @@ class Transformer(nn.Module):
             self.init_weights(seed=0)
 
     def init_weights(self, seed: int) -> None:
-        """Norm weights 1, everything else N(0, 0.02), drawn in parameter order on the CPU
+        """Norm weights 1, biases 0, everything else N(0, 0.02), drawn in parameter order on the CPU
         (:class:`~orch.models.weights.SeededInit`, which can also fill a meta-built model unit
         by unit)."""
         fill_all(self, SeededInit(self, seed))

@@ -50,9 +50,9 @@ class ShardSource(Protocol):
 
 
 class SeededInit:
-    """orch's initialization: norm weights 1, everything else N(0, 0.02), drawn from one CPU
-    generator in the model's parameter order, so the weights are the same on every device and
-    layout for a seed.
+    """orch's initialization: norm weights 1, biases 0, everything else N(0, 0.02), drawn from
+    one CPU generator in the model's parameter order, so the weights are the same on every
+    device and layout for a seed.
 
     Parameters must be filled in that order, but any may be left out (a replica that does not
     hold them): the values a skipped parameter would take are drawn and dropped, so every
@@ -68,13 +68,13 @@ class SeededInit:
         while self._next < len(self._order):
             current, shape = self._order[self._next]
             self._next += 1
-            if current.endswith("norm.weight"):
-                values = None
-            else:  # drawn in float32 whatever the parameter's dtype: the same numbers for all
+            constant = 1.0 if current.endswith("norm.weight") else (
+                0.0 if current.endswith(".bias") else None)  # drawn for neither
+            if constant is None:  # drawn in float32 whatever the parameter's dtype
                 values = torch.empty(shape).normal_(0.0, INIT_STD, generator=self._gen)
             if current == name:
-                if values is None:
-                    into.fill_(1.0)
+                if constant is not None:
+                    into.fill_(constant)
                 else:
                     into.copy_(values)
                 return

@@ -145,6 +145,9 @@ class ParamCounts:
     embedding: int
     head: int
     attention: int
+    attention_bias: int
+    """Of ``attention``, the q/k/v biases (``model.qkv_bias``): no matmul operand, so no
+    autocast keeps a 16-bit copy of them for its backward."""
     norms: int
     mlp: int
     router: int
@@ -167,18 +170,20 @@ def model_key(m: ModelConfig) -> tuple:
     """The hashable shape of a model; ``_param_counts`` and ``_archs`` unpack it in this order."""
     return (m.vocab_size, m.dim, m.layers, m.heads, m.n_kv_heads, m.head_size, m.ffn_dim,
             m.experts, m.top_k, m.moe_ffn_dim, m.shared_experts, m.moe_layer_interval,
-            m.tie_embeddings, m.qk_norm)
+            m.tie_embeddings, m.qk_norm, m.qkv_bias)
 
 
 @lru_cache(maxsize=64)
 def _param_counts(key: tuple) -> ParamCounts:
-    vocab, h, layers, heads, kv, hd, ffn, experts, top_k, fe, shared, interval, tied, qk = key
+    vocab, h, layers, heads, kv, hd, ffn, experts, top_k, fe, shared, interval, tied, qk, bias = key
     moe_layers = layers // interval if experts else 0
     dense_layers = layers - moe_layers
-    attention = 2 * h * heads * hd + 2 * h * kv * hd
+    biases = heads * hd + 2 * kv * hd if bias else 0
+    attention = 2 * h * heads * hd + 2 * h * kv * hd + biases
     one_expert = 3 * h * fe
     counts = dict(
         embedding=vocab * h, head=0 if tied else vocab * h, attention=attention,
+        attention_bias=biases,
         norms=2 * h + (2 * hd if qk else 0),  # the block's two, and QK-norm's q and k
         mlp=3 * h * ffn, router=h * experts, experts=experts * one_expert,
         shared_expert=shared * one_expert if experts else 0, final_norm=h,
@@ -210,7 +215,7 @@ def zero_bytes_per_param(stage: int, dp: int, k: int = 12) -> float:
 def _archs(key: tuple, act_bytes: int, flash: bool, fused_norm: bool, ring: bool,
            autocast: bool) -> tuple[Arch, Arch]:
     """The (dense layer, MoE layer) archs of ``orch.models.llama`` for a model key."""
-    _, h, _, heads, kv, hd, ffn, experts, top_k, fe, shared, _, _, qk = key
+    _, h, _, heads, kv, hd, ffn, experts, top_k, fe, shared, _, _, qk, _ = key
     dense = Arch(hidden=h, heads=heads, kv_heads=kv, head_dim=hd, ffn=ffn, fused_norm=fused_norm,
                  flash=flash, act_bytes=act_bytes, ring=ring, autocast=autocast, qk_norm=qk)
     moe = replace(dense, experts=experts, top_k=top_k, expert_ffn=fe, shared_ffn=shared * fe)
@@ -260,8 +265,9 @@ def _activations(
     # forward to its backward: per micro-batch (autocast caches casts within one forward only),
     # but not where recompute casts them again in the backward; the head is never recomputed.
     copies = act if autocast and recompute == "none" else 0
-    dense_copies = copies * (pc.attention + pc.mlp) // t
-    moe_copies = copies * ((pc.attention + pc.shared_expert) // t + pc.router
+    matrices = pc.attention - pc.attention_bias
+    dense_copies = copies * (matrices + pc.mlp) // t
+    moe_copies = copies * ((matrices + pc.shared_expert) // t + pc.router
                            + pc.experts // (ep * etp))
     head_copy = act * -(-vocab // t) * h if autocast else 0
     tok = s // cp * b

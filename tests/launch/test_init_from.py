@@ -398,6 +398,33 @@ def _saved(tmp_path: Path, family: str, cfg: ModelConfig, **extra: object):
     return path, model
 
 
+def test_a_qwen2_checkpoint_loads_with_its_qkv_biases(tmp_path):
+    """Qwen2ForCausalLM (Qwen2.5's class): Llama's decoder with biases on q, k and v, loaded
+    into model.qkv_bias; either side without them is named with its fix."""
+    cfg = tiny(qkv_bias=True, kv_heads=2)
+    path, hf = _saved(tmp_path, "qwen2", cfg)
+    with torch.no_grad():  # biases away from transformers' zero init, so a lost one shows
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    hf.save_pretrained(path, safe_serialization=True)
+    loading = dataclasses.replace(cfg, init_from=str(path))
+    assert init_from_problems(loading) == []
+    ours = Transformer(loading).eval()
+    load_hf_weights(ours, loading)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-5
+    unbiased = _text(dataclasses.replace(loading, qkv_bias=False))
+    assert f"model.qkv_bias: false but {path / 'config.json'} describes a qwen2 model, whose " \
+        "attention has query, key and value biases" in unbiased
+    assert "set model.qkv_bias=true" in unbiased
+    llama, _ = _saved(tmp_path, "llama", tiny(kv_heads=2))
+    biased = _text(tiny(init_from=str(llama), qkv_bias=True, kv_heads=2))
+    assert "describes a llama model, whose attention has no query, key and value biases" \
+        in biased and "set model.qkv_bias=false" in biased
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
 def test_heads_wider_than_dim_over_heads_load_with_the_same_logits(tmp_path, family):
     """``model.head_dim``: heads 48 wide at dim 256 with 8 heads (384-wide query projections),

@@ -1,5 +1,6 @@
 """Our Transformer equals HuggingFace's ``LlamaForCausalLM`` once weights are renamed by
-orch.models.hf (``Qwen3ForCausalLM`` with ``model.qk_norm``; ``MixtralForCausalLM`` and
+orch.models.hf (``Qwen3ForCausalLM`` with ``model.qk_norm``, ``Qwen2ForCausalLM`` with
+``model.qkv_bias``; ``MixtralForCausalLM`` and
 ``Qwen3MoeForCausalLM`` for MoE models, each expert's weights unstacked).
 
 The HF side uses eager attention (an independent implementation, not the SDPA we call), and
@@ -65,6 +66,8 @@ CASES = {
     "tied": {"tie_embeddings": True, "kv_heads": 2},
     # Qwen3's attention: heads wider than dim / heads, each query and key head normalized
     "qwen3": {"qk_norm": True, "head_dim": 48, "tie_embeddings": True, "rope_theta": 1e6},
+    # Qwen2's (Qwen2.5's) attention: biases on the query, key and value projections
+    "qwen2": {"qkv_bias": True, "kv_heads": 2, "rope_theta": 1e6},
     # Mixtral: every layer's feed-forward 4 softmax-routed experts, top-2 renormalized
     "mixtral": {"experts": 4, "top_k": 2, "rope_theta": 1e6},
     # Qwen3-MoE: Qwen3's attention, MoE every other layer with narrower experts, top-3 weights
@@ -129,9 +132,9 @@ def test_tied_checkpoint_without_lm_head_needs_tie_flag():
 
 def test_unknown_hf_keys_are_listed():
     hf_state = to_hf_state_dict(Transformer(tiny()).state_dict())
-    hf_state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(256)
+    hf_state["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(256)  # Llama's, not Qwen2's
     hf_state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(16)  # dropped
-    with pytest.raises(OrchError, match=r"q_proj\.bias.*\n.*attention_bias"):
+    with pytest.raises(OrchError, match=r"o_proj\.bias.*\n.*attention_bias"):
         from_hf_state_dict(hf_state)
 
 
@@ -151,6 +154,14 @@ def test_moe_models_no_hf_class_computes_are_refused_with_a_fix():
     message = str(pytest.raises(OrchError, hf_config, dataclasses.replace(cfg, qk_norm=True)
                                 ).value)
     assert "not a Qwen3MoeForCausalLM model (2 problems)" in message, message
+
+
+def test_qkv_biases_beside_qk_norm_or_experts_have_no_hf_class():
+    with pytest.raises(OrchError, match=r"model\.qkv_bias: True, which Qwen3ForCausalLM cannot "
+                       r"compute\n.*fix: .*model\.qkv_bias: false"):
+        hf_config(tiny(qkv_bias=True, qk_norm=True))
+    with pytest.raises(OrchError, match="not a MixtralForCausalLM model"):
+        hf_config(tiny(qkv_bias=True, experts=4))
 
 
 def test_balancing_biases_that_route_differently_are_refused():

@@ -284,7 +284,9 @@ def meta_numel(cfg: ModelConfig) -> int:
     small(head_dim=12),
     load_config("configs/mistral-nemo-12b.yaml").model,
     load_config("configs/qwen3-8b.yaml").model,
-], ids=["tiny", "tiny-moe", "tied", "interleaved-moe", "head-dim", "mistral-nemo", "qwen3-8b"])
+    small(qkv_bias=True),
+], ids=["tiny", "tiny-moe", "tied", "interleaved-moe", "head-dim", "mistral-nemo", "qwen3-8b",
+        "qkv-bias"])
 def test_param_count_matches_closed_form(cfg: ModelConfig):
     assert meta_numel(cfg) == param_counts(cfg).total
 
@@ -304,6 +306,23 @@ def test_qwen3_models_have_their_published_parameters():
     moe = param_counts(cfg)
     assert (moe.total, moe.active) == (30_532_122_624, 3_353_032_704)
     assert meta_numel(cfg) == moe.total
+
+
+def test_qwen2_5_7b_has_its_published_parameters_and_zero_biases():
+    """Qwen2.5-7B's model card: 7.61B parameters, 6.53B outside the embeddings, its q/k/v
+    biases among them; orch's init starts biases at zero (as transformers' does)."""
+    cfg = load_config("configs/qwen2.5-7b.yaml").model
+    pc = param_counts(cfg)
+    assert meta_numel(cfg) == pc.total == 7_615_616_512
+    assert pc.total - pc.embedding - pc.head == 6_525_621_760
+    model = Transformer(small(qkv_bias=True))
+    model.init_weights(seed=0)
+    biases = [p for name, p in model.named_parameters() if name.endswith(".bias")]
+    assert len(biases) == 3 * 2 and all(not b.any() for b in biases)
+    plain = Transformer(small())
+    plain.init_weights(seed=0)  # the weights draw the same numbers: biases draw none
+    assert torch.equal(plain.layers["1"].attention.wq.weight,
+                       model.layers["1"].attention.wq.weight)
 
 
 # ------------------------------------------------------------------------------- the MoE layer

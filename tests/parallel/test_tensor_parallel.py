@@ -41,10 +41,12 @@ LOSS_ATOL = 5e-6
 ATOL = 2e-6
 BASE = ModelConfig(vocab_size=64, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=48,
                    head_dim=12)  # heads wider than dim / heads (model.head_dim): 48-wide q
-CASES = [  # (sequence_parallel, loss_parallel, tie_embeddings, qk_norm)
-    *itertools.product((False, True), (False, True), (False,), (True,)),
-    (True, True, True, True),
-    (True, True, False, False),
+CASES = [  # (sequence_parallel, loss_parallel, tie_embeddings, qk_norm, qkv_bias)
+    *itertools.product((False, True), (False, True), (False,), (True,), (False,)),
+    (True, True, True, True, False),
+    (True, True, False, False, False),
+    (True, True, False, False, True),  # Qwen2's q/k/v biases, split with their projections
+    (False, True, False, False, True),
 ]
 
 
@@ -84,21 +86,34 @@ def forward_backward(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference(tie: bool, qk: bool) -> dict[str, torch.Tensor]:
-    model = Transformer(dataclasses.replace(BASE, tie_embeddings=tie, qk_norm=qk))
-    return forward_backward(model)
+def biased(model: Transformer) -> Transformer:
+    """``model`` with its q/k/v biases (initialized to zero) random, so that they show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model
+
+
+def case_model(tie: bool, qk: bool, bias: bool) -> Transformer:
+    return biased(Transformer(dataclasses.replace(BASE, tie_embeddings=tie, qk_norm=qk,
+                                                  qkv_bias=bias)))
+
+
+def reference(tie: bool, qk: bool, bias: bool) -> dict[str, torch.Tensor]:
+    return forward_backward(case_model(tie, qk, bias))
 
 
 def _run(rank: int, world: int, results) -> None:
     mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
-    for sp, lp, tie, qk in CASES:
-        model = Transformer(dataclasses.replace(BASE, tie_embeddings=tie, qk_norm=qk))
+    for sp, lp, tie, qk, bias in CASES:
+        model = case_model(tie, qk, bias)
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp, loss_parallel=lp)
         out = forward_backward(model)
         out["dtensor_params"] = torch.tensor(
             sum(isinstance(p, DTensor) for p in model.parameters())
         )
-        results[(sp, lp, tie, qk, rank)] = out
+        results[(sp, lp, tie, qk, bias, rank)] = out
     for ep in (1, 2):
         moe = moe_model()
         apply_tensor_parallel(moe, mesh["tp"], sequence_parallel=True, loss_parallel=True)
@@ -123,13 +138,14 @@ def sharded(tmp_path_factory):
     return run_on_gloo(_run, TP, tmp_path_factory.mktemp("tp"))
 
 
-@pytest.mark.parametrize("sp,lp,tie,qk", CASES)
-def test_equals_plain_model_forward_and_backward(sharded, sp, lp, tie, qk):
+@pytest.mark.parametrize("sp,lp,tie,qk,bias", CASES)
+def test_equals_plain_model_forward_and_backward(sharded, sp, lp, tie, qk, bias):
     """``qk``: Qwen3's QK-norm, whose weights' gradients each rank computes from its own heads
-    (summed over the tp ranks, as the plain model's cover every head)."""
-    ref = reference(tie, qk)
+    (summed over the tp ranks, as the plain model's cover every head); ``bias``: Qwen2's q/k/v
+    biases, sharded as their projections' rows."""
+    ref = reference(tie, qk, bias)
     for rank in range(TP):
-        got = sharded[(sp, lp, tie, qk, rank)]
+        got = sharded[(sp, lp, tie, qk, bias, rank)]
         assert got.keys() - {"dtensor_params"} == ref.keys()
         for key, value in ref.items():
             atol = LOSS_ATOL if key == "loss" else ATOL
@@ -142,10 +158,9 @@ def test_sharding_follows_sequence_parallel(sharded):
     qk = dataclasses.replace(BASE, qk_norm=True)
     plain = sum(1 for name, _ in Transformer(qk).named_parameters() if name != "norm.weight"
                 and not name.endswith(("attention_norm.weight", "ffn_norm.weight")))
-    assert int(sharded[(False, True, False, True, 0)]["dtensor_params"]) == plain
-    for case in ((True, True, False, True), (True, True, False, False)):
-        everything = sum(1 for _ in Transformer(dataclasses.replace(BASE, qk_norm=case[3]))
-                         .parameters())
+    assert int(sharded[(False, True, False, True, False, 0)]["dtensor_params"]) == plain
+    for case in ((True, True, False, True, False), (True, True, False, False, True)):
+        everything = sum(1 for _ in case_model(*case[2:]).parameters())
         assert int(sharded[(*case, 0)]["dtensor_params"]) == everything
 
 

@@ -357,9 +357,10 @@ def test_a_split_muon_step_counts_its_all_to_alls():
 
 
 MEASURED_MODELS = {"tiny": ("tiny", []), "tiny-moe": ("tiny-moe", []),
-                   "qk-norm": ("tiny", ["model.qk_norm=true", "model.head_dim=48"])}
-"""Models whose bytes are measured: the two tiny ones, and Qwen3's attention (QK-norm, heads
-wider than dim / heads) on the dense one."""
+                   "qk-norm": ("tiny", ["model.qk_norm=true", "model.head_dim=48"]),
+                   "qkv-bias": ("tiny", ["model.qkv_bias=true"])}
+"""Models whose bytes are measured: the two tiny ones, Qwen3's attention (QK-norm, heads
+wider than dim / heads) and Qwen2's (q/k/v biases) on the dense one."""
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
