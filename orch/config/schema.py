@@ -54,7 +54,8 @@ class ModelConfig:
     norm_eps: float = field(default=1e-5, metadata=_help("RMSNorm epsilon"))
     tie_embeddings: bool = field(default=False, metadata=_help("share embedding and output head"))
     init_from: str = field(
-        default="", metadata=_help("HuggingFace Llama checkpoint directory to start from")
+        default="", metadata=_help("HuggingFace checkpoint directory to start from (Llama, "
+                                   "Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE)")
     )
     experts: int = field(default=0, metadata=_help("routed experts per MoE layer; 0 = dense"))
     top_k: int = field(default=2, metadata=_help("experts each token is routed to"))
