@@ -141,13 +141,20 @@ def decay_change(saved_train: dict[str, Any], train: TrainConfig, step: int) -> 
 
 def _keeping(old: TrainConfig, train: TrainConfig, before: int) -> list[str]:
     """The ``--set``s that give ``train`` the checkpoint's schedule ``old`` (whose decay ended
-    at ``before``): a constant one needs its name alone, the others where they differ."""
+    at ``before``): the fields ``old``'s schedule reads where ``train``'s differ, and those it
+    does not read back at their defaults, since the config refuses them set beside it (a
+    cooldown beside any schedule but ``wsd``, a floor or decay end beside ``constant``):
+    "--set train.lr_schedule=constant" alone, after a wsd cooldown was set, was refused."""
+    unread = () if old.lr_schedule == "wsd" else COOLDOWN_FIELDS
     if old.lr_schedule == "constant":
-        return ["--set train.lr_schedule=constant"]
-    keep = [f"--set train.decay_steps={before}"] if decay_end(old) != decay_end(train) else []
-    names = (*AFTER_PEAK_FIELDS, *(COOLDOWN_FIELDS if old.lr_schedule == "wsd" else ()))
-    return keep + [f"--set train.{name}={getattr(old, name)}" for name in names
-                   if getattr(old, name) != getattr(train, name)]
+        unread += ("min_lr_ratio", "decay_steps")
+    defaults = TrainConfig()
+    want: dict[str, Any] = {"decay_steps": before if decay_end(old) != decay_end(train)
+                            else train.decay_steps}
+    want |= {name: getattr(old, name) for name in (*AFTER_PEAK_FIELDS, *COOLDOWN_FIELDS)}
+    want |= {name: getattr(defaults, name) for name in unread}
+    return [f"--set train.{name}={value}" for name, value in want.items()
+            if value != getattr(train, name)]
 
 
 def after_peak_refusal(manifest: Manifest, train: TrainConfig) -> str | None:

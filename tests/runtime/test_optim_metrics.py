@@ -159,7 +159,8 @@ def test_a_resume_from_the_peak_under_another_schedule_or_floor_says_what_comes(
     assert decay_change(constant, lower, 60) == (
         "the lr schedule is wsd where the checkpoint's run's was constant (train.lr_schedule): "
         f"step 91's lr is {lr_at(91, lower):.3g}, {t.lr:.3g} on that schedule; --set "
-        "train.lr_schedule=constant keeps it")
+        "train.lr_schedule=constant --set train.min_lr_ratio=0.1 --set train.cooldown_steps=0 "
+        "keeps it")
     held = dataclasses.replace(t, lr_schedule="constant", cooldown_steps=0, steps=200)
     assert decay_change(dataclasses.asdict(t), held, 60) == (
         "the lr schedule is constant where the checkpoint's run's was wsd (train.lr_schedule): "
@@ -167,6 +168,32 @@ def test_a_resume_from_the_peak_under_another_schedule_or_floor_says_what_comes(
         "train.decay_steps=110 --set train.lr_schedule=wsd --set train.cooldown_steps=20 keeps "
         "it")
     assert decay_change(constant, dataclasses.replace(lower, min_lr_ratio=1.0), 60) is None
+
+
+@pytest.mark.parametrize(("saved", "resumed", "step"), [
+    (["train.lr_schedule=constant"], ["train.lr_schedule=wsd", "train.cooldown_steps=20",
+                                      "train.min_lr_ratio=0.01"], 60),
+    (["train.lr_schedule=cosine"], ["train.lr_schedule=wsd", "train.cooldown_steps=20",
+                                    "train.cooldown_shape=sqrt"], 5),  # still warming up
+    (["train.lr_schedule=wsd", "train.cooldown_steps=20"],
+     ["train.lr_schedule=constant", "train.steps=200"], 60),
+    (["train.lr_schedule=wsd", "train.cooldown_steps=20"],
+     ["train.lr_schedule=wsd", "train.min_lr_ratio=0.01", "train.steps=200"], 60),
+])
+def test_the_sets_that_keep_the_checkpoints_schedule_make_a_config_that_keeps_it(
+        saved, resumed, step):
+    """The --sets a resume under another schedule names, added to its command, give a config
+    that loads and trains the checkpoint's rates: "--set train.lr_schedule=constant" alone,
+    after a wsd cooldown or floor was set, was refused (a cooldown or floor set beside a
+    constant schedule), as was "--set train.lr_schedule=cosine" after a cooldown."""
+    base = ["train.steps=110", "train.warmup_steps=10"]
+    before = dataclasses.asdict(load_config("configs/tiny.yaml", [*base, *saved]).train)
+    train = load_config("configs/tiny.yaml", [*base, *resumed]).train
+    said = decay_change(before, train, step)
+    keep = said.rpartition("; ")[2].removesuffix(" keeps it").split()
+    assert keep[::2] == ["--set"] * (len(keep) // 2), said
+    kept = load_config("configs/tiny.yaml", [*base, *resumed, *keep[1::2]]).train
+    assert decay_change(before, kept, step) is None, said
 
 
 def test_no_weight_decay_on_norms():
