@@ -490,17 +490,20 @@ def _throughput(path: Path, steps: list[int], records: list[dict]) -> Path:
 
 
 def _optimization(path: Path, steps: list[int], records: list[dict]) -> Path:
+    """Each curve named by its axis' label in its colour, not by a legend: the lr sits at the
+    top of its axis wherever it is at the peak (a constant run, a wsd stable phase, a resumed
+    run back at the peak), where a legend in the corner hid it."""
     fig, ax = _figure("learning rate and gradient norm", "learning rate")
-    ax.plot(steps, [_finite(r.get("lr")) for r in records], label="learning rate")
     right = ax.twinx()  # norms span decades (a spike, the early steps): a log scale shows both
-    right.plot(steps, [_finite(r.get("grad_norm")) for r in records], color="tab:orange",
-               linestyle=":", label="gradient norm (before clipping)")
-    right.set_ylabel("gradient norm")
+    for axis, key, label, style in ((ax, "lr", "learning rate", "-"),
+                                    (right, "grad_norm", "gradient norm (before clipping)", ":")):
+        colour = "tab:blue" if axis is ax else "tab:orange"
+        axis.plot(steps, [_finite(r.get(key)) for r in records], color=colour, linestyle=style)
+        axis.set_ylabel(label, color=colour)
+        axis.tick_params(axis="y", which="both", colors=colour)
     if any(_finite(r.get("grad_norm")) > 0 for r in records):
         right.set_yscale("log")
-    rates = [r["lr"] for r in records if _number(r.get("lr"))]
-    ax.set_ylim(0, 1.3 * max(rates) or None)  # headroom: the legend above the peak's line
-    ax.legend(handles=[*ax.get_lines(), *right.get_lines()], loc="upper right")
+    ax.set_ylim(bottom=0)
     return _save(fig, path)
 
 

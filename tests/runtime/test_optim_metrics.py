@@ -321,6 +321,35 @@ def test_the_report_draws_the_learning_rate_and_gradient_norm(tmp_path):
     assert "learning rate" not in (older / "report" / "summary.md").read_text()
 
 
+def test_nothing_in_optimization_png_covers_its_curves(tmp_path, monkeypatch):
+    """A constant lr (or a wsd stable phase, or a resumed run back at the peak) runs along the
+    top of its axis, where the legend in the upper right corner hid it: no box drawn over the
+    axes may hold a point of either curve."""
+    import json
+
+    from orch import report
+
+    rows = [_record(s, lr=1e-3, grad_norm=10.0 / s) for s in range(1, 21)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    covered: list[str] = []
+    save = report._save
+
+    def inspect(fig, path):
+        if path.name == "optimization.png":
+            fig.canvas.draw()
+            boxes = [legend.get_window_extent() for axis in fig.axes
+                     if (legend := axis.get_legend()) is not None]
+            covered.extend(f"{line.get_label()} at {x:.0f}, {y:.0f}" for axis in fig.axes
+                           for line in axis.get_lines()
+                           for x, y in axis.transData.transform(line.get_xydata())
+                           if any(box.contains(x, y) for box in boxes))
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", inspect)
+    report.write_report(tmp_path)
+    assert covered == []
+
+
 def test_a_torn_last_metrics_line_neither_blocks_a_resume_nor_a_report(tmp_path, capsys):
     """A run killed while writing metrics.jsonl leaves its last line torn; the resume keeps the
     records up to its checkpoint's step and drops the rest (before: a JSONDecodeError in every
