@@ -325,14 +325,24 @@ def _config_problems(model: ModelConfig) -> list[Problem]:
     for key, (field, value) in _checked(family, model, hf).items():
         if key not in hf or key in mistyped or key in ambiguous or hf[key] == value:
             continue
-        given = said.get(key) or (f"has {key}: {theirs[key]!r}" if theirs.get(key) is not None
-                                  else f"has no {key}, which transformers reads as {hf[key]!r}")
+        given = said.get(key) or (
+            f"has {key}: {_written(theirs[key])}" if theirs.get(key) is not None
+            else f"has no {key}, which transformers reads as {_written(hf[key])}")
         held = getattr(model, field)  # a null field as what it stands for (kv_heads: heads)
-        held = repr(held) if held is not None else f"null (so {value})"
+        held = _written(held) if held is not None else f"null (so {value})"
         problems.append(Problem(f"model.{field}", f"{held} but {config_file} {given}",
-                                f"set model.{field}={hf[key]}",
+                                f"set model.{field}={_written(hf[key], quoted=False)}",
                                 ("model.init_from", *(KV_HEADS if field == "kv_heads" else ()))))
     return problems
+
+
+def _written(value: object, quoted: bool = True) -> str:
+    """``value`` as config.json and YAML write it: a boolean as ``true``/``false`` (Python's
+    ``False`` misquoted config.json and read beside model.qk_norm's ``false``), anything else
+    as ``repr`` (or ``str`` where not ``quoted``: a ``--set`` value)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if quoted else str(value)
 
 
 def _family_problems(model: ModelConfig, family: str, theirs: dict,

@@ -273,10 +273,12 @@ def test_absent_config_keys_are_transformers_defaults(checkpoint, tmp_path):
 
     bare = _with_config(path, tmp_path / "bare", strip)
     text = _text(tiny(init_from=str(bare), tie_embeddings=True, rope_theta=500000.0))
-    for fix in ("set model.tie_embeddings=False", "set model.norm_eps=1e-06",
+    for fix in ("set model.tie_embeddings=false", "set model.norm_eps=1e-06",
                 "set model.rope_theta=10000.0"):
         assert fix in text, text
     assert "has no rms_norm_eps, which transformers reads as 1e-06" in text
+    # booleans as config.json and the YAML write them, as model.qk_norm's are
+    assert "model.tie_embeddings: true but " in text and "reads as false" in text
     nulled = _with_config(path, tmp_path / "null", lambda c: c.update(num_key_value_heads=None))
     assert "model.kv_heads" not in _text(tiny(init_from=str(nulled), kv_heads=None))  # heads
     cfg = tiny(init_from=str(bare), norm_eps=1e-6)
@@ -496,8 +498,8 @@ def test_moe_fields_that_differ_from_the_checkpoint_are_named_at_once(tmp_path):
              "set model.expert_ffn_dim=688"),
             ("model.moe_layer_interval: 2 but {} describes a mixtral model, MoE in every layer",
              "set model.moe_layer_interval=1"),
-            ("model.norm_topk_prob: False but {} describes a mixtral model, whose router "
-             "renormalizes", "set model.norm_topk_prob=True"),
+            ("model.norm_topk_prob: false but {} describes a mixtral model, whose router "
+             "renormalizes", "set model.norm_topk_prob=true"),
             ("model.shared_experts: 1 but {} describes a mixtral model, which has no shared "
              "experts", "set model.shared_experts=0"),
             ("model.score_func: 'sigmoid' but {} describes a mixtral model, whose router takes "
