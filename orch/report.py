@@ -508,14 +508,16 @@ def _optimization(path: Path, steps: list[int], records: list[dict]) -> Path:
 
 
 def _optimization_line(records: list[dict]) -> str | None:
-    """The summary's line for the learning rate and the gradient norm (the peak lr, the last
-    step's, and the norms' median and largest finite value with its step), or None for records
-    without an lr (an orch older than the field)."""
+    """The summary's line for the learning rate and the gradient norm (the last logged step's lr
+    and the highest logged, which the peak is only where a logged step trained at it, and the
+    norms' median and largest finite value with its step), or None for records without an lr
+    (an orch older than the field)."""
     rates = [(r["step"], r["lr"]) for r in records if "lr" in r]
     if not rates:
         return None
     peak = max(lr for _, lr in rates)
-    line = f"- learning rate: {rates[-1][1]:.3g} at step {rates[-1][0]} (peak {peak:.3g})"
+    line = (f"- learning rate: {rates[-1][1]:.3g} at step {rates[-1][0]} (highest logged "
+            f"{peak:.3g})")
     norms = [(r["step"], r["grad_norm"]) for r in records
              if _number(r.get("grad_norm")) and math.isfinite(r["grad_norm"])]
     if norms:

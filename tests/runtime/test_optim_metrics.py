@@ -309,8 +309,8 @@ def test_the_report_draws_the_learning_rate_and_gradient_norm(tmp_path):
     assert tmp_path / "report" / "optimization.png" in written
     assert (tmp_path / "report" / "optimization.png").read_bytes()[:4] == b"\x89PNG"
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "- learning rate: 0.0005 at step 4 (peak 0.003); gradient norm median 3, largest " \
-        "40 at step 2\n" in summary, summary
+    assert "- learning rate: 0.0005 at step 4 (highest logged 0.003); gradient norm median 3, " \
+        "largest 40 at step 2\n" in summary, summary
     assert "![optimization](optimization.png)" in summary
     older = tmp_path / "older"
     older.mkdir()
