@@ -318,6 +318,34 @@ def test_export_to_hf_gives_transformers_the_same_logits_and_reads_back(tmp_path
         assert load_hf_weights(Transformer(back_cfg), back_cfg) == len(index["weight_map"]) - 1
 
 
+def test_export_carries_the_init_from_checkpoints_tokenizer(tmp_path, capsys):
+    """A model fine-tuned from a HuggingFace checkpoint speaks that checkpoint's tokenizer: the
+    export was written without its files and with null special token ids, so transformers
+    could load the weights but not encode a word; a directory gone since is said."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (source / name).write_text(json.dumps({"made by": name}))
+    cfg, model = tiny_model(False, f"model.init_from={source}")
+    save_run(tmp_path / "run", cfg, model, steps=(1,))
+    out = tmp_path / "hf"
+    assert main(["ckpt", "export", str(tmp_path / "run"), "--to", "hf", str(out)]) == 0
+    assert "tokenizer.json, tokenizer_config.json, generation_config.json, config.json)" in \
+        capsys.readouterr().out  # the files it wrote
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text()) == {"made by": name}
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, None)
+    import shutil
+
+    shutil.rmtree(source)
+    assert main(["ckpt", "export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "b")]) == 0
+    assert f"  note: model.init_from {source} cannot be read any more: its tokenizer files" \
+        in capsys.readouterr().out
+    assert not (tmp_path / "b" / "tokenizer.json").exists()
+
+
 def test_export_notes_an_expert_capacity_the_hf_model_does_not_have(tmp_path, capsys):
     cfg, model = tiny_model(False, "model.experts=4", "model.capacity_factor=1.25")
     save_run(tmp_path / "run", cfg, model, steps=(1,))

@@ -23,6 +23,7 @@ import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,12 +139,15 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
         raise ProblemsError([Problem(str(out), f"cannot be created ({exc.strerror})",
                                      "give --to a path in a writable directory")],
                             title="cannot export") from None
+    tokenizer, special, unread = _from_init(model)
     try:
         written = _write(path, shards, names, DTYPES[dtype], tmp)
+        for file in tokenizer:
+            shutil.copyfile(file, tmp / file.name)
         # model_type: what transformers' Auto classes (pipeline(), vLLM) read to pick the
         # architecture; without it only LlamaForCausalLM itself could load the directory
-        (tmp / "config.json").write_text(json.dumps({"model_type": hf_family(model)[1], **config},
-                                                    indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(
+            {"model_type": hf_family(model)[1], **config, **special}, indent=2) + "\n")
         _into_place(tmp, out)
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,8 +155,35 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "float32
                 path / MANIFEST).exists():
             raise ProblemsError([_removed(path)], title="cannot export") from None
         raise
-    return Exported([out / name for name in [*written, "config.json"]], path, manifest.step,
-                    passed_over, _notes(model))
+    return Exported([out / name for name in [*written, *(f.name for f in tokenizer),
+                                             "config.json"]],
+                    path, manifest.step, passed_over, _notes(model) + unread)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+"""What save_pretrained writes beside the weights of a model whose ids are its tokenizer's."""
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _from_init(model: ModelConfig) -> tuple[list[Path], dict[str, Any], list[str]]:
+    """What a model fine-tuned from ``model.init_from`` keeps of that checkpoint: its tokenizer
+    files (the ids it was trained on are that tokenizer's: an export without them loaded in
+    transformers with nothing to encode text) and special token ids (the byte tokenizer's are
+    none); and a note where the directory can no longer be read, so none was copied."""
+    if not model.init_from:
+        return [], {}, []
+    source = Path(model.init_from)
+    try:
+        theirs = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError):
+        return [], {}, [f"model.init_from {source} cannot be read any more: its tokenizer files "
+                        "and special token ids were not copied; copy them from the original "
+                        "checkpoint"]
+    special = {key: theirs[key] for key in SPECIAL_IDS if isinstance(theirs, dict)
+               and theirs.get(key) is not None}
+    return [source / name for name in TOKENIZER_FILES if (source / name).is_file()], special, []
 
 
 def _notes(model: ModelConfig) -> list[str]:
