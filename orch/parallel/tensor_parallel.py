@@ -143,13 +143,28 @@ def _moe_plan(layer: MoEFeedForward) -> dict[str, ParallelStyle]:
     return plan
 
 
+def vocab_shard(vocab: int, tp: int, rank: int) -> int:
+    """The width of tp rank ``rank``'s vocabulary shard: ``torch.chunk``'s split, as DTensor's
+    ``Shard`` makes it (ceil(vocab / tp) columns a rank, the last ones fewer, or none)."""
+    chunk = -(-vocab // tp)
+    return max(0, min(chunk, vocab - rank * chunk))
+
+
 def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor,
-                        tp_mesh: DeviceMesh | None) -> torch.Tensor:
+                        tp_mesh: DeviceMesh | None, vocab: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` ``[batch, seq, vocab]``, or of this rank's vocabulary
     shard of them as a plain tensor when ``tp_mesh`` is given (call inside ``loss_parallel()``:
-    the full logits are never gathered). Returns a plain tensor, the same on every tp rank."""
+    the full logits are never gathered). Returns a plain tensor, the same on every tp rank.
+
+    ``vocab``: the whole vocabulary, which a shard's width times tp is not where tp does not
+    divide it (251 over 2: shards of 126 and 125 made 252 and 250 columns, each rank's loss
+    wrong); needed with ``tp_mesh``."""
     if tp_mesh is not None:
-        logits = DTensor.from_local(logits, tp_mesh, [Shard(-1)], run_check=False)
+        if vocab is None:
+            raise ValueError("vocab_parallel_loss: give vocab (the whole vocabulary) with tp_mesh")
+        shape = (*logits.shape[:-1], vocab)
+        logits = DTensor.from_local(logits, tp_mesh, [Shard(-1)], run_check=False, shape=shape,
+                                    stride=torch.empty(shape, device="meta").stride())
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     # to_local() is a view; torch's pipeline stage detaches its losses in place.
     return loss.to_local().clone() if isinstance(loss, DTensor) else loss

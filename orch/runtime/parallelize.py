@@ -52,7 +52,11 @@ from orch.parallel.mesh import (
 from orch.parallel.pipeline.stages import prune_to_rank, stage_layers, stage_view
 from orch.parallel.recompute import apply_recompute
 from orch.parallel.schedules import Schedule, build_schedule
-from orch.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
+from orch.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    vocab_parallel_loss,
+    vocab_shard,
+)
 from orch.plan import Plan
 from orch.runtime.block_compile import compile_blocks
 from orch.runtime.data import DataError, problem_of, read_like_data, source_identity
@@ -301,12 +305,14 @@ def _pipeline(parts: list[nn.Module], stages: list[int], schedule: Schedule, pla
     hidden = tokens // d.tp if d.sequence_parallel else tokens
     sharded = any(isinstance(part, FSDPModule) for part in parts)
     bf16 = precision == "bf16"
+    tp_mesh = mesh["tp"] if d.tp > 1 else None
+    vocab = (m.vocab_size if tp_mesh is None
+             else vocab_shard(m.vocab_size, d.tp, tp_mesh.get_local_rank()))
     shapes = StageShapes(
         tokens=(t.micro_batch, tokens), hidden=(t.micro_batch, hidden, m.dim),
-        logits=(t.micro_batch, tokens, m.vocab_size // d.tp),
+        logits=(t.micro_batch, tokens, vocab),
         hidden_dtype=torch.bfloat16 if bf16 and sharded else torch.float32,
         logits_dtype=torch.bfloat16 if bf16 else torch.float32)
-    tp_mesh = mesh["tp"] if d.tp > 1 else None
     if tp_mesh is not None:  # stages exchange plain tensors: the vocabulary shard of the logits
         for part in parts:
             part.register_forward_hook(_local_logits)
@@ -315,7 +321,8 @@ def _pipeline(parts: list[nn.Module], stages: list[int], schedule: Schedule, pla
     torch_stages = transformer_stages(parts, stages, schedule.num_stages, device, shapes, group,
                                       torch_split=d.tp > 1)
     return PipelineExecutor(torch_stages, schedule, group,
-                            functools.partial(vocab_parallel_loss, tp_mesh=tp_mesh))
+                            functools.partial(vocab_parallel_loss, tp_mesh=tp_mesh,
+                                              vocab=m.vocab_size))
 
 
 def _local_logits(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:

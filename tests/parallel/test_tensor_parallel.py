@@ -32,7 +32,11 @@ from orch.errors import OrchError
 from orch.models.llama import Transformer
 from orch.models.moe import moe_layers, set_sequence_group, take_aux_loss
 from orch.parallel.expert_parallel import apply_expert_parallel
-from orch.parallel.tensor_parallel import apply_tensor_parallel
+from orch.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    vocab_parallel_loss,
+    vocab_shard,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -48,6 +52,9 @@ CASES = [  # (sequence_parallel, loss_parallel, tie_embeddings, qk_norm, qkv_bia
     (True, True, False, False, True),  # Qwen2's q/k/v biases, split with their projections
     (False, True, False, False, True),
 ]
+
+
+UNEVEN = dataclasses.replace(BASE, vocab_size=BASE.vocab_size - 1)  # 63: shards of 32 and 31
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +133,13 @@ def _run(rank: int, world: int, results) -> None:
                 dist.all_reduce(grad)
         dist.all_reduce(out["aux"], op=dist.ReduceOp.AVG)
         results[("moe", ep, rank)] = out
+    uneven = Transformer(UNEVEN)  # the pipeline's loss: a plain vocabulary shard wrapped again
+    apply_tensor_parallel(uneven, mesh["tp"], sequence_parallel=True, loss_parallel=True)
+    inputs, targets = (ids % UNEVEN.vocab_size for ids in batch())
+    shard = uneven(inputs).to_local()
+    with loss_parallel():
+        loss = vocab_parallel_loss(shard, targets, mesh["tp"], UNEVEN.vocab_size)
+    results[("uneven", rank)] = (loss.detach(), shard.shape[-1])
     try:
         apply_tensor_parallel(moe_model(), mesh["tp"], sequence_parallel=False,
                               loss_parallel=True)
@@ -181,3 +195,15 @@ def test_moe_equals_plain_model_forward_and_backward(sharded, ep):
 def test_moe_without_sequence_parallel_is_refused(sharded):
     message = sharded[("moe refused", 0)]
     assert "parallel.sequence_parallel" in message and "MoE" in message and "fix:" in message
+
+
+def test_loss_of_a_vocabulary_shard_where_tp_does_not_divide_the_vocabulary(sharded):
+    """The pipeline's last stage hands the loss its plain vocabulary shard: 63 columns over 2
+    ranks are 32 and 31, which the loss took for 64 and 62 (each rank's loss wrong, so a
+    pp x tp run's differed from one process's by 0.015 at step 1)."""
+    inputs, targets = (ids % UNEVEN.vocab_size for ids in batch())
+    ref = F.cross_entropy(Transformer(UNEVEN)(inputs).flatten(0, 1), targets.flatten())
+    for rank in range(TP):
+        loss, width = sharded[("uneven", rank)]
+        assert width == vocab_shard(UNEVEN.vocab_size, TP, rank) == 32 - rank
+        torch.testing.assert_close(loss, ref.detach(), rtol=0, atol=LOSS_ATOL)

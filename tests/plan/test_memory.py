@@ -457,7 +457,8 @@ def _split(model: Transformer, cfg: Config, layout: str, mesh: DeviceMesh,
 
         def tensor_parallel() -> torch.Tensor:
             with loss_parallel():
-                return vocab_parallel_loss(model(tokens).to_local(), tokens, mesh)
+                return vocab_parallel_loss(model(tokens).to_local(), tokens, mesh,
+                                           cfg.model.vocab_size)
 
         return tensor_parallel, Degrees(tp=world, sequence_parallel=sp)
     if layout in ("ep", "etp"):  # each rank routes its own tokens to the experts
