@@ -636,3 +636,22 @@ def test_inspect_names_the_optimizer_and_the_lr_schedule(tmp_path, capsys):
         "muon_momentum=0.95 muon_ns_steps=3\n" in text
     assert "lr=0.001 lr_schedule=constant warmup_steps=20 precision=fp32" in text
     assert "  optimizer name=adamw beta1=0.9 beta2=0.95 eps=1e-08 weight_decay=0.1\n" in text
+
+
+def test_export_from_elsewhere_finds_a_relative_init_from(tmp_path, monkeypatch, capsys):
+    """A run launched with model.init_from relative to its directory recorded it so, and an
+    export run from anywhere else read it from there: the tokenizer was noted as gone while it
+    was still in place (or another directory's taken)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    (source / "tokenizer.json").write_text("{}")
+    cfg, model = tiny_model(False, "model.init_from=source")
+    monkeypatch.chdir(tmp_path)  # where the run is launched
+    save_run(tmp_path / "run", cfg, model, steps=(1,))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["ckpt", "export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf")]) == 0
+    assert "note" not in capsys.readouterr().out
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == "{}"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 2

@@ -10,6 +10,7 @@ problems beside a config they can go on checking, so that one run lists them all
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "load_config",
     "load_config_lenient",
     "parse_bytes",
+    "recorded_config",
 ]
 
 
@@ -289,3 +291,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """The resolved config as plain data, ready for YAML or JSON."""
     return dataclasses.asdict(cfg)
+
+
+def recorded_config(cfg: Config) -> dict[str, Any]:
+    """:func:`config_to_dict` as a run records it (its config.yaml, every checkpoint's
+    manifest), with ``model.init_from`` made absolute: ``orch ckpt export`` reads that
+    directory's tokenizer files and special token ids later, from wherever it runs, and a
+    relative path there named another directory or none (noted as gone while it was there).
+    The field is not fingerprinted, so a resume giving the path as before still matches."""
+    recorded = config_to_dict(cfg)
+    if cfg.model.init_from:
+        recorded["model"]["init_from"] = os.path.abspath(cfg.model.init_from)
+    return recorded

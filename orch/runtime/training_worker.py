@@ -24,7 +24,7 @@ import torch.distributed as dist
 import yaml
 from torch.distributed.fsdp import FSDPModule
 
-from orch.config import Config, config_to_dict, load_config
+from orch.config import Config, load_config, recorded_config
 from orch.errors import OrchError, PlanError
 from orch.launch.launcher import (
     CPU_BF16,
@@ -82,7 +82,7 @@ def _precision(cfg: Config, device: torch.device, rank: int) -> str:
 
 def _write_run_files(run_dir: Path, cfg: Config, plan: Plan) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded_config(cfg), sort_keys=False))
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from orch.config import Config, config_to_dict
+from orch.config import Config, recorded_config
 from orch.errors import Problem, warn_once
 from orch.runtime.checkpoint.browse import newest_complete
 from orch.runtime.checkpoint.collectives import RankGroup
@@ -171,7 +171,7 @@ class CheckpointManager:
         self.launch = launch
         self.dir = self.run_dir / CHECKPOINTS
         self.cfg = cfg
-        self.config = config_to_dict(cfg)
+        self.config = recorded_config(cfg)
         self.plan = plan_dict
         self.fingerprint = config_fingerprint(cfg)
         self.rank = rank
