@@ -50,9 +50,11 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
     export = actions.add_parser(
         "export", help="write a checkpoint in another format (--to hf)",
         description="Write the newest complete checkpoint of DIR (or the one given) as a "
-        "HuggingFace LlamaForCausalLM directory: config.json and safetensors shards, which "
-        "transformers loads and model.init_from reads back; it says which checkpoint, and "
-        "which newer step directories (unfinished saves) it passed over. Dense models only.")
+        "HuggingFace directory (LlamaForCausalLM, Qwen2's, Qwen3's, Mixtral's or Qwen3-MoE's, "
+        "as the model is): config.json, safetensors shards and the model.init_from "
+        "checkpoint's tokenizer files, which transformers loads and model.init_from reads "
+        "back; it says which checkpoint, and which newer step directories (unfinished saves) "
+        "it passed over.")
     export.add_argument("dir", metavar="DIR", help="run directory or step-* checkpoint")
     export.add_argument("--to", required=True, choices=["hf"], help="the format: hf")
     export.add_argument("out", metavar="OUT", help="directory to create (must not exist, nor be "
