@@ -382,9 +382,11 @@ def test_what_no_model_setting_fixes_is_said_once_for_what_it_is(checkpoint, tmp
     assert "model.head_dim" not in _text(tiny(init_from=str(path), dim=512))
 
 
-def _saved(tmp_path: Path, family: str, cfg: ModelConfig, **extra: object):
-    """A random ``family`` (llama, mistral, qwen3, mixtral or qwen3_moe) checkpoint of
-    ``cfg``'s shape, saved, and the transformers model that saved it."""
+def _saved(tmp_path: Path, family: str, cfg: ModelConfig, spread: str = "", **extra: object):
+    """A random ``family`` (llama, mistral, qwen2, qwen3, mixtral or qwen3_moe) checkpoint of
+    ``cfg``'s shape, saved, and the transformers model that saved it; ``spread``: a name suffix
+    of parameters drawn N(0, 0.5) (biases away from transformers' zero init, routers far from
+    uniform), so that a lost or misplaced one shows."""
     classes = {family: name for name, family in ARCHITECTURES.items()}
     causal_lm = getattr(transformers, classes[family])
     torch.manual_seed(5)
@@ -395,28 +397,34 @@ def _saved(tmp_path: Path, family: str, cfg: ModelConfig, **extra: object):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(0.2 * torch.randn(p.shape))
+            elif spread and name.endswith(spread):
+                p.normal_(0.0, 0.5)
     path = tmp_path / family
     model.save_pretrained(path, safe_serialization=True)
     return path, model
+
+
+def _loads_as(loading: ModelConfig, hf: torch.nn.Module) -> int:
+    """Load ``loading.init_from`` into orch's Transformer (nothing refused first) and check its
+    logits against the transformers model ``hf``; the tensors read."""
+    assert init_from_problems(loading) == []
+    ours = Transformer(loading).eval()
+    read = load_hf_weights(ours, loading)
+    tokens = torch.randint(0, loading.vocab_size, (2, 48),
+                           generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf.float().eval()(tokens).logits).abs().max()
+    assert diff < 1e-5, diff
+    return read
 
 
 def test_a_qwen2_checkpoint_loads_with_its_qkv_biases(tmp_path):
     """Qwen2ForCausalLM (Qwen2.5's class): Llama's decoder with biases on q, k and v, loaded
     into model.qkv_bias; either side without them is named with its fix."""
     cfg = tiny(qkv_bias=True, kv_heads=2)
-    path, hf = _saved(tmp_path, "qwen2", cfg)
-    with torch.no_grad():  # biases away from transformers' zero init, so a lost one shows
-        for name, p in hf.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.5)
-    hf.save_pretrained(path, safe_serialization=True)
+    path, hf = _saved(tmp_path, "qwen2", cfg, spread=".bias")
     loading = dataclasses.replace(cfg, init_from=str(path))
-    assert init_from_problems(loading) == []
-    ours = Transformer(loading).eval()
-    load_hf_weights(ours, loading)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-5
+    _loads_as(loading, hf)
     unbiased = _text(dataclasses.replace(loading, qkv_bias=False))
     assert f"model.qkv_bias: false but {path / 'config.json'} describes a qwen2 model, whose " \
         "attention has query, key and value biases" in unbiased
@@ -436,13 +444,7 @@ def test_heads_wider_than_dim_over_heads_load_with_the_same_logits(tmp_path, fam
     cfg = tiny(head_dim=48, qk_norm=family == "qwen3")
     path, hf = _saved(tmp_path, family, cfg, sliding_window=None)
     loading = dataclasses.replace(cfg, init_from=str(path))
-    assert init_from_problems(loading) == []
-    ours = Transformer(loading).eval()
-    load_hf_weights(ours, loading)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        diff = (ours(tokens) - hf(tokens).logits).abs().max()
-    assert diff < 1e-5, diff
+    _loads_as(loading, hf)
     other = _text(dataclasses.replace(loading, qk_norm=family != "qwen3"))
     want = str(family == "qwen3").lower()
     assert f"model.qk_norm: {str(family != 'qwen3').lower()} but {path / 'config.json'} " \
@@ -461,24 +463,13 @@ def test_moe_checkpoints_saved_by_transformers_load_with_the_same_logits(tmp_pat
     """transformers holds each MoE layer's experts fused and saves them one tensor per expert
     and projection (Mixtral's w1/w2/w3, Qwen3-MoE's gate/up/down_proj): orch stacks them,
     transposed, into its grouped experts."""
-    cfg = tiny(**MOE[family])
-    path, hf = _saved(tmp_path, family, cfg)
-    with torch.no_grad():  # routers far from uniform, so a misplaced expert changes the routing
-        for name, p in hf.named_parameters():
-            if name.endswith("gate.weight"):
-                p.normal_(0.0, 0.5)
-    hf.save_pretrained(path, safe_serialization=True)
-    loading = dataclasses.replace(cfg, init_from=str(path))
-    assert init_from_problems(loading) == []
-    ours = Transformer(loading).eval()
     from safetensors import safe_open
 
+    cfg = tiny(**MOE[family])  # routers far from uniform: a misplaced expert changes the routing
+    path, hf = _saved(tmp_path, family, cfg, spread="mlp.gate.weight")
     with safe_open(str(path / "model.safetensors"), framework="pt") as saved:
-        assert load_hf_weights(ours, loading) == len(list(saved.keys()))  # one read per expert
-    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        diff = (ours(tokens) - hf(tokens).logits).abs().max()
-    assert diff < 1e-5, diff
+        keys = len(list(saved.keys()))
+    assert _loads_as(dataclasses.replace(cfg, init_from=str(path)), hf) == keys  # one per expert
 
 
 def test_moe_fields_that_differ_from_the_checkpoint_are_named_at_once(tmp_path):
@@ -547,13 +538,7 @@ def test_mlp_only_layers_that_are_dense_anyway_load(tmp_path):
     path, _ = _saved(tmp_path, "qwen3_moe", cfg, mlp_only_layers=[0, 2, 7])
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
     assert type(hf.model.layers[1].mlp).__name__ == "Qwen3MoeSparseMoeBlock"
-    loading = dataclasses.replace(cfg, init_from=str(path))
-    assert init_from_problems(loading) == []
-    ours = Transformer(loading).eval()
-    load_hf_weights(ours, loading)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (ours(tokens) - hf.float().eval()(tokens).logits).abs().max() < 1e-5
+    _loads_as(dataclasses.replace(cfg, init_from=str(path)), hf)
 
 
 def test_a_missing_expert_is_named_by_its_hf_key(tmp_path):
@@ -593,14 +578,8 @@ def test_both_names_of_the_expert_count_are_read_as_transformers_reads_them(tmp_
     path, hf = _saved(tmp_path, "mixtral", cfg)
     alias = _with_config(path, tmp_path / "alias", lambda c: c.update(
         num_experts=c.pop("num_local_experts")))
-    loading = dataclasses.replace(cfg, init_from=str(alias))
     assert transformers.AutoConfig.from_pretrained(alias).num_local_experts == 4
-    assert init_from_problems(loading) == []
-    ours = Transformer(loading).eval()
-    load_hf_weights(ours, loading)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-5
+    _loads_as(dataclasses.replace(cfg, init_from=str(alias)), hf)
     both = _with_config(path, tmp_path / "both", lambda c: c.update(num_experts=6))
     problems = init_from_problems(dataclasses.replace(cfg, init_from=str(both)))
     assert [str(p) for p in problems] == [
@@ -666,13 +645,7 @@ def test_a_checkpoint_attending_through_a_window_is_refused(tmp_path):
     assert "has no sliding_window, which transformers reads as 4096" in _text(
         dataclasses.replace(long, init_from=str(path)))
     v01, hf = _saved(tmp_path / "v01", "mistral", cfg, sliding_window=4096)
-    loading = dataclasses.replace(cfg, init_from=str(v01))
-    assert _text(loading) == ""
-    ours = Transformer(loading).eval()
-    load_hf_weights(ours, loading)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-5
+    _loads_as(dataclasses.replace(cfg, init_from=str(v01)), hf)
     qwen3 = tiny(qk_norm=True)
     path, _ = _saved(tmp_path, "qwen3", qwen3, use_sliding_window=True, sliding_window=16,
                      max_window_layers=2)
