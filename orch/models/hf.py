@@ -73,6 +73,14 @@ every feed-forward a softmax-routed MoE, Qwen3-MoE's Qwen3's with MoE every
 ``decoder_sparse_step`` layers. Other combinations have no class (Qwen2-MoE gates its shared
 expert)."""
 FAMILIES_BY_TYPE = {model_type: name for name, model_type in FAMILIES.values()}
+TRAITS = {model_type: traits for traits, (_, model_type) in FAMILIES.items()}
+"""``model_type`` -> (MoE, QK-norm, q/k/v biases): what a checkpoint of that family computes."""
+
+
+def family_of(moe: bool, qk_norm: bool, qkv_bias: bool) -> tuple[str, str]:
+    """The class and ``model_type`` of :data:`FAMILIES` for these traits; a combination
+    without one (q/k/v biases beside QK-norm or MoE) as its family without the biases."""
+    return FAMILIES.get((moe, qk_norm, qkv_bias), FAMILIES[(moe, qk_norm, False)])
 MOE_BLOCKS = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp"}
 """Where each MoE family's sparse block sits in ``model.layers.{i}``: its router is
 ``gate.weight [E, dim]`` (our ``feed_forward.router.weight``), its experts ``experts.{j}.*``."""
@@ -169,8 +177,7 @@ def hf_family(model: ModelConfig) -> tuple[str, str]:
     """The transformers class and ``model_type`` of ``model``'s HuggingFace view
     (:data:`FAMILIES`); a combination without one (:func:`_unsupported`) is named as its
     family without the biases."""
-    return FAMILIES.get((model.is_moe, model.qk_norm, model.qkv_bias),
-                        FAMILIES[(model.is_moe, model.qk_norm, False)])
+    return family_of(model.is_moe, model.qk_norm, model.qkv_bias)
 
 
 def _unsupported(model: ModelConfig) -> list[Problem]:
@@ -266,7 +273,7 @@ def _state_family(state: dict[str, torch.Tensor]) -> str:
     moe = any(key.endswith(_OUR_ROUTER) for key in state)
     qk = any(key.endswith("attention.q_norm.weight") for key in state)
     bias = any(key.endswith("attention.wq.bias") for key in state)
-    return FAMILIES.get((moe, qk, bias), FAMILIES[(moe, qk, False)])[1]
+    return family_of(moe, qk, bias)[1]
 
 
 def expert_bias_problem(name: str) -> Problem:

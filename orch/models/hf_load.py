@@ -25,6 +25,7 @@ from orch.config.schema import KV_HEADS, MODEL_SHAPE, DataConfig, ModelConfig
 from orch.errors import Problem, ProblemsError, reading
 from orch.models.hf import (
     TIED_HEAD_ABSENT,
+    TRAITS,
     hf_expert,
     hf_family,
     hf_ignored,
@@ -59,8 +60,6 @@ experts in every layer, Qwen3-MoE's Qwen3's with them every ``decoder_sparse_ste
 ``model.moe_layer_interval``: the same layers). Those but Llama attend through a sliding window
 where their config turns one on (refused: orch's attention sees the whole sequence), and each
 has its own defaults (below)."""
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
-_QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
 _LAYER_WINDOW_FAMILIES = ("qwen2", "qwen3")
 """Families whose sliding window covers the layers from ``max_window_layers`` on (or those
 ``layer_types`` names) where ``use_sliding_window`` turns it on."""
@@ -119,7 +118,7 @@ def _checked(family: str, model: ModelConfig, hf: dict) -> dict[str, tuple[str, 
         "rope_theta": ("rope_theta", model.rope_theta),
         "tie_word_embeddings": ("tie_embeddings", model.tie_embeddings),
     }
-    if family in MOE_FAMILIES:
+    if _traits(family)[0]:
         checked |= {"num_local_experts" if family == "mixtral" else "num_experts":
                     ("experts", model.experts), "num_experts_per_tok": ("top_k", model.top_k),
                     "decoder_sparse_step": ("moe_layer_interval", model.moe_layer_interval),
@@ -345,6 +344,12 @@ def _written(value: object, quoted: bool = True) -> str:
     return repr(value) if quoted else str(value)
 
 
+def _traits(family: str) -> tuple[bool, bool, bool]:
+    """(MoE, QK-norm, q/k/v biases) of a checkpoint family (``orch.models.hf.TRAITS``; Mistral's
+    are Llama's)."""
+    return TRAITS.get(family, (False, False, False))
+
+
 def _family_problems(model: ModelConfig, family: str, theirs: dict,
                      config_file: Path) -> list[Problem]:
     """What of ``model`` a ``family`` checkpoint has no weights or function for, beside the
@@ -354,7 +359,8 @@ def _family_problems(model: ModelConfig, family: str, theirs: dict,
     its dense layers by ``model.moe_layer_interval`` alone)."""
     if family not in ARCHITECTURES.values():
         return []
-    problems, norms = [], family in _QK_NORM_FAMILIES
+    moe, norms, biased = _traits(family)
+    problems: list[Problem] = []
     if model.qk_norm != norms:
         does = ("normalizes each query and key head (q_norm, k_norm)" if norms
                 else "normalizes no query or key head")
@@ -362,13 +368,12 @@ def _family_problems(model: ModelConfig, family: str, theirs: dict,
                                 f"{config_file} describes a {family} model, whose attention "
                                 f"{does}", f"set model.qk_norm={str(norms).lower()}",
                                 ("model.init_from",)))
-    if model.qkv_bias != (biased := family == "qwen2"):
+    if model.qkv_bias != biased:
         has = "has" if biased else "has no"
         problems.append(Problem("model.qkv_bias", f"{str(model.qkv_bias).lower()} but "
                                 f"{config_file} describes a {family} model, whose attention "
                                 f"{has} query, key and value biases",
                                 f"set model.qkv_bias={str(biased).lower()}", ("model.init_from",)))
-    moe = family in MOE_FAMILIES
     wrong = [("experts", model.is_moe and not moe, "whose feed-forward layers are all dense", 0),
              ("shared_experts", moe and model.shared_experts > 0, "which has no shared experts",
               0),
@@ -653,14 +658,14 @@ _HEAD = "lm_head.weight"
 
 def _runs(index: torch.Tensor) -> list[tuple[slice, slice]]:
     """Ascending global ``index`` as contiguous runs: (the run's slice of the shard, its slice
-    of the whole tensor)."""
-    values = index.tolist()
-    runs, start = [], 0
-    for at in range(1, len(values) + 1):
-        if at == len(values) or values[at] != values[at - 1] + 1:
-            runs.append((slice(start, at), slice(values[start], values[at - 1] + 1)))
-            start = at
-    return runs
+    of the whole tensor). Found where consecutive indices step by more than one, not element
+    by element in Python: a whole tensor's (offload's fills, 128K vocabulary rows) is one run."""
+    if len(index) == 0:
+        return []
+    breaks = ((index[1:] - index[:-1]) != 1).nonzero().flatten().add(1).tolist()
+    starts, ends = [0, *breaks], [*breaks, len(index)]
+    return [(slice(a, b), slice(int(index[a]), int(index[b - 1]) + 1))
+            for a, b in zip(starts, ends, strict=True)]
 
 
 def _misshapen(key: str, shape: torch.Size, ours: str, wanted: torch.Size) -> Problem:
